@@ -1,0 +1,151 @@
+"""Host kernels: gather-attend over the host KV store and the log-sum-exp merge.
+
+The C++ extension `engine._C` does the work; this module turns torch CPU
+tensors and numpy arrays into zero-copy buffers for it. When the extension is
+missing (or HYBRIDATTN_NO_EXT=1), a plain-torch version runs instead and
+`HAS_EXT` says so; the test suite fails in that case unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+
+from engine.merge import merge_states
+
+log = logging.getLogger(__name__)
+
+try:
+    if os.environ.get("HYBRIDATTN_NO_EXT") == "1":
+        raise ImportError("disabled by HYBRIDATTN_NO_EXT=1")
+    from engine import _C
+
+    HAS_EXT = True
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    HAS_EXT = False
+    log.warning("hybridattn C++ extension not loaded (%s); using the plain-torch gather-attend", exc)
+
+STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_NUMPY_STORE_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def _as_cpu_tensor(x, name: str) -> torch.Tensor:
+    """A torch view of `x` (no copy); rejects non-CPU tensors and non-numeric input."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in _NUMPY_STORE_DTYPES and not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"{name} has unsupported dtype {x.dtype} (numpy has no bfloat16: pass a torch tensor)")
+        return torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got a tensor on {x.device}")
+    return x.detach()
+
+
+def _buffer(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view; bf16 travels as its int16 bit pattern."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _check_ids(ids: torch.Tensor) -> torch.Tensor:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor (int64), got {ids.dtype}")
+    return ids.to(torch.int64).contiguous()  # [Hkv, M] ids are small: converting them is cheap
+
+
+def gather_attend(q, k_store, v_store, ids, scale: float | None = None, *, out=None, lse=None, n_threads: int = 0):
+    """Attend each query head to the host-store rows listed for its KV head.
+
+    q [Hq, D] (any float dtype, used in fp32); k_store, v_store [Hkv, N, D]
+    float32/float16/bfloat16 on the CPU, rows contiguous (heads may be strided,
+    as in a store with spare capacity); ids [Hkv, M] int64, -1 = padding; a
+    repeated id is attended as often as listed. Hq must be a multiple of Hkv.
+    Returns `(out [Hq, D] float32, lse [Hq] float32)`, torch tensors when q is
+    one, else numpy arrays. An id list with no valid id gives out = 0, lse = -inf.
+    Bad input raises ValueError (IndexError for an id outside [-1, N)).
+    The stores are never copied: a store in the wrong layout is rejected.
+    """
+    as_numpy = isinstance(q, np.ndarray)
+    q, k, v = _as_cpu_tensor(q, "q"), _as_cpu_tensor(k_store, "k_store"), _as_cpu_tensor(v_store, "v_store")
+    ids = _check_ids(_as_cpu_tensor(ids, "ids"))
+    if k.dtype != v.dtype:
+        raise ValueError(f"k_store and v_store must have the same dtype, got {k.dtype} and {v.dtype}")
+    if k.dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {k.dtype} is not supported (supported: float32, float16, bfloat16)")
+    if q.dim() != 2 or k.dim() != 3 or v.dim() != 3 or ids.dim() != 2:
+        raise ValueError(
+            f"expected q [Hq, D], stores [Hkv, N, D], ids [Hkv, M]; got q {tuple(q.shape)}, "
+            f"k_store {tuple(k.shape)}, v_store {tuple(v.shape)}, ids {tuple(ids.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k_store and v_store differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[1] != k.shape[2]:
+        raise ValueError(f"q has head dim {q.shape[1]} but the store has {k.shape[2]}")
+    if q.shape[0] % k.shape[0] != 0:
+        raise ValueError(f"Hq = {q.shape[0]} is not a multiple of Hkv = {k.shape[0]}")
+    if ids.shape[0] != k.shape[0]:
+        raise ValueError(f"ids must have one row per KV head ({k.shape[0]}), got {ids.shape[0]}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a float tensor, got {q.dtype}")
+    q = q.float().contiguous()  # [Hq, D] small: a copy costs nothing
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("q contains NaN or inf")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = torch.empty(q.shape, dtype=torch.float32) if out is None else _as_cpu_tensor(out, "out")
+    lse = torch.empty(q.shape[0], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
+    if HAS_EXT:
+        _C.gather_attend(
+            _buffer(q), _buffer(k), _buffer(v), _buffer(ids), _buffer(out), _buffer(lse),
+            STORE_DTYPES[k.dtype], scale, n_threads,
+        )
+    else:
+        o, l = gather_attend_torch(q, k, v, ids, scale)
+        out.copy_(o)
+        lse.copy_(l)
+    return (out.numpy(), lse.numpy()) if as_numpy else (out, lse)
+
+
+def gather_attend_torch(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, ids: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same computation in plain torch (gather, batched matmul, softmax): the
+    fallback when the extension is missing and the baseline the kernel is measured against.
+    q [Hq, D] fp32, stores [Hkv, N, D], ids [Hkv, M] int64 -> (out [Hq, D], lse [Hq]) fp32."""
+    Hkv, M = ids.shape
+    D = q.shape[-1]
+    if int(ids.numel()) and (int(ids.min()) < -1 or int(ids.max()) >= k_store.shape[1]):
+        raise IndexError(f"ids must lie in [-1, {k_store.shape[1]})")
+    valid = ids >= 0
+    rows = ids.clamp_min(0)
+    heads = torch.arange(Hkv).unsqueeze(1)
+    k = k_store[heads, rows].float()  # [Hkv, M, D]
+    v = v_store[heads, rows].float()
+    s = torch.bmm(q.view(Hkv, -1, D), k.transpose(1, 2)).mul_(scale)  # [Hkv, G, M]
+    s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [Hkv, G]
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return torch.bmm(p, v).view(-1, D), lse.view(-1)
+
+
+def merge_attention(o_a, lse_a, o_b, lse_b):
+    """Exact merge of two host-side partial states `(o [H, D], lse [H])`, float32.
+    Returns `(o, lse)` of the same kind as the inputs (torch or numpy)."""
+    as_numpy = isinstance(o_a, np.ndarray)
+    ts = [_as_cpu_tensor(x, n) for x, n in zip((o_a, lse_a, o_b, lse_b), ("o_a", "lse_a", "o_b", "lse_b"))]
+    for t, n in zip(ts, ("o_a", "lse_a", "o_b", "lse_b")):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{n} must be float32, got {t.dtype}")
+    ts = [t.contiguous() for t in ts]  # [H, D] / [H]: small
+    out, lse = torch.empty_like(ts[0]), torch.empty_like(ts[1])
+    if HAS_EXT:
+        _C.merge_attention(*(_buffer(t) for t in ts), _buffer(out), _buffer(lse))
+    else:
+        o, l = merge_states(*ts)
+        out.copy_(o)
+        lse.copy_(l)
+    return (out.numpy(), lse.numpy()) if as_numpy else (out, lse)
