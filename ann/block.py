@@ -1,0 +1,157 @@
+"""Block landmark index (device side, torch, any device), batched over KV heads.
+
+Keys are grouped in blocks of `block_size` consecutive tokens. Each full block
+gets a landmark: its mean key (Landmark Attention / InfLLM representative), or
+per-channel min and max (Quest's upper bound of q · k over the block). A step
+scores every landmark of every KV head in one batched matmul and returns the
+tokens of the best blocks plus the partial tail block, which has no landmark
+yet and is always returned so recently added tokens are never invisible.
+
+GQA: the G query heads of a group choose blocks jointly. Each head's block
+scores are shifted by that head's best score, then the max over heads is
+taken: a block is chosen when it is near the top for any head, and a head with
+larger logits cannot crowd out the blocks another head needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ann.base import GrowableKeys, as_vectors
+from ann.selector import Selector
+
+LANDMARKS = ("mean", "minmax")
+
+
+class BlockIndex:
+    """Landmarks for H KV heads. keys [H, n, D] are appended; token ids are positions in append order."""
+
+    def __init__(self, n_heads: int, dim: int, block_size: int = 16, landmark: str = "mean",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, capacity: int = 4096):
+        if landmark not in LANDMARKS:
+            raise ValueError(f"unknown landmark {landmark!r}; known: {', '.join(LANDMARKS)}")
+        if block_size <= 0 or n_heads <= 0 or dim <= 0:
+            raise ValueError(f"n_heads, dim and block_size must be positive, got {n_heads}, {dim}, {block_size}")
+        self.n_heads, self.dim, self.block_size, self.landmark = n_heads, dim, block_size, landmark
+        self.device, self.dtype = torch.device(device), dtype
+        nb = max(1, capacity // block_size)
+        n_lm = 2 if landmark == "minmax" else 1
+        self._lm = torch.empty(n_lm, n_heads, nb, dim, device=self.device, dtype=dtype)  # [1|2, H, blocks, D]
+        self._tail = torch.empty(n_heads, block_size, dim, device=self.device, dtype=dtype)  # [H, B, D]
+        self.n = 0
+        self.scanned = 0  # landmarks scored by the last select (all heads and query heads)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def n_blocks(self) -> int:
+        """Full blocks (with a landmark)."""
+        return self.n // self.block_size
+
+    def add(self, keys: torch.Tensor) -> None:
+        """keys [H, n, D]: append n tokens per head; blocks that fill up get landmarks."""
+        if keys.dim() != 3 or keys.shape[0] != self.n_heads or keys.shape[2] != self.dim:
+            raise ValueError(f"keys must have shape [{self.n_heads}, n, {self.dim}], got {list(keys.shape)}")
+        if not keys.is_floating_point():
+            raise TypeError(f"keys must be floating point, got {keys.dtype}")
+        keys = keys.to(self.device, self.dtype)
+        b = self.block_size
+        filled = self.n % b
+        # tail tokens and new ones, laid out as whole blocks plus a new tail
+        seq = torch.cat([self._tail[:, :filled], keys], dim=1)  # [H, filled+n, D]
+        full = seq.shape[1] // b
+        if full:
+            blocks = seq[:, : full * b].reshape(self.n_heads, full, b, self.dim)  # [H, full, B, D]
+            self._ensure(self.n_blocks + full)
+            lo = self.n_blocks
+            if self.landmark == "mean":
+                self._lm[0, :, lo : lo + full] = blocks.mean(dim=2)
+            else:
+                self._lm[0, :, lo : lo + full] = blocks.amin(dim=2)
+                self._lm[1, :, lo : lo + full] = blocks.amax(dim=2)
+        rest = seq.shape[1] - full * b
+        self._tail[:, :rest] = seq[:, full * b :]
+        self.n += keys.shape[1]
+
+    def _ensure(self, n_blocks: int) -> None:
+        if n_blocks > self._lm.shape[2]:
+            grown = torch.empty(self._lm.shape[0], self.n_heads, max(n_blocks, 2 * self._lm.shape[2]), self.dim,
+                                device=self.device, dtype=self.dtype)
+            grown[:, :, : self._lm.shape[2]] = self._lm
+            self._lm = grown
+
+    def block_scores(self, q: torch.Tensor) -> torch.Tensor:
+        """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule)."""
+        nb = self.n_blocks
+        q = q.to(self.device, self.dtype)
+        lo = self._lm[0, :, :nb]  # [H, nb, D]
+        if self.landmark == "mean":
+            s = torch.bmm(q, lo.transpose(1, 2))  # [H, G, nb]
+        else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block
+            hi = self._lm[1, :, :nb]
+            qe = q.unsqueeze(2)  # [H, G, 1, D]
+            s = torch.maximum(qe * lo.unsqueeze(1), qe * hi.unsqueeze(1)).sum(-1)  # [H, G, nb]
+        s = s - s.amax(dim=2, keepdim=True)
+        return s.amax(dim=1)
+
+    def select(self, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """q [H, G, D] -> token ids [H, M] int64 (-1 padded), M = min(n_blocks, full blocks)·B + tail.
+
+        Returns the tokens of the n_blocks best blocks per KV head, then the tail."""
+        if q.dim() != 3 or q.shape[0] != self.n_heads or q.shape[2] != self.dim:
+            raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        b, nb = self.block_size, self.n_blocks
+        tail = torch.arange(nb * b, self.n, device=self.device).expand(self.n_heads, -1)  # [H, tail]
+        take = min(n_blocks, nb)
+        self.scanned = self.n_heads * q.shape[1] * nb
+        if take == 0:
+            return tail.clone()
+        best = torch.topk(self.block_scores(q), take, dim=1).indices  # [H, take]
+        tok = (best.unsqueeze(2) * b + torch.arange(b, device=self.device)).reshape(self.n_heads, take * b)
+        return torch.cat([tok, tail], dim=1)
+
+
+class BlockKeyIndex(Selector):
+    """One KV head's block index behind the `KeyIndex` protocol (numpy in and out, CPU torch inside).
+
+    The selected blocks' tokens are reranked exactly against the keys, so the
+    result is a top-k. `n_blocks` is the blocks selected per search, or, when
+    `frac` is given, that fraction of the full blocks (at least one)."""
+
+    def __init__(self, dim: int, block_size: int = 16, landmark: str = "mean", n_blocks: int = 64,
+                 frac: float | None = None, store=None):
+        self.dim, self.n_blocks, self.frac = dim, n_blocks, frac
+        self.blocks = BlockIndex(1, dim, block_size=block_size, landmark=landmark)
+        self.store = store if store is not None else GrowableKeys(dim)
+        self._owns_store = store is None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
+        """keys [N, dim]; queries ignored."""
+        keys = as_vectors(keys, self.dim, "keys")
+        self.blocks = BlockIndex(1, self.dim, self.blocks.block_size, self.blocks.landmark, capacity=len(keys) + 16)
+        if self._owns_store:
+            self.store.reset(keys)
+        self.blocks.add(torch.from_numpy(keys)[None])
+
+    def add(self, keys: np.ndarray) -> None:
+        keys = as_vectors(keys, self.dim, "keys")
+        if self._owns_store:
+            self.store.append(keys)
+        self.blocks.add(torch.from_numpy(keys)[None])
+
+    def blocks_per_search(self) -> int:
+        if self.frac is None:
+            return self.n_blocks
+        return max(1, int(round(self.frac * self.blocks.n_blocks)))
+
+    def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int]:
+        """q [G, dim] (one group, chosen jointly) -> candidate ids [C] int64, landmarks scored."""
+        ids = self.blocks.select(torch.from_numpy(q)[None], self.blocks_per_search())[0]
+        return ids.numpy(), self.blocks.scanned

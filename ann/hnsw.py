@@ -1,0 +1,59 @@
+"""HNSW over keys (inner product), faiss's implementation.
+
+faiss rather than hnswlib because faiss exposes how many distances a search
+computed (`hnsw_stats.ndis`), so the share of keys scanned is measured.
+Insertion runs on one thread: a multi-threaded faiss HNSW build depends on
+thread timing, and indexes must be reproducible. The seed is unused: faiss
+draws levels from a fixed-seed generator."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from ann.base import SearchResult, as_vectors, check_k, single_thread
+from ann.ivf import _clean
+
+
+class HNSWIndex:
+    """M links per node (2M at the base layer), efConstruction at build, ef at search."""
+
+    def __init__(self, dim: int, M: int = 32, ef_construction: int = 128, ef: int = 128, seed: int = 0):
+        if M <= 1 or ef_construction <= 0 or ef <= 0:
+            raise ValueError(f"need M > 1, ef_construction > 0, ef > 0; got {M}, {ef_construction}, {ef}")
+        self.dim, self.M, self.ef_construction, self.ef, self.seed = dim, M, ef_construction, ef, seed
+        self.index = None
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else self.index.ntotal
+
+    def _new(self):
+        index = faiss.IndexHNSWFlat(self.dim, self.M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
+        """keys [N, dim]; queries are ignored."""
+        keys = as_vectors(keys, self.dim, "keys")
+        self.index = self._new()
+        with single_thread():
+            self.index.add(keys)
+
+    def add(self, keys: np.ndarray) -> None:
+        """keys [n, dim], inserted incrementally (O(ef_construction · log N) each)."""
+        if self.index is None:
+            self.index = self._new()
+        keys = as_vectors(keys, self.dim, "keys")
+        with single_thread():
+            self.index.add(keys)
+
+    def search(self, q: np.ndarray, k: int) -> SearchResult:
+        """q [n_q, dim] -> top-k per query; scanned = distances computed (faiss counter)."""
+        k = check_k(k, len(self))
+        q = as_vectors(q, self.dim, "queries")
+        self.index.hnsw.efSearch = max(self.ef, k)
+        stats = faiss.cvar.hnsw_stats
+        stats.reset()
+        scores, ids = self.index.search(q, k)
+        ids, scores = _clean(ids, scores)
+        return SearchResult(ids, scores, scanned=int(stats.ndis))

@@ -1,0 +1,55 @@
+"""Index factory: one name per method, parameters passed through."""
+
+from __future__ import annotations
+
+from ann.base import GrowableKeys
+
+METHODS = ("flat", "ivf", "hnsw", "graph", "qq", "block", "union", "hybrid")
+
+# the default hybrid: mean-key blocks (top 2.5% of blocks) and query->query lists
+HYBRID_SELECTORS = (("block", {"landmark": "mean", "frac": 0.025}), ("qq", {}))
+
+
+def _cls(method: str):
+    from ann.block import BlockKeyIndex
+    from ann.flat import FlatIndex
+    from ann.graph import GraphIndex
+    from ann.hnsw import HNSWIndex
+    from ann.ivf import IVFIndex
+    from ann.qq import QQIndex
+
+    return {"flat": FlatIndex, "ivf": IVFIndex, "hnsw": HNSWIndex, "graph": GraphIndex, "qq": QQIndex,
+            "block": BlockKeyIndex}[method]
+
+
+def make_index(method: str, dim: int, **params):
+    """Build an empty index: flat | ivf | hnsw | graph | qq | block | union | hybrid.
+
+    union takes `selectors=[(method, params), ...]` (selectors that can share
+    keys get the union's store); hybrid is a union of HYBRID_SELECTORS, whose
+    params can be overridden with `block={...}` and `qq={...}`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown index method {method!r}; known methods: {', '.join(METHODS)}")
+    if not isinstance(dim, int) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if method in ("union", "hybrid"):
+        from ann.union import UnionIndex
+
+        if method == "hybrid":
+            over = {name: params.pop(name, {}) for name, _ in HYBRID_SELECTORS}
+            if params:
+                raise TypeError(f"hybrid takes only {', '.join(over)} overrides, got {', '.join(params)}")
+            specs = [(name, {**p, **over[name]}) for name, p in HYBRID_SELECTORS]
+        else:
+            specs = params.pop("selectors", None)
+            if not specs or params:
+                raise TypeError("union takes exactly selectors=[(method, params), ...]")
+        store = GrowableKeys(dim)
+        sels = []
+        for name, p in specs:
+            if name in ("union", "hybrid") or name not in METHODS:
+                raise ValueError(f"union selector must be one of flat, ivf, hnsw, graph, qq, block; got {name!r}")
+            shares = name in ("qq", "block", "graph")
+            sels.append(_cls(name)(dim, **p, **({"store": store} if shares else {})))
+        return UnionIndex(dim, sels, store=store)
+    return _cls(method)(dim, **params)

@@ -1,0 +1,179 @@
+"""Capture post-RoPE queries and keys of chosen layers of a model over a long text.
+
+The model runs a chunked prefill through a capturing attention function
+registered with `transformers.AttentionInterface` (exact sdpa output, q/k of the
+chosen layers recorded on the side). Layers past the last captured one do not
+change the captured ones, so they are dropped for the run, and the LM head is
+never applied. Captures are cached as `.npz`:
+
+    q_L  [Hq, T, D] float16   post-RoPE queries of layer L
+    k_L  [Hkv, T, D] float16  post-RoPE keys of layer L
+    layers, n_tokens, prefill_s_per_layer (mean seconds one decoder layer spent
+    on the whole prefill), threads, text_source
+
+Usage: python bench/capture_qk.py --tokens 34000 --layers 5 11 17 [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Debian's base-files installs these on every system; the copyright notices of
+# installed packages are the fallback.
+TEXT_GLOBS = ("/usr/share/common-licenses/*", "/usr/share/doc/*/copyright")
+ATTN_NAME = "capture_qk"
+
+
+def default_out_dir() -> Path:
+    base = os.environ.get("HYBRIDATTN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridattn"
+    return Path(base) / "captures"
+
+
+def load_text(min_chars: int) -> tuple[str, str]:
+    """Concatenate distinct natural-language files until `min_chars` is reached.
+
+    Returns (text, description of the source). Byte-identical files (GPL is
+    GPL-3 on Debian) are read once so the text does not repeat itself."""
+    parts, seen, used = [], set(), []
+    for pattern in TEXT_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            try:
+                body = Path(path).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if body in seen or len(body) < 500:
+                continue
+            seen.add(body)
+            parts.append(body)
+            used.append(os.path.dirname(pattern))
+            if sum(map(len, parts)) >= min_chars:
+                return "\n\n".join(parts), ", ".join(sorted(set(used)))
+    if not parts:
+        raise FileNotFoundError(f"no text found under {TEXT_GLOBS}")
+    return "\n\n".join(parts), ", ".join(sorted(set(used)))
+
+
+class QKRecorder:
+    """Attention function that returns exact sdpa attention and records q/k per layer."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = set(layers)
+        self.q: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        self.k: dict[int, torch.Tensor] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = module.layer_idx
+        if layer in self.layers:
+            # query [1, Hq, q, D] holds this chunk; key [1, Hkv, T, D] is the whole cache so far.
+            self.q[layer].append(query[0].to(torch.float16).clone())
+            self.k[layer] = key[0]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    def arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.cat(self.q[layer], dim=1)  # [Hq, T, D]
+        k = self.k[layer].to(torch.float16)  # [Hkv, T, D]
+        return q.numpy(), k.numpy()
+
+
+def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512, progress: bool = True) -> dict:
+    """Run a chunked prefill of `input_ids` [1, T] and return the capture dict (see module doc)."""
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from tqdm import tqdm
+
+    n_layers = model.config.num_hidden_layers
+    if not layers or min(layers) < 0 or max(layers) >= n_layers:
+        raise ValueError(f"layers must lie in [0, {n_layers}), got {layers}")
+    recorder = QKRecorder(layers)
+    AttentionInterface.register(ATTN_NAME, recorder)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+    base = model.model  # the decoder stack without the LM head
+    keep = max(layers) + 1
+    all_layers = base.layers
+    base.layers = all_layers[:keep]
+    old_impl = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    layer_s = [0.0] * keep
+    starts: dict[int, float] = {}
+    hooks = []
+    for i, layer in enumerate(base.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, time.perf_counter())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: layer_s.__setitem__(i, layer_s[i] + time.perf_counter() - starts[i])))
+    try:
+        cache = DynamicCache(config=model.config)
+        n = input_ids.shape[1]
+        t0 = time.perf_counter()
+        with torch.inference_mode(), tqdm(total=n, unit="tok", desc="prefill", disable=not progress) as bar:
+            for s in range(0, n, chunk):
+                ids = input_ids[:, s : s + chunk]
+                base(input_ids=ids, cache=cache, use_cache=True)
+                bar.update(ids.shape[1])
+        total_s = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+        base.layers = all_layers
+        model.set_attn_implementation(old_impl)
+    out = {"layers": np.array(layers), "n_tokens": np.array(n), "prefill_s": np.array(total_s),
+           "prefill_s_per_layer": np.array(float(np.mean(layer_s))), "threads": np.array(torch.get_num_threads())}
+    for layer in layers:
+        out[f"q_{layer}"], out[f"k_{layer}"] = recorder.arrays(layer)
+    return out
+
+
+def capture_path(model_name: str, n_tokens: int, layers: list[int], out_dir: Path | None = None) -> Path:
+    tag = f"{model_name.replace('/', '_')}_T{n_tokens}_L{'-'.join(map(str, layers))}.npz"
+    return (out_dir or default_out_dir()) / tag
+
+
+def load_or_capture(model_name: str, n_tokens: int, layers: list[int], *, out: Path | None = None,
+                    chunk: int = 512, progress: bool = True) -> tuple[dict, Path]:
+    """Return a cached capture (loading the model and capturing only when missing) and its path."""
+    path = out or capture_path(model_name, n_tokens, layers)
+    if path.exists():
+        with np.load(path) as z:
+            return dict(z), path
+    from engine.models import load_model
+
+    model, tok = load_model(model_name, dtype=torch.float32)
+    text, source = load_text(min_chars=n_tokens * 6)
+    ids = tok(text, return_tensors="pt").input_ids[:, :n_tokens]
+    if ids.shape[1] < n_tokens:
+        raise ValueError(f"text from {source} gives only {ids.shape[1]} tokens, {n_tokens} asked")
+    data = capture(model, ids, layers, chunk=chunk, progress=progress)
+    data["text_source"] = np.array(source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    return data, path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=34000)
+    ap.add_argument("--layers", type=int, nargs="+", default=[5, 11, 17])
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    data, path = load_or_capture(args.model, args.tokens, args.layers, out=args.out, chunk=args.chunk)
+    print(f"{path}: {int(data['n_tokens'])} tokens, layers {data['layers'].tolist()}, "
+          f"prefill {float(data['prefill_s']):.1f} s, {float(data['prefill_s_per_layer']):.2f} s per layer "
+          f"({int(data['threads'])} threads)")
+
+
+if __name__ == "__main__":
+    main()
