@@ -1,1 +1,10 @@
-"""hybridattn engine: long-context decoding with a host-memory KV cache and retrieval attention."""
+"""hybridattn engine: long-context decoding with a host-memory KV cache and retrieval attention.
+
+Importing the package registers the "hybrid" attention implementation with transformers.
+"""
+
+from engine.config import OffloadConfig, PRESETS, plan_memory
+from engine import attention as _attention  # noqa: F401  (registers "hybrid")
+from engine.cache import HybridCache
+
+__all__ = ["HybridCache", "OffloadConfig", "PRESETS", "plan_memory"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.config import PREFILL_KEY_BLOCK
+
 
 def merge_states(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -26,13 +28,23 @@ def merge_states(
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False, block: int = 4096
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    block: int = PREFILL_KEY_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention that also returns the log-sum-exp, over key blocks so memory stays bounded.
+    """Exact attention that also returns the log-sum-exp, one key block at a time
+    so memory stays bounded; keys may live on another device (e.g. the host store)
+    and are brought to q's device block by block.
 
     q [Hkv, G, Q, D], k/v [Hkv, T, D] (G query heads share each KV head).
-    With `causal`, query i sees keys j <= i + (T - Q): the queries are the last Q positions.
-    Returns `(o [Hkv, G, Q, D] fp32, lse [Hkv, G, Q] fp32)`; with T = 0, o = 0 and lse = -inf.
+    With positions q_pos [Q] and k_pos [T], query i sees key j only if
+    k_pos[j] <= q_pos[i] (causal). Returns `(o [Hkv, G, Q, D] fp32,
+    lse [Hkv, G, Q] fp32)`; a query that sees no key gets o = 0, lse = -inf.
     """
     Hkv, G, Q, D = q.shape
     T = k.shape[1]
@@ -40,13 +52,12 @@ def attend(
     o = q.new_zeros((Hkv, G, Q, D), dtype=torch.float32)
     lse = q.new_full((Hkv, G, Q), float("-inf"), dtype=torch.float32)
     for start in range(0, T, block):
-        kb = k[:, start : start + block].float()  # [Hkv, b, D]
-        vb = v[:, start : start + block].float()
+        kb = k[:, start : start + block].to(q.device, non_blocking=True).float()  # [Hkv, b, D]
+        vb = v[:, start : start + block].to(q.device, non_blocking=True).float()
         s = torch.bmm(qf, kb.transpose(1, 2)).mul_(scale).view(Hkv, G, Q, -1)  # [Hkv, G, Q, b]
-        if causal:
-            q_pos = torch.arange(T - Q, T, device=q.device).view(Q, 1)
-            k_pos = torch.arange(start, start + kb.shape[1], device=q.device).view(1, -1)
-            s.masked_fill_(k_pos > q_pos, float("-inf"))
+        if k_pos is not None:
+            kp = k_pos[start : start + block].to(q.device)
+            s.masked_fill_(kp.view(1, -1) > q_pos.to(q.device).view(-1, 1), float("-inf"))
         lse_b = torch.logsumexp(s, dim=-1)  # [Hkv, G, Q]
         p = torch.exp(s - torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b)).unsqueeze(-1))
         o_b = torch.matmul(p.view(Hkv, G * Q, -1), vb).view(Hkv, G, Q, D)

@@ -1,0 +1,221 @@
+"""`HybridLLM`: load a model, generate from a long context with the hybrid cache,
+and report where the time and the bytes went."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.cache import HybridCache
+from engine.config import OffloadConfig
+from engine.models import BUNDLED_NAME, check_supported, load_model
+
+
+@dataclass
+class GenerationReport:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    index_build_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0  # forward passes after prefill (the first token comes from prefill)
+    device_bytes: dict[str, int] = field(default_factory=dict)
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
+    keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    def summary(self) -> str:
+        mib = 2**20
+        dev = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.device_bytes.items())
+        host = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.host_bytes.items())
+        return (
+            f"prompt {self.prompt_tokens} tokens: prefill {self.prefill_s:.2f} s "
+            f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), host index build {self.index_build_s:.2f} s\n"
+            f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
+            f"host KV read per step {100 * self.kv_read_frac:.2f}%, keys scored {100 * self.keys_scored_frac:.2f}%\n"
+            f"device MiB: {dev}\nhost MiB: {host}"
+        )
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    report: GenerationReport
+
+
+class HybridLLM:
+    """A causal LM whose KV cache lives in host memory, decoded with retrieval attention.
+
+    >>> llm = HybridLLM.from_pretrained("smollm2-135m", offload=OffloadConfig.preset("default"))
+    >>> llm.generate(long_text + "\\nQuestion: ...", max_new_tokens=32).text
+    """
+
+    def __init__(self, model, tokenizer, offload: OffloadConfig | None = None):
+        check_supported(model.config)
+        if model.config._attn_implementation != "hybrid":
+            model.set_attn_implementation("hybrid")
+        self.model, self.tokenizer = model, tokenizer
+        self.offload = offload or OffloadConfig()
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = BUNDLED_NAME,
+        offload: OffloadConfig | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ) -> HybridLLM:
+        """Load a local model directory, `.gguf` file, hub id or the bundled "smollm2-135m".
+        dtype defaults to bfloat16 on CUDA and float32 on the CPU."""
+        offload = offload or OffloadConfig()
+        device = offload.resolved_device()
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, attn_implementation="hybrid",
+                                      trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, offload)
+
+    # ------------------------------------------------------------- prompts
+
+    def encode(self, prompt: str | list[dict] | torch.Tensor) -> torch.Tensor:
+        """Token ids [1, T]: a string is used as is; a list of chat messages goes
+        through the model's chat template (with the assistant turn opened)."""
+        if isinstance(prompt, torch.Tensor):
+            return prompt.view(1, -1).to(self.device)
+        if isinstance(prompt, list):
+            if getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)["input_ids"]
+                return ids.to(self.device)
+            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
+        return self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+
+    # ---------------------------------------------------------- generation
+
+    def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult:
+        """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0)."""
+        tokens: list[int] = []
+        report = GenerationReport()
+        for token in self._tokens(prompt, max_new_tokens, report, **kwargs):
+            tokens.append(token)
+        return GenerationResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, report)
+
+    def stream(self, prompt, max_new_tokens: int = 64, *, report: GenerationReport | None = None,
+               **kwargs) -> Iterator[str]:
+        """Yield the generated text piece by piece; `report`, if given, is filled in at the end."""
+        tokens: list[int] = []
+        shown = ""
+        report = report if report is not None else GenerationReport()
+        for token in self._tokens(prompt, max_new_tokens, report, **kwargs):
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                yield text[len(shown):]
+                shown = text
+
+    @torch.inference_mode()
+    def generate_full_attention(self, prompt, max_new_tokens: int = 64) -> str:
+        """The same model with full attention and an ordinary DynamicCache (greedy):
+        the reference the hybrid engine is compared against."""
+        from transformers import DynamicCache
+
+        ids = self.encode(prompt)
+        # with a DynamicCache, the "hybrid" attention function is plain sdpa
+        out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, cache=DynamicCache(),
+                                  attention_mask=torch.ones_like(ids), pad_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def _tokens(
+        self,
+        prompt,
+        max_new_tokens: int,
+        report: GenerationReport,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        progress: bool = True,
+    ) -> Iterator[int]:
+        ids = self.encode(prompt)
+        T = ids.shape[1]
+        cfg = self.offload
+        if T < cfg.resident_tokens:
+            raise ValueError(
+                f"the prompt has {T} tokens, fewer than sinks + window = {cfg.resident_tokens}: nothing would be "
+                "offloaded; use full attention or a smaller OffloadConfig.window"
+            )
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        cache = HybridCache(self.model, cfg, max_length=T + max_new_tokens)
+        report.prompt_tokens = T
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        t0 = time.perf_counter()
+        chunks = range(0, T, cfg.prefill_chunk)
+        for start in tqdm(chunks, desc="prefill", unit="chunk", disable=not progress or len(chunks) < 2, leave=False):
+            out = self.model(input_ids=ids[:, start : start + cfg.prefill_chunk], cache=cache, use_cache=True,
+                             logits_to_keep=1)
+        sync()
+        report.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache.build_indexes()
+        report.index_build_s = time.perf_counter() - t0
+
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        eos = set(_as_list(self.model.generation_config.eos_token_id)) if stop_at_eos else set()
+        logits = out.logits[0, -1]
+        read, scored = [], []
+        t0 = time.perf_counter()
+        try:
+            for step in range(max_new_tokens):
+                token = _pick(logits, temperature, generator)
+                report.new_tokens = step + 1
+                yield token
+                if token in eos or step == max_new_tokens - 1:
+                    break
+                out = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True)
+                logits = out.logits[0, -1]
+                stats = cache.step_stats()
+                read.append(stats["kv_read_frac"])
+                scored.append(stats["keys_scored_frac"])
+        finally:
+            sync()
+            report.decode_s = time.perf_counter() - t0
+            report.decode_steps = len(read)
+            report.kv_read_frac = sum(read) / len(read) if read else 0.0
+            report.keys_scored_frac = sum(scored) / len(scored) if scored else 0.0
+            memory = cache.memory_report()
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            report.device_bytes = {"weights": weights, **memory["device"]}
+            report.host_bytes = memory["host"]
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

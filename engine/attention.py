@@ -1,0 +1,105 @@
+"""The "hybrid" attention implementation, registered with transformers'
+`AttentionInterface` (and its mask function with `AttentionMaskInterface`).
+
+With a `HybridCache`, the cache layer's `update()` hands the layer itself to
+this function as `key`/`value`:
+
+- prefill (several query positions): exact causal attention over the resident
+  set and the host store, key block by key block, merged by log-sum-exp;
+- decode (one position): exact attention over sinks + window on the device,
+  gather-attend over the selected host tokens on the host, merged by
+  log-sum-exp.
+
+Without a HybridCache (e.g. `use_cache=False`) it is plain sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from engine import ops
+from engine.cache import HybridLayer
+from engine.merge import attend, merge_states
+from engine.retrieval import select_host_ids
+
+NAME = "hybrid"
+
+
+def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None)."""
+    if not isinstance(key, HybridLayer):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    layer: HybridLayer = key
+    _, Hq, Q, D = query.shape
+    scale = scaling if scaling is not None else D**-0.5
+    q = query[0].view(layer.n_kv_heads, layer.group, Q, D)  # [Hkv, G, Q, D]
+    if Q == 1:
+        o = decode_step(layer, q, scale)
+    else:
+        o = prefill_attention(layer, q, scale)
+    return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
+
+
+def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention of the chunk's queries q [Hkv, G, Q, D] over every position so far."""
+    Hkv, G, Q, D = q.shape
+    q_pos = torch.arange(layer.n_seen - Q, layer.n_seen, device=q.device)
+    if layer.key_index is None and layer.cfg.mode != "block":
+        layer.query_sample.add(q.reshape(Hkv * G, Q, D), q_pos)
+    rk, rv, rpos = layer.resident()
+    o, lse = attend(q, rk, rv, scale, q_pos=q_pos, k_pos=rpos)
+    if layer.host.n:
+        host_pos = layer.host_positions()
+        # Only positions of this chunk that went straight to the host need the causal mask.
+        needs_mask = int(host_pos[-1]) >= layer.n_seen - Q
+        o_h, lse_h = attend(q, layer.host.keys, layer.host.values, scale,
+                            q_pos=q_pos if needs_mask else None, k_pos=host_pos if needs_mask else None)
+        o, lse = merge_states(o, lse, o_h, lse_h)
+    return o
+
+
+def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """One position's queries q [Hkv, G, 1, D]: resident attention on the device,
+    retrieved host tokens through the C++ gather-attend, merged exactly."""
+    Hkv, G, _, D = q.shape
+    rk, rv, _ = layer.resident()
+    o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
+    if layer.host.n == 0:
+        return o
+    q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
+    ids = select_host_ids(layer, q[:, :, 0], q_host.numpy())
+    out, lse_c = _host_buffers(layer, Hkv * G, D)
+    ops.gather_attend(q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse_c,
+                      n_threads=layer.cfg.host_threads)
+    o_c = out.view(Hkv, G, 1, D).to(q.device, non_blocking=True)
+    lse_c = lse_c.view(Hkv, G, 1).to(q.device, non_blocking=True)
+    return merge_states(o, lse, o_c, lse_c)[0]
+
+
+def _host_buffers(layer: HybridLayer, Hq: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer output buffers of the host kernel, pinned when the device is CUDA."""
+    if getattr(layer, "_host_out", None) is None:
+        pin = layer.device.type == "cuda"
+        layer._host_out = torch.empty(Hq, D, pin_memory=pin), torch.empty(Hq, pin_memory=pin)
+    return layer._host_out
+
+
+def hybrid_mask(attention_mask=None, **kwargs):
+    """No mask tensor is built: the cache layer knows every key's position and
+    applies causality itself. A 2D padding mask with gaps is refused, since
+    batch size 1 never needs padding."""
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError("hybrid attention does not support padded inputs (batch size 1, no padding)")
+    return None
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, hybrid_attention_forward)
+    AttentionMaskInterface.register(NAME, hybrid_mask)
+
+
+register()

@@ -1,0 +1,242 @@
+"""`HybridCache`: a transformers `Cache` whose layers keep a small resident set
+on the device and everything else in host memory, indexed for retrieval.
+
+Per layer, every position < seq_len is in exactly one place:
+
+    sinks   positions [0, n_sink)                       device, slots [0, n_sink)
+    window  the `window` most recent positions          device, ring slots [n_sink, n_sink + window)
+    host    positions [n_sink, seq_len - window)        host store, id = position - n_sink
+
+A position leaves the window for the host store (and its indexes) when the
+position `window` later arrives. `update()` does this bookkeeping and hands the
+layer itself to the registered "hybrid" attention function, which computes
+exact prefill attention or the retrieval decode step (engine.attention).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from engine.config import ModelShape, OffloadConfig
+from engine.models import check_supported
+from engine.store import HostKV, QuerySample
+
+
+class StepStats:
+    """Counters of the last decode step of one layer."""
+
+    __slots__ = ("host_tokens", "gathered", "scanned", "keys_scored")
+
+    def __init__(self):
+        self.host_tokens = self.gathered = self.scanned = self.keys_scored = 0
+
+
+class HybridLayer(CacheLayerMixin):
+    """Resident sinks + window ring on the device, host KV store, block and key indexes."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cfg: OffloadConfig, layer_idx: int, shape: ModelShape, *, capacity: int = 0, progress=None):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_kv_heads, self.head_dim = shape.num_key_value_heads, shape.head_dim
+        self.group = shape.num_attention_heads // shape.num_key_value_heads
+        self.capacity_hint = capacity
+        self.progress = progress
+        self.n_seen = 0
+        self.stats = StepStats()
+
+    # ------------------------------------------------------------ set-up
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from ann import BlockIndex
+
+        B, Hkv, _, D = key_states.shape
+        if B != 1:
+            raise ValueError(f"HybridCache supports batch size 1 only, got batch size {B}")
+        if (Hkv, D) != (self.n_kv_heads, self.head_dim):
+            raise ValueError(f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
+                             f"got {Hkv} of dim {D}")
+        cfg = self.cfg
+        self.device, self.dtype = key_states.device, key_states.dtype
+        R = cfg.resident_tokens
+        self.resident_k = torch.zeros(Hkv, R, D, device=self.device, dtype=self.dtype)  # [Hkv, sinks + window, D]
+        self.resident_v = torch.zeros_like(self.resident_k)
+        self.resident_pos = np.full(R, -1, np.int64)  # position held by each slot (-1: empty)
+        host_dtype = cfg.resolved_host_dtype(self.dtype)
+        host_capacity = max(0, self.capacity_hint - R)
+        self.host = HostKV(Hkv, D, host_dtype, pin=self.device.type == "cuda", capacity=host_capacity)
+        self.blocks = None
+        if cfg.mode != "ann":
+            self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, device=self.device, dtype=self.dtype,
+                                     capacity=max(cfg.block_size, host_capacity))
+        self.key_index = None  # one host index per KV head, built after prefill
+        self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)
+        self.is_initialized = True
+
+    # --------------------------------------------------------- bookkeeping
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Take the new positions' K/V [1, Hkv, C, D]; return the layer itself as the
+        attention function's key and value (it needs the whole state, not tensors)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != 1:
+            raise ValueError(f"HybridCache supports batch size 1 only, got batch size {key_states.shape[0]}")
+        k, v = key_states[0], value_states[0]  # [Hkv, C, D]
+        S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
+
+        n_sink_new = max(0, min(C, S - a))
+        if n_sink_new:
+            self.resident_k[:, a : a + n_sink_new] = k[:, :n_sink_new]
+            self.resident_v[:, a : a + n_sink_new] = v[:, :n_sink_new]
+            self.resident_pos[a : a + n_sink_new] = np.arange(a, a + n_sink_new)
+        p0, p1 = a + n_sink_new, a + C  # positions that enter the window
+
+        # Positions pushed out of the window: older ring entries first, then the
+        # chunk's own positions that the rest of the chunk pushes straight through.
+        e0, e1 = max(S, p0 - W), max(S, p1 - W)
+        if e1 > e0:
+            from_ring = np.arange(e0, min(e1, p0))
+            slots = torch.from_numpy(S + (from_ring - S) % W).to(self.device)
+            lo, hi = max(e0, p0) - a, e1 - a  # chunk offsets that go straight to the host
+            self._evict(torch.cat([self.resident_k[:, slots], k[:, lo:hi]], dim=1),
+                        torch.cat([self.resident_v[:, slots], v[:, lo:hi]], dim=1))
+
+        first = max(p0, p1 - W)  # the chunk positions that stay in the window
+        if p1 > first:
+            pos = np.arange(first, p1)
+            slots_np = S + (pos - S) % W
+            slots = torch.from_numpy(slots_np).to(self.device)
+            self.resident_k[:, slots] = k[:, first - a :]
+            self.resident_v[:, slots] = v[:, first - a :]
+            self.resident_pos[slots_np] = pos
+        self.n_seen += C
+        return self, self
+
+    def _evict(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, n, D] of the positions following the host store's last one."""
+        self.host.append(k, v)
+        if self.blocks is not None:
+            self.blocks.add(k)
+        if self.key_index is not None:
+            keys = k.float().cpu().numpy()
+            for h, index in enumerate(self.key_index):
+                index.add(keys[h])
+
+    # ------------------------------------------------------------- queries
+
+    def positions(self) -> dict[str, np.ndarray]:
+        """Where each position lives: {"sinks", "window", "host"} -> sorted positions."""
+        S = self.cfg.n_sink
+        pos = self.resident_pos
+        return {
+            "sinks": np.sort(pos[:S][pos[:S] >= 0]),
+            "window": np.sort(pos[S:][pos[S:] >= 0]),
+            "host": np.arange(S, S + self.host.n),
+        }
+
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Filled resident slots: K, V [Hkv, R, D] and their positions [R] (device)."""
+        filled = min(self.n_seen, self.cfg.resident_tokens)  # slots fill in order until the ring wraps
+        pos = torch.from_numpy(self.resident_pos[:filled]).to(self.device)
+        return self.resident_k[:, :filled], self.resident_v[:, :filled], pos
+
+    def host_positions(self) -> torch.Tensor:
+        return torch.arange(self.cfg.n_sink, self.cfg.n_sink + self.host.n)
+
+    def nbytes(self) -> dict[str, dict[str, int]]:
+        if not self.is_initialized:
+            return {"device": {}, "host": {}}
+        device = {"resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
+                  "block_index": getattr(self.blocks, "nbytes", 0)}
+        host = {"kv_store": self.host.nbytes,
+                "key_index": sum(getattr(i, "nbytes", 0) for i in self.key_index or ())}
+        return {"device": device, "host": host}
+
+    # ------------------------------------------------- transformers' Cache API
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.n_seen = 0
+        self.key_index = None
+        self.stats = StepStats()
+
+    def offload(self):  # the host store is the offload; nothing moves per layer
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HybridCache supports batch size 1 without beam search")
+
+
+class HybridCache(Cache):
+    """A `Cache` for the "hybrid" attention implementation.
+
+    `model_or_config` is a model loaded with `attn_implementation="hybrid"` (or
+    its config). `max_length`, when known, sizes the host store exactly.
+    Use it with `model.generate(..., past_key_values=HybridCache(model, cfg))`.
+    """
+
+    def __init__(self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0):
+        config = getattr(model_or_config, "config", model_or_config)
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        check_supported(config)
+        impl = getattr(config, "_attn_implementation", "hybrid")
+        if impl != "hybrid":
+            raise ValueError(
+                f"the model uses attn_implementation={impl!r}; HybridCache needs 'hybrid' "
+                "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
+            )
+        self.offload_config = offload or OffloadConfig()
+        shape = ModelShape.of(config)
+        from engine.retrieval import BuildProgress
+
+        self.build_progress = BuildProgress(shape.num_hidden_layers)
+        layers = [HybridLayer(self.offload_config, i, shape, capacity=max_length, progress=self.build_progress)
+                  for i in range(shape.num_hidden_layers)]
+        super().__init__(layers=layers)
+
+    def build_indexes(self) -> None:
+        """Build every layer's host key index now (otherwise each layer builds at its first decode step)."""
+        from engine.retrieval import build_key_index
+
+        for layer in self.layers:
+            if layer.is_initialized and layer.key_index is None:
+                build_key_index(layer)
+
+    def memory_report(self) -> dict[str, dict[str, int]]:
+        """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""
+        total = {"device": {}, "host": {}}
+        for layer in self.layers:
+            for where, parts in layer.nbytes().items():
+                for name, n in parts.items():
+                    total[where][name] = total[where].get(name, 0) + n
+        return total
+
+    def step_stats(self) -> dict[str, float]:
+        """The last decode step over all layers: host tokens, tokens gathered, vectors
+        scanned, and kv_read_frac = gathered / host tokens (per KV head)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
+        gathered = sum(layer.stats.gathered for layer in layers)
+        scanned = sum(layer.stats.scanned for layer in layers)
+        keys = sum(layer.stats.keys_scored for layer in layers)
+        return {"host_tokens": host, "gathered": gathered, "scanned": scanned, "keys_scored": keys,
+                "kv_read_frac": gathered / host if host else 0.0,
+                "keys_scored_frac": keys / host if host else 0.0}

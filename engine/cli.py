@@ -1,0 +1,152 @@
+"""`hybridattn` command line: generate, plan, bench, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCHES = {"kernel": "bench_kernel.py", "ann": "bench_ann.py", "decode": "bench_decode.py"}
+DEMO_TOKENS = 4096
+
+
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    from engine.config import LANDMARKS, PRESETS, RETRIEVAL_METHODS, SELECTION_MODES
+
+    g = p.add_argument_group("offload configuration (overrides the preset)")
+    g.add_argument("--preset", default="default", choices=list(PRESETS))
+    g.add_argument("--sinks", dest="n_sink", type=int)
+    g.add_argument("--window", type=int)
+    g.add_argument("--block-size", type=int)
+    g.add_argument("--n-blocks", type=int)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--method", choices=RETRIEVAL_METHODS)
+    g.add_argument("--mode", choices=SELECTION_MODES)
+    g.add_argument("--landmark", choices=LANDMARKS)
+    g.add_argument("--host-dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--device")
+
+
+def _offload_config(args):
+    from engine.config import OffloadConfig
+
+    fields = ("n_sink", "window", "block_size", "n_blocks", "top_k", "method", "mode", "landmark", "host_dtype",
+              "device")
+    return OffloadConfig.preset(args.preset, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+
+
+def cmd_generate(args) -> int:
+    from engine.api import HybridLLM
+
+    llm = HybridLLM.from_pretrained(args.model, offload=_offload_config(args))
+    if args.demo:
+        return _demo(llm, args)
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    elif args.file is not None:
+        prompt = Path(args.file).read_text()
+    else:
+        print("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo", file=sys.stderr)
+        return 2
+    if args.chat:
+        prompt = [{"role": "user", "content": prompt}]
+    from engine.api import GenerationReport
+
+    report = GenerationReport()
+    for piece in llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature):
+        print(piece, end="", flush=True)
+    print()
+    _print_report(report, args)
+    return 0
+
+
+def _demo(llm, args) -> int:
+    """A passkey hidden in ~4K tokens of filler: full attention and the hybrid engine answer the same prompt."""
+    from engine.tasks import make_sample, score
+
+    sample = make_sample("passkey", DEMO_TOKENS, llm.tokenizer, seed=args.seed, depth=0.4)
+    print(f"demo: a pass key hidden at depth {sample.depth:.0%} of a {sample.n_tokens}-token prompt; "
+          f"expected answer {sample.answers[0]}", flush=True)
+    full = llm.generate_full_attention(sample.prompt, args.max_new_tokens)
+    print(f"full attention : {full.strip()!r} -> {'correct' if score(sample, full) == 1 else 'wrong'}", flush=True)
+    result = llm.generate(sample.prompt, args.max_new_tokens)
+    ok = score(sample, result.text) == 1
+    print(f"hybridattn     : {result.text.strip()!r} -> {'correct' if ok else 'wrong'}")
+    _print_report(result.report, args)
+    return 0
+
+
+def _print_report(report, args) -> None:
+    print(report.summary(), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+
+
+def cmd_plan(args) -> int:
+    from engine.config import plan_memory
+
+    model = args.model
+    if Path(model).is_file():  # a config.json
+        model = json.loads(Path(model).read_text())
+    plan = plan_memory(model, args.context, _offload_config(args), int(args.gpu_gb * 2**30))
+    print(f"model {args.model}, context {args.context} tokens")
+    print(plan.table())
+    print(f"device bytes beside weights: {plan.device_beside_weights / 2**30:.3f} GiB")
+    return 0 if plan.fits else 1
+
+
+def cmd_script(script: str, rest: list[str]) -> int:
+    path = BENCH_DIR / script
+    if not path.is_file():
+        print(f"{path} not found: the benchmarks run from a source checkout of hybridattn", file=sys.stderr)
+        return 2
+    sys.argv = [str(path), *rest]
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.models import BUNDLED_NAME
+
+    p = argparse.ArgumentParser(prog="hybridattn", description="Long-context generation with retrieval attention")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate from a long prompt")
+    g.add_argument("--model", default=BUNDLED_NAME, help="bundled name, local model directory, .gguf file or hub id")
+    g.add_argument("--prompt", help="the prompt text")
+    g.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    g.add_argument("--demo", action="store_true", help=f"passkey in ~{DEMO_TOKENS} tokens, full attention vs hybrid")
+    g.add_argument("--seed", type=int, default=0, help="demo prompt seed")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--json", help="write the timing/memory report here")
+    _offload_args(g)
+
+    pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
+    pl.add_argument("--model", default="llama-3-8b", help="model preset name or a config.json path")
+    pl.add_argument("--context", type=int, default=131072)
+    pl.add_argument("--gpu-gb", type=float, default=24.0, help="GPU budget in GiB")
+    _offload_args(pl)
+
+    b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES))
+    b.add_argument("name", choices=list(BENCHES))
+    sub.add_parser("eval", help="run the accuracy evaluation (bench/eval_accuracy.py)")
+
+    args, rest = p.parse_known_args(argv)
+    if args.command in ("bench", "eval"):
+        return cmd_script(BENCHES[args.name] if args.command == "bench" else "eval_accuracy.py", rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return {"generate": cmd_generate, "plan": cmd_plan}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Offload configuration, its presets, and the memory plan for a model and context length."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
+SELECTION_MODES = ("ann", "block", "hybrid")
+LANDMARKS = ("mean", "minmax")
+PREFILL_KEY_BLOCK = 2048  # keys per block of exact prefill attention (bounds its score buffer)
+HOST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How the KV cache is split between the device and host memory, and how
+    each decode step picks the host tokens it attends to.
+
+    Every decode step attends exactly to the `n_sink` first tokens and the
+    `window` most recent ones (resident on the device), plus the host tokens
+    selected by the device block index (`n_blocks` blocks of `block_size`
+    tokens), the host key index (`top_k` tokens per query head), or both,
+    depending on `mode`.
+    """
+
+    n_sink: int = 4
+    window: int = 128
+    block_size: int = 16
+    n_blocks: int = 32
+    top_k: int = 64
+    method: str = "qq"
+    mode: str = "hybrid"
+    landmark: str = "mean"
+    host_dtype: str = "auto"  # "auto": the model's dtype
+    host_threads: int = 0  # 0: all cores
+    index_params: dict = field(default_factory=dict)
+    max_build_queries: int = 4096  # prefill query positions kept per layer to build the host index
+    prefill_chunk: int = 1024  # tokens per forward pass during prefill
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+    def __post_init__(self):
+        for name in ("n_sink", "window", "block_size", "n_blocks", "top_k", "max_build_queries", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"OffloadConfig.{name} must be a non-negative int, got {value!r}")
+        for name in ("window", "block_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OffloadConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_sink < 1:
+            raise ValueError(f"OffloadConfig.n_sink must be at least 1 (attention sinks), got {self.n_sink}")
+        _check_choice("method", self.method, RETRIEVAL_METHODS)
+        _check_choice("mode", self.mode, SELECTION_MODES)
+        _check_choice("landmark", self.landmark, LANDMARKS)
+        _check_choice("host_dtype", self.host_dtype, ("auto", *HOST_DTYPES))
+        if self.mode in ("ann", "hybrid") and self.top_k < 1:
+            raise ValueError(f"mode {self.mode!r} retrieves top_k tokens per query head: top_k must be >= 1")
+        if self.mode in ("block", "hybrid") and self.n_blocks < 1:
+            raise ValueError(f"mode {self.mode!r} selects candidate blocks: n_blocks must be >= 1")
+        if not isinstance(self.host_threads, int) or self.host_threads < 0:
+            raise ValueError(f"OffloadConfig.host_threads must be a non-negative int, got {self.host_threads!r}")
+        if not isinstance(self.index_params, dict):
+            raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
+        try:
+            torch.device(self.resolved_device())
+        except RuntimeError as exc:
+            raise ValueError(f"OffloadConfig.device {self.device!r} is not a torch device") from exc
+
+    @property
+    def resident_tokens(self) -> int:
+        """Tokens kept on the device per layer and KV head (sinks + recent window)."""
+        return self.n_sink + self.window
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_host_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.host_dtype == "auto" else HOST_DTYPES[self.host_dtype]
+
+    def replace(self, **changes) -> OffloadConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> OffloadConfig:
+        """A named configuration (see `PRESETS`), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"OffloadConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+PRESETS: dict[str, OffloadConfig] = {
+    # Balanced: hybrid selection, a few percent of an 8K-128K context per step.
+    "default": OffloadConfig(),
+    # Smaller budget: faster steps, lower recall.
+    "tight": OffloadConfig(window=64, n_blocks=16, top_k=32),
+    # Larger budget for accuracy-critical work.
+    "wide": OffloadConfig(window=512, n_blocks=128, top_k=256),
+    # Device block index alone: no host index to build.
+    "block": OffloadConfig(mode="block", n_blocks=64),
+}
+
+
+# ------------------------------------------------------------------ memory plan
+
+# Shapes of well-known models, so that a plan needs no download.
+MODEL_PRESETS: dict[str, dict] = {
+    "llama-3-8b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       hidden_size=4096, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.1-8b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         hidden_size=4096, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                       hidden_size=3584, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+                       attention_bias=True),
+    "mistral-7b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       hidden_size=4096, intermediate_size=14336, vocab_size=32768, tie_word_embeddings=False),
+    "smollm2-135m": dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         hidden_size=576, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+    @classmethod
+    def of(cls, model_config) -> ModelShape:
+        """From a preset name, a dict, or a transformers config."""
+        if isinstance(model_config, str):
+            if model_config not in MODEL_PRESETS:
+                raise ValueError(f"unknown model preset {model_config!r}; presets: {', '.join(MODEL_PRESETS)}")
+            return cls(**MODEL_PRESETS[model_config])
+        get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        return cls(
+            num_hidden_layers=get("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or hidden // heads,
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            vocab_size=get("vocab_size"),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            attention_bias=bool(get("attention_bias", False)),
+        )
+
+    def n_params(self) -> int:
+        H, D, Hq, Hkv, I = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
+        attn = H * (Hq + 2 * Hkv) * D + Hq * D * H + ((Hq + 2 * Hkv) * D if self.attention_bias else 0)
+        per_layer = attn + 3 * H * I + 2 * H
+        embed = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + H
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per component on the device and on the host."""
+
+    device: dict[str, int]
+    host: dict[str, int]
+    gpu_budget_bytes: int | None
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def device_beside_weights(self) -> int:
+        return self.device_total - self.device["weights"]
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_budget_bytes is None or self.device_total <= self.gpu_budget_bytes
+
+    def table(self) -> str:
+        rows = [("device", k, v) for k, v in self.device.items()] + [("host", k, v) for k, v in self.host.items()]
+        lines = [f"{'where':<7} {'component':<14} {'GiB':>9}"]
+        lines += [f"{w:<7} {c:<14} {v / 2**30:>9.3f}" for w, c, v in rows]
+        lines.append(f"{'device':<7} {'total':<14} {self.device_total / 2**30:>9.3f}")
+        lines.append(f"{'host':<7} {'total':<14} {self.host_total / 2**30:>9.3f}")
+        if self.gpu_budget_bytes is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"GPU budget {self.gpu_budget_bytes / 2**30:.2f} GiB: {verdict}")
+        return "\n".join(lines)
+
+
+def plan_memory(
+    model_config,
+    context_len: int,
+    cfg: OffloadConfig | None = None,
+    gpu_budget_bytes: int | None = None,
+    *,
+    weight_dtype: torch.dtype = torch.bfloat16,
+) -> MemoryPlan:
+    """Bytes the engine needs for `context_len` tokens with `cfg`.
+
+    Device: weights, resident KV (sinks + window), block index (landmarks),
+    workspace (the largest transient buffers of a prefill chunk). Host: the KV
+    store and the key indexes. `model_config` is a preset name (see
+    `MODEL_PRESETS`), a dict or a transformers config.
+    """
+    cfg = cfg or OffloadConfig()
+    if context_len < cfg.resident_tokens:
+        raise ValueError(
+            f"context_len {context_len} is shorter than sinks + window = {cfg.resident_tokens}; "
+            "use full attention for such short contexts, or a smaller window"
+        )
+    m = ModelShape.of(model_config)
+    L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
+    wbytes = torch.finfo(weight_dtype).bits // 8
+    host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
+    host_tokens = context_len - cfg.resident_tokens
+    n_blocks = math.ceil(host_tokens / cfg.block_size)
+    landmark_vectors = 1 if cfg.landmark == "mean" else 2
+    C = min(cfg.prefill_chunk, context_len)
+
+    device = {
+        "weights": m.n_params() * wbytes,
+        "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
+        "block_index": (L * Hkv * n_blocks * D * landmark_vectors * wbytes) if cfg.mode != "ann" else 0,
+        # hidden states and MLP activations of one chunk, one block of attention scores (fp32)
+        # and one block of host K/V brought over for it
+        "workspace": C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
+        + Hq * C * PREFILL_KEY_BLOCK * 4
+        + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
+    }
+    host = {
+        "kv_store": L * 2 * Hkv * host_tokens * D * host_bytes,
+        "key_index": L * Hkv * _index_bytes(cfg, host_tokens, D, Hq // Hkv) if cfg.mode != "block" else 0,
+    }
+    return MemoryPlan(device=device, host=host, gpu_budget_bytes=gpu_budget_bytes)
+
+
+def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, group: int) -> int:
+    """Host bytes of one (layer, KV head) key index, as the ann package estimates it."""
+    from ann import estimate_index_bytes
+
+    n_queries = min(cfg.max_build_queries, n_keys) * group
+    return estimate_index_bytes(cfg.method, n_keys, dim, n_queries, **cfg.index_params)

@@ -1,0 +1,107 @@
+"""Which host tokens a decode step attends to: the device block index, the host
+key index, or the union of both (OffloadConfig.mode), deduplicated per KV head."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class BuildProgress:
+    """One progress bar over the layers whose host index is being built."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.bar = None
+        self.seconds = 0.0
+
+    def done(self, seconds: float) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.n_layers, desc="building host key index", unit="layer", leave=False)
+        self.seconds += seconds
+        self.bar.update(1)
+        if self.bar.n >= self.n_layers:
+            self.bar.close()
+            log.info("host key indexes built in %.1f s", self.seconds)
+            self.bar = None
+
+
+def build_key_index(layer) -> None:
+    """Build one host index per KV head from the host keys and the sampled prefill
+    queries of the head's query group (the attention-aware indexes use those)."""
+    from ann import make_index
+
+    cfg = layer.cfg
+    if cfg.mode == "block":
+        layer.key_index = []
+        return
+    t0 = time.perf_counter()
+    keys = layer.host.keys.float().numpy()  # [Hkv, n, D]
+    queries = layer.query_sample.queries().float()  # [Hq, nq, D]
+    G, D = layer.group, layer.head_dim
+    indexes = []
+    for h in range(layer.n_kv_heads):
+        index = make_index(cfg.method, D, **cfg.index_params)
+        group_q = queries[h * G : (h + 1) * G].reshape(-1, D).numpy() if len(layer.query_sample) else None
+        if len(keys[h]):
+            index.build(keys[h], group_q)
+        indexes.append(index)
+    layer.key_index = indexes
+    layer.query_sample.clear()
+    if layer.progress is not None:
+        layer.progress.done(time.perf_counter() - t0)
+
+
+def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
+    """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the
+    decode queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
+    Updates layer.stats."""
+    from ann import search_group
+
+    cfg, n_host = layer.cfg, layer.host.n
+    parts, scanned, keys_scored = [], 0, 0
+    if layer.blocks is not None:
+        parts.append(layer.blocks.select(q, cfg.n_blocks).cpu())
+        scanned += layer.blocks.scanned
+    if cfg.mode != "block":
+        if layer.key_index is None:
+            build_key_index(layer)
+        k = min(cfg.top_k, n_host)
+        G = layer.group
+        rows = []
+        for h, index in enumerate(layer.key_index):
+            if len(index) == 0:
+                rows.append(np.empty(0, np.int64))
+                continue
+            res = search_group(index, q_host[h * G : (h + 1) * G], k)
+            rows.append(res.ids.reshape(-1))
+            scanned += res.scanned
+            keys_scored += res.keys_scored
+        parts.append(torch.from_numpy(_pad(rows)))
+    ids = unique_rows(torch.cat(parts, dim=1))
+    st = layer.stats
+    st.host_tokens, st.scanned, st.keys_scored = n_host, scanned, keys_scored
+    st.gathered = int((ids >= 0).sum())
+    return ids
+
+
+def _pad(rows: list[np.ndarray]) -> np.ndarray:
+    out = np.full((len(rows), max(len(r) for r in rows)), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def unique_rows(ids: torch.Tensor) -> torch.Tensor:
+    """ids [H, M] -> the same ids sorted per row with repeats and padding turned into -1
+    (sorted ids also make the kernel's gather walk memory in order)."""
+    ids, _ = ids.sort(dim=1)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ids.masked_fill(repeat | (ids < 0), -1)

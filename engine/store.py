@@ -1,0 +1,94 @@
+"""Host-memory KV store of one layer, and the prefill-query sample its index is built from."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HostKV:
+    """K and V [Hkv, capacity, D] in host memory, appended in position order.
+
+    Pinned when the device is CUDA, so device-to-host copies of evicted tokens
+    and host-to-device copies of prefill key blocks can be asynchronous. The
+    capacity grows by half again when full; `reserve()` sizes it exactly when
+    the final length is known.
+    """
+
+    def __init__(self, n_heads: int, dim: int, dtype: torch.dtype, *, pin: bool, capacity: int = 0):
+        self.n_heads, self.dim, self.dtype, self.pin = n_heads, dim, dtype, pin
+        self.n = 0
+        self.k = self._alloc(capacity)  # [Hkv, capacity, D]
+        self.v = self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        return torch.empty(self.n_heads, capacity, self.dim, dtype=self.dtype, pin_memory=self.pin)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, capacity: int) -> None:
+        if capacity > self.capacity:
+            k, v = self._alloc(capacity), self._alloc(capacity)
+            k[:, : self.n], v[:, : self.n] = self.keys, self.values
+            self.k, self.v = k, v
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, n, D] on any device."""
+        n = k.shape[1]
+        if self.n + n > self.capacity:
+            self.reserve(max(self.n + n, self.capacity * 3 // 2, 256))
+        self.k[:, self.n : self.n + n].copy_(k, non_blocking=self.pin)
+        self.v[:, self.n : self.n + n].copy_(v, non_blocking=self.pin)
+        self.n += n
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[Hkv, n, D] view; rows contiguous, heads strided by the capacity."""
+        return self.k[:, : self.n]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:, : self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class QuerySample:
+    """Prefill queries at evenly spaced positions, at most `limit` of them.
+
+    Keeps every `stride`-th position; when full, doubles the stride and drops
+    the positions that no longer fall on it, so the sample stays spread over
+    the whole prefill however long it turns out to be.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.stride = 1
+        self.pos: list[torch.Tensor] = []
+        self.q: list[torch.Tensor] = []
+
+    def add(self, q: torch.Tensor, positions: torch.Tensor) -> None:
+        """q [Hq, Q, D] of positions [Q] (host copies are kept)."""
+        if self.limit == 0:
+            return
+        keep = positions % self.stride == 0
+        self.pos.append(positions[keep].cpu())
+        self.q.append(q[:, keep.to(q.device)].cpu())
+        while sum(len(p) for p in self.pos) > self.limit:
+            self.stride *= 2
+            kept = [p % self.stride == 0 for p in self.pos]
+            self.q = [q[:, m] for q, m in zip(self.q, kept)]
+            self.pos = [p[m] for p, m in zip(self.pos, kept)]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pos)
+
+    def queries(self) -> torch.Tensor:
+        """[Hq, n, D]"""
+        return torch.cat(self.q, dim=1) if self.q else torch.empty(0)
+
+    def clear(self) -> None:
+        self.pos, self.q = [], []

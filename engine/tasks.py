@@ -1,0 +1,131 @@
+"""Long-context test prompts generated locally from a seed (nothing is downloaded).
+
+Passkey retrieval (after Landmark Attention) and RULER-style needle tasks:
+single needle, multi-key (distractor needles), multi-value, and variable
+tracking. A prompt is a haystack of filler sentences sized to a token budget
+with the needles at chosen depths, ending in an answer prefix so that a base
+or small instruct model completes it. `score()` is exact string matching.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_WORDS = (
+    "apple", "river", "lantern", "falcon", "meadow", "copper", "violin", "glacier", "harbor", "orchid",
+    "pepper", "canyon", "marble", "thunder", "willow", "saffron", "beacon", "quartz", "tundra", "ember",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: str
+    answers: tuple[str, ...]  # every one must appear in the output
+    depth: float  # where the (first) needle sits, as a fraction of the haystack
+    n_tokens: int  # prompt tokens
+
+
+def make_sample(task: str, n_tokens: int, tokenizer, *, seed: int = 0, depth: float | None = None) -> Sample:
+    """A prompt of about `n_tokens` tokens for `task`, deterministic for (task, n_tokens, seed, depth)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    rng = random.Random(f"{task}/{n_tokens}/{seed}/{depth}")
+    depth = rng.random() if depth is None else depth
+    intro, needles, question, answers = _TASK_PARTS[task](rng)
+    fixed = len(tokenizer(intro + " ".join(needles) + question).input_ids)
+    per_unit = len(tokenizer(" " + FILLER).input_ids)
+    units = max(1, (n_tokens - fixed) // per_unit)
+    # The first needle goes at `depth`; the others spread after it (variable
+    # tracking's chain must stay in order) or at random depths (distractors).
+    if task == "variable_tracking":
+        places = [round(depth * units * (i + 1) / len(needles)) for i in range(len(needles))]
+    else:
+        places = [round(depth * units)] + [rng.randrange(units + 1) for _ in needles[1:]]
+    pieces = [FILLER] * units
+    for place, needle in sorted(zip(places, needles), key=lambda t: t[0], reverse=True):
+        pieces.insert(place, needle)
+    prompt = intro + " ".join(pieces) + question
+    return Sample(task, prompt, tuple(answers), depth, len(tokenizer(prompt).input_ids))
+
+
+def score(sample: Sample, output: str) -> float:
+    """Fraction of the expected answers found in the output as whole words."""
+    found = sum(bool(re.search(rf"(?<![\w]){re.escape(a)}(?![\w])", output)) for a in sample.answers)
+    return found / len(sample.answers)
+
+
+# ------------------------------------------------------------------ the tasks
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def _passkey(rng):
+    key = _number(rng, 5)
+    intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+             "I will quiz you about the important information there.\n\n")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    return intro, [needle], "\n\nWhat is the pass key? The pass key is", [key]
+
+
+_NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+               "I will quiz you about the numbers afterwards.\n\n")
+
+
+def _needle(word: str, value: str) -> str:
+    return f"One of the special magic numbers for {word} is: {value}."
+
+
+def _question(word: str, plural: bool = False) -> str:
+    if plural:
+        return (f"\n\nWhat are all the special magic numbers for {word} mentioned in the provided text? "
+                f"The special magic numbers for {word} mentioned in the provided text are")
+    return (f"\n\nWhat is the special magic number for {word} mentioned in the provided text? "
+            f"The special magic number for {word} mentioned in the provided text is")
+
+
+def _niah_single(rng):
+    word, value = rng.choice(KEY_WORDS), _number(rng, 7)
+    return _NIAH_INTRO, [_needle(word, value)], _question(word), [value]
+
+
+def _niah_multikey(rng):
+    words = rng.sample(KEY_WORDS, 4)
+    values = [_number(rng, 7) for _ in words]
+    needles = [_needle(w, v) for w, v in zip(words, values)]
+    return _NIAH_INTRO, needles, _question(words[0]), [values[0]]
+
+
+def _niah_multivalue(rng):
+    word = rng.choice(KEY_WORDS)
+    values = [_number(rng, 7) for _ in range(4)]
+    return _NIAH_INTRO, [_needle(word, v) for v in values], _question(word, plural=True), values
+
+
+def _variable_tracking(rng):
+    value = _number(rng, 5)
+    names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
+    needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    intro = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
+    question = (f"\n\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+                f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
+                f"variables are assigned the value {value}, they are:")
+    return intro, needles, question, names
+
+
+_TASK_PARTS = {
+    "passkey": _passkey,
+    "niah_single": _niah_single,
+    "niah_multikey": _niah_multikey,
+    "niah_multivalue": _niah_multivalue,
+    "variable_tracking": _variable_tracking,
+}

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+import engine  # noqa: F401  (registers the "hybrid" attention)
+
+
+def tiny_llama(n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, vocab=97, seed=0, **extra):
+    """A random-weight Llama with GQA, built from a config (nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=n_heads * head_dim, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        max_position_embeddings=8192, attn_implementation="hybrid", **extra,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Larger query/key weights make attention peaked, as in trained models, so
+    # that retrieving the wrong tokens would visibly change the logits.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_ids():
+    return torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_full_logits(tiny_model, tiny_ids):
+    """Full attention logits of every position (sdpa, no cache)."""
+    with torch.no_grad():
+        return tiny_model(tiny_ids, use_cache=False).logits

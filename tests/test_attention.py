@@ -1,0 +1,127 @@
+"""The hybrid attention inside a transformers model: exactness when the budgets
+cover every token, every selection mode and retrieval method end to end."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from engine import HybridCache, OffloadConfig
+from tests.conftest import tiny_llama
+
+COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, top_k=1000)
+
+
+def run_hybrid(model, ids, cfg, prefill, chunk=None):
+    """Logits of every position: prefill of `prefill` tokens (in chunks), then one token at a time."""
+    cache = HybridCache(model, cfg)
+    chunk = chunk or prefill
+    logits = []
+    with torch.no_grad():
+        for start in range(0, prefill, chunk):
+            logits.append(model(ids[:, start : min(start + chunk, prefill)], cache=cache, use_cache=True).logits)
+        for t in range(prefill, ids.shape[1]):
+            logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize(
+    "mode,method",
+    [("ann", "flat"), ("block", "flat"), ("hybrid", "flat"), ("hybrid", "qq"), ("ann", "hnsw")],
+)
+def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_logits, mode, method):
+    cfg = OffloadConfig(**COVER_ALL, mode=mode, method=method,
+                        index_params={"ef": 2000} if method == "hnsw" else {})
+    ids = tiny_ids[:, :260]
+    logits, cache = run_hybrid(tiny_model, ids, cfg, prefill=200)
+    assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
+    stats = cache.step_stats()
+    assert stats["gathered"] == stats["host_tokens"]  # everything was retrieved ...
+    assert cache.get_seq_length() == 260
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 33, 200])
+def test_prefill_chunking_does_not_change_logits(tiny_model, tiny_ids, tiny_full_logits, chunk):
+    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :220], OffloadConfig(**COVER_ALL, mode="block"), 200, chunk)
+    assert (logits - tiny_full_logits[:, :220]).abs().max() <= 1e-4
+
+
+def test_greedy_generate_matches_full_attention(tiny_model, tiny_ids):
+    prompt = tiny_ids[:, :150]
+    kwargs = dict(max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    with torch.no_grad():
+        full = tiny_model.generate(prompt, cache=DynamicCache(), **kwargs)
+        hybrid = tiny_model.generate(prompt, cache=HybridCache(tiny_model, OffloadConfig(**COVER_ALL)), **kwargs)
+    assert torch.equal(full, hybrid)
+
+
+@pytest.mark.parametrize("method", ["flat", "ivf", "hnsw", "graph", "qq"])
+@pytest.mark.parametrize("mode", ["ann", "block", "hybrid"])
+def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, tiny_full_logits, mode, method):
+    params = {"nlist": 8, "nprobe": 2} if method == "ivf" else {}
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, n_blocks=4, top_k=8, mode=mode, method=method,
+                        index_params=params)
+    logits, cache = run_hybrid(tiny_model, tiny_ids[:, :330], cfg, prefill=300)
+    assert torch.isfinite(logits).all()
+    stats = cache.step_stats()
+    assert 0 < stats["gathered"] < stats["host_tokens"]  # a subset of the host store, not all of it
+    err = (logits[0, 300:] - tiny_full_logits[0, 300:330]).abs().max()
+    assert err < (tiny_full_logits[0, 300:330].abs().max())  # approximate, not garbage
+
+
+def test_hybrid_budget_beats_resident_only(tiny_model, tiny_ids, tiny_full_logits):
+    """Retrieval must matter: with the same window, retrieving host tokens gets closer to full attention."""
+    ref = tiny_full_logits[0, 300:340]
+    resident_only = OffloadConfig(n_sink=4, window=16, mode="block", n_blocks=1, block_size=1)
+    retrieved = OffloadConfig(n_sink=4, window=16, mode="hybrid", method="flat", top_k=32, n_blocks=8, block_size=8)
+    err = {}
+    for name, cfg in (("resident", resident_only), ("retrieved", retrieved)):
+        logits, _ = run_hybrid(tiny_model, tiny_ids[:, :340], cfg, prefill=300)
+        err[name] = (logits[0, 300:] - ref).abs().mean()
+    assert err["retrieved"] < 0.5 * err["resident"]
+
+
+def test_without_hybrid_cache_the_implementation_is_full_attention(tiny_model, tiny_ids, tiny_full_logits):
+    with torch.no_grad():
+        logits = tiny_model(tiny_ids[:, :100], cache=DynamicCache(), use_cache=True).logits
+    assert (logits - tiny_full_logits[:, :100]).abs().max() <= 1e-5
+
+
+def test_padding_is_refused(tiny_model, tiny_ids):
+    mask = torch.ones(1, 100, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padded"), torch.no_grad():
+        tiny_model(tiny_ids[:, :100], attention_mask=mask, cache=HybridCache(tiny_model, OffloadConfig()))
+
+
+def test_batch_of_two_is_refused(tiny_model, tiny_ids):
+    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad():
+        tiny_model(tiny_ids[:, :100].expand(2, -1), cache=HybridCache(tiny_model, OffloadConfig()), use_cache=True)
+
+
+def test_model_without_hybrid_attention_is_refused():
+    model = tiny_llama(n_layers=1)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='hybrid'"):
+        HybridCache(model, OffloadConfig())
+
+
+def test_unsupported_model_type_is_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="supported model types: llama"):
+        HybridCache(GPT2Config(n_layer=1), OffloadConfig())
+
+
+def test_qwen2_with_attention_bias_is_exact():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048,
+                         attn_implementation="hybrid")
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (1, 180), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, _ = run_hybrid(model, ids, OffloadConfig(**COVER_ALL), prefill=150)
+    assert (logits - full).abs().max() <= 1e-4
