@@ -9,29 +9,32 @@ from ann._kernels import beam_search_one
 
 
 @nb.njit(cache=True)
-def projection_edges(knn, n_link):
+def projection_edges(knn, window):
     """Project the query->key bipartite graph onto keys (RoarGraph-style).
 
-    knn [Nq, M] int64: each build query's exact top-M keys, best first. The best
-    key (pivot) links to the next n_link-1 keys and each of those links back,
-    so keys that one query retrieves together are at most two hops apart.
-    Returns src, dst [E] int64."""
-    nq = knn.shape[0]
-    m = min(n_link, knn.shape[1])
-    src = np.empty(2 * nq * (m - 1), np.int64)
+    knn [Nq, M] int64: each build query's exact top-M keys, best first. Each
+    key links, both ways, to the `window` keys ranked just below it by the same
+    query, so the keys one query retrieves form a connected band whose links
+    run between keys of similar score; `select_neighbors` then keeps, per key,
+    the links that most queries agree on. Returns src, dst [E] int64."""
+    nq, m = knn.shape
+    src = np.empty(nq * 2 * window * m, np.int64)
     dst = np.empty_like(src)
     e = 0
     for r in range(nq):
-        p = knn[r, 0]
-        for j in range(1, m):
-            v = knn[r, j]
-            if v < 0 or v == p:
+        for i in range(m):
+            a = knn[r, i]
+            if a < 0:
                 continue
-            src[e] = p
-            dst[e] = v
-            src[e + 1] = v
-            dst[e + 1] = p
-            e += 2
+            for j in range(i + 1, min(m, i + 1 + window)):
+                b = knn[r, j]
+                if b < 0 or b == a:
+                    continue
+                src[e] = a
+                dst[e] = b
+                src[e + 1] = b
+                dst[e + 1] = a
+                e += 2
     return src[:e], dst[:e]
 
 

@@ -48,7 +48,9 @@ class HNSWIndex:
             self.index.add(keys)
 
     def search(self, q: np.ndarray, k: int) -> SearchResult:
-        """q [n_q, dim] -> top-k per query; scanned = distances computed (faiss counter)."""
+        """q [n_q, dim] -> top-k per query; scanned = distances computed (faiss's
+        counter), upper layers included: a key on several layers may count more
+        than once, so with ef near N the count can pass N."""
         k = check_k(k, len(self))
         q = as_vectors(q, self.dim, "queries")
         self.index.hnsw.efSearch = max(self.ef, k)

@@ -1,0 +1,217 @@
+"""Recall@k against the share of keys scanned, on real queries and keys of the bundled model.
+
+For each captured layer and KV head: every index is built on the keys of the
+first N positions, with the queries of those positions (all query heads of the
+group) as build queries, then searched once per decode position with the G
+query vectors of the next T positions (never seen at build). Recall is
+against the exact top-k of q · k per query head; `scanned_frac` counts every
+vector scored per query head (keys, centroids, landmarks, build queries) over
+N, and `keys_frac` the keys alone. Search-time settings (ef, nprobe, probes,
+block share) are swept on one build, so each index gives a curve.
+
+    python bench/bench_ann.py [--quick] [--json PATH] [--plot PATH]
+
+The capture (post-RoPE q/k from bench/capture_qk.py) is cached; the first full
+run prefills the model over ~34K tokens, which takes minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ann.registry import make_index  # noqa: E402
+from ann.selector import search_group  # noqa: E402
+from capture_qk import load_or_capture  # noqa: E402
+
+FULL = dict(tokens=34000, layers=[5, 11, 17], n_keys=[8192, 16384, 32768], decode=64)
+QUICK = dict(tokens=8400, layers=[5, 17], n_keys=[8192], decode=32)
+
+
+def sweeps(n: int, quick: bool) -> list[tuple[str, dict, str, list]]:
+    """(label, build params, swept attribute path, values) per index; ordered cheap to dear."""
+    nlist = int(min(1024, max(16, 1.5 * np.sqrt(n))))
+    cases = [
+        ("ivf", {"nlist": nlist}, "nprobe", [1, 2, 4, 8, 16] if quick else [1, 2, 4, 6, 8, 12, 16, 24, 32]),
+        ("hnsw", {"M": 32, "ef_construction": 128}, "ef", [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800]),
+        ("graph", {}, "ef", [100, 160, 256] if quick else [100, 128, 160, 200, 256, 320, 400]),
+        ("qq", {}, "n_neighbors", [8, 16, 32] if quick else [4, 8, 16, 24, 32, 48, 64]),
+        ("block", {"landmark": "mean"}, "frac", [0.01, 0.025, 0.05] if quick else [0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075]),
+        ("block", {"landmark": "minmax"}, "frac", [0.025, 0.05] if quick else [0.01, 0.025, 0.05, 0.075]),
+        ("hybrid", {}, "block.frac", [0.01, 0.025] if quick else [0.005, 0.01, 0.015, 0.02, 0.025]),
+    ]
+    return cases
+
+
+def _set(index, path: str, value) -> dict:
+    """Set a search-time parameter (`block.frac` reaches into a union's block selector)."""
+    if "." in path:
+        kind, attr = path.split(".")
+        for s in index.selectors:
+            if type(s).__name__.lower().startswith(kind):
+                setattr(s, attr, value)
+    else:
+        setattr(index, path, value)
+    return {path: value}
+
+
+def run_case(label, params, attr, values, keys, bq, dq, truth, k, meta):
+    """Build one index, sweep one search parameter; one JSON row per value."""
+    dim = keys.shape[1]
+    idx = make_index(label, dim, **params)
+    t0 = time.perf_counter()
+    idx.build(keys, bq)
+    build_s = time.perf_counter() - t0
+    rows = []
+    for v in values:
+        _set(idx, attr, v)
+        search_group(idx, dq[0], k)  # warm-up (and numba compile on a first run)
+        rec, scanned, keys_scored, times = [], 0, 0, []
+        for t in range(len(dq)):  # one decode step: the G query heads of this KV head
+            t1 = time.perf_counter()
+            res = search_group(idx, dq[t], k)
+            times.append(time.perf_counter() - t1)
+            scanned += res.scanned
+            keys_scored += res.keys_scored
+            for g in range(len(dq[t])):
+                got = res.ids[g][res.ids[g] >= 0]
+                rec.append(len(np.intersect1d(got, truth[t, g])) / k)
+        n_q = dq.shape[0] * dq.shape[1]
+        rows.append(dict(meta, index=label + ("-" + params["landmark"] if "landmark" in params else ""),
+                         k=k, recall=float(np.mean(rec)), recall_min_head=float(np.min(np.mean(np.reshape(rec, (len(dq), -1)), 0))),
+                         scanned_frac=scanned / (n_q * len(keys)), keys_frac=keys_scored / (n_q * len(keys)),
+                         build_s=build_s, search_ms=1e3 * float(np.median(times)),
+                         params={**{a: b for a, b in params.items()}, attr: v}))
+    return rows
+
+
+def exact_truth(keys: np.ndarray, dq: np.ndarray, k: int) -> np.ndarray:
+    """dq [T, G, D] -> exact top-k ids [T, G, k]."""
+    s = dq.reshape(-1, dq.shape[-1]) @ keys.T
+    ids = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    return ids.reshape(dq.shape[0], dq.shape[1], k)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Per index: the best recall reached within 4% and 5% of vectors scanned, averaged over (layer, head)."""
+    out = []
+    by = {}
+    for r in rows:
+        if r["n_keys"] == max(x["n_keys"] for x in rows):
+            by.setdefault((r["index"], json.dumps(r["params"], sort_keys=True)), []).append(r)
+    curves = {}
+    for (name, p), rs in by.items():
+        curves.setdefault(name, []).append((np.mean([r["scanned_frac"] for r in rs]), np.mean([r["keys_frac"] for r in rs]),
+                                            np.mean([r["recall"] for r in rs]), min(r["recall"] for r in rs), p,
+                                            np.mean([r["build_s"] for r in rs]), np.mean([r["search_ms"] for r in rs])))
+    out.append(f"{'index':14s} {'scanned':>8s} {'keys':>7s} {'recall':>7s} {'min':>6s} {'build_s':>8s} {'search_ms':>9s}  params")
+    for name, pts in curves.items():
+        for sf, kf, rc, mn, p, b, ms in sorted(pts):
+            out.append(f"{name:14s} {sf:8.4f} {kf:7.4f} {rc:7.4f} {mn:6.3f} {b:8.2f} {ms:9.2f}  {p}")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(r["n_keys"] for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    names = sorted({r["index"] for r in rows if r["index"] != "flat"})
+    for name in names:
+        pts = {}
+        for r in rows:
+            if r["index"] == name and r["n_keys"] == n:
+                pts.setdefault(json.dumps(r["params"], sort_keys=True), []).append((r["scanned_frac"], r["recall"]))
+        xy = sorted((np.mean([a for a, _ in v]), np.mean([b for _, b in v])) for v in pts.values())
+        ax.plot([100 * x for x, _ in xy], [y for _, y in xy], marker="o", label=name)
+    ax.axhline(0.95, color="gray", ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("vectors scored per query head (% of keys)")
+    ax.set_ylabel(f"recall@{rows[0]['k']}")
+    ax.set_title(f"N = {n} keys, mean over captured layers and KV heads")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one N, fewer settings (about a minute)")
+    ap.add_argument("--json", type=Path, help="write the rows and summary here")
+    ap.add_argument("--plot", type=Path, help="recall vs scanned plot (PNG)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--capture", type=Path, help="a .npz from bench/capture_qk.py (default: cached by model/tokens/layers)")
+    ap.add_argument("--n-keys", type=int, nargs="+")
+    ap.add_argument("--indexes", nargs="+", help="only these index labels")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    cfg = QUICK if args.quick else FULL
+    import faiss
+    import numba
+    import torch
+
+    faiss.omp_set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(args.threads)
+    data, path = load_or_capture(args.model, cfg["tokens"], cfg["layers"], out=args.capture)
+    layers = [int(x) for x in data["layers"]]
+    print(f"capture {path.name}: {int(data['n_tokens'])} tokens, layers {layers}; threads {args.threads}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    rows = []
+    for n in args.n_keys or cfg["n_keys"]:
+        for layer in layers:
+            q, kk = data[f"q_{layer}"], data[f"k_{layer}"]  # [Hq, T, D], [Hkv, T, D] float16
+            hkv, g = kk.shape[0], q.shape[0] // kk.shape[0]
+            if n + cfg["decode"] > kk.shape[1]:
+                raise ValueError(f"N = {n} plus {cfg['decode']} decode positions exceeds the capture's {kk.shape[1]} tokens")
+            for h in range(hkv):
+                keys = kk[h, :n].astype(np.float32)  # [N, D]
+                grp = q[h * g : (h + 1) * g].astype(np.float32)  # [G, T, D]
+                bq = grp[:, :n].reshape(-1, grp.shape[-1])  # [G·N, D] build queries
+                dq = np.ascontiguousarray(grp[:, n : n + cfg["decode"]].transpose(1, 0, 2))  # [T_dec, G, D]
+                truth = exact_truth(keys, dq, args.k)
+                meta = dict(layer=layer, kv_head=h, n_keys=n)
+                cases = [("flat", {}, "chunk", [65536])] + sweeps(n, args.quick)
+                for label, params, attr, values in cases:
+                    if args.indexes and label not in args.indexes:
+                        continue
+                    rs = run_case(label, params, attr, values, keys, bq, dq, truth, args.k, meta)
+                    rows += rs
+                    best = max(rs, key=lambda r: r["recall"])
+                    print(f"N={n} L{layer} h{h} {rs[0]['index']:12s} build {rs[0]['build_s']:6.2f}s  "
+                          + "  ".join(f"{r['recall']:.3f}@{100 * r['scanned_frac']:.2f}%" for r in rs), flush=True)
+    prefill = float(data["prefill_s_per_layer"])
+    lines = summarize(rows)
+    graph_build = [r["build_s"] for r in rows if r["index"] == "graph" and r["n_keys"] == max(x["n_keys"] for x in rows)]
+    if graph_build:
+        lines.append(f"graph build per (layer, KV head) at N = {max(r['n_keys'] for r in rows)}: {np.mean(graph_build):.2f} s "
+                     f"(max {np.max(graph_build):.2f}); model prefill per layer over the capture's {int(data['n_tokens'])} "
+                     f"tokens: {prefill:.2f} s")
+    print("\n".join(lines))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"capture": path.name, "n_tokens": int(data["n_tokens"]),
+                                         "prefill_s_per_layer": prefill, "threads": args.threads,
+                                         "rows": rows, "summary": lines}, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

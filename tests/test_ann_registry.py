@@ -1,0 +1,97 @@
+"""The protocol contract, checked on every index method the factory builds."""
+
+import numpy as np
+import pytest
+from ann_helpers import DIM, assert_exact, assert_valid, brute_topk, clustered, recall
+
+from ann.base import KeyIndex
+from ann.registry import METHODS, make_index
+from ann.selector import search_group
+
+# generous settings: every method must then return the exact top-k
+EXACT = {
+    "flat": {},
+    "ivf": {"nlist": 16, "nprobe": 16},
+    "hnsw": {"M": 16, "ef": 600},
+    "graph": {"ef": 600},
+    "qq": {"m_keys": 600, "n_neighbors": 600},
+    "block": {"frac": 1.0},
+    "union": {"selectors": [("block", {"frac": 0.1}), ("graph", {"ef": 600})]},
+    "hybrid": {"block": {"frac": 1.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return clustered(n_keys=600, n_build=600, n_test=16)
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown index method 'annoy'.*flat, ivf, hnsw, graph, qq"):
+        make_index("annoy", 8)
+    with pytest.raises(ValueError, match="dim"):
+        make_index("flat", 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_with_generous_settings(method, data):
+    keys, bq, tq = data
+    idx = make_index(method, DIM, **EXACT[method])
+    assert isinstance(idx, KeyIndex)
+    idx.build(keys, bq)
+    assert len(idx) == len(keys)
+    res = idx.search(tq, 10)
+    assert_valid(res, len(keys), len(tq), 10)
+    assert_exact(res, keys, tq, 10)
+    # HNSW also scores the nodes of its upper layers (a key can be scored once per
+    # layer it is on), so with ef >= N its count passes N by that small share
+    slack = 1.1 if method == "hnsw" else 1.0
+    assert res.keys_scored <= slack * len(tq) * len(keys)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_add_then_search_finds_added_keys(method, data):
+    keys, bq, tq = data
+    idx = make_index(method, DIM, **EXACT[method])
+    idx.build(keys, bq)
+    new = tq[:5] * 4.0  # each new key is the best match for its own direction
+    for i in range(len(new)):  # one key at a time, as the engine evicts them
+        idx.add(new[i : i + 1])
+    assert len(idx) == len(keys) + len(new)
+    res = idx.search(new, 1)
+    np.testing.assert_array_equal(res.ids[:, 0], np.arange(len(keys), len(keys) + len(new)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reproducible(method, data):
+    keys, bq, tq = data
+    params = {"ivf": {"nlist": 16, "nprobe": 2}, "graph": {"ef": 20, "n_centroids": 8, "n_probe": 2},
+              "hnsw": {"ef": 16}, "qq": {"n_neighbors": 4}, "block": {"frac": 0.05}}.get(method, EXACT[method])
+    runs = []
+    for _ in range(2):
+        idx = make_index(method, DIM, **params)
+        idx.build(keys, bq)
+        runs.append(idx.search(tq, 10))
+    np.testing.assert_array_equal(runs[0].ids, runs[1].ids)
+    assert runs[0].scanned == runs[1].scanned
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_search_group_gives_each_head_its_topk(method, data):
+    keys, bq, tq = data
+    idx = make_index(method, DIM, **EXACT[method])
+    idx.build(keys, bq)
+    res = search_group(idx, tq[:3], 10)  # a group of G = 3 query heads
+    assert_valid(res, len(keys), 3, 10)
+    assert_exact(res, keys, tq[:3], 10)
+
+
+def test_fast_settings_still_find_most(data):
+    keys, bq, tq = data
+    truth, _ = brute_topk(keys, tq, 10)
+    for method, params in {"graph": {"ef": 40}, "hnsw": {"ef": 40}, "hybrid": {}}.items():
+        idx = make_index(method, DIM, **params)
+        idx.build(keys, bq)
+        res = idx.search(tq, 10)
+        assert recall(res.ids, truth) >= 0.8, method
+        assert res.keys_scored < len(tq) * len(keys), method
