@@ -1,0 +1,118 @@
+"""Device landmark index: landmarks against a plain reference, odd lengths, the tail rule, GQA batching."""
+
+import numpy as np
+import pytest
+import torch
+from ann_helpers import assert_exact, assert_valid, clustered
+
+from ann.block import BlockIndex, BlockKeyIndex
+
+
+def ref_landmarks(keys: torch.Tensor, b: int):
+    """keys [H, n, D] -> mean, min, max of each full block [H, n // b, D]."""
+    nb = keys.shape[1] // b
+    blk = keys[:, : nb * b].reshape(keys.shape[0], nb, b, keys.shape[2])
+    return blk.mean(2), blk.amin(2), blk.amax(2)
+
+
+@pytest.mark.parametrize("n", [5, 16, 27, 61, 97])
+@pytest.mark.parametrize("landmark", ["mean", "minmax"])
+def test_piecewise_adds_equal_reference(n, landmark):
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randn(3, n, 8, generator=g)
+    idx = BlockIndex(3, 8, block_size=16, landmark=landmark, capacity=16)  # forces growth
+    s = 0
+    for step in [1, 2, 13, 1, 40, 100]:  # uneven pieces across block borders
+        if s >= n:
+            break
+        idx.add(keys[:, s : s + step])
+        s += step
+    assert len(idx) == n and idx.n_blocks == n // 16
+    mean, lo, hi = ref_landmarks(keys, 16)
+    if landmark == "mean":
+        torch.testing.assert_close(idx._lm[0, :, : idx.n_blocks], mean)
+    else:
+        torch.testing.assert_close(idx._lm[0, :, : idx.n_blocks], lo)
+        torch.testing.assert_close(idx._lm[1, :, : idx.n_blocks], hi)
+
+
+@pytest.mark.parametrize("landmark", ["mean", "minmax"])
+def test_select_returns_best_blocks_then_tail(landmark):
+    g = torch.Generator().manual_seed(0)
+    h, gq, d, b, n = 2, 3, 8, 4, 45  # 11 full blocks, a tail of 1
+    keys = torch.randn(h, n, d, generator=g)
+    q = torch.randn(h, gq, d, generator=g)
+    idx = BlockIndex(h, d, block_size=b, landmark=landmark)
+    idx.add(keys)
+    ids = idx.select(q, 3)
+    assert ids.dtype == torch.int64 and ids.shape == (h, 3 * b + 1)
+    assert (ids[:, -1] == 44).all(), "the tail token is always a candidate"
+    assert idx.scanned == h * gq * 11
+    mean, lo, hi = ref_landmarks(keys, b)
+    for head in range(h):
+        if landmark == "mean":
+            s = q[head] @ mean[head].T  # [G, nb]
+        else:
+            s = torch.maximum(q[head][:, None] * lo[head][None], q[head][:, None] * hi[head][None]).sum(-1)
+        s = (s - s.amax(1, keepdim=True)).amax(0)
+        want = set(torch.topk(s, 3).indices.tolist())
+        got = set((ids[head, : 3 * b] // b).tolist())
+        assert got == want
+        blocks = ids[head, : 3 * b].reshape(3, b)
+        assert (blocks == blocks[:, :1] + torch.arange(b)).all(), "whole blocks of consecutive tokens"
+
+
+def test_minmax_bound_holds_for_every_key():
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 64, 8, generator=g)
+    q = torch.randn(1, 1, 8, generator=g)
+    idx = BlockIndex(1, 8, block_size=8, landmark="minmax")
+    idx.add(keys)
+    idx_bound = idx.block_scores(q)  # shifted by the best block's bound
+    lo, hi = ref_landmarks(keys, 8)[1:]
+    bound = torch.maximum(q[0] * lo[0], q[0] * hi[0]).sum(-1)  # [nb]
+    true_max = (keys[0] @ q[0, 0]).reshape(8, 8).amax(1)
+    assert (bound >= true_max - 1e-5).all()
+    torch.testing.assert_close(idx_bound[0], bound - bound.max())
+
+
+def test_heads_are_independent():
+    g = torch.Generator().manual_seed(2)
+    keys, q = torch.randn(3, 50, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    both = BlockIndex(3, 8, block_size=8)
+    both.add(keys)
+    ids = both.select(q, 2)
+    for h in range(3):
+        one = BlockIndex(1, 8, block_size=8)
+        one.add(keys[h : h + 1])
+        torch.testing.assert_close(one.select(q[h : h + 1], 2)[0], ids[h])
+
+
+def test_short_context_and_errors():
+    idx = BlockIndex(2, 4, block_size=16)
+    idx.add(torch.randn(2, 5, 4))
+    ids = idx.select(torch.randn(2, 1, 4), 10)  # no full block yet: the tail is everything
+    assert ids.tolist() == [list(range(5))] * 2
+    with pytest.raises(ValueError, match=r"keys must have shape \[2, n, 4\]"):
+        idx.add(torch.randn(3, 5, 4))
+    with pytest.raises(ValueError, match=r"q must have shape \[2, G, 4\]"):
+        idx.select(torch.randn(2, 1, 5), 1)
+    with pytest.raises(TypeError, match="floating point"):
+        idx.add(torch.ones(2, 1, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="unknown landmark 'median'"):
+        BlockIndex(1, 4, landmark="median")
+
+
+def test_key_index_wrapper_reranks_exactly():
+    keys, _, tq = clustered(n_keys=97, n_test=4)
+    idx = BlockKeyIndex(keys.shape[1], block_size=16, frac=1.0)
+    idx.build(keys)
+    res = idx.search(tq, 10)
+    assert_valid(res, 97, 4, 10)
+    assert_exact(res, keys, tq, 10)
+    part = BlockKeyIndex(keys.shape[1], block_size=16, n_blocks=1)
+    part.build(keys)
+    res = part.search(tq, 10)
+    assert res.keys_scored == 4 * (16 + 1)  # one block and the tail token, per query
+    assert res.scanned == res.keys_scored + 4 * 6  # plus the 6 landmarks each query scored
+    np.testing.assert_array_equal(np.sort(res.ids[0]) >= 0, True)
