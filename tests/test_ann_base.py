@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from ann_helpers import DIM, clustered
+from tests.ann_helpers import DIM, clustered
 
 from ann.base import GrowableKeys, as_vectors, check_k, rerank, topk_rows
 from ann.registry import METHODS, make_index

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from ann_helpers import assert_exact, assert_valid, clustered
+from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 from ann.block import BlockIndex, BlockKeyIndex
 

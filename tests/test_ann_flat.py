@@ -1,5 +1,5 @@
 import numpy as np
-from ann_helpers import assert_exact, assert_valid, clustered
+from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 from ann.flat import FlatIndex
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
+from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann._kernels import beam_search
 from ann.graph import GraphIndex, key_neighbors

@@ -1,5 +1,5 @@
 import numpy as np
-from ann_helpers import brute_topk, clustered, recall
+from tests.ann_helpers import brute_topk, clustered, recall
 
 from ann.hnsw import HNSWIndex
 

@@ -1,6 +1,6 @@
 import faiss
 import numpy as np
-from ann_helpers import assert_exact, brute_topk, clustered, recall
+from tests.ann_helpers import assert_exact, brute_topk, clustered, recall
 
 from ann.ivf import IVFIndex
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from ann_helpers import assert_valid, brute_topk, clustered, recall
+from tests.ann_helpers import assert_valid, brute_topk, clustered, recall
 
 from ann.qq import QQIndex
 

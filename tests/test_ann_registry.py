@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from ann_helpers import DIM, assert_exact, assert_valid, brute_topk, clustered, recall
+from tests.ann_helpers import DIM, assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann.base import KeyIndex
 from ann.registry import METHODS, make_index

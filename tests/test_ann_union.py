@@ -1,7 +1,7 @@
 """Union of selectors: shared keys, deduplicated candidates, exact rerank, GQA groups."""
 
 import numpy as np
-from ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
+from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann.registry import make_index
 from ann.selector import search_group
