@@ -172,3 +172,27 @@ def rerank_candidates(keys, qs, cand, k):
             ids[t, j] = row[order[j]]
             scores[t, j] = sc[order[j]]
     return ids, scores, total
+
+
+@nb.njit(cache=True)
+def rerank_shared(keys, qs, cand, k):
+    """Exact top-k for each query of qs [G, D] over ONE candidate list cand [C]
+    (deduplicated once for the group). Returns ids [G, k], scores [G, k], G · distinct."""
+    row = np.sort(cand)
+    m = 0
+    for j in range(row.shape[0]):
+        if row[j] >= 0 and (m == 0 or row[j] != row[m - 1]):
+            row[m] = row[j]
+            m += 1
+    g_n = qs.shape[0]
+    ids = np.full((g_n, k), -1, np.int64)
+    scores = np.full((g_n, k), _NEG, np.float32)
+    sc = np.empty(m, np.float32)
+    for g in range(g_n):
+        for j in range(m):
+            sc[j] = _dot(keys, row[j], qs[g])
+        order = np.argsort(-sc, kind="mergesort")
+        for j in range(min(m, k)):
+            ids[g, j] = row[order[j]]
+            scores[g, j] = sc[order[j]]
+    return ids, scores, g_n * m

@@ -127,13 +127,24 @@ def rerank(keys: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[n
 
 
 @contextmanager
-def single_thread():
-    """Run faiss on one thread (for builds whose result depends on thread timing)."""
+def single_thread(on: bool = True):
+    """Run faiss on one thread while inside (a no-op when `on` is false).
+
+    Used for builds whose result depends on thread timing, and for searches of
+    a few queries: there threads cost more than they give, and faiss's OpenMP
+    pool, spinning next to torch's, slowed small searches of both tenfold on a
+    2-core machine."""
     import faiss
 
+    if not on:
+        yield
+        return
     n = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
         yield
     finally:
         faiss.omp_set_num_threads(n)
+
+
+SMALL_BATCH = 32  # queries per search below which faiss runs single-threaded

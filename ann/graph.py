@@ -62,19 +62,20 @@ class GraphIndex:
     later); m_build: top-M keys per build query; max_queries: build queries
     kept (evenly strided; their exact top-M is most of the build time);
     window: rank neighbours linked per retrieved key; n_pos: position
-    neighbours on each side; n_knn: cosine key–key links per key; n_centroids,
-    n_probe, entries_per_centroid, n_hubs: entry-point selection; ef: beam width;
+    neighbours on each side; n_knn: cosine key–key links per key; n_centroids
+    (default ~sqrt(N)), n_probe, entries_per_centroid, n_hubs: entry-point
+    selection; ef: beam width;
     store: a key store shared with other selectors (the graph then only reads it).
     """
 
     def __init__(self, dim: int, degree: int = 48, m_build: int = 64, max_queries: int = 16384, window: int = 8,
-                 n_knn: int = 8, n_pos: int = 1, n_centroids: int = 256, n_probe: int = 16,
+                 n_knn: int = 8, n_pos: int = 1, n_centroids: int | None = None, n_probe: int = 16,
                  entries_per_centroid: int = 4, n_hubs: int = 8,
                  ef: int = 256, ef_add: int = 48, n_add_links: int = 12, spare: int = 8, seed: int = 0,
                  store: GrowableKeys | None = None):
         if degree <= spare or spare <= 0:
             raise ValueError(f"need degree > spare > 0, got degree={degree}, spare={spare}")
-        for name, v in dict(m_build=m_build, max_queries=max_queries, n_centroids=n_centroids, n_probe=n_probe,
+        for name, v in dict(m_build=m_build, max_queries=max_queries, n_centroids=n_centroids or 1, n_probe=n_probe,
                             entries_per_centroid=entries_per_centroid, ef=ef, ef_add=ef_add).items():
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -142,7 +143,9 @@ class GraphIndex:
         self._build_entries(queries, keys)
 
     def _build_entries(self, queries: np.ndarray, keys: np.ndarray) -> None:
-        n_c = min(self.n_centroids, len(queries))
+        # centroids are scored by every search: about sqrt(N) of them keeps that under 1% of N
+        want = self.n_centroids or int(np.clip(np.sqrt(len(keys)), 16, 256))
+        n_c = min(want, len(queries))
         km = faiss.Kmeans(self.dim, n_c, niter=10, seed=self.seed, spherical=True, min_points_per_centroid=1)
         km.train(_unit(queries))
         self.centroids = km.centroids.astype(np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SearchResult, as_vectors, check_k, single_thread
+from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, single_thread
 from ann.ivf import _clean
 
 
@@ -56,6 +56,7 @@ class HNSWIndex:
         self.index.hnsw.efSearch = max(self.ef, k)
         stats = faiss.cvar.hnsw_stats
         stats.reset()
-        scores, ids = self.index.search(q, k)
+        with single_thread(len(q) <= SMALL_BATCH):
+            scores, ids = self.index.search(q, k)
         ids, scores = _clean(ids, scores)
         return SearchResult(ids, scores, scanned=int(stats.ndis))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SearchResult, as_vectors, check_k
+from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, single_thread
 
 
 def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +44,9 @@ class IVFIndex:
         """keys [n, dim]: each goes to its best list, O(nlist) per key."""
         if self.index is None:
             raise RuntimeError("add before build: build the IVF index first (it needs keys to train)")
-        self.index.add(as_vectors(keys, self.dim, "keys"))
+        keys = as_vectors(keys, self.dim, "keys")
+        with single_thread(len(keys) <= SMALL_BATCH):
+            self.index.add(keys)
 
     def search(self, q: np.ndarray, k: int) -> SearchResult:
         """q [n_q, dim] -> top-k per query among the keys of the nprobe best lists."""
@@ -53,7 +55,8 @@ class IVFIndex:
         self.index.nprobe = min(self.nprobe, self.index.nlist)
         stats = faiss.cvar.indexIVF_stats
         stats.reset()
-        scores, ids = self.index.search(q, k)
+        with single_thread(len(q) <= SMALL_BATCH):
+            scores, ids = self.index.search(q, k)
         ids, scores = _clean(ids, scores)
         keys_scored = int(stats.ndis)
         return SearchResult(ids, scores, scanned=keys_scored + len(q) * self.index.nlist, keys_scored=keys_scored)

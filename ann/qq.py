@@ -12,7 +12,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import GrowableKeys, as_vectors, single_thread
+from ann.base import SMALL_BATCH, GrowableKeys, as_vectors, single_thread
 from ann.selector import Selector
 from ann.graph import _unit, exact_topk
 
@@ -22,7 +22,7 @@ class QQIndex(Selector):
     a search merges; max_queries: build queries kept (evenly strided);
     hnsw_M / ef: the query index; n_add: lists each added key may enter."""
 
-    def __init__(self, dim: int, m_keys: int = 64, n_neighbors: int = 32, max_queries: int = 65536,
+    def __init__(self, dim: int, m_keys: int = 64, n_neighbors: int = 32, max_queries: int = 32768,
                  hnsw_M: int = 16, ef: int = 64, n_add: int = 16, store: GrowableKeys | None = None):
         for name, v in dict(m_keys=m_keys, n_neighbors=n_neighbors, max_queries=max_queries, ef=ef).items():
             if v <= 0:
@@ -71,7 +71,8 @@ class QQIndex(Selector):
         if self.n_add <= 0:
             return
         self.qindex.hnsw.efSearch = max(self.ef, self.n_add)
-        _, near = self.qindex.search(_unit(keys), min(self.n_add, len(self.queries)))  # [n, n_add]
+        with single_thread(len(keys) <= SMALL_BATCH):
+            _, near = self.qindex.search(_unit(keys), min(self.n_add, len(self.queries)))  # [n, n_add]
         for i in range(len(keys)):  # one row per new key; n is usually 1
             rows = near[i][near[i] >= 0]
             s = self.queries[rows] @ keys[i]  # [r]
@@ -87,7 +88,8 @@ class QQIndex(Selector):
         self.qindex.hnsw.efSearch = max(self.ef, self.n_neighbors)
         stats = faiss.cvar.hnsw_stats
         stats.reset()
-        _, near = self.qindex.search(_unit(q), min(self.n_neighbors, len(self.queries)))  # [G, nn]
+        with single_thread(len(q) <= SMALL_BATCH):
+            _, near = self.qindex.search(_unit(q), min(self.n_neighbors, len(self.queries)))  # [G, nn]
         near = near[near >= 0]
         return self.lists[near].reshape(-1), int(stats.ndis)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ann._kernels import rerank_shared
 from ann.base import SearchResult, as_vectors, check_k, rerank
 
 
@@ -51,8 +52,7 @@ class Selector:
         k = check_k(k, len(self))
         q = as_vectors(q, self.dim, "queries")
         cand, aux = self.candidates(q, k)
-        cand = np.ascontiguousarray(np.broadcast_to(cand, (len(q), len(cand))))
-        ids, scores, scored = rerank(self.store.data, q, cand, k)
+        ids, scores, scored = rerank_shared(self.store.data, q, np.ascontiguousarray(cand, dtype=np.int64), k)
         return SearchResult(ids, scores, scanned=int(scored) + aux, keys_scored=int(scored))
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ann.registry import make_index  # noqa: E402
 from ann.selector import search_group  # noqa: E402
-from capture_qk import load_or_capture  # noqa: E402
+from capture_qk import capture_path, load_or_capture  # noqa: E402
 
 FULL = dict(tokens=34000, layers=[5, 11, 17], n_keys=[8192, 16384, 32768], decode=64)
 QUICK = dict(tokens=8400, layers=[5, 17], n_keys=[8192], decode=32)
@@ -169,7 +169,14 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
-    data, path = load_or_capture(args.model, cfg["tokens"], cfg["layers"], out=args.capture)
+    capture = args.capture
+    full_path = capture_path(args.model, FULL["tokens"], FULL["layers"])
+    if capture is None and args.quick and full_path.exists():
+        capture = full_path  # causal prefill: the full capture's prefix is the quick one
+    data, path = load_or_capture(args.model, cfg["tokens"], cfg["layers"], out=capture)
+    if args.quick:
+        data = {k: v for k, v in data.items() if not k[:2] in ("q_", "k_") or int(k[2:]) in cfg["layers"]}
+        data["layers"] = np.array([x for x in data["layers"] if x in cfg["layers"]])
     layers = [int(x) for x in data["layers"]]
     print(f"capture {path.name}: {int(data['n_tokens'])} tokens, layers {layers}; threads {args.threads}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
