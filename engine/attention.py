@@ -45,20 +45,20 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact causal attention of the chunk's queries q [Hkv, G, Q, D] over every position so far."""
+    """Exact causal attention of a chunk's queries q [Hkv, G, Q, D]: to the chunk itself
+    causally, and in full to every earlier position, wherever it lives."""
     Hkv, G, Q, D = q.shape
-    q_pos = torch.arange(layer.n_seen - Q, layer.n_seen, device=q.device)
+    first = layer.n_seen - Q  # position of the chunk's first token
     if layer.key_index is None and layer.cfg.mode != "block":
-        layer.query_sample.add(q.reshape(Hkv * G, Q, D), q_pos)
+        layer.query_sample.add(q.reshape(Hkv * G, Q, D), torch.arange(first, layer.n_seen))
+    o, lse = attend(q, *layer.last_added, scale, causal=True)
     rk, rv, rpos = layer.resident()
-    o, lse = attend(q, rk, rv, scale, q_pos=q_pos, k_pos=rpos)
-    if layer.host.n:
-        host_pos = layer.host_positions()
-        # Only positions of this chunk that went straight to the host need the causal mask.
-        needs_mask = int(host_pos[-1]) >= layer.n_seen - Q
-        o_h, lse_h = attend(q, layer.host.keys, layer.host.values, scale,
-                            q_pos=q_pos if needs_mask else None, k_pos=host_pos if needs_mask else None)
-        o, lse = merge_states(o, lse, o_h, lse_h)
+    earlier = rpos < first
+    if bool(earlier.any()):
+        o, lse = merge_states(o, lse, *attend(q, rk[:, earlier], rv[:, earlier], scale))
+    n_host = min(layer.host.n, max(0, first - layer.cfg.n_sink))  # host id i holds position n_sink + i
+    if n_host:
+        o, lse = merge_states(o, lse, *attend(q, layer.host.keys[:, :n_host], layer.host.values[:, :n_host], scale))
     return o
 
 

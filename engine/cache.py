@@ -103,7 +103,7 @@ class HybridLayer(CacheLayerMixin):
         if e1 > e0:
             from_ring = np.arange(e0, min(e1, p0))
             slots = torch.from_numpy(S + (from_ring - S) % W).to(self.device)
-            lo, hi = max(e0, p0) - a, e1 - a  # chunk offsets that go straight to the host
+            lo, hi = max(e0, p0) - a, max(e1, p0) - a  # chunk offsets that go straight to the host
             self._evict(torch.cat([self.resident_k[:, slots], k[:, lo:hi]], dim=1),
                         torch.cat([self.resident_v[:, slots], v[:, lo:hi]], dim=1))
 
@@ -116,6 +116,7 @@ class HybridLayer(CacheLayerMixin):
             self.resident_v[:, slots] = v[:, first - a :]
             self.resident_pos[slots_np] = pos
         self.n_seen += C
+        self.last_added = (k, v)  # the chunk's own K/V [Hkv, C, D], which its prefill attention reads
         return self, self
 
     def _evict(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -146,9 +147,6 @@ class HybridLayer(CacheLayerMixin):
         pos = torch.from_numpy(self.resident_pos[:filled]).to(self.device)
         return self.resident_k[:, :filled], self.resident_v[:, :filled], pos
 
-    def host_positions(self) -> torch.Tensor:
-        return torch.arange(self.cfg.n_sink, self.cfg.n_sink + self.host.n)
-
     def nbytes(self) -> dict[str, dict[str, int]]:
         if not self.is_initialized:
             return {"device": {}, "host": {}}
@@ -173,6 +171,7 @@ class HybridLayer(CacheLayerMixin):
         self.is_initialized = False
         self.n_seen = 0
         self.key_index = None
+        self.last_added = None
         self.stats = StepStats()
 
     def offload(self):  # the host store is the offload; nothing moves per layer

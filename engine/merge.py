@@ -27,39 +27,71 @@ def merge_states(
     return w_a * o_a.float() + w_b * o_b.float(), lse
 
 
+# PyTorch's CPU flash-attention kernel also returns the log-sum-exp that merging needs.
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    *,
-    q_pos: torch.Tensor | None = None,
-    k_pos: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
     block: int = PREFILL_KEY_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention that also returns the log-sum-exp, one key block at a time
-    so memory stays bounded; keys may live on another device (e.g. the host store)
-    and are brought to q's device block by block.
+    """Exact attention that also returns the log-sum-exp.
 
-    q [Hkv, G, Q, D], k/v [Hkv, T, D] (G query heads share each KV head).
-    With positions q_pos [Q] and k_pos [T], query i sees key j only if
-    k_pos[j] <= q_pos[i] (causal). Returns `(o [Hkv, G, Q, D] fp32,
-    lse [Hkv, G, Q] fp32)`; a query that sees no key gets o = 0, lse = -inf.
+    q [Hkv, G, Q, D], k/v [Hkv, T, D] (G query heads share each KV head); the
+    keys may live on another device (the host store) and are brought to q's
+    device one block of `block` keys at a time, so memory stays bounded.
+    Without `causal` every query sees every key; with it, T == Q and query i
+    sees keys j <= i (a chunk attending to itself).
+    Returns `(o [Hkv, G, Q, D] fp32, lse [Hkv, G, Q] fp32)`; with T = 0, o = 0 and lse = -inf.
     """
     Hkv, G, Q, D = q.shape
-    T = k.shape[1]
-    qf = q.float().reshape(Hkv, G * Q, D)  # [Hkv, G*Q, D]
+    if causal:
+        if k.shape[1] != Q:
+            raise ValueError(f"causal attention needs as many keys as queries, got {k.shape[1]} and {Q}")
+        return _attend_causal(q, k.to(q.device), v.to(q.device), scale, block)
     o = q.new_zeros((Hkv, G, Q, D), dtype=torch.float32)
     lse = q.new_full((Hkv, G, Q), float("-inf"), dtype=torch.float32)
-    for start in range(0, T, block):
-        kb = k[:, start : start + block].to(q.device, non_blocking=True).float()  # [Hkv, b, D]
-        vb = v[:, start : start + block].to(q.device, non_blocking=True).float()
-        s = torch.bmm(qf, kb.transpose(1, 2)).mul_(scale).view(Hkv, G, Q, -1)  # [Hkv, G, Q, b]
-        if k_pos is not None:
-            kp = k_pos[start : start + block].to(q.device)
-            s.masked_fill_(kp.view(1, -1) > q_pos.to(q.device).view(-1, 1), float("-inf"))
-        lse_b = torch.logsumexp(s, dim=-1)  # [Hkv, G, Q]
-        p = torch.exp(s - torch.where(torch.isfinite(lse_b), lse_b, torch.zeros_like(lse_b)).unsqueeze(-1))
-        o_b = torch.matmul(p.view(Hkv, G * Q, -1), vb).view(Hkv, G, Q, D)
-        o, lse = merge_states(o, lse, o_b, lse_b)
+    for start in range(0, k.shape[1], block):
+        kb = k[:, start : start + block].to(q.device, non_blocking=True)  # [Hkv, b, D]
+        vb = v[:, start : start + block].to(q.device, non_blocking=True)
+        o, lse = merge_states(o, lse, *_attend_block(q, kb, vb, scale, causal=False))
     return o, lse
+
+
+def _attend_causal(q, k, v, scale, block):
+    """Query block i attends to key blocks < i in full and to block i causally."""
+    Q = q.shape[2]
+    if Q <= block or (q.device.type == "cpu" and _cpu_flash is not None):  # the flash kernel tiles by itself
+        return _attend_block(q, k, v, scale, causal=True)
+    outs, lses = [], []
+    for start in range(0, Q, block):
+        stop = min(start + block, Q)
+        o, lse = _attend_block(q[:, :, start:stop], k[:, start:stop], v[:, start:stop], scale, causal=True)
+        if start:
+            o, lse = merge_states(o, lse, *attend(q[:, :, start:stop], k[:, :start], v[:, :start], scale, block=block))
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _attend_block(q, k, v, scale, causal):
+    """One block of keys on q's device: q [Hkv, G, Q, D], k/v [Hkv, b, D] -> (o, lse) fp32."""
+    Hkv, G, Q, D = q.shape
+    if k.shape[1] == 0:
+        return q.new_zeros((Hkv, G, Q, D), dtype=torch.float32), q.new_full((Hkv, G, Q), float("-inf"))
+    if q.device.type == "cpu" and _cpu_flash is not None:
+        qh = q.reshape(1, Hkv * G, Q, D)
+        kh = k.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)  # one copy per query head
+        vh = v.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)
+        o, lse = _cpu_flash(qh, kh, vh, 0.0, causal, attn_mask=None, scale=scale)[:2]
+        return o.view(Hkv, G, Q, D).float(), lse.view(Hkv, G, Q).float()
+    # Plain matmul-softmax-matmul: any device; one exp pass, max-shifted.
+    s = torch.matmul(q.float().reshape(Hkv, G * Q, D), k.float().transpose(1, 2)).mul_(scale)
+    s = s.view(Hkv, G, Q, -1)  # [Hkv, G, Q, b]
+    if causal:
+        s.masked_fill_(torch.ones(Q, Q, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    l = p.sum(dim=-1)  # [Hkv, G, Q]
+    o = torch.matmul(p.view(Hkv, G * Q, -1), v.float()).view(Hkv, G, Q, D) / l.unsqueeze(-1)
+    return o, m.squeeze(-1) + l.log()

@@ -125,3 +125,11 @@ def test_qwen2_with_attention_bias_is_exact():
         full = model(ids, use_cache=False).logits
     logits, _ = run_hybrid(model, ids, OffloadConfig(**COVER_ALL), prefill=150)
     assert (logits - full).abs().max() <= 1e-4
+
+
+def test_exact_on_the_matmul_path_other_devices_take(tiny_model, tiny_ids, tiny_full_logits, monkeypatch):
+    from engine import merge
+
+    monkeypatch.setattr(merge, "_cpu_flash", None)
+    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :240], OffloadConfig(**COVER_ALL), prefill=200, chunk=64)
+    assert (logits - tiny_full_logits[:, :240]).abs().max() <= 1e-4

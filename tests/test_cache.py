@@ -1,0 +1,85 @@
+"""HybridCache bookkeeping: every position lives in exactly one place, with its own K/V."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from engine import HybridCache, OffloadConfig
+from engine.retrieval import select_host_ids, unique_rows
+
+
+def reference_kv(model, ids):
+    """Keys/values of every position from an ordinary DynamicCache: [L] of ([Hkv, T, D], [Hkv, T, D])."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
+def check_conservation(cache, ref):
+    for layer, (rk, rv) in zip(cache.layers, ref):
+        n = layer.n_seen
+        where = layer.positions()
+        everything = np.concatenate([where["sinks"], where["window"], where["host"]])
+        assert np.array_equal(np.sort(everything), np.arange(n)), "a position is missing or held twice"
+        # each place holds the K/V of the positions it claims
+        slots = np.flatnonzero(layer.resident_pos >= 0)
+        pos = torch.from_numpy(layer.resident_pos[slots])
+        # (chunked and one-shot forwards round differently; a wrong position would differ by O(1))
+        close = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.resident_k[:, torch.from_numpy(slots)], rk[:, pos], **close)
+        torch.testing.assert_close(layer.resident_v[:, torch.from_numpy(slots)], rv[:, pos], **close)
+        host = torch.from_numpy(where["host"])
+        torch.testing.assert_close(layer.host.keys, rk[:, host].to(layer.host.dtype), **close)
+        torch.testing.assert_close(layer.host.values, rv[:, host].to(layer.host.dtype), **close)
+        assert len(layer.blocks) == layer.host.n  # the block index saw every host token once
+
+
+@pytest.mark.parametrize("n_sink,window", [(1, 1), (4, 16), (5, 37), (64, 8)])
+@pytest.mark.parametrize("chunk", [1, 13, 64, 250])
+def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, window, chunk):
+    ids = tiny_ids[:, :300]
+    ref = reference_kv(tiny_model, ids)
+    # budgets that cover everything keep attention exact, so deeper layers see the reference keys too
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=n_sink, window=window, mode="block", block_size=8, n_blocks=1000))
+    with torch.no_grad():
+        for start in range(0, 250, chunk):
+            tiny_model(ids[:, start : min(start + chunk, 250)], cache=cache, use_cache=True)
+            check_conservation(cache, [(k[:, : cache.get_seq_length()], v) for k, v in ref])
+        for t in range(250, 300):  # decode: one eviction per step
+            tiny_model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        check_conservation(cache, ref)
+    assert cache.get_seq_length() == 300
+
+
+def test_no_host_token_is_selected_twice(tiny_model, tiny_ids):
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, n_blocks=6, top_k=24, mode="hybrid", method="flat")
+    cache = HybridCache(tiny_model, cfg)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :300], cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim)
+    ids = select_host_ids(layer, q, q.reshape(-1, layer.head_dim).numpy())
+    for row in ids:
+        valid = row[row >= 0]
+        assert len(valid) == len(torch.unique(valid)) > 0
+        assert int(valid.max()) < layer.host.n  # host ids only: resident tokens are never among them
+    assert layer.stats.gathered == int((ids >= 0).sum())
+
+
+def test_unique_rows_pads_repeats():
+    ids = torch.tensor([[5, 3, 5, -1, 3, 9], [1, 1, 1, 1, 1, 1]])
+    out = unique_rows(ids)
+    assert [sorted(r[r >= 0].tolist()) for r in out] == [[3, 5, 9], [1]]
+    assert out.shape == ids.shape
+
+
+def test_reset_starts_over(tiny_model, tiny_ids):
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :100], cache=cache, use_cache=True)
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        tiny_model(tiny_ids[:, :50], cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 50 and cache.layers[0].host.n == 50 - 20

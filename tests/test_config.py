@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from engine import HybridCache, OffloadConfig, plan_memory
+from engine.config import MODEL_PRESETS, PRESETS, ModelShape
+from tests.conftest import tiny_llama
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = OffloadConfig()
+    assert cfg.resident_tokens == cfg.n_sink + cfg.window
+    with pytest.raises(AttributeError):
+        cfg.window = 3
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(window=0), "window must be at least 1"),
+        (dict(window=-5), "window must be a non-negative int"),
+        (dict(block_size=0), "block_size must be at least 1"),
+        (dict(n_sink=0), "n_sink must be at least 1"),
+        (dict(top_k=2.5), "top_k must be a non-negative int"),
+        (dict(method="lsh"), "method must be one of flat, ivf, hnsw, graph, qq"),
+        (dict(mode="both"), "mode must be one of ann, block, hybrid"),
+        (dict(landmark="median"), "landmark must be one of mean, minmax"),
+        (dict(host_dtype="int8"), "host_dtype must be one of"),
+        (dict(mode="ann", top_k=0), "top_k must be >= 1"),
+        (dict(mode="block", n_blocks=0), "n_blocks must be >= 1"),
+        (dict(device="gpu0"), "not a torch device"),
+        (dict(index_params=[1]), "index_params must be a dict"),
+        (dict(host_threads=-1), "host_threads"),
+    ],
+)
+def test_invalid_values_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadConfig(**changes)
+
+
+def test_presets():
+    assert set(PRESETS) >= {"default", "tight", "wide"}
+    assert OffloadConfig.preset("tight", top_k=7).top_k == 7
+    with pytest.raises(ValueError, match="unknown preset 'huge'; presets: default"):
+        OffloadConfig.preset("huge")
+
+
+def test_llama3_8b_at_128k_fits_a_24gb_gpu():
+    plan = plan_memory("llama-3-8b", 131072, OffloadConfig(), 24 * 2**30)
+    assert plan.fits
+    assert plan.device_beside_weights <= 2 * 2**30
+    assert 14e9 < plan.device["weights"] < 17e9  # 8.0B parameters in bf16
+    # the full KV cache would not fit beside the weights: that is why it lives on the host
+    assert plan.host["kv_store"] > 15 * 2**30
+
+
+def test_plan_refuses_a_context_shorter_than_the_resident_set():
+    with pytest.raises(ValueError, match="shorter than sinks \\+ window"):
+        plan_memory("llama-3-8b", 100, OffloadConfig(window=128))
+
+
+def test_unknown_model_preset():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt-5'"):
+        plan_memory("gpt-5", 10000)
+
+
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
+def test_model_preset_parameter_counts(name):
+    expected = {"llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9,
+                "smollm2-135m": 134.5e6}[name]
+    assert ModelShape.of(name).n_params() == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("mode", ["block", "hybrid"])
+def test_plan_matches_what_the_cache_allocates(mode):
+    """Plan vs bytes actually held on the CPU device after a prefill of the planned length."""
+    model = tiny_llama(n_layers=3)
+    context = 1000
+    cfg = OffloadConfig(n_sink=4, window=60, block_size=16, mode=mode, method="flat")
+    plan = plan_memory(model.config, context, cfg, weight_dtype=torch.float32)
+    cache = HybridCache(model, cfg, max_length=context)
+    ids = torch.randint(0, 97, (1, context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    cache.build_indexes()
+    held = cache.memory_report()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan.device["weights"] == pytest.approx(weights, rel=0.02)
+    for where, name in [("device", "resident_kv"), ("device", "block_index"), ("host", "kv_store"),
+                        ("host", "key_index")]:
+        planned, actual = getattr(plan, where)[name], held[where].get(name, 0)
+        assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"

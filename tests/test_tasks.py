@@ -1,0 +1,71 @@
+import pytest
+
+from engine.tasks import TASKS, make_sample, score
+
+
+class WordTokenizer:
+    """Stands in for a real tokenizer: one token per whitespace-separated word."""
+
+    def __call__(self, text):
+        return type("Enc", (), {"input_ids": text.split()})()
+
+
+TOK = WordTokenizer()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_for_a_seed(task):
+    a, b = make_sample(task, 2000, TOK, seed=3), make_sample(task, 2000, TOK, seed=3)
+    assert a == b
+    assert make_sample(task, 2000, TOK, seed=4).prompt != a.prompt
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("n_tokens", [500, 4000])
+def test_length_close_to_the_budget(task, n_tokens):
+    s = make_sample(task, n_tokens, TOK, seed=0)
+    assert 0.9 * n_tokens <= s.n_tokens <= n_tokens
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_needle_at_the_requested_depth(depth):
+    s = make_sample("passkey", 3000, TOK, seed=1, depth=depth)
+    key = s.answers[0]
+    start, end = s.prompt.index("\n\n") + 2, s.prompt.rindex("\n\n")  # the haystack
+    at = s.prompt.index(f"The pass key is {key}")
+    assert abs((at - start) / (end - start) - depth) < 0.02
+
+
+def test_variable_tracking_chain_is_in_order():
+    s = make_sample("variable_tracking", 3000, TOK, seed=2, depth=0.3)
+    names = s.answers
+    spots = [s.prompt.index(f"VAR {n} =") for n in names]
+    assert spots == sorted(spots)
+    assert f"VAR {names[1]} = VAR {names[0]}." in s.prompt
+
+
+def test_score_accepts_the_right_answer_and_rejects_others():
+    s = make_sample("passkey", 800, TOK, seed=5)
+    key = s.answers[0]
+    assert score(s, f" {key}. The pass key is") == 1.0
+    assert score(s, " 12345") == 0.0 or key == "12345"
+    assert score(s, f" {key}7") == 0.0  # a longer number is not the key
+
+
+def test_multivalue_scores_the_fraction_found():
+    s = make_sample("niah_multivalue", 800, TOK, seed=0)
+    assert len(s.answers) == 4 and len(set(s.answers)) == 4
+    assert score(s, ", ".join(s.answers[:3])) == pytest.approx(0.75)
+
+
+def test_multikey_question_names_one_of_the_needles():
+    s = make_sample("niah_multikey", 800, TOK, seed=0)
+    assert s.prompt.count("One of the special magic numbers for") == 4
+    assert s.answers[0] in s.prompt
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task 'needle'"):
+        make_sample("needle", 100, TOK)
+    with pytest.raises(ValueError, match="depth must lie in"):
+        make_sample("passkey", 100, TOK, depth=1.5)
