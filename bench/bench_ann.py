@@ -48,8 +48,13 @@ def sweeps(n: int, quick: bool) -> list[tuple[str, dict, str, list]]:
         ("qq", {}, "n_neighbors", [8, 16, 32] if quick else [4, 8, 16, 24, 32, 48, 64]),
         ("block", {"landmark": "mean"}, "frac", [0.01, 0.025, 0.05] if quick else [0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075]),
         ("block", {"landmark": "minmax"}, "frac", [0.025, 0.05] if quick else [0.01, 0.025, 0.05, 0.075]),
-        ("hybrid", {}, "block.frac", [0.01, 0.025] if quick else [0.005, 0.01, 0.015, 0.02, 0.025]),
+        ("hybrid", {"qq": {"n_neighbors": 16}}, "block.frac", [0.01, 0.025] if quick else [0.005, 0.01, 0.015, 0.02, 0.025]),
     ]
+    if not quick:
+        cases += [
+            ("hybrid", {"qq": {"n_neighbors": 32}}, "block.frac", [0.005, 0.01, 0.015, 0.02, 0.025]),
+            ("union", {"selectors": [("block", {"frac": 0.01}), ("graph", {})]}, "graph.ef", [100, 128, 160, 200, 256]),
+        ]
     return cases
 
 
@@ -87,7 +92,10 @@ def run_case(label, params, attr, values, keys, bq, dq, truth, k, meta):
                 got = res.ids[g][res.ids[g] >= 0]
                 rec.append(len(np.intersect1d(got, truth[t, g])) / k)
         n_q = dq.shape[0] * dq.shape[1]
-        rows.append(dict(meta, index=label + ("-" + params["landmark"] if "landmark" in params else ""),
+        name = label + ("-" + params["landmark"] if "landmark" in params else "")
+        name += "-qq" + str(params["qq"]["n_neighbors"]) if "qq" in params else ""
+        name += "-" + "+".join(s for s, _ in params["selectors"]) if "selectors" in params else ""
+        rows.append(dict(meta, index=name,
                          k=k, recall=float(np.mean(rec)), recall_min_head=float(np.min(np.mean(np.reshape(rec, (len(dq), -1)), 0))),
                          scanned_frac=scanned / (n_q * len(keys)), keys_frac=keys_scored / (n_q * len(keys)),
                          build_s=build_s, search_ms=1e3 * float(np.median(times)),
@@ -203,18 +211,24 @@ def main() -> None:
                     best = max(rs, key=lambda r: r["recall"])
                     print(f"N={n} L{layer} h{h} {rs[0]['index']:12s} build {rs[0]['build_s']:6.2f}s  "
                           + "  ".join(f"{r['recall']:.3f}@{100 * r['scanned_frac']:.2f}%" for r in rs), flush=True)
+    n_max = max(r["n_keys"] for r in rows)
+    if "tokens_at" in data:  # per-layer prefill time of the first n_max tokens
+        prefill_n = float(np.interp(n_max, data["tokens_at"], data["layer_s_at"]))
+    else:
+        prefill_n = float("nan")
     prefill = float(data["prefill_s_per_layer"])
     lines = summarize(rows)
     graph_build = [r["build_s"] for r in rows if r["index"] == "graph" and r["n_keys"] == max(x["n_keys"] for x in rows)]
     if graph_build:
-        lines.append(f"graph build per (layer, KV head) at N = {max(r['n_keys'] for r in rows)}: {np.mean(graph_build):.2f} s "
-                     f"(max {np.max(graph_build):.2f}); model prefill per layer over the capture's {int(data['n_tokens'])} "
-                     f"tokens: {prefill:.2f} s")
+        lines.append(f"graph build per (layer, KV head) at N = {n_max}: {np.mean(graph_build):.2f} s "
+                     f"(max {np.max(graph_build):.2f}); model prefill per layer: {prefill_n:.2f} s for the first {n_max} "
+                     f"tokens, {prefill:.2f} s for all {int(data['n_tokens'])}")
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"capture": path.name, "n_tokens": int(data["n_tokens"]),
-                                         "prefill_s_per_layer": prefill, "threads": args.threads,
+                                         "prefill_s_per_layer": prefill, "prefill_s_per_layer_at_n": prefill_n,
+                                         "threads": args.threads,
                                          "rows": rows, "summary": lines}, indent=1))
     if args.plot:
         plot(rows, args.plot)

@@ -9,7 +9,8 @@ never applied. Captures are cached as `.npz`:
     q_L  [Hq, T, D] float16   post-RoPE queries of layer L
     k_L  [Hkv, T, D] float16  post-RoPE keys of layer L
     layers, n_tokens, prefill_s_per_layer (mean seconds one decoder layer spent
-    on the whole prefill), threads, text_source
+    on the whole prefill), tokens_at / layer_s_at (the same after each chunk),
+    threads, text_source
 
 Usage: python bench/capture_qk.py --tokens 34000 --layers 5 11 17 [--out PATH]
 """
@@ -114,12 +115,15 @@ def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512,
     try:
         cache = DynamicCache(config=model.config)
         n = input_ids.shape[1]
+        tokens_at, layer_s_at = [], []  # per chunk: tokens done, mean seconds per layer so far
         t0 = time.perf_counter()
         with torch.inference_mode(), tqdm(total=n, unit="tok", desc="prefill", disable=not progress) as bar:
             for s in range(0, n, chunk):
                 ids = input_ids[:, s : s + chunk]
                 base(input_ids=ids, cache=cache, use_cache=True)
                 bar.update(ids.shape[1])
+                tokens_at.append(s + ids.shape[1])
+                layer_s_at.append(float(np.mean(layer_s)))
         total_s = time.perf_counter() - t0
     finally:
         for h in hooks:
@@ -127,7 +131,8 @@ def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512,
         base.layers = all_layers
         model.set_attn_implementation(old_impl)
     out = {"layers": np.array(layers), "n_tokens": np.array(n), "prefill_s": np.array(total_s),
-           "prefill_s_per_layer": np.array(float(np.mean(layer_s))), "threads": np.array(torch.get_num_threads())}
+           "prefill_s_per_layer": np.array(float(np.mean(layer_s))), "threads": np.array(torch.get_num_threads()),
+           "tokens_at": np.array(tokens_at), "layer_s_at": np.array(layer_s_at)}
     for layer in layers:
         out[f"q_{layer}"], out[f"k_{layer}"] = recorder.arrays(layer)
     return out
