@@ -7,6 +7,7 @@
 #include <string>
 
 #include "hybridattn/gather_attend.h"
+#include "hybridattn/merge.h"
 
 namespace py = pybind11;
 using hybridattn::StoreType;
@@ -74,7 +75,7 @@ hybridattn::StoreView store_view(const py::buffer& buf, const char* name, const 
 
 void gather_attend(const py::buffer& q, const py::buffer& k, const py::buffer& v, const py::buffer& ids,
                    const py::buffer& out, const py::buffer& lse, const std::string& store_dtype, float scale,
-                   int n_threads) {
+                   int n_threads, bool scalar) {
   hybridattn::GatherAttendArgs a;
   a.k = store_view(k, "k_store", store_dtype);
   a.v = store_view(v, "v_store", store_dtype);
@@ -102,6 +103,7 @@ void gather_attend(const py::buffer& q, const py::buffer& k, const py::buffer& v
   a.out = static_cast<float*>(ob.ptr);
   a.lse = static_cast<float*>(lb.ptr);
   a.n_threads = n_threads;
+  a.scalar = scalar;
   hybridattn::check_args(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
   hybridattn::gather_attend(a);
@@ -136,7 +138,7 @@ int max_threads() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hybridattn host kernels (gather-attend, log-sum-exp merge)";
   m.def("gather_attend", &gather_attend, py::arg("q"), py::arg("k_store"), py::arg("v_store"), py::arg("ids"),
-        py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"), py::arg("n_threads") = 0,
+        py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"), py::arg("n_threads") = 0, py::arg("scalar") = false,
         "Attend q [Hq, D] float32 to the rows ids [Hkv, M] of k/v stores [Hkv, N, D]; writes out [Hq, D], lse [Hq].");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");

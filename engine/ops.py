@@ -58,7 +58,10 @@ def _check_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.to(torch.int64).contiguous()  # [Hkv, M] ids are small: converting them is cheap
 
 
-def gather_attend(q, k_store, v_store, ids, scale: float | None = None, *, out=None, lse=None, n_threads: int = 0):
+def gather_attend(
+    q, k_store, v_store, ids, scale: float | None = None, *, out=None, lse=None, n_threads: int = 0,
+    scalar: bool = False,
+):
     """Attend each query head to the host-store rows listed for its KV head.
 
     q [Hq, D] (any float dtype, used in fp32); k_store, v_store [Hkv, N, D]
@@ -69,6 +72,8 @@ def gather_attend(q, k_store, v_store, ids, scale: float | None = None, *, out=N
     one, else numpy arrays. An id list with no valid id gives out = 0, lse = -inf.
     Bad input raises ValueError (IndexError for an id outside [-1, N)).
     The stores are never copied: a store in the wrong layout is rejected.
+    `n_threads` = 0 uses all cores; `scalar` runs the kernel's plain scalar
+    loops instead of its 16-lane path (to test one against the other).
     """
     as_numpy = isinstance(q, np.ndarray)
     q, k, v = _as_cpu_tensor(q, "q"), _as_cpu_tensor(k_store, "k_store"), _as_cpu_tensor(v_store, "v_store")
@@ -101,7 +106,7 @@ def gather_attend(q, k_store, v_store, ids, scale: float | None = None, *, out=N
     if HAS_EXT:
         _C.gather_attend(
             _buffer(q), _buffer(k), _buffer(v), _buffer(ids), _buffer(out), _buffer(lse),
-            STORE_DTYPES[k.dtype], scale, n_threads,
+            STORE_DTYPES[k.dtype], scale, n_threads, scalar,
         )
     else:
         o, l = gather_attend_torch(q, k, v, ids, scale)

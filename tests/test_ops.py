@@ -45,9 +45,10 @@ def test_extension_is_built():
 @pytest.mark.parametrize("G", [1, 3, 4, 8])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("N,M", [(27, 13), (97, 61), (1000, 300)])
-def test_matches_reference(dtype, G, D, N, M):
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_matches_reference(dtype, G, D, N, M, scalar):
     q, k, v, ids = make_case(2, G, N, D, M, dtype, seed=N + M + G)
-    check_against_ref(q, k, v, ids, 1 / math.sqrt(D), dtype)
+    check_against_ref(q, k, v, ids, 1 / math.sqrt(D), dtype, scalar=scalar)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -225,7 +226,7 @@ def test_bad_output_buffers_raise():
     G=st.sampled_from([1, 2, 3, 4, 8]),
     N=st.integers(1, 200),
     M=st.integers(0, 150),
-    D=st.sampled_from([8, 24, 64]),
+    D=st.sampled_from([8, 16, 24, 48, 64, 80]),
     dtype=st.sampled_from(DTYPES),
     pad=st.floats(0, 1),
     seed=st.integers(0, 2**16),

@@ -1,0 +1,85 @@
+// Store element types and their conversion to fp32, scalar and 16 lanes at a time.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__)
+#define HA_INLINE inline __attribute__((always_inline))
+#define HA_HAS_VECTORS 1  // GCC/clang vector extensions: explicit SIMD the compiler lowers for each target
+#else
+#define HA_INLINE inline
+#define HA_HAS_VECTORS 0
+#endif
+
+namespace hybridattn {
+
+enum class StoreType { f32, f16, bf16 };
+
+HA_INLINE float bf16_to_float(uint16_t x) {
+  uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Exact for normal, subnormal, infinite and NaN halves, and branch-free so it vectorises:
+// the exponent is rebased by a multiply with 2^112, infinities/NaNs get an all-ones exponent.
+HA_INLINE float f16_to_float(uint16_t h) {
+  uint32_t magnitude = uint32_t(h & 0x7fffu) << 13;
+  float f;
+  std::memcpy(&f, &magnitude, 4);
+  f *= 0x1p112f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits |= ((h & 0x7c00u) == 0x7c00u) ? 0x7f800000u : 0u;
+  bits |= uint32_t(h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// One row of `dim` store elements starting at element `offset`, as fp32.
+template <StoreType T>
+HA_INLINE void load_row(const void* base, int64_t offset, int64_t dim, float* dst) {
+  if constexpr (T == StoreType::f32) {
+    std::memcpy(dst, static_cast<const float*>(base) + offset, size_t(dim) * 4);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+    for (int64_t d = 0; d < dim; ++d)
+      dst[d] = (T == StoreType::bf16) ? bf16_to_float(src[d]) : f16_to_float(src[d]);
+  }
+}
+
+#if HA_HAS_VECTORS
+typedef float vf16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));  // 16 x uint32
+typedef uint16_t vh16 __attribute__((vector_size(32)));  // 16 x uint16
+
+HA_INLINE vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HA_INLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
+
+// 16 store elements at p, as fp32 lanes.
+template <StoreType T>
+HA_INLINE vf16 load16_as_float(const void* p) {
+  if constexpr (T == StoreType::f32) {
+    return load16(static_cast<const float*>(p));
+  } else {
+    vh16 h;
+    std::memcpy(&h, p, sizeof h);
+    vu16 w = __builtin_convertvector(h, vu16);
+    if constexpr (T == StoreType::bf16) {
+      return (vf16)(w << 16);
+    } else {
+      vf16 f = (vf16)((w & 0x7fffu) << 13) * 0x1p112f;
+      vu16 bits = (vu16)f | ((vu16)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16);
+      return (vf16)bits;
+    }
+  }
+}
+#endif
+
+}  // namespace hybridattn
