@@ -169,10 +169,7 @@ class HybridLLM:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
         t0 = time.perf_counter()
-        chunks = range(0, T, cfg.prefill_chunk)
-        for start in tqdm(chunks, desc="prefill", unit="chunk", disable=not progress or len(chunks) < 2, leave=False):
-            out = self.model(input_ids=ids[:, start : start + cfg.prefill_chunk], cache=cache, use_cache=True,
-                             logits_to_keep=1)
+        logits = prefill(self.model, ids, cache, cfg.prefill_chunk, progress=progress)
         sync()
         report.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -180,8 +177,7 @@ class HybridLLM:
         report.index_build_s = time.perf_counter() - t0
 
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        eos = set(_as_list(self.model.generation_config.eos_token_id)) if stop_at_eos else set()
-        logits = out.logits[0, -1]
+        eos = eos_ids(self.model) if stop_at_eos else set()
         read, scored = [], []
         t0 = time.perf_counter()
         try:
@@ -206,6 +202,19 @@ class HybridLLM:
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             report.device_bytes = {"weights": weights, **memory["device"]}
             report.host_bytes = memory["host"]
+
+
+def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True) -> torch.Tensor:
+    """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens
+    (bounded activation memory); returns the last position's logits [vocab]."""
+    starts = range(0, ids.shape[1], chunk)
+    for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
+        out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def eos_ids(model) -> set[int]:
+    return set(_as_list(model.generation_config.eos_token_id))
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:

@@ -24,6 +24,11 @@ from engine.models import check_supported
 from engine.store import HostKV, QuerySample
 
 
+# transformers' own attention implementations, which expect K/V tensors from the cache
+BUILTIN_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
+                     "flash_attention_4", "paged|eager")
+
+
 class StepStats:
     """Counters of the last decode step of one layer."""
 
@@ -147,6 +152,18 @@ class HybridLayer(CacheLayerMixin):
         pos = torch.from_numpy(self.resident_pos[:filled]).to(self.device)
         return self.resident_k[:, :filled], self.resident_v[:, :filled], pos
 
+    def ordered_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every position's K and V [Hkv, seq_len, D] in position order, on the device
+        (a full copy: for evaluation against full attention, not for decoding)."""
+        where = self.positions()
+        resident = np.concatenate([where["sinks"], where["window"]])
+        slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident):]).to(self.device)  # filled slots by position
+        host_k, host_v = (t.to(self.device, self.dtype) for t in (self.host.keys, self.host.values))
+        n_sink = len(where["sinks"])
+        k = torch.cat([self.resident_k[:, slots[:n_sink]], host_k, self.resident_k[:, slots[n_sink:]]], dim=1)
+        v = torch.cat([self.resident_v[:, slots[:n_sink]], host_v, self.resident_v[:, slots[n_sink:]]], dim=1)
+        return k, v
+
     def nbytes(self) -> dict[str, dict[str, int]]:
         if not self.is_initialized:
             return {"device": {}, "host": {}}
@@ -188,16 +205,18 @@ class HybridCache(Cache):
     """A `Cache` for the "hybrid" attention implementation.
 
     `model_or_config` is a model loaded with `attn_implementation="hybrid"` (or
-    its config). `max_length`, when known, sizes the host store exactly.
+    its config). `max_length`, when known, sizes the host store exactly;
+    `progress` shows a bar while the host indexes are built.
     Use it with `model.generate(..., past_key_values=HybridCache(model, cfg))`.
     """
 
-    def __init__(self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0):
+    def __init__(self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0,
+                 progress: bool = True):
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         check_supported(config)
-        impl = getattr(config, "_attn_implementation", "hybrid")
-        if impl != "hybrid":
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        if impl in BUILTIN_ATTENTION:  # those would be handed the cache layer instead of tensors
             raise ValueError(
                 f"the model uses attn_implementation={impl!r}; HybridCache needs 'hybrid' "
                 "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
@@ -206,7 +225,7 @@ class HybridCache(Cache):
         shape = ModelShape.of(config)
         from engine.retrieval import BuildProgress
 
-        self.build_progress = BuildProgress(shape.num_hidden_layers)
+        self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         layers = [HybridLayer(self.offload_config, i, shape, capacity=max_length, progress=self.build_progress)
                   for i in range(shape.num_hidden_layers)]
         super().__init__(layers=layers)

@@ -16,14 +16,15 @@ log = logging.getLogger(__name__)
 class BuildProgress:
     """One progress bar over the layers whose host index is being built."""
 
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
+    def __init__(self, n_layers: int, *, enabled: bool = True):
+        self.n_layers, self.enabled = n_layers, enabled
         self.bar = None
         self.seconds = 0.0
 
     def done(self, seconds: float) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.n_layers, desc="building host key index", unit="layer", leave=False)
+            self.bar = tqdm(total=self.n_layers, desc="building host key index", unit="layer", leave=False,
+                            disable=not self.enabled)
         self.seconds += seconds
         self.bar.update(1)
         if self.bar.n >= self.n_layers:

@@ -83,3 +83,18 @@ def test_reset_starts_over(tiny_model, tiny_ids):
         assert cache.get_seq_length() == 0
         tiny_model(tiny_ids[:, :50], cache=cache, use_cache=True)
     assert cache.get_seq_length() == 50 and cache.layers[0].host.n == 50 - 20
+
+
+def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
+    ids = tiny_ids[:, :150]
+    ref = reference_kv(tiny_model, ids)
+    cfg = OffloadConfig(n_sink=3, window=20, mode="block", block_size=8, n_blocks=1000)
+    cache = HybridCache(tiny_model, cfg)
+    with torch.no_grad():
+        tiny_model(ids[:, :120], cache=cache, use_cache=True)
+        for t in range(120, 150):
+            tiny_model(ids[:, t : t + 1], cache=cache, use_cache=True)
+    for layer, (rk, rv) in zip(cache.layers, ref):
+        k, v = layer.ordered_kv()
+        torch.testing.assert_close(k, rk, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v, rv, atol=1e-4, rtol=1e-4)

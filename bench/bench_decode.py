@@ -1,0 +1,301 @@
+"""Decode speed against context length: the hybrid engine, full attention, and
+transformers' offloaded cache, on the same model in the same run.
+
+Two models: the bundled SmolLM2-135M (real weights) and a Llama-3-8B-shaped
+model (32 query / 8 KV heads, head dim 128) with random weights and few layers.
+A context of N tokens is built directly in each cache (prefill of 128K tokens
+is far out of a CPU's reach): keys, values and the prefill queries the host
+indexes are built from are drawn per channel with the mean and spread that a
+real prefill of the model shows. Decode then runs the real model, one token at
+a time. Prefill itself is timed separately, really, up to --prefill-max tokens.
+
+Per case: decode_ms_per_token (the whole model, median over steps after
+warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
+part the engine replaces), prefill_s, index_build_s, device/host bytes, and
+kv_read_frac (host KV rows read per step / host KV rows).
+
+    python bench/bench_decode.py [--quick] [--json PATH] [--plot PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import HybridCache, OffloadConfig  # noqa: E402
+from engine.api import prefill  # noqa: E402
+from engine.attention import hybrid_attention_forward  # noqa: E402
+from engine.config import MODEL_PRESETS, RETRIEVAL_METHODS  # noqa: E402
+from engine.models import load_model  # noqa: E402
+from engine.tasks import FILLER  # noqa: E402
+
+TIMED = "hybrid_timed"
+
+
+class LayerTimer:
+    """Seconds spent in cache.update() + the attention function, summed over the layers of a step."""
+
+    seconds = 0.0
+
+    @classmethod
+    def attention(cls, module, query, key, value, attention_mask, **kwargs):
+        t0 = time.perf_counter()
+        out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        cls.seconds += time.perf_counter() - t0
+        return out
+
+
+class _TimedUpdate:
+    def update(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = super().update(*args, **kwargs)
+        LayerTimer.seconds += time.perf_counter() - t0
+        return out
+
+
+class TimedHybridCache(_TimedUpdate, HybridCache):
+    pass
+
+
+class TimedDynamicCache(_TimedUpdate, DynamicCache):
+    pass
+
+
+AttentionInterface.register(TIMED, LayerTimer.attention)
+
+
+# ---------------------------------------------------------------- models
+
+
+def make_model(name: str, layers: int):
+    """(model, n_layers, statistics source) for a benchmark model name."""
+    if name == "smollm2-135m":
+        model, tok = load_model(name, attn_implementation=TIMED)
+        return model, tok
+    shape = MODEL_PRESETS["llama-3-8b"]
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=262144,
+                         rope_theta=500000.0, attn_implementation=TIMED)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model, None
+
+
+@torch.inference_mode()
+def channel_stats(model, tok, n_tokens: int = 1024):
+    """Per layer: mean and std per channel of keys, values [Hkv, D] and queries [Hq, D]
+    over a short real prefill (random token ids for a model without a tokenizer)."""
+    if tok is not None:
+        ids = tok(" ".join([FILLER] * (n_tokens // 20)), return_tensors="pt").input_ids[:, :n_tokens]
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = [(t[0].float().mean(1), t[0].float().std(1)) for t in (key, value, query)]
+        return hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("record_stats", record)
+    model.set_attn_implementation("record_stats")
+    model(ids, use_cache=False)
+    model.set_attn_implementation(TIMED)
+    return [seen[i] for i in range(model.config.num_hidden_layers)]
+
+
+def synthetic_layer(stats, n: int, n_queries: int, dtype, gen):
+    """K, V [Hkv, n, D] and queries [Hq, n_queries, D] drawn with the recorded per-channel statistics."""
+    (km, ks), (vm, vs), (qm, qs) = stats
+
+    def draw(mean, std, count):
+        return (mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(mean.shape[0], count, mean.shape[1],
+                                                                    generator=gen)).to(dtype)
+
+    return draw(km, ks, n), draw(vm, vs, n), draw(qm, qs, n_queries)
+
+
+# --------------------------------------------------------------- caches
+
+
+def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, seed: int = 0):
+    """A cache of `kind` ("hybrid", "full", "offloaded") holding n synthetic positions; returns
+    (cache, seconds to build the host indexes)."""
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "hybrid":
+        cache = TimedHybridCache(model, cfg, max_length=n + 64, progress=False)
+    else:
+        cache = TimedDynamicCache(offloading=kind == "offloaded")
+    with torch.inference_mode():
+        for i, layer_stats in enumerate(stats):
+            n_q = cfg.max_build_queries if cfg is not None else 0
+            k, v, q = synthetic_layer(layer_stats, n, n_q, dtype, gen)
+            if kind == "hybrid":
+                layer = cache.layers[i]
+                layer.update(k[None], v[None])
+                positions = torch.linspace(0, n - 1, n_q).long()
+                layer.query_sample.add(q, positions)
+            else:
+                cache.update(k[None], v[None], i)
+    t0 = time.perf_counter()
+    if kind == "hybrid":
+        cache.build_indexes()
+    return cache, time.perf_counter() - t0
+
+
+def cache_bytes(cache, device: torch.device) -> tuple[int, int]:
+    """(device bytes, host bytes) held by a cache, by where its tensors are."""
+    if isinstance(cache, HybridCache):
+        report = cache.memory_report()
+        return sum(report["device"].values()), sum(report["host"].values())
+    on_device = on_host = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t.device == device:
+                on_device += t.nbytes
+            else:
+                on_host += t.nbytes
+    return on_device, on_host
+
+
+@torch.inference_mode()
+def time_decode(model, cache, steps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median ms per token (whole model), median ms per layer in update + attention, mean kv_read_frac."""
+    n_layers = model.config.num_hidden_layers
+    token = torch.tensor([[17]])
+    per_token, per_layer, read = [], [], []
+    for step in range(warmup + steps):
+        LayerTimer.seconds = 0.0
+        t0 = time.perf_counter()
+        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        if step >= warmup:
+            per_token.append(time.perf_counter() - t0)
+            per_layer.append(LayerTimer.seconds / n_layers)
+            read.append(cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0)
+    return 1e3 * statistics.median(per_token), 1e3 * statistics.median(per_layer), statistics.mean(read)
+
+
+@torch.inference_mode()
+def time_prefill(model, kind: str, n: int, cfg: OffloadConfig | None, chunk: int) -> float:
+    """Seconds of a real chunked prefill of n random tokens (and the host index build for the engine)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    cache = HybridCache(model, cfg, max_length=n, progress=False) if kind == "hybrid" else DynamicCache()
+    t0 = time.perf_counter()
+    prefill(model, ids, cache, chunk, progress=False)
+    if kind == "hybrid":
+        cache.build_indexes()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------- main
+
+
+def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadConfig | None]]:
+    out = {"hybrid-default": ("hybrid", OffloadConfig(device="cpu"))}
+    if all_methods:
+        for m in RETRIEVAL_METHODS:
+            out[f"hybrid-{m}"] = ("hybrid", OffloadConfig(device="cpu", method=m))
+        out["hybrid-block-only"] = ("hybrid", OffloadConfig(device="cpu", mode="block"))
+    out["full-sdpa"] = ("full", None)
+    out["offloaded-dynamic"] = ("offloaded", None)
+    return out
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for model_name in args.models:
+        model, tok = make_model(model_name, args.layers)
+        stats = channel_stats(model, tok)
+        device = next(model.parameters()).device
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        all_methods = model_name != "smollm2-135m" or args.all_methods
+        for context in args.contexts:
+            for method, (kind, cfg) in methods(model_name, all_methods).items():
+                if kind == "hybrid" and context < cfg.resident_tokens:
+                    continue
+                steps = args.steps if kind == "hybrid" or context <= 16384 else max(3, args.steps // 3)
+                base = {"model": model_name, "method": method, "context": context}
+                try:
+                    cache, build_s = fill_cache(kind, model, stats, context, cfg)
+                except (AssertionError, RuntimeError) as exc:  # the offloaded cache needs CUDA streams
+                    rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                ms_token, ms_layer, read = time_decode(model, cache, steps)
+                dev, host = cache_bytes(cache, device)
+                del cache
+                prefill_s = None
+                if context <= args.prefill_max:
+                    prefill_s = round(time_prefill(model, kind, context, cfg, args.chunk), 3)
+                row = {**base, "decode_ms_per_token": round(ms_token, 3), "attn_ms_per_layer": round(ms_layer, 4),
+                       "prefill_s": prefill_s, "index_build_s": round(build_s, 3) if kind == "hybrid" else None,
+                       "device_bytes": dev + weights, "host_bytes": host, "kv_read_frac": round(read, 5),
+                       "n_layers": model.config.num_hidden_layers, "steps": steps}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        del model
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in sorted({r["method"] for r in rows if r["model"] == model}):
+            pts = sorted((r["context"], r["attn_ms_per_layer"]) for r in rows
+                         if r["model"] == model and r["method"] == method and "error" not in r)
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="update + attention ms per layer",
+               title=model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short contexts, few steps")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-3-8b-shape"],
+                   choices=["smollm2-135m", "llama-3-8b-shape"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--layers", type=int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
+    p.add_argument("--steps", type=int, default=9, help="timed decode steps (after 2 warm-up steps)")
+    p.add_argument("--prefill-max", type=int, default=8192, help="longest context whose prefill is run for real")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    p.add_argument("--all-methods", action="store_true", help="every retrieval method on SmolLM2 too")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps, args.prefill_max = [2048, 8192], 3, 2048
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = run(args)
+    result = {"config": {"threads": args.threads, "contexts": args.contexts, "layers_8b_shape": args.layers,
+                         "seconds": round(time.perf_counter() - started, 1)}, "cases": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
