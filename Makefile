@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test setup bench-kernel clean
 
 demo: $(STAMP)
-	$(PY) bench/bench_kernel.py --quick
+	$(VENV)/bin/hybridattn generate --demo
 
 test: $(STAMP)
 	HYBRIDATTN_REQUIRE_EXT=1 $(PY) -m pytest
