@@ -16,9 +16,9 @@ def projection_edges(knn, window):
     key links, both ways, to the `window` keys ranked just below it by the same
     query, so the keys one query retrieves form a connected band whose links
     run between keys of similar score; `select_neighbors` then keeps, per key,
-    the links that most queries agree on. Returns src, dst [E] int64."""
+    the links that most queries agree on. Returns src, dst [E] int32."""
     nq, m = knn.shape
-    src = np.empty(nq * 2 * window * m, np.int64)
+    src = np.empty(nq * 2 * window * m, np.int32)  # int32: this list is the build's largest array
     dst = np.empty_like(src)
     e = 0
     for r in range(nq):

@@ -121,7 +121,7 @@ def rerank(keys: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[n
 
     keys [N, D]; q [n_q, D]; cand [n_q, C] int64 (-1 padded, duplicates allowed).
     Returns ids [n_q, k] (-1 padded), scores [n_q, k], keys scored (distinct valid ids)."""
-    from ann._kernels import rerank_candidates
+    from ann._kernels import rerank_candidates  # numba: only the indexes that rerank need it
 
     return rerank_candidates(keys, q, np.ascontiguousarray(cand, dtype=np.int64), k)
 

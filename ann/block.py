@@ -97,9 +97,12 @@ class BlockIndex:
         return s.amax(dim=1)
 
     def select(self, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """q [H, G, D] -> token ids [H, M] int64 (-1 padded), M = min(n_blocks, full blocks)·B + tail.
+        """q [H, G, D] -> token ids [H, M] int64 on the index's device, M = min(n_blocks, full blocks)·B + tail.
 
-        Returns the tokens of the n_blocks best blocks per KV head, then the tail."""
+        The tokens of the n_blocks best blocks per KV head, then the tail
+        tokens. Every head holds the same number of tokens, so every row has
+        the same M and needs no -1 padding; ids within a row are distinct.
+        Sets `scanned` to the landmarks scored (H · G · full blocks)."""
         if q.dim() != 3 or q.shape[0] != self.n_heads or q.shape[2] != self.dim:
             raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
         if n_blocks < 0:
@@ -149,9 +152,9 @@ class BlockKeyIndex(Selector):
     def blocks_per_search(self) -> int:
         if self.frac is None:
             return self.n_blocks
-        return max(1, int(round(self.frac * self.blocks.n_blocks)))
+        return max(1, round(self.frac * self.blocks.n_blocks))
 
-    def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int]:
-        """q [G, dim] (one group, chosen jointly) -> candidate ids [C] int64, landmarks scored."""
+    def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int, int]:
+        """q [G, dim] (one group, chosen jointly) -> candidate ids [C] int64, landmarks scored, 0 keys."""
         ids = self.blocks.select(torch.from_numpy(q)[None], self.blocks_per_search())[0]
-        return ids.numpy(), self.blocks.scanned
+        return ids.numpy(), self.blocks.scanned, 0

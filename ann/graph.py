@@ -66,6 +66,9 @@ class GraphIndex:
     (default ~sqrt(N)), n_probe, entries_per_centroid, n_hubs: entry-point
     selection; ef: beam width;
     store: a key store shared with other selectors (the graph then only reads it).
+
+    Searches share a visited-stamp array: one index must not be searched from
+    two threads at once (separate indexes may).
     """
 
     def __init__(self, dim: int, degree: int = 48, m_build: int = 64, max_queries: int = 16384, window: int = 8,
@@ -75,8 +78,8 @@ class GraphIndex:
                  store: GrowableKeys | None = None):
         if degree <= spare or spare <= 0:
             raise ValueError(f"need degree > spare > 0, got degree={degree}, spare={spare}")
-        for name, v in dict(m_build=m_build, max_queries=max_queries, n_centroids=n_centroids or 1, n_probe=n_probe,
-                            entries_per_centroid=entries_per_centroid, ef=ef, ef_add=ef_add).items():
+        for name, v in {"m_build": m_build, "max_queries": max_queries, "n_centroids": n_centroids or 1, "n_probe": n_probe,
+                            "entries_per_centroid": entries_per_centroid, "ef": ef, "ef_add": ef_add}.items():
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
         self.dim, self.degree, self.m_build, self.max_queries = dim, degree, m_build, max_queries
@@ -116,8 +119,8 @@ class GraphIndex:
         w = np.ones(len(src), np.float32)
         if self.n_knn > 0 and n > 1:
             kk = key_neighbors(_unit(keys), min(self.n_knn + 1, n), self.seed)
-            ks = np.repeat(np.arange(n, dtype=np.int64), kk.shape[1])
-            kd = kk.reshape(-1)
+            ks = np.repeat(np.arange(n, dtype=np.int32), kk.shape[1])
+            kd = kk.reshape(-1).astype(np.int32)
             ks, kd = ks[kd >= 0], kd[kd >= 0]
             # both directions, weighted below any co-retrieval link: they only fill free slots
             src = np.concatenate([src, ks, kd])
@@ -126,7 +129,7 @@ class GraphIndex:
         if self.n_pos > 0:
             # neighbours in position: attention is local in the sequence, and these
             # links give rarely retrieved keys in-edges from their retrieved neighbours
-            base = np.arange(n, dtype=np.int64)
+            base = np.arange(n, dtype=np.int32)
             for d in range(1, self.n_pos + 1):
                 a, b = base[:-d], base[d:]
                 src = np.concatenate([src, a, b])
@@ -150,6 +153,7 @@ class GraphIndex:
         km.train(_unit(queries))
         self.centroids = km.centroids.astype(np.float32)
         self.entries = exact_topk(self.centroids, keys, min(self.entries_per_centroid, len(keys)))
+        self._add_seeds = np.unique(np.concatenate([self.hubs, self.entries.reshape(-1)]))  # where inserts start
 
     # --- add --------------------------------------------------------------------
     def add(self, keys: np.ndarray) -> None:
@@ -163,9 +167,8 @@ class GraphIndex:
         start = stop - len(keys)  # a shared store already holds them
         if stop > len(self.deg):
             self._grow(stop)
-        seeds = np.unique(np.concatenate([self.hubs, self.entries.reshape(-1)]))
         epoch = self._next_epochs(stop - start)
-        insert_keys(self.store.data, self.adj, self.deg, self.spare_next, self.stamp, epoch, start, stop, seeds,
+        insert_keys(self.store.data, self.adj, self.deg, self.spare_next, self.stamp, epoch, start, stop, self._add_seeds,
                     self.ef_add, self.n_add_links, self.spare)
 
     def _grow(self, need: int) -> None:

@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 
 from ann.base import SMALL_BATCH, GrowableKeys, as_vectors, single_thread
-from ann.selector import Selector
 from ann.graph import _unit, exact_topk
+from ann.selector import Selector
 
 
 class QQIndex(Selector):
@@ -24,7 +24,7 @@ class QQIndex(Selector):
 
     def __init__(self, dim: int, m_keys: int = 64, n_neighbors: int = 32, max_queries: int = 32768,
                  hnsw_M: int = 16, ef: int = 64, n_add: int = 16, store: GrowableKeys | None = None):
-        for name, v in dict(m_keys=m_keys, n_neighbors=n_neighbors, max_queries=max_queries, ef=ef).items():
+        for name, v in {"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries, "ef": ef}.items():
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
         self.dim, self.m_keys, self.n_neighbors, self.max_queries = dim, m_keys, n_neighbors, max_queries
@@ -32,7 +32,7 @@ class QQIndex(Selector):
         self.store = store if store is not None else GrowableKeys(dim)
         self._owns_store = store is None
         self.qindex = None
-        self.lists = np.empty((0, m_keys), np.int64)  # [Nq, M] key ids per build query
+        self.lists = np.empty((0, m_keys), np.int32)  # [Nq, M] key ids per build query (int32: memory)
         self.list_scores = np.empty((0, m_keys), np.float32)  # [Nq, M] their scores
         self.queries = np.empty((0, dim), np.float32)  # [Nq, dim]
 
@@ -51,7 +51,7 @@ class QQIndex(Selector):
             self.store.reset(keys)
         m = min(self.m_keys, len(keys))
         self.queries = queries
-        self.lists = np.full((len(queries), self.m_keys), -1, np.int64)
+        self.lists = np.full((len(queries), self.m_keys), -1, np.int32)
         self.list_scores = np.full((len(queries), self.m_keys), -np.inf, np.float32)
         self.lists[:, :m] = exact_topk(queries, keys, m)
         self.list_scores[:, :m] = _row_scores(queries, keys, self.lists[:, :m])
@@ -81,8 +81,8 @@ class QQIndex(Selector):
             self.lists[rows[better], worst[better]] = start + i
             self.list_scores[rows[better], worst[better]] = s[better]
 
-    def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int]:
-        """q [G, dim] (one group) -> candidate ids [C] (duplicates possible), build queries scored."""
+    def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int, int]:
+        """q [G, dim] (one group) -> candidate ids [C] (duplicates possible), build queries scored, 0 keys."""
         if self.qindex is None:
             raise RuntimeError("search before build: the qq selector holds no build queries")
         self.qindex.hnsw.efSearch = max(self.ef, self.n_neighbors)
@@ -91,7 +91,7 @@ class QQIndex(Selector):
         with single_thread(len(q) <= SMALL_BATCH):
             _, near = self.qindex.search(_unit(q), min(self.n_neighbors, len(self.queries)))  # [G, nn]
         near = near[near >= 0]
-        return self.lists[near].reshape(-1), int(stats.ndis)
+        return self.lists[near].reshape(-1).astype(np.int64), int(stats.ndis), 0
 
 
 def _row_scores(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:

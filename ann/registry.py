@@ -10,16 +10,20 @@ METHODS = ("flat", "ivf", "hnsw", "graph", "qq", "block", "union", "hybrid")
 HYBRID_SELECTORS = (("block", {"landmark": "mean", "frac": 0.025}), ("qq", {}))
 
 
-def _cls(method: str):
-    from ann.block import BlockKeyIndex
-    from ann.flat import FlatIndex
-    from ann.graph import GraphIndex
-    from ann.hnsw import HNSWIndex
-    from ann.ivf import IVFIndex
-    from ann.qq import QQIndex
+_CLASSES = {"flat": ("ann.flat", "FlatIndex"), "ivf": ("ann.ivf", "IVFIndex"), "hnsw": ("ann.hnsw", "HNSWIndex"),
+            "graph": ("ann.graph", "GraphIndex"), "qq": ("ann.qq", "QQIndex"), "block": ("ann.block", "BlockKeyIndex")}
 
-    return {"flat": FlatIndex, "ivf": IVFIndex, "hnsw": HNSWIndex, "graph": GraphIndex, "qq": QQIndex,
-            "block": BlockKeyIndex}[method]
+
+def _cls(method: str):
+    """The class of a method, imported on demand: flat needs numpy only, the
+    others faiss and/or numba (the `ann` extra)."""
+    import importlib
+
+    module, name = _CLASSES[method]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ImportError(f"index method {method!r} needs {e.name}: pip install 'hybridattn[ann]'") from e
 
 
 def make_index(method: str, dim: int, **params):

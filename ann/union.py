@@ -14,15 +14,15 @@ from ann.base import GrowableKeys, as_vectors
 from ann.selector import Selector
 
 
-def group_candidates(index, q: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-    """Candidates [C] of any index for one group q [G, dim], and vectors scored.
+def group_candidates(index, q: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:
+    """Candidates [C] of any index for one group q [G, dim], other vectors scored, keys scored.
 
     Selectors choose jointly; a plain KeyIndex is searched per query head and
     its top-k lists are unioned."""
     if hasattr(index, "candidates"):
         return index.candidates(q, k)
     res = index.search(q, min(k, len(index)))
-    return res.ids.reshape(-1), res.scanned
+    return res.ids.reshape(-1), res.scanned - res.keys_scored, res.keys_scored
 
 
 class UnionIndex(Selector):
@@ -53,11 +53,12 @@ class UnionIndex(Selector):
         for s in self.selectors:
             s.add(keys)
 
-    def candidates(self, q: np.ndarray, k: int = 100) -> tuple[np.ndarray, int]:
-        """q [G, dim] -> merged candidates [C] (duplicates possible), vectors the selectors scored."""
-        parts, aux = [], 0
+    def candidates(self, q: np.ndarray, k: int = 100) -> tuple[np.ndarray, int, int]:
+        """q [G, dim] -> merged candidates [C] (duplicates possible), other vectors and keys the selectors scored."""
+        parts, aux, found = [], 0, 0
         for s in self.selectors:
-            c, a = group_candidates(s, q, k)
+            c, a, f = group_candidates(s, q, k)
             parts.append(c)
             aux += a
-        return np.concatenate(parts), aux
+            found += f
+        return np.concatenate(parts), aux, found

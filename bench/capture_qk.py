@@ -89,9 +89,9 @@ class QKRecorder:
 
 def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512, progress: bool = True) -> dict:
     """Run a chunked prefill of `input_ids` [1, T] and return the capture dict (see module doc)."""
+    from tqdm import tqdm
     from transformers import AttentionInterface, DynamicCache
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from tqdm import tqdm
 
     n_layers = model.config.num_hidden_layers
     if not layers or min(layers) < 0 or max(layers) >= n_layers:

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from tests.ann_helpers import DIM, clustered
 
 from ann.base import GrowableKeys, as_vectors, check_k, rerank, topk_rows
 from ann.registry import METHODS, make_index
+from tests.ann_helpers import DIM, clustered
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_topk_rows_and_rerank_match_sorting():
     q = rng.standard_normal((3, 8)).astype(np.float32)
     ids, sc = topk_rows(q @ keys.T, 7)
     np.testing.assert_array_equal(ids, np.argsort(-(q @ keys.T), axis=1)[:, :7])
+    np.testing.assert_allclose(sc, np.take_along_axis(q @ keys.T, ids, 1))
     cand = np.concatenate([ids, ids[:, :2], np.full((3, 2), -1)], axis=1)  # duplicates and padding
     rid, rsc, scored = rerank(keys, q, cand, 9)
     np.testing.assert_array_equal(rid[:, :7], ids)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 from ann.block import BlockIndex, BlockKeyIndex
+from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 
 def ref_landmarks(keys: torch.Tensor, b: int):

@@ -1,7 +1,7 @@
 import numpy as np
-from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 from ann.flat import FlatIndex
+from tests.ann_helpers import assert_exact, assert_valid, clustered
 
 
 def test_flat_is_exact_and_scans_everything():

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann._kernels import beam_search
 from ann.graph import GraphIndex, key_neighbors
+from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 
 @pytest.fixture(scope="module")

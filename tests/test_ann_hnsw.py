@@ -1,7 +1,7 @@
 import numpy as np
-from tests.ann_helpers import brute_topk, clustered, recall
 
 from ann.hnsw import HNSWIndex
+from tests.ann_helpers import brute_topk, clustered, recall
 
 
 def test_recall_and_measured_scan():

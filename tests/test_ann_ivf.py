@@ -1,8 +1,7 @@
 import faiss
-import numpy as np
-from tests.ann_helpers import assert_exact, brute_topk, clustered, recall
 
 from ann.ivf import IVFIndex
+from tests.ann_helpers import assert_exact, brute_topk, clustered, recall
 
 
 def test_full_probe_is_exact_and_counts_centroids():

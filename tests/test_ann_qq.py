@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from tests.ann_helpers import assert_valid, brute_topk, clustered, recall
 
 from ann.qq import QQIndex
+from tests.ann_helpers import assert_valid, brute_topk, clustered, recall
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def test_lists_are_exact_topm(data):
     keys, bq, _ = data
     idx = QQIndex(keys.shape[1], m_keys=16)
     idx.build(keys, bq)
-    want, want_s = brute_topk(keys, bq[:50], 16)
+    _, want_s = brute_topk(keys, bq[:50], 16)
     got_s = np.sort(idx.list_scores[:50], axis=1)[:, ::-1]
     np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-3)
 
@@ -37,7 +37,7 @@ def test_recall_grows_with_neighbours(data):
 
 
 def test_added_key_enters_lists_of_queries_that_want_it(data):
-    keys, bq, tq = data
+    keys, bq, _ = data
     idx = QQIndex(keys.shape[1], m_keys=16, n_neighbors=8)
     idx.build(keys, bq)
     new = bq[:1] * 3  # scores highest with build queries pointing its way

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from tests.ann_helpers import DIM, assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann.base import KeyIndex
 from ann.registry import METHODS, make_index
 from ann.selector import search_group
+from tests.ann_helpers import DIM, assert_exact, assert_valid, brute_topk, clustered, recall
 
 # generous settings: every method must then return the exact top-k
 EXACT = {
@@ -44,8 +44,9 @@ def test_exact_with_generous_settings(method, data):
     assert_valid(res, len(keys), len(tq), 10)
     assert_exact(res, keys, tq, 10)
     # HNSW also scores the nodes of its upper layers (a key can be scored once per
-    # layer it is on), so with ef >= N its count passes N by that small share
-    slack = 1.1 if method == "hnsw" else 1.0
+    # layer it is on), so with ef >= N its count passes N by that small share; a
+    # union reranks what its graph selector already scored, so a key counts twice
+    slack = {"hnsw": 1.1, "union": 2.0}.get(method, 1.0)
     assert res.keys_scored <= slack * len(tq) * len(keys)
 
 

@@ -1,10 +1,10 @@
 """Union of selectors: shared keys, deduplicated candidates, exact rerank, GQA groups."""
 
 import numpy as np
-from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 from ann.registry import make_index
 from ann.selector import search_group
+from tests.ann_helpers import assert_exact, assert_valid, brute_topk, clustered, recall
 
 
 def test_selectors_share_the_union_store():
@@ -28,7 +28,7 @@ def test_union_is_at_least_as_good_as_each_part_and_exact_on_its_candidates():
         one = make_index(name, keys.shape[1], **p)
         one.build(keys, bq)
         assert recall(ru.ids, truth) >= recall(one.search(tq, 20).ids, truth)
-    cand, _ = u.candidates(tq[:1])
+    cand, _, _ = u.candidates(tq[:1])
     cand = np.unique(cand[cand >= 0])
     assert ru.keys_scored >= len(cand)  # first query alone scored at least its distinct candidates
     sub = keys[cand]
@@ -42,6 +42,19 @@ def test_group_search_shares_one_candidate_set():
     h.build(keys, bq)
     res = search_group(h, tq, 10)  # G = 3 query heads of one KV head
     assert_exact(res, keys, tq, 10)
-    cand, aux = h.candidates(tq)
+    cand, aux, found = h.candidates(tq)
+    assert found == 0  # block and qq score no keys to find candidates
     n_c = len(np.unique(cand[cand >= 0]))
     assert res.keys_scored == 3 * n_c and res.scanned == res.keys_scored + aux
+
+
+def test_keys_a_graph_selector_scores_are_counted():
+    keys, bq, tq = clustered(n_keys=1000, n_build=1000, n_test=3)
+    u = make_index("union", keys.shape[1], selectors=[("block", {"frac": 0.05}), ("graph", {"ef": 50})])
+    u.build(keys, bq)
+    g = u.selectors[1].search(tq, 10)
+    cand, aux, found = u.candidates(tq, 10)
+    assert found == g.keys_scored and aux == g.scanned - g.keys_scored + u.selectors[0].blocks.scanned
+    res = search_group(u, tq, 10)
+    n_c = len(np.unique(cand[cand >= 0]))
+    assert res.keys_scored == 3 * n_c + found
