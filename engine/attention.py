@@ -15,6 +15,7 @@ Without a HybridCache (e.g. `use_cache=False`) it is plain sdpa.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -53,8 +54,9 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
         layer.query_sample.add(q.reshape(Hkv * G, Q, D), torch.arange(first, layer.n_seen))
     o, lse = attend(q, *layer.last_added, scale, causal=True)
     rk, rv, rpos = layer.resident()
-    earlier = rpos < first
-    if bool(earlier.any()):
+    earlier = np.flatnonzero(rpos < first)
+    if len(earlier):
+        earlier = torch.from_numpy(earlier).to(q.device)
         o, lse = merge_states(o, lse, *attend(q, rk[:, earlier], rv[:, earlier], scale))
     n_host = min(layer.host.n, max(0, first - layer.cfg.n_sink))  # host id i holds position n_sink + i
     if n_host:

@@ -106,23 +106,30 @@ class HybridLayer(CacheLayerMixin):
         # chunk's own positions that the rest of the chunk pushes straight through.
         e0, e1 = max(S, p0 - W), max(S, p1 - W)
         if e1 > e0:
-            from_ring = np.arange(e0, min(e1, p0))
-            slots = torch.from_numpy(S + (from_ring - S) % W).to(self.device)
+            ring = self._ring_segments(e0, min(e1, p0))
             lo, hi = max(e0, p0) - a, max(e1, p0) - a  # chunk offsets that go straight to the host
-            self._evict(torch.cat([self.resident_k[:, slots], k[:, lo:hi]], dim=1),
-                        torch.cat([self.resident_v[:, slots], v[:, lo:hi]], dim=1))
+            self._evict(torch.cat([self.resident_k[:, s0:s1] for s0, s1, _ in ring] + [k[:, lo:hi]], dim=1),
+                        torch.cat([self.resident_v[:, s0:s1] for s0, s1, _ in ring] + [v[:, lo:hi]], dim=1))
 
-        first = max(p0, p1 - W)  # the chunk positions that stay in the window
-        if p1 > first:
-            pos = np.arange(first, p1)
-            slots_np = S + (pos - S) % W
-            slots = torch.from_numpy(slots_np).to(self.device)
-            self.resident_k[:, slots] = k[:, first - a :]
-            self.resident_v[:, slots] = v[:, first - a :]
-            self.resident_pos[slots_np] = pos
+        for s0, s1, pos in self._ring_segments(max(p0, p1 - W), p1):  # the chunk positions that stay
+            self.resident_k[:, s0:s1] = k[:, pos - a : pos - a + s1 - s0]
+            self.resident_v[:, s0:s1] = v[:, pos - a : pos - a + s1 - s0]
+            self.resident_pos[s0:s1] = np.arange(pos, pos + s1 - s0)
         self.n_seen += C
         self.last_added = (k, v)  # the chunk's own K/V [Hkv, C, D], which its prefill attention reads
         return self, self
+
+    def _ring_segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """Window slots of positions [start, stop) (at most `window` of them), as
+        contiguous ranges (slot_begin, slot_end, first position): slicing, not index tensors."""
+        S, W = self.cfg.n_sink, self.cfg.window
+        segments, pos = [], start
+        while pos < stop:
+            slot = S + (pos - S) % W
+            n = min(stop - pos, S + W - slot)
+            segments.append((slot, slot + n, pos))
+            pos += n
+        return segments
 
     def _evict(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] of the positions following the host store's last one."""
@@ -146,11 +153,10 @@ class HybridLayer(CacheLayerMixin):
             "host": np.arange(S, S + self.host.n),
         }
 
-    def resident(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Filled resident slots: K, V [Hkv, R, D] and their positions [R] (device)."""
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Filled resident slots: K, V [Hkv, R, D] (device) and their positions [R]."""
         filled = min(self.n_seen, self.cfg.resident_tokens)  # slots fill in order until the ring wraps
-        pos = torch.from_numpy(self.resident_pos[:filled]).to(self.device)
-        return self.resident_k[:, :filled], self.resident_v[:, :filled], pos
+        return self.resident_k[:, :filled], self.resident_v[:, :filled], self.resident_pos[:filled]
 
     def ordered_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every position's K and V [Hkv, seq_len, D] in position order, on the device

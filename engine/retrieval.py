@@ -43,6 +43,8 @@ def build_key_index(layer) -> None:
         layer.key_index = []
         return
     t0 = time.perf_counter()
+    if layer.device.type == "cuda":  # evictions reach the pinned host store by asynchronous copies
+        torch.cuda.synchronize(layer.device)
     keys = layer.host.keys.float().numpy()  # [Hkv, n, D]
     queries = layer.query_sample.queries().float()  # [Hq, nq, D]
     G, D = layer.group, layer.head_dim
