@@ -45,7 +45,7 @@ def sweeps(n: int, quick: bool) -> list[tuple[str, dict, str, list]]:
     cases = [
         ("ivf", {"nlist": nlist}, "nprobe", [1, 2, 4, 8, 16] if quick else [1, 2, 4, 6, 8, 12, 16, 24, 32]),
         ("hnsw", {"M": 32, "ef_construction": 128}, "ef", [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800]),
-        ("graph", {}, "ef", [100, 160, 256] if quick else [100, 128, 160, 200, 256, 320, 400]),
+        ("graph", {}, "ef", [100, 160, 256] if quick else [100, 128, 160, 200, 224, 256, 320, 400]),
         ("qq", {}, "n_neighbors", [8, 16, 32] if quick else [4, 8, 16, 24, 32, 48, 64]),
         ("block", {"landmark": "mean"}, "frac", [0.01, 0.025, 0.05] if quick else [0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075]),
         ("block", {"landmark": "minmax"}, "frac", [0.025, 0.05] if quick else [0.01, 0.025, 0.05, 0.075]),
