@@ -23,6 +23,7 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int)
     g.add_argument("--block-size", type=int)
     g.add_argument("--n-blocks", type=int)
+    g.add_argument("--block-frac", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--method", choices=RETRIEVAL_METHODS)
     g.add_argument("--mode", choices=SELECTION_MODES)
@@ -34,7 +35,7 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
 def _offload_config(args):
     from engine.config import OffloadConfig
 
-    fields = ("n_sink", "window", "block_size", "n_blocks", "top_k", "method", "mode", "landmark", "host_dtype",
+    fields = ("n_sink", "window", "block_size", "n_blocks", "block_frac", "top_k", "method", "mode", "landmark", "host_dtype",
               "device")
     return OffloadConfig.preset(args.preset, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 

@@ -22,15 +22,16 @@ class OffloadConfig:
 
     Every decode step attends exactly to the `n_sink` first tokens and the
     `window` most recent ones (resident on the device), plus the host tokens
-    selected by the device block index (`n_blocks` blocks of `block_size`
-    tokens), the host key index (`top_k` tokens per query head), or both,
-    depending on `mode`.
+    selected by the device block index (blocks of `block_size` tokens: a
+    `block_frac` share of the host blocks, at most `n_blocks`), the host key
+    index (`top_k` tokens per query head), or both, depending on `mode`.
     """
 
     n_sink: int = 4
     window: int = 128
     block_size: int = 16
-    n_blocks: int = 32
+    n_blocks: int = 64
+    block_frac: float = 0.04
     top_k: int = 64
     method: str = "qq"
     mode: str = "hybrid"
@@ -60,6 +61,8 @@ class OffloadConfig:
             raise ValueError(f"mode {self.mode!r} retrieves top_k tokens per query head: top_k must be >= 1")
         if self.mode in ("block", "hybrid") and self.n_blocks < 1:
             raise ValueError(f"mode {self.mode!r} selects candidate blocks: n_blocks must be >= 1")
+        if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:
+            raise ValueError(f"OffloadConfig.block_frac must lie in (0, 1], got {self.block_frac!r}")
         if not isinstance(self.host_threads, int) or self.host_threads < 0:
             raise ValueError(f"OffloadConfig.host_threads must be a non-negative int, got {self.host_threads!r}")
         if not isinstance(self.index_params, dict):
@@ -68,6 +71,10 @@ class OffloadConfig:
             torch.device(self.resolved_device())
         except RuntimeError as exc:
             raise ValueError(f"OffloadConfig.device {self.device!r} is not a torch device") from exc
+
+    def blocks_per_step(self, host_blocks: int) -> int:
+        """Candidate blocks a decode step takes from the block index over `host_blocks` blocks."""
+        return min(self.n_blocks, max(1, math.ceil(self.block_frac * host_blocks)))
 
     @property
     def resident_tokens(self) -> int:

@@ -70,7 +70,7 @@ def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
     cfg, n_host = layer.cfg, layer.host.n
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
-        parts.append(layer.blocks.select(q, cfg.n_blocks).cpu())
+        parts.append(layer.blocks.select(q, cfg.blocks_per_step(layer.blocks.n_blocks)).cpu())
         scanned += layer.blocks.scanned
     if cfg.mode != "block":
         if layer.key_index is None:

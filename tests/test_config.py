@@ -30,11 +30,20 @@ def test_defaults_are_valid_and_frozen():
         (dict(device="gpu0"), "not a torch device"),
         (dict(index_params=[1]), "index_params must be a dict"),
         (dict(host_threads=-1), "host_threads"),
+        (dict(block_frac=0), "block_frac must lie in"),
+        (dict(block_frac=1.5), "block_frac must lie in"),
     ],
 )
 def test_invalid_values_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         OffloadConfig(**changes)
+
+
+def test_blocks_per_step_is_a_share_of_the_host_blocks_with_a_cap():
+    cfg = OffloadConfig(n_blocks=64, block_frac=0.04)
+    assert cfg.blocks_per_step(1) == 1
+    assert cfg.blocks_per_step(500) == 20
+    assert cfg.blocks_per_step(100_000) == 64
 
 
 def test_presets():
