@@ -157,30 +157,38 @@ def summarize(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Recall vs cost at the largest N: all vectors scored (left) and keys alone (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     n = max(r["n_keys"] for r in rows)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     names = sorted({r["index"] for r in rows if r["index"] != "flat"})
-    for name in names:
-        pts = {}
-        for r in rows:
-            if r["index"] == name and r["n_keys"] == n:
-                pts.setdefault(json.dumps(r["params"], sort_keys=True), []).append((r["scanned_frac"], r["recall"]))
-        xy = sorted((np.mean([a for a, _ in v]), np.mean([b for _, b in v])) for v in pts.values())
-        ax.plot([100 * x for x, _ in xy], [y for _, y in xy], marker="o", label=name)
-    ax.axhline(0.95, color="gray", ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("vectors scored per query head (% of keys)")
-    ax.set_ylabel(f"recall@{rows[0]['k']}")
-    ax.set_title(f"N = {n} keys, mean over captured layers and KV heads")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    for ax, col, label in ((axes[0], "scanned_frac", "all vectors scored"), (axes[1], "keys_frac", "keys scored")):
+        for name in names:
+            pts = {}
+            for r in rows:
+                if r["index"] == name and r["n_keys"] == n:
+                    pts.setdefault(json.dumps(r["params"], sort_keys=True), []).append((r[col], r["recall"]))
+            xy = sorted((np.mean([a for a, _ in v]), np.mean([b for _, b in v])) for v in pts.values())
+            ax.plot([100 * x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=name)
+        ax.axhline(0.95, color="gray", ls=":")
+        ax.set_xscale("log")
+        lim = ax.get_xlim()
+        ax.set_xticks([0.5, 1, 2, 3, 5, 10, 20, 50, 100])
+        ax.set_xlim(lim)  # the ticks must not widen the axis
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{label} per query head (% of N)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"recall@{rows[0]['k']}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"N = {n} keys, mean over captured layers and KV heads")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -194,7 +202,14 @@ def main() -> None:
     ap.add_argument("--indexes", nargs="+", help="only these index labels")
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-json", type=Path, help="summarise and plot an earlier run's JSON instead of running")
     args = ap.parse_args()
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())["rows"]
+        print("\n".join(summarize(rows)))
+        if args.plot:
+            plot(rows, args.plot)
+        return
 
     cfg = QUICK if args.quick else FULL
     import faiss
