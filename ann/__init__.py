@@ -8,7 +8,7 @@ faiss and numba (the `ann` extra), block torch.
 """
 
 from ann.base import GrowableKeys, KeyIndex, SearchResult
-from ann.registry import METHODS, make_index
+from ann.registry import METHODS, estimate_index_bytes, make_index
 from ann.selector import search_group
 
 _LAZY = {
@@ -25,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ann' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "GrowableKeys", "KeyIndex", "SearchResult", "make_index", "search_group"]  # and the _LAZY classes
+__all__ = ["METHODS", "GrowableKeys", "KeyIndex", "SearchResult", "estimate_index_bytes", "make_index", "search_group"]  # and the _LAZY classes

@@ -94,6 +94,10 @@ class GrowableKeys:
             self._buf = np.empty((1, self.dim), dtype=np.float32)
         self.n = len(keys)
 
+    @property
+    def nbytes(self) -> int:
+        return self._buf.nbytes
+
     def append(self, keys: np.ndarray) -> None:
         need = self.n + len(keys)
         if need > len(self._buf):
@@ -102,6 +106,21 @@ class GrowableKeys:
             self._buf = grown
         self._buf[self.n : need] = keys
         self.n = need
+
+
+def faiss_nbytes(index) -> int:
+    """Bytes a faiss index holds, read as its serialised size (its vectors and links dominate both)."""
+    if index is None:
+        return 0
+    import faiss
+
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def hnsw_bytes(n: int, dim: int, M: int) -> int:
+    """Estimated bytes of a faiss HNSW over n vectors: the vectors, 2M base-layer links
+    plus about M/(M-1) more on upper layers, and per-node offsets and levels."""
+    return int(n * (4 * dim + 4 * (2 * M + M / max(M - 1, 1)) + 12))
 
 
 def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

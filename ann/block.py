@@ -46,6 +46,10 @@ class BlockIndex:
         return self.n
 
     @property
+    def nbytes(self) -> int:
+        return self._lm.nbytes + self._tail.nbytes
+
+    @property
     def n_blocks(self) -> int:
         """Full blocks (with a landmark)."""
         return self.n // self.block_size
@@ -134,6 +138,16 @@ class BlockKeyIndex(Selector):
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes + (self.store.nbytes if self._owns_store else 0)
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, landmark: str = "mean", store=None,
+                       **params) -> int:
+        own_keys = 0 if store is not None else 4 * n_keys * dim
+        return 4 * dim * (n_keys // params.get("block_size", 16)) * (2 if landmark == "minmax" else 1) + own_keys
 
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries ignored."""

@@ -15,6 +15,14 @@ class FlatIndex:
         self.chunk = chunk  # keys scored per matmul, bounds the [n_q, chunk] score buffer
         self.store = GrowableKeys(dim)
 
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, **params) -> int:
+        return 4 * n_keys * dim
+
     def __len__(self) -> int:
         return len(self.store)
 

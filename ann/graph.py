@@ -101,6 +101,19 @@ class GraphIndex:
     def __len__(self) -> int:
         return len(self.store)
 
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.adj, self.deg, self.spare_next, self.stamp, self.centroids, self.entries, self.hubs)
+        return sum(a.nbytes for a in arrays) + (self.store.nbytes if self._owns_store else 0)
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, degree: int = 48, entries_per_centroid: int = 4,
+                       store: GrowableKeys | None = None, **params) -> int:
+        """Links and per-key counters, entry points, and the keys unless the store is shared."""
+        n_c = int(np.clip(np.sqrt(n_keys) / 3, 16, 256))
+        own_keys = 0 if store is not None else 4 * n_keys * dim
+        return n_keys * (4 * degree + 12) + n_c * (4 * dim + 8 * entries_per_centroid) + own_keys
+
     # --- build ------------------------------------------------------------------
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries [Nq, dim] prefill queries of the group's query

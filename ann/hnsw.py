@@ -11,7 +11,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, single_thread
+from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, faiss_nbytes, hnsw_bytes, single_thread
 from ann.ivf import _clean
 
 
@@ -26,6 +26,14 @@ class HNSWIndex:
 
     def __len__(self) -> int:
         return 0 if self.index is None else self.index.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return faiss_nbytes(self.index)
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, M: int = 32, **params) -> int:
+        return hnsw_bytes(n_keys, dim, M)
 
     def _new(self):
         index = faiss.IndexHNSWFlat(self.dim, self.M, faiss.METRIC_INNER_PRODUCT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, single_thread
+from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, faiss_nbytes, single_thread
 
 
 def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -27,6 +27,15 @@ class IVFIndex:
 
     def __len__(self) -> int:
         return 0 if self.index is None else self.index.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return faiss_nbytes(self.index)
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, nlist: int = 256, **params) -> int:
+        """Each key's vector and id in its list, and the centroids."""
+        return n_keys * (4 * dim + 8) + min(nlist, n_keys) * 4 * dim
 
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries are ignored (lists are trained on keys)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, GrowableKeys, as_vectors, single_thread
+from ann.base import SMALL_BATCH, GrowableKeys, as_vectors, faiss_nbytes, hnsw_bytes, single_thread
 from ann.graph import _unit, exact_topk
 from ann.selector import Selector
 
@@ -38,6 +38,20 @@ class QQIndex(Selector):
 
     def __len__(self) -> int:
         return len(self.store)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = self.lists.nbytes + self.list_scores.nbytes + self.queries.nbytes
+        return arrays + faiss_nbytes(self.qindex) + (self.store.nbytes if self._owns_store else 0)
+
+    @staticmethod
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, m_keys: int = 64, max_queries: int = 32768,
+                       hnsw_M: int = 16, store: GrowableKeys | None = None, **params) -> int:
+        """Each build query's key list with scores and its vector in an HNSW, and the
+        keys unless the store is shared."""
+        nq = min(n_queries, max_queries)
+        own_keys = 0 if store is not None else 4 * n_keys * dim
+        return nq * 8 * m_keys + hnsw_bytes(nq, dim, hnsw_M) + nq * 4 * dim + own_keys
 
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries [Nq, dim] (required: this selector is made of them)."""

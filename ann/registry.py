@@ -57,3 +57,16 @@ def make_index(method: str, dim: int, **params):
             sels.append(_cls(name)(dim, **p, **({"store": store} if shares else {})))
         return UnionIndex(dim, sels, store=store)
     return _cls(method)(dim, **params)
+
+
+def estimate_index_bytes(method: str, n_keys: int, dim: int, n_queries: int = 0, **params) -> int:
+    """Host bytes an index of `method` is expected to hold for n_keys keys of `dim`
+    floats built with n_queries build queries (the memory plan uses this)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown index method {method!r}; known methods: {', '.join(METHODS)}")
+    if method in ("union", "hybrid"):
+        specs = HYBRID_SELECTORS if method == "hybrid" else params.get("selectors", ())
+        shared = GrowableKeys(dim, capacity=1)  # stands for the union's one key store
+        return 4 * n_keys * dim + sum(
+            _cls(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs)
+    return _cls(method).estimate_bytes(n_keys, dim, n_queries, **params)

@@ -38,6 +38,10 @@ class UnionIndex(Selector):
     def __len__(self) -> int:
         return len(self.store)
 
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + sum(s.nbytes for s in self.selectors)
+
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries [Nq, dim] go to every selector."""
         keys = as_vectors(keys, self.dim, "keys")

@@ -238,14 +238,16 @@ def plan_memory(
     wbytes = torch.finfo(weight_dtype).bits // 8
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
     host_tokens = context_len - cfg.resident_tokens
-    n_blocks = math.ceil(host_tokens / cfg.block_size)
+    full_blocks = host_tokens // cfg.block_size
     landmark_vectors = 1 if cfg.landmark == "mean" else 2
     C = min(cfg.prefill_chunk, context_len)
 
     device = {
         "weights": m.n_params() * wbytes,
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
-        "block_index": (L * Hkv * n_blocks * D * landmark_vectors * wbytes) if cfg.mode != "ann" else 0,
+        # a landmark per full block, and the keys of the block still filling
+        "block_index": L * Hkv * D * wbytes * (full_blocks * landmark_vectors + cfg.block_size)
+        if cfg.mode != "ann" else 0,
         # hidden states and MLP activations of one chunk, one block of attention scores (fp32)
         # and one block of host K/V brought over for it
         "workspace": C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes

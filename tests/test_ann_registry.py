@@ -96,3 +96,22 @@ def test_fast_settings_still_find_most(data):
         res = idx.search(tq, 10)
         assert recall(res.ids, truth) >= 0.8, method
         assert res.keys_scored < len(tq) * len(keys), method
+
+
+@pytest.mark.parametrize("method", ["flat", "ivf", "hnsw", "graph", "qq", "hybrid"])
+def test_estimated_bytes_match_what_a_built_index_holds(method):
+    from ann import estimate_index_bytes
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries = rng.standard_normal((2000, 32)).astype(np.float32)
+    index = make_index(method, 32)
+    index.build(keys, queries)
+    assert index.nbytes == pytest.approx(estimate_index_bytes(method, 3000, 32, 2000), rel=0.02)
+
+
+def test_estimate_refuses_an_unknown_method():
+    from ann import estimate_index_bytes
+
+    with pytest.raises(ValueError, match="unknown index method 'lsh'"):
+        estimate_index_bytes("lsh", 10, 4)
