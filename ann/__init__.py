@@ -12,8 +12,14 @@ from ann.registry import METHODS, estimate_index_bytes, make_index
 from ann.selector import search_group
 
 _LAZY = {
-    "BlockIndex": "ann.block", "BlockKeyIndex": "ann.block", "FlatIndex": "ann.flat", "GraphIndex": "ann.graph",
-    "HNSWIndex": "ann.hnsw", "IVFIndex": "ann.ivf", "QQIndex": "ann.qq", "UnionIndex": "ann.union",
+    "BlockIndex": "ann.block",
+    "BlockKeyIndex": "ann.block",
+    "FlatIndex": "ann.flat",
+    "GraphIndex": "ann.graph",
+    "HNSWIndex": "ann.hnsw",
+    "IVFIndex": "ann.ivf",
+    "QQIndex": "ann.qq",
+    "UnionIndex": "ann.union",
 }
 
 
@@ -25,4 +31,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ann' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "GrowableKeys", "KeyIndex", "SearchResult", "estimate_index_bytes", "make_index", "search_group"]  # and the _LAZY classes
+__all__ = [
+    "METHODS",
+    "GrowableKeys",
+    "KeyIndex",
+    "SearchResult",
+    "estimate_index_bytes",
+    "make_index",
+    "search_group",
+]  # and the _LAZY classes

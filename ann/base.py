@@ -132,7 +132,9 @@ def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         part = np.broadcast_to(np.arange(n), scores.shape).copy()
     s = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-s, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1).astype(np.int64), np.take_along_axis(s, order, axis=1).astype(np.float32)
+    return np.take_along_axis(part, order, axis=1).astype(np.int64), np.take_along_axis(s, order, axis=1).astype(
+        np.float32
+    )
 
 
 def rerank(keys: np.ndarray, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -27,8 +27,16 @@ LANDMARKS = ("mean", "minmax")
 class BlockIndex:
     """Landmarks for H KV heads. keys [H, n, D] are appended; token ids are positions in append order."""
 
-    def __init__(self, n_heads: int, dim: int, block_size: int = 16, landmark: str = "mean",
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, capacity: int = 4096):
+    def __init__(
+        self,
+        n_heads: int,
+        dim: int,
+        block_size: int = 16,
+        landmark: str = "mean",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        capacity: int = 4096,
+    ):
         if landmark not in LANDMARKS:
             raise ValueError(f"unknown landmark {landmark!r}; known: {', '.join(LANDMARKS)}")
         if block_size <= 0 or n_heads <= 0 or dim <= 0:
@@ -81,8 +89,14 @@ class BlockIndex:
 
     def _ensure(self, n_blocks: int) -> None:
         if n_blocks > self._lm.shape[2]:
-            grown = torch.empty(self._lm.shape[0], self.n_heads, max(n_blocks, 2 * self._lm.shape[2]), self.dim,
-                                device=self.device, dtype=self.dtype)
+            grown = torch.empty(
+                self._lm.shape[0],
+                self.n_heads,
+                max(n_blocks, 2 * self._lm.shape[2]),
+                self.dim,
+                device=self.device,
+                dtype=self.dtype,
+            )
             grown[:, :, : self._lm.shape[2]] = self._lm
             self._lm = grown
 
@@ -129,8 +143,15 @@ class BlockKeyIndex(Selector):
     result is a top-k. `n_blocks` is the blocks selected per search, or, when
     `frac` is given, that fraction of the full blocks (at least one)."""
 
-    def __init__(self, dim: int, block_size: int = 16, landmark: str = "mean", n_blocks: int = 64,
-                 frac: float | None = None, store=None):
+    def __init__(
+        self,
+        dim: int,
+        block_size: int = 16,
+        landmark: str = "mean",
+        n_blocks: int = 64,
+        frac: float | None = None,
+        store=None,
+    ):
         self.dim, self.n_blocks, self.frac = dim, n_blocks, frac
         self.blocks = BlockIndex(1, dim, block_size=block_size, landmark=landmark)
         self.store = store if store is not None else GrowableKeys(dim)
@@ -144,8 +165,7 @@ class BlockKeyIndex(Selector):
         return self.blocks.nbytes + (self.store.nbytes if self._owns_store else 0)
 
     @staticmethod
-    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, landmark: str = "mean", store=None,
-                       **params) -> int:
+    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, landmark: str = "mean", store=None, **params) -> int:
         own_keys = 0 if store is not None else 4 * n_keys * dim
         return 4 * dim * (n_keys // params.get("block_size", 16)) * (2 if landmark == "minmax" else 1) + own_keys
 

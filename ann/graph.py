@@ -71,15 +71,37 @@ class GraphIndex:
     two threads at once (separate indexes may).
     """
 
-    def __init__(self, dim: int, degree: int = 48, m_build: int = 64, max_queries: int = 32768, window: int = 8,
-                 n_knn: int = 8, n_pos: int = 1, n_centroids: int | None = None, n_probe: int = 16,
-                 entries_per_centroid: int = 4, n_hubs: int = 8,
-                 ef: int = 256, ef_add: int = 48, n_add_links: int = 12, spare: int = 8, seed: int = 0,
-                 store: GrowableKeys | None = None):
+    def __init__(
+        self,
+        dim: int,
+        degree: int = 48,
+        m_build: int = 64,
+        max_queries: int = 32768,
+        window: int = 8,
+        n_knn: int = 8,
+        n_pos: int = 1,
+        n_centroids: int | None = None,
+        n_probe: int = 16,
+        entries_per_centroid: int = 4,
+        n_hubs: int = 8,
+        ef: int = 256,
+        ef_add: int = 48,
+        n_add_links: int = 12,
+        spare: int = 8,
+        seed: int = 0,
+        store: GrowableKeys | None = None,
+    ):
         if degree <= spare or spare <= 0:
             raise ValueError(f"need degree > spare > 0, got degree={degree}, spare={spare}")
-        for name, v in {"m_build": m_build, "max_queries": max_queries, "n_centroids": n_centroids or 1, "n_probe": n_probe,
-                            "entries_per_centroid": entries_per_centroid, "ef": ef, "ef_add": ef_add}.items():
+        for name, v in {
+            "m_build": m_build,
+            "max_queries": max_queries,
+            "n_centroids": n_centroids or 1,
+            "n_probe": n_probe,
+            "entries_per_centroid": entries_per_centroid,
+            "ef": ef,
+            "ef_add": ef_add,
+        }.items():
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
         self.dim, self.degree, self.m_build, self.max_queries = dim, degree, m_build, max_queries
@@ -107,8 +129,15 @@ class GraphIndex:
         return sum(a.nbytes for a in arrays) + (self.store.nbytes if self._owns_store else 0)
 
     @staticmethod
-    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, degree: int = 48, entries_per_centroid: int = 4,
-                       store: GrowableKeys | None = None, **params) -> int:
+    def estimate_bytes(
+        n_keys: int,
+        dim: int,
+        n_queries: int = 0,
+        degree: int = 48,
+        entries_per_centroid: int = 4,
+        store: GrowableKeys | None = None,
+        **params,
+    ) -> int:
         """Links and per-key counters, entry points, and the keys unless the store is shared."""
         n_c = int(np.clip(np.sqrt(n_keys) / 3, 16, 256))
         own_keys = 0 if store is not None else 4 * n_keys * dim
@@ -182,8 +211,20 @@ class GraphIndex:
         if stop > len(self.deg):
             self._grow(stop)
         epoch = self._next_epochs(stop - start)
-        insert_keys(self.store.data, self.adj, self.deg, self.spare_next, self.stamp, epoch, start, stop, self._add_seeds,
-                    self.ef_add, self.n_add_links, self.spare)
+        insert_keys(
+            self.store.data,
+            self.adj,
+            self.deg,
+            self.spare_next,
+            self.stamp,
+            epoch,
+            start,
+            stop,
+            self._add_seeds,
+            self.ef_add,
+            self.n_add_links,
+            self.spare,
+        )
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * len(self.deg))
@@ -218,7 +259,8 @@ class GraphIndex:
         q = as_vectors(q, self.dim, "queries")
         seeds = np.ascontiguousarray(self.seeds_for(q))
         epoch = self._next_epochs(len(q))
-        ids, scores, keys_scored = beam_search(self.store.data, self.adj, self.deg, q, seeds, max(self.ef, k), k,
-                                               self.stamp, epoch)
+        ids, scores, keys_scored = beam_search(
+            self.store.data, self.adj, self.deg, q, seeds, max(self.ef, k), k, self.stamp, epoch
+        )
         aux = len(q) * len(self.centroids)
         return SearchResult(ids, scores, scanned=int(keys_scored) + aux, keys_scored=int(keys_scored))

@@ -22,8 +22,17 @@ class QQIndex(Selector):
     a search merges; max_queries: build queries kept (evenly strided);
     hnsw_M / ef: the query index; n_add: lists each added key may enter."""
 
-    def __init__(self, dim: int, m_keys: int = 64, n_neighbors: int = 32, max_queries: int = 32768,
-                 hnsw_M: int = 16, ef: int = 64, n_add: int = 16, store: GrowableKeys | None = None):
+    def __init__(
+        self,
+        dim: int,
+        m_keys: int = 64,
+        n_neighbors: int = 32,
+        max_queries: int = 32768,
+        hnsw_M: int = 16,
+        ef: int = 64,
+        n_add: int = 16,
+        store: GrowableKeys | None = None,
+    ):
         for name, v in {"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries, "ef": ef}.items():
             if v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -45,8 +54,16 @@ class QQIndex(Selector):
         return arrays + faiss_nbytes(self.qindex) + (self.store.nbytes if self._owns_store else 0)
 
     @staticmethod
-    def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, m_keys: int = 64, max_queries: int = 32768,
-                       hnsw_M: int = 16, store: GrowableKeys | None = None, **params) -> int:
+    def estimate_bytes(
+        n_keys: int,
+        dim: int,
+        n_queries: int = 0,
+        m_keys: int = 64,
+        max_queries: int = 32768,
+        hnsw_M: int = 16,
+        store: GrowableKeys | None = None,
+        **params,
+    ) -> int:
         """Each build query's key list with scores and its vector in an HNSW, and the
         keys unless the store is shared."""
         nq = min(n_queries, max_queries)

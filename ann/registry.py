@@ -10,8 +10,14 @@ METHODS = ("flat", "ivf", "hnsw", "graph", "qq", "block", "union", "hybrid")
 HYBRID_SELECTORS = (("block", {"landmark": "mean", "frac": 0.025}), ("qq", {}))
 
 
-_CLASSES = {"flat": ("ann.flat", "FlatIndex"), "ivf": ("ann.ivf", "IVFIndex"), "hnsw": ("ann.hnsw", "HNSWIndex"),
-            "graph": ("ann.graph", "GraphIndex"), "qq": ("ann.qq", "QQIndex"), "block": ("ann.block", "BlockKeyIndex")}
+_CLASSES = {
+    "flat": ("ann.flat", "FlatIndex"),
+    "ivf": ("ann.ivf", "IVFIndex"),
+    "hnsw": ("ann.hnsw", "HNSWIndex"),
+    "graph": ("ann.graph", "GraphIndex"),
+    "qq": ("ann.qq", "QQIndex"),
+    "block": ("ann.block", "BlockKeyIndex"),
+}
 
 
 def _cls(method: str):
@@ -68,5 +74,6 @@ def estimate_index_bytes(method: str, n_keys: int, dim: int, n_queries: int = 0,
         specs = HYBRID_SELECTORS if method == "hybrid" else params.get("selectors", ())
         shared = GrowableKeys(dim, capacity=1)  # stands for the union's one key store
         return 4 * n_keys * dim + sum(
-            _cls(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs)
+            _cls(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs
+        )
     return _cls(method).estimate_bytes(n_keys, dim, n_queries, **params)

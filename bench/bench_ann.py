@@ -44,12 +44,27 @@ def sweeps(n: int, quick: bool) -> list[tuple[str, dict, str, list]]:
     nlist = int(min(1024, max(16, 1.5 * np.sqrt(n))))
     cases = [
         ("ivf", {"nlist": nlist}, "nprobe", [1, 2, 4, 8, 16] if quick else [1, 2, 4, 6, 8, 12, 16, 24, 32]),
-        ("hnsw", {"M": 32, "ef_construction": 128}, "ef", [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800]),
+        (
+            "hnsw",
+            {"M": 32, "ef_construction": 128},
+            "ef",
+            [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800],
+        ),
         ("graph", {}, "ef", [100, 160, 256] if quick else [100, 128, 160, 200, 224, 256, 320, 400]),
         ("qq", {}, "n_neighbors", [8, 16, 32] if quick else [4, 8, 16, 24, 32, 48, 64]),
-        ("block", {"landmark": "mean"}, "frac", [0.01, 0.025, 0.05] if quick else [0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075]),
+        (
+            "block",
+            {"landmark": "mean"},
+            "frac",
+            [0.01, 0.025, 0.05] if quick else [0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075],
+        ),
         ("block", {"landmark": "minmax"}, "frac", [0.025, 0.05] if quick else [0.01, 0.025, 0.05, 0.075]),
-        ("hybrid", {"qq": {"n_neighbors": 16}}, "block.frac", [0.01, 0.025] if quick else [0.005, 0.01, 0.015, 0.02, 0.025]),
+        (
+            "hybrid",
+            {"qq": {"n_neighbors": 16}},
+            "block.frac",
+            [0.01, 0.025] if quick else [0.005, 0.01, 0.015, 0.02, 0.025],
+        ),
     ]
     if not quick:
         cases += [
@@ -96,11 +111,20 @@ def run_case(label, params, attr, values, keys, bq, dq, truth, k, meta):
         name = label + ("-" + params["landmark"] if "landmark" in params else "")
         name += "-qq" + str(params["qq"]["n_neighbors"]) if "qq" in params else ""
         name += "-" + "+".join(s for s, _ in params["selectors"]) if "selectors" in params else ""
-        rows.append(dict(meta, index=name,
-                         k=k, recall=float(np.mean(rec)), recall_min_head=float(np.min(np.mean(np.reshape(rec, (len(dq), -1)), 0))),
-                         scanned_frac=scanned / (n_q * len(keys)), keys_frac=keys_scored / (n_q * len(keys)),
-                         build_s=build_s, search_ms=1e3 * float(np.median(times)),
-                         params={**{a: b for a, b in params.items()}, attr: v}))
+        rows.append(
+            dict(
+                meta,
+                index=name,
+                k=k,
+                recall=float(np.mean(rec)),
+                recall_min_head=float(np.min(np.mean(np.reshape(rec, (len(dq), -1)), 0))),
+                scanned_frac=scanned / (n_q * len(keys)),
+                keys_frac=keys_scored / (n_q * len(keys)),
+                build_s=build_s,
+                search_ms=1e3 * float(np.median(times)),
+                params={**{a: b for a, b in params.items()}, attr: v},
+            )
+        )
     return rows
 
 
@@ -134,25 +158,42 @@ def summarize(rows: list[dict]) -> list[str]:
             by.setdefault((r["index"], json.dumps(r["params"], sort_keys=True)), []).append(r)
     curves = {}
     for (name, p), rs in by.items():
-        curves.setdefault(name, []).append((np.mean([r["scanned_frac"] for r in rs]), np.mean([r["keys_frac"] for r in rs]),
-                                            np.mean([r["recall"] for r in rs]), min(r["recall"] for r in rs), p,
-                                            np.mean([r["build_s"] for r in rs]), np.mean([r["search_ms"] for r in rs])))
+        curves.setdefault(name, []).append(
+            (
+                np.mean([r["scanned_frac"] for r in rs]),
+                np.mean([r["keys_frac"] for r in rs]),
+                np.mean([r["recall"] for r in rs]),
+                min(r["recall"] for r in rs),
+                p,
+                np.mean([r["build_s"] for r in rs]),
+                np.mean([r["search_ms"] for r in rs]),
+            )
+        )
     n = max(r["n_keys"] for r in rows)
-    out.append(f"N = {n}, k = {rows[0]['k']}, means over {len({(r['layer'], r['kv_head']) for r in rows})} (layer, KV head); "
-               "scanned = every vector scored per query head / N (keys, centroids, landmarks, build queries); "
-               "keys = keys alone; min = worst (layer, head)")
-    out.append(f"{'index':22s} {'scanned':>8s} {'keys':>7s} {'recall':>7s} {'min':>6s} {'build_s':>8s} {'search_ms':>9s}  params")
+    out.append(
+        f"N = {n}, k = {rows[0]['k']}, means over {len({(r['layer'], r['kv_head']) for r in rows})} (layer, KV head); "
+        "scanned = every vector scored per query head / N (keys, centroids, landmarks, build queries); "
+        "keys = keys alone; min = worst (layer, head)"
+    )
+    out.append(
+        f"{'index':22s} {'scanned':>8s} {'keys':>7s} {'recall':>7s} {'min':>6s} "
+        f"{'build_s':>8s} {'search_ms':>9s}  params"
+    )
     for name, pts in curves.items():
         for sf, kf, rc, mn, p, b, ms in sorted(pts):
             out.append(f"{name:22s} {sf:8.4f} {kf:7.4f} {rc:7.4f} {mn:6.3f} {b:8.2f} {ms:9.2f}  {p}")
     out.append("")
-    out.append(f"{'index':22s} {'recall, scanned<=4%':>26s} {'recall, scanned<=5%':>26s} {'recall, keys<=4%':>26s}  "
-               "scanned for 0.95 / keys for 0.95")
+    out.append(
+        f"{'index':22s} {'recall, scanned<=4%':>26s} {'recall, scanned<=5%':>26s} {'recall, keys<=4%':>26s}  "
+        "scanned for 0.95 / keys for 0.95"
+    )
     for name, pts in curves.items():
         if name == "flat":
             continue
-        out.append(f"{name:22s} {at_budget(pts, 0.04):>26s} {at_budget(pts, 0.05):>26s} {at_budget(pts, 0.04, 1):>26s}  "
-                   f"{to_reach(pts, 0.95)} / {to_reach(pts, 0.95, 1)}")
+        out.append(
+            f"{name:22s} {at_budget(pts, 0.04):>26s} {at_budget(pts, 0.05):>26s} {at_budget(pts, 0.04, 1):>26s}  "
+            f"{to_reach(pts, 0.95)} / {to_reach(pts, 0.95, 1)}"
+        )
     return out
 
 
@@ -197,7 +238,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the rows and summary here")
     ap.add_argument("--plot", type=Path, help="recall vs scanned plot (PNG)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--capture", type=Path, help="a .npz from bench/capture_qk.py (default: cached by model/tokens/layers)")
+    ap.add_argument(
+        "--capture", type=Path, help="a .npz from bench/capture_qk.py (default: cached by model/tokens/layers)"
+    )
     ap.add_argument("--n-keys", type=int, nargs="+")
     ap.add_argument("--indexes", nargs="+", help="only these index labels")
     ap.add_argument("--k", type=int, default=100)
@@ -227,18 +270,22 @@ def main() -> None:
         capture = full_path  # causal prefill: the full capture's prefix is the quick one
     data, path = load_or_capture(args.model, cfg["tokens"], cfg["layers"], out=capture)
     if args.quick:
-        data = {k: v for k, v in data.items() if not k[:2] in ("q_", "k_") or int(k[2:]) in cfg["layers"]}
+        data = {k: v for k, v in data.items() if k[:2] not in ("q_", "k_") or int(k[2:]) in cfg["layers"]}
         data["layers"] = np.array([x for x in data["layers"] if x in cfg["layers"]])
     layers = [int(x) for x in data["layers"]]
-    print(f"capture {path.name}: {int(data['n_tokens'])} tokens, layers {layers}; threads {args.threads}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(
+        f"capture {path.name}: {int(data['n_tokens'])} tokens, layers {layers}; threads {args.threads}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    )
     rows = []
     for n in args.n_keys or cfg["n_keys"]:
         for layer in layers:
             q, kk = data[f"q_{layer}"], data[f"k_{layer}"]  # [Hq, T, D], [Hkv, T, D] float16
             hkv, g = kk.shape[0], q.shape[0] // kk.shape[0]
             if n + cfg["decode"] > kk.shape[1]:
-                raise ValueError(f"N = {n} plus {cfg['decode']} decode positions exceeds the capture's {kk.shape[1]} tokens")
+                raise ValueError(
+                    f"N = {n} plus {cfg['decode']} decode positions exceeds the capture's {kk.shape[1]} tokens"
+                )
             for h in range(hkv):
                 keys = kk[h, :n].astype(np.float32)  # [N, D]
                 grp = q[h * g : (h + 1) * g].astype(np.float32)  # [G, T, D]
@@ -252,8 +299,11 @@ def main() -> None:
                         continue
                     rs = run_case(label, params, attr, values, keys, bq, dq, truth, args.k, meta)
                     rows += rs
-                    print(f"N={n} L{layer} h{h} {rs[0]['index']:12s} build {rs[0]['build_s']:6.2f}s  "
-                          + "  ".join(f"{r['recall']:.3f}@{100 * r['scanned_frac']:.2f}%" for r in rs), flush=True)
+                    print(
+                        f"N={n} L{layer} h{h} {rs[0]['index']:12s} build {rs[0]['build_s']:6.2f}s  "
+                        + "  ".join(f"{r['recall']:.3f}@{100 * r['scanned_frac']:.2f}%" for r in rs),
+                        flush=True,
+                    )
     n_max = max(r["n_keys"] for r in rows)
     if "tokens_at" in data:  # per-layer prefill time of the first n_max tokens
         prefill_n = float(np.interp(n_max, data["tokens_at"], data["layer_s_at"]))
@@ -261,18 +311,32 @@ def main() -> None:
         prefill_n = float("nan")
     prefill = float(data["prefill_s_per_layer"])
     lines = summarize(rows)
-    graph_build = [r["build_s"] for r in rows if r["index"] == "graph" and r["n_keys"] == max(x["n_keys"] for x in rows)]
+    graph_build = [
+        r["build_s"] for r in rows if r["index"] == "graph" and r["n_keys"] == max(x["n_keys"] for x in rows)
+    ]
     if graph_build:
-        lines.append(f"graph build per (layer, KV head) at N = {n_max}: {np.mean(graph_build):.2f} s "
-                     f"(max {np.max(graph_build):.2f}); model prefill per layer: {prefill_n:.2f} s for the first {n_max} "
-                     f"tokens, {prefill:.2f} s for all {int(data['n_tokens'])}")
+        lines.append(
+            f"graph build per (layer, KV head) at N = {n_max}: {np.mean(graph_build):.2f} s "
+            f"(max {np.max(graph_build):.2f}); model prefill per layer: {prefill_n:.2f} s for the first {n_max} "
+            f"tokens, {prefill:.2f} s for all {int(data['n_tokens'])}"
+        )
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"capture": path.name, "n_tokens": int(data["n_tokens"]),
-                                         "prefill_s_per_layer": prefill, "prefill_s_per_layer_at_n": prefill_n,
-                                         "threads": args.threads,
-                                         "rows": rows, "summary": lines}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "capture": path.name,
+                    "n_tokens": int(data["n_tokens"]),
+                    "prefill_s_per_layer": prefill,
+                    "prefill_s_per_layer_at_n": prefill_n,
+                    "threads": args.threads,
+                    "rows": rows,
+                    "summary": lines,
+                },
+                indent=1,
+            )
+        )
     if args.plot:
         plot(rows, args.plot)
 

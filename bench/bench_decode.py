@@ -81,8 +81,12 @@ def make_model(name: str, layers: int):
         model, tok = load_model(name, attn_implementation=TIMED)
         return model, tok
     shape = MODEL_PRESETS["llama-3-8b"]
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=262144,
-                         rope_theta=500000.0, attn_implementation=TIMED)
+    config = LlamaConfig(
+        **{**shape, "num_hidden_layers": layers},
+        max_position_embeddings=262144,
+        rope_theta=500000.0,
+        attn_implementation=TIMED,
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -115,8 +119,9 @@ def synthetic_layer(stats, n: int, n_queries: int, dtype, gen):
     (km, ks), (vm, vs), (qm, qs) = stats
 
     def draw(mean, std, count):
-        return (mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(mean.shape[0], count, mean.shape[1],
-                                                                    generator=gen)).to(dtype)
+        return (
+            mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(mean.shape[0], count, mean.shape[1], generator=gen)
+        ).to(dtype)
 
     return draw(km, ks, n), draw(vm, vs, n), draw(qm, qs, n_queries)
 
@@ -234,10 +239,18 @@ def run(args) -> list[dict]:
                 prefill_s = None
                 if context <= args.prefill_max:
                     prefill_s = round(time_prefill(model, kind, context, cfg, args.chunk), 3)
-                row = {**base, "decode_ms_per_token": round(ms_token, 3), "attn_ms_per_layer": round(ms_layer, 4),
-                       "prefill_s": prefill_s, "index_build_s": round(build_s, 3) if kind == "hybrid" else None,
-                       "device_bytes": dev + weights, "host_bytes": host, "kv_read_frac": round(read, 5),
-                       "n_layers": model.config.num_hidden_layers, "steps": steps}
+                row = {
+                    **base,
+                    "decode_ms_per_token": round(ms_token, 3),
+                    "attn_ms_per_layer": round(ms_layer, 4),
+                    "prefill_s": prefill_s,
+                    "index_build_s": round(build_s, 3) if kind == "hybrid" else None,
+                    "device_bytes": dev + weights,
+                    "host_bytes": host,
+                    "kv_read_frac": round(read, 5),
+                    "n_layers": model.config.num_hidden_layers,
+                    "steps": steps,
+                }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         del model
@@ -254,13 +267,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         for method in sorted({r["method"] for r in rows if r["model"] == model}):
-            pts = sorted((r["context"], r["attn_ms_per_layer"]) for r in rows
-                         if r["model"] == model and r["method"] == method and "error" not in r)
+            pts = sorted(
+                (r["context"], r["attn_ms_per_layer"])
+                for r in rows
+                if r["model"] == model and r["method"] == method and "error" not in r
+            )
             if not pts:
                 continue
             ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="update + attention ms per layer",
-               title=model)
+        ax.set(
+            xscale="log", yscale="log", xlabel="context (tokens)", ylabel="update + attention ms per layer", title=model
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -273,8 +290,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="short contexts, few steps")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
-    p.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-3-8b-shape"],
-                   choices=["smollm2-135m", "llama-3-8b-shape"])
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["smollm2-135m", "llama-3-8b-shape"],
+        choices=["smollm2-135m", "llama-3-8b-shape"],
+    )
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
     p.add_argument("--steps", type=int, default=9, help="timed decode steps (after 2 warm-up steps)")
@@ -288,8 +309,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)
-    result = {"config": {"threads": args.threads, "contexts": args.contexts, "layers_8b_shape": args.layers,
-                         "seconds": round(time.perf_counter() - started, 1)}, "cases": rows}
+    result = {
+        "config": {
+            "threads": args.threads,
+            "contexts": args.contexts,
+            "layers_8b_shape": args.layers,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "cases": rows,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

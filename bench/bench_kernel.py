@@ -100,7 +100,10 @@ def main(argv=None):
         "kernel_threads": ops._C.max_threads() if ops.HAS_EXT else None,
         "has_ext": ops.HAS_EXT,
         "machine": platform.processor() or platform.machine(),
-        "Hkv": Hkv, "G": G, "D": D, "n_tokens": N,
+        "Hkv": Hkv,
+        "G": G,
+        "D": D,
+        "n_tokens": N,
         "read_gbps": round(read_gbps, 3),
     }
     print(json.dumps(header), flush=True)

@@ -33,7 +33,10 @@ ATTN_NAME = "capture_qk"
 
 
 def default_out_dir() -> Path:
-    base = os.environ.get("HYBRIDATTN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridattn"
+    base = (
+        os.environ.get("HYBRIDATTN_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridattn"
+    )
     return Path(base) / "captures"
 
 
@@ -111,7 +114,11 @@ def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512,
     hooks = []
     for i, layer in enumerate(base.layers):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, time.perf_counter())))
-        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: layer_s.__setitem__(i, layer_s[i] + time.perf_counter() - starts[i])))
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: layer_s.__setitem__(i, layer_s[i] + time.perf_counter() - starts[i])
+            )
+        )
     try:
         cache = DynamicCache(config=model.config)
         n = input_ids.shape[1]
@@ -130,9 +137,15 @@ def capture(model, input_ids: torch.Tensor, layers: list[int], chunk: int = 512,
             h.remove()
         base.layers = all_layers
         model.set_attn_implementation(old_impl)
-    out = {"layers": np.array(layers), "n_tokens": np.array(n), "prefill_s": np.array(total_s),
-           "prefill_s_per_layer": np.array(float(np.mean(layer_s))), "threads": np.array(torch.get_num_threads()),
-           "tokens_at": np.array(tokens_at), "layer_s_at": np.array(layer_s_at)}
+    out = {
+        "layers": np.array(layers),
+        "n_tokens": np.array(n),
+        "prefill_s": np.array(total_s),
+        "prefill_s_per_layer": np.array(float(np.mean(layer_s))),
+        "threads": np.array(torch.get_num_threads()),
+        "tokens_at": np.array(tokens_at),
+        "layer_s_at": np.array(layer_s_at),
+    }
     for layer in layers:
         out[f"q_{layer}"], out[f"k_{layer}"] = recorder.arrays(layer)
     return out
@@ -143,8 +156,15 @@ def capture_path(model_name: str, n_tokens: int, layers: list[int], out_dir: Pat
     return (out_dir or default_out_dir()) / tag
 
 
-def load_or_capture(model_name: str, n_tokens: int, layers: list[int], *, out: Path | None = None,
-                    chunk: int = 512, progress: bool = True) -> tuple[dict, Path]:
+def load_or_capture(
+    model_name: str,
+    n_tokens: int,
+    layers: list[int],
+    *,
+    out: Path | None = None,
+    chunk: int = 512,
+    progress: bool = True,
+) -> tuple[dict, Path]:
     """Return a cached capture (loading the model and capturing only when missing) and its path."""
     path = out or capture_path(model_name, n_tokens, layers)
     if path.exists():
@@ -175,9 +195,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     data, path = load_or_capture(args.model, args.tokens, args.layers, out=args.out, chunk=args.chunk)
-    print(f"{path}: {int(data['n_tokens'])} tokens, layers {data['layers'].tolist()}, "
-          f"prefill {float(data['prefill_s']):.1f} s, {float(data['prefill_s_per_layer']):.2f} s per layer "
-          f"({int(data['threads'])} threads)")
+    print(
+        f"{path}: {int(data['n_tokens'])} tokens, layers {data['layers'].tolist()}, "
+        f"prefill {float(data['prefill_s']):.1f} s, {float(data['prefill_s_per_layer']):.2f} s per layer "
+        f"({int(data['threads'])} threads)"
+    )
 
 
 if __name__ == "__main__":

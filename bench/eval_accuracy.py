@@ -105,8 +105,11 @@ def evaluate(model, tok, sample, max_new, chunk, probe: AttentionError) -> dict[
         probe.errors.clear()
         read = []
         tokens = greedy(model, cache, logits, max_new, eos, read)
-        results[name] = {"tokens": tokens, "kv_read_frac": statistics.mean(read) if read else 0.0,
-                         "attn_rel_err": statistics.mean(probe.errors) if probe.errors else 0.0}
+        results[name] = {
+            "tokens": tokens,
+            "kv_read_frac": statistics.mean(read) if read else 0.0,
+            "attn_rel_err": statistics.mean(probe.errors) if probe.errors else 0.0,
+        }
     model.set_attn_implementation("hybrid")
     for r in results.values():
         r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)
@@ -152,10 +155,17 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     bar.close()
-    result = {"config": {"model": args.model, "threads": args.threads, "n": args.n, "contexts": args.contexts,
-                         "engine_configs": {k: v.__dict__ for k, v in CONFIGS.items()},
-                         "seconds": round(time.perf_counter() - started, 1)},
-              "rows": rows}
+    result = {
+        "config": {
+            "model": args.model,
+            "threads": args.threads,
+            "n": args.n,
+            "contexts": args.contexts,
+            "engine_configs": {k: v.__dict__ for k, v in CONFIGS.items()},
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "rows": rows,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

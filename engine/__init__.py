@@ -3,8 +3,8 @@
 Importing the package registers the "hybrid" attention implementation with transformers.
 """
 
-from engine.config import OffloadConfig, PRESETS, plan_memory
 from engine import attention as _attention  # noqa: F401  (registers "hybrid")
 from engine.cache import HybridCache
+from engine.config import PRESETS, OffloadConfig, plan_memory
 
 __all__ = ["HybridCache", "OffloadConfig", "PRESETS", "plan_memory"]

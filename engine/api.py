@@ -38,7 +38,8 @@ class GenerationReport:
         host = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.host_bytes.items())
         return (
             f"prompt {self.prompt_tokens} tokens: prefill {self.prefill_s:.2f} s "
-            f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), host index build {self.index_build_s:.2f} s\n"
+            f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), "
+            f"host index build {self.index_build_s:.2f} s\n"
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV read per step {100 * self.kv_read_frac:.2f}%, keys scored {100 * self.keys_scored_frac:.2f}%\n"
             f"device MiB: {dev}\nhost MiB: {host}"
@@ -86,8 +87,9 @@ class HybridLLM:
         offload = offload or OffloadConfig()
         device = offload.resolved_device()
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, attn_implementation="hybrid",
-                                      trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(
+            name_or_path, dtype=dtype, device=device, attn_implementation="hybrid", trust_remote_code=trust_remote_code
+        )
         return cls(model, tokenizer, offload)
 
     # ------------------------------------------------------------- prompts
@@ -99,8 +101,9 @@ class HybridLLM:
             return prompt.view(1, -1).to(self.device)
         if isinstance(prompt, list):
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
-                                                         return_dict=True)["input_ids"]
+                ids = self.tokenizer.apply_chat_template(
+                    prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )["input_ids"]
                 return ids.to(self.device)
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
         if not isinstance(prompt, str):
@@ -117,8 +120,9 @@ class HybridLLM:
             tokens.append(token)
         return GenerationResult(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, report)
 
-    def stream(self, prompt, max_new_tokens: int = 64, *, report: GenerationReport | None = None,
-               **kwargs) -> Iterator[str]:
+    def stream(
+        self, prompt, max_new_tokens: int = 64, *, report: GenerationReport | None = None, **kwargs
+    ) -> Iterator[str]:
         """Yield the generated text piece by piece; `report`, if given, is filled in at the end."""
         tokens: list[int] = []
         shown = ""
@@ -127,7 +131,7 @@ class HybridLLM:
             tokens.append(token)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
 
     @torch.inference_mode()
@@ -138,8 +142,14 @@ class HybridLLM:
 
         ids = self.encode(prompt)
         # with a DynamicCache, the "hybrid" attention function is plain sdpa
-        out = self.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, cache=DynamicCache(),
-                                  attention_mask=torch.ones_like(ids), pad_token_id=self.tokenizer.eos_token_id)
+        out = self.model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            cache=DynamicCache(),
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     @torch.inference_mode()

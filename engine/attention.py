@@ -32,8 +32,9 @@ NAME = "hybrid"
 def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None)."""
     if not isinstance(key, HybridLayer):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     layer: HybridLayer = key
     _, Hq, Q, D = query.shape
     scale = scaling if scaling is not None else D**-0.5
@@ -75,8 +76,9 @@ def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tens
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
     ids = select_host_ids(layer, q[:, :, 0], q_host.numpy())
     out, lse_c = _host_buffers(layer, Hkv * G, D)
-    ops.gather_attend(q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse_c,
-                      n_threads=layer.cfg.host_threads)
+    ops.gather_attend(
+        q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse_c, n_threads=layer.cfg.host_threads
+    )
     o_c = out.view(Hkv, G, 1, D).to(q.device, non_blocking=True)
     lse_c = lse_c.view(Hkv, G, 1).to(q.device, non_blocking=True)
     return merge_states(o, lse, o_c, lse_c)[0]

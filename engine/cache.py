@@ -23,10 +23,16 @@ from engine.config import ModelShape, OffloadConfig
 from engine.models import check_supported
 from engine.store import HostKV, QuerySample
 
-
 # transformers' own attention implementations, which expect K/V tensors from the cache
-BUILTIN_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
-                     "flash_attention_4", "paged|eager")
+BUILTIN_ATTENTION = (
+    "eager",
+    "sdpa",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "paged|eager",
+)
 
 
 class StepStats:
@@ -64,8 +70,10 @@ class HybridLayer(CacheLayerMixin):
         if B != 1:
             raise ValueError(f"HybridCache supports batch size 1 only, got batch size {B}")
         if (Hkv, D) != (self.n_kv_heads, self.head_dim):
-            raise ValueError(f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
-                             f"got {Hkv} of dim {D}")
+            raise ValueError(
+                f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
+                f"got {Hkv} of dim {D}"
+            )
         cfg = self.cfg
         self.device, self.dtype = key_states.device, key_states.dtype
         R = cfg.resident_tokens
@@ -77,8 +85,15 @@ class HybridLayer(CacheLayerMixin):
         self.host = HostKV(Hkv, D, host_dtype, pin=self.device.type == "cuda", capacity=host_capacity)
         self.blocks = None
         if cfg.mode != "ann":
-            self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, device=self.device, dtype=self.dtype,
-                                     capacity=max(cfg.block_size, host_capacity))
+            self.blocks = BlockIndex(
+                Hkv,
+                D,
+                cfg.block_size,
+                cfg.landmark,
+                device=self.device,
+                dtype=self.dtype,
+                capacity=max(cfg.block_size, host_capacity),
+            )
         self.key_index = None  # one host index per KV head, built after prefill
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)
         self.is_initialized = True
@@ -108,8 +123,10 @@ class HybridLayer(CacheLayerMixin):
         if e1 > e0:
             ring = self._ring_segments(e0, min(e1, p0))
             lo, hi = max(e0, p0) - a, max(e1, p0) - a  # chunk offsets that go straight to the host
-            self._evict(torch.cat([self.resident_k[:, s0:s1] for s0, s1, _ in ring] + [k[:, lo:hi]], dim=1),
-                        torch.cat([self.resident_v[:, s0:s1] for s0, s1, _ in ring] + [v[:, lo:hi]], dim=1))
+            self._evict(
+                torch.cat([self.resident_k[:, s0:s1] for s0, s1, _ in ring] + [k[:, lo:hi]], dim=1),
+                torch.cat([self.resident_v[:, s0:s1] for s0, s1, _ in ring] + [v[:, lo:hi]], dim=1),
+            )
 
         for s0, s1, pos in self._ring_segments(max(p0, p1 - W), p1):  # the chunk positions that stay
             self.resident_k[:, s0:s1] = k[:, pos - a : pos - a + s1 - s0]
@@ -163,7 +180,9 @@ class HybridLayer(CacheLayerMixin):
         (a full copy: for evaluation against full attention, not for decoding)."""
         where = self.positions()
         resident = np.concatenate([where["sinks"], where["window"]])
-        slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident):]).to(self.device)  # filled slots by position
+        slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident) :]).to(
+            self.device
+        )  # filled slots by position
         host_k, host_v = (t.to(self.device, self.dtype) for t in (self.host.keys, self.host.values))
         n_sink = len(where["sinks"])
         k = torch.cat([self.resident_k[:, slots[:n_sink]], host_k, self.resident_k[:, slots[n_sink:]]], dim=1)
@@ -173,10 +192,11 @@ class HybridLayer(CacheLayerMixin):
     def nbytes(self) -> dict[str, dict[str, int]]:
         if not self.is_initialized:
             return {"device": {}, "host": {}}
-        device = {"resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
-                  "block_index": getattr(self.blocks, "nbytes", 0)}
-        host = {"kv_store": self.host.nbytes,
-                "key_index": sum(getattr(i, "nbytes", 0) for i in self.key_index or ())}
+        device = {
+            "resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
+            "block_index": getattr(self.blocks, "nbytes", 0),
+        }
+        host = {"kv_store": self.host.nbytes, "key_index": sum(getattr(i, "nbytes", 0) for i in self.key_index or ())}
         return {"device": device, "host": host}
 
     # ------------------------------------------------- transformers' Cache API
@@ -216,8 +236,9 @@ class HybridCache(Cache):
     Use it with `model.generate(..., past_key_values=HybridCache(model, cfg))`.
     """
 
-    def __init__(self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0,
-                 progress: bool = True):
+    def __init__(
+        self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0, progress: bool = True
+    ):
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         check_supported(config)
@@ -232,8 +253,10 @@ class HybridCache(Cache):
         from engine.retrieval import BuildProgress
 
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
-        layers = [HybridLayer(self.offload_config, i, shape, capacity=max_length, progress=self.build_progress)
-                  for i in range(shape.num_hidden_layers)]
+        layers = [
+            HybridLayer(self.offload_config, i, shape, capacity=max_length, progress=self.build_progress)
+            for i in range(shape.num_hidden_layers)
+        ]
         super().__init__(layers=layers)
 
     def build_indexes(self) -> None:
@@ -261,6 +284,11 @@ class HybridCache(Cache):
         gathered = sum(layer.stats.gathered for layer in layers)
         scanned = sum(layer.stats.scanned for layer in layers)
         keys = sum(layer.stats.keys_scored for layer in layers)
-        return {"host_tokens": host, "gathered": gathered, "scanned": scanned, "keys_scored": keys,
-                "kv_read_frac": gathered / host if host else 0.0,
-                "keys_scored_frac": keys / host if host else 0.0}
+        return {
+            "host_tokens": host,
+            "gathered": gathered,
+            "scanned": scanned,
+            "keys_scored": keys,
+            "kv_read_frac": gathered / host if host else 0.0,
+            "keys_scored_frac": keys / host if host else 0.0,
+        }

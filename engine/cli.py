@@ -35,8 +35,19 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
 def _offload_config(args):
     from engine.config import OffloadConfig
 
-    fields = ("n_sink", "window", "block_size", "n_blocks", "block_frac", "top_k", "method", "mode", "landmark", "host_dtype",
-              "device")
+    fields = (
+        "n_sink",
+        "window",
+        "block_size",
+        "n_blocks",
+        "block_frac",
+        "top_k",
+        "method",
+        "mode",
+        "landmark",
+        "host_dtype",
+        "device",
+    )
     return OffloadConfig.preset(args.preset, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 
 
@@ -72,8 +83,11 @@ def _demo(llm, args) -> int:
     from engine.tasks import make_sample, score
 
     sample = make_sample("passkey", DEMO_TOKENS, llm.tokenizer, seed=args.seed, depth=0.4)
-    print(f"demo: a pass key hidden at depth {sample.depth:.0%} of a {sample.n_tokens}-token prompt; "
-          f"expected answer {sample.answers[0]}", flush=True)
+    print(
+        f"demo: a pass key hidden at depth {sample.depth:.0%} of a {sample.n_tokens}-token prompt; "
+        f"expected answer {sample.answers[0]}",
+        flush=True,
+    )
     full = llm.generate_full_attention(sample.prompt, args.max_new_tokens)
     print(f"full attention : {full.strip()!r} -> {'correct' if score(sample, full) == 1 else 'wrong'}", flush=True)
     result = llm.generate(sample.prompt, args.max_new_tokens)

@@ -121,17 +121,57 @@ PRESETS: dict[str, OffloadConfig] = {
 
 # Shapes of well-known models, so that a plan needs no download.
 MODEL_PRESETS: dict[str, dict] = {
-    "llama-3-8b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       hidden_size=4096, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "llama-3.1-8b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         hidden_size=4096, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "qwen2.5-7b": dict(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-                       hidden_size=3584, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
-                       attention_bias=True),
-    "mistral-7b": dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       hidden_size=4096, intermediate_size=14336, vocab_size=32768, tie_word_embeddings=False),
-    "smollm2-135m": dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         hidden_size=576, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3-8b": dict(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.1-8b": dict(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-7b": dict(
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+        hidden_size=3584,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    ),
+    "mistral-7b": dict(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_size=4096,
+        intermediate_size=14336,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -169,7 +209,13 @@ class ModelShape:
         )
 
     def n_params(self) -> int:
-        H, D, Hq, Hkv, I = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
+        H, D, Hq, Hkv, I = (
+            self.hidden_size,
+            self.head_dim,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.intermediate_size,
+        )
         attn = H * (Hq + 2 * Hkv) * D + Hq * D * H + ((Hq + 2 * Hkv) * D if self.attention_bias else 0)
         per_layer = attn + 3 * H * I + 2 * H
         embed = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
@@ -247,7 +293,8 @@ def plan_memory(
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
         # a landmark per full block, and the keys of the block still filling
         "block_index": L * Hkv * D * wbytes * (full_blocks * landmark_vectors + cfg.block_size)
-        if cfg.mode != "ann" else 0,
+        if cfg.mode != "ann"
+        else 0,
         # hidden states and MLP activations of one chunk, one block of attention scores (fp32)
         # and one block of host K/V brought over for it
         "workspace": C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes

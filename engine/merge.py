@@ -32,7 +32,12 @@ _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
     block: int = PREFILL_KEY_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention that also returns the log-sum-exp.

@@ -59,7 +59,15 @@ def _check_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 def gather_attend(
-    q, k_store, v_store, ids, scale: float | None = None, *, out=None, lse=None, n_threads: int = 0,
+    q,
+    k_store,
+    v_store,
+    ids,
+    scale: float | None = None,
+    *,
+    out=None,
+    lse=None,
+    n_threads: int = 0,
     scalar: bool = False,
 ):
     """Attend each query head to the host-store rows listed for its KV head.
@@ -105,8 +113,16 @@ def gather_attend(
     lse = torch.empty(q.shape[0], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
     if HAS_EXT:
         _C.gather_attend(
-            _buffer(q), _buffer(k), _buffer(v), _buffer(ids), _buffer(out), _buffer(lse),
-            STORE_DTYPES[k.dtype], scale, n_threads, scalar,
+            _buffer(q),
+            _buffer(k),
+            _buffer(v),
+            _buffer(ids),
+            _buffer(out),
+            _buffer(lse),
+            STORE_DTYPES[k.dtype],
+            scale,
+            n_threads,
+            scalar,
         )
     else:
         o, l = gather_attend_torch(q, k, v, ids, scale)

@@ -23,8 +23,9 @@ class BuildProgress:
 
     def done(self, seconds: float) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.n_layers, desc="building host key index", unit="layer", leave=False,
-                            disable=not self.enabled)
+            self.bar = tqdm(
+                total=self.n_layers, desc="building host key index", unit="layer", leave=False, disable=not self.enabled
+            )
         self.seconds += seconds
         self.bar.update(1)
         if self.bar.n >= self.n_layers:

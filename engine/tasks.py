@@ -17,8 +17,26 @@ TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_WORDS = (
-    "apple", "river", "lantern", "falcon", "meadow", "copper", "violin", "glacier", "harbor", "orchid",
-    "pepper", "canyon", "marble", "thunder", "willow", "saffron", "beacon", "quartz", "tundra", "ember",
+    "apple",
+    "river",
+    "lantern",
+    "falcon",
+    "meadow",
+    "copper",
+    "violin",
+    "glacier",
+    "harbor",
+    "orchid",
+    "pepper",
+    "canyon",
+    "marble",
+    "thunder",
+    "willow",
+    "saffron",
+    "beacon",
+    "quartz",
+    "tundra",
+    "ember",
 )
 
 
@@ -71,14 +89,18 @@ def _number(rng: random.Random, digits: int) -> str:
 
 def _passkey(rng):
     key = _number(rng, 5)
-    intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-             "I will quiz you about the important information there.\n\n")
+    intro = (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        "I will quiz you about the important information there.\n\n"
+    )
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     return intro, [needle], "\n\nWhat is the pass key? The pass key is", [key]
 
 
-_NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-               "I will quiz you about the numbers afterwards.\n\n")
+_NIAH_INTRO = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the numbers afterwards.\n\n"
+)
 
 
 def _needle(word: str, value: str) -> str:
@@ -87,10 +109,14 @@ def _needle(word: str, value: str) -> str:
 
 def _question(word: str, plural: bool = False) -> str:
     if plural:
-        return (f"\n\nWhat are all the special magic numbers for {word} mentioned in the provided text? "
-                f"The special magic numbers for {word} mentioned in the provided text are")
-    return (f"\n\nWhat is the special magic number for {word} mentioned in the provided text? "
-            f"The special magic number for {word} mentioned in the provided text is")
+        return (
+            f"\n\nWhat are all the special magic numbers for {word} mentioned in the provided text? "
+            f"The special magic numbers for {word} mentioned in the provided text are"
+        )
+    return (
+        f"\n\nWhat is the special magic number for {word} mentioned in the provided text? "
+        f"The special magic number for {word} mentioned in the provided text is"
+    )
 
 
 def _niah_single(rng):
@@ -115,10 +141,12 @@ def _variable_tracking(rng):
     value = _number(rng, 5)
     names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
     needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-    intro = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
-    question = (f"\n\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-                f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
-                f"variables are assigned the value {value}, they are:")
+    intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+    question = (
+        f"\n\nQuestion: Find all variables that are assigned the value {value} in the text above. "
+        f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
+        f"variables are assigned the value {value}, they are:"
+    )
     return intro, needles, question, names
 
 

@@ -10,9 +10,16 @@ def tiny_llama(n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, vocab=97, seed=
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=n_heads * head_dim, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-        max_position_embeddings=8192, attn_implementation="hybrid", **extra,
+        vocab_size=vocab,
+        hidden_size=n_heads * head_dim,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=8192,
+        attn_implementation="hybrid",
+        **extra,
     )
     model = LlamaForCausalLM(config).eval()
     # Larger query/key weights make attention peaked, as in trained models, so

@@ -19,13 +19,16 @@ def test_as_vectors_accepts_float16_and_1d():
     assert out.dtype == np.float32 and out.shape == (1, DIM) and out.flags.c_contiguous
 
 
-@pytest.mark.parametrize("bad, err, msg", [
-    (np.ones((3, DIM), np.int32), TypeError, "keys must be float32 or float16, got dtype int32"),
-    (np.ones((3, DIM + 1), np.float32), ValueError, r"keys must have shape \[n, 32\], got \[3, 33\]"),
-    (np.full((3, DIM), np.nan, np.float32), ValueError, "keys contain NaN"),
-    ([[1.0] * DIM], TypeError, "keys must be a numpy array"),
-    (np.ones((0, DIM), np.float32), ValueError, "keys is empty"),
-])
+@pytest.mark.parametrize(
+    "bad, err, msg",
+    [
+        (np.ones((3, DIM), np.int32), TypeError, "keys must be float32 or float16, got dtype int32"),
+        (np.ones((3, DIM + 1), np.float32), ValueError, r"keys must have shape \[n, 32\], got \[3, 33\]"),
+        (np.full((3, DIM), np.nan, np.float32), ValueError, "keys contain NaN"),
+        ([[1.0] * DIM], TypeError, "keys must be a numpy array"),
+        (np.ones((0, DIM), np.float32), ValueError, "keys is empty"),
+    ],
+)
 def test_as_vectors_errors(bad, err, msg):
     with pytest.raises(err, match=msg):
         as_vectors(bad, DIM, "keys")

@@ -66,8 +66,13 @@ def test_add_then_search_finds_added_keys(method, data):
 @pytest.mark.parametrize("method", METHODS)
 def test_reproducible(method, data):
     keys, bq, tq = data
-    params = {"ivf": {"nlist": 16, "nprobe": 2}, "graph": {"ef": 20, "n_centroids": 8, "n_probe": 2},
-              "hnsw": {"ef": 16}, "qq": {"n_neighbors": 4}, "block": {"frac": 0.05}}.get(method, EXACT[method])
+    params = {
+        "ivf": {"nlist": 16, "nprobe": 2},
+        "graph": {"ef": 20, "n_centroids": 8, "n_probe": 2},
+        "hnsw": {"ef": 16},
+        "qq": {"n_neighbors": 4},
+        "block": {"frac": 0.05},
+    }.get(method, EXACT[method])
     runs = []
     for _ in range(2):
         idx = make_index(method, DIM, **params)

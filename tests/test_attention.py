@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from engine import HybridCache, OffloadConfig
 from tests.conftest import tiny_llama
 
-COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, top_k=1000)
+COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, block_frac=1.0, top_k=1000)
 
 
 def run_hybrid(model, ids, cfg, prefill, chunk=None):
@@ -29,8 +29,7 @@ def run_hybrid(model, ids, cfg, prefill, chunk=None):
     [("ann", "flat"), ("block", "flat"), ("hybrid", "flat"), ("hybrid", "qq"), ("ann", "hnsw")],
 )
 def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_logits, mode, method):
-    cfg = OffloadConfig(**COVER_ALL, mode=mode, method=method,
-                        index_params={"ef": 2000} if method == "hnsw" else {})
+    cfg = OffloadConfig(**COVER_ALL, mode=mode, method=method, index_params={"ef": 2000} if method == "hnsw" else {})
     ids = tiny_ids[:, :260]
     logits, cache = run_hybrid(tiny_model, ids, cfg, prefill=200)
     assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
@@ -58,8 +57,17 @@ def test_greedy_generate_matches_full_attention(tiny_model, tiny_ids):
 @pytest.mark.parametrize("mode", ["ann", "block", "hybrid"])
 def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, tiny_full_logits, mode, method):
     params = {"nlist": 8, "nprobe": 2} if method == "ivf" else {}
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, n_blocks=4, top_k=8, mode=mode, method=method,
-                        index_params=params)
+    cfg = OffloadConfig(
+        n_sink=4,
+        window=16,
+        block_size=8,
+        n_blocks=4,
+        block_frac=1.0,
+        top_k=8,
+        mode=mode,
+        method=method,
+        index_params=params,
+    )
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :330], cfg, prefill=300)
     assert torch.isfinite(logits).all()
     stats = cache.step_stats()
@@ -72,7 +80,9 @@ def test_hybrid_budget_beats_resident_only(tiny_model, tiny_ids, tiny_full_logit
     """Retrieval must matter: with the same window, retrieving host tokens gets closer to full attention."""
     ref = tiny_full_logits[0, 300:340]
     resident_only = OffloadConfig(n_sink=4, window=16, mode="block", n_blocks=1, block_size=1)
-    retrieved = OffloadConfig(n_sink=4, window=16, mode="hybrid", method="flat", top_k=32, n_blocks=8, block_size=8)
+    retrieved = OffloadConfig(
+        n_sink=4, window=16, mode="hybrid", method="flat", top_k=32, n_blocks=8, block_frac=1.0, block_size=8
+    )
     err = {}
     for name, cfg in (("resident", resident_only), ("retrieved", retrieved)):
         logits, _ = run_hybrid(tiny_model, tiny_ids[:, :340], cfg, prefill=300)
@@ -116,9 +126,16 @@ def test_qwen2_with_attention_bias_is_exact():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048,
-                         attn_implementation="hybrid")
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        attn_implementation="hybrid",
+    )
     model = Qwen2ForCausalLM(config).eval()
     ids = torch.randint(0, 50, (1, 180), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -42,7 +42,10 @@ def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, windo
     ids = tiny_ids[:, :300]
     ref = reference_kv(tiny_model, ids)
     # budgets that cover everything keep attention exact, so deeper layers see the reference keys too
-    cache = HybridCache(tiny_model, OffloadConfig(n_sink=n_sink, window=window, mode="block", block_size=8, n_blocks=1000))
+    cache = HybridCache(
+        tiny_model,
+        OffloadConfig(n_sink=n_sink, window=window, mode="block", block_size=8, n_blocks=1000, block_frac=1.0),
+    )
     with torch.no_grad():
         for start in range(0, 250, chunk):
             tiny_model(ids[:, start : min(start + chunk, 250)], cache=cache, use_cache=True)
@@ -88,7 +91,7 @@ def test_reset_starts_over(tiny_model, tiny_ids):
 def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
     ids = tiny_ids[:, :150]
     ref = reference_kv(tiny_model, ids)
-    cfg = OffloadConfig(n_sink=3, window=20, mode="block", block_size=8, n_blocks=1000)
+    cfg = OffloadConfig(n_sink=3, window=20, mode="block", block_size=8, n_blocks=1000, block_frac=1.0)
     cache = HybridCache(tiny_model, cfg)
     with torch.no_grad():
         tiny_model(ids[:, :120], cache=cache, use_cache=True)

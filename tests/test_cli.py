@@ -20,17 +20,30 @@ def test_plan_reports_a_budget_that_does_not_fit(capsys):
 
 def test_plan_takes_a_config_json(tmp_path, capsys):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100}))
+    path.write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "vocab_size": 100,
+            }
+        )
+    )
     assert main(["plan", "--model", str(path), "--context", "4096", "--preset", "block"]) == 0
     assert "kv_store" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["plan", "--preset", "huge"], "invalid choice: 'huge'"),
-    (["plan", "--method", "lsh"], "invalid choice: 'lsh'"),
-    (["plan", "--context", "10"], None),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["plan", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["plan", "--method", "lsh"], "invalid choice: 'lsh'"),
+        (["plan", "--context", "10"], None),
+    ],
+)
 def test_bad_arguments(argv, message, capsys):
     if message is None:
         with pytest.raises(ValueError, match="shorter than sinks"):

@@ -74,8 +74,13 @@ def test_unknown_model_preset():
 
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_model_preset_parameter_counts(name):
-    expected = {"llama-3-8b": 8.03e9, "llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9,
-                "smollm2-135m": 134.5e6}[name]
+    expected = {
+        "llama-3-8b": 8.03e9,
+        "llama-3.1-8b": 8.03e9,
+        "qwen2.5-7b": 7.62e9,
+        "mistral-7b": 7.25e9,
+        "smollm2-135m": 134.5e6,
+    }[name]
     assert ModelShape.of(name).n_params() == pytest.approx(expected, rel=0.01)
 
 
@@ -94,7 +99,11 @@ def test_plan_matches_what_the_cache_allocates(mode):
     held = cache.memory_report()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert plan.device["weights"] == pytest.approx(weights, rel=0.02)
-    for where, name in [("device", "resident_kv"), ("device", "block_index"), ("host", "kv_store"),
-                        ("host", "key_index")]:
+    for where, name in [
+        ("device", "resident_kv"),
+        ("device", "block_index"),
+        ("host", "kv_store"),
+        ("host", "key_index"),
+    ]:
         planned, actual = getattr(plan, where)[name], held[where].get(name, 0)
         assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"

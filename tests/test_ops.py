@@ -151,7 +151,10 @@ def test_merging_two_halves_equals_the_whole(merge):
     q, k, v, _ = make_case(3, 4, 500, 64, 0, torch.float32)
     ids = torch.randperm(500)[:240].view(1, -1).expand(3, -1)
     whole = ops.gather_attend(q, k, v, ids)
-    halves = [ops.gather_attend(q, k, v, ids[:, :100].contiguous()), ops.gather_attend(q, k, v, ids[:, 100:].contiguous())]
+    halves = [
+        ops.gather_attend(q, k, v, ids[:, :100].contiguous()),
+        ops.gather_attend(q, k, v, ids[:, 100:].contiguous()),
+    ]
     merged = merge(*halves[0], *halves[1])
     torch.testing.assert_close(merged[0], whole[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged[1], whole[1], atol=1e-5, rtol=1e-5)
