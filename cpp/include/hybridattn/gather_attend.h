@@ -164,6 +164,7 @@ HA_INLINE void attend_chunk_scalar(const GatherAttendArgs& a, int64_t head, int6
 
 #if HA_HAS_VECTORS
 constexpr int64_t kMaxVecDim = 512;
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head on the vector path
 
 // 16 rows at a time: their K rows are scored against each query head with
 // 16-lane FMAs, the 16 dot products reduced together (reduce16), the softmax
@@ -179,33 +180,26 @@ HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t
   const char* vbase = static_cast<const char*>(a.v.data) + head * a.v.head_stride * elem_bytes(T);
   const int64_t row_bytes = D * elem_bytes(T);
   float* krows = buf;              // [kTile, D]; rows past the tile's end hold stale data, masked below
-  float* vrows = buf + kTile * D;  // [kTile, D]
   float* p = buf + 2 * kTile * D;  // [G, kTile]
   reset(st, G, D);
   vf16 lane = {};
   for (int i = 0; i < 16; ++i) lane[i] = float(i);
   TileWalker walk(a, head, begin, end, elem_bytes(T));
   int64_t ids[kTile];
-  vf16 part[kTile], acc[kB > 0 ? kB : kMaxVecDim / 16];
+  vf16 part[kTile];
   for (int64_t n; (n = walk.next(ids)) > 0;) {
     for (int64_t j = 0; j < n; ++j)
       for (int64_t b = 0; b < B; ++b)
         store16(krows + j * D + 16 * b, load16_as_float<T>(kbase + ids[j] * row_bytes + 16 * b * elem_bytes(T)));
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + g * D;
-      for (int j = 0; j < kTile; j += 4) {  // four rows' dot products side by side
-        vf16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      for (int j = 0; j < kTile; j += 8) {  // eight rows' dot products side by side
+        vf16 s[8] = {};
         for (int64_t b = 0; b < B; ++b) {
           const vf16 qb = load16(qg + 16 * b);
-          s0 += qb * load16(krows + (j + 0) * D + 16 * b);
-          s1 += qb * load16(krows + (j + 1) * D + 16 * b);
-          s2 += qb * load16(krows + (j + 2) * D + 16 * b);
-          s3 += qb * load16(krows + (j + 3) * D + 16 * b);
+          for (int r = 0; r < 8; ++r) s[r] += qb * load16(krows + (j + r) * D + 16 * b);
         }
-        part[bitrev4(j + 0)] = s0;
-        part[bitrev4(j + 1)] = s1;
-        part[bitrev4(j + 2)] = s2;
-        part[bitrev4(j + 3)] = s3;
+        for (int r = 0; r < 8; ++r) part[bitrev4(j + r)] = s[r];
       }
       vf16 scores = reduce16(part) * a.scale;
       scores = lane < float(n) ? scores : vf16{} - std::numeric_limits<float>::infinity();
@@ -214,17 +208,28 @@ HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t
       st.l[g] += hsum(pv);
       store16(p + g * kTile, pv);
     }
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t b = 0; b < B; ++b)
-        store16(vrows + j * D + 16 * b, load16_as_float<T>(vbase + ids[j] * row_bytes + 16 * b * elem_bytes(T)));
-    for (int64_t g = 0; g < G; ++g) {
-      float* out = st.acc + g * D;
-      for (int64_t b = 0; b < B; ++b) acc[b] = load16(out + 16 * b);
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = p[g * kTile + j];
-        for (int64_t b = 0; b < B; ++b) acc[b] += pj * load16(vrows + j * D + 16 * b);
+    // V rows: each 16-lane block is converted once, straight into registers, and
+    // added to every query head's output; two blocks at a time give 2G independent FMA chains.
+    for (int64_t b = 0; b < B; b += 2) {
+      const bool pair = b + 1 < B;
+      vf16 acc0[kMaxGroup], acc1[kMaxGroup];
+      for (int64_t g = 0; g < G; ++g) {
+        acc0[g] = load16(st.acc + g * D + 16 * b);
+        acc1[g] = pair ? load16(st.acc + g * D + 16 * (b + 1)) : vf16{};
       }
-      for (int64_t b = 0; b < B; ++b) store16(out + 16 * b, acc[b]);
+      for (int64_t j = 0; j < n; ++j) {
+        const char* row = vbase + ids[j] * row_bytes + 16 * b * elem_bytes(T);
+        const vf16 v0 = load16_as_float<T>(row);
+        const vf16 v1 = pair ? load16_as_float<T>(row + 16 * elem_bytes(T)) : vf16{};
+        for (int64_t g = 0; g < G; ++g) {
+          acc0[g] += p[g * kTile + j] * v0;
+          acc1[g] += p[g * kTile + j] * v1;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        store16(st.acc + g * D + 16 * b, acc0[g]);
+        if (pair) store16(st.acc + g * D + 16 * (b + 1), acc1[g]);
+      }
     }
   }
 }
@@ -234,7 +239,7 @@ template <StoreType T>
 HA_INLINE void attend_chunk(const GatherAttendArgs& a, int64_t h, int64_t b, int64_t e, PartialState st,
                             float* buf) {
 #if HA_HAS_VECTORS
-  if (!a.scalar && a.k.dim % 16 == 0 && a.k.dim <= kMaxVecDim) {
+  if (!a.scalar && a.k.dim % 16 == 0 && a.k.dim <= kMaxVecDim && a.n_q_heads / a.k.n_heads <= kMaxGroup) {
     if (a.k.dim == 64) return attend_chunk_vec<T, 4>(a, h, b, e, st, buf);
     if (a.k.dim == 128) return attend_chunk_vec<T, 8>(a, h, b, e, st, buf);
     return attend_chunk_vec<T, 0>(a, h, b, e, st, buf);
