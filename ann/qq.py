@@ -113,7 +113,10 @@ class QQIndex(Selector):
             self.list_scores[rows[better], worst[better]] = s[better]
 
     def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int, int]:
-        """q [G, dim] (one group) -> candidate ids [C] (duplicates possible), build queries scored, 0 keys."""
+        """q [G, dim] (one group) -> candidate ids [C] (duplicates possible), build queries scored, 0 keys.
+
+        Candidates come in order of preference: the lists of the heads' nearest
+        build queries first (rank by rank across the group), each list best key first."""
         if self.qindex is None:
             raise RuntimeError("search before build: the qq selector holds no build queries")
         self.qindex.hnsw.efSearch = max(self.ef, self.n_neighbors)
@@ -121,6 +124,8 @@ class QQIndex(Selector):
         stats.reset()
         with single_thread(len(q) <= SMALL_BATCH):
             _, near = self.qindex.search(_unit(q), min(self.n_neighbors, len(self.queries)))  # [G, nn]
+        # nearest build queries of all heads first, each list best key first
+        near = near.T.reshape(-1)
         near = near[near >= 0]
         return self.lists[near].reshape(-1).astype(np.int64), int(stats.ndis), 0
 

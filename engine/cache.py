@@ -95,6 +95,7 @@ class HybridLayer(CacheLayerMixin):
                 capacity=max(cfg.block_size, host_capacity),
             )
         self.key_index = None  # one host index per KV head, built after prefill
+        self.n_indexed = 0  # host keys the key indexes hold
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)
         self.is_initialized = True
 
@@ -153,10 +154,23 @@ class HybridLayer(CacheLayerMixin):
         self.host.append(k, v)
         if self.blocks is not None:
             self.blocks.add(k)
-        if self.key_index is not None:
-            keys = k.float().cpu().numpy()
-            for h, index in enumerate(self.key_index):
-                index.add(keys[h])
+        if self.key_index is not None and self.host.n - self.n_indexed >= self.cfg.block_size:
+            self.index_new_keys()
+
+    def index_new_keys(self) -> None:
+        """Add the host keys the key indexes have not seen yet. Done a block at a
+        time, not every step: until then the decode step attends to those few
+        newest host tokens directly (see `unindexed_ids`)."""
+        if self.device.type == "cuda":  # evictions reach the pinned store by asynchronous copies
+            torch.cuda.synchronize(self.device)
+        keys = self.host.keys[:, self.n_indexed :].float().numpy()  # [Hkv, n, D]
+        for h, index in enumerate(self.key_index):
+            index.add(keys[h])
+        self.n_indexed = self.host.n
+
+    def unindexed_ids(self) -> np.ndarray:
+        """Host ids [n] of the newest host tokens not yet in the key indexes."""
+        return np.arange(self.n_indexed, self.host.n)
 
     # ------------------------------------------------------------- queries
 
@@ -214,6 +228,7 @@ class HybridLayer(CacheLayerMixin):
         self.is_initialized = False
         self.n_seen = 0
         self.key_index = None
+        self.n_indexed = 0
         self.last_added = None
         self.stats = StepStats()
 

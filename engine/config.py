@@ -32,7 +32,7 @@ class OffloadConfig:
     block_size: int = 16
     n_blocks: int = 64
     block_frac: float = 0.04
-    top_k: int = 64
+    top_k: int = 32
     method: str = "qq"
     mode: str = "hybrid"
     landmark: str = "mean"

@@ -57,6 +57,7 @@ def build_key_index(layer) -> None:
             index.build(keys[h], group_q)
         indexes.append(index)
     layer.key_index = indexes
+    layer.n_indexed = layer.host.n
     layer.query_sample.clear()
     if layer.progress is not None:
         layer.progress.done(time.perf_counter() - t0)
@@ -66,8 +67,6 @@ def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
     """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the
     decode queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
     Updates layer.stats."""
-    from ann import search_group
-
     cfg, n_host = layer.cfg, layer.host.n
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
@@ -76,23 +75,49 @@ def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
     if cfg.mode != "block":
         if layer.key_index is None:
             build_key_index(layer)
-        k = min(cfg.top_k, n_host)
         G = layer.group
         rows = []
         for h, index in enumerate(layer.key_index):
-            if len(index) == 0:
-                rows.append(np.empty(0, np.int64))
-                continue
-            res = search_group(index, q_host[h * G : (h + 1) * G], k)
-            rows.append(res.ids.reshape(-1))
-            scanned += res.scanned
-            keys_scored += res.keys_scored
+            ids, vectors, keys = host_candidates(index, q_host[h * G : (h + 1) * G], cfg.top_k)
+            rows.append(ids)
+            scanned += vectors
+            keys_scored += keys
         parts.append(torch.from_numpy(_pad(rows)))
+        parts.append(torch.from_numpy(layer.unindexed_ids()).expand(layer.n_kv_heads, -1))
     ids = unique_rows(torch.cat(parts, dim=1))
     st = layer.stats
     st.host_tokens, st.scanned, st.keys_scored = n_host, scanned, keys_scored
     st.gathered = int((ids >= 0).sum())
     return ids
+
+
+def host_candidates(index, q: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:
+    """Host tokens for one KV head's query group q [G, D]: at most G * k ids, the
+    vectors the index scored, and how many of those were keys.
+
+    A selector's proposals (in its order of preference, first G * k distinct
+    ones) go to the gather-attend as they are: it scores every gathered key
+    exactly anyway, so a separate rerank would only read those keys twice.
+    A plain index gives each query head its own top-k."""
+    if len(index) == 0:
+        return np.empty(0, np.int64), 0, 0
+    k = min(k, len(index))
+    if hasattr(index, "candidates"):
+        cand, vectors, keys = index.candidates(q, k)
+        return first_distinct(cand, len(q) * k), vectors + keys, keys
+    res = index.search(q, k)
+    return res.ids.reshape(-1), res.scanned, res.keys_scored
+
+
+def first_distinct(ids: np.ndarray, limit: int) -> np.ndarray:
+    """The first `limit` distinct non-negative ids of `ids`, in order of first appearance."""
+    ids = ids[ids >= 0]
+    n = min(len(ids), 2 * limit)
+    while True:  # the answer lies in a short prefix: deduplicate only that much
+        uniq, first = np.unique(ids[:n], return_index=True)
+        if len(uniq) >= limit or n == len(ids):
+            return uniq[np.argsort(first, kind="stable")[:limit]]
+        n = min(len(ids), 4 * n)
 
 
 def _pad(rows: list[np.ndarray]) -> np.ndarray:

@@ -101,3 +101,12 @@ def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
         k, v = layer.ordered_kv()
         torch.testing.assert_close(k, rk, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(v, rv, atol=1e-4, rtol=1e-4)
+
+
+def test_first_distinct_keeps_the_order_of_first_appearance():
+    from engine.retrieval import first_distinct
+
+    ids = np.array([7, 3, 7, -1, 9, 3, 1, 9, 5])
+    assert first_distinct(ids, 10).tolist() == [7, 3, 9, 1, 5]
+    assert first_distinct(ids, 3).tolist() == [7, 3, 9]
+    assert first_distinct(np.array([-1, -1]), 4).tolist() == []
