@@ -1,26 +1,171 @@
 """Query->query selector: decode queries look like prefill queries, not like keys.
 
-Build keeps each build query's exact top-M keys. A search finds the decode
-query's nearest build queries (cosine, an in-distribution ANN problem: faiss
-HNSW over the build queries) and reranks the union of their key lists
-exactly. Keys added after build enter the lists of the build queries that
-score them highest (replacing each list's weakest entry), so they can be found.
+Build keeps, for each build query (a prefill query of the group's heads), its
+exact top-M keys. A decode query finds its nearest build queries by cosine
+(an in-distribution search, done exactly with one matrix product) and proposes
+the union of their key lists. Keys added after build enter the lists of the
+build queries that point their way, replacing each list's weakest entry.
+
+`QueryLists` holds this for H KV heads at once in torch, on any device, so the
+engine runs one batched step per layer (like `ann.block.BlockIndex`);
+`QQIndex` is one head of it behind the `KeyIndex` protocol.
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
+import torch
 
-from ann.base import SMALL_BATCH, GrowableKeys, as_vectors, faiss_nbytes, hnsw_bytes, single_thread
-from ann.graph import _unit, exact_topk
+from ann.base import GrowableKeys, as_vectors
 from ann.selector import Selector
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int = 1024):
+    """Exact top-m keys per query, per head: queries [H, Nq, D], keys [H, N, D] ->
+    (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. On the CPU through
+    faiss (BLAS and a heap: about twice torch's matmul + topk); elsewhere in
+    query chunks, so the score buffer stays [H, chunk, N]."""
+    if queries.device.type == "cpu":
+        import faiss
+
+        found = [
+            faiss.knn(q.float().numpy(), k.float().numpy(), m, metric=faiss.METRIC_INNER_PRODUCT)
+            for q, k in zip(queries, keys)
+        ]
+        return (torch.from_numpy(np.stack([f[0] for f in found])), torch.from_numpy(np.stack([f[1] for f in found])))
+    scores, ids = [], []
+    for s in range(0, queries.shape[1], chunk):
+        sim = torch.bmm(queries[:, s : s + chunk].float(), keys.float().transpose(1, 2))
+        top = torch.topk(sim, m, dim=2)
+        scores.append(top.values)
+        ids.append(top.indices)
+    return torch.cat(scores, 1), torch.cat(ids, 1)
+
+
+class QueryLists:
+    """Query->query lists of H KV heads.
+
+    m_keys: keys kept per build query; n_neighbors: build queries whose lists a
+    query head proposes; max_queries: build queries kept per head (evenly
+    strided); n_add: build queries (nearest by direction) an added key may enter.
+    Build queries live on `device` (a search is one batched product there);
+    the lists live in host memory, where the proposals are used.
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        dim: int,
+        m_keys: int = 64,
+        n_neighbors: int = 32,
+        max_queries: int = 32768,
+        n_add: int = 16,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        for name, v in {"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries}.items():
+            if v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        self.n_heads, self.dim, self.m_keys, self.n_neighbors = n_heads, dim, m_keys, n_neighbors
+        self.max_queries, self.n_add = max_queries, n_add
+        self.device, self.dtype = torch.device(device), dtype
+        self.queries = torch.empty(n_heads, 0, dim, device=self.device, dtype=dtype)  # [H, Nq, D] unit rows
+        self.lists = torch.empty(n_heads, 0, m_keys, dtype=torch.int32)  # [H, Nq, M] key ids, best first
+        self.list_scores = torch.empty(n_heads, 0, m_keys)  # [H, Nq, M] their logits (raw q . k)
+        self.raw = torch.empty(n_heads, 0, dim)  # [H, Nq, D] build queries, for the logits of added keys
+        self.n_keys = 0
+        self.scanned = 0  # build queries scored by the last candidates() call
+
+    def __len__(self) -> int:
+        return self.n_keys
+
+    @property
+    def n_queries(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.queries, self.lists, self.list_scores, self.raw))
+
+    @staticmethod
+    def estimate_bytes(
+        n_heads: int,
+        n_keys: int,
+        dim: int,
+        n_queries: int,
+        m_keys: int = 64,
+        max_queries: int = 32768,
+        query_bytes: int = 4,
+    ) -> tuple[int, int]:
+        """(device bytes, host bytes) for n_queries build queries per head."""
+        nq = min(n_queries, max_queries)
+        return n_heads * nq * dim * query_bytes, n_heads * nq * (8 * m_keys + 4 * dim)
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor) -> None:
+        """keys [H, N, D] and build queries [H, Nq, D] (the group's query heads, stacked)."""
+        if keys.dim() != 3 or keys.shape[0] != self.n_heads or keys.shape[2] != self.dim:
+            raise ValueError(f"keys must have shape [{self.n_heads}, N, {self.dim}], got {list(keys.shape)}")
+        if queries is None or queries.shape[1] == 0:
+            raise ValueError("the qq selector needs build queries (prefill queries of the group's heads)")
+        if queries.dim() != 3 or queries.shape[0] != self.n_heads or queries.shape[2] != self.dim:
+            raise ValueError(f"queries must have shape [{self.n_heads}, Nq, {self.dim}], got {list(queries.shape)}")
+        if queries.shape[1] > self.max_queries:
+            pick = torch.linspace(0, queries.shape[1] - 1, self.max_queries, device=queries.device).long()
+            queries = queries[:, pick]
+        keys, queries = keys.to(self.device), queries.to(self.device)
+        m = min(self.m_keys, keys.shape[1])
+        scores, ids = topk_keys(queries, keys, m)
+        self.lists = torch.full((self.n_heads, queries.shape[1], self.m_keys), -1, dtype=torch.int32)
+        self.list_scores = torch.full(self.lists.shape, float("-inf"))
+        self.lists[:, :, :m] = ids.to(torch.int32).cpu()
+        self.list_scores[:, :, :m] = scores.cpu()
+        self.raw = queries.float().cpu()
+        self.queries = _unit(queries.float()).to(self.dtype)
+        self.n_keys = keys.shape[1]
+
+    def add(self, keys: torch.Tensor) -> None:
+        """keys [H, n, D] get ids len(self)...; each enters the lists (among the n_add
+        build queries nearest its direction) whose weakest entry it beats."""
+        if self.n_queries == 0:
+            raise RuntimeError("add before build: the qq selector needs build queries first")
+        n = keys.shape[1]
+        if self.n_add > 0 and n:
+            near = torch.bmm(_unit(keys.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, n, Nq]
+            near = torch.topk(near, min(self.n_add, self.n_queries), dim=2).indices.cpu()  # [H, n, n_add]
+            keys = keys.float().cpu()
+            heads = torch.arange(self.n_heads).unsqueeze(1)
+            for i in range(n):  # a few keys per call: one after another, so two never take one slot
+                rows = near[:, i]  # [H, n_add]
+                logits = torch.einsum("hrd,hd->hr", self.raw[heads, rows], keys[:, i])  # [H, n_add]
+                worst_score, worst = self.list_scores[heads, rows].min(dim=2)  # [H, n_add]
+                better = logits > worst_score
+                h, r = heads.expand_as(rows)[better], rows[better]
+                self.lists[h, r, worst[better]] = self.n_keys + i
+                self.list_scores[h, r, worst[better]] = logits[better]
+        self.n_keys += n
+
+    def candidates(self, q: torch.Tensor, n_neighbors: int | None = None) -> torch.Tensor:
+        """q [H, G, D] (each KV head's query group) -> key ids [H, C] int64 on the
+        CPU (duplicates possible, -1 where a list is short): the lists of the
+        heads' nearest build queries, rank by rank across the group, each list
+        best key first. Sets `scanned` (build queries scored)."""
+        if self.n_queries == 0:
+            raise RuntimeError("search before build: the qq selector holds no build queries")
+        nn = min(n_neighbors or self.n_neighbors, self.n_queries)
+        sims = torch.bmm(_unit(q.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, G, Nq]
+        near = torch.topk(sims, nn, dim=2).indices.transpose(1, 2).reshape(self.n_heads, -1).cpu()  # [H, nn*G]
+        self.scanned = q.shape[1] * self.n_queries * self.n_heads
+        heads = torch.arange(self.n_heads).unsqueeze(1)
+        return self.lists[heads, near].reshape(self.n_heads, -1).long()
+
+
 class QQIndex(Selector):
-    """m_keys: keys kept per build query; n_neighbors: build queries whose lists
-    a search merges; max_queries: build queries kept (evenly strided);
-    hnsw_M / ef: the query index; n_add: lists each added key may enter."""
+    """One KV head's query lists behind the `KeyIndex` protocol (numpy in and out,
+    CPU torch inside); searches rerank the proposals exactly against the keys."""
 
     def __init__(
         self,
@@ -28,30 +173,28 @@ class QQIndex(Selector):
         m_keys: int = 64,
         n_neighbors: int = 32,
         max_queries: int = 32768,
-        hnsw_M: int = 16,
-        ef: int = 64,
         n_add: int = 16,
         store: GrowableKeys | None = None,
     ):
-        for name, v in {"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries, "ef": ef}.items():
-            if v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-        self.dim, self.m_keys, self.n_neighbors, self.max_queries = dim, m_keys, n_neighbors, max_queries
-        self.hnsw_M, self.ef, self.n_add = hnsw_M, ef, n_add
+        self.dim = dim
+        self.lists = QueryLists(1, dim, m_keys, n_neighbors, max_queries, n_add)
         self.store = store if store is not None else GrowableKeys(dim)
         self._owns_store = store is None
-        self.qindex = None
-        self.lists = np.empty((0, m_keys), np.int32)  # [Nq, M] key ids per build query (int32: memory)
-        self.list_scores = np.empty((0, m_keys), np.float32)  # [Nq, M] their scores
-        self.queries = np.empty((0, dim), np.float32)  # [Nq, dim]
 
     def __len__(self) -> int:
         return len(self.store)
 
     @property
+    def n_neighbors(self) -> int:
+        return self.lists.n_neighbors
+
+    @n_neighbors.setter
+    def n_neighbors(self, value: int) -> None:
+        self.lists.n_neighbors = value
+
+    @property
     def nbytes(self) -> int:
-        arrays = self.lists.nbytes + self.list_scores.nbytes + self.queries.nbytes
-        return arrays + faiss_nbytes(self.qindex) + (self.store.nbytes if self._owns_store else 0)
+        return self.lists.nbytes + (self.store.nbytes if self._owns_store else 0)
 
     @staticmethod
     def estimate_bytes(
@@ -60,15 +203,11 @@ class QQIndex(Selector):
         n_queries: int = 0,
         m_keys: int = 64,
         max_queries: int = 32768,
-        hnsw_M: int = 16,
         store: GrowableKeys | None = None,
         **params,
     ) -> int:
-        """Each build query's key list with scores and its vector in an HNSW, and the
-        keys unless the store is shared."""
-        nq = min(n_queries, max_queries)
-        own_keys = 0 if store is not None else 4 * n_keys * dim
-        return nq * 8 * m_keys + hnsw_bytes(nq, dim, hnsw_M) + nq * 4 * dim + own_keys
+        device, host = QueryLists.estimate_bytes(1, n_keys, dim, n_queries, m_keys, max_queries)
+        return device + host + (0 if store is not None else 4 * n_keys * dim)
 
     def build(self, keys: np.ndarray, queries: np.ndarray | None = None) -> None:
         """keys [N, dim]; queries [Nq, dim] (required: this selector is made of them)."""
@@ -76,63 +215,20 @@ class QQIndex(Selector):
         if queries is None:
             raise ValueError("the qq selector needs build queries (prefill queries of the group's heads)")
         queries = as_vectors(queries, self.dim, "queries")
-        if len(queries) > self.max_queries:
-            queries = queries[np.linspace(0, len(queries) - 1, self.max_queries).astype(np.int64)]
         if self._owns_store:
             self.store.reset(keys)
-        m = min(self.m_keys, len(keys))
-        self.queries = queries
-        self.lists = np.full((len(queries), self.m_keys), -1, np.int32)
-        self.list_scores = np.full((len(queries), self.m_keys), -np.inf, np.float32)
-        self.lists[:, :m] = exact_topk(queries, keys, m)
-        self.list_scores[:, :m] = _row_scores(queries, keys, self.lists[:, :m])
-        self.qindex = faiss.IndexHNSWFlat(self.dim, self.hnsw_M, faiss.METRIC_INNER_PRODUCT)
-        with single_thread():
-            self.qindex.add(_unit(queries))
+        self.lists.build(torch.from_numpy(keys)[None], torch.from_numpy(queries)[None])
 
     def add(self, keys: np.ndarray) -> None:
-        """keys [n, dim]: stored, and each enters the lists of the build queries
-        (among its n_add nearest by direction) whose weakest entry it beats."""
         keys = as_vectors(keys, self.dim, "keys")
-        if self.qindex is None:
+        if self.lists.n_queries == 0:
             raise RuntimeError("add before build: the qq selector needs build queries first")
         if self._owns_store:
             self.store.append(keys)
-        start = len(self.store) - len(keys)  # a shared store already holds them
-        if self.n_add <= 0:
-            return
-        self.qindex.hnsw.efSearch = max(self.ef, self.n_add)
-        with single_thread(len(keys) <= SMALL_BATCH):
-            _, near = self.qindex.search(_unit(keys), min(self.n_add, len(self.queries)))  # [n, n_add]
-        for i in range(len(keys)):  # one row per new key; n is usually 1
-            rows = near[i][near[i] >= 0]
-            s = self.queries[rows] @ keys[i]  # [r]
-            worst = np.argmin(self.list_scores[rows], axis=1)
-            better = s > self.list_scores[rows, worst]
-            self.lists[rows[better], worst[better]] = start + i
-            self.list_scores[rows[better], worst[better]] = s[better]
+        self.lists.add(torch.from_numpy(keys)[None])
 
     def candidates(self, q: np.ndarray, k: int = 0) -> tuple[np.ndarray, int, int]:
-        """q [G, dim] (one group) -> candidate ids [C] (duplicates possible), build queries scored, 0 keys.
-
-        Candidates come in order of preference: the lists of the heads' nearest
-        build queries first (rank by rank across the group), each list best key first."""
-        if self.qindex is None:
-            raise RuntimeError("search before build: the qq selector holds no build queries")
-        self.qindex.hnsw.efSearch = max(self.ef, self.n_neighbors)
-        stats = faiss.cvar.hnsw_stats
-        stats.reset()
-        with single_thread(len(q) <= SMALL_BATCH):
-            _, near = self.qindex.search(_unit(q), min(self.n_neighbors, len(self.queries)))  # [G, nn]
-        # nearest build queries of all heads first, each list best key first
-        near = near.T.reshape(-1)
-        near = near[near >= 0]
-        return self.lists[near].reshape(-1).astype(np.int64), int(stats.ndis), 0
-
-
-def _row_scores(queries: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """scores[i, j] = queries[i] · keys[ids[i, j]], in row chunks to bound the gathered copy."""
-    out = np.empty(ids.shape, np.float32)
-    for s in range(0, len(ids), 2048):
-        out[s : s + 2048] = np.einsum("nd,nmd->nm", queries[s : s + 2048], keys[ids[s : s + 2048]])
-    return out
+        """q [G, dim] (one group) -> candidate ids [C] (in order of preference, duplicates
+        possible), build queries scored, 0 keys."""
+        ids = self.lists.candidates(torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[None])[0]
+        return ids.numpy(), self.lists.scanned, 0

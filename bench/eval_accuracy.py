@@ -60,7 +60,13 @@ class AttentionError:
 
 
 def copy_state(src: HybridCache, model, cfg: OffloadConfig | None) -> HybridCache | DynamicCache:
-    """The same positions' K/V in a new hybrid cache with `cfg` (None: a full-attention DynamicCache)."""
+    """The same positions' K/V in a full-attention DynamicCache (cfg None), or in a hybrid
+    cache with `cfg`, which must keep the source's sinks, window and method: its host
+    indexes are then the source's, copied rather than built again."""
+    if cfg is not None:
+        src_cfg = src.offload_config
+        if (cfg.n_sink, cfg.window, cfg.method) != (src_cfg.n_sink, src_cfg.window, src_cfg.method):
+            raise ValueError("evaluated engine configurations must share sinks, window and method with the first one")
     dst = DynamicCache() if cfg is None else HybridCache(model, cfg, progress=False)
     with torch.no_grad():
         for i, layer in enumerate(src.layers):
@@ -69,7 +75,8 @@ def copy_state(src: HybridCache, model, cfg: OffloadConfig | None) -> HybridCach
                 dst.update(k[None], v[None], i)
             else:
                 dst.layers[i].update(k[None], v[None])
-                dst.layers[i].query_sample = copy.deepcopy(layer.query_sample)
+                dst.layers[i].key_index = copy.deepcopy(layer.key_index)
+                dst.layers[i].n_indexed = layer.n_indexed
     return dst
 
 
@@ -94,6 +101,7 @@ def evaluate(model, tok, sample, max_new, chunk, probe: AttentionError) -> dict[
     with torch.inference_mode():
         source = HybridCache(model, CONFIGS["hybrid-default"], progress=False)
         logits = prefill(model, ids, source, chunk, progress=False)
+        source.build_indexes()
         caches = {name: copy_state(source, model, cfg) for name, cfg in CONFIGS.items()}
         full_cache = copy_state(source, model, None)
     del source

@@ -41,7 +41,8 @@ class GenerationReport:
             f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), "
             f"host index build {self.index_build_s:.2f} s\n"
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
-            f"host KV read per step {100 * self.kv_read_frac:.2f}%, keys scored {100 * self.keys_scored_frac:.2f}%\n"
+            f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
+            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%\n"
             f"device MiB: {dev}\nhost MiB: {host}"
         )
 

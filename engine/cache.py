@@ -94,7 +94,7 @@ class HybridLayer(CacheLayerMixin):
                 dtype=self.dtype,
                 capacity=max(cfg.block_size, host_capacity),
             )
-        self.key_index = None  # one host index per KV head, built after prefill
+        self.key_index = None  # the host key index of every KV head (engine.retrieval), built after prefill
         self.n_indexed = 0  # host keys the key indexes hold
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)
         self.is_initialized = True
@@ -163,9 +163,7 @@ class HybridLayer(CacheLayerMixin):
         newest host tokens directly (see `unindexed_ids`)."""
         if self.device.type == "cuda":  # evictions reach the pinned store by asynchronous copies
             torch.cuda.synchronize(self.device)
-        keys = self.host.keys[:, self.n_indexed :].float().numpy()  # [Hkv, n, D]
-        for h, index in enumerate(self.key_index):
-            index.add(keys[h])
+        self.key_index.add(self.host.keys[:, self.n_indexed :])  # [Hkv, n, D]
         self.n_indexed = self.host.n
 
     def unindexed_ids(self) -> np.ndarray:
@@ -206,11 +204,13 @@ class HybridLayer(CacheLayerMixin):
     def nbytes(self) -> dict[str, dict[str, int]]:
         if not self.is_initialized:
             return {"device": {}, "host": {}}
+        index_device, index_host = self.key_index.nbytes() if self.key_index is not None else (0, 0)
         device = {
             "resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
-            "block_index": getattr(self.blocks, "nbytes", 0),
+            "block_index": self.blocks.nbytes if self.blocks is not None else 0,
+            "query_index": index_device,
         }
-        host = {"kv_store": self.host.nbytes, "key_index": sum(getattr(i, "nbytes", 0) for i in self.key_index or ())}
+        host = {"kv_store": self.host.nbytes, "key_index": index_host}
         return {"device": device, "host": host}
 
     # ------------------------------------------------- transformers' Cache API
@@ -278,6 +278,8 @@ class HybridCache(Cache):
         """Build every layer's host key index now (otherwise each layer builds at its first decode step)."""
         from engine.retrieval import build_key_index
 
+        if self.offload_config.mode == "block":
+            return
         for layer in self.layers:
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)

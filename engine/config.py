@@ -39,7 +39,7 @@ class OffloadConfig:
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
     index_params: dict = field(default_factory=dict)
-    max_build_queries: int = 4096  # prefill query positions kept per layer to build the host index
+    max_build_queries: int = 1024  # prefill query positions kept per layer to build the host index
     prefill_chunk: int = 1024  # tokens per forward pass during prefill
     device: str = "auto"  # "auto": cuda when available, else cpu
 
@@ -108,8 +108,8 @@ def _check_choice(name: str, value, choices) -> None:
 PRESETS: dict[str, OffloadConfig] = {
     # Balanced: hybrid selection, a few percent of an 8K-128K context per step.
     "default": OffloadConfig(),
-    # Smaller budget: faster steps, lower recall.
-    "tight": OffloadConfig(window=64, n_blocks=16, top_k=32),
+    # Half the retrieval budget: faster steps, lower recall.
+    "tight": OffloadConfig(n_blocks=32, block_frac=0.02, top_k=16),
     # Larger budget for accuracy-critical work.
     "wide": OffloadConfig(window=512, n_blocks=128, top_k=256),
     # Device block index alone: no host index to build.
@@ -301,16 +301,22 @@ def plan_memory(
         + Hq * C * PREFILL_KEY_BLOCK * 4
         + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
     }
-    host = {
-        "kv_store": L * 2 * Hkv * host_tokens * D * host_bytes,
-        "key_index": L * Hkv * _index_bytes(cfg, host_tokens, D, Hq // Hkv) if cfg.mode != "block" else 0,
-    }
+    index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
+    device["query_index"] = L * index_device
+    host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
     return MemoryPlan(device=device, host=host, gpu_budget_bytes=gpu_budget_bytes)
 
 
-def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, group: int) -> int:
-    """Host bytes of one (layer, KV head) key index, as the ann package estimates it."""
+def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):
+    """(device bytes, host bytes) of one layer's key index, as the ann package estimates them."""
+    if cfg.mode == "block":
+        return 0, 0
+    n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
+    if cfg.method == "qq":  # build queries on the device, lists in host memory
+        from ann.qq import QueryLists
+
+        params = {k: v for k, v in cfg.index_params.items() if k in ("m_keys", "max_queries")}
+        return QueryLists.estimate_bytes(n_heads, n_keys, dim, n_queries, query_bytes=wbytes, **params)
     from ann import estimate_index_bytes
 
-    n_queries = min(cfg.max_build_queries, n_keys) * group
-    return estimate_index_bytes(cfg.method, n_keys, dim, n_queries, **cfg.index_params)
+    return 0, n_heads * estimate_index_bytes(cfg.method, n_keys, dim, n_queries, **cfg.index_params)

@@ -34,29 +34,88 @@ class BuildProgress:
             self.bar = None
 
 
-def build_key_index(layer) -> None:
-    """Build one host index per KV head from the host keys and the sampled prefill
-    queries of the head's query group (the attention-aware indexes use those)."""
-    from ann import make_index
+class HeadIndexes:
+    """One `ann` key index per KV head in host memory, searched head by head."""
 
+    def __init__(self, method: str, n_heads: int, dim: int, params: dict):
+        from ann import make_index
+
+        self.indexes = [make_index(method, dim, **params) for _ in range(n_heads)]
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
+        """keys [H, N, D], queries [H, Nq, D] (or None), on the CPU."""
+        for h, index in enumerate(self.indexes):
+            index.build(keys[h].float().numpy(), None if queries is None else queries[h].float().numpy())
+
+    def add(self, keys: torch.Tensor) -> None:
+        for h, index in enumerate(self.indexes):
+            index.add(keys[h].float().numpy())
+
+    def candidates(self, q: torch.Tensor, q_host: np.ndarray, top_k: int) -> tuple[torch.Tensor, int, int]:
+        """Host ids [H, M] (-1 padded) for the query groups q_host [H, G, D]; vectors and keys scored."""
+        rows, vectors, keys = [], 0, 0
+        for h, index in enumerate(self.indexes):
+            ids, v, k = host_candidates(index, q_host[h], top_k)
+            rows.append(ids)
+            vectors += v
+            keys += k
+        return torch.from_numpy(_pad(rows)), vectors, keys
+
+    def nbytes(self) -> tuple[int, int]:
+        """(device bytes, host bytes)"""
+        return 0, sum(index.nbytes for index in self.indexes)
+
+
+class ListSelector:
+    """Query->query lists of all KV heads (`ann.qq.QueryLists`), searched in one
+    batched step on the device; proposals budgeted to top_k per query head."""
+
+    def __init__(self, n_heads: int, dim: int, device, dtype, params: dict):
+        from ann.qq import QueryLists
+
+        self.lists = QueryLists(n_heads, dim, device=device, dtype=dtype, **params)
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
+        if queries is None:
+            raise ValueError("method 'qq' builds from prefill queries: prefill through the model first")
+        self.lists.build(keys, queries)
+
+    def add(self, keys: torch.Tensor) -> None:
+        self.lists.add(keys)
+
+    def candidates(self, q: torch.Tensor, q_host: np.ndarray, top_k: int) -> tuple[torch.Tensor, int, int]:
+        proposals = self.lists.candidates(q).numpy()  # [H, C]
+        rows = [first_distinct(row, q.shape[1] * top_k) for row in proposals]
+        return torch.from_numpy(_pad(rows)), self.lists.scanned, 0
+
+    def nbytes(self) -> tuple[int, int]:
+        device = self.lists.queries.nbytes
+        return device, self.lists.nbytes - device
+
+    def __len__(self) -> int:
+        return len(self.lists)
+
+
+def build_key_index(layer) -> None:
+    """Build the layer's host key index from its host keys and the sampled prefill
+    queries of each head's query group (the attention-aware indexes use those)."""
     cfg = layer.cfg
-    if cfg.mode == "block":
-        layer.key_index = []
-        return
     t0 = time.perf_counter()
     if layer.device.type == "cuda":  # evictions reach the pinned host store by asynchronous copies
         torch.cuda.synchronize(layer.device)
-    keys = layer.host.keys.float().numpy()  # [Hkv, n, D]
-    queries = layer.query_sample.queries().float()  # [Hq, nq, D]
-    G, D = layer.group, layer.head_dim
-    indexes = []
-    for h in range(layer.n_kv_heads):
-        index = make_index(cfg.method, D, **cfg.index_params)
-        group_q = queries[h * G : (h + 1) * G].reshape(-1, D).numpy() if len(layer.query_sample) else None
-        if len(keys[h]):
-            index.build(keys[h], group_q)
-        indexes.append(index)
-    layer.key_index = indexes
+    Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
+    queries = None
+    if len(layer.query_sample):
+        queries = layer.query_sample.queries().reshape(Hkv, -1, D)  # [Hkv, G * nq, D]: a group's heads stacked
+    if cfg.method == "qq":
+        index = ListSelector(Hkv, D, layer.device, layer.dtype, cfg.index_params)
+        keys = layer.host.keys.to(layer.device)  # exact top-M lists: one batched product per query chunk
+    else:
+        index = HeadIndexes(cfg.method, Hkv, D, cfg.index_params)
+        keys = layer.host.keys
+    if layer.host.n:
+        index.build(keys, queries)
+    layer.key_index = index
     layer.n_indexed = layer.host.n
     layer.query_sample.clear()
     if layer.progress is not None:
@@ -75,14 +134,13 @@ def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
     if cfg.mode != "block":
         if layer.key_index is None:
             build_key_index(layer)
-        G = layer.group
-        rows = []
-        for h, index in enumerate(layer.key_index):
-            ids, vectors, keys = host_candidates(index, q_host[h * G : (h + 1) * G], cfg.top_k)
-            rows.append(ids)
+        if layer.n_indexed:
+            ids, vectors, keys = layer.key_index.candidates(
+                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), cfg.top_k
+            )
+            parts.append(ids)
             scanned += vectors
             keys_scored += keys
-        parts.append(torch.from_numpy(_pad(rows)))
         parts.append(torch.from_numpy(layer.unindexed_ids()).expand(layer.n_kv_heads, -1))
     ids = unique_rows(torch.cat(parts, dim=1))
     st = layer.stats
