@@ -103,7 +103,7 @@ def build_key_index(layer) -> None:
     t0 = time.perf_counter()
     if layer.device.type == "cuda":  # evictions reach the pinned host store by asynchronous copies
         torch.cuda.synchronize(layer.device)
-    Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
+    Hkv, D = layer.n_kv_heads, layer.head_dim
     queries = None
     if len(layer.query_sample):
         queries = layer.query_sample.queries().reshape(Hkv, -1, D)  # [Hkv, G * nq, D]: a group's heads stacked
