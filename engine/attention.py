@@ -32,9 +32,7 @@ NAME = "hybrid"
 def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None)."""
     if not isinstance(key, HybridLayer):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer: HybridLayer = key
     _, Hq, Q, D = query.shape
     scale = scaling if scaling is not None else D**-0.5
@@ -44,6 +42,16 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=
     else:
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):
+    """Full attention for caches other than HybridCache. No mask is built for "hybrid"
+    (see hybrid_mask), and sdpa's is_causal aligns the first query with the first key,
+    so a chunk that follows cached keys gets its causal mask here, bottom-right aligned."""
+    Q, T = query.shape[2], key.shape[2]
+    if attention_mask is None and 1 < Q < T:
+        attention_mask = torch.ones(Q, T, dtype=torch.bool, device=query.device).tril_(T - Q)[None, None]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -75,21 +83,13 @@ def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tens
         return o
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
     ids = select_host_ids(layer, q[:, :, 0], q_host.numpy())
-    out, lse_c = _host_buffers(layer, Hkv * G, D)
+    out, lse_c = layer.host_out, layer.host_lse
     ops.gather_attend(
         q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse_c, n_threads=layer.cfg.host_threads
     )
     o_c = out.view(Hkv, G, 1, D).to(q.device, non_blocking=True)
     lse_c = lse_c.view(Hkv, G, 1).to(q.device, non_blocking=True)
     return merge_states(o, lse, o_c, lse_c)[0]
-
-
-def _host_buffers(layer: HybridLayer, Hq: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer output buffers of the host kernel, pinned when the device is CUDA."""
-    if getattr(layer, "_host_out", None) is None:
-        pin = layer.device.type == "cuda"
-        layer._host_out = torch.empty(Hq, D, pin_memory=pin), torch.empty(Hq, pin_memory=pin)
-    return layer._host_out
 
 
 def hybrid_mask(attention_mask=None, **kwargs):

@@ -35,6 +35,12 @@ BUILTIN_ATTENTION = (
 )
 
 
+def landmark_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """Block landmarks in the model's dtype on accelerators (device memory is scarce), in
+    fp32 on the CPU, where half-precision matrix products run at under half the speed."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 class StepStats:
     """Counters of the last decode step of one layer."""
 
@@ -91,9 +97,12 @@ class HybridLayer(CacheLayerMixin):
                 cfg.block_size,
                 cfg.landmark,
                 device=self.device,
-                dtype=self.dtype,
+                dtype=landmark_dtype(self.device, self.dtype),
                 capacity=max(cfg.block_size, host_capacity),
             )
+        pin = self.device.type == "cuda"  # the host kernel's results then reach the device asynchronously
+        self.host_out = torch.empty(Hkv * self.group, D, pin_memory=pin)  # [Hq, D] gather-attend output
+        self.host_lse = torch.empty(Hkv * self.group, pin_memory=pin)  # [Hq]
         self.key_index = None  # the host key index of every KV head (engine.retrieval), built after prefill
         self.n_indexed = 0  # host keys the key indexes hold
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)

@@ -109,6 +109,8 @@ def cmd_plan(args) -> int:
     model = args.model
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
+    if args.device is None:  # the plan is for a GPU budget, whatever this machine has
+        args.device = "cuda"
     plan = plan_memory(model, args.context, _offload_config(args), int(args.gpu_gb * 2**30))
     print(f"model {args.model}, context {args.context} tokens")
     print(plan.table())

@@ -287,12 +287,13 @@ def plan_memory(
     full_blocks = host_tokens // cfg.block_size
     landmark_vectors = 1 if cfg.landmark == "mean" else 2
     C = min(cfg.prefill_chunk, context_len)
+    landmark_bytes = 4 if cfg.resolved_device() == "cpu" else wbytes  # see engine.cache.landmark_dtype
 
     device = {
         "weights": m.n_params() * wbytes,
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
         # a landmark per full block, and the keys of the block still filling
-        "block_index": L * Hkv * D * wbytes * (full_blocks * landmark_vectors + cfg.block_size)
+        "block_index": L * Hkv * D * landmark_bytes * (full_blocks * landmark_vectors + cfg.block_size)
         if cfg.mode != "ann"
         else 0,
         # hidden states and MLP activations of one chunk, one block of attention scores (fp32)

@@ -31,6 +31,10 @@ def merge_states(
 _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _use_cpu_flash(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and _cpu_flash is not None
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,6 +58,8 @@ def attend(
         if k.shape[1] != Q:
             raise ValueError(f"causal attention needs as many keys as queries, got {k.shape[1]} and {Q}")
         return _attend_causal(q, k.to(q.device), v.to(q.device), scale, block)
+    if _use_cpu_flash(q) and k.device == q.device:
+        return _attend_block(q, k, v, scale, causal=False)  # the flash kernel tiles over the keys itself
     o = q.new_zeros((Hkv, G, Q, D), dtype=torch.float32)
     lse = q.new_full((Hkv, G, Q), float("-inf"), dtype=torch.float32)
     for start in range(0, k.shape[1], block):
@@ -66,7 +72,7 @@ def attend(
 def _attend_causal(q, k, v, scale, block):
     """Query block i attends to key blocks < i in full and to block i causally."""
     Q = q.shape[2]
-    if Q <= block or (q.device.type == "cpu" and _cpu_flash is not None):  # the flash kernel tiles by itself
+    if Q <= block or _use_cpu_flash(q):  # the flash kernel tiles by itself
         return _attend_block(q, k, v, scale, causal=True)
     outs, lses = [], []
     for start in range(0, Q, block):
@@ -84,10 +90,14 @@ def _attend_block(q, k, v, scale, causal):
     Hkv, G, Q, D = q.shape
     if k.shape[1] == 0:
         return q.new_zeros((Hkv, G, Q, D), dtype=torch.float32), q.new_full((Hkv, G, Q), float("-inf"))
-    if q.device.type == "cpu" and _cpu_flash is not None:
-        qh = q.reshape(1, Hkv * G, Q, D)
-        kh = k.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)  # one copy per query head
-        vh = v.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)
+    if _use_cpu_flash(q):
+        if causal:  # row i sees keys <= i: each query head needs its own copy of the (chunk-sized) keys
+            qh = q.reshape(1, Hkv * G, Q, D)
+            kh = k.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)
+            vh = v.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)
+        else:  # every row sees every key: the group's heads become more query rows, keys are not copied
+            qh = q.reshape(1, Hkv, G * Q, D)
+            kh, vh = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
         o, lse = _cpu_flash(qh, kh, vh, 0.0, causal, attn_mask=None, scale=scale)[:2]
         return o.view(Hkv, G, Q, D).float(), lse.view(Hkv, G, Q).float()
     # Plain matmul-softmax-matmul: any device; one exp pass, max-shifted.

@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+OVERSAMPLE = 8  # proposals looked at per host token a step may take
+
 
 class BuildProgress:
     """One progress bar over the layers whose host index is being built."""
@@ -84,9 +86,11 @@ class ListSelector:
         self.lists.add(keys)
 
     def candidates(self, q: torch.Tensor, q_host: np.ndarray, top_k: int) -> tuple[torch.Tensor, int, int]:
-        proposals = self.lists.candidates(q).numpy()  # [H, C]
-        rows = [first_distinct(row, q.shape[1] * top_k) for row in proposals]
-        return torch.from_numpy(_pad(rows)), self.lists.scanned, 0
+        limit = q.shape[1] * top_k
+        # only the first OVERSAMPLE * limit proposals are looked at: merge no more lists than fill them
+        n_lists = -(-OVERSAMPLE * top_k // self.lists.m_keys)  # per query head
+        proposals = self.lists.candidates(q, min(n_lists, self.lists.n_neighbors))  # [H, C]
+        return first_distinct_rows(proposals, limit), self.lists.scanned, 0
 
     def nbytes(self) -> tuple[int, int]:
         device = self.lists.queries.nbytes
@@ -176,6 +180,22 @@ def first_distinct(ids: np.ndarray, limit: int) -> np.ndarray:
         if len(uniq) >= limit or n == len(ids):
             return uniq[np.argsort(first, kind="stable")[:limit]]
         n = min(len(ids), 4 * n)
+
+
+def first_distinct_rows(ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """ids [H, C] -> [H, min(C, OVERSAMPLE * limit)]: in each row the first `limit`
+    distinct non-negative ids among its first OVERSAMPLE * limit entries (in order
+    of first appearance), the rest -1. Proposals overlap, but not that much in
+    practice; looking no further keeps the sort short. All rows at once: a stable
+    sort finds each id's first appearance."""
+    ids = ids[:, : OVERSAMPLE * limit]
+    sorted_ids, order = ids.sort(dim=1, stable=True)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    first &= sorted_ids >= 0
+    keep = torch.zeros_like(first).scatter_(1, order, first)  # back in the original order
+    keep &= keep.cumsum(dim=1) <= limit
+    return torch.where(keep, ids, torch.full_like(ids, -1))
 
 
 def _pad(rows: list[np.ndarray]) -> np.ndarray:

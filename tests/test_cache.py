@@ -110,3 +110,16 @@ def test_first_distinct_keeps_the_order_of_first_appearance():
     assert first_distinct(ids, 10).tolist() == [7, 3, 9, 1, 5]
     assert first_distinct(ids, 3).tolist() == [7, 3, 9]
     assert first_distinct(np.array([-1, -1]), 4).tolist() == []
+
+
+def test_first_distinct_rows_matches_the_per_row_version():
+    import torch
+
+    from engine.retrieval import OVERSAMPLE, first_distinct, first_distinct_rows
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 40, (5, 200), generator=g)
+    for limit in (1, 7, 30, 100):
+        kept = first_distinct_rows(ids, limit)
+        for row, out in zip(ids, kept):
+            assert out[out >= 0].tolist() == first_distinct(row[: OVERSAMPLE * limit].numpy(), limit).tolist()

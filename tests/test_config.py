@@ -54,7 +54,7 @@ def test_presets():
 
 
 def test_llama3_8b_at_128k_fits_a_24gb_gpu():
-    plan = plan_memory("llama-3-8b", 131072, OffloadConfig(), 24 * 2**30)
+    plan = plan_memory("llama-3-8b", 131072, OffloadConfig(device="cuda"), 24 * 2**30)
     assert plan.fits
     assert plan.device_beside_weights <= 2 * 2**30
     assert 14e9 < plan.device["weights"] < 17e9  # 8.0B parameters in bf16
