@@ -161,7 +161,7 @@ def main(argv=None):
             for key in ("accuracy", "agreement", "attn_rel_err", "kv_read_frac"):
                 row[key] = round(statistics.mean(r[key] for r in rs), 4)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            bar.write(json.dumps(row))
     bar.close()
     result = {
         "config": {
