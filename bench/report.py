@@ -1,6 +1,6 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
-    python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH]
+python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH]
 """
 
 from __future__ import annotations
