@@ -162,21 +162,23 @@ def main(argv=None):
                 row[key] = round(statistics.mean(r[key] for r in rs), 4)
             rows.append(row)
             bar.write(json.dumps(row))
+        if args.json:  # after every cell, so that an interrupted run keeps what it measured
+            write_json(args, rows, time.perf_counter() - started)
     bar.close()
-    result = {
-        "config": {
-            "model": args.model,
-            "threads": args.threads,
-            "n": args.n,
-            "contexts": args.contexts,
-            "engine_configs": {k: v.__dict__ for k, v in CONFIGS.items()},
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "rows": rows,
+
+
+def write_json(args, rows: list[dict], seconds: float) -> None:
+    config = {
+        "model": args.model,
+        "threads": args.threads,
+        "n": args.n,
+        "contexts": args.contexts,
+        "tasks": args.tasks,
+        "engine_configs": {k: v.__dict__ for k, v in CONFIGS.items()},
+        "seconds": round(seconds, 1),
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
