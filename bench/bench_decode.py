@@ -38,6 +38,14 @@ from engine.models import load_model  # noqa: E402
 from engine.tasks import FILLER  # noqa: E402
 
 TIMED = "hybrid_timed"
+# Random-weight models built from a config: the 8B shape of the targets, and a
+# tiny one that lets the test suite run this script in seconds.
+SHAPES = {
+    "llama-3-8b-shape": MODEL_PRESETS["llama-3-8b"],
+    "tiny-llama": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128, vocab_size=256
+    ),
+}
 # A lighter HNSW build than the index's default, so that 128K-key builds finish in minutes on a CPU.
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
 
@@ -82,9 +90,8 @@ def make_model(name: str, layers: int):
     if name == "smollm2-135m":
         model, tok = load_model(name, attn_implementation=TIMED)
         return model, tok
-    shape = MODEL_PRESETS["llama-3-8b"]
     config = LlamaConfig(
-        **{**shape, "num_hidden_layers": layers},
+        **{**SHAPES[name], "num_hidden_layers": layers},
         max_position_embeddings=262144,
         rope_theta=500000.0,
         attn_implementation=TIMED,
@@ -296,9 +303,9 @@ def main(argv=None):
         "--models",
         nargs="+",
         default=["smollm2-135m", "llama-3-8b-shape"],
-        choices=["smollm2-135m", "llama-3-8b-shape"],
+        choices=["smollm2-135m", *SHAPES],
     )
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--contexts", type=int, nargs="+", help="default: 4K to 128K tokens (--quick: 2K and 8K)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
     p.add_argument("--steps", type=int, default=9, help="timed decode steps (after 2 warm-up steps)")
     p.add_argument("--prefill-max", type=int, default=8192, help="longest context whose prefill is run for real")
@@ -307,7 +314,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     if args.quick:
-        args.contexts, args.steps, args.prefill_max = [2048, 8192], 3, 2048
+        args.steps, args.prefill_max = 3, 2048
+    args.contexts = args.contexts or ([2048, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072])
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)

@@ -128,17 +128,18 @@ def evaluate(model, tok, sample, max_new, chunk, probe: AttentionError) -> dict[
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 prompts per cell, 2K and 4K tokens, two tasks")
+    p.add_argument("--quick", action="store_true", help="2 prompts per cell, 2K tokens, two tasks")
     p.add_argument("--json", type=Path)
-    p.add_argument("--n", type=int, default=20, help="prompts per (task, context)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--n", type=int, help="prompts per (task, context); default 20 (--quick: 2)")
+    p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all (--quick: passkey niah_single)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.contexts, args.tasks = 2, [2048], ["passkey", "niah_single"]
+    args.n = args.n or (2 if args.quick else 20)
+    args.contexts = args.contexts or ([2048] if args.quick else [2048, 4096, 8192])
+    args.tasks = args.tasks or (["passkey", "niah_single"] if args.quick else list(TASKS))
     torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")

@@ -46,3 +46,13 @@ def tiny_full_logits(tiny_model, tiny_ids):
     """Full attention logits of every position (sdpa, no cache)."""
     with torch.no_grad():
         return tiny_model(tiny_ids, use_cache=False).logits
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    """The bundled model's tokenizer (the model converted once, as `load_model` does)."""
+    from transformers import AutoTokenizer
+
+    from engine.models import _bundled_safetensors_dir
+
+    return AutoTokenizer.from_pretrained(_bundled_safetensors_dir())

@@ -1,0 +1,99 @@
+"""The benchmark scripts run in --quick mode on tiny inputs and write the JSON
+their readers rely on (schemas only: timings are not tested)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import ops
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def has_keys(row: dict, keys: set[str]) -> None:
+    missing = keys - row.keys()
+    assert not missing, f"missing {missing} in {row}"
+
+
+@pytest.mark.skipif(not ops.HAS_EXT, reason="the kernel benchmark times the C++ extension")
+def test_bench_kernel_quick(tmp_path):
+    out = tmp_path / "kernel.json"
+    script("bench_kernel").main(["--quick", "--json", str(out)])
+    cases = json.loads(out.read_text())["cases"]
+    expected = {(d, m) for d in ("bf16", "fp16", "fp32") for m in (256, 2048, 8192)}
+    assert {(c["dtype"], c["n_ids"]) for c in cases} == expected
+    keys = {"dtype", "n_tokens", "n_ids", "ms_cpp", "ms_torch", "speedup", "gathered_gbps", "read_gbps", "max_abs_err"}
+    for c in cases:
+        has_keys(c, keys)
+        assert c["max_abs_err"] < 2e-3
+
+
+def test_bench_decode_quick(tmp_path):
+    out = tmp_path / "decode.json"
+    script("bench_decode").main(
+        ["--quick", "--models", "tiny-llama", "--layers", "2", "--contexts", "256", "512", "--json", str(out)]
+    )
+    cases = json.loads(out.read_text())["cases"]
+    keys = {"model", "method", "context", "decode_ms_per_token", "prefill_s", "device_bytes", "host_bytes"}
+    timed = [c for c in cases if "error" not in c]
+    assert {c["context"] for c in timed} == {256, 512}
+    assert {"hybrid-default", "hybrid-flat", "hybrid-block-only", "full-sdpa"} <= {c["method"] for c in timed}
+    for c in timed:
+        has_keys(c, keys | {"kv_read_frac"})
+        assert 0 < c["kv_read_frac"] <= 1
+        assert (c["method"] == "full-sdpa") == (c["host_bytes"] == 0)
+
+
+def test_bench_ann_quick(tmp_path, monkeypatch):
+    """On a small synthetic capture (random queries and keys of two layers)."""
+    rng = np.random.default_rng(0)
+    n_tokens, hq, hkv, dim = 700, 4, 2, 16
+    capture = {"layers": np.array([5, 17]), "n_tokens": np.array(n_tokens), "prefill_s_per_layer": np.array(1.0)}
+    for layer in (5, 17):
+        capture[f"q_{layer}"] = rng.standard_normal((hq, n_tokens, dim)).astype(np.float16)
+        capture[f"k_{layer}"] = rng.standard_normal((hkv, n_tokens, dim)).astype(np.float16)
+    path = tmp_path / "capture.npz"
+    np.savez(path, **capture)
+    out = tmp_path / "ann.json"
+    argv = ["bench_ann", "--quick", "--capture", str(path), "--n-keys", "600", "--json", str(out)]
+    monkeypatch.setattr("sys.argv", argv)
+    script("bench_ann").main()
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["index"].split("-")[0] for r in rows} >= {"flat", "ivf", "hnsw", "graph", "qq", "block", "hybrid"}
+    keys = {"index", "layer", "kv_head", "n_keys", "k", "recall", "scanned_frac", "build_s", "search_ms", "params"}
+    for r in rows:
+        has_keys(r, keys)
+        assert 0 <= r["recall"] <= 1
+    assert all(r["recall"] == 1.0 for r in rows if r["index"] == "flat")
+
+
+def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
+    """On a tiny random-weight Llama that uses the bundled model's tokenizer."""
+    from tests.conftest import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
+    bundled_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "eval.json"
+    script("eval_accuracy").main(["--quick", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (t, m) for t in ("passkey", "niah_single") for m in ("full", "hybrid-default", "hybrid-tight")
+    }
+    for r in rows:
+        has_keys(r, {"task", "context", "method", "n", "accuracy", "agreement", "attn_rel_err", "kv_read_frac"})
+        assert r["n"] == 2 and r["context"] == 512
+        if r["method"] == "full":
+            assert r["agreement"] == 1.0 and r["kv_read_frac"] == 1.0
+        else:
+            assert 0 < r["kv_read_frac"] < 1
