@@ -147,7 +147,8 @@ def main(argv=None):
     probe = AttentionError({0, n_layers // 2, n_layers - 1})
     AttentionInterface.register(EVAL_ATTENTION, probe)
 
-    cells = [(t, c) for t in args.tasks for c in args.contexts]
+    # shortest contexts first: an interrupted run has covered every task at those
+    cells = [(t, c) for c in sorted(args.contexts) for t in args.tasks]
     rows, started = [], time.perf_counter()
     bar = tqdm(total=len(cells) * args.n, desc="prompts", unit="prompt")
     for task, context in cells:
