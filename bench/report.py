@@ -92,11 +92,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", type=Path)
     p.add_argument("--decode", type=Path)
-    p.add_argument("--eval", type=Path)
+    p.add_argument("--eval", type=Path, nargs="+", help="one or more eval_accuracy JSON files (rows concatenated)")
     args = p.parse_args(argv)
-    for path, render in ((args.kernel, kernel), (args.decode, decode), (args.eval, accuracy)):
+    for path, render in ((args.kernel, kernel), (args.decode, decode)):
         if path is not None:
             print(render(json.loads(path.read_text())) + "\n")
+    if args.eval:
+        print(accuracy({"rows": [r for path in args.eval for r in json.loads(path.read_text())["rows"]]}))
 
 
 if __name__ == "__main__":
