@@ -108,13 +108,22 @@ class GrowableKeys:
         self.n = need
 
 
-def faiss_nbytes(index) -> int:
-    """Bytes a faiss index holds, read as its serialised size (its vectors and links dominate both)."""
-    if index is None:
-        return 0
-    import faiss
+class FaissBacked:
+    """Length and bytes of an index kept in `self.index`, a faiss index (None before build)."""
 
-    return int(faiss.serialize_index(index).nbytes)
+    index = None
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else self.index.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        """Read as the serialised size (its vectors and links dominate both)."""
+        if self.index is None:
+            return 0
+        import faiss
+
+        return int(faiss.serialize_index(self.index).nbytes)
 
 
 def hnsw_bytes(n: int, dim: int, M: int) -> int:

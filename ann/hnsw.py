@@ -11,11 +11,11 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, faiss_nbytes, hnsw_bytes, single_thread
+from ann.base import SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, hnsw_bytes, single_thread
 from ann.ivf import _clean
 
 
-class HNSWIndex:
+class HNSWIndex(FaissBacked):
     """M links per node (2M at the base layer), efConstruction at build, ef at search."""
 
     def __init__(self, dim: int, M: int = 32, ef_construction: int = 128, ef: int = 128, seed: int = 0):
@@ -23,13 +23,6 @@ class HNSWIndex:
             raise ValueError(f"need M > 1, ef_construction > 0, ef > 0; got {M}, {ef_construction}, {ef}")
         self.dim, self.M, self.ef_construction, self.ef, self.seed = dim, M, ef_construction, ef, seed
         self.index = None
-
-    def __len__(self) -> int:
-        return 0 if self.index is None else self.index.ntotal
-
-    @property
-    def nbytes(self) -> int:
-        return faiss_nbytes(self.index)
 
     @staticmethod
     def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, M: int = 32, **params) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, SearchResult, as_vectors, check_k, faiss_nbytes, single_thread
+from ann.base import SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, single_thread
 
 
 def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -15,7 +15,7 @@ def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return ids, scores
 
 
-class IVFIndex:
+class IVFIndex(FaissBacked):
     """Inverted lists over keys. nlist is capped at N; scanned counts the nlist
     centroids and the list entries scored (faiss's own counter) per query."""
 
@@ -24,13 +24,6 @@ class IVFIndex:
             raise ValueError(f"nlist and nprobe must be positive, got {nlist}, {nprobe}")
         self.dim, self.nlist, self.nprobe, self.seed = dim, nlist, nprobe, seed
         self.index = None
-
-    def __len__(self) -> int:
-        return 0 if self.index is None else self.index.ntotal
-
-    @property
-    def nbytes(self) -> int:
-        return faiss_nbytes(self.index)
 
     @staticmethod
     def estimate_bytes(n_keys: int, dim: int, n_queries: int = 0, nlist: int = 256, **params) -> int:
