@@ -86,7 +86,7 @@ AttentionInterface.register(TIMED, LayerTimer.attention)
 
 
 def make_model(name: str, layers: int):
-    """(model, n_layers, statistics source) for a benchmark model name."""
+    """(model, tokenizer or None) for a benchmark model name: the bundled SmolLM2, or a random-weight shape."""
     if name == "smollm2-135m":
         model, tok = load_model(name, attn_implementation=TIMED)
         return model, tok

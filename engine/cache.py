@@ -170,10 +170,15 @@ class HybridLayer(CacheLayerMixin):
         """Add the host keys the key indexes have not seen yet. Done a block at a
         time, not every step: until then the decode step attends to those few
         newest host tokens directly (see `unindexed_ids`)."""
-        if self.device.type == "cuda":  # evictions reach the pinned store by asynchronous copies
-            torch.cuda.synchronize(self.device)
+        self.wait_for_host_store()
         self.key_index.add(self.host.keys[:, self.n_indexed :])  # [Hkv, n, D]
         self.n_indexed = self.host.n
+
+    def wait_for_host_store(self) -> None:
+        """Before the host keys are read on the CPU: on CUDA, evictions reach the
+        pinned store by asynchronous copies."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def unindexed_ids(self) -> np.ndarray:
         """Host ids [n] of the newest host tokens not yet in the key indexes."""

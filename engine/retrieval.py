@@ -105,8 +105,7 @@ def build_key_index(layer) -> None:
     queries of each head's query group (the attention-aware indexes use those)."""
     cfg = layer.cfg
     t0 = time.perf_counter()
-    if layer.device.type == "cuda":  # evictions reach the pinned host store by asynchronous copies
-        torch.cuda.synchronize(layer.device)
+    layer.wait_for_host_store()
     Hkv, D = layer.n_kv_heads, layer.head_dim
     queries = None
     if len(layer.query_sample):
