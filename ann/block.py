@@ -24,6 +24,12 @@ from ann.selector import Selector
 LANDMARKS = ("mean", "minmax")
 
 
+def group_block_scores(s: torch.Tensor) -> torch.Tensor:
+    """Per-head block scores [H, G, nb] -> the group's [H, nb]: each head's scores shifted
+    by its best one, then the max over heads (see the module doc)."""
+    return (s - s.amax(dim=2, keepdim=True)).amax(dim=1)
+
+
 class BlockIndex:
     """Landmarks for H KV heads. keys [H, n, D] are appended; token ids are positions in append order."""
 
@@ -61,6 +67,11 @@ class BlockIndex:
     def n_blocks(self) -> int:
         """Full blocks (with a landmark)."""
         return self.n // self.block_size
+
+    @property
+    def landmarks(self) -> torch.Tensor:
+        """[1|2, H, n_blocks, D] view: the mean per full block, or its min and max."""
+        return self._lm[:, :, : self.n_blocks]
 
     def add(self, keys: torch.Tensor) -> None:
         """keys [H, n, D]: append n tokens per head; blocks that fill up get landmarks."""
@@ -111,16 +122,17 @@ class BlockIndex:
             hi = self._lm[1, :, :nb]
             qe = q.unsqueeze(2)  # [H, G, 1, D]
             s = torch.maximum(qe * lo.unsqueeze(1), qe * hi.unsqueeze(1)).sum(-1)  # [H, G, nb]
-        s = s - s.amax(dim=2, keepdim=True)
-        return s.amax(dim=1)
+        return group_block_scores(s)
 
-    def select(self, q: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    def select(self, q: torch.Tensor, n_blocks: int, scores: torch.Tensor | None = None) -> torch.Tensor:
         """q [H, G, D] -> token ids [H, M] int64 on the index's device, M = min(n_blocks, full blocks)·B + tail.
 
         The tokens of the n_blocks best blocks per KV head, then the tail
         tokens. Every head holds the same number of tokens, so every row has
         the same M and needs no -1 padding; ids within a row are distinct.
-        Sets `scanned` to the landmarks scored (H · G · full blocks)."""
+        `scores` [H, G, n_blocks], each head's q . landmark times any positive
+        scale, may be passed when the caller has computed them already (mean
+        landmarks only). Sets `scanned` to the landmarks scored (H · G · full blocks)."""
         if q.dim() != 3 or q.shape[0] != self.n_heads or q.shape[2] != self.dim:
             raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
         if n_blocks < 0:
@@ -131,7 +143,8 @@ class BlockIndex:
         self.scanned = self.n_heads * q.shape[1] * nb
         if take == 0:
             return tail.clone()
-        best = torch.topk(self.block_scores(q), take, dim=1).indices  # [H, take]
+        group = self.block_scores(q) if scores is None else group_block_scores(scores.to(self.device))
+        best = torch.topk(group, take, dim=1).indices  # [H, take]
         tok = (best.unsqueeze(2) * b + torch.arange(b, device=self.device)).reshape(self.n_heads, take * b)
         return torch.cat([tok, tail], dim=1)
 

@@ -29,8 +29,11 @@ from engine.retrieval import select_host_ids
 NAME = "hybrid"
 
 
-def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None)."""
+def hybrid_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, select=select_host_ids, **kwargs
+):
+    """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None).
+    `select` is the decode steps' selection rule (see `decode_step`)."""
     if not isinstance(key, HybridLayer):
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer: HybridLayer = key
@@ -38,7 +41,7 @@ def hybrid_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = scaling if scaling is not None else D**-0.5
     q = query[0].view(layer.n_kv_heads, layer.group, Q, D)  # [Hkv, G, Q, D]
     if Q == 1:
-        o = decode_step(layer, q, scale)
+        o = decode_step(layer, q, scale, select)
     else:
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
@@ -73,23 +76,48 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     return o
 
 
-def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
     """One position's queries q [Hkv, G, 1, D]: resident attention on the device,
-    retrieved host tokens through the C++ gather-attend, merged exactly."""
+    retrieved host tokens through the C++ gather-attend, the unread ones estimated,
+    all merged exactly. `select` picks the host ids (see `select_host_ids`; an
+    evaluation may pass another rule with the same signature)."""
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
     if layer.host.n == 0:
         return o
+    qd = q[:, :, 0]  # [Hkv, G, D]
+    logits = layer.summary.logits(qd, scale) if layer.summary is not None else None  # [Hkv, G, n_blocks]
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
-    ids = select_host_ids(layer, q[:, :, 0], q_host.numpy())
-    out, lse_c = layer.host_out, layer.host_lse
+    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], logits)
+    o_h, lse_h = host_state(layer, q_host, scale, ids, logits)
+    st = layer.stats
+    st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
+    summarized = layer.summary.n_blocks * layer.cfg.block_size if logits is not None else 0
+    st.estimated = Hkv * summarized - int(((ids >= 0) & (ids < summarized)).sum())
+    return merge_states(o, lse, o_h.to(q.device, non_blocking=True), lse_h.to(q.device, non_blocking=True))[0]
+
+
+def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torch.Tensor, logits=None):
+    """The host tokens' partial state for queries q_host [Hq, D] (fp32, CPU): the rows `ids`
+    [Hkv, M] read exactly, and with the block summary's `logits` [Hkv, G, n_blocks] (None:
+    no estimate) every other summarised token estimated. Returns (o [Hkv, G, 1, D], lse
+    [Hkv, G, 1]) fp32, on the CPU or the device."""
+    Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
+    out, lse = layer.host_out, layer.host_lse
     ops.gather_attend(
-        q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse_c, n_threads=layer.cfg.host_threads
+        q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse, n_threads=layer.cfg.host_threads
     )
-    o_c = out.view(Hkv, G, 1, D).to(q.device, non_blocking=True)
-    lse_c = lse_c.view(Hkv, G, 1).to(q.device, non_blocking=True)
-    return merge_states(o, lse, o_c, lse_c)[0]
+    o, lse = out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1)
+    if logits is not None:
+        o_e, lse_e = layer.summary.estimate(logits, layer.summary.read_per_block(ids))
+        o, lse = merge_states(
+            o.to(o_e.device, non_blocking=True),
+            lse.to(o_e.device, non_blocking=True),
+            o_e.unsqueeze(2),
+            lse_e.unsqueeze(2),
+        )
+    return o, lse
 
 
 def hybrid_mask(attention_mask=None, **kwargs):

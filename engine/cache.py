@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.config import ModelShape, OffloadConfig
+from engine.estimate import BlockSummary
 from engine.models import check_supported
 from engine.store import HostKV, QuerySample
 
@@ -42,12 +43,16 @@ def landmark_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtyp
 
 
 class StepStats:
-    """Counters of the last decode step of one layer."""
+    """Counters of the last decode step of one layer: host tokens (per KV head), and summed
+    over KV heads the tokens gathered, tokens estimated (engine.estimate), vectors scanned
+    to select them, keys among those, and sketch rows scored (engine.sketch); read_ids
+    [Hkv, M] are the host ids it gathered (-1 padded)."""
 
-    __slots__ = ("host_tokens", "gathered", "scanned", "keys_scored")
+    __slots__ = ("host_tokens", "gathered", "estimated", "scanned", "keys_scored", "sketched", "read_ids")
 
     def __init__(self):
-        self.host_tokens = self.gathered = self.scanned = self.keys_scored = 0
+        self.host_tokens = self.gathered = self.estimated = self.scanned = self.keys_scored = self.sketched = 0
+        self.read_ids = None
 
 
 class HybridLayer(CacheLayerMixin):
@@ -89,23 +94,22 @@ class HybridLayer(CacheLayerMixin):
         host_dtype = cfg.resolved_host_dtype(self.dtype)
         host_capacity = max(0, self.capacity_hint - R)
         self.host = HostKV(Hkv, D, host_dtype, pin=self.device.type == "cuda", capacity=host_capacity)
-        self.blocks = None
-        if cfg.mode != "ann":
-            self.blocks = BlockIndex(
-                Hkv,
-                D,
-                cfg.block_size,
-                cfg.landmark,
-                device=self.device,
-                dtype=landmark_dtype(self.device, self.dtype),
-                capacity=max(cfg.block_size, host_capacity),
-            )
+        summaries = dict(device=self.device, dtype=landmark_dtype(self.device, self.dtype))
+        summaries["capacity"] = max(cfg.block_size, host_capacity)
+        self.summary = BlockSummary(Hkv, D, cfg.block_size, **summaries) if cfg.estimate else None
+        self.blocks = None  # the block selection index: the summary's mean keys where it can be
+        if cfg.uses_blocks:
+            if self.summary is not None and cfg.landmark == "mean":
+                self.blocks = self.summary.keys
+            else:
+                self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, **summaries)
         pin = self.device.type == "cuda"  # the host kernel's results then reach the device asynchronously
         self.host_out = torch.empty(Hkv * self.group, D, pin_memory=pin)  # [Hq, D] gather-attend output
         self.host_lse = torch.empty(Hkv * self.group, pin_memory=pin)  # [Hq]
         self.key_index = None  # the host key index of every KV head (engine.retrieval), built after prefill
-        self.n_indexed = 0  # host keys the key indexes hold
-        self.query_sample = QuerySample(cfg.max_build_queries if cfg.mode != "block" else 0)
+        self.sketch = None  # the adaptive budget's key sketch (engine.sketch), built with the key index
+        self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
+        self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0)
         self.is_initialized = True
 
     # --------------------------------------------------------- bookkeeping
@@ -161,7 +165,9 @@ class HybridLayer(CacheLayerMixin):
     def _evict(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] of the positions following the host store's last one."""
         self.host.append(k, v)
-        if self.blocks is not None:
+        if self.summary is not None:
+            self.summary.add(k, v)
+        if self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys):
             self.blocks.add(k)
         if self.key_index is not None and self.host.n - self.n_indexed >= self.cfg.block_size:
             self.index_new_keys()
@@ -171,7 +177,10 @@ class HybridLayer(CacheLayerMixin):
         time, not every step: until then the decode step attends to those few
         newest host tokens directly (see `unindexed_ids`)."""
         self.wait_for_host_store()
-        self.key_index.add(self.host.keys[:, self.n_indexed :])  # [Hkv, n, D]
+        new = self.host.keys[:, self.n_indexed :]  # [Hkv, n, D]
+        self.key_index.add(new)
+        if self.sketch is not None:
+            self.sketch.add(new)
         self.n_indexed = self.host.n
 
     def wait_for_host_store(self) -> None:
@@ -219,12 +228,16 @@ class HybridLayer(CacheLayerMixin):
         if not self.is_initialized:
             return {"device": {}, "host": {}}
         index_device, index_host = self.key_index.nbytes() if self.key_index is not None else (0, 0)
+        block_keys = {id(b): b.nbytes for b in (self.blocks, self.summary and self.summary.keys) if b is not None}
         device = {
             "resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
-            "block_index": self.blocks.nbytes if self.blocks is not None else 0,
+            "block_index": sum(block_keys.values()),  # a shared index counted once
+            "block_values": self.summary.values.nbytes if self.summary is not None else 0,
             "query_index": index_device,
         }
         host = {"kv_store": self.host.nbytes, "key_index": index_host}
+        if self.sketch is not None:
+            host["key_sketch"] = self.sketch.nbytes
         return {"device": device, "host": host}
 
     # ------------------------------------------------- transformers' Cache API
@@ -242,6 +255,7 @@ class HybridLayer(CacheLayerMixin):
         self.is_initialized = False
         self.n_seen = 0
         self.key_index = None
+        self.sketch = None
         self.n_indexed = 0
         self.last_added = None
         self.stats = StepStats()
@@ -292,7 +306,7 @@ class HybridCache(Cache):
         """Build every layer's host key index now (otherwise each layer builds at its first decode step)."""
         from engine.retrieval import build_key_index
 
-        if self.offload_config.mode == "block":
+        if not self.offload_config.uses_key_index:
             return
         for layer in self.layers:
             if layer.is_initialized and layer.key_index is None:
@@ -308,8 +322,8 @@ class HybridCache(Cache):
         return total
 
     def step_stats(self) -> dict[str, float]:
-        """The last decode step over all layers: host tokens, tokens gathered, vectors
-        scanned, and kv_read_frac = gathered / host tokens (per KV head)."""
+        """The last decode step over all layers: host tokens, tokens gathered and estimated,
+        vectors scanned, keys and sketch rows scored, and kv_read_frac = gathered / host tokens."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
         gathered = sum(layer.stats.gathered for layer in layers)
@@ -318,8 +332,10 @@ class HybridCache(Cache):
         return {
             "host_tokens": host,
             "gathered": gathered,
+            "estimated": sum(layer.stats.estimated for layer in layers),
             "scanned": scanned,
             "keys_scored": keys,
+            "sketched": sum(layer.stats.sketched for layer in layers),
             "kv_read_frac": gathered / host if host else 0.0,
             "keys_scored_frac": keys / host if host else 0.0,
         }

@@ -10,6 +10,7 @@ import torch
 
 RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
 SELECTION_MODES = ("ann", "block", "hybrid")
+BUDGETS = ("adaptive", "fixed")
 LANDMARKS = ("mean", "minmax")
 PREFILL_KEY_BLOCK = 2048  # keys per block of exact prefill attention (bounds its score buffer)
 HOST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,20 +22,36 @@ class OffloadConfig:
     each decode step picks the host tokens it attends to.
 
     Every decode step attends exactly to the `n_sink` first tokens and the
-    `window` most recent ones (resident on the device), plus the host tokens
-    selected by the device block index (blocks of `block_size` tokens: a
-    `block_frac` share of the host blocks, at most `n_blocks`), the host key
-    index (`top_k` tokens per query head), or both, depending on `mode`.
+    `window` most recent ones (resident on the device), plus host tokens.
+    Candidates come from the host key index (`mode="ann"`), the device block
+    index (`"block"`: blocks of `block_size` tokens, a `block_frac` share of
+    the host blocks, at most `n_blocks`), or both (`"hybrid"`). With
+    `budget="fixed"` every candidate is read: `top_k` per query head from the
+    key index, plus the blocks. With `budget="adaptive"` the key index
+    proposes `candidates` per query head, a low-rank sketch of the keys
+    (`sketch_rank`) estimates each one's attention probability, and those
+    whose estimate, averaged over the query group, reaches `min_prob` are
+    read: layers and heads whose attention is spread over many host tokens
+    read more, those that attend to the resident tokens read less. (The
+    sketch is built with the key index: with `mode="block"` the chosen
+    blocks are read whatever the budget.)
+    With `estimate`, the host tokens a step does not read are estimated from
+    their block's mean key and mean value (engine.estimate).
     """
 
     n_sink: int = 4
-    window: int = 128
+    window: int = 256
     block_size: int = 16
     n_blocks: int = 64
     block_frac: float = 0.04
     top_k: int = 32
     method: str = "qq"
-    mode: str = "hybrid"
+    mode: str = "ann"
+    budget: str = "adaptive"
+    candidates: int = 192  # adaptive: key-index proposals looked at per query head
+    min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
+    sketch_rank: int = 32  # adaptive: dimensions of the key sketch (at most the head dim)
+    estimate: bool = True
     landmark: str = "mean"
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
@@ -44,7 +61,8 @@ class OffloadConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
 
     def __post_init__(self):
-        for name in ("n_sink", "window", "block_size", "n_blocks", "top_k", "max_build_queries", "prefill_chunk"):
+        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "sketch_rank")
+        for name in (*ints, "max_build_queries", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"OffloadConfig.{name} must be a non-negative int, got {value!r}")
@@ -55,10 +73,22 @@ class OffloadConfig:
             raise ValueError(f"OffloadConfig.n_sink must be at least 1 (attention sinks), got {self.n_sink}")
         _check_choice("method", self.method, RETRIEVAL_METHODS)
         _check_choice("mode", self.mode, SELECTION_MODES)
+        _check_choice("budget", self.budget, BUDGETS)
         _check_choice("landmark", self.landmark, LANDMARKS)
         _check_choice("host_dtype", self.host_dtype, ("auto", *HOST_DTYPES))
-        if self.mode in ("ann", "hybrid") and self.top_k < 1:
+        if self.mode in ("ann", "hybrid") and self.budget == "fixed" and self.top_k < 1:
             raise ValueError(f"mode {self.mode!r} retrieves top_k tokens per query head: top_k must be >= 1")
+        if self.budget == "adaptive" and self.uses_key_index:
+            if self.candidates < 1:
+                raise ValueError("an adaptive budget ranks the key index's candidates: candidates must be >= 1")
+            if self.sketch_rank < 1:
+                raise ValueError(f"OffloadConfig.sketch_rank must be at least 1, got {self.sketch_rank}")
+            if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)):
+                raise ValueError(f"OffloadConfig.min_prob must be a number, got {self.min_prob!r}")
+            if not 0 <= self.min_prob <= 1:
+                raise ValueError(f"OffloadConfig.min_prob must lie in [0, 1], got {self.min_prob!r}")
+        if not isinstance(self.estimate, bool):
+            raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
         if self.mode in ("block", "hybrid") and self.n_blocks < 1:
             raise ValueError(f"mode {self.mode!r} selects candidate blocks: n_blocks must be >= 1")
         if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:
@@ -75,6 +105,16 @@ class OffloadConfig:
     def blocks_per_step(self, host_blocks: int) -> int:
         """Candidate blocks a decode step takes from the block index over `host_blocks` blocks."""
         return min(self.n_blocks, max(1, math.ceil(self.block_frac * host_blocks)))
+
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether decode steps take candidate blocks from the device block index."""
+        return self.mode in ("block", "hybrid")
+
+    @property
+    def uses_key_index(self) -> bool:
+        """Whether decode steps take candidates from the host key index (built after prefill)."""
+        return self.mode in ("ann", "hybrid")
 
     @property
     def resident_tokens(self) -> int:
@@ -106,14 +146,16 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 PRESETS: dict[str, OffloadConfig] = {
-    # Balanced: hybrid selection, a few percent of an 8K-128K context per step.
+    # Adaptive budget from the query->query lists, unread tokens estimated.
     "default": OffloadConfig(),
-    # Half the retrieval budget: faster steps, lower recall.
-    "tight": OffloadConfig(n_blocks=32, block_frac=0.02, top_k=16),
-    # Larger budget for accuracy-critical work.
-    "wide": OffloadConfig(window=512, n_blocks=128, top_k=256),
+    # About half the reads of the default.
+    "tight": OffloadConfig(min_prob=4e-4),
+    # More reads and a longer resident window, for accuracy-critical work.
+    "wide": OffloadConfig(window=512, min_prob=5e-5, candidates=384),
+    # A fixed budget per step: blocks (4% of the host blocks, at most 64) and 32 tokens per query head.
+    "fixed": OffloadConfig(mode="hybrid", budget="fixed"),
     # Device block index alone: no host index to build.
-    "block": OffloadConfig(mode="block", n_blocks=64),
+    "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64),
 }
 
 
@@ -269,8 +311,9 @@ def plan_memory(
     """Bytes the engine needs for `context_len` tokens with `cfg`.
 
     Device: weights, resident KV (sinks + window), block index (landmarks),
-    workspace (the largest transient buffers of a prefill chunk). Host: the KV
-    store and the key indexes. `model_config` is a preset name (see
+    block values (for the estimate of unread tokens), workspace (the largest
+    transient buffers of a prefill chunk). Host: the KV store, the key indexes
+    and the key sketch of an adaptive budget. `model_config` is a preset name (see
     `MODEL_PRESETS`), a dict or a transformers config.
     """
     cfg = cfg or OffloadConfig()
@@ -284,18 +327,19 @@ def plan_memory(
     wbytes = torch.finfo(weight_dtype).bits // 8
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
     host_tokens = context_len - cfg.resident_tokens
-    full_blocks = host_tokens // cfg.block_size
-    landmark_vectors = 1 if cfg.landmark == "mean" else 2
     C = min(cfg.prefill_chunk, context_len)
     landmark_bytes = 4 if cfg.resolved_device() == "cpu" else wbytes  # see engine.cache.landmark_dtype
-
+    # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
+    # every full block and the keys of the block still filling.
+    per_vector = L * Hkv * D * landmark_bytes * (host_tokens // cfg.block_size)
+    tail = L * Hkv * D * landmark_bytes * cfg.block_size
+    mean_keys = cfg.estimate or (cfg.uses_blocks and cfg.landmark == "mean")  # estimate and selection share it
+    min_max = cfg.uses_blocks and cfg.landmark == "minmax"  # Quest's bounds
     device = {
         "weights": m.n_params() * wbytes,
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
-        # a landmark per full block, and the keys of the block still filling
-        "block_index": L * Hkv * D * landmark_bytes * (full_blocks * landmark_vectors + cfg.block_size)
-        if cfg.mode != "ann"
-        else 0,
+        "block_index": mean_keys * (per_vector + tail) + min_max * (2 * per_vector + tail),
+        "block_values": (per_vector + tail) if cfg.estimate else 0,  # mean value per block, for the estimate
         # hidden states and MLP activations of one chunk, one block of attention scores (fp32)
         # and one block of host K/V brought over for it
         "workspace": C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
@@ -305,12 +349,14 @@ def plan_memory(
     index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
     device["query_index"] = L * index_device
     host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
+    if cfg.budget == "adaptive" and cfg.uses_key_index:
+        host["key_sketch"] = L * Hkv * host_tokens * min(cfg.sketch_rank, D) * host_bytes
     return MemoryPlan(device=device, host=host, gpu_budget_bytes=gpu_budget_bytes)
 
 
 def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):
     """(device bytes, host bytes) of one layer's key index, as the ann package estimates them."""
-    if cfg.mode == "block":
+    if not cfg.uses_key_index:
         return 0, 0
     n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
     if cfg.method == "qq":  # build queries on the device, lists in host memory

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from engine.sketch import KeySketch
+
 log = logging.getLogger(__name__)
 
 OVERSAMPLE = 8  # proposals looked at per host token a step may take
@@ -118,6 +120,9 @@ def build_key_index(layer) -> None:
         keys = layer.host.keys
     if layer.host.n:
         index.build(keys, queries)
+        if cfg.budget == "adaptive":
+            layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
+            layer.sketch.build(layer.host.keys, queries)
     layer.key_index = index
     layer.n_indexed = layer.host.n
     layer.query_sample.clear()
@@ -125,31 +130,73 @@ def build_key_index(layer) -> None:
         layer.progress.done(time.perf_counter() - t0)
 
 
-def select_host_ids(layer, q: torch.Tensor, q_host: np.ndarray) -> torch.Tensor:
-    """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the
-    decode queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
-    Updates layer.stats."""
-    cfg, n_host = layer.cfg, layer.host.n
+def select_host_ids(
+    layer, q: torch.Tensor, q_host: np.ndarray, scale: float, lse_resident: torch.Tensor, block_logits=None
+) -> torch.Tensor:
+    """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the decode
+    queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
+
+    Candidates come from the block index and/or the key index (OffloadConfig.mode).
+    A fixed budget reads them all; an adaptive one reads those the key sketch
+    rates likely (`read_likely`), given the resident tokens' log-sum-exp
+    lse_resident [Hkv, G] and the block summary's logits [Hkv, G, n_blocks]
+    (engine.estimate). The newest host tokens, which no index or summary
+    covers yet, are always read. Sets the selection counters of layer.stats."""
+    cfg = layer.cfg
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
-        parts.append(layer.blocks.select(q, cfg.blocks_per_step(layer.blocks.n_blocks)).cpu())
+        shared = layer.summary is not None and layer.blocks is layer.summary.keys
+        n = cfg.blocks_per_step(layer.blocks.n_blocks)
+        parts.append(layer.blocks.select(q, n, block_logits if shared else None).cpu())
         scanned += layer.blocks.scanned
-    if cfg.mode != "block":
+    if cfg.uses_key_index:
         if layer.key_index is None:
             build_key_index(layer)
         if layer.n_indexed:
+            per_head = cfg.candidates if cfg.budget == "adaptive" else cfg.top_k
             ids, vectors, keys = layer.key_index.candidates(
-                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), cfg.top_k
+                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), per_head
             )
             parts.append(ids)
             scanned += vectors
             keys_scored += keys
-        parts.append(torch.from_numpy(layer.unindexed_ids()).expand(layer.n_kv_heads, -1))
-    ids = unique_rows(torch.cat(parts, dim=1))
+    sketched = 0
+    if parts:
+        candidates = unique_rows(torch.cat(parts, dim=1))
+        if cfg.budget == "adaptive" and layer.sketch is not None:
+            q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
+            candidates, sketched = read_likely(layer, candidates, q_groups, scale, lse_resident, block_logits)
+        parts = [candidates]
+    parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
     st = layer.stats
-    st.host_tokens, st.scanned, st.keys_scored = n_host, scanned, keys_scored
-    st.gathered = int((ids >= 0).sum())
-    return ids
+    st.scanned, st.keys_scored, st.sketched = scanned, keys_scored, sketched
+    return unique_rows(torch.cat(parts, dim=1))
+
+
+def always_read(layer) -> np.ndarray:
+    """Host ids [n] every step reads: the newest tokens, not yet in the key index, and
+    (with an estimate) those of the block still filling, which has no summary yet."""
+    start = layer.n_indexed if layer.cfg.uses_key_index else layer.host.n
+    if layer.summary is not None:
+        start = min(start, layer.summary.n_blocks * layer.cfg.block_size)
+    return np.arange(start, layer.host.n)
+
+
+def read_likely(layer, candidates, q, scale, lse_resident, block_logits) -> tuple[torch.Tensor, int]:
+    """The candidates [Hkv, C] (-1 padded) worth reading: those whose attention probability,
+    estimated from the key sketch and averaged over the query group q [Hkv, G, D], reaches
+    cfg.min_prob. The softmax denominator is the resident tokens' exact mass plus the block
+    summary's estimate of the host tokens' (without a summary: the candidates' sketched mass).
+    Returns (ids [Hkv, C], sketch rows scored)."""
+    sketchable = torch.where(candidates < layer.sketch.n, candidates, -1)  # newer ones are read anyway
+    s = layer.sketch.scores(q, sketchable).mul_(scale)  # [Hkv, G, C]
+    if block_logits is not None:
+        lse = torch.logaddexp(lse_resident.float(), layer.summary.log_mass(block_logits)).cpu()
+    else:
+        lse = torch.logaddexp(lse_resident.float().cpu(), torch.logsumexp(s, dim=-1))
+    p = torch.exp(s - lse.unsqueeze(-1)).mean(dim=1)  # [Hkv, C]
+    keep = (sketchable >= 0) & (p >= layer.cfg.min_prob)
+    return torch.where(keep, candidates, -1), int((sketchable >= 0).sum())
 
 
 def host_candidates(index, q: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:

@@ -1,10 +1,12 @@
 """Long-context test prompts generated locally from a seed (nothing is downloaded).
 
-Passkey retrieval (after Landmark Attention) and RULER-style needle tasks:
-single needle, multi-key (distractor needles), multi-value, and variable
-tracking. A prompt is a haystack of filler sentences sized to a token budget
-with the needles at chosen depths, ending in an answer prefix so that a base
-or small instruct model completes it. `score()` is exact string matching.
+Passkey retrieval (after Landmark Attention) and RULER-style tasks: needles
+(single, multi-key with distractors, multi-value, multi-query), variable
+tracking, and common-words extraction (aggregation). A needle prompt is a
+haystack of filler sentences sized to a token budget with the needles at
+chosen depths; a common-words prompt is a numbered word list of that size.
+Every prompt ends in an answer prefix so that a base or small instruct model
+completes it. `score()` is exact string matching (whole words).
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import random
 import re
 from dataclasses import dataclass
 
-TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
+TASKS = (
+    "passkey",
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+    "common_words",
+)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_WORDS = (
@@ -57,6 +67,8 @@ def make_sample(task: str, n_tokens: int, tokenizer, *, seed: int = 0, depth: fl
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     rng = random.Random(f"{task}/{n_tokens}/{seed}/{depth}")
     depth = rng.random() if depth is None else depth
+    if task == "common_words":
+        return _common_words(n_tokens, tokenizer, rng, depth)
     intro, needles, question, answers = _TASK_PARTS[task](rng)
     fixed = len(tokenizer(intro + " ".join(needles) + question).input_ids)
     per_unit = len(tokenizer(" " + FILLER).input_ids)
@@ -108,7 +120,7 @@ def _needle(word: str, value: str) -> str:
 
 
 def _question(word: str, plural: bool = False) -> str:
-    if plural:
+    if plural:  # `word` may name several keys: "apple, river and ember"
         return (
             f"\n\nWhat are all the special magic numbers for {word} mentioned in the provided text? "
             f"The special magic numbers for {word} mentioned in the provided text are"
@@ -137,6 +149,13 @@ def _niah_multivalue(rng):
     return _NIAH_INTRO, [_needle(word, v) for v in values], _question(word, plural=True), values
 
 
+def _niah_multiquery(rng):
+    words = rng.sample(KEY_WORDS, 4)
+    values = [_number(rng, 7) for _ in words]
+    needles = [_needle(w, v) for w, v in zip(words, values)]
+    return _NIAH_INTRO, needles, _question(", ".join(words[:-1]) + " and " + words[-1], plural=True), values
+
+
 def _variable_tracking(rng):
     value = _number(rng, 5)
     names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
@@ -155,5 +174,55 @@ _TASK_PARTS = {
     "niah_single": _niah_single,
     "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue,
+    "niah_multiquery": _niah_multiquery,
     "variable_tracking": _variable_tracking,
 }
+
+# Common-words extraction (RULER's aggregation task): a numbered list in which N_COMMON
+# words appear often and every other word RARE_FREQ times. The common words fill about a
+# quarter of the list (RULER: 10 words 30 times in about 1,200 entries at 4K tokens), at
+# most COMMON_FREQ times each.
+N_COMMON, COMMON_FREQ, RARE_FREQ = 10, 30, 3
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def _pseudo_words(rng: random.Random, n: int) -> list[str]:
+    """n distinct pronounceable made-up words (no vocabulary file needed)."""
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))))
+    return sorted(words)
+
+
+def _word_list(rng: random.Random, entries: int) -> tuple[list[str], list[str]]:
+    """(the list, its common words) for about `entries` entries."""
+    freq = max(RARE_FREQ + 1, min(COMMON_FREQ, entries // (4 * N_COMMON)))
+    n_rare = max(0, entries - N_COMMON * freq) // RARE_FREQ
+    words = _pseudo_words(rng, N_COMMON + n_rare)
+    rng.shuffle(words)
+    common, rare = words[:N_COMMON], words[N_COMMON:]
+    listed = [w for w in common for _ in range(freq)] + [w for w in rare for _ in range(RARE_FREQ)]
+    rng.shuffle(listed)
+    return listed, common
+
+
+def _common_words(n_tokens: int, tokenizer, rng: random.Random, depth: float) -> Sample:
+    intro = (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often.\n"
+    )
+    question = (
+        f"\nQuestion: What are the {N_COMMON} most common words in the above list? "
+        f"Answer: The top {N_COMMON} words that appear most often in the list are:"
+    )
+    fixed = len(tokenizer(intro + question).input_ids)
+    seed = rng.random()
+    entries = max(1, (n_tokens - fixed) // 4)
+    for _ in range(6):  # size the list by measuring it: words split into varying numbers of tokens
+        listed, common = _word_list(random.Random(seed), entries)
+        prompt = intro + " ".join(f"{i + 1}. {w}" for i, w in enumerate(listed)) + question
+        n = len(tokenizer(prompt).input_ids)
+        if 0.95 * n_tokens <= n <= n_tokens:
+            break
+        entries = max(1, int(entries * 0.98 * (n_tokens - fixed) / max(1, n - fixed)))
+    return Sample("common_words", prompt, tuple(common), depth, n)

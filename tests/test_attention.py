@@ -8,7 +8,9 @@ from transformers import DynamicCache
 from engine import HybridCache, OffloadConfig
 from tests.conftest import tiny_llama
 
-COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, block_frac=1.0, top_k=1000)
+# a fixed budget whose blocks (and key-index candidates) cover every host token
+COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, block_frac=1.0, top_k=1000, budget="fixed")
+COVER_ALL_HYBRID = dict(COVER_ALL, mode="hybrid")
 
 
 def run_hybrid(model, ids, cfg, prefill, chunk=None):
@@ -38,6 +40,29 @@ def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_lo
     assert cache.get_seq_length() == 260
 
 
+def test_exact_when_an_adaptive_budget_reads_every_candidate(tiny_model, tiny_ids, tiny_full_logits):
+    """min_prob 0 keeps every candidate; the flat index proposes every host token: exact,
+    with the key sketch and the estimate on the path (the estimate is then empty)."""
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
+    assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
+    stats = cache.step_stats()
+    assert stats["gathered"] == stats["host_tokens"] and stats["estimated"] == 0
+    assert stats["sketched"] > 0
+
+
+def test_adaptive_budget_reads_less_as_min_prob_rises(tiny_model, tiny_ids):
+    read = []
+    for min_prob in (0.0, 1e-3, 1e-2, 1.0):
+        cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=min_prob)
+        _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
+        read.append(cache.step_stats()["gathered"])
+    assert read == sorted(read, reverse=True) and read[0] > read[-1]
+    # the host tokens that no index or summary covers yet are read whatever min_prob says
+    layer = cache.layers[0]
+    assert read[-1] >= len(cache.layers) * layer.n_kv_heads * (layer.host.n - layer.summary.n_blocks * 8) > 0
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 33, 200])
 def test_prefill_chunking_does_not_change_logits(tiny_model, tiny_ids, tiny_full_logits, chunk):
     logits, _ = run_hybrid(tiny_model, tiny_ids[:, :220], OffloadConfig(**COVER_ALL, mode="block"), 200, chunk)
@@ -49,7 +74,7 @@ def test_greedy_generate_matches_full_attention(tiny_model, tiny_ids):
     kwargs = dict(max_new_tokens=40, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
     with torch.no_grad():
         full = tiny_model.generate(prompt, cache=DynamicCache(), **kwargs)
-        hybrid = tiny_model.generate(prompt, cache=HybridCache(tiny_model, OffloadConfig(**COVER_ALL)), **kwargs)
+        hybrid = tiny_model.generate(prompt, cache=HybridCache(tiny_model, OffloadConfig(**COVER_ALL_HYBRID)), **kwargs)
     assert torch.equal(full, hybrid)
 
 
@@ -79,7 +104,8 @@ def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, 
 def test_hybrid_budget_beats_resident_only(tiny_model, tiny_ids, tiny_full_logits):
     """Retrieval must matter: with the same window, retrieving host tokens gets closer to full attention."""
     ref = tiny_full_logits[0, 300:340]
-    resident_only = OffloadConfig(n_sink=4, window=16, mode="block", n_blocks=1, block_size=1)
+    # (without the estimate: with one-token blocks it would be exact)
+    resident_only = OffloadConfig(n_sink=4, window=16, mode="block", n_blocks=1, block_size=1, estimate=False)
     retrieved = OffloadConfig(
         n_sink=4, window=16, mode="hybrid", method="flat", top_k=32, n_blocks=8, block_frac=1.0, block_size=8
     )
@@ -144,7 +170,7 @@ def test_qwen2_with_attention_bias_is_exact():
     ids = torch.randint(0, 50, (1, 180), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    logits, _ = run_hybrid(model, ids, OffloadConfig(**COVER_ALL), prefill=150)
+    logits, _ = run_hybrid(model, ids, OffloadConfig(**COVER_ALL_HYBRID), prefill=150)
     assert (logits - full).abs().max() <= 1e-4
 
 
@@ -152,5 +178,5 @@ def test_exact_on_the_matmul_path_other_devices_take(tiny_model, tiny_ids, tiny_
     from engine import merge
 
     monkeypatch.setattr(merge, "_cpu_flash", None)
-    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :240], OffloadConfig(**COVER_ALL), prefill=200, chunk=64)
+    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :240], OffloadConfig(**COVER_ALL_HYBRID), prefill=200, chunk=64)
     assert (logits - tiny_full_logits[:, :240]).abs().max() <= 1e-4

@@ -87,13 +87,19 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
     out = tmp_path / "eval.json"
     script("eval_accuracy").main(["--quick", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["task"], r["method"]) for r in rows} == {
-        (t, m) for t in ("passkey", "niah_single") for m in ("full", "hybrid-default", "hybrid-tight")
-    }
+    engines = ("default", "fixed-noest")
+    methods = {"full", *engines, *(f"oracle{e}@{name}" for name in engines for e in ("", "+est"))}
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("passkey", "niah_single") for m in methods}
     for r in rows:
-        has_keys(r, {"task", "context", "method", "n", "accuracy", "agreement", "attn_rel_err", "kv_read_frac"})
+        has_keys(r, {"task", "context", "method", "n", "accuracy", "accuracy_ci", "agreement", "kv_read_frac"})
         assert r["n"] == 2 and r["context"] == 512
+        assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
         if r["method"] == "full":
             assert r["agreement"] == 1.0 and r["kv_read_frac"] == 1.0
         else:
             assert 0 < r["kv_read_frac"] < 1
+    read = {(r["task"], r["method"]): r["kv_read_frac"] for r in rows}
+    for task in ("passkey", "niah_single"):  # each oracle reads about what its engine configuration read
+        for name in engines:
+            for oracle in (f"oracle@{name}", f"oracle+est@{name}"):
+                assert read[(task, oracle)] == pytest.approx(read[(task, name)], rel=0.1, abs=0.01)

@@ -57,18 +57,20 @@ def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, windo
 
 
 def test_no_host_token_is_selected_twice(tiny_model, tiny_ids):
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, n_blocks=6, top_k=24, mode="hybrid", method="flat")
+    cfg = OffloadConfig(
+        n_sink=4, window=16, block_size=8, n_blocks=6, top_k=24, mode="hybrid", method="flat", budget="fixed"
+    )
     cache = HybridCache(tiny_model, cfg)
     with torch.no_grad():
         tiny_model(tiny_ids[:, :300], cache=cache, use_cache=True)
     layer = cache.layers[0]
     q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim)
-    ids = select_host_ids(layer, q, q.reshape(-1, layer.head_dim).numpy())
+    resident_lse = torch.zeros(layer.n_kv_heads, layer.group)
+    ids = select_host_ids(layer, q, q.reshape(-1, layer.head_dim).numpy(), 0.25, resident_lse)
     for row in ids:
         valid = row[row >= 0]
         assert len(valid) == len(torch.unique(valid)) > 0
         assert int(valid.max()) < layer.host.n  # host ids only: resident tokens are never among them
-    assert layer.stats.gathered == int((ids >= 0).sum())
 
 
 def test_unique_rows_pads_repeats():

@@ -69,3 +69,27 @@ def test_bad_arguments():
         make_sample("needle", 100, TOK)
     with pytest.raises(ValueError, match="depth must lie in"):
         make_sample("passkey", 100, TOK, depth=1.5)
+
+
+def test_multiquery_asks_for_every_needle():
+    s = make_sample("niah_multiquery", 1500, TOK, seed=2)
+    assert len(s.answers) == 4 and s.prompt.count("One of the special magic numbers for") == 4
+    question = s.prompt[s.prompt.rindex("\n\n") :]
+    for value in s.answers:
+        needle = s.prompt[: s.prompt.index(value)]
+        word = needle[needle.rindex("numbers for ") + len("numbers for ") :].split()[0]
+        assert word in question  # the question names the key of every value it expects
+    assert score(s, " ".join(s.answers[:2])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n_tokens", [500, 4000])
+def test_common_words_are_the_most_frequent_in_the_list(n_tokens):
+    from collections import Counter
+
+    s = make_sample("common_words", n_tokens, TOK, seed=1)
+    listed = s.prompt[s.prompt.index("1. ") : s.prompt.rindex("\nQuestion")].split()[1::2]
+    counts = Counter(listed)
+    assert len(s.answers) == 10 and set(s.answers) <= set(counts)
+    fewest_common = min(counts[w] for w in s.answers)
+    assert fewest_common > max(c for w, c in counts.items() if w not in s.answers)
+    assert score(s, ", ".join(s.answers)) == 1.0 and score(s, "none of them") == 0.0

@@ -1,0 +1,172 @@
+"""Per-layer fidelity of the decode attention: each engine configuration's relative error
+against exact attention, beside the oracle at the same read share, with and without the
+estimate of unread tokens.
+
+Prompts are segments of natural text (Debian's license and copyright texts, read from
+the tokens past `--offset`, so apart from the text the defaults were tuned on). Each is
+prefilled once (the engine's prefill is exact); then, for every configuration, the next
+`--steps` tokens of the text are fed one at a time (teacher forcing, so every
+configuration decodes the same positions). At every decode step of every layer:
+
+    err         ‖O − O_exact‖ / ‖O_exact‖ over the layer's query heads (the engine's output)
+    read        host tokens read / host tokens (per KV head, averaged)
+    oracle_err  the same for the host tokens exact attention weighs most, as many per KV
+                head as the engine read in that step, and nothing for the rest
+    oracle_est_err  that oracle with the unread tokens estimated (configurations with an estimate)
+
+Summary per configuration: the mean over layers (and steps) of each, with a 95% interval
+over prompts.
+
+    python bench/bench_fidelity.py [--quick] [--json PATH] [--prompts N] [--context T] [--steps S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from capture_qk import load_text  # noqa: E402
+from probes import LayerProbe, copy_state  # noqa: E402
+from stats import mean_interval  # noqa: E402
+
+from engine import HybridCache, OffloadConfig  # noqa: E402
+from engine.api import prefill  # noqa: E402
+from engine.models import load_model  # noqa: E402
+
+PROBE = "hybrid_fidelity"
+CONFIGS = {
+    "default": OffloadConfig.preset("default", device="cpu"),
+    "tight": OffloadConfig.preset("tight", device="cpu"),
+    "fixed": OffloadConfig.preset("fixed", device="cpu"),
+    "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
+}
+SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
+METRICS = ("err", "read", "oracle_err", "oracle_est_err")
+
+
+def segments(tok, n: int, length: int, offset: int) -> list[torch.Tensor]:
+    """n token segments [1, length], evenly spaced through the text past `offset` tokens."""
+    text, _ = load_text(min_chars=(offset + n * length) * 5)
+    ids = tok(text, return_tensors="pt").input_ids[:, offset:]
+    if ids.shape[1] < n * length:
+        raise ValueError(f"the text has {ids.shape[1]} tokens past the offset, {n} x {length} asked")
+    stride = ids.shape[1] // n
+    return [ids[:, i * stride : i * stride + length] for i in range(n)]
+
+
+@torch.inference_mode()
+def measure(model, ids: torch.Tensor, context: int, configs: dict, probe: LayerProbe, chunk: int) -> dict:
+    """Per configuration: {layer: {metric: mean over the decode steps}}."""
+    model.set_attn_implementation("hybrid")
+    source = HybridCache(model, SOURCE, progress=False)  # builds every index the configurations share
+    prefill(model, ids[:, :context], source, chunk, progress=False)
+    source.build_indexes()
+    out = {}
+    for name, cfg in configs.items():
+        cache = copy_state(source, model, cfg)
+        probe.records.clear()
+        model.set_attn_implementation(PROBE)
+        for t in range(context, ids.shape[1]):
+            model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True, logits_to_keep=1)
+        model.set_attn_implementation("hybrid")
+        out[name] = probe.layer_means()
+    return out
+
+
+def summarise(per_prompt: list[dict], configs) -> dict:
+    """{config: {metric: (mean over prompts of the mean over layers, 95% low, high), 'layers': {...}}}."""
+    summary = {}
+    for name in configs:
+        layers = per_prompt[0][name].keys()
+        entry = {"layers": {}}
+        for metric in METRICS:
+            if metric not in next(iter(per_prompt[0][name].values())):
+                continue
+            per_layer = np.array([[p[name][i][metric] for i in layers] for p in per_prompt])  # [prompts, layers]
+            entry[metric] = mean_interval(per_layer.mean(axis=1))
+            for j, i in enumerate(layers):
+                entry["layers"].setdefault(i, {})[metric] = float(per_layer[:, j].mean())
+        summary[name] = entry
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = ["config        mean over layers: err [95%]        read    oracle_err  oracle+est_err"]
+    for name, e in summary.items():
+        m, lo, hi = e["err"]
+        oe = f"{e['oracle_est_err'][0]:.3f}" if "oracle_est_err" in e else "  -  "
+        lines.append(
+            f"{name:<13} {m:.3f} [{lo:.3f}, {hi:.3f}]  {100 * e['read'][0]:5.2f}%   {e['oracle_err'][0]:.3f}       {oe}"
+        )
+    lines.append("")
+    names = list(summary)
+    lines.append("layer  " + "  ".join(f"{n + ' err/read/orc/orc+est':>32}" for n in names))
+    for i in next(iter(summary.values()))["layers"]:
+        cells = []
+        for n in names:
+            d = summary[n]["layers"][i]
+            est = f"{d['oracle_est_err']:.3f}" if "oracle_est_err" in d else "  -  "
+            cells.append(f"{d['err']:.3f} / {100 * d['read']:4.1f}% / {d['oracle_err']:.3f} / {est}")
+        lines.append(f"{i:>5}  " + "  ".join(f"{c:>32}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 short prompts, 4 steps")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompts", type=int, help="default 12 (--quick: 2)")
+    p.add_argument("--context", type=int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--steps", type=int, help="decode steps per prompt; default 24 (--quick: 4)")
+    p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    args.prompts = args.prompts or (2 if args.quick else 12)
+    args.context = args.context or (512 if args.quick else 4096)
+    args.steps = args.steps or (4 if args.quick else 24)
+    torch.set_num_threads(args.threads)
+
+    model, tok = load_model(args.model, attn_implementation="hybrid")
+    probe = LayerProbe()
+    AttentionInterface.register(PROBE, probe)
+    configs = {name: CONFIGS[name] for name in args.configs}
+    started = time.perf_counter()
+    per_prompt = []
+    for ids in tqdm(segments(tok, args.prompts, args.context + args.steps, args.offset), desc="prompts"):
+        per_prompt.append(measure(model, ids, args.context, configs, probe, args.chunk))
+    summary = summarise(per_prompt, configs)
+    print(table(summary))
+    if args.json:
+        result = {
+            "config": {
+                "model": args.model,
+                "prompts": args.prompts,
+                "context": args.context,
+                "steps": args.steps,
+                "offset": args.offset,
+                "threads": args.threads,
+                "engine_configs": {k: v.__dict__ for k, v in configs.items()},
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+            "summary": summary,
+            "per_prompt": per_prompt,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

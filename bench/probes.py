@@ -1,0 +1,168 @@
+"""Evaluation pieces shared by the accuracy and fidelity benchmarks.
+
+- `copy_state`: a prefilled cache's positions in a full-attention cache or in
+  another engine configuration (the host indexes are copied, not rebuilt);
+- `OracleSelect`: a selection rule for `engine.attention.decode_step` that reads
+  the host tokens exact attention weighs most (it scores every host key: for
+  measuring what a selector could reach at the same read share, not for use);
+- `LayerProbe`: an attention function that runs the engine and measures, per
+  layer and decode step, the relative error of its attention output and of the
+  oracle's at the engine's own per-head read counts, with and without the
+  estimate of unread tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections import defaultdict
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from engine import HybridCache, OffloadConfig
+from engine.attention import host_state, hybrid_attention_forward
+from engine.cache import HybridLayer
+from engine.merge import attend, merge_states
+from engine.retrieval import always_read, unique_rows
+
+
+def copy_state(
+    src: HybridCache, model, cfg: OffloadConfig | None, *, indexes: bool = True
+) -> HybridCache | DynamicCache:
+    """The same positions' K/V in a full-attention DynamicCache (cfg None), or in a hybrid
+    cache with `cfg`, which must keep the source's sinks, window and method: its host
+    indexes (and key sketch) are then the source's, copied rather than built again
+    (`indexes=False`: left out, for a selection rule that does not use them)."""
+    if cfg is not None:
+        src_cfg = src.offload_config
+        if (cfg.n_sink, cfg.window, cfg.method) != (src_cfg.n_sink, src_cfg.window, src_cfg.method):
+            raise ValueError("evaluated engine configurations must share sinks, window and method with the first one")
+    dst = DynamicCache() if cfg is None else HybridCache(model, cfg, progress=False)
+    with torch.no_grad():
+        for i, layer in enumerate(src.layers):
+            k, v = layer.ordered_kv()
+            if cfg is None:
+                dst.update(k[None], v[None], i)
+            else:
+                dst.layers[i].update(k[None], v[None])
+                if indexes:
+                    dst.layers[i].key_index = copy.deepcopy(layer.key_index)
+                    dst.layers[i].sketch = copy.deepcopy(layer.sketch) if cfg.budget == "adaptive" else None
+                    dst.layers[i].n_indexed = layer.n_indexed
+    return dst
+
+
+@torch.inference_mode()
+def greedy(model, cache, logits, max_new: int, eos: set[int], read: list | None = None, forced=None) -> list[int]:
+    """Greedy tokens from the prefill's last logits [vocab]: up to max_new, stopping after an
+    EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
+    (teacher forcing), still returning the model's picks. `read` collects each step's
+    kv_read_frac."""
+    tokens = []
+    for step in range(max_new):
+        token = int(logits.argmax())
+        tokens.append(token)
+        if (forced is None and token in eos) or step == max_new - 1:
+            break
+        fed = token if forced is None else forced[step]
+        logits = model(input_ids=torch.tensor([[fed]]), cache=cache, use_cache=True).logits[0, -1]
+        if read is not None:
+            read.append(cache.step_stats()["kv_read_frac"])
+    return tokens
+
+
+def host_mass(layer: HybridLayer, q: torch.Tensor, scale: float, lse_resident: torch.Tensor) -> torch.Tensor:
+    """Exact attention probability of every host token, summed over each KV head's query
+    group: q [Hkv, G, D], lse_resident [Hkv, G] -> [Hkv, n_host] on the CPU."""
+    keys = layer.host.keys.float()  # [Hkv, n, D]
+    s = torch.bmm(q.float().cpu(), keys.transpose(1, 2)) * scale  # [Hkv, G, n]
+    lse = torch.logaddexp(lse_resident.float().cpu(), torch.logsumexp(s, dim=-1))
+    return torch.exp(s - lse.unsqueeze(-1)).sum(dim=1)
+
+
+def top_ids(mass: torch.Tensor, counts: torch.Tensor, always: np.ndarray) -> torch.Tensor:
+    """Per KV head the `always` ids plus the heaviest others, counts[h] in all: [Hkv, M] (-1 padded)."""
+    mass = mass.clone()
+    mass[:, torch.from_numpy(always)] = float("inf")  # read anyway: they come first
+    m = int(counts.max()) if len(counts) else 0
+    m = min(max(m, len(always)), mass.shape[1])
+    ids = torch.topk(mass, m, dim=1).indices
+    keep = torch.arange(m).unsqueeze(0) < counts.clamp_min(len(always)).unsqueeze(1)
+    return unique_rows(torch.where(keep, ids, -1))
+
+
+class OracleSelect:
+    """Selection rule (see `decode_step`): per KV head, the host tokens that exact attention
+    weighs most (summed over the query group), `frac` of the host tokens, or `counts`
+    [Hkv] when set; the tokens every step must read (`always_read`) are among them."""
+
+    def __init__(self, frac: float = 0.05):
+        self.frac, self.counts = frac, None
+
+    def __call__(self, layer, q, q_host, scale, lse_resident, block_logits=None) -> torch.Tensor:
+        n = self.counts if self.counts is not None else torch.full((layer.n_kv_heads,), round(self.frac * layer.host.n))
+        layer.stats.scanned = layer.stats.keys_scored = layer.n_kv_heads * layer.host.n
+        return top_ids(host_mass(layer, q, scale, lse_resident), n, always_read(layer))
+
+
+def relative_error(o: torch.Tensor, exact: torch.Tensor) -> float:
+    """‖o − exact‖ / ‖exact‖ over a layer's query heads."""
+    exact = exact.float().cpu()
+    return float((o.float().cpu() - exact).norm() / exact.norm())
+
+
+class LayerProbe:
+    """Attention function: the engine's own output, and on decode steps of `layers` a
+    record per (layer, step) of its relative error against exact attention, the oracle's
+    at the same per-head read counts with and without the estimate, and the read share."""
+
+    def __init__(self, layers=None, oracle: bool = True):
+        self.layers, self.oracle = layers, oracle
+        self.records: dict[int, list[dict]] = defaultdict(list)
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, w = hybrid_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if not isinstance(key, HybridLayer) or query.shape[2] != 1 or key.host.n == 0:
+            return out, w
+        layer = key
+        if self.layers is not None and layer.layer_idx not in self.layers:
+            return out, w
+        with torch.no_grad():
+            self.records[layer.layer_idx].append(self.measure(layer, query, out, scaling))
+        return out, w
+
+    def measure(self, layer: HybridLayer, query, out, scaling) -> dict:
+        Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
+        q = query[0].view(Hkv, G, 1, D)
+        scale = scaling if scaling is not None else D**-0.5
+        exact = attend(q, *layer.ordered_kv(), scale)[0]  # [Hkv, G, 1, D]
+        read = layer.stats.read_ids
+        rec = {
+            "err": relative_error(out[0, 0].view(Hkv, G, 1, D), exact),
+            "read": float((read >= 0).sum()) / (Hkv * layer.host.n),
+        }
+        if self.oracle:
+            rk, rv, _ = layer.resident()
+            o_r, lse_r = attend(q, rk, rv, scale)
+            ids = top_ids(host_mass(layer, q[:, :, 0], scale, lse_r[..., 0]), (read >= 0).sum(1), always_read(layer))
+            q_host = q.reshape(Hkv * G, D).float().cpu()
+            variants = {"oracle": None}
+            if layer.summary is not None:
+                variants["oracle_est"] = layer.summary.logits(q[:, :, 0], scale)
+            for name, logits in variants.items():
+                o_h, lse_h = host_state(layer, q_host, scale, ids, logits)
+                o = merge_states(o_r, lse_r, o_h.to(o_r.device), lse_h.to(o_r.device))[0]
+                rec[f"{name}_err"] = relative_error(o, exact)
+        return rec
+
+    def layer_means(self) -> dict[int, dict[str, float]]:
+        return {
+            i: {k: float(np.mean([r[k] for r in recs])) for k in recs[0]} for i, recs in sorted(self.records.items())
+        }
+
+
+def oracle_attention(frac: float):
+    """An attention function that decodes with `OracleSelect(frac)` in place of the engine's selection."""
+    return functools.partial(hybrid_attention_forward, select=OracleSelect(frac))

@@ -1,0 +1,91 @@
+"""Estimation of the host tokens a decode step does not read.
+
+Per full host block (`block_size` consecutive host tokens) the device keeps the
+mean key and the mean value. At a decode step the tokens of a block that were
+not gathered contribute, per query head, the estimated log-weight
+
+    log(n_left) + scale * q . mean_key        with value  mean_value
+
+where n_left = block_size - (tokens of the block that were gathered). The
+estimated blocks form one more partial attention state `(o, lse)`, merged by
+log-sum-exp with the exact parts. Every host token is thus either read exactly
+(once) or counted in its block's estimate (once); a block read in full has
+n_left = 0 and contributes nothing, so budgets that read everything stay exact.
+
+Why the whole block's mean key, also for a partly read block: the mean-key
+weight exp(q . mean_k) underestimates the block's mass (Jensen), and the
+mean over all its tokens (the read ones attract attention, so they raise it)
+offsets part of that. Measured on the bundled model's real keys, it gives a
+lower attention error than the mean of the unread tokens alone, and than a
+per-channel key variance correction, which overshoots on layers whose keys
+spread (see the fidelity report in the README).
+
+The tokens of the block still filling (the tail) have no summary yet: the
+decode step always reads them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ann.block import BlockIndex
+
+
+class BlockSummary:
+    """Mean key and mean value [Hkv, n_blocks, D] of every full host block, on the device.
+
+    Both are kept by `ann.block.BlockIndex` with mean landmarks (one over keys,
+    one over values), so appending, growth and the filling tail are shared;
+    the key one doubles as the block selection index when the configuration
+    selects blocks by mean key."""
+
+    def __init__(self, n_heads: int, dim: int, block_size: int, *, device, dtype, capacity: int):
+        self.block_size = block_size
+        self.keys = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
+        self.values = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, n, D]: the next n host tokens."""
+        self.keys.add(k)
+        self.values.add(v)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.keys.n_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def logits(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [Hkv, G, D] -> scale * q . mean_key [Hkv, G, n_blocks] fp32 (the block scores too)."""
+        mean_k = self.keys.landmarks[0].float()  # [Hkv, nb, D]; fp32 products: the weights are exponentiated
+        return torch.bmm(q.float() * scale, mean_k.transpose(1, 2))
+
+    def log_mass(self, logits: torch.Tensor) -> torch.Tensor:
+        """Estimated log of the attention mass of all full blocks [Hkv, G] (before any is read)."""
+        if logits.shape[-1] == 0:
+            return logits.new_full(logits.shape[:-1], float("-inf"))
+        return torch.logsumexp(logits, dim=-1) + math.log(self.block_size)
+
+    def estimate(self, logits: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unread tokens' state: logits [Hkv, G, nb] from `logits()`, read [Hkv, nb] tokens
+        gathered per block -> (o [Hkv, G, D] fp32, lse [Hkv, G] fp32); lse = -inf when none is left."""
+        left = (self.block_size - read).clamp_min(0).to(logits.dtype)  # [Hkv, nb]
+        lw = logits + left.log().unsqueeze(1)  # log(0) = -inf: a block read in full adds nothing
+        lse = torch.logsumexp(lw, dim=-1) if lw.shape[-1] else lw.new_full(lw.shape[:-1], float("-inf"))
+        finite = torch.isfinite(lse)
+        w = torch.exp(lw - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))  # [Hkv, G, nb]
+        o = torch.bmm(w, self.values.landmarks[0].float())  # [Hkv, G, D]
+        return o, lse
+
+    def read_per_block(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [Hkv, M] host ids gathered (-1 padded, distinct per row) -> tokens read per full block [Hkv, nb]."""
+        nb, B = self.n_blocks, self.block_size
+        ids = ids.to(self.keys.device)
+        in_block = (ids >= 0) & (ids < nb * B)
+        counts = torch.zeros(ids.shape[0], nb + 1, dtype=torch.int64, device=ids.device)  # column nb: the rest
+        counts.scatter_add_(1, torch.where(in_block, ids // B, nb), in_block.long())
+        return counts[:, :nb]

@@ -1,0 +1,113 @@
+"""Estimation of the unread host tokens (engine.estimate): exact where its model is,
+empty when everything is read, and never a token counted twice."""
+
+import pytest
+import torch
+
+from engine import HybridCache, OffloadConfig
+from engine.estimate import BlockSummary
+from engine.merge import attend, merge_states
+from tests.reference import gather_attend_ref
+
+
+def blockwise_constant(Hkv, n_blocks, B, D, seed=0):
+    """Keys and values equal within each block: there the estimate's model holds exactly."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = (
+        torch.randn(Hkv, n_blocks, 1, D, generator=g).expand(-1, -1, B, -1).reshape(Hkv, n_blocks * B, D)
+        for _ in range(2)
+    )
+    return k.contiguous(), v.contiguous()
+
+
+def summary_of(k, v, B):
+    summary = BlockSummary(k.shape[0], k.shape[2], B, device="cpu", dtype=torch.float32, capacity=k.shape[1])
+    summary.add(k, v)
+    return summary
+
+
+@pytest.mark.parametrize("B", [1, 4, 16])
+@pytest.mark.parametrize("read_frac", [0.0, 0.1, 0.5])
+def test_read_plus_estimate_is_exact_when_blocks_are_constant(B, read_frac):
+    Hkv, G, D, nb = 2, 3, 16, 11
+    k, v = blockwise_constant(Hkv, nb, B, D)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(Hkv, G, D, generator=g)
+    N = nb * B
+    # any subset of tokens read, partial blocks included
+    chosen = torch.rand(Hkv, N, generator=g) < read_frac
+    ids = torch.where(chosen, torch.arange(N), torch.tensor(-1))
+    summary = summary_of(k, v, B)
+    logits = summary.logits(q, 0.25)
+    o_e, lse_e = summary.estimate(logits, summary.read_per_block(ids))
+    o_r, lse_r = gather_attend_ref(q.reshape(-1, D), k, v, ids, 0.25)
+    o, lse = merge_states(o_r.float().view(Hkv, G, D), lse_r.float().view(Hkv, G), o_e, lse_e)
+    exact, exact_lse = attend(q.unsqueeze(2), k, v, 0.25)
+    torch.testing.assert_close(o, exact[:, :, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_estimate_is_empty_when_every_token_is_read():
+    k, v = blockwise_constant(2, 5, 8, 16)
+    summary = summary_of(k, v, 8)
+    ids = torch.arange(40).expand(2, -1)
+    o, lse = summary.estimate(summary.logits(torch.randn(2, 3, 16), 0.25), summary.read_per_block(ids))
+    assert torch.isneginf(lse).all() and (o == 0).all()
+
+
+def test_estimate_underestimates_a_spread_block_and_counts_unread_tokens_once():
+    """With spread keys, exp(q . mean_k) < mean exp(q . k) (Jensen): the estimate is a lower bound
+    per block; and reading more of a block lowers its estimated count by exactly that many."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 32, 8, generator=g), torch.randn(1, 32, 8, generator=g)
+    summary = summary_of(k, v, 16)
+    q = torch.randn(1, 1, 8, generator=g)
+    logits = summary.logits(q, 1.0)
+    none_read = torch.full((1, 1), -1)
+    _, lse_all = summary.estimate(logits, summary.read_per_block(none_read))
+    assert float(lse_all) <= float(torch.logsumexp((q[0] @ k[0].T), dim=-1))
+    read = summary.read_per_block(torch.tensor([[0, 1, 2, 17, -1]]))
+    assert read.tolist() == [[3, 1]]
+    _, lse_some = summary.estimate(logits, read)
+    expected = torch.logsumexp(logits[0, 0] + torch.tensor([13.0, 15.0]).log(), dim=-1)
+    torch.testing.assert_close(lse_some[0, 0], expected)
+
+
+def test_tokens_past_the_last_full_block_are_not_summarised():
+    k, v = torch.randn(1, 21, 4), torch.randn(1, 21, 4)
+    summary = summary_of(k, v, 8)
+    assert summary.n_blocks == 2
+    torch.testing.assert_close(summary.values.landmarks[0, 0, 1], v[0, 8:16].mean(0))
+    assert summary.read_per_block(torch.tensor([[20, 16, 3]])).tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(min_prob=1e-2),
+        dict(budget="fixed", mode="hybrid"),
+        dict(mode="block", n_blocks=2),
+        dict(method="flat", min_prob=1e-2),
+    ],
+    ids=str,
+)
+def test_every_host_token_is_read_or_estimated_once(tiny_model, tiny_ids, changes):
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, **changes)
+    cache = HybridCache(tiny_model, cfg, progress=False)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :300], cache=cache, use_cache=True)
+        for t in range(300, 330):
+            tiny_model(tiny_ids[:, t : t + 1], cache=cache, use_cache=True)
+            for layer in cache.layers:
+                st = layer.stats
+                assert st.gathered + st.estimated == st.host_tokens * layer.n_kv_heads
+                assert 0 < st.gathered < st.host_tokens * layer.n_kv_heads
+
+
+def test_estimate_off_estimates_nothing(tiny_model, tiny_ids):
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16, estimate=False), progress=False)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :200], cache=cache, use_cache=True)
+        tiny_model(tiny_ids[:, 200:201], cache=cache, use_cache=True)
+    assert cache.step_stats()["estimated"] == 0
+    assert all(layer.summary is None for layer in cache.layers)
