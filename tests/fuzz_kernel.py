@@ -1,0 +1,426 @@
+"""Fuzzing of the host kernels `gather_attend` and `merge_attention` against plain references.
+
+    python tests/fuzz_kernel.py --calls 100000 [--seed 0] [--ext build/sanitize]
+
+draws random cases from a seeded RNG, checks every kernel call and prints one
+summary line; the exit status is 1 if any call disagreed or raised the wrong
+error. `--ext DIR` loads `engine._C` from DIR instead of the installed
+extension (`make sanitize` passes its ASan/UBSan build). tests/test_fuzz.py
+runs the same checks on cases that hypothesis draws.
+
+What is checked, per query head, against the fp64 reference of tests/reference.py:
+
+* an id list with no valid id gives exactly out = 0 and lse = -inf;
+* an id outside [-1, N) raises IndexError naming it (also an id that falls in
+  a store's spare capacity), a scale that is not a finite float32 ValueError;
+* when every fp32 intermediate is in range (dot products, scaled scores and
+  the value accumulator below FLT_MAX / 4), out and lse are finite and agree
+  with the reference within a bound that scales with the magnitudes: the
+  rounding of length-D fp32 dot products, of M-term sums, and of |lse|;
+* outside that range (huge q, k or v, huge scale) fp32 cannot carry the
+  computation and the fp64 reference is not reproducible: an overflowed dot
+  product becomes -inf (its row then weighs 0, so the result may even be finite
+  and wrong) or +inf (NaN). There only the first rule is checked, and that the
+  call returns; under `make sanitize` also that it stays within its buffers.
+
+`merge_attention` is checked against an fp64 merge (tight bound) and against
+`engine.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
+so that bound grows with |lse|. A side with lse = -inf is exactly the identity,
+and lse = +inf or NaN on either side must give a non-finite lse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+if not __package__:  # run as a script: the repository root holds `tests`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.reference import gather_attend_ref  # noqa: E402
+
+EPS = 2.0**-24  # fp32 unit roundoff
+FLT_MAX = float(np.finfo(np.float32).max)
+DENORM_FLOOR = 2.0**-140  # absolute slack for results in the fp32 subnormal range
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+VARIANTS = [(n_threads, scalar) for n_threads in (1, 2) for scalar in (False, True)]
+
+Pick = Callable[[Sequence], object]  # chooses one element of a sequence
+
+
+# ------------------------------------------------------------------ gather-attend
+
+
+@dataclass(frozen=True)
+class AttendCase:
+    Hkv: int
+    G: int
+    N: int
+    D: int
+    M: int
+    dtype: str
+    spare_k: int  # tokens of spare capacity per head in the K store (strided heads)
+    spare_v: int
+    pad: float  # fraction of ids that are -1
+    repeat: float  # fraction of ids that copy another id of the same row
+    q_exp: int  # values are randn * 10**exp, clamped to the dtype's finite range
+    k_exp: int
+    v_exp: int
+    scale: float | None  # None: the default 1 / sqrt(D)
+    bad_id: str | None  # an id outside [-1, N) planted at one position
+    dirty_out: bool  # pass out/lse buffers filled with NaN: every entry must be written
+    seed: int
+
+
+def draw_attend_case(pick: Pick) -> AttendCase:
+    """Shapes around the kernel's edges: D below, at and above multiples of 16 and the vector
+    limit 512, G at the vector limit 16, M around the 16-id tile and the 128-id chunk."""
+    magnitudes = (0, 0, 0, 0, 0, 0, -40, -20, -8, -3, 3, 8, 15, 30)
+    scales = (None,) * 7 + (1.0, 0.0, -0.7, 1e-3, 30.0, 1e-30, 1e-45, 1e30, 0.125) + (1e39, math.inf, math.nan)
+    return AttendCase(
+        Hkv=pick((1, 1, 2, 3, 4)),
+        G=pick((1, 1, 2, 3, 4, 5, 8, 16, 17)),
+        N=pick((0, 1, 1, 2, 3, 5, 16, 17, 31, 64, 100, 127, 128, 129, 200, 300, 513, 1000)),
+        D=pick((1, 2, 7, 8, 15, 16, 17, 24, 32, 33, 48, 64, 64, 80, 96, 128, 128, 144, 512, 528)),
+        M=pick((0, 1, 2, 5, 15, 16, 17, 31, 33, 100, 128, 129, 200, 257, 300, 600)),
+        dtype=pick(tuple(DTYPES)),
+        spare_k=pick((0, 0, 1, 7, 64)),
+        spare_v=pick((0, 0, 1, 7, 64)),
+        pad=pick((0.0, 0.0, 0.1, 0.5, 0.9, 1.0)),
+        repeat=pick((0.0, 0.0, 0.3, 0.9)),
+        q_exp=pick(magnitudes),
+        k_exp=pick(magnitudes),
+        v_exp=pick(magnitudes),
+        scale=pick(scales),
+        bad_id=pick((None,) * 30 + ("N", "capacity", "huge", "-2", "-huge")),
+        dirty_out=pick((False, True)),
+        seed=pick(range(2**31)),
+    )
+
+
+def _values(shape, exp: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """randn * 10**exp in fp32, clamped to dtype's finite range, then cast."""
+    x = torch.randn(shape, generator=g) * 10.0**exp
+    big = float(torch.finfo(dtype).max)
+    return x.clamp(-big, big).to(dtype)
+
+
+def make_attend_inputs(c: AttendCase):
+    """q [Hkv * G, D] fp32; k, v [Hkv, N, D] views of [Hkv, N + spare, D] stores; ids [Hkv, M] int64."""
+    g = torch.Generator().manual_seed(c.seed)
+    dtype = DTYPES[c.dtype]
+    q = _values((c.Hkv * c.G, c.D), c.q_exp, torch.float32, g)
+    k = _values((c.Hkv, c.N + c.spare_k, c.D), c.k_exp, dtype, g)[:, : c.N]
+    v = _values((c.Hkv, c.N + c.spare_v, c.D), c.v_exp, dtype, g)[:, : c.N]
+    ids = torch.randint(0, max(c.N, 1), (c.Hkv, c.M), generator=g)
+    if c.M > 1:  # copy ids across the row so that some are listed several times
+        src = torch.randint(0, c.M, (c.Hkv, c.M), generator=g)
+        copy = torch.rand(c.Hkv, c.M, generator=g) < c.repeat
+        ids = torch.where(copy, ids.gather(1, src), ids)
+    ids[torch.rand(c.Hkv, c.M, generator=g) < c.pad] = -1
+    if c.N == 0:
+        ids.fill_(-1)
+    if c.bad_id is not None and c.M > 0:
+        last_spare = c.N + max(c.spare_k, 1) - 1  # still inside the K store's memory when spare_k > 0
+        bad = {"N": c.N, "capacity": last_spare, "huge": 2**62, "-2": -2, "-huge": -(2**62)}[c.bad_id]
+        pos = int(torch.randint(0, c.Hkv * c.M, (1,), generator=g))
+        ids.view(-1)[pos] = bad
+    return q, k, v, ids
+
+
+def effective_scale(c: AttendCase) -> float:
+    """The scale as the kernel sees it: a float32."""
+    return float(np.float32(1 / math.sqrt(c.D) if c.scale is None else c.scale))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The fp64 result of one case, and bounds of the fp32 intermediates of computing it."""
+
+    out: torch.Tensor  # [Hq, D] fp64
+    lse: torch.Tensor  # [Hq] fp64
+    ids: torch.Tensor  # [Hkv, M]
+    scale: float  # as the kernel sees it
+    P: float  # max over query heads and listed rows of sum_d |q_d k_d|
+    V: float  # max |v| over listed rows
+
+    @property
+    def in_fp32_range(self) -> bool:
+        """Dot products, scaled scores and the value accumulator (<= M * V) all below FLT_MAX / 4."""
+        M = self.ids.shape[1]
+        return max(self.P, abs(self.scale) * self.P, (M + 1) * self.V) < FLT_MAX / 4
+
+
+def attend_reference(q, k, v, ids, scale: float) -> Reference:
+    """q [Hkv * G, D], k/v [Hkv, N, D], ids [Hkv, M] -> the Reference of that call."""
+    out, lse = gather_attend_ref(q, k, v, ids, scale)
+    valid = ids >= 0
+    if not bool(valid.any()):
+        return Reference(out, lse, ids, scale, 0.0, 0.0)
+    Hkv, D = k.shape[0], k.shape[2]
+    heads = torch.arange(Hkv).unsqueeze(1)
+    kr = k[heads, ids.clamp_min(0)].double().abs()  # [Hkv, M, D]
+    vr = v[heads, ids.clamp_min(0)].double().abs()
+    dots = torch.bmm(q.double().abs().view(Hkv, -1, D), kr.transpose(1, 2))  # [Hkv, G, M]
+    P = float(dots.masked_fill(~valid.unsqueeze(1), 0).max()) if dots.numel() else 0.0
+    return Reference(out, lse, ids, scale, P, float(vr[valid].max()))
+
+
+def check_attend_result(out, lse, ref: Reference) -> str | None:
+    """None if (out [Hq, D], lse [Hq]) from the kernel agrees with the reference under the
+    rules in the module docstring, else a one-line description of the first disagreement."""
+    D, (Hkv, M) = out.shape[1], ref.ids.shape
+    G = out.shape[0] // Hkv
+    err_s = (D + 4) * EPS * abs(ref.scale) * ref.P  # bound on the rounding of one fp32 score
+    sum_err = 8 * EPS * (M + 16)  # the exp, the M-term sums, the chunk merge and the division
+    out64, lse64 = out.double(), lse.double()
+    empty = ~(ref.ids >= 0).any(dim=1)  # [Hkv]
+    for hq in range(out.shape[0]):
+        o, l, ro, rl = out64[hq], float(lse64[hq]), ref.out[hq], float(ref.lse[hq])
+        if bool(empty[hq // G]):
+            if not (bool((o == 0).all()) and l == -math.inf):
+                return f"head {hq}: no valid id but out != 0 or lse = {l} != -inf"
+            continue
+        if not ref.in_fp32_range:
+            continue  # fp32 cannot carry it: the values are unspecified, the call must only return
+        if not (math.isfinite(l) and bool(torch.isfinite(o).all())):
+            return f"head {hq}: non-finite result (lse {l}) although every intermediate fits fp32"
+        tol_lse = 2 * err_s + sum_err + 2 * EPS * abs(rl) + 1e-6
+        tol_out = ref.V * (4 * err_s + sum_err) + (M + 1) * DENORM_FLOOR
+        err_lse, err_out = abs(l - rl), float((o - ro).abs().max())
+        if not err_lse <= tol_lse:
+            return f"head {hq}: |lse - ref| = {err_lse:.3g} > {tol_lse:.3g} (lse {l:.6g}, ref {rl:.6g})"
+        if not err_out <= tol_out:
+            return f"head {hq}: max |out - ref| = {err_out:.3g} > {tol_out:.3g}"
+    return None
+
+
+def _expected_error(c: AttendCase, ids: torch.Tensor):
+    """(exception type, message pattern) the call must raise, or None."""
+    scale = 1 / math.sqrt(c.D) if c.scale is None else c.scale
+    if not (math.isfinite(scale) and abs(scale) <= FLT_MAX):
+        return ValueError, "scale"
+    bad = ((ids < -1) | (ids >= c.N)).view(-1).nonzero()
+    if len(bad):
+        pos = int(bad[0])
+        return IndexError, f"ids[{pos // c.M}, {pos % c.M}] = {int(ids.view(-1)[pos])} is outside [-1, {c.N})"
+    return None
+
+
+def run_attend_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
+    """Runs the case with 1 and 2 threads, vector and scalar paths.
+    Returns (calls by outcome, problems found)."""
+    q, k, v, ids = make_attend_inputs(c)
+    expected = _expected_error(c, ids)
+    outcomes, problems, ref = Counter(), [], None
+    for n_threads, scalar in VARIANTS:
+        where = f"{c} n_threads={n_threads} scalar={scalar}"
+        kw = {"n_threads": n_threads, "scalar": scalar}
+        if c.dirty_out:
+            kw["out"] = torch.full(q.shape, math.nan)
+            kw["lse"] = torch.full(q.shape[:1], math.nan)
+        try:
+            out, lse = ops.gather_attend(q, k, v, ids, c.scale, **kw)
+        except Exception as exc:  # noqa: BLE001 - every exception is a finding unless expected
+            if expected is None or not isinstance(exc, expected[0]) or expected[1] not in str(exc):
+                outcomes["mismatch"] += 1
+                problems.append(f"{where}: raised {type(exc).__name__}: {exc} (expected {expected})")
+            else:
+                outcomes["raised"] += 1
+            continue
+        if expected is not None:
+            outcomes["mismatch"] += 1
+            problems.append(f"{where}: returned instead of raising {expected[0].__name__}")
+            continue
+        if ref is None:
+            ref = attend_reference(q, k, v, ids, effective_scale(c))
+        outcomes["compared" if ref.in_fp32_range else "beyond fp32"] += 1
+        problem = check_attend_result(out, lse, ref)
+        if problem:
+            problems.append(f"{where}: {problem}")
+    return outcomes, problems
+
+
+# ------------------------------------------------------------------------ merge
+
+
+@dataclass(frozen=True)
+class MergeCase:
+    H: int
+    D: int
+    lse_kinds: tuple[str, ...]  # what each side's lse entries are drawn from
+    o_exp: int
+    bad_shape: str | None  # an input of the wrong shape: must raise ValueError
+    seed: int
+
+
+LSE_KINDS = ("normal", "empty", "huge", "equal", "close", "+inf", "nan")
+
+
+def draw_merge_case(pick: Pick) -> MergeCase:
+    return MergeCase(
+        H=pick((1, 2, 3, 8, 33)),
+        D=pick((1, 3, 16, 64, 100)),
+        lse_kinds=pick(
+            (
+                ("normal",),
+                ("normal", "empty"),
+                ("normal", "empty", "equal", "close"),
+                ("huge", "equal", "close", "empty"),
+                ("normal", "+inf", "nan", "empty"),
+            )
+        ),
+        o_exp=pick((0, 0, 0, -30, -20, 20, 30)),
+        bad_shape=pick((None,) * 8 + ("o_b", "lse_b", "out_rank")),
+        seed=pick(range(2**31)),
+    )
+
+
+def make_merge_inputs(c: MergeCase):
+    """o_a, o_b [H, D] fp32 finite; lse_a, lse_b [H] fp32 drawn per head from c.lse_kinds."""
+    g = torch.Generator().manual_seed(c.seed)
+    o_a = torch.randn(c.H, c.D, generator=g) * 10.0**c.o_exp
+    o_b = torch.randn(c.H, c.D, generator=g) * 10.0**c.o_exp
+    lse = torch.empty(2, c.H)
+    for h in range(c.H):
+        kinds = [c.lse_kinds[int(torch.randint(0, len(c.lse_kinds), (1,), generator=g))] for _ in range(2)]
+        base = float(torch.randn(1, generator=g)) * 3
+        for side, kind in enumerate(kinds):
+            x = float(torch.randn(1, generator=g))
+            lse[side, h] = {
+                "normal": 3 * x,
+                "empty": -math.inf,
+                "huge": max(-FLT_MAX, min(FLT_MAX, x * 10.0 ** float(torch.randint(3, 39, (1,), generator=g)))),
+                "equal": base,
+                "close": base + x * 1e-6,
+                "+inf": math.inf,
+                "nan": math.nan,
+            }[kind]
+    return o_a, lse[0].clone(), o_b, lse[1].clone()
+
+
+def merge_fp64(o_a, lse_a, o_b, lse_b):
+    """Exact-ish merge in fp64, weights normalised: (o [H, D], lse [H])."""
+    la, lb = lse_a.double(), lse_b.double()
+    lse = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa, wb = torch.exp(la - safe).unsqueeze(1), torch.exp(lb - safe).unsqueeze(1)
+    return wa * o_a.double() + wb * o_b.double(), lse
+
+
+def check_merge_result(o, lse, o_a, lse_a, o_b, lse_b) -> str | None:
+    """None if the kernel's merge (o, lse) is right under the rules in the module docstring."""
+    from engine.merge import merge_states
+
+    exact_o, exact_lse = merge_fp64(o_a, lse_a, o_b, lse_b)
+    torch_o, torch_lse = merge_states(o_a, lse_a, o_b, lse_b)
+    for h in range(o.shape[0]):
+        la, lb, l = float(lse_a[h]), float(lse_b[h]), float(lse[h])
+        if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):
+            if math.isfinite(l):
+                return f"head {h}: lse inputs ({la}, {lb}) but a finite lse {l}"
+            continue
+        if la == -math.inf or lb == -math.inf:
+            keep_o, keep_l = (o_b[h], lb) if la == -math.inf else (o_a[h], la)
+            if lb == -math.inf and la == -math.inf:
+                keep_o = torch.zeros_like(keep_o)
+            if not (torch.equal(o[h], keep_o) and (l == keep_l)):
+                return f"head {h}: merging with an empty side is not the identity (lse {l} vs {keep_l})"
+            continue
+        scale_o = float(torch.maximum(o_a[h].abs(), o_b[h].abs()).max())
+        tol_o = scale_o * EPS * (16 + 2 * min(abs(la - lb), 100.0)) + DENORM_FLOOR
+        tol_l = EPS * (4 * abs(float(exact_lse[h])) + 8)
+        if not abs(l - float(exact_lse[h])) <= tol_l:
+            return f"head {h}: lse {l!r} vs fp64 {float(exact_lse[h])!r}"
+        if not float((o[h].double() - exact_o[h]).abs().max()) <= tol_o:
+            return f"head {h}: out differs from the fp64 merge by more than {tol_o:.3g}"
+        # merge_states' weights are exp(lse_x - lse) with lse rounded to fp32: off by ~eps * |lse|.
+        tol_torch = tol_o + scale_o * 4 * EPS * max(abs(la), abs(lb))
+        if not float((o[h] - torch_o[h]).abs().max()) <= tol_torch or not abs(l - float(torch_lse[h])) <= tol_l:
+            return f"head {h}: differs from engine.merge.merge_states"
+    return None
+
+
+def run_merge_case(ops, c: MergeCase) -> tuple[Counter, list[str]]:
+    """One merge_attention call; returns (calls by outcome, problems found)."""
+    o_a, lse_a, o_b, lse_b = make_merge_inputs(c)
+    if c.bad_shape == "o_b":
+        o_b = torch.zeros(c.H, c.D + 1)
+    elif c.bad_shape == "lse_b":
+        lse_b = torch.zeros(c.H + 1)
+    elif c.bad_shape == "out_rank":
+        o_a = o_a.view(-1)
+    try:
+        o, lse = ops.merge_attention(o_a, lse_a, o_b, lse_b)
+    except Exception as exc:  # noqa: BLE001 - every exception is a finding unless expected
+        if c.bad_shape is not None and isinstance(exc, ValueError):
+            return Counter(raised=1), []
+        return Counter(mismatch=1), [f"{c}: raised {type(exc).__name__}: {exc}"]
+    if c.bad_shape:
+        return Counter(mismatch=1), [f"{c}: accepted a bad {c.bad_shape} instead of raising ValueError"]
+    problem = check_merge_result(o, lse, o_a, lse_a, o_b, lse_b)
+    return Counter(compared=1), [f"{c}: {problem}"] if problem else []
+
+
+# ------------------------------------------------------------------ long run
+
+
+def load_ops(ext_dir: str | None = None):
+    """engine.ops, with engine._C taken from ext_dir when given (before engine is imported)."""
+    if ext_dir is not None:
+        paths = glob.glob(os.path.join(ext_dir, "_C.*so"))
+        if len(paths) != 1:
+            raise SystemExit(f"expected one built _C module in {ext_dir}, found {paths}")
+        spec = importlib.util.spec_from_file_location("engine._C", paths[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["engine._C"] = module
+    from engine import ops
+
+    if not ops.HAS_EXT:
+        raise SystemExit("the C++ extension engine._C is not loaded: nothing to fuzz")
+    return ops
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=100_000, help="kernel calls to make (at least)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ext", help="directory holding the engine._C build to test (default: the installed one)")
+    p.add_argument("--show", type=int, default=5, help="mismatches to print in full")
+    args = p.parse_args(argv)
+    ops = load_ops(args.ext)
+    rng = random.Random(args.seed)
+    outcomes, cases, problems = Counter(), 0, []
+    start = time.perf_counter()
+    while outcomes.total() < args.calls:
+        for draw, run in ((draw_attend_case, run_attend_case), (draw_merge_case, run_merge_case)):
+            counts, found = run(ops, draw(rng.choice))
+            outcomes, cases = outcomes + counts, cases + 1
+            for line in found[: max(0, args.show - len(problems))]:
+                print("MISMATCH", line, flush=True)
+            problems += found
+    print(
+        f"fuzz_kernel: {outcomes.total()} calls in {cases} cases ({outcomes['compared']} compared with a reference, "
+        f"{outcomes['beyond fp32']} beyond fp32's range, {outcomes['raised']} raised as expected), "
+        f"{len(problems)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s, "
+        f"extension {ops._C.__file__}"
+    )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # the reference's matmuls: leave the cores to the kernel's own threads
+    sys.exit(main())
