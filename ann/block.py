@@ -24,6 +24,19 @@ from ann.selector import Selector
 LANDMARKS = ("mean", "minmax")
 
 
+def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [H, m, k] @ b [H, k, n] -> [H, m, n], for operands whose heads lie apart in memory
+    (views of buffers with spare capacity). On the CPU head by head: a batched product of
+    such half-precision views falls off oneDNN's fast path (measured 5x slower than the
+    same products one head at a time); elsewhere one batched product."""
+    if a.device.type != "cpu":
+        return torch.bmm(a, b)
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
+    for h in range(a.shape[0]):
+        torch.mm(a[h], b[h], out=out[h])
+    return out
+
+
 def group_block_scores(s: torch.Tensor) -> torch.Tensor:
     """Per-head block scores [H, G, nb] -> the group's [H, nb]: each head's scores shifted
     by its best one, then the max over heads (see the module doc)."""
@@ -117,7 +130,7 @@ class BlockIndex:
         q = q.to(self.device, self.dtype)
         lo = self._lm[0, :, :nb]  # [H, nb, D]
         if self.landmark == "mean":
-            s = torch.bmm(q, lo.transpose(1, 2))  # [H, G, nb]
+            s = head_matmul(q, lo.transpose(1, 2))  # [H, G, nb]
         else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block
             hi = self._lm[1, :, :nb]
             qe = q.unsqueeze(2)  # [H, G, 1, D]

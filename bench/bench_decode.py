@@ -180,20 +180,34 @@ def cache_bytes(cache, device: torch.device) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def time_decode(model, cache, steps: int, warmup: int = 2) -> tuple[float, float, float]:
-    """Median ms per token (whole model), median ms per layer in update + attention, mean kv_read_frac."""
-    n_layers = model.config.num_hidden_layers
-    token = torch.tensor([[17]])
-    per_token, per_layer, read = [], [], []
+def decode_once(model, cache) -> tuple[float, float, float]:
+    """One decode step: seconds for the whole model, seconds per layer in update + attention, kv_read_frac."""
+    LayerTimer.seconds = 0.0
+    t0 = time.perf_counter()
+    model(input_ids=torch.tensor([[17]]), cache=cache, use_cache=True, logits_to_keep=1)
+    seconds = time.perf_counter() - t0
+    read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
+    return seconds, LayerTimer.seconds / model.config.num_hidden_layers, read
+
+
+def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, tuple[float, float, float]]:
+    """Per cache: median ms per token (whole model), median ms per layer in update + attention,
+    mean kv_read_frac. With several caches the steps alternate between them, so that the
+    machine's drift over the run falls on all of them alike."""
+    samples = {name: [] for name in caches}
     for step in range(warmup + steps):
-        LayerTimer.seconds = 0.0
-        t0 = time.perf_counter()
-        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-        if step >= warmup:
-            per_token.append(time.perf_counter() - t0)
-            per_layer.append(LayerTimer.seconds / n_layers)
-            read.append(cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0)
-    return 1e3 * statistics.median(per_token), 1e3 * statistics.median(per_layer), statistics.mean(read)
+        for name, cache in caches.items():
+            sample = decode_once(model, cache)
+            if step >= warmup:
+                samples[name].append(sample)
+    return {
+        name: (
+            1e3 * statistics.median(s[0] for s in got),
+            1e3 * statistics.median(s[1] for s in got),
+            statistics.mean(s[2] for s in got),
+        )
+        for name, got in samples.items()
+    }
 
 
 @torch.inference_mode()
@@ -212,11 +226,16 @@ def time_prefill(model, kind: str, n: int, cfg: OffloadConfig | None, chunk: int
 
 
 def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadConfig | None]]:
-    out = {"hybrid-default": ("hybrid", OffloadConfig(device="cpu"))}
+    out = {
+        "hybrid-default": ("hybrid", OffloadConfig(device="cpu")),
+        # the fixed budget with and without the estimate: what the estimate and the adaptive budget cost
+        "hybrid-fixed": ("hybrid", OffloadConfig.preset("fixed", device="cpu")),
+        "hybrid-fixed-noest": ("hybrid", OffloadConfig.preset("fixed", device="cpu", estimate=False)),
+    }
     if all_methods:
         for m in RETRIEVAL_METHODS:
             out[f"hybrid-{m}"] = ("hybrid", OffloadConfig(device="cpu", method=m, index_params=BENCH_PARAMS.get(m, {})))
-        out["hybrid-block-only"] = ("hybrid", OffloadConfig(device="cpu", mode="block"))
+        out["hybrid-block-only"] = ("hybrid", OffloadConfig.preset("block", device="cpu"))
     out["full-sdpa"] = ("full", None)
     out["offloaded-dynamic"] = ("offloaded", None)
     return out
@@ -227,42 +246,60 @@ def run(args) -> list[dict]:
     for model_name in args.models:
         model, tok = make_model(model_name, args.layers)
         stats = channel_stats(model, tok)
-        device = next(model.parameters()).device
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         all_methods = model_name != "smollm2-135m" or args.all_methods
         for context in args.contexts:
-            for method, (kind, cfg) in methods(model_name, all_methods).items():
-                if kind == "hybrid" and context < cfg.resident_tokens:
-                    continue
-                steps = args.steps if kind == "hybrid" or context <= 16384 else max(3, args.steps // 3)
-                base = {"model": model_name, "method": method, "context": context}
-                try:
-                    cache, build_s = fill_cache(kind, model, stats, context, cfg)
-                except (AssertionError, RuntimeError) as exc:  # the offloaded cache needs CUDA streams
-                    rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
-                    print(json.dumps(rows[-1]), flush=True)
-                    continue
-                ms_token, ms_layer, read = time_decode(model, cache, steps)
-                dev, host = cache_bytes(cache, device)
-                del cache
-                prefill_s = None
-                if context <= args.prefill_max:
-                    prefill_s = round(time_prefill(model, kind, context, cfg, args.chunk), 3)
-                row = {
-                    **base,
-                    "decode_ms_per_token": round(ms_token, 3),
-                    "attn_ms_per_layer": round(ms_layer, 4),
-                    "prefill_s": prefill_s,
-                    "index_build_s": round(build_s, 3) if kind == "hybrid" else None,
-                    "device_bytes": dev + weights,
-                    "host_bytes": host,
-                    "kv_read_frac": round(read, 5),
-                    "n_layers": model.config.num_hidden_layers,
-                    "steps": steps,
-                }
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            chosen = {
+                m: (kind, cfg)
+                for m, (kind, cfg) in methods(model_name, all_methods).items()
+                if (not args.methods or m in args.methods) and (kind != "hybrid" or context >= cfg.resident_tokens)
+            }
+            groups = [chosen] if args.interleave else [{m: c} for m, c in chosen.items()]
+            for group in groups:
+                rows += measure_group(args, model, model_name, stats, weights, context, group)
         del model
+    return rows
+
+
+def measure_group(args, model, model_name, stats, weights, context, group) -> list[dict]:
+    """Fill a cache per method of the group, time their decode steps (alternating), one row each."""
+    rows, caches, builds = [], {}, {}
+    for method, (kind, cfg) in group.items():
+        base = {"model": model_name, "method": method, "context": context}
+        try:
+            caches[method], builds[method] = fill_cache(kind, model, stats, context, cfg)
+        except (AssertionError, RuntimeError) as exc:  # the offloaded cache needs CUDA streams
+            rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
+            print(json.dumps(rows[-1]), flush=True)
+    if not caches:
+        return rows
+    full_only = all(group[m][0] != "hybrid" for m in caches)
+    steps = args.steps if not full_only or context <= 16384 else max(3, args.steps // 3)
+    timings = time_decode(model, caches, steps)
+    device = next(model.parameters()).device
+    for method, (ms_token, ms_layer, read) in timings.items():
+        kind, cfg = group[method]
+        dev, host = cache_bytes(caches[method], device)
+        prefill_s = None
+        if context <= args.prefill_max:
+            prefill_s = round(time_prefill(model, kind, context, cfg, args.chunk), 3)
+        row = {
+            "model": model_name,
+            "method": method,
+            "context": context,
+            "decode_ms_per_token": round(ms_token, 3),
+            "attn_ms_per_layer": round(ms_layer, 4),
+            "prefill_s": prefill_s,
+            "index_build_s": round(builds[method], 3) if kind == "hybrid" else None,
+            "device_bytes": dev + weights,
+            "host_bytes": host,
+            "kv_read_frac": round(read, 5),
+            "n_layers": model.config.num_hidden_layers,
+            "steps": steps,
+            "interleaved": len(caches) > 1,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -311,6 +348,12 @@ def main(argv=None):
     p.add_argument("--prefill-max", type=int, default=8192, help="longest context whose prefill is run for real")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     p.add_argument("--all-methods", action="store_true", help="every retrieval method on SmolLM2 too")
+    p.add_argument("--methods", nargs="+", help="only these methods (e.g. hybrid-default full-sdpa)")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="hold every method's cache of a context at once and alternate their decode steps (for ratios)",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     if args.quick:

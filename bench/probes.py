@@ -32,13 +32,17 @@ def copy_state(
     src: HybridCache, model, cfg: OffloadConfig | None, *, indexes: bool = True
 ) -> HybridCache | DynamicCache:
     """The same positions' K/V in a full-attention DynamicCache (cfg None), or in a hybrid
-    cache with `cfg`, which must keep the source's sinks, window and method: its host
-    indexes (and key sketch) are then the source's, copied rather than built again
-    (`indexes=False`: left out, for a selection rule that does not use them)."""
+    cache with `cfg`, which must keep the source's sinks and method and a window no longer
+    than its: its host indexes (and key sketch) are then the source's, copied rather than
+    built again, and given the host tokens a shorter window leaves over (`indexes=False`:
+    left out, for a selection rule that does not use them)."""
     if cfg is not None:
         src_cfg = src.offload_config
-        if (cfg.n_sink, cfg.window, cfg.method) != (src_cfg.n_sink, src_cfg.window, src_cfg.method):
-            raise ValueError("evaluated engine configurations must share sinks, window and method with the first one")
+        if (cfg.n_sink, cfg.method) != (src_cfg.n_sink, src_cfg.method) or cfg.window > src_cfg.window:
+            raise ValueError(
+                "evaluated engine configurations must share sinks and method with the source, "
+                "and have a window no longer than its"
+            )
     dst = DynamicCache() if cfg is None else HybridCache(model, cfg, progress=False)
     with torch.no_grad():
         for i, layer in enumerate(src.layers):
@@ -48,9 +52,12 @@ def copy_state(
             else:
                 dst.layers[i].update(k[None], v[None])
                 if indexes:
-                    dst.layers[i].key_index = copy.deepcopy(layer.key_index)
-                    dst.layers[i].sketch = copy.deepcopy(layer.sketch) if cfg.budget == "adaptive" else None
-                    dst.layers[i].n_indexed = layer.n_indexed
+                    d = dst.layers[i]
+                    d.key_index = copy.deepcopy(layer.key_index)
+                    d.sketch = copy.deepcopy(layer.sketch) if cfg.budget == "adaptive" else None
+                    d.n_indexed = layer.n_indexed
+                    if d.host.n > d.n_indexed and d.key_index is not None:
+                        d.index_new_keys()
     return dst
 
 
@@ -101,7 +108,7 @@ class OracleSelect:
     def __init__(self, frac: float = 0.05):
         self.frac, self.counts = frac, None
 
-    def __call__(self, layer, q, q_host, scale, lse_resident, block_logits=None) -> torch.Tensor:
+    def __call__(self, layer, q, q_host, scale, lse_resident, blocks=None) -> torch.Tensor:
         n = self.counts if self.counts is not None else torch.full((layer.n_kv_heads,), round(self.frac * layer.host.n))
         layer.stats.scanned = layer.stats.keys_scored = layer.n_kv_heads * layer.host.n
         return top_ids(host_mass(layer, q, scale, lse_resident), n, always_read(layer))
@@ -150,9 +157,9 @@ class LayerProbe:
             q_host = q.reshape(Hkv * G, D).float().cpu()
             variants = {"oracle": None}
             if layer.summary is not None:
-                variants["oracle_est"] = layer.summary.logits(q[:, :, 0], scale)
-            for name, logits in variants.items():
-                o_h, lse_h = host_state(layer, q_host, scale, ids, logits)
+                variants["oracle_est"] = layer.summary.scores(q[:, :, 0], scale)
+            for name, blocks in variants.items():
+                o_h, lse_h = host_state(layer, q_host, scale, ids, blocks)
                 o = merge_states(o_r, lse_r, o_h.to(o_r.device), lse_h.to(o_r.device))[0]
                 rec[f"{name}_err"] = relative_error(o, exact)
         return rec

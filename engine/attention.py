@@ -87,21 +87,21 @@ def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select
     if layer.host.n == 0:
         return o
     qd = q[:, :, 0]  # [Hkv, G, D]
-    logits = layer.summary.logits(qd, scale) if layer.summary is not None else None  # [Hkv, G, n_blocks]
+    blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
-    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], logits)
-    o_h, lse_h = host_state(layer, q_host, scale, ids, logits)
+    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
+    o_h, lse_h = host_state(layer, q_host, scale, ids, blocks)
     st = layer.stats
     st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
-    summarized = layer.summary.n_blocks * layer.cfg.block_size if logits is not None else 0
+    summarized = layer.summary.n_blocks * layer.cfg.block_size if blocks is not None else 0
     st.estimated = Hkv * summarized - int(((ids >= 0) & (ids < summarized)).sum())
     return merge_states(o, lse, o_h.to(q.device, non_blocking=True), lse_h.to(q.device, non_blocking=True))[0]
 
 
-def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torch.Tensor, logits=None):
+def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torch.Tensor, blocks=None):
     """The host tokens' partial state for queries q_host [Hq, D] (fp32, CPU): the rows `ids`
-    [Hkv, M] read exactly, and with the block summary's `logits` [Hkv, G, n_blocks] (None:
-    no estimate) every other summarised token estimated. Returns (o [Hkv, G, 1, D], lse
+    [Hkv, M] read exactly, and with the step's block scores (engine.estimate.BlockScores;
+    None: no estimate) every other summarised token estimated. Returns (o [Hkv, G, 1, D], lse
     [Hkv, G, 1]) fp32, on the CPU or the device."""
     Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
     out, lse = layer.host_out, layer.host_lse
@@ -109,8 +109,8 @@ def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torc
         q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse, n_threads=layer.cfg.host_threads
     )
     o, lse = out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1)
-    if logits is not None:
-        o_e, lse_e = layer.summary.estimate(logits, layer.summary.read_per_block(ids))
+    if blocks is not None:
+        o_e, lse_e = layer.summary.estimate(blocks, layer.summary.read_per_block(ids))
         o, lse = merge_states(
             o.to(o_e.device, non_blocking=True),
             lse.to(o_e.device, non_blocking=True),

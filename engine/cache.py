@@ -36,12 +36,6 @@ BUILTIN_ATTENTION = (
 )
 
 
-def landmark_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """Block landmarks in the model's dtype on accelerators (device memory is scarce), in
-    fp32 on the CPU, where half-precision matrix products run at under half the speed."""
-    return torch.float32 if device.type == "cpu" else model_dtype
-
-
 class StepStats:
     """Counters of the last decode step of one layer: host tokens (per KV head), and summed
     over KV heads the tokens gathered, tokens estimated (engine.estimate), vectors scanned
@@ -94,7 +88,7 @@ class HybridLayer(CacheLayerMixin):
         host_dtype = cfg.resolved_host_dtype(self.dtype)
         host_capacity = max(0, self.capacity_hint - R)
         self.host = HostKV(Hkv, D, host_dtype, pin=self.device.type == "cuda", capacity=host_capacity)
-        summaries = dict(device=self.device, dtype=landmark_dtype(self.device, self.dtype))
+        summaries = dict(device=self.device, dtype=self.dtype)  # block summaries in the model's dtype
         summaries["capacity"] = max(cfg.block_size, host_capacity)
         self.summary = BlockSummary(Hkv, D, cfg.block_size, **summaries) if cfg.estimate else None
         self.blocks = None  # the block selection index: the summary's mean keys where it can be

@@ -41,7 +41,7 @@ class OffloadConfig:
 
     n_sink: int = 4
     window: int = 256
-    block_size: int = 16
+    block_size: int = 32
     n_blocks: int = 64
     block_frac: float = 0.04
     top_k: int = 32
@@ -152,8 +152,9 @@ PRESETS: dict[str, OffloadConfig] = {
     "tight": OffloadConfig(min_prob=4e-4),
     # More reads and a longer resident window, for accuracy-critical work.
     "wide": OffloadConfig(window=512, min_prob=5e-5, candidates=384),
-    # A fixed budget per step: blocks (4% of the host blocks, at most 64) and 32 tokens per query head.
-    "fixed": OffloadConfig(mode="hybrid", budget="fixed"),
+    # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
+    # per query head (the default before the adaptive budget, estimate aside).
+    "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16),
     # Device block index alone: no host index to build.
     "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64),
 }
@@ -328,11 +329,10 @@ def plan_memory(
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
     host_tokens = context_len - cfg.resident_tokens
     C = min(cfg.prefill_chunk, context_len)
-    landmark_bytes = 4 if cfg.resolved_device() == "cpu" else wbytes  # see engine.cache.landmark_dtype
     # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
     # every full block and the keys of the block still filling.
-    per_vector = L * Hkv * D * landmark_bytes * (host_tokens // cfg.block_size)
-    tail = L * Hkv * D * landmark_bytes * cfg.block_size
+    per_vector = L * Hkv * D * wbytes * (host_tokens // cfg.block_size)  # summaries in the model's dtype
+    tail = L * Hkv * D * wbytes * cfg.block_size
     mean_keys = cfg.estimate or (cfg.uses_blocks and cfg.landmark == "mean")  # estimate and selection share it
     min_max = cfg.uses_blocks and cfg.landmark == "minmax"  # Quest's bounds
     device = {

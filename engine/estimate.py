@@ -26,11 +26,21 @@ decode step always reads them.
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
-from ann.block import BlockIndex
+from ann.block import BlockIndex, head_matmul
+
+
+class BlockScores(NamedTuple):
+    """One decode step's view of the full blocks, per query head: logits [Hkv, G, nb] fp32
+    (scale * q . mean key), their max `peak` [Hkv, G] (0 without blocks), and
+    rel [Hkv, G, nb] = exp(logits - peak), computed once for the mass and the estimate."""
+
+    logits: torch.Tensor
+    peak: torch.Tensor
+    rel: torch.Tensor
 
 
 class BlockSummary:
@@ -59,27 +69,26 @@ class BlockSummary:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def logits(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [Hkv, G, D] -> scale * q . mean_key [Hkv, G, n_blocks] fp32 (the block scores too)."""
-        mean_k = self.keys.landmarks[0].float()  # [Hkv, nb, D]; fp32 products: the weights are exponentiated
-        return torch.bmm(q.float() * scale, mean_k.transpose(1, 2))
+    def scores(self, q: torch.Tensor, scale: float) -> BlockScores:
+        """q [Hkv, G, D] -> the step's BlockScores (the logits double as block selection scores)."""
+        mean_k = self.keys.landmarks[0]  # [Hkv, nb, D]
+        logits = head_matmul((q * scale).to(mean_k.dtype), mean_k.transpose(1, 2)).float()
+        peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
+        return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
 
-    def log_mass(self, logits: torch.Tensor) -> torch.Tensor:
+    def log_mass(self, scores: BlockScores) -> torch.Tensor:
         """Estimated log of the attention mass of all full blocks [Hkv, G] (before any is read)."""
-        if logits.shape[-1] == 0:
-            return logits.new_full(logits.shape[:-1], float("-inf"))
-        return torch.logsumexp(logits, dim=-1) + math.log(self.block_size)
+        return scores.peak + (self.block_size * scores.rel.sum(dim=-1)).log()
 
-    def estimate(self, logits: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unread tokens' state: logits [Hkv, G, nb] from `logits()`, read [Hkv, nb] tokens
-        gathered per block -> (o [Hkv, G, D] fp32, lse [Hkv, G] fp32); lse = -inf when none is left."""
-        left = (self.block_size - read).clamp_min(0).to(logits.dtype)  # [Hkv, nb]
-        lw = logits + left.log().unsqueeze(1)  # log(0) = -inf: a block read in full adds nothing
-        lse = torch.logsumexp(lw, dim=-1) if lw.shape[-1] else lw.new_full(lw.shape[:-1], float("-inf"))
-        finite = torch.isfinite(lse)
-        w = torch.exp(lw - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))  # [Hkv, G, nb]
-        o = torch.bmm(w, self.values.landmarks[0].float())  # [Hkv, G, D]
-        return o, lse
+    def estimate(self, scores: BlockScores, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unread tokens' state, given read [Hkv, nb] tokens gathered per block ->
+        (o [Hkv, G, D] fp32, lse [Hkv, G] fp32); lse = -inf when none is left."""
+        left = (self.block_size - read).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
+        w = scores.rel * left.unsqueeze(1)  # [Hkv, G, nb]
+        total = w.sum(dim=-1)  # [Hkv, G]
+        mean_v = self.values.landmarks[0]
+        o = head_matmul(w.to(mean_v.dtype), mean_v).float() / total.clamp_min(1e-30).unsqueeze(-1)
+        return o, scores.peak + total.log()
 
     def read_per_block(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [Hkv, M] host ids gathered (-1 padded, distinct per row) -> tokens read per full block [Hkv, nb]."""

@@ -16,15 +16,18 @@ from engine.config import PREFILL_KEY_BLOCK
 def merge_states(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge `(o_a [..., D], lse_a [...])` with `(o_b, lse_b)`; returns `(o, lse)` in fp32."""
+    """Merge `(o_a [..., D], lse_a [...])` with `(o_b, lse_b)`; returns `(o, lse)` in fp32.
+
+    The weights are taken relative to the larger lse and normalised by their sum, so they
+    add up to 1 however large |lse| is (weights e^(lse_a - lse) rounded at |lse| = 1e7
+    do not); both sides empty (lse = -inf) gives o = 0 and lse = -inf."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
-    lse = torch.logaddexp(lse_a, lse_b)
-    # Both sides empty: lse = -inf, and the weights below would be NaN.
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    return w_a * o_a.float() + w_b * o_b.float(), lse
+    peak = torch.maximum(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    e_a, e_b = torch.exp(lse_a - safe), torch.exp(lse_b - safe)  # one of them is 1 (or both 0)
+    total = e_a + e_b
+    o = (e_a.unsqueeze(-1) * o_a.float() + e_b.unsqueeze(-1) * o_b.float()) / total.clamp_min(1e-30).unsqueeze(-1)
+    return o, safe + total.log()
 
 
 # PyTorch's CPU flash-attention kernel also returns the log-sum-exp that merging needs.

@@ -85,7 +85,8 @@ class KeySketch:
 
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> approximate q . k [H, G, C] (-inf at padding)."""
-        heads = torch.arange(self.n_heads).unsqueeze(1)
-        rows = self._k[heads, ids.clamp_min(0)].float()  # [H, C, r]
+        cap = self._k.shape[1]
+        offsets = (torch.arange(self.n_heads).unsqueeze(1) * cap + ids.clamp_min(0)).view(-1)
+        rows = self._k.view(-1, self.rank).index_select(0, offsets).view(*ids.shape, self.rank).float()  # [H, C, r]
         s = torch.bmm(torch.bmm(q.float(), self.p_q), rows.transpose(1, 2))  # [H, G, C]
         return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))

@@ -38,8 +38,7 @@ def test_read_plus_estimate_is_exact_when_blocks_are_constant(B, read_frac):
     chosen = torch.rand(Hkv, N, generator=g) < read_frac
     ids = torch.where(chosen, torch.arange(N), torch.tensor(-1))
     summary = summary_of(k, v, B)
-    logits = summary.logits(q, 0.25)
-    o_e, lse_e = summary.estimate(logits, summary.read_per_block(ids))
+    o_e, lse_e = summary.estimate(summary.scores(q, 0.25), summary.read_per_block(ids))
     o_r, lse_r = gather_attend_ref(q.reshape(-1, D), k, v, ids, 0.25)
     o, lse = merge_states(o_r.float().view(Hkv, G, D), lse_r.float().view(Hkv, G), o_e, lse_e)
     exact, exact_lse = attend(q.unsqueeze(2), k, v, 0.25)
@@ -51,7 +50,7 @@ def test_estimate_is_empty_when_every_token_is_read():
     k, v = blockwise_constant(2, 5, 8, 16)
     summary = summary_of(k, v, 8)
     ids = torch.arange(40).expand(2, -1)
-    o, lse = summary.estimate(summary.logits(torch.randn(2, 3, 16), 0.25), summary.read_per_block(ids))
+    o, lse = summary.estimate(summary.scores(torch.randn(2, 3, 16), 0.25), summary.read_per_block(ids))
     assert torch.isneginf(lse).all() and (o == 0).all()
 
 
@@ -62,14 +61,15 @@ def test_estimate_underestimates_a_spread_block_and_counts_unread_tokens_once():
     k, v = torch.randn(1, 32, 8, generator=g), torch.randn(1, 32, 8, generator=g)
     summary = summary_of(k, v, 16)
     q = torch.randn(1, 1, 8, generator=g)
-    logits = summary.logits(q, 1.0)
+    scores = summary.scores(q, 1.0)
     none_read = torch.full((1, 1), -1)
-    _, lse_all = summary.estimate(logits, summary.read_per_block(none_read))
+    _, lse_all = summary.estimate(scores, summary.read_per_block(none_read))
+    torch.testing.assert_close(lse_all, summary.log_mass(scores))
     assert float(lse_all) <= float(torch.logsumexp((q[0] @ k[0].T), dim=-1))
     read = summary.read_per_block(torch.tensor([[0, 1, 2, 17, -1]]))
     assert read.tolist() == [[3, 1]]
-    _, lse_some = summary.estimate(logits, read)
-    expected = torch.logsumexp(logits[0, 0] + torch.tensor([13.0, 15.0]).log(), dim=-1)
+    _, lse_some = summary.estimate(scores, read)
+    expected = torch.logsumexp(scores.logits[0, 0] + torch.tensor([13.0, 15.0]).log(), dim=-1)
     torch.testing.assert_close(lse_some[0, 0], expected)
 
 
