@@ -24,11 +24,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int = 1024):
+SCORE_BUFFER = 1 << 26  # scores (fp32) a device build holds at once: 256 MiB
+
+
+def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | None = None):
     """Exact top-m keys per query, per head: queries [H, Nq, D], keys [H, N, D] ->
     (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. On the CPU through
     faiss (BLAS and a heap: about twice torch's matmul + topk); elsewhere in
-    query chunks, so the score buffer stays [H, chunk, N]."""
+    query chunks, so the score buffer [H, chunk, N] stays within SCORE_BUFFER
+    (at 128K keys and 8 heads, 64 queries at a time)."""
     if queries.device.type == "cpu":
         import faiss
 
@@ -37,9 +41,11 @@ def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int = 10
             for q, k in zip(queries, keys)
         ]
         return (torch.from_numpy(np.stack([f[0] for f in found])), torch.from_numpy(np.stack([f[1] for f in found])))
+    chunk = chunk or max(1, min(1024, SCORE_BUFFER // max(1, keys.shape[0] * keys.shape[1])))
+    keys_t = keys.float().transpose(1, 2)  # [H, D, N], converted once
     scores, ids = [], []
     for s in range(0, queries.shape[1], chunk):
-        sim = torch.bmm(queries[:, s : s + chunk].float(), keys.float().transpose(1, 2))
+        sim = torch.bmm(queries[:, s : s + chunk].float(), keys_t)
         top = torch.topk(sim, m, dim=2)
         scores.append(top.values)
         ids.append(top.indices)

@@ -1,6 +1,6 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
-python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH]
+python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
 """
 
 from __future__ import annotations
@@ -64,28 +64,80 @@ def decode(result: dict) -> str:
 
 
 def accuracy(result: dict) -> str:
+    """One row per (task, context): each method's accuracy, the full-attention interval, and the
+    share of host KV each engine configuration read; then the check against full attention."""
     rows_in = result["rows"]
-    contexts = sorted({r["context"] for r in rows_in})
+    methods = list(dict.fromkeys(r["method"] for r in rows_in))
+    engines = [m for m in methods if m != "full" and not m.startswith("oracle")]
     cells: dict[tuple, dict] = {}
     for r in rows_in:
-        cells.setdefault((r["task"], r["method"]), {})[r["context"]] = r
-    rows = []
-    for (task, method), by_ctx in cells.items():
-        row = [task, method]
-        for n in contexts:
-            r = by_ctx.get(n)
+        cells.setdefault((r["task"], r["context"]), {})[r["method"]] = r
+    header = ["task", "context", "full [95%]"] + [m for m in methods if m != "full"]
+    header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in engines]
+    rows, notes = [], []
+    for (task, context), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        full = by["full"]
+        lo, hi = full["accuracy_ci"]
+        row = [task, context, f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
+        for m in methods[1:]:
+            r = by.get(m)
             row.append(
-                ""
-                if r is None
-                else f"{100 * r['accuracy']:.0f} / {100 * r['agreement']:.0f} / {r['attn_rel_err']:.3f} / "
-                f"{100 * r['kv_read_frac']:.1f}%"
+                "" if r is None else f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - full['accuracy']):+.1f})"
             )
+        row += [f"{100 * by[e]['kv_read_frac']:.1f}%" for e in engines]
+        row += [f"{by[e]['attn_rel_err']:.3f}" if by[e]["attn_rel_err"] is not None else "" for e in engines]
         rows.append(row)
-    n = {r["n"] for r in rows_in}
-    return (
-        f"per cell: accuracy % / token agreement with full % / attention rel. error / host KV read per step "
-        f"(n = {', '.join(map(str, sorted(n)))} prompts per cell)\n\n" + table(["task", "method"] + contexts, rows)
+        for e in engines:
+            acc = by[e]["accuracy"]
+            if full["accuracy"] >= 0.2 and full["accuracy"] - acc > 0.02:
+                notes.append(f"{e}: {task} at {context} is {100 * (full['accuracy'] - acc):.1f} points below full")
+            if acc < lo:
+                notes.append(f"{e}: {task} at {context} lies below full attention's 95% interval")
+    n = sorted({r["n"] for r in rows_in})
+    text = f"accuracy % (difference from full attention), n = {', '.join(map(str, n))} prompts per cell\n\n" + table(
+        header, rows
     )
+    return text + "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
+
+
+def fidelity(result: dict) -> str:
+    """The fidelity report: mean over layers per configuration, then each layer."""
+    summary = result["summary"]
+    cfg = result["config"]
+    head = ["configuration", "attention rel. error [95%]", "host KV read", "oracle, same read", "oracle + estimate"]
+    rows = []
+    for name, e in summary.items():
+        m, lo, hi = e["err"]
+        est = f"{e['oracle_est_err'][0]:.3f}" if "oracle_est_err" in e else ""
+        rows.append(
+            [name, f"{m:.3f} [{lo:.3f}, {hi:.3f}]", f"{100 * e['read'][0]:.2f}%", f"{e['oracle_err'][0]:.3f}", est]
+        )
+    names = list(summary)
+    layer_rows = []
+    for i in next(iter(summary.values()))["layers"]:
+        row = [i]
+        for n in names:
+            d = summary[n]["layers"][i]
+            est = f" / {d['oracle_est_err']:.3f}" if "oracle_est_err" in d else ""
+            row.append(f"{d['err']:.3f} / {100 * d['read']:.1f}% / {d['oracle_err']:.3f}{est}")
+        layer_rows.append(row)
+    return (
+        f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['steps']} decode steps each, every layer\n\n"
+        + table(head, rows)
+        + "\n\nper layer: error / read / oracle / oracle + estimate\n\n"
+        + table(["layer"] + names, layer_rows)
+    )
+
+
+def generation(result: dict) -> str:
+    cfg = result["config"]
+    head = ["configuration", "free-running agreement", "first difference (token)", "teacher-forced agreement"]
+    rows = []
+    for name, e in result["summary"].items():
+        cell = [f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for v in (e["free_agreement"], e["forced_agreement"])]
+        first = e["first_difference"]
+        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1]])
+    return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)
 
 
 def main(argv=None) -> None:
@@ -93,8 +145,11 @@ def main(argv=None) -> None:
     p.add_argument("--kernel", type=Path)
     p.add_argument("--decode", type=Path)
     p.add_argument("--eval", type=Path, nargs="+", help="one or more eval_accuracy JSON files (rows concatenated)")
+    p.add_argument("--fidelity", type=Path)
+    p.add_argument("--generation", type=Path)
     args = p.parse_args(argv)
-    for path, render in ((args.kernel, kernel), (args.decode, decode)):
+    renders = ((args.kernel, kernel), (args.decode, decode), (args.fidelity, fidelity), (args.generation, generation))
+    for path, render in renders:
         if path is not None:
             print(render(json.loads(path.read_text())) + "\n")
     if args.eval:

@@ -28,10 +28,17 @@ USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError)
 
 
 def _offload_args(p: argparse.ArgumentParser) -> None:
-    from engine.config import LANDMARKS, PRESETS, RETRIEVAL_METHODS, SELECTION_MODES
+    from engine.config import BUDGETS, LANDMARKS, PRESETS, RETRIEVAL_METHODS, SELECTION_MODES
 
     g = p.add_argument_group("offload configuration (overrides the preset)")
     g.add_argument("--preset", default="default", choices=list(PRESETS))
+    g.add_argument("--budget", choices=BUDGETS, help="adaptive: read what the key sketch rates likely")
+    g.add_argument("--min-prob", type=float, help="adaptive: estimated attention probability to read a token")
+    g.add_argument("--candidates", type=int, help="adaptive: key-index proposals ranked per query head")
+    g.add_argument("--sketch-rank", type=int, help="adaptive: dimensions of the key sketch")
+    g.add_argument(
+        "--estimate", action=argparse.BooleanOptionalAction, help="estimate the unread host tokens (default: on)"
+    )
     g.add_argument("--sinks", dest="n_sink", type=int)
     g.add_argument("--window", type=int)
     g.add_argument("--block-size", type=int)
@@ -49,6 +56,11 @@ def _offload_config(args):
     from engine.config import OffloadConfig
 
     fields = (
+        "budget",
+        "min_prob",
+        "candidates",
+        "sketch_rank",
+        "estimate",
         "n_sink",
         "window",
         "block_size",

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ann.qq import SCORE_BUFFER
+
 RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
 SELECTION_MODES = ("ann", "block", "hybrid")
 BUDGETS = ("adaptive", "fixed")
@@ -340,11 +342,15 @@ def plan_memory(
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
         "block_index": mean_keys * (per_vector + tail) + min_max * (2 * per_vector + tail),
         "block_values": (per_vector + tail) if cfg.estimate else 0,  # mean value per block, for the estimate
-        # hidden states and MLP activations of one chunk, one block of attention scores (fp32)
-        # and one block of host K/V brought over for it
-        "workspace": C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
-        + Hq * C * PREFILL_KEY_BLOCK * 4
-        + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
+        # prefill: hidden states and MLP activations of one chunk, one block of attention scores
+        # (fp32) and one block of host K/V brought over for it; after it, the build of a layer's
+        # query lists (their keys on the device, once more in fp32, and a buffer of scores)
+        "workspace": max(
+            C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
+            + Hq * C * PREFILL_KEY_BLOCK * 4
+            + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
+            Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER if cfg.uses_key_index and cfg.method == "qq" else 0,
+        ),
     }
     index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
     device["query_index"] = L * index_device

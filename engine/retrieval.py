@@ -131,7 +131,7 @@ def build_key_index(layer) -> None:
         index.build(keys, queries)
         if cfg.budget == "adaptive":
             layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
-            layer.sketch.build(layer.host.keys, queries)
+            layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
     layer.key_index = index
     layer.n_indexed = layer.host.n
     layer.query_sample.clear()

@@ -33,16 +33,23 @@ def _sqrt_and_inverse(c: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor,
     return u @ (root.unsqueeze(-1) * ut), u @ (inv.unsqueeze(-1) * ut)
 
 
+FIT_SAMPLE = 16384  # keys (evenly strided) the second moment is estimated from
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """x [H, N, D] -> E[x x^T] [H, D, D] fp64 on the CPU, from at most FIT_SAMPLE rows."""
+    x = x[:, :: max(1, -(-x.shape[1] // FIT_SAMPLE))].float()
+    return (x.transpose(1, 2) @ x / max(1, x.shape[1])).double().cpu()
+
+
 def fit_projection(keys: torch.Tensor, queries: torch.Tensor | None, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [H, N, D], queries [H, Nq, D] or None -> (P_q, P_k) [H, D, r] fp32 (see the module doc)."""
-    keys = keys.double()
-    c_k = keys.transpose(1, 2) @ keys / max(1, keys.shape[1])  # [H, D, D]
+    """keys [H, N, D], queries [H, Nq, D] or None (any device) -> (P_q, P_k) [H, D, r] fp32
+    on the CPU (see the module doc)."""
+    c_k = second_moment(keys)  # [H, D, D]
     if queries is None or queries.shape[1] == 0:
         p = torch.linalg.eigh(c_k)[1][:, :, -rank:].flip(-1)
         return p.float(), p.float()
-    queries = queries.double()
-    c_q = queries.transpose(1, 2) @ queries / queries.shape[1]
-    q_root, q_inv = _sqrt_and_inverse(c_q)
+    q_root, q_inv = _sqrt_and_inverse(second_moment(queries))
     k_root, _ = _sqrt_and_inverse(c_k)
     u = torch.linalg.svd(q_root @ k_root)[0][:, :, :rank]  # [H, D, r]
     return (q_inv @ u).float(), (q_root @ u).float()
@@ -67,20 +74,23 @@ class KeySketch:
         return self._k.nbytes
 
     def build(self, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
-        """keys [H, N, D] on the CPU (the host store), queries [H, Nq, D] (a group's prefill queries)."""
+        """keys [H, N, D] (the host store's, on the host or a copy on the device: the projection
+        runs where they are), queries [H, Nq, D] (a group's prefill queries)."""
         self.p_q, self.p_k = fit_projection(keys, queries, self.rank)
         self.n = 0
         self._k = host_empty((self.n_heads, keys.shape[1], self.rank), self.dtype)
         self.add(keys)
 
     def add(self, keys: torch.Tensor) -> None:
-        """keys [H, n, D] on the CPU: projected and appended (the capacity grows by half again when full)."""
+        """keys [H, n, D] on any device: projected and appended in host memory (the capacity
+        grows by half again when full)."""
         n = keys.shape[1]
         if self.n + n > self._k.shape[1]:
             grown = host_empty((self.n_heads, max(self.n + n, self._k.shape[1] * 3 // 2, 256), self.rank), self.dtype)
             grown[:, : self.n] = self._k[:, : self.n]
             self._k = grown
-        self._k[:, self.n : self.n + n] = torch.bmm(keys.float(), self.p_k).to(self.dtype)
+        projected = torch.bmm(keys.float(), self.p_k.to(keys.device))  # [H, n, r]
+        self._k[:, self.n : self.n + n] = projected.to("cpu", self.dtype)
         self.n += n
 
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

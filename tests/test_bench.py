@@ -103,3 +103,20 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
         for name in engines:
             for oracle in (f"oracle@{name}", f"oracle+est@{name}"):
                 assert read[(task, oracle)] == pytest.approx(read[(task, name)], rel=0.1, abs=0.01)
+
+
+def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
+    """Without CUDA the GPU check runs at toy sizes: exactness holds and every case reports."""
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--contexts", "600", "--prefill", "300", "--steps", "2", "--json", str(out)]
+    assert script("gpu_check").main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    exact = [r for r in rows if r["case"].startswith("exactness")]
+    assert {r["case"] for r in exact} == {"exactness-float32", "exactness-bfloat16"}
+    for r in exact:
+        assert r["logits_ok"] and r["greedy_ok"] and r["conservation_ok"] and r["all_read"]
+    assert next(r for r in exact if r["case"] == "exactness-float32")["max_abs_logit_diff"] <= 1e-4
+    decode = {r["method"]: r for r in rows if r["case"] == "decode"}
+    assert {"hybrid-default", "full-sdpa"} <= set(decode)
+    assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
+    assert {r["method"] for r in rows if r["case"] == "prefill"} == {"hybrid-default", "full-sdpa"}

@@ -152,3 +152,17 @@ def test_bench_names_a_missing_script(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "BENCH_DIR", tmp_path)
     assert main(["bench", "kernel"]) == 2
     assert "source checkout" in one_error_line(capsys)
+
+
+def test_plan_takes_the_budget_and_estimate_options(capsys):
+    argv = ["plan", "--model", "llama-3-8b", "--context", "131072"]
+    assert main(argv + ["--sketch-rank", "16"]) == 0
+    with_sketch = capsys.readouterr().out
+    assert "key_sketch" in with_sketch and "block_values" in with_sketch
+    assert main(argv + ["--budget", "fixed", "--no-estimate"]) == 0
+    fixed = capsys.readouterr().out
+    assert "key_sketch" not in fixed
+    values = float(fixed.split("block_values")[1].split()[0])
+    assert values == 0.0
+    assert main(argv + ["--min-prob", "2"]) == 2
+    assert "min_prob must lie in [0, 1]" in capsys.readouterr().err

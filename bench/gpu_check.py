@@ -1,0 +1,372 @@
+"""The engine on a CUDA GPU under a 24 GB cap: exactness, conservation, decode speed of a
+Llama-3-8B-shaped model against full attention, and prefill with the index build.
+
+    python bench/gpu_check.py [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072]
+
+1. Caps the process with torch.cuda.set_per_process_memory_fraction (the card may
+   be larger) and reports every case's peak allocated device bytes.
+2. Exactness: a random-weight Llama with GQA, in fp32 and bf16, budgets that cover
+   every token: prefill and decode logits against full attention (sdpa) on the same
+   GPU (fp32: max abs difference <= 1e-4; bf16: <= BF16_TOL, stated below), greedy
+   tokens equal, and every position in exactly one place after many evictions.
+3. Decode: the Llama-3-8B shape (32 layers, 32 query / 8 KV heads, bf16, random
+   weights); each context is built directly in the cache from keys and values drawn
+   on the device with the per-channel statistics of a short real prefill (as
+   bench_decode.py does); ms per token and attention ms per layer (synchronised),
+   against full attention under the cap where it fits and, for reference, uncapped.
+4. Prefill: a real chunked prefill of --prefill tokens through the engine and
+   through sdpa, the host index build timed on its own.
+
+Without CUDA (--device cpu, as the test suite runs it) the same steps run at toy
+sizes, so the script is tested everywhere; its figures mean something on a GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import HybridCache, OffloadConfig  # noqa: E402
+from engine.api import prefill  # noqa: E402
+from engine.attention import hybrid_attention_forward  # noqa: E402
+from engine.config import MODEL_PRESETS  # noqa: E402
+
+BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
+FP32_TOL = 1e-4
+# budgets that read every host token (the estimate is then empty): the engine must be exact
+COVER_ALL = OffloadConfig.preset("fixed", n_sink=4, window=64, block_size=16, n_blocks=10**6, block_frac=1.0)
+TOY = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=256)
+TOY.update(intermediate_size=512, vocab_size=1000)
+TIMED = "hybrid_gpu_timed"
+
+
+class Synced:
+    """Seconds between a synchronised start and a synchronised end (CUDA work is asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+class LayerClock:
+    """Attention function that adds each layer's synchronised seconds to `seconds`."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        with Synced(self.device) as t:
+            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        self.seconds += t.seconds
+        return out
+
+
+def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid", seed: int = 0):
+    config = LlamaConfig(
+        **{**shape, "num_hidden_layers": layers},
+        max_position_embeddings=262144,
+        rope_theta=500000.0,
+        attn_implementation=impl,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # peaked attention, as in trained models, so that a wrong token would show
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+def peak_bytes(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ------------------------------------------------------------------ exactness
+
+
+@torch.inference_mode()
+def exactness(device, dtype, prompt: int, new: int) -> dict:
+    """Engine logits and greedy tokens against full attention on the same device, conservation."""
+    reset_peak(device)
+    model = llama(TOY, 2, dtype, device)
+    ids = torch.randint(0, TOY["vocab_size"], (1, prompt + new), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    full = model(ids, use_cache=False).logits.float()  # sdpa without a cache: "hybrid" falls back to it
+    cache = HybridCache(model, COVER_ALL.replace(device=device.type), progress=False)
+    logits = [
+        model(ids[:, s : min(s + 256, prompt)], cache=cache, use_cache=True).logits for s in range(0, prompt, 256)
+    ]
+    for t in range(prompt, prompt + new):
+        logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    diff = float((torch.cat(logits, 1).float() - full).abs().max())
+    stats = cache.step_stats()
+    conserved = all(
+        sorted(torch.cat([torch.from_numpy(p) for p in layer.positions().values()]).tolist())
+        == list(range(layer.n_seen))
+        for layer in cache.layers
+    )
+    start = ids[:, :prompt]
+    kwargs = dict(max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(start), pad_token_id=0)
+    hybrid = model.generate(
+        start, cache=HybridCache(model, COVER_ALL.replace(device=device.type), progress=False), **kwargs
+    )
+    reference = model.generate(start, cache=DynamicCache(), output_scores=True, return_dict_in_generate=True, **kwargs)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    same = (hybrid[0, prompt:] == reference.sequences[0, prompt:]).tolist()
+    first = same.index(False) if False in same else len(same)
+    # where the tokens part, full attention's own top two logits must lie within the tolerance
+    margin = None
+    if first < len(same):
+        top2 = reference.scores[first][0].float().topk(2).values
+        margin = float(top2[0] - top2[1])
+    return {
+        "case": f"exactness-{str(dtype).split('.')[-1]}",
+        "max_abs_logit_diff": diff,
+        "tolerance": tol,
+        "logits_ok": diff <= tol,
+        "greedy_equal": first == len(same),
+        "greedy_first_difference": first,
+        "greedy_ok": first == len(same) or (dtype != torch.float32 and margin <= tol),
+        "reference_margin_there": margin,
+        "all_read": stats["gathered"] == stats["host_tokens"],
+        "conservation_ok": conserved,
+        "evictions_per_layer": cache.layers[0].host.n,
+        "peak_device_bytes": peak_bytes(device),
+    }
+
+
+# --------------------------------------------------------------------- decode
+
+
+@torch.inference_mode()
+def channel_stats(model, device, n_tokens: int = 1024) -> list:
+    """Per layer: per-channel mean and std of keys, values [Hkv, D] and queries [Hq, D]."""
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = [(t[0].float().mean(1), t[0].float().std(1)) for t in (key, value, query)]
+        return hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("gpu_check_stats", record)
+    model.set_attn_implementation("gpu_check_stats")
+    model(ids.to(device), use_cache=False)
+    return [seen[i] for i in range(model.config.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> tuple:
+    """A cache holding n synthetic positions drawn on the device; (cache, index build seconds)."""
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator(device=device).manual_seed(0)
+    cache = HybridCache(model, cfg, max_length=n + 64, progress=False) if kind == "hybrid" else DynamicCache()
+
+    def draw(mean, std, count):
+        noise = torch.randn(mean.shape[0], count, mean.shape[1], generator=gen, device=device)
+        return (mean.unsqueeze(1) + std.unsqueeze(1) * noise).to(dtype)
+
+    for i, ((km, ks), (vm, vs), (qm, qs)) in enumerate(stats):
+        k, v = draw(km, ks, n), draw(vm, vs, n)
+        if kind == "hybrid":
+            layer = cache.layers[i]
+            layer.update(k[None], v[None])
+            q = draw(qm, qs, cfg.max_build_queries)
+            layer.query_sample.add(q, torch.linspace(0, n - 1, cfg.max_build_queries).long())
+        else:
+            cache.update(k[None], v[None], i)
+        del k, v
+    with Synced(device) as t:
+        if kind == "hybrid":
+            cache.build_indexes()
+    return cache, t.seconds
+
+
+@torch.inference_mode()
+def time_decode(model, cache, clock: LayerClock, steps: int, device) -> dict:
+    token = torch.tensor([[17]], device=device)
+    per_token, per_layer, read = [], [], []
+    for step in range(steps + 2):
+        clock.seconds = 0.0
+        with Synced(device) as t:
+            model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        if step >= 2:
+            per_token.append(t.seconds)
+            per_layer.append(clock.seconds / model.config.num_hidden_layers)
+            read.append(cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0)
+    return {
+        "ms_per_token": 1e3 * statistics.median(per_token),
+        "attn_ms_per_layer": 1e3 * statistics.median(per_layer),
+        "kv_read_frac": statistics.mean(read),
+    }
+
+
+def host_bytes(cache) -> int:
+    return sum(cache.memory_report()["host"].values()) if isinstance(cache, HybridCache) else 0
+
+
+def decode_cases(args, device, cap_fraction: float) -> list[dict]:
+    shape = MODEL_PRESETS["llama-3-8b"] if device.type == "cuda" else TOY
+    layers = shape["num_hidden_layers"] if device.type == "cuda" else 2
+    clock = LayerClock(device)
+    AttentionInterface.register(TIMED, clock)
+    model = llama(shape, layers, torch.bfloat16, device, impl=TIMED)
+    stats = channel_stats(model, device)
+    model.set_attn_implementation(TIMED)
+    cfg = OffloadConfig(device=device.type)
+    rows = []
+    for n in args.contexts:
+        runs = [("hybrid-default", "hybrid", cfg, True), ("full-sdpa", "full", None, True)]
+        runs.append(("full-sdpa-uncapped", "full", None, False))
+        for name, kind, c, capped in runs:
+            if device.type == "cuda":
+                torch.cuda.set_per_process_memory_fraction(cap_fraction if capped else 1.0, device)
+            reset_peak(device)
+            row = {"case": "decode", "method": name, "context": n, "capped": capped}
+            try:
+                cache, build_s = fill(kind, model, stats, n, c, device)
+                row.update(time_decode(model, cache, clock, args.steps, device))
+                row.update(index_build_s=build_s if kind == "hybrid" else None, host_bytes=host_bytes(cache))
+                del cache
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory under the cap" if capped else "out of memory"
+            row["peak_device_bytes"] = peak_bytes(device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if name == "full-sdpa" and "error" not in row:
+                break  # it fits under the cap: the uncapped run would say nothing more
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    rows += prefill_cases(args, model, device, cfg)
+    return rows
+
+
+@torch.inference_mode()
+def prefill_cases(args, model, device, cfg) -> list[dict]:
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
+    model.set_attn_implementation("hybrid")
+    rows = []
+    for name in ("hybrid-default", "full-sdpa"):
+        reset_peak(device)
+        cache = (
+            HybridCache(model, cfg, max_length=args.prefill, progress=False) if name != "full-sdpa" else DynamicCache()
+        )
+        row = {"case": "prefill", "method": name, "context": args.prefill}
+        try:
+            with Synced(device) as t:
+                prefill(model, ids, cache, args.chunk, progress=False)
+            row["prefill_s"] = t.seconds
+            if isinstance(cache, HybridCache):
+                with Synced(device) as t:
+                    cache.build_indexes()
+                row["index_build_s"] = t.seconds
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory under the cap"
+        row["peak_device_bytes"] = peak_bytes(device)
+        del cache
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    model.set_attn_implementation(TIMED)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    gib = 2**30
+    lines = [f"{'case':<22} {'context':>8} {'ms/token':>9} {'attn ms/layer':>13} {'read':>7} {'peak GiB':>9} notes"]
+    for r in rows:
+        name = r.get("method", r["case"])
+        ms = f"{r['ms_per_token']:.1f}" if "ms_per_token" in r else ""
+        attn = f"{r['attn_ms_per_layer']:.3f}" if "attn_ms_per_layer" in r else ""
+        read = f"{100 * r['kv_read_frac']:.2f}%" if "kv_read_frac" in r else ""
+        notes = r.get("error", "")
+        if r["case"].startswith("exactness"):
+            notes = f"max |dlogit| {r['max_abs_logit_diff']:.2e} (tol {r['tolerance']:g}), greedy "
+            notes += (
+                "equal"
+                if r["greedy_equal"]
+                else f"parts at token {r['greedy_first_difference']} (a near-tie: {r['greedy_ok']})"
+            )
+            notes += f", conservation {r['conservation_ok']}"
+        if "prefill_s" in r:
+            notes = f"prefill {r['prefill_s']:.2f} s" + (
+                f", index build {r['index_build_s']:.2f} s" if "index_build_s" in r else ""
+            )
+        context = r.get("context", "")
+        lines.append(
+            f"{name:<22} {context:>8} {ms:>9} {attn:>13} {read:>7} {r['peak_device_bytes'] / gib:>9.2f} {notes}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")
+    p.add_argument("--contexts", type=int, nargs="+", help="decode contexts; default 32K 64K 128K (cpu: 2048)")
+    p.add_argument("--prefill", type=int, help="prefill tokens; default 32768 (cpu: 1024)")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per case (after 2 warm-up steps)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.contexts = args.contexts or ([32768, 65536, 131072] if cuda else [2048])
+    args.prefill = args.prefill or (32768 if cuda else 1024)
+    env = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "cap_gib": args.cap_gb if cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    cap_fraction = 1.0
+    if cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap_fraction = min(1.0, args.cap_gb * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    print(json.dumps(env), flush=True)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows.append(exactness(device, dtype, prompt=600, new=80))
+        print(json.dumps(rows[-1]), flush=True)
+    rows += decode_cases(args, device, cap_fraction)
+    print(table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    exact = [r for r in rows if r["case"].startswith("exactness")]
+    return 0 if all(r["logits_ok"] and r["greedy_ok"] and r["conservation_ok"] and r["all_read"] for r in exact) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
