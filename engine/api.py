@@ -3,6 +3,7 @@ and report where the time and the bytes went."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,7 +68,11 @@ class HybridLLM:
     """
 
     def __init__(self, model, tokenizer, offload: OffloadConfig | None = None):
-        check_supported(model.config)
+        if not isinstance(offload, (OffloadConfig, type(None))):
+            raise TypeError(
+                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
+            )
+        check_supported(getattr(model, "config", None))
         if model.config._attn_implementation != "hybrid":
             model.set_attn_implementation("hybrid")
         self.model, self.tokenizer = model, tokenizer
@@ -85,6 +90,12 @@ class HybridLLM:
     ) -> HybridLLM:
         """Load a local model directory, `.gguf` file, hub id or the bundled "smollm2-135m".
         dtype defaults to bfloat16 on CUDA and float32 on the CPU."""
+        if not isinstance(offload, (OffloadConfig, type(None))):
+            raise TypeError(
+                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
+            )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
         offload = offload or OffloadConfig()
         device = offload.resolved_device()
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -99,8 +110,9 @@ class HybridLLM:
         """Token ids [1, T]: a string is used as is; a list of chat messages goes
         through the model's chat template (with the assistant turn opened)."""
         if isinstance(prompt, torch.Tensor):
-            return prompt.view(1, -1).to(self.device)
+            return self._check_ids(prompt)
         if isinstance(prompt, list):
+            _check_messages(prompt)
             if getattr(self.tokenizer, "chat_template", None):
                 ids = self.tokenizer.apply_chat_template(
                     prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -109,7 +121,21 @@ class HybridLLM:
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
-        return self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        return self._check_ids(self.tokenizer(prompt, return_tensors="pt").input_ids)
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] or [1, T] -> [1, T] on the model's device, or a clear error."""
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor (int64), got {ids.dtype}")
+        if ids.dim() == 2 and ids.shape[0] != 1:
+            raise ValueError(f"one prompt at a time: token ids must have shape [T] or [1, T], got {list(ids.shape)}")
+        ids = ids.reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        return ids.long().to(self.device)
 
     # ---------------------------------------------------------- generation
 
@@ -165,17 +191,11 @@ class HybridLLM:
         stop_at_eos: bool = True,
         progress: bool = True,
     ) -> Iterator[int]:
+        _check_sampling(max_new_tokens, temperature, seed)
         ids = self.encode(prompt)
         T = ids.shape[1]
         cfg = self.offload
-        if T < cfg.resident_tokens:
-            raise ValueError(
-                f"the prompt has {T} tokens, fewer than sinks + window = {cfg.resident_tokens}: nothing would be "
-                "offloaded; use full attention or a smaller OffloadConfig.window"
-            )
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        cache = HybridCache(self.model, cfg, max_length=T + max_new_tokens)
+        cache = HybridCache(self.model, cfg, max_length=T + max_new_tokens, progress=progress)
         report.prompt_tokens = T
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
@@ -222,6 +242,23 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = Tru
     for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
         out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
+
+
+def _check_messages(messages: list) -> None:
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"chat message {i} must be a dict with string 'role' and 'content', got {m!r}")
+    if not messages:
+        raise ValueError("the prompt is empty (no chat messages)")
+
+
+def _check_sampling(max_new_tokens, temperature, seed) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
 
 
 def eos_ids(model) -> set[int]:

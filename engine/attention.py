@@ -84,6 +84,8 @@ def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
+    if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
+        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
     if layer.host.n == 0:
         return o
     qd = q[:, :, 0]  # [Hkv, G, D]

@@ -101,6 +101,7 @@ class HybridLayer(CacheLayerMixin):
         self.host_out = torch.empty(Hkv * self.group, D, pin_memory=pin)  # [Hq, D] gather-attend output
         self.host_lse = torch.empty(Hkv * self.group, pin_memory=pin)  # [Hq]
         self.key_index = None  # the host key index of every KV head (engine.retrieval), built after prefill
+        self.build_waiting = False  # the build waits for a block of host keys (a short prompt)
         self.sketch = None  # the adaptive budget's key sketch (engine.sketch), built with the key index
         self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0)
@@ -249,6 +250,7 @@ class HybridLayer(CacheLayerMixin):
         self.is_initialized = False
         self.n_seen = 0
         self.key_index = None
+        self.build_waiting = False
         self.sketch = None
         self.n_indexed = 0
         self.last_added = None
@@ -276,6 +278,16 @@ class HybridCache(Cache):
     def __init__(
         self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0, progress: bool = True
     ):
+        if not hasattr(model_or_config, "config") and not hasattr(model_or_config, "model_type"):
+            raise TypeError(
+                f"HybridCache needs a transformers model or its config, got {type(model_or_config).__name__}"
+            )
+        if not isinstance(offload, (OffloadConfig, type(None))):
+            raise TypeError(
+                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
+            )
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+            raise ValueError(f"max_length must be an int >= 0 (0: unknown), got {max_length!r}")
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         check_supported(config)

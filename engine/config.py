@@ -240,6 +240,13 @@ class ModelShape:
                 raise ValueError(f"unknown model preset {model_config!r}; presets: {', '.join(MODEL_PRESETS)}")
             return cls(**MODEL_PRESETS[model_config])
         get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+        required = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
+        missing = [k for k in required if not isinstance(get(k), int) or get(k) <= 0]
+        if missing:
+            raise ValueError(
+                "the model must be a preset name, a dict or a transformers config with positive "
+                f"{', '.join(missing)}; got {type(model_config).__name__}"
+            )
         heads, hidden = get("num_attention_heads"), get("hidden_size")
         return cls(
             num_hidden_layers=get("num_hidden_layers"),
@@ -319,17 +326,18 @@ def plan_memory(
     and the key sketch of an adaptive budget. `model_config` is a preset name (see
     `MODEL_PRESETS`), a dict or a transformers config.
     """
+    if not isinstance(cfg, (OffloadConfig, type(None))):
+        raise TypeError(f"cfg must be an OffloadConfig (see OffloadConfig.preset), got {type(cfg).__name__}")
     cfg = cfg or OffloadConfig()
-    if context_len < cfg.resident_tokens:
-        raise ValueError(
-            f"context_len {context_len} is shorter than sinks + window = {cfg.resident_tokens}; "
-            "use full attention for such short contexts, or a smaller window"
-        )
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+        raise ValueError(f"context_len must be a positive int, got {context_len!r}")
+    if gpu_budget_bytes is not None and (isinstance(gpu_budget_bytes, bool) or not gpu_budget_bytes > 0):
+        raise ValueError(f"gpu_budget_bytes must be a positive number of bytes (or None), got {gpu_budget_bytes!r}")
     m = ModelShape.of(model_config)
     L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
     wbytes = torch.finfo(weight_dtype).bits // 8
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
-    host_tokens = context_len - cfg.resident_tokens
+    host_tokens = max(0, context_len - cfg.resident_tokens)  # a short context stays resident
     C = min(cfg.prefill_chunk, context_len)
     # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
     # every full block and the keys of the block still filling.

@@ -85,6 +85,8 @@ def load_model(
         source, file_kwargs = path.parent, {"gguf_file": path.name}
     else:
         source, file_kwargs = name_or_path, {"use_safetensors": True}
+        if str(name_or_path).startswith((".", "/")) and not Path(name_or_path).exists():
+            raise FileNotFoundError(f"model not found: {name_or_path}")  # a path, not a hub id
         if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
             raise FileNotFoundError(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"

@@ -111,10 +111,18 @@ class ListSelector:
         return len(self.lists)
 
 
-def build_key_index(layer) -> None:
-    """Build the layer's host key index from its host keys and the sampled prefill
-    queries of each head's query group (the attention-aware indexes use those)."""
+def build_key_index(layer) -> bool:
+    """Build the layer's host key index from its host keys and the sampled queries of
+    each head's query group (the attention-aware indexes use those). A host store of
+    less than a block is left unindexed (those tokens are read at every step) and the
+    build waits, collecting decode queries, until it holds one: a short prompt starts
+    offloading during decode. Returns whether the index was built."""
     cfg = layer.cfg
+    if layer.host.n < cfg.block_size:
+        if layer.progress is not None and not layer.build_waiting:
+            layer.progress.done(0.0)  # counted now; the build itself is a block of keys, later
+        layer.build_waiting = True
+        return False
     t0 = time.perf_counter()
     layer.wait_for_host_store()
     Hkv, D = layer.n_kv_heads, layer.head_dim
@@ -127,16 +135,16 @@ def build_key_index(layer) -> None:
     else:
         index = HeadIndexes(cfg.method, Hkv, D, cfg.index_params)
         keys = layer.host.keys
-    if layer.host.n:
-        index.build(keys, queries)
-        if cfg.budget == "adaptive":
-            layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
-            layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
+    index.build(keys, queries)
+    if cfg.budget == "adaptive":
+        layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
+        layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
     layer.key_index = index
     layer.n_indexed = layer.host.n
     layer.query_sample.clear()
-    if layer.progress is not None:
+    if layer.progress is not None and not layer.build_waiting:
         layer.progress.done(time.perf_counter() - t0)
+    return True
 
 
 def select_host_ids(

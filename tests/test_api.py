@@ -45,12 +45,23 @@ def test_stream_yields_the_generated_text(llm, passkey, result):
     assert "".join(pieces) == result.text
 
 
-def test_prompt_shorter_than_the_resident_set_is_refused(llm):
-    with pytest.raises(ValueError, match="fewer than sinks \\+ window"):
-        llm.generate("Hello there.", 4)
+def test_a_prompt_shorter_than_the_resident_set_generates_as_full_attention_does(llm):
+    """Everything stays resident, then offloading starts during decode."""
+    prompt = "Hello, my name is"
+    result = llm.generate(prompt, 80, stop_at_eos=False, progress=False)
+    assert len(result.token_ids) == 80
+    assert result.report.host_bytes["kv_store"] > 0  # tokens left the window during decode
+    # the host holds less than a block: every host token is read, so the text is full attention's
+    assert result.text == llm.generate_full_attention(prompt, 80)
 
 
 def test_chat_messages_use_the_chat_template(llm):
     ids = llm.encode([{"role": "user", "content": "Hi"}])
     text = llm.tokenizer.decode(ids[0])
     assert "user" in text and "Hi" in text and text.rstrip().endswith("assistant")
+
+
+def test_progress_false_silences_every_bar(llm, passkey, capfd):
+    llm.generate(passkey.prompt, 2, progress=False)
+    err = capfd.readouterr().err
+    assert "building host key index" not in err and "prefill" not in err

@@ -1,6 +1,7 @@
 """The hybrid attention inside a transformers model: exactness when the budgets
 cover every token, every selection mode and retrieval method end to end."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
@@ -180,3 +181,17 @@ def test_exact_on_the_matmul_path_other_devices_take(tiny_model, tiny_ids, tiny_
     monkeypatch.setattr(merge, "_cpu_flash", None)
     logits, _ = run_hybrid(tiny_model, tiny_ids[:, :240], OffloadConfig(**COVER_ALL_HYBRID), prefill=200, chunk=64)
     assert (logits - tiny_full_logits[:, :240]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("prompt", [1, 5, 19])
+def test_a_prompt_shorter_than_the_resident_set_offloads_during_decode(tiny_model, tiny_ids, tiny_full_logits, prompt):
+    """The key index waits for a block of host keys, built from the prefill's and the decode
+    steps' queries; every position stays in one place; with budgets that read everything
+    the logits stay exact."""
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    logits, cache = run_hybrid(tiny_model, tiny_ids[:, :120], cfg, prefill=prompt)
+    assert (logits - tiny_full_logits[:, :120]).abs().max() <= 1e-4
+    for layer in cache.layers:
+        assert layer.key_index is not None and layer.n_indexed >= 8 and layer.host.n == 120 - 20
+        where = layer.positions()
+        assert sorted(np.concatenate(list(where.values())).tolist()) == list(range(120))

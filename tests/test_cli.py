@@ -67,7 +67,7 @@ def test_bad_arguments_exit_through_argparse(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["plan", "--context", "10"], "shorter than sinks"),
+        (["plan", "--context", "0"], "context_len must be a positive int, got 0"),
         (["plan", "--window", "0"], "window must be at least 1, got 0"),
         (["plan", "--gpu-gb", "-4"], "--gpu-gb must be a positive number of GiB, got -4.0"),
         (["plan", "--gpu-gb", "nan"], "--gpu-gb must be a positive number of GiB, got nan"),

@@ -1,0 +1,78 @@
+"""Every public entry point rejects bad input with a clear message naming what was wrong."""
+
+import pytest
+import torch
+
+from engine import HybridCache, OffloadConfig, plan_memory
+from engine.api import HybridLLM
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_tokenizer):
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    return HybridLLM(model, bundled_tokenizer, OffloadConfig(device="cpu"))
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,error,message",
+    [
+        ("", {}, ValueError, "the prompt is empty"),
+        ([], {}, ValueError, "no chat messages"),
+        ([{"content": "hi"}], {}, ValueError, "chat message 0 must be a dict with string 'role' and 'content'"),
+        (12, {}, TypeError, "prompt must be a string, chat messages or token ids, got int"),
+        (torch.zeros(2, 5, dtype=torch.long), {}, ValueError, "one prompt at a time"),
+        (torch.zeros(5), {}, TypeError, "token ids must be an integer tensor"),
+        (torch.tensor([10**7]), {}, ValueError, "token ids must lie in"),
+        ("hi", {"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        ("hi", {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 0, got 2.5"),
+        ("hi", {"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
+        ("hi", {"temperature": -1}, ValueError, "temperature must be a finite number >= 0"),
+        ("hi", {"seed": "one"}, ValueError, "seed must be an int"),
+    ],
+)
+def test_generate_rejects_bad_input(llm, prompt, kwargs, error, message):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(error, match=message):
+        llm.generate(prompt, **kwargs)
+    with pytest.raises(error, match=message):  # the stream says the same, on its first piece
+        next(llm.stream(prompt, **kwargs))
+
+
+def test_hybrid_llm_rejects_a_bad_offload_and_dtype(llm):
+    with pytest.raises(TypeError, match="offload must be an OffloadConfig .* got str"):
+        HybridLLM(llm.model, llm.tokenizer, offload="tight")
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        HybridLLM.from_pretrained("smollm2-135m", dtype="half")
+    with pytest.raises(FileNotFoundError, match="model not found: /no/such/model"):
+        HybridLLM.from_pretrained("/no/such/model")
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,message",
+    [
+        (("llama",), {}, TypeError, "HybridCache needs a transformers model or its config, got str"),
+        ((None,), {}, TypeError, "got NoneType"),
+        ((), {"offload": {"window": 3}}, TypeError, "offload must be an OffloadConfig"),
+        ((), {"max_length": -1}, ValueError, "max_length must be an int >= 0"),
+    ],
+)
+def test_hybrid_cache_rejects_bad_input(tiny_model, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        HybridCache(*(args or (tiny_model,)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args,error,message",
+    [
+        (("llama-3-8b", 0), ValueError, "context_len must be a positive int, got 0"),
+        (("llama-3-8b", 2.5), ValueError, "context_len must be a positive int, got 2.5"),
+        ((12, 100), ValueError, "the model must be a preset name, a dict or a transformers config"),
+        (({"num_hidden_layers": 2}, 100), ValueError, "num_attention_heads"),
+        (("llama-3-8b", 100, {"window": 1}), TypeError, "cfg must be an OffloadConfig"),
+        (("llama-3-8b", 100, None, -5), ValueError, "gpu_budget_bytes must be a positive number"),
+    ],
+)
+def test_plan_memory_rejects_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        plan_memory(*args)
