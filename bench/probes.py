@@ -55,7 +55,7 @@ def copy_state(
                     d = dst.layers[i]
                     d.key_index = copy.deepcopy(layer.key_index)
                     d.sketch = copy.deepcopy(layer.sketch) if cfg.budget == "adaptive" else None
-                    d.n_indexed = layer.n_indexed
+                    d.n_indexed, d.n_built = layer.n_indexed, layer.n_built
                     if d.host.n > d.n_indexed and d.key_index is not None:
                         d.index_new_keys()
     return dst

@@ -104,6 +104,7 @@ class HybridLayer(CacheLayerMixin):
         self.build_waiting = False  # the build waits for a block of host keys (a short prompt)
         self.sketch = None  # the adaptive budget's key sketch (engine.sketch), built with the key index
         self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
+        self.n_built = 0  # ... of which the index was built from (the others were added later)
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0)
         self.is_initialized = True
 
@@ -252,7 +253,7 @@ class HybridLayer(CacheLayerMixin):
         self.key_index = None
         self.build_waiting = False
         self.sketch = None
-        self.n_indexed = 0
+        self.n_indexed = self.n_built = 0
         self.last_added = None
         self.stats = StepStats()
 

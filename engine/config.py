@@ -53,6 +53,7 @@ class OffloadConfig:
     candidates: int = 192  # adaptive: key-index proposals looked at per query head
     min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
     sketch_rank: int = 32  # adaptive: dimensions of the key sketch (at most the head dim)
+    recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
     landmark: str = "mean"
     host_dtype: str = "auto"  # "auto": the model's dtype
@@ -63,7 +64,7 @@ class OffloadConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
 
     def __post_init__(self):
-        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "sketch_rank")
+        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "sketch_rank", "recent")
         for name in (*ints, "max_build_queries", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

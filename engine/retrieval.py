@@ -140,7 +140,7 @@ def build_key_index(layer) -> bool:
         layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
         layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
     layer.key_index = index
-    layer.n_indexed = layer.host.n
+    layer.n_indexed = layer.n_built = layer.host.n
     layer.query_sample.clear()
     if layer.progress is not None and not layer.build_waiting:
         layer.progress.done(time.perf_counter() - t0)
@@ -153,12 +153,29 @@ def select_host_ids(
     """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the decode
     queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
 
-    Candidates come from the block index and/or the key index (OffloadConfig.mode).
-    A fixed budget reads them all; an adaptive one reads those the key sketch
-    rates likely (`read_likely`), given the resident tokens' log-sum-exp
-    lse_resident [Hkv, G] and the step's block scores (engine.estimate.BlockScores,
-    None without a summary). The newest host tokens, which no index or summary
-    covers yet, are always read. Sets the selection counters of layer.stats."""
+    A fixed budget reads every candidate (`candidates`); an adaptive one reads those
+    the key sketch rates likely (`read_likely`), given the resident tokens'
+    log-sum-exp lse_resident [Hkv, G] and the step's block scores
+    (engine.estimate.BlockScores, None without a summary). The newest host tokens,
+    which no index or summary covers yet, are always read. Sets the selection
+    counters of layer.stats."""
+    cfg = layer.cfg
+    found = candidates(layer, q, q_host, blocks)
+    sketched = 0
+    if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
+        q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
+        found, sketched = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
+    layer.stats.sketched = sketched
+    parts = [] if found is None else [found]
+    parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
+    return unique_rows(torch.cat(parts, dim=1))
+
+
+def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch.Tensor | None:
+    """The step's candidate host ids [Hkv, C] (-1 padded, unique per row; None: no source):
+    the block index's blocks and/or the key index's proposals (OffloadConfig.mode), and
+    with an adaptive budget the keys added after the key index's build (the lists take
+    in few of them). Sets layer.stats' scanned and keys_scored."""
     cfg = layer.cfg
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
@@ -180,17 +197,11 @@ def select_host_ids(
             parts.append(ids)
             scanned += vectors
             keys_scored += keys
-    sketched = 0
-    if parts:
-        candidates = unique_rows(torch.cat(parts, dim=1))
-        if cfg.budget == "adaptive" and layer.sketch is not None:
-            q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
-            candidates, sketched = read_likely(layer, candidates, q_groups, scale, lse_resident, blocks)
-        parts = [candidates]
-    parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
-    st = layer.stats
-    st.scanned, st.keys_scored, st.sketched = scanned, keys_scored, sketched
-    return unique_rows(torch.cat(parts, dim=1))
+            if adaptive and cfg.recent:
+                recent = torch.arange(max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed)
+                parts.append(recent.expand(layer.n_kv_heads, -1))
+    layer.stats.scanned, layer.stats.keys_scored = scanned, keys_scored
+    return unique_rows(torch.cat(parts, dim=1)) if parts else None
 
 
 def always_read(layer) -> np.ndarray:
