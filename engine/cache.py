@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from engine.builder import IndexBuilder
 from engine.config import ModelShape, OffloadConfig
 from engine.estimate import BlockSummary
 from engine.models import check_supported
@@ -56,9 +57,13 @@ class HybridLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cfg: OffloadConfig, layer_idx: int, shape: ModelShape, *, capacity: int = 0, progress=None):
+    def __init__(
+        self, cfg: OffloadConfig, layer_idx: int, shape: ModelShape, *, capacity: int = 0, progress=None, builder=None
+    ):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
+        self.builder = builder  # engine.builder.IndexBuilder, or None: builds in the caller's thread
+        self.prompt_length = 0  # when known (> 0), the prefill hands the layer to the builder at its last token
         self.n_kv_heads, self.head_dim = shape.num_key_value_heads, shape.head_dim
         self.group = shape.num_attention_heads // shape.num_key_value_heads
         self.capacity_hint = capacity
@@ -115,6 +120,7 @@ class HybridLayer(CacheLayerMixin):
         attention function's key and value (it needs the whole state, not tensors)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.wait_for_build()  # a build on the worker thread reads the state this update changes
         if key_states.shape[0] != 1:
             raise ValueError(f"HybridCache supports batch size 1 only, got batch size {key_states.shape[0]}")
         k, v = key_states[0], value_states[0]  # [Hkv, C, D]
@@ -178,6 +184,11 @@ class HybridLayer(CacheLayerMixin):
         if self.sketch is not None:
             self.sketch.add(new)
         self.n_indexed = self.host.n
+
+    def wait_for_build(self) -> None:
+        """Until the layer's index build on the worker thread (if any) has finished."""
+        if self.builder is not None:
+            self.builder.wait(self)
 
     def wait_for_host_store(self) -> None:
         """Before the host keys are read on the CPU: on CUDA, evictions reach the
@@ -272,12 +283,22 @@ class HybridCache(Cache):
 
     `model_or_config` is a model loaded with `attn_implementation="hybrid"` (or
     its config). `max_length`, when known, sizes the host store exactly;
-    `progress` shows a bar while the host indexes are built.
-    Use it with `model.generate(..., past_key_values=HybridCache(model, cfg))`.
+    `prompt_length`, when known, lets each layer's host index be built on a
+    worker thread (engine.builder) as soon as the layer has seen the prompt's
+    last token, while the prefill goes on (otherwise each layer builds at
+    `build_indexes()` or its first decode step); `progress` shows a bar while
+    the host indexes are built. `close()` stops the worker threads.
+    Use it with `model.generate(..., cache=HybridCache(model, cfg))`.
     """
 
     def __init__(
-        self, model_or_config, offload: OffloadConfig | None = None, *, max_length: int = 0, progress: bool = True
+        self,
+        model_or_config,
+        offload: OffloadConfig | None = None,
+        *,
+        max_length: int = 0,
+        prompt_length: int = 0,
+        progress: bool = True,
     ):
         if not hasattr(model_or_config, "config") and not hasattr(model_or_config, "model_type"):
             raise TypeError(
@@ -287,8 +308,9 @@ class HybridCache(Cache):
             raise TypeError(
                 f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
             )
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
-            raise ValueError(f"max_length must be an int >= 0 (0: unknown), got {max_length!r}")
+        for name, value in (("max_length", max_length), ("prompt_length", prompt_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: unknown), got {value!r}")
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         check_supported(config)
@@ -303,21 +325,32 @@ class HybridCache(Cache):
         from engine.retrieval import BuildProgress
 
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
+        cfg = self.offload_config
+        self.builder = IndexBuilder(cfg.build_workers) if prompt_length and cfg.build_workers else None
         layers = [
-            HybridLayer(self.offload_config, i, shape, capacity=max_length, progress=self.build_progress)
+            HybridLayer(cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder)
             for i in range(shape.num_hidden_layers)
         ]
+        for layer in layers:
+            layer.prompt_length = prompt_length
         super().__init__(layers=layers)
 
     def build_indexes(self) -> None:
-        """Build every layer's host key index now (otherwise each layer builds at its first decode step)."""
+        """Build every layer's host key index now (or wait for its build on the worker thread)."""
         from engine.retrieval import build_key_index
 
         if not self.offload_config.uses_key_index:
             return
         for layer in self.layers:
+            layer.wait_for_build()
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)
+
+    def close(self) -> None:
+        """Stop the index builds' worker threads (builds not started are dropped; a layer
+        without its index builds it at its next decode step)."""
+        if self.builder is not None:
+            self.builder.close()
 
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""

@@ -58,6 +58,7 @@ class OffloadConfig:
     landmark: str = "mean"
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
+    build_workers: int = 1  # threads building host indexes during the prefill (0: after it, in the caller's)
     index_params: dict = field(default_factory=dict)
     max_build_queries: int = 1024  # prefill query positions kept per layer to build the host index
     prefill_chunk: int = 1024  # tokens per forward pass during prefill
@@ -96,8 +97,10 @@ class OffloadConfig:
             raise ValueError(f"mode {self.mode!r} selects candidate blocks: n_blocks must be >= 1")
         if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:
             raise ValueError(f"OffloadConfig.block_frac must lie in (0, 1], got {self.block_frac!r}")
-        if not isinstance(self.host_threads, int) or self.host_threads < 0:
-            raise ValueError(f"OffloadConfig.host_threads must be a non-negative int, got {self.host_threads!r}")
+        for name in ("host_threads", "build_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"OffloadConfig.{name} must be a non-negative int, got {value!r}")
         if not isinstance(self.index_params, dict):
             raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
         try:

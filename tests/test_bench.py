@@ -138,3 +138,13 @@ def test_soak_checks_hold_on_the_bundled_model():
         assert c["recall_added"] is None or c["recall_added"] >= 0.8 * c["recall_prompt"]
     assert result["step_time_drift"] > 0
     assert soak.interrupted_generation_is_harmless(llm, ids[:, :200], 12)["ok"]
+
+
+def test_bench_prefill_quick(tmp_path):
+    out = tmp_path / "prefill.json"
+    script("bench_prefill").main(["--quick", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped"}
+    for r in rows:
+        has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
+        assert r["first_token_s"] >= r["prefill_s"] > 0

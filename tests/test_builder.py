@@ -1,0 +1,64 @@
+"""Index builds on a worker thread during the prefill (engine.builder): the same result as
+building after it, no thread left behind, errors raised in the caller."""
+
+import threading
+
+import pytest
+import torch
+
+from engine import HybridCache, OffloadConfig
+from engine.api import HybridLLM, prefill
+
+
+def index_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("hybridattn-index")]
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_tokenizer):
+    from tests.conftest import tiny_llama
+
+    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, OffloadConfig(device="cpu"))
+
+
+def test_builds_start_during_the_prefill_and_match_building_after_it(tiny_model, tiny_ids):
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, min_prob=1e-3)
+    logits = {}
+    for workers in (1, 0):
+        cache = HybridCache(tiny_model, cfg.replace(build_workers=workers), prompt_length=300, progress=False)
+        with torch.no_grad():
+            prefill(tiny_model, tiny_ids[:, :300], cache, 64, progress=False)
+            assert (cache.builder is not None) == (workers > 0)
+            if workers:  # every layer was handed to the builder at its last prompt token
+                assert set(cache.builder._pending) == {0, 1}
+            cache.build_indexes()
+            assert all(layer.key_index is not None for layer in cache.layers)
+            logits[workers] = torch.cat(
+                [tiny_model(tiny_ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(300, 320)]
+            )
+        cache.close()
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    assert index_threads() == []
+
+
+def test_an_interrupted_stream_leaves_no_build_thread_and_the_model_usable(llm):
+    prompt = torch.arange(1, 900) % 5000
+    fresh = llm.generate(prompt, 12, stop_at_eos=False, progress=False).token_ids
+    with pytest.raises(KeyError):
+        for i, _ in enumerate(llm.stream(prompt, 12, stop_at_eos=False, progress=False)):
+            if i == 3:
+                raise KeyError("consumer stops")
+    assert index_threads() == []
+    assert llm.generate(prompt, 12, stop_at_eos=False, progress=False).token_ids == fresh
+
+
+def test_a_failing_build_raises_in_the_caller(llm, monkeypatch):
+    import engine.retrieval
+
+    def broken(layer):
+        raise RuntimeError("build failed")
+
+    monkeypatch.setattr(engine.retrieval, "build_key_index", broken)
+    with pytest.raises(RuntimeError, match="build failed"):
+        llm.generate(torch.arange(1, 900) % 5000, 4, progress=False)
+    assert index_threads() == []
