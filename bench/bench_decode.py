@@ -118,7 +118,7 @@ def channel_stats(model, tok, n_tokens: int = 1024):
 
     AttentionInterface.register("record_stats", record)
     model.set_attn_implementation("record_stats")
-    model(ids, use_cache=False)
+    model(ids.to(next(model.parameters()).device), use_cache=False)
     model.set_attn_implementation(TIMED)
     return [seen[i] for i in range(model.config.num_hidden_layers)]
 

@@ -41,6 +41,9 @@ from engine.api import prefill  # noqa: E402
 from engine.attention import hybrid_attention_forward  # noqa: E402
 from engine.config import MODEL_PRESETS  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import channel_stats  # noqa: E402
+
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4
 # budgets that read every host token (the estimate is then empty): the engine must be exact
@@ -169,22 +172,6 @@ def exactness(device, dtype, prompt: int, new: int) -> dict:
 
 
 @torch.inference_mode()
-def channel_stats(model, device, n_tokens: int = 1024) -> list:
-    """Per layer: per-channel mean and std of keys, values [Hkv, D] and queries [Hq, D]."""
-    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
-    seen = {}
-
-    def record(module, query, key, value, attention_mask, **kwargs):
-        seen[module.layer_idx] = [(t[0].float().mean(1), t[0].float().std(1)) for t in (key, value, query)]
-        return hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("gpu_check_stats", record)
-    model.set_attn_implementation("gpu_check_stats")
-    model(ids.to(device), use_cache=False)
-    return [seen[i] for i in range(model.config.num_hidden_layers)]
-
-
-@torch.inference_mode()
 def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> tuple:
     """A cache holding n synthetic positions drawn on the device; (cache, index build seconds)."""
     dtype = next(model.parameters()).dtype
@@ -240,7 +227,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
     clock = LayerClock(device)
     AttentionInterface.register(TIMED, clock)
     model = llama(shape, layers, torch.bfloat16, device, impl=TIMED)
-    stats = channel_stats(model, device)
+    stats = channel_stats(model, None)  # random token ids, on the model's device
     model.set_attn_implementation(TIMED)
     cfg = OffloadConfig(device=device.type)
     rows = []
