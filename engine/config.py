@@ -168,19 +168,9 @@ PRESETS: dict[str, OffloadConfig] = {
 
 # ------------------------------------------------------------------ memory plan
 
-# Shapes of well-known models, so that a plan needs no download.
+# Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
 MODEL_PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        hidden_size=4096,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "llama-3.1-8b": dict(
         num_hidden_layers=32,
         num_attention_heads=32,
         num_key_value_heads=8,
@@ -222,6 +212,9 @@ MODEL_PRESETS: dict[str, dict] = {
         tie_word_embeddings=True,
     ),
 }
+
+
+MODEL_PRESETS["llama-3.1-8b"] = MODEL_PRESETS["llama-3-8b"]
 
 
 @dataclass(frozen=True)
