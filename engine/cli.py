@@ -142,20 +142,30 @@ def _print_report(report, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from engine.config import plan_memory
+    from engine.config import full_attention_batch, largest_batch, plan_memory
 
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
+    if args.host_gb is not None and not (math.isfinite(args.host_gb) and args.host_gb > 0):
+        raise ValueError(f"--host-gb must be a positive number of GiB, got {args.host_gb}")
     _check_local_model(args.model)
     model = args.model
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
     if args.device is None:  # the plan is for a GPU budget, whatever this machine has
         args.device = "cuda"
-    plan = plan_memory(model, args.context, _offload_config(args), int(args.gpu_gb * 2**30))
-    print(f"model {args.model}, context {args.context} tokens")
+    gpu, host = int(args.gpu_gb * 2**30), None if args.host_gb is None else int(args.host_gb * 2**30)
+    cfg = _offload_config(args)
+    plan = plan_memory(model, args.context, cfg, gpu, batch=args.batch, host_budget_bytes=host)
+    print(f"model {args.model}, context {args.context} tokens, batch {args.batch}")
     print(plan.table())
     print(f"device bytes beside weights: {plan.device_beside_weights / 2**30:.3f} GiB")
+    most = largest_batch(model, args.context, cfg, gpu, host_budget_bytes=host)
+    fitted = plan_memory(model, args.context, cfg, gpu, batch=max(1, most), host_budget_bytes=host)
+    print(
+        f"largest batch that fits: {most} (device {fitted.device_total / 2**30:.2f} GiB, "
+        f"host {fitted.host_total / 2**30:.2f} GiB); full attention: {full_attention_batch(model, args.context, gpu)}"
+    )
     return 0 if plan.fits else 1
 
 
@@ -213,6 +223,8 @@ def _run(argv: list[str] | None) -> int:
     pl.add_argument("--model", default="llama-3-8b", help="model preset name or a config.json path")
     pl.add_argument("--context", type=int, default=131072)
     pl.add_argument("--gpu-gb", type=float, default=24.0, help="GPU budget in GiB")
+    pl.add_argument("--host-gb", type=float, help="host memory budget in GiB (default: none)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     _offload_args(pl)
 
     b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES))

@@ -273,11 +273,13 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per component on the device and on the host."""
+    """Bytes per component on the device and on the host, for `batch` sequences."""
 
     device: dict[str, int]
     host: dict[str, int]
     gpu_budget_bytes: int | None
+    host_budget_bytes: int | None = None
+    batch: int = 1
 
     @property
     def device_total(self) -> int:
@@ -293,7 +295,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.gpu_budget_bytes is None or self.device_total <= self.gpu_budget_bytes
+        """Within the GPU budget (and the host budget, when one is given)."""
+        gpu = self.gpu_budget_bytes is None or self.device_total <= self.gpu_budget_bytes
+        return gpu and (self.host_budget_bytes is None or self.host_total <= self.host_budget_bytes)
 
     def table(self) -> str:
         rows = [("device", k, v) for k, v in self.device.items()] + [("host", k, v) for k, v in self.host.items()]
@@ -301,9 +305,14 @@ class MemoryPlan:
         lines += [f"{w:<7} {c:<14} {v / 2**30:>9.3f}" for w, c, v in rows]
         lines.append(f"{'device':<7} {'total':<14} {self.device_total / 2**30:>9.3f}")
         lines.append(f"{'host':<7} {'total':<14} {self.host_total / 2**30:>9.3f}")
-        if self.gpu_budget_bytes is not None:
-            verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"GPU budget {self.gpu_budget_bytes / 2**30:.2f} GiB: {verdict}")
+        for where, budget, total in (
+            ("GPU", self.gpu_budget_bytes, self.device_total),
+            ("host", self.host_budget_bytes, self.host_total),
+        ):
+            if budget is not None:
+                lines.append(
+                    f"{where} budget {budget / 2**30:.2f} GiB: {'fits' if total <= budget else 'does NOT fit'}"
+                )
         return "\n".join(lines)
 
 
@@ -313,23 +322,29 @@ def plan_memory(
     cfg: OffloadConfig | None = None,
     gpu_budget_bytes: int | None = None,
     *,
+    batch: int = 1,
+    host_budget_bytes: int | None = None,
     weight_dtype: torch.dtype = torch.bfloat16,
 ) -> MemoryPlan:
-    """Bytes the engine needs for `context_len` tokens with `cfg`.
+    """Bytes the engine needs for `batch` sequences of `context_len` tokens with `cfg`.
 
     Device: weights, resident KV (sinks + window), block index (landmarks),
     block values (for the estimate of unread tokens), workspace (the largest
     transient buffers of a prefill chunk). Host: the KV store, the key indexes
-    and the key sketch of an adaptive budget. `model_config` is a preset name (see
-    `MODEL_PRESETS`), a dict or a transformers config.
+    and the key sketch of an adaptive budget. Every part but the weights and the
+    workspace (prefill runs sequence by sequence) is per sequence. `model_config`
+    is a preset name (see `MODEL_PRESETS`), a dict or a transformers config.
     """
     if not isinstance(cfg, (OffloadConfig, type(None))):
         raise TypeError(f"cfg must be an OffloadConfig (see OffloadConfig.preset), got {type(cfg).__name__}")
     cfg = cfg or OffloadConfig()
     if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
         raise ValueError(f"context_len must be a positive int, got {context_len!r}")
-    if gpu_budget_bytes is not None and (isinstance(gpu_budget_bytes, bool) or not gpu_budget_bytes > 0):
-        raise ValueError(f"gpu_budget_bytes must be a positive number of bytes (or None), got {gpu_budget_bytes!r}")
+    for name, budget in (("gpu_budget_bytes", gpu_budget_bytes), ("host_budget_bytes", host_budget_bytes)):
+        if budget is not None and (isinstance(budget, bool) or not budget > 0):
+            raise ValueError(f"{name} must be a positive number of bytes (or None), got {budget!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
     m = ModelShape.of(model_config)
     L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
     wbytes = torch.finfo(weight_dtype).bits // 8
@@ -362,7 +377,33 @@ def plan_memory(
     host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
     if cfg.budget == "adaptive" and cfg.uses_key_index:
         host["key_sketch"] = L * Hkv * host_tokens * min(cfg.sketch_rank, D) * host_bytes
-    return MemoryPlan(device=device, host=host, gpu_budget_bytes=gpu_budget_bytes)
+    shared = ("weights", "workspace")
+    device = {k: v if k in shared else batch * v for k, v in device.items()}
+    host = {k: batch * v for k, v in host.items()}
+    return MemoryPlan(device, host, gpu_budget_bytes, host_budget_bytes, batch)
+
+
+def largest_batch(model_config, context_len: int, cfg: OffloadConfig | None, gpu_budget_bytes: int, **kwargs) -> int:
+    """The most sequences of `context_len` tokens that fit the GPU budget (and a host budget
+    given as `host_budget_bytes`), 0 if not one; the other keywords go to `plan_memory`."""
+    one = plan_memory(model_config, context_len, cfg, gpu_budget_bytes, batch=1, **kwargs)
+    two = plan_memory(model_config, context_len, cfg, gpu_budget_bytes, batch=2, **kwargs)
+    limits = []  # bytes grow linearly with the batch: fixed part + batch * per-sequence part
+    for total, budget in (("device_total", gpu_budget_bytes), ("host_total", one.host_budget_bytes)):
+        if budget is None:
+            continue
+        per_seq = getattr(two, total) - getattr(one, total)
+        fixed = getattr(one, total) - per_seq
+        limits.append((budget - fixed) // per_seq if per_seq else (10**9 if fixed <= budget else 0))
+    return max(0, int(min(limits)))
+
+
+def full_attention_batch(model_config, context_len: int, gpu_budget_bytes: int, *, weight_dtype=torch.bfloat16) -> int:
+    """The most sequences whose whole KV cache fits on the GPU beside the weights (full attention)."""
+    m = ModelShape.of(model_config)
+    wbytes = torch.finfo(weight_dtype).bits // 8
+    per_seq = m.num_hidden_layers * 2 * m.num_key_value_heads * context_len * m.head_dim * wbytes
+    return max(0, (gpu_budget_bytes - m.n_params() * wbytes) // per_seq)
 
 
 def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):

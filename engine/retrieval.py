@@ -1,5 +1,7 @@
-"""Which host tokens a decode step attends to: the device block index, the host
-key index, or the union of both (OffloadConfig.mode), deduplicated per KV head."""
+"""Which host tokens a decode step reads: candidates from the host key index, the
+device block index, or both (OffloadConfig.mode), deduplicated per KV head; with an
+adaptive budget only those the key sketch rates likely (engine.sketch); and the
+building of the host key index itself."""
 
 from __future__ import annotations
 

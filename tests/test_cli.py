@@ -166,3 +166,13 @@ def test_plan_takes_the_budget_and_estimate_options(capsys):
     assert values == 0.0
     assert main(argv + ["--min-prob", "2"]) == 2
     assert "min_prob must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_plan_names_the_largest_batch(capsys):
+    argv = ["plan", "--model", "llama-3-8b", "--context", "131072", "--batch", "2", "--host-gb", "100"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "batch 2" in out and "host budget 100.00 GiB: fits" in out
+    line = next(s for s in out.splitlines() if s.startswith("largest batch that fits:"))
+    assert int(line.split(":")[1].split()[0]) >= 2 and line.endswith("full attention: 0")
+    assert main(argv[:-2] + ["--host-gb", "-1"]) == 2

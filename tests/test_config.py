@@ -130,3 +130,28 @@ def test_plan_matches_what_the_cache_allocates(changes):
     ]:
         planned, actual = getattr(plan, where).get(name, 0), held[where].get(name, 0)
         assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"
+
+
+def test_plan_scales_the_per_sequence_parts_with_the_batch():
+    one = plan_memory("llama-3-8b", 32768, OffloadConfig(device="cuda"))
+    four = plan_memory("llama-3-8b", 32768, OffloadConfig(device="cuda"), batch=4)
+    for part in ("weights", "workspace"):
+        assert four.device[part] == one.device[part]  # shared: one model, prefill one sequence at a time
+    for part in ("resident_kv", "block_index", "query_index"):
+        assert four.device[part] == 4 * one.device[part]
+    assert four.host_total == 4 * one.host_total
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        plan_memory("llama-3-8b", 32768, batch=0)
+
+
+def test_largest_batch_fits_and_one_more_does_not():
+    from engine.config import full_attention_batch, largest_batch
+
+    cfg, gpu, host = OffloadConfig(device="cuda"), 24 * 2**30, 100 * 2**30
+    most = largest_batch("llama-3-8b", 131072, cfg, gpu, host_budget_bytes=host)
+    assert most >= 2
+    assert plan_memory("llama-3-8b", 131072, cfg, gpu, batch=most, host_budget_bytes=host).fits
+    assert not plan_memory("llama-3-8b", 131072, cfg, gpu, batch=most + 1, host_budget_bytes=host).fits
+    assert largest_batch("llama-3-8b", 131072, cfg, gpu) > most  # the host budget was the limit
+    assert full_attention_batch("llama-3-8b", 131072, gpu) == 0  # 16 GiB of KV per sequence beside 15 of weights
+    assert full_attention_batch("llama-3-8b", 8192, gpu) >= 1
