@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
 #include "hybridattn/gather_attend.h"
 #include "hybridattn/merge.h"
@@ -45,9 +46,9 @@ py::buffer_info request_float32(const py::buffer& buf, const char* name, py::ssi
 }
 
 // A K or V store [Hkv, N, D]: rows and tokens packed, heads at any non-negative stride.
-hybridattn::StoreView store_view(const py::buffer& buf, const char* name, const std::string& dtype) {
+hybridattn::StoreView store_view(const py::buffer& buf, const std::string& name, const std::string& dtype) {
   py::buffer_info b = buf.request();
-  expect_ndim(b, name, 3);
+  expect_ndim(b, name.c_str(), 3);
   StoreType type;
   if (dtype == "float32" && is_format(b, 'f')) {
     type = StoreType::f32;
@@ -56,13 +57,13 @@ hybridattn::StoreView store_view(const py::buffer& buf, const char* name, const 
   } else if (dtype == "bfloat16" && b.itemsize == 2 && (is_format(b, 'h') || is_format(b, 'H'))) {
     type = StoreType::bf16;  // bf16 travels as its 16-bit pattern
   } else {
-    fail(std::string(name) + ": buffer format '" + b.format + "' does not hold " + dtype +
+    fail(name + ": buffer format '" + b.format + "' does not hold " + dtype +
          " (supported: float32, float16, bfloat16)");
   }
   const py::ssize_t D = b.shape[2], N = b.shape[1];
   if ((D > 1 && b.strides[2] != b.itemsize) || (N > 1 && b.strides[1] != D * b.itemsize))
-    fail(std::string(name) + " must have contiguous [N, D] rows per head");
-  if (b.strides[0] < 0 || b.strides[0] % b.itemsize != 0) fail(std::string(name) + " has an unsupported head stride");
+    fail(name + " must have contiguous [N, D] rows per head");
+  if (b.strides[0] < 0 || b.strides[0] % b.itemsize != 0) fail(name + " has an unsupported head stride");
   hybridattn::StoreView v;
   v.data = b.ptr;
   v.type = type;
@@ -73,40 +74,101 @@ hybridattn::StoreView store_view(const py::buffer& buf, const char* name, const 
   return v;
 }
 
+// The per-query buffers of a call: q [.., Hq, D] and out like it, lse [.., Hq]
+// (fp32), ids [.., Hkv, M] (int64), all contiguous, with `lead` leading batch
+// dimensions that must agree.
+struct QueryBuffers {
+  py::buffer_info q, out, lse, ids;
+};
+
+QueryBuffers query_buffers(const py::buffer& q, const py::buffer& ids, const py::buffer& out, const py::buffer& lse,
+                           py::ssize_t lead) {
+  QueryBuffers c{request_float32(q, "q", lead + 2, false), request_float32(out, "out", lead + 2, true),
+                 request_float32(lse, "lse", lead + 1, true), ids.request()};
+  if (!is_int64(c.ids)) fail("ids must be int64, got buffer format '" + c.ids.format + "'");
+  expect_ndim(c.ids, "ids", lead + 2);
+  expect_contiguous(c.ids, "ids");
+  const std::string dims = lead ? "B, " : "";
+  if (c.out.shape != c.q.shape) fail("out must have shape [" + dims + "Hq, D] like q");
+  for (py::ssize_t i = 0; i <= lead; ++i)
+    if (c.lse.shape[i] != c.q.shape[i]) fail("lse must have shape [" + dims + "Hq]");
+  for (py::ssize_t i = 0; i < lead; ++i)
+    if (c.ids.shape[i] != c.q.shape[i]) fail("ids must have shape [B, Hkv, M] with the B of q");
+  return c;
+}
+
+// q's head dim and the ids' rows against the store (the first one of a batch).
+void expect_store_shape(const QueryBuffers& c, py::ssize_t lead, const hybridattn::StoreView& store) {
+  const py::ssize_t D = c.q.shape[lead + 1];
+  if (D != store.dim) fail("q has head dim " + std::to_string(D) + " but the store has " + std::to_string(store.dim));
+  if (c.ids.shape[lead] != store.n_heads)
+    fail("ids must have one row per KV head (" + std::to_string(store.n_heads) + "), got " +
+         std::to_string(c.ids.shape[lead]));
+}
+
+// The fields GatherAttendArgs and GatherAttendBatchArgs share.
+template <class Args>
+void set_query_args(Args& a, const QueryBuffers& c, py::ssize_t lead, float scale, int n_threads, bool scalar) {
+  a.q = static_cast<const float*>(c.q.ptr);
+  a.n_q_heads = c.q.shape[lead];
+  a.ids = static_cast<const int64_t*>(c.ids.ptr);
+  a.n_ids = c.ids.shape[lead + 1];
+  a.scale = scale;
+  a.out = static_cast<float*>(c.out.ptr);
+  a.lse = static_cast<float*>(c.lse.ptr);
+  a.n_threads = n_threads;
+  a.scalar = scalar;
+}
+
 void gather_attend(const py::buffer& q, const py::buffer& k, const py::buffer& v, const py::buffer& ids,
                    const py::buffer& out, const py::buffer& lse, const std::string& store_dtype, float scale,
                    int n_threads, bool scalar) {
   hybridattn::GatherAttendArgs a;
   a.k = store_view(k, "k_store", store_dtype);
   a.v = store_view(v, "v_store", store_dtype);
-  py::buffer_info qb = request_float32(q, "q", 2, false);
-  py::buffer_info ob = request_float32(out, "out", 2, true);
-  py::buffer_info lb = request_float32(lse, "lse", 1, true);
-  py::buffer_info ib = ids.request();
-  if (!is_int64(ib)) fail("ids must be int64, got buffer format '" + ib.format + "'");
-  expect_ndim(ib, "ids", 2);
-  expect_contiguous(ib, "ids");
-
-  const py::ssize_t Hq = qb.shape[0], D = qb.shape[1];
-  if (D != a.k.dim) fail("q has head dim " + std::to_string(D) + " but the store has " + std::to_string(a.k.dim));
-  if (ib.shape[0] != a.k.n_heads)
-    fail("ids must have one row per KV head (" + std::to_string(a.k.n_heads) + "), got " +
-         std::to_string(ib.shape[0]));
-  if (ob.shape[0] != Hq || ob.shape[1] != D) fail("out must have shape [Hq, D] like q");
-  if (lb.shape[0] != Hq) fail("lse must have shape [Hq]");
-
-  a.q = static_cast<const float*>(qb.ptr);
-  a.n_q_heads = Hq;
-  a.ids = static_cast<const int64_t*>(ib.ptr);
-  a.n_ids = ib.shape[1];
-  a.scale = scale;
-  a.out = static_cast<float*>(ob.ptr);
-  a.lse = static_cast<float*>(lb.ptr);
-  a.n_threads = n_threads;
-  a.scalar = scalar;
+  const QueryBuffers c = query_buffers(q, ids, out, lse, 0);
+  expect_store_shape(c, 0, a.k);
+  set_query_args(a, c, 0, scale, n_threads, scalar);
   hybridattn::check_args(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
   hybridattn::gather_attend(a);
+}
+
+// The stores of a batched call, one per sequence. `held` keeps each one alive
+// while the GIL is released, whatever happens to the list meanwhile.
+std::vector<hybridattn::StoreView> store_views(const py::list& stores, const char* name, py::ssize_t n_seqs,
+                                               const std::string& dtype, std::vector<py::buffer>& held) {
+  if (py::ssize_t(stores.size()) != n_seqs)
+    fail(std::string(name) + " must hold one store per sequence (B = " + std::to_string(n_seqs) + "), got " +
+         std::to_string(stores.size()));
+  std::vector<hybridattn::StoreView> views;
+  for (py::ssize_t b = 0; b < n_seqs; ++b) {
+    const std::string item = std::string(name) + "[" + std::to_string(b) + "]";
+    py::object obj = stores[b];
+    if (!py::isinstance<py::buffer>(obj)) fail(item + " does not expose a buffer");
+    held.push_back(py::reinterpret_borrow<py::buffer>(obj));
+    views.push_back(store_view(held.back(), item, dtype));
+  }
+  return views;
+}
+
+void gather_attend_batch(const py::buffer& q, const py::list& k_stores, const py::list& v_stores,
+                         const py::buffer& ids, const py::buffer& out, const py::buffer& lse,
+                         const std::string& store_dtype, float scale, int n_threads, bool scalar) {
+  const QueryBuffers c = query_buffers(q, ids, out, lse, 1);
+  const py::ssize_t B = c.q.shape[0];
+  std::vector<py::buffer> held;
+  const std::vector<hybridattn::StoreView> ks = store_views(k_stores, "k_stores", B, store_dtype, held);
+  const std::vector<hybridattn::StoreView> vs = store_views(v_stores, "v_stores", B, store_dtype, held);
+  if (B > 0) expect_store_shape(c, 1, ks[0]);  // the others are checked against this one
+  hybridattn::GatherAttendBatchArgs a;
+  set_query_args(a, c, 1, scale, n_threads, scalar);
+  a.n_seqs = B;
+  a.k = ks.data();
+  a.v = vs.data();
+  hybridattn::check_batch_args(a);  // shape errors surface before the GIL is released
+  py::gil_scoped_release release;
+  hybridattn::gather_attend_batch(a);
 }
 
 void merge_attention(const py::buffer& o_a, const py::buffer& lse_a, const py::buffer& o_b, const py::buffer& lse_b,
@@ -140,6 +202,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_attend", &gather_attend, py::arg("q"), py::arg("k_store"), py::arg("v_store"), py::arg("ids"),
         py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"), py::arg("n_threads") = 0, py::arg("scalar") = false,
         "Attend q [Hq, D] float32 to the rows ids [Hkv, M] of k/v stores [Hkv, N, D]; writes out [Hq, D], lse [Hq].");
+  m.def("gather_attend_batch", &gather_attend_batch, py::arg("q"), py::arg("k_stores"), py::arg("v_stores"),
+        py::arg("ids"), py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"),
+        py::arg("n_threads") = 0, py::arg("scalar") = false,
+        "gather_attend for B sequences in one call: q [B, Hq, D] float32, one k/v store [Hkv, N_b, D] per "
+        "sequence, ids [B, Hkv, M] into each sequence's own stores; writes out [B, Hq, D], lse [B, Hq].");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");

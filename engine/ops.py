@@ -59,6 +59,47 @@ def _check_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.to(torch.int64).contiguous()  # [Hkv, M] ids are small: converting them is cheap
 
 
+def _check_store_pair(k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str) -> None:
+    if k.dtype != v.dtype:
+        raise ValueError(f"{k_name} and {v_name} must have the same dtype, got {k.dtype} and {v.dtype}")
+    if k.dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {k.dtype} is not supported (supported: float32, float16, bfloat16)")
+    if k.shape != v.shape:
+        raise ValueError(f"{k_name} and {v_name} differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
+
+
+def _check_heads(q_shape, store_shape, ids_rows: int) -> None:
+    """q [Hq, D] against a store [Hkv, N, D] and its ids' rows."""
+    if q_shape[1] != store_shape[2]:
+        raise ValueError(f"q has head dim {q_shape[1]} but the store has {store_shape[2]}")
+    if q_shape[0] % store_shape[0] != 0:
+        raise ValueError(f"Hq = {q_shape[0]} is not a multiple of Hkv = {store_shape[0]}")
+    if ids_rows != store_shape[0]:
+        raise ValueError(f"ids must have one row per KV head ({store_shape[0]}), got {ids_rows}")
+
+
+def _check_call(q: torch.Tensor, scale: float | None, n_threads: int) -> tuple[torch.Tensor, float]:
+    """q as fp32 contiguous (it is small: a copy costs nothing) and the scale as the kernel takes it."""
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a float tensor, got {q.dtype}")
+    q = q.float().contiguous()
+    if not bool(torch.isfinite(q).all()):
+        raise ValueError("q contains NaN or inf")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (math.isfinite(scale) and abs(scale) <= _FLT_MAX):  # the kernel takes it as a float32
+        raise ValueError(f"scale must be a finite float32 number, got {scale!r}")
+    if n_threads < 0:
+        raise ValueError(f"n_threads must be >= 0 (0: all cores), got {n_threads}")
+    return q, scale
+
+
+def _outputs(q: torch.Tensor, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """out like q [.., Hq, D] and lse [.., Hq], float32: the caller's or new ones."""
+    out = torch.empty(q.shape, dtype=torch.float32) if out is None else _as_cpu_tensor(out, "out")
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
+    return out, lse
+
+
 def gather_attend(
     q,
     k_store,
@@ -89,35 +130,15 @@ def gather_attend(
     as_numpy = isinstance(q, np.ndarray)
     q, k, v = _as_cpu_tensor(q, "q"), _as_cpu_tensor(k_store, "k_store"), _as_cpu_tensor(v_store, "v_store")
     ids = _check_ids(_as_cpu_tensor(ids, "ids"))
-    if k.dtype != v.dtype:
-        raise ValueError(f"k_store and v_store must have the same dtype, got {k.dtype} and {v.dtype}")
-    if k.dtype not in STORE_DTYPES:
-        raise ValueError(f"store dtype {k.dtype} is not supported (supported: float32, float16, bfloat16)")
     if q.dim() != 2 or k.dim() != 3 or v.dim() != 3 or ids.dim() != 2:
         raise ValueError(
             f"expected q [Hq, D], stores [Hkv, N, D], ids [Hkv, M]; got q {tuple(q.shape)}, "
             f"k_store {tuple(k.shape)}, v_store {tuple(v.shape)}, ids {tuple(ids.shape)}"
         )
-    if k.shape != v.shape:
-        raise ValueError(f"k_store and v_store differ in shape: {tuple(k.shape)} vs {tuple(v.shape)}")
-    if q.shape[1] != k.shape[2]:
-        raise ValueError(f"q has head dim {q.shape[1]} but the store has {k.shape[2]}")
-    if q.shape[0] % k.shape[0] != 0:
-        raise ValueError(f"Hq = {q.shape[0]} is not a multiple of Hkv = {k.shape[0]}")
-    if ids.shape[0] != k.shape[0]:
-        raise ValueError(f"ids must have one row per KV head ({k.shape[0]}), got {ids.shape[0]}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"q must be a float tensor, got {q.dtype}")
-    q = q.float().contiguous()  # [Hq, D] small: a copy costs nothing
-    if not bool(torch.isfinite(q).all()):
-        raise ValueError("q contains NaN or inf")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not (math.isfinite(scale) and abs(scale) <= _FLT_MAX):  # the kernel takes it as a float32
-        raise ValueError(f"scale must be a finite float32 number, got {scale!r}")
-    if n_threads < 0:
-        raise ValueError(f"n_threads must be >= 0 (0: all cores), got {n_threads}")
-    out = torch.empty(q.shape, dtype=torch.float32) if out is None else _as_cpu_tensor(out, "out")
-    lse = torch.empty(q.shape[0], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
+    _check_store_pair(k, v, "k_store", "v_store")
+    _check_heads(q.shape, k.shape, ids.shape[0])
+    q, scale = _check_call(q, scale, n_threads)  # [Hq, D] fp32
+    out, lse = _outputs(q, out, lse)
     if HAS_EXT:
         _C.gather_attend(
             _buffer(q),
@@ -138,6 +159,92 @@ def gather_attend(
     return (out.numpy(), lse.numpy()) if as_numpy else (out, lse)
 
 
+def _store_list(stores, name: str, n_seqs: int) -> list[torch.Tensor]:
+    """B stores [Hkv, N_b, D] from a sequence of tensors or arrays (a [B, Hkv, N, D] tensor is one too)."""
+    try:
+        stores = list(stores)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of B stores, got {type(stores).__name__}") from None
+    if len(stores) != n_seqs:
+        raise ValueError(f"{name} must hold one store per sequence (B = {n_seqs}), got {len(stores)}")
+    stores = [_as_cpu_tensor(s, f"{name}[{b}]") for b, s in enumerate(stores)]
+    for b, s in enumerate(stores):
+        if s.dim() != 3:
+            raise ValueError(f"{name}[{b}] must be a store [Hkv, N, D], got shape {tuple(s.shape)}")
+    return stores
+
+
+def gather_attend_batch(
+    q,
+    k_stores,
+    v_stores,
+    ids,
+    scale: float | None = None,
+    *,
+    out=None,
+    lse=None,
+    n_threads: int = 0,
+    scalar: bool = False,
+):
+    """`gather_attend` for the B sequences of one layer in one kernel call.
+
+    q [B, Hq, D]; k_stores, v_stores: B stores [Hkv, N_b, D] each, one per
+    sequence (N_b may differ; one dtype, Hkv and D for all; same layout rules as
+    `gather_attend`); ids [B, Hkv, M] int64, -1 = padding, where sequence b's
+    ids index its own stores. Returns `(out [B, Hq, D] float32, lse [B, Hq]
+    float32)`, numpy arrays when q is one. The kernel's threads share all
+    (sequence, KV head) units, and each sequence's result is bit-identical to
+    `gather_attend` on it alone with the same `n_threads` and `scalar`. Bad
+    input raises ValueError; an id outside [-1, N_b) raises IndexError naming
+    its sequence, KV head and position, before any work is done.
+    """
+    as_numpy = isinstance(q, np.ndarray)
+    q, ids = _as_cpu_tensor(q, "q"), _check_ids(_as_cpu_tensor(ids, "ids"))
+    if q.dim() != 3 or ids.dim() != 3:
+        raise ValueError(f"expected q [B, Hq, D] and ids [B, Hkv, M]; got q {tuple(q.shape)}, ids {tuple(ids.shape)}")
+    B = q.shape[0]
+    if ids.shape[0] != B:
+        raise ValueError(f"ids must have one [Hkv, M] list per sequence (B = {B}), got {ids.shape[0]}")
+    ks, vs = _store_list(k_stores, "k_stores", B), _store_list(v_stores, "v_stores", B)
+    for b in range(B):
+        _check_store_pair(ks[b], vs[b], f"k_stores[{b}]", f"v_stores[{b}]")
+        if (ks[b].dtype, ks[b].shape[0], ks[b].shape[2]) != (ks[0].dtype, ks[0].shape[0], ks[0].shape[2]):
+            raise ValueError(
+                f"all stores must share one dtype, Hkv and D: k_stores[0] is {ks[0].dtype} {tuple(ks[0].shape)}, "
+                f"k_stores[{b}] is {ks[b].dtype} {tuple(ks[b].shape)}"
+            )
+    if B:
+        _check_heads(q.shape[1:], ks[0].shape, ids.shape[1])
+    q, scale = _check_call(q, scale, n_threads)  # [B, Hq, D] fp32
+    out, lse = _outputs(q, out, lse)
+    if HAS_EXT:
+        _C.gather_attend_batch(
+            _buffer(q),
+            [_buffer(k) for k in ks],
+            [_buffer(v) for v in vs],
+            _buffer(ids),
+            _buffer(out),
+            _buffer(lse),
+            STORE_DTYPES[ks[0].dtype] if B else "float32",
+            scale,
+            n_threads,
+            scalar,
+        )
+    else:
+        results = [_torch_sequence(b, q[b], ks[b], vs[b], ids[b], scale) for b in range(B)]  # all checked first
+        for b, (o, l) in enumerate(results):
+            out[b].copy_(o)
+            lse[b].copy_(l)
+    return (out.numpy(), lse.numpy()) if as_numpy else (out, lse)
+
+
+def _torch_sequence(b: int, q, k_store, v_store, ids, scale):
+    try:
+        return gather_attend_torch(q, k_store, v_store, ids, scale)
+    except IndexError as exc:
+        raise IndexError(f"sequence {b}: {exc}") from None
+
+
 def gather_attend_torch(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, ids: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +255,8 @@ def gather_attend_torch(
     D = q.shape[-1]
     if int(ids.numel()) and (int(ids.min()) < -1 or int(ids.max()) >= k_store.shape[1]):
         raise IndexError(f"ids must lie in [-1, {k_store.shape[1]})")
+    if k_store.shape[1] == 0:  # nothing stored (all ids are padding): there is no row 0 to gather
+        return torch.zeros(q.shape), torch.full(q.shape[:1], float("-inf"))
     valid = ids >= 0
     rows = ids.clamp_min(0)
     heads = torch.arange(Hkv).unsqueeze(1)

@@ -1,4 +1,4 @@
-"""Fuzzing of the host kernels `gather_attend` and `merge_attention` against plain references.
+"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch` and `merge_attention` against references.
 
     python tests/fuzz_kernel.py --calls 100000 [--seed 0] [--ext build/sanitize]
 
@@ -23,6 +23,12 @@ What is checked, per query head, against the fp64 reference of tests/reference.p
   and wrong) or +inf (NaN). There only the first rule is checked, and that the
   call returns; under `make sanitize` also that it stays within its buffers.
 
+`gather_attend_batch` runs B sequences (0 to 5) that share Hkv, G, D, M, the
+dtype and the scale, and differ in everything else: each sequence's out and
+lse must be bit for bit those of `gather_attend` on it alone (same threads,
+same path) and pass the checks above; a bad id in one sequence raises
+IndexError naming that sequence.
+
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
 so that bound grows with |lse|. A side with lse = -inf is exactly the identity,
@@ -32,6 +38,7 @@ and lse = +inf or NaN on either side must give a non-finite lse.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import math
@@ -41,7 +48,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -87,15 +94,24 @@ class AttendCase:
 def draw_attend_case(pick: Pick) -> AttendCase:
     """Shapes around the kernel's edges: D below, at and above multiples of 16 and the vector
     limit 512, G at the vector limit 16, M around the 16-id tile and the 128-id chunk."""
-    magnitudes = (0, 0, 0, 0, 0, 0, -40, -20, -8, -3, 3, 8, 15, 30)
     scales = (None,) * 7 + (1.0, 0.0, -0.7, 1e-3, 30.0, 1e-30, 1e-45, 1e30, 0.125) + (1e39, math.inf, math.nan)
     return AttendCase(
         Hkv=pick((1, 1, 2, 3, 4)),
         G=pick((1, 1, 2, 3, 4, 5, 8, 16, 17)),
-        N=pick((0, 1, 1, 2, 3, 5, 16, 17, 31, 64, 100, 127, 128, 129, 200, 300, 513, 1000)),
         D=pick((1, 2, 7, 8, 15, 16, 17, 24, 32, 33, 48, 64, 64, 80, 96, 128, 128, 144, 512, 528)),
         M=pick((0, 1, 2, 5, 15, 16, 17, 31, 33, 100, 128, 129, 200, 257, 300, 600)),
         dtype=pick(tuple(DTYPES)),
+        scale=pick(scales),
+        dirty_out=pick((False, True)),
+        **_sequence_fields(pick),
+    )
+
+
+def _sequence_fields(pick: Pick) -> dict:
+    """The fields of an AttendCase that may differ between the sequences of a batched call."""
+    magnitudes = (0, 0, 0, 0, 0, 0, -40, -20, -8, -3, 3, 8, 15, 30)
+    return dict(
+        N=pick((0, 1, 1, 2, 3, 5, 16, 17, 31, 64, 100, 127, 128, 129, 200, 300, 513, 1000)),
         spare_k=pick((0, 0, 1, 7, 64)),
         spare_v=pick((0, 0, 1, 7, 64)),
         pad=pick((0.0, 0.0, 0.1, 0.5, 0.9, 1.0)),
@@ -103,9 +119,7 @@ def draw_attend_case(pick: Pick) -> AttendCase:
         q_exp=pick(magnitudes),
         k_exp=pick(magnitudes),
         v_exp=pick(magnitudes),
-        scale=pick(scales),
         bad_id=pick((None,) * 30 + ("N", "capacity", "huge", "-2", "-huge")),
-        dirty_out=pick((False, True)),
         seed=pick(range(2**31)),
     )
 
@@ -207,32 +221,40 @@ def check_attend_result(out, lse, ref: Reference) -> str | None:
     return None
 
 
-def _expected_error(c: AttendCase, ids: torch.Tensor):
-    """(exception type, message pattern) the call must raise, or None."""
+def _scale_error(c: AttendCase):
+    """(ValueError, message part) when the scale is not a finite float32, else None."""
     scale = 1 / math.sqrt(c.D) if c.scale is None else c.scale
-    if not (math.isfinite(scale) and abs(scale) <= FLT_MAX):
-        return ValueError, "scale"
+    return None if math.isfinite(scale) and abs(scale) <= FLT_MAX else (ValueError, "scale")
+
+
+def _id_error(c: AttendCase, ids: torch.Tensor, lead: str = ""):
+    """(IndexError, message part) naming the first id of ids [Hkv, M] outside [-1, N), else None;
+    `lead` prefixes its index (the sequence of a batched call)."""
     bad = ((ids < -1) | (ids >= c.N)).view(-1).nonzero()
-    if len(bad):
-        pos = int(bad[0])
-        return IndexError, f"ids[{pos // c.M}, {pos % c.M}] = {int(ids.view(-1)[pos])} is outside [-1, {c.N})"
-    return None
+    if not len(bad):
+        return None
+    pos = int(bad[0])
+    return IndexError, f"ids[{lead}{pos // c.M}, {pos % c.M}] = {int(ids.view(-1)[pos])} is outside [-1, {c.N})"
 
 
-def run_attend_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
-    """Runs the case with 1 and 2 threads, vector and scalar paths.
-    Returns (calls by outcome, problems found)."""
-    q, k, v, ids = make_attend_inputs(c)
-    expected = _expected_error(c, ids)
-    outcomes, problems, ref = Counter(), [], None
+def _out_kw(c: AttendCase, q_shape, n_threads: int, scalar: bool) -> dict:
+    """Keyword arguments of one call; dirty output buffers are NaN, so every entry must be written."""
+    kw = {"n_threads": n_threads, "scalar": scalar}
+    if c.dirty_out:
+        kw["out"] = torch.full(q_shape, math.nan)
+        kw["lse"] = torch.full(q_shape[:-1], math.nan)
+    return kw
+
+
+def _run_variants(name: str, call, expected, check) -> tuple[Counter, list[str]]:
+    """call(n_threads, scalar) -> (out, lse) with 1 and 2 threads, vector and scalar paths. Each call
+    must raise `expected` (type, message part) when given, else pass check(out, lse, n_threads,
+    scalar) -> (outcome, problem or None). Returns (calls by outcome, problems found)."""
+    outcomes, problems = Counter(), []
     for n_threads, scalar in VARIANTS:
-        where = f"{c} n_threads={n_threads} scalar={scalar}"
-        kw = {"n_threads": n_threads, "scalar": scalar}
-        if c.dirty_out:
-            kw["out"] = torch.full(q.shape, math.nan)
-            kw["lse"] = torch.full(q.shape[:1], math.nan)
+        where = f"{name} n_threads={n_threads} scalar={scalar}"
         try:
-            out, lse = ops.gather_attend(q, k, v, ids, c.scale, **kw)
+            out, lse = call(n_threads, scalar)
         except Exception as exc:  # noqa: BLE001 - every exception is a finding unless expected
             if expected is None or not isinstance(exc, expected[0]) or expected[1] not in str(exc):
                 outcomes["mismatch"] += 1
@@ -244,13 +266,105 @@ def run_attend_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
             outcomes["mismatch"] += 1
             problems.append(f"{where}: returned instead of raising {expected[0].__name__}")
             continue
-        if ref is None:
-            ref = attend_reference(q, k, v, ids, effective_scale(c))
-        outcomes["compared" if ref.in_fp32_range else "beyond fp32"] += 1
-        problem = check_attend_result(out, lse, ref)
+        outcome, problem = check(out, lse, n_threads, scalar)
+        outcomes[outcome] += 1
         if problem:
             problems.append(f"{where}: {problem}")
     return outcomes, problems
+
+
+def _outcome(refs) -> str:
+    return "compared" if all(r.in_fp32_range for r in refs) else "beyond fp32"
+
+
+def run_attend_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
+    """Runs the case with 1 and 2 threads, vector and scalar paths.
+    Returns (calls by outcome, problems found)."""
+    q, k, v, ids = make_attend_inputs(c)
+    reference = functools.cache(lambda: attend_reference(q, k, v, ids, effective_scale(c)))
+
+    def call(n_threads, scalar):
+        return ops.gather_attend(q, k, v, ids, c.scale, **_out_kw(c, q.shape, n_threads, scalar))
+
+    def check(out, lse, n_threads, scalar):
+        return _outcome([reference()]), check_attend_result(out, lse, reference())
+
+    return _run_variants(str(c), call, _scale_error(c) or _id_error(c, ids), check)
+
+
+# ------------------------------------------------------------ batched gather-attend
+
+
+@dataclass(frozen=True)
+class BatchCase:
+    """One gather_attend_batch call over len(seqs) sequences (0 included)."""
+
+    shared: AttendCase  # Hkv, G, D, M, dtype, scale and dirty_out of every sequence
+    seqs: tuple[AttendCase, ...]  # each sequence's own store length, spare capacity, ids and values
+
+
+def draw_batch_case(pick: Pick) -> BatchCase:
+    """B sequences around the kernel's edges; at most one of them plants a bad id."""
+    shared = draw_attend_case(pick)
+    B = pick((0, 1, 2, 2, 3, 5))
+    seqs = [shared] + [replace(shared, **_sequence_fields(pick)) for _ in range(B - 1)]
+    bad_at = pick(range(max(B, 1)))
+    return BatchCase(shared, tuple(s if b == bad_at else replace(s, bad_id=None) for b, s in enumerate(seqs[:B])))
+
+
+def make_batch_inputs(c: BatchCase):
+    """q [B, Hq, D] fp32; B stores [Hkv, N_b, D] (views with spare capacity); ids [B, Hkv, M] int64."""
+    parts = [make_attend_inputs(s) for s in c.seqs]
+    s = c.shared
+    q = torch.stack([p[0] for p in parts]) if parts else torch.zeros(0, s.Hkv * s.G, s.D)
+    ids = torch.stack([p[3] for p in parts]) if parts else torch.zeros(0, s.Hkv, s.M, dtype=torch.int64)
+    return q, [p[1] for p in parts], [p[2] for p in parts], ids
+
+
+def _batch_id_error(c: BatchCase, ids: torch.Tensor):
+    """The IndexError of the first sequence with a bad id, naming that sequence."""
+    for b, s in enumerate(c.seqs):
+        error = _id_error(s, ids[b], lead=f"{b}, ")
+        if error:
+            return IndexError, f"sequence {b}: {error[1]}"
+    return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of fp32 tensors (NaNs included)."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def run_batch_case(ops, c: BatchCase) -> tuple[Counter, list[str]]:
+    """The batched call with 1 and 2 threads, vector and scalar paths: every sequence's result must
+    have the bits of gather_attend on that sequence alone, and pass the reference check.
+    Returns (calls of gather_attend_batch by outcome, problems found)."""
+    q, ks, vs, ids = make_batch_inputs(c)
+    refs = functools.cache(
+        lambda: [attend_reference(q[b], ks[b], vs[b], ids[b], effective_scale(s)) for b, s in enumerate(c.seqs)]
+    )
+
+    def call(n_threads, scalar):
+        return ops.gather_attend_batch(q, ks, vs, ids, c.shared.scale, **_out_kw(c.shared, q.shape, n_threads, scalar))
+
+    def check(out, lse, n_threads, scalar):
+        if out.shape != q.shape or lse.shape != q.shape[:2]:
+            return "mismatch", f"shapes {tuple(out.shape)}, {tuple(lse.shape)} for q {tuple(q.shape)}"
+        kw = {"n_threads": n_threads, "scalar": scalar}
+        for b, ref in enumerate(refs()):
+            try:
+                single = ops.gather_attend(q[b], ks[b], vs[b], ids[b], c.shared.scale, **kw)
+            except Exception as exc:  # noqa: BLE001 - a finding, not a crash of the fuzzer
+                return "mismatch", f"sequence {b} alone raised {type(exc).__name__}: {exc}"
+            if not (_same_bits(out[b], single[0]) and _same_bits(lse[b], single[1])):
+                return _outcome(refs()), f"sequence {b}: not the bits of its single-sequence call"
+            problem = check_attend_result(out[b], lse[b], ref)
+            if problem:
+                return _outcome(refs()), f"sequence {b}: {problem}"
+        return _outcome(refs()), None
+
+    expected = _scale_error(c.shared) or _batch_id_error(c, ids)
+    return _run_variants(f"{c.shared} B={len(c.seqs)} N={[s.N for s in c.seqs]}", call, expected, check)
 
 
 # ------------------------------------------------------------------------ merge
@@ -396,6 +510,9 @@ def load_ops(ext_dir: str | None = None):
     return ops
 
 
+RUNS = ((draw_attend_case, run_attend_case), (draw_batch_case, run_batch_case), (draw_merge_case, run_merge_case))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=100_000, help="kernel calls to make (at least)")
@@ -406,17 +523,22 @@ def main(argv: list[str] | None = None) -> int:
     ops = load_ops(args.ext)
     rng = random.Random(args.seed)
     outcomes, cases, problems = Counter(), 0, []
+    batched = Counter()  # calls of gather_attend_batch, and the sequences they held
     start = time.perf_counter()
     while outcomes.total() < args.calls:
-        for draw, run in ((draw_attend_case, run_attend_case), (draw_merge_case, run_merge_case)):
-            counts, found = run(ops, draw(rng.choice))
+        for draw, run in RUNS:
+            c = draw(rng.choice)
+            counts, found = run(ops, c)
             outcomes, cases = outcomes + counts, cases + 1
+            if isinstance(c, BatchCase):
+                batched.update(calls=counts.total(), sequences=counts.total() * len(c.seqs))
             for line in found[: max(0, args.show - len(problems))]:
                 print("MISMATCH", line, flush=True)
             problems += found
     print(
         f"fuzz_kernel: {outcomes.total()} calls in {cases} cases ({outcomes['compared']} compared with a reference, "
-        f"{outcomes['beyond fp32']} beyond fp32's range, {outcomes['raised']} raised as expected), "
+        f"{outcomes['beyond fp32']} beyond fp32's range, {outcomes['raised']} raised as expected; "
+        f"{batched['calls']} batched calls over {batched['sequences']} sequences), "
         f"{len(problems)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s, "
         f"extension {ops._C.__file__}"
     )

@@ -1,4 +1,4 @@
-"""Fuzzing of gather_attend and merge_attention against the references: a short,
+"""Fuzzing of gather_attend, gather_attend_batch and merge_attention against the references: a short,
 deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
 runs them for 100,000+ calls (`make sanitize` does so under ASan and UBSan)."""
 
@@ -14,15 +14,18 @@ from engine import ops
 from engine.merge import merge_states
 from tests.fuzz_kernel import (
     AttendCase,
+    BatchCase,
     MergeCase,
     attend_reference,
     check_attend_result,
     check_merge_result,
     draw_attend_case,
+    draw_batch_case,
     draw_merge_case,
     effective_scale,
     make_attend_inputs,
     run_attend_case,
+    run_batch_case,
     run_merge_case,
 )
 from tests.fuzz_kernel import main as fuzz_main
@@ -32,11 +35,17 @@ pytestmark = pytest.mark.skipif(not ops.HAS_EXT, reason="fuzzes the C++ extensio
 # Derandomized and without an example database: the same examples on every run and machine.
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 FUZZ_MERGE = settings(FUZZ, max_examples=300)
+FUZZ_BATCH = settings(FUZZ, max_examples=80)
 
 
 @st.composite
 def attend_cases(draw):
     return draw_attend_case(lambda options: draw(st.sampled_from(options)))
+
+
+@st.composite
+def batch_cases(draw):
+    return draw_batch_case(lambda options: draw(st.sampled_from(options)))
 
 
 @st.composite
@@ -62,6 +71,25 @@ def case(**changes) -> AttendCase:
 @example(case(scale=math.nan))
 def test_gather_attend_matches_reference(c):
     _, problems = run_attend_case(ops, c)
+    assert not problems, problems[0]
+
+
+def batch(*seqs: dict, **shared) -> BatchCase:
+    """A batch of sequences case(**shared, **seqs[b]); `shared` sets the fields they share."""
+    return BatchCase(case(**shared), tuple(case(**(shared | s)) for s in seqs))
+
+
+@FUZZ_BATCH
+@given(batch_cases())
+@example(batch())  # no sequence at all
+@example(batch({"N": 1}, {"N": 300, "spare_k": 7}, {"N": 0}, {"N": 2, "pad": 1.0}, {"N": 129}, M=200))
+@example(batch({"N": 40}, {"N": 12, "bad_id": "N"}, {"N": 30, "bad_id": "-2"}))  # the first bad sequence is named
+@example(batch({"N": 40}, {"N": 12, "spare_k": 64, "bad_id": "capacity"}))  # its own store's N, not the largest
+@example(batch({"N": 50, "pad": 1.0}, {"N": 50, "pad": 1.0}, dirty_out=True))  # every head empty
+@example(batch({"N": 64}, {"N": 64}, G=17, D=528, M=129, dtype="bfloat16"))  # the scalar loops
+@example(batch({"N": 64}, scale=math.inf))
+def test_gather_attend_batch_matches_single_calls_and_reference(c):
+    _, problems = run_batch_case(ops, c)
     assert not problems, problems[0]
 
 
@@ -94,6 +122,10 @@ class BrokenOps:
         return torch.zeros(q.shape), torch.full(q.shape[:1], -math.inf)
 
     @staticmethod
+    def gather_attend_batch(q, k_stores, v_stores, ids, scale=None, **kw):
+        return torch.zeros(q.shape), torch.full(q.shape[:2], -math.inf)
+
+    @staticmethod
     def merge_attention(o_a, lse_a, o_b, lse_b):
         return torch.zeros_like(o_a), torch.zeros_like(lse_a)
 
@@ -102,6 +134,33 @@ class BrokenOps:
 def test_every_call_of_a_broken_kernel_is_a_mismatch(c):
     outcomes, problems = run_attend_case(BrokenOps, c)
     assert outcomes["mismatch"] + outcomes["compared"] == 4 and len(problems) == 4
+
+
+@pytest.mark.parametrize(
+    "c",
+    [batch({"N": 40}, {"N": 3}), batch({"N": 40}, {"N": 3, "bad_id": "N"}), batch({"N": 5}, scale=math.nan)],
+    ids=["values", "bad id", "bad scale"],
+)
+def test_every_call_of_a_broken_batch_kernel_is_a_mismatch(c):
+    outcomes, problems = run_batch_case(BrokenOps, c)
+    assert outcomes["mismatch"] + outcomes["compared"] == 4 and len(problems) == 4
+
+
+class UnbatchedOps:
+    """A batched call that is right within the reference's tolerance but not the single call's bits."""
+
+    gather_attend = staticmethod(ops.gather_attend)
+
+    @staticmethod
+    def gather_attend_batch(q, k_stores, v_stores, ids, scale=None, **kw):
+        out, lse = ops.gather_attend_batch(q, k_stores, v_stores, ids, scale, **kw)
+        return out, lse.nextafter(torch.tensor(math.inf))
+
+
+def test_batch_check_requires_the_single_calls_bits():
+    outcomes, problems = run_batch_case(UnbatchedOps, batch({"N": 40}, {"N": 30}))
+    assert outcomes["compared"] == 4 and len(problems) == 4
+    assert "sequence 0: not the bits of its single-sequence call" in problems[0]
 
 
 def test_a_broken_merge_is_a_mismatch():

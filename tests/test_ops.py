@@ -248,3 +248,187 @@ def test_bad_output_buffers_raise():
 def test_property_matches_reference(Hkv, G, N, M, D, dtype, pad, seed):
     q, k, v, ids = make_case(Hkv, G, N, D, M, dtype, seed=seed, pad_frac=pad)
     check_against_ref(q, k, v, ids, 1 / math.sqrt(D), dtype)
+
+
+# ------------------------------------------------------------------ batched
+
+
+def with_spare(store, spare):
+    """The same store as a view of one with `spare` unused tokens per head (heads strided)."""
+    if spare == 0:
+        return store
+    big = torch.zeros(store.shape[0], store.shape[1] + spare, store.shape[2], dtype=store.dtype)
+    big[:, : store.shape[1]] = store
+    return big[:, : store.shape[1]]
+
+
+def make_batch(Ns, Hkv, G, D, M, dtype, seed=0, spare=0):
+    """q [B, Hq, D]; B stores [Hkv, N_b, D], odd sequences' strided by `spare`; ids [B, Hkv, M]."""
+    cases = [make_case(Hkv, G, N, D, M, dtype, seed=seed + b) for b, N in enumerate(Ns)]
+    q, ids = torch.stack([c[0] for c in cases]), torch.stack([c[3] for c in cases])
+    ks = [with_spare(c[1], spare * (b % 2)) for b, c in enumerate(cases)]
+    vs = [with_spare(c[2], spare * (b % 2)) for b, c in enumerate(cases)]
+    return q, ks, vs, ids
+
+
+BATCH_NS = {1: [61], 2: [97, 1], 5: [1, 27, 300, 97, 2]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("D", [40, 64, 128])
+@pytest.mark.parametrize("B", [1, 2, 5])
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_batch_equals_single_calls_and_reference(dtype, G, D, B, scalar):
+    q, ks, vs, ids = make_batch(BATCH_NS[B], 2, G, D, 200, dtype, seed=B + G + D, spare=13)
+    for n_threads in (1, 2):
+        out, lse = ops.gather_attend_batch(q, ks, vs, ids, 0.1, n_threads=n_threads, scalar=scalar)
+        assert out.shape == q.shape and lse.shape == q.shape[:2]
+        for b in range(B):
+            one_out, one_lse = ops.gather_attend(q[b], ks[b], vs[b], ids[b], 0.1, n_threads=n_threads, scalar=scalar)
+            assert torch.equal(out[b], one_out) and torch.equal(lse[b], one_lse), f"sequence {b}"
+            ref_out, ref_lse = gather_attend_ref(q[b], ks[b], vs[b], ids[b], 0.1)
+            torch.testing.assert_close(out[b].double(), ref_out, atol=TOL[dtype], rtol=1e-5)
+            torch.testing.assert_close(lse[b].double(), ref_lse, atol=TOL[dtype], rtol=1e-5)
+
+
+def test_batch_empty_lists():
+    q, ks, vs, ids = make_batch([40, 5, 30], 2, 3, 64, 20, torch.float32)
+    ids[1] = -1  # one sequence lists nothing
+    ids[2, 0] = -1  # one head of another
+    out, lse = ops.gather_attend_batch(q, ks, vs, ids, 0.125, out=torch.full(q.shape, math.nan))
+    assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
+    assert torch.all(out[2, :3] == 0) and torch.all(torch.isneginf(lse[2, :3]))
+    assert torch.all(torch.isfinite(lse[0])) and torch.all(torch.isfinite(lse[2, 3:]))
+
+    out, lse = ops.gather_attend_batch(q, ks, vs, torch.empty(3, 2, 0, dtype=torch.int64))
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out, lse = ops.gather_attend_batch(q[:0], [], [], ids[:0])
+    assert out.shape == (0, 6, 64) and lse.shape == (0, 6)
+
+
+def test_batch_takes_numpy_and_a_stacked_store():
+    q, ks, vs, ids = make_batch([50, 50], 2, 4, 64, 30, torch.float16)
+    out, lse = ops.gather_attend_batch(q.numpy(), [k.numpy() for k in ks], [v.numpy() for v in vs], ids.numpy())
+    assert isinstance(out, np.ndarray) and out.shape == (2, 8, 64)
+    stacked, _ = ops.gather_attend_batch(q, torch.stack(ks), torch.stack(vs), ids)  # [B, Hkv, N, D]
+    np.testing.assert_array_equal(out, stacked.numpy())
+
+
+def test_batch_fallback_matches_kernel(monkeypatch):
+    q, ks, vs, ids = make_batch([200, 3, 90], 2, 3, 64, 90, torch.bfloat16, spare=5)
+    out, lse = ops.gather_attend_batch(q, ks, vs, ids, 0.1)
+    monkeypatch.setattr(ops, "HAS_EXT", False)
+    t_out, t_lse = ops.gather_attend_batch(q, ks, vs, ids, 0.1)
+    torch.testing.assert_close(out, t_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, t_lse, atol=2e-5, rtol=1e-5)
+    ids[1, 0, 2] = 3
+    with pytest.raises(IndexError, match="sequence 1"):
+        ops.gather_attend_batch(q, ks, vs, ids, 0.1)
+
+
+def test_batch_fallback_takes_an_empty_store(monkeypatch):
+    q, ks, vs, ids = make_batch([20, 5], 2, 3, 64, 8, torch.float16)
+    ks[1], vs[1] = ks[1][:, :0], vs[1][:, :0]
+    ids[1] = -1  # a sequence with nothing stored lists only padding
+    out, lse = ops.gather_attend_batch(q, ks, vs, ids, 0.1)
+    monkeypatch.setattr(ops, "HAS_EXT", False)
+    t_out, t_lse = ops.gather_attend_batch(q, ks, vs, ids, 0.1)
+    assert torch.all(t_out[1] == 0) and torch.all(torch.isneginf(t_lse[1]))
+    torch.testing.assert_close(out, t_out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, t_lse, atol=2e-5, rtol=1e-5)
+
+
+def good_batch():
+    return make_batch([30, 12, 45], 2, 4, 64, 10, torch.float32)
+
+
+def replace_store(stores, b, store):
+    return [store if i == b else s for i, s in enumerate(stores)]
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda q, k, v, i: (q, k[:2], v, i), r"k_stores must hold one store per sequence \(B = 3\), got 2"),
+        (lambda q, k, v, i: (q, k, v + v[:1], i), r"v_stores must hold one store per sequence \(B = 3\), got 4"),
+        (lambda q, k, v, i: (q, k[0], v, i), "k_stores must hold one store per sequence"),
+        (lambda q, k, v, i: (q, 5, v, i), "must be a sequence of B stores"),
+        (lambda q, k, v, i: (q, replace_store(k, 1, k[1].half()), v, i), r"k_stores\[1\] and v_stores\[1\]"),
+        (
+            lambda q, k, v, i: (q, replace_store(k, 2, k[2].half()), replace_store(v, 2, v[2].half()), i),
+            r"share one dtype, Hkv and D.*k_stores\[2\]",
+        ),
+        (lambda q, k, v, i: (q, replace_store(k, 1, k[1][:1]), replace_store(v, 1, v[1][:1]), i), "share one"),
+        (lambda q, k, v, i: (q, replace_store(k, 1, k[1][..., :32]), replace_store(v, 1, v[1][..., :32]), i), "share"),
+        (lambda q, k, v, i: (q, replace_store(k, 1, k[1][0]), v, i), r"k_stores\[1\] must be a store"),
+        (lambda q, k, v, i: (q, replace_store(k, 0, v[0][:, :20]), v, i), r"differ in shape"),
+        (lambda q, k, v, i: (q, k, v, i[0]), r"expected q \[B, Hq, D\] and ids \[B, Hkv, M\]"),
+        (lambda q, k, v, i: (q[0], k, v, i), r"expected q \[B, Hq, D\]"),
+        (lambda q, k, v, i: (q, k, v, i[:2]), r"one \[Hkv, M\] list per sequence \(B = 3\), got 2"),
+        (lambda q, k, v, i: (q, k, v, i[:, :1]), "one row per KV head"),
+        (lambda q, k, v, i: (q[:, :7], k, v, i), "not a multiple of Hkv"),
+        (lambda q, k, v, i: (q[..., :32], k, v, i), "head dim"),
+        (lambda q, k, v, i: (q, k, v, i.float()), "integer"),
+        (lambda q, k, v, i: (q.masked_fill(q > 1, float("nan")), k, v, i), "NaN"),
+        (lambda q, k, v, i: (q, replace_store(k, 2, k[2].to("meta")), v, i), r"k_stores\[2\] must be on the CPU"),
+    ],
+)
+def test_batch_bad_input_raises_value_error(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        ops.gather_attend_batch(*mutate(*good_batch()))
+
+
+@requires_ext
+@pytest.mark.parametrize("bad_id", [45, 10**12, -2])
+def test_batch_out_of_range_id_names_its_sequence(bad_id):
+    q, ks, vs, ids = good_batch()
+    ids[1, 0, 3] = 12  # first bad id of sequence 1, whose store has 12 tokens
+    ids[2, 1, 7] = bad_id
+    with pytest.raises(IndexError, match=r"sequence 1: ids\[1, 0, 3\] = 12 is outside \[-1, 12\)"):
+        ops.gather_attend_batch(q, ks, vs, ids)
+    ids[1, 0, 3] = 11  # valid for sequence 1: the error moves to sequence 2
+    with pytest.raises(IndexError, match=rf"sequence 2: ids\[2, 1, 7\] = {bad_id} is outside \[-1, 45\)"):
+        ops.gather_attend_batch(q, ks, vs, ids)
+
+
+@requires_ext
+def test_batch_bad_input_leaves_the_outputs_untouched():
+    q, ks, vs, ids = good_batch()
+    ids[2, 1, 9] = 45
+    out, lse = torch.full(q.shape, 7.0), torch.full(q.shape[:2], 7.0)
+    with pytest.raises(IndexError):
+        ops.gather_attend_batch(q, ks, vs, ids, out=out, lse=lse)
+    assert torch.all(out == 7) and torch.all(lse == 7)  # validated before any work
+
+
+@requires_ext
+def test_batch_binding_checks_its_buffers():
+    """The extension's own checks, which the Python layer's usually shadow."""
+    q, ks, vs, ids = good_batch()
+    bufs = [ops._buffer(t) for t in (q, ids, torch.empty(q.shape), torch.empty(q.shape[:2]))]
+    k_np, v_np = [ops._buffer(k) for k in ks], [ops._buffer(v) for v in vs]
+
+    def call(q=bufs[0], k=k_np, v=v_np, ids=bufs[1], out=bufs[2], lse=bufs[3], dtype="float32"):
+        ops._C.gather_attend_batch(q, k, v, ids, out, lse, dtype, 0.1, 1, False)
+
+    call()
+    cases = [
+        (dict(k=k_np[:2]), "k_stores must hold one store per sequence"),
+        (dict(v=v_np + v_np[:1]), "v_stores must hold one store per sequence"),
+        (dict(k=[k_np[0], k_np[1][:1], k_np[2]], v=[v_np[0], v_np[1][:1], v_np[2]]), "differ from sequence 0's"),
+        (dict(k=[k_np[0], k_np[1], k_np[2][:, :20]]), "sequence 2: K and V stores differ in shape"),
+        (dict(k=[k_np[0], ks[1].half().numpy(), k_np[2]]), r"k_stores\[1\]: buffer format 'e' does not hold float32"),
+        (dict(k=[k_np[0], np.ascontiguousarray(k_np[1].transpose(0, 2, 1)).transpose(0, 2, 1), k_np[2]]), "rows"),
+        (dict(k=[k_np[0], 3, k_np[2]]), r"k_stores\[1\] does not expose a buffer"),
+        (dict(ids=bufs[1][:2]), r"ids must have shape \[B, Hkv, M\]"),
+        (dict(ids=bufs[1][:, :1].copy()), "one row per KV head"),
+        (dict(ids=bufs[1].astype(np.int32)), "int64"),
+        (dict(out=bufs[2][:, :, :32].copy()), r"out must have shape \[B, Hq, D\]"),
+        (dict(lse=bufs[3][:2].copy()), r"lse must have shape \[B, Hq\]"),
+        (dict(q=bufs[0][:, :, :32].copy(), out=bufs[2][:, :, :32].copy()), "head dim"),
+        (dict(dtype="bfloat16"), "does not hold bfloat16"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(**kw)

@@ -8,6 +8,11 @@
 // attended as often as it is listed). An id list with no valid entry gives
 // out = 0 and lse = -inf, which merges exactly as "nothing to add".
 //
+// `gather_attend_batch` does the same for B sequences of one layer in one call,
+// each with its own stores and ids: the parallel work items are (sequence, KV
+// head, chunk of ids) across the whole batch, and a single-sequence call runs
+// the same code with B = 1.
+//
 // Two implementations of one chunk of ids: a plain scalar reference, and a
 // 16-lane vector version (head dims that are multiples of 16) that scores 16
 // gathered rows at a time. On x86-64 with GCC/clang both are compiled for
@@ -261,6 +266,53 @@ HA_MULTIVERSION inline void attend_chunk_bf16(const GatherAttendArgs& a, int64_t
   attend_chunk<StoreType::bf16>(a, h, b, e, st, buf);
 }
 
+HA_INLINE void attend_chunk_any(const GatherAttendArgs& a, int64_t h, int64_t b, int64_t e, PartialState st,
+                                float* buf) {
+  switch (a.k.type) {
+    case StoreType::f32: return attend_chunk_f32(a, h, b, e, st, buf);
+    case StoreType::f16: return attend_chunk_f16(a, h, b, e, st, buf);
+    case StoreType::bf16: return attend_chunk_bf16(a, h, b, e, st, buf);
+  }
+}
+
+// ---------------------------------------------------------------- batched calls
+
+// B sequences of one layer in one call. Each sequence has its own K/V stores
+// (N may differ between sequences; the dtype, Hkv and D are shared) and its
+// own ids, which index that sequence's stores.
+struct GatherAttendBatchArgs {
+  const float* q = nullptr;  // [B, Hq, D], contiguous
+  int64_t n_seqs = 0;        // B
+  int64_t n_q_heads = 0;     // Hq
+  const StoreView* k = nullptr;  // [B]
+  const StoreView* v = nullptr;  // [B]
+  const int64_t* ids = nullptr;  // [B, Hkv, M], contiguous, -1 = padding
+  int64_t n_ids = 0;             // M
+  float scale = 1.0f;
+  float* out = nullptr;  // [B, Hq, D]
+  float* lse = nullptr;  // [B, Hq]
+  int n_threads = 0;
+  bool scalar = false;
+};
+
+// Sequence b of a batched call, as a single-sequence call.
+inline GatherAttendArgs sequence_args(const GatherAttendBatchArgs& a, int64_t b) {
+  GatherAttendArgs s;
+  s.k = a.k[b];
+  s.v = a.v[b];
+  const int64_t Hq = a.n_q_heads, D = s.k.dim;
+  s.q = a.q + b * Hq * D;
+  s.n_q_heads = Hq;
+  s.ids = a.ids + b * s.k.n_heads * a.n_ids;
+  s.n_ids = a.n_ids;
+  s.scale = a.scale;
+  s.out = a.out + b * Hq * D;
+  s.lse = a.lse + b * Hq;
+  s.n_threads = a.n_threads;
+  s.scalar = a.scalar;
+  return s;
+}
+
 // ---------------------------------------------------------------- validation
 
 // Index of the first id outside [-1, n_tokens), or -1 when all are valid.
@@ -270,85 +322,148 @@ inline int64_t first_bad_id(const int64_t* ids, int64_t count, int64_t n_tokens)
   return -1;
 }
 
-inline void check_args(const GatherAttendArgs& a) {
-  auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
-  if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("gather_attend: empty K store");
+// Shapes of one sequence's call; `where` starts the messages.
+inline void check_args(const GatherAttendArgs& a, const std::string& where = "gather_attend") {
+  auto fail = [&](const std::string& msg) { throw std::invalid_argument(where + ": " + msg); };
+  if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("empty K store");
   if (a.k.n_heads != a.v.n_heads || a.k.n_tokens != a.v.n_tokens || a.k.dim != a.v.dim)
-    fail("gather_attend: K and V stores differ in shape");
-  if (a.k.type != a.v.type) fail("gather_attend: K and V stores differ in dtype");
+    fail("K and V stores differ in shape");
+  if (a.k.type != a.v.type) fail("K and V stores differ in dtype");
   if (a.n_q_heads % a.k.n_heads != 0)
-    fail("gather_attend: Hq = " + std::to_string(a.n_q_heads) + " is not a multiple of Hkv = " +
-         std::to_string(a.k.n_heads));
-  if (a.n_ids < 0) fail("gather_attend: negative id count");
+    fail("Hq = " + std::to_string(a.n_q_heads) + " is not a multiple of Hkv = " + std::to_string(a.k.n_heads));
+  if (a.n_ids < 0) fail("negative id count");
+}
+
+// Throws std::out_of_range naming the first id outside [-1, N); `lead` prefixes its
+// index (the sequence in a batched call).
+inline void check_ids(const GatherAttendArgs& a, const std::string& where, const std::string& lead = "") {
+  const int64_t M = a.n_ids;
+  const int64_t bad = first_bad_id(a.ids, a.k.n_heads * M, a.k.n_tokens);
+  if (bad >= 0)
+    throw std::out_of_range(where + ": ids[" + lead + std::to_string(bad / M) + ", " + std::to_string(bad % M) +
+                            "] = " + std::to_string(a.ids[bad]) + " is outside [-1, " +
+                            std::to_string(a.k.n_tokens) + ")");
+}
+
+inline std::string batch_where(int64_t b) { return "gather_attend_batch: sequence " + std::to_string(b); }
+
+// Shapes of a batched call: every sequence's, and one dtype, Hkv and D for all.
+inline void check_batch_args(const GatherAttendBatchArgs& a) {
+  if (a.n_seqs < 0) throw std::invalid_argument("gather_attend_batch: negative sequence count");
+  for (int64_t b = 0; b < a.n_seqs; ++b) {
+    const StoreView &k = a.k[b], &k0 = a.k[0];
+    if (k.type != k0.type || k.n_heads != k0.n_heads || k.dim != k0.dim)
+      throw std::invalid_argument(batch_where(b) + ": its stores differ from sequence 0's in dtype, Hkv or D");
+    check_args(sequence_args(a, b), batch_where(b));
+  }
 }
 
 // --------------------------------------------------------------- the kernel
 
-inline void gather_attend(const GatherAttendArgs& a) {
-  check_args(a);
-  const int64_t Hkv = a.k.n_heads, D = a.k.dim, G = a.n_q_heads / Hkv, M = a.n_ids;
-  const int64_t bad = first_bad_id(a.ids, Hkv * M, a.k.n_tokens);
-  if (bad >= 0)
-    throw std::out_of_range("gather_attend: ids[" + std::to_string(bad / M) + ", " + std::to_string(bad % M) +
-                            "] = " + std::to_string(a.ids[bad]) + " is outside [-1, " +
-                            std::to_string(a.k.n_tokens) + ")");
+// Chunks per (sequence, KV head) id list, so that all threads have work even
+// when Hkv is small. It depends on the threads, Hkv and M only, not on the
+// batch: a sequence's result has the same bits alone or in any batch.
+inline int64_t chunks_per_head(int threads, int64_t Hkv, int64_t M) {
+  constexpr int64_t kMinChunk = 128;
+  const int64_t max_chunks = std::max<int64_t>(1, (M + kMinChunk - 1) / kMinChunk);
+  return std::min(max_chunks, std::max<int64_t>(1, (2 * threads + Hkv - 1) / Hkv));
+}
 
+// The partial states of all work items, G * (D + 2) floats each.
+class ChunkStates {
+ public:
+  ChunkStates(int64_t items, int64_t G, int64_t D) : G_(G), size_(G * (D + 2)), data_(size_t(items * size_)) {}
+
+  PartialState operator[](int64_t item) {
+    float* base = data_.data() + item * size_;
+    return PartialState{base, base + G_, base + 2 * G_};
+  }
+
+ private:
+  int64_t G_, size_;
+  std::vector<float> data_;
+};
+
+// Combines the chunks first .. first + chunks - 1 of KV head h of one sequence
+// into its G query heads' normalised out and lse.
+inline void combine_chunks(const GatherAttendArgs& a, int64_t h, ChunkStates& states, int64_t first,
+                           int64_t chunks) {
+  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    float m = neg_inf;
+    for (int64_t c = 0; c < chunks; ++c) m = std::max(m, states[first + c].m[g]);
+    float* o = a.out + (h * G + g) * D;
+    std::fill(o, o + D, 0.0f);
+    a.lse[h * G + g] = m;
+    if (m == neg_inf) continue;
+    float l = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const PartialState st = states[first + c];
+      if (st.l[g] == 0.0f) continue;
+      const float w = std::exp(st.m[g] - m);
+      l += w * st.l[g];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * st.acc[g * D + d];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] /= l;
+    a.lse[h * G + g] = m + std::log(l);
+  }
+}
+
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Runs validated sequences that share the store type, Hkv, G, D, M and settings.
+// The parallel work items are (sequence, KV head, chunk of ids) over all of them;
+// each chunk keeps its own softmax state, merged per head afterwards.
+inline void run_sequences(const GatherAttendArgs* seqs, int64_t n_seqs) {
+  if (n_seqs == 0) return;
+  const GatherAttendArgs& a = seqs[0];
+  const int64_t Hkv = a.k.n_heads, D = a.k.dim, G = a.n_q_heads / Hkv, M = a.n_ids;
 #ifdef _OPENMP
   const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
 #else
   const int threads = 1;
 #endif
-  // Split each head's id list into chunks so that all threads have work even
-  // when Hkv is small; each chunk keeps its own softmax state, merged below.
-  constexpr int64_t kMinChunk = 128;
-  const int64_t max_chunks = std::max<int64_t>(1, (M + kMinChunk - 1) / kMinChunk);
-  const int64_t chunks = std::min(max_chunks, std::max<int64_t>(1, (2 * threads + Hkv - 1) / Hkv));
+  const int64_t chunks = chunks_per_head(threads, Hkv, M);
   const int64_t chunk_len = (M + chunks - 1) / chunks;
-  const int64_t items = Hkv * chunks, state_size = G * (D + 2);
-  std::vector<float> states(size_t(items * state_size));
-  auto state_of = [&](int64_t item) {
-    float* base = states.data() + item * state_size;
-    return PartialState{base, base + G, base + 2 * G};
-  };
-  const size_t buf_size = size_t(2 * kTile * D + G * kTile);
+  const int64_t units = n_seqs * Hkv, items = units * chunks;
+  ChunkStates states(items, G, D);
+  // Scratch rows of every thread, allocated here: a throw inside the parallel region would terminate.
+  const int64_t buf_size = 2 * kTile * D + G * kTile;
+  std::vector<float> bufs(size_t(threads * buf_size));
 
-#pragma omp parallel num_threads(threads) if (items > 1 && threads > 1)
-  {
-    std::vector<float> buf(buf_size);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t h = item / chunks, c = item % chunks;
-      const int64_t begin = std::min(M, c * chunk_len), end = std::min(M, begin + chunk_len);
-      switch (a.k.type) {
-        case StoreType::f32: attend_chunk_f32(a, h, begin, end, state_of(item), buf.data()); break;
-        case StoreType::f16: attend_chunk_f16(a, h, begin, end, state_of(item), buf.data()); break;
-        case StoreType::bf16: attend_chunk_bf16(a, h, begin, end, state_of(item), buf.data()); break;
-      }
-    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (items > 1 && threads > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t unit = item / chunks, c = item % chunks;
+    const int64_t begin = std::min(M, c * chunk_len), end = std::min(M, begin + chunk_len);
+    attend_chunk_any(seqs[unit / Hkv], unit % Hkv, begin, end, states[item], bufs.data() + thread_index() * buf_size);
   }
+  for (int64_t unit = 0; unit < units; ++unit)
+    combine_chunks(seqs[unit / Hkv], unit % Hkv, states, unit * chunks, chunks);
+}
 
-  // Combine the chunks of each head, then normalise.
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t h = 0; h < Hkv; ++h) {
-    for (int64_t g = 0; g < G; ++g) {
-      float m = neg_inf;
-      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, state_of(h * chunks + c).m[g]);
-      float* o = a.out + (h * G + g) * D;
-      std::fill(o, o + D, 0.0f);
-      a.lse[h * G + g] = m;
-      if (m == neg_inf) continue;
-      float l = 0.0f;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const PartialState st = state_of(h * chunks + c);
-        if (st.l[g] == 0.0f) continue;
-        const float w = std::exp(st.m[g] - m);
-        l += w * st.l[g];
-        for (int64_t d = 0; d < D; ++d) o[d] += w * st.acc[g * D + d];
-      }
-      for (int64_t d = 0; d < D; ++d) o[d] /= l;
-      a.lse[h * G + g] = m + std::log(l);
-    }
+inline void gather_attend(const GatherAttendArgs& a) {
+  check_args(a);
+  check_ids(a, "gather_attend");
+  run_sequences(&a, 1);
+}
+
+// All sequences of a batched call are validated (shapes, then every id against
+// its own sequence's store) before any work starts.
+inline void gather_attend_batch(const GatherAttendBatchArgs& a) {
+  check_batch_args(a);
+  std::vector<GatherAttendArgs> seqs;
+  for (int64_t b = 0; b < a.n_seqs; ++b) {
+    seqs.push_back(sequence_args(a, b));
+    check_ids(seqs.back(), batch_where(b), std::to_string(b) + ", ");
   }
+  run_sequences(seqs.data(), a.n_seqs);
 }
 
 }  // namespace hybridattn
