@@ -1,5 +1,6 @@
-"""numba kernels shared by the indexes: exact rerank of candidate lists and
-best-first beam search over a fixed-width adjacency array.
+"""numba kernels shared by the indexes: exact rerank of candidate lists,
+best-first beam search over a fixed-width adjacency array, and the top entries
+of every row of a score matrix.
 
 Graph layout: adj [cap, R] int32 (-1 = empty slot), deg [cap] int32 (filled
 slots, always a prefix). A visited stamp [cap] int32 with a per-query epoch
@@ -196,3 +197,39 @@ def rerank_shared(keys, qs, cand, k):
             ids[g, j] = row[order[j]]
             scores[g, j] = sc[order[j]]
     return ids, scores, g_n * m
+
+
+@nb.njit(cache=True, parallel=True)
+def top_rows(scores, k, out_s, out_i):
+    """The k largest entries of every row of scores [R, N] (1 <= k <= N), best first
+    (ties by position), written to out_s [R, k] and out_i [R, k].
+
+    A row's k-th largest entry is at least the k-th largest of the maxima of 4k
+    strided groups, so only entries reaching that bound (a few more than k on
+    real scores) are sorted: about twice as fast as faiss's heap on the query
+    lists' build, with the same result."""
+    n_rows, n = scores.shape
+    n_groups = min(n, 4 * k)
+    for r in nb.prange(n_rows):
+        row = scores[r]
+        gmax = row[:n_groups].copy()
+        for base in range(n_groups, n, n_groups):
+            for g in range(min(n_groups, n - base)):
+                gmax[g] = max(gmax[g], row[base + g])
+        bound = np.partition(gmax, n_groups - k)[n_groups - k]
+        cand = np.empty(n, np.int64)
+        m = 0
+        for j in range(n):
+            cand[m] = j
+            m += row[j] >= bound
+        if m < k:  # only NaN scores fall short of the bound: sort the whole row (NaN last)
+            m = n
+            for j in range(n):
+                cand[j] = j
+        vals = np.empty(m, np.float32)
+        for t in range(m):
+            vals[t] = -row[cand[t]]
+        order = np.argsort(vals, kind="mergesort")
+        for t in range(k):
+            out_i[r, t] = cand[order[t]]
+            out_s[r, t] = -vals[order[t]]

@@ -13,6 +13,8 @@ engine runs one batched step per layer (like `ann.block.BlockIndex`);
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -24,25 +26,23 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-SCORE_BUFFER = 1 << 26  # scores (fp32) a device build holds at once: 256 MiB
+SCORE_BUFFER = 1 << 26  # scores (fp32) a build holds at once: 256 MiB
+# numba's fallback thread pool (workqueue) aborts the process if two threads enter it at once
+_PARALLEL_KERNEL = threading.Lock()
 
 
 def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | None = None):
     """Exact top-m keys per query, per head: queries [H, Nq, D], keys [H, N, D] ->
-    (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. On the CPU through
-    faiss (BLAS and a heap: about twice torch's matmul + topk); elsewhere in
-    query chunks, so the score buffer [H, chunk, N] stays within SCORE_BUFFER
-    (at 128K keys and 8 heads, 64 queries at a time)."""
-    if queries.device.type == "cpu":
-        import faiss
-
-        found = [
-            faiss.knn(q.float().numpy(), k.float().numpy(), m, metric=faiss.METRIC_INNER_PRODUCT)
-            for q, k in zip(queries, keys)
-        ]
-        return (torch.from_numpy(np.stack([f[0] for f in found])), torch.from_numpy(np.stack([f[1] for f in found])))
+    (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. In query chunks,
+    so the score buffer stays within SCORE_BUFFER (at 128K keys and 8 heads, 64
+    queries at a time). On the CPU the product runs head by head and the rows'
+    top-m come from `ann._kernels.top_rows` (torch.topk and faiss's heap each
+    took about as long as the product again, or longer, at 8K keys); elsewhere
+    one batched product and torch.topk."""
     chunk = chunk or max(1, min(1024, SCORE_BUFFER // max(1, keys.shape[0] * keys.shape[1])))
     keys_t = keys.float().transpose(1, 2)  # [H, D, N], converted once
+    if queries.device.type == "cpu":
+        return _topk_keys_cpu(queries.float(), keys_t, m, chunk * keys.shape[0])
     scores, ids = [], []
     for s in range(0, queries.shape[1], chunk):
         sim = torch.bmm(queries[:, s : s + chunk].float(), keys_t)
@@ -50,6 +50,23 @@ def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | No
         scores.append(top.values)
         ids.append(top.indices)
     return torch.cat(scores, 1), torch.cat(ids, 1)
+
+
+def _topk_keys_cpu(queries: torch.Tensor, keys_t: torch.Tensor, m: int, chunk: int):
+    import numba
+
+    from ann._kernels import top_rows
+
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # torch's setting rules
+    H, n_q = queries.shape[:2]
+    scores = torch.empty(H, n_q, m)
+    ids = torch.empty(H, n_q, m, dtype=torch.int64)
+    for h in range(H):
+        for s in range(0, n_q, chunk):
+            sim = torch.mm(queries[h, s : s + chunk], keys_t[h])
+            with _PARALLEL_KERNEL:
+                top_rows(sim.numpy(), m, scores[h, s : s + chunk].numpy(), ids[h, s : s + chunk].numpy())
+    return scores, ids
 
 
 class QueryLists:

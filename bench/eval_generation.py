@@ -13,7 +13,7 @@ Every engine configuration then continues the same prefilled state twice:
 
 Means over prompts with 95% intervals.
 
-    python bench/eval_generation.py [--quick] [--json PATH] [--prompts N] [--context T] [--new K]
+    python bench/eval_generation.py [--quick] [--json PATH] [--prompts N] [--context T] [--new K] [--configs ...]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SOURCE = CONFIGS["default"]
 
 
 @torch.inference_mode()
-def continuations(model, ids: torch.Tensor, new: int, chunk: int) -> dict[str, dict]:
+def continuations(model, ids: torch.Tensor, new: int, chunk: int, configs: list[str]) -> dict[str, dict]:
     model.set_attn_implementation("hybrid")
     source = HybridCache(model, SOURCE, progress=False)
     logits = prefill(model, ids, source, chunk, progress=False)
@@ -54,7 +54,8 @@ def continuations(model, ids: torch.Tensor, new: int, chunk: int) -> dict[str, d
     full = greedy(model, copy_state(source, model, None), logits, new, eos=set())
     model.set_attn_implementation("hybrid")
     out = {}
-    for name, cfg in CONFIGS.items():
+    for name in configs:
+        cfg = CONFIGS[name]
         free = greedy(model, copy_state(source, model, cfg), logits, new, eos=set())
         forced = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), forced=full)
         same = [a == b for a, b in zip(free, full)]
@@ -77,6 +78,7 @@ def main(argv=None):
     p.add_argument("--offset", type=int, default=600_000, help="text tokens skipped before the first prompt")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = p.parse_args(argv)
     args.prompts = args.prompts or (2 if args.quick else 20)
     args.context = args.context or (512 if args.quick else 4096)
@@ -86,17 +88,17 @@ def main(argv=None):
     model, tok = load_model(args.model, attn_implementation="hybrid")
     started = time.perf_counter()
     per_prompt = [
-        continuations(model, ids, args.new, args.chunk)
+        continuations(model, ids, args.new, args.chunk, args.configs)
         for ids in tqdm(segments(tok, args.prompts, args.context, args.offset), desc="prompts")
     ]
     summary = {}
-    for name in CONFIGS:
+    for name in args.configs:
         summary[name] = {k: mean_interval([p[name][k] for p in per_prompt]) for k in per_prompt[0][name]}
         cells = ", ".join(f"{k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in summary[name].items())
         print(f"{name}: {cells}")
     if args.json:
         config = {k: getattr(args, k) for k in ("model", "prompts", "context", "new", "offset", "threads")}
-        config["engine_configs"] = {k: v.__dict__ for k, v in CONFIGS.items()}
+        config["engine_configs"] = {k: CONFIGS[k].__dict__ for k in args.configs}
         config["seconds"] = round(time.perf_counter() - started, 1)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": config, "summary": summary, "per_prompt": per_prompt}, indent=1))

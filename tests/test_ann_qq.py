@@ -89,7 +89,8 @@ def test_bad_shapes_are_refused():
 
 
 def test_exact_topm_paths_agree():
-    """The CPU path (faiss) and the path every other device takes (torch) give the same lists."""
+    """The CPU path (numba row selection) and the path every other device takes (torch.topk)
+    give the same lists."""
     import torch
 
     from ann.qq import topk_keys
@@ -101,3 +102,36 @@ def test_exact_topm_paths_agree():
     top = torch.topk(sim, 10, dim=2)
     torch.testing.assert_close(s_cpu, top.values, atol=1e-4, rtol=1e-4)
     assert (i_cpu == top.indices).float().mean() > 0.999  # ties may order differently
+
+
+def test_top_rows_matches_sort():
+    """Rows with trends, -inf, NaN, repeated values and k == N: the k largest, best first."""
+    import numpy as np
+
+    from ann._kernels import top_rows
+
+    rng = np.random.default_rng(0)
+    n = 300
+    rows = [
+        rng.standard_normal(n),
+        np.arange(n, dtype=float),  # increasing: every entry beats the last bound
+        -np.arange(n, dtype=float),
+        np.where(rng.random(n) < 0.5, -np.inf, rng.standard_normal(n)),
+        np.full(n, -np.inf),
+        np.round(rng.standard_normal(n)),  # many ties
+    ]
+    scores = np.stack(rows).astype(np.float32)
+    for k in (1, 7, 64, n):
+        out_s = np.empty((len(rows), k), np.float32)
+        out_i = np.empty((len(rows), k), np.int64)
+        top_rows(scores, k, out_s, out_i)
+        expected = -np.sort(-scores, axis=1)[:, :k]
+        np.testing.assert_array_equal(out_s, expected)
+        np.testing.assert_array_equal(np.take_along_axis(scores, out_i, 1), out_s)  # ids point at their scores
+        assert all(len(set(row)) == k for row in out_i)  # distinct ids
+
+    nan_row = rng.standard_normal((1, n)).astype(np.float32)
+    nan_row[0, ::3] = np.nan
+    out_s, out_i = np.empty((1, 10), np.float32), np.empty((1, 10), np.int64)
+    top_rows(nan_row, 10, out_s, out_i)
+    np.testing.assert_array_equal(out_s[0], -np.sort(-nan_row[0][~np.isnan(nan_row[0])])[:10])
