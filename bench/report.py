@@ -1,6 +1,7 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
 python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
+                       [--prefill PATH] [--soak PATH]
 """
 
 from __future__ import annotations
@@ -140,6 +141,36 @@ def generation(result: dict) -> str:
     return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)
 
 
+def prefill(result: dict) -> str:
+    head = ["context", "case", "prefill s", "build after s", "first token s", "ratio to sdpa"]
+    rows = [
+        [r["context"], r["case"], f"{r['prefill_s']:.1f}", f"{r['build_after_s']:.1f}", f"{r['first_token_s']:.1f}"]
+        + [f"{r['ratio_to_sdpa']:.2f}x"]
+        for r in result["rows"]
+    ]
+    cfg = result["config"]
+    return f"{cfg['model']}, {cfg['threads']} threads, median of {cfg['repeats']} runs\n\n" + table(head, rows)
+
+
+def soak(result: dict, every: int = 500) -> str:
+    """The soak's checks at the first window and every `every` steps, and its verdicts."""
+    head = ["step", "tokens", "host tokens", "invariants", "recall of added keys", "median step ms"]
+    rows = []
+    for c in result["checks"]:
+        if c is result["checks"][0] or c["step"] % every == 0:
+            held = all(c[k] for k in ("conservation", "device_bytes_constant", "host_growth_exact"))
+            rows.append(
+                [c["step"], c["seq_len"], c["host_tokens"], "hold" if held else "FAIL"]
+                + ["n/a" if c["recall_added"] is None else f"{c['recall_added']:.2f}", f"{c['median_step_ms']:.0f}"]
+            )
+    verdict = (
+        f"every check held: {result['all_ok']}; step time last/first window {result['step_time_drift']:.2f}; "
+        f"after an interrupted generation: threads left {len(result['interrupt']['threads_left'])}, "
+        f"same text on the next call {result['interrupt']['same_text_after']}"
+    )
+    return table(head, rows) + "\n\n" + verdict
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", type=Path)
@@ -147,8 +178,17 @@ def main(argv=None) -> None:
     p.add_argument("--eval", type=Path, nargs="+", help="one or more eval_accuracy JSON files (rows concatenated)")
     p.add_argument("--fidelity", type=Path)
     p.add_argument("--generation", type=Path)
+    p.add_argument("--prefill", type=Path)
+    p.add_argument("--soak", type=Path)
     args = p.parse_args(argv)
-    renders = ((args.kernel, kernel), (args.decode, decode), (args.fidelity, fidelity), (args.generation, generation))
+    renders = (
+        (args.kernel, kernel),
+        (args.decode, decode),
+        (args.fidelity, fidelity),
+        (args.generation, generation),
+        (args.prefill, prefill),
+        (args.soak, soak),
+    )
     for path, render in renders:
         if path is not None:
             print(render(json.loads(path.read_text())) + "\n")

@@ -137,7 +137,14 @@ def test_soak_checks_hold_on_the_bundled_model():
         assert c["conservation"] and c["device_bytes_constant"] and c["host_growth_exact"]
         assert c["recall_added"] is None or c["recall_added"] >= 0.8 * c["recall_prompt"]
     assert result["step_time_drift"] > 0
-    assert soak.interrupted_generation_is_harmless(llm, ids[:, :200], 12)["ok"]
+    interrupt = soak.interrupted_generation_is_harmless(llm, ids[:, :200], 12)
+    assert interrupt["ok"]
+    text = script("report").soak({**result, "all_ok": True, "interrupt": interrupt}, every=40)
+    assert [line.split(" | ")[0] for line in text.splitlines()[2:4]] == [
+        "| 20",
+        "| 40",
+    ]  # the first window, then every 40
+    assert "FAIL" not in text
 
 
 def test_bench_prefill_quick(tmp_path):
@@ -148,3 +155,5 @@ def test_bench_prefill_quick(tmp_path):
     for r in rows:
         has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
         assert r["first_token_s"] >= r["prefill_s"] > 0
+    text = script("report").prefill(json.loads(out.read_text()))
+    assert text.count("\n| 512 |") == 3  # one row per case
