@@ -16,7 +16,7 @@ same position), attn_rel_err (mean relative error of the decode attention output
 exact attention, on layers 0, L/2 and L-1), kv_read_frac (host tokens read per step /
 host tokens).
 
-    python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--contexts ...] [--tasks ...]
+    python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--contexts ...] [--tasks ...] [--configs ...]
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ PROBE, ORACLE = "hybrid_eval", "hybrid_oracle"
 ORACLE_CACHE = SOURCE.replace(mode="block")  # the oracle's selection needs no key index
 
 
-def evaluate(model, tok, sample, max_new, chunk, probe: LayerProbe, oracles: bool) -> dict[str, dict]:
+def evaluate(
+    model, tok, sample, max_new, chunk, probe: LayerProbe, oracles: bool, configs: list[str]
+) -> dict[str, dict]:
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     eos = eos_ids(model)
     model.set_attn_implementation("hybrid")
@@ -74,7 +76,8 @@ def evaluate(model, tok, sample, max_new, chunk, probe: LayerProbe, oracles: boo
     model.set_attn_implementation("sdpa")
     full = greedy(model, copy_state(source, model, None), logits, max_new, eos)
     results = {"full": {"tokens": full, "kv_read_frac": 1.0, "attn_rel_err": 0.0}}
-    for name, cfg in CONFIGS.items():
+    for name in configs:
+        cfg = CONFIGS[name]
         model.set_attn_implementation(PROBE)
         probe.records.clear()
         read = []
@@ -122,6 +125,7 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="engine configurations")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
@@ -144,7 +148,7 @@ def main(argv=None):
         per_method: dict[str, list[dict]] = {}
         for i in range(args.n):
             sample = make_sample(task, context, tok, seed=i, depth=(i + 0.5) / args.n)
-            results = evaluate(model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle)
+            results = evaluate(model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle, args.configs)
             for name, r in results.items():
                 per_method.setdefault(name, []).append(r)
             bar.update(1)
@@ -163,7 +167,7 @@ def write_json(args, rows: list[dict], seconds: float) -> None:
         "n": args.n,
         "contexts": args.contexts,
         "tasks": args.tasks,
-        "engine_configs": {k: v.__dict__ for k, v in CONFIGS.items()},
+        "engine_configs": {k: CONFIGS[k].__dict__ for k in args.configs},
         "oracle": not args.no_oracle,
         "seconds": round(seconds, 1),
     }
