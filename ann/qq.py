@@ -57,7 +57,7 @@ def _topk_keys_cpu(queries: torch.Tensor, keys_t: torch.Tensor, m: int, chunk: i
 
     from ann._kernels import top_rows
 
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # torch's setting rules
+    threads = torch.get_num_threads()
     H, n_q = queries.shape[:2]
     scores = torch.empty(H, n_q, m)
     ids = torch.empty(H, n_q, m, dtype=torch.int64)
@@ -65,7 +65,11 @@ def _topk_keys_cpu(queries: torch.Tensor, keys_t: torch.Tensor, m: int, chunk: i
         for s in range(0, n_q, chunk):
             sim = torch.mm(queries[h, s : s + chunk], keys_t[h])
             with _PARALLEL_KERNEL:
-                top_rows(sim.numpy(), m, scores[h, s : s + chunk].numpy(), ids[h, s : s + chunk].numpy())
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # torch's setting rules
+                try:
+                    top_rows(sim.numpy(), m, scores[h, s : s + chunk].numpy(), ids[h, s : s + chunk].numpy())
+                finally:  # numba's OpenMP pool resets the process's OpenMP thread count, torch's included
+                    torch.set_num_threads(threads)
     return scores, ids
 
 

@@ -135,3 +135,18 @@ def test_top_rows_matches_sort():
     out_s, out_i = np.empty((1, 10), np.float32), np.empty((1, 10), np.int64)
     top_rows(nan_row, 10, out_s, out_i)
     np.testing.assert_array_equal(out_s[0], -np.sort(-nan_row[0][~np.isnan(nan_row[0])])[:10])
+
+
+def test_cpu_build_keeps_torch_thread_count():
+    """numba's OpenMP pool resets the process's thread count; the build puts torch's back."""
+    import torch
+
+    from ann.qq import topk_keys
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        topk_keys(torch.randn(2, 50, 8), torch.randn(2, 300, 8), 16)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
