@@ -135,7 +135,10 @@ def generation(result: dict) -> str:
     head = ["configuration", "free-running agreement", "first difference (token)", "teacher-forced agreement"]
     rows = []
     for name, e in result["summary"].items():
-        cell = [f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for v in (e["free_agreement"], e["forced_agreement"])]
+        cell = [
+            f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if v else "not run"
+            for v in (e["free_agreement"], e.get("forced_agreement"))
+        ]
         first = e["first_difference"]
         rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1]])
     return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)

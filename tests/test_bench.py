@@ -157,3 +157,32 @@ def test_bench_prefill_quick(tmp_path):
         assert r["first_token_s"] >= r["prefill_s"] > 0
     text = script("report").prefill(json.loads(out.read_text()))
     assert text.count("\n| 512 |") == 3  # one row per case
+
+
+def test_bench_fidelity_quick(tmp_path):
+    """One short prompt: every layer reports the engine's error and read share beside the
+    oracle's, and the report renders them."""
+    out = tmp_path / "fidelity.json"
+    argv = ["--prompts", "1", "--context", "400", "--steps", "2", "--configs", "default", "fixed-noest"]
+    script("bench_fidelity").main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert set(summary) == {"default", "fixed-noest"}
+    assert "oracle_est_err" in summary["default"] and "oracle_est_err" not in summary["fixed-noest"]
+    for e in summary.values():
+        assert len(e["layers"]) == 30
+        assert 0 <= e["err"][0] < 1 and 0 < e["read"][0] <= 1
+    text = script("report").fidelity(result)
+    assert text.count("\n| default |") == 1 and text.count("\n| 29 |") == 1
+
+
+def test_eval_generation_quick(tmp_path):
+    """Agreement is a share of the generated tokens; without teacher forcing the report says so."""
+    out = tmp_path / "generation.json"
+    argv = ["--prompts", "1", "--context", "300", "--new", "6", "--configs", "default", "--no-forced"]
+    script("eval_generation").main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["per_prompt"]
+    assert set(row) == {"default"} and "forced_agreement" not in row["default"]
+    assert 0 <= row["default"]["free_agreement"] <= 1 and 0 <= row["default"]["first_difference"] <= 6
+    assert "not run" in script("report").generation(result)
