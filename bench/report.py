@@ -85,10 +85,13 @@ def accuracy(result: dict) -> str:
             row.append(
                 "" if r is None else f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - full['accuracy']):+.1f})"
             )
-        row += [f"{100 * by[e]['kv_read_frac']:.1f}%" for e in engines]
-        row += [f"{by[e]['attn_rel_err']:.3f}" if by[e]["attn_rel_err"] is not None else "" for e in engines]
+        ran = [e for e in engines if e in by]  # a cell may have run some configurations only
+        row += [f"{100 * by[e]['kv_read_frac']:.1f}%" if e in by else "" for e in engines]
+        row += [
+            f"{by[e]['attn_rel_err']:.3f}" if e in by and by[e]["attn_rel_err"] is not None else "" for e in engines
+        ]
         rows.append(row)
-        for e in engines:
+        for e in ran:
             acc = by[e]["accuracy"]
             if full["accuracy"] >= 0.2 and full["accuracy"] - acc > 0.02:
                 notes.append(f"{e}: {task} at {context} is {100 * (full['accuracy'] - acc):.1f} points below full")

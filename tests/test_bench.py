@@ -186,3 +186,22 @@ def test_eval_generation_quick(tmp_path):
     assert set(row) == {"default"} and "forced_agreement" not in row["default"]
     assert 0 <= row["default"]["free_agreement"] <= 1 and 0 <= row["default"]["first_difference"] <= 6
     assert "not run" in script("report").generation(result)
+
+
+def test_accuracy_report_takes_cells_that_ran_some_configurations():
+    """Cells from runs with different --configs render side by side; checks cover what ran."""
+
+    def row(task, method, acc, lo=0.0):
+        return {"task": task, "context": 2048, "method": method, "n": 40, "accuracy": acc, "accuracy_ci": [lo, 1.0]}
+
+    rows = [row("passkey", "full", 0.5, 0.3), row("passkey", "default", 0.5), row("passkey", "fixed-noest", 0.4)]
+    rows += [row("niah_single", "full", 1.0, 0.9), row("niah_single", "default", 0.7)]
+    for r in rows:
+        r.update(
+            kv_read_frac=1.0 if r["method"] == "full" else 0.05, attn_rel_err=0.0 if r["method"] == "full" else 0.04
+        )
+    text = script("report").accuracy({"rows": rows})
+    assert "- default: niah_single at 2048 is 30.0 points below full" in text
+    assert "- default: niah_single at 2048 lies below full attention's 95% interval" in text
+    assert "- fixed-noest: passkey at 2048 is 10.0 points below full" in text
+    assert "fixed-noest: niah_single" not in text
