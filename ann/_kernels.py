@@ -206,8 +206,9 @@ def top_rows(scores, k, out_s, out_i):
 
     A row's k-th largest entry is at least the k-th largest of the maxima of 4k
     strided groups, so only entries reaching that bound (a few more than k on
-    real scores) are sorted: about twice as fast as faiss's heap on the query
-    lists' build, with the same result."""
+    real scores) are sorted. In the query lists' build of the bundled model at
+    8K tokens, product + this selection took 9.6 s against 12.4 s for faiss's
+    knn (product + heap), with the same lists up to near-ties."""
     n_rows, n = scores.shape
     n_groups = min(n, 4 * k)
     for r in nb.prange(n_rows):
