@@ -26,6 +26,7 @@ from engine.attention import host_state, hybrid_attention_forward
 from engine.cache import HybridLayer
 from engine.merge import attend, merge_states
 from engine.retrieval import always_read, unique_rows
+from engine.sketch import ExactKeys
 
 
 def copy_state(
@@ -38,10 +39,13 @@ def copy_state(
     left out, for a selection rule that does not use them)."""
     if cfg is not None:
         src_cfg = src.offload_config
-        if (cfg.n_sink, cfg.method) != (src_cfg.n_sink, src_cfg.method) or cfg.window > src_cfg.window:
+        same = (cfg.n_sink, cfg.method) == (src_cfg.n_sink, src_cfg.method)
+        if cfg.budget == "adaptive":
+            same &= cfg.sketch_rank == src_cfg.sketch_rank
+        if not same or cfg.window > src_cfg.window:
             raise ValueError(
-                "evaluated engine configurations must share sinks and method with the source, "
-                "and have a window no longer than its"
+                "evaluated engine configurations must share sinks, method (and an adaptive one, the sketch "
+                "rank) with the source, and have a window no longer than its"
             )
     dst = DynamicCache() if cfg is None else HybridCache(model, cfg, progress=False)
     with torch.no_grad():
@@ -54,7 +58,10 @@ def copy_state(
                 if indexes:
                     d = dst.layers[i]
                     d.key_index = copy.deepcopy(layer.key_index)
-                    d.sketch = copy.deepcopy(layer.sketch) if cfg.budget == "adaptive" else None
+                    d.sketch = None
+                    if cfg.budget == "adaptive":  # a sketch is copied, the store's own keys are d's
+                        exact = isinstance(layer.sketch, ExactKeys)
+                        d.sketch = ExactKeys(d.host) if exact else copy.deepcopy(layer.sketch)
                     d.n_indexed, d.n_built = layer.n_indexed, layer.n_built
                     if d.host.n > d.n_indexed and d.key_index is not None:
                         d.index_new_keys()

@@ -30,8 +30,9 @@ class OffloadConfig:
     the host blocks, at most `n_blocks`), or both (`"hybrid"`). With
     `budget="fixed"` every candidate is read: `top_k` per query head from the
     key index, plus the blocks. With `budget="adaptive"` the key index
-    proposes `candidates` per query head, a low-rank sketch of the keys
-    (`sketch_rank`) estimates each one's attention probability, and those
+    proposes `candidates` per query head, each one's attention probability
+    is estimated from its key (`sketch_rank` 0) or a low-rank sketch of the
+    keys (`sketch_rank` dimensions; no key read, less exact), and those
     whose estimate, averaged over the query group, reaches `min_prob` are
     read: layers and heads whose attention is spread over many host tokens
     read more, those that attend to the resident tokens read less. (The
@@ -52,7 +53,7 @@ class OffloadConfig:
     budget: str = "adaptive"
     candidates: int = 192  # adaptive: key-index proposals looked at per query head
     min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
-    sketch_rank: int = 32  # adaptive: dimensions of the key sketch (at most the head dim)
+    sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
     landmark: str = "mean"
@@ -85,8 +86,6 @@ class OffloadConfig:
         if self.budget == "adaptive" and self.uses_key_index:
             if self.candidates < 1:
                 raise ValueError("an adaptive budget ranks the key index's candidates: candidates must be >= 1")
-            if self.sketch_rank < 1:
-                raise ValueError(f"OffloadConfig.sketch_rank must be at least 1, got {self.sketch_rank}")
             if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)):
                 raise ValueError(f"OffloadConfig.min_prob must be a number, got {self.min_prob!r}")
             if not 0 <= self.min_prob <= 1:
@@ -376,7 +375,8 @@ def plan_memory(
     device["query_index"] = L * index_device
     host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
     if cfg.budget == "adaptive" and cfg.uses_key_index:
-        host["key_sketch"] = L * Hkv * host_tokens * min(cfg.sketch_rank, D) * host_bytes
+        rank = cfg.sketch_rank if cfg.sketch_rank < D else 0  # 0: the store's own keys are scored
+        host["key_sketch"] = L * Hkv * host_tokens * rank * host_bytes
     shared = ("weights", "workspace")
     device = {k: v if k in shared else batch * v for k, v in device.items()}
     host = {k: batch * v for k, v in host.items()}

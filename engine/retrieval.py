@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.sketch import KeySketch
+from engine.sketch import make_scorer
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def build_key_index(layer) -> bool:
         keys = layer.host.keys
     index.build(keys, queries)
     if cfg.budget == "adaptive":
-        layer.sketch = KeySketch(Hkv, D, min(cfg.sketch_rank, D), dtype=layer.host.dtype)
+        layer.sketch = make_scorer(cfg.sketch_rank, layer.host)
         layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
     layer.key_index = index
     layer.n_indexed = layer.n_built = layer.host.n

@@ -16,6 +16,16 @@ ranking the query lists' candidates with the fitted rank-16 sketch gives 0.045,
 against 0.057 for the lists' own order, without reading any key. In the engine
 rank 32 lowers the error further (0.041 against 0.046 at rank 16, at a
 read of about 5%). The sketch lives in host memory next to the KV store.
+
+But a projection fitted to the prefill's queries misses directions a decode
+query takes that those did not: a question about a needle in a repetitive
+haystack. On the bundled model's 2K needle prompts that the engine failed
+with the rank-32 sketch (3 of 40), candidates scored on their full keys
+answered all three at the same read share (7.0% against 6.8%), while a lower
+threshold (11% read) brought back one. So the default scores candidates on
+their keys in the host store (`ExactKeys`: no copy, exact, one key read per
+candidate); a sketch remains for machines where reading those keys costs
+too much.
 """
 
 from __future__ import annotations
@@ -103,3 +113,45 @@ class KeySketch:
         rows = self._k.view(-1, self.rank).index_select(0, offsets).view(*ids.shape, self.rank).float()  # [H, C, r]
         s = torch.bmm(torch.bmm(q.float(), self.p_q), rows.transpose(1, 2))  # [H, G, C]
         return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
+
+
+class ExactKeys:
+    """The candidates' exact q . k, read from the host store's keys: what `KeySketch` gives
+    at full rank, without a projected copy of the keys."""
+
+    rank = 0
+
+    def __init__(self, host):
+        self.host = host  # engine.store.HostKV
+
+    @property
+    def n(self) -> int:
+        return self.host.n
+
+    def __len__(self) -> int:
+        return self.host.n
+
+    nbytes = 0
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
+        pass  # nothing to fit: the store's keys are the scores' own
+
+    def add(self, keys: torch.Tensor) -> None:
+        pass  # the store has them already
+
+    def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> q . k [H, G, C] (-inf at padding)."""
+        keys = self.host.k  # [H, capacity, D], rows contiguous
+        H, cap, D = keys.shape
+        offsets = (torch.arange(H).unsqueeze(1) * cap + ids.clamp_min(0)).view(-1)
+        rows = keys.view(-1, D).index_select(0, offsets).view(*ids.shape, D).float()  # [H, C, D]
+        s = torch.bmm(q.float(), rows.transpose(1, 2))
+        return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
+
+
+def make_scorer(rank: int, host) -> KeySketch | ExactKeys:
+    """The adaptive budget's candidate scorer for a layer's host store `host`: a rank-`rank`
+    `KeySketch`, or with rank 0 (or the head dim and above: no smaller) `ExactKeys`."""
+    if rank == 0 or rank >= host.dim:
+        return ExactKeys(host)
+    return KeySketch(host.n_heads, host.dim, rank, dtype=host.dtype)

@@ -30,7 +30,7 @@ def test_defaults_are_valid_and_frozen():
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(min_prob=-0.1), "min_prob must lie in"),
         (dict(min_prob="high"), "min_prob must be a number"),
-        (dict(sketch_rank=0), "sketch_rank must be at least 1"),
+        (dict(sketch_rank=-1), "sketch_rank must be a non-negative int"),
         (dict(estimate="yes"), "estimate must be True or False"),
         (dict(mode="block", n_blocks=0), "n_blocks must be >= 1"),
         (dict(device="gpu0"), "not a torch device"),

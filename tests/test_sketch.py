@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from engine.sketch import KeySketch, fit_projection
+from engine.sketch import ExactKeys, KeySketch, fit_projection, make_scorer
+from engine.store import HostKV
 
 
 def correlated(H, N, D, seed):
@@ -62,3 +63,26 @@ def test_added_keys_are_sketched_like_built_ones():
 def test_rank_must_fit_the_head_dim():
     with pytest.raises(ValueError, match="sketch rank must lie in"):
         KeySketch(1, 8, 9)
+
+
+def test_exact_keys_score_the_stores_own_keys_as_it_grows():
+    store = HostKV(2, 16, torch.float32, pin=False)
+    keys = correlated(2, 300, 16, 5)
+    store.append(keys[:, :100], keys[:, :100])
+    scorer = make_scorer(0, store)
+    assert isinstance(scorer, ExactKeys) and scorer.nbytes == 0
+    store.append(keys[:, 100:], keys[:, 100:])  # grows the store's capacity: the scorer follows it
+    assert scorer.n == 300
+    q = correlated(2, 3, 16, 6)
+    ids = torch.tensor([[0, 250, 299, -1], [7, 7, 1, 2]])
+    s = scorer.scores(q, ids)
+    exact = torch.einsum("hgd,hcd->hgc", q, keys[torch.arange(2)[:, None], ids.clamp_min(0)])
+    torch.testing.assert_close(s[0, :, :3], exact[0, :, :3])
+    torch.testing.assert_close(s[1], exact[1])
+    assert torch.isneginf(s[0, :, 3]).all()
+
+
+def test_a_rank_below_the_head_dim_makes_a_sketch():
+    store = HostKV(2, 16, torch.float32, pin=False)
+    assert isinstance(make_scorer(8, store), KeySketch)
+    assert isinstance(make_scorer(16, store), ExactKeys)  # no smaller than the keys: read them
