@@ -35,7 +35,9 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", choices=BUDGETS, help="adaptive: read what the key sketch rates likely")
     g.add_argument("--min-prob", type=float, help="adaptive: estimated attention probability to read a token")
     g.add_argument("--candidates", type=int, help="adaptive: key-index proposals ranked per query head")
-    g.add_argument("--sketch-rank", type=int, help="adaptive: dimensions of a key sketch that ranks candidates (0: their keys)")
+    g.add_argument(
+        "--sketch-rank", type=int, help="adaptive: dimensions of a key sketch that ranks candidates (0: their keys)"
+    )
     g.add_argument(
         "--estimate", action=argparse.BooleanOptionalAction, help="estimate the unread host tokens (default: on)"
     )
