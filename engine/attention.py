@@ -10,6 +10,12 @@ this function as `key`/`value`:
   gather-attend over the selected host tokens on the host, merged by
   log-sum-exp.
 
+A batch of B > 1 sequences arrives as an `engine.batch.BatchLayer`: each
+sequence attends through its own layer as above (prefill chunks one sequence
+after another, decode steps with one host kernel call for the whole batch),
+and a left-padded batch's padding columns, which the mask function reports
+(`Padding`), never reach a sequence's cache.
+
 Without a HybridCache (e.g. `use_cache=False`) it is plain sdpa.
 """
 
@@ -19,9 +25,10 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from engine import ops
+from engine.batch import BatchLayer
 from engine.cache import HybridLayer
 from engine.merge import attend, merge_states
 from engine.retrieval import select_host_ids
@@ -32,10 +39,16 @@ NAME = "hybrid"
 def hybrid_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, select=select_host_ids, **kwargs
 ):
-    """query [1, Hq, Q, D] post-RoPE; key/value: the HybridLayer. Returns ([1, Q, Hq, D], None).
-    `select` is the decode steps' selection rule (see `decode_step`)."""
+    """query [B, Hq, Q, D] post-RoPE; key/value: the HybridLayer (B = 1) or BatchLayer. Returns
+    ([B, Q, Hq, D], None). `select` is the decode steps' selection rule (see `decode_step`)."""
+    if isinstance(key, BatchLayer):
+        return batch_attention(key, query, attention_mask, scaling, select), None
     if not isinstance(key, HybridLayer):
+        if isinstance(attention_mask, Padding):
+            attention_mask = attention_mask.dense()
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if isinstance(attention_mask, Padding):
+        raise ValueError("a single sequence is not padded: pass its tokens without padding")
     layer: HybridLayer = key
     _, Hq, Q, D = query.shape
     scale = scaling if scaling is not None else D**-0.5
@@ -45,6 +58,32 @@ def hybrid_attention_forward(
     else:
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
+
+
+def batch_attention(batch: BatchLayer, query, attention_mask, scaling, select) -> torch.Tensor:
+    """The B sequences of a BatchLayer: each takes its real columns of the chunk (padding
+    columns get a zero output and never reach a cache); prefill chunks are attended
+    sequence by sequence, decode steps together (`batch_decode_step`). -> [B, Q, Hq, D]"""
+    B, Hq, Q, D = query.shape
+    scale = scaling if scaling is not None else D**-0.5
+    valid = attention_mask.chunk_columns(Q) if isinstance(attention_mask, Padding) else None
+    columns = batch.take_chunk(valid)
+    seqs = batch.seqs
+    Hkv, G = seqs[0].n_kv_heads, seqs[0].group
+    q = query.view(B, Hkv, G, Q, D)
+    out = query.new_zeros(B, Hkv, G, Q, D)
+    if Q == 1:
+        live = [b for b, cols in enumerate(columns) if cols is None or len(cols)]
+        if live:
+            o = batch_decode_step([seqs[b] for b in live], q[live], scale, select)
+            out[live] = o.to(out.dtype)
+    else:
+        for b, cols in enumerate(columns):
+            if cols is None:
+                out[b] = prefill_attention(seqs[b], q[b], scale).to(out.dtype)
+            elif len(cols):
+                out[b, :, :, cols] = prefill_attention(seqs[b], q[b, :, :, cols], scale).to(out.dtype)
+    return out.view(B, Hq, Q, D).transpose(1, 2)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, **kwargs):
@@ -78,28 +117,81 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     return o
 
 
-def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
-    """One position's queries q [Hkv, G, 1, D]: resident attention on the device,
-    retrieved host tokens through the C++ gather-attend, the unread ones estimated,
-    all merged exactly. `select` picks the host ids (see `select_host_ids`; an
-    evaluation may pass another rule with the same signature)."""
+class HostRead:
+    """One sequence's host part of a decode step: the queries on the CPU, the host ids to
+    read [Hkv, M] (-1 padded) and the step's block scores (None: no estimate)."""
+
+    __slots__ = ("q_host", "ids", "blocks")
+
+    def __init__(self, q_host: torch.Tensor, ids: torch.Tensor, blocks):
+        self.q_host, self.ids, self.blocks = q_host, ids, blocks
+
+
+def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids):
+    """A decode step up to the host kernel, for queries q [Hkv, G, 1, D]: the resident
+    tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) and what to read on the host
+    (a HostRead; None when the host store is empty). Sets the layer's step counters."""
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
     if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
         layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
     if layer.host.n == 0:
-        return o
+        return o, lse, None
     qd = q[:, :, 0]  # [Hkv, G, D]
     blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
     ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
-    o_h, lse_h = host_state(layer, q_host, scale, ids, blocks)
     st = layer.stats
     st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
     summarized = layer.summary.n_blocks * layer.cfg.block_size if blocks is not None else 0
     st.estimated = Hkv * summarized - int(((ids >= 0) & (ids < summarized)).sum())
+    return o, lse, HostRead(q_host, ids, blocks)
+
+
+def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
+    """One position's queries q [Hkv, G, 1, D]: resident attention on the device,
+    retrieved host tokens through the C++ gather-attend, the unread ones estimated,
+    all merged exactly. `select` picks the host ids (see `select_host_ids`; an
+    evaluation may pass another rule with the same signature)."""
+    o, lse, read = resident_and_select(layer, q, scale, select)
+    if read is None:
+        return o
+    o_h, lse_h = host_state(layer, read.q_host, scale, read.ids, read.blocks)
     return merge_states(o, lse, o_h.to(q.device, non_blocking=True), lse_h.to(q.device, non_blocking=True))[0]
+
+
+def batch_decode_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
+    """`decode_step` for the B sequences of one layer, q [B, Hkv, G, 1, D]: each selects
+    its host ids, one gather-attend call reads them all (sequences x KV heads share the
+    kernel's threads), one merge on the device. Each sequence's output is what
+    `decode_step` gives it alone. -> o [B, Hkv, G, 1, D] fp32."""
+    B, Hkv, G, _, D = q.shape
+    steps = [resident_and_select(seq, q[b], scale, select) for b, seq in enumerate(seqs)]
+    o = torch.stack([s[0] for s in steps])
+    lse = torch.stack([s[1] for s in steps])
+    reading = [b for b, s in enumerate(steps) if s[2] is not None]
+    if not reading:
+        return o
+    reads = [steps[b][2] for b in reading]
+    width = max(r.ids.shape[1] for r in reads)
+    ids = torch.full((len(reads), Hkv, width), -1, dtype=torch.int64)
+    for i, r in enumerate(reads):
+        ids[i, :, : r.ids.shape[1]] = r.ids
+    out, lse_c = ops.gather_attend_batch(
+        torch.stack([r.q_host for r in reads]),
+        [seqs[b].host.keys for b in reading],
+        [seqs[b].host.values for b in reading],
+        ids,
+        scale,
+        n_threads=seqs[0].cfg.host_threads,
+    )
+    o_h = torch.zeros_like(o)
+    lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+    for i, b in enumerate(reading):
+        part = with_estimate(seqs[b], out[i].view(Hkv, G, 1, D), lse_c[i].view(Hkv, G, 1), reads[i])
+        o_h[b], lse_h[b] = (t.to(o.device, non_blocking=True) for t in part)
+    return merge_states(o, lse, o_h, lse_h)[0]
 
 
 def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torch.Tensor, blocks=None):
@@ -112,25 +204,47 @@ def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torc
     ops.gather_attend(
         q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse, n_threads=layer.cfg.host_threads
     )
-    o, lse = out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1)
-    if blocks is not None:
-        o_e, lse_e = layer.summary.estimate(blocks, layer.summary.read_per_block(ids))
-        o, lse = merge_states(
-            o.to(o_e.device, non_blocking=True),
-            lse.to(o_e.device, non_blocking=True),
-            o_e.unsqueeze(2),
-            lse_e.unsqueeze(2),
-        )
-    return o, lse
+    return with_estimate(layer, out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1), HostRead(q_host, ids, blocks))
+
+
+def with_estimate(layer: HybridLayer, o: torch.Tensor, lse: torch.Tensor, read: HostRead):
+    """The gathered tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) merged with the estimate
+    of the summarised tokens `read.ids` left out (unchanged without block scores)."""
+    if read.blocks is None:
+        return o, lse
+    o_e, lse_e = layer.summary.estimate(read.blocks, layer.summary.read_per_block(read.ids))
+    return merge_states(
+        o.to(o_e.device, non_blocking=True),
+        lse.to(o_e.device, non_blocking=True),
+        o_e.unsqueeze(2),
+        lse_e.unsqueeze(2),
+    )
+
+
+class Padding:
+    """The "hybrid" mask of a padded batch: which key columns hold real tokens. The cache
+    layers know every key's position and apply causality themselves, so this is all the
+    batched attention needs; `dense()` builds sdpa's 4D mask for caches other than HybridCache."""
+
+    def __init__(self, key_valid: torch.Tensor, mask_kwargs: dict):
+        self.key_valid = key_valid  # [B, kv_length] bool
+        self.mask_kwargs = mask_kwargs
+
+    def chunk_columns(self, q_length: int) -> torch.Tensor:
+        """valid [B, q_length]: the columns of the latest chunk (the timeline's last ones)."""
+        return self.key_valid[:, -q_length:].cpu()
+
+    def dense(self) -> torch.Tensor:
+        return sdpa_mask(**self.mask_kwargs)
 
 
 def hybrid_mask(attention_mask=None, **kwargs):
-    """No mask tensor is built: the cache layer knows every key's position and
-    applies causality itself. A 2D padding mask with gaps is refused, since
-    batch size 1 never needs padding."""
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise ValueError("hybrid attention does not support padded inputs (batch size 1, no padding)")
-    return None
+    """No mask tensor for unpadded input: the cache layer knows every key's position and
+    applies causality itself. A 2D padding mask with gaps becomes a `Padding`."""
+    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return None
+    kv_length = kwargs.get("kv_length", attention_mask.shape[1])
+    return Padding(attention_mask[:, -kv_length:].bool(), dict(attention_mask=attention_mask, **kwargs))
 
 
 def register() -> None:

@@ -278,6 +278,16 @@ class HybridLayer(CacheLayerMixin):
         raise NotImplementedError("HybridCache supports batch size 1 without beam search")
 
 
+def sum_bytes(reports) -> dict[str, dict[str, int]]:
+    """Byte reports {"device": {...}, "host": {...}} summed part by part."""
+    total = {"device": {}, "host": {}}
+    for report in reports:
+        for where, parts in report.items():
+            for name, n in parts.items():
+                total[where][name] = total[where].get(name, 0) + n
+    return total
+
+
 class HybridCache(Cache):
     """A `Cache` for the "hybrid" attention implementation.
 
@@ -326,6 +336,7 @@ class HybridCache(Cache):
 
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
+        self.shape, self.max_length = shape, max_length
         self.builder = IndexBuilder(cfg.build_workers) if prompt_length and cfg.build_workers else None
         layers = [
             HybridLayer(cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder)
@@ -335,13 +346,70 @@ class HybridCache(Cache):
             layer.prompt_length = prompt_length
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """As transformers' caches: a layer's first update with a batch of B > 1 sequences
+        makes it an `engine.batch.BatchLayer` of B sequence layers."""
+        layer = self.layers[layer_idx]
+        if key_states.shape[0] > 1 and isinstance(layer, HybridLayer) and not layer.is_initialized:
+            from engine.batch import BatchLayer
+
+            self.layers[layer_idx] = BatchLayer([self._sequence_layer(layer_idx) for _ in range(key_states.shape[0])])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _sequence_layer(self, layer_idx: int) -> HybridLayer:
+        """One sequence's layer in a batch (its index builds after the prefill: prompt lengths differ)."""
+        return HybridLayer(
+            self.offload_config, layer_idx, self.shape, capacity=self.max_length, progress=self.build_progress
+        )
+
+    @classmethod
+    def stack(cls, caches: list[HybridCache]) -> HybridCache:
+        """One cache decoding the sequences of `caches` (each prefilled alone, batch size 1)
+        together: their layers are moved, not copied, and the caches given up. The batch's
+        padded timeline is as long as the longest sequence (the others left-padded)."""
+        from engine.batch import BatchLayer
+
+        if not caches or not all(isinstance(c, HybridCache) for c in caches):
+            raise TypeError("HybridCache.stack takes a non-empty list of HybridCache")
+        first = caches[0]
+        for c in caches[1:]:
+            if c.offload_config != first.offload_config or c.shape != first.shape:
+                raise ValueError("stacked caches must share the model and the offload configuration")
+        for c in caches:
+            if any(not isinstance(layer, HybridLayer) or not layer.is_initialized for layer in c.layers):
+                raise ValueError("stack prefilled single-sequence caches (every layer holds one sequence)")
+            for layer in c.layers:  # builds overlapped with a prefill finish in their cache's threads
+                layer.wait_for_build()
+                layer.builder = None
+            c.close()
+        batch = cls.__new__(cls)
+        Cache.__init__(
+            batch,
+            layers=[
+                BatchLayer([c.layers[i] for c in caches], max(c.layers[i].n_seen for c in caches))
+                for i in range(len(first.layers))
+            ],
+        )
+        batch.offload_config, batch.shape, batch.max_length = first.offload_config, first.shape, first.max_length
+        batch.build_progress, batch.builder = first.build_progress, None
+        for c in caches:  # the layers now belong to the batch
+            c.layers = []
+        return batch
+
+    def sequence_layers(self) -> list[HybridLayer]:
+        """Every sequence's layer, of every model layer."""
+        out = []
+        for layer in self.layers:
+            out.extend(getattr(layer, "seqs", [layer]))
+        return out
+
     def build_indexes(self) -> None:
         """Build every layer's host key index now (or wait for its build on the worker thread)."""
         from engine.retrieval import build_key_index
 
         if not self.offload_config.uses_key_index:
             return
-        for layer in self.layers:
+        for layer in self.sequence_layers():
             layer.wait_for_build()
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)
@@ -354,17 +422,12 @@ class HybridCache(Cache):
 
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""
-        total = {"device": {}, "host": {}}
-        for layer in self.layers:
-            for where, parts in layer.nbytes().items():
-                for name, n in parts.items():
-                    total[where][name] = total[where].get(name, 0) + n
-        return total
+        return sum_bytes(layer.nbytes() for layer in self.layers)
 
     def step_stats(self) -> dict[str, float]:
-        """The last decode step over all layers: host tokens, tokens gathered and estimated,
+        """The last decode step over all layers (and sequences): host tokens, tokens gathered and estimated,
         vectors scanned, keys and sketch rows scored, and kv_read_frac = gathered / host tokens."""
-        layers = [layer for layer in self.layers if layer.is_initialized]
+        layers = [layer for layer in self.sequence_layers() if layer.is_initialized]
         host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
         gathered = sum(layer.stats.gathered for layer in layers)
         scanned = sum(layer.stats.scanned for layer in layers)

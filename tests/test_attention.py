@@ -134,9 +134,12 @@ def test_padding_is_refused(tiny_model, tiny_ids):
         tiny_model(tiny_ids[:, :100], attention_mask=mask, cache=HybridCache(tiny_model, OffloadConfig()))
 
 
-def test_batch_of_two_is_refused(tiny_model, tiny_ids):
-    with pytest.raises(ValueError, match="batch size 1"), torch.no_grad():
-        tiny_model(tiny_ids[:, :100].expand(2, -1), cache=HybridCache(tiny_model, OffloadConfig()), use_cache=True)
+def test_a_single_sequence_cannot_become_a_batch(tiny_model, tiny_ids):
+    cache = HybridCache(tiny_model, OffloadConfig())
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :100], cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="batch size 1"):
+            tiny_model(tiny_ids[:, 100:101].expand(2, -1), cache=cache, use_cache=True)
 
 
 def test_model_without_hybrid_attention_is_refused():
