@@ -145,8 +145,12 @@ class HybridLLM:
 
     # ---------------------------------------------------------- generation
 
-    def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult:
-        """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0)."""
+    def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0). A list of
+        prompts (strings, chat-message lists or token ids) is decoded as one batch and gives
+        a list of results, one per prompt (see `generate_batch`)."""
+        if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict):
+            return self.generate_batch(list(prompt), max_new_tokens, **kwargs)
         tokens: list[int] = []
         report = GenerationReport()
         for token in self._tokens(prompt, max_new_tokens, report, **kwargs):
@@ -166,6 +170,66 @@ class HybridLLM:
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
                 yield text[len(shown) :]
                 shown = text
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: list,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+        progress: bool = True,
+    ) -> list[GenerationResult]:
+        """Decode several prompts together: each is prefilled alone (its host indexes built),
+        then every decode step runs the whole batch through the model at once, each sequence
+        at its own position; a sequence that ends (EOS) leaves the batch, the others go on.
+        Greedy, each result is what `generate` gives its prompt alone. Each report has its own
+        prompt, prefill and tokens; decode time, read share and bytes are the batch's."""
+        _check_sampling(max_new_tokens, temperature, seed)
+        if not prompts:
+            raise ValueError("the list of prompts is empty")
+        ids = [self.encode(p) for p in prompts]
+        reports = [GenerationReport(prompt_tokens=x.shape[1]) for x in ids]
+        caches, first = [], []
+        try:
+            for x, report in zip(ids, reports):
+                T = x.shape[1]
+                cache = HybridCache(
+                    self.model, self.offload, max_length=T + max_new_tokens, prompt_length=T, progress=progress
+                )
+                caches.append(cache)
+                t0 = time.perf_counter()
+                first.append(prefill(self.model, x, cache, self.offload.prefill_chunk, progress=progress))
+                self._sync()
+                t1 = time.perf_counter()
+                cache.build_indexes()
+                report.prefill_s, report.index_build_s = t1 - t0, time.perf_counter() - t1
+            batch = HybridCache.stack(caches)
+        finally:
+            for cache in caches:
+                cache.close()
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        tokens = decode_batch(
+            self.model,
+            batch,
+            torch.stack(first),
+            [x.shape[1] for x in ids],
+            max_new_tokens,
+            lambda logits: _pick(logits, temperature, generator),
+            eos_ids(self.model) if stop_at_eos else set(),
+            reports,
+        )
+        results = []
+        for toks, report in zip(tokens, reports):
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            results.append(GenerationResult(text, toks, report))
+        return results
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def generate_full_attention(self, prompt, max_new_tokens: int = 64) -> str:
@@ -247,6 +311,43 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = Tru
     for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
         out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
+
+
+def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, reports) -> list[list[int]]:
+    """Decode the sequences of a stacked cache (HybridCache.stack) together from their
+    prefills' last logits [B, vocab]: each step feeds every unfinished sequence its last
+    token at its own position; a sequence leaves the batch (and the cache) once it picks an
+    EOS token or has max_new_tokens. Fills the reports; returns each sequence's tokens."""
+    B = len(lengths)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    rows, positions = list(range(B)), torch.tensor(lengths, device=logits.device)
+    memory = cache.memory_report()  # the whole batch's, before any sequence leaves
+    read, t0, steps = [], time.perf_counter(), 0
+    while rows and max_new_tokens:
+        picked = [pick(logits[i]) for i in range(len(rows))]
+        keep = []
+        for i, (b, token) in enumerate(zip(rows, picked)):
+            tokens[b].append(token)
+            if token not in eos and len(tokens[b]) < max_new_tokens:
+                keep.append(i)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            cache.batch_select_indices(keep)
+            rows = [rows[i] for i in keep]
+        fed = torch.tensor([[picked[i]] for i in keep], device=logits.device)
+        pos = (positions[rows] + torch.tensor([len(tokens[b]) - 1 for b in rows], device=logits.device))[:, None]
+        logits = model(input_ids=fed, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+        read.append(cache.step_stats()["kv_read_frac"])
+        steps += 1
+    seconds = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for b, report in enumerate(reports):
+        report.new_tokens = len(tokens[b])
+        report.decode_s, report.decode_steps = seconds, steps
+        report.kv_read_frac = sum(read) / len(read) if read else 0.0
+        report.device_bytes, report.host_bytes = {"weights": weights, **memory["device"]}, memory["host"]
+    return tokens
 
 
 def _check_messages(messages: list) -> None:

@@ -65,3 +65,24 @@ def test_progress_false_silences_every_bar(llm, passkey, capfd):
     llm.generate(passkey.prompt, 2, progress=False)
     err = capfd.readouterr().err
     assert "building host key index" not in err and "prefill" not in err
+
+
+def test_a_list_of_prompts_decodes_as_a_batch_each_as_alone(llm, passkey):
+    prompts = [
+        passkey.prompt,
+        make_sample("passkey", 700, llm.tokenizer, seed=1, depth=0.6).prompt,
+        [{"role": "user", "content": "Say hello."}],  # shorter than the resident set
+    ]
+    results = llm.generate(prompts, 12, progress=False)
+    assert len(results) == 3
+    for prompt, got in zip(prompts, results):
+        alone = llm.generate(prompt, 12, progress=False)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+        assert got.report.prompt_tokens == alone.report.prompt_tokens
+    assert score(passkey, results[0].text) == 1.0
+    assert results[0].report.host_bytes["kv_store"] > 0
+
+
+def test_an_empty_list_of_prompts_is_refused(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([], 4)
