@@ -235,11 +235,13 @@ class HybridLayer(CacheLayerMixin):
         if not self.is_initialized:
             return {"device": {}, "host": {}}
         index_device, index_host = self.key_index.nbytes() if self.key_index is not None else (0, 0)
-        block_keys = {id(b): b.nbytes for b in (self.blocks, self.summary and self.summary.keys) if b is not None}
+        summary = self.summary
+        block_keys = {id(b): b.nbytes for b in (self.blocks, summary and summary.keys) if b is not None}
         device = {
             "resident_kv": self.resident_k.nbytes + self.resident_v.nbytes,
-            "block_index": sum(block_keys.values()),  # a shared index counted once
-            "block_values": self.summary.values.nbytes if self.summary is not None else 0,
+            # a shared index counted once; the summary's superblock keys with the block keys
+            "block_index": sum(block_keys.values()) + (summary.coarse_keys.nbytes if summary is not None else 0),
+            "block_values": summary.values.nbytes + summary.coarse_values.nbytes if summary is not None else 0,
             "query_index": index_device,
         }
         host = {"kv_store": self.host.nbytes, "key_index": index_host}

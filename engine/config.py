@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ann.qq import SCORE_BUFFER
+from engine.estimate import GROUP as SUMMARY_GROUP
 
 RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
 SELECTION_MODES = ("ann", "block", "hybrid")
@@ -356,11 +357,14 @@ def plan_memory(
     tail = L * Hkv * D * wbytes * cfg.block_size
     mean_keys = cfg.estimate or (cfg.uses_blocks and cfg.landmark == "mean")  # estimate and selection share it
     min_max = cfg.uses_blocks and cfg.landmark == "minmax"  # Quest's bounds
+    # the estimate's superblocks (engine.estimate): a mean key and value per GROUP blocks, and a filling tail
+    superblocks = L * Hkv * D * wbytes * (host_tokens // (cfg.block_size * SUMMARY_GROUP) + SUMMARY_GROUP)
+    per_summary = per_vector + tail + superblocks * cfg.estimate
     device = {
         "weights": m.n_params() * wbytes,
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
-        "block_index": mean_keys * (per_vector + tail) + min_max * (2 * per_vector + tail),
-        "block_values": (per_vector + tail) if cfg.estimate else 0,  # mean value per block, for the estimate
+        "block_index": mean_keys * per_summary + min_max * (2 * per_vector + tail),
+        "block_values": per_summary if cfg.estimate else 0,  # mean value per block, for the estimate
         # prefill: hidden states and MLP activations of one chunk, one block of attention scores
         # (fp32) and one block of host K/V brought over for it; after it, the build of a layer's
         # query lists (their keys on the device, once more in fp32, and a buffer of scores)

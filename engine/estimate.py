@@ -26,6 +26,16 @@ whose keys spread (up to 1.1 on some).
 
 The tokens of the block still filling (the tail) have no summary yet: the
 decode step always reads them.
+
+Scoring every block's mean key grows with the context (32K blocks per KV
+head at a million tokens), so long contexts are scored in two levels: every
+`GROUP` consecutive full blocks form a superblock with its own mean key and
+value; a step scores the superblocks, expands the `EXPAND` best of each KV
+head (the GQA rule of `ann.block`) and the full blocks after the last whole
+superblock into their blocks, and estimates each other superblock as one: its
+unread tokens at its mean key's logit with its mean value. Every full block is
+thus counted once, in its own block or in its superblock, and up to
+GROUP x EXPAND blocks (64K tokens at the defaults) nothing changes.
 """
 
 from __future__ import annotations
@@ -34,36 +44,60 @@ from typing import NamedTuple
 
 import torch
 
-from ann.block import BlockIndex, head_matmul
+from ann.block import BlockIndex, group_block_scores, head_matmul
+
+GROUP = 32  # blocks per superblock
+EXPAND = 64  # superblocks per KV head a step expands into their blocks
 
 
 class BlockScores(NamedTuple):
-    """One decode step's view of the full blocks, per query head: logits [Hkv, G, nb] fp32
-    (scale * q . mean key), their max `peak` [Hkv, G] (0 without blocks), and
-    rel [Hkv, G, nb] = exp(logits - peak), computed once for the mass and the estimate."""
+    """One decode step's view of the full blocks, per query head: logits [Hkv, G, F] fp32
+    (scale * q . mean key) of the blocks `fine` [Hkv, F] (None: all nb blocks, in order),
+    the max `peak` [Hkv, G] of every logit (0 without blocks), rel = exp(logits - peak),
+    and coarse_rel [Hkv, G, n_superblocks] for the superblocks not expanded (0 at the
+    expanded ones; None when every block is scored), computed once for the mass and the
+    estimate."""
 
     logits: torch.Tensor
     peak: torch.Tensor
     rel: torch.Tensor
+    fine: torch.Tensor | None = None
+    coarse_rel: torch.Tensor | None = None
+
+    def block_logits(self, n_blocks: int) -> torch.Tensor:
+        """Logits of all n_blocks blocks [Hkv, G, nb], -inf where not scored (block selection)."""
+        if self.fine is None:
+            return self.logits
+        out = self.logits.new_full((*self.logits.shape[:2], n_blocks), float("-inf"))
+        return out.scatter_(2, self.fine.unsqueeze(1).expand_as(self.logits), self.logits)
 
 
 class BlockSummary:
-    """Mean key and mean value [Hkv, n_blocks, D] of every full host block, on the device.
+    """Mean key and mean value [Hkv, n_blocks, D] of every full host block, and of every
+    superblock of `group` blocks, on the device.
 
-    Both are kept by `ann.block.BlockIndex` with mean landmarks (one over keys,
-    one over values), so appending, growth and the filling tail are shared;
-    the key one doubles as the block selection index when the configuration
-    selects blocks by mean key."""
+    All four are kept by `ann.block.BlockIndex` with mean landmarks, so appending,
+    growth and the filling tail are shared; the block keys double as the block
+    selection index when the configuration selects blocks by mean key."""
 
-    def __init__(self, n_heads: int, dim: int, block_size: int, *, device, dtype, capacity: int):
-        self.block_size = block_size
+    def __init__(
+        self, n_heads: int, dim: int, block_size: int, *, device, dtype, capacity: int, group=None, expand=None
+    ):
+        self.block_size, self.group, self.expand = block_size, group or GROUP, expand or EXPAND
         self.keys = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
         self.values = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
+        coarse = dict(device=device, dtype=dtype, capacity=capacity // block_size)
+        self.coarse_keys = BlockIndex(n_heads, dim, self.group, "mean", **coarse)  # fed with block means
+        self.coarse_values = BlockIndex(n_heads, dim, self.group, "mean", **coarse)
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D]: the next n host tokens."""
+        before = self.n_blocks
         self.keys.add(k)
         self.values.add(v)
+        if self.n_blocks > before:  # superblocks take the new blocks' means (equal counts: the mean of means)
+            self.coarse_keys.add(self.keys.landmarks[0][:, before:])
+            self.coarse_values.add(self.values.landmarks[0][:, before:])
 
     @property
     def n_blocks(self) -> int:
@@ -71,28 +105,56 @@ class BlockSummary:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(b.nbytes for b in (self.keys, self.values, self.coarse_keys, self.coarse_values))
 
     def scores(self, q: torch.Tensor, scale: float) -> BlockScores:
-        """q [Hkv, G, D] -> the step's BlockScores (the logits double as block selection scores)."""
+        """q [Hkv, G, D] -> the step's BlockScores: every block's logit, or beyond `expand`
+        superblocks the superblocks' and the expanded ones' blocks'."""
         mean_k = self.keys.landmarks[0]  # [Hkv, nb, D]
-        logits = head_matmul((q * scale).to(mean_k.dtype), mean_k.transpose(1, 2)).float()
-        peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
-        return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
+        qs = (q * scale).to(mean_k.dtype)
+        n_super = self.coarse_keys.n_blocks
+        if n_super <= self.expand:
+            logits = head_matmul(qs, mean_k.transpose(1, 2)).float()
+            peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
+            return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
+        H, _, D = mean_k.shape
+        coarse = head_matmul(qs, self.coarse_keys.landmarks[0].transpose(1, 2)).float()  # [Hkv, G, n_super]
+        best = torch.topk(group_block_scores(coarse), self.expand, dim=1).indices  # [Hkv, E]
+        inside = best.unsqueeze(2) * self.group + torch.arange(self.group, device=best.device)
+        after = torch.arange(n_super * self.group, self.n_blocks, device=best.device).expand(H, -1)
+        fine = torch.cat([inside.reshape(H, -1), after], dim=1)  # [Hkv, F] block ids
+        logits = head_matmul(qs, mean_k.gather(1, fine.unsqueeze(2).expand(-1, -1, D)).transpose(1, 2)).float()
+        coarse.scatter_(2, best.unsqueeze(1).expand(-1, coarse.shape[1], -1), float("-inf"))  # expanded
+        peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
+        rel = torch.exp(logits - peak.unsqueeze(-1))
+        return BlockScores(logits, peak, rel, fine, torch.exp(coarse - peak.unsqueeze(-1)))
 
     def log_mass(self, scores: BlockScores) -> torch.Tensor:
         """Estimated log of the attention mass of all full blocks [Hkv, G] (before any is read)."""
-        return scores.peak + (self.block_size * scores.rel.sum(dim=-1)).log()
+        mass = self.block_size * scores.rel.sum(dim=-1)
+        if scores.coarse_rel is not None:
+            mass = mass + self.group * self.block_size * scores.coarse_rel.sum(dim=-1)
+        return scores.peak + mass.log()
 
     def estimate(self, scores: BlockScores, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unread tokens' state, given read [Hkv, nb] tokens gathered per block ->
         (o [Hkv, G, D] fp32, lse [Hkv, G] fp32); lse = -inf when none is left."""
-        left = (self.block_size - read).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
-        w = scores.rel * left.unsqueeze(1)  # [Hkv, G, nb]
+        mean_v, read_fine = self.values.landmarks[0], read
+        if scores.fine is not None:
+            read_fine = read.gather(1, scores.fine)
+            mean_v = mean_v.gather(1, scores.fine.unsqueeze(2).expand(-1, -1, mean_v.shape[2]))
+        left = (self.block_size - read_fine).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
+        w = scores.rel * left.unsqueeze(1)  # [Hkv, G, F]
         total = w.sum(dim=-1)  # [Hkv, G]
-        mean_v = self.values.landmarks[0]
-        o = head_matmul(w.to(mean_v.dtype), mean_v).float() / total.clamp_min(1e-30).unsqueeze(-1)
-        return o, scores.peak + total.log()
+        o = head_matmul(w.to(mean_v.dtype), mean_v).float()
+        if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
+            n_super = scores.coarse_rel.shape[2]
+            read_super = read[:, : n_super * self.group].reshape(read.shape[0], n_super, self.group).sum(dim=2)
+            left = (self.group * self.block_size - read_super).clamp_min(0).to(scores.rel.dtype)
+            w = scores.coarse_rel * left.unsqueeze(1)  # 0 at the expanded ones
+            total = total + w.sum(dim=-1)
+            o = o + head_matmul(w.to(mean_v.dtype), self.coarse_values.landmarks[0]).float()
+        return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
 
     def read_per_block(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [Hkv, M] host ids gathered (-1 padded, distinct per row) -> tokens read per full block [Hkv, nb]."""

@@ -20,8 +20,8 @@ def blockwise_constant(Hkv, n_blocks, B, D, seed=0):
     return k.contiguous(), v.contiguous()
 
 
-def summary_of(k, v, B):
-    summary = BlockSummary(k.shape[0], k.shape[2], B, device="cpu", dtype=torch.float32, capacity=k.shape[1])
+def summary_of(k, v, B, **levels):
+    summary = BlockSummary(k.shape[0], k.shape[2], B, device="cpu", dtype=torch.float32, capacity=k.shape[1], **levels)
     summary.add(k, v)
     return summary
 
@@ -44,6 +44,37 @@ def test_read_plus_estimate_is_exact_when_blocks_are_constant(B, read_frac):
     exact, exact_lse = attend(q.unsqueeze(2), k, v, 0.25)
     torch.testing.assert_close(o, exact[:, :, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("read_frac", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("pieces", [1, 7])
+def test_two_levels_count_every_token_once(read_frac, pieces):
+    """Beyond `expand` superblocks the summary scores superblocks, expands the best into their
+    blocks and estimates the rest whole: with keys and values constant per superblock (so per
+    block too) read + estimate is exact, whatever is read and whichever are expanded; added
+    in pieces, the superblocks are the same."""
+    Hkv, G, D, B, group = 2, 3, 16, 4, 2
+    k, v = blockwise_constant(Hkv, 7, group * B, D, seed=5)  # 14 blocks, 7 superblocks
+    k, v = torch.cat([k, k[:, :B]], 1), torch.cat([v, v[:, :B]], 1)  # one block after the last superblock
+    summary = BlockSummary(Hkv, D, B, device="cpu", dtype=torch.float32, capacity=8, group=group, expand=2)
+    for part in torch.arange(k.shape[1]).tensor_split(pieces):
+        summary.add(k[:, part], v[:, part])
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(Hkv, G, D, generator=g)
+    N = k.shape[1]
+    ids = torch.where(torch.rand(Hkv, N, generator=g) < read_frac, torch.arange(N), torch.tensor(-1))
+    scores = summary.scores(q, 0.25)
+    assert scores.fine is not None and scores.fine.shape == (Hkv, 2 * group + 1)
+    o_e, lse_e = summary.estimate(scores, summary.read_per_block(ids))
+    o_r, lse_r = gather_attend_ref(q.reshape(-1, D), k, v, ids, 0.25)
+    o, lse = merge_states(o_r.float().view(Hkv, G, D), lse_r.float().view(Hkv, G), o_e, lse_e)
+    exact, exact_lse = attend(q.unsqueeze(2), k, v, 0.25)
+    torch.testing.assert_close(o, exact[:, :, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
+    if read_frac == 0.0:  # the mass before reading is the whole context's
+        torch.testing.assert_close(summary.log_mass(scores), exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
+    block_logits = scores.block_logits(summary.n_blocks)  # for block selection: -inf where not scored
+    assert block_logits.shape == (Hkv, G, 15) and (torch.isfinite(block_logits).sum(-1) == 2 * group + 1).all()
 
 
 def test_estimate_is_empty_when_every_token_is_read():
@@ -111,3 +142,21 @@ def test_estimate_off_estimates_nothing(tiny_model, tiny_ids):
         tiny_model(tiny_ids[:, 200:201], cache=cache, use_cache=True)
     assert cache.step_stats()["estimated"] == 0
     assert all(layer.summary is None for layer in cache.layers)
+
+
+def test_two_levels_in_the_engine_stay_exact_when_everything_is_read(
+    monkeypatch, tiny_model, tiny_ids, tiny_full_logits
+):
+    """Superblocks of 2 blocks, 1 expanded per step: the two-level scores serve block
+    selection and the adaptive budget's mass, and reading everything stays exact."""
+    from engine import estimate
+    from tests.test_attention import COVER_ALL_HYBRID, run_hybrid
+
+    monkeypatch.setattr(estimate, "GROUP", 2)
+    monkeypatch.setattr(estimate, "EXPAND", 1)
+    adaptive = dict(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    for cfg in (OffloadConfig(**COVER_ALL_HYBRID, estimate=True), OffloadConfig(**adaptive)):
+        logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
+        assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
+        summary = cache.layers[0].summary
+        assert summary.coarse_keys.n_blocks > summary.expand  # the two levels were used
