@@ -54,6 +54,20 @@ def test_bench_decode_quick(tmp_path):
         assert (c["method"] == "full-sdpa") == (c["host_bytes"] == 0)
 
 
+def test_bench_throughput_quick(tmp_path):
+    out, fig = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    script("bench_throughput").main(["--quick", "--json", str(out), "--plot", str(fig)])
+    cases = json.loads(out.read_text())["cases"]
+    assert {(c["batch"], c["method"]) for c in cases} == {(b, m) for b in (1, 2) for m in ("hybrid", "full-sdpa")}
+    keys = {"model", "context", "attn_tokens_per_s", "model_tokens_per_s", "device_bytes", "host_bytes"}
+    for c in cases:
+        has_keys(c, keys)
+        assert c["attn_tokens_per_s"] > 0 and c["model_tokens_per_s"] > 0
+    hybrid = {c["batch"]: c for c in cases if c["method"] == "hybrid"}
+    assert hybrid[2]["host_bytes"] > hybrid[1]["host_bytes"] > 0  # each sequence its own host store
+    assert fig.stat().st_size > 0
+
+
 def test_bench_ann_quick(tmp_path, monkeypatch):
     """On a small synthetic capture (random queries and keys of two layers)."""
     rng = np.random.default_rng(0)
