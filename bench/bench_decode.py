@@ -127,10 +127,11 @@ def synthetic_layer(stats, n: int, n_queries: int, dtype, gen):
     """K, V [Hkv, n, D] and queries [Hq, n_queries, D] drawn with the recorded per-channel statistics."""
     (km, ks), (vm, vs), (qm, qs) = stats
 
-    def draw(mean, std, count):
-        return (
-            mean.unsqueeze(1) + std.unsqueeze(1) * torch.randn(mean.shape[0], count, mean.shape[1], generator=gen)
-        ).to(dtype)
+    def draw(mean, std, count):  # head by head: a million fp32 rows of every head at once would not fit
+        out = torch.empty(mean.shape[0], count, mean.shape[1], dtype=dtype)
+        for h in range(mean.shape[0]):
+            out[h] = (mean[h] + std[h] * torch.randn(count, mean.shape[1], generator=gen)).to(dtype)
+        return out
 
     return draw(km, ks, n), draw(vm, vs, n), draw(qm, qs, n_queries)
 
@@ -158,6 +159,7 @@ def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, seed:
                 layer.query_sample.add(q, positions)
             else:
                 cache.update(k[None], v[None], i)
+            del k, v, q  # a million-token layer's draw is gigabytes: gone before the next, and the build
     t0 = time.perf_counter()
     if kind == "hybrid":
         cache.build_indexes()
