@@ -46,6 +46,7 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128, vocab_size=256
     ),
 }
+FILL_CHUNK = 65536  # synthetic positions handed to an engine cache at a time
 # A lighter HNSW build than the index's default, so that 128K-key builds finish in minutes on a CPU.
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
 
@@ -151,15 +152,20 @@ def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, seed:
     with torch.inference_mode():
         for i, layer_stats in enumerate(stats):
             n_q = cfg.max_build_queries if cfg is not None else 0
-            k, v, q = synthetic_layer(layer_stats, n, n_q, dtype, gen)
-            if kind == "hybrid":
+            if (
+                kind == "hybrid"
+            ):  # chunk by chunk, as a prefill fills it: a million tokens' copies at once would not fit
                 layer = cache.layers[i]
-                layer.update(k[None], v[None])
-                positions = torch.linspace(0, n - 1, n_q).long()
-                layer.query_sample.add(q, positions)
+                for start in range(0, n, FILL_CHUNK):
+                    k, v, _ = synthetic_layer(layer_stats, min(FILL_CHUNK, n - start), 0, dtype, gen)
+                    layer.update(k[None], v[None])
+                layer.last_added = None  # the last chunk's K/V, which only a prefill's attention reads
+                q = synthetic_layer(layer_stats, 0, n_q, dtype, gen)[2]
+                layer.query_sample.add(q, torch.linspace(0, n - 1, n_q).long())
             else:
+                k, v, _ = synthetic_layer(layer_stats, n, 0, dtype, gen)
                 cache.update(k[None], v[None], i)
-            del k, v, q  # a million-token layer's draw is gigabytes: gone before the next, and the build
+            del k, v
     t0 = time.perf_counter()
     if kind == "hybrid":
         cache.build_indexes()

@@ -378,9 +378,8 @@ def plan_memory(
     index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
     device["query_index"] = L * index_device
     host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
-    if cfg.budget == "adaptive" and cfg.uses_key_index:
-        rank = cfg.sketch_rank if cfg.sketch_rank < D else 0  # 0: the store's own keys are scored
-        host["key_sketch"] = L * Hkv * host_tokens * rank * host_bytes
+    if cfg.budget == "adaptive" and cfg.uses_key_index and 0 < cfg.sketch_rank < D:  # else the store's keys are rated
+        host["key_sketch"] = L * Hkv * host_tokens * cfg.sketch_rank * host_bytes
     shared = ("weights", "workspace")
     device = {k: v if k in shared else batch * v for k, v in device.items()}
     host = {k: batch * v for k, v in host.items()}
