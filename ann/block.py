@@ -86,6 +86,13 @@ class BlockIndex:
         """[1|2, H, n_blocks, D] view: the mean per full block, or its min and max."""
         return self._lm[:, :, : self.n_blocks]
 
+    def rows(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The (first) landmarks of blocks [H, M] (each head its own) -> [H, M, D]: whole rows
+        copied (a gather along the blocks with an expanded index was 90x slower on the CPU)."""
+        H, cap = self.n_heads, self._lm.shape[2]
+        flat = (torch.arange(H, device=blocks.device).unsqueeze(1) * cap + blocks).view(-1)
+        return self._lm[0].reshape(H * cap, self.dim).index_select(0, flat).view(H, -1, self.dim)
+
     def add(self, keys: torch.Tensor) -> None:
         """keys [H, n, D]: append n tokens per head; blocks that fill up get landmarks."""
         if keys.dim() != 3 or keys.shape[0] != self.n_heads or keys.shape[2] != self.dim:

@@ -311,6 +311,11 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     return rows
 
 
+def write_json(path: Path, config: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, "cases": rows}, indent=1))
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -370,18 +375,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)
-    result = {
-        "config": {
-            "threads": args.threads,
-            "contexts": args.contexts,
-            "layers_8b_shape": args.layers,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "cases": rows,
+    config = {
+        "threads": args.threads,
+        "contexts": args.contexts,
+        "layers_8b_shape": args.layers,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, config, rows)
     if args.plot:
         plot(rows, args.plot)
 

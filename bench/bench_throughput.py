@@ -36,6 +36,7 @@ from bench_decode import (  # noqa: E402
     channel_stats,
     fill_cache,
     make_model,
+    write_json,
 )
 
 from engine import OffloadConfig  # noqa: E402
@@ -186,18 +187,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)
-    result = {
-        "config": {
-            "threads": args.threads,
-            "layers_shape": args.layers,
-            "offload": "default",
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "cases": rows,
+    config = {
+        "threads": args.threads,
+        "layers_shape": args.layers,
+        "offload": "default",
+        "seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, config, rows)
     if args.plot:
         plot(rows, args.plot)
 

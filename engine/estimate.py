@@ -117,13 +117,13 @@ class BlockSummary:
             logits = head_matmul(qs, mean_k.transpose(1, 2)).float()
             peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
             return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
-        H, _, D = mean_k.shape
+        H = mean_k.shape[0]
         coarse = head_matmul(qs, self.coarse_keys.landmarks[0].transpose(1, 2)).float()  # [Hkv, G, n_super]
         best = torch.topk(group_block_scores(coarse), self.expand, dim=1).indices  # [Hkv, E]
         inside = best.unsqueeze(2) * self.group + torch.arange(self.group, device=best.device)
         after = torch.arange(n_super * self.group, self.n_blocks, device=best.device).expand(H, -1)
         fine = torch.cat([inside.reshape(H, -1), after], dim=1)  # [Hkv, F] block ids
-        logits = head_matmul(qs, mean_k.gather(1, fine.unsqueeze(2).expand(-1, -1, D)).transpose(1, 2)).float()
+        logits = head_matmul(qs, self.keys.rows(fine).transpose(1, 2)).float()
         coarse.scatter_(2, best.unsqueeze(1).expand(-1, coarse.shape[1], -1), float("-inf"))  # expanded
         peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
         rel = torch.exp(logits - peak.unsqueeze(-1))
@@ -142,7 +142,7 @@ class BlockSummary:
         mean_v, read_fine = self.values.landmarks[0], read
         if scores.fine is not None:
             read_fine = read.gather(1, scores.fine)
-            mean_v = mean_v.gather(1, scores.fine.unsqueeze(2).expand(-1, -1, mean_v.shape[2]))
+            mean_v = self.values.rows(scores.fine)
         left = (self.block_size - read_fine).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
         w = scores.rel * left.unsqueeze(1)  # [Hkv, G, F]
         total = w.sum(dim=-1)  # [Hkv, G]
