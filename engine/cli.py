@@ -17,7 +17,12 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-BENCHES = {"kernel": "bench_kernel.py", "ann": "bench_ann.py", "decode": "bench_decode.py"}
+BENCHES = {
+    "kernel": "bench_kernel.py",
+    "ann": "bench_ann.py",
+    "decode": "bench_decode.py",
+    "throughput": "bench_throughput.py",
+}
 DEMO_TOKENS = 4096
 
 EXIT_USAGE = 2  # as argparse exits on bad arguments
