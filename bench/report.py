@@ -1,7 +1,7 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
 python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
-                       [--prefill PATH] [--soak PATH]
+                       [--prefill PATH] [--soak PATH] [--throughput PATH]
 """
 
 from __future__ import annotations
@@ -177,6 +177,50 @@ def soak(result: dict, every: int = 500) -> str:
     return table(head, rows) + "\n\n" + verdict
 
 
+def throughput(result: dict) -> str:
+    """Per (model, context): tokens/s of update + attention per layer (and of the whole model)
+    against batch size, the engine beside full attention, and their ratio."""
+    out = []
+    for model, context in sorted({(c["model"], c["context"]) for c in result["cases"]}):
+        cases = {
+            (c["batch"], c["method"]): c for c in result["cases"] if (c["model"], c["context"]) == (model, context)
+        }
+        batches = sorted({b for b, _ in cases})
+        head = [
+            "batch",
+            "engine attn tok/s",
+            "full attn tok/s",
+            "engine / full",
+            "engine model tok/s",
+            "full model tok/s",
+        ]
+        rows = []
+        for b in batches:
+            e, f = cases.get((b, "hybrid")), cases.get((b, "full-sdpa"))
+            rows.append(
+                [
+                    b,
+                    f"{e['attn_tokens_per_s']:.1f}" if e else "n/a",
+                    f"{f['attn_tokens_per_s']:.2f}" if f else "n/a",
+                    f"{e['attn_tokens_per_s'] / f['attn_tokens_per_s']:.1f}x" if e and f else "n/a",
+                    f"{e['model_tokens_per_s']:.2f}" if e else "n/a",
+                    f"{f['model_tokens_per_s']:.2f}" if f else "n/a",
+                ]
+            )
+        one = cases.get((1, "hybrid"))
+        scaling = ", ".join(
+            f"batch {b}: {cases[(b, 'hybrid')]['attn_tokens_per_s'] / one['attn_tokens_per_s']:.2f}x"
+            for b in batches
+            if one and b > 1 and (b, "hybrid") in cases
+        )
+        out.append(
+            f"**{model}**, {context} tokens per sequence\n\n"
+            + table(head, rows)
+            + (f"\n\nengine attention tokens/s against its batch 1: {scaling}" if scaling else "")
+        )
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", type=Path)
@@ -186,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--generation", type=Path)
     p.add_argument("--prefill", type=Path)
     p.add_argument("--soak", type=Path)
+    p.add_argument("--throughput", type=Path)
     args = p.parse_args(argv)
     renders = (
         (args.kernel, kernel),
@@ -194,6 +239,7 @@ def main(argv=None) -> None:
         (args.generation, generation),
         (args.prefill, prefill),
         (args.soak, soak),
+        (args.throughput, throughput),
     )
     for path, render in renders:
         if path is not None:

@@ -66,6 +66,8 @@ def test_bench_throughput_quick(tmp_path):
     hybrid = {c["batch"]: c for c in cases if c["method"] == "hybrid"}
     assert hybrid[2]["host_bytes"] > hybrid[1]["host_bytes"] > 0  # each sequence its own host store
     assert fig.stat().st_size > 0
+    text = script("report").throughput(json.loads(out.read_text()))
+    assert "engine / full" in text and "against its batch 1: batch 2:" in text
 
 
 def test_bench_ann_quick(tmp_path, monkeypatch):
