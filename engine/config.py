@@ -31,14 +31,14 @@ class OffloadConfig:
     the host blocks, at most `n_blocks`), or both (`"hybrid"`). With
     `budget="fixed"` every candidate is read: `top_k` per query head from the
     key index, plus the blocks. With `budget="adaptive"` the key index
-    proposes `candidates` per query head, each one's attention probability
-    is estimated from its key (`sketch_rank` 0) or a low-rank sketch of the
-    keys (`sketch_rank` dimensions; no key read, less exact), and those
-    whose estimate, averaged over the query group, reaches `min_prob` are
-    read: layers and heads whose attention is spread over many host tokens
-    read more, those that attend to the resident tokens read less. (The
-    sketch is built with the key index: with `mode="block"` the chosen
-    blocks are read whatever the budget.)
+    proposes `candidates` per query head (and, in `"hybrid"` mode, the block
+    index its blocks), each one's attention probability is estimated from its
+    key (`sketch_rank` 0) or a low-rank sketch of the keys (`sketch_rank`
+    dimensions; no key read, less exact), and those whose estimate, averaged
+    over the query group, reaches `min_prob` are read: layers and heads whose
+    attention is spread over many host tokens read more, those that attend to
+    the resident tokens read less. (The rating comes with the key index: with
+    `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
     their block's mean key and mean value (engine.estimate).
     """
@@ -50,7 +50,7 @@ class OffloadConfig:
     block_frac: float = 0.04
     top_k: int = 32
     method: str = "qq"
-    mode: str = "ann"
+    mode: str = "hybrid"
     budget: str = "adaptive"
     candidates: int = 192  # adaptive: key-index proposals looked at per query head
     min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
@@ -152,7 +152,8 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 PRESETS: dict[str, OffloadConfig] = {
-    # Adaptive budget from the query->query lists, unread tokens estimated.
+    # Adaptive budget over the query->query lists' and the block index's candidates, each rated
+    # on its key; unread tokens estimated.
     "default": OffloadConfig(),
     # About half the reads of the default.
     "tight": OffloadConfig(min_prob=4e-4),
