@@ -46,7 +46,7 @@ class OffloadConfig:
     n_sink: int = 4
     window: int = 256
     block_size: int = 32
-    n_blocks: int = 64
+    n_blocks: int = 8  # at most this many blocks a step (a fixed budget reads them all; 64 in `fixed`)
     block_frac: float = 0.04
     top_k: int = 32
     method: str = "qq"
@@ -161,7 +161,7 @@ PRESETS: dict[str, OffloadConfig] = {
     "wide": OffloadConfig(window=512, min_prob=5e-5, candidates=384),
     # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
     # per query head (the default before the adaptive budget, estimate aside).
-    "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16),
+    "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16, n_blocks=64),
     # Device block index alone: no host index to build.
     "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64),
 }
