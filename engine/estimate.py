@@ -65,13 +65,6 @@ class BlockScores(NamedTuple):
     fine: torch.Tensor | None = None
     coarse_rel: torch.Tensor | None = None
 
-    def block_logits(self, n_blocks: int) -> torch.Tensor:
-        """Logits of all n_blocks blocks [Hkv, G, nb], -inf where not scored (block selection)."""
-        if self.fine is None:
-            return self.logits
-        out = self.logits.new_full((*self.logits.shape[:2], n_blocks), float("-inf"))
-        return out.scatter_(2, self.fine.unsqueeze(1).expand_as(self.logits), self.logits)
-
 
 class BlockSummary:
     """Mean key and mean value [Hkv, n_blocks, D] of every full host block, and of every

@@ -183,7 +183,10 @@ def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch
     if layer.blocks is not None:
         shared = blocks is not None and layer.blocks is layer.summary.keys  # its scores are computed already
         n = cfg.blocks_per_step(layer.blocks.n_blocks)
-        parts.append(layer.blocks.select(q, n, blocks.block_logits(layer.blocks.n_blocks) if shared else None).cpu())
+        scores, scored = (blocks.logits, blocks.fine) if shared else (None, None)  # two levels: the blocks scored
+        if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
+            scores, scored = None, None
+        parts.append(layer.blocks.select(q, n, scores, scored).cpu())
         scanned += layer.blocks.scanned
     if cfg.uses_key_index:
         if layer.key_index is None:

@@ -73,8 +73,9 @@ def test_two_levels_count_every_token_once(read_frac, pieces):
     torch.testing.assert_close(lse, exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
     if read_frac == 0.0:  # the mass before reading is the whole context's
         torch.testing.assert_close(summary.log_mass(scores), exact_lse[:, :, 0], atol=1e-5, rtol=1e-5)
-    block_logits = scores.block_logits(summary.n_blocks)  # for block selection: -inf where not scored
-    assert block_logits.shape == (Hkv, G, 15) and (torch.isfinite(block_logits).sum(-1) == 2 * group + 1).all()
+    chosen = summary.keys.select(q, 3, scores.logits, scores.fine)  # block selection among the scored blocks
+    assert chosen.shape == (Hkv, 3 * B)
+    assert all(set((chosen[h] // B).tolist()) <= set(scores.fine[h].tolist()) for h in range(Hkv))
 
 
 def test_estimate_is_empty_when_every_token_is_read():
