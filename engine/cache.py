@@ -78,7 +78,9 @@ class HybridLayer(CacheLayerMixin):
 
         B, Hkv, _, D = key_states.shape
         if B != 1:
-            raise ValueError(f"HybridCache supports batch size 1 only, got batch size {B}")
+            raise ValueError(
+                f"this cache layer holds one sequence, got a batch of {B} (batches: engine.batch.BatchLayer)"
+            )
         if (Hkv, D) != (self.n_kv_heads, self.head_dim):
             raise ValueError(
                 f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
@@ -122,7 +124,10 @@ class HybridLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.wait_for_build()  # a build on the worker thread reads the state this update changes
         if key_states.shape[0] != 1:
-            raise ValueError(f"HybridCache supports batch size 1 only, got batch size {key_states.shape[0]}")
+            raise ValueError(
+                f"this cache holds one sequence (its first input had batch size 1), got a batch of "
+                f"{key_states.shape[0]}: start a new HybridCache for a batch"
+            )
         k, v = key_states[0], value_states[0]  # [Hkv, C, D]
         S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
 
@@ -277,7 +282,7 @@ class HybridLayer(CacheLayerMixin):
         pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("HybridCache supports batch size 1 without beam search")
+        raise NotImplementedError("HybridCache does not support beam search")
 
 
 def sum_bytes(reports) -> dict[str, dict[str, int]]:
