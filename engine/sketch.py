@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ann.block import head_rows
 from engine.store import host_empty
 
 
@@ -108,9 +109,7 @@ class KeySketch:
 
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> approximate q . k [H, G, C] (-inf at padding)."""
-        cap = self._k.shape[1]
-        offsets = (torch.arange(self.n_heads).unsqueeze(1) * cap + ids.clamp_min(0)).view(-1)
-        rows = self._k.view(-1, self.rank).index_select(0, offsets).view(*ids.shape, self.rank).float()  # [H, C, r]
+        rows = head_rows(self._k, ids).float()  # [H, C, r]
         s = torch.bmm(torch.bmm(q.float(), self.p_q), rows.transpose(1, 2))  # [H, G, C]
         return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
 
@@ -141,10 +140,7 @@ class ExactKeys:
 
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> q . k [H, G, C] (-inf at padding)."""
-        keys = self.host.k  # [H, capacity, D], rows contiguous
-        H, cap, D = keys.shape
-        offsets = (torch.arange(H).unsqueeze(1) * cap + ids.clamp_min(0)).view(-1)
-        rows = keys.view(-1, D).index_select(0, offsets).view(*ids.shape, D).float()  # [H, C, D]
+        rows = head_rows(self.host.k, ids).float()  # [H, C, D] (the store's buffer: rows contiguous)
         s = torch.bmm(q.float(), rows.transpose(1, 2))
         return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
 
