@@ -1,6 +1,7 @@
 """numba kernels shared by the indexes: exact rerank of candidate lists,
-best-first beam search over a fixed-width adjacency array, and the top entries
-of every row of a score matrix.
+best-first beam search over a fixed-width adjacency array, the top entries
+of every row of a score matrix, and the distinct ids of every row of a
+proposal matrix.
 
 Graph layout: adj [cap, R] int32 (-1 = empty slot), deg [cap] int32 (filled
 slots, always a prefix). A visited stamp [cap] int32 with a per-query epoch
@@ -234,3 +235,30 @@ def top_rows(scores, k, out_s, out_i):
         for t in range(k):
             out_i[r, t] = cand[order[t]]
             out_s[r, t] = -vals[order[t]]
+
+
+@nb.njit(cache=True)
+def distinct_rows(ids, limit, n_ids):
+    """Each row of ids [H, C] (int64, -1 = none, the others below n_ids) -> its first
+    `limit` distinct ids in order of appearance, ascending, -1 after them: out [H, min(C,
+    limit)], and the most any row kept. A mark per id, set and cleared per row: linear
+    in C (a stable sort of the proposals, to find first appearances, took 30x longer)."""
+    H, C = ids.shape
+    out = np.full((H, min(C, limit)), -1, np.int64)
+    seen = np.zeros(n_ids, np.bool_)
+    width = 0
+    for h in range(H):
+        m = 0
+        for c in range(C):
+            if m == limit:
+                break
+            i = ids[h, c]
+            if i >= 0 and not seen[i]:
+                seen[i] = True
+                out[h, m] = i
+                m += 1
+        for j in range(m):
+            seen[out[h, j]] = False
+        out[h, :m].sort()
+        width = max(width, m)
+    return out, width

@@ -268,9 +268,35 @@ def first_distinct_rows(ids: torch.Tensor, limit: int, oversample: int = OVERSAM
     """ids [H, C] -> [H, <= limit]: in each row the first `limit` distinct non-negative
     ids among its first oversample * limit entries (earlier entries are preferred),
     in ascending order, -1 padded. Proposals overlap, but not that much in practice;
-    looking no further keeps the sort short. All rows at once: one stable sort finds
-    each id's first appearance."""
-    ids = ids[:, : oversample * limit]
+    looking no further bounds the work."""
+    return distinct_rows(ids[:, : oversample * limit], limit)
+
+
+def unique_rows(ids: torch.Tensor) -> torch.Tensor:
+    """ids [H, M] -> [H, M'] the distinct non-negative ids of each row in ascending order,
+    -1 after them, M' the longest row's count (sorted ids make the kernel's gather walk
+    memory in order; dropping the padding keeps later per-candidate work proportional to
+    the candidates, not to the proposals they were chosen from)."""
+    return distinct_rows(ids, ids.shape[1])
+
+
+def distinct_rows(ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """ids [H, C] (CPU, -1 = none) -> [H, M'] each row's first `limit` distinct ids in
+    ascending order, -1 after them, M' the most any row keeps. numba's linear pass
+    (ann._kernels.distinct_rows) where it is installed, else sorts in torch."""
+    if ids.shape[1] == 0 or limit == 0:
+        return ids.new_full((ids.shape[0], 0), -1, dtype=torch.int64)
+    try:
+        from ann._kernels import distinct_rows as kernel
+    except ImportError:  # numba comes with the `ann` extra; the block index alone needs only torch
+        return _distinct_rows_torch(ids, limit)
+    ids = ids.to(torch.int64).contiguous()
+    out, width = kernel(ids.numpy(), limit, max(int(ids.max()) + 1, 1))  # marks for the ids present only
+    return torch.from_numpy(np.ascontiguousarray(out[:, :width]))
+
+
+def _distinct_rows_torch(ids: torch.Tensor, limit: int) -> torch.Tensor:
+    """`distinct_rows` with torch's sort: one stable sort finds each id's first appearance."""
     sorted_ids, order = ids.sort(dim=1, stable=True)
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
@@ -295,14 +321,3 @@ def _pad(rows: list[np.ndarray]) -> np.ndarray:
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
-
-
-def unique_rows(ids: torch.Tensor) -> torch.Tensor:
-    """ids [H, M] -> [H, M'] the distinct non-negative ids of each row in ascending order,
-    -1 after them, M' the longest row's count (sorted ids make the kernel's gather walk
-    memory in order; dropping the padding keeps later per-candidate work proportional to
-    the candidates, not to the proposals they were chosen from)."""
-    ids, _ = ids.sort(dim=1)
-    keep = ids >= 0
-    keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]
-    return compact_rows(ids, keep)

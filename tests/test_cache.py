@@ -80,6 +80,20 @@ def test_unique_rows_pads_repeats():
     assert unique_rows(torch.full((2, 4), -1)).shape == (2, 0)
 
 
+def test_distinct_rows_kernel_matches_the_torch_sorts():
+    """numba's linear pass and the torch fallback (no `ann` extra) keep the same ids."""
+    from engine.retrieval import _distinct_rows_torch, distinct_rows
+
+    g = torch.Generator().manual_seed(1)
+    for width, high in ((1, 3), (50, 20), (300, 1000)):
+        ids = torch.randint(-1, high, (4, width), generator=g)
+        ids[1] = -1  # a row with nothing
+        for limit in (1, 5, width):
+            assert distinct_rows(ids, limit).tolist() == _distinct_rows_torch(ids, limit).tolist()
+    assert distinct_rows(torch.empty(3, 0, dtype=torch.int64), 4).shape == (3, 0)
+    assert distinct_rows(torch.tensor([[4, 9, 4]]), 0).shape == (1, 0)
+
+
 def test_reset_starts_over(tiny_model, tiny_ids):
     cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
     with torch.no_grad():
