@@ -25,16 +25,22 @@ LANDMARKS = ("mean", "minmax")
 
 
 def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [H, m, k] @ b [H, k, n] -> [H, m, n], for operands whose heads lie apart in memory
-    (views of buffers with spare capacity). On the CPU head by head: a batched product of
-    such half-precision views falls off oneDNN's fast path (measured 5x slower than the
-    same products one head at a time); elsewhere one batched product."""
-    if a.device.type != "cpu":
+    """a [H, m, k] @ b [H, k, n] -> [H, m, n], also for operands whose heads lie apart in
+    memory (views of buffers with spare capacity). On the CPU such operands go head by head:
+    a batched product of half-precision views falls off oneDNN's fast path (measured 5x
+    slower than the same products one head at a time); packed ones (e.g. gathered rows)
+    take one batched product, as everywhere else (2-3x faster than head by head)."""
+    if a.device.type != "cpu" or (_packed(a) and _packed(b)):
         return torch.bmm(a, b)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
     for h in range(a.shape[0]):
         torch.mm(a[h], b[h], out=out[h])
     return out
+
+
+def _packed(t: torch.Tensor) -> bool:
+    """Whether the heads of t [H, x, y] follow one another with no gap (rows or columns contiguous)."""
+    return t.stride(0) == t.shape[1] * t.shape[2] and 1 in (t.stride(1), t.stride(2))
 
 
 def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

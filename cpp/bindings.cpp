@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "hybridattn/gather_attend.h"
+#include "hybridattn/gather_scores.h"
 #include "hybridattn/merge.h"
 
 namespace py = pybind11;
@@ -171,6 +172,32 @@ void gather_attend_batch(const py::buffer& q, const py::list& k_stores, const py
   hybridattn::gather_attend_batch(a);
 }
 
+void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& ids, const py::buffer& out,
+                   const std::string& store_dtype, int n_threads, bool scalar) {
+  hybridattn::GatherScoresArgs a;
+  a.k = store_view(k, "k_store", store_dtype);
+  py::buffer_info qb = request_float32(q, "q", 2, false), ob = request_float32(out, "out", 2, true);
+  py::buffer_info ib = ids.request();
+  if (!is_int64(ib)) fail("ids must be int64, got buffer format '" + ib.format + "'");
+  expect_ndim(ib, "ids", 2);
+  expect_contiguous(ib, "ids");
+  if (qb.shape[1] != a.k.dim)
+    fail("q has head dim " + std::to_string(qb.shape[1]) + " but the store has " + std::to_string(a.k.dim));
+  if (ib.shape[0] != a.k.n_heads)
+    fail("ids must have one row per KV head (" + std::to_string(a.k.n_heads) + "), got " + std::to_string(ib.shape[0]));
+  if (ob.shape[0] != qb.shape[0] || ob.shape[1] != ib.shape[1]) fail("out must have shape [Hq, M]");
+  a.q = static_cast<const float*>(qb.ptr);
+  a.n_q_heads = qb.shape[0];
+  a.ids = static_cast<const int64_t*>(ib.ptr);
+  a.n_ids = ib.shape[1];
+  a.out = static_cast<float*>(ob.ptr);
+  a.n_threads = n_threads;
+  a.scalar = scalar;
+  hybridattn::check_scores_args(a);  // shape errors surface before the GIL is released
+  py::gil_scoped_release release;
+  hybridattn::gather_scores(a);
+}
+
 void merge_attention(const py::buffer& o_a, const py::buffer& lse_a, const py::buffer& o_b, const py::buffer& lse_b,
                      const py::buffer& out, const py::buffer& lse) {
   py::buffer_info oa = request_float32(o_a, "o_a", 2, false), ob = request_float32(o_b, "o_b", 2, false);
@@ -198,7 +225,7 @@ int max_threads() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hybridattn host kernels (gather-attend, log-sum-exp merge)";
+  m.doc() = "hybridattn host kernels (gather-attend, gathered scores, log-sum-exp merge)";
   m.def("gather_attend", &gather_attend, py::arg("q"), py::arg("k_store"), py::arg("v_store"), py::arg("ids"),
         py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"), py::arg("n_threads") = 0, py::arg("scalar") = false,
         "Attend q [Hq, D] float32 to the rows ids [Hkv, M] of k/v stores [Hkv, N, D]; writes out [Hq, D], lse [Hq].");
@@ -207,6 +234,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_threads") = 0, py::arg("scalar") = false,
         "gather_attend for B sequences in one call: q [B, Hq, D] float32, one k/v store [Hkv, N_b, D] per "
         "sequence, ids [B, Hkv, M] into each sequence's own stores; writes out [B, Hq, D], lse [B, Hq].");
+  m.def("gather_scores", &gather_scores, py::arg("q"), py::arg("k_store"), py::arg("ids"), py::arg("out"),
+        py::arg("store_dtype"), py::arg("n_threads") = 0, py::arg("scalar") = false,
+        "q [Hq, D] float32 . the rows ids [Hkv, M] of a k store [Hkv, N, D]; writes out [Hq, M] (-inf at padding).");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");

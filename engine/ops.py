@@ -1,4 +1,5 @@
-"""Host kernels: gather-attend over the host KV store and the log-sum-exp merge.
+"""Host kernels: gather-attend over the host KV store, the scores of listed rows, and the
+log-sum-exp merge.
 
 The C++ extension `engine._C` does the work; this module turns torch CPU
 tensors and numpy arrays into zero-copy buffers for it. When the extension is
@@ -267,6 +268,38 @@ def gather_attend_torch(
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, G]
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
     return torch.bmm(p, v).view(-1, D), lse.view(-1)
+
+
+def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) -> torch.Tensor:
+    """q . k of the host-store rows listed for each KV head: q [Hq, D] (used in fp32),
+    k_store [Hkv, N, D] float32/float16/bfloat16 on the CPU (rows contiguous, heads may be
+    strided), ids [Hkv, M] int64, -1 = padding -> scores [Hq, M] float32 torch tensor, row
+    h * G + g scoring KV head h's ids for query head g, -inf at padding (unscaled). Bad input
+    raises ValueError, an id outside [-1, N) IndexError. `n_threads` and `scalar` as in
+    `gather_attend`."""
+    q, k = _as_cpu_tensor(q, "q"), _as_cpu_tensor(k_store, "k_store")
+    ids = _check_ids(_as_cpu_tensor(ids, "ids"))
+    if q.dim() != 2 or k.dim() != 3 or ids.dim() != 2:
+        raise ValueError(
+            f"expected q [Hq, D], k_store [Hkv, N, D], ids [Hkv, M]; got q {tuple(q.shape)}, "
+            f"k_store {tuple(k.shape)}, ids {tuple(ids.shape)}"
+        )
+    if k.dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {k.dtype} is not supported (supported: float32, float16, bfloat16)")
+    _check_heads(q.shape, k.shape, ids.shape[0])
+    q, _ = _check_call(q, 1.0, n_threads)
+    out = torch.empty(q.shape[0], ids.shape[1], dtype=torch.float32)
+    if HAS_EXT:
+        _C.gather_scores(_buffer(q), _buffer(k), _buffer(ids), _buffer(out), STORE_DTYPES[k.dtype], n_threads, scalar)
+        return out
+    if int(ids.numel()) and (int(ids.min()) < -1 or int(ids.max()) >= k.shape[1]):
+        raise IndexError(f"ids must lie in [-1, {k.shape[1]})")
+    if k.shape[1] == 0:  # nothing stored: every id is padding
+        return out.fill_(float("-inf"))
+    Hkv, D = k.shape[0], k.shape[2]
+    rows = k[torch.arange(Hkv).unsqueeze(1), ids.clamp_min(0)].float()  # [Hkv, M, D]
+    s = torch.bmm(q.view(Hkv, -1, D), rows.transpose(1, 2))  # [Hkv, G, M]
+    return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
 
 
 def merge_attention(o_a, lse_a, o_b, lse_b):

@@ -139,7 +139,7 @@ def build_key_index(layer) -> bool:
         keys = layer.host.keys
     index.build(keys, queries)
     if cfg.budget == "adaptive":
-        layer.sketch = make_scorer(cfg.sketch_rank, layer.host)
+        layer.sketch = make_scorer(cfg.sketch_rank, layer.host, cfg.host_threads)
         layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
     layer.key_index = index
     layer.n_indexed = layer.n_built = layer.host.n

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ann.block import head_rows
+from engine import ops
 from engine.store import host_empty
 
 
@@ -120,8 +121,9 @@ class ExactKeys:
 
     rank = 0
 
-    def __init__(self, host):
+    def __init__(self, host, threads: int = 0):
         self.host = host  # engine.store.HostKV
+        self.threads = threads  # the host kernel's (0: all cores)
 
     @property
     def n(self) -> int:
@@ -140,14 +142,14 @@ class ExactKeys:
 
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> q . k [H, G, C] (-inf at padding)."""
-        rows = head_rows(self.host.k, ids).float()  # [H, C, D] (the store's buffer: rows contiguous)
-        s = torch.bmm(q.float(), rows.transpose(1, 2))
-        return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
+        H, G, D = q.shape
+        return ops.gather_scores(q.reshape(H * G, D), self.host.keys, ids, n_threads=self.threads).view(H, G, -1)
 
 
-def make_scorer(rank: int, host) -> KeySketch | ExactKeys:
+def make_scorer(rank: int, host, threads: int = 0) -> KeySketch | ExactKeys:
     """The adaptive budget's candidate scorer for a layer's host store `host`: a rank-`rank`
-    `KeySketch`, or with rank 0 (or the head dim and above: no smaller) `ExactKeys`."""
+    `KeySketch`, or with rank 0 (or the head dim and above: no smaller) `ExactKeys`, which
+    scores on `threads` host threads (0: all cores)."""
     if rank == 0 or rank >= host.dim:
-        return ExactKeys(host)
+        return ExactKeys(host, threads)
     return KeySketch(host.n_heads, host.dim, rank, dtype=host.dtype)

@@ -1,4 +1,5 @@
-"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch` and `merge_attention` against references.
+"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch`, `gather_scores` and `merge_attention`
+against references.
 
     python tests/fuzz_kernel.py --calls 100000 [--seed 0] [--ext build/sanitize]
 
@@ -28,6 +29,11 @@ dtype and the scale, and differ in everything else: each sequence's out and
 lse must be bit for bit those of `gather_attend` on it alone (same threads,
 same path) and pass the checks above; a bad id in one sequence raises
 IndexError naming that sequence.
+
+`gather_scores` runs the gather-attend cases' q, K store and ids: every listed
+row's score within (D + 4) eps sum_d |q_d k_d| of the fp64 product (plus a
+subnormal floor) when those sums are below FLT_MAX / 4, -inf exactly at padding
+always, and the same IndexError for a bad id.
 
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
@@ -292,6 +298,46 @@ def run_attend_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
     return _run_variants(str(c), call, _scale_error(c) or _id_error(c, ids), check)
 
 
+def check_scores_result(s, q, k, ids) -> tuple[str, str | None]:
+    """(outcome, None or the first disagreement) for gather_scores' s [Hq, M] (see the module doc)."""
+    Hkv, M = ids.shape
+    D = k.shape[2]
+    heads = torch.arange(Hkv).unsqueeze(1)
+    rows = k[heads, ids.clamp_min(0)].double() if k.shape[1] else torch.zeros(Hkv, M, D, dtype=torch.float64)
+    qd = q.double().view(Hkv, -1, D)
+    ref = torch.bmm(qd, rows.transpose(1, 2)).reshape(q.shape[0], M)  # [Hq, M]
+    P = torch.bmm(qd.abs(), rows.abs().transpose(1, 2)).reshape(q.shape[0], M)
+    pad = (ids < 0).repeat_interleave(q.shape[0] // Hkv, dim=0)
+    if s.shape != ref.shape:
+        return "compared", f"shape {tuple(s.shape)}, expected {tuple(ref.shape)}"
+    if not bool(torch.isneginf(s[pad]).all()):
+        return "compared", "padding not scored -inf"
+    listed = ~pad
+    if bool(listed.any()) and float(P[listed].max()) >= FLT_MAX / 4:
+        return "beyond fp32", None
+    err = (s.double() - ref).abs()
+    bound = (D + 4) * EPS * P + DENORM_FLOOR
+    bad = listed & ~(err <= bound)  # NaN counts as bad
+    if bool(bad.any()):
+        i, j = (int(x) for x in bad.nonzero()[0])
+        got, want, tol = float(s[i, j]), float(ref[i, j]), float(bound[i, j])
+        return "compared", f"score[{i}, {j}] = {got}, reference {want} (bound {tol})"
+    return "compared", None
+
+
+def run_scores_case(ops, c: AttendCase) -> tuple[Counter, list[str]]:
+    """gather_scores on a gather-attend case's q, K store and ids (its V, scale and output buffers aside)."""
+    q, k, _, ids = make_attend_inputs(c)
+
+    def call(n_threads, scalar):
+        return ops.gather_scores(q, k, ids, n_threads=n_threads, scalar=scalar), None
+
+    def check(s, _, n_threads, scalar):
+        return check_scores_result(s, q, k, ids)
+
+    return _run_variants(f"gather_scores {c}", call, _id_error(c, ids), check)
+
+
 # ------------------------------------------------------------ batched gather-attend
 
 
@@ -510,7 +556,12 @@ def load_ops(ext_dir: str | None = None):
     return ops
 
 
-RUNS = ((draw_attend_case, run_attend_case), (draw_batch_case, run_batch_case), (draw_merge_case, run_merge_case))
+RUNS = (
+    (draw_attend_case, run_attend_case),
+    (draw_attend_case, run_scores_case),
+    (draw_batch_case, run_batch_case),
+    (draw_merge_case, run_merge_case),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

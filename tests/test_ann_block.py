@@ -116,3 +116,18 @@ def test_key_index_wrapper_reranks_exactly():
     assert res.keys_scored == 4 * (16 + 1)  # one block and the tail token, per query
     assert res.scanned == res.keys_scored + 4 * 6  # plus the 6 landmarks each query scored
     np.testing.assert_array_equal(np.sort(res.ids[0]) >= 0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_head_matmul_takes_packed_and_strided_heads(dtype):
+    """Heads with spare capacity between them go head by head, packed ones batched: same products."""
+    from ann.block import _packed, head_matmul
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 16, generator=g).to(dtype)
+    buffer = torch.randn(3, 50, 16, generator=g).to(dtype)
+    strided, packed = buffer[:, :20], buffer[:, :20].contiguous()
+    assert not _packed(strided.transpose(1, 2)) and _packed(packed.transpose(1, 2)) and _packed(q)
+    expected = torch.bmm(q.double(), packed.double().transpose(1, 2))
+    for keys in (strided, packed):
+        torch.testing.assert_close(head_matmul(q, keys.transpose(1, 2)).double(), expected, atol=0.05, rtol=0.02)

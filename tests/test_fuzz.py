@@ -1,4 +1,4 @@
-"""Fuzzing of gather_attend, gather_attend_batch and merge_attention against the references: a short,
+"""Fuzzing of gather_attend, gather_attend_batch, gather_scores and merge_attention against the references: a short,
 deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
 runs them for 100,000+ calls (`make sanitize` does so under ASan and UBSan)."""
 
@@ -27,6 +27,7 @@ from tests.fuzz_kernel import (
     run_attend_case,
     run_batch_case,
     run_merge_case,
+    run_scores_case,
 )
 from tests.fuzz_kernel import main as fuzz_main
 
@@ -71,6 +72,19 @@ def case(**changes) -> AttendCase:
 @example(case(scale=math.nan))
 def test_gather_attend_matches_reference(c):
     _, problems = run_attend_case(ops, c)
+    assert not problems, problems[0]
+
+
+@FUZZ
+@given(attend_cases())
+@example(case(N=0, M=3, pad=0.0))  # nothing stored: every id is out of range
+@example(case(G=17, D=528, M=129))  # past the vector path's limits: the scalar loops
+@example(case(G=16, D=48, M=300, spare_k=7, dtype="bfloat16"))  # odd block count, strided heads
+@example(case(spare_k=64, bad_id="capacity"))
+@example(case(pad=1.0))
+@example(case(dtype="float16", q_exp=30, k_exp=8))  # beyond fp32: padding still -inf
+def test_gather_scores_match_reference(c):
+    _, problems = run_scores_case(ops, c)
     assert not problems, problems[0]
 
 
@@ -126,6 +140,10 @@ class BrokenOps:
         return torch.zeros(q.shape), torch.full(q.shape[:2], -math.inf)
 
     @staticmethod
+    def gather_scores(q, k, ids, **kw):
+        return torch.zeros(q.shape[0], ids.shape[1])
+
+    @staticmethod
     def merge_attention(o_a, lse_a, o_b, lse_b):
         return torch.zeros_like(o_a), torch.zeros_like(lse_a)
 
@@ -134,6 +152,12 @@ class BrokenOps:
 def test_every_call_of_a_broken_kernel_is_a_mismatch(c):
     outcomes, problems = run_attend_case(BrokenOps, c)
     assert outcomes["mismatch"] + outcomes["compared"] == 4 and len(problems) == 4
+
+
+@pytest.mark.parametrize("c", [case(), case(pad=1.0), case(bad_id="N")], ids=["values", "padding", "bad id"])
+def test_every_call_of_a_broken_scores_kernel_is_a_mismatch(c):
+    outcomes, problems = run_scores_case(BrokenOps, c)
+    assert len(problems) == 4
 
 
 @pytest.mark.parametrize(

@@ -432,3 +432,55 @@ def test_batch_binding_checks_its_buffers():
     for kw, message in cases:
         with pytest.raises(ValueError, match=message):
             call(**kw)
+
+
+# ------------------------------------------------------------- gathered scores
+
+
+def scores_ref(q, k, ids):
+    """fp64 q . k of the listed rows [Hq, M], -inf at padding."""
+    Hkv, D = k.shape[0], k.shape[2]
+    rows = k[torch.arange(Hkv).unsqueeze(1), ids.clamp_min(0)].double()
+    s = torch.bmm(q.double().view(Hkv, -1, D), rows.transpose(1, 2))
+    return s.masked_fill((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (3, 24), (17, 32)])
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_gather_scores_match_reference(dtype, G, D, scalar):
+    q, k, _, ids = make_case(3, G, 300, D, 77, dtype, seed=G + D)
+    spare = torch.zeros(3, 350, D, dtype=dtype)  # heads strided, as in a store with spare capacity
+    spare[:, :300] = k
+    s = ops.gather_scores(q, spare[:, :300], ids, scalar=scalar)
+    assert s.shape == (3 * G, 77) and s.dtype == torch.float32
+    ref = scores_ref(q, k, ids)
+    assert torch.equal(torch.isneginf(s), (ids < 0).repeat_interleave(G, dim=0))
+    torch.testing.assert_close(s.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_gather_scores_threads_and_fallback_agree(monkeypatch):
+    q, k, _, ids = make_case(2, 4, 5000, 128, 3000, torch.bfloat16)
+    one = ops.gather_scores(q, k, ids, n_threads=1)
+    torch.testing.assert_close(ops.gather_scores(q, k, ids, n_threads=4), one, atol=0, rtol=0)
+    monkeypatch.setattr(ops, "HAS_EXT", False)
+    torch.testing.assert_close(ops.gather_scores(q, k, ids), one, atol=1e-4, rtol=1e-5)
+    assert torch.isneginf(ops.gather_scores(q, k[:, :0], torch.full((2, 3), -1))).all()  # an empty store
+
+
+@pytest.mark.parametrize("bad_id", [30, 10**12, -2])
+def test_gather_scores_reject_out_of_range_ids(bad_id):
+    q, k, _, ids = good_case()
+    ids[1, 3] = bad_id
+    with pytest.raises(IndexError, match="outside"):
+        ops.gather_scores(q, k, ids)
+
+
+def test_gather_scores_reject_bad_shapes():
+    q, k, _, ids = good_case()
+    with pytest.raises(ValueError, match="head dim"):
+        ops.gather_scores(q[:, :8], k, ids)
+    with pytest.raises(ValueError, match="one row per KV head"):
+        ops.gather_scores(q, k, ids[:1])
+    with pytest.raises(ValueError, match="not supported"):
+        ops.gather_scores(q, k.double(), ids)

@@ -1,0 +1,130 @@
+// Exact scores of listed host rows: for every KV head h and listed id ids[h, j],
+//   out[h * G + g, j] = q[h * G + g] . k[h, ids[h, j]]   (fp32; -inf where the id is -1)
+// for the G = Hq / Hkv query heads of the group. An adaptive budget rates its
+// candidates with these before it decides which to read: one pass over the
+// listed K rows, converted in registers, instead of a gathered fp32 copy and a
+// batched product.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "hybridattn/gather_attend.h"
+
+namespace hybridattn {
+
+struct GatherScoresArgs {
+  const float* q = nullptr;  // [Hq, D], contiguous
+  int64_t n_q_heads = 0;
+  StoreView k;
+  const int64_t* ids = nullptr;  // [Hkv, M], contiguous, -1 = padding
+  int64_t n_ids = 0;             // M
+  float* out = nullptr;          // [Hq, M]
+  int n_threads = 0;             // 0: the OpenMP default
+  bool scalar = false;           // the scalar reference even where the vector path applies
+};
+
+constexpr int64_t kScoreAhead = 8;  // rows prefetched ahead of the one being scored
+
+template <StoreType T>
+HA_INLINE float element(const void* base, int64_t i) {
+  if constexpr (T == StoreType::f32) return static_cast<const float*>(base)[i];
+  const uint16_t x = static_cast<const uint16_t*>(base)[i];
+  return T == StoreType::bf16 ? bf16_to_float(x) : f16_to_float(x);
+}
+
+// Ids [begin, end) of KV head h.
+template <StoreType T>
+HA_INLINE void score_chunk(const GatherScoresArgs& a, int64_t h, int64_t begin, int64_t end) {
+  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads, M = a.n_ids;
+  const char* base = static_cast<const char*>(a.k.data) + h * a.k.head_stride * elem_bytes(T);
+  const int64_t row_bytes = D * elem_bytes(T);
+  const int64_t* ids = a.ids + h * M;
+  const float* q = a.q + h * G * D;
+  float* out = a.out + h * G * M;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t ahead = j + kScoreAhead;
+    if (ahead < end && ids[ahead] >= 0)
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(base + ids[ahead] * row_bytes + off, 0, 2);
+    const int64_t id = ids[j];
+    if (id < 0) {
+      for (int64_t g = 0; g < G; ++g) out[g * M + j] = neg_inf;
+      continue;
+    }
+    const char* row = base + id * row_bytes;
+#if HA_HAS_VECTORS
+    if (!a.scalar && D % 16 == 0 && G <= kMaxGroup) {
+      vf16 acc[kMaxGroup];
+      for (int64_t g = 0; g < G; ++g) acc[g] = vf16{};
+      for (int64_t b = 0; b < D / 16; ++b) {
+        const vf16 kb = load16_as_float<T>(row + 16 * b * elem_bytes(T));
+        for (int64_t g = 0; g < G; ++g) acc[g] += load16(q + g * D + 16 * b) * kb;
+      }
+      for (int64_t g = 0; g < G; ++g) out[g * M + j] = hsum(acc[g]);
+      continue;
+    }
+#endif
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * element<T>(row, d);
+      out[g * M + j] = s;
+    }
+  }
+}
+
+HA_MULTIVERSION inline void score_chunk_f32(const GatherScoresArgs& a, int64_t h, int64_t b, int64_t e) {
+  score_chunk<StoreType::f32>(a, h, b, e);
+}
+HA_MULTIVERSION inline void score_chunk_f16(const GatherScoresArgs& a, int64_t h, int64_t b, int64_t e) {
+  score_chunk<StoreType::f16>(a, h, b, e);
+}
+HA_MULTIVERSION inline void score_chunk_bf16(const GatherScoresArgs& a, int64_t h, int64_t b, int64_t e) {
+  score_chunk<StoreType::bf16>(a, h, b, e);
+}
+
+// Shapes, then every id against the store (std::out_of_range naming the first bad one).
+inline void check_scores_args(const GatherScoresArgs& a) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("gather_scores: " + msg); };
+  if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("empty K store");
+  if (a.n_q_heads % a.k.n_heads != 0)
+    fail("Hq = " + std::to_string(a.n_q_heads) + " is not a multiple of Hkv = " + std::to_string(a.k.n_heads));
+  if (a.n_ids < 0) fail("negative id count");
+}
+
+inline void check_scores_ids(const GatherScoresArgs& a) {
+  const int64_t M = a.n_ids;
+  const int64_t bad = first_bad_id(a.ids, a.k.n_heads * M, a.k.n_tokens);
+  if (bad >= 0)
+    throw std::out_of_range("gather_scores: ids[" + std::to_string(bad / M) + ", " + std::to_string(bad % M) +
+                            "] = " + std::to_string(a.ids[bad]) + " is outside [-1, " +
+                            std::to_string(a.k.n_tokens) + ")");
+}
+
+inline void gather_scores(const GatherScoresArgs& a) {
+  check_scores_args(a);
+  check_scores_ids(a);
+  const int64_t Hkv = a.k.n_heads, M = a.n_ids;
+#ifdef _OPENMP
+  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const int64_t chunks = chunks_per_head(threads, Hkv, M);
+  const int64_t chunk_len = (M + chunks - 1) / chunks;
+  const int64_t items = Hkv * chunks;
+#pragma omp parallel for num_threads(threads) schedule(static) if (items > 1 && threads > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t h = item / chunks, begin = std::min(M, (item % chunks) * chunk_len);
+    const int64_t end = std::min(M, begin + chunk_len);
+    switch (a.k.type) {
+      case StoreType::f32: score_chunk_f32(a, h, begin, end); break;
+      case StoreType::f16: score_chunk_f16(a, h, begin, end); break;
+      case StoreType::bf16: score_chunk_bf16(a, h, begin, end); break;
+    }
+  }
+}
+
+}  // namespace hybridattn
