@@ -334,15 +334,18 @@ inline void check_args(const GatherAttendArgs& a, const std::string& where = "ga
   if (a.n_ids < 0) fail("negative id count");
 }
 
-// Throws std::out_of_range naming the first id outside [-1, N); `lead` prefixes its
-// index (the sequence in a batched call).
-inline void check_ids(const GatherAttendArgs& a, const std::string& where, const std::string& lead = "") {
-  const int64_t M = a.n_ids;
-  const int64_t bad = first_bad_id(a.ids, a.k.n_heads * M, a.k.n_tokens);
+// Throws std::out_of_range naming the first of ids [rows, M] outside [-1, n_tokens);
+// `lead` prefixes its index (the sequence in a batched call).
+inline void check_id_rows(const int64_t* ids, int64_t rows, int64_t M, int64_t n_tokens, const std::string& where,
+                          const std::string& lead = "") {
+  const int64_t bad = first_bad_id(ids, rows * M, n_tokens);
   if (bad >= 0)
     throw std::out_of_range(where + ": ids[" + lead + std::to_string(bad / M) + ", " + std::to_string(bad % M) +
-                            "] = " + std::to_string(a.ids[bad]) + " is outside [-1, " +
-                            std::to_string(a.k.n_tokens) + ")");
+                            "] = " + std::to_string(ids[bad]) + " is outside [-1, " + std::to_string(n_tokens) + ")");
+}
+
+inline void check_ids(const GatherAttendArgs& a, const std::string& where, const std::string& lead = "") {
+  check_id_rows(a.ids, a.k.n_heads, a.n_ids, a.k.n_tokens, where, lead);
 }
 
 inline std::string batch_where(int64_t b) { return "gather_attend_batch: sequence " + std::to_string(b); }
@@ -410,6 +413,16 @@ inline void combine_chunks(const GatherAttendArgs& a, int64_t h, ChunkStates& st
   }
 }
 
+// The threads a call runs on: n_threads, or with 0 the OpenMP default.
+inline int resolve_threads(int n_threads) {
+#ifdef _OPENMP
+  return n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+  return 1;
+#endif
+}
+
 inline int thread_index() {
 #ifdef _OPENMP
   return omp_get_thread_num();
@@ -425,11 +438,7 @@ inline void run_sequences(const GatherAttendArgs* seqs, int64_t n_seqs) {
   if (n_seqs == 0) return;
   const GatherAttendArgs& a = seqs[0];
   const int64_t Hkv = a.k.n_heads, D = a.k.dim, G = a.n_q_heads / Hkv, M = a.n_ids;
-#ifdef _OPENMP
-  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = resolve_threads(a.n_threads);
   const int64_t chunks = chunks_per_head(threads, Hkv, M);
   const int64_t chunk_len = (M + chunks - 1) / chunks;
   const int64_t units = n_seqs * Hkv, items = units * chunks;

@@ -85,7 +85,7 @@ HA_MULTIVERSION inline void score_chunk_bf16(const GatherScoresArgs& a, int64_t 
   score_chunk<StoreType::bf16>(a, h, b, e);
 }
 
-// Shapes, then every id against the store (std::out_of_range naming the first bad one).
+// Shapes (std::invalid_argument); the ids are checked against the store before any work.
 inline void check_scores_args(const GatherScoresArgs& a) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("gather_scores: " + msg); };
   if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("empty K store");
@@ -94,24 +94,11 @@ inline void check_scores_args(const GatherScoresArgs& a) {
   if (a.n_ids < 0) fail("negative id count");
 }
 
-inline void check_scores_ids(const GatherScoresArgs& a) {
-  const int64_t M = a.n_ids;
-  const int64_t bad = first_bad_id(a.ids, a.k.n_heads * M, a.k.n_tokens);
-  if (bad >= 0)
-    throw std::out_of_range("gather_scores: ids[" + std::to_string(bad / M) + ", " + std::to_string(bad % M) +
-                            "] = " + std::to_string(a.ids[bad]) + " is outside [-1, " +
-                            std::to_string(a.k.n_tokens) + ")");
-}
-
 inline void gather_scores(const GatherScoresArgs& a) {
   check_scores_args(a);
-  check_scores_ids(a);
+  check_id_rows(a.ids, a.k.n_heads, a.n_ids, a.k.n_tokens, "gather_scores");
   const int64_t Hkv = a.k.n_heads, M = a.n_ids;
-#ifdef _OPENMP
-  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = resolve_threads(a.n_threads);
   const int64_t chunks = chunks_per_head(threads, Hkv, M);
   const int64_t chunk_len = (M + chunks - 1) / chunks;
   const int64_t items = Hkv * chunks;
