@@ -24,8 +24,8 @@ with the rank-32 sketch (3 of 40), candidates scored on their full keys
 answered all three at the same read share (7.0% against 6.8%), while a lower
 threshold (11% read) brought back one. So the default scores candidates on
 their keys in the host store (`ExactKeys`: no copy, exact, one key read per
-candidate); a sketch remains for machines where reading those keys costs
-too much.
+candidate, in the host kernel `ops.gather_scores`); a sketch remains for
+machines where reading those keys costs too much.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ class KeySketch:
 
 
 class ExactKeys:
-    """The candidates' exact q . k, read from the host store's keys: what `KeySketch` gives
-    at full rank, without a projected copy of the keys."""
+    """The candidates' exact q . k, read from the host store's keys by the host kernel
+    (`ops.gather_scores`): what `KeySketch` gives at full rank, without a projected copy."""
 
     rank = 0
 
