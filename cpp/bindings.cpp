@@ -82,13 +82,19 @@ struct QueryBuffers {
   py::buffer_info q, out, lse, ids;
 };
 
+// An ids buffer: int64, `ndim` dimensions, contiguous.
+py::buffer_info request_ids(const py::buffer& ids, py::ssize_t ndim) {
+  py::buffer_info b = ids.request();
+  if (!is_int64(b)) fail("ids must be int64, got buffer format '" + b.format + "'");
+  expect_ndim(b, "ids", ndim);
+  expect_contiguous(b, "ids");
+  return b;
+}
+
 QueryBuffers query_buffers(const py::buffer& q, const py::buffer& ids, const py::buffer& out, const py::buffer& lse,
                            py::ssize_t lead) {
   QueryBuffers c{request_float32(q, "q", lead + 2, false), request_float32(out, "out", lead + 2, true),
-                 request_float32(lse, "lse", lead + 1, true), ids.request()};
-  if (!is_int64(c.ids)) fail("ids must be int64, got buffer format '" + c.ids.format + "'");
-  expect_ndim(c.ids, "ids", lead + 2);
-  expect_contiguous(c.ids, "ids");
+                 request_float32(lse, "lse", lead + 1, true), request_ids(ids, lead + 2)};
   const std::string dims = lead ? "B, " : "";
   if (c.out.shape != c.q.shape) fail("out must have shape [" + dims + "Hq, D] like q");
   for (py::ssize_t i = 0; i <= lead; ++i)
@@ -177,10 +183,7 @@ void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& i
   hybridattn::GatherScoresArgs a;
   a.k = store_view(k, "k_store", store_dtype);
   py::buffer_info qb = request_float32(q, "q", 2, false), ob = request_float32(out, "out", 2, true);
-  py::buffer_info ib = ids.request();
-  if (!is_int64(ib)) fail("ids must be int64, got buffer format '" + ib.format + "'");
-  expect_ndim(ib, "ids", 2);
-  expect_contiguous(ib, "ids");
+  py::buffer_info ib = request_ids(ids, 2);
   if (qb.shape[1] != a.k.dim)
     fail("q has head dim " + std::to_string(qb.shape[1]) + " but the store has " + std::to_string(a.k.dim));
   if (ib.shape[0] != a.k.n_heads)

@@ -252,19 +252,13 @@ def gather_attend_torch(
     """The same computation in plain torch (gather, batched matmul, softmax): the
     fallback when the extension is missing and the baseline the kernel is measured against.
     q [Hq, D] fp32, stores [Hkv, N, D], ids [Hkv, M] int64 -> (out [Hq, D], lse [Hq]) fp32."""
-    Hkv, M = ids.shape
-    D = q.shape[-1]
-    if int(ids.numel()) and (int(ids.min()) < -1 or int(ids.max()) >= k_store.shape[1]):
-        raise IndexError(f"ids must lie in [-1, {k_store.shape[1]})")
+    Hkv, D = ids.shape[0], q.shape[-1]
+    _check_rows(ids, k_store.shape[1])
     if k_store.shape[1] == 0:  # nothing stored (all ids are padding): there is no row 0 to gather
         return torch.zeros(q.shape), torch.full(q.shape[:1], float("-inf"))
-    valid = ids >= 0
-    rows = ids.clamp_min(0)
-    heads = torch.arange(Hkv).unsqueeze(1)
-    k = k_store[heads, rows].float()  # [Hkv, M, D]
-    v = v_store[heads, rows].float()
+    k, v = _rows(k_store, ids), _rows(v_store, ids)  # [Hkv, M, D]
     s = torch.bmm(q.view(Hkv, -1, D), k.transpose(1, 2)).mul_(scale)  # [Hkv, G, M]
-    s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, G]
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
     return torch.bmm(p, v).view(-1, D), lse.view(-1)
@@ -292,14 +286,24 @@ def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) 
     if HAS_EXT:
         _C.gather_scores(_buffer(q), _buffer(k), _buffer(ids), _buffer(out), STORE_DTYPES[k.dtype], n_threads, scalar)
         return out
-    if int(ids.numel()) and (int(ids.min()) < -1 or int(ids.max()) >= k.shape[1]):
-        raise IndexError(f"ids must lie in [-1, {k.shape[1]})")
+    _check_rows(ids, k.shape[1])
     if k.shape[1] == 0:  # nothing stored: every id is padding
         return out.fill_(float("-inf"))
-    Hkv, D = k.shape[0], k.shape[2]
-    rows = k[torch.arange(Hkv).unsqueeze(1), ids.clamp_min(0)].float()  # [Hkv, M, D]
-    s = torch.bmm(q.view(Hkv, -1, D), rows.transpose(1, 2))  # [Hkv, G, M]
+    s = torch.bmm(q.view(k.shape[0], -1, k.shape[2]), _rows(k, ids).transpose(1, 2))  # [Hkv, G, M]
     return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
+
+
+def _check_rows(ids: torch.Tensor, n: int) -> None:
+    """IndexError naming the first of ids [Hkv, M] outside [-1, n), as the kernels do."""
+    bad = ((ids < -1) | (ids >= n)).nonzero()
+    if len(bad):
+        h, j = (int(x) for x in bad[0])
+        raise IndexError(f"ids[{h}, {j}] = {int(ids[h, j])} is outside [-1, {n})")
+
+
+def _rows(store: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The rows ids [Hkv, M] (-1 reads row 0) of a store [Hkv, N, D] with N > 0, as fp32 [Hkv, M, D]."""
+    return store[torch.arange(store.shape[0]).unsqueeze(1), ids.clamp_min(0)].float()
 
 
 def merge_attention(o_a, lse_a, o_b, lse_b):

@@ -5,6 +5,7 @@ building of the host key index itself."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -286,13 +287,23 @@ def distinct_rows(ids: torch.Tensor, limit: int) -> torch.Tensor:
     (ann._kernels.distinct_rows) where it is installed, else sorts in torch."""
     if ids.shape[1] == 0 or limit == 0:
         return ids.new_full((ids.shape[0], 0), -1, dtype=torch.int64)
-    try:
-        from ann._kernels import distinct_rows as kernel
-    except ImportError:  # numba comes with the `ann` extra; the block index alone needs only torch
+    kernel = _distinct_kernel()
+    if kernel is None:
         return _distinct_rows_torch(ids, limit)
     ids = ids.to(torch.int64).contiguous()
     out, width = kernel(ids.numpy(), limit, max(int(ids.max()) + 1, 1))  # marks for the ids present only
     return torch.from_numpy(np.ascontiguousarray(out[:, :width]))
+
+
+@functools.cache
+def _distinct_kernel():
+    """numba's `distinct_rows`, or None without numba (the `ann` extra; the block index alone
+    needs only torch). Looked up once: a failed import would be retried at every step."""
+    try:
+        from ann._kernels import distinct_rows
+    except ImportError:
+        return None
+    return distinct_rows
 
 
 def _distinct_rows_torch(ids: torch.Tensor, limit: int) -> torch.Tensor:

@@ -322,16 +322,22 @@ inline int64_t first_bad_id(const int64_t* ids, int64_t count, int64_t n_tokens)
   return -1;
 }
 
+// The K store against the query heads and the id count, for any kernel reading it.
+inline void check_queries_and_store(const StoreView& k, int64_t n_q_heads, int64_t n_ids, const std::string& where) {
+  auto fail = [&](const std::string& msg) { throw std::invalid_argument(where + ": " + msg); };
+  if (k.n_heads <= 0 || k.dim <= 0) fail("empty K store");
+  if (n_q_heads % k.n_heads != 0)
+    fail("Hq = " + std::to_string(n_q_heads) + " is not a multiple of Hkv = " + std::to_string(k.n_heads));
+  if (n_ids < 0) fail("negative id count");
+}
+
 // Shapes of one sequence's call; `where` starts the messages.
 inline void check_args(const GatherAttendArgs& a, const std::string& where = "gather_attend") {
+  check_queries_and_store(a.k, a.n_q_heads, a.n_ids, where);
   auto fail = [&](const std::string& msg) { throw std::invalid_argument(where + ": " + msg); };
-  if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("empty K store");
   if (a.k.n_heads != a.v.n_heads || a.k.n_tokens != a.v.n_tokens || a.k.dim != a.v.dim)
     fail("K and V stores differ in shape");
   if (a.k.type != a.v.type) fail("K and V stores differ in dtype");
-  if (a.n_q_heads % a.k.n_heads != 0)
-    fail("Hq = " + std::to_string(a.n_q_heads) + " is not a multiple of Hkv = " + std::to_string(a.k.n_heads));
-  if (a.n_ids < 0) fail("negative id count");
 }
 
 // Throws std::out_of_range naming the first of ids [rows, M] outside [-1, n_tokens);

@@ -86,13 +86,7 @@ HA_MULTIVERSION inline void score_chunk_bf16(const GatherScoresArgs& a, int64_t 
 }
 
 // Shapes (std::invalid_argument); the ids are checked against the store before any work.
-inline void check_scores_args(const GatherScoresArgs& a) {
-  auto fail = [](const std::string& msg) { throw std::invalid_argument("gather_scores: " + msg); };
-  if (a.k.n_heads <= 0 || a.k.dim <= 0) fail("empty K store");
-  if (a.n_q_heads % a.k.n_heads != 0)
-    fail("Hq = " + std::to_string(a.n_q_heads) + " is not a multiple of Hkv = " + std::to_string(a.k.n_heads));
-  if (a.n_ids < 0) fail("negative id count");
-}
+inline void check_scores_args(const GatherScoresArgs& a) { check_queries_and_store(a.k, a.n_q_heads, a.n_ids, "gather_scores"); }
 
 inline void gather_scores(const GatherScoresArgs& a) {
   check_scores_args(a);
