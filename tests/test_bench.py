@@ -110,6 +110,7 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
         has_keys(r, {"task", "context", "method", "n", "accuracy", "accuracy_ci", "agreement", "kv_read_frac"})
         assert r["n"] == 2 and r["context"] == 512
         assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+        assert len(r["scores"]) == 2 and sum(r["scores"]) / 2 == pytest.approx(r["accuracy"], abs=1e-4)
         if r["method"] == "full":
             assert r["agreement"] == 1.0 and r["kv_read_frac"] == 1.0
         else:
