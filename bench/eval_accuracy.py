@@ -11,10 +11,10 @@ prompt: once reading nothing else ("oracle@name") and once with the unread token
 estimated ("oracle+est@name").
 
 Per (task, context, method): accuracy (exact string match, with a 95% Wilson interval
-over prompts, and each prompt's score in seed order), agreement (the share of full attention's answer tokens reproduced at the
-same position), attn_rel_err (mean relative error of the decode attention output against
-exact attention, on layers 0, L/2 and L-1), kv_read_frac (host tokens read per step /
-host tokens).
+over prompts, and each prompt's score in seed order), agreement (the share of full
+attention's answer tokens reproduced at the same position), attn_rel_err (mean
+relative error of the decode attention output against exact attention, on layers 0,
+L/2 and L-1), kv_read_frac (host tokens read per step / host tokens).
 
     python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--contexts ...] [--tasks ...] [--configs ...]
 """
@@ -114,7 +114,7 @@ def cell_row(task: str, context: int, method: str, rs: list[dict]) -> dict:
     lo, hi = wilson_interval(acc, len(rs))
     row = {"task": task, "context": context, "method": method, "n": len(rs), "accuracy": round(acc, 4)}
     row["accuracy_ci"] = [round(lo, 4), round(hi, 4)]
-    row["scores"] = [round(r["accuracy"], 4) for r in rs]  # per prompt (seed order): to compare methods prompt by prompt
+    row["scores"] = [round(r["accuracy"], 4) for r in rs]  # per prompt, seed order: methods compared prompt by prompt
     for key in ("agreement", "attn_rel_err", "kv_read_frac"):
         values = [r[key] for r in rs if r[key] is not None]
         row[key] = round(statistics.mean(values), 4) if values else None
@@ -129,9 +129,7 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
-    p.add_argument(
-        "--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations"
-    )
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
