@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import mean_interval  # noqa: E402
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -101,7 +105,30 @@ def accuracy(result: dict) -> str:
     text = f"accuracy % (difference from full attention), n = {', '.join(map(str, n))} prompts per cell\n\n" + table(
         header, rows
     )
-    return text + "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
+    text += "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
+    paired = paired_differences(cells, methods[1:])
+    return text + ("\n\n" + paired if paired else "")
+
+
+def paired_differences(cells: dict, methods: list[str]) -> str:
+    """Each method's difference from full attention prompt by prompt (rows with per-prompt
+    `scores`): the mean with a 95% t interval, which is narrower than the two cells'
+    intervals apart because both answer the same prompts."""
+    rows = []
+    for (task, context), by in sorted(cells.items()):
+        full = by["full"].get("scores")
+        for m in methods:
+            scores = by.get(m, {}).get("scores")
+            if full is None or scores is None or len(scores) != len(full):
+                continue
+            diff = [a - b for a, b in zip(scores, full)]
+            mean, lo, hi = mean_interval(diff)
+            better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+            rows.append([task, context, m, f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", better, worse])
+    if not rows:
+        return ""
+    header = ["task", "context", "method", "minus full, points [95%]", "prompts better", "prompts worse"]
+    return "paired with full attention, prompt by prompt\n\n" + table(header, rows)
 
 
 def fidelity(result: dict) -> str:

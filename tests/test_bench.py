@@ -122,6 +122,19 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
                 assert read[(task, oracle)] == pytest.approx(read[(task, name)], rel=0.1, abs=0.01)
 
 
+def test_report_pairs_accuracy_prompt_by_prompt():
+    """With per-prompt scores the report adds each method's paired difference from full
+    attention (mean, t interval, prompts better and worse); without them it adds nothing."""
+    base = {"task": "niah_single", "context": 2048, "n": 4, "kv_read_frac": 1.0, "attn_rel_err": 0.0}
+    full = {**base, "method": "full", "accuracy": 0.75, "accuracy_ci": [0.3, 0.95], "scores": [1, 0, 1, 1]}
+    engine = {**base, "method": "default", "accuracy": 0.25, "accuracy_ci": [0.05, 0.7], "scores": [1, 0, 0, 0]}
+    text = script("report").accuracy({"rows": [full, engine]})
+    # differences 0, 0, -1, -1: mean -0.5, sd 0.5774, t(3) 3.182 -> half width 0.9186
+    assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
+    unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
+    assert "paired" not in script("report").accuracy({"rows": unpaired})
+
+
 def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     """Without CUDA the GPU check runs at toy sizes: exactness holds and every case reports."""
     out = tmp_path / "gpu.json"
