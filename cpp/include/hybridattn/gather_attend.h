@@ -323,7 +323,8 @@ inline int64_t first_bad_id(const int64_t* ids, int64_t count, int64_t n_tokens)
 }
 
 // The K store against the query heads and the id count, for any kernel reading it.
-inline void check_queries_and_store(const StoreView& k, int64_t n_q_heads, int64_t n_ids, const std::string& where) {
+inline void check_queries_and_store(const StoreView& k, int64_t n_q_heads, int64_t n_ids,
+                                    const std::string& where) {
   auto fail = [&](const std::string& msg) { throw std::invalid_argument(where + ": " + msg); };
   if (k.n_heads <= 0 || k.dim <= 0) fail("empty K store");
   if (n_q_heads % k.n_heads != 0)

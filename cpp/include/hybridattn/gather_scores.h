@@ -86,7 +86,9 @@ HA_MULTIVERSION inline void score_chunk_bf16(const GatherScoresArgs& a, int64_t 
 }
 
 // Shapes (std::invalid_argument); the ids are checked against the store before any work.
-inline void check_scores_args(const GatherScoresArgs& a) { check_queries_and_store(a.k, a.n_q_heads, a.n_ids, "gather_scores"); }
+inline void check_scores_args(const GatherScoresArgs& a) {
+  check_queries_and_store(a.k, a.n_q_heads, a.n_ids, "gather_scores");
+}
 
 inline void gather_scores(const GatherScoresArgs& a) {
   check_scores_args(a);
