@@ -39,6 +39,7 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="default", choices=list(PRESETS))
     g.add_argument("--budget", choices=BUDGETS, help="adaptive: read what the key sketch rates likely")
     g.add_argument("--min-prob", type=float, help="adaptive: estimated attention probability to read a token")
+    g.add_argument("--min-ratio", type=float, help="adaptive: ... and this multiple of the uniform share 1 / tokens")
     g.add_argument("--candidates", type=int, help="adaptive: key-index proposals ranked per query head")
     g.add_argument(
         "--sketch-rank", type=int, help="adaptive: dimensions of a key sketch that ranks candidates (0: their keys)"
@@ -65,6 +66,7 @@ def _offload_config(args):
     fields = (
         "budget",
         "min_prob",
+        "min_ratio",
         "candidates",
         "sketch_rank",
         "estimate",

@@ -35,9 +35,10 @@ class OffloadConfig:
     index its blocks), each one's attention probability is estimated from its
     key (`sketch_rank` 0) or a low-rank sketch of the keys (`sketch_rank`
     dimensions; no key read, less exact), and those whose estimate, averaged
-    over the query group, reaches `min_prob` are read: layers and heads whose
-    attention is spread over many host tokens read more, those that attend to
-    the resident tokens read less. (The rating comes with the key index: with
+    over the query group, reaches `min_prob` (and `min_ratio` times the uniform
+    share 1 / tokens, which rules at short contexts) are read: layers and heads
+    whose attention is spread over many host tokens read more, those that attend
+    to the resident tokens read less. (The rating comes with the key index: with
     `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
     their block's mean key and mean value (engine.estimate).
@@ -54,6 +55,7 @@ class OffloadConfig:
     budget: str = "adaptive"
     candidates: int = 192  # adaptive: key-index proposals looked at per query head
     min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
+    min_ratio: float = 1.0  # adaptive: ... and this multiple of the uniform share 1 / tokens in the cache
     sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
@@ -91,6 +93,8 @@ class OffloadConfig:
                 raise ValueError(f"OffloadConfig.min_prob must be a number, got {self.min_prob!r}")
             if not 0 <= self.min_prob <= 1:
                 raise ValueError(f"OffloadConfig.min_prob must lie in [0, 1], got {self.min_prob!r}")
+            if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or self.min_ratio < 0:
+                raise ValueError(f"OffloadConfig.min_ratio must be a non-negative number, got {self.min_ratio!r}")
         if not isinstance(self.estimate, bool):
             raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
         if self.mode in ("block", "hybrid") and self.n_blocks < 1:
@@ -158,7 +162,7 @@ PRESETS: dict[str, OffloadConfig] = {
     # About half the reads of the default.
     "tight": OffloadConfig(min_prob=4e-4),
     # More reads and a longer resident window, for accuracy-critical work.
-    "wide": OffloadConfig(window=512, min_prob=5e-5, candidates=384),
+    "wide": OffloadConfig(window=512, min_prob=5e-5, min_ratio=0.0, candidates=384),
     # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
     # per query head (the default before the adaptive budget, estimate aside).
     "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16, n_blocks=64),

@@ -222,7 +222,7 @@ def always_read(layer) -> np.ndarray:
 def read_likely(layer, candidates, q, scale, lse_resident, blocks) -> tuple[torch.Tensor, int]:
     """The candidates [Hkv, C] (-1 padded) worth reading: those whose attention probability,
     estimated from the key sketch and averaged over the query group q [Hkv, G, D], reaches
-    cfg.min_prob. The softmax denominator is the resident tokens' exact mass plus the block
+    the read threshold (`read_threshold`). The softmax denominator is the resident tokens' exact mass plus the block
     summary's estimate of the host tokens' (without a summary: the candidates' sketched mass).
     Returns (ids [Hkv, C], sketch rows scored)."""
     sketchable = torch.where(candidates < layer.sketch.n, candidates, -1)  # newer ones are read anyway
@@ -232,8 +232,15 @@ def read_likely(layer, candidates, q, scale, lse_resident, blocks) -> tuple[torc
     else:
         lse = torch.logaddexp(lse_resident.float().cpu(), torch.logsumexp(s, dim=-1))
     p = torch.exp(s - lse.unsqueeze(-1)).mean(dim=1)  # [Hkv, C]
-    keep = (sketchable >= 0) & (p >= layer.cfg.min_prob)
+    keep = (sketchable >= 0) & (p >= read_threshold(layer.cfg, layer.n_seen))
     return torch.where(keep, candidates, -1), int((sketchable >= 0).sum())
+
+
+def read_threshold(cfg, n_tokens: int) -> float:
+    """The estimated attention probability a candidate needs to be read among n_tokens:
+    cfg.min_prob, and at short contexts cfg.min_ratio times the uniform share, since a
+    token no likelier than the average is what its block's estimate already stands for."""
+    return max(cfg.min_prob, cfg.min_ratio / max(1, n_tokens))
 
 
 def host_candidates(index, q: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
+from engine.retrieval import read_threshold
 from tests.conftest import tiny_llama
 
 # a fixed budget whose blocks (and key-index candidates) cover every host token
@@ -42,9 +43,9 @@ def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_lo
 
 
 def test_exact_when_an_adaptive_budget_reads_every_candidate(tiny_model, tiny_ids, tiny_full_logits):
-    """min_prob 0 keeps every candidate; the flat index proposes every host token: exact,
+    """min_prob and min_ratio 0 keep every candidate; the flat index proposes every host token: exact,
     with the key sketch and the estimate on the path (the estimate is then empty)."""
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
     assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
     stats = cache.step_stats()
@@ -55,13 +56,31 @@ def test_exact_when_an_adaptive_budget_reads_every_candidate(tiny_model, tiny_id
 def test_adaptive_budget_reads_less_as_min_prob_rises(tiny_model, tiny_ids):
     read = []
     for min_prob in (0.0, 1e-3, 1e-2, 1.0):
-        cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=min_prob)
+        cfg = OffloadConfig(
+            n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=min_prob, min_ratio=0.0
+        )
         _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
         read.append(cache.step_stats()["gathered"])
     assert read == sorted(read, reverse=True) and read[0] > read[-1]
     # the host tokens that no index or summary covers yet are read whatever min_prob says
     layer = cache.layers[0]
     assert read[-1] >= len(cache.layers) * layer.n_kv_heads * (layer.host.n - layer.summary.n_blocks * 8) > 0
+
+
+def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, tiny_ids):
+    """The threshold is min_prob until min_ratio / tokens exceeds it; then fewer tokens are read."""
+    cfg = OffloadConfig(min_prob=1e-4, min_ratio=0.5)
+    assert read_threshold(cfg, 2000) == pytest.approx(2.5e-4)
+    assert read_threshold(cfg, 5000) == read_threshold(cfg, 100_000) == 1e-4
+    assert read_threshold(cfg.replace(min_ratio=0.0), 10) == 1e-4
+    read = []
+    for min_ratio in (0.0, 0.01, 3.0):  # over ~305 tokens: below min_prob, then about 1e-2
+        cfg = OffloadConfig(
+            n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=1e-3, min_ratio=min_ratio
+        )
+        _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
+        read.append(cache.step_stats()["gathered"])
+    assert read[0] == read[1] > read[2]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 33, 200])
@@ -191,7 +210,7 @@ def test_a_prompt_shorter_than_the_resident_set_offloads_during_decode(tiny_mode
     """The key index waits for a block of host keys, built from the prefill's and the decode
     steps' queries; every position stays in one place; with budgets that read everything
     the logits stay exact."""
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :120], cfg, prefill=prompt)
     assert (logits - tiny_full_logits[:, :120]).abs().max() <= 1e-4
     for layer in cache.layers:

@@ -207,14 +207,16 @@ def test_bench_fidelity_quick(tmp_path):
 
 
 def test_eval_generation_quick(tmp_path):
-    """Agreement is a share of the generated tokens; without teacher forcing the report says so."""
+    """Agreement is a share of the generated tokens; without teacher forcing the report says so.
+    The `exact` configuration reads every host token: it follows full attention."""
     out = tmp_path / "generation.json"
-    argv = ["--prompts", "1", "--context", "300", "--new", "6", "--configs", "default", "--no-forced"]
+    argv = ["--prompts", "1", "--context", "300", "--new", "6", "--configs", "default", "exact", "--no-forced"]
     script("eval_generation").main([*argv, "--json", str(out)])
     result = json.loads(out.read_text())
     (row,) = result["per_prompt"]
-    assert set(row) == {"default"} and "forced_agreement" not in row["default"]
+    assert set(row) == {"default", "exact"} and "forced_agreement" not in row["default"]
     assert 0 <= row["default"]["free_agreement"] <= 1 and 0 <= row["default"]["first_difference"] <= 6
+    assert row["exact"] == {"free_agreement": 1.0, "first_difference": 6}
     assert "not run" in script("report").generation(result)
 
 

@@ -166,6 +166,8 @@ def test_plan_takes_the_budget_and_estimate_options(capsys):
     assert values == 0.0
     assert main(argv + ["--min-prob", "2"]) == 2
     assert "min_prob must lie in [0, 1]" in capsys.readouterr().err
+    assert main(argv + ["--min-ratio", "-1"]) == 2
+    assert "min_ratio must be a non-negative number" in capsys.readouterr().err
 
 
 def test_plan_names_the_largest_batch(capsys):

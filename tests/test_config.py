@@ -30,6 +30,8 @@ def test_defaults_are_valid_and_frozen():
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(min_prob=-0.1), "min_prob must lie in"),
         (dict(min_prob="high"), "min_prob must be a number"),
+        (dict(min_ratio=-1.0), "min_ratio must be a non-negative number"),
+        (dict(min_ratio=True), "min_ratio must be a non-negative number"),
         (dict(sketch_rank=-1), "sketch_rank must be a non-negative int"),
         (dict(estimate="yes"), "estimate must be True or False"),
         (dict(mode="block", n_blocks=0), "n_blocks must be >= 1"),

@@ -155,7 +155,7 @@ def test_two_levels_in_the_engine_stay_exact_when_everything_is_read(
 
     monkeypatch.setattr(estimate, "GROUP", 2)
     monkeypatch.setattr(estimate, "EXPAND", 1)
-    adaptive = dict(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0)
+    adaptive = dict(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
     for cfg in (OffloadConfig(**COVER_ALL_HYBRID, estimate=True), OffloadConfig(**adaptive)):
         logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
         assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
