@@ -222,7 +222,7 @@ def always_read(layer) -> np.ndarray:
 def read_likely(layer, candidates, q, scale, lse_resident, blocks) -> tuple[torch.Tensor, int]:
     """The candidates [Hkv, C] (-1 padded) worth reading: those whose attention probability,
     estimated from the key sketch and averaged over the query group q [Hkv, G, D], reaches
-    the read threshold (`read_threshold`). The softmax denominator is the resident tokens' exact mass plus the block
+    `read_threshold`. The softmax denominator is the resident tokens' exact mass plus the block
     summary's estimate of the host tokens' (without a summary: the candidates' sketched mass).
     Returns (ids [Hkv, C], sketch rows scored)."""
     sketchable = torch.where(candidates < layer.sketch.n, candidates, -1)  # newer ones are read anyway
