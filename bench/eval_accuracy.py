@@ -16,7 +16,12 @@ attention's answer tokens reproduced at the same position), attn_rel_err (mean
 relative error of the decode attention output against exact attention, on layers 0,
 L/2 and L-1), kv_read_frac (host tokens read per step / host tokens).
 
-    python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--contexts ...] [--tasks ...] [--configs ...]
+    python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
+                                  [--configs ...]
+
+A cell grows by runs over further seeds (`--first 40` after a run of 40 prompts: the
+same spread of depths over new needles); `bench/report.py --eval` pools the rows of a
+(task, context, method) whose seeds do not overlap.
 """
 
 from __future__ import annotations
@@ -109,10 +114,10 @@ def _mean(values):
     return statistics.mean(values) if values else None
 
 
-def cell_row(task: str, context: int, method: str, rs: list[dict]) -> dict:
+def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 0) -> dict:
     acc = statistics.mean(r["accuracy"] for r in rs)
     lo, hi = wilson_interval(acc, len(rs))
-    row = {"task": task, "context": context, "method": method, "n": len(rs), "accuracy": round(acc, 4)}
+    row = {"task": task, "context": context, "method": method, "first": first, "n": len(rs), "accuracy": round(acc, 4)}
     row["accuracy_ci"] = [round(lo, 4), round(hi, 4)]
     row["scores"] = [round(r["accuracy"], 4) for r in rs]  # per prompt, seed order: methods compared prompt by prompt
     for key in ("agreement", "attn_rel_err", "kv_read_frac"):
@@ -126,6 +131,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="2 prompts per cell, 2K tokens, two tasks")
     p.add_argument("--json", type=Path)
     p.add_argument("--n", type=int, help="prompts per (task, context); default 40 (--quick: 2)")
+    p.add_argument("--first", type=int, default=0, help="seed of the first prompt (default 0)")
     p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
@@ -134,7 +140,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     args = p.parse_args(argv)
-    args.n = args.n or (2 if args.quick else 40)
+    args.n = (2 if args.quick else 40) if args.n is None else args.n
+    if args.n < 1:
+        p.error(f"--n must be at least 1, got {args.n}")
+    if args.first < 0:
+        p.error(f"--first must be at least 0, got {args.first}")
     args.contexts = args.contexts or ([2048] if args.quick else [2048, 4096, 8192])
     args.tasks = args.tasks or (["passkey", "niah_single"] if args.quick else DEFAULT_TASKS)
     torch.set_num_threads(args.threads)
@@ -151,13 +161,13 @@ def main(argv=None):
     for task, context in cells:
         per_method: dict[str, list[dict]] = {}
         for i in range(args.n):
-            sample = make_sample(task, context, tok, seed=i, depth=(i + 0.5) / args.n)
+            sample = make_sample(task, context, tok, seed=args.first + i, depth=(i + 0.5) / args.n)
             results = evaluate(model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle, args.configs)
             for name, r in results.items():
                 per_method.setdefault(name, []).append(r)
             bar.update(1)
         for method, rs in per_method.items():
-            rows.append(cell_row(task, context, method, rs))
+            rows.append(cell_row(task, context, method, rs, args.first))
             bar.write(json.dumps(rows[-1]))
         if args.json:  # after every cell, so that an interrupted run keeps what it measured
             write_json(args, rows, time.perf_counter() - started)
@@ -169,6 +179,7 @@ def write_json(args, rows: list[dict], seconds: float) -> None:
         "model": args.model,
         "threads": args.threads,
         "n": args.n,
+        "first": args.first,
         "contexts": args.contexts,
         "tasks": args.tasks,
         "engine_configs": {k: CONFIGS[k].__dict__ for k in args.configs},

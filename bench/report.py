@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stats import mean_interval  # noqa: E402
+from stats import mean_interval, wilson_interval  # noqa: E402
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -68,10 +68,39 @@ def decode(result: dict) -> str:
     return "\n\n".join(out)
 
 
+def pool(rows: list[dict]) -> list[dict]:
+    """One row per (task, context, method): the rows of runs over other seeds (`first`) pooled,
+    their per-prompt scores joined in seed order and the means weighted by prompts."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["context"], r["method"]), []).append(r)
+    pooled = []
+    for key, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.get("first", 0))
+        for a, b in zip(rs, rs[1:]):
+            if a.get("first", 0) + a["n"] > b.get("first", 0):
+                raise ValueError(f"{key}: two runs share seeds from {b.get('first', 0)} on; pool disjoint runs only")
+        if len(rs) == 1:
+            pooled.append(rs[0])
+            continue
+        n = sum(r["n"] for r in rs)
+        row = {"task": key[0], "context": key[1], "method": key[2], "first": rs[0].get("first", 0), "n": n}
+        row["accuracy"] = sum(r["accuracy"] * r["n"] for r in rs) / n
+        row["accuracy_ci"] = list(wilson_interval(row["accuracy"], n))
+        if all("scores" in r for r in rs):
+            row["scores"] = [x for r in rs for x in r["scores"]]
+        for k in ("agreement", "attn_rel_err", "kv_read_frac"):
+            known = [r for r in rs if r.get(k) is not None]
+            row[k] = sum(r[k] * r["n"] for r in known) / sum(r["n"] for r in known) if known else None
+        pooled.append(row)
+    return pooled
+
+
 def accuracy(result: dict) -> str:
     """One row per (task, context): each method's accuracy, the full-attention interval, and the
-    share of host KV each engine configuration read; then the check against full attention."""
-    rows_in = result["rows"]
+    share of host KV each engine configuration read; then the check against full attention.
+    Runs of one cell over disjoint seeds are pooled."""
+    rows_in = pool(result["rows"])
     methods = list(dict.fromkeys(r["method"] for r in rows_in))
     engines = [m for m in methods if m != "full" and not m.startswith("oracle")]
     cells: dict[tuple, dict] = {}

@@ -93,22 +93,32 @@ def test_bench_ann_quick(tmp_path, monkeypatch):
     assert all(r["recall"] == 1.0 for r in rows if r["index"] == "flat")
 
 
-def test_eval_accuracy_quick(tmp_path, bundled_tokenizer):
-    """On a tiny random-weight Llama that uses the bundled model's tokenizer."""
+def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
+    """On a tiny random-weight Llama that uses the bundled model's tokenizer; `--first`
+    starts the prompts' seeds where an earlier run of the cell stopped."""
     from tests.conftest import tiny_llama
 
     model_dir = tmp_path / "tiny"
     tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
     bundled_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval.json"
-    script("eval_accuracy").main(["--quick", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
+    module, seeds = script("eval_accuracy"), []
+    real_make_sample = module.make_sample
+
+    def make_sample(*args, seed, **kwargs):
+        seeds.append(seed)
+        return real_make_sample(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(module, "make_sample", make_sample)
+    module.main(["--quick", "--first", "5", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
+    assert seeds == [5, 6, 5, 6]  # two prompts of each task
     rows = json.loads(out.read_text())["rows"]
     engines = ("default", "fixed-noest")
     methods = {"full", *engines, *(f"oracle{e}@{name}" for name in engines for e in ("", "+est"))}
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("passkey", "niah_single") for m in methods}
     for r in rows:
         has_keys(r, {"task", "context", "method", "n", "accuracy", "accuracy_ci", "agreement", "kv_read_frac"})
-        assert r["n"] == 2 and r["context"] == 512
+        assert r["n"] == 2 and r["context"] == 512 and r["first"] == 5
         assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
         assert len(r["scores"]) == 2 and sum(r["scores"]) / 2 == pytest.approx(r["accuracy"], abs=1e-4)
         if r["method"] == "full":
@@ -133,6 +143,46 @@ def test_report_pairs_accuracy_prompt_by_prompt():
     assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
     unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
     assert "paired" not in script("report").accuracy({"rows": unpaired})
+
+
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--first", "-1"]])
+def test_eval_accuracy_rejects_bad_counts(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        script("eval_accuracy").main(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_report_pools_runs_over_other_seeds():
+    """Two runs of a cell over disjoint seeds count as one cell of their prompts together, in
+    the accuracy table and the paired differences; runs that share seeds are refused."""
+    report = script("report")
+
+    def row(method, first, scores):
+        acc = sum(scores) / len(scores)
+        return {
+            "task": "passkey",
+            "context": 2048,
+            "method": method,
+            "first": first,
+            "n": len(scores),
+            "accuracy": acc,
+            "accuracy_ci": [0.0, 1.0],
+            "scores": scores,
+            "agreement": None,
+            "attn_rel_err": 0.0 if method == "full" else 0.1 * (1 + first),
+            "kv_read_frac": 0.04,
+        }
+
+    rows = [row("full", 0, [1, 1]), row("default", 0, [1, 0]), row("full", 2, [1, 0]), row("default", 2, [0, 0])]
+    pooled = {r["method"]: r for r in report.pool(rows)}
+    assert pooled["default"]["n"] == 4 and pooled["default"]["scores"] == [1, 0, 0, 0]
+    assert pooled["default"]["accuracy"] == 0.25 and pooled["full"]["accuracy"] == 0.75
+    assert pooled["default"]["attn_rel_err"] == pytest.approx(0.2)  # 0.1 and 0.3, two prompts each
+    text = report.accuracy({"rows": rows})
+    assert "| passkey | 2048 | 75.0 [" in text and "25.0 (-50.0)" in text and "n = 4 prompts" in text
+    assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
+    with pytest.raises(ValueError, match="share seeds"):
+        report.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
 
 
 def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
