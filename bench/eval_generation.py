@@ -6,7 +6,8 @@ Every engine configuration then continues the same prefilled state twice:
 
     free     its own greedy continuation; agreement = the share of positions where its
              token equals full attention's, and the first position where they differ
-             (once they differ, the texts usually part ways for good)
+             (once they differ, the texts usually part ways for good), and the share
+             of the host KV it read per step
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
              K/V its own attention computed for them; agreement = the share of steps whose
              greedy pick equals full attention's next token
@@ -44,6 +45,7 @@ from engine.models import load_model  # noqa: E402
 CONFIGS = {
     "default": OffloadConfig.preset("default", device="cpu"),
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
+    "wide": OffloadConfig.preset("wide", device="cpu"),  # reads more: what agreement a larger share buys
     "exact": OffloadConfig.preset("block", device="cpu", n_blocks=10**9, block_frac=1.0, estimate=False),
 }
 SOURCE = CONFIGS["default"]
@@ -63,11 +65,13 @@ def continuations(
     out = {}
     for name in configs:
         cfg = CONFIGS[name]
-        free = greedy(model, copy_state(source, model, cfg), logits, new, eos=set())
+        read = []
+        free = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), read=read)
         same = [a == b for a, b in zip(free, full)]
         out[name] = {
             "free_agreement": sum(same) / len(full),
             "first_difference": same.index(False) if False in same else len(full),
+            "kv_read_frac": sum(read) / len(read),
         }
         if forced:
             fed = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), forced=full)

@@ -192,14 +192,16 @@ def fidelity(result: dict) -> str:
 def generation(result: dict) -> str:
     cfg = result["config"]
     head = ["configuration", "free-running agreement", "first difference (token)", "teacher-forced agreement"]
+    head.append("host KV read")
     rows = []
     for name, e in result["summary"].items():
         cell = [
             f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if v else "not run"
             for v in (e["free_agreement"], e.get("forced_agreement"))
         ]
-        first = e["first_difference"]
-        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1]])
+        first, read = e["first_difference"], e.get("kv_read_frac")  # runs before the read share was kept: blank
+        read = f"{100 * read[0]:.2f}%" if read else ""
+        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1], read])
     return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)
 
 

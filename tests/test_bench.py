@@ -266,8 +266,10 @@ def test_eval_generation_quick(tmp_path):
     (row,) = result["per_prompt"]
     assert set(row) == {"default", "exact"} and "forced_agreement" not in row["default"]
     assert 0 <= row["default"]["free_agreement"] <= 1 and 0 <= row["default"]["first_difference"] <= 6
-    assert row["exact"] == {"free_agreement": 1.0, "first_difference": 6}
-    assert "not run" in script("report").generation(result)
+    assert row["exact"] == {"free_agreement": 1.0, "first_difference": 6, "kv_read_frac": 1.0}
+    assert 0 < row["default"]["kv_read_frac"] < 1
+    text = script("report").generation(result)
+    assert "not run" in text and "| 100.00% |" in text
 
 
 def test_accuracy_report_takes_cells_that_ran_some_configurations():
