@@ -53,6 +53,8 @@ CONFIGS = {
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
     # the default's selection without the estimate of unread tokens (not run unless asked for)
     "default-noest": OffloadConfig.preset("default", device="cpu", estimate=False),
+    # the default also rating the 3 tokens on each side of every token it reads (not run unless asked for)
+    "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),
 }
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

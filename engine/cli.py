@@ -41,6 +41,7 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-prob", type=float, help="adaptive: estimated attention probability to read a token")
     g.add_argument("--min-ratio", type=float, help="adaptive: ... and this multiple of the uniform share 1 / tokens")
     g.add_argument("--candidates", type=int, help="adaptive: key-index proposals ranked per query head")
+    g.add_argument("--neighbours", type=int, help="adaptive: also rate the tokens this close to each token read")
     g.add_argument(
         "--sketch-rank", type=int, help="adaptive: dimensions of a key sketch that ranks candidates (0: their keys)"
     )
@@ -68,6 +69,7 @@ def _offload_config(args):
         "min_prob",
         "min_ratio",
         "candidates",
+        "neighbours",
         "sketch_rank",
         "estimate",
         "n_sink",

@@ -38,7 +38,8 @@ class OffloadConfig:
     over the query group, reaches `min_prob` (and `min_ratio` times the uniform
     share 1 / tokens, which rules at short contexts) are read: layers and heads
     whose attention is spread over many host tokens read more, those that attend
-    to the resident tokens read less. (The rating comes with the key index: with
+    to the resident tokens read less; with `neighbours` r the tokens within r of
+    each token read are rated too. (The rating comes with the key index: with
     `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
     their block's mean key and mean value (engine.estimate).
@@ -56,6 +57,7 @@ class OffloadConfig:
     candidates: int = 192  # adaptive: key-index proposals looked at per query head
     min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
     min_ratio: float = 1.0  # adaptive: ... and this multiple of the uniform share 1 / tokens in the cache
+    neighbours: int = 0  # adaptive: also rate the tokens this close to each token read (attention comes in runs)
     sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
@@ -69,7 +71,8 @@ class OffloadConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
 
     def __post_init__(self):
-        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "sketch_rank", "recent")
+        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "neighbours", "sketch_rank")
+        ints += ("recent",)
         for name in (*ints, "max_build_queries", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -168,6 +168,10 @@ def select_host_ids(
     if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
         q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
         found, sketched = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
+        if cfg.neighbours:  # a needle's digits, a phrase: the indexes propose a run of heavy tokens only in part
+            near = neighbours(found, cfg.neighbours, layer.host.n)
+            more, rated = read_likely(layer, near, q_groups, scale, lse_resident, blocks)
+            found, sketched = torch.cat([found, more], dim=1), sketched + rated
     layer.stats.sketched = sketched
     parts = [] if found is None else [found]
     parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
@@ -234,6 +238,17 @@ def read_likely(layer, candidates, q, scale, lse_resident, blocks) -> tuple[torc
     p = torch.exp(s - lse.unsqueeze(-1)).mean(dim=1)  # [Hkv, C]
     keep = (sketchable >= 0) & (p >= read_threshold(layer.cfg, layer.n_seen))
     return torch.where(keep, candidates, -1), int((sketchable >= 0).sum())
+
+
+def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:
+    """ids [H, M] (-1 padded) -> [H, M'] per row the host ids in [0, n) within r positions of one
+    of its ids and not among them, ascending, -1 padded."""
+    offsets = torch.tensor([d for d in range(-r, r + 1) if d])
+    near = ids.unsqueeze(-1) + offsets  # [H, M, 2r]
+    near = torch.where((ids >= 0).unsqueeze(-1) & (near >= 0) & (near < n), near, -1).flatten(1)
+    rows = torch.arange(ids.shape[0]).unsqueeze(1)
+    taken = torch.isin(rows * n + near, (rows * n + ids)[ids >= 0])  # the row's own ids are read already
+    return unique_rows(torch.where(taken, -1, near))
 
 
 def read_threshold(cfg, n_tokens: int) -> float:

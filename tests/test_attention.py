@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.retrieval import read_threshold
+from engine.merge import attend
+from engine.retrieval import neighbours, read_threshold, select_host_ids
 from tests.conftest import tiny_llama
 
 # a fixed budget whose blocks (and key-index candidates) cover every host token
@@ -81,6 +82,34 @@ def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, 
         _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
         read.append(cache.step_stats()["gathered"])
     assert read[0] == read[1] > read[2]
+
+
+def test_neighbours_are_the_ids_next_to_a_rows_ids():
+    ids = torch.tensor([[5, 6, -1], [0, -1, -1], [-1, -1, -1]])
+    assert neighbours(ids, 2, 8).tolist() == [[3, 4, 7], [1, 2, -1], [-1, -1, -1]]
+
+
+def test_neighbours_rate_the_tokens_next_to_each_token_read(tiny_model, tiny_ids):
+    """With `neighbours` r the tokens within r of each token read are rated too: at threshold 0
+    all of them are read besides what was; at a threshold nothing passes, none."""
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, mode="ann", method="flat", candidates=2, min_ratio=0.0)
+    _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg.replace(min_prob=0.0), prefill=300)
+    layer = cache.layers[-1]
+    q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim, generator=torch.Generator().manual_seed(0))
+    scale = layer.head_dim**-0.5
+
+    def read(**change):
+        layer.cfg = cfg.replace(**change)
+        rk, rv, _ = layer.resident()
+        lse = attend(q.unsqueeze(2), rk, rv, scale)[1][..., 0]
+        blocks = layer.summary.scores(q, scale)
+        ids = select_host_ids(layer, q, q.reshape(-1, layer.head_dim).numpy(), scale, lse, blocks)
+        return [set(row[row >= 0].tolist()) for row in ids]
+
+    alone, near = read(min_prob=0.0), read(min_prob=0.0, neighbours=2)
+    for a, b in zip(alone, near):
+        assert b == a | {i + d for i in a for d in (-2, -1, 1, 2) if 0 <= i + d < layer.host.n} and b > a
+    assert read(min_prob=1.0, neighbours=2) == read(min_prob=1.0)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 33, 200])

@@ -33,6 +33,7 @@ def test_defaults_are_valid_and_frozen():
         (dict(min_ratio=-1.0), "min_ratio must be a non-negative number"),
         (dict(min_ratio=True), "min_ratio must be a non-negative number"),
         (dict(sketch_rank=-1), "sketch_rank must be a non-negative int"),
+        (dict(neighbours=-1), "neighbours must be a non-negative int"),
         (dict(estimate="yes"), "estimate must be True or False"),
         (dict(mode="block", n_blocks=0), "n_blocks must be >= 1"),
         (dict(device="gpu0"), "not a torch device"),
