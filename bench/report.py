@@ -106,13 +106,13 @@ def accuracy(result: dict) -> str:
     cells: dict[tuple, dict] = {}
     for r in rows_in:
         cells.setdefault((r["task"], r["context"]), {})[r["method"]] = r
-    header = ["task", "context", "full [95%]"] + [m for m in methods if m != "full"]
+    header = ["task", "context", "prompts", "full [95%]"] + [m for m in methods if m != "full"]
     header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in engines]
     rows, notes = [], []
     for (task, context), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         full = by["full"]
         lo, hi = full["accuracy_ci"]
-        row = [task, context, f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
+        row = [task, context, full["n"], f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
         for m in methods[1:]:
             r = by.get(m)
             row.append(

@@ -179,7 +179,7 @@ def test_report_pools_runs_over_other_seeds():
     assert pooled["default"]["accuracy"] == 0.25 and pooled["full"]["accuracy"] == 0.75
     assert pooled["default"]["attn_rel_err"] == pytest.approx(0.2)  # 0.1 and 0.3, two prompts each
     text = report.accuracy({"rows": rows})
-    assert "| passkey | 2048 | 75.0 [" in text and "25.0 (-50.0)" in text and "n = 4 prompts" in text
+    assert "| passkey | 2048 | 4 | 75.0 [" in text and "25.0 (-50.0)" in text and "n = 4 prompts" in text
     assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
     with pytest.raises(ValueError, match="share seeds"):
         report.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
