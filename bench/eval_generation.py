@@ -45,7 +45,6 @@ from engine.models import load_model  # noqa: E402
 CONFIGS = {
     "default": OffloadConfig.preset("default", device="cpu"),
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
-    "wide": OffloadConfig.preset("wide", device="cpu"),  # reads more: what agreement a larger share buys
     "exact": OffloadConfig.preset("block", device="cpu", n_blocks=10**9, block_frac=1.0, estimate=False),
 }
 SOURCE = CONFIGS["default"]
