@@ -244,6 +244,7 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
         for m in RETRIEVAL_METHODS:
             out[f"hybrid-{m}"] = ("hybrid", OffloadConfig(device="cpu", method=m, index_params=BENCH_PARAMS.get(m, {})))
         out["hybrid-block-only"] = ("hybrid", OffloadConfig.preset("block", device="cpu"))
+        out["hybrid-neighbours"] = ("hybrid", OffloadConfig(device="cpu", neighbours=3))  # what rating neighbours costs
     out["full-sdpa"] = ("full", None)
     out["offloaded-dynamic"] = ("offloaded", None)
     return out
