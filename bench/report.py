@@ -74,17 +74,21 @@ def pool(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["context"], r["method"]), []).append(r)
+
+    def first(r):
+        return r.get("first", 0)  # runs before --first started at seed 0
+
     pooled = []
     for key, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.get("first", 0))
+        rs = sorted(rs, key=first)
         for a, b in zip(rs, rs[1:]):
-            if a.get("first", 0) + a["n"] > b.get("first", 0):
-                raise ValueError(f"{key}: two runs share seeds from {b.get('first', 0)} on; pool disjoint runs only")
+            if first(a) + a["n"] > first(b):
+                raise ValueError(f"{key}: two runs share seeds from {first(b)} on; pool disjoint runs only")
         if len(rs) == 1:
             pooled.append(rs[0])
             continue
         n = sum(r["n"] for r in rs)
-        row = {"task": key[0], "context": key[1], "method": key[2], "first": rs[0].get("first", 0), "n": n}
+        row = {"task": key[0], "context": key[1], "method": key[2], "first": first(rs[0]), "n": n}
         row["accuracy"] = sum(r["accuracy"] * r["n"] for r in rs) / n
         row["accuracy_ci"] = list(wilson_interval(row["accuracy"], n))
         if all("scores" in r for r in rs):
@@ -191,8 +195,13 @@ def fidelity(result: dict) -> str:
 
 def generation(result: dict) -> str:
     cfg = result["config"]
-    head = ["configuration", "free-running agreement", "first difference (token)", "teacher-forced agreement"]
-    head.append("host KV read")
+    head = [
+        "configuration",
+        "free-running agreement",
+        "first difference (token)",
+        "teacher-forced agreement",
+        "host KV read",
+    ]
     rows = []
     for name, e in result["summary"].items():
         cell = [

@@ -71,8 +71,10 @@ class OffloadConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
 
     def __post_init__(self):
-        ints = ("n_sink", "window", "block_size", "n_blocks", "top_k", "candidates", "neighbours", "sketch_rank")
-        ints += ("recent",)
+        ints = (
+            *("n_sink", "window", "block_size", "n_blocks", "top_k"),
+            *("candidates", "neighbours", "sketch_rank", "recent"),
+        )
         for name in (*ints, "max_build_queries", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

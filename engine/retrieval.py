@@ -167,10 +167,10 @@ def select_host_ids(
     sketched = 0
     if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
         q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
-        found, sketched = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
+        found, sketched, lse = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
         if cfg.neighbours:  # a needle's digits, a phrase: the indexes propose a run of heavy tokens only in part
             near = neighbours(found, cfg.neighbours, layer.host.n)
-            more, rated = read_likely(layer, near, q_groups, scale, lse_resident, blocks)
+            more, rated, _ = read_likely(layer, near, q_groups, scale, lse_resident, blocks, lse)
             found, sketched = torch.cat([found, more], dim=1), sketched + rated
     layer.stats.sketched = sketched
     parts = [] if found is None else [found]
@@ -223,21 +223,22 @@ def always_read(layer) -> np.ndarray:
     return np.arange(start, layer.host.n)
 
 
-def read_likely(layer, candidates, q, scale, lse_resident, blocks) -> tuple[torch.Tensor, int]:
+def read_likely(layer, candidates, q, scale, lse_resident, blocks, lse=None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The candidates [Hkv, C] (-1 padded) worth reading: those whose attention probability,
     estimated from the key sketch and averaged over the query group q [Hkv, G, D], reaches
-    `read_threshold`. The softmax denominator is the resident tokens' exact mass plus the block
-    summary's estimate of the host tokens' (without a summary: the candidates' sketched mass).
-    Returns (ids [Hkv, C], sketch rows scored)."""
+    `read_threshold`. The softmax denominator `lse` [Hkv, G] is the resident tokens' exact mass
+    plus the block summary's estimate of the host tokens' (without a summary: the candidates'
+    sketched mass); a later pass over more candidates passes the first pass's in.
+    Returns (ids [Hkv, C], sketch rows scored, lse)."""
     sketchable = torch.where(candidates < layer.sketch.n, candidates, -1)  # newer ones are read anyway
     s = layer.sketch.scores(q, sketchable).mul_(scale)  # [Hkv, G, C]
-    if blocks is not None:
+    if lse is None and blocks is not None:
         lse = torch.logaddexp(lse_resident.float(), layer.summary.log_mass(blocks)).cpu()
-    else:
+    elif lse is None:
         lse = torch.logaddexp(lse_resident.float().cpu(), torch.logsumexp(s, dim=-1))
     p = torch.exp(s - lse.unsqueeze(-1)).mean(dim=1)  # [Hkv, C]
     keep = (sketchable >= 0) & (p >= read_threshold(layer.cfg, layer.n_seen))
-    return torch.where(keep, candidates, -1), int((sketchable >= 0).sum())
+    return torch.where(keep, candidates, -1), int((sketchable >= 0).sum()), lse
 
 
 def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:
