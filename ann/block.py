@@ -143,17 +143,20 @@ class BlockIndex:
             grown[:, :, : self._lm.shape[2]] = self._lm
             self._lm = grown
 
-    def block_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule)."""
-        nb = self.n_blocks
+    def block_scores(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule), or
+        [H, F] of the blocks `blocks` [H, F] only (each head its own)."""
         q = q.to(self.device, self.dtype)
-        lo = self._lm[0, :, :nb]  # [H, nb, D]
+
+        def rows(lm: torch.Tensor) -> torch.Tensor:  # [H, nb | F, D]
+            return lm[:, : self.n_blocks] if blocks is None else head_rows(lm, blocks.to(self.device))
+
         if self.landmark == "mean":
-            s = head_matmul(q, lo.transpose(1, 2))  # [H, G, nb]
-        else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block
-            hi = self._lm[1, :, :nb]
-            qe = q.unsqueeze(2)  # [H, G, 1, D]
-            s = torch.maximum(qe * lo.unsqueeze(1), qe * hi.unsqueeze(1)).sum(-1)  # [H, G, nb]
+            s = head_matmul(q, rows(self._lm[0]).transpose(1, 2))  # [H, G, nb]
+        else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
+            # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
+            lo, hi = rows(self._lm[0]), rows(self._lm[1])
+            s = head_matmul(q.clamp_min(0), hi.transpose(1, 2)) + head_matmul(q.clamp_max(0), lo.transpose(1, 2))
         return group_block_scores(s)
 
     def select(
@@ -166,8 +169,9 @@ class BlockIndex:
         the same M and needs no -1 padding; ids within a row are distinct.
         `scores` [H, G, n_blocks], each head's q . landmark times any positive
         scale, may be passed when the caller has computed them already (mean
-        landmarks only), or scores [H, G, F] of the blocks `scored` [H, F] only (the
-        others are not chosen). Sets `scanned` to the landmarks scored (H · G · full blocks)."""
+        landmarks only), or scores [H, G, F] of the blocks `scored` [H, F] only; with
+        `scored` alone, only those blocks are scored (the others are not chosen either way).
+        Sets `scanned` to the landmarks scored (H · G · blocks scored)."""
         if q.dim() != 3 or q.shape[0] != self.n_heads or q.shape[2] != self.dim:
             raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
         if n_blocks < 0:
@@ -178,7 +182,7 @@ class BlockIndex:
         self.scanned = self.n_heads * q.shape[1] * (nb if scored is None else scored.shape[1])
         if take == 0:
             return tail.clone()
-        group = self.block_scores(q) if scores is None else group_block_scores(scores.to(self.device))
+        group = self.block_scores(q, scored) if scores is None else group_block_scores(scores.to(self.device))
         best = torch.topk(group, take, dim=1).indices  # [H, take]
         if scored is not None:
             best = scored.to(self.device).gather(1, best)

@@ -50,7 +50,9 @@ CONFIGS = {
     "fixed": OffloadConfig.preset("fixed", device="cpu"),
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
     "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),  # not run unless asked for
+    "quest": OffloadConfig.preset("default", device="cpu", landmark="minmax"),  # not run unless asked for
 }
+ON_REQUEST = ("neighbours", "quest")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
 
@@ -131,7 +133,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, help="prompt tokens; default 4096 (--quick: 512)")
     p.add_argument("--steps", type=int, help="decode steps per prompt; default 24 (--quick: 4)")
     p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c != "neighbours"])
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)

@@ -70,13 +70,18 @@ def decode(result: dict) -> str:
 
 def pool(rows: list[dict]) -> list[dict]:
     """One row per (task, context, method): the rows of runs over other seeds (`first`) pooled,
-    their per-prompt scores joined in seed order and the means weighted by prompts."""
+    their per-prompt scores joined in seed order and the means weighted by prompts. A run that
+    repeats another's seeds with the same scores (full attention beside each configuration
+    run apart) counts once; one that differs is refused."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["context"], r["method"]), []).append(r)
 
     def first(r):
         return r.get("first", 0)  # runs before --first started at seed 0
+
+    for r in rows:
+        same = groups.setdefault((r["task"], r["context"], r["method"]), [])
+        if not any((first(o), o["n"], o.get("scores")) == (first(r), r["n"], r.get("scores")) for o in same):
+            same.append(r)
 
     pooled = []
     for key, rs in groups.items():

@@ -186,9 +186,9 @@ def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch
     cfg = layer.cfg
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
-        shared = blocks is not None and layer.blocks is layer.summary.keys  # its scores are computed already
         n = cfg.blocks_per_step(layer.blocks.n_blocks)
-        scores, scored = (blocks.logits, blocks.fine) if shared else (None, None)  # two levels: the blocks scored
+        scored = None if blocks is None else blocks.fine  # two levels: the blocks the summary expanded
+        scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None  # computed
         if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
             scores, scored = None, None
         parts.append(layer.blocks.select(q, n, scores, scored).cpu())

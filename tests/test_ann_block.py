@@ -62,6 +62,28 @@ def test_select_returns_best_blocks_then_tail(landmark):
         assert (blocks == blocks[:, :1] + torch.arange(b)).all(), "whole blocks of consecutive tokens"
 
 
+@pytest.mark.parametrize("landmark", ["mean", "minmax"])
+def test_select_among_some_blocks_scores_only_those(landmark):
+    g = torch.Generator().manual_seed(3)
+    h, gq, d, b = 2, 3, 8, 4
+    keys, q = torch.randn(h, 80, d, generator=g), torch.randn(h, gq, d, generator=g)  # 20 full blocks
+    idx = BlockIndex(h, d, block_size=b, landmark=landmark)
+    idx.add(keys)
+    scored = torch.stack([torch.randperm(20, generator=g)[:7] for _ in range(h)])  # each head its own 7 blocks
+    ids = idx.select(q, 2, scored=scored)
+    assert ids.shape == (h, 2 * b) and idx.scanned == h * gq * 7
+    mean, lo, hi = ref_landmarks(keys, b)
+    for head in range(h):
+        blocks = scored[head]
+        if landmark == "mean":
+            s = q[head] @ mean[head, blocks].T  # [G, 7]
+        else:
+            qe = q[head][:, None]
+            s = torch.maximum(qe * lo[head, blocks][None], qe * hi[head, blocks][None]).sum(-1)
+        want = set(blocks[torch.topk((s - s.amax(1, keepdim=True)).amax(0), 2).indices].tolist())
+        assert set((ids[head] // b).tolist()) == want
+
+
 def test_minmax_bound_holds_for_every_key():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(1, 64, 8, generator=g)

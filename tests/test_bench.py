@@ -154,7 +154,8 @@ def test_eval_accuracy_rejects_bad_counts(argv, capsys):
 
 def test_report_pools_runs_over_other_seeds():
     """Two runs of a cell over disjoint seeds count as one cell of their prompts together, in
-    the accuracy table and the paired differences; runs that share seeds are refused."""
+    the accuracy table and the paired differences; runs that share seeds are refused unless they
+    repeat the same scores (full attention beside each configuration run apart), which count once."""
     report = script("report")
 
     def row(method, first, scores):
@@ -183,6 +184,10 @@ def test_report_pools_runs_over_other_seeds():
     assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
     with pytest.raises(ValueError, match="share seeds"):
         report.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
+    with pytest.raises(ValueError, match="share seeds"):  # the same seeds, other answers
+        report.pool([row("full", 0, [1, 1]), row("full", 0, [1, 0])])
+    again = report.pool(rows + [row("full", 2, [1, 0]), row("quest", 2, [1, 1])])  # a second run's reference
+    assert {r["method"]: r["n"] for r in again} == {"full": 4, "default": 4, "quest": 2}
 
 
 def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):

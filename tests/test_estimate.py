@@ -161,3 +161,31 @@ def test_two_levels_in_the_engine_stay_exact_when_everything_is_read(
         assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
         summary = cache.layers[0].summary
         assert summary.coarse_keys.n_blocks > summary.expand  # the two levels were used
+
+
+def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
+    monkeypatch, tiny_model, tiny_ids, tiny_full_logits
+):
+    """With Quest landmarks beside the summary, a step bounds only the blocks the summary's two
+    levels expanded and chooses among them; reading everything stays exact."""
+    from engine import estimate
+    from engine.retrieval import candidates
+    from tests.test_attention import COVER_ALL_HYBRID, run_hybrid
+
+    monkeypatch.setattr(estimate, "GROUP", 2)
+    monkeypatch.setattr(estimate, "EXPAND", 1)
+    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :260], OffloadConfig(**COVER_ALL_HYBRID, landmark="minmax"), 200)
+    assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, mode="block", n_blocks=2, block_frac=1.0, landmark="minmax")
+    _, cache = run_hybrid(tiny_model, tiny_ids[:, :201], cfg, prefill=200)
+    layer = cache.layers[0]
+    assert layer.blocks is not layer.summary.keys and layer.summary.coarse_keys.n_blocks > layer.summary.expand
+    q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim, generator=torch.Generator().manual_seed(0))
+    scores = layer.summary.scores(q, 1.0)
+    ids = candidates(layer, q, q.reshape(-1, layer.head_dim).numpy(), scores)
+    heads = q.shape[0] * q.shape[1]
+    assert layer.stats.scanned == heads * scores.fine.shape[1] < heads * layer.blocks.n_blocks
+    full = layer.blocks.n_blocks * cfg.block_size
+    for h in range(layer.n_kv_heads):
+        blocks = set((ids[h][(ids[h] >= 0) & (ids[h] < full)] // cfg.block_size).tolist())
+        assert len(blocks) == 2 and blocks <= set(scores.fine[h].tolist())
