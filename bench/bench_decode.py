@@ -245,7 +245,7 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
             out[f"hybrid-{m}"] = ("hybrid", OffloadConfig(device="cpu", method=m, index_params=BENCH_PARAMS.get(m, {})))
         out["hybrid-block-only"] = ("hybrid", OffloadConfig.preset("block", device="cpu"))
         out["hybrid-neighbours"] = ("hybrid", OffloadConfig(device="cpu", neighbours=3))  # what rating neighbours costs
-        out["hybrid-quest"] = ("hybrid", OffloadConfig(device="cpu", landmark="minmax"))  # blocks by Quest's bound
+        out["hybrid-mean-blocks"] = ("hybrid", OffloadConfig(device="cpu", landmark="mean"))  # blocks by mean key
     out["full-sdpa"] = ("full", None)
     out["offloaded-dynamic"] = ("offloaded", None)
     return out

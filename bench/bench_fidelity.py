@@ -50,9 +50,9 @@ CONFIGS = {
     "fixed": OffloadConfig.preset("fixed", device="cpu"),
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
     "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),  # not run unless asked for
-    "quest": OffloadConfig.preset("default", device="cpu", landmark="minmax"),  # not run unless asked for
+    "mean-blocks": OffloadConfig.preset("default", device="cpu", landmark="mean"),  # blocks by mean key, as before
 }
-ON_REQUEST = ("neighbours", "quest")
+ON_REQUEST = ("neighbours", "mean-blocks")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
 

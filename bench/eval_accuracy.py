@@ -55,9 +55,8 @@ CONFIGS = {
     "default-noest": OffloadConfig.preset("default", device="cpu", estimate=False),
     # the default also rating the 3 tokens on each side of every token it reads (not run unless asked for)
     "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),
-    # the default choosing its candidate blocks by Quest's bound (per-channel min and max keys) instead
-    # of the mean key (not run unless asked for)
-    "quest": OffloadConfig.preset("default", device="cpu", landmark="minmax"),
+    # the default choosing its candidate blocks by mean key, as before Quest's bound (not run unless asked for)
+    "mean-blocks": OffloadConfig.preset("default", device="cpu", landmark="mean"),
 }
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

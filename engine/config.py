@@ -28,7 +28,9 @@ class OffloadConfig:
     `window` most recent ones (resident on the device), plus host tokens.
     Candidates come from the host key index (`mode="ann"`), the device block
     index (`"block"`: blocks of `block_size` tokens, a `block_frac` share of
-    the host blocks, at most `n_blocks`), or both (`"hybrid"`). With
+    the host blocks, at most `n_blocks`, those whose `landmark` scores best:
+    Quest's bound from per-channel min and max keys, or the mean key), or both
+    (`"hybrid"`). With
     `budget="fixed"` every candidate is read: `top_k` per query head from the
     key index, plus the blocks. With `budget="adaptive"` the key index
     proposes `candidates` per query head (and, in `"hybrid"` mode, the block
@@ -61,7 +63,7 @@ class OffloadConfig:
     sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
-    landmark: str = "mean"
+    landmark: str = "minmax"  # blocks by Quest's bound: a few heavy tokens in a block of filler lift it
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
     build_workers: int = 1  # threads building host indexes during the prefill (0: after it, in the caller's)
@@ -170,9 +172,9 @@ PRESETS: dict[str, OffloadConfig] = {
     "wide": OffloadConfig(window=512, min_prob=5e-5, min_ratio=0.0, candidates=384),
     # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
     # per query head (the default before the adaptive budget, estimate aside).
-    "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16, n_blocks=64),
-    # Device block index alone: no host index to build.
-    "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64),
+    "fixed": OffloadConfig(mode="hybrid", budget="fixed", window=128, block_size=16, n_blocks=64, landmark="mean"),
+    # Device block index alone: no host index to build (blocks by mean key, which the summary keeps anyway).
+    "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64, landmark="mean"),
 }
 
 

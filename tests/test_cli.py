@@ -24,7 +24,7 @@ def test_plan_llama3_8b_fits_24gb(capsys):
     out = capsys.readouterr().out
     assert "fits" in out and "does NOT fit" not in out
     beside = float(out.split("device bytes beside weights:")[1].split()[0])
-    assert beside <= 2.0
+    assert beside <= 3.0  # the target: at most 3 GiB beside the weights
 
 
 def test_plan_reports_a_budget_that_does_not_fit(capsys):
