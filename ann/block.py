@@ -147,9 +147,10 @@ class BlockIndex:
         """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule), or
         [H, F] of the blocks `blocks` [H, F] only (each head its own)."""
         q = q.to(self.device, self.dtype)
+        blocks = None if blocks is None else blocks.to(self.device)  # once, for both landmarks of minmax
 
         def rows(lm: torch.Tensor) -> torch.Tensor:  # [H, nb | F, D]
-            return lm[:, : self.n_blocks] if blocks is None else head_rows(lm, blocks.to(self.device))
+            return lm[:, : self.n_blocks] if blocks is None else head_rows(lm, blocks)
 
         if self.landmark == "mean":
             s = head_matmul(q, rows(self._lm[0]).transpose(1, 2))  # [H, G, nb]
