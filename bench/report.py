@@ -89,11 +89,12 @@ def pool(rows: list[dict]) -> list[dict]:
         for a, b in zip(rs, rs[1:]):
             if first(a) + a["n"] > first(b):
                 raise ValueError(f"{key}: two runs share seeds from {first(b)} on; pool disjoint runs only")
+        seeds = [s for r in rs for s in range(first(r), first(r) + r["n"])]
         if len(rs) == 1:
-            pooled.append(rs[0])
+            pooled.append(dict(rs[0], seeds=seeds))
             continue
         n = sum(r["n"] for r in rs)
-        row = {"task": key[0], "context": key[1], "method": key[2], "first": first(rs[0]), "n": n}
+        row = {"task": key[0], "context": key[1], "method": key[2], "first": first(rs[0]), "n": n, "seeds": seeds}
         row["accuracy"] = sum(r["accuracy"] * r["n"] for r in rs) / n
         row["accuracy_ci"] = list(wilson_interval(row["accuracy"], n))
         if all("scores" in r for r in rs):
@@ -124,9 +125,12 @@ def accuracy(result: dict) -> str:
         row = [task, context, full["n"], f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
         for m in methods[1:]:
             r = by.get(m)
-            row.append(
-                "" if r is None else f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - full['accuracy']):+.1f})"
-            )
+            if r is None:
+                row.append("")
+                continue
+            ref = on_seeds(full, r)
+            part = "" if ref is full else f"; {r['n']} prompts"
+            row.append(f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - ref['accuracy']):+.1f}{part})")
         ran = [e for e in engines if e in by]  # a cell may have run some configurations only
         row += [f"{100 * by[e]['kv_read_frac']:.1f}%" if e in by else "" for e in engines]
         row += [
@@ -134,9 +138,10 @@ def accuracy(result: dict) -> str:
         ]
         rows.append(row)
         for e in ran:
-            acc = by[e]["accuracy"]
-            if full["accuracy"] >= 0.2 and full["accuracy"] - acc > 0.02:
-                notes.append(f"{e}: {task} at {context} is {100 * (full['accuracy'] - acc):.1f} points below full")
+            acc, ref = by[e]["accuracy"], on_seeds(full, by[e])
+            lo = ref["accuracy_ci"][0]
+            if ref["accuracy"] >= 0.2 and ref["accuracy"] - acc > 0.02:
+                notes.append(f"{e}: {task} at {context} is {100 * (ref['accuracy'] - acc):.1f} points below full")
             if acc < lo:
                 notes.append(f"{e}: {task} at {context} lies below full attention's 95% interval")
     n = sorted({r["n"] for r in rows_in})
@@ -148,17 +153,37 @@ def accuracy(result: dict) -> str:
     return text + ("\n\n" + paired if paired else "")
 
 
+def on_seeds(full: dict, row: dict) -> dict:
+    """Full attention's pooled row over the prompts `row` answered: the whole cell, or where a
+    configuration ran on part of it only, those prompts (so that both answer the same ones)."""
+    if row["seeds"] == full["seeds"]:
+        return full
+    where = {s: i for i, s in enumerate(full["seeds"])}
+    if "scores" not in full or any(s not in where for s in row["seeds"]):
+        raise ValueError(f"{row['method']}: full attention has no scores for some of its prompts")
+    scores = [full["scores"][where[s]] for s in row["seeds"]]
+    acc = sum(scores) / len(scores)
+    return dict(
+        full,
+        n=len(scores),
+        seeds=row["seeds"],
+        scores=scores,
+        accuracy=acc,
+        accuracy_ci=list(wilson_interval(acc, len(scores))),
+    )
+
+
 def paired_differences(cells: dict, methods: list[str]) -> str:
     """Each method's difference from full attention prompt by prompt (rows with per-prompt
     `scores`): the mean with a 95% t interval, which is narrower than the two cells'
     intervals apart because both answer the same prompts."""
     rows = []
     for (task, context), by in sorted(cells.items()):
-        full = by["full"].get("scores")
         for m in methods:
             scores = by.get(m, {}).get("scores")
-            if full is None or scores is None or len(scores) != len(full):
+            if scores is None or "scores" not in by["full"]:
                 continue
+            full = on_seeds(by["full"], by[m])["scores"]
             diff = [a - b for a, b in zip(scores, full)]
             mean, lo, hi = mean_interval(diff)
             better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)

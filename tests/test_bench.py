@@ -190,6 +190,34 @@ def test_report_pools_runs_over_other_seeds():
     assert {r["method"]: r["n"] for r in again} == {"full": 4, "default": 4, "quest": 2}
 
 
+def test_report_compares_a_configuration_run_on_part_of_a_cell_with_full_attention_on_those_prompts():
+    report = script("report")
+
+    def row(method, first, scores):
+        return {
+            "task": "passkey",
+            "context": 2048,
+            "method": method,
+            "first": first,
+            "n": len(scores),
+            "accuracy": sum(scores) / len(scores),
+            "accuracy_ci": [0.0, 1.0],
+            "scores": scores,
+            "agreement": None,
+            "attn_rel_err": 0.1,
+            "kv_read_frac": 0.04,
+        }
+
+    # full attention: 1, 1 on seeds 0-1 and 1, 0 on seeds 2-3; "quest" ran seeds 2-3 only
+    rows = [row("full", 0, [1, 1]), row("full", 2, [1, 0]), row("quest", 2, [1, 1])]
+    text = report.accuracy({"rows": rows})
+    assert "100.0 (+50.0; 2 prompts)" in text  # against full attention's 50% on seeds 2-3, not its 75% on all four
+    assert "| passkey | 2048 | quest | +50.0 [" in text and "| 1 | 0 |" in text
+    assert "below full" not in text
+    with pytest.raises(ValueError, match="no scores for some of its prompts"):
+        report.accuracy({"rows": [row("full", 0, [1, 1]), row("quest", 2, [1, 1])]})
+
+
 def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     """Without CUDA the GPU check runs at toy sizes: exactness holds and every case reports."""
     out = tmp_path / "gpu.json"
