@@ -152,28 +152,29 @@ def test_eval_accuracy_rejects_bad_counts(argv, capsys):
     assert e.value.code == 2 and argv[0] in capsys.readouterr().err
 
 
+def passkey_run(method: str, first: int, scores: list[float]) -> dict:
+    """An eval_accuracy result row of a 2K passkey cell over seeds first..first + len(scores) - 1."""
+    return {
+        "task": "passkey",
+        "context": 2048,
+        "method": method,
+        "first": first,
+        "n": len(scores),
+        "accuracy": sum(scores) / len(scores),
+        "accuracy_ci": [0.0, 1.0],
+        "scores": scores,
+        "agreement": None,
+        "attn_rel_err": 0.0 if method == "full" else 0.1 * (1 + first),
+        "kv_read_frac": 0.04,
+    }
+
+
 def test_report_pools_runs_over_other_seeds():
     """Two runs of a cell over disjoint seeds count as one cell of their prompts together, in
     the accuracy table and the paired differences; runs that share seeds are refused unless they
     repeat the same scores (full attention beside each configuration run apart), which count once."""
     report = script("report")
-
-    def row(method, first, scores):
-        acc = sum(scores) / len(scores)
-        return {
-            "task": "passkey",
-            "context": 2048,
-            "method": method,
-            "first": first,
-            "n": len(scores),
-            "accuracy": acc,
-            "accuracy_ci": [0.0, 1.0],
-            "scores": scores,
-            "agreement": None,
-            "attn_rel_err": 0.0 if method == "full" else 0.1 * (1 + first),
-            "kv_read_frac": 0.04,
-        }
-
+    row = passkey_run
     rows = [row("full", 0, [1, 1]), row("default", 0, [1, 0]), row("full", 2, [1, 0]), row("default", 2, [0, 0])]
     pooled = {r["method"]: r for r in report.pool(rows)}
     assert pooled["default"]["n"] == 4 and pooled["default"]["scores"] == [1, 0, 0, 0]
@@ -192,22 +193,7 @@ def test_report_pools_runs_over_other_seeds():
 
 def test_report_compares_a_configuration_run_on_part_of_a_cell_with_full_attention_on_those_prompts():
     report = script("report")
-
-    def row(method, first, scores):
-        return {
-            "task": "passkey",
-            "context": 2048,
-            "method": method,
-            "first": first,
-            "n": len(scores),
-            "accuracy": sum(scores) / len(scores),
-            "accuracy_ci": [0.0, 1.0],
-            "scores": scores,
-            "agreement": None,
-            "attn_rel_err": 0.1,
-            "kv_read_frac": 0.04,
-        }
-
+    row = passkey_run
     # full attention: 1, 1 on seeds 0-1 and 1, 0 on seeds 2-3; "quest" ran seeds 2-3 only
     rows = [row("full", 0, [1, 1]), row("full", 2, [1, 0]), row("quest", 2, [1, 1])]
     text = report.accuracy({"rows": rows})
