@@ -51,8 +51,9 @@ CONFIGS = {
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
     "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),  # not run unless asked for
     "mean-blocks": OffloadConfig.preset("default", device="cpu", landmark="mean"),  # blocks by mean key, as before
+    "fewer-blocks": OffloadConfig.preset("default", device="cpu", block_frac=0.04),  # 4% of the blocks, as before
 }
-ON_REQUEST = ("neighbours", "mean-blocks")
+ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
 

@@ -55,6 +55,14 @@ def test_blocks_per_step_is_a_share_of_the_host_blocks_with_a_cap():
     assert cfg.blocks_per_step(100_000) == 64
 
 
+def test_default_takes_its_full_share_of_blocks_from_4k_tokens_and_the_fixed_presets_keep_4_percent():
+    # 4,096 tokens less the resident ones are 120 host blocks of 32; 131,072 tokens, about 4,088
+    default = OffloadConfig()
+    assert [default.blocks_per_step(n) for n in (56, 120, 4088)] == [5, 8, 8]
+    for name in ("fixed", "block"):
+        assert OffloadConfig.preset(name).blocks_per_step(120) == 5  # the earlier defaults' 4%
+
+
 def test_presets():
     assert set(PRESETS) >= {"default", "tight", "wide"}
     assert OffloadConfig.preset("tight", top_k=7).top_k == 7
