@@ -116,11 +116,13 @@ def accuracy(result: dict) -> str:
     cells: dict[tuple, dict] = {}
     for r in rows_in:
         cells.setdefault((r["task"], r["context"]), {})[r["method"]] = r
+    # full attention over the prompts each configuration answered, per cell
+    refs = {cell: {m: on_seeds(by["full"], r) for m, r in by.items()} for cell, by in cells.items()}
     header = ["task", "context", "prompts", "full [95%]"] + [m for m in methods if m != "full"]
     header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in engines]
     rows, notes = [], []
     for (task, context), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        full = by["full"]
+        full, ref_of = by["full"], refs[(task, context)]
         lo, hi = full["accuracy_ci"]
         row = [task, context, full["n"], f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
         for m in methods[1:]:
@@ -128,7 +130,7 @@ def accuracy(result: dict) -> str:
             if r is None:
                 row.append("")
                 continue
-            ref = on_seeds(full, r)
+            ref = ref_of[m]
             part = "" if ref is full else f"; {r['n']} prompts"
             row.append(f"{100 * r['accuracy']:.1f} ({100 * (r['accuracy'] - ref['accuracy']):+.1f}{part})")
         ran = [e for e in engines if e in by]  # a cell may have run some configurations only
@@ -138,18 +140,17 @@ def accuracy(result: dict) -> str:
         ]
         rows.append(row)
         for e in ran:
-            acc, ref = by[e]["accuracy"], on_seeds(full, by[e])
-            lo = ref["accuracy_ci"][0]
+            acc, ref = by[e]["accuracy"], ref_of[e]
             if ref["accuracy"] >= 0.2 and ref["accuracy"] - acc > 0.02:
                 notes.append(f"{e}: {task} at {context} is {100 * (ref['accuracy'] - acc):.1f} points below full")
-            if acc < lo:
+            if acc < ref["accuracy_ci"][0]:
                 notes.append(f"{e}: {task} at {context} lies below full attention's 95% interval")
     n = sorted({r["n"] for r in rows_in})
     text = f"accuracy % (difference from full attention), n = {', '.join(map(str, n))} prompts per cell\n\n" + table(
         header, rows
     )
     text += "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
-    paired = paired_differences(cells, methods[1:])
+    paired = paired_differences(cells, refs, methods[1:])
     return text + ("\n\n" + paired if paired else "")
 
 
@@ -173,17 +174,18 @@ def on_seeds(full: dict, row: dict) -> dict:
     )
 
 
-def paired_differences(cells: dict, methods: list[str]) -> str:
+def paired_differences(cells: dict, refs: dict, methods: list[str]) -> str:
     """Each method's difference from full attention prompt by prompt (rows with per-prompt
-    `scores`): the mean with a 95% t interval, which is narrower than the two cells'
-    intervals apart because both answer the same prompts."""
+    `scores`; refs: full attention's row over each method's prompts, see `on_seeds`): the mean
+    with a 95% t interval, which is narrower than the two cells' intervals apart because both
+    answer the same prompts."""
     rows = []
     for (task, context), by in sorted(cells.items()):
         for m in methods:
             scores = by.get(m, {}).get("scores")
-            if scores is None or "scores" not in by["full"]:
+            full = refs[(task, context)].get(m, {}).get("scores")
+            if scores is None or full is None:
                 continue
-            full = on_seeds(by["full"], by[m])["scores"]
             diff = [a - b for a, b in zip(scores, full)]
             mean, lo, hi = mean_interval(diff)
             better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
