@@ -104,6 +104,7 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     if layer.key_index is None and layer.cfg.mode != "block":
         layer.query_sample.add(q.reshape(Hkv * G, Q, D), torch.arange(first, layer.n_seen))
     o, lse = attend(q, *layer.last_added, scale, causal=True)
+    layer.last_added = None  # read once: every layer holding its chunk until its next update adds up on the device
     rk, rv, rpos = layer.resident()
     earlier = np.flatnonzero(rpos < first)
     if len(earlier):

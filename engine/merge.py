@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import PREFILL_KEY_BLOCK
+from engine.store import rows_on
 
 
 def merge_states(
@@ -30,12 +31,26 @@ def merge_states(
     return o, safe + total.log()
 
 
-# PyTorch's CPU flash-attention kernel also returns the log-sum-exp that merging needs.
-_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# PyTorch's flash-attention kernels also return the log-sum-exp that merging needs.
+_cpu_flash_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cuda_flash_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
 
 
-def _use_cpu_flash(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and _cpu_flash is not None
+def _cpu_flash(q, k, v, causal: bool, scale: float):
+    return _cpu_flash_op(q, k, v, 0.0, causal, attn_mask=None, scale=scale)[:2]
+
+
+def _cuda_flash(q, k, v, causal: bool, scale: float):
+    return _cuda_flash_op(q, k, v, 0.0, causal, False, scale=scale)[:2]
+
+
+def _flash(q: torch.Tensor):
+    """The fused kernel for q's device and dtype (o, lse of q [1, H, Q, D]), or None: then
+    attention is a plain matmul-softmax-matmul in fp32 (on a GPU, many times slower)."""
+    if q.device.type == "cpu":
+        return _cpu_flash if _cpu_flash_op is not None else None
+    cuda_ok = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+    return _cuda_flash if q.device.type == "cuda" and cuda_ok and _cuda_flash_op is not None else None
 
 
 def attend(
@@ -61,13 +76,13 @@ def attend(
         if k.shape[1] != Q:
             raise ValueError(f"causal attention needs as many keys as queries, got {k.shape[1]} and {Q}")
         return _attend_causal(q, k.to(q.device), v.to(q.device), scale, block)
-    if _use_cpu_flash(q) and k.device == q.device:
+    if _flash(q) is not None and k.device == q.device:
         return _attend_block(q, k, v, scale, causal=False)  # the flash kernel tiles over the keys itself
     o = q.new_zeros((Hkv, G, Q, D), dtype=torch.float32)
     lse = q.new_full((Hkv, G, Q), float("-inf"), dtype=torch.float32)
     for start in range(0, k.shape[1], block):
-        kb = k[:, start : start + block].to(q.device, non_blocking=True)  # [Hkv, b, D]
-        vb = v[:, start : start + block].to(q.device, non_blocking=True)
+        kb = rows_on(k[:, start : start + block], q.device)  # [Hkv, b, D]
+        vb = rows_on(v[:, start : start + block], q.device)
         o, lse = merge_states(o, lse, *_attend_block(q, kb, vb, scale, causal=False))
     return o, lse
 
@@ -75,7 +90,7 @@ def attend(
 def _attend_causal(q, k, v, scale, block):
     """Query block i attends to key blocks < i in full and to block i causally."""
     Q = q.shape[2]
-    if Q <= block or _use_cpu_flash(q):  # the flash kernel tiles by itself
+    if Q <= block or _flash(q) is not None:  # the flash kernel tiles by itself
         return _attend_block(q, k, v, scale, causal=True)
     outs, lses = [], []
     for start in range(0, Q, block):
@@ -93,7 +108,8 @@ def _attend_block(q, k, v, scale, causal):
     Hkv, G, Q, D = q.shape
     if k.shape[1] == 0:
         return q.new_zeros((Hkv, G, Q, D), dtype=torch.float32), q.new_full((Hkv, G, Q), float("-inf"))
-    if _use_cpu_flash(q):
+    flash = _flash(q)
+    if flash is not None:
         if causal:  # row i sees keys <= i: each query head needs its own copy of the (chunk-sized) keys
             qh = q.reshape(1, Hkv * G, Q, D)
             kh = k.unsqueeze(1).expand(Hkv, G, -1, D).reshape(1, Hkv * G, -1, D).to(q.dtype)
@@ -101,8 +117,8 @@ def _attend_block(q, k, v, scale, causal):
         else:  # every row sees every key: the group's heads become more query rows, keys are not copied
             qh = q.reshape(1, Hkv, G * Q, D)
             kh, vh = k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype)
-        o, lse = _cpu_flash(qh, kh, vh, 0.0, causal, attn_mask=None, scale=scale)[:2]
-        return o.view(Hkv, G, Q, D).float(), lse.view(Hkv, G, Q).float()
+        o, lse = flash(qh, kh, vh, causal, scale)
+        return o.reshape(Hkv, G, Q, D).float(), lse[..., : qh.shape[2]].reshape(Hkv, G, Q).float()
     # Plain matmul-softmax-matmul: any device; one exp pass, max-shifted.
     s = torch.matmul(q.float().reshape(Hkv, G * Q, D), k.float().transpose(1, 2)).mul_(scale)
     s = s.view(Hkv, G, Q, -1)  # [Hkv, G, Q, b]

@@ -28,6 +28,25 @@ def host_empty(shape, dtype: torch.dtype, *, pin: bool = False) -> torch.Tensor:
     return t
 
 
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for K/V rows [H, n, D], asynchronous between pinned host memory and
+    a device. A host store's slice has its heads strided by the store's capacity; torch
+    would copy such a tensor through a pageable staging buffer, synchronously and at a
+    fraction of the bus's speed, so it goes head by head, each head's rows contiguous."""
+    if dst.device == src.device or (dst.is_contiguous() and src.is_contiguous()):
+        return dst.copy_(src, non_blocking=True)
+    for h in range(src.shape[0]):
+        dst[h].copy_(src[h], non_blocking=True)
+    return dst
+
+
+def rows_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """K/V rows [H, n, D] on `device` (t itself if there already); see copy_rows."""
+    if t.device == device:
+        return t
+    return copy_rows(torch.empty(t.shape, dtype=t.dtype, device=device), t)
+
+
 class HostKV:
     """K and V [Hkv, capacity, D] in host memory, appended in position order.
 
@@ -61,8 +80,8 @@ class HostKV:
         n = k.shape[1]
         if self.n + n > self.capacity:
             self.reserve(max(self.n + n, self.capacity * 3 // 2, 256))
-        self.k[:, self.n : self.n + n].copy_(k, non_blocking=self.pin)
-        self.v[:, self.n : self.n + n].copy_(v, non_blocking=self.pin)
+        copy_rows(self.k[:, self.n : self.n + n], k)
+        copy_rows(self.v[:, self.n : self.n + n], v)
         self.n += n
 
     @property

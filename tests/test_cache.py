@@ -104,6 +104,15 @@ def test_reset_starts_over(tiny_model, tiny_ids):
     assert cache.get_seq_length() == 50 and cache.layers[0].host.n == 50 - 20
 
 
+def test_a_prefill_chunk_is_released_once_attended(tiny_model, tiny_ids):
+    """No layer keeps its chunk's K/V after the chunk's attention: on a GPU every layer
+    holding one would add up to a whole chunk's K/V per layer on the device."""
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :100], cache=cache, use_cache=True)
+    assert all(layer.last_added is None for layer in cache.layers)
+
+
 def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
     ids = tiny_ids[:, :150]
     ref = reference_kv(tiny_model, ids)

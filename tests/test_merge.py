@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from engine import merge
+from engine.store import copy_rows, rows_on
 from tests.reference import full_attention_ref
 
 
 @pytest.fixture(params=["cpu_flash", "matmul"])
 def path(request, monkeypatch):
-    if request.param == "matmul":  # the path every non-CPU device takes
-        monkeypatch.setattr(merge, "_cpu_flash", None)
+    if request.param == "matmul":  # the path of devices and dtypes without a flash kernel
+        monkeypatch.setattr(merge, "_flash", lambda q: None)
     return request.param
 
 
@@ -63,3 +64,17 @@ def test_causal_needs_a_square(path):
     q, k, v = case(1, 1, 4, 5, 8)
     with pytest.raises(ValueError, match="as many keys as queries"):
         merge.attend(q, k, v, 1.0, causal=True)
+
+
+def test_flash_kernel_choice_on_the_cpu():
+    q = torch.zeros(1, 1, 2, 8)
+    assert merge._flash(q) is merge._cpu_flash
+    assert merge._flash(q.to("meta")) is None  # no kernel there: the plain matmul path
+
+
+def test_copy_rows_fills_a_strided_slice_of_a_store():
+    store = torch.zeros(3, 10, 4)  # [H, capacity, D]: a slice of it has its heads strided by the capacity
+    rows = torch.randn(5, 3, 4).transpose(0, 1)  # [3, 5, 4], not contiguous either
+    copy_rows(store[:, 2:7], rows)
+    assert torch.equal(store[:, 2:7], rows) and not store[:, :2].any() and not store[:, 7:].any()
+    assert rows_on(rows, rows.device) is rows
