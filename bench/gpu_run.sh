@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check on a machine with a CUDA GPU and no network: install the carried wheels
-# (transformers at the version the project pins, and what it needs that the machine
-# lacks), build the C++ extension, run bench/gpu_check.py. From the repository root:
+# (transformers at the version the project pins, faiss for the host key index, and what
+# they need that the machine lacks), build the C++ extension, run bench/gpu_check.py
+# (any arguments after OUT_DIR go to it). From the repository root:
 #
-#   bash bench/gpu_run.sh [OUT_DIR]        (default: $OUT, else bench/out)
+#   bash bench/gpu_run.sh [OUT_DIR [gpu_check arguments]]   (OUT_DIR default: $OUT, else bench/out)
 #
 # The wheels are fetched beforehand on a machine with network, into .gpu_wheels (see README).
 set -euo pipefail
 out=${1:-${OUT:-bench/out}}
+shift || true
 mkdir -p "$out"
-python -m pip install --quiet --no-index --find-links .gpu_wheels "transformers==5.24.0"
-python -m pip install --quiet --no-deps --no-build-isolation -e .
-python bench/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+"$py" -m pip install --quiet --no-index --find-links .gpu_wheels "transformers==5.24.0" "faiss-cpu>=1.9"
+"$py" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tee "$out/build.log"
+"$py" bench/gpu_check.py --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"

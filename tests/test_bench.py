@@ -221,6 +221,24 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert {r["method"] for r in rows if r["case"] == "prefill"} == {"hybrid-default", "full-sdpa"}
 
 
+def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypatch):
+    """An unexpected error in one case is a row naming it, the other cases still run, and
+    the exit status says something broke (a GPU session is too short to lose to one bug)."""
+    gpu_check = script("gpu_check")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(gpu_check, "exactness", broken)
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--contexts", "600", "--prefill", "300", "--steps", "1", "--json", str(out)]
+    assert gpu_check.main(argv) == 1
+    rows = json.loads(out.read_text())["rows"]
+    exact = [r for r in rows if r["case"].startswith("exactness")]
+    assert len(exact) == 2 and all("RuntimeError: no kernel image for this device" in r["error"] for r in exact)
+    assert {r["case"] for r in rows} >= {"decode", "prefill"} and all("error" not in r for r in rows[2:])
+
+
 def test_soak_checks_hold_on_the_bundled_model():
     """A short soak: the invariants hold at every check and the interrupted generation
     leaves nothing behind (the step-time drift is reported, not tested: timings are noisy)."""
