@@ -151,6 +151,10 @@ def reset_peak(device) -> None:
 # ------------------------------------------------------------------ exactness
 
 
+def exactness_case(dtype: torch.dtype) -> str:
+    return f"exactness-{str(dtype).split('.')[-1]}"
+
+
 @torch.inference_mode()
 def exactness(device, dtype, prompt: int, new: int) -> dict:
     """Engine logits and greedy tokens against full attention on the same device, conservation."""
@@ -187,7 +191,7 @@ def exactness(device, dtype, prompt: int, new: int) -> dict:
         top2 = reference.scores[first][0].float().topk(2).values
         margin = float(top2[0] - top2[1])
     return {
-        "case": f"exactness-{str(dtype).split('.')[-1]}",
+        "case": exactness_case(dtype),
         "max_abs_logit_diff": diff,
         "tolerance": tol,
         "logits_ok": diff <= tol,
@@ -392,8 +396,7 @@ def main(argv=None) -> int:
         try:
             rows.append(exactness(device, dtype, prompt=600, new=80))
         except Exception as exc:
-            rows.append({"case": f"exactness-{str(dtype).split('.')[-1]}", "error": failure(exc)})
-            rows[-1]["peak_device_bytes"] = peak_bytes(device)
+            rows.append({"case": exactness_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
         print(json.dumps(rows[-1]), flush=True)
     try:
         rows += decode_cases(args, device, cap_fraction)
