@@ -12,7 +12,9 @@ a time. Prefill itself is timed separately, really, up to --prefill-max tokens.
 Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
-kv_read_frac (host KV rows read per step / host KV rows).
+kv_read_frac (host KV rows read per step / host KV rows), and for the engine
+rerun_attn_ms_per_layer (the same for a near tie's step run again reading every
+host token, engine.recheck).
 
     python bench/bench_decode.py [--quick] [--json PATH] [--plot PATH]
 """
@@ -218,6 +220,16 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
     }
 
 
+def time_rerun(model, cache, steps: int) -> float:
+    """Median ms per layer in update + attention of the last step run again exactly, as a near
+    tie's is (engine.recheck): every host token read."""
+    samples = []
+    for _ in range(steps):
+        with cache.rerun_exactly([0]):
+            samples.append(decode_once(model, cache)[1])
+    return 1e3 * statistics.median(samples)
+
+
 @torch.inference_mode()
 def time_prefill(model, kind: str, n: int, cfg: OffloadConfig | None, chunk: int) -> float:
     """Seconds of a real chunked prefill of n random tokens (and the host index build for the engine)."""
@@ -289,6 +301,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
+        rerun = time_rerun(model, caches[method], min(steps, 5)) if kind == "hybrid" and cfg.recheck_margin else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -304,6 +317,8 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "device_bytes": dev + weights,
             "host_bytes": host,
             "kv_read_frac": round(read, 5),
+            # a near tie's step run again, reading every host token (engine.recheck)
+            "rerun_attn_ms_per_layer": round(rerun, 4) if rerun is not None else None,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
             "interleaved": len(caches) > 1,

@@ -14,7 +14,10 @@ Per (task, context, method): accuracy (exact string match, with a 95% Wilson int
 over prompts, and each prompt's score in seed order), agreement (the share of full
 attention's answer tokens reproduced at the same position), attn_rel_err (mean
 relative error of the decode attention output against exact attention, on layers 0,
-L/2 and L-1), kv_read_frac (host tokens read per step / host tokens).
+L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, both runs of a step
+re-checked at a near tie: engine.recheck), selected_frac (the same, the selection's
+first runs alone: the share the oracle is given) and rechecked_frac (the share of steps
+run again).
 
     python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
                                   [--configs ...]
@@ -51,6 +54,8 @@ CONFIGS = {
     "default": OffloadConfig.preset("default", device="cpu"),
     # the default before the estimate and the adaptive budget, for comparison
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
+    # the default without re-checking near ties exactly (engine.recheck; not run unless asked for)
+    "default-norecheck": OffloadConfig.preset("default", device="cpu", recheck_margin=0.0),
     # the default's selection without the estimate of unread tokens (not run unless asked for)
     "default-noest": OffloadConfig.preset("default", device="cpu", estimate=False),
     # the default also rating the 3 tokens on each side of every token it reads (not run unless asked for)
@@ -89,31 +94,40 @@ def evaluate(
         source.build_indexes()
     model.set_attn_implementation("sdpa")
     full = greedy(model, copy_state(source, model, None), logits, max_new, eos)
-    results = {"full": {"tokens": full, "kv_read_frac": 1.0, "attn_rel_err": 0.0}}
+    full_shares = {"kv_read_frac": 1.0, "selected_frac": 1.0, "rechecked_frac": 0.0}
+    results = {"full": {"tokens": full, **full_shares, "attn_rel_err": 0.0}}
     for name in configs:
         cfg = CONFIGS[name]
         model.set_attn_implementation(PROBE)
         probe.records.clear()
-        read = []
-        tokens = greedy(model, copy_state(source, model, cfg), logits, max_new, eos, read)
+        steps = []
+        tokens = greedy(model, copy_state(source, model, cfg), logits, max_new, eos, steps)
         errors = [r["err"] for recs in probe.records.values() for r in recs]
-        frac = statistics.mean(read) if read else 0.0
-        results[name] = {"tokens": tokens, "kv_read_frac": frac, "attn_rel_err": _mean(errors)}
+        results[name] = {"tokens": tokens, **read_shares(steps), "attn_rel_err": _mean(errors)}
         if not oracles:
             continue
-        AttentionInterface.register(ORACLE, oracle_attention(frac))
+        # the oracle selects the share the configuration's selection read (its steps run again aside)
+        AttentionInterface.register(ORACLE, oracle_attention(results[name]["selected_frac"]))
         model.set_attn_implementation(ORACLE)
         for label, estimate in ((f"oracle@{name}", False), (f"oracle+est@{name}", True)):
-            cache = copy_state(source, model, ORACLE_CACHE.replace(estimate=estimate), indexes=False)
-            oracle_read = []
-            tokens = greedy(model, cache, logits, max_new, eos, oracle_read)
-            results[label] = {"tokens": tokens, "kv_read_frac": _mean(oracle_read) or 0.0, "attn_rel_err": None}
+            oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin)
+            cache = copy_state(source, model, oracle_cfg, indexes=False)
+            oracle_steps = []
+            tokens = greedy(model, cache, logits, max_new, eos, oracle_steps)
+            results[label] = {"tokens": tokens, **read_shares(oracle_steps), "attn_rel_err": None}
     model.set_attn_implementation("hybrid")
     for r in results.values():
         r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)
         r["accuracy"] = score(sample, r["text"])
         r["agreement"] = sum(a == b for a, b in zip(r["tokens"], full)) / len(full)
     return results
+
+
+def read_shares(steps: list[dict]) -> dict[str, float]:
+    """Means over a greedy run's decode steps (probes.greedy's record): host tokens read (both
+    runs of a step re-checked at a near tie), read by the selection alone, steps re-checked."""
+    shares = {k: _mean([s[k] for s in steps]) or 0.0 for k in ("kv_read_frac", "selected_frac")}
+    return {**shares, "rechecked_frac": _mean([s["rechecked"] for s in steps]) or 0.0}
 
 
 def _mean(values):
@@ -126,7 +140,7 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
     row = {"task": task, "context": context, "method": method, "first": first, "n": len(rs), "accuracy": round(acc, 4)}
     row["accuracy_ci"] = [round(lo, 4), round(hi, 4)]
     row["scores"] = [round(r["accuracy"], 4) for r in rs]  # per prompt, seed order: methods compared prompt by prompt
-    for key in ("agreement", "attn_rel_err", "kv_read_frac"):
+    for key in ("agreement", "attn_rel_err", "kv_read_frac", "selected_frac", "rechecked_frac"):
         values = [r[key] for r in rs if r[key] is not None]
         row[key] = round(statistics.mean(values), 4) if values else None
     return row

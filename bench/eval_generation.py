@@ -7,7 +7,8 @@ Every engine configuration then continues the same prefilled state twice:
     free     its own greedy continuation; agreement = the share of positions where its
              token equals full attention's, and the first position where they differ
              (once they differ, the texts usually part ways for good), and the share
-             of the host KV it read per step
+             of the host KV it read per step (both runs of a step re-checked at a near
+             tie, engine.recheck) and the share of steps re-checked
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
              K/V its own attention computed for them; agreement = the share of steps whose
              greedy pick equals full attention's next token
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,7 +47,10 @@ from engine.models import load_model  # noqa: E402
 CONFIGS = {
     "default": OffloadConfig.preset("default", device="cpu"),
     "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
-    "exact": OffloadConfig.preset("block", device="cpu", n_blocks=10**9, block_frac=1.0, estimate=False),
+    "default-norecheck": OffloadConfig.preset("default", device="cpu", recheck_margin=0.0),
+    "exact": OffloadConfig.preset(
+        "block", device="cpu", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0
+    ),
 }
 SOURCE = CONFIGS["default"]
 
@@ -64,13 +69,14 @@ def continuations(
     out = {}
     for name in configs:
         cfg = CONFIGS[name]
-        read = []
-        free = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), read=read)
+        steps = []
+        free = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), record=steps)
         same = [a == b for a, b in zip(free, full)]
         out[name] = {
             "free_agreement": sum(same) / len(full),
             "first_difference": same.index(False) if False in same else len(full),
-            "kv_read_frac": sum(read) / len(read),
+            "kv_read_frac": statistics.mean(s["kv_read_frac"] for s in steps),
+            "rechecked_frac": statistics.mean(s["rechecked"] for s in steps),
         }
         if forced:
             fed = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), forced=full)

@@ -25,6 +25,7 @@ from engine import HybridCache, OffloadConfig
 from engine.attention import host_state, hybrid_attention_forward
 from engine.cache import HybridLayer
 from engine.merge import attend, merge_states
+from engine.recheck import forward_step
 from engine.retrieval import always_read, unique_rows
 from engine.sketch import ExactKeys
 
@@ -69,21 +70,25 @@ def copy_state(
 
 
 @torch.inference_mode()
-def greedy(model, cache, logits, max_new: int, eos: set[int], read: list | None = None, forced=None) -> list[int]:
+def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | None = None, forced=None) -> list[int]:
     """Greedy tokens from the prefill's last logits [vocab]: up to max_new, stopping after an
     EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
-    (teacher forcing), still returning the model's picks. `read` collects each step's
-    kv_read_frac."""
+    (teacher forcing), still returning the model's picks. With a HybridCache, `record`
+    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.recheck.Step)."""
     tokens = []
     for step in range(max_new):
         token = int(logits.argmax())
         tokens.append(token)
         if (forced is None and token in eos) or step == max_new - 1:
             break
-        fed = token if forced is None else forced[step]
-        logits = model(input_ids=torch.tensor([[fed]]), cache=cache, use_cache=True).logits[0, -1]
-        if read is not None:
-            read.append(cache.step_stats()["kv_read_frac"])
+        fed = torch.tensor([[token if forced is None else forced[step]]])
+        if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.recheck)
+            out = forward_step(model, cache, fed)
+            logits = out.logits[0]
+            if record is not None:
+                record.append({k: getattr(out, k) for k in ("kv_read_frac", "selected_frac", "rechecked")})
+        else:
+            logits = model(input_ids=fed, cache=cache, use_cache=True).logits[0, -1]
     return tokens
 
 
@@ -138,8 +143,8 @@ class LayerProbe:
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         out, w = hybrid_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        if not isinstance(key, HybridLayer) or query.shape[2] != 1 or key.host.n == 0:
-            return out, w
+        if not isinstance(key, HybridLayer) or query.shape[2] != 1 or key.host.n == 0 or key.rerun:
+            return out, w  # a step run again exactly (engine.recheck) is not the engine's selection
         layer = key
         if self.layers is not None and layer.layer_idx not in self.layers:
             return out, w

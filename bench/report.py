@@ -99,7 +99,7 @@ def pool(rows: list[dict]) -> list[dict]:
         row["accuracy_ci"] = list(wilson_interval(row["accuracy"], n))
         if all("scores" in r for r in rs):
             row["scores"] = [x for r in rs for x in r["scores"]]
-        for k in ("agreement", "attn_rel_err", "kv_read_frac"):
+        for k in ("agreement", "attn_rel_err", "kv_read_frac", "selected_frac", "rechecked_frac"):
             known = [r for r in rs if r.get(k) is not None]
             row[k] = sum(r[k] * r["n"] for r in known) / sum(r["n"] for r in known) if known else None
         pooled.append(row)
@@ -233,6 +233,7 @@ def generation(result: dict) -> str:
         "first difference (token)",
         "teacher-forced agreement",
         "host KV read",
+        "steps re-checked",
     ]
     rows = []
     for name, e in result["summary"].items():
@@ -242,7 +243,9 @@ def generation(result: dict) -> str:
         ]
         first, read = e["first_difference"], e.get("kv_read_frac")  # runs before the read share was kept: blank
         read = f"{100 * read[0]:.2f}%" if read else ""
-        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1], read])
+        rechecked = e.get("rechecked_frac")  # runs before the near ties' re-check: blank
+        rechecked = f"{100 * rechecked[0]:.2f}%" if rechecked else ""
+        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1], read, rechecked])
     return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
 from engine.models import BUNDLED_NAME, check_supported, load_model
+from engine.recheck import forward_step
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GenerationReport:
     host_bytes: dict[str, int] = field(default_factory=dict)
     kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
     keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
+    rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.recheck; a batch: summed over sequences)
 
     @property
     def first_token_s(self) -> float:
@@ -48,7 +50,8 @@ class GenerationReport:
             f"host index build {self.index_build_s:.2f} s after it (first token at {self.first_token_s:.2f} s)\n"
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
-            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%\n"
+            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
+            f"{self.rechecked_steps} near ties re-checked exactly\n"
             f"device MiB: {dev}\nhost MiB: {host}"
         )
 
@@ -286,11 +289,11 @@ class HybridLLM:
                 yield token
                 if token in eos or step == max_new_tokens - 1:
                     break
-                out = self.model(input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True)
-                logits = out.logits[0, -1]
-                stats = cache.step_stats()
-                read.append(stats["kv_read_frac"])
-                scored.append(stats["keys_scored_frac"])
+                out = forward_step(self.model, cache, torch.tensor([[token]], device=self.device))
+                logits = out.logits[0]
+                read.append(out.kv_read_frac)
+                scored.append(out.keys_scored_frac)
+                report.rechecked_steps += out.rechecked
         finally:  # also when the consumer stops early or raises: no build thread outlives the call
             cache.close()
             sync()
@@ -322,7 +325,7 @@ def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, repor
     tokens: list[list[int]] = [[] for _ in range(B)]
     rows, positions = list(range(B)), torch.tensor(lengths, device=logits.device)
     memory = cache.memory_report()  # the whole batch's, before any sequence leaves
-    read, t0, steps = [], time.perf_counter(), 0
+    read, t0, steps, rechecked = [], time.perf_counter(), 0, 0
     while rows and max_new_tokens:
         picked = [pick(logits[i]) for i in range(len(rows))]
         keep = []
@@ -337,14 +340,16 @@ def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, repor
             rows = [rows[i] for i in keep]
         fed = torch.tensor([[picked[i]] for i in keep], device=logits.device)
         pos = (positions[rows] + torch.tensor([len(tokens[b]) - 1 for b in rows], device=logits.device))[:, None]
-        logits = model(input_ids=fed, position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
-        read.append(cache.step_stats()["kv_read_frac"])
+        step = forward_step(model, cache, fed, pos)
+        logits = step.logits
+        read.append(step.kv_read_frac)
+        rechecked += step.rechecked
         steps += 1
     seconds = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     for b, report in enumerate(reports):
         report.new_tokens = len(tokens[b])
-        report.decode_s, report.decode_steps = seconds, steps
+        report.decode_s, report.decode_steps, report.rechecked_steps = seconds, steps, rechecked
         report.kv_read_frac = sum(read) / len(read) if read else 0.0
         report.device_bytes, report.host_bytes = {"weights": weights, **memory["device"]}, memory["host"]
     return tokens

@@ -135,14 +135,18 @@ def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, selec
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
-    if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
-        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
+    if layer.key_index is None and layer.cfg.uses_key_index and not layer.rerun:
+        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))  # helps build it
     if layer.host.n == 0:
         return o, lse, None
     qd = q[:, :, 0]  # [Hkv, G, D]
-    blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
-    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
+    if layer.rerun:  # a step run again (engine.recheck): every host token, exactly
+        blocks, ids = None, torch.arange(layer.host.n).repeat(Hkv, 1)
+        layer.stats.scanned = layer.stats.keys_scored = layer.stats.sketched = 0
+    else:
+        blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
+        ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
     st = layer.stats
     st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
     summarized = layer.summary.n_blocks * layer.cfg.block_size if blocks is not None else 0

@@ -32,6 +32,7 @@ class BatchLayer(CacheLayerMixin):
         self.seqs = list(seqs)
         self.n_columns = n_columns  # the padded timeline's length
         self.chunk = None  # the latest update's K/V [B, Hkv, C, D], until the attention takes it
+        self.whole = None  # while narrowed to the rows of a step run again: the batch's sequences
         self.is_initialized = True
 
     @property
@@ -42,7 +43,8 @@ class BatchLayer(CacheLayerMixin):
         if key_states.shape[0] != self.batch_size:
             raise ValueError(f"the cache holds {self.batch_size} sequences, got a batch of {key_states.shape[0]}")
         self.chunk = (key_states, value_states)
-        self.n_columns += key_states.shape[2]
+        if self.whole is None:  # a step run again (narrow) takes its column again
+            self.n_columns += key_states.shape[2]
         return self, self
 
     def take_chunk(self, valid: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -66,6 +68,14 @@ class BatchLayer(CacheLayerMixin):
         """Keep the sequences `indices` (in that order), e.g. the unfinished ones."""
         self.seqs = [self.seqs[int(i)] for i in indices]
 
+    def narrow(self, rows: list[int]) -> None:
+        """Hold only the sequences `rows` while their newest step runs again (HybridCache.rerun_exactly)."""
+        self.whole, self.seqs = self.seqs, [self.seqs[r] for r in rows]
+
+    def widen(self) -> None:
+        """Hold every sequence of the batch again after `narrow`."""
+        self.seqs, self.whole = self.whole, None
+
     def nbytes(self) -> dict[str, dict[str, int]]:
         return sum_bytes(seq.nbytes() for seq in self.seqs)
 
@@ -75,10 +85,10 @@ class BatchLayer(CacheLayerMixin):
         pass  # each sequence initialises its own layer at its first real column
 
     def get_seq_length(self) -> int:
-        return self.n_columns
+        return self.n_columns - 1 if self.whole is not None else self.n_columns
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.n_columns + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1

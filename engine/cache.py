@@ -15,6 +15,8 @@ exact prefill attention or the retrieval decode step (engine.attention).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -70,6 +72,7 @@ class HybridLayer(CacheLayerMixin):
         self.progress = progress
         self.n_seen = 0
         self.stats = StepStats()
+        self.rerun = False  # the newest position's step runs again, exactly (HybridCache.rerun_exactly)
 
     # ------------------------------------------------------------ set-up
 
@@ -129,6 +132,9 @@ class HybridLayer(CacheLayerMixin):
                 f"{key_states.shape[0]}: start a new HybridCache for a batch"
             )
         k, v = key_states[0], value_states[0]  # [Hkv, C, D]
+        if self.rerun:
+            self._replace_newest(k, v)
+            return self, self
         S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
 
         n_sink_new = max(0, min(C, S - a))
@@ -156,6 +162,16 @@ class HybridLayer(CacheLayerMixin):
         self.n_seen += C
         self.last_added = (k, v)  # the chunk's own K/V [Hkv, C, D], which its prefill attention reads
         return self, self
+
+    def _replace_newest(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A step run again: the newest position's K/V [Hkv, 1, D] replace those its first run
+        stored. It is resident (the window holds at least one position), and what that run
+        moved to the host store was older, so nothing else changes."""
+        if k.shape[1] != 1 or self.n_seen == 0:
+            raise ValueError(f"a step run again takes one position that the layer has seen, got {k.shape[1]}")
+        slot = int(np.flatnonzero(self.resident_pos == self.n_seen - 1)[0])
+        self.resident_k[:, slot] = k[:, 0]
+        self.resident_v[:, slot] = v[:, 0]
 
     def _ring_segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """Window slots of positions [start, stop) (at most `window` of them), as
@@ -257,10 +273,10 @@ class HybridLayer(CacheLayerMixin):
     # ------------------------------------------------- transformers' Cache API
 
     def get_seq_length(self) -> int:
-        return self.n_seen
+        return self.n_seen - 1 if self.rerun else self.n_seen  # a step run again takes its own position again
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.n_seen + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -274,6 +290,7 @@ class HybridLayer(CacheLayerMixin):
         self.n_indexed = self.n_built = 0
         self.last_added = None
         self.stats = StepStats()
+        self.rerun = False
 
     def offload(self):  # the host store is the offload; nothing moves per layer
         pass
@@ -409,6 +426,32 @@ class HybridCache(Cache):
         for layer in self.layers:
             out.extend(getattr(layer, "seqs", [layer]))
         return out
+
+    @contextmanager
+    def rerun_exactly(self, rows: list[int]):
+        """Within: the model's next forward pass runs the newest step of the sequences `rows`
+        (indices into the batch; [0] for one sequence) again, given their tokens and positions
+        again. Each layer replaces those positions' K/V and reads every host token, estimating
+        none, so that the step is full attention's (engine.recheck)."""
+        rows = [int(r) for r in rows]
+        batches = [layer for layer in self.layers if not isinstance(layer, HybridLayer)]
+        size = batches[0].batch_size if batches else 1
+        if not rows or len(set(rows)) != len(rows) or not all(0 <= r < size for r in rows):
+            raise ValueError(f"rows to run again must be distinct indices into a batch of {size}, got {rows}")
+        if batches and len(batches) != len(self.layers):
+            raise ValueError("run a step again once every layer holds the batch (after the first decode step)")
+        for batch in batches:
+            batch.narrow(rows)
+        layers = self.sequence_layers()
+        for layer in layers:
+            layer.rerun = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.rerun = False
+            for batch in batches:
+                batch.widen()
 
     def build_indexes(self) -> None:
         """Build every layer's host key index now (or wait for its build on the worker thread)."""

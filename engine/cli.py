@@ -48,6 +48,11 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--estimate", action=argparse.BooleanOptionalAction, help="estimate the unread host tokens (default: on)"
     )
+    g.add_argument(
+        "--recheck-margin",
+        type=float,
+        help="run a step again reading every host token where its top two logits lie closer (0: never)",
+    )
     g.add_argument("--sinks", dest="n_sink", type=int)
     g.add_argument("--window", type=int)
     g.add_argument("--block-size", type=int)
@@ -72,6 +77,7 @@ def _offload_config(args):
         "neighbours",
         "sketch_rank",
         "estimate",
+        "recheck_margin",
         "n_sink",
         "window",
         "block_size",

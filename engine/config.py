@@ -45,6 +45,11 @@ class OffloadConfig:
     `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
     their block's mean key and mean value (engine.estimate).
+    With `recheck_margin` m > 0, a decode step whose two highest logits lie
+    less than m apart (a near tie, which a small error in attention can turn)
+    is run again reading every host token, so that its token is full
+    attention's (engine.recheck; `HybridLLM`'s generation, not transformers'
+    `generate`).
     """
 
     n_sink: int = 4
@@ -63,6 +68,7 @@ class OffloadConfig:
     sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
+    recheck_margin: float = 0.5  # logits: a step whose top two lie closer is run again exactly (0: never)
     landmark: str = "minmax"  # blocks by Quest's bound: a few heavy tokens in a block of filler lift it
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
@@ -102,6 +108,9 @@ class OffloadConfig:
                 raise ValueError(f"OffloadConfig.min_prob must lie in [0, 1], got {self.min_prob!r}")
             if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or self.min_ratio < 0:
                 raise ValueError(f"OffloadConfig.min_ratio must be a non-negative number, got {self.min_ratio!r}")
+        margin = self.recheck_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+            raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
         if not isinstance(self.estimate, bool):
             raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
         if self.mode in ("block", "hybrid") and self.n_blocks < 1:
@@ -171,9 +180,16 @@ PRESETS: dict[str, OffloadConfig] = {
     # More reads and a longer resident window, for accuracy-critical work.
     "wide": OffloadConfig(window=512, min_prob=5e-5, min_ratio=0.0, candidates=384),
     # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
-    # per query head (the default before the adaptive budget, estimate aside).
+    # per query head (the default before the adaptive budget, estimate aside; no re-check of near ties).
     "fixed": OffloadConfig(
-        mode="hybrid", budget="fixed", window=128, block_size=16, n_blocks=64, block_frac=0.04, landmark="mean"
+        mode="hybrid",
+        budget="fixed",
+        window=128,
+        block_size=16,
+        n_blocks=64,
+        block_frac=0.04,
+        landmark="mean",
+        recheck_margin=0.0,
     ),
     # Device block index alone: no host index to build (blocks by mean key, which the summary keeps anyway).
     "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64, block_frac=0.04, landmark="mean"),

@@ -170,6 +170,8 @@ def test_plan_takes_the_budget_and_estimate_options(capsys):
     assert "min_ratio must be a non-negative number" in capsys.readouterr().err
     assert main(argv + ["--neighbours", "-3"]) == 2
     assert "neighbours must be a non-negative int" in capsys.readouterr().err
+    assert main(argv + ["--recheck-margin", "-1"]) == 2
+    assert "recheck_margin must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_plan_names_the_largest_batch(capsys):

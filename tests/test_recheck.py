@@ -1,0 +1,101 @@
+"""Near ties re-checked exactly (engine.recheck): a step run again reads every host token,
+replaces its position's K/V and leaves every other position where it was."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from engine import HybridCache, OffloadConfig
+from engine.recheck import forward_step, near_ties
+
+# a small window and blocks: the tiny prompts leave most tokens on the host, read in part
+APPROXIMATE = OffloadConfig(n_sink=4, window=16, block_size=8, recheck_margin=0.0)
+ALWAYS = APPROXIMATE.replace(recheck_margin=1e9)  # every step is a near tie
+PROMPT, STEPS = 300, 12
+
+
+def decode(model, ids, cfg):
+    """Prefill ids[:, :PROMPT], then feed ids[PROMPT : PROMPT + STEPS] through forward_step."""
+    cache = HybridCache(model, cfg)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache, use_cache=True)
+        cache.build_indexes()
+        steps = [forward_step(model, cache, ids[:, t : t + 1]) for t in range(PROMPT, PROMPT + STEPS)]
+    return cache, steps
+
+
+def full_kv(model, ids):
+    """Full attention's K/V of ids[:, :PROMPT + STEPS] per layer."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(ids[:, : PROMPT + STEPS], cache=cache, use_cache=True)
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
+def test_near_ties_are_the_rows_whose_top_two_logits_lie_within_the_margin():
+    logits = torch.tensor([[0.0, 3.0, 2.9], [5.0, 1.0, 0.0], [1.0, 1.0, -2.0]])
+    assert near_ties(logits, 0.5) == [0, 2]
+    assert near_ties(logits, 0.05) == [2]
+    assert near_ties(logits, 0.0) == []
+
+
+def test_steps_run_again_are_full_attention_logits_and_kv(tiny_model, tiny_ids, tiny_full_logits):
+    cache, steps = decode(tiny_model, tiny_ids, ALWAYS)
+    logits = torch.stack([s.logits[0] for s in steps])
+    expected = tiny_full_logits[0, PROMPT : PROMPT + STEPS]
+    assert (logits - expected).abs().max() <= 1e-4
+    assert all(s.rechecked == 1 and s.kv_read_frac > 1 for s in steps)  # both runs' reads counted
+    for layer, (k, v) in zip(cache.layers, full_kv(tiny_model, tiny_ids)):
+        got_k, got_v = layer.ordered_kv()
+        assert (got_k - k).abs().max() <= 1e-4 and (got_v - v).abs().max() <= 1e-4
+    # every position in exactly one place, none added by the runs again
+    where = cache.layers[1].positions()
+    every = sorted(p for part in where.values() for p in part.tolist())
+    assert every == list(range(PROMPT + STEPS))
+
+
+def test_without_the_recheck_the_same_steps_are_approximate(tiny_model, tiny_ids, tiny_full_logits):
+    cache, steps = decode(tiny_model, tiny_ids, APPROXIMATE)
+    logits = torch.stack([s.logits[0] for s in steps])
+    assert (logits - tiny_full_logits[0, PROMPT : PROMPT + STEPS]).abs().max() > 1e-3
+    assert all(s.rechecked == 0 and s.kv_read_frac < 1 for s in steps)
+    k, _ = full_kv(tiny_model, tiny_ids)[1]
+    assert (cache.layers[1].ordered_kv()[0] - k).abs().max() > 1e-3  # later layers' K of decoded positions
+
+
+def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_ids):
+    lengths, margin = (150, 231, 197), 0.06  # a random model's margins are small
+    cfg = APPROXIMATE.replace(recheck_margin=margin)
+    prompts = [tiny_ids[0, 7 * i : 7 * i + n] for i, n in enumerate(lengths)]
+    forced = torch.randint(0, 97, (len(prompts), STEPS), generator=torch.Generator().manual_seed(4))
+    caches, alone = [], []
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            cache = HybridCache(tiny_model, cfg)
+            tiny_model(prompt[None], cache=cache, use_cache=True)
+            cache.build_indexes()
+            caches.append(cache)
+            mine = HybridCache(tiny_model, cfg)
+            tiny_model(prompt[None], cache=mine, use_cache=True)
+            mine.build_indexes()
+            alone.append([forward_step(tiny_model, mine, forced[b, t : t + 1][None]) for t in range(STEPS)])
+        batch = HybridCache.stack(caches)
+        positions = torch.tensor([[n] for n in lengths])
+        together = [forward_step(tiny_model, batch, forced[:, t : t + 1], positions + t) for t in range(STEPS)]
+    rechecked = sum(s.rechecked for s in together)
+    assert 0 < rechecked < len(prompts) * STEPS  # some rows, not all: the others must not run again
+    assert rechecked == sum(s.rechecked for steps in alone for s in steps)
+    for b in range(len(prompts)):
+        got = torch.stack([s.logits[b] for s in together])
+        want = torch.stack([s.logits[0] for s in alone[b]])
+        assert (got - want).abs().max() <= 1e-4, f"sequence {b}"
+    assert batch.get_seq_length() == max(lengths) + STEPS
+
+
+def test_rows_to_run_again_must_index_the_batch(tiny_model, tiny_ids):
+    cache, _ = decode(tiny_model, tiny_ids, APPROXIMATE)
+    for rows in ([], [1], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="rows to run again"):
+            with cache.rerun_exactly(rows):
+                pass
+    assert not any(layer.rerun for layer in cache.layers)
