@@ -238,12 +238,14 @@ def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> 
 
 
 @torch.inference_mode()
-def time_decode(model, cache, clock: LayerClock, steps: int, device) -> dict:
+def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: bool = False) -> dict:
+    """Median decode step times; with `rerun`, of the last step run again reading every host
+    token, as a near tie's is (engine.recheck)."""
     token = torch.tensor([[17]], device=device)
     per_token, per_layer, read = [], [], []
     for step in range(steps + 2):
         clock.seconds = 0.0
-        with Synced(device) as t:
+        with Synced(device) as t, cache.rerun_exactly([0]) if rerun else contextlib.nullcontext():
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         if step >= 2:
             per_token.append(t.seconds)
@@ -281,6 +283,11 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             try:
                 cache, build_s = fill(kind, model, stats, n, c, device)
                 row.update(time_decode(model, cache, clock, args.steps, device))
+                if kind == "hybrid":  # a near tie's step run again (engine.recheck)
+                    again = time_decode(model, cache, clock, 3, device, rerun=True)
+                    row.update(
+                        rerun_ms_per_token=again["ms_per_token"], rerun_attn_ms_per_layer=again["attn_ms_per_layer"]
+                    )
                 if args.profile and kind == "hybrid":  # extra steps: the profiler slows what it watches
                     with profiled(args.profile, f"decode-{name}-{n}"):
                         time_decode(model, cache, clock, 4, device)
@@ -350,6 +357,10 @@ def table(rows: list[dict]) -> str:
                 else f"parts at token {r['greedy_first_difference']} (a near-tie: {r['greedy_ok']})"
             )
             notes += f", conservation {r['conservation_ok']}"
+        if "rerun_ms_per_token" in r:
+            notes = (
+                f"a step run again exactly: {r['rerun_ms_per_token']:.1f} ms ({r['rerun_attn_ms_per_layer']:.3f}/layer)"
+            )
         if "prefill_s" in r:
             notes = f"prefill {r['prefill_s']:.2f} s" + (
                 f", index build {r['index_build_s']:.2f} s" if "index_build_s" in r else ""
