@@ -35,12 +35,19 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
 
 
+def reads_part(cache, row: int) -> bool:
+    """Whether sequence `row` has host tokens (otherwise its step attended to everything)."""
+    layer = cache.layers[0]
+    seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
+    return seq.is_initialized and seq.host.n > 0
+
+
 def forward_step(model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through
     the model with a HybridCache; rows at a near tie run again exactly."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = cache.step_stats()
-    rows = near_ties(logits, cache.offload_config.recheck_margin)
+    rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if reads_part(cache, r)]
     again = 0
     if rows:
         with cache.rerun_exactly(rows):

@@ -99,3 +99,14 @@ def test_rows_to_run_again_must_index_the_batch(tiny_model, tiny_ids):
             with cache.rerun_exactly(rows):
                 pass
     assert not any(layer.rerun for layer in cache.layers)
+
+
+def test_a_step_that_read_every_token_is_not_run_again(tiny_model, tiny_ids, tiny_full_logits):
+    """A prompt shorter than the resident set leaves the host store empty: nothing to re-check."""
+    cfg = ALWAYS.replace(window=256)
+    cache = HybridCache(tiny_model, cfg)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :100], cache=cache, use_cache=True)
+        step = forward_step(tiny_model, cache, tiny_ids[:, 100:101])
+    assert step.rechecked == 0 and cache.layers[0].host.n == 0
+    assert (step.logits[0] - tiny_full_logits[0, 100]).abs().max() <= 1e-4
