@@ -75,20 +75,21 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
     EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
     (teacher forcing), still returning the model's picks. With a HybridCache, `record`
     collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.recheck.Step)."""
-    tokens = []
+    tokens, fed = [], []
     for step in range(max_new):
         token = int(logits.argmax())
         tokens.append(token)
         if (forced is None and token in eos) or step == max_new - 1:
             break
-        fed = torch.tensor([[token if forced is None else forced[step]]])
+        fed.append(token if forced is None else forced[step])
         if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.recheck)
-            out = forward_step(model, cache, fed)
+            recent = torch.tensor([fed[-cache.offload_config.window :]])
+            out = forward_step(model, cache, recent[:, -1:], fed=recent)
             logits = out.logits[0]
             if record is not None:
                 record.append({k: getattr(out, k) for k in ("kv_read_frac", "selected_frac", "rechecked")})
         else:
-            logits = model(input_ids=fed, cache=cache, use_cache=True).logits[0, -1]
+            logits = model(input_ids=torch.tensor([fed[-1:]]), cache=cache, use_cache=True).logits[0, -1]
     return tokens
 
 

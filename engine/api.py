@@ -283,13 +283,16 @@ class HybridLLM:
             generator = torch.Generator(device=self.device).manual_seed(seed)
             eos = eos_ids(self.model) if stop_at_eos else set()
             t0 = time.perf_counter()
+            fed = []  # tokens fed since the prompt: a near tie runs those in the window again
             for step in range(max_new_tokens):
                 token = _pick(logits, temperature, generator)
                 report.new_tokens = step + 1
                 yield token
                 if token in eos or step == max_new_tokens - 1:
                     break
-                out = forward_step(self.model, cache, torch.tensor([[token]], device=self.device))
+                fed.append(token)
+                recent = torch.tensor([fed[-cfg.window :]], device=self.device)
+                out = forward_step(self.model, cache, recent[:, -1:], fed=recent)
                 logits = out.logits[0]
                 read.append(out.kv_read_frac)
                 scored.append(out.keys_scored_frac)
@@ -338,9 +341,10 @@ def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, repor
         if len(keep) < len(rows):
             cache.batch_select_indices(keep)
             rows = [rows[i] for i in keep]
-        fed = torch.tensor([[picked[i]] for i in keep], device=logits.device)
+        # every sequence left has fed as many tokens: a near tie runs those in the window again
+        recent = torch.tensor([tokens[b][-cache.offload_config.window :] for b in rows], device=logits.device)
         pos = (positions[rows] + torch.tensor([len(tokens[b]) - 1 for b in rows], device=logits.device))[:, None]
-        step = forward_step(model, cache, fed, pos)
+        step = forward_step(model, cache, recent[:, -1:], pos, fed=recent)
         logits = step.logits
         read.append(step.kv_read_frac)
         rechecked += step.rechecked

@@ -53,9 +53,9 @@ def hybrid_attention_forward(
     _, Hq, Q, D = query.shape
     scale = scaling if scaling is not None else D**-0.5
     q = query[0].view(layer.n_kv_heads, layer.group, Q, D)  # [Hkv, G, Q, D]
-    if Q == 1:
+    if Q == 1 and not layer.rerun:
         o = decode_step(layer, q, scale, select)
-    else:
+    else:  # a chunk, or positions run again exactly (engine.recheck)
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
 
@@ -72,7 +72,7 @@ def batch_attention(batch: BatchLayer, query, attention_mask, scaling, select) -
     Hkv, G = seqs[0].n_kv_heads, seqs[0].group
     q = query.view(B, Hkv, G, Q, D)
     out = query.new_zeros(B, Hkv, G, Q, D)
-    if Q == 1:
+    if Q == 1 and not seqs[0].rerun:  # positions run again are attended as a chunk
         live = [b for b, cols in enumerate(columns) if cols is None or len(cols)]
         if live:
             o = batch_decode_step([seqs[b] for b in live], q[live], scale, select)
@@ -101,7 +101,7 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     causally, and in full to every earlier position, wherever it lives."""
     Hkv, G, Q, D = q.shape
     first = layer.n_seen - Q  # position of the chunk's first token
-    if layer.key_index is None and layer.cfg.mode != "block":
+    if layer.key_index is None and layer.cfg.mode != "block" and not layer.rerun:
         layer.query_sample.add(q.reshape(Hkv * G, Q, D), torch.arange(first, layer.n_seen))
     o, lse = attend(q, *layer.last_added, scale, causal=True)
     layer.last_added = None  # read once: every layer holding its chunk until its next update adds up on the device
@@ -135,18 +135,14 @@ def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, selec
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
-    if layer.key_index is None and layer.cfg.uses_key_index and not layer.rerun:
-        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))  # helps build it
+    if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
+        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
     if layer.host.n == 0:
         return o, lse, None
     qd = q[:, :, 0]  # [Hkv, G, D]
+    blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
     q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
-    if layer.rerun:  # a step run again (engine.recheck): every host token, exactly
-        blocks, ids = None, torch.arange(layer.host.n).repeat(Hkv, 1)
-        layer.stats.scanned = layer.stats.keys_scored = layer.stats.sketched = 0
-    else:
-        blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.estimate
-        ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
+    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
     st = layer.stats
     st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
     summarized = layer.summary.n_blocks * layer.cfg.block_size if blocks is not None else 0

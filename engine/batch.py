@@ -43,7 +43,7 @@ class BatchLayer(CacheLayerMixin):
         if key_states.shape[0] != self.batch_size:
             raise ValueError(f"the cache holds {self.batch_size} sequences, got a batch of {key_states.shape[0]}")
         self.chunk = (key_states, value_states)
-        if self.whole is None:  # a step run again (narrow) takes its column again
+        if self.whole is None:  # positions run again (narrow) take their columns again
             self.n_columns += key_states.shape[2]
         return self, self
 
@@ -69,7 +69,7 @@ class BatchLayer(CacheLayerMixin):
         self.seqs = [self.seqs[int(i)] for i in indices]
 
     def narrow(self, rows: list[int]) -> None:
-        """Hold only the sequences `rows` while their newest step runs again (HybridCache.rerun_exactly)."""
+        """Hold only the sequences `rows` while their newest positions run again (HybridCache.rerun_exactly)."""
         self.whole, self.seqs = self.seqs, [self.seqs[r] for r in rows]
 
     def widen(self) -> None:
@@ -85,7 +85,7 @@ class BatchLayer(CacheLayerMixin):
         pass  # each sequence initialises its own layer at its first real column
 
     def get_seq_length(self) -> int:
-        return self.n_columns - 1 if self.whole is not None else self.n_columns
+        return self.n_columns - (self.seqs[0].rerun if self.whole is not None else 0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

@@ -72,7 +72,7 @@ class HybridLayer(CacheLayerMixin):
         self.progress = progress
         self.n_seen = 0
         self.stats = StepStats()
-        self.rerun = False  # the newest position's step runs again, exactly (HybridCache.rerun_exactly)
+        self.rerun = 0  # the newest positions run again, exactly (HybridCache.rerun_exactly): how many
 
     # ------------------------------------------------------------ set-up
 
@@ -164,14 +164,19 @@ class HybridLayer(CacheLayerMixin):
         return self, self
 
     def _replace_newest(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A step run again: the newest position's K/V [Hkv, 1, D] replace those its first run
-        stored. It is resident (the window holds at least one position), and what that run
-        moved to the host store was older, so nothing else changes."""
-        if k.shape[1] != 1 or self.n_seen == 0:
-            raise ValueError(f"a step run again takes one position that the layer has seen, got {k.shape[1]}")
-        slot = int(np.flatnonzero(self.resident_pos == self.n_seen - 1)[0])
-        self.resident_k[:, slot] = k[:, 0]
-        self.resident_v[:, slot] = v[:, 0]
+        """Positions run again: the K/V [Hkv, C, D] of the C newest positions, all in the window,
+        replace those stored; what their first runs moved to the host store was older, so
+        nothing else changes. The prefill attention then reads them as a chunk."""
+        C, first = k.shape[1], self.n_seen - self.rerun
+        if C != self.rerun or first < self.cfg.n_sink or C > self.cfg.window:
+            raise ValueError(
+                f"positions run again must be the {self.rerun} newest, in the window "
+                f"(at most {self.cfg.window} after the sinks); got {C} of {self.n_seen}"
+            )
+        for s0, s1, pos in self._ring_segments(first, self.n_seen):
+            self.resident_k[:, s0:s1] = k[:, pos - first : pos - first + s1 - s0]
+            self.resident_v[:, s0:s1] = v[:, pos - first : pos - first + s1 - s0]
+        self.last_added = (k, v)
 
     def _ring_segments(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """Window slots of positions [start, stop) (at most `window` of them), as
@@ -273,7 +278,7 @@ class HybridLayer(CacheLayerMixin):
     # ------------------------------------------------- transformers' Cache API
 
     def get_seq_length(self) -> int:
-        return self.n_seen - 1 if self.rerun else self.n_seen  # a step run again takes its own position again
+        return self.n_seen - self.rerun  # positions run again take their own positions again
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -290,7 +295,7 @@ class HybridLayer(CacheLayerMixin):
         self.n_indexed = self.n_built = 0
         self.last_added = None
         self.stats = StepStats()
-        self.rerun = False
+        self.rerun = 0
 
     def offload(self):  # the host store is the offload; nothing moves per layer
         pass
@@ -428,28 +433,32 @@ class HybridCache(Cache):
         return out
 
     @contextmanager
-    def rerun_exactly(self, rows: list[int]):
-        """Within: the model's next forward pass runs the newest step of the sequences `rows`
-        (indices into the batch; [0] for one sequence) again, given their tokens and positions
-        again. Each layer replaces those positions' K/V and reads every host token, estimating
-        none, so that the step is full attention's (engine.recheck)."""
+    def rerun_exactly(self, rows: list[int], positions: int = 1):
+        """Within: the model's next forward pass runs the `positions` newest positions of the
+        sequences `rows` (indices into the batch; [0] for one sequence) again, given their
+        tokens and positions again, as a prefill chunk: exact attention to every earlier
+        position, host tokens included. Each layer replaces those positions' K/V (they must
+        lie in the window), so that they, and the last one's logits, are full attention's
+        wherever the positions before them are (engine.recheck)."""
         rows = [int(r) for r in rows]
         batches = [layer for layer in self.layers if not isinstance(layer, HybridLayer)]
         size = batches[0].batch_size if batches else 1
         if not rows or len(set(rows)) != len(rows) or not all(0 <= r < size for r in rows):
             raise ValueError(f"rows to run again must be distinct indices into a batch of {size}, got {rows}")
+        if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+            raise ValueError(f"positions to run again must be an int >= 1, got {positions!r}")
         if batches and len(batches) != len(self.layers):
             raise ValueError("run a step again once every layer holds the batch (after the first decode step)")
         for batch in batches:
             batch.narrow(rows)
         layers = self.sequence_layers()
         for layer in layers:
-            layer.rerun = True
+            layer.rerun = positions
         try:
             yield
         finally:
             for layer in layers:
-                layer.rerun = False
+                layer.rerun = 0
             for batch in batches:
                 batch.widen()
 

@@ -4,11 +4,13 @@ Reading a few percent of the host tokens and estimating the rest moves a step's
 logits a little: the gap between the two highest by about 0.1 typically and
 rarely by more than 0.6 (measured on the bundled model). That changes the
 greedy token only where full attention's two highest logits are about as close,
-and once a continuation parts from full attention's it rarely comes back. So
-where a sequence's two highest logits lie less than
-`OffloadConfig.recheck_margin` apart, its step is run again with every host
-token read and none estimated (`HybridCache.rerun_exactly`): the logits, and
-the K/V the step leaves in the cache, are then full attention's.
+and once a continuation parts from full attention's it rarely comes back. The
+error is not the step's alone: the K/V of every token decoded before it came
+from approximate steps too. So where a sequence's two highest logits lie less
+than `OffloadConfig.recheck_margin` apart, the tokens it decoded since the
+prompt (those still in the window) run again as an exact prefill chunk
+(`HybridCache.rerun_exactly`): their K/V, and the step's logits, are then full
+attention's.
 """
 
 from __future__ import annotations
@@ -42,20 +44,30 @@ def reads_part(cache, row: int) -> bool:
     return seq.is_initialized and seq.host.n > 0
 
 
-def forward_step(model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> Step:
-    """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through
-    the model with a HybridCache; rows at a near tie run again exactly."""
+def forward_step(
+    model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: torch.Tensor | None = None
+) -> Step:
+    """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
+    model with a HybridCache. `fed` [B, t] are the tokens fed since the prompt, ending with
+    `tokens` (None: `tokens` alone); at a near tie a row's last min(t, window) of them run
+    again exactly."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = cache.step_stats()
     rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if reads_part(cache, r)]
     again = 0
     if rows:
-        with cache.rerun_exactly(rows):
-            positions = position_ids[rows] if position_ids is not None else None
-            exact = model(input_ids=tokens[rows], position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
-            again = cache.step_stats()["gathered"]
+        fed = tokens if fed is None else fed
+        n = min(fed.shape[1], cache.offload_config.window)
+        positions = None
+        if position_ids is not None:
+            positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
+        with cache.rerun_exactly(rows, n):
+            exact = model(
+                input_ids=fed[rows, -n:], position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            ).logits
+            again = cache.step_stats()["host_tokens"]  # each row's every host token, read once more
         logits = logits.clone()
-        logits[rows] = exact
+        logits[rows] = exact[:, -1]
     host = first["host_tokens"]
     read = (first["gathered"] + again) / host if host else 0.0
     return Step(logits, read, first["kv_read_frac"], first["keys_scored_frac"], len(rows))

@@ -1,5 +1,6 @@
-"""Near ties re-checked exactly (engine.recheck): a step run again reads every host token,
-replaces its position's K/V and leaves every other position where it was."""
+"""Near ties re-checked exactly (engine.recheck): the tokens decoded since the prompt run
+again as an exact chunk, replace their positions' K/V and leave every other position where
+it was."""
 
 import pytest
 import torch
@@ -20,7 +21,10 @@ def decode(model, ids, cfg):
     with torch.no_grad():
         model(ids[:, :PROMPT], cache=cache, use_cache=True)
         cache.build_indexes()
-        steps = [forward_step(model, cache, ids[:, t : t + 1]) for t in range(PROMPT, PROMPT + STEPS)]
+        steps = [
+            forward_step(model, cache, ids[:, t : t + 1], fed=ids[:, PROMPT : t + 1])
+            for t in range(PROMPT, PROMPT + STEPS)
+        ]
     return cache, steps
 
 
@@ -63,6 +67,30 @@ def test_without_the_recheck_the_same_steps_are_approximate(tiny_model, tiny_ids
     assert (cache.layers[1].ordered_kv()[0] - k).abs().max() > 1e-3  # later layers' K of decoded positions
 
 
+def test_a_run_again_makes_every_token_decoded_since_the_prompt_exact(tiny_model, tiny_ids, tiny_full_logits):
+    """Approximate steps leave approximate K/V behind; running them again as one chunk gives
+    full attention's K/V for all of them and full attention's logits for the last."""
+    cache, _ = decode(tiny_model, tiny_ids, APPROXIMATE)
+    host = cache.layers[1].host.n
+    with torch.no_grad(), cache.rerun_exactly([0], STEPS):
+        logits = tiny_model(tiny_ids[:, PROMPT : PROMPT + STEPS], cache=cache, use_cache=True).logits[0]
+    assert (logits - tiny_full_logits[0, PROMPT : PROMPT + STEPS]).abs().max() <= 1e-4
+    for layer, (k, v) in zip(cache.layers, full_kv(tiny_model, tiny_ids)):
+        got_k, got_v = layer.ordered_kv()
+        assert (got_k - k).abs().max() <= 1e-4 and (got_v - v).abs().max() <= 1e-4
+    assert cache.get_seq_length() == PROMPT + STEPS and cache.layers[1].host.n == host
+
+
+def test_positions_run_again_must_lie_in_the_window(tiny_model, tiny_ids):
+    cache, _ = decode(tiny_model, tiny_ids, APPROXIMATE)
+    n = APPROXIMATE.window + 1
+    with pytest.raises(ValueError, match="in the window"), torch.no_grad(), cache.rerun_exactly([0], n):
+        tiny_model(tiny_ids[:, PROMPT + STEPS - n : PROMPT + STEPS], cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="positions to run again must be an int >= 1"):
+        with cache.rerun_exactly([0], 0):
+            pass
+
+
 def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_ids):
     lengths, margin = (150, 231, 197), 0.06  # a random model's margins are small
     cfg = APPROXIMATE.replace(recheck_margin=margin)
@@ -78,10 +106,18 @@ def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_id
             mine = HybridCache(tiny_model, cfg)
             tiny_model(prompt[None], cache=mine, use_cache=True)
             mine.build_indexes()
-            alone.append([forward_step(tiny_model, mine, forced[b, t : t + 1][None]) for t in range(STEPS)])
+            alone.append(
+                [
+                    forward_step(tiny_model, mine, forced[b : b + 1, t : t + 1], fed=forced[b : b + 1, : t + 1])
+                    for t in range(STEPS)
+                ]
+            )
         batch = HybridCache.stack(caches)
         positions = torch.tensor([[n] for n in lengths])
-        together = [forward_step(tiny_model, batch, forced[:, t : t + 1], positions + t) for t in range(STEPS)]
+        together = [
+            forward_step(tiny_model, batch, forced[:, t : t + 1], positions + t, fed=forced[:, : t + 1])
+            for t in range(STEPS)
+        ]
     rechecked = sum(s.rechecked for s in together)
     assert 0 < rechecked < len(prompts) * STEPS  # some rows, not all: the others must not run again
     assert rechecked == sum(s.rechecked for steps in alone for s in steps)
