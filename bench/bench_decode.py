@@ -13,8 +13,8 @@ Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows), and for the engine
-rerun_attn_ms_per_layer (the same for a near tie's step run again reading every
-host token, engine.recheck).
+rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run again as
+an exact chunk, as at a near tie, engine.recheck: the step alone and a whole window).
 
     python bench/bench_decode.py [--quick] [--json PATH] [--plot PATH]
 """
@@ -220,13 +220,17 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
     }
 
 
-def time_rerun(model, cache, steps: int) -> float:
-    """Median ms per layer in update + attention of the last step run again exactly, as a near
-    tie's is (engine.recheck): every host token read."""
+@torch.inference_mode()
+def time_rerun(model, cache, positions: int, steps: int) -> float:
+    """Median ms per layer in update + attention of the `positions` newest positions run again
+    as an exact chunk, as a near tie's are (engine.recheck): every host token read."""
     samples = []
+    ids = torch.full((1, positions), 17)
     for _ in range(steps):
-        with cache.rerun_exactly([0]):
-            samples.append(decode_once(model, cache)[1])
+        LayerTimer.seconds = 0.0
+        with cache.rerun_exactly([0], positions):
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        samples.append(LayerTimer.seconds / model.config.num_hidden_layers)
     return 1e3 * statistics.median(samples)
 
 
@@ -301,7 +305,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
-        rerun = time_rerun(model, caches[method], min(steps, 5)) if kind == "hybrid" and cfg.recheck_margin else None
+        rerun = {}
+        if kind == "hybrid" and cfg.recheck_margin:  # a near tie's run again: the step alone, a whole window
+            rerun = {n: time_rerun(model, caches[method], n, min(steps, 3)) for n in (1, min(cfg.window, context))}
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -317,8 +323,8 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "device_bytes": dev + weights,
             "host_bytes": host,
             "kv_read_frac": round(read, 5),
-            # a near tie's step run again, reading every host token (engine.recheck)
-            "rerun_attn_ms_per_layer": round(rerun, 4) if rerun is not None else None,
+            # near ties' positions run again exactly (engine.recheck), by how many
+            "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
             "interleaved": len(caches) > 1,

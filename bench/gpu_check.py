@@ -238,14 +238,14 @@ def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> 
 
 
 @torch.inference_mode()
-def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: bool = False) -> dict:
-    """Median decode step times; with `rerun`, of the last step run again reading every host
-    token, as a near tie's is (engine.recheck)."""
-    token = torch.tensor([[17]], device=device)
+def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: int = 0) -> dict:
+    """Median decode step times; with `rerun` n, of the n newest positions run again as an
+    exact chunk, as a near tie's are (engine.recheck)."""
+    token = torch.full((1, max(1, rerun)), 17, device=device)
     per_token, per_layer, read = [], [], []
     for step in range(steps + 2):
         clock.seconds = 0.0
-        with Synced(device) as t, cache.rerun_exactly([0]) if rerun else contextlib.nullcontext():
+        with Synced(device) as t, cache.rerun_exactly([0], rerun) if rerun else contextlib.nullcontext():
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         if step >= 2:
             per_token.append(t.seconds)
@@ -283,8 +283,8 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             try:
                 cache, build_s = fill(kind, model, stats, n, c, device)
                 row.update(time_decode(model, cache, clock, args.steps, device))
-                if kind == "hybrid":  # a near tie's step run again (engine.recheck)
-                    again = time_decode(model, cache, clock, 3, device, rerun=True)
+                if kind == "hybrid":  # the window run again, as at a near tie (engine.recheck)
+                    again = time_decode(model, cache, clock, 3, device, rerun=cfg.window)
                     row.update(
                         rerun_ms_per_token=again["ms_per_token"], rerun_attn_ms_per_layer=again["attn_ms_per_layer"]
                     )
