@@ -359,7 +359,7 @@ def table(rows: list[dict]) -> str:
             notes += f", conservation {r['conservation_ok']}"
         if "rerun_ms_per_token" in r:
             notes = (
-                f"a step run again exactly: {r['rerun_ms_per_token']:.1f} ms ({r['rerun_attn_ms_per_layer']:.3f}/layer)"
+                f"a window run again exactly: {r['rerun_ms_per_token']:.1f} ms ({r['rerun_attn_ms_per_layer']:.3f}/layer)"
             )
         if "prefill_s" in r:
             notes = f"prefill {r['prefill_s']:.2f} s" + (
