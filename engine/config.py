@@ -45,11 +45,11 @@ class OffloadConfig:
     `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
     their block's mean key and mean value (engine.estimate).
-    With `recheck_margin` m > 0, a decode step whose two highest logits lie
-    less than m apart (a near tie, which a small error in attention can turn)
-    is run again reading every host token, so that its token is full
-    attention's (engine.recheck; `HybridLLM`'s generation, not transformers'
-    `generate`).
+    With `recheck_margin` m > 0, where a decode step's two highest logits lie
+    less than m apart (a near tie, which a small error in attention can turn),
+    the tokens decoded since the prompt (up to `window` of them) run again as
+    an exact chunk, so that the step's token is full attention's
+    (engine.recheck; `HybridLLM`'s generation, not transformers' `generate`).
     """
 
     n_sink: int = 4
@@ -68,7 +68,7 @@ class OffloadConfig:
     sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
     recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
     estimate: bool = True
-    recheck_margin: float = 0.5  # logits: a step whose top two lie closer is run again exactly (0: never)
+    recheck_margin: float = 0.5  # logits: where a step's top two lie closer, its decoded tokens run again exactly
     landmark: str = "minmax"  # blocks by Quest's bound: a few heavy tokens in a block of filler lift it
     host_dtype: str = "auto"  # "auto": the model's dtype
     host_threads: int = 0  # 0: all cores
