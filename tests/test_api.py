@@ -39,6 +39,15 @@ def test_passkey_answer_matches_full_attention(llm, passkey, result):
     assert r.host_bytes["kv_store"] > r.device_bytes["resident_kv"]
 
 
+def test_with_every_step_re_checked_the_text_is_full_attention_s(llm, passkey):
+    """A margin no step's logits clear: every step runs the tokens decoded so far again exactly."""
+    every_step = HybridLLM(llm.model, llm.tokenizer, llm.offload.replace(recheck_margin=1e9))
+    result = every_step.generate(passkey.prompt, 24, stop_at_eos=False, progress=False)
+    assert result.report.rechecked_steps == 23 and result.report.kv_read_frac > 1  # each reads the host store again
+    full = llm.generate_full_attention(passkey.prompt, 24)
+    assert full and result.text.startswith(full)
+
+
 def test_stream_yields_the_generated_text(llm, passkey, result):
     pieces = list(llm.stream(passkey.prompt, 8, progress=False))
     assert len(pieces) > 1
