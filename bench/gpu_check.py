@@ -358,9 +358,8 @@ def table(rows: list[dict]) -> str:
             )
             notes += f", conservation {r['conservation_ok']}"
         if "rerun_ms_per_token" in r:
-            notes = (
-                f"a window run again exactly: {r['rerun_ms_per_token']:.1f} ms ({r['rerun_attn_ms_per_layer']:.3f}/layer)"
-            )
+            again, per_layer = r["rerun_ms_per_token"], r["rerun_attn_ms_per_layer"]
+            notes = f"a window run again exactly: {again:.1f} ms ({per_layer:.3f}/layer)"
         if "prefill_s" in r:
             notes = f"prefill {r['prefill_s']:.2f} s" + (
                 f", index build {r['index_build_s']:.2f} s" if "index_build_s" in r else ""
