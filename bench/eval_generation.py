@@ -11,7 +11,9 @@ Every engine configuration then continues the same prefilled state twice:
              tie, engine.recheck) and the share of steps re-checked
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
              K/V its own attention computed for them; agreement = the share of steps whose
-             greedy pick equals full attention's next token
+             greedy pick equals full attention's next token, and at each step where it
+             differs the engine's own gap between its two highest logits (run
+             `default-norecheck` to see the gaps a re-check margin must exceed)
 
 Means over prompts with 95% intervals. The `exact` configuration reads every host token (the
 block index taking every block, no estimate): it computes full attention through the engine's
@@ -79,8 +81,12 @@ def continuations(
             "rechecked_frac": statistics.mean(s["rechecked"] for s in steps),
         }
         if forced:
-            fed = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), forced=full)
+            steps = []
+            fed = greedy(model, copy_state(source, model, cfg), logits, new, eos=set(), record=steps, forced=full)
             out[name]["forced_agreement"] = sum(a == b for a, b in zip(fed, full)) / len(full)
+            # the engine's own top-two gap where its pick differs (what a re-check margin must exceed)
+            differ = [j for j in range(1, len(full)) if fed[j] != full[j]]
+            out[name]["forced_gaps_where_different"] = [round(steps[j - 1]["gap"], 4) for j in differ]
     return out
 
 

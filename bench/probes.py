@@ -74,7 +74,8 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
     """Greedy tokens from the prefill's last logits [vocab]: up to max_new, stopping after an
     EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
     (teacher forcing), still returning the model's picks. With a HybridCache, `record`
-    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.recheck.Step)."""
+    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.recheck.Step)
+    and "gap", between the two highest logits the next token is picked from."""
     tokens, fed = [], []
     for step in range(max_new):
         token = int(logits.argmax())
@@ -87,7 +88,9 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
             out = forward_step(model, cache, recent[:, -1:], fed=recent)
             logits = out.logits[0]
             if record is not None:
+                top = logits.float().topk(2).values  # the gap the next pick is made at
                 record.append({k: getattr(out, k) for k in ("kv_read_frac", "selected_frac", "rechecked")})
+                record[-1]["gap"] = float(top[0] - top[1])
         else:
             logits = model(input_ids=torch.tensor([fed[-1:]]), cache=cache, use_cache=True).logits[0, -1]
     return tokens

@@ -318,6 +318,17 @@ def test_eval_generation_quick(tmp_path):
     assert "not run" in text and "| 100.00% | 0.00% |" in text
 
 
+def test_eval_generation_forced_gives_the_gaps_where_the_engine_differs(tmp_path):
+    out = tmp_path / "forced.json"
+    argv = ["--prompts", "1", "--context", "300", "--new", "8", "--configs", "default-norecheck", "exact"]
+    script("eval_generation").main([*argv, "--json", str(out)])
+    (row,) = json.loads(out.read_text())["per_prompt"]
+    engine, exact = row["default-norecheck"], row["exact"]
+    assert exact["forced_agreement"] == 1.0 and exact["forced_gaps_where_different"] == []
+    gaps = engine["forced_gaps_where_different"]
+    assert len(gaps) == round((1 - engine["forced_agreement"]) * 8) and all(g >= 0 for g in gaps)
+
+
 def test_accuracy_report_takes_cells_that_ran_some_configurations():
     """Cells from runs with different --configs render side by side; checks cover what ran."""
 
