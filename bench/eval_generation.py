@@ -117,7 +117,8 @@ def main(argv=None):
     ]
     summary = {}
     for name in args.configs:
-        summary[name] = {k: mean_interval([p[name][k] for p in per_prompt]) for k in per_prompt[0][name]}
+        numbers = [k for k, v in per_prompt[0][name].items() if not isinstance(v, list)]  # gaps stay per prompt
+        summary[name] = {k: mean_interval([p[name][k] for p in per_prompt]) for k in numbers}
         cells = ", ".join(f"{k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in summary[name].items())
         print(f"{name}: {cells}")
     if args.json:

@@ -322,7 +322,9 @@ def test_eval_generation_forced_gives_the_gaps_where_the_engine_differs(tmp_path
     out = tmp_path / "forced.json"
     argv = ["--prompts", "1", "--context", "300", "--new", "8", "--configs", "default-norecheck", "exact"]
     script("eval_generation").main([*argv, "--json", str(out)])
-    (row,) = json.loads(out.read_text())["per_prompt"]
+    result = json.loads(out.read_text())
+    (row,) = result["per_prompt"]
+    assert "forced_gaps_where_different" not in result["summary"]["exact"]  # per prompt only, not averaged
     engine, exact = row["default-norecheck"], row["exact"]
     assert exact["forced_agreement"] == 1.0 and exact["forced_gaps_where_different"] == []
     gaps = engine["forced_gaps_where_different"]
