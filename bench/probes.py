@@ -84,8 +84,7 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
             break
         fed.append(token if forced is None else forced[step])
         if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.recheck)
-            recent = torch.tensor([fed[-cache.offload_config.window :]])
-            out = forward_step(model, cache, recent[:, -1:], fed=recent)
+            out = forward_step(model, cache, torch.tensor([fed[-1:]]), fed=[fed])
             logits = out.logits[0]
             if record is not None:
                 top = logits.float().topk(2).values  # the gap the next pick is made at

@@ -291,8 +291,7 @@ class HybridLLM:
                 if token in eos or step == max_new_tokens - 1:
                     break
                 fed.append(token)
-                recent = torch.tensor([fed[-cfg.window :]], device=self.device)
-                out = forward_step(self.model, cache, recent[:, -1:], fed=recent)
+                out = forward_step(self.model, cache, torch.tensor([[token]], device=self.device), fed=[fed])
                 logits = out.logits[0]
                 read.append(out.kv_read_frac)
                 scored.append(out.keys_scored_frac)
@@ -341,10 +340,10 @@ def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, repor
         if len(keep) < len(rows):
             cache.batch_select_indices(keep)
             rows = [rows[i] for i in keep]
-        # every sequence left has fed as many tokens: a near tie runs those in the window again
-        recent = torch.tensor([tokens[b][-cache.offload_config.window :] for b in rows], device=logits.device)
+        latest = torch.tensor([[picked[i]] for i in keep], device=logits.device)
         pos = (positions[rows] + torch.tensor([len(tokens[b]) - 1 for b in rows], device=logits.device))[:, None]
-        step = forward_step(model, cache, recent[:, -1:], pos, fed=recent)
+        # every sequence left has fed as many tokens: a near tie runs those in the window again
+        step = forward_step(model, cache, latest, pos, fed=[tokens[b] for b in rows])
         logits = step.logits
         read.append(step.kv_read_frac)
         rechecked += step.rechecked

@@ -51,7 +51,7 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--recheck-margin",
         type=float,
-        help="run a step again reading every host token where its top two logits lie closer (0: never)",
+        help="where a step's top two logits lie closer, run its decoded tokens again exactly (0: never)",
     )
     g.add_argument("--sinks", dest="n_sink", type=int)
     g.add_argument("--window", type=int)

@@ -45,26 +45,24 @@ def reads_part(cache, row: int) -> bool:
 
 
 def forward_step(
-    model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: torch.Tensor | None = None
+    model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: list[list[int]] | None = None
 ) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
-    model with a HybridCache. `fed` [B, t] are the tokens fed since the prompt, ending with
-    `tokens` (None: `tokens` alone); at a near tie a row's last min(t, window) of them run
-    again exactly."""
+    model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
+    its token in `tokens`, equally many per row (None: `tokens` alone); at a near tie a row's
+    last min(t, window) of them run again exactly."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = cache.step_stats()
     rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if reads_part(cache, r)]
     again = 0
-    if rows:
-        fed = tokens if fed is None else fed
-        n = min(fed.shape[1], cache.offload_config.window)
+    if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
+        n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
+        ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
         if position_ids is not None:
             positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
         with cache.rerun_exactly(rows, n):
-            exact = model(
-                input_ids=fed[rows, -n:], position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-            ).logits
+            exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
             again = cache.step_stats()["host_tokens"]  # each row's every host token, read once more
         logits = logits.clone()
         logits[rows] = exact[:, -1]

@@ -22,7 +22,7 @@ def decode(model, ids, cfg):
         model(ids[:, :PROMPT], cache=cache, use_cache=True)
         cache.build_indexes()
         steps = [
-            forward_step(model, cache, ids[:, t : t + 1], fed=ids[:, PROMPT : t + 1])
+            forward_step(model, cache, ids[:, t : t + 1], fed=ids[:, PROMPT : t + 1].tolist())
             for t in range(PROMPT, PROMPT + STEPS)
         ]
     return cache, steps
@@ -108,14 +108,16 @@ def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_id
             mine.build_indexes()
             alone.append(
                 [
-                    forward_step(tiny_model, mine, forced[b : b + 1, t : t + 1], fed=forced[b : b + 1, : t + 1])
+                    forward_step(
+                        tiny_model, mine, forced[b : b + 1, t : t + 1], fed=forced[b : b + 1, : t + 1].tolist()
+                    )
                     for t in range(STEPS)
                 ]
             )
         batch = HybridCache.stack(caches)
         positions = torch.tensor([[n] for n in lengths])
         together = [
-            forward_step(tiny_model, batch, forced[:, t : t + 1], positions + t, fed=forced[:, : t + 1])
+            forward_step(tiny_model, batch, forced[:, t : t + 1], positions + t, fed=forced[:, : t + 1].tolist())
             for t in range(STEPS)
         ]
     rechecked = sum(s.rechecked for s in together)
