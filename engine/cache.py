@@ -73,6 +73,7 @@ class HybridLayer(CacheLayerMixin):
         self.n_seen = 0
         self.stats = StepStats()
         self.rerun = 0  # the newest positions run again, exactly (HybridCache.rerun_exactly): how many
+        self.approximate = 0  # the newest positions written by decode steps that read part of the host store
 
     # ------------------------------------------------------------ set-up
 
@@ -134,6 +135,7 @@ class HybridLayer(CacheLayerMixin):
         k, v = key_states[0], value_states[0]  # [Hkv, C, D]
         if self.rerun:
             self._replace_newest(k, v)
+            self.approximate = 0  # older approximate positions, if any, stay so: only the newest run again
             return self, self
         S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
 
@@ -160,6 +162,8 @@ class HybridLayer(CacheLayerMixin):
             self.resident_v[:, s0:s1] = v[:, pos - a : pos - a + s1 - s0]
             self.resident_pos[s0:s1] = np.arange(pos, pos + s1 - s0)
         self.n_seen += C
+        # A chunk attends exactly (prefill attention); one position reads part of the host store if it has any.
+        self.approximate = self.approximate + 1 if C == 1 and self.host.n > 0 else 0
         self.last_added = (k, v)  # the chunk's own K/V [Hkv, C, D], which its prefill attention reads
         return self, self
 
@@ -295,7 +299,7 @@ class HybridLayer(CacheLayerMixin):
         self.n_indexed = self.n_built = 0
         self.last_added = None
         self.stats = StepStats()
-        self.rerun = 0
+        self.rerun = self.approximate = 0
 
     def offload(self):  # the host store is the offload; nothing moves per layer
         pass
@@ -431,6 +435,14 @@ class HybridCache(Cache):
         for layer in self.layers:
             out.extend(getattr(layer, "seqs", [layer]))
         return out
+
+    def approximate_newest(self, row: int = 0) -> int:
+        """How many of sequence `row`'s newest positions came from decode steps that read part
+        of the host store, since its last exact chunk (prefill or run again): those a re-check
+        runs again (engine.recheck). The same in every layer: layer 0's count."""
+        layer = self.layers[0]
+        seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
+        return seq.approximate if seq.is_initialized else 0
 
     @contextmanager
     def rerun_exactly(self, rows: list[int], positions: int = 1):

@@ -37,26 +37,23 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
 
 
-def reads_part(cache, row: int) -> bool:
-    """Whether sequence `row` has host tokens (otherwise its step attended to everything)."""
-    layer = cache.layers[0]
-    seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
-    return seq.is_initialized and seq.host.n > 0
-
-
 def forward_step(
     model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: list[list[int]] | None = None
 ) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
-    its token in `tokens`, equally many per row (None: `tokens` alone); at a near tie a row's
-    last min(t, window) of them run again exactly."""
+    its token in `tokens`, equally many per row (None: `tokens` alone). At a near tie a row's
+    newest positions that approximate steps wrote since its last exact run (at most `window`)
+    run again exactly; the positions before them are exact already, so each decoded position
+    runs again at most once however many near ties follow it."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = cache.step_stats()
-    rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if reads_part(cache, r)]
+    # a sequence without approximate positions read every host token for this step already
+    rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if cache.approximate_newest(r)]
     again = 0
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
+        n = min(n, max(cache.approximate_newest(r) for r in rows))  # a row with fewer runs exact ones again
         ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
         if position_ids is not None:

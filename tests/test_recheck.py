@@ -148,3 +148,38 @@ def test_a_step_that_read_every_token_is_not_run_again(tiny_model, tiny_ids, tin
         step = forward_step(tiny_model, cache, tiny_ids[:, 100:101])
     assert step.rechecked == 0 and cache.layers[0].host.n == 0
     assert (step.logits[0] - tiny_full_logits[0, 100]).abs().max() <= 1e-4
+
+
+def test_the_cache_counts_the_newest_positions_approximate_steps_wrote(tiny_model, tiny_ids):
+    cache, _ = decode(tiny_model, tiny_ids, APPROXIMATE)
+    assert cache.approximate_newest() == STEPS and all(layer.approximate == STEPS for layer in cache.layers)
+    with torch.no_grad(), cache.rerun_exactly([0], 5):
+        tiny_model(tiny_ids[:, PROMPT + STEPS - 5 : PROMPT + STEPS], cache=cache, use_cache=True)
+    assert cache.approximate_newest() == 0  # the older seven stay approximate: only the newest run again
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, PROMPT + STEPS : PROMPT + STEPS + 1], cache=cache, use_cache=True)
+        assert cache.approximate_newest() == 1
+        tiny_model(tiny_ids[:, PROMPT + STEPS + 1 : PROMPT + STEPS + 3], cache=cache, use_cache=True)
+    assert cache.approximate_newest() == 0  # a chunk attends exactly
+
+
+def test_positions_made_exact_stay_so_and_are_not_run_again(tiny_model, tiny_ids, tiny_full_logits, monkeypatch):
+    """Re-checks at some steps only: each runs again just the positions decoded since the one
+    before, and still gives full attention's logits (the positions before are exact)."""
+    _, plain = decode(tiny_model, tiny_ids, APPROXIMATE)
+    top = torch.stack([s.logits[0] for s in plain]).topk(2).values
+    margin = (top[:, 0] - top[:, 1]).median().item()  # about half the steps are near ties
+    runs, rerun_exactly = [], HybridCache.rerun_exactly
+
+    def counted(self, rows, positions=1):
+        runs.append(positions)
+        return rerun_exactly(self, rows, positions)
+
+    monkeypatch.setattr(HybridCache, "rerun_exactly", counted)
+    cache, steps = decode(tiny_model, tiny_ids, APPROXIMATE.replace(recheck_margin=margin))
+    at = [t for t, s in enumerate(steps) if s.rechecked]
+    assert 1 < len(at) < STEPS and len(runs) == len(at)
+    assert runs == [b - a for a, b in zip([-1] + at, at)]  # the positions decoded since the last re-check
+    for t in at:
+        assert (steps[t].logits[0] - tiny_full_logits[0, PROMPT + t]).abs().max() <= 1e-4, f"step {t}"
+    assert cache.approximate_newest() == STEPS - 1 - at[-1]
