@@ -47,8 +47,9 @@ class OffloadConfig:
     their block's mean key and mean value (engine.estimate).
     With `recheck_margin` m > 0, where a decode step's two highest logits lie
     less than m apart (a near tie, which a small error in attention can turn),
-    the tokens decoded since the prompt (up to `window` of them) run again as
-    an exact chunk, so that the step's token is full attention's
+    the tokens decoded since the last exact run (the prompt or the last
+    re-check; up to `window` of them) run again as an exact chunk, so that the
+    step's token is full attention's
     (engine.recheck; `HybridLLM`'s generation, not transformers' `generate`).
     """
 
