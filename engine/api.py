@@ -283,7 +283,7 @@ class HybridLLM:
             generator = torch.Generator(device=self.device).manual_seed(seed)
             eos = eos_ids(self.model) if stop_at_eos else set()
             t0 = time.perf_counter()
-            fed = []  # tokens fed since the prompt: a near tie runs those in the window again
+            fed = []  # tokens fed since the prompt: a near tie runs the newest not yet exact again
             for step in range(max_new_tokens):
                 token = _pick(logits, temperature, generator)
                 report.new_tokens = step + 1

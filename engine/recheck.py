@@ -7,10 +7,12 @@ greedy token only where full attention's two highest logits are about as close,
 and once a continuation parts from full attention's it rarely comes back. The
 error is not the step's alone: the K/V of every token decoded before it came
 from approximate steps too. So where a sequence's two highest logits lie less
-than `OffloadConfig.recheck_margin` apart, the tokens it decoded since the
-prompt (those still in the window) run again as an exact prefill chunk
+than `OffloadConfig.recheck_margin` apart, the tokens it decoded since its
+last exact run (those still in the window) run again as an exact prefill chunk
 (`HybridCache.rerun_exactly`): their K/V, and the step's logits, are then full
-attention's.
+attention's. The last exact run is the prompt's prefill or the re-check before:
+positions a re-check made exact stay so, since their K/V depend only on the
+positions before them (`HybridCache.approximate_newest` counts those after).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Near ties re-checked exactly (engine.recheck): the tokens decoded since the prompt run
-again as an exact chunk, replace their positions' K/V and leave every other position where
-it was."""
+"""Near ties re-checked exactly (engine.recheck): the tokens decoded since the last exact run
+run again as an exact chunk, replace their positions' K/V and leave every other position
+where it was."""
 
 import pytest
 import torch
