@@ -342,7 +342,7 @@ def decode_batch(model, cache, logits, lengths, max_new_tokens, pick, eos, repor
             rows = [rows[i] for i in keep]
         latest = torch.tensor([[picked[i]] for i in keep], device=logits.device)
         pos = (positions[rows] + torch.tensor([len(tokens[b]) - 1 for b in rows], device=logits.device))[:, None]
-        # every sequence left has fed as many tokens: a near tie runs those in the window again
+        # every sequence left has fed as many tokens: a near tie runs the newest not yet exact again
         step = forward_step(model, cache, latest, pos, fed=[tokens[b] for b in rows])
         logits = step.logits
         read.append(step.kv_read_frac)

@@ -51,11 +51,12 @@ def forward_step(
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = cache.step_stats()
     # a sequence without approximate positions read every host token for this step already
-    rows = [r for r in near_ties(logits, cache.offload_config.recheck_margin) if cache.approximate_newest(r)]
+    pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cache.offload_config.recheck_margin)}
+    rows = [r for r, count in pending.items() if count]
     again = 0
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
-        n = min(n, max(cache.approximate_newest(r) for r in rows))  # a row with fewer runs exact ones again
+        n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
         ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
         if position_ids is not None:
