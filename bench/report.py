@@ -1,7 +1,7 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
 python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
-                       [--prefill PATH] [--soak PATH] [--throughput PATH]
+                       [--prefill PATH] [--soak PATH] [--throughput PATH] [--margins PATH]
 """
 
 from __future__ import annotations
@@ -323,6 +323,52 @@ def throughput(result: dict) -> str:
     return "\n\n".join(out)
 
 
+def margin_rows(per_prompt: list[dict], margins: list[float]) -> list[dict]:
+    """recheck_margins.py's steps pooled over prompts, per margin: the share re-checked (gap
+    below the margin), the differing picks inside it out of all, and the implied reads per
+    step (the selection's share + one read of every host token per re-check); first (margin
+    None) the same for re-checking the differing steps alone, what no margin can beat."""
+    gaps = [g for p in per_prompt for g in p["gaps"]]
+    differs = [d for p in per_prompt for d in p["differs"]]
+    n = max(len(gaps), 1)
+    selected = sum(p["selected_frac"] * len(p["gaps"]) for p in per_prompt) / n
+
+    def row(margin, rechecked: int, caught: int) -> dict:
+        share = rechecked / n
+        return {
+            "margin": margin,
+            "rechecked": share,
+            "caught": caught,
+            "differs": sum(differs),
+            "read": selected + share,
+        }
+
+    rows = [row(None, sum(differs), sum(differs))]
+    for m in margins:
+        rows.append(row(m, sum(g < m for g in gaps), sum(d and g < m for g, d in zip(gaps, differs))))
+    return rows
+
+
+def margins(result: dict) -> str:
+    c, per_prompt = result["config"], result["per_prompt"]
+    rows = margin_rows(per_prompt, [r["margin"] for r in result["margins"] if r["margin"] is not None])
+    steps = sum(len(p["gaps"]) for p in per_prompt)
+    selected = rows[0]["read"] - rows[0]["rechecked"]
+    source = f"prose from token {c['offset']:,}" if c["source"] == "prose" else c["source"]
+    head = f"{source}, {c['context']} tokens, {c['prompts']} prompts, {steps} steps teacher-forced, "
+    head += f"selection read {selected:.1%} per step\n\n"
+    body = [
+        [
+            "differing steps alone" if r["margin"] is None else f"{r['margin']:g}",
+            f"{r['rechecked']:.2%}",
+            f"{r['caught']} of {r['differs']}",
+            f"{r['read']:.1%}",
+        ]
+        for r in rows
+    ]
+    return head + table(["re-checked", "steps re-checked", "differing picks caught", "host KV read per step"], body)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", type=Path)
@@ -333,6 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--prefill", type=Path)
     p.add_argument("--soak", type=Path)
     p.add_argument("--throughput", type=Path)
+    p.add_argument("--margins", type=Path, help="a recheck_margins JSON file")
     args = p.parse_args(argv)
     renders = (
         (args.kernel, kernel),
@@ -342,6 +389,7 @@ def main(argv=None) -> None:
         (args.prefill, prefill),
         (args.soak, soak),
         (args.throughput, throughput),
+        (args.margins, margins),
     )
     for path, render in renders:
         if path is not None:

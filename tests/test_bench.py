@@ -331,6 +331,35 @@ def test_eval_generation_forced_gives_the_gaps_where_the_engine_differs(tmp_path
     assert len(gaps) == round((1 - engine["forced_agreement"]) * 8) and all(g >= 0 for g in gaps)
 
 
+def test_recheck_margins_counts_the_steps_and_differing_picks_under_each_margin():
+    """Pooled over prompts: a margin re-checks the steps whose gap lies below it, catches the
+    differing picks among them, and each re-check adds one read of every host token."""
+    per_prompt = [
+        {"gaps": [0.1, 0.6, 2.0], "differs": [True, False, False], "selected_frac": 0.04},
+        {"gaps": [0.3], "differs": [True], "selected_frac": 0.08},
+    ]
+    perfect, *rows = script("report").margin_rows(per_prompt, [0.05, 0.2, 0.5, 1.0])
+    assert perfect["margin"] is None and perfect["rechecked"] == 0.5 and perfect["read"] == pytest.approx(0.55)
+    assert [r["rechecked"] for r in rows] == [0.0, 0.25, 0.5, 0.75]
+    assert [r["caught"] for r in rows] == [0, 1, 2, 2] and all(r["differs"] == 2 for r in rows)
+    assert [r["read"] for r in rows] == pytest.approx([0.05 + x for x in (0.0, 0.25, 0.5, 0.75)])
+
+
+def test_recheck_margins_quick(tmp_path):
+    """A margin above every gap re-checks every step and catches every differing pick."""
+    out = tmp_path / "margins.json"
+    argv = ["--prompts", "1", "--context", "300", "--new", "6", "--margins", "0.1", "1e9", "--json", str(out)]
+    script("recheck_margins").main(argv)
+    result = json.loads(out.read_text())
+    (prompt,) = result["per_prompt"]
+    assert len(prompt["gaps"]) == len(prompt["differs"]) == 5 and all(g >= 0 for g in prompt["gaps"])
+    perfect, narrow, wide = result["margins"]
+    assert perfect["caught"] == perfect["differs"] == wide["differs"]
+    assert wide["rechecked"] == 1.0 and wide["caught"] == wide["differs"] == sum(prompt["differs"])
+    assert 0 < prompt["selected_frac"] < 1 and wide["read"] == pytest.approx(prompt["selected_frac"] + 1)
+    assert narrow["rechecked"] == sum(g < 0.1 for g in prompt["gaps"]) / 5
+
+
 def test_accuracy_report_takes_cells_that_ran_some_configurations():
     """Cells from runs with different --configs render side by side; checks cover what ran."""
 

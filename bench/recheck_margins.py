@@ -1,0 +1,114 @@
+"""What a re-check margin costs and what it catches (engine.recheck, `recheck_margin`).
+
+Each prompt is prefilled once. Full attention answers greedily: `--new` tokens after a
+segment of prose (as in eval_generation.py), or a task's answer up to its end (as in
+eval_accuracy.py). The engine's default without re-checks is then fed full attention's
+tokens (teacher forcing) and records, at every step, the gap between its two highest
+logits and whether its pick differs from full attention's. A margin m re-checks the steps
+whose gap lies below m; per margin the table gives the share of steps re-checked, the
+differing picks among them (a differing pick outside the margin is one no re-check
+fixes) and the host KV read per step that implies: the selection's share plus one read
+of every host token per re-check. The first row re-checks the differing steps alone:
+what a perfect trigger would read. Steps are pooled over prompts.
+
+Fed full attention's tokens, every step counts, not only a free-running text's first
+difference; without re-checks each step's context carries the approximate K/V of the
+steps before it, as between two re-checks of a free-running text.
+
+    python bench/recheck_margins.py [--source prose|TASK] [--context T] [--prompts N] [--new K]
+                                    [--offset N] [--margins ...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_fidelity import segments  # noqa: E402
+from eval_accuracy import MAX_NEW  # noqa: E402
+from probes import copy_state, greedy  # noqa: E402
+from report import margin_rows, margins  # noqa: E402
+
+from engine import HybridCache, OffloadConfig  # noqa: E402
+from engine.api import eos_ids, prefill  # noqa: E402
+from engine.models import load_model  # noqa: E402
+from engine.tasks import TASKS, make_sample  # noqa: E402
+
+SOURCE = OffloadConfig.preset("default", device="cpu")
+ENGINE = SOURCE.replace(recheck_margin=0.0)
+MARGINS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
+
+
+@torch.inference_mode()
+def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int) -> dict:
+    """One prompt: per decode step the engine's top-two gap and whether its pick differs
+    from full attention's, and the mean share of host tokens its selection read."""
+    model.set_attn_implementation("hybrid")
+    source = HybridCache(model, SOURCE, progress=False)
+    logits = prefill(model, ids, source, chunk, progress=False)
+    source.build_indexes()
+    model.set_attn_implementation("sdpa")
+    full = greedy(model, copy_state(source, model, None), logits, new, eos)
+    model.set_attn_implementation("hybrid")
+    steps = []
+    picks = greedy(model, copy_state(source, model, ENGINE), logits, len(full), set(), record=steps, forced=full)
+    # the logits of step j - 1 pick token j (token 0 comes from the prefill, exact)
+    return {
+        "gaps": [round(s["gap"], 4) for s in steps],
+        "differs": [picks[j] != full[j] for j in range(1, len(full))],
+        "selected_frac": statistics.mean(s["selected_frac"] for s in steps) if steps else 0.0,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="prose", choices=["prose", *TASKS], help="prose segments or a task's prompts")
+    p.add_argument("--context", type=int, default=4096, help="prompt tokens")
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--new", type=int, default=256, help="prose: tokens generated (a task: its answer length)")
+    p.add_argument("--offset", type=int, default=600_000, help="prose: text tokens skipped before the first prompt")
+    p.add_argument("--margins", type=float, nargs="+", default=MARGINS)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.prompts < 1:
+        p.error(f"--prompts must be at least 1, got {args.prompts}")
+    if any(m <= 0 for m in args.margins):
+        p.error(f"--margins must be > 0, got {args.margins}")
+    torch.set_num_threads(args.threads)
+
+    model, tok = load_model(args.model, attn_implementation="hybrid")
+    if args.source == "prose":
+        prompts = [(ids, args.new, set()) for ids in segments(tok, args.prompts, args.context, args.offset)]
+    else:  # the prompts of eval_accuracy.py's cell (seeds 0.., depths spread alike)
+        samples = [
+            make_sample(args.source, args.context, tok, seed=i, depth=(i + 0.5) / args.prompts)
+            for i in range(args.prompts)
+        ]
+        eos = eos_ids(model)
+        prompts = [(tok(s.prompt, return_tensors="pt").input_ids, MAX_NEW[args.source], eos) for s in samples]
+    started = time.perf_counter()
+    per_prompt = [forced_steps(model, ids, new, eos, args.chunk) for ids, new, eos in tqdm(prompts, desc="prompts")]
+    result = {"config": {k: getattr(args, k) for k in ("source", "context", "prompts", "new", "offset", "model")}}
+    result["config"]["threads"] = args.threads
+    result["margins"], result["per_prompt"] = margin_rows(per_prompt, sorted(args.margins)), per_prompt
+    print(margins(result))
+    if args.json:
+        result["config"]["seconds"] = round(time.perf_counter() - started, 1)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
