@@ -42,11 +42,11 @@ from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from probes import LayerProbe, copy_state, greedy, oracle_attention  # noqa: E402
+from probes import LayerProbe, copy_state, greedy, oracle_attention, prefill_and_answer  # noqa: E402
 from stats import wilson_interval  # noqa: E402
 
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import eos_ids, prefill  # noqa: E402
+from engine import OffloadConfig  # noqa: E402
+from engine.api import eos_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.tasks import TASKS, make_sample, score  # noqa: E402
 
@@ -87,13 +87,7 @@ def evaluate(
 ) -> dict[str, dict]:
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     eos = eos_ids(model)
-    model.set_attn_implementation("hybrid")
-    with torch.inference_mode():
-        source = HybridCache(model, SOURCE, progress=False)
-        logits = prefill(model, ids, source, chunk, progress=False)
-        source.build_indexes()
-    model.set_attn_implementation("sdpa")
-    full = greedy(model, copy_state(source, model, None), logits, max_new, eos)
+    source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, max_new, eos)
     full_shares = {"kv_read_frac": 1.0, "selected_frac": 1.0, "rechecked_frac": 0.0}
     results = {"full": {"tokens": full, **full_shares, "attn_rel_err": 0.0}}
     for name in configs:

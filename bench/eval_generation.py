@@ -39,11 +39,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_fidelity import segments  # noqa: E402
-from probes import copy_state, greedy  # noqa: E402
+from probes import copy_state, greedy, prefill_and_answer  # noqa: E402
 from stats import mean_interval  # noqa: E402
 
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import prefill  # noqa: E402
+from engine import OffloadConfig  # noqa: E402
 from engine.models import load_model  # noqa: E402
 
 CONFIGS = {
@@ -61,13 +60,7 @@ SOURCE = CONFIGS["default"]
 def continuations(
     model, ids: torch.Tensor, new: int, chunk: int, configs: list[str], forced: bool = True
 ) -> dict[str, dict]:
-    model.set_attn_implementation("hybrid")
-    source = HybridCache(model, SOURCE, progress=False)
-    logits = prefill(model, ids, source, chunk, progress=False)
-    source.build_indexes()
-    model.set_attn_implementation("sdpa")
-    full = greedy(model, copy_state(source, model, None), logits, new, eos=set())
-    model.set_attn_implementation("hybrid")
+    source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, new, eos=set())
     out = {}
     for name in configs:
         cfg = CONFIGS[name]

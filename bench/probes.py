@@ -2,6 +2,7 @@
 
 - `copy_state`: a prefilled cache's positions in a full-attention cache or in
   another engine configuration (the host indexes are copied, not rebuilt);
+- `prefill_and_answer`: a prompt prefilled once, and full attention's greedy answer;
 - `OracleSelect`: a selection rule for `engine.attention.decode_step` that reads
   the host tokens exact attention weighs most (it scores every host key: for
   measuring what a selector could reach at the same read share, not for use);
@@ -22,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
+from engine.api import prefill
 from engine.attention import host_state, hybrid_attention_forward
 from engine.cache import HybridLayer
 from engine.merge import attend, merge_states
@@ -67,6 +69,21 @@ def copy_state(
                     if d.host.n > d.n_indexed and d.key_index is not None:
                         d.index_new_keys()
     return dst
+
+
+@torch.inference_mode()
+def prefill_and_answer(model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, max_new: int, eos: set[int]):
+    """Prefill ids [1, T] once into a HybridCache with `cfg` (exact, chunked; host indexes
+    built) and let full attention answer greedily from a copy of that state. Returns (the
+    cache, the prefill's last logits, full attention's tokens); the model is left on "hybrid"."""
+    model.set_attn_implementation("hybrid")
+    source = HybridCache(model, cfg, progress=False)
+    logits = prefill(model, ids, source, chunk, progress=False)
+    source.build_indexes()
+    model.set_attn_implementation("sdpa")
+    full = greedy(model, copy_state(source, model, None), logits, max_new, eos)
+    model.set_attn_implementation("hybrid")
+    return source, logits, full
 
 
 @torch.inference_mode()

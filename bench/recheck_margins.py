@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_fidelity import segments  # noqa: E402
 from eval_accuracy import MAX_NEW  # noqa: E402
-from probes import copy_state, greedy  # noqa: E402
+from probes import copy_state, greedy, prefill_and_answer  # noqa: E402
 from report import margin_rows, margins  # noqa: E402
 
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import eos_ids, prefill  # noqa: E402
+from engine import OffloadConfig  # noqa: E402
+from engine.api import eos_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.tasks import TASKS, make_sample  # noqa: E402
 
@@ -52,13 +52,7 @@ MARGINS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
 def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int) -> dict:
     """One prompt: per decode step the engine's top-two gap and whether its pick differs
     from full attention's, and the mean share of host tokens its selection read."""
-    model.set_attn_implementation("hybrid")
-    source = HybridCache(model, SOURCE, progress=False)
-    logits = prefill(model, ids, source, chunk, progress=False)
-    source.build_indexes()
-    model.set_attn_implementation("sdpa")
-    full = greedy(model, copy_state(source, model, None), logits, new, eos)
-    model.set_attn_implementation("hybrid")
+    source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, new, eos)
     steps = []
     picks = greedy(model, copy_state(source, model, ENGINE), logits, len(full), set(), record=steps, forced=full)
     # the logits of step j - 1 pick token j (token 0 comes from the prefill, exact)
@@ -99,7 +93,7 @@ def main(argv=None):
         eos = eos_ids(model)
         prompts = [(tok(s.prompt, return_tensors="pt").input_ids, MAX_NEW[args.source], eos) for s in samples]
     started = time.perf_counter()
-    per_prompt = [forced_steps(model, ids, new, eos, args.chunk) for ids, new, eos in tqdm(prompts, desc="prompts")]
+    per_prompt = [forced_steps(model, ids, new, stop, args.chunk) for ids, new, stop in tqdm(prompts, desc="prompts")]
     result = {"config": {k: getattr(args, k) for k in ("source", "context", "prompts", "new", "offset", "model")}}
     result["config"]["threads"] = args.threads
     result["margins"], result["per_prompt"] = margin_rows(per_prompt, sorted(args.margins)), per_prompt

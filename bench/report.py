@@ -350,9 +350,8 @@ def margin_rows(per_prompt: list[dict], margins: list[float]) -> list[dict]:
 
 
 def margins(result: dict) -> str:
-    c, per_prompt = result["config"], result["per_prompt"]
-    rows = margin_rows(per_prompt, [r["margin"] for r in result["margins"] if r["margin"] is not None])
-    steps = sum(len(p["gaps"]) for p in per_prompt)
+    c, rows = result["config"], result["margins"]
+    steps = sum(len(p["gaps"]) for p in result["per_prompt"])
     selected = rows[0]["read"] - rows[0]["rechecked"]
     source = f"prose from token {c['offset']:,}" if c["source"] == "prose" else c["source"]
     head = f"{source}, {c['context']} tokens, {c['prompts']} prompts, {steps} steps teacher-forced, "
