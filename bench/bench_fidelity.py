@@ -36,23 +36,15 @@ from transformers import AttentionInterface
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from capture_qk import load_text  # noqa: E402
-from probes import LayerProbe, copy_state  # noqa: E402
+from probes import LayerProbe, copy_state, named  # noqa: E402
 from stats import mean_interval  # noqa: E402
 
-from engine import HybridCache, OffloadConfig  # noqa: E402
+from engine import HybridCache  # noqa: E402
 from engine.api import prefill  # noqa: E402
 from engine.models import load_model  # noqa: E402
 
 PROBE = "hybrid_fidelity"
-CONFIGS = {
-    "default": OffloadConfig.preset("default", device="cpu"),
-    "tight": OffloadConfig.preset("tight", device="cpu"),
-    "fixed": OffloadConfig.preset("fixed", device="cpu"),
-    "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
-    "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),  # not run unless asked for
-    "mean-blocks": OffloadConfig.preset("default", device="cpu", landmark="mean"),  # blocks by mean key, as before
-    "fewer-blocks": OffloadConfig.preset("default", device="cpu", block_frac=0.04),  # 4% of the blocks, as before
-}
+CONFIGS = named("default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks")
 ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")

@@ -42,29 +42,17 @@ from transformers import AttentionInterface
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from probes import LayerProbe, copy_state, greedy, oracle_attention, prefill_and_answer  # noqa: E402
+from probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer  # noqa: E402
 from stats import wilson_interval  # noqa: E402
 
-from engine import OffloadConfig  # noqa: E402
 from engine.api import eos_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.tasks import TASKS, make_sample, score  # noqa: E402
 
-CONFIGS = {
-    "default": OffloadConfig.preset("default", device="cpu"),
-    # the default before the estimate and the adaptive budget, for comparison
-    "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
-    # the default without re-checking near ties exactly (engine.recheck; not run unless asked for)
-    "default-norecheck": OffloadConfig.preset("default", device="cpu", recheck_margin=0.0),
-    # the default's selection without the estimate of unread tokens (not run unless asked for)
-    "default-noest": OffloadConfig.preset("default", device="cpu", estimate=False),
-    # the default also rating the 3 tokens on each side of every token it reads (not run unless asked for)
-    "neighbours": OffloadConfig.preset("default", device="cpu", neighbours=3),
-    # the default choosing its candidate blocks by mean key, as before Quest's bound (not run unless asked for)
-    "mean-blocks": OffloadConfig.preset("default", device="cpu", landmark="mean"),
-    # the default taking 4% of the host blocks (5 at 4K tokens, 3 at 2K) instead of 8% (not run unless asked for)
-    "fewer-blocks": OffloadConfig.preset("default", device="cpu", block_frac=0.04),
-}
+# beyond DEFAULT_CONFIGS, run only when asked for
+CONFIGS = named(
+    "default", "fixed-noest", "default-norecheck", "default-noest", "neighbours", "mean-blocks", "fewer-blocks"
+)
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others
 MAX_NEW = {

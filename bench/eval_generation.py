@@ -39,20 +39,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_fidelity import segments  # noqa: E402
-from probes import copy_state, greedy, prefill_and_answer  # noqa: E402
+from probes import copy_state, greedy, named, prefill_and_answer  # noqa: E402
 from stats import mean_interval  # noqa: E402
 
-from engine import OffloadConfig  # noqa: E402
 from engine.models import load_model  # noqa: E402
 
-CONFIGS = {
-    "default": OffloadConfig.preset("default", device="cpu"),
-    "fixed-noest": OffloadConfig.preset("fixed", device="cpu", estimate=False),
-    "default-norecheck": OffloadConfig.preset("default", device="cpu", recheck_margin=0.0),
-    "exact": OffloadConfig.preset(
-        "block", device="cpu", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0
-    ),
-}
+CONFIGS = named("default", "fixed-noest", "default-norecheck", "exact")
 SOURCE = CONFIGS["default"]
 
 

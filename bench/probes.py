@@ -1,5 +1,6 @@
 """Evaluation pieces shared by the accuracy and fidelity benchmarks.
 
+- `CONFIGS`, `named`: the engine configurations they compare, by name;
 - `copy_state`: a prefilled cache's positions in a full-attention cache or in
   another engine configuration (the host indexes are copied, not rebuilt);
 - `prefill_and_answer`: a prompt prefilled once, and full attention's greedy answer;
@@ -30,6 +31,31 @@ from engine.merge import attend, merge_states
 from engine.recheck import forward_step
 from engine.retrieval import always_read, unique_rows
 from engine.sketch import ExactKeys
+
+
+def _cpu(preset: str, **overrides) -> OffloadConfig:
+    return OffloadConfig.preset(preset, device="cpu", **overrides)
+
+
+# The configurations the evaluations compare, by name (each script offers those it can run: `named`).
+CONFIGS = {
+    "default": _cpu("default"),
+    "tight": _cpu("tight"),
+    "fixed": _cpu("fixed"),
+    "fixed-noest": _cpu("fixed", estimate=False),  # the default before the estimate and the adaptive budget
+    "default-norecheck": _cpu("default", recheck_margin=0.0),  # without re-checking near ties (engine.recheck)
+    "default-noest": _cpu("default", estimate=False),  # without the estimate of unread tokens
+    "neighbours": _cpu("default", neighbours=3),  # also rating the 3 tokens on each side of every token read
+    "mean-blocks": _cpu("default", landmark="mean"),  # blocks by mean key, as before Quest's bound
+    "fewer-blocks": _cpu("default", block_frac=0.04),  # 4% of the host blocks instead of 8%, as before
+    # every host token read, nothing estimated or re-checked: full attention through the engine
+    "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
+}
+
+
+def named(*names: str) -> dict[str, OffloadConfig]:
+    """The configurations `names` of `CONFIGS`, in that order."""
+    return {name: CONFIGS[name] for name in names}
 
 
 def copy_state(

@@ -35,16 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_fidelity import segments  # noqa: E402
 from eval_accuracy import MAX_NEW  # noqa: E402
-from probes import copy_state, greedy, prefill_and_answer  # noqa: E402
+from probes import CONFIGS, copy_state, greedy, prefill_and_answer  # noqa: E402
 from report import margin_rows, margins  # noqa: E402
 
-from engine import OffloadConfig  # noqa: E402
 from engine.api import eos_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402
 from engine.tasks import TASKS, make_sample  # noqa: E402
 
-SOURCE = OffloadConfig.preset("default", device="cpu")
-ENGINE = SOURCE.replace(recheck_margin=0.0)
+SOURCE, ENGINE = CONFIGS["default"], CONFIGS["default-norecheck"]
 MARGINS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
 
 
