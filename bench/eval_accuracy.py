@@ -163,7 +163,7 @@ def main(argv=None):
     for task, context in cells:
         per_method: dict[str, list[dict]] = {}
         for i in range(args.n):
-            sample = make_sample(task, context, tok, seed=args.first + i, depth=(i + 0.5) / args.n)
+            sample = cell_sample(task, context, tok, i, args.n, args.first)
             results = evaluate(model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle, args.configs)
             for name, r in results.items():
                 per_method.setdefault(name, []).append(r)
@@ -174,6 +174,11 @@ def main(argv=None):
         if args.json:  # after every cell, so that an interrupted run keeps what it measured
             write_json(args, rows, time.perf_counter() - started)
     bar.close()
+
+
+def cell_sample(task: str, context: int, tok, i: int, n: int, first: int = 0):
+    """Prompt i of a cell's n: seed first + i, the needle depths spread evenly over the n."""
+    return make_sample(task, context, tok, seed=first + i, depth=(i + 0.5) / n)
 
 
 def write_json(args, rows: list[dict], seconds: float) -> None:

@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_fidelity import segments  # noqa: E402
-from eval_accuracy import MAX_NEW  # noqa: E402
+from eval_accuracy import MAX_NEW, cell_sample  # noqa: E402
 from probes import CONFIGS, copy_state, greedy, prefill_and_answer  # noqa: E402
 from report import margin_rows, margins  # noqa: E402
 
 from engine.api import eos_ids  # noqa: E402
 from engine.models import load_model  # noqa: E402
-from engine.tasks import TASKS, make_sample  # noqa: E402
+from engine.tasks import TASKS  # noqa: E402
 
 SOURCE, ENGINE = CONFIGS["default"], CONFIGS["default-norecheck"]
 MARGINS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]
@@ -84,10 +84,7 @@ def main(argv=None):
     if args.source == "prose":
         prompts = [(ids, args.new, set()) for ids in segments(tok, args.prompts, args.context, args.offset)]
     else:  # the prompts of eval_accuracy.py's cell (seeds 0.., depths spread alike)
-        samples = [
-            make_sample(args.source, args.context, tok, seed=i, depth=(i + 0.5) / args.prompts)
-            for i in range(args.prompts)
-        ]
+        samples = [cell_sample(args.source, args.context, tok, i, args.prompts) for i in range(args.prompts)]
         eos = eos_ids(model)
         prompts = [(tok(s.prompt, return_tensors="pt").input_ids, MAX_NEW[args.source], eos) for s in samples]
     started = time.perf_counter()
