@@ -14,7 +14,7 @@ warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows), and for the engine
 rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run again as
-an exact chunk, as at a near tie, engine.recheck: the step alone and a whole window).
+an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole window).
 
     python bench/bench_decode.py [--quick] [--json PATH] [--plot PATH]
 """
@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import HybridCache, OffloadConfig  # noqa: E402
 from engine.api import prefill  # noqa: E402
 from engine.attention import hybrid_attention_forward  # noqa: E402
-from engine.config import MODEL_PRESETS, RETRIEVAL_METHODS  # noqa: E402
+from engine.config import RETRIEVAL_METHODS  # noqa: E402
 from engine.models import load_model  # noqa: E402
+from engine.plan import MODEL_PRESETS
 from engine.tasks import FILLER  # noqa: E402
 
 TIMED = "hybrid_timed"
@@ -223,7 +224,7 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
 @torch.inference_mode()
 def time_rerun(model, cache, positions: int, steps: int) -> float:
     """Median ms per layer in update + attention of the `positions` newest positions run again
-    as an exact chunk, as a near tie's are (engine.recheck): every host token read."""
+    as an exact chunk, as a near tie's are (engine.decode.recheck): every host token read."""
     samples = []
     ids = torch.full((1, positions), 17)
     for _ in range(steps):
@@ -323,7 +324,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "device_bytes": dev + weights,
             "host_bytes": host,
             "kv_read_frac": round(read, 5),
-            # near ties' positions run again exactly (engine.recheck), by how many
+            # near ties' positions run again exactly (engine.decode.recheck), by how many
             "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,

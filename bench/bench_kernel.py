@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import ops  # noqa: E402
-from engine.store import host_empty  # noqa: E402
+from engine.cache.store import host_empty  # noqa: E402
+from engine.native import ops  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

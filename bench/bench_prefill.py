@@ -9,7 +9,7 @@ repeat (medians reported):
     sdpa          transformers' own sdpa attention with a DynamicCache, chunk by chunk
     engine        the engine's prefill (exact, chunked), then every host index built after it
     overlapped    the same, each layer's index built on a worker thread from the moment the
-                  layer has seen the last prompt token (engine.builder); first token when the
+                  layer has seen the last prompt token (engine.index.worker); first token when the
                   last build is done
 
 Time to first token = prefill + what the builds leave after it; ratio = that / sdpa.

@@ -15,7 +15,7 @@ over prompts, and each prompt's score in seed order), agreement (the share of fu
 attention's answer tokens reproduced at the same position), attn_rel_err (mean
 relative error of the decode attention output against exact attention, on layers 0,
 L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, both runs of a step
-re-checked at a near tie: engine.recheck), selected_frac (the same, the selection's
+re-checked at a near tie: engine.decode.recheck), selected_frac (the same, the selection's
 first runs alone: the share the oracle is given) and rechecked_frac (the share of steps
 run again).
 

@@ -8,7 +8,7 @@ Every engine configuration then continues the same prefilled state twice:
              token equals full attention's, and the first position where they differ
              (once they differ, the texts usually part ways for good), and the share
              of the host KV it read per step (both runs of a step re-checked at a near
-             tie, engine.recheck) and the share of steps re-checked
+             tie, engine.decode.recheck) and the share of steps re-checked
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
              K/V its own attention computed for them; agreement = the share of steps whose
              greedy pick equals full attention's next token, and at each step where it

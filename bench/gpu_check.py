@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import HybridCache, OffloadConfig  # noqa: E402
 from engine.api import prefill  # noqa: E402
 from engine.attention import hybrid_attention_forward  # noqa: E402
-from engine.config import MODEL_PRESETS  # noqa: E402
+from engine.plan import MODEL_PRESETS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import channel_stats  # noqa: E402
@@ -240,7 +240,7 @@ def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> 
 @torch.inference_mode()
 def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: int = 0) -> dict:
     """Median decode step times; with `rerun` n, of the n newest positions run again as an
-    exact chunk, as a near tie's are (engine.recheck)."""
+    exact chunk, as a near tie's are (engine.decode.recheck)."""
     token = torch.full((1, max(1, rerun)), 17, device=device)
     per_token, per_layer, read = [], [], []
     for step in range(steps + 2):
@@ -283,7 +283,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             try:
                 cache, build_s = fill(kind, model, stats, n, c, device)
                 row.update(time_decode(model, cache, clock, args.steps, device))
-                if kind == "hybrid":  # the window run again, as at a near tie (engine.recheck)
+                if kind == "hybrid":  # the window run again, as at a near tie (engine.decode.recheck)
                     again = time_decode(model, cache, clock, 3, device, rerun=cfg.window)
                     row.update(
                         rerun_ms_per_token=again["ms_per_token"], rerun_attn_ms_per_layer=again["attn_ms_per_layer"]

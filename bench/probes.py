@@ -25,12 +25,14 @@ from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
-from engine.attention import host_state, hybrid_attention_forward
+from engine.attention import hybrid_attention_forward
 from engine.cache import HybridLayer
-from engine.merge import attend, merge_states
-from engine.recheck import forward_step
-from engine.retrieval import always_read, unique_rows
-from engine.sketch import ExactKeys
+from engine.decode.merge import attend, merge_states
+from engine.decode.recheck import forward_step
+from engine.decode.select import always_read
+from engine.decode.sketch import ExactKeys
+from engine.decode.step import host_state
+from engine.index.distinct import unique_rows
 
 
 def _cpu(preset: str, **overrides) -> OffloadConfig:
@@ -43,7 +45,7 @@ CONFIGS = {
     "tight": _cpu("tight"),
     "fixed": _cpu("fixed"),
     "fixed-noest": _cpu("fixed", estimate=False),  # the default before the estimate and the adaptive budget
-    "default-norecheck": _cpu("default", recheck_margin=0.0),  # without re-checking near ties (engine.recheck)
+    "default-norecheck": _cpu("default", recheck_margin=0.0),  # without re-checking near ties (engine.decode.recheck)
     "default-noest": _cpu("default", estimate=False),  # without the estimate of unread tokens
     "neighbours": _cpu("default", neighbours=3),  # also rating the 3 tokens on each side of every token read
     "mean-blocks": _cpu("default", landmark="mean"),  # blocks by mean key, as before Quest's bound
@@ -117,7 +119,7 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
     """Greedy tokens from the prefill's last logits [vocab]: up to max_new, stopping after an
     EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
     (teacher forcing), still returning the model's picks. With a HybridCache, `record`
-    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.recheck.Step)
+    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.decode.recheck.Step)
     and "gap", between the two highest logits the next token is picked from."""
     tokens, fed = [], []
     for step in range(max_new):
@@ -126,7 +128,7 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
         if (forced is None and token in eos) or step == max_new - 1:
             break
         fed.append(token if forced is None else forced[step])
-        if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.recheck)
+        if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.decode.recheck)
             out = forward_step(model, cache, torch.tensor([fed[-1:]]), fed=[fed])
             logits = out.logits[0]
             if record is not None:
@@ -190,7 +192,7 @@ class LayerProbe:
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         out, w = hybrid_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if not isinstance(key, HybridLayer) or query.shape[2] != 1 or key.host.n == 0 or key.rerun:
-            return out, w  # a step run again exactly (engine.recheck) is not the engine's selection
+            return out, w  # a step run again exactly (engine.decode.recheck) is not the engine's selection
         layer = key
         if self.layers is not None and layer.layer_idx not in self.layers:
             return out, w

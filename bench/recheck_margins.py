@@ -1,4 +1,4 @@
-"""What a re-check margin costs and what it catches (engine.recheck, `recheck_margin`).
+"""What a re-check margin costs and what it catches (engine.decode.recheck, `recheck_margin`).
 
 Each prompt is prefilled once. Full attention answers greedily: `--new` tokens after a
 segment of prose (as in eval_generation.py), or a task's answer up to its end (as in

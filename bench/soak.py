@@ -40,7 +40,7 @@ from engine import HybridCache, OffloadConfig  # noqa: E402
 from engine.api import HybridLLM, prefill  # noqa: E402
 from engine.attention import hybrid_attention_forward  # noqa: E402
 from engine.cache import HybridLayer  # noqa: E402
-from engine.retrieval import candidates  # noqa: E402
+from engine.decode.select import candidates  # noqa: E402
 
 PROBE = "hybrid_soak"
 DRIFT = 1.2
@@ -65,7 +65,7 @@ def used_host_bytes(cache: HybridCache) -> int:
 
 def recall_by_age(layer: HybridLayer, q: torch.Tensor, split: int, k: int = 20) -> tuple:
     """Of the k host tokens that q [Hkv, G, D] weighs most (exactly, summed over the group),
-    the share among the step's candidates (engine.retrieval.candidates): (for those added
+    the share among the step's candidates (engine.decode.select.candidates): (for those added
     during decode, ids >= split; for the prompt's), each None when there are none. Tokens
     newer than the index, which every step reads, are left out."""
     n = layer.n_indexed

@@ -5,6 +5,7 @@ Importing the package registers the "hybrid" attention implementation with trans
 
 from engine import attention as _attention  # noqa: F401  (registers "hybrid")
 from engine.cache import HybridCache
-from engine.config import PRESETS, OffloadConfig, plan_memory
+from engine.config import PRESETS, OffloadConfig
+from engine.plan import plan_memory
 
 __all__ = ["HybridCache", "OffloadConfig", "PRESETS", "plan_memory"]

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
+from engine.decode.recheck import forward_step
 from engine.models import BUNDLED_NAME, check_supported, load_model
-from engine.recheck import forward_step
 
 
 @dataclass
@@ -29,7 +29,7 @@ class GenerationReport:
     host_bytes: dict[str, int] = field(default_factory=dict)
     kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
     keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
-    rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.recheck; a batch: summed over sequences)
+    rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck; batch: summed)
 
     @property
     def first_token_s(self) -> float:

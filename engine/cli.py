@@ -159,7 +159,7 @@ def _print_report(report, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from engine.config import full_attention_batch, largest_batch, plan_memory
+    from engine.plan import full_attention_batch, largest_batch, plan_memory
 
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")

@@ -1,4 +1,4 @@
-"""Offload configuration, its presets, and the memory plan for a model and context length."""
+"""Offload configuration and its presets (a leaf: it imports no other module of the engine)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
-from ann.qq import SCORE_BUFFER
-from engine.estimate import GROUP as SUMMARY_GROUP
 
 RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
 SELECTION_MODES = ("ann", "block", "hybrid")
@@ -44,13 +41,13 @@ class OffloadConfig:
     each token read are rated too. (The rating comes with the key index: with
     `mode="block"` the chosen blocks are read whatever the budget.)
     With `estimate`, the host tokens a step does not read are estimated from
-    their block's mean key and mean value (engine.estimate).
+    their block's mean key and mean value (engine.decode.estimate).
     With `recheck_margin` m > 0, where a decode step's two highest logits lie
     less than m apart (a near tie, which a small error in attention can turn),
     the tokens decoded since the last exact run (the prompt or the last
     re-check; up to `window` of them) run again as an exact chunk, so that the
     step's token is full attention's
-    (engine.recheck; `HybridLLM`'s generation, not transformers' `generate`).
+    (engine.decode.recheck; `HybridLLM`'s generation, not transformers' `generate`).
     """
 
     n_sink: int = 4
@@ -195,261 +192,3 @@ PRESETS: dict[str, OffloadConfig] = {
     # Device block index alone: no host index to build (blocks by mean key, which the summary keeps anyway).
     "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64, block_frac=0.04, landmark="mean"),
 }
-
-
-# ------------------------------------------------------------------ memory plan
-
-# Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
-MODEL_PRESETS: dict[str, dict] = {
-    "llama-3-8b": dict(
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        hidden_size=4096,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-7b": dict(
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        head_dim=128,
-        hidden_size=3584,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    ),
-    "mistral-7b": dict(
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        hidden_size=4096,
-        intermediate_size=14336,
-        vocab_size=32768,
-        tie_word_embeddings=False,
-    ),
-    "smollm2-135m": dict(
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        hidden_size=576,
-        intermediate_size=1536,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    ),
-}
-
-
-MODEL_PRESETS["llama-3.1-8b"] = MODEL_PRESETS["llama-3-8b"]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-
-    @classmethod
-    def of(cls, model_config) -> ModelShape:
-        """From a preset name, a dict, or a transformers config."""
-        if isinstance(model_config, str):
-            if model_config not in MODEL_PRESETS:
-                raise ValueError(f"unknown model preset {model_config!r}; presets: {', '.join(MODEL_PRESETS)}")
-            return cls(**MODEL_PRESETS[model_config])
-        get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
-        required = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
-        missing = [k for k in required if not isinstance(get(k), int) or get(k) <= 0]
-        if missing:
-            raise ValueError(
-                "the model must be a preset name, a dict or a transformers config with positive "
-                f"{', '.join(missing)}; got {type(model_config).__name__}"
-            )
-        heads, hidden = get("num_attention_heads"), get("hidden_size")
-        return cls(
-            num_hidden_layers=get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or hidden // heads,
-            hidden_size=hidden,
-            intermediate_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)),
-        )
-
-    def n_params(self) -> int:
-        H, D, Hq, Hkv, I = (
-            self.hidden_size,
-            self.head_dim,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.intermediate_size,
-        )
-        attn = H * (Hq + 2 * Hkv) * D + Hq * D * H + ((Hq + 2 * Hkv) * D if self.attention_bias else 0)
-        per_layer = attn + 3 * H * I + 2 * H
-        embed = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + H
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes per component on the device and on the host, for `batch` sequences."""
-
-    device: dict[str, int]
-    host: dict[str, int]
-    gpu_budget_bytes: int | None
-    host_budget_bytes: int | None = None
-    batch: int = 1
-
-    @property
-    def device_total(self) -> int:
-        return sum(self.device.values())
-
-    @property
-    def host_total(self) -> int:
-        return sum(self.host.values())
-
-    @property
-    def device_beside_weights(self) -> int:
-        return self.device_total - self.device["weights"]
-
-    @property
-    def fits(self) -> bool:
-        """Within the GPU budget (and the host budget, when one is given)."""
-        gpu = self.gpu_budget_bytes is None or self.device_total <= self.gpu_budget_bytes
-        return gpu and (self.host_budget_bytes is None or self.host_total <= self.host_budget_bytes)
-
-    def table(self) -> str:
-        rows = [("device", k, v) for k, v in self.device.items()] + [("host", k, v) for k, v in self.host.items()]
-        lines = [f"{'where':<7} {'component':<14} {'GiB':>9}"]
-        lines += [f"{w:<7} {c:<14} {v / 2**30:>9.3f}" for w, c, v in rows]
-        lines.append(f"{'device':<7} {'total':<14} {self.device_total / 2**30:>9.3f}")
-        lines.append(f"{'host':<7} {'total':<14} {self.host_total / 2**30:>9.3f}")
-        for where, budget, total in (
-            ("GPU", self.gpu_budget_bytes, self.device_total),
-            ("host", self.host_budget_bytes, self.host_total),
-        ):
-            if budget is not None:
-                lines.append(
-                    f"{where} budget {budget / 2**30:.2f} GiB: {'fits' if total <= budget else 'does NOT fit'}"
-                )
-        return "\n".join(lines)
-
-
-def plan_memory(
-    model_config,
-    context_len: int,
-    cfg: OffloadConfig | None = None,
-    gpu_budget_bytes: int | None = None,
-    *,
-    batch: int = 1,
-    host_budget_bytes: int | None = None,
-    weight_dtype: torch.dtype = torch.bfloat16,
-) -> MemoryPlan:
-    """Bytes the engine needs for `batch` sequences of `context_len` tokens with `cfg`.
-
-    Device: weights, resident KV (sinks + window), block index (landmarks),
-    block values (for the estimate of unread tokens), workspace (the largest
-    transient buffers of a prefill chunk). Host: the KV store, the key indexes
-    and the key sketch of an adaptive budget. Every part but the weights and the
-    workspace (prefill runs sequence by sequence) is per sequence. `model_config`
-    is a preset name (see `MODEL_PRESETS`), a dict or a transformers config.
-    """
-    if not isinstance(cfg, (OffloadConfig, type(None))):
-        raise TypeError(f"cfg must be an OffloadConfig (see OffloadConfig.preset), got {type(cfg).__name__}")
-    cfg = cfg or OffloadConfig()
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
-        raise ValueError(f"context_len must be a positive int, got {context_len!r}")
-    for name, budget in (("gpu_budget_bytes", gpu_budget_bytes), ("host_budget_bytes", host_budget_bytes)):
-        if budget is not None and (isinstance(budget, bool) or not budget > 0):
-            raise ValueError(f"{name} must be a positive number of bytes (or None), got {budget!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    m = ModelShape.of(model_config)
-    L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
-    wbytes = torch.finfo(weight_dtype).bits // 8
-    host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
-    host_tokens = max(0, context_len - cfg.resident_tokens)  # a short context stays resident
-    C = min(cfg.prefill_chunk, context_len)
-    # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
-    # every full block and the keys of the block still filling.
-    per_vector = L * Hkv * D * wbytes * (host_tokens // cfg.block_size)  # summaries in the model's dtype
-    tail = L * Hkv * D * wbytes * cfg.block_size
-    mean_keys = cfg.estimate or (cfg.uses_blocks and cfg.landmark == "mean")  # estimate and selection share it
-    min_max = cfg.uses_blocks and cfg.landmark == "minmax"  # Quest's bounds
-    # the estimate's superblocks (engine.estimate): a mean key and value per GROUP blocks, and a filling tail
-    superblocks = L * Hkv * D * wbytes * (host_tokens // (cfg.block_size * SUMMARY_GROUP) + SUMMARY_GROUP)
-    per_summary = per_vector + tail + superblocks * cfg.estimate
-    device = {
-        "weights": m.n_params() * wbytes,
-        "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
-        "block_index": mean_keys * per_summary + min_max * (2 * per_vector + tail),
-        "block_values": per_summary if cfg.estimate else 0,  # mean value per block, for the estimate
-        # prefill: hidden states and MLP activations of one chunk, one block of attention scores
-        # (fp32) and one block of host K/V brought over for it; after it, the build of a layer's
-        # query lists (their keys on the device, once more in fp32, and a buffer of scores)
-        "workspace": max(
-            C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
-            + Hq * C * PREFILL_KEY_BLOCK * 4
-            + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
-            Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER if cfg.uses_key_index and cfg.method == "qq" else 0,
-        ),
-    }
-    index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
-    device["query_index"] = L * index_device
-    host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
-    if cfg.budget == "adaptive" and cfg.uses_key_index and 0 < cfg.sketch_rank < D:  # else the store's keys are rated
-        host["key_sketch"] = L * Hkv * host_tokens * cfg.sketch_rank * host_bytes
-    shared = ("weights", "workspace")
-    device = {k: v if k in shared else batch * v for k, v in device.items()}
-    host = {k: batch * v for k, v in host.items()}
-    return MemoryPlan(device, host, gpu_budget_bytes, host_budget_bytes, batch)
-
-
-def largest_batch(model_config, context_len: int, cfg: OffloadConfig | None, gpu_budget_bytes: int, **kwargs) -> int:
-    """The most sequences of `context_len` tokens that fit the GPU budget (and a host budget
-    given as `host_budget_bytes`), 0 if not one; the other keywords go to `plan_memory`."""
-    one = plan_memory(model_config, context_len, cfg, gpu_budget_bytes, batch=1, **kwargs)
-    two = plan_memory(model_config, context_len, cfg, gpu_budget_bytes, batch=2, **kwargs)
-    limits = []  # bytes grow linearly with the batch: fixed part + batch * per-sequence part
-    for total, budget in (("device_total", gpu_budget_bytes), ("host_total", one.host_budget_bytes)):
-        if budget is None:
-            continue
-        per_seq = getattr(two, total) - getattr(one, total)
-        fixed = getattr(one, total) - per_seq
-        limits.append((budget - fixed) // per_seq if per_seq else (10**9 if fixed <= budget else 0))
-    return max(0, int(min(limits)))
-
-
-def full_attention_batch(model_config, context_len: int, gpu_budget_bytes: int, *, weight_dtype=torch.bfloat16) -> int:
-    """The most sequences whose whole KV cache fits on the GPU beside the weights (full attention)."""
-    m = ModelShape.of(model_config)
-    wbytes = torch.finfo(weight_dtype).bits // 8
-    per_seq = m.num_hidden_layers * 2 * m.num_key_value_heads * context_len * m.head_dim * wbytes
-    return max(0, (gpu_budget_bytes - m.n_params() * wbytes) // per_seq)
-
-
-def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):
-    """(device bytes, host bytes) of one layer's key index, as the ann package estimates them."""
-    if not cfg.uses_key_index:
-        return 0, 0
-    n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
-    if cfg.method == "qq":  # build queries on the device, lists in host memory
-        from ann.qq import QueryLists
-
-        params = {k: v for k, v in cfg.index_params.items() if k in ("m_keys", "max_queries")}
-        return QueryLists.estimate_bytes(n_heads, n_keys, dim, n_queries, query_bytes=wbytes, **params)
-    from ann import estimate_index_bytes
-
-    return 0, n_heads * estimate_index_bytes(cfg.method, n_keys, dim, n_queries, **cfg.index_params)

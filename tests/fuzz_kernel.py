@@ -5,7 +5,7 @@ against references.
 
 draws random cases from a seeded RNG, checks every kernel call and prints one
 summary line; the exit status is 1 if any call disagreed or raised the wrong
-error. `--ext DIR` loads `engine._C` from DIR instead of the installed
+error. `--ext DIR` loads `engine.native._C` from DIR instead of the installed
 extension (`make sanitize` passes its ASan/UBSan build). tests/test_fuzz.py
 runs the same checks on cases that hypothesis draws.
 
@@ -36,7 +36,7 @@ subnormal floor) when those sums are below FLT_MAX / 4, -inf exactly at padding
 always, and the same IndexError for a bad id.
 
 `merge_attention` is checked against an fp64 merge (tight bound) and against
-`engine.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
+`engine.decode.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
 so that bound grows with |lse|. A side with lse = -inf is exactly the identity,
 and lse = +inf or NaN on either side must give a non-finite lse.
 """
@@ -484,7 +484,7 @@ def merge_fp64(o_a, lse_a, o_b, lse_b):
 
 def check_merge_result(o, lse, o_a, lse_a, o_b, lse_b) -> str | None:
     """None if the kernel's merge (o, lse) is right under the rules in the module docstring."""
-    from engine.merge import merge_states
+    from engine.decode.merge import merge_states
 
     exact_o, exact_lse = merge_fp64(o_a, lse_a, o_b, lse_b)
     torch_o, torch_lse = merge_states(o_a, lse_a, o_b, lse_b)
@@ -511,7 +511,7 @@ def check_merge_result(o, lse, o_a, lse_a, o_b, lse_b) -> str | None:
         # merge_states rounds its inputs' differences to fp32 like the kernel; a little more slack.
         tol_torch = tol_o + scale_o * 4 * EPS * max(abs(la), abs(lb))
         if not float((o[h] - torch_o[h]).abs().max()) <= tol_torch or not abs(l - float(torch_lse[h])) <= tol_l:
-            return f"head {h}: differs from engine.merge.merge_states"
+            return f"head {h}: differs from engine.decode.merge.merge_states"
     return None
 
 
@@ -540,19 +540,19 @@ def run_merge_case(ops, c: MergeCase) -> tuple[Counter, list[str]]:
 
 
 def load_ops(ext_dir: str | None = None):
-    """engine.ops, with engine._C taken from ext_dir when given (before engine is imported)."""
+    """engine.native.ops, with engine.native._C taken from ext_dir when given (before engine is imported)."""
     if ext_dir is not None:
         paths = glob.glob(os.path.join(ext_dir, "_C.*so"))
         if len(paths) != 1:
             raise SystemExit(f"expected one built _C module in {ext_dir}, found {paths}")
-        spec = importlib.util.spec_from_file_location("engine._C", paths[0])
+        spec = importlib.util.spec_from_file_location("engine.native._C", paths[0])
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules["engine._C"] = module
-    from engine import ops
+        sys.modules["engine.native._C"] = module
+    from engine.native import ops
 
     if not ops.HAS_EXT:
-        raise SystemExit("the C++ extension engine._C is not loaded: nothing to fuzz")
+        raise SystemExit("the C++ extension engine.native._C is not loaded: nothing to fuzz")
     return ops
 
 

@@ -7,8 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.merge import attend
-from engine.retrieval import neighbours, read_threshold, select_host_ids
+from engine.decode.merge import attend
+from engine.decode.rate import neighbours, read_threshold
+from engine.decode.select import select_host_ids
 from tests.conftest import tiny_llama
 
 # a fixed budget whose blocks (and key-index candidates) cover every host token
@@ -227,7 +228,7 @@ def test_qwen2_with_attention_bias_is_exact():
 
 
 def test_exact_on_the_matmul_path_other_devices_take(tiny_model, tiny_ids, tiny_full_logits, monkeypatch):
-    from engine import merge
+    from engine.decode import merge
 
     monkeypatch.setattr(merge, "_cpu_flash", None)
     logits, _ = run_hybrid(tiny_model, tiny_ids[:, :240], OffloadConfig(**COVER_ALL_HYBRID), prefill=200, chunk=64)

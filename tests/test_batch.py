@@ -1,4 +1,4 @@
-"""Batches of sequences of different lengths (engine.batch): each sequence decodes in the
+"""Batches of sequences of different lengths (engine.cache.batch): each sequence decodes in the
 batch exactly as it does alone, through model.generate, a direct forward with a padding
 mask, and caches prefilled alone and stacked."""
 
@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.batch import BatchLayer
+from engine.cache.batch import BatchLayer
 from tests.test_attention import COVER_ALL_HYBRID
 
 LENGTHS = (150, 231, 197)

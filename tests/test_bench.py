@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import ops
+from engine.native import ops
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

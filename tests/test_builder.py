@@ -1,4 +1,4 @@
-"""Index builds on a worker thread during the prefill (engine.builder): the same result as
+"""Index builds on a worker thread during the prefill (engine.index.worker): the same result as
 building after it, no thread left behind, errors raised in the caller."""
 
 import threading
@@ -53,12 +53,12 @@ def test_an_interrupted_stream_leaves_no_build_thread_and_the_model_usable(llm):
 
 
 def test_a_failing_build_raises_in_the_caller(llm, monkeypatch):
-    import engine.retrieval
+    import engine.index.build
 
     def broken(layer):
         raise RuntimeError("build failed")
 
-    monkeypatch.setattr(engine.retrieval, "build_key_index", broken)
+    monkeypatch.setattr(engine.index.build, "build_key_index", broken)
     with pytest.raises(RuntimeError, match="build failed"):
         llm.generate(torch.arange(1, 900) % 5000, 4, progress=False)
     assert index_threads() == []

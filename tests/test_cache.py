@@ -6,7 +6,8 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.retrieval import select_host_ids, unique_rows
+from engine.decode.select import select_host_ids
+from engine.index.distinct import unique_rows
 
 
 def reference_kv(model, ids):
@@ -82,7 +83,7 @@ def test_unique_rows_pads_repeats():
 
 def test_distinct_rows_kernel_matches_the_torch_sorts():
     """numba's linear pass and the torch fallback (no `ann` extra) keep the same ids."""
-    from engine.retrieval import _distinct_rows_torch, distinct_rows
+    from engine.index.distinct import _distinct_rows_torch, distinct_rows
 
     g = torch.Generator().manual_seed(1)
     for width, high in ((1, 3), (50, 20), (300, 1000)):
@@ -129,7 +130,7 @@ def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
 
 
 def test_first_distinct_keeps_the_order_of_first_appearance():
-    from engine.retrieval import first_distinct
+    from engine.index.heads import first_distinct
 
     ids = np.array([7, 3, 7, -1, 9, 3, 1, 9, 5])
     assert first_distinct(ids, 10).tolist() == [7, 3, 9, 1, 5]
@@ -140,7 +141,7 @@ def test_first_distinct_keeps_the_order_of_first_appearance():
 def test_first_distinct_rows_matches_the_per_row_version():
     import torch
 
-    from engine.retrieval import OVERSAMPLE, first_distinct, first_distinct_rows
+    from engine.index.heads import OVERSAMPLE, first_distinct, first_distinct_rows
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(-1, 40, (5, 200), generator=g)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig, plan_memory
-from engine.config import MODEL_PRESETS, PRESETS, ModelShape
+from engine.config import PRESETS
+from engine.plan import MODEL_PRESETS, ModelShape
 from tests.conftest import tiny_llama
 
 
@@ -160,7 +161,7 @@ def test_plan_scales_the_per_sequence_parts_with_the_batch():
 
 
 def test_largest_batch_fits_and_one_more_does_not():
-    from engine.config import full_attention_batch, largest_batch
+    from engine.plan import full_attention_batch, largest_batch
 
     cfg, gpu, host = OffloadConfig(device="cuda"), 24 * 2**30, 100 * 2**30
     most = largest_batch("llama-3-8b", 131072, cfg, gpu, host_budget_bytes=host)

@@ -1,12 +1,12 @@
-"""Estimation of the unread host tokens (engine.estimate): exact where its model is,
+"""Estimation of the unread host tokens (engine.decode.estimate): exact where its model is,
 empty when everything is read, and never a token counted twice."""
 
 import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig
-from engine.estimate import BlockSummary
-from engine.merge import attend, merge_states
+from engine.decode.estimate import BlockSummary
+from engine.decode.merge import attend, merge_states
 from tests.reference import gather_attend_ref
 
 
@@ -150,7 +150,7 @@ def test_two_levels_in_the_engine_stay_exact_when_everything_is_read(
 ):
     """Superblocks of 2 blocks, 1 expanded per step: the two-level scores serve block
     selection and the adaptive budget's mass, and reading everything stays exact."""
-    from engine import estimate
+    from engine.decode import estimate
     from tests.test_attention import COVER_ALL_HYBRID, run_hybrid
 
     monkeypatch.setattr(estimate, "GROUP", 2)
@@ -168,8 +168,8 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
 ):
     """With Quest landmarks beside the summary, a step bounds only the blocks the summary's two
     levels expanded and chooses among them; reading everything stays exact."""
-    from engine import estimate
-    from engine.retrieval import candidates
+    from engine.decode import estimate
+    from engine.decode.select import candidates
     from tests.test_attention import COVER_ALL_HYBRID, run_hybrid
 
     monkeypatch.setattr(estimate, "GROUP", 2)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from engine import ops
-from engine.merge import merge_states
+from engine.decode.merge import merge_states
+from engine.native import ops
 from tests.fuzz_kernel import (
     AttendCase,
     BatchCase,

@@ -1,10 +1,10 @@
-"""engine.merge.attend: exact attention with log-sum-exp, on both of its paths."""
+"""engine.decode.merge.attend: exact attention with log-sum-exp, on both of its paths."""
 
 import pytest
 import torch
 
-from engine import merge
-from engine.store import copy_rows, rows_on
+from engine.cache.store import copy_rows, rows_on
+from engine.decode import merge
 from tests.reference import full_attention_ref
 
 

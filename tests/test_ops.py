@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import ops
-from engine.merge import merge_states
+from engine.decode.merge import merge_states
+from engine.native import ops
 from tests.reference import gather_attend_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

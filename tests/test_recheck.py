@@ -1,4 +1,4 @@
-"""Near ties re-checked exactly (engine.recheck): the tokens decoded since the last exact run
+"""Near ties re-checked exactly (engine.decode.recheck): the tokens decoded since the last exact run
 run again as an exact chunk, replace their positions' K/V and leave every other position
 where it was."""
 
@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.recheck import forward_step, near_ties
+from engine.decode.recheck import forward_step, near_ties
 
 # a small window and blocks: the tiny prompts leave most tokens on the host, read in part
 APPROXIMATE = OffloadConfig(n_sink=4, window=16, block_size=8, recheck_margin=0.0)

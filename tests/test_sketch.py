@@ -1,10 +1,10 @@
-"""The key sketch (engine.sketch): exact at full rank, fitted to queries below it."""
+"""The key sketch (engine.decode.sketch): exact at full rank, fitted to queries below it."""
 
 import pytest
 import torch
 
-from engine.sketch import ExactKeys, KeySketch, fit_projection, make_scorer
-from engine.store import HostKV
+from engine.cache.store import HostKV
+from engine.decode.sketch import ExactKeys, KeySketch, fit_projection, make_scorer
 
 
 def correlated(H, N, D, seed):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from engine.cache import HybridLayer, sum_bytes
+from engine.cache.layer import HybridLayer, sum_bytes
 
 
 class BatchLayer(CacheLayerMixin):

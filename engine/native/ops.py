@@ -1,7 +1,7 @@
 """Host kernels: gather-attend over the host KV store, the scores of listed rows, and the
 log-sum-exp merge.
 
-The C++ extension `engine._C` does the work; this module turns torch CPU
+The C++ extension `engine.native._C` does the work; this module turns torch CPU
 tensors and numpy arrays into zero-copy buffers for it. When the extension is
 missing (or HYBRIDATTN_NO_EXT=1), a plain-torch version runs instead and
 `HAS_EXT` says so; the test suite fails in that case unless told otherwise.
@@ -16,14 +16,14 @@ import os
 import numpy as np
 import torch
 
-from engine.merge import merge_states
+from engine.decode.merge import merge_states
 
 log = logging.getLogger(__name__)
 
 try:
     if os.environ.get("HYBRIDATTN_NO_EXT") == "1":
         raise ImportError("disabled by HYBRIDATTN_NO_EXT=1")
-    from engine import _C
+    from engine.native import _C
 
     HAS_EXT = True
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs

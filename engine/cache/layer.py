@@ -1,4 +1,4 @@
-"""`HybridCache`: a transformers `Cache` whose layers keep a small resident set
+"""`HybridLayer`: one model layer's cache for one sequence, a small resident set
 on the device and everything else in host memory, indexed for retrieval.
 
 Per layer, every position < seq_len is in exactly one place:
@@ -15,34 +15,20 @@ exact prefill attention or the retrieval decode step (engine.attention).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from engine.builder import IndexBuilder
-from engine.config import ModelShape, OffloadConfig
-from engine.estimate import BlockSummary
-from engine.models import check_supported
-from engine.store import HostKV, QuerySample
-
-# transformers' own attention implementations, which expect K/V tensors from the cache
-BUILTIN_ATTENTION = (
-    "eager",
-    "sdpa",
-    "flex_attention",
-    "flash_attention_2",
-    "flash_attention_3",
-    "flash_attention_4",
-    "paged|eager",
-)
+from engine.cache.store import HostKV, QuerySample
+from engine.config import OffloadConfig
+from engine.decode.estimate import BlockSummary
+from engine.plan import ModelShape
 
 
 class StepStats:
     """Counters of the last decode step of one layer: host tokens (per KV head), and summed
-    over KV heads the tokens gathered, tokens estimated (engine.estimate), vectors scanned
-    to select them, keys among those, and sketch rows scored (engine.sketch); read_ids
+    over KV heads the tokens gathered, tokens estimated (engine.decode.estimate), vectors scanned
+    to select them, keys among those, and sketch rows scored (engine.decode.sketch); read_ids
     [Hkv, M] are the host ids it gathered (-1 padded)."""
 
     __slots__ = ("host_tokens", "gathered", "estimated", "scanned", "keys_scored", "sketched", "read_ids")
@@ -64,7 +50,7 @@ class HybridLayer(CacheLayerMixin):
     ):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.builder = builder  # engine.builder.IndexBuilder, or None: builds in the caller's thread
+        self.builder = builder  # engine.index.worker.IndexBuilder, or None: builds in the caller's thread
         self.prompt_length = 0  # when known (> 0), the prefill hands the layer to the builder at its last token
         self.n_kv_heads, self.head_dim = shape.num_key_value_heads, shape.head_dim
         self.group = shape.num_attention_heads // shape.num_key_value_heads
@@ -83,7 +69,7 @@ class HybridLayer(CacheLayerMixin):
         B, Hkv, _, D = key_states.shape
         if B != 1:
             raise ValueError(
-                f"this cache layer holds one sequence, got a batch of {B} (batches: engine.batch.BatchLayer)"
+                f"this cache layer holds one sequence, got a batch of {B} (batches: engine.cache.batch.BatchLayer)"
             )
         if (Hkv, D) != (self.n_kv_heads, self.head_dim):
             raise ValueError(
@@ -111,9 +97,9 @@ class HybridLayer(CacheLayerMixin):
         pin = self.device.type == "cuda"  # the host kernel's results then reach the device asynchronously
         self.host_out = torch.empty(Hkv * self.group, D, pin_memory=pin)  # [Hq, D] gather-attend output
         self.host_lse = torch.empty(Hkv * self.group, pin_memory=pin)  # [Hq]
-        self.key_index = None  # the host key index of every KV head (engine.retrieval), built after prefill
+        self.key_index = None  # the host key index of every KV head (engine.decode.select), built after prefill
         self.build_waiting = False  # the build waits for a block of host keys (a short prompt)
-        self.sketch = None  # the adaptive budget's key sketch (engine.sketch), built with the key index
+        self.sketch = None  # the adaptive budget's key sketch (engine.decode.sketch), built with the key index
         self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
         self.n_built = 0  # ... of which the index was built from (the others were added later)
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0)
@@ -319,197 +305,3 @@ def sum_bytes(reports) -> dict[str, dict[str, int]]:
             for name, n in parts.items():
                 total[where][name] = total[where].get(name, 0) + n
     return total
-
-
-class HybridCache(Cache):
-    """A `Cache` for the "hybrid" attention implementation.
-
-    `model_or_config` is a model loaded with `attn_implementation="hybrid"` (or
-    its config). `max_length`, when known, sizes the host store exactly;
-    `prompt_length`, when known, lets each layer's host index be built on a
-    worker thread (engine.builder) as soon as the layer has seen the prompt's
-    last token, while the prefill goes on (otherwise each layer builds at
-    `build_indexes()` or its first decode step); `progress` shows a bar while
-    the host indexes are built. `close()` stops the worker threads.
-    Use it with `model.generate(..., cache=HybridCache(model, cfg))`.
-    """
-
-    def __init__(
-        self,
-        model_or_config,
-        offload: OffloadConfig | None = None,
-        *,
-        max_length: int = 0,
-        prompt_length: int = 0,
-        progress: bool = True,
-    ):
-        if not hasattr(model_or_config, "config") and not hasattr(model_or_config, "model_type"):
-            raise TypeError(
-                f"HybridCache needs a transformers model or its config, got {type(model_or_config).__name__}"
-            )
-        if not isinstance(offload, (OffloadConfig, type(None))):
-            raise TypeError(
-                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
-            )
-        for name, value in (("max_length", max_length), ("prompt_length", prompt_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0 (0: unknown), got {value!r}")
-        config = getattr(model_or_config, "config", model_or_config)
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        check_supported(config)
-        impl = getattr(config, "_attn_implementation", None) or "eager"
-        if impl in BUILTIN_ATTENTION:  # those would be handed the cache layer instead of tensors
-            raise ValueError(
-                f"the model uses attn_implementation={impl!r}; HybridCache needs 'hybrid' "
-                "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
-            )
-        self.offload_config = offload or OffloadConfig()
-        shape = ModelShape.of(config)
-        from engine.retrieval import BuildProgress
-
-        self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
-        cfg = self.offload_config
-        self.shape, self.max_length = shape, max_length
-        self.builder = IndexBuilder(cfg.build_workers) if prompt_length and cfg.build_workers else None
-        layers = [
-            HybridLayer(cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder)
-            for i in range(shape.num_hidden_layers)
-        ]
-        for layer in layers:
-            layer.prompt_length = prompt_length
-        super().__init__(layers=layers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """As transformers' caches: a layer's first update with a batch of B > 1 sequences
-        makes it an `engine.batch.BatchLayer` of B sequence layers."""
-        layer = self.layers[layer_idx]
-        if key_states.shape[0] > 1 and isinstance(layer, HybridLayer) and not layer.is_initialized:
-            from engine.batch import BatchLayer
-
-            self.layers[layer_idx] = BatchLayer([self._sequence_layer(layer_idx) for _ in range(key_states.shape[0])])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def _sequence_layer(self, layer_idx: int) -> HybridLayer:
-        """One sequence's layer in a batch (its index builds after the prefill: prompt lengths differ)."""
-        return HybridLayer(
-            self.offload_config, layer_idx, self.shape, capacity=self.max_length, progress=self.build_progress
-        )
-
-    @classmethod
-    def stack(cls, caches: list[HybridCache]) -> HybridCache:
-        """One cache decoding the sequences of `caches` (each prefilled alone, batch size 1)
-        together: their layers are moved, not copied, and the caches given up. The batch's
-        padded timeline is as long as the longest sequence (the others left-padded)."""
-        from engine.batch import BatchLayer
-
-        if not caches or not all(isinstance(c, HybridCache) for c in caches):
-            raise TypeError("HybridCache.stack takes a non-empty list of HybridCache")
-        first = caches[0]
-        for c in caches[1:]:
-            if c.offload_config != first.offload_config or c.shape != first.shape:
-                raise ValueError("stacked caches must share the model and the offload configuration")
-        for c in caches:
-            if any(not isinstance(layer, HybridLayer) or not layer.is_initialized for layer in c.layers):
-                raise ValueError("stack prefilled single-sequence caches (every layer holds one sequence)")
-            for layer in c.layers:  # builds overlapped with a prefill finish in their cache's threads
-                layer.wait_for_build()
-                layer.builder = None
-            c.close()
-        batch = cls.__new__(cls)
-        Cache.__init__(
-            batch,
-            layers=[
-                BatchLayer([c.layers[i] for c in caches], max(c.layers[i].n_seen for c in caches))
-                for i in range(len(first.layers))
-            ],
-        )
-        batch.offload_config, batch.shape, batch.max_length = first.offload_config, first.shape, first.max_length
-        batch.build_progress, batch.builder = first.build_progress, None
-        for c in caches:  # the layers now belong to the batch
-            c.layers = []
-        return batch
-
-    def sequence_layers(self) -> list[HybridLayer]:
-        """Every sequence's layer, of every model layer."""
-        out = []
-        for layer in self.layers:
-            out.extend(getattr(layer, "seqs", [layer]))
-        return out
-
-    def approximate_newest(self, row: int = 0) -> int:
-        """How many of sequence `row`'s newest positions came from decode steps that read part
-        of the host store, since its last exact chunk (prefill or run again): those a re-check
-        runs again (engine.recheck). The same in every layer: layer 0's count."""
-        layer = self.layers[0]
-        seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
-        return seq.approximate if seq.is_initialized else 0
-
-    @contextmanager
-    def rerun_exactly(self, rows: list[int], positions: int = 1):
-        """Within: the model's next forward pass runs the `positions` newest positions of the
-        sequences `rows` (indices into the batch; [0] for one sequence) again, given their
-        tokens and positions again, as a prefill chunk: exact attention to every earlier
-        position, host tokens included. Each layer replaces those positions' K/V (they must
-        lie in the window), so that they, and the last one's logits, are full attention's
-        wherever the positions before them are (engine.recheck)."""
-        rows = [int(r) for r in rows]
-        batches = [layer for layer in self.layers if not isinstance(layer, HybridLayer)]
-        size = batches[0].batch_size if batches else 1
-        if not rows or len(set(rows)) != len(rows) or not all(0 <= r < size for r in rows):
-            raise ValueError(f"rows to run again must be distinct indices into a batch of {size}, got {rows}")
-        if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
-            raise ValueError(f"positions to run again must be an int >= 1, got {positions!r}")
-        if batches and len(batches) != len(self.layers):
-            raise ValueError("run a step again once every layer holds the batch (after the first decode step)")
-        for batch in batches:
-            batch.narrow(rows)
-        layers = self.sequence_layers()
-        for layer in layers:
-            layer.rerun = positions
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.rerun = 0
-            for batch in batches:
-                batch.widen()
-
-    def build_indexes(self) -> None:
-        """Build every layer's host key index now (or wait for its build on the worker thread)."""
-        from engine.retrieval import build_key_index
-
-        if not self.offload_config.uses_key_index:
-            return
-        for layer in self.sequence_layers():
-            layer.wait_for_build()
-            if layer.is_initialized and layer.key_index is None:
-                build_key_index(layer)
-
-    def close(self) -> None:
-        """Stop the index builds' worker threads (builds not started are dropped; a layer
-        without its index builds it at its next decode step)."""
-        if self.builder is not None:
-            self.builder.close()
-
-    def memory_report(self) -> dict[str, dict[str, int]]:
-        """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""
-        return sum_bytes(layer.nbytes() for layer in self.layers)
-
-    def step_stats(self) -> dict[str, float]:
-        """The last decode step over all layers (and sequences): host tokens, tokens gathered and estimated,
-        vectors scanned, keys and sketch rows scored, and kv_read_frac = gathered / host tokens."""
-        layers = [layer for layer in self.sequence_layers() if layer.is_initialized]
-        host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
-        gathered = sum(layer.stats.gathered for layer in layers)
-        scanned = sum(layer.stats.scanned for layer in layers)
-        keys = sum(layer.stats.keys_scored for layer in layers)
-        return {
-            "host_tokens": host,
-            "gathered": gathered,
-            "estimated": sum(layer.stats.estimated for layer in layers),
-            "scanned": scanned,
-            "keys_scored": keys,
-            "sketched": sum(layer.stats.sketched for layer in layers),
-            "kv_read_frac": gathered / host if host else 0.0,
-            "keys_scored_frac": keys / host if host else 0.0,
-        }

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from engine.index import build
+
 
 class IndexBuilder:
     """Builds of layers' host indexes on `workers` threads (created on the first build)."""
@@ -21,11 +23,9 @@ class IndexBuilder:
         self._pending: dict[int, Future] = {}  # layer index -> its build
 
     def submit(self, layer) -> None:
-        from engine.retrieval import build_key_index
-
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hybridattn-index")
-        self._pending[layer.layer_idx] = self._pool.submit(build_key_index, layer)
+        self._pending[layer.layer_idx] = self._pool.submit(build.build_key_index, layer)
 
     def wait(self, layer) -> None:
         """Block until the layer's build (if any) is done; its exception is raised here."""

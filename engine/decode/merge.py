@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.cache.store import rows_on
 from engine.config import PREFILL_KEY_BLOCK
-from engine.store import rows_on
 
 
 def merge_states(

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 
 from ann.block import head_rows
-from engine import ops
-from engine.store import host_empty
+from engine.cache.store import host_empty
+from engine.native import ops
 
 
 def _sqrt_and_inverse(c: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ class ExactKeys:
     rank = 0
 
     def __init__(self, host, threads: int = 0):
-        self.host = host  # engine.store.HostKV
+        self.host = host  # engine.cache.store.HostKV
         self.threads = threads  # the host kernel's (0: all cores)
 
     @property

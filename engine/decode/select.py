@@ -1,0 +1,86 @@
+"""Which host tokens a decode step reads: candidates from the host key index, the
+device block index, or both (OffloadConfig.mode), deduplicated per KV head; with an
+adaptive budget only those rated likely (engine.decode.rate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.decode.rate import neighbours, read_likely
+from engine.index.build import build_key_index
+from engine.index.distinct import unique_rows
+from engine.index.heads import OVERSAMPLE, SKETCHED_OVERSAMPLE
+
+
+def select_host_ids(
+    layer, q: torch.Tensor, q_host: np.ndarray, scale: float, lse_resident: torch.Tensor, blocks=None
+) -> torch.Tensor:
+    """Host ids [Hkv, M] int64 on the CPU (-1 padded, unique per row) for the decode
+    queries q [Hkv, G, D] (device) / q_host [Hkv * G, D] (float32).
+
+    A fixed budget reads every candidate (`candidates`); an adaptive one reads those
+    the key sketch rates likely (`read_likely`), given the resident tokens'
+    log-sum-exp lse_resident [Hkv, G] and the step's block scores
+    (engine.decode.estimate.BlockScores, None without a summary). The newest host tokens,
+    which no index or summary covers yet, are always read. Sets the selection
+    counters of layer.stats."""
+    cfg = layer.cfg
+    found = candidates(layer, q, q_host, blocks)
+    sketched = 0
+    if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
+        q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
+        found, sketched, lse = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
+        if cfg.neighbours:  # a needle's digits, a phrase: the indexes propose a run of heavy tokens only in part
+            near = neighbours(found, cfg.neighbours, layer.host.n)
+            more, rated, _ = read_likely(layer, near, q_groups, scale, lse_resident, blocks, lse)
+            found, sketched = torch.cat([found, more], dim=1), sketched + rated
+    layer.stats.sketched = sketched
+    parts = [] if found is None else [found]
+    parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
+    return unique_rows(torch.cat(parts, dim=1))
+
+
+def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch.Tensor | None:
+    """The step's candidate host ids [Hkv, C] (-1 padded, unique per row; None: no source):
+    the block index's blocks and/or the key index's proposals (OffloadConfig.mode), and
+    with an adaptive budget the keys added after the key index's build (the lists take
+    in few of them). Sets layer.stats' scanned and keys_scored."""
+    cfg = layer.cfg
+    parts, scanned, keys_scored = [], 0, 0
+    if layer.blocks is not None:
+        n = cfg.blocks_per_step(layer.blocks.n_blocks)
+        scored = None if blocks is None else blocks.fine  # two levels: the blocks the summary expanded
+        scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None  # computed
+        if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
+            scores, scored = None, None
+        parts.append(layer.blocks.select(q, n, scores, scored).cpu())
+        scanned += layer.blocks.scanned
+    if cfg.uses_key_index:
+        if layer.key_index is None:
+            build_key_index(layer)
+        if layer.n_indexed:
+            adaptive = cfg.budget == "adaptive"
+            ids, vectors, keys = layer.key_index.candidates(
+                q,
+                q_host.reshape(layer.n_kv_heads, layer.group, -1),
+                cfg.candidates if adaptive else cfg.top_k,
+                SKETCHED_OVERSAMPLE if adaptive else OVERSAMPLE,
+            )
+            parts.append(ids)
+            scanned += vectors
+            keys_scored += keys
+            if adaptive and cfg.recent:
+                recent = torch.arange(max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed)
+                parts.append(recent.expand(layer.n_kv_heads, -1))
+    layer.stats.scanned, layer.stats.keys_scored = scanned, keys_scored
+    return unique_rows(torch.cat(parts, dim=1)) if parts else None
+
+
+def always_read(layer) -> np.ndarray:
+    """Host ids [n] every step reads: the newest tokens, not yet in the key index, and
+    (with an estimate) those of the block still filling, which has no summary yet."""
+    start = layer.n_indexed if layer.cfg.uses_key_index else layer.host.n
+    if layer.summary is not None:
+        start = min(start, layer.summary.n_blocks * layer.cfg.block_size)
+    return np.arange(start, layer.host.n)

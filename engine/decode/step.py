@@ -1,0 +1,117 @@
+"""One layer's decode step: resident attention on the device, the host tokens chosen
+(engine.decode.select), read by the C++ gather-attend, the unread ones estimated
+(engine.decode.estimate), and the parts merged by log-sum-exp (engine.decode.merge);
+for one sequence (`decode_step`) or a batch in one host call (`batch_decode_step`)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.cache.layer import HybridLayer
+from engine.decode.merge import attend, merge_states
+from engine.decode.select import select_host_ids
+from engine.native import ops
+
+
+class HostRead:
+    """One sequence's host part of a decode step: the queries on the CPU, the host ids to
+    read [Hkv, M] (-1 padded) and the step's block scores (None: no estimate)."""
+
+    __slots__ = ("q_host", "ids", "blocks")
+
+    def __init__(self, q_host: torch.Tensor, ids: torch.Tensor, blocks):
+        self.q_host, self.ids, self.blocks = q_host, ids, blocks
+
+
+def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids):
+    """A decode step up to the host kernel, for queries q [Hkv, G, 1, D]: the resident
+    tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) and what to read on the host
+    (a HostRead; None when the host store is empty). Sets the layer's step counters."""
+    Hkv, G, _, D = q.shape
+    rk, rv, _ = layer.resident()
+    o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
+    if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
+        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
+    if layer.host.n == 0:
+        return o, lse, None
+    qd = q[:, :, 0]  # [Hkv, G, D]
+    blocks = layer.summary.scores(qd, scale) if layer.summary is not None else None  # engine.decode.estimate
+    q_host = q.reshape(Hkv * G, D).float().cpu()  # [Hq, D]
+    ids = select(layer, qd, q_host.numpy(), scale, lse[..., 0], blocks)
+    st = layer.stats
+    st.host_tokens, st.read_ids, st.gathered = layer.host.n, ids, int((ids >= 0).sum())
+    summarized = layer.summary.n_blocks * layer.cfg.block_size if blocks is not None else 0
+    st.estimated = Hkv * summarized - int(((ids >= 0) & (ids < summarized)).sum())
+    return o, lse, HostRead(q_host, ids, blocks)
+
+
+def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
+    """One position's queries q [Hkv, G, 1, D]: resident attention on the device,
+    retrieved host tokens through the C++ gather-attend, the unread ones estimated,
+    all merged exactly. `select` picks the host ids (see `select_host_ids`; an
+    evaluation may pass another rule with the same signature)."""
+    o, lse, read = resident_and_select(layer, q, scale, select)
+    if read is None:
+        return o
+    o_h, lse_h = host_state(layer, read.q_host, scale, read.ids, read.blocks)
+    return merge_states(o, lse, o_h.to(q.device, non_blocking=True), lse_h.to(q.device, non_blocking=True))[0]
+
+
+def batch_decode_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, select=select_host_ids) -> torch.Tensor:
+    """`decode_step` for the B sequences of one layer, q [B, Hkv, G, 1, D]: each selects
+    its host ids, one gather-attend call reads them all (sequences x KV heads share the
+    kernel's threads), one merge on the device. Each sequence's output is what
+    `decode_step` gives it alone. -> o [B, Hkv, G, 1, D] fp32."""
+    B, Hkv, G, _, D = q.shape
+    steps = [resident_and_select(seq, q[b], scale, select) for b, seq in enumerate(seqs)]
+    o = torch.stack([s[0] for s in steps])
+    lse = torch.stack([s[1] for s in steps])
+    reading = [b for b, s in enumerate(steps) if s[2] is not None]
+    if not reading:
+        return o
+    reads = [steps[b][2] for b in reading]
+    width = max(r.ids.shape[1] for r in reads)
+    ids = torch.full((len(reads), Hkv, width), -1, dtype=torch.int64)
+    for i, r in enumerate(reads):
+        ids[i, :, : r.ids.shape[1]] = r.ids
+    out, lse_c = ops.gather_attend_batch(
+        torch.stack([r.q_host for r in reads]),
+        [seqs[b].host.keys for b in reading],
+        [seqs[b].host.values for b in reading],
+        ids,
+        scale,
+        n_threads=seqs[0].cfg.host_threads,
+    )
+    o_h = torch.zeros_like(o)
+    lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+    for i, b in enumerate(reading):
+        part = with_estimate(seqs[b], out[i].view(Hkv, G, 1, D), lse_c[i].view(Hkv, G, 1), reads[i])
+        o_h[b], lse_h[b] = (t.to(o.device, non_blocking=True) for t in part)
+    return merge_states(o, lse, o_h, lse_h)[0]
+
+
+def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torch.Tensor, blocks=None):
+    """The host tokens' partial state for queries q_host [Hq, D] (fp32, CPU): the rows `ids`
+    [Hkv, M] read exactly, and with the step's block scores (engine.decode.estimate.BlockScores;
+    None: no estimate) every other summarised token estimated. Returns (o [Hkv, G, 1, D], lse
+    [Hkv, G, 1]) fp32, on the CPU or the device."""
+    Hkv, G, D = layer.n_kv_heads, layer.group, layer.head_dim
+    out, lse = layer.host_out, layer.host_lse
+    ops.gather_attend(
+        q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse, n_threads=layer.cfg.host_threads
+    )
+    return with_estimate(layer, out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1), HostRead(q_host, ids, blocks))
+
+
+def with_estimate(layer: HybridLayer, o: torch.Tensor, lse: torch.Tensor, read: HostRead):
+    """The gathered tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) merged with the estimate
+    of the summarised tokens `read.ids` left out (unchanged without block scores)."""
+    if read.blocks is None:
+        return o, lse
+    o_e, lse_e = layer.summary.estimate(read.blocks, layer.summary.read_per_block(read.ids))
+    return merge_states(
+        o.to(o_e.device, non_blocking=True),
+        lse.to(o_e.device, non_blocking=True),
+        o_e.unsqueeze(2),
+        lse_e.unsqueeze(2),
+    )

@@ -1,0 +1,71 @@
+"""The build of a layer's host key index (and the adaptive budget's candidate scorer)
+from its host keys and the prefill queries sampled for it, with one progress bar."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm.auto import tqdm
+
+from engine.decode.sketch import make_scorer
+from engine.index.heads import HeadIndexes, ListSelector
+
+log = logging.getLogger(__name__)
+
+
+class BuildProgress:
+    """One progress bar over the layers whose host index is being built."""
+
+    def __init__(self, n_layers: int, *, enabled: bool = True):
+        self.n_layers, self.enabled = n_layers, enabled
+        self.bar = None
+        self.seconds = 0.0
+
+    def done(self, seconds: float) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.n_layers, desc="building host key index", unit="layer", leave=False, disable=not self.enabled
+            )
+        self.seconds += seconds
+        self.bar.update(1)
+        if self.bar.n >= self.n_layers:
+            self.bar.close()
+            log.info("host key indexes built in %.1f s", self.seconds)
+            self.bar = None
+
+
+def build_key_index(layer) -> bool:
+    """Build the layer's host key index from its host keys and the sampled queries of
+    each head's query group (the attention-aware indexes use those). A host store of
+    less than a block is left unindexed (those tokens are read at every step) and the
+    build waits, collecting decode queries, until it holds one: a short prompt starts
+    offloading during decode. Returns whether the index was built."""
+    cfg = layer.cfg
+    if layer.host.n < cfg.block_size:
+        if layer.progress is not None and not layer.build_waiting:
+            layer.progress.done(0.0)  # counted now; the build itself is a block of keys, later
+        layer.build_waiting = True
+        return False
+    t0 = time.perf_counter()
+    layer.wait_for_host_store()
+    Hkv, D = layer.n_kv_heads, layer.head_dim
+    queries = None
+    if len(layer.query_sample):
+        queries = layer.query_sample.queries().reshape(Hkv, -1, D)  # [Hkv, G * nq, D]: a group's heads stacked
+    if cfg.method == "qq":
+        index = ListSelector(Hkv, D, layer.device, layer.dtype, cfg.index_params)
+        keys = layer.host.keys.to(layer.device)  # exact top-M lists: one batched product per query chunk
+    else:
+        index = HeadIndexes(cfg.method, Hkv, D, cfg.index_params)
+        keys = layer.host.keys
+    index.build(keys, queries)
+    if cfg.budget == "adaptive":
+        layer.sketch = make_scorer(cfg.sketch_rank, layer.host, cfg.host_threads)
+        layer.sketch.build(keys, queries)  # on the device when the keys went there for the lists
+    layer.key_index = index
+    layer.n_indexed = layer.n_built = layer.host.n
+    layer.query_sample.clear()
+    if layer.progress is not None and not layer.build_waiting:
+        layer.progress.done(time.perf_counter() - t0)
+    return True
