@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybrida
 	touch $(STAMP)
 
 bench-kernel: $(STAMP)
-	$(PY) bench/bench_kernel.py --json bench/out/kernel.json
+	$(PY) -m bench.speed.kernel --json bench/out/kernel.json
 
 # The kernels built with -fsanitize=address,undefined into their own directory
 # (the installed extension is untouched) and fuzzed against the reference for

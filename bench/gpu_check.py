@@ -1,7 +1,7 @@
 """The engine on a CUDA GPU under a 24 GB cap: exactness, conservation, decode speed of a
 Llama-3-8B-shaped model against full attention, and prefill with the index build.
 
-    python bench/gpu_check.py [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072]
+    python -m bench.gpu_check [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072]
 
 1. Caps the process with torch.cuda.set_per_process_memory_fraction (the card may
    be larger) and reports every case's peak allocated device bytes.
@@ -39,14 +39,11 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import prefill  # noqa: E402
-from engine.attention import hybrid_attention_forward  # noqa: E402
-from engine.plan import MODEL_PRESETS  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import channel_stats  # noqa: E402
+from bench.speed.decode import channel_stats
+from engine import HybridCache, OffloadConfig
+from engine.api import prefill
+from engine.attention import hybrid_attention_forward
+from engine.plan import MODEL_PRESETS
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4

@@ -1,6 +1,6 @@
 """Markdown tables from the benchmarks' JSON files (the README's results section).
 
-python bench/report.py [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
+python -m bench.report [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
                        [--prefill PATH] [--soak PATH] [--throughput PATH] [--margins PATH]
 """
 
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stats import mean_interval, wilson_interval  # noqa: E402
+from bench.stats import mean_interval, wilson_interval
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -8,6 +8,7 @@ HYBRIDATTN_DEBUG=1 lets errors raise with their traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -16,13 +17,13 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 BENCHES = {
-    "kernel": "bench_kernel.py",
-    "ann": "bench_ann.py",
-    "decode": "bench_decode.py",
-    "throughput": "bench_throughput.py",
+    "kernel": "bench.speed.kernel",
+    "ann": "bench.evals.ann_recall",
+    "decode": "bench.speed.decode",
+    "throughput": "bench.speed.throughput",
 }
+EVAL = "bench.evals.accuracy"
 DEMO_TOKENS = 4096
 
 EXIT_USAGE = 2  # as argparse exits on bad arguments
@@ -135,7 +136,7 @@ def cmd_generate(args) -> int:
 
 def _demo(llm, args) -> int:
     """A passkey hidden in ~4K tokens of filler: full attention and the hybrid engine answer the same prompt."""
-    from engine.tasks import make_sample, score
+    from bench.evals.tasks import make_sample, score
 
     sample = make_sample("passkey", DEMO_TOKENS, llm.tokenizer, seed=args.seed, depth=0.4)
     print(
@@ -186,12 +187,12 @@ def cmd_plan(args) -> int:
     return 0 if plan.fits else 1
 
 
-def cmd_script(script: str, rest: list[str]) -> int:
-    path = BENCH_DIR / script
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the benchmarks run from a source checkout of hybridattn")
-    sys.argv = [str(path), *rest]
-    runpy.run_path(str(path), run_name="__main__")
+def cmd_script(module: str, rest: list[str]) -> int:
+    """Run a benchmark module (installed with the package) as `python -m module rest...` would."""
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"benchmark module {module} is not installed")
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
     return 0
 
 
@@ -246,11 +247,11 @@ def _run(argv: list[str] | None) -> int:
 
     b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES))
     b.add_argument("name", choices=list(BENCHES))
-    sub.add_parser("eval", help="run the accuracy evaluation (bench/eval_accuracy.py)")
+    sub.add_parser("eval", help="run the accuracy evaluation (bench.evals.accuracy)")
 
     args, rest = p.parse_known_args(argv)
     if args.command in ("bench", "eval"):
-        return cmd_script(BENCHES[args.name] if args.command == "bench" else "eval_accuracy.py", rest)
+        return cmd_script(BENCHES[args.name] if args.command == "bench" else EVAL, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -62,7 +62,7 @@ import torch
 if not __package__:  # run as a script: the repository root holds `tests`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.reference import gather_attend_ref  # noqa: E402
+from tests.reference import gather_attend_ref
 
 EPS = 2.0**-24  # fp32 unit roundoff
 FLT_MAX = float(np.finfo(np.float32).max)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from bench.evals.tasks import make_sample, score
 from engine import OffloadConfig
 from engine.api import HybridLLM
-from engine.tasks import make_sample, score
 
 
 @pytest.fixture(scope="module")

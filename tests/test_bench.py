@@ -1,7 +1,7 @@
 """The benchmark scripts run in --quick mode on tiny inputs and write the JSON
 their readers rely on (schemas only: timings are not tested)."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -14,10 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
 def has_keys(row: dict, keys: set[str]) -> None:
@@ -28,7 +25,7 @@ def has_keys(row: dict, keys: set[str]) -> None:
 @pytest.mark.skipif(not ops.HAS_EXT, reason="the kernel benchmark times the C++ extension")
 def test_bench_kernel_quick(tmp_path):
     out = tmp_path / "kernel.json"
-    script("bench_kernel").main(["--quick", "--json", str(out)])
+    script("bench.speed.kernel").main(["--quick", "--json", str(out)])
     cases = json.loads(out.read_text())["cases"]
     expected = {(d, m) for d in ("bf16", "fp16", "fp32") for m in (256, 2048, 8192)}
     assert {(c["dtype"], c["n_ids"]) for c in cases} == expected
@@ -40,7 +37,7 @@ def test_bench_kernel_quick(tmp_path):
 
 def test_bench_decode_quick(tmp_path):
     out = tmp_path / "decode.json"
-    script("bench_decode").main(
+    script("bench.speed.decode").main(
         ["--quick", "--models", "tiny-llama", "--layers", "2", "--contexts", "256", "512", "--json", str(out)]
     )
     cases = json.loads(out.read_text())["cases"]
@@ -62,7 +59,7 @@ def test_bench_decode_quick(tmp_path):
 
 def test_bench_throughput_quick(tmp_path):
     out, fig = tmp_path / "throughput.json", tmp_path / "throughput.png"
-    script("bench_throughput").main(["--quick", "--json", str(out), "--plot", str(fig)])
+    script("bench.speed.throughput").main(["--quick", "--json", str(out), "--plot", str(fig)])
     cases = json.loads(out.read_text())["cases"]
     assert {(c["batch"], c["method"]) for c in cases} == {(b, m) for b in (1, 2) for m in ("hybrid", "full-sdpa")}
     keys = {"model", "context", "attn_tokens_per_s", "model_tokens_per_s", "device_bytes", "host_bytes"}
@@ -72,7 +69,7 @@ def test_bench_throughput_quick(tmp_path):
     hybrid = {c["batch"]: c for c in cases if c["method"] == "hybrid"}
     assert hybrid[2]["host_bytes"] > hybrid[1]["host_bytes"] > 0  # each sequence its own host store
     assert fig.stat().st_size > 0
-    text = script("report").throughput(json.loads(out.read_text()))
+    text = script("bench.report").throughput(json.loads(out.read_text()))
     assert "engine / full" in text and "against its batch 1: batch 2:" in text
 
 
@@ -89,7 +86,7 @@ def test_bench_ann_quick(tmp_path, monkeypatch):
     out = tmp_path / "ann.json"
     argv = ["bench_ann", "--quick", "--capture", str(path), "--n-keys", "600", "--json", str(out)]
     monkeypatch.setattr("sys.argv", argv)
-    script("bench_ann").main()
+    script("bench.evals.ann_recall").main()
     rows = json.loads(out.read_text())["rows"]
     assert {r["index"].split("-")[0] for r in rows} >= {"flat", "ivf", "hnsw", "graph", "qq", "block", "hybrid"}
     keys = {"index", "layer", "kv_head", "n_keys", "k", "recall", "scanned_frac", "build_s", "search_ms", "params"}
@@ -108,7 +105,7 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
     tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
     bundled_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval.json"
-    module, seeds = script("eval_accuracy"), []
+    module, seeds = script("bench.evals.accuracy"), []
     real_make_sample = module.make_sample
 
     def make_sample(*args, seed, **kwargs):
@@ -145,17 +142,17 @@ def test_report_pairs_accuracy_prompt_by_prompt():
     base = {"task": "niah_single", "context": 2048, "n": 4, "kv_read_frac": 1.0, "attn_rel_err": 0.0}
     full = {**base, "method": "full", "accuracy": 0.75, "accuracy_ci": [0.3, 0.95], "scores": [1, 0, 1, 1]}
     engine = {**base, "method": "default", "accuracy": 0.25, "accuracy_ci": [0.05, 0.7], "scores": [1, 0, 0, 0]}
-    text = script("report").accuracy({"rows": [full, engine]})
+    text = script("bench.report").accuracy({"rows": [full, engine]})
     # differences 0, 0, -1, -1: mean -0.5, sd 0.5774, t(3) 3.182 -> half width 0.9186
     assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
     unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
-    assert "paired" not in script("report").accuracy({"rows": unpaired})
+    assert "paired" not in script("bench.report").accuracy({"rows": unpaired})
 
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--first", "-1"]])
 def test_eval_accuracy_rejects_bad_counts(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        script("eval_accuracy").main(argv)
+        script("bench.evals.accuracy").main(argv)
     assert e.value.code == 2 and argv[0] in capsys.readouterr().err
 
 
@@ -180,7 +177,7 @@ def test_report_pools_runs_over_other_seeds():
     """Two runs of a cell over disjoint seeds count as one cell of their prompts together, in
     the accuracy table and the paired differences; runs that share seeds are refused unless they
     repeat the same scores (full attention beside each configuration run apart), which count once."""
-    report = script("report")
+    report = script("bench.report")
     row = passkey_run
     rows = [row("full", 0, [1, 1]), row("default", 0, [1, 0]), row("full", 2, [1, 0]), row("default", 2, [0, 0])]
     pooled = {r["method"]: r for r in report.pool(rows)}
@@ -199,7 +196,7 @@ def test_report_pools_runs_over_other_seeds():
 
 
 def test_report_compares_a_configuration_run_on_part_of_a_cell_with_full_attention_on_those_prompts():
-    report = script("report")
+    report = script("bench.report")
     row = passkey_run
     # full attention: 1, 1 on seeds 0-1 and 1, 0 on seeds 2-3; "quest" ran seeds 2-3 only
     rows = [row("full", 0, [1, 1]), row("full", 2, [1, 0]), row("quest", 2, [1, 1])]
@@ -215,7 +212,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     """Without CUDA the GPU check runs at toy sizes: exactness holds and every case reports."""
     out = tmp_path / "gpu.json"
     argv = ["--device", "cpu", "--contexts", "600", "--prefill", "300", "--steps", "2", "--json", str(out)]
-    assert script("gpu_check").main(argv) == 0
+    assert script("bench.gpu_check").main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     exact = [r for r in rows if r["case"].startswith("exactness")]
     assert {r["case"] for r in exact} == {"exactness-float32", "exactness-bfloat16"}
@@ -232,7 +229,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
 def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypatch):
     """An unexpected error in one case is a row naming it, the other cases still run, and
     the exit status says something broke (a GPU session is too short to lose to one bug)."""
-    gpu_check = script("gpu_check")
+    gpu_check = script("bench.gpu_check")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
@@ -253,7 +250,7 @@ def test_soak_checks_hold_on_the_bundled_model():
     from engine import OffloadConfig
     from engine.api import HybridLLM
 
-    soak = script("soak")
+    soak = script("bench.evals.soak")
     llm = HybridLLM.from_pretrained("smollm2-135m", offload=OffloadConfig(device="cpu", window=64))
     ids = soak.segments(llm.tokenizer, 1, 400, offset=800_000)[0]
     result = soak.soak(llm, ids, steps=60, every=20)
@@ -264,7 +261,7 @@ def test_soak_checks_hold_on_the_bundled_model():
     assert result["step_time_drift"] > 0
     interrupt = soak.interrupted_generation_is_harmless(llm, ids[:, :200], 12)
     assert interrupt["ok"]
-    text = script("report").soak({**result, "all_ok": True, "interrupt": interrupt}, every=40)
+    text = script("bench.report").soak({**result, "all_ok": True, "interrupt": interrupt}, every=40)
     assert [line.split(" | ")[0] for line in text.splitlines()[2:4]] == [
         "| 20",
         "| 40",
@@ -274,13 +271,13 @@ def test_soak_checks_hold_on_the_bundled_model():
 
 def test_bench_prefill_quick(tmp_path):
     out = tmp_path / "prefill.json"
-    script("bench_prefill").main(["--quick", "--json", str(out)])
+    script("bench.speed.prefill").main(["--quick", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped"}
     for r in rows:
         has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
         assert r["first_token_s"] >= r["prefill_s"] > 0
-    text = script("report").prefill(json.loads(out.read_text()))
+    text = script("bench.report").prefill(json.loads(out.read_text()))
     assert text.count("\n| 512 |") == 3  # one row per case
 
 
@@ -289,7 +286,7 @@ def test_bench_fidelity_quick(tmp_path):
     oracle's, and the report renders them."""
     out = tmp_path / "fidelity.json"
     argv = ["--prompts", "1", "--context", "400", "--steps", "2", "--configs", "default", "fixed-noest"]
-    script("bench_fidelity").main([*argv, "--json", str(out)])
+    script("bench.evals.fidelity").main([*argv, "--json", str(out)])
     result = json.loads(out.read_text())
     summary = result["summary"]
     assert set(summary) == {"default", "fixed-noest"}
@@ -297,7 +294,7 @@ def test_bench_fidelity_quick(tmp_path):
     for e in summary.values():
         assert len(e["layers"]) == 30
         assert 0 <= e["err"][0] < 1 and 0 < e["read"][0] <= 1
-    text = script("report").fidelity(result)
+    text = script("bench.report").fidelity(result)
     assert text.count("\n| default |") == 1 and text.count("\n| 29 |") == 1
 
 
@@ -306,7 +303,7 @@ def test_eval_generation_quick(tmp_path):
     The `exact` configuration reads every host token: it follows full attention."""
     out = tmp_path / "generation.json"
     argv = ["--prompts", "1", "--context", "300", "--new", "6", "--configs", "default", "exact", "--no-forced"]
-    script("eval_generation").main([*argv, "--json", str(out)])
+    script("bench.evals.generation").main([*argv, "--json", str(out)])
     result = json.loads(out.read_text())
     (row,) = result["per_prompt"]
     assert set(row) == {"default", "exact"} and "forced_agreement" not in row["default"]
@@ -314,14 +311,14 @@ def test_eval_generation_quick(tmp_path):
     assert row["exact"] == {"free_agreement": 1.0, "first_difference": 6, "kv_read_frac": 1.0, "rechecked_frac": 0.0}
     rechecked = row["default"]["rechecked_frac"]  # a step run again reads every host token once more
     assert 0 <= rechecked <= 1 and 0 < row["default"]["kv_read_frac"] < 1 + rechecked
-    text = script("report").generation(result)
+    text = script("bench.report").generation(result)
     assert "not run" in text and "| 100.00% | 0.00% |" in text
 
 
 def test_eval_generation_forced_gives_the_gaps_where_the_engine_differs(tmp_path):
     out = tmp_path / "forced.json"
     argv = ["--prompts", "1", "--context", "300", "--new", "8", "--configs", "default-norecheck", "exact"]
-    script("eval_generation").main([*argv, "--json", str(out)])
+    script("bench.evals.generation").main([*argv, "--json", str(out)])
     result = json.loads(out.read_text())
     (row,) = result["per_prompt"]
     assert "forced_gaps_where_different" not in result["summary"]["exact"]  # per prompt only, not averaged
@@ -338,7 +335,7 @@ def test_recheck_margins_counts_the_steps_and_differing_picks_under_each_margin(
         {"gaps": [0.1, 0.6, 2.0], "differs": [True, False, False], "selected_frac": 0.04},
         {"gaps": [0.3], "differs": [True], "selected_frac": 0.08},
     ]
-    perfect, *rows = script("report").margin_rows(per_prompt, [0.05, 0.2, 0.5, 1.0])
+    perfect, *rows = script("bench.report").margin_rows(per_prompt, [0.05, 0.2, 0.5, 1.0])
     assert perfect["margin"] is None and perfect["rechecked"] == 0.5 and perfect["read"] == pytest.approx(0.55)
     assert [r["rechecked"] for r in rows] == [0.0, 0.25, 0.5, 0.75]
     assert [r["caught"] for r in rows] == [0, 1, 2, 2] and all(r["differs"] == 2 for r in rows)
@@ -349,7 +346,7 @@ def test_recheck_margins_quick(tmp_path):
     """A margin above every gap re-checks every step and catches every differing pick."""
     out = tmp_path / "margins.json"
     argv = ["--prompts", "1", "--context", "300", "--new", "6", "--margins", "0.1", "1e9", "--json", str(out)]
-    script("recheck_margins").main(argv)
+    script("bench.evals.recheck_margins").main(argv)
     result = json.loads(out.read_text())
     (prompt,) = result["per_prompt"]
     assert len(prompt["gaps"]) == len(prompt["differs"]) == 5 and all(g >= 0 for g in prompt["gaps"])
@@ -372,7 +369,7 @@ def test_accuracy_report_takes_cells_that_ran_some_configurations():
         r.update(
             kv_read_frac=1.0 if r["method"] == "full" else 0.05, attn_rel_err=0.0 if r["method"] == "full" else 0.04
         )
-    text = script("report").accuracy({"rows": rows})
+    text = script("bench.report").accuracy({"rows": rows})
     assert "- default: niah_single at 2048 is 30.0 points below full" in text
     assert "- default: niah_single at 2048 lies below full attention's 95% interval" in text
     assert "- fixed-noest: passkey at 2048 is 10.0 points below full" in text

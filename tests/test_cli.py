@@ -146,12 +146,21 @@ def test_internal_errors_are_one_line_unless_debugging(capsys, monkeypatch):
         main(["plan"])
 
 
-def test_bench_names_a_missing_script(capsys, monkeypatch, tmp_path):
+def test_bench_runs_the_installed_module_and_names_a_missing_one(capsys, monkeypatch):
     import engine.cli as cli
 
-    monkeypatch.setattr(cli, "BENCH_DIR", tmp_path)
+    ran = []
+    monkeypatch.setattr(cli.runpy, "run_module", lambda name, **kw: ran.append((name, list(cli.sys.argv))))
+    assert main(["bench", "kernel", "--quick"]) == 0
+    assert main(["eval", "--n", "2"]) == 0
+    assert ran == [
+        ("bench.speed.kernel", ["bench.speed.kernel", "--quick"]),
+        ("bench.evals.accuracy", ["bench.evals.accuracy", "--n", "2"]),
+    ]
+    monkeypatch.undo()
+    monkeypatch.setitem(cli.BENCHES, "kernel", "bench.speed.no_such_benchmark")
     assert main(["bench", "kernel"]) == 2
-    assert "source checkout" in one_error_line(capsys)
+    assert "no_such_benchmark" in one_error_line(capsys)
 
 
 def test_plan_takes_the_budget_and_estimate_options(capsys):

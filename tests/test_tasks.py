@@ -1,6 +1,6 @@
 import pytest
 
-from engine.tasks import TASKS, make_sample, score
+from bench.evals.tasks import TASKS, make_sample, score
 
 
 class WordTokenizer:

@@ -15,7 +15,7 @@ Fed full attention's tokens, every step counts, not only a free-running text's f
 difference; without re-checks each step's context carries the approximate K/V of the
 steps before it, as between two re-checks of a free-running text.
 
-    python bench/recheck_margins.py [--source prose|TASK] [--context T] [--prompts N] [--new K]
+    python -m bench.evals.recheck_margins [--source prose|TASK] [--context T] [--prompts N] [--new K]
                                     [--offset N] [--margins ...] [--json PATH]
 """
 
@@ -24,23 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_fidelity import segments  # noqa: E402
-from eval_accuracy import MAX_NEW, cell_sample  # noqa: E402
-from probes import CONFIGS, copy_state, greedy, prefill_and_answer  # noqa: E402
-from report import margin_rows, margins  # noqa: E402
-
-from engine.api import eos_ids  # noqa: E402
-from engine.models import load_model  # noqa: E402
-from engine.tasks import TASKS  # noqa: E402
+from bench.evals.accuracy import MAX_NEW, cell_sample
+from bench.evals.fidelity import segments
+from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
+from bench.evals.tasks import TASKS
+from bench.report import margin_rows, margins
+from engine.api import eos_ids
+from engine.models import load_model
 
 SOURCE, ENGINE = CONFIGS["default"], CONFIGS["default-norecheck"]
 MARGINS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0]

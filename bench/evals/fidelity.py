@@ -17,14 +17,13 @@ configuration decodes the same positions). At every decode step of every layer:
 Summary per configuration: the mean over layers (and steps) of each, with a 95% interval
 over prompts.
 
-    python bench/bench_fidelity.py [--quick] [--json PATH] [--prompts N] [--context T] [--steps S]
+    python -m bench.evals.fidelity [--quick] [--json PATH] [--prompts N] [--context T] [--steps S]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,15 +32,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from capture_qk import load_text  # noqa: E402
-from probes import LayerProbe, copy_state, named  # noqa: E402
-from stats import mean_interval  # noqa: E402
-
-from engine import HybridCache  # noqa: E402
-from engine.api import prefill  # noqa: E402
-from engine.models import load_model  # noqa: E402
+from bench.evals.capture_qk import load_text
+from bench.evals.probes import LayerProbe, copy_state, named
+from bench.stats import mean_interval
+from engine import HybridCache
+from engine.api import prefill
+from engine.models import load_model
 
 PROBE = "hybrid_fidelity"
 CONFIGS = named("default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks")

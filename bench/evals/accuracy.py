@@ -19,11 +19,11 @@ re-checked at a near tie: engine.decode.recheck), selected_frac (the same, the s
 first runs alone: the share the oracle is given) and rechecked_frac (the share of steps
 run again).
 
-    python bench/eval_accuracy.py [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
+    python -m bench.evals.accuracy [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
                                   [--configs ...]
 
 A cell grows by runs over further seeds (`--first 40` after a run of 40 prompts: the
-same spread of depths over new needles); `bench/report.py --eval` pools the rows of a
+same spread of depths over new needles); `python -m bench.report --eval` pools the rows of a
 (task, context, method) whose seeds do not overlap.
 """
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -40,14 +39,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer  # noqa: E402
-from stats import wilson_interval  # noqa: E402
-
-from engine.api import eos_ids  # noqa: E402
-from engine.models import load_model  # noqa: E402
-from engine.tasks import TASKS, make_sample, score  # noqa: E402
+from bench.evals.probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer
+from bench.evals.tasks import TASKS, make_sample, score
+from bench.stats import wilson_interval
+from engine.api import eos_ids
+from engine.models import load_model
 
 # beyond DEFAULT_CONFIGS, run only when asked for
 CONFIGS = named(

@@ -10,7 +10,7 @@ cache update + attention per layer and step: the part the engine replaces),
 model_tokens_per_s (B / seconds of the whole forward pass), their medians over
 steps that alternate between the methods, device and host bytes.
 
-    python bench/bench_throughput.py [--quick] [--json PATH] [--plot PATH]
+    python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_decode import (  # noqa: E402
+from bench.speed.decode import (
     SHAPES,
     LayerTimer,
     TimedDynamicCache,
@@ -38,8 +35,7 @@ from bench_decode import (  # noqa: E402
     make_model,
     write_json,
 )
-
-from engine import OffloadConfig  # noqa: E402
+from engine import OffloadConfig
 
 
 def sequence_caches(model, stats, context: int, cfg: OffloadConfig, count: int) -> list[TimedHybridCache]:

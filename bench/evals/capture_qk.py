@@ -12,7 +12,7 @@ never applied. Captures are cached as `.npz`:
     on the whole prefill), tokens_at / layer_s_at (the same after each chunk),
     threads, text_source
 
-Usage: python bench/capture_qk.py --tokens 34000 --layers 5 11 17 [--out PATH]
+Usage: python -m bench.evals.capture_qk --tokens 34000 --layers 5 11 17 [--out PATH]
 """
 
 from __future__ import annotations

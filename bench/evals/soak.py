@@ -1,7 +1,7 @@
 """Long-run soak: many decode steps after a long prompt, with the engine's invariants
 checked every `--every` steps.
 
-    python bench/soak.py [--quick] [--json PATH] [--prompt-tokens 4096] [--steps 2000]
+    python -m bench.evals.soak [--quick] [--json PATH] [--prompt-tokens 4096] [--steps 2000]
 
 The bundled model continues a prompt of natural text (the model's own greedy tokens,
 EOS ignored). Every `--every` steps, on every layer:
@@ -32,15 +32,12 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_fidelity import segments  # noqa: E402
-
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import HybridLLM, prefill  # noqa: E402
-from engine.attention import hybrid_attention_forward  # noqa: E402
-from engine.cache import HybridLayer  # noqa: E402
-from engine.decode.select import candidates  # noqa: E402
+from bench.evals.fidelity import segments
+from engine import HybridCache, OffloadConfig
+from engine.api import HybridLLM, prefill
+from engine.attention import hybrid_attention_forward
+from engine.cache import HybridLayer
+from engine.decode.select import candidates
 
 PROBE = "hybrid_soak"
 DRIFT = 1.2

@@ -16,7 +16,7 @@ kv_read_frac (host KV rows read per step / host KV rows), and for the engine
 rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run again as
 an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole window).
 
-    python bench/bench_decode.py [--quick] [--json PATH] [--plot PATH]
+    python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -24,21 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import prefill  # noqa: E402
-from engine.attention import hybrid_attention_forward  # noqa: E402
-from engine.config import RETRIEVAL_METHODS  # noqa: E402
-from engine.models import load_model  # noqa: E402
+from bench.evals.tasks import FILLER
+from engine import HybridCache, OffloadConfig
+from engine.api import prefill
+from engine.attention import hybrid_attention_forward
+from engine.config import RETRIEVAL_METHODS
+from engine.models import load_model
 from engine.plan import MODEL_PRESETS
-from engine.tasks import FILLER  # noqa: E402
 
 TIMED = "hybrid_timed"
 # Random-weight models built from a config: the 8B shape of the targets, and a

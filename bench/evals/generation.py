@@ -20,7 +20,7 @@ block index taking every block, no estimate): it computes full attention through
 own gather and merge, so where it parts from full attention, arithmetic alone did it (a near
 tie of full attention's top two logits), and its agreement is what any configuration can reach.
 
-    python bench/eval_generation.py [--quick] [--json PATH] [--prompts N] [--context T] [--new K]
+    python -m bench.evals.generation [--quick] [--json PATH] [--prompts N] [--context T] [--new K]
                                     [--configs ...] [--no-forced]
 """
 
@@ -29,20 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_fidelity import segments  # noqa: E402
-from probes import copy_state, greedy, named, prefill_and_answer  # noqa: E402
-from stats import mean_interval  # noqa: E402
-
-from engine.models import load_model  # noqa: E402
+from bench.evals.fidelity import segments
+from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
+from bench.stats import mean_interval
+from engine.models import load_model
 
 CONFIGS = named("default", "fixed-noest", "default-norecheck", "exact")
 SOURCE = CONFIGS["default"]

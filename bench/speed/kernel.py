@@ -10,7 +10,7 @@ store, in one `gather_attend_batch` call, against a loop of B single calls and
 the best plain-torch equivalent; each sequence's result must be bit-identical
 to its single call.
 
-    python bench/bench_kernel.py [--quick] [--json PATH]
+    python -m bench.speed.kernel [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ import json
 import math
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.cache.store import host_empty  # noqa: E402
-from engine.native import ops  # noqa: E402
+from engine.cache.store import host_empty
+from engine.native import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -9,9 +9,9 @@ vector scored per query head (keys, centroids, landmarks, build queries) over
 N, and `keys_frac` the keys alone. Search-time settings (ef, nprobe, probes,
 block share) are swept on one build, so each index gives a curve.
 
-    python bench/bench_ann.py [--quick] [--json PATH] [--plot PATH]
+    python -m bench.evals.ann_recall [--quick] [--json PATH] [--plot PATH]
 
-The capture (post-RoPE q/k from bench/capture_qk.py) is cached; the first full
+The capture (post-RoPE q/k from bench.evals.capture_qk) is cached; the first full
 run prefills the model over ~34K tokens, which takes minutes on a CPU.
 """
 
@@ -21,19 +21,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from capture_qk import capture_path, load_or_capture
-
 from ann.registry import make_index
 from ann.selector import search_group
+from bench.evals.capture_qk import capture_path, load_or_capture
 
 FULL = {"tokens": 34000, "layers": [5, 11, 17], "n_keys": [8192, 16384, 32768], "decode": 64}
 QUICK = {"tokens": 8400, "layers": [5, 17], "n_keys": [8192], "decode": 32}
@@ -239,7 +234,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="recall vs scanned plot (PNG)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument(
-        "--capture", type=Path, help="a .npz from bench/capture_qk.py (default: cached by model/tokens/layers)"
+        "--capture", type=Path, help="a .npz from bench.evals.capture_qk (default: cached by model/tokens/layers)"
     )
     ap.add_argument("--n-keys", type=int, nargs="+")
     ap.add_argument("--indexes", nargs="+", help="only these index labels")

@@ -1,7 +1,7 @@
 """Time to first token: the engine's prefill and host index build against plain chunked
 sdpa prefill of the same model, in one run.
 
-    python bench/bench_prefill.py [--quick] [--json PATH] [--contexts 2048 4096 8192] [--repeats 3]
+    python -m bench.speed.prefill [--quick] [--json PATH] [--contexts 2048 4096 8192] [--repeats 3]
 
 Per context, on the bundled model with random token ids, the cases alternate within each
 repeat (medians reported):
@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import HybridCache, OffloadConfig  # noqa: E402
-from engine.api import prefill  # noqa: E402
-from engine.models import load_model  # noqa: E402
+from engine import HybridCache, OffloadConfig
+from engine.api import prefill
+from engine.models import load_model
 
 
 @torch.inference_mode()
