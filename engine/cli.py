@@ -33,65 +33,58 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError)
 
 
-def _offload_args(p: argparse.ArgumentParser) -> None:
-    from engine.config import BUDGETS, LANDMARKS, PRESETS, RETRIEVAL_METHODS, SELECTION_MODES
+# Flags that name a field otherwise than `--field-name`, kept from earlier versions.
+FLAG_ALIASES = {"n_sink": ("--sinks",)}
 
-    g = p.add_argument_group("offload configuration (overrides the preset)")
-    g.add_argument("--preset", default="default", choices=list(PRESETS))
-    g.add_argument("--budget", choices=BUDGETS, help="adaptive: read what the key sketch rates likely")
-    g.add_argument("--min-prob", type=float, help="adaptive: estimated attention probability to read a token")
-    g.add_argument("--min-ratio", type=float, help="adaptive: ... and this multiple of the uniform share 1 / tokens")
-    g.add_argument("--candidates", type=int, help="adaptive: key-index proposals ranked per query head")
-    g.add_argument("--neighbours", type=int, help="adaptive: also rate the tokens this close to each token read")
-    g.add_argument(
-        "--sketch-rank", type=int, help="adaptive: dimensions of a key sketch that ranks candidates (0: their keys)"
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given on the command line (keyword arguments of the key index)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    """One option per OffloadConfig field, with the field's description, grouped by section."""
+    from engine.config import KEY_INDEXES, OLD_CANDIDATE_SOURCES, PRESETS, SECTIONS, OffloadConfig
+
+    p.add_argument(
+        "--preset", default="default", choices=list(PRESETS), help="named offload configuration the options override"
     )
-    g.add_argument(
-        "--estimate", action=argparse.BooleanOptionalAction, help="estimate the unread host tokens (default: on)"
-    )
-    g.add_argument(
-        "--recheck-margin",
-        type=float,
-        help="where a step's top two logits lie closer, run its decoded tokens again exactly (0: never)",
-    )
-    g.add_argument("--sinks", dest="n_sink", type=int)
-    g.add_argument("--window", type=int)
-    g.add_argument("--block-size", type=int)
-    g.add_argument("--n-blocks", type=int)
-    g.add_argument("--block-frac", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--method", choices=RETRIEVAL_METHODS)
-    g.add_argument("--mode", choices=SELECTION_MODES)
-    g.add_argument("--landmark", choices=LANDMARKS)
-    g.add_argument("--host-dtype", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--device")
+    groups = {name: p.add_argument_group(f"offload: {title}") for name, title in SECTIONS.items()}
+    for item in OffloadConfig.described():
+        flags = [_flag(item.name), *FLAG_ALIASES.get(item.name, ())]
+        text = item.help.replace("%", "%%")  # argparse formats help with %
+        if item.type is bool:
+            groups[item.section].add_argument(*flags, dest=item.name, action=argparse.BooleanOptionalAction, help=text)
+            continue
+        kind = _json_object if item.type is dict else item.type
+        groups[item.section].add_argument(*flags, dest=item.name, type=kind, choices=item.choices, help=text)
+    old = p.add_argument_group("offload: deprecated spellings")
+    old.add_argument("--mode", choices=list(OLD_CANDIDATE_SOURCES), help="use --candidates-from (keys, blocks, both)")
+    old.add_argument("--method", choices=KEY_INDEXES, help="use --key-index")
 
 
 def _offload_config(args):
-    from engine.config import OffloadConfig
+    """The preset with the options given on the command line (the deprecated ones with a warning)."""
+    from engine.config import RENAMED_FIELDS, OffloadConfig, new_spelling
 
-    fields = (
-        "budget",
-        "min_prob",
-        "min_ratio",
-        "candidates",
-        "neighbours",
-        "sketch_rank",
-        "estimate",
-        "recheck_margin",
-        "n_sink",
-        "window",
-        "block_size",
-        "n_blocks",
-        "block_frac",
-        "top_k",
-        "method",
-        "mode",
-        "landmark",
-        "host_dtype",
-        "device",
-    )
-    return OffloadConfig.preset(args.preset, **{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    given = {item.name: getattr(args, item.name) for item in OffloadConfig.described()}
+    given = {name: value for name, value in given.items() if value is not None}
+    for old in RENAMED_FIELDS:
+        if getattr(args, old) is not None:
+            new, value = new_spelling(old, getattr(args, old))
+            print(f"hybridattn: warning: {_flag(old)} is deprecated: use {_flag(new)} {value}", file=sys.stderr)
+            given[old] = getattr(args, old)  # the configuration warns too, and refuses both spellings
+    return OffloadConfig.preset(args.preset, **given)
 
 
 def _check_local_model(model: str) -> None:

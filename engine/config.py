@@ -1,102 +1,252 @@
-"""Offload configuration and its presets (a leaf: it imports no other module of the engine)."""
+"""Offload configuration and its presets (a leaf: it imports no other module of the engine).
+
+Each field of `OffloadConfig` is described once, in its metadata: the command line's
+options and the README's configuration table are generated from it (`OffloadConfig.described`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-RETRIEVAL_METHODS = ("flat", "ivf", "hnsw", "graph", "qq")
-SELECTION_MODES = ("ann", "block", "hybrid")
-BUDGETS = ("adaptive", "fixed")
-LANDMARKS = ("mean", "minmax")
+CandidateSource = Literal["keys", "blocks", "both"]
+KeyIndexKind = Literal["flat", "ivf", "hnsw", "graph", "qq"]
+Budget = Literal["adaptive", "fixed"]
+Landmark = Literal["mean", "minmax"]
+HostDtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+CANDIDATE_SOURCES: tuple[str, ...] = typing.get_args(CandidateSource)
+KEY_INDEXES: tuple[str, ...] = typing.get_args(KeyIndexKind)
+BUDGETS: tuple[str, ...] = typing.get_args(Budget)
+LANDMARKS: tuple[str, ...] = typing.get_args(Landmark)
+HOST_DTYPES = {name: getattr(torch, name) for name in typing.get_args(HostDtype) if name != "auto"}
+
 PREFILL_KEY_BLOCK = 2048  # keys per block of exact prefill attention (bounds its score buffer)
-HOST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The sections of OffloadConfig, in the order its fields are declared: name -> what it decides.
+SECTIONS = {
+    "resident": "what stays on the device",
+    "sources": "where candidates come from",
+    "reads": "how many are read",
+    "correction": "correcting what is not read",
+    "runtime": "where and how it runs",
+}
+
+# Old spellings, still accepted with a DeprecationWarning: field name -> new name, and the old
+# values of candidates_from (which was `mode`) -> the new ones.
+RENAMED_FIELDS = {"mode": "candidates_from", "method": "key_index"}
+OLD_CANDIDATE_SOURCES = {"ann": "keys", "block": "blocks", "hybrid": "both"}
+
+
+def _option(section: str, default, description: str) -> dataclasses.Field:
+    """A field with its section and its one description (the CLI's help, the README's table)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}")
+    metadata = {"section": section, "help": description}
+    if isinstance(default, dict):  # mutable: each config gets its own copy
+        return field(default_factory=functools.partial(dict, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
-class OffloadConfig:
-    """How the KV cache is split between the device and host memory, and how
-    each decode step picks the host tokens it attends to.
+class Described:
+    """One field of OffloadConfig as the command line and the documentation show it."""
 
-    Every decode step attends exactly to the `n_sink` first tokens and the
-    `window` most recent ones (resident on the device), plus host tokens.
-    Candidates come from the host key index (`mode="ann"`), the device block
-    index (`"block"`: blocks of `block_size` tokens, a `block_frac` share of
-    the host blocks, at most `n_blocks`, those whose `landmark` scores best:
-    Quest's bound from per-channel min and max keys, or the mean key), or both
-    (`"hybrid"`). With
-    `budget="fixed"` every candidate is read: `top_k` per query head from the
-    key index, plus the blocks. With `budget="adaptive"` the key index
-    proposes `candidates` per query head (and, in `"hybrid"` mode, the block
-    index its blocks), each one's attention probability is estimated from its
-    key (`sketch_rank` 0) or a low-rank sketch of the keys (`sketch_rank`
-    dimensions; no key read, less exact), and those whose estimate, averaged
-    over the query group, reaches `min_prob` (and `min_ratio` times the uniform
-    share 1 / tokens, which rules at short contexts) are read: layers and heads
-    whose attention is spread over many host tokens read more, those that attend
-    to the resident tokens read less; with `neighbours` r the tokens within r of
-    each token read are rated too. (The rating comes with the key index: with
-    `mode="block"` the chosen blocks are read whatever the budget.)
-    With `estimate`, the host tokens a step does not read are estimated from
-    their block's mean key and mean value (engine.decode.estimate).
-    With `recheck_margin` m > 0, where a decode step's two highest logits lie
-    less than m apart (a near tie, which a small error in attention can turn),
-    the tokens decoded since the last exact run (the prompt or the last
-    re-check; up to `window` of them) run again as an exact chunk, so that the
-    step's token is full attention's
-    (engine.decode.recheck; `HybridLLM`'s generation, not transformers' `generate`).
+    name: str
+    section: str
+    type: type  # int, float, bool, str or dict
+    choices: tuple[str, ...] | None  # the allowed values of a Literal field
+    default: object
+    help: str
+
+
+@functools.cache
+def _describe(cls) -> tuple[Described, ...]:
+    """OffloadConfig.described, computed once (it runs in every config's validation)."""
+    hints = typing.get_type_hints(cls)  # the annotations are strings (postponed evaluation)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        literal = typing.get_origin(hint) is Literal
+        out.append(
+            Described(
+                name=f.name,
+                section=f.metadata.get("section"),
+                type=str if literal else hint,
+                choices=typing.get_args(hint) if literal else None,
+                default=f.default_factory() if f.default is dataclasses.MISSING else f.default,
+                help=f.metadata.get("help"),
+            )
+        )
+    return tuple(out)
+
+
+def new_spelling(old_name: str, value) -> tuple[str, object]:
+    """The field name, and value, that replace the old field name `old_name` given `value`."""
+    new_name = RENAMED_FIELDS[old_name]
+    if new_name == "candidates_from":
+        value = OLD_CANDIDATE_SOURCES.get(value, value)
+    return new_name, value
+
+
+def _in_new_names(changes: dict) -> dict:
+    """Keyword arguments of OffloadConfig with the old field names replaced, a DeprecationWarning
+    for each (pointing at the caller of the function that calls this one)."""
+    out = dict(changes)
+    for old in [name for name in changes if name in RENAMED_FIELDS]:
+        new, value = new_spelling(old, out.pop(old))
+        if new in changes:
+            raise TypeError(f"OffloadConfig: {old} is the old name of {new}; give one of them, not both")
+        warnings.warn(
+            f"OffloadConfig's {old}={changes[old]!r} is deprecated: write {new}={value!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        out[new] = value
+    return out
+
+
+def _accepting_old_names(cls):
+    """Lets the dataclass's __init__ take the old field names (RENAMED_FIELDS)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **_in_new_names(kwargs))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accepting_old_names
+@dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """How the KV cache is split between the device and host memory, and how each decode step
+    picks the host tokens it attends to.
+
+    A step attends exactly to the resident tokens (first section), takes candidate host tokens
+    from the host key index and/or the device block index (second), reads all of them or those
+    whose estimated attention probability is high enough (third), and accounts for the host
+    tokens it did not read by an estimate, re-running a step's tokens exactly where the result is
+    a near tie (fourth). The last section says where and how it runs and changes no result.
+    Every field is a keyword argument: `OffloadConfig(window=512)`; `preset(name, ...)` starts
+    from a named configuration.
     """
 
-    n_sink: int = 4
-    window: int = 256
-    block_size: int = 32
-    n_blocks: int = 8  # at most this many blocks a step (a fixed budget reads them all; 64 in `fixed`)
-    block_frac: float = 0.08  # so that 8 blocks are taken from about 3,500 tokens on (0.04 in `fixed`, `block`)
-    top_k: int = 32
-    method: str = "qq"
-    mode: str = "hybrid"
-    budget: str = "adaptive"
-    candidates: int = 192  # adaptive: key-index proposals looked at per query head
-    min_prob: float = 1.5e-4  # adaptive: estimated attention probability a token needs to be read
-    min_ratio: float = 1.0  # adaptive: ... and this multiple of the uniform share 1 / tokens in the cache
-    neighbours: int = 0  # adaptive: also rate the tokens this close to each token read (attention comes in runs)
-    sketch_rank: int = 0  # adaptive: 0 scores candidates on their keys; else dimensions of a key sketch
-    recent: int = 2048  # adaptive: host keys added after the index's build offered to the sketch (the newest)
-    estimate: bool = True
-    recheck_margin: float = 0.5  # logits: where a step's top two lie closer, its decoded tokens run again exactly
-    landmark: str = "minmax"  # blocks by Quest's bound: a few heavy tokens in a block of filler lift it
-    host_dtype: str = "auto"  # "auto": the model's dtype
-    host_threads: int = 0  # 0: all cores
-    build_workers: int = 1  # threads building host indexes during the prefill (0: after it, in the caller's)
-    index_params: dict = field(default_factory=dict)
-    max_build_queries: int = 1024  # prefill query positions kept per layer to build the host index
-    prefill_chunk: int = 1024  # tokens per forward pass during prefill
-    device: str = "auto"  # "auto": cuda when available, else cpu
+    # What stays on the device: attended exactly at every step.
+    n_sink: int = _option("resident", 4, "first tokens of the sequence kept on the device (attention sinks)")
+    window: int = _option("resident", 256, "most recent tokens kept on the device")
+
+    # Where candidates come from: which host tokens a step considers reading.
+    candidates_from: CandidateSource = _option(
+        "sources",
+        "both",
+        "where a step's candidate host tokens come from: `keys` (the host key index), `blocks` (the device "
+        "block index: the blocks whose landmark scores best) or `both`",
+    )
+    key_index: KeyIndexKind = _option(
+        "sources",
+        "qq",
+        "host key index, one per layer and KV head: `qq` (query→query lists), `graph` (attention-aware key "
+        "graph), `flat`, `ivf`, `hnsw` (faiss)",
+    )
+    index_params: dict = _option(
+        "sources",
+        {},
+        "keyword arguments for the key index (e.g. `qq`: `m_keys`, `n_neighbors`, `max_queries`; see `ann/`)",
+    )
+    max_build_queries: int = _option("sources", 1024, "prefill query positions kept per layer to build the key index")
+    block_size: int = _option("sources", 32, "tokens per block (of the block index and of the estimate's summaries)")
+    n_blocks: int = _option("sources", 8, "block index: at most this many blocks per step")
+    block_frac: float = _option("sources", 0.08, "block index: this share of the host blocks per step, in (0, 1]")
+    landmark: Landmark = _option(
+        "sources",
+        "minmax",
+        "what the block index scores a block by: `minmax`, its per-channel min and max keys (Quest's bound on "
+        "the block's best logit), or `mean`, its mean key",
+    )
+    recent: int = _option(
+        "sources",
+        2048,
+        "adaptive budget: the newest host keys added since the key index's build, at most this many, are "
+        "candidates at every step (the index takes few of them in)",
+    )
+
+    # How many are read: all candidates (fixed) or those likely to matter (adaptive).
+    budget: Budget = _option(
+        "reads",
+        "adaptive",
+        "`adaptive`: read the candidates whose estimated attention probability reaches `min_prob` (and "
+        "`min_ratio` / tokens); `fixed`: read `top_k` per query head from the key index; the chosen blocks are "
+        "read in full either way",
+    )
+    top_k: int = _option("reads", 32, "fixed budget: key-index tokens read per query head")
+    candidates: int = _option("reads", 192, "adaptive budget: key-index proposals rated per query head")
+    min_prob: float = _option(
+        "reads",
+        1.5e-4,
+        "adaptive budget: estimated attention probability (averaged over the query group) a token needs to be read",
+    )
+    min_ratio: float = _option(
+        "reads",
+        1.0,
+        "adaptive budget: a token read also needs this multiple of the uniform share 1 / (tokens in the cache)",
+    )
+    neighbours: int = _option(
+        "reads", 0, "adaptive budget: also rate the tokens this close to each token read (attention comes in runs)"
+    )
+    sketch_rank: int = _option(
+        "reads",
+        0,
+        "adaptive budget: 0 rates candidates on their keys; r > 0 on a rank-r sketch of the keys instead "
+        "(no key read, less exact)",
+    )
+
+    # Correction: what the reads miss.
+    estimate: bool = _option(
+        "correction", True, "estimate the host tokens a step does not read from their block's mean key and mean value"
+    )
+    recheck_margin: float = _option(
+        "correction",
+        0.5,
+        "where a step's two highest logits lie less than this apart, the tokens decoded since the last exact run "
+        "(up to `window` of them) run again exactly (0: never; HybridLLM's generation only)",
+    )
+
+    # Runtime: where and how it runs (no effect on the result).
+    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's)")
+    host_threads: int = _option("runtime", 0, "threads of the host kernel (0: all cores)")
+    build_workers: int = _option(
+        "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"
+    )
+    prefill_chunk: int = _option("runtime", 1024, "tokens per forward pass during the prefill")
+    device: str = _option(
+        "runtime", "auto", "torch device the model is loaded on (`auto`: cuda when available, else cpu)"
+    )
 
     def __post_init__(self):
-        ints = (
-            *("n_sink", "window", "block_size", "n_blocks", "top_k"),
-            *("candidates", "neighbours", "sketch_rank", "recent"),
-        )
-        for name in (*ints, "max_build_queries", "prefill_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"OffloadConfig.{name} must be a non-negative int, got {value!r}")
+        for item in self.described():
+            value = getattr(self, item.name)
+            if item.type is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"OffloadConfig.{item.name} must be a non-negative int, got {value!r}")
+            if item.choices is not None and value not in item.choices:
+                raise ValueError(f"OffloadConfig.{item.name} must be one of {', '.join(item.choices)}; got {value!r}")
         for name in ("window", "block_size", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OffloadConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.n_sink < 1:
             raise ValueError(f"OffloadConfig.n_sink must be at least 1 (attention sinks), got {self.n_sink}")
-        _check_choice("method", self.method, RETRIEVAL_METHODS)
-        _check_choice("mode", self.mode, SELECTION_MODES)
-        _check_choice("budget", self.budget, BUDGETS)
-        _check_choice("landmark", self.landmark, LANDMARKS)
-        _check_choice("host_dtype", self.host_dtype, ("auto", *HOST_DTYPES))
-        if self.mode in ("ann", "hybrid") and self.budget == "fixed" and self.top_k < 1:
-            raise ValueError(f"mode {self.mode!r} retrieves top_k tokens per query head: top_k must be >= 1")
+        if self.uses_key_index and self.budget == "fixed" and self.top_k < 1:
+            raise ValueError(
+                f"candidates_from {self.candidates_from!r} reads top_k tokens per query head: top_k must be >= 1"
+            )
         if self.budget == "adaptive" and self.uses_key_index:
             if self.candidates < 1:
                 raise ValueError("an adaptive budget ranks the key index's candidates: candidates must be >= 1")
@@ -111,20 +261,31 @@ class OffloadConfig:
             raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
         if not isinstance(self.estimate, bool):
             raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
-        if self.mode in ("block", "hybrid") and self.n_blocks < 1:
-            raise ValueError(f"mode {self.mode!r} selects candidate blocks: n_blocks must be >= 1")
+        if self.uses_blocks and self.n_blocks < 1:
+            raise ValueError(f"candidates_from {self.candidates_from!r} selects blocks: n_blocks must be >= 1")
         if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:
             raise ValueError(f"OffloadConfig.block_frac must lie in (0, 1], got {self.block_frac!r}")
-        for name in ("host_threads", "build_workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"OffloadConfig.{name} must be a non-negative int, got {value!r}")
         if not isinstance(self.index_params, dict):
             raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
         try:
             torch.device(self.resolved_device())
         except RuntimeError as exc:
             raise ValueError(f"OffloadConfig.device {self.device!r} is not a torch device") from exc
+
+    @classmethod
+    def described(cls) -> tuple[Described, ...]:
+        """Every field with its section, type, choices, default and description, in section order."""
+        return _describe(cls)
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The fields as a markdown table (section, field, default, description), in section order."""
+        lines = ["| section | field | default | description |", "| --- | --- | --- | --- |"]
+        for item in cls.described():
+            default = repr(item.default) if item.type in (int, float) else f"`{item.default}`"
+            text = item.help.replace("|", "\\|")
+            lines.append(f"| {item.section} | `{item.name}` | {default} | {text} |")
+        return "\n".join(lines) + "\n"
 
     def blocks_per_step(self, host_blocks: int) -> int:
         """Candidate blocks a decode step takes from the block index over `host_blocks` blocks."""
@@ -133,17 +294,34 @@ class OffloadConfig:
     @property
     def uses_blocks(self) -> bool:
         """Whether decode steps take candidate blocks from the device block index."""
-        return self.mode in ("block", "hybrid")
+        return self.candidates_from in ("blocks", "both")
 
     @property
     def uses_key_index(self) -> bool:
         """Whether decode steps take candidates from the host key index (built after prefill)."""
-        return self.mode in ("ann", "hybrid")
+        return self.candidates_from in ("keys", "both")
 
     @property
     def resident_tokens(self) -> int:
         """Tokens kept on the device per layer and KV head (sinks + recent window)."""
         return self.n_sink + self.window
+
+    @property
+    def mode(self) -> str:
+        """Deprecated: `candidates_from`, in its old values ("ann", "block", "hybrid")."""
+        old = {new: old for old, new in OLD_CANDIDATE_SOURCES.items()}[self.candidates_from]
+        warnings.warn(
+            f"OffloadConfig.mode is deprecated: read candidates_from ({self.candidates_from!r}, formerly {old!r})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return old
+
+    @property
+    def method(self) -> str:
+        """Deprecated: `key_index`."""
+        warnings.warn("OffloadConfig.method is deprecated: read key_index", DeprecationWarning, stacklevel=2)
+        return self.key_index
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -154,33 +332,28 @@ class OffloadConfig:
         return model_dtype if self.host_dtype == "auto" else HOST_DTYPES[self.host_dtype]
 
     def replace(self, **changes) -> OffloadConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_in_new_names(changes))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> OffloadConfig:
         """A named configuration (see `PRESETS`), optionally with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"OffloadConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+        return dataclasses.replace(PRESETS[name], **_in_new_names(overrides))
 
 
 PRESETS: dict[str, OffloadConfig] = {
     # Adaptive budget over the query->query lists' and the block index's candidates, each rated
-    # on its key; unread tokens estimated.
+    # on its key; unread tokens estimated; near ties re-checked.
     "default": OffloadConfig(),
-    # About half the reads of the default.
+    # Fewer reads than the default: a higher probability to read a token.
     "tight": OffloadConfig(min_prob=4e-4),
     # More reads and a longer resident window, for accuracy-critical work.
     "wide": OffloadConfig(window=512, min_prob=5e-5, min_ratio=0.0, candidates=384),
-    # A fixed budget per step: blocks of 16 tokens (4% of the host blocks, at most 64) and 32 tokens
-    # per query head (the default before the adaptive budget, estimate aside; no re-check of near ties).
+    # A fixed budget per step: blocks of 16 tokens by mean key (4% of the host blocks, at most 64) and
+    # 32 tokens per query head (the default before the adaptive budget, estimate aside; no re-check).
     "fixed": OffloadConfig(
-        mode="hybrid",
+        candidates_from="both",
         budget="fixed",
         window=128,
         block_size=16,
@@ -190,5 +363,5 @@ PRESETS: dict[str, OffloadConfig] = {
         recheck_margin=0.0,
     ),
     # Device block index alone: no host index to build (blocks by mean key, which the summary keeps anyway).
-    "block": OffloadConfig(mode="block", budget="fixed", n_blocks=64, block_frac=0.04, landmark="mean"),
+    "block": OffloadConfig(candidates_from="blocks", budget="fixed", n_blocks=64, block_frac=0.04, landmark="mean"),
 }

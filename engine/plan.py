@@ -213,7 +213,9 @@ def plan_memory(
             C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
             + Hq * C * PREFILL_KEY_BLOCK * 4
             + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
-            Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER if cfg.uses_key_index and cfg.method == "qq" else 0,
+            Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER
+            if cfg.uses_key_index and cfg.key_index == "qq"
+            else 0,
         ),
     }
     index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
@@ -255,11 +257,11 @@ def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group:
     if not cfg.uses_key_index:
         return 0, 0
     n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
-    if cfg.method == "qq":  # build queries on the device, lists in host memory
+    if cfg.key_index == "qq":  # build queries on the device, lists in host memory
         from ann.qq import QueryLists
 
         params = {k: v for k, v in cfg.index_params.items() if k in ("m_keys", "max_queries")}
         return QueryLists.estimate_bytes(n_heads, n_keys, dim, n_queries, query_bytes=wbytes, **params)
     from ann import estimate_index_bytes
 
-    return 0, n_heads * estimate_index_bytes(cfg.method, n_keys, dim, n_queries, **cfg.index_params)
+    return 0, n_heads * estimate_index_bytes(cfg.key_index, n_keys, dim, n_queries, **cfg.index_params)

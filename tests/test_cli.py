@@ -1,8 +1,11 @@
+import argparse
+import dataclasses
 import json
 
 import pytest
 
-from engine.cli import main
+from engine import OffloadConfig
+from engine.cli import _json_object, _offload_args, _offload_config, main
 
 
 def one_error_line(capsys) -> str:
@@ -55,6 +58,10 @@ def test_plan_takes_a_config_json(tmp_path, capsys):
     [
         (["plan", "--preset", "huge"], "invalid choice: 'huge'"),
         (["plan", "--method", "lsh"], "invalid choice: 'lsh'"),
+        (["plan", "--key-index", "lsh"], "invalid choice: 'lsh'"),
+        (["plan", "--candidates-from", "hybrid"], "invalid choice: 'hybrid'"),
+        (["plan", "--index-params", "[1]"], "--index-params: must be a JSON object, got '[1]'"),
+        (["plan", "--index-params", "{m_keys: 3}"], "--index-params: not JSON"),
     ],
 )
 def test_bad_arguments_exit_through_argparse(argv, message, capsys):
@@ -191,3 +198,101 @@ def test_plan_names_the_largest_batch(capsys):
     line = next(s for s in out.splitlines() if s.startswith("largest batch that fits:"))
     assert int(line.split(":")[1].split()[0]) >= 2 and line.endswith("full attention: 0")
     assert main(argv[:-2] + ["--host-gb", "-1"]) == 2
+
+
+def offload_config(argv: list[str]) -> OffloadConfig:
+    """The configuration the offload options `argv` give."""
+    parser = argparse.ArgumentParser()
+    _offload_args(parser)
+    return _offload_config(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("command", ["generate", "plan"])
+def test_help_lists_every_offload_option_with_its_description(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    for item in OffloadConfig.described():
+        flag = "--" + item.name.replace("_", "-")
+        described = "".join(item.help.split())
+        assert flag in text and described in text, f"{flag}: {item.help}"
+
+
+def test_each_offload_option_carries_its_fields_description():
+    parser = argparse.ArgumentParser()
+    _offload_args(parser)
+    by_flag = parser._option_string_actions
+    for item in OffloadConfig.described():
+        action = by_flag["--" + item.name.replace("_", "-")]
+        assert action.dest == item.name
+        assert action.help % {} == item.help  # as printed: argparse formats it with %
+        assert action.type is {bool: None, dict: _json_object}.get(item.type, item.type)
+        assert action.choices == item.choices
+    assert by_flag["--sinks"] is by_flag["--n-sink"]
+
+
+def test_every_offload_field_is_an_option():
+    argv = [
+        *("--n-sink", "5", "--window", "100", "--candidates-from", "keys", "--key-index", "flat"),
+        *("--index-params", '{"m_keys": 64}', "--max-build-queries", "7", "--block-size", "8"),
+        *("--n-blocks", "3", "--block-frac", "0.5", "--landmark", "mean", "--recent", "9", "--budget", "fixed"),
+        *("--top-k", "11", "--candidates", "12", "--min-prob", "0.01", "--min-ratio", "2", "--neighbours", "1"),
+        *("--sketch-rank", "4", "--no-estimate", "--recheck-margin", "0.25", "--host-dtype", "float16"),
+        *("--host-threads", "2", "--build-workers", "0", "--prefill-chunk", "64", "--device", "cpu"),
+    ]
+    cfg = offload_config(argv)
+    default = OffloadConfig()
+    assert [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == getattr(default, f.name)] == []
+    assert cfg == OffloadConfig(
+        n_sink=5,
+        window=100,
+        candidates_from="keys",
+        key_index="flat",
+        index_params={"m_keys": 64},
+        max_build_queries=7,
+        block_size=8,
+        n_blocks=3,
+        block_frac=0.5,
+        landmark="mean",
+        recent=9,
+        budget="fixed",
+        top_k=11,
+        candidates=12,
+        min_prob=0.01,
+        min_ratio=2.0,
+        neighbours=1,
+        sketch_rank=4,
+        estimate=False,
+        recheck_margin=0.25,
+        host_dtype="float16",
+        host_threads=2,
+        build_workers=0,
+        prefill_chunk=64,
+        device="cpu",
+    )
+
+
+def test_options_override_the_preset_and_the_old_flags_still_parse():
+    assert offload_config([]) == OffloadConfig.preset("default")
+    assert offload_config(["--preset", "fixed", "--sinks", "6", "--estimate"]) == OffloadConfig.preset(
+        "fixed", n_sink=6, estimate=True
+    )
+
+
+def test_deprecated_mode_and_method_options_warn_and_give_the_new_fields(capsys):
+    with pytest.warns(DeprecationWarning) as caught:
+        old = offload_config(["--mode", "ann", "--method", "flat"])
+    assert old == offload_config(["--candidates-from", "keys", "--key-index", "flat"])
+    assert {"candidates_from", "key_index"} <= {word.split("=")[0] for w in caught for word in str(w.message).split()}
+    err = capsys.readouterr().err
+    assert "--mode is deprecated: use --candidates-from keys" in err
+    assert "--method is deprecated: use --key-index flat" in err
+    with pytest.warns(DeprecationWarning):
+        assert main(["plan", "--model", "llama-3-8b", "--mode", "block"]) == 0
+    assert "--mode is deprecated: use --candidates-from blocks" in capsys.readouterr().err
+
+
+def test_old_and_new_flag_of_one_field_together_are_refused(capsys):
+    assert main(["plan", "--mode", "block", "--candidates-from", "keys"]) == 2
+    assert "hybridattn: error: OffloadConfig: mode is the old name of candidates_from" in capsys.readouterr().err

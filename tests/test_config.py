@@ -1,8 +1,12 @@
+import dataclasses
+import re
+import warnings
+
 import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig, plan_memory
-from engine.config import PRESETS
+from engine.config import BUDGETS, CANDIDATE_SOURCES, HOST_DTYPES, KEY_INDEXES, LANDMARKS, PRESETS, SECTIONS
 from engine.plan import MODEL_PRESETS, ModelShape
 from tests.conftest import tiny_llama
 
@@ -22,11 +26,11 @@ def test_defaults_are_valid_and_frozen():
         (dict(block_size=0), "block_size must be at least 1"),
         (dict(n_sink=0), "n_sink must be at least 1"),
         (dict(top_k=2.5), "top_k must be a non-negative int"),
-        (dict(method="lsh"), "method must be one of flat, ivf, hnsw, graph, qq"),
-        (dict(mode="both"), "mode must be one of ann, block, hybrid"),
+        (dict(key_index="lsh"), "key_index must be one of flat, ivf, hnsw, graph, qq"),
+        (dict(candidates_from="hybrid"), "candidates_from must be one of keys, blocks, both"),
         (dict(landmark="median"), "landmark must be one of mean, minmax"),
         (dict(host_dtype="int8"), "host_dtype must be one of"),
-        (dict(mode="ann", budget="fixed", top_k=0), "top_k must be >= 1"),
+        (dict(candidates_from="keys", budget="fixed", top_k=0), "top_k must be >= 1"),
         (dict(budget="some"), "budget must be one of adaptive, fixed"),
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(min_prob=-0.1), "min_prob must lie in"),
@@ -40,7 +44,7 @@ def test_defaults_are_valid_and_frozen():
         (dict(recheck_margin=float("nan")), "recheck_margin must be a finite number >= 0"),
         (dict(recheck_margin=float("inf")), "recheck_margin must be a finite number >= 0"),
         (dict(recheck_margin=True), "recheck_margin must be a finite number >= 0"),
-        (dict(mode="block", n_blocks=0), "n_blocks must be >= 1"),
+        (dict(candidates_from="blocks", n_blocks=0), "n_blocks must be >= 1"),
         (dict(device="gpu0"), "not a torch device"),
         (dict(index_params=[1]), "index_params must be a dict"),
         (dict(host_threads=-1), "host_threads"),
@@ -73,6 +77,118 @@ def test_presets():
     assert OffloadConfig.preset("tight", top_k=7).top_k == 7
     with pytest.raises(ValueError, match="unknown preset 'huge'; presets: default"):
         OffloadConfig.preset("huge")
+
+
+def test_fields_are_keywords_only():
+    """The fields are laid out by section, not in their historical order: a positional value is refused."""
+    with pytest.raises(TypeError):
+        OffloadConfig(4)
+
+
+def test_every_field_has_a_section_and_a_description():
+    for f in dataclasses.fields(OffloadConfig):
+        assert f.metadata.get("section") in SECTIONS, f"OffloadConfig.{f.name} has no section"
+        assert f.metadata.get("help", "").strip(), f"OffloadConfig.{f.name} has no description"
+
+
+def test_fields_are_declared_section_by_section():
+    described = OffloadConfig.described()
+    assert [item.name for item in described] == [f.name for f in dataclasses.fields(OffloadConfig)]
+    sections = [item.section for item in described]
+    assert sorted(sections, key=list(SECTIONS).index) == sections  # each section in one run, in SECTIONS' order
+    by_section = {s: [item.name for item in described if item.section == s] for s in SECTIONS}
+    assert by_section["resident"] == ["n_sink", "window"]
+    assert by_section["correction"] == ["estimate", "recheck_margin"]
+    assert by_section["sources"][:2] == ["candidates_from", "key_index"]
+
+
+def test_choices_and_types_come_from_the_annotations():
+    described = {item.name: item for item in OffloadConfig.described()}
+    assert described["candidates_from"].choices == CANDIDATE_SOURCES == ("keys", "blocks", "both")
+    assert described["key_index"].choices == KEY_INDEXES == ("flat", "ivf", "hnsw", "graph", "qq")
+    assert described["budget"].choices == BUDGETS and described["landmark"].choices == LANDMARKS
+    assert described["host_dtype"].choices == ("auto", *HOST_DTYPES)
+    assert (described["window"].type, described["window"].choices) == (int, None)
+    assert described["min_prob"].type is float and described["estimate"].type is bool
+    assert described["index_params"].type is dict and described["index_params"].default == {}
+    assert all(item.default == getattr(OffloadConfig(), item.name) for item in described.values())
+
+
+def test_markdown_table_has_one_row_per_field_in_section_order():
+    lines = OffloadConfig.markdown_table().splitlines()
+    assert lines[:2] == ["| section | field | default | description |", "| --- | --- | --- | --- |"]
+    rows = [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[2:]]
+    fields = dataclasses.fields(OffloadConfig)
+    assert [row[1] for row in rows] == [f"`{f.name}`" for f in fields]
+    assert [row[0] for row in rows] == [f.metadata["section"] for f in fields]
+    assert [row[3] for row in rows] == [f.metadata["help"].replace("|", "\\|") for f in fields]
+    defaults = {row[1]: row[2] for row in rows}
+    assert (defaults["`window`"], defaults["`candidates_from`"], defaults["`estimate`"]) == ("256", "`both`", "`True`")
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        (dict(mode="ann"), dict(candidates_from="keys")),
+        (dict(mode="block"), dict(candidates_from="blocks")),
+        (dict(mode="hybrid"), dict(candidates_from="both")),
+        (dict(method="graph"), dict(key_index="graph")),
+        (dict(mode="block", method="flat"), dict(candidates_from="blocks", key_index="flat")),
+    ],
+    ids=str,
+)
+def test_old_field_names_give_the_new_fields_with_a_warning(old, new):
+    made = {
+        "init": lambda **kw: OffloadConfig(window=64, **kw),
+        "preset": lambda **kw: OffloadConfig.preset("fixed", **kw),
+        "replace": lambda **kw: OffloadConfig(window=64).replace(**kw),
+    }
+    for how, make in made.items():
+        with pytest.warns(DeprecationWarning) as caught:
+            cfg = make(**old)
+        assert cfg == make(**new), how
+        assert [getattr(cfg, name) for name in new] == list(new.values()), how
+        messages = " ".join(str(w.message) for w in caught)
+        assert all(f"write {name}=" in messages for name in new), messages
+        assert {w.filename for w in caught} == {__file__}, how  # the warning points at the caller's line
+
+
+def test_reading_the_old_names_warns_and_gives_the_old_values():
+    cfg = OffloadConfig(candidates_from="keys", key_index="graph")
+    with pytest.warns(DeprecationWarning, match="read candidates_from"):
+        assert cfg.mode == "ann"
+    with pytest.warns(DeprecationWarning, match="read key_index"):
+        assert cfg.method == "graph"
+    with pytest.warns(DeprecationWarning):
+        assert [OffloadConfig.preset(name).mode for name in ("default", "block")] == ["hybrid", "block"]
+
+
+def test_the_new_names_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = OffloadConfig.preset("tight", candidates_from="keys", key_index="flat").replace(candidates_from="both")
+    assert (cfg.candidates_from, cfg.key_index, cfg.uses_blocks, cfg.uses_key_index) == ("both", "flat", True, True)
+    blocks, keys = OffloadConfig(candidates_from="blocks"), OffloadConfig(candidates_from="keys")
+    assert (blocks.uses_blocks, blocks.uses_key_index) == (True, False)
+    assert (keys.uses_blocks, keys.uses_key_index) == (False, True)
+
+
+@pytest.mark.parametrize("how", ["init", "preset", "replace"])
+@pytest.mark.parametrize(
+    "both,message",
+    [
+        (dict(mode="block", candidates_from="blocks"), "mode is the old name of candidates_from"),
+        (dict(method="flat", key_index="qq"), "method is the old name of key_index"),
+    ],
+)
+def test_old_and_new_spelling_of_one_field_together_are_refused(how, both, message):
+    make = {
+        "init": lambda **kw: OffloadConfig(**kw),
+        "preset": lambda **kw: OffloadConfig.preset("default", **kw),
+        "replace": lambda **kw: OffloadConfig().replace(**kw),
+    }[how]
+    with pytest.raises(TypeError, match=message):
+        make(**both)
 
 
 @pytest.mark.parametrize("preset", ["default", "fixed"])
@@ -113,12 +229,12 @@ def test_model_preset_parameter_counts(name):
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(mode="block"),
-        dict(mode="hybrid", budget="fixed"),
-        dict(mode="hybrid", budget="fixed", landmark="minmax"),
-        dict(mode="hybrid", budget="fixed", landmark="minmax", estimate=False),
-        dict(mode="ann", budget="adaptive", sketch_rank=8),
-        dict(mode="ann", budget="fixed", estimate=False),
+        dict(candidates_from="blocks"),
+        dict(candidates_from="both", budget="fixed"),
+        dict(candidates_from="both", budget="fixed", landmark="minmax"),
+        dict(candidates_from="both", budget="fixed", landmark="minmax", estimate=False),
+        dict(candidates_from="keys", budget="adaptive", sketch_rank=8),
+        dict(candidates_from="keys", budget="fixed", estimate=False),
     ],
     ids=str,
 )
@@ -126,7 +242,7 @@ def test_plan_matches_what_the_cache_allocates(changes):
     """Plan vs bytes actually held on the CPU device after a prefill of the planned length."""
     model = tiny_llama(n_layers=3)
     context = 1000
-    cfg = OffloadConfig(n_sink=4, window=60, block_size=16, method="flat", **changes)
+    cfg = OffloadConfig(n_sink=4, window=60, block_size=16, key_index="flat", **changes)
     plan = plan_memory(model.config, context, cfg, weight_dtype=torch.float32)
     cache = HybridCache(model, cfg, max_length=context)
     ids = torch.randint(0, 97, (1, context), generator=torch.Generator().manual_seed(0))

@@ -34,7 +34,7 @@ from bench.evals.tasks import FILLER
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.attention import hybrid_attention_forward
-from engine.config import RETRIEVAL_METHODS
+from engine.config import KEY_INDEXES
 from engine.models import load_model
 from engine.plan import MODEL_PRESETS
 
@@ -256,8 +256,11 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
         "hybrid-fixed-noest": ("hybrid", OffloadConfig.preset("fixed", device="cpu", estimate=False)),
     }
     if all_methods:
-        for m in RETRIEVAL_METHODS:
-            out[f"hybrid-{m}"] = ("hybrid", OffloadConfig(device="cpu", method=m, index_params=BENCH_PARAMS.get(m, {})))
+        for m in KEY_INDEXES:
+            out[f"hybrid-{m}"] = (
+                "hybrid",
+                OffloadConfig(device="cpu", key_index=m, index_params=BENCH_PARAMS.get(m, {})),
+            )
         out["hybrid-block-only"] = ("hybrid", OffloadConfig.preset("block", device="cpu"))
         out["hybrid-neighbours"] = ("hybrid", OffloadConfig(device="cpu", neighbours=3))  # what rating neighbours costs
         out["hybrid-mean-blocks"] = ("hybrid", OffloadConfig(device="cpu", landmark="mean"))  # blocks by mean key
