@@ -101,7 +101,7 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     causally, and in full to every earlier position, wherever it lives."""
     Hkv, G, Q, D = q.shape
     first = layer.n_seen - Q  # position of the chunk's first token
-    if layer.key_index is None and layer.cfg.mode != "block" and not layer.rerun:
+    if layer.key_index is None and layer.cfg.candidates_from != "blocks" and not layer.rerun:
         layer.query_sample.add(q.reshape(Hkv * G, Q, D), torch.arange(first, layer.n_seen))
     o, lse = attend(q, *layer.last_added, scale, causal=True)
     layer.last_added = None  # read once: every layer holding its chunk until its next update adds up on the device

@@ -13,7 +13,7 @@ def llm():
     torch.manual_seed(0)
     # the exact flat index keeps the index build out of the test time; the other
     # methods are exercised on tiny models in test_attention.py
-    cfg = OffloadConfig(window=64, method="flat", top_k=32, device="cpu")
+    cfg = OffloadConfig(window=64, key_index="flat", top_k=32, device="cpu")
     return HybridLLM.from_pretrained("smollm2-135m", offload=cfg)
 
 

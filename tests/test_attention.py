@@ -14,7 +14,7 @@ from tests.conftest import tiny_llama
 
 # a fixed budget whose blocks (and key-index candidates) cover every host token
 COVER_ALL = dict(n_sink=4, window=16, block_size=8, n_blocks=1000, block_frac=1.0, top_k=1000, budget="fixed")
-COVER_ALL_HYBRID = dict(COVER_ALL, mode="hybrid")
+COVER_ALL_HYBRID = dict(COVER_ALL, candidates_from="both")
 
 
 def run_hybrid(model, ids, cfg, prefill, chunk=None):
@@ -31,11 +31,12 @@ def run_hybrid(model, ids, cfg, prefill, chunk=None):
 
 
 @pytest.mark.parametrize(
-    "mode,method",
-    [("ann", "flat"), ("block", "flat"), ("hybrid", "flat"), ("hybrid", "qq"), ("ann", "hnsw")],
+    "source,key_index",
+    [("keys", "flat"), ("blocks", "flat"), ("both", "flat"), ("both", "qq"), ("keys", "hnsw")],
 )
-def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_logits, mode, method):
-    cfg = OffloadConfig(**COVER_ALL, mode=mode, method=method, index_params={"ef": 2000} if method == "hnsw" else {})
+def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_logits, source, key_index):
+    params = {"ef": 2000} if key_index == "hnsw" else {}
+    cfg = OffloadConfig(**COVER_ALL, candidates_from=source, key_index=key_index, index_params=params)
     ids = tiny_ids[:, :260]
     logits, cache = run_hybrid(tiny_model, ids, cfg, prefill=200)
     assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
@@ -47,7 +48,9 @@ def test_exact_when_budgets_cover_every_token(tiny_model, tiny_ids, tiny_full_lo
 def test_exact_when_an_adaptive_budget_reads_every_candidate(tiny_model, tiny_ids, tiny_full_logits):
     """min_prob and min_ratio 0 keep every candidate; the flat index proposes every host token: exact,
     with the key sketch and the estimate on the path (the estimate is then empty)."""
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
+    cfg = OffloadConfig(
+        n_sink=4, window=16, block_size=8, key_index="flat", candidates=1000, min_prob=0.0, min_ratio=0.0
+    )
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
     assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
     stats = cache.step_stats()
@@ -59,7 +62,7 @@ def test_adaptive_budget_reads_less_as_min_prob_rises(tiny_model, tiny_ids):
     read = []
     for min_prob in (0.0, 1e-3, 1e-2, 1.0):
         cfg = OffloadConfig(
-            n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=min_prob, min_ratio=0.0
+            n_sink=4, window=16, block_size=8, key_index="flat", candidates=1000, min_prob=min_prob, min_ratio=0.0
         )
         _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
         read.append(cache.step_stats()["gathered"])
@@ -78,7 +81,7 @@ def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, 
     read = []
     for min_ratio in (0.0, 0.01, 3.0):  # over ~305 tokens: below min_prob, then about 1e-2
         cfg = OffloadConfig(
-            n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=1e-3, min_ratio=min_ratio
+            n_sink=4, window=16, block_size=8, key_index="flat", candidates=1000, min_prob=1e-3, min_ratio=min_ratio
         )
         _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg, prefill=300)
         read.append(cache.step_stats()["gathered"])
@@ -93,7 +96,9 @@ def test_neighbours_are_the_ids_next_to_a_rows_ids():
 def test_neighbours_rate_the_tokens_next_to_each_token_read(tiny_model, tiny_ids):
     """With `neighbours` r the tokens within r of each token read are rated too: at threshold 0
     all of them are read besides what was; at a threshold nothing passes, none."""
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, mode="ann", method="flat", candidates=2, min_ratio=0.0)
+    cfg = OffloadConfig(
+        n_sink=4, window=16, block_size=8, candidates_from="keys", key_index="flat", candidates=2, min_ratio=0.0
+    )
     _, cache = run_hybrid(tiny_model, tiny_ids[:, :310], cfg.replace(min_prob=0.0), prefill=300)
     layer = cache.layers[-1]
     q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim, generator=torch.Generator().manual_seed(0))
@@ -115,7 +120,9 @@ def test_neighbours_rate_the_tokens_next_to_each_token_read(tiny_model, tiny_ids
 
 @pytest.mark.parametrize("chunk", [1, 7, 33, 200])
 def test_prefill_chunking_does_not_change_logits(tiny_model, tiny_ids, tiny_full_logits, chunk):
-    logits, _ = run_hybrid(tiny_model, tiny_ids[:, :220], OffloadConfig(**COVER_ALL, mode="block"), 200, chunk)
+    logits, _ = run_hybrid(
+        tiny_model, tiny_ids[:, :220], OffloadConfig(**COVER_ALL, candidates_from="blocks"), 200, chunk
+    )
     assert (logits - tiny_full_logits[:, :220]).abs().max() <= 1e-4
 
 
@@ -129,8 +136,8 @@ def test_greedy_generate_matches_full_attention(tiny_model, tiny_ids):
 
 
 @pytest.mark.parametrize("method", ["flat", "ivf", "hnsw", "graph", "qq"])
-@pytest.mark.parametrize("mode", ["ann", "block", "hybrid"])
-def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, tiny_full_logits, mode, method):
+@pytest.mark.parametrize("source", ["keys", "blocks", "both"])
+def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, tiny_full_logits, source, method):
     params = {"nlist": 8, "nprobe": 2} if method == "ivf" else {}
     cfg = OffloadConfig(
         n_sink=4,
@@ -139,8 +146,8 @@ def test_every_mode_and_method_runs_with_a_partial_budget(tiny_model, tiny_ids, 
         n_blocks=4,
         block_frac=1.0,
         top_k=8,
-        mode=mode,
-        method=method,
+        candidates_from=source,
+        key_index=method,
         index_params=params,
     )
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :330], cfg, prefill=300)
@@ -155,9 +162,18 @@ def test_hybrid_budget_beats_resident_only(tiny_model, tiny_ids, tiny_full_logit
     """Retrieval must matter: with the same window, retrieving host tokens gets closer to full attention."""
     ref = tiny_full_logits[0, 300:340]
     # (without the estimate: with one-token blocks it would be exact)
-    resident_only = OffloadConfig(n_sink=4, window=16, mode="block", n_blocks=1, block_size=1, estimate=False)
+    resident_only = OffloadConfig(
+        n_sink=4, window=16, candidates_from="blocks", n_blocks=1, block_size=1, estimate=False
+    )
     retrieved = OffloadConfig(
-        n_sink=4, window=16, mode="hybrid", method="flat", top_k=32, n_blocks=8, block_frac=1.0, block_size=8
+        n_sink=4,
+        window=16,
+        candidates_from="both",
+        key_index="flat",
+        top_k=32,
+        n_blocks=8,
+        block_frac=1.0,
+        block_size=8,
     )
     err = {}
     for name, cfg in (("resident", resident_only), ("retrieved", retrieved)):
@@ -240,7 +256,9 @@ def test_a_prompt_shorter_than_the_resident_set_offloads_during_decode(tiny_mode
     """The key index waits for a block of host keys, built from the prefill's and the decode
     steps' queries; every position stays in one place; with budgets that read everything
     the logits stay exact."""
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
+    cfg = OffloadConfig(
+        n_sink=4, window=16, block_size=8, key_index="flat", candidates=1000, min_prob=0.0, min_ratio=0.0
+    )
     logits, cache = run_hybrid(tiny_model, tiny_ids[:, :120], cfg, prefill=prompt)
     assert (logits - tiny_full_logits[:, :120]).abs().max() <= 1e-4
     for layer in cache.layers:

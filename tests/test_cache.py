@@ -45,7 +45,9 @@ def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, windo
     # budgets that cover everything keep attention exact, so deeper layers see the reference keys too
     cache = HybridCache(
         tiny_model,
-        OffloadConfig(n_sink=n_sink, window=window, mode="block", block_size=8, n_blocks=1000, block_frac=1.0),
+        OffloadConfig(
+            n_sink=n_sink, window=window, candidates_from="blocks", block_size=8, n_blocks=1000, block_frac=1.0
+        ),
     )
     with torch.no_grad():
         for start in range(0, 250, chunk):
@@ -59,7 +61,14 @@ def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, windo
 
 def test_no_host_token_is_selected_twice(tiny_model, tiny_ids):
     cfg = OffloadConfig(
-        n_sink=4, window=16, block_size=8, n_blocks=6, top_k=24, mode="hybrid", method="flat", budget="fixed"
+        n_sink=4,
+        window=16,
+        block_size=8,
+        n_blocks=6,
+        top_k=24,
+        candidates_from="both",
+        key_index="flat",
+        budget="fixed",
     )
     cache = HybridCache(tiny_model, cfg)
     with torch.no_grad():
@@ -117,7 +126,7 @@ def test_a_prefill_chunk_is_released_once_attended(tiny_model, tiny_ids):
 def test_ordered_kv_is_every_position_in_order(tiny_model, tiny_ids):
     ids = tiny_ids[:, :150]
     ref = reference_kv(tiny_model, ids)
-    cfg = OffloadConfig(n_sink=3, window=20, mode="block", block_size=8, n_blocks=1000, block_frac=1.0)
+    cfg = OffloadConfig(n_sink=3, window=20, candidates_from="blocks", block_size=8, n_blocks=1000, block_frac=1.0)
     cache = HybridCache(tiny_model, cfg)
     with torch.no_grad():
         tiny_model(ids[:, :120], cache=cache, use_cache=True)

@@ -117,9 +117,9 @@ def test_tokens_past_the_last_full_block_are_not_summarised():
     "changes",
     [
         dict(min_prob=1e-2),
-        dict(budget="fixed", mode="hybrid"),
-        dict(mode="block", n_blocks=2),
-        dict(method="flat", min_prob=1e-2),
+        dict(budget="fixed", candidates_from="both"),
+        dict(candidates_from="blocks", n_blocks=2),
+        dict(key_index="flat", min_prob=1e-2),
     ],
     ids=str,
 )
@@ -155,7 +155,7 @@ def test_two_levels_in_the_engine_stay_exact_when_everything_is_read(
 
     monkeypatch.setattr(estimate, "GROUP", 2)
     monkeypatch.setattr(estimate, "EXPAND", 1)
-    adaptive = dict(n_sink=4, window=16, block_size=8, method="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
+    adaptive = dict(n_sink=4, window=16, block_size=8, key_index="flat", candidates=1000, min_prob=0.0, min_ratio=0.0)
     for cfg in (OffloadConfig(**COVER_ALL_HYBRID, estimate=True), OffloadConfig(**adaptive)):
         logits, cache = run_hybrid(tiny_model, tiny_ids[:, :260], cfg, prefill=200)
         assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
@@ -176,7 +176,9 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
     monkeypatch.setattr(estimate, "EXPAND", 1)
     logits, _ = run_hybrid(tiny_model, tiny_ids[:, :260], OffloadConfig(**COVER_ALL_HYBRID, landmark="minmax"), 200)
     assert (logits - tiny_full_logits[:, :260]).abs().max() <= 1e-4
-    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, mode="block", n_blocks=2, block_frac=1.0, landmark="minmax")
+    cfg = OffloadConfig(
+        n_sink=4, window=16, block_size=8, candidates_from="blocks", n_blocks=2, block_frac=1.0, landmark="minmax"
+    )
     _, cache = run_hybrid(tiny_model, tiny_ids[:, :201], cfg, prefill=200)
     layer = cache.layers[0]
     assert layer.blocks is not layer.summary.keys and layer.summary.coarse_keys.n_blocks > layer.summary.expand

@@ -63,7 +63,7 @@ MAX_NEW = {
 # variable tracking is left out of the default run: the bundled model fails it with full attention
 DEFAULT_TASKS = [t for t in TASKS if t != "variable_tracking"]
 PROBE, ORACLE = "hybrid_eval", "hybrid_oracle"
-ORACLE_CACHE = SOURCE.replace(mode="block")  # the oracle's selection needs no key index
+ORACLE_CACHE = SOURCE.replace(candidates_from="blocks")  # the oracle's selection needs no key index
 
 
 def evaluate(

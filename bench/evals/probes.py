@@ -70,7 +70,7 @@ def copy_state(
     left out, for a selection rule that does not use them)."""
     if cfg is not None:
         src_cfg = src.offload_config
-        same = (cfg.n_sink, cfg.method) == (src_cfg.n_sink, src_cfg.method)
+        same = (cfg.n_sink, cfg.key_index) == (src_cfg.n_sink, src_cfg.key_index)
         if cfg.budget == "adaptive":
             same &= cfg.sketch_rank == src_cfg.sketch_rank
         if not same or cfg.window > src_cfg.window:

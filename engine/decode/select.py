@@ -1,5 +1,5 @@
 """Which host tokens a decode step reads: candidates from the host key index, the
-device block index, or both (OffloadConfig.mode), deduplicated per KV head; with an
+device block index, or both (OffloadConfig.candidates_from), deduplicated per KV head; with an
 adaptive budget only those rated likely (engine.decode.rate)."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def select_host_ids(
 
 def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch.Tensor | None:
     """The step's candidate host ids [Hkv, C] (-1 padded, unique per row; None: no source):
-    the block index's blocks and/or the key index's proposals (OffloadConfig.mode), and
+    the block index's blocks and/or the key index's proposals (OffloadConfig.candidates_from), and
     with an adaptive budget the keys added after the key index's build (the lists take
     in few of them). Sets layer.stats' scanned and keys_scored."""
     cfg = layer.cfg

@@ -53,11 +53,11 @@ def build_key_index(layer) -> bool:
     queries = None
     if len(layer.query_sample):
         queries = layer.query_sample.queries().reshape(Hkv, -1, D)  # [Hkv, G * nq, D]: a group's heads stacked
-    if cfg.method == "qq":
+    if cfg.key_index == "qq":
         index = ListSelector(Hkv, D, layer.device, layer.dtype, cfg.index_params)
         keys = layer.host.keys.to(layer.device)  # exact top-M lists: one batched product per query chunk
     else:
-        index = HeadIndexes(cfg.method, Hkv, D, cfg.index_params)
+        index = HeadIndexes(cfg.key_index, Hkv, D, cfg.index_params)
         keys = layer.host.keys
     index.build(keys, queries)
     if cfg.budget == "adaptive":
