@@ -12,50 +12,27 @@ from engine.config import PREFILL_KEY_BLOCK, OffloadConfig
 from engine.decode.estimate import GROUP as SUMMARY_GROUP
 
 # Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
+_SHAPE_FIELDS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+    "attention_bias",
+)
 MODEL_PRESETS: dict[str, dict] = {
-    "llama-3-8b": dict(
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        hidden_size=4096,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-7b": dict(
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        head_dim=128,
-        hidden_size=3584,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        attention_bias=True,
-    ),
-    "mistral-7b": dict(
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        hidden_size=4096,
-        intermediate_size=14336,
-        vocab_size=32768,
-        tie_word_embeddings=False,
-    ),
-    "smollm2-135m": dict(
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        hidden_size=576,
-        intermediate_size=1536,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    ),
+    name: dict(zip(_SHAPE_FIELDS, shape))
+    for name, shape in {
+        "llama-3-8b": (32, 32, 8, 128, 4096, 14336, 128256, False, False),
+        "llama-3.1-8b": (32, 32, 8, 128, 4096, 14336, 128256, False, False),
+        "qwen2.5-7b": (28, 28, 4, 128, 3584, 18944, 152064, False, True),
+        "mistral-7b": (32, 32, 8, 128, 4096, 14336, 32768, False, False),
+        "smollm2-135m": (30, 9, 3, 64, 576, 1536, 49152, True, False),
+    }.items()
 }
-MODEL_PRESETS["llama-3.1-8b"] = MODEL_PRESETS["llama-3-8b"]
 
 
 @dataclass(frozen=True)
