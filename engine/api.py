@@ -112,9 +112,9 @@ class HybridLLM:
     # ---------------------------------------------------------- generation
 
     def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult | list[GenerationResult]:
-        """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0). A list of
-        prompts (strings, chat-message lists or token ids) is decoded as one batch and gives
-        a list of results, one per prompt (see `generate_batch`)."""
+        """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0; the keywords
+        are `generate_batch`'s). A list of prompts (strings, chat-message lists or token ids)
+        is decoded as one batch and gives a list of results, one per prompt (see `generate_batch`)."""
         if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict):
             return self.generate_batch(list(prompt), max_new_tokens, **kwargs)
         return self.generate_batch([prompt], max_new_tokens, **kwargs)[0]
