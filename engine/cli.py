@@ -15,6 +15,7 @@ import math
 import os
 import runpy
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 BENCHES = {
@@ -128,7 +129,9 @@ def cmd_generate(args) -> int:
 
 
 def _demo(llm, args) -> int:
-    """A passkey hidden in ~4K tokens of filler: full attention and the hybrid engine answer the same prompt."""
+    """A passkey hidden in ~4K tokens of filler: full attention and the hybrid engine answer the same prompt.
+    No progress bars: each answer's line is begun before its run and ended by the answer, so that
+    the lines stay whole in a terminal and through a pipe (the report gives the phases' times)."""
     from bench.evals.tasks import make_sample, score
 
     sample = make_sample("passkey", DEMO_TOKENS, llm.tokenizer, seed=args.seed, depth=0.4)
@@ -137,13 +140,25 @@ def _demo(llm, args) -> int:
         f"expected answer {sample.answers[0]}",
         flush=True,
     )
-    full = llm.generate_full_attention(sample.prompt, args.max_new_tokens)
-    print(f"full attention : {full.strip()!r} -> {'correct' if score(sample, full) == 1 else 'wrong'}", flush=True)
-    result = llm.generate(sample.prompt, args.max_new_tokens)
-    ok = score(sample, result.text) == 1
-    print(f"hybridattn     : {result.text.strip()!r} -> {'correct' if ok else 'wrong'}")
+    with _line("full attention : "):
+        full = llm.generate_full_attention(sample.prompt, args.max_new_tokens)
+        print(f"{full.strip()!r} -> {'correct' if score(sample, full) == 1 else 'wrong'}", end="")
+    with _line("hybridattn     : "):
+        result = llm.generate(sample.prompt, args.max_new_tokens, progress=False)
+        print(f"{result.text.strip()!r} -> {'correct' if score(sample, result.text) == 1 else 'wrong'}", end="")
     _print_report(result.report, args)
     return 0
+
+
+@contextmanager
+def _line(label: str):
+    """A line of stdout begun with `label` now and ended on leaving, also on an error (whose
+    message then starts a line of its own)."""
+    print(label, end="", flush=True)
+    try:
+        yield
+    finally:
+        print(flush=True)
 
 
 def _print_report(report, args) -> None:

@@ -34,6 +34,7 @@ def test_passkey_answer_matches_full_attention(llm, passkey, result):
     r = result.report
     assert r.prompt_tokens == passkey.n_tokens and r.new_tokens == len(result.token_ids) <= 8
     assert 0 < r.kv_read_frac < 1  # a subset of the host store was read per step
+    assert r.decode_steps == r.new_tokens - 1 and r.keys_scored_frac > 0  # the flat index scores the host keys
     weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert r.device_bytes["weights"] == weights
     assert r.host_bytes["kv_store"] > r.device_bytes["resident_kv"]
@@ -87,7 +88,11 @@ def test_a_list_of_prompts_decodes_as_a_batch_each_as_alone(llm, passkey):
     for prompt, got in zip(prompts, results):
         alone = llm.generate(prompt, 12, progress=False)
         assert got.token_ids == alone.token_ids and got.text == alone.text
-        assert got.report.prompt_tokens == alone.report.prompt_tokens
+        g, w = got.report, alone.report  # each report is its sequence's, as alone
+        assert (g.prompt_tokens, g.new_tokens, g.decode_steps) == (w.prompt_tokens, w.new_tokens, w.decode_steps)
+        assert g.rechecked_steps == w.rechecked_steps and g.kv_read_frac == pytest.approx(w.kv_read_frac, rel=1e-3)
+        assert g.keys_scored_frac == pytest.approx(w.keys_scored_frac, rel=1e-3)
+    assert results[0].report.keys_scored_frac > 0  # filled for a batch too
     assert score(passkey, results[0].text) == 1.0
     assert results[0].report.host_bytes["kv_store"] > 0
 

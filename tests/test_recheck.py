@@ -127,6 +127,11 @@ def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_id
         got = torch.stack([s.logits[b] for s in together])
         want = torch.stack([s.logits[0] for s in alone[b]])
         assert (got - want).abs().max() <= 1e-4, f"sequence {b}"
+        # each row's share of its own host tokens, as alone
+        assert [s.rows[b] for s in together] == [s.rows[0] for s in alone[b]], f"sequence {b}"
+    for s in together:  # the batch's shares weigh the rows' by their host tokens
+        assert min(r.kv_read for r in s.rows) <= s.kv_read_frac <= max(r.kv_read for r in s.rows)
+        assert s.rechecked == sum(r.rechecked for r in s.rows)
     assert batch.get_seq_length() == max(lengths) + STEPS
 
 

@@ -28,10 +28,10 @@ from engine.api import prefill
 from engine.attention import hybrid_attention_forward
 from engine.cache import HybridLayer
 from engine.decode.merge import attend, merge_states
-from engine.decode.recheck import forward_step
 from engine.decode.select import always_read
 from engine.decode.sketch import ExactKeys
 from engine.decode.step import host_state
+from engine.generation import Decoding
 from engine.index.distinct import unique_rows
 
 
@@ -117,26 +117,18 @@ def prefill_and_answer(model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int,
 @torch.inference_mode()
 def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | None = None, forced=None) -> list[int]:
     """Greedy tokens from the prefill's last logits [vocab]: up to max_new, stopping after an
-    EOS token. `forced` (a token list) feeds those tokens instead of the model's own picks
-    (teacher forcing), still returning the model's picks. With a HybridCache, `record`
-    collects each step's {"kv_read_frac", "selected_frac", "rechecked"} (engine.decode.recheck.Step)
-    and "gap", between the two highest logits the next token is picked from."""
-    tokens, fed = [], []
-    for step in range(max_new):
-        token = int(logits.argmax())
-        tokens.append(token)
-        if (forced is None and token in eos) or step == max_new - 1:
-            break
-        fed.append(token if forced is None else forced[step])
-        if isinstance(cache, HybridCache):  # as HybridLLM decodes: near ties re-checked (engine.decode.recheck)
-            out = forward_step(model, cache, torch.tensor([fed[-1:]]), fed=[fed])
-            logits = out.logits[0]
-            if record is not None:
-                top = logits.float().topk(2).values  # the gap the next pick is made at
-                record.append({k: getattr(out, k) for k in ("kv_read_frac", "selected_frac", "rechecked")})
-                record[-1]["gap"] = float(top[0] - top[1])
-        else:
-            logits = model(input_ids=torch.tensor([fed[-1:]]), cache=cache, use_cache=True).logits[0, -1]
+    EOS token (engine.generation.Decoding, as HybridLLM decodes: near ties re-checked). `forced`
+    (a token list) feeds those tokens instead of the model's own picks (teacher forcing), still
+    returning the model's picks. With a HybridCache, `record` collects each step's
+    {"kv_read_frac", "selected_frac", "rechecked"} (engine.decode.recheck.RowShare) and "gap",
+    between the two highest logits the next token is picked from."""
+    run = Decoding(model, cache, logits, max_new, eos=eos, forced=None if forced is None else [forced])
+    tokens = [token for _, token in run]
+    if record is not None:
+        record.extend(
+            {"kv_read_frac": s.kv_read, "selected_frac": s.selected, "rechecked": int(s.rechecked), "gap": gap}
+            for s, gap in run.row_steps(0)
+        )
     return tokens
 
 

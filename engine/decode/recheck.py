@@ -1,34 +1,44 @@
 """One decode forward pass, with near ties re-checked exactly.
 
-Reading a few percent of the host tokens and estimating the rest moves a step's
-logits a little: the gap between the two highest by about 0.1 typically and
-rarely by more than 0.6 (measured on the bundled model). That changes the
-greedy token only where full attention's two highest logits are about as close,
-and once a continuation parts from full attention's it rarely comes back. The
-error is not the step's alone: the K/V of every token decoded before it came
-from approximate steps too. So where a sequence's two highest logits lie less
-than `OffloadConfig.recheck_margin` apart, the tokens it decoded since its
-last exact run (those still in the window) run again as an exact prefill chunk
-(`HybridCache.rerun_exactly`): their K/V, and the step's logits, are then full
-attention's. The last exact run is the prompt's prefill or the re-check before:
-positions a re-check made exact stay so, since their K/V depend only on the
-positions before them (`HybridCache.approximate_newest` counts those after).
+Reading a part of the host tokens and estimating the rest moves a step's logits
+a little. That changes the greedy token only where full attention's two highest
+logits are about as close, and a continuation that parts from full attention's
+seldom comes back to it. The error is not the step's alone: the K/V of every
+token decoded before it came from approximate steps too. So where a sequence's
+two highest logits lie less than `OffloadConfig.recheck_margin` apart, the
+tokens it decoded since its last exact run (those still in the window) run
+again as an exact prefill chunk (`HybridCache.rerun_exactly`): their K/V, and
+the step's logits, are then full attention's. The last exact run is the
+prompt's prefill or the re-check before: positions a re-check made exact stay
+so, since their K/V depend only on the positions before them
+(`HybridCache.approximate_newest` counts those after).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+
+class RowShare(NamedTuple):
+    """One sequence's part of a step, as shares of its host tokens (0 while it has none)."""
+
+    kv_read: float  # host tokens read by the step (both runs when re-checked) / host tokens
+    selected: float  # ... by its first run alone: the selection's share
+    keys_scored: float  # keys scored by the host index / host tokens
+    rechecked: bool  # whether its step ran again exactly
 
 
 @dataclass
 class Step:
     logits: torch.Tensor  # [B, vocab] of the positions fed
-    kv_read_frac: float  # host tokens read by the step (both runs) / host tokens
+    kv_read_frac: float  # host tokens read by the step (both runs) / host tokens, over the batch
     selected_frac: float  # ... by its first run alone: the selection's share
     keys_scored_frac: float  # keys scored by the host index / host tokens
     rechecked: int  # sequences whose step ran again
+    rows: list[RowShare]  # the same per sequence of the batch, in its order
 
 
 def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
@@ -37,6 +47,21 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
         return []
     top = logits.float().topk(2, dim=-1).values
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
+
+
+def row_counts(cache, n_rows: int) -> list[list[int]]:
+    """Per sequence of the batch, the last decode step's [host tokens, tokens gathered, keys
+    scored] summed over layers and KV heads (HybridCache.step_stats sums these over the batch)."""
+    counts = [[0, 0, 0] for _ in range(n_rows)]
+    for layer in cache.layers:
+        for row, seq in enumerate(getattr(layer, "seqs", [layer])):  # a BatchLayer's sequences, or the one layer
+            if seq.is_initialized:
+                st = seq.stats
+                c = counts[row]
+                c[0] += st.host_tokens * seq.n_kv_heads
+                c[1] += st.gathered
+                c[2] += st.keys_scored
+    return counts
 
 
 def forward_step(
@@ -49,11 +74,10 @@ def forward_step(
     run again exactly; the positions before them are exact already, so each decoded position
     runs again at most once however many near ties follow it."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
-    first = cache.step_stats()
+    counts = row_counts(cache, tokens.shape[0])  # the first run's: a run again reads every host token
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cache.offload_config.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
-    again = 0
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
@@ -63,9 +87,15 @@ def forward_step(
             positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
         with cache.rerun_exactly(rows, n):
             exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
-            again = cache.step_stats()["host_tokens"]  # each row's every host token, read once more
         logits = logits.clone()
         logits[rows] = exact[:, -1]
-    host = first["host_tokens"]
-    read = (first["gathered"] + again) / host if host else 0.0
-    return Step(logits, read, first["kv_read_frac"], first["keys_scored_frac"], len(rows))
+    again = set(rows)
+    shares = [
+        RowShare((gathered + host * (r in again)) / host, gathered / host, keys / host, r in again)
+        if host
+        else RowShare(0.0, 0.0, 0.0, r in again)
+        for r, (host, gathered, keys) in enumerate(counts)
+    ]
+    host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
+    read = (gathered + sum(counts[r][0] for r in rows)) / host if host else 0.0
+    return Step(logits, read, gathered / host if host else 0.0, keys / host if host else 0.0, len(rows), shares)

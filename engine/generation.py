@@ -1,0 +1,301 @@
+"""Generation: a prompt's prefill, the one decode loop that `HybridLLM.generate`, `stream` and
+`generate_batch` and the evaluations (bench.evals.probes.greedy) share, and the report it fills.
+
+`Decoding` runs B >= 1 sequences from their prefills' last logits. Each step picks every
+row's next token (greedy, or sampled with a torch Generator) and yields it at once; a row
+that picked an EOS token or has its max_new_tokens leaves the batch (and the cache); the
+others are fed their token (or a forced one: teacher forcing) in one forward pass:
+`engine.decode.recheck.forward_step` with a HybridCache (near ties re-checked exactly), a
+plain forward pass with any other cache, such as full attention's DynamicCache for the
+evaluations' reference answers. Yielding each token as it is picked lets one loop serve
+streaming, whole results and batches; what it counts on the way is what every
+`GenerationReport` is made of, in one place (`fill_report`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.cache import HybridCache
+from engine.config import OffloadConfig
+from engine.decode.recheck import RowShare, forward_step
+
+
+@dataclass
+class GenerationReport:
+    """Where one sequence's time and bytes went. In a batch (`HybridLLM.generate_batch`) each
+    report is its own sequence's, decode steps and time included (until it left the batch);
+    the bytes are the batch's: one cache holds every sequence, and the weights serve them all."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    index_build_s: float = 0.0  # after the prefill: what its overlapped index builds left to wait for
+    decode_s: float = 0.0
+    decode_steps: int = 0  # forward passes after prefill (the first token comes from prefill)
+    device_bytes: dict[str, int] = field(default_factory=dict)
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
+    keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
+    rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
+
+    @property
+    def first_token_s(self) -> float:
+        """Time to the first token: the prefill and the index builds still running after it."""
+        return self.prefill_s + self.index_build_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    def summary(self) -> str:
+        mib = 2**20
+        dev = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.device_bytes.items())
+        host = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.host_bytes.items())
+        return (
+            f"prompt {self.prompt_tokens} tokens: prefill {self.prefill_s:.2f} s "
+            f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), "
+            f"host index build {self.index_build_s:.2f} s after it (first token at {self.first_token_s:.2f} s)\n"
+            f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
+            f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
+            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
+            f"{self.rechecked_steps} near ties re-checked exactly\n"
+            f"device MiB: {dev}\nhost MiB: {host}"
+        )
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        d["first_token_s"] = self.first_token_s
+        return d
+
+
+# ----------------------------------------------------------------- prefill
+
+
+def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True) -> torch.Tensor:
+    """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens
+    (bounded activation memory); returns the last position's logits [vocab]."""
+    starts = range(0, ids.shape[1], chunk)
+    for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
+        out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+@dataclass
+class Prefilled:
+    """A prompt prefilled alone into its own HybridCache, its host indexes built."""
+
+    cache: HybridCache
+    logits: torch.Tensor  # [vocab] at the prompt's last position
+    prompt_tokens: int
+    prefill_s: float
+    index_build_s: float  # after the prefill: what its overlapped index builds left to wait for
+
+
+def prefill_prompt(
+    model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True
+) -> Prefilled:
+    """Prefill ids [1, T] into a new HybridCache sized for T + max_new_tokens positions (its
+    index builds overlapped with the prefill), then wait for the builds; timed apart."""
+    T = ids.shape[1]
+    cache = HybridCache(model, cfg, max_length=T + max_new_tokens, prompt_length=T, progress=progress)
+    try:
+        t0 = time.perf_counter()
+        logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress)
+        _sync(ids.device)
+        t1 = time.perf_counter()
+        cache.build_indexes()  # what the builds overlapped with the prefill left to do
+        return Prefilled(cache, logits, T, t1 - t0, time.perf_counter() - t1)
+    except BaseException:  # no build thread outlives a failed prefill
+        cache.close()
+        raise
+
+
+# ------------------------------------------------------------------- picks
+
+Pick = Callable[[torch.Tensor], list[int]]  # logits [B, vocab] -> each row's token
+
+
+def greedy_pick(logits: torch.Tensor) -> list[int]:
+    return logits.argmax(dim=-1).tolist()
+
+
+def sampler(temperature: float, generator: torch.Generator) -> Pick:
+    """Greedy at temperature 0; otherwise each row drawn from softmax(logits / temperature)
+    with `generator`, rows in order (a seed gives the same tokens again)."""
+    if temperature <= 0:
+        return greedy_pick
+
+    def sample(logits: torch.Tensor) -> list[int]:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return [int(torch.multinomial(p, 1, generator=generator)) for p in probs]
+
+    return sample
+
+
+def eos_ids(model) -> set[int]:
+    """The model's end-of-sequence tokens (its generation config's)."""
+    x = model.generation_config.eos_token_id
+    if x is None:
+        return set()
+    return set(x) if isinstance(x, (list, tuple)) else {x}
+
+
+# -------------------------------------------------------------------- loop
+
+
+@dataclass
+class StepRecord:
+    """One forward pass with a HybridCache, per row (of the decode) that took part in it."""
+
+    shares: dict[int, RowShare]  # what its step read (engine.decode.recheck.RowShare)
+    gaps: dict[int, float]  # between the two highest logits its next token is picked from
+
+
+class Decoding:
+    """Decode B >= 1 sequences from their prefills' last logits [B, vocab] ([vocab]: one),
+    up to `max_new_tokens` each; iterating (once) yields (row, token) as each is picked.
+
+    `cache` holds the prompts' positions: a HybridCache (one sequence, or several stacked by
+    `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
+    any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
+    records, no bytes). A row ends after an `eos` token or its max_new_tokens-th; with
+    `forced` (per row, at least max_new_tokens - 1 tokens) row b is fed forced[b][i] after
+    its i-th pick instead of the pick (teacher forcing; only the length ends it). Counted on
+    the way, per row: `tokens`, `fed` (one per forward pass it took part in), `seconds` from
+    the first pick until it left; per forward pass with a HybridCache a `StepRecord`; and the
+    cache's `memory` report where the batch held the most bytes (before rows leave, at the end).
+    """
+
+    def __init__(
+        self,
+        model,
+        cache,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        pick: Pick = greedy_pick,
+        eos=frozenset(),
+        lengths: list[int] | None = None,
+        forced: list[list[int]] | None = None,
+    ):
+        if logits.dim() not in (1, 2):
+            raise ValueError(f"logits must be [vocab] or [B, vocab], got shape {list(logits.shape)}")
+        self.logits = logits if logits.dim() == 2 else logits[None]  # [B, vocab]
+        B = self.logits.shape[0]
+        self.hybrid = isinstance(cache, HybridCache)
+        if B > 1 and not (self.hybrid and lengths is not None):
+            raise ValueError("a batch (B > 1) decodes from a stacked HybridCache (HybridCache.stack) with `lengths`")
+        if lengths is not None and len(lengths) != B:
+            raise ValueError(f"lengths must give each of the {B} rows its prompt length, got {len(lengths)}")
+        if forced is not None and (len(forced) != B or any(len(f) < max_new_tokens - 1 for f in forced)):
+            raise ValueError(f"forced must give each of the {B} rows at least max_new_tokens - 1 tokens")
+        self.model, self.cache, self.max_new_tokens = model, cache, max_new_tokens
+        self.pick, self.eos, self.lengths, self.forced = pick, eos, lengths, forced
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.fed: list[list[int]] = [[] for _ in range(B)]
+        self.seconds = [0.0] * B
+        self.steps: list[StepRecord] = []
+        self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
+        self._started = False
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self._started:
+            raise RuntimeError("a Decoding runs once")
+        self._started = True
+        return self._run()
+
+    def _run(self) -> Iterator[tuple[int, int]]:
+        logits, device = self.logits, self.logits.device
+        rows = list(range(len(self.tokens)))  # the rows still in the batch, in the cache's order
+        ended = set()
+        start = time.perf_counter()
+        try:
+            while rows and self.max_new_tokens:
+                for row, token in zip(rows, self.pick(logits)):
+                    self.tokens[row].append(token)
+                    yield row, token
+                    if len(self.tokens[row]) == self.max_new_tokens or (self.forced is None and token in self.eos):
+                        self.seconds[row] = time.perf_counter() - start
+                        ended.add(row)
+                staying = [i for i, row in enumerate(rows) if row not in ended]
+                if not staying:
+                    break
+                if len(staying) < len(rows):
+                    self._measure_memory()  # the leaving rows' bytes go with them
+                    self.cache.batch_select_indices(staying)
+                    rows = [rows[i] for i in staying]
+                for row in rows:
+                    n = len(self.tokens[row])
+                    self.fed[row].append(self.tokens[row][-1] if self.forced is None else self.forced[row][n - 1])
+                latest = torch.tensor([self.fed[row][-1:] for row in rows], device=device)  # [B, 1]
+                positions = None
+                if self.lengths is not None:  # each row's next position after its own prompt
+                    positions = torch.tensor([[self.lengths[r] + len(self.fed[r]) - 1] for r in rows], device=device)
+                logits = self._forward(rows, latest, positions)
+        finally:  # also when the consumer stops early or raises
+            _sync(device)
+            for row in rows:
+                if row not in ended:
+                    self.seconds[row] = time.perf_counter() - start
+            self._measure_memory()
+
+    def _forward(self, rows: list[int], latest: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The rows' next logits [B, vocab] after feeding them `latest` [B, 1]."""
+        if not self.hybrid:
+            out = self.model(input_ids=latest, position_ids=positions, cache=self.cache, use_cache=True)
+            return out.logits[:, -1]
+        # every row left has fed as many tokens: a near tie runs the newest not yet exact again
+        step = forward_step(self.model, self.cache, latest, positions, fed=[self.fed[r] for r in rows])
+        gaps = [float("inf")] * len(rows)
+        if step.logits.shape[-1] > 1:
+            top = step.logits.float().topk(2, dim=-1).values
+            gaps = (top[:, 0] - top[:, 1]).tolist()
+        self.steps.append(StepRecord(dict(zip(rows, step.rows)), dict(zip(rows, gaps))))
+        return step.logits
+
+    def _measure_memory(self) -> None:
+        if not self.hybrid:
+            return
+        memory = self.cache.memory_report()
+        if _total(memory) >= _total(self.memory):
+            self.memory = memory
+
+    def row_steps(self, row: int) -> list[tuple[RowShare, float]]:
+        """The row's (share, gap) at each forward pass with a HybridCache it took part in."""
+        return [(s.shares[row], s.gaps[row]) for s in self.steps if row in s.shares]
+
+
+def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefilled, weights: int) -> None:
+    """Every field of `report` for the run's sequence `row`, prefilled as `prompt`; `weights`:
+    the model's bytes on the device. The one place a GenerationReport is filled."""
+    shares = [share for share, _ in run.row_steps(row)]
+    report.prompt_tokens = prompt.prompt_tokens
+    report.prefill_s, report.index_build_s = prompt.prefill_s, prompt.index_build_s
+    report.new_tokens = len(run.tokens[row])
+    report.decode_s = run.seconds[row]
+    report.decode_steps = len(run.fed[row])
+    report.kv_read_frac = _mean([s.kv_read for s in shares])
+    report.keys_scored_frac = _mean([s.keys_scored for s in shares])
+    report.rechecked_steps = sum(s.rechecked for s in shares)
+    report.device_bytes = {"weights": weights, **run.memory["device"]}
+    report.host_bytes = dict(run.memory["host"])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _total(memory: dict[str, dict[str, int]]) -> int:
+    return sum(n for parts in memory.values() for n in parts.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
