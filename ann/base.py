@@ -162,8 +162,7 @@ def single_thread(on: bool = True):
 
     Used for builds whose result depends on thread timing, and for searches of
     a few queries: there threads cost more than they give, and faiss's OpenMP
-    pool, spinning next to torch's, slowed small searches of both tenfold on a
-    2-core machine."""
+    pool spins next to torch's, slowing small searches of both (docs/method.md)."""
     import faiss
 
     if not on:

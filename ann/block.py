@@ -27,9 +27,8 @@ LANDMARKS = ("mean", "minmax")
 def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [H, m, k] @ b [H, k, n] -> [H, m, n], also for operands whose heads lie apart in
     memory (views of buffers with spare capacity). On the CPU such operands go head by head:
-    a batched product of half-precision views falls off oneDNN's fast path (measured 5x
-    slower than the same products one head at a time); packed ones (e.g. gathered rows)
-    take one batched product, as everywhere else (2-3x faster than head by head)."""
+    a batched product of half-precision views falls off oneDNN's fast path; packed ones
+    (e.g. gathered rows) take one batched product, as everywhere else (docs/method.md)."""
     if a.device.type != "cpu" or (_packed(a) and _packed(b)):
         return torch.bmm(a, b)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
@@ -45,8 +44,8 @@ def _packed(t: torch.Tensor) -> bool:
 
 def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """buffer [H, N, D] (rows contiguous, e.g. a store with spare capacity), ids [H, M] row ids
-    per head (-1 reads row 0) -> [H, M, D]: whole rows copied (a gather along the rows with an
-    expanded index was 90x slower on the CPU)."""
+    per head (-1 reads row 0) -> [H, M, D]: whole rows copied, which on the CPU is far faster
+    than a gather along the rows with an expanded index."""
     H, N, D = buffer.shape
     flat = (torch.arange(H, device=ids.device).unsqueeze(1) * N + ids.clamp_min(0)).view(-1)
     return buffer.reshape(H * N, D).index_select(0, flat).view(H, -1, D)

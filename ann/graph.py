@@ -6,8 +6,7 @@ which keys belong together. Each build query's exact top-M keys are linked
 to the keys ranked next to them (the query->key bipartite graph projected onto
 the keys, as in RoarGraph), and every key keeps the links that most build
 queries agree on. Two kinds of links fill the remaining slots: each key's
-neighbours in position (attention is local in the sequence; on the bundled
-model these links lift recall@100 at a fixed cost by several points) and a few
+neighbours in position (attention is local in the sequence) and a few
 cosine key–key neighbours, which give in-links to keys that queries rarely
 retrieved. Search scores k-means centroids of the build queries, starts
 from the top keys of the best centroids and the most retrieved "hub" keys,
@@ -189,7 +188,7 @@ class GraphIndex:
 
     def _build_entries(self, queries: np.ndarray, keys: np.ndarray) -> None:
         # centroids are scored by every search: ~sqrt(N)/3 of them cost ~0.2% of N at 32K
-        # keys, and entries from more centroids did not raise recall at a fixed cost
+        # keys (more did not pay for themselves, docs/method.md)
         want = self.n_centroids or int(np.clip(np.sqrt(len(keys)) / 3, 16, 256))
         n_c = min(want, len(queries))
         km = faiss.Kmeans(self.dim, n_c, niter=10, seed=self.seed, spherical=True, min_points_per_centroid=1)

@@ -36,9 +36,9 @@ def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | No
     (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. In query chunks,
     so the score buffer stays within SCORE_BUFFER (at 128K keys and 8 heads, 64
     queries at a time). On the CPU the product runs head by head and the rows'
-    top-m come from `ann._kernels.top_rows` (torch.topk and faiss's heap each
-    took about as long as the product again, or longer, at 8K keys); elsewhere
-    one batched product and torch.topk."""
+    top-m come from `ann._kernels.top_rows` (torch.topk and faiss's heap cost
+    as much as the product again there); elsewhere one batched product and
+    torch.topk."""
     chunk = chunk or max(1, min(1024, SCORE_BUFFER // max(1, keys.shape[0] * keys.shape[1])))
     keys_t = keys.float().transpose(1, 2)  # [H, D, N], converted once
     if queries.device.type == "cpu":

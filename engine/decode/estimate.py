@@ -15,14 +15,7 @@ n_left = 0 and contributes nothing, so budgets that read everything stay exact.
 Why the whole block's mean key, also for a partly read block: the mean-key
 weight exp(q . mean_k) underestimates the block's mass (Jensen), and the
 mean over all its tokens (the read ones attract attention, so they raise it)
-offsets part of that. Measured while designing it, on the bundled model's
-queries, keys and values (4K tokens of prose, all 30 layers, the last 24
-positions), reading the 5% of host tokens exact attention weighs most: the
-mean relative error of the attention output is 0.053 without an estimate,
-0.044 estimating only blocks with nothing read, 0.027 this way, 0.031 with
-the unread tokens' own mean key and value, and a per-channel key variance
-correction (exp(q . mu + q^2 . sigma^2 / 2), log-normal) overshoots on layers
-whose keys spread (up to 1.1 on some).
+offsets part of that (docs/method.md has the measurements).
 
 The tokens of the block still filling (the tail) have no summary yet: the
 decode step always reads them.
@@ -35,8 +28,7 @@ head (the GQA rule of `ann.block`) and the full blocks after the last whole
 superblock into their blocks, and estimates each other superblock as one: its
 unread tokens at its mean key's logit with its mean value. Every full block is
 thus counted once, in its own block or in its superblock, and up to
-GROUP x EXPAND blocks (32K tokens at the defaults) nothing changes. (At 131K tokens
-expanding 64 superblocks instead of 32 cost about 1 ms more a step, see the README.)
+GROUP x EXPAND blocks (32K tokens at the defaults) nothing changes.
 """
 
 from __future__ import annotations

@@ -9,23 +9,13 @@ the top left singular vectors of C_q^{1/2} C_k^{1/2}; it splits into
 P_q = C_q^{-1/2} U_r and P_k = C_q^{1/2} U_r. Without queries, P_q = P_k = the
 top principal directions of the keys. At r = D both give q . k exactly.
 
-Measured while designing it on the bundled model (head dim 64; attention
-error at a 5% read, all 30 layers): scoring every key at rank 16 gives 0.046
-with the fitted projection and 0.054 with the keys' principal directions;
-ranking the query lists' candidates with the fitted rank-16 sketch gives 0.045,
-against 0.057 for the lists' own order, without reading any key. In the engine
-rank 32 lowers the error further (0.041 against 0.046 at rank 16, at a
-read of about 5%). The sketch lives in host memory next to the KV store.
-
-But a projection fitted to the prefill's queries misses directions a decode
-query takes that those did not: a question about a needle in a repetitive
-haystack. On the bundled model's 2K needle prompts that the engine failed
-with the rank-32 sketch (3 of 40), candidates scored on their full keys
-answered all three at the same read share (7.0% against 6.8%), while a lower
-threshold (11% read) brought back one. So the default scores candidates on
-their keys in the host store (`ExactKeys`: no copy, exact, one key read per
-candidate, in the host kernel `ops.gather_scores`); a sketch remains for
-machines where reading those keys costs too much.
+The sketch lives in host memory next to the KV store. But a projection
+fitted to the prefill's queries misses directions a decode query takes that
+those did not (a question about a needle in a repetitive haystack), so the
+default scores candidates on their keys in the host store (`ExactKeys`: no
+copy, exact, one key read per candidate, in the host kernel
+`ops.gather_scores`); a sketch remains for machines where reading those keys
+costs too much. docs/method.md has what each measured.
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""bench.report's Markdown blocks: report blocks rendered again from the JSON they name
+(`--update`), the README's configuration table from OffloadConfig (`--readme`), and the
+repository's own documents parse."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from engine.config import OffloadConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+KERNEL = {
+    "config": {"n_tokens": 4096, "read_gbps": 10.5, "threads": 1},
+    "cases": [
+        {
+            "dtype": "bf16",
+            "n_ids": 256,
+            "ms_cpp": 0.25,
+            "ms_torch": 1.0,
+            "speedup": 4.0,
+            "gathered_gbps": 2.1,
+            "read_gbps": 10.5,
+            "max_abs_err": 0.0014,
+        }
+    ],
+}
+
+DOC = """# Results
+
+Some text that stays.
+
+<!-- report:kernel bench/out/kernel.json -->
+
+| an old | kernel table |
+| --- | --- |
+| 1 | 2 |
+
+<!-- /report -->
+
+Text between the blocks.
+
+<!-- report:decode bench/out/decode.json -->
+
+| a decode table | whose JSON is gone |
+| --- | --- |
+
+<!-- /report -->
+
+The end.
+"""
+
+
+def write_json(root: Path, name: str, data: dict) -> None:
+    path = root / "bench" / "out" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_update_renders_the_block_whose_json_exists_and_leaves_the_other(tmp_path, capsys):
+    write_json(tmp_path, "kernel.json", KERNEL)
+    doc = tmp_path / "results.md"
+    doc.write_text(DOC)
+    assert report.main(["--update", str(doc), "--root", str(tmp_path)]) == 0
+
+    old_kernel = "| an old | kernel table |\n| --- | --- |\n| 1 | 2 |"
+    new_kernel = (
+        "N = 4096, read bandwidth 10.5 GB/s, 1 threads\n\n"
+        "| dtype | ids per KV head | C++ ms | torch ms | speedup | gathered GB/s | of read BW | max abs err |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| bf16 | 256 | 0.250 | 1.000 | 4.0x | 2.1 | 20% | 1.4e-03 |"
+    )
+    assert doc.read_text() == DOC.replace(old_kernel, new_kernel)  # the decode block and all outside as they were
+    err = capsys.readouterr().err
+    assert "report:decode left as it is" in err and "bench/out/decode.json" in err and "kernel" not in err
+
+
+def test_update_is_a_fixed_point_and_renders_what_the_renderer_renders(tmp_path):
+    write_json(tmp_path, "kernel.json", KERNEL)
+    once, kept = report.update_blocks(DOC, tmp_path)
+    assert len(kept) == 1
+    assert f"<!-- report:kernel bench/out/kernel.json -->\n\n{report.kernel(KERNEL)}\n\n<!-- /report -->" in once
+    assert report.update_blocks(once, tmp_path)[0] == once
+
+
+def eval_rows(method: str, first: int, scores: list[int]) -> dict:
+    n = len(scores)
+    row = {"task": "passkey", "context": 2048, "method": method, "first": first, "n": n, "scores": scores}
+    return {**row, "accuracy": sum(scores) / n, "accuracy_ci": [0.0, 1.0], "kv_read_frac": 0.04, "attn_rel_err": 0.1}
+
+
+def test_an_eval_block_pools_the_files_its_patterns_match_in_order(tmp_path):
+    """Glob patterns expand sorted, patterns in the marker's order; one matching nothing
+    leaves the block as it is."""
+    write_json(tmp_path, "eval_a_s40.json", {"rows": [eval_rows("full", 40, [1, 0]), eval_rows("default", 40, [1, 1])]})
+    write_json(tmp_path, "eval_a.json", {"rows": [eval_rows("full", 0, [1, 1]), eval_rows("default", 0, [0, 1])]})
+    doc = "<!-- report:eval bench/out/eval_a*.json -->\nold\n<!-- /report -->\n"
+    text, kept = report.update_blocks(doc, tmp_path)
+    files = [tmp_path / "bench" / "out" / f for f in ("eval_a.json", "eval_a_s40.json")]  # sorted
+    table = report.accuracy({"rows": [r for f in files for r in json.loads(f.read_text())["rows"]]})
+    assert not kept and text == f"<!-- report:eval bench/out/eval_a*.json -->\n\n{table}\n\n<!-- /report -->\n"
+    assert "| passkey | 2048 | 4 | 75.0 [" in text  # both runs, seeds 0-1 and 40-41, pooled
+    missing = doc.replace("eval_a*", "eval_b*")
+    text, kept = report.update_blocks(missing, tmp_path)
+    assert text == missing and len(kept) == 1 and "no JSON at bench/out/eval_b*.json" in kept[0]
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ("<!-- report:kernel a.json -->\n| t |\n", "not closed"),
+        ("<!-- report:kernel a.json -->\n<!-- report:decode b.json -->\n<!-- /report -->\n", "opens inside"),
+        ("text\n<!-- /report -->\n", "closes no report block"),
+        ("<!-- report:tables a.json -->\n<!-- /report -->\n", "unknown renderer 'tables'"),
+        ("<!-- report:decode a.json b.json -->\n<!-- /report -->\n", "names 2 JSON files"),
+        ("<!-- report:decode -->\n<!-- /report -->\n", "names 0 JSON files"),
+    ],
+)
+def test_a_malformed_block_is_refused_with_its_line(doc, message, tmp_path):
+    with pytest.raises(ValueError, match=message) as e:
+        report.update_blocks(doc, tmp_path, where="doc.md")
+    assert "doc.md, line " in str(e.value)
+
+
+README = """# Title
+
+<!-- config-table: generated by `python -m bench.report --readme`; do not edit by hand -->
+| old | table |
+<!-- /config-table -->
+
+After.
+"""
+
+
+def test_readme_mode_rewrites_the_config_table_from_offload_config(tmp_path, monkeypatch):
+    table = "| field | default |\n| --- | --- |\n| `window` | 256 |\n"
+    monkeypatch.setattr(OffloadConfig, "markdown_table", classmethod(lambda cls: table), raising=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert report.main(["--readme", str(readme)]) == 0
+    assert readme.read_text() == README.replace("| old | table |\n", "\n" + table + "\n")
+
+
+def test_readme_mode_says_so_when_offload_config_cannot_make_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.delattr(OffloadConfig, "markdown_table", raising=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert report.main(["--readme", str(readme)]) == 1
+    assert readme.read_text() == README
+    err = capsys.readouterr().err
+    assert "no markdown_table()" in err and "left as it is" in err
+
+
+def test_a_readme_without_one_marker_pair_is_refused():
+    with pytest.raises(ValueError, match="found 0 and 1"):
+        report.update_config_table(README.replace("<!-- config-table:", "<!-- table:"), "| t |")
+
+
+def test_the_repository_documents_parse():
+    """docs/results.md's blocks name known renderers; the README, for users, keeps one
+    config-table marker pair and at most 300 lines."""
+    results = (ROOT / "docs" / "results.md").read_text()
+    names = {b.name for b in report.find_blocks(results.split("\n"), "docs/results.md")}
+    assert {"kernel", "decode", "throughput", "prefill", "soak", "eval"} <= names
+    readme = (ROOT / "README.md").read_text()
+    assert report.update_config_table(readme, "| t |") != readme
+    assert len(readme.splitlines()) <= 300
