@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_run.sh [OUT_DIR [gpu_check arguments]]   (OUT_DIR default: $OUT, else bench/out)
 #
-# The wheels are fetched beforehand on a machine with network, into .gpu_wheels (see README).
+# The wheels are fetched beforehand on a machine with network, into .gpu_wheels (see docs/gpu.md).
 set -euo pipefail
 out=${1:-${OUT:-bench/out}}
 shift || true

@@ -22,7 +22,7 @@ CFG = OffloadConfig(
     n_sink=4,
     window=16,
     block_size=8,
-    method="flat",
+    key_index="flat",
     budget="fixed",
     top_k=8,
     host_dtype="float32",
@@ -175,7 +175,7 @@ def test_greedy_of_the_evaluations_is_the_loop_with_full_attention_or_the_engine
             attention_mask=torch.ones_like(prompt),
             pad_token_id=0,
         )[0, prompt.shape[1] :].tolist()
-    cover_all = OffloadConfig(**dict(COVER_ALL, mode="block", recheck_margin=0.0))
+    cover_all = OffloadConfig(**dict(COVER_ALL, candidates_from="blocks", recheck_margin=0.0))
     for cache in (DynamicCache(), HybridCache(model, cover_all, progress=False)):
         record = []
         with torch.no_grad():
