@@ -101,18 +101,7 @@ def _outputs(q: torch.Tensor, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def gather_attend(
-    q,
-    k_store,
-    v_store,
-    ids,
-    scale: float | None = None,
-    *,
-    out=None,
-    lse=None,
-    n_threads: int = 0,
-    scalar: bool = False,
-):
+def gather_attend(q, k_store, v_store, ids, scale=None, *, out=None, lse=None, n_threads=0, scalar=False):
     """Attend each query head to the host-store rows listed for its KV head.
 
     q [Hq, D] (any float dtype, used in fp32); k_store, v_store [Hkv, N, D]
@@ -175,18 +164,7 @@ def _store_list(stores, name: str, n_seqs: int) -> list[torch.Tensor]:
     return stores
 
 
-def gather_attend_batch(
-    q,
-    k_stores,
-    v_stores,
-    ids,
-    scale: float | None = None,
-    *,
-    out=None,
-    lse=None,
-    n_threads: int = 0,
-    scalar: bool = False,
-):
+def gather_attend_batch(q, k_stores, v_stores, ids, scale=None, *, out=None, lse=None, n_threads=0, scalar=False):
     """`gather_attend` for the B sequences of one layer in one kernel call.
 
     q [B, Hq, D]; k_stores, v_stores: B stores [Hkv, N_b, D] each, one per
