@@ -105,14 +105,14 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
     tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
     bundled_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval.json"
-    module, seeds = script("bench.evals.accuracy"), []
-    real_make_sample = module.make_sample
+    module, tasks, seeds = script("bench.evals.accuracy"), script("bench.evals.tasks"), []
+    real_make_sample = tasks.make_sample
 
     def make_sample(*args, seed, **kwargs):
         seeds.append(seed)
         return real_make_sample(*args, seed=seed, **kwargs)
 
-    monkeypatch.setattr(module, "make_sample", make_sample)
+    monkeypatch.setattr(tasks, "make_sample", make_sample)  # the prompts of a cell are made in tasks.cell_sample
     module.main(["--quick", "--first", "5", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
     assert seeds == [5, 6, 5, 6]  # two prompts of each task
     rows = json.loads(out.read_text())["rows"]
