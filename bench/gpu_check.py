@@ -1,8 +1,6 @@
 """The engine on a CUDA GPU under a 24 GB cap: exactness, conservation, decode speed of a
 Llama-3-8B-shaped model against full attention, and prefill with the index build.
 
-    python -m bench.gpu_check [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072]
-
 1. Caps the process with torch.cuda.set_per_process_memory_fraction (the card may
    be larger) and reports every case's peak allocated device bytes.
 2. Exactness: a random-weight Llama with GQA, in fp32 and bf16, budgets that cover
@@ -11,14 +9,17 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    tokens equal, and every position in exactly one place after many evictions.
 3. Decode: the Llama-3-8B shape (32 layers, 32 query / 8 KV heads, bf16, random
    weights); each context is built directly in the cache from keys and values drawn
-   on the device with the per-channel statistics of a short real prefill (as
-   bench_decode.py does); ms per token and attention ms per layer (synchronised),
+   on the device with the per-channel statistics of a short real prefill
+   (bench.common.caches, as bench.speed.decode does); ms per token and attention ms per layer (synchronised),
    against full attention under the cap where it fits and, for reference, uncapped.
 4. Prefill: a real chunked prefill of --prefill tokens through the engine and
    through sdpa, the host index build timed on its own.
 
 Without CUDA (--device cpu, as the test suite runs it) the same steps run at toy
 sizes, so the script is tested everywhere; its figures mean something on a GPU only.
+On a machine without network, bench/gpu_run.sh installs what it needs and runs it.
+
+    python -m bench.gpu_check [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ import platform
 import pstats
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache
 
-from bench.speed.decode import channel_stats
+from bench.common.caches import channel_stats, fill
+from bench.common.models import LONG_CONTEXT, random_llama
+from bench.common.options import add_threads_arg, pin_threads
+from bench.common.output import environment, write_json
+from bench.common.timing import LayerClock, Synced, in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
-from engine.attention import hybrid_attention_forward
 from engine.plan import MODEL_PRESETS
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
@@ -54,59 +57,12 @@ TOY.update(intermediate_size=512, vocab_size=1000)
 TIMED = "hybrid_gpu_timed"
 
 
-class Synced:
-    """Seconds between a synchronised start and a synchronised end (CUDA work is asynchronous)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self):
-        self.sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.sync()
-        self.seconds = time.perf_counter() - self.start
-
-
-class LayerClock:
-    """Attention function that adds each layer's synchronised seconds to `seconds`."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, 0.0
-
-    def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        with Synced(self.device) as t:
-            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        self.seconds += t.seconds
-        return out
-
-
-def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid", seed: int = 0):
-    config = LlamaConfig(
-        **{**shape, "num_hidden_layers": layers},
-        max_position_embeddings=262144,
-        rope_theta=500000.0,
-        attn_implementation=impl,
+def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid"):
+    """A random-weight Llama of `shape`, built in its dtype on the device, with peaked attention
+    (query and key projections x4, as in trained models), so that a wrong token would show."""
+    return random_llama(
+        shape, layers=layers, dtype=dtype, device=device, attn_implementation=impl, qk_scale=4.0, **LONG_CONTEXT
     )
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model in fp32 would not fit the cap
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
-    with torch.no_grad():  # peaked attention, as in trained models, so that a wrong token would show
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-    return model
 
 
 def failure(exc: BaseException) -> str:
@@ -206,52 +162,30 @@ def exactness(device, dtype, prompt: int, new: int) -> dict:
 # --------------------------------------------------------------------- decode
 
 
-@torch.inference_mode()
-def fill(kind: str, model, stats, n: int, cfg: OffloadConfig | None, device) -> tuple:
+def filled(kind: str, model, stats, n: int, cfg: OffloadConfig | None) -> tuple:
     """A cache holding n synthetic positions drawn on the device; (cache, index build seconds)."""
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator(device=device).manual_seed(0)
     cache = HybridCache(model, cfg, max_length=n + 64, progress=False) if kind == "hybrid" else DynamicCache()
-
-    def draw(mean, std, count):
-        noise = torch.randn(mean.shape[0], count, mean.shape[1], generator=gen, device=device)
-        return (mean.unsqueeze(1) + std.unsqueeze(1) * noise).to(dtype)
-
-    for i, ((km, ks), (vm, vs), (qm, qs)) in enumerate(stats):
-        k, v = draw(km, ks, n), draw(vm, vs, n)
-        if kind == "hybrid":
-            layer = cache.layers[i]
-            layer.update(k[None], v[None])
-            layer.last_added = None  # kept for a prefill attention that never runs here: 32 of them overflow the cap
-            q = draw(qm, qs, cfg.max_build_queries)
-            layer.query_sample.add(q, torch.linspace(0, n - 1, cfg.max_build_queries).long())
-        else:
-            cache.update(k[None], v[None], i)
-        del k, v
-    with Synced(device) as t:
-        if kind == "hybrid":
-            cache.build_indexes()
-    return cache, t.seconds
+    return cache, fill(cache, stats, n, dtype=next(model.parameters()).dtype)
 
 
 @torch.inference_mode()
 def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: int = 0) -> dict:
-    """Median decode step times; with `rerun` n, of the n newest positions run again as an
-    exact chunk, as a near tie's are (engine.decode.recheck)."""
+    """Median decode step times after 2 warm-up steps; with `rerun` n, of the n newest positions
+    run again as an exact chunk, as a near tie's are (engine.decode.recheck)."""
     token = torch.full((1, max(1, rerun)), 17, device=device)
-    per_token, per_layer, read = [], [], []
-    for step in range(steps + 2):
+
+    def step(_) -> tuple[float, float, float]:
         clock.seconds = 0.0
         with Synced(device) as t, cache.rerun_exactly([0], rerun) if rerun else contextlib.nullcontext():
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-        if step >= 2:
-            per_token.append(t.seconds)
-            per_layer.append(clock.seconds / model.config.num_hidden_layers)
-            read.append(cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0)
+        read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
+        return t.seconds, clock.seconds / model.config.num_hidden_layers, read
+
+    (samples,) = in_turns({"decode": step}, steps).values()
     return {
-        "ms_per_token": 1e3 * statistics.median(per_token),
-        "attn_ms_per_layer": 1e3 * statistics.median(per_layer),
-        "kv_read_frac": statistics.mean(read),
+        "ms_per_token": 1e3 * statistics.median(s[0] for s in samples),
+        "attn_ms_per_layer": 1e3 * statistics.median(s[1] for s in samples),
+        "kv_read_frac": statistics.mean(s[2] for s in samples),
     }
 
 
@@ -266,7 +200,6 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
     AttentionInterface.register(TIMED, clock)
     model = llama(shape, layers, torch.bfloat16, device, impl=TIMED)
     stats = channel_stats(model, None)  # random token ids, on the model's device
-    model.set_attn_implementation(TIMED)
     cfg = OffloadConfig(device=device.type)
     rows = []
     for n in args.contexts:
@@ -278,7 +211,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             reset_peak(device)
             row = {"case": "decode", "method": name, "context": n, "capped": capped}
             try:
-                cache, build_s = fill(kind, model, stats, n, c, device)
+                cache, build_s = filled(kind, model, stats, n, c)
                 row.update(time_decode(model, cache, clock, args.steps, device))
                 if kind == "hybrid":  # the window run again, as at a near tie (engine.decode.recheck)
                     again = time_decode(model, cache, clock, 3, device, rerun=cfg.window)
@@ -378,7 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per case (after 2 warm-up steps)")
     p.add_argument("--profile", type=Path, help="folder for the engine's decode and prefill cProfiles (cumulative)")
+    add_threads_arg(p)
     args = p.parse_args(argv)
+    pin_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and device.index is None:  # the memory cap and peak counters need an index
@@ -386,9 +321,8 @@ def main(argv=None) -> int:
     args.contexts = args.contexts or ([32768, 65536, 131072] if cuda else [2048])
     args.prefill = args.prefill or (32768 if cuda else 1024)
     env = {
+        **environment(),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
         "cap_gib": args.cap_gb if cuda else None,
         "cpu_threads": torch.get_num_threads(),
     }
@@ -411,8 +345,7 @@ def main(argv=None) -> int:
         rows.append({"case": "decode", "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
     print(table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        write_json(args.json, {"environment": env, "rows": rows})
     exact = [r for r in rows if r["case"].startswith("exactness")]
     exact_ok = all(r.get("logits_ok") and r["greedy_ok"] and r["conservation_ok"] and r["all_read"] for r in exact)
     broken = [r for r in rows if "error" in r and "out of memory" not in r["error"]]

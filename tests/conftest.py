@@ -5,11 +5,12 @@ import engine  # noqa: F401  (registers the "hybrid" attention)
 
 
 def tiny_llama(n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, vocab=97, seed=0, **extra):
-    """A random-weight Llama with GQA, built from a config (nothing downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-weight Llama with GQA, built from a config (nothing downloaded). Its query and
+    key weights are scaled by 8: larger attention logits make attention peaked, as in trained
+    models, so that retrieving the wrong tokens would visibly change the logits."""
+    from bench.common.models import random_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=vocab,
         hidden_size=n_heads * head_dim,
         intermediate_size=64,
@@ -17,18 +18,8 @@ def tiny_llama(n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, vocab=97, seed=
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=8192,
-        attn_implementation="hybrid",
-        **extra,
     )
-    model = LlamaForCausalLM(config).eval()
-    # Larger query/key weights make attention peaked, as in trained models, so
-    # that retrieving the wrong tokens would visibly change the logits.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    return model
+    return random_llama(shape, seed=seed, qk_scale=8.0, max_position_embeddings=8192, **extra)
 
 
 @pytest.fixture(scope="session")

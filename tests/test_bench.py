@@ -105,14 +105,14 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
     tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
     bundled_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval.json"
-    module, seeds = script("bench.evals.accuracy"), []
-    real_make_sample = module.make_sample
+    module, tasks, seeds = script("bench.evals.accuracy"), script("bench.evals.tasks"), []
+    real_make_sample = tasks.make_sample
 
     def make_sample(*args, seed, **kwargs):
         seeds.append(seed)
         return real_make_sample(*args, seed=seed, **kwargs)
 
-    monkeypatch.setattr(module, "make_sample", make_sample)
+    monkeypatch.setattr(tasks, "make_sample", make_sample)  # the prompts of a cell are made in tasks.cell_sample
     module.main(["--quick", "--first", "5", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
     assert seeds == [5, 6, 5, 6]  # two prompts of each task
     rows = json.loads(out.read_text())["rows"]
@@ -374,3 +374,82 @@ def test_accuracy_report_takes_cells_that_ran_some_configurations():
     assert "- default: niah_single at 2048 lies below full attention's 95% interval" in text
     assert "- fixed-noest: passkey at 2048 is 10.0 points below full" in text
     assert "fixed-noest: niah_single" not in text
+
+
+def test_quick_defaults_fill_only_the_options_not_given():
+    import argparse
+
+    from bench.common.options import add_output_args, positive_int, quick_defaults
+
+    p = argparse.ArgumentParser()
+    add_output_args(p, quick="a short run")
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--context", type=positive_int)
+    args = p.parse_args(["--quick", "--steps", "5"])
+    quick_defaults(args, steps=(3, 9), context=(512, 4096))
+    assert (args.steps, args.context) == (5, 512)
+    args = p.parse_args([])
+    quick_defaults(args, steps=(3, 9), context=(512, 4096))
+    assert (args.steps, args.context) == (9, 4096)
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--steps", bad])
+
+
+def test_in_turns_alternates_the_runs_and_leaves_out_the_warm_up():
+    from bench.common.timing import in_turns
+
+    calls = []
+
+    def run(name):
+        return lambda step: calls.append((name, step)) or (name, step)
+
+    got = in_turns({"a": run("a"), "b": run("b")}, steps=2, warmup=1)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert got == {"a": [("a", 1), ("a", 2)], "b": [("b", 1), ("b", 2)]}
+
+
+def test_written_json_says_where_it_was_measured(tmp_path):
+    import re
+
+    import torch
+
+    from bench.common.output import write_json
+
+    path = tmp_path / "new" / "result.json"
+    write_json(path, {"config": {"steps": 3}, "rows": []})
+    result = json.loads(path.read_text())
+    assert result["config"] == {"steps": 3} and result["rows"] == []
+    env = result["environment"]
+    assert env["threads"]["torch"] == torch.get_num_threads() and env["torch"] == torch.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", env["date"])
+    assert env["git_commit"] is None or re.fullmatch("[0-9a-f]{40}", env["git_commit"])
+    write_json(path, {"environment": {"device": "a GPU"}})  # a script's own environment stays
+    assert json.loads(path.read_text()) == {"environment": {"device": "a GPU"}}
+
+
+def test_synthetic_fill_holds_every_position_drawn_with_the_prefill_statistics():
+    """A hybrid cache takes the positions chunk by chunk as a prefill would (every position in
+    one place, no chunk kept, host indexes built from the build queries); a DynamicCache takes
+    them at once, drawn around each channel's mean."""
+    import torch
+    from transformers import DynamicCache
+
+    from bench.common.caches import channel_stats, fill
+    from engine import HybridCache, OffloadConfig
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    stats = channel_stats(model, None, n_tokens=64)
+    assert model.config._attn_implementation == "hybrid"  # left as it was
+    cfg = OffloadConfig(device="cpu", n_sink=4, window=16, block_size=8, max_build_queries=32)
+    cache = HybridCache(model, cfg, progress=False)
+    assert fill(cache, stats, 150, dtype=torch.float32, chunk=61) >= 0
+    for layer in cache.layers:
+        where = layer.positions()
+        assert sorted(np.concatenate(list(where.values())).tolist()) == list(range(150))
+        assert layer.last_added is None and layer.key_index is not None
+    full = DynamicCache()
+    assert fill(full, stats, 4000, dtype=torch.float32) == 0.0 and full.get_seq_length() == 4000
+    for layer, ((km, ks), _, _) in zip(full.layers, stats):
+        assert ((layer.keys[0].mean(1) - km).abs() <= 0.15 * ks + 1e-4).all()

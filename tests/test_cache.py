@@ -160,3 +160,68 @@ def test_first_distinct_rows_matches_the_per_row_version():
             expected = first_distinct(row[: OVERSAMPLE * limit].numpy(), limit)
             assert out[out >= 0].tolist() == sorted(expected.tolist())  # the same set, ascending
             assert (out[len(expected) :] == -1).all()
+
+
+def test_load_kv_places_positions_as_a_prefill_does_and_keeps_no_chunk(tiny_model, tiny_ids):
+    """K/V given directly, in chunks of odd sizes, land where a prefill puts them, and no
+    layer keeps a chunk for a prefill attention that never runs."""
+    ids = tiny_ids[:, :150]
+    ref = reference_kv(tiny_model, ids)
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16, block_size=8))
+    for layer, (k, v) in zip(cache.layers, ref):
+        for start, stop in ((0, 3), (3, 64), (64, 150)):
+            layer.load_kv(k[:, start:stop], v[:, start:stop])
+    check_conservation(cache, ref)
+    assert all(layer.last_added is None for layer in cache.layers)
+    assert cache.get_seq_length() == 150
+    with pytest.raises(ValueError, match="one shape"):
+        cache.layers[0].load_kv(ref[0][0][:, :5], ref[0][1][:, :4])
+
+
+def test_build_queries_spread_over_the_loaded_positions_and_feed_the_index_build(tiny_model, tiny_ids):
+    ref = reference_kv(tiny_model, tiny_ids[:, :300])
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16, block_size=8), progress=False)
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="holds positions"):
+        layer.add_build_queries(torch.zeros(6, 10, 16))
+    layer.load_kv(*ref[0])
+    Hq, D = layer.n_kv_heads * layer.group, layer.head_dim
+    with pytest.raises(ValueError, match=r"queries \[6, n, 16\]"):
+        layer.add_build_queries(torch.zeros(Hq, 10, D + 1))
+    layer.add_build_queries(torch.randn(Hq, 7, D))
+    assert len(layer.query_sample) == 7
+    assert torch.cat(layer.query_sample.pos).tolist() == [0, 49, 99, 149, 199, 249, 299]
+    cache.build_indexes()
+    assert layer.key_index is not None and len(layer.query_sample) == 0  # the build took them
+    with pytest.raises(ValueError, match="no host key index yet"):
+        layer.add_build_queries(torch.randn(Hq, 7, D))
+
+
+def test_copied_host_indexes_decode_as_the_source_and_take_the_tokens_a_shorter_window_leaves(tiny_model, tiny_ids):
+    cfg = OffloadConfig(n_sink=4, window=32, block_size=8)
+    source = HybridCache(tiny_model, cfg, progress=False)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :300], cache=source, use_cache=True)
+    source.build_indexes()
+
+    def copy_of(config):
+        dst = HybridCache(tiny_model, config, progress=False)
+        for layer, mine in zip(source.layers, dst.layers):
+            mine.load_kv(*layer.ordered_kv())
+            mine.copy_indexes_from(layer)
+        return dst
+
+    same, shorter = copy_of(cfg), copy_of(cfg.replace(window=16))
+    for layer, mine in zip(source.layers, shorter.layers):
+        assert mine.key_index is not layer.key_index and mine.sketch.host is mine.host  # its own store's keys
+        assert mine.n_built == layer.n_built and mine.n_indexed == mine.host.n == layer.host.n + 16
+        assert len(mine.key_index) == mine.host.n
+    with torch.no_grad():  # the same state decodes the next token to the same logits
+        step = tiny_ids[:, 300:301]
+        expected = tiny_model(step, cache=source, use_cache=True).logits
+        assert torch.equal(tiny_model(step, cache=same, use_cache=True).logits, expected)
+    for other in (cfg.replace(n_sink=2), cfg.replace(window=40)):  # the same positions, placed otherwise
+        layer = HybridCache(tiny_model, other).layers[0]
+        layer.load_kv(*source.layers[0].ordered_kv())
+        with pytest.raises(ValueError, match="same sinks"):
+            layer.copy_indexes_from(source.layers[0])

@@ -33,14 +33,21 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
 from bench.evals.probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer
-from bench.evals.tasks import TASKS, make_sample, score
+from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
 from engine.api import eos_ids
 from engine.models import load_model
@@ -51,15 +58,6 @@ CONFIGS = named(
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others
-MAX_NEW = {
-    "passkey": 8,
-    "niah_single": 12,
-    "niah_multikey": 12,
-    "niah_multivalue": 40,
-    "niah_multiquery": 40,
-    "variable_tracking": 30,
-    "common_words": 50,
-}
 # variable tracking is left out of the default run: the bundled model fails it with full attention
 DEFAULT_TASKS = [t for t in TASKS if t != "variable_tracking"]
 PROBE, ORACLE = "hybrid_eval", "hybrid_oracle"
@@ -126,26 +124,22 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 prompts per cell, 2K tokens, two tasks")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--n", type=int, help="prompts per (task, context); default 40 (--quick: 2)")
+    add_output_args(p, quick="2 prompts per cell, 2K tokens, two tasks")
+    p.add_argument("--n", type=positive_int, help="prompts per (task, context); default 40 (--quick: 2)")
     p.add_argument("--first", type=int, default=0, help="seed of the first prompt (default 0)")
-    p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking")
+    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking (--quick: two)")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    add_model_args(p)
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    args.n = (2 if args.quick else 40) if args.n is None else args.n
-    if args.n < 1:
-        p.error(f"--n must be at least 1, got {args.n}")
     if args.first < 0:
         p.error(f"--first must be at least 0, got {args.first}")
-    args.contexts = args.contexts or ([2048] if args.quick else [2048, 4096, 8192])
-    args.tasks = args.tasks or (["passkey", "niah_single"] if args.quick else DEFAULT_TASKS)
-    torch.set_num_threads(args.threads)
+    quick_defaults(
+        args, n=(2, 40), contexts=([2048], [2048, 4096, 8192]), tasks=(["passkey", "niah_single"], DEFAULT_TASKS)
+    )
+    pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     n_layers = model.config.num_hidden_layers
@@ -168,16 +162,11 @@ def main(argv=None):
             rows.append(cell_row(task, context, method, rs, args.first))
             bar.write(json.dumps(rows[-1]))
         if args.json:  # after every cell, so that an interrupted run keeps what it measured
-            write_json(args, rows, time.perf_counter() - started)
+            save(args, rows, time.perf_counter() - started)
     bar.close()
 
 
-def cell_sample(task: str, context: int, tok, i: int, n: int, first: int = 0):
-    """Prompt i of a cell's n: seed first + i, the needle depths spread evenly over the n."""
-    return make_sample(task, context, tok, seed=first + i, depth=(i + 0.5) / n)
-
-
-def write_json(args, rows: list[dict], seconds: float) -> None:
+def save(args, rows: list[dict], seconds: float) -> None:
     config = {
         "model": args.model,
         "threads": args.threads,
@@ -189,8 +178,7 @@ def write_json(args, rows: list[dict], seconds: float) -> None:
         "oracle": not args.no_oracle,
         "seconds": round(seconds, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    write_json(args.json, {"config": config, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ vector scored per query head (keys, centroids, landmarks, build queries) over
 N, and `keys_frac` the keys alone. Search-time settings (ef, nprobe, probes,
 block share) are swept on one build, so each index gives a curve.
 
-    python -m bench.evals.ann_recall [--quick] [--json PATH] [--plot PATH]
+The queries and keys are a capture of bench.evals.capture_qk, cached: a first run
+prefills the model over the capture's tokens (34K for a full run) to make it.
 
-The capture (post-RoPE q/k from bench.evals.capture_qk) is cached; the first full
-run prefills the model over ~34K tokens, which takes minutes on a CPU.
+    python -m bench.evals.ann_recall [--quick] [--json PATH] [--plot PATH] [--capture NPZ] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 
 from ann.registry import make_index
 from ann.selector import search_group
+from bench.common.options import add_model_args, add_output_args, add_threads_arg, pin_threads
+from bench.common.output import pyplot, save_figure, write_json
 from bench.evals.capture_qk import capture_path, load_or_capture
 
 FULL = {"tokens": 34000, "layers": [5, 11, 17], "n_keys": [8192, 16384, 32768], "decode": 64}
@@ -194,11 +196,9 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Recall vs cost at the largest N: all vectors scored (left) and keys alone (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plt = pyplot()
 
     n = max(r["n_keys"] for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
@@ -223,25 +223,22 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set_ylabel(f"recall@{rows[0]['k']}")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"N = {n} keys, mean over captured layers and KV heads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one N, fewer settings (about a minute)")
-    ap.add_argument("--json", type=Path, help="write the rows and summary here")
-    ap.add_argument("--plot", type=Path, help="recall vs scanned plot (PNG)")
-    ap.add_argument("--model", default="smollm2-135m")
+    add_output_args(ap, quick="one N, fewer settings", plot="recall against the share scanned (PNG)")
+    add_model_args(ap, chunk=None)
     ap.add_argument(
         "--capture", type=Path, help="a .npz from bench.evals.capture_qk (default: cached by model/tokens/layers)"
     )
     ap.add_argument("--n-keys", type=int, nargs="+")
     ap.add_argument("--indexes", nargs="+", help="only these index labels")
     ap.add_argument("--k", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    add_threads_arg(ap, default=2)
     ap.add_argument("--from-json", type=Path, help="summarise and plot an earlier run's JSON instead of running")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.from_json:
         rows = json.loads(args.from_json.read_text())["rows"]
         print("\n".join(summarize(rows)))
@@ -250,15 +247,9 @@ def main() -> None:
         return
 
     cfg = QUICK if args.quick else FULL
-    import faiss
-    import numba
-    import torch
-
-    faiss.omp_set_num_threads(args.threads)
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     # torch serves only the block selector's small per-step ops here: on one
     # thread they do not stall behind builds or other processes on the cores
-    torch.set_num_threads(1)
+    pin_threads(args.threads, torch_threads=1)
     capture = args.capture
     full_path = capture_path(args.model, FULL["tokens"], FULL["layers"])
     if capture is None and args.quick and full_path.exists():
@@ -317,21 +308,16 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "capture": path.name,
-                    "n_tokens": int(data["n_tokens"]),
-                    "prefill_s_per_layer": prefill,
-                    "prefill_s_per_layer_at_n": prefill_n,
-                    "threads": args.threads,
-                    "rows": rows,
-                    "summary": lines,
-                },
-                indent=1,
-            )
-        )
+        result = {
+            "capture": path.name,
+            "n_tokens": int(data["n_tokens"]),
+            "prefill_s_per_layer": prefill,
+            "prefill_s_per_layer_at_n": prefill_n,
+            "threads": args.threads,
+            "rows": rows,
+            "summary": lines,
+        }
+        write_json(args.json, result)
     if args.plot:
         plot(rows, args.plot)
 

@@ -1,4 +1,5 @@
-"""Capture post-RoPE queries and keys of chosen layers of a model over a long text.
+"""Capture post-RoPE queries and keys of chosen layers of a model over a long text: the
+real queries and keys bench.evals.ann_recall measures the key indexes on.
 
 The model runs a chunked prefill through a capturing attention function
 registered with `transformers.AttentionInterface` (exact sdpa output, q/k of the
@@ -12,13 +13,12 @@ never applied. Captures are cached as `.npz`:
     on the whole prefill), tokens_at / layer_s_at (the same after each chunk),
     threads, text_source
 
-Usage: python -m bench.evals.capture_qk --tokens 34000 --layers 5 11 17 [--out PATH]
+    python -m bench.evals.capture_qk [--model NAME] [--tokens 34000] [--layers 5 11 17] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import time
 from pathlib import Path
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Debian's base-files installs these on every system; the copyright notices of
-# installed packages are the fallback.
-TEXT_GLOBS = ("/usr/share/common-licenses/*", "/usr/share/doc/*/copyright")
+from bench.common.options import add_model_args
+from bench.common.text import load_text
+
 ATTN_NAME = "capture_qk"
 
 
@@ -38,32 +38,6 @@ def default_out_dir() -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hybridattn"
     )
     return Path(base) / "captures"
-
-
-def load_text(min_chars: int) -> tuple[str, str]:
-    """Concatenate distinct natural-language files until `min_chars` is reached.
-
-    Returns (text, description of the source). Byte-identical files (GPL is
-    GPL-3 on Debian) are read once so the text does not repeat itself."""
-    parts, seen, used = [], set(), []
-    for pattern in TEXT_GLOBS:
-        for path in sorted(glob.glob(pattern)):
-            if os.path.islink(path) or not os.path.isfile(path):
-                continue
-            try:
-                body = Path(path).read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            if body in seen or len(body) < 500:
-                continue
-            seen.add(body)
-            parts.append(body)
-            used.append(os.path.dirname(pattern))
-            if sum(map(len, parts)) >= min_chars:
-                return "\n\n".join(parts), ", ".join(sorted(set(used)))
-    if not parts:
-        raise FileNotFoundError(f"no text found under {TEXT_GLOBS}")
-    return "\n\n".join(parts), ", ".join(sorted(set(used)))
 
 
 class QKRecorder:
@@ -186,14 +160,15 @@ def load_or_capture(
     return data, path
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_args(ap, chunk=512)
     ap.add_argument("--tokens", type=int, default=34000)
     ap.add_argument("--layers", type=int, nargs="+", default=[5, 11, 17])
-    ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--out", type=Path, default=None, help="the capture's .npz (default: cached by model/tokens/layers)"
+    )
+    args = ap.parse_args(argv)
     data, path = load_or_capture(args.model, args.tokens, args.layers, out=args.out, chunk=args.chunk)
     print(
         f"{path}: {int(data['n_tokens'])} tokens, layers {data['layers'].tolist()}, "

@@ -23,16 +23,23 @@ over prompts.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from bench.evals.capture_qk import load_text
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
+from bench.common.text import segments
 from bench.evals.probes import LayerProbe, copy_state, named
 from bench.stats import mean_interval
 from engine import HybridCache
@@ -44,16 +51,6 @@ CONFIGS = named("default", "tight", "fixed", "fixed-noest", "neighbours", "mean-
 ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
-
-
-def segments(tok, n: int, length: int, offset: int) -> list[torch.Tensor]:
-    """n token segments [1, length], evenly spaced through the text past `offset` tokens."""
-    text, _ = load_text(min_chars=(offset + n * length) * 5)
-    ids = tok(text, return_tensors="pt").input_ids[:, offset:]
-    if ids.shape[1] < n * length:
-        raise ValueError(f"the text has {ids.shape[1]} tokens past the offset, {n} x {length} asked")
-    stride = ids.shape[1] // n
-    return [ids[:, i * stride : i * stride + length] for i in range(n)]
 
 
 @torch.inference_mode()
@@ -115,21 +112,17 @@ def table(summary: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 short prompts, 4 steps")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompts", type=int, help="default 12 (--quick: 2)")
-    p.add_argument("--context", type=int, help="prompt tokens; default 4096 (--quick: 512)")
-    p.add_argument("--steps", type=int, help="decode steps per prompt; default 24 (--quick: 4)")
+    add_output_args(p, quick="2 short prompts, 4 steps")
+    p.add_argument("--prompts", type=positive_int, help="default 12 (--quick: 2)")
+    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--steps", type=positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
     p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_model_args(p)
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (2 if args.quick else 12)
-    args.context = args.context or (512 if args.quick else 4096)
-    args.steps = args.steps or (4 if args.quick else 24)
-    torch.set_num_threads(args.threads)
+    quick_defaults(args, prompts=(2, 12), context=(512, 4096), steps=(4, 24))
+    pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     probe = LayerProbe()
@@ -156,8 +149,7 @@ def main(argv=None):
             "summary": summary,
             "per_prompt": per_prompt,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

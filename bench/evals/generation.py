@@ -6,7 +6,7 @@ Every engine configuration then continues the same prefilled state twice:
 
     free     its own greedy continuation; agreement = the share of positions where its
              token equals full attention's, and the first position where they differ
-             (once they differ, the texts usually part ways for good), and the share
+             (after it the two texts continue from different tokens), and the share
              of the host KV it read per step (both runs of a step re-checked at a near
              tie, engine.decode.recheck) and the share of steps re-checked
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
@@ -27,15 +27,22 @@ tie of full attention's top two logits), and its agreement is what any configura
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from bench.evals.fidelity import segments
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
+from bench.common.text import segments
 from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
 from bench.stats import mean_interval
 from engine.models import load_model
@@ -73,22 +80,18 @@ def continuations(
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 short prompts, 16 tokens")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompts", type=int, help="default 20 (--quick: 2)")
-    p.add_argument("--context", type=int, help="prompt tokens; default 4096 (--quick: 512)")
-    p.add_argument("--new", type=int, help="generated tokens; default 256 (--quick: 16)")
+    add_output_args(p, quick="2 short prompts, 16 tokens")
+    add_model_args(p)
+    p.add_argument("--prompts", type=positive_int, help="default 20 (--quick: 2)")
+    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--new", type=positive_int, help="generated tokens; default 256 (--quick: 16)")
     p.add_argument("--offset", type=int, default=600_000, help="text tokens skipped before the first prompt")
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_threads_arg(p)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["default", "fixed-noest"])
     p.add_argument("--no-forced", action="store_true", help="leave out the teacher-forced runs")
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (2 if args.quick else 20)
-    args.context = args.context or (512 if args.quick else 4096)
-    args.new = args.new or (16 if args.quick else 256)
-    torch.set_num_threads(args.threads)
+    quick_defaults(args, prompts=(2, 20), context=(512, 4096), new=(16, 256))
+    pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     started = time.perf_counter()
@@ -106,8 +109,7 @@ def main(argv=None):
         config = {k: getattr(args, k) for k in ("model", "prompts", "context", "new", "offset", "threads")}
         config["engine_configs"] = {k: CONFIGS[k].__dict__ for k in args.configs}
         config["seconds"] = round(time.perf_counter() - started, 1)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": config, "summary": summary, "per_prompt": per_prompt}, indent=1))
+        write_json(args.json, {"config": config, "summary": summary, "per_prompt": per_prompt})
 
 
 if __name__ == "__main__":

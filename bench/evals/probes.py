@@ -1,4 +1,4 @@
-"""Evaluation pieces shared by the accuracy and fidelity benchmarks.
+"""Evaluation pieces shared by the evaluations (accuracy, fidelity, generation, recheck_margins).
 
 - `CONFIGS`, `named`: the engine configurations they compare, by name;
 - `copy_state`: a prefilled cache's positions in a full-attention cache or in
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections import defaultdict
 
@@ -29,7 +28,6 @@ from engine.attention import hybrid_attention_forward
 from engine.cache import HybridLayer
 from engine.decode.merge import attend, merge_states
 from engine.decode.select import always_read
-from engine.decode.sketch import ExactKeys
 from engine.decode.step import host_state
 from engine.generation import Decoding
 from engine.index.distinct import unique_rows
@@ -64,38 +62,20 @@ def copy_state(
     src: HybridCache, model, cfg: OffloadConfig | None, *, indexes: bool = True
 ) -> HybridCache | DynamicCache:
     """The same positions' K/V in a full-attention DynamicCache (cfg None), or in a hybrid
-    cache with `cfg`, which must keep the source's sinks and method and a window no longer
-    than its: its host indexes (and key sketch) are then the source's, copied rather than
-    built again, and given the host tokens a shorter window leaves over (`indexes=False`:
-    left out, for a selection rule that does not use them)."""
-    if cfg is not None:
-        src_cfg = src.offload_config
-        same = (cfg.n_sink, cfg.key_index) == (src_cfg.n_sink, src_cfg.key_index)
-        if cfg.budget == "adaptive":
-            same &= cfg.sketch_rank == src_cfg.sketch_rank
-        if not same or cfg.window > src_cfg.window:
-            raise ValueError(
-                "evaluated engine configurations must share sinks, method (and an adaptive one, the sketch "
-                "rank) with the source, and have a window no longer than its"
-            )
+    cache with `cfg`; its host indexes (and key sketch) are then the source's, copied rather
+    than built again (`HybridLayer.copy_indexes_from`: `cfg` must keep the source's sinks and
+    key index and a window no longer than its), or with `indexes=False` left out, for a selection
+    rule that does not use them."""
     dst = DynamicCache() if cfg is None else HybridCache(model, cfg, progress=False)
     with torch.no_grad():
         for i, layer in enumerate(src.layers):
             k, v = layer.ordered_kv()
             if cfg is None:
                 dst.update(k[None], v[None], i)
-            else:
-                dst.layers[i].update(k[None], v[None])
-                if indexes:
-                    d = dst.layers[i]
-                    d.key_index = copy.deepcopy(layer.key_index)
-                    d.sketch = None
-                    if cfg.budget == "adaptive":  # a sketch is copied, the store's own keys are d's
-                        exact = isinstance(layer.sketch, ExactKeys)
-                        d.sketch = ExactKeys(d.host) if exact else copy.deepcopy(layer.sketch)
-                    d.n_indexed, d.n_built = layer.n_indexed, layer.n_built
-                    if d.host.n > d.n_indexed and d.key_index is not None:
-                        d.index_new_keys()
+                continue
+            dst.layers[i].load_kv(k, v)
+            if indexes:
+                dst.layers[i].copy_indexes_from(layer)
     return dst
 
 

@@ -1,8 +1,8 @@
 """What a re-check margin costs and what it catches (engine.decode.recheck, `recheck_margin`).
 
 Each prompt is prefilled once. Full attention answers greedily: `--new` tokens after a
-segment of prose (as in eval_generation.py), or a task's answer up to its end (as in
-eval_accuracy.py). The engine's default without re-checks is then fed full attention's
+segment of prose (as in bench.evals.generation), or a task's answer up to its end (as in
+bench.evals.accuracy). The engine's default without re-checks is then fed full attention's
 tokens (teacher forcing) and records, at every step, the gap between its two highest
 logits and whether its pick differs from full attention's. A margin m re-checks the steps
 whose gap lies below m; per margin the table gives the share of steps re-checked, the
@@ -15,25 +15,31 @@ Fed full attention's tokens, every step counts, not only a free-running text's f
 difference; without re-checks each step's context carries the approximate K/V of the
 steps before it, as between two re-checks of a free-running text.
 
-    python -m bench.evals.recheck_margins [--source prose|TASK] [--context T] [--prompts N] [--new K]
-                                    [--offset N] [--margins ...] [--json PATH]
+    python -m bench.evals.recheck_margins [--quick] [--json PATH] [--source prose|TASK] [--context T]
+                                          [--prompts N] [--new K] [--offset N] [--margins ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from bench.evals.accuracy import MAX_NEW, cell_sample
-from bench.evals.fidelity import segments
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
+from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
-from bench.evals.tasks import TASKS
+from bench.evals.tasks import MAX_NEW, TASKS, cell_sample
 from bench.report import margin_rows, margins
 from engine.api import eos_ids
 from engine.models import load_model
@@ -59,27 +65,27 @@ def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int) 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_args(p, quick="2 short prompts, 16 tokens")
     p.add_argument("--source", default="prose", choices=["prose", *TASKS], help="prose segments or a task's prompts")
-    p.add_argument("--context", type=int, default=4096, help="prompt tokens")
-    p.add_argument("--prompts", type=int, default=20)
-    p.add_argument("--new", type=int, default=256, help="prose: tokens generated (a task: its answer length)")
+    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--prompts", type=positive_int, help="default 20 (--quick: 2)")
+    p.add_argument(
+        "--new", type=positive_int, help="prose: tokens generated, default 256 (--quick: 16); a task: its answer length"
+    )
     p.add_argument("--offset", type=int, default=600_000, help="prose: text tokens skipped before the first prompt")
     p.add_argument("--margins", type=float, nargs="+", default=MARGINS)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--json", type=Path)
+    add_model_args(p)
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    if args.prompts < 1:
-        p.error(f"--prompts must be at least 1, got {args.prompts}")
+    quick_defaults(args, context=(512, 4096), prompts=(2, 20), new=(16, 256))
     if any(m <= 0 for m in args.margins):
         p.error(f"--margins must be > 0, got {args.margins}")
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     if args.source == "prose":
         prompts = [(ids, args.new, set()) for ids in segments(tok, args.prompts, args.context, args.offset)]
-    else:  # the prompts of eval_accuracy.py's cell (seeds 0.., depths spread alike)
+    else:  # the prompts of bench.evals.accuracy's cell (seeds 0.., depths spread alike)
         samples = [cell_sample(args.source, args.context, tok, i, args.prompts) for i in range(args.prompts)]
         eos = eos_ids(model)
         prompts = [(tok(s.prompt, return_tensors="pt").input_ids, MAX_NEW[args.source], eos) for s in samples]
@@ -91,8 +97,7 @@ def main(argv=None):
     print(margins(result))
     if args.json:
         result["config"]["seconds"] = round(time.perf_counter() - started, 1)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

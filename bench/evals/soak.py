@@ -1,7 +1,6 @@
 """Long-run soak: many decode steps after a long prompt, with the engine's invariants
-checked every `--every` steps.
-
-    python -m bench.evals.soak [--quick] [--json PATH] [--prompt-tokens 4096] [--steps 2000]
+checked every `--every` steps, against exact attention (the key index's recall) and
+against the run's own first steps (step time).
 
 The bundled model continues a prompt of natural text (the model's own greedy tokens,
 EOS ignored). Every `--every` steps, on every layer:
@@ -15,7 +14,10 @@ and over the run:
     step time      the median of the last `--every` steps within 1.2x of the first `--every`
 
 Then an interrupted generation (an exception raised by the stream's consumer) must leave
-no thread behind and the model's next generation equal to a fresh one.
+no thread behind and the model's next generation equal to a fresh one. Exit status 1
+when a check fails.
+
+    python -m bench.evals.soak [--quick] [--json PATH] [--prompt-tokens 4096] [--steps 2000] [--every 100]
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AttentionInterface
 
-from bench.evals.fidelity import segments
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
+from bench.common.text import segments
 from engine import HybridCache, OffloadConfig
 from engine.api import HybridLLM, prefill
 from engine.attention import hybrid_attention_forward
@@ -167,18 +177,15 @@ def interrupted_generation_is_harmless(llm: HybridLLM, prompt: torch.Tensor, n: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a 600-token prompt, 200 steps")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--prompt-tokens", type=int, help="default 4096 (--quick: 600)")
-    p.add_argument("--steps", type=int, help="decode steps, default 2000 (--quick: 200)")
-    p.add_argument("--every", type=int, help="steps between checks, default 100 (--quick: 50)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_output_args(p, quick="a 600-token prompt, 200 steps")
+    add_model_args(p, chunk=None)  # the engine's own prefill chunk
+    p.add_argument("--prompt-tokens", type=positive_int, help="default 4096 (--quick: 600)")
+    p.add_argument("--steps", type=positive_int, help="decode steps, default 2000 (--quick: 200)")
+    p.add_argument("--every", type=positive_int, help="steps between checks, default 100 (--quick: 50)")
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    args.prompt_tokens = args.prompt_tokens or (600 if args.quick else 4096)
-    args.steps = args.steps or (200 if args.quick else 2000)
-    args.every = args.every or (50 if args.quick else 100)
-    torch.set_num_threads(args.threads)
+    quick_defaults(args, prompt_tokens=(600, 4096), steps=(200, 2000), every=(50, 100))
+    pin_threads(args.threads)
     llm = HybridLLM.from_pretrained(args.model, offload=OffloadConfig(device="cpu"))
     ids = segments(llm.tokenizer, 1, args.prompt_tokens, offset=800_000)[0]
     started = time.perf_counter()
@@ -188,8 +195,7 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps({k: v for k, v in result.items() if k != "checks"}))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, **result}, indent=1))
+        write_json(args.json, {"config": vars(args) | {"json": str(args.json)}, **result})
     return 0 if result["ok"] else 1
 
 

@@ -50,6 +50,18 @@ KEY_WORDS = (
 )
 
 
+# The most tokens an answer is given, per task (greedy decoding stops there or at an EOS token).
+MAX_NEW = {
+    "passkey": 8,
+    "niah_single": 12,
+    "niah_multikey": 12,
+    "niah_multivalue": 40,
+    "niah_multiquery": 40,
+    "variable_tracking": 30,
+    "common_words": 50,
+}
+
+
 @dataclass(frozen=True)
 class Sample:
     task: str
@@ -84,6 +96,13 @@ def make_sample(task: str, n_tokens: int, tokenizer, *, seed: int = 0, depth: fl
         pieces.insert(place, needle)
     prompt = intro + " ".join(pieces) + question
     return Sample(task, prompt, tuple(answers), depth, len(tokenizer(prompt).input_ids))
+
+
+def cell_sample(task: str, context: int, tok, i: int, n: int, first: int = 0) -> Sample:
+    """Prompt i of an evaluation cell's n (a task at a context length): seed first + i, the
+    needle depths spread evenly over the n. The one place a cell's prompts are made, so that
+    every evaluation of a cell, and a later run over further seeds, asks the same questions."""
+    return make_sample(task, context, tok, seed=first + i, depth=(i + 0.5) / n)
 
 
 def score(sample: Sample, output: str) -> float:

@@ -3,11 +3,12 @@ transformers' offloaded cache, on the same model in the same run.
 
 Two models: the bundled SmolLM2-135M (real weights) and a Llama-3-8B-shaped
 model (32 query / 8 KV heads, head dim 128) with random weights and few layers.
-A context of N tokens is built directly in each cache (prefill of 128K tokens
-is far out of a CPU's reach): keys, values and the prefill queries the host
-indexes are built from are drawn per channel with the mean and spread that a
-real prefill of the model shows. Decode then runs the real model, one token at
-a time. Prefill itself is timed separately, really, up to --prefill-max tokens.
+A context of N tokens is built directly in each cache (bench.common.caches: a
+prefill of 128K tokens is far out of a CPU's reach): keys, values and the prefill
+queries the host indexes are built from are drawn per channel with the mean and
+spread that a real prefill of the model shows. Decode then runs the real model,
+one token at a time. Prefill itself is timed separately, really, up to
+--prefill-max tokens.
 
 Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
@@ -16,7 +17,8 @@ kv_read_frac (host KV rows read per step / host KV rows), and for the engine
 rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run again as
 an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole window).
 
-    python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH]
+    python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH] [--models ...] [--contexts ...]
+                                 [--methods ...] [--interleave] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,190 +27,56 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache
 
-from bench.evals.tasks import FILLER
+from bench.common.caches import cache_bytes, channel_stats, fill
+from bench.common.models import SHAPES, benchmark_model
+from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.output import method_panels, write_json
+from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
-from engine.attention import hybrid_attention_forward
 from engine.config import KEY_INDEXES
-from engine.models import load_model
-from engine.plan import MODEL_PRESETS
 
+# cache.update() + attention of every layer, timed apart from the rest of the model
 TIMED = "hybrid_timed"
-# Random-weight models built from a config: the 8B shape of the targets, and a
-# tiny one that lets the test suite run this script in seconds.
-SHAPES = {
-    "llama-3-8b-shape": MODEL_PRESETS["llama-3-8b"],
-    "tiny-llama": dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128, vocab_size=256
-    ),
-}
-FILL_CHUNK = 65536  # synthetic positions handed to an engine cache at a time
+CLOCK = LayerClock()
+AttentionInterface.register(TIMED, CLOCK)
+TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(DynamicCache)
 # A lighter HNSW build than the index's default, so that 128K-key builds finish in minutes on a CPU.
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
 
 
-class LayerTimer:
-    """Seconds spent in cache.update() + the attention function, summed over the layers of a step."""
-
-    seconds = 0.0
-
-    @classmethod
-    def attention(cls, module, query, key, value, attention_mask, **kwargs):
-        t0 = time.perf_counter()
-        out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        cls.seconds += time.perf_counter() - t0
-        return out
-
-
-class _TimedUpdate:
-    def update(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = super().update(*args, **kwargs)
-        LayerTimer.seconds += time.perf_counter() - t0
-        return out
-
-
-class TimedHybridCache(_TimedUpdate, HybridCache):
-    pass
-
-
-class TimedDynamicCache(_TimedUpdate, DynamicCache):
-    pass
-
-
-AttentionInterface.register(TIMED, LayerTimer.attention)
-
-
-# ---------------------------------------------------------------- models
-
-
-def make_model(name: str, layers: int):
-    """(model, tokenizer or None) for a benchmark model name: the bundled SmolLM2, or a random-weight shape."""
-    if name == "smollm2-135m":
-        model, tok = load_model(name, attn_implementation=TIMED)
-        return model, tok
-    config = LlamaConfig(
-        **{**SHAPES[name], "num_hidden_layers": layers},
-        max_position_embeddings=262144,
-        rope_theta=500000.0,
-        attn_implementation=TIMED,
-    )
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    return model, None
-
-
-@torch.inference_mode()
-def channel_stats(model, tok, n_tokens: int = 1024):
-    """Per layer: mean and std per channel of keys, values [Hkv, D] and queries [Hq, D]
-    over a short real prefill (random token ids for a model without a tokenizer)."""
-    if tok is not None:
-        ids = tok(" ".join([FILLER] * (n_tokens // 20)), return_tensors="pt").input_ids[:, :n_tokens]
-    else:
-        ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
-    seen = {}
-
-    def record(module, query, key, value, attention_mask, **kwargs):
-        seen[module.layer_idx] = [(t[0].float().mean(1), t[0].float().std(1)) for t in (key, value, query)]
-        return hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("record_stats", record)
-    model.set_attn_implementation("record_stats")
-    model(ids.to(next(model.parameters()).device), use_cache=False)
-    model.set_attn_implementation(TIMED)
-    return [seen[i] for i in range(model.config.num_hidden_layers)]
-
-
-def synthetic_layer(stats, n: int, n_queries: int, dtype, gen):
-    """K, V [Hkv, n, D] and queries [Hq, n_queries, D] drawn with the recorded per-channel statistics."""
-    (km, ks), (vm, vs), (qm, qs) = stats
-
-    def draw(mean, std, count):  # head by head: a million fp32 rows of every head at once would not fit
-        out = torch.empty(mean.shape[0], count, mean.shape[1], dtype=dtype)
-        for h in range(mean.shape[0]):
-            out[h] = (mean[h] + std[h] * torch.randn(count, mean.shape[1], generator=gen)).to(dtype)
-        return out
-
-    return draw(km, ks, n), draw(vm, vs, n), draw(qm, qs, n_queries)
-
-
-# --------------------------------------------------------------- caches
-
-
 def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, seed: int = 0):
-    """A cache of `kind` ("hybrid", "full", "offloaded") holding n synthetic positions; returns
-    (cache, seconds to build the host indexes)."""
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(seed)
+    """A timed cache of `kind` ("hybrid", "full", "offloaded") holding n synthetic positions;
+    returns (cache, seconds to build the host indexes)."""
     if kind == "hybrid":
         cache = TimedHybridCache(model, cfg, max_length=n + 64, progress=False)
     else:
         cache = TimedDynamicCache(offloading=kind == "offloaded")
-    with torch.inference_mode():
-        for i, layer_stats in enumerate(stats):
-            n_q = cfg.max_build_queries if cfg is not None else 0
-            if (
-                kind == "hybrid"
-            ):  # chunk by chunk, as a prefill fills it: a million tokens' copies at once would not fit
-                layer = cache.layers[i]
-                for start in range(0, n, FILL_CHUNK):
-                    k, v, _ = synthetic_layer(layer_stats, min(FILL_CHUNK, n - start), 0, dtype, gen)
-                    layer.update(k[None], v[None])
-                layer.last_added = None  # the last chunk's K/V, which only a prefill's attention reads
-                q = synthetic_layer(layer_stats, 0, n_q, dtype, gen)[2]
-                layer.query_sample.add(q, torch.linspace(0, n - 1, n_q).long())
-            else:
-                k, v, _ = synthetic_layer(layer_stats, n, 0, dtype, gen)
-                cache.update(k[None], v[None], i)
-            del k, v
-    t0 = time.perf_counter()
-    if kind == "hybrid":
-        cache.build_indexes()
-    return cache, time.perf_counter() - t0
-
-
-def cache_bytes(cache, device: torch.device) -> tuple[int, int]:
-    """(device bytes, host bytes) held by a cache, by where its tensors are."""
-    if isinstance(cache, HybridCache):
-        report = cache.memory_report()
-        return sum(report["device"].values()), sum(report["host"].values())
-    on_device = on_host = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            if t.device == device:
-                on_device += t.nbytes
-            else:
-                on_host += t.nbytes
-    return on_device, on_host
+    build_s = fill(cache, stats, n, dtype=next(model.parameters()).dtype, seed=seed)
+    return cache, build_s
 
 
 @torch.inference_mode()
 def decode_once(model, cache) -> tuple[float, float, float]:
     """One decode step: seconds for the whole model, seconds per layer in update + attention, kv_read_frac."""
-    LayerTimer.seconds = 0.0
+    CLOCK.seconds = 0.0
     t0 = time.perf_counter()
     model(input_ids=torch.tensor([[17]]), cache=cache, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - t0
     read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
-    return seconds, LayerTimer.seconds / model.config.num_hidden_layers, read
+    return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
 
 
 def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, tuple[float, float, float]]:
     """Per cache: median ms per token (whole model), median ms per layer in update + attention,
-    mean kv_read_frac. With several caches the steps alternate between them, so that the
-    machine's drift over the run falls on all of them alike."""
-    samples = {name: [] for name in caches}
-    for step in range(warmup + steps):
-        for name, cache in caches.items():
-            sample = decode_once(model, cache)
-            if step >= warmup:
-                samples[name].append(sample)
+    mean kv_read_frac; with several caches their steps take turns (`in_turns`)."""
+    samples = in_turns(
+        {name: lambda _, cache=cache: decode_once(model, cache) for name, cache in caches.items()}, steps, warmup
+    )
     return {
         name: (
             1e3 * statistics.median(s[0] for s in got),
@@ -226,10 +94,10 @@ def time_rerun(model, cache, positions: int, steps: int) -> float:
     samples = []
     ids = torch.full((1, positions), 17)
     for _ in range(steps):
-        LayerTimer.seconds = 0.0
+        CLOCK.seconds = 0.0
         with cache.rerun_exactly([0], positions):
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        samples.append(LayerTimer.seconds / model.config.num_hidden_layers)
+        samples.append(CLOCK.seconds / model.config.num_hidden_layers)
     return 1e3 * statistics.median(samples)
 
 
@@ -272,7 +140,7 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
 def run(args) -> list[dict]:
     rows = []
     for model_name in args.models:
-        model, tok = make_model(model_name, args.layers)
+        model, tok = benchmark_model(model_name, layers=args.layers, attn_implementation=TIMED)
         stats = channel_stats(model, tok)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         all_methods = model_name != "smollm2-135m" or args.all_methods
@@ -336,54 +204,37 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     return rows
 
 
-def write_json(path: Path, config: dict, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": config, "cases": rows}, indent=1))
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for method in sorted({r["method"] for r in rows if r["model"] == model}):
-            pts = sorted(
-                (r["context"], r["attn_ms_per_layer"])
-                for r in rows
-                if r["model"] == model and r["method"] == method and "error" not in r
-            )
-            if not pts:
-                continue
-            ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(
-            xscale="log", yscale="log", xlabel="context (tokens)", ylabel="update + attention ms per layer", title=model
-        )
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+def plot(rows: list[dict], path) -> None:
+    method_panels(
+        rows,
+        path,
+        panel=lambda r: r["model"],
+        title=str,
+        x="context",
+        y="attn_ms_per_layer",
+        xlabel="context (tokens)",
+        ylabel="update + attention ms per layer",
+        size=(6, 4.5),
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short contexts, few steps")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
+    add_output_args(p, quick="short contexts, few steps", plot="update + attention ms per layer against context (PNG)")
     p.add_argument(
         "--models",
         nargs="+",
         default=["smollm2-135m", "llama-3-8b-shape"],
         choices=["smollm2-135m", *SHAPES],
     )
-    p.add_argument("--contexts", type=int, nargs="+", help="default: 4K to 128K tokens (--quick: 2K and 8K)")
+    p.add_argument("--contexts", type=positive_int, nargs="+", help="default: 4K to 128K tokens (--quick: 2K and 8K)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
-    p.add_argument("--steps", type=int, default=9, help="timed decode steps (after 2 warm-up steps)")
-    p.add_argument("--prefill-max", type=int, default=8192, help="longest context whose prefill is run for real")
+    p.add_argument(
+        "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 3)"
+    )
+    p.add_argument(
+        "--prefill-max", type=int, help="longest context whose prefill is run for real; default 8192 (--quick: 2048)"
+    )
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     p.add_argument("--all-methods", action="store_true", help="every retrieval method on SmolLM2 too")
     p.add_argument("--methods", nargs="+", help="only these methods (e.g. hybrid-default full-sdpa)")
@@ -392,12 +243,15 @@ def main(argv=None):
         action="store_true",
         help="hold every method's cache of a context at once and alternate their decode steps (for ratios)",
     )
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.prefill_max = 3, 2048
-    args.contexts = args.contexts or ([2048, 8192] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072])
-    torch.set_num_threads(args.threads)
+    quick_defaults(
+        args,
+        steps=(3, 9),
+        prefill_max=(2048, 8192),
+        contexts=([2048, 8192], [4096, 8192, 16384, 32768, 65536, 131072]),
+    )
+    pin_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)
     config = {
@@ -407,7 +261,7 @@ def main(argv=None):
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
-        write_json(args.json, config, rows)
+        write_json(args.json, {"config": config, "cases": rows})
     if args.plot:
         plot(rows, args.plot)
 

@@ -10,7 +10,7 @@ store, in one `gather_attend_batch` call, against a loop of B single calls and
 the best plain-torch equivalent; each sequence's result must be bit-identical
 to its single call.
 
-    python -m bench.speed.kernel [--quick] [--json PATH]
+    python -m bench.speed.kernel [--quick] [--json PATH] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,30 +19,16 @@ import argparse
 import json
 import math
 import platform
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
+from bench.common.options import add_output_args, add_threads_arg, pin_threads
+from bench.common.output import write_json
+from bench.common.timing import median_ms
 from engine.cache.store import host_empty
 from engine.native import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def median_ms(fn, reps: int, warmup_s: float = 0.05) -> float:
-    """Median of `reps` timed calls, after running `fn` for `warmup_s` seconds (caches,
-    page tables, and thread pools left spinning by the previous measurement settle)."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < warmup_s:
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def read_bandwidth_gbps(reps: int) -> float:
@@ -155,12 +141,11 @@ def run_batched_case(args, Hkv, G, D, scale, gen, reps, read_gbps):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller store, fewer repetitions")
-    p.add_argument("--json", type=Path, help="write the results here as JSON")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for torch and the kernel")
+    add_output_args(p, quick="smaller store, fewer repetitions")
+    add_threads_arg(p)  # the kernel's batched calls take as many
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     Hkv, G, D = 8, 4, 128
     N = 32768 if args.quick else 131072
     reps = 5 if args.quick else 30
@@ -197,8 +182,7 @@ def main(argv=None):
     batched = [run_batched_case(args, Hkv, G, D, scale, gen, reps, read_gbps)]
     print(json.dumps(batched[0]), flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": header, "cases": cases, "batched": batched}, indent=1))
+        write_json(args.json, {"config": header, "cases": cases, "batched": batched})
 
 
 if __name__ == "__main__":

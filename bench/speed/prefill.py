@@ -1,8 +1,6 @@
 """Time to first token: the engine's prefill and host index build against plain chunked
 sdpa prefill of the same model, in one run.
 
-    python -m bench.speed.prefill [--quick] [--json PATH] [--contexts 2048 4096 8192] [--repeats 3]
-
 Per context, on the bundled model with random token ids, the cases alternate within each
 repeat (medians reported):
 
@@ -13,6 +11,8 @@ repeat (medians reported):
                   last build is done
 
 Time to first token = prefill + what the builds leave after it; ratio = that / sdpa.
+
+    python -m bench.speed.prefill [--quick] [--json PATH] [--contexts 2048 4096 8192] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,14 +21,25 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from bench.common.options import (
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
+from bench.common.output import write_json
+from bench.common.timing import in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.models import load_model
+
+CASES = ("sdpa", "engine", "overlapped")
 
 
 @torch.inference_mode()
@@ -54,26 +65,21 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one short context, one repeat")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--contexts", type=int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")
-    p.add_argument("--repeats", type=int, help="default 3 (--quick: 1)")
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_output_args(p, quick="one short context, one repeat")
+    add_model_args(p)
+    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")
+    p.add_argument("--repeats", type=positive_int, help="default 3 (--quick: 1)")
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    args.contexts = args.contexts or ([512] if args.quick else [2048, 4096, 8192])
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    torch.set_num_threads(args.threads)
+    quick_defaults(args, contexts=([512], [2048, 4096, 8192]), repeats=(1, 3))
+    pin_threads(args.threads)
     model, _ = load_model(args.model, attn_implementation="hybrid")
     cfg = OffloadConfig(device="cpu")
     rows = []
     for context in args.contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[dict]] = {"sdpa": [], "engine": [], "overlapped": []}
-        for _ in range(args.repeats):
-            for case in times:
-                times[case].append(time_case(model, ids, case, cfg, args.chunk))
+        cases = {case: lambda _, case=case, ids=ids: time_case(model, ids, case, cfg, args.chunk) for case in CASES}
+        times = in_turns(cases, args.repeats, warmup=0)
         sdpa = statistics.median(t["prefill_s"] for t in times["sdpa"])
         for case, ts in times.items():
             prefill_s = statistics.median(t["prefill_s"] for t in ts)
@@ -89,9 +95,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {"model": args.model, "threads": args.threads, "chunk": args.chunk, "repeats": args.repeats}
-        args.json.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+        write_json(args.json, {"config": config, "rows": rows})
 
 
 if __name__ == "__main__":

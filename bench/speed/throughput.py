@@ -2,15 +2,15 @@
 sequences, one batched decode step per token) and full attention (sdpa over a
 DynamicCache of the same B sequences), on the same model in the same run.
 
-As in bench_decode.py, each sequence's context is built directly in the caches
-(keys, values and build queries drawn with the per-channel statistics of a real
-prefill of the model; every sequence its own draw), and decode runs the real
-model. Per (model, context, batch, method): attn_tokens_per_s (B / seconds of
+As in bench.speed.decode, each sequence's context is built directly in the caches
+(bench.common.caches: keys, values and build queries drawn with the per-channel
+statistics of a real prefill of the model; every sequence its own draw), and decode
+runs the real model. Per (model, context, batch, method): attn_tokens_per_s (B / seconds of
 cache update + attention per layer and step: the part the engine replaces),
 model_tokens_per_s (B / seconds of the whole forward pass), their medians over
 steps that alternate between the methods, device and host bytes.
 
-    python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH]
+    python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH] [--batches ...] [--threads N]
 """
 
 from __future__ import annotations
@@ -20,27 +20,31 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from transformers import AttentionInterface, DynamicCache
 
-from bench.speed.decode import (
-    SHAPES,
-    LayerTimer,
-    TimedDynamicCache,
-    TimedHybridCache,
-    cache_bytes,
-    channel_stats,
-    fill_cache,
-    make_model,
-    write_json,
-)
-from engine import OffloadConfig
+from bench.common.caches import cache_bytes, channel_stats, fill
+from bench.common.models import SHAPES, benchmark_model
+from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.output import method_panels, write_json
+from bench.common.timing import LayerClock, in_turns
+from engine import HybridCache, OffloadConfig
+
+# cache.update() + attention of every layer, timed apart from the rest of the model
+TIMED = "hybrid_timed_batch"
+CLOCK = LayerClock()
+AttentionInterface.register(TIMED, CLOCK)
+TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(DynamicCache)
 
 
 def sequence_caches(model, stats, context: int, cfg: OffloadConfig, count: int) -> list[TimedHybridCache]:
     """`count` single-sequence engine caches of `context` positions each, every one its own draw."""
-    return [fill_cache("hybrid", model, stats, context, cfg, seed=i)[0] for i in range(count)]
+    dtype = next(model.parameters()).dtype
+    caches = [TimedHybridCache(model, cfg, max_length=context + 64, progress=False) for _ in range(count)]
+    for i, cache in enumerate(caches):
+        fill(cache, stats, context, dtype=dtype, seed=i)
+    return caches
 
 
 def hybrid_batch(seqs: list[TimedHybridCache]) -> TimedHybridCache:
@@ -73,22 +77,17 @@ def full_batch(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> TimedDynami
 def step(model, cache, positions: torch.Tensor) -> tuple[float, float]:
     """One decode step of the batch (positions [B, 1]): seconds for the whole model, and
     seconds per layer in cache update + attention."""
-    LayerTimer.seconds = 0.0
+    CLOCK.seconds = 0.0
     ids = torch.full_like(positions, 17)
     t0 = time.perf_counter()
     model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - t0, LayerTimer.seconds / model.config.num_hidden_layers
+    return time.perf_counter() - t0, CLOCK.seconds / model.config.num_hidden_layers
 
 
 def time_batch(model, caches: dict, B: int, context: int, steps: int, warmup: int = 2) -> dict:
-    """Per cache: median seconds per step (model, attention per layer), steps alternating between caches."""
-    samples = {name: [] for name in caches}
-    for i in range(warmup + steps):
-        positions = torch.full((B, 1), context + i)
-        for name, cache in caches.items():
-            s = step(model, cache, positions)
-            if i >= warmup:
-                samples[name].append(s)
+    """Per cache: median seconds per step (model, attention per layer), the caches' steps taking turns."""
+    runs = {name: lambda i, c=cache: step(model, c, torch.full((B, 1), context + i)) for name, cache in caches.items()}
+    samples = in_turns(runs, steps, warmup)
     return {name: tuple(statistics.median(x[j] for x in got) for j in (0, 1)) for name, got in samples.items()}
 
 
@@ -96,7 +95,7 @@ def run(args) -> list[dict]:
     rows = []
     cfg = OffloadConfig(device="cpu")
     for model_name in args.models:
-        model, tok = make_model(model_name, args.layers)
+        model, tok = benchmark_model(model_name, layers=args.layers, attn_implementation=TIMED)
         stats = channel_stats(model, tok)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         for context in args.contexts:
@@ -133,54 +132,46 @@ def run(args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["model"], r["context"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (model, context) in zip(axes[0], panels):
-        for method in sorted({r["method"] for r in rows}):
-            pts = sorted(
-                (r["batch"], r["attn_tokens_per_s"])
-                for r in rows
-                if (r["model"], r["context"], r["method"]) == (model, context, method)
-            )
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s (update + attention, per layer)")
-        ax.set_title(f"{model}, {context} tokens per sequence", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+def plot(rows: list[dict], path) -> None:
+    method_panels(
+        rows,
+        path,
+        panel=lambda r: (r["model"], r["context"]),
+        title=lambda key: f"{key[0]}, {key[1]} tokens per sequence",
+        x="batch",
+        y="attn_tokens_per_s",
+        xlabel="batch",
+        ylabel="tokens/s (update + attention, per layer)",
+    )
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the tiny model, short contexts, batches 1 and 2")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
-    p.add_argument("--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape")
-    p.add_argument("--contexts", type=int, nargs="+", help="tokens per sequence; default 8192 32768")
-    p.add_argument("--batches", type=int, nargs="+", help="default 1 2 4 8 16")
+    add_output_args(
+        p, quick="the tiny model, short contexts, batches 1 and 2", plot="tokens/s against batch size (PNG)"
+    )
+    p.add_argument(
+        "--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape (--quick: tiny-llama)"
+    )
+    p.add_argument(
+        "--contexts", type=positive_int, nargs="+", help="tokens per sequence; default 8192 32768 (--quick: 512)"
+    )
+    p.add_argument("--batches", type=positive_int, nargs="+", help="default 1 2 4 8 16 (--quick: 1 2)")
     p.add_argument("--layers", type=int, default=1, help="decoder layers of the random-weight shapes")
-    p.add_argument("--steps", type=int, default=9, help="timed decode steps (after 2 warm-up steps)")
+    p.add_argument(
+        "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 2)"
+    )
     p.add_argument("--no-full", action="store_true", help="leave out full attention")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    if args.quick:
-        args.models = args.models or ["tiny-llama"]
-        args.contexts, args.batches, args.steps = args.contexts or [512], args.batches or [1, 2], 2
-    args.models = args.models or ["llama-3-8b-shape"]
-    args.contexts = args.contexts or [8192, 32768]
-    args.batches = args.batches or [1, 2, 4, 8, 16]
-    if min(args.batches) < 1 or min(args.contexts) < 1:
-        p.error("batches and contexts must be positive")
-    torch.set_num_threads(args.threads)
+    quick_defaults(
+        args,
+        models=(["tiny-llama"], ["llama-3-8b-shape"]),
+        contexts=([512], [8192, 32768]),
+        batches=([1, 2], [1, 2, 4, 8, 16]),
+        steps=(2, 9),
+    )
+    pin_threads(args.threads)
     started = time.perf_counter()
     rows = run(args)
     config = {
@@ -190,7 +181,7 @@ def main(argv=None):
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
-        write_json(args.json, config, rows)
+        write_json(args.json, {"config": config, "cases": rows})
     if args.plot:
         plot(rows, args.plot)
 

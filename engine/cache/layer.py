@@ -15,6 +15,8 @@ exact prefill attention or the retrieval decode step (engine.attention).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -188,6 +190,60 @@ class HybridLayer(CacheLayerMixin):
         if self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys):
             self.blocks.add(k)
         if self.key_index is not None and self.host.n - self.n_indexed >= self.cfg.block_size:
+            self.index_new_keys()
+
+    # ------------------------------------ state made without a prefill (benchmarks, evaluations)
+
+    def load_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take the next positions' K/V [Hkv, n, D] as a prefill chunk's `update` does (sinks,
+        window, the rest to the host store and its block summaries), without the chunk's own
+        attention, so the chunk is not kept for it: a context built directly rather than
+        computed, at lengths no CPU could prefill."""
+        if keys.ndim != 3 or keys.shape != values.shape:
+            raise ValueError(
+                f"load_kv takes keys and values of one shape [Hkv, n, D], got {tuple(keys.shape)} and "
+                f"{tuple(values.shape)}"
+            )
+        self.update(keys[None], values[None])
+        self.last_added = None
+
+    def add_build_queries(self, queries: torch.Tensor) -> None:
+        """Queries [Hq, n, D] for the host key index's build (the attention-aware indexes learn
+        from prefill queries), taken as spread evenly over the positions seen so far: for a
+        context given by `load_kv`, whose prefill queries were never computed."""
+        if not self.is_initialized or self.key_index is not None:
+            raise ValueError("build queries go to a layer that holds positions and has no host key index yet")
+        Hq = self.n_kv_heads * self.group
+        if queries.ndim != 3 or (queries.shape[0], queries.shape[2]) != (Hq, self.head_dim):
+            raise ValueError(
+                f"layer {self.layer_idx}: expected queries [{Hq}, n, {self.head_dim}], got {tuple(queries.shape)}"
+            )
+        self.query_sample.add(queries, torch.linspace(0, self.n_seen - 1, queries.shape[1]).long())
+
+    def copy_indexes_from(self, source: HybridLayer) -> None:
+        """Copies of `source`'s host key index and key sketch, for this layer holding the same
+        positions under a configuration with the source's sinks and key index (and, with an
+        adaptive budget, sketch rank) and a window no longer than its; the host tokens a
+        shorter window leaves over are added to the copies. Evaluations compare configurations
+        on one prefill this way, rather than building every configuration's index again."""
+        from engine.decode.sketch import ExactKeys
+
+        mine, theirs = self.cfg, source.cfg
+        same = (mine.n_sink, mine.key_index) == (theirs.n_sink, theirs.key_index) and mine.window <= theirs.window
+        if mine.budget == "adaptive":
+            same &= mine.sketch_rank == theirs.sketch_rank and (source.sketch is not None or source.key_index is None)
+        if not same or self.n_seen != source.n_seen:
+            raise ValueError(
+                "a layer takes the host indexes of a layer holding the same positions, with the same sinks and "
+                "method (and an adaptive one, the sketch rank) and a window no shorter than its"
+            )
+        self.key_index = copy.deepcopy(source.key_index)
+        self.sketch = None
+        if mine.budget == "adaptive" and source.sketch is not None:  # an exact scorer reads this layer's own store
+            exact = isinstance(source.sketch, ExactKeys)
+            self.sketch = ExactKeys(self.host, mine.host_threads) if exact else copy.deepcopy(source.sketch)
+        self.n_indexed, self.n_built = source.n_indexed, source.n_built
+        if self.key_index is not None and self.host.n > self.n_indexed:
             self.index_new_keys()
 
     def index_new_keys(self) -> None:

@@ -1,0 +1,97 @@
+"""Command-line options the scripts share, and the thread pools pinned to `--threads`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.models import BUNDLED_NAME
+from engine.native import ops
+
+
+def add_output_args(p: argparse.ArgumentParser, *, quick: str | None = None, plot: str | None = None) -> None:
+    """--quick where a script has a short run (`quick` says what it runs), --json PATH and,
+    where a picture helps, --plot PATH (`plot` says what it draws)."""
+    if quick is not None:
+        p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    if plot is not None:
+        p.add_argument("--plot", type=Path, help=plot)
+
+
+def quick_defaults(args: argparse.Namespace, **defaults: tuple) -> None:
+    """Give each option `name` left unset (None) its default from the pair `name=(quick, full)`:
+    the first in a --quick run, else the second. A value given on the command line stays."""
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an int >= 1 (argparse names the option when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def add_threads_arg(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    """--threads N (default: torch's own count), for `pin_threads`."""
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=default or torch.get_num_threads(),
+        help="threads of the torch (OpenMP), faiss and numba pools, pinned and printed",
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser, *, chunk: int | None = 1024) -> None:
+    """--model NAME (default: the bundled model) and, unless `chunk` is None, --chunk N."""
+    p.add_argument("--model", default=BUNDLED_NAME, help="bundled name, local model directory, .gguf file or hub id")
+    if chunk is not None:
+        p.add_argument("--chunk", type=int, default=chunk, help="prefill chunk")
+
+
+def pin_threads(n: int, *, torch_threads: int | None = None) -> dict[str, int | None]:
+    """Pin torch's intra-op pool (torch sets its OpenMP pool with it), and faiss's OpenMP pool
+    and numba's pool where they are installed, to n threads (torch to `torch_threads` when
+    given); print the counts as one JSON line and return them. Pinned, because every pool
+    left at its default takes every core, and pools that compete time each other's waits."""
+    for name, value in (("threads", n), ("torch threads", torch_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    torch.set_num_threads(torch_threads or n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    counts = thread_counts()
+    print(json.dumps({"threads": counts}), flush=True)
+    return counts
+
+
+def thread_counts() -> dict[str, int | None]:
+    """The threads each pool runs now (None: the library is not loaded); `kernel` is the
+    most the host kernel takes when a call leaves its count at 0."""
+    faiss, numba = sys.modules.get("faiss"), sys.modules.get("numba")
+    return {
+        "torch": torch.get_num_threads(),
+        "faiss": faiss.omp_get_max_threads() if faiss is not None else None,
+        "numba": numba.get_num_threads() if numba is not None else None,
+        "kernel": ops._C.max_threads() if ops.HAS_EXT else None,
+    }

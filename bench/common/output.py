@@ -1,0 +1,109 @@
+"""What the scripts write: JSON that carries the run's environment, and their plots."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+import torch
+
+from bench.common.options import thread_counts
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """`payload` as indented JSON at `path` (folders made), after an "environment" entry
+    (`environment()`) unless the payload brings its own: a result file says where it was measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=1))
+
+
+def environment() -> dict:
+    """The machine, the versions, the thread pools, the date and the commit a run was made with."""
+    import transformers
+
+    commit, dirty = git_commit()
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": thread_counts(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+@functools.cache
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, whether tracked files differ from it) of the source checkout these scripts run
+    from; (None, None) where they were installed from a wheel or git is missing. Only a
+    checkout whose top folder holds this `bench` counts: an installed copy may sit inside
+    some other repository."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode or Path(top.stdout.strip()).resolve() != root:
+            return None, None
+        head = git("rev-parse", "HEAD").stdout.strip() or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return head, dirty
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+
+
+def method_panels(
+    rows: list[dict],
+    path: Path,
+    *,
+    panel: Callable[[dict], Hashable],
+    title: Callable[[Hashable], str],
+    x: str,
+    y: str,
+    xlabel: str,
+    ylabel: str,
+    size: tuple[float, float] = (5, 4),
+) -> None:
+    """Log-log panels side by side, one per value of `panel(row)`, each with a line per
+    "method" of `y` against `x`; rows that carry an "error" are left out."""
+    plt = pyplot()
+    rows = [r for r in rows if "error" not in r]
+    panels = sorted({panel(r) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        mine = [r for r in rows if panel(r) == key]
+        for method in sorted({r["method"] for r in mine}):
+            ax.plot(*zip(*sorted((r[x], r[y]) for r in mine if r["method"] == method)), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(title(key), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -1,0 +1,94 @@
+"""Timers: warm-up then the median of several runs, runs taken in turns, and a clock of
+the seconds spent in each layer's attention (and cache update) during a forward pass."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from engine.attention import hybrid_attention_forward
+
+T = TypeVar("T")
+
+
+def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> float:
+    """Median of `reps` timed calls, after running `fn` for `warmup_s` seconds (caches,
+    page tables, and thread pools left spinning by the previous measurement settle)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def in_turns(runs: dict[str, Callable[[int], T]], steps: int, warmup: int = 2) -> dict[str, list[T]]:
+    """Call every run `warmup + steps` times, the runs taking turns at each step, so that the
+    machine's drift over the whole run falls on all of them alike; each call is given the
+    step's index. Returns, per run, what its calls after the warm-up returned."""
+    samples: dict[str, list[T]] = {name: [] for name in runs}
+    for step in range(warmup + steps):
+        for name, run in runs.items():
+            result = run(step)
+            if step >= warmup:
+                samples[name].append(result)
+    return samples
+
+
+class Synced:
+    """Seconds between a synchronised start and a synchronised end (CUDA work is asynchronous)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+class LayerClock:
+    """An attention function, the engine's own ("hybrid"), that adds the seconds of every
+    call to `seconds` (synchronised on a CUDA device); `timed(cache_class)` makes caches whose
+    `update()` adds its seconds too. Register it with transformers' `AttentionInterface` under
+    a name of its own, run the model with that implementation, and set `seconds` to 0 before
+    a forward pass: the seconds per layer are then `seconds / n_layers`. The part of a decode
+    step the engine replaces is timed apart from the rest of the model this way."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device, self.seconds = torch.device(device), 0.0
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        with Synced(self.device) as t:
+            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        self.seconds += t.seconds
+        return out
+
+    def timed(self, cache_class: type) -> type:
+        """A subclass of `cache_class` whose `update()` seconds this clock counts."""
+        clock = self
+
+        class Timed(cache_class):
+            def update(self, *args, **kwargs):
+                with Synced(clock.device) as t:
+                    out = super().update(*args, **kwargs)
+                clock.seconds += t.seconds
+                return out
+
+        Timed.__name__ = Timed.__qualname__ = f"Timed{cache_class.__name__}"
+        return Timed
