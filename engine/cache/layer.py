@@ -235,7 +235,7 @@ class HybridLayer(CacheLayerMixin):
         if not same or self.n_seen != source.n_seen:
             raise ValueError(
                 "a layer takes the host indexes of a layer holding the same positions, with the same sinks and "
-                "method (and an adaptive one, the sketch rank) and a window no shorter than its"
+                "key index (and an adaptive one, the sketch rank) and a window no shorter than its"
             )
         self.key_index = copy.deepcopy(source.key_index)
         self.sketch = None
