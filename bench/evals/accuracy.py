@@ -37,14 +37,7 @@ import time
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.evals.probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
@@ -124,22 +117,22 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="2 prompts per cell, 2K tokens, two tasks")
-    p.add_argument("--n", type=positive_int, help="prompts per (task, context); default 40 (--quick: 2)")
+    options.add_output_args(p, quick="2 prompts per cell, 2K tokens, two tasks")
+    p.add_argument("--n", type=options.positive_int, help="prompts per (task, context); default 40 (--quick: 2)")
     p.add_argument("--first", type=int, default=0, help="seed of the first prompt (default 0)")
-    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
+    p.add_argument("--contexts", type=options.positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 2048)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking (--quick: two)")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations")
-    add_model_args(p)
-    add_threads_arg(p)
+    options.add_model_args(p)
+    options.add_threads_arg(p)
     args = p.parse_args(argv)
     if args.first < 0:
         p.error(f"--first must be at least 0, got {args.first}")
-    quick_defaults(
+    options.quick_defaults(
         args, n=(2, 40), contexts=([2048], [2048, 4096, 8192]), tasks=(["passkey", "niah_single"], DEFAULT_TASKS)
     )
-    pin_threads(args.threads)
+    options.pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     n_layers = model.config.num_hidden_layers

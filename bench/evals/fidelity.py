@@ -30,14 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import LayerProbe, copy_state, named
@@ -112,17 +105,17 @@ def table(summary: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="2 short prompts, 4 steps")
-    p.add_argument("--prompts", type=positive_int, help="default 12 (--quick: 2)")
-    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
-    p.add_argument("--steps", type=positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
+    options.add_output_args(p, quick="2 short prompts, 4 steps")
+    p.add_argument("--prompts", type=options.positive_int, help="default 12 (--quick: 2)")
+    p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--steps", type=options.positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
     p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
-    add_model_args(p)
-    add_threads_arg(p)
+    options.add_model_args(p)
+    options.add_threads_arg(p)
     args = p.parse_args(argv)
-    quick_defaults(args, prompts=(2, 12), context=(512, 4096), steps=(4, 24))
-    pin_threads(args.threads)
+    options.quick_defaults(args, prompts=(2, 12), context=(512, 4096), steps=(4, 24))
+    options.pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     probe = LayerProbe()

@@ -33,14 +33,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
@@ -80,18 +73,18 @@ def continuations(
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="2 short prompts, 16 tokens")
-    add_model_args(p)
-    p.add_argument("--prompts", type=positive_int, help="default 20 (--quick: 2)")
-    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
-    p.add_argument("--new", type=positive_int, help="generated tokens; default 256 (--quick: 16)")
+    options.add_output_args(p, quick="2 short prompts, 16 tokens")
+    options.add_model_args(p)
+    p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")
+    p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--new", type=options.positive_int, help="generated tokens; default 256 (--quick: 16)")
     p.add_argument("--offset", type=int, default=600_000, help="text tokens skipped before the first prompt")
-    add_threads_arg(p)
+    options.add_threads_arg(p)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["default", "fixed-noest"])
     p.add_argument("--no-forced", action="store_true", help="leave out the teacher-forced runs")
     args = p.parse_args(argv)
-    quick_defaults(args, prompts=(2, 20), context=(512, 4096), new=(16, 256))
-    pin_threads(args.threads)
+    options.quick_defaults(args, prompts=(2, 20), context=(512, 4096), new=(16, 256))
+    options.pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     started = time.perf_counter()

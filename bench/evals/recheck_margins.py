@@ -28,14 +28,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
@@ -65,22 +58,24 @@ def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int) 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="2 short prompts, 16 tokens")
+    options.add_output_args(p, quick="2 short prompts, 16 tokens")
     p.add_argument("--source", default="prose", choices=["prose", *TASKS], help="prose segments or a task's prompts")
-    p.add_argument("--context", type=positive_int, help="prompt tokens; default 4096 (--quick: 512)")
-    p.add_argument("--prompts", type=positive_int, help="default 20 (--quick: 2)")
+    p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
+    p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")
     p.add_argument(
-        "--new", type=positive_int, help="prose: tokens generated, default 256 (--quick: 16); a task: its answer length"
+        "--new",
+        type=options.positive_int,
+        help="prose: tokens generated, default 256 (--quick: 16); a task: its answer length",
     )
     p.add_argument("--offset", type=int, default=600_000, help="prose: text tokens skipped before the first prompt")
     p.add_argument("--margins", type=float, nargs="+", default=MARGINS)
-    add_model_args(p)
-    add_threads_arg(p)
+    options.add_model_args(p)
+    options.add_threads_arg(p)
     args = p.parse_args(argv)
-    quick_defaults(args, context=(512, 4096), prompts=(2, 20), new=(16, 256))
+    options.quick_defaults(args, context=(512, 4096), prompts=(2, 20), new=(16, 256))
     if any(m <= 0 for m in args.margins):
         p.error(f"--margins must be > 0, got {args.margins}")
-    pin_threads(args.threads)
+    options.pin_threads(args.threads)
 
     model, tok = load_model(args.model, attn_implementation="hybrid")
     if args.source == "prose":

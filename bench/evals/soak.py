@@ -33,14 +33,7 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.common.text import segments
 from engine import HybridCache, OffloadConfig
@@ -177,15 +170,15 @@ def interrupted_generation_is_harmless(llm: HybridLLM, prompt: torch.Tensor, n: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="a 600-token prompt, 200 steps")
-    add_model_args(p, chunk=None)  # the engine's own prefill chunk
-    p.add_argument("--prompt-tokens", type=positive_int, help="default 4096 (--quick: 600)")
-    p.add_argument("--steps", type=positive_int, help="decode steps, default 2000 (--quick: 200)")
-    p.add_argument("--every", type=positive_int, help="steps between checks, default 100 (--quick: 50)")
-    add_threads_arg(p)
+    options.add_output_args(p, quick="a 600-token prompt, 200 steps")
+    options.add_model_args(p, chunk=None)  # the engine's own prefill chunk
+    p.add_argument("--prompt-tokens", type=options.positive_int, help="default 4096 (--quick: 600)")
+    p.add_argument("--steps", type=options.positive_int, help="decode steps, default 2000 (--quick: 200)")
+    p.add_argument("--every", type=options.positive_int, help="steps between checks, default 100 (--quick: 50)")
+    options.add_threads_arg(p)
     args = p.parse_args(argv)
-    quick_defaults(args, prompt_tokens=(600, 4096), steps=(200, 2000), every=(50, 100))
-    pin_threads(args.threads)
+    options.quick_defaults(args, prompt_tokens=(600, 4096), steps=(200, 2000), every=(50, 100))
+    options.pin_threads(args.threads)
     llm = HybridLLM.from_pretrained(args.model, offload=OffloadConfig(device="cpu"))
     ids = segments(llm.tokenizer, 1, args.prompt_tokens, offset=800_000)[0]
     started = time.perf_counter()

@@ -25,14 +25,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from bench.common.options import (
-    add_model_args,
-    add_output_args,
-    add_threads_arg,
-    pin_threads,
-    positive_int,
-    quick_defaults,
-)
+from bench.common import options
 from bench.common.output import write_json
 from bench.common.timing import in_turns
 from engine import HybridCache, OffloadConfig
@@ -65,14 +58,14 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="one short context, one repeat")
-    add_model_args(p)
-    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")
-    p.add_argument("--repeats", type=positive_int, help="default 3 (--quick: 1)")
-    add_threads_arg(p)
+    options.add_output_args(p, quick="one short context, one repeat")
+    options.add_model_args(p)
+    p.add_argument("--contexts", type=options.positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")
+    p.add_argument("--repeats", type=options.positive_int, help="default 3 (--quick: 1)")
+    options.add_threads_arg(p)
     args = p.parse_args(argv)
-    quick_defaults(args, contexts=([512], [2048, 4096, 8192]), repeats=(1, 3))
-    pin_threads(args.threads)
+    options.quick_defaults(args, contexts=([512], [2048, 4096, 8192]), repeats=(1, 3))
+    options.pin_threads(args.threads)
     model, _ = load_model(args.model, attn_implementation="hybrid")
     cfg = OffloadConfig(device="cpu")
     rows = []
