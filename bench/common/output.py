@@ -23,6 +23,15 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=1))
 
 
+def save_run(args, config: dict, cases: list[dict], plot=None) -> None:
+    """A speed benchmark's results: {"config", "cases"} to `--json` and `plot(cases, path)` to
+    `--plot`, each where given; the run's thread count joins its config."""
+    if args.json:
+        write_json(args.json, {"config": {"threads": args.threads, **config}, "cases": cases})
+    if args.plot and plot is not None:
+        plot(cases, args.plot)
+
+
 def environment() -> dict:
     """The machine, the versions, the thread pools, the date and the commit a run was made with."""
     import transformers

@@ -34,7 +34,7 @@ from transformers import AttentionInterface, DynamicCache
 from bench.common.caches import cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
-from bench.common.output import method_panels, write_json
+from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
@@ -255,15 +255,11 @@ def main(argv=None):
     started = time.perf_counter()
     rows = run(args)
     config = {
-        "threads": args.threads,
         "contexts": args.contexts,
         "layers_8b_shape": args.layers,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if args.json:
-        write_json(args.json, {"config": config, "cases": rows})
-    if args.plot:
-        plot(rows, args.plot)
+    save_run(args, config, rows, plot)
 
 
 if __name__ == "__main__":
