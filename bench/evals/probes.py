@@ -4,7 +4,7 @@
 - `copy_state`: a prefilled cache's positions in a full-attention cache or in
   another engine configuration (the host indexes are copied, not rebuilt);
 - `prefill_and_answer`: a prompt prefilled once, and full attention's greedy answer;
-- `OracleSelect`: a selection rule for `engine.attention.decode_step` that reads
+- `OracleSelect`: a selection rule for `engine.decode.step.decode_step` that reads
   the host tokens exact attention weighs most (it scores every host key: for
   measuring what a selector could reach at the same read share, not for use);
 - `LayerProbe`: an attention function that runs the engine and measures, per
