@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ann.block import BlockIndex
 from engine.cache.store import HostKV, QuerySample
 from engine.config import OffloadConfig
 from engine.decode.estimate import BlockSummary
+from engine.decode.sketch import ExactKeys
 from engine.plan import ModelShape
 
 
@@ -66,8 +68,6 @@ class HybridLayer(CacheLayerMixin):
     # ------------------------------------------------------------ set-up
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        from ann import BlockIndex
-
         B, Hkv, _, D = key_states.shape
         if B != 1:
             raise ValueError(
@@ -226,8 +226,6 @@ class HybridLayer(CacheLayerMixin):
         adaptive budget, sketch rank) and a window no longer than its; the host tokens a
         shorter window leaves over are added to the copies. Evaluations compare configurations
         on one prefill this way, rather than building every configuration's index again."""
-        from engine.decode.sketch import ExactKeys
-
         mine, theirs = self.cfg, source.cfg
         same = (mine.n_sink, mine.key_index) == (theirs.n_sink, theirs.key_index) and mine.window <= theirs.window
         if mine.budget == "adaptive":
