@@ -195,10 +195,15 @@ class HybridCache(Cache):
         """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""
         return sum_bytes(layer.nbytes() for layer in self.layers)
 
-    def step_stats(self) -> dict[str, float]:
-        """The last decode step over all layers (and sequences): host tokens, tokens gathered and estimated,
-        vectors scanned, keys and sketch rows scored, and kv_read_frac = gathered / host tokens."""
-        layers = [layer for layer in self.sequence_layers() if layer.is_initialized]
+    def step_stats(self, row: int | None = None) -> dict[str, float]:
+        """The last decode step over all layers, of every sequence (row None) or of sequence
+        `row` of the batch: host tokens, tokens gathered and estimated, vectors scanned, keys
+        and sketch rows scored, and kv_read_frac = gathered / host tokens."""
+        if row is None:
+            layers = self.sequence_layers()
+        else:
+            layers = [getattr(layer, "seqs", [layer])[row] for layer in self.layers]
+        layers = [layer for layer in layers if layer.is_initialized]
         host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
         gathered = sum(layer.stats.gathered for layer in layers)
         scanned = sum(layer.stats.scanned for layer in layers)

@@ -49,21 +49,6 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
 
 
-def row_counts(cache, n_rows: int) -> list[list[int]]:
-    """Per sequence of the batch, the last decode step's [host tokens, tokens gathered, keys
-    scored] summed over layers and KV heads (HybridCache.step_stats sums these over the batch)."""
-    counts = [[0, 0, 0] for _ in range(n_rows)]
-    for layer in cache.layers:
-        for row, seq in enumerate(getattr(layer, "seqs", [layer])):  # a BatchLayer's sequences, or the one layer
-            if seq.is_initialized:
-                st = seq.stats
-                c = counts[row]
-                c[0] += st.host_tokens * seq.n_kv_heads
-                c[1] += st.gathered
-                c[2] += st.keys_scored
-    return counts
-
-
 def forward_step(
     model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: list[list[int]] | None = None
 ) -> Step:
@@ -74,7 +59,10 @@ def forward_step(
     run again exactly; the positions before them are exact already, so each decoded position
     runs again at most once however many near ties follow it."""
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
-    counts = row_counts(cache, tokens.shape[0])  # the first run's: a run again reads every host token
+    # the first run's, per sequence: a run again reads every host token
+    counts = [
+        (st["host_tokens"], st["gathered"], st["keys_scored"]) for st in map(cache.step_stats, range(len(tokens)))
+    ]
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cache.offload_config.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
