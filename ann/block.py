@@ -164,30 +164,35 @@ class BlockIndex:
     ) -> torch.Tensor:
         """q [H, G, D] -> token ids [H, M] int64 on the index's device, M = min(n_blocks, full blocks)·B + tail.
 
-        The tokens of the n_blocks best blocks per KV head, then the tail
+        The tokens of the n_blocks best blocks per KV head (`choose`), then the tail
         tokens. Every head holds the same number of tokens, so every row has
-        the same M and needs no -1 padding; ids within a row are distinct.
-        `scores` [H, G, n_blocks], each head's q . landmark times any positive
-        scale, may be passed when the caller has computed them already (mean
-        landmarks only), or scores [H, G, F] of the blocks `scored` [H, F] only; with
-        `scored` alone, only those blocks are scored (the others are not chosen either way).
-        Sets `scanned` to the landmarks scored (H · G · blocks scored)."""
+        the same M and needs no -1 padding; ids within a row are distinct."""
+        b = self.block_size
+        best = self.choose(q, n_blocks, scores, scored)  # [H, take]
+        tail = torch.arange(self.n_blocks * b, self.n, device=self.device).expand(self.n_heads, -1)  # [H, tail]
+        tok = (best.unsqueeze(2) * b + torch.arange(b, device=self.device)).reshape(self.n_heads, -1)
+        return torch.cat([tok, tail], dim=1)
+
+    def choose(
+        self, q: torch.Tensor, n_blocks: int, scores: torch.Tensor | None = None, scored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q [H, G, D] -> the n_blocks best full blocks per KV head [H, min(n_blocks, full blocks)], on the
+        index's device, best first. `scores` [H, G, n_blocks], each head's q . landmark times any positive
+        scale, may be passed when the caller has computed them already (mean landmarks only), or scores
+        [H, G, F] of the blocks `scored` [H, F] only; with `scored` alone, only those blocks are scored (the
+        others are not chosen either way). Sets `scanned` to the landmarks scored (H · G · blocks scored)."""
         if q.dim() != 3 or q.shape[0] != self.n_heads or q.shape[2] != self.dim:
             raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
-        b, nb = self.block_size, self.n_blocks
-        tail = torch.arange(nb * b, self.n, device=self.device).expand(self.n_heads, -1)  # [H, tail]
+        nb = self.n_blocks
         take = min(n_blocks, nb if scored is None else scored.shape[1])
         self.scanned = self.n_heads * q.shape[1] * (nb if scored is None else scored.shape[1])
         if take == 0:
-            return tail.clone()
+            return torch.empty(self.n_heads, 0, dtype=torch.int64, device=self.device)
         group = self.block_scores(q, scored) if scores is None else group_block_scores(scores.to(self.device))
         best = torch.topk(group, take, dim=1).indices  # [H, take]
-        if scored is not None:
-            best = scored.to(self.device).gather(1, best)
-        tok = (best.unsqueeze(2) * b + torch.arange(b, device=self.device)).reshape(self.n_heads, take * b)
-        return torch.cat([tok, tail], dim=1)
+        return best if scored is None else scored.to(self.device).gather(1, best)
 
 
 class BlockKeyIndex(Selector):

@@ -178,16 +178,20 @@ class QueryLists:
     def candidates(self, q: torch.Tensor, n_neighbors: int | None = None) -> torch.Tensor:
         """q [H, G, D] (each KV head's query group) -> key ids [H, C] int64 on the
         CPU (duplicates possible, -1 where a list is short): the lists of the
-        heads' nearest build queries, rank by rank across the group, each list
-        best key first. Sets `scanned` (build queries scored)."""
+        heads' nearest build queries (`nearest`), each list best key first."""
+        heads = torch.arange(self.n_heads).unsqueeze(1)
+        return self.lists[heads, self.nearest(q, n_neighbors).cpu()].reshape(self.n_heads, -1).long()
+
+    def nearest(self, q: torch.Tensor, n_neighbors: int | None = None) -> torch.Tensor:
+        """q [H, G, D] -> the rows of the lists each KV head's group proposes [H, nn * G] int64, on the
+        build queries' device: the heads' nearest build queries by direction, rank by rank across the
+        group. Sets `scanned` (build queries scored)."""
         if self.n_queries == 0:
             raise RuntimeError("search before build: the qq selector holds no build queries")
         nn = min(n_neighbors or self.n_neighbors, self.n_queries)
         sims = torch.bmm(_unit(q.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, G, Nq]
-        near = torch.topk(sims, nn, dim=2).indices.transpose(1, 2).reshape(self.n_heads, -1).cpu()  # [H, nn*G]
         self.scanned = q.shape[1] * self.n_queries * self.n_heads
-        heads = torch.arange(self.n_heads).unsqueeze(1)
-        return self.lists[heads, near].reshape(self.n_heads, -1).long()
+        return torch.topk(sims, nn, dim=2).indices.transpose(1, 2).reshape(self.n_heads, -1)  # [H, nn*G]
 
 
 class QQIndex(Selector):

@@ -9,6 +9,7 @@
 
 #include "hybridattn/gather_attend.h"
 #include "hybridattn/gather_scores.h"
+#include "hybridattn/host_step.h"
 #include "hybridattn/merge.h"
 
 namespace py = pybind11;
@@ -201,6 +202,100 @@ void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& i
   hybridattn::gather_scores(a);
 }
 
+// A buffer of `ndim` dimensions of the given format ('i' int32, 'q' int64 or 'f' float32), contiguous,
+// whose leading dimensions are `lead`.
+py::buffer_info request_typed(const py::buffer& buf, const char* name, const std::vector<py::ssize_t>& lead,
+                              py::ssize_t ndim, char type, bool writable) {
+  py::buffer_info b = buf.request(writable);
+  const bool ok = type == 'q'   ? is_int64(b)
+                  : type == 'i' ? b.itemsize == 4 && (is_format(b, 'i') || is_format(b, 'l'))
+                                : is_format(b, 'f');
+  if (!ok)
+    fail(std::string(name) + " must be " + (type == 'q' ? "int64" : type == 'i' ? "int32" : "float32") +
+         ", got buffer format '" + b.format + "'");
+  expect_ndim(b, name, ndim);
+  expect_contiguous(b, name);
+  for (size_t i = 0; i < lead.size(); ++i)
+    if (b.shape[i] != lead[i])
+      fail(std::string(name) + ": dimension " + std::to_string(i) + " is " + std::to_string(b.shape[i]) +
+           ", expected " + std::to_string(lead[i]));
+  return b;
+}
+
+void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_stores, const py::list& lists,
+               const py::buffer& near, const py::buffer& blocks, const py::buffer& ranges, const py::buffer& lse,
+               const py::buffer& out, const py::buffer& out_lse, const py::buffer& ids, const py::buffer& n_read,
+               const py::buffer& n_rated, const py::buffer& block_reads, const py::buffer& threshold,
+               const std::string& store_dtype, float scale, int64_t qq_limit, int64_t qq_prefix, int64_t block_size, bool lse_from_candidates,
+               int n_threads, bool scalar) {
+  py::buffer_info qb = request_float32(q, "q", 3, false);
+  const py::ssize_t B = qb.shape[0], Hq = qb.shape[1], D = qb.shape[2];
+  std::vector<py::buffer> held;
+  const std::vector<hybridattn::StoreView> ks = store_views(k_stores, "k_stores", B, store_dtype, held);
+  const std::vector<hybridattn::StoreView> vs = store_views(v_stores, "v_stores", B, store_dtype, held);
+  const py::ssize_t Hkv = B ? ks[0].n_heads : 0;
+  if (B && ks[0].dim != D) fail("q has head dim " + std::to_string(D) + " but the store has " + std::to_string(ks[0].dim));
+  if (py::ssize_t(lists.size()) != B) fail("lists must hold one [Hkv, rows, L] int32 array per sequence");
+  std::vector<const int32_t*> list_ptrs;
+  std::vector<int64_t> list_rows;
+  py::ssize_t L = -1;
+  for (py::ssize_t b = 0; b < B; ++b) {
+    py::object obj = lists[b];
+    if (!py::isinstance<py::buffer>(obj)) fail("lists[" + std::to_string(b) + "] does not expose a buffer");
+    held.push_back(py::reinterpret_borrow<py::buffer>(obj));
+    py::buffer_info lb = request_typed(held.back(), "lists[b]", {Hkv}, 3, 'i', false);
+    if (L >= 0 && lb.shape[2] != L) fail("all lists must have one length (their last dimension)");
+    L = lb.shape[2];
+    list_ptrs.push_back(static_cast<const int32_t*>(lb.ptr));
+    list_rows.push_back(lb.shape[1]);
+  }
+  py::buffer_info nb = request_typed(near, "near", {B, Hkv}, 3, 'q', false);
+  py::buffer_info bb = request_typed(blocks, "blocks", {B, Hkv}, 3, 'q', false);
+  py::buffer_info rb = request_typed(ranges, "ranges", {B, hybridattn::kRanges, 2}, 3, 'q', false);
+  py::buffer_info lb = request_typed(lse, "lse", {B, Hq}, 2, 'f', false);
+  py::buffer_info ob = request_typed(out, "out", {B, Hq, D}, 3, 'f', true);
+  py::buffer_info olb = request_typed(out_lse, "out_lse", {B, Hq}, 2, 'f', true);
+  py::buffer_info ib = request_typed(ids, "ids", {B, Hkv}, 3, 'q', true);
+  py::buffer_info nrb = request_typed(n_read, "n_read", {B, Hkv}, 2, 'q', true);
+  py::buffer_info nrt = request_typed(n_rated, "n_rated", {B, Hkv}, 2, 'q', true);
+  py::buffer_info brb = request_typed(block_reads, "block_reads", {B, Hkv}, 3, 'i', true);
+  py::buffer_info tb = request_typed(threshold, "threshold", {B}, 1, 'f', false);
+  hybridattn::HostStepArgs a;
+  a.n_seqs = B;
+  a.n_q_heads = Hq;
+  a.q = static_cast<const float*>(qb.ptr);
+  a.k = ks.data();
+  a.v = vs.data();
+  a.lists = list_ptrs.data();
+  a.n_list_rows = list_rows.data();
+  a.list_len = std::max<py::ssize_t>(L, 0);
+  a.near = static_cast<const int64_t*>(nb.ptr);
+  a.n_near = nb.shape[2];
+  a.qq_limit = qq_limit;
+  a.qq_prefix = qq_prefix;
+  a.blocks = static_cast<const int64_t*>(bb.ptr);
+  a.n_chosen = bb.shape[2];
+  a.block_size = block_size;
+  a.ranges = static_cast<const int64_t*>(rb.ptr);
+  a.lse = static_cast<const float*>(lb.ptr);
+  a.lse_from_candidates = lse_from_candidates;
+  a.scale = scale;
+  a.threshold = static_cast<const float*>(tb.ptr);
+  a.out = static_cast<float*>(ob.ptr);
+  a.out_lse = static_cast<float*>(olb.ptr);
+  a.ids = static_cast<int64_t*>(ib.ptr);
+  a.cap = ib.shape[2];
+  a.n_read = static_cast<int64_t*>(nrb.ptr);
+  a.n_rated = static_cast<int64_t*>(nrt.ptr);
+  a.block_reads = static_cast<int32_t*>(brb.ptr);
+  a.n_count_blocks = brb.shape[2];
+  a.n_threads = n_threads;
+  a.scalar = scalar;
+  hybridattn::check_host_step(a);  // shape errors surface before the GIL is released
+  py::gil_scoped_release release;
+  hybridattn::host_step(a);
+}
+
 void merge_attention(const py::buffer& o_a, const py::buffer& lse_a, const py::buffer& o_b, const py::buffer& lse_b,
                      const py::buffer& out, const py::buffer& lse) {
   py::buffer_info oa = request_float32(o_a, "o_a", 2, false), ob = request_float32(o_b, "o_b", 2, false);
@@ -228,7 +323,7 @@ int max_threads() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hybridattn host kernels (gather-attend, gathered scores, log-sum-exp merge)";
+  m.doc() = "hybridattn host kernels (gather-attend, gathered scores, the decode step's host side, log-sum-exp merge)";
   m.def("gather_attend", &gather_attend, py::arg("q"), py::arg("k_store"), py::arg("v_store"), py::arg("ids"),
         py::arg("out"), py::arg("lse"), py::arg("store_dtype"), py::arg("scale"), py::arg("n_threads") = 0, py::arg("scalar") = false,
         "Attend q [Hq, D] float32 to the rows ids [Hkv, M] of k/v stores [Hkv, N, D]; writes out [Hq, D], lse [Hq].");
@@ -240,6 +335,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("gather_scores", &gather_scores, py::arg("q"), py::arg("k_store"), py::arg("ids"), py::arg("out"),
         py::arg("store_dtype"), py::arg("n_threads") = 0, py::arg("scalar") = false,
         "q [Hq, D] float32 . the rows ids [Hkv, M] of a k store [Hkv, N, D]; writes out [Hq, M] (-inf at padding).");
+  m.def("host_step", &host_step, py::arg("q"), py::arg("k_stores"), py::arg("v_stores"), py::arg("lists"),
+        py::arg("near"), py::arg("blocks"), py::arg("ranges"), py::arg("lse"), py::arg("out"), py::arg("out_lse"),
+        py::arg("ids"), py::arg("n_read"), py::arg("n_rated"), py::arg("block_reads"), py::arg("threshold"),
+        py::arg("store_dtype"), py::arg("scale"), py::arg("qq_limit"), py::arg("qq_prefix"), py::arg("block_size"),
+        py::arg("lse_from_candidates"), py::arg("n_threads") = 0, py::arg("scalar") = false,
+        "The host side of a decode step for B sequences (hybridattn/host_step.h): candidates, their rating, "
+        "the gather-attend of those read, and the reads per block.");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");

@@ -1,13 +1,18 @@
-"""One layer's decode step: resident attention on the device, the host tokens chosen
-(engine.decode.select), read by the C++ gather-attend, the unread ones estimated
-(engine.decode.estimate), and the parts merged by log-sum-exp (engine.decode.merge);
-for one sequence (`decode_step`) or a batch in one host call (`batch_decode_step`)."""
+"""One layer's decode step: resident attention on the device, the host tokens chosen and
+read, the unread ones estimated (engine.decode.estimate), and the parts merged by
+log-sum-exp (engine.decode.merge); for one sequence (`decode_step`) or a batch
+(`batch_decode_step`).
+
+The host tokens are chosen and read in one native call for the whole batch where it
+serves the configuration (engine.decode.host), else by the Python selection
+(engine.decode.select) and the C++ gather-attend."""
 
 from __future__ import annotations
 
 import torch
 
 from engine.cache.layer import HybridLayer
+from engine.decode import host
 from engine.decode.merge import attend, merge_states
 from engine.decode.select import select_host_ids
 from engine.native import ops
@@ -23,15 +28,41 @@ class HostRead:
         self.q_host, self.ids, self.blocks = q_host, ids, blocks
 
 
-def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids):
-    """A decode step up to the host kernel, for queries q [Hkv, G, 1, D]: the resident
-    tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) and what to read on the host
-    (a HostRead; None when the host store is empty). Sets the layer's step counters."""
+def resident_part(layer: HybridLayer, q: torch.Tensor, scale: float):
+    """The resident tokens' state for queries q [Hkv, G, 1, D]: (o [Hkv, G, 1, D], lse [Hkv, G, 1]).
+    Before the key index is built, the decode queries join the sample it is built from."""
     Hkv, G, _, D = q.shape
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
     if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
         layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
+    return o, lse
+
+
+def resident_parts(seqs: list[HybridLayer], q: torch.Tensor, scale: float):
+    """`resident_part` of B sequences, q [B, Hkv, G, 1, D] -> (o [B, Hkv, G, 1, D], lse [B, Hkv, G, 1]):
+    one attention over all of them when they hold equally many resident tokens (after the first
+    `window` steps, always)."""
+    filled = {min(seq.n_seen, seq.cfg.resident_tokens) for seq in seqs}
+    if len(seqs) == 1 or len(filled) > 1:
+        parts = [resident_part(seq, q[b], scale) for b, seq in enumerate(seqs)]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    B, Hkv, G, _, D = q.shape
+    kv = [seq.resident() for seq in seqs]
+    k, v = (torch.stack([r[i] for r in kv]).flatten(0, 1) for i in (0, 1))  # [B * Hkv, R, D]
+    o, lse = attend(q.reshape(B * Hkv, G, 1, D), k, v, scale)
+    for b, seq in enumerate(seqs):
+        if seq.key_index is None and seq.cfg.uses_key_index:
+            seq.query_sample.add(q[b].reshape(Hkv * G, 1, D), torch.tensor([seq.n_seen - 1]))
+    return o.view(B, Hkv, G, 1, D), lse.view(B, Hkv, G, 1)
+
+
+def resident_and_select(layer: HybridLayer, q: torch.Tensor, scale: float, select=select_host_ids):
+    """A decode step up to the host kernel, for queries q [Hkv, G, 1, D]: the resident
+    tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) and what to read on the host
+    (a HostRead; None when the host store is empty). Sets the layer's step counters."""
+    Hkv, G, _, D = q.shape
+    o, lse = resident_part(layer, q, scale)
     if layer.host.n == 0:
         return o, lse, None
     qd = q[:, :, 0]  # [Hkv, G, D]
@@ -50,6 +81,8 @@ def decode_step(layer: HybridLayer, q: torch.Tensor, scale: float, select=select
     retrieved host tokens through the C++ gather-attend, the unread ones estimated,
     all merged exactly. `select` picks the host ids (see `select_host_ids`; an
     evaluation may pass another rule with the same signature)."""
+    if host.serves(layer, select):
+        return native_step([layer], q[None], scale)[0]
     o, lse, read = resident_and_select(layer, q, scale, select)
     if read is None:
         return o
@@ -62,6 +95,8 @@ def batch_decode_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, se
     its host ids, one gather-attend call reads them all (sequences x KV heads share the
     kernel's threads), one merge on the device. Each sequence's output is what
     `decode_step` gives it alone. -> o [B, Hkv, G, 1, D] fp32."""
+    if host.serves(seqs[0], select):
+        return native_step(seqs, q, scale)
     B, Hkv, G, _, D = q.shape
     steps = [resident_and_select(seq, q[b], scale, select) for b, seq in enumerate(seqs)]
     o = torch.stack([s[0] for s in steps])
@@ -85,7 +120,9 @@ def batch_decode_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, se
     o_h = torch.zeros_like(o)
     lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
     for i, b in enumerate(reading):
-        part = with_estimate(seqs[b], out[i].view(Hkv, G, 1, D), lse_c[i].view(Hkv, G, 1), reads[i])
+        part = with_estimate(
+            seqs[b], out[i].view(Hkv, G, 1, D), lse_c[i].view(Hkv, G, 1), reads[i].blocks, reads[i].ids
+        )
         o_h[b], lse_h[b] = (t.to(o.device, non_blocking=True) for t in part)
     return merge_states(o, lse, o_h, lse_h)[0]
 
@@ -100,18 +137,46 @@ def host_state(layer: HybridLayer, q_host: torch.Tensor, scale: float, ids: torc
     ops.gather_attend(
         q_host, layer.host.keys, layer.host.values, ids, scale, out=out, lse=lse, n_threads=layer.cfg.host_threads
     )
-    return with_estimate(layer, out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1), HostRead(q_host, ids, blocks))
+    return with_estimate(layer, out.view(Hkv, G, 1, D), lse.view(Hkv, G, 1), blocks, ids)
 
 
-def with_estimate(layer: HybridLayer, o: torch.Tensor, lse: torch.Tensor, read: HostRead):
+def with_estimate(layer: HybridLayer, o: torch.Tensor, lse: torch.Tensor, blocks, ids=None, read=None):
     """The gathered tokens' state (o [Hkv, G, 1, D], lse [Hkv, G, 1]) merged with the estimate
-    of the summarised tokens `read.ids` left out (unchanged without block scores)."""
-    if read.blocks is None:
+    of the summarised tokens left out, given the step's block scores `blocks` (None: no estimate,
+    the state unchanged) and the ids gathered [Hkv, M] or the reads per block `read` [Hkv, nb]."""
+    if blocks is None:
         return o, lse
-    o_e, lse_e = layer.summary.estimate(read.blocks, layer.summary.read_per_block(read.ids))
+    read = layer.summary.read_per_block(ids) if read is None else read
+    o_e, lse_e = layer.summary.estimate(blocks, read)
     return merge_states(
         o.to(o_e.device, non_blocking=True),
         lse.to(o_e.device, non_blocking=True),
         o_e.unsqueeze(2),
         lse_e.unsqueeze(2),
     )
+
+
+def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """`batch_decode_step` through the native host call (engine.decode.host), q [B, Hkv, G, 1, D]:
+    resident attention and block scores on the device, every sequence's host side in one call,
+    the estimates and the merge on the device. -> o [B, Hkv, G, 1, D] fp32."""
+    B, Hkv, G, _, D = q.shape
+    o, lse = resident_parts(seqs, q, scale)
+    reading = [b for b, seq in enumerate(seqs) if seq.host.n]
+    if not reading:
+        return o
+    scores, inputs = [], []
+    for b in reading:
+        layer, qd = seqs[b], q[b, :, :, 0]
+        scores.append(layer.summary.scores(qd, scale) if layer.summary is not None else None)
+        inputs.append(host.prepare(layer, qd, lse[b, ..., 0], scores[-1]))
+    res = host.read([seqs[b] for b in reading], q[reading, :, :, 0], inputs, scale)
+    out = res.out.view(len(reading), Hkv, G, 1, D).to(o.device, non_blocking=True)
+    lse_c = res.lse.view(len(reading), Hkv, G, 1).to(o.device, non_blocking=True)
+    counts = res.block_reads.to(o.device, non_blocking=True)
+    o_h = torch.zeros_like(o)
+    lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+    for i, b in enumerate(reading):
+        nb = seqs[b].summary.n_blocks if scores[i] is not None else 0
+        o_h[b], lse_h[b] = with_estimate(seqs[b], out[i], lse_c[i], scores[i], read=counts[i, :, :nb])
+    return merge_states(o, lse, o_h, lse_h)[0]

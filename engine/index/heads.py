@@ -72,11 +72,19 @@ class ListSelector:
     def candidates(
         self, q: torch.Tensor, q_host: np.ndarray, top_k: int, oversample: int = OVERSAMPLE
     ) -> tuple[torch.Tensor, int, int]:
+        rows, limit = self.proposal_rows(q, top_k, oversample)
+        heads = torch.arange(rows.shape[0]).unsqueeze(1)
+        proposals = self.lists.lists[heads, rows.cpu()].reshape(rows.shape[0], -1).long()  # [H, C]
+        return first_distinct_rows(proposals, limit, oversample), self.lists.scanned, 0
+
+    def proposal_rows(self, q: torch.Tensor, top_k: int, oversample: int = OVERSAMPLE) -> tuple[torch.Tensor, int]:
+        """The list rows q [H, G, D] proposes [H, P] (on the device, in order of preference) and the
+        distinct proposals a step takes from them, limit = G * top_k, among their first
+        oversample * limit entries."""
         limit = q.shape[1] * top_k
         # only the first oversample * limit proposals are looked at: merge no more lists than fill them
         n_lists = -(-oversample * top_k // self.lists.m_keys)  # per query head
-        proposals = self.lists.candidates(q, min(n_lists, self.lists.n_neighbors))  # [H, C]
-        return first_distinct_rows(proposals, limit, oversample), self.lists.scanned, 0
+        return self.lists.nearest(q, min(n_lists, self.lists.n_neighbors)), limit
 
     def nbytes(self) -> tuple[int, int]:
         device = self.lists.queries.nbytes

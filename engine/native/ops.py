@@ -1,5 +1,5 @@
-"""Host kernels: gather-attend over the host KV store, the scores of listed rows, and the
-log-sum-exp merge.
+"""Host kernels: gather-attend over the host KV store, the scores of listed rows, the whole
+host side of a decode step (`host_step`), and the log-sum-exp merge.
 
 The C++ extension `engine.native._C` does the work; this module turns torch CPU
 tensors and numpy arrays into zero-copy buffers for it. When the extension is
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -282,6 +283,110 @@ def _check_rows(ids: torch.Tensor, n: int) -> None:
 def _rows(store: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The rows ids [Hkv, M] (-1 reads row 0) of a store [Hkv, N, D] with N > 0, as fp32 [Hkv, M, D]."""
     return store[torch.arange(store.shape[0]).unsqueeze(1), ids.clamp_min(0)].float()
+
+
+class HostStepResult(NamedTuple):
+    """What `host_step` gives per sequence b and KV head h (CPU tensors)."""
+
+    out: torch.Tensor  # [B, Hq, D] float32: attention over the ids read
+    lse: torch.Tensor  # [B, Hq] float32 (-inf where nothing was read)
+    ids: torch.Tensor  # [B, Hkv, cap] int64: the ids read, ascending, -1 after them
+    n_read: torch.Tensor  # [B, Hkv] int64
+    n_rated: torch.Tensor  # [B, Hkv] int64: candidates rated on their keys
+    block_reads: torch.Tensor  # [B, Hkv, n_count_blocks] int32: ids read per block
+
+
+RANGES = ("tail", "recent", "forced")  # the host-id ranges of a sequence, in `host_step`'s ranges[b]
+
+
+def host_step(
+    q,
+    k_stores,
+    v_stores,
+    lists,
+    near,
+    blocks,
+    ranges,
+    lse,
+    *,
+    scale: float,
+    threshold,
+    qq_limit: int,
+    qq_prefix: int,
+    block_size: int,
+    cap: int,
+    n_count_blocks: int,
+    lse_from_candidates: bool = False,
+    pin: bool = False,
+    n_threads: int = 0,
+    scalar: bool = False,
+) -> HostStepResult:
+    """The host side of one layer's decode step for B sequences in one call (the C++ kernel's
+    header, hybridattn/host_step.h, states it in full): per sequence and KV head, the candidates
+    (query->query list proposals, chosen blocks' tokens, the tail and recent ranges) de-duplicated,
+    rated on their keys, those that pass plus the forced range read by gather-attend.
+
+    q [B, Hq, D] float; k_stores, v_stores: B stores [Hkv, N_b, D] (as `gather_attend_batch`);
+    lists: B int32 query->query lists [Hkv, rows_b, L] (rows_b may be 0); near [B, Hkv, P] list
+    rows, best first (-1 = none); blocks [B, Hkv, T] chosen block ids (-1 = none); ranges
+    [B, 3, 2] the [begin, end) of `RANGES`; lse [B, Hq] the rating's log-denominators (with
+    lse_from_candidates: the resident tokens', completed with the candidates' own scores).
+    A candidate of sequence b is read when its probability averaged over the query group reaches
+    threshold[b] (a number or [B] numbers; -inf: every candidate, unrated). `cap` bounds the ids
+    read per row; `n_count_blocks` the blocks counted. `pin` puts the outputs in pinned memory
+    (for asynchronous copies to a GPU).
+    Bad input raises ValueError, an id, list row, block or range outside its store IndexError."""
+    if not HAS_EXT:
+        raise RuntimeError("host_step needs the C++ extension (engine.native._C)")
+    q = _as_cpu_tensor(q, "q")
+    if q.dim() != 3:
+        raise ValueError(f"expected q [B, Hq, D], got {tuple(q.shape)}")
+    q, scale = _check_call(q, scale, n_threads)
+    B, Hq, D = q.shape
+    ks, vs = _store_list(k_stores, "k_stores", B), _store_list(v_stores, "v_stores", B)
+    for b in range(B):
+        _check_store_pair(ks[b], vs[b], f"k_stores[{b}]", f"v_stores[{b}]")
+    lists = [_as_cpu_tensor(t, f"lists[{b}]").to(torch.int32).contiguous() for b, t in enumerate(_seq(lists, B))]
+    near, blocks, ranges = (
+        _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
+    )
+    lse = _as_cpu_tensor(lse, "lse").float().contiguous()
+    threshold = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
+    threshold = (threshold.expand(B) if threshold.numel() == 1 else threshold).contiguous()
+    if threshold.shape != (B,) or bool(threshold.isnan().any()):
+        raise ValueError(f"threshold must hold one number per sequence (B = {B}), none NaN; got {threshold}")
+    Hkv = ks[0].shape[0] if B else 0
+    res = HostStepResult(
+        torch.empty(B, Hq, D, pin_memory=pin),
+        torch.empty(B, Hq, pin_memory=pin),
+        torch.empty(B, Hkv, cap, dtype=torch.int64),
+        torch.empty(B, Hkv, dtype=torch.int64),
+        torch.empty(B, Hkv, dtype=torch.int64),
+        torch.empty(B, Hkv, n_count_blocks, dtype=torch.int32, pin_memory=pin),
+    )
+    _C.host_step(
+        _buffer(q),
+        [_buffer(k) for k in ks],
+        [_buffer(v) for v in vs],
+        [_buffer(t) for t in lists],
+        *(_buffer(t) for t in (near, blocks, ranges, lse, *res, threshold)),
+        STORE_DTYPES[ks[0].dtype] if B else "float32",
+        scale,
+        int(qq_limit),
+        int(qq_prefix),
+        int(block_size),
+        bool(lse_from_candidates),
+        n_threads,
+        scalar,
+    )
+    return res
+
+
+def _seq(items, n: int) -> list:
+    items = list(items)
+    if len(items) != n:
+        raise ValueError(f"expected one item per sequence (B = {n}), got {len(items)}")
+    return items
 
 
 def merge_attention(o_a, lse_a, o_b, lse_b):

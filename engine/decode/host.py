@@ -1,0 +1,143 @@
+"""The host side of a decode step in one native call (`engine.native.ops.host_step`): for every
+sequence of a batch and every KV head, the candidates, their rating, the gather-attend of those
+read and the reads per block, with the GIL released and threads over (sequence, KV head).
+
+The device prepares what the call needs (`prepare`: the chosen blocks, the query->query list
+rows, the rating's denominators), hands it over in one copy, and takes back the host part's
+(o, lse) and the reads per block, which the block estimate needs (`read`).
+
+`engine.decode.select` stays the reference this call is held to (the same ids for the same
+inputs: tests/test_host_step.py). The call serves candidates from the query->query lists
+and/or the block index, with a fixed budget or an adaptive one rated on the exact keys and no
+`neighbours`; a faiss or graph key index, a key sketch (`sketch_rank`), `neighbours` and an
+evaluation's own selection rule take the Python path (`serves`)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from engine.decode.rate import read_threshold
+from engine.decode.select import always_read, select_host_ids
+from engine.index.build import build_key_index
+from engine.index.heads import OVERSAMPLE, SKETCHED_OVERSAMPLE
+from engine.native import ops
+
+
+class HostInputs(NamedTuple):
+    """One sequence's part of the call: device tensors (`rows`, `blocks`, `lse`) and host ones."""
+
+    rows: torch.Tensor  # [Hkv, P] the query->query list rows proposed, best first
+    blocks: torch.Tensor  # [Hkv, T] the chosen blocks
+    lse: torch.Tensor  # [Hkv, G] the rating's log-denominators (resident only: completed on the host)
+    lists: torch.Tensor  # [Hkv, rows, L] int32 the lists (rows 0 without a key index)
+    ranges: torch.Tensor  # [3, 2] the tail, recent and forced ranges (ops.RANGES)
+    threshold: float  # -inf: every candidate read, unrated
+    qq_limit: int
+    qq_prefix: int
+
+
+def serves(layer, select) -> bool:
+    """Whether the native call serves this layer's decode steps with this selection rule."""
+    cfg = layer.cfg
+    exact_rating = cfg.sketch_rank == 0 or cfg.sketch_rank >= layer.head_dim  # engine.decode.sketch.make_scorer
+    rule = cfg.budget == "fixed" or (cfg.neighbours == 0 and exact_rating)
+    return ops.HAS_EXT and select is select_host_ids and rule and (not cfg.uses_key_index or cfg.key_index == "qq")
+
+
+def prepare(layer, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> HostInputs:
+    """What the call needs of one sequence for its queries q [Hkv, G, D] (device), the resident
+    tokens' lse_resident [Hkv, G] and the step's block scores (engine.decode.estimate.BlockScores;
+    None without a summary), as `engine.decode.select.candidates` and `read_likely` choose them.
+    Sets layer.stats' scanned and keys_scored."""
+    cfg, Hkv, device = layer.cfg, layer.n_kv_heads, q.device
+    none = torch.empty(Hkv, 0, dtype=torch.int64, device=device)
+    blocks, tail, scanned = none, (layer.host.n, layer.host.n), 0
+    if layer.blocks is not None:
+        n = cfg.blocks_per_step(layer.blocks.n_blocks)
+        scored = None if scores is None else scores.fine
+        logits = scores.logits if scores is not None and layer.blocks is layer.summary.keys else None
+        if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
+            logits, scored = None, None
+        blocks = layer.blocks.choose(q, n, logits, scored)
+        scanned += layer.blocks.scanned
+        tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
+    rows, lists, limit, prefix, recent = none, torch.empty(Hkv, 0, 1, dtype=torch.int32), 0, 0, (0, 0)
+    adaptive = cfg.budget == "adaptive"
+    if cfg.uses_key_index:
+        if layer.key_index is None:
+            build_key_index(layer)
+        if layer.n_indexed:
+            oversample = SKETCHED_OVERSAMPLE if adaptive else OVERSAMPLE
+            rows, limit = layer.key_index.proposal_rows(q, cfg.candidates if adaptive else cfg.top_k, oversample)
+            lists, prefix = layer.key_index.lists.lists, oversample * limit
+            scanned += layer.key_index.lists.scanned
+            if adaptive and cfg.recent:
+                recent = (max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed)
+    layer.stats.scanned, layer.stats.keys_scored = scanned, 0
+    forced = always_read(layer)
+    ranges = torch.tensor([tail, recent, (int(forced[0]), layer.host.n) if len(forced) else (0, 0)])
+    rating = adaptive and layer.sketch is not None
+    lse = lse_resident.float()
+    if rating and scores is not None:  # the blocks' estimated mass completes the denominator
+        lse = torch.logaddexp(lse, layer.summary.log_mass(scores))
+    threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
+    return HostInputs(rows, blocks, lse, lists, ranges, threshold, limit, prefix)
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors on the CPU: from a GPU by asynchronous copies into pinned memory and one wait."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    out = [t.to("cpu", non_blocking=True) for t in tensors]
+    torch.cuda.current_stream(next(t.device for t in tensors if t.is_cuda)).synchronize()
+    return out
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[Hkv, n_b] tensors -> [B, Hkv, max n_b], -1 padded."""
+    out = torch.full((len(rows), rows[0].shape[0], max(r.shape[1] for r in rows)), -1, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        out[b, :, : r.shape[1]] = r
+    return out
+
+
+def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops.HostStepResult:
+    """The native call for sequences `layers` with queries q [B, Hkv, G, D] (any device) and
+    their `prepare`d inputs. Sets each layer's step counters."""
+    B, Hkv, G, D = q.shape
+    q_host, *moved = to_host([q.reshape(B, Hkv * G, D).float()] + [t for i in inputs for t in i[:3]])
+    rows, blocks, lse = (moved[k::3] for k in range(3))
+    first = layers[0]
+    summarized = [layer.summary.n_blocks if layer.summary is not None else 0 for layer in layers]
+    widths = [
+        min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + int((i.ranges[:, 1] - i.ranges[:, 0]).sum()))
+        for layer, i, b in zip(layers, inputs, blocks)
+    ]
+    res = ops.host_step(
+        q_host,
+        [layer.host.keys for layer in layers],
+        [layer.host.values for layer in layers],
+        [i.lists for i in inputs],
+        _padded(rows),
+        _padded(blocks),
+        torch.stack([i.ranges for i in inputs]),
+        torch.stack(lse).reshape(B, Hkv * G),
+        scale=scale,
+        threshold=[i.threshold for i in inputs],
+        qq_limit=max(i.qq_limit for i in inputs),  # 0 where a sequence has no key index yet: no rows either
+        qq_prefix=max(i.qq_prefix for i in inputs),
+        block_size=first.cfg.block_size,
+        cap=max(widths),
+        n_count_blocks=max(summarized),
+        lse_from_candidates=first.summary is None,
+        pin=first.device.type == "cuda",
+        n_threads=first.cfg.host_threads,
+    )
+    for b, layer in enumerate(layers):
+        st = layer.stats
+        st.host_tokens, st.read_ids = layer.host.n, res.ids[b, :, : int(res.n_read[b].max())]
+        st.gathered, st.sketched = int(res.n_read[b].sum()), int(res.n_rated[b].sum())
+        st.estimated = Hkv * summarized[b] * layer.cfg.block_size - int(res.block_reads[b, :, : summarized[b]].sum())
+    return res

@@ -1,0 +1,236 @@
+"""The native host side of a decode step (engine.decode.host) against its reference, the Python
+selection (engine.decode.select) with the C++ gather-attend: the same host ids for the same
+state and queries, the same attention, one sequence or a batch. The kernel's own rules (every
+input checked, fuzzed against a plain reference) are in tests/test_fuzz.py."""
+
+import math
+
+import pytest
+import torch
+
+from engine import HybridCache, OffloadConfig
+from engine.decode import host
+from engine.decode.rate import read_threshold
+from engine.decode.select import select_host_ids
+from engine.decode.step import batch_decode_step, decode_step
+from engine.native import ops
+from tests.conftest import tiny_llama
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXT, reason="the native call needs the C++ extension")
+
+H_KV, G, D = 2, 3, 16
+SCALE = D**-0.5
+MODEL = tiny_llama(n_layers=1, n_heads=H_KV * G, n_kv_heads=H_KV, head_dim=D)
+
+
+def python_rule(*args):
+    """The reference selection under another name: `decode_step` then takes the Python path."""
+    return select_host_ids(*args)
+
+
+def structured_kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V [Hkv, n, D] whose attention for queries near `direction(seed)` is peaked in runs of
+    host positions (of strengths from weak to strong), away from the resident ones."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(H_KV, n, D, generator=g), torch.randn(H_KV, n, D, generator=g)
+    for start in torch.randint(8, max(9, n - 80), (n // 30,), generator=g).tolist():
+        strength = 0.5 + 2.5 * float(torch.rand(1, generator=g))
+        k[:, start : start + int(torch.randint(1, 8, (1,), generator=g))] += strength * direction(seed)
+    return k, v
+
+
+def direction(seed: int) -> torch.Tensor:
+    return (
+        torch.nn.functional.normalize(
+            torch.randn(H_KV, 1, D, generator=torch.Generator().manual_seed(seed + 7)), dim=-1
+        )
+        * 4
+    )
+
+
+def layer_with(cfg: OffloadConfig, n: int, seed: int = 0, later: int = 0):
+    """A layer holding n positions, its host index built, then `later` more positions added."""
+    cache = HybridCache(MODEL, cfg, progress=False)
+    layer = cache.layers[0]
+    k, v = structured_kv(n + later, seed)
+    layer.load_kv(k[:, :n], v[:, :n])
+    g = torch.Generator().manual_seed(seed + 1)
+    layer.add_build_queries(direction(seed).repeat_interleave(G, 0) + torch.randn(H_KV * G, 64, D, generator=g))
+    cache.build_indexes()
+    if later:
+        layer.load_kv(k[:, n:], v[:, n:])
+    return layer
+
+
+def queries(seed: int, batch: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 100)
+    shape = (H_KV, G, 1, D) if not batch else (batch, H_KV, G, 1, D)
+    return direction(seed).unsqueeze(1) + 0.5 * torch.randn(shape, generator=g)
+
+
+def assert_same_ids(layer, native: torch.Tensor, reference: torch.Tensor, q: torch.Tensor) -> None:
+    """Row by row the same set of ids, but for candidates whose rating lies within a rounding
+    error of the threshold (the two round exp and the group mean differently)."""
+    threshold = read_threshold(layer.cfg, layer.n_seen)
+    for h in range(layer.n_kv_heads):
+        mine, theirs = set(native[h][native[h] >= 0].tolist()), set(reference[h][reference[h] >= 0].tolist())
+        assert len(native[h][native[h] >= 0]) == len(mine)  # each id once
+        for i in mine ^ theirs:
+            assert layer.cfg.budget == "adaptive", f"head {h}: id {i} differs without a rating"
+            assert abs(rating(layer, q, h, i) / threshold - 1) < 1e-4, f"head {h}: id {i} differs"
+
+
+def rating(layer, q, h, i) -> float:
+    """The probability the adaptive budget estimates for host id i of KV head h (fp64)."""
+    s = (q[h, :, 0].double() @ layer.host.keys[h, i].double()) * SCALE
+    rk, rv, _ = layer.resident()
+    lse = torch.logsumexp((q[h, :, 0].double() @ rk[h].double().T) * SCALE, dim=-1)
+    if layer.summary is not None:
+        scores = layer.summary.scores(q[:, :, 0], SCALE)
+        lse = torch.logaddexp(lse, layer.summary.log_mass(scores)[h].double())
+    return float(torch.exp(s - lse).mean())
+
+
+def both_paths(layer, q):
+    o_native = decode_step(layer, q, SCALE)
+    ids_native, stats = layer.stats.read_ids.clone(), dict(gathered=layer.stats.gathered, sketched=layer.stats.sketched)
+    o_python = decode_step(layer, q, SCALE, python_rule)
+    return o_native, ids_native, stats, o_python, layer.stats.read_ids.clone()
+
+
+CONFIGS = {
+    "default": OffloadConfig(n_sink=4, window=32, block_size=8),
+    "no estimate": OffloadConfig(n_sink=4, window=32, block_size=8, estimate=False),
+    "keys only": OffloadConfig(n_sink=4, window=32, block_size=8, candidates_from="keys"),
+    "mean blocks": OffloadConfig(n_sink=4, window=32, block_size=8, landmark="mean", n_blocks=4),
+    "fixed": OffloadConfig.preset("fixed", n_sink=4, window=32, block_size=8),
+    "block": OffloadConfig.preset("block", n_sink=4, window=32, block_size=8),
+    "low threshold": OffloadConfig(n_sink=4, window=32, block_size=8, min_prob=1e-4, min_ratio=0.0, candidates=16),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("later", [0, 5, 37])
+def test_native_call_reads_what_the_python_selection_reads(name, later):
+    """`later` positions added after the build: the newest ones unindexed (forced), whole blocks
+    of them added to the index and rated as `recent` candidates."""
+    layer = layer_with(CONFIGS[name], 700, seed=len(name), later=later)
+    assert host.serves(layer, select_host_ids)
+    for step in range(3):
+        q = queries(step + len(name))
+        o_native, ids_native, stats, o_python, ids_python = both_paths(layer, q)
+        assert_same_ids(layer, ids_native, ids_python, q)
+        assert 0 < stats["gathered"] < H_KV * layer.host.n  # a part of the host store, not all of it
+        assert stats["gathered"] == int((ids_native >= 0).sum())
+        if torch.equal(ids_native.sort(dim=1).values, ids_python.sort(dim=1).values):
+            torch.testing.assert_close(o_native, o_python, atol=2e-5, rtol=1e-4)
+
+
+def test_the_rating_keeps_a_part_of_the_candidates_and_counts_them():
+    layer = layer_with(CONFIGS["default"], 900, seed=3)
+    decode_step(layer, queries(3), SCALE)
+    st = layer.stats
+    assert 0 < st.gathered < st.sketched  # rated more than it read: the threshold bit
+    assert st.estimated == H_KV * layer.summary.n_blocks * 8 - int(
+        (st.read_ids[st.read_ids >= 0] < layer.summary.n_blocks * 8).sum()
+    )
+
+
+def test_covering_budget_is_exact():
+    """Every host token a candidate and every candidate read: full attention, fp32."""
+    cfg = OffloadConfig(n_sink=4, window=32, block_size=8, candidates=10_000, min_prob=0.0, min_ratio=0.0)
+    layer = layer_with(cfg.replace(n_blocks=1000, block_frac=1.0), 600, seed=5, later=3)
+    q = queries(5)
+    o = decode_step(layer, q, SCALE)
+    assert layer.stats.gathered == H_KV * layer.host.n
+    k, v = layer.ordered_kv()
+    s = torch.einsum("hgd,hnd->hgn", q[:, :, 0].double(), k.double()) * SCALE
+    expected = torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), v.double())
+    torch.testing.assert_close(o[:, :, 0].double(), expected, atol=1e-4, rtol=0)
+
+
+def test_a_batch_gives_each_sequence_what_it_gets_alone():
+    cfg = CONFIGS["default"]
+    seqs = [layer_with(cfg, n, seed=n, later=later) for n, later in ((500, 0), (800, 9), (650, 40))]
+    q = queries(11, batch=3)
+    together = batch_decode_step(seqs, q, SCALE)
+    read_together = [s.stats.read_ids.clone() for s in seqs]
+    for b, seq in enumerate(seqs):
+        alone = decode_step(seq, q[b], SCALE)
+        assert torch.equal(seq.stats.read_ids, read_together[b])
+        torch.testing.assert_close(together[b], alone, atol=1e-6, rtol=1e-6)
+
+
+def test_a_sequence_without_host_tokens_in_a_batch_reads_nothing():
+    cfg = CONFIGS["default"]
+    short = HybridCache(MODEL, cfg, progress=False).layers[0]
+    short.load_kv(*structured_kv(20, 0))  # all resident: the host store is empty
+    seqs = [short, layer_with(cfg, 600, seed=2)]
+    out = batch_decode_step(seqs, queries(2, batch=2), SCALE)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], decode_step(seqs[1], queries(2, batch=2)[1], SCALE), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(sketch_rank=4), dict(neighbours=2), dict(key_index="flat")], ids=["sketch", "neighbours", "flat"]
+)
+def test_the_python_path_serves_what_the_native_call_does_not(changes):
+    layer = layer_with(CONFIGS["default"].replace(**changes), 300, seed=1)
+    assert not host.serves(layer, select_host_ids)
+    assert not host.serves(layer_with(CONFIGS["default"], 300), python_rule)  # an evaluation's own rule
+    assert torch.isfinite(decode_step(layer, queries(1), SCALE)).all()
+
+
+def test_bad_inputs_to_the_call_raise_clear_errors():
+    layer = layer_with(CONFIGS["default"], 300, seed=1)
+    q = torch.randn(1, H_KV * G, D)
+    keys, values = [layer.host.keys], [layer.host.values]
+    lists = [torch.zeros(H_KV, 4, 8, dtype=torch.int32)]
+
+    def call(**changes):
+        args = (
+            dict(
+                near=torch.zeros(1, H_KV, 2, dtype=torch.int64),
+                blocks=torch.full((1, H_KV, 1), -1),
+                ranges=torch.zeros(1, 3, 2, dtype=torch.int64),
+                lists=lists,
+                threshold=0.0,
+            )
+            | changes
+        )
+        return ops.host_step(
+            q,
+            keys,
+            values,
+            args["lists"],
+            args["near"],
+            args["blocks"],
+            args["ranges"],
+            torch.zeros(1, H_KV * G),
+            scale=SCALE,
+            threshold=args["threshold"],
+            qq_limit=8,
+            qq_prefix=32,
+            block_size=8,
+            cap=64,
+            n_count_blocks=4,
+        )
+
+    ok = call()  # every list holds id 0 alone; threshold 0 reads every candidate
+    assert ok.n_read.tolist() == [[1, 1]] and ok.ids[0, :, 0].tolist() == [0, 0] and ok.n_rated.tolist() == [[1, 1]]
+    with pytest.raises(IndexError, match="list row 4"):
+        call(near=torch.full((1, H_KV, 2), 4))
+    with pytest.raises(IndexError, match="list entry"):
+        call(lists=[torch.full((H_KV, 4, 8), layer.host.n, dtype=torch.int32)])
+    with pytest.raises(IndexError, match="not a full block"):
+        call(blocks=torch.full((1, H_KV, 1), layer.host.n // 8))
+    with pytest.raises(IndexError, match="range"):
+        call(ranges=torch.tensor([[[0, layer.host.n + 1], [0, 0], [0, 0]]]))
+    with pytest.raises(IndexError, match="exceed cap"):
+        call(ranges=torch.tensor([[[0, 0], [0, 0], [0, 100]]]))
+    with pytest.raises(ValueError, match="threshold"):
+        call(threshold=math.nan)
+    with pytest.raises(ValueError, match="near must be int64|ids must be an integer"):
+        call(near=torch.zeros(1, H_KV, 2))
+    with pytest.raises(ValueError, match="lists must hold|expected one item per sequence"):
+        call(lists=lists * 2)
