@@ -105,7 +105,8 @@ class BlockSummary:
             return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
         H = mean_k.shape[0]
         coarse = head_matmul(qs, self.coarse_keys.landmarks[0].transpose(1, 2)).float()  # [Hkv, G, n_super]
-        best = torch.topk(group_block_scores(coarse), self.expand, dim=1).indices  # [Hkv, E]
+        # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
+        best = torch.topk(group_block_scores(coarse), self.expand, dim=1).indices.sort(dim=1).values  # [Hkv, E]
         inside = best.unsqueeze(2) * self.group + torch.arange(self.group, device=best.device)
         after = torch.arange(n_super * self.group, self.n_blocks, device=best.device).expand(H, -1)
         fine = torch.cat([inside.reshape(H, -1), after], dim=1)  # [Hkv, F] block ids
