@@ -18,4 +18,9 @@ q (device) ──► resident attention over sinks + recent window (device) ─�
                           │
        near tie in the logits: the approximate positions run again exactly         recheck.py
 ```
+
+Where it serves the configuration (host.py says which), the host's part of the diagram, from
+the candidate ids to (o_c, lse_c) and the reads per block, is one native call for every
+sequence and KV head of a batch (host.py, C++ `host_step`); select.py and rate.py are then
+its reference, and the path of the configurations it does not serve.
 """
