@@ -11,7 +11,12 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    weights); each context is built directly in the cache from keys and values drawn
    on the device with the per-channel statistics of a short real prefill
    (bench.common.caches, as bench.speed.decode does); ms per token and attention ms per layer (synchronised),
-   against full attention under the cap where it fits and, for reference, uncapped.
+   with the read share, against full attention under the cap where it fits and, for
+   reference, uncapped; the engine's step with its host side in one native call and, beside
+   it, with the Python selection; the step with near ties re-checked at the rate measured
+   on prose (PROSE_RECHECK_RATE: one re-check per ~42 tokens, each running the ~42
+   positions decoded since the last exact run again, engine.decode.recheck), derived from
+   the timed step and the timed re-run; and batch 8 against batch 1 at --batch-context.
 4. Prefill: a real chunked prefill of --prefill tokens through the engine and
    through sdpa, the host index build timed on its own.
 
@@ -46,6 +51,7 @@ from bench.common.output import environment, write_json
 from bench.common.timing import LayerClock, Synced, in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
+from engine.decode.host import python_selection
 from engine.plan import MODEL_PRESETS
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
@@ -54,7 +60,10 @@ FP32_TOL = 1e-4
 COVER_ALL = OffloadConfig.preset("fixed", n_sink=4, window=64, block_size=16, n_blocks=10**6, block_frac=1.0)
 TOY = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=256)
 TOY.update(intermediate_size=512, vocab_size=1000)
-TIMED = "hybrid_gpu_timed"
+TIMED, TIMED_PYTHON = "hybrid_gpu_timed", "hybrid_gpu_timed_python_selection"
+# share of greedy decode steps re-checked on the bundled model's prose (docs/results.md, Long generation)
+PROSE_RECHECK_RATE = 0.024
+RECHECK_SPAN = round(1 / PROSE_RECHECK_RATE)  # positions a re-check runs again at that rate, on average
 
 
 def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid"):
@@ -88,6 +97,20 @@ def profiled(folder: Path | None, name: str, on: bool = True):
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"{name}.txt", "w") as f:
             pstats.Stats(profile, stream=f).sort_stats("cumulative").print_stats(45)
+
+
+@contextlib.contextmanager
+def torch_profiled(folder: Path, name: str, device):
+    """torch.profiler over the block into folder/name-torch.txt: the operators by their own time, with the
+    CUDA kernels on a GPU (where the device waits, and how long each kernel takes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}-torch.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 def peak_bytes(device) -> int:
@@ -196,31 +219,40 @@ def host_bytes(cache) -> int:
 def decode_cases(args, device, cap_fraction: float) -> list[dict]:
     shape = MODEL_PRESETS["llama-3-8b"] if device.type == "cuda" else TOY
     layers = shape["num_hidden_layers"] if device.type == "cuda" else 2
-    clock = LayerClock(device)
-    AttentionInterface.register(TIMED, clock)
+    clocks = {TIMED: LayerClock(device), TIMED_PYTHON: LayerClock(device, select=python_selection)}
+    for name, clock in clocks.items():
+        AttentionInterface.register(name, clock)
     model = llama(shape, layers, torch.bfloat16, device, impl=TIMED)
     stats = channel_stats(model, None)  # random token ids, on the model's device
     cfg = OffloadConfig(device=device.type)
     rows = []
     for n in args.contexts:
-        runs = [("hybrid-default", "hybrid", cfg, True), ("full-sdpa", "full", None, True)]
-        runs.append(("full-sdpa-uncapped", "full", None, False))
-        for name, kind, c, capped in runs:
+        runs = [("hybrid-default", "hybrid", TIMED, True), ("hybrid-python-selection", "hybrid", TIMED_PYTHON, True)]
+        runs += [("full-sdpa", "full", TIMED, True), ("full-sdpa-uncapped", "full", TIMED, False)]
+        for name, kind, impl, capped in runs:
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(cap_fraction if capped else 1.0, device)
             reset_peak(device)
             row = {"case": "decode", "method": name, "context": n, "capped": capped}
+            model.set_attn_implementation(impl)
+            clock = clocks[impl]
             try:
-                cache, build_s = filled(kind, model, stats, n, c)
+                cache, build_s = filled(kind, model, stats, n, cfg if kind == "hybrid" else None)
                 row.update(time_decode(model, cache, clock, args.steps, device))
-                if kind == "hybrid":  # the window run again, as at a near tie (engine.decode.recheck)
+                if name == "hybrid-default":  # near ties run again (engine.decode.recheck): at the prose rate, a window
+                    span = time_decode(model, cache, clock, 3, device, rerun=min(RECHECK_SPAN, cfg.window))
                     again = time_decode(model, cache, clock, 3, device, rerun=cfg.window)
                     row.update(
-                        rerun_ms_per_token=again["ms_per_token"], rerun_attn_ms_per_layer=again["attn_ms_per_layer"]
+                        recheck_ms=span["ms_per_token"],
+                        ms_per_token_with_rechecks=row["ms_per_token"] + PROSE_RECHECK_RATE * span["ms_per_token"],
+                        rerun_ms_per_token=again["ms_per_token"],
+                        rerun_attn_ms_per_layer=again["attn_ms_per_layer"],
                     )
-                if args.profile and kind == "hybrid":  # extra steps: the profiler slows what it watches
+                if args.profile and name == "hybrid-default":  # extra steps: the profiler slows what it watches
                     with profiled(args.profile, f"decode-{name}-{n}"):
                         time_decode(model, cache, clock, 4, device)
+                    with torch_profiled(args.profile, f"decode-{name}-{n}", device):
+                        time_decode(model, cache, clock, 2, device)
                 row.update(index_build_s=build_s if kind == "hybrid" else None, host_bytes=host_bytes(cache))
                 del cache
             except torch.OutOfMemoryError:
@@ -232,9 +264,53 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             print(json.dumps(row), flush=True)
             if name == "full-sdpa" and "error" not in row:
                 break  # it fits under the cap: the uncapped run would say nothing more
+    model.set_attn_implementation(TIMED)
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    rows += batch_cases(args, model, device, stats, cfg, clocks[TIMED])
     rows += prefill_cases(args, model, device, cfg)
+    return rows
+
+
+@torch.inference_mode()
+def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
+    """Decode steps of batches of 1 and --batch sequences, each holding --batch-context positions:
+    tokens per second and attention ms per layer, with the batch's mean read share."""
+    rows = []
+    for size in (1, args.batch):
+        reset_peak(device)
+        row = {"case": "batch", "method": f"hybrid-default-batch{size}", "context": args.batch_context}
+        try:
+            caches = [filled("hybrid", model, stats, args.batch_context, cfg)[0] for _ in range(size)]
+            batch = HybridCache.stack(caches)
+            tokens = torch.full((size, 1), 17, device=device)
+
+            def step(_, batch=batch, tokens=tokens, size=size) -> tuple[float, float, float]:
+                clock.seconds = 0.0
+                with Synced(device) as t:
+                    model(input_ids=tokens, cache=batch, use_cache=True, logits_to_keep=1)
+                reads = [batch.step_stats(b)["kv_read_frac"] for b in range(size)]
+                return t.seconds, clock.seconds / model.config.num_hidden_layers, statistics.mean(reads)
+
+            (samples,) = in_turns({"batch": step}, args.steps).values()
+            seconds = statistics.median(s[0] for s in samples)
+            row.update(
+                batch=size,
+                ms_per_token=1e3 * seconds,  # per step of the whole batch
+                tokens_per_s=size / seconds,
+                attn_ms_per_layer=1e3 * statistics.median(s[1] for s in samples),
+                kv_read_frac=statistics.mean(s[2] for s in samples),
+            )
+            del batch, caches
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory under the cap"
+        except Exception as exc:
+            row["error"] = failure(exc)
+        row["peak_device_bytes"] = peak_bytes(device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if all("tokens_per_s" in r for r in rows[-2:]):
+        rows[-1]["tokens_per_s_vs_batch1"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
     return rows
 
 
@@ -289,7 +365,14 @@ def table(rows: list[dict]) -> str:
             notes += f", conservation {r['conservation_ok']}"
         if "rerun_ms_per_token" in r:
             again, per_layer = r["rerun_ms_per_token"], r["rerun_attn_ms_per_layer"]
-            notes = f"a window run again exactly: {again:.1f} ms ({per_layer:.3f}/layer)"
+            notes = (
+                f"with re-checks at the prose rate {r['ms_per_token_with_rechecks']:.1f} ms/token "
+                f"(one: {r['recheck_ms']:.1f} ms); a window run again: {again:.1f} ms ({per_layer:.3f}/layer)"
+            )
+        if "tokens_per_s" in r:
+            notes = f"batch {r['batch']}: {r['tokens_per_s']:.1f} tokens/s" + (
+                f", {r['tokens_per_s_vs_batch1']:.2f}x batch 1" if "tokens_per_s_vs_batch1" in r else ""
+            )
         if "prefill_s" in r:
             notes = f"prefill {r['prefill_s']:.2f} s" + (
                 f", index build {r['index_build_s']:.2f} s" if "index_build_s" in r else ""
@@ -310,6 +393,10 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, help="prefill tokens; default 32768 (cpu: 1024)")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per case (after 2 warm-up steps)")
+    p.add_argument("--batch", type=int, default=8, help="the larger batch of the batch case (against batch 1)")
+    p.add_argument(
+        "--batch-context", type=int, help="positions per sequence of the batch case; default 32768 (cpu: 1024)"
+    )
     p.add_argument("--profile", type=Path, help="folder for the engine's decode and prefill cProfiles (cumulative)")
     add_threads_arg(p)
     args = p.parse_args(argv)
@@ -320,6 +407,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     args.contexts = args.contexts or ([32768, 65536, 131072] if cuda else [2048])
     args.prefill = args.prefill or (32768 if cuda else 1024)
+    args.batch_context = args.batch_context or (32768 if cuda else 1024)
     env = {
         **environment(),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",

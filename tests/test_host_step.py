@@ -10,6 +10,7 @@ import torch
 
 from engine import HybridCache, OffloadConfig
 from engine.decode import host
+from engine.decode.host import python_selection
 from engine.decode.rate import read_threshold
 from engine.decode.select import select_host_ids
 from engine.decode.step import batch_decode_step, decode_step
@@ -21,11 +22,6 @@ pytestmark = pytest.mark.skipif(not ops.HAS_EXT, reason="the native call needs t
 H_KV, G, D = 2, 3, 16
 SCALE = D**-0.5
 MODEL = tiny_llama(n_layers=1, n_heads=H_KV * G, n_kv_heads=H_KV, head_dim=D)
-
-
-def python_rule(*args):
-    """The reference selection under another name: `decode_step` then takes the Python path."""
-    return select_host_ids(*args)
 
 
 def structured_kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +90,7 @@ def rating(layer, q, h, i) -> float:
 def both_paths(layer, q):
     o_native = decode_step(layer, q, SCALE)
     ids_native, stats = layer.stats.read_ids.clone(), dict(gathered=layer.stats.gathered, sketched=layer.stats.sketched)
-    o_python = decode_step(layer, q, SCALE, python_rule)
+    o_python = decode_step(layer, q, SCALE, python_selection)
     return o_native, ids_native, stats, o_python, layer.stats.read_ids.clone()
 
 
@@ -177,7 +173,7 @@ def test_a_sequence_without_host_tokens_in_a_batch_reads_nothing():
 def test_the_python_path_serves_what_the_native_call_does_not(changes):
     layer = layer_with(CONFIGS["default"].replace(**changes), 300, seed=1)
     assert not host.serves(layer, select_host_ids)
-    assert not host.serves(layer_with(CONFIGS["default"], 300), python_rule)  # an evaluation's own rule
+    assert not host.serves(layer_with(CONFIGS["default"], 300), python_selection)  # an evaluation's own rule
     assert torch.isfinite(decode_step(layer, queries(1), SCALE)).all()
 
 

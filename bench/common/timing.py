@@ -68,14 +68,17 @@ class LayerClock:
     `update()` adds its seconds too. Register it with transformers' `AttentionInterface` under
     a name of its own, run the model with that implementation, and set `seconds` to 0 before
     a forward pass: the seconds per layer are then `seconds / n_layers`. The part of a decode
-    step the engine replaces is timed apart from the rest of the model this way."""
+    step the engine replaces is timed apart from the rest of the model this way. `select`: the
+    decode steps' selection rule when not the engine's (engine.decode.host.python_selection
+    times the Python path beside the native call)."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", select=None):
         self.device, self.seconds = torch.device(device), 0.0
+        self.select = {} if select is None else {"select": select}  # the decode steps' rule, when not the engine's
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         with Synced(self.device) as t:
-            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs, **self.select)
         self.seconds += t.seconds
         return out
 

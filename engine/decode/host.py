@@ -38,6 +38,12 @@ class HostInputs(NamedTuple):
     qq_prefix: int
 
 
+def python_selection(layer, q, q_host, scale, lse_resident, blocks=None):
+    """`engine.decode.select.select_host_ids` under another name: a decode step given it as its
+    selection rule takes the Python path, which benchmarks and tests set beside the native call."""
+    return select_host_ids(layer, q, q_host, scale, lse_resident, blocks)
+
+
 def serves(layer, select) -> bool:
     """Whether the native call serves this layer's decode steps with this selection rule."""
     cfg = layer.cfg
