@@ -230,3 +230,15 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         call(near=torch.zeros(1, H_KV, 2))
     with pytest.raises(ValueError, match="lists must hold|expected one item per sequence"):
         call(lists=lists * 2)
+
+
+def test_to_host_keeps_every_tensor_as_it_was():
+    tensors = [torch.arange(6).view(2, 3), torch.randn(4), torch.empty(2, 0, dtype=torch.int64), torch.randn(1, 2)]
+    assert host.to_host(tensors) is tensors  # on the CPU already: nothing copied
+    copies = []
+    back = host.packed_copy(tensors, lambda flat: copies.append(flat.dtype) or flat.clone())
+    assert sorted(map(str, copies)) == ["torch.float32", "torch.int64"]  # one copy per dtype
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(back, tensors))
+    if torch.cuda.is_available():
+        back = host.to_host([t.cuda() for t in tensors])
+        assert all(torch.equal(a, b) and a.device.type == "cpu" for a, b in zip(back, tensors))
