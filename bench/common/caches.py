@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Stats:
     through it to learn where its queries point."""
 
     layers: list[ChannelStats]
-    model: torch.nn.Module
+    model: torch.nn.Module = field(repr=False)
 
     def __iter__(self):
         return iter(self.layers)
