@@ -450,6 +450,6 @@ def test_synthetic_fill_holds_every_position_drawn_with_the_prefill_statistics()
         assert sorted(np.concatenate(list(where.values())).tolist()) == list(range(150))
         assert layer.last_added is None and layer.key_index is not None
     full = DynamicCache()
-    assert fill(full, stats, 4000, dtype=torch.float32) == 0.0 and full.get_seq_length() == 4000
+    assert fill(full, stats, 4000, dtype=torch.float32, context="flat") == 0.0 and full.get_seq_length() == 4000
     for layer, ((km, ks), _, _) in zip(full.layers, stats):
         assert ((layer.keys[0].mean(1) - km).abs() <= 0.15 * ks + 1e-4).all()

@@ -6,19 +6,25 @@ model (32 query / 8 KV heads, head dim 128) with random weights and few layers.
 A context of N tokens is built directly in each cache (bench.common.caches: a
 prefill of 128K tokens is far out of a CPU's reach): keys, values and the prefill
 queries the host indexes are built from are drawn per channel with the mean and
-spread that a real prefill of the model shows. Decode then runs the real model,
-one token at a time. Prefill itself is timed separately, really, up to
---prefill-max tokens.
+spread that a real prefill of the model shows, and with --context prose (the
+default) laid out so that the decode token's attention has the structure real
+text gives it (runs of tokens that matter, in clusters, a few heavy hitters);
+--context flat leaves the draw as it is, with flat attention, where the engine
+reads next to nothing. Every method of a context gets the same draw. Decode then
+runs the real model, one token at a time. Prefill itself is timed separately,
+really, up to --prefill-max tokens.
 
 Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
-kv_read_frac (host KV rows read per step / host KV rows), and for the engine
-rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run again as
-an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole window).
+kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
+the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
+again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole
+window; such a run reads every host row, rerun_kv_read_frac 1). Each row names its
+context_kind.
 
     python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH] [--models ...] [--contexts ...]
-                                 [--methods ...] [--interleave] [--threads N]
+                                 [--methods ...] [--interleave] [--context prose|flat] [--threads N]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import time
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from bench.common.caches import cache_bytes, channel_stats, fill
+from bench.common.caches import CONTEXTS, DECODE_TOKEN, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
@@ -49,14 +55,15 @@ TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(Dyna
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
 
 
-def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, seed: int = 0):
-    """A timed cache of `kind` ("hybrid", "full", "offloaded") holding n synthetic positions;
-    returns (cache, seconds to build the host indexes)."""
+def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, context: str, seed: int = 0):
+    """A timed cache of `kind` ("hybrid", "full", "offloaded") holding n synthetic positions
+    of a `context` kind (bench.common.caches.CONTEXTS); returns (cache, seconds to build the
+    host indexes)."""
     if kind == "hybrid":
         cache = TimedHybridCache(model, cfg, max_length=n + 64, progress=False)
     else:
         cache = TimedDynamicCache(offloading=kind == "offloaded")
-    build_s = fill(cache, stats, n, dtype=next(model.parameters()).dtype, seed=seed)
+    build_s = fill(cache, stats, n, dtype=next(model.parameters()).dtype, seed=seed, context=context)
     return cache, build_s
 
 
@@ -65,7 +72,7 @@ def decode_once(model, cache) -> tuple[float, float, float]:
     """One decode step: seconds for the whole model, seconds per layer in update + attention, kv_read_frac."""
     CLOCK.seconds = 0.0
     t0 = time.perf_counter()
-    model(input_ids=torch.tensor([[17]]), cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([[DECODE_TOKEN]]), cache=cache, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - t0
     read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
     return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
@@ -92,7 +99,7 @@ def time_rerun(model, cache, positions: int, steps: int) -> float:
     """Median ms per layer in update + attention of the `positions` newest positions run again
     as an exact chunk, as a near tie's are (engine.decode.recheck): every host token read."""
     samples = []
-    ids = torch.full((1, positions), 17)
+    ids = torch.full((1, positions), DECODE_TOKEN)
     for _ in range(steps):
         CLOCK.seconds = 0.0
         with cache.rerun_exactly([0], positions):
@@ -161,9 +168,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     """Fill a cache per method of the group, time their decode steps (alternating), one row each."""
     rows, caches, builds = [], {}, {}
     for method, (kind, cfg) in group.items():
-        base = {"model": model_name, "method": method, "context": context}
+        base = {"model": model_name, "method": method, "context": context, "context_kind": args.context}
         try:
-            caches[method], builds[method] = fill_cache(kind, model, stats, context, cfg)
+            caches[method], builds[method] = fill_cache(kind, model, stats, context, cfg, args.context)
         except (AssertionError, RuntimeError) as exc:  # the offloaded cache needs CUDA streams
             rows.append({**base, "error": f"{type(exc).__name__}: {exc}"})
             print(json.dumps(rows[-1]), flush=True)
@@ -186,6 +193,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "model": model_name,
             "method": method,
             "context": context,
+            "context_kind": args.context,
             "decode_ms_per_token": round(ms_token, 3),
             "attn_ms_per_layer": round(ms_layer, 4),
             "prefill_s": prefill_s,
@@ -195,6 +203,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "kv_read_frac": round(read, 5),
             # near ties' positions run again exactly (engine.decode.recheck), by how many
             "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
+            "rerun_kv_read_frac": 1.0 if rerun else None,  # an exact chunk reads every host row
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
             "interleaved": len(caches) > 1,
@@ -243,6 +252,12 @@ def main(argv=None):
         action="store_true",
         help="hold every method's cache of a context at once and alternate their decode steps (for ratios)",
     )
+    p.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        default="prose",
+        help="synthetic context: `prose` (attention in runs and clusters, as on text) or `flat` (i.i.d. draws)",
+    )
     add_threads_arg(p)
     args = p.parse_args(argv)
     quick_defaults(
@@ -256,6 +271,7 @@ def main(argv=None):
     rows = run(args)
     config = {
         "contexts": args.contexts,
+        "context_kind": args.context,
         "layers_8b_shape": args.layers,
         "seconds": round(time.perf_counter() - started, 1),
     }

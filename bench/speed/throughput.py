@@ -4,13 +4,16 @@ DynamicCache of the same B sequences), on the same model in the same run.
 
 As in bench.speed.decode, each sequence's context is built directly in the caches
 (bench.common.caches: keys, values and build queries drawn with the per-channel
-statistics of a real prefill of the model; every sequence its own draw), and decode
+statistics of a real prefill of the model, laid out as prose by default or flat with
+--context flat; every sequence its own draw, the same for both methods), and decode
 runs the real model. Per (model, context, batch, method): attn_tokens_per_s (B / seconds of
 cache update + attention per layer and step: the part the engine replaces),
 model_tokens_per_s (B / seconds of the whole forward pass), their medians over
-steps that alternate between the methods, device and host bytes.
+steps that alternate between the methods, kv_read_frac (host KV rows read per step / host
+KV rows, the mean over the steps; 1 for full attention), device and host bytes.
 
-    python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH] [--batches ...] [--threads N]
+    python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH] [--batches ...]
+                                     [--context prose|flat] [--threads N]
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from bench.common.caches import cache_bytes, channel_stats, fill
+from bench.common.caches import CONTEXTS, DECODE_TOKEN, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
@@ -38,12 +41,15 @@ AttentionInterface.register(TIMED, CLOCK)
 TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(DynamicCache)
 
 
-def sequence_caches(model, stats, context: int, cfg: OffloadConfig, count: int) -> list[TimedHybridCache]:
-    """`count` single-sequence engine caches of `context` positions each, every one its own draw."""
+def sequence_caches(
+    model, stats, context: int, cfg: OffloadConfig, count: int, kind: str = "prose"
+) -> list[TimedHybridCache]:
+    """`count` single-sequence engine caches of `context` positions of a `kind` of context
+    (bench.common.caches.CONTEXTS) each, every one its own draw."""
     dtype = next(model.parameters()).dtype
     caches = [TimedHybridCache(model, cfg, max_length=context + 64, progress=False) for _ in range(count)]
     for i, cache in enumerate(caches):
-        fill(cache, stats, context, dtype=dtype, seed=i)
+        fill(cache, stats, context, dtype=dtype, seed=i, context=kind)
     return caches
 
 
@@ -74,21 +80,31 @@ def full_batch(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> TimedDynami
 
 
 @torch.inference_mode()
-def step(model, cache, positions: torch.Tensor) -> tuple[float, float]:
-    """One decode step of the batch (positions [B, 1]): seconds for the whole model, and
-    seconds per layer in cache update + attention."""
+def step(model, cache, positions: torch.Tensor) -> tuple[float, float, float]:
+    """One decode step of the batch (positions [B, 1]): seconds for the whole model, seconds
+    per layer in cache update + attention, and the share of the host KV rows read (1 for full attention)."""
     CLOCK.seconds = 0.0
-    ids = torch.full_like(positions, 17)
+    ids = torch.full_like(positions, DECODE_TOKEN)
     t0 = time.perf_counter()
     model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - t0, CLOCK.seconds / model.config.num_hidden_layers
+    seconds = time.perf_counter() - t0
+    read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
+    return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
 
 
 def time_batch(model, caches: dict, B: int, context: int, steps: int, warmup: int = 2) -> dict:
-    """Per cache: median seconds per step (model, attention per layer), the caches' steps taking turns."""
+    """Per cache: median seconds per step (model, attention per layer) and mean kv_read_frac,
+    the caches' steps taking turns."""
     runs = {name: lambda i, c=cache: step(model, c, torch.full((B, 1), context + i)) for name, cache in caches.items()}
     samples = in_turns(runs, steps, warmup)
-    return {name: tuple(statistics.median(x[j] for x in got) for j in (0, 1)) for name, got in samples.items()}
+    return {
+        name: (
+            statistics.median(x[0] for x in got),
+            statistics.median(x[1] for x in got),
+            statistics.mean(x[2] for x in got),
+        )
+        for name, got in samples.items()
+    }
 
 
 def run(args) -> list[dict]:
@@ -99,31 +115,31 @@ def run(args) -> list[dict]:
         stats = channel_stats(model, tok)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         for context in args.contexts:
-            seqs = sequence_caches(model, stats, context, cfg, max(args.batches))
+            seqs = sequence_caches(model, stats, context, cfg, max(args.batches), args.context)
             kv = None if args.no_full else contexts_of(seqs)
             for B in sorted(args.batches):
                 caches = {"hybrid": hybrid_batch(seqs[:B])}
                 if not args.no_full:
                     caches["full-sdpa"] = full_batch(kv[:B])
                 timings = time_batch(model, caches, B, context, args.steps)
-                for method, (model_s, attn_s) in timings.items():
+                for method, (model_s, attn_s, read) in timings.items():
                     dev, host = cache_bytes(caches[method], torch.device("cpu"))
                     row = {
                         "model": model_name,
                         "context": context,
+                        "context_kind": args.context,
                         "batch": B,
                         "method": method,
                         "attn_tokens_per_s": round(B / attn_s, 2),
                         "model_tokens_per_s": round(B / model_s, 3),
                         "attn_ms_per_layer": round(1e3 * attn_s, 3),
                         "step_ms": round(1e3 * model_s, 2),
+                        "kv_read_frac": round(read, 5),
                         "device_bytes": dev + weights,
                         "host_bytes": host,
                         "n_layers": model.config.num_hidden_layers,
                         "steps": args.steps,
                     }
-                    if method == "hybrid":
-                        row["kv_read_frac"] = round(caches[method].step_stats()["kv_read_frac"], 5)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                 del caches
@@ -162,6 +178,12 @@ def main(argv=None):
         "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 2)"
     )
     p.add_argument("--no-full", action="store_true", help="leave out full attention")
+    p.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        default="prose",
+        help="synthetic context: `prose` (attention in runs and clusters, as on text) or `flat` (i.i.d. draws)",
+    )
     add_threads_arg(p)
     args = p.parse_args(argv)
     quick_defaults(
@@ -176,6 +198,7 @@ def main(argv=None):
     rows = run(args)
     config = {
         "layers_shape": args.layers,
+        "context_kind": args.context,
         "offload": "default",
         "seconds": round(time.perf_counter() - started, 1),
     }
