@@ -14,7 +14,7 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    with the read share, against full attention under the cap where it fits and, for
    reference, uncapped; the engine's step with its host side in one native call and, beside
    it, with the Python selection; the step with near ties re-checked at the rate measured
-   on prose (PROSE_RECHECK_RATE: one re-check per ~42 tokens, each running the ~42
+   on prose (bench.common.timing.PROSE_RECHECK_RATE: one re-check per ~42 tokens, each running the ~42
    positions decoded since the last exact run again, engine.decode.recheck), derived from
    the timed step and the timed re-run; and batch 8 against batch 1 at --batch-context.
 4. Prefill: a real chunked prefill of --prefill tokens through the engine and
@@ -48,7 +48,7 @@ from bench.common.caches import channel_stats, fill
 from bench.common.models import LONG_CONTEXT, random_llama
 from bench.common.options import add_threads_arg, pin_threads
 from bench.common.output import environment, write_json
-from bench.common.timing import LayerClock, Synced, in_turns
+from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, with_rechecks
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.decode.host import python_selection
@@ -61,9 +61,6 @@ COVER_ALL = OffloadConfig.preset("fixed", n_sink=4, window=64, block_size=16, n_
 TOY = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=256)
 TOY.update(intermediate_size=512, vocab_size=1000)
 TIMED, TIMED_PYTHON = "hybrid_gpu_timed", "hybrid_gpu_timed_python_selection"
-# share of greedy decode steps re-checked on the bundled model's prose (docs/results.md, Long generation)
-PROSE_RECHECK_RATE = 0.024
-RECHECK_SPAN = round(1 / PROSE_RECHECK_RATE)  # positions a re-check runs again at that rate, on average
 
 
 def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid"):
@@ -244,7 +241,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
                     again = time_decode(model, cache, clock, 3, device, rerun=cfg.window)
                     row.update(
                         recheck_ms=span["ms_per_token"],
-                        ms_per_token_with_rechecks=row["ms_per_token"] + PROSE_RECHECK_RATE * span["ms_per_token"],
+                        ms_per_token_with_rechecks=with_rechecks(row["ms_per_token"], span["ms_per_token"]),
                         rerun_ms_per_token=again["ms_per_token"],
                         rerun_attn_ms_per_layer=again["attn_ms_per_layer"],
                     )

@@ -50,11 +50,16 @@ def test_bench_decode_quick(tmp_path):
         assert 0 < c["kv_read_frac"] <= 1
         assert (c["method"] == "full-sdpa") == (c["host_bytes"] == 0)
         # a near tie's step run again is timed where the configuration re-checks them
-        rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"]
+        rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"] and "python" not in c["method"]
         assert (c["rerun_attn_ms_per_layer"] is not None) == rechecks
-        if rechecks:  # the step alone and a whole window, each timed
-            assert set(c["rerun_attn_ms_per_layer"]) == {"1", str(min(c["context"], 256))}
+        if rechecks:  # the step alone, one re-check at the prose rate and a whole window, each timed
+            assert set(c["rerun_attn_ms_per_layer"]) == {"1", "42", str(min(c["context"], 256))}
             assert all(ms > 0 for ms in c["rerun_attn_ms_per_layer"].values())
+            assert c["attn_ms_per_layer_with_rechecks"] > c["attn_ms_per_layer"]
+    # the default through the native host call and through the Python selection read the same share
+    by = {(c["method"], c["context"]): c for c in timed}
+    native, python = by["hybrid-default", 512], by["hybrid-default-python-selection", 512]  # 256: no host store
+    assert abs(native["kv_read_frac"] - python["kv_read_frac"]) <= 0.02 * python["kv_read_frac"]
 
 
 def test_bench_throughput_quick(tmp_path):

@@ -29,6 +29,18 @@ def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> fl
     return 1e3 * statistics.median(times)
 
 
+# share of greedy decode steps re-checked on the bundled model's prose (docs/results.md, Long generation),
+# and the positions each re-check runs again at that rate (those decoded since the last exact run), on average
+PROSE_RECHECK_RATE = 0.024
+RECHECK_SPAN = round(1 / PROSE_RECHECK_RATE)
+
+
+def with_rechecks(step: float, recheck: float) -> float:
+    """The mean cost per token of a step that costs `step` alone, when a share PROSE_RECHECK_RATE
+    of the steps also runs a re-check that costs `recheck` (RECHECK_SPAN positions run again)."""
+    return step + PROSE_RECHECK_RATE * recheck
+
+
 def in_turns(runs: dict[str, Callable[[int], T]], steps: int, warmup: int = 2) -> dict[str, list[T]]:
     """Call every run `warmup + steps` times, the runs taking turns at each step, so that the
     machine's drift over the whole run falls on all of them alike; each call is given the
@@ -74,11 +86,12 @@ class LayerClock:
 
     def __init__(self, device: torch.device | str = "cpu", select=None):
         self.device, self.seconds = torch.device(device), 0.0
-        self.select = {} if select is None else {"select": select}  # the decode steps' rule, when not the engine's
+        self.select = select  # the decode steps' selection rule; None: the engine's
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         with Synced(self.device) as t:
-            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs, **self.select)
+            rule = {} if self.select is None else {"select": self.select}
+            out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs, **rule)
         self.seconds += t.seconds
         return out
 

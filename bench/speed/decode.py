@@ -19,9 +19,12 @@ warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
 the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
-again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone and a whole
-window; such a run reads every host row, rerun_kv_read_frac 1). Each row names its
-context_kind.
+again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, the ~42
+positions of one re-check at the rate measured on prose, and a whole window; such a run reads
+every host row, rerun_kv_read_frac 1) and attn_ms_per_layer_with_rechecks (the step's mean cost
+with re-checks at that rate, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
+is the default through the Python selection, the native host call's reference (before and
+after in one run). Each row names its context_kind.
 
     python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH] [--models ...] [--contexts ...]
                                  [--methods ...] [--interleave] [--context prose|flat] [--threads N]
@@ -41,10 +44,11 @@ from bench.common.caches import CONTEXTS, DECODE_TOKEN, cache_bytes, channel_sta
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
-from bench.common.timing import LayerClock, in_turns
+from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, with_rechecks
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.config import KEY_INDEXES
+from engine.decode.host import python_selection
 
 # cache.update() + attention of every layer, timed apart from the rest of the model
 TIMED = "hybrid_timed"
@@ -53,6 +57,7 @@ AttentionInterface.register(TIMED, CLOCK)
 TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(DynamicCache)
 # A lighter HNSW build than the index's default, so that 128K-key builds finish in minutes on a CPU.
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
+RULES = {"hybrid-default-python-selection": python_selection}  # methods whose steps take another selection rule
 
 
 def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, context: str, seed: int = 0):
@@ -68,9 +73,10 @@ def fill_cache(kind: str, model, stats, n: int, cfg: OffloadConfig | None, conte
 
 
 @torch.inference_mode()
-def decode_once(model, cache) -> tuple[float, float, float]:
-    """One decode step: seconds for the whole model, seconds per layer in update + attention, kv_read_frac."""
-    CLOCK.seconds = 0.0
+def decode_once(model, cache, select=None) -> tuple[float, float, float]:
+    """One decode step (with the selection rule `select`, None: the engine's): seconds for the whole
+    model, seconds per layer in update + attention, kv_read_frac."""
+    CLOCK.seconds, CLOCK.select = 0.0, select
     t0 = time.perf_counter()
     model(input_ids=torch.tensor([[DECODE_TOKEN]]), cache=cache, use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - t0
@@ -82,7 +88,12 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
     """Per cache: median ms per token (whole model), median ms per layer in update + attention,
     mean kv_read_frac; with several caches their steps take turns (`in_turns`)."""
     samples = in_turns(
-        {name: lambda _, cache=cache: decode_once(model, cache) for name, cache in caches.items()}, steps, warmup
+        {
+            name: lambda _, cache=cache, name=name: decode_once(model, cache, RULES.get(name))
+            for name, cache in caches.items()
+        },
+        steps,
+        warmup,
     )
     return {
         name: (
@@ -100,6 +111,7 @@ def time_rerun(model, cache, positions: int, steps: int) -> float:
     as an exact chunk, as a near tie's are (engine.decode.recheck): every host token read."""
     samples = []
     ids = torch.full((1, positions), DECODE_TOKEN)
+    CLOCK.select = None
     for _ in range(steps):
         CLOCK.seconds = 0.0
         with cache.rerun_exactly([0], positions):
@@ -126,6 +138,8 @@ def time_prefill(model, kind: str, n: int, cfg: OffloadConfig | None, chunk: int
 def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadConfig | None]]:
     out = {
         "hybrid-default": ("hybrid", OffloadConfig(device="cpu")),
+        # the same through the Python selection, the native host call's reference: what the native call saves
+        "hybrid-default-python-selection": ("hybrid", OffloadConfig(device="cpu")),
         # the fixed budget with and without the estimate: what the estimate and the adaptive budget cost
         "hybrid-fixed": ("hybrid", OffloadConfig.preset("fixed", device="cpu")),
         "hybrid-fixed-noest": ("hybrid", OffloadConfig.preset("fixed", device="cpu", estimate=False)),
@@ -183,8 +197,10 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
         rerun = {}
-        if kind == "hybrid" and cfg.recheck_margin:  # a near tie's run again: the step alone, a whole window
-            rerun = {n: time_rerun(model, caches[method], n, min(steps, 3)) for n in (1, min(cfg.window, context))}
+        if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
+            # a near tie's run again: the step alone, the positions of one re-check at the prose rate, a window
+            spans = sorted({1, min(RECHECK_SPAN, cfg.window), min(cfg.window, context)})
+            rerun = {n: time_rerun(model, caches[method], n, min(steps, 3)) for n in spans}
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -204,6 +220,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             # near ties' positions run again exactly (engine.decode.recheck), by how many
             "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
             "rerun_kv_read_frac": 1.0 if rerun else None,  # an exact chunk reads every host row
+            "attn_ms_per_layer_with_rechecks": round(with_rechecks(ms_layer, rerun[RECHECK_SPAN]), 4)
+            if RECHECK_SPAN in rerun
+            else None,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
             "interleaved": len(caches) > 1,

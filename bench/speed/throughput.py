@@ -10,10 +10,12 @@ runs the real model. Per (model, context, batch, method): attn_tokens_per_s (B /
 cache update + attention per layer and step: the part the engine replaces),
 model_tokens_per_s (B / seconds of the whole forward pass), their medians over
 steps that alternate between the methods, kv_read_frac (host KV rows read per step / host
-KV rows, the mean over the steps; 1 for full attention), device and host bytes.
+KV rows, the mean over the steps; 1 for full attention), device and host bytes. With
+--python-selection the engine also runs through the Python selection (hybrid-python-selection),
+the native host call's reference, in turns with it on the same caches.
 
     python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH] [--batches ...]
-                                     [--context prose|flat] [--threads N]
+                                     [--context prose|flat] [--python-selection] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from bench.common.options import add_output_args, add_threads_arg, pin_threads, 
 from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
+from engine.decode.host import python_selection
 
 # cache.update() + attention of every layer, timed apart from the rest of the model
 TIMED = "hybrid_timed_batch"
+RULES = {"hybrid-python-selection": python_selection}  # methods whose steps take another selection rule
 CLOCK = LayerClock()
 AttentionInterface.register(TIMED, CLOCK)
 TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(DynamicCache)
@@ -80,10 +84,11 @@ def full_batch(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> TimedDynami
 
 
 @torch.inference_mode()
-def step(model, cache, positions: torch.Tensor) -> tuple[float, float, float]:
-    """One decode step of the batch (positions [B, 1]): seconds for the whole model, seconds
-    per layer in cache update + attention, and the share of the host KV rows read (1 for full attention)."""
-    CLOCK.seconds = 0.0
+def step(model, cache, positions: torch.Tensor, select=None) -> tuple[float, float, float]:
+    """One decode step of the batch (positions [B, 1]; `select`: the selection rule, None: the
+    engine's): seconds for the whole model, seconds per layer in cache update + attention, and
+    the share of the host KV rows read (1 for full attention)."""
+    CLOCK.seconds, CLOCK.select = 0.0, select
     ids = torch.full_like(positions, DECODE_TOKEN)
     t0 = time.perf_counter()
     model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
@@ -95,7 +100,10 @@ def step(model, cache, positions: torch.Tensor) -> tuple[float, float, float]:
 def time_batch(model, caches: dict, B: int, context: int, steps: int, warmup: int = 2) -> dict:
     """Per cache: median seconds per step (model, attention per layer) and mean kv_read_frac,
     the caches' steps taking turns."""
-    runs = {name: lambda i, c=cache: step(model, c, torch.full((B, 1), context + i)) for name, cache in caches.items()}
+    runs = {
+        name: lambda i, c=cache, name=name: step(model, c, torch.full((B, 1), context + i), RULES.get(name))
+        for name, cache in caches.items()
+    }
     samples = in_turns(runs, steps, warmup)
     return {
         name: (
@@ -119,6 +127,8 @@ def run(args) -> list[dict]:
             kv = None if args.no_full else contexts_of(seqs)
             for B in sorted(args.batches):
                 caches = {"hybrid": hybrid_batch(seqs[:B])}
+                if args.python_selection:  # the same caches, in turns: each step adds a position to both
+                    caches["hybrid-python-selection"] = caches["hybrid"]
                 if not args.no_full:
                     caches["full-sdpa"] = full_batch(kv[:B])
                 timings = time_batch(model, caches, B, context, args.steps)
@@ -178,6 +188,11 @@ def main(argv=None):
         "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 2)"
     )
     p.add_argument("--no-full", action="store_true", help="leave out full attention")
+    p.add_argument(
+        "--python-selection",
+        action="store_true",
+        help="also the engine through the Python selection, the native host call's reference (hybrid-python-selection)",
+    )
     p.add_argument(
         "--context",
         choices=CONTEXTS,
