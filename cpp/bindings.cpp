@@ -244,8 +244,10 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
     if (!py::isinstance<py::buffer>(obj)) fail("lists[" + std::to_string(b) + "] does not expose a buffer");
     held.push_back(py::reinterpret_borrow<py::buffer>(obj));
     py::buffer_info lb = request_typed(held.back(), "lists[b]", {Hkv}, 3, 'i', false);
-    if (L >= 0 && lb.shape[2] != L) fail("all lists must have one length (their last dimension)");
-    L = lb.shape[2];
+    if (lb.shape[1] > 0) {  // a sequence without rows (nothing indexed yet) holds no entries: any length
+      if (L >= 0 && lb.shape[2] != L) fail("all lists with rows must have one length (their last dimension)");
+      L = lb.shape[2];
+    }
     list_ptrs.push_back(static_cast<const int32_t*>(lb.ptr));
     list_rows.push_back(lb.shape[1]);
   }
