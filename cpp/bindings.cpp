@@ -233,7 +233,9 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   std::vector<py::buffer> held;
   const std::vector<hybridattn::StoreView> ks = store_views(k_stores, "k_stores", B, store_dtype, held);
   const std::vector<hybridattn::StoreView> vs = store_views(v_stores, "v_stores", B, store_dtype, held);
-  const py::ssize_t Hkv = B ? ks[0].n_heads : 0;
+  // With no sequence there is no store to take Hkv from: near [0, Hkv, P] gives it.
+  const py::buffer_info near_shape = request_typed(near, "near", {B}, 3, 'q', false);
+  const py::ssize_t Hkv = B ? ks[0].n_heads : near_shape.shape[1];
   if (B && ks[0].dim != D) fail("q has head dim " + std::to_string(D) + " but the store has " + std::to_string(ks[0].dim));
   if (py::ssize_t(lists.size()) != B) fail("lists must hold one [Hkv, rows, L] int32 array per sequence");
   std::vector<const int32_t*> list_ptrs;
