@@ -526,7 +526,6 @@ def draw_host_case(pick: Pick) -> HostStepCase:
 
 def _draw_host_seq(pick: Pick) -> HostSeq:
     magnitudes = (0, 0, 0, 0, 0, 0, -20, -3, 3, 8, 15, 30)
-    kinds = tuple(RANGE_KINDS)
     return HostSeq(
         N=pick((0, 1, 2, 3, 16, 17, 31, 64, 100, 129, 300, 1000)),
         spare_k=pick((0, 0, 1, 64)),
@@ -537,7 +536,7 @@ def _draw_host_seq(pick: Pick) -> HostSeq:
         near_pad=pick((0.0, 0.0, 0.3, 1.0)),
         near_repeat=pick((0.0, 0.5)),
         block_pad=pick((0.0, 0.3, 1.0)),
-        ranges=(pick(kinds), pick(kinds), pick(kinds)),
+        ranges=(pick(RANGE_KINDS), pick(RANGE_KINDS), pick(RANGE_KINDS)),
         threshold=pick(THRESHOLDS),
         lse_kind=pick(HOST_LSE_KINDS),
         q_exp=pick(magnitudes),
