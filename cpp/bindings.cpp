@@ -233,7 +233,9 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   std::vector<py::buffer> held;
   const std::vector<hybridattn::StoreView> ks = store_views(k_stores, "k_stores", B, store_dtype, held);
   const std::vector<hybridattn::StoreView> vs = store_views(v_stores, "v_stores", B, store_dtype, held);
-  const py::ssize_t Hkv = B ? ks[0].n_heads : 0;
+  // With no sequence there is no store to take Hkv from: near [0, Hkv, P] gives it.
+  const py::buffer_info near_shape = request_typed(near, "near", {B}, 3, 'q', false);
+  const py::ssize_t Hkv = B ? ks[0].n_heads : near_shape.shape[1];
   if (B && ks[0].dim != D) fail("q has head dim " + std::to_string(D) + " but the store has " + std::to_string(ks[0].dim));
   if (py::ssize_t(lists.size()) != B) fail("lists must hold one [Hkv, rows, L] int32 array per sequence");
   std::vector<const int32_t*> list_ptrs;
@@ -244,8 +246,10 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
     if (!py::isinstance<py::buffer>(obj)) fail("lists[" + std::to_string(b) + "] does not expose a buffer");
     held.push_back(py::reinterpret_borrow<py::buffer>(obj));
     py::buffer_info lb = request_typed(held.back(), "lists[b]", {Hkv}, 3, 'i', false);
-    if (L >= 0 && lb.shape[2] != L) fail("all lists must have one length (their last dimension)");
-    L = lb.shape[2];
+    if (lb.shape[1] > 0) {  // a sequence without rows (nothing indexed yet) holds no entries: any length
+      if (L >= 0 && lb.shape[2] != L) fail("all lists with rows must have one length (their last dimension)");
+      L = lb.shape[2];
+    }
     list_ptrs.push_back(static_cast<const int32_t*>(lb.ptr));
     list_rows.push_back(lb.shape[1]);
   }

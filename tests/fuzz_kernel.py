@@ -1,5 +1,5 @@
-"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch`, `gather_scores` and `merge_attention`
-against references.
+"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch`, `gather_scores`, `host_step` and
+`merge_attention` against references.
 
     python tests/fuzz_kernel.py --calls 100000 [--seed 0] [--ext build/sanitize]
 
@@ -35,6 +35,17 @@ row's score within (D + 4) eps sum_d |q_d k_d| of the fp64 product (plus a
 subnormal floor) when those sums are below FLT_MAX / 4, -inf exactly at padding
 always, and the same IndexError for a bad id.
 
+`host_step` runs B sequences (0 to 3) that share Hkv, G, D, the dtype, the list length and the
+call's settings. Per (sequence, KV head) unit the plain reference of tests/reference.py walks the
+lists, blocks and ranges to the same candidates and rates them in fp64: the ids read must be the
+reference's but for candidates whose rating lies within a rounding bound of the threshold
+(`rating_bounds`; all of them where the scores are beyond fp32's range), each once, ascending, -1
+after; n_read, n_rated and block_reads must be those of the ids; out and lse must pass the
+gather-attend checks above for the ids read; in a batch each sequence's outputs must be the bits of
+the same call on it alone. A list row, list entry or block out of range that a unit reaches raises
+IndexError naming the sequence and KV head, a range outside [0, N] one naming the sequence, more
+ids than `cap` one naming the unit that read them.
+
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.decode.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
 so that bound grows with |lse|. A side with lse = -inf is exactly the identity,
@@ -55,6 +66,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +74,7 @@ import torch
 if not __package__:  # run as a script: the repository root holds `tests`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.reference import gather_attend_ref
+from tests.reference import HostUnitRef, gather_attend_ref, host_candidates_ref, host_unit_ref
 
 EPS = 2.0**-24  # fp32 unit roundoff
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -255,28 +267,38 @@ def _out_kw(c: AttendCase, q_shape, n_threads: int, scalar: bool) -> dict:
 def _run_variants(name: str, call, expected, check) -> tuple[Counter, list[str]]:
     """call(n_threads, scalar) -> (out, lse) with 1 and 2 threads, vector and scalar paths. Each call
     must raise `expected` (type, message part) when given, else pass check(out, lse, n_threads,
-    scalar) -> (outcome, problem or None). Returns (calls by outcome, problems found)."""
+    scalar) -> (outcome, problem or None). `expected` may also be a list of such outcomes, any of
+    which is right (None in it: returning is one). Returns (calls by outcome, problems found)."""
     outcomes, problems = Counter(), []
+    allowed = expected if isinstance(expected, list) else [expected]
+    errors = [e for e in allowed if e is not None]
     for n_threads, scalar in VARIANTS:
         where = f"{name} n_threads={n_threads} scalar={scalar}"
         try:
             out, lse = call(n_threads, scalar)
         except Exception as exc:  # noqa: BLE001 - every exception is a finding unless expected
-            if expected is None or not isinstance(exc, expected[0]) or expected[1] not in str(exc):
+            if not any(isinstance(exc, kind) and part in str(exc) for kind, part in errors):
                 outcomes["mismatch"] += 1
-                problems.append(f"{where}: raised {type(exc).__name__}: {exc} (expected {expected})")
+                problems.append(f"{where}: raised {type(exc).__name__}: {exc} (expected {_shown(expected)})")
             else:
                 outcomes["raised"] += 1
             continue
-        if expected is not None:
+        if None not in allowed:
             outcomes["mismatch"] += 1
-            problems.append(f"{where}: returned instead of raising {expected[0].__name__}")
+            problems.append(f"{where}: returned instead of raising {_shown(expected)}")
             continue
         outcome, problem = check(out, lse, n_threads, scalar)
         outcomes[outcome] += 1
         if problem:
             problems.append(f"{where}: {problem}")
     return outcomes, problems
+
+
+def _shown(expected) -> str:
+    """An expected outcome or list of them, short: (type name, message part) each."""
+    allowed = expected if isinstance(expected, list) else [expected]
+    shown = [None if e is None else (e[0].__name__, e[1]) for e in allowed[:3]]
+    return str(shown[0] if len(allowed) == 1 else shown + ["..."] * (len(allowed) > 3))
 
 
 def _outcome(refs) -> str:
@@ -411,6 +433,459 @@ def run_batch_case(ops, c: BatchCase) -> tuple[Counter, list[str]]:
 
     expected = _scale_error(c.shared) or _batch_id_error(c, ids)
     return _run_variants(f"{c.shared} B={len(c.seqs)} N={[s.N for s in c.seqs]}", call, expected, check)
+
+
+# -------------------------------------------------------------------- host_step
+
+
+@dataclass(frozen=True)
+class HostSeq:
+    """One sequence of a host_step call: its stores, lists, proposals, ranges and rating."""
+
+    N: int
+    spare_k: int
+    spare_v: int
+    list_rows: int
+    entry_pad: float  # fraction of list entries that are -1
+    entry_repeat: float  # fraction of list entries that copy another of their row
+    near_pad: float  # fraction of proposed list rows that are -1
+    near_repeat: float
+    block_pad: float  # fraction of chosen blocks that are -1
+    ranges: tuple[str, str, str]  # how the tail, recent and forced [begin, end) are drawn (RANGE_KINDS)
+    threshold: float  # as drawn; the kernel takes it as a float32
+    lse_kind: str  # how the given lse is drawn (HOST_LSE_KINDS)
+    q_exp: int
+    k_exp: int
+    v_exp: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class HostStepCase:
+    """One host_step call over len(seqs) sequences (0 included)."""
+
+    Hkv: int
+    G: int
+    D: int
+    dtype: str
+    list_len: int
+    empty_list_len: int  # the last dimension of lists without rows (they hold nothing: any length)
+    n_near: int
+    n_chosen: int
+    qq_limit: int
+    qq_prefix: int
+    block_size: int
+    lse_from_candidates: bool
+    scale: float | None
+    cap: str  # "exact" (the most a unit may read), "roomy", or "small" (below what a unit surely reads)
+    count_blocks: str  # blocks block_reads counts: "none", "some", "all" (of the longest store), "more"
+    bad: str | None  # "what:value", an input out of range planted in sequence bad_at (BAD_HOST_INPUTS)
+    bad_at: int
+    seqs: tuple[HostSeq, ...]
+
+
+RANGE_KINDS = ("empty", "empty", "inner", "to end", "all", "start")
+HOST_LSE_KINDS = ("-inf", "zero", "near", "near", "near", "huge", "-huge")
+THRESHOLDS = (-math.inf,) * 3 + (0.0, 1e-45, 1e-38, 1e-20, 1e-6, 1e-4, 1e-3, 1e-3, 0.01, 0.05, 0.3, 1.0, 10.0)
+THRESHOLDS += (1e30, FLT_MAX, math.inf)
+BAD_HOST_INPUTS = {
+    "row": {"rows": None, "-2": -2, "huge": 2**62},  # None: the list's row count
+    "entry": {"N": None, "-2": -2, "int32 max": 2**31 - 1, "int32 min": -(2**31)},
+    "block": {"N": None, "-2": -2, "huge": 2**62, "int64 max": 2**63 - 1},  # None: the first block not full
+    "range": {"past N": None, "reversed": None, "negative": None},
+}
+
+
+def draw_host_case(pick: Pick) -> HostStepCase:
+    """Shapes around the kernel's edges (G and D as for gather-attend, block sizes that do and do
+    not divide N, limits and prefixes that cut the lists anywhere), now and then an input out of
+    range (one unit's list row, list entry or block, one sequence's range) or a cap too small."""
+    B = pick((0, 1, 1, 2, 2, 3))
+    bad = pick((None,) * 50 + tuple(f"{what}:{value}" for what, values in BAD_HOST_INPUTS.items() for value in values))
+    return HostStepCase(
+        Hkv=pick((1, 1, 2, 3, 4)),
+        G=pick((1, 1, 2, 3, 4, 5, 8, 16, 17)),
+        D=pick((1, 2, 7, 8, 15, 16, 17, 32, 33, 64, 64, 80, 128, 144, 512, 528)),
+        dtype=pick(tuple(DTYPES)),
+        list_len=pick((0, 1, 2, 5, 8, 16, 33)),
+        empty_list_len=pick((0, 1, 7)),
+        n_near=pick((0, 1, 2, 3, 6)),
+        n_chosen=pick((0, 1, 2, 5)),
+        qq_limit=pick((0, 1, 3, 8, 40, 10**6)),
+        qq_prefix=pick((0, 1, 4, 16, 64, 10**6)),
+        block_size=pick((1, 2, 3, 8, 16, 64)),
+        lse_from_candidates=pick((False, True)),
+        scale=pick((None,) * 6 + (1.0, 0.125, 0.0, -0.7, 1e-3, 30.0, 1e-30, 1e30)),
+        cap=pick(("exact",) * 3 + ("roomy",) * 6 + ("small",)),
+        count_blocks=pick(("none", "some", "all", "more")),
+        bad=bad,
+        bad_at=pick(range(max(B, 1))),
+        seqs=tuple(_draw_host_seq(pick) for _ in range(B)),
+    )
+
+
+def _draw_host_seq(pick: Pick) -> HostSeq:
+    magnitudes = (0, 0, 0, 0, 0, 0, -20, -3, 3, 8, 15, 30)
+    return HostSeq(
+        N=pick((0, 1, 2, 3, 16, 17, 31, 64, 100, 129, 300, 1000)),
+        spare_k=pick((0, 0, 1, 64)),
+        spare_v=pick((0, 0, 1, 64)),
+        list_rows=pick((0, 0, 1, 2, 5, 40)),
+        entry_pad=pick((0.0, 0.0, 0.2, 0.9)),
+        entry_repeat=pick((0.0, 0.3, 0.9)),
+        near_pad=pick((0.0, 0.0, 0.3, 1.0)),
+        near_repeat=pick((0.0, 0.5)),
+        block_pad=pick((0.0, 0.3, 1.0)),
+        ranges=(pick(RANGE_KINDS), pick(RANGE_KINDS), pick(RANGE_KINDS)),
+        threshold=pick(THRESHOLDS),
+        lse_kind=pick(HOST_LSE_KINDS),
+        q_exp=pick(magnitudes),
+        k_exp=pick(magnitudes),
+        v_exp=pick(magnitudes),
+        seed=pick(range(2**31)),
+    )
+
+
+class HostInputs(NamedTuple):
+    """A case's tensors, as host_step takes them (cap and n_count_blocks apart)."""
+
+    q: torch.Tensor  # [B, Hq, D] fp32
+    ks: list[torch.Tensor]  # B stores [Hkv, N_b, D] (views with spare capacity)
+    vs: list[torch.Tensor]
+    lists: list[torch.Tensor]  # B [Hkv, rows_b, L] int32
+    near: torch.Tensor  # [B, Hkv, P] int64
+    blocks: torch.Tensor  # [B, Hkv, T] int64
+    ranges: torch.Tensor  # [B, 3, 2] int64
+    lse: torch.Tensor  # [B, Hq] fp32
+    threshold: torch.Tensor  # [B] fp32
+    scale: float  # as the kernel sees it
+
+
+def host_scale(c: HostStepCase) -> float:
+    return float(np.float32(1 / math.sqrt(c.D) if c.scale is None else c.scale))
+
+
+def _id_rows(shape, n: int, pad: float, repeat: float, g: torch.Generator) -> torch.Tensor:
+    """int64 ids in [0, n) of `shape`, some copying another of their row (the last dimension), some -1."""
+    if math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=torch.int64)
+    rows = torch.randint(0, max(n, 1), shape, generator=g).view(-1, shape[-1])
+    if shape[-1] > 1:
+        src = torch.randint(0, shape[-1], rows.shape, generator=g)
+        rows = torch.where(torch.rand(rows.shape, generator=g) < repeat, rows.gather(1, src), rows)
+    rows[torch.rand(rows.shape, generator=g) < pad] = -1
+    if n == 0:
+        rows.fill_(-1)
+    return rows.view(shape)
+
+
+def _draw_range(kind: str, n: int, g: torch.Generator) -> list[int]:
+    a, b = sorted(int(x) for x in torch.randint(0, n + 1, (2,), generator=g))
+    return {"empty": [a, a], "inner": [a, b], "to end": [a, n], "all": [0, n], "start": [0, b]}[kind]
+
+
+def _given_lse(kind: str, q: torch.Tensor, k: torch.Tensor, scale: float, g: torch.Generator) -> torch.Tensor:
+    """lse [Hq] of a kind: "near" is the log-sum-exp of the whole store's scores (plus noise), so
+    that the ratings are the store's attention probabilities, spread around the thresholds."""
+    Hkv, N, D = k.shape
+    noise = torch.randn(q.shape[0], generator=g, dtype=torch.float64)
+    if kind == "near":
+        s = torch.bmm(q.double().view(Hkv, -1, D), k.double().transpose(1, 2)) * scale  # [Hkv, G, N]
+        lse = torch.logsumexp(s, dim=-1).view(-1) + 2 * noise if N else noise
+        return lse.nan_to_num(posinf=FLT_MAX).clamp(-FLT_MAX, FLT_MAX).float()
+    return torch.full(q.shape[:1], {"-inf": -math.inf, "zero": 0.0, "huge": 1e30, "-huge": -1e30}[kind])
+
+
+def make_host_inputs(c: HostStepCase) -> HostInputs:
+    """The case's tensors, each sequence from its own seed, with the bad input planted."""
+    scale, Hq = host_scale(c), c.Hkv * c.G
+    parts = []
+    for s in c.seqs:
+        g = torch.Generator().manual_seed(s.seed)
+        q = _values((Hq, c.D), s.q_exp, torch.float32, g)
+        k = _values((c.Hkv, s.N + s.spare_k, c.D), s.k_exp, DTYPES[c.dtype], g)[:, : s.N]
+        v = _values((c.Hkv, s.N + s.spare_v, c.D), s.v_exp, DTYPES[c.dtype], g)[:, : s.N]
+        L = c.list_len if s.list_rows else c.empty_list_len
+        lists = _id_rows((c.Hkv, s.list_rows, L), s.N, s.entry_pad, s.entry_repeat, g).to(torch.int32)
+        near = _id_rows((c.Hkv, c.n_near), s.list_rows, s.near_pad, s.near_repeat, g)
+        blocks = _id_rows((c.Hkv, c.n_chosen), s.N // c.block_size, s.block_pad, 0.3, g)
+        ranges = torch.tensor([_draw_range(kind, s.N, g) for kind in s.ranges])
+        lse = _given_lse(s.lse_kind, q, k, scale, g)
+        parts.append([q, k, v, lists, near, blocks, ranges, lse])
+    if c.bad and c.seqs:
+        _plant(c, parts[c.bad_at], torch.Generator().manual_seed(c.seqs[c.bad_at].seed + 1))
+    B, P, T = len(c.seqs), c.n_near, c.n_chosen
+
+    def stacked(i: int, empty_shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.stack([p[i] for p in parts]) if parts else torch.zeros(empty_shape, dtype=dtype)
+
+    return HostInputs(
+        q=stacked(0, (0, Hq, c.D)),
+        ks=[p[1] for p in parts],
+        vs=[p[2] for p in parts],
+        lists=[p[3] for p in parts],
+        near=stacked(4, (0, c.Hkv, P), torch.int64),
+        blocks=stacked(5, (0, c.Hkv, T), torch.int64),
+        ranges=stacked(6, (0, 3, 2), torch.int64),
+        lse=stacked(7, (0, Hq)),
+        threshold=torch.tensor([s.threshold for s in c.seqs], dtype=torch.float32).view(B),
+        scale=scale,
+    )
+
+
+def _plant(c: HostStepCase, part: list, g: torch.Generator) -> None:
+    """Puts the case's bad input into one sequence's tensors, where a unit is likely to reach it."""
+    _, _, _, lists, near, blocks, ranges, _ = part
+    what, name = c.bad.split(":")
+    value = BAD_HOST_INPUTS[what][name]
+    N, h = part[1].shape[1], int(torch.randint(0, c.Hkv, (1,), generator=g))
+    if what == "row" and c.n_near:
+        near[h, int(torch.randint(0, min(c.n_near, 2), (1,), generator=g))] = lists.shape[1] if value is None else value
+    elif what == "entry" and lists.shape[2]:
+        rows = [r for r in near[h].tolist() if r >= 0]
+        if rows:  # the first row the unit walks, near its start
+            lists[h, rows[0], int(torch.randint(0, min(lists.shape[2], 3), (1,), generator=g))] = (
+                N if value is None else value
+            )
+    elif what == "block" and c.n_chosen:
+        blocks[h, int(torch.randint(0, c.n_chosen, (1,), generator=g))] = N // c.block_size if value is None else value
+    elif what == "range":
+        which, a = int(torch.randint(0, 3, (1,), generator=g)), int(torch.randint(0, N + 1, (1,), generator=g))
+        ranges[which] = torch.tensor({"past N": [a, N + 1], "reversed": [a + 1, a], "negative": [-1, a]}[name])
+
+
+@dataclass(frozen=True)
+class UnitExpect:
+    """What one (sequence, KV head) unit must do: raise `error`, or read every id of `sure` and
+    none outside sure | unsure, the latter being the candidates whose rating lies within a
+    rounding bound of the threshold (all of them where the rating is beyond fp32's range)."""
+
+    error: str | None  # the message part naming a list row, list entry or block out of range
+    sure: frozenset[int] = frozenset()
+    unsure: frozenset[int] = frozenset()
+    n_rated: int = 0
+    rated_in_fp32: bool = True
+    ratings: dict | None = None  # candidate -> fp64 rating, to explain a disagreement
+    threshold: float = 0.0
+
+    def why(self, i: int) -> str:
+        if self.ratings is None or i not in self.ratings:
+            return "not a candidate" if i not in self.sure else "forced"
+        return f"fp64 rating {self.ratings[i]:.9g}, threshold {self.threshold:.9g}"
+
+
+def rating_bounds(u: HostUnitRef, q, k, scale: float, lse_from_candidates: bool):
+    """(lo, hi) [C] fp32 that hold the kernel's fp32 rating of each candidate of u, or None when the
+    rating is beyond fp32's range (a dot product or a scaled score above FLT_MAX / 4).
+
+    The kernel's x = scale * q . k - lse is off from u's fp64 one by at most dx: the score by
+    (D + 4) eps sum_d |q_d k_d| (gather_scores' bound) plus the scale's rounding; a log-denominator
+    completed with the candidates' scores by twice the largest of those, the C-term sum and a few
+    eps |lse|; the subtraction by eps |x|; dx is twice their sum. Its terms exp(x) then lie within
+    [exp(x - dx), exp(x + dx)] widened by expf's own error, rounded to fp32 (to nearest, which
+    is monotone: subnormal and overflowing terms included), and its group mean is the fp32 sum of
+    G terms divided by G, so summing and dividing both ends the same way in fp32 bounds it."""
+    C, G, D = len(u.candidates), q.shape[0], q.shape[1]
+    if C == 0:
+        return torch.zeros(0), torch.zeros(0)
+    P = q.double().abs() @ k[torch.tensor(u.candidates)].double().abs().T  # [G, C]
+    if max(float(P.max()), abs(scale) * float(P.max())) >= FLT_MAX / 4:
+        return None
+    err_s = abs(scale) * ((D + 5) * EPS * P + DENORM_FLOOR) + DENORM_FLOOR  # [G, C]
+    err_lse = torch.zeros(G, dtype=torch.float64)
+    if lse_from_candidates:
+        err_lse = 2 * err_s.max(dim=1).values + (2 * C + 16) * EPS + 4 * EPS * u.lse.abs()
+    x = u.scores - u.lse.unsqueeze(1)  # [G, C]
+    dx = 2 * (err_s + err_lse.unsqueeze(1) + 2 * EPS * x.abs())
+    exact_inf = torch.isposinf(x)  # lse = -inf: the kernel's exp is +inf too
+    inf = torch.full_like(x, math.inf)
+    term_lo = torch.where(exact_inf, inf, torch.exp(x - dx) * (1 - 4 * EPS)).float()  # [G, C]
+    term_hi = torch.where(exact_inf, inf, torch.exp(x + dx) * (1 + 4 * EPS)).float()
+    lo, hi = torch.zeros(C), torch.zeros(C)
+    for g in range(G):  # in the kernel's order, in fp32
+        lo, hi = lo + term_lo[g], hi + term_hi[g]
+    return lo / G, hi / G
+
+
+def _range_error(c: HostStepCase, x: HostInputs) -> str | None:
+    """The message part of the first range outside [0, N] (checked before any unit runs)."""
+    for b, s in enumerate(c.seqs):
+        for begin, end in x.ranges[b].tolist():
+            if not 0 <= begin <= end <= s.N:
+                return f"sequence {b}: range [{begin}, {end}) is not within [0, {s.N}]"
+    return None
+
+
+def unit_expect(c: HostStepCase, x: HostInputs, b: int, h: int) -> UnitExpect:
+    s, G = c.seqs[b], c.G
+    try:
+        candidates = host_candidates_ref(
+            x.lists[b][h],
+            x.near[b, h],
+            x.blocks[b, h],
+            x.ranges[b],
+            s.N,
+            qq_limit=c.qq_limit,
+            qq_prefix=c.qq_prefix,
+            block_size=c.block_size,
+        )
+    except IndexError as exc:
+        return UnitExpect(error=f"sequence {b}, KV head {h}: {exc}")
+    q, lse, threshold = x.q[b, h * G : (h + 1) * G], x.lse[b, h * G : (h + 1) * G], float(x.threshold[b])
+    forced = x.ranges[b, 2].tolist()
+    ref = host_unit_ref(q, x.ks[b][h], candidates, forced, lse, x.scale, threshold, c.lse_from_candidates)
+    forced_ids = frozenset(range(*forced))
+    ratings = dict(zip(candidates, ref.p.tolist()))
+    if threshold == -math.inf:  # no rating: exactly the candidates and the forced range
+        return UnitExpect(None, frozenset(ref.read), ratings=ratings, threshold=threshold)
+    bounds = rating_bounds(ref, q, x.ks[b][h], x.scale, c.lse_from_candidates)
+    if bounds is None:
+        return UnitExpect(None, forced_ids, frozenset(candidates) - forced_ids, ref.n_rated, False, ratings, threshold)
+    lo, hi = (t.tolist() for t in bounds)
+    sure = {i for i, low in zip(candidates, lo) if threshold <= low}
+    unsure = {i for i, low, high in zip(candidates, lo, hi) if not threshold <= low and not threshold > high}
+    return UnitExpect(
+        None, frozenset(sure) | forced_ids, frozenset(unsure) - forced_ids, ref.n_rated, True, ratings, threshold
+    )
+
+
+def host_sizes(c: HostStepCase, units: list[list[UnitExpect]]) -> tuple[int, int]:
+    """(cap, n_count_blocks) of the case: cap from what the units may read."""
+    ok = [u for row in units for u in row if u.error is None]
+    most = max((len(u.sure) + len(u.unsure) for u in ok), default=0)
+    least = max((len(u.sure) for u in ok), default=0)
+    cap = {"exact": most, "roomy": 2 * most + 3, "small": max(0, least - 1)}[c.cap]
+    n_blocks = -(-max((s.N for s in c.seqs), default=0) // c.block_size)
+    return cap, {"none": 0, "some": max(1, n_blocks // 2), "all": n_blocks, "more": n_blocks + 3}[c.count_blocks]
+
+
+def host_expected(range_error: str | None, units: list[list[UnitExpect]], cap: int):
+    """What the call may do, as _run_variants takes it: the kernel checks the ranges first, then
+    throws the error of the first unit (in sequence, KV head order) that had one: a row, entry or
+    block out of range, or more ids read than `cap` (which, with ratings near the threshold, a
+    unit may or may not reach)."""
+    if range_error:
+        return IndexError, range_error
+    allowed = []
+    for b, row in enumerate(units):
+        for h, u in enumerate(row):
+            if u.error:
+                return allowed + [(IndexError, u.error)]
+            least, most = len(u.sure), len(u.sure) + len(u.unsure)
+            for n in range(max(least, cap + 1), most + 1):
+                allowed.append((IndexError, f"sequence {b}, KV head {h}: {n} ids read exceed cap {cap}"))
+            if least > cap:
+                return allowed
+    return None if not allowed else allowed + [None]
+
+
+def check_host_unit(ids, n_read: int, n_rated: int, counts, u: UnitExpect, block_size: int, N: int) -> str | None:
+    """None if one unit's ids [cap], n_read, n_rated and block_reads [n_count_blocks] are right."""
+    row = ids.tolist()
+    if not 0 <= n_read <= len(row):
+        return f"n_read {n_read} is outside [0, cap = {len(row)}]"
+    read = row[:n_read]
+    if any(i != -1 for i in row[n_read:]):
+        return f"an id after the first n_read = {n_read} is not -1: {row[n_read:][:8]}"
+    if any(not 0 <= i < N for i in read):
+        return f"an id read is outside [0, {N}): {[i for i in read if not 0 <= i < N][:4]}"
+    if any(a >= b for a, b in zip(read, read[1:])):
+        return "the ids read are not strictly ascending (an id twice, or out of order)"
+    if n_rated != u.n_rated:
+        return f"n_rated = {n_rated}, expected {u.n_rated}"
+    got = set(read)
+    for i in sorted(u.sure - got):
+        return f"id {i} not read ({u.why(i)})"
+    for i in sorted(got - u.sure - u.unsure):
+        return f"id {i} read ({u.why(i)})"
+    expected = [0] * len(counts)
+    for i in read:
+        if i // block_size < len(expected):
+            expected[i // block_size] += 1
+    if counts.tolist() != expected:
+        return f"block_reads {counts.tolist()[:8]}.. are not the counts of the ids read {expected[:8]}.."
+    return None
+
+
+def _host_call(ops, c: HostStepCase, x: HostInputs, cap: int, n_count: int, n_threads: int, scalar: bool, seqs=None):
+    """host_step on the case's sequences, or on the slice `seqs` of them."""
+    s = slice(None) if seqs is None else seqs
+    return ops.host_step(
+        x.q[s],
+        x.ks[s],
+        x.vs[s],
+        x.lists[s],
+        x.near[s],
+        x.blocks[s],
+        x.ranges[s],
+        x.lse[s],
+        scale=x.scale,
+        threshold=x.threshold[s],
+        qq_limit=c.qq_limit,
+        qq_prefix=c.qq_prefix,
+        block_size=c.block_size,
+        cap=cap,
+        n_count_blocks=n_count,
+        lse_from_candidates=c.lse_from_candidates,
+        n_threads=n_threads,
+        scalar=scalar,
+    )
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality: fp32 by its bits (NaNs included), integers by value."""
+    return _same_bits(a, b) if a.dtype == torch.float32 else a.shape == b.shape and torch.equal(a, b)
+
+
+def run_host_case(ops, c: HostStepCase) -> tuple[Counter, list[str]]:
+    """The call with 1 and 2 threads, vector and scalar paths, each checked unit by unit against
+    the reference (check_host_unit), its out/lse against the fp64 gather-attend of the ids it read,
+    and in a batch every sequence's outputs against the bits of the same call on it alone.
+    Returns (calls of host_step by outcome, problems found)."""
+    x = make_host_inputs(c)
+    range_error = _range_error(c, x)
+    units = [] if range_error else [[unit_expect(c, x, b, h) for h in range(c.Hkv)] for b in range(len(c.seqs))]
+    cap, n_count = host_sizes(c, units)
+    refs = {}
+
+    def attend_ref(b: int, ids: torch.Tensor) -> Reference:
+        key = (b, ids.numpy().tobytes())
+        if key not in refs:
+            refs[key] = attend_reference(x.q[b], x.ks[b], x.vs[b], ids, x.scale)
+        return refs[key]
+
+    def call(n_threads, scalar):
+        return _host_call(ops, c, x, cap, n_count, n_threads, scalar), None
+
+    def check(res, _, n_threads, scalar):
+        B, Hq, D = x.q.shape
+        shapes = [(B, Hq, D), (B, Hq), (B, c.Hkv, cap), (B, c.Hkv), (B, c.Hkv), (B, c.Hkv, n_count)]
+        if [tuple(t.shape) for t in res] != shapes:
+            return "mismatch", f"output shapes {[tuple(t.shape) for t in res]}, expected {shapes}"
+        outcome = "compared"
+        for b, s in enumerate(c.seqs):
+            for h, u in enumerate(units[b]):
+                n_read, n_rated = int(res.n_read[b, h]), int(res.n_rated[b, h])
+                problem = check_host_unit(res.ids[b, h], n_read, n_rated, res.block_reads[b, h], u, c.block_size, s.N)
+                if problem:
+                    return outcome, f"sequence {b}, KV head {h}: {problem}"
+                outcome = outcome if u.rated_in_fp32 else "beyond fp32"
+            ref = attend_ref(b, res.ids[b])
+            outcome = outcome if ref.in_fp32_range else "beyond fp32"
+            problem = check_attend_result(res.out[b], res.lse[b], ref)
+            if problem:
+                return outcome, f"sequence {b}: {problem}"
+        for b in range(B if B > 1 else 0):
+            try:
+                alone = _host_call(ops, c, x, cap, n_count, n_threads, scalar, slice(b, b + 1))
+            except Exception as exc:  # noqa: BLE001 - a finding, not a crash of the fuzzer
+                return "mismatch", f"sequence {b} alone raised {type(exc).__name__}: {exc}"
+            for name, together, single in zip(res._fields, res, alone):
+                if not _same_tensor(together[b], single[0]):
+                    return outcome, f"sequence {b}: {name} is not the bits of its single-sequence call"
+        return outcome, None
+
+    return _run_variants(f"host_step {c}", call, host_expected(range_error, units, cap), check)
 
 
 # ------------------------------------------------------------------------ merge
@@ -560,6 +1035,7 @@ RUNS = (
     (draw_attend_case, run_attend_case),
     (draw_attend_case, run_scores_case),
     (draw_batch_case, run_batch_case),
+    (draw_host_case, run_host_case),
     (draw_merge_case, run_merge_case),
 )
 
@@ -574,22 +1050,25 @@ def main(argv: list[str] | None = None) -> int:
     ops = load_ops(args.ext)
     rng = random.Random(args.seed)
     outcomes, cases, problems = Counter(), 0, []
-    batched = Counter()  # calls of gather_attend_batch, and the sequences they held
+    batched, host = Counter(), Counter()  # calls of gather_attend_batch and host_step, and the sequences they held
     start = time.perf_counter()
     while outcomes.total() < args.calls:
         for draw, run in RUNS:
             c = draw(rng.choice)
             counts, found = run(ops, c)
             outcomes, cases = outcomes + counts, cases + 1
-            if isinstance(c, BatchCase):
-                batched.update(calls=counts.total(), sequences=counts.total() * len(c.seqs))
+            if isinstance(c, (BatchCase, HostStepCase)):
+                (batched if isinstance(c, BatchCase) else host).update(
+                    calls=counts.total(), sequences=counts.total() * len(c.seqs)
+                )
             for line in found[: max(0, args.show - len(problems))]:
                 print("MISMATCH", line, flush=True)
             problems += found
     print(
         f"fuzz_kernel: {outcomes.total()} calls in {cases} cases ({outcomes['compared']} compared with a reference, "
         f"{outcomes['beyond fp32']} beyond fp32's range, {outcomes['raised']} raised as expected; "
-        f"{batched['calls']} batched calls over {batched['sequences']} sequences), "
+        f"{batched['calls']} batched calls over {batched['sequences']} sequences, "
+        f"{host['calls']} host_step calls over {host['sequences']} sequences), "
         f"{len(problems)} mismatches, seed {args.seed}, {time.perf_counter() - start:.0f} s, "
         f"extension {ops._C.__file__}"
     )

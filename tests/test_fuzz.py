@@ -1,5 +1,5 @@
-"""Fuzzing of gather_attend, gather_attend_batch, gather_scores and merge_attention against the references: a short,
-deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
+"""Fuzzing of gather_attend, gather_attend_batch, gather_scores, host_step and merge_attention against the
+references: a short, deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
 runs them for 100,000+ calls (`make sanitize` does so under ASan and UBSan)."""
 
 import math
@@ -13,23 +13,31 @@ from hypothesis import strategies as st
 from engine.decode.merge import merge_states
 from engine.native import ops
 from tests.fuzz_kernel import (
+    BAD_HOST_INPUTS,
     AttendCase,
     BatchCase,
+    HostSeq,
+    HostStepCase,
     MergeCase,
     attend_reference,
     check_attend_result,
     check_merge_result,
     draw_attend_case,
     draw_batch_case,
+    draw_host_case,
     draw_merge_case,
     effective_scale,
     make_attend_inputs,
+    make_host_inputs,
+    rating_bounds,
     run_attend_case,
     run_batch_case,
+    run_host_case,
     run_merge_case,
     run_scores_case,
 )
 from tests.fuzz_kernel import main as fuzz_main
+from tests.reference import host_candidates_ref, host_unit_ref
 
 pytestmark = pytest.mark.skipif(not ops.HAS_EXT, reason="fuzzes the C++ extension")
 
@@ -37,6 +45,7 @@ pytestmark = pytest.mark.skipif(not ops.HAS_EXT, reason="fuzzes the C++ extensio
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 FUZZ_MERGE = settings(FUZZ, max_examples=300)
 FUZZ_BATCH = settings(FUZZ, max_examples=80)
+FUZZ_HOST = settings(FUZZ, max_examples=100)
 
 
 @st.composite
@@ -47,6 +56,11 @@ def attend_cases(draw):
 @st.composite
 def batch_cases(draw):
     return draw_batch_case(lambda options: draw(st.sampled_from(options)))
+
+
+@st.composite
+def host_cases(draw):
+    return draw_host_case(lambda options: draw(st.sampled_from(options)))
 
 
 @st.composite
@@ -105,6 +119,52 @@ def batch(*seqs: dict, **shared) -> BatchCase:
 def test_gather_attend_batch_matches_single_calls_and_reference(c):
     _, problems = run_batch_case(ops, c)
     assert not problems, problems[0]
+
+
+def host_case(*seqs: dict, **changes) -> HostStepCase:
+    """A host_step call over sequences host_seq(**seqs[b]) (seeded by their position unless given)."""
+    base = dict(Hkv=2, G=3, D=64, dtype="float32", list_len=8, empty_list_len=1, n_near=3, n_chosen=2)
+    base |= dict(qq_limit=8, qq_prefix=16, block_size=8, lse_from_candidates=False, scale=None, cap="exact")
+    base |= dict(count_blocks="all", bad=None, bad_at=0)
+    return HostStepCase(**(base | changes), seqs=tuple(host_seq(**({"seed": b} | s)) for b, s in enumerate(seqs)))
+
+
+def host_seq(**changes) -> HostSeq:
+    base = dict(N=100, spare_k=0, spare_v=0, list_rows=5, entry_pad=0.1, entry_repeat=0.3, near_pad=0.2)
+    base |= dict(near_repeat=0.5, block_pad=0.3, ranges=("inner", "to end", "empty"), threshold=1e-3)
+    base |= dict(lse_kind="near", q_exp=0, k_exp=0, v_exp=0, seed=0)
+    return HostSeq(**(base | changes))
+
+
+@FUZZ_HOST
+@given(host_cases())
+@example(host_case())  # no sequence at all
+@example(host_case({"N": 0, "list_rows": 0}, {"N": 300, "spare_k": 64}))  # an empty store beside a full one
+@example(host_case({"list_rows": 0}, {}, list_len=16, empty_list_len=1))  # an unindexed sequence beside an indexed one
+@example(host_case({"threshold": -math.inf}, {"threshold": math.inf, "lse_kind": "-inf"}))  # all read / rated +inf
+@example(host_case({"threshold": 0.0}, {"threshold": 1e-45}, lse_from_candidates=True))
+@example(host_case({}, {"N": 129}, G=17, D=528, dtype="bfloat16", block_size=3))  # the scalar loops
+@example(host_case({"q_exp": 30, "k_exp": 30}))  # beyond fp32: only what does not depend on the rating
+@example(host_case({"ranges": ("all", "all", "all")}, cap="small"))  # more than cap
+def test_host_step_matches_reference(c):
+    _, problems = run_host_case(ops, c)
+    assert not problems, problems[0]
+
+
+@pytest.mark.parametrize("bad", [f"{what}:{value}" for what, values in BAD_HOST_INPUTS.items() for value in values])
+def test_host_step_raises_for_each_bad_input(bad):
+    """The planted input in the second sequence is reached (the unit's first rows and entries)."""
+    pads = {"near_pad": 0.0, "entry_pad": 0.0, "block_pad": 0.0}
+    c = host_case({}, pads, bad=bad, bad_at=1, qq_limit=100, qq_prefix=100)
+    outcomes, problems = run_host_case(ops, c)
+    assert not problems, problems[0]
+    assert outcomes == Counter(raised=4)
+
+
+def test_host_step_raises_when_cap_is_too_small():
+    outcomes, problems = run_host_case(ops, host_case({"ranges": ("all", "empty", "empty")}, cap="small"))
+    assert not problems, problems[0]
+    assert outcomes == Counter(raised=4)
 
 
 @FUZZ_MERGE
@@ -192,6 +252,94 @@ def test_a_broken_merge_is_a_mismatch():
     assert outcomes.total() == 1 and len(problems) == 1
 
 
+class TamperedHostOps:
+    """host_step whose result `tamper(res)` changes in place (only in calls of several sequences
+    when batch_only), or whose call changes its keyword arguments by `changes`."""
+
+    def __init__(self, tamper=None, batch_only=False, **changes):
+        self.tamper, self.batch_only, self.changes = tamper, batch_only, changes
+
+    def host_step(self, q, *args, **kw):
+        res = ops.host_step(q, *args, **(kw | self.changes))
+        if self.tamper and (q.shape[0] > 1 or not self.batch_only):
+            self.tamper(res)
+        return res
+
+
+def _drop_first_id(res):
+    n = int(res.n_read[0, 0])
+    res.ids[0, 0, : n - 1] = res.ids[0, 0, 1:n].clone()
+    res.ids[0, 0, n - 1] = -1
+    res.n_read[0, 0] -= 1
+
+
+def _add_last_id(res):
+    n = int(res.n_read[0, 0])
+    res.ids[0, 0, n] = 99  # N - 1: no candidate of host_case({"ranges": EMPTY, ...})
+    res.n_read[0, 0] += 1
+
+
+def _swap_first_ids(res):
+    res.ids[0, 0, :2] = res.ids[0, 0, :2].flip(0)
+
+
+EMPTY = ("empty", "empty", "empty")
+TAMPERS = {
+    "an id dropped": (_drop_first_id, "not read"),
+    "an id added": (_add_last_id, "id 99 read (not a candidate)"),
+    "ids out of order": (_swap_first_ids, "not strictly ascending"),
+    "n_rated": (lambda res: res.n_rated[0, 0].add_(1), "n_rated"),
+    "block_reads": (lambda res: res.block_reads[0, 0, 0].add_(1), "block_reads"),
+    "out": (lambda res: res.out[0, 0, 0].add_(1.0), "out - ref"),
+    "lse": (lambda res: res.lse[0, 1].add_(0.01), "lse - ref"),
+}
+
+
+@pytest.mark.parametrize("name", TAMPERS)
+def test_every_call_of_a_tampered_host_step_is_a_mismatch(name):
+    tamper, message = TAMPERS[name]
+    c = host_case({"ranges": EMPTY, "threshold": -math.inf, "entry_pad": 0.0}, cap="roomy")
+    outcomes, problems = run_host_case(TamperedHostOps(tamper), c)
+    assert outcomes["compared"] == 4 and len(problems) == 4
+    assert message in problems[0]
+
+
+def test_host_check_requires_the_single_calls_bits():
+    tamper = TamperedHostOps(lambda res: res.lse[0].copy_(res.lse[0].nextafter(torch.tensor(math.inf))), True)
+    outcomes, problems = run_host_case(tamper, host_case({}, {"N": 50}))
+    assert outcomes["compared"] == 4 and len(problems) == 4
+    assert "sequence 0: lse is not the bits of its single-sequence call" in problems[0]
+
+
+def test_host_check_catches_a_wrong_rating():
+    """The rating's bound leaves room for rounding, not for another denominator."""
+    outcomes, problems = run_host_case(TamperedHostOps(lse_from_candidates=True), host_case({}, {"N": 300}))
+    assert len(problems) == 4 and "not read (fp64 rating" in problems[0]
+
+
+def test_host_check_catches_a_missing_error():
+    c = host_case({"ranges": ("empty", "empty", "all")}, cap="small")  # 100 forced ids: cap 99
+    outcomes, problems = run_host_case(TamperedHostOps(cap=1000), c)
+    assert len(problems) == 4 and "returned instead of raising" in problems[0]
+
+
+def test_rating_bounds_are_tight_for_moderate_values():
+    """Narrow where the scores are moderate (their worst-case rounding, not the ratings' size), and
+    holding the rating computed in fp32."""
+    c = host_case({"N": 300})
+    x = make_host_inputs(c)
+    q, k, lse = x.q[0, :3], x.ks[0][0], x.lse[0, :3]
+    candidates = host_candidates_ref(
+        x.lists[0][0], x.near[0, 0], x.blocks[0, 0], x.ranges[0], 300, qq_limit=8, qq_prefix=16, block_size=8
+    )
+    ref = host_unit_ref(q, k, candidates, (0, 0), lse, x.scale, 1e-3, False)
+    lo, hi = rating_bounds(ref, q, k, x.scale, False)
+    s = (q @ k[torch.tensor(candidates)].T) * x.scale  # [G, C] fp32, as the kernel rates
+    p32 = torch.exp(s - lse.unsqueeze(1)).sum(0) / 3
+    assert len(candidates) > 20 and bool((lo <= p32).all() and (p32 <= hi).all())
+    assert float(((hi - lo) / hi).max()) < 1e-3
+
+
 def test_attend_check_requires_exact_zeros_for_empty_heads():
     c = case(pad=1.0)
     q, k, v, ids = make_attend_inputs(c)
@@ -232,4 +380,5 @@ def test_long_run_command_prints_one_summary_line(capsys):
     assert len(out) == 1 and out[0].startswith("fuzz_kernel: ") and " 0 mismatches" in out[0]
     calls = int(out[0].split()[1])
     compared = int(out[0].split("(")[1].split()[0])
-    assert calls >= 40 and 0 < compared <= calls
+    host_calls = int(out[0].split(" host_step calls")[0].split()[-1])
+    assert calls >= 40 and 0 < compared <= calls and 0 < host_calls < calls

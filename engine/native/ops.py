@@ -355,7 +355,7 @@ def host_step(
     threshold = (threshold.expand(B) if threshold.numel() == 1 else threshold).contiguous()
     if threshold.shape != (B,) or bool(threshold.isnan().any()):
         raise ValueError(f"threshold must hold one number per sequence (B = {B}), none NaN; got {threshold}")
-    Hkv = ks[0].shape[0] if B else 0
+    Hkv = ks[0].shape[0] if B else near.shape[1] if near.dim() == 3 else 0  # no store: near [0, Hkv, P] says
     res = HostStepResult(
         torch.empty(B, Hq, D, pin_memory=pin),
         torch.empty(B, Hq, pin_memory=pin),

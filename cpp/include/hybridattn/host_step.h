@@ -161,7 +161,7 @@ class HostUnit {
     const int64_t B = a_.block_size;
     for (int64_t j = 0; j < a_.n_chosen; ++j) {
       const int64_t blk = blocks[j];
-      if (blk < -1 || (blk >= 0 && (blk + 1) * B > N_))
+      if (blk < -1 || blk >= N_ / B)  // the full blocks are [0, N / B): no product to overflow
         return where() + ": block " + std::to_string(blk) + " is not a full block of the store";
       for (int64_t t = blk * B; blk >= 0 && t < (blk + 1) * B; ++t) add(t);
     }
