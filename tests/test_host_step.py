@@ -242,3 +242,17 @@ def test_to_host_keeps_every_tensor_as_it_was():
     if torch.cuda.is_available():
         back = host.to_host([t.cuda() for t in tensors])
         assert all(torch.equal(a, b) and a.device.type == "cpu" for a, b in zip(back, tensors))
+
+
+def test_a_batch_mixes_sequences_with_and_without_a_key_index():
+    """A short sequence, whose host store holds less than a block (no key index yet), decodes in a
+    batch with indexed ones as it does alone."""
+    cfg = CONFIGS["default"]
+    short = HybridCache(MODEL, cfg, progress=False).layers[0]
+    short.load_kv(*structured_kv(cfg.resident_tokens + 5, 4))  # 5 host tokens: fewer than a block
+    seqs = [layer_with(cfg, 600, seed=2), short]
+    q = queries(4, batch=2)
+    together = batch_decode_step(seqs, q, SCALE)
+    assert short.key_index is None and short.stats.gathered == H_KV * 5  # its host tokens, read in full
+    for b, seq in enumerate(seqs):
+        torch.testing.assert_close(together[b], decode_step(seq, q[b], SCALE), atol=1e-6, rtol=1e-6)
