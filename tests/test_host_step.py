@@ -256,3 +256,14 @@ def test_a_batch_mixes_sequences_with_and_without_a_key_index():
     assert short.key_index is None and short.stats.gathered == H_KV * 5  # its host tokens, read in full
     for b, seq in enumerate(seqs):
         torch.testing.assert_close(together[b], decode_step(seq, q[b], SCALE), atol=1e-6, rtol=1e-6)
+
+
+def test_lists_beyond_int32_raise_rather_than_wrap():
+    layer = layer_with(CONFIGS["default"], 300, seed=1)
+    with pytest.raises(ValueError, match="beyond int32"):
+        ops.host_step(
+            torch.randn(1, H_KV * G, D), [layer.host.keys], [layer.host.values],
+            [torch.full((H_KV, 2, 4), 2**32, dtype=torch.int64)], torch.zeros(1, H_KV, 1, dtype=torch.int64),
+            torch.full((1, H_KV, 1), -1), torch.zeros(1, 3, 2, dtype=torch.int64), torch.zeros(1, H_KV * G),
+            scale=SCALE, threshold=0.0, qq_limit=8, qq_prefix=32, block_size=8, cap=64, n_count_blocks=4,
+        )  # fmt: skip

@@ -346,7 +346,7 @@ def host_step(
     ks, vs = _store_list(k_stores, "k_stores", B), _store_list(v_stores, "v_stores", B)
     for b in range(B):
         _check_store_pair(ks[b], vs[b], f"k_stores[{b}]", f"v_stores[{b}]")
-    lists = [_as_cpu_tensor(t, f"lists[{b}]").to(torch.int32).contiguous() for b, t in enumerate(_seq(lists, B))]
+    lists = [_int32_lists(_as_cpu_tensor(t, f"lists[{b}]"), f"lists[{b}]") for b, t in enumerate(_seq(lists, B))]
     near, blocks, ranges = (
         _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
     )
@@ -380,6 +380,15 @@ def host_step(
         scalar,
     )
     return res
+
+
+def _int32_lists(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Query->query lists as contiguous int32 (what the kernel reads); ids beyond int32 raise."""
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (int32), got {t.dtype}")
+    if t.dtype != torch.int32 and t.numel() and (int(t.max()) >= 2**31 or int(t.min()) < -(2**31)):
+        raise ValueError(f"{name} holds ids beyond int32")
+    return t.to(torch.int32).contiguous()
 
 
 def _seq(items, n: int) -> list:
