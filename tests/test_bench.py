@@ -458,3 +458,13 @@ def test_synthetic_fill_holds_every_position_drawn_with_the_prefill_statistics()
     assert fill(full, stats, 4000, dtype=torch.float32, context="flat") == 0.0 and full.get_seq_length() == 4000
     for layer, ((km, ks), _, _) in zip(full.layers, stats):
         assert ((layer.keys[0].mean(1) - km).abs() <= 0.15 * ks + 1e-4).all()
+
+
+def test_bench_host_side_quick(tmp_path):
+    out = tmp_path / "host_side.json"
+    script("bench.speed.host_side").main(["--quick", "--repeats", "2", "--json", str(out)])
+    (case,) = json.loads(out.read_text())["cases"]
+    has_keys(case, {"python_ms", "native_ms", "call_ms", "selection_ms", "read_per_head", "rated_per_head"})
+    assert all(case[k] > 0 for k in ("python_ms", "native_ms", "call_ms", "selection_ms"))
+    assert 0 < case["kv_read_frac"] < 1 and case["read_per_head"] <= case["host_tokens"]
+    assert case["rated_per_head"] > 0  # the default rates its candidates on their keys

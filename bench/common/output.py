@@ -28,7 +28,7 @@ def save_run(args, config: dict, cases: list[dict], plot=None) -> None:
     `--plot`, each where given; the run's thread count joins its config."""
     if args.json:
         write_json(args.json, {"config": {"threads": args.threads, **config}, "cases": cases})
-    if args.plot and plot is not None:
+    if plot is not None and args.plot:
         plot(cases, args.plot)
 
 
