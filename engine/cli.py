@@ -23,6 +23,7 @@ BENCHES = {
     "ann": "bench.evals.ann_recall",
     "decode": "bench.speed.decode",
     "throughput": "bench.speed.throughput",
+    "host-side": "bench.speed.host_side",
 }
 EVAL = "bench.evals.accuracy"
 DEMO_TOKENS = 4096

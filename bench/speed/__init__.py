@@ -1,1 +1,2 @@
-"""Speed benchmarks: the host kernel, decode against context length, batches, prefill (`python -m bench.speed.NAME`)."""
+"""Speed benchmarks: the host kernel, the host side of a decode step, decode against context length, batches,
+prefill (`python -m bench.speed.NAME`)."""
