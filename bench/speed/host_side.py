@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -29,21 +28,13 @@ from bench.common.caches import CONTEXTS, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import save_run
+from bench.common.timing import median_ms
 from engine import HybridCache, OffloadConfig
 from engine.decode import host, step
 from engine.decode.select import select_host_ids
 from engine.native import ops
 
 RECORDED = 4  # decode steps whose queries and inputs are replayed
-
-
-def median_ms(run, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(samples)
 
 
 @torch.inference_mode()
