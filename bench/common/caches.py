@@ -34,6 +34,17 @@ DECODE_SPAN = 64  # ... at the positions a benchmark decodes, the first this man
 PROBES = 16  # ... of which this many, evenly spaced, are run through the model to learn where its queries point
 CONTEXTS = ("prose", "flat")
 
+
+def add_context_arg(p) -> None:
+    """--context: the synthetic context a benchmark decodes in (`fill`'s `context`)."""
+    p.add_argument(
+        "--context",
+        choices=CONTEXTS,
+        default="prose",
+        help="synthetic context: `prose` (attention in runs and clusters, as on text) or `flat` (i.i.d. draws)",
+    )
+
+
 ChannelStats = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (mean, std) of keys, values [Hkv, D], queries [Hq, D]
 
 

@@ -40,7 +40,7 @@ import time
 import torch
 from transformers import AttentionInterface, DynamicCache
 
-from bench.common.caches import CONTEXTS, DECODE_TOKEN, cache_bytes, channel_stats, fill
+from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
@@ -271,12 +271,7 @@ def main(argv=None):
         action="store_true",
         help="hold every method's cache of a context at once and alternate their decode steps (for ratios)",
     )
-    p.add_argument(
-        "--context",
-        choices=CONTEXTS,
-        default="prose",
-        help="synthetic context: `prose` (attention in runs and clusters, as on text) or `flat` (i.i.d. draws)",
-    )
+    add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
     quick_defaults(

@@ -24,7 +24,7 @@ import statistics
 import torch
 
 import engine.attention as attention
-from bench.common.caches import CONTEXTS, channel_stats, fill
+from bench.common.caches import add_context_arg, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import save_run
@@ -135,7 +135,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape")
     p.add_argument("--contexts", type=positive_int, nargs="+", help="default 8192 131072 (--quick: 2048)")
     p.add_argument("--repeats", type=positive_int, default=9, help="rounds over the recorded steps")
-    p.add_argument("--context", choices=CONTEXTS, default="prose", help="synthetic context kind (bench.common.caches)")
+    add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
     quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], [8192, 131072]))

@@ -18,10 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from engine.decode.rate import read_threshold
-from engine.decode.select import always_read, select_host_ids
+from engine.decode.rate import rating_lse, read_threshold
+from engine.decode.select import always_read, block_choice, key_budget, recent_range, select_host_ids
 from engine.index.build import build_key_index
-from engine.index.heads import OVERSAMPLE, SKETCHED_OVERSAMPLE
 from engine.native import ops
 
 
@@ -61,33 +60,25 @@ def prepare(layer, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> HostI
     none = torch.empty(Hkv, 0, dtype=torch.int64, device=device)
     blocks, tail, scanned = none, (layer.host.n, layer.host.n), 0
     if layer.blocks is not None:
-        n = cfg.blocks_per_step(layer.blocks.n_blocks)
-        scored = None if scores is None else scores.fine
-        logits = scores.logits if scores is not None and layer.blocks is layer.summary.keys else None
-        if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
-            logits, scored = None, None
-        blocks = layer.blocks.choose(q, n, logits, scored)
+        blocks = layer.blocks.choose(q, *block_choice(layer, scores))
         scanned += layer.blocks.scanned
         tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
     rows, lists, limit, prefix, recent = none, torch.empty(Hkv, 0, 1, dtype=torch.int32), 0, 0, (0, 0)
-    adaptive = cfg.budget == "adaptive"
     if cfg.uses_key_index:
         if layer.key_index is None:
             build_key_index(layer)
         if layer.n_indexed:
-            oversample = SKETCHED_OVERSAMPLE if adaptive else OVERSAMPLE
-            rows, limit = layer.key_index.proposal_rows(q, cfg.candidates if adaptive else cfg.top_k, oversample)
+            top_k, oversample = key_budget(cfg)
+            rows, limit = layer.key_index.proposal_rows(q, top_k, oversample)
             lists, prefix = layer.key_index.lists.lists, oversample * limit
             scanned += layer.key_index.lists.scanned
-            if adaptive and cfg.recent:
-                recent = (max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed)
+            recent = recent_range(layer)
     layer.stats.scanned, layer.stats.keys_scored = scanned, 0
     forced = always_read(layer)
     ranges = torch.tensor([tail, recent, (int(forced[0]), layer.host.n) if len(forced) else (0, 0)])
-    rating = adaptive and layer.sketch is not None
-    lse = lse_resident.float()
-    if rating and scores is not None:  # the blocks' estimated mass completes the denominator
-        lse = torch.logaddexp(lse, layer.summary.log_mass(scores))
+    rating = cfg.budget == "adaptive" and layer.sketch is not None
+    # the blocks' estimated mass completes the denominator; without a summary the call completes it
+    lse = rating_lse(layer, lse_resident, scores) if rating and scores is not None else lse_resident.float()
     threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
     return HostInputs(rows, blocks, lse, lists, ranges, threshold, limit, prefix)
 

@@ -19,12 +19,18 @@ def read_likely(layer, candidates, q, scale, lse_resident, blocks, lse=None) -> 
     sketchable = torch.where(candidates < layer.sketch.n, candidates, -1)  # newer ones are read anyway
     s = layer.sketch.scores(q, sketchable).mul_(scale)  # [Hkv, G, C]
     if lse is None and blocks is not None:
-        lse = torch.logaddexp(lse_resident.float(), layer.summary.log_mass(blocks)).cpu()
+        lse = rating_lse(layer, lse_resident, blocks).cpu()
     elif lse is None:
         lse = torch.logaddexp(lse_resident.float().cpu(), torch.logsumexp(s, dim=-1))
     p = torch.exp(s - lse.unsqueeze(-1)).mean(dim=1)  # [Hkv, C]
     keep = (sketchable >= 0) & (p >= read_threshold(layer.cfg, layer.n_seen))
     return torch.where(keep, candidates, -1), int((sketchable >= 0).sum()), lse
+
+
+def rating_lse(layer, lse_resident: torch.Tensor, blocks) -> torch.Tensor:
+    """The rating's softmax denominator [Hkv, G] (fp32, where lse_resident is): the resident tokens'
+    exact log-mass and the block summary's estimate of the host tokens' (blocks: the step's scores)."""
+    return torch.logaddexp(lse_resident.float(), layer.summary.log_mass(blocks))
 
 
 def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:

@@ -49,32 +49,50 @@ def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch
     cfg = layer.cfg
     parts, scanned, keys_scored = [], 0, 0
     if layer.blocks is not None:
-        n = cfg.blocks_per_step(layer.blocks.n_blocks)
-        scored = None if blocks is None else blocks.fine  # two levels: the blocks the summary expanded
-        scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None  # computed
-        if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
-            scores, scored = None, None
-        parts.append(layer.blocks.select(q, n, scores, scored).cpu())
+        parts.append(layer.blocks.select(q, *block_choice(layer, blocks)).cpu())
         scanned += layer.blocks.scanned
     if cfg.uses_key_index:
         if layer.key_index is None:
             build_key_index(layer)
         if layer.n_indexed:
-            adaptive = cfg.budget == "adaptive"
             ids, vectors, keys = layer.key_index.candidates(
-                q,
-                q_host.reshape(layer.n_kv_heads, layer.group, -1),
-                cfg.candidates if adaptive else cfg.top_k,
-                SKETCHED_OVERSAMPLE if adaptive else OVERSAMPLE,
+                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), *key_budget(cfg)
             )
             parts.append(ids)
             scanned += vectors
             keys_scored += keys
-            if adaptive and cfg.recent:
-                recent = torch.arange(max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed)
-                parts.append(recent.expand(layer.n_kv_heads, -1))
+            parts.append(torch.arange(*recent_range(layer)).expand(layer.n_kv_heads, -1))
     layer.stats.scanned, layer.stats.keys_scored = scanned, keys_scored
     return unique_rows(torch.cat(parts, dim=1)) if parts else None
+
+
+def block_choice(layer, blocks=None) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """How a step asks the block index for its blocks (`BlockIndex.select`/`choose`): the number of
+    blocks, the scores already computed (the summary's logits, when the block index is the summary's
+    mean keys) and the blocks they score (two levels: those the summary expanded; None: all)."""
+    n = layer.cfg.blocks_per_step(layer.blocks.n_blocks)
+    scored = None if blocks is None else blocks.fine
+    scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None
+    if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
+        scores, scored = None, None
+    return n, scores, scored
+
+
+def key_budget(cfg) -> tuple[int, int]:
+    """(proposals per query head, oversample) the key index is asked for: an adaptive budget rates
+    its candidates afterwards, so it takes `candidates` with less oversampling; a fixed one `top_k`."""
+    if cfg.budget == "adaptive":
+        return cfg.candidates, SKETCHED_OVERSAMPLE
+    return cfg.top_k, OVERSAMPLE
+
+
+def recent_range(layer) -> tuple[int, int]:
+    """[begin, end) of the host keys added after the key index's build that an adaptive budget
+    takes as candidates at every step (the lists take in few of them); empty otherwise."""
+    cfg = layer.cfg
+    if cfg.budget != "adaptive" or not cfg.recent:
+        return layer.n_indexed, layer.n_indexed
+    return max(layer.n_built, layer.n_indexed - cfg.recent), layer.n_indexed
 
 
 def always_read(layer) -> np.ndarray:

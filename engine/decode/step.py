@@ -29,14 +29,18 @@ class HostRead:
 
 
 def resident_part(layer: HybridLayer, q: torch.Tensor, scale: float):
-    """The resident tokens' state for queries q [Hkv, G, 1, D]: (o [Hkv, G, 1, D], lse [Hkv, G, 1]).
-    Before the key index is built, the decode queries join the sample it is built from."""
-    Hkv, G, _, D = q.shape
+    """The resident tokens' state for queries q [Hkv, G, 1, D]: (o [Hkv, G, 1, D], lse [Hkv, G, 1]),
+    the queries sampled for the key index's build (`sample_query`)."""
     rk, rv, _ = layer.resident()
     o, lse = attend(q, rk, rv, scale)  # every resident position precedes this one
-    if layer.key_index is None and layer.cfg.uses_key_index:  # not built yet: decode queries help build it
-        layer.query_sample.add(q.reshape(Hkv * G, 1, D), torch.tensor([layer.n_seen - 1]))
+    sample_query(layer, q)
     return o, lse
+
+
+def sample_query(layer: HybridLayer, q: torch.Tensor) -> None:
+    """Before the key index is built, the decode queries q [Hkv, G, 1, D] join the sample it is built from."""
+    if layer.key_index is None and layer.cfg.uses_key_index:
+        layer.query_sample.add(q.reshape(-1, 1, q.shape[-1]), torch.tensor([layer.n_seen - 1]))
 
 
 def resident_parts(seqs: list[HybridLayer], q: torch.Tensor, scale: float):
@@ -52,8 +56,7 @@ def resident_parts(seqs: list[HybridLayer], q: torch.Tensor, scale: float):
     k, v = (torch.stack([r[i] for r in kv]).flatten(0, 1) for i in (0, 1))  # [B * Hkv, R, D]
     o, lse = attend(q.reshape(B * Hkv, G, 1, D), k, v, scale)
     for b, seq in enumerate(seqs):
-        if seq.key_index is None and seq.cfg.uses_key_index:
-            seq.query_sample.add(q[b].reshape(Hkv * G, 1, D), torch.tensor([seq.n_seen - 1]))
+        sample_query(seq, q[b])
     return o.view(B, Hkv, G, 1, D), lse.view(B, Hkv, G, 1)
 
 

@@ -80,7 +80,7 @@ struct HostStepArgs {
 // A thread's scratch, reused across units and calls; `bits` is all zero between units.
 struct HostScratch {
   std::vector<uint64_t> bits;
-  std::vector<int64_t> candidates;
+  std::vector<int64_t> candidates, kept;
   std::vector<float> scores, buf;
 };
 
@@ -171,14 +171,14 @@ class HostUnit {
     return "";
   }
 
-  // Rates the candidates and keeps those read in `kept_` (the forced range is added in read()).
+  // Rates the candidates and keeps those read in the scratch's `kept` (the forced range is added in read()).
   // A threshold of -inf reads every candidate without rating it.
   void rate() {
     const int64_t C = int64_t(s_.candidates.size());
-    kept_.clear();
+    s_.kept.clear();
     a_.n_rated[b_ * Hkv_ + h_] = 0;
     if (a_.threshold[b_] == -std::numeric_limits<float>::infinity()) {
-      kept_ = s_.candidates;
+      s_.kept = s_.candidates;
       return;
     }
     s_.scores.resize(size_t(G_ * C));
@@ -202,7 +202,7 @@ class HostUnit {
     for (int64_t j = 0; j < C; ++j) {
       float p = 0.0f;
       for (int64_t g = 0; g < G_; ++g) p += std::exp(s_.scores[size_t(g * C + j)] - lse[g]);
-      if (p / float(G_) >= a_.threshold[b_]) kept_.push_back(s_.candidates[size_t(j)]);
+      if (p / float(G_) >= a_.threshold[b_]) s_.kept.push_back(s_.candidates[size_t(j)]);
     }
     a_.n_rated[b_ * Hkv_ + h_] = C;
   }
@@ -215,7 +215,7 @@ class HostUnit {
     const int64_t unit = b_ * Hkv_ + h_;
     const int64_t* range = a_.ranges + b_ * kRanges * 2;
     int64_t lo = N_, hi = -1;
-    for (int64_t id : kept_) {
+    for (int64_t id : s_.kept) {
       set(id);
       lo = std::min(lo, id), hi = std::max(hi, id);
     }
@@ -288,7 +288,6 @@ class HostUnit {
   const HostStepArgs& a_;
   const int64_t b_, h_, Hkv_, G_, D_, N_;
   HostScratch& s_;
-  std::vector<int64_t> kept_;
 };
 
 // Shapes and ranges, before any work (std::invalid_argument / std::out_of_range).
