@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.cache import HybridCache
+from engine.cache.store import StorePool
 from engine.config import OffloadConfig
 from engine.generation import (
     Decoding,
@@ -50,6 +51,7 @@ class HybridLLM:
         self.model, self.tokenizer = model, tokenizer
         self.offload = offload or OffloadConfig()
         self.device = next(model.parameters()).device
+        self.stores = StorePool()  # host stores kept from one generation to the next (free_host_memory)
 
     @classmethod
     def from_pretrained(
@@ -184,7 +186,9 @@ class HybridLLM:
         run = None
         try:
             for x in ids:
-                done.append(prefill_prompt(self.model, x, self.offload, max_new_tokens, progress=progress))
+                done.append(
+                    prefill_prompt(self.model, x, self.offload, max_new_tokens, progress=progress, stores=self.stores)
+                )
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
             generator = torch.Generator(device=self.device).manual_seed(seed)
             run = Decoding(
@@ -204,6 +208,13 @@ class HybridLLM:
                 weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
                 for row, (report, p) in enumerate(zip(reports, done)):
                     fill_report(report, run, row, p, weights)
+                run.cache.release()  # the host stores, for the next call
+            for p in done:
+                p.cache.release()
+
+    def free_host_memory(self) -> None:
+        """Free the host stores kept for the next generation (they are allocated again when needed)."""
+        self.stores.clear()
 
     @torch.inference_mode()
     def generate_full_attention(self, prompt, max_new_tokens: int = 64) -> str:

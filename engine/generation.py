@@ -99,12 +99,13 @@ class Prefilled:
 
 
 def prefill_prompt(
-    model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True
+    model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True, stores=None
 ) -> Prefilled:
     """Prefill ids [1, T] into a new HybridCache sized for T + max_new_tokens positions (its
-    index builds overlapped with the prefill), then wait for the builds; timed apart."""
+    index builds overlapped with the prefill; its host stores from the StorePool `stores`,
+    if given), then wait for the builds; timed apart."""
     T = ids.shape[1]
-    cache = HybridCache(model, cfg, max_length=T + max_new_tokens, prompt_length=T, progress=progress)
+    cache = HybridCache(model, cfg, max_length=T + max_new_tokens, prompt_length=T, progress=progress, stores=stores)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress)

@@ -228,7 +228,12 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert {"hybrid-default", "full-sdpa"} <= set(decode)
     assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
     assert decode["hybrid-default"]["rerun_attn_ms_per_layer"] > 0  # a near tie's step run again, timed
-    assert {r["method"] for r in rows if r["case"] == "prefill"} == {"hybrid-default", "full-sdpa"}
+    prefill = {r["method"]: r for r in rows if r["case"] == "prefill"}
+    assert set(prefill) == {"hybrid-default-first-call", "hybrid-default-stores-reused", "full-sdpa"}
+    for name in ("hybrid-default-first-call", "hybrid-default-stores-reused"):
+        r = prefill[name]
+        assert r["first_token_s"] == r["prefill_s"] + r["index_build_after_s"] > 0
+        assert r["ratio_to_sdpa"] == r["first_token_s"] / prefill["full-sdpa"]["first_token_s"]
 
 
 def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypatch):

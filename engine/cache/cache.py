@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache
 
 from engine.cache.batch import BatchLayer
 from engine.cache.layer import HybridLayer, sum_bytes
+from engine.cache.store import StorePool
 from engine.config import OffloadConfig
 from engine.index.build import BuildProgress, build_key_index
 from engine.index.worker import IndexBuilder
@@ -38,7 +39,10 @@ class HybridCache(Cache):
     worker thread (engine.index.worker) as soon as the layer has seen the prompt's
     last token, while the prefill goes on (otherwise each layer builds at
     `build_indexes()` or its first decode step); `progress` shows a bar while
-    the host indexes are built. `close()` stops the worker threads.
+    the host indexes are built. `close()` stops the worker threads. With
+    `stores` (an engine.cache.store.StorePool), the host stores come from that
+    pool, allocated ahead on its thread when a model and `max_length` are
+    given, and `release()` gives them back.
     Use it with `model.generate(..., cache=HybridCache(model, cfg))`.
     """
 
@@ -50,6 +54,7 @@ class HybridCache(Cache):
         max_length: int = 0,
         prompt_length: int = 0,
         progress: bool = True,
+        stores: StorePool | None = None,
     ):
         if not hasattr(model_or_config, "config") and not hasattr(model_or_config, "model_type"):
             raise TypeError(
@@ -75,12 +80,24 @@ class HybridCache(Cache):
         shape = ModelShape.of(config)
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
-        self.shape, self.max_length = shape, max_length
+        self.shape, self.max_length, self.stores = shape, max_length, stores
         self.builder = IndexBuilder(cfg.build_workers) if prompt_length and cfg.build_workers else None
         layers = [
-            HybridLayer(cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder)
+            HybridLayer(
+                cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder, stores=stores
+            )
             for i in range(shape.num_hidden_layers)
         ]
+        if stores is not None and max_length and hasattr(model_or_config, "parameters"):
+            weight = next(model_or_config.parameters())  # the K/V's device and dtype, before the first update
+            stores.prepare(
+                shape.num_hidden_layers,
+                shape.num_key_value_heads,
+                shape.head_dim,
+                cfg.resolved_host_dtype(weight.dtype),
+                pin=weight.device.type == "cuda",
+                capacity=max(0, max_length - cfg.resident_tokens),
+            )
         for layer in layers:
             layer.prompt_length = prompt_length
         super().__init__(layers=layers)
@@ -96,7 +113,12 @@ class HybridCache(Cache):
     def _sequence_layer(self, layer_idx: int) -> HybridLayer:
         """One sequence's layer in a batch (its index builds after the prefill: prompt lengths differ)."""
         return HybridLayer(
-            self.offload_config, layer_idx, self.shape, capacity=self.max_length, progress=self.build_progress
+            self.offload_config,
+            layer_idx,
+            self.shape,
+            capacity=self.max_length,
+            progress=self.build_progress,
+            stores=self.stores,
         )
 
     @classmethod
@@ -126,6 +148,7 @@ class HybridCache(Cache):
             ],
         )
         batch.offload_config, batch.shape, batch.max_length = first.offload_config, first.shape, first.max_length
+        batch.stores = first.stores
         batch.build_progress, batch.builder = first.build_progress, None
         for c in caches:  # the layers now belong to the batch
             c.layers = []
@@ -190,6 +213,16 @@ class HybridCache(Cache):
         without its index builds it at its next decode step)."""
         if self.builder is not None:
             self.builder.close()
+
+    def release(self) -> None:
+        """The end of the cache: its host stores go back to their pool (when it has one) for the
+        next cache, and every layer is emptied (used again, it starts over)."""
+        self.close()
+        for layer in self.sequence_layers():
+            if layer.is_initialized and layer.stores is not None:
+                layer.stores.give([layer.host])
+                layer.host = None  # the next cache's now
+            layer.reset()
 
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""

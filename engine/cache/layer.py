@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ann.block import BlockIndex
-from engine.cache.store import HostKV, QuerySample
+from engine.cache.store import DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool
 from engine.config import OffloadConfig
 from engine.decode.estimate import BlockSummary
 from engine.decode.sketch import ExactKeys
@@ -50,11 +50,20 @@ class HybridLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, cfg: OffloadConfig, layer_idx: int, shape: ModelShape, *, capacity: int = 0, progress=None, builder=None
+        self,
+        cfg: OffloadConfig,
+        layer_idx: int,
+        shape: ModelShape,
+        *,
+        capacity: int = 0,
+        progress=None,
+        builder=None,
+        stores: StorePool | None = None,
     ):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.builder = builder  # engine.index.worker.IndexBuilder, or None: builds in the caller's thread
+        self.stores = stores  # where the host store comes from (None: a new one)
         self.prompt_length = 0  # when known (> 0), the prefill hands the layer to the builder at its last token
         self.n_kv_heads, self.head_dim = shape.num_key_value_heads, shape.head_dim
         self.group = shape.num_attention_heads // shape.num_key_value_heads
@@ -86,7 +95,10 @@ class HybridLayer(CacheLayerMixin):
         self.resident_pos = np.full(R, -1, np.int64)  # position held by each slot (-1: empty)
         host_dtype = cfg.resolved_host_dtype(self.dtype)
         host_capacity = max(0, self.capacity_hint - R)
-        self.host = HostKV(Hkv, D, host_dtype, pin=self.device.type == "cuda", capacity=host_capacity)
+        cuda = self.device.type == "cuda"
+        copies = SideStreamCopies(self.device) if cuda else DirectCopies()  # evictions overlap the next compute
+        make = self.stores.take if self.stores is not None else HostKV
+        self.host = make(Hkv, D, host_dtype, pin=cuda, capacity=host_capacity, copies=copies)
         summaries = dict(device=self.device, dtype=self.dtype)  # block summaries in the model's dtype
         summaries["capacity"] = max(cfg.block_size, host_capacity)
         self.summary = BlockSummary(Hkv, D, cfg.block_size, **summaries) if cfg.estimate else None
@@ -104,7 +116,7 @@ class HybridLayer(CacheLayerMixin):
         self.sketch = None  # the adaptive budget's key sketch (engine.decode.sketch), built with the key index
         self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
         self.n_built = 0  # ... of which the index was built from (the others were added later)
-        self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0)
+        self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0, self.prompt_length)
         self.is_initialized = True
 
     # --------------------------------------------------------- bookkeeping
@@ -248,7 +260,6 @@ class HybridLayer(CacheLayerMixin):
         """Add the host keys the key indexes have not seen yet. Done a block at a
         time, not every step: until then the decode step attends to those few
         newest host tokens directly (see `unindexed_ids`)."""
-        self.wait_for_host_store()
         new = self.host.keys[:, self.n_indexed :]  # [Hkv, n, D]
         self.key_index.add(new)
         if self.sketch is not None:
@@ -259,12 +270,6 @@ class HybridLayer(CacheLayerMixin):
         """Until the layer's index build on the worker thread (if any) has finished."""
         if self.builder is not None:
             self.builder.wait(self)
-
-    def wait_for_host_store(self) -> None:
-        """Before the host keys are read on the CPU: on CUDA, evictions reach the
-        pinned store by asynchronous copies."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def unindexed_ids(self) -> np.ndarray:
         """Host ids [n] of the newest host tokens not yet in the key indexes."""
@@ -295,7 +300,7 @@ class HybridLayer(CacheLayerMixin):
         slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident) :]).to(
             self.device
         )  # filled slots by position
-        host_k, host_v = (t.to(self.device, self.dtype) for t in (self.host.keys, self.host.values))
+        host_k, host_v = (t.to(self.device, self.dtype) for t in self.host.rows_for(self.device))
         n_sink = len(where["sinks"])
         k = torch.cat([self.resident_k[:, slots[:n_sink]], host_k, self.resident_k[:, slots[n_sink:]]], dim=1)
         v = torch.cat([self.resident_v[:, slots[:n_sink]], host_v, self.resident_v[:, slots[n_sink:]]], dim=1)

@@ -1,9 +1,12 @@
-"""Host-memory KV store of one layer, and the prefill-query sample its index is built from."""
+"""Host-memory KV store of one layer, the copies that fill it, the pool that keeps stores from
+one generation to the next, and the prefill-query sample its index is built from."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import threading
+from concurrent.futures import Future
 
 import torch
 
@@ -47,20 +50,80 @@ def rows_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return copy_rows(torch.empty(t.shape, dtype=t.dtype, device=device), t)
 
 
+class SideStreamCopies:
+    """Copies of evicted K/V rows into a pinned store on a side CUDA stream, so that a prefill
+    chunk's offload overlaps the compute that follows it rather than queueing behind it.
+
+    Three orderings keep the store exact:
+    - a copy starts after the work that produced its rows (the side stream waits for the
+      producer's stream);
+    - the rows' device memory is not reused before the copy has read them (record_stream);
+    - a reader waits for the copies: the host by synchronizing with the last copy's event,
+      a device stream by waiting for that event on the device (the host does not stall).
+    """
+
+    _streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per device, shared by the stores
+
+    def __init__(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        self.stream = self._streams[device]
+        self.pending = None  # the last copy's event, until the host has waited for it
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """dst.copy_(src) for each (dst, src), in order, on the side stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(pairs[0][1].device))
+        with torch.cuda.stream(self.stream):
+            for dst, src in pairs:
+                copy_rows(dst, src)
+                if src.is_cuda:
+                    src.record_stream(self.stream)
+            self.pending = self.stream.record_event()
+
+    def host_wait(self) -> None:
+        if self.pending is not None:
+            self.pending.synchronize()
+            self.pending = None
+
+    def device_wait(self, device: torch.device) -> None:
+        if self.pending is not None:
+            torch.cuda.current_stream(device).wait_event(self.pending)
+
+
+class DirectCopies:
+    """Copies into a store in the caller's stream (the CPU, or a device without a side stream):
+    every reader sees them in order, so there is nothing to wait for."""
+
+    pending = None
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for dst, src in pairs:
+            copy_rows(dst, src)
+
+    def host_wait(self) -> None:
+        pass
+
+    def device_wait(self, device: torch.device) -> None:
+        pass
+
+
 class HostKV:
     """K and V [Hkv, capacity, D] in host memory, appended in position order.
 
     Pinned when the device is CUDA, so device-to-host copies of evicted tokens
-    and host-to-device copies of prefill key blocks can be asynchronous. The
-    capacity grows by half again when full; `reserve()` sizes it exactly when
-    the final length is known.
+    and host-to-device copies of prefill key blocks can be asynchronous; the
+    copies in go through `copies` (SideStreamCopies on CUDA). Readers use
+    `keys`/`values` on the host (they wait for copies in flight) or
+    `rows_for(device)`. The capacity grows by half again when full; `reserve()`
+    sizes it exactly when the final length is known.
     """
 
-    def __init__(self, n_heads: int, dim: int, dtype: torch.dtype, *, pin: bool, capacity: int = 0):
+    def __init__(self, n_heads: int, dim: int, dtype: torch.dtype, *, pin: bool, capacity: int = 0, copies=None):
         self.n_heads, self.dim, self.dtype, self.pin = n_heads, dim, dtype, pin
         self.n = 0
-        self.k = self._alloc(capacity)  # [Hkv, capacity, D]
-        self.v = self._alloc(capacity)
+        self.copies = copies or DirectCopies()
+        self.k_memory, self.v_memory = self._alloc(capacity), self._alloc(capacity)  # [Hkv, rows held, D]
+        self.k, self.v = self.k_memory, self.v_memory  # [Hkv, capacity, D]: the rows this store may fill
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         return host_empty((self.n_heads, capacity, self.dim), self.dtype, pin=self.pin)
@@ -70,32 +133,155 @@ class HostKV:
         return self.k.shape[1]
 
     def reserve(self, capacity: int) -> None:
-        if capacity > self.capacity:
+        if capacity <= self.capacity:
+            return
+        if capacity > self.k_memory.shape[1]:
             k, v = self._alloc(capacity), self._alloc(capacity)
-            k[:, : self.n], v[:, : self.n] = self.keys, self.values
-            self.k, self.v = k, v
+            k[:, : self.n], v[:, : self.n] = self.keys, self.values  # (after the copies in flight)
+            self.k_memory, self.v_memory = k, v
+        self.k, self.v = self.k_memory[:, :capacity], self.v_memory[:, :capacity]
+
+    def clear(self) -> None:
+        """Empty, with a capacity of 0, keeping the memory for the next `reserve`
+        (engine.cache.store.StorePool hands it to the next cache)."""
+        self.copies.host_wait()
+        self.n = 0
+        self.k, self.v = self.k_memory[:, :0], self.v_memory[:, :0]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] on any device."""
         n = k.shape[1]
         if self.n + n > self.capacity:
             self.reserve(max(self.n + n, self.capacity * 3 // 2, 256))
-        copy_rows(self.k[:, self.n : self.n + n], k)
-        copy_rows(self.v[:, self.n : self.n + n], v)
+        self.copies.copy([(self.k[:, self.n : self.n + n], k), (self.v[:, self.n : self.n + n], v)])
         self.n += n
 
     @property
     def keys(self) -> torch.Tensor:
-        """[Hkv, n, D] view; rows contiguous, heads strided by the capacity."""
+        """[Hkv, n, D] view for the host to read (copies in flight done); rows contiguous,
+        heads strided by the capacity."""
+        self.copies.host_wait()
         return self.k[:, : self.n]
 
     @property
     def values(self) -> torch.Tensor:
+        self.copies.host_wait()
         return self.v[:, : self.n]
+
+    def rows_for(self, device: torch.device, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n (default all) K and V rows as views, for copies to `device`: a CUDA
+        device's stream is ordered after the copies in flight, without stalling the host."""
+        n = self.n if n is None else n
+        if device.type == "cpu":
+            self.copies.host_wait()
+        else:
+            self.copies.device_wait(device)
+        return self.k[:, :n], self.v[:, :n]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of its capacity (the memory behind it may hold more rows: `memory_nbytes`)."""
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def memory_nbytes(self) -> int:
+        return self.k_memory.nbytes + self.v_memory.nbytes
+
+
+class StorePool:
+    """Host stores kept from one cache to the next of the same engine, and allocated ahead.
+
+    Pinned memory is slow to allocate (every page is locked and mapped for the device: about
+    2.4 s for the store of a 32K-token Llama-3-8B prefill), and an engine's generations ask for
+    the same stores again. A cache takes one store per layer (`take`) and gives them back when
+    its generation ends (`give`); `prepare` allocates the stores a cache will take on a
+    background thread, in layer order, so the first layers' are ready first and the rest are
+    allocated while the prefill runs. `clear` frees what the pool holds.
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[HostKV]] = {}  # (heads, dim, dtype, pin) -> stores not in use
+        self._ahead: dict[tuple, list[Future]] = {}  # ... -> stores being allocated for a take
+        self._threads: dict[tuple, threading.Thread] = {}  # ... -> the thread allocating them
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(n_heads: int, dim: int, dtype: torch.dtype, pin: bool) -> tuple:
+        return n_heads, dim, dtype, pin
+
+    def prepare(self, n_stores: int, n_heads: int, dim: int, dtype: torch.dtype, *, pin: bool, capacity: int) -> None:
+        """Make ready `n_stores` stores of `capacity` rows for the next takes of their shape:
+        free stores first, new ones (grown ones) on the background thread."""
+        key = self._key(n_heads, dim, dtype, pin)
+        with self._lock:
+            if key in self._threads:  # one allocation under way per shape
+                return
+            ready = len(self._free.get(key, [])) + len(self._ahead.get(key, []))
+            jobs = [Future() for _ in range(n_stores - ready)]
+            if not jobs:
+                return
+            self._ahead.setdefault(key, []).extend(jobs)
+
+            def allocate():  # ends when its stores are made: no thread outlives the work
+                for job in jobs:
+                    if job.set_running_or_notify_cancel():
+                        try:
+                            job.set_result(HostKV(n_heads, dim, dtype, pin=pin, capacity=capacity))
+                        except BaseException as exc:
+                            job.set_exception(exc)
+
+            self._threads[key] = threading.Thread(target=allocate, name="hybridattn-store", daemon=True)
+            self._threads[key].start()
+
+    def take(self, n_heads: int, dim: int, dtype: torch.dtype, *, pin: bool, capacity: int, copies=None) -> HostKV:
+        """An empty store with room for `capacity` rows: a free one (the smallest that holds
+        them, else the largest, grown), one allocated ahead, or a new one."""
+        key = self._key(n_heads, dim, dtype, pin)
+        with self._lock:
+            free = self._free.get(key, [])
+            store = None
+            if free:
+                held = [s.k_memory.shape[1] for s in free]
+                fits = [i for i, n in enumerate(held) if n >= capacity]
+                store = free[min(fits, key=held.__getitem__) if fits else max(range(len(free)), key=held.__getitem__)]
+                free.remove(store)
+            job = self._ahead[key].pop(0) if store is None and self._ahead.get(key) else None
+            done = self._threads.pop(key) if job is not None and not self._ahead[key] else None
+        if job is not None:
+            store = job.result()
+        if done is not None:
+            done.join()  # the last store it made: it is ending
+        if store is None:
+            store = HostKV(n_heads, dim, dtype, pin=pin, capacity=capacity)
+        store.copies = copies or DirectCopies()
+        store.reserve(capacity)
+        return store
+
+    def give(self, stores) -> None:
+        """Stores no cache uses any more (emptied here; their memory is kept for the next takes)."""
+        for store in stores:
+            store.clear()
+            key = self._key(store.n_heads, store.dim, store.dtype, store.pin)
+            with self._lock:
+                if not any(s is store for s in self._free.get(key, [])):
+                    self._free.setdefault(key, []).append(store)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the free stores."""
+        with self._lock:
+            return sum(s.memory_nbytes for stores in self._free.values() for s in stores)
+
+    def clear(self) -> None:
+        """Drop the free stores and those allocated ahead (their memory goes back to the system)."""
+        with self._lock:
+            jobs = [j for js in self._ahead.values() for j in js]
+            threads = list(self._threads.values())
+            self._free, self._ahead, self._threads = {}, {}, {}
+        for job in jobs:
+            job.cancel()
+        for thread in threads:
+            thread.join()
 
 
 class QuerySample:
@@ -103,33 +289,55 @@ class QuerySample:
 
     Keeps every `stride`-th position; when full, doubles the stride and drops
     the positions that no longer fall on it, so the sample stays spread over
-    the whole prefill however long it turns out to be.
+    the whole prefill however long it turns out to be. With the prompt's length
+    `expected`, the stride starts where the doubling would end, so nothing is
+    dropped. Queries on a CUDA device reach pinned host memory by asynchronous
+    copies, waited for when the sample is read or thinned: the prefill does not
+    stall on them.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, expected: int = 0):
         self.limit = limit
         self.stride = 1
+        while limit and -(-expected // self.stride) > limit:
+            self.stride *= 2
         self.pos: list[torch.Tensor] = []
         self.q: list[torch.Tensor] = []
+        self.copied = None  # the event of the last asynchronous copy, until waited for
 
     def add(self, q: torch.Tensor, positions: torch.Tensor) -> None:
-        """q [Hq, Q, D] of positions [Q] (host copies are kept)."""
+        """q [Hq, Q, D] of positions [Q] (on the host; host copies of q are kept)."""
         if self.limit == 0:
             return
-        keep = positions % self.stride == 0
-        self.pos.append(positions[keep].cpu())
-        self.q.append(q[:, keep.to(q.device)].cpu())
+        keep = torch.nonzero(positions % self.stride == 0).flatten()  # on the host: no device sync
+        self.pos.append(positions[keep])
+        self.q.append(self._to_host(q.index_select(1, keep.to(q.device))))
         while sum(len(p) for p in self.pos) > self.limit:
+            self._wait()
             self.stride *= 2
             kept = [p % self.stride == 0 for p in self.pos]
             self.q = [q[:, m] for q, m in zip(self.q, kept)]
             self.pos = [p[m] for p, m in zip(self.pos, kept)]
+
+    def _to_host(self, q: torch.Tensor) -> torch.Tensor:
+        if not q.is_cuda:
+            return q
+        out = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
+        out.copy_(q, non_blocking=True)
+        self.copied = torch.cuda.current_stream(q.device).record_event()
+        return out
+
+    def _wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.pos)
 
     def queries(self) -> torch.Tensor:
         """[Hq, n, D]"""
+        self._wait()
         return torch.cat(self.q, dim=1) if self.q else torch.empty(0)
 
     def clear(self) -> None:

@@ -8,6 +8,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from engine.cache.store import rows_on
 from engine.decode.sketch import make_scorer
 from engine.index.heads import HeadIndexes, ListSelector
 
@@ -48,14 +49,13 @@ def build_key_index(layer) -> bool:
         layer.build_waiting = True
         return False
     t0 = time.perf_counter()
-    layer.wait_for_host_store()
     Hkv, D = layer.n_kv_heads, layer.head_dim
     queries = None
     if len(layer.query_sample):
         queries = layer.query_sample.queries().reshape(Hkv, -1, D)  # [Hkv, G * nq, D]: a group's heads stacked
     if cfg.key_index == "qq":
         index = ListSelector(Hkv, D, layer.device, layer.dtype, cfg.index_params)
-        keys = layer.host.keys.to(layer.device)  # exact top-M lists: one batched product per query chunk
+        keys = rows_on(layer.host.rows_for(layer.device)[0], layer.device)  # the lists' product on the device
     else:
         index = HeadIndexes(cfg.key_index, Hkv, D, cfg.index_params)
         keys = layer.host.keys

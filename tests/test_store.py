@@ -1,0 +1,234 @@
+"""The host store (engine.cache.store): its capacity and memory, the copies that fill it and what
+a reader waits for (the side-stream ordering with stand-in CUDA streams), and the pool that hands
+stores from one generation to the next."""
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+import engine.cache.store as store_module
+from engine import HybridCache
+from engine.api import HybridLLM
+from engine.cache.store import HostKV, SideStreamCopies, StorePool
+from tests.conftest import tiny_llama
+from tests.test_generation import CFG, LENGTHS
+
+
+def rows(n, start=0, heads=2, dim=4):
+    return torch.arange(start, start + heads * n * dim, dtype=torch.float32).view(heads, n, dim)
+
+
+class RecordedCopies:
+    """A store's copies, done at once, with what a reader waited for."""
+
+    def __init__(self):
+        self.log = []
+
+    def copy(self, pairs):
+        self.log.append(("copy", len(pairs)))
+        for dst, src in pairs:
+            dst.copy_(src)
+
+    def host_wait(self):
+        self.log.append(("host_wait",))
+
+    def device_wait(self, device):
+        self.log.append(("device_wait", device.type))
+
+
+def test_reserve_keeps_the_rows_and_the_memory_it_can():
+    s = HostKV(2, 4, torch.float32, pin=False, capacity=8)
+    s.append(rows(5), rows(5, 100))
+    s.clear()
+    assert (s.n, s.capacity, s.nbytes) == (0, 0, 0)
+    memory = s.k_memory.data_ptr()
+    s.reserve(6)  # within the memory it holds: a view of it, exactly this capacity
+    assert s.capacity == 6 and s.k.data_ptr() == memory and s.nbytes == 2 * 2 * 6 * 4 * 4
+    s.append(rows(6), rows(6, 100))
+    s.reserve(20)  # beyond: new memory, the rows carried over
+    assert s.capacity == 20 and s.k.data_ptr() != memory
+    assert torch.equal(s.keys, rows(6)) and torch.equal(s.values, rows(6, 100))
+    s.append(rows(20, 7)[:, :3], rows(3, 9))  # appends past the old capacity land after the old rows
+    assert torch.equal(s.keys[:, 6:], rows(20, 7)[:, :3])
+
+
+def test_readers_wait_for_copies_on_the_host_or_on_their_device():
+    copies = RecordedCopies()
+    s = HostKV(2, 4, torch.float32, pin=False, capacity=4, copies=copies)
+    s.append(rows(3), rows(3, 50))
+    assert copies.log == [("copy", 2)]  # keys and values in one submission
+    copies.log.clear()
+    assert torch.equal(s.keys, rows(3)) and torch.equal(s.values, rows(3, 50))
+    assert copies.log == [("host_wait",), ("host_wait",)]
+    copies.log.clear()
+    k, v = s.rows_for(torch.device("cuda"), 2)  # a device reader: its stream waits, the host does not
+    assert copies.log == [("device_wait", "cuda")] and k.shape == (2, 2, 4)
+    copies.log.clear()
+    s.rows_for(torch.device("cpu"))
+    assert copies.log == [("host_wait",)]
+    copies.log.clear()
+    s.append(rows(5), rows(5))  # growth reads the old rows on the host: after their copies
+    assert copies.log[0] == ("host_wait",) and copies.log[-1] == ("copy", 2)
+    copies.log.clear()
+    s.clear()  # memory handed on only once nothing is copied into it
+    assert copies.log == [("host_wait",)]
+
+
+class FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append((self.name, "waits for", other.name))
+
+    def wait_event(self, event):
+        self.log.append((self.name, "waits for event", event.n))
+
+    def record_event(self):
+        event = FakeEvent(len([e for e in self.log if e[1] == "records"]), self.log)
+        self.log.append((self.name, "records", event.n))
+        return event
+
+
+class FakeEvent:
+    def __init__(self, n, log):
+        self.n, self.log = n, log
+
+    def synchronize(self):
+        self.log.append(("host", "synchronizes", self.n))
+
+
+def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_readers(monkeypatch):
+    """The decision logic of SideStreamCopies, with stand-ins for CUDA's streams and events."""
+    log = []
+    compute, reader = FakeStream("compute", log), FakeStream("reader", log)
+    current = {"stream": compute}
+
+    @contextmanager
+    def on(stream):
+        log.append((stream.name, "enter"))
+        yield
+        log.append((stream.name, "exit"))
+
+    monkeypatch.setattr(store_module.torch.cuda, "Stream", lambda device: FakeStream("side", log))
+    monkeypatch.setattr(store_module.torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(store_module.torch.cuda, "stream", on)
+    monkeypatch.setattr(SideStreamCopies, "_streams", {})
+    monkeypatch.setattr(store_module, "copy_rows", lambda dst, src: log.append(("side", "copies")) or dst.copy_(src))
+    copies = SideStreamCopies(torch.device("cuda", 5))
+    assert SideStreamCopies(torch.device("cuda", 5)).stream is copies.stream  # one side stream per device
+
+    dst, src = torch.zeros(2, 3, 4), rows(3)
+    copies.copy([(dst[:, :1], src[:, :1]), (dst[:, 1:], src[:, 1:])])
+    assert log == [
+        ("side", "waits for", "compute"),  # after the work that produced the rows
+        ("side", "enter"),
+        ("side", "copies"),
+        ("side", "copies"),
+        ("side", "records", 0),  # the event readers wait for, after both copies
+        ("side", "exit"),
+    ]
+    assert torch.equal(dst, src)
+    log.clear()
+    current["stream"] = reader
+    copies.device_wait(torch.device("cuda", 5))
+    assert log == [("reader", "waits for event", 0)]  # on the device: no host stall
+    log.clear()
+    copies.host_wait()
+    copies.host_wait()  # once waited for, the host does not wait again
+    assert log == [("host", "synchronizes", 0)]
+    log.clear()
+    copies.device_wait(torch.device("cuda", 5))
+    assert log == []  # nothing in flight any more
+
+
+def test_pool_hands_the_same_memory_on_and_grows_the_smallest_need():
+    pool = StorePool()
+    a = pool.take(2, 4, torch.float32, pin=False, capacity=10)
+    b = pool.take(2, 4, torch.float32, pin=False, capacity=30)
+    a.append(rows(4), rows(4))
+    pool.give([a, b])
+    assert a.n == 0 and pool.nbytes == a.memory_nbytes + b.memory_nbytes
+    c = pool.take(2, 4, torch.float32, pin=False, capacity=8)  # the smallest that holds 8 rows: a's
+    assert c is a and c.capacity == 8 and c.nbytes == 2 * 2 * 8 * 4 * 4
+    d = pool.take(2, 4, torch.float32, pin=False, capacity=50)  # none holds 50: the largest, grown
+    assert d is b and d.capacity == 50
+    e = pool.take(2, 4, torch.float64, pin=False, capacity=8)  # another dtype: a new store
+    assert e.dtype == torch.float64 and e is not a
+    pool.give([c, c])  # given twice, kept once
+    assert pool.take(2, 4, torch.float32, pin=False, capacity=1) is c
+    assert pool.take(2, 4, torch.float32, pin=False, capacity=1) is not c
+    pool.give([d])
+    pool.clear()
+    assert pool.nbytes == 0 and pool.take(2, 4, torch.float32, pin=False, capacity=4) is not d
+
+
+def test_pool_allocates_ahead_on_its_own_thread(monkeypatch):
+    made_in = []
+    real = HostKV.__init__
+
+    def recording(self, *args, **kwargs):
+        made_in.append(threading.current_thread().name)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HostKV, "__init__", recording)
+    pool = StorePool()
+    pool.prepare(3, 2, 4, torch.float32, pin=False, capacity=16)
+    pool.prepare(3, 2, 4, torch.float32, pin=False, capacity=16)  # already under way: nothing more
+    stores = [pool.take(2, 4, torch.float32, pin=False, capacity=16) for _ in range(3)]
+    assert len(made_in) == 3 and all(name.startswith("hybridattn-store") for name in made_in)
+    assert len({id(s) for s in stores}) == 3 and all(s.capacity == 16 and s.n == 0 for s in stores)
+    assert not any(t.name == "hybridattn-store" for t in threading.enumerate())  # its work done, it ended
+    pool.take(2, 4, torch.float32, pin=False, capacity=16)  # none left ahead: made by the caller
+    assert made_in[-1] == threading.current_thread().name
+
+
+def test_generations_reuse_the_host_stores_and_give_the_same_tokens(bundled_tokenizer):
+    """A HybridLLM's second generation fills the memory of its first's stores (rows of the first
+    prompt left in them are never read: the same tokens as a fresh engine), and reports the bytes
+    its own cache uses."""
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    prompts = [
+        torch.randint(0, len(bundled_tokenizer), (n,), generator=torch.Generator().manual_seed(n)) for n in LENGTHS
+    ]
+    llm = HybridLLM(model, bundled_tokenizer, CFG)
+    first = llm.generate(prompts[0], 6, stop_at_eos=False, progress=False)
+    held = {s.k_memory.data_ptr() for stores in llm.stores._free.values() for s in stores}
+    assert len(held) == model.config.num_hidden_layers and llm.stores.nbytes > 0
+    second = llm.generate(prompts[1], 6, stop_at_eos=False, progress=False)  # shorter: fits in the same memory
+    assert {s.k_memory.data_ptr() for stores in llm.stores._free.values() for s in stores} == held
+    fresh = HybridLLM(model, bundled_tokenizer, CFG).generate(prompts[1], 6, stop_at_eos=False, progress=False)
+    assert second.token_ids == fresh.token_ids and second.report.host_bytes == fresh.report.host_bytes
+    assert first.report.host_bytes["kv_store"] > second.report.host_bytes["kv_store"]
+    llm.free_host_memory()
+    assert llm.stores.nbytes == 0
+
+
+def test_released_cache_starts_over(bundled_tokenizer):
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    pool = StorePool()
+    cache = HybridCache(model, CFG, max_length=200, stores=pool)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(150)[None], cache=cache, use_cache=True)
+    assert all(layer.host.n > 0 for layer in cache.layers)
+    cache.release()
+    assert all(not layer.is_initialized and layer.host is None for layer in cache.layers)
+    assert pool.nbytes > 0 and cache.get_seq_length() == 0
+
+
+def test_query_sample_with_the_prompt_length_keeps_what_the_doubling_keeps_without_thinning():
+    from engine.cache.store import QuerySample
+
+    for length, limit, chunk in ((1000, 64, 100), (1024, 64, 128), (777, 1000, 50), (5000, 7, 333)):
+        grown, known = QuerySample(limit), QuerySample(limit, expected=length)
+        strides = set()
+        for start in range(0, length, chunk):
+            positions = torch.arange(start, min(length, start + chunk))
+            q = torch.randn(3, len(positions), 4)
+            grown.add(q, positions)
+            known.add(q, positions)
+            strides.add(known.stride)
+        assert len(strides) == 1  # the stride it started with: nothing dropped on the way
+        assert torch.equal(torch.cat(known.pos), torch.cat(grown.pos)) and len(known) <= limit
+        assert torch.equal(known.queries(), grown.queries())
