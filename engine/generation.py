@@ -78,12 +78,23 @@ class GenerationReport:
 # ----------------------------------------------------------------- prefill
 
 
+def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of the prefill chunks of `length` positions: `chunk` each (at least 2), a last
+    single position joined to the chunk before it. The cache takes a one-position input for a
+    decode step, which reads part of the host store, where a prefill chunk attends to all of it."""
+    chunk = max(2, chunk)
+    bounds = [(s, min(length, s + chunk)) for s in range(0, length, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], length)]
+    return bounds
+
+
 def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True) -> torch.Tensor:
-    """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens
-    (bounded activation memory); returns the last position's logits [vocab]."""
-    starts = range(0, ids.shape[1], chunk)
-    for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
-        out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+    """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens (bounded
+    activation memory; see `chunk_bounds`); returns the last position's logits [vocab]."""
+    bounds = chunk_bounds(ids.shape[1], chunk)
+    for start, end in tqdm(bounds, desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False):
+        out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
 

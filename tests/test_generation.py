@@ -242,3 +242,25 @@ def test_decoding_rejects_what_it_cannot_run(model, prompts):
     assert list(run) == []
     with pytest.raises(RuntimeError, match="runs once"):
         iter(run)
+
+
+def test_prefill_chunks_never_leave_one_position_alone():
+    """A one-position input is a decode step (it reads part of the host store): the prefill joins a
+    last single position to the chunk before it, and its last logits are full attention's."""
+    from engine.generation import chunk_bounds, prefill
+
+    assert chunk_bounds(9, 4) == [(0, 4), (4, 9)] and chunk_bounds(8, 4) == [(0, 4), (4, 8)]
+    assert chunk_bounds(1, 4) == [(0, 1)] and chunk_bounds(3, 1) == [(0, 3)]
+    for length, chunk in ((50, 7), (64, 9), (2, 1), (17, 16)):
+        bounds = chunk_bounds(length, chunk)
+        assert [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]] and (bounds[0][0], bounds[-1][1]) == (
+            0,
+            length,
+        )
+        assert all(b - a >= min(2, length) for a, b in bounds)
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(input_ids=ids, cache=DynamicCache(), use_cache=True).logits[0, -1]
+        last = prefill(model, ids, HybridCache(model, CFG, progress=False), 7, progress=False)
+    torch.testing.assert_close(last, full, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,191 @@
+"""The lm-evaluation-harness model (engine.harness): its scores are lm-eval's `hf` model's on the
+same weights, its generations the engine's (full attention's with a covering budget), batches give
+what each request gives alone; model arguments and their errors; local tasks through
+lm_eval.simple_evaluate and the command line, and a RULER task on the bundled model, offline."""
+
+import json
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from engine import OffloadConfig
+from engine.api import HybridLLM
+from engine.cli import main
+from engine.harness import HybridAttnLM, cut_at, offload_config, tokenizer_source
+from tests.conftest import tiny_llama
+from tests.test_attention import COVER_ALL
+
+# a small window and chunks of 7: the scored texts cross chunks and reach the host store
+CFG = OffloadConfig(
+    device="cpu", n_sink=4, window=16, block_size=8, prefill_chunk=7, key_index="flat", budget="fixed", top_k=8
+)
+TEXT = "The quick brown fox jumps over the lazy dog. " * 8
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_tokenizer):
+    """lm-eval's own `hf` model: full attention (sdpa) on the same weights."""
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    model.set_attn_implementation("sdpa")
+    return HFLM(pretrained=model, tokenizer=bundled_tokenizer, batch_size=1, max_length=64)
+
+
+def engine_lm(tokenizer, cfg=CFG, **kwargs) -> HybridAttnLM:
+    llm = HybridLLM(tiny_llama(vocab=len(tokenizer)), tokenizer, cfg)
+    return HybridAttnLM(llm=llm, max_length=64, **kwargs)
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_scores_are_lm_eval_hf_model_s(bundled_tokenizer, reference):
+    """Scoring is a prefill, and the engine's is exact: contexts cut to max_length, an empty
+    context (scored after BOS), texts over several rolling windows."""
+    lm = engine_lm(bundled_tokenizer)
+    pairs = [(TEXT, " The end of it all."), ("", "Hello there"), ("The quick brown", " fox")]
+    got = lm.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    want = reference.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True)
+    for (g, g_greedy), (w, w_greedy) in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4) and g_greedy == w_greedy
+    texts = [(TEXT * 3,), ("A short one.",)]
+    got = lm.loglikelihood_rolling(requests("loglikelihood_rolling", texts), disable_tqdm=True)
+    want = reference.loglikelihood_rolling(requests("loglikelihood_rolling", texts), disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-3) and got[0] < got[1] < 0
+
+
+def test_scoring_a_prompt_that_ends_one_past_a_chunk_is_exact(bundled_tokenizer, reference):
+    """A last chunk of one position would be a decode step (an approximate read): the prefill
+    joins it to the chunk before (engine.generation.chunk_bounds)."""
+    lm = engine_lm(bundled_tokenizer)
+    ids = lm.tok_encode(TEXT)[:50]  # 49 positions scored through: 7 chunks of 7, and one more position
+    assert len(ids) == 50
+    got, _ = lm.score(ids[:40], ids[40:])
+    ((want, _),) = reference._loglikelihood_tokens([(None, ids[:40], ids[40:])], disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_generations_are_the_engine_s_and_batches_give_each_alone(bundled_tokenizer):
+    lm = engine_lm(bundled_tokenizer)
+    gen = [
+        (TEXT + "And then", {"until": ["."], "max_gen_toks": 6}),  # longer than max_length: cut to its end
+        ("One, two, three,", {"until": [], "max_gen_toks": 4}),
+        (TEXT[:150], {"until": ["."], "max_gen_toks": 6}),
+    ]
+    alone = lm.generate_until(requests("generate_until", gen), disable_tqdm=True)
+    for (context, kwargs), text in zip(gen, alone):
+        ids = lm.tok_encode(context)[-(lm.max_length - kwargs["max_gen_toks"]) :]
+        expected = lm.llm.generate(torch.tensor(ids), kwargs["max_gen_toks"], progress=False).text
+        assert text == cut_at(expected, kwargs["until"])
+    assert len(lm.tok_encode(gen[0][0])) > lm.max_length
+    batched = engine_lm(bundled_tokenizer, batch_size=2).generate_until(requests("generate_until", gen), True)
+    assert batched == alone
+
+
+def test_with_a_covering_budget_generations_are_lm_eval_hf_model_s(bundled_tokenizer, reference):
+    lm = engine_lm(bundled_tokenizer, cfg=OffloadConfig(device="cpu", **COVER_ALL, prefill_chunk=16))
+    gen = [(TEXT + "And then", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False})]
+    assert lm.generate_until(requests("generate_until", gen), True) == reference.generate_until(
+        requests("generate_until", gen), True
+    )
+
+
+def test_cut_at_the_first_stop_string():
+    assert cut_at("a. b\n c", [".", "\n"]) == "a"
+    assert cut_at("a b\n c. d", [".", "\n"]) == "a b"
+    assert cut_at("no stop", ["x", ""]) == "no stop"
+
+
+def test_model_arguments_reach_the_configuration_and_bad_ones_are_named():
+    cfg = offload_config("tight", {"window": 64, "min_prob": 1, "index_params": '{"m_keys": 32}', "device": "cpu"})
+    assert (cfg.window, cfg.min_prob, cfg.index_params) == (64, 1.0, {"m_keys": 32})
+    assert cfg.min_prob == OffloadConfig.preset("tight", window=64, min_prob=1.0, index_params={"m_keys": 32}).min_prob
+    with pytest.raises(ValueError, match="unknown model argument.*windw"):
+        offload_config("default", {"windw": 64})
+    with pytest.raises(ValueError, match="window"):
+        offload_config("default", {"window": -1})
+    with pytest.raises(ValueError, match="batch_size"):
+        HybridAttnLM(batch_size="auto", llm=object())
+    with pytest.raises(ValueError, match="dtype"):
+        HybridAttnLM(dtype="int8", llm=object())
+
+
+LOCAL_TASKS = {
+    "tiny_gen": {
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    },
+    "tiny_choice": {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    },
+}
+DOCS = [
+    {
+        "question": "The sky is blue. What colour is the sky? The sky is",
+        "answer": " blue",
+        "choices": [" blue", " red"],
+    },
+    {"question": "One, two, three, four,", "answer": " five", "choices": [" six", " five"]},
+    {"question": "Cats say", "answer": " meow", "choices": [" meow", " woof"]},
+]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Two tasks read from local files (JSON lines; no hub)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(dict(d, label=1 - int(d["choices"][0] == d["answer"]))) + "\n" for d in DOCS))
+    for name, spec in LOCAL_TASKS.items():
+        spec = dict(spec, task=name, dataset_path="json", test_split="test")
+        spec["dataset_kwargs"] = {"data_files": {"test": str(data)}}
+        (folder / f"{name}.yaml").write_text(json.dumps(spec))  # YAML reads JSON
+    return folder
+
+
+def test_simple_evaluate_runs_local_tasks_as_lm_eval_s_hf_model_does(bundled_tokenizer, reference, task_dir):
+    lm = engine_lm(bundled_tokenizer, cfg=OffloadConfig(device="cpu", **COVER_ALL, prefill_chunk=16))
+    runs = [
+        lm_eval.simple_evaluate(model=m, tasks=list(LOCAL_TASKS), task_manager=TaskManager(include_path=str(task_dir)))
+        for m in (lm, reference)
+    ]
+    got, want = (r["results"] for r in runs)
+    assert got["tiny_choice"]["acc,none"] == want["tiny_choice"]["acc,none"]
+    assert got["tiny_gen"]["exact_match,none"] == want["tiny_gen"]["exact_match,none"]
+    assert runs[0]["n-samples"]["tiny_gen"]["effective"] == len(DOCS)
+
+
+def test_command_line_route_and_its_errors(task_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["eval", "--lm-eval", "tiny_gen", "tiny_choice", "--include-path", str(task_dir), "--window", "64"]
+    assert main([*argv, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["results"]) == set(LOCAL_TASKS) and results["config"]["offload"]["window"] == 64
+    assert "tiny_choice" in capsys.readouterr().out  # lm-eval's table
+    assert main(["eval", "--lm-eval", "no_such_task", "--include-path", str(task_dir)]) == 2
+    assert "unknown lm-eval task(s): no_such_task" in capsys.readouterr().err
+    assert main(["eval", "--lm-eval", "tiny_gen", "--include-path", str(tmp_path / "none")]) == 2
+
+
+def test_a_ruler_task_runs_offline_on_the_bundled_model_from_python():
+    """lm-eval's RULER builds its data with the model's tokenizer, found here without a hub."""
+    results = lm_eval.simple_evaluate(
+        model="hybridattn",
+        model_args="pretrained=smollm2-135m,window=64,device=cpu",
+        tasks=["niah_single_1"],
+        limit=1,
+        metadata={"max_seq_lengths": [512], "tokenizer": tokenizer_source("smollm2-135m")},
+    )
+    score = results["results"]["niah_single_1"]["512,none"]
+    assert 0.0 <= score <= 1.0 and results["n-samples"]["niah_single_1"]["effective"] == 1
