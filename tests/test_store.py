@@ -85,8 +85,11 @@ class FakeStream:
     def wait_event(self, event):
         self.log.append((self.name, "waits for event", event.n))
 
+    events = 0  # events recorded, by every stream
+
     def record_event(self):
-        event = FakeEvent(len([e for e in self.log if e[1] == "records"]), self.log)
+        event = FakeEvent(FakeStream.events, self.log)
+        FakeStream.events += 1
         self.log.append((self.name, "records", event.n))
         return event
 
@@ -102,6 +105,7 @@ class FakeEvent:
 def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_readers(monkeypatch):
     """The decision logic of SideStreamCopies, with stand-ins for CUDA's streams and events."""
     log = []
+    monkeypatch.setattr(FakeStream, "events", 0)
     compute, reader = FakeStream("compute", log), FakeStream("reader", log)
     current = {"stream": compute}
 
@@ -119,8 +123,9 @@ def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_re
     copies = SideStreamCopies(torch.device("cuda", 5))
     assert SideStreamCopies(torch.device("cuda", 5)).stream is copies.stream  # one side stream per device
 
+    monkeypatch.setattr(SideStreamCopies, "MIN_ROWS", 2)
     dst, src = torch.zeros(2, 3, 4), rows(3)
-    copies.copy([(dst[:, :1], src[:, :1]), (dst[:, 1:], src[:, 1:])])
+    copies.copy([(dst[:, :2], src[:, :2]), (dst[:, 2:], src[:, 2:])])
     assert log == [
         ("side", "waits for", "compute"),  # after the work that produced the rows
         ("side", "enter"),
@@ -141,6 +146,12 @@ def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_re
     log.clear()
     copies.device_wait(torch.device("cuda", 5))
     assert log == []  # nothing in flight any more
+    current["stream"] = compute
+    copies.copy([(dst[:, :1], src[:, :1])])  # a decode step's eviction: on the producer's stream, still waited for
+    assert log == [("compute", "enter"), ("side", "copies"), ("compute", "records", 1), ("compute", "exit")]
+    log.clear()
+    copies.host_wait()
+    assert log == [("host", "synchronizes", 1)]
 
 
 def test_pool_hands_the_same_memory_on_and_grows_the_smallest_need():

@@ -63,6 +63,7 @@ class SideStreamCopies:
     """
 
     _streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per device, shared by the stores
+    MIN_ROWS = 64  # fewer rows (a decode step's eviction) stay on the producer's stream: nothing to overlap
 
     def __init__(self, device: torch.device):
         if device not in self._streams:
@@ -71,14 +72,18 @@ class SideStreamCopies:
         self.pending = None  # the last copy's event, until the host has waited for it
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """dst.copy_(src) for each (dst, src), in order, on the side stream."""
-        self.stream.wait_stream(torch.cuda.current_stream(pairs[0][1].device))
-        with torch.cuda.stream(self.stream):
+        """dst.copy_(src) for each (dst, src) [H, n, D], in order, on the side stream (on the
+        producer's own when n < MIN_ROWS); readers wait for the event recorded after them."""
+        producer = torch.cuda.current_stream(pairs[0][1].device)
+        stream = self.stream if pairs[0][1].shape[1] >= self.MIN_ROWS else producer
+        if stream is not producer:
+            stream.wait_stream(producer)
+        with torch.cuda.stream(stream):
             for dst, src in pairs:
                 copy_rows(dst, src)
-                if src.is_cuda:
-                    src.record_stream(self.stream)
-            self.pending = self.stream.record_event()
+                if stream is not producer and src.is_cuda:
+                    src.record_stream(stream)
+            self.pending = stream.record_event()
 
     def host_wait(self) -> None:
         if self.pending is not None:
