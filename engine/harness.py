@@ -111,19 +111,24 @@ class HybridAttnLM(TemplateLM):
         super().__init__()
         if device is not None:
             fields["device"] = device
-        if str(batch_size) == "auto" or isinstance(batch_size, bool) or int(batch_size) < 1:
+        batch = batch_size if isinstance(batch_size, int) and not isinstance(batch_size, bool) else 0
+        if isinstance(batch_size, str) and batch_size.isdigit():
+            batch = int(batch_size)
+        if batch < 1:
             raise ValueError(f"batch_size must be an int >= 1 (sequences decoded together), got {batch_size!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks must be an int >= 1, got {max_gen_toks!r}")
-        offload = offload_config(preset, fields)
         if llm is None:
+            offload = offload_config(preset, fields)
             llm = HybridLLM.from_pretrained(
                 pretrained, offload=offload, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code)
             )
+        elif fields:
+            raise ValueError("give a HybridLLM (llm=) or offload fields, not both: the HybridLLM has its configuration")
         self.llm, self.tokenizer = llm, llm.tokenizer
-        self.pretrained, self.batch_size, self.max_gen_toks = pretrained, int(batch_size), max_gen_toks
+        self.pretrained, self.batch_size, self.max_gen_toks = pretrained, batch, max_gen_toks
         config = llm.model.config
         self._max_length = int(max_length or getattr(config, "max_position_embeddings", 0) or 2048)
 

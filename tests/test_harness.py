@@ -110,8 +110,12 @@ def test_model_arguments_reach_the_configuration_and_bad_ones_are_named():
         offload_config("default", {"window": -1})
     with pytest.raises(ValueError, match="batch_size"):
         HybridAttnLM(batch_size="auto", llm=object())
+    with pytest.raises(ValueError, match="batch_size"):
+        HybridAttnLM(batch_size="two", llm=object())
     with pytest.raises(ValueError, match="dtype"):
         HybridAttnLM(dtype="int8", llm=object())
+    with pytest.raises(ValueError, match="not both"):
+        HybridAttnLM(llm=object(), window=64)
 
 
 LOCAL_TASKS = {
