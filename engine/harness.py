@@ -24,7 +24,8 @@ What the engine changes, by request type:
   every new token comes from the retrieval decode step, near ties are re-checked as the
   preset says; generation stops at an `until` string, the end-of-sequence token or
   `max_gen_toks`. Requests with the same generation arguments run as batches of
-  `batch_size` (each result what its prompt gives alone).
+  `batch_size` (each result what its prompt gives alone). Each request's GenerationReport
+  (read share, re-checks) is kept in `reports`, by task and document.
 - `loglikelihood`, `loglikelihood_rolling`: nothing. Scoring a continuation is a prefill,
   and the engine's prefill is exact (chunked through its cache, so a long context stays
   within the device's memory): the log-probabilities are full attention's.
@@ -38,7 +39,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from engine.api import HybridLLM
+from engine.api import GenerationReport, HybridLLM
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
 from engine.generation import chunk_bounds
@@ -129,6 +130,7 @@ class HybridAttnLM(TemplateLM):
             raise ValueError("give a HybridLLM (llm=) or offload fields, not both: the HybridLLM has its configuration")
         self.llm, self.tokenizer = llm, llm.tokenizer
         self.pretrained, self.batch_size, self.max_gen_toks = pretrained, batch, max_gen_toks
+        self.reports: dict[tuple, GenerationReport] = {}  # (task, doc id) -> its generation's report
         config = llm.model.config
         self._max_length = int(max_length or getattr(config, "max_position_embeddings", 0) or 2048)
 
@@ -184,6 +186,9 @@ class HybridAttnLM(TemplateLM):
                 out = self.llm.generate(prompts, max_new, progress=False, **sampling)
                 for i, result in zip(batch, out):
                     results[i] = cut_at(result.text, until)
+                    self.reports[getattr(requests[i], "task_name", None), getattr(requests[i], "doc_id", i)] = (
+                        result.report
+                    )
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                 bar.update(len(batch))
         bar.close()

@@ -193,3 +193,34 @@ def test_a_ruler_task_runs_offline_on_the_bundled_model_from_python():
     )
     score = results["results"]["niah_single_1"]["512,none"]
     assert 0.0 <= score <= 1.0 and results["n-samples"]["niah_single_1"]["effective"] == 1
+
+
+def test_ruler_bench_cells_and_a_run_on_a_local_task(task_dir, tmp_path):
+    """bench.evals.ruler: per task and metric the mean with its interval (Wilson's for right/wrong
+    scores, lengths not run left out) and the engine's read share; then a short run, full attention
+    beside the default, on the same documents."""
+    from types import SimpleNamespace
+
+    from bench.evals import ruler
+
+    samples = {
+        "t": [
+            {"doc_id": 0, "metrics": ["4096", "8192"], "4096": 1.0, "8192": -1},
+            {"doc_id": 1, "metrics": ["4096", "8192"], "4096": 0.0, "8192": -1},
+            {"doc_id": 2, "metrics": ["4096", "8192"], "4096": -1, "8192": 0.5},
+        ]
+    }
+    reports = {("t", 0): SimpleNamespace(kv_read_frac=0.1, decode_steps=10, rechecked_steps=1)}
+    reports[("t", 1)] = SimpleNamespace(kv_read_frac=0.3, decode_steps=10, rechecked_steps=0)
+    rows = {r["metric"]: r for r in ruler.cells(samples, reports)}
+    assert rows["4096"]["n"] == 2 and rows["4096"]["score"] == 0.5 and 0 < rows["4096"]["low"] < 0.5
+    assert rows["4096"]["read_frac"] == pytest.approx(0.2) and rows["4096"]["rechecked_frac"] == pytest.approx(0.05)
+    assert rows["8192"]["n"] == 1 and "read_frac" not in rows["8192"]
+    out = tmp_path / "ruler.json"
+    argv = ["--tasks", "tiny_gen", "--include-path", str(task_dir), "--limit", "2", "--configs", "default"]
+    ruler.main([*argv, "--threads", "1", "--json", str(out)])
+    got = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(got) == {"full", "default"} and got["full"]["n"] == got["default"]["n"] == 2
+    # the engine's reports joined to its documents (short prompts: all resident, nothing read on the host)
+    assert got["default"]["read_frac"] == 0.0 and got["default"]["rechecked_frac"] == 0.0
+    assert "read_frac" not in got["full"]

@@ -1,0 +1,114 @@
+"""RULER through lm-evaluation-harness: full attention (lm-eval's own `hf` model, sdpa, on the same
+weights) beside the engine's configurations, on the same samples; per task and length the mean
+score with its 95% interval and, for the engine, the mean read share per decode step (re-checks
+included) and the share of steps re-checked.
+
+The tasks' data are built once (with the model's tokenizer, seeded) and every method answers
+the same documents. Offline RULER tasks: niah_single_1, niah_multikey_2, niah_multikey_3,
+ruler_vt (from 1024 tokens), ruler_cwe, ruler_fwe.
+
+    python -m bench.evals.ruler --tasks niah_single_1 ruler_vt --seq-lengths 4096 8192 --limit 50 \\
+        --configs default default-norecheck --json bench/out/ruler.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bench.common import options
+from bench.common.output import write_json
+from bench.evals.probes import CONFIGS
+from bench.stats import mean_interval, wilson_interval
+
+OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
+
+
+def cells(samples: dict, reports: dict | None) -> list[dict]:
+    """Per task and metric (RULER: one per length), from lm-eval's logged samples: n, the mean
+    score [95% interval: t, or Wilson's for scores all 0 or 1]; with the engine's reports, its
+    mean read share per step and the share of steps re-checked."""
+    rows = []
+    for task, docs in samples.items():
+        by_metric: dict[str, list[tuple[int, float]]] = {}
+        for doc in docs:
+            for metric in doc["metrics"]:
+                score = doc[metric]
+                if isinstance(score, (int, float)) and score >= 0:  # RULER marks lengths not run with -1
+                    by_metric.setdefault(metric, []).append((doc["doc_id"], float(score)))
+        for metric, scored in by_metric.items():
+            scores = [s for _, s in scored]
+            mean, low, high = mean_interval(scores)
+            if set(scores) <= {0.0, 1.0}:  # right or wrong: Wilson's interval (sensible at 0% and 100%)
+                low, high = wilson_interval(mean, len(scores))
+            row = {"task": task, "metric": metric, "n": len(scored), "score": mean, "low": low, "high": high}
+            found = [reports[task, d] for d, _ in scored if reports is not None and (task, d) in reports]
+            if found:
+                row["read_frac"] = sum(r.kv_read_frac for r in found) / len(found)
+                steps = sum(r.decode_steps for r in found)
+                row["rechecked_frac"] = sum(r.rechecked_steps for r in found) / steps if steps else 0.0
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| task | metric | method | n | score [95%] | read per step | steps re-checked |", "|---" * 7 + "|"]
+    for r in rows:
+        read = f"{100 * r['read_frac']:.2f}%" if "read_frac" in r else ""
+        again = f"{100 * r['rechecked_frac']:.1f}%" if "rechecked_frac" in r else ""
+        score = f"{r['score']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+        lines.append(f"| {r['task']} | {r['metric']} | {r['method']} | {r['n']} | {score} | {read} | {again} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_output_args(p, quick="one task, 2 documents at 1024 tokens")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name or local model directory")
+    p.add_argument("--tasks", nargs="+", help=f"lm-eval tasks (default: {' '.join(OFFLINE_TASKS)})")
+    p.add_argument("--seq-lengths", type=options.positive_int, nargs="+", help="RULER lengths, default 4096 8192")
+    p.add_argument("--limit", type=options.positive_int, help="documents per task, default 50 (--quick: 2)")
+    p.add_argument("--configs", nargs="+", choices=ENGINE_CONFIGS, default=["default", "default-norecheck"])
+    p.add_argument("--no-full", action="store_true", help="skip full attention")
+    p.add_argument("--include-path", help="a folder of task YAML files of your own")
+    options.add_threads_arg(p)
+    args = p.parse_args(argv)
+    options.quick_defaults(
+        args, tasks=(["niah_single_1"], list(OFFLINE_TASKS)), seq_lengths=([1024], [4096, 8192]), limit=(2, 50)
+    )
+    options.pin_threads(args.threads)
+
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from engine.api import HybridLLM
+    from engine.harness import HybridAttnLM, tokenizer_source
+    from engine.models import load_model
+
+    metadata = {"tokenizer": tokenizer_source(args.model), "max_seq_lengths": args.seq_lengths}
+    task_dict = get_task_dict(args.tasks, TaskManager(include_path=args.include_path, metadata=metadata))
+    model, tokenizer = load_model(args.model, attn_implementation="hybrid")
+    methods = ([] if args.no_full else ["full"]) + args.configs
+    rows, started = [], time.perf_counter()
+    for method in methods:
+        if method == "full":
+            model.set_attn_implementation("sdpa")
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        else:
+            model.set_attn_implementation("hybrid")
+            lm = HybridAttnLM(pretrained=args.model, llm=HybridLLM(model, tokenizer, CONFIGS[method]))
+        out = evaluate(lm=lm, task_dict=task_dict, limit=args.limit, log_samples=True, verbosity="WARNING")
+        for row in cells(out["samples"], getattr(lm, "reports", None)):
+            rows.append({"method": method, **row})
+            print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.json:
+        config = {k: getattr(args, k) for k in ("model", "tasks", "seq_lengths", "limit", "configs", "threads")}
+        write_json(args.json, {"config": config, "rows": rows, "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    main()
