@@ -99,8 +99,6 @@ class DirectCopies:
     """Copies into a store in the caller's stream (the CPU, or a device without a side stream):
     every reader sees them in order, so there is nothing to wait for."""
 
-    pending = None
-
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for dst, src in pairs:
             copy_rows(dst, src)
