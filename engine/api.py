@@ -61,9 +61,11 @@ class HybridLLM:
         *,
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
+        rope_scale: float | None = None,
     ) -> HybridLLM:
         """Load a local model directory, `.gguf` file, hub id or the bundled "smollm2-135m".
-        dtype defaults to bfloat16 on CUDA and float32 on the CPU."""
+        dtype defaults to bfloat16 on CUDA and float32 on the CPU; `rope_scale` stretches the
+        model's context by YaRN (`engine.models.stretched`)."""
         if not isinstance(offload, (OffloadConfig, type(None))):
             raise TypeError(
                 f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
@@ -74,7 +76,12 @@ class HybridLLM:
         device = offload.resolved_device()
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model, tokenizer = load_model(
-            name_or_path, dtype=dtype, device=device, attn_implementation="hybrid", trust_remote_code=trust_remote_code
+            name_or_path,
+            dtype=dtype,
+            device=device,
+            attn_implementation="hybrid",
+            trust_remote_code=trust_remote_code,
+            rope_scale=rope_scale,
         )
         return cls(model, tokenizer, offload)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -64,14 +65,16 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    rope_scale: float | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
     `name_or_path` is the bundled name ("smollm2-135m"), a local model directory,
     a `.gguf` file, or a hub id (served from the local hub cache when offline).
-    Returns `(model, tokenizer)` with the model in eval mode on `device`.
+    `rope_scale` stretches the model's RoPE by YaRN (`stretched`) to that many times the
+    context it was trained on. Returns `(model, tokenizer)` with the model in eval mode on `device`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
@@ -92,8 +95,28 @@ def load_model(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
             )
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_gguf_only(file_kwargs))
+    if rope_scale is not None:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **_gguf_only(file_kwargs))
+        kwargs["config"] = stretched(config, rope_scale)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
+
+
+def stretched(config, factor: float):
+    """`config` with its RoPE stretched by YaRN to `factor` times the context it was trained on
+    (max_position_embeddings): a long-context model made from a short one without training, for
+    measuring the engine past the trained context. YaRN, as it keeps the high-frequency dimensions
+    (local order) as trained and scales the attention temperature with the stretch."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
+        raise ValueError(f"rope_scale must be a number >= 1, got {factor!r}")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"the model's RoPE is scaled already ({rope['rope_type']!r}); rope_scale stretches plain RoPE")
+    trained = config.max_position_embeddings
+    rope.update(rope_type="yarn", factor=float(factor), original_max_position_embeddings=trained)
+    config.rope_parameters = rope
+    config.max_position_embeddings = int(trained * factor)
+    return config
 
 
 def _gguf_only(file_kwargs: dict) -> dict:

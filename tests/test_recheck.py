@@ -188,3 +188,30 @@ def test_positions_made_exact_stay_so_and_are_not_run_again(tiny_model, tiny_ids
     for t in at:
         assert (steps[t].logits[0] - tiny_full_logits[0, PROMPT + t]).abs().max() <= 1e-4, f"step {t}"
     assert cache.approximate_newest() == STEPS - 1 - at[-1]
+
+
+def test_a_recheck_says_whether_its_exact_run_changed_the_greedy_token(tiny_model, tiny_ids):
+    """RowShare.changed (a re-check's precision is the share of them that changed the token)."""
+    runs = []  # each model call's last logits: the step's first run, then its run again
+
+    def model(**kwargs):
+        out = tiny_model(**kwargs)
+        runs.append(out.logits[:, -1])
+        return out
+
+    # a step that reads one block and estimates nothing: its first runs often pick another token
+    coarse = ALWAYS.replace(candidates_from="blocks", budget="fixed", n_blocks=1, estimate=False)
+    for cfg, rechecked in ((coarse, True), (coarse.replace(recheck_margin=0.0), False)):
+        cache = HybridCache(tiny_model, cfg)
+        changed = []
+        with torch.no_grad():
+            tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True)
+            cache.build_indexes()
+            for t in range(PROMPT, PROMPT + STEPS):
+                runs.clear()
+                step = forward_step(model, cache, tiny_ids[:, t : t + 1], fed=tiny_ids[:, PROMPT : t + 1].tolist())
+                assert len(runs) == 1 + rechecked and step.rows[0].rechecked == rechecked
+                differs = bool(runs[0].argmax(-1) != runs[-1].argmax(-1))
+                assert step.rows[0].changed == differs
+                changed.append(differs)
+        assert any(changed) == rechecked and not all(changed)

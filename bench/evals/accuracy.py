@@ -16,8 +16,9 @@ attention's answer tokens reproduced at the same position), attn_rel_err (mean
 relative error of the decode attention output against exact attention, on layers 0,
 L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, both runs of a step
 re-checked at a near tie: engine.decode.recheck), selected_frac (the same, the selection's
-first runs alone: the share the oracle is given) and rechecked_frac (the share of steps
-run again).
+first runs alone: the share the oracle is given), rechecked_frac (the share of steps
+run again), recheck_precision (the share of re-checks whose exact run changed the greedy
+token) and max_read_over_selected (the most any prompt's re-checks multiplied its read).
 
     python -m bench.evals.accuracy [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
                                   [--configs ...]
@@ -63,7 +64,13 @@ def evaluate(
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     eos = eos_ids(model)
     source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, max_new, eos)
-    full_shares = {"kv_read_frac": 1.0, "selected_frac": 1.0, "rechecked_frac": 0.0}
+    full_shares = {
+        "kv_read_frac": 1.0,
+        "selected_frac": 1.0,
+        "rechecked_frac": 0.0,
+        "rechecks": 0,
+        "rechecks_changed": 0,
+    }
     results = {"full": {"tokens": full, **full_shares, "attn_rel_err": 0.0}}
     for name in configs:
         cfg = CONFIGS[name]
@@ -96,7 +103,8 @@ def read_shares(steps: list[dict]) -> dict[str, float]:
     """Means over a greedy run's decode steps (probes.greedy's record): host tokens read (both
     runs of a step re-checked at a near tie), read by the selection alone, steps re-checked."""
     shares = {k: _mean([s[k] for s in steps]) or 0.0 for k in ("kv_read_frac", "selected_frac")}
-    return {**shares, "rechecked_frac": _mean([s["rechecked"] for s in steps]) or 0.0}
+    counts = {"rechecks": sum(s["rechecked"] for s in steps), "rechecks_changed": sum(s["changed"] for s in steps)}
+    return {**shares, "rechecked_frac": _mean([s["rechecked"] for s in steps]) or 0.0, **counts}
 
 
 def _mean(values):
@@ -112,6 +120,13 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
     for key in ("agreement", "attn_rel_err", "kv_read_frac", "selected_frac", "rechecked_frac"):
         values = [r[key] for r in rs if r[key] is not None]
         row[key] = round(statistics.mean(values), 4) if values else None
+    # a re-check's precision: the share of re-checks whose exact run changed the greedy token
+    rechecks = sum(r["rechecks"] for r in rs)
+    changed = sum(r["rechecks_changed"] for r in rs)
+    row["rechecks"], row["recheck_precision"] = rechecks, round(changed / rechecks, 4) if rechecks else None
+    # the most a prompt's re-checks multiplied its selection's read
+    ratios = [r["kv_read_frac"] / r["selected_frac"] for r in rs if r["selected_frac"]]
+    row["max_read_over_selected"] = round(max(ratios), 3) if ratios else None
     return row
 
 
@@ -124,7 +139,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking (--quick: two)")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations")
-    options.add_model_args(p)
+    options.add_model_args(p, rope_scale=True)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     if args.first < 0:
@@ -134,7 +149,7 @@ def main(argv=None):
     )
     options.pin_threads(args.threads)
 
-    model, tok = load_model(args.model, attn_implementation="hybrid")
+    model, tok = load_model(args.model, attn_implementation="hybrid", rope_scale=args.rope_scale)
     n_layers = model.config.num_hidden_layers
     probe = LayerProbe({0, n_layers // 2, n_layers - 1}, oracle=False)
     AttentionInterface.register(PROBE, probe)
@@ -162,6 +177,7 @@ def main(argv=None):
 def save(args, rows: list[dict], seconds: float) -> None:
     config = {
         "model": args.model,
+        "rope_scale": args.rope_scale,
         "threads": args.threads,
         "n": args.n,
         "first": args.first,

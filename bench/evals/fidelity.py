@@ -111,13 +111,13 @@ def main(argv=None):
     p.add_argument("--steps", type=options.positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
     p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
-    options.add_model_args(p)
+    options.add_model_args(p, rope_scale=True)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(args, prompts=(2, 12), context=(512, 4096), steps=(4, 24))
     options.pin_threads(args.threads)
 
-    model, tok = load_model(args.model, attn_implementation="hybrid")
+    model, tok = load_model(args.model, attn_implementation="hybrid", rope_scale=args.rope_scale)
     probe = LayerProbe()
     AttentionInterface.register(PROBE, probe)
     configs = {name: CONFIGS[name] for name in args.configs}
@@ -131,6 +131,7 @@ def main(argv=None):
         result = {
             "config": {
                 "model": args.model,
+                "rope_scale": args.rope_scale,
                 "prompts": args.prompts,
                 "context": args.context,
                 "steps": args.steps,

@@ -60,6 +60,8 @@ def continuations(
             "first_difference": same.index(False) if False in same else len(full),
             "kv_read_frac": statistics.mean(s["kv_read_frac"] for s in steps),
             "rechecked_frac": statistics.mean(s["rechecked"] for s in steps),
+            "rechecks": sum(s["rechecked"] for s in steps),
+            "rechecks_changed": sum(s["changed"] for s in steps),  # whose exact run changed the greedy token
         }
         if forced:
             steps = []
@@ -74,7 +76,7 @@ def continuations(
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_output_args(p, quick="2 short prompts, 16 tokens")
-    options.add_model_args(p)
+    options.add_model_args(p, rope_scale=True)
     p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
     p.add_argument("--new", type=options.positive_int, help="generated tokens; default 256 (--quick: 16)")
@@ -86,7 +88,7 @@ def main(argv=None):
     options.quick_defaults(args, prompts=(2, 20), context=(512, 4096), new=(16, 256))
     options.pin_threads(args.threads)
 
-    model, tok = load_model(args.model, attn_implementation="hybrid")
+    model, tok = load_model(args.model, attn_implementation="hybrid", rope_scale=args.rope_scale)
     started = time.perf_counter()
     per_prompt = [
         continuations(model, ids, args.new, args.chunk, args.configs, not args.no_forced)
@@ -99,7 +101,9 @@ def main(argv=None):
         cells = ", ".join(f"{k} {m:.3f} [{lo:.3f}, {hi:.3f}]" for k, (m, lo, hi) in summary[name].items())
         print(f"{name}: {cells}")
     if args.json:
-        config = {k: getattr(args, k) for k in ("model", "prompts", "context", "new", "offset", "threads")}
+        config = {
+            k: getattr(args, k) for k in ("model", "rope_scale", "prompts", "context", "new", "offset", "threads")
+        }
         config["engine_configs"] = {k: CONFIGS[k].__dict__ for k in args.configs}
         config["seconds"] = round(time.perf_counter() - started, 1)
         write_json(args.json, {"config": config, "summary": summary, "per_prompt": per_prompt})

@@ -69,7 +69,7 @@ def main(argv=None):
     )
     p.add_argument("--offset", type=int, default=600_000, help="prose: text tokens skipped before the first prompt")
     p.add_argument("--margins", type=float, nargs="+", default=MARGINS)
-    options.add_model_args(p)
+    options.add_model_args(p, rope_scale=True)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(args, context=(512, 4096), prompts=(2, 20), new=(16, 256))
@@ -77,7 +77,7 @@ def main(argv=None):
         p.error(f"--margins must be > 0, got {args.margins}")
     options.pin_threads(args.threads)
 
-    model, tok = load_model(args.model, attn_implementation="hybrid")
+    model, tok = load_model(args.model, attn_implementation="hybrid", rope_scale=args.rope_scale)
     if args.source == "prose":
         prompts = [(ids, args.new, set()) for ids in segments(tok, args.prompts, args.context, args.offset)]
     else:  # the prompts of bench.evals.accuracy's cell (seeds 0.., depths spread alike)

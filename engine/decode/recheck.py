@@ -29,6 +29,7 @@ class RowShare(NamedTuple):
     selected: float  # ... by its first run alone: the selection's share
     keys_scored: float  # keys scored by the host index / host tokens
     rechecked: bool  # whether its step ran again exactly
+    changed: bool = False  # ... and the exact run changed its greedy token (a re-check that mattered)
 
 
 @dataclass
@@ -66,6 +67,7 @@ def forward_step(
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cache.offload_config.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
+    changed = set()
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
@@ -75,13 +77,15 @@ def forward_step(
             positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
         with cache.rerun_exactly(rows, n):
             exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        first = logits[rows].argmax(dim=-1)
         logits = logits.clone()
         logits[rows] = exact[:, -1]
+        changed = {r for r, same in zip(rows, (first == logits[rows].argmax(dim=-1)).tolist()) if not same}
     again = set(rows)
     shares = [
-        RowShare((gathered + host * (r in again)) / host, gathered / host, keys / host, r in again)
+        RowShare((gathered + host * (r in again)) / host, gathered / host, keys / host, r in again, r in changed)
         if host
-        else RowShare(0.0, 0.0, 0.0, r in again)
+        else RowShare(0.0, 0.0, 0.0, r in again, r in changed)
         for r, (host, gathered, keys) in enumerate(counts)
     ]
     host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
