@@ -241,6 +241,24 @@ def fidelity(result: dict) -> str:
     )
 
 
+def fidelity_lengths(results: list[dict]) -> str:
+    """Fidelity runs at several context lengths (one JSON file each) as one table, by length."""
+    head = ["context", "RoPE", "prompts", "configuration", "attention rel. error [95%]", "host KV read"]
+    head += ["oracle, same read", "oracle + estimate"]
+    rows = []
+    for result in sorted(results, key=lambda r: r["config"]["context"]):
+        cfg = result["config"]
+        stretch = f"YaRN x{cfg['rope_scale']:g}" if cfg.get("rope_scale") else "as trained"
+        for name, e in result["summary"].items():
+            m, lo, hi = e["err"]
+            est = f"{e['oracle_est_err'][0]:.3f}" if "oracle_est_err" in e else ""
+            read, oracle = f"{100 * e['read'][0]:.2f}%", f"{e['oracle_err'][0]:.3f}"
+            rows.append(
+                [cfg["context"], stretch, cfg["prompts"], name, f"{m:.3f} [{lo:.3f}, {hi:.3f}]", read, oracle, est]
+            )
+    return table(head, rows)
+
+
 def generation(result: dict) -> str:
     cfg = result["config"]
     head = [
@@ -396,7 +414,11 @@ RENDERERS = {
     "throughput": throughput,
     "margins": margins,
 }
-MANY_FILES = {"eval"}  # renderers that pool several JSON files
+# renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side
+MANY_FILES = {
+    "eval": lambda results: accuracy({"rows": [r for result in results for r in result["rows"]]}),
+    "fidelity_lengths": fidelity_lengths,
+}
 BLOCK_START, BLOCK_END = "<!-- report:", "<!-- /report -->"
 CONFIG_START, CONFIG_END = "<!-- config-table:", "<!-- /config-table -->"
 
@@ -445,10 +467,9 @@ def _block(marker: str, start: int, end: int, where: str) -> Block:
 
 
 def render_files(name: str, files: list[Path]) -> str:
-    """The Markdown that renderer `name` makes of these JSON files (`eval`: their rows pooled)."""
-    if name in MANY_FILES:
-        return accuracy({"rows": [r for f in files for r in json.loads(f.read_text())["rows"]]})
-    return RENDERERS[name](json.loads(files[0].read_text()))
+    """The Markdown that renderer `name` makes of these JSON files (MANY_FILES: all of them)."""
+    results = [json.loads(f.read_text()) for f in files]
+    return MANY_FILES[name](results) if name in MANY_FILES else RENDERERS[name](results[0])
 
 
 def _existing(patterns: tuple[str, ...], root: Path) -> tuple[list[Path], list[str]]:

@@ -199,6 +199,13 @@ class OffloadConfig:
         1.0,
         "adaptive budget: a token read also needs this multiple of the uniform share 1 / (tokens in the cache)",
     )
+    grow_from: int = _option(
+        "reads",
+        4096,
+        "adaptive budget: past this many tokens, `candidates` and `n_blocks` grow and `min_prob` falls in "
+        "proportion to the tokens, so that the share of host tokens read, and the mass left unread, stay level "
+        "as the context grows (0: the same counts at every length)",
+    )
     neighbours: int = _option(
         "reads", 0, "adaptive budget: also rate the tokens this close to each token read (attention comes in runs)"
     )
@@ -218,6 +225,12 @@ class OffloadConfig:
         0.5,
         "where a step's two highest logits lie less than this apart, the tokens decoded since the last exact run "
         "(up to `window` of them) run again exactly (0: never; HybridLLM's generation only)",
+    )
+    recheck_share: float = _option(
+        "correction",
+        0.05,
+        "at most this share of a sequence's decode steps run again at near ties (its first near tie always "
+        "may); past it a near tie keeps its first run (1: no bound)",
     )
 
     # Runtime: where and how it runs (no effect on the result).
@@ -259,6 +272,9 @@ class OffloadConfig:
         margin = self.recheck_margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
             raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
+        share = self.recheck_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"OffloadConfig.recheck_share must lie in [0, 1], got {share!r}")
         if not isinstance(self.estimate, bool):
             raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
         if self.uses_blocks and self.n_blocks < 1:
@@ -287,9 +303,18 @@ class OffloadConfig:
             lines.append(f"| {item.section} | `{item.name}` | {default} | {text} |")
         return "\n".join(lines) + "\n"
 
-    def blocks_per_step(self, host_blocks: int) -> int:
-        """Candidate blocks a decode step takes from the block index over `host_blocks` blocks."""
-        return min(self.n_blocks, max(1, math.ceil(self.block_frac * host_blocks)))
+    def growth(self, n_tokens: int) -> float:
+        """How much an adaptive budget's counts grow (and min_prob falls) at n_tokens in the cache:
+        n_tokens / grow_from past grow_from, else 1."""
+        if self.budget != "adaptive" or not self.grow_from:
+            return 1.0
+        return max(1.0, n_tokens / self.grow_from)
+
+    def blocks_per_step(self, host_blocks: int, n_tokens: int = 0) -> int:
+        """Candidate blocks a decode step takes from the block index over `host_blocks` blocks,
+        with n_tokens in the cache (`growth`)."""
+        cap = int(self.n_blocks * self.growth(n_tokens))
+        return min(cap, max(1, math.ceil(self.block_frac * host_blocks)))
 
     @property
     def uses_blocks(self) -> bool:

@@ -42,7 +42,7 @@ def test_passkey_answer_matches_full_attention(llm, passkey, result):
 
 def test_with_every_step_re_checked_the_text_is_full_attention_s(llm, passkey):
     """A margin no step's logits clear: every step runs the tokens decoded so far again exactly."""
-    every_step = HybridLLM(llm.model, llm.tokenizer, llm.offload.replace(recheck_margin=1e9))
+    every_step = HybridLLM(llm.model, llm.tokenizer, llm.offload.replace(recheck_margin=1e9, recheck_share=1.0))
     result = every_step.generate(passkey.prompt, 24, stop_at_eos=False, progress=False)
     assert result.report.rechecked_steps == 23 and result.report.kv_read_frac > 1  # each reads the host store again
     full = llm.generate_full_attention(passkey.prompt, 24)
@@ -100,3 +100,19 @@ def test_a_list_of_prompts_decodes_as_a_batch_each_as_alone(llm, passkey):
 def test_an_empty_list_of_prompts_is_refused(llm):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([], 4)
+
+
+def test_the_same_prompt_gives_the_same_tokens_and_reads_in_every_run(llm):
+    """The default configuration (qq lists built on the worker thread while the prefill's last
+    layers run, host stores pooled between generations): a second generation, and one from a
+    new HybridLLM with stores of its own, give the same tokens, reads and re-checks."""
+    prompt = make_sample("niah_single", 1500, llm.tokenizer, seed=3).prompt
+    cfg = OffloadConfig(window=64, build_workers=1, recheck_margin=2.0, device="cpu")  # some steps re-checked
+    runs = [HybridLLM(llm.model, llm.tokenizer, cfg)] * 2 + [HybridLLM(llm.model, llm.tokenizer, cfg)]
+    results = [run.generate(prompt, 16, stop_at_eos=False, progress=False) for run in runs]
+    first = results[0]
+    assert 0 < first.report.kv_read_frac < 1 and first.report.rechecked_steps > 0
+    for other in results[1:]:
+        assert other.token_ids == first.token_ids
+        same = ("kv_read_frac", "keys_scored_frac", "rechecked_steps", "rechecks_changed", "host_bytes")
+        assert {k: getattr(other.report, k) for k in same} == {k: getattr(first.report, k) for k in same}

@@ -78,6 +78,9 @@ def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, 
     assert read_threshold(cfg, 2000) == pytest.approx(2.5e-4)
     assert read_threshold(cfg, 5000) == read_threshold(cfg, 100_000) == 1e-4
     assert read_threshold(cfg.replace(min_ratio=0.0), 10) == 1e-4
+    # a budget that grows with the context lowers min_prob in proportion past grow_from
+    grown = cfg.replace(grow_from=4096, min_ratio=0.0)
+    assert read_threshold(grown, 4096) == 1e-4 and read_threshold(grown, 16384) == pytest.approx(2.5e-5)
     read = []
     for min_ratio in (0.0, 0.01, 3.0):  # over ~305 tokens: below min_prob, then about 1e-2
         cfg = OffloadConfig(

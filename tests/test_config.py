@@ -44,6 +44,9 @@ def test_defaults_are_valid_and_frozen():
         (dict(recheck_margin=float("nan")), "recheck_margin must be a finite number >= 0"),
         (dict(recheck_margin=float("inf")), "recheck_margin must be a finite number >= 0"),
         (dict(recheck_margin=True), "recheck_margin must be a finite number >= 0"),
+        (dict(recheck_share=1.5), "recheck_share must lie in \\[0, 1\\]"),
+        (dict(recheck_share=None), "recheck_share must lie in \\[0, 1\\]"),
+        (dict(grow_from=-1), "grow_from must be a non-negative int"),
         (dict(candidates_from="blocks", n_blocks=0), "n_blocks must be >= 1"),
         (dict(device="gpu0"), "not a torch device"),
         (dict(index_params=[1]), "index_params must be a dict"),
@@ -72,6 +75,15 @@ def test_default_takes_its_full_share_of_blocks_from_4k_tokens_and_the_fixed_pre
         assert OffloadConfig.preset(name).blocks_per_step(120) == 5  # the earlier defaults' 4%
 
 
+def test_an_adaptive_budget_grows_with_the_context_past_grow_from():
+    cfg = OffloadConfig(grow_from=4096)
+    assert cfg.growth(2000) == cfg.growth(4096) == 1.0 and cfg.growth(16384) == 4.0
+    assert cfg.replace(grow_from=0).growth(131_072) == 1.0  # the same counts at every length
+    assert cfg.replace(budget="fixed").growth(16384) == 1.0  # a fixed budget is fixed
+    # blocks: n_blocks x growth, still within block_frac of the host blocks
+    assert [cfg.blocks_per_step(b, n) for b, n in ((120, 4096), (504, 16384), (120, 16384))] == [8, 32, 10]
+
+
 def test_presets():
     assert set(PRESETS) >= {"default", "tight", "wide"}
     assert OffloadConfig.preset("tight", top_k=7).top_k == 7
@@ -98,7 +110,7 @@ def test_fields_are_declared_section_by_section():
     assert sorted(sections, key=list(SECTIONS).index) == sections  # each section in one run, in SECTIONS' order
     by_section = {s: [item.name for item in described if item.section == s] for s in SECTIONS}
     assert by_section["resident"] == ["n_sink", "window"]
-    assert by_section["correction"] == ["estimate", "recheck_margin"]
+    assert by_section["correction"] == ["estimate", "recheck_margin", "recheck_share"]
     assert by_section["sources"][:2] == ["candidates_from", "key_index"]
 
 

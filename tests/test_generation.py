@@ -28,7 +28,8 @@ CFG = OffloadConfig(
     host_dtype="float32",
     recheck_margin=0.0,
 )
-RECHECKED = CFG.replace(recheck_margin=0.06)  # a random model's margins are small: some steps are near ties
+RECHECKED = CFG.replace(recheck_margin=0.06, recheck_share=1.0)  # a random model's margins are small: some steps
+# are near ties (every one re-checked, as the reference loop below does)
 LENGTHS = (300, 231, 150)
 NEW = 10
 
@@ -91,6 +92,7 @@ def test_one_sequence_reports_every_field(model, bundled_tokenizer, prompts, cfg
     assert r.kv_read_frac == pytest.approx(sum(s.kv_read_frac for s in steps) / len(steps))  # one row: the batch's
     assert r.keys_scored_frac == pytest.approx(sum(s.keys_scored_frac for s in steps) / len(steps))
     assert r.rechecked_steps == sum(s.rechecked for s in steps)
+    assert r.rechecks_changed == sum(s.rows[0].changed for s in steps) <= r.rechecked_steps
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     assert 0 < r.keys_scored_frac <= group  # the flat index scores each indexed key once per query head
     if cfg is CFG:

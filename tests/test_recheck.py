@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.decode.recheck import forward_step, near_ties
+from engine.decode.recheck import forward_step, may_recheck, near_ties
+from engine.generation import Decoding
 
 # a small window and blocks: the tiny prompts leave most tokens on the host, read in part
 APPROXIMATE = OffloadConfig(n_sink=4, window=16, block_size=8, recheck_margin=0.0)
@@ -215,3 +216,25 @@ def test_a_recheck_says_whether_its_exact_run_changed_the_greedy_token(tiny_mode
                 assert step.rows[0].changed == differs
                 changed.append(differs)
         assert any(changed) == rechecked and not all(changed)
+
+
+def test_a_sequence_may_recheck_its_first_near_tie_then_within_its_share_of_steps():
+    assert may_recheck(0, 1, 0.05) and not may_recheck(1, 2, 0.05)
+    assert not may_recheck(1, 20, 0.05) and may_recheck(1, 21, 0.05)
+    assert all(may_recheck(k, k + 1, 1.0) for k in range(10))  # share 1: every step
+    assert may_recheck(0, 5, 0.0) and not may_recheck(1, 500, 0.0)  # share 0: the first near tie alone
+
+
+@pytest.mark.parametrize("share, expected", [(1.0, STEPS), (0.25, 3), (0.0, 1)])
+def test_a_generation_rechecks_at_most_its_share_of_steps(tiny_model, tiny_ids, share, expected):
+    """Every step is a near tie (ALWAYS): the bound alone decides how many run again."""
+    cfg = ALWAYS.replace(recheck_share=share)
+    cache = HybridCache(tiny_model, cfg)
+    with torch.no_grad():
+        logits = tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True).logits[0, -1]
+        cache.build_indexes()
+        run = Decoding(tiny_model, cache, logits, STEPS + 1, forced=[tiny_ids[0, PROMPT:].tolist()])
+        list(run)
+    rechecked = [share.rechecked for share, _ in run.row_steps(0)]
+    assert len(rechecked) == STEPS and sum(rechecked) == expected == run.rechecks[0]
+    assert rechecked[0]  # the first near tie is re-checked

@@ -164,3 +164,21 @@ def test_the_repository_documents_parse():
     readme = (ROOT / "README.md").read_text()
     assert report.update_config_table(readme, "| t |") != readme
     assert len(readme.splitlines()) <= 300
+
+
+def fidelity_run(context: int, rope_scale, err: float) -> dict:
+    entry = {"err": [err, err - 0.01, err + 0.01], "read": [0.03, 0.02, 0.04], "oracle_err": [0.05, 0.04, 0.06]}
+    cfg = {"context": context, "rope_scale": rope_scale, "prompts": 6, "steps": 16}
+    return {"config": cfg, "summary": {"default": entry, "fixed-noest": {**entry, "err": [0.1, 0.09, 0.11]}}}
+
+
+def test_a_fidelity_lengths_block_puts_each_length_s_run_in_one_table_by_length(tmp_path):
+    write_json(tmp_path, "fidelity_len_16384.json", fidelity_run(16384, 2.0, 0.035))
+    write_json(tmp_path, "fidelity_len_4096.json", fidelity_run(4096, None, 0.034))
+    doc = "<!-- report:fidelity_lengths bench/out/fidelity_len_*.json -->\n<!-- /report -->\n"
+    text, kept = report.update_blocks(doc, tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("| 4096") or line.startswith("| 16384")]
+    assert not kept and len(rows) == 4
+    assert rows[0].startswith("| 4096 | as trained | 6 | default | 0.034 [0.024, 0.044] | 3.00% | 0.050 |")
+    assert rows[2].startswith("| 16384 | YaRN x2 | 6 | default | 0.035 [0.025, 0.045]")
+    assert "| fixed-noest | 0.100 [0.090, 0.110]" in rows[3]

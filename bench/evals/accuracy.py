@@ -48,7 +48,14 @@ from engine.models import load_model
 
 # beyond DEFAULT_CONFIGS, run only when asked for
 CONFIGS = named(
-    "default", "fixed-noest", "default-norecheck", "default-noest", "neighbours", "mean-blocks", "fewer-blocks"
+    "default",
+    "fixed-noest",
+    "default-norecheck",
+    "default-noest",
+    "neighbours",
+    "mean-blocks",
+    "fewer-blocks",
+    "default-fixed-counts",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

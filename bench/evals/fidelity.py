@@ -40,8 +40,10 @@ from engine.api import prefill
 from engine.models import load_model
 
 PROBE = "hybrid_fidelity"
-CONFIGS = named("default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks")
-ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks")
+CONFIGS = named(
+    "default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks", "default-fixed-counts"
+)
+ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks", "default-fixed-counts")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
 

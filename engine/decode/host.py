@@ -68,7 +68,7 @@ def prepare(layer, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> HostI
         if layer.key_index is None:
             build_key_index(layer)
         if layer.n_indexed:
-            top_k, oversample = key_budget(cfg)
+            top_k, oversample = key_budget(cfg, layer.n_seen)
             rows, limit = layer.key_index.proposal_rows(q, top_k, oversample)
             lists, prefix = layer.key_index.lists.lists, oversample * limit
             scanned += layer.key_index.lists.scanned

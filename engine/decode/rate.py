@@ -46,6 +46,7 @@ def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:
 
 def read_threshold(cfg, n_tokens: int) -> float:
     """The estimated attention probability a candidate needs to be read among n_tokens:
-    cfg.min_prob, and at short contexts cfg.min_ratio times the uniform share, since a
-    token no likelier than the average is what its block's estimate already stands for."""
-    return max(cfg.min_prob, cfg.min_ratio / max(1, n_tokens))
+    cfg.min_prob (lowered as the budget grows with the context: OffloadConfig.growth), and at
+    short contexts cfg.min_ratio times the uniform share, since a token no likelier than the
+    average is what its block's estimate already stands for."""
+    return max(cfg.min_prob / cfg.growth(n_tokens), cfg.min_ratio / max(1, n_tokens))

@@ -50,12 +50,25 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
 
 
+def may_recheck(rechecked: int, steps: int, share: float) -> bool:
+    """Whether a sequence that re-checked `rechecked` of its first `steps` decode steps (this one
+    included) may re-check this one: its first near tie may, later ones while its re-checks stay
+    within `share` of its steps (OffloadConfig.recheck_share)."""
+    return rechecked < max(1.0, share * steps)
+
+
 def forward_step(
-    model, cache, tokens: torch.Tensor, position_ids: torch.Tensor | None = None, fed: list[list[int]] | None = None
+    model,
+    cache,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    fed: list[list[int]] | None = None,
+    allowed: list[bool] | None = None,
 ) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
-    its token in `tokens`, equally many per row (None: `tokens` alone). At a near tie a row's
+    its token in `tokens`, equally many per row (None: `tokens` alone); `allowed` says which rows
+    may be re-checked at this step (None: all; `may_recheck`). At a near tie a row's
     newest positions that approximate steps wrote since its last exact run (at most `window`)
     run again exactly; the positions before them are exact already, so each decoded position
     runs again at most once however many near ties follow it."""
@@ -65,7 +78,8 @@ def forward_step(
         (st["host_tokens"], st["gathered"], st["keys_scored"]) for st in map(cache.step_stats, range(len(tokens)))
     ]
     # a sequence without approximate positions read every host token for this step already
-    pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cache.offload_config.recheck_margin)}
+    ties = near_ties(logits, cache.offload_config.recheck_margin)
+    pending = {r: cache.approximate_newest(r) for r in ties if allowed is None or allowed[r]}
     rows = [r for r, count in pending.items() if count]
     changed = set()
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie

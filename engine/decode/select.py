@@ -56,7 +56,7 @@ def candidates(layer, q: torch.Tensor, q_host: np.ndarray, blocks=None) -> torch
             build_key_index(layer)
         if layer.n_indexed:
             ids, vectors, keys = layer.key_index.candidates(
-                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), *key_budget(cfg)
+                q, q_host.reshape(layer.n_kv_heads, layer.group, -1), *key_budget(cfg, layer.n_seen)
             )
             parts.append(ids)
             scanned += vectors
@@ -70,7 +70,7 @@ def block_choice(layer, blocks=None) -> tuple[int, torch.Tensor | None, torch.Te
     """How a step asks the block index for its blocks (`BlockIndex.select`/`choose`): the number of
     blocks, the scores already computed (the summary's logits, when the block index is the summary's
     mean keys) and the blocks they score (two levels: those the summary expanded; None: all)."""
-    n = layer.cfg.blocks_per_step(layer.blocks.n_blocks)
+    n = layer.cfg.blocks_per_step(layer.blocks.n_blocks, layer.n_seen)
     scored = None if blocks is None else blocks.fine
     scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None
     if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
@@ -78,11 +78,12 @@ def block_choice(layer, blocks=None) -> tuple[int, torch.Tensor | None, torch.Te
     return n, scores, scored
 
 
-def key_budget(cfg) -> tuple[int, int]:
-    """(proposals per query head, oversample) the key index is asked for: an adaptive budget rates
-    its candidates afterwards, so it takes `candidates` with less oversampling; a fixed one `top_k`."""
+def key_budget(cfg, n_tokens: int) -> tuple[int, int]:
+    """(proposals per query head, oversample) the key index is asked for with n_tokens in the cache:
+    an adaptive budget rates its candidates afterwards, so it takes `candidates` (grown with the
+    context: OffloadConfig.growth) with less oversampling; a fixed one `top_k`."""
     if cfg.budget == "adaptive":
-        return cfg.candidates, SKETCHED_OVERSAMPLE
+        return int(cfg.candidates * cfg.growth(n_tokens)), SKETCHED_OVERSAMPLE
     return cfg.top_k, OVERSAMPLE
 
 
