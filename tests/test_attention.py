@@ -74,7 +74,7 @@ def test_adaptive_budget_reads_less_as_min_prob_rises(tiny_model, tiny_ids):
 
 def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, tiny_ids):
     """The threshold is min_prob until min_ratio / tokens exceeds it; then fewer tokens are read."""
-    cfg = OffloadConfig(min_prob=1e-4, min_ratio=0.5)
+    cfg = OffloadConfig(min_prob=1e-4, min_ratio=0.5, grow_from=0)
     assert read_threshold(cfg, 2000) == pytest.approx(2.5e-4)
     assert read_threshold(cfg, 5000) == read_threshold(cfg, 100_000) == 1e-4
     assert read_threshold(cfg.replace(min_ratio=0.0), 10) == 1e-4

@@ -55,7 +55,8 @@ CONFIGS = named(
     "neighbours",
     "mean-blocks",
     "fewer-blocks",
-    "default-fixed-counts",
+    "default-no-growth",
+    "default-unbounded",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

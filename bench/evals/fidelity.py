@@ -41,9 +41,9 @@ from engine.models import load_model
 
 PROBE = "hybrid_fidelity"
 CONFIGS = named(
-    "default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks", "default-fixed-counts"
+    "default", "tight", "fixed", "fixed-noest", "neighbours", "mean-blocks", "fewer-blocks", "default-no-growth"
 )
-ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks", "default-fixed-counts")
+ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks", "default-no-growth")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
 

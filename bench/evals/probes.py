@@ -48,7 +48,8 @@ CONFIGS = {
     "neighbours": _cpu("default", neighbours=3),  # also rating the 3 tokens on each side of every token read
     "mean-blocks": _cpu("default", landmark="mean"),  # blocks by mean key, as before Quest's bound
     "fewer-blocks": _cpu("default", block_frac=0.04),  # 4% of the host blocks instead of 8%, as before
-    "default-fixed-counts": _cpu("default", grow_from=0),  # the same counts at every length, as before
+    "default-no-growth": _cpu("default", grow_from=0),  # the same counts at every length, as before
+    "default-unbounded": _cpu("default", recheck_share=1.0),  # every near tie re-checked, as before the bound
     # every host token read, nothing estimated or re-checked: full attention through the engine
     "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
 }

@@ -139,7 +139,7 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
     out = {
         "hybrid-default": ("hybrid", OffloadConfig(device="cpu")),
         # the default's counts kept at every length (before the budget grew with the context): what growing costs
-        "hybrid-default-fixed-counts": ("hybrid", OffloadConfig(device="cpu", grow_from=0)),
+        "hybrid-default-no-growth": ("hybrid", OffloadConfig(device="cpu", grow_from=0)),
         # the same through the Python selection, the native host call's reference: what the native call saves
         "hybrid-default-python-selection": ("hybrid", OffloadConfig(device="cpu")),
         # the fixed budget with and without the estimate: what the estimate and the adaptive budget cost
