@@ -227,9 +227,12 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
     cfg = OffloadConfig(device=device.type)
     rows = []
     for n in args.contexts:
-        runs = [("hybrid-default", "hybrid", TIMED, True), ("hybrid-python-selection", "hybrid", TIMED_PYTHON, True)]
-        runs += [("full-sdpa", "full", TIMED, True), ("full-sdpa-uncapped", "full", TIMED, False)]
-        for name, kind, impl, capped in runs:
+        runs = [("hybrid-default", "hybrid", TIMED, True, cfg)]
+        runs += [("hybrid-python-selection", "hybrid", TIMED_PYTHON, True, cfg)]
+        # the default's counts kept at every length (OffloadConfig.grow_from): what growing them costs
+        runs += [("hybrid-default-no-growth", "hybrid", TIMED, True, cfg.replace(grow_from=0))]
+        runs += [("full-sdpa", "full", TIMED, True, None), ("full-sdpa-uncapped", "full", TIMED, False, None)]
+        for name, kind, impl, capped, run_cfg in runs:
             if device.type == "cuda":
                 torch.cuda.set_per_process_memory_fraction(cap_fraction if capped else 1.0, device)
             reset_peak(device)
@@ -237,7 +240,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             model.set_attn_implementation(impl)
             clock = clocks[impl]
             try:
-                cache, build_s = filled(kind, model, stats, n, cfg if kind == "hybrid" else None)
+                cache, build_s = filled(kind, model, stats, n, run_cfg)
                 row.update(time_decode(model, cache, clock, args.steps, device))
                 if name == "hybrid-default":  # near ties run again (engine.decode.recheck): at the prose rate, a window
                     span = time_decode(model, cache, clock, 3, device, rerun=min(RECHECK_SPAN, cfg.window))
