@@ -91,17 +91,15 @@ def forward_step(
             positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
         with cache.rerun_exactly(rows, n):
             exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
-        first = logits[rows].argmax(dim=-1)
+        same = (logits[rows].argmax(dim=-1) == exact[:, -1].argmax(dim=-1)).tolist()
+        changed = {r for r, kept in zip(rows, same) if not kept}
         logits = logits.clone()
         logits[rows] = exact[:, -1]
-        changed = {r for r, same in zip(rows, (first == logits[rows].argmax(dim=-1)).tolist()) if not same}
     again = set(rows)
-    shares = [
-        RowShare((gathered + host * (r in again)) / host, gathered / host, keys / host, r in again, r in changed)
-        if host
-        else RowShare(0.0, 0.0, 0.0, r in again, r in changed)
-        for r, (host, gathered, keys) in enumerate(counts)
-    ]
+    shares = []
+    for r, (host, gathered, keys) in enumerate(counts):
+        read = ((gathered + host * (r in again)) / host, gathered / host, keys / host) if host else (0.0, 0.0, 0.0)
+        shares.append(RowShare(*read, r in again, r in changed))
     host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
     read = (gathered + sum(counts[r][0] for r in rows)) / host if host else 0.0
     return Step(logits, read, gathered / host if host else 0.0, keys / host if host else 0.0, len(rows), shares)
