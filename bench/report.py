@@ -361,11 +361,15 @@ def margin_rows(per_prompt: list[dict], margins: list[float]) -> list[dict]:
     """recheck_margins.py's steps pooled over prompts, per margin: the share re-checked (gap
     below the margin), the differing picks inside it out of all, and the implied reads per
     step (the selection's share + one read of every host token per re-check); first (margin
-    None) the same for re-checking the differing steps alone, what no margin can beat."""
+    None) the same for re-checking the differing steps alone, what no margin can beat. Where
+    the steps ran wider first at near ties ("widened", per step), only those may re-check,
+    their gaps are the wider run's and the reads start from the step's with the wider runs."""
     gaps = [g for p in per_prompt for g in p["gaps"]]
     differs = [d for p in per_prompt for d in p["differs"]]
+    eligible = [w for p in per_prompt for w in p.get("widened", [True] * len(p["gaps"]))]
     n = max(len(gaps), 1)
-    selected = sum(p["selected_frac"] * len(p["gaps"]) for p in per_prompt) / n
+    base = "read_frac" if all("read_frac" in p for p in per_prompt) else "selected_frac"
+    selected = sum(p[base] * len(p["gaps"]) for p in per_prompt) / n
 
     def row(margin, rechecked: int, caught: int) -> dict:
         share = rechecked / n
@@ -379,7 +383,8 @@ def margin_rows(per_prompt: list[dict], margins: list[float]) -> list[dict]:
 
     rows = [row(None, sum(differs), sum(differs))]
     for m in margins:
-        rows.append(row(m, sum(g < m for g in gaps), sum(d and g < m for g, d in zip(gaps, differs))))
+        under = [w and g < m for g, w in zip(gaps, eligible)]
+        rows.append(row(m, sum(under), sum(d and u for u, d in zip(under, differs))))
     return rows
 
 
@@ -389,7 +394,11 @@ def margins(result: dict) -> str:
     selected = rows[0]["read"] - rows[0]["rechecked"]
     source = f"prose from token {c['offset']:,}" if c["source"] == "prose" else c["source"]
     head = f"{source}, {c['context']} tokens, {c['prompts']} prompts, {steps} steps teacher-forced, "
-    head += f"selection read {selected:.1%} per step\n\n"
+    widen = c.get("widen")
+    head += f"selection read {selected:.1%} per step"
+    if widen:
+        head += f" with a wider run (x{widen:g}) at each gap under {c['first_margin']:g}; margins on its gap"
+    head += "\n\n"
     body = [
         [
             "differing steps alone" if r["margin"] is None else f"{r['margin']:g}",

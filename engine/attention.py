@@ -53,9 +53,9 @@ def hybrid_attention_forward(
     _, Hq, Q, D = query.shape
     scale = scaling if scaling is not None else D**-0.5
     q = query[0].view(layer.n_kv_heads, layer.group, Q, D)  # [Hkv, G, Q, D]
-    if Q == 1 and not layer.rerun:
+    if Q == 1 and not layer.reruns_exactly:  # a step, or a step run again wider (engine.decode.recheck)
         o = decode_step(layer, q, scale, select)
-    else:  # a chunk, or positions run again exactly (engine.decode.recheck)
+    else:  # a chunk, or positions run again exactly
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
 
@@ -72,7 +72,7 @@ def batch_attention(batch: BatchLayer, query, attention_mask, scaling, select) -
     Hkv, G = seqs[0].n_kv_heads, seqs[0].group
     q = query.view(B, Hkv, G, Q, D)
     out = query.new_zeros(B, Hkv, G, Q, D)
-    if Q == 1 and not seqs[0].rerun:  # positions run again are attended as a chunk
+    if Q == 1 and not seqs[0].reruns_exactly:  # positions run again exactly are attended as a chunk
         live = [b for b, cols in enumerate(columns) if cols is None or len(cols)]
         if live:
             o = batch_decode_step([seqs[b] for b in live], q[live], scale, select)

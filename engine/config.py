@@ -232,6 +232,19 @@ class OffloadConfig:
         "at most this share of a sequence's decode steps run again at near ties (its first near tie always "
         "may); past it a near tie keeps its first run (1: no bound)",
     )
+    recheck_widen: float = _option(
+        "correction",
+        1.0,
+        "a near tie's step first runs again reading wider: this many times the candidates and blocks, its "
+        "thresholds lowered as much; the exact run follows only where the wider run's two highest logits still "
+        "lie less than `recheck_wide_margin` apart (1: straight to the exact run)",
+    )
+    recheck_wide_margin: float = _option(
+        "correction",
+        0.2,
+        "with `recheck_widen` > 1: the gap between the wider run's two highest logits under which the step "
+        "still runs exactly (0: the wider run's logits stand)",
+    )
 
     # Runtime: where and how it runs (no effect on the result).
     host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's)")
@@ -272,6 +285,12 @@ class OffloadConfig:
         margin = self.recheck_margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
             raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
+        for name in ("recheck_widen", "recheck_wide_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"OffloadConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.recheck_widen < 1:
+            raise ValueError(f"OffloadConfig.recheck_widen must be at least 1 (1: none), got {self.recheck_widen}")
         share = self.recheck_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ValueError(f"OffloadConfig.recheck_share must lie in [0, 1], got {share!r}")
@@ -315,6 +334,19 @@ class OffloadConfig:
         with n_tokens in the cache (`growth`)."""
         cap = int(self.n_blocks * self.growth(n_tokens))
         return min(cap, max(1, math.ceil(self.block_frac * host_blocks)))
+
+    def widened(self, factor: float) -> OffloadConfig:
+        """The configuration a near tie's wider run reads with (`recheck_widen`): `factor` times the
+        candidates, top_k and blocks, and the read thresholds divided by it."""
+        return dataclasses.replace(
+            self,
+            candidates=math.ceil(self.candidates * factor),
+            top_k=math.ceil(self.top_k * factor),
+            n_blocks=math.ceil(self.n_blocks * factor),
+            block_frac=min(1.0, self.block_frac * factor),
+            min_prob=self.min_prob / factor,
+            min_ratio=self.min_ratio / factor,
+        )
 
     @property
     def uses_blocks(self) -> bool:

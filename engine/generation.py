@@ -44,6 +44,7 @@ class GenerationReport:
     keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
     rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
+    widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
 
     @property
     def first_token_s(self) -> float:
@@ -65,7 +66,8 @@ class GenerationReport:
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
             f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
-            f"{self.rechecked_steps} near ties re-checked exactly ({self.rechecks_changed} changed the token)\n"
+            f"{self.widened_steps} near ties run again wider, {self.rechecked_steps} exactly "
+            f"({self.rechecks_changed} changed the token)\n"
             f"device MiB: {dev}\nhost MiB: {host}"
         )
 
@@ -302,7 +304,8 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.kv_read_frac = _mean([s.kv_read for s in shares])
     report.keys_scored_frac = _mean([s.keys_scored for s in shares])
     report.rechecked_steps = sum(s.rechecked for s in shares)
-    report.rechecks_changed = sum(s.changed for s in shares)
+    report.rechecks_changed = sum(s.changed for s in shares if s.rechecked)
+    report.widened_steps = sum(s.widened for s in shares)
     report.device_bytes = {"weights": weights, **run.memory["device"]}
     report.host_bytes = dict(run.memory["host"])
 

@@ -354,6 +354,24 @@ def test_recheck_margins_counts_the_steps_and_differing_picks_under_each_margin(
     assert [r["read"] for r in rows] == pytest.approx([0.05 + x for x in (0.0, 0.25, 0.5, 0.75)])
 
 
+def test_recheck_margins_after_wider_runs_recheck_only_the_steps_that_ran_wider():
+    """With wider runs first, a margin re-checks the widened steps whose (wider) gap lies below
+    it, and the reads start from the steps' own with their wider runs."""
+    per_prompt = [
+        {
+            "gaps": [0.1, 0.05, 2.0],
+            "differs": [True, False, True],
+            "widened": [True, False, False],
+            "selected_frac": 0.04,
+            "read_frac": 0.06,
+        }
+    ]
+    perfect, *rows = script("bench.report").margin_rows(per_prompt, [0.2, 1e9])
+    assert perfect["read"] == pytest.approx(0.06 + 2 / 3) and perfect["caught"] == 2
+    assert [r["rechecked"] for r in rows] == pytest.approx([1 / 3, 1 / 3])  # the step that did not run wider: never
+    assert [r["caught"] for r in rows] == [1, 1] and rows[0]["read"] == pytest.approx(0.06 + 1 / 3)
+
+
 def test_recheck_margins_quick(tmp_path):
     """A margin above every gap re-checks every step and catches every differing pick."""
     out = tmp_path / "margins.json"
@@ -475,3 +493,16 @@ def test_bench_host_side_quick(tmp_path):
     assert all(case[k] > 0 for k in ("python_ms", "native_ms", "call_ms", "selection_ms"))
     assert 0 < case["kv_read_frac"] < 1 and case["read_per_head"] <= case["host_tokens"]
     assert case["rated_per_head"] > 0  # the default rates its candidates on their keys
+
+
+def test_recheck_margins_quick_with_wider_runs(tmp_path):
+    """--widen: the steps under the first margin run wider (reading more), none runs exactly."""
+    out = tmp_path / "margins.json"
+    argv = ["--prompts", "1", "--context", "300", "--new", "6", "--widen", "4", "--first-margin", "1e9"]
+    script("bench.evals.recheck_margins").main(argv + ["--margins", "1e9", "--json", str(out)])
+    result = json.loads(out.read_text())
+    (prompt,) = result["per_prompt"]
+    assert prompt["widened"] == [True] * 5 and result["config"]["widen"] == 4
+    assert prompt["read_frac"] > prompt["selected_frac"] > 0
+    perfect, every = result["margins"]
+    assert every["rechecked"] == 1.0 and every["read"] == pytest.approx(prompt["read_frac"] + 1)

@@ -110,7 +110,13 @@ def test_fields_are_declared_section_by_section():
     assert sorted(sections, key=list(SECTIONS).index) == sections  # each section in one run, in SECTIONS' order
     by_section = {s: [item.name for item in described if item.section == s] for s in SECTIONS}
     assert by_section["resident"] == ["n_sink", "window"]
-    assert by_section["correction"] == ["estimate", "recheck_margin", "recheck_share"]
+    assert by_section["correction"] == [
+        "estimate",
+        "recheck_margin",
+        "recheck_share",
+        "recheck_widen",
+        "recheck_wide_margin",
+    ]
     assert by_section["sources"][:2] == ["candidates_from", "key_index"]
 
 

@@ -92,9 +92,10 @@ def test_positions_run_again_must_lie_in_the_window(tiny_model, tiny_ids):
             pass
 
 
-def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_ids):
+@pytest.mark.parametrize("widen", [1.0, 3.0])
+def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_ids, widen):
     lengths, margin = (150, 231, 197), 0.06  # a random model's margins are small
-    cfg = APPROXIMATE.replace(recheck_margin=margin)
+    cfg = APPROXIMATE.replace(recheck_margin=margin, recheck_widen=widen, recheck_wide_margin=margin / 4)
     prompts = [tiny_ids[0, 7 * i : 7 * i + n] for i, n in enumerate(lengths)]
     forced = torch.randint(0, 97, (len(prompts), STEPS), generator=torch.Generator().manual_seed(4))
     caches, alone = [], []
@@ -124,6 +125,9 @@ def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_id
     rechecked = sum(s.rechecked for s in together)
     assert 0 < rechecked < len(prompts) * STEPS  # some rows, not all: the others must not run again
     assert rechecked == sum(s.rechecked for steps in alone for s in steps)
+    widened = sum(s.widened for s in together)
+    assert widened == sum(s.widened for steps in alone for s in steps)
+    assert (widened > rechecked) if widen > 1 else widened == 0, (widened, rechecked)
     for b in range(len(prompts)):
         got = torch.stack([s.logits[b] for s in together])
         want = torch.stack([s.logits[0] for s in alone[b]])
@@ -238,3 +242,66 @@ def test_a_generation_rechecks_at_most_its_share_of_steps(tiny_model, tiny_ids, 
     rechecked = [share.rechecked for share, _ in run.row_steps(0)]
     assert len(rechecked) == STEPS and sum(rechecked) == expected == run.rechecks[0]
     assert rechecked[0]  # the first near tie is re-checked
+
+
+# a wider run that reads every host token of any weight: the exact step, within fp32
+COVERING = 1e9
+
+
+def test_a_wider_run_replaces_the_newest_position_and_reads_more(tiny_model, tiny_ids):
+    cache, steps = decode(tiny_model, tiny_ids, APPROXIMATE)
+    first = cache.step_stats(0)["gathered"]
+    host, seen = cache.layers[1].host.n, cache.get_seq_length()
+    newest = tiny_ids[:, PROMPT + STEPS - 1 : PROMPT + STEPS]
+    with torch.no_grad():
+        with cache.rerun_wider([0], COVERING):
+            wide = tiny_model(newest, cache=cache, use_cache=True).logits[0, -1]
+        assert cache.step_stats(0)["gathered"] > first
+        # the wider run reads part of the host store still: its position stays approximate
+        assert cache.approximate_newest() == STEPS and all(layer.cfg == APPROXIMATE for layer in cache.layers)
+        assert cache.get_seq_length() == seen and cache.layers[1].host.n == host
+        with cache.rerun_exactly([0], 1):
+            exact = tiny_model(newest, cache=cache, use_cache=True).logits[0, -1]
+    assert (wide - exact).abs().max() <= 1e-4
+    assert (steps[-1].logits[0] - exact).abs().max() > 1e-3  # the first run was approximate
+    with pytest.raises(ValueError, match="finite factor >= 1"):
+        with cache.rerun_wider([0], 0.5):
+            pass
+
+
+def test_near_ties_run_wider_first_and_exactly_only_where_the_tie_survives(tiny_model, tiny_ids, tiny_full_logits):
+    full = tiny_full_logits[0, PROMPT : PROMPT + STEPS]
+    # the wider runs stand: every step is full attention's, none ran exactly
+    _, steps = decode(tiny_model, tiny_ids, ALWAYS.replace(recheck_widen=COVERING, recheck_wide_margin=0.0))
+    assert (torch.stack([s.logits[0] for s in steps]) - full).abs().max() <= 1e-4
+    assert all(s.widened == 1 and s.rechecked == 0 and s.rows[0].widened for s in steps)
+    assert all(s.selected_frac < s.kv_read_frac <= 2 * s.selected_frac + 1 for s in steps)
+    # every tie survives: each step runs wider, then exactly, and reads all three runs
+    _, steps = decode(tiny_model, tiny_ids, ALWAYS.replace(recheck_widen=2.0, recheck_wide_margin=1e9))
+    assert (torch.stack([s.logits[0] for s in steps]) - full).abs().max() <= 1e-4
+    assert all(s.widened == s.rechecked == 1 and s.kv_read_frac > 1 + s.selected_frac for s in steps)
+
+
+def test_the_share_bound_holds_back_the_exact_runs_not_the_wider_ones(tiny_model, tiny_ids):
+    cfg = ALWAYS.replace(recheck_widen=2.0, recheck_wide_margin=1e9, recheck_share=0.0)
+    cache = HybridCache(tiny_model, cfg)
+    with torch.no_grad():
+        logits = tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True).logits[0, -1]
+        cache.build_indexes()
+        run = Decoding(tiny_model, cache, logits, STEPS + 1, forced=[tiny_ids[0, PROMPT:].tolist()])
+        list(run)
+    shares = [share for share, _ in run.row_steps(0)]
+    assert all(s.widened for s in shares) and sum(s.rechecked for s in shares) == 1 == run.rechecks[0]
+
+
+def test_a_widened_configuration_reads_factor_times_as_much():
+    cfg = OffloadConfig()
+    wide = cfg.widened(4)
+    assert (wide.candidates, wide.n_blocks, wide.top_k) == (4 * cfg.candidates, 4 * cfg.n_blocks, 4 * cfg.top_k)
+    assert wide.block_frac == min(1.0, 4 * cfg.block_frac) and cfg.widened(100).block_frac == 1.0
+    assert wide.min_prob == cfg.min_prob / 4 and wide.min_ratio == cfg.min_ratio / 4
+    for bad in (0.5, -1, float("inf"), True):
+        with pytest.raises(ValueError, match="recheck_widen"):
+            OffloadConfig(recheck_widen=bad)
+    with pytest.raises(ValueError, match="recheck_wide_margin"):
+        OffloadConfig(recheck_wide_margin=-0.1)

@@ -78,6 +78,8 @@ def evaluate(
         "rechecked_frac": 0.0,
         "rechecks": 0,
         "rechecks_changed": 0,
+        "widened": 0,
+        "widened_changed": 0,
     }
     results = {"full": {"tokens": full, **full_shares, "attn_rel_err": 0.0}}
     for name in configs:
@@ -111,7 +113,12 @@ def read_shares(steps: list[dict]) -> dict[str, float]:
     """Means over a greedy run's decode steps (probes.greedy's record): host tokens read (both
     runs of a step re-checked at a near tie), read by the selection alone, steps re-checked."""
     shares = {k: _mean([s[k] for s in steps]) or 0.0 for k in ("kv_read_frac", "selected_frac")}
-    counts = {"rechecks": sum(s["rechecked"] for s in steps), "rechecks_changed": sum(s["changed"] for s in steps)}
+    counts = {
+        "rechecks": sum(s["rechecked"] for s in steps),
+        "rechecks_changed": sum(s["changed"] for s in steps if s["rechecked"]),
+        "widened": sum(s["widened"] for s in steps),  # wider runs first (OffloadConfig.recheck_widen)
+        "widened_changed": sum(s["changed"] for s in steps if s["widened"] and not s["rechecked"]),
+    }
     return {**shares, "rechecked_frac": _mean([s["rechecked"] for s in steps]) or 0.0, **counts}
 
 
@@ -128,10 +135,13 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
     for key in ("agreement", "attn_rel_err", "kv_read_frac", "selected_frac", "rechecked_frac"):
         values = [r[key] for r in rs if r[key] is not None]
         row[key] = round(statistics.mean(values), 4) if values else None
-    # a re-check's precision: the share of re-checks whose exact run changed the greedy token
+    # a re-check's precision: the share of exact re-checks that changed the greedy token
     rechecks = sum(r["rechecks"] for r in rs)
     changed = sum(r["rechecks_changed"] for r in rs)
     row["rechecks"], row["recheck_precision"] = rechecks, round(changed / rechecks, 4) if rechecks else None
+    # the wider runs that settled a near tie without an exact run, and how many of them changed the token
+    row["widened"] = sum(r["widened"] for r in rs)
+    row["widened_changed"] = sum(r["widened_changed"] for r in rs)
     # the most a prompt's re-checks multiplied its selection's read
     ratios = [r["kv_read_frac"] / r["selected_frac"] for r in rs if r["selected_frac"]]
     row["max_read_over_selected"] = round(max(ratios), 3) if ratios else None

@@ -61,7 +61,8 @@ def continuations(
             "kv_read_frac": statistics.mean(s["kv_read_frac"] for s in steps),
             "rechecked_frac": statistics.mean(s["rechecked"] for s in steps),
             "rechecks": sum(s["rechecked"] for s in steps),
-            "rechecks_changed": sum(s["changed"] for s in steps),  # whose exact run changed the greedy token
+            "rechecks_changed": sum(s["changed"] for s in steps if s["rechecked"]),  # whose exact run changed it
+            "widened": sum(s["widened"] for s in steps),  # steps run again wider first
         }
         if forced:
             steps = []

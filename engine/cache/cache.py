@@ -169,7 +169,6 @@ class HybridCache(Cache):
         seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
         return seq.approximate if seq.is_initialized else 0
 
-    @contextmanager
     def rerun_exactly(self, rows: list[int], positions: int = 1):
         """Within: the model's next forward pass runs the `positions` newest positions of the
         sequences `rows` (indices into the batch; [0] for one sequence) again, given their
@@ -177,6 +176,19 @@ class HybridCache(Cache):
         position, host tokens included. Each layer replaces those positions' K/V (they must
         lie in the window), so that they, and the last one's logits, are full attention's
         wherever the positions before them are (engine.decode.recheck)."""
+        return self._rerun(rows, positions, None)
+
+    def rerun_wider(self, rows: list[int], factor: float):
+        """Within: the model's next forward pass runs the newest position of the sequences `rows`
+        again, given its token and position again, as a decode step that reads with the
+        configuration widened `factor` times (OffloadConfig.widened). Each layer replaces the
+        position's K/V; it still counts as approximate (engine.decode.recheck)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < float("inf"):
+            raise ValueError(f"a wider run reads a finite factor >= 1 times as much, got {factor!r}")
+        return self._rerun(rows, 1, self.offload_config.widened(factor))
+
+    @contextmanager
+    def _rerun(self, rows: list[int], positions: int, wider: OffloadConfig | None):
         rows = [int(r) for r in rows]
         batches = [layer for layer in self.layers if not isinstance(layer, HybridLayer)]
         size = batches[0].batch_size if batches else 1
@@ -189,13 +201,15 @@ class HybridCache(Cache):
         for batch in batches:
             batch.narrow(rows)
         layers = self.sequence_layers()
+        own = [layer.cfg for layer in layers]
         for layer in layers:
-            layer.rerun = positions
+            layer.rerun, layer.rerun_wide = positions, wider is not None
+            layer.cfg = wider or layer.cfg
         try:
             yield
         finally:
-            for layer in layers:
-                layer.rerun = 0
+            for layer, cfg in zip(layers, own):
+                layer.rerun, layer.rerun_wide, layer.cfg = 0, False, cfg
             for batch in batches:
                 batch.widen()
 

@@ -71,7 +71,8 @@ class HybridLayer(CacheLayerMixin):
         self.progress = progress
         self.n_seen = 0
         self.stats = StepStats()
-        self.rerun = 0  # the newest positions run again, exactly (HybridCache.rerun_exactly): how many
+        self.rerun = 0  # the newest positions run again (HybridCache.rerun_exactly / rerun_wider): how many
+        self.rerun_wide = False  # ... as a decode step with a wider selection, not exactly
         self.approximate = 0  # the newest positions written by decode steps that read part of the host store
 
     # ------------------------------------------------------------ set-up
@@ -135,7 +136,8 @@ class HybridLayer(CacheLayerMixin):
         k, v = key_states[0], value_states[0]  # [Hkv, C, D]
         if self.rerun:
             self._replace_newest(k, v)
-            self.approximate = 0  # older approximate positions, if any, stay so: only the newest run again
+            if not self.rerun_wide:  # a wider run reads part of the host store still: its positions stay approximate
+                self.approximate = 0  # older approximate positions, if any, stay so: only the newest run again
             return self, self
         S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
 
@@ -326,6 +328,11 @@ class HybridLayer(CacheLayerMixin):
 
     # ------------------------------------------------- transformers' Cache API
 
+    @property
+    def reruns_exactly(self) -> bool:
+        """Whether the positions fed now run again exactly, as a prefill chunk (HybridCache.rerun_exactly)."""
+        return self.rerun > 0 and not self.rerun_wide
+
     def get_seq_length(self) -> int:
         return self.n_seen - self.rerun  # positions run again take their own positions again
 
@@ -345,6 +352,7 @@ class HybridLayer(CacheLayerMixin):
         self.last_added = None
         self.stats = StepStats()
         self.rerun = self.approximate = 0
+        self.rerun_wide = False
 
     def offload(self):  # the host store is the offload; nothing moves per layer
         pass

@@ -1,4 +1,4 @@
-"""One decode forward pass, with near ties re-checked exactly.
+"""One decode forward pass, with near ties re-checked (wider, then exactly).
 
 Reading a part of the host tokens and estimating the rest moves a step's logits
 a little. That changes the greedy token only where full attention's two highest
@@ -12,6 +12,13 @@ the step's logits, are then full attention's. The last exact run is the
 prompt's prefill or the re-check before: positions a re-check made exact stay
 so, since their K/V depend only on the positions before them
 (`HybridCache.approximate_newest` counts those after).
+
+An exact run reads every host token. With `OffloadConfig.recheck_widen` > 1 a near
+tie first runs its step alone again, reading with a selection that many times
+wider (`HybridCache.rerun_wider`): most near ties are the first run's error, and
+the wider run settles them at a few times the step's read; only where its two
+highest logits still lie less than `recheck_wide_margin` apart does the exact run
+follow. `recheck_share` bounds the exact runs, not the wider ones.
 """
 
 from __future__ import annotations
@@ -25,21 +32,23 @@ import torch
 class RowShare(NamedTuple):
     """One sequence's part of a step, as shares of its host tokens (0 while it has none)."""
 
-    kv_read: float  # host tokens read by the step (both runs when re-checked) / host tokens
+    kv_read: float  # host tokens read by the step (every run when re-checked) / host tokens
     selected: float  # ... by its first run alone: the selection's share
     keys_scored: float  # keys scored by the host index / host tokens
     rechecked: bool  # whether its step ran again exactly
-    changed: bool = False  # ... and the exact run changed its greedy token (a re-check that mattered)
+    changed: bool = False  # ... or wider, and that changed its greedy token (a re-check that mattered)
+    widened: bool = False  # whether its step ran again wider first (OffloadConfig.recheck_widen)
 
 
 @dataclass
 class Step:
     logits: torch.Tensor  # [B, vocab] of the positions fed
-    kv_read_frac: float  # host tokens read by the step (both runs) / host tokens, over the batch
+    kv_read_frac: float  # host tokens read by the step (every run) / host tokens, over the batch
     selected_frac: float  # ... by its first run alone: the selection's share
     keys_scored_frac: float  # keys scored by the host index / host tokens
-    rechecked: int  # sequences whose step ran again
+    rechecked: int  # sequences whose step ran again exactly
     rows: list[RowShare]  # the same per sequence of the batch, in its order
+    widened: int = 0  # sequences whose step ran again wider first
 
 
 def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
@@ -68,22 +77,34 @@ def forward_step(
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
     its token in `tokens`, equally many per row (None: `tokens` alone); `allowed` says which rows
-    may be re-checked at this step (None: all; `may_recheck`). At a near tie a row's
-    newest positions that approximate steps wrote since its last exact run (at most `window`)
-    run again exactly; the positions before them are exact already, so each decoded position
-    runs again at most once however many near ties follow it."""
+    may run exactly at this step (None: all; `may_recheck`). At a near tie a row's step first
+    runs again wider (`recheck_widen` > 1); where that leaves a near tie too
+    (`recheck_wide_margin`), the row's newest positions that approximate steps wrote since its
+    last exact run (at most `window`) run again exactly; the positions before them are exact
+    already, so each decoded position runs again exactly at most once however many near ties
+    follow it."""
+    cfg = cache.offload_config
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
-    # the first run's, per sequence: a run again reads every host token
+    first = logits
+    # the first run's, per sequence: a run again reads more
     counts = [
         (st["host_tokens"], st["gathered"], st["keys_scored"]) for st in map(cache.step_stats, range(len(tokens)))
     ]
     # a sequence without approximate positions read every host token for this step already
-    ties = near_ties(logits, cache.offload_config.recheck_margin)
-    pending = {r: cache.approximate_newest(r) for r in ties if allowed is None or allowed[r]}
+    pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cfg.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
-    changed = set()
+    wider = {}  # rows run again wider -> host tokens that run gathered
+    if rows and cfg.recheck_widen > 1:
+        positions = None if position_ids is None else position_ids[rows]
+        with cache.rerun_wider(rows, cfg.recheck_widen):
+            wide = model(input_ids=tokens[rows], position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
+        wider = {r: cache.step_stats(r)["gathered"] for r in rows}
+        logits = logits.clone()
+        logits[rows] = wide
+        rows = [rows[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
+    rows = [r for r in rows if allowed is None or allowed[r]]
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
-        n = 1 if fed is None else min(len(fed[0]), cache.offload_config.window)
+        n = 1 if fed is None else min(len(fed[0]), cfg.window)
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
         ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
@@ -91,15 +112,27 @@ def forward_step(
             positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
         with cache.rerun_exactly(rows, n):
             exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
-        same = (logits[rows].argmax(dim=-1) == exact[:, -1].argmax(dim=-1)).tolist()
-        changed = {r for r, kept in zip(rows, same) if not kept}
-        logits = logits.clone()
+        logits = logits.clone() if logits is first else logits
         logits[rows] = exact[:, -1]
     again = set(rows)
+    run_again = sorted(again | set(wider))
+    changed = set()
+    if run_again:
+        same = (first[run_again].argmax(dim=-1) == logits[run_again].argmax(dim=-1)).tolist()
+        changed = {r for r, kept in zip(run_again, same) if not kept}
     shares = []
     for r, (host, gathered, keys) in enumerate(counts):
-        read = ((gathered + host * (r in again)) / host, gathered / host, keys / host) if host else (0.0, 0.0, 0.0)
-        shares.append(RowShare(*read, r in again, r in changed))
+        read = gathered + wider.get(r, 0) + host * (r in again)
+        row = (read / host, gathered / host, keys / host) if host else (0.0, 0.0, 0.0)
+        shares.append(RowShare(*row, r in again, r in changed, r in wider))
     host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
-    read = (gathered + sum(counts[r][0] for r in rows)) / host if host else 0.0
-    return Step(logits, read, gathered / host if host else 0.0, keys / host if host else 0.0, len(rows), shares)
+    read = gathered + sum(wider.values()) + sum(counts[r][0] for r in rows)
+    return Step(
+        logits,
+        read / host if host else 0.0,
+        gathered / host if host else 0.0,
+        keys / host if host else 0.0,
+        len(rows),
+        shares,
+        len(wider),
+    )
