@@ -141,6 +141,28 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
                 assert read[(task, oracle)] == pytest.approx(read[(task, name)], rel=0.1, abs=0.01)
 
 
+def test_eval_accuracy_runs_the_peers_at_the_share_the_engine_read(tmp_path, bundled_tokenizer):
+    from tests.conftest import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab=len(bundled_tokenizer)).save_pretrained(model_dir)
+    bundled_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "eval.json"
+    argv = ["--quick", "--model", str(model_dir), "--contexts", "512", "--tasks", "passkey", "--no-oracle"]
+    script("bench.evals.accuracy").main(
+        argv + ["--configs", "default", "--peers", "streaming", "snapkv", "quest", "--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "default", "streaming@default", "snapkv@default", "quest@default"}
+    assert result["config"]["peers"] == ["streaming", "snapkv", "quest"]
+    for peer in ("streaming", "snapkv", "quest"):
+        row = rows[f"{peer}@default"]
+        assert row["rechecks"] == 0 and row["kv_read_frac"] == row["selected_frac"]  # no re-check, no estimate
+        # given the share the default read, its re-checks included (Quest rounds up to whole pages)
+        assert row["selected_frac"] == pytest.approx(rows["default"]["kv_read_frac"], rel=0.15, abs=0.02)
+
+
 def test_report_pairs_accuracy_prompt_by_prompt():
     """With per-prompt scores the report adds each method's paired difference from full
     attention (mean, t interval, prompts better and worse); without them it adds nothing."""

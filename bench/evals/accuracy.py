@@ -8,7 +8,9 @@ hybrid cache per engine configuration; each answers greedily. Beside every engin
 configuration, the oracle decodes the same prompt reading, at every step, the host
 tokens exact attention weighs most, at the share the configuration read on that
 prompt: once reading nothing else ("oracle@name") and once with the unread tokens
-estimated ("oracle+est@name").
+estimated ("oracle+est@name"). With `--peers`, published selection rules (StreamingLLM,
+SnapKV-style, Quest: bench.evals.peers) decode it too, each reading per step the share the
+configuration read, its steps run again included ("streaming@name", ...).
 
 Per (task, context, method): accuracy (exact string match, with a 95% Wilson interval
 over prompts, and each prompt's score in seed order), agreement (the share of full
@@ -21,7 +23,7 @@ run again), recheck_precision (the share of re-checks whose exact run changed th
 token) and max_read_over_selected (the most any prompt's re-checks multiplied its read).
 
     python -m bench.evals.accuracy [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
-                                  [--configs ...]
+                                  [--configs ...] [--peers streaming snapkv quest]
 
 A cell grows by runs over further seeds (`--first 40` after a run of 40 prompts: the
 same spread of depths over new needles); `python -m bench.report --eval` pools the rows of a
@@ -31,6 +33,7 @@ same spread of depths over new needles); `python -m bench.report --eval` pools t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -40,9 +43,11 @@ from transformers import AttentionInterface
 
 from bench.common import options
 from bench.common.output import write_json
-from bench.evals.probes import LayerProbe, copy_state, greedy, named, oracle_attention, prefill_and_answer
+from bench.evals.peers import PEERS, WindowQueries
+from bench.evals.probes import LayerProbe, OracleSelect, copy_state, greedy, named, prefill_and_answer, selecting
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
+from engine import OffloadConfig
 from engine.api import eos_ids
 from engine.models import load_model
 
@@ -62,16 +67,19 @@ DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others
 # variable tracking is left out of the default run: the bundled model fails it with full attention
 DEFAULT_TASKS = [t for t in TASKS if t != "variable_tracking"]
-PROBE, ORACLE = "hybrid_eval", "hybrid_oracle"
+PROBE, SELECTING, CAPTURE = "hybrid_eval", "hybrid_selecting", "hybrid_capture"
 ORACLE_CACHE = SOURCE.replace(candidates_from="blocks")  # the oracle's selection needs no key index
+PEER_CACHE = ORACLE_CACHE.replace(estimate=False, recheck_margin=0.0)  # the peers neither estimate nor re-check
 
 
 def evaluate(
-    model, tok, sample, max_new, chunk, probe: LayerProbe, oracles: bool, configs: list[str]
+    model, tok, sample, max_new, chunk, probe: LayerProbe, oracles: bool, configs: list[str], peers=()
 ) -> dict[str, dict]:
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     eos = eos_ids(model)
-    source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, max_new, eos)
+    window = WindowQueries()  # the prompt's last queries, for the SnapKV-style peer
+    AttentionInterface.register(CAPTURE, window)
+    source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, max_new, eos, CAPTURE if peers else "hybrid")
     full_shares = {
         "kv_read_frac": 1.0,
         "selected_frac": 1.0,
@@ -90,23 +98,30 @@ def evaluate(
         tokens = greedy(model, copy_state(source, model, cfg), logits, max_new, eos, steps)
         errors = [r["err"] for recs in probe.records.values() for r in recs]
         results[name] = {"tokens": tokens, **read_shares(steps), "attn_rel_err": _mean(errors)}
-        if not oracles:
-            continue
-        # the oracle selects the share the configuration's selection read (its steps run again aside)
-        AttentionInterface.register(ORACLE, oracle_attention(results[name]["selected_frac"]))
-        model.set_attn_implementation(ORACLE)
-        for label, estimate in ((f"oracle@{name}", False), (f"oracle+est@{name}", True)):
+        answer = functools.partial(decode_with, model, source, logits, max_new, eos)
+        for estimate in (False, True) if oracles else ():
+            # the oracle selects the share the configuration's selection read (its steps run again aside)
             oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin)
-            cache = copy_state(source, model, oracle_cfg, indexes=False)
-            oracle_steps = []
-            tokens = greedy(model, cache, logits, max_new, eos, oracle_steps)
-            results[label] = {"tokens": tokens, **read_shares(oracle_steps), "attn_rel_err": None}
+            label = f"oracle+est@{name}" if estimate else f"oracle@{name}"
+            results[label] = answer(OracleSelect(results[name]["selected_frac"]), oracle_cfg)
+        for peer in peers:  # given the share the configuration read, its steps run again included
+            results[f"{peer}@{name}"] = answer(PEERS[peer](results[name]["kv_read_frac"], window), PEER_CACHE)
     model.set_attn_implementation("hybrid")
     for r in results.values():
         r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)
         r["accuracy"] = score(sample, r["text"])
         r["agreement"] = sum(a == b for a, b in zip(r["tokens"], full)) / len(full)
     return results
+
+
+def decode_with(model, source, logits, max_new: int, eos: set[int], rule, cache_cfg: OffloadConfig) -> dict:
+    """The answer from a copy of the prefilled `source` in a cache with `cache_cfg`, decoded with
+    the selection rule `rule` in place of the engine's."""
+    AttentionInterface.register(SELECTING, selecting(rule))
+    model.set_attn_implementation(SELECTING)
+    steps = []
+    tokens = greedy(model, copy_state(source, model, cache_cfg, indexes=False), logits, max_new, eos, steps)
+    return {"tokens": tokens, **read_shares(steps), "attn_rel_err": None}
 
 
 def read_shares(steps: list[dict]) -> dict[str, float]:
@@ -157,6 +172,13 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="default: all but variable_tracking (--quick: two)")
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle runs")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS, help="engine configurations")
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        choices=list(PEERS),
+        default=[],
+        help="published selection rules (bench.evals.peers), each run at the share every configuration read",
+    )
     options.add_model_args(p, rope_scale=True)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
@@ -180,7 +202,9 @@ def main(argv=None):
         per_method: dict[str, list[dict]] = {}
         for i in range(args.n):
             sample = cell_sample(task, context, tok, i, args.n, args.first)
-            results = evaluate(model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle, args.configs)
+            results = evaluate(
+                model, tok, sample, MAX_NEW[task], args.chunk, probe, not args.no_oracle, args.configs, args.peers
+            )
             for name, r in results.items():
                 per_method.setdefault(name, []).append(r)
             bar.update(1)
@@ -203,6 +227,7 @@ def save(args, rows: list[dict], seconds: float) -> None:
         "tasks": args.tasks,
         "engine_configs": {k: CONFIGS[k].__dict__ for k in args.configs},
         "oracle": not args.no_oracle,
+        "peers": args.peers,
         "seconds": round(seconds, 1),
     }
     write_json(args.json, {"config": config, "rows": rows})

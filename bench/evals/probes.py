@@ -82,11 +82,14 @@ def copy_state(
 
 
 @torch.inference_mode()
-def prefill_and_answer(model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, max_new: int, eos: set[int]):
+def prefill_and_answer(
+    model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, max_new: int, eos: set[int], attention: str = "hybrid"
+):
     """Prefill ids [1, T] once into a HybridCache with `cfg` (exact, chunked; host indexes
-    built) and let full attention answer greedily from a copy of that state. Returns (the
-    cache, the prefill's last logits, full attention's tokens); the model is left on "hybrid"."""
-    model.set_attn_implementation("hybrid")
+    built; with the registered attention function `attention`, the engine's or one wrapping it)
+    and let full attention answer greedily from a copy of that state. Returns (the cache, the
+    prefill's last logits, full attention's tokens); the model is left on "hybrid"."""
+    model.set_attn_implementation(attention)
     source = HybridCache(model, cfg, progress=False)
     logits = prefill(model, ids, source, chunk, progress=False)
     source.build_indexes()
@@ -211,6 +214,7 @@ class LayerProbe:
         }
 
 
-def oracle_attention(frac: float):
-    """An attention function that decodes with `OracleSelect(frac)` in place of the engine's selection."""
-    return functools.partial(hybrid_attention_forward, select=OracleSelect(frac))
+def selecting(rule):
+    """An attention function that decodes with the selection rule `rule` (e.g. `OracleSelect`)
+    in place of the engine's."""
+    return functools.partial(hybrid_attention_forward, select=rule)
