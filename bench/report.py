@@ -128,7 +128,7 @@ def accuracy(result: dict) -> str:
     Runs of one cell over disjoint seeds are pooled."""
     rows_in = pool(result["rows"])
     methods = list(dict.fromkeys(r["method"] for r in rows_in))
-    engines = [m for m in methods if m != "full" and not m.startswith("oracle")]
+    engines = [m for m in methods if m != "full" and "@" not in m]  # not the oracles and peers at their reads
     cells: dict[tuple, dict] = {}
     for r in rows_in:
         cells.setdefault((r["task"], r["context"]), {})[r["method"]] = r
@@ -167,7 +167,8 @@ def accuracy(result: dict) -> str:
     )
     text += "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
     paired = paired_differences(cells, refs, methods[1:])
-    return text + ("\n\n" + paired if paired else "")
+    peers = peer_differences(cells, [m for m in methods if "@" in m and not m.startswith("oracle")])
+    return text + "".join("\n\n" + part for part in (paired, peers) if part)
 
 
 def on_seeds(full: dict, row: dict) -> dict:
@@ -210,6 +211,30 @@ def paired_differences(cells: dict, refs: dict, methods: list[str]) -> str:
         return ""
     header = ["task", "context", "method", "minus full, points [95%]", "prompts better", "prompts worse"]
     return "paired with full attention, prompt by prompt\n\n" + table(header, rows)
+
+
+def peer_differences(cells: dict, peers: list[str]) -> str:
+    """Each engine configuration against the peers given its read share ("peer@configuration",
+    bench.evals.peers), prompt by prompt: the configuration's accuracy minus the peer's, with a
+    95% t interval, and whether it is ahead, level (the interval holds 0) or behind."""
+    rows = []
+    for (task, context), by in sorted(cells.items()):
+        for m in peers:
+            peer, name = m.split("@", 1)
+            if m not in by or name not in by or by[m].get("seeds") != by[name].get("seeds"):
+                continue
+            diff = [a - b for a, b in zip(by[name]["scores"], by[m]["scores"])]
+            mean, lo, hi = mean_interval(diff)
+            verdict = "ahead" if lo > 0 else "behind" if hi < 0 else "level"
+            read = f"{100 * by[m]['kv_read_frac']:.1f}%"
+            cell = f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            rows.append([task, context, name, peer, read, f"{100 * by[m]['accuracy']:.1f}", cell, verdict])
+    if not rows:
+        return ""
+    header = ["task", "context", "configuration", "peer", "peer read", "peer %", "minus peer, points [95%]", ""]
+    return "against published selection rules at the configuration's read share, prompt by prompt\n\n" + table(
+        header, rows
+    )
 
 
 def fidelity(result: dict) -> str:

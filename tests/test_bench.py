@@ -163,6 +163,35 @@ def test_eval_accuracy_runs_the_peers_at_the_share_the_engine_read(tmp_path, bun
         assert row["selected_frac"] == pytest.approx(rows["default"]["kv_read_frac"], rel=0.15, abs=0.02)
 
 
+def test_report_sets_the_engine_against_each_peer_prompt_by_prompt():
+    base = {"task": "niah_single", "context": 4096, "n": 4, "attn_rel_err": None}
+
+    def row(method, scores, read):
+        acc = sum(scores) / len(scores)
+        return {
+            **base,
+            "method": method,
+            "accuracy": acc,
+            "accuracy_ci": [0, 1],
+            "scores": scores,
+            "kv_read_frac": read,
+        }
+
+    rows = [row("full", [1, 1, 1, 0], 1.0), row("default", [1, 1, 1, 0], 0.05)]
+    rows += [row("streaming@default", [0, 0, 0, 0], 0.05), row("quest@default", [1, 1, 0, 1], 0.05)]
+    text = script("bench.report").accuracy({"rows": rows})
+    # default minus streaming: 1, 1, 1, 0 (mean 0.75, sd 0.5, t(3) 3.182 -> half width 0.7955): level on 4 prompts
+    assert "| niah_single | 4096 | default | streaming | 5.0% | 0.0 | +75.0 [-4.5, +154.6] | level |" in text
+    assert "| niah_single | 4096 | default | quest | 5.0% | 75.0 | +0.0 [-129.9, +129.9] | level |" in text
+    assert "streaming@default: niah_single" not in text  # no target checks on the peers
+    many = [row("full", [1] * 8, 1.0), row("default", [1] * 8, 0.05), row("streaming@default", [0] * 8, 0.05)]
+    for r in many:
+        r["n"] = 8
+    assert "| default | streaming | 5.0% | 0.0 | +100.0 [+100.0, +100.0] | ahead |" in script("bench.report").accuracy(
+        {"rows": many}
+    )
+
+
 def test_report_pairs_accuracy_prompt_by_prompt():
     """With per-prompt scores the report adds each method's paired difference from full
     attention (mean, t interval, prompts better and worse); without them it adds nothing."""
