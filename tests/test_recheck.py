@@ -29,6 +29,17 @@ def decode(model, ids, cfg):
     return cache, steps
 
 
+def forced_generation(model, ids, cfg) -> Decoding:
+    """A generation of STEPS + 1 tokens after ids[:, :PROMPT], fed the tokens of ids that follow."""
+    cache = HybridCache(model, cfg)
+    with torch.no_grad():
+        logits = model(ids[:, :PROMPT], cache=cache, use_cache=True).logits[0, -1]
+        cache.build_indexes()
+        run = Decoding(model, cache, logits, STEPS + 1, forced=[ids[0, PROMPT:].tolist()])
+        list(run)
+    return run
+
+
 def full_kv(model, ids):
     """Full attention's K/V of ids[:, :PROMPT + STEPS] per layer."""
     cache = DynamicCache()
@@ -232,13 +243,7 @@ def test_a_sequence_may_recheck_its_first_near_tie_then_within_its_share_of_step
 @pytest.mark.parametrize("share, expected", [(1.0, STEPS), (0.25, 3), (0.0, 1)])
 def test_a_generation_rechecks_at_most_its_share_of_steps(tiny_model, tiny_ids, share, expected):
     """Every step is a near tie (ALWAYS): the bound alone decides how many run again."""
-    cfg = ALWAYS.replace(recheck_share=share)
-    cache = HybridCache(tiny_model, cfg)
-    with torch.no_grad():
-        logits = tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True).logits[0, -1]
-        cache.build_indexes()
-        run = Decoding(tiny_model, cache, logits, STEPS + 1, forced=[tiny_ids[0, PROMPT:].tolist()])
-        list(run)
+    run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_share=share))
     rechecked = [share.rechecked for share, _ in run.row_steps(0)]
     assert len(rechecked) == STEPS and sum(rechecked) == expected == run.rechecks[0]
     assert rechecked[0]  # the first near tie is re-checked
@@ -284,12 +289,7 @@ def test_near_ties_run_wider_first_and_exactly_only_where_the_tie_survives(tiny_
 
 def test_the_share_bound_holds_back_the_exact_runs_not_the_wider_ones(tiny_model, tiny_ids):
     cfg = ALWAYS.replace(recheck_widen=2.0, recheck_wide_margin=1e9, recheck_share=0.0)
-    cache = HybridCache(tiny_model, cfg)
-    with torch.no_grad():
-        logits = tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True).logits[0, -1]
-        cache.build_indexes()
-        run = Decoding(tiny_model, cache, logits, STEPS + 1, forced=[tiny_ids[0, PROMPT:].tolist()])
-        list(run)
+    run = forced_generation(tiny_model, tiny_ids, cfg)
     shares = [share for share, _ in run.row_steps(0)]
     assert all(s.widened for s in shares) and sum(s.rechecked for s in shares) == 1 == run.rechecks[0]
 
