@@ -229,12 +229,12 @@ class OffloadConfig:
     recheck_share: float = _option(
         "correction",
         0.05,
-        "at most this share of a sequence's decode steps run again at near ties (its first near tie always "
-        "may); past it a near tie keeps its first run (1: no bound)",
+        "at most this share of a sequence's decode steps run again exactly at near ties (its first near tie "
+        "always may); past it a near tie keeps the run before (1: no bound)",
     )
     recheck_widen: float = _option(
         "correction",
-        1.0,
+        4.0,
         "a near tie's step first runs again reading wider: this many times the candidates and blocks, its "
         "thresholds lowered as much; the exact run follows only where the wider run's two highest logits still "
         "lie less than `recheck_wide_margin` apart (1: straight to the exact run)",

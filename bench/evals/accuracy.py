@@ -62,6 +62,7 @@ CONFIGS = named(
     "fewer-blocks",
     "default-no-growth",
     "default-unbounded",
+    "default-exact-recheck",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

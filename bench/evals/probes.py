@@ -50,6 +50,7 @@ CONFIGS = {
     "fewer-blocks": _cpu("default", block_frac=0.04),  # 4% of the host blocks instead of 8%, as before
     "default-no-growth": _cpu("default", grow_from=0),  # the same counts at every length, as before
     "default-unbounded": _cpu("default", recheck_share=1.0),  # every near tie re-checked, as before the bound
+    "default-exact-recheck": _cpu("default", recheck_widen=1.0),  # near ties straight to the exact run, as before
     # every host token read, nothing estimated or re-checked: full attention through the engine
     "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
 }
