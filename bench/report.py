@@ -420,10 +420,12 @@ def margins(result: dict) -> str:
     source = f"prose from token {c['offset']:,}" if c["source"] == "prose" else c["source"]
     head = f"{source}, {c['context']} tokens, {c['prompts']} prompts, {steps} steps teacher-forced, "
     widen = c.get("widen")
-    head += f"selection read {selected:.1%} per step"
-    if widen:
-        head += f" with a wider run (x{widen:g}) at each gap under {c['first_margin']:g}; margins on its gap"
-    head += "\n\n"
+    if widen and widen > 1:
+        alone = sum(p["selected_frac"] * len(p["gaps"]) for p in result["per_prompt"]) / max(steps, 1)
+        head += f"read {selected:.1%} per step with a wider run (x{widen:g}) at each gap under "
+        head += f"{c['first_margin']:g} (selection alone {alone:.1%}); margins on the wider run's gap\n\n"
+    else:
+        head += f"selection read {selected:.1%} per step\n\n"
     body = [
         [
             "differing steps alone" if r["margin"] is None else f"{r['margin']:g}",
