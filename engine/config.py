@@ -232,6 +232,12 @@ class OffloadConfig:
         "at most this share of a sequence's decode steps run again exactly at near ties (its first near tie "
         "always may); past it a near tie keeps the run before (1: no bound)",
     )
+    recheck_read_limit: float = _option(
+        "correction",
+        3.0,
+        "a near tie after the first runs exactly only while the generation's host reads so far, with that run, "
+        "stay within this multiple of its selection's reads (0: no limit)",
+    )
     recheck_widen: float = _option(
         "correction",
         4.0,
@@ -285,7 +291,7 @@ class OffloadConfig:
         margin = self.recheck_margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
             raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
-        for name in ("recheck_widen", "recheck_wide_margin"):
+        for name in ("recheck_widen", "recheck_wide_margin", "recheck_read_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"OffloadConfig.{name} must be a finite number >= 0, got {value!r}")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
-from engine.decode.recheck import RowShare, forward_step, may_recheck
+from engine.decode.recheck import RecheckBudget, RowShare, forward_step
 
 
 @dataclass
@@ -216,7 +216,10 @@ class Decoding:
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
-        self.rechecks = [0] * B  # steps re-checked, per row (OffloadConfig.recheck_share bounds them)
+        self.budgets: list[RecheckBudget] = []  # per row: the exact runs spent, and whether another may run
+        if self.hybrid:
+            cfg = cache.offload_config
+            self.budgets = [RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit) for _ in range(B)]
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
         self._started = False
@@ -268,11 +271,10 @@ class Decoding:
             out = self.model(input_ids=latest, position_ids=positions, cache=self.cache, use_cache=True)
             return out.logits[:, -1]
         # every row left has fed as many tokens: a near tie runs the newest not yet exact again
-        share = self.cache.offload_config.recheck_share
-        allowed = [may_recheck(self.rechecks[r], len(self.fed[r]), share) for r in rows]
+        allowed = [self.budgets[r].allows() for r in rows]
         step = forward_step(self.model, self.cache, latest, positions, fed=[self.fed[r] for r in rows], allowed=allowed)
         for r, row_share in zip(rows, step.rows):
-            self.rechecks[r] += row_share.rechecked
+            self.budgets[r].record(row_share)
         gaps = [float("inf")] * len(rows)
         if step.logits.shape[-1] > 1:
             top = step.logits.float().topk(2, dim=-1).values

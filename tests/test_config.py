@@ -114,6 +114,7 @@ def test_fields_are_declared_section_by_section():
         "estimate",
         "recheck_margin",
         "recheck_share",
+        "recheck_read_limit",
         "recheck_widen",
         "recheck_wide_margin",
     ]

@@ -7,11 +7,14 @@ import torch
 from transformers import DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.decode.recheck import forward_step, may_recheck, near_ties
+from engine.decode.recheck import RecheckBudget, RowShare, forward_step, may_recheck, near_ties
 from engine.generation import Decoding
 
 # a small window and blocks: the tiny prompts leave most tokens on the host, read in part
-APPROXIMATE = OffloadConfig(n_sink=4, window=16, block_size=8, recheck_margin=0.0)
+# near ties straight to the exact run, unbounded by reads (the wider run and the limit: tests of their own)
+APPROXIMATE = OffloadConfig(
+    n_sink=4, window=16, block_size=8, recheck_margin=0.0, recheck_widen=1.0, recheck_read_limit=0.0
+)
 ALWAYS = APPROXIMATE.replace(recheck_margin=1e9)  # every step is a near tie
 PROMPT, STEPS = 300, 12
 
@@ -243,9 +246,9 @@ def test_a_sequence_may_recheck_its_first_near_tie_then_within_its_share_of_step
 @pytest.mark.parametrize("share, expected", [(1.0, STEPS), (0.25, 3), (0.0, 1)])
 def test_a_generation_rechecks_at_most_its_share_of_steps(tiny_model, tiny_ids, share, expected):
     """Every step is a near tie (ALWAYS): the bound alone decides how many run again."""
-    run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_share=share))
+    run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_share=share, recheck_read_limit=0.0))
     rechecked = [share.rechecked for share, _ in run.row_steps(0)]
-    assert len(rechecked) == STEPS and sum(rechecked) == expected == run.rechecks[0]
+    assert len(rechecked) == STEPS and sum(rechecked) == expected == run.budgets[0].rechecked
     assert rechecked[0]  # the first near tie is re-checked
 
 
@@ -291,7 +294,7 @@ def test_the_share_bound_holds_back_the_exact_runs_not_the_wider_ones(tiny_model
     cfg = ALWAYS.replace(recheck_widen=2.0, recheck_wide_margin=1e9, recheck_share=0.0)
     run = forced_generation(tiny_model, tiny_ids, cfg)
     shares = [share for share, _ in run.row_steps(0)]
-    assert all(s.widened for s in shares) and sum(s.rechecked for s in shares) == 1 == run.rechecks[0]
+    assert all(s.widened for s in shares) and sum(s.rechecked for s in shares) == 1 == run.budgets[0].rechecked
 
 
 def test_a_widened_configuration_reads_factor_times_as_much():
@@ -305,3 +308,33 @@ def test_a_widened_configuration_reads_factor_times_as_much():
             OffloadConfig(recheck_widen=bad)
     with pytest.raises(ValueError, match="recheck_wide_margin"):
         OffloadConfig(recheck_wide_margin=-0.1)
+
+
+def test_a_read_limit_holds_back_the_exact_runs_that_would_read_past_it():
+    budget = RecheckBudget(share=1.0, read_limit=4.0)
+    assert budget.allows()  # the first near tie always may
+    budget.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    seen = []
+    for _ in range(40):  # k steps of 2% later: allowed once 1.02 + 0.02 k + 1 <= 4 * 0.02 (k + 1), k >= 33
+        seen.append(budget.allows())
+        budget.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rechecked=False))
+    assert seen == [False] * 33 + [True] * 7
+    unlimited = RecheckBudget(share=1.0, read_limit=0.0)
+    unlimited.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    assert unlimited.allows()
+
+
+def test_a_generation_keeps_its_reads_within_the_limit_after_its_first_exact_run(tiny_model, tiny_ids):
+    """Every step a near tie: the exact runs after the first keep the reads within the limit."""
+    for limit in (0.0, 2.0, 1.0):
+        run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_share=1.0, recheck_read_limit=limit))
+        shares = [share for share, _ in run.row_steps(0)]
+        read = selected = 0.0
+        for t, s in enumerate(shares):
+            if s.rechecked and t:
+                assert not limit or read + 1 <= limit * selected, f"limit {limit}, step {t}"
+            read, selected = read + s.kv_read, selected + s.selected
+        exact = sum(s.rechecked for s in shares)
+        assert shares[0].rechecked and exact == {0.0: STEPS, 1.0: 1}.get(limit, exact)
+        if limit == 2.0:
+            assert 1 < exact < STEPS, exact

@@ -18,7 +18,8 @@ tie first runs its step alone again, reading with a selection that many times
 wider (`HybridCache.rerun_wider`): most near ties are the first run's error, and
 the wider run settles them at a few times the step's read; only where its two
 highest logits still lie less than `recheck_wide_margin` apart does the exact run
-follow. `recheck_share` bounds the exact runs, not the wider ones.
+follow. `recheck_share` and `recheck_read_limit` bound the exact runs, not the
+wider ones (`RecheckBudget`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,30 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
         return []
     top = logits.float().topk(2, dim=-1).values
     return (top[:, 0] - top[:, 1] < margin).nonzero()[:, 0].tolist()
+
+
+class RecheckBudget:
+    """What one sequence's generation has spent on exact runs, and whether it may run one at
+    its next step: its first near tie always may; later ones while its exact runs stay within
+    `share` of its steps (OffloadConfig.recheck_share) and, with a `read_limit`, while its host
+    reads so far plus one exact run (every host token) stay within `read_limit` times its
+    selection's reads so far (OffloadConfig.recheck_read_limit; 0: no limit)."""
+
+    def __init__(self, share: float, read_limit: float = 0.0):
+        self.share, self.read_limit = share, read_limit
+        self.steps = self.rechecked = 0
+        self.read = self.selected = 0.0  # sums over its steps of RowShare.kv_read and .selected
+
+    def allows(self) -> bool:
+        if not may_recheck(self.rechecked, self.steps + 1, self.share):
+            return False
+        return not self.rechecked or not self.read_limit or self.read + 1.0 <= self.read_limit * self.selected
+
+    def record(self, row: RowShare) -> None:
+        self.steps += 1
+        self.rechecked += row.rechecked
+        self.read += row.kv_read
+        self.selected += row.selected
 
 
 def may_recheck(rechecked: int, steps: int, share: float) -> bool:
