@@ -42,7 +42,8 @@ def test_passkey_answer_matches_full_attention(llm, passkey, result):
 
 def test_with_every_step_re_checked_the_text_is_full_attention_s(llm, passkey):
     """A margin no step's logits clear: every step runs the tokens decoded so far again exactly."""
-    every_step = HybridLLM(llm.model, llm.tokenizer, llm.offload.replace(recheck_margin=1e9, recheck_share=1.0))
+    always = llm.offload.replace(recheck_margin=1e9, recheck_wide_margin=1e9, recheck_share=1.0, recheck_read_limit=0)
+    every_step = HybridLLM(llm.model, llm.tokenizer, always)
     result = every_step.generate(passkey.prompt, 24, stop_at_eos=False, progress=False)
     assert result.report.rechecked_steps == 23 and result.report.kv_read_frac > 1  # each reads the host store again
     full = llm.generate_full_attention(passkey.prompt, 24)
@@ -107,12 +108,14 @@ def test_the_same_prompt_gives_the_same_tokens_and_reads_in_every_run(llm):
     layers run, host stores pooled between generations): a second generation, and one from a
     new HybridLLM with stores of its own, give the same tokens, reads and re-checks."""
     prompt = make_sample("niah_single", 1500, llm.tokenizer, seed=3).prompt
-    cfg = OffloadConfig(window=64, build_workers=1, recheck_margin=2.0, device="cpu")  # some steps re-checked
+    # some steps run wider, some exactly
+    cfg = OffloadConfig(window=64, build_workers=1, recheck_margin=2.0, recheck_wide_margin=1.0, device="cpu")
     runs = [HybridLLM(llm.model, llm.tokenizer, cfg)] * 2 + [HybridLLM(llm.model, llm.tokenizer, cfg)]
     results = [run.generate(prompt, 16, stop_at_eos=False, progress=False) for run in runs]
     first = results[0]
-    assert 0 < first.report.kv_read_frac < 1 and first.report.rechecked_steps > 0
+    assert 0 < first.report.kv_read_frac < 1 and first.report.widened_steps > first.report.rechecked_steps > 0
     for other in results[1:]:
         assert other.token_ids == first.token_ids
-        same = ("kv_read_frac", "keys_scored_frac", "rechecked_steps", "rechecks_changed", "host_bytes")
+        same = ("kv_read_frac", "keys_scored_frac", "rechecked_steps", "widened_steps", "rechecks_changed")
+        same += ("host_bytes",)
         assert {k: getattr(other.report, k) for k in same} == {k: getattr(first.report, k) for k in same}

@@ -28,8 +28,9 @@ CFG = OffloadConfig(
     host_dtype="float32",
     recheck_margin=0.0,
 )
-RECHECKED = CFG.replace(recheck_margin=0.06, recheck_share=1.0)  # a random model's margins are small: some steps
-# are near ties (every one re-checked, as the reference loop below does)
+# a random model's margins are small: some steps are near ties (every one re-checked exactly, unbounded, as the
+# reference loop below does)
+RECHECKED = CFG.replace(recheck_margin=0.06, recheck_share=1.0, recheck_read_limit=0.0, recheck_widen=1.0)
 LENGTHS = (300, 231, 150)
 NEW = 10
 
@@ -92,7 +93,8 @@ def test_one_sequence_reports_every_field(model, bundled_tokenizer, prompts, cfg
     assert r.kv_read_frac == pytest.approx(sum(s.kv_read_frac for s in steps) / len(steps))  # one row: the batch's
     assert r.keys_scored_frac == pytest.approx(sum(s.keys_scored_frac for s in steps) / len(steps))
     assert r.rechecked_steps == sum(s.rechecked for s in steps)
-    assert r.rechecks_changed == sum(s.rows[0].changed for s in steps) <= r.rechecked_steps
+    assert r.rechecks_changed == sum(s.rows[0].changed for s in steps if s.rechecked) <= r.rechecked_steps
+    assert r.widened_steps == sum(s.widened for s in steps) == 0  # straight to the exact run in both
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     assert 0 < r.keys_scored_frac <= group  # the flat index scores each indexed key once per query head
     if cfg is CFG:
