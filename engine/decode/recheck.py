@@ -102,7 +102,7 @@ def forward_step(
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
     its token in `tokens`, equally many per row (None: `tokens` alone); `allowed` says which rows
-    may run exactly at this step (None: all; `may_recheck`). At a near tie a row's step first
+    may run exactly at this step (None: all; `RecheckBudget`). At a near tie a row's step first
     runs again wider (`recheck_widen` > 1); where that leaves a near tie too
     (`recheck_wide_margin`), the row's newest positions that approximate steps wrote since its
     last exact run (at most `window`) run again exactly; the positions before them are exact
