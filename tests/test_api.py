@@ -108,8 +108,9 @@ def test_the_same_prompt_gives_the_same_tokens_and_reads_in_every_run(llm):
     layers run, host stores pooled between generations): a second generation, and one from a
     new HybridLLM with stores of its own, give the same tokens, reads and re-checks."""
     prompt = make_sample("niah_single", 1500, llm.tokenizer, seed=3).prompt
-    # some steps run wider, some exactly
-    cfg = OffloadConfig(window=64, build_workers=1, recheck_margin=2.0, recheck_wide_margin=1.0, device="cpu")
+    # every step runs wider, some exactly
+    wide = dict(recheck_margin=1e9, recheck_wide_margin=2.0, recheck_share=1.0, recheck_read_limit=0.0)
+    cfg = OffloadConfig(window=64, build_workers=1, device="cpu", **wide)
     runs = [HybridLLM(llm.model, llm.tokenizer, cfg)] * 2 + [HybridLLM(llm.model, llm.tokenizer, cfg)]
     results = [run.generate(prompt, 16, stop_at_eos=False, progress=False) for run in runs]
     first = results[0]
