@@ -105,8 +105,9 @@ def evaluate(
             oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin)
             label = f"oracle+est@{name}" if estimate else f"oracle@{name}"
             results[label] = answer(OracleSelect(results[name]["selected_frac"]), oracle_cfg)
-        for peer in peers:  # given the share the configuration read, its steps run again included
-            results[f"{peer}@{name}"] = answer(PEERS[peer](results[name]["kv_read_frac"], window), PEER_CACHE)
+        for peer in peers:  # given the share the configuration read, its steps run again included (at most all)
+            share = min(1.0, results[name]["kv_read_frac"])
+            results[f"{peer}@{name}"] = answer(PEERS[peer](share, window), PEER_CACHE)
     model.set_attn_implementation("hybrid")
     for r in results.values():
         r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)

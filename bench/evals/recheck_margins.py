@@ -70,7 +70,7 @@ def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int, 
         "differs": [picks[j] != full[j] for j in range(1, len(full))],
         "selected_frac": statistics.mean(s["selected_frac"] for s in steps) if steps else 0.0,
     }
-    if engine.recheck_widen > 1:
+    if engine.recheck_margin and engine.recheck_widen > 1:
         out["widened"] = [bool(s["widened"]) for s in steps]
         out["read_frac"] = statistics.mean(s["kv_read_frac"] for s in steps) if steps else 0.0
     return out
