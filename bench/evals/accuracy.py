@@ -101,8 +101,9 @@ def evaluate(
         results[name] = {"tokens": tokens, **read_shares(steps), "attn_rel_err": _mean(errors)}
         answer = functools.partial(decode_with, model, source, logits, max_new, eos)
         for estimate in (False, True) if oracles else ():
-            # the oracle selects the share the configuration's selection read (its steps run again aside)
-            oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin)
+            # the oracle selects the share the configuration's selection read (its steps run again aside); its
+            # near ties run exactly (a wider run of an oracle's selection would read the same tokens again)
+            oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin, recheck_widen=1.0)
             label = f"oracle+est@{name}" if estimate else f"oracle@{name}"
             results[label] = answer(OracleSelect(results[name]["selected_frac"]), oracle_cfg)
         for peer in peers:  # given the share the configuration read, its steps run again included (at most all)
@@ -127,8 +128,9 @@ def decode_with(model, source, logits, max_new: int, eos: set[int], rule, cache_
 
 
 def read_shares(steps: list[dict]) -> dict[str, float]:
-    """Means over a greedy run's decode steps (probes.greedy's record): host tokens read (both
-    runs of a step re-checked at a near tie), read by the selection alone, steps re-checked."""
+    """Means over a greedy run's decode steps (probes.greedy's record): host tokens read (every
+    run of a step re-checked at a near tie), read by the selection alone, steps re-checked; and
+    counts of the exact and wider runs, and of those that changed the greedy token."""
     shares = {k: _mean([s[k] for s in steps]) or 0.0 for k in ("kv_read_frac", "selected_frac")}
     counts = {
         "rechecks": sum(s["rechecked"] for s in steps),
