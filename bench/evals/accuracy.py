@@ -79,7 +79,8 @@ def evaluate(
     ids = tok(sample.prompt, return_tensors="pt").input_ids
     eos = eos_ids(model)
     window = WindowQueries()  # the prompt's last queries, for the SnapKV-style peer
-    AttentionInterface.register(CAPTURE, window)
+    if peers:
+        AttentionInterface.register(CAPTURE, window)
     source, logits, full = prefill_and_answer(model, ids, SOURCE, chunk, max_new, eos, CAPTURE if peers else "hybrid")
     full_shares = {
         "kv_read_frac": 1.0,

@@ -37,10 +37,7 @@ PAGE = 16  # Quest's page: tokens per block
 
 def _ids(rows: list[torch.Tensor]) -> torch.Tensor:
     """Per KV head id tensors -> [Hkv, M], -1 padded."""
-    out = torch.full((len(rows), max([len(r) for r in rows] + [0])), -1, dtype=torch.int64)
-    for h, r in enumerate(rows):
-        out[h, : len(r)] = r
-    return out
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
 
 
 class PeerRule:
