@@ -218,9 +218,42 @@ def test_ruler_bench_cells_and_a_run_on_a_local_task(task_dir, tmp_path):
     assert rows["8192"]["n"] == 1 and "read_frac" not in rows["8192"]
     out = tmp_path / "ruler.json"
     argv = ["--tasks", "tiny_gen", "--include-path", str(task_dir), "--limit", "2", "--configs", "default"]
-    ruler.main([*argv, "--threads", "1", "--json", str(out)])
+    ruler.main([*argv, "--peers", "streaming", "--threads", "1", "--json", str(out)])
     got = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(got) == {"full", "default"} and got["full"]["n"] == got["default"]["n"] == 2
+    assert set(got) == {"full", "default", "streaming@default"} and got["full"]["n"] == got["default"]["n"] == 2
+    assert got["streaming@default"]["n"] == 2 and got["streaming@default"]["read_frac"] == 0.0
+    with pytest.raises(SystemExit):  # the peers' shares come from a configuration that runs
+        ruler.main([*argv, "--peers", "quest", "--peers-at", "fixed"])
     # the engine's reports joined to its documents (short prompts: all resident, nothing read on the host)
     assert got["default"]["read_frac"] == 0.0 and got["default"]["rechecked_frac"] == 0.0
     assert "read_frac" not in got["full"]
+
+
+def test_a_peer_answers_lm_eval_requests_at_each_document_s_share(bundled_tokenizer):
+    """bench.evals.peer_lm: reading every host token, each peer gives lm-eval's `hf` model's
+    generation (full attention); given less, it reads that share; a document without a share,
+    an unknown peer and a sampling request are refused by name."""
+    from bench.evals.peer_lm import PeerLM
+
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    context = TEXT * 10 + "And then"  # longer than the peers' sinks and window: a host store to read
+    args = (context, {"until": ["\n\n"], "max_gen_toks": 6})
+    request = [Instance("generate_until", {}, args, 0, metadata=("t", 3, 1))]
+    model.set_attn_implementation("sdpa")
+    full = HFLM(pretrained=model, tokenizer=bundled_tokenizer, batch_size=1, max_length=2048).generate_until(
+        request, True
+    )
+    for peer in ("streaming", "snapkv", "quest"):
+        lm = PeerLM(peer, {("t", 3): 1.0}, model, bundled_tokenizer, max_length=2048)
+        assert lm.generate_until(request, True) == full, peer
+        assert lm.reports["t", 3].kv_read_frac == pytest.approx(1.0) and lm.reports["t", 3].decode_steps == 5
+    lm = PeerLM("streaming", {("t", 3): 0.1}, model, bundled_tokenizer, max_length=2048)
+    lm.generate_until(request, True)
+    assert 0.05 < lm.reports["t", 3].kv_read_frac < 0.15
+    with pytest.raises(KeyError, match="task 't', document 3"):
+        PeerLM("quest", {}, model, bundled_tokenizer).generate_until(request, True)
+    with pytest.raises(ValueError, match="unknown peer 'h2o'"):
+        PeerLM("h2o", {}, model, bundled_tokenizer)
+    sampled = [Instance("generate_until", {}, (context, {"do_sample": True, "temperature": 0.7}), 0, ("t", 3, 1))]
+    with pytest.raises(ValueError, match="sampling"):
+        PeerLM("quest", {("t", 3): 0.5}, model, bundled_tokenizer).generate_until(sampled, True)

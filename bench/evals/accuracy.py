@@ -43,8 +43,8 @@ from transformers import AttentionInterface
 
 from bench.common import options
 from bench.common.output import write_json
-from bench.evals.peers import PEERS, WindowQueries
-from bench.evals.probes import LayerProbe, OracleSelect, copy_state, greedy, named, prefill_and_answer, selecting
+from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
+from bench.evals.probes import LayerProbe, OracleSelect, copy_state, decode_with, greedy, named, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
 from engine import OffloadConfig
@@ -68,9 +68,8 @@ DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others
 # variable tracking is left out of the default run: the bundled model fails it with full attention
 DEFAULT_TASKS = [t for t in TASKS if t != "variable_tracking"]
-PROBE, SELECTING, CAPTURE = "hybrid_eval", "hybrid_selecting", "hybrid_capture"
+PROBE, CAPTURE = "hybrid_eval", "hybrid_capture"
 ORACLE_CACHE = SOURCE.replace(candidates_from="blocks")  # the oracle's selection needs no key index
-PEER_CACHE = ORACLE_CACHE.replace(estimate=False, recheck_margin=0.0)  # the peers neither estimate nor re-check
 
 
 def evaluate(
@@ -100,7 +99,7 @@ def evaluate(
         tokens = greedy(model, copy_state(source, model, cfg), logits, max_new, eos, steps)
         errors = [r["err"] for recs in probe.records.values() for r in recs]
         results[name] = {"tokens": tokens, **read_shares(steps), "attn_rel_err": _mean(errors)}
-        answer = functools.partial(decode_with, model, source, logits, max_new, eos)
+        answer = functools.partial(answer_with, model, source, logits, max_new, eos)
         for estimate in (False, True) if oracles else ():
             # the oracle selects the share the configuration's selection read (its steps run again aside); its
             # near ties run exactly (a wider run of an oracle's selection would read the same tokens again)
@@ -118,13 +117,11 @@ def evaluate(
     return results
 
 
-def decode_with(model, source, logits, max_new: int, eos: set[int], rule, cache_cfg: OffloadConfig) -> dict:
-    """The answer from a copy of the prefilled `source` in a cache with `cache_cfg`, decoded with
-    the selection rule `rule` in place of the engine's."""
-    AttentionInterface.register(SELECTING, selecting(rule))
-    model.set_attn_implementation(SELECTING)
+def answer_with(model, source, logits, max_new: int, eos: set[int], rule, cache_cfg: OffloadConfig) -> dict:
+    """The answer from the prefilled `source` decoded with the selection rule `rule` in a cache
+    with `cache_cfg` (probes.decode_with), and its read shares."""
     steps = []
-    tokens = greedy(model, copy_state(source, model, cache_cfg, indexes=False), logits, max_new, eos, steps)
+    tokens = decode_with(model, source, logits, max_new, eos, rule, cache_cfg, steps)
     return {"tokens": tokens, **read_shares(steps), "attn_rel_err": None}
 
 

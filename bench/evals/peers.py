@@ -27,12 +27,15 @@ import math
 
 import torch
 
+from bench.evals.probes import CONFIGS
 from engine.attention import hybrid_attention_forward
 from engine.cache import HybridLayer
 
 WINDOW = 32  # SnapKV's observation window: the prompt's last queries
 POOL = 7  # SnapKV's pooling kernel over positions
 PAGE = 16  # Quest's page: tokens per block
+# the cache the peers decode with: the engine's resident sinks and window, no estimate, no re-check
+PEER_CACHE = CONFIGS["default"].replace(candidates_from="blocks", estimate=False, recheck_margin=0.0)
 
 
 def _ids(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -3,7 +3,9 @@
 - `CONFIGS`, `named`: the engine configurations they compare, by name;
 - `copy_state`: a prefilled cache's positions in a full-attention cache or in
   another engine configuration (the host indexes are copied, not rebuilt);
-- `prefill_and_answer`: a prompt prefilled once, and full attention's greedy answer;
+- `prefilled`, `prefill_and_answer`: a prompt prefilled once, and full attention's greedy answer;
+- `decode_with`: greedy answers from a prefilled state with a selection rule of the caller's
+  (the oracle, a peer) in place of the engine's;
 - `OracleSelect`: a selection rule for `engine.decode.step.decode_step` that reads
   the host tokens exact attention weighs most (it scores every host key: for
   measuring what a selector could reach at the same read share, not for use);
@@ -20,7 +22,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
@@ -83,17 +85,25 @@ def copy_state(
 
 
 @torch.inference_mode()
-def prefill_and_answer(
-    model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, max_new: int, eos: set[int], attention: str = "hybrid"
-):
-    """Prefill ids [1, T] once into a HybridCache with `cfg` (exact, chunked; host indexes
-    built; with the registered attention function `attention`, the engine's or one wrapping it)
-    and let full attention answer greedily from a copy of that state. Returns (the cache, the
-    prefill's last logits, full attention's tokens); the model is left on "hybrid"."""
+def prefilled(model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, attention: str = "hybrid"):
+    """ids [1, T] prefilled into a HybridCache with `cfg` (exact, chunked; host indexes built),
+    with the registered attention function `attention` (the engine's or one wrapping it).
+    Returns (the cache, the prefill's last logits)."""
     model.set_attn_implementation(attention)
     source = HybridCache(model, cfg, progress=False)
     logits = prefill(model, ids, source, chunk, progress=False)
     source.build_indexes()
+    return source, logits
+
+
+@torch.inference_mode()
+def prefill_and_answer(
+    model, ids: torch.Tensor, cfg: OffloadConfig, chunk: int, max_new: int, eos: set[int], attention: str = "hybrid"
+):
+    """Prefill ids [1, T] once (`prefilled`) and let full attention answer greedily from a copy
+    of that state. Returns (the cache, the prefill's last logits, full attention's tokens); the
+    model is left on "hybrid"."""
+    source, logits = prefilled(model, ids, cfg, chunk, attention)
     model.set_attn_implementation("sdpa")
     full = greedy(model, copy_state(source, model, None), logits, max_new, eos)
     model.set_attn_implementation("hybrid")
@@ -123,6 +133,21 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
             for s, gap in run.row_steps(0)
         )
     return tokens
+
+
+SELECTING = "hybrid_selecting"  # the attention function decode_with registers
+
+
+def decode_with(model, source, logits, max_new: int, eos: set[int], rule, cfg, record: list | None = None) -> list[int]:
+    """Greedy tokens (as `greedy`, `record` too) from a copy of the prefilled `source` in a cache
+    with `cfg`, its host indexes left out, decoded with the selection rule `rule` in place of the
+    engine's; the model is left on "hybrid"."""
+    AttentionInterface.register(SELECTING, selecting(rule))
+    model.set_attn_implementation(SELECTING)
+    try:
+        return greedy(model, copy_state(source, model, cfg, indexes=False), logits, max_new, eos, record)
+    finally:
+        model.set_attn_implementation("hybrid")
 
 
 def host_mass(layer: HybridLayer, q: torch.Tensor, scale: float, lse_resident: torch.Tensor) -> torch.Tensor:

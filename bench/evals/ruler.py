@@ -7,8 +7,13 @@ The tasks' data are built once (with the model's tokenizer, seeded) and every me
 the same documents. Offline RULER tasks: niah_single_1, niah_multikey_2, niah_multikey_3,
 ruler_vt (from 1024 tokens), ruler_cwe, ruler_fwe.
 
+With `--peers`, published selection rules (bench.evals.peers: StreamingLLM, SnapKV-style, Quest)
+answer the same documents after the engine, each reading per step the share of host tokens the
+configuration `--peers-at` (default: the first of `--configs`) read on that document
+(bench.evals.peer_lm), rows "peer@config".
+
     python -m bench.evals.ruler --tasks niah_single_1 ruler_vt --seq-lengths 4096 8192 --limit 50 \\
-        --configs default default-norecheck --json bench/out/ruler.json
+        --configs default default-norecheck --peers streaming snapkv quest --json bench/out/ruler.json
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import time
 
 from bench.common import options
 from bench.common.output import write_json
+from bench.evals.peers import PEERS
 from bench.evals.probes import CONFIGS
 from bench.stats import mean_interval, wilson_interval
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
+PEER_NAMES = list(PEERS)
 
 
 def cells(samples: dict, reports: dict | None) -> list[dict]:
@@ -72,18 +79,24 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=options.positive_int, help="documents per task, default 50 (--quick: 2)")
     p.add_argument("--configs", nargs="+", choices=ENGINE_CONFIGS, default=["default", "default-norecheck"])
     p.add_argument("--no-full", action="store_true", help="skip full attention")
+    p.add_argument("--peers", nargs="*", choices=PEER_NAMES, default=[], help="published selection rules beside")
+    p.add_argument("--peers-at", help="the configuration whose read share the peers get (default: the first)")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(
         args, tasks=(["niah_single_1"], list(OFFLINE_TASKS)), seq_lengths=([1024], [4096, 8192]), limit=(2, 50)
     )
+    peers_at = args.peers_at or args.configs[0]
+    if args.peers and peers_at not in args.configs:
+        p.error(f"--peers-at {peers_at} is not among --configs ({', '.join(args.configs)}): its read shares are needed")
     options.pin_threads(args.threads)
 
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
+    from bench.evals.peer_lm import PeerLM, read_shares
     from engine.api import HybridLLM
     from engine.harness import HybridAttnLM, tokenizer_source
     from engine.models import load_model
@@ -91,22 +104,27 @@ def main(argv=None) -> None:
     metadata = {"tokenizer": tokenizer_source(args.model), "max_seq_lengths": args.seq_lengths}
     task_dict = get_task_dict(args.tasks, TaskManager(include_path=args.include_path, metadata=metadata))
     model, tokenizer = load_model(args.model, attn_implementation="hybrid")
-    methods = ([] if args.no_full else ["full"]) + args.configs
-    rows, started = [], time.perf_counter()
+    methods = ([] if args.no_full else ["full"]) + args.configs + [f"{peer}@{peers_at}" for peer in args.peers]
+    rows, started, shares = [], time.perf_counter(), {}
     for method in methods:
         if method == "full":
             model.set_attn_implementation("sdpa")
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        elif "@" in method:  # a peer, at the shares its configuration read (run before it)
+            lm = PeerLM(method.split("@")[0], shares, model, tokenizer, pretrained=args.model)
         else:
             model.set_attn_implementation("hybrid")
             lm = HybridAttnLM(pretrained=args.model, llm=HybridLLM(model, tokenizer, CONFIGS[method]))
         out = evaluate(lm=lm, task_dict=task_dict, limit=args.limit, log_samples=True, verbosity="WARNING")
+        if method == peers_at:
+            shares = read_shares(lm.reports)
         for row in cells(out["samples"], getattr(lm, "reports", None)):
             rows.append({"method": method, **row})
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
-        config = {k: getattr(args, k) for k in ("model", "tasks", "seq_lengths", "limit", "configs", "threads")}
+        names = ("model", "tasks", "seq_lengths", "limit", "configs", "peers", "threads")
+        config = {k: getattr(args, k) for k in names} | {"peers_at": peers_at if args.peers else None}
         write_json(args.json, {"config": config, "rows": rows, "seconds": round(time.perf_counter() - started, 1)})
 
 
