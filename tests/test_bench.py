@@ -52,14 +52,18 @@ def test_bench_decode_quick(tmp_path):
         # a near tie's step run again is timed where the configuration re-checks them
         rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"] and "python" not in c["method"]
         assert (c["rerun_attn_ms_per_layer"] is not None) == rechecks
-        if rechecks:  # the step alone, one re-check at the prose rate and a whole window, each timed
-            assert set(c["rerun_attn_ms_per_layer"]) == {"1", "42", str(min(c["context"], 256))}
+        if rechecks:  # the step alone and one exact run at the prose rate (a window), each timed; the step wider
+            assert set(c["rerun_attn_ms_per_layer"]) == {"1", str(min(c["context"], 256))}
             assert all(ms > 0 for ms in c["rerun_attn_ms_per_layer"].values())
+            assert c["wider_attn_ms_per_layer"] > 0 and c["wider_kv_read_frac"] > 0
             assert c["attn_ms_per_layer_with_rechecks"] > c["attn_ms_per_layer"]
+        else:
+            assert c["wider_attn_ms_per_layer"] is None and c["attn_ms_per_layer_with_rechecks"] is None
     # the default through the native host call and through the Python selection read the same share
     by = {(c["method"], c["context"]): c for c in timed}
     native, python = by["hybrid-default", 512], by["hybrid-default-python-selection", 512]  # 256: no host store
     assert abs(native["kv_read_frac"] - python["kv_read_frac"]) <= 0.02 * python["kv_read_frac"]
+    assert native["wider_kv_read_frac"] > native["kv_read_frac"]  # four times the candidates and blocks
 
 
 def test_bench_throughput_quick(tmp_path):

@@ -3,6 +3,7 @@ the seconds spent in each layer's attention (and cache update) during a forward 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -29,16 +30,29 @@ def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> fl
     return 1e3 * statistics.median(times)
 
 
-# share of greedy decode steps re-checked on the bundled model's prose (docs/results.md, Long generation),
-# and the positions each re-check runs again at that rate (those decoded since the last exact run), on average
-PROSE_RECHECK_RATE = 0.024
-RECHECK_SPAN = round(1 / PROSE_RECHECK_RATE)
+# Shares of decode steps run again at a near tie on the bundled model's prose with today's default
+# (docs/results.md, "A wider run before the exact one": teacher-forced, 6 prompts): run wider first
+# (OffloadConfig.recheck_widen), and of those, run exactly too. An exact run covers the positions
+# decoded since the last one: at that rate, on average more than a window, so the whole window.
+PROSE_WIDER_RATE = 0.0085
+PROSE_EXACT_RATE = 0.0026
+RECHECK_SPAN = round(1 / PROSE_EXACT_RATE)
 
 
-def with_rechecks(step: float, recheck: float) -> float:
-    """The mean cost per token of a step that costs `step` alone, when a share PROSE_RECHECK_RATE
-    of the steps also runs a re-check that costs `recheck` (RECHECK_SPAN positions run again)."""
-    return step + PROSE_RECHECK_RATE * recheck
+def with_rechecks(step: float, wider: float, exact: float) -> float:
+    """The mean cost per token of a step that costs `step` alone, when a share PROSE_WIDER_RATE of
+    the steps also runs again wider, at `wider` each, and a share PROSE_EXACT_RATE of them exactly
+    too, at `exact` each (min(RECHECK_SPAN, window) positions run again)."""
+    return step + PROSE_WIDER_RATE * wider + PROSE_EXACT_RATE * exact
+
+
+def running_again(cache, exact: int = 0, wider: float = 0.0):
+    """The context in which a forward pass runs the newest position(s) again as a near tie's do
+    (engine.decode.recheck): the `exact` newest positions as an exact chunk, or the newest one
+    read `wider` times wider; with neither, a plain step."""
+    if exact:
+        return cache.rerun_exactly([0], exact)
+    return cache.rerun_wider([0], wider) if wider else contextlib.nullcontext()
 
 
 def in_turns(runs: dict[str, Callable[[int], T]], steps: int, warmup: int = 2) -> dict[str, list[T]]:

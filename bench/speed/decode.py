@@ -19,10 +19,11 @@ warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
 part the engine replaces), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
 the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
-again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, the ~42
-positions of one re-check at the rate measured on prose, and a whole window; such a run reads
-every host row, rerun_kv_read_frac 1) and attn_ms_per_layer_with_rechecks (the step's mean cost
-with re-checks at that rate, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
+again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, and the
+positions of one exact run at the rate measured on prose, a window; such a run reads every host
+row, rerun_kv_read_frac 1), wider_attn_ms_per_layer and wider_kv_read_frac (the step alone run
+again wider, as a near tie is first) and attn_ms_per_layer_with_rechecks (the step's mean cost
+with wider and exact runs at the prose rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
 is the default through the Python selection, the native host call's reference (before and
 after in one run). Each row names its context_kind.
 
@@ -44,7 +45,7 @@ from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, chan
 from bench.common.models import SHAPES, benchmark_model
 from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
-from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, with_rechecks
+from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, running_again, with_rechecks
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.config import KEY_INDEXES
@@ -106,18 +107,20 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
 
 
 @torch.inference_mode()
-def time_rerun(model, cache, positions: int, steps: int) -> float:
-    """Median ms per layer in update + attention of the `positions` newest positions run again
-    as an exact chunk, as a near tie's are (engine.decode.recheck): every host token read."""
-    samples = []
-    ids = torch.full((1, positions), DECODE_TOKEN)
+def time_again(model, cache, steps: int, exact: int = 0, wider: float = 0.0) -> tuple[float, float]:
+    """Median ms per layer in update + attention, and the mean kv_read_frac, of the newest
+    position(s) run again as a near tie's are (engine.decode.recheck, timing.running_again): the
+    `exact` newest as an exact chunk (every host token read), or the newest `wider` times wider."""
+    samples, reads = [], []
+    ids = torch.full((1, max(1, exact)), DECODE_TOKEN)
     CLOCK.select = None
     for _ in range(steps):
         CLOCK.seconds = 0.0
-        with cache.rerun_exactly([0], positions):
+        with running_again(cache, exact, wider):
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         samples.append(CLOCK.seconds / model.config.num_hidden_layers)
-    return 1e3 * statistics.median(samples)
+        reads.append(cache.step_stats()["kv_read_frac"])
+    return 1e3 * statistics.median(samples), statistics.mean(reads)
 
 
 @torch.inference_mode()
@@ -198,11 +201,15 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
-        rerun = {}
+        rerun, wider, span = {}, None, min(RECHECK_SPAN, cfg.window, context) if cfg else 0
         if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
-            # a near tie's run again: the step alone, the positions of one re-check at the prose rate, a window
-            spans = sorted({1, min(RECHECK_SPAN, cfg.window), min(cfg.window, context)})
-            rerun = {n: time_rerun(model, caches[method], n, min(steps, 3)) for n in spans}
+            # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate
+            # (a window), and the step alone wider
+            rerun = {n: time_again(model, caches[method], min(steps, 3), exact=n)[0] for n in sorted({1, span})}
+            if cfg.recheck_widen > 1:
+                wider = time_again(model, caches[method], min(steps, 3), wider=cfg.recheck_widen)
+        wider_ms, wider_read = wider or (None, None)
+        with_again = round(with_rechecks(ms_layer, wider_ms or 0.0, rerun[span]), 4) if rerun else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -222,9 +229,10 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             # near ties' positions run again exactly (engine.decode.recheck), by how many
             "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
             "rerun_kv_read_frac": 1.0 if rerun else None,  # an exact chunk reads every host row
-            "attn_ms_per_layer_with_rechecks": round(with_rechecks(ms_layer, rerun[RECHECK_SPAN]), 4)
-            if RECHECK_SPAN in rerun
-            else None,
+            # the step alone run again wider first (OffloadConfig.recheck_widen), and what it read
+            "wider_attn_ms_per_layer": wider and round(wider_ms, 4),
+            "wider_kv_read_frac": wider and round(wider_read, 5),
+            "attn_ms_per_layer_with_rechecks": with_again,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
             "interleaved": len(caches) > 1,
