@@ -195,7 +195,8 @@ def paired_differences(cells: dict, refs: dict, methods: list[str]) -> str:
     """Each method's difference from full attention prompt by prompt (rows with per-prompt
     `scores`; refs: full attention's row over each method's prompts, see `on_seeds`): the mean
     with a 95% t interval, which is narrower than the two cells' intervals apart because both
-    answer the same prompts."""
+    answer the same prompts; and of the prompts full attention scores on, how many the method
+    scores as much on (full attention's answers kept)."""
     rows = []
     for (task, context), by in sorted(cells.items()):
         for m in methods:
@@ -206,10 +207,15 @@ def paired_differences(cells: dict, refs: dict, methods: list[str]) -> str:
             diff = [a - b for a, b in zip(scores, full)]
             mean, lo, hi = mean_interval(diff)
             better, worse = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
-            rows.append([task, context, m, f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", better, worse])
+            answered = [a >= b for a, b in zip(scores, full) if b > 0]
+            kept = f"{sum(answered)} of {len(answered)}"
+            rows.append(
+                [task, context, m, f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]", better, worse, kept]
+            )
     if not rows:
         return ""
     header = ["task", "context", "method", "minus full, points [95%]", "prompts better", "prompts worse"]
+    header += ["full's answers kept"]
     return "paired with full attention, prompt by prompt\n\n" + table(header, rows)
 
 

@@ -200,13 +200,14 @@ def test_report_sets_the_engine_against_each_peer_prompt_by_prompt():
 
 def test_report_pairs_accuracy_prompt_by_prompt():
     """With per-prompt scores the report adds each method's paired difference from full
-    attention (mean, t interval, prompts better and worse); without them it adds nothing."""
+    attention (mean, t interval, prompts better and worse, and of the prompts full attention
+    scores on, those the method scores as much on); without them it adds nothing."""
     base = {"task": "niah_single", "context": 2048, "n": 4, "kv_read_frac": 1.0, "attn_rel_err": 0.0}
     full = {**base, "method": "full", "accuracy": 0.75, "accuracy_ci": [0.3, 0.95], "scores": [1, 0, 1, 1]}
     engine = {**base, "method": "default", "accuracy": 0.25, "accuracy_ci": [0.05, 0.7], "scores": [1, 0, 0, 0]}
     text = script("bench.report").accuracy({"rows": [full, engine]})
     # differences 0, 0, -1, -1: mean -0.5, sd 0.5774, t(3) 3.182 -> half width 0.9186
-    assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
+    assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 | 1 of 3 |" in text
     unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
     assert "paired" not in script("bench.report").accuracy({"rows": unpaired})
 
@@ -248,7 +249,7 @@ def test_report_pools_runs_over_other_seeds():
     assert pooled["default"]["attn_rel_err"] == pytest.approx(0.2)  # 0.1 and 0.3, two prompts each
     text = report.accuracy({"rows": rows})
     assert "| passkey | 2048 | 4 | 75.0 [" in text and "25.0 (-50.0)" in text and "n = 4 prompts" in text
-    assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 |" in text
+    assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 | 1 of 3 |" in text
     with pytest.raises(ValueError, match="share seeds"):
         report.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
     with pytest.raises(ValueError, match="share seeds"):  # the same seeds, other answers
@@ -264,7 +265,7 @@ def test_report_compares_a_configuration_run_on_part_of_a_cell_with_full_attenti
     rows = [row("full", 0, [1, 1]), row("full", 2, [1, 0]), row("quest", 2, [1, 1])]
     text = report.accuracy({"rows": rows})
     assert "100.0 (+50.0; 2 prompts)" in text  # against full attention's 50% on seeds 2-3, not its 75% on all four
-    assert "| passkey | 2048 | quest | +50.0 [" in text and "| 1 | 0 |" in text
+    assert "| passkey | 2048 | quest | +50.0 [" in text and "| 1 | 0 | 1 of 1 |" in text
     assert "below full" not in text
     with pytest.raises(ValueError, match="no scores for some of its prompts"):
         report.accuracy({"rows": [row("full", 0, [1, 1]), row("quest", 2, [1, 1])]})
