@@ -138,6 +138,7 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
         else:  # steps re-checked at near ties (frequent in a random model) read every host token
             assert 0 < r["selected_frac"] < 1 and r["kv_read_frac"] >= r["selected_frac"]
             assert (r["kv_read_frac"] > r["selected_frac"]) == (r["rechecked_frac"] > 0 or r["widened"] > 0)
+        assert len(r["read_over_selected"]) == 2 and max(r["read_over_selected"]) == r["max_read_over_selected"] >= 1
     read = {(r["task"], r["method"]): r["selected_frac"] for r in rows}
     for task in ("passkey", "niah_single"):  # each oracle selects about what its engine configuration selected
         for name in engines:

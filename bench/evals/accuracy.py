@@ -20,7 +20,8 @@ L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, both runs o
 re-checked at a near tie: engine.decode.recheck), selected_frac (the same, the selection's
 first runs alone: the share the oracle is given), rechecked_frac (the share of steps
 run again), recheck_precision (the share of re-checks whose exact run changed the greedy
-token) and max_read_over_selected (the most any prompt's re-checks multiplied its read).
+token), read_over_selected (how much each prompt's steps run again multiplied its selection's read)
+and max_read_over_selected (the most of those).
 
     python -m bench.evals.accuracy [--quick] [--json PATH] [--n N] [--first SEED] [--contexts ...] [--tasks ...]
                                   [--configs ...] [--peers streaming snapkv quest]
@@ -159,9 +160,10 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
     # the wider runs that settled a near tie without an exact run, and how many of them changed the token
     row["widened"] = sum(r["widened"] for r in rs)
     row["widened_changed"] = sum(r["widened_changed"] for r in rs)
-    # the most a prompt's re-checks multiplied its selection's read
-    ratios = [r["kv_read_frac"] / r["selected_frac"] for r in rs if r["selected_frac"]]
-    row["max_read_over_selected"] = round(max(ratios), 3) if ratios else None
+    # how much each prompt's runs again multiplied its selection's read (seed order), and the most
+    ratios = [round(r["kv_read_frac"] / r["selected_frac"], 3) if r["selected_frac"] else None for r in rs]
+    row["read_over_selected"] = ratios
+    row["max_read_over_selected"] = max((x for x in ratios if x is not None), default=None)
     return row
 
 
