@@ -60,7 +60,9 @@ class PeerLM(HybridAttnLM):
             finally:
                 source.release()
             read = sum(s["kv_read_frac"] for s in steps) / len(steps) if steps else 0.0
-            self.reports[key] = GenerationReport(new_tokens=len(tokens), decode_steps=len(steps), kv_read_frac=read)
+            self.reports[key] = GenerationReport(
+                prompt_tokens=ids.shape[1], new_tokens=len(tokens), decode_steps=len(steps), kv_read_frac=read
+            )
             results.append(cut_at(self.tokenizer.decode(tokens, skip_special_tokens=True), until))
             self.cache_hook.add_partial("generate_until", request.args, results[-1])
         return results
