@@ -287,6 +287,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert {"hybrid-default", "hybrid-default-no-growth", "full-sdpa"} <= set(decode)
     assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
     assert decode["hybrid-default"]["rerun_attn_ms_per_layer"] > 0  # a near tie's step run again, timed
+    assert decode["hybrid-default"]["wider_ms_per_token"] > 0 and decode["hybrid-default"]["wider_kv_read_frac"] > 0
     prefill = {r["method"]: r for r in rows if r["case"] == "prefill"}
     assert set(prefill) == {"hybrid-default-first-call", "hybrid-default-stores-reused", "full-sdpa"}
     for name in ("hybrid-default-first-call", "hybrid-default-stores-reused"):
