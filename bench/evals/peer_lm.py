@@ -23,7 +23,7 @@ from engine.harness import HybridAttnLM, cut_at
 CAPTURE = "hybrid_peer_capture"  # the prefill's attention function: the engine's, keeping the last queries
 
 
-def read_shares(reports: dict[tuple, GenerationReport]) -> dict[tuple, float]:
+def document_shares(reports: dict[tuple, GenerationReport]) -> dict[tuple, float]:
     """(task, document) -> the share of host tokens read per step in that document's generation."""
     return {key: report.kv_read_frac for key, report in reports.items()}
 

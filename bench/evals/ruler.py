@@ -30,7 +30,6 @@ from bench.stats import mean_interval, wilson_interval
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
-PEER_NAMES = list(PEERS)
 
 
 def cells(samples: dict, reports: dict | None) -> list[dict]:
@@ -79,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=options.positive_int, help="documents per task, default 50 (--quick: 2)")
     p.add_argument("--configs", nargs="+", choices=ENGINE_CONFIGS, default=["default", "default-norecheck"])
     p.add_argument("--no-full", action="store_true", help="skip full attention")
-    p.add_argument("--peers", nargs="*", choices=PEER_NAMES, default=[], help="published selection rules beside")
+    p.add_argument("--peers", nargs="*", choices=list(PEERS), default=[], help="published selection rules beside")
     p.add_argument("--peers-at", help="the configuration whose read share the peers get (default: the first)")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     options.add_threads_arg(p)
@@ -96,7 +95,7 @@ def main(argv=None) -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from bench.evals.peer_lm import PeerLM, read_shares
+    from bench.evals.peer_lm import PeerLM, document_shares
     from engine.api import HybridLLM
     from engine.harness import HybridAttnLM, tokenizer_source
     from engine.models import load_model
@@ -117,7 +116,7 @@ def main(argv=None) -> None:
             lm = HybridAttnLM(pretrained=args.model, llm=HybridLLM(model, tokenizer, CONFIGS[method]))
         out = evaluate(lm=lm, task_dict=task_dict, limit=args.limit, log_samples=True, verbosity="WARNING")
         if method == peers_at:
-            shares = read_shares(lm.reports)
+            shares = document_shares(lm.reports)
         for row in cells(out["samples"], getattr(lm, "reports", None)):
             rows.append({"method": method, **row})
             print(json.dumps(rows[-1]), flush=True)
