@@ -235,21 +235,28 @@ class OffloadConfig:
     recheck_read_limit: float = _option(
         "correction",
         3.0,
-        "a near tie after the first runs exactly only while the generation's host reads so far, with that run, "
-        "stay within this multiple of its selection's reads (0: no limit)",
+        "a near tie's step runs again (wider or exactly) only while the generation's host reads so far, with "
+        "that run's (a wider run's foreseen as its factor times the step's selection, an exact run's as every "
+        "host token), stay within this multiple of its selection's reads (0: no limit)",
     )
     recheck_widen: float = _option(
         "correction",
         4.0,
         "a near tie's step first runs again reading wider: this many times the candidates and blocks, its "
-        "thresholds lowered as much; the exact run follows only where the wider run's two highest logits still "
+        "thresholds lowered as much; the exact run follows only where the wider runs' two highest logits still "
         "lie less than `recheck_wide_margin` apart (1: straight to the exact run)",
+    )
+    recheck_wider_runs: int = _option(
+        "correction",
+        2,
+        "with `recheck_widen` > 1: how many wider runs a near tie may take before its exact run, each "
+        "`recheck_widen` times wider than the one before, while the tie survives",
     )
     recheck_wide_margin: float = _option(
         "correction",
         0.2,
-        "with `recheck_widen` > 1: the gap between the wider run's two highest logits under which the step "
-        "still runs exactly (0: the wider run's logits stand)",
+        "with `recheck_widen` > 1: the gap between a wider run's two highest logits under which the step "
+        "runs again wider still, or exactly after the last wider run (0: the first wider run's logits stand)",
     )
 
     # Runtime: where and how it runs (no effect on the result).

@@ -216,10 +216,11 @@ class Decoding:
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
-        self.budgets: list[RecheckBudget] = []  # per row: the exact runs spent, and whether another may run
+        self.budgets: list[RecheckBudget] = []  # per row: what its runs again spent, and whether another may run
         if self.hybrid:
             cfg = cache.offload_config
-            self.budgets = [RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit) for _ in range(B)]
+            horizon = max_new_tokens - 1  # its decode steps: the first token comes from the prompt's logits
+            self.budgets = [RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon) for _ in range(B)]
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
         self._started = False
@@ -271,8 +272,8 @@ class Decoding:
             out = self.model(input_ids=latest, position_ids=positions, cache=self.cache, use_cache=True)
             return out.logits[:, -1]
         # every row left has fed as many tokens: a near tie runs the newest not yet exact again
-        allowed = [self.budgets[r].allows() for r in rows]
-        step = forward_step(self.model, self.cache, latest, positions, fed=[self.fed[r] for r in rows], allowed=allowed)
+        budgets = [self.budgets[r] for r in rows]
+        step = forward_step(self.model, self.cache, latest, positions, fed=[self.fed[r] for r in rows], budgets=budgets)
         for r, row_share in zip(rows, step.rows):
             self.budgets[r].record(row_share)
         gaps = [float("inf")] * len(rows)

@@ -310,31 +310,69 @@ def test_a_widened_configuration_reads_factor_times_as_much():
         OffloadConfig(recheck_wide_margin=-0.1)
 
 
-def test_a_read_limit_holds_back_the_exact_runs_that_would_read_past_it():
+def test_a_read_limit_holds_back_every_run_again_that_would_read_past_it():
     budget = RecheckBudget(share=1.0, read_limit=4.0)
-    assert budget.allows()  # the first near tie always may
-    budget.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    # a step that read 2% may run again wider reading 6% more, not exactly: 1.02 > 4 * 0.02
+    assert budget.affords(0.02, 0.02, 0.06) and not budget.affords(0.02, 0.02, 0.061)
+    assert not budget.affords(0.02, 0.02, 1.0, exact=True)
+    budget.record(RowShare(kv_read=0.1, selected=0.02, keys_scored=0.0, rechecked=False, widened=True))
     seen = []
-    for _ in range(40):  # k steps of 2% later: allowed once 1.02 + 0.02 k + 1 <= 4 * 0.02 (k + 1), k >= 33
-        seen.append(budget.allows())
+    for _ in range(40):  # k steps of 2% later: an exact run once 0.1 + 0.02 k + 0.02 + 1 <= 4 * 0.02 (k + 2), k >= 16
+        seen.append(budget.affords(0.02, 0.02, 1.0, exact=True))
         budget.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rechecked=False))
-    assert seen == [False] * 33 + [True] * 7
+    assert seen == [False] * 16 + [True] * 24
     unlimited = RecheckBudget(share=1.0, read_limit=0.0)
     unlimited.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
-    assert unlimited.allows()
+    assert unlimited.affords(0.02, 0.5, 1.0, exact=True) and unlimited.affords(0.02, 0.5, 1.0)
+    shared = RecheckBudget(share=0.0, read_limit=0.0)  # the share bound: the first exact run alone
+    assert shared.affords(0.02, 0.02, 1.0, exact=True)
+    shared.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    assert not shared.affords(0.02, 0.02, 1.0, exact=True) and shared.affords(0.02, 0.02, 1.0)
 
 
-def test_a_generation_keeps_its_reads_within_the_limit_after_its_first_exact_run(tiny_model, tiny_ids):
-    """Every step a near tie: the exact runs after the first keep the reads within the limit."""
-    for limit in (0.0, 2.0, 1.0):
-        run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_share=1.0, recheck_read_limit=limit))
-        shares = [share for share, _ in run.row_steps(0)]
-        read = selected = 0.0
-        for t, s in enumerate(shares):
-            if s.rechecked and t:
-                assert not limit or read + 1 <= limit * selected, f"limit {limit}, step {t}"
-            read, selected = read + s.kv_read, selected + s.selected
-        exact = sum(s.rechecked for s in shares)
-        assert shares[0].rechecked and exact == {0.0: STEPS, 1.0: 1}.get(limit, exact)
-        if limit == 2.0:
-            assert 1 < exact < STEPS, exact
+def test_wider_runs_may_spend_what_the_steps_to_come_will_earn_exact_runs_may_not():
+    # the first of 40 steps, 2% each: 40 * 2% * (3 - 1) = 1.6 of the host tokens may be read again
+    ahead = RecheckBudget(share=1.0, read_limit=3.0, horizon=40)
+    assert ahead.affords(0.02, 0.02, 1.6) and not ahead.affords(0.02, 0.02, 1.61)
+    assert not ahead.affords(0.02, 0.02, 1.0, exact=True)
+    assert not RecheckBudget(share=1.0, read_limit=3.0).affords(0.02, 0.02, 0.05)  # no horizon: 2 * 2% alone
+    # a step past the horizon foresees no more steps
+    past = RecheckBudget(share=1.0, read_limit=3.0, horizon=1)
+    past.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rechecked=False))
+    assert past.affords(0.02, 0.02, 0.08) and not past.affords(0.02, 0.02, 0.081)
+
+
+@pytest.mark.parametrize("limit", [0.0, 1.0, 2.0, 3.0])
+def test_a_generation_keeps_its_exact_runs_within_the_limit(tiny_model, tiny_ids, limit):
+    """Every step a near tie that survives its wider runs: an exact run only where the reads so
+    far, with it, stay within the limit; with a limit of 1 nothing runs again."""
+    cfg = ALWAYS.replace(recheck_share=1.0, recheck_read_limit=limit, recheck_widen=2.0, recheck_wide_margin=1e9)
+    run = forced_generation(tiny_model, tiny_ids, cfg)
+    shares = [share for share, _ in run.row_steps(0)]
+    read = selected = 0.0
+    for s in shares:
+        read, selected = read + s.kv_read, selected + s.selected
+        if limit and s.rechecked:
+            assert read <= limit * selected + 1e-9
+    exact, wide = sum(s.rechecked for s in shares), sum(s.widened for s in shares)
+    if limit == 0.0:  # unbounded: every step runs wider, then exactly
+        assert exact == wide == STEPS
+    if limit == 1.0:  # nothing may be read beyond the selection
+        assert exact == wide == 0 and read == selected
+    if limit == 2.0:
+        assert 0 < wide and exact < STEPS, (exact, wide)
+
+
+def test_a_tie_that_survives_runs_wider_again_up_to_the_runs_allowed(tiny_model, tiny_ids):
+    def reads(runs: int, wide_margin: float) -> list[float]:
+        cfg = ALWAYS.replace(recheck_widen=2.0, recheck_wider_runs=runs, recheck_wide_margin=wide_margin)
+        _, steps = decode(tiny_model, tiny_ids, cfg)
+        return [s.kv_read_frac for s in steps]
+
+    one, three = reads(1, 1e9), reads(3, 1e9)
+    # the tie survives every run: three wider runs read more than one, each step
+    assert all(b > a for a, b in zip(one, three))
+    # a wider run that settles the tie (margin 0) is the last: as many runs read as with one
+    assert reads(3, 0.0) == reads(1, 0.0)
+    with pytest.raises(ValueError, match="recheck_wider_runs"):
+        OffloadConfig(recheck_wider_runs=-1)

@@ -15,11 +15,12 @@ so, since their K/V depend only on the positions before them
 
 An exact run reads every host token. With `OffloadConfig.recheck_widen` > 1 a near
 tie first runs its step alone again, reading with a selection that many times
-wider (`HybridCache.rerun_wider`): most near ties are the first run's error, and
-the wider run settles them at a few times the step's read; only where its two
+wider (`HybridCache.rerun_wider`), and again that many times wider still, up to
+`recheck_wider_runs` runs: most near ties are the first run's error, and a wider
+run settles them at a few times the step's read; only where the widest run's two
 highest logits still lie less than `recheck_wide_margin` apart does the exact run
-follow. `recheck_share` and `recheck_read_limit` bound the exact runs, not the
-wider ones (`RecheckBudget`).
+follow. `RecheckBudget` bounds them all: `recheck_share` the exact runs' share of
+the steps, `recheck_read_limit` every run again by what the generation has read.
 """
 
 from __future__ import annotations
@@ -61,21 +62,33 @@ def near_ties(logits: torch.Tensor, margin: float) -> list[int]:
 
 
 class RecheckBudget:
-    """What one sequence's generation has spent on exact runs, and whether it may run one at
-    its next step: its first near tie always may; later ones while its exact runs stay within
-    `share` of its steps (OffloadConfig.recheck_share) and, with a `read_limit`, while its host
-    reads so far plus one exact run (every host token) stay within `read_limit` times its
-    selection's reads so far (OffloadConfig.recheck_read_limit; 0: no limit)."""
+    """What one sequence's generation has read and run again so far, and whether a step may run
+    again: an exact run while the exact runs stay within `share` of its steps (its first near tie
+    always may; OffloadConfig.recheck_share); with a `read_limit`, a run again only while the
+    generation's host reads, with that run's, stay within `read_limit` times its selection's
+    (OffloadConfig.recheck_read_limit; 0: no limit). A wider run's reads are foreseen over a
+    `horizon` of decode steps (the generation's length asked for): an answer's near ties come
+    early, when its selection has read little, and its wider runs may spend what the steps to
+    come will earn at the selection's mean share so far (a generation that stops before its
+    horizon may end above the limit); an exact run, a whole pass, waits until they are read. Reads are shares of the host tokens, summed over the steps."""
 
-    def __init__(self, share: float, read_limit: float = 0.0):
-        self.share, self.read_limit = share, read_limit
+    def __init__(self, share: float, read_limit: float = 0.0, horizon: int = 0):
+        self.share, self.read_limit, self.horizon = share, read_limit, horizon
         self.steps = self.rechecked = 0
         self.read = self.selected = 0.0  # sums over its steps of RowShare.kv_read and .selected
 
-    def allows(self) -> bool:
-        if not may_recheck(self.rechecked, self.steps + 1, self.share):
+    def affords(self, selected: float, spent: float, extra: float, exact: bool = False) -> bool:
+        """Whether this step, whose selection read `selected` and whose runs so far read `spent`
+        (the selection's included), may run again reading `extra` more; exactly (`exact`: every
+        host token) or wider."""
+        if exact and not may_recheck(self.rechecked, self.steps + 1, self.share):
             return False
-        return not self.rechecked or not self.read_limit or self.read + 1.0 <= self.read_limit * self.selected
+        if not self.read_limit:
+            return True
+        steps, chosen = self.steps + 1, self.selected + selected
+        # the selection's reads foreseen after this step; an exact run waits until they are read
+        to_come = 0.0 if exact else chosen / steps * max(0, self.horizon - steps)
+        return self.read + spent + extra + to_come <= self.read_limit * (chosen + to_come)
 
     def record(self, row: RowShare) -> None:
         self.steps += 1
@@ -97,17 +110,18 @@ def forward_step(
     tokens: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     fed: list[list[int]] | None = None,
-    allowed: list[bool] | None = None,
+    budgets: list[RecheckBudget] | None = None,
 ) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
-    its token in `tokens`, equally many per row (None: `tokens` alone); `allowed` says which rows
-    may run exactly at this step (None: all; `RecheckBudget`). At a near tie a row's step first
-    runs again wider (`recheck_widen` > 1); where that leaves a near tie too
-    (`recheck_wide_margin`), the row's newest positions that approximate steps wrote since its
-    last exact run (at most `window`) run again exactly; the positions before them are exact
-    already, so each decoded position runs again exactly at most once however many near ties
-    follow it."""
+    its token in `tokens`, equally many per row (None: `tokens` alone); `budgets` say which rows
+    may run again at this step, and how (None: all; `RecheckBudget`). At a near tie a row's step
+    first runs again wider (`recheck_widen` > 1), up to `recheck_wider_runs` times, each wider
+    than the one before, while its two highest logits still lie within `recheck_wide_margin`;
+    where the widest run leaves a near tie too, the row's newest positions that approximate
+    steps wrote since its last exact run (at most `window`) run again exactly; the positions
+    before them are exact already, so each decoded position runs again exactly at most once
+    however many near ties follow it."""
     cfg = cache.offload_config
     logits = model(input_ids=tokens, position_ids=position_ids, cache=cache, use_cache=True).logits[:, -1]
     first = logits
@@ -115,19 +129,31 @@ def forward_step(
     counts = [
         (st["host_tokens"], st["gathered"], st["keys_scored"]) for st in map(cache.step_stats, range(len(tokens)))
     ]
+    share = [gathered / host if host else 0.0 for host, gathered, _ in counts]  # each row's selection
+    wider = {}  # rows run again wider -> host tokens those runs gathered
+
+    def affords(r: int, extra: float, exact: bool = False) -> bool:  # extra: a share of the host tokens
+        spent = share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
+        return budgets is None or budgets[r].affords(share[r], spent, extra, exact)
+
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cfg.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
-    wider = {}  # rows run again wider -> host tokens that run gathered
-    if rows and cfg.recheck_widen > 1:
+    factor = 1.0
+    for _ in range(cfg.recheck_wider_runs if cfg.recheck_widen > 1 else 0):
+        factor *= cfg.recheck_widen
+        rows = [r for r in rows if affords(r, min(1.0, factor * share[r]))]  # its read, foreseen
+        if not rows:
+            break
         positions = None if position_ids is None else position_ids[rows]
-        with cache.rerun_wider(rows, cfg.recheck_widen):
+        with cache.rerun_wider(rows, factor):
             wide = model(input_ids=tokens[rows], position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
-        wider = {r: cache.step_stats(r)["gathered"] for r in rows}
-        logits = logits.clone()
+        for r in rows:
+            wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
+        logits = logits.clone() if logits is first else logits
         logits[rows] = wide
         rows = [rows[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
-    rows = [r for r in rows if allowed is None or allowed[r]]
+    rows = [r for r in rows if affords(r, 1.0, exact=True)]
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cfg.window)
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
