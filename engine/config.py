@@ -235,9 +235,10 @@ class OffloadConfig:
     recheck_read_limit: float = _option(
         "correction",
         3.0,
-        "a near tie's step runs again (wider or exactly) only while the generation's host reads so far, with "
-        "that run's (a wider run's foreseen as its factor times the step's selection, an exact run's as every "
-        "host token), stay within this multiple of its selection's reads (0: no limit)",
+        "a near tie's step runs again only while the generation's host reads stay within this multiple of its "
+        "selection's: an exact run (every host token) within the reads so far, a wider run (foreseen as its "
+        "factor times the step's selection) within the selection's reads foreseen over the `max_new_tokens` "
+        "asked for (0: no limit)",
     )
     recheck_widen: float = _option(
         "correction",

@@ -116,6 +116,7 @@ def test_fields_are_declared_section_by_section():
         "recheck_share",
         "recheck_read_limit",
         "recheck_widen",
+        "recheck_wider_runs",
         "recheck_wide_margin",
     ]
     assert by_section["sources"][:2] == ["candidates_from", "key_index"]
