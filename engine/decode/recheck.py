@@ -70,7 +70,8 @@ class RecheckBudget:
     `horizon` of decode steps (the generation's length asked for): an answer's near ties come
     early, when its selection has read little, and its wider runs may spend what the steps to
     come will earn at the selection's mean share so far (a generation that stops before its
-    horizon may end above the limit); an exact run, a whole pass, waits until they are read. Reads are shares of the host tokens, summed over the steps."""
+    horizon may end above the limit); an exact run, a whole pass, waits until they are read.
+    Reads are shares of the host tokens, summed over the steps."""
 
     def __init__(self, share: float, read_limit: float = 0.0, horizon: int = 0):
         self.share, self.read_limit, self.horizon = share, read_limit, horizon
