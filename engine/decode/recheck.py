@@ -175,7 +175,7 @@ def forward_step(
     shares = []
     for r, (host, gathered, keys) in enumerate(counts):
         read = gathered + wider.get(r, 0) + host * (r in again)
-        row = (read / host, gathered / host, keys / host) if host else (0.0, 0.0, 0.0)
+        row = (read / host, share[r], keys / host) if host else (0.0, 0.0, 0.0)
         shares.append(RowShare(*row, r in again, r in changed, r in wider))
     host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
     read = gathered + sum(wider.values()) + sum(counts[r][0] for r in rows)
