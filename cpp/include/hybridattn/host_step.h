@@ -181,7 +181,7 @@ class HostUnit {
       s_.kept = s_.candidates;
       return;
     }
-    s_.scores.resize(size_t(G_ * C));
+    s_.scores.resize(size_t((G_ + 1) * C));  // G rows of scores, and the largest log-terms
     GatherScoresArgs sc;
     sc.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
     sc.n_q_heads = G_;
@@ -199,10 +199,27 @@ class HostUnit {
       lse[g] = given[g];
       if (a_.lse_from_candidates) lse[g] = log_add_exp(lse[g], log_sum_exp(s, C));
     }
+    // The group's mean lies between 1/G of its largest term and that term: a candidate whose largest
+    // log-term lies clearly below log(threshold) is dropped, one clearly above log(G * threshold) kept,
+    // without exponentials; only those between are summed (kRateMargin keeps rounding out of it).
+    const float threshold = a_.threshold[b_];
+    const float drop_below = std::log(threshold) - kRateMargin;
+    const float keep_above = std::log(threshold * float(G_)) + kRateMargin;
+    float* top = s_.scores.data() + G_ * C;  // each candidate's largest log-term
+    const float* s0 = s_.scores.data();
+    for (int64_t j = 0; j < C; ++j) top[j] = s0[j] - lse[0];
+    for (int64_t g = 1; g < G_; ++g) {
+      const float* s = s_.scores.data() + g * C;
+      for (int64_t j = 0; j < C; ++j) top[j] = std::max(top[j], s[j] - lse[g]);
+    }
     for (int64_t j = 0; j < C; ++j) {
-      float p = 0.0f;
-      for (int64_t g = 0; g < G_; ++g) p += std::exp(s_.scores[size_t(g * C + j)] - lse[g]);
-      if (p / float(G_) >= a_.threshold[b_]) s_.kept.push_back(s_.candidates[size_t(j)]);
+      if (top[j] < drop_below) continue;
+      if (top[j] < keep_above) {
+        float p = 0.0f;
+        for (int64_t g = 0; g < G_; ++g) p += std::exp(s_.scores[size_t(g * C + j)] - lse[g]);
+        if (p / float(G_) < threshold) continue;
+      }
+      s_.kept.push_back(s_.candidates[size_t(j)]);
     }
     a_.n_rated[b_ * Hkv_ + h_] = C;
   }
@@ -283,6 +300,7 @@ class HostUnit {
 
  public:
   static constexpr int64_t kMaxRateGroup = 64;  // query heads per KV head the rating takes
+  static constexpr float kRateMargin = 1e-3f;    // nats between a bound and the threshold for a decision by bound
 
  private:
   const HostStepArgs& a_;
