@@ -240,6 +240,14 @@ class OffloadConfig:
         "factor times the step's selection) within the selection's reads foreseen over the `max_new_tokens` "
         "asked for (0: no limit)",
     )
+    recheck_credit_steps: int = _option(
+        "correction",
+        0,
+        "with `recheck_read_limit`: a wider run may spend ahead what the selection will read up to this "
+        "decode step (an answer's near ties come at its first tokens, when it has read little); past it, "
+        "every run stays within the limit of the reads so far, so a generation at least this long ends "
+        "within the limit (0: up to the `max_new_tokens` asked for)",
+    )
     recheck_widen: float = _option(
         "correction",
         4.0,

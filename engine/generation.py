@@ -220,6 +220,8 @@ class Decoding:
         if self.hybrid:
             cfg = cache.offload_config
             horizon = max_new_tokens - 1  # its decode steps: the first token comes from the prompt's logits
+            if cfg.recheck_credit_steps:
+                horizon = min(horizon, cfg.recheck_credit_steps)
             self.budgets = [RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon) for _ in range(B)]
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}

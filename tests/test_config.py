@@ -115,6 +115,7 @@ def test_fields_are_declared_section_by_section():
         "recheck_margin",
         "recheck_share",
         "recheck_read_limit",
+        "recheck_credit_steps",
         "recheck_widen",
         "recheck_wider_runs",
         "recheck_wide_margin",

@@ -342,6 +342,15 @@ def test_wider_runs_may_spend_what_the_steps_to_come_will_earn_exact_runs_may_no
     assert past.affords(0.02, 0.02, 0.08) and not past.affords(0.02, 0.02, 0.081)
 
 
+def test_wider_runs_spend_ahead_up_to_the_credit_steps_at_most(tiny_model, tiny_ids):
+    # STEPS + 1 tokens: STEPS decode steps foreseen, unless the credit ends earlier
+    for credit, horizon in ((0, STEPS), (5, 5), (STEPS + 10, STEPS)):
+        run = forced_generation(tiny_model, tiny_ids, ALWAYS.replace(recheck_credit_steps=credit))
+        assert [b.horizon for b in run.budgets] == [horizon]
+    with pytest.raises(ValueError, match="recheck_credit_steps"):
+        OffloadConfig(recheck_credit_steps=-1)
+
+
 @pytest.mark.parametrize("limit", [0.0, 1.0, 2.0, 3.0])
 def test_a_generation_keeps_its_exact_runs_within_the_limit(tiny_model, tiny_ids, limit):
     """Every step a near tie that survives its wider runs: an exact run only where the reads so
