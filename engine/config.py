@@ -237,12 +237,12 @@ class OffloadConfig:
         3.0,
         "a near tie's step runs again only while the generation's host reads stay within this multiple of its "
         "selection's: an exact run (every host token) within the reads so far, a wider run (foreseen as its "
-        "factor times the step's selection) within the selection's reads foreseen over the `max_new_tokens` "
-        "asked for (0: no limit)",
+        "factor times the step's selection) within the selection's reads foreseen up to "
+        "`recheck_credit_steps` (0: no limit)",
     )
     recheck_credit_steps: int = _option(
         "correction",
-        0,
+        24,
         "with `recheck_read_limit`: a wider run may spend ahead what the selection will read up to this "
         "decode step (an answer's near ties come at its first tokens, when it has read little); past it, "
         "every run stays within the limit of the reads so far, so a generation at least this long ends "

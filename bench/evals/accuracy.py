@@ -64,7 +64,7 @@ CONFIGS = named(
     "default-no-growth",
     "default-unbounded",
     "default-exact-recheck",
-    "default-credit-24",
+    "default-credit-all",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

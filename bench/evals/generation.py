@@ -40,7 +40,7 @@ from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
 from bench.stats import mean_interval
 from engine.models import load_model
 
-CONFIGS = named("default", "fixed-noest", "default-norecheck", "default-credit-24", "exact")
+CONFIGS = named("default", "fixed-noest", "default-norecheck", "default-credit-all", "exact")
 SOURCE = CONFIGS["default"]
 
 

@@ -53,8 +53,8 @@ CONFIGS = {
     "default-no-growth": _cpu("default", grow_from=0),  # the same counts at every length, as before
     "default-unbounded": _cpu("default", recheck_share=1.0),  # every near tie re-checked, as before the bound
     "default-exact-recheck": _cpu("default", recheck_widen=1.0),  # near ties straight to the exact run, as before
-    # wider runs spend ahead only up to the 24th decode step: an answer of 24 tokens or more ends within the limit
-    "default-credit-24": _cpu("default", recheck_credit_steps=24),
+    # wider runs spend ahead over every step asked for, as before recheck_credit_steps
+    "default-credit-all": _cpu("default", recheck_credit_steps=0),
     # every host token read, nothing estimated or re-checked: full attention through the engine
     "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
 }

@@ -67,10 +67,12 @@ class RecheckBudget:
     always may; OffloadConfig.recheck_share); with a `read_limit`, a run again only while the
     generation's host reads, with that run's, stay within `read_limit` times its selection's
     (OffloadConfig.recheck_read_limit; 0: no limit). A wider run's reads are foreseen over a
-    `horizon` of decode steps (the generation's length asked for): an answer's near ties come
-    early, when its selection has read little, and its wider runs may spend what the steps to
-    come will earn at the selection's mean share so far (a generation that stops before its
-    horizon may end above the limit); an exact run, a whole pass, waits until they are read.
+    `horizon` of decode steps (OffloadConfig.recheck_credit_steps, or the generation's length
+    asked for where shorter): an answer's near ties come early, when its selection has read
+    little, and its wider runs may spend what the steps to come will earn at the selection's
+    mean share so far (a generation that stops before its horizon may end above the limit;
+    past it, every run stays within the reads so far); an exact run, a whole pass, waits until
+    they are read.
     Reads are shares of the host tokens, summed over the steps."""
 
     def __init__(self, share: float, read_limit: float = 0.0, horizon: int = 0):
