@@ -229,31 +229,49 @@ def test_ruler_bench_cells_and_a_run_on_a_local_task(task_dir, tmp_path):
     assert "read_frac" not in got["full"]
 
 
-def test_a_peer_answers_lm_eval_requests_at_each_document_s_share(bundled_tokenizer):
-    """bench.evals.peer_lm: reading every host token, each peer gives lm-eval's `hf` model's
-    generation (full attention); given less, it reads that share; a document without a share,
-    an unknown peer and a sampling request are refused by name."""
-    from bench.evals.peer_lm import PeerLM
+def test_methods_answer_lm_eval_requests_from_one_prefill(bundled_tokenizer, monkeypatch):
+    """bench.evals.shared_lm: one prefill per request serves every method; a configuration answers
+    and reads as the engine's own lm-eval model does; each peer reads the share its configuration
+    read (all of it: lm-eval's `hf` model's generation); unknown names, a peer's share from a
+    configuration that does not run and a sampling request are refused by name."""
+    from bench.evals import shared_lm
+    from bench.evals.probes import CONFIGS, prefilled
+    from bench.evals.shared_lm import SharedPrefillLM
 
     model = tiny_llama(vocab=len(bundled_tokenizer))
-    context = TEXT * 10 + "And then"  # longer than the peers' sinks and window: a host store to read
+    context = TEXT * 10 + "And then"  # longer than the sinks and window: a host store to read
     args = (context, {"until": ["\n\n"], "max_gen_toks": 6})
     request = [Instance("generate_until", {}, args, 0, metadata=("t", 3, 1))]
     model.set_attn_implementation("sdpa")
     full = HFLM(pretrained=model, tokenizer=bundled_tokenizer, batch_size=1, max_length=2048).generate_until(
         request, True
     )
-    for peer in ("streaming", "snapkv", "quest"):
-        lm = PeerLM(peer, {("t", 3): 1.0}, model, bundled_tokenizer, max_length=2048)
-        assert lm.generate_until(request, True) == full, peer
+    prefills = []
+    monkeypatch.setattr(shared_lm, "prefilled", lambda *a: prefills.append(1) or prefilled(*a))
+    lm = SharedPrefillLM(model, bundled_tokenizer, ["exact"], ["streaming", "snapkv", "quest"], max_length=2048)
+    for method in lm.methods:  # "exact" reads every host token, and so do the peers given its share
+        lm.answer_as(method)
+        assert lm.generate_until(request, True) == full, method
         assert lm.reports["t", 3].kv_read_frac == pytest.approx(1.0) and lm.reports["t", 3].decode_steps == 5
-    lm = PeerLM("streaming", {("t", 3): 0.1}, model, bundled_tokenizer, max_length=2048)
+    assert len(prefills) == 1
+
+    model.set_attn_implementation("hybrid")
+    engine = HybridAttnLM(llm=HybridLLM(model, bundled_tokenizer, CONFIGS["default"]), max_length=2048)
+    alone = engine.generate_until(request, True)
+    lm = SharedPrefillLM(model, bundled_tokenizer, ["default", "fixed"], ["streaming"], "fixed", max_length=2048)
+    assert lm.generate_until(request, True) == alone
+    assert lm.reports["t", 3].kv_read_frac == pytest.approx(engine.reports["t", 3].kv_read_frac)
+    lm.answer_as("streaming@fixed")
     lm.generate_until(request, True)
-    assert 0.05 < lm.reports["t", 3].kv_read_frac < 0.15
-    with pytest.raises(KeyError, match="task 't', document 3"):
-        PeerLM("quest", {}, model, bundled_tokenizer).generate_until(request, True)
-    with pytest.raises(ValueError, match="unknown peer 'h2o'"):
-        PeerLM("h2o", {}, model, bundled_tokenizer)
+    fixed = lm.reports_of["fixed"]["t", 3].kv_read_frac
+    assert 0 < fixed < 0.5 and lm.reports["t", 3].kv_read_frac == pytest.approx(fixed, rel=0.1)
+    assert len(prefills) == 2
+    with pytest.raises(ValueError, match="unknown method 'quest@fixed'"):
+        lm.answer_as("quest@fixed")
+    with pytest.raises(ValueError, match="h2o"):
+        SharedPrefillLM(model, bundled_tokenizer, ["default"], ["h2o"])
+    with pytest.raises(ValueError, match="'fixed', which is not among"):
+        SharedPrefillLM(model, bundled_tokenizer, ["default"], ["quest"], peers_at="fixed")
     sampled = [Instance("generate_until", {}, (context, {"do_sample": True, "temperature": 0.7}), 0, ("t", 3, 1))]
     with pytest.raises(ValueError, match="sampling"):
-        PeerLM("quest", {("t", 3): 0.5}, model, bundled_tokenizer).generate_until(sampled, True)
+        SharedPrefillLM(model, bundled_tokenizer, ["default"]).generate_until(sampled, True)

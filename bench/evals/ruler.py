@@ -7,10 +7,10 @@ The tasks' data are built once (with the model's tokenizer, seeded) and every me
 the same documents. Offline RULER tasks: niah_single_1, niah_multikey_2, niah_multikey_3,
 ruler_vt (from 1024 tokens), ruler_cwe, ruler_fwe.
 
-With `--peers`, published selection rules (bench.evals.peers: StreamingLLM, SnapKV-style, Quest)
-answer the same documents after the engine, each reading per step the share of host tokens the
-configuration `--peers-at` (default: the first of `--configs`) read on that document
-(bench.evals.peer_lm), rows "peer@config".
+The engine's configurations and, with `--peers`, published selection rules (bench.evals.peers:
+StreamingLLM, SnapKV-style, Quest) answer from one exact prefill per document
+(bench.evals.shared_lm), each peer reading per step the share of host tokens the configuration
+`--peers-at` (default: the first of `--configs`) read on that document, rows "peer@config".
 
     python -m bench.evals.ruler --tasks niah_single_1 ruler_vt --seq-lengths 4096 8192 --limit 50 \\
         --configs default default-norecheck --peers streaming snapkv quest --json bench/out/ruler.json
@@ -25,7 +25,6 @@ import time
 from bench.common import options
 from bench.common.output import write_json
 from bench.evals.peers import PEERS
-from bench.evals.probes import CONFIGS
 from bench.stats import mean_interval, wilson_interval
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -95,28 +94,25 @@ def main(argv=None) -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from bench.evals.peer_lm import PeerLM, document_shares
-    from engine.api import HybridLLM
-    from engine.harness import HybridAttnLM, tokenizer_source
+    from bench.evals.shared_lm import SharedPrefillLM
+    from engine.harness import tokenizer_source
     from engine.models import load_model
 
     metadata = {"tokenizer": tokenizer_source(args.model), "max_seq_lengths": args.seq_lengths}
     task_dict = get_task_dict(args.tasks, TaskManager(include_path=args.include_path, metadata=metadata))
     model, tokenizer = load_model(args.model, attn_implementation="hybrid")
-    methods = ([] if args.no_full else ["full"]) + args.configs + [f"{peer}@{peers_at}" for peer in args.peers]
-    rows, started, shares = [], time.perf_counter(), {}
-    for method in methods:
+    shared = SharedPrefillLM(model, tokenizer, args.configs, args.peers, peers_at, pretrained=args.model)
+    methods = ([] if args.no_full else ["full"]) + shared.methods
+    rows, started = [], time.perf_counter()
+    for method in methods:  # the first engine method decodes every method; the others replay their answers
         if method == "full":
             model.set_attn_implementation("sdpa")
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-        elif "@" in method:  # a peer, at the shares its configuration read (run before it)
-            lm = PeerLM(method.split("@")[0], shares, model, tokenizer, pretrained=args.model)
         else:
             model.set_attn_implementation("hybrid")
-            lm = HybridAttnLM(pretrained=args.model, llm=HybridLLM(model, tokenizer, CONFIGS[method]))
+            shared.answer_as(method)
+            lm = shared
         out = evaluate(lm=lm, task_dict=task_dict, limit=args.limit, log_samples=True, verbosity="WARNING")
-        if method == peers_at:
-            shares = document_shares(lm.reports)
         for row in cells(out["samples"], getattr(lm, "reports", None)):
             rows.append({"method": method, **row})
             print(json.dumps(rows[-1]), flush=True)

@@ -1,0 +1,105 @@
+"""Several decoders answering lm-evaluation-harness's `generate_until` requests from one exact
+prefill per prompt: the engine's configurations (bench.evals.probes.CONFIGS) and published
+selection rules (bench.evals.peers), compared on lm-eval's tasks document by document.
+
+A prompt's first request prefills it once (the engine's exact chunked prefill, host indexes
+built with the first configuration, the prompt's last queries kept for the SnapKV-style rule;
+the other configurations take copies of those indexes, as the accuracy evaluation's do), and
+every method answers greedily from a copy of that state: each configuration as the engine
+decodes, near ties re-checked, then each peer reading per step the share of host tokens the
+configuration `peers_at` read on that document, its steps run again included (rows
+"peer@config"). `answer_as(method)` chooses whose answers, and whose `reports`, lm-eval gets:
+evaluating once per method costs one prefill per document in all, where a model per method
+would prefill each document once per method. `bench.evals.ruler` runs it beside lm-eval's own
+`hf` model (full attention).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+
+from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
+from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
+from engine.api import GenerationReport, HybridLLM
+from engine.generation import eos_ids
+from engine.harness import HybridAttnLM, cut_at
+
+CAPTURE = "hybrid_shared_capture"  # the prefill's attention function: the engine's, keeping the last queries
+
+
+class SharedPrefillLM(HybridAttnLM):
+    """lm-eval's view of the configurations `configs` and the peers `peers` (at the read shares of
+    `peers_at`, default the first configuration) decoding `model` from one prefill per prompt
+    (see the module docstring). Each method's generations' read shares and steps are kept in
+    `reports_of[method]`; `reports` is the method answering now."""
+
+    def __init__(self, model, tokenizer, configs: list[str], peers=(), peers_at: str | None = None, **kwargs):
+        unknown = [c for c in configs if c not in CONFIGS] + [p for p in peers if p not in PEERS]
+        if not configs or unknown:
+            raise ValueError(f"configurations of probes.CONFIGS and peers of peers.PEERS, got {unknown or configs}")
+        self.peers_at = peers_at or configs[0]
+        if peers and self.peers_at not in configs:
+            raise ValueError(f"the peers' shares come from {self.peers_at!r}, which is not among {configs}")
+        super().__init__(llm=HybridLLM(model, tokenizer, CONFIGS[configs[0]]), **kwargs)
+        self.configs, self.peers = list(configs), list(peers)
+        self.methods = self.configs + [f"{peer}@{self.peers_at}" for peer in self.peers]
+        self.answers: dict[str, dict[str, str]] = {}  # a request's arguments -> each method's answer
+        self.reports_of: dict[str, dict[tuple, GenerationReport]] = {m: {} for m in self.methods}
+        self.answer_as(self.methods[0])
+
+    def answer_as(self, method: str) -> None:
+        """Answer, and report, as `method` (one of `methods`) from now on."""
+        if method not in self.methods:
+            raise ValueError(f"unknown method {method!r}: one of {', '.join(self.methods)}")
+        self.method, self.reports = method, self.reports_of[method]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for i, request in enumerate(tqdm(requests, desc=f"{self.method} generate_until", disable=disable_tqdm)):
+            seen = json.dumps(request.args, sort_keys=True, default=str)
+            if seen not in self.answers:
+                key = getattr(request, "task_name", None), getattr(request, "doc_id", i)
+                self.answers[seen] = self._answer_all(key, *request.args)
+            results.append(self.answers[seen][self.method])
+            self.cache_hook.add_partial("generate_until", request.args, results[-1])
+        return results
+
+    def _answer_all(self, key: tuple, context: str, gen_kwargs: dict) -> dict[str, str]:
+        """Every method's answer to one request, from one prefill; their reports kept under `key`."""
+        until, max_new, sampling = self._generation_args(gen_kwargs)
+        if sampling["temperature"]:
+            raise ValueError(f"the methods are compared decoding greedily; task {key[0]!r} asks for sampling")
+        model, eos = self.llm.model, eos_ids(self.llm.model)
+        ids = self._prompt_ids(context, max_new).to(self.device)[None]
+        window = WindowQueries()
+        AttentionInterface.register(CAPTURE, window)
+        source, logits = prefilled(model, ids, CONFIGS[self.configs[0]], self.llm.offload.prefill_chunk, CAPTURE)
+        tokens, steps = {}, {m: [] for m in self.methods}
+        try:
+            model.set_attn_implementation("hybrid")
+            for name in self.configs:
+                cache = copy_state(source, model, CONFIGS[name])
+                tokens[name] = greedy(model, cache, logits, max_new, eos, steps[name])
+            share = min(1.0, _mean([s["kv_read_frac"] for s in steps[self.peers_at]]))
+            for peer, method in zip(self.peers, self.methods[len(self.configs) :]):
+                rule = PEERS[peer](share, window)
+                tokens[method] = decode_with(model, source, logits, max_new, eos, rule, PEER_CACHE, steps[method])
+        finally:
+            source.release()
+        for method in self.methods:
+            self.reports_of[method][key] = GenerationReport(
+                prompt_tokens=ids.shape[1],
+                new_tokens=len(tokens[method]),
+                decode_steps=len(steps[method]),
+                kv_read_frac=_mean([s["kv_read_frac"] for s in steps[method]]),
+                rechecked_steps=sum(s["rechecked"] for s in steps[method]),
+                widened_steps=sum(s["widened"] for s in steps[method]),
+            )
+        return {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
