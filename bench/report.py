@@ -1,12 +1,12 @@
 """Markdown tables from the benchmarks' JSON files (docs/results.md).
 
-python -m bench.report [--kernel PATH] [--decode PATH] [--eval PATH ...] [--fidelity PATH] [--generation PATH]
-                       [--prefill PATH] [--soak PATH] [--throughput PATH] [--margins PATH]
+python -m bench.report [--kernel PATH] [--decode PATH] [--eval PATH ...] [--ruler PATH ...] [--fidelity PATH]
+                       [--generation PATH] [--prefill PATH] [--soak PATH] [--throughput PATH] [--margins PATH]
 python -m bench.report --update docs/results.md   # rewrite its report blocks from the JSON they name
 python -m bench.report --readme [README.md]       # rewrite its configuration table from OffloadConfig
 
 A report block in a Markdown file names its renderer and its JSON files (paths from the
-repository root, or glob patterns; `eval` takes several, the others one):
+repository root, or glob patterns; `eval`, `ruler` and `fidelity_lengths` take several, the others one):
 
     <!-- report:decode bench/out/decode.json -->
 
@@ -135,7 +135,8 @@ def accuracy(result: dict) -> str:
     # full attention over the prompts each configuration answered, per cell
     refs = {cell: {m: on_seeds(by["full"], r) for m, r in by.items()} for cell, by in cells.items()}
     header = ["task", "context", "prompts", "full [95%]"] + [m for m in methods if m != "full"]
-    header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in engines]
+    measured = [e for e in engines if any(r["method"] == e and r.get("attn_rel_err") is not None for r in rows_in)]
+    header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in measured]
     rows, notes = [], []
     for (task, context), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         full, ref_of = by["full"], refs[(task, context)]
@@ -152,7 +153,7 @@ def accuracy(result: dict) -> str:
         ran = [e for e in engines if e in by]  # a cell may have run some configurations only
         row += [f"{100 * by[e]['kv_read_frac']:.1f}%" if e in by else "" for e in engines]
         row += [
-            f"{by[e]['attn_rel_err']:.3f}" if e in by and by[e]["attn_rel_err"] is not None else "" for e in engines
+            f"{by[e]['attn_rel_err']:.3f}" if e in by and by[e]["attn_rel_err"] is not None else "" for e in measured
         ]
         rows.append(row)
         for e in ran:
@@ -227,7 +228,7 @@ def peer_differences(cells: dict, peers: list[str]) -> str:
     for (task, context), by in sorted(cells.items()):
         for m in peers:
             peer, name = m.split("@", 1)
-            if m not in by or name not in by or by[m].get("seeds") != by[name].get("seeds"):
+            if "scores" not in by.get(m, {}) or "scores" not in by.get(name, {}) or by[m]["seeds"] != by[name]["seeds"]:
                 continue
             diff = [a - b for a, b in zip(by[name]["scores"], by[m]["scores"])]
             mean, lo, hi = mean_interval(diff)
@@ -241,6 +242,18 @@ def peer_differences(cells: dict, peers: list[str]) -> str:
     return "against published selection rules at the configuration's read share, prompt by prompt\n\n" + table(
         header, rows
     )
+
+
+def ruler(results: list[dict]) -> str:
+    """bench.evals.ruler's runs (a file per task or length, say) as the accuracy evaluation's
+    tables: RULER's score for accuracy, its lengths for contexts, documents for prompts."""
+    rows = []
+    for r in (r for result in results for r in result["rows"]):
+        row = {"task": r["task"], "context": int(r["metric"]) if r["metric"].isdigit() else r["metric"]}
+        row |= {"method": r["method"], "n": r["n"], "accuracy": r["score"], "accuracy_ci": [r["low"], r["high"]]}
+        row |= {"kv_read_frac": r.get("read_frac"), "rechecked_frac": r.get("rechecked_frac"), "attn_rel_err": None}
+        rows.append(row | ({"scores": r["scores"]} if "scores" in r else {}))
+    return accuracy({"rows": rows})
 
 
 def fidelity(result: dict) -> str:
@@ -456,10 +469,11 @@ RENDERERS = {
     "throughput": throughput,
     "margins": margins,
 }
-# renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side
+# renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side, RULER's tasks together
 MANY_FILES = {
     "eval": lambda results: accuracy({"rows": [r for result in results for r in result["rows"]]}),
     "fidelity_lengths": fidelity_lengths,
+    "ruler": ruler,
 }
 BLOCK_START, BLOCK_END = "<!-- report:", "<!-- /report -->"
 CONFIG_START, CONFIG_END = "<!-- config-table:", "<!-- /config-table -->"
@@ -573,6 +587,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", type=Path)
     p.add_argument("--decode", type=Path)
     p.add_argument("--eval", type=Path, nargs="+", help="one or more eval_accuracy JSON files (rows concatenated)")
+    p.add_argument("--ruler", type=Path, nargs="+", help="one or more bench.evals.ruler JSON files")
     p.add_argument("--fidelity", type=Path)
     p.add_argument("--generation", type=Path)
     p.add_argument("--prefill", type=Path)
@@ -608,6 +623,8 @@ def main(argv=None) -> int:
             print(render(json.loads(path.read_text())) + "\n")
     if args.eval:
         print(accuracy({"rows": [r for path in args.eval for r in json.loads(path.read_text())["rows"]]}))
+    if args.ruler:
+        print(ruler([json.loads(path.read_text()) for path in args.ruler]))
     return 0
 
 

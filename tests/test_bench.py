@@ -213,6 +213,25 @@ def test_report_pairs_accuracy_prompt_by_prompt():
     assert "paired" not in script("bench.report").accuracy({"rows": unpaired})
 
 
+def test_report_renders_ruler_runs_as_accuracy_tables():
+    """bench.evals.ruler's rows (a file per task) in the accuracy tables: lengths as contexts,
+    paired per document, no attention-error column where none was measured."""
+
+    def row(task, method, scores, read=None):
+        mean = sum(scores) / len(scores)
+        r = {"task": task, "metric": "4096", "method": method, "n": len(scores), "score": mean, "low": 0.0}
+        return r | {"high": 0.9, "scores": scores} | ({} if read is None else {"read_frac": read})
+
+    vt = {"rows": [row("ruler_vt", "full", [1, 1, 0.5, 0]), row("ruler_vt", "default", [1, 0.5, 0.5, 0], 0.04)]}
+    cwe = {"rows": [row("ruler_cwe", "full", [0, 0, 0, 0]), row("ruler_cwe", "default", [0, 0, 0, 0], 0.03)]}
+    text = script("bench.report").ruler([vt, cwe])
+    assert "| ruler_vt | 4096 | 4 | 62.5 [0, 90] | 50.0 (-12.5) | 4.0% |" in text
+    assert "| ruler_cwe | 4096 | 4 | 0.0 [0, 90] | 0.0 (+0.0) | 3.0% |" in text
+    assert "default: ruler_vt at 4096 is 12.5 points below full" in text and "ruler_cwe at" not in text
+    assert "| ruler_vt | 4096 | default | -12.5 [-52.3, +27.3] | 0 | 1 | 2 of 3 |" in text
+    assert "attn err" not in text
+
+
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--first", "-1"]])
 def test_eval_accuracy_rejects_bad_counts(argv, capsys):
     with pytest.raises(SystemExit) as e:

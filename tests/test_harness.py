@@ -214,6 +214,7 @@ def test_ruler_bench_cells_and_a_run_on_a_local_task(task_dir, tmp_path):
     reports[("t", 1)] = SimpleNamespace(kv_read_frac=0.3, decode_steps=10, rechecked_steps=0)
     rows = {r["metric"]: r for r in ruler.cells(samples, reports)}
     assert rows["4096"]["n"] == 2 and rows["4096"]["score"] == 0.5 and 0 < rows["4096"]["low"] < 0.5
+    assert rows["4096"]["scores"] == [1.0, 0.0] and rows["8192"]["scores"] == [0.5]
     assert rows["4096"]["read_frac"] == pytest.approx(0.2) and rows["4096"]["rechecked_frac"] == pytest.approx(0.05)
     assert rows["8192"]["n"] == 1 and "read_frac" not in rows["8192"]
     out = tmp_path / "ruler.json"

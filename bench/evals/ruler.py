@@ -33,8 +33,9 @@ ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
 
 def cells(samples: dict, reports: dict | None) -> list[dict]:
     """Per task and metric (RULER: one per length), from lm-eval's logged samples: n, the mean
-    score [95% interval: t, or Wilson's for scores all 0 or 1]; with the engine's reports, its
-    mean read share per step and the share of steps re-checked."""
+    score [95% interval: t, or Wilson's for scores all 0 or 1] and each document's score (in
+    document order); with the engine's reports, its mean read share per step and the share of
+    steps re-checked."""
     rows = []
     for task, docs in samples.items():
         by_metric: dict[str, list[tuple[int, float]]] = {}
@@ -49,6 +50,7 @@ def cells(samples: dict, reports: dict | None) -> list[dict]:
             if set(scores) <= {0.0, 1.0}:  # right or wrong: Wilson's interval (sensible at 0% and 100%)
                 low, high = wilson_interval(mean, len(scores))
             row = {"task": task, "metric": metric, "n": len(scored), "score": mean, "low": low, "high": high}
+            row["scores"] = [s for _, s in sorted(scored)]  # per document, in id order: methods compared pairwise
             found = [reports[task, d] for d, _ in scored if reports is not None and (task, d) in reports]
             if found:
                 row["read_frac"] = sum(r.kv_read_frac for r in found) / len(found)
