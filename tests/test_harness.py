@@ -230,6 +230,21 @@ def test_ruler_bench_cells_and_a_run_on_a_local_task(task_dir, tmp_path):
     assert "read_frac" not in got["full"]
 
 
+def test_ruler_documents_are_built_from_the_seed(monkeypatch):
+    """RULER's generators draw from the global random and numpy states: bench.evals.ruler seeds
+    both before the build, so a seed builds the same documents in every run, another seed others."""
+    import random
+
+    import lm_eval.tasks
+    import numpy as np
+
+    from bench.evals import ruler
+
+    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda tasks, manager: (random.random(), np.random.rand()))
+    built = [ruler.build_tasks(["t"], [512], "tok", seed) for seed in (0, 0, 1)]
+    assert built[0] == built[1] and built[0][0] != built[2][0] and built[0][1] != built[2][1]
+
+
 def test_methods_answer_lm_eval_requests_from_one_prefill(bundled_tokenizer, monkeypatch):
     """bench.evals.shared_lm: one prefill per request serves every method; a configuration answers
     and reads as the engine's own lm-eval model does; each peer reads the share its configuration

@@ -3,9 +3,10 @@ weights) beside the engine's configurations, on the same samples; per task and l
 score with its 95% interval and, for the engine, the mean read share per decode step (re-checks
 included) and the share of steps re-checked.
 
-The tasks' data are built once (with the model's tokenizer, seeded) and every method answers
-the same documents. Offline RULER tasks: niah_single_1, niah_multikey_2, niah_multikey_3,
-ruler_vt (from 1024 tokens), ruler_cwe, ruler_fwe.
+The tasks' data are built once (with the model's tokenizer, from `--seed`) and every method
+answers the same documents; the same seed builds the same documents in every run. Offline RULER
+tasks: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt (from 1024 tokens), ruler_cwe,
+ruler_fwe.
 
 The engine's configurations and, with `--peers`, published selection rules (bench.evals.peers:
 StreamingLLM, SnapKV-style, Quest) answer from one exact prefill per document
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
+
+import numpy as np
 
 from bench.common import options
 from bench.common.output import write_json
@@ -60,6 +64,17 @@ def cells(samples: dict, reports: dict | None) -> list[dict]:
     return rows
 
 
+def build_tasks(tasks: list[str], seq_lengths: list[int], tokenizer: str, seed: int, include_path=None) -> dict:
+    """lm-eval's task dict, RULER's documents built at `seq_lengths` with `tokenizer`: the same
+    documents for the same seed (its generators draw from the global random and numpy states)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    random.seed(seed)
+    np.random.seed(seed)
+    metadata = {"tokenizer": tokenizer, "max_seq_lengths": seq_lengths}
+    return get_task_dict(tasks, TaskManager(include_path=include_path, metadata=metadata))
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| task | metric | method | n | score [95%] | read per step | steps re-checked |", "|---" * 7 + "|"]
     for r in rows:
@@ -82,6 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--peers", nargs="*", choices=list(PEERS), default=[], help="published selection rules beside")
     p.add_argument("--peers-at", help="the configuration whose read share the peers get (default: the first)")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
+    p.add_argument("--seed", type=int, default=0, help="seed of the documents' random haystacks, needles and values")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(
@@ -94,14 +110,12 @@ def main(argv=None) -> None:
 
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
 
     from bench.evals.shared_lm import SharedPrefillLM
     from engine.harness import tokenizer_source
     from engine.models import load_model
 
-    metadata = {"tokenizer": tokenizer_source(args.model), "max_seq_lengths": args.seq_lengths}
-    task_dict = get_task_dict(args.tasks, TaskManager(include_path=args.include_path, metadata=metadata))
+    task_dict = build_tasks(args.tasks, args.seq_lengths, tokenizer_source(args.model), args.seed, args.include_path)
     model, tokenizer = load_model(args.model, attn_implementation="hybrid")
     shared = SharedPrefillLM(model, tokenizer, args.configs, args.peers, peers_at, pretrained=args.model)
     methods = ([] if args.no_full else ["full"]) + shared.methods
@@ -120,7 +134,7 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
-        names = ("model", "tasks", "seq_lengths", "limit", "configs", "peers", "threads")
+        names = ("model", "tasks", "seq_lengths", "limit", "configs", "peers", "threads", "seed")
         config = {k: getattr(args, k) for k in names} | {"peers_at": peers_at if args.peers else None}
         write_json(args.json, {"config": config, "rows": rows, "seconds": round(time.perf_counter() - started, 1)})
 
