@@ -584,16 +584,17 @@ def update_config_table(text: str, table: str, where: str = "README.md") -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", type=Path)
-    p.add_argument("--decode", type=Path)
-    p.add_argument("--eval", type=Path, nargs="+", help="one or more eval_accuracy JSON files (rows concatenated)")
-    p.add_argument("--ruler", type=Path, nargs="+", help="one or more bench.evals.ruler JSON files")
-    p.add_argument("--fidelity", type=Path)
-    p.add_argument("--generation", type=Path)
-    p.add_argument("--prefill", type=Path)
-    p.add_argument("--soak", type=Path)
-    p.add_argument("--throughput", type=Path)
-    p.add_argument("--margins", type=Path, help="a recheck_margins JSON file")
+    for name in RENDERERS:
+        p.add_argument(f"--{name}", type=Path, metavar="JSON", help=f"print the {name} tables of this file")
+    for name in MANY_FILES:
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=Path,
+            nargs="+",
+            metavar="JSON",
+            help=f"print the {name} tables of these files",
+        )
     p.add_argument("--update", type=Path, nargs="+", help="Markdown files whose report blocks to render again")
     p.add_argument("--root", type=Path, default=Path("."), help="where the blocks' JSON paths start (default: .)")
     p.add_argument(
@@ -608,23 +609,10 @@ def main(argv=None) -> int:
     if args.readme is not None:
         text = args.readme.read_text()
         args.readme.write_text(update_config_table(text, config_table(), where=str(args.readme)))
-    renders = (
-        (args.kernel, kernel),
-        (args.decode, decode),
-        (args.fidelity, fidelity),
-        (args.generation, generation),
-        (args.prefill, prefill),
-        (args.soak, soak),
-        (args.throughput, throughput),
-        (args.margins, margins),
-    )
-    for path, render in renders:
-        if path is not None:
-            print(render(json.loads(path.read_text())) + "\n")
-    if args.eval:
-        print(accuracy({"rows": [r for path in args.eval for r in json.loads(path.read_text())["rows"]]}))
-    if args.ruler:
-        print(ruler([json.loads(path.read_text()) for path in args.ruler]))
+    for name in [*RENDERERS, *MANY_FILES]:
+        files = getattr(args, name)
+        if files:
+            print(render_files(name, files if isinstance(files, list) else [files]) + "\n")
     return 0
 
 
