@@ -245,6 +245,57 @@ def test_ruler_documents_are_built_from_the_seed(monkeypatch):
     assert built[0] == built[1] and built[0][0] != built[2][0] and built[0][1] != built[2][1]
 
 
+def test_answer_log_reads_back_what_a_run_wrote_and_refuses_another_run(tmp_path):
+    from bench.evals.answer_log import AnswerLog
+
+    path, run = tmp_path / "log.jsonl", {"model": "m", "configs": ["default"]}
+    log = AnswerLog(path, run)
+    log.add("full", ("prompt", {"until": ["\n"]}), " 7")
+    log.add("default", ("prompt", {"until": ["\n"]}), " 8", {"kv_read_frac": 0.25})
+    with path.open("a") as f:
+        f.write('{"method": "default", "request": "ab')  # a run killed while writing
+    again = AnswerLog(path, run)
+    assert again.get("full", ("prompt", {"until": ["\n"]}))["answer"] == " 7"
+    assert again.get("default", ("prompt", {"until": ["\n"]}))["report"] == {"kv_read_frac": 0.25}
+    assert again.get("full", ("prompt", {"until": ["\n\n"]})) is None and len(again.entries) == 2
+    with pytest.raises(ValueError, match="another run .*differs in configs"):
+        AnswerLog(path, run | {"configs": ["fixed"]})
+    (tmp_path / "other.txt").write_text("not json\n")
+    with pytest.raises(ValueError, match="not an answer log"):
+        AnswerLog(tmp_path / "other.txt", run)
+
+
+def test_an_interrupted_ruler_run_resumes_from_its_answer_log(task_dir, tmp_path, monkeypatch):
+    """bench.evals.ruler --resume: every method's answers (and the engine's reports) go to the log
+    as they come; after a run cut short the same command asks the models only what is not there,
+    and gives the rows the uninterrupted run gave; another run's log is refused by name."""
+    from bench.evals import ruler, shared_lm
+
+    log, out = tmp_path / "answers.jsonl", tmp_path / "ruler.json"
+    argv = ["--tasks", "tiny_gen", "--include-path", str(task_dir), "--limit", "3", "--configs", "default"]
+    argv += ["--peers", "streaming", "--threads", "1", "--json", str(out), "--resume", str(log)]
+    ruler.main(argv)
+    first = json.loads(out.read_text())["rows"]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 + 3 * 3  # the run, then 3 documents x (full, default, streaming@default)
+    kept = [line for line in lines[1:] if json.loads(line)["request"] == json.loads(lines[1])["request"]]
+    log.write_text("\n".join([lines[0], *kept]) + "\n")  # as if stopped after the first document
+
+    asked = {"full": 0, "engine": 0}
+    generate, answer_all = HFLM.generate_until, shared_lm.SharedPrefillLM._answer_all
+    monkeypatch.setattr(HFLM, "generate_until", lambda s, r, **k: asked.update(full=len(r)) or generate(s, r, **k))
+    monkeypatch.setattr(
+        shared_lm.SharedPrefillLM, "_answer_all", lambda *a: asked.update(engine=asked["engine"] + 1) or answer_all(*a)
+    )
+    ruler.main(argv)
+    assert asked == {"full": 2, "engine": 2}
+    assert json.loads(out.read_text())["rows"] == first
+    ruler.main(argv)  # everything is in the log now
+    assert asked == {"full": 2, "engine": 2} and json.loads(out.read_text())["rows"] == first
+    with pytest.raises(SystemExit):
+        ruler.main([*argv[:-2], "--resume", str(log), "--seed", "1"])
+
+
 def test_methods_answer_lm_eval_requests_from_one_prefill(bundled_tokenizer, monkeypatch):
     """bench.evals.shared_lm: one prefill per request serves every method; a configuration answers
     and reads as the engine's own lm-eval model does; each peer reads the share its configuration

@@ -13,6 +13,9 @@ StreamingLLM, SnapKV-style, Quest) answer from one exact prefill per document
 (bench.evals.shared_lm), each peer reading per step the share of host tokens the configuration
 `--peers-at` (default: the first of `--configs`) read on that document, rows "peer@config".
 
+With `--resume FILE`, every answer is kept in FILE as it comes (bench.evals.answer_log), and the
+same command run again after an interruption takes the answers there and asks only the rest.
+
     python -m bench.evals.ruler --tasks niah_single_1 ruler_vt --seq-lengths 4096 8192 --limit 50 \\
         --configs default default-norecheck --peers streaming snapkv quest --json bench/out/ruler.json
 """
@@ -98,6 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--peers-at", help="the configuration whose read share the peers get (default: the first)")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     p.add_argument("--seed", type=int, default=0, help="seed of the documents' random haystacks, needles and values")
+    p.add_argument("--resume", metavar="FILE", help="keep answers in FILE as they come; a rerun takes those there")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(
@@ -111,19 +115,28 @@ def main(argv=None) -> None:
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from bench.evals.answer_log import AnswerLog, LoggedLM
     from bench.evals.shared_lm import SharedPrefillLM
     from engine.harness import tokenizer_source
     from engine.models import load_model
 
     task_dict = build_tasks(args.tasks, args.seq_lengths, tokenizer_source(args.model), args.seed, args.include_path)
+    log = None
+    if args.resume:
+        run = {k: getattr(args, k) for k in ("model", "configs", "peers", "seed")} | {"peers_at": peers_at}
+        try:
+            log = AnswerLog(args.resume, run)
+        except ValueError as e:
+            p.error(str(e))
     model, tokenizer = load_model(args.model, attn_implementation="hybrid")
-    shared = SharedPrefillLM(model, tokenizer, args.configs, args.peers, peers_at, pretrained=args.model)
+    shared = SharedPrefillLM(model, tokenizer, args.configs, args.peers, peers_at, log, pretrained=args.model)
     methods = ([] if args.no_full else ["full"]) + shared.methods
     rows, started = [], time.perf_counter()
     for method in methods:  # the first engine method decodes every method; the others replay their answers
         if method == "full":
             model.set_attn_implementation("sdpa")
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+            lm = LoggedLM(lm, log, "full") if log else lm
         else:
             model.set_attn_implementation("hybrid")
             shared.answer_as(method)
@@ -134,7 +147,7 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
-        names = ("model", "tasks", "seq_lengths", "limit", "configs", "peers", "threads", "seed")
+        names = ("model", "tasks", "seq_lengths", "limit", "configs", "peers", "threads", "seed", "resume")
         config = {k: getattr(args, k) for k in names} | {"peers_at": peers_at if args.peers else None}
         write_json(args.json, {"config": config, "rows": rows, "seconds": round(time.perf_counter() - started, 1)})
 

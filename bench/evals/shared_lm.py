@@ -11,16 +11,19 @@ configuration `peers_at` read on that document, its steps run again included (ro
 "peer@config"). `answer_as(method)` chooses whose answers, and whose `reports`, lm-eval gets:
 evaluating once per method costs one prefill per document in all, where a model per method
 would prefill each document once per method. `bench.evals.ruler` runs it beside lm-eval's own
-`hf` model (full attention).
+`hf` model (full attention). With an answer log (bench.evals.answer_log) each prompt's answers
+and reports go to it as they come, and a prompt answered there by every method is not asked again.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from bench.evals.answer_log import AnswerLog
 from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
 from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
 from engine.api import GenerationReport, HybridLLM
@@ -34,9 +37,12 @@ class SharedPrefillLM(HybridAttnLM):
     """lm-eval's view of the configurations `configs` and the peers `peers` (at the read shares of
     `peers_at`, default the first configuration) decoding `model` from one prefill per prompt
     (see the module docstring). Each method's generations' read shares and steps are kept in
-    `reports_of[method]`; `reports` is the method answering now."""
+    `reports_of[method]`; `reports` is the method answering now. With `log`, answers and reports
+    are kept in it, and read back from it."""
 
-    def __init__(self, model, tokenizer, configs: list[str], peers=(), peers_at: str | None = None, **kwargs):
+    def __init__(
+        self, model, tokenizer, configs: list[str], peers=(), peers_at=None, log: AnswerLog | None = None, **kwargs
+    ):
         unknown = [c for c in configs if c not in CONFIGS] + [p for p in peers if p not in PEERS]
         if not configs or unknown:
             raise ValueError(f"configurations of probes.CONFIGS and peers of peers.PEERS, got {unknown or configs}")
@@ -47,6 +53,7 @@ class SharedPrefillLM(HybridAttnLM):
         self.configs, self.peers = list(configs), list(peers)
         self.methods = self.configs + [f"{peer}@{self.peers_at}" for peer in self.peers]
         self.answers: dict[str, dict[str, str]] = {}  # a request's arguments -> each method's answer
+        self.log = log
         self.reports_of: dict[str, dict[tuple, GenerationReport]] = {m: {} for m in self.methods}
         self.answer_as(self.methods[0])
 
@@ -62,10 +69,20 @@ class SharedPrefillLM(HybridAttnLM):
             seen = json.dumps(request.args, sort_keys=True, default=str)
             if seen not in self.answers:
                 key = getattr(request, "task_name", None), getattr(request, "doc_id", i)
-                self.answers[seen] = self._answer_all(key, *request.args)
+                self.answers[seen] = self._logged(key, request.args) or self._answer_all(key, *request.args)
             results.append(self.answers[seen][self.method])
             self.cache_hook.add_partial("generate_until", request.args, results[-1])
         return results
+
+    def _logged(self, key: tuple, args) -> dict[str, str] | None:
+        """Every method's answer to a request from the log, their reports kept under `key`; None
+        unless the log has them all."""
+        entries = {m: self.log.get(m, args) for m in self.methods} if self.log else {}
+        if not entries or None in entries.values():
+            return None
+        for method, entry in entries.items():
+            self.reports_of[method][key] = GenerationReport(**entry["report"])
+        return {method: entry["answer"] for method, entry in entries.items()}
 
     def _answer_all(self, key: tuple, context: str, gen_kwargs: dict) -> dict[str, str]:
         """Every method's answer to one request, from one prefill; their reports kept under `key`."""
@@ -98,7 +115,10 @@ class SharedPrefillLM(HybridAttnLM):
                 rechecked_steps=sum(s["rechecked"] for s in steps[method]),
                 widened_steps=sum(s["widened"] for s in steps[method]),
             )
-        return {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
+        answers = {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
+        for method in self.methods if self.log else ():
+            self.log.add(method, (context, gen_kwargs), answers[method], asdict(self.reports_of[method][key]))
+        return answers
 
 
 def _mean(values: list[float]) -> float:
