@@ -78,7 +78,7 @@ def test_bench_throughput_quick(tmp_path):
     hybrid = {c["batch"]: c for c in cases if c["method"] == "hybrid"}
     assert hybrid[2]["host_bytes"] > hybrid[1]["host_bytes"] > 0  # each sequence its own host store
     assert fig.stat().st_size > 0
-    text = script("bench.report").throughput(json.loads(out.read_text()))
+    text = script("bench.tables").throughput(json.loads(out.read_text()))
     assert "engine / full" in text and "against its batch 1: batch 2:" in text
 
 
@@ -186,7 +186,7 @@ def test_report_sets_the_engine_against_each_peer_prompt_by_prompt():
 
     rows = [row("full", [1, 1, 1, 0], 1.0), row("default", [1, 1, 1, 0], 0.05)]
     rows += [row("streaming@default", [0, 0, 0, 0], 0.05), row("quest@default", [1, 1, 0, 1], 0.05)]
-    text = script("bench.report").accuracy({"rows": rows})
+    text = script("bench.tables").accuracy({"rows": rows})
     # default minus streaming: 1, 1, 1, 0 (mean 0.75, sd 0.5, t(3) 3.182 -> half width 0.7955): level on 4 prompts
     assert "| niah_single | 4096 | default | streaming | 5.0% | 0.0 | +75.0 [-4.5, +154.6] | level |" in text
     assert "| niah_single | 4096 | default | quest | 5.0% | 75.0 | +0.0 [-129.9, +129.9] | level |" in text
@@ -194,7 +194,7 @@ def test_report_sets_the_engine_against_each_peer_prompt_by_prompt():
     many = [row("full", [1] * 8, 1.0), row("default", [1] * 8, 0.05), row("streaming@default", [0] * 8, 0.05)]
     for r in many:
         r["n"] = 8
-    assert "| default | streaming | 5.0% | 0.0 | +100.0 [+100.0, +100.0] | ahead |" in script("bench.report").accuracy(
+    assert "| default | streaming | 5.0% | 0.0 | +100.0 [+100.0, +100.0] | ahead |" in script("bench.tables").accuracy(
         {"rows": many}
     )
 
@@ -206,11 +206,11 @@ def test_report_pairs_accuracy_prompt_by_prompt():
     base = {"task": "niah_single", "context": 2048, "n": 4, "kv_read_frac": 1.0, "attn_rel_err": 0.0}
     full = {**base, "method": "full", "accuracy": 0.75, "accuracy_ci": [0.3, 0.95], "scores": [1, 0, 1, 1]}
     engine = {**base, "method": "default", "accuracy": 0.25, "accuracy_ci": [0.05, 0.7], "scores": [1, 0, 0, 0]}
-    text = script("bench.report").accuracy({"rows": [full, engine]})
+    text = script("bench.tables").accuracy({"rows": [full, engine]})
     # differences 0, 0, -1, -1: mean -0.5, sd 0.5774, t(3) 3.182 -> half width 0.9186
     assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 | 1 of 3 |" in text
     unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
-    assert "paired" not in script("bench.report").accuracy({"rows": unpaired})
+    assert "paired" not in script("bench.tables").accuracy({"rows": unpaired})
 
 
 def test_report_renders_ruler_runs_as_accuracy_tables():
@@ -224,7 +224,7 @@ def test_report_renders_ruler_runs_as_accuracy_tables():
 
     vt = {"rows": [row("ruler_vt", "full", [1, 1, 0.5, 0]), row("ruler_vt", "default", [1, 0.5, 0.5, 0], 0.04)]}
     cwe = {"rows": [row("ruler_cwe", "full", [0, 0, 0, 0]), row("ruler_cwe", "default", [0, 0, 0, 0], 0.03)]}
-    text = script("bench.report").ruler([vt, cwe])
+    text = script("bench.tables").ruler([vt, cwe])
     assert "| ruler_vt | 4096 | 4 | 62.5 [0, 90] | 50.0 (-12.5) | 4.0% |" in text
     assert "| ruler_cwe | 4096 | 4 | 0.0 [0, 90] | 0.0 (+0.0) | 3.0% |" in text
     assert "default: ruler_vt at 4096 is 12.5 points below full" in text and "ruler_cwe at" not in text
@@ -260,35 +260,35 @@ def test_report_pools_runs_over_other_seeds():
     """Two runs of a cell over disjoint seeds count as one cell of their prompts together, in
     the accuracy table and the paired differences; runs that share seeds are refused unless they
     repeat the same scores (full attention beside each configuration run apart), which count once."""
-    report = script("bench.report")
+    tables = script("bench.tables")
     row = passkey_run
     rows = [row("full", 0, [1, 1]), row("default", 0, [1, 0]), row("full", 2, [1, 0]), row("default", 2, [0, 0])]
-    pooled = {r["method"]: r for r in report.pool(rows)}
+    pooled = {r["method"]: r for r in tables.pool(rows)}
     assert pooled["default"]["n"] == 4 and pooled["default"]["scores"] == [1, 0, 0, 0]
     assert pooled["default"]["accuracy"] == 0.25 and pooled["full"]["accuracy"] == 0.75
     assert pooled["default"]["attn_rel_err"] == pytest.approx(0.2)  # 0.1 and 0.3, two prompts each
-    text = report.accuracy({"rows": rows})
+    text = tables.accuracy({"rows": rows})
     assert "| passkey | 2048 | 4 | 75.0 [" in text and "25.0 (-50.0)" in text and "n = 4 prompts" in text
     assert "| passkey | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 | 1 of 3 |" in text
     with pytest.raises(ValueError, match="share seeds"):
-        report.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
+        tables.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
     with pytest.raises(ValueError, match="share seeds"):  # the same seeds, other answers
-        report.pool([row("full", 0, [1, 1]), row("full", 0, [1, 0])])
-    again = report.pool(rows + [row("full", 2, [1, 0]), row("quest", 2, [1, 1])])  # a second run's reference
+        tables.pool([row("full", 0, [1, 1]), row("full", 0, [1, 0])])
+    again = tables.pool(rows + [row("full", 2, [1, 0]), row("quest", 2, [1, 1])])  # a second run's reference
     assert {r["method"]: r["n"] for r in again} == {"full": 4, "default": 4, "quest": 2}
 
 
 def test_report_compares_a_configuration_run_on_part_of_a_cell_with_full_attention_on_those_prompts():
-    report = script("bench.report")
+    tables = script("bench.tables")
     row = passkey_run
     # full attention: 1, 1 on seeds 0-1 and 1, 0 on seeds 2-3; "quest" ran seeds 2-3 only
     rows = [row("full", 0, [1, 1]), row("full", 2, [1, 0]), row("quest", 2, [1, 1])]
-    text = report.accuracy({"rows": rows})
+    text = tables.accuracy({"rows": rows})
     assert "100.0 (+50.0; 2 prompts)" in text  # against full attention's 50% on seeds 2-3, not its 75% on all four
     assert "| passkey | 2048 | quest | +50.0 [" in text and "| 1 | 0 | 1 of 1 |" in text
     assert "below full" not in text
     with pytest.raises(ValueError, match="no scores for some of its prompts"):
-        report.accuracy({"rows": [row("full", 0, [1, 1]), row("quest", 2, [1, 1])]})
+        tables.accuracy({"rows": [row("full", 0, [1, 1]), row("quest", 2, [1, 1])]})
 
 
 def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
@@ -350,7 +350,7 @@ def test_soak_checks_hold_on_the_bundled_model():
     assert result["step_time_drift"] > 0
     interrupt = soak.interrupted_generation_is_harmless(llm, ids[:, :200], 12)
     assert interrupt["ok"]
-    text = script("bench.report").soak({**result, "all_ok": True, "interrupt": interrupt}, every=40)
+    text = script("bench.tables").soak({**result, "all_ok": True, "interrupt": interrupt}, every=40)
     assert [line.split(" | ")[0] for line in text.splitlines()[2:4]] == [
         "| 20",
         "| 40",
@@ -366,7 +366,7 @@ def test_bench_prefill_quick(tmp_path):
     for r in rows:
         has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
         assert r["first_token_s"] >= r["prefill_s"] > 0
-    text = script("bench.report").prefill(json.loads(out.read_text()))
+    text = script("bench.tables").prefill(json.loads(out.read_text()))
     assert text.count("\n| 512 |") == 3  # one row per case
 
 
@@ -383,7 +383,7 @@ def test_bench_fidelity_quick(tmp_path):
     for e in summary.values():
         assert len(e["layers"]) == 30
         assert 0 <= e["err"][0] < 1 and 0 < e["read"][0] <= 1
-    text = script("bench.report").fidelity(result)
+    text = script("bench.tables").fidelity(result)
     assert text.count("\n| default |") == 1 and text.count("\n| 29 |") == 1
 
 
@@ -402,7 +402,7 @@ def test_eval_generation_quick(tmp_path):
     assert 0 <= row["default"]["rechecks_changed"] <= row["default"]["rechecks"]
     rechecked = row["default"]["rechecked_frac"]  # a step run again reads every host token once more
     assert 0 <= rechecked <= 1 and 0 < row["default"]["kv_read_frac"] < 1 + rechecked
-    text = script("bench.report").generation(result)
+    text = script("bench.tables").generation(result)
     assert "not run" in text and "| 100.00% | 0.00% |" in text
 
 
@@ -426,7 +426,7 @@ def test_recheck_margins_counts_the_steps_and_differing_picks_under_each_margin(
         {"gaps": [0.1, 0.6, 2.0], "differs": [True, False, False], "selected_frac": 0.04},
         {"gaps": [0.3], "differs": [True], "selected_frac": 0.08},
     ]
-    perfect, *rows = script("bench.report").margin_rows(per_prompt, [0.05, 0.2, 0.5, 1.0])
+    perfect, *rows = script("bench.tables").margin_rows(per_prompt, [0.05, 0.2, 0.5, 1.0])
     assert perfect["margin"] is None and perfect["rechecked"] == 0.5 and perfect["read"] == pytest.approx(0.55)
     assert [r["rechecked"] for r in rows] == [0.0, 0.25, 0.5, 0.75]
     assert [r["caught"] for r in rows] == [0, 1, 2, 2] and all(r["differs"] == 2 for r in rows)
@@ -445,7 +445,7 @@ def test_recheck_margins_after_wider_runs_recheck_only_the_steps_that_ran_wider(
             "read_frac": 0.06,
         }
     ]
-    perfect, *rows = script("bench.report").margin_rows(per_prompt, [0.2, 1e9])
+    perfect, *rows = script("bench.tables").margin_rows(per_prompt, [0.2, 1e9])
     assert perfect["read"] == pytest.approx(0.06 + 2 / 3) and perfect["caught"] == 2
     assert [r["rechecked"] for r in rows] == pytest.approx([1 / 3, 1 / 3])  # the step that did not run wider: never
     assert [r["caught"] for r in rows] == [1, 1] and rows[0]["read"] == pytest.approx(0.06 + 1 / 3)
@@ -478,7 +478,7 @@ def test_accuracy_report_takes_cells_that_ran_some_configurations():
         r.update(
             kv_read_frac=1.0 if r["method"] == "full" else 0.05, attn_rel_err=0.0 if r["method"] == "full" else 0.04
         )
-    text = script("bench.report").accuracy({"rows": rows})
+    text = script("bench.tables").accuracy({"rows": rows})
     assert "- default: niah_single at 2048 is 30.0 points below full" in text
     assert "- default: niah_single at 2048 lies below full attention's 95% interval" in text
     assert "- fixed-noest: passkey at 2048 is 10.0 points below full" in text

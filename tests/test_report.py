@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import report, tables
 from engine.config import OffloadConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_update_is_a_fixed_point_and_renders_what_the_renderer_renders(tmp_path)
     write_json(tmp_path, "kernel.json", KERNEL)
     once, kept = report.update_blocks(DOC, tmp_path)
     assert len(kept) == 1
-    assert f"<!-- report:kernel bench/out/kernel.json -->\n\n{report.kernel(KERNEL)}\n\n<!-- /report -->" in once
+    assert f"<!-- report:kernel bench/out/kernel.json -->\n\n{tables.kernel(KERNEL)}\n\n<!-- /report -->" in once
     assert report.update_blocks(once, tmp_path)[0] == once
 
 
@@ -99,7 +99,7 @@ def test_an_eval_block_pools_the_files_its_patterns_match_in_order(tmp_path):
     doc = "<!-- report:eval bench/out/eval_a*.json -->\nold\n<!-- /report -->\n"
     text, kept = report.update_blocks(doc, tmp_path)
     files = [tmp_path / "bench" / "out" / f for f in ("eval_a.json", "eval_a_s40.json")]  # sorted
-    table = report.accuracy({"rows": [r for f in files for r in json.loads(f.read_text())["rows"]]})
+    table = tables.accuracy({"rows": [r for f in files for r in json.loads(f.read_text())["rows"]]})
     assert not kept and text == f"<!-- report:eval bench/out/eval_a*.json -->\n\n{table}\n\n<!-- /report -->\n"
     assert "| passkey | 2048 | 4 | 75.0 [" in text  # both runs, seeds 0-1 and 40-41, pooled
     missing = doc.replace("eval_a*", "eval_b*")

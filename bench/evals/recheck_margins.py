@@ -39,7 +39,7 @@ from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample
-from bench.report import margin_rows, margins
+from bench.tables import margin_rows, margins
 from engine.api import eos_ids
 from engine.config import OffloadConfig
 from engine.models import load_model
