@@ -224,8 +224,10 @@ def test_report_renders_ruler_runs_as_accuracy_tables():
 
     vt = {"rows": [row("ruler_vt", "full", [1, 1, 0.5, 0]), row("ruler_vt", "default", [1, 0.5, 0.5, 0], 0.04)]}
     cwe = {"rows": [row("ruler_cwe", "full", [0, 0, 0, 0]), row("ruler_cwe", "default", [0, 0, 0, 0], 0.03)]}
-    text = script("bench.tables").ruler([vt, cwe])
+    niah = [row("niah", "full", [1] * 48 + [0] * 2), row("niah", "default", [1] * 47 + [0] * 3, 0.02)]
+    text = script("bench.tables").ruler([vt, cwe, {"rows": niah}])
     assert "| ruler_vt | 4096 | 4 | 62.5 [0, 90] | 50.0 (-12.5) | 4.0% |" in text
+    assert "niah at" not in text  # 96% - 94% is 2 points: within the target, whatever floats say
     assert "| ruler_cwe | 4096 | 4 | 0.0 [0, 90] | 0.0 (+0.0) | 3.0% |" in text
     assert "default: ruler_vt at 4096 is 12.5 points below full" in text and "ruler_cwe at" not in text
     assert "| ruler_vt | 4096 | default | -12.5 [-52.3, +27.3] | 0 | 1 | 2 of 3 |" in text
