@@ -26,7 +26,7 @@ class AnswerLog:
     """The answers of the run `run` (a JSON-able dict) in `path`, those already there read back."""
 
     def __init__(self, path: str | Path, run: dict):
-        self.path, self.run = Path(path), json.loads(json.dumps(run))
+        self.path, self.run = Path(path), json.loads(json.dumps(run))  # as read back: tuples are lists
         self.entries: dict[tuple[str, str], dict] = {}
         if self.path.exists() and self.path.stat().st_size:
             self._read()

@@ -17,13 +17,12 @@ and reports go to it as they come, and a prompt answered there by every method i
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from bench.evals.answer_log import AnswerLog
+from bench.evals.answer_log import AnswerLog, request_key
 from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
 from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
 from engine.api import GenerationReport, HybridLLM
@@ -66,10 +65,10 @@ class SharedPrefillLM(HybridAttnLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results = []
         for i, request in enumerate(tqdm(requests, desc=f"{self.method} generate_until", disable=disable_tqdm)):
-            seen = json.dumps(request.args, sort_keys=True, default=str)
+            seen = request_key(request.args)
             if seen not in self.answers:
                 key = getattr(request, "task_name", None), getattr(request, "doc_id", i)
-                self.answers[seen] = self._logged(key, request.args) or self._answer_all(key, *request.args)
+                self.answers[seen] = self._logged(key, request.args) or self._answer_and_log(key, request.args)
             results.append(self.answers[seen][self.method])
             self.cache_hook.add_partial("generate_until", request.args, results[-1])
         return results
@@ -83,6 +82,13 @@ class SharedPrefillLM(HybridAttnLM):
         for method, entry in entries.items():
             self.reports_of[method][key] = GenerationReport(**entry["report"])
         return {method: entry["answer"] for method, entry in entries.items()}
+
+    def _answer_and_log(self, key: tuple, args) -> dict[str, str]:
+        """`_answer_all`, each method's answer and report then written to the log (if any)."""
+        answers = self._answer_all(key, *args)
+        for method in self.methods if self.log else ():
+            self.log.add(method, args, answers[method], asdict(self.reports_of[method][key]))
+        return answers
 
     def _answer_all(self, key: tuple, context: str, gen_kwargs: dict) -> dict[str, str]:
         """Every method's answer to one request, from one prefill; their reports kept under `key`."""
@@ -115,10 +121,7 @@ class SharedPrefillLM(HybridAttnLM):
                 rechecked_steps=sum(s["rechecked"] for s in steps[method]),
                 widened_steps=sum(s["widened"] for s in steps[method]),
             )
-        answers = {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
-        for method in self.methods if self.log else ():
-            self.log.add(method, (context, gen_kwargs), answers[method], asdict(self.reports_of[method][key]))
-        return answers
+        return {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
 
 
 def _mean(values: list[float]) -> float:
