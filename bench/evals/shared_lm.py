@@ -51,7 +51,7 @@ class SharedPrefillLM(HybridAttnLM):
         super().__init__(llm=HybridLLM(model, tokenizer, CONFIGS[configs[0]]), **kwargs)
         self.configs, self.peers = list(configs), list(peers)
         self.methods = self.configs + [f"{peer}@{self.peers_at}" for peer in self.peers]
-        self.answers: dict[str, dict[str, str]] = {}  # a request's arguments -> each method's answer
+        self.answers: dict[str, dict[str, str]] = {}  # request_key(a request's arguments) -> each method's answer
         self.log = log
         self.reports_of: dict[str, dict[tuple, GenerationReport]] = {m: {} for m in self.methods}
         self.answer_as(self.methods[0])
