@@ -75,6 +75,15 @@ struct PartialState {
 
 constexpr int64_t kTile = 16;  // ids scored together before their V rows are read
 
+// Prefetches the rows ids[from..to) of a store's head at `base` (-1 ids skipped).
+HA_INLINE void prefetch_rows(const char* base, const int64_t* ids, int64_t from, int64_t to, int64_t row_bytes) {
+  for (int64_t i = from; i < to; ++i) {
+    if (ids[i] < 0) continue;
+    const char* row = base + ids[i] * row_bytes;
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 2);  // into L2: measured 2x faster than L1
+  }
+}
+
 // The ids of one chunk, `kTile` valid ones at a time, with their rows
 // prefetched ahead: gathered rows are scattered, so their misses must overlap.
 class TileWalker {
@@ -83,7 +92,7 @@ class TileWalker {
       : ids_(a.ids + head * a.n_ids), i_(begin), end_(end), row_bytes_(a.k.dim * elem_bytes),
         k_(static_cast<const char*>(a.k.data) + head * a.k.head_stride * elem_bytes),
         v_(static_cast<const char*>(a.v.data) + head * a.v.head_stride * elem_bytes) {
-    prefetch(k_, begin, std::min(end, begin + kTile));
+    prefetch_rows(k_, ids_, begin, std::min(end, begin + kTile), row_bytes_);
   }
 
   // Fills ids[0..n) with the next valid ids; returns n (0 at the end).
@@ -93,20 +102,12 @@ class TileWalker {
     for (; n == 0 && i_ < end_;)
       for (; i_ < end_ && n < kTile; ++i_)
         if (ids_[i_] >= 0) ids[n++] = ids_[i_];
-    prefetch(v_, from, i_);                            // this tile's V rows
-    prefetch(k_, i_, std::min(end_, i_ + kTile));      // the next tile's K rows
+    prefetch_rows(v_, ids_, from, i_, row_bytes_);                          // this tile's V rows
+    prefetch_rows(k_, ids_, i_, std::min(end_, i_ + kTile), row_bytes_);    // the next tile's K rows
     return n;
   }
 
  private:
-  void prefetch(const char* base, int64_t from, int64_t to) const {
-    for (int64_t i = from; i < to; ++i) {
-      if (ids_[i] < 0) continue;
-      const char* row = base + ids_[i] * row_bytes_;
-      for (int64_t off = 0; off < row_bytes_; off += 64) __builtin_prefetch(row + off, 0, 2);  // into L2: measured 2x faster than L1
-    }
-  }
-
   const int64_t* ids_;
   int64_t i_, end_, row_bytes_;
   const char *k_, *v_;
@@ -131,6 +132,28 @@ constexpr int64_t elem_bytes(StoreType T) { return T == StoreType::f32 ? 4 : 2; 
 
 // ------------------------------------------------------- scalar reference
 
+// Query head g's online softmax takes one tile's n scaled scores p[0..n), which become their weights.
+HA_INLINE void take_scores_scalar(PartialState st, int64_t g, int64_t D, float* p, int64_t n) {
+  float tile_max = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, p[j]);
+  raise_max(st, g, D, tile_max);
+  for (int64_t j = 0; j < n; ++j) {
+    p[j] = std::exp(p[j] - st.m[g]);
+    st.l[g] += p[j];
+  }
+}
+
+// The V rows of one tile's n ids, weighted by p [G, kTile], added to every query head's output.
+template <StoreType T>
+HA_INLINE void add_values_scalar(const StoreView& v, int64_t v_base, const int64_t* ids, int64_t n, const float* p,
+                                 PartialState st, int64_t G, float* rows /*[kTile, D]*/) {
+  const int64_t D = v.dim;
+  for (int64_t j = 0; j < n; ++j) load_row<T>(v.data, v_base + ids[j] * D, D, rows + j * D);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) st.acc[g * D + d] += p[g * kTile + j] * rows[j * D + d];
+}
+
 template <StoreType T>
 HA_INLINE void attend_chunk_scalar(const GatherAttendArgs& a, int64_t head, int64_t begin, int64_t end,
                                    PartialState st, float* buf /*[kTile * D + G * kTile]*/) {
@@ -145,23 +168,14 @@ HA_INLINE void attend_chunk_scalar(const GatherAttendArgs& a, int64_t head, int6
   for (int64_t n; (n = walk.next(ids)) > 0;) {
     for (int64_t j = 0; j < n; ++j) load_row<T>(a.k.data, k_base + ids[j] * D, D, rows + j * D);
     for (int64_t g = 0; g < G; ++g) {
-      float tile_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         float s = 0.0f;
         for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * rows[j * D + d];
         p[g * kTile + j] = s * a.scale;
-        tile_max = std::max(tile_max, p[g * kTile + j]);
       }
-      raise_max(st, g, D, tile_max);
-      for (int64_t j = 0; j < n; ++j) {
-        p[g * kTile + j] = std::exp(p[g * kTile + j] - st.m[g]);
-        st.l[g] += p[g * kTile + j];
-      }
+      take_scores_scalar(st, g, D, p + g * kTile, n);
     }
-    for (int64_t j = 0; j < n; ++j) load_row<T>(a.v.data, v_base + ids[j] * D, D, rows + j * D);
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) st.acc[g * D + d] += p[g * kTile + j] * rows[j * D + d];
+    add_values_scalar<T>(a.v, v_base, ids, n, p, st, G, rows);
   }
 }
 
@@ -171,11 +185,52 @@ HA_INLINE void attend_chunk_scalar(const GatherAttendArgs& a, int64_t head, int6
 constexpr int64_t kMaxVecDim = 512;
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head on the vector path
 
+// Query head g's online softmax takes one tile's scaled scores (lanes n.. are ignored);
+// p[0..16) gets their weights (0 in the unused lanes).
+HA_INLINE void take_scores(PartialState st, int64_t g, int64_t D, vf16 scores, int64_t n, float* p) {
+  vf16 lane = {};
+  for (int i = 0; i < 16; ++i) lane[i] = float(i);
+  scores = lane < float(n) ? scores : vf16{} - std::numeric_limits<float>::infinity();
+  raise_max(st, g, D, hmax(scores));
+  const vf16 pv = exp16(scores - st.m[g]);
+  st.l[g] += hsum(pv);
+  store16(p, pv);
+}
+
+// The V rows of one tile's n ids, weighted by p [G, kTile], added to every query head's output:
+// each 16-lane block is converted once, straight into registers; two blocks at a time give
+// 2G independent FMA chains. kB > 0 fixes the blocks per row (D / 16) at compile time.
+template <StoreType T, int kB>
+HA_INLINE void add_values(const char* vbase, const int64_t* ids, int64_t n, const float* p, PartialState st,
+                          int64_t G, int64_t D) {
+  const int64_t B = kB > 0 ? kB : D / 16, row_bytes = D * elem_bytes(T);
+  for (int64_t b = 0; b < B; b += 2) {
+    const bool pair = b + 1 < B;
+    vf16 acc0[kMaxGroup], acc1[kMaxGroup];
+    for (int64_t g = 0; g < G; ++g) {
+      acc0[g] = load16(st.acc + g * D + 16 * b);
+      acc1[g] = pair ? load16(st.acc + g * D + 16 * (b + 1)) : vf16{};
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const char* row = vbase + ids[j] * row_bytes + 16 * b * elem_bytes(T);
+      const vf16 v0 = load16_as_float<T>(row);
+      const vf16 v1 = pair ? load16_as_float<T>(row + 16 * elem_bytes(T)) : vf16{};
+      for (int64_t g = 0; g < G; ++g) {
+        acc0[g] += p[g * kTile + j] * v0;
+        acc1[g] += p[g * kTile + j] * v1;
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      store16(st.acc + g * D + 16 * b, acc0[g]);
+      if (pair) store16(st.acc + g * D + 16 * (b + 1), acc1[g]);
+    }
+  }
+}
+
 // 16 rows at a time: their K rows are scored against each query head with
 // 16-lane FMAs, the 16 dot products reduced together (reduce16), the softmax
 // update done on 16 lanes, and the V rows accumulated block by block. Every
 // inner loop keeps several independent accumulators so FMA latency overlaps.
-// kB > 0 fixes the number of 16-lane blocks per row (D / 16) at compile time.
 template <StoreType T, int kB>
 HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t begin, int64_t end,
                                 PartialState st, float* buf /*[2 * kTile * D + G * kTile]*/) {
@@ -184,11 +239,9 @@ HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t
   const char* kbase = static_cast<const char*>(a.k.data) + head * a.k.head_stride * elem_bytes(T);
   const char* vbase = static_cast<const char*>(a.v.data) + head * a.v.head_stride * elem_bytes(T);
   const int64_t row_bytes = D * elem_bytes(T);
-  float* krows = buf;              // [kTile, D]; rows past the tile's end hold stale data, masked below
+  float* krows = buf;              // [kTile, D]; rows past the tile's end hold stale data, masked in take_scores
   float* p = buf + 2 * kTile * D;  // [G, kTile]
   reset(st, G, D);
-  vf16 lane = {};
-  for (int i = 0; i < 16; ++i) lane[i] = float(i);
   TileWalker walk(a, head, begin, end, elem_bytes(T));
   int64_t ids[kTile];
   vf16 part[kTile];
@@ -206,36 +259,9 @@ HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t
         }
         for (int r = 0; r < 8; ++r) part[bitrev4(j + r)] = s[r];
       }
-      vf16 scores = reduce16(part) * a.scale;
-      scores = lane < float(n) ? scores : vf16{} - std::numeric_limits<float>::infinity();
-      raise_max(st, g, D, hmax(scores));
-      vf16 pv = exp16(scores - st.m[g]);  // 0 in the unused lanes
-      st.l[g] += hsum(pv);
-      store16(p + g * kTile, pv);
+      take_scores(st, g, D, reduce16(part) * a.scale, n, p + g * kTile);
     }
-    // V rows: each 16-lane block is converted once, straight into registers, and
-    // added to every query head's output; two blocks at a time give 2G independent FMA chains.
-    for (int64_t b = 0; b < B; b += 2) {
-      const bool pair = b + 1 < B;
-      vf16 acc0[kMaxGroup], acc1[kMaxGroup];
-      for (int64_t g = 0; g < G; ++g) {
-        acc0[g] = load16(st.acc + g * D + 16 * b);
-        acc1[g] = pair ? load16(st.acc + g * D + 16 * (b + 1)) : vf16{};
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const char* row = vbase + ids[j] * row_bytes + 16 * b * elem_bytes(T);
-        const vf16 v0 = load16_as_float<T>(row);
-        const vf16 v1 = pair ? load16_as_float<T>(row + 16 * elem_bytes(T)) : vf16{};
-        for (int64_t g = 0; g < G; ++g) {
-          acc0[g] += p[g * kTile + j] * v0;
-          acc1[g] += p[g * kTile + j] * v1;
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        store16(st.acc + g * D + 16 * b, acc0[g]);
-        if (pair) store16(st.acc + g * D + 16 * (b + 1), acc1[g]);
-      }
-    }
+    add_values<T, kB>(vbase, ids, n, p, st, G, D);
   }
 }
 #endif
@@ -272,6 +298,59 @@ HA_INLINE void attend_chunk_any(const GatherAttendArgs& a, int64_t h, int64_t b,
     case StoreType::f32: return attend_chunk_f32(a, h, b, e, st, buf);
     case StoreType::f16: return attend_chunk_f16(a, h, b, e, st, buf);
     case StoreType::bf16: return attend_chunk_bf16(a, h, b, e, st, buf);
+  }
+}
+
+// ---------------------------------------------------------- given scores
+
+// Attention of KV head h over its n_ids ids (all valid) whose scaled scores are known already,
+// scores[g * stride + i] for query head g of the group and id i: only their V rows are read.
+// The host step attends so to the candidates its rating has scored.
+template <StoreType T>
+HA_INLINE void attend_scored(const GatherAttendArgs& a, int64_t head, const float* scores, int64_t stride,
+                             PartialState st, float* buf /*[kTile * D + G * kTile]*/) {
+  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads, M = a.n_ids, row_bytes = D * elem_bytes(T);
+  const int64_t* ids = a.ids + head * M;
+  const char* vbase = static_cast<const char*>(a.v.data) + head * a.v.head_stride * elem_bytes(T);
+  float* p = buf + kTile * D;  // [G, kTile]
+  reset(st, G, D);
+#if HA_HAS_VECTORS
+  const bool vec = !a.scalar && D % 16 == 0 && D <= kMaxVecDim && G <= kMaxGroup;
+#else
+  [[maybe_unused]] const bool vec = false;
+#endif
+  prefetch_rows(vbase, ids, 0, std::min(M, kTile), row_bytes);
+  for (int64_t i = 0; i < M; i += kTile) {
+    const int64_t n = std::min(kTile, M - i);
+    prefetch_rows(vbase, ids, i + kTile, std::min(M, i + 2 * kTile), row_bytes);
+    for (int64_t g = 0; g < G; ++g) {
+      float* pg = p + g * kTile;
+      std::copy(scores + g * stride + i, scores + g * stride + i + n, pg);
+#if HA_HAS_VECTORS
+      if (vec) {
+        take_scores(st, g, D, load16(pg), n, pg);  // lanes n.. hold stale values, masked there
+        continue;
+      }
+#endif
+      take_scores_scalar(st, g, D, pg, n);
+    }
+#if HA_HAS_VECTORS
+    if (vec) {
+      if (D == 128) add_values<T, 8>(vbase, ids + i, n, p, st, G, D);
+      else add_values<T, 0>(vbase, ids + i, n, p, st, G, D);
+      continue;
+    }
+#endif
+    add_values_scalar<T>(a.v, head * a.v.head_stride, ids + i, n, p, st, G, buf);
+  }
+}
+
+HA_MULTIVERSION inline void attend_scored_any(const GatherAttendArgs& a, int64_t head, const float* scores,
+                                              int64_t stride, PartialState st, float* buf) {
+  switch (a.k.type) {
+    case StoreType::f32: return attend_scored<StoreType::f32>(a, head, scores, stride, st, buf);
+    case StoreType::f16: return attend_scored<StoreType::f16>(a, head, scores, stride, st, buf);
+    case StoreType::bf16: return attend_scored<StoreType::bf16>(a, head, scores, stride, st, buf);
   }
 }
 

@@ -13,7 +13,8 @@
 //      log-sum-exp'd with the candidates' own scores;
 //   3. the ids read: those that pass, and every id of the range `forced` (the newest host
 //      tokens, which no index covers yet), in ascending order -> ids[b, h, :n_read] (-1 after);
-//   4. their gather-attend -> out [G, D], lse_out [G] (as gather_attend on those ids);
+//   4. their gather-attend -> out [G, D], lse_out [G] (as gather_attend on those ids, up to the
+//      order of the sum: the rated candidates' scores are reused, so their K rows are read once);
 //   5. reads per block: block_reads[b, h, j] = ids read in [j * block_size, (j + 1) * block_size).
 //
 // Duplicates are dropped with a bitmap over the host ids (one bit per token), kept per
@@ -80,7 +81,7 @@ struct HostStepArgs {
 // A thread's scratch, reused across units and calls; `bits` is all zero between units.
 struct HostScratch {
   std::vector<uint64_t> bits;
-  std::vector<int64_t> candidates, kept;
+  std::vector<int64_t> candidates, kept, extra;
   std::vector<float> scores, buf;
 };
 
@@ -219,10 +220,14 @@ class HostUnit {
         for (int64_t g = 0; g < G_; ++g) p += std::exp(s_.scores[size_t(g * C + j)] - lse[g]);
         if (p / float(G_) < threshold) continue;
       }
+      // the kept candidates' scores move to the front of their rows (the attend reuses them)
+      for (int64_t g = 0; g < G_; ++g) s_.scores[size_t(g * C) + s_.kept.size()] = s_.scores[size_t(g * C + j)];
       s_.kept.push_back(s_.candidates[size_t(j)]);
     }
     a_.n_rated[b_ * Hkv_ + h_] = C;
   }
+
+  bool rated() const { return a_.n_rated[b_ * Hkv_ + h_] > 0; }
 
   void clear_candidates() {
     for (int64_t id : s_.candidates) bits()[id >> 6] = 0;  // whole words: every bit set is a candidate's
@@ -236,7 +241,9 @@ class HostUnit {
       set(id);
       lo = std::min(lo, id), hi = std::max(hi, id);
     }
+    s_.extra.clear();  // the forced ids not kept already
     for (int64_t t = range[2 * kForced]; t < range[2 * kForced + 1]; ++t) {
+      if (!test(t)) s_.extra.push_back(t);
       set(t);
       lo = std::min(lo, t), hi = std::max(hi, t);
     }
@@ -254,7 +261,10 @@ class HostUnit {
     std::fill(ids + n, ids + a_.cap, int64_t(-1));
     a_.n_read[unit] = n;
     count_blocks(ids, n);
-    attend(ids, n);
+    if (rated())
+      attend_rated();
+    else
+      attend(ids, n);
     return "";
   }
 
@@ -265,7 +275,8 @@ class HostUnit {
       if (ids[i] / a_.block_size < a_.n_count_blocks) ++counts[ids[i] / a_.block_size];
   }
 
-  void attend(const int64_t* ids, int64_t n) {
+  // The gather-attend of this unit's group over ids[0..n).
+  GatherAttendArgs attend_args(const int64_t* ids, int64_t n) {
     GatherAttendArgs g;
     g.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
     g.n_q_heads = G_;
@@ -277,10 +288,30 @@ class HostUnit {
     g.out = a_.out + (b_ * a_.n_q_heads + h_ * G_) * D_;
     g.lse = a_.out_lse + b_ * a_.n_q_heads + h_ * G_;
     g.scalar = a_.scalar;
-    ChunkStates state(1, G_, D_);
     s_.buf.resize(size_t(2 * kTile * D_ + G_ * kTile));
+    return g;
+  }
+
+  void attend(const int64_t* ids, int64_t n) {
+    const GatherAttendArgs g = attend_args(ids, n);
+    ChunkStates state(1, G_, D_);
     attend_chunk_any(g, 0, 0, n, state[0], s_.buf.data());
     combine_chunks(g, 0, state, 0, 1);
+  }
+
+  // The kept candidates with the scores their rating computed (their K rows are not read again),
+  // and the forced range's other ids scored here; the two merged. The same attention as attend()
+  // on the ids read, summed in another order.
+  void attend_rated() {
+    const int64_t kept = int64_t(s_.kept.size()), extra = int64_t(s_.extra.size());
+    const GatherAttendArgs g = attend_args(s_.kept.data(), kept);
+    GatherAttendArgs forced = g;
+    forced.ids = s_.extra.data();
+    forced.n_ids = extra;
+    ChunkStates state(2, G_, D_);
+    attend_scored_any(g, 0, s_.scores.data(), int64_t(s_.candidates.size()), state[0], s_.buf.data());
+    attend_chunk_any(forced, 0, 0, extra, state[1], s_.buf.data());
+    combine_chunks(g, 0, state, 0, 2);
   }
 
   static float log_sum_exp(const float* s, int64_t n) {
