@@ -143,6 +143,7 @@ def host_seq(**changes) -> HostSeq:
 @example(host_case({"list_rows": 0}, {}, list_len=16, empty_list_len=1))  # an unindexed sequence beside an indexed one
 @example(host_case({"threshold": -math.inf}, {"threshold": math.inf, "lse_kind": "-inf"}))  # all read / rated +inf
 @example(host_case({"threshold": 0.0}, {"threshold": 1e-45}, lse_from_candidates=True))
+@example(host_case({"threshold": math.inf, "lse_kind": "zero", "k_exp": 3}, scale=1.0))  # fp32 overflow: read
 @example(host_case({}, {"N": 129}, G=17, D=528, dtype="bfloat16", block_size=3))  # the scalar loops
 @example(host_case({"q_exp": 30, "k_exp": 30}))  # beyond fp32: only what does not depend on the rating
 @example(host_case({"ranges": ("all", "all", "all")}, cap="small"))  # more than cap

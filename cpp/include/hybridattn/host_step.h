@@ -203,9 +203,11 @@ class HostUnit {
     // The group's mean lies between 1/G of its largest term and that term: a candidate whose largest
     // log-term lies clearly below log(threshold) is dropped, one clearly above log(G * threshold) kept,
     // without exponentials; only those between are summed (kRateMargin keeps rounding out of it).
+    // A threshold of +inf has no finite bound: every candidate is summed (a mean that overflows is read).
     const float threshold = a_.threshold[b_];
-    const float drop_below = std::log(threshold) - kRateMargin;
-    const float keep_above = std::log(threshold * float(G_)) + kRateMargin;
+    const float inf = std::numeric_limits<float>::infinity();
+    const float drop_below = threshold == inf ? -inf : std::log(threshold) - kRateMargin;
+    const float keep_above = threshold == inf ? inf : std::log(threshold * float(G_)) + kRateMargin;
     float* top = s_.scores.data() + G_ * C;  // each candidate's largest log-term
     const float* s0 = s_.scores.data();
     for (int64_t j = 0; j < C; ++j) top[j] = s0[j] - lse[0];
