@@ -185,6 +185,35 @@ HA_INLINE void attend_chunk_scalar(const GatherAttendArgs& a, int64_t head, int6
 constexpr int64_t kMaxVecDim = 512;
 constexpr int64_t kMaxGroup = 16;  // query heads per KV head on the vector path
 
+// The K rows of a tile's n ids (-1: a row of zeros), converted to fp32 into krows [kTile, D];
+// the rows from n on are zeroed, so every lane of a tile's dot products is defined.
+template <StoreType T, int kB>
+HA_INLINE void load_tile(const char* kbase, const int64_t* ids, int64_t n, float* krows, int64_t D) {
+  const int64_t B = kB > 0 ? kB : D / 16, row_bytes = D * elem_bytes(T);
+  for (int64_t j = 0; j < kTile; ++j)
+    for (int64_t b = 0; b < B; ++b)
+      store16(krows + j * D + 16 * b, j < n && ids[j] >= 0
+                                          ? load16_as_float<T>(kbase + ids[j] * row_bytes + 16 * b * elem_bytes(T))
+                                          : vf16{});
+}
+
+// The dot products of the query row qg [D] with a tile's rows krows [kTile, D]: lane j = qg . krows[j].
+// Eight rows side by side, their 16-lane partial sums reduced together (reduce16).
+template <int kB>
+HA_INLINE vf16 tile_dots(const float* qg, const float* krows, int64_t D) {
+  const int64_t B = kB > 0 ? kB : D / 16;
+  vf16 part[kTile];
+  for (int j = 0; j < kTile; j += 8) {
+    vf16 s[8] = {};
+    for (int64_t b = 0; b < B; ++b) {
+      const vf16 qb = load16(qg + 16 * b);
+      for (int r = 0; r < 8; ++r) s[r] += qb * load16(krows + (j + r) * D + 16 * b);
+    }
+    for (int r = 0; r < 8; ++r) part[bitrev4(j + r)] = s[r];
+  }
+  return reduce16(part);
+}
+
 // Query head g's online softmax takes one tile's scaled scores (lanes n.. are ignored);
 // p[0..16) gets their weights (0 in the unused lanes).
 HA_INLINE void take_scores(PartialState st, int64_t g, int64_t D, vf16 scores, int64_t n, float* p) {
@@ -234,33 +263,19 @@ HA_INLINE void add_values(const char* vbase, const int64_t* ids, int64_t n, cons
 template <StoreType T, int kB>
 HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t begin, int64_t end,
                                 PartialState st, float* buf /*[2 * kTile * D + G * kTile]*/) {
-  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads, B = kB > 0 ? kB : D / 16;
+  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads;
   const float* q = a.q + head * G * D;
   const char* kbase = static_cast<const char*>(a.k.data) + head * a.k.head_stride * elem_bytes(T);
   const char* vbase = static_cast<const char*>(a.v.data) + head * a.v.head_stride * elem_bytes(T);
-  const int64_t row_bytes = D * elem_bytes(T);
-  float* krows = buf;              // [kTile, D]; rows past the tile's end hold stale data, masked in take_scores
+  float* krows = buf;              // [kTile, D]
   float* p = buf + 2 * kTile * D;  // [G, kTile]
   reset(st, G, D);
   TileWalker walk(a, head, begin, end, elem_bytes(T));
   int64_t ids[kTile];
-  vf16 part[kTile];
   for (int64_t n; (n = walk.next(ids)) > 0;) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t b = 0; b < B; ++b)
-        store16(krows + j * D + 16 * b, load16_as_float<T>(kbase + ids[j] * row_bytes + 16 * b * elem_bytes(T)));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      for (int j = 0; j < kTile; j += 8) {  // eight rows' dot products side by side
-        vf16 s[8] = {};
-        for (int64_t b = 0; b < B; ++b) {
-          const vf16 qb = load16(qg + 16 * b);
-          for (int r = 0; r < 8; ++r) s[r] += qb * load16(krows + (j + r) * D + 16 * b);
-        }
-        for (int r = 0; r < 8; ++r) part[bitrev4(j + r)] = s[r];
-      }
-      take_scores(st, g, D, reduce16(part) * a.scale, n, p + g * kTile);
-    }
+    load_tile<T, kB>(kbase, ids, n, krows, D);
+    for (int64_t g = 0; g < G; ++g)
+      take_scores(st, g, D, tile_dots<kB>(q + g * D, krows, D) * a.scale, n, p + g * kTile);
     add_values<T, kB>(vbase, ids, n, p, st, G, D);
   }
 }

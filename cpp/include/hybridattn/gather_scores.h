@@ -35,10 +35,41 @@ HA_INLINE float element(const void* base, int64_t i) {
   return T == StoreType::bf16 ? bf16_to_float(x) : f16_to_float(x);
 }
 
+#if HA_HAS_VECTORS
+// Ids [begin, end) of KV head h, kTile rows at a time: each tile's K rows converted once, then
+// every query head's kTile dot products reduced together (tile_dots, as the gather-attend scores).
+template <StoreType T, int kB>
+HA_INLINE void score_tiles(const GatherScoresArgs& a, int64_t h, int64_t begin, int64_t end) {
+  const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads, M = a.n_ids, row_bytes = D * elem_bytes(T);
+  const char* base = static_cast<const char*>(a.k.data) + h * a.k.head_stride * elem_bytes(T);
+  const int64_t* ids = a.ids + h * M;
+  const float* q = a.q + h * G * D;
+  float* out = a.out + h * G * M;
+  alignas(64) float krows[kTile * kMaxVecDim];
+  prefetch_rows(base, ids, begin, std::min(end, begin + kTile), row_bytes);
+  for (int64_t j = begin; j < end; j += kTile) {
+    const int64_t n = std::min(kTile, end - j);
+    prefetch_rows(base, ids, j + kTile, std::min(end, j + 2 * kTile), row_bytes);
+    load_tile<T, kB>(base, ids + j, n, krows, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const vf16 s = tile_dots<kB>(q + g * D, krows, D);
+      for (int64_t r = 0; r < n; ++r) out[g * M + j + r] = ids[j + r] < 0 ? -std::numeric_limits<float>::infinity() : s[r];
+    }
+  }
+}
+#endif
+
 // Ids [begin, end) of KV head h.
 template <StoreType T>
 HA_INLINE void score_chunk(const GatherScoresArgs& a, int64_t h, int64_t begin, int64_t end) {
   const int64_t D = a.k.dim, G = a.n_q_heads / a.k.n_heads, M = a.n_ids;
+#if HA_HAS_VECTORS
+  if (!a.scalar && D % 16 == 0 && D <= kMaxVecDim && G <= kMaxGroup) {
+    if (D == 128) return score_tiles<T, 8>(a, h, begin, end);
+    if (D == 64) return score_tiles<T, 4>(a, h, begin, end);
+    return score_tiles<T, 0>(a, h, begin, end);
+  }
+#endif
   const char* base = static_cast<const char*>(a.k.data) + h * a.k.head_stride * elem_bytes(T);
   const int64_t row_bytes = D * elem_bytes(T);
   const int64_t* ids = a.ids + h * M;
@@ -55,18 +86,6 @@ HA_INLINE void score_chunk(const GatherScoresArgs& a, int64_t h, int64_t begin, 
       continue;
     }
     const char* row = base + id * row_bytes;
-#if HA_HAS_VECTORS
-    if (!a.scalar && D % 16 == 0 && G <= kMaxGroup) {
-      vf16 acc[kMaxGroup];
-      for (int64_t g = 0; g < G; ++g) acc[g] = vf16{};
-      for (int64_t b = 0; b < D / 16; ++b) {
-        const vf16 kb = load16_as_float<T>(row + 16 * b * elem_bytes(T));
-        for (int64_t g = 0; g < G; ++g) acc[g] += load16(q + g * D + 16 * b) * kb;
-      }
-      for (int64_t g = 0; g < G; ++g) out[g * M + j] = hsum(acc[g]);
-      continue;
-    }
-#endif
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.0f;
       for (int64_t d = 0; d < D; ++d) s += q[g * D + d] * element<T>(row, d);
