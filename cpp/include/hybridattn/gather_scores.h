@@ -2,8 +2,8 @@
 //   out[h * G + g, j] = q[h * G + g] . k[h, ids[h, j]]   (fp32; -inf where the id is -1)
 // for the G = Hq / Hkv query heads of the group. An adaptive budget rates its
 // candidates with these before it decides which to read: one pass over the
-// listed K rows, converted in registers, instead of a gathered fp32 copy and a
-// batched product.
+// listed K rows, sixteen at a time through a small fp32 tile, instead of a
+// gathered fp32 copy and a batched product.
 #pragma once
 
 #include <algorithm>
