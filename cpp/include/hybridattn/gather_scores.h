@@ -45,6 +45,7 @@ HA_INLINE void score_tiles(const GatherScoresArgs& a, int64_t h, int64_t begin, 
   const int64_t* ids = a.ids + h * M;
   const float* q = a.q + h * G * D;
   float* out = a.out + h * G * M;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   alignas(64) float krows[kTile * kMaxVecDim];
   prefetch_rows(base, ids, begin, std::min(end, begin + kTile), row_bytes);
   for (int64_t j = begin; j < end; j += kTile) {
@@ -53,7 +54,7 @@ HA_INLINE void score_tiles(const GatherScoresArgs& a, int64_t h, int64_t begin, 
     load_tile<T, kB>(base, ids + j, n, krows, D);
     for (int64_t g = 0; g < G; ++g) {
       const vf16 s = tile_dots<kB>(q + g * D, krows, D);
-      for (int64_t r = 0; r < n; ++r) out[g * M + j + r] = ids[j + r] < 0 ? -std::numeric_limits<float>::infinity() : s[r];
+      for (int64_t r = 0; r < n; ++r) out[g * M + j + r] = ids[j + r] < 0 ? neg_inf : s[r];
     }
   }
 }
