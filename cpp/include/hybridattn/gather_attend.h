@@ -352,6 +352,7 @@ HA_INLINE void attend_scored(const GatherAttendArgs& a, int64_t head, const floa
 #if HA_HAS_VECTORS
     if (vec) {
       if (D == 128) add_values<T, 8>(vbase, ids + i, n, p, st, G, D);
+      else if (D == 64) add_values<T, 4>(vbase, ids + i, n, p, st, G, D);
       else add_values<T, 0>(vbase, ids + i, n, p, st, G, D);
       continue;
     }

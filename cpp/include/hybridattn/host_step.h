@@ -178,7 +178,7 @@ class HostUnit {
     const int64_t C = int64_t(s_.candidates.size());
     s_.kept.clear();
     a_.n_rated[b_ * Hkv_ + h_] = 0;
-    if (a_.threshold[b_] == -std::numeric_limits<float>::infinity()) {
+    if (reads_all()) {
       s_.kept = s_.candidates;
       return;
     }
@@ -229,7 +229,8 @@ class HostUnit {
     a_.n_rated[b_ * Hkv_ + h_] = C;
   }
 
-  bool rated() const { return a_.n_rated[b_ * Hkv_ + h_] > 0; }
+  // A threshold of -inf reads every candidate unrated: no scores to reuse.
+  bool reads_all() const { return a_.threshold[b_] == -std::numeric_limits<float>::infinity(); }
 
   void clear_candidates() {
     for (int64_t id : s_.candidates) bits()[id >> 6] = 0;  // whole words: every bit set is a candidate's
@@ -263,10 +264,10 @@ class HostUnit {
     std::fill(ids + n, ids + a_.cap, int64_t(-1));
     a_.n_read[unit] = n;
     count_blocks(ids, n);
-    if (rated())
-      attend_rated();
-    else
+    if (reads_all())
       attend(ids, n);
+    else
+      attend_rated();
     return "";
   }
 
