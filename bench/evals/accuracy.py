@@ -65,6 +65,8 @@ CONFIGS = named(
     "default-unbounded",
     "default-exact-recheck",
     "default-credit-all",
+    "default-exact-2pct",
+    "default-exact-2pct-one-wider",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

@@ -40,7 +40,15 @@ from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
 from bench.stats import mean_interval
 from engine.models import load_model
 
-CONFIGS = named("default", "fixed-noest", "default-norecheck", "default-credit-all", "exact")
+CONFIGS = named(
+    "default",
+    "fixed-noest",
+    "default-norecheck",
+    "default-credit-all",
+    "default-exact-2pct",
+    "default-exact-2pct-one-wider",
+    "exact",
+)
 SOURCE = CONFIGS["default"]
 
 
