@@ -228,7 +228,7 @@ class OffloadConfig:
     )
     recheck_share: float = _option(
         "correction",
-        0.05,
+        0.02,
         "at most this share of a sequence's decode steps run again exactly at near ties (its first near tie "
         "always may); past it a near tie keeps the run before (1: no bound)",
     )
@@ -250,7 +250,7 @@ class OffloadConfig:
     )
     recheck_widen: float = _option(
         "correction",
-        4.0,
+        3.0,
         "a near tie's step first runs again reading wider: this many times the candidates and blocks, its "
         "thresholds lowered as much; the exact run follows only where the wider runs' two highest logits still "
         "lie less than `recheck_wide_margin` apart (1: straight to the exact run)",

@@ -65,6 +65,7 @@ CONFIGS = named(
     "default-unbounded",
     "default-exact-recheck",
     "default-credit-all",
+    "default-5pct-widen4",
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",

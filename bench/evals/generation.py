@@ -45,6 +45,7 @@ CONFIGS = named(
     "fixed-noest",
     "default-norecheck",
     "default-credit-all",
+    "default-5pct-widen4",
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",

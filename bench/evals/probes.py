@@ -55,11 +55,13 @@ CONFIGS = {
     "default-exact-recheck": _cpu("default", recheck_widen=1.0),  # near ties straight to the exact run, as before
     # wider runs spend ahead over every step asked for, as before recheck_credit_steps
     "default-credit-all": _cpu("default", recheck_credit_steps=0),
-    # exact runs on at most 2% of a generation's steps (5% by default), with two wider runs (4x and 16x, or 3x
-    # and 9x) or one
-    "default-exact-2pct": _cpu("default", recheck_share=0.02),
+    # the re-check bounds before 2026-12-03: exact runs on at most 5% of a generation's steps, wider runs 4x and 16x
+    "default-5pct-widen4": _cpu("default", recheck_share=0.05, recheck_widen=4.0),
+    # exact runs on at most 2% of the steps with wider runs 4x and 16x, or one 4x run; the default (3x and 9x) was
+    # run by the name default-exact-2pct-widen3 before it became the default
+    "default-exact-2pct": _cpu("default", recheck_share=0.02, recheck_widen=4.0),
     "default-exact-2pct-widen3": _cpu("default", recheck_share=0.02, recheck_widen=3.0),
-    "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_wider_runs=1),
+    "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
     # every host token read, nothing estimated or re-checked: full attention through the engine
     "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
 }
