@@ -45,6 +45,7 @@ class GenerationReport:
     rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
+    wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
 
     @property
     def first_token_s(self) -> float:
@@ -66,7 +67,7 @@ class GenerationReport:
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
             f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
-            f"{self.widened_steps} near ties run again wider, {self.rechecked_steps} exactly "
+            f"{self.widened_steps} near ties run again wider ({self.wider_runs} runs), {self.rechecked_steps} exactly "
             f"({self.rechecks_changed} changed the token)\n"
             f"device MiB: {dev}\nhost MiB: {host}"
         )
@@ -311,6 +312,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.rechecked_steps = sum(s.rechecked for s in shares)
     report.rechecks_changed = sum(s.changed for s in shares if s.rechecked)
     report.widened_steps = sum(s.widened for s in shares)
+    report.wider_runs = sum(s.wider_runs for s in shares)
     report.device_bytes = {"weights": weights, **run.memory["device"]}
     report.host_bytes = dict(run.memory["host"])
 

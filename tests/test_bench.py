@@ -400,7 +400,7 @@ def test_eval_generation_quick(tmp_path):
     assert set(row) == {"default", "exact"} and "forced_agreement" not in row["default"]
     assert 0 <= row["default"]["free_agreement"] <= 1 and 0 <= row["default"]["first_difference"] <= 6
     exact = {"free_agreement": 1.0, "first_difference": 6, "kv_read_frac": 1.0, "rechecked_frac": 0.0}
-    assert row["exact"] == {**exact, "rechecks": 0, "rechecks_changed": 0, "widened": 0}
+    assert row["exact"] == {**exact, "rechecks": 0, "rechecks_changed": 0, "widened": 0, "wider_runs": 0}
     assert 0 <= row["default"]["rechecks_changed"] <= row["default"]["rechecks"]
     rechecked = row["default"]["rechecked_frac"]  # a step run again reads every host token once more
     assert 0 <= rechecked <= 1 and 0 < row["default"]["kv_read_frac"] < 1 + rechecked

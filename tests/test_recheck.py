@@ -315,7 +315,7 @@ def test_a_read_limit_holds_back_every_run_again_that_would_read_past_it():
     # a step that read 2% may run again wider reading 6% more, not exactly: 1.02 > 4 * 0.02
     assert budget.affords(0.02, 0.02, 0.06) and not budget.affords(0.02, 0.02, 0.061)
     assert not budget.affords(0.02, 0.02, 1.0, exact=True)
-    budget.record(RowShare(kv_read=0.1, selected=0.02, keys_scored=0.0, rechecked=False, widened=True))
+    budget.record(RowShare(kv_read=0.1, selected=0.02, keys_scored=0.0, rechecked=False, wider_runs=1))
     seen = []
     for _ in range(40):  # k steps of 2% later: an exact run once 0.1 + 0.02 k + 0.02 + 1 <= 4 * 0.02 (k + 2), k >= 16
         seen.append(budget.affords(0.02, 0.02, 1.0, exact=True))
@@ -376,6 +376,8 @@ def test_a_tie_that_survives_runs_wider_again_up_to_the_runs_allowed(tiny_model,
     def reads(runs: int, wide_margin: float) -> list[float]:
         cfg = ALWAYS.replace(recheck_widen=2.0, recheck_wider_runs=runs, recheck_wide_margin=wide_margin)
         _, steps = decode(tiny_model, tiny_ids, cfg)
+        # each step counts the wider runs it took: all allowed while the tie survives, else the first alone
+        assert [s.rows[0].wider_runs for s in steps] == [runs if wide_margin else 1] * STEPS
         return [s.kv_read_frac for s in steps]
 
     one, three = reads(1, 1e9), reads(3, 1e9)

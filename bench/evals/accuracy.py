@@ -94,6 +94,7 @@ def evaluate(
         "rechecks": 0,
         "rechecks_changed": 0,
         "widened": 0,
+        "wider_runs": 0,
         "widened_changed": 0,
     }
     results = {"full": {"tokens": full, **full_shares, "attn_rel_err": 0.0}}
@@ -139,7 +140,8 @@ def read_shares(steps: list[dict]) -> dict[str, float]:
     counts = {
         "rechecks": sum(s["rechecked"] for s in steps),
         "rechecks_changed": sum(s["changed"] for s in steps if s["rechecked"]),
-        "widened": sum(s["widened"] for s in steps),  # wider runs first (OffloadConfig.recheck_widen)
+        "widened": sum(s["widened"] for s in steps),  # steps run wider first (OffloadConfig.recheck_widen)
+        "wider_runs": sum(s["wider_runs"] for s in steps),  # ... and their runs
         "widened_changed": sum(s["changed"] for s in steps if s["widened"] and not s["rechecked"]),
     }
     return {**shares, "rechecked_frac": _mean([s["rechecked"] for s in steps]) or 0.0, **counts}
@@ -164,6 +166,7 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
     row["rechecks"], row["recheck_precision"] = rechecks, round(changed / rechecks, 4) if rechecks else None
     # the wider runs that settled a near tie without an exact run, and how many of them changed the token
     row["widened"] = sum(r["widened"] for r in rs)
+    row["wider_runs"] = sum(r["wider_runs"] for r in rs)
     row["widened_changed"] = sum(r["widened_changed"] for r in rs)
     # how much each prompt's runs again multiplied its selection's read (seed order), and the most
     ratios = [round(r["kv_read_frac"] / r["selected_frac"], 3) if r["selected_frac"] else None for r in rs]

@@ -73,6 +73,7 @@ def continuations(
             "rechecks": sum(s["rechecked"] for s in steps),
             "rechecks_changed": sum(s["changed"] for s in steps if s["rechecked"]),  # whose exact run changed it
             "widened": sum(s["widened"] for s in steps),  # steps run again wider first
+            "wider_runs": sum(s["wider_runs"] for s in steps),  # ... and their runs (up to recheck_wider_runs a step)
         }
         if forced:
             steps = []

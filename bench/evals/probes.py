@@ -125,7 +125,8 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
     EOS token (engine.generation.Decoding, as HybridLLM decodes: near ties re-checked). `forced`
     (a token list) feeds those tokens instead of the model's own picks (teacher forcing), still
     returning the model's picks. With a HybridCache, `record` collects each step's
-    {"kv_read_frac", "selected_frac", "rechecked", "changed", "widened"} (engine.decode.recheck.RowShare) and "gap",
+    {"kv_read_frac", "selected_frac", "rechecked", "changed", "widened", "wider_runs"} (engine.decode.recheck.RowShare)
+    and "gap",
     between the two highest logits the next token is picked from."""
     run = Decoding(model, cache, logits, max_new, eos=eos, forced=None if forced is None else [forced])
     tokens = [token for _, token in run]
@@ -137,6 +138,7 @@ def greedy(model, cache, logits, max_new: int, eos: set[int], record: list | Non
                 "rechecked": int(s.rechecked),
                 "changed": int(s.changed),
                 "widened": int(s.widened),
+                "wider_runs": s.wider_runs,
                 "gap": gap,
             }
             for s, gap in run.row_steps(0)

@@ -120,6 +120,7 @@ class SharedPrefillLM(HybridAttnLM):
                 kv_read_frac=_mean([s["kv_read_frac"] for s in steps[method]]),
                 rechecked_steps=sum(s["rechecked"] for s in steps[method]),
                 widened_steps=sum(s["widened"] for s in steps[method]),
+                wider_runs=sum(s["wider_runs"] for s in steps[method]),
             )
         return {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
 

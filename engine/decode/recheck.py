@@ -39,7 +39,12 @@ class RowShare(NamedTuple):
     keys_scored: float  # keys scored by the host index / host tokens
     rechecked: bool  # whether its step ran again exactly
     changed: bool = False  # ... or wider, and that changed its greedy token (a re-check that mattered)
-    widened: bool = False  # whether its step ran again wider first (OffloadConfig.recheck_widen)
+    wider_runs: int = 0  # how many times its step ran again wider first (OffloadConfig.recheck_widen)
+
+    @property
+    def widened(self) -> bool:
+        """Whether its step ran again wider first."""
+        return self.wider_runs > 0
 
 
 @dataclass
@@ -134,6 +139,7 @@ def forward_step(
     ]
     share = [gathered / host if host else 0.0 for host, gathered, _ in counts]  # each row's selection
     wider = {}  # rows run again wider -> host tokens those runs gathered
+    runs = {}  # ... -> how many wider runs
 
     def affords(r: int, extra: float, exact: bool = False) -> bool:  # extra: a share of the host tokens
         spent = share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
@@ -153,6 +159,7 @@ def forward_step(
             wide = model(input_ids=tokens[rows], position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
         for r in rows:
             wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
+            runs[r] = runs.get(r, 0) + 1
         logits = logits.clone() if logits is first else logits
         logits[rows] = wide
         rows = [rows[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
@@ -178,7 +185,7 @@ def forward_step(
     for r, (host, gathered, keys) in enumerate(counts):
         read = gathered + wider.get(r, 0) + host * (r in again)
         row = (read / host, share[r], keys / host) if host else (0.0, 0.0, 0.0)
-        shares.append(RowShare(*row, r in again, r in changed, r in wider))
+        shares.append(RowShare(*row, r in again, r in changed, runs.get(r, 0)))
     host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
     read = gathered + sum(wider.values()) + sum(counts[r][0] for r in rows)
     return Step(
