@@ -52,10 +52,14 @@ def test_bench_decode_quick(tmp_path):
         # a near tie's step run again is timed where the configuration re-checks them
         rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"] and "python" not in c["method"]
         assert (c["rerun_attn_ms_per_layer"] is not None) == rechecks
-        if rechecks:  # the step alone and one exact run at the prose rate (a window), each timed; the step wider
-            assert set(c["rerun_attn_ms_per_layer"]) == {"1", str(min(c["context"], 256))}
+        if rechecks:  # the step alone and one exact run at the prose rate (at most a window), each timed
+            span = min(c["context"], script("bench.common.timing").RECHECK_SPAN, 256)
+            assert set(c["rerun_attn_ms_per_layer"]) == {"1", str(span)}
             assert all(ms > 0 for ms in c["rerun_attn_ms_per_layer"].values())
-            assert c["wider_attn_ms_per_layer"] > 0 and c["wider_kv_read_frac"] > 0
+            # the step run wider, then wider still (recheck_wider_runs), each reading more than the one before
+            assert len(c["wider_attn_ms_per_layer"]) == 2 and all(ms > 0 for ms in c["wider_attn_ms_per_layer"])
+            first, second = c["wider_kv_read_frac"]
+            assert 0 < first < second or second == 1.0, c["wider_kv_read_frac"]
             assert c["attn_ms_per_layer_with_rechecks"] > c["attn_ms_per_layer"]
         else:
             assert c["wider_attn_ms_per_layer"] is None and c["attn_ms_per_layer_with_rechecks"] is None
@@ -63,7 +67,17 @@ def test_bench_decode_quick(tmp_path):
     by = {(c["method"], c["context"]): c for c in timed}
     native, python = by["hybrid-default", 512], by["hybrid-default-python-selection", 512]  # 256: no host store
     assert abs(native["kv_read_frac"] - python["kv_read_frac"]) <= 0.02 * python["kv_read_frac"]
-    assert native["wider_kv_read_frac"] > native["kv_read_frac"]  # four times the candidates and blocks
+    assert native["wider_kv_read_frac"][0] > native["kv_read_frac"]  # three times the candidates and blocks
+
+
+def test_rechecks_are_priced_run_by_run_at_the_prose_rates():
+    timing = script("bench.common.timing")
+    wider_rates, exact_rate = timing.PROSE_WIDER_RATES, timing.PROSE_EXACT_RATE
+    assert timing.with_rechecks(10.0, [], 100.0) == pytest.approx(10.0 + exact_rate * 100.0)
+    expected = 10.0 + wider_rates[0] * 20.0 + wider_rates[1] * 40.0
+    assert timing.with_rechecks(10.0, [20.0, 40.0], 0.0) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="3 wider runs timed, rates known for 2"):
+        timing.with_rechecks(10.0, [20.0, 40.0, 80.0], 0.0)
 
 
 def test_bench_throughput_quick(tmp_path):
@@ -308,7 +322,9 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert {"hybrid-default", "hybrid-default-no-growth", "full-sdpa"} <= set(decode)
     assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
     assert decode["hybrid-default"]["rerun_attn_ms_per_layer"] > 0  # a near tie's step run again, timed
-    assert decode["hybrid-default"]["wider_ms_per_token"] > 0 and decode["hybrid-default"]["wider_kv_read_frac"] > 0
+    default = decode["hybrid-default"]
+    assert len(default["wider_ms_per_token"]) == 2 and all(ms > 0 for ms in default["wider_ms_per_token"])
+    assert default["kv_read_frac"] < min(default["wider_kv_read_frac"]) and default["rerun_positions"] > 0
     prefill = {r["method"]: r for r in rows if r["case"] == "prefill"}
     assert set(prefill) == {"hybrid-default-first-call", "hybrid-default-stores-reused", "full-sdpa"}
     for name in ("hybrid-default-first-call", "hybrid-default-stores-reused"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -30,20 +30,25 @@ def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> fl
     return 1e3 * statistics.median(times)
 
 
-# Shares of decode steps run again at a near tie on the bundled model's prose with today's default
-# (docs/results.md, "A wider run before the exact one": teacher-forced, 6 prompts): run wider first
-# (OffloadConfig.recheck_widen), and of those, run exactly too. An exact run covers the positions
-# decoded since the last one: at that rate, on average more than a window, so the whole window.
-PROSE_WIDER_RATE = 0.0085
-PROSE_EXACT_RATE = 0.0026
+# Shares of decode steps run again at a near tie with the default, free-running on the bundled model's
+# prose at the longest context measured on six prompts or more, where they are highest (docs/results.md,
+# "Credit steps": 16K stretched by YaRN x2, 6 prompts of 256 tokens, 2026-12-03): 59 of 1,530 steps ran
+# wider first (OffloadConfig.recheck_widen), 13 also exactly. Those runs did not count a step's second,
+# wider run (RowShare.wider_runs since), so each wider step is priced with both runs: an upper bound.
+# An exact run covers the positions decoded since the last one: at that rate about 118.
+PROSE_WIDER_RATES = (0.0386, 0.0386)  # the first wider run's share of the steps, the second's
+PROSE_EXACT_RATE = 0.0085
 RECHECK_SPAN = round(1 / PROSE_EXACT_RATE)
 
 
-def with_rechecks(step: float, wider: float, exact: float) -> float:
-    """The mean cost per token of a step that costs `step` alone, when a share PROSE_WIDER_RATE of
-    the steps also runs again wider, at `wider` each, and a share PROSE_EXACT_RATE of them exactly
-    too, at `exact` each (min(RECHECK_SPAN, window) positions run again)."""
-    return step + PROSE_WIDER_RATE * wider + PROSE_EXACT_RATE * exact
+def with_rechecks(step: float, wider: Sequence[float], exact: float) -> float:
+    """The mean cost per token of a step that costs `step` alone, when a share PROSE_WIDER_RATES[i]
+    of the steps also runs again wider an i-th time, at `wider[i]` each (a configuration with fewer
+    wider runs gives fewer), and a share PROSE_EXACT_RATE of them exactly too, at `exact` each
+    (min(RECHECK_SPAN, window) positions run again)."""
+    if len(wider) > len(PROSE_WIDER_RATES):
+        raise ValueError(f"{len(wider)} wider runs timed, rates known for {len(PROSE_WIDER_RATES)}")
+    return step + sum(rate * ms for rate, ms in zip(PROSE_WIDER_RATES, wider)) + PROSE_EXACT_RATE * exact
 
 
 def running_again(cache, exact: int = 0, wider: float = 0.0):

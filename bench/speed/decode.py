@@ -20,10 +20,12 @@ part the engine replaces), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
 the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
 again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, and the
-positions of one exact run at the rate measured on prose, a window; such a run reads every host
-row, rerun_kv_read_frac 1), wider_attn_ms_per_layer and wider_kv_read_frac (the step alone run
-again wider, as a near tie is first) and attn_ms_per_layer_with_rechecks (the step's mean cost
-with wider and exact runs at the prose rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
+positions of one exact run at the rate measured on prose, bench.common.timing.RECHECK_SPAN at
+most a window; such a run reads every host
+row, rerun_kv_read_frac 1), wider_attn_ms_per_layer and wider_kv_read_frac (lists: the step alone
+run again wider, as a near tie is first, and again wider still, OffloadConfig.recheck_wider_runs)
+and attn_ms_per_layer_with_rechecks (the step's mean cost with wider and exact runs at the prose
+rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
 is the default through the Python selection, the native host call's reference (before and
 after in one run). Each row names its context_kind.
 
@@ -201,15 +203,15 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
-        rerun, wider, span = {}, None, min(RECHECK_SPAN, cfg.window, context) if cfg else 0
+        rerun, wider, span = {}, [], min(RECHECK_SPAN, cfg.window, context) if cfg else 0
         if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
-            # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate
-            # (a window), and the step alone wider
+            # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
+            # and the step alone wider, then wider still
             rerun = {n: time_again(model, caches[method], min(steps, 3), exact=n)[0] for n in sorted({1, span})}
             if cfg.recheck_widen > 1:
-                wider = time_again(model, caches[method], min(steps, 3), wider=cfg.recheck_widen)
-        wider_ms, wider_read = wider or (None, None)
-        with_again = round(with_rechecks(ms_layer, wider_ms or 0.0, rerun[span]), 4) if rerun else None
+                factors = [cfg.recheck_widen ** (i + 1) for i in range(cfg.recheck_wider_runs)]
+                wider = [time_again(model, caches[method], min(steps, 3), wider=f) for f in factors]
+        with_again = round(with_rechecks(ms_layer, [ms for ms, _ in wider], rerun[span]), 4) if rerun else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -229,9 +231,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             # near ties' positions run again exactly (engine.decode.recheck), by how many
             "rerun_attn_ms_per_layer": {n: round(ms, 4) for n, ms in rerun.items()} or None,
             "rerun_kv_read_frac": 1.0 if rerun else None,  # an exact chunk reads every host row
-            # the step alone run again wider first (OffloadConfig.recheck_widen), and what it read
-            "wider_attn_ms_per_layer": wider and round(wider_ms, 4),
-            "wider_kv_read_frac": wider and round(wider_read, 5),
+            # the step alone run again wider (OffloadConfig.recheck_widen), then wider still, and what each read
+            "wider_attn_ms_per_layer": [round(ms, 4) for ms, _ in wider] or None,
+            "wider_kv_read_frac": [round(read, 5) for _, read in wider] or None,
             "attn_ms_per_layer_with_rechecks": with_again,
             "n_layers": model.config.num_hidden_layers,
             "steps": steps,
