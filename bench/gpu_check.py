@@ -244,8 +244,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
                 cache, build_s = filled(kind, model, stats, n, run_cfg)
                 row.update(time_decode(model, cache, clock, args.steps, device))
                 if name == "hybrid-default":  # near ties run again (engine.decode.recheck): wider, and exactly
-                    factors = [cfg.recheck_widen ** (i + 1) for i in range(cfg.recheck_wider_runs)]
-                    wide = [time_decode(model, cache, clock, 3, device, wider=f) for f in factors]
+                    wide = [time_decode(model, cache, clock, 3, device, wider=f) for f in cfg.wider_factors]
                     span = min(RECHECK_SPAN, cfg.window)
                     again = time_decode(model, cache, clock, 3, device, rerun=span)
                     mean = with_rechecks(row["ms_per_token"], [w["ms_per_token"] for w in wide], again["ms_per_token"])

@@ -357,6 +357,16 @@ class OffloadConfig:
         cap = int(self.n_blocks * self.growth(n_tokens))
         return min(cap, max(1, math.ceil(self.block_frac * host_blocks)))
 
+    @property
+    def wider_factors(self) -> list[float]:
+        """How many times wider than the step's selection each run again of a near tie reads, in
+        turn (engine.decode.recheck): none unless `recheck_widen` > 1."""
+        factors, factor = [], 1.0
+        for _ in range(self.recheck_wider_runs if self.recheck_widen > 1 else 0):
+            factor *= self.recheck_widen
+            factors.append(factor)
+        return factors
+
     def widened(self, factor: float) -> OffloadConfig:
         """The configuration a near tie's wider run reads with (`recheck_widen`): `factor` times the
         candidates, top_k and blocks, and the read thresholds divided by it."""

@@ -208,9 +208,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still
             rerun = {n: time_again(model, caches[method], min(steps, 3), exact=n)[0] for n in sorted({1, span})}
-            if cfg.recheck_widen > 1:
-                factors = [cfg.recheck_widen ** (i + 1) for i in range(cfg.recheck_wider_runs)]
-                wider = [time_again(model, caches[method], min(steps, 3), wider=f) for f in factors]
+            wider = [time_again(model, caches[method], min(steps, 3), wider=f) for f in cfg.wider_factors]
         with_again = round(with_rechecks(ms_layer, [ms for ms, _ in wider], rerun[span]), 4) if rerun else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None

@@ -148,9 +148,7 @@ def forward_step(
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cfg.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
-    factor = 1.0
-    for _ in range(cfg.recheck_wider_runs if cfg.recheck_widen > 1 else 0):
-        factor *= cfg.recheck_widen
+    for factor in cfg.wider_factors:
         rows = [r for r in rows if affords(r, min(1.0, factor * share[r]))]  # its read, foreseen
         if not rows:
             break
