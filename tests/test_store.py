@@ -228,6 +228,25 @@ def test_released_cache_starts_over(bundled_tokenizer):
     assert pool.nbytes > 0 and cache.get_seq_length() == 0
 
 
+def test_a_sequence_that_leaves_a_batch_gives_its_stores_back_at_release(bundled_tokenizer):
+    """A batch drops its finished sequences (batch_select_indices); their host stores still go
+    back to the pool when the cache is released, emptied, with every other sequence's."""
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    pool = StorePool()
+    cache = HybridCache(model, CFG, max_length=200, stores=pool)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(300).view(2, 150), cache=cache, use_cache=True)
+    leaving = [layer.seqs[0].host for layer in cache.layers]
+    cache.batch_select_indices(torch.tensor([1]))
+    assert all(len(layer.seqs) == 1 for layer in cache.layers)
+    cache.release()
+    free = [s for stores in pool._free.values() for s in stores]
+    assert len(free) == 2 * model.config.num_hidden_layers
+    assert all(any(s is store for s in free) and store.n == 0 for store in leaving)
+    cache.release()  # once more: nothing given twice
+    assert len([s for stores in pool._free.values() for s in stores]) == len(free)
+
+
 def test_query_sample_with_the_prompt_length_keeps_what_the_doubling_keeps_without_thinning():
     from engine.cache.store import QuerySample
 

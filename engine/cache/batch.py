@@ -33,6 +33,7 @@ class BatchLayer(CacheLayerMixin):
         self.n_columns = n_columns  # the padded timeline's length
         self.chunk = None  # the latest update's K/V [B, Hkv, C, D], until the attention takes it
         self.whole = None  # while narrowed to the rows of a step run again: the batch's sequences
+        self.left: list[HybridLayer] = []  # sequences that left the batch, until the cache is released
         self.is_initialized = True
 
     @property
@@ -65,8 +66,11 @@ class BatchLayer(CacheLayerMixin):
         return columns
 
     def batch_select_indices(self, indices) -> None:
-        """Keep the sequences `indices` (in that order), e.g. the unfinished ones."""
-        self.seqs = [self.seqs[int(i)] for i in indices]
+        """Keep the sequences `indices` (in that order), e.g. the unfinished ones. The others are
+        set aside: their host stores go back to the pool when the cache is released."""
+        kept = [self.seqs[int(i)] for i in indices]
+        self.left.extend(seq for seq in self.seqs if not any(seq is k for k in kept))
+        self.seqs = kept
 
     def narrow(self, rows: list[int]) -> None:
         """Hold only the sequences `rows` while their newest positions run again (HybridCache.rerun_exactly)."""

@@ -230,9 +230,11 @@ class HybridCache(Cache):
 
     def release(self) -> None:
         """The end of the cache: its host stores go back to their pool (when it has one) for the
-        next cache, and every layer is emptied (used again, it starts over)."""
+        next cache, and every layer is emptied (used again, it starts over); so are the layers of
+        sequences that left a batch."""
         self.close()
-        for layer in self.sequence_layers():
+        left = [seq for layer in self.layers for seq in getattr(layer, "left", ())]
+        for layer in self.sequence_layers() + left:
             if layer.is_initialized and layer.stores is not None:
                 layer.stores.give([layer.host])
                 layer.host = None  # the next cache's now
