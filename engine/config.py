@@ -224,7 +224,14 @@ class OffloadConfig:
         "correction",
         0.5,
         "where a step's two highest logits lie less than this apart, the tokens decoded since the last exact run "
-        "(up to `window` of them) run again exactly (0: never; HybridLLM's generation only)",
+        "(up to `recheck_span` of them) run again exactly (0: never; HybridLLM's generation only)",
+    )
+    recheck_span: int = _option(
+        "correction",
+        16,
+        "an exact run runs again at most this many of the newest positions decoded since the last one (never more "
+        "than `window`), each attending to every host token; older ones keep their approximate K/V (0: up to "
+        "`window`)",
     )
     recheck_share: float = _option(
         "correction",
@@ -356,6 +363,11 @@ class OffloadConfig:
         with n_tokens in the cache (`growth`)."""
         cap = int(self.n_blocks * self.growth(n_tokens))
         return min(cap, max(1, math.ceil(self.block_frac * host_blocks)))
+
+    @property
+    def exact_span(self) -> int:
+        """The most positions a near tie's exact run runs again: `recheck_span`, within the window."""
+        return min(self.recheck_span or self.window, self.window)
 
     @property
     def wider_factors(self) -> list[float]:

@@ -209,6 +209,39 @@ def test_positions_made_exact_stay_so_and_are_not_run_again(tiny_model, tiny_ids
     assert cache.approximate_newest() == STEPS - 1 - at[-1]
 
 
+@pytest.mark.parametrize("span", [5, 0])
+def test_an_exact_run_takes_at_most_the_newest_recheck_span_positions(
+    tiny_model, tiny_ids, tiny_full_logits, monkeypatch, span
+):
+    """Eleven approximate steps (their runs again held back), then a near tie that runs again
+    exactly: the newest `recheck_span` positions (0: up to the window, here all twelve); the
+    older ones keep the K/V their approximate steps wrote."""
+    runs, rerun_exactly = [], HybridCache.rerun_exactly
+
+    def counted(self, rows, positions=1):
+        runs.append(positions)
+        return rerun_exactly(self, rows, positions)
+
+    monkeypatch.setattr(HybridCache, "rerun_exactly", counted)
+    held_back = RecheckBudget(1.0, read_limit=1e-9)  # no run again fits
+    cache = HybridCache(tiny_model, ALWAYS.replace(recheck_span=span))
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True)
+        cache.build_indexes()
+        for t in range(PROMPT, PROMPT + STEPS):
+            last = t == PROMPT + STEPS - 1
+            if last:
+                before = cache.layers[1].ordered_kv()[0].clone()
+            fed, budgets = tiny_ids[:, PROMPT : t + 1].tolist(), None if last else [held_back]
+            step = forward_step(tiny_model, cache, tiny_ids[:, t : t + 1], fed=fed, budgets=budgets)
+    assert runs == [span or STEPS] and step.rechecked == 1 and cache.approximate_newest() == 0
+    after = cache.layers[1].ordered_kv()[0]
+    kept = PROMPT + STEPS - (span or STEPS)  # positions before the exact run
+    assert torch.equal(after[:, :kept], before[:, :kept])
+    error = (step.logits[0] - tiny_full_logits[0, PROMPT + STEPS - 1]).abs().max()
+    assert error <= 1e-4 if not span else error > 1e-4  # older approximate K/V move the logits
+
+
 def test_a_recheck_says_whether_its_exact_run_changed_the_greedy_token(tiny_model, tiny_ids):
     """RowShare.changed (a re-check's precision is the share of them that changed the token)."""
     runs = []  # each model call's last logits: the step's first run, then its run again

@@ -66,6 +66,7 @@ CONFIGS = named(
     "default-exact-recheck",
     "default-credit-all",
     "default-5pct-widen4",
+    "default-full-span",
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",

@@ -46,6 +46,7 @@ CONFIGS = named(
     "default-norecheck",
     "default-credit-all",
     "default-5pct-widen4",
+    "default-full-span",
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",

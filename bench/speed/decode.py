@@ -21,7 +21,7 @@ kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), 
 the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
 again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, and the
 positions of one exact run at the rate measured on prose, bench.common.timing.RECHECK_SPAN at
-most a window; such a run reads every host
+most OffloadConfig.exact_span; such a run reads every host
 row, rerun_kv_read_frac 1), wider_attn_ms_per_layer and wider_kv_read_frac (lists: the step alone
 run again wider, as a near tie is first, and again wider still, OffloadConfig.recheck_wider_runs)
 and attn_ms_per_layer_with_rechecks (the step's mean cost with wider and exact runs at the prose
@@ -203,7 +203,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
-        rerun, wider, span = {}, [], min(RECHECK_SPAN, cfg.window, context) if cfg else 0
+        rerun, wider, span = {}, [], min(RECHECK_SPAN, cfg.exact_span, context) if cfg else 0
         if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still
