@@ -245,7 +245,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
                 row.update(time_decode(model, cache, clock, args.steps, device))
                 if name == "hybrid-default":  # near ties run again (engine.decode.recheck): wider, and exactly
                     wide = [time_decode(model, cache, clock, 3, device, wider=f) for f in cfg.wider_factors]
-                    span = min(RECHECK_SPAN, cfg.exact_span)
+                    span = min(RECHECK_SPAN, cfg.exact_span(n - cfg.n_sink - cfg.window))
                     again = time_decode(model, cache, clock, 3, device, rerun=span)
                     mean = with_rechecks(row["ms_per_token"], [w["ms_per_token"] for w in wide], again["ms_per_token"])
                     row.update(

@@ -224,14 +224,14 @@ class OffloadConfig:
         "correction",
         0.5,
         "where a step's two highest logits lie less than this apart, the tokens decoded since the last exact run "
-        "(up to `recheck_span` of them) run again exactly (0: never; HybridLLM's generation only)",
+        "(as many as `recheck_work` allows) run again exactly (0: never; HybridLLM's generation only)",
     )
-    recheck_span: int = _option(
+    recheck_work: int = _option(
         "correction",
-        16,
-        "an exact run runs again at most this many of the newest positions decoded since the last one (never more "
-        "than `window`), each attending to every host token; older ones keep their approximate K/V (0: up to "
-        "`window`)",
+        16 * 131_072,
+        "an exact run runs again the newest positions decoded since the last one, each attending to every host "
+        "token, as many as keep positions x host tokens within this (at least one, at most `window`: 16 at "
+        "131,072 host tokens, a window's worth below 8,192); older ones keep their approximate K/V (0: no bound)",
     )
     recheck_share: float = _option(
         "correction",
@@ -364,10 +364,12 @@ class OffloadConfig:
         cap = int(self.n_blocks * self.growth(n_tokens))
         return min(cap, max(1, math.ceil(self.block_frac * host_blocks)))
 
-    @property
-    def exact_span(self) -> int:
-        """The most positions a near tie's exact run runs again: `recheck_span`, within the window."""
-        return min(self.recheck_span or self.window, self.window)
+    def exact_span(self, host_tokens: int) -> int:
+        """The most positions a near tie's exact run runs again with `host_tokens` on the host: as
+        many as `recheck_work` allows, at least one, within the window."""
+        if not self.recheck_work:
+            return self.window
+        return max(1, min(self.window, self.recheck_work // max(1, host_tokens)))
 
     @property
     def wider_factors(self) -> list[float]:

@@ -53,8 +53,10 @@ def test_bench_decode_quick(tmp_path):
         # a near tie's step run again is timed where the configuration re-checks them
         rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"] and "python" not in c["method"]
         assert (c["rerun_attn_ms_per_layer"] is not None) == rechecks
-        if rechecks:  # the step alone and one exact run at the prose rate (at most recheck_span), each timed
-            span = min(c["context"], script("bench.common.timing").RECHECK_SPAN, OffloadConfig().exact_span)
+        if rechecks:  # the step alone and one exact run at the prose rate (at most recheck_work's), each timed
+            default = OffloadConfig()
+            host = c["context"] - default.n_sink - default.window
+            span = min(c["context"], script("bench.common.timing").RECHECK_SPAN, default.exact_span(host))
             assert set(c["rerun_attn_ms_per_layer"]) == {"1", str(span)}
             assert all(ms > 0 for ms in c["rerun_attn_ms_per_layer"].values())
             # the step run wider, then wider still (recheck_wider_runs), each reading more than the one before

@@ -46,7 +46,7 @@ def test_defaults_are_valid_and_frozen():
         (dict(recheck_margin=True), "recheck_margin must be a finite number >= 0"),
         (dict(recheck_share=1.5), "recheck_share must lie in \\[0, 1\\]"),
         (dict(recheck_share=None), "recheck_share must lie in \\[0, 1\\]"),
-        (dict(recheck_span=-1), "recheck_span must be a non-negative int"),
+        (dict(recheck_work=-1), "recheck_work must be a non-negative int"),
         (dict(grow_from=-1), "grow_from must be a non-negative int"),
         (dict(candidates_from="blocks", n_blocks=0), "n_blocks must be >= 1"),
         (dict(device="gpu0"), "not a torch device"),
@@ -68,10 +68,12 @@ def test_blocks_per_step_is_a_share_of_the_host_blocks_with_a_cap():
     assert cfg.blocks_per_step(100_000) == 64
 
 
-def test_an_exact_run_spans_recheck_span_positions_within_the_window():
-    assert OffloadConfig(window=64, recheck_span=16).exact_span == 16
-    assert OffloadConfig(window=64, recheck_span=0).exact_span == 64  # 0: up to the window
-    assert OffloadConfig(window=64, recheck_span=1000).exact_span == 64
+def test_an_exact_run_spans_the_positions_its_work_allows_within_the_window():
+    assert OffloadConfig(window=256).exact_span(131_072) == 16  # the default's work: 16 positions at 131K
+    assert OffloadConfig(window=256).exact_span(8192) == 256  # a window's worth below 8K
+    assert OffloadConfig(window=64, recheck_work=1000).exact_span(100) == 10
+    assert OffloadConfig(window=64, recheck_work=1000).exact_span(10**6) == 1  # at least one
+    assert OffloadConfig(window=64, recheck_work=0).exact_span(10**9) == 64  # 0: up to the window
 
 
 def test_default_takes_its_full_share_of_blocks_from_4k_tokens_and_the_fixed_presets_keep_4_percent():
@@ -120,7 +122,7 @@ def test_fields_are_declared_section_by_section():
     assert by_section["correction"] == [
         "estimate",
         "recheck_margin",
-        "recheck_span",
+        "recheck_work",
         "recheck_share",
         "recheck_read_limit",
         "recheck_credit_steps",

@@ -210,12 +210,15 @@ def test_positions_made_exact_stay_so_and_are_not_run_again(tiny_model, tiny_ids
 
 
 @pytest.mark.parametrize("span", [5, 0])
-def test_an_exact_run_takes_at_most_the_newest_recheck_span_positions(
+def test_an_exact_run_takes_the_newest_positions_its_work_allows(
     tiny_model, tiny_ids, tiny_full_logits, monkeypatch, span
 ):
     """Eleven approximate steps (their runs again held back), then a near tie that runs again
-    exactly: the newest `recheck_span` positions (0: up to the window, here all twelve); the
-    older ones keep the K/V their approximate steps wrote."""
+    exactly: the newest positions whose attention to every host token fits `recheck_work`,
+    here 5 (0: up to the window, here all twelve); the older ones keep the K/V their
+    approximate steps wrote."""
+    host = PROMPT + STEPS - ALWAYS.n_sink - ALWAYS.window  # at the last step
+    work = span * host + 50  # 5 positions for 252 to 302 host tokens
     runs, rerun_exactly = [], HybridCache.rerun_exactly
 
     def counted(self, rows, positions=1):
@@ -224,7 +227,7 @@ def test_an_exact_run_takes_at_most_the_newest_recheck_span_positions(
 
     monkeypatch.setattr(HybridCache, "rerun_exactly", counted)
     held_back = RecheckBudget(1.0, read_limit=1e-9)  # no run again fits
-    cache = HybridCache(tiny_model, ALWAYS.replace(recheck_span=span))
+    cache = HybridCache(tiny_model, ALWAYS.replace(recheck_work=work if span else 0))
     with torch.no_grad():
         tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True)
         cache.build_indexes()

@@ -34,7 +34,8 @@ def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> fl
 # prose at the longest context measured on six prompts or more, where they are highest (docs/results.md,
 # "Credit steps": 16K stretched by YaRN x2, 6 prompts of 256 tokens, 2026-12-04): of 1,530 steps, 59 ran
 # wider first (OffloadConfig.recheck_widen), 24 of those a second time, wider again (RowShare.wider_runs),
-# and 13 also exactly. An exact run covers the positions decoded since the last one: at that rate about 118.
+# and 13 also exactly. An exact run covers the positions decoded since the last one: at that rate about 118
+# (at most OffloadConfig.exact_span: the benchmarks time min(RECHECK_SPAN, exact_span(host tokens))).
 PROSE_WIDER_RATES = (0.0386, 0.0157)  # the first wider run's share of the steps, the second's
 PROSE_EXACT_RATE = 0.0085
 RECHECK_SPAN = round(1 / PROSE_EXACT_RATE)

@@ -62,8 +62,8 @@ CONFIGS = {
     "default-exact-2pct": _cpu("default", recheck_share=0.02, recheck_widen=4.0),
     "default-exact-2pct-widen3": _cpu("default", recheck_share=0.02, recheck_widen=3.0),
     "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
-    # an exact run takes every position decoded since the last one (up to the window), as before recheck_span
-    "default-full-span": _cpu("default", recheck_span=0),
+    # an exact run takes every position decoded since the last one (up to the window), as before recheck_work
+    "default-full-span": _cpu("default", recheck_work=0),
     # every host token read, nothing estimated or re-checked: full attention through the engine
     "exact": _cpu("block", n_blocks=10**9, block_frac=1.0, estimate=False, recheck_margin=0.0),
 }

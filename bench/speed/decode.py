@@ -203,7 +203,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read) in timings.items():
         kind, cfg = group[method]
-        rerun, wider, span = {}, [], min(RECHECK_SPAN, cfg.exact_span, context) if cfg else 0
+        rerun, wider, span = {}, [], 0
+        if cfg:  # one exact run at the prose rate covers about RECHECK_SPAN positions, as many as its work allows
+            span = min(RECHECK_SPAN, cfg.exact_span(context - cfg.n_sink - cfg.window), context)
         if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still

@@ -165,9 +165,18 @@ class HybridCache(Cache):
         """How many of sequence `row`'s newest positions came from decode steps that read part
         of the host store, since its last exact chunk (prefill or run again): those a re-check
         runs again (engine.decode.recheck). The same in every layer: layer 0's count."""
-        layer = self.layers[0]
-        seq = layer.seqs[row] if hasattr(layer, "seqs") else layer
+        seq = self._first_layer(row)
         return seq.approximate if seq.is_initialized else 0
+
+    def host_tokens(self, row: int = 0) -> int:
+        """How many of sequence `row`'s positions the host store holds. The same in every layer:
+        layer 0's count."""
+        seq = self._first_layer(row)
+        return seq.host.n if seq.is_initialized else 0
+
+    def _first_layer(self, row: int) -> HybridLayer:
+        layer = self.layers[0]
+        return layer.seqs[row] if hasattr(layer, "seqs") else layer
 
     def rerun_exactly(self, rows: list[int], positions: int = 1):
         """Within: the model's next forward pass runs the `positions` newest positions of the

@@ -6,14 +6,15 @@ logits are about as close, and a continuation that parts from full attention's
 seldom comes back to it. The error is not the step's alone: the K/V of every
 token decoded before it came from approximate steps too. So where a sequence's
 two highest logits lie less than `OffloadConfig.recheck_margin` apart, the
-tokens it decoded since its last exact run run again as an exact prefill chunk
-(`HybridCache.rerun_exactly`): their K/V, and the step's logits, are then full
+tokens it decoded since its last exact run are run again as an exact prefill
+chunk (`HybridCache.rerun_exactly`): their K/V, and the step's logits, are then full
 attention's. The last exact run is the prompt's prefill or the re-check before:
 positions a re-check made exact stay so, since their K/V depend only on the
 positions before them (`HybridCache.approximate_newest` counts those after).
-Each position run again attends to every host token, so an exact run takes at
-most the newest `OffloadConfig.recheck_span` of them; older ones keep their
-approximate K/V, and the step's logits are full attention's given those.
+Each position run again attends to every host token, so an exact run takes only
+the newest of them that `OffloadConfig.recheck_work` allows (positions x host
+tokens; `OffloadConfig.exact_span`); older ones keep their approximate K/V, and
+the step's logits are full attention's given those.
 
 An exact run reads every host token. With `OffloadConfig.recheck_widen` > 1 a near
 tie first runs its step alone again, reading with a selection that many times
@@ -129,7 +130,7 @@ def forward_step(
     first runs again wider (`recheck_widen` > 1), up to `recheck_wider_runs` times, each wider
     than the one before, while its two highest logits still lie within `recheck_wide_margin`;
     where the widest run leaves a near tie too, the row's newest positions that approximate
-    steps wrote since its last exact run (at most `OffloadConfig.exact_span`) run again exactly;
+    steps wrote since its last exact run (at most `OffloadConfig.exact_span` of them) run again exactly;
     the positions before them are exact already or left approximate, so each decoded position
     runs again exactly at most once however many near ties follow it."""
     cfg = cache.offload_config
@@ -165,7 +166,7 @@ def forward_step(
         rows = [rows[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
     rows = [r for r in rows if affords(r, 1.0, exact=True)]
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
-        n = 1 if fed is None else min(len(fed[0]), cfg.exact_span)
+        n = 1 if fed is None else min(len(fed[0]), cfg.exact_span(max(map(cache.host_tokens, rows))))
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
         ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
