@@ -3,6 +3,9 @@ their readers rely on (schemas only: timings are not tested)."""
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -606,3 +609,21 @@ def test_recheck_margins_quick_with_wider_runs(tmp_path):
     assert prompt["read_frac"] > prompt["selected_frac"] > 0
     perfect, every = result["margins"]
     assert every["rechecked"] == 1.0 and every["read"] == pytest.approx(prompt["read_frac"] + 1)
+
+
+def test_pinned_threads_hold_for_every_pool_after_numba_starts_its_own():
+    # numba's OpenMP pool, launched at its first set_num_threads, sets the OpenMP count it shares with
+    # torch and faiss to its own size: a run asked for one thread must not run on every core. A script's
+    # own start (its parser reads torch's count first), in a process of its own: the pool launches once.
+    code = (
+        "import json, bench.evals.generation as script\n"
+        "from bench.common.options import thread_counts\n"
+        "def stop(*args, **kwargs):\n"
+        "    raise SystemExit(json.dumps(thread_counts()))\n"
+        "script.load_model = stop\n"
+        "script.main(['--quick', '--threads', '1'])\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    counts = json.loads(run.stderr.strip().splitlines()[-1])
+    assert {name: n for name, n in counts.items() if n is not None and n != 1} == {}

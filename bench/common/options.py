@@ -75,17 +75,17 @@ def pin_threads(n: int, *, torch_threads: int | None = None) -> dict[str, int | 
     for name, value in (("threads", n), ("torch threads", torch_threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    try:  # first: numba's OpenMP pool, launched here, sets the shared OpenMP count to its own size
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
     torch.set_num_threads(torch_threads or n)
     try:
         import faiss
 
         faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
-    try:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
     counts = thread_counts()
