@@ -25,10 +25,13 @@ LANDMARKS = ("mean", "minmax")
 
 
 def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [H, m, k] @ b [H, k, n] -> [H, m, n], also for operands whose heads lie apart in
-    memory (views of buffers with spare capacity). On the CPU such operands go head by head:
+    """a [..., H, m, k] @ b [..., H, k, n] -> [..., H, m, n], also for operands whose heads lie apart
+    in memory (views of buffers with spare capacity). On the CPU such operands go head by head:
     a batched product of half-precision views falls off oneDNN's fast path; packed ones
     (e.g. gathered rows) take one batched product, as everywhere else (docs/method.md)."""
+    if a.dim() > 3:  # sequences x heads: one batch of heads
+        lead = a.shape[:-2]
+        return head_matmul(a.flatten(0, -3), b.flatten(0, -3)).view(*lead, a.shape[-2], b.shape[-1])
     if a.device.type != "cpu" or (_packed(a) and _packed(b)):
         return torch.bmm(a, b)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
@@ -43,18 +46,44 @@ def _packed(t: torch.Tensor) -> bool:
 
 
 def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """buffer [H, N, D] (rows contiguous, e.g. a store with spare capacity), ids [H, M] row ids
-    per head (-1 reads row 0) -> [H, M, D]: whole rows copied, which on the CPU is far faster
+    """buffer [..., H, N, D] (rows contiguous, e.g. a store with spare capacity), ids [..., H, M] row
+    ids per head (-1 reads row 0) -> [..., H, M, D]: whole rows copied, which on the CPU is far faster
     than a gather along the rows with an expanded index."""
-    H, N, D = buffer.shape
-    flat = (torch.arange(H, device=ids.device).unsqueeze(1) * N + ids.clamp_min(0)).view(-1)
-    return buffer.reshape(H * N, D).index_select(0, flat).view(H, -1, D)
+    N, D = buffer.shape[-2:]
+    heads = buffer.numel() // (N * D)
+    flat = (torch.arange(heads, device=ids.device).unsqueeze(1) * N + ids.reshape(heads, -1).clamp_min(0)).view(-1)
+    return buffer.reshape(heads * N, D).index_select(0, flat).view(*ids.shape, D)
+
+
+def stack_rows(buffers: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """Per sequence a buffer [H, capacity, D] whose first lengths[b] rows hold data -> [B, H, N, D],
+    N >= max(lengths): the sequences' rows side by side, zero beyond each one's length (a product
+    with them adds nothing, masked or weighted 0). One sequence's buffer is returned as it is, as a
+    view (its spare rows are then N - lengths[0])."""
+    if len(buffers) == 1:
+        return buffers[0].unsqueeze(0)
+    first = buffers[0]
+    if all(buffer.shape == first.shape == (first.shape[0], n, first.shape[2]) for buffer, n in zip(buffers, lengths)):
+        return torch.stack(buffers)  # no spare rows and no padding: one copy
+    out = first.new_zeros(len(buffers), first.shape[0], max(lengths), first.shape[2])
+    for b, (buffer, n) in enumerate(zip(buffers, lengths)):
+        out[b, :, :n] = buffer[:, :n]
+    return out
+
+
+def masked(scores: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """scores [B, ..., N] of B sequences' stacked rows -> -inf where a column lies past the
+    sequence's length; as they are where no sequence has fewer than N."""
+    if all(n >= scores.shape[-1] for n in lengths):
+        return scores
+    n = torch.tensor(lengths, device=scores.device).view(-1, *([1] * (scores.dim() - 1)))
+    return scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device) >= n, float("-inf"))
 
 
 def group_block_scores(s: torch.Tensor) -> torch.Tensor:
-    """Per-head block scores [H, G, nb] -> the group's [H, nb]: each head's scores shifted
+    """Per-head block scores [..., H, G, nb] -> the group's [..., H, nb]: each head's scores shifted
     by its best one, then the max over heads (see the module doc)."""
-    return (s - s.amax(dim=2, keepdim=True)).amax(dim=1)
+    return (s - s.amax(dim=-1, keepdim=True)).amax(dim=-2)
 
 
 class BlockIndex:
@@ -145,19 +174,8 @@ class BlockIndex:
     def block_scores(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule), or
         [H, F] of the blocks `blocks` [H, F] only (each head its own)."""
-        q = q.to(self.device, self.dtype)
-        blocks = None if blocks is None else blocks.to(self.device)  # once, for both landmarks of minmax
-
-        def rows(lm: torch.Tensor) -> torch.Tensor:  # [H, nb | F, D]
-            return lm[:, : self.n_blocks] if blocks is None else head_rows(lm, blocks)
-
-        if self.landmark == "mean":
-            s = head_matmul(q, rows(self._lm[0]).transpose(1, 2))  # [H, G, nb]
-        else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
-            # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
-            lo, hi = rows(self._lm[0]), rows(self._lm[1])
-            s = head_matmul(q.clamp_min(0), hi.transpose(1, 2)) + head_matmul(q.clamp_max(0), lo.transpose(1, 2))
-        return group_block_scores(s)
+        blocks = None if blocks is None else blocks[None]
+        return stacked_block_scores([self], q[None], blocks, None if blocks is None else [blocks.shape[2]])[0]
 
     def select(
         self, q: torch.Tensor, n_blocks: int, scores: torch.Tensor | None = None, scored: torch.Tensor | None = None
@@ -185,14 +203,71 @@ class BlockIndex:
             raise ValueError(f"q must have shape [{self.n_heads}, G, {self.dim}], got {list(q.shape)}")
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
-        nb = self.n_blocks
-        take = min(n_blocks, nb if scored is None else scored.shape[1])
-        self.scanned = self.n_heads * q.shape[1] * (nb if scored is None else scored.shape[1])
-        if take == 0:
-            return torch.empty(self.n_heads, 0, dtype=torch.int64, device=self.device)
-        group = self.block_scores(q, scored) if scores is None else group_block_scores(scores.to(self.device))
-        best = torch.topk(group, take, dim=1).indices  # [H, take]
-        return best if scored is None else scored.to(self.device).gather(1, best)
+        scores = None if scores is None else scores[None]
+        n_scored = None if scored is None else [scored.shape[1]]
+        scored = None if scored is None else scored[None]
+        return choose_blocks([self], q[None], [n_blocks], scores, scored, n_scored)[0]
+
+    @property
+    def buffers(self) -> torch.Tensor:
+        """[1|2, H, capacity, D]: the landmarks (`landmarks`) and the spare rows after them."""
+        return self._lm
+
+
+def stacked_block_scores(
+    indexes: list[BlockIndex], q: torch.Tensor, blocks: torch.Tensor | None = None, n_blocks: list[int] | None = None
+) -> torch.Tensor:
+    """`BlockIndex.block_scores` of B sequences' indexes (one configuration) in one set of products:
+    q [B, H, G, D] -> [B, H, nb] (-inf past a sequence's blocks), or [B, H, F] of the blocks `blocks`
+    [B, H, F] only, the first n_blocks[b] of them a sequence's own (-inf after them)."""
+    first = indexes[0]
+    q = q.to(first.device, first.dtype)
+    lengths = [index.n_blocks for index in indexes]
+    landmarks = [stack_rows([index.buffers[i] for index in indexes], lengths) for i in range(first.buffers.shape[0])]
+    if blocks is not None:
+        blocks, lengths = blocks.to(first.device), n_blocks  # once, for both landmarks of minmax
+
+    def rows(lm: torch.Tensor) -> torch.Tensor:  # [B, H, nb | F, D]
+        return lm[:, :, : max(lengths)] if blocks is None else head_rows(lm, blocks)
+
+    if first.landmark == "mean":
+        s = head_matmul(q, rows(landmarks[0]).transpose(-1, -2))  # [B, H, G, nb]
+    else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
+        # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
+        lo, hi = rows(landmarks[0]), rows(landmarks[1])
+        s = head_matmul(q.clamp_min(0), hi.transpose(-1, -2)) + head_matmul(q.clamp_max(0), lo.transpose(-1, -2))
+    return group_block_scores(masked(s, lengths))
+
+
+def choose_blocks(
+    indexes: list[BlockIndex],
+    q: torch.Tensor,
+    counts: list[int],
+    scores: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
+    n_scored: list[int] | None = None,
+) -> torch.Tensor:
+    """`BlockIndex.choose` of B sequences' indexes (one configuration) at once: q [B, H, G, D], up to
+    counts[b] blocks for sequence b, `scores` [B, H, G, F] (-inf past a sequence's blocks) or `scored`
+    [B, H, F] (the first n_scored[b] a sequence's own) as `choose` takes them -> [B, H, T] best first,
+    -1 after a sequence's own min(counts[b], blocks) blocks. Sets each index's `scanned`."""
+    first, (B, H, G, _) = indexes[0], q.shape
+    available = [index.n_blocks for index in indexes] if scored is None else n_scored
+    take = [min(n, a) for n, a in zip(counts, available)]
+    for index, a in zip(indexes, available):
+        index.scanned = H * G * a
+    if max(take) == 0:
+        return torch.empty(B, H, 0, dtype=torch.int64, device=first.device)
+    if scores is None:
+        group = stacked_block_scores(indexes, q, scored, n_scored)
+    else:
+        group = group_block_scores(scores.to(first.device))
+    best = torch.topk(group, max(take), dim=-1).indices  # [B, H, T]
+    best = best if scored is None else scored.to(first.device).gather(-1, best)
+    if min(take) < max(take):
+        ranks = torch.arange(max(take), device=first.device)
+        best = best.masked_fill(ranks >= torch.tensor(take, device=first.device).view(B, 1, 1), -1)
+    return best
 
 
 class BlockKeyIndex(Selector):

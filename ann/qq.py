@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ann.base import GrowableKeys, as_vectors
+from ann.block import masked, stack_rows
 from ann.selector import Selector
 
 
@@ -190,12 +191,27 @@ class QueryLists:
         """q [H, G, D] -> the rows of the lists each KV head's group proposes [H, nn * G] int64, on the
         build queries' device: the heads' nearest build queries by direction, rank by rank across the
         group. Sets `scanned` (build queries scored)."""
-        if self.n_queries == 0:
-            raise RuntimeError("search before build: the qq selector holds no build queries")
-        nn = min(n_neighbors or self.n_neighbors, self.n_queries)
-        sims = torch.bmm(_unit(q.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, G, Nq]
-        self.scanned = q.shape[1] * self.n_queries * self.n_heads
-        return torch.topk(sims, nn, dim=2).indices.transpose(1, 2).reshape(self.n_heads, -1)  # [H, nn*G]
+        return stacked_nearest([self], q[None], [n_neighbors or self.n_neighbors])[0]
+
+
+def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[int]) -> torch.Tensor:
+    """`QueryLists.nearest` of B sequences' lists (built, one configuration) in one product: q [B, H, G, D],
+    up to n_neighbors[b] build queries per query head of sequence b -> [B, H, nn * G] int64, nn the most
+    of any; a sequence's rows rank by rank, -1 past its own nn. Sets each one's `scanned`."""
+    first, (B, H, G, _) = lists[0], q.shape
+    n_queries = [one.n_queries for one in lists]
+    if not min(n_queries):
+        raise RuntimeError("search before build: the qq selector holds no build queries")
+    queries = stack_rows([one.queries for one in lists], n_queries)
+    sims = torch.matmul(_unit(q.to(first.device, first.dtype)), queries.transpose(-1, -2))  # [B, H, G, Nq]
+    nn = [min(n, one.n_queries) for n, one in zip(n_neighbors, lists)]
+    for one in lists:
+        one.scanned = G * one.n_queries * H
+    rows = torch.topk(masked(sims, n_queries), max(nn), dim=-1).indices.transpose(-1, -2)  # [B, H, nn, G]
+    if min(nn) < max(nn):
+        rank = torch.arange(max(nn), device=rows.device).view(1, 1, -1, 1)
+        rows = rows.masked_fill(rank >= torch.tensor(nn, device=rows.device).view(B, 1, 1, 1), -1)
+    return rows.reshape(B, H, -1)
 
 
 class QQIndex(Selector):

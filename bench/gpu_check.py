@@ -16,7 +16,8 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    it, with the Python selection; the step with near ties re-checked at the rate measured
    on prose (bench.common.timing: 3.86% of the steps run again wider, then wider still, 0.85% also
    exactly, each exact run covering the positions decoded since the last one, engine.decode.recheck),
-   derived from the timed step and the timed runs again; and batch 8 against batch 1 at --batch-context.
+   derived from the timed step and the timed runs again; and batch 8 against batch 1 at --batch-context,
+   batch 8 with its device parts stacked (the GPU's default) and sequence by sequence.
 4. Prefill: time to first token of a real chunked prefill of --prefill tokens through
    the engine as HybridLLM runs it (index builds overlapped, host stores from the engine's
    pool: a first call, and a second that reuses its stores) and through sdpa (under the
@@ -54,6 +55,7 @@ from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, runn
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.cache.store import StorePool
+from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 from engine.plan import MODEL_PRESETS
 
@@ -283,42 +285,58 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
 @torch.inference_mode()
 def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
     """Decode steps of batches of 1 and --batch sequences, each holding --batch-context positions:
-    tokens per second and attention ms per layer, with the batch's mean read share."""
+    tokens per second and attention ms per layer, with the batch's mean read share. The larger
+    batch runs its device parts stacked (the default on a GPU) and, in turns with it on the same
+    caches, sequence by sequence (`-per-sequence`; engine.decode.step.STACK)."""
     rows = []
     for size in (1, args.batch):
         reset_peak(device)
-        row = {"case": "batch", "method": f"hybrid-default-batch{size}", "context": args.batch_context}
+        variants = {"": None} if size == 1 else {"": None, "-per-sequence": False}
+        names = {suffix: f"hybrid-default-batch{size}{suffix}" for suffix in variants}
+        done = []
         try:
             caches = [filled("hybrid", model, stats, args.batch_context, cfg)[0] for _ in range(size)]
             batch = HybridCache.stack(caches)
             tokens = torch.full((size, 1), 17, device=device)
 
-            def step(_, batch=batch, tokens=tokens, size=size) -> tuple[float, float, float]:
+            def step(_, stack, batch=batch, tokens=tokens, size=size) -> tuple[float, float, float]:
                 clock.seconds = 0.0
-                with Synced(device) as t:
-                    model(input_ids=tokens, cache=batch, use_cache=True, logits_to_keep=1)
+                decode_steps.STACK = stack
+                try:
+                    with Synced(device) as t:
+                        model(input_ids=tokens, cache=batch, use_cache=True, logits_to_keep=1)
+                finally:
+                    decode_steps.STACK = None
                 reads = [batch.step_stats(b)["kv_read_frac"] for b in range(size)]
                 return t.seconds, clock.seconds / model.config.num_hidden_layers, statistics.mean(reads)
 
-            (samples,) = in_turns({"batch": step}, args.steps).values()
-            seconds = statistics.median(s[0] for s in samples)
-            row.update(
-                batch=size,
-                ms_per_token=1e3 * seconds,  # per step of the whole batch
-                tokens_per_s=size / seconds,
-                attn_ms_per_layer=1e3 * statistics.median(s[1] for s in samples),
-                kv_read_frac=statistics.mean(s[2] for s in samples),
-            )
+            runs = {suffix: lambda i, stack=stack: step(i, stack) for suffix, stack in variants.items()}
+            for suffix, samples in in_turns(runs, args.steps).items():
+                seconds = statistics.median(s[0] for s in samples)
+                done.append(
+                    dict(
+                        case="batch",
+                        method=names[suffix],
+                        context=args.batch_context,
+                        batch=size,
+                        ms_per_token=1e3 * seconds,  # per step of the whole batch
+                        tokens_per_s=size / seconds,
+                        attn_ms_per_layer=1e3 * statistics.median(s[1] for s in samples),
+                        kv_read_frac=statistics.mean(s[2] for s in samples),
+                    )
+                )
             del batch, caches
-        except torch.OutOfMemoryError:
-            row["error"] = "out of memory under the cap"
-        except Exception as exc:
-            row["error"] = failure(exc)
-        row["peak_device_bytes"] = peak_bytes(device)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if all("tokens_per_s" in r for r in rows[-2:]):
-        rows[-1]["tokens_per_s_vs_batch1"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+        except Exception as exc:  # out of memory under the cap, or a bug: a row that says which
+            error = "out of memory under the cap" if isinstance(exc, torch.OutOfMemoryError) else failure(exc)
+            done = [dict(case="batch", method=names[""], context=args.batch_context, error=error)]
+        for row in done:
+            row["peak_device_bytes"] = peak_bytes(device)
+            print(json.dumps(row), flush=True)
+        rows += done
+    one = next((r for r in rows if r["method"] == "hybrid-default-batch1" and "tokens_per_s" in r), None)
+    for row in rows:
+        if one is not None and row is not one and "tokens_per_s" in row:
+            row["tokens_per_s_vs_batch1"] = row["tokens_per_s"] / one["tokens_per_s"]
     return rows
 
 

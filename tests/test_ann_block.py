@@ -153,3 +153,34 @@ def test_head_matmul_takes_packed_and_strided_heads(dtype):
     expected = torch.bmm(q.double(), packed.double().transpose(1, 2))
     for keys in (strided, packed):
         torch.testing.assert_close(head_matmul(q, keys.transpose(1, 2)).double(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("landmark", ["mean", "minmax"])
+def test_blocks_chosen_together_are_each_index_its_own(landmark):
+    """Indexes with different numbers of blocks and blocks asked for, chosen in one set of
+    products (padded and masked): each gets what it chooses alone, -1 after it; with `scored`
+    the same among the blocks each one lists. (The order among ties may differ: each query
+    head's best block scores 0 for its group.)"""
+    from ann.block import choose_blocks
+
+    g = torch.Generator().manual_seed(1)
+    H, G, D, B = 2, 3, 8, 4
+    indexes = []
+    for n in (40, 97, 64):
+        index = BlockIndex(H, D, block_size=B, landmark=landmark, capacity=16)
+        index.add(torch.randn(H, n, D, generator=g))
+        indexes.append(index)
+    q = torch.randn(3, H, G, D, generator=g)
+    counts = [3, 7, 30]  # the last asks for more than it holds
+    chosen = choose_blocks(indexes, q, counts)
+    for b, index in enumerate(indexes):
+        alone = index.choose(q[b], counts[b])
+        assert torch.equal(chosen[b, :, : alone.shape[1]].sort().values, alone.sort().values)
+        assert bool((chosen[b, :, alone.shape[1] :] == -1).all())
+    n_scored = [5, 9, 2]
+    scored = torch.stack([torch.randperm(9, generator=g)[:9].expand(H, -1) for _ in indexes])  # [3, H, 9]
+    chosen = choose_blocks(indexes, q, counts, scored=scored, n_scored=n_scored)
+    for b, index in enumerate(indexes):
+        alone = index.choose(q[b], counts[b], scored=scored[b, :, : n_scored[b]])
+        assert torch.equal(chosen[b, :, : alone.shape[1]].sort().values, alone.sort().values)
+        assert bool((chosen[b, :, alone.shape[1] :] == -1).all())

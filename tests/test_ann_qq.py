@@ -153,3 +153,28 @@ def test_cpu_build_keeps_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_stacked_search_gives_each_sequence_its_own_rows():
+    """Sequences with different numbers of build queries and of lists to merge, searched in one
+    product: each gets the rows it gets alone, -1 after them."""
+    import torch
+
+    from ann.qq import QueryLists, stacked_nearest
+
+    g = torch.Generator().manual_seed(0)
+    H, G, D = 2, 3, 8
+    lists = []
+    for n_queries in (40, 25, 40):
+        one = QueryLists(H, D, m_keys=4, n_neighbors=6)
+        one.build(torch.randn(H, 50, D, generator=g), torch.randn(H, n_queries, D, generator=g))
+        lists.append(one)
+    q = torch.randn(3, H, G, D, generator=g)
+    wanted = [6, 2, 4]
+    rows = stacked_nearest(lists, q, wanted)
+    assert rows.shape == (3, H, 6 * G)
+    for b, one in enumerate(lists):
+        alone = one.nearest(q[b], wanted[b])
+        assert torch.equal(rows[b, :, : wanted[b] * G], alone)
+        assert bool((rows[b, :, wanted[b] * G :] == -1).all())
+        assert one.scanned == G * one.n_queries * H

@@ -332,6 +332,11 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     default = decode["hybrid-default"]
     assert len(default["wider_ms_per_token"]) == 2 and all(ms > 0 for ms in default["wider_ms_per_token"])
     assert default["kv_read_frac"] < min(default["wider_kv_read_frac"]) and default["rerun_positions"] > 0
+    batch = {r["method"]: r for r in rows if r["case"] == "batch"}
+    assert set(batch) == {"hybrid-default-batch1", "hybrid-default-batch8", "hybrid-default-batch8-per-sequence"}
+    for r in batch.values():
+        assert r["tokens_per_s"] > 0 and 0 < r["kv_read_frac"] < 1
+    assert "tokens_per_s_vs_batch1" in batch["hybrid-default-batch8-per-sequence"]
     prefill = {r["method"]: r for r in rows if r["case"] == "prefill"}
     assert set(prefill) == {"hybrid-default-first-call", "hybrid-default-stores-reused", "full-sdpa"}
     for name in ("hybrid-default-first-call", "hybrid-default-stores-reused"):

@@ -267,3 +267,36 @@ def test_lists_beyond_int32_raise_rather_than_wrap():
             torch.full((1, H_KV, 1), -1), torch.zeros(1, 3, 2, dtype=torch.int64), torch.zeros(1, H_KV * G),
             scale=SCALE, threshold=0.0, qq_limit=8, qq_prefix=32, block_size=8, cap=64, n_count_blocks=4,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("name", ["default", "mean blocks", "fixed", "keys only", "block", "no estimate"])
+def test_stacked_device_parts_give_each_sequence_what_it_gets_alone(name, levels, monkeypatch):
+    """The device parts of a batch stacked (`native_step(stack=True)`, a GPU's default): sequences of
+    different lengths (blocks, superblocks, blocks asked for) padded into one set of kernels read and
+    attend as each does on its own buffers; a sequence with no full block and no key index yet runs
+    apart (with blocks alone in one level, nothing else differs: then with them)."""
+    from engine.decode import estimate
+    from engine.decode.step import native_step
+
+    if levels == 2:  # superblocks of 4 blocks, 3 expanded: every long sequence scores in two levels
+        monkeypatch.setattr(estimate, "GROUP", 4)
+        monkeypatch.setattr(estimate, "EXPAND", 3)
+    cfg = CONFIGS[name]
+    seqs = [layer_with(cfg, n, seed=n, later=later) for n, later in ((500, 0), (800, 9), (650, 40))]
+    short = HybridCache(MODEL, cfg, progress=False).layers[0]
+    short.load_kv(*structured_kv(cfg.resident_tokens + 5, 4))  # 5 host tokens: no key index, no full block
+    seqs.insert(1, short)
+    if cfg.estimate:
+        assert [s.summary.two_level() for s in seqs] == [levels == 2, False, levels == 2, levels == 2]
+    groups = host.groups(seqs, stack=True)
+    assert sorted(sum(groups, [])) == [0, 1, 2, 3] and len(groups) == (1 if name == "block" and levels == 1 else 2)
+    q = queries(11, batch=len(seqs))
+    stacked = native_step(seqs, q, SCALE, stack=True)
+    read = [(s.stats.read_ids.clone(), s.stats.gathered, s.stats.estimated, s.stats.scanned) for s in seqs]
+    alone = native_step(seqs, q, SCALE, stack=False)
+    for b, seq in enumerate(seqs):
+        ids, gathered, estimated, scanned = read[b]
+        assert torch.equal(ids, seq.stats.read_ids)
+        assert (gathered, estimated, scanned) == (seq.stats.gathered, seq.stats.estimated, seq.stats.scanned)
+        torch.testing.assert_close(stacked[b], alone[b], atol=1e-5, rtol=1e-5)

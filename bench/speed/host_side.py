@@ -31,6 +31,7 @@ from bench.common.output import save_run
 from bench.common.timing import median_ms
 from engine import HybridCache, OffloadConfig
 from engine.decode import host, step
+from engine.decode.estimate import batch_of
 from engine.decode.select import select_host_ids
 from engine.native import ops
 
@@ -77,7 +78,7 @@ def measure(layer, queries: list[torch.Tensor], scale: float, repeats: int) -> d
     def native():
         calls.clear()
         for q, qd, lse, blocks in parts:
-            inputs = host.prepare(layer, qd, lse, blocks)
+            inputs = host.prepare([layer], qd[None], lse[None], batch_of(blocks))[0]
             res = host.read([layer], q[None, :, :, 0], [inputs], scale)
             nb = layer.summary.n_blocks if blocks is not None else 0
             step.with_estimate(

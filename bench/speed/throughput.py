@@ -12,7 +12,9 @@ model_tokens_per_s (B / seconds of the whole forward pass), their medians over
 steps that alternate between the methods, kv_read_frac (host KV rows read per step / host
 KV rows, the mean over the steps; 1 for full attention), device and host bytes. With
 --python-selection the engine also runs through the Python selection (hybrid-python-selection),
-the native host call's reference, in turns with it on the same caches.
+the native host call's reference, in turns with it on the same caches; with --stacked, through
+the device parts of the batch stacked into one set of kernels (hybrid-stacked, the GPU's default;
+engine.decode.step.native_step), in turns with it on the same caches.
 
     python -m bench.speed.throughput [--quick] [--json PATH] [--plot PATH] [--batches ...]
                                      [--context prose|flat] [--python-selection] [--threads N]
@@ -35,6 +37,7 @@ from bench.common.options import add_output_args, add_threads_arg, pin_threads, 
 from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
+from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 
 # cache.update() + attention of every layer, timed apart from the rest of the model
@@ -84,15 +87,20 @@ def full_batch(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> TimedDynami
 
 
 @torch.inference_mode()
-def step(model, cache, positions: torch.Tensor, select=None) -> tuple[float, float, float]:
+def step(model, cache, positions: torch.Tensor, select=None, stacked: bool = False) -> tuple[float, float, float]:
     """One decode step of the batch (positions [B, 1]; `select`: the selection rule, None: the
-    engine's): seconds for the whole model, seconds per layer in cache update + attention, and
-    the share of the host KV rows read (1 for full attention)."""
+    engine's; `stacked`: the device parts of the batch stacked, as on a GPU): seconds for the whole
+    model, seconds per layer in cache update + attention, and the share of the host KV rows read
+    (1 for full attention)."""
     CLOCK.seconds, CLOCK.select = 0.0, select
     ids = torch.full_like(positions, DECODE_TOKEN)
-    t0 = time.perf_counter()
-    model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-    seconds = time.perf_counter() - t0
+    decode_steps.STACK = stacked or None
+    try:
+        t0 = time.perf_counter()
+        model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - t0
+    finally:
+        decode_steps.STACK = None
     read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
     return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
 
@@ -101,7 +109,9 @@ def time_batch(model, caches: dict, B: int, context: int, steps: int, warmup: in
     """Per cache: median seconds per step (model, attention per layer) and mean kv_read_frac,
     the caches' steps taking turns."""
     runs = {
-        name: lambda i, c=cache, name=name: step(model, c, torch.full((B, 1), context + i), RULES.get(name))
+        name: lambda i, c=cache, name=name: step(
+            model, c, torch.full((B, 1), context + i), RULES.get(name), name == "hybrid-stacked"
+        )
         for name, cache in caches.items()
     }
     samples = in_turns(runs, steps, warmup)
@@ -129,6 +139,8 @@ def run(args) -> list[dict]:
                 caches = {"hybrid": hybrid_batch(seqs[:B])}
                 if args.python_selection:  # the same caches, in turns: each step adds a position to both
                     caches["hybrid-python-selection"] = caches["hybrid"]
+                if args.stacked:
+                    caches["hybrid-stacked"] = caches["hybrid"]
                 if not args.no_full:
                     caches["full-sdpa"] = full_batch(kv[:B])
                 timings = time_batch(model, caches, B, context, args.steps)
@@ -192,6 +204,11 @@ def main(argv=None):
         "--python-selection",
         action="store_true",
         help="also the engine through the Python selection, the native host call's reference (hybrid-python-selection)",
+    )
+    p.add_argument(
+        "--stacked",
+        action="store_true",
+        help="also the engine with the batch's device parts stacked into one set of kernels (hybrid-stacked)",
     )
     add_context_arg(p)
     add_threads_arg(p)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from ann.block import BlockIndex, group_block_scores, head_matmul
+from ann.block import BlockIndex, group_block_scores, head_matmul, head_rows, masked, stack_rows
 
 GROUP = 32  # blocks per superblock
 EXPAND = 32  # superblocks per KV head a step expands into their blocks
@@ -49,13 +49,25 @@ class BlockScores(NamedTuple):
     the max `peak` [Hkv, G] of every logit (0 without blocks), rel = exp(logits - peak),
     and coarse_rel [Hkv, G, n_superblocks] for the superblocks not expanded (0 at the
     expanded ones; None when every block is scored), computed once for the mass and the
-    estimate."""
+    estimate. Of B sequences at once (`stacked_scores`), each field has a leading [B] and runs
+    to the longest sequence's: past a sequence's own, logits are -inf, rel and coarse_rel 0,
+    fine 0."""
 
     logits: torch.Tensor
     peak: torch.Tensor
     rel: torch.Tensor
     fine: torch.Tensor | None = None
     coarse_rel: torch.Tensor | None = None
+
+
+def batch_of(scores: BlockScores | None) -> BlockScores | None:
+    """One sequence's BlockScores as a batch of one (`stacked_scores`'s form)."""
+    return None if scores is None else BlockScores(*(None if t is None else t[None] for t in scores))
+
+
+def sequence_of(scores: BlockScores) -> BlockScores:
+    """A batch of one's BlockScores as its sequence's."""
+    return BlockScores(*(None if t is None else t[0] for t in scores))
 
 
 class BlockSummary:
@@ -96,25 +108,18 @@ class BlockSummary:
     def scores(self, q: torch.Tensor, scale: float) -> BlockScores:
         """q [Hkv, G, D] -> the step's BlockScores: every block's logit, or beyond `expand`
         superblocks the superblocks' and the expanded ones' blocks'."""
-        mean_k = self.keys.landmarks[0]  # [Hkv, nb, D]
-        qs = (q * scale).to(mean_k.dtype)
-        n_super = self.coarse_keys.n_blocks
-        if n_super <= self.expand:
-            logits = head_matmul(qs, mean_k.transpose(1, 2)).float()
-            peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
-            return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
-        H = mean_k.shape[0]
-        coarse = head_matmul(qs, self.coarse_keys.landmarks[0].transpose(1, 2)).float()  # [Hkv, G, n_super]
-        # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
-        best = torch.topk(group_block_scores(coarse), self.expand, dim=1).indices.sort(dim=1).values  # [Hkv, E]
-        inside = best.unsqueeze(2) * self.group + torch.arange(self.group, device=best.device)
-        after = torch.arange(n_super * self.group, self.n_blocks, device=best.device).expand(H, -1)
-        fine = torch.cat([inside.reshape(H, -1), after], dim=1)  # [Hkv, F] block ids
-        logits = head_matmul(qs, self.keys.rows(fine).transpose(1, 2)).float()
-        coarse.scatter_(2, best.unsqueeze(1).expand(-1, coarse.shape[1], -1), float("-inf"))  # expanded
-        peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
-        rel = torch.exp(logits - peak.unsqueeze(-1))
-        return BlockScores(logits, peak, rel, fine, torch.exp(coarse - peak.unsqueeze(-1)))
+        return sequence_of(stacked_scores([self], q[None], scale))
+
+    def scored_blocks(self) -> int:
+        """The blocks a step scores one by one (`scores`): every one, or beyond `expand` superblocks
+        those of the expanded ones and those after the last whole superblock."""
+        if not self.two_level():
+            return self.n_blocks
+        return self.expand * self.group + self.n_blocks - self.coarse_keys.n_blocks * self.group
+
+    def two_level(self) -> bool:
+        """Whether a step scores superblocks first (more than `expand` of them), then the expanded ones' blocks."""
+        return self.coarse_keys.n_blocks > self.expand
 
     def log_mass(self, scores: BlockScores) -> torch.Tensor:
         """Estimated log of the attention mass of all full blocks [Hkv, G] (before any is read)."""
@@ -126,22 +131,8 @@ class BlockSummary:
     def estimate(self, scores: BlockScores, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unread tokens' state, given read [Hkv, nb] tokens gathered per block ->
         (o [Hkv, G, D] fp32, lse [Hkv, G] fp32); lse = -inf when none is left."""
-        mean_v, read_fine = self.values.landmarks[0], read
-        if scores.fine is not None:
-            read_fine = read.gather(1, scores.fine)
-            mean_v = self.values.rows(scores.fine)
-        left = (self.block_size - read_fine).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
-        w = scores.rel * left.unsqueeze(1)  # [Hkv, G, F]
-        total = w.sum(dim=-1)  # [Hkv, G]
-        o = head_matmul(w.to(mean_v.dtype), mean_v).float()
-        if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
-            n_super = scores.coarse_rel.shape[2]
-            read_super = read[:, : n_super * self.group].reshape(read.shape[0], n_super, self.group).sum(dim=2)
-            left = (self.group * self.block_size - read_super).clamp_min(0).to(scores.rel.dtype)
-            w = scores.coarse_rel * left.unsqueeze(1)  # 0 at the expanded ones
-            total = total + w.sum(dim=-1)
-            o = o + head_matmul(w.to(mean_v.dtype), self.coarse_values.landmarks[0]).float()
-        return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
+        o, lse = stacked_estimate([self], batch_of(scores), read[None])
+        return o[0], lse[0]
 
     def read_per_block(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [Hkv, M] host ids gathered (-1 padded, distinct per row) -> tokens read per full block [Hkv, nb]."""
@@ -151,3 +142,69 @@ class BlockSummary:
         counts = torch.zeros(ids.shape[0], nb + 1, dtype=torch.int64, device=ids.device)  # column nb: the rest
         counts.scatter_add_(1, torch.where(in_block, ids // B, nb), in_block.long())
         return counts[:, :nb]
+
+
+def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float) -> BlockScores:
+    """`BlockSummary.scores` of B sequences' summaries (one configuration, all scored in one or all
+    in two levels: `BlockSummary.two_level`) in one set of products: q [B, Hkv, G, D] -> BlockScores
+    with a leading [B]."""
+    first = summaries[0]
+    n_blocks = [s.n_blocks for s in summaries]
+    mean_k = stack_rows([s.keys.buffers[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
+    qs = (q * scale).to(mean_k.dtype)
+    if not first.two_level():
+        logits = masked(head_matmul(qs, mean_k[:, :, : max(n_blocks)].transpose(-1, -2)).float(), n_blocks)
+        peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
+        if min(n_blocks) == 0 < max(n_blocks):  # a sequence without a block among others: no logit, peak 0
+            peak = peak.masked_fill(peak == float("-inf"), 0.0)
+        return BlockScores(logits, peak, torch.exp(logits - peak.unsqueeze(-1)))
+    B, H, G, _ = q.shape
+    group, device = first.group, q.device
+    n_super = [s.coarse_keys.n_blocks for s in summaries]
+    coarse_k = stack_rows([s.coarse_keys.buffers[0] for s in summaries], n_super)
+    coarse = head_matmul(qs, coarse_k[:, :, : max(n_super)].transpose(-1, -2)).float()  # [B, Hkv, G, n_super]
+    coarse = masked(coarse, n_super)
+    # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
+    best = torch.topk(group_block_scores(coarse), first.expand, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, E]
+    inside = (best.unsqueeze(-1) * group + torch.arange(group, device=device)).flatten(-2)
+    # the full blocks after the last whole superblock, a sequence's own first (block 0 after them)
+    after = [nb - ns * group for nb, ns in zip(n_blocks, n_super)]
+    rank = torch.arange(max(after), device=device)
+    start = torch.tensor([ns * group for ns in n_super], device=device).view(B, 1)
+    after_ids = torch.where(rank < torch.tensor(after, device=device).view(B, 1), start + rank, 0)
+    fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
+    logits = head_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
+    logits = masked(logits, [inside.shape[-1] + a for a in after])
+    coarse.scatter_(-1, best.unsqueeze(-2).expand(-1, -1, G, -1), float("-inf"))  # expanded
+    peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
+    rel = torch.exp(logits - peak.unsqueeze(-1))
+    return BlockScores(logits, peak, rel, fine, torch.exp(coarse - peak.unsqueeze(-1)))
+
+
+def stacked_estimate(
+    summaries: list[BlockSummary], scores: BlockScores, read: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`BlockSummary.estimate` of B sequences' summaries at once, given their `stacked_scores` and
+    read [B, Hkv, nb] (nb: the most blocks of any; 0 past a sequence's own) -> (o [B, Hkv, G, D],
+    lse [B, Hkv, G]) fp32."""
+    first = summaries[0]
+    n_blocks = [s.n_blocks for s in summaries]
+    values = stack_rows([s.values.buffers[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
+    if scores.fine is None:
+        mean_v, read_fine = values[:, :, : scores.rel.shape[-1]], read
+    else:
+        mean_v, read_fine = head_rows(values, scores.fine), read.gather(-1, scores.fine)
+    left = (first.block_size - read_fine).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
+    w = scores.rel * left.unsqueeze(-2)  # [B, Hkv, G, F]
+    total = w.sum(dim=-1)  # [B, Hkv, G]
+    o = head_matmul(w.to(mean_v.dtype), mean_v).float()
+    if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
+        n_super = scores.coarse_rel.shape[-1]
+        read_super = read[..., : n_super * first.group].unflatten(-1, (n_super, first.group)).sum(dim=-1)
+        left = (first.group * first.block_size - read_super).clamp_min(0).to(scores.rel.dtype)
+        w = scores.coarse_rel * left.unsqueeze(-2)  # 0 at the expanded ones
+        total = total + w.sum(dim=-1)
+        coarse = [s.coarse_values for s in summaries]
+        coarse_v = stack_rows([c.buffers[0] for c in coarse], [c.n_blocks for c in coarse])
+        o = o + head_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super]).float()
+    return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()

@@ -18,9 +18,11 @@ from typing import NamedTuple
 
 import torch
 
+from ann.block import choose_blocks
 from engine.decode.rate import rating_lse, read_threshold
-from engine.decode.select import always_read, block_choice, key_budget, recent_range, select_host_ids
+from engine.decode.select import always_read, block_choices, block_count, key_budget, recent_range, select_host_ids
 from engine.index.build import build_key_index
+from engine.index.heads import proposal_rows
 from engine.native import ops
 
 
@@ -51,36 +53,70 @@ def serves(layer, select) -> bool:
     return ops.HAS_EXT and select is select_host_ids and rule and (not cfg.uses_key_index or cfg.key_index == "qq")
 
 
-def prepare(layer, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> HostInputs:
-    """What the call needs of one sequence for its queries q [Hkv, G, D] (device), the resident
-    tokens' lse_resident [Hkv, G] and the step's block scores (engine.decode.estimate.BlockScores;
-    None without a summary), as `engine.decode.select.candidates` and `read_likely` choose them.
-    Sets layer.stats' scanned and keys_scored."""
-    cfg, Hkv, device = layer.cfg, layer.n_kv_heads, q.device
-    none = torch.empty(Hkv, 0, dtype=torch.int64, device=device)
-    blocks, tail, scanned = none, (layer.host.n, layer.host.n), 0
-    if layer.blocks is not None:
-        blocks = layer.blocks.choose(q, *block_choice(layer, scores))
-        scanned += layer.blocks.scanned
-        tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
-    rows, lists, limit, prefix, recent = none, torch.empty(Hkv, 0, 1, dtype=torch.int32), 0, 0, (0, 0)
-    if cfg.uses_key_index:
-        if layer.key_index is None:
+def groups(layers, stack: bool) -> list[list[int]]:
+    """The sequences (positions in `layers`) whose device parts run as one set of kernels over
+    stacked operands (`prepare`, engine.decode.step.native_step): with `stack`, those alike in
+    what decides the kernels (`_kernels`), else each alone. Builds any key index not built yet."""
+    for layer in layers:
+        if layer.cfg.uses_key_index and layer.key_index is None:
             build_key_index(layer)
-        if layer.n_indexed:
-            top_k, oversample = key_budget(cfg, layer.n_seen)
-            rows, limit = layer.key_index.proposal_rows(q, top_k, oversample)
-            lists, prefix = layer.key_index.lists.lists, oversample * limit
-            scanned += layer.key_index.lists.scanned
-            recent = recent_range(layer)
-    layer.stats.scanned, layer.stats.keys_scored = scanned, 0
-    forced = always_read(layer)
-    ranges = torch.tensor([tail, recent, (int(forced[0]), layer.host.n) if len(forced) else (0, 0)])
-    rating = cfg.budget == "adaptive" and layer.sketch is not None
+    if not stack:
+        return [[i] for i in range(len(layers))]
+    out: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        out.setdefault(_kernels(layer), []).append(i)
+    return list(out.values())
+
+
+def _kernels(layer) -> tuple:
+    """What decides which kernels a sequence's device part runs: a summary scored in one or two
+    levels, blocks chosen among all (more than the summary scores one by one) or among those it
+    scored, and query->query lists or none."""
+    summary = layer.summary
+    two_level = summary is not None and summary.two_level()
+    all_blocks = two_level and layer.blocks is not None and block_count(layer) > summary.scored_blocks()
+    return summary is None, two_level, all_blocks, layer.cfg.uses_key_index and layer.n_indexed > 0
+
+
+def prepare(layers, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> list[HostInputs]:
+    """What the call needs of B sequences alike (`groups`) for their queries q [B, Hkv, G, D]
+    (device), the resident tokens' lse_resident [B, Hkv, G] and the step's block scores
+    (engine.decode.estimate.stacked_scores; None without a summary), as
+    `engine.decode.select.candidates` and `read_likely` choose them, one set of kernels for all.
+    Sets each layer.stats' scanned and keys_scored."""
+    first, B, Hkv = layers[0], q.shape[0], q.shape[1]
+    cfg, device = first.cfg, q.device
+    none = torch.empty(Hkv, 0, dtype=torch.int64, device=device)
+    blocks, scanned = [none] * B, [0] * B
+    if first.blocks is not None:
+        chosen = choose_blocks([layer.blocks for layer in layers], q, *block_choices(layers, scores))
+        blocks = list(chosen)
+        scanned = [n + layer.blocks.scanned for n, layer in zip(scanned, layers)]
+    rows, limits, recent = [none] * B, [0] * B, [(0, 0)] * B
+    lists = [torch.empty(Hkv, 0, 1, dtype=torch.int32)] * B
+    oversample = 0
+    if cfg.uses_key_index and first.n_indexed:
+        budgets = [key_budget(cfg, layer.n_seen) for layer in layers]
+        oversample = budgets[0][1]  # the configuration's, alike for every sequence
+        proposed, limits = proposal_rows([layer.key_index for layer in layers], q, [k for k, _ in budgets], oversample)
+        rows, lists = list(proposed), [layer.key_index.lists.lists for layer in layers]
+        scanned = [n + layer.key_index.lists.scanned for n, layer in zip(scanned, layers)]
+        recent = [recent_range(layer) for layer in layers]
+    rating = cfg.budget == "adaptive" and first.sketch is not None
     # the blocks' estimated mass completes the denominator; without a summary the call completes it
-    lse = rating_lse(layer, lse_resident, scores) if rating and scores is not None else lse_resident.float()
-    threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
-    return HostInputs(rows, blocks, lse, lists, ranges, threshold, limit, prefix)
+    lse = rating_lse(first, lse_resident, scores) if rating and scores is not None else lse_resident.float()
+    out = []
+    for b, layer in enumerate(layers):
+        layer.stats.scanned, layer.stats.keys_scored = scanned[b], 0
+        forced = always_read(layer)
+        tail = (layer.host.n, layer.host.n)
+        if layer.blocks is not None:
+            tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
+        ranges = torch.tensor([tail, recent[b], (int(forced[0]), layer.host.n) if len(forced) else (0, 0)])
+        threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
+        prefix = oversample * limits[b]
+        out.append(HostInputs(rows[b], blocks[b], lse[b], lists[b], ranges, threshold, limits[b], prefix))
+    return out
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.decode.estimate import batch_of
 from engine.decode.rate import neighbours, read_likely
 from engine.index.build import build_key_index
 from engine.index.distinct import unique_rows
@@ -70,12 +71,28 @@ def block_choice(layer, blocks=None) -> tuple[int, torch.Tensor | None, torch.Te
     """How a step asks the block index for its blocks (`BlockIndex.select`/`choose`): the number of
     blocks, the scores already computed (the summary's logits, when the block index is the summary's
     mean keys) and the blocks they score (two levels: those the summary expanded; None: all)."""
-    n = layer.cfg.blocks_per_step(layer.blocks.n_blocks, layer.n_seen)
+    counts, scores, scored, _ = block_choices([layer], batch_of(blocks))
+    return counts[0], None if scores is None else scores[0], None if scored is None else scored[0]
+
+
+def block_choices(layers, blocks=None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None, list[int] | None]:
+    """`block_choice` of B sequences alike (engine.decode.host.groups) given their stacked block
+    scores (engine.decode.estimate.stacked_scores), as `ann.block.choose_blocks` takes it: the blocks
+    per sequence, the scores [B, Hkv, G, F], the blocks they score [B, Hkv, F] and how many of
+    those are each sequence's own."""
+    first = layers[0]
+    counts = [block_count(layer) for layer in layers]
     scored = None if blocks is None else blocks.fine
-    scores = blocks.logits if blocks is not None and layer.blocks is layer.summary.keys else None
-    if scored is not None and n > scored.shape[1]:  # more blocks than were scored: score them all
-        scores, scored = None, None
-    return n, scores, scored
+    scores = blocks.logits if blocks is not None and first.blocks is first.summary.keys else None
+    n_scored = None if scored is None else [layer.summary.scored_blocks() for layer in layers]
+    if scored is not None and counts[0] > n_scored[0]:  # more blocks than were scored: score them all
+        return counts, None, None, None
+    return counts, scores, scored, n_scored
+
+
+def block_count(layer) -> int:
+    """The blocks a decode step takes from the layer's block index."""
+    return layer.cfg.blocks_per_step(layer.blocks.n_blocks, layer.n_seen)
 
 
 def key_budget(cfg, n_tokens: int) -> tuple[int, int]:

@@ -13,9 +13,15 @@ import torch
 
 from engine.cache.layer import HybridLayer
 from engine.decode import host
+from engine.decode.estimate import stacked_estimate, stacked_scores
 from engine.decode.merge import attend, merge_states
 from engine.decode.select import select_host_ids
 from engine.native import ops
+
+# Whether a batch's device parts run stacked (`native_step`); None: on a GPU, where a small
+# kernel's cost is mostly its launch. On a CPU each kernel is mostly compute on its sequence's
+# own data, and the copies that stack them cost more than they save (docs/method.md, "Batches").
+STACK: bool | None = None
 
 
 class HostRead:
@@ -159,27 +165,40 @@ def with_estimate(layer: HybridLayer, o: torch.Tensor, lse: torch.Tensor, blocks
     )
 
 
-def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float) -> torch.Tensor:
+def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: bool | None = None) -> torch.Tensor:
     """`batch_decode_step` through the native host call (engine.decode.host), q [B, Hkv, G, 1, D]:
     resident attention and block scores on the device, every sequence's host side in one call,
-    the estimates and the merge on the device. -> o [B, Hkv, G, 1, D] fp32."""
+    the estimates and the merge on the device. With `stack` (default: STACK) the device parts of sequences
+    alike run as one set of kernels over their operands stacked (`host.groups`); else sequence by
+    sequence, each on its own buffers. -> o [B, Hkv, G, 1, D] fp32."""
     B, Hkv, G, _, D = q.shape
     o, lse = resident_parts(seqs, q, scale)
     reading = [b for b, seq in enumerate(seqs) if seq.host.n]
     if not reading:
         return o
-    scores, inputs = [], []
-    for b in reading:
-        layer, qd = seqs[b], q[b, :, :, 0]
-        scores.append(layer.summary.scores(qd, scale) if layer.summary is not None else None)
-        inputs.append(host.prepare(layer, qd, lse[b, ..., 0], scores[-1]))
-    res = host.read([seqs[b] for b in reading], q[reading, :, :, 0], inputs, scale)
-    out = res.out.view(len(reading), Hkv, G, 1, D).to(o.device, non_blocking=True)
-    lse_c = res.lse.view(len(reading), Hkv, G, 1).to(o.device, non_blocking=True)
+    layers, qd, lse_r = [seqs[b] for b in reading], q[reading, :, :, 0], lse[reading, ..., 0]
+    if stack is None:
+        stack = q.device.type != "cpu" if STACK is None else STACK
+    groups = host.groups(layers, stack)
+    inputs, scores = [None] * len(layers), []
+    for group in groups:
+        summaries = [layers[i].summary for i in group] if layers[group[0]].summary is not None else None
+        scores.append(None if summaries is None else stacked_scores(summaries, qd[group], scale))
+        for i, part in zip(group, host.prepare([layers[i] for i in group], qd[group], lse_r[group], scores[-1])):
+            inputs[i] = part
+    res = host.read(layers, qd, inputs, scale)
+    out = res.out.view(len(layers), Hkv, G, 1, D).to(o.device, non_blocking=True)
+    lse_c = res.lse.view(len(layers), Hkv, G, 1).to(o.device, non_blocking=True)
     counts = res.block_reads.to(o.device, non_blocking=True)
     o_h = torch.zeros_like(o)
     lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
-    for i, b in enumerate(reading):
-        nb = seqs[b].summary.n_blocks if scores[i] is not None else 0
-        o_h[b], lse_h[b] = with_estimate(seqs[b], out[i], lse_c[i], scores[i], read=counts[i, :, :nb])
+    for group, blocks in zip(groups, scores):
+        rows = [reading[i] for i in group]
+        part = out[group], lse_c[group]
+        if blocks is not None:
+            summaries = [layers[i].summary for i in group]
+            read = counts[group][..., : max(s.n_blocks for s in summaries)]
+            o_e, lse_e = stacked_estimate(summaries, blocks, read)
+            part = merge_states(*part, o_e.unsqueeze(-2), lse_e.unsqueeze(-1))
+        o_h[rows], lse_h[rows] = part
     return merge_states(o, lse, o_h, lse_h)[0]

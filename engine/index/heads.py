@@ -81,10 +81,8 @@ class ListSelector:
         """The list rows q [H, G, D] proposes [H, P] (on the device, in order of preference) and the
         distinct proposals a step takes from them, limit = G * top_k, among their first
         oversample * limit entries."""
-        limit = q.shape[1] * top_k
-        # only the first oversample * limit proposals are looked at: merge no more lists than fill them
-        n_lists = -(-oversample * top_k // self.lists.m_keys)  # per query head
-        return self.lists.nearest(q, min(n_lists, self.lists.n_neighbors)), limit
+        rows, limits = proposal_rows([self], q[None], [top_k], oversample)
+        return rows[0], limits[0]
 
     def nbytes(self) -> tuple[int, int]:
         device = self.lists.queries.nbytes
@@ -129,3 +127,16 @@ def first_distinct_rows(ids: torch.Tensor, limit: int, oversample: int = OVERSAM
     in ascending order, -1 padded. Proposals overlap, but not that much in practice;
     looking no further bounds the work."""
     return distinct_rows(ids[:, : oversample * limit], limit)
+
+
+def proposal_rows(
+    selectors: list[ListSelector], q: torch.Tensor, top_k: list[int], oversample: int = OVERSAMPLE
+) -> tuple[torch.Tensor, list[int]]:
+    """`ListSelector.proposal_rows` of B sequences' selectors (one configuration) in one search:
+    q [B, H, G, D] -> (rows [B, H, P], -1 after a sequence's own; limits)."""
+    from ann.qq import stacked_nearest
+
+    G = q.shape[2]
+    # only the first oversample * limit proposals are looked at: merge no more lists than fill them
+    n_lists = [min(-(-oversample * k // s.lists.m_keys), s.lists.n_neighbors) for s, k in zip(selectors, top_k)]
+    return stacked_nearest([s.lists for s in selectors], q, n_lists), [G * k for k in top_k]
