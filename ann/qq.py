@@ -203,7 +203,8 @@ def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[
     if not min(n_queries):
         raise RuntimeError("search before build: the qq selector holds no build queries")
     queries = stack_rows([one.queries for one in lists], n_queries)
-    sims = torch.matmul(_unit(q.to(first.device, first.dtype)), queries.transpose(-1, -2))  # [B, H, G, Nq]
+    unit = _unit(q.to(first.device, first.dtype)).flatten(0, 1)
+    sims = torch.bmm(unit, queries.flatten(0, 1).transpose(1, 2)).view(B, H, G, -1)  # [B, H, G, Nq]
     nn = [min(n, one.n_queries) for n, one in zip(n_neighbors, lists)]
     for one in lists:
         one.scanned = G * one.n_queries * H

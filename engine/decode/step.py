@@ -176,15 +176,16 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
     reading = [b for b, seq in enumerate(seqs) if seq.host.n]
     if not reading:
         return o
-    layers, qd, lse_r = [seqs[b] for b in reading], q[reading, :, :, 0], lse[reading, ..., 0]
+    layers, qd, lse_r = [seqs[b] for b in reading], _rows(q, reading)[:, :, :, 0], _rows(lse, reading)[..., 0]
     if stack is None:
         stack = q.device.type != "cpu" if STACK is None else STACK
     groups = host.groups(layers, stack)
     inputs, scores = [None] * len(layers), []
     for group in groups:
         summaries = [layers[i].summary for i in group] if layers[group[0]].summary is not None else None
-        scores.append(None if summaries is None else stacked_scores(summaries, qd[group], scale))
-        for i, part in zip(group, host.prepare([layers[i] for i in group], qd[group], lse_r[group], scores[-1])):
+        q_group = _rows(qd, group)
+        scores.append(None if summaries is None else stacked_scores(summaries, q_group, scale))
+        for i, part in zip(group, host.prepare([layers[i] for i in group], q_group, _rows(lse_r, group), scores[-1])):
             inputs[i] = part
     res = host.read(layers, qd, inputs, scale)
     out = res.out.view(len(layers), Hkv, G, 1, D).to(o.device, non_blocking=True)
@@ -193,12 +194,20 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
     o_h = torch.zeros_like(o)
     lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
     for group, blocks in zip(groups, scores):
-        rows = [reading[i] for i in group]
-        part = out[group], lse_c[group]
+        part = _rows(out, group), _rows(lse_c, group)
         if blocks is not None:
             summaries = [layers[i].summary for i in group]
-            read = counts[group][..., : max(s.n_blocks for s in summaries)]
+            read = _rows(counts, group)[..., : max(s.n_blocks for s in summaries)]
             o_e, lse_e = stacked_estimate(summaries, blocks, read)
             part = merge_states(*part, o_e.unsqueeze(-2), lse_e.unsqueeze(-1))
-        o_h[rows], lse_h[rows] = part
+        if len(group) == B:  # every sequence, in order
+            o_h, lse_h = part
+        else:
+            rows = [reading[i] for i in group]
+            o_h[rows], lse_h[rows] = part
     return merge_states(o, lse, o_h, lse_h)[0]
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] for an ascending index, without a copy where it takes every row."""
+    return t if len(index) == t.shape[0] else t[index]
