@@ -169,9 +169,11 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     inside = (best.unsqueeze(-1) * group + torch.arange(group, device=device)).flatten(-2)
     # the full blocks after the last whole superblock, a sequence's own first (block 0 after them)
     after = [nb - ns * group for nb, ns in zip(n_blocks, n_super)]
-    rank = torch.arange(max(after), device=device)
-    start = torch.tensor([ns * group for ns in n_super], device=device).view(B, 1)
-    after_ids = torch.where(rank < torch.tensor(after, device=device).view(B, 1), start + rank, 0)
+    after_ids = torch.tensor(
+        [[ns * group + r if r < a else 0 for r in range(max(after))] for ns, a in zip(n_super, after)],
+        dtype=torch.int64,
+        device=device,
+    )  # [B, the most after any superblock]
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
     logits = head_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
