@@ -21,7 +21,6 @@ import torch
 from ann.block import choose_blocks
 from engine.decode.rate import rating_lse, read_threshold
 from engine.decode.select import always_read, block_choices, block_count, key_budget, recent_range, select_host_ids
-from engine.index.build import build_key_index
 from engine.index.heads import proposal_rows
 from engine.native import ops
 
@@ -56,10 +55,7 @@ def serves(layer, select) -> bool:
 def groups(layers, stack: bool) -> list[list[int]]:
     """The sequences (positions in `layers`) whose device parts run as one set of kernels over
     stacked operands (`prepare`, engine.decode.step.native_step): with `stack`, those alike in
-    what decides the kernels (`_kernels`), else each alone. Builds any key index not built yet."""
-    for layer in layers:
-        if layer.cfg.uses_key_index and layer.key_index is None:
-            build_key_index(layer)
+    what decides the kernels (`_kernels`), else each alone."""
     if not stack:
         return [[i] for i in range(len(layers))]
     out: dict[tuple, list[int]] = {}

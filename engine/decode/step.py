@@ -16,6 +16,7 @@ from engine.decode import host
 from engine.decode.estimate import stacked_estimate, stacked_scores
 from engine.decode.merge import attend, merge_states
 from engine.decode.select import select_host_ids
+from engine.index.build import build_key_index
 from engine.native import ops
 
 # Whether a batch's device parts run stacked (`native_step`); None: on a GPU, where a small
@@ -179,6 +180,9 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
     layers, qd, lse_r = [seqs[b] for b in reading], _rows(q, reading)[:, :, :, 0], _rows(lse, reading)[..., 0]
     if stack is None:
         stack = q.device.type != "cpu" if STACK is None else STACK
+    for layer in layers:  # a key index is built at the first step that needs it (what groups them depends on it)
+        if layer.cfg.uses_key_index and layer.key_index is None:
+            build_key_index(layer)
     groups = host.groups(layers, stack)
     inputs, scores = [None] * len(layers), []
     for group in groups:
@@ -191,8 +195,7 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
     out = res.out.view(len(layers), Hkv, G, 1, D).to(o.device, non_blocking=True)
     lse_c = res.lse.view(len(layers), Hkv, G, 1).to(o.device, non_blocking=True)
     counts = res.block_reads.to(o.device, non_blocking=True)
-    o_h = torch.zeros_like(o)
-    lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+    parts = []
     for group, blocks in zip(groups, scores):
         part = _rows(out, group), _rows(lse_c, group)
         if blocks is not None:
@@ -200,11 +203,15 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
             read = _rows(counts, group)[..., : max(s.n_blocks for s in summaries)]
             o_e, lse_e = stacked_estimate(summaries, blocks, read)
             part = merge_states(*part, o_e.unsqueeze(-2), lse_e.unsqueeze(-1))
-        if len(group) == B:  # every sequence, in order
-            o_h, lse_h = part
-        else:
+        parts.append(part)
+    if len(groups) == 1 and len(layers) == B:  # every sequence, in order
+        o_h, lse_h = parts[0]
+    else:
+        o_h = torch.zeros_like(o)
+        lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+        for group, (o_g, lse_g) in zip(groups, parts):
             rows = [reading[i] for i in group]
-            o_h[rows], lse_h[rows] = part
+            o_h[rows], lse_h[rows] = o_g, lse_g
     return merge_states(o, lse, o_h, lse_h)[0]
 
 
