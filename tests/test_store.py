@@ -152,6 +152,16 @@ def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_re
     log.clear()
     copies.host_wait()
     assert log == [("host", "synchronizes", 1)]
+    log.clear()
+    copies.copy([(dst[:, :2], src[:, :2])])  # on the side stream, not waited for...
+    copies.copy([(dst[:, 2:], src[:, 2:])])  # ... when a small copy follows on the producer's stream
+    assert log[-5:] == [
+        ("compute", "waits for event", 2),  # the side copy first: the next event covers both
+        ("compute", "enter"),
+        ("side", "copies"),
+        ("compute", "records", 3),
+        ("compute", "exit"),
+    ]
 
 
 def test_pool_hands_the_same_memory_on_and_grows_the_smallest_need():

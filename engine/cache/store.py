@@ -56,7 +56,8 @@ class SideStreamCopies:
 
     Three orderings keep the store exact:
     - a copy starts after the work that produced its rows (the side stream waits for the
-      producer's stream);
+      producer's stream), and a copy on the producer's stream after the side copies in flight
+      (the one event readers wait for then covers both);
     - the rows' device memory is not reused before the copy has read them (record_stream);
     - a reader waits for the copies: the host by synchronizing with the last copy's event,
       a device stream by waiting for that event on the device (the host does not stall).
@@ -78,6 +79,8 @@ class SideStreamCopies:
         stream = self.stream if pairs[0][1].shape[1] >= self.MIN_ROWS else producer
         if stream is not producer:
             stream.wait_stream(producer)
+        elif self.pending is not None:  # a side copy in flight: the event recorded below must follow it too
+            producer.wait_event(self.pending)
         with torch.cuda.stream(stream):
             for dst, src in pairs:
                 copy_rows(dst, src)
