@@ -54,7 +54,7 @@ from bench.common.output import environment, write_json
 from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, running_again, with_rechecks
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
-from engine.cache.store import StorePool
+from engine.cache.store import StorePool, release_pinned
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 from engine.plan import MODEL_PRESETS
@@ -123,6 +123,7 @@ def reset_peak(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        release_pinned()  # the last case's host stores: a pinned block freed stays cached otherwise
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -242,6 +243,7 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             row = {"case": "decode", "method": name, "context": n, "capped": capped}
             model.set_attn_implementation(impl)
             clock = clocks[impl]
+            cache = None
             try:
                 cache, build_s = filled(kind, model, stats, n, run_cfg)
                 row.update(time_decode(model, cache, clock, args.steps, device))
@@ -264,11 +266,12 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
                     with torch_profiled(args.profile, f"decode-{name}-{n}", device):
                         time_decode(model, cache, clock, 2, device)
                 row.update(index_build_s=build_s if kind == "hybrid" else None, host_bytes=host_bytes(cache))
-                del cache
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory under the cap" if capped else "out of memory"
             except Exception as exc:
                 row["error"] = failure(exc)
+            finally:
+                cache = None  # also after a failure: the next case starts without this one's memory
             row["peak_device_bytes"] = peak_bytes(device)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -293,7 +296,7 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
         reset_peak(device)
         variants = {"": None} if size == 1 else {"": True, "-per-sequence": False}  # stacked: the GPU's default
         names = {suffix: f"hybrid-default-batch{size}{suffix}" for suffix in variants}
-        done = []
+        done, caches, batch, step = [], [], None, None
         try:
             caches = [filled("hybrid", model, stats, args.batch_context, cfg)[0] for _ in range(size)]
             batch = HybridCache.stack(caches)
@@ -310,7 +313,7 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
                 reads = [batch.step_stats(b)["kv_read_frac"] for b in range(size)]
                 return t.seconds, clock.seconds / model.config.num_hidden_layers, statistics.mean(reads)
 
-            runs = {suffix: lambda i, stack=stack: step(i, stack) for suffix, stack in variants.items()}
+            runs = {suffix: lambda i, stack=stack, step=step: step(i, stack) for suffix, stack in variants.items()}
             for suffix, samples in in_turns(runs, args.steps).items():
                 seconds = statistics.median(s[0] for s in samples)
                 done.append(
@@ -325,10 +328,11 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
                         kv_read_frac=statistics.mean(s[2] for s in samples),
                     )
                 )
-            del batch, caches
         except Exception as exc:  # out of memory under the cap, or a bug: a row that says which
             error = "out of memory under the cap" if isinstance(exc, torch.OutOfMemoryError) else failure(exc)
             done = [dict(case="batch", method=names[""], context=args.batch_context, error=error)]
+        finally:
+            caches, batch, step, runs = [], None, None, {}  # the step function and its closures hold the batch too
         for row in done:
             row["peak_device_bytes"] = peak_bytes(device)
             print(json.dumps(row), flush=True)

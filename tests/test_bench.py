@@ -1,6 +1,7 @@
 """The benchmark scripts run in --quick mode on tiny inputs and write the JSON
 their readers rely on (schemas only: timings are not tested)."""
 
+import gc
 import importlib
 import json
 import os
@@ -361,6 +362,40 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
     exact = [r for r in rows if r["case"].startswith("exactness")]
     assert len(exact) == 2 and all("RuntimeError: no kernel image for this device" in r["error"] for r in exact)
     assert {r["case"] for r in rows} >= {"decode", "prefill"} and all("error" not in r for r in rows[2:])
+
+
+def test_gpu_check_lets_a_failed_case_go_before_the_next_starts(tmp_path, monkeypatch):
+    """A decode case that fails after its cache is filled keeps none of that cache's memory
+    into the cases after it: each case starts (reset_peak) with every earlier cache gone."""
+    import weakref
+
+    gpu_check = script("bench.gpu_check")
+    made, alive_at_start = [], []
+    fill = gpu_check.filled
+
+    def filled(*args, **kwargs):
+        cache, build_s = fill(*args, **kwargs)
+        made.append(weakref.ref(cache))
+        return cache, build_s
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel that fails at this size")
+
+    def reset_peak(device):
+        gc.collect()
+        alive_at_start.append(sum(ref() is not None for ref in made))
+
+    monkeypatch.setattr(gpu_check, "filled", filled)
+    monkeypatch.setattr(gpu_check, "time_decode", broken)
+    monkeypatch.setattr(gpu_check, "reset_peak", reset_peak)
+    monkeypatch.setattr(gpu_check, "exactness", broken)
+    monkeypatch.setattr(gpu_check, "batch_cases", lambda *args: [])
+    monkeypatch.setattr(gpu_check, "prefill_cases", lambda *args: [])
+    argv = ["--device", "cpu", "--contexts", "600", "--steps", "1", "--json", str(tmp_path / "gpu.json")]
+    assert gpu_check.main(argv) == 1
+    decode = [r for r in json.loads((tmp_path / "gpu.json").read_text())["rows"] if r["case"] == "decode"]
+    assert len(decode) >= 3 and all("a kernel that fails" in r["error"] for r in decode)
+    assert len(made) == len(decode) and alive_at_start == [0] * len(decode)
 
 
 def test_soak_checks_hold_on_the_bundled_model():

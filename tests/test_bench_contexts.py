@@ -188,3 +188,18 @@ def test_the_benchmarks_name_the_context_and_the_read_share_of_every_figure(tmp_
     for row in run["cases"]:
         assert row["context_kind"] == "prose" and 0 < row["kv_read_frac"] <= 1
         assert row["method"] != "full-sdpa" or row["kv_read_frac"] == 1.0
+
+
+def test_a_filled_cache_goes_when_its_owner_drops_it(model, stats):
+    """The prose fill attends through a function registered for the fill alone: once it ends,
+    nothing of it holds the cache (a benchmark's next case must not carry the last one's memory)."""
+    import gc
+    import weakref
+
+    for make in (lambda: hybrid_cache(model, n_sink=4, window=16, block_size=8), DynamicCache):
+        cache = make()
+        fill(cache, stats, 600, dtype=torch.float32)
+        gone = weakref.ref(cache)
+        del cache
+        gc.collect()
+        assert gone() is None

@@ -5,6 +5,7 @@ stores from one generation to the next."""
 import threading
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 import engine.cache.store as store_module
@@ -162,6 +163,28 @@ def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_re
         ("compute", "records", 3),
         ("compute", "exit"),
     ]
+
+
+@pytest.mark.parametrize("call", ["accelerator", "older"])
+def test_a_cleared_pool_gives_cached_pinned_memory_back(monkeypatch, call):
+    """torch keeps freed pinned blocks for reuse: clearing the pool empties that cache too (through
+    torch.accelerator.empty_host_cache, or the older private call), once CUDA has started."""
+    emptied = []
+    started = {"yes": False}
+    monkeypatch.setattr(store_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(store_module.torch.cuda, "is_initialized", lambda: started["yes"])
+    if call == "accelerator":
+        monkeypatch.setattr(store_module.torch.accelerator, "empty_host_cache", lambda: emptied.append(call))
+    else:
+        monkeypatch.delattr(store_module.torch.accelerator, "empty_host_cache", raising=False)
+        monkeypatch.setattr(store_module.torch._C, "_host_emptyCache", lambda: emptied.append(call), raising=False)
+    pool = StorePool()
+    pool.give([pool.take(2, 4, torch.float32, pin=False, capacity=10)])
+    pool.clear()
+    assert emptied == [] and pool.nbytes == 0  # CUDA not started: no pinned memory to give back
+    started["yes"] = True
+    pool.clear()
+    assert emptied == [call]
 
 
 def test_pool_hands_the_same_memory_on_and_grows_the_smallest_need():

@@ -93,7 +93,9 @@ def channel_stats(model, tok, n_tokens: int = 1024) -> Stats:
 
 @contextlib.contextmanager
 def attention_implementation(model, name: str, function):
-    """`model` attends through `function` (registered as `name`) inside the block."""
+    """`model` attends through `function` (registered as `name`) inside the block. Registrations
+    are global and outlive the block: `name` is left to a stub, so that `function` and what its
+    closure holds (a whole cache, for `fill`) can go when the block ends."""
     AttentionInterface.register(name, function)
     before = model.config._attn_implementation
     model.set_attn_implementation(name)
@@ -101,6 +103,11 @@ def attention_implementation(model, name: str, function):
         yield
     finally:
         model.set_attn_implementation(before)
+        AttentionInterface.register(name, _outside_its_block)
+
+
+def _outside_its_block(module, *args, **kwargs):
+    raise RuntimeError("this attention implementation is registered only inside attention_implementation()")
 
 
 @dataclass(frozen=True)

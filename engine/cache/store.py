@@ -288,6 +288,17 @@ class StorePool:
             job.cancel()
         for thread in threads:
             thread.join()
+        release_pinned()
+
+
+def release_pinned() -> None:
+    """Give back to the system the pinned host memory no tensor holds any more. torch keeps freed
+    pinned blocks for reuse (its caching host allocator), so dropping a pinned store frees nothing
+    until this runs; a no-op where CUDA has not started or torch has no such call."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()
 
 
 class QuerySample:
