@@ -26,8 +26,11 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
 Without CUDA (--device cpu, as the test suite runs it) the same steps run at toy
 sizes, so the script is tested everywhere; its figures mean something on a GPU only.
 On a machine without network, bench/gpu_run.sh installs what it needs and runs it.
+`--cases` runs part of the check (exactness, decode, batch, prefill), to split it over
+calls where each may run only so long; every row is printed as one JSON line when it is done.
 
     python -m bench.gpu_check [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072] [--threads N]
+                              [--cases exactness decode batch prefill]
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ COVER_ALL = OffloadConfig.preset("fixed", n_sink=4, window=64, block_size=16, n_
 TOY = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=256)
 TOY.update(intermediate_size=512, vocab_size=1000)
 TIMED, TIMED_PYTHON = "hybrid_gpu_timed", "hybrid_gpu_timed_python_selection"
+CASES = ("exactness", "decode", "batch", "prefill")  # what --cases may name, in the order they run
 
 
 def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid"):
@@ -220,7 +224,9 @@ def host_bytes(cache) -> int:
     return sum(cache.memory_report()["host"].values()) if isinstance(cache, HybridCache) else 0
 
 
-def decode_cases(args, device, cap_fraction: float) -> list[dict]:
+def model_cases(args, device, cap_fraction: float) -> list[dict]:
+    """The cases of the Llama-3-8B-shaped model (a toy shape on the CPU), built once: decode,
+    batch and prefill, those of them `--cases` names."""
     shape = MODEL_PRESETS["llama-3-8b"] if device.type == "cuda" else TOY
     layers = shape["num_hidden_layers"] if device.type == "cuda" else 2
     clocks = {TIMED: LayerClock(device), TIMED_PYTHON: LayerClock(device, select=python_selection)}
@@ -229,6 +235,20 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
     model = llama(shape, layers, torch.bfloat16, device, impl=TIMED)
     stats = channel_stats(model, None)  # random token ids, on the model's device
     cfg = OffloadConfig(device=device.type)
+    rows = decode_cases(args, model, stats, cfg, clocks, device, cap_fraction) if "decode" in args.cases else []
+    model.set_attn_implementation(TIMED)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    if "batch" in args.cases:
+        rows += batch_cases(args, model, device, stats, cfg, clocks[TIMED])
+    if "prefill" in args.cases:
+        rows += prefill_cases(args, model, device, cfg, cap_fraction)
+    return rows
+
+
+def decode_cases(args, model, stats, cfg, clocks, device, cap_fraction: float) -> list[dict]:
+    """Decode steps at each of --contexts: the engine's (native call, Python selection, counts
+    kept at every length; near ties' runs again) and full attention's, capped where it fits."""
     rows = []
     for n in args.contexts:
         runs = [("hybrid-default", "hybrid", TIMED, True, cfg)]
@@ -277,11 +297,6 @@ def decode_cases(args, device, cap_fraction: float) -> list[dict]:
             print(json.dumps(row), flush=True)
             if name == "full-sdpa" and "error" not in row:
                 break  # it fits under the cap: the uncapped run would say nothing more
-    model.set_attn_implementation(TIMED)
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
-    rows += batch_cases(args, model, device, stats, cfg, clocks[TIMED])
-    rows += prefill_cases(args, model, device, cfg, cap_fraction)
     return rows
 
 
@@ -458,6 +473,13 @@ def main(argv=None) -> int:
         "--batch-context", type=int, help="positions per sequence of the batch case; default 32768 (cpu: 1024)"
     )
     p.add_argument("--profile", type=Path, help="folder for the engine's decode and prefill cProfiles (cumulative)")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(CASES),
+        help="which cases to run (default: all), e.g. to split the check over calls of limited length",
+    )
     add_threads_arg(p)
     args = p.parse_args(argv)
     pin_threads(args.threads)
@@ -481,14 +503,14 @@ def main(argv=None) -> int:
         torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
     print(json.dumps(env), flush=True)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16) if "exactness" in args.cases else ():
         try:
             rows.append(exactness(device, dtype, prompt=600, new=80))
         except Exception as exc:
             rows.append({"case": exactness_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
         print(json.dumps(rows[-1]), flush=True)
     try:
-        rows += decode_cases(args, device, cap_fraction)
+        rows += model_cases(args, device, cap_fraction) if set(args.cases) & {"decode", "batch", "prefill"} else []
     except Exception as exc:
         rows.append({"case": "decode", "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
     print(table(rows))

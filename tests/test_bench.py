@@ -364,6 +364,30 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
     assert {r["case"] for r in rows} >= {"decode", "prefill"} and all("error" not in r for r in rows[2:])
 
 
+def test_gpu_check_runs_only_the_cases_asked_for(tmp_path, monkeypatch):
+    """--cases splits the check over calls: each call runs and reports the cases it names only."""
+    gpu_check = script("bench.gpu_check")
+    ran = []
+    ok = dict(max_abs_logit_diff=0.0, tolerance=1e-4, greedy_equal=True, greedy_ok=True, peak_device_bytes=0)
+    ok.update(logits_ok=True, conservation_ok=True, all_read=True)
+
+    def exactness(device, dtype, **kwargs):
+        ran.append("exactness")
+        return {"case": gpu_check.exactness_case(dtype), **ok}
+
+    monkeypatch.setattr(gpu_check, "exactness", exactness)
+    for case in ("decode", "batch", "prefill"):
+        row = {"case": case, "peak_device_bytes": 0}
+        monkeypatch.setattr(gpu_check, f"{case}_cases", lambda *args, case=case, row=row: ran.append(case) or [row])
+    argv = ["--device", "cpu", "--json", str(tmp_path / "gpu.json"), "--cases"]
+    for cases in (["prefill"], ["batch", "decode"], ["exactness"]):
+        ran.clear()
+        assert gpu_check.main(argv + cases) == 0
+        assert sorted(set(ran)) == sorted(cases)
+    with pytest.raises(SystemExit):
+        gpu_check.main(argv + ["speed"])
+
+
 def test_gpu_check_lets_a_failed_case_go_before_the_next_starts(tmp_path, monkeypatch):
     """A decode case that fails after its cache is filled keeps none of that cache's memory
     into the cases after it: each case starts (reset_peak) with every earlier cache gone."""
