@@ -70,6 +70,7 @@ CONFIGS = named(
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",
+    "default-one-wider",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

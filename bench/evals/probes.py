@@ -62,6 +62,8 @@ CONFIGS = {
     "default-exact-2pct": _cpu("default", recheck_share=0.02, recheck_widen=4.0),
     "default-exact-2pct-widen3": _cpu("default", recheck_share=0.02, recheck_widen=3.0),
     "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
+    # the default's first wider run (3x) alone: no 9x run to spend ahead early in a short answer (issue 31's 3x bound)
+    "default-one-wider": _cpu("default", recheck_wider_runs=1),
     # an exact run takes every position decoded since the last one (up to the window), as before recheck_work
     "default-full-span": _cpu("default", recheck_work=0),
     # every host token read, nothing estimated or re-checked: full attention through the engine
