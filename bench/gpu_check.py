@@ -226,7 +226,9 @@ def host_bytes(cache) -> int:
 
 def model_cases(args, device, cap_fraction: float) -> list[dict]:
     """The cases of the Llama-3-8B-shaped model (a toy shape on the CPU), built once: decode,
-    batch and prefill, those of them `--cases` names."""
+    batch and prefill, those of them `--cases` names (none: the model is not built)."""
+    if not set(args.cases) & {"decode", "batch", "prefill"}:
+        return []
     shape = MODEL_PRESETS["llama-3-8b"] if device.type == "cuda" else TOY
     layers = shape["num_hidden_layers"] if device.type == "cuda" else 2
     clocks = {TIMED: LayerClock(device), TIMED_PYTHON: LayerClock(device, select=python_selection)}
@@ -510,7 +512,7 @@ def main(argv=None) -> int:
             rows.append({"case": exactness_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
         print(json.dumps(rows[-1]), flush=True)
     try:
-        rows += model_cases(args, device, cap_fraction) if set(args.cases) & {"decode", "batch", "prefill"} else []
+        rows += model_cases(args, device, cap_fraction)
     except Exception as exc:
         rows.append({"case": "decode", "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
     print(table(rows))
