@@ -268,6 +268,12 @@ class OffloadConfig:
         "with `recheck_widen` > 1: how many wider runs a near tie may take before its exact run, each "
         "`recheck_widen` times wider than the one before, while the tie survives",
     )
+    recheck_fit_wider: bool = _option(
+        "correction",
+        False,
+        "with `recheck_read_limit`: a wider run the limit does not afford runs as wide as it affords instead, "
+        "when that is still at least twice the step's selection and wider than the run before",
+    )
     recheck_wide_margin: float = _option(
         "correction",
         0.2,
@@ -323,8 +329,9 @@ class OffloadConfig:
         share = self.recheck_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ValueError(f"OffloadConfig.recheck_share must lie in [0, 1], got {share!r}")
-        if not isinstance(self.estimate, bool):
-            raise ValueError(f"OffloadConfig.estimate must be True or False, got {self.estimate!r}")
+        for name in ("estimate", "recheck_fit_wider"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OffloadConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.uses_blocks and self.n_blocks < 1:
             raise ValueError(f"candidates_from {self.candidates_from!r} selects blocks: n_blocks must be >= 1")
         if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:

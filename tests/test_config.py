@@ -128,6 +128,7 @@ def test_fields_are_declared_section_by_section():
         "recheck_credit_steps",
         "recheck_widen",
         "recheck_wider_runs",
+        "recheck_fit_wider",
         "recheck_wide_margin",
     ]
     assert by_section["sources"][:2] == ["candidates_from", "key_index"]

@@ -387,6 +387,49 @@ def test_wider_runs_spend_ahead_up_to_the_credit_steps_at_most(tiny_model, tiny_
         OffloadConfig(recheck_credit_steps=-1)
 
 
+def test_the_room_a_budget_leaves_is_what_it_affords():
+    budget = RecheckBudget(share=1.0, read_limit=3.0)
+    # the first step read 2%: 3 * 2% - 2% = 4% may be read again, by a wider run or none exactly
+    assert budget.room(0.02, 0.02) == pytest.approx(0.04) and budget.affords(0.02, 0.02, 0.039)
+    assert not budget.affords(0.02, 0.02, 0.041) and not budget.affords(0.02, 0.02, 1.0, exact=True)
+    assert RecheckBudget(share=1.0, read_limit=0.0).room(0.02, 0.5) == float("inf")
+    ahead = RecheckBudget(share=1.0, read_limit=3.0, horizon=4)  # and 3 steps to come: 3 * 8% - 2% - 6%
+    assert ahead.room(0.02, 0.02) == pytest.approx(0.16) and ahead.affords(0.02, 0.02, 0.159)
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_a_wider_run_past_the_limit_runs_as_wide_as_the_limit_affords(tiny_model, tiny_ids, fit):
+    """No credit ahead (a horizon of one step), every step a near tie that survives: the first step
+    cannot afford a 3x run (its own read and three times it, against three times its read); fitted, it
+    runs as wide as the limit allows, twice its selection, and no prefix of the generation reads
+    more than the limit either way."""
+    cfg = ALWAYS.replace(
+        budget="fixed",  # a few ids and a block a step: a selection of a few percent, which 3x does not cap at all
+        top_k=2,
+        n_blocks=1,
+        block_frac=0.01,
+        recheck_share=0.0,
+        recheck_read_limit=3.0,
+        recheck_credit_steps=1,
+        recheck_widen=3.0,
+        recheck_wide_margin=1e9,
+        recheck_fit_wider=fit,
+    )
+    run = forced_generation(tiny_model, tiny_ids, cfg)
+    shares = [share for share, _ in run.row_steps(0)]
+    read = selected = 0.0
+    for s in shares:
+        read, selected = read + s.kv_read, selected + s.selected
+        if not s.rechecked:
+            assert read <= 3.0 * selected * (1 + 1e-3) + 1e-9  # a wider run's read is foreseen, not exact
+    widened = [s.wider_runs for s in shares]
+    assert widened[0] == fit  # the first step fits a 2x run exactly, and no 3x one
+    assert (shares[0].kv_read > 2.0 * shares[0].selected) == fit
+    assert sum(widened) > fit  # later steps, with the reads of the steps before, afford runs unfitted too
+    with pytest.raises(ValueError, match="recheck_fit_wider"):
+        OffloadConfig(recheck_fit_wider=1)
+
+
 @pytest.mark.parametrize("limit", [0.0, 1.0, 2.0, 3.0])
 def test_a_generation_keeps_its_exact_runs_within_the_limit(tiny_model, tiny_ids, limit):
     """Every step a near tie that survives its wider runs: an exact run only where the reads so

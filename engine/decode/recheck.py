@@ -23,7 +23,8 @@ wider (`HybridCache.rerun_wider`), and again that many times wider still, up to
 run settles them at a few times the step's read; only where the widest run's two
 highest logits still lie less than `recheck_wide_margin` apart does the exact run
 follow. `RecheckBudget` bounds them all: `recheck_share` the exact runs' share of
-the steps, `recheck_read_limit` every run again by what the generation has read.
+the steps, `recheck_read_limit` every run again by what the generation has read; with
+`recheck_fit_wider` a wider run it does not afford runs as wide as it affords instead.
 """
 
 from __future__ import annotations
@@ -96,10 +97,22 @@ class RecheckBudget:
             return False
         if not self.read_limit:
             return True
+        to_come, limit = self._foreseen(selected, exact)
+        return self.read + spent + extra + to_come <= limit
+
+    def room(self, selected: float, spent: float) -> float:
+        """The most a wider run of this step may read (`affords`; inf without a read limit)."""
+        if not self.read_limit:
+            return float("inf")
+        to_come, limit = self._foreseen(selected, False)
+        return limit - (self.read + spent + to_come)
+
+    def _foreseen(self, selected: float, exact: bool) -> tuple[float, float]:
+        """The selection's reads foreseen after this step (an exact run waits until they are read),
+        and the most the generation may read with them."""
         steps, chosen = self.steps + 1, self.selected + selected
-        # the selection's reads foreseen after this step; an exact run waits until they are read
         to_come = 0.0 if exact else chosen / steps * max(0, self.horizon - steps)
-        return self.read + spent + extra + to_come <= self.read_limit * (chosen + to_come)
+        return to_come, self.read_limit * (chosen + to_come)
 
     def record(self, row: RowShare) -> None:
         self.steps += 1
@@ -144,26 +157,46 @@ def forward_step(
     wider = {}  # rows run again wider -> host tokens those runs gathered
     runs = {}  # ... -> how many wider runs
 
+    def spent(r: int) -> float:  # what row r's runs of this step read so far, a share of its host tokens
+        return share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
+
     def affords(r: int, extra: float, exact: bool = False) -> bool:  # extra: a share of the host tokens
-        spent = share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
-        return budgets is None or budgets[r].affords(share[r], spent, extra, exact)
+        return budgets is None or budgets[r].affords(share[r], spent(r), extra, exact)
+
+    def width(r: int, factor: float) -> float:
+        """How many times its selection row r's next wider run reads: `factor` where its budget
+        affords that (its read foreseen), else with `recheck_fit_wider` as many as it affords where
+        that is at least 2 and more than its run before; 0: it does not run."""
+        if affords(r, min(1.0, factor * share[r])):
+            return factor
+        if not (cfg.recheck_fit_wider and budgets is not None and share[r]):
+            return 0.0
+        fit = budgets[r].room(share[r], spent(r)) / share[r]
+        return fit if fit >= 2.0 - 1e-9 and fit > widths.get(r, 1.0) else 0.0  # 2 fits a first step exactly
 
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cfg.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
+    widths = {}  # rows run again wider -> how many times its selection their last wider run read
     for factor in cfg.wider_factors:
-        rows = [r for r in rows if affords(r, min(1.0, factor * share[r]))]  # its read, foreseen
+        fits = {r: f for r in rows if (f := width(r, factor))}
+        rows = list(fits)  # a tie left without its wider run runs no further
         if not rows:
             break
-        positions = None if position_ids is None else position_ids[rows]
-        with cache.rerun_wider(rows, factor):
-            wide = model(input_ids=tokens[rows], position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
-        for r in rows:
-            wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
-            runs[r] = runs.get(r, 0) + 1
-        logits = logits.clone() if logits is first else logits
-        logits[rows] = wide
-        rows = [rows[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
+        tied = []
+        for f in sorted(set(fits.values())):  # one run per width: a batch's rows may afford different ones
+            group = [r for r in fits if fits[r] == f]
+            positions = None if position_ids is None else position_ids[group]
+            with cache.rerun_wider(group, f):
+                wide = model(input_ids=tokens[group], position_ids=positions, cache=cache, use_cache=True)
+            wide = wide.logits[:, -1]
+            for r in group:
+                wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
+                runs[r], widths[r] = runs.get(r, 0) + 1, f
+            logits = logits.clone() if logits is first else logits
+            logits[group] = wide
+            tied += [group[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
+        rows = sorted(tied)
     rows = [r for r in rows if affords(r, 1.0, exact=True)]
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
         n = 1 if fed is None else min(len(fed[0]), cfg.exact_span(max(map(cache.host_tokens, rows))))
