@@ -71,6 +71,8 @@ CONFIGS = named(
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",
     "default-one-wider",
+    "default-no-credit",
+    "default-no-credit-fit",
 )
 DEFAULT_CONFIGS = ["default", "fixed-noest"]
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve the others

@@ -64,6 +64,11 @@ CONFIGS = {
     "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
     # the default's first wider run (3x) alone: no 9x run to spend ahead early in a short answer (issue 31's 3x bound)
     "default-one-wider": _cpu("default", recheck_wider_runs=1),
+    # no spending ahead: every run again within three times what the selection has read so far (the 3x bound held
+    # at every step, so by every answer however short)
+    "default-no-credit": _cpu("default", recheck_credit_steps=1),
+    # ... and a wider run the limit does not afford run as wide as it affords (a first step's: twice its selection)
+    "default-no-credit-fit": _cpu("default", recheck_credit_steps=1, recheck_fit_wider=True),
     # an exact run takes every position decoded since the last one (up to the window), as before recheck_work
     "default-full-span": _cpu("default", recheck_work=0),
     # every host token read, nothing estimated or re-checked: full attention through the engine
