@@ -169,7 +169,7 @@ def forward_step(
         that is at least 2 and more than its run before; 0: it does not run."""
         if affords(r, min(1.0, factor * share[r])):
             return factor
-        if not (cfg.recheck_fit_wider and budgets is not None and share[r]):
+        if not (cfg.recheck_fit_wider and share[r]):  # (without budgets every factor is afforded)
             return 0.0
         fit = budgets[r].room(share[r], spent(r)) / share[r]
         return fit if fit >= 2.0 - 1e-9 and fit > widths.get(r, 1.0) else 0.0  # 2 fits a first step exactly
@@ -188,8 +188,8 @@ def forward_step(
             group = [r for r in fits if fits[r] == f]
             positions = None if position_ids is None else position_ids[group]
             with cache.rerun_wider(group, f):
-                wide = model(input_ids=tokens[group], position_ids=positions, cache=cache, use_cache=True)
-            wide = wide.logits[:, -1]
+                out = model(input_ids=tokens[group], position_ids=positions, cache=cache, use_cache=True)
+            wide = out.logits[:, -1]
             for r in group:
                 wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
                 runs[r], widths[r] = runs.get(r, 0) + 1, f
