@@ -50,6 +50,7 @@ CONFIGS = named(
     "default-exact-2pct",
     "default-exact-2pct-widen3",
     "default-exact-2pct-one-wider",
+    "default-no-credit-fit",
     "exact",
 )
 SOURCE = CONFIGS["default"]
