@@ -387,6 +387,14 @@ def test_wider_runs_spend_ahead_up_to_the_credit_steps_at_most(tiny_model, tiny_
         OffloadConfig(recheck_credit_steps=-1)
 
 
+def running_reads(shares):
+    """Each step's RowShare with the generation's reads and its selection's reads summed up to it."""
+    read = selected = 0.0
+    for s in shares:
+        read, selected = read + s.kv_read, selected + s.selected
+        yield s, read, selected
+
+
 def test_the_room_a_budget_leaves_is_what_it_affords():
     budget = RecheckBudget(share=1.0, read_limit=3.0)
     # the first step read 2%: 3 * 2% - 2% = 4% may be read again, by a wider run or none exactly
@@ -417,9 +425,7 @@ def test_a_wider_run_past_the_limit_runs_as_wide_as_the_limit_affords(tiny_model
     )
     run = forced_generation(tiny_model, tiny_ids, cfg)
     shares = [share for share, _ in run.row_steps(0)]
-    read = selected = 0.0
-    for s in shares:
-        read, selected = read + s.kv_read, selected + s.selected
+    for s, read, selected in running_reads(shares):
         if not s.rechecked:
             assert read <= 3.0 * selected * (1 + 1e-3) + 1e-9  # a wider run's read is foreseen, not exact
     widened = [s.wider_runs for s in shares]
@@ -437,9 +443,7 @@ def test_a_generation_keeps_its_exact_runs_within_the_limit(tiny_model, tiny_ids
     cfg = ALWAYS.replace(recheck_share=1.0, recheck_read_limit=limit, recheck_widen=2.0, recheck_wide_margin=1e9)
     run = forced_generation(tiny_model, tiny_ids, cfg)
     shares = [share for share, _ in run.row_steps(0)]
-    read = selected = 0.0
-    for s in shares:
-        read, selected = read + s.kv_read, selected + s.selected
+    for s, read, selected in running_reads(shares):
         if limit and s.rechecked:
             assert read <= limit * selected + 1e-9
     exact, wide = sum(s.rechecked for s in shares), sum(s.widened for s in shares)

@@ -156,6 +156,7 @@ def forward_step(
     share = [gathered / host if host else 0.0 for host, gathered, _ in counts]  # each row's selection
     wider = {}  # rows run again wider -> host tokens those runs gathered
     runs = {}  # ... -> how many wider runs
+    widths = {}  # ... -> how many times its selection their last wider run read
 
     def spent(r: int) -> float:  # what row r's runs of this step read so far, a share of its host tokens
         return share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
@@ -177,7 +178,6 @@ def forward_step(
     # a sequence without approximate positions read every host token for this step already
     pending = {r: cache.approximate_newest(r) for r in near_ties(logits, cfg.recheck_margin)}
     rows = [r for r, count in pending.items() if count]
-    widths = {}  # rows run again wider -> how many times its selection their last wider run read
     for factor in cfg.wider_factors:
         fits = {r: f for r in rows if (f := width(r, factor))}
         rows = list(fits)  # a tie left without its wider run runs no further
