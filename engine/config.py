@@ -249,11 +249,11 @@ class OffloadConfig:
     )
     recheck_credit_steps: int = _option(
         "correction",
-        24,
+        1,
         "with `recheck_read_limit`: a wider run may spend ahead what the selection will read up to this "
-        "decode step (an answer's near ties come at its first tokens, when it has read little); past it, "
-        "every run stays within the limit of the reads so far, so a generation at least this long ends "
-        "within the limit (0: up to the `max_new_tokens` asked for)",
+        "decode step; past it, every run stays within the limit of the reads so far, so a generation at "
+        "least this long ends within the limit (1: nothing spent ahead, every answer within it; 0: up to the "
+        "`max_new_tokens` asked for)",
     )
     recheck_widen: float = _option(
         "correction",
@@ -270,7 +270,7 @@ class OffloadConfig:
     )
     recheck_fit_wider: bool = _option(
         "correction",
-        False,
+        True,
         "with `recheck_read_limit`: a wider run the limit does not afford runs as wide as it affords instead, "
         "when that is still at least twice the step's selection and wider than the run before",
     )

@@ -240,7 +240,7 @@ def test_every_offload_field_is_an_option():
         *("--top-k", "11", "--candidates", "12", "--min-prob", "0.01", "--min-ratio", "2", "--neighbours", "1"),
         *("--grow-from", "0", "--recheck-share", "0.5", "--recheck-widen", "5", "--recheck-wide-margin", "0.1"),
         *("--recheck-read-limit", "2", "--recheck-wider-runs", "3", "--recheck-credit-steps", "30"),
-        *("--recheck-work", "1000", "--recheck-fit-wider"),
+        *("--recheck-work", "1000", "--no-recheck-fit-wider"),
         *("--sketch-rank", "4", "--no-estimate", "--recheck-margin", "0.25", "--host-dtype", "float16"),
         *("--host-threads", "2", "--build-workers", "0", "--prefill-chunk", "64", "--device", "cpu"),
     ]
@@ -275,7 +275,7 @@ def test_every_offload_field_is_an_option():
         recheck_work=1000,
         recheck_widen=5.0,
         recheck_wider_runs=3,
-        recheck_fit_wider=True,
+        recheck_fit_wider=False,
         recheck_wide_margin=0.1,
         host_dtype="float16",
         host_threads=2,

@@ -64,6 +64,7 @@ CONFIGS = named(
     "default-no-growth",
     "default-unbounded",
     "default-exact-recheck",
+    "default-credit-24",
     "default-credit-all",
     "default-5pct-widen4",
     "default-full-span",

@@ -44,6 +44,7 @@ CONFIGS = named(
     "default",
     "fixed-noest",
     "default-norecheck",
+    "default-credit-24",
     "default-credit-all",
     "default-5pct-widen4",
     "default-full-span",

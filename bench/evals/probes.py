@@ -39,6 +39,11 @@ def _cpu(preset: str, **overrides) -> OffloadConfig:
     return OffloadConfig.preset(preset, device="cpu", **overrides)
 
 
+def _before_fit(**overrides) -> OffloadConfig:
+    """The default with its re-check runs as before 2026-12-05 (credit over 24 steps, no fitted wider run)."""
+    return _cpu("default", **{"recheck_credit_steps": 24, "recheck_fit_wider": False, **overrides})
+
+
 # The configurations the evaluations compare, by name (each script offers those it can run: `named`).
 CONFIGS = {
     "default": _cpu("default"),
@@ -53,21 +58,22 @@ CONFIGS = {
     "default-no-growth": _cpu("default", grow_from=0),  # the same counts at every length, as before
     "default-unbounded": _cpu("default", recheck_share=1.0),  # every near tie re-checked, as before the bound
     "default-exact-recheck": _cpu("default", recheck_widen=1.0),  # near ties straight to the exact run, as before
-    # wider runs spend ahead over every step asked for, as before recheck_credit_steps
-    "default-credit-all": _cpu("default", recheck_credit_steps=0),
+    # the default before 2026-12-05: wider runs spend ahead over an answer's first 24 steps, none fitted to the limit
+    "default-credit-24": _before_fit(),
+    # ... spending ahead over every step asked for, as before recheck_credit_steps
+    "default-credit-all": _before_fit(recheck_credit_steps=0),
     # the re-check bounds before 2026-12-03: exact runs on at most 5% of a generation's steps, wider runs 4x and 16x
-    "default-5pct-widen4": _cpu("default", recheck_share=0.05, recheck_widen=4.0),
-    # exact runs on at most 2% of the steps with wider runs 4x and 16x, or one 4x run; the default (3x and 9x) was
-    # run by the name default-exact-2pct-widen3 before it became the default
-    "default-exact-2pct": _cpu("default", recheck_share=0.02, recheck_widen=4.0),
-    "default-exact-2pct-widen3": _cpu("default", recheck_share=0.02, recheck_widen=3.0),
-    "default-exact-2pct-one-wider": _cpu("default", recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
-    # the default's first wider run (3x) alone: no 9x run to spend ahead early in a short answer (issue 31's 3x bound)
-    "default-one-wider": _cpu("default", recheck_wider_runs=1),
-    # no spending ahead: every run again within three times what the selection has read so far (the 3x bound held
-    # at every step, so by every answer however short)
-    "default-no-credit": _cpu("default", recheck_credit_steps=1),
-    # ... and a wider run the limit does not afford run as wide as it affords (a first step's: twice its selection)
+    "default-5pct-widen4": _before_fit(recheck_share=0.05, recheck_widen=4.0),
+    # exact runs on at most 2% of the steps with wider runs 4x and 16x, or one 4x run; the bounds of today (3x and
+    # 9x) were run by the name default-exact-2pct-widen3 before they became the default
+    "default-exact-2pct": _before_fit(recheck_share=0.02, recheck_widen=4.0),
+    "default-exact-2pct-widen3": _before_fit(recheck_share=0.02, recheck_widen=3.0),
+    "default-exact-2pct-one-wider": _before_fit(recheck_share=0.02, recheck_widen=4.0, recheck_wider_runs=1),
+    # the first wider run (3x) alone: no 9x run to spend ahead early in a short answer (issue 31's 3x bound)
+    "default-one-wider": _before_fit(recheck_wider_runs=1),
+    # no spending ahead, and a wider run the limit does not afford not run at all
+    "default-no-credit": _cpu("default", recheck_fit_wider=False),
+    # today's default (nothing spent ahead, a wider run fitted to the limit), run by this name before it became it
     "default-no-credit-fit": _cpu("default", recheck_credit_steps=1, recheck_fit_wider=True),
     # an exact run takes every position decoded since the last one (up to the window), as before recheck_work
     "default-full-span": _cpu("default", recheck_work=0),
