@@ -167,13 +167,12 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
     best = torch.topk(group_block_scores(coarse), first.expand, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, E]
     inside = (best.unsqueeze(-1) * group + torch.arange(group, device=device)).flatten(-2)
-    # the full blocks after the last whole superblock, a sequence's own first (block 0 after them)
+    # the full blocks after the last whole superblock, a sequence's own first (block 0 after them); made
+    # on the device, as a copy from host memory would wait there for every kernel queued before it
     after = [nb - ns * group for nb, ns in zip(n_blocks, n_super)]
-    after_ids = torch.tensor(
-        [[ns * group + r if r < a else 0 for r in range(max(after))] for ns, a in zip(n_super, after)],
-        dtype=torch.int64,
-        device=device,
-    )  # [B, the most after any superblock]
+    after_ids = torch.zeros(B, max(after), dtype=torch.int64, device=device)  # [B, the most after any superblock]
+    for b, (ns, a) in enumerate(zip(n_super, after)):
+        after_ids[b, :a] = torch.arange(ns * group, ns * group + a, device=device)
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
     logits = head_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
