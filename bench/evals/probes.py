@@ -72,7 +72,7 @@ CONFIGS = {
     # the first wider run (3x) alone: no 9x run to spend ahead early in a short answer (issue 31's 3x bound)
     "default-one-wider": _before_fit(recheck_wider_runs=1),
     # no spending ahead, and a wider run the limit does not afford not run at all
-    "default-no-credit": _cpu("default", recheck_credit_steps=1, recheck_fit_wider=False),
+    "default-no-credit": _before_fit(recheck_credit_steps=1),
     # today's default (nothing spent ahead, a wider run fitted to the limit), run by this name before it became it
     "default-no-credit-fit": _cpu("default", recheck_credit_steps=1, recheck_fit_wider=True),
     # an exact run takes every position decoded since the last one (up to the window), as before recheck_work
