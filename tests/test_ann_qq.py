@@ -140,6 +140,31 @@ def test_top_rows_matches_sort():
     np.testing.assert_array_equal(out_s[0], -np.sort(-nan_row[0][~np.isnan(nan_row[0])])[:10])
 
 
+def test_precompile_compiles_the_kernel_a_build_calls(monkeypatch):
+    """What set-up compiles ahead (ann.precompile) is what a real build calls, argument types
+    included: for any other types numba would compile again at the first build."""
+    import numba
+    import torch
+
+    import ann._kernels as kernels
+    from ann.precompile import precompile
+    from ann.qq import QueryLists
+
+    seen, real = [], kernels.top_rows
+
+    def recording(*args):
+        seen.append(tuple(numba.typeof(a) for a in args))
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "top_rows", recording)
+    precompile()
+    ahead = set(seen)
+    seen.clear()
+    lists = QueryLists(2, 16, m_keys=8)  # a model's half-precision keys and queries, as the engine builds
+    lists.build(torch.randn(2, 300, 16, dtype=torch.bfloat16), torch.randn(2, 40, 16, dtype=torch.bfloat16))
+    assert len(ahead) == 1 and seen and set(seen) == ahead
+
+
 def test_cpu_build_keeps_torch_thread_count():
     """numba's OpenMP pool resets the process's thread count; the build puts torch's back."""
     import torch
