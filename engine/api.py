@@ -3,6 +3,7 @@ and report where the time and the bytes went."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,6 +25,8 @@ from engine.generation import (
     sampler,
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,6 +192,7 @@ class HybridLLM:
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
         _check_sampling(max_new_tokens, temperature, seed)
         ids = [self.encode(p) for p in prompts]
+        self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
         run = None
         try:
@@ -218,6 +222,22 @@ class HybridLLM:
                 run.cache.release()  # the host stores, for the next call
             for p in done:
                 p.cache.release()
+
+    def _warn_past_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """A warning where the prompt and its new tokens run past the positions the model was trained
+        on: the engine attends there as asked, but the model's output may degrade."""
+        trained = getattr(self.model.config, "max_position_embeddings", None)
+        positions = prompt_tokens + max(0, max_new_tokens - 1)  # the last new token is not fed back
+        if trained and positions > trained:
+            log.warning(
+                "hybridattn: a prompt of %d tokens and %d new tokens take the model to %d positions, past the %d "
+                "it was trained on (max_position_embeddings); its output may degrade there. rope_scale "
+                "(HybridLLM.from_pretrained, hybridattn generate --rope-scale) stretches its context.",
+                prompt_tokens,
+                max_new_tokens,
+                positions,
+                trained,
+            )
 
     def free_host_memory(self) -> None:
         """Free the host stores kept for the next generation (they are allocated again when needed)."""

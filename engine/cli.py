@@ -97,6 +97,27 @@ def _check_local_model(model: str) -> None:
         raise FileNotFoundError(f"model not found: {model}")
 
 
+def _check_model_args(args) -> None:
+    """--model and --rope-scale, before the model loads."""
+    from engine.models import check_rope_scale
+
+    _check_local_model(args.model)
+    if args.rope_scale is not None:
+        check_rope_scale(args.rope_scale)
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str, *, rope_scale: bool = True) -> None:
+    """--model NAME and, with `rope_scale`, --rope-scale FACTOR (engine.models.stretched)."""
+    p.add_argument("--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id")
+    if rope_scale:
+        p.add_argument(
+            "--rope-scale",
+            type=float,
+            help="stretch the model's RoPE by YaRN to this many times its trained context (e.g. 2: the bundled "
+            "model's 8K to 16K)",
+        )
+
+
 def _read_prompt(args) -> str:
     """The prompt from --prompt, --file or stdin."""
     if args.prompt is not None:
@@ -111,11 +132,11 @@ def _read_prompt(args) -> str:
 def cmd_generate(args) -> int:
     # Everything the user typed is checked before the model loads (seconds to minutes).
     offload = _offload_config(args)
-    _check_local_model(args.model)
+    _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
     from engine.api import HybridLLM
 
-    llm = HybridLLM.from_pretrained(args.model, offload=offload)
+    llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if args.demo:
         return _demo(llm, args)
     if args.chat:
@@ -133,7 +154,7 @@ def cmd_generate(args) -> int:
 def cmd_lm_eval(args) -> int:
     """lm-evaluation-harness tasks on the engine (engine.harness), offline; lm-eval's table on stdout."""
     offload = _offload_config(args)
-    _check_local_model(args.model)
+    _check_model_args(args)
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise FileNotFoundError(f"--include-path is not a folder: {args.include_path}")
     import lm_eval
@@ -150,7 +171,7 @@ def cmd_lm_eval(args) -> int:
     unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
-    llm = HybridLLM.from_pretrained(args.model, offload=offload)
+    llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     lm = harness.HybridAttnLM(pretrained=args.model, batch_size=args.batch_size, llm=llm)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=args.lm_eval, limit=args.limit, task_manager=tasks, random_seed=args.seed
@@ -268,7 +289,7 @@ def _run(argv: list[str] | None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate from a long prompt")
-    g.add_argument("--model", default=BUNDLED_NAME, help="bundled name, local model directory, .gguf file or hub id")
+    add_model_args(g, BUNDLED_NAME)
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
@@ -309,7 +330,7 @@ def _run(argv: list[str] | None) -> int:
 
 def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridattn eval --lm-eval TASK [TASK ...]")
-    p.add_argument("--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id")
+    add_model_args(p, default_model)
     p.add_argument("--seq-lengths", type=int, nargs="+", help="RULER's context lengths (its max_seq_lengths)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction of them when below 1)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")

@@ -102,13 +102,18 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
+def check_rope_scale(factor) -> None:
+    """A stretch factor for `stretched`, or ValueError."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
+        raise ValueError(f"rope_scale must be a number >= 1, got {factor!r}")
+
+
 def stretched(config, factor: float):
     """`config` with its RoPE stretched by YaRN to `factor` times the context it was trained on
     (max_position_embeddings): a long-context model made from a short one without training, for
     measuring the engine past the trained context. YaRN, as it keeps the high-frequency dimensions
     (local order) as trained and scales the attention temperature with the stretch."""
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
-        raise ValueError(f"rope_scale must be a number >= 1, got {factor!r}")
+    check_rope_scale(factor)
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"the model's RoPE is scaled already ({rope['rope_type']!r}); rope_scale stretches plain RoPE")

@@ -97,6 +97,31 @@ def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monk
     assert "No such file or directory" in line and str(missing) in line
 
 
+@pytest.mark.parametrize("factor", ["0.5", "nan", "inf"])
+def test_bad_rope_scale_fails_before_the_model_loads(factor, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["generate", "--prompt", "hi", "--rope-scale", factor]) == 2
+    assert "rope_scale must be a number >= 1" in one_error_line(capsys)
+
+
+def test_rope_scale_reaches_the_model_loader(capsys, monkeypatch):
+    import engine.api
+
+    class Stop(Exception):
+        pass
+
+    def loaded(name, offload=None, rope_scale=None):
+        assert rope_scale == 2.0
+        raise Stop
+
+    monkeypatch.setenv("HYBRIDATTN_DEBUG", "1")
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", loaded)
+    with pytest.raises(Stop):
+        main(["generate", "--prompt", "hi", "--rope-scale", "2"])
+
+
 @pytest.mark.parametrize("command", ["generate", "plan"])
 @pytest.mark.parametrize("name", ["no/such/dir", "model.gguf", "config.json"])
 def test_unknown_model_path_gives_one_line(command, name, tmp_path, capsys):

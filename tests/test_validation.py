@@ -1,5 +1,7 @@
 """Every public entry point rejects bad input with a clear message naming what was wrong."""
 
+import logging
+
 import pytest
 import torch
 
@@ -76,3 +78,22 @@ def test_hybrid_cache_rejects_bad_input(tiny_model, args, kwargs, error, message
 def test_plan_memory_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         plan_memory(*args)
+
+
+def test_generate_warns_where_the_prompt_runs_past_the_models_context(llm, caplog):
+    """Past max_position_embeddings the engine attends as asked, but the model was not trained
+    there: one warning naming the positions, and the way to stretch the context."""
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    trained = llm.model.config.max_position_embeddings
+    llm.model.config.max_position_embeddings = 44
+    try:
+        with caplog.at_level(logging.WARNING, logger="engine.api"):
+            llm.generate(ids, max_new_tokens=5, progress=False)  # positions 0..43: the last token is not fed back
+            assert not caplog.records
+            llm.generate(ids, max_new_tokens=6, progress=False)
+    finally:
+        llm.model.config.max_position_embeddings = trained
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "40 tokens and 6 new tokens take the model to 45 positions, past the 44" in message
+    assert "rope_scale" in message

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine import cli
 from engine.models import BUNDLED_NAME
 from engine.native import ops
 
@@ -53,16 +54,9 @@ def add_threads_arg(p: argparse.ArgumentParser, default: int | None = None) -> N
 
 
 def add_model_args(p: argparse.ArgumentParser, *, chunk: int | None = 1024, rope_scale: bool = False) -> None:
-    """--model NAME (default: the bundled model), unless `chunk` is None --chunk N, and with
-    `rope_scale` --rope-scale FACTOR (engine.models.stretched)."""
-    p.add_argument("--model", default=BUNDLED_NAME, help="bundled name, local model directory, .gguf file or hub id")
-    if rope_scale:
-        p.add_argument(
-            "--rope-scale",
-            type=float,
-            help="stretch the model's RoPE by YaRN to this many times its trained context (e.g. 2: the bundled "
-            "model's 8K to 16K)",
-        )
+    """--model NAME (default: the bundled model), with `rope_scale` --rope-scale FACTOR
+    (engine.models.stretched), as the command line has them, and unless `chunk` is None --chunk N."""
+    cli.add_model_args(p, BUNDLED_NAME, rope_scale=rope_scale)
     if chunk is not None:
         p.add_argument("--chunk", type=int, default=chunk, help="prefill chunk")
 
