@@ -106,7 +106,7 @@ def test_bad_rope_scale_fails_before_the_model_loads(factor, capsys, monkeypatch
     assert "rope_scale must be a number >= 1" in one_error_line(capsys)
 
 
-def test_rope_scale_reaches_the_model_loader(capsys, monkeypatch):
+def test_rope_scale_reaches_the_model_loader(monkeypatch):
     import engine.api
 
     class Stop(Exception):

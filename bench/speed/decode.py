@@ -212,10 +212,9 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
         if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still
-            rerun = {
-                n: time_again(model, caches[method], min(steps, AGAIN_SAMPLES), exact=n)[0] for n in sorted({1, span})
-            }
-            wider = [time_again(model, caches[method], min(steps, AGAIN_SAMPLES), wider=f) for f in cfg.wider_factors]
+            samples = min(steps, AGAIN_SAMPLES)
+            rerun = {n: time_again(model, caches[method], samples, exact=n)[0] for n in sorted({1, span})}
+            wider = [time_again(model, caches[method], samples, wider=f) for f in cfg.wider_factors]
         with_again = round(with_rechecks(ms_layer, [ms for ms, _ in wider], rerun[span]), 4) if rerun else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
