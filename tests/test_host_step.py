@@ -132,6 +132,23 @@ def test_the_rating_keeps_a_part_of_the_candidates_and_counts_them():
     )
 
 
+def test_a_unit_split_over_threads_reads_and_attends_as_on_one_thread():
+    """With fewer KV heads than threads, each unit's candidates are rated and attended in chunks
+    on several threads (host_step.h): the same ids read and rated as on one thread, the same
+    attention up to the order of its sums."""
+    got = {}
+    for threads in (1, 8):
+        cfg = OffloadConfig(n_sink=4, window=32, block_size=8, n_blocks=64, block_frac=0.5, host_threads=threads)
+        layer = layer_with(cfg, 2000, seed=5)
+        o = decode_step(layer, queries(5), SCALE)
+        got[threads] = o, layer.stats.read_ids.clone(), layer.stats.sketched, layer.stats.gathered
+    (o_one, ids_one, rated, read), (o_many, ids_many, *counts) = got[1], got[8]
+    assert rated > H_KV * 2 * 128  # more than one chunk's candidates per KV head (ops' smallest chunk: 128)
+    assert 0 < read < rated
+    assert torch.equal(ids_one, ids_many) and counts == [rated, read]
+    torch.testing.assert_close(o_many, o_one, atol=1e-6, rtol=1e-5)
+
+
 def test_covering_budget_is_exact():
     """Every host token a candidate and every candidate read: full attention, fp32."""
     cfg = OffloadConfig(n_sink=4, window=32, block_size=8, candidates=10_000, min_prob=0.0, min_ratio=0.0)

@@ -9,10 +9,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from engine.models import load_model
 from engine.plan import MODEL_PRESETS
 
-# Random-weight shapes by name: the 8B shape of the targets, and a tiny one that lets the test
-# suite run the speed benchmarks in seconds.
+# Random-weight shapes by name: the 8B shape of the targets; Gemma-2B's attention (8 query heads
+# on one KV head of 256 dims; a smaller vocabulary), where a step has fewer KV heads than threads;
+# and a tiny one that lets the test suite run the speed benchmarks in seconds.
 SHAPES = {
     "llama-3-8b-shape": MODEL_PRESETS["llama-3-8b"],
+    "gemma-2b-shape": dict(
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_size=2048,
+        intermediate_size=16384,
+        vocab_size=32000,
+    ),
     "tiny-llama": dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128, vocab_size=256
     ),

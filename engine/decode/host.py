@@ -1,6 +1,7 @@
 """The host side of a decode step in one native call (`engine.native.ops.host_step`): for every
 sequence of a batch and every KV head, the candidates, their rating, the gather-attend of those
-read and the reads per block, with the GIL released and threads over (sequence, KV head).
+read and the reads per block, with the GIL released and threads over (sequence, KV head) and,
+with fewer KV heads than threads, over chunks of each one's candidates.
 
 The device prepares what the call needs (`prepare`: the chosen blocks, the query->query list
 rows, the rating's denominators), hands it over in one copy, and takes back the host part's

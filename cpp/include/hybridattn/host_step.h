@@ -7,8 +7,8 @@
 //          `qq_limit` distinct ids among the first `qq_prefix` entries (-1 entries count as entries);
 //        the tokens of the chosen blocks blocks[h, :] (full blocks of `block_size`, -1 = none);
 //        the ranges `tail` and `recent` [begin, end);
-//   2. each candidate rated (unless the threshold is -inf: then all are read): p = mean_g exp(scale * q[g] . k - lse[g]) over the G query heads of
-//      the group; it is read when p >= threshold[b]. lse is given (the resident tokens' log-sum-exp
+//   2. each candidate rated (unless the threshold is -inf: then all are read):
+//      p = mean_g exp(scale * q[g] . k - lse[g]) over the G query heads of the group; it is read when p >= threshold[b]. lse is given (the resident tokens' log-sum-exp
 //      and the blocks' estimated mass), or with lse_from_candidates the given resident lse
 //      log-sum-exp'd with the candidates' own scores;
 //   3. the ids read: those that pass, and every id of the range `forced` (the newest host
@@ -17,24 +17,31 @@
 //      order of the sum: the rated candidates' scores are reused, so their K rows are read once);
 //   5. reads per block: block_reads[b, h, j] = ids read in [j * block_size, (j + 1) * block_size).
 //
+// Threads: with at least twice as many KV heads as threads, each unit runs whole on one
+// thread. With fewer (a GPU host's many cores at batch 1, a model with one or two KV heads),
+// a unit's candidates are rated and attended in chunks (as many as gather_attend takes,
+// chunks_per_head: they depend on the threads and Hkv, not on the batch), each phase over
+// every unit's chunks, so that every thread has work. The ids read are the same either way;
+// the attention differs only in the order of its sums.
+//
 // Duplicates are dropped with a bitmap over the host ids (one bit per token), kept per
-// thread across calls and cleared bit by bit after each unit, so nothing is sorted and a
-// unit costs time in its candidates, not in the context's length; the ascending order of
-// the ids read comes from walking that bitmap. The scores are gather_scores' and the
+// thread across calls and cleared bit by bit within the phase that sets it, so nothing is
+// sorted and a unit costs time in its candidates, not in the context's length; the
+// ascending order of the ids read comes from walking that bitmap. The scores are gather_scores' and the
 // attention gather_attend's own code, so the Python reference (engine.decode.select, which
 // calls those kernels) chooses the same ids, up to candidates whose rating lies within a
 // rounding error of the threshold.
 //
 // Every id, list row and block a unit reads is checked before it is used: a bad one
-// stops that unit and the call throws std::out_of_range after the parallel region.
+// stops that unit and the call throws std::out_of_range after the parallel phase.
 #pragma once
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hybridattn/gather_attend.h"
@@ -78,16 +85,39 @@ struct HostStepArgs {
   bool scalar = false;
 };
 
-// A thread's scratch, reused across units and calls; `bits` is all zero between units.
+// A thread's scratch, reused across units and calls: the bitmap (all zero between a unit's
+// phases) and the attention's tile buffer.
 struct HostScratch {
   std::vector<uint64_t> bits;
-  std::vector<int64_t> candidates, kept, extra;
-  std::vector<float> scores, buf;
+  std::vector<float> buf;
 };
 
 inline HostScratch& host_scratch() {
   static thread_local HostScratch s;
   return s;
+}
+
+constexpr int64_t kMaxRateGroup = 64;  // query heads per KV head the rating takes
+constexpr float kRateMargin = 1e-3f;    // nats between a bound and the threshold for a decision by bound
+
+// One unit's (sequence, KV head) state between the phases of a call. Its candidates are rated
+// and attended in `chunks` pieces, so that a few units still spread over every thread.
+struct UnitWork {
+  std::vector<int64_t> candidates;  // [C], each host id once
+  std::vector<float> scores;        // [G + 1, C]: the scaled scores, then each one's largest log-term
+  std::vector<int64_t> kept;        // [C]: each chunk's kept candidates at the front of its range
+  std::vector<int64_t> n_kept;      // [chunks]
+  std::vector<int64_t> extra;       // the forced ids not kept
+  int64_t chunks = 1, chunk_len = 0;
+  float lse[kMaxRateGroup];         // the rating's denominators, per query head of the group
+  std::string error;
+};
+
+// The calling thread's unit states, reused across its calls (the workers only reach them through it).
+inline std::vector<UnitWork>& unit_work(int64_t units) {
+  static thread_local std::vector<UnitWork> work;
+  if (int64_t(work.size()) < units) work.resize(size_t(units));
+  return work;
 }
 
 // One KV head of a store as a store of one head.
@@ -98,51 +128,198 @@ inline StoreView head_view(const StoreView& s, int64_t h) {
   return v;
 }
 
-inline void score_rows(const GatherScoresArgs& a, int64_t n) {
+inline void score_rows(const GatherScoresArgs& a, int64_t begin, int64_t end) {
   switch (a.k.type) {
-    case StoreType::f32: return score_chunk_f32(a, 0, 0, n);
-    case StoreType::f16: return score_chunk_f16(a, 0, 0, n);
-    case StoreType::bf16: return score_chunk_bf16(a, 0, 0, n);
+    case StoreType::f32: return score_chunk_f32(a, 0, begin, end);
+    case StoreType::f16: return score_chunk_f16(a, 0, begin, end);
+    case StoreType::bf16: return score_chunk_bf16(a, 0, begin, end);
   }
 }
 
+// The phases of one unit, in the order a call runs them: gather(), then per chunk score() and,
+// once every chunk is scored, resolve_lse() and per chunk keep(); read(); per piece attend();
+// combine(). Each phase finishes its use of the thread's bitmap, so phases may run on any thread.
 class HostUnit {
  public:
-  HostUnit(const HostStepArgs& a, int64_t b, int64_t h)
-      : a_(a), b_(b), h_(h), Hkv_(a.k[b].n_heads), G_(a.n_q_heads / Hkv_), D_(a.k[b].dim), N_(a.k[b].n_tokens),
-        s_(host_scratch()) {
-    const size_t words = size_t((N_ + 63) / 64);
+  HostUnit(const HostStepArgs& a, int64_t unit, UnitWork& w)
+      : a_(a), unit_(unit), b_(unit / a.k[0].n_heads), h_(unit % a.k[0].n_heads), Hkv_(a.k[b_].n_heads),
+        G_(a.n_q_heads / Hkv_), D_(a.k[b_].dim), N_(a.k[b_].n_tokens), w_(w), s_(host_scratch()) {
+    const size_t words = size_t((N_ + 63) / 64);  // this thread's bitmap covers the store
     if (s_.bits.size() < words) s_.bits.resize(words, 0);
-    s_.candidates.clear();
   }
 
-  // Runs the unit; returns an error message ("" when all went well).
-  std::string run() {
-    std::string err = gather_candidates();
-    if (err.empty()) rate();
+  // Step 1 and the unit's chunks (`threads`: the call's); sets w.error on a bad input.
+  void gather(int threads) {
+    w_.candidates.clear();
+    w_.error = gather_candidates();
     clear_candidates();  // the bitmap is zero again whatever happened
-    if (!err.empty()) return err;
-    return read();
+    const int64_t C = int64_t(w_.candidates.size());
+    w_.chunks = chunks_per_head(threads, Hkv_, C);
+    w_.chunk_len = (C + w_.chunks - 1) / w_.chunks;
+    w_.n_kept.assign(size_t(w_.chunks), 0);
+    a_.n_rated[unit_] = reads_all() ? 0 : C;
+    if (reads_all()) return;
+    if (w_.scores.size() < size_t((G_ + 1) * C)) w_.scores.resize(size_t((G_ + 1) * C));
+    if (w_.kept.size() < size_t(C)) w_.kept.resize(size_t(C));
   }
+
+  // Step 2's scores of chunk c, scaled.
+  void score(int64_t c) {
+    if (reads_all()) return;
+    const auto [begin, end] = chunk(c);
+    const int64_t C = n_candidates();
+    GatherScoresArgs sc;
+    sc.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
+    sc.n_q_heads = G_;
+    sc.k = head_view(a_.k[b_], h_);
+    sc.ids = w_.candidates.data();
+    sc.n_ids = C;
+    sc.out = w_.scores.data();
+    sc.scalar = a_.scalar;
+    score_rows(sc, begin, end);
+    for (int64_t g = 0; g < G_; ++g) {
+      float* s = w_.scores.data() + g * C;
+      for (int64_t j = begin; j < end; ++j) s[j] *= a_.scale;
+    }
+  }
+
+  // The rating's denominators: the given lse, or with lse_from_candidates that and every candidate's score.
+  void resolve_lse() {
+    if (reads_all()) return;
+    const int64_t C = n_candidates();
+    const float* given = a_.lse + b_ * a_.n_q_heads + h_ * G_;
+    for (int64_t g = 0; g < G_; ++g) {
+      w_.lse[g] = given[g];
+      if (a_.lse_from_candidates) w_.lse[g] = log_add_exp(w_.lse[g], log_sum_exp(w_.scores.data() + g * C, C));
+    }
+  }
+
+  // Step 2's decision for chunk c: its candidates read move, with their scores, to the front of its range.
+  void keep(int64_t c) {
+    if (reads_all()) return;
+    const auto [begin, end] = chunk(c);
+    const int64_t C = n_candidates();
+    const float* lse = w_.lse;
+    float* scores = w_.scores.data();
+    // The group's mean lies between 1/G of its largest term and that term: a candidate whose largest
+    // log-term lies clearly below log(threshold) is dropped, one clearly above log(G * threshold) kept,
+    // without exponentials; only those between are summed (kRateMargin keeps rounding out of it).
+    // A threshold of +inf has no finite bound: every candidate is summed (a mean that overflows is read).
+    const float threshold = a_.threshold[b_];
+    const float inf = std::numeric_limits<float>::infinity();
+    const float drop_below = threshold == inf ? -inf : std::log(threshold) - kRateMargin;
+    const float keep_above = threshold == inf ? inf : std::log(threshold * float(G_)) + kRateMargin;
+    float* top = scores + G_ * C;  // each candidate's largest log-term
+    for (int64_t j = begin; j < end; ++j) top[j] = scores[j] - lse[0];
+    for (int64_t g = 1; g < G_; ++g) {
+      const float* s = scores + g * C;
+      for (int64_t j = begin; j < end; ++j) top[j] = std::max(top[j], s[j] - lse[g]);
+    }
+    int64_t n = 0;
+    for (int64_t j = begin; j < end; ++j) {
+      if (top[j] < drop_below) continue;
+      if (top[j] < keep_above) {
+        float p = 0.0f;
+        for (int64_t g = 0; g < G_; ++g) p += std::exp(scores[g * C + j] - lse[g]);
+        if (p / float(G_) < threshold) continue;
+      }
+      for (int64_t g = 0; g < G_; ++g) scores[g * C + begin + n] = scores[g * C + j];
+      w_.kept[size_t(begin + n++)] = w_.candidates[size_t(j)];
+    }
+    w_.n_kept[size_t(c)] = n;
+  }
+
+  // Steps 3 and 5: the ids read, ascending, and their counts per block; sets w.error past the cap.
+  void read() {
+    const int64_t* range = a_.ranges + b_ * kRanges * 2;
+    int64_t lo = N_, hi = -1;
+    auto mark = [&](int64_t id) {
+      set(id);
+      lo = std::min(lo, id), hi = std::max(hi, id);
+    };
+    if (reads_all()) {
+      for (int64_t id : w_.candidates) mark(id);
+    } else {
+      for (int64_t c = 0; c < w_.chunks; ++c)
+        for (int64_t i = 0; i < w_.n_kept[size_t(c)]; ++i) mark(w_.kept[size_t(chunk(c).first + i)]);
+    }
+    w_.extra.clear();  // the forced ids not read already
+    for (int64_t t = range[2 * kForced]; t < range[2 * kForced + 1]; ++t) {
+      if (!test(t)) w_.extra.push_back(t);
+      mark(t);
+    }
+    int64_t* ids = a_.ids + unit_ * a_.cap;
+    int64_t n = 0;
+    bool overflow = false;
+    for (int64_t w = lo >> 6; hi >= 0 && w <= (hi >> 6); ++w) {
+      for (uint64_t word = bits()[w]; word; word &= word - 1) {
+        if (n < a_.cap) ids[n] = w * 64 + __builtin_ctzll(word);
+        overflow |= n++ >= a_.cap;
+      }
+      bits()[w] = 0;
+    }
+    if (overflow) {
+      w_.error = where() + ": " + std::to_string(n) + " ids read exceed cap " + std::to_string(a_.cap);
+      return;
+    }
+    std::fill(ids + n, ids + a_.cap, int64_t(-1));
+    a_.n_read[unit_] = n;
+    count_blocks(ids, n);
+  }
+
+  // The pieces step 4 attends in, each to its own partial state: a rated unit's kept candidates
+  // chunk by chunk, with the scores their rating computed (their K rows are not read again), and
+  // last the forced ids not kept; a unit read whole, the ids read, in as many pieces, and an empty one.
+  int64_t pieces() const { return w_.chunks + 1; }
+
+  void attend(int64_t piece, PartialState st) {
+    s_.buf.resize(size_t(2 * kTile * D_ + G_ * kTile));
+    GatherAttendArgs g = attend_args();
+    if (reads_all()) {
+      const int64_t n = a_.n_read[unit_], len = (n + w_.chunks - 1) / w_.chunks;
+      const int64_t begin = std::min(n, piece * len), end = piece < w_.chunks ? std::min(n, begin + len) : begin;
+      g.ids = a_.ids + unit_ * a_.cap;
+      g.n_ids = n;
+      return attend_chunk_any(g, 0, begin, end, st, s_.buf.data());
+    }
+    if (piece == w_.chunks) {
+      g.ids = w_.extra.data();
+      g.n_ids = int64_t(w_.extra.size());
+      return attend_chunk_any(g, 0, 0, g.n_ids, st, s_.buf.data());
+    }
+    const int64_t begin = chunk(piece).first;
+    g.ids = w_.kept.data() + begin;
+    g.n_ids = w_.n_kept[size_t(piece)];
+    attend_scored_any(g, 0, w_.scores.data() + begin, n_candidates(), st, s_.buf.data());
+  }
+
+  // The pieces' states first .. first + pieces() - 1 merged into the unit's out and lse.
+  void combine(ChunkStates& states, int64_t first) { combine_chunks(attend_args(), 0, states, first, pieces()); }
 
  private:
   uint64_t* bits() { return s_.bits.data(); }
   bool test(int64_t id) { return (bits()[id >> 6] >> (id & 63)) & 1u; }
   void set(int64_t id) { bits()[id >> 6] |= uint64_t(1) << (id & 63); }
+  int64_t n_candidates() const { return int64_t(w_.candidates.size()); }
+
+  // [begin, end) of chunk c among the candidates.
+  std::pair<int64_t, int64_t> chunk(int64_t c) const {
+    const int64_t C = n_candidates(), begin = std::min(C, c * w_.chunk_len);
+    return {begin, std::min(C, begin + w_.chunk_len)};
+  }
 
   void add(int64_t id) {
     if (!test(id)) {
       set(id);
-      s_.candidates.push_back(id);
+      w_.candidates.push_back(id);
     }
   }
 
   std::string where() const { return "host_step: sequence " + std::to_string(b_) + ", KV head " + std::to_string(h_); }
 
   std::string gather_candidates() {
-    const int64_t unit = b_ * Hkv_ + h_;
     const int64_t rows = a_.n_list_rows[b_], L = a_.list_len;
-    const int64_t* near = a_.near + unit * a_.n_near;
+    const int64_t* near = a_.near + unit_ * a_.n_near;
     int64_t walked = 0, found = 0;
     for (int64_t p = 0; p < a_.n_near && walked < a_.qq_prefix && found < a_.qq_limit; ++p) {
       const int64_t r = near[p];
@@ -158,7 +335,7 @@ class HostUnit {
         }
       }
     }
-    const int64_t* blocks = a_.blocks + unit * a_.n_chosen;
+    const int64_t* blocks = a_.blocks + unit_ * a_.n_chosen;
     const int64_t B = a_.block_size;
     for (int64_t j = 0; j < a_.n_chosen; ++j) {
       const int64_t blk = blocks[j];
@@ -172,149 +349,32 @@ class HostUnit {
     return "";
   }
 
-  // Rates the candidates and keeps those read in the scratch's `kept` (the forced range is added in read()).
-  // A threshold of -inf reads every candidate without rating it.
-  void rate() {
-    const int64_t C = int64_t(s_.candidates.size());
-    s_.kept.clear();
-    a_.n_rated[b_ * Hkv_ + h_] = 0;
-    if (reads_all()) {
-      s_.kept = s_.candidates;
-      return;
-    }
-    s_.scores.resize(size_t((G_ + 1) * C));  // G rows of scores, and the largest log-terms
-    GatherScoresArgs sc;
-    sc.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
-    sc.n_q_heads = G_;
-    sc.k = head_view(a_.k[b_], h_);
-    sc.ids = s_.candidates.data();
-    sc.n_ids = C;
-    sc.out = s_.scores.data();
-    sc.scalar = a_.scalar;
-    score_rows(sc, C);
-    float lse[kMaxRateGroup];
-    const float* given = a_.lse + b_ * a_.n_q_heads + h_ * G_;
-    for (int64_t g = 0; g < G_; ++g) {
-      float* s = s_.scores.data() + g * C;
-      for (int64_t j = 0; j < C; ++j) s[j] *= a_.scale;
-      lse[g] = given[g];
-      if (a_.lse_from_candidates) lse[g] = log_add_exp(lse[g], log_sum_exp(s, C));
-    }
-    // The group's mean lies between 1/G of its largest term and that term: a candidate whose largest
-    // log-term lies clearly below log(threshold) is dropped, one clearly above log(G * threshold) kept,
-    // without exponentials; only those between are summed (kRateMargin keeps rounding out of it).
-    // A threshold of +inf has no finite bound: every candidate is summed (a mean that overflows is read).
-    const float threshold = a_.threshold[b_];
-    const float inf = std::numeric_limits<float>::infinity();
-    const float drop_below = threshold == inf ? -inf : std::log(threshold) - kRateMargin;
-    const float keep_above = threshold == inf ? inf : std::log(threshold * float(G_)) + kRateMargin;
-    float* top = s_.scores.data() + G_ * C;  // each candidate's largest log-term
-    const float* s0 = s_.scores.data();
-    for (int64_t j = 0; j < C; ++j) top[j] = s0[j] - lse[0];
-    for (int64_t g = 1; g < G_; ++g) {
-      const float* s = s_.scores.data() + g * C;
-      for (int64_t j = 0; j < C; ++j) top[j] = std::max(top[j], s[j] - lse[g]);
-    }
-    for (int64_t j = 0; j < C; ++j) {
-      if (top[j] < drop_below) continue;
-      if (top[j] < keep_above) {
-        float p = 0.0f;
-        for (int64_t g = 0; g < G_; ++g) p += std::exp(s_.scores[size_t(g * C + j)] - lse[g]);
-        if (p / float(G_) < threshold) continue;
-      }
-      // the kept candidates' scores move to the front of their rows (the attend reuses them)
-      for (int64_t g = 0; g < G_; ++g) s_.scores[size_t(g * C) + s_.kept.size()] = s_.scores[size_t(g * C + j)];
-      s_.kept.push_back(s_.candidates[size_t(j)]);
-    }
-    a_.n_rated[b_ * Hkv_ + h_] = C;
-  }
-
-  // A threshold of -inf reads every candidate unrated: no scores to reuse.
+  // A threshold of -inf reads every candidate without rating it: no scores to reuse.
   bool reads_all() const { return a_.threshold[b_] == -std::numeric_limits<float>::infinity(); }
 
   void clear_candidates() {
-    for (int64_t id : s_.candidates) bits()[id >> 6] = 0;  // whole words: every bit set is a candidate's
-  }
-
-  std::string read() {
-    const int64_t unit = b_ * Hkv_ + h_;
-    const int64_t* range = a_.ranges + b_ * kRanges * 2;
-    int64_t lo = N_, hi = -1;
-    for (int64_t id : s_.kept) {
-      set(id);
-      lo = std::min(lo, id), hi = std::max(hi, id);
-    }
-    s_.extra.clear();  // the forced ids not kept already
-    for (int64_t t = range[2 * kForced]; t < range[2 * kForced + 1]; ++t) {
-      if (!test(t)) s_.extra.push_back(t);
-      set(t);
-      lo = std::min(lo, t), hi = std::max(hi, t);
-    }
-    int64_t* ids = a_.ids + unit * a_.cap;
-    int64_t n = 0;
-    bool overflow = false;
-    for (int64_t w = lo >> 6; hi >= 0 && w <= (hi >> 6); ++w) {
-      for (uint64_t word = bits()[w]; word; word &= word - 1) {
-        if (n < a_.cap) ids[n] = w * 64 + __builtin_ctzll(word);
-        overflow |= n++ >= a_.cap;
-      }
-      bits()[w] = 0;
-    }
-    if (overflow) return where() + ": " + std::to_string(n) + " ids read exceed cap " + std::to_string(a_.cap);
-    std::fill(ids + n, ids + a_.cap, int64_t(-1));
-    a_.n_read[unit] = n;
-    count_blocks(ids, n);
-    if (reads_all())
-      attend(ids, n);
-    else
-      attend_rated();
-    return "";
+    for (int64_t id : w_.candidates) bits()[id >> 6] = 0;  // whole words: every bit set is a candidate's
   }
 
   void count_blocks(const int64_t* ids, int64_t n) {
-    int32_t* counts = a_.block_reads + (b_ * Hkv_ + h_) * a_.n_count_blocks;
+    int32_t* counts = a_.block_reads + unit_ * a_.n_count_blocks;
     std::fill(counts, counts + a_.n_count_blocks, 0);
     for (int64_t i = 0; i < n; ++i)
       if (ids[i] / a_.block_size < a_.n_count_blocks) ++counts[ids[i] / a_.block_size];
   }
 
-  // The gather-attend of this unit's group over ids[0..n).
-  GatherAttendArgs attend_args(const int64_t* ids, int64_t n) {
+  // The gather-attend of this unit's group (its ids set by the caller).
+  GatherAttendArgs attend_args() const {
     GatherAttendArgs g;
     g.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
     g.n_q_heads = G_;
     g.k = head_view(a_.k[b_], h_);
     g.v = head_view(a_.v[b_], h_);
-    g.ids = ids;
-    g.n_ids = n;
     g.scale = a_.scale;
     g.out = a_.out + (b_ * a_.n_q_heads + h_ * G_) * D_;
     g.lse = a_.out_lse + b_ * a_.n_q_heads + h_ * G_;
     g.scalar = a_.scalar;
-    s_.buf.resize(size_t(2 * kTile * D_ + G_ * kTile));
     return g;
-  }
-
-  void attend(const int64_t* ids, int64_t n) {
-    const GatherAttendArgs g = attend_args(ids, n);
-    ChunkStates state(1, G_, D_);
-    attend_chunk_any(g, 0, 0, n, state[0], s_.buf.data());
-    combine_chunks(g, 0, state, 0, 1);
-  }
-
-  // The kept candidates with the scores their rating computed (their K rows are not read again),
-  // and the forced range's other ids scored here; the two merged. The same attention as attend()
-  // on the ids read, summed in another order.
-  void attend_rated() {
-    const int64_t kept = int64_t(s_.kept.size()), extra = int64_t(s_.extra.size());
-    const GatherAttendArgs g = attend_args(s_.kept.data(), kept);
-    GatherAttendArgs forced = g;
-    forced.ids = s_.extra.data();
-    forced.n_ids = extra;
-    ChunkStates state(2, G_, D_);
-    attend_scored_any(g, 0, s_.scores.data(), int64_t(s_.candidates.size()), state[0], s_.buf.data());
-    attend_chunk_any(forced, 0, 0, extra, state[1], s_.buf.data());
-    combine_chunks(g, 0, state, 0, 2);
   }
 
   static float log_sum_exp(const float* s, int64_t n) {
@@ -332,13 +392,9 @@ class HostUnit {
     return m + std::log1p(std::exp(-std::fabs(x - y)));
   }
 
- public:
-  static constexpr int64_t kMaxRateGroup = 64;  // query heads per KV head the rating takes
-  static constexpr float kRateMargin = 1e-3f;    // nats between a bound and the threshold for a decision by bound
-
- private:
   const HostStepArgs& a_;
-  const int64_t b_, h_, Hkv_, G_, D_, N_;
+  const int64_t unit_, b_, h_, Hkv_, G_, D_, N_;
+  UnitWork& w_;
   HostScratch& s_;
 };
 
@@ -357,7 +413,7 @@ inline void check_host_step(const HostStepArgs& a) {
       fail(seq + "K and V stores differ");
     if (k.type != k0.type || k.n_heads != k0.n_heads || k.dim != k0.dim)
       fail(seq + "its stores differ from sequence 0's in dtype, Hkv or D");
-    if (a.n_q_heads / k.n_heads > HostUnit::kMaxRateGroup) fail("more than 64 query heads per KV head");
+    if (a.n_q_heads / k.n_heads > kMaxRateGroup) fail("more than 64 query heads per KV head");
     if (a.n_list_rows[b] < 0) fail(seq + "negative list rows");
     if (a.n_list_rows[b] > 0 && a.lists[b] == nullptr) fail(seq + "no lists");
     const int64_t* r = a.ranges + b * kRanges * 2;
@@ -369,16 +425,70 @@ inline void check_host_step(const HostStepArgs& a) {
   }
 }
 
+// Runs body(i) for i in [0, n) over the call's threads; a throw inside would terminate, so none may throw.
+template <class Body>
+inline void parallel_for(int64_t n, int threads, Body body) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (n > 1 && threads > 1)
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
+
+// The work items of a phase: every unit's chunks and `more` items each, laid end to end.
+struct UnitItems {
+  std::vector<int64_t> unit, first;  // each item's unit; each unit's first item
+
+  UnitItems(const std::vector<UnitWork>& work, int64_t units, int64_t more) : first(size_t(units + 1), 0) {
+    for (int64_t u = 0; u < units; ++u) first[size_t(u + 1)] = first[size_t(u)] + work[size_t(u)].chunks + more;
+    unit.resize(size_t(first[size_t(units)]));
+    for (int64_t u = 0; u < units; ++u)
+      std::fill(unit.begin() + first[size_t(u)], unit.begin() + first[size_t(u + 1)], u);
+  }
+
+  int64_t size() const { return int64_t(unit.size()); }
+  int64_t index(int64_t i) const { return i - first[size_t(unit[size_t(i)])]; }  // within its unit
+};
+
+inline void throw_first_error(const std::vector<UnitWork>& work, int64_t units) {
+  for (int64_t u = 0; u < units; ++u)
+    if (!work[size_t(u)].error.empty()) throw std::out_of_range(work[size_t(u)].error);
+}
+
 inline void host_step(const HostStepArgs& a) {
   check_host_step(a);
   if (a.n_seqs == 0) return;
-  const int64_t Hkv = a.k[0].n_heads, units = a.n_seqs * Hkv;
+  const int64_t Hkv = a.k[0].n_heads, G = a.n_q_heads / Hkv, D = a.k[0].dim, units = a.n_seqs * Hkv;
   const int threads = resolve_threads(a.n_threads);
-  std::vector<std::string> errors(static_cast<size_t>(units));  // a throw inside the parallel region would terminate
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (units > 1 && threads > 1)
-  for (int64_t unit = 0; unit < units; ++unit) errors[size_t(unit)] = HostUnit(a, unit / Hkv, unit % Hkv).run();
-  for (const std::string& e : errors)
-    if (!e.empty()) throw std::out_of_range(e);
+  std::vector<UnitWork>& work = unit_work(units);
+  auto unit = [&](int64_t u) { return HostUnit(a, u, work[size_t(u)]); };
+  if (chunks_per_head(threads, Hkv, std::numeric_limits<int64_t>::max() / 2) == 1) {
+    // Every unit in one chunk (KV heads at least twice the threads): each unit whole on one thread.
+    ChunkStates states(2 * units, G, D);
+    parallel_for(units, threads, [&](int64_t u) {
+      HostUnit x = unit(u);
+      x.gather(threads);
+      if (!work[size_t(u)].error.empty()) return;
+      x.score(0);
+      x.resolve_lse();
+      x.keep(0);
+      x.read();
+      if (!work[size_t(u)].error.empty()) return;
+      x.attend(0, states[2 * u]);
+      x.attend(1, states[2 * u + 1]);
+      x.combine(states, 2 * u);
+    });
+    return throw_first_error(work, units);
+  }
+  // Fewer units than threads: each phase over every unit's chunks, so that all threads have work.
+  parallel_for(units, threads, [&](int64_t u) { unit(u).gather(threads); });
+  throw_first_error(work, units);
+  const UnitItems chunks(work, units, 0), pieces(work, units, 1);
+  parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).score(chunks.index(i)); });
+  parallel_for(units, threads, [&](int64_t u) { unit(u).resolve_lse(); });
+  parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).keep(chunks.index(i)); });
+  parallel_for(units, threads, [&](int64_t u) { unit(u).read(); });
+  throw_first_error(work, units);
+  ChunkStates states(pieces.size(), G, D);
+  parallel_for(pieces.size(), threads, [&](int64_t i) { unit(pieces.unit[size_t(i)]).attend(pieces.index(i), states[i]); });
+  parallel_for(units, threads, [&](int64_t u) { unit(u).combine(states, pieces.first[size_t(u)]); });
 }
 
 }  // namespace hybridattn
