@@ -165,7 +165,7 @@ class HostUnit {
 
   // Step 2's scores of chunk c, scaled.
   void score(int64_t c) {
-    if (reads_all()) return;
+    if (reads_all() || failed()) return;
     const auto [begin, end] = chunk(c);
     const int64_t C = n_candidates();
     GatherScoresArgs sc;
@@ -185,7 +185,7 @@ class HostUnit {
 
   // The rating's denominators: the given lse, or with lse_from_candidates that and every candidate's score.
   void resolve_lse() {
-    if (reads_all()) return;
+    if (reads_all() || failed()) return;
     const int64_t C = n_candidates();
     const float* given = a_.lse + b_ * a_.n_q_heads + h_ * G_;
     for (int64_t g = 0; g < G_; ++g) {
@@ -196,7 +196,7 @@ class HostUnit {
 
   // Step 2's decision for chunk c: its candidates read move, with their scores, to the front of its range.
   void keep(int64_t c) {
-    if (reads_all()) return;
+    if (reads_all() || failed()) return;
     const auto [begin, end] = chunk(c);
     const int64_t C = n_candidates();
     const float* lse = w_.lse;
@@ -231,6 +231,7 @@ class HostUnit {
 
   // Steps 3 and 5: the ids read, ascending, and their counts per block; sets w.error past the cap.
   void read() {
+    if (failed()) return;
     const int64_t* range = a_.ranges + b_ * kRanges * 2;
     int64_t lo = N_, hi = -1;
     auto mark = [&](int64_t id) {
@@ -273,6 +274,7 @@ class HostUnit {
   int64_t pieces() const { return w_.chunks + 1; }
 
   void attend(int64_t piece, PartialState st) {
+    if (failed()) return;
     s_.buf.resize(size_t(2 * kTile * D_ + G_ * kTile));
     GatherAttendArgs g = attend_args();
     if (reads_all()) {
@@ -294,13 +296,16 @@ class HostUnit {
   }
 
   // The pieces' states first .. first + pieces() - 1 merged into the unit's out and lse.
-  void combine(ChunkStates& states, int64_t first) { combine_chunks(attend_args(), 0, states, first, pieces()); }
+  void combine(ChunkStates& states, int64_t first) {
+    if (!failed()) combine_chunks(attend_args(), 0, states, first, pieces());
+  }
 
  private:
   uint64_t* bits() { return s_.bits.data(); }
   bool test(int64_t id) { return (bits()[id >> 6] >> (id & 63)) & 1u; }
   void set(int64_t id) { bits()[id >> 6] |= uint64_t(1) << (id & 63); }
   int64_t n_candidates() const { return int64_t(w_.candidates.size()); }
+  bool failed() const { return !w_.error.empty(); }  // a bad input or the cap: the unit stops, the call throws
 
   // [begin, end) of chunk c among the candidates.
   std::pair<int64_t, int64_t> chunk(int64_t c) const {
@@ -465,30 +470,27 @@ inline void host_step(const HostStepArgs& a) {
     parallel_for(units, threads, [&](int64_t u) {
       HostUnit x = unit(u);
       x.gather(threads);
-      if (!work[size_t(u)].error.empty()) return;
       x.score(0);
       x.resolve_lse();
       x.keep(0);
       x.read();
-      if (!work[size_t(u)].error.empty()) return;
       x.attend(0, states[2 * u]);
       x.attend(1, states[2 * u + 1]);
       x.combine(states, 2 * u);
     });
     return throw_first_error(work, units);
   }
-  // Fewer units than threads: each phase over every unit's chunks, so that all threads have work.
+  // Fewer KV heads: each phase over every unit's chunks, so that all threads have work.
   parallel_for(units, threads, [&](int64_t u) { unit(u).gather(threads); });
-  throw_first_error(work, units);
   const UnitItems chunks(work, units, 0), pieces(work, units, 1);
   parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).score(chunks.index(i)); });
   parallel_for(units, threads, [&](int64_t u) { unit(u).resolve_lse(); });
   parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).keep(chunks.index(i)); });
   parallel_for(units, threads, [&](int64_t u) { unit(u).read(); });
-  throw_first_error(work, units);
   ChunkStates states(pieces.size(), G, D);
   parallel_for(pieces.size(), threads, [&](int64_t i) { unit(pieces.unit[size_t(i)]).attend(pieces.index(i), states[i]); });
   parallel_for(units, threads, [&](int64_t u) { unit(u).combine(states, pieces.first[size_t(u)]); });
+  throw_first_error(work, units);
 }
 
 }  // namespace hybridattn
