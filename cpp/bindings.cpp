@@ -227,7 +227,7 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
                const py::buffer& out, const py::buffer& out_lse, const py::buffer& ids, const py::buffer& n_read,
                const py::buffer& n_rated, const py::buffer& block_reads, const py::buffer& threshold,
                const std::string& store_dtype, float scale, int64_t qq_limit, int64_t qq_prefix, int64_t block_size, bool lse_from_candidates,
-               int n_threads, bool scalar) {
+               int n_threads, int64_t min_chunk, bool scalar) {
   py::buffer_info qb = request_float32(q, "q", 3, false);
   const py::ssize_t B = qb.shape[0], Hq = qb.shape[1], D = qb.shape[2];
   std::vector<py::buffer> held;
@@ -294,6 +294,7 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   a.block_reads = static_cast<int32_t*>(brb.ptr);
   a.n_count_blocks = brb.shape[2];
   a.n_threads = n_threads;
+  a.min_chunk = min_chunk;
   a.scalar = scalar;
   hybridattn::check_host_step(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
@@ -343,12 +344,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("near"), py::arg("blocks"), py::arg("ranges"), py::arg("lse"), py::arg("out"), py::arg("out_lse"),
         py::arg("ids"), py::arg("n_read"), py::arg("n_rated"), py::arg("block_reads"), py::arg("threshold"),
         py::arg("store_dtype"), py::arg("scale"), py::arg("qq_limit"), py::arg("qq_prefix"), py::arg("block_size"),
-        py::arg("lse_from_candidates"), py::arg("n_threads") = 0, py::arg("scalar") = false,
+        py::arg("lse_from_candidates"), py::arg("n_threads") = 0, py::arg("min_chunk") = hybridattn::kMinHostChunk,
+        py::arg("scalar") = false,
         "The host side of a decode step for B sequences (hybridattn/host_step.h): candidates, their rating, "
         "the gather-attend of those read, and the reads per block.");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");
+  m.attr("HOST_MIN_CHUNK") = hybridattn::kMinHostChunk;
 #ifdef _OPENMP
   m.attr("HAS_OPENMP") = true;
 #else

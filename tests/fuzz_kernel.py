@@ -36,7 +36,8 @@ subnormal floor) when those sums are below FLT_MAX / 4, -inf exactly at padding
 always, and the same IndexError for a bad id.
 
 `host_step` runs B sequences (0 to 3) that share Hkv, G, D, the dtype, the list length and the
-call's settings. Per (sequence, KV head) unit the plain reference of tests/reference.py walks the
+call's settings (among them a `min_chunk` small enough that a unit's candidates are split over the
+two threads' chunks). Per (sequence, KV head) unit the plain reference of tests/reference.py walks the
 lists, blocks and ranges to the same candidates and rates them in fp64: the ids read must be the
 reference's but for candidates whose rating lies within a rounding bound of the threshold
 (`rating_bounds`; all of them where the scores are beyond fp32's range), each once, ascending, -1
@@ -476,6 +477,7 @@ class HostStepCase:
     qq_prefix: int
     block_size: int
     lse_from_candidates: bool
+    min_chunk: int | None  # the fewest candidates a chunk takes where a unit is split over threads (None: the default)
     scale: float | None
     cap: str  # "exact" (the most a unit may read), "roomy", or "small" (below what a unit surely reads)
     count_blocks: str  # blocks block_reads counts: "none", "some", "all" (of the longest store), "more"
@@ -515,6 +517,7 @@ def draw_host_case(pick: Pick) -> HostStepCase:
         qq_prefix=pick((0, 1, 4, 16, 64, 10**6)),
         block_size=pick((1, 2, 3, 8, 16, 64)),
         lse_from_candidates=pick((False, True)),
+        min_chunk=pick((None, None, 1, 7, 64)),
         scale=pick((None,) * 6 + (1.0, 0.125, 0.0, -0.7, 1e-3, 30.0, 1e-30, 1e30)),
         cap=pick(("exact",) * 3 + ("roomy",) * 6 + ("small",)),
         count_blocks=pick(("none", "some", "all", "more")),
@@ -828,6 +831,7 @@ def _host_call(ops, c: HostStepCase, x: HostInputs, cap: int, n_count: int, n_th
         n_count_blocks=n_count,
         lse_from_candidates=c.lse_from_candidates,
         n_threads=n_threads,
+        min_chunk=c.min_chunk,
         scalar=scalar,
     )
 

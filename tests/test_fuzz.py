@@ -125,7 +125,7 @@ def host_case(*seqs: dict, **changes) -> HostStepCase:
     """A host_step call over sequences host_seq(**seqs[b]) (seeded by their position unless given)."""
     base = dict(Hkv=2, G=3, D=64, dtype="float32", list_len=8, empty_list_len=1, n_near=3, n_chosen=2)
     base |= dict(qq_limit=8, qq_prefix=16, block_size=8, lse_from_candidates=False, scale=None, cap="exact")
-    base |= dict(count_blocks="all", bad=None, bad_at=0)
+    base |= dict(count_blocks="all", bad=None, bad_at=0, min_chunk=None)
     return HostStepCase(**(base | changes), seqs=tuple(host_seq(**({"seed": b} | s)) for b, s in enumerate(seqs)))
 
 
@@ -147,23 +147,39 @@ def host_seq(**changes) -> HostSeq:
 @example(host_case({}, {"N": 129}, G=17, D=528, dtype="bfloat16", block_size=3))  # the scalar loops
 @example(host_case({"q_exp": 30, "k_exp": 30}))  # beyond fp32: only what does not depend on the rating
 @example(host_case({"ranges": ("all", "all", "all")}, cap="small"))  # more than cap
+@example(host_case({"N": 300, "ranges": ("all", "empty", "start")}, {"N": 300}, min_chunk=7, lse_from_candidates=True))
+@example(host_case({"N": 300, "ranges": ("all", "empty", "empty"), "threshold": -math.inf}, min_chunk=1))  # unrated
 def test_host_step_matches_reference(c):
     _, problems = run_host_case(ops, c)
     assert not problems, problems[0]
 
 
+@pytest.mark.parametrize("min_chunk", [None, 1])  # each unit whole on a thread, or split over both
 @pytest.mark.parametrize("bad", [f"{what}:{value}" for what, values in BAD_HOST_INPUTS.items() for value in values])
-def test_host_step_raises_for_each_bad_input(bad):
+def test_host_step_raises_for_each_bad_input(bad, min_chunk):
     """The planted input in the second sequence is reached (the unit's first rows and entries)."""
-    pads = {"near_pad": 0.0, "entry_pad": 0.0, "block_pad": 0.0}
-    c = host_case({}, pads, bad=bad, bad_at=1, qq_limit=100, qq_prefix=100)
+    pads = {"near_pad": 0.0, "entry_pad": 0.0, "block_pad": 0.0, "N": 300}  # 300: enough candidates for chunks
+    c = host_case({"N": 300}, pads, bad=bad, bad_at=1, qq_limit=100, qq_prefix=100, min_chunk=min_chunk)
     outcomes, problems = run_host_case(ops, c)
     assert not problems, problems[0]
     assert outcomes == Counter(raised=4)
 
 
-def test_host_step_raises_when_cap_is_too_small():
-    outcomes, problems = run_host_case(ops, host_case({"ranges": ("all", "empty", "empty")}, cap="small"))
+@pytest.mark.parametrize("min_chunk", [None, 1])
+def test_host_step_raises_when_cap_is_too_small(min_chunk):
+    c = host_case({"N": 300, "ranges": ("all", "empty", "empty")}, cap="small", min_chunk=min_chunk)
+    outcomes, problems = run_host_case(ops, c)
+    assert not problems, problems[0]
+    assert outcomes == Counter(raised=4)
+
+
+@pytest.mark.parametrize("min_chunk", [None, 1])
+def test_host_step_raises_the_first_units_error(min_chunk):
+    """Sequence 0 reads past the cap, sequence 1 reaches a bad list row: the call raises sequence 0's error."""
+    seqs = {"N": 300, "ranges": ("all", "empty", "empty")}, {"N": 300, "near_pad": 0.0}
+    outcomes, problems = run_host_case(
+        ops, host_case(*seqs, cap="small", bad="row:rows", bad_at=1, min_chunk=min_chunk)
+    )
     assert not problems, problems[0]
     assert outcomes == Counter(raised=4)
 

@@ -132,21 +132,51 @@ def test_the_rating_keeps_a_part_of_the_candidates_and_counts_them():
     )
 
 
-def test_a_unit_split_over_threads_reads_and_attends_as_on_one_thread():
-    """With fewer KV heads than threads, each unit's candidates are rated and attended in chunks
-    on several threads (host_step.h): the same ids read and rated as on one thread, the same
-    attention up to the order of its sums."""
-    got = {}
-    for threads in (1, 8):
-        cfg = OffloadConfig(n_sink=4, window=32, block_size=8, n_blocks=64, block_frac=0.5, host_threads=threads)
-        layer = layer_with(cfg, 2000, seed=5)
-        o = decode_step(layer, queries(5), SCALE)
-        got[threads] = o, layer.stats.read_ids.clone(), layer.stats.sketched, layer.stats.gathered
-    (o_one, ids_one, rated, read), (o_many, ids_many, *counts) = got[1], got[8]
-    assert rated > H_KV * 2 * 128  # more than one chunk's candidates per KV head (ops' smallest chunk: 128)
-    assert 0 < read < rated
-    assert torch.equal(ids_one, ids_many) and counts == [rated, read]
-    torch.testing.assert_close(o_many, o_one, atol=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("lse_from_candidates", [False, True])
+def test_a_unit_split_over_threads_reads_and_attends_as_on_one_thread(lse_from_candidates):
+    """With fewer KV heads than twice the threads, each unit's candidates are rated and attended in
+    chunks of min_chunk or more on several threads (host_step.h): the same ids read and rated as
+    on one thread, the same attention up to the order of its sums, and each sequence alone what
+    it gets in a batch."""
+    g = torch.Generator().manual_seed(11)
+    n, hkv = 3000, 1
+    keys, values = [torch.randn(hkv, n, D, generator=g).bfloat16() for _ in range(2)]
+    keys[:, ::7] += 3 * direction(0)[0].bfloat16()  # a seventh of the tokens stand out
+    q = (direction(0)[0].expand(G, D) + torch.randn(G, D, generator=g)).reshape(1, hkv * G, D)
+
+    def call(threads: int, min_chunk: int | None, batch: int = 1):
+        return ops.host_step(
+            q.expand(batch, -1, -1),
+            [keys] * batch,
+            [values] * batch,
+            [torch.empty(hkv, 0, 1, dtype=torch.int32)] * batch,
+            torch.empty(batch, hkv, 0, dtype=torch.int64),
+            torch.empty(batch, hkv, 0, dtype=torch.int64),
+            torch.tensor([[[0, n - 100], [0, 0], [n - 100, n]]] * batch),  # candidates, and the newest read
+            torch.full((batch, hkv * G), 12.0),
+            scale=SCALE,
+            threshold=1e-4,
+            qq_limit=0,
+            qq_prefix=0,
+            block_size=8,
+            cap=n,
+            n_count_blocks=n // 8,
+            lse_from_candidates=lse_from_candidates,
+            n_threads=threads,
+            min_chunk=min_chunk,
+        )
+
+    one = call(1, None)
+    assert 100 < int(one.n_read[0, 0]) < n // 2  # the newest tokens and a part of the candidates
+    assert int(one.n_rated[0, 0]) == n - 100
+    for threads, min_chunk in ((4, None), (4, 128), (8, 1)):  # 1, 8 and 16 chunks
+        split = call(threads, min_chunk)
+        for name in ("ids", "n_read", "n_rated", "block_reads"):
+            assert torch.equal(getattr(split, name), getattr(one, name)), name
+        torch.testing.assert_close(split.out, one.out, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(split.lse, one.lse, atol=1e-6, rtol=1e-6)
+        batch = call(threads, min_chunk, batch=3)
+        assert torch.equal(batch.out[2], split.out[0]) and torch.equal(batch.lse[2], split.lse[0])
 
 
 def test_covering_budget_is_exact():
@@ -227,6 +257,7 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
             block_size=8,
             cap=64,
             n_count_blocks=4,
+            min_chunk=args.get("min_chunk"),
         )
 
     ok = call()  # every list holds id 0 alone; threshold 0 reads every candidate
@@ -243,6 +274,8 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         call(ranges=torch.tensor([[[0, 0], [0, 0], [0, 100]]]))
     with pytest.raises(ValueError, match="threshold"):
         call(threshold=math.nan)
+    with pytest.raises(ValueError, match="min_chunk"):
+        call(min_chunk=0)
     with pytest.raises(ValueError, match="near must be int64|ids must be an integer"):
         call(near=torch.zeros(1, H_KV, 2))
     with pytest.raises(ValueError, match="lists must hold|expected one item per sequence"):

@@ -319,6 +319,7 @@ def host_step(
     lse_from_candidates: bool = False,
     pin: bool = False,
     n_threads: int = 0,
+    min_chunk: int | None = None,
     scalar: bool = False,
 ) -> HostStepResult:
     """The host side of one layer's decode step for B sequences in one call (the C++ kernel's
@@ -334,7 +335,9 @@ def host_step(
     A candidate of sequence b is read when its probability averaged over the query group reaches
     threshold[b] (a number or [B] numbers; -inf: every candidate, unrated). `cap` bounds the ids
     read per row; `n_count_blocks` the blocks counted. `pin` puts the outputs in pinned memory
-    (for asynchronous copies to a GPU).
+    (for asynchronous copies to a GPU). With fewer KV heads than twice the threads, a unit's
+    candidates are rated and attended in chunks of `min_chunk` or more (None: the kernel's
+    default, 2048) over several threads; the same ids are read either way.
     Bad input raises ValueError, an id, list row, block or range outside its store IndexError."""
     if not HAS_EXT:
         raise RuntimeError("host_step needs the C++ extension (engine.native._C)")
@@ -377,6 +380,7 @@ def host_step(
         int(block_size),
         bool(lse_from_candidates),
         n_threads,
+        _C.HOST_MIN_CHUNK if min_chunk is None else int(min_chunk),
         scalar,
     )
     return res

@@ -17,12 +17,13 @@
 //      order of the sum: the rated candidates' scores are reused, so their K rows are read once);
 //   5. reads per block: block_reads[b, h, j] = ids read in [j * block_size, (j + 1) * block_size).
 //
-// Threads: with at least twice as many KV heads as threads, each unit runs whole on one
-// thread. With fewer (a GPU host's many cores at batch 1, a model with one or two KV heads),
-// a unit's candidates are rated and attended in chunks (as many as gather_attend takes,
-// chunks_per_head: they depend on the threads and Hkv, not on the batch), each phase over
-// every unit's chunks, so that every thread has work. The ids read are the same either way;
-// the attention differs only in the order of its sums.
+// Threads: with at least twice as many KV heads as threads, or few candidates, each unit runs
+// whole on one thread. With fewer KV heads (a GPU host's many cores at batch 1, a model with one
+// or two KV heads), a unit's candidates are rated and attended in chunks of `min_chunk` or more
+// (at most as many as gather_attend takes, chunks_per_head: they depend on the threads, Hkv and
+// the unit's candidates, not on the batch), each phase over every unit's chunks, so that every
+// thread has work. The ids read are the same either way; the attention differs only in the
+// order of its sums.
 //
 // Duplicates are dropped with a bitmap over the host ids (one bit per token), kept per
 // thread across calls and cleared bit by bit within the phase that sets it, so nothing is
@@ -39,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -51,6 +53,11 @@ namespace hybridattn {
 
 // Candidate ranges of a sequence: [begin, end) pairs.
 enum HostRange { kTail = 0, kRecent = 1, kForced = 2, kRanges = 3 };
+
+// The fewest candidates a chunk takes by default: a smaller chunk costs more in the phases'
+// hand-overs than it saves (the bundled model at 8K, 1,515 candidates per KV head and 2 threads:
+// 0.16 ms whole, 0.17 ms in two chunks of 128 or more).
+constexpr int64_t kMinHostChunk = 2048;
 
 struct HostStepArgs {
   int64_t n_seqs = 0;            // B
@@ -82,6 +89,7 @@ struct HostStepArgs {
   int32_t* block_reads = nullptr;    // [B, Hkv, n_count_blocks]
   int64_t n_count_blocks = 0;
   int n_threads = 0;
+  int64_t min_chunk = kMinHostChunk;  // the fewest candidates a chunk of a unit takes
   bool scalar = false;
 };
 
@@ -136,6 +144,21 @@ inline void score_rows(const GatherScoresArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// The chunks of a unit with C candidates: as many as gather_attend's (which depend on the threads and
+// Hkv, not on the batch), of min_chunk candidates or more.
+inline int64_t unit_chunks(const HostStepArgs& a, int threads, int64_t C) {
+  return std::max<int64_t>(1, std::min(chunks_per_head(threads, a.k[0].n_heads, C), C / a.min_chunk));
+}
+
+// The most candidates a unit of sequence b can gather, known before it gathers them.
+inline int64_t most_candidates(const HostStepArgs& a, int64_t b) {
+  const int64_t N = a.k[b].n_tokens, *r = a.ranges + b * kRanges * 2;
+  const int64_t lists = std::min({a.qq_limit, a.qq_prefix, std::min(a.n_near, N) * std::min(a.list_len, N)});
+  const int64_t blocks = std::min(a.n_chosen, N) * std::min(a.block_size, N);
+  return std::min(N, std::min(lists, N) + std::min(blocks, N) + (r[2 * kTail + 1] - r[2 * kTail]) +
+                         (r[2 * kRecent + 1] - r[2 * kRecent]));
+}
+
 // The phases of one unit, in the order a call runs them: gather(), then per chunk score() and,
 // once every chunk is scored, resolve_lse() and per chunk keep(); read(); per piece attend();
 // combine(). Each phase finishes its use of the thread's bitmap, so phases may run on any thread.
@@ -154,7 +177,7 @@ class HostUnit {
     w_.error = gather_candidates();
     clear_candidates();  // the bitmap is zero again whatever happened
     const int64_t C = int64_t(w_.candidates.size());
-    w_.chunks = chunks_per_head(threads, Hkv_, C);
+    w_.chunks = unit_chunks(a_, threads, C);
     w_.chunk_len = (C + w_.chunks - 1) / w_.chunks;
     w_.n_kept.assign(size_t(w_.chunks), 0);
     a_.n_rated[unit_] = reads_all() ? 0 : C;
@@ -410,6 +433,7 @@ inline void check_host_step(const HostStepArgs& a) {
     fail("negative size");
   if (a.block_size <= 0) fail("block_size must be positive");
   if (a.qq_limit < 0 || a.qq_prefix < 0) fail("qq_limit and qq_prefix must be >= 0");
+  if (a.min_chunk < 1) fail("min_chunk must be >= 1");
   for (int64_t b = 0; b < a.n_seqs; ++b) {
     const std::string seq = "sequence " + std::to_string(b) + ": ";
     const StoreView &k = a.k[b], &v = a.v[b], &k0 = a.k[0];
@@ -430,10 +454,11 @@ inline void check_host_step(const HostStepArgs& a) {
   }
 }
 
-// Runs body(i) for i in [0, n) over the call's threads; a throw inside would terminate, so none may throw.
+// Runs body(i) for i in [0, n) over the threads of the enclosing parallel region, and waits for
+// all of them. Nothing inside may throw: a throw in a parallel region terminates.
 template <class Body>
-inline void parallel_for(int64_t n, int threads, Body body) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (n > 1 && threads > 1)
+inline void each(int64_t n, Body body) {
+#pragma omp for schedule(dynamic, 1)
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 
@@ -464,10 +489,12 @@ inline void host_step(const HostStepArgs& a) {
   const int threads = resolve_threads(a.n_threads);
   std::vector<UnitWork>& work = unit_work(units);
   auto unit = [&](int64_t u) { return HostUnit(a, u, work[size_t(u)]); };
-  if (chunks_per_head(threads, Hkv, std::numeric_limits<int64_t>::max() / 2) == 1) {
-    // Every unit in one chunk (KV heads at least twice the threads): each unit whole on one thread.
+  bool split = false;  // whether some unit may take more than one chunk
+  for (int64_t b = 0; b < a.n_seqs; ++b) split |= unit_chunks(a, threads, most_candidates(a, b)) > 1;
+  if (!split) {  // each unit whole on one thread: no hand-over between phases
     ChunkStates states(2 * units, G, D);
-    parallel_for(units, threads, [&](int64_t u) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (units > 1 && threads > 1)
+    for (int64_t u = 0; u < units; ++u) {
       HostUnit x = unit(u);
       x.gather(threads);
       x.score(0);
@@ -477,19 +504,29 @@ inline void host_step(const HostStepArgs& a) {
       x.attend(0, states[2 * u]);
       x.attend(1, states[2 * u + 1]);
       x.combine(states, 2 * u);
-    });
+    }
     return throw_first_error(work, units);
   }
-  // Fewer KV heads: each phase over every unit's chunks, so that all threads have work.
-  parallel_for(units, threads, [&](int64_t u) { unit(u).gather(threads); });
-  const UnitItems chunks(work, units, 0), pieces(work, units, 1);
-  parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).score(chunks.index(i)); });
-  parallel_for(units, threads, [&](int64_t u) { unit(u).resolve_lse(); });
-  parallel_for(chunks.size(), threads, [&](int64_t i) { unit(chunks.unit[size_t(i)]).keep(chunks.index(i)); });
-  parallel_for(units, threads, [&](int64_t u) { unit(u).read(); });
-  ChunkStates states(pieces.size(), G, D);
-  parallel_for(pieces.size(), threads, [&](int64_t i) { unit(pieces.unit[size_t(i)]).attend(pieces.index(i), states[i]); });
-  parallel_for(units, threads, [&](int64_t u) { unit(u).combine(states, pieces.first[size_t(u)]); });
+  // Each phase over every unit's chunks, so that all threads have work; the phases hand over at
+  // the barriers of one parallel region.
+  std::optional<UnitItems> chunks, pieces;
+  std::optional<ChunkStates> states;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    each(units, [&](int64_t u) { unit(u).gather(threads); });
+#pragma omp single
+    {
+      chunks.emplace(work, units, 0);
+      pieces.emplace(work, units, 1);
+      states.emplace(pieces->size(), G, D);
+    }
+    each(chunks->size(), [&](int64_t i) { unit(chunks->unit[size_t(i)]).score(chunks->index(i)); });
+    each(units, [&](int64_t u) { unit(u).resolve_lse(); });
+    each(chunks->size(), [&](int64_t i) { unit(chunks->unit[size_t(i)]).keep(chunks->index(i)); });
+    each(units, [&](int64_t u) { unit(u).read(); });
+    each(pieces->size(), [&](int64_t i) { unit(pieces->unit[size_t(i)]).attend(pieces->index(i), (*states)[i]); });
+    each(units, [&](int64_t u) { unit(u).combine(*states, pieces->first[size_t(u)]); });
+  }
   throw_first_error(work, units);
 }
 
