@@ -685,7 +685,8 @@ def rating_bounds(u: HostUnitRef, q, k, scale: float, lse_from_candidates: bool)
     (D + 4) eps sum_d |q_d k_d| (gather_scores' bound) plus the scale's rounding; a log-denominator
     completed with the candidates' scores by twice the largest of those, the C-term sum and a few
     eps |lse|; the subtraction by eps |x|; dx is twice their sum. Its terms exp(x) then lie within
-    [exp(x - dx), exp(x + dx)] widened by expf's own error, rounded to fp32 (to nearest, which
+    [exp(x - dx), exp(x + dx)] widened by expf's own error (and DENORM_FLOOR: below fp32's normal
+    range a rounding step is absolute), rounded to fp32 (to nearest, which
     is monotone: subnormal and overflowing terms included), and its group mean is the fp32 sum of
     G terms divided by G, so summing and dividing both ends the same way in fp32 bounds it."""
     C, G, D = len(u.candidates), q.shape[0], q.shape[1]
@@ -702,8 +703,9 @@ def rating_bounds(u: HostUnitRef, q, k, scale: float, lse_from_candidates: bool)
     dx = 2 * (err_s + err_lse.unsqueeze(1) + 2 * EPS * x.abs())
     exact_inf = torch.isposinf(x)  # lse = -inf: the kernel's exp is +inf too
     inf = torch.full_like(x, math.inf)
-    term_lo = torch.where(exact_inf, inf, torch.exp(x - dx) * (1 - 4 * EPS)).float()  # [G, C]
-    term_hi = torch.where(exact_inf, inf, torch.exp(x + dx) * (1 + 4 * EPS)).float()
+    # expf's error is relative, but absolute (a subnormal step) where its result is subnormal
+    term_lo = torch.where(exact_inf, inf, (torch.exp(x - dx) * (1 - 4 * EPS) - DENORM_FLOOR).clamp_min(0)).float()
+    term_hi = torch.where(exact_inf, inf, torch.exp(x + dx) * (1 + 4 * EPS) + DENORM_FLOOR).float()  # [G, C]
     lo, hi = torch.zeros(C), torch.zeros(C)
     for g in range(G):  # in the kernel's order, in fp32
         lo, hi = lo + term_lo[g], hi + term_hi[g]

@@ -149,6 +149,33 @@ def host_seq(**changes) -> HostSeq:
 @example(host_case({"ranges": ("all", "all", "all")}, cap="small"))  # more than cap
 @example(host_case({"N": 300, "ranges": ("all", "empty", "start")}, {"N": 300}, min_chunk=7, lse_from_candidates=True))
 @example(host_case({"N": 300, "ranges": ("all", "empty", "empty"), "threshold": -math.inf}, min_chunk=1))  # unrated
+@example(  # a rating just under the smallest subnormal, the threshold: expf's error there is one step, not relative
+    host_case(
+        {"N": 300, "list_rows": 5, "entry_pad": 0.2, "near_pad": 0.0, "near_repeat": 0.0, "block_pad": 0.3}
+        | {
+            "ranges": ("empty", "inner", "to end"),
+            "threshold": 0.0,
+            "lse_kind": "zero",
+            "q_exp": -20,
+            "seed": 489375556,
+        },
+        {"N": 64, "list_rows": 1, "entry_pad": 0.2, "near_pad": 0.0, "near_repeat": 0.0, "block_pad": 1.0}
+        | {"ranges": ("all", "empty", "empty"), "threshold": 1e-45, "lse_kind": "zero", "v_exp": 30, "seed": 75907495},
+        Hkv=1,
+        G=1,
+        D=33,
+        list_len=0,
+        n_near=0,
+        n_chosen=1,
+        qq_limit=40,
+        qq_prefix=64,
+        lse_from_candidates=True,
+        min_chunk=1,
+        scale=30.0,
+        cap="roomy",
+        count_blocks="more",
+    )
+)
 def test_host_step_matches_reference(c):
     _, problems = run_host_case(ops, c)
     assert not problems, problems[0]

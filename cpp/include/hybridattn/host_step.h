@@ -171,13 +171,13 @@ class HostUnit {
     if (s_.bits.size() < words) s_.bits.resize(words, 0);
   }
 
-  // Step 1 and the unit's chunks (`threads`: the call's); sets w.error on a bad input.
-  void gather(int threads) {
+  // Step 1 and the unit's chunks (one unless `split`; `threads`: the call's); sets w.error on a bad input.
+  void gather(int threads, bool split) {
     w_.candidates.clear();
     w_.error = gather_candidates();
     clear_candidates();  // the bitmap is zero again whatever happened
     const int64_t C = int64_t(w_.candidates.size());
-    w_.chunks = unit_chunks(a_, threads, C);
+    w_.chunks = split ? unit_chunks(a_, threads, C) : 1;
     w_.chunk_len = (C + w_.chunks - 1) / w_.chunks;
     w_.n_kept.assign(size_t(w_.chunks), 0);
     a_.n_rated[unit_] = reads_all() ? 0 : C;
@@ -496,7 +496,7 @@ inline void host_step(const HostStepArgs& a) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (units > 1 && threads > 1)
     for (int64_t u = 0; u < units; ++u) {
       HostUnit x = unit(u);
-      x.gather(threads);
+      x.gather(threads, false);
       x.score(0);
       x.resolve_lse();
       x.keep(0);
@@ -513,7 +513,7 @@ inline void host_step(const HostStepArgs& a) {
   std::optional<ChunkStates> states;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    each(units, [&](int64_t u) { unit(u).gather(threads); });
+    each(units, [&](int64_t u) { unit(u).gather(threads, true); });
 #pragma omp single
     {
       chunks.emplace(work, units, 0);
