@@ -8,9 +8,10 @@
 //        the tokens of the chosen blocks blocks[h, :] (full blocks of `block_size`, -1 = none);
 //        the ranges `tail` and `recent` [begin, end);
 //   2. each candidate rated (unless the threshold is -inf: then all are read):
-//      p = mean_g exp(scale * q[g] . k - lse[g]) over the G query heads of the group; it is read when p >= threshold[b]. lse is given (the resident tokens' log-sum-exp
-//      and the blocks' estimated mass), or with lse_from_candidates the given resident lse
-//      log-sum-exp'd with the candidates' own scores;
+//      p = mean_g exp(scale * q[g] . k - lse[g]) over the G query heads of the group; it is read
+//      when p >= threshold[b]. lse is given (the resident tokens' log-sum-exp and the blocks'
+//      estimated mass), or with lse_from_candidates the given resident lse log-sum-exp'd with
+//      the candidates' own scores;
 //   3. the ids read: those that pass, and every id of the range `forced` (the newest host
 //      tokens, which no index covers yet), in ascending order -> ids[b, h, :n_read] (-1 after);
 //   4. their gather-attend -> out [G, D], lse_out [G] (as gather_attend on those ids, up to the
@@ -28,8 +29,8 @@
 // Duplicates are dropped with a bitmap over the host ids (one bit per token), kept per
 // thread across calls and cleared bit by bit within the phase that sets it, so nothing is
 // sorted and a unit costs time in its candidates, not in the context's length; the
-// ascending order of the ids read comes from walking that bitmap. The scores are gather_scores' and the
-// attention gather_attend's own code, so the Python reference (engine.decode.select, which
+// ascending order of the ids read comes from walking that bitmap. The scores are
+// gather_scores' and the attention gather_attend's own code, so the Python reference (engine.decode.select, which
 // calls those kernels) chooses the same ids, up to candidates whose rating lies within a
 // rounding error of the threshold.
 //
@@ -56,7 +57,7 @@ enum HostRange { kTail = 0, kRecent = 1, kForced = 2, kRanges = 3 };
 
 // The fewest candidates a chunk takes by default: a smaller chunk costs more in the phases'
 // hand-overs than it saves (the bundled model at 8K, 1,515 candidates per KV head and 2 threads:
-// 0.16 ms whole, 0.17 ms in two chunks of 128 or more).
+// 0.17 ms whole, 0.19 ms in two chunks).
 constexpr int64_t kMinHostChunk = 2048;
 
 struct HostStepArgs {
@@ -116,7 +117,7 @@ struct UnitWork {
   std::vector<int64_t> kept;        // [C]: each chunk's kept candidates at the front of its range
   std::vector<int64_t> n_kept;      // [chunks]
   std::vector<int64_t> extra;       // the forced ids not kept
-  int64_t chunks = 1, chunk_len = 0;
+  int64_t chunks = 1;
   float lse[kMaxRateGroup];         // the rating's denominators, per query head of the group
   std::string error;
 };
@@ -178,7 +179,6 @@ class HostUnit {
     clear_candidates();  // the bitmap is zero again whatever happened
     const int64_t C = int64_t(w_.candidates.size());
     w_.chunks = split ? unit_chunks(a_, threads, C) : 1;
-    w_.chunk_len = (C + w_.chunks - 1) / w_.chunks;
     w_.n_kept.assign(size_t(w_.chunks), 0);
     a_.n_rated[unit_] = reads_all() ? 0 : C;
     if (reads_all()) return;
@@ -192,7 +192,7 @@ class HostUnit {
     const auto [begin, end] = chunk(c);
     const int64_t C = n_candidates();
     GatherScoresArgs sc;
-    sc.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
+    sc.q = queries();
     sc.n_q_heads = G_;
     sc.k = head_view(a_.k[b_], h_);
     sc.ids = w_.candidates.data();
@@ -328,12 +328,13 @@ class HostUnit {
   bool test(int64_t id) { return (bits()[id >> 6] >> (id & 63)) & 1u; }
   void set(int64_t id) { bits()[id >> 6] |= uint64_t(1) << (id & 63); }
   int64_t n_candidates() const { return int64_t(w_.candidates.size()); }
+  const float* queries() const { return a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_; }  // the group's [G, D]
   bool failed() const { return !w_.error.empty(); }  // a bad input or the cap: the unit stops, the call throws
 
   // [begin, end) of chunk c among the candidates.
   std::pair<int64_t, int64_t> chunk(int64_t c) const {
-    const int64_t C = n_candidates(), begin = std::min(C, c * w_.chunk_len);
-    return {begin, std::min(C, begin + w_.chunk_len)};
+    const int64_t C = n_candidates(), len = (C + w_.chunks - 1) / w_.chunks, begin = std::min(C, c * len);
+    return {begin, std::min(C, begin + len)};
   }
 
   void add(int64_t id) {
@@ -394,7 +395,7 @@ class HostUnit {
   // The gather-attend of this unit's group (its ids set by the caller).
   GatherAttendArgs attend_args() const {
     GatherAttendArgs g;
-    g.q = a_.q + (b_ * a_.n_q_heads + h_ * G_) * D_;
+    g.q = queries();
     g.n_q_heads = G_;
     g.k = head_view(a_.k[b_], h_);
     g.v = head_view(a_.v[b_], h_);
