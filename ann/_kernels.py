@@ -260,3 +260,27 @@ def distinct_rows(ids, limit, n_ids):
         out[h, :m].sort()
         width = max(width, m)
     return out, width
+
+
+@nb.njit(cache=True)
+def enter_lists(lists, list_scores, raw, keys, near, first_id):
+    """Keys [H, n, D] (fp32), given ids first_id.., enter in order the lists [H, Nq, M] of the
+    build queries near[h, i] [H, n, A] each one points at: where the key's logit (raw [H, Nq, D]
+    . key) beats the list's weakest entry (the first of equals), it takes that slot, and its
+    logit the slot of list_scores. Key by key, so two keys never take one slot."""
+    H, n, A = near.shape
+    M = lists.shape[2]
+    for h in range(H):
+        for i in range(n):
+            for a in range(A):
+                r = near[h, i, a]
+                logit = np.float32(0.0)
+                for d in range(keys.shape[2]):
+                    logit += raw[h, r, d] * keys[h, i, d]
+                worst = 0
+                for j in range(1, M):
+                    if list_scores[h, r, j] < list_scores[h, r, worst]:
+                        worst = j
+                if logit > list_scores[h, r, worst]:
+                    list_scores[h, r, worst] = logit
+                    lists[h, r, worst] = first_id + i

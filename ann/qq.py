@@ -155,7 +155,7 @@ class QueryLists:
         self.list_scores = torch.full(self.lists.shape, float("-inf"))
         self.lists[:, :, :m] = ids.to(torch.int32).cpu()
         self.list_scores[:, :, :m] = scores.cpu()
-        self.raw = queries.float().cpu()
+        self.raw = queries.float().cpu().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
         self.queries = _unit(queries.float()).to(self.dtype)
         self.n_keys = keys.shape[1]
 
@@ -166,18 +166,13 @@ class QueryLists:
             raise RuntimeError("add before build: the qq selector needs build queries first")
         n = keys.shape[1]
         if self.n_add > 0 and n:
+            from ann._kernels import enter_lists
+
             near = torch.bmm(_unit(keys.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, n, Nq]
-            near = torch.topk(near, min(self.n_add, self.n_queries), dim=2).indices.cpu()  # [H, n, n_add]
-            keys = keys.float().cpu()
-            heads = torch.arange(self.n_heads).unsqueeze(1)
-            for i in range(n):  # a few keys per call: one after another, so two never take one slot
-                rows = near[:, i]  # [H, n_add]
-                logits = torch.einsum("hrd,hd->hr", self.raw[heads, rows], keys[:, i])  # [H, n_add]
-                worst_score, worst = self.list_scores[heads, rows].min(dim=2)  # [H, n_add]
-                better = logits > worst_score
-                h, r = heads.expand_as(rows)[better], rows[better]
-                self.lists[h, r, worst[better]] = self.n_keys + i
-                self.list_scores[h, r, worst[better]] = logits[better]
+            near = torch.topk(near, min(self.n_add, self.n_queries), dim=2).indices  # [H, n, n_add]
+            keys = keys.float().cpu().contiguous()
+            args = self.lists.numpy(), self.list_scores.numpy(), self.raw.numpy(), keys.numpy(), near.cpu().numpy()
+            enter_lists(*args, self.n_keys)
         self.n_keys += n
 
     def candidates(self, q: torch.Tensor, n_neighbors: int | None = None) -> torch.Tensor:

@@ -46,6 +46,46 @@ def test_added_key_enters_lists_of_queries_that_want_it(data):
     assert idx.search(new, 1).ids[0, 0] == len(keys)
 
 
+def _enter_one_by_one(lists, n_keys: int, keys):
+    """QueryLists.add's rule written plainly: key after key, head after head, each of its n_add
+    nearest build queries' lists takes it in place of its first weakest entry if it beats it."""
+    import torch
+
+    from ann.qq import _unit
+
+    ids, scores = lists.lists.clone(), lists.list_scores.clone()
+    near = torch.topk(torch.bmm(_unit(keys), lists.queries.transpose(1, 2)), lists.n_add, dim=2).indices
+    for i in range(keys.shape[1]):
+        for h in range(keys.shape[0]):
+            for r in near[h, i].tolist():
+                logit = float(lists.raw[h, r] @ keys[h, i])
+                worst = int(scores[h, r].argmin())
+                if logit > scores[h, r, worst]:
+                    ids[h, r, worst], scores[h, r, worst] = n_keys + i, logit
+    return ids, scores
+
+
+def test_added_keys_enter_lists_one_after_another():
+    """Keys added together take slots as if added one by one: on integer data, with many equal
+    logits and lists with empty slots, the lists and their logits equal the plain rule's."""
+    import torch
+
+    from ann.qq import QueryLists
+
+    g = torch.Generator().manual_seed(3)
+    H, D, n_keys = 2, 8, 6  # lists of 8 slots with 6 keys: two empty (-inf) slots each
+    lists = QueryLists(H, D, m_keys=8, n_add=5)
+    keys, queries = (torch.randint(-2, 3, (H, n, D), generator=g).float() for n in (n_keys, 40))
+    lists.build(keys, queries)
+    for step in range(3):
+        # few directions, so that several keys of one call aim at the same lists and tie there
+        new = torch.randint(-1, 2, (H, 12, D), generator=g).float()
+        want = _enter_one_by_one(lists, lists.n_keys, new)
+        lists.add(new)
+        assert torch.equal(lists.lists, want[0]) and torch.equal(lists.list_scores, want[1]), step
+    assert (lists.lists >= n_keys + 12).any()  # later calls' keys entered too
+
+
 def test_needs_build_queries(data):
     keys, _, _ = data
     with pytest.raises(ValueError, match="needs build queries"):
@@ -140,9 +180,9 @@ def test_top_rows_matches_sort():
     np.testing.assert_array_equal(out_s[0], -np.sort(-nan_row[0][~np.isnan(nan_row[0])])[:10])
 
 
-def test_precompile_compiles_the_kernel_a_build_calls(monkeypatch):
-    """What set-up compiles ahead (ann.precompile) is what a real build calls, argument types
-    included: for any other types numba would compile again at the first build."""
+def test_precompile_compiles_the_kernels_a_build_and_its_adds_call(monkeypatch):
+    """What set-up compiles ahead (ann.precompile) is what a real build and a real add call,
+    argument types included: for any other types numba would compile again at the first use."""
     import numba
     import torch
 
@@ -150,19 +190,23 @@ def test_precompile_compiles_the_kernel_a_build_calls(monkeypatch):
     from ann.precompile import precompile
     from ann.qq import QueryLists
 
-    seen, real = [], kernels.top_rows
+    seen = []
+    for name in ("top_rows", "enter_lists"):
+        real = getattr(kernels, name)
 
-    def recording(*args):
-        seen.append(tuple(numba.typeof(a) for a in args))
-        return real(*args)
+        def recording(*args, name=name, real=real):
+            seen.append((name, *(numba.typeof(a) for a in args)))
+            return real(*args)
 
-    monkeypatch.setattr(kernels, "top_rows", recording)
+        monkeypatch.setattr(kernels, name, recording)
     precompile()
     ahead = set(seen)
     seen.clear()
     lists = QueryLists(2, 16, m_keys=8)  # a model's half-precision keys and queries, as the engine builds
     lists.build(torch.randn(2, 300, 16, dtype=torch.bfloat16), torch.randn(2, 40, 16, dtype=torch.bfloat16))
-    assert len(ahead) == 1 and seen and set(seen) == ahead
+    store = torch.randn(2, 400, 16, dtype=torch.bfloat16)  # the engine adds a slice of its host store
+    lists.add(store[:, 300:332])
+    assert len(ahead) == 2 and set(seen) == ahead
 
 
 def test_cpu_build_keeps_torch_thread_count():
