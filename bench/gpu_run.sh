@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check on a machine with a CUDA GPU and no network: install the carried wheels
 # (transformers at the version the project pins, faiss for the host key index, and what
-# they need that the machine lacks), build the C++ extension, run `python -m bench.gpu_check`
+# they need that the machine lacks), build the C++ extension, compile the numba kernels
+# (ann.precompile, so that no timed step compiles one), run `python -m bench.gpu_check`
 # (any arguments after OUT_DIR go to it). From the repository root:
 #
 #   bash bench/gpu_run.sh [OUT_DIR [gpu_check arguments]]   (OUT_DIR default: $OUT, else bench/out)
@@ -15,4 +16,5 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 "$py" -m pip install --quiet --no-index --find-links .gpu_wheels "transformers==5.24.0" "faiss-cpu>=1.9"
 "$py" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tee "$out/build.log"
+"$py" -m ann.precompile 2>&1 | tee -a "$out/build.log"
 "$py" -m bench.gpu_check --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"

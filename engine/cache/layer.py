@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ann.block import BlockIndex
-from engine.cache.store import DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool
+from engine.cache.store import DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool, rows_on
 from engine.config import OffloadConfig
 from engine.decode.estimate import BlockSummary
 from engine.decode.sketch import ExactKeys
@@ -302,7 +302,8 @@ class HybridLayer(CacheLayerMixin):
         slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident) :]).to(
             self.device
         )  # filled slots by position
-        host_k, host_v = (t.to(self.device, self.dtype) for t in self.host.rows_for(self.device))
+        # head by head on the stream ordered after the copies in flight (rows_on), not through a host copy
+        host_k, host_v = (rows_on(t, self.device).to(self.dtype) for t in self.host.rows_for(self.device))
         n_sink = len(where["sinks"])
         k = torch.cat([self.resident_k[:, slots[:n_sink]], host_k, self.resident_k[:, slots[n_sink:]]], dim=1)
         v = torch.cat([self.resident_v[:, slots[:n_sink]], host_v, self.resident_v[:, slots[n_sink:]]], dim=1)
