@@ -26,18 +26,31 @@ LANDMARKS = ("mean", "minmax")
 
 def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [..., H, m, k] @ b [..., H, k, n] -> [..., H, m, n], also for operands whose heads lie apart
-    in memory (views of buffers with spare capacity). On the CPU such operands go head by head:
-    a batched product of half-precision views falls off oneDNN's fast path; packed ones
-    (e.g. gathered rows) take one batched product, as everywhere else (docs/method.md)."""
+    in memory (views of buffers with spare capacity). On the CPU a batched product of such views
+    falls off oneDNN's fast path: half-precision ones are packed first (a copy costs less than
+    a product per head, which is slow in half precision too), fp32 ones go head by head; packed
+    ones (e.g. gathered rows) take one batched product, as everywhere else (docs/method.md)."""
     if a.dim() > 3:  # sequences x heads: one batch of heads
         lead = a.shape[:-2]
         return head_matmul(a.flatten(0, -3), b.flatten(0, -3)).view(*lead, a.shape[-2], b.shape[-1])
     if a.device.type != "cpu" or (_packed(a) and _packed(b)):
         return torch.bmm(a, b)
+    if a.element_size() < 4:
+        return torch.bmm(_pack(a), _pack(b))
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.promote_types(a.dtype, b.dtype))
     for h in range(a.shape[0]):
         torch.mm(a[h], b[h], out=out[h])
     return out
+
+
+def _pack(t: torch.Tensor) -> torch.Tensor:
+    """t [H, x, y] with its heads packed (`_packed`), keeping which of rows or columns is contiguous
+    (a transposed operand stays one for the product)."""
+    if _packed(t):
+        return t
+    if t.stride(1) == 1 and t.stride(2) != 1:  # columns contiguous: a transposed view of rows
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
 
 
 def _packed(t: torch.Tensor) -> bool:

@@ -140,19 +140,25 @@ def test_key_index_wrapper_reranks_exactly():
     np.testing.assert_array_equal(np.sort(res.ids[0]) >= 0, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_head_matmul_takes_packed_and_strided_heads(dtype):
-    """Heads with spare capacity between them go head by head, packed ones batched: same products."""
-    from ann.block import _packed, head_matmul
+    """Heads with spare capacity between them (packed first in half precision, head by head in
+    fp32) and packed ones (batched) give the same products, as keys [H, D, n] and as values [H, n, D]."""
+    from ann.block import _pack, _packed, head_matmul
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(3, 4, 16, generator=g).to(dtype)
+    weights = torch.randn(3, 4, 20, generator=g).to(dtype)
     buffer = torch.randn(3, 50, 16, generator=g).to(dtype)
     strided, packed = buffer[:, :20], buffer[:, :20].contiguous()
     assert not _packed(strided.transpose(1, 2)) and _packed(packed.transpose(1, 2)) and _packed(q)
+    assert _packed(_pack(strided.transpose(1, 2))) and _pack(strided.transpose(1, 2)).stride(1) == 1  # still transposed
     expected = torch.bmm(q.double(), packed.double().transpose(1, 2))
-    for keys in (strided, packed):
-        torch.testing.assert_close(head_matmul(q, keys.transpose(1, 2)).double(), expected, atol=0.05, rtol=0.02)
+    expected_values = torch.bmm(weights.double(), packed.double())
+    for rows in (strided, packed):
+        torch.testing.assert_close(head_matmul(q, rows.transpose(1, 2)).double(), expected, atol=0.05, rtol=0.02)
+        torch.testing.assert_close(head_matmul(weights, rows).double(), expected_values, atol=0.05, rtol=0.02)
+    assert torch.equal(strided, packed)  # the operands are not written
 
 
 @pytest.mark.parametrize("landmark", ["mean", "minmax"])
