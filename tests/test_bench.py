@@ -52,7 +52,7 @@ def test_bench_decode_quick(tmp_path):
     assert {"hybrid-default", "hybrid-flat", "hybrid-block-only", "full-sdpa"} <= {c["method"] for c in timed}
     for c in timed:
         has_keys(c, keys | {"kv_read_frac"})
-        assert 0 < c["kv_read_frac"] <= 1
+        assert 0 < c["kv_read_frac"] <= 1 and c["attn_ms_per_layer_mean"] > 0
         assert (c["method"] == "full-sdpa") == (c["host_bytes"] == 0)
         # a near tie's step run again is timed where the configuration re-checks them
         rechecks = c["method"].startswith("hybrid") and "fixed" not in c["method"] and "python" not in c["method"]
@@ -333,6 +333,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     default = decode["hybrid-default"]
     assert len(default["wider_ms_per_token"]) == 2 and all(ms > 0 for ms in default["wider_ms_per_token"])
     assert default["kv_read_frac"] < min(default["wider_kv_read_frac"]) and default["rerun_positions"] > 0
+    assert default["ms_per_token_over_block"] > 0 and default["ms_per_token_mean"] > 0
     batch = {r["method"]: r for r in rows if r["case"] == "batch"}
     assert set(batch) == {"hybrid-default-batch1", "hybrid-default-batch8", "hybrid-default-batch8-per-sequence"}
     for r in batch.values():

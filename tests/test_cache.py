@@ -225,3 +225,32 @@ def test_copied_host_indexes_decode_as_the_source_and_take_the_tokens_a_shorter_
         layer.load_kv(*source.layers[0].ordered_kv())
         with pytest.raises(ValueError, match="same sinks"):
             layer.copy_indexes_from(source.layers[0])
+
+
+def test_decode_steps_add_the_newest_host_keys_to_the_index_once_a_block(tiny_model, tiny_ids, monkeypatch):
+    """One host token a step: each layer's key index takes the newest keys once every block_size
+    steps, never between (what a benchmark's mean over one block of steps counts once)."""
+    from engine.cache.layer import HybridLayer
+
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8)
+    cache = HybridCache(tiny_model, cfg, progress=False)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :200], cache=cache, use_cache=True)
+        tiny_model(tiny_ids[:, 200:201], cache=cache, use_cache=True)  # the first step builds the index
+    assert all(layer.key_index is not None for layer in cache.layers)
+    adds, real = [], HybridLayer.index_new_keys
+
+    def counted(layer):
+        adds.append((layer.layer_idx, layer.host.n - layer.n_indexed))
+        real(layer)
+
+    monkeypatch.setattr(HybridLayer, "index_new_keys", counted)
+    per_step = []
+    with torch.no_grad():
+        for i in range(201, 201 + 3 * cfg.block_size):
+            before = len(adds)
+            tiny_model(tiny_ids[:, i : i + 1], cache=cache, use_cache=True)
+            per_step.append(len(adds) - before)
+    n_layers = len(cache.layers)
+    assert sorted(per_step) == [0] * (3 * cfg.block_size - 3) + [n_layers] * 3  # three steps of the 24 add
+    assert all(n == cfg.block_size for _, n in adds)  # a block's keys each time

@@ -16,7 +16,9 @@ really, up to --prefill-max tokens.
 
 Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
-part the engine replaces), prefill_s, index_build_s, device/host bytes, and
+part the engine replaces) and attn_ms_per_layer_mean (their mean: over --steps of a
+block_size, 32, or more it counts once what a step does once a block, the key index's
+adds, which the median leaves out), prefill_s, index_build_s, device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
 the engine rerun_attn_ms_per_layer {positions: ms} (the same for the newest positions run
 again as an exact chunk, as at a near tie, engine.decode.recheck: the step alone, and the
@@ -90,9 +92,10 @@ def decode_once(model, cache, select=None) -> tuple[float, float, float]:
     return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
 
 
-def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, tuple[float, float, float]]:
+def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, tuple[float, float, float, float]]:
     """Per cache: median ms per token (whole model), median ms per layer in update + attention,
-    mean kv_read_frac; with several caches their steps take turns (`in_turns`)."""
+    mean kv_read_frac, and the mean ms per layer; with several caches their steps take turns
+    (`in_turns`)."""
     samples = in_turns(
         {
             name: lambda _, cache=cache, name=name: decode_once(model, cache, RULES.get(name))
@@ -106,6 +109,7 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
             1e3 * statistics.median(s[0] for s in got),
             1e3 * statistics.median(s[1] for s in got),
             statistics.mean(s[2] for s in got),
+            1e3 * statistics.mean(s[1] for s in got),
         )
         for name, got in samples.items()
     }
@@ -204,7 +208,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     steps = args.steps if not full_only or context <= 16384 else max(3, args.steps // 3)
     timings = time_decode(model, caches, steps)
     device = next(model.parameters()).device
-    for method, (ms_token, ms_layer, read) in timings.items():
+    for method, (ms_token, ms_layer, read, ms_layer_mean) in timings.items():
         kind, cfg = group[method]
         rerun, wider, span = {}, [], 0
         if cfg:  # one exact run at the prose rate covers about RECHECK_SPAN positions, as many as its work allows
@@ -227,6 +231,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "context_kind": args.context,
             "decode_ms_per_token": round(ms_token, 3),
             "attn_ms_per_layer": round(ms_layer, 4),
+            "attn_ms_per_layer_mean": round(ms_layer_mean, 4),
             "prefill_s": prefill_s,
             "index_build_s": round(builds[method], 3) if kind == "hybrid" else None,
             "device_bytes": dev + weights,
