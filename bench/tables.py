@@ -254,7 +254,9 @@ def fidelity(result: dict) -> str:
             row.append(f"{d['err']:.3f} / {100 * d['read']:.1f}% / {d['oracle_err']:.3f}{est}")
         layer_rows.append(row)
     return (
-        f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['steps']} decode steps each, every layer\n\n"
+        f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['steps']} decode steps each, every layer"
+        + (f", the model in {cfg['dtype']}" if cfg.get("dtype", "float32") != "float32" else "")
+        + "\n\n"
         + table(head, rows)
         + "\n\nper layer: error / read / oracle / oracle + estimate\n\n"
         + table(["layer"] + names, layer_rows)

@@ -474,6 +474,29 @@ def test_bench_fidelity_quick(tmp_path):
         assert 0 <= e["err"][0] < 1 and 0 < e["read"][0] <= 1
     text = script("bench.tables").fidelity(result)
     assert text.count("\n| default |") == 1 and text.count("\n| 29 |") == 1
+    assert result["config"]["dtype"] == "float32" and "the model in" not in text
+
+
+def test_bench_fidelity_runs_the_model_in_bf16(tmp_path, monkeypatch):
+    """--dtype bfloat16: the model and the engine's layers in bf16, the error still measured, the
+    report saying so."""
+    import torch
+
+    fidelity = script("bench.evals.fidelity")
+    dtypes, real = [], fidelity.measure
+
+    def measure(model, *args):
+        dtypes.append(next(model.parameters()).dtype)
+        return real(model, *args)
+
+    monkeypatch.setattr(fidelity, "measure", measure)
+    out = tmp_path / "fidelity.json"
+    argv = ["--prompts", "1", "--context", "300", "--steps", "2", "--configs", "default", "--dtype", "bfloat16"]
+    fidelity.main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert dtypes == [torch.bfloat16] and result["config"]["dtype"] == "bfloat16"
+    assert 0 < result["summary"]["default"]["err"][0] < 1
+    assert ", the model in bfloat16\n" in script("bench.tables").fidelity(result)
 
 
 def test_eval_generation_quick(tmp_path):

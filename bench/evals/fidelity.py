@@ -17,7 +17,11 @@ configuration decodes the same positions). At every decode step of every layer:
 Summary per configuration: the mean over layers (and steps) of each, with a 95% interval
 over prompts.
 
+With --dtype bfloat16 the model, and with it the engine's device parts (its block summaries
+and their products), run in bf16 as on a GPU; the default is float32, as on the CPU.
+
     python -m bench.evals.fidelity [--quick] [--json PATH] [--prompts N] [--context T] [--steps S]
+                                   [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ CONFIGS = named(
 ON_REQUEST = ("neighbours", "mean-blocks", "fewer-blocks", "default-no-growth")
 SOURCE = CONFIGS["default"]  # the prefill's configuration: its key index and sketch serve every other one
 METRICS = ("err", "read", "oracle_err", "oracle_est_err")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @torch.inference_mode()
@@ -113,13 +118,16 @@ def main(argv=None):
     p.add_argument("--steps", type=options.positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
     p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's dtype (bfloat16: as on a GPU)")
     options.add_model_args(p, rope_scale=True)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(args, prompts=(2, 12), context=(512, 4096), steps=(4, 24))
     options.pin_threads(args.threads)
 
-    model, tok = load_model(args.model, attn_implementation="hybrid", rope_scale=args.rope_scale)
+    model, tok = load_model(
+        args.model, dtype=DTYPES[args.dtype], attn_implementation="hybrid", rope_scale=args.rope_scale
+    )
     probe = LayerProbe()
     AttentionInterface.register(PROBE, probe)
     configs = {name: CONFIGS[name] for name in args.configs}
@@ -134,6 +142,7 @@ def main(argv=None):
             "config": {
                 "model": args.model,
                 "rope_scale": args.rope_scale,
+                "dtype": args.dtype,
                 "prompts": args.prompts,
                 "context": args.context,
                 "steps": args.steps,
