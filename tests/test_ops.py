@@ -160,6 +160,32 @@ def test_merging_two_halves_equals_the_whole(merge):
     torch.testing.assert_close(merged[1], whole[1], atol=1e-5, rtol=1e-5)
 
 
+def test_merge_all_of_three_parts_equals_the_whole_and_the_merges_two_by_two():
+    """merge_all (a decode step's resident, host and estimated parts in one merge): three thirds of
+    a gather-attend give the whole, as merging them two by two does; an empty part adds nothing, all
+    empty give o = 0 and lse = -inf, and the weights stay normalised at any lse."""
+    from engine.decode.merge import merge_all
+
+    q, k, v, _ = make_case(3, 4, 500, 64, 0, torch.float32)
+    ids = torch.randperm(500, generator=torch.Generator().manual_seed(4))[:300].view(1, -1).expand(3, -1)
+    whole = ops.gather_attend(q, k, v, ids)
+    thirds = [ops.gather_attend(q, k, v, ids[:, i : i + 100].contiguous()) for i in (0, 100, 200)]
+    merged = merge_all(thirds)
+    pairwise = merge_states(*merge_states(*thirds[0], *thirds[1]), *thirds[2])
+    for got in (merged, pairwise):
+        torch.testing.assert_close(got[0], whole[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], whole[1], atol=1e-5, rtol=1e-5)
+    empty = (torch.randn(12, 64), torch.full((12,), float("-inf")))
+    o, lse = merge_all([empty, thirds[1], empty])
+    torch.testing.assert_close(o, thirds[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(lse, thirds[1][1], atol=0, rtol=0)
+    o, lse = merge_all([empty, empty, empty])
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+    big = torch.full((1,), 1e30)
+    o, _ = merge_all([(torch.ones(1, 4), big), (torch.full((1, 4), 3.0), big), (torch.full((1, 4), 5.0), big)])
+    torch.testing.assert_close(o, torch.full((1, 4), 3.0))
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -34,6 +34,7 @@ class HostInputs(NamedTuple):
     lse: torch.Tensor  # [Hkv, G] the rating's log-denominators (resident only: completed on the host)
     lists: torch.Tensor  # [Hkv, rows, L] int32 the lists (rows 0 without a key index)
     ranges: torch.Tensor  # [3, 2] the tail, recent and forced ranges (ops.RANGES)
+    in_ranges: int  # the host ids in them
     threshold: float  # -inf: every candidate read, unrated
     qq_limit: int
     qq_prefix: int
@@ -109,10 +110,11 @@ def prepare(layers, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> list
         tail = (layer.host.n, layer.host.n)
         if layer.blocks is not None:
             tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
-        ranges = torch.tensor([tail, recent[b], (int(forced[0]), layer.host.n) if len(forced) else (0, 0)])
+        spans = [tail, recent[b], (int(forced[0]), layer.host.n) if len(forced) else (0, 0)]
         threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
         prefix = oversample * limits[b]
-        out.append(HostInputs(rows[b], blocks[b], lse[b], lists[b], ranges, threshold, limits[b], prefix))
+        ranges, in_ranges = torch.tensor(spans), sum(end - begin for begin, end in spans)
+        out.append(HostInputs(rows[b], blocks[b], lse[b], lists[b], ranges, in_ranges, threshold, limits[b], prefix))
     return out
 
 
@@ -139,7 +141,9 @@ def packed_copy(tensors: list[torch.Tensor], copy) -> list[torch.Tensor]:
 
 
 def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    """[Hkv, n_b] tensors -> [B, Hkv, max n_b], -1 padded."""
+    """[Hkv, n_b] tensors -> [B, Hkv, max n_b], -1 padded (one: a view of it)."""
+    if len(rows) == 1:
+        return rows[0].unsqueeze(0)
     out = torch.full((len(rows), rows[0].shape[0], max(r.shape[1] for r in rows)), -1, dtype=torch.int64)
     for b, r in enumerate(rows):
         out[b, :, : r.shape[1]] = r
@@ -155,7 +159,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
     first = layers[0]
     summarized = [layer.summary.n_blocks if layer.summary is not None else 0 for layer in layers]
     widths = [
-        min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + int((i.ranges[:, 1] - i.ranges[:, 0]).sum()))
+        min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + i.in_ranges)
         for layer, i, b in zip(layers, inputs, blocks)
     ]
     res = ops.host_step(
@@ -178,9 +182,10 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         pin=first.device.type == "cuda",
         n_threads=first.cfg.host_threads,
     )
+    n_read, n_rated = res.n_read.tolist(), res.n_rated.tolist()
     for b, layer in enumerate(layers):
         st = layer.stats
-        st.host_tokens, st.read_ids = layer.host.n, res.ids[b, :, : int(res.n_read[b].max())]
-        st.gathered, st.sketched = int(res.n_read[b].sum()), int(res.n_rated[b].sum())
+        st.host_tokens, st.read_ids = layer.host.n, res.ids[b, :, : max(n_read[b])]
+        st.gathered, st.sketched = sum(n_read[b]), sum(n_rated[b])
         st.estimated = Hkv * summarized[b] * layer.cfg.block_size - int(res.block_reads[b, :, : summarized[b]].sum())
     return res

@@ -31,6 +31,19 @@ def merge_states(
     return o, safe + total.log()
 
 
+def merge_all(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_states` of several states `(o [..., D], lse [...])` of one shape at once, in fp32: a
+    decode step merges its resident, host and estimated parts in one set of operations rather than
+    two (on a GPU each operation is a kernel launched from the CPU)."""
+    lse = torch.stack([state[1] for state in states]).float()  # [S, ...]
+    peak = lse.amax(dim=0)
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    e = torch.exp(lse - safe)  # the largest is 1 (or all are 0)
+    total = e.sum(dim=0)
+    o = (e.unsqueeze(-1) * torch.stack([state[0] for state in states]).float()).sum(dim=0)
+    return o / total.clamp_min(1e-30).unsqueeze(-1), safe + total.log()
+
+
 # PyTorch's flash-attention kernels also return the log-sum-exp that merging needs.
 _cpu_flash_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _cuda_flash_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)

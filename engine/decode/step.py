@@ -14,7 +14,7 @@ import torch
 from engine.cache.layer import HybridLayer
 from engine.decode import host
 from engine.decode.estimate import stacked_estimate, stacked_scores
-from engine.decode.merge import attend, merge_states
+from engine.decode.merge import attend, merge_all, merge_states
 from engine.decode.select import select_host_ids
 from engine.index.build import build_key_index
 from engine.native import ops
@@ -195,23 +195,22 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
     out = res.out.view(len(layers), Hkv, G, 1, D).to(o.device, non_blocking=True)
     lse_c = res.lse.view(len(layers), Hkv, G, 1).to(o.device, non_blocking=True)
     counts = res.block_reads.to(o.device, non_blocking=True)
-    parts = []
+    parts = []  # per group: the host tokens' state read, and the unread ones' estimated
     for group, blocks in zip(groups, scores):
-        part = _rows(out, group), _rows(lse_c, group)
+        part = [(_rows(out, group), _rows(lse_c, group))]
         if blocks is not None:
             summaries = [layers[i].summary for i in group]
             read = _rows(counts, group)[..., : max(s.n_blocks for s in summaries)]
             o_e, lse_e = stacked_estimate(summaries, blocks, read)
-            part = merge_states(*part, o_e.unsqueeze(-2), lse_e.unsqueeze(-1))
+            part.append((o_e.unsqueeze(-2), lse_e.unsqueeze(-1)))
         parts.append(part)
-    if len(groups) == 1 and len(layers) == B:  # every sequence, in order
-        o_h, lse_h = parts[0]
-    else:
-        o_h = torch.zeros_like(o)
-        lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
-        for group, (o_g, lse_g) in zip(groups, parts):
-            rows = [reading[i] for i in group]
-            o_h[rows], lse_h[rows] = o_g, lse_g
+    if len(groups) == 1 and len(layers) == B:  # every sequence, in order: all parts in one merge
+        return merge_all([(o, lse), *parts[0]])[0]
+    o_h = torch.zeros_like(o)
+    lse_h = torch.full_like(lse, float("-inf"))  # a sequence with no host tokens adds nothing
+    for group, part in zip(groups, parts):
+        rows = [reading[i] for i in group]
+        o_h[rows], lse_h[rows] = merge_all(part) if len(part) > 1 else part[0]
     return merge_states(o, lse, o_h, lse_h)[0]
 
 
