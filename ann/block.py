@@ -155,6 +155,10 @@ class BlockIndex:
         keys = keys.to(self.device, self.dtype)
         b = self.block_size
         filled = self.n % b
+        if filled + keys.shape[1] < b:  # the block still filling takes them all (a decode step's token)
+            self._tail[:, filled : filled + keys.shape[1]] = keys
+            self.n += keys.shape[1]
+            return
         # tail tokens and new ones, laid out as whole blocks plus a new tail
         seq = torch.cat([self._tail[:, :filled], keys], dim=1)  # [H, filled+n, D]
         full = seq.shape[1] // b

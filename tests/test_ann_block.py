@@ -34,6 +34,11 @@ def test_piecewise_adds_equal_reference(n, landmark):
     else:
         torch.testing.assert_close(idx._lm[0, :, : idx.n_blocks], lo)
         torch.testing.assert_close(idx._lm[1, :, : idx.n_blocks], hi)
+    one_by_one = BlockIndex(3, 8, block_size=16, landmark=landmark, capacity=16)  # as decode steps add them
+    for i in range(n):
+        one_by_one.add(keys[:, i : i + 1])
+    assert len(one_by_one) == n and torch.equal(one_by_one.landmarks, idx.landmarks)
+    assert torch.equal(one_by_one._tail[:, : n % 16], keys[:, n - n % 16 :])  # the block still filling
 
 
 @pytest.mark.parametrize("landmark", ["mean", "minmax"])
