@@ -33,8 +33,7 @@ class HostInputs(NamedTuple):
     blocks: torch.Tensor  # [Hkv, T] the chosen blocks
     lse: torch.Tensor  # [Hkv, G] the rating's log-denominators (resident only: completed on the host)
     lists: torch.Tensor  # [Hkv, rows, L] int32 the lists (rows 0 without a key index)
-    ranges: torch.Tensor  # [3, 2] the tail, recent and forced ranges (ops.RANGES)
-    in_ranges: int  # the host ids in them
+    ranges: list  # the tail, recent and forced ranges (ops.RANGES), (begin, end) each
     threshold: float  # -inf: every candidate read, unrated
     qq_limit: int
     qq_prefix: int
@@ -110,11 +109,10 @@ def prepare(layers, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> list
         tail = (layer.host.n, layer.host.n)
         if layer.blocks is not None:
             tail = (layer.blocks.n_blocks * layer.blocks.block_size, layer.blocks.n)
-        spans = [tail, recent[b], (int(forced[0]), layer.host.n) if len(forced) else (0, 0)]
+        ranges = [tail, recent[b], (int(forced[0]), layer.host.n) if len(forced) else (0, 0)]
         threshold = read_threshold(cfg, layer.n_seen) if rating else float("-inf")
         prefix = oversample * limits[b]
-        ranges, in_ranges = torch.tensor(spans), sum(end - begin for begin, end in spans)
-        out.append(HostInputs(rows[b], blocks[b], lse[b], lists[b], ranges, in_ranges, threshold, limits[b], prefix))
+        out.append(HostInputs(rows[b], blocks[b], lse[b], lists[b], ranges, threshold, limits[b], prefix))
     return out
 
 
@@ -159,7 +157,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
     first = layers[0]
     summarized = [layer.summary.n_blocks if layer.summary is not None else 0 for layer in layers]
     widths = [
-        min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + i.in_ranges)
+        min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + sum(end - begin for begin, end in i.ranges))
         for layer, i, b in zip(layers, inputs, blocks)
     ]
     res = ops.host_step(
@@ -169,7 +167,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         [i.lists for i in inputs],
         _padded(rows),
         _padded(blocks),
-        torch.stack([i.ranges for i in inputs]),
+        torch.tensor([i.ranges for i in inputs]),
         torch.stack(lse).reshape(B, Hkv * G),
         scale=scale,
         threshold=[i.threshold for i in inputs],
