@@ -5,6 +5,7 @@ input checked, fuzzed against a plain reference) are in tests/test_fuzz.py."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,28 +231,33 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
     keys, values = [layer.host.keys], [layer.host.values]
     lists = [torch.zeros(H_KV, 4, 8, dtype=torch.int32)]
 
-    def call(**changes):
+    def call(fn=ops.host_step, **changes):
         args = (
             dict(
+                q=q,
                 near=torch.zeros(1, H_KV, 2, dtype=torch.int64),
                 blocks=torch.full((1, H_KV, 1), -1),
                 ranges=torch.zeros(1, 3, 2, dtype=torch.int64),
                 lists=lists,
+                lse=torch.zeros(1, H_KV * G),
                 threshold=0.0,
             )
             | changes
         )
-        return ops.host_step(
-            q,
+        if fn is ops.host_step_prepared and not isinstance(args["threshold"], np.ndarray):
+            args["threshold"] = np.full(1, args["threshold"], dtype=np.float32)
+        return fn(
+            args["q"],
             keys,
             values,
             args["lists"],
             args["near"],
             args["blocks"],
             args["ranges"],
-            torch.zeros(1, H_KV * G),
+            args["lse"],
+            *([args["threshold"]] if fn is ops.host_step_prepared else []),
             scale=SCALE,
-            threshold=args["threshold"],
+            **({} if fn is ops.host_step_prepared else {"threshold": args["threshold"]}),
             qq_limit=8,
             qq_prefix=32,
             block_size=8,
@@ -280,6 +286,29 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         call(near=torch.zeros(1, H_KV, 2))
     with pytest.raises(ValueError, match="lists must hold|expected one item per sequence"):
         call(lists=lists * 2)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="q contains NaN or inf"):
+            call(q=q.clone().index_fill_(2, torch.tensor([3]), bad))
+
+    # The prepared call (a decode step's) converts and checks nothing in Python: the kernel's own
+    # checks must still turn every wrong type, layout or value away, and a right call give the same.
+    prepared = call(ops.host_step_prepared)
+    assert all(torch.equal(a, b) for a, b in zip(prepared, ok))
+    wrong = [
+        (dict(q=q.double()), "q must be float32"),
+        (dict(q=q.transpose(1, 2).contiguous().transpose(1, 2)), "q must be contiguous"),
+        (dict(q=q.clone().index_fill_(1, torch.tensor([2]), math.inf)), "q contains NaN or inf"),
+        (dict(near=torch.zeros(1, H_KV, 2, dtype=torch.int32)), "near must be int64"),
+        (dict(blocks=torch.full((1, H_KV, 2), -1)[:, :, ::2]), "blocks must be contiguous"),
+        (dict(ranges=torch.zeros(1, 3, 2, dtype=torch.int32)), "ranges must be int64"),
+        (dict(lists=[torch.zeros(H_KV, 4, 8, dtype=torch.int64)]), "int32"),
+        (dict(lse=torch.zeros(1, H_KV * G, dtype=torch.float64)), "lse must be float32"),
+        (dict(threshold=np.full(1, math.nan, dtype=np.float32)), "threshold of sequence 0 is NaN"),
+        (dict(threshold=np.zeros(2, dtype=np.float32)), "threshold"),
+    ]
+    for changes, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            call(ops.host_step_prepared, **changes)
 
 
 def test_to_host_keeps_every_tensor_as_it_was():

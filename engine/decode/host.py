@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ann.block import choose_blocks
@@ -152,7 +153,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
     """The native call for sequences `layers` with queries q [B, Hkv, G, D] (any device) and
     their `prepare`d inputs. Sets each layer's step counters."""
     B, Hkv, G, D = q.shape
-    q_host, *moved = to_host([q.reshape(B, Hkv * G, D).float()] + [t for i in inputs for t in i[:3]])
+    q_host, *moved = to_host([q.reshape(B, Hkv * G, D).float().contiguous()] + [t for i in inputs for t in i[:3]])
     rows, blocks, lse = (moved[k::3] for k in range(3))
     first = layers[0]
     summarized = [layer.summary.n_blocks if layer.summary is not None else 0 for layer in layers]
@@ -160,7 +161,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         min(layer.host.n, i.qq_limit + b.shape[1] * layer.cfg.block_size + sum(end - begin for begin, end in i.ranges))
         for layer, i, b in zip(layers, inputs, blocks)
     ]
-    res = ops.host_step(
+    res = ops.host_step_prepared(  # every input below is made in the kernel's types and layouts
         q_host,
         [layer.host.keys for layer in layers],
         [layer.host.values for layer in layers],
@@ -168,9 +169,9 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         _padded(rows),
         _padded(blocks),
         torch.tensor([i.ranges for i in inputs]),
-        torch.stack(lse).reshape(B, Hkv * G),
+        lse[0].view(1, Hkv * G) if B == 1 else torch.stack(lse).view(B, Hkv * G),
+        np.array([i.threshold for i in inputs], dtype=np.float32),
         scale=scale,
-        threshold=[i.threshold for i in inputs],
         qq_limit=max(i.qq_limit for i in inputs),  # 0 where a sequence has no key index yet: no rows either
         qq_prefix=max(i.qq_prefix for i in inputs),
         block_size=first.cfg.block_size,
@@ -180,10 +181,10 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         pin=first.device.type == "cuda",
         n_threads=first.cfg.host_threads,
     )
-    n_read, n_rated = res.n_read.tolist(), res.n_rated.tolist()
+    n_read, n_rated, block_reads = res.n_read.tolist(), res.n_rated.tolist(), res.block_reads.numpy()
     for b, layer in enumerate(layers):
         st = layer.stats
         st.host_tokens, st.read_ids = layer.host.n, res.ids[b, :, : max(n_read[b])]
         st.gathered, st.sketched = sum(n_read[b]), sum(n_rated[b])
-        st.estimated = Hkv * summarized[b] * layer.cfg.block_size - int(res.block_reads[b, :, : summarized[b]].sum())
+        st.estimated = Hkv * summarized[b] * layer.cfg.block_size - int(block_reads[b, :, : summarized[b]].sum())
     return res

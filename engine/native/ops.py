@@ -80,12 +80,15 @@ def _check_heads(q_shape, store_shape, ids_rows: int) -> None:
         raise ValueError(f"ids must have one row per KV head ({store_shape[0]}), got {ids_rows}")
 
 
-def _check_call(q: torch.Tensor, scale: float | None, n_threads: int) -> tuple[torch.Tensor, float]:
-    """q as fp32 contiguous (it is small: a copy costs nothing) and the scale as the kernel takes it."""
+def _check_call(
+    q: torch.Tensor, scale: float | None, n_threads: int, check_finite: bool = True
+) -> tuple[torch.Tensor, float]:
+    """q as fp32 contiguous (it is small: a copy costs nothing) and the scale as the kernel takes it;
+    q's values are checked finite unless the kernel checks them itself (`check_finite` False)."""
     if not q.dtype.is_floating_point:
         raise ValueError(f"q must be a float tensor, got {q.dtype}")
     q = q.float().contiguous()
-    if not bool(torch.isfinite(q).all()):
+    if check_finite and not bool(torch.isfinite(q).all()):
         raise ValueError("q contains NaN or inf")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not (math.isfinite(scale) and abs(scale) <= _FLT_MAX):  # the kernel takes it as a float32
@@ -344,7 +347,7 @@ def host_step(
     q = _as_cpu_tensor(q, "q")
     if q.dim() != 3:
         raise ValueError(f"expected q [B, Hq, D], got {tuple(q.shape)}")
-    q, scale = _check_call(q, scale, n_threads)
+    q, scale = _check_call(q, scale, n_threads, check_finite=False)  # the kernel checks q and threshold
     B, Hq, D = q.shape
     ks, vs = _store_list(k_stores, "k_stores", B), _store_list(v_stores, "v_stores", B)
     for b in range(B):
@@ -354,11 +357,63 @@ def host_step(
         _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
     )
     lse = _as_cpu_tensor(lse, "lse").float().contiguous()
-    threshold = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1)
-    threshold = (threshold.expand(B) if threshold.numel() == 1 else threshold).contiguous()
-    if threshold.shape != (B,) or bool(threshold.isnan().any()):
-        raise ValueError(f"threshold must hold one number per sequence (B = {B}), none NaN; got {threshold}")
-    Hkv = ks[0].shape[0] if B else near.shape[1] if near.dim() == 3 else 0  # no store: near [0, Hkv, P] says
+    threshold = np.array(threshold, dtype=np.float32).reshape(-1)
+    threshold = np.repeat(threshold, B) if threshold.size == 1 else threshold
+    if threshold.shape != (B,):
+        raise ValueError(f"threshold must hold one number per sequence (B = {B}); got {threshold}")
+    return host_step_prepared(
+        q,
+        ks,
+        vs,
+        lists,
+        near,
+        blocks,
+        ranges,
+        lse,
+        threshold,
+        scale=scale,
+        qq_limit=int(qq_limit),
+        qq_prefix=int(qq_prefix),
+        block_size=int(block_size),
+        cap=cap,
+        n_count_blocks=n_count_blocks,
+        lse_from_candidates=bool(lse_from_candidates),
+        pin=pin,
+        n_threads=n_threads,
+        min_chunk=None if min_chunk is None else int(min_chunk),
+        scalar=scalar,
+    )
+
+
+def host_step_prepared(
+    q: torch.Tensor,
+    k_stores: list[torch.Tensor],
+    v_stores: list[torch.Tensor],
+    lists: list[torch.Tensor],
+    near: torch.Tensor,
+    blocks: torch.Tensor,
+    ranges: torch.Tensor,
+    lse: torch.Tensor,
+    threshold: np.ndarray,
+    *,
+    scale: float,
+    qq_limit: int,
+    qq_prefix: int,
+    block_size: int,
+    cap: int,
+    n_count_blocks: int,
+    lse_from_candidates: bool = False,
+    pin: bool = False,
+    n_threads: int = 0,
+    min_chunk: int | None = None,
+    scalar: bool = False,
+) -> HostStepResult:
+    """`host_step` for inputs already in the kernel's types and layouts (CPU tensors: q and lse fp32,
+    near, blocks and ranges int64, lists int32, all contiguous; threshold a float32 array [B]), as a
+    decode step prepares them (engine.decode.host.read): no conversion, no check in Python, where each
+    torch call costs a step more than the kernel's own checks of every shape, dtype, value and id do."""
+    B, Hq, D = q.shape
+    Hkv = k_stores[0].shape[0] if B else near.shape[1] if near.dim() == 3 else 0  # no store: near [0, Hkv, P] says
     res = HostStepResult(
         torch.empty(B, Hq, D, pin_memory=pin),
         torch.empty(B, Hq, pin_memory=pin),
@@ -369,18 +424,19 @@ def host_step(
     )
     _C.host_step(
         _buffer(q),
-        [_buffer(k) for k in ks],
-        [_buffer(v) for v in vs],
+        [_buffer(k) for k in k_stores],
+        [_buffer(v) for v in v_stores],
         [_buffer(t) for t in lists],
-        *(_buffer(t) for t in (near, blocks, ranges, lse, *res, threshold)),
-        STORE_DTYPES[ks[0].dtype] if B else "float32",
+        *(_buffer(t) for t in (near, blocks, ranges, lse, *res)),
+        threshold,
+        STORE_DTYPES[k_stores[0].dtype] if B else "float32",
         scale,
-        int(qq_limit),
-        int(qq_prefix),
-        int(block_size),
-        bool(lse_from_candidates),
+        qq_limit,
+        qq_prefix,
+        block_size,
+        lse_from_candidates,
         n_threads,
-        _C.HOST_MIN_CHUNK if min_chunk is None else int(min_chunk),
+        _C.HOST_MIN_CHUNK if min_chunk is None else min_chunk,
         scalar,
     )
     return res

@@ -453,6 +453,13 @@ inline void check_host_step(const HostStepArgs& a) {
                                 std::to_string(r[2 * i + 1]) + ") is not within [0, " + std::to_string(k.n_tokens) +
                                 "]");
   }
+  for (int64_t b = 0; b < a.n_seqs; ++b)
+    if (std::isnan(a.threshold[b])) fail("threshold of sequence " + std::to_string(b) + " is NaN");
+  // q's values are checked here, once the shapes are: a pass over a few KB costs less than the
+  // caller's check would
+  const int64_t n_q = a.n_seqs ? a.n_seqs * a.n_q_heads * a.k[0].dim : 0;
+  for (int64_t i = 0; i < n_q; ++i)
+    if (!std::isfinite(a.q[i])) fail("q contains NaN or inf");
 }
 
 // Runs body(i) for i in [0, n) over the threads of the enclosing parallel region, and waits for
