@@ -140,9 +140,9 @@ def packed_copy(tensors: list[torch.Tensor], copy) -> list[torch.Tensor]:
 
 
 def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    """[Hkv, n_b] tensors -> [B, Hkv, max n_b], -1 padded (one: a view of it)."""
+    """[Hkv, n_b] tensors -> [B, Hkv, max n_b] contiguous, -1 padded (one: a view of it where it is contiguous)."""
     if len(rows) == 1:
-        return rows[0].unsqueeze(0)
+        return rows[0].unsqueeze(0).contiguous()
     out = torch.full((len(rows), rows[0].shape[0], max(r.shape[1] for r in rows)), -1, dtype=torch.int64)
     for b, r in enumerate(rows):
         out[b, :, : r.shape[1]] = r
@@ -169,7 +169,7 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         _padded(rows),
         _padded(blocks),
         torch.tensor([i.ranges for i in inputs]),
-        lse[0].view(1, Hkv * G) if B == 1 else torch.stack(lse).view(B, Hkv * G),
+        torch.stack(lse).view(B, Hkv * G),
         np.array([i.threshold for i in inputs], dtype=np.float32),
         scale=scale,
         qq_limit=max(i.qq_limit for i in inputs),  # 0 where a sequence has no key index yet: no rows either
