@@ -357,8 +357,8 @@ def host_step(
         _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
     )
     lse = _as_cpu_tensor(lse, "lse").float().contiguous()
-    threshold = np.array(threshold, dtype=np.float32).reshape(-1)
-    threshold = np.repeat(threshold, B) if threshold.size == 1 else threshold
+    threshold = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1).numpy()  # a number, a list, a tensor
+    threshold = np.repeat(threshold, B) if threshold.size == 1 else np.ascontiguousarray(threshold)
     if threshold.shape != (B,):
         raise ValueError(f"threshold must hold one number per sequence (B = {B}); got {threshold}")
     return host_step_prepared(
