@@ -410,8 +410,9 @@ def host_step_prepared(
 ) -> HostStepResult:
     """`host_step` for inputs already in the kernel's types and layouts (CPU tensors: q and lse fp32,
     near, blocks and ranges int64, lists int32, all contiguous; threshold a float32 array [B]), as a
-    decode step prepares them (engine.decode.host.read): no conversion, no check in Python, where each
-    torch call costs a step more than the kernel's own checks of every shape, dtype, value and id do."""
+    decode step prepares them (engine.decode.host.read): no conversion and no check in Python, where
+    each small torch call costs the step more than it would save; the kernel itself checks every
+    shape, dtype, id and value (q finite, no threshold NaN)."""
     B, Hq, D = q.shape
     Hkv = k_stores[0].shape[0] if B else near.shape[1] if near.dim() == 3 else 0  # no store: near [0, Hkv, P] says
     res = HostStepResult(
