@@ -118,9 +118,11 @@ class BlockIndex:
             raise ValueError(f"n_heads, dim and block_size must be positive, got {n_heads}, {dim}, {block_size}")
         self.n_heads, self.dim, self.block_size, self.landmark = n_heads, dim, block_size, landmark
         self.device, self.dtype = torch.device(device), dtype
-        nb = max(1, capacity // block_size)
         n_lm = 2 if landmark == "minmax" else 1
-        self._lm = torch.empty(n_lm, n_heads, nb, dim, device=self.device, dtype=dtype)  # [1|2, H, blocks, D]
+        # the landmarks [1|2, H, blocks, D] lie packed at the front of an allocation for `capacity` tokens
+        size = n_lm * n_heads * max(1, capacity // block_size) * dim
+        self._store = torch.empty(size, device=self.device, dtype=dtype)
+        self._lm = self._store[:0].view(n_lm, n_heads, 0, dim)
         self._tail = torch.empty(n_heads, block_size, dim, device=self.device, dtype=dtype)  # [H, B, D]
         self.n = 0
         self.scanned = 0  # landmarks scored by the last select (all heads and query heads)
@@ -130,7 +132,7 @@ class BlockIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._lm.nbytes + self._tail.nbytes
+        return self._store.nbytes + self._tail.nbytes
 
     @property
     def n_blocks(self) -> int:
@@ -140,7 +142,7 @@ class BlockIndex:
     @property
     def landmarks(self) -> torch.Tensor:
         """[1|2, H, n_blocks, D] view: the mean per full block, or its min and max."""
-        return self._lm[:, :, : self.n_blocks]
+        return self._lm
 
     def rows(self, blocks: torch.Tensor) -> torch.Tensor:
         """The (first) landmarks of blocks [H, M] (each head its own) -> [H, M, D]."""
@@ -164,7 +166,7 @@ class BlockIndex:
         full = seq.shape[1] // b
         if full:
             blocks = seq[:, : full * b].reshape(self.n_heads, full, b, self.dim)  # [H, full, B, D]
-            self._ensure(self.n_blocks + full)
+            self._grow(full)
             lo = self.n_blocks
             if self.landmark == "mean":
                 self._lm[0, :, lo : lo + full] = blocks.mean(dim=2)
@@ -175,18 +177,19 @@ class BlockIndex:
         self._tail[:, :rest] = seq[:, full * b :]
         self.n += keys.shape[1]
 
-    def _ensure(self, n_blocks: int) -> None:
-        if n_blocks > self._lm.shape[2]:
-            grown = torch.empty(
-                self._lm.shape[0],
-                self.n_heads,
-                max(n_blocks, 2 * self._lm.shape[2]),
-                self.dim,
-                device=self.device,
-                dtype=self.dtype,
-            )
-            grown[:, :, : self._lm.shape[2]] = self._lm
-            self._lm = grown
+    def _grow(self, full: int) -> None:
+        """Room for `full` more blocks. The landmarks stay packed, with no spare rows between the heads:
+        on the CPU a product over a view with spare rows falls off oneDNN's fast path and would be
+        packed at every step (`head_matmul`), where this lays them out anew once a block (every
+        block_size decode steps), within the same allocation while its capacity lasts."""
+        n_lm, H, nb, D = self._lm.shape
+        size = n_lm * H * (nb + full) * D
+        store = self._store
+        if size > store.numel():
+            store = store.new_empty(max(size, 2 * store.numel()))
+        lm = store[:size].view(n_lm, H, nb + full, D)
+        lm[:, :, :nb] = self._lm if store is not self._store else self._lm.clone()  # moved within: through a copy
+        self._store, self._lm = store, lm
 
     def block_scores(self, q: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """q [H, G, D] -> group block scores [H, n_blocks] (see module doc for the GQA rule), or
@@ -227,7 +230,7 @@ class BlockIndex:
 
     @property
     def buffers(self) -> torch.Tensor:
-        """[1|2, H, capacity, D]: the landmarks (`landmarks`) and the spare rows after them."""
+        """[1|2, H, n_blocks, D]: the landmarks, packed (the same as `landmarks`)."""
         return self._lm
 
 

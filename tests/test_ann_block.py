@@ -39,6 +39,13 @@ def test_piecewise_adds_equal_reference(n, landmark):
         one_by_one.add(keys[:, i : i + 1])
     assert len(one_by_one) == n and torch.equal(one_by_one.landmarks, idx.landmarks)
     assert torch.equal(one_by_one._tail[:, : n % 16], keys[:, n - n % 16 :])  # the block still filling
+    # with room for every block: laid out anew within one allocation, each add moving the heads' rows
+    roomy = BlockIndex(3, 8, block_size=16, landmark=landmark, capacity=n)
+    nbytes = roomy.nbytes
+    for i in range(n):
+        roomy.add(keys[:, i : i + 1])
+        assert roomy.landmarks.is_contiguous() and roomy.nbytes == nbytes  # packed heads, no new allocation
+    assert torch.equal(roomy.landmarks, idx.landmarks) and idx.landmarks.is_contiguous()
 
 
 @pytest.mark.parametrize("landmark", ["mean", "minmax"])
