@@ -6,7 +6,7 @@ Per context:
 - python_ms: the Python selection, the gather-attend of the ids it chose and the estimate
   (engine.decode.select + step.host_state), after the resident attention and the block scores;
 - native_ms: the same through the native call (engine.decode.host.prepare + read) and the estimate;
-- call_ms: the native call alone (ops.host_step) on a recorded step's inputs, and
+- call_ms: the native call alone (ops.host_step_prepared, as a step makes it) on a recorded step's inputs, and
   selection_ms: the same call with nothing read past the rating (the candidates, their
   de-duplication and rating; the gather-attend of the rows read is what call_ms adds);
 with the read share, the candidates rated and the ids read per KV head. Medians over repeats of
@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 
+import numpy as np
 import torch
 
 import engine.attention as attention
@@ -87,24 +88,27 @@ def measure(layer, queries: list[torch.Tensor], scale: float, repeats: int) -> d
             calls.append(res)
 
     recorded = []
-    real = ops.host_step
+    real = ops.host_step_prepared  # the call engine.decode.host.read makes
 
     def recording(*args, **kwargs):
         recorded.append((args, kwargs))
         return real(*args, **kwargs)
 
-    ops.host_step = recording
+    ops.host_step_prepared = recording
     try:
         native()
     finally:
-        ops.host_step = real
+        ops.host_step_prepared = real
+    if len(recorded) != len(parts):
+        raise RuntimeError(f"recorded {len(recorded)} native calls of {len(parts)} steps: the step's call has moved")
+    # the same calls with nothing read past the rating: the threshold (the ninth argument) infinite
+    rating_only = [((*a[:8], np.full_like(a[8], np.inf), *a[9:]), k) for a, k in recorded]
     n = len(parts)
     row = {
         "python_ms": median_ms(python, repeats) / n,
         "native_ms": median_ms(native, repeats) / n,
         "call_ms": median_ms(lambda: [real(*a, **k) for a, k in recorded], repeats) / n,
-        "selection_ms": median_ms(lambda: [real(*a, **dict(k, threshold=float("inf"))) for a, k in recorded], repeats)
-        / n,
+        "selection_ms": median_ms(lambda: [real(*a, **k) for a, k in rating_only], repeats) / n,
     }
     row["read_per_head"] = statistics.mean(float(r.n_read.float().mean()) for r in calls)
     row["rated_per_head"] = statistics.mean(float(r.n_rated.float().mean()) for r in calls)
