@@ -141,7 +141,7 @@ class BlockIndex:
 
     @property
     def landmarks(self) -> torch.Tensor:
-        """[1|2, H, n_blocks, D] view: the mean per full block, or its min and max."""
+        """[1|2, H, n_blocks, D]: the mean per full block, or its min and max, packed (`_grow`)."""
         return self._lm
 
     def rows(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -228,11 +228,6 @@ class BlockIndex:
         scored = None if scored is None else scored[None]
         return choose_blocks([self], q[None], [n_blocks], scores, scored, n_scored)[0]
 
-    @property
-    def buffers(self) -> torch.Tensor:
-        """[1|2, H, n_blocks, D]: the landmarks, packed (the same as `landmarks`)."""
-        return self._lm
-
 
 def stacked_block_scores(
     indexes: list[BlockIndex], q: torch.Tensor, blocks: torch.Tensor | None = None, n_blocks: list[int] | None = None
@@ -243,7 +238,7 @@ def stacked_block_scores(
     first = indexes[0]
     q = q.to(first.device, first.dtype)
     lengths = [index.n_blocks for index in indexes]
-    landmarks = [stack_rows([index.buffers[i] for index in indexes], lengths) for i in range(first.buffers.shape[0])]
+    landmarks = [stack_rows(list(lm), lengths) for lm in zip(*(index.landmarks for index in indexes))]  # per landmark
     if blocks is not None:
         blocks, lengths = blocks.to(first.device), n_blocks  # once, for both landmarks of minmax
 

@@ -150,7 +150,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     with a leading [B]."""
     first = summaries[0]
     n_blocks = [s.n_blocks for s in summaries]
-    mean_k = stack_rows([s.keys.buffers[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
+    mean_k = stack_rows([s.keys.landmarks[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
     qs = (q * scale).to(mean_k.dtype)
     if not first.two_level():
         logits = masked(head_matmul(qs, mean_k[:, :, : max(n_blocks)].transpose(-1, -2)).float(), n_blocks)
@@ -161,7 +161,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     B, H, G, _ = q.shape
     group, device = first.group, q.device
     n_super = [s.coarse_keys.n_blocks for s in summaries]
-    coarse_k = stack_rows([s.coarse_keys.buffers[0] for s in summaries], n_super)
+    coarse_k = stack_rows([s.coarse_keys.landmarks[0] for s in summaries], n_super)
     coarse = head_matmul(qs, coarse_k[:, :, : max(n_super)].transpose(-1, -2)).float()  # [B, Hkv, G, n_super]
     coarse = masked(coarse, n_super)
     # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
@@ -190,7 +190,7 @@ def stacked_estimate(
     lse [B, Hkv, G]) fp32."""
     first = summaries[0]
     n_blocks = [s.n_blocks for s in summaries]
-    values = stack_rows([s.values.buffers[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
+    values = stack_rows([s.values.landmarks[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
     if scores.fine is None:
         mean_v, read_fine = values[:, :, : scores.rel.shape[-1]], read
     else:
@@ -206,6 +206,6 @@ def stacked_estimate(
         w = scores.coarse_rel * left.unsqueeze(-2)  # 0 at the expanded ones
         total = total + w.sum(dim=-1)
         coarse = [s.coarse_values for s in summaries]
-        coarse_v = stack_rows([c.buffers[0] for c in coarse], [c.n_blocks for c in coarse])
+        coarse_v = stack_rows([c.landmarks[0] for c in coarse], [c.n_blocks for c in coarse])
         o = o + head_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super]).float()
     return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
