@@ -15,6 +15,8 @@ larger logits cannot crowd out the blocks another head needs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -59,28 +61,35 @@ def _packed(t: torch.Tensor) -> bool:
 
 
 def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """buffer [..., H, N, D] (rows contiguous, e.g. a store with spare capacity), ids [..., H, M] row
-    ids per head (-1 reads row 0) -> [..., H, M, D]: whole rows copied, which on the CPU is far faster
-    than a gather along the rows with an expanded index."""
+    """buffer [..., N, D] (rows contiguous, e.g. a store with spare capacity), ids [..., M] row ids per
+    head (-1 reads row 0), whose leading dims broadcast to the buffer's (one set of ids for both
+    landmarks of minmax) -> [..., M, D]: whole rows copied in one operation, which on the CPU is far
+    faster than a gather along the rows with an expanded index."""
     N, D = buffer.shape[-2:]
-    heads = buffer.numel() // (N * D)
-    flat = (torch.arange(heads, device=ids.device).unsqueeze(1) * N + ids.reshape(heads, -1).clamp_min(0)).view(-1)
-    return buffer.reshape(heads * N, D).index_select(0, flat).view(*ids.shape, D)
+    lead = buffer.shape[:-2]
+    heads = math.prod(lead)
+    stride = max(N, 1)  # a stride of 0 is refused; with no rows there is nothing to read anyway
+    first = torch.arange(0, heads * stride, stride, device=ids.device).view(*lead, 1)  # each head's first row
+    flat = ids.clamp_min(0) + first
+    return buffer.reshape(heads * N, D).index_select(0, flat.view(-1)).view(*flat.shape, D)
 
 
-def stack_rows(buffers: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
-    """Per sequence a buffer [H, capacity, D] whose first lengths[b] rows hold data -> [B, H, N, D],
-    N >= max(lengths): the sequences' rows side by side, zero beyond each one's length (a product
-    with them adds nothing, masked or weighted 0). One sequence's buffer is returned as it is, as a
-    view (its spare rows are then N - lengths[0])."""
+def stack_rows(buffers: list[torch.Tensor], lengths: list[int], dim: int = 0) -> torch.Tensor:
+    """Per sequence a buffer [..., capacity, D] whose first lengths[b] rows hold data -> the sequences'
+    buffers stacked at `dim` (0: [B, ..., N, D]), N >= max(lengths), zero beyond each one's length (a
+    product with them adds nothing, masked or weighted 0). One sequence's buffer is returned as it is,
+    as a view (its spare rows are then N - lengths[0])."""
     if len(buffers) == 1:
-        return buffers[0].unsqueeze(0)
+        return buffers[0].unsqueeze(dim)
     first = buffers[0]
-    if all(buffer.shape == first.shape == (first.shape[0], n, first.shape[2]) for buffer, n in zip(buffers, lengths)):
-        return torch.stack(buffers)  # no spare rows and no padding: one copy
-    out = first.new_zeros(len(buffers), first.shape[0], max(lengths), first.shape[2])
+    if all(buffer.shape == first.shape and buffer.shape[-2] == n for buffer, n in zip(buffers, lengths)):
+        return torch.stack(buffers, dim)  # no spare rows and no padding: one copy
+    shape = list(first.shape)
+    shape[-2] = max(lengths)
+    shape.insert(dim, len(buffers))
+    out = first.new_zeros(shape)
     for b, (buffer, n) in enumerate(zip(buffers, lengths)):
-        out[b, :, :n] = buffer[:, :n]
+        out.select(dim, b)[..., :n, :] = buffer[..., :n, :]
     return out
 
 
@@ -238,18 +247,16 @@ def stacked_block_scores(
     first = indexes[0]
     q = q.to(first.device, first.dtype)
     lengths = [index.n_blocks for index in indexes]
-    landmarks = [stack_rows(list(lm), lengths) for lm in zip(*(index.landmarks for index in indexes))]  # per landmark
-    if blocks is not None:
-        blocks, lengths = blocks.to(first.device), n_blocks  # once, for both landmarks of minmax
-
-    def rows(lm: torch.Tensor) -> torch.Tensor:  # [B, H, nb | F, D]
-        return lm[:, :, : max(lengths)] if blocks is None else head_rows(lm, blocks)
-
+    landmarks = stack_rows([index.landmarks for index in indexes], lengths, dim=1)  # [1|2, B, H, >= nb, D]
+    if blocks is None:
+        rows = landmarks[..., : max(lengths), :]
+    else:  # both landmarks of minmax in one gather
+        rows, lengths = head_rows(landmarks, blocks.to(first.device)), n_blocks  # [1|2, B, H, F, D]
     if first.landmark == "mean":
-        s = head_matmul(q, rows(landmarks[0]).transpose(-1, -2))  # [B, H, G, nb]
+        s = head_matmul(q, rows[0].transpose(-1, -2))  # [B, H, G, nb]
     else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
         # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
-        lo, hi = rows(landmarks[0]), rows(landmarks[1])
+        lo, hi = rows[0], rows[1]
         s = head_matmul(q.clamp_min(0), hi.transpose(-1, -2)) + head_matmul(q.clamp_max(0), lo.transpose(-1, -2))
     return group_block_scores(masked(s, lengths))
 

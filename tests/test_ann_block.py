@@ -202,3 +202,21 @@ def test_blocks_chosen_together_are_each_index_its_own(landmark):
         alone = index.choose(q[b], counts[b], scored=scored[b, :, : n_scored[b]])
         assert torch.equal(chosen[b, :, : alone.shape[1]].sort().values, alone.sort().values)
         assert bool((chosen[b, :, alone.shape[1] :] == -1).all())
+
+
+def test_head_rows_copies_each_heads_rows_and_shares_ids_across_leading_dims():
+    """head_rows against indexing row by row: a buffer with spare rows, -1 reading row 0, and ids
+    [B, H, M] broadcast over a leading dim of the buffer (both landmarks of minmax in one gather)."""
+    from ann.block import head_rows
+
+    g = torch.Generator().manual_seed(3)
+    L, B, H, N, D, M = 2, 3, 4, 11, 5, 6
+    buffer = torch.randn(L, B, H, N + 7, D, generator=g)[..., :N, :].contiguous()  # rows contiguous
+    spare = torch.randn(L, B, H, N + 7, D, generator=g)  # spare rows past N: still each head's own
+    ids = torch.randint(-1, N, (B, H, M), generator=g)
+    for buf in (buffer, spare):
+        rows = head_rows(buf, ids)
+        assert rows.shape == (L, B, H, M, D)
+        for lm, b, h, m in np.ndindex(L, B, H, M):
+            assert torch.equal(rows[lm, b, h, m], buf[lm, b, h, max(0, int(ids[b, h, m]))])
+        assert torch.equal(head_rows(buf[1], ids), rows[1])  # ids of the buffer's own shape

@@ -686,6 +686,20 @@ def test_bench_host_side_quick(tmp_path):
     assert case["rated_per_head"] > 0  # the default rates its candidates on their keys
 
 
+def test_bench_device_ops_counts_a_step_and_a_stacked_batch_costs_less_than_its_steps(tmp_path):
+    runs = {}
+    for batch in (1, 2):
+        out = tmp_path / f"ops{batch}.json"
+        script("bench.speed.device_ops").main(["--quick", "--batch", str(batch), "--json", str(out)])
+        (runs[batch],) = json.loads(out.read_text())["cases"]
+    for case in runs.values():
+        assert case["operations"] == sum(case["by_site"].values()) == sum(case["by_operation"].values()) > 0
+        assert "elsewhere" not in case["by_site"]  # each one traced to the engine's own code
+        assert not set(case["by_operation"]) & {"view", "transpose", "unsqueeze"}  # views launch nothing
+    assert runs[1]["by_operation"]["bmm"] >= 3  # block scores, the query lists and the estimate at least
+    assert runs[2]["operations"] < 2 * runs[1]["operations"]  # the device parts stacked, not run twice
+
+
 def test_recheck_margins_quick_with_wider_runs(tmp_path):
     """--widen: the steps under the first margin run wider (reading more), none runs exactly."""
     out = tmp_path / "margins.json"

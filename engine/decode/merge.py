@@ -23,8 +23,7 @@ def merge_states(
     add up to 1 however large |lse| is (weights e^(lse_a - lse) rounded at |lse| = 1e7
     do not); both sides empty (lse = -inf) gives o = 0 and lse = -inf."""
     lse_a, lse_b = lse_a.float(), lse_b.float()
-    peak = torch.maximum(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    safe = _finite(torch.maximum(lse_a, lse_b))
     e_a, e_b = torch.exp(lse_a - safe), torch.exp(lse_b - safe)  # one of them is 1 (or both 0)
     total = e_a + e_b
     o = (e_a.unsqueeze(-1) * o_a.float() + e_b.unsqueeze(-1) * o_b.float()) / total.clamp_min(1e-30).unsqueeze(-1)
@@ -36,12 +35,16 @@ def merge_all(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     decode step merges its resident, host and estimated parts in one set of operations rather than
     two (on a GPU each operation is a kernel launched from the CPU)."""
     lse = torch.stack([state[1] for state in states]).float()  # [S, ...]
-    peak = lse.amax(dim=0)
-    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    safe = _finite(lse.amax(dim=0))
     e = torch.exp(lse - safe)  # the largest is 1 (or all are 0)
     total = e.sum(dim=0)
     o = (e.unsqueeze(-1) * torch.stack([state[0] for state in states]).float()).sum(dim=0)
     return o / total.clamp_min(1e-30).unsqueeze(-1), safe + total.log()
+
+
+def _finite(peak: torch.Tensor) -> torch.Tensor:
+    """The peak lse where finite, else 0 (no keys on any side): one operation, a kernel on a GPU."""
+    return torch.nan_to_num(peak, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # PyTorch's flash-attention kernels also return the log-sum-exp that merging needs.

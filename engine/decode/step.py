@@ -54,8 +54,11 @@ def resident_parts(seqs: list[HybridLayer], q: torch.Tensor, scale: float):
     """`resident_part` of B sequences, q [B, Hkv, G, 1, D] -> (o [B, Hkv, G, 1, D], lse [B, Hkv, G, 1]):
     one attention over all of them when they hold equally many resident tokens (after the first
     `window` steps, always)."""
+    if len(seqs) == 1:  # a view, not a copy
+        o, lse = resident_part(seqs[0], q[0], scale)
+        return o[None], lse[None]
     filled = {min(seq.n_seen, seq.cfg.resident_tokens) for seq in seqs}
-    if len(seqs) == 1 or len(filled) > 1:
+    if len(filled) > 1:
         parts = [resident_part(seq, q[b], scale) for b, seq in enumerate(seqs)]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     B, Hkv, G, _, D = q.shape

@@ -1,0 +1,116 @@
+"""What a decode step asks of the device: the tensor operations one layer's step dispatches
+(engine.decode.step.native_step), counted, views left out. On a GPU each is a kernel launched from
+the CPU, and at a decode step's small sizes a launch costs about as much as the kernel runs, 32
+layers a token; the count is the same on every device, so it is measured here, where its time is
+not (a few of them, in engine.decode.host.read, work on the host's copies, not the device's).
+
+Per context (and batch): the operations of one step, the default configuration on one layer of a
+synthetic context (bench.common.caches) and the model's own decode queries, by where in the code
+each comes from; with --batch B > 1, B sequences through one step with their device parts
+stacked (the GPU's default).
+
+    python -m bench.speed.device_ops [--quick] [--json PATH] [--models ...] [--contexts ...] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.common.caches import add_context_arg, channel_stats, fill
+from bench.common.models import SHAPES, benchmark_model
+from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.output import save_run
+from bench.speed.host_side import record_queries
+from engine import HybridCache, OffloadConfig
+from engine.decode import step
+
+# operations that make views or read metadata, and allocations, which launch no kernel
+VIEWS = frozenset(
+    "view _unsafe_view slice select expand as_strided t transpose unsqueeze squeeze permute alias detach "
+    "lift_fresh _reshape_alias unbind split split_with_sizes narrow resolve_conj resolve_neg empty "
+    "empty_strided unflatten flatten reshape contiguous to".split()
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations dispatched while it is active, by (site, operation): the site is the
+    innermost frame in the engine or ann (file:line)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.counts[(_site(), name)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _site() -> str:
+    for frame in reversed(traceback.extract_stack()):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(ROOT) and path.parts[len(ROOT.parts)] in ("engine", "ann"):
+            return f"{path.relative_to(ROOT)}:{frame.lineno}"
+    return "elsewhere"
+
+
+@torch.inference_mode()
+def count(layers, q: torch.Tensor, scale: float) -> collections.Counter:
+    """The operations of one native_step of `layers` with queries q [B, Hkv, G, 1, D], device parts
+    stacked, after one step uncounted (a key index built at the first step is not a step's work)."""
+    step.native_step(layers, q, scale, stack=True)
+    with OpCounter() as counter:
+        step.native_step(layers, q, scale, stack=True)
+    return counter.counts
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for model_name in args.models:
+        model, tok = benchmark_model(model_name, layers=1, attn_implementation="hybrid")
+        stats, dtype = channel_stats(model, tok), next(model.parameters()).dtype
+        for context in args.contexts:
+            caches = []
+            for seed in range(args.batch):
+                cache = HybridCache(model, OffloadConfig(device="cpu"), max_length=context + 64, progress=False)
+                fill(cache, stats, context, dtype=dtype, seed=seed, context=args.context)
+                caches.append(cache)
+            q = torch.stack([record_queries(model, cache)[-1] for cache in caches])
+            counts = count([cache.layers[0] for cache in caches], q, model.config.head_dim**-0.5)
+            by_site, by_operation = collections.Counter(), collections.Counter()
+            for (site, op), n in counts.items():
+                by_site[site] += n
+                by_operation[op] += n
+            row = {"model": model_name, "context": context, "context_kind": args.context, "batch": args.batch}
+            row |= {"operations": sum(counts.values()), "by_site": dict(by_site.most_common())}
+            row["by_operation"] = dict(by_operation.most_common())
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("by_")}), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_output_args(p, quick="the tiny model at 2K tokens")
+    p.add_argument("--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape")
+    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 8192 32768 131072 (--quick: 2048)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences through one step (stacked)")
+    add_context_arg(p)
+    add_threads_arg(p)
+    args = p.parse_args(argv)
+    quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], [8192, 32768, 131072]))
+    pin_threads(args.threads)
+    save_run(args, {"contexts": args.contexts, "batch": args.batch}, run(args))
+
+
+if __name__ == "__main__":
+    main()
