@@ -295,3 +295,57 @@ def test_query_sample_with_the_prompt_length_keeps_what_the_doubling_keeps_witho
         assert len(strides) == 1  # the stride it started with: nothing dropped on the way
         assert torch.equal(torch.cat(known.pos), torch.cat(grown.pos)) and len(known) <= limit
         assert torch.equal(known.queries(), grown.queries())
+
+
+def test_a_decode_steps_rows_are_staged_and_reach_the_store_when_a_reader_waits(monkeypatch):
+    """Rows too few for the side stream, bound for store rows whose heads lie apart: one copy per
+    tensor into pinned staging on the producer's stream (not one per head), put into the store on
+    the host after the event, whether the reader is the host or a device; a staged copy before a
+    side-stream copy is covered by the later event."""
+    log = []
+    monkeypatch.setattr(FakeStream, "events", 0)
+    compute, reader = FakeStream("compute", log), FakeStream("reader", log)
+    current = {"stream": compute}
+
+    @contextmanager
+    def on(stream):
+        yield
+
+    monkeypatch.setattr(store_module.torch.cuda, "Stream", lambda device: FakeStream("side", log))
+    monkeypatch.setattr(store_module.torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(store_module.torch.cuda, "stream", on)
+    monkeypatch.setattr(SideStreamCopies, "_streams", {})
+    monkeypatch.setattr(SideStreamCopies, "MIN_ROWS", 4)
+    monkeypatch.setattr(SideStreamCopies, "stages", staticmethod(lambda dst, src: not dst.is_contiguous()))
+    copies = SideStreamCopies(torch.device("cuda", 0))
+    store = HostKV(2, 4, torch.float32, pin=False, capacity=16, copies=copies)
+    store.k.zero_()
+
+    def staging(shape, dtype, pin):
+        log.append(("staging", pin))
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(store_module, "host_empty", staging)
+    monkeypatch.setattr(store_module, "copy_rows", lambda dst, src: log.append(("side", "copies")) or dst.copy_(src))
+    k, v = rows(1), rows(1, 50)
+    store.append(k, v)
+    assert log == [("staging", True), ("staging", True), ("compute", "records", 0)]  # no copy per head
+    assert not store.k[:, :1].any()  # not in the store until a reader waits
+    log.clear()
+    assert torch.equal(store.keys, k) and torch.equal(store.values, v)
+    assert log == [("host", "synchronizes", 0)]
+    log.clear()
+    store.append(rows(1, 7), rows(1, 9))
+    current["stream"] = reader
+    got_k, got_v = store.rows_for(torch.device("cuda", 0))  # a device reader: the host puts them in first
+    assert log[-1] == ("host", "synchronizes", 1) and ("reader", "waits for event", 1) not in log
+    assert torch.equal(got_k[:, 1:], rows(1, 7)) and torch.equal(got_v[:, 1:], rows(1, 9))
+    log.clear()
+    current["stream"] = compute
+    store.append(rows(1, 3), rows(1, 4))  # staged, then a prefill chunk's rows on the side stream
+    store.append(rows(5, 11), rows(5, 12))
+    assert ("compute", "records", 2) in log and ("side", "records", 3) in log
+    log.clear()
+    keys, values = store.keys, store.values
+    assert log == [("host", "synchronizes", 3)]  # the last event covers the staged copy before it
+    assert torch.equal(keys[:, 2:3], rows(1, 3)) and torch.equal(values[:, 3:], rows(5, 12))

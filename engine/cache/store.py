@@ -61,6 +61,11 @@ class SideStreamCopies:
     - the rows' device memory is not reused before the copy has read them (record_stream);
     - a reader waits for the copies: the host by synchronizing with the last copy's event,
       a device stream by waiting for that event on the device (the host does not stall).
+
+    A decode step's few rows would go into the store head by head (its heads lie apart:
+    `copy_rows`), two copies per KV head and layer; they go instead as one copy per tensor into
+    pinned staging memory, and into the store on the host once a reader has waited for them
+    (a device reader then waits on the host: a prefill after decode steps, e.g. a re-check).
     """
 
     _streams: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per device, shared by the stores
@@ -71,6 +76,7 @@ class SideStreamCopies:
             self._streams[device] = torch.cuda.Stream(device)
         self.stream = self._streams[device]
         self.pending = None  # the last copy's event, until the host has waited for it
+        self.staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (store rows, their pinned copy) to put in
 
     def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """dst.copy_(src) for each (dst, src) [H, n, D], in order, on the side stream (on the
@@ -83,18 +89,33 @@ class SideStreamCopies:
             producer.wait_event(self.pending)
         with torch.cuda.stream(stream):
             for dst, src in pairs:
+                if stream is producer and self.stages(dst, src):
+                    staged = host_empty(src.shape, src.dtype, pin=True)
+                    self.staged.append((dst, staged.copy_(src, non_blocking=True)))
+                    continue
                 copy_rows(dst, src)
                 if stream is not producer and src.is_cuda:
                     src.record_stream(stream)
             self.pending = stream.record_event()
 
+    @staticmethod
+    def stages(dst: torch.Tensor, src: torch.Tensor) -> bool:
+        """Whether a copy on the producer's stream goes through pinned staging: device rows bound
+        for store rows whose heads lie apart."""
+        return src.is_cuda and not dst.is_contiguous()
+
     def host_wait(self) -> None:
         if self.pending is not None:
             self.pending.synchronize()
             self.pending = None
+        for dst, staged in self.staged:  # arrived (the event covers them): into the store
+            dst.copy_(staged)
+        self.staged.clear()
 
     def device_wait(self, device: torch.device) -> None:
-        if self.pending is not None:
+        if self.staged:  # staged rows reach the store through the host
+            self.host_wait()
+        elif self.pending is not None:
             torch.cuda.current_stream(device).wait_event(self.pending)
 
 
