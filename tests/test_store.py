@@ -103,12 +103,13 @@ class FakeEvent:
         self.log.append(("host", "synchronizes", self.n))
 
 
-def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_readers(monkeypatch):
-    """The decision logic of SideStreamCopies, with stand-ins for CUDA's streams and events."""
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Stand-ins for CUDA's streams and events where engine.cache.store uses them: (the log they
+    write, {"stream": the current stream}, the "compute" stream to start with)."""
     log = []
     monkeypatch.setattr(FakeStream, "events", 0)
-    compute, reader = FakeStream("compute", log), FakeStream("reader", log)
-    current = {"stream": compute}
+    current = {"stream": FakeStream("compute", log)}
 
     @contextmanager
     def on(stream):
@@ -121,6 +122,13 @@ def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_re
     monkeypatch.setattr(store_module.torch.cuda, "stream", on)
     monkeypatch.setattr(SideStreamCopies, "_streams", {})
     monkeypatch.setattr(store_module, "copy_rows", lambda dst, src: log.append(("side", "copies")) or dst.copy_(src))
+    return log, current
+
+
+def test_side_stream_copies_are_ordered_after_their_producer_and_before_their_readers(monkeypatch, fake_cuda):
+    """The decision logic of SideStreamCopies, with stand-ins for CUDA's streams and events."""
+    log, current = fake_cuda
+    compute, reader = current["stream"], FakeStream("reader", log)
     copies = SideStreamCopies(torch.device("cuda", 5))
     assert SideStreamCopies(torch.device("cuda", 5)).stream is copies.stream  # one side stream per device
 
@@ -297,24 +305,13 @@ def test_query_sample_with_the_prompt_length_keeps_what_the_doubling_keeps_witho
         assert torch.equal(known.queries(), grown.queries())
 
 
-def test_a_decode_steps_rows_are_staged_and_reach_the_store_when_a_reader_waits(monkeypatch):
+def test_a_decode_steps_rows_are_staged_and_reach_the_store_when_a_reader_waits(monkeypatch, fake_cuda):
     """Rows too few for the side stream, bound for store rows whose heads lie apart: one copy per
     tensor into pinned staging on the producer's stream (not one per head), put into the store on
     the host after the event, whether the reader is the host or a device; a staged copy before a
     side-stream copy is covered by the later event."""
-    log = []
-    monkeypatch.setattr(FakeStream, "events", 0)
-    compute, reader = FakeStream("compute", log), FakeStream("reader", log)
-    current = {"stream": compute}
-
-    @contextmanager
-    def on(stream):
-        yield
-
-    monkeypatch.setattr(store_module.torch.cuda, "Stream", lambda device: FakeStream("side", log))
-    monkeypatch.setattr(store_module.torch.cuda, "current_stream", lambda device=None: current["stream"])
-    monkeypatch.setattr(store_module.torch.cuda, "stream", on)
-    monkeypatch.setattr(SideStreamCopies, "_streams", {})
+    log, current = fake_cuda
+    compute, reader = current["stream"], FakeStream("reader", log)
     monkeypatch.setattr(SideStreamCopies, "MIN_ROWS", 4)
     monkeypatch.setattr(SideStreamCopies, "stages", staticmethod(lambda dst, src: not dst.is_contiguous()))
     copies = SideStreamCopies(torch.device("cuda", 0))
@@ -326,10 +323,15 @@ def test_a_decode_steps_rows_are_staged_and_reach_the_store_when_a_reader_waits(
         return torch.empty(shape, dtype=dtype)
 
     monkeypatch.setattr(store_module, "host_empty", staging)
-    monkeypatch.setattr(store_module, "copy_rows", lambda dst, src: log.append(("side", "copies")) or dst.copy_(src))
     k, v = rows(1), rows(1, 50)
     store.append(k, v)
-    assert log == [("staging", True), ("staging", True), ("compute", "records", 0)]  # no copy per head
+    assert log == [  # no copy per head
+        ("compute", "enter"),
+        ("staging", True),
+        ("staging", True),
+        ("compute", "records", 0),
+        ("compute", "exit"),
+    ]
     assert not store.k[:, :1].any()  # not in the store until a reader waits
     log.clear()
     assert torch.equal(store.keys, k) and torch.equal(store.values, v)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common.caches import add_context_arg, channel_stats, fill
-from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.caches import channel_stats, fill
+from bench.common.models import benchmark_model
+from bench.common.options import positive_int
 from bench.common.output import save_run
-from bench.speed.host_side import record_queries
+from bench.speed.host_side import layer_args, record_queries
 from engine import HybridCache, OffloadConfig
 from engine.decode import step
 
@@ -100,15 +100,8 @@ def run(args) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_output_args(p, quick="the tiny model at 2K tokens")
-    p.add_argument("--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape")
-    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 8192 32768 131072 (--quick: 2048)")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences through one step (stacked)")
-    add_context_arg(p)
-    add_threads_arg(p)
-    args = p.parse_args(argv)
-    quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], [8192, 32768, 131072]))
-    pin_threads(args.threads)
+    args = layer_args(p, argv, [8192, 32768, 131072])
     save_run(args, {"contexts": args.contexts, "batch": args.batch}, run(args))
 
 

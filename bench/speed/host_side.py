@@ -134,17 +134,26 @@ def run(args) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def layer_args(p: argparse.ArgumentParser, argv, contexts: list[int]) -> argparse.Namespace:
+    """The arguments of a benchmark on one layer of a model's shape (this one's and
+    bench.speed.device_ops'): p's own, --models, --contexts (default `contexts`; --quick: the tiny
+    model at 2K tokens), --context, --threads (pinned), --json."""
     add_output_args(p, quick="the tiny model at 2K tokens")
     p.add_argument("--models", nargs="+", choices=["smollm2-135m", *SHAPES], help="default: llama-3-8b-shape")
-    p.add_argument("--contexts", type=positive_int, nargs="+", help="default 8192 131072 (--quick: 2048)")
-    p.add_argument("--repeats", type=positive_int, default=9, help="rounds over the recorded steps")
+    shown = " ".join(map(str, contexts))
+    p.add_argument("--contexts", type=positive_int, nargs="+", help=f"default {shown} (--quick: 2048)")
     add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
-    quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], [8192, 131072]))
+    quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], contexts))
     pin_threads(args.threads)
+    return args
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=positive_int, default=9, help="rounds over the recorded steps")
+    args = layer_args(p, argv, [8192, 131072])
     save_run(args, {"contexts": args.contexts, "repeats": args.repeats}, run(args))
 
 
