@@ -170,12 +170,8 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     # the full blocks after the last whole superblock, a sequence's own first (block 0 after them); made
     # on the device, as a copy from host memory would wait there for every kernel queued before it
     after = [nb - ns * group for nb, ns in zip(n_blocks, n_super)]
-    if B == 1:
-        after_ids = torch.arange(n_super[0] * group, n_blocks[0], device=device)[None]
-    else:
-        after_ids = torch.zeros(B, max(after), dtype=torch.int64, device=device)  # [B, the most after any superblock]
-        for b, (ns, a) in enumerate(zip(n_super, after)):
-            after_ids[b, :a] = torch.arange(ns * group, ns * group + a, device=device)
+    own = [torch.arange(ns * group, nb, device=device)[:, None] for ns, nb in zip(n_super, n_blocks)]
+    after_ids = stack_rows(own, after)[..., 0]  # [B, the most after any superblock]
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
     logits = head_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
