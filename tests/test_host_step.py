@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import HybridCache, OffloadConfig
 from engine.decode import host
@@ -321,6 +322,38 @@ def test_to_host_keeps_every_tensor_as_it_was():
     if torch.cuda.is_available():
         back = host.to_host([t.cuda() for t in tensors])
         assert all(torch.equal(a, b) and a.device.type == "cpu" for a, b in zip(back, tensors))
+
+
+def test_the_calls_results_reach_the_device_in_one_copy(monkeypatch):
+    """out, lse and the reads per block lie end to end in one buffer, so a step takes them to its
+    device in one copy (three copies for results that lie apart), each as it was, to the bit."""
+    results, prepared = [], ops.host_step_prepared
+    monkeypatch.setattr(ops, "host_step_prepared", lambda *a, **k: results.append(prepared(*a, **k)) or results[-1])
+    decode_step(layer_with(CONFIGS["default"], 900, seed=3), queries(3), SCALE)
+    res = results[0]
+    parts = (res.out, res.lse, res.block_reads)
+    assert res.block_reads.any() and all(a is b for a, b in zip(res.on(torch.device("cpu")), parts))
+
+    def copies(result):
+        with _Copies() as counted:
+            moved = result.on(torch.device("meta"))
+        assert [(t.shape, t.dtype, t.device.type) for t in moved] == [(t.shape, t.dtype, "meta") for t in parts]
+        return counted.n
+
+    assert copies(res) == 1
+    assert copies(res._replace(block_reads=res.block_reads.clone())) == 3  # apart: one copy each
+    flat = torch.cat([t.reshape(-1).view(torch.float32) for t in parts])  # the reads' bits as fp32
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ops._split_like(flat, parts), parts))
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the copies dispatched while it is active."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += "copy" in func.__name__
+        return func(*args, **(kwargs or {}))
 
 
 def test_a_batch_mixes_sequences_with_and_without_a_key_index():

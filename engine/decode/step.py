@@ -195,9 +195,8 @@ def native_step(seqs: list[HybridLayer], q: torch.Tensor, scale: float, stack: b
         for i, part in zip(group, host.prepare([layers[i] for i in group], q_group, _rows(lse_r, group), scores[-1])):
             inputs[i] = part
     res = host.read(layers, qd, inputs, scale)
-    out = res.out.view(len(layers), Hkv, G, 1, D).to(o.device, non_blocking=True)
-    lse_c = res.lse.view(len(layers), Hkv, G, 1).to(o.device, non_blocking=True)
-    counts = res.block_reads.to(o.device, non_blocking=True)
+    out, lse_c, counts = res.on(o.device)
+    out, lse_c = out.view(len(layers), Hkv, G, 1, D), lse_c.view(len(layers), Hkv, G, 1)
     parts = []  # per group: the host tokens' state read, and the unread ones' estimated
     for group, blocks in zip(groups, scores):
         part = [(_rows(out, group), _rows(lse_c, group))]

@@ -298,6 +298,31 @@ class HostStepResult(NamedTuple):
     n_rated: torch.Tensor  # [B, Hkv] int64: candidates rated on their keys
     block_reads: torch.Tensor  # [B, Hkv, n_count_blocks] int32: ids read per block
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, lse, block_reads) on `device`, asynchronously: in one copy where they lie end to end
+        in one buffer, as `host_step_prepared` makes them (a decode step's three copies to a GPU
+        become one per layer), else one copy each."""
+        parts = (self.out, self.lse, self.block_reads)
+        if self.out.device == torch.device(device):
+            return parts
+        if not _end_to_end(parts):
+            return tuple(t.to(device, non_blocking=True) for t in parts)
+        flat = self.out.as_strided((sum(t.numel() for t in parts),), (1,))  # fp32 bits, the reads' too
+        return _split_like(flat.to(device, non_blocking=True), parts)
+
+
+def _split_like(flat: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """flat (4-byte elements) cut into tensors of the parts' shapes and dtypes, in their order."""
+    return tuple(piece.view(t.dtype).view(t.shape) for piece, t in zip(flat.split([t.numel() for t in parts]), parts))
+
+
+def _end_to_end(parts: tuple[torch.Tensor, ...]) -> bool:
+    """Whether contiguous 4-byte tensors follow one another in one storage, with no gap."""
+    storage = parts[0].untyped_storage().data_ptr()
+    return all(
+        t.is_contiguous() and t.element_size() == 4 and t.untyped_storage().data_ptr() == storage for t in parts
+    ) and all(a.data_ptr() + a.nbytes == b.data_ptr() for a, b in zip(parts, parts[1:]))
+
 
 RANGES = ("tail", "recent", "forced")  # the host-id ranges of a sequence, in `host_step`'s ranges[b]
 
@@ -415,13 +440,15 @@ def host_step_prepared(
     shape, dtype, id and value (q finite, no threshold NaN)."""
     B, Hq, D = q.shape
     Hkv = k_stores[0].shape[0] if B else near.shape[1] if near.dim() == 3 else 0  # no store: near [0, Hkv, P] says
+    sizes = [B * Hq * D, B * Hq, B * Hkv * n_count_blocks]  # what goes back to the device, in one buffer
+    out, lse_out, reads = torch.empty(sum(sizes), pin_memory=pin).split(sizes)
     res = HostStepResult(
-        torch.empty(B, Hq, D, pin_memory=pin),
-        torch.empty(B, Hq, pin_memory=pin),
+        out.view(B, Hq, D),
+        lse_out.view(B, Hq),
         torch.empty(B, Hkv, cap, dtype=torch.int64),
         torch.empty(B, Hkv, dtype=torch.int64),
         torch.empty(B, Hkv, dtype=torch.int64),
-        torch.empty(B, Hkv, n_count_blocks, dtype=torch.int32, pin_memory=pin),
+        reads.view(torch.int32).view(B, Hkv, n_count_blocks),
     )
     _C.host_step(
         _buffer(q),
