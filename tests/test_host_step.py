@@ -313,12 +313,20 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
 
 
 def test_to_host_keeps_every_tensor_as_it_was():
-    tensors = [torch.arange(6).view(2, 3), torch.randn(4), torch.empty(2, 0, dtype=torch.int64), torch.randn(1, 2)]
+    tensors = [
+        torch.randn(3),  # fp32 first: the int64 ones after it go first in the copy, to stay aligned
+        torch.arange(6).view(2, 3),
+        torch.tensor([1.5, -0.0, math.nan, -math.inf]),
+        torch.empty(2, 0, dtype=torch.int64),
+        torch.tensor([[True, False]]),
+        torch.randn(1, 2),
+    ]
     assert host.to_host(tensors) is tensors  # on the CPU already: nothing copied
     copies = []
     back = host.packed_copy(tensors, lambda flat: copies.append(flat.dtype) or flat.clone())
-    assert sorted(map(str, copies)) == ["torch.float32", "torch.int64"]  # one copy per dtype
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(back, tensors))
+    assert copies == [torch.uint8]  # one copy of all their bytes
+    assert [(t.dtype, t.shape) for t in back] == [(t.dtype, t.shape) for t in tensors]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(back, tensors))  # to the bit
     if torch.cuda.is_available():
         back = host.to_host([t.cuda() for t in tensors])
         assert all(torch.equal(a, b) and a.device.type == "cpu" for a, b in zip(back, tensors))

@@ -118,8 +118,8 @@ def prepare(layers, q: torch.Tensor, lse_resident: torch.Tensor, scores) -> list
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors on the CPU: from a GPU as one asynchronous copy per dtype (into pinned memory)
-    and one wait, rather than a copy and a wait each."""
+    """The tensors on the CPU: from a GPU as one asynchronous copy (into pinned memory) and one
+    wait, rather than a copy and a wait each."""
     if all(t.device.type == "cpu" for t in tensors):
         return tensors
     out = packed_copy(tensors, lambda flat: flat.to("cpu", non_blocking=True))
@@ -128,14 +128,14 @@ def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def packed_copy(tensors: list[torch.Tensor], copy) -> list[torch.Tensor]:
-    """`copy` applied once per dtype to the tensors of that dtype flattened end to end; the
-    results cut back into the tensors' shapes, in their order."""
+    """`copy` applied once, to the tensors' bytes laid end to end (the widest elements first, so
+    that every part stays aligned for its type); the result cut back into the tensors' dtypes and
+    shapes, in their order."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    flat = copy(torch.cat([tensors[i].reshape(-1).view(torch.uint8) for i in order]))
     out = [None] * len(tensors)
-    for dtype in {t.dtype for t in tensors}:
-        same = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-        flat = copy(torch.cat([tensors[i].reshape(-1) for i in same]))
-        for i, part in zip(same, flat.split([tensors[i].numel() for i in same])):
-            out[i] = part.view(tensors[i].shape)
+    for i, part in zip(order, flat.split([tensors[i].nbytes for i in order])):
+        out[i] = part.view(tensors[i].dtype).view(tensors[i].shape)
     return out
 
 
