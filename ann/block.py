@@ -64,14 +64,19 @@ def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """buffer [..., N, D] (rows contiguous, e.g. a store with spare capacity), ids [..., M] row ids per
     head (-1 reads row 0), whose leading dims broadcast to the buffer's (one set of ids for both
     landmarks of minmax) -> [..., M, D]: whole rows copied in one operation, which on the CPU is far
-    faster than a gather along the rows with an expanded index."""
+    faster than a gather along the rows with an expanded index. The rows move as integers of the
+    element's size: the same bits, and on the CPU a bf16 gather takes about 3x as long as an int16 one."""
     N, D = buffer.shape[-2:]
     lead = buffer.shape[:-2]
     heads = math.prod(lead)
     stride = max(N, 1)  # a stride of 0 is refused; with no rows there is nothing to read anyway
     first = torch.arange(0, heads * stride, stride, device=ids.device).view(*lead, 1)  # each head's first row
     flat = ids.clamp_min(0) + first
-    return buffer.reshape(heads * N, D).index_select(0, flat.view(-1)).view(*flat.shape, D)
+    bits = buffer.reshape(heads * N, D).view(_SAME_SIZE_INT[buffer.element_size()])
+    return bits.index_select(0, flat.view(-1)).view(buffer.dtype).view(*flat.shape, D)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def stack_rows(buffers: list[torch.Tensor], lengths: list[int], dim: int = 0) -> torch.Tensor:

@@ -204,19 +204,25 @@ def test_blocks_chosen_together_are_each_index_its_own(landmark):
         assert bool((chosen[b, :, alone.shape[1] :] == -1).all())
 
 
-def test_head_rows_copies_each_heads_rows_and_shares_ids_across_leading_dims():
-    """head_rows against indexing row by row: a buffer with spare rows, -1 reading row 0, and ids
-    [B, H, M] broadcast over a leading dim of the buffer (both landmarks of minmax in one gather)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_head_rows_copies_each_heads_rows_and_shares_ids_across_leading_dims(dtype):
+    """head_rows against indexing row by row, to the bit and in the buffer's dtype: a buffer with
+    spare rows, -1 reading row 0, and ids [B, H, M] broadcast over a leading dim of the buffer
+    (both landmarks of minmax in one gather)."""
     from ann.block import head_rows
 
     g = torch.Generator().manual_seed(3)
     L, B, H, N, D, M = 2, 3, 4, 11, 5, 6
-    buffer = torch.randn(L, B, H, N + 7, D, generator=g)[..., :N, :].contiguous()  # rows contiguous
-    spare = torch.randn(L, B, H, N + 7, D, generator=g)  # spare rows past N: still each head's own
+    buffer = torch.randn(L, B, H, N + 7, D, generator=g)[..., :N, :].to(dtype).contiguous()  # rows contiguous
+    spare = torch.randn(L, B, H, N + 7, D, generator=g).to(dtype)  # spare rows past N: still each head's own
+    buffer[0, 0, 0, 1, 0] = float("nan")  # a NaN and a negative zero keep their bits
+    buffer[0, 0, 0, 2, 1] = -0.0
     ids = torch.randint(-1, N, (B, H, M), generator=g)
+    ids[0, 0, :2] = torch.tensor([1, 2])
     for buf in (buffer, spare):
         rows = head_rows(buf, ids)
-        assert rows.shape == (L, B, H, M, D)
+        assert rows.shape == (L, B, H, M, D) and rows.dtype == dtype
+        bits = rows.view(torch.int16 if dtype != torch.float32 else torch.int32)
         for lm, b, h, m in np.ndindex(L, B, H, M):
-            assert torch.equal(rows[lm, b, h, m], buf[lm, b, h, max(0, int(ids[b, h, m]))])
+            assert torch.equal(bits[lm, b, h, m], buf[lm, b, h, max(0, int(ids[b, h, m]))].view(bits.dtype))
         assert torch.equal(head_rows(buf[1], ids), rows[1])  # ids of the buffer's own shape
