@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.speed.device_ops import OpCounter
 from engine import HybridCache, OffloadConfig
 from engine.decode import host
 from engine.decode.host import python_selection
@@ -343,25 +343,15 @@ def test_the_calls_results_reach_the_device_in_one_copy(monkeypatch):
     assert res.block_reads.any() and all(a is b for a, b in zip(res.on(torch.device("cpu")), parts))
 
     def copies(result):
-        with _Copies() as counted:
+        with OpCounter() as counted:  # the operations a step dispatches (bench.speed.device_ops)
             moved = result.on(torch.device("meta"))
         assert [(t.shape, t.dtype, t.device.type) for t in moved] == [(t.shape, t.dtype, "meta") for t in parts]
-        return counted.n
+        return sum(n for (_, name), n in counted.counts.items() if "copy" in name)
 
     assert copies(res) == 1
     assert copies(res._replace(block_reads=res.block_reads.clone())) == 3  # apart: one copy each
     flat = torch.cat([t.reshape(-1).view(torch.float32) for t in parts])  # the reads' bits as fp32
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ops._split_like(flat, parts), parts))
-
-
-class _Copies(TorchDispatchMode):
-    """Counts the copies dispatched while it is active."""
-
-    n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += "copy" in func.__name__
-        return func(*args, **(kwargs or {}))
 
 
 def test_a_batch_mixes_sequences_with_and_without_a_key_index():
