@@ -158,7 +158,6 @@ def cmd_lm_eval(args) -> int:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise FileNotFoundError(f"--include-path is not a folder: {args.include_path}")
     import lm_eval
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable, make_table
 
     from engine import harness
@@ -167,7 +166,7 @@ def cmd_lm_eval(args) -> int:
     metadata = {"tokenizer": harness.tokenizer_source(args.model)}  # for tasks that build their data (RULER)
     if args.seq_lengths:
         metadata["max_seq_lengths"] = args.seq_lengths
-    tasks = TaskManager(include_path=args.include_path, metadata=metadata)
+    tasks = harness.task_manager(args.lm_eval, args.include_path, metadata)
     unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")

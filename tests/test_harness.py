@@ -10,12 +10,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 
 from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
-from engine.harness import HybridAttnLM, cut_at, offload_config, tokenizer_source
+from engine.harness import HybridAttnLM, cut_at, offload_config, task_manager, tokenizer_source
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
 
@@ -160,14 +159,32 @@ def task_dir(tmp_path_factory):
 
 def test_simple_evaluate_runs_local_tasks_as_lm_eval_s_hf_model_does(bundled_tokenizer, reference, task_dir):
     lm = engine_lm(bundled_tokenizer, cfg=OffloadConfig(device="cpu", **COVER_ALL, prefill_chunk=16))
-    runs = [
-        lm_eval.simple_evaluate(model=m, tasks=list(LOCAL_TASKS), task_manager=TaskManager(include_path=str(task_dir)))
-        for m in (lm, reference)
-    ]
+    tasks = task_manager(list(LOCAL_TASKS), task_dir)
+    runs = [lm_eval.simple_evaluate(model=m, tasks=list(LOCAL_TASKS), task_manager=tasks) for m in (lm, reference)]
     got, want = (r["results"] for r in runs)
     assert got["tiny_choice"]["acc,none"] == want["tiny_choice"]["acc,none"]
     assert got["tiny_gen"]["exact_match,none"] == want["tiny_gen"]["exact_match,none"]
     assert runs[0]["n-samples"]["tiny_gen"]["effective"] == len(DOCS)
+
+
+def test_local_tasks_are_found_without_indexing_lm_eval_s_own(task_dir, monkeypatch):
+    """task_manager indexes lm-eval's own tasks (thousands of YAML files) only where a task asked
+    for is not one of include_path's, or there is no include_path."""
+    real, made = lm_eval.tasks.TaskManager, []
+
+    def recording(include_path=None, include_defaults=True, metadata=None):
+        made.append(include_defaults)
+        if include_defaults:
+            return "every task"  # not built: it would read every YAML file of lm-eval's
+        return real(include_path=include_path, include_defaults=False, metadata=metadata)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", recording)
+    local = task_manager(list(LOCAL_TASKS), task_dir, {"tokenizer": "t"})
+    assert made == [False] and set(local.all_tasks) == set(LOCAL_TASKS) and local.metadata == {"tokenizer": "t"}
+    made.clear()
+    assert task_manager(["tiny_gen", "arc_easy"], task_dir) == "every task" and made == [False, True]
+    made.clear()
+    assert task_manager(["tiny_gen"]) == "every task" and made == [True]
 
 
 def test_command_line_route_and_its_errors(task_dir, tmp_path, capsys):
@@ -238,8 +255,10 @@ def test_ruler_documents_are_built_from_the_seed(monkeypatch):
     import lm_eval.tasks
     import numpy as np
 
+    import engine.harness
     from bench.evals import ruler
 
+    monkeypatch.setattr(engine.harness, "task_manager", lambda *args: None)  # lm-eval's index is not needed here
     monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda tasks, manager: (random.random(), np.random.rand()))
     built = [ruler.build_tasks(["t"], [512], "tok", seed) for seed in (0, 0, 1)]
     assert built[0] == built[1] and built[0][0] != built[2][0] and built[0][1] != built[2][1]
