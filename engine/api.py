@@ -190,7 +190,7 @@ class HybridLLM:
         """(row, token) as each is picked: the prompts prefilled one by one, each into its own
         HybridCache, stacked into one when there are several, then decoded together
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
-        _check_sampling(max_new_tokens, temperature, seed)
+        check_sampling(max_new_tokens, temperature, seed)
         ids = [self.encode(p) for p in prompts]
         self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
@@ -270,7 +270,8 @@ def _check_messages(messages: list) -> None:
         raise ValueError("the prompt is empty (no chat messages)")
 
 
-def _check_sampling(max_new_tokens, temperature, seed) -> None:
+def check_sampling(max_new_tokens, temperature, seed=0) -> None:
+    """The generation arguments a user gives, each checked with an error that names it."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:

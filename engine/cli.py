@@ -119,14 +119,18 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str, *, rope_scale
 
 
 def _read_prompt(args) -> str:
-    """The prompt from --prompt, --file or stdin."""
+    """The prompt from --prompt, --file or stdin; not empty."""
     if args.prompt is not None:
-        return args.prompt
-    if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
-        return sys.stdin.read()
-    if args.file is not None:
-        return Path(args.file).read_text()
-    raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
+        prompt = args.prompt
+    elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    elif args.file is not None:
+        prompt = Path(args.file).read_text()
+    else:
+        raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    return prompt
 
 
 def cmd_generate(args) -> int:
@@ -134,8 +138,9 @@ def cmd_generate(args) -> int:
     offload = _offload_config(args)
     _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
-    from engine.api import HybridLLM
+    from engine.api import HybridLLM, check_sampling
 
+    check_sampling(args.max_new_tokens, args.temperature)
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if args.demo:
         return _demo(llm, args)

@@ -97,6 +97,26 @@ def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monk
     assert "No such file or directory" in line and str(missing) in line
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--file", "EMPTY"], "the prompt is empty"),
+        (["--prompt", "hi", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
+        (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
+        (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+    ],
+)
+def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["generate", *(str(empty) if a == "EMPTY" else a for a in argv)]) == 2
+    assert message in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("factor", ["0.5", "nan", "inf"])
 def test_bad_rope_scale_fails_before_the_model_loads(factor, capsys, monkeypatch):
     import engine.api
