@@ -133,6 +133,19 @@ def _read_prompt(args) -> str:
     return prompt
 
 
+def _json_folder(path: str | None) -> None:
+    """--json's folder, made before the model loads: a path that cannot be written fails at once,
+    not after the work whose results it was to hold."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"--json is a folder: {path}")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"--json: a file stands where its folder would be: {path}") from None
+
+
 def cmd_generate(args) -> int:
     # Everything the user typed is checked before the model loads (seconds to minutes).
     offload = _offload_config(args)
@@ -141,6 +154,7 @@ def cmd_generate(args) -> int:
     from engine.api import HybridLLM, check_sampling
 
     check_sampling(args.max_new_tokens, args.temperature)
+    _json_folder(args.json)
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if args.demo:
         return _demo(llm, args)
@@ -175,6 +189,7 @@ def cmd_lm_eval(args) -> int:
     unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    _json_folder(args.json)
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     lm = harness.HybridAttnLM(pretrained=args.model, batch_size=args.batch_size, llm=llm)
     results = lm_eval.simple_evaluate(

@@ -117,6 +117,30 @@ def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp
     assert message in one_error_line(capsys)
 
 
+def test_json_folder_is_made_or_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import engine.api
+
+    class Stop(Exception):
+        pass
+
+    def loaded(*args, **kwargs):
+        assert (tmp_path / "new" / "folder").is_dir()
+        raise Stop
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", loaded)
+    monkeypatch.setenv("HYBRIDATTN_DEBUG", "1")
+    with pytest.raises(Stop):
+        main(["generate", "--prompt", "hi", "--json", str(tmp_path / "new" / "folder" / "report.json")])
+    monkeypatch.delenv("HYBRIDATTN_DEBUG")
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "file.txt").write_text("")
+    under_a_file = tmp_path / "file.txt" / "report.json"
+    cases = [(under_a_file, "a file stands where its folder would be"), (tmp_path, "is a folder")]
+    for path, message in cases:
+        assert main(["generate", "--prompt", "hi", "--json", str(path)]) == 2
+        assert message in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("factor", ["0.5", "nan", "inf"])
 def test_bad_rope_scale_fails_before_the_model_loads(factor, capsys, monkeypatch):
     import engine.api
