@@ -351,7 +351,7 @@ def test_the_calls_results_reach_the_device_in_one_copy(monkeypatch):
     assert copies(res) == 1
     assert copies(res._replace(block_reads=res.block_reads.clone())) == 3  # apart: one copy each
     flat = torch.cat([t.reshape(-1).view(torch.float32) for t in parts])  # the reads' bits as fp32
-    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ops._split_like(flat, parts), parts))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ops.split_like(flat, parts), parts))
 
 
 def test_a_batch_mixes_sequences_with_and_without_a_key_index():

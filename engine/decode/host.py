@@ -132,10 +132,11 @@ def packed_copy(tensors: list[torch.Tensor], copy) -> list[torch.Tensor]:
     that every part stays aligned for its type); the result cut back into the tensors' dtypes and
     shapes, in their order."""
     order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
-    flat = copy(torch.cat([tensors[i].reshape(-1).view(torch.uint8) for i in order]))
+    ordered = [tensors[i] for i in order]
+    flat = copy(torch.cat([t.reshape(-1).view(torch.uint8) for t in ordered]))
     out = [None] * len(tensors)
-    for i, part in zip(order, flat.split([tensors[i].nbytes for i in order])):
-        out[i] = part.view(tensors[i].dtype).view(tensors[i].shape)
+    for i, part in zip(order, ops.split_like(flat, ordered)):
+        out[i] = part
     return out
 
 

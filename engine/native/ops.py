@@ -308,12 +308,14 @@ class HostStepResult(NamedTuple):
         if not _end_to_end(parts):
             return tuple(t.to(device, non_blocking=True) for t in parts)
         flat = self.out.as_strided((sum(t.numel() for t in parts),), (1,))  # fp32 bits, the reads' too
-        return _split_like(flat.to(device, non_blocking=True), parts)
+        return split_like(flat.to(device, non_blocking=True), parts)
 
 
-def _split_like(flat: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """flat (4-byte elements) cut into tensors of the parts' shapes and dtypes, in their order."""
-    return tuple(piece.view(t.dtype).view(t.shape) for piece, t in zip(flat.split([t.numel() for t in parts]), parts))
+def split_like(flat: torch.Tensor, parts) -> tuple[torch.Tensor, ...]:
+    """flat, the parts' bytes end to end (in any dtype), cut into tensors of the parts' dtypes and
+    shapes, in their order."""
+    pieces = flat.view(torch.uint8).split([t.nbytes for t in parts])
+    return tuple(piece.view(t.dtype).view(t.shape) for piece, t in zip(pieces, parts))
 
 
 def _end_to_end(parts: tuple[torch.Tensor, ...]) -> bool:
