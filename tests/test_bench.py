@@ -5,6 +5,7 @@ import gc
 import importlib
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -645,8 +646,22 @@ def test_written_json_says_where_it_was_measured(tmp_path):
     assert env["threads"]["torch"] == torch.get_num_threads() and env["torch"] == torch.__version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", env["date"])
     assert env["git_commit"] is None or re.fullmatch("[0-9a-f]{40}", env["git_commit"])
+    assert env["cpu"] and (env["memory_gib"] is None or env["memory_gib"] > 0)
     write_json(path, {"environment": {"device": "a GPU"}})  # a script's own environment stays
     assert json.loads(path.read_text()) == {"environment": {"device": "a GPU"}}
+
+
+def test_the_cpu_is_recorded_by_its_model_and_vector_extensions(tmp_path):
+    """A shared machine is not always the same CPU: results name it, not only its architecture."""
+    from bench.common.output import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    core = "processor\t: {}\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx2 avx512f amx_bf16 sse\n\n"
+    info.write_text(core.format(0) + core.format(1))
+    assert cpu_model(str(info)) == "Some CPU 9000 (avx2, avx512f, amx_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Plain CPU\nflags\t\t: fpu sse\n")
+    assert cpu_model(str(info)) == "Plain CPU"
+    assert cpu_model(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
 
 
 def test_synthetic_fill_holds_every_position_drawn_with_the_prefill_statistics():

@@ -39,7 +39,9 @@ def environment() -> dict:
     commit, dirty = git_commit()
     return {
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
+        "memory_gib": memory_gib(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -49,6 +51,40 @@ def environment() -> dict:
         "git_commit": commit,
         "git_dirty": dirty,
     }
+
+
+# vector extensions that decide how fast the CPU's bf16 products run (a virtual machine's model
+# name often leaves out the generation)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and which of CPU_FEATURES it has (Linux: `cpuinfo`), else what
+    `platform` knows: a shared machine is not always the same model from one session to the
+    next, and timings differ with it."""
+    name, flags = None, set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if name is None:
+        return platform.processor() or platform.machine()
+    have = [f for f in CPU_FEATURES if f in flags]
+    return f"{name} ({', '.join(have)})" if have else name
+
+
+def memory_gib() -> float | None:
+    """The machine's memory, GiB (None where the system does not say)."""
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @functools.cache
