@@ -31,6 +31,9 @@ SCORE_BUFFER = 1 << 26  # scores (fp32) a build holds at once: 256 MiB
 # On the CPU, the scores of a query chunk are ranked right after the product: 2 MiB of them stay in
 # the cache for `top_rows`, where a buffer of 256 MiB goes through memory twice (about 2x the time at 8K keys)
 CPU_SCORE_CHUNK = 1 << 19
+# ... but a product reads every key, and with fewer query rows than this the keys' reads set its
+# time: at 131K keys 8 rows a product took 0.66 ms per query, 128 rows 0.30 (within SCORE_BUFFER)
+CPU_PRODUCT_ROWS = 128
 # numba's fallback thread pool (workqueue) aborts the process if two threads enter it at once
 _PARALLEL_KERNEL = threading.Lock()
 
@@ -40,13 +43,13 @@ def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | No
     (scores [H, Nq, m] fp32, ids [H, Nq, m] int64), best first. In query chunks,
     so the score buffer stays within SCORE_BUFFER (at 128K keys and 8 heads, 64
     queries at a time). On the CPU the product runs head by head, in chunks of
-    CPU_SCORE_CHUNK scores, and the rows' top-m come from `ann._kernels.top_rows`
+    CPU_SCORE_CHUNK scores or CPU_PRODUCT_ROWS queries, whichever is more (within
+    SCORE_BUFFER), and the rows' top-m come from `ann._kernels.top_rows`
     (torch.topk and faiss's heap cost as much as the product again there);
     elsewhere one batched product and torch.topk."""
     keys_t = keys.float().transpose(1, 2)  # [H, D, N], converted once
     if queries.device.type == "cpu":
-        rows = chunk or max(8, CPU_SCORE_CHUNK // max(1, keys.shape[1]))  # 8: rows for the kernel's threads
-        return _topk_keys_cpu(queries.float(), keys_t, m, rows)
+        return _topk_keys_cpu(queries.float(), keys_t, m, chunk or cpu_query_rows(keys.shape[1]))
     chunk = chunk or max(1, min(1024, SCORE_BUFFER // max(1, keys.shape[0] * keys.shape[1])))
     scores, ids = [], []
     for s in range(0, queries.shape[1], chunk):
@@ -55,6 +58,13 @@ def topk_keys(queries: torch.Tensor, keys: torch.Tensor, m: int, chunk: int | No
         scores.append(top.values)
         ids.append(top.indices)
     return torch.cat(scores, 1), torch.cat(ids, 1)
+
+
+def cpu_query_rows(n_keys: int) -> int:
+    """Build queries per product on the CPU against n_keys keys: CPU_SCORE_CHUNK scores or
+    CPU_PRODUCT_ROWS queries, whichever is more, within SCORE_BUFFER; at least 8 (for the threads)."""
+    n = max(1, n_keys)
+    return max(8, CPU_SCORE_CHUNK // n, min(CPU_PRODUCT_ROWS, SCORE_BUFFER // n))
 
 
 def _topk_keys_cpu(queries: torch.Tensor, keys_t: torch.Tensor, m: int, chunk: int):

@@ -147,6 +147,19 @@ def test_exact_topm_paths_agree():
     torch.testing.assert_close(s_chunks, s_cpu)  # the BLAS may block a product of another shape differently
 
 
+def test_cpu_build_products_take_many_queries_at_once_within_the_score_buffer():
+    """A product reads every key: at long contexts it takes CPU_PRODUCT_ROWS build queries at
+    once (where a fixed score budget left 8 at 131K keys and 16 at 32K), its scores still within
+    SCORE_BUFFER; at few keys, as many as CPU_SCORE_CHUNK scores hold."""
+    from ann.qq import CPU_PRODUCT_ROWS, CPU_SCORE_CHUNK, SCORE_BUFFER, cpu_query_rows
+
+    for n in (32768, 131072, 1 << 20):
+        rows = cpu_query_rows(n)
+        assert rows >= min(CPU_PRODUCT_ROWS, SCORE_BUFFER // n) and rows * n <= SCORE_BUFFER
+    assert cpu_query_rows(131072) >= 64 and cpu_query_rows(32768) >= 64
+    assert cpu_query_rows(300) == CPU_SCORE_CHUNK // 300 and cpu_query_rows(1 << 30) == 8
+
+
 def test_top_rows_matches_sort():
     """Rows with trends, -inf, NaN, repeated values and k == N: the k largest, best first."""
     import numpy as np
