@@ -103,8 +103,18 @@ def masked(scores: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     sequence's length; as they are where no sequence has fewer than N."""
     if all(n >= scores.shape[-1] for n in lengths):
         return scores
-    n = torch.tensor(lengths, device=scores.device).view(-1, *([1] * (scores.dim() - 1)))
-    return scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device) >= n, float("-inf"))
+    return scores.masked_fill(beyond(lengths, scores.shape[-1], scores.device, scores.dim()), float("-inf"))
+
+
+def beyond(lengths: list[int], n: int, device: torch.device, dims: int) -> torch.Tensor:
+    """[B, 1, ..., 1, n] bool (`dims` dims): True where column j lies at or past lengths[b]. The
+    lengths reach a GPU from pinned memory, their copy queued behind the kernels before it: from
+    pageable memory it would first wait for all of them, a sync in the middle of a decode step."""
+    host = torch.tensor(lengths)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    lengths_on = host.to(device, non_blocking=True).view(-1, *([1] * (dims - 1)))
+    return torch.arange(n, device=device) >= lengths_on
 
 
 def group_block_scores(s: torch.Tensor) -> torch.Tensor:
@@ -292,8 +302,7 @@ def choose_blocks(
     best = torch.topk(group, max(take), dim=-1).indices  # [B, H, T]
     best = best if scored is None else scored.to(first.device).gather(-1, best)
     if min(take) < max(take):
-        ranks = torch.arange(max(take), device=first.device)
-        best = best.masked_fill(ranks >= torch.tensor(take, device=first.device).view(B, 1, 1), -1)
+        best = best.masked_fill(beyond(take, max(take), best.device, 3), -1)
     return best
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ann.base import GrowableKeys, as_vectors
-from ann.block import masked, stack_rows
+from ann.block import beyond, masked, stack_rows
 from ann.selector import Selector
 
 
@@ -213,11 +213,10 @@ def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[
     nn = [min(n, one.n_queries) for n, one in zip(n_neighbors, lists)]
     for one in lists:
         one.scanned = G * one.n_queries * H
-    rows = torch.topk(masked(sims, n_queries), max(nn), dim=-1).indices.transpose(-1, -2)  # [B, H, nn, G]
+    rows = torch.topk(masked(sims, n_queries), max(nn), dim=-1).indices  # [B, H, G, nn]
     if min(nn) < max(nn):
-        rank = torch.arange(max(nn), device=rows.device).view(1, 1, -1, 1)
-        rows = rows.masked_fill(rank >= torch.tensor(nn, device=rows.device).view(B, 1, 1, 1), -1)
-    return rows.reshape(B, H, -1)
+        rows = rows.masked_fill(beyond(nn, max(nn), rows.device, 4), -1)
+    return rows.transpose(-1, -2).reshape(B, H, -1)  # rank by rank
 
 
 class QQIndex(Selector):

@@ -226,3 +226,35 @@ def test_head_rows_copies_each_heads_rows_and_shares_ids_across_leading_dims(dty
         for lm, b, h, m in np.ndindex(L, B, H, M):
             assert torch.equal(bits[lm, b, h, m], buf[lm, b, h, max(0, int(ids[b, h, m]))].view(bits.dtype))
         assert torch.equal(head_rows(buf[1], ids), rows[1])  # ids of the buffer's own shape
+
+
+def test_columns_beyond_each_sequences_length():
+    from ann.block import beyond, masked
+
+    expected = torch.tensor([[False, False, True], [True, True, True], [False, False, False]])
+    assert torch.equal(beyond([2, 0, 3], 3, torch.device("cpu"), 2), expected)
+    assert beyond([2, 0, 3], 3, torch.device("cpu"), 4).shape == (3, 1, 1, 3)
+    scores = torch.zeros(3, 2, 3)
+    assert torch.equal(torch.isinf(masked(scores, [2, 0, 3])), expected[:, None].expand(3, 2, 3))
+    assert masked(scores, [3, 3, 3]) is scores  # nothing past any length: no operation
+
+
+def test_the_decode_step_makes_no_device_tensor_from_host_values():
+    """On a GPU, `torch.tensor(values, device=...)` copies from pageable memory, and that copy first
+    waits for every kernel queued before it: a sync in the middle of a step, which no run on a CPU
+    shows. The modules a decode step runs through send such values through `beyond` (pinned memory,
+    a non-blocking copy) instead."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    step = ("step", "host", "select", "estimate", "merge", "rate")
+    modules = ["ann/block.py", "ann/qq.py", *(f"engine/decode/{name}.py" for name in step)]
+    pattern = re.compile(r"torch\.(tensor|as_tensor)\(.*device=")
+    found = [
+        f"{module}:{i}"
+        for module in modules
+        for i, line in enumerate((root / module).read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []
