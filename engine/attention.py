@@ -124,12 +124,14 @@ class Padding:
     batched attention needs; `dense()` builds sdpa's 4D mask for caches other than HybridCache."""
 
     def __init__(self, key_valid: torch.Tensor, mask_kwargs: dict):
-        self.key_valid = key_valid  # [B, kv_length] bool
+        # [B, kv_length] bool, on the host: one copy a forward pass, where a copy in each layer
+        # would wait on a GPU for every kernel queued before it
+        self.key_valid = key_valid.cpu()
         self.mask_kwargs = mask_kwargs
 
     def chunk_columns(self, q_length: int) -> torch.Tensor:
-        """valid [B, q_length]: the columns of the latest chunk (the timeline's last ones)."""
-        return self.key_valid[:, -q_length:].cpu()
+        """valid [B, q_length] (CPU): the columns of the latest chunk (the timeline's last ones)."""
+        return self.key_valid[:, -q_length:]
 
     def dense(self) -> torch.Tensor:
         return sdpa_mask(**self.mask_kwargs)

@@ -164,3 +164,18 @@ def test_a_batch_keeps_its_size(tiny_model, prompts):
         tiny_model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         with pytest.raises(ValueError, match="holds 3 sequences, got a batch of 2"):
             tiny_model(ids[:2, -1:], cache=cache, use_cache=True)
+
+
+def test_the_padding_mask_reaches_the_host_once_a_forward_pass(monkeypatch):
+    """Every layer reads which columns of its chunk are real; on a GPU a copy to the host in each
+    layer would wait for every kernel queued before it, so the mask is copied once, when made."""
+    from engine.attention import hybrid_mask
+
+    padding = hybrid_mask(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    copies = []
+    to_host = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or to_host(t, *a, **k))
+    for _ in range(3):  # three layers
+        columns = padding.chunk_columns(2)
+    assert columns.tolist() == [[True, True], [True, True]] and copies == []
+    assert padding.chunk_columns(3).tolist() == [[False, True, True], [True, True, True]]
