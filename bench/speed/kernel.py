@@ -23,7 +23,7 @@ import platform
 import torch
 
 from bench.common.options import add_output_args, add_threads_arg, pin_threads
-from bench.common.output import cpu_model, write_json
+from bench.common.output import write_json
 from bench.common.timing import median_ms
 from engine.cache.store import host_empty
 from engine.native import ops
@@ -159,7 +159,6 @@ def main(argv=None):
         "kernel_threads": ops._C.max_threads() if ops.HAS_EXT else None,
         "has_ext": ops.HAS_EXT,
         "machine": platform.processor() or platform.machine(),
-        "cpu": cpu_model(),
         "Hkv": Hkv,
         "G": G,
         "D": D,
