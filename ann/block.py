@@ -106,14 +106,19 @@ def masked(scores: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return scores.masked_fill(beyond(lengths, scores.shape[-1], scores.device, scores.dim()), float("-inf"))
 
 
-def beyond(lengths: list[int], n: int, device: torch.device, dims: int) -> torch.Tensor:
-    """[B, 1, ..., 1, n] bool (`dims` dims): True where column j lies at or past lengths[b]. The
-    lengths reach a GPU from pinned memory, their copy queued behind the kernels before it: from
-    pageable memory it would first wait for all of them, a sync in the middle of a decode step."""
-    host = torch.tensor(lengths)
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """Host values (a list or an array) as a tensor on `device`. They reach a GPU from pinned memory,
+    their copy queued behind the kernels before it: from pageable memory it would first wait for
+    all of them, a sync in the middle of a step."""
+    host = torch.as_tensor(values)
     if device.type == "cuda":
         host = host.pin_memory()
-    lengths_on = host.to(device, non_blocking=True).view(-1, *([1] * (dims - 1)))
+    return host.to(device, non_blocking=True)
+
+
+def beyond(lengths: list[int], n: int, device: torch.device, dims: int) -> torch.Tensor:
+    """[B, 1, ..., 1, n] bool (`dims` dims): True where column j lies at or past lengths[b]."""
+    lengths_on = to_device(lengths, device).view(-1, *([1] * (dims - 1)))
     return torch.arange(n, device=device) >= lengths_on
 
 

@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ann.block import to_device
 from engine.cache.batch import BatchLayer
 from engine.cache.layer import HybridLayer
 from engine.decode.merge import attend, merge_states
@@ -108,7 +109,7 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     rk, rv, rpos = layer.resident()
     earlier = np.flatnonzero(rpos < first)
     if len(earlier):
-        earlier = torch.from_numpy(earlier).to(q.device)
+        earlier = to_device(earlier, q.device)
         o, lse = merge_states(o, lse, *attend(q, rk[:, earlier], rv[:, earlier], scale))
     n_host = min(layer.host.n, max(0, first - layer.cfg.n_sink))  # host id i holds position n_sink + i
     if n_host:

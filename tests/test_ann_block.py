@@ -239,18 +239,18 @@ def test_columns_beyond_each_sequences_length():
     assert masked(scores, [3, 3, 3]) is scores  # nothing past any length: no operation
 
 
-def test_the_decode_step_makes_no_device_tensor_from_host_values():
-    """On a GPU, `torch.tensor(values, device=...)` copies from pageable memory, and that copy first
-    waits for every kernel queued before it: a sync in the middle of a step, which no run on a CPU
-    shows. The modules a decode step runs through send such values through `beyond` (pinned memory,
-    a non-blocking copy) instead."""
+def test_the_decode_step_and_the_prefill_make_no_device_tensor_from_host_values():
+    """On a GPU, `torch.tensor(values, device=...)` or `torch.from_numpy(values).to(device)` copies
+    from pageable memory, and that copy first waits for every kernel queued before it: a sync in
+    the middle of a step, which no run on a CPU shows. The modules a decode step or a prefill chunk
+    runs through send such values through `to_device` (pinned memory, a non-blocking copy) instead."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     step = ("step", "host", "select", "estimate", "merge", "rate")
-    modules = ["ann/block.py", "ann/qq.py", *(f"engine/decode/{name}.py" for name in step)]
-    pattern = re.compile(r"torch\.(tensor|as_tensor)\(.*device=")
+    modules = ["ann/block.py", "ann/qq.py", "engine/attention.py", *(f"engine/decode/{name}.py" for name in step)]
+    pattern = re.compile(r"torch\.(tensor|as_tensor)\(.*device=|torch\.from_numpy\(.*\)\.to\(")
     found = [
         f"{module}:{i}"
         for module in modules
