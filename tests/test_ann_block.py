@@ -249,7 +249,9 @@ def test_the_decode_step_and_the_prefill_make_no_device_tensor_from_host_values(
 
     root = Path(__file__).resolve().parents[1]
     step = ("step", "host", "select", "estimate", "merge", "rate")
-    modules = ["ann/block.py", "ann/qq.py", "engine/attention.py", *(f"engine/decode/{name}.py" for name in step)]
+    cache = ("layer", "batch", "store")
+    modules = ["ann/block.py", "ann/qq.py", "engine/attention.py"]
+    modules += [*(f"engine/decode/{name}.py" for name in step), *(f"engine/cache/{name}.py" for name in cache)]
     pattern = re.compile(r"torch\.(tensor|as_tensor)\(.*device=|torch\.from_numpy\(.*\)\.to\(")
     found = [
         f"{module}:{i}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ann.block import to_device
 from engine.cache.layer import HybridLayer, sum_bytes
 
 
@@ -57,7 +58,7 @@ class BatchLayer(CacheLayerMixin):
         self.chunk = None
         columns = []
         for b, seq in enumerate(self.seqs):
-            cols = None if valid is None or bool(valid[b].all()) else valid[b].nonzero()[:, 0].to(k.device)
+            cols = None if valid is None or bool(valid[b].all()) else to_device(valid[b].nonzero()[:, 0], k.device)
             if cols is None:
                 seq.update(k[b : b + 1], v[b : b + 1])
             elif len(cols):

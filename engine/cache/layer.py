@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from ann.block import BlockIndex
+from ann.block import BlockIndex, to_device
 from engine.cache.store import DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool, rows_on
 from engine.config import OffloadConfig
 from engine.decode.estimate import BlockSummary
@@ -299,9 +299,7 @@ class HybridLayer(CacheLayerMixin):
         (a full copy: for evaluation against full attention, not for decoding)."""
         where = self.positions()
         resident = np.concatenate([where["sinks"], where["window"]])
-        slots = torch.from_numpy(np.argsort(self.resident_pos)[-len(resident) :]).to(
-            self.device
-        )  # filled slots by position
+        slots = to_device(np.argsort(self.resident_pos)[-len(resident) :], self.device)  # filled slots by position
         # head by head on the stream ordered after the copies in flight (rows_on), not through a host copy
         host_k, host_v = (rows_on(t, self.device).to(self.dtype) for t in self.host.rows_for(self.device))
         n_sink = len(where["sinks"])

@@ -10,6 +10,8 @@ from concurrent.futures import Future
 
 import torch
 
+from ann.block import to_device
+
 _MADV_HUGEPAGE = 14
 _HUGE_PAGE = 2 << 20
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -349,7 +351,7 @@ class QuerySample:
             return
         keep = torch.nonzero(positions % self.stride == 0).flatten()  # on the host: no device sync
         self.pos.append(positions[keep])
-        self.q.append(self._to_host(q.index_select(1, keep.to(q.device))))
+        self.q.append(self._to_host(q.index_select(1, to_device(keep, q.device))))
         while sum(len(p) for p in self.pos) > self.limit:
             self._wait()
             self.stride *= 2
