@@ -111,7 +111,7 @@ def to_device(values, device: torch.device) -> torch.Tensor:
     their copy queued behind the kernels before it: from pageable memory it would first wait for
     all of them, a sync in the middle of a step."""
     host = torch.as_tensor(values)
-    if device.type == "cuda":
+    if device.type == "cuda" and host.device.type == "cpu":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
 

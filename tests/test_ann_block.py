@@ -239,6 +239,17 @@ def test_columns_beyond_each_sequences_length():
     assert masked(scores, [3, 3, 3]) is scores  # nothing past any length: no operation
 
 
+def test_host_values_reach_the_device_as_they_are():
+    from ann.block import to_device
+
+    cpu = torch.device("cpu")
+    assert torch.equal(to_device([3, 1, 2], cpu), torch.tensor([3, 1, 2]))
+    ids = to_device(np.array([5, 7], dtype=np.int64), cpu)
+    assert ids.dtype == torch.int64 and ids.tolist() == [5, 7]
+    mask = torch.tensor([True, False, True])
+    assert torch.equal(to_device(mask.nonzero()[:, 0], cpu), torch.tensor([0, 2]))
+
+
 def test_the_decode_step_and_the_prefill_make_no_device_tensor_from_host_values():
     """On a GPU, `torch.tensor(values, device=...)` or `torch.from_numpy(values).to(device)` copies
     from pageable memory, and that copy first waits for every kernel queued before it: a sync in
