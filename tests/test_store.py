@@ -3,6 +3,7 @@ a reader waits for (the side-stream ordering with stand-in CUDA streams), and th
 stores from one generation to the next."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
@@ -351,3 +352,18 @@ def test_a_decode_steps_rows_are_staged_and_reach_the_store_when_a_reader_waits(
     keys, values = store.keys, store.values
     assert log == [("host", "synchronizes", 3)]  # the last event covers the staged copy before it
     assert torch.equal(keys[:, 2:3], rows(1, 3)) and torch.equal(values[:, 3:], rows(5, 12))
+
+
+def test_staged_rows_reach_a_store_made_in_inference_mode_from_a_thread_outside_it(monkeypatch, fake_cuda):
+    """A generation allocates its stores and stages a step's rows under torch.inference_mode; the
+    reader that waits for them may be the index build's thread, outside that mode, where an
+    in-place write into an inference tensor raises."""
+    monkeypatch.setattr(SideStreamCopies, "stages", staticmethod(lambda dst, src: not dst.is_contiguous()))
+    monkeypatch.setattr(store_module, "host_empty", lambda shape, dtype, pin: torch.empty(shape, dtype=dtype))
+    with torch.inference_mode():
+        store = HostKV(2, 4, torch.float32, pin=False, capacity=16, copies=SideStreamCopies(torch.device("cuda", 0)))
+        store.append(rows(3), rows(3, 30))
+    assert store.k.is_inference() and store.copies.staged
+    with ThreadPoolExecutor(1) as reader:  # its failure is raised here
+        k, v = reader.submit(lambda: (store.keys.clone(), store.values.clone())).result()
+    assert torch.equal(k, rows(3)) and torch.equal(v, rows(3, 30))

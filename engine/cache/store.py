@@ -110,8 +110,12 @@ class SideStreamCopies:
         if self.pending is not None:
             self.pending.synchronize()
             self.pending = None
-        for dst, staged in self.staged:  # arrived (the event covers them): into the store
-            dst.copy_(staged)
+        # Arrived (the event covers them): into the store. In inference mode, because a store
+        # allocated in it accepts in-place writes only there, and the waiting reader may be
+        # outside it (the index build's thread).
+        with torch.inference_mode():
+            for dst, staged in self.staged:
+                dst.copy_(staged)
         self.staged.clear()
 
     def device_wait(self, device: torch.device) -> None:
