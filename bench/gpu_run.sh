@@ -16,5 +16,6 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 "$py" -m pip install --quiet --no-index --find-links .gpu_wheels "transformers==5.24.0" "faiss-cpu>=1.9"
 "$py" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tee "$out/build.log"
-"$py" -m ann.precompile 2>&1 | tee -a "$out/build.log"
+"$py" -m ann.precompile 2>&1 | tee -a "$out/build.log" ||
+    echo "ann.precompile failed (see build.log): the check goes on, its first steps compile the kernels" | tee -a "$out/build.log"
 "$py" -m bench.gpu_check --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
