@@ -23,7 +23,9 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
 4. Prefill: time to first token of a real chunked prefill of --prefill tokens through
    the engine as HybridLLM runs it (index builds overlapped, host stores from the engine's
    pool: a first call, and a second that reuses its stores) and through sdpa (under the
-   cap, else uncapped), with the ratio to sdpa.
+   cap, else uncapped), with the ratio to sdpa, at each of --chunk; beside each, the host
+   K/V its chunks bring back to the device (every chunk of a layer attends to every host
+   row before it: n * n / chunk rows in all, counted, not timed).
 
 Without CUDA (--device cpu, as the test suite runs it) the same steps run at toy
 sizes, so the script is tested everywhere; its figures mean something on a GPU only.
@@ -32,7 +34,7 @@ On a machine without network, bench/gpu_run.sh installs what it needs and runs i
 calls where each may run only so long; every row is printed as one JSON line when it is done.
 
     python -m bench.gpu_check [--json PATH] [--cap-gb 24] [--contexts 32768 65536 131072] [--threads N]
-                              [--cases exactness decode batch prefill]
+                              [--cases exactness decode batch prefill] [--chunk 2048 8192]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from engine.api import prefill
 from engine.cache.store import StorePool, release_pinned
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
+from engine.generation import chunk_bounds
 from engine.plan import MODEL_PRESETS
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
@@ -372,32 +375,46 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
 @torch.inference_mode()
 def prefill_cases(args, model, device, cfg, cap_fraction: float) -> list[dict]:
     """Time to first token as HybridLLM gets it (the index builds overlapped with the prefill, the
-    host stores from the engine's pool): a first call, whose stores are allocated ahead while it
-    runs, and a second, which reuses them; beside sdpa's prefill under the cap and, where that
-    does not fit, uncapped."""
+    host stores from the engine's pool) at each of --chunk: a first call, whose stores are
+    allocated ahead while it runs (the first chunk size only), and calls that reuse them; beside
+    sdpa's prefill in the same chunks under the cap and, where that does not fit, uncapped."""
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(2))
     ids = ids.to(device)
     model.set_attn_implementation("hybrid")
     stores = StorePool()
-    runs = [("hybrid-default-first-call", True), ("hybrid-default-stores-reused", True)]
-    runs += [("full-sdpa", True), ("full-sdpa-uncapped", False)]
+    rows = []
+    for i, chunk in enumerate(args.chunk):
+        runs = [("hybrid-default-first-call", True)] if i == 0 else []
+        runs += [("hybrid-default-stores-reused", True), ("full-sdpa", True), ("full-sdpa-uncapped", False)]
+        rows += prefill_runs(runs, model, ids, chunk, device, cfg, stores, cap_fraction, args.profile)
+    model.set_attn_implementation(TIMED)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    return rows
+
+
+def prefill_runs(runs, model, ids, chunk: int, device, cfg, stores, cap_fraction: float, profile) -> list[dict]:
+    """The prefill rows of one chunk size, each hybrid one with its ratio to sdpa's first token."""
     rows = []
     for name, capped in runs:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(cap_fraction if capped else 1.0, device)
         reset_peak(device)
         hybrid = name.startswith("hybrid")
-        row = {"case": "prefill", "method": name, "context": args.prefill, "capped": capped}
+        n = ids.shape[1]
+        row = {"case": "prefill", "method": name, "context": n, "chunk": chunk, "capped": capped}
+        if hybrid:
+            row["host_bytes_read_back"] = host_bytes_read_back(model.config, model.dtype, cfg, n, chunk)
         cache = None
         try:
-            with Synced(device) as t, profiled(args.profile, f"prefill-{name}", name == "hybrid-default-first-call"):
-                n = args.prefill
+            first = name == "hybrid-default-first-call"
+            with Synced(device) as t, profiled(profile, f"prefill-{name}", first):
                 cache = (
                     HybridCache(model, cfg, max_length=n, prompt_length=n, progress=False, stores=stores)
                     if hybrid
                     else DynamicCache()
                 )
-                prefill(model, ids, cache, args.chunk, progress=False)
+                prefill(model, ids, cache, chunk, progress=False)
             row["prefill_s"] = t.seconds
             row["index_build_after_s"] = 0.0
             if hybrid:
@@ -422,10 +439,17 @@ def prefill_cases(args, model, device, cfg, cap_fraction: float) -> list[dict]:
     for r in rows:
         if sdpa and r["method"].startswith("hybrid") and "error" not in r:
             r["ratio_to_sdpa"] = r["first_token_s"] / sdpa
-    model.set_attn_implementation(TIMED)
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
     return rows
+
+
+def host_bytes_read_back(config, dtype: torch.dtype, cfg: OffloadConfig, n: int, chunk: int) -> int:
+    """Bytes of host K/V a chunked prefill of n tokens brings back to the device: each chunk of
+    each layer attends to every host row before it (engine.attention.prefill_attention), so
+    the sum grows as n * n / chunk. Counted from the chunks' bounds, not measured."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    row = 2 * config.num_key_value_heads * head_dim * dtype.itemsize  # K and V of one position
+    rows = sum(max(0, min(end - cfg.window, start) - cfg.n_sink) for start, end in chunk_bounds(n, chunk))
+    return rows * row * config.num_hidden_layers
 
 
 def table(rows: list[dict]) -> str:
@@ -461,8 +485,10 @@ def table(rows: list[dict]) -> str:
                 f", {r['tokens_per_s_vs_batch1']:.2f}x batch 1" if "tokens_per_s_vs_batch1" in r else ""
             )
         if "first_token_s" in r:
-            notes = f"first token {r['first_token_s']:.2f} s (prefill {r['prefill_s']:.2f} s"
+            notes = f"chunk {r['chunk']}: first token {r['first_token_s']:.2f} s (prefill {r['prefill_s']:.2f} s"
             notes += f", index build after it {r['index_build_after_s']:.2f} s)"
+            if "host_bytes_read_back" in r:
+                notes += f", {r['host_bytes_read_back'] / gib:.1f} GiB of host K/V read back"
             notes += f", {r['ratio_to_sdpa']:.2f}x sdpa" if "ratio_to_sdpa" in r else ""
         context = r.get("context", "")
         lines.append(
@@ -478,7 +504,7 @@ def main(argv=None) -> int:
     p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")
     p.add_argument("--contexts", type=int, nargs="+", help="decode contexts; default 32K 64K 128K (cpu: 2048)")
     p.add_argument("--prefill", type=int, help="prefill tokens; default 32768 (cpu: 1024)")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+    p.add_argument("--chunk", type=int, nargs="+", default=[2048], help="prefill chunk sizes, each timed")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per case (after 2 warm-up steps)")
     p.add_argument("--batch", type=int, default=8, help="the larger batch of the batch case (against batch 1)")
     p.add_argument(

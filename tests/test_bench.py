@@ -9,11 +9,15 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
-from engine import OffloadConfig
+from engine import HybridCache, OffloadConfig
+from engine.cache.store import HostKV
+from engine.generation import prefill
 from engine.native import ops
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -320,7 +324,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     """Without CUDA the GPU check runs at toy sizes: exactness holds and every case reports."""
     out = tmp_path / "gpu.json"
     argv = ["--device", "cpu", "--contexts", "600", "--prefill", "300", "--steps", "2", "--json", str(out)]
-    assert script("bench.gpu_check").main(argv) == 0
+    assert script("bench.gpu_check").main(argv + ["--chunk", "64", "128"]) == 0
     rows = json.loads(out.read_text())["rows"]
     exact = [r for r in rows if r["case"].startswith("exactness")]
     assert {r["case"] for r in exact} == {"exactness-float32", "exactness-bfloat16"}
@@ -340,12 +344,40 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     for r in batch.values():
         assert r["tokens_per_s"] > 0 and 0 < r["kv_read_frac"] < 1
     assert "tokens_per_s_vs_batch1" in batch["hybrid-default-batch8-per-sequence"]
-    prefill = {r["method"]: r for r in rows if r["case"] == "prefill"}
-    assert set(prefill) == {"hybrid-default-first-call", "hybrid-default-stores-reused", "full-sdpa"}
-    for name in ("hybrid-default-first-call", "hybrid-default-stores-reused"):
-        r = prefill[name]
+    first_tokens = {(r["method"], r["chunk"]): r for r in rows if r["case"] == "prefill"}
+    hybrid = {
+        ("hybrid-default-first-call", 64),
+        ("hybrid-default-stores-reused", 64),
+        ("hybrid-default-stores-reused", 128),
+    }
+    assert set(first_tokens) == hybrid | {("full-sdpa", 64), ("full-sdpa", 128)}  # one first call; sdpa per chunk
+    for name, chunk in hybrid:
+        r = first_tokens[name, chunk]
         assert r["first_token_s"] == r["prefill_s"] + r["index_build_after_s"] > 0
-        assert r["ratio_to_sdpa"] == r["first_token_s"] / prefill["full-sdpa"]["first_token_s"]
+        assert r["ratio_to_sdpa"] == r["first_token_s"] / first_tokens["full-sdpa", chunk]["first_token_s"]
+        assert r["host_bytes_read_back"] > 0  # counted as the engine reads it: the test below
+
+
+def test_gpu_check_counts_the_host_rows_a_chunked_prefill_reads_back():
+    """The prefill rows' host bytes read back are the rows the engine's prefill attention takes
+    from the host store, over every chunk and layer."""
+    gpu_check = script("bench.gpu_check")
+    model = gpu_check.llama(gpu_check.TOY, 2, torch.bfloat16, torch.device("cpu"), impl="hybrid")
+    cfg = OffloadConfig(n_sink=4, window=32, device="cpu")
+    n, chunk = 300, 48
+    read = []
+    rows_for = HostKV.rows_for
+
+    def counting(self, device, n=None):
+        k, v = rows_for(self, device, n)
+        if n is not None:  # prefill attention names the rows it reads; a key index build takes them all
+            read.append(k.nbytes + v.nbytes)
+        return k, v
+
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(HostKV, "rows_for", counting), torch.inference_mode():
+        prefill(model, ids, HybridCache(model, cfg, max_length=n), chunk, progress=False)
+    assert sum(read) == gpu_check.host_bytes_read_back(model.config, model.dtype, cfg, n, chunk) > 0
 
 
 def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypatch):
