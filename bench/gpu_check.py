@@ -65,7 +65,7 @@ from engine.cache.store import StorePool, release_pinned
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 from engine.generation import chunk_bounds
-from engine.plan import MODEL_PRESETS
+from engine.plan import MODEL_PRESETS, ModelShape
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4
@@ -395,20 +395,18 @@ def prefill_cases(args, model, device, cfg, cap_fraction: float) -> list[dict]:
 
 def prefill_runs(runs, model, ids, chunk: int, device, cfg, stores, cap_fraction: float, profile) -> list[dict]:
     """The prefill rows of one chunk size, each hybrid one with its ratio to sdpa's first token."""
-    rows = []
+    rows, n = [], ids.shape[1]
     for name, capped in runs:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(cap_fraction if capped else 1.0, device)
         reset_peak(device)
         hybrid = name.startswith("hybrid")
-        n = ids.shape[1]
         row = {"case": "prefill", "method": name, "context": n, "chunk": chunk, "capped": capped}
         if hybrid:
             row["host_bytes_read_back"] = host_bytes_read_back(model.config, model.dtype, cfg, n, chunk)
         cache = None
         try:
-            first = name == "hybrid-default-first-call"
-            with Synced(device) as t, profiled(profile, f"prefill-{name}", first):
+            with Synced(device) as t, profiled(profile, f"prefill-{name}", name == "hybrid-default-first-call"):
                 cache = (
                     HybridCache(model, cfg, max_length=n, prompt_length=n, progress=False, stores=stores)
                     if hybrid
@@ -446,10 +444,10 @@ def host_bytes_read_back(config, dtype: torch.dtype, cfg: OffloadConfig, n: int,
     """Bytes of host K/V a chunked prefill of n tokens brings back to the device: each chunk of
     each layer attends to every host row before it (engine.attention.prefill_attention), so
     the sum grows as n * n / chunk. Counted from the chunks' bounds, not measured."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    row = 2 * config.num_key_value_heads * head_dim * dtype.itemsize  # K and V of one position
+    m = ModelShape.of(config)
+    row = 2 * m.num_key_value_heads * m.head_dim * dtype.itemsize  # K and V of one position
     rows = sum(max(0, min(end - cfg.window, start) - cfg.n_sink) for start, end in chunk_bounds(n, chunk))
-    return rows * row * config.num_hidden_layers
+    return rows * row * m.num_hidden_layers
 
 
 def table(rows: list[dict]) -> str:
