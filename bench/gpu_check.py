@@ -400,6 +400,10 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
                         kv_read_frac=statistics.mean(s[2] for s in samples),
                     )
                 )
+            if args.profile and size > 1:  # after the timed steps: the profiler slows what it watches
+                with torch_profiled(args.profile, f"batch{size}-stacked", device):
+                    for i in range(2):
+                        step(i, True)
         except Exception as exc:  # out of memory under the cap, or a bug: a row that says which
             error = "out of memory under the cap" if isinstance(exc, torch.OutOfMemoryError) else failure(exc)
             done = [dict(case="batch", method=names[""], context=args.batch_context, error=error)]

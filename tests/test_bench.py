@@ -399,16 +399,18 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
 
 
 def test_gpu_check_profiles_the_decode_step_phase_by_phase(tmp_path):
-    """--profile: the torch.profiler table names the decode step's phases, and the ranges around
-    them are gone once it is written (the timed steps run the engine's own functions)."""
+    """--profile: the torch.profiler tables of a decode step and of a batch's name the step's phases,
+    and the ranges around them are gone once they are written (the timed steps run the engine's own functions)."""
     gpu_check = script("bench.gpu_check")
     before = {(owner, name): getattr(owner, name) for _, owner, name in gpu_check.STEP_PHASES}
-    argv = ["--device", "cpu", "--cases", "decode", "--contexts", "600", "--steps", "2", "--profile", str(tmp_path)]
-    assert gpu_check.main(argv + ["--json", str(tmp_path / "gpu.json")]) == 0
-    table = (tmp_path / "decode-hybrid-default-600-torch.txt").read_text()
-    by_host = table[table.index("By the host's time") :]
-    for label in ("hybridattn.prepare", "hybridattn.read", "hybridattn.native_call", "hybridattn.merge"):
-        assert label in by_host
+    argv = ["--device", "cpu", "--cases", "decode", "batch", "--contexts", "600", "--batch-context", "300"]
+    argv += ["--batch", "2", "--steps", "2", "--profile", str(tmp_path), "--json", str(tmp_path / "gpu.json")]
+    assert gpu_check.main(argv) == 0
+    for name in ("decode-hybrid-default-600", "batch2-stacked"):  # one sequence's step, and a batch's
+        table = (tmp_path / f"{name}-torch.txt").read_text()
+        by_host = table[table.index("By the host's time") :]
+        for label in ("hybridattn.prepare", "hybridattn.read", "hybridattn.native_call", "hybridattn.merge"):
+            assert label in by_host
     assert all(getattr(owner, name) is fn for (owner, name), fn in before.items())
 
 
