@@ -401,8 +401,10 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
 def test_gpu_check_profiles_the_decode_step_phase_by_phase(tmp_path):
     """--profile: the torch.profiler tables of a decode step and of a batch's name the step's phases,
     and the ranges around them are gone once they are written (the timed steps run the engine's own functions)."""
+    from bench.common.profiling import STEP_PHASES
+
     gpu_check = script("bench.gpu_check")
-    before = {(owner, name): getattr(owner, name) for _, owner, name in gpu_check.STEP_PHASES}
+    before = {(owner, name): getattr(owner, name) for _, owner, name in STEP_PHASES}
     argv = ["--device", "cpu", "--cases", "decode", "batch", "--contexts", "600", "--batch-context", "300"]
     argv += ["--batch", "2", "--steps", "2", "--profile", str(tmp_path), "--json", str(tmp_path / "gpu.json")]
     assert gpu_check.main(argv) == 0

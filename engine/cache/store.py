@@ -110,6 +110,8 @@ class SideStreamCopies:
         if self.pending is not None:
             self.pending.synchronize()
             self.pending = None
+        if not self.staged:  # a step's second reader (its values after its keys): nothing left to put in
+            return
         # Arrived (the event covers them): into the store. In inference mode, because a store
         # allocated in it accepts in-place writes only there, and the waiting reader may be
         # outside it (the index build's thread).
