@@ -40,6 +40,7 @@ calls where each may run only so long; every row is printed as one JSON line whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -171,27 +172,44 @@ def filled(kind: str, model, stats, n: int, cfg: OffloadConfig | None) -> tuple:
 
 
 @torch.inference_mode()
-def time_decode(model, cache, clock: LayerClock, steps: int, device, rerun: int = 0, wider: float = 0.0) -> dict:
+def time_decode(
+    model, cache, clock: LayerClock, steps: int, device, rerun: int = 0, wider: float = 0.0, per_layer: bool = True
+) -> dict:
     """Median decode step times after 2 warm-up steps, and the mean ms per token (which, over
     `block_size` steps or more, counts the work a step does once a block: the key index's adds);
     with `rerun` n, of the n newest positions run again as an exact chunk, with `wider`, of the
-    newest run again that many times wider, as a near tie's are (engine.decode.recheck)."""
+    newest run again that many times wider, as a near tie's are (engine.decode.recheck).
+
+    A token's time comes from steps with the clock paused; with `per_layer`, its attention's per
+    layer from steps in turns with them with the clock running (`ms_per_token_clocked`: their
+    whole time, which on a GPU counts the clock's two synchronisations a layer)."""
     token = torch.full((1, max(1, rerun)), 17, device=device)
 
-    def step(_) -> tuple[float, float, float]:
+    def step(_, clocked: bool) -> tuple[float, float, float]:
         clock.seconds = 0.0
-        with Synced(device) as t, running_again(cache, rerun, wider):
+        with contextlib.ExitStack() as timing:
+            if not clocked:
+                timing.enter_context(clock.paused())
+            t = timing.enter_context(Synced(device))
+            timing.enter_context(running_again(cache, rerun, wider))
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
         return t.seconds, clock.seconds / model.config.num_hidden_layers, read
 
-    (samples,) = in_turns({"decode": step}, steps).values()
-    return {
-        "ms_per_token": 1e3 * statistics.median(s[0] for s in samples),
-        "ms_per_token_mean": 1e3 * statistics.mean(s[0] for s in samples),
-        "attn_ms_per_layer": 1e3 * statistics.median(s[1] for s in samples),
-        "kv_read_frac": statistics.mean(s[2] for s in samples),
+    runs = {"token": lambda i: step(i, clocked=False)}
+    if per_layer:
+        runs["layers"] = lambda i: step(i, clocked=True)
+    samples = in_turns(runs, steps)
+    tokens, layers = samples["token"], samples.get("layers", [])
+    out = {
+        "ms_per_token": 1e3 * statistics.median(s[0] for s in tokens),
+        "ms_per_token_mean": 1e3 * statistics.mean(s[0] for s in tokens),
+        "kv_read_frac": statistics.mean(s[2] for s in tokens + layers),
     }
+    if layers:
+        out["ms_per_token_clocked"] = 1e3 * statistics.median(s[0] for s in layers)
+        out["attn_ms_per_layer"] = 1e3 * statistics.median(s[1] for s in layers)
+    return out
 
 
 def host_bytes(cache) -> int:
@@ -245,7 +263,7 @@ def decode_cases(args, model, stats, cfg, clocks, device, cap_fraction: float) -
                 row.update(time_decode(model, cache, clock, args.steps, device))
                 if name == "hybrid-default":
                     # every step of one block: what a step does once a block (the key index's adds) counted once
-                    block = time_decode(model, cache, clock, cfg.block_size, device)
+                    block = time_decode(model, cache, clock, cfg.block_size, device, per_layer=False)
                     row["ms_per_token_over_block"] = block["ms_per_token_mean"]
                     # near ties run again (engine.decode.recheck): wider, and exactly
                     wide = [time_decode(model, cache, clock, 3, device, wider=f) for f in cfg.wider_factors]
@@ -262,9 +280,9 @@ def decode_cases(args, model, stats, cfg, clocks, device, cap_fraction: float) -
                     )
                 if args.profile and name == "hybrid-default":  # extra steps: the profiler slows what it watches
                     with profiled(args.profile, f"decode-{name}-{n}"):
-                        time_decode(model, cache, clock, 4, device)
+                        time_decode(model, cache, clock, 4, device, per_layer=False)
                     with torch_profiled(args.profile, f"decode-{name}-{n}", device):
-                        time_decode(model, cache, clock, 2, device)
+                        time_decode(model, cache, clock, 2, device, per_layer=False)
                 row.update(index_build_s=build_s if kind == "hybrid" else None, host_bytes=host_bytes(cache))
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory under the cap" if capped else "out of memory"
@@ -297,20 +315,27 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
             batch = HybridCache.stack(caches)
             tokens = torch.full((size, 1), 17, device=device)
 
-            def step(_, stack, batch=batch, tokens=tokens, size=size) -> tuple[float, float, float]:
+            def step(_, stack, clocked=False, batch=batch, tokens=tokens, size=size) -> tuple[float, float, float]:
                 clock.seconds = 0.0
                 decode_steps.STACK = stack
                 try:
-                    with Synced(device) as t:
+                    with clock.paused() if not clocked else contextlib.nullcontext(), Synced(device) as t:
                         model(input_ids=tokens, cache=batch, use_cache=True, logits_to_keep=1)
                 finally:
                     decode_steps.STACK = None
                 reads = [batch.step_stats(b)["kv_read_frac"] for b in range(size)]
                 return t.seconds, clock.seconds / model.config.num_hidden_layers, statistics.mean(reads)
 
-            runs = {suffix: lambda i, stack=stack, step=step: step(i, stack) for suffix, stack in variants.items()}
-            for suffix, samples in in_turns(runs, args.steps).items():
-                seconds = statistics.median(s[0] for s in samples)
+            # a step's time with the clock paused, its attention's per layer from a step with it running
+            runs = {
+                (suffix, clocked): lambda i, stack=stack, clocked=clocked, step=step: step(i, stack, clocked)
+                for suffix, stack in variants.items()
+                for clocked in (False, True)
+            }
+            samples = in_turns(runs, args.steps)
+            for suffix in variants:
+                tokens, layers = samples[suffix, False], samples[suffix, True]
+                seconds = statistics.median(s[0] for s in tokens)
                 done.append(
                     dict(
                         case="batch",
@@ -319,8 +344,9 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
                         batch=size,
                         ms_per_token=1e3 * seconds,  # per step of the whole batch
                         tokens_per_s=size / seconds,
-                        attn_ms_per_layer=1e3 * statistics.median(s[1] for s in samples),
-                        kv_read_frac=statistics.mean(s[2] for s in samples),
+                        ms_per_token_clocked=1e3 * statistics.median(s[0] for s in layers),
+                        attn_ms_per_layer=1e3 * statistics.median(s[1] for s in layers),
+                        kv_read_frac=statistics.mean(s[2] for s in tokens + layers),
                     )
                 )
             if args.profile and size > 1:  # after the timed steps: the profiler slows what it watches
@@ -438,6 +464,8 @@ def table(rows: list[dict]) -> str:
                 else f"parts at token {r['greedy_first_difference']} (a near-tie: {r['greedy_ok']})"
             )
             notes += f", conservation {r['conservation_ok']}"
+        if "ms_per_token_clocked" in r:
+            notes += f"{r['ms_per_token_clocked']:.1f} ms/token with the clock running; "
         if "ms_per_token_over_block" in r:
             notes += f"mean over a block of steps {r['ms_per_token_over_block']:.1f} ms/token; "
         if "rerun_ms_per_token" in r:

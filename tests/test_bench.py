@@ -339,10 +339,12 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert len(default["wider_ms_per_token"]) == 2 and all(ms > 0 for ms in default["wider_ms_per_token"])
     assert default["kv_read_frac"] < min(default["wider_kv_read_frac"]) and default["rerun_positions"] > 0
     assert default["ms_per_token_over_block"] > 0 and default["ms_per_token_mean"] > 0
+    assert default["ms_per_token_clocked"] > 0 and default["attn_ms_per_layer"] > 0  # its steps in turns, clocked
     batch = {r["method"]: r for r in rows if r["case"] == "batch"}
     assert set(batch) == {"hybrid-default-batch1", "hybrid-default-batch8", "hybrid-default-batch8-per-sequence"}
     for r in batch.values():
         assert r["tokens_per_s"] > 0 and 0 < r["kv_read_frac"] < 1
+        assert r["ms_per_token_clocked"] > 0 and r["attn_ms_per_layer"] > 0
     assert "tokens_per_s_vs_batch1" in batch["hybrid-default-batch8-per-sequence"]
     first_tokens = {(r["method"], r["chunk"]): r for r in rows if r["case"] == "prefill"}
     hybrid = {
@@ -396,6 +398,29 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
     exact = [r for r in rows if r["case"].startswith("exactness")]
     assert len(exact) == 2 and all("RuntimeError: no kernel image for this device" in r["error"] for r in exact)
     assert {r["case"] for r in rows} >= {"decode", "prefill"} and all("error" not in r for r in rows[2:])
+
+
+def test_a_paused_layer_clock_runs_the_attention_untimed():
+    """A token is timed with the clock paused (no synchronisation around each layer on a GPU): its
+    layers add no seconds then, they do once it runs again, also after a failure while paused."""
+    from transformers import AttentionInterface
+
+    from bench.common.timing import LayerClock
+
+    gpu_check = script("bench.gpu_check")
+    clock = LayerClock("cpu")
+    AttentionInterface.register("test-clock", clock)
+    model = gpu_check.llama(gpu_check.TOY, 2, torch.float32, torch.device("cpu"), impl="test-clock")
+    cache = HybridCache(model, OffloadConfig(device="cpu"), max_length=64, progress=False)
+    ids = torch.arange(1, 9)[None]
+    with torch.inference_mode():
+        with clock.paused():
+            model(input_ids=ids, cache=cache, use_cache=True)
+        assert clock.seconds == 0.0
+        with pytest.raises(RuntimeError, match="inside"), clock.paused():
+            raise RuntimeError("inside")
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert clock.seconds > 0
 
 
 def test_gpu_check_profiles_the_decode_step_phase_by_phase(tmp_path):

@@ -106,13 +106,27 @@ class LayerClock:
     def __init__(self, device: torch.device | str = "cpu", select=None):
         self.device, self.seconds = torch.device(device), 0.0
         self.select = select  # the decode steps' selection rule; None: the engine's
+        self.running = True
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        rule = {} if self.select is None else {"select": self.select}
+        if not self.running:
+            return hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs, **rule)
         with Synced(self.device) as t:
-            rule = {} if self.select is None else {"select": self.select}
             out = hybrid_attention_forward(module, query, key, value, attention_mask, **kwargs, **rule)
         self.seconds += t.seconds
         return out
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Attention calls untimed while inside: on a GPU the clock synchronises before and after
+        every layer's attention, so the host cannot queue one layer's kernels while the device
+        runs the last ones'; a token's time is measured with the clock paused."""
+        self.running = False
+        try:
+            yield
+        finally:
+            self.running = True
 
     def timed(self, cache_class: type) -> type:
         """A subclass of `cache_class` whose `update()` seconds this clock counts."""
