@@ -10,7 +10,8 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
 3. Decode: the Llama-3-8B shape (32 layers, 32 query / 8 KV heads, bf16, random
    weights); each context is built directly in the cache from keys and values drawn
    on the device with the per-channel statistics of a short real prefill
-   (bench.common.caches, as bench.speed.decode does); ms per token and attention ms per layer (synchronised),
+   (bench.common.caches, as bench.speed.decode does); ms per token (the per-layer clock paused)
+   and attention ms per layer (each layer synchronised, in steps taken in turns with those),
    with the read share, against full attention under the cap where it fits and, for
    reference, uncapped; the engine's step with its host side in one native call and, beside
    it, with the Python selection; its mean over one block of steps (the median leaves out
