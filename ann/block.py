@@ -15,6 +15,7 @@ larger logits cannot crowd out the blocks another head needs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -70,13 +71,20 @@ def head_rows(buffer: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     lead = buffer.shape[:-2]
     heads = math.prod(lead)
     stride = max(N, 1)  # a stride of 0 is refused; with no rows there is nothing to read anyway
-    first = torch.arange(0, heads * stride, stride, device=ids.device).view(*lead, 1)  # each head's first row
+    first = arange_on(ids.device, 0, heads * stride, stride).view(*lead, 1)  # each head's first row
     flat = ids.clamp_min(0) + first
     bits = buffer.reshape(heads * N, D).view(_SAME_SIZE_INT[buffer.element_size()])
     return bits.index_select(0, flat.view(-1)).view(buffer.dtype).view(*flat.shape, D)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@functools.lru_cache(maxsize=64)
+def arange_on(device: torch.device, *args: int) -> torch.Tensor:
+    """torch.arange(*args) on `device`, made once and kept (never written to): every layer's
+    decode step asks for the same few ranges, and on a GPU each one made is a kernel launched."""
+    return torch.arange(*args, device=device)
 
 
 def stack_rows(buffers: list[torch.Tensor], lengths: list[int], dim: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The benchmark scripts run in --quick mode on tiny inputs and write the JSON
 their readers rely on (schemas only: timings are not tested)."""
 
+import collections
 import gc
 import importlib
 import json
@@ -774,6 +775,25 @@ def test_bench_host_side_quick(tmp_path):
     assert all(case[k] > 0 for k in ("python_ms", "native_ms", "call_ms", "selection_ms"))
     assert 0 < case["kv_read_frac"] < 1 and case["read_per_head"] <= case["host_tokens"]
     assert case["rated_per_head"] > 0  # the default rates its candidates on their keys
+
+
+def test_the_operation_counter_counts_conversions_that_copy_and_not_those_that_do_not():
+    """In inference mode (as a decode step runs) a conversion dispatches as `to`, a view-like
+    name; it launches a kernel where it copies, and only there is it counted."""
+    from bench.speed.device_ops import OpCounter
+
+    x = torch.ones(3, 4, dtype=torch.bfloat16)
+    with torch.inference_mode(), OpCounter() as counted:
+        x.float()  # a copy
+        x.to(torch.bfloat16)  # x itself
+        x.t().contiguous()  # a copy
+        x.contiguous()  # x itself
+        x.t().reshape(-1)  # a copy
+        x.reshape(-1)  # a view
+    ops = collections.Counter()
+    for (_, name), n in counted.counts.items():
+        ops[name] += n
+    assert ops == {"to (copy)": 1, "contiguous (copy)": 1, "reshape (copy)": 1}
 
 
 def test_bench_device_ops_counts_a_step_and_a_stacked_batch_costs_less_than_its_steps(tmp_path):

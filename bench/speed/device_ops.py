@@ -37,6 +37,9 @@ VIEWS = frozenset(
     "lift_fresh _reshape_alias unbind split split_with_sizes narrow resolve_conj resolve_neg empty "
     "empty_strided unflatten flatten reshape contiguous to".split()
 )
+# ... of which these copy where the tensor is not already as asked (a dtype, a device, a layout):
+# in inference mode a conversion dispatches as `to`, not `_to_copy`; counted as "NAME (copy)" then
+MAY_COPY = frozenset("to contiguous reshape flatten unflatten".split())
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,9 +53,19 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
         if name not in VIEWS:
             self.counts[(_site(), name)] += 1
-        return func(*args, **(kwargs or {}))
+        elif name in MAY_COPY and _copied(args[0], out):
+            self.counts[(_site(), f"{name} (copy)")] += 1
+        return out
+
+
+def _copied(source, out) -> bool:
+    """Whether `out` lies in memory of its own, not in `source`'s."""
+    if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False
+    return out.device != source.device or out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
 
 
 def _site() -> str:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-from ann.block import BlockIndex, group_block_scores, head_matmul, head_rows, masked, stack_rows
+from ann.block import BlockIndex, arange_on, group_block_scores, head_matmul, head_rows, masked, stack_rows
 
 GROUP = 32  # blocks per superblock
 EXPAND = 32  # superblocks per KV head a step expands into their blocks
@@ -166,7 +166,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     coarse = masked(coarse, n_super)
     # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
     best = torch.topk(group_block_scores(coarse), first.expand, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, E]
-    inside = (best.unsqueeze(-1) * group + torch.arange(group, device=device)).flatten(-2)
+    inside = (best.unsqueeze(-1) * group + arange_on(device, group)).flatten(-2)
     # the full blocks after the last whole superblock, a sequence's own first (block 0 after them); made
     # on the device, as a copy from host memory would wait there for every kernel queued before it
     after = [nb - ns * group for nb, ns in zip(n_blocks, n_super)]
@@ -194,17 +194,18 @@ def stacked_estimate(
         mean_v, read_fine = values[:, :, : scores.rel.shape[-1]], read
     else:
         mean_v, read_fine = head_rows(values, scores.fine), read.gather(-1, scores.fine)
-    left = (first.block_size - read_fine).clamp_min(0).to(scores.rel.dtype)  # a block read in full adds nothing
+    # the counts stay integers: each product converts them as it reads them (one kernel less on a GPU)
+    left = (first.block_size - read_fine).clamp_min(0)  # a block read in full adds nothing
     w = scores.rel * left.unsqueeze(-2)  # [B, Hkv, G, F]
     total = w.sum(dim=-1)  # [B, Hkv, G]
     o = head_matmul(w.to(mean_v.dtype), mean_v).float()
     if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
         n_super = scores.coarse_rel.shape[-1]
         read_super = read[..., : n_super * first.group].unflatten(-1, (n_super, first.group)).sum(dim=-1)
-        left = (first.group * first.block_size - read_super).clamp_min(0).to(scores.rel.dtype)
+        left = (first.group * first.block_size - read_super).clamp_min(0)
         w = scores.coarse_rel * left.unsqueeze(-2)  # 0 at the expanded ones
         total = total + w.sum(dim=-1)
         coarse = [s.coarse_values for s in summaries]
         coarse_v = stack_rows([c.landmarks[0] for c in coarse], [c.n_blocks for c in coarse])
-        o = o + head_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super]).float()
+        o = o + head_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
     return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
