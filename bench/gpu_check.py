@@ -41,7 +41,6 @@ calls where each may run only so long; every row is printed as one JSON line whe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -188,11 +187,7 @@ def time_decode(
 
     def step(_, clocked: bool) -> tuple[float, float, float]:
         clock.seconds = 0.0
-        with contextlib.ExitStack() as timing:
-            if not clocked:
-                timing.enter_context(clock.paused())
-            t = timing.enter_context(Synced(device))
-            timing.enter_context(running_again(cache, rerun, wider))
+        with clock.paused(not clocked), Synced(device) as t, running_again(cache, rerun, wider):
             model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         read = cache.step_stats()["kv_read_frac"] if isinstance(cache, HybridCache) else 1.0
         return t.seconds, clock.seconds / model.config.num_hidden_layers, read
@@ -320,7 +315,7 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
                 clock.seconds = 0.0
                 decode_steps.STACK = stack
                 try:
-                    with clock.paused() if not clocked else contextlib.nullcontext(), Synced(device) as t:
+                    with clock.paused(not clocked), Synced(device) as t:
                         model(input_ids=tokens, cache=batch, use_cache=True, logits_to_keep=1)
                 finally:
                     decode_steps.STACK = None

@@ -118,11 +118,11 @@ class LayerClock:
         return out
 
     @contextlib.contextmanager
-    def paused(self):
-        """Attention calls untimed while inside: on a GPU the clock synchronises before and after
-        every layer's attention, so the host cannot queue one layer's kernels while the device
-        runs the last ones'; a token's time is measured with the clock paused."""
-        self.running = False
+    def paused(self, pause: bool = True):
+        """Attention calls untimed while inside (with `pause`): on a GPU the clock synchronises before
+        and after every layer's attention, so the host cannot queue one layer's kernels while the
+        device runs the last ones'; a token's time is measured with the clock paused."""
+        self.running = not pause
         try:
             yield
         finally:
