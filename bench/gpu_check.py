@@ -23,10 +23,11 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    batch 8 with its device parts stacked (the GPU's default) and sequence by sequence.
 4. Prefill: time to first token of a real chunked prefill of --prefill tokens through
    the engine as HybridLLM runs it (index builds overlapped, host stores from the engine's
-   pool: a first call, and a second that reuses its stores) and through sdpa (under the
-   cap, else uncapped), with the ratio to sdpa, at each of --chunk; beside each, the host
-   K/V its chunks bring back to the device (every chunk of a layer attends to every host
-   row before it: n * n / chunk rows in all, counted, not timed).
+   pool: a first call, and a second that reuses its stores), the same layer by layer
+   (engine.layer_prefill, stores reused), and through sdpa (under the cap, else uncapped),
+   with the ratio to sdpa, at each of --chunk; beside each, the host K/V its chunks bring
+   back to the device (in chunks, every chunk of a layer attends to every host row before
+   it: n * n / chunk rows in all, counted, not timed; layer by layer, none).
 
 Without CUDA (--device cpu, as the test suite runs it) the same steps run at toy
 sizes, so the script is tested everywhere; its figures mean something on a GPU only.
@@ -369,8 +370,9 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
 def prefill_cases(args, model, device, cfg, cap_fraction: float) -> list[dict]:
     """Time to first token as HybridLLM gets it (the index builds overlapped with the prefill, the
     host stores from the engine's pool) at each of --chunk: a first call, whose stores are
-    allocated ahead while it runs (the first chunk size only), and calls that reuse them; beside
-    sdpa's prefill in the same chunks under the cap and, where that does not fit, uncapped."""
+    allocated ahead while it runs (the first chunk size only), and calls that reuse them, in chunks
+    and layer by layer; beside sdpa's prefill in the same chunks under the cap and, where that
+    does not fit, uncapped."""
     ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), generator=torch.Generator().manual_seed(2))
     ids = ids.to(device)
     model.set_attn_implementation("hybrid")
@@ -378,7 +380,8 @@ def prefill_cases(args, model, device, cfg, cap_fraction: float) -> list[dict]:
     rows = []
     for i, chunk in enumerate(args.chunk):
         runs = [("hybrid-default-first-call", True)] if i == 0 else []
-        runs += [("hybrid-default-stores-reused", True), ("full-sdpa", True), ("full-sdpa-uncapped", False)]
+        runs += [("hybrid-default-stores-reused", True), ("hybrid-by-layer-stores-reused", True)]
+        runs += [("full-sdpa", True), ("full-sdpa-uncapped", False)]
         rows += prefill_runs(runs, model, ids, chunk, device, cfg, stores, cap_fraction, args.profile)
     model.set_attn_implementation(TIMED)
     if device.type == "cuda":
@@ -395,8 +398,10 @@ def prefill_runs(runs, model, ids, chunk: int, device, cfg, stores, cap_fraction
         reset_peak(device)
         hybrid = name.startswith("hybrid")
         row = {"case": "prefill", "method": name, "context": n, "chunk": chunk, "capped": capped}
+        order = "layers" if "by-layer" in name else "chunks"  # engine.layer_prefill: nothing read back
         if hybrid:
-            row["host_bytes_read_back"] = host_bytes_read_back(model.config, model.dtype, cfg, n, chunk)
+            read_back = host_bytes_read_back(model.config, model.dtype, cfg, n, chunk)
+            row["host_bytes_read_back"] = read_back if order == "chunks" else 0
         cache = None
         try:
             with Synced(device) as t, profiled(profile, f"prefill-{name}", name == "hybrid-default-first-call"):
@@ -405,7 +410,7 @@ def prefill_runs(runs, model, ids, chunk: int, device, cfg, stores, cap_fraction
                     if hybrid
                     else DynamicCache()
                 )
-                prefill(model, ids, cache, chunk, progress=False)
+                prefill(model, ids, cache, chunk, progress=False, order=order)
             row["prefill_s"] = t.seconds
             row["index_build_after_s"] = 0.0
             if hybrid:

@@ -21,6 +21,7 @@ KeyIndexKind = Literal["flat", "ivf", "hnsw", "graph", "qq"]
 Budget = Literal["adaptive", "fixed"]
 Landmark = Literal["mean", "minmax"]
 HostDtype = Literal["auto", "float32", "float16", "bfloat16"]
+PrefillOrder = Literal["chunks", "layers"]
 
 CANDIDATE_SOURCES: tuple[str, ...] = typing.get_args(CandidateSource)
 KEY_INDEXES: tuple[str, ...] = typing.get_args(KeyIndexKind)
@@ -288,6 +289,12 @@ class OffloadConfig:
         "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"
     )
     prefill_chunk: int = _option("runtime", 1024, "tokens per forward pass during the prefill")
+    prefill_order: PrefillOrder = _option(
+        "runtime",
+        "chunks",
+        "`chunks`: each chunk through every layer; `layers`: the whole prompt through one layer after another, "
+        "its earlier chunks' K/V kept on the device for the layer's later ones rather than read back from the host",
+    )
     device: str = _option(
         "runtime", "auto", "torch device the model is loaded on (`auto`: cuda when available, else cpu)"
     )

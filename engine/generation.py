@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
 from engine.decode.recheck import RecheckBudget, RowShare, forward_step
+from engine.layer_prefill import prefill_by_layer
 
 
 @dataclass
@@ -93,10 +94,16 @@ def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True) -> torch.Tensor:
+def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True, order: str = "chunks"):
     """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens (bounded
-    activation memory; see `chunk_bounds`); returns the last position's logits [vocab]."""
+    activation memory; see `chunk_bounds`), each through every layer, or with `order="layers"`
+    the whole prompt through one layer after another (engine.layer_prefill: an empty
+    HybridCache); returns the last position's logits [vocab]."""
     bounds = chunk_bounds(ids.shape[1], chunk)
+    if order == "layers":
+        return prefill_by_layer(model, ids, cache, bounds, progress=progress)
+    if order != "chunks":
+        raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")
     for start, end in tqdm(bounds, desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False):
         out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
@@ -123,7 +130,7 @@ def prefill_prompt(
     cache = HybridCache(model, cfg, max_length=T + max_new_tokens, prompt_length=T, progress=progress, stores=stores)
     try:
         t0 = time.perf_counter()
-        logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress)
+        logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=cfg.prefill_order)
         _sync(ids.device)
         t1 = time.perf_counter()
         cache.build_indexes()  # what the builds overlapped with the prefill left to do

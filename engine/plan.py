@@ -168,7 +168,6 @@ def plan_memory(
     wbytes = torch.finfo(weight_dtype).bits // 8
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
     host_tokens = max(0, context_len - cfg.resident_tokens)  # a short context stays resident
-    C = min(cfg.prefill_chunk, context_len)
     # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
     # every full block and the keys of the block still filling.
     per_vector = L * Hkv * D * wbytes * (host_tokens // cfg.block_size)  # summaries in the model's dtype
@@ -183,17 +182,7 @@ def plan_memory(
         "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
         "block_index": mean_keys * per_summary + min_max * (2 * per_vector + tail),
         "block_values": per_summary if cfg.estimate else 0,  # mean value per block, for the estimate
-        # prefill: hidden states and MLP activations of one chunk, one block of attention scores
-        # (fp32) and one block of host K/V brought over for it; after it, the build of a layer's
-        # query lists (their keys on the device, once more in fp32, and a buffer of scores)
-        "workspace": max(
-            C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
-            + Hq * C * PREFILL_KEY_BLOCK * 4
-            + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes,
-            Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER
-            if cfg.uses_key_index and cfg.key_index == "qq"
-            else 0,
-        ),
+        "workspace": _prefill_workspace(cfg, m, context_len, host_tokens, wbytes, host_bytes),
     }
     index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
     device["query_index"] = L * index_device
@@ -204,6 +193,28 @@ def plan_memory(
     device = {k: v if k in shared else batch * v for k, v in device.items()}
     host = {k: batch * v for k, v in host.items()}
     return MemoryPlan(device, host, gpu_budget_bytes, host_budget_bytes, batch)
+
+
+def _prefill_workspace(cfg: OffloadConfig, m: ModelShape, T: int, host_tokens: int, wbytes: int, host_bytes: int):
+    """The prefill's largest transient device bytes. A chunk: its hidden states and MLP activations,
+    one block of attention scores (fp32) and one block of host K/V brought over for it. A layer's
+    build of its query lists: their keys on the device, once more in fp32, and a buffer of scores;
+    in chunks it runs after the last chunk has reached the layer, layer by layer
+    (engine.layer_prefill) beside the next layer's chunks, which also hold the prompt's hidden
+    states and rotary tables and the layer's host rows on the device."""
+    Hkv, Hq, D, C = m.num_key_value_heads, m.num_attention_heads, m.head_dim, min(cfg.prefill_chunk, T)
+    chunk = (
+        C * (4 * m.hidden_size + 3 * m.intermediate_size) * wbytes
+        + Hq * C * PREFILL_KEY_BLOCK * 4
+        + 2 * Hkv * PREFILL_KEY_BLOCK * D * wbytes
+    )
+    build = 0
+    if cfg.uses_key_index and cfg.key_index == "qq":
+        build = Hkv * host_tokens * D * (wbytes + 4) + 4 * SCORE_BUFFER
+    if cfg.prefill_order == "chunks":
+        return max(chunk, build)
+    prompt = T * (m.hidden_size + 2 * D) * wbytes + 2 * Hkv * host_tokens * D * host_bytes
+    return chunk + prompt + build
 
 
 def largest_batch(model_config, context_len: int, cfg: OffloadConfig | None, gpu_budget_bytes: int, **kwargs) -> int:

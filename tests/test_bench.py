@@ -352,13 +352,16 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
         ("hybrid-default-first-call", 64),
         ("hybrid-default-stores-reused", 64),
         ("hybrid-default-stores-reused", 128),
+        ("hybrid-by-layer-stores-reused", 64),
+        ("hybrid-by-layer-stores-reused", 128),
     }
     assert set(first_tokens) == hybrid | {("full-sdpa", 64), ("full-sdpa", 128)}  # one first call; sdpa per chunk
     for name, chunk in hybrid:
         r = first_tokens[name, chunk]
         assert r["first_token_s"] == r["prefill_s"] + r["index_build_after_s"] > 0
         assert r["ratio_to_sdpa"] == r["first_token_s"] / first_tokens["full-sdpa", chunk]["first_token_s"]
-        assert r["host_bytes_read_back"] > 0  # counted as the engine reads it: the test below
+        # counted as the engine reads it (the test below); layer by layer it reads nothing back (test_layer_prefill)
+        assert (r["host_bytes_read_back"] > 0) == ("by-layer" not in name)
 
 
 def test_gpu_check_counts_the_host_rows_a_chunked_prefill_reads_back():
@@ -528,12 +531,12 @@ def test_bench_prefill_quick(tmp_path):
     out = tmp_path / "prefill.json"
     script("bench.speed.prefill").main(["--quick", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped"}
+    assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped", "by-layer"}
     for r in rows:
         has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
         assert r["first_token_s"] >= r["prefill_s"] > 0
     text = script("bench.tables").prefill(json.loads(out.read_text()))
-    assert text.count("\n| 512 |") == 3  # one row per case
+    assert text.count("\n| 512 |") == 4  # one row per case
 
 
 def test_bench_fidelity_quick(tmp_path):

@@ -312,6 +312,7 @@ def test_every_offload_field_is_an_option():
         *("--recheck-work", "1000", "--no-recheck-fit-wider"),
         *("--sketch-rank", "4", "--no-estimate", "--recheck-margin", "0.25", "--host-dtype", "float16"),
         *("--host-threads", "2", "--build-workers", "0", "--prefill-chunk", "64", "--device", "cpu"),
+        *("--prefill-order", "layers"),
     ]
     cfg = offload_config(argv)
     default = OffloadConfig()
@@ -350,6 +351,7 @@ def test_every_offload_field_is_an_option():
         host_threads=2,
         build_workers=0,
         prefill_chunk=64,
+        prefill_order="layers",
         device="cpu",
     )
 

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ann.block import BlockIndex, to_device
-from engine.cache.store import DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool, rows_on
+from engine.cache.store import DeviceRows, DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool, rows_on
 from engine.config import OffloadConfig
 from engine.decode.estimate import BlockSummary
 from engine.decode.sketch import ExactKeys
@@ -74,6 +74,7 @@ class HybridLayer(CacheLayerMixin):
         self.rerun = 0  # the newest positions run again (HybridCache.rerun_exactly / rerun_wider): how many
         self.rerun_wide = False  # ... as a decode step with a wider selection, not exactly
         self.approximate = 0  # the newest positions written by decode steps that read part of the host store
+        self.device_rows: DeviceRows | None = None  # host rows also on the device (engine.layer_prefill)
 
     # ------------------------------------------------------------ set-up
 
@@ -199,6 +200,8 @@ class HybridLayer(CacheLayerMixin):
     def _evict(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] of the positions following the host store's last one."""
         self.host.append(k, v)
+        if self.device_rows is not None:
+            self.device_rows.append(k, v)
         if self.summary is not None:
             self.summary.add(k, v)
         if self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys):
@@ -289,6 +292,14 @@ class HybridLayer(CacheLayerMixin):
             "host": np.arange(S, S + self.host.n),
         }
 
+    def host_rows(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n host rows' K and V [Hkv, n, D] for a prefill chunk on `device`: from
+        their copy on the device while the prompt goes through this layer alone, else from the
+        store (HostKV.rows_for)."""
+        if self.device_rows is not None:
+            return self.device_rows.first(n)
+        return self.host.rows_for(device, n)
+
     def resident(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Filled resident slots: K, V [Hkv, R, D] (device) and their positions [R]."""
         filled = min(self.n_seen, self.cfg.resident_tokens)  # slots fill in order until the ring wraps
@@ -349,6 +360,7 @@ class HybridLayer(CacheLayerMixin):
         self.sketch = None
         self.n_indexed = self.n_built = 0
         self.last_added = None
+        self.device_rows = None
         self.stats = StepStats()
         self.rerun = self.approximate = 0
         self.rerun_wide = False

@@ -223,6 +223,41 @@ class HostKV:
         return self.k_memory.nbytes + self.v_memory.nbytes
 
 
+class DeviceRows:
+    """A copy on the device of the rows a layer's host store takes while the prompt goes through
+    that layer alone (engine.layer_prefill): the layer's later chunks attend to its earlier ones
+    there instead of copying them back from the host, and the copy is dropped once the layer has
+    seen the whole prompt. Rows are kept in the store's dtype, so a chunk reads the same numbers
+    from either place. Its buffers are allocated at the first rows, on their device."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype):
+        self.capacity, self.dtype = capacity, dtype
+        self.n = 0
+        self.k = self.v = None  # [Hkv, capacity, D]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, n, D] of the positions following the last ones held."""
+        n = k.shape[1]
+        if self.n + n > self.capacity:
+            raise ValueError(f"the device copy holds {self.capacity} host rows; {self.n} held, {n} more given")
+        if self.k is None:
+            self.k = torch.empty(k.shape[0], self.capacity, k.shape[2], dtype=self.dtype, device=k.device)
+            self.v = torch.empty_like(self.k)
+        self.k[:, self.n : self.n + n] = k
+        self.v[:, self.n : self.n + n] = v
+        self.n += n
+
+    def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n rows' K and V [Hkv, n, D] (views)."""
+        if not 0 < n <= self.n:
+            raise ValueError(f"the device copy holds {self.n} host rows, {n} asked for")
+        return self.k[:, :n], self.v[:, :n]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
 class StorePool:
     """Host stores kept from one cache to the next of the same engine, and allocated ahead.
 
