@@ -9,8 +9,9 @@ for its later chunks, then dropped, so nothing is read back, and the layer's ind
 while the next layers run. The prompt's hidden states stay on the device between layers
 ([T, hidden] in the model's dtype), which the memory plan counts.
 
-The attention and the cache are the same as a chunked prefill's: the same chunks attend to
-the same keys, so the logits and the cache match a chunked prefill's.
+The same chunks attend to the same keys as in a chunked prefill, so the cache holds the same
+K/V and the logits agree (to the bit on the CPU; on a GPU a chunked prefill attends to the host
+rows block by block, so their rounding differs).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def prefill_by_layer(model, ids: torch.Tensor, cache: HybridCache, bounds: list[
     for decoder, layer in tqdm(
         list(zip(inner.layers, layers)), desc="prefill", unit="layer", disable=not progress, leave=False
     ):
-        layer.device_rows = DeviceRows(T, host_dtype)
+        layer.device_rows = DeviceRows(max(0, T - cache.offload_config.resident_tokens), host_dtype)
         try:
             for start, end in bounds:
                 hidden[:, start:end] = decoder(

@@ -531,12 +531,12 @@ def test_bench_prefill_quick(tmp_path):
     out = tmp_path / "prefill.json"
     script("bench.speed.prefill").main(["--quick", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped", "by-layer"}
+    assert {r["case"] for r in rows} == {"sdpa", "engine", "overlapped", "by-layer", "by-layer-after"}
     for r in rows:
         has_keys(r, {"context", "prefill_s", "build_after_s", "first_token_s", "ratio_to_sdpa"})
         assert r["first_token_s"] >= r["prefill_s"] > 0
     text = script("bench.tables").prefill(json.loads(out.read_text()))
-    assert text.count("\n| 512 |") == 4  # one row per case
+    assert text.count("\n| 512 |") == 5  # one row per case
 
 
 def test_bench_fidelity_quick(tmp_path):

@@ -9,8 +9,9 @@ repeat (medians reported):
     overlapped    the same, each layer's index built on a worker thread from the moment the
                   layer has seen the last prompt token (engine.index.worker); first token when the
                   last build is done
-    by-layer      the same, the prompt through one layer after another (engine.layer_prefill):
+    by-layer      overlapped, the prompt through one layer after another (engine.layer_prefill):
                   each layer's build starts when the layer is done, while the next ones run
+    by-layer-after  the prompt through one layer after another, every index built after it
 
 Time to first token = prefill + what the builds leave after it; ratio = that / sdpa.
 
@@ -34,7 +35,7 @@ from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.models import load_model
 
-CASES = ("sdpa", "engine", "overlapped", "by-layer")
+CASES = ("sdpa", "engine", "overlapped", "by-layer", "by-layer-after")
 
 
 @torch.inference_mode()
@@ -45,11 +46,11 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
         prefill(model, ids, DynamicCache(), chunk, progress=False)
         model.set_attn_implementation("hybrid")
         return {"prefill_s": time.perf_counter() - t0, "build_s": 0.0}
-    workers = 0 if case == "engine" else 1
+    workers = 0 if case in ("engine", "by-layer-after") else 1
     cache = HybridCache(model, cfg.replace(build_workers=workers), prompt_length=ids.shape[1], progress=False)
     try:
         t0 = time.perf_counter()
-        prefill(model, ids, cache, chunk, progress=False, order="layers" if case == "by-layer" else "chunks")
+        prefill(model, ids, cache, chunk, progress=False, order="layers" if case.startswith("by-layer") else "chunks")
         t1 = time.perf_counter()
         cache.build_indexes()
         t2 = time.perf_counter()
