@@ -253,10 +253,6 @@ class DeviceRows:
             raise ValueError(f"the device copy holds {self.n} host rows, {n} asked for")
         return self.k[:, :n], self.v[:, :n]
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
-
 
 class StorePool:
     """Host stores kept from one cache to the next of the same engine, and allocated ahead.
