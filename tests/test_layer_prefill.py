@@ -4,12 +4,13 @@ layer starts, and clear errors for what it cannot fill."""
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from engine import HybridCache, OffloadConfig
 from engine.cache.store import DeviceRows, HostKV
 from engine.generation import chunk_bounds, prefill, prefill_prompt
 from engine.index.worker import IndexBuilder
+from engine.models import SUPPORTED_MODEL_TYPES
 from engine.plan import ModelShape, plan_memory
 
 # a small window and blocks: most of the 300 positions go to the host store, which later chunks attend to
@@ -44,6 +45,23 @@ def test_it_fills_the_cache_a_chunked_prefill_does_and_decodes_alike(tiny_model,
                 [tiny_model(tiny_ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(T, T + 12)]
             )
     torch.testing.assert_close(steps["layers"], steps["chunks"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_it_drives_every_supported_model_type_as_its_own_forward_does(model_type):
+    """The driver calls each decoder layer itself, with the arguments the model's forward gives
+    it: every supported architecture gives the chunked prefill's last logits."""
+    shape = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = AutoConfig.for_model(model_type, vocab_size=97, num_key_value_heads=2, head_dim=16, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hybrid").eval()
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        logits = [
+            prefill(model, ids, HybridCache(model, CFG, progress=False), CHUNK, progress=False, order=o)
+            for o in ("chunks", "layers")
+        ]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-6, atol=1e-6)
 
 
 def test_it_reads_nothing_back_from_the_host_store(tiny_model, tiny_ids, monkeypatch):
