@@ -35,16 +35,16 @@ def prefill_by_layer(model, ids: torch.Tensor, cache: HybridCache, bounds: list[
     layers = cache.layers
     if any(not isinstance(layer, HybridLayer) or layer.is_initialized for layer in layers):
         raise ValueError("a prefill layer by layer starts from an empty single-sequence cache")
-    inner = model.model
+    inner, cfg = model.model, cache.offload_config
     T = ids.shape[1]
     hidden = inner.embed_tokens(ids)  # [1, T, hidden], overwritten chunk by chunk by each layer's output
     positions = torch.arange(T, device=ids.device)[None]
     cos, sin = inner.rotary_emb(hidden, position_ids=positions)
-    host_dtype = cache.offload_config.resolved_host_dtype(hidden.dtype)
+    host_dtype = cfg.resolved_host_dtype(hidden.dtype)
     for decoder, layer in tqdm(
         list(zip(inner.layers, layers)), desc="prefill", unit="layer", disable=not progress, leave=False
     ):
-        layer.device_rows = DeviceRows(max(0, T - cache.offload_config.resident_tokens), host_dtype)
+        layer.device_rows = DeviceRows(max(0, T - cfg.resident_tokens), host_dtype)
         try:
             for start, end in bounds:
                 hidden[:, start:end] = decoder(
