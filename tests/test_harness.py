@@ -252,14 +252,16 @@ def test_ruler_documents_are_built_from_the_seed(monkeypatch):
     both before the build, so a seed builds the same documents in every run, another seed others."""
     import random
 
-    import lm_eval.tasks
     import numpy as np
 
     import engine.harness
     from bench.evals import ruler
 
-    monkeypatch.setattr(engine.harness, "task_manager", lambda *args: None)  # lm-eval's index is not needed here
-    monkeypatch.setattr(lm_eval.tasks, "get_task_dict", lambda tasks, manager: (random.random(), np.random.rand()))
+    class Manager:  # lm-eval's index is not needed here: what its load draws stands for the documents
+        def load(self, tasks):
+            return random.random(), np.random.rand()
+
+    monkeypatch.setattr(engine.harness, "task_manager", lambda *args: Manager())
     built = [ruler.build_tasks(["t"], [512], "tok", seed) for seed in (0, 0, 1)]
     assert built[0] == built[1] and built[0][0] != built[2][0] and built[0][1] != built[2][1]
 

@@ -68,16 +68,14 @@ def cells(samples: dict, reports: dict | None) -> list[dict]:
 
 
 def build_tasks(tasks: list[str], seq_lengths: list[int], tokenizer: str, seed: int, include_path=None) -> dict:
-    """lm-eval's task dict, RULER's documents built at `seq_lengths` with `tokenizer`: the same
+    """lm-eval's tasks, RULER's documents built at `seq_lengths` with `tokenizer`: the same
     documents for the same seed (its generators draw from the global random and numpy states)."""
-    from lm_eval.tasks import get_task_dict
-
     from engine.harness import task_manager
 
     random.seed(seed)
     np.random.seed(seed)
     metadata = {"tokenizer": tokenizer, "max_seq_lengths": seq_lengths}
-    return get_task_dict(tasks, task_manager(tasks, include_path, metadata))
+    return task_manager(tasks, include_path, metadata).load(tasks)
 
 
 def table(rows: list[dict]) -> str:
