@@ -43,6 +43,7 @@ class GenerationReport:
     host_bytes: dict[str, int] = field(default_factory=dict)
     kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
     keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
+    rated_frac: float = 0.0  # ... of candidates rated on their keys or the key sketch / host tokens
     rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
@@ -67,6 +68,7 @@ class GenerationReport:
             f"host index build {self.index_build_s:.2f} s after it (first token at {self.first_token_s:.2f} s)\n"
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
+            f"candidates rated {100 * self.rated_frac:.2f}%, "
             f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
             f"{self.widened_steps} near ties run again wider ({self.wider_runs} runs), {self.rechecked_steps} exactly "
             f"({self.rechecks_changed} changed the token)\n"
@@ -316,6 +318,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.decode_steps = len(run.fed[row])
     report.kv_read_frac = _mean([s.kv_read for s in shares])
     report.keys_scored_frac = _mean([s.keys_scored for s in shares])
+    report.rated_frac = _mean([s.rated for s in shares])
     report.rechecked_steps = sum(s.rechecked for s in shares)
     report.rechecks_changed = sum(s.changed for s in shares if s.rechecked)
     report.widened_steps = sum(s.widened for s in shares)

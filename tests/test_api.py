@@ -115,10 +115,11 @@ def test_the_same_prompt_gives_the_same_tokens_and_reads_in_every_run(llm):
     results = [run.generate(prompt, 16, stop_at_eos=False, progress=False) for run in runs]
     first = results[0]
     assert 0 < first.report.kv_read_frac < 1 and first.report.widened_steps > first.report.rechecked_steps > 0
+    assert 0 < first.report.rated_frac < 1  # the adaptive budget rates a part of the host tokens
     # a tie the first wider run leaves runs wider once more (recheck_wider_runs 2)
     assert first.report.widened_steps < first.report.wider_runs <= 2 * first.report.widened_steps
     for other in results[1:]:
         assert other.token_ids == first.token_ids
-        same = ("kv_read_frac", "keys_scored_frac", "rechecked_steps", "widened_steps", "wider_runs")
+        same = ("kv_read_frac", "keys_scored_frac", "rated_frac", "rechecked_steps", "widened_steps", "wider_runs")
         same += ("rechecks_changed", "host_bytes")
         assert {k: getattr(other.report, k) for k in same} == {k: getattr(first.report, k) for k in same}

@@ -92,6 +92,7 @@ def test_one_sequence_reports_every_field(model, bundled_tokenizer, prompts, cfg
     assert r.kv_read_frac == pytest.approx(sum(s.kv_read for s in shares) / len(shares))
     assert r.kv_read_frac == pytest.approx(sum(s.kv_read_frac for s in steps) / len(steps))  # one row: the batch's
     assert r.keys_scored_frac == pytest.approx(sum(s.keys_scored_frac for s in steps) / len(steps))
+    assert r.rated_frac == sum(s.rated_frac for s in steps) == 0  # a fixed budget reads its top ids unrated
     assert r.rechecked_steps == sum(s.rechecked for s in steps)
     assert r.rechecks_changed == sum(s.rows[0].changed for s in steps if s.rechecked) <= r.rechecked_steps
     assert r.widened_steps == sum(s.widened for s in steps) == 0  # straight to the exact run in both

@@ -91,7 +91,7 @@ def rating(layer, q, h, i) -> float:
 
 def both_paths(layer, q):
     o_native = decode_step(layer, q, SCALE)
-    ids_native, stats = layer.stats.read_ids.clone(), dict(gathered=layer.stats.gathered, sketched=layer.stats.sketched)
+    ids_native, stats = layer.stats.read_ids.clone(), dict(gathered=layer.stats.gathered, rated=layer.stats.rated)
     o_python = decode_step(layer, q, SCALE, python_selection)
     return o_native, ids_native, stats, o_python, layer.stats.read_ids.clone()
 
@@ -128,7 +128,7 @@ def test_the_rating_keeps_a_part_of_the_candidates_and_counts_them():
     layer = layer_with(CONFIGS["default"], 900, seed=3)
     decode_step(layer, queries(3), SCALE)
     st = layer.stats
-    assert 0 < st.gathered < st.sketched  # rated more than it read: the threshold bit
+    assert 0 < st.gathered < st.rated  # rated more than it read: the threshold bit
     assert st.estimated == H_KV * layer.summary.n_blocks * 8 - int(
         (st.read_ids[st.read_ids >= 0] < layer.summary.n_blocks * 8).sum()
     )

@@ -351,18 +351,18 @@ def test_a_read_limit_holds_back_every_run_again_that_would_read_past_it():
     # a step that read 2% may run again wider reading 6% more, not exactly: 1.02 > 4 * 0.02
     assert budget.affords(0.02, 0.02, 0.06) and not budget.affords(0.02, 0.02, 0.061)
     assert not budget.affords(0.02, 0.02, 1.0, exact=True)
-    budget.record(RowShare(kv_read=0.1, selected=0.02, keys_scored=0.0, rechecked=False, wider_runs=1))
+    budget.record(RowShare(kv_read=0.1, selected=0.02, keys_scored=0.0, rated=0.0, rechecked=False, wider_runs=1))
     seen = []
     for _ in range(40):  # k steps of 2% later: an exact run once 0.1 + 0.02 k + 0.02 + 1 <= 4 * 0.02 (k + 2), k >= 16
         seen.append(budget.affords(0.02, 0.02, 1.0, exact=True))
-        budget.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rechecked=False))
+        budget.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rated=0.0, rechecked=False))
     assert seen == [False] * 16 + [True] * 24
     unlimited = RecheckBudget(share=1.0, read_limit=0.0)
-    unlimited.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    unlimited.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rated=0.0, rechecked=True))
     assert unlimited.affords(0.02, 0.5, 1.0, exact=True) and unlimited.affords(0.02, 0.5, 1.0)
     shared = RecheckBudget(share=0.0, read_limit=0.0)  # the share bound: the first exact run alone
     assert shared.affords(0.02, 0.02, 1.0, exact=True)
-    shared.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rechecked=True))
+    shared.record(RowShare(kv_read=1.02, selected=0.02, keys_scored=0.0, rated=0.0, rechecked=True))
     assert not shared.affords(0.02, 0.02, 1.0, exact=True) and shared.affords(0.02, 0.02, 1.0)
 
 
@@ -374,7 +374,7 @@ def test_wider_runs_may_spend_what_the_steps_to_come_will_earn_exact_runs_may_no
     assert not RecheckBudget(share=1.0, read_limit=3.0).affords(0.02, 0.02, 0.05)  # no horizon: 2 * 2% alone
     # a step past the horizon foresees no more steps
     past = RecheckBudget(share=1.0, read_limit=3.0, horizon=1)
-    past.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rechecked=False))
+    past.record(RowShare(kv_read=0.02, selected=0.02, keys_scored=0.0, rated=0.0, rechecked=False))
     assert past.affords(0.02, 0.02, 0.08) and not past.affords(0.02, 0.02, 0.081)
 
 

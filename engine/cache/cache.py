@@ -256,7 +256,8 @@ class HybridCache(Cache):
     def step_stats(self, row: int | None = None) -> dict[str, float]:
         """The last decode step over all layers, of every sequence (row None) or of sequence
         `row` of the batch: host tokens, tokens gathered and estimated, vectors scanned, keys
-        and sketch rows scored, and kv_read_frac = gathered / host tokens."""
+        scored and candidates rated, and the tokens gathered, keys scored and candidates rated as
+        shares of the host tokens."""
         if row is None:
             layers = self.sequence_layers()
         else:
@@ -266,13 +267,15 @@ class HybridCache(Cache):
         gathered = sum(layer.stats.gathered for layer in layers)
         scanned = sum(layer.stats.scanned for layer in layers)
         keys = sum(layer.stats.keys_scored for layer in layers)
+        rated = sum(layer.stats.rated for layer in layers)
         return {
             "host_tokens": host,
             "gathered": gathered,
             "estimated": sum(layer.stats.estimated for layer in layers),
             "scanned": scanned,
             "keys_scored": keys,
-            "sketched": sum(layer.stats.sketched for layer in layers),
+            "rated": rated,
             "kv_read_frac": gathered / host if host else 0.0,
             "keys_scored_frac": keys / host if host else 0.0,
+            "rated_frac": rated / host if host else 0.0,
         }

@@ -32,13 +32,14 @@ from engine.plan import ModelShape
 class StepStats:
     """Counters of the last decode step of one layer: host tokens (per KV head), and summed
     over KV heads the tokens gathered, tokens estimated (engine.decode.estimate), vectors scanned
-    to select them, keys among those, and sketch rows scored (engine.decode.sketch); read_ids
+    to select them, keys among those, and candidates rated on their keys or on the key sketch
+    (engine.decode.rate, engine.decode.sketch); read_ids
     [Hkv, M] are the host ids it gathered (-1 padded)."""
 
-    __slots__ = ("host_tokens", "gathered", "estimated", "scanned", "keys_scored", "sketched", "read_ids")
+    __slots__ = ("host_tokens", "gathered", "estimated", "scanned", "keys_scored", "rated", "read_ids")
 
     def __init__(self):
-        self.host_tokens = self.gathered = self.estimated = self.scanned = self.keys_scored = self.sketched = 0
+        self.host_tokens = self.gathered = self.estimated = self.scanned = self.keys_scored = self.rated = 0
         self.read_ids = None
 
 

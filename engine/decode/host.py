@@ -186,6 +186,6 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
     for b, layer in enumerate(layers):
         st = layer.stats
         st.host_tokens, st.read_ids = layer.host.n, res.ids[b, :, : max(n_read[b])]
-        st.gathered, st.sketched = sum(n_read[b]), sum(n_rated[b])
+        st.gathered, st.rated = sum(n_read[b]), sum(n_rated[b])
         st.estimated = Hkv * summarized[b] * layer.cfg.block_size - int(block_reads[b, :, : summarized[b]].sum())
     return res

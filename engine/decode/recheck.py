@@ -41,6 +41,7 @@ class RowShare(NamedTuple):
     kv_read: float  # host tokens read by the step (every run when re-checked) / host tokens
     selected: float  # ... by its first run alone: the selection's share
     keys_scored: float  # keys scored by the host index / host tokens
+    rated: float  # candidates rated on their keys or the key sketch / host tokens
     rechecked: bool  # whether its step ran again exactly
     changed: bool = False  # ... or wider, and that changed its greedy token (a re-check that mattered)
     wider_runs: int = 0  # how many times its step ran again wider first (OffloadConfig.recheck_widen)
@@ -57,6 +58,7 @@ class Step:
     kv_read_frac: float  # host tokens read by the step (every run) / host tokens, over the batch
     selected_frac: float  # ... by its first run alone: the selection's share
     keys_scored_frac: float  # keys scored by the host index / host tokens
+    rated_frac: float  # candidates rated on their keys or the key sketch / host tokens
     rechecked: int  # sequences whose step ran again exactly
     rows: list[RowShare]  # the same per sequence of the batch, in its order
     widened: int = 0  # sequences whose step ran again wider first
@@ -151,9 +153,10 @@ def forward_step(
     first = logits
     # the first run's, per sequence: a run again reads more
     counts = [
-        (st["host_tokens"], st["gathered"], st["keys_scored"]) for st in map(cache.step_stats, range(len(tokens)))
+        (st["host_tokens"], st["gathered"], st["keys_scored"], st["rated"])
+        for st in map(cache.step_stats, range(len(tokens)))
     ]
-    share = [gathered / host if host else 0.0 for host, gathered, _ in counts]  # each row's selection
+    share = [gathered / host if host else 0.0 for host, gathered, *_ in counts]  # each row's selection
     wider = {}  # rows run again wider -> host tokens those runs gathered
     runs = {}  # ... -> how many wider runs
     widths = {}  # ... -> how many times its selection their last wider run read
@@ -216,17 +219,18 @@ def forward_step(
         same = (first[run_again].argmax(dim=-1) == logits[run_again].argmax(dim=-1)).tolist()
         changed = {r for r, kept in zip(run_again, same) if not kept}
     shares = []
-    for r, (host, gathered, keys) in enumerate(counts):
+    for r, (host, gathered, keys, rated) in enumerate(counts):
         read = gathered + wider.get(r, 0) + host * (r in again)
-        row = (read / host, share[r], keys / host) if host else (0.0, 0.0, 0.0)
+        row = (read / host, share[r], keys / host, rated / host) if host else (0.0,) * 4
         shares.append(RowShare(*row, r in again, r in changed, runs.get(r, 0)))
-    host, gathered, keys = (sum(c[i] for c in counts) for i in range(3))
+    host, gathered, keys, rated = (sum(c[i] for c in counts) for i in range(4))
     read = gathered + sum(wider.values()) + sum(counts[r][0] for r in rows)
     return Step(
         logits,
         read / host if host else 0.0,
         gathered / host if host else 0.0,
         keys / host if host else 0.0,
+        rated / host if host else 0.0,
         len(rows),
         shares,
         len(wider),

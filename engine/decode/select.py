@@ -28,15 +28,15 @@ def select_host_ids(
     counters of layer.stats."""
     cfg = layer.cfg
     found = candidates(layer, q, q_host, blocks)
-    sketched = 0
+    rated = 0
     if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
         q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
-        found, sketched, lse = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
+        found, rated, lse = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
         if cfg.neighbours:  # a needle's digits, a phrase: the indexes propose a run of heavy tokens only in part
             near = neighbours(found, cfg.neighbours, layer.host.n)
-            more, rated, _ = read_likely(layer, near, q_groups, scale, lse_resident, blocks, lse)
-            found, sketched = torch.cat([found, more], dim=1), sketched + rated
-    layer.stats.sketched = sketched
+            more, more_rated, _ = read_likely(layer, near, q_groups, scale, lse_resident, blocks, lse)
+            found, rated = torch.cat([found, more], dim=1), rated + more_rated
+    layer.stats.rated = rated
     parts = [] if found is None else [found]
     parts.append(torch.from_numpy(always_read(layer)).expand(layer.n_kv_heads, -1))
     return unique_rows(torch.cat(parts, dim=1))
