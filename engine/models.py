@@ -6,6 +6,7 @@ and `trust_remote_code` stays off unless the caller turns it on.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import math
@@ -94,9 +95,15 @@ def load_model(
             raise FileNotFoundError(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
             )
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **_gguf_only(file_kwargs))
+    gguf = _gguf_only(file_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+    except OSError as error:
+        if source != name_or_path or Path(source).exists():
+            raise
+        raise OSError(_not_on_the_hub(name_or_path, error)) from error
     if rope_scale is not None:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **_gguf_only(file_kwargs))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         kwargs["config"] = stretched(config, rope_scale)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
@@ -122,6 +129,17 @@ def stretched(config, factor: float):
     config.rope_parameters = rope
     config.max_position_embeddings = int(trained * factor)
     return config
+
+
+def _not_on_the_hub(name: str, error: OSError) -> str:
+    """Why `name`, taken for a hub id, did not load: it is none of the other kinds either, and
+    a name close to the bundled one is most likely that one mistyped."""
+    close = difflib.get_close_matches(name.lower(), [BUNDLED_NAME], n=1, cutoff=0.6)
+    hint = f" (did you mean the bundled model {close[0]!r}?)" if close else ""
+    return (
+        f"model {name!r} is not the bundled model {BUNDLED_NAME!r}, a local directory or a .gguf file, "
+        f"and the hub did not serve it{hint}: {error}"
+    )
 
 
 def _gguf_only(file_kwargs: dict) -> dict:

@@ -1,7 +1,9 @@
-"""Model loading: a model stretched past its trained context by YaRN (`engine.models.stretched`)."""
+"""Model loading: a model stretched past its trained context by YaRN (`engine.models.stretched`),
+and what a name that loads nothing is told."""
 
 import pytest
 import torch
+import transformers
 
 from engine.models import load_model, stretched
 from tests.conftest import tiny_llama
@@ -38,3 +40,15 @@ def test_stretch_refuses_a_scaled_rope():
     config = stretched(tiny_llama().config, 2)
     with pytest.raises(ValueError, match="scaled already .'yarn'."):
         stretched(config, 2)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "acme/llm-9b"])
+def test_a_name_the_hub_does_not_serve_is_told_what_it_is_not(monkeypatch, name):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(OSError, match=f"model '{name}' is not the bundled model 'smollm2-135m'") as caught:
+        load_model(name)
+    assert "the hub did not serve it" in str(caught.value) and "couldn't connect" in str(caught.value)
+    assert ("did you mean the bundled model 'smollm2-135m'" in str(caught.value)) == name.startswith("smollm2")
