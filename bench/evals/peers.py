@@ -55,7 +55,7 @@ class PeerRule:
         return min(layer.host.n, max(1, round(self.share * layer.host.n)))
 
     def __call__(self, layer, q, q_host, scale, lse_resident, blocks=None) -> torch.Tensor:
-        layer.stats.scanned = layer.stats.keys_scored = 0
+        layer.stats.scanned = layer.stats.keys_scored = layer.stats.rated = 0
         return self.choose(layer, q, scale)
 
     def choose(self, layer: HybridLayer, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -207,6 +207,7 @@ class OracleSelect:
     def __call__(self, layer, q, q_host, scale, lse_resident, blocks=None) -> torch.Tensor:
         n = self.counts if self.counts is not None else torch.full((layer.n_kv_heads,), round(self.frac * layer.host.n))
         layer.stats.scanned = layer.stats.keys_scored = layer.n_kv_heads * layer.host.n
+        layer.stats.rated = 0  # scored exactly, none rated against a threshold
         return top_ids(host_mass(layer, q, scale, lse_resident), n, always_read(layer))
 
 
