@@ -327,18 +327,32 @@ def _run(argv: list[str] | None) -> int:
     pl.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     _offload_args(pl)
 
-    b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES))
-    b.add_argument("name", choices=list(BENCHES))
+    # bench and eval pass their other options, -h included, to the script they run
+    b = sub.add_parser("bench", help="run a benchmark script: " + ", ".join(BENCHES), add_help=False)
+    b.add_argument("-h", "--help", action="store_true", help="show this help, or after NAME the benchmark's options")
+    b.add_argument("name", nargs="?", choices=list(BENCHES), help="the benchmark to run")
     e = sub.add_parser(
         "eval",
         help="the accuracy evaluation (bench.evals.accuracy; its options follow), or with --lm-eval "
         "lm-evaluation-harness tasks on the engine (the eval extra)",
+        add_help=False,
     )
+    e.add_argument("-h", "--help", action="store_true", help="show this help and the accuracy evaluation's options")
     e.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-eval tasks to run (hybridattn eval --lm-eval -h)")
 
     args, rest = p.parse_known_args(argv)
+    if args.command in ("bench", "eval") and args.help:
+        rest.append("-h")
     if args.command == "eval" and args.lm_eval:
         return cmd_lm_eval(_lm_eval_parser(BUNDLED_NAME).parse_args(rest, namespace=args))
+    if args.command == "bench" and args.name is None:
+        if not args.help:
+            b.error("name the benchmark to run")
+        b.print_help()
+        return 0
+    if args.command == "eval" and args.help:
+        e.print_help()
+        print()
     if args.command in ("bench", "eval"):
         return cmd_script(BENCHES[args.name] if args.command == "bench" else EVAL, rest)
     if rest:

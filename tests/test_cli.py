@@ -239,6 +239,25 @@ def test_bench_runs_the_installed_module_and_names_a_missing_one(capsys, monkeyp
     assert "no_such_benchmark" in one_error_line(capsys)
 
 
+def test_bench_and_eval_help_reaches_the_script_they_run(capsys, monkeypatch):
+    import engine.cli as cli
+
+    ran = []
+    monkeypatch.setattr(cli.runpy, "run_module", lambda name, **kw: ran.append((name, list(cli.sys.argv))))
+    assert main(["bench", "decode", "-h"]) == 0
+    assert main(["eval", "--help"]) == 0
+    assert ran == [
+        ("bench.speed.decode", ["bench.speed.decode", "-h"]),
+        ("bench.evals.accuracy", ["bench.evals.accuracy", "-h"]),
+    ]
+    assert "--lm-eval" in capsys.readouterr().out  # eval's own option, printed before the evaluation's
+    assert main(["bench", "--help"]) == 0 and not ran[2:]
+    assert "host-side" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main(["bench"])
+    assert exited.value.code == 2 and "name the benchmark to run" in capsys.readouterr().err
+
+
 def test_plan_takes_the_budget_and_estimate_options(capsys):
     argv = ["plan", "--model", "llama-3-8b", "--context", "131072"]
     assert main(argv + ["--sketch-rank", "16"]) == 0
