@@ -13,7 +13,7 @@ import torch
 
 from engine.cache import HybridCache
 from engine.cache.store import StorePool
-from engine.config import OffloadConfig
+from engine.config import OffloadConfig, offload_or_default
 from engine.generation import (
     Decoding,
     GenerationReport,
@@ -44,15 +44,16 @@ class HybridLLM:
     """
 
     def __init__(self, model, tokenizer, offload: OffloadConfig | None = None):
-        if not isinstance(offload, (OffloadConfig, type(None))):
-            raise TypeError(
-                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
-            )
+        self.offload = offload_or_default(offload)
         check_supported(getattr(model, "config", None))
+        if not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+            raise TypeError(
+                "tokenizer must be the model's tokenizer (it encodes the prompts and decodes the answers), "
+                f"got {type(tokenizer).__name__}"
+            )
         if model.config._attn_implementation != "hybrid":
             model.set_attn_implementation("hybrid")
         self.model, self.tokenizer = model, tokenizer
-        self.offload = offload or OffloadConfig()
         self.device = next(model.parameters()).device
         self.stores = StorePool()  # host stores kept from one generation to the next (free_host_memory)
 
@@ -69,13 +70,9 @@ class HybridLLM:
         """Load a local model directory, `.gguf` file, hub id or the bundled "smollm2-135m".
         dtype defaults to bfloat16 on CUDA and float32 on the CPU; `rope_scale` stretches the
         model's context by YaRN (`engine.models.stretched`)."""
-        if not isinstance(offload, (OffloadConfig, type(None))):
-            raise TypeError(
-                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
-            )
+        offload = offload_or_default(offload)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
-        offload = offload or OffloadConfig()
         device = offload.resolved_device()
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model, tokenizer = load_model(

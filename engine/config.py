@@ -482,3 +482,11 @@ PRESETS: dict[str, OffloadConfig] = {
     # Device block index alone: no host index to build (blocks by mean key, which the summary keeps anyway).
     "block": OffloadConfig(candidates_from="blocks", budget="fixed", n_blocks=64, block_frac=0.04, landmark="mean"),
 }
+
+
+def offload_or_default(value, name: str = "offload") -> OffloadConfig:
+    """`value` where it is an OffloadConfig, the default configuration for None, else a
+    TypeError naming the argument `name`."""
+    if not isinstance(value, (OffloadConfig, type(None))):
+        raise TypeError(f"{name} must be an OffloadConfig (see OffloadConfig.preset), got {type(value).__name__}")
+    return value or OffloadConfig()

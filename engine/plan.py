@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ann.qq import SCORE_BUFFER
-from engine.config import PREFILL_KEY_BLOCK, OffloadConfig
+from engine.config import PREFILL_KEY_BLOCK, OffloadConfig, offload_or_default
 from engine.decode.estimate import GROUP as SUMMARY_GROUP
 
 # Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
@@ -153,9 +153,7 @@ def plan_memory(
     workspace (prefill runs sequence by sequence) is per sequence. `model_config`
     is a preset name (see `MODEL_PRESETS`), a dict or a transformers config.
     """
-    if not isinstance(cfg, (OffloadConfig, type(None))):
-        raise TypeError(f"cfg must be an OffloadConfig (see OffloadConfig.preset), got {type(cfg).__name__}")
-    cfg = cfg or OffloadConfig()
+    cfg = offload_or_default(cfg, "cfg")
     if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
         raise ValueError(f"context_len must be a positive int, got {context_len!r}")
     for name, budget in (("gpu_budget_bytes", gpu_budget_bytes), ("host_budget_bytes", host_budget_bytes)):

@@ -41,9 +41,11 @@ def test_generate_rejects_bad_input(llm, prompt, kwargs, error, message):
         next(llm.stream(prompt, **kwargs))
 
 
-def test_hybrid_llm_rejects_a_bad_offload_and_dtype(llm):
+def test_hybrid_llm_rejects_a_bad_offload_tokenizer_and_dtype(llm):
     with pytest.raises(TypeError, match="offload must be an OffloadConfig .* got str"):
         HybridLLM(llm.model, llm.tokenizer, offload="tight")
+    with pytest.raises(TypeError, match="tokenizer must be the model's tokenizer .* got NoneType"):
+        HybridLLM(llm.model, None)
     with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
         HybridLLM.from_pretrained("smollm2-135m", dtype="half")
     with pytest.raises(FileNotFoundError, match="model not found: /no/such/model"):

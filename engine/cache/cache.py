@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 from engine.cache.batch import BatchLayer
 from engine.cache.layer import HybridLayer, sum_bytes
 from engine.cache.store import StorePool
-from engine.config import OffloadConfig
+from engine.config import OffloadConfig, offload_or_default
 from engine.index.build import BuildProgress, build_key_index
 from engine.index.worker import IndexBuilder
 from engine.models import check_supported
@@ -60,10 +60,6 @@ class HybridCache(Cache):
             raise TypeError(
                 f"HybridCache needs a transformers model or its config, got {type(model_or_config).__name__}"
             )
-        if not isinstance(offload, (OffloadConfig, type(None))):
-            raise TypeError(
-                f"offload must be an OffloadConfig (see OffloadConfig.preset), got {type(offload).__name__}"
-            )
         for name, value in (("max_length", max_length), ("prompt_length", prompt_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: unknown), got {value!r}")
@@ -76,7 +72,7 @@ class HybridCache(Cache):
                 f"the model uses attn_implementation={impl!r}; HybridCache needs 'hybrid' "
                 "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
             )
-        self.offload_config = offload or OffloadConfig()
+        self.offload_config = offload_or_default(offload)
         shape = ModelShape.of(config)
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
