@@ -41,7 +41,6 @@ calls where each may run only so long; every row is printed as one JSON line whe
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
@@ -55,7 +54,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from bench.common.caches import channel_stats, fill
 from bench.common.models import LONG_CONTEXT, random_llama
-from bench.common.options import add_threads_arg, pin_threads
+from bench.common.options import add_threads_arg, parser, pin_threads
 from bench.common.output import environment, write_json
 from bench.common.profiling import profiled, torch_profiled
 from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, running_again, with_rechecks
@@ -496,7 +495,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")

@@ -22,13 +22,13 @@ until someone measures again.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common.options import parser
 from bench.tables import MANY_FILES, RENDERERS
 
 BLOCK_START, BLOCK_END = "<!-- report:", "<!-- /report -->"
@@ -139,7 +139,7 @@ def update_config_table(text: str, table: str, where: str = "README.md") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     for name in RENDERERS:
         p.add_argument(f"--{name}", type=Path, metavar="JSON", help=f"print the {name} tables of this file")
     for name in MANY_FILES:

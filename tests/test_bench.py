@@ -697,6 +697,19 @@ def test_quick_defaults_fill_only_the_options_not_given():
             p.parse_args(["--steps", bad])
 
 
+def test_a_script_s_help_gives_its_docstring_s_whole_first_sentence():
+    import importlib
+
+    from bench.common.options import parser
+    from engine.cli import BENCHES, EVAL
+
+    assert parser("Decode speed against\n   context length.\n\nHow it is timed.").description == (
+        "Decode speed against context length."
+    )
+    for name in [*BENCHES.values(), EVAL]:  # what `hybridattn bench NAME -h` and `eval -h` print
+        assert parser(importlib.import_module(name).__doc__).description.endswith("."), name
+
+
 def test_in_turns_alternates_the_runs_and_leaves_out_the_warm_up():
     from bench.common.timing import in_turns
 

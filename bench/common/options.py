@@ -14,6 +14,12 @@ from engine.models import BUNDLED_NAME
 from engine.native import ops
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of its module docstring `doc` (whose
+    first line may end mid-sentence)."""
+    return argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+
+
 def add_output_args(p: argparse.ArgumentParser, *, quick: str | None = None, plot: str | None = None) -> None:
     """--quick where a script has a short run (`quick` says what it runs), --json PATH and,
     where a picture helps, --plot PATH (`plot` says what it draws)."""

@@ -33,7 +33,6 @@ same spread of depths over new needles); `python -m bench.report --eval` pools t
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from bench.common import options
+from bench.common.options import parser
 from bench.common.output import write_json
 from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
 from bench.evals.probes import LayerProbe, OracleSelect, copy_state, decode_with, greedy, named, prefill_and_answer
@@ -181,7 +181,7 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     options.add_output_args(p, quick="2 prompts per cell, 2K tokens, two tasks")
     p.add_argument("--n", type=options.positive_int, help="prompts per (task, context); default 40 (--quick: 2)")
     p.add_argument("--first", type=int, default=0, help="seed of the first prompt (default 0)")

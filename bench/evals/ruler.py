@@ -22,7 +22,6 @@ same command run again after an interruption takes the answers there and asks on
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -30,6 +29,7 @@ import time
 import numpy as np
 
 from bench.common import options
+from bench.common.options import parser
 from bench.common.output import write_json
 from bench.evals.peers import PEERS
 from bench.stats import mean_interval, wilson_interval
@@ -89,7 +89,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     options.add_output_args(p, quick="one task, 2 documents at 1024 tokens")
     p.add_argument("--model", default="smollm2-135m", help="bundled name or local model directory")
     p.add_argument("--tasks", nargs="+", help=f"lm-eval tasks (default: {' '.join(OFFLINE_TASKS)})")

@@ -22,7 +22,6 @@ when a check fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 from transformers import AttentionInterface
 
 from bench.common import options
+from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.text import segments
 from engine import HybridCache, OffloadConfig
@@ -169,7 +169,7 @@ def interrupted_generation_is_harmless(llm: HybridLLM, prompt: torch.Tensor, n: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     options.add_output_args(p, quick="a 600-token prompt, 200 steps")
     options.add_model_args(p, chunk=None)  # the engine's own prefill chunk
     p.add_argument("--prompt-tokens", type=options.positive_int, help="default 4096 (--quick: 600)")

@@ -37,7 +37,6 @@ after in one run). Each row names its context_kind.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -47,7 +46,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
 from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, running_again, with_rechecks
 from engine import HybridCache, OffloadConfig
@@ -268,7 +267,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     add_output_args(p, quick="short contexts, few steps", plot="update + attention ms per layer against context (PNG)")
     p.add_argument(
         "--models",

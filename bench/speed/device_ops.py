@@ -14,7 +14,6 @@ stacked (the GPU's default).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import traceback
@@ -25,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common.caches import channel_stats, fill
 from bench.common.models import benchmark_model
-from bench.common.options import positive_int
+from bench.common.options import parser, positive_int
 from bench.common.output import save_run
 from bench.speed.host_side import layer_args, record_queries
 from engine import HybridCache, OffloadConfig
@@ -112,7 +111,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--batch", type=positive_int, default=1, help="sequences through one step (stacked)")
     args = layer_args(p, argv, [8192, 32768, 131072])
     save_run(args, {"contexts": args.contexts, "batch": args.batch}, run(args))

@@ -27,7 +27,7 @@ import torch
 import engine.attention as attention
 from bench.common.caches import add_context_arg, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
 from bench.common.output import save_run
 from bench.common.timing import median_ms
 from engine import HybridCache, OffloadConfig
@@ -151,7 +151,7 @@ def layer_args(p: argparse.ArgumentParser, argv, contexts: list[int]) -> argpars
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--repeats", type=positive_int, default=9, help="rounds over the recorded steps")
     args = layer_args(p, argv, [8192, 131072])
     save_run(args, {"contexts": args.contexts, "repeats": args.repeats}, run(args))

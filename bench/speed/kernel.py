@@ -15,14 +15,13 @@ to its single call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
 
 import torch
 
-from bench.common.options import add_output_args, add_threads_arg, pin_threads
+from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads
 from bench.common.output import write_json
 from bench.common.timing import median_ms
 from engine.cache.store import host_empty
@@ -140,7 +139,7 @@ def run_batched_case(args, Hkv, G, D, scale, gen, reps, read_gbps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     add_output_args(p, quick="smaller store, fewer repetitions")
     add_threads_arg(p)  # the kernel's batched calls take as many
     args = p.parse_args(argv)

@@ -20,7 +20,6 @@ Time to first token = prefill + what the builds leave after it; ratio = that / s
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from bench.common import options
+from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.timing import in_turns
 from engine import HybridCache, OffloadConfig
@@ -60,7 +60,7 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     options.add_output_args(p, quick="one short context, one repeat")
     options.add_model_args(p)
     p.add_argument("--contexts", type=options.positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")

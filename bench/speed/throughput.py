@@ -22,7 +22,6 @@ engine.decode.step.native_step), in turns with it on the same caches.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -33,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, pin_threads, positive_int, quick_defaults
+from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
 from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
@@ -184,7 +183,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     add_output_args(
         p, quick="the tiny model, short contexts, batches 1 and 2", plot="tokens/s against batch size (PNG)"
     )
