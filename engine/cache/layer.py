@@ -33,8 +33,7 @@ class StepStats:
     """Counters of the last decode step of one layer: host tokens (per KV head), and summed
     over KV heads the tokens gathered, tokens estimated (engine.decode.estimate), vectors scanned
     to select them, keys among those, and candidates rated on their keys or on the key sketch
-    (engine.decode.rate, engine.decode.sketch); read_ids
-    [Hkv, M] are the host ids it gathered (-1 padded)."""
+    (engine.decode.rate); read_ids [Hkv, M] are the host ids it gathered (-1 padded)."""
 
     __slots__ = ("host_tokens", "gathered", "estimated", "scanned", "keys_scored", "rated", "read_ids")
 
