@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from bench.common import options
-from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import LayerProbe, copy_state, named
@@ -111,7 +110,7 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = options.parser(__doc__)
     options.add_output_args(p, quick="2 short prompts, 4 steps")
     p.add_argument("--prompts", type=options.positive_int, help="default 12 (--quick: 2)")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")

@@ -33,7 +33,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.common import options
-from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
@@ -89,7 +88,7 @@ def continuations(
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = options.parser(__doc__)
     options.add_output_args(p, quick="2 short prompts, 16 tokens")
     options.add_model_args(p, rope_scale=True)
     p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")

@@ -34,7 +34,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.common import options
-from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
@@ -77,7 +76,7 @@ def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int, 
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = options.parser(__doc__)
     options.add_output_args(p, quick="2 short prompts, 16 tokens")
     p.add_argument("--source", default="prose", choices=["prose", *TASKS], help="prose segments or a task's prompts")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")

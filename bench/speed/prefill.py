@@ -28,7 +28,6 @@ import torch
 from transformers import DynamicCache
 
 from bench.common import options
-from bench.common.options import parser
 from bench.common.output import write_json
 from bench.common.timing import in_turns
 from engine import HybridCache, OffloadConfig
@@ -60,7 +59,7 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
 
 
 def main(argv=None) -> None:
-    p = parser(__doc__)
+    p = options.parser(__doc__)
     options.add_output_args(p, quick="one short context, one repeat")
     options.add_model_args(p)
     p.add_argument("--contexts", type=options.positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")
