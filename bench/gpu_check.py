@@ -495,7 +495,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     p.add_argument("--json", type=Path)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")

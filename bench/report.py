@@ -139,7 +139,7 @@ def update_config_table(text: str, table: str, where: str = "README.md") -> str:
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     for name in RENDERERS:
         p.add_argument(f"--{name}", type=Path, metavar="JSON", help=f"print the {name} tables of this file")
     for name in MANY_FILES:

@@ -269,13 +269,27 @@ def cmd_plan(args) -> int:
     return 0 if plan.fits else 1
 
 
-def cmd_script(module: str, rest: list[str]) -> int:
-    """Run a benchmark module (installed with the package) as `python -m module rest...` would."""
+_script_commands: list[str] = []  # the command line of the script `cmd_script` runs, for its usage line
+
+
+def cmd_script(module: str, rest: list[str], command: str) -> int:
+    """Run a benchmark module (installed with the package) as `python -m module rest...` would;
+    its usage line names `command` (`script_command`)."""
     if importlib.util.find_spec(module) is None:
         raise ModuleNotFoundError(f"benchmark module {module} is not installed")
     sys.argv = [module, *rest]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    _script_commands.append(command)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        _script_commands.pop()
     return 0
+
+
+def script_command() -> str | None:
+    """The `hybridattn` command line (e.g. "hybridattn bench decode") of the script running now
+    through `cmd_script`; None when none runs through it."""
+    return _script_commands[-1] if _script_commands else None
 
 
 def _error(message: str) -> None:
@@ -354,7 +368,9 @@ def _run(argv: list[str] | None) -> int:
         e.print_help()
         print()
     if args.command in ("bench", "eval"):
-        return cmd_script(BENCHES[args.name] if args.command == "bench" else EVAL, rest)
+        if args.command == "bench":
+            return cmd_script(BENCHES[args.name], rest, f"hybridattn bench {args.name}")
+        return cmd_script(EVAL, rest, "hybridattn eval")
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -710,6 +710,22 @@ def test_a_script_s_help_gives_its_docstring_s_whole_first_sentence():
         assert parser(importlib.import_module(name).__doc__).description.endswith("."), name
 
 
+def test_a_script_s_usage_line_names_the_command_that_runs_it(monkeypatch):
+    import importlib.util
+
+    import engine.cli as cli
+    from bench.common.options import parser
+
+    spec = importlib.util.find_spec("bench.speed.kernel")
+    assert parser("Kernel speed.", spec).prog == "python -m bench.speed.kernel"  # not `kernel.py`
+    progs = []  # the script's parser, made while the command line runs it
+    monkeypatch.setattr(cli.runpy, "run_module", lambda *a, **kw: progs.append(parser("Kernel speed.", spec).prog))
+    assert cli.main(["bench", "kernel"]) == 0 and cli.main(["eval"]) == 0
+    assert progs == ["hybridattn bench kernel", "hybridattn eval"]
+    assert cli.script_command() is None  # once the script is over, a parser is named by its module again
+    assert parser("Kernel speed.", spec).prog == "python -m bench.speed.kernel"
+
+
 def test_in_turns_alternates_the_runs_and_leaves_out_the_warm_up():
     from bench.common.timing import in_turns
 

@@ -14,10 +14,17 @@ from engine.models import BUNDLED_NAME
 from engine.native import ops
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, spec=None) -> argparse.ArgumentParser:
     """A script's parser, described by the first paragraph of its module docstring `doc` (whose
-    first line may end mid-sentence)."""
-    return argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+    first line may end mid-sentence), its usage line starting as the script was run (`prog`)."""
+    return argparse.ArgumentParser(prog=prog(spec), description=" ".join(doc.split("\n\n")[0].split()))
+
+
+def prog(spec) -> str | None:
+    """A script's usage name from its module's `__spec__`: the `hybridattn` command running it, else
+    `python -m MODULE` (a run as `python -m` reports the module's file, `decode.py`); None (argparse's
+    own) for a script run by its path."""
+    return cli.script_command() or (f"python -m {spec.name}" if spec is not None else None)
 
 
 def add_output_args(p: argparse.ArgumentParser, *, quick: str | None = None, plot: str | None = None) -> None:

@@ -180,7 +180,7 @@ def cell_row(task: str, context: int, method: str, rs: list[dict], first: int = 
 
 
 def main(argv=None):
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="2 prompts per cell, 2K tokens, two tasks")
     p.add_argument("--n", type=options.positive_int, help="prompts per (task, context); default 40 (--quick: 2)")
     p.add_argument("--first", type=int, default=0, help="seed of the first prompt (default 0)")

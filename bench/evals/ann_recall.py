@@ -28,7 +28,7 @@ import numpy as np
 
 from ann.registry import make_index
 from ann.selector import search_group
-from bench.common.options import add_model_args, add_output_args, add_threads_arg, pin_threads
+from bench.common.options import add_model_args, add_output_args, add_threads_arg, pin_threads, prog
 from bench.common.output import pyplot, save_figure, write_json
 from bench.evals.capture_qk import capture_path, load_or_capture
 
@@ -227,7 +227,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_output_args(ap, quick="one N, fewer settings", plot="recall against the share scanned (PNG)")
     add_model_args(ap, chunk=None)
     ap.add_argument(

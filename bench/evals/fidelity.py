@@ -110,7 +110,7 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None):
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="2 short prompts, 4 steps")
     p.add_argument("--prompts", type=options.positive_int, help="default 12 (--quick: 2)")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")

@@ -88,7 +88,7 @@ def continuations(
 
 
 def main(argv=None):
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="2 short prompts, 16 tokens")
     options.add_model_args(p, rope_scale=True)
     p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")

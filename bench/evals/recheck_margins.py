@@ -76,7 +76,7 @@ def forced_steps(model, ids: torch.Tensor, new: int, eos: set[int], chunk: int, 
 
 
 def main(argv=None):
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="2 short prompts, 16 tokens")
     p.add_argument("--source", default="prose", choices=["prose", *TASKS], help="prose segments or a task's prompts")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")

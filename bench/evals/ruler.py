@@ -88,7 +88,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="one task, 2 documents at 1024 tokens")
     p.add_argument("--model", default="smollm2-135m", help="bundled name or local model directory")
     p.add_argument("--tasks", nargs="+", help=f"lm-eval tasks (default: {' '.join(OFFLINE_TASKS)})")

@@ -168,7 +168,7 @@ def interrupted_generation_is_harmless(llm: HybridLLM, prompt: torch.Tensor, n: 
 
 
 def main(argv=None) -> int:
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="a 600-token prompt, 200 steps")
     options.add_model_args(p, chunk=None)  # the engine's own prefill chunk
     p.add_argument("--prompt-tokens", type=options.positive_int, help="default 4096 (--quick: 600)")

@@ -267,7 +267,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     add_output_args(p, quick="short contexts, few steps", plot="update + attention ms per layer against context (PNG)")
     p.add_argument(
         "--models",

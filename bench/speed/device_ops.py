@@ -111,7 +111,7 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     p.add_argument("--batch", type=positive_int, default=1, help="sequences through one step (stacked)")
     args = layer_args(p, argv, [8192, 32768, 131072])
     save_run(args, {"contexts": args.contexts, "batch": args.batch}, run(args))

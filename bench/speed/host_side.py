@@ -151,7 +151,7 @@ def layer_args(p: argparse.ArgumentParser, argv, contexts: list[int]) -> argpars
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     p.add_argument("--repeats", type=positive_int, default=9, help="rounds over the recorded steps")
     args = layer_args(p, argv, [8192, 131072])
     save_run(args, {"contexts": args.contexts, "repeats": args.repeats}, run(args))

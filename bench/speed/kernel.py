@@ -139,7 +139,7 @@ def run_batched_case(args, Hkv, G, D, scale, gen, reps, read_gbps):
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     add_output_args(p, quick="smaller store, fewer repetitions")
     add_threads_arg(p)  # the kernel's batched calls take as many
     args = p.parse_args(argv)

@@ -59,7 +59,7 @@ def time_case(model, ids: torch.Tensor, case: str, cfg: OffloadConfig, chunk: in
 
 
 def main(argv=None) -> None:
-    p = options.parser(__doc__)
+    p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="one short context, one repeat")
     options.add_model_args(p)
     p.add_argument("--contexts", type=options.positive_int, nargs="+", help="default 2048 4096 8192 (--quick: 512)")

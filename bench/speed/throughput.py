@@ -183,7 +183,7 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(argv=None):
-    p = parser(__doc__)
+    p = parser(__doc__, __spec__)
     add_output_args(
         p, quick="the tiny model, short contexts, batches 1 and 2", plot="tokens/s against batch size (PNG)"
     )
