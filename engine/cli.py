@@ -108,7 +108,9 @@ def _check_model_args(args) -> None:
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str, *, rope_scale: bool = True) -> None:
     """--model NAME and, with `rope_scale`, --rope-scale FACTOR (engine.models.stretched)."""
-    p.add_argument("--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id")
+    p.add_argument(
+        "--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id (owner/name)"
+    )
     if rope_scale:
         p.add_argument(
             "--rope-scale",

@@ -71,7 +71,7 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     `name_or_path` is the bundled name ("smollm2-135m"), a local model directory,
-    a `.gguf` file, or a hub id (served from the local hub cache when offline).
+    a `.gguf` file, or a hub id `owner/name` (served from the local hub cache when offline).
     `rope_scale` stretches the model's RoPE by YaRN (`stretched`) to that many times the
     context it was trained on. Returns `(model, tokenizer)` with the model in eval mode on `device`.
     """
@@ -91,6 +91,10 @@ def load_model(
         source, file_kwargs = name_or_path, {"use_safetensors": True}
         if str(name_or_path).startswith((".", "/")) and not Path(name_or_path).exists():
             raise FileNotFoundError(f"model not found: {name_or_path}")  # a path, not a hub id
+        if "/" not in str(name_or_path) and not Path(name_or_path).exists():
+            # no hub id either: those of the supported models name their owner. Said at once, where
+            # the hub client, offline, would retry for about a minute first.
+            raise FileNotFoundError(_not_a_model(name_or_path, "nor a hub id, which names its owner (owner/name)"))
         if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
             raise FileNotFoundError(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
@@ -101,7 +105,7 @@ def load_model(
     except OSError as error:
         if source != name_or_path or Path(source).exists():
             raise
-        raise OSError(_not_on_the_hub(name_or_path, error)) from error
+        raise OSError(_not_a_model(name_or_path, f"and the hub did not serve it: {error}")) from error
     if rope_scale is not None:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         kwargs["config"] = stretched(config, rope_scale)
@@ -131,15 +135,12 @@ def stretched(config, factor: float):
     return config
 
 
-def _not_on_the_hub(name: str, error: OSError) -> str:
-    """Why `name`, taken for a hub id, did not load: it is none of the other kinds either, and
-    a name close to the bundled one is most likely that one mistyped."""
+def _not_a_model(name: str, why: str) -> str:
+    """Why `name` did not load: it is none of the kinds of model a name can be (`why` says what it is
+    as a hub id), and a name close to the bundled one is most likely that one mistyped."""
     close = difflib.get_close_matches(name.lower(), [BUNDLED_NAME], n=1, cutoff=0.6)
     hint = f" (did you mean the bundled model {close[0]!r}?)" if close else ""
-    return (
-        f"model {name!r} is not the bundled model {BUNDLED_NAME!r}, a local directory or a .gguf file, "
-        f"and the hub did not serve it{hint}: {error}"
-    )
+    return f"model {name!r} is not the bundled model {BUNDLED_NAME!r}, a local directory or a .gguf file{hint}, {why}"
 
 
 def _gguf_only(file_kwargs: dict) -> dict:

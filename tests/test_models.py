@@ -42,13 +42,17 @@ def test_stretch_refuses_a_scaled_rope():
         stretched(config, 2)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "acme/llm-9b"])
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "acme/llm-9b", "acme/smollm2-135m"])
 def test_a_name_the_hub_does_not_serve_is_told_what_it_is_not(monkeypatch, name):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to the hub")
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    asked = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: asked.append(a) or offline())
     with pytest.raises(OSError, match=f"model '{name}' is not the bundled model 'smollm2-135m'") as caught:
         load_model(name)
-    assert "the hub did not serve it" in str(caught.value) and "couldn't connect" in str(caught.value)
-    assert ("did you mean the bundled model 'smollm2-135m'" in str(caught.value)) == name.startswith("smollm2")
+    owned = "/" in name  # only a name with an owner can be a hub id: the hub is asked for no other
+    assert bool(asked) == owned
+    told = "the hub did not serve it: We couldn't connect" if owned else "nor a hub id, which names its owner"
+    assert told in str(caught.value)
+    assert ("did you mean the bundled model 'smollm2-135m'" in str(caught.value)) == ("smollm2" in name)
