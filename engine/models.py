@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,12 +52,32 @@ def bundled_gguf_path() -> Path:
 
 
 def check_supported(config) -> None:
-    """Raise a clear error for model types the hybrid attention has not been wired for."""
+    """Raise a clear error for model types the hybrid attention has not been wired for; warn where
+    the model's layers attend within a sliding window, which the hybrid attention does not."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    window = sliding_window(config)
+    if window is not None:  # Python's warnings show it once, not at every cache made for the model
+        warnings.warn(
+            f"the {model_type} model's layers attend within a sliding window of {window} tokens "
+            "(config.sliding_window); the hybrid attention attends to the whole context, so past "
+            f"{window} tokens its output differs from the model's own attention",
+            stacklevel=3,
+        )
+
+
+def sliding_window(config) -> int | None:
+    """The tokens the model's sliding-window attention layers attend to, as transformers applies
+    it: `sliding_window` on the layers `layer_types` marks "sliding_attention" (on every layer where
+    the config has no layer types: Mistral); None where no layer has one."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
 
 
 def load_model(

@@ -224,6 +224,28 @@ def test_unsupported_model_type_is_refused():
         HybridCache(GPT2Config(n_layer=1), OffloadConfig())
 
 
+def test_a_model_with_a_sliding_window_is_warned_that_the_whole_context_is_attended():
+    import warnings
+
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from engine.models import check_supported
+
+    shape = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    windowed = [  # every layer (Mistral has no layer types), or the layers past max_window_layers
+        (MistralConfig(sliding_window=512, **shape), 512),
+        (Qwen2Config(use_sliding_window=True, sliding_window=256, max_window_layers=2, **shape), 256),
+    ]
+    for config, window in windowed:
+        with pytest.warns(UserWarning, match=f"sliding window of {window} tokens"):
+            check_supported(config)
+    plain = [MistralConfig(sliding_window=None, **shape), Qwen2Config(sliding_window=256, **shape), LlamaConfig()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for config in plain:  # no sliding window, or one the layer types leave unused
+            check_supported(config)
+
+
 def test_qwen2_with_attention_bias_is_exact():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
