@@ -246,11 +246,18 @@ def test_a_model_with_a_sliding_window_is_warned_that_the_whole_context_is_atten
             check_supported(config)
 
 
-def test_qwen2_with_attention_bias_is_exact():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+@pytest.mark.parametrize(
+    "family, extra",
+    [("qwen2", {}), ("qwen3", dict(head_dim=16)), ("mistral", dict(sliding_window=None))],
+)
+def test_each_supported_family_is_exact(family, extra):
+    """Llama's is the other tests' model; Qwen2 adds a bias to q, k and v, Qwen3 normalises q and k
+    per head (before RoPE), Mistral is Llama's shape under its own classes."""
+    import transformers
 
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = getattr(transformers, f"{name}Config")(
         vocab_size=50,
         hidden_size=64,
         intermediate_size=64,
@@ -259,8 +266,10 @@ def test_qwen2_with_attention_bias_is_exact():
         num_key_value_heads=1,
         max_position_embeddings=2048,
         attn_implementation="hybrid",
+        **extra,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    assert config.model_type == family
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     ids = torch.randint(0, 50, (1, 180), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
