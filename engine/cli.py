@@ -252,6 +252,10 @@ def cmd_plan(args) -> int:
         raise ValueError(f"--host-gb must be a positive number of GiB, got {args.host_gb}")
     _check_local_model(args.model)
     model = args.model
+    if Path(model).is_dir():  # a model directory: its config
+        model = Path(model) / "config.json"
+        if not model.is_file():
+            raise FileNotFoundError(f"no config.json in the model directory {args.model}")
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
     if args.device is None:  # the plan is for a GPU budget, whatever this machine has
@@ -336,7 +340,7 @@ def _run(argv: list[str] | None) -> int:
     _offload_args(g)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
-    pl.add_argument("--model", default="llama-3-8b", help="model preset name or a config.json path")
+    pl.add_argument("--model", default="llama-3-8b", help="model preset name, model directory or config.json path")
     pl.add_argument("--context", type=int, default=131072)
     pl.add_argument("--gpu-gb", type=float, default=24.0, help="GPU budget in GiB")
     pl.add_argument("--host-gb", type=float, help="host memory budget in GiB (default: none)")

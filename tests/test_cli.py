@@ -35,8 +35,9 @@ def test_plan_reports_a_budget_that_does_not_fit(capsys):
     assert "does NOT fit" in capsys.readouterr().out
 
 
-def test_plan_takes_a_config_json(tmp_path, capsys):
-    path = tmp_path / "config.json"
+def test_plan_takes_a_config_json_or_its_model_directory(tmp_path, capsys):
+    path = tmp_path / "model" / "config.json"
+    path.parent.mkdir()
     path.write_text(
         json.dumps(
             {
@@ -50,7 +51,12 @@ def test_plan_takes_a_config_json(tmp_path, capsys):
         )
     )
     assert main(["plan", "--model", str(path), "--context", "4096", "--preset", "block"]) == 0
-    assert "kv_store" in capsys.readouterr().out
+    from_file = capsys.readouterr().out
+    assert "kv_store" in from_file
+    assert main(["plan", "--model", str(path.parent), "--context", "4096", "--preset", "block"]) == 0
+    assert capsys.readouterr().out.replace(str(path.parent), str(path)) == from_file  # the same plan
+    assert main(["plan", "--model", str(tmp_path), "--context", "4096"]) == 2
+    assert "no config.json in the model directory" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize(
