@@ -10,6 +10,7 @@ from engine import HybridCache, OffloadConfig
 from engine.decode.merge import attend
 from engine.decode.rate import neighbours, read_threshold
 from engine.decode.select import select_host_ids
+from engine.models import SUPPORTED_MODEL_TYPES
 from tests.conftest import tiny_llama
 
 # a fixed budget whose blocks (and key-index candidates) cover every host token
@@ -246,30 +247,18 @@ def test_a_model_with_a_sliding_window_is_warned_that_the_whole_context_is_atten
             check_supported(config)
 
 
-@pytest.mark.parametrize(
-    "family, extra",
-    [("qwen2", {}), ("qwen3", dict(head_dim=16)), ("mistral", dict(sliding_window=None))],
-)
-def test_each_supported_family_is_exact(family, extra):
-    """Llama's is the other tests' model; Qwen2 adds a bias to q, k and v, Qwen3 normalises q and k
-    per head (before RoPE), Mistral is Llama's shape under its own classes."""
-    import transformers
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_each_supported_model_type_is_exact(model_type):
+    """Beside the Llama of the other tests: Qwen2 adds a bias to q, k and v, Qwen3 normalises q and
+    k per head before RoPE, Mistral is Llama's shape under its own classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=50,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        attn_implementation="hybrid",
-        **extra,
+    shape = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=50, num_key_value_heads=1, max_position_embeddings=2048, sliding_window=None, **shape
     )
-    assert config.model_type == family
-    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hybrid").eval()
     ids = torch.randint(0, 50, (1, 180), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits

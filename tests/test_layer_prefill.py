@@ -52,7 +52,9 @@ def test_it_drives_every_supported_model_type_as_its_own_forward_does(model_type
     """The driver calls each decoder layer itself, with the arguments the model's forward gives
     it: every supported architecture gives the chunked prefill's last logits."""
     shape = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = AutoConfig.for_model(model_type, vocab_size=97, num_key_value_heads=2, head_dim=16, **shape)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=97, num_key_value_heads=2, head_dim=16, sliding_window=None, **shape
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="hybrid").eval()
     ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(4))
