@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -87,9 +88,13 @@ class HybridLLM:
 
     # ------------------------------------------------------------- prompts
 
-    def encode(self, prompt: str | list[dict] | torch.Tensor) -> torch.Tensor:
+    def encode(self, prompt: str | list[dict] | list[int] | torch.Tensor) -> torch.Tensor:
         """Token ids [1, T]: a string is used as is; a list of chat messages goes
-        through the model's chat template (with the assistant turn opened)."""
+        through the model's chat template (with the assistant turn opened); token ids
+        (a tensor [T] or [1, T], or a list of ints, as a tokenizer gives them) are taken as they are."""
+        if _token_id_list(prompt):
+            self._check_vocab(int(min(prompt)), int(max(prompt)))  # before a tensor, which holds 64 bits
+            prompt = torch.tensor([int(t) for t in prompt])
         if isinstance(prompt, torch.Tensor):
             return self._check_ids(prompt)
         if isinstance(prompt, list):
@@ -113,18 +118,27 @@ class HybridLLM:
         ids = ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        self._check_vocab(int(ids.min()), int(ids.max()))
         return ids.long().to(self.device)
+
+    def _check_vocab(self, low: int, high: int) -> None:
+        vocab = self.model.config.vocab_size
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {low}..{high}")
 
     # ---------------------------------------------------------- generation
 
     def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult | list[GenerationResult]:
         """Generate up to `max_new_tokens` tokens (greedy unless temperature > 0; the keywords
-        are `generate_batch`'s). A list of prompts (strings, chat-message lists or token ids)
-        is decoded as one batch and gives a list of results, one per prompt (see `generate_batch`)."""
-        if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], dict):
+        are `generate_batch`'s). A prompt is what `encode` takes; a list of them (strings,
+        chat-message lists or token ids) is decoded as one batch and gives a list of results, one
+        per prompt (see `generate_batch`). A list of ints is one prompt's token ids, not a batch."""
+        if (
+            isinstance(prompt, (list, tuple))
+            and prompt
+            and not isinstance(prompt[0], dict)
+            and not _token_id_list(prompt)
+        ):
             return self.generate_batch(list(prompt), max_new_tokens, **kwargs)
         return self.generate_batch([prompt], max_new_tokens, **kwargs)[0]
 
@@ -133,6 +147,8 @@ class HybridLLM:
     ) -> Iterator[str]:
         """Yield the generated text piece by piece; `report`, if given, is filled in at the end
         (also when the consumer stops early)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            raise ValueError("stream decodes one prompt; a list of prompts is a batch, for generate(prompts)")
         tokens: list[int] = []
         shown = ""
         report = report if report is not None else GenerationReport()
@@ -257,6 +273,15 @@ class HybridLLM:
             pad_token_id=self.tokenizer.eos_token_id,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _token_id_list(prompt) -> bool:
+    """Whether `prompt` is token ids as a list (or tuple) of ints, as a tokenizer returns them."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt)
+    )
 
 
 def _check_messages(messages: list) -> None:

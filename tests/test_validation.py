@@ -26,6 +26,8 @@ def llm(bundled_tokenizer):
         (torch.zeros(2, 5, dtype=torch.long), {}, ValueError, "one prompt at a time"),
         (torch.zeros(5), {}, TypeError, "token ids must be an integer tensor"),
         (torch.tensor([10**7]), {}, ValueError, "token ids must lie in"),
+        ([5, 10**30], {}, ValueError, "token ids must lie in"),  # beyond int64 too
+        ([5, -1], {}, ValueError, "token ids must lie in"),
         ("hi", {"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
         ("hi", {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 0, got 2.5"),
         ("hi", {"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
@@ -39,6 +41,21 @@ def test_generate_rejects_bad_input(llm, prompt, kwargs, error, message):
         llm.generate(prompt, **kwargs)
     with pytest.raises(error, match=message):  # the stream says the same, on its first piece
         next(llm.stream(prompt, **kwargs))
+
+
+def test_token_ids_as_a_list_of_ints_are_one_prompt(llm):
+    ids = llm.tokenizer("The pass key is 123.").input_ids  # a list of ints, as a tokenizer gives them
+    assert isinstance(ids, list) and len(ids) > 1
+    as_tensor = llm.generate(torch.tensor(ids), max_new_tokens=3, progress=False).token_ids
+    assert llm.generate(ids, max_new_tokens=3, progress=False).token_ids == as_tensor  # one prompt, not a batch
+    batch = llm.generate([ids, tuple(ids)], max_new_tokens=3, progress=False)
+    assert [r.token_ids for r in batch] == [as_tensor, as_tensor]
+    assert "".join(llm.stream(ids, 3, progress=False)) == llm.tokenizer.decode(as_tensor, skip_special_tokens=True)
+
+
+def test_stream_takes_one_prompt_and_says_so_of_a_list_of_them(llm):
+    with pytest.raises(ValueError, match="stream decodes one prompt; a list of prompts is a batch"):
+        next(llm.stream(["hi", "there"], 2))
 
 
 def test_hybrid_llm_rejects_a_bad_offload_tokenizer_and_dtype(llm):
