@@ -122,14 +122,28 @@ class Prefilled:
     index_build_s: float  # after the prefill: what its overlapped index builds left to wait for
 
 
+RESERVED_NEW_TOKENS = 4096  # new positions sized for ahead past the model's context, at the most
+
+
+def sized_for(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """The positions a prompt's cache is sized for ahead: the prompt and its max_new_tokens, of which
+    no more than reach the model's context (max_position_embeddings) or RESERVED_NEW_TOKENS, whichever
+    is more. A bound given as "until the end of the text" (max_new_tokens=10**6) would otherwise
+    reserve host memory the generation most likely never fills, or more than the machine has; the
+    stores grow if it does fill what was reserved."""
+    trained = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 0
+    return prompt_tokens + min(max_new_tokens, max(trained - prompt_tokens, RESERVED_NEW_TOKENS))
+
+
 def prefill_prompt(
     model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True, stores=None
 ) -> Prefilled:
-    """Prefill ids [1, T] into a new HybridCache sized for T + max_new_tokens positions (its
-    index builds overlapped with the prefill; its host stores from the StorePool `stores`,
-    if given), then wait for the builds; timed apart."""
+    """Prefill ids [1, T] into a new HybridCache sized for the positions it will likely hold
+    (`sized_for`; its index builds overlapped with the prefill; its host stores from the
+    StorePool `stores`, if given), then wait for the builds; timed apart."""
     T = ids.shape[1]
-    cache = HybridCache(model, cfg, max_length=T + max_new_tokens, prompt_length=T, progress=progress, stores=stores)
+    length = sized_for(model, T, max_new_tokens)
+    cache = HybridCache(model, cfg, max_length=length, prompt_length=T, progress=progress, stores=stores)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=cfg.prefill_order)

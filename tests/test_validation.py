@@ -53,6 +53,16 @@ def test_token_ids_as_a_list_of_ints_are_one_prompt(llm):
     assert "".join(llm.stream(ids, 3, progress=False)) == llm.tokenizer.decode(as_tensor, skip_special_tokens=True)
 
 
+def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
+    from engine.generation import RESERVED_NEW_TOKENS, sized_for
+
+    trained = llm.model.config.max_position_embeddings
+    assert sized_for(llm.model, 100, 50) == 150  # a bound within the context: sized exactly
+    assert sized_for(llm.model, 100, 10**12) == trained
+    assert sized_for(llm.model, trained + 10, 10**12) == trained + 10 + RESERVED_NEW_TOKENS
+    assert next(llm.stream("The pass key is 123.", 10**12, progress=False))  # "until the end": no huge allocation
+
+
 def test_stream_takes_one_prompt_and_says_so_of_a_list_of_them(llm):
     with pytest.raises(ValueError, match="stream decodes one prompt; a list of prompts is a batch"):
         next(llm.stream(["hi", "there"], 2))
