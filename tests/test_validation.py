@@ -63,6 +63,14 @@ def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
     assert next(llm.stream("The pass key is 123.", 10**12, progress=False))  # "until the end": no huge allocation
 
 
+@pytest.mark.parametrize("field", ["window", "n_sink", "block_size"])
+def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm, field):
+    too_many = 10**15  # tokens: petabytes, beyond what any allocator gives
+    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", **{field: too_many}))
+    with pytest.raises(ValueError, match="n_sink \\+ window = .* block_size = .* could not be allocated"):
+        engine.generate("The pass key is 123.", max_new_tokens=1, progress=False)
+
+
 def test_stream_takes_one_prompt_and_says_so_of_a_list_of_them(llm):
     with pytest.raises(ValueError, match="stream decodes one prompt; a list of prompts is a batch"):
         next(llm.stream(["hi", "there"], 2))

@@ -92,15 +92,36 @@ class HybridLayer(CacheLayerMixin):
         cfg = self.cfg
         self.device, self.dtype = key_states.device, key_states.dtype
         R = cfg.resident_tokens
-        self.resident_k = torch.zeros(Hkv, R, D, device=self.device, dtype=self.dtype)  # [Hkv, sinks + window, D]
-        self.resident_v = torch.zeros_like(self.resident_k)
-        self.resident_pos = np.full(R, -1, np.int64)  # position held by each slot (-1: empty)
-        host_dtype = cfg.resolved_host_dtype(self.dtype)
         host_capacity = max(0, self.capacity_hint - R)
+        try:
+            self._allocate_device_buffers(Hkv, D, host_capacity)
+        except (RuntimeError, MemoryError) as error:  # torch's allocators (torch.OutOfMemoryError too), numpy's
+            raise ValueError(
+                f"layer {self.layer_idx}: its buffers for n_sink + window = {R} resident tokens and blocks of "
+                f"block_size = {cfg.block_size} tokens could not be allocated on {self.device} (lower those "
+                f"OffloadConfig fields): {error}"
+            ) from error
         cuda = self.device.type == "cuda"
         copies = SideStreamCopies(self.device) if cuda else DirectCopies()  # evictions overlap the next compute
-        make = self.stores.take if self.stores is not None else HostKV
-        self.host = make(Hkv, D, host_dtype, pin=cuda, capacity=host_capacity, copies=copies)
+        make = self.stores.take if self.stores is not None else HostKV  # after the buffers: none taken in vain
+        self.host = make(Hkv, D, cfg.resolved_host_dtype(self.dtype), pin=cuda, capacity=host_capacity, copies=copies)
+        self.host_out = torch.empty(Hkv * self.group, D, pin_memory=cuda)  # [Hq, D] gather-attend output
+        self.host_lse = torch.empty(Hkv * self.group, pin_memory=cuda)  # [Hq] (pinned: they reach a GPU asynchronously)
+        self.key_index = None  # the host key index of every KV head (engine.decode.select), built after prefill
+        self.build_waiting = False  # the build waits for a block of host keys (a short prompt)
+        self.sketch = None  # the adaptive budget's key sketch (engine.decode.sketch), built with the key index
+        self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
+        self.n_built = 0  # ... of which the index was built from (the others were added later)
+        self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0, self.prompt_length)
+        self.is_initialized = True
+
+    def _allocate_device_buffers(self, Hkv: int, D: int, host_capacity: int) -> None:
+        """The buffers whose sizes the configuration sets: the resident set's (sinks + window) and the
+        block summaries' and block index's (a block still filling is kept whole)."""
+        cfg = self.cfg
+        self.resident_k = torch.zeros(Hkv, cfg.resident_tokens, D, device=self.device, dtype=self.dtype)
+        self.resident_v = torch.zeros_like(self.resident_k)  # [Hkv, sinks + window, D]
+        self.resident_pos = np.full(cfg.resident_tokens, -1, np.int64)  # position held by each slot (-1: empty)
         summaries = dict(device=self.device, dtype=self.dtype)  # block summaries in the model's dtype
         summaries["capacity"] = max(cfg.block_size, host_capacity)
         self.summary = BlockSummary(Hkv, D, cfg.block_size, **summaries) if cfg.estimate else None
@@ -110,16 +131,6 @@ class HybridLayer(CacheLayerMixin):
                 self.blocks = self.summary.keys
             else:
                 self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, **summaries)
-        pin = self.device.type == "cuda"  # the host kernel's results then reach the device asynchronously
-        self.host_out = torch.empty(Hkv * self.group, D, pin_memory=pin)  # [Hq, D] gather-attend output
-        self.host_lse = torch.empty(Hkv * self.group, pin_memory=pin)  # [Hq]
-        self.key_index = None  # the host key index of every KV head (engine.decode.select), built after prefill
-        self.build_waiting = False  # the build waits for a block of host keys (a short prompt)
-        self.sketch = None  # the adaptive budget's key sketch (engine.decode.sketch), built with the key index
-        self.n_indexed = 0  # host keys the key indexes (and the sketch) hold
-        self.n_built = 0  # ... of which the index was built from (the others were added later)
-        self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0, self.prompt_length)
-        self.is_initialized = True
 
     # --------------------------------------------------------- bookkeeping
 
