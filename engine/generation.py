@@ -122,7 +122,7 @@ class Prefilled:
     index_build_s: float  # after the prefill: what its overlapped index builds left to wait for
 
 
-RESERVED_NEW_TOKENS = 4096  # new positions sized for ahead past the model's context, at the most
+RESERVED_NEW_TOKENS = 4096  # new positions sized for ahead (if asked for) where the model's context leaves fewer
 
 
 def sized_for(model, prompt_tokens: int, max_new_tokens: int) -> int:
