@@ -133,12 +133,7 @@ class HybridLLM:
         are `generate_batch`'s). A prompt is what `encode` takes; a list of them (strings,
         chat-message lists or token ids) is decoded as one batch and gives a list of results, one
         per prompt (see `generate_batch`). A list of ints is one prompt's token ids, not a batch."""
-        if (
-            isinstance(prompt, (list, tuple))
-            and prompt
-            and not isinstance(prompt[0], dict)
-            and not _token_id_list(prompt)
-        ):
+        if _is_batch(prompt):
             return self.generate_batch(list(prompt), max_new_tokens, **kwargs)
         return self.generate_batch([prompt], max_new_tokens, **kwargs)[0]
 
@@ -147,7 +142,7 @@ class HybridLLM:
     ) -> Iterator[str]:
         """Yield the generated text piece by piece; `report`, if given, is filled in at the end
         (also when the consumer stops early)."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        if _is_batch(prompt):
             raise ValueError("stream decodes one prompt; a list of prompts is a batch, for generate(prompts)")
         tokens: list[int] = []
         shown = ""
@@ -273,6 +268,16 @@ class HybridLLM:
             pad_token_id=self.tokenizer.eos_token_id,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _is_batch(prompt) -> bool:
+    """Whether `prompt` is a list of prompts, not one prompt given as a list (chat messages, token ids)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and bool(prompt)
+        and not isinstance(prompt[0], dict)
+        and not _token_id_list(prompt)
+    )
 
 
 def _token_id_list(prompt) -> bool:

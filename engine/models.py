@@ -7,6 +7,7 @@ and `trust_remote_code` stays off unless the caller turns it on.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import logging
 import math
@@ -60,13 +61,18 @@ def check_supported(config) -> None:
             f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     window = sliding_window(config)
-    if window is not None:  # Python's warnings show it once, not at every cache made for the model
-        warnings.warn(
-            f"the {model_type} model's layers attend within a sliding window of {window} tokens "
-            "(config.sliding_window); the hybrid attention attends to the whole context, so past "
-            f"{window} tokens its output differs from the model's own attention",
-            stacklevel=3,
-        )
+    if window is not None:
+        _warn_sliding_window(model_type, window)
+
+
+@functools.cache  # once per model type and window: HybridLLM checks its model, then each cache it makes
+def _warn_sliding_window(model_type: str, window: int) -> None:
+    warnings.warn(
+        f"the {model_type} model's layers attend within a sliding window of {window} tokens "
+        "(config.sliding_window); the hybrid attention attends to the whole context, so past "
+        f"{window} tokens its output differs from the model's own attention",
+        stacklevel=4,  # the caller of HybridLLM or HybridCache
+    )
 
 
 def sliding_window(config) -> int | None:

@@ -230,7 +230,9 @@ def test_a_model_with_a_sliding_window_is_warned_that_the_whole_context_is_atten
 
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from engine.models import check_supported
+    from engine.models import _warn_sliding_window, check_supported
+
+    _warn_sliding_window.cache_clear()  # it warns once per model type and window in a process
 
     shape = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
     windowed = [  # every layer (Mistral has no layer types), or the layers past max_window_layers
