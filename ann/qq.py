@@ -13,6 +13,7 @@ engine runs one batched step per layer (like `ann.block.BlockIndex`);
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -161,8 +162,15 @@ class QueryLists:
         keys, queries = keys.to(self.device), queries.to(self.device)
         m = min(self.m_keys, keys.shape[1])
         scores, ids = topk_keys(queries, keys, m)
-        self.lists = torch.full((self.n_heads, queries.shape[1], self.m_keys), -1, dtype=torch.int32)
-        self.list_scores = torch.full(self.lists.shape, float("-inf"))
+        shape = (self.n_heads, queries.shape[1], self.m_keys)
+        try:
+            self.lists = torch.full(shape, -1, dtype=torch.int32)
+            self.list_scores = torch.full(shape, float("-inf"))
+        except (RuntimeError, MemoryError) as error:  # the allocator's bare message names no option
+            raise ValueError(
+                f"the query lists of m_keys = {self.m_keys} keys for {shape[1]} build queries x {shape[0]} heads "
+                f"({8 * math.prod(shape) / 2**30:.1f} GiB) could not be allocated: lower m_keys (or max_queries)"
+            ) from error
         self.lists[:, :, :m] = ids.to(torch.int32).cpu()
         self.list_scores[:, :, :m] = scores.cpu()
         self.raw = queries.float().cpu().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)

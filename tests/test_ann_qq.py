@@ -260,3 +260,14 @@ def test_stacked_search_gives_each_sequence_its_own_rows():
         assert torch.equal(rows[b, :, : wanted[b] * G], alone)
         assert bool((rows[b, :, wanted[b] * G :] == -1).all())
         assert one.scanned == G * one.n_queries * H
+
+
+def test_lists_too_large_to_allocate_name_m_keys():
+    """The allocator's own error names no option: the lists' size and m_keys are named instead."""
+    import torch
+
+    from ann.qq import QueryLists
+
+    lists = QueryLists(2, 8, m_keys=10**12)
+    with pytest.raises(ValueError, match=r"m_keys = 1000000000000 keys for 5 build queries x 2 heads"):
+        lists.build(torch.zeros(2, 10, 8), torch.zeros(2, 5, 8))
