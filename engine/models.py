@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import shutil
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -98,7 +100,8 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     `name_or_path` is the bundled name ("smollm2-135m"), a local model directory,
-    a `.gguf` file, or a hub id `owner/name` (served from the local hub cache when offline).
+    a `.gguf` file, or a hub id `owner/name` (from the local hub cache alone when the hub cannot be
+    reached: `hub_reachable`).
     `rope_scale` stretches the model's RoPE by YaRN (`stretched`) to that many times the
     context it was trained on. Returns `(model, tokenizer)` with the model in eval mode on `device`.
     """
@@ -126,18 +129,46 @@ def load_model(
             raise FileNotFoundError(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
             )
+    hub_id = source == name_or_path and not Path(source).exists()
     gguf = _gguf_only(file_kwargs)
+    if hub_id and not hub_reachable():
+        # what the local hub cache holds loads at once; the hub client would retry for a minute or two first
+        log.info("the hub cannot be reached: %s is loaded from the local hub cache", name_or_path)
+        gguf["local_files_only"] = kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
     except OSError as error:
-        if source != name_or_path or Path(source).exists():
+        if not hub_id:
             raise
-        raise OSError(_not_a_model(name_or_path, f"and the hub did not serve it: {error}")) from error
+        served = "the hub did not serve it"
+        if gguf.get("local_files_only"):
+            served = "the hub cannot be reached and it is not in the local hub cache"
+        raise OSError(_not_a_model(name_or_path, f"and {served}: {error}")) from error
     if rope_scale is not None:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         kwargs["config"] = stretched(config, rope_scale)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint takes a connection within `timeout` seconds. Behind a proxy, or with
+    the hub client set offline, nothing is tried (True: the client's own settings decide)."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:  # no name resolution, no route, refused, timed out
+        return False
+    return True
 
 
 def check_rope_scale(factor) -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from engine import models
 from engine.models import load_model, stretched
 from tests.conftest import tiny_llama
 
@@ -42,17 +43,76 @@ def test_stretch_refuses_a_scaled_rope():
         stretched(config, 2)
 
 
+@pytest.mark.parametrize("reachable", [True, False])
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "acme/llm-9b", "acme/smollm2-135m"])
-def test_a_name_the_hub_does_not_serve_is_told_what_it_is_not(monkeypatch, name):
+def test_a_name_the_hub_does_not_serve_is_told_what_it_is_not(monkeypatch, name, reachable):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to the hub")
 
     asked = []
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: asked.append(a) or offline())
+    monkeypatch.setattr(models, "hub_reachable", lambda: reachable)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **kw: asked.append(kw) or offline())
     with pytest.raises(OSError, match=f"model '{name}' is not the bundled model 'smollm2-135m'") as caught:
         load_model(name)
     owned = "/" in name  # only a name with an owner can be a hub id: the hub is asked for no other
     assert bool(asked) == owned
-    told = "the hub did not serve it: We couldn't connect" if owned else "nor a hub id, which names its owner"
+    assert all(kw.get("local_files_only", False) == (not reachable) for kw in asked)
+    served = "the hub did not serve it"
+    if not reachable:
+        served = "the hub cannot be reached and it is not in the local hub cache"
+    told = f"{served}: We couldn't connect" if owned else "nor a hub id, which names its owner"
     assert told in str(caught.value)
     assert ("did you mean the bundled model 'smollm2-135m'" in str(caught.value)) == ("smollm2" in name)
+
+
+def test_a_cached_hub_model_loads_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path, tiny_dir):
+    """Offline, the hub client retries for a minute or two before it falls back to its cache: the
+    cache is asked alone, and the model it holds loads."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--acme--tiny"
+    shutil.copytree(tiny_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    asked = []
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: asked.append(kw) or load(*a, **kw)
+    )
+    model, tokenizer = load_model("acme/tiny")
+    assert asked[0]["local_files_only"] is True
+    assert model.config.hidden_size == tiny_llama().config.hidden_size and len(tokenizer) > 0
+
+
+@pytest.mark.parametrize("proxy", [None, "HTTPS_PROXY", "all_proxy"])
+@pytest.mark.parametrize("connects", [True, False])
+def test_hub_reachable_asks_for_a_connection_unless_a_proxy_decides(monkeypatch, proxy, connects):
+    import socket
+
+    from huggingface_hub import constants
+
+    for name in models.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv(proxy, "http://proxy.example:3128")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example")
+    tried = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout):
+        tried.append(address)
+        if not connects:
+            raise OSError("Name or service not known")
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert models.hub_reachable() == (connects or proxy is not None)
+    assert tried == ([] if proxy else [("hub.example", 443)])
