@@ -177,7 +177,7 @@ def plan_memory(
     per_summary = per_vector + tail + superblocks * cfg.estimate
     device = {
         "weights": m.n_params() * wbytes,
-        "resident_kv": L * 2 * Hkv * cfg.resident_tokens * D * wbytes,
+        "resident_kv": L * 2 * Hkv * min(cfg.resident_tokens, context_len) * D * wbytes,  # sized for the sequence
         "block_index": mean_keys * per_summary + min_max * (2 * per_vector + tail),
         "block_values": per_summary if cfg.estimate else 0,  # mean value per block, for the estimate
         "workspace": _prefill_workspace(cfg, m, context_len, host_tokens, wbytes, host_bytes),

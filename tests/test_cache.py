@@ -59,6 +59,28 @@ def test_every_position_in_exactly_one_place(tiny_model, tiny_ids, n_sink, windo
     assert cache.get_seq_length() == 300
 
 
+@pytest.mark.parametrize("max_length", [0, 20, 100, 300])
+def test_the_resident_set_is_sized_for_the_expected_length_and_grows_past_it(tiny_model, tiny_ids, max_length):
+    """A window longer than the sequence takes no more device memory than the sequence needs; a
+    sequence that goes past its expected length grows the buffers, every position in its place."""
+    ids = tiny_ids[:, :300]
+    ref = reference_kv(tiny_model, ids)
+    cfg = OffloadConfig(n_sink=4, window=200, candidates_from="blocks", block_size=8, n_blocks=1000, block_frac=1.0)
+    cache = HybridCache(tiny_model, cfg, max_length=max_length)
+    sizes = []
+    with torch.no_grad():
+        for start in range(0, 250, 13):
+            tiny_model(ids[:, start : min(start + 13, 250)], cache=cache, use_cache=True)
+            sizes.append(cache.layers[0].resident_pos.shape[0])
+            check_conservation(cache, [(k[:, : cache.get_seq_length()], v) for k, v in ref])
+        for t in range(250, 300):
+            tiny_model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        check_conservation(cache, ref)
+    assert sizes[0] == (min(204, max_length) if max_length else 204)
+    assert all(n >= min(204, 13 * (i + 1)) for i, n in enumerate(sizes))  # never fewer slots than positions held
+    assert cache.layers[0].resident_pos.shape[0] == 204 and cache.layers[0].resident_k.shape[1] == 204
+
+
 def test_no_host_token_is_selected_twice(tiny_model, tiny_ids):
     cfg = OffloadConfig(
         n_sink=4,
@@ -254,3 +276,16 @@ def test_decode_steps_add_the_newest_host_keys_to_the_index_once_a_block(tiny_mo
     n_layers = len(cache.layers)
     assert sorted(per_step) == [0] * (3 * cfg.block_size - 3) + [n_layers] * 3  # three steps of the 24 add
     assert all(n == cfg.block_size for _, n in adds)  # a block's keys each time
+
+
+def test_a_resident_set_that_cannot_grow_says_so(tiny_model, tiny_ids, monkeypatch):
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=200), max_length=20)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :20], cache=cache, use_cache=True)
+
+        def refused(*args, **kwargs):
+            raise RuntimeError("can't allocate memory")
+
+        monkeypatch.setattr(torch.Tensor, "new_zeros", refused)
+        with pytest.raises(ValueError, match="n_sink \\+ window = 204 tokens.* could not grow to 40 slots"):
+            tiny_model(tiny_ids[:, 20:21], cache=cache, use_cache=True)

@@ -296,6 +296,16 @@ def test_plan_matches_what_the_cache_allocates(changes):
         assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"
 
 
+def test_plan_of_a_context_shorter_than_the_resident_set_counts_its_slots_alone():
+    model = tiny_llama(n_layers=3)
+    cfg = OffloadConfig(n_sink=4, window=500, block_size=16, key_index="flat")
+    plan = plan_memory(model.config, 30, cfg, weight_dtype=torch.float32)
+    cache = HybridCache(model, cfg, max_length=30)
+    with torch.no_grad():
+        model(torch.arange(30).unsqueeze(0), cache=cache, use_cache=True)
+    assert plan.device["resident_kv"] == cache.memory_report()["device"]["resident_kv"] == 3 * 2 * 2 * 30 * 16 * 4
+
+
 def test_plan_scales_the_per_sequence_parts_with_the_batch():
     one = plan_memory("llama-3-8b", 32768, OffloadConfig(device="cuda"))
     four = plan_memory("llama-3-8b", 32768, OffloadConfig(device="cuda"), batch=4)

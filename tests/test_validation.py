@@ -66,9 +66,25 @@ def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
 @pytest.mark.parametrize("field", ["window", "n_sink", "block_size"])
 def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm, field):
     too_many = 10**15  # tokens: petabytes, beyond what any allocator gives
-    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", **{field: too_many}))
+    cache = HybridCache(llm.model, OffloadConfig(device="cpu", **{field: too_many}))  # length unknown: all slots
     with pytest.raises(ValueError, match="n_sink \\+ window = .* block_size = .* could not be allocated"):
-        engine.generate("The pass key is 123.", max_new_tokens=1, progress=False)
+        llm.model(torch.arange(1, 9).unsqueeze(0), cache=cache)
+    if field == "block_size":  # a block is kept whole, whatever the length
+        engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", block_size=too_many))
+        with pytest.raises(ValueError, match="block_size = .* could not be allocated"):
+            engine.generate("The pass key is 123.", max_new_tokens=1, progress=False)
+
+
+@pytest.mark.parametrize("field", ["window", "n_sink"])
+def test_a_resident_set_longer_than_the_generation_takes_its_slots_alone(llm, field):
+    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", **{field: 10**15}))
+    prompt = "The pass key is 123. " * 4
+    result = engine.generate(prompt, max_new_tokens=3, progress=False)
+    config, n = llm.model.config, len(llm.tokenizer(prompt).input_ids) + 3
+    D = config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * D * 4  # K and V, fp32
+    assert result.report.device_bytes["resident_kv"] == n * per_token
+    assert result.token_ids == llm.generate(prompt, max_new_tokens=3, progress=False).token_ids  # all resident
 
 
 def test_stream_takes_one_prompt_and_says_so_of_a_list_of_them(llm):

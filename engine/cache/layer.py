@@ -119,9 +119,11 @@ class HybridLayer(CacheLayerMixin):
         """The buffers whose sizes the configuration sets: the resident set's (sinks + window) and the
         block summaries' and block index's (a block still filling is kept whole)."""
         cfg = self.cfg
-        self.resident_k = torch.zeros(Hkv, cfg.resident_tokens, D, device=self.device, dtype=self.dtype)
-        self.resident_v = torch.zeros_like(self.resident_k)  # [Hkv, sinks + window, D]
-        self.resident_pos = np.full(cfg.resident_tokens, -1, np.int64)  # position held by each slot (-1: empty)
+        R = cfg.resident_tokens
+        slots = min(R, self.capacity_hint) if self.capacity_hint else R  # a shorter sequence fills no more
+        self.resident_k = torch.zeros(Hkv, slots, D, device=self.device, dtype=self.dtype)
+        self.resident_v = torch.zeros_like(self.resident_k)  # [Hkv, <= sinks + window, D]
+        self.resident_pos = np.full(slots, -1, np.int64)  # position held by each slot (-1: empty)
         summaries = dict(device=self.device, dtype=self.dtype)  # block summaries in the model's dtype
         summaries["capacity"] = max(cfg.block_size, host_capacity)
         self.summary = BlockSummary(Hkv, D, cfg.block_size, **summaries) if cfg.estimate else None
@@ -152,6 +154,7 @@ class HybridLayer(CacheLayerMixin):
                 self.approximate = 0  # older approximate positions, if any, stay so: only the newest run again
             return self, self
         S, W, a, C = self.cfg.n_sink, self.cfg.window, self.n_seen, k.shape[1]
+        self._reserve_slots(min(S + W, a + C))
 
         n_sink_new = max(0, min(C, S - a))
         if n_sink_new:
@@ -180,6 +183,25 @@ class HybridLayer(CacheLayerMixin):
         self.approximate = self.approximate + 1 if C == 1 and self.host.n > 0 else 0
         self.last_added = (k, v)  # the chunk's own K/V [Hkv, C, D], which its prefill attention reads
         return self, self
+
+    def _reserve_slots(self, n: int) -> None:
+        """At least n resident slots (n <= sinks + window). Sized for the sequence's expected length
+        (`capacity`), the buffers grow, at least twofold, when it goes further; the ring has not
+        wrapped yet then (slot = position), so the filled slots keep their places."""
+        have = self.resident_pos.shape[0]
+        if n <= have:
+            return
+        slots = min(self.cfg.resident_tokens, max(n, 2 * have))
+        try:
+            k, v = (t.new_zeros(t.shape[0], slots, t.shape[2]) for t in (self.resident_k, self.resident_v))
+        except (RuntimeError, MemoryError) as error:
+            raise ValueError(
+                f"layer {self.layer_idx}: its resident set (n_sink + window = {self.cfg.resident_tokens} tokens) "
+                f"could not grow to {slots} slots on {self.device} past the length the cache was sized for: {error}"
+            ) from error
+        k[:, :have], v[:, :have] = self.resident_k, self.resident_v
+        self.resident_k, self.resident_v = k, v
+        self.resident_pos = np.concatenate([self.resident_pos, np.full(slots - have, -1, np.int64)])
 
     def _replace_newest(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Positions run again: the K/V [Hkv, C, D] of the C newest positions, all in the window,
