@@ -116,8 +116,9 @@ class HybridLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _allocate_device_buffers(self, Hkv: int, D: int, host_capacity: int) -> None:
-        """The buffers whose sizes the configuration sets: the resident set's (sinks + window) and the
-        block summaries' and block index's (a block still filling is kept whole)."""
+        """The buffers whose sizes the configuration sets: the resident set's (sinks + window, or the
+        sequence's expected length where that is shorter) and the block summaries' and block index's
+        (a block still filling is kept whole)."""
         cfg = self.cfg
         R = cfg.resident_tokens
         slots = min(R, self.capacity_hint) if self.capacity_hint else R  # a shorter sequence fills no more
