@@ -244,7 +244,7 @@ def _print_report(report, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from engine.plan import full_attention_batch, largest_batch, plan_memory
+    from engine.plan import MODEL_PRESETS, full_attention_batch, largest_batch, plan_memory
 
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
@@ -258,6 +258,10 @@ def cmd_plan(args) -> int:
             raise FileNotFoundError(f"no config.json in the model directory {args.model}")
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
+    elif model not in MODEL_PRESETS and "/" in model:  # a hub id: its config
+        from engine.models import hub_config
+
+        model = hub_config(model)
     if args.device is None:  # the plan is for a GPU budget, whatever this machine has
         args.device = "cuda"
     gpu, host = int(args.gpu_gb * 2**30), None if args.host_gb is None else int(args.host_gb * 2**30)
@@ -340,7 +344,11 @@ def _run(argv: list[str] | None) -> int:
     _offload_args(g)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
-    pl.add_argument("--model", default="llama-3-8b", help="model preset name, model directory or config.json path")
+    pl.add_argument(
+        "--model",
+        default="llama-3-8b",
+        help="model preset name, model directory, config.json path or hub id (owner/name)",
+    )
     pl.add_argument("--context", type=int, default=131072)
     pl.add_argument("--gpu-gb", type=float, default=24.0, help="GPU budget in GiB")
     pl.add_argument("--host-gb", type=float, help="host memory budget in GiB (default: none)")

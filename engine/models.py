@@ -140,15 +140,29 @@ def load_model(
     except OSError as error:
         if not hub_id:
             raise
-        served = "the hub did not serve it"
-        if gguf.get("local_files_only"):
-            served = "the hub cannot be reached and it is not in the local hub cache"
-        raise OSError(_not_a_model(name_or_path, f"and {served}: {error}")) from error
+        raise _not_served(name_or_path, gguf.get("local_files_only", False), error) from error
     if rope_scale is not None:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
         kwargs["config"] = stretched(config, rope_scale)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
+
+
+def hub_config(name: str, trust_remote_code: bool = False):
+    """The transformers config of the hub id `name` (owner/name), from the local hub cache alone
+    when the hub cannot be reached (`hub_reachable`)."""
+    from transformers import AutoConfig
+
+    offline = not hub_reachable()
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline)
+    except OSError as error:
+        raise _not_served(name, offline, error) from error
+
+
+def _not_served(name: str, offline: bool, error: OSError) -> OSError:
+    served = "the hub cannot be reached and it is not in the local hub cache" if offline else "the hub did not serve it"
+    return OSError(_not_a_model(name, f"and {served}: {error}"))
 
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")

@@ -47,3 +47,25 @@ def bundled_tokenizer():
     from engine.models import _bundled_safetensors_dir
 
     return AutoTokenizer.from_pretrained(_bundled_safetensors_dir())
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """A local hub cache under tmp_path that the engine reads as if the hub could not be reached;
+    `offline_hub(repo_id, folder)` puts the folder's files there as that repository's snapshot."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from engine import models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+
+    def put(repo_id: str, folder) -> None:
+        repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+
+    return put

@@ -35,21 +35,33 @@ def test_plan_reports_a_budget_that_does_not_fit(capsys):
     assert "does NOT fit" in capsys.readouterr().out
 
 
+def test_plan_takes_a_hub_id_from_the_local_hub_cache(tmp_path, capsys, offline_hub):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **TINY_CONFIG}))
+    offline_hub("acme/tiny", folder)
+    assert main(["plan", "--model", "acme/tiny", "--context", "4096", "--preset", "block"]) == 0
+    from_hub = capsys.readouterr().out
+    assert main(["plan", "--model", str(folder), "--context", "4096", "--preset", "block"]) == 0
+    assert capsys.readouterr().out.replace(str(folder), "acme/tiny") == from_hub  # the same plan
+    assert main(["plan", "--model", "acme/not-cached", "--context", "4096"]) == 2
+    assert "the hub cannot be reached and it is not in the local hub cache" in one_error_line(capsys)
+
+
+TINY_CONFIG = {
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "vocab_size": 100,
+}
+
+
 def test_plan_takes_a_config_json_or_its_model_directory(tmp_path, capsys):
     path = tmp_path / "model" / "config.json"
     path.parent.mkdir()
-    path.write_text(
-        json.dumps(
-            {
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "vocab_size": 100,
-            }
-        )
-    )
+    path.write_text(json.dumps(TINY_CONFIG))
     assert main(["plan", "--model", str(path), "--context", "4096", "--preset", "block"]) == 0
     from_file = capsys.readouterr().out
     assert "kv_store" in from_file

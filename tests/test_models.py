@@ -65,19 +65,10 @@ def test_a_name_the_hub_does_not_serve_is_told_what_it_is_not(monkeypatch, name,
     assert ("did you mean the bundled model 'smollm2-135m'" in str(caught.value)) == ("smollm2" in name)
 
 
-def test_a_cached_hub_model_loads_at_once_when_the_hub_cannot_be_reached(monkeypatch, tmp_path, tiny_dir):
+def test_a_cached_hub_model_loads_at_once_when_the_hub_cannot_be_reached(monkeypatch, offline_hub, tiny_dir):
     """Offline, the hub client retries for a minute or two before it falls back to its cache: the
     cache is asked alone, and the model it holds loads."""
-    import shutil
-
-    from huggingface_hub import constants
-
-    repo = tmp_path / "models--acme--tiny"
-    shutil.copytree(tiny_dir, repo / "snapshots" / ("0" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    offline_hub("acme/tiny", tiny_dir)
     asked = []
     load = transformers.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(
