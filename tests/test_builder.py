@@ -62,3 +62,33 @@ def test_a_failing_build_raises_in_the_caller(llm, monkeypatch):
     with pytest.raises(RuntimeError, match="build failed"):
         llm.generate(torch.arange(1, 900) % 5000, 4, progress=False)
     assert index_threads() == []
+
+
+def test_the_build_bar_shows_only_once_a_layer_builds(monkeypatch):
+    """Layers waiting for a block of host keys are counted, silently: a short prompt shows no bar
+    of builds that did not happen; once one builds, the bar counts the waiting ones too."""
+    from engine.index import build
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial, **kwargs):
+            self.total, self.n, self.closed = total, initial, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(build, "tqdm", Bar)
+    progress = build.BuildProgress(3)
+    for _ in range(3):
+        progress.done(0.0, built=False)
+    assert bars == []
+    progress.done(0.0, built=False)  # the next generation's layers, counted from zero again
+    progress.done(1.5)
+    progress.done(0.5)
+    assert len(bars) == 1 and bars[0].n == bars[0].total == 3 and bars[0].closed
+    assert progress.counted == 0 and progress.bar is None

@@ -4,6 +4,7 @@ from its host keys and the prefill queries sampled for it, with one progress bar
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from tqdm.auto import tqdm
@@ -16,24 +17,40 @@ log = logging.getLogger(__name__)
 
 
 class BuildProgress:
-    """One progress bar over the layers whose host index is being built."""
+    """One progress bar over the layers whose host index is being built. Layers whose build waits
+    for a block of host keys (a short prompt) are counted, but show no bar while no layer builds."""
 
     def __init__(self, n_layers: int, *, enabled: bool = True):
         self.n_layers, self.enabled = n_layers, enabled
         self.bar = None
+        self.counted = 0
         self.seconds = 0.0
+        self.lock = threading.Lock()  # builds run on worker threads (engine.index.worker)
 
-    def done(self, seconds: float) -> None:
-        if self.bar is None:
+    def done(self, seconds: float, built: bool = True) -> None:
+        """A layer counted: its index built in `seconds`, or (not `built`) its build waiting."""
+        with self.lock:
+            self._count(seconds, built)
+
+    def _count(self, seconds: float, built: bool) -> None:
+        if built and self.bar is None:
             self.bar = tqdm(
-                total=self.n_layers, desc="building host key index", unit="layer", leave=False, disable=not self.enabled
+                total=self.n_layers,
+                initial=self.counted,
+                desc="building host key index",
+                unit="layer",
+                leave=False,
+                disable=not self.enabled,
             )
+        self.counted += 1
         self.seconds += seconds
-        self.bar.update(1)
-        if self.bar.n >= self.n_layers:
-            self.bar.close()
-            log.info("host key indexes built in %.1f s", self.seconds)
-            self.bar = None
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.counted >= self.n_layers:
+            if self.bar is not None:
+                self.bar.close()
+                log.info("host key indexes built in %.1f s", self.seconds)
+            self.bar, self.counted, self.seconds = None, 0, 0.0
 
 
 def build_key_index(layer) -> bool:
@@ -45,7 +62,7 @@ def build_key_index(layer) -> bool:
     cfg = layer.cfg
     if layer.host.n < cfg.block_size:
         if layer.progress is not None and not layer.build_waiting:
-            layer.progress.done(0.0)  # counted now; the build itself is a block of keys, later
+            layer.progress.done(0.0, built=False)  # counted now; the build itself is a block of keys, later
         layer.build_waiting = True
         return False
     t0 = time.perf_counter()
