@@ -244,7 +244,7 @@ def _print_report(report, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from engine.plan import MODEL_PRESETS, full_attention_batch, largest_batch, plan_memory
+    from engine.plan import full_attention_batch, largest_batch, plan_memory
 
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
@@ -258,7 +258,7 @@ def cmd_plan(args) -> int:
             raise FileNotFoundError(f"no config.json in the model directory {args.model}")
     if Path(model).is_file():  # a config.json
         model = json.loads(Path(model).read_text())
-    elif model not in MODEL_PRESETS and "/" in model:  # a hub id: its config
+    elif "/" in model:  # a hub id (no preset names an owner): its config
         from engine.models import hub_config
 
         model = hub_config(model)

@@ -130,19 +130,19 @@ def load_model(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
             )
     hub_id = source == name_or_path and not Path(source).exists()
-    gguf = _gguf_only(file_kwargs)
-    if hub_id and not hub_reachable():
-        # what the local hub cache holds loads at once; the hub client would retry for a minute or two first
+    offline = hub_id and not hub_reachable()
+    if offline:  # what the local hub cache holds loads at once; the hub client would retry for a minute or two first
         log.info("the hub cannot be reached: %s is loaded from the local hub cache", name_or_path)
-        gguf["local_files_only"] = kwargs["local_files_only"] = True
+        file_kwargs["local_files_only"] = True
+    lookup = _lookup_only(file_kwargs)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
     except OSError as error:
         if not hub_id:
             raise
-        raise _not_served(name_or_path, gguf.get("local_files_only", False), error) from error
+        raise _not_served(name_or_path, offline, error) from error
     if rope_scale is not None:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
         kwargs["config"] = stretched(config, rope_scale)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
@@ -215,8 +215,9 @@ def _not_a_model(name: str, why: str) -> str:
     return f"model {name!r} is not the bundled model {BUNDLED_NAME!r}, a local directory or a .gguf file{hint}, {why}"
 
 
-def _gguf_only(file_kwargs: dict) -> dict:
-    return {k: v for k, v in file_kwargs.items() if k == "gguf_file"}
+def _lookup_only(file_kwargs: dict) -> dict:
+    """What the tokenizer and config loaders take of the model's file arguments: where the files are."""
+    return {k: v for k, v in file_kwargs.items() if k in ("gguf_file", "local_files_only")}
 
 
 def _bundled_safetensors_dir() -> Path:

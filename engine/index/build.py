@@ -30,27 +30,24 @@ class BuildProgress:
     def done(self, seconds: float, built: bool = True) -> None:
         """A layer counted: its index built in `seconds`, or (not `built`) its build waiting."""
         with self.lock:
-            self._count(seconds, built)
-
-    def _count(self, seconds: float, built: bool) -> None:
-        if built and self.bar is None:
-            self.bar = tqdm(
-                total=self.n_layers,
-                initial=self.counted,
-                desc="building host key index",
-                unit="layer",
-                leave=False,
-                disable=not self.enabled,
-            )
-        self.counted += 1
-        self.seconds += seconds
-        if self.bar is not None:
-            self.bar.update(1)
-        if self.counted >= self.n_layers:
+            if built and self.bar is None:
+                self.bar = tqdm(
+                    total=self.n_layers,
+                    initial=self.counted,
+                    desc="building host key index",
+                    unit="layer",
+                    leave=False,
+                    disable=not self.enabled,
+                )
+            self.counted += 1
+            self.seconds += seconds
             if self.bar is not None:
-                self.bar.close()
-                log.info("host key indexes built in %.1f s", self.seconds)
-            self.bar, self.counted, self.seconds = None, 0, 0.0
+                self.bar.update(1)
+            if self.counted >= self.n_layers:
+                if self.bar is not None:
+                    self.bar.close()
+                    log.info("host key indexes built in %.1f s", self.seconds)
+                self.bar, self.counted, self.seconds = None, 0, 0.0
 
 
 def build_key_index(layer) -> bool:
