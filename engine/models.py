@@ -88,6 +88,19 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
+def check_device(device: str | torch.device) -> None:
+    """Raise a ValueError naming `device` where this machine cannot hold a tensor there (no GPU,
+    a torch build without CUDA, an index past the GPUs present): said before the weights load."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch says "not compiled with CUDA" by an assertion
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(
+            f"device {str(device)!r} is not usable here ({gpus} CUDA device(s) visible): {error}; "
+            "use device='cpu', or 'auto' for the GPU where there is one"
+        ) from error
+
+
 def load_model(
     name_or_path: str = BUNDLED_NAME,
     *,
@@ -107,6 +120,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

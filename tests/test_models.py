@@ -31,6 +31,13 @@ def test_rope_scale_stretches_the_loaded_model(tiny_dir):
     assert plain.config.rope_parameters["rope_type"] == "default"
 
 
+def test_a_device_this_machine_lacks_is_named_before_anything_loads(tiny_dir):
+    with pytest.raises(ValueError, match=r"device 'cuda:99' is not usable here .*device='cpu'"):
+        load_model(str(tiny_dir), device="cuda:99")  # no machine has a 100th GPU
+    with pytest.raises(ValueError, match="cuda:99"):
+        load_model("no-such-owner/no-such-model", device="cuda:99")  # before the hub is asked
+
+
 @pytest.mark.parametrize("factor", [0.5, True, float("inf"), "2"])
 def test_stretch_rejects_a_bad_factor(factor):
     with pytest.raises(ValueError, match="rope_scale must be a number >= 1"):
