@@ -157,6 +157,11 @@ def cmd_generate(args) -> int:
 
     check_sampling(args.max_new_tokens, args.temperature)
     _json_folder(args.json)
+    bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
+    if not bars:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its weight-loading bar
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if args.demo:
         return _demo(llm, args)
@@ -165,7 +170,7 @@ def cmd_generate(args) -> int:
     from engine.api import GenerationReport
 
     report = GenerationReport()
-    for piece in llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature):
+    for piece in llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature, progress=bars):
         print(piece, end="", flush=True)
     print()
     _print_report(report, args)

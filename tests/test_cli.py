@@ -416,3 +416,27 @@ def test_deprecated_mode_and_method_options_warn_and_give_the_new_fields(capsys)
 def test_old_and_new_flag_of_one_field_together_are_refused(capsys):
     assert main(["plan", "--mode", "block", "--candidates-from", "keys"]) == 2
     assert "hybridattn: error: OffloadConfig: mode is the old name of candidates_from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_generate_draws_bars_on_a_terminal_only(terminal, monkeypatch, capsys):
+    """Written to a log file, stderr gets the report's lines, not the bars' carriage returns."""
+    import sys
+
+    import transformers.utils.logging as transformers_logging
+
+    import engine.api
+
+    asked = {}
+
+    class Engine:
+        def stream(self, prompt, max_new_tokens, *, report, temperature, progress):
+            asked["progress"] = progress
+            yield "ok"
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: Engine())
+    monkeypatch.setattr(transformers_logging, "disable_progress_bar", lambda: asked.setdefault("weights bar", False))
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    assert asked["progress"] is terminal and ("weights bar" not in asked) is terminal
+    assert capsys.readouterr().out.startswith("ok\n")
