@@ -1,7 +1,8 @@
 """`hybridattn` command line: generate, plan, bench, eval.
 
 Exit status: 0 done, 1 the plan does not fit, 2 bad input (one line on stderr,
-`hybridattn: error: ...`), 70 an internal error, 130 interrupted.
+`hybridattn: error: ...`), 70 an internal error, 130 interrupted, 141 the reader of stdout
+closed it (`hybridattn plan | head`: nothing said).
 HYBRIDATTN_DEBUG=1 lets errors raise with their traceback instead.
 """
 
@@ -32,6 +33,7 @@ DEMO_TOKENS = 4096
 EXIT_USAGE = 2  # as argparse exits on bad arguments
 EXIT_INTERNAL = 70  # sysexits' EX_SOFTWARE: apart from plan's 1 = "does not fit"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE, what a command killed by a closed pipe reports
 # What bad input raises: a bad value, a missing file or model, an optional package not installed.
 USER_ERRORS = (ValueError, TypeError, OSError, ModuleNotFoundError)
 
@@ -249,7 +251,7 @@ def _print_report(report, args) -> None:
 
 
 def cmd_plan(args) -> int:
-    from engine.plan import full_attention_batch, largest_batch, plan_memory
+    from engine.plan import full_attention_batch, largest_batch, plan_memory, trained_positions
 
     if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
         raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
@@ -273,6 +275,12 @@ def cmd_plan(args) -> int:
     cfg = _offload_config(args)
     plan = plan_memory(model, args.context, cfg, gpu, batch=args.batch, host_budget_bytes=host)
     print(f"model {args.model}, context {args.context} tokens, batch {args.batch}")
+    trained = trained_positions(model)
+    if trained is not None and args.context > trained:
+        print(
+            f"note: {args.context} tokens run past the {trained} positions the model was trained on "
+            "(max_position_embeddings); its output may degrade there (generate --rope-scale stretches it by YaRN)"
+        )
     print(plan.table())
     print(f"device bytes beside weights: {plan.device_beside_weights / 2**30:.3f} GiB")
     most = largest_batch(model, args.context, cfg, gpu, host_budget_bytes=host)
@@ -320,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nhybridattn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader has what it wanted; the output left unflushed goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except Exception as exc:
         if os.environ.get("HYBRIDATTN_DEBUG") == "1":
             raise
@@ -351,7 +362,7 @@ def _run(argv: list[str] | None) -> int:
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
     pl.add_argument(
         "--model",
-        default="llama-3-8b",
+        default="llama-3.1-8b",
         help="model preset name, model directory, config.json path or hub id (owner/name)",
     )
     pl.add_argument("--context", type=int, default=131072)

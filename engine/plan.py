@@ -34,6 +34,20 @@ MODEL_PRESETS: dict[str, dict] = {
     }.items()
 }
 
+# The positions each preset was trained on (its config's max_position_embeddings): the plan says where
+# a context runs past them, for the memory is the same whatever the model makes of those positions.
+TRAINED_POSITIONS = {"llama-3-8b": 8192, "llama-3.1-8b": 131072, "qwen2.5-7b": 32768, "mistral-7b": 32768}
+TRAINED_POSITIONS["smollm2-135m"] = 8192
+
+
+def trained_positions(model_config) -> int | None:
+    """The positions a preset, a config dict or a transformers config was trained on (None: not said)."""
+    if isinstance(model_config, str):
+        return TRAINED_POSITIONS.get(model_config)
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+    positions = get("max_position_embeddings")
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -30,6 +30,42 @@ def test_plan_llama3_8b_fits_24gb(capsys):
     assert beside <= 3.0  # the target: at most 3 GiB beside the weights
 
 
+@pytest.mark.parametrize(
+    "model, context, trained",
+    [
+        ("llama-3-8b", 131072, 8192),
+        ("llama-3.1-8b", 131072, None),
+        ("smollm2-135m", 8192, None),
+        ("CONFIG", 4097, 4096),  # a config.json's max_position_embeddings
+    ],
+)
+def test_plan_notes_a_context_past_the_trained_positions(model, context, trained, tmp_path, capsys):
+    if model == "CONFIG":
+        model = tmp_path / "config.json"
+        model.write_text(json.dumps({**TINY_CONFIG, "max_position_embeddings": 4096}))
+    assert main(["plan", "--model", str(model), "--context", str(context)]) == 0
+    out = capsys.readouterr().out
+    note = f"note: {context} tokens run past the {trained} positions the model was trained on"
+    assert (note in out) is (trained is not None) and out.count("note:") == (trained is not None)
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    """`hybridattn plan | head -1`: the reader closed the pipe; no error line, the status a closed pipe gives."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before anything is written: every write fails
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "plan"], stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""
+
+
 def test_plan_reports_a_budget_that_does_not_fit(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--context", "131072", "--gpu-gb", "8"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
@@ -55,6 +91,7 @@ TINY_CONFIG = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "vocab_size": 100,
+    "max_position_embeddings": 8192,  # as every real config says (transformers' default for llama is 2048)
 }
 
 
