@@ -6,6 +6,7 @@ and `trust_remote_code` stays off unless the caller turns it on.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.util
@@ -101,6 +102,22 @@ def check_device(device: str | torch.device) -> None:
         ) from error
 
 
+@contextlib.contextmanager
+def _damaged_files_named(name: str, *, gguf: bool):
+    """A weights file that cannot be read (a damaged or truncated download) named as the user's file, with
+    what went wrong, not as an error of the engine."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise ValueError(f"the weights of {name} are not a readable safetensors file: {error}") from error
+    except (ValueError, IndexError, KeyError, EOFError) as error:  # what the GGUF reader raises on a damaged file
+        if not gguf:
+            raise
+        raise ValueError(f"{name}: reading it as a GGUF model failed: {error}") from error
+
+
 def load_model(
     name_or_path: str = BUNDLED_NAME,
     *,
@@ -149,16 +166,20 @@ def load_model(
         log.info("the hub cannot be reached: %s is loaded from the local hub cache", name_or_path)
         file_kwargs["local_files_only"] = True
     lookup = _lookup_only(file_kwargs)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
-    except OSError as error:
-        if not hub_id:
-            raise
-        raise _not_served(name_or_path, offline, error) from error
+    gguf = "gguf_file" in file_kwargs
+    with _damaged_files_named(name_or_path, gguf=gguf):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
+        except OSError as error:
+            if not hub_id:
+                raise
+            raise _not_served(name_or_path, offline, error) from error
+        if rope_scale is not None:
+            kwargs["config"] = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
     if rope_scale is not None:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
-        kwargs["config"] = stretched(config, rope_scale)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
+        kwargs["config"] = stretched(kwargs["config"], rope_scale)  # its errors are the factor's, not the file's
+    with _damaged_files_named(name_or_path, gguf=gguf):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
     return model.to(device).eval(), tokenizer
 
 

@@ -38,6 +38,32 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(tiny_dir):
         load_model("no-such-owner/no-such-model", device="cuda:99")  # before the hub is asked
 
 
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_damaged_weights_are_named_as_the_users_file(damage, tiny_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "model")
+    weights = next(folder.glob("*.safetensors"))
+    if damage == "junk":
+        weights.write_text("not a safetensors file")
+    else:  # a download cut short
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"the weights of {folder} are not a readable safetensors file"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated"])
+def test_a_damaged_gguf_file_is_named_with_what_failed(damage, tmp_path):
+    path = tmp_path / "model.gguf"
+    if damage == "junk":
+        path.write_text("not a GGUF file")
+    else:  # the bundled model's file cut short, its metadata whole
+        with open(models.bundled_gguf_path(), "rb") as whole:
+            path.write_bytes(whole.read(48 * 2**20))
+    with pytest.raises(ValueError, match=f"{path}: reading it as a GGUF model failed: "):
+        load_model(str(path))
+
+
 @pytest.mark.parametrize("factor", [0.5, True, float("inf"), "2"])
 def test_stretch_rejects_a_bad_factor(factor):
     with pytest.raises(ValueError, match="rope_scale must be a number >= 1"):
