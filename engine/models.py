@@ -102,6 +102,10 @@ def check_device(device: str | torch.device) -> None:
         ) from error
 
 
+# The files a tokenizer is loaded from (fast, sentencepiece, BPE, WordPiece); its config alone is not one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 @contextlib.contextmanager
 def _damaged_files_named(name: str, *, gguf: bool):
     """A weights file that cannot be read (a damaged or truncated download) named as the user's file, with
@@ -159,6 +163,11 @@ def load_model(
         if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
             raise FileNotFoundError(
                 f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
+            )
+        if Path(name_or_path).is_dir() and not any((Path(name_or_path) / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"no tokenizer in {name_or_path} (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                "tokenizer beside its weights (tokenizer.save_pretrained(folder))"
             )
     hub_id = source == name_or_path and not Path(source).exists()
     offline = hub_id and not hub_reachable()

@@ -52,6 +52,14 @@ def test_damaged_weights_are_named_as_the_users_file(damage, tiny_dir, tmp_path)
         load_model(str(folder))
 
 
+def test_a_folder_without_a_tokenizer_is_told_so(tiny_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "model", ignore=shutil.ignore_patterns("tokenizer*", "vocab*"))
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {folder} .*tokenizer.save_pretrained"):
+        load_model(str(folder))
+
+
 @pytest.mark.parametrize("damage", ["junk", "truncated"])
 def test_a_damaged_gguf_file_is_named_with_what_failed(damage, tmp_path):
     path = tmp_path / "model.gguf"
