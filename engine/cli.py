@@ -166,16 +166,17 @@ def cmd_generate(args) -> int:
         transformers_logging.disable_progress_bar()  # its weight-loading bar
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if args.demo:
-        return _demo(llm, args)
-    if args.chat:
-        prompt = [{"role": "user", "content": prompt}]
-    from engine.api import GenerationReport
+        report = _demo(llm, args)
+    else:
+        from engine.api import GenerationReport
 
-    report = GenerationReport()
-    for piece in llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature, progress=bars):
-        print(piece, end="", flush=True)
-    print()
-    _print_report(report, args)
+        report = GenerationReport()
+        prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
+        stream = llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature, progress=bars)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+    _print_report(report, args, offload)
     return 0
 
 
@@ -211,10 +212,10 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
-def _demo(llm, args) -> int:
+def _demo(llm, args):
     """A passkey hidden in ~4K tokens of filler: full attention and the hybrid engine answer the same prompt.
     No progress bars: each answer's line is begun before its run and ended by the answer, so that
-    the lines stay whole in a terminal and through a pipe (the report gives the phases' times)."""
+    the lines stay whole in a terminal and through a pipe (the report, returned, gives the phases' times)."""
     from bench.evals.tasks import make_sample, score
 
     sample = make_sample("passkey", DEMO_TOKENS, llm.tokenizer, seed=args.seed, depth=0.4)
@@ -229,8 +230,7 @@ def _demo(llm, args) -> int:
     with _line("hybridattn     : "):
         result = llm.generate(sample.prompt, args.max_new_tokens, progress=False)
         print(f"{result.text.strip()!r} -> {'correct' if score(sample, result.text) == 1 else 'wrong'}", end="")
-    _print_report(result.report, args)
-    return 0
+    return result.report
 
 
 @contextmanager
@@ -244,10 +244,16 @@ def _line(label: str):
         print(flush=True)
 
 
-def _print_report(report, args) -> None:
+def _print_report(report, args, offload) -> None:
+    """The report on stderr; with --json, written there with what was run, so that a run can be repeated."""
     print(report.summary(), file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1))
+        from importlib.metadata import version
+
+        run = dict(model=args.model, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
+        run.update(temperature=args.temperature, demo_seed=args.seed if args.demo else None)
+        run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
+        Path(args.json).write_text(json.dumps({**report.as_dict(), "run": run}, indent=1))
 
 
 def cmd_plan(args) -> int:
@@ -356,7 +362,7 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--seed", type=int, default=0, help="demo prompt seed")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--json", help="write the timing/memory report here")
+    g.add_argument("--json", help="write the timing/memory report here, with the model and configuration run")
     _offload_args(g)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")

@@ -477,3 +477,23 @@ def test_generate_draws_bars_on_a_terminal_only(terminal, monkeypatch, capsys):
     assert main(["generate", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
     assert asked["progress"] is terminal and ("weights bar" not in asked) is terminal
     assert capsys.readouterr().out.startswith("ok\n")
+
+
+def test_the_json_report_says_what_was_run(tmp_path, monkeypatch):
+    import engine.api
+
+    class Engine:
+        def stream(self, prompt, max_new_tokens, *, report, temperature, progress):
+            report.new_tokens = 1
+            yield "ok"
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: Engine())
+    path = tmp_path / "report.json"
+    argv = ["generate", "--prompt", "hi", "--preset", "tight", "--window", "96", "--temperature", "0.5"]
+    assert main([*argv, "--max-new-tokens", "3", "--json", str(path)]) == 0
+    written = json.loads(path.read_text())
+    assert written["new_tokens"] == 1  # the report's own fields, as before
+    run = written["run"]
+    assert run["model"] == "smollm2-135m" and run["max_new_tokens"] == 3 and run["temperature"] == 0.5
+    assert run["offload"] == dataclasses.asdict(OffloadConfig.preset("tight", window=96))
+    assert run["demo_seed"] is None and run["hybridattn"]

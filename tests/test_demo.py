@@ -33,7 +33,7 @@ def args():
 
 def test_the_demo_prints_its_answers_on_whole_lines_without_bars(bundled_tokenizer, capfd):
     llm = Answers(bundled_tokenizer)
-    assert cli._demo(llm, args()) == 0
+    report = cli._demo(llm, args())
     out, err = capfd.readouterr()
     lines = out.splitlines()
     assert len(lines) == 3 and "\r" not in out + err and "\x1b" not in out + err
@@ -41,7 +41,7 @@ def test_the_demo_prints_its_answers_on_whole_lines_without_bars(bundled_tokeniz
     key = lines[0].rsplit(" ", 1)[1]
     assert lines[1] == f"full attention : '{key}.' -> correct"
     assert lines[2] == f"hybridattn     : '{key}.' -> correct"
-    assert err.startswith("prompt 4000 tokens") and llm.progress == [False]
+    assert report.prompt_tokens == 4000 and llm.progress == [False]
 
 
 def test_a_failing_run_ends_its_line_before_the_error(bundled_tokenizer, capfd):
