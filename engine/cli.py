@@ -137,17 +137,19 @@ def _read_prompt(args) -> str:
     return prompt
 
 
-def _json_folder(path: str | None) -> None:
-    """--json's folder, made before the model loads: a path that cannot be written fails at once,
-    not after the work whose results it was to hold."""
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise IsADirectoryError(f"--json is a folder: {path}")
+def json_path(text: str) -> Path:
+    """argparse type of --json: a file whose folder is made at once, so that a path that cannot be
+    written fails before the work whose results it is to hold, not after."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a folder, not a file: {text}")
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise NotADirectoryError(f"--json: a file stands where its folder would be: {path}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise argparse.ArgumentTypeError(f"a file stands where its folder would be: {text}") from None
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"its folder cannot be made: {error}") from None
+    return path
 
 
 def cmd_generate(args) -> int:
@@ -158,7 +160,6 @@ def cmd_generate(args) -> int:
     from engine.api import HybridLLM, check_sampling
 
     check_sampling(args.max_new_tokens, args.temperature)
-    _json_folder(args.json)
     bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
     if not bars:
         from transformers.utils import logging as transformers_logging
@@ -199,7 +200,6 @@ def cmd_lm_eval(args) -> int:
     unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
-    _json_folder(args.json)
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     lm = harness.HybridAttnLM(pretrained=args.model, batch_size=args.batch_size, llm=llm)
     results = lm_eval.simple_evaluate(
@@ -362,7 +362,9 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--seed", type=int, default=0, help="demo prompt seed")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--json", help="write the timing/memory report here, with the model and configuration run")
+    g.add_argument(
+        "--json", type=json_path, help="write the timing/memory report here, with the model and configuration run"
+    )
     _offload_args(g)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
@@ -421,7 +423,7 @@ def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seed")
-    p.add_argument("--json", help="write lm-eval's results here")
+    p.add_argument("--json", type=json_path, help="write lm-eval's results here")
     _offload_args(p)
     return p
 

@@ -190,10 +190,19 @@ def test_json_folder_is_made_or_refused_before_the_model_loads(tmp_path, capsys,
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "file.txt").write_text("")
     under_a_file = tmp_path / "file.txt" / "report.json"
-    cases = [(under_a_file, "a file stands where its folder would be"), (tmp_path, "is a folder")]
+    cases = [(under_a_file, "a file stands where its folder would be"), (tmp_path, "is a folder, not a file")]
     for path, message in cases:
-        assert main(["generate", "--prompt", "hi", "--json", str(path)]) == 2
-        assert message in one_error_line(capsys)
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "--prompt", "hi", "--json", str(path)])
+        assert exit_.value.code == 2 and f"argument --json: {message}: {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["bench kernel", "bench decode", "bench ann", "bench throughput", "eval"])
+def test_a_benchmark_refuses_a_json_path_it_cannot_write_before_it_runs(command, tmp_path, capsys):
+    """--json is checked as the arguments are read, not after a run of minutes whose results it was to hold."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*command.split(), "--quick", "--json", str(tmp_path)])
+    assert exit_.value.code == 2 and f"argument --json: is a folder, not a file: {tmp_path}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("factor", ["0.5", "nan", "inf"])

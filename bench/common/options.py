@@ -32,7 +32,7 @@ def add_output_args(p: argparse.ArgumentParser, *, quick: str | None = None, plo
     where a picture helps, --plot PATH (`plot` says what it draws)."""
     if quick is not None:
         p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    p.add_argument("--json", type=cli.json_path, help="write the results here as JSON")
     if plot is not None:
         p.add_argument("--plot", type=Path, help=plot)
 
