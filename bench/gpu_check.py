@@ -61,7 +61,7 @@ from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, runn
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.cache.store import StorePool, release_pinned
-from engine.cli import json_path
+from engine.cli import output_file
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 from engine.generation import chunk_bounds
@@ -497,7 +497,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = parser(__doc__, __spec__)
-    p.add_argument("--json", type=json_path, help="write the rows here as JSON")
+    p.add_argument("--json", type=output_file, help="write the rows here as JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")
     p.add_argument("--contexts", type=int, nargs="+", help="decode contexts; default 32K 64K 128K (cpu: 2048)")

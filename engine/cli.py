@@ -137,9 +137,9 @@ def _read_prompt(args) -> str:
     return prompt
 
 
-def json_path(text: str) -> Path:
-    """argparse type of --json: a file whose folder is made at once, so that a path that cannot be
-    written fails before the work whose results it is to hold, not after."""
+def output_file(text: str) -> Path:
+    """argparse type of a file a command writes (--json, --plot): its folder is made at once, so that a
+    path that cannot be written fails before the work whose results it is to hold, not after."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"is a folder, not a file: {text}")
@@ -363,7 +363,7 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument(
-        "--json", type=json_path, help="write the timing/memory report here, with the model and configuration run"
+        "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"
     )
     _offload_args(g)
 
@@ -423,7 +423,7 @@ def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seed")
-    p.add_argument("--json", type=json_path, help="write lm-eval's results here")
+    p.add_argument("--json", type=output_file, help="write lm-eval's results here")
     _offload_args(p)
     return p
 

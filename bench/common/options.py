@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -32,9 +31,9 @@ def add_output_args(p: argparse.ArgumentParser, *, quick: str | None = None, plo
     where a picture helps, --plot PATH (`plot` says what it draws)."""
     if quick is not None:
         p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--json", type=cli.json_path, help="write the results here as JSON")
+    p.add_argument("--json", type=cli.output_file, help="write the results here as JSON")
     if plot is not None:
-        p.add_argument("--plot", type=Path, help=plot)
+        p.add_argument("--plot", type=cli.output_file, help=plot)
 
 
 def quick_defaults(args: argparse.Namespace, **defaults: tuple) -> None:
