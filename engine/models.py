@@ -283,9 +283,26 @@ def _bundled_safetensors_dir() -> Path:
     config = type(gguf_model.config).from_dict(config_dict)
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(target.name + ".partial")
-    clean.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")  # this process's own
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier process of the same id cut short
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _move_into_place(folder: Path, target: Path) -> None:
+    """`folder`, written whole by this process, becomes `target` unless another process's copy is in
+    place already: two first runs at once (a demo beside the tests) neither mix their files nor
+    remove the other's finished copy; what an interrupted run left is replaced."""
+    if (target / "model.safetensors").is_file():
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        folder.replace(target)
+    except OSError:  # another run moved its copy into place in between
+        if not (target / "model.safetensors").is_file():
+            raise

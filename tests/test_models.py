@@ -148,3 +148,22 @@ def test_hub_reachable_asks_for_a_connection_unless_a_proxy_decides(monkeypatch,
     monkeypatch.setattr(socket, "create_connection", connect)
     assert models.hub_reachable() == (connects or proxy is not None)
     assert tried == ([] if proxy else [("hub.example", 443)])
+
+
+def test_a_converted_copy_moves_into_place_whole_and_leaves_anothers_finished_one(tmp_path):
+    from engine.models import _move_into_place
+
+    def written(name: str, text: str):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+        return folder
+
+    target = tmp_path / "model"
+    _move_into_place(written("first", "first"), target)  # nothing there: moved
+    assert (target / "model.safetensors").read_text() == "first" and not (tmp_path / "first").exists()
+    _move_into_place(written("second", "second"), target)  # another's finished copy stays
+    assert (target / "model.safetensors").read_text() == "first"
+    (target / "model.safetensors").unlink()  # an interrupted run's leftovers are replaced
+    _move_into_place(written("third", "third"), target)
+    assert (target / "model.safetensors").read_text() == "third"
