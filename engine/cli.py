@@ -129,7 +129,10 @@ def _read_prompt(args) -> str:
     elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     elif args.file is not None:
-        prompt = Path(args.file).read_text()
+        try:
+            prompt = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--file {args.file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     else:
         raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
     if not prompt:

@@ -157,6 +157,7 @@ def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monk
     [
         (["--prompt", ""], "the prompt is empty"),
         (["--file", "EMPTY"], "the prompt is empty"),
+        (["--file", "BINARY"], "is not UTF-8 text (invalid start byte at byte 2)"),
         (["--prompt", "hi", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
         (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
@@ -166,9 +167,10 @@ def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp
     import engine.api
 
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    assert main(["generate", *(str(empty) if a == "EMPTY" else a for a in argv)]) == 2
+    files = {"EMPTY": tmp_path / "empty.txt", "BINARY": tmp_path / "weights.bin"}
+    files["EMPTY"].write_text("")
+    files["BINARY"].write_bytes(b"ok\xff\xfe")
+    assert main(["generate", *(str(files.get(a, a)) for a in argv)]) == 2
     assert message in one_error_line(capsys)
 
 
