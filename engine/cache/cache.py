@@ -35,7 +35,8 @@ class HybridCache(Cache):
 
     `model_or_config` is a model loaded with `attn_implementation="hybrid"` (or
     its config). `max_length`, when known, sizes the host store exactly, and
-    the resident set at no more slots than that (both grow if the sequence goes further);
+    the resident set at no more slots than that (else at the first chunk's; both grow if the
+    sequence goes further);
     `prompt_length`, when known, lets each layer's host index be built on a
     worker thread (engine.index.worker) as soon as the layer has seen the prompt's
     last token, while the prefill goes on (otherwise each layer builds at

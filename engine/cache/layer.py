@@ -79,7 +79,7 @@ class HybridLayer(CacheLayerMixin):
     # ------------------------------------------------------------ set-up
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, Hkv, _, D = key_states.shape
+        B, Hkv, C, D = key_states.shape
         if B != 1:
             raise ValueError(
                 f"this cache layer holds one sequence, got a batch of {B} (batches: engine.cache.batch.BatchLayer)"
@@ -94,7 +94,7 @@ class HybridLayer(CacheLayerMixin):
         R = cfg.resident_tokens
         host_capacity = max(0, self.capacity_hint - R)
         try:
-            self._allocate_device_buffers(Hkv, D, host_capacity)
+            self._allocate_device_buffers(Hkv, D, host_capacity, first_chunk=C)
         except (RuntimeError, MemoryError) as error:  # torch's allocators (torch.OutOfMemoryError too), numpy's
             raise ValueError(
                 f"layer {self.layer_idx}: its buffers for n_sink + window = {R} resident tokens and blocks of "
@@ -115,13 +115,13 @@ class HybridLayer(CacheLayerMixin):
         self.query_sample = QuerySample(cfg.max_build_queries if cfg.uses_key_index else 0, self.prompt_length)
         self.is_initialized = True
 
-    def _allocate_device_buffers(self, Hkv: int, D: int, host_capacity: int) -> None:
+    def _allocate_device_buffers(self, Hkv: int, D: int, host_capacity: int, first_chunk: int) -> None:
         """The buffers whose sizes the configuration sets: the resident set's (sinks + window, or the
-        sequence's expected length where that is shorter) and the block summaries' and block index's
-        (a block still filling is kept whole)."""
+        sequence's expected length where that is shorter: `capacity`, else its first chunk, the prompt
+        of a transformers generate) and the block summaries' and block index's (a block still filling
+        is kept whole)."""
         cfg = self.cfg
-        R = cfg.resident_tokens
-        slots = min(R, self.capacity_hint) if self.capacity_hint else R  # a shorter sequence fills no more
+        slots = min(cfg.resident_tokens, self.capacity_hint or first_chunk)  # a shorter sequence fills no more
         self.resident_k = torch.zeros(Hkv, slots, D, device=self.device, dtype=self.dtype)
         self.resident_v = torch.zeros_like(self.resident_k)  # [Hkv, <= sinks + window, D]
         self.resident_pos = np.full(slots, -1, np.int64)  # position held by each slot (-1: empty)
@@ -187,8 +187,8 @@ class HybridLayer(CacheLayerMixin):
 
     def _reserve_slots(self, n: int) -> None:
         """At least n resident slots (n <= sinks + window). Sized for the sequence's expected length
-        (`capacity`), the buffers grow, at least twofold, when it goes further; the ring has not
-        wrapped yet then (slot = position), so the filled slots keep their places."""
+        (`capacity`, else its first chunk), the buffers grow, at least twofold, when it goes further;
+        the ring has not wrapped yet then (slot = position), so the filled slots keep their places."""
         have = self.resident_pos.shape[0]
         if n <= have:
             return
