@@ -63,16 +63,24 @@ def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
     assert next(llm.stream("The pass key is 123.", 10**12, progress=False))  # "until the end": no huge allocation
 
 
-@pytest.mark.parametrize("field", ["window", "n_sink", "block_size"])
-def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm, field):
+def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm):
     too_many = 10**15  # tokens: petabytes, beyond what any allocator gives
-    cache = HybridCache(llm.model, OffloadConfig(device="cpu", **{field: too_many}))  # length unknown: all slots
+    cache = HybridCache(llm.model, OffloadConfig(device="cpu", block_size=too_many))
     with pytest.raises(ValueError, match="n_sink \\+ window = .* block_size = .* could not be allocated"):
         llm.model(torch.arange(1, 9).unsqueeze(0), cache=cache)
-    if field == "block_size":  # a block is kept whole, whatever the length
-        engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", block_size=too_many))
-        with pytest.raises(ValueError, match="block_size = .* could not be allocated"):
-            engine.generate("The pass key is 123.", max_new_tokens=1, progress=False)
+    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", block_size=too_many))
+    with pytest.raises(ValueError, match="block_size = .* could not be allocated"):  # a block is kept whole
+        engine.generate("The pass key is 123.", max_new_tokens=1, progress=False)
+
+
+@pytest.mark.parametrize("field", ["window", "n_sink"])
+def test_a_resident_set_without_a_length_takes_the_slots_of_its_first_chunk(llm, field):
+    cache = HybridCache(llm.model, OffloadConfig(device="cpu", **{field: 10**15}))  # petabytes, were it all taken
+    with torch.no_grad():
+        llm.model(torch.arange(1, 9).unsqueeze(0), cache=cache)
+        assert cache.layers[0].resident_k.shape[1] == 8
+        llm.model(torch.tensor([[9]]), cache=cache)
+    assert cache.layers[0].resident_k.shape[1] == 16 and cache.get_seq_length() == 9  # grown twofold
 
 
 @pytest.mark.parametrize("field", ["window", "n_sink"])
