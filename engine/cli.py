@@ -122,17 +122,21 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str, *, rope_scale
         )
 
 
+def _text(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
 def _read_prompt(args) -> str:
     """The prompt from --prompt, --file or stdin; not empty."""
     if args.prompt is not None:
         prompt = args.prompt
     elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
-        prompt = sys.stdin.read()
+        prompt = _text(sys.stdin.buffer.read(), "stdin")
     elif args.file is not None:
-        try:
-            prompt = Path(args.file).read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"--file {args.file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        prompt = _text(Path(args.file).read_bytes(), f"--file {args.file}")
     else:
         raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
     if not prompt:

@@ -152,6 +152,18 @@ def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monk
     assert "No such file or directory" in line and str(missing) in line
 
 
+def test_a_prompt_on_stdin_that_is_not_utf8_is_named_so(capsys, monkeypatch):
+    import io
+    import sys
+
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9!")))  # Latin-1, not UTF-8
+    assert main(["generate", "--file", "-"]) == 2
+    assert "stdin is not UTF-8 text (invalid continuation byte at byte 3)" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
