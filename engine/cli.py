@@ -164,7 +164,7 @@ def cmd_generate(args) -> int:
     offload = _offload_config(args)
     _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
-    from engine.api import HybridLLM, check_sampling
+    from engine.api import GenerationReport, HybridLLM, check_sampling
 
     check_sampling(args.max_new_tokens, args.temperature)
     bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
@@ -176,8 +176,6 @@ def cmd_generate(args) -> int:
     if args.demo:
         report = _demo(llm, args)
     else:
-        from engine.api import GenerationReport
-
         report = GenerationReport()
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
         stream = llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature, progress=bars)

@@ -106,6 +106,18 @@ def check_device(device: str | torch.device) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
+def _check_model_folder(folder: str) -> None:
+    """A local model folder holds safetensors weights and a tokenizer, or FileNotFoundError says what is missing
+    (the folder named as the user wrote it)."""
+    if not any(Path(folder).glob("*.safetensors")):
+        raise FileNotFoundError(f"no .safetensors weights in {folder}; only safetensors or GGUF weights are loaded")
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+            "tokenizer beside its weights (tokenizer.save_pretrained(folder))"
+        )
+
+
 @contextlib.contextmanager
 def _damaged_files_named(name: str, *, gguf: bool):
     """A weights file that cannot be read (a damaged or truncated download) named as the user's file, with
@@ -160,15 +172,8 @@ def load_model(
             # no hub id either: those of the supported models name their owner. Said at once, where
             # the hub client, offline, would retry for about a minute first.
             raise FileNotFoundError(_not_a_model(name_or_path, "nor a hub id, which names its owner (owner/name)"))
-        if Path(name_or_path).is_dir() and not any(Path(name_or_path).glob("*.safetensors")):
-            raise FileNotFoundError(
-                f"no .safetensors weights in {name_or_path}; only safetensors or GGUF weights are loaded"
-            )
-        if Path(name_or_path).is_dir() and not any((Path(name_or_path) / f).is_file() for f in TOKENIZER_FILES):
-            raise FileNotFoundError(
-                f"no tokenizer in {name_or_path} (none of {', '.join(TOKENIZER_FILES)}): save the model's "
-                "tokenizer beside its weights (tokenizer.save_pretrained(folder))"
-            )
+        if Path(name_or_path).is_dir():
+            _check_model_folder(name_or_path)
     hub_id = source == name_or_path and not Path(source).exists()
     offline = hub_id and not hub_reachable()
     if offline:  # what the local hub cache holds loads at once; the hub client would retry for a minute or two first

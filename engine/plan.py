@@ -36,16 +36,27 @@ MODEL_PRESETS: dict[str, dict] = {
 
 # The positions each preset was trained on (its config's max_position_embeddings): the plan says where
 # a context runs past them, for the memory is the same whatever the model makes of those positions.
-TRAINED_POSITIONS = {"llama-3-8b": 8192, "llama-3.1-8b": 131072, "qwen2.5-7b": 32768, "mistral-7b": 32768}
-TRAINED_POSITIONS["smollm2-135m"] = 8192
+TRAINED_POSITIONS = {
+    "llama-3-8b": 8192,
+    "llama-3.1-8b": 131072,
+    "qwen2.5-7b": 32768,
+    "mistral-7b": 32768,
+    "smollm2-135m": 8192,
+}
+
+
+def _field_getter(model_config):
+    """get(name, default=None) over a config dict or a transformers config."""
+    if isinstance(model_config, dict):
+        return model_config.get
+    return lambda name, default=None: getattr(model_config, name, default)
 
 
 def trained_positions(model_config) -> int | None:
     """The positions a preset, a config dict or a transformers config was trained on (None: not said)."""
     if isinstance(model_config, str):
         return TRAINED_POSITIONS.get(model_config)
-    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
-    positions = get("max_position_embeddings")
+    positions = _field_getter(model_config)("max_position_embeddings")
     return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
 
 
@@ -68,7 +79,7 @@ class ModelShape:
             if model_config not in MODEL_PRESETS:
                 raise ValueError(f"unknown model preset {model_config!r}; presets: {', '.join(MODEL_PRESETS)}")
             return cls(**MODEL_PRESETS[model_config])
-        get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+        get = _field_getter(model_config)
         required = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
         missing = [k for k in required if not isinstance(get(k), int) or get(k) <= 0]
         if missing:
