@@ -484,13 +484,9 @@ def test_old_and_new_flag_of_one_field_together_are_refused(capsys):
     assert "hybridattn: error: OffloadConfig: mode is the old name of candidates_from" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_generate_draws_bars_on_a_terminal_only(terminal, monkeypatch, capsys):
-    """Written to a log file, stderr gets the report's lines, not the bars' carriage returns."""
-    import sys
-
-    import transformers.utils.logging as transformers_logging
-
+@pytest.fixture
+def streamed(monkeypatch) -> dict:
+    """`generate` on an engine that streams "ok" and counts one new token; returns what its stream was asked."""
     import engine.api
 
     asked = {}
@@ -498,25 +494,28 @@ def test_generate_draws_bars_on_a_terminal_only(terminal, monkeypatch, capsys):
     class Engine:
         def stream(self, prompt, max_new_tokens, *, report, temperature, progress):
             asked["progress"] = progress
-            yield "ok"
-
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: Engine())
-    monkeypatch.setattr(transformers_logging, "disable_progress_bar", lambda: asked.setdefault("weights bar", False))
-    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
-    assert asked["progress"] is terminal and ("weights bar" not in asked) is terminal
-    assert capsys.readouterr().out.startswith("ok\n")
-
-
-def test_the_json_report_says_what_was_run(tmp_path, monkeypatch):
-    import engine.api
-
-    class Engine:
-        def stream(self, prompt, max_new_tokens, *, report, temperature, progress):
             report.new_tokens = 1
             yield "ok"
 
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: Engine())
+    return asked
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_generate_draws_bars_on_a_terminal_only(terminal, streamed, monkeypatch, capsys):
+    """Written to a log file, stderr gets the report's lines, not the bars' carriage returns."""
+    import sys
+
+    import transformers.utils.logging as transformers_logging
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    monkeypatch.setattr(transformers_logging, "disable_progress_bar", lambda: streamed.setdefault("weights bar", False))
+    assert main(["generate", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    assert streamed["progress"] is terminal and ("weights bar" not in streamed) is terminal
+    assert capsys.readouterr().out.startswith("ok\n")
+
+
+def test_the_json_report_says_what_was_run(tmp_path, streamed):
     path = tmp_path / "report.json"
     argv = ["generate", "--prompt", "hi", "--preset", "tight", "--window", "96", "--temperature", "0.5"]
     assert main([*argv, "--max-new-tokens", "3", "--json", str(path)]) == 0
