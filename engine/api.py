@@ -109,6 +109,16 @@ class HybridLLM:
             raise TypeError(f"prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
         return self._check_ids(self.tokenizer(prompt, return_tensors="pt").input_ids)
 
+    def _encode_batch(self, prompts: list) -> list[torch.Tensor]:
+        """`encode` of each prompt of a batch; an error names the prompt it is about."""
+        ids = []
+        for i, prompt in enumerate(prompts):
+            try:
+                ids.append(self.encode(prompt))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"prompt {i} of the batch's {len(prompts)}: {error}") from error
+        return ids
+
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] or [1, T] -> [1, T] on the model's device, or a clear error."""
         if ids.dtype not in (torch.int64, torch.int32):
@@ -199,7 +209,7 @@ class HybridLLM:
         HybridCache, stacked into one when there are several, then decoded together
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
         check_sampling(max_new_tokens, temperature, seed)
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(prompts[0])] if len(prompts) == 1 else self._encode_batch(prompts)
         self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
         run = None

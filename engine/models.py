@@ -55,14 +55,19 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def check_supported(config) -> None:
-    """Raise a clear error for model types the hybrid attention has not been wired for; warn where
-    the model's layers attend within a sliding window, which the hybrid attention does not."""
-    model_type = getattr(config, "model_type", None)
+def check_model_type(model_type) -> None:
+    """ValueError naming a model type the hybrid attention has not been wired for."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+
+
+def check_supported(config) -> None:
+    """Raise a clear error for model types the hybrid attention has not been wired for; warn where
+    the model's layers attend within a sliding window, which the hybrid attention does not."""
+    model_type = getattr(config, "model_type", None)
+    check_model_type(model_type)
     window = sliding_window(config)
     if window is not None:
         _warn_sliding_window(model_type, window)

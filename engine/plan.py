@@ -10,6 +10,7 @@ import torch
 from ann.qq import SCORE_BUFFER
 from engine.config import PREFILL_KEY_BLOCK, OffloadConfig, offload_or_default
 from engine.decode.estimate import GROUP as SUMMARY_GROUP
+from engine.models import check_model_type
 
 # Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
 _SHAPE_FIELDS = (
@@ -74,12 +75,14 @@ class ModelShape:
 
     @classmethod
     def of(cls, model_config) -> ModelShape:
-        """From a preset name, a dict, or a transformers config."""
+        """From a preset name, a dict, or a transformers config (of a model type the engine runs)."""
         if isinstance(model_config, str):
             if model_config not in MODEL_PRESETS:
                 raise ValueError(f"unknown model preset {model_config!r}; presets: {', '.join(MODEL_PRESETS)}")
             return cls(**MODEL_PRESETS[model_config])
         get = _field_getter(model_config)
+        if get("model_type") is not None:  # a model's config (a dict of a shape alone names no type)
+            check_model_type(get("model_type"))
         required = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
         missing = [k for k in required if not isinstance(get(k), int) or get(k) <= 0]
         if missing:

@@ -108,6 +108,13 @@ def test_plan_takes_a_config_json_or_its_model_directory(tmp_path, capsys):
     assert "no config.json in the model directory" in one_error_line(capsys)
 
 
+def test_plan_refuses_a_config_of_a_model_type_the_engine_does_not_run(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_CONFIG | {"model_type": "gpt2"}))
+    assert main(["plan", "--model", str(path), "--context", "4096"]) == 2
+    assert "model type 'gpt2' is not supported" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -246,6 +246,15 @@ def test_unknown_model_preset():
         plan_memory("gpt-5", 10000)
 
 
+def test_plan_of_a_config_names_a_model_type_the_engine_does_not_run():
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}
+    shape["vocab_size"] = 256
+    assert plan_memory(shape | {"model_type": "qwen2"}, 4096).host["kv_store"] > 0  # a shape, or a type it runs
+    assert plan_memory(shape, 4096).host["kv_store"] > 0
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        plan_memory(shape | {"model_type": "gpt2"}, 4096)
+
+
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_model_preset_parameter_counts(name):
     expected = {

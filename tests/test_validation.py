@@ -43,6 +43,18 @@ def test_generate_rejects_bad_input(llm, prompt, kwargs, error, message):
         next(llm.stream(prompt, **kwargs))
 
 
+@pytest.mark.parametrize(
+    "prompts,error,message",
+    [
+        (["hi", ""], ValueError, "prompt 1 of the batch's 2: the prompt is empty"),
+        (["hi", "there", 12], TypeError, "prompt 2 of the batch's 3: prompt must be a string"),
+    ],
+)
+def test_a_bad_prompt_in_a_batch_is_named(llm, prompts, error, message):
+    with pytest.raises(error, match=message):
+        llm.generate(prompts, max_new_tokens=2, progress=False)
+
+
 def test_token_ids_as_a_list_of_ints_are_one_prompt(llm):
     ids = llm.tokenizer("The pass key is 123.").input_ids  # a list of ints, as a tokenizer gives them
     assert isinstance(ids, list) and len(ids) > 1
