@@ -871,3 +871,36 @@ def test_pinned_threads_hold_for_every_pool_after_numba_starts_its_own():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     counts = json.loads(run.stderr.strip().splitlines()[-1])
     assert {name: n for name, n in counts.items() if n is not None and n != 1} == {}
+
+
+@pytest.mark.parametrize(
+    "deadline,pip_seconds,status,expected",
+    [
+        (
+            600,
+            0,
+            0,
+            ["setup: exit 0", "decode: exit 0", "prefill_32k: exit 0", "prefill_131k: exit 0", "batch: exit 0"],
+        ),
+        (600, 0, 3, ["setup: exit 3", "decode: exit 3", "batch: exit 3"]),  # a failed part leaves the others their turn
+        (3, 20, 0, ["setup: stopped at its limit of 3 s", "decode: skipped"]),  # nothing runs past the deadline
+    ],
+)
+def test_gpu_session_runs_its_parts_in_turn_within_the_deadline(tmp_path, deadline, pip_seconds, status, expected):
+    fake = tmp_path / "python"  # stands for the GPU machine's Python: records its arguments; pip takes a while
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$*" in *"pip install"*) sleep {pip_seconds};; esac\n'
+        f"exit {status}\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), DEADLINE=str(deadline), MIN_PART="1")
+    subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env, check=True, timeout=120
+    )
+    log = (out / "session.log").read_text()
+    for line in expected:
+        assert line in log
+    if expected[-1] == "batch: exit 0":
+        calls = (tmp_path / "calls").read_text()
+        assert "-m bench.gpu_check --json" in calls and "--prefill 131072 --chunk 8192" in calls

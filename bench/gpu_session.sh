@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# A whole GPU check in one call for a session with little device time: set-up and exactness
+# (bench/gpu_run.sh), then the decode step at 32K and 131K with its profiles, the first token at
+# 32K in chunks of 2048 and 8192, at 131K in chunks of 8192, and the batch case. The parts run in
+# that order (what the open issues need first), each under its own time limit and all within
+# DEADLINE seconds (default 570), so a part that overruns leaves the next ones their time and a
+# part with less than MIN_PART seconds left (default 60) is skipped. From the repository root, with .gpu_wheels carried
+# (docs/gpu.md):
+#
+#   bash bench/gpu_session.sh [OUT_DIR]   (OUT_DIR default: $OUT, else bench/out)
+#
+# Each part leaves NAME.log (and NAME.json) in OUT_DIR; session.log says how each ended.
+set -uo pipefail
+out=${1:-${OUT:-bench/out}}
+deadline=${DEADLINE:-570}
+min_part=${MIN_PART:-60}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+
+part() {  # part NAME LIMIT COMMAND...: the command under min(LIMIT, time left), its exit status logged
+    local name=$1 limit=$2
+    shift 2
+    local left=$((deadline - SECONDS))
+    if ((left < min_part)); then
+        echo "$name: skipped, ${left} s left" | tee -a "$out/session.log"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local status=$?
+    local how="exit $status"
+    ((status == 124)) && how="stopped at its limit of $limit s"
+    echo "$name: $how after ${SECONDS} s of the session" | tee -a "$out/session.log"
+}
+
+check() {  # check NAME LIMIT ARGS...: bench.gpu_check with ARGS, its rows in NAME.json
+    local name=$1 limit=$2
+    shift 2
+    part "$name" "$limit" "$py" -m bench.gpu_check --json "$out/$name.json" "$@"
+}
+
+part setup 200 bash bench/gpu_run.sh "$out" --cases exactness
+check decode 200 --cases decode --contexts 32768 131072 --profile "$out/prof"
+check prefill_32k 80 --cases prefill --prefill 32768 --chunk 2048 8192
+check prefill_131k 150 --cases prefill --prefill 131072 --chunk 8192
+check batch 120 --cases batch
