@@ -832,8 +832,15 @@ def test_bench_device_ops_counts_a_step_and_a_stacked_batch_costs_less_than_its_
     runs = {}
     for batch in (1, 2):
         out = tmp_path / f"ops{batch}.json"
-        script("bench.speed.device_ops").main(["--quick", "--batch", str(batch), "--json", str(out)])
+        timed = ["--times", "2"] if batch == 1 else []
+        script("bench.speed.device_ops").main(["--quick", "--batch", str(batch), "--json", str(out), *timed])
         (runs[batch],) = json.loads(out.read_text())["cases"]
+    timed = runs[1]
+    assert timed["step_ms"] > 0 and timed["operators_ms"] > 0
+    ms = [op["ms"] for op in timed["slowest"]]
+    assert ms == sorted(ms, reverse=True) and sum(ms) <= timed["operators_ms"] + 1e-9  # the slowest of them, first
+    assert "aten::bmm" in {op["operation"] for op in timed["slowest"]}
+    assert "step_ms" not in runs[2]  # timed only when asked
     for case in runs.values():
         assert case["operations"] == sum(case["by_site"].values()) == sum(case["by_operation"].values()) > 0
         assert "elsewhere" not in case["by_site"]  # each one traced to the engine's own code

@@ -7,15 +7,19 @@ not (a few of them, in engine.decode.host.read, work on the host's copies, not t
 Per context (and batch): the operations of one step, the default configuration on one layer of a
 synthetic context (bench.common.caches) and the model's own decode queries, by where in the code
 each comes from; with --batch B > 1, B sequences through one step with their device parts
-stacked (the GPU's default).
+stacked (the GPU's default). With --times N, also what those operations cost on this machine:
+N steps timed (`step_ms`), then N more under torch.profiler, the operators' own time per step
+(`operators_ms`; the native host call is no operator, so the step's time beyond it is mostly that
+call) and the operations that took the most (`slowest`: name, input shapes, calls and ms per step).
 
-    python -m bench.speed.device_ops [--quick] [--json PATH] [--models ...] [--contexts ...] [--batch B]
+    python -m bench.speed.device_ops [--quick] [--json PATH] [--models ...] [--contexts ...] [--batch B] [--times N]
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import time
 import traceback
 from pathlib import Path
 
@@ -36,6 +40,7 @@ VIEWS = frozenset(
     "lift_fresh _reshape_alias unbind split split_with_sizes narrow resolve_conj resolve_neg empty "
     "empty_strided unflatten flatten reshape contiguous to".split()
 )
+SLOWEST = 12  # operations listed by --times
 # ... of which these copy where the tensor is not already as asked (a dtype, a device, a layout):
 # in inference mode a conversion dispatches as `to`, not `_to_copy`; counted as "NAME (copy)" then
 MAY_COPY = frozenset("to contiguous reshape flatten unflatten".split())
@@ -85,6 +90,37 @@ def count(layers, q: torch.Tensor, scale: float) -> collections.Counter:
     return counter.counts
 
 
+@torch.inference_mode()
+def times(layers, q: torch.Tensor, scale: float, steps: int) -> dict:
+    """What `steps` native_step calls of `layers` cost, with the device's own default for stacking
+    (after as many untimed): ms per step, and under torch.profiler the operators' own time per step
+    and the SLOWEST operations by it (grouped by input shapes)."""
+
+    def run_steps():
+        for _ in range(steps):
+            step.native_step(layers, q, scale)
+
+    run_steps()
+    start = time.perf_counter()
+    run_steps()
+    step_ms = (time.perf_counter() - start) * 1e3 / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        run_steps()
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True)
+    per_step = 1e3 * steps  # the profiler counts microseconds over all the steps
+    slowest = [
+        {
+            "operation": e.key,
+            "shapes": str(e.input_shapes),
+            "calls": e.count / steps,
+            "ms": e.self_cpu_time_total / per_step,
+        }
+        for e in events[:SLOWEST]
+    ]
+    operators_ms = sum(e.self_cpu_time_total for e in events) / per_step
+    return {"step_ms": round(step_ms, 3), "operators_ms": round(operators_ms, 3), "slowest": slowest}
+
+
 def run(args) -> list[dict]:
     rows = []
     for model_name in args.models:
@@ -105,7 +141,11 @@ def run(args) -> list[dict]:
             row = {"model": model_name, "context": context, "context_kind": args.context, "batch": args.batch}
             row |= {"operations": sum(counts.values()), "by_site": dict(by_site.most_common())}
             row["by_operation"] = dict(by_operation.most_common())
-            print(json.dumps({k: v for k, v in row.items() if not k.startswith("by_")}), flush=True)
+            if args.times:
+                row |= times([cache.layers[0] for cache in caches], q, model.config.head_dim**-0.5, args.times)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("by_") and k != "slowest"}), flush=True)
+            for op in row.get("slowest", []):
+                print(f"  {op['ms']:7.3f} ms  {op['calls']:5.1f} calls  {op['operation']} {op['shapes']}", flush=True)
             rows.append(row)
     return rows
 
@@ -113,8 +153,9 @@ def run(args) -> list[dict]:
 def main(argv=None):
     p = parser(__doc__, __spec__)
     p.add_argument("--batch", type=positive_int, default=1, help="sequences through one step (stacked)")
+    p.add_argument("--times", type=positive_int, help="also time this many steps, and profile as many")
     args = layer_args(p, argv, [8192, 32768, 131072])
-    save_run(args, {"contexts": args.contexts, "batch": args.batch}, run(args))
+    save_run(args, {"contexts": args.contexts, "batch": args.batch, "times": args.times}, run(args))
 
 
 if __name__ == "__main__":
