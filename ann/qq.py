@@ -207,17 +207,23 @@ class QueryLists:
         return stacked_nearest([self], q[None], [n_neighbors or self.n_neighbors])[0]
 
 
-def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[int]) -> torch.Tensor:
+def bmm_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [X, G, D] . rows [X, N, D] -> [X, G, N], in q's dtype."""
+    return torch.bmm(q, rows.transpose(1, 2))
+
+
+def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[int], dots=bmm_dots) -> torch.Tensor:
     """`QueryLists.nearest` of B sequences' lists (built, one configuration) in one product: q [B, H, G, D],
     up to n_neighbors[b] build queries per query head of sequence b -> [B, H, nn * G] int64, nn the most
-    of any; a sequence's rows rank by rank, -1 past its own nn. Sets each one's `scanned`."""
+    of any; a sequence's rows rank by rank, -1 past its own nn. Sets each one's `scanned`. `dots` is the
+    product (`bmm_dots`'s signature; the engine passes a native one on CPUs with bf16 dot products)."""
     first, (B, H, G, _) = lists[0], q.shape
     n_queries = [one.n_queries for one in lists]
     if not min(n_queries):
         raise RuntimeError("search before build: the qq selector holds no build queries")
     queries = stack_rows([one.queries for one in lists], n_queries)
     unit = _unit(q.to(first.device, first.dtype)).flatten(0, 1)
-    sims = torch.bmm(unit, queries.flatten(0, 1).transpose(1, 2)).view(B, H, G, -1)  # [B, H, G, Nq]
+    sims = dots(unit, queries.flatten(0, 1)).view(B, H, G, -1)  # [B, H, G, Nq]
     nn = [min(n, one.n_queries) for n, one in zip(n_neighbors, lists)]
     for one in lists:
         one.scanned = G * one.n_queries * H

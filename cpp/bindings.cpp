@@ -11,6 +11,7 @@
 #include "hybridattn/gather_scores.h"
 #include "hybridattn/host_step.h"
 #include "hybridattn/merge.h"
+#include "hybridattn/query_dots.h"
 
 namespace py = pybind11;
 using hybridattn::StoreType;
@@ -202,6 +203,37 @@ void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& i
   hybridattn::gather_scores(a);
 }
 
+// A contiguous bf16 buffer (its 16-bit pattern) of `ndim` dimensions.
+py::buffer_info request_bf16(const py::buffer& buf, const char* name, py::ssize_t ndim, bool writable) {
+  py::buffer_info b = buf.request(writable);
+  if (b.itemsize != 2 || !(is_format(b, 'h') || is_format(b, 'H')))
+    fail(std::string(name) + " must hold bfloat16 (as its 16-bit pattern), got buffer format '" + b.format + "'");
+  expect_ndim(b, name, ndim);
+  expect_contiguous(b, name);
+  return b;
+}
+
+void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& out, int n_threads) {
+  py::buffer_info qb = request_bf16(q, "q", 3, false), rb = request_bf16(rows, "rows", 3, false);
+  py::buffer_info ob = request_bf16(out, "out", 3, true);
+  if (rb.shape[0] != qb.shape[0] || rb.shape[2] != qb.shape[2])
+    fail("q [X, G, D] and rows [X, N, D] must agree in X and D");
+  if (ob.shape[0] != qb.shape[0] || ob.shape[1] != qb.shape[1] || ob.shape[2] != rb.shape[1])
+    fail("out must have shape [X, G, N]");
+  hybridattn::QueryDotsArgs a;
+  a.q = static_cast<const uint16_t*>(qb.ptr);
+  a.rows = static_cast<const uint16_t*>(rb.ptr);
+  a.out = static_cast<uint16_t*>(ob.ptr);
+  a.n_items = qb.shape[0];
+  a.group = qb.shape[1];
+  a.n_rows = rb.shape[1];
+  a.dim = qb.shape[2];
+  a.n_threads = n_threads;
+  hybridattn::check_query_dots_args(a);  // shape errors surface before the GIL is released
+  py::gil_scoped_release release;
+  hybridattn::query_dots(a);
+}
+
 // A buffer of `ndim` dimensions of the given format ('i' int32, 'q' int64 or 'f' float32), contiguous,
 // whose leading dimensions are `lead`.
 py::buffer_info request_typed(const py::buffer& buf, const char* name, const std::vector<py::ssize_t>& lead,
@@ -350,6 +382,9 @@ PYBIND11_MODULE(_C, m) {
         "the gather-attend of those read, and the reads per block.");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
+  m.def("query_dots", &query_dots, py::arg("q"), py::arg("rows"), py::arg("out"), py::arg("n_threads") = 0,
+        "q [X, G, D] . rows [X, N, D] (bf16, AVX512-BF16) -> out [X, G, N] bf16, rounded to nearest even.");
+  m.def("has_bf16_dots", &hybridattn::has_bf16_dots, "Whether this CPU runs query_dots (AVX512-BF16).");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");
   m.attr("HOST_MIN_CHUNK") = hybridattn::kMinHostChunk;
 #ifdef _OPENMP

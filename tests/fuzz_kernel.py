@@ -1,5 +1,5 @@
-"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch`, `gather_scores`, `host_step` and
-`merge_attention` against references.
+"""Fuzzing of the host kernels `gather_attend`, `gather_attend_batch`, `gather_scores`, `host_step`,
+`merge_attention` and `query_dots` against references.
 
     python tests/fuzz_kernel.py --calls 100000 [--seed 0] [--ext build/sanitize]
 
@@ -46,6 +46,11 @@ gather-attend checks above for the ids read; in a batch each sequence's outputs 
 the same call on it alone. A list row, list entry or block out of range that a unit reaches raises
 IndexError naming the sequence and KV head, a range outside [0, N] one naming the sequence, more
 ids than `cap` one naming the unit that read them.
+
+`query_dots` (bf16 q [X, G, D] and rows [X, N, D]) must give bf16 scores, each the bf16 rounding of an fp32
+sum within (D + 4) eps sum_d |q_d k_d| of the fp64 product where those sums stay below FLT_MAX / 4, also
+where torch's product serves (a D that is no multiple of 32, a CPU without bf16 dot products); fp32 rows
+or rows whose D differs from q's raise ValueError.
 
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.decode.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
@@ -1017,6 +1022,79 @@ def run_merge_case(ops, c: MergeCase) -> tuple[Counter, list[str]]:
     return Counter(compared=1), [f"{c}: {problem}"] if problem else []
 
 
+# ------------------------------------------------------------------ query_dots
+
+
+@dataclass(frozen=True)
+class QueryDotsCase:
+    X: int
+    G: int
+    N: int
+    D: int  # a multiple of 32 but where `odd_dim` (torch's product then serves)
+    q_exp: int
+    k_exp: int
+    odd_dim: bool
+    bad: str | None  # None, or what is wrong: "dtype" (fp32 rows), "shape" (rows' D differs from q's)
+    seed: int
+
+
+BF16_EPS = 2.0**-8  # bf16 unit roundoff
+BAD_DOTS = {"dtype": "bfloat16", "shape": "expected q [X, G, D] and rows [X, N, D]"}
+
+
+def draw_query_dots_case(pick: Pick) -> QueryDotsCase:
+    """Shapes around the kernel's edges: N around the 16-row tile and the 64-row unit of work, D at the
+    tiled sizes (64, 128) and beside them, G past the 4 of the engine's GQA groups."""
+    return QueryDotsCase(
+        X=pick((0, 1, 1, 2, 3, 8)),
+        G=pick((0, 1, 2, 4, 4, 5, 9)),
+        N=pick((0, 1, 15, 16, 17, 63, 64, 65, 100, 257)),
+        D=pick((32, 64, 64, 96, 128, 128, 160)),
+        q_exp=pick((0, 0, 0, -3, 2, 30, 38)),
+        k_exp=pick((0, 0, 0, -1, 3, 20, 38)),
+        odd_dim=pick((False,) * 7 + (True,)),
+        bad=pick((None,) * 12 + tuple(BAD_DOTS)),
+        seed=pick(range(1 << 16)),
+    )
+
+
+def check_query_dots_result(out, q, rows) -> tuple[str, str | None]:
+    """(outcome, None or the first disagreement): every score the bf16 rounding of an fp32 sum within
+    (D + 4) eps sum_d |q_d k_d| of the fp64 product, where those sums stay below FLT_MAX / 4."""
+    ref = torch.bmm(q.double(), rows.double().transpose(1, 2))
+    P = torch.bmm(q.double().abs(), rows.double().abs().transpose(1, 2))
+    if out.shape != ref.shape or out.dtype != torch.bfloat16:
+        return "compared", f"{out.dtype} {tuple(out.shape)}, expected bfloat16 {tuple(ref.shape)}"
+    if out.numel() and float(P.max()) >= FLT_MAX / 4:
+        return "beyond fp32", None
+    summed = (q.shape[2] + 4) * EPS * P
+    bound = summed + BF16_EPS * (ref.abs() + summed) + DENORM_FLOOR
+    bad = ~((out.double() - ref).abs() <= bound)  # NaN counts as bad
+    if bool(bad.any()):
+        x, g, n = (int(i) for i in bad.nonzero()[0])
+        return "compared", f"out[{x}, {g}, {n}] = {float(out[x, g, n])}, reference {float(ref[x, g, n])}"
+    return "compared", None
+
+
+def run_query_dots_case(ops, c: QueryDotsCase) -> tuple[Counter, list[str]]:
+    """query_dots with 1 and 2 threads (torch's product where the CPU lacks bf16 dot products)."""
+    g = torch.Generator().manual_seed(c.seed)
+    D = c.D + 16 if c.odd_dim else c.D
+    q = _values((c.X, c.G, D), c.q_exp, torch.bfloat16, g)
+    rows = _values((c.X, c.N, D + 32 if c.bad == "shape" else D), c.k_exp, torch.bfloat16, g)
+    if c.bad == "dtype":
+        rows = rows.float()
+    expected = (ValueError, BAD_DOTS[c.bad]) if c.bad in BAD_DOTS else None
+
+    def call(n_threads, scalar):
+        return ops.query_dots(q, rows, n_threads=n_threads), None
+
+    def check(out, _, n_threads, scalar):
+        return check_query_dots_result(out, q, rows)
+
+    return _run_variants(f"query_dots {c}", call, expected, check)
+
+
 # ------------------------------------------------------------------ long run
 
 
@@ -1043,6 +1121,7 @@ RUNS = (
     (draw_batch_case, run_batch_case),
     (draw_host_case, run_host_case),
     (draw_merge_case, run_merge_case),
+    (draw_query_dots_case, run_query_dots_case),
 )
 
 

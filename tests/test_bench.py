@@ -911,3 +911,12 @@ def test_gpu_session_runs_its_parts_in_turn_within_the_deadline(tmp_path, deadli
     if expected[-1] == "batch: exit 0":
         calls = (tmp_path / "calls").read_text()
         assert "-m bench.gpu_check --json" in calls and "--prefill 131072 --chunk 8192" in calls
+
+
+def test_bench_query_dots_times_both_products_and_their_steps_give_the_same_output(tmp_path):
+    out = tmp_path / "dots.json"
+    script("bench.speed.query_dots").main(["--quick", "--rounds", "3", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["cases"]
+    assert row["same_output"] is True and row["build_queries"] > 0
+    assert row["native"] is False  # the tiny shape's 16 dimensions: torch's product on both sides
+    assert min(row["product_ms"], row["product_ms_torch"], row["step_ms"], row["step_ms_torch"]) > 0

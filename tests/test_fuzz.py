@@ -1,5 +1,5 @@
-"""Fuzzing of gather_attend, gather_attend_batch, gather_scores, host_step and merge_attention against the
-references: a short, deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
+"""Fuzzing of gather_attend, gather_attend_batch, gather_scores, host_step, merge_attention and query_dots
+against the references: a short, deterministic hypothesis run. The rules are in tests/fuzz_kernel.py, which also
 runs them for 100,000+ calls (`make sanitize` does so under ASan and UBSan)."""
 
 import math
@@ -19,6 +19,7 @@ from tests.fuzz_kernel import (
     HostSeq,
     HostStepCase,
     MergeCase,
+    QueryDotsCase,
     attend_reference,
     check_attend_result,
     check_merge_result,
@@ -26,6 +27,7 @@ from tests.fuzz_kernel import (
     draw_batch_case,
     draw_host_case,
     draw_merge_case,
+    draw_query_dots_case,
     effective_scale,
     make_attend_inputs,
     make_host_inputs,
@@ -34,6 +36,7 @@ from tests.fuzz_kernel import (
     run_batch_case,
     run_host_case,
     run_merge_case,
+    run_query_dots_case,
     run_scores_case,
 )
 from tests.fuzz_kernel import main as fuzz_main
@@ -68,6 +71,16 @@ def merge_cases(draw):
     return draw_merge_case(lambda options: draw(st.sampled_from(options)))
 
 
+@st.composite
+def query_dots_cases(draw):
+    return draw_query_dots_case(lambda options: draw(st.sampled_from(options)))
+
+
+def dots_case(**changes) -> QueryDotsCase:
+    base = dict(X=2, G=4, N=70, D=128, q_exp=0, k_exp=0, odd_dim=False, bad=None, seed=1)
+    return QueryDotsCase(**(base | changes))
+
+
 def case(**changes) -> AttendCase:
     base = dict(Hkv=2, G=3, N=40, D=64, M=50, dtype="float32", spare_k=0, spare_v=0, pad=0.2, repeat=0.0)
     base |= dict(q_exp=0, k_exp=0, v_exp=0, scale=None, bad_id=None, dirty_out=False, seed=1)
@@ -99,6 +112,17 @@ def test_gather_attend_matches_reference(c):
 @example(case(dtype="float16", q_exp=30, k_exp=8))  # beyond fp32: padding still -inf
 def test_gather_scores_match_reference(c):
     _, problems = run_scores_case(ops, c)
+    assert not problems, problems[0]
+
+
+@FUZZ
+@given(query_dots_cases())
+@example(dots_case(X=0))  # nothing to score
+@example(dots_case(N=17, G=9, D=96))  # a partial tile, more query heads than a GQA group, D untiled
+@example(dots_case(q_exp=38, k_exp=38))  # beyond fp32: it still returns
+@example(dots_case(bad="shape"))
+def test_query_dots_match_reference(c):
+    _, problems = run_query_dots_case(ops, c)
     assert not problems, problems[0]
 
 
@@ -251,6 +275,10 @@ class BrokenOps:
     def merge_attention(o_a, lse_a, o_b, lse_b):
         return torch.zeros_like(o_a), torch.zeros_like(lse_a)
 
+    @staticmethod
+    def query_dots(q, rows, **kw):
+        return torch.zeros(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
+
 
 @pytest.mark.parametrize("c", [case(), case(bad_id="N"), case(scale=math.inf)], ids=["values", "bad id", "bad scale"])
 def test_every_call_of_a_broken_kernel_is_a_mismatch(c):
@@ -261,6 +289,12 @@ def test_every_call_of_a_broken_kernel_is_a_mismatch(c):
 @pytest.mark.parametrize("c", [case(), case(pad=1.0), case(bad_id="N")], ids=["values", "padding", "bad id"])
 def test_every_call_of_a_broken_scores_kernel_is_a_mismatch(c):
     outcomes, problems = run_scores_case(BrokenOps, c)
+    assert len(problems) == 4
+
+
+@pytest.mark.parametrize("c", [dots_case(), dots_case(bad="dtype")], ids=["values", "fp32 rows"])
+def test_every_call_of_a_broken_dots_kernel_is_a_mismatch(c):
+    outcomes, problems = run_query_dots_case(BrokenOps, c)
     assert len(problems) == 4
 
 

@@ -116,21 +116,26 @@ def measure(layer, queries: list[torch.Tensor], scale: float, repeats: int) -> d
     return row
 
 
-def run(args) -> list[dict]:
-    rows = []
+def recorded_contexts(args):
+    """For each of a layer benchmark's models and contexts (`layer_args`): (model name, context, the first
+    layer of a cache filled with that synthetic context, its RECORDED decode queries, the attention scale)."""
     for model_name in args.models:
         model, tok = benchmark_model(model_name, layers=1, attn_implementation="hybrid")
         stats = channel_stats(model, tok)
         for context in args.contexts:
             cache = HybridCache(model, OffloadConfig(device="cpu"), max_length=context + 64, progress=False)
             fill(cache, stats, context, dtype=next(model.parameters()).dtype, context=args.context)
-            queries = record_queries(model, cache)
-            scale = model.config.head_dim**-0.5
-            times = measure(cache.layers[0], queries, scale, args.repeats)
-            row = {"model": model_name, "context": context, "context_kind": args.context}
-            row |= {"host_tokens": cache.layers[0].host.n} | {k: round(v, 4) for k, v in times.items()}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            yield model_name, context, cache.layers[0], record_queries(model, cache), model.config.head_dim**-0.5
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for model_name, context, layer, queries, scale in recorded_contexts(args):
+        times = measure(layer, queries, scale, args.repeats)
+        row = {"model": model_name, "context": context, "context_kind": args.context}
+        row |= {"host_tokens": layer.host.n} | {k: round(v, 4) for k, v in times.items()}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ann.qq import bmm_dots
 from engine.index.distinct import _pad, distinct_rows
+from engine.native import ops
 
 OVERSAMPLE = 8  # proposals looked at per host token a step may take
 
@@ -139,4 +141,13 @@ def proposal_rows(
     G = q.shape[2]
     # only the first oversample * limit proposals are looked at: merge no more lists than fill them
     n_lists = [min(-(-oversample * k // s.lists.m_keys), s.lists.n_neighbors) for s, k in zip(selectors, top_k)]
-    return stacked_nearest([s.lists for s in selectors], q, n_lists), [G * k for k in top_k]
+    return stacked_nearest([s.lists for s in selectors], q, n_lists, dots=build_query_dots), [G * k for k in top_k]
+
+
+def build_query_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The query lists' product q [X, G, D] . build queries [X, N, D]: bf16 ones in host memory through
+    the CPU's bf16 dot-product instructions where it has them (`ops.query_dots`: the same scores up to the
+    order of their sums, in well under torch's time for a product of so few rows), else torch's."""
+    if rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and ops.bf16_dots_available():
+        return ops.query_dots(q, rows)
+    return bmm_dots(q, rows)

@@ -1,5 +1,6 @@
 """Host kernels: gather-attend over the host KV store, the scores of listed rows, the whole
-host side of a decode step (`host_step`), and the log-sum-exp merge.
+host side of a decode step (`host_step`), the log-sum-exp merge, and bf16 dot products for the
+query lists' search (`query_dots`).
 
 The C++ extension `engine.native._C` does the work; this module turns torch CPU
 tensors and numpy arrays into zero-copy buffers for it. When the extension is
@@ -273,6 +274,27 @@ def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) 
         return out.fill_(float("-inf"))
     s = torch.bmm(q.view(k.shape[0], -1, k.shape[2]), _rows(k, ids).transpose(1, 2))  # [Hkv, G, M]
     return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
+
+
+def bf16_dots_available() -> bool:
+    """Whether `query_dots` runs here: the extension loaded, on a CPU with AVX512-BF16."""
+    return HAS_EXT and _C.has_bf16_dots()
+
+
+def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0) -> torch.Tensor:
+    """q [X, G, D] . rows [X, N, D] -> [X, G, N], all bf16 on the CPU (D a multiple of 32): what
+    torch.bmm(q, rows.transpose(1, 2)) gives, up to the order of its fp32 sums, through the CPU's bf16
+    dot-product instructions (`bf16_dots_available`; elsewhere torch's product)."""
+    q, rows = _as_cpu_tensor(q, "q"), _as_cpu_tensor(rows, "rows")
+    if q.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16:
+        raise ValueError(f"query_dots takes bfloat16 q and rows, got {q.dtype} and {rows.dtype}")
+    if q.dim() != 3 or rows.dim() != 3 or q.shape[0] != rows.shape[0] or q.shape[2] != rows.shape[2]:
+        raise ValueError(f"expected q [X, G, D] and rows [X, N, D]; got q {tuple(q.shape)}, rows {tuple(rows.shape)}")
+    if not bf16_dots_available() or q.shape[2] % 32:
+        return torch.bmm(q, rows.transpose(1, 2))
+    out = torch.empty(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
+    _C.query_dots(_buffer(q.contiguous()), _buffer(rows.contiguous()), _buffer(out), n_threads)
+    return out
 
 
 def _check_rows(ids: torch.Tensor, n: int) -> None:

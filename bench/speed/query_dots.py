@@ -1,0 +1,83 @@
+"""The query lists' search with the native bf16 product (`ops.query_dots`, AVX512-BF16) against
+torch's, on one layer of a synthetic context (bench.common.caches) and the model's own decode queries.
+
+Per context:
+- product_ms / product_ms_torch: the product of a step's queries with the layer's build queries
+  alone, repeated (warm);
+- step_ms / step_ms_torch: the layer's decode step (engine.decode.step.native_step) with each
+  product, their steps in turns, medians; `same_output`: whether the two steps' outputs were equal
+  to the bit at every step compared; kv_read_frac: the host KV rows a step read, as a share (mean).
+Where the CPU lacks bf16 dot products (or the build queries are not bf16 with a dimension that is a
+multiple of 32) both use torch's product, and `native` says so.
+
+    python -m bench.speed.query_dots [--quick] [--json PATH] [--models ...] [--contexts ...] [--threads N]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from ann.qq import bmm_dots
+from bench.common.options import parser, positive_int
+from bench.common.output import save_run
+from bench.common.timing import median_ms
+from bench.speed.host_side import layer_args, recorded_contexts
+from engine.decode import step
+from engine.index import heads
+from engine.native import ops
+
+
+@torch.inference_mode()
+def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> dict:
+    """Both products alone and within the step, steps in turns (see the module doc)."""
+    lists = layer.key_index.lists
+    unit = torch.nn.functional.normalize(queries[0][:, :, 0].float(), dim=-1).to(lists.dtype)  # [Hkv, G, D]
+    native = lists.queries.dtype == torch.bfloat16 and lists.queries.shape[-1] % 32 == 0
+    native = native and ops.bf16_dots_available()
+    row = {"native": native, "build_queries": lists.n_queries}
+    row["product_ms"] = median_ms(lambda: heads.build_query_dots(unit, lists.queries), rounds)
+    row["product_ms_torch"] = median_ms(lambda: bmm_dots(unit, lists.queries), rounds)
+    times, same, chosen, reads = {"native": [], "torch": []}, True, heads.build_query_dots, []
+    try:
+        for r in range(rounds):
+            outputs = {}
+            for name in ("native", "torch") if r % 2 else ("torch", "native"):
+                heads.build_query_dots = chosen if name == "native" else bmm_dots
+                start = time.perf_counter()
+                outputs[name] = []
+                for q in queries:
+                    outputs[name].append(step.native_step([layer], q[None], scale))
+                    reads.append(layer.stats.gathered / (layer.n_kv_heads * layer.stats.host_tokens))
+                times[name].append((time.perf_counter() - start) * 1e3 / len(queries))
+            same &= all(torch.equal(a, b) for a, b in zip(outputs["native"], outputs["torch"]))
+    finally:
+        heads.build_query_dots = chosen
+    row["step_ms"], row["step_ms_torch"] = (statistics.median(times[k]) for k in ("native", "torch"))
+    row["same_output"], row["kv_read_frac"] = same, statistics.mean(reads)
+    return row
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for model_name, context, layer, queries, scale in recorded_contexts(args):
+        times = measure(layer, queries, scale, args.rounds)
+        row = {"model": model_name, "context": context}
+        row |= {k: round(v, 4) if isinstance(v, float) else v for k, v in times.items()}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    p = parser(__doc__, __spec__)
+    p.add_argument("--rounds", type=positive_int, default=30, help="rounds of the recorded steps, in turns")
+    args = layer_args(p, argv, [8192, 131072])
+    save_run(args, {"contexts": args.contexts, "rounds": args.rounds}, run(args))
+
+
+if __name__ == "__main__":
+    main()
