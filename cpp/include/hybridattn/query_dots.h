@@ -20,7 +20,7 @@
 #include <omp.h>
 #endif
 
-#if HA_HAS_VECTORS && defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#if HA_HAS_VECTORS && defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 10))
 #define HA_BF16_DOTS 1
 #include <immintrin.h>
 #else
