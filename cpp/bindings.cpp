@@ -203,19 +203,31 @@ void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& i
   hybridattn::gather_scores(a);
 }
 
-// A contiguous bf16 buffer (its 16-bit pattern) of `ndim` dimensions.
-py::buffer_info request_bf16(const py::buffer& buf, const char* name, py::ssize_t ndim, bool writable) {
+// A buffer of `ndim` dimensions of the given format ('i' int32, 'q' int64, 'f' float32 or 'h' bfloat16,
+// as its 16-bit pattern), contiguous, whose leading dimensions are `lead`.
+py::buffer_info request_typed(const py::buffer& buf, const char* name, const std::vector<py::ssize_t>& lead,
+                              py::ssize_t ndim, char type, bool writable) {
   py::buffer_info b = buf.request(writable);
-  if (b.itemsize != 2 || !(is_format(b, 'h') || is_format(b, 'H')))
-    fail(std::string(name) + " must hold bfloat16 (as its 16-bit pattern), got buffer format '" + b.format + "'");
+  const bool ok = type == 'q'   ? is_int64(b)
+                  : type == 'i' ? b.itemsize == 4 && (is_format(b, 'i') || is_format(b, 'l'))
+                  : type == 'h' ? b.itemsize == 2 && (is_format(b, 'h') || is_format(b, 'H'))
+                                : is_format(b, 'f');
+  if (!ok)
+    fail(std::string(name) + " must be " +
+         (type == 'q' ? "int64" : type == 'i' ? "int32" : type == 'h' ? "bfloat16 (its 16-bit pattern)" : "float32") +
+         ", got buffer format '" + b.format + "'");
   expect_ndim(b, name, ndim);
   expect_contiguous(b, name);
+  for (size_t i = 0; i < lead.size(); ++i)
+    if (b.shape[i] != lead[i])
+      fail(std::string(name) + ": dimension " + std::to_string(i) + " is " + std::to_string(b.shape[i]) +
+           ", expected " + std::to_string(lead[i]));
   return b;
 }
 
 void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& out, int n_threads) {
-  py::buffer_info qb = request_bf16(q, "q", 3, false), rb = request_bf16(rows, "rows", 3, false);
-  py::buffer_info ob = request_bf16(out, "out", 3, true);
+  py::buffer_info qb = request_typed(q, "q", {}, 3, 'h', false), rb = request_typed(rows, "rows", {}, 3, 'h', false);
+  py::buffer_info ob = request_typed(out, "out", {}, 3, 'h', true);
   if (rb.shape[0] != qb.shape[0] || rb.shape[2] != qb.shape[2])
     fail("q [X, G, D] and rows [X, N, D] must agree in X and D");
   if (ob.shape[0] != qb.shape[0] || ob.shape[1] != qb.shape[1] || ob.shape[2] != rb.shape[1])
@@ -232,26 +244,6 @@ void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& o
   hybridattn::check_query_dots_args(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
   hybridattn::query_dots(a);
-}
-
-// A buffer of `ndim` dimensions of the given format ('i' int32, 'q' int64 or 'f' float32), contiguous,
-// whose leading dimensions are `lead`.
-py::buffer_info request_typed(const py::buffer& buf, const char* name, const std::vector<py::ssize_t>& lead,
-                              py::ssize_t ndim, char type, bool writable) {
-  py::buffer_info b = buf.request(writable);
-  const bool ok = type == 'q'   ? is_int64(b)
-                  : type == 'i' ? b.itemsize == 4 && (is_format(b, 'i') || is_format(b, 'l'))
-                                : is_format(b, 'f');
-  if (!ok)
-    fail(std::string(name) + " must be " + (type == 'q' ? "int64" : type == 'i' ? "int32" : "float32") +
-         ", got buffer format '" + b.format + "'");
-  expect_ndim(b, name, ndim);
-  expect_contiguous(b, name);
-  for (size_t i = 0; i < lead.size(); ++i)
-    if (b.shape[i] != lead[i])
-      fail(std::string(name) + ": dimension " + std::to_string(i) + " is " + std::to_string(b.shape[i]) +
-           ", expected " + std::to_string(lead[i]));
-  return b;
 }
 
 void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_stores, const py::list& lists,

@@ -109,8 +109,10 @@ class HybridLLM:
             raise TypeError(f"prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
         return self._check_ids(self.tokenizer(prompt, return_tensors="pt").input_ids)
 
-    def _encode_batch(self, prompts: list) -> list[torch.Tensor]:
-        """`encode` of each prompt of a batch; an error names the prompt it is about."""
+    def _encode_all(self, prompts: list) -> list[torch.Tensor]:
+        """`encode` of each prompt; in a batch of several, an error names the prompt it is about."""
+        if len(prompts) == 1:
+            return [self.encode(prompts[0])]
         ids = []
         for i, prompt in enumerate(prompts):
             try:
@@ -209,7 +211,7 @@ class HybridLLM:
         HybridCache, stacked into one when there are several, then decoded together
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
         check_sampling(max_new_tokens, temperature, seed)
-        ids = [self.encode(prompts[0])] if len(prompts) == 1 else self._encode_batch(prompts)
+        ids = self._encode_all(prompts)
         self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
         run = None

@@ -36,8 +36,7 @@ def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> di
     """Both products alone and within the step, steps in turns (see the module doc)."""
     lists = layer.key_index.lists
     unit = torch.nn.functional.normalize(queries[0][:, :, 0].float(), dim=-1).to(lists.dtype)  # [Hkv, G, D]
-    native = lists.queries.dtype == torch.bfloat16 and lists.queries.shape[-1] % 32 == 0
-    native = native and ops.bf16_dots_available()
+    native = lists.queries.dtype == torch.bfloat16 and ops.query_dots_native(lists.queries)
     row = {"native": native, "build_queries": lists.n_queries}
     row["product_ms"] = median_ms(lambda: heads.build_query_dots(unit, lists.queries), rounds)
     row["product_ms_torch"] = median_ms(lambda: bmm_dots(unit, lists.queries), rounds)

@@ -276,9 +276,17 @@ def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) 
     return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
 
 
+_BF16_DOTS = HAS_EXT and _C.has_bf16_dots()  # asked once: the CPU does not change under a process
+
+
 def bf16_dots_available() -> bool:
     """Whether `query_dots` runs here: the extension loaded, on a CPU with AVX512-BF16."""
-    return HAS_EXT and _C.has_bf16_dots()
+    return _BF16_DOTS
+
+
+def query_dots_native(rows: torch.Tensor) -> bool:
+    """Whether `query_dots` over these rows (bf16, on the CPU) runs the kernel, not torch's product."""
+    return bf16_dots_available() and rows.shape[-1] % 32 == 0
 
 
 def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0) -> torch.Tensor:
@@ -290,7 +298,7 @@ def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0) -> to
         raise ValueError(f"query_dots takes bfloat16 q and rows, got {q.dtype} and {rows.dtype}")
     if q.dim() != 3 or rows.dim() != 3 or q.shape[0] != rows.shape[0] or q.shape[2] != rows.shape[2]:
         raise ValueError(f"expected q [X, G, D] and rows [X, N, D]; got q {tuple(q.shape)}, rows {tuple(rows.shape)}")
-    if not bf16_dots_available() or q.shape[2] % 32:
+    if not query_dots_native(rows):
         return torch.bmm(q, rows.transpose(1, 2))
     out = torch.empty(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
     _C.query_dots(_buffer(q.contiguous()), _buffer(rows.contiguous()), _buffer(out), n_threads)
