@@ -26,6 +26,7 @@ from engine.generation import (
     sampler,
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
+from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,23 @@ class HybridLLM:
         tokens: list[int] = []
         shown = ""
         report = report if report is not None else GenerationReport()
-        with closing(self._decode([prompt], max_new_tokens, [report], **kwargs)) as picks:  # closed when stopped
-            for _, token in picks:
+        stops = StopStrings(self.tokenizer, kwargs.pop("stop", None))
+        with closing(self._decode([prompt], max_new_tokens, [report], stops=stops, **kwargs)) as picks:
+            for _, token in picks:  # (closed when the consumer stops early)
                 tokens.append(token)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                text = stops.text(tokens)
+                if stops.reached(tokens):
+                    text = stops.cut(text)
+                elif text.endswith("\ufffd"):  # half a multi-byte character: held back
+                    continue
+                else:  # what may begin a stop string: held back until the next tokens tell
+                    text = text[: len(text) - stops.held(text)]
+                if len(text) > len(shown):
                     yield text[len(shown) :]
                     shown = text
+            text = stops.cut(stops.text(tokens))
+            if len(text) > len(shown):  # the end came without completing a stop string: what was held back
+                yield text[len(shown) :]
 
     def generate_batch(
         self,
@@ -175,25 +186,26 @@ class HybridLLM:
         temperature: float = 0.0,
         seed: int = 0,
         stop_at_eos: bool = True,
+        stop: str | list[str] | None = None,
         progress: bool = True,
     ) -> list[GenerationResult]:
         """Decode several prompts together: each is prefilled alone (its host indexes built),
         then every decode step runs the whole batch through the model at once, each sequence
         at its own position; a sequence that ends (EOS) leaves the batch, the others go on.
         Greedy, each result is what `generate` gives its prompt alone; temperature > 0 samples
-        with a generator seeded with `seed`; `progress` shows the prefill and index-build bars
-        (stderr). Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
+        with a generator seeded with `seed`; a sequence whose text comes to contain one of the `stop`
+        strings ends there, its text cut just before it (its token_ids keep every token picked);
+        `progress` shows the prefill and index-build bars (stderr). Each report is its own
+        sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
         reports = [GenerationReport() for _ in prompts]
         tokens: list[list[int]] = [[] for _ in prompts]
+        stops = StopStrings(self.tokenizer, stop)
         sampling = dict(temperature=temperature, seed=seed, stop_at_eos=stop_at_eos, progress=progress)
-        for row, token in self._decode(prompts, max_new_tokens, reports, **sampling):
+        for row, token in self._decode(prompts, max_new_tokens, reports, stops=stops, **sampling):
             tokens[row].append(token)
-        return [
-            GenerationResult(self.tokenizer.decode(toks, skip_special_tokens=True), toks, report)
-            for toks, report in zip(tokens, reports)
-        ]
+        return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
 
     @torch.inference_mode()
     def _decode(
@@ -205,6 +217,7 @@ class HybridLLM:
         temperature: float = 0.0,
         seed: int = 0,
         stop_at_eos: bool = True,
+        stops: StopStrings | None = None,
         progress: bool = True,
     ) -> Iterator[tuple[int, int]]:
         """(row, token) as each is picked: the prompts prefilled one by one, each into its own
@@ -229,6 +242,7 @@ class HybridLLM:
                 max_new_tokens,
                 pick=sampler(temperature, generator),
                 eos=eos_ids(self.model) if stop_at_eos else set(),
+                ends=stops.reached if stops else None,
                 lengths=None if len(done) == 1 else [p.prompt_tokens for p in done],
             )
             yield from run

@@ -165,8 +165,10 @@ def cmd_generate(args) -> int:
     _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
     from engine.api import GenerationReport, HybridLLM, check_sampling
+    from engine.stop import StopStrings
 
-    check_sampling(args.max_new_tokens, args.temperature)
+    check_sampling(args.max_new_tokens, args.temperature, args.seed)
+    StopStrings(None, args.stop)  # checked here, before the model loads
     bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
     if not bars:
         from transformers.utils import logging as transformers_logging
@@ -178,7 +180,8 @@ def cmd_generate(args) -> int:
     else:
         report = GenerationReport()
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
-        stream = llm.stream(prompt, args.max_new_tokens, report=report, temperature=args.temperature, progress=bars)
+        sampling = dict(temperature=args.temperature, seed=args.seed, stop=args.stop)
+        stream = llm.stream(prompt, args.max_new_tokens, report=report, progress=bars, **sampling)
         for piece in stream:
             print(piece, end="", flush=True)
         print()
@@ -256,7 +259,8 @@ def _print_report(report, args, offload) -> None:
         from importlib.metadata import version
 
         run = dict(model=args.model, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
-        run.update(temperature=args.temperature, demo_seed=args.seed if args.demo else None)
+        run.update(temperature=args.temperature, seed=args.seed, stop=args.stop or [])
+        run.update(demo_seed=args.seed if args.demo else None)
         run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
         Path(args.json).write_text(json.dumps({**report.as_dict(), "run": run}, indent=1))
 
@@ -364,9 +368,12 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.add_argument("--demo", action="store_true", help=f"passkey in ~{DEMO_TOKENS} tokens, full attention vs hybrid")
-    g.add_argument("--seed", type=int, default=0, help="demo prompt seed")
+    g.add_argument("--seed", type=int, default=0, help="the sampling's seed (and the demo prompt's)")
     g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above it, sampled")
+    g.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
+    )
     g.add_argument(
         "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"
     )

@@ -204,7 +204,9 @@ class Decoding:
     `cache` holds the prompts' positions: a HybridCache (one sequence, or several stacked by
     `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
-    records, no bytes). A row ends after an `eos` token or its max_new_tokens-th; with
+    records, no bytes). A row ends after an `eos` token, after a token where `ends` (given the
+    row's tokens so far: e.g. engine.stop.StopStrings.reached) says so, or after its
+    max_new_tokens-th; with
     `forced` (per row, at least max_new_tokens - 1 tokens) row b is fed forced[b][i] after
     its i-th pick instead of the pick (teacher forcing; only the length ends it). Counted on
     the way, per row: `tokens`, `fed` (one per forward pass it took part in), `seconds` from
@@ -221,6 +223,7 @@ class Decoding:
         *,
         pick: Pick = greedy_pick,
         eos=frozenset(),
+        ends: Callable[[list[int]], bool] | None = None,
         lengths: list[int] | None = None,
         forced: list[list[int]] | None = None,
     ):
@@ -236,7 +239,7 @@ class Decoding:
         if forced is not None and (len(forced) != B or any(len(f) < max_new_tokens - 1 for f in forced)):
             raise ValueError(f"forced must give each of the {B} rows at least max_new_tokens - 1 tokens")
         self.model, self.cache, self.max_new_tokens = model, cache, max_new_tokens
-        self.pick, self.eos, self.lengths, self.forced = pick, eos, lengths, forced
+        self.pick, self.eos, self.ends, self.lengths, self.forced = pick, eos, ends, lengths, forced
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
@@ -267,7 +270,7 @@ class Decoding:
                 for row, token in zip(rows, self.pick(logits)):
                     self.tokens[row].append(token)
                     yield row, token
-                    if len(self.tokens[row]) == self.max_new_tokens or (self.forced is None and token in self.eos):
+                    if len(self.tokens[row]) == self.max_new_tokens or self._ends(row, token):
                         self.seconds[row] = time.perf_counter() - start
                         ended.add(row)
                 staying = [i for i, row in enumerate(rows) if row not in ended]
@@ -291,6 +294,12 @@ class Decoding:
                 if row not in ended:
                     self.seconds[row] = time.perf_counter() - start
             self._measure_memory()
+
+    def _ends(self, row: int, token: int) -> bool:
+        """Whether the row ends after `token`, its newest pick, before its length does (never when forced)."""
+        if self.forced is not None:
+            return False
+        return token in self.eos or (self.ends is not None and self.ends(self.tokens[row]))
 
     def _forward(self, rows: list[int], latest: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """The rows' next logits [B, vocab] after feeding them `latest` [B, 1]."""

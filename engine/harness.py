@@ -197,9 +197,9 @@ class HybridAttnLM(TemplateLM):
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
                 prompts = [self._prompt_ids(requests[i].args[0], max_new) for i in batch]
-                out = self.llm.generate(prompts, max_new, progress=False, **sampling)
+                out = self.llm.generate(prompts, max_new, stop=until, progress=False, **sampling)
                 for i, result in zip(batch, out):
-                    results[i] = cut_at(result.text, until)
+                    results[i] = result.text  # ended at the first `until` string, cut before it
                     self.reports[getattr(requests[i], "task_name", None), getattr(requests[i], "doc_id", i)] = (
                         result.report
                     )
@@ -213,7 +213,7 @@ class HybridAttnLM(TemplateLM):
             raise ValueError(f"generation arguments must be a dict, got {gen_kwargs!r}")
         args = dict(gen_kwargs)
         until = args.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
+        until = [u for u in ([until] if isinstance(until, str) else until) if u]  # an empty one stops nothing
         max_new = int(args.pop("max_gen_toks", self.max_gen_toks))
         do_sample = bool(args.pop("do_sample", False))
         temperature = float(args.pop("temperature", 0.0) or 0.0)
@@ -284,11 +284,3 @@ class HybridAttnLM(TemplateLM):
         target = torch.tensor(continuation[-n:], device=logprobs.device)
         total = float(logprobs.gather(1, target[:, None]).sum())
         return total, bool((logprobs.argmax(dim=-1) == target).all())
-
-
-def cut_at(text: str, until: list[str]) -> str:
-    """text up to the first of the stop strings (all of it when none occurs)."""
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text

@@ -180,6 +180,7 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_named_so(capsys, monkeypatch):
         (["--prompt", "hi", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
         (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--prompt", "hi", "--stop", ""], "stop strings must be non-empty strings, got ''"),
     ],
 )
 def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
@@ -499,8 +500,8 @@ def streamed(monkeypatch) -> dict:
     asked = {}
 
     class Engine:
-        def stream(self, prompt, max_new_tokens, *, report, temperature, progress):
-            asked["progress"] = progress
+        def stream(self, prompt, max_new_tokens, *, report, progress, **sampling):
+            asked.update(sampling, progress=progress)
             report.new_tokens = 1
             yield "ok"
 
@@ -531,4 +532,13 @@ def test_the_json_report_says_what_was_run(tmp_path, streamed):
     run = written["run"]
     assert run["model"] == "smollm2-135m" and run["max_new_tokens"] == 3 and run["temperature"] == 0.5
     assert run["offload"] == dataclasses.asdict(OffloadConfig.preset("tight", window=96))
-    assert run["demo_seed"] is None and run["hybridattn"]
+    assert run["demo_seed"] is None and run["seed"] == 0 and run["stop"] == [] and run["hybridattn"]
+
+
+def test_seed_and_stop_strings_reach_the_generation(tmp_path, streamed):
+    path = tmp_path / "report.json"
+    argv = ["generate", "--prompt", "hi", "--temperature", "0.7", "--seed", "5", "--stop", "\n", "--stop", "END"]
+    assert main([*argv, "--json", str(path)]) == 0
+    assert (streamed["temperature"], streamed["seed"], streamed["stop"]) == (0.7, 5, ["\n", "END"])
+    run = json.loads(path.read_text())["run"]
+    assert (run["seed"], run["stop"]) == (5, ["\n", "END"])

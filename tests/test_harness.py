@@ -14,9 +14,11 @@ from lm_eval.models.huggingface import HFLM
 from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
-from engine.harness import HybridAttnLM, cut_at, offload_config, task_manager, tokenizer_source
+from engine.harness import HybridAttnLM, offload_config, task_manager, tokenizer_source
+from engine.stop import StopStrings
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
+from tests.test_stop import first_new_piece, stopped_at
 
 # a small window and chunks of 7: the scored texts cross chunks and reach the host store
 CFG = OffloadConfig(
@@ -75,11 +77,19 @@ def test_generations_are_the_engine_s_and_batches_give_each_alone(bundled_tokeni
         ("One, two, three,", {"until": [], "max_gen_toks": 4}),
         (TEXT[:150], {"until": ["."], "max_gen_toks": 6}),
     ]
-    alone = lm.generate_until(requests("generate_until", gen), disable_tqdm=True)
-    for (context, kwargs), text in zip(gen, alone):
+    # the third's `until`: a piece of its answer from the third token on (a random model's answer holds no ".")
+    free = lm.llm.generate(torch.tensor(lm.tok_encode(gen[2][0])), 6, progress=False).token_ids
+    gen[2][1]["until"] = [first_new_piece(StopStrings(bundled_tokenizer, []), free, 2)]
+    named = [Instance("generate_until", {}, a, i, metadata=("t", i, 1)) for i, a in enumerate(gen)]  # reports by doc
+    alone = lm.generate_until(named, disable_tqdm=True)
+    for i, ((context, kwargs), text) in enumerate(zip(gen, alone)):
         ids = lm.tok_encode(context)[-(lm.max_length - kwargs["max_gen_toks"]) :]
-        expected = lm.llm.generate(torch.tensor(ids), kwargs["max_gen_toks"], progress=False).text
-        assert text == cut_at(expected, kwargs["until"])
+        free = lm.llm.generate(torch.tensor(ids), kwargs["max_gen_toks"], progress=False)
+        assert text == (free.text.split(kwargs["until"][0])[0] if kwargs["until"] else free.text)
+        # decoded up to the token that completed the `until` string, not on to max_gen_toks
+        n = stopped_at(StopStrings(bundled_tokenizer, kwargs["until"]), free.token_ids)
+        assert lm.reports["t", i].new_tokens == n
+    assert lm.reports["t", 2].new_tokens < 6  # it ended at its `until`
     assert len(lm.tok_encode(gen[0][0])) > lm.max_length
     batched = engine_lm(bundled_tokenizer, batch_size=2).generate_until(requests("generate_until", gen), True)
     assert batched == alone
@@ -91,12 +101,6 @@ def test_with_a_covering_budget_generations_are_lm_eval_hf_model_s(bundled_token
     assert lm.generate_until(requests("generate_until", gen), True) == reference.generate_until(
         requests("generate_until", gen), True
     )
-
-
-def test_cut_at_the_first_stop_string():
-    assert cut_at("a. b\n c", [".", "\n"]) == "a"
-    assert cut_at("a b\n c. d", [".", "\n"]) == "a b"
-    assert cut_at("no stop", ["x", ""]) == "no stop"
 
 
 def test_model_arguments_reach_the_configuration_and_bad_ones_are_named():

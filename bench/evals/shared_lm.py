@@ -27,7 +27,8 @@ from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
 from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
 from engine.api import GenerationReport, HybridLLM
 from engine.generation import eos_ids
-from engine.harness import HybridAttnLM, cut_at
+from engine.harness import HybridAttnLM
+from engine.stop import StopStrings
 
 CAPTURE = "hybrid_shared_capture"  # the prefill's attention function: the engine's, keeping the last queries
 
@@ -122,7 +123,8 @@ class SharedPrefillLM(HybridAttnLM):
                 widened_steps=sum(s["widened"] for s in steps[method]),
                 wider_runs=sum(s["wider_runs"] for s in steps[method]),
             )
-        return {m: cut_at(self.tokenizer.decode(t, skip_special_tokens=True), until) for m, t in tokens.items()}
+        stops = StopStrings(self.tokenizer, until)  # answers cut at them; the read shares are of every step taken
+        return {m: stops.cut(stops.text(t)) for m, t in tokens.items()}
 
 
 def _mean(values: list[float]) -> float:

@@ -1,0 +1,99 @@
+"""Stop strings (engine.stop): a sequence ends at the token that completes one, its text cut before
+it, the tokens before it as they were without it; a stream shows no part of one; the checks."""
+
+import pytest
+import torch
+
+from engine.api import HybridLLM
+from engine.stop import StopStrings
+from tests.conftest import tiny_llama
+from tests.test_generation import CFG, LENGTHS
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_tokenizer):
+    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, CFG)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ids = torch.randint(0, 5000, (400,), generator=torch.Generator().manual_seed(5))
+    return [ids[7 * i : 7 * i + n] for i, n in enumerate(LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def free(llm, prompts):
+    """Each prompt's answer without stop strings (the random model never picks its EOS before NEW)."""
+    return llm.generate(prompts, NEW, stop_at_eos=False, progress=False)
+
+
+def first_new_piece(stops: StopStrings, tokens: list[int], start: int) -> str:
+    """The text a token from `start` on adds that the text before it does not already hold."""
+    for k in range(start, len(tokens)):
+        before, after = stops.text(tokens[:k]), stops.text(tokens[: k + 1])
+        piece = after[len(before) :].strip()
+        if after.startswith(before) and piece and piece not in before and "\ufffd" not in piece:
+            return piece
+    raise AssertionError("no token adds new text")
+
+
+def stopped_at(stops: StopStrings, tokens: list[int]) -> int:
+    """How many of `tokens` a sequence decodes with `stops`: up to the first that completes one."""
+    return next((n for n in range(1, len(tokens) + 1) if stops.reached(tokens[:n])), len(tokens))
+
+
+def test_each_sequence_of_a_batch_ends_at_its_first_stop_string(llm, free, prompts):
+    stops = StopStrings(llm.tokenizer, [])
+    stop = first_new_piece(stops, free[1].token_ids, NEW // 3)  # row 1 ends a third of the way in, or later
+    stops = StopStrings(llm.tokenizer, ["\x00never", stop])
+    got = llm.generate(prompts, NEW, stop=stops.strings, stop_at_eos=False, progress=False)
+    for alone, result in zip(free, got):
+        n = stopped_at(stops, alone.token_ids)
+        assert result.token_ids == alone.token_ids[:n]  # the tokens before are as they were
+        assert result.text == (alone.text[: alone.text.find(stop)] if stop in alone.text else alone.text)
+        assert result.report.new_tokens == n and result.report.decode_steps == n - 1
+    assert len(got[1].token_ids) < NEW and stop not in got[1].text and got[1].text  # it stopped early, cut
+
+
+def test_a_stream_shows_no_part_of_a_stop_string(llm, free, prompts):
+    stops = StopStrings(llm.tokenizer, [])
+    stop = first_new_piece(stops, free[0].token_ids, NEW // 2)
+    pieces = list(llm.stream(prompts[0], NEW, stop=stop, stop_at_eos=False, progress=False))
+    assert "".join(pieces) == llm.generate(prompts[0], NEW, stop=stop, stop_at_eos=False, progress=False).text
+    assert "".join(pieces) == free[0].text[: free[0].text.find(stop)]
+
+
+def test_a_stream_gives_what_it_held_back_when_the_stop_string_never_comes(llm, free, prompts):
+    """A string the answer's end begins but never completes: held back, then shown at the end."""
+    text = free[2].text
+    stop = text[-1] + "\x00never"
+    pieces = list(llm.stream(prompts[2], NEW, stop=stop, stop_at_eos=False, progress=False))
+    assert "".join(pieces) == text  # its last character too, held back at the last token
+
+
+def test_the_cut_and_what_a_stream_holds_back():
+    stops = StopStrings(None, ["\n\nQ", "."])
+    assert stops.cut("a b\n\nQ c. d") == "a b" and stops.cut("a. b\n\nQ") == "a" and stops.cut("none") == "none"
+    assert [stops.held(t) for t in ("ab\n", "ab\n\n", "ab\n\nx", "ab")] == [1, 2, 0, 0]
+    assert stops.held("a\n\nQ") == 0  # complete: `reached`'s, not held
+
+
+def test_a_stop_string_is_checked_at_the_answer_s_end_only(bundled_tokenizer):
+    stops = StopStrings(bundled_tokenizer, "END")
+    tokens = bundled_tokenizer.encode("x END " + "word " * 200)
+    n = stopped_at(stops, tokens)
+    assert "END" in stops.text(tokens[:n]) and "END" not in stops.text(tokens[: n - 1])  # where it is completed
+    assert not stops.reached(tokens)  # far behind the end: found at the token that completed it, not again
+
+
+@pytest.mark.parametrize("strings", [[""], ["ok", 3], [None]])
+def test_bad_stop_strings_are_refused(strings, llm, prompts):
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
+        llm.generate(prompts[0], 2, stop=strings, progress=False)
+
+
+def test_no_stop_strings_stop_nothing(llm, free, prompts):
+    assert not StopStrings(None, None) and not StopStrings(None, []).reached([1, 2])
+    assert llm.generate(prompts[1], NEW, stop=[], stop_at_eos=False, progress=False).token_ids == free[1].token_ids
