@@ -184,6 +184,8 @@ class HybridLLM:
         max_new_tokens: int = 64,
         *,
         temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         seed: int = 0,
         stop_at_eos: bool = True,
         stop: str | list[str] | None = None,
@@ -193,16 +195,18 @@ class HybridLLM:
         then every decode step runs the whole batch through the model at once, each sequence
         at its own position; a sequence that ends (EOS) leaves the batch, the others go on.
         Greedy, each result is what `generate` gives its prompt alone; temperature > 0 samples
-        with a generator seeded with `seed`; a sequence whose text comes to contain one of the `stop`
-        strings ends there, its text cut just before it (its token_ids keep every token picked);
-        `progress` shows the prefill and index-build bars (stderr). Each report is its own
+        with a generator seeded with `seed`, among the `top_k` most likely tokens (0: all) and the
+        fewest most likely whose probabilities reach `top_p` (1: all); a sequence whose text comes to
+        contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
+        every token picked); `progress` shows the prefill and index-build bars (stderr). Each report is its own
         sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
         reports = [GenerationReport() for _ in prompts]
         tokens: list[list[int]] = [[] for _ in prompts]
         stops = StopStrings(self.tokenizer, stop)
-        sampling = dict(temperature=temperature, seed=seed, stop_at_eos=stop_at_eos, progress=progress)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        sampling.update(stop_at_eos=stop_at_eos, progress=progress)
         for row, token in self._decode(prompts, max_new_tokens, reports, stops=stops, **sampling):
             tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
@@ -215,6 +219,8 @@ class HybridLLM:
         reports: list[GenerationReport],
         *,
         temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         seed: int = 0,
         stop_at_eos: bool = True,
         stops: StopStrings | None = None,
@@ -223,7 +229,7 @@ class HybridLLM:
         """(row, token) as each is picked: the prompts prefilled one by one, each into its own
         HybridCache, stacked into one when there are several, then decoded together
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
-        check_sampling(max_new_tokens, temperature, seed)
+        check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
         ids = self._encode_all(prompts)
         self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
@@ -240,7 +246,7 @@ class HybridLLM:
                 cache,
                 torch.stack([p.logits for p in done]),
                 max_new_tokens,
-                pick=sampler(temperature, generator),
+                pick=sampler(temperature, generator, top_k, top_p),
                 eos=eos_ids(self.model) if stop_at_eos else set(),
                 ends=stops.reached if stops else None,
                 lengths=None if len(done) == 1 else [p.prompt_tokens for p in done],
@@ -323,11 +329,23 @@ def _check_messages(messages: list) -> None:
         raise ValueError("the prompt is empty (no chat messages)")
 
 
-def check_sampling(max_new_tokens, temperature, seed=0) -> None:
+def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0) -> None:
     """The generation arguments a user gives, each checked with an error that names it."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: every token), got {top_k!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1: every token), got {top_p!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -167,7 +167,7 @@ def cmd_generate(args) -> int:
     from engine.api import GenerationReport, HybridLLM, check_sampling
     from engine.stop import StopStrings
 
-    check_sampling(args.max_new_tokens, args.temperature, args.seed)
+    check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
     StopStrings(None, args.stop)  # checked here, before the model loads
     bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
     if not bars:
@@ -180,7 +180,8 @@ def cmd_generate(args) -> int:
     else:
         report = GenerationReport()
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
-        sampling = dict(temperature=args.temperature, seed=args.seed, stop=args.stop)
+        sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
+        sampling.update(seed=args.seed, stop=args.stop)
         stream = llm.stream(prompt, args.max_new_tokens, report=report, progress=bars, **sampling)
         for piece in stream:
             print(piece, end="", flush=True)
@@ -259,7 +260,9 @@ def _print_report(report, args, offload) -> None:
         from importlib.metadata import version
 
         run = dict(model=args.model, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
-        run.update(temperature=args.temperature, seed=args.seed, stop=args.stop or [])
+        run.update(temperature=args.temperature, sample_top_k=args.sample_top_k, sample_top_p=args.sample_top_p)
+        run.update(seed=args.seed)
+        run.update(stop=args.stop or [])
         run.update(demo_seed=args.seed if args.demo else None)
         run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
         Path(args.json).write_text(json.dumps({**report.as_dict(), "run": run}, indent=1))
@@ -371,6 +374,11 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--seed", type=int, default=0, help="the sampling's seed (and the demo prompt's)")
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above it, sampled")
+    # (--top-k is the fixed budget's, an offload field)
+    g.add_argument("--sample-top-k", type=int, default=0, help="sample among this many most likely tokens (0: all)")
+    g.add_argument(
+        "--sample-top-p", type=float, default=1.0, help="sample among the fewest whose probabilities reach this"
+    )
     g.add_argument(
         "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
     )

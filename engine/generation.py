@@ -165,14 +165,23 @@ def greedy_pick(logits: torch.Tensor) -> list[int]:
     return logits.argmax(dim=-1).tolist()
 
 
-def sampler(temperature: float, generator: torch.Generator) -> Pick:
+def sampler(temperature: float, generator: torch.Generator, top_k: int = 0, top_p: float = 1.0) -> Pick:
     """Greedy at temperature 0; otherwise each row drawn from softmax(logits / temperature)
-    with `generator`, rows in order (a seed gives the same tokens again)."""
+    with `generator`, rows in order (a seed gives the same tokens again), among its `top_k` most
+    likely tokens (0: all) and the fewest most likely whose probabilities reach `top_p` (1: all)."""
     if temperature <= 0:
         return greedy_pick
 
     def sample(logits: torch.Tensor) -> list[int]:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        scaled = logits.float() / temperature
+        if 0 < top_k < scaled.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if top_p < 1:
+            probs, order = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+            reached = (probs.cumsum(dim=-1) - probs) >= top_p  # the tokens after the mass reached top_p
+            scaled = scaled.masked_fill(reached.scatter(-1, order, reached), float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
         return [int(torch.multinomial(p, 1, generator=generator)) for p in probs]
 
     return sample

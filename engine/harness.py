@@ -217,10 +217,12 @@ class HybridAttnLM(TemplateLM):
         max_new = int(args.pop("max_gen_toks", self.max_gen_toks))
         do_sample = bool(args.pop("do_sample", False))
         temperature = float(args.pop("temperature", 0.0) or 0.0)
+        top_k = int(args.pop("top_k", 0) or 0)
+        top_p = float(args.pop("top_p", 1.0) or 1.0)
         seed = int(args.pop("seed", 0) or 0)
         if args:
             log.warning("hybridattn: generation arguments not used: %s", ", ".join(sorted(args)))
-        sampling = {"temperature": temperature if do_sample else 0.0, "seed": seed}
+        sampling = {"temperature": temperature if do_sample else 0.0, "top_k": top_k, "top_p": top_p, "seed": seed}
         return until, max_new, sampling
 
     def _prompt_ids(self, context: str, max_new: int) -> torch.Tensor:

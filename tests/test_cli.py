@@ -181,6 +181,8 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_named_so(capsys, monkeypatch):
         (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--stop", ""], "stop strings must be non-empty strings, got ''"),
+        (["--prompt", "hi", "--sample-top-p", "0"], "top_p must be a number in (0, 1]"),
+        (["--prompt", "hi", "--sample-top-k", "-3"], "top_k must be an int >= 0"),
     ],
 )
 def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
@@ -535,10 +537,11 @@ def test_the_json_report_says_what_was_run(tmp_path, streamed):
     assert run["demo_seed"] is None and run["seed"] == 0 and run["stop"] == [] and run["hybridattn"]
 
 
-def test_seed_and_stop_strings_reach_the_generation(tmp_path, streamed):
+def test_sampling_arguments_and_stop_strings_reach_the_generation(tmp_path, streamed):
     path = tmp_path / "report.json"
     argv = ["generate", "--prompt", "hi", "--temperature", "0.7", "--seed", "5", "--stop", "\n", "--stop", "END"]
-    assert main([*argv, "--json", str(path)]) == 0
-    assert (streamed["temperature"], streamed["seed"], streamed["stop"]) == (0.7, 5, ["\n", "END"])
+    assert main([*argv, "--sample-top-k", "40", "--sample-top-p", "0.9", "--json", str(path)]) == 0
+    asked = [streamed[k] for k in ("temperature", "top_k", "top_p", "seed", "stop")]
+    assert asked == [0.7, 40, 0.9, 5, ["\n", "END"]]
     run = json.loads(path.read_text())["run"]
-    assert (run["seed"], run["stop"]) == (5, ["\n", "END"])
+    assert [run[k] for k in ("temperature", "sample_top_k", "sample_top_p", "seed", "stop")] == asked

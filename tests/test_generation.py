@@ -2,6 +2,8 @@
 evaluations' greedy decode through it; every GenerationReport field, for one sequence and for a
 batch, against what the forward passes reported; a plain reference loop and full attention."""
 
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -210,6 +212,41 @@ def test_sampling_follows_the_seed(model, bundled_tokenizer, prompts):
     first = llm.generate(prompts[2], NEW, seed=3, **kwargs).token_ids
     assert llm.generate(prompts[2], NEW, seed=3, **kwargs).token_ids == first
     assert llm.generate(prompts[2], NEW, seed=4, **kwargs).token_ids != first
+
+
+def test_sampling_keeps_to_the_top_k_and_the_top_p_tokens():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]).log()  # temperature 1: these probabilities
+    drawn = {}
+    for name, kwargs in {
+        "all": {},
+        "top_k=2": {"top_k": 2},
+        "top_p=0.5": {"top_p": 0.5},
+        "both": {"top_k": 3, "top_p": 0.65},
+    }.items():
+        pick = engine.generation.sampler(1.0, torch.Generator().manual_seed(0), **kwargs)
+        drawn[name] = [set(t) for t in zip(*(pick(logits) for _ in range(300)))]
+    assert drawn["all"] == [{0, 1, 2, 3}, {0, 1, 2, 3}]
+    assert drawn["top_k=2"] == [{0, 1}, {2, 3}]
+    assert drawn["top_p=0.5"] == [{0, 1}, {2, 3}]  # 0.4 < 0.5: the next one too; 0.7 reaches it
+    assert drawn["both"] == [{0, 1}, {2, 3}]  # 0.7 >= 0.65 before the third
+    one = engine.generation.sampler(5.0, torch.Generator().manual_seed(0), top_p=1e-6)
+    assert all(one(logits) == [0, 3] for _ in range(20))  # the most likely alone: greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"top_k": -1}, "top_k must be an int >= 0"),
+        ({"top_k": 2.5}, "top_k must be an int >= 0"),
+        ({"top_p": 0.0}, "top_p must be a number in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be a number in (0, 1]"),
+        ({"top_p": True}, "top_p must be a number in (0, 1]"),
+    ],
+)
+def test_bad_sampling_arguments_are_named(model, bundled_tokenizer, prompts, kwargs, message):
+    llm = HybridLLM(model, bundled_tokenizer, CFG)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.generate(prompts[0], 2, temperature=1.0, progress=False, **kwargs)
 
 
 def test_a_stream_stopped_early_still_fills_its_report(model, bundled_tokenizer, prompts):
