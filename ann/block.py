@@ -214,6 +214,24 @@ class BlockIndex:
         self._tail[:, :rest] = seq[:, full * b :]
         self.n += keys.shape[1]
 
+    def mark(self) -> tuple[int, torch.Tensor]:
+        """What `rewind` needs to take the index back to the tokens it holds now: their count and the
+        block still filling (the full blocks' landmarks do not change as tokens are appended)."""
+        return self.n, self._tail[:, : self.n % self.block_size].clone()
+
+    def rewind(self, mark: tuple[int, torch.Tensor]) -> None:
+        """Back to the tokens it held at `mark` (taken from this index, which has only grown since)."""
+        n, tail = mark
+        if n > self.n:
+            raise ValueError(f"an index of {self.n} tokens cannot go back to {n}: it has never held them")
+        nb = n // self.block_size
+        kept = self._lm[:, :, :nb].clone()  # repacked: the heads' stride is the block count (`_grow`)
+        n_lm, H, _, D = self._lm.shape
+        self._lm = self._store[: n_lm * H * nb * D].view(n_lm, H, nb, D)
+        self._lm.copy_(kept)
+        self._tail[:, : tail.shape[1]] = tail
+        self.n = n
+
     def _grow(self, full: int) -> None:
         """Room for `full` more blocks. The landmarks stay packed, with no spare rows between the heads:
         on the CPU a product over a view with spare rows falls off oneDNN's fast path and would be

@@ -177,6 +177,17 @@ class QueryLists:
         self.queries = _unit(queries.float()).to(self.dtype)
         self.n_keys = keys.shape[1]
 
+    def mark(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What `rewind` needs to take the lists back to the keys they hold now (`add` changes them in place)."""
+        return self.lists.clone(), self.list_scores.clone(), self.n_keys
+
+    def rewind(self, mark: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        """Back to the lists at `mark` (taken from these lists, with no `build` since); the mark stays as it was."""
+        lists, scores, n_keys = mark
+        self.lists.copy_(lists)
+        self.list_scores.copy_(scores)
+        self.n_keys = n_keys
+
     def add(self, keys: torch.Tensor) -> None:
         """keys [H, n, D] get ids len(self)...; each enters the lists (among the n_add
         build queries nearest its direction) whose weakest entry it beats."""

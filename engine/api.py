@@ -16,6 +16,7 @@ from engine.cache import HybridCache
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.generation import (
+    RESERVED_NEW_TOKENS,
     Decoding,
     GenerationReport,
     Prefilled,
@@ -26,6 +27,7 @@ from engine.generation import (
     sampler,
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
+from engine.prefix import Prefix
 from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,37 @@ class HybridLLM:
         if low < 0 or high >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got {low}..{high}")
 
+    def _encode_continuation(self, prompt) -> torch.Tensor:
+        """Token ids [1, T] of a prompt that continues a prefix: text (with no special tokens of its own,
+        such as a BOS) or token ids."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return self._check_ids(self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            raise ValueError(_CHAT_AFTER_PREFIX)
+        return self.encode(prompt)
+
+    # ------------------------------------------------------------ prefixes
+
+    @torch.inference_mode()
+    def prefix(self, document, *, progress: bool = True) -> Prefix:
+        """Prefill `document` (text, the beginning of a prompt, or token ids) once, for several prompts
+        that continue it: `generate(prompt, prefix=...)` then prefills only the prompt (engine.prefix).
+        The prefix holds a host store until its `release()`."""
+        if isinstance(document, list) and document and isinstance(document[0], dict):
+            raise ValueError(_CHAT_AFTER_PREFIX)
+        ids = self.encode(document)
+        if ids.shape[1] < 2:
+            raise ValueError(f"a prefix holds at least 2 tokens, got {ids.shape[1]}")
+        room = RESERVED_NEW_TOKENS  # the prompts after it and their answers; the stores grow past it
+        prefilled = prefill_prompt(self.model, ids[:, :-1], self.offload, room, progress=progress, stores=self.stores)
+        try:
+            return Prefix(self.model, prefilled, ids[:, -1:])
+        except BaseException:
+            prefilled.cache.release()
+            raise
+
     # ---------------------------------------------------------- generation
 
     def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult | list[GenerationResult]:
@@ -189,6 +222,7 @@ class HybridLLM:
         seed: int = 0,
         stop_at_eos: bool = True,
         stop: str | list[str] | None = None,
+        prefix: Prefix | None = None,
         progress: bool = True,
     ) -> list[GenerationResult]:
         """Decode several prompts together: each is prefilled alone (its host indexes built),
@@ -198,7 +232,8 @@ class HybridLLM:
         with a generator seeded with `seed`, among the `top_k` most likely tokens (0: all) and the
         fewest most likely whose probabilities reach `top_p` (1: all); a sequence whose text comes to
         contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
-        every token picked); `progress` shows the prefill and index-build bars (stderr). Each report is its own
+        every token picked); after a `prefix` (`HybridLLM.prefix`), one prompt continues it, and only
+        that prompt is prefilled; `progress` shows the prefill and index-build bars (stderr). Each report is its own
         sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
@@ -206,7 +241,7 @@ class HybridLLM:
         tokens: list[list[int]] = [[] for _ in prompts]
         stops = StopStrings(self.tokenizer, stop)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        sampling.update(stop_at_eos=stop_at_eos, progress=progress)
+        sampling.update(stop_at_eos=stop_at_eos, prefix=prefix, progress=progress)
         for row, token in self._decode(prompts, max_new_tokens, reports, stops=stops, **sampling):
             tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
@@ -224,18 +259,27 @@ class HybridLLM:
         seed: int = 0,
         stop_at_eos: bool = True,
         stops: StopStrings | None = None,
+        prefix: Prefix | None = None,
         progress: bool = True,
     ) -> Iterator[tuple[int, int]]:
         """(row, token) as each is picked: the prompts prefilled one by one, each into its own
         HybridCache, stacked into one when there are several, then decoded together
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
         check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
-        ids = self._encode_all(prompts)
-        self._warn_past_context(max(x.shape[1] for x in ids), max_new_tokens)
+        if prefix is not None:
+            self._check_prefix(prefix, len(prompts))
+            ids = [self._encode_continuation(prompts[0])]
+        else:
+            ids = self._encode_all(prompts)
+        before = prefix.tokens if prefix is not None else 0
+        self._warn_past_context(before + max(x.shape[1] for x in ids), max_new_tokens)
         done: list[Prefilled] = []
         run = None
         try:
             for x in ids:
+                if prefix is not None:
+                    done.append(prefix.continued(x, progress=progress))
+                    continue
                 done.append(
                     prefill_prompt(self.model, x, self.offload, max_new_tokens, progress=progress, stores=self.stores)
                 )
@@ -259,9 +303,21 @@ class HybridLLM:
                 weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
                 for row, (report, p) in enumerate(zip(reports, done)):
                     fill_report(report, run, row, p, weights)
-                run.cache.release()  # the host stores, for the next call
-            for p in done:
-                p.cache.release()
+            if prefix is not None and done:
+                prefix.rewind()  # the document's state again, for its next prompt
+            else:
+                if run is not None:
+                    run.cache.release()  # the host stores, for the next call
+                for p in done:
+                    p.cache.release()
+
+    def _check_prefix(self, prefix, n_prompts: int) -> None:
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefix must be what HybridLLM.prefix returns, got {type(prefix).__name__}")
+        if prefix.model is not self.model:
+            raise ValueError("the prefix was made by another engine: a prefix continues prompts of its own model")
+        if n_prompts != 1:
+            raise ValueError(f"a prefix continues one prompt at a time, got a batch of {n_prompts}: give them in turn")
 
     def _warn_past_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """A warning where the prompt and its new tokens run past the positions the model was trained
@@ -300,6 +356,12 @@ class HybridLLM:
             pad_token_id=self.tokenizer.eos_token_id,
         )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+_CHAT_AFTER_PREFIX = (
+    "a prefix and the prompts after it are text or token ids, not chat messages: render the messages with the "
+    "tokenizer's chat template (apply_chat_template(..., tokenize=False)) and split the text where the question begins"
+)
 
 
 def _is_batch(prompt) -> bool:

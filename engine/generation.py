@@ -34,6 +34,7 @@ class GenerationReport:
     the bytes are the batch's: one cache holds every sequence, and the weights serve them all."""
 
     prompt_tokens: int = 0
+    prefix_tokens: int = 0  # of the prompt's, those a Prefix held (engine.prefix): prefilled before, not here
     new_tokens: int = 0
     prefill_s: float = 0.0
     index_build_s: float = 0.0  # after the prefill: what its overlapped index builds left to wait for
@@ -62,9 +63,11 @@ class GenerationReport:
         mib = 2**20
         dev = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.device_bytes.items())
         host = ", ".join(f"{k} {v / mib:.1f}" for k, v in self.host_bytes.items())
+        prefilled = self.prompt_tokens - self.prefix_tokens
+        after = f" after a prefix of {self.prefix_tokens}" if self.prefix_tokens else ""
         return (
-            f"prompt {self.prompt_tokens} tokens: prefill {self.prefill_s:.2f} s "
-            f"({self.prompt_tokens / max(self.prefill_s, 1e-9):.0f} tok/s), "
+            f"prompt {prefilled} tokens{after}: prefill {self.prefill_s:.2f} s "
+            f"({prefilled / max(self.prefill_s, 1e-9):.0f} tok/s), "
             f"host index build {self.index_build_s:.2f} s after it (first token at {self.first_token_s:.2f} s)\n"
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
@@ -111,6 +114,14 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = Tru
     return out.logits[0, -1]
 
 
+def timed_prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True, order: str = "chunks"):
+    """`prefill`, and the seconds it took until its last logits (the device's queue drained)."""
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, cache, chunk, progress=progress, order=order)
+    _sync(ids.device)
+    return logits, time.perf_counter() - t0
+
+
 @dataclass
 class Prefilled:
     """A prompt prefilled alone into its own HybridCache, its host indexes built."""
@@ -120,6 +131,7 @@ class Prefilled:
     prompt_tokens: int
     prefill_s: float
     index_build_s: float  # after the prefill: what its overlapped index builds left to wait for
+    prefix_tokens: int = 0  # of prompt_tokens, those prefilled before (engine.prefix.Prefix)
 
 
 RESERVED_NEW_TOKENS = 4096  # new positions sized for ahead (if asked for) where the model's context leaves fewer
@@ -145,12 +157,11 @@ def prefill_prompt(
     length = sized_for(model, T, max_new_tokens)
     cache = HybridCache(model, cfg, max_length=length, prompt_length=T, progress=progress, stores=stores)
     try:
-        t0 = time.perf_counter()
-        logits = prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=cfg.prefill_order)
-        _sync(ids.device)
+        order = cfg.prefill_order
+        logits, seconds = timed_prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=order)
         t1 = time.perf_counter()
         cache.build_indexes()  # what the builds overlapped with the prefill left to do
-        return Prefilled(cache, logits, T, t1 - t0, time.perf_counter() - t1)
+        return Prefilled(cache, logits, T, seconds, time.perf_counter() - t1)
     except BaseException:  # no build thread outlives a failed prefill
         cache.close()
         raise
@@ -343,7 +354,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     """Every field of `report` for the run's sequence `row`, prefilled as `prompt`; `weights`:
     the model's bytes on the device. The one place a GenerationReport is filled."""
     shares = [share for share, _ in run.row_steps(row)]
-    report.prompt_tokens = prompt.prompt_tokens
+    report.prompt_tokens, report.prefix_tokens = prompt.prompt_tokens, prompt.prefix_tokens
     report.prefill_s, report.index_build_s = prompt.prefill_s, prompt.index_build_s
     report.new_tokens = len(run.tokens[row])
     report.decode_s = run.seconds[row]

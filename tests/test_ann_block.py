@@ -271,3 +271,27 @@ def test_the_decode_step_and_the_prefill_make_no_device_tensor_from_host_values(
         if pattern.search(line)
     ]
     assert found == []
+
+
+@pytest.mark.parametrize("landmark", ["mean", "minmax"])
+@pytest.mark.parametrize("at", [0, 8, 29])
+def test_rewind_takes_the_index_back_to_its_mark(landmark, at):
+    """Tokens added after a mark (blocks filled, storage grown) are dropped: the index is the one that
+    only ever held the first `at`, landmarks and filling block alike, and takes the same tokens again."""
+    keys = torch.randn(3, 200, 8, generator=torch.Generator().manual_seed(at))
+    index = BlockIndex(3, 8, block_size=8, landmark=landmark, capacity=16)
+    index.add(keys[:, :at])
+    mark = index.mark()
+    for _ in range(2):
+        index.add(keys[:, at:170])
+        index.rewind(mark)
+        fresh = BlockIndex(3, 8, block_size=8, landmark=landmark, capacity=16)
+        fresh.add(keys[:, :at])
+        assert index.n == at and torch.equal(index.landmarks, fresh.landmarks)
+        index.add(keys[:, at:101])
+        fresh.add(keys[:, at:101])
+        assert torch.equal(index.landmarks, fresh.landmarks) and index.landmarks.is_contiguous()
+        index.rewind(mark)
+    index.add(keys[:, at : at + 1])
+    with pytest.raises(ValueError, match="cannot go back to"):
+        BlockIndex(3, 8, block_size=8, landmark=landmark).rewind(index.mark())

@@ -271,3 +271,18 @@ def test_lists_too_large_to_allocate_name_m_keys():
     lists = QueryLists(2, 8, m_keys=10**12)
     with pytest.raises(ValueError, match=r"m_keys = 1000000000000 keys for 5 build queries x 2 heads"):
         lists.build(torch.zeros(2, 10, 8), torch.zeros(2, 5, 8))
+
+
+def test_rewind_takes_the_lists_back_to_their_mark(data):
+    keys, bq, _ = data
+    idx = QQIndex(keys.shape[1], m_keys=16)
+    idx.build(keys[:1000], bq)
+    lists = idx.lists
+    before = lists.lists.clone(), lists.list_scores.clone(), lists.n_keys
+    mark = lists.mark()
+    for _ in range(2):
+        idx.add(keys[1000:])
+        assert not np.array_equal(lists.lists.numpy(), before[0].numpy())  # the added keys entered lists
+        lists.rewind(mark)
+        assert np.array_equal(lists.lists.numpy(), before[0].numpy()) and lists.n_keys == before[2]
+        assert np.array_equal(lists.list_scores.numpy(), before[1].numpy())

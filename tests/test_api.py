@@ -50,6 +50,22 @@ def test_with_every_step_re_checked_the_text_is_full_attention_s(llm, passkey):
     assert full and result.text.startswith(full)
 
 
+def test_questions_after_a_prefix_get_the_whole_prompt_s_answer(llm, passkey, result):
+    """The passkey's document prefilled once: its question after it answers as the whole prompt does,
+    and again after another question, with only the question prefilled."""
+    document, question = passkey.prompt.rsplit("\n\n", 1)
+    prefix = llm.prefix(document, progress=False)
+    try:
+        first = llm.generate("\n\n" + question, 8, prefix=prefix, progress=False)
+        llm.generate("\n\nWhat colour is the grass? The grass is", 4, prefix=prefix, progress=False)
+        again = llm.generate("\n\n" + question, 8, prefix=prefix, progress=False)
+    finally:
+        prefix.release()
+    assert score(passkey, first.text) == score(passkey, result.text) == 1.0
+    assert again.token_ids == first.token_ids and again.report.kv_read_frac == first.report.kv_read_frac
+    assert first.report.prefix_tokens == prefix.tokens > 10 * (first.report.prompt_tokens - prefix.tokens)
+
+
 def test_stream_yields_the_generated_text(llm, passkey, result):
     pieces = list(llm.stream(passkey.prompt, 8, progress=False))
     assert len(pieces) > 1

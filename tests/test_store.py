@@ -55,6 +55,20 @@ def test_reserve_keeps_the_rows_and_the_memory_it_can():
     assert torch.equal(s.keys[:, 6:], rows(20, 7)[:, :3])
 
 
+def test_truncate_waits_for_the_copies_in_flight_and_keeps_the_first_rows():
+    log = RecordedCopies()
+    s = HostKV(2, 4, torch.float32, pin=False, capacity=8, copies=log)
+    s.append(rows(6), rows(6, 100))
+    log.log.clear()
+    s.truncate(4)
+    assert log.log == [("host_wait",)] and s.n == 4 and torch.equal(s.keys, rows(6)[:, :4])
+    s.append(rows(2, 50), rows(2, 60))  # the next rows land where the dropped ones were
+    assert torch.equal(s.keys[:, 4:], rows(2, 50))
+    for n in (-1, 7):
+        with pytest.raises(ValueError, match="keeps 0 to 6 of them"):
+            s.truncate(n)
+
+
 def test_readers_wait_for_copies_on_the_host_or_on_their_device():
     copies = RecordedCopies()
     s = HostKV(2, 4, torch.float32, pin=False, capacity=4, copies=copies)

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from engine.cache.batch import BatchLayer
-from engine.cache.layer import HybridLayer, sum_bytes
+from engine.cache.layer import HybridLayer, LayerMark, sum_bytes
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.index.build import BuildProgress, build_key_index
@@ -219,6 +219,25 @@ class HybridCache(Cache):
                 layer.rerun, layer.rerun_wide, layer.cfg = 0, False, cfg
             for batch in batches:
                 batch.widen()
+
+    def mark(self) -> list[LayerMark]:
+        """The state of this cache of one prefilled sequence, its indexes built, for `rewind` to take it
+        back there after more positions: a prefix shared by several prompts (engine.prefix)."""
+        single = all(isinstance(layer, HybridLayer) and layer.is_initialized for layer in self.layers)
+        if not self.layers or not single:
+            raise ValueError("a mark is taken of a prefilled cache of one sequence (every layer holds its positions)")
+        self.build_indexes()
+        self.close()  # its builds are done; none is handed over again
+        for layer in self.layers:
+            layer.builder = None
+        return [layer.mark() for layer in self.layers]
+
+    def rewind(self, marks: list[LayerMark]) -> None:
+        """Back to the positions, resident set and indexes of `mark()`'s result, taken of this cache."""
+        if len(marks) != len(self.layers) or any(not isinstance(layer, HybridLayer) for layer in self.layers):
+            raise ValueError("a cache rewinds to a mark of its own, taken while it held one sequence")
+        for layer, mark in zip(self.layers, marks):
+            layer.rewind(mark)
 
     def build_indexes(self) -> None:
         """Build every layer's host key index now (or wait for its build on the worker thread)."""

@@ -16,6 +16,7 @@ exact prefill attention or the retrieval decode step (engine.attention).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,6 +41,28 @@ class StepStats:
     def __init__(self):
         self.host_tokens = self.gathered = self.estimated = self.scanned = self.keys_scored = self.rated = 0
         self.read_ids = None
+
+
+@dataclass
+class LayerMark:
+    """A layer's state at a point of its sequence (`HybridLayer.mark`), to `rewind` to after more positions:
+    its resident set copied, and what the host store and the indexes, which only grow, need to drop
+    what came after."""
+
+    n_seen: int
+    approximate: int
+    resident: tuple[torch.Tensor, torch.Tensor, np.ndarray]
+    host_n: int
+    summary: tuple | None
+    blocks: tuple | None
+    key_index: object
+    key_index_mark: object
+    sketch: object
+    sketch_mark: object
+    n_indexed: int
+    n_built: int
+    build_waiting: bool
+    query_sample: QuerySample | None  # while the key index waits for its build
 
 
 class HybridLayer(CacheLayerMixin):
@@ -313,6 +336,63 @@ class HybridLayer(CacheLayerMixin):
     def unindexed_ids(self) -> np.ndarray:
         """Host ids [n] of the newest host tokens not yet in the key indexes."""
         return np.arange(self.n_indexed, self.host.n)
+
+    # ------------------------------------------------- a point to come back to (engine.prefix)
+
+    def mark(self) -> LayerMark:
+        """Its state now, for `rewind` to take it back there after more positions (a prompt after a
+        shared prefix). Its index build, if any, is finished first."""
+        self.wait_for_build()
+        if not self.is_initialized or self.rerun or self.device_rows is not None:
+            raise ValueError("a mark is taken of a layer that holds positions, between forward passes")
+        own_blocks = self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys)
+        sketch_mark = None if self.sketch is None or isinstance(self.sketch, ExactKeys) else copy.deepcopy(self.sketch)
+        sample = None
+        if self.key_index is None:
+            self.query_sample.queries()  # its copies in flight arrived: the copy below holds host tensors only
+            sample = copy.deepcopy(self.query_sample)
+        return LayerMark(
+            n_seen=self.n_seen,
+            approximate=self.approximate,
+            resident=(self.resident_k.clone(), self.resident_v.clone(), self.resident_pos.copy()),
+            host_n=self.host.n,
+            summary=self.summary.mark() if self.summary is not None else None,
+            blocks=self.blocks.mark() if own_blocks else None,
+            key_index=self.key_index,
+            key_index_mark=self.key_index.mark() if self.key_index is not None else None,
+            sketch=self.sketch,
+            sketch_mark=sketch_mark,
+            n_indexed=self.n_indexed,
+            n_built=self.n_built,
+            build_waiting=self.build_waiting,
+            query_sample=sample,
+        )
+
+    def rewind(self, mark: LayerMark) -> None:
+        """Back to the state of `mark`, taken of this layer, which has taken more positions since, none
+        run again; the mark stays as it was, for the next rewind."""
+        self.wait_for_build()
+        if self.n_seen < mark.n_seen or self.host.n < mark.host_n or (mark.key_index not in (None, self.key_index)):
+            raise ValueError("a layer rewinds to a mark of its own sequence, taken before its positions since")
+        if self.n_indexed != mark.n_indexed and mark.key_index is not None:  # keys were added to the index
+            mark.key_index.rewind(mark.key_index_mark)
+        if mark.sketch_mark is None:  # none, or the exact keys', which read the store and keep nothing
+            self.sketch = mark.sketch
+        elif self.n_indexed != mark.n_indexed:  # keys were added to it since: a copy of the mark's
+            self.sketch = copy.deepcopy(mark.sketch_mark)
+        self.key_index, self.n_indexed, self.n_built = mark.key_index, mark.n_indexed, mark.n_built
+        self.build_waiting = mark.build_waiting
+        if mark.query_sample is not None:
+            self.query_sample = copy.deepcopy(mark.query_sample)
+        self.host.truncate(mark.host_n)
+        if self.summary is not None:
+            self.summary.rewind(mark.summary)
+        if mark.blocks is not None:
+            self.blocks.rewind(mark.blocks)
+        k, v, pos = mark.resident
+        self.resident_k, self.resident_v, self.resident_pos = k.clone(), v.clone(), pos.copy()
+        self.n_seen, self.approximate = mark.n_seen, mark.approximate
+        self.stats, self.last_added = StepStats(), None
 
     # ------------------------------------------------------------- queries
 

@@ -183,6 +183,13 @@ class HostKV:
         self.n = 0
         self.k, self.v = self.k_memory[:, :0], self.v_memory[:, :0]
 
+    def truncate(self, n: int) -> None:
+        """Keep the first n rows (after the copies in flight, which may write past them)."""
+        if not 0 <= n <= self.n:
+            raise ValueError(f"a store of {self.n} rows keeps 0 to {self.n} of them, not {n}")
+        self.copies.host_wait()
+        self.n = n
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] on any device."""
         n = k.shape[1]

@@ -97,13 +97,24 @@ class BlockSummary:
             self.coarse_keys.add(self.keys.landmarks[0][:, before:])
             self.coarse_values.add(self.values.landmarks[0][:, before:])
 
+    def mark(self) -> tuple:
+        """What `rewind` needs to take the summaries back to the tokens they hold now."""
+        return tuple(index.mark() for index in self._indexes())
+
+    def rewind(self, mark: tuple) -> None:
+        for index, one in zip(self._indexes(), mark):
+            index.rewind(one)
+
+    def _indexes(self) -> tuple[BlockIndex, ...]:
+        return self.keys, self.values, self.coarse_keys, self.coarse_values
+
     @property
     def n_blocks(self) -> int:
         return self.keys.n_blocks
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in (self.keys, self.values, self.coarse_keys, self.coarse_values))
+        return sum(b.nbytes for b in self._indexes())
 
     def scores(self, q: torch.Tensor, scale: float) -> BlockScores:
         """q [Hkv, G, D] -> the step's BlockScores: every block's logit, or beyond `expand`

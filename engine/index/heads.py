@@ -4,6 +4,8 @@ its candidate host ids per KV head."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -35,6 +37,13 @@ class HeadIndexes:
     def add(self, keys: torch.Tensor) -> None:
         for h, index in enumerate(self.indexes):
             index.add(keys[h].float().numpy())
+
+    def mark(self) -> list:
+        """What `rewind` needs to take the indexes back to the keys they hold now: a copy of them."""
+        return copy.deepcopy(self.indexes)
+
+    def rewind(self, mark: list) -> None:
+        self.indexes = copy.deepcopy(mark)  # the mark stays as it was, for the next rewind
 
     def candidates(
         self, q: torch.Tensor, q_host: np.ndarray, top_k: int, oversample: int = OVERSAMPLE
@@ -70,6 +79,12 @@ class ListSelector:
 
     def add(self, keys: torch.Tensor) -> None:
         self.lists.add(keys)
+
+    def mark(self) -> tuple:
+        return self.lists.mark()
+
+    def rewind(self, mark: tuple) -> None:
+        self.lists.rewind(mark)
 
     def candidates(
         self, q: torch.Tensor, q_host: np.ndarray, top_k: int, oversample: int = OVERSAMPLE

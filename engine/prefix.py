@@ -1,0 +1,59 @@
+"""`Prefix`: the beginning of several prompts (a long document) prefilled once, its host indexes built,
+which each prompt then continues (`HybridLLM.generate(prompt, prefix=...)`).
+
+A continuation runs from the state the document left: its tokens are prefilled after the document's
+(exactly, in chunks), its answer decoded, and then the cache goes back to that state
+(`HybridCache.rewind`): the host store keeps the document's rows only, the block summaries and the
+key index drop what the continuation added, the resident set is the document's again. The next
+prompt finds what the first found, as if the document had just been prefilled.
+
+The document's last token is held back and prefilled with each continuation: a continuation is then
+at least two tokens, a prefill chunk, which attends exactly; one token alone would be a decode step,
+which reads part of the host store."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.generation import Prefilled, timed_prefill
+
+
+class Prefix:
+    """A document prefilled into its own cache (`HybridLLM.prefix`), continued by one prompt at a time.
+    `tokens`: the document's; `prefill_s`, `index_build_s`: what its prefill took. It holds its host
+    store until `release()`."""
+
+    def __init__(self, model, prefilled: Prefilled, last: torch.Tensor):
+        self.model, self.cache, self.last = model, prefilled.cache, last  # last: the held-back token [1, 1]
+        self.tokens = prefilled.prompt_tokens + 1
+        self.prefill_s, self.index_build_s = prefilled.prefill_s, prefilled.index_build_s
+        self.marks = self.cache.mark()
+        self.in_use = False
+
+    def continued(self, ids: torch.Tensor, *, progress: bool = True) -> Prefilled:
+        """The prompt ids [1, T] prefilled after the document, into the prefix's cache; `rewind` after its
+        generation."""
+        if self.cache is None:
+            raise ValueError("this prefix was released: make a new one with HybridLLM.prefix")
+        if self.in_use:
+            raise RuntimeError("a prefix continues one prompt at a time, and a generation after it is not finished")
+        self.in_use = True
+        try:
+            ids = torch.cat([self.last.to(ids.device), ids], dim=1)
+            chunk = self.cache.offload_config.prefill_chunk
+            logits, seconds = timed_prefill(self.model, ids, self.cache, chunk, progress=progress)
+        except BaseException:
+            self.rewind()
+            raise
+        return Prefilled(self.cache, logits, self.tokens - 1 + ids.shape[1], seconds, 0.0, prefix_tokens=self.tokens)
+
+    def rewind(self) -> None:
+        """The cache back to the document's state, for the next prompt."""
+        self.cache.rewind(self.marks)
+        self.in_use = False
+
+    def release(self) -> None:
+        """Give its host store back (to the engine's pool of stores, for the next generation)."""
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = self.marks = None
