@@ -6,7 +6,9 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
 2. Exactness: a random-weight Llama with GQA, in fp32 and bf16, budgets that cover
    every token: prefill and decode logits against full attention (sdpa) on the same
    GPU (fp32: max abs difference <= 1e-4; bf16: <= BF16_TOL, stated below), greedy
-   tokens equal, and every position in exactly one place after many evictions.
+   tokens equal, and every position in exactly one place after many evictions; a document
+   prefilled once (engine.prefix) and two questions after it in turn, the first asked again
+   after the second: its tokens and logits again, and in fp32 the whole prompt's tokens.
 3. Decode: the Llama-3-8B shape (32 layers, 32 query / 8 KV heads, bf16, random
    weights); each context is built directly in the cache from keys and values drawn
    on the device with the per-channel statistics of a short real prefill
@@ -64,8 +66,9 @@ from engine.cache.store import StorePool, release_pinned
 from engine.cli import output_file
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
-from engine.generation import chunk_bounds
+from engine.generation import Decoding, chunk_bounds, prefill_prompt
 from engine.plan import MODEL_PRESETS, ModelShape
+from engine.prefix import Prefix
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4
@@ -159,6 +162,51 @@ def exactness(device, dtype, prompt: int, new: int) -> dict:
         "all_read": stats["gathered"] == stats["host_tokens"],
         "conservation_ok": conserved,
         "evictions_per_layer": cache.layers[0].host.n,
+        "peak_device_bytes": peak_bytes(device),
+    }
+
+
+def prefix_case(dtype: torch.dtype) -> str:
+    return f"prefix-{str(dtype).split('.')[-1]}"
+
+
+@torch.inference_mode()
+def prefix_rewind(device, dtype, document: int, new: int) -> dict:
+    """A document prefilled once (engine.prefix) on the device, two questions after it in turn, the
+    first asked again: it must give the same tokens and logits (the rewind undid the second's rows,
+    landmarks and lists); with budgets that cover everything, in fp32, the whole prompt's tokens too."""
+    reset_peak(device)
+    model = llama(TOY, 2, dtype, device)
+    ids = torch.randint(0, TOY["vocab_size"], (1, document + 40), generator=torch.Generator().manual_seed(2))
+    ids, cfg = ids.to(device), COVER_ALL.replace(device=device.type)
+    questions = ids[:, document : document + 20], ids[:, document + 20 :]
+
+    def greedy(prefilled) -> tuple[list[int], torch.Tensor]:
+        run = Decoding(model, prefilled.cache, prefilled.logits, new)
+        tokens = [token for _, token in run]
+        return tokens, prefilled.logits.float()
+
+    prefix = Prefix(
+        model, prefill_prompt(model, ids[:, : document - 1], cfg, 256, progress=False), ids[:, document - 1 : document]
+    )
+    answers = []
+    try:
+        for question in (questions[0], questions[1], questions[0]):
+            answers.append(greedy(prefix.continued(question, progress=False)))
+            prefix.rewind()
+    finally:
+        prefix.release()
+    whole = prefill_prompt(model, ids[:, : document + 20], cfg, new, progress=False)
+    try:
+        want = greedy(whole)[0]
+    finally:
+        whole.cache.release()
+    again = answers[2][0] == answers[0][0] and torch.equal(answers[2][1], answers[0][1])
+    return {
+        "case": prefix_case(dtype),
+        "same_after_rewind": again,
+        "equals_whole_prompt": answers[0][0] == want,
+        "prefix_ok": again and (answers[0][0] == want or dtype != torch.float32),
         "peak_device_bytes": peak_bytes(device),
     }
 
@@ -465,6 +513,9 @@ def table(rows: list[dict]) -> str:
                 else f"parts at token {r['greedy_first_difference']} (a near-tie: {r['greedy_ok']})"
             )
             notes += f", conservation {r['conservation_ok']}"
+        if r["case"].startswith("prefix") and "error" not in r:
+            notes = f"a question again after another: the same {r['same_after_rewind']}, "
+            notes += f"the whole prompt's tokens {r['equals_whole_prompt']}"
         if "ms_per_token_clocked" in r:
             notes += f"{r['ms_per_token_clocked']:.1f} ms/token with the clock running; "
         if "ms_per_token_over_block" in r:
@@ -545,6 +596,11 @@ def main(argv=None) -> int:
         except Exception as exc:
             rows.append({"case": exactness_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
         print(json.dumps(rows[-1]), flush=True)
+        try:
+            rows.append(prefix_rewind(device, dtype, document=600, new=40))
+        except Exception as exc:
+            rows.append({"case": prefix_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
+        print(json.dumps(rows[-1]), flush=True)
     try:
         rows += model_cases(args, device, cap_fraction)
     except Exception as exc:
@@ -554,6 +610,7 @@ def main(argv=None) -> int:
         write_json(args.json, {"environment": env, "rows": rows})
     exact = [r for r in rows if r["case"].startswith("exactness")]
     exact_ok = all(r.get("logits_ok") and r["greedy_ok"] and r["conservation_ok"] and r["all_read"] for r in exact)
+    exact_ok &= all(r.get("prefix_ok") for r in rows if r["case"].startswith("prefix"))
     broken = [r for r in rows if "error" in r and "out of memory" not in r["error"]]
     return 0 if exact_ok and not broken else 1
 

@@ -26,6 +26,7 @@ BENCHES = {
     "decode": "bench.speed.decode",
     "throughput": "bench.speed.throughput",
     "host-side": "bench.speed.host_side",
+    "prefix": "bench.speed.prefix",
 }
 EVAL = "bench.evals.accuracy"
 DEMO_TOKENS = 4096
@@ -164,30 +165,70 @@ def cmd_generate(args) -> int:
     offload = _offload_config(args)
     _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
-    from engine.api import GenerationReport, HybridLLM, check_sampling
+    from engine.api import HybridLLM, check_sampling
     from engine.stop import StopStrings
 
     check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
     StopStrings(None, args.stop)  # checked here, before the model loads
+    _check_questions(args)
     bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
     if not bars:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # its weight-loading bar
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
+    sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
+    sampling.update(seed=args.seed, stop=args.stop, progress=bars)
     if args.demo:
-        report = _demo(llm, args)
+        _print_report(_demo(llm, args), args, offload)
+    elif args.ask:
+        _answer_questions(llm, prompt, args, offload, sampling)
     else:
-        report = GenerationReport()
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
-        sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
-        sampling.update(seed=args.seed, stop=args.stop)
-        stream = llm.stream(prompt, args.max_new_tokens, report=report, progress=bars, **sampling)
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
-    _print_report(report, args, offload)
+        _print_report(_streamed(llm, prompt, args, sampling), args, offload)
     return 0
+
+
+def _streamed(llm, prompt, args, sampling, prefix=None):
+    """The answer streamed to stdout, a line of its own; returns its report."""
+    from engine.api import GenerationReport
+
+    report = GenerationReport()
+    for piece in llm.stream(prompt, args.max_new_tokens, report=report, prefix=prefix, **sampling):
+        print(piece, end="", flush=True)
+    print()
+    return report
+
+
+def _check_questions(args) -> None:
+    if not args.ask:
+        return
+    if args.demo or args.chat:
+        raise ValueError(f"--ask continues the prompt as text: it does not go with --{'demo' if args.demo else 'chat'}")
+    if not all(args.ask):
+        raise ValueError("--ask: a question is empty")
+
+
+def _answer_questions(llm, document: str, args, offload, sampling) -> None:
+    """The document prefilled once; each question after it answered in turn, an answer a line of
+    stdout and its report on stderr (with --json, all of them, after the prefix's)."""
+    prefix = llm.prefix(document, progress=sampling["progress"])
+    try:
+        print(
+            f"prefix {prefix.tokens} tokens: prefill {prefix.prefill_s:.2f} s, host index build "
+            f"{prefix.index_build_s:.2f} s after it",
+            file=sys.stderr,
+        )
+        reports = []
+        for question in args.ask:
+            reports.append(_streamed(llm, question, args, sampling, prefix))
+            print(reports[-1].summary(), file=sys.stderr)
+    finally:
+        prefix.release()
+    if args.json:
+        done = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
+        answers = [dict(question=q, **r.as_dict()) for q, r in zip(args.ask, reports)]
+        _write_json(args, offload, {"prefix": done, "answers": answers})
 
 
 def cmd_lm_eval(args) -> int:
@@ -257,15 +298,18 @@ def _print_report(report, args, offload) -> None:
     """The report on stderr; with --json, written there with what was run, so that a run can be repeated."""
     print(report.summary(), file=sys.stderr)
     if args.json:
-        from importlib.metadata import version
+        _write_json(args, offload, report.as_dict())
 
-        run = dict(model=args.model, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
-        run.update(temperature=args.temperature, sample_top_k=args.sample_top_k, sample_top_p=args.sample_top_p)
-        run.update(seed=args.seed)
-        run.update(stop=args.stop or [])
-        run.update(demo_seed=args.seed if args.demo else None)
-        run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
-        Path(args.json).write_text(json.dumps({**report.as_dict(), "run": run}, indent=1))
+
+def _write_json(args, offload, fields: dict) -> None:
+    """`fields` and what was run (model, generation arguments, configuration) to the --json file."""
+    from importlib.metadata import version
+
+    run = dict(model=args.model, rope_scale=args.rope_scale, max_new_tokens=args.max_new_tokens)
+    run.update(temperature=args.temperature, sample_top_k=args.sample_top_k, sample_top_p=args.sample_top_p)
+    run.update(seed=args.seed, stop=args.stop or [], demo_seed=args.seed if args.demo else None)
+    run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
+    Path(args.json).write_text(json.dumps({**fields, "run": run}, indent=1))
 
 
 def cmd_plan(args) -> int:
@@ -381,6 +425,12 @@ def _run(argv: list[str] | None) -> int:
     )
     g.add_argument(
         "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
+    )
+    g.add_argument(
+        "--ask",
+        action="append",
+        metavar="TEXT",
+        help="a question after the prompt, which is then prefilled once for all of them (may be given again)",
     )
     g.add_argument(
         "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"

@@ -332,6 +332,9 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     for r in exact:
         assert r["logits_ok"] and r["greedy_ok"] and r["conservation_ok"] and r["all_read"]
     assert next(r for r in exact if r["case"] == "exactness-float32")["max_abs_logit_diff"] <= 1e-4
+    prefixes = {r["case"]: r for r in rows if r["case"].startswith("prefix")}
+    assert set(prefixes) == {"prefix-float32", "prefix-bfloat16"} and all(r["prefix_ok"] for r in prefixes.values())
+    assert prefixes["prefix-float32"]["equals_whole_prompt"] and prefixes["prefix-float32"]["same_after_rewind"]
     decode = {r["method"]: r for r in rows if r["case"] == "decode"}
     assert {"hybrid-default", "hybrid-default-no-growth", "full-sdpa"} <= set(decode)
     assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
@@ -401,7 +404,10 @@ def test_gpu_check_reports_a_broken_case_and_runs_the_others(tmp_path, monkeypat
     rows = json.loads(out.read_text())["rows"]
     exact = [r for r in rows if r["case"].startswith("exactness")]
     assert len(exact) == 2 and all("RuntimeError: no kernel image for this device" in r["error"] for r in exact)
-    assert {r["case"] for r in rows} >= {"decode", "prefill"} and all("error" not in r for r in rows[2:])
+    others = [r for r in rows if not r["case"].startswith("exactness")]
+    assert {r["case"] for r in others} >= {"prefix-float32", "decode", "prefill"} and all(
+        "error" not in r for r in others
+    )
 
 
 def test_a_paused_layer_clock_runs_the_attention_untimed():
@@ -494,6 +500,7 @@ def test_gpu_check_lets_a_failed_case_go_before_the_next_starts(tmp_path, monkey
     monkeypatch.setattr(gpu_check, "time_decode", broken)
     monkeypatch.setattr(gpu_check, "reset_peak", reset_peak)
     monkeypatch.setattr(gpu_check, "exactness", broken)
+    monkeypatch.setattr(gpu_check, "prefix_rewind", broken)
     monkeypatch.setattr(gpu_check, "batch_cases", lambda *args: [])
     monkeypatch.setattr(gpu_check, "prefill_cases", lambda *args: [])
     argv = ["--device", "cpu", "--contexts", "600", "--steps", "1", "--json", str(tmp_path / "gpu.json")]
@@ -537,6 +544,19 @@ def test_bench_prefill_quick(tmp_path):
         assert r["first_token_s"] >= r["prefill_s"] > 0
     text = script("bench.tables").prefill(json.loads(out.read_text()))
     assert text.count("\n| 512 |") == 5  # one row per case
+
+
+def test_bench_prefix_quick(tmp_path):
+    out = tmp_path / "prefix.json"
+    script("bench.speed.prefix").main(["--quick", "--context", "700", "--new-tokens", "4", "--json", str(out)])
+    result = json.loads(out.read_text())
+    whole, first, other, again = result["rows"]
+    assert result["prefix"]["prefix_tokens"] + first["prefilled_tokens"] == first["prompt_tokens"]
+    assert whole["prefilled_tokens"] == whole["prompt_tokens"] == first["prompt_tokens"]
+    assert first["prefilled_tokens"] < 20 and other["prefilled_tokens"] < 20
+    assert {k: v for k, v in again.items() if k not in ("question", "first_token_s")} == {
+        k: v for k, v in first.items() if k not in ("question", "first_token_s")
+    }  # the document's state found again after the other question
 
 
 def test_bench_fidelity_quick(tmp_path):

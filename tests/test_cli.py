@@ -545,3 +545,43 @@ def test_sampling_arguments_and_stop_strings_reach_the_generation(tmp_path, stre
     assert asked == [0.7, 40, 0.9, 5, ["\n", "END"]]
     run = json.loads(path.read_text())["run"]
     assert [run[k] for k in ("temperature", "sample_top_k", "sample_top_p", "seed", "stop")] == asked
+
+
+def test_questions_after_one_prefilled_document(tmp_path, capsys, monkeypatch, bundled_tokenizer):
+    """--ask: the document (--file) prefilled once, each question answered on a line of its own, as
+    HybridLLM.generate answers it after a prefix; the JSON holds the prefix and every answer."""
+    import engine.api
+    from tests.conftest import tiny_llama
+    from tests.test_prefix import DEFAULT_SMALL
+
+    llm = engine.api.HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, DEFAULT_SMALL)
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: llm)
+    document, questions = "A long document about grass and sky. " * 30, [" Who?", " Where and when?"]
+    doc_file, path = tmp_path / "doc.txt", tmp_path / "out.json"
+    doc_file.write_text(document)
+    argv = ["generate", "--file", str(doc_file), "--max-new-tokens", "4", "--json", str(path)]
+    assert main([*argv, "--ask", questions[0], "--ask", questions[1]]) == 0
+    out = capsys.readouterr()
+    prefix = llm.prefix(document, progress=False)
+    want = [llm.generate(q, 4, prefix=prefix, progress=False).text for q in questions]
+    prefix.release()
+    assert out.out == "".join(a + "\n" for a in want)
+    assert out.err.count("after a prefix of") == 2
+    written = json.loads(path.read_text())
+    assert written["prefix"]["tokens"] == prefix.tokens and [a["question"] for a in written["answers"]] == questions
+    assert all(a["prefix_tokens"] == prefix.tokens and a["new_tokens"] >= 1 for a in written["answers"])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--ask", "q", "--chat"], "--ask continues the prompt as text: it does not go with --chat"),
+        (["--ask", ""], "--ask: a question is empty"),
+    ],
+)
+def test_bad_questions_fail_before_the_model_loads(extra, message, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["generate", "--prompt", "a document", *extra]) == 2
+    assert message in one_error_line(capsys)

@@ -87,8 +87,10 @@ def test_each_prompt_after_a_prefix_finds_the_document_as_it_was_left(model, bun
     prefix.release()
 
 
-def test_a_continuation_with_a_covering_budget_is_the_whole_prompt_s_generation(model, bundled_tokenizer, ids):
-    llm = HybridLLM(model, bundled_tokenizer, OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32"))
+@pytest.mark.parametrize("order", ["chunks", "layers"])
+def test_a_continuation_with_a_covering_budget_is_the_whole_prompt_s_generation(model, bundled_tokenizer, ids, order):
+    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64, prefill_order=order)
+    llm = HybridLLM(model, bundled_tokenizer, cfg)
     prefix = llm.prefix(ids[:300], progress=False)
     for question in (ids[300:320], ids[320:322]):
         whole = answer(llm, torch.cat([ids[:300], question]))
