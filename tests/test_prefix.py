@@ -87,6 +87,25 @@ def test_each_prompt_after_a_prefix_finds_the_document_as_it_was_left(model, bun
     prefix.release()
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(key_index="flat", budget="fixed", top_k=8),  # a faiss index, copied whole
+        dict(sketch_rank=8),  # candidates rated on a key sketch, which keys are added to
+        dict(candidates_from="blocks", landmark="mean"),  # no key index; the summaries' keys choose blocks
+        dict(estimate=False),  # blocks without summaries
+    ],
+    ids=["faiss", "sketch", "blocks-alone", "no-estimate"],
+)
+def test_other_configurations_find_the_document_again(model, bundled_tokenizer, ids, changes):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(**changes))
+    prefix = llm.prefix(ids[:400], progress=False)
+    once = answer(llm, ids[400:430], prefix)
+    answer(llm, ids[430:460], prefix)
+    assert answer(llm, ids[400:430], prefix) == once
+    prefix.release()
+
+
 @pytest.mark.parametrize("order", ["chunks", "layers"])
 def test_a_continuation_with_a_covering_budget_is_the_whole_prompt_s_generation(model, bundled_tokenizer, ids, order):
     cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64, prefill_order=order)
