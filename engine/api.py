@@ -303,6 +303,9 @@ class HybridLLM:
                 weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
                 for row, (report, p) in enumerate(zip(reports, done)):
                     fill_report(report, run, row, p, weights)
+                    if prefix is not None:  # its copies to go back to the document's state
+                        report.device_bytes.update(prefix.nbytes()["device"])
+                        report.host_bytes.update(prefix.nbytes()["host"])
             if prefix is not None and done:
                 prefix.rewind()  # the document's state again, for its next prompt
             else:

@@ -214,9 +214,11 @@ def _answer_questions(llm, document: str, args, offload, sampling) -> None:
     stdout and its report on stderr (with --json, all of them, after the prefix's)."""
     prefix = llm.prefix(document, progress=sampling["progress"])
     try:
+        device, host = (prefix.nbytes()[where]["prefix_copies"] / 2**20 for where in ("device", "host"))
         print(
             f"prefix {prefix.tokens} tokens: prefill {prefix.prefill_s:.2f} s, host index build "
-            f"{prefix.index_build_s:.2f} s after it",
+            f"{prefix.index_build_s:.2f} s after it; copies to go back to it: device {device:.1f} MiB, "
+            f"host {host:.1f} MiB",
             file=sys.stderr,
         )
         reports = []

@@ -47,6 +47,11 @@ class Prefix:
             raise
         return Prefilled(self.cache, logits, self.tokens - 1 + ids.shape[1], seconds, 0.0, prefix_tokens=self.tokens)
 
+    def nbytes(self) -> dict[str, dict[str, int]]:
+        """What it holds to go back to the document's state, beyond its cache: {"device": {...}, "host": {...}}."""
+        marks = [mark.nbytes() for mark in self.marks or []]
+        return {where: {"prefix_copies": sum(m[where] for m in marks)} for where in ("device", "host")}
+
     def rewind(self) -> None:
         """The cache back to the document's state, for the next prompt."""
         self.cache.rewind(self.marks)

@@ -164,4 +164,11 @@ def test_text_after_a_prefix_takes_no_special_tokens_of_its_own(model, bundled_t
     n_question = len(bundled_tokenizer(question, add_special_tokens=False).input_ids)
     assert r.report.prompt_tokens == prefix.tokens + n_question and r.report.prefix_tokens == prefix.tokens
     assert f"prompt {n_question} tokens after a prefix of {prefix.tokens}" in r.report.summary()
+    # what the prefix holds to go back to the document, counted with the rest: its copy of the resident
+    # set and of the query lists (ids and logits of m_keys entries per build query)
+    copies = prefix.nbytes()
+    assert r.report.device_bytes["prefix_copies"] == copies["device"]["prefix_copies"]
+    assert copies["device"]["prefix_copies"] >= r.report.device_bytes["resident_kv"] > 0
+    lists = [layer.key_index.lists.lists for layer in prefix.cache.layers]
+    assert r.report.host_bytes["prefix_copies"] == copies["host"]["prefix_copies"] == sum(2 * x.nbytes for x in lists)
     prefix.release()

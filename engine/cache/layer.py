@@ -64,6 +64,19 @@ class LayerMark:
     build_waiting: bool
     query_sample: QuerySample | None  # while the key index waits for its build
 
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of its copies, where the cache's report counts what they copy: the resident set and
+        the blocks' filling tails on the device, the key index's and the sketch's on the host."""
+        device = _bytes(self.resident) + _bytes(self.summary) + _bytes(self.blocks)
+        return {"device": device, "host": _bytes(self.key_index_mark) + _bytes(self.sketch_mark)}
+
+
+def _bytes(x) -> int:
+    """Bytes of the tensors and arrays in x (nested tuples and lists; objects by their `nbytes`)."""
+    if isinstance(x, (tuple, list)):
+        return sum(_bytes(y) for y in x)
+    return int(getattr(x, "nbytes", 0) or 0) if x is not None and not isinstance(x, (int, float)) else 0
+
 
 class HybridLayer(CacheLayerMixin):
     """Resident sinks + window ring on the device, host KV store, block and key indexes."""
