@@ -232,16 +232,29 @@ class HybridLLM:
         with a generator seeded with `seed`, among the `top_k` most likely tokens (0: all) and the
         fewest most likely whose probabilities reach `top_p` (1: all); a sequence whose text comes to
         contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
-        every token picked); after a `prefix` (`HybridLLM.prefix`), one prompt continues it, and only
-        that prompt is prefilled; `progress` shows the prefill and index-build bars (stderr). Each report is its own
-        sequence's (GenerationReport); the bytes are the batch's."""
+        every token picked); after a `prefix` (`HybridLLM.prefix`), only the prompts are prefilled, and
+        they are decoded one after another (each continues the document as it was left); `progress`
+        shows the prefill and index-build bars (stderr). Each report is its own sequence's
+        (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
-        reports = [GenerationReport() for _ in prompts]
-        tokens: list[list[int]] = [[] for _ in prompts]
         stops = StopStrings(self.tokenizer, stop)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         sampling.update(stop_at_eos=stop_at_eos, prefix=prefix, progress=progress)
+        if prefix is None or len(prompts) == 1:
+            return self._generate(prompts, max_new_tokens, stops, sampling)
+        out = []  # after a prefix, one after another, each from the document's state
+        for i, prompt in enumerate(prompts):
+            try:
+                out += self._generate([prompt], max_new_tokens, stops, sampling)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"prompt {i} of the {len(prompts)} after the prefix: {error}") from error
+        return out
+
+    def _generate(self, prompts: list, max_new_tokens: int, stops: StopStrings, sampling: dict):
+        """The results of decoding `prompts` together, as one batch."""
+        reports = [GenerationReport() for _ in prompts]
+        tokens: list[list[int]] = [[] for _ in prompts]
         for row, token in self._decode(prompts, max_new_tokens, reports, stops=stops, **sampling):
             tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
@@ -267,7 +280,7 @@ class HybridLLM:
         (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
         check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
         if prefix is not None:
-            self._check_prefix(prefix, len(prompts))
+            self._check_prefix(prefix)
             ids = [self._encode_continuation(prompts[0])]
         else:
             ids = self._encode_all(prompts)
@@ -314,13 +327,11 @@ class HybridLLM:
                 for p in done:
                     p.cache.release()
 
-    def _check_prefix(self, prefix, n_prompts: int) -> None:
+    def _check_prefix(self, prefix) -> None:
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be what HybridLLM.prefix returns, got {type(prefix).__name__}")
         if prefix.model is not self.model:
             raise ValueError("the prefix was made by another engine: a prefix continues prompts of its own model")
-        if n_prompts != 1:
-            raise ValueError(f"a prefix continues one prompt at a time, got a batch of {n_prompts}: give them in turn")
 
     def _warn_past_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """A warning where the prompt and its new tokens run past the positions the model was trained

@@ -117,6 +117,17 @@ def test_a_continuation_with_a_covering_budget_is_the_whole_prompt_s_generation(
     prefix.release()
 
 
+def test_a_list_of_prompts_after_a_prefix_answers_each_as_alone(model, bundled_tokenizer, ids):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:300], progress=False)
+    questions = [ids[300:330], ids[330:345], ids[345:350]]
+    alone = [llm.generate(q, 12, prefix=prefix, stop_at_eos=False, progress=False) for q in questions]
+    listed = llm.generate(questions, 12, prefix=prefix, stop_at_eos=False, progress=False)
+    assert [r.token_ids for r in listed] == [r.token_ids for r in alone]
+    assert [r.report.kv_read_frac for r in listed] == [r.report.kv_read_frac for r in alone]
+    prefix.release()
+
+
 def test_a_stream_stopped_early_leaves_the_prefix_as_it_was(model, bundled_tokenizer, ids):
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
     prefix = llm.prefix(ids[:300], progress=False)
@@ -135,8 +146,8 @@ def test_a_prefix_is_refused_where_it_cannot_serve(model, bundled_tokenizer, ids
     prefix = llm.prefix(ids[:100], progress=False)
     assert isinstance(prefix, Prefix) and prefix.tokens == 100
     chat = [{"role": "user", "content": "hello"}]
-    with pytest.raises(ValueError, match="one prompt at a time, got a batch of 2"):
-        llm.generate([ids[100:110], ids[110:120]], 2, prefix=prefix, progress=False)
+    with pytest.raises(ValueError, match="prompt 1 of the 2 after the prefix: the prompt is empty"):
+        llm.generate(["a question", ""], 2, prefix=prefix, progress=False)
     with pytest.raises(ValueError, match="not chat messages"):
         llm.generate(chat, 2, prefix=prefix, progress=False)
     with pytest.raises(ValueError, match="not chat messages"):
