@@ -87,6 +87,20 @@ def test_each_prompt_after_a_prefix_finds_the_document_as_it_was_left(model, bun
     prefix.release()
 
 
+@pytest.mark.parametrize("length", [10, 25])
+def test_a_document_shorter_than_the_resident_set_or_a_block_of_host_tokens(model, bundled_tokenizer, ids, length):
+    """All of it resident (10 tokens), or too few host tokens to build the key index on (25): the
+    index is built during the first prompt, and dropped again with what that prompt added."""
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:length], progress=False)
+    assert all(layer.key_index is None for layer in prefix.cache.layers)
+    once = answer(llm, ids[400:430], prefix)
+    answer(llm, ids[430:460], prefix)
+    assert all(layer.key_index is None for layer in prefix.cache.layers)
+    assert answer(llm, ids[400:430], prefix) == once
+    prefix.release()
+
+
 @pytest.mark.parametrize(
     "changes",
     [
