@@ -6,7 +6,7 @@ continuation added; misuse is refused with errors that say what to do."""
 import pytest
 import torch
 
-from engine import OffloadConfig
+from engine import HybridCache, OffloadConfig
 from engine.api import HybridLLM
 from engine.prefix import Prefix
 from tests.conftest import tiny_llama
@@ -197,3 +197,29 @@ def test_text_after_a_prefix_takes_no_special_tokens_of_its_own(model, bundled_t
     lists = [layer.key_index.lists.lists for layer in prefix.cache.layers]
     assert r.report.host_bytes["prefix_copies"] == copies["host"]["prefix_copies"] == sum(2 * x.nbytes for x in lists)
     prefix.release()
+
+
+def test_transformers_generate_after_a_marked_cache(model, ids):
+    """For transformers' generate: a cache marked after the document's prefill, given the whole prompt
+    (transformers feeds the positions the cache lacks), rewound after each generation."""
+    model.set_attn_implementation("hybrid")
+    cfg = OffloadConfig(device="cpu", **COVER_ALL)
+    doc, questions = ids[None, :300], [ids[None, 300:320], ids[None, 320:340]]
+    cache = HybridCache(model, cfg, progress=False)
+    with torch.no_grad():
+        model(doc, cache=cache, use_cache=True)
+    marks = cache.mark()
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    def generated(prompt, cache):
+        return model.generate(prompt, cache=cache, attention_mask=torch.ones_like(prompt), **kwargs)[0, 320:].tolist()
+
+    answers = []
+    for question in (questions[0], questions[1], questions[0]):
+        answers.append(generated(torch.cat([doc, question], 1), cache))
+        cache.rewind(marks)
+    assert (
+        answers[2]
+        == answers[0]
+        == generated(torch.cat([doc, questions[0]], 1), HybridCache(model, cfg, progress=False))
+    )
