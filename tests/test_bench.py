@@ -548,8 +548,11 @@ def test_bench_prefill_quick(tmp_path):
 
 def test_bench_prefix_quick(tmp_path):
     out = tmp_path / "prefix.json"
-    script("bench.speed.prefix").main(["--quick", "--context", "700", "--new-tokens", "4", "--json", str(out)])
+    argv = ["--quick", "--context", "700", "--new-tokens", "4", "--samples", "2", "--json", str(out)]
+    script("bench.speed.prefix").main(argv)
     result = json.loads(out.read_text())
+    agreement = result["agreement"]
+    assert agreement["prompts"] == 2 and 0 <= agreement["same_tokens"] <= 2 and agreement["task"] == "niah_multikey"
     whole, first, other, again = result["rows"]
     assert result["prefix"]["prefix_tokens"] + first["prefilled_tokens"] == first["prompt_tokens"]
     assert whole["prefilled_tokens"] == whole["prompt_tokens"] == first["prompt_tokens"]

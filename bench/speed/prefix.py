@@ -7,7 +7,12 @@ the cache goes back to the document's state after each). For each: its first tok
 answer, whether it names the pass key, and the share of host rows read per decode step; beside
 them, the whole prompt (document + the pass key's question) prefilled and answered as one.
 
+With `--samples N`, then N prompts of an evaluation cell (`--task`, at --context tokens; the
+question after the haystack's last blank line) are each answered twice, as the whole prompt and
+after their haystack as a prefix: how many give the same tokens, and each way's score.
+
     python -m bench.speed.prefix [--quick] [--context 8192] [--threads 2] [--json PATH]
+                                 [--samples 40 --task niah_multikey]
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 
 from bench.common import options
 from bench.common.output import write_json
-from bench.evals.tasks import make_sample, score
+from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, make_sample, score
 from engine import OffloadConfig
 from engine.api import HybridLLM
 
@@ -32,11 +37,35 @@ def row(name: str, result, sample, first_token_s: float | None = None) -> dict:
     return out
 
 
+def agreement(llm: HybridLLM, task: str, context: int, n: int) -> dict:
+    """N prompts of the cell (task, context), each answered as the whole prompt and after its haystack
+    as a prefix: the answers that are the same tokens, and each way's mean score."""
+    same, whole_scores, prefix_scores = 0, [], []
+    for i in range(n):
+        sample = cell_sample(task, context, llm.tokenizer, i, n)
+        document, question = sample.prompt.rsplit("\n\n", 1)
+        whole = llm.generate(sample.prompt, MAX_NEW[task], progress=False)
+        prefix = llm.prefix(document, progress=False)
+        try:
+            after = llm.generate("\n\n" + question, MAX_NEW[task], prefix=prefix, progress=False)
+        finally:
+            prefix.release()
+        same += after.token_ids == whole.token_ids
+        whole_scores.append(score(sample, whole.text))
+        prefix_scores.append(score(sample, after.text))
+        print(json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids}), flush=True)
+    out = {"task": task, "context": context, "prompts": n, "same_tokens": same}
+    out.update(whole_score=sum(whole_scores) / n, prefix_score=sum(prefix_scores) / n)
+    return out
+
+
 def main(argv=None) -> None:
     p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="a 1,024-token document")
     p.add_argument("--context", type=options.positive_int, help="the document's tokens (default 8192; --quick: 1024)")
     p.add_argument("--new-tokens", type=options.positive_int, default=8, help="tokens each answer may take")
+    p.add_argument("--samples", type=options.positive_int, help="prompts of a cell answered both ways (default none)")
+    p.add_argument("--task", choices=TASKS, default="niah_multikey", help="the cell's task, with --samples")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     options.quick_defaults(args, context=(1024, 8192))
@@ -68,9 +97,13 @@ def main(argv=None) -> None:
     finally:
         prefix.release()
     print(json.dumps(rows[0]), flush=True)
+    result = {"prefix": made, "rows": rows}
+    if args.samples:
+        result["agreement"] = agreement(llm, args.task, args.context, args.samples)
+        print(json.dumps(result["agreement"]), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "context": args.context}
-        write_json(args.json, {"config": config, "prefix": made, "rows": rows})
+        write_json(args.json, {"config": config, **result})
 
 
 if __name__ == "__main__":
