@@ -59,6 +59,8 @@ class Prefix:
 
     def release(self) -> None:
         """Give its host store back (to the engine's pool of stores, for the next generation)."""
+        if self.in_use:
+            raise RuntimeError("a generation after this prefix is not finished: finish or close it first")
         if self.cache is not None:
             self.cache.release()
             self.cache = self.marks = None

@@ -150,6 +150,8 @@ def test_a_stream_stopped_early_leaves_the_prefix_as_it_was(model, bundled_token
     next(pieces)
     with pytest.raises(RuntimeError, match="one prompt at a time"):  # the stream holds it
         llm.generate(ids[330:340], 2, prefix=prefix, progress=False)
+    with pytest.raises(RuntimeError, match="not finished: finish or close it first"):
+        prefix.release()
     pieces.close()
     assert answer(llm, ids[300:330], prefix) == want
     prefix.release()
