@@ -5,7 +5,7 @@ Llama-3-8B-shaped model against full attention, and prefill with the index build
    be larger) and reports every case's peak allocated device bytes.
 2. Exactness: a random-weight Llama with GQA, in fp32 and bf16, budgets that cover
    every token: prefill and decode logits against full attention (sdpa) on the same
-   GPU (fp32: max abs difference <= 1e-4; bf16: <= BF16_TOL, stated below), greedy
+   GPU (fp32: max abs difference <= 1e-4; bf16: <= BF16_TOL, bench/gpu_correctness.py), greedy
    tokens equal, and every position in exactly one place after many evictions; a document
    prefilled once (engine.prefix) and two questions after it in turn, the first asked again
    after the second: its tokens and logits again, and in fp32 the whole prompt's tokens.
@@ -43,7 +43,6 @@ calls where each may run only so long; every row is printed as one JSON line whe
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import statistics
@@ -55,37 +54,23 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 from bench.common.caches import channel_stats, fill
-from bench.common.models import LONG_CONTEXT, random_llama
+from bench.common.device import peak_bytes, reset_peak
 from bench.common.options import add_threads_arg, parser, pin_threads
 from bench.common.output import environment, write_json
 from bench.common.profiling import profiled, torch_profiled
 from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, running_again, with_rechecks
+from bench.gpu_correctness import TOY, exactness, exactness_case, llama, prefix_case, prefix_rewind
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
-from engine.cache.store import StorePool, release_pinned
+from engine.cache.store import StorePool
 from engine.cli import output_file
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
-from engine.generation import Decoding, chunk_bounds, prefill_prompt
+from engine.generation import chunk_bounds
 from engine.plan import MODEL_PRESETS, ModelShape
-from engine.prefix import Prefix
 
-BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
-FP32_TOL = 1e-4
-# budgets that read every host token (the estimate is then empty): the engine must be exact
-COVER_ALL = OffloadConfig.preset("fixed", n_sink=4, window=64, block_size=16, n_blocks=10**6, block_frac=1.0)
-TOY = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=32, hidden_size=256)
-TOY.update(intermediate_size=512, vocab_size=1000)
 TIMED, TIMED_PYTHON = "hybrid_gpu_timed", "hybrid_gpu_timed_python_selection"
 CASES = ("exactness", "decode", "batch", "prefill")  # what --cases may name, in the order they run
-
-
-def llama(shape: dict, layers: int, dtype: torch.dtype, device, impl: str = "hybrid"):
-    """A random-weight Llama of `shape`, built in its dtype on the device, with peaked attention
-    (query and key projections x4, as in trained models), so that a wrong token would show."""
-    return random_llama(
-        shape, layers=layers, dtype=dtype, device=device, attn_implementation=impl, qk_scale=4.0, **LONG_CONTEXT
-    )
 
 
 def failure(exc: BaseException) -> str:
@@ -94,121 +79,6 @@ def failure(exc: BaseException) -> str:
     traceback.print_exception(exc)
     frame = traceback.extract_tb(exc.__traceback__)[-1]
     return f"{type(exc).__name__}: {exc} ({Path(frame.filename).name}:{frame.lineno})"
-
-
-def peak_bytes(device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-def reset_peak(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        release_pinned()  # the last case's host stores: a pinned block freed stays cached otherwise
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-# ------------------------------------------------------------------ exactness
-
-
-def exactness_case(dtype: torch.dtype) -> str:
-    return f"exactness-{str(dtype).split('.')[-1]}"
-
-
-@torch.inference_mode()
-def exactness(device, dtype, prompt: int, new: int) -> dict:
-    """Engine logits and greedy tokens against full attention on the same device, conservation."""
-    reset_peak(device)
-    model = llama(TOY, 2, dtype, device)
-    ids = torch.randint(0, TOY["vocab_size"], (1, prompt + new), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
-    full = model(ids, use_cache=False).logits.float()  # sdpa without a cache: "hybrid" falls back to it
-    cache = HybridCache(model, COVER_ALL.replace(device=device.type), progress=False)
-    logits = [
-        model(ids[:, s : min(s + 256, prompt)], cache=cache, use_cache=True).logits for s in range(0, prompt, 256)
-    ]
-    for t in range(prompt, prompt + new):
-        logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-    diff = float((torch.cat(logits, 1).float() - full).abs().max())
-    stats = cache.step_stats()
-    conserved = all(
-        sorted(torch.cat([torch.from_numpy(p) for p in layer.positions().values()]).tolist())
-        == list(range(layer.n_seen))
-        for layer in cache.layers
-    )
-    start = ids[:, :prompt]
-    kwargs = dict(max_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(start), pad_token_id=0)
-    hybrid = model.generate(
-        start, cache=HybridCache(model, COVER_ALL.replace(device=device.type), progress=False), **kwargs
-    )
-    reference = model.generate(start, cache=DynamicCache(), output_scores=True, return_dict_in_generate=True, **kwargs)
-    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    same = (hybrid[0, prompt:] == reference.sequences[0, prompt:]).tolist()
-    first = same.index(False) if False in same else len(same)
-    # where the tokens part, full attention's own top two logits must lie within the tolerance
-    margin = None
-    if first < len(same):
-        top2 = reference.scores[first][0].float().topk(2).values
-        margin = float(top2[0] - top2[1])
-    return {
-        "case": exactness_case(dtype),
-        "max_abs_logit_diff": diff,
-        "tolerance": tol,
-        "logits_ok": diff <= tol,
-        "greedy_equal": first == len(same),
-        "greedy_first_difference": first,
-        "greedy_ok": first == len(same) or (dtype != torch.float32 and margin <= tol),
-        "reference_margin_there": margin,
-        "all_read": stats["gathered"] == stats["host_tokens"],
-        "conservation_ok": conserved,
-        "evictions_per_layer": cache.layers[0].host.n,
-        "peak_device_bytes": peak_bytes(device),
-    }
-
-
-def prefix_case(dtype: torch.dtype) -> str:
-    return f"prefix-{str(dtype).split('.')[-1]}"
-
-
-@torch.inference_mode()
-def prefix_rewind(device, dtype, document: int, new: int) -> dict:
-    """A document prefilled once (engine.prefix) on the device, two questions after it in turn, the
-    first asked again: it must give the same tokens and logits (the rewind undid the second's rows,
-    landmarks and lists); with budgets that cover everything, in fp32, the whole prompt's tokens too."""
-    reset_peak(device)
-    model = llama(TOY, 2, dtype, device)
-    ids = torch.randint(0, TOY["vocab_size"], (1, document + 40), generator=torch.Generator().manual_seed(2))
-    ids, cfg = ids.to(device), COVER_ALL.replace(device=device.type)
-    questions = ids[:, document : document + 20], ids[:, document + 20 :]
-
-    def greedy(prefilled) -> tuple[list[int], torch.Tensor]:
-        run = Decoding(model, prefilled.cache, prefilled.logits, new)
-        tokens = [token for _, token in run]
-        return tokens, prefilled.logits.float()
-
-    prefix = Prefix(
-        model, prefill_prompt(model, ids[:, : document - 1], cfg, 256, progress=False), ids[:, document - 1 : document]
-    )
-    answers = []
-    try:
-        for question in (questions[0], questions[1], questions[0]):
-            answers.append(greedy(prefix.continued(question, progress=False)))
-            prefix.rewind()
-    finally:
-        prefix.release()
-    whole = prefill_prompt(model, ids[:, : document + 20], cfg, new, progress=False)
-    try:
-        want = greedy(whole)[0]
-    finally:
-        whole.cache.release()
-    again = answers[2][0] == answers[0][0] and torch.equal(answers[2][1], answers[0][1])
-    return {
-        "case": prefix_case(dtype),
-        "same_after_rewind": again,
-        "equals_whole_prompt": answers[0][0] == want,
-        "prefix_ok": again and (answers[0][0] == want or dtype != torch.float32),
-        "peak_device_bytes": peak_bytes(device),
-    }
 
 
 # --------------------------------------------------------------------- decode
