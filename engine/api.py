@@ -198,8 +198,9 @@ class HybridLLM:
             for _, token in picks:  # (closed when the consumer stops early)
                 tokens.append(token)
                 text = stops.text(tokens)
-                if stops.reached(tokens):
-                    text = stops.cut(text)
+                cut = stops.cut(text)
+                if cut != text:  # a stop string completed (the sequence ends here): the text before it
+                    text = cut
                 elif text.endswith("\ufffd"):  # half a multi-byte character: held back
                     continue
                 else:  # what may begin a stop string: held back until the next tokens tell
@@ -317,8 +318,9 @@ class HybridLLM:
                 for row, (report, p) in enumerate(zip(reports, done)):
                     fill_report(report, run, row, p, weights)
                     if prefix is not None:  # its copies to go back to the document's state
-                        report.device_bytes.update(prefix.nbytes()["device"])
-                        report.host_bytes.update(prefix.nbytes()["host"])
+                        copies = prefix.nbytes()
+                        report.device_bytes.update(copies["device"])
+                        report.host_bytes.update(copies["host"])
             if prefix is not None and done:
                 prefix.rewind()  # the document's state again, for its next prompt
             else:

@@ -28,9 +28,9 @@ from engine.api import HybridLLM
 OTHER_QUESTION = "\n\nWhat colour is the grass? The grass is"
 
 
-def row(name: str, result, sample, first_token_s: float | None = None) -> dict:
+def row(name: str, result, sample) -> dict:
     r = result.report
-    out = {"question": name, "first_token_s": round(r.first_token_s if first_token_s is None else first_token_s, 3)}
+    out = {"question": name, "first_token_s": round(r.first_token_s, 3)}
     out.update(prompt_tokens=r.prompt_tokens, prefilled_tokens=r.prompt_tokens - r.prefix_tokens)
     out.update(answer=result.text, names_the_key=score(sample, result.text) == 1.0)
     out.update(kv_read_frac=round(r.kv_read_frac, 4), decode_steps=r.decode_steps)

@@ -72,10 +72,10 @@ class LayerMark:
 
 
 def _bytes(x) -> int:
-    """Bytes of the tensors and arrays in x (nested tuples and lists; objects by their `nbytes`)."""
+    """Bytes of the tensors, arrays and indexes in x (nested tuples and lists; each by its `nbytes`)."""
     if isinstance(x, (tuple, list)):
         return sum(_bytes(y) for y in x)
-    return int(getattr(x, "nbytes", 0) or 0) if x is not None and not isinstance(x, (int, float)) else 0
+    return int(getattr(x, "nbytes", 0))
 
 
 class HybridLayer(CacheLayerMixin):
@@ -385,7 +385,8 @@ class HybridLayer(CacheLayerMixin):
         """Back to the state of `mark`, taken of this layer, which has taken more positions since, none
         run again; the mark stays as it was, for the next rewind."""
         self.wait_for_build()
-        if self.n_seen < mark.n_seen or self.host.n < mark.host_n or (mark.key_index not in (None, self.key_index)):
+        other_index = mark.key_index is not None and mark.key_index is not self.key_index
+        if self.n_seen < mark.n_seen or self.host.n < mark.host_n or other_index:
             raise ValueError("a layer rewinds to a mark of its own sequence, taken before its positions since")
         if self.n_indexed != mark.n_indexed and mark.key_index is not None:  # keys were added to the index
             mark.key_index.rewind(mark.key_index_mark)
