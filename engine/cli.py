@@ -1,4 +1,4 @@
-"""`hybridattn` command line: generate, plan, bench, eval.
+"""`hybridattn` command line: generate, serve, plan, bench, eval.
 
 Exit status: 0 done, 1 the plan does not fit, 2 bad input (one line on stderr,
 `hybridattn: error: ...`), 70 an internal error, 130 interrupted, 141 the reader of stdout
@@ -171,11 +171,7 @@ def cmd_generate(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
     StopStrings(None, args.stop)  # checked here, before the model loads
     _check_questions(args)
-    bars = sys.stderr.isatty()  # a log file gets the report's lines, not the bars' carriage returns
-    if not bars:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # its weight-loading bar
+    bars = _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
     sampling.update(seed=args.seed, stop=args.stop, progress=bars)
@@ -187,6 +183,17 @@ def cmd_generate(args) -> int:
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
         _print_report(_streamed(llm, prompt, args, sampling), args, offload)
     return 0
+
+
+def _bars() -> bool:
+    """Whether progress bars are shown: on a terminal only (a log file gets the report's lines, not the
+    bars' carriage returns); transformers' weight-loading bar is turned off elsewhere."""
+    if sys.stderr.isatty():
+        return True
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return False
 
 
 def _streamed(llm, prompt, args, sampling, prefix=None):
@@ -231,6 +238,31 @@ def _answer_questions(llm, document: str, args, offload, sampling) -> None:
         done = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
         answers = [dict(question=q, **r.as_dict()) for q, r in zip(args.ask, reports)]
         _write_json(args, offload, {"prefix": done, "answers": answers})
+
+
+def cmd_serve(args) -> int:
+    """The engine behind OpenAI-shaped HTTP endpoints (engine.server) until interrupted."""
+    offload = _offload_config(args)
+    _check_model_args(args)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    from engine.api import HybridLLM
+    from engine.server import Server
+
+    _bars()
+    llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
+    server = Server(
+        llm, host=args.host, port=args.port, model=args.served_name or args.model, chat_max_tokens=args.max_tokens
+    )
+    logging.getLogger("engine.server").setLevel(logging.INFO)  # a line per request and per answer
+    print(f"hybridattn: serving {server.completions.model} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0
 
 
 def cmd_lm_eval(args) -> int:
@@ -439,6 +471,14 @@ def _run(argv: list[str] | None) -> int:
     )
     _offload_args(g)
 
+    s = sub.add_parser("serve", help="serve the engine over HTTP, as OpenAI's completions and chat completions")
+    add_model_args(s, BUNDLED_NAME)
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="the port to listen on (0: any free one)")
+    s.add_argument("--served-name", help="the model's name in requests and responses (default: --model)")
+    s.add_argument("--max-tokens", type=int, default=512, help="a chat answer's max_tokens when a request gives none")
+    _offload_args(s)
+
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")
     pl.add_argument(
         "--model",
@@ -484,7 +524,7 @@ def _run(argv: list[str] | None) -> int:
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return {"generate": cmd_generate, "plan": cmd_plan}[args.command](args)
+    return {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan}[args.command](args)
 
 
 def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:

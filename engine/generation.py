@@ -49,6 +49,7 @@ class GenerationReport:
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
     wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
+    finish_reason: str = ""  # "eos", "stop" (a stop string), "length" (max_new_tokens); "": not finished
 
     @property
     def first_token_s(self) -> float:
@@ -218,20 +219,20 @@ class StepRecord:
 
 
 class Decoding:
-    """Decode B >= 1 sequences from their prefills' last logits [B, vocab] ([vocab]: one),
-    up to `max_new_tokens` each; iterating (once) yields (row, token) as each is picked.
+    """Decode B >= 1 sequences from their prefills' last logits [B, vocab] ([vocab]: one), up to
+    `max_new_tokens` each; iterating (once) yields (row, token) as each is picked.
 
     `cache` holds the prompts' positions: a HybridCache (one sequence, or several stacked by
     `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
     records, no bytes). A row ends after an `eos` token, after a token where `ends` (given the
     row's tokens so far: e.g. engine.stop.StopStrings.reached) says so, or after its
-    max_new_tokens-th; with
-    `forced` (per row, at least max_new_tokens - 1 tokens) row b is fed forced[b][i] after
-    its i-th pick instead of the pick (teacher forcing; only the length ends it). Counted on
-    the way, per row: `tokens`, `fed` (one per forward pass it took part in), `seconds` from
-    the first pick until it left; per forward pass with a HybridCache a `StepRecord`; and the
-    cache's `memory` report where the batch held the most bytes (before rows leave, at the end).
+    max_new_tokens-th; with `forced` (per row, at least max_new_tokens - 1 tokens) row b is fed
+    forced[b][i] after its i-th pick instead of the pick (teacher forcing; only the length ends
+    it). Counted on the way, per row: `tokens`, `fed` (one per forward pass it took part in),
+    `seconds` from the first pick until it left, `finish` (why it ended); per forward pass with
+    a HybridCache a `StepRecord`; and the cache's `memory` report where the batch held the most
+    bytes (before rows leave, at the end).
     """
 
     def __init__(
@@ -263,6 +264,7 @@ class Decoding:
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
+        self.finish = [""] * B  # per row, why it ended: "eos", "stop", "length" ("": the consumer stopped first)
         self.budgets: list[RecheckBudget] = []  # per row: what its runs again spent, and whether another may run
         if self.hybrid:
             cfg = cache.offload_config
@@ -290,7 +292,9 @@ class Decoding:
                 for row, token in zip(rows, self.pick(logits)):
                     self.tokens[row].append(token)
                     yield row, token
-                    if len(self.tokens[row]) == self.max_new_tokens or self._ends(row, token):
+                    reason = self._ending(row, token)
+                    if reason or len(self.tokens[row]) == self.max_new_tokens:
+                        self.finish[row] = reason or "length"
                         self.seconds[row] = time.perf_counter() - start
                         ended.add(row)
                 staying = [i for i, row in enumerate(rows) if row not in ended]
@@ -315,11 +319,14 @@ class Decoding:
                     self.seconds[row] = time.perf_counter() - start
             self._measure_memory()
 
-    def _ends(self, row: int, token: int) -> bool:
-        """Whether the row ends after `token`, its newest pick, before its length does (never when forced)."""
+    def _ending(self, row: int, token: int) -> str:
+        """Why the row ends after `token`, its newest pick, whatever its length: "eos", "stop" (`ends`
+        said so), or "" (it goes on; never ends when forced)."""
         if self.forced is not None:
-            return False
-        return token in self.eos or (self.ends is not None and self.ends(self.tokens[row]))
+            return ""
+        if token in self.eos:
+            return "eos"
+        return "stop" if self.ends is not None and self.ends(self.tokens[row]) else ""
 
     def _forward(self, rows: list[int], latest: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """The rows' next logits [B, vocab] after feeding them `latest` [B, 1]."""
@@ -357,6 +364,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.prompt_tokens, report.prefix_tokens = prompt.prompt_tokens, prompt.prefix_tokens
     report.prefill_s, report.index_build_s = prompt.prefill_s, prompt.index_build_s
     report.new_tokens = len(run.tokens[row])
+    report.finish_reason = run.finish[row]
     report.decode_s = run.seconds[row]
     report.decode_steps = len(run.fed[row])
     report.kv_read_frac = _mean([s.kv_read for s in shares])

@@ -548,9 +548,12 @@ def test_bench_prefill_quick(tmp_path):
 
 def test_bench_prefix_quick(tmp_path):
     out = tmp_path / "prefix.json"
-    argv = ["--quick", "--context", "700", "--new-tokens", "4", "--samples", "2", "--json", str(out)]
+    argv = ["--quick", "--context", "700", "--new-tokens", "4", "--samples", "2", "--server", "--json", str(out)]
     script("bench.speed.prefix").main(argv)
     result = json.loads(out.read_text())
+    served = result["server"]
+    assert [r["document_reused"] for r in served] == [None, False, True, True]  # prefilled by the first to name it
+    assert [r["answer"] for r in served[1:]] == [r["answer"] for r in result["rows"][1:]]  # as the Python API's
     agreement = result["agreement"]
     assert agreement["prompts"] == 2 and 0 <= agreement["same_tokens"] <= 2 and agreement["task"] == "niah_multikey"
     whole, first, other, again = result["rows"]

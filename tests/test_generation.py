@@ -153,6 +153,7 @@ def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on(model, promp
     assert all(set(s.shares) == {0, 2} for s in run.steps[stop:])  # without row 1 after its last pick
     assert run.seconds[1] < run.seconds[0] and run.seconds[1] < run.seconds[2]
     assert run.memory["host"]["kv_store"] == free.memory["host"]["kv_store"]  # taken with row 1 still in
+    assert run.finish == ["length", "eos", "length"] and free.finish == ["length"] * 3
 
 
 def decoded(model, prompts, lengths, eos=frozenset()) -> Decoding:

@@ -54,6 +54,7 @@ def test_each_sequence_of_a_batch_ends_at_its_first_stop_string(llm, free, promp
         assert result.token_ids == alone.token_ids[:n]  # the tokens before are as they were
         assert result.text == (alone.text[: alone.text.find(stop)] if stop in alone.text else alone.text)
         assert result.report.new_tokens == n and result.report.decode_steps == n - 1
+        assert result.report.finish_reason == ("stop" if stops.reached(alone.token_ids[:n]) else "length")
     assert len(got[1].token_ids) < NEW and stop not in got[1].text and got[1].text  # it stopped early, cut
 
 

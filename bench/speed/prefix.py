@@ -7,17 +7,25 @@ the cache goes back to the document's state after each). For each: its first tok
 answer, whether it names the pass key, and the share of host rows read per decode step; beside
 them, the whole prompt (document + the pass key's question) prefilled and answered as one.
 
+With `--server`, then the same questions as HTTP requests to the engine's server (engine.server,
+`hybridattn serve`, in this process on a free port): the whole prompt, then the document as the
+request's `document` field, which the first such request prefills and the next find kept; each
+request's seconds from sending it to its whole answer.
+
 With `--samples N`, then N prompts of an evaluation cell (`--task`, at --context tokens; the
 question after the haystack's last blank line) are each answered twice, as the whole prompt and
 after their haystack as a prefix: how many give the same tokens, and each way's score.
 
     python -m bench.speed.prefix [--quick] [--context 8192] [--threads 2] [--json PATH]
-                                 [--samples 40 --task niah_multikey]
+                                 [--server] [--samples 40 --task niah_multikey]
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+import urllib.request
 
 from bench.common import options
 from bench.common.output import write_json
@@ -59,12 +67,50 @@ def agreement(llm: HybridLLM, task: str, context: int, n: int) -> dict:
     return out
 
 
+def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample) -> list[dict]:
+    """The questions as completion requests to the engine's HTTP server: each one's seconds, answer and
+    whether its document was prefilled for it or found kept."""
+    from engine.server import Server
+
+    server = Server(llm, port=0, model="smollm2-135m")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    asked = [("whole prompt, the pass key's", None, document + question)]
+    asked += [(f"document field, {name}", document, text) for name, text in questions(question)]
+    rows = []
+    try:
+        for name, doc, prompt in asked:
+            body = {"prompt": prompt, "document": doc, "max_tokens": new_tokens, "temperature": 0}
+            request = urllib.request.Request(server.url + "/completions", data=json.dumps(body).encode())
+            start = time.perf_counter()
+            with urllib.request.urlopen(request) as response:
+                answer = json.loads(response.read())
+            seconds = time.perf_counter() - start
+            report, text = answer["hybridattn"][0], answer["choices"][0]["text"]
+            rows.append(
+                {"request": name, "seconds": round(seconds, 3), "first_token_s": round(report["first_token_s"], 3)}
+            )
+            rows[-1].update(document_reused=report.get("document", {}).get("reused"), answer=text)
+            rows[-1].update(names_the_key=score(sample, text) == 1.0, kv_read_frac=round(report["kv_read_frac"], 4))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        server.shutdown()
+        server.close()
+    return rows
+
+
+def questions(question: str) -> list[tuple[str, str]]:
+    """The questions asked after the document, in turn: the pass key's, the grass', the pass key's again."""
+    return [("the pass key's", question), ("the grass'", OTHER_QUESTION), ("the pass key's again", question)]
+
+
 def main(argv=None) -> None:
     p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="a 1,024-token document")
     p.add_argument("--context", type=options.positive_int, help="the document's tokens (default 8192; --quick: 1024)")
     p.add_argument("--new-tokens", type=options.positive_int, default=8, help="tokens each answer may take")
     p.add_argument("--samples", type=options.positive_int, help="prompts of a cell answered both ways (default none)")
+    p.add_argument("--server", action="store_true", help="also ask the questions through the HTTP server")
     p.add_argument("--task", choices=TASKS, default="niah_multikey", help="the cell's task, with --samples")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
@@ -81,11 +127,7 @@ def main(argv=None) -> None:
         made = {"prefix_tokens": prefix.tokens, "prefill_s": round(prefix.prefill_s, 3)}
         made["index_build_s"] = round(prefix.index_build_s, 3)
         print(json.dumps(made), flush=True)
-        for name, text in (
-            ("the pass key's", question),
-            ("the grass'", OTHER_QUESTION),
-            ("the pass key's again", question),
-        ):
+        for name, text in questions(question):
             rows.append(
                 row(
                     f"after the prefix, {name}",
@@ -98,6 +140,8 @@ def main(argv=None) -> None:
         prefix.release()
     print(json.dumps(rows[0]), flush=True)
     result = {"prefix": made, "rows": rows}
+    if args.server:
+        result["server"] = served(llm, document, question, args.new_tokens, sample)
     if args.samples:
         result["agreement"] = agreement(llm, args.task, args.context, args.samples)
         print(json.dumps(result["agreement"]), flush=True)

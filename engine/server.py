@@ -1,0 +1,409 @@
+"""`hybridattn serve`: the engine behind HTTP endpoints shaped as OpenAI's completions and chat
+completions (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), so that clients written for
+that API talk to it unchanged, streaming included (server-sent events).
+
+One generation runs at a time: a request waits for the one before it (the engine decodes one cache;
+several prompts in one completion request are decoded as one batch). What the engine cannot do is
+refused with a 400 that names the field (`n` above 1, log-probabilities, `echo`, penalties, tools);
+fields it does not know are ignored, as clients send many. One field is the engine's own:
+`document`, a long text that a completion's prompt continues. The server prefills it once
+(`HybridLLM.prefix`) and keeps it for the requests after that name the same document, which then
+prefill only their prompt; a request with another document replaces it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from engine.api import _token_id_list
+from engine.stop import StopStrings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
+COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "": "length"}  # the report's reason -> the API's
+# Fields whose feature the engine does not have, and the values that ask for none of it.
+UNSUPPORTED = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+}
+
+
+class RequestError(ValueError):
+    """A request the server answers with an error: its HTTP status, and the field it is about."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclass
+class Request:
+    """A completion request, checked: `prompts` (one, or a batch) or chat `messages`."""
+
+    kind: str  # "text_completion" or "chat.completion"
+    prompts: list = field(default_factory=list)
+    messages: list[dict] | None = None
+    document: str | None = None
+    max_tokens: int = COMPLETION_MAX_TOKENS
+    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed, stop
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def prompt(self):
+        """What the engine is given: the chat messages, the one prompt, or the batch's list."""
+        if self.messages is not None:
+            return self.messages
+        return self.prompts[0] if len(self.prompts) == 1 else self.prompts
+
+
+def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Request:
+    """The request's JSON body, checked field by field (RequestError names the first that is wrong)."""
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    if body.get("model") not in (None, model):
+        raise RequestError(f"model {body['model']!r} is not served here: this server serves {model!r}", "model", 404)
+    for name, nothing in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in nothing:
+            raise RequestError(f"{name} {body[name]!r} is not supported by this engine: leave it out", name)
+    format_type = (body.get("response_format") or {"type": "text"}).get("type")
+    if format_type != "text":
+        raise RequestError(f"response_format {format_type!r} is not supported: text only", "response_format")
+    request = Request("chat.completion" if chat else "text_completion")
+    if chat:
+        request.messages = _messages(body.get("messages"))
+        if body.get("document") is not None:
+            raise RequestError(
+                "document continues a completion's text prompt; a chat's messages go through the chat template",
+                "document",
+            )
+        request.max_tokens = _integer(body, "max_completion_tokens", _integer(body, "max_tokens", chat_max_tokens))
+    else:
+        request.prompts = _prompts(body.get("prompt"))
+        request.document = body.get("document")
+        if request.document is not None and not (isinstance(request.document, str) and request.document):
+            raise RequestError("document must be a non-empty string", "document")
+        request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS)
+    seed = _integer(body, "seed", None, low=None)
+    request.sampling = dict(
+        temperature=_number(body, "temperature", 1.0, low=0.0, high=None),
+        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0),
+        top_k=_integer(body, "top_k", 0),
+        seed=secrets.randbits(63) if seed is None else seed,  # no seed: a new draw each request
+        stop=_stop(body.get("stop")),
+    )
+    if request.sampling["top_p"] == 0:
+        raise RequestError("top_p must lie in (0, 1]", "top_p")
+    request.stream = _boolean(body, "stream")
+    if request.stream and len(request.prompts) > 1:
+        raise RequestError("stream serves one prompt; a list of prompts is answered without it", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", "stream_options")
+    request.include_usage = _boolean(options, "include_usage")
+    return request
+
+
+def _integer(body: dict, name: str, default, *, low: int | None = 0):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise RequestError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, *, low: float, high: float | None) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= (high or float("inf")):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RequestError(f"{name} must be a number {bounds}, got {value!r}", name)
+    return float(value)
+
+
+def _boolean(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool) and value is not None:
+        raise RequestError(f"{name} must be true or false, got {value!r}", name)
+    return bool(value)
+
+
+def _stop(value) -> list[str]:
+    try:
+        return StopStrings(None, value).strings
+    except ValueError as error:
+        raise RequestError(str(error), "stop") from None
+
+
+def _prompts(value) -> list:
+    """The prompt field: a string, token ids, or a list of either (a batch)."""
+    if isinstance(value, str) or _token_id_list(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(p, str) or _token_id_list(p) for p in value):
+        return list(value)
+    raise RequestError("prompt must be a string, token ids, or a non-empty list of either", "prompt")
+
+
+def _messages(value) -> list[dict]:
+    """Chat messages with string content; content given as parts keeps their text, joined."""
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
+            raise RequestError(f"message {i} must be an object with a string role", "messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+                raise RequestError(f"message {i}: only text parts are supported", "messages")
+            content = "".join(str(part.get("text", "")) for part in content)
+        if not isinstance(content, str):
+            raise RequestError(f"message {i}'s content must be a string or a list of text parts", "messages")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+class Completions:
+    """Requests to the engine's answers: the responses' and the stream's JSON objects. It keeps the
+    last request's document prefilled (`document`) until another replaces it or `close()`."""
+
+    def __init__(self, llm, model: str):
+        self.llm, self.model = llm, model
+        self.document: tuple[str, object] | None = None  # (its text, its Prefix)
+        self.busy = threading.Lock()  # one generation at a time
+
+    def answer(self, request: Request) -> dict:
+        """The whole response to a request without `stream`."""
+        arguments, document = self._arguments(request)
+        results = self.llm.generate(request.prompt, request.max_tokens, **arguments)
+        results = results if isinstance(results, list) else [results]
+        for result in results:
+            _log_report(result.report)
+        choices = [self._choice(request, i, r.text, r.report.finish_reason) for i, r in enumerate(results)]
+        response = self._head(request, "") | {"choices": choices}
+        response["usage"] = _usage([r.report for r in results])
+        response["hybridattn"] = [self._report(r.report, document) for r in results]  # one per choice
+        return response
+
+    def chunks(self, request: Request) -> Iterator[dict]:
+        """The stream's chunks of a request with `stream`: the text piece by piece, then the finish."""
+        from engine.generation import GenerationReport
+
+        report = GenerationReport()
+        head = self._head(request, ".chunk" if request.messages is not None else "")
+        arguments, document = self._arguments(request)
+        pieces = self.llm.stream(request.prompt, request.max_tokens, report=report, **arguments)
+        first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
+        try:
+            if request.messages is not None:
+                role = {"role": "assistant", "content": ""}
+                yield head | {"choices": [{"index": 0, "delta": role, "finish_reason": None}]}
+            for piece in itertools.chain([] if first is None else [first], pieces):
+                yield head | {"choices": [self._choice(request, 0, piece, None, delta=True)]}
+        finally:  # also when the client is gone: the generation stops there, its cache is released
+            pieces.close()
+            _log_report(report)
+        yield head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]}
+        if request.include_usage:
+            yield head | {"choices": [], "usage": _usage([report]), "hybridattn": [self._report(report, document)]}
+
+    def close(self) -> None:
+        """Give the kept document's host store back."""
+        if self.document is not None:
+            self.document[1].release()
+            self.document = None
+
+    def _arguments(self, request: Request) -> tuple[dict, dict | None]:
+        """The engine's keyword arguments for the request, and what the response tells of its document:
+        its Prefix is kept from a request before, or prefilled now in place of the one kept."""
+        arguments = dict(request.sampling, prefix=None, progress=False)
+        if request.document is None:
+            return arguments, None
+        reused = self.document is not None and self.document[0] == request.document
+        if not reused:
+            self.close()
+            self.document = (request.document, self.llm.prefix(request.document, progress=False))
+        prefix = arguments["prefix"] = self.document[1]
+        if not reused:
+            log.info("document of %d tokens prefilled in %.2f s", prefix.tokens, prefix.prefill_s)
+        told = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
+        return arguments, told | {"reused": reused}
+
+    @staticmethod
+    def _report(report, document: dict | None) -> dict:
+        """The engine's report of a choice, with its document's where it had one."""
+        return report.as_dict() | ({} if document is None else {"document": document})
+
+    def _head(self, request: Request, suffix: str) -> dict:
+        prefix = "chatcmpl-" if request.messages is not None else "cmpl-"
+        return {
+            "id": prefix + secrets.token_hex(12),
+            "object": request.kind + suffix,
+            "created": int(time.time()),
+            "model": self.model,
+        }
+
+    @staticmethod
+    def _choice(request: Request, index: int, text: str, finish: str | None, *, delta: bool = False) -> dict:
+        reason = None if finish is None else FINISH.get(finish, "stop")
+        if request.messages is None:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        message = ({"content": text} if text else {}) if delta else {"role": "assistant", "content": text}
+        return {"index": index, ("delta" if delta else "message"): message, "finish_reason": reason}
+
+
+def _log_report(report) -> None:
+    log.info(
+        "prompt %d tokens (%d of them a kept document's), %d new (%s) in %.2f s after a first token at %.2f s; "
+        "host KV read per step %.2f%%",
+        report.prompt_tokens,
+        report.prefix_tokens,
+        report.new_tokens,
+        report.finish_reason or "not finished",
+        report.decode_s,
+        report.first_token_s,
+        100 * report.kv_read_frac,
+    )
+
+
+def _usage(reports) -> dict:
+    prompt = sum(r.prompt_tokens for r in reports)
+    completion = sum(r.new_tokens for r in reports)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP to `Completions` and back: JSON responses, server-sent events, OpenAI-shaped errors."""
+
+    server: Server
+    error_content_type = "application/json"
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            model = {"id": self.server.completions.model, "object": "model", "created": 0, "owned_by": "hybridattn"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif self.path.rstrip("/") == "/health":
+            self._send_json(200, {"status": "ok"})
+        else:
+            self._send_error(RequestError(f"no such endpoint: GET {self.path}", status=404))
+
+    def do_POST(self) -> None:
+        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        chat = routes.get(self.path.rstrip("/"))
+        if chat is None:
+            self._send_error(RequestError(f"no such endpoint: POST {self.path}", status=404))
+            return
+        completions = self.server.completions
+        try:
+            request = parse_request(
+                self._body(), chat=chat, model=completions.model, chat_max_tokens=self.server.chat_max_tokens
+            )
+            with completions.busy:
+                if request.stream:
+                    self._send_events(completions.chunks(request))
+                else:
+                    self._send_json(200, completions.answer(request))
+        except RequestError as error:
+            self._send_error(error)
+        except (ValueError, TypeError) as error:  # what the engine refuses: the prompt, its token ids, a value
+            self._send_error(RequestError(str(error)))
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("the client of %s closed the connection", self.path)
+        except Exception as error:  # the server goes on; the client hears of it, the log has its traceback
+            log.exception("internal error on %s", self.path)
+            self._send_error(RequestError(f"internal error: {type(error).__name__}: {error}", status=500))
+
+    def _body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(f"the request body holds {length} bytes, more than {MAX_BODY_BYTES}", status=413)
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the request body is not JSON: {error}") from None
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_events(self, chunks: Iterator[dict]) -> None:
+        """Each chunk as a server-sent event as its text is decoded, then `[DONE]`; the connection
+        closes after it. An error before the first chunk (a prompt refused) is an error response; one
+        after it ends the stream with an error event."""
+        with closing(chunks):
+            first = next(chunks)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                for chunk in itertools.chain([first], chunks):
+                    self._event(json.dumps(chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as error:
+                log.exception("error in the stream of %s", self.path)
+                self._event(json.dumps(_error_body(RequestError(f"{type(error).__name__}: {error}", status=500))))
+        self._event("[DONE]")
+
+    def _event(self, data: str) -> None:
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _send_error(self, error: RequestError) -> None:
+        self._send_json(error.status, _error_body(error))
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def _error_body(error: RequestError) -> dict:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": None}}
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server of one engine; `serve_forever()` serves until interrupted, `close()` after."""
+
+    daemon_threads = True
+
+    def __init__(self, llm, *, host: str = "127.0.0.1", port: int = 8000, model: str, chat_max_tokens: int = 512):
+        if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
+            raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
+        self.completions = Completions(llm, model)
+        self.chat_max_tokens = chat_max_tokens
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def close(self) -> None:
+        self.server_close()
+        self.completions.close()

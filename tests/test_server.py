@@ -1,0 +1,284 @@
+"""The HTTP server (engine.server): OpenAI-shaped completions and chat completions give the engine's
+own answers, streamed or whole; a document is prefilled once for the requests that name it; what
+the engine cannot do, and bad input, are refused with errors that name the field."""
+
+import json
+import logging
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from engine.api import HybridLLM
+from engine.cli import main
+from engine.server import Server
+from tests.conftest import tiny_llama
+from tests.test_generation import CFG
+from tests.test_stop import first_new_piece
+
+NEW = 12
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_tokenizer):
+    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, CFG)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    server = Server(llm, port=0, model="tiny", chat_max_tokens=NEW)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return "The grass is green and the sky is blue. " * 30
+
+
+def post(server, path: str, body, *, raw: bytes | None = None) -> tuple[int, str]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def answer(server, path: str, body) -> dict:
+    status, text = post(server, path, body)
+    assert status == 200, text
+    return json.loads(text)
+
+
+def events(server, path: str, body) -> list:
+    """A stream's events: each chunk's JSON, then the string "[DONE]"."""
+    status, text = post(server, path, {**body, "stream": True})
+    assert status == 200, text
+    data = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def test_a_completion_is_the_engine_s_greedy_answer(server, llm, prompt):
+    got = answer(server, "/completions", {"model": "tiny", "prompt": prompt, "max_tokens": NEW, **GREEDY})
+    want = llm.generate(prompt, NEW, progress=False)
+    [choice] = got["choices"]
+    assert got["object"] == "text_completion" and got["model"] == "tiny"
+    assert choice["text"] == want.text and choice["index"] == 0
+    assert choice["finish_reason"] == ("length" if want.report.finish_reason == "length" else "stop")
+    prompt_tokens = len(llm.tokenizer(prompt).input_ids)
+    assert got["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(want.token_ids),
+        "total_tokens": prompt_tokens + len(want.token_ids),
+    }
+    assert got["hybridattn"][0]["kv_read_frac"] == want.report.kv_read_frac > 0  # the engine's report rides along
+
+
+def test_a_list_of_prompts_is_a_batch_each_answered_as_alone(server, llm, prompt):
+    prompts = [prompt, list(range(100, 180))]  # text and token ids
+    got = answer(server, "/completions", {"prompt": prompts, "max_tokens": NEW, **GREEDY})
+    assert [c["index"] for c in got["choices"]] == [0, 1]
+    assert [c["text"] for c in got["choices"]] == [llm.generate(p, NEW, progress=False).text for p in prompts]
+    assert got["usage"]["prompt_tokens"] == len(llm.tokenizer(prompt).input_ids) + 80
+
+
+def test_a_stream_gives_the_answer_piece_by_piece_then_its_finish_and_usage(server, prompt):
+    body = {"prompt": prompt, "max_tokens": NEW, **GREEDY}
+    whole = answer(server, "/completions", body)
+    got = events(server, "/completions", {**body, "stream_options": {"include_usage": True}})
+    *chunks, finish, usage, done = got
+    assert done == "[DONE]" and len(chunks) > 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert finish["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert len({c["id"] for c in got[:-1]}) == 1  # one id for the whole stream
+
+
+def test_a_stop_string_ends_the_answer_before_it(server, llm, prompt):
+    free = llm.generate(prompt, NEW, stop_at_eos=False, progress=False)
+    stop = first_new_piece(llm_stops(llm), free.token_ids, 1)
+    got = answer(server, "/completions", {"prompt": prompt, "max_tokens": NEW, "stop": [stop], **GREEDY})
+    [choice] = got["choices"]
+    assert choice["text"] == free.text[: free.text.find(stop)] and choice["finish_reason"] == "stop"
+    streamed = events(server, "/completions", {"prompt": prompt, "max_tokens": NEW, "stop": stop, **GREEDY})
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == choice["text"]
+    assert streamed[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def llm_stops(llm):
+    from engine.stop import StopStrings
+
+    return StopStrings(llm.tokenizer, [])
+
+
+def test_a_chat_completion_goes_through_the_chat_template(server, llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    want = llm.generate(messages, NEW, progress=False)
+    parts = [
+        messages[0],
+        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+    ]
+    got = answer(server, "/chat/completions", {"messages": parts, **GREEDY})  # max_tokens: the server's default
+    [choice] = got["choices"]
+    assert got["object"] == "chat.completion" and got["id"].startswith("chatcmpl-")
+    assert choice["message"] == {"role": "assistant", "content": want.text}
+    assert got["usage"]["completion_tokens"] == len(want.token_ids) <= NEW
+    streamed = events(server, "/chat/completions", {"messages": messages, "max_completion_tokens": NEW, **GREEDY})
+    first, *chunks, finish, done = streamed
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in streamed[:-1])
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == want.text
+    assert finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+def test_a_document_is_prefilled_once_for_the_requests_that_name_it(server, llm, monkeypatch):
+    made = []
+    prefix = llm.prefix
+    monkeypatch.setattr(llm, "prefix", lambda text, **kw: made.append(prefix(text, **kw)) or made[-1])
+    document = "Alice keeps the red key and Bob the blue one. " * 40
+    body = {"prompt": " Who keeps the red key?", "document": document, "max_tokens": NEW, **GREEDY}
+    first = answer(server, "/completions", body)
+    answer(server, "/completions", {**body, "prompt": [101, 102, 103]})  # another question, as token ids
+    again = answer(server, "/completions", body)
+    assert len(made) == 1 and server.completions.document[1] is made[0]
+    assert again["choices"] == first["choices"]  # the document's state, as left the first time
+    report = first["hybridattn"][0]
+    assert report["document"] == dict(
+        tokens=made[0].tokens, prefill_s=made[0].prefill_s, index_build_s=made[0].index_build_s, reused=False
+    )
+    assert (
+        again["hybridattn"][0]["document"]["reused"]
+        and "document" not in answer(server, "/completions", body | {"document": None})["hybridattn"][0]
+    )
+    assert report["prefix_tokens"] == made[0].tokens and report["prompt_tokens"] == made[0].tokens + len(
+        llm.tokenizer(body["prompt"]).input_ids
+    )
+    alone = prefix(document, progress=False)
+    try:
+        want = llm.generate(body["prompt"], NEW, prefix=alone, progress=False)
+    finally:
+        alone.release()
+    assert first["choices"][0]["text"] == want.text
+    answer(server, "/completions", {**body, "document": "Another document. " * 20})
+    assert len(made) == 2 and made[0].cache is None  # the first given back when the second came
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/completions", [1, 2], 400, None),
+        ("/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+        ("/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+        ("/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ("/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ("/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+        ("/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/completions", {"prompt": "x", "top_k": 1.5}, 400, "top_k"),
+        ("/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+        ("/completions", {"prompt": "x", "seed": "one"}, 400, "seed"),
+        ("/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+        ("/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+        ("/completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream"),
+        ("/completions", {"prompt": "x", "document": ""}, 400, "document"),
+        ("/completions", {}, 400, "prompt"),
+        ("/completions", {"prompt": []}, 400, "prompt"),
+        ("/completions", {"prompt": [1, 10**9]}, 400, None),  # refused by the engine: outside the vocabulary
+        ("/completions", {"prompt": [1, 10**9], "stream": True}, 400, None),
+        ("/chat/completions", {"messages": []}, 400, "messages"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "document": "d"}, 400, "document"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, "tools"),
+        ("/embeddings", {"input": "x"}, 404, None),
+    ],
+)
+def test_bad_requests_get_an_error_that_names_the_field(server, path, body, status, param):
+    got_status, text = post(server, path, body)
+    error = json.loads(text)["error"]
+    assert got_status == status and error["param"] == param and error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+def test_a_body_that_is_not_json_is_refused(server):
+    status, text = post(server, "/completions", None, raw=b"{not json")
+    assert status == 400 and "not JSON" in json.loads(text)["error"]["message"]
+
+
+def test_the_models_endpoint_lists_the_served_name(server):
+    with urllib.request.urlopen(server.url + "/models", timeout=30) as response:
+        listed = json.loads(response.read())
+    assert [m["id"] for m in listed["data"]] == ["tiny"]
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(server.url + "/nothing", timeout=30)
+    assert error.value.code == 404
+
+
+def test_requests_at_once_are_answered_one_after_another(server, llm, prompt):
+    body = {"prompt": prompt, "max_tokens": NEW, **GREEDY}
+    results = [None, None]
+
+    def ask(i):
+        results[i] = answer(server, "/completions", body)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    want = llm.generate(prompt, NEW, progress=False).text
+    assert [r["choices"][0]["text"] for r in results] == [want, want]
+
+
+def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplog):
+    body = json.dumps({"prompt": prompt, "max_tokens": 4000, "stream": True, **GREEDY}).encode()
+    host, port = server.server_address[:2]
+    caplog.set_level(logging.INFO, logger="engine.server")
+    with socket.create_connection((host, port)) as client:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        client.sendall(head.encode() + body)
+        assert client.recv(64).startswith(b"HTTP/1.0 200")  # the stream began
+    # the next request waits for the first to end: it ends when its writes find the client gone
+    assert answer(server, "/completions", {"prompt": "x y", "max_tokens": 2})["choices"]
+    left = [r.getMessage() for r in caplog.records if "not finished" in r.getMessage()]
+    assert len(left) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--port", "70000"), ("--max-tokens", "0")])
+def test_the_serve_command_refuses_bad_options_in_one_line(flag, value, capsys):
+    assert main(["serve", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hybridattn: error:") and flag in err and "\n" not in err
+
+
+def test_the_serve_command_serves_the_model_until_interrupted(llm, monkeypatch, capsys):
+    from engine.api import HybridLLM as Engine
+
+    closed = []
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    monkeypatch.setattr(Server, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(Server, "close", lambda self: closed.append(self.url) or self.server_close())
+    assert main(["serve", "--port", "0", "--served-name", "mine"]) == 130  # as Ctrl-C ends it
+    err = capsys.readouterr().err
+    assert f"serving mine at {closed[0]}" in err and closed[0].startswith("http://127.0.0.1:")
+
+
+def test_the_serve_command_says_in_one_line_when_its_port_is_taken(llm, monkeypatch, capsys):
+    from engine.api import HybridLLM as Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hybridattn: error:") and "\n" not in err
