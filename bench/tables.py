@@ -4,6 +4,8 @@ docs' report blocks up to date."""
 
 from __future__ import annotations
 
+import json
+
 from bench.stats import mean_interval, wilson_interval
 
 
@@ -316,6 +318,21 @@ def prefill(result: dict) -> str:
     return f"{cfg['model']}, {cfg['threads']} threads, median of {cfg['repeats']} runs\n\n" + table(head, rows)
 
 
+def served(result: dict) -> str:
+    """bench.speed.prefix --server: each HTTP request's seconds to its whole answer, the whole prompt
+    against the document field prefilled by the first request that names it and kept for the next."""
+    head = ["request", "document", "seconds to the whole answer", "first token", "answer", "host rows read per step"]
+    rows = []
+    for r in result["server"]:
+        document = {None: "", False: "prefilled by this request", True: "kept"}[r["document_reused"]]
+        answer = json.dumps(r["answer"], ensure_ascii=False)
+        rows.append([r["request"], document, f"{r['seconds']:.2f} s", f"{r['first_token_s']:.2f} s", answer])
+        rows[-1].append(f"{100 * r['kv_read_frac']:.2f}%")
+    cfg = result["config"]
+    note = f"{cfg['model']}, a document of {cfg['context']} tokens, {cfg['threads']} threads; first token: the"
+    return note + " engine's report, which leaves a document's prefill out\n\n" + table(head, rows)
+
+
 def soak(result: dict, every: int = 500) -> str:
     """The soak's checks at the first window and every `every` steps, and its verdicts."""
     head = ["step", "tokens", "host tokens", "invariants", "recall of added keys", "median step ms"]
@@ -444,6 +461,7 @@ RENDERERS = {
     "soak": soak,
     "throughput": throughput,
     "margins": margins,
+    "served": served,
 }
 # renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side, RULER's tasks together
 MANY_FILES = {

@@ -554,6 +554,8 @@ def test_bench_prefix_quick(tmp_path):
     served = result["server"]
     assert [r["document_reused"] for r in served] == [None, False, True, True]  # prefilled by the first to name it
     assert [r["answer"] for r in served[1:]] == [r["answer"] for r in result["rows"][1:]]  # as the Python API's
+    text = script("bench.tables").served(result)
+    assert text.count("| kept |") == 2 and text.count("| prefilled by this request |") == 1
     agreement = result["agreement"]
     assert agreement["prompts"] == 2 and 0 <= agreement["same_tokens"] <= 2 and agreement["task"] == "niah_multikey"
     whole, first, other, again = result["rows"]
