@@ -319,18 +319,19 @@ def prefill(result: dict) -> str:
 
 
 def served(result: dict) -> str:
-    """bench.speed.prefix --server: each HTTP request's seconds to its whole answer, the whole prompt
-    against the document field prefilled by the first request that names it and kept for the next."""
-    head = ["request", "document", "seconds to the whole answer", "first token", "answer", "host rows read per step"]
+    """bench.speed.prefix --server: each HTTP request's seconds to its whole answer, and the tokens of its
+    prompt it found in the server's kept cache (a document, or the turn before's prompt)."""
+    head = ["request", "prompt tokens", "found kept", "seconds to the whole answer", "first token", "answer"]
+    head.append("host rows read per step")
     rows = []
     for r in result["server"]:
-        document = {None: "", False: "prefilled by this request", True: "kept"}[r["document_reused"]]
+        found = f"{r['reused_tokens']:,} ({r['kept']})" if r["reused_tokens"] else "none"
         answer = json.dumps(r["answer"], ensure_ascii=False)
-        rows.append([r["request"], document, f"{r['seconds']:.2f} s", f"{r['first_token_s']:.2f} s", answer])
-        rows[-1].append(f"{100 * r['kv_read_frac']:.2f}%")
+        rows.append([r["request"], f"{r['prompt_tokens']:,}", found, f"{r['seconds']:.2f} s"])
+        rows[-1] += [f"{r['first_token_s']:.2f} s", answer, f"{100 * r['kv_read_frac']:.2f}%"]
     cfg = result["config"]
     note = f"{cfg['model']}, a document of {cfg['context']} tokens, {cfg['threads']} threads; first token: the"
-    return note + " engine's report, which leaves a document's prefill out\n\n" + table(head, rows)
+    return note + " engine's report, which leaves out what was prefilled into the kept cache\n\n" + table(head, rows)
 
 
 def soak(result: dict, every: int = 500) -> str:

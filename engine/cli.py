@@ -254,7 +254,12 @@ def cmd_serve(args) -> int:
     _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     server = Server(
-        llm, host=args.host, port=args.port, model=args.served_name or args.model, chat_max_tokens=args.max_tokens
+        llm,
+        host=args.host,
+        port=args.port,
+        model=args.served_name or args.model,
+        chat_max_tokens=args.max_tokens,
+        reuse_prompts=args.reuse_prompts,
     )
     logging.getLogger("engine.server").setLevel(logging.INFO)  # a line per request and per answer
     print(f"hybridattn: serving {server.completions.model} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -477,6 +482,13 @@ def _run(argv: list[str] | None) -> int:
     s.add_argument("--port", type=int, default=8000, help="the port to listen on (0: any free one)")
     s.add_argument("--served-name", help="the model's name in requests and responses (default: --model)")
     s.add_argument("--max-tokens", type=int, default=512, help="a chat answer's max_tokens when a request gives none")
+    s.add_argument(
+        "--reuse-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep each request's prompt cached: a request whose prompt begins with the one before's (a "
+        "conversation's next turn) prefills only the rest",
+    )
     _offload_args(s)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")

@@ -33,11 +33,7 @@ class Prefix:
     def continued(self, ids: torch.Tensor, *, progress: bool = True) -> Prefilled:
         """The prompt ids [1, T] prefilled after the document, into the prefix's cache; `rewind` after its
         generation."""
-        if self.cache is None:
-            raise ValueError("this prefix was released: make a new one with HybridLLM.prefix")
-        if self.in_use:
-            raise RuntimeError("a prefix continues one prompt at a time, and a generation after it is not finished")
-        self.in_use = True
+        self._claim()
         try:
             ids = torch.cat([self.last.to(ids.device), ids], dim=1)
             chunk = self.cache.offload_config.prefill_chunk
@@ -46,6 +42,36 @@ class Prefix:
             self.rewind()
             raise
         return Prefilled(self.cache, logits, self.tokens - 1 + ids.shape[1], seconds, 0.0, prefix_tokens=self.tokens)
+
+    @torch.inference_mode()
+    def extend(self, ids: torch.Tensor, *, progress: bool = True) -> float:
+        """The document grown by the token ids [1, T] (T >= 2), prefilled after it: the prompts after it
+        continue the longer document from now on (a conversation's turns, each kept for the next). Returns
+        the prefill's seconds."""
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
+            raise ValueError(f"a prefix is extended by at least 2 token ids [1, T], got shape {list(ids.shape)}")
+        chunk = torch.cat([self.last.to(ids.device), ids[:, :-1]], dim=1)  # the new last is held back in turn
+        self._claim()
+        try:
+            _, seconds = timed_prefill(
+                self.model, chunk, self.cache, self.cache.offload_config.prefill_chunk, progress=progress
+            )
+            marks = self.cache.mark()
+        except BaseException:
+            self.rewind()
+            raise
+        self.marks, self.last, self.tokens = marks, ids[:, -1:], self.tokens + ids.shape[1]
+        self.prefill_s += seconds
+        self.in_use = False
+        return seconds
+
+    def _claim(self) -> None:
+        """The prefix taken for one prompt (or an extension) until its rewind."""
+        if self.cache is None:
+            raise ValueError("this prefix was released: make a new one with HybridLLM.prefix")
+        if self.in_use:
+            raise RuntimeError("a prefix continues one prompt at a time, and a generation after it is not finished")
+        self.in_use = True
 
     def nbytes(self) -> dict[str, dict[str, int]]:
         """What it holds to go back to the document's state, beyond its cache: {"device": {...}, "host": {...}}."""

@@ -5,10 +5,12 @@ that API talk to it unchanged, streaming included (server-sent events).
 One generation runs at a time: a request waits for the one before it (the engine decodes one cache;
 several prompts in one completion request are decoded as one batch). What the engine cannot do is
 refused with a 400 that names the field (`n` above 1, log-probabilities, `echo`, penalties, tools);
-fields it does not know are ignored, as clients send many. One field is the engine's own:
-`document`, a long text that a completion's prompt continues. The server prefills it once
-(`HybridLLM.prefix`) and keeps it for the requests after that name the same document, which then
-prefill only their prompt; a request with another document replaces it."""
+fields it does not know are ignored, as clients send many.
+
+Between requests the server keeps one cache (`PromptCache`), so that a request prefills only what is
+new: a conversation's next turn, whose prompt begins with the turn before's, prefills the answer and
+the new message alone; and a completion may name a long `document` (the engine's own field), which
+the first request prefills and the requests after it that name the same find kept."""
 
 from __future__ import annotations
 
@@ -184,26 +186,82 @@ def _messages(value) -> list[dict]:
     return out
 
 
-class Completions:
-    """Requests to the engine's answers: the responses' and the stream's JSON objects. It keeps the
-    last request's document prefilled (`document`) until another replaces it or `close()`."""
+class PromptCache:
+    """The cache the server keeps from one request to the next, one at a time, so that a request
+    prefills only what is new: a request's `document`, prefilled once for the requests after it that
+    name the same; or, with `reuse_prompts`, a prompt, which the next request's prompt may begin with (a
+    conversation's next turn: the messages so far, the answer, a new message), each such request
+    extending it (`Prefix.extend`). A request that continues neither replaces it."""
 
-    def __init__(self, llm, model: str):
+    def __init__(self, llm, *, reuse_prompts: bool = True):
+        self.llm, self.reuse_prompts = llm, reuse_prompts
+        self.prefix = None  # the kept Prefix
+        self.ids: list[int] = []  # a kept prompt's token ids, its held-back last included
+        self.document: str | None = None  # a kept document's text
+
+    def prepare(self, request: Request) -> tuple[object, object, dict | None]:
+        """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
+        tells of that: {"kind", "tokens" kept, "reused_tokens" (of the prompt's, found kept), "prefill_s"
+        (spent here prefilling into it)}."""
+        start = time.perf_counter()
+        if request.document is not None:
+            reused = self.document == request.document
+            if not reused:
+                self.release()
+                self.prefix, self.document = self.llm.prefix(request.document, progress=False), request.document
+            return request.prompt, self.prefix, self._told("document", self.prefix.tokens if reused else 0, start)
+        ids = self.llm.encode(request.prompt) if self.reuse_prompts and len(request.prompts) <= 1 else None
+        if ids is None or ids.shape[1] < 3:  # (a prefix holds 2 tokens at least, and the prompt 1 more)
+            self.release()
+            return request.prompt, None, None
+        n = len(self.ids)
+        if self.prefix is not None and self.document is None and ids.shape[1] > n and ids[0, :n].tolist() == self.ids:
+            rest, reused = ids[:, n:], n
+            if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, which is the prompt
+                self.prefix.extend(rest[:, :-1], progress=False)
+                self.ids += rest[0, :-1].tolist()
+                rest = rest[:, -1:]
+        else:
+            self.release()
+            self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
+            self.ids, rest, reused = ids[0, :-1].tolist(), ids[:, -1:], 0
+        return rest, self.prefix, self._told("conversation", reused, start)
+
+    def _told(self, kind: str, reused: int, start: float) -> dict:
+        seconds = time.perf_counter() - start
+        if reused < self.prefix.tokens:
+            log.info(
+                "%s: %d tokens prefilled into the kept cache in %.2f s", kind, self.prefix.tokens - reused, seconds
+            )
+        return {"kind": kind, "tokens": self.prefix.tokens, "reused_tokens": reused, "prefill_s": seconds}
+
+    def release(self) -> None:
+        """Give the kept cache's host store back."""
+        if self.prefix is not None:
+            self.prefix.release()
+        self.prefix, self.ids, self.document = None, [], None
+
+
+class Completions:
+    """Requests to the engine's answers: the responses' and the stream's JSON objects, one generation at a
+    time (`busy`), each from the cache kept from the requests before where it continues it (`cache`)."""
+
+    def __init__(self, llm, model: str, *, reuse_prompts: bool = True):
         self.llm, self.model = llm, model
-        self.document: tuple[str, object] | None = None  # (its text, its Prefix)
-        self.busy = threading.Lock()  # one generation at a time
+        self.cache = PromptCache(llm, reuse_prompts=reuse_prompts)
+        self.busy = threading.Lock()
 
     def answer(self, request: Request) -> dict:
         """The whole response to a request without `stream`."""
-        arguments, document = self._arguments(request)
-        results = self.llm.generate(request.prompt, request.max_tokens, **arguments)
+        prompt, prefix, kept = self.cache.prepare(request)
+        results = self.llm.generate(prompt, request.max_tokens, **self._arguments(request, prefix))
         results = results if isinstance(results, list) else [results]
         for result in results:
             _log_report(result.report)
         choices = [self._choice(request, i, r.text, r.report.finish_reason) for i, r in enumerate(results)]
         response = self._head(request, "") | {"choices": choices}
         response["usage"] = _usage([r.report for r in results])
-        response["hybridattn"] = [self._report(r.report, document) for r in results]  # one per choice
+        response["hybridattn"] = [self._report(r.report, kept) for r in results]  # one per choice
         return response
 
     def chunks(self, request: Request) -> Iterator[dict]:
@@ -212,8 +270,8 @@ class Completions:
 
         report = GenerationReport()
         head = self._head(request, ".chunk" if request.messages is not None else "")
-        arguments, document = self._arguments(request)
-        pieces = self.llm.stream(request.prompt, request.max_tokens, report=report, **arguments)
+        prompt, prefix, kept = self.cache.prepare(request)
+        pieces = self.llm.stream(prompt, request.max_tokens, report=report, **self._arguments(request, prefix))
         first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
         try:
             if request.messages is not None:
@@ -226,34 +284,19 @@ class Completions:
             _log_report(report)
         yield head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]}
         if request.include_usage:
-            yield head | {"choices": [], "usage": _usage([report]), "hybridattn": [self._report(report, document)]}
+            yield head | {"choices": [], "usage": _usage([report]), "hybridattn": [self._report(report, kept)]}
 
     def close(self) -> None:
-        """Give the kept document's host store back."""
-        if self.document is not None:
-            self.document[1].release()
-            self.document = None
-
-    def _arguments(self, request: Request) -> tuple[dict, dict | None]:
-        """The engine's keyword arguments for the request, and what the response tells of its document:
-        its Prefix is kept from a request before, or prefilled now in place of the one kept."""
-        arguments = dict(request.sampling, prefix=None, progress=False)
-        if request.document is None:
-            return arguments, None
-        reused = self.document is not None and self.document[0] == request.document
-        if not reused:
-            self.close()
-            self.document = (request.document, self.llm.prefix(request.document, progress=False))
-        prefix = arguments["prefix"] = self.document[1]
-        if not reused:
-            log.info("document of %d tokens prefilled in %.2f s", prefix.tokens, prefix.prefill_s)
-        told = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
-        return arguments, told | {"reused": reused}
+        self.cache.release()
 
     @staticmethod
-    def _report(report, document: dict | None) -> dict:
-        """The engine's report of a choice, with its document's where it had one."""
-        return report.as_dict() | ({} if document is None else {"document": document})
+    def _arguments(request: Request, prefix) -> dict:
+        return dict(request.sampling, prefix=prefix, progress=False)
+
+    @staticmethod
+    def _report(report, kept: dict | None) -> dict:
+        """The engine's report of a choice, with what it found of the kept cache where it continued it."""
+        return report.as_dict() | ({} if kept is None else {"kept": kept})
 
     def _head(self, request: Request, suffix: str) -> dict:
         prefix = "chatcmpl-" if request.messages is not None else "cmpl-"
@@ -392,10 +435,19 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, llm, *, host: str = "127.0.0.1", port: int = 8000, model: str, chat_max_tokens: int = 512):
+    def __init__(
+        self,
+        llm,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        model: str,
+        chat_max_tokens: int = 512,
+        reuse_prompts: bool = True,
+    ):
         if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
-        self.completions = Completions(llm, model)
+        self.completions = Completions(llm, model, reuse_prompts=reuse_prompts)
         self.chat_max_tokens = chat_max_tokens
         super().__init__((host, port), Handler)
 

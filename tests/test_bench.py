@@ -552,10 +552,12 @@ def test_bench_prefix_quick(tmp_path):
     script("bench.speed.prefix").main(argv)
     result = json.loads(out.read_text())
     served = result["server"]
-    assert [r["document_reused"] for r in served] == [None, False, True, True]  # prefilled by the first to name it
-    assert [r["answer"] for r in served[1:]] == [r["answer"] for r in result["rows"][1:]]  # as the Python API's
+    tokens = result["prefix"]["prefix_tokens"]
+    assert [r["reused_tokens"] for r in served[:4]] == [0, 0, tokens, tokens]  # the document prefilled once
+    assert [r["answer"] for r in served[1:4]] == [r["answer"] for r in result["rows"][1:]]  # as the Python API's
+    assert served[4]["reused_tokens"] == 0 and served[5]["reused_tokens"] == served[4]["prompt_tokens"] - 1
     text = script("bench.tables").served(result)
-    assert text.count("| kept |") == 2 and text.count("| prefilled by this request |") == 1
+    assert text.count(" (document) |") == 2 and text.count(" (conversation) |") == 1
     agreement = result["agreement"]
     assert agreement["prompts"] == 2 and 0 <= agreement["same_tokens"] <= 2 and agreement["task"] == "niah_multikey"
     whole, first, other, again = result["rows"]

@@ -131,6 +131,37 @@ def test_a_continuation_with_a_covering_budget_is_the_whole_prompt_s_generation(
     prefix.release()
 
 
+def test_an_extended_prefix_is_the_longer_document_s(model, bundled_tokenizer, ids):
+    """With a covering budget, a prompt after a prefix extended by more tokens answers as the whole prompt
+    does; with the default's parts, it finds the extended state again after another prompt."""
+    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64)
+    covering = HybridLLM(model, bundled_tokenizer, cfg)
+    prefix = covering.prefix(ids[:300], progress=False)
+    assert prefix.extend(ids[None, 300:340], progress=False) > 0 and prefix.tokens == 340
+    assert answer(covering, ids[340:350], prefix) == answer(covering, ids[:350])
+    prefix.release()
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:300], progress=False)
+    answer(llm, ids[300:310], prefix)  # a prompt before the extension leaves nothing behind either
+    prefix.extend(ids[None, 300:400], progress=False)
+    extended = state(prefix.cache)
+    once = answer(llm, ids[400:430], prefix)
+    assert once[1] == 430
+    answer(llm, ids[430:460], prefix)
+    assert same(state(prefix.cache), extended) and answer(llm, ids[400:430], prefix) == once
+    with pytest.raises(ValueError, match="at least 2 token ids"):
+        prefix.extend(ids[None, 400:401], progress=False)
+    pieces = llm.stream(ids[400:430], NEW, prefix=prefix, stop_at_eos=False, progress=False)
+    next(pieces)
+    with pytest.raises(RuntimeError, match="one prompt at a time"):  # a stream after it holds it
+        prefix.extend(ids[None, 400:410], progress=False)
+    pieces.close()
+    assert prefix.tokens == 400
+    prefix.release()
+    with pytest.raises(ValueError, match="was released"):
+        prefix.extend(ids[None, 400:410], progress=False)
+
+
 def test_a_list_of_prompts_after_a_prefix_answers_each_as_alone(model, bundled_tokenizer, ids):
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
     prefix = llm.prefix(ids[:300], progress=False)

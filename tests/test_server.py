@@ -11,11 +11,12 @@ import urllib.request
 
 import pytest
 
+from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
 from engine.server import Server
 from tests.conftest import tiny_llama
-from tests.test_generation import CFG
+from tests.test_attention import COVER_ALL
 from tests.test_stop import first_new_piece
 
 NEW = 12
@@ -24,7 +25,10 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def llm(bundled_tokenizer):
-    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, CFG)
+    """A budget that covers every host token: a prompt answered from a kept cache is then answered as
+    the whole prompt is (a prefix's index is built from fewer queries, which a partial read would show)."""
+    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64)
+    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,7 @@ def test_a_completion_is_the_engine_s_greedy_answer(server, llm, prompt):
         "total_tokens": prompt_tokens + len(want.token_ids),
     }
     assert got["hybridattn"][0]["kv_read_frac"] == want.report.kv_read_frac > 0  # the engine's report rides along
+    assert got["hybridattn"][0]["kept"]["reused_tokens"] == 0  # (the prompt kept for a next turn)
 
 
 def test_a_list_of_prompts_is_a_batch_each_answered_as_alone(server, llm, prompt):
@@ -150,19 +155,13 @@ def test_a_document_is_prefilled_once_for_the_requests_that_name_it(server, llm,
     first = answer(server, "/completions", body)
     answer(server, "/completions", {**body, "prompt": [101, 102, 103]})  # another question, as token ids
     again = answer(server, "/completions", body)
-    assert len(made) == 1 and server.completions.document[1] is made[0]
+    assert len(made) == 1 and server.completions.cache.prefix is made[0]
     assert again["choices"] == first["choices"]  # the document's state, as left the first time
-    report = first["hybridattn"][0]
-    assert report["document"] == dict(
-        tokens=made[0].tokens, prefill_s=made[0].prefill_s, index_build_s=made[0].index_build_s, reused=False
-    )
-    assert (
-        again["hybridattn"][0]["document"]["reused"]
-        and "document" not in answer(server, "/completions", body | {"document": None})["hybridattn"][0]
-    )
-    assert report["prefix_tokens"] == made[0].tokens and report["prompt_tokens"] == made[0].tokens + len(
-        llm.tokenizer(body["prompt"]).input_ids
-    )
+    report, tokens = first["hybridattn"][0], made[0].tokens
+    assert report["kept"]["kind"] == "document" and report["kept"]["tokens"] == tokens
+    assert report["kept"]["reused_tokens"] == 0 and again["hybridattn"][0]["kept"]["reused_tokens"] == tokens
+    assert report["prefix_tokens"] == tokens
+    assert report["prompt_tokens"] == tokens + len(llm.tokenizer(body["prompt"]).input_ids)
     alone = prefix(document, progress=False)
     try:
         want = llm.generate(body["prompt"], NEW, prefix=alone, progress=False)
@@ -171,6 +170,45 @@ def test_a_document_is_prefilled_once_for_the_requests_that_name_it(server, llm,
     assert first["choices"][0]["text"] == want.text
     answer(server, "/completions", {**body, "document": "Another document. " * 20})
     assert len(made) == 2 and made[0].cache is None  # the first given back when the second came
+
+
+def test_a_conversation_s_next_turn_prefills_only_what_is_new(server, llm, monkeypatch):
+    made = []
+    prefix = llm.prefix
+    monkeypatch.setattr(llm, "prefix", lambda ids, **kw: made.append(prefix(ids, **kw)) or made[-1])
+    turns = [{"role": "user", "content": "The grass is green and the sky is blue. " * 20 + "What is green?"}]
+    first = answer(server, "/chat/completions", {"messages": turns, **GREEDY})
+    turns += [first["choices"][0]["message"], {"role": "user", "content": "And what is blue?"}]
+    second = answer(server, "/chat/completions", {"messages": turns, **GREEDY})
+    turns += [second["choices"][0]["message"], {"role": "user", "content": "Thanks."}]
+    third = answer(server, "/chat/completions", {"messages": turns, **GREEDY})
+    assert len(made) == 1  # the first turn's prompt kept, and extended by each turn after it
+    kept = [r["hybridattn"][0]["kept"] for r in (first, second, third)]
+    ids = [len(llm.encode(turns[: 2 * i + 1])[0]) for i in range(3)]
+    assert [k["reused_tokens"] for k in kept] == [0, ids[0] - 1, ids[1] - 1]  # all but each turn's last token
+    assert [r["usage"]["prompt_tokens"] for r in (first, second, third)] == ids
+    for i, response in enumerate((second, third)):  # each as the whole conversation's answer
+        want = llm.generate(turns[: 2 * i + 3], NEW, progress=False)
+        assert response["choices"][0]["message"]["content"] == want.text
+    answer(server, "/completions", {"prompt": ["a", "b"], "max_tokens": 1})  # a batch continues nothing
+    assert server.completions.cache.prefix is None and made[0].cache is None
+
+
+def test_without_reuse_no_cache_is_kept(llm, prompt):
+    server = Server(llm, port=0, model="tiny", reuse_prompts=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = {"prompt": prompt, "max_tokens": 4, **GREEDY}
+        got = [
+            answer(server, "/completions", body),
+            answer(server, "/completions", body | {"prompt": prompt + "x y z"}),
+        ]
+        assert all("kept" not in r["hybridattn"][0] for r in got) and server.completions.cache.prefix is None
+        assert got[0]["choices"][0]["text"] == llm.generate(prompt, 4, progress=False).text
+    finally:
+        server.shutdown()
+        server.close()
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,10 @@ answer, whether it names the pass key, and the share of host rows read per decod
 them, the whole prompt (document + the pass key's question) prefilled and answered as one.
 
 With `--server`, then the same questions as HTTP requests to the engine's server (engine.server,
-`hybridattn serve`, in this process on a free port): the whole prompt, then the document as the
-request's `document` field, which the first such request prefills and the next find kept; each
-request's seconds from sending it to its whole answer.
+`hybridattn serve`, in this process on a free port): the whole prompt; the document as the requests'
+`document` field, which the first such request prefills and the next find kept; a chat about the
+document, whose second turn finds the first's prompt kept. Each request's seconds from sending it to
+its whole answer, and the tokens of its prompt found kept.
 
 With `--samples N`, then N prompts of an evaluation cell (`--task`, at --context tokens; the
 question after the haystack's last blank line) are each answered twice, as the whole prompt and
@@ -68,31 +69,41 @@ def agreement(llm: HybridLLM, task: str, context: int, n: int) -> dict:
 
 
 def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample) -> list[dict]:
-    """The questions as completion requests to the engine's HTTP server: each one's seconds, answer and
-    whether its document was prefilled for it or found kept."""
+    """The questions as requests to the engine's HTTP server, in turn: the whole prompt; the document as
+    the `document` field, with each question; a chat about the document, two turns. Each request's
+    seconds, answer, and the tokens of its prompt it found in the server's kept cache."""
     from engine.server import Server
 
     server = Server(llm, port=0, model="smollm2-135m")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    asked = [("whole prompt, the pass key's", None, document + question)]
-    asked += [(f"document field, {name}", document, text) for name, text in questions(question)]
     rows = []
+
+    def ask(name: str, path: str, body: dict) -> dict:
+        body = body | {"max_tokens": new_tokens, "temperature": 0}
+        request = urllib.request.Request(server.url + path, data=json.dumps(body).encode())
+        start = time.perf_counter()
+        with urllib.request.urlopen(request) as response:
+            answer = json.loads(response.read())
+        seconds = time.perf_counter() - start
+        report, choice = answer["hybridattn"][0], answer["choices"][0]
+        text = choice["text"] if "text" in choice else choice["message"]["content"]
+        kept = report.get("kept", {})
+        rows.append({"request": name, "seconds": round(seconds, 3), "first_token_s": round(report["first_token_s"], 3)})
+        rows[-1].update(prompt_tokens=report["prompt_tokens"], kept=kept.get("kind"))
+        rows[-1].update(reused_tokens=kept.get("reused_tokens", 0), answer=text, names_the_key=score(sample, text) == 1)
+        rows[-1].update(kv_read_frac=round(report["kv_read_frac"], 4))
+        print(json.dumps(rows[-1]), flush=True)
+        return answer
+
     try:
-        for name, doc, prompt in asked:
-            body = {"prompt": prompt, "document": doc, "max_tokens": new_tokens, "temperature": 0}
-            request = urllib.request.Request(server.url + "/completions", data=json.dumps(body).encode())
-            start = time.perf_counter()
-            with urllib.request.urlopen(request) as response:
-                answer = json.loads(response.read())
-            seconds = time.perf_counter() - start
-            report, text = answer["hybridattn"][0], answer["choices"][0]["text"]
-            rows.append(
-                {"request": name, "seconds": round(seconds, 3), "first_token_s": round(report["first_token_s"], 3)}
-            )
-            rows[-1].update(document_reused=report.get("document", {}).get("reused"), answer=text)
-            rows[-1].update(names_the_key=score(sample, text) == 1.0, kv_read_frac=round(report["kv_read_frac"], 4))
-            print(json.dumps(rows[-1]), flush=True)
+        ask("whole prompt, the pass key's", "/completions", {"prompt": document + question})
+        for name, text in questions(question):
+            ask(f"document field, {name}", "/completions", {"prompt": text, "document": document})
+        chat = [{"role": "user", "content": document + question}]
+        first = ask("chat, the pass key's", "/chat/completions", {"messages": chat})
+        chat += [first["choices"][0]["message"], {"role": "user", "content": OTHER_QUESTION.strip()}]
+        ask("chat, next turn: the grass'", "/chat/completions", {"messages": chat})
     finally:
         server.shutdown()
         server.close()
