@@ -327,11 +327,12 @@ def served(result: dict) -> str:
     for r in result["server"]:
         found = f"{r['reused_tokens']:,} ({r['kept']})" if r["reused_tokens"] else "none"
         answer = json.dumps(r["answer"], ensure_ascii=False)
-        rows.append([r["request"], f"{r['prompt_tokens']:,}", found, f"{r['seconds']:.2f} s"])
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.2f} s"  # (a row of the Python API's: no request)
+        rows.append([r["request"], f"{r['prompt_tokens']:,}", found, seconds])
         rows[-1] += [f"{r['first_token_s']:.2f} s", answer, f"{100 * r['kv_read_frac']:.2f}%"]
     cfg = result["config"]
     note = f"{cfg['model']}, a document of {cfg['context']} tokens, {cfg['threads']} threads; first token: the"
-    return note + " engine's report, which leaves out what was prefilled into the kept cache\n\n" + table(head, rows)
+    return note + " prefill into the kept cache and the prompt's own, and the index builds\n\n" + table(head, rows)
 
 
 def soak(result: dict, every: int = 500) -> str:
