@@ -385,7 +385,8 @@ def table(rows: list[dict]) -> str:
             notes += f", conservation {r['conservation_ok']}"
         if r["case"].startswith("prefix") and "error" not in r:
             notes = f"a question again after another: the same {r['same_after_rewind']}, "
-            notes += f"the whole prompt's tokens {r['equals_whole_prompt']}"
+            notes += f"the whole prompt's tokens {r['equals_whole_prompt']}, "
+            notes += f"after an extension {r['extended_equals_whole_prompt']}"
         if "ms_per_token_clocked" in r:
             notes += f"{r['ms_per_token_clocked']:.1f} ms/token with the clock running; "
         if "ms_per_token_over_block" in r:

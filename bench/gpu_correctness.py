@@ -92,7 +92,8 @@ def prefix_case(dtype: torch.dtype) -> str:
 def prefix_rewind(device, dtype, document: int, new: int) -> dict:
     """A document prefilled once (engine.prefix) on the device, two questions after it in turn, the
     first asked again: it must give the same tokens and logits (the rewind undid the second's rows,
-    landmarks and lists); with budgets that cover everything, in fp32, the whole prompt's tokens too."""
+    landmarks and lists); with budgets that cover everything, in fp32, the whole prompt's tokens too,
+    also after the prefix is extended by the first question (`Prefix.extend`) and the second follows."""
     reset_peak(device)
     model = llama(TOY, 2, dtype, device)
     ids = torch.randint(0, TOY["vocab_size"], (1, document + 40), generator=torch.Generator().manual_seed(2))
@@ -112,18 +113,28 @@ def prefix_rewind(device, dtype, document: int, new: int) -> dict:
         for question in (questions[0], questions[1], questions[0]):
             answers.append(greedy(prefix.continued(question, progress=False)))
             prefix.rewind()
+        prefix.extend(questions[0], progress=False)  # a conversation's turn kept: the second question after it
+        answers.append(greedy(prefix.continued(questions[1], progress=False)))
+        prefix.rewind()
     finally:
         prefix.release()
-    whole = prefill_prompt(model, ids[:, : document + 20], cfg, new, progress=False)
-    try:
-        want = greedy(whole)[0]
-    finally:
-        whole.cache.release()
+    want = [whole_prompt(model, ids[:, :end], cfg, new, greedy) for end in (document + 20, document + 40)]
     again = answers[2][0] == answers[0][0] and torch.equal(answers[2][1], answers[0][1])
+    exact = answers[0][0] == want[0] and answers[3][0] == want[1]
     return {
         "case": prefix_case(dtype),
         "same_after_rewind": again,
-        "equals_whole_prompt": answers[0][0] == want,
-        "prefix_ok": again and (answers[0][0] == want or dtype != torch.float32),
+        "equals_whole_prompt": answers[0][0] == want[0],
+        "extended_equals_whole_prompt": answers[3][0] == want[1],
+        "prefix_ok": again and (exact or dtype != torch.float32),
         "peak_device_bytes": peak_bytes(device),
     }
+
+
+def whole_prompt(model, ids, cfg, new: int, greedy) -> list[int]:
+    """The greedy tokens of the prompt prefilled whole."""
+    prefilled = prefill_prompt(model, ids, cfg, new, progress=False)
+    try:
+        return greedy(prefilled)[0]
+    finally:
+        prefilled.cache.release()
