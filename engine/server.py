@@ -318,7 +318,7 @@ class Completions:
 
 def _log_report(report) -> None:
     log.info(
-        "prompt %d tokens (%d of them a kept document's), %d new (%s) in %.2f s after a first token at %.2f s; "
+        "prompt %d tokens (%d of them from the kept cache), %d new (%s) in %.2f s after a first token at %.2f s; "
         "host KV read per step %.2f%%",
         report.prompt_tokens,
         report.prefix_tokens,
