@@ -15,6 +15,7 @@ import torch
 from engine.cache import HybridCache
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
+from engine.conversation import Conversation
 from engine.generation import (
     RESERVED_NEW_TOKENS,
     Decoding,
@@ -171,6 +172,13 @@ class HybridLLM:
         except BaseException:
             prefilled.cache.release()
             raise
+
+    def conversation(self, messages: list[dict] | None = None) -> Conversation:
+        """A chat whose turns each prefill only what is new (engine.conversation): `ask(text)` or
+        `stream(text)` per user message; `messages` (a system prompt, say) begin it."""
+        if messages:
+            _check_messages(messages)
+        return Conversation(self, messages)
 
     # ---------------------------------------------------------- generation
 

@@ -1,4 +1,4 @@
-"""`hybridattn` command line: generate, serve, plan, bench, eval.
+"""`hybridattn` command line: generate, chat, serve, plan, bench, eval.
 
 Exit status: 0 done, 1 the plan does not fit, 2 bad input (one line on stderr,
 `hybridattn: error: ...`), 70 an internal error, 130 interrupted, 141 the reader of stdout
@@ -17,6 +17,7 @@ import math
 import os
 import runpy
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +78,32 @@ def _offload_args(p: argparse.ArgumentParser) -> None:
     old = p.add_argument_group("offload: deprecated spellings")
     old.add_argument("--mode", choices=list(OLD_CANDIDATE_SOURCES), help="use --candidates-from (keys, blocks, both)")
     old.add_argument("--method", choices=KEY_INDEXES, help="use --key-index")
+
+
+def _sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, seed_help: str = "the sampling's seed") -> None:
+    """How an answer is decoded: its length, greedy or sampled, and where it stops."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above it, sampled")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    # (--top-k is the fixed budget's, an offload field)
+    p.add_argument("--sample-top-k", type=int, default=0, help="sample among this many most likely tokens (0: all)")
+    p.add_argument(
+        "--sample-top-p", type=float, default=1.0, help="sample among the fewest whose probabilities reach this"
+    )
+    p.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
+    )
+
+
+def _sampling(args) -> dict:
+    """The --max-new-tokens/--temperature/... options checked (before the model loads), as generate's keywords."""
+    from engine.api import check_sampling
+    from engine.stop import StopStrings
+
+    check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
+    StopStrings(None, args.stop)
+    sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
+    return sampling | dict(seed=args.seed, stop=args.stop)
 
 
 def _offload_config(args):
@@ -165,16 +192,13 @@ def cmd_generate(args) -> int:
     offload = _offload_config(args)
     _check_model_args(args)
     prompt = None if args.demo else _read_prompt(args)
-    from engine.api import HybridLLM, check_sampling
-    from engine.stop import StopStrings
-
-    check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
-    StopStrings(None, args.stop)  # checked here, before the model loads
+    sampling = _sampling(args)
     _check_questions(args)
+    from engine.api import HybridLLM
+
     bars = _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
-    sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
-    sampling.update(seed=args.seed, stop=args.stop, progress=bars)
+    sampling.update(progress=bars)
     if args.demo:
         _print_report(_demo(llm, args), args, offload)
     elif args.ask:
@@ -238,6 +262,52 @@ def _answer_questions(llm, document: str, args, offload, sampling) -> None:
         done = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
         answers = [dict(question=q, **r.as_dict()) for q, r in zip(args.ask, reports)]
         _write_json(args, offload, {"prefix": done, "answers": answers})
+
+
+def cmd_chat(args) -> int:
+    """A conversation on the terminal (engine.conversation): each line of stdin a message, each answer
+    streamed to stdout; each turn prefills only what is new, so a --file document is prefilled once."""
+    offload = _offload_config(args)
+    _check_model_args(args)
+    sampling = _sampling(args)
+    document = _text(Path(args.file).read_bytes(), f"--file {args.file}") if args.file else None
+    from engine.api import GenerationReport, HybridLLM
+
+    _bars()
+    llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
+    chat = llm.conversation([{"role": "system", "content": args.system}] if args.system else None)
+    try:
+        for message in _typed_lines():
+            if document is not None:  # the document goes before the first message
+                message, document = f"{document}\n\n{message}", None
+            report, start, first = GenerationReport(), time.perf_counter(), None
+            for piece in chat.stream(message, args.max_new_tokens, report=report, progress=False, **sampling):
+                first = first or time.perf_counter()
+                print(piece, end="", flush=True)
+            print()
+            waited = (first or time.perf_counter()) - start
+            print(
+                f"[prompt {report.prompt_tokens} tokens, {chat.found_kept} of them kept from the turns before; "
+                f"first text after {waited:.2f} s; {report.new_tokens} tokens at {report.decode_tokens_per_s:.1f} "
+                f"tok/s; host KV read per step {100 * report.kv_read_frac:.2f}%]",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        chat.close()
+    return 0
+
+
+def _typed_lines():
+    """The non-empty lines of stdin, each after a prompt on stderr where stdin is a terminal."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def cmd_serve(args) -> int:
@@ -454,17 +524,7 @@ def _run(argv: list[str] | None) -> int:
     g.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.add_argument("--demo", action="store_true", help=f"passkey in ~{DEMO_TOKENS} tokens, full attention vs hybrid")
-    g.add_argument("--seed", type=int, default=0, help="the sampling's seed (and the demo prompt's)")
-    g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above it, sampled")
-    # (--top-k is the fixed budget's, an offload field)
-    g.add_argument("--sample-top-k", type=int, default=0, help="sample among this many most likely tokens (0: all)")
-    g.add_argument(
-        "--sample-top-p", type=float, default=1.0, help="sample among the fewest whose probabilities reach this"
-    )
-    g.add_argument(
-        "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
-    )
+    _sampling_args(g, max_new_tokens=16, seed_help="the sampling's seed (and the demo prompt's)")
     g.add_argument(
         "--ask",
         action="append",
@@ -475,6 +535,13 @@ def _run(argv: list[str] | None) -> int:
         "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"
     )
     _offload_args(g)
+
+    c = sub.add_parser("chat", help="a conversation on the terminal: a line of stdin per message")
+    add_model_args(c, BUNDLED_NAME)
+    c.add_argument("--file", help="a document put before the first message (prefilled once for the conversation)")
+    c.add_argument("--system", help="a system message that begins the conversation")
+    _sampling_args(c, max_new_tokens=256)
+    _offload_args(c)
 
     s = sub.add_parser("serve", help="serve the engine over HTTP, as OpenAI's completions and chat completions")
     add_model_args(s, BUNDLED_NAME)
@@ -536,7 +603,8 @@ def _run(argv: list[str] | None) -> int:
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan}[args.command](args)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan}
+    return commands[args.command](args)
 
 
 def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:

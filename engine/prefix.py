@@ -90,3 +90,51 @@ class Prefix:
         if self.cache is not None:
             self.cache.release()
             self.cache = self.marks = None
+
+
+class KeptCache:
+    """One prefilled cache kept from one prompt to the next, so that each prefills only what is new to it:
+    a prompt, which the next prompt may begin with (a conversation's next turn: the messages so far, the
+    answer, a new message) and then extends; or a document, which the prompts after it that name the same
+    continue as it was left. A prompt that continues neither replaces it. `llm`: the HybridLLM."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.prefix: Prefix | None = None
+        self.ids: list[int] = []  # a kept prompt's token ids, its held-back last included
+        self.document: str | None = None  # a kept document's text
+
+    def prompt(self, ids: torch.Tensor) -> tuple[torch.Tensor, Prefix, int] | None:
+        """The prompt's token ids [1, T] kept: (the ids left to prefill after the kept Prefix, the Prefix, how
+        many of the prompt's tokens were found kept). None where it is too short to keep (under 3 tokens:
+        a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back."""
+        n = len(self.ids)
+        if ids.shape[1] < 3:
+            self.release()
+            return None
+        if self.prefix is not None and self.document is None and ids.shape[1] > n and ids[0, :n].tolist() == self.ids:
+            rest = ids[:, n:]
+            if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, the prompt after it
+                self.prefix.extend(rest[:, :-1], progress=False)
+                self.ids += rest[0, :-1].tolist()
+                rest = rest[:, -1:]
+            return rest, self.prefix, n
+        self.release()
+        self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
+        self.ids = ids[0, :-1].tolist()
+        return ids[:, -1:], self.prefix, 0
+
+    def with_document(self, text: str) -> tuple[Prefix, int]:
+        """The document's Prefix, kept from before or prefilled now, and how many of its tokens were found
+        kept (0 or all)."""
+        if self.document == text:
+            return self.prefix, self.prefix.tokens
+        self.release()
+        self.prefix, self.document = self.llm.prefix(text, progress=False), text
+        return self.prefix, 0
+
+    def release(self) -> None:
+        """Give the kept cache's host store back."""
+        if self.prefix is not None:
+            self.prefix.release()
+        self.prefix, self.ids, self.document = None, [], None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from engine.api import _token_id_list
+from engine.prefix import KeptCache
 from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
@@ -187,17 +188,18 @@ def _messages(value) -> list[dict]:
 
 
 class PromptCache:
-    """The cache the server keeps from one request to the next, one at a time, so that a request
-    prefills only what is new: a request's `document`, prefilled once for the requests after it that
-    name the same; or, with `reuse_prompts`, a prompt, which the next request's prompt may begin with (a
-    conversation's next turn: the messages so far, the answer, a new message), each such request
-    extending it (`Prefix.extend`). A request that continues neither replaces it."""
+    """The cache the server keeps from one request to the next (engine.prefix.KeptCache), so that a request
+    prefills only what is new: a request's `document`, prefilled once for the requests after it that name
+    the same; or, with `reuse_prompts`, a prompt, which the next request's prompt may begin with (a
+    conversation's next turn). A request that continues neither replaces it; a batch keeps nothing."""
 
     def __init__(self, llm, *, reuse_prompts: bool = True):
         self.llm, self.reuse_prompts = llm, reuse_prompts
-        self.prefix = None  # the kept Prefix
-        self.ids: list[int] = []  # a kept prompt's token ids, its held-back last included
-        self.document: str | None = None  # a kept document's text
+        self.kept = KeptCache(llm)
+
+    @property
+    def prefix(self):
+        return self.kept.prefix
 
     def prepare(self, request: Request) -> tuple[object, object, dict | None]:
         """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
@@ -205,41 +207,25 @@ class PromptCache:
         (spent here prefilling into it)}."""
         start = time.perf_counter()
         if request.document is not None:
-            reused = self.document == request.document
-            if not reused:
-                self.release()
-                self.prefix, self.document = self.llm.prefix(request.document, progress=False), request.document
-            return request.prompt, self.prefix, self._told("document", self.prefix.tokens if reused else 0, start)
-        ids = self.llm.encode(request.prompt) if self.reuse_prompts and len(request.prompts) <= 1 else None
-        if ids is None or ids.shape[1] < 3:  # (a prefix holds 2 tokens at least, and the prompt 1 more)
-            self.release()
+            prefix, reused = self.kept.with_document(request.document)
+            return request.prompt, prefix, self._told("document", reused, start)
+        continued = None
+        if self.reuse_prompts and len(request.prompts) <= 1:
+            continued = self.kept.prompt(self.llm.encode(request.prompt))
+        if continued is None:
+            self.kept.release()
             return request.prompt, None, None
-        n = len(self.ids)
-        if self.prefix is not None and self.document is None and ids.shape[1] > n and ids[0, :n].tolist() == self.ids:
-            rest, reused = ids[:, n:], n
-            if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, which is the prompt
-                self.prefix.extend(rest[:, :-1], progress=False)
-                self.ids += rest[0, :-1].tolist()
-                rest = rest[:, -1:]
-        else:
-            self.release()
-            self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
-            self.ids, rest, reused = ids[0, :-1].tolist(), ids[:, -1:], 0
-        return rest, self.prefix, self._told("conversation", reused, start)
+        rest, prefix, reused = continued
+        return rest, prefix, self._told("conversation", reused, start)
 
     def _told(self, kind: str, reused: int, start: float) -> dict:
-        seconds = time.perf_counter() - start
-        if reused < self.prefix.tokens:
-            log.info(
-                "%s: %d tokens prefilled into the kept cache in %.2f s", kind, self.prefix.tokens - reused, seconds
-            )
-        return {"kind": kind, "tokens": self.prefix.tokens, "reused_tokens": reused, "prefill_s": seconds}
+        seconds, tokens = time.perf_counter() - start, self.kept.prefix.tokens
+        if reused < tokens:
+            log.info("%s: %d tokens prefilled into the kept cache in %.2f s", kind, tokens - reused, seconds)
+        return {"kind": kind, "tokens": tokens, "reused_tokens": reused, "prefill_s": seconds}
 
     def release(self) -> None:
-        """Give the kept cache's host store back."""
-        if self.prefix is not None:
-            self.prefix.release()
-        self.prefix, self.ids, self.document = None, [], None
+        self.kept.release()
 
 
 class Completions:

@@ -1,0 +1,97 @@
+"""A conversation (engine.conversation, `hybridattn chat`): each turn prefills only what is new to it,
+the messages so far kept in one cache, and answers as the whole conversation prefilled would."""
+
+import io
+
+import pytest
+
+from engine import OffloadConfig
+from engine.api import HybridLLM
+from engine.cli import main
+from tests.conftest import tiny_llama
+from tests.test_attention import COVER_ALL
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def llm(bundled_tokenizer):
+    """A budget that covers every host token: a turn answered from the kept cache is then the whole
+    conversation's answer, token for token."""
+    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64)
+    return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, cfg)
+
+
+def test_each_turn_prefills_only_what_is_new_and_answers_as_the_whole_conversation(llm):
+    system = [{"role": "system", "content": "Answer briefly."}]
+    chat = llm.conversation(system)
+    questions = ["The grass is green and the sky is blue. " * 20 + "What is green?", "And blue?", "Thanks."]
+    try:
+        for i, question in enumerate(questions):
+            before = chat.kept_tokens
+            whole = llm.generate([*chat.messages, {"role": "user", "content": question}], NEW, progress=False)
+            prompt_tokens = len(llm.encode([*chat.messages, {"role": "user", "content": question}])[0])
+            got = chat.ask(question, NEW, progress=False) if i != 1 else None
+            if got is None:  # the second turn streamed
+                got_text = "".join(chat.stream(question, NEW, progress=False))
+            else:
+                got_text = got.text
+                assert got.report.prompt_tokens == prompt_tokens
+            assert got_text == whole.text
+            assert chat.found_kept == before  # the turn before's prompt, all of it found
+            assert chat.kept_tokens == prompt_tokens - 1  # this turn's kept for the next: all but its last token
+            assert chat.messages[-2:] == [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": got_text},
+            ]
+        assert chat.messages[0] == system[0] and len(chat.messages) == 7
+    finally:
+        chat.close()
+    assert chat.kept_tokens == 0
+
+
+def test_a_stream_stopped_early_keeps_what_it_showed(llm):
+    chat = llm.conversation()
+    try:
+        pieces = chat.stream("Tell me a long story about the sea and the sky.", 40, progress=False, stop_at_eos=False)
+        shown = next(pieces)
+        pieces.close()
+        assert chat.messages[-1] == {"role": "assistant", "content": shown}
+        again = chat.ask("Go on.", 4, progress=False)  # the conversation goes on from there
+        assert again.report.prompt_tokens > chat.found_kept > 0
+    finally:
+        chat.close()
+
+
+def test_bad_messages_are_refused(llm):
+    with pytest.raises(ValueError, match="chat message 0"):
+        llm.conversation([{"role": "system"}])
+    chat = llm.conversation()
+    with pytest.raises(ValueError, match="a message is a non-empty string"):
+        chat.ask("", 2)
+    assert chat.messages == []
+
+
+def test_the_chat_command_answers_each_line_with_the_document_before_the_first(llm, tmp_path, monkeypatch, capsys):
+    from engine.api import HybridLLM as Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    document = tmp_path / "doc.txt"
+    document.write_text("Alice keeps the red key and Bob the blue one. " * 30)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who keeps the red key?\n\nAnd the blue one?\n"))
+    assert main(["chat", "--file", str(document), "--max-new-tokens", str(NEW), "--system", "Be brief."]) == 0
+    out, err = capsys.readouterr()
+    turns = [{"role": "system", "content": "Be brief."}]
+    turns.append({"role": "user", "content": document.read_text() + "\n\nWho keeps the red key?"})
+    first = llm.generate(turns, NEW, progress=False).text
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "And the blue one?"}]
+    second = llm.generate(turns, NEW, progress=False).text
+    assert out == f"{first}\n{second}\n"  # the empty line asked nothing
+    summaries = [line for line in err.splitlines() if line.startswith("[prompt")]
+    assert len(summaries) == 2 and " 0 of them kept" in summaries[0] and " 0 of them kept" not in summaries[1]
+
+
+def test_the_chat_command_refuses_bad_options_in_one_line(capsys):
+    assert main(["chat", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hybridattn: error: temperature") and "\n" not in err
