@@ -104,9 +104,14 @@ class HybridLLM:
         if isinstance(prompt, list):
             _check_messages(prompt)
             if getattr(self.tokenizer, "chat_template", None):
-                ids = self.tokenizer.apply_chat_template(
-                    prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
-                )["input_ids"]
+                from jinja2 import TemplateError
+
+                try:
+                    ids = self.tokenizer.apply_chat_template(
+                        prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                    )["input_ids"]
+                except TemplateError as error:  # e.g. roles that do not alternate, as the template requires
+                    raise ValueError(f"the model's chat template refused the messages: {error}") from error
                 return ids.to(self.device)
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
         if not isinstance(prompt, str):

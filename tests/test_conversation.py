@@ -95,3 +95,16 @@ def test_the_chat_command_refuses_bad_options_in_one_line(capsys):
     assert main(["chat", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hybridattn: error: temperature") and "\n" not in err
+
+
+def test_messages_the_chat_template_refuses_are_a_clear_error(llm):
+    import copy
+
+    tokenizer = copy.deepcopy(llm.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    strict = HybridLLM(llm.model, tokenizer, llm.offload)
+    with pytest.raises(ValueError, match="the model's chat template refused the messages: no tool turns"):
+        strict.encode([{"role": "tool", "content": "x"}])
