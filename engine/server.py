@@ -88,15 +88,16 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
     for name, nothing in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in nothing:
             raise RequestError(f"{name} {body[name]!r} is not supported by this engine: leave it out", name)
-    format_type = (body.get("response_format") or {"type": "text"}).get("type")
-    if format_type != "text":
-        raise RequestError(f"response_format {format_type!r} is not supported: text only", "response_format")
+    response_format = body.get("response_format") or {"type": "text"}
+    if not isinstance(response_format, dict) or response_format.get("type") != "text":
+        raise RequestError(f"response_format {response_format!r} is not supported: text only", "response_format")
     request = Request("chat.completion" if chat else "text_completion")
     if chat:
         request.messages = _messages(body.get("messages"))
         if body.get("document") is not None:
             raise RequestError(
-                "document continues a completion's text prompt; a chat's messages go through the chat template",
+                "document continues a completion's text prompt; in a chat, put the document in a message: the "
+                "conversation's cache is kept from one turn to the next",
                 "document",
             )
         request.max_tokens = _integer(body, "max_completion_tokens", _integer(body, "max_tokens", chat_max_tokens))

@@ -237,6 +237,12 @@ def test_without_reuse_no_cache_is_kept(llm, prompt):
         ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "document": "d"}, 400, "document"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, "tools"),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "response_format": "json"},
+            400,
+            "response_format",
+        ),
         ("/embeddings", {"input": "x"}, 404, None),
     ],
 )
