@@ -281,9 +281,14 @@ def cmd_chat(args) -> int:
             if document is not None:  # the document goes before the first message
                 message, document = f"{document}\n\n{message}", None
             report, start, first = GenerationReport(), time.perf_counter(), None
-            for piece in chat.stream(message, args.max_new_tokens, report=report, progress=False, **sampling):
-                first = first or time.perf_counter()
-                print(piece, end="", flush=True)
+            try:
+                for piece in chat.stream(message, args.max_new_tokens, report=report, progress=False, **sampling):
+                    first = first or time.perf_counter()
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (Ctrl-D ends it)
+                print(flush=True)
+                print("[stopped: the conversation keeps what was shown]", file=sys.stderr, flush=True)
+                continue
             print()
             waited = (first or time.perf_counter()) - start
             print(

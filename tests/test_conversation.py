@@ -108,3 +108,27 @@ def test_messages_the_chat_template_refuses_are_a_clear_error(llm):
     strict = HybridLLM(llm.model, tokenizer, llm.offload)
     with pytest.raises(ValueError, match="the model's chat template refused the messages: no tool turns"):
         strict.encode([{"role": "tool", "content": "x"}])
+
+
+def test_ctrl_c_in_the_chat_command_stops_the_answer_not_the_chat(llm, monkeypatch, capsys):
+    from engine.api import HybridLLM as Engine
+    from engine.conversation import Conversation
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    stream = Conversation.stream
+
+    def interrupted_once(self, *args, **kwargs):
+        pieces = stream(self, *args, **kwargs)
+        yield next(pieces)
+        if len(self.messages) == 1:  # the first turn (its user message alone so far): Ctrl-C after its first piece
+            pieces.close()
+            raise KeyboardInterrupt
+        yield from pieces
+
+    monkeypatch.setattr(Conversation, "stream", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story about the sea.\nAnd another.\n"))
+    assert main(["chat", "--max-new-tokens", str(NEW)]) == 0
+    out, err = capsys.readouterr()
+    assert "[stopped: the conversation keeps what was shown]" in err
+    assert len([line for line in err.splitlines() if line.startswith("[prompt")]) == 1  # the second turn answered
+    assert out.count("\n") == 2  # each answer a line of its own, the one stopped too
