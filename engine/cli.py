@@ -541,7 +541,12 @@ def _run(argv: list[str] | None) -> int:
     )
     _offload_args(g)
 
-    c = sub.add_parser("chat", help="a conversation on the terminal: a line of stdin per message")
+    c = sub.add_parser(
+        "chat",
+        help="a conversation on the terminal: a line of stdin per message",
+        description="A conversation: each line of stdin is a message, each answer is streamed to stdout, and each "
+        "turn prefills only what is new to it. Ctrl-C stops an answer, Ctrl-D ends the conversation.",
+    )
     add_model_args(c, BUNDLED_NAME)
     c.add_argument("--file", help="a document put before the first message (prefilled once for the conversation)")
     c.add_argument("--system", help="a system message that begins the conversation")
