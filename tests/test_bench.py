@@ -571,6 +571,15 @@ def test_bench_prefix_quick(tmp_path):
     }  # the document's state found again after the other question
 
 
+def test_bench_prefix_conversations_quick(tmp_path):
+    out = tmp_path / "conversations.json"
+    argv = ["--quick", "--context", "600", "--new-tokens", "2", "--samples", "2", "--conversations"]
+    script("bench.speed.prefix").main([*argv, "--json", str(out)])
+    agreement = json.loads(out.read_text())["agreement"]
+    assert agreement["prompts"] == 2 and 0 <= agreement["same_tokens"] <= 2 and "kept_score" in agreement
+    assert 0.9 < agreement["found_kept_min"] < 1  # the second turn found the first's prompt kept, not its own
+
+
 def test_bench_fidelity_quick(tmp_path):
     """One short prompt: every layer reports the engine's error and read share beside the
     oracle's, and the report renders them."""

@@ -13,12 +13,16 @@ With `--server`, then the same questions as HTTP requests to the engine's server
 document, whose second turn finds the first's prompt kept. Each request's seconds from sending it to
 its whole answer, and the tokens of its prompt found kept.
 
+With `--samples N --conversations`, each of the N prompts is instead two turns of a conversation in a
+kept cache (engine.prefix.KeptCache): the prompt, then its answer and the question again; the second
+turn's answer is compared with the same tokens prefilled whole.
+
 With `--samples N`, then N prompts of an evaluation cell (`--task`, at --context tokens; the
 question after the haystack's last blank line) are each answered twice, as the whole prompt and
 after their haystack as a prefix: how many give the same tokens, and each way's score.
 
     python -m bench.speed.prefix [--quick] [--context 8192] [--threads 2] [--json PATH]
-                                 [--server] [--samples 40 --task niah_multikey]
+                                 [--server] [--samples 40 --task niah_multikey [--conversations]]
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import threading
 import time
 import urllib.request
 
+import torch
+
 from bench.common import options
 from bench.common.output import write_json
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, make_sample, score
 from engine import OffloadConfig
 from engine.api import HybridLLM
+from engine.prefix import KeptCache
 
 OTHER_QUESTION = "\n\nWhat colour is the grass? The grass is"
 CHAT_ROOM = 96  # tokens of the document left out of the chat: its template's and the second turn's
@@ -66,6 +73,38 @@ def agreement(llm: HybridLLM, task: str, context: int, n: int) -> dict:
         print(json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids}), flush=True)
     out = {"task": task, "context": context, "prompts": n, "same_tokens": same}
     out.update(whole_score=sum(whole_scores) / n, prefix_score=sum(prefix_scores) / n)
+    return out
+
+
+def conversations(llm: HybridLLM, task: str, context: int, n: int) -> dict:
+    """N prompts of the cell (task, context), each as a conversation of two turns in a kept cache (the
+    server's and HybridLLM.conversation's): the prompt, then its answer and the question again, which
+    extends the cache. The second turn's answer against the same tokens prefilled whole: how many are the
+    same tokens, and each way's mean score."""
+    same, whole_scores, kept_scores, found = 0, [], [], []
+    for i in range(n):
+        sample = cell_sample(task, context, llm.tokenizer, i, n)
+        question = "\n\n" + sample.prompt.rsplit("\n\n", 1)[1]
+        kept = KeptCache(llm)
+        try:
+            rest, prefix, _ = kept.prompt(llm.encode(sample.prompt))
+            first = llm.generate(rest, MAX_NEW[task], prefix=prefix, progress=False)
+            again = llm.tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
+            turn = torch.cat([llm.encode(sample.prompt), torch.tensor([first.token_ids]), again], dim=1)
+            rest, prefix, n_found = kept.prompt(turn)
+            after = llm.generate(rest, MAX_NEW[task], prefix=prefix, progress=False)
+        finally:
+            kept.release()
+        whole = llm.generate(turn, MAX_NEW[task], progress=False)
+        same += after.token_ids == whole.token_ids
+        found.append(n_found / turn.shape[1])
+        whole_scores.append(score(sample, whole.text))
+        kept_scores.append(score(sample, after.text))
+        print(
+            json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids, "found": found[-1]}), flush=True
+        )
+    out = {"task": task, "context": context, "prompts": n, "same_tokens": same, "found_kept_min": min(found)}
+    out.update(whole_score=sum(whole_scores) / n, kept_score=sum(kept_scores) / n)
     return out
 
 
@@ -135,6 +174,11 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=options.positive_int, default=8, help="tokens each answer may take")
     p.add_argument("--samples", type=options.positive_int, help="prompts of a cell answered both ways (default none)")
     p.add_argument("--server", action="store_true", help="also ask the questions through the HTTP server")
+    p.add_argument(
+        "--conversations",
+        action="store_true",
+        help="with --samples: each prompt as two turns of a conversation, the second against the same tokens whole",
+    )
     p.add_argument("--task", choices=TASKS, default="niah_multikey", help="the cell's task, with --samples")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
@@ -167,7 +211,8 @@ def main(argv=None) -> None:
     if args.server:
         result["server"] = served(llm, document, question, args.new_tokens, sample)
     if args.samples:
-        result["agreement"] = agreement(llm, args.task, args.context, args.samples)
+        measure = conversations if args.conversations else agreement
+        result["agreement"] = measure(llm, args.task, args.context, args.samples)
         print(json.dumps(result["agreement"]), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "context": args.context}
