@@ -20,8 +20,11 @@ setup: $(STAMP)
 # runs without build isolation, so packages built from source (rouge-score, for
 # lm-eval) need a setuptools that builds wheels by itself (70.1 or newer). The
 # numba kernel of the host index build is compiled then, into numba's cache, and
-# not by the first generation, which would report it as its index build.
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybridattn/*.h)
+# not by the first generation, which would report it as its index build. The
+# packages' folders are prerequisites too: a module added, removed or turned into a
+# package changes its folder's time, and the editable install maps modules to files.
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybridattn/*.h) \
+		$(wildcard engine engine/*/ ann bench bench/*/)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "setuptools>=70.1"

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from engine import OffloadConfig
-from engine.cli import _json_object, _offload_args, _offload_config, main
+from engine.cli import main
+from engine.cli.options import _json_object, _offload_args, _offload_config
 
 
 def one_error_line(capsys) -> str:

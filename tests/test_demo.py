@@ -1,12 +1,12 @@
-"""`hybridattn generate --demo` (engine.cli._demo) prints whole lines: no progress bar, and an
+"""`hybridattn generate --demo` (engine.cli.answer._demo) prints whole lines: no progress bar, and an
 answer's line is ended even when its run fails."""
 
 import argparse
 
 import pytest
 
-from engine import cli
 from engine.api import GenerationResult
+from engine.cli import answer as cli
 from engine.generation import GenerationReport
 
 

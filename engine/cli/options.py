@@ -1,0 +1,166 @@
+"""The command line's options: a model, the offload configuration (one option per field), how an
+answer is decoded, a prompt to read, a file to write; each checked before anything slow runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Flags that name a field otherwise than `--field-name`, kept from earlier versions.
+FLAG_ALIASES = {"n_sink": ("--sinks",)}
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given on the command line (keyword arguments of the key index)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _offload_args(p: argparse.ArgumentParser) -> None:
+    """One option per OffloadConfig field, with the field's description, grouped by section."""
+    from engine.config import KEY_INDEXES, OLD_CANDIDATE_SOURCES, PRESETS, SECTIONS, OffloadConfig
+
+    p.add_argument(
+        "--preset", default="default", choices=list(PRESETS), help="named offload configuration the options override"
+    )
+    groups = {name: p.add_argument_group(f"offload: {title}") for name, title in SECTIONS.items()}
+    for item in OffloadConfig.described():
+        flags = [_flag(item.name), *FLAG_ALIASES.get(item.name, ())]
+        text = item.help.replace("%", "%%")  # argparse formats help with %
+        if item.type is bool:
+            groups[item.section].add_argument(*flags, dest=item.name, action=argparse.BooleanOptionalAction, help=text)
+            continue
+        kind = _json_object if item.type is dict else item.type
+        groups[item.section].add_argument(*flags, dest=item.name, type=kind, choices=item.choices, help=text)
+    old = p.add_argument_group("offload: deprecated spellings")
+    old.add_argument("--mode", choices=list(OLD_CANDIDATE_SOURCES), help="use --candidates-from (keys, blocks, both)")
+    old.add_argument("--method", choices=KEY_INDEXES, help="use --key-index")
+
+
+def _sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, seed_help: str = "the sampling's seed") -> None:
+    """How an answer is decoded: its length, greedy or sampled, and where it stops."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above it, sampled")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    # (--top-k is the fixed budget's, an offload field)
+    p.add_argument("--sample-top-k", type=int, default=0, help="sample among this many most likely tokens (0: all)")
+    p.add_argument(
+        "--sample-top-p", type=float, default=1.0, help="sample among the fewest whose probabilities reach this"
+    )
+    p.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end the answer before this text (may be given again)"
+    )
+
+
+def _sampling(args) -> dict:
+    """The --max-new-tokens/--temperature/... options checked (before the model loads), as generate's keywords."""
+    from engine.api import check_sampling
+    from engine.stop import StopStrings
+
+    check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
+    StopStrings(None, args.stop)
+    sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
+    return sampling | dict(seed=args.seed, stop=args.stop)
+
+
+def _offload_config(args):
+    """The preset with the options given on the command line (the deprecated ones with a warning)."""
+    from engine.config import RENAMED_FIELDS, OffloadConfig, new_spelling
+
+    given = {item.name: getattr(args, item.name) for item in OffloadConfig.described()}
+    given = {name: value for name, value in given.items() if value is not None}
+    for old in RENAMED_FIELDS:
+        if getattr(args, old) is not None:
+            new, value = new_spelling(old, getattr(args, old))
+            print(f"hybridattn: warning: {_flag(old)} is deprecated: use {_flag(new)} {value}", file=sys.stderr)
+            given[old] = getattr(args, old)  # the configuration warns too, and refuses both spellings
+    return OffloadConfig.preset(args.preset, **given)
+
+
+def _check_local_model(model: str) -> None:
+    """A model given as a path must exist. Hub ids never start with '.' or '/', so this
+    rejects a mistyped path before the slow imports instead of asking the hub for it."""
+    if (model.startswith((".", "/")) or model.endswith((".gguf", ".json"))) and not Path(model).exists():
+        raise FileNotFoundError(f"model not found: {model}")
+
+
+def _check_model_args(args) -> None:
+    """--model and --rope-scale, before the model loads."""
+    from engine.models import check_rope_scale
+
+    _check_local_model(args.model)
+    if args.rope_scale is not None:
+        check_rope_scale(args.rope_scale)
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str, *, rope_scale: bool = True) -> None:
+    """--model NAME and, with `rope_scale`, --rope-scale FACTOR (engine.models.stretched)."""
+    p.add_argument(
+        "--model", default=default_model, help="bundled name, local model directory, .gguf file or hub id (owner/name)"
+    )
+    if rope_scale:
+        p.add_argument(
+            "--rope-scale",
+            type=float,
+            help="stretch the model's RoPE by YaRN to this many times its trained context (e.g. 2: the bundled "
+            "model's 8K to 16K)",
+        )
+
+
+def _text(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _read_prompt(args) -> str:
+    """The prompt from --prompt, --file or stdin; not empty."""
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+        prompt = _text(sys.stdin.buffer.read(), "stdin")
+    elif args.file is not None:
+        prompt = _text(Path(args.file).read_bytes(), f"--file {args.file}")
+    else:
+        raise ValueError("give a prompt: --prompt TEXT, --file PATH, stdin, or --demo")
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    return prompt
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a file a command writes (--json, --plot): its folder is made at once, so that a
+    path that cannot be written fails before the work whose results it is to hold, not after."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a folder, not a file: {text}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise argparse.ArgumentTypeError(f"a file stands where its folder would be: {text}") from None
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"its folder cannot be made: {error}") from None
+    return path
+
+
+def _bars() -> bool:
+    """Whether progress bars are shown: on a terminal only (a log file gets the report's lines, not the
+    bars' carriage returns); transformers' weight-loading bar is turned off elsewhere."""
+    if sys.stderr.isatty():
+        return True
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return False
