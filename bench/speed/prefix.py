@@ -54,58 +54,54 @@ def row(name: str, result, sample) -> dict:
     return out
 
 
-def agreement(llm: HybridLLM, task: str, context: int, n: int) -> dict:
-    """N prompts of the cell (task, context), each answered as the whole prompt and after its haystack
-    as a prefix: the answers that are the same tokens, and each way's mean score."""
-    same, whole_scores, prefix_scores = 0, [], []
-    for i in range(n):
-        sample = cell_sample(task, context, llm.tokenizer, i, n)
-        document, question = sample.prompt.rsplit("\n\n", 1)
-        whole = llm.generate(sample.prompt, MAX_NEW[task], progress=False)
-        prefix = llm.prefix(document, progress=False)
-        try:
-            after = llm.generate("\n\n" + question, MAX_NEW[task], prefix=prefix, progress=False)
-        finally:
-            prefix.release()
-        same += after.token_ids == whole.token_ids
-        whole_scores.append(score(sample, whole.text))
-        prefix_scores.append(score(sample, after.text))
-        print(json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids}), flush=True)
-    out = {"task": task, "context": context, "prompts": n, "same_tokens": same}
-    out.update(whole_score=sum(whole_scores) / n, prefix_score=sum(prefix_scores) / n)
-    return out
-
-
-def conversations(llm: HybridLLM, task: str, context: int, n: int) -> dict:
-    """N prompts of the cell (task, context), each as a conversation of two turns in a kept cache (the
-    server's and HybridLLM.conversation's): the prompt, then its answer and the question again, which
-    extends the cache. The second turn's answer against the same tokens prefilled whole: how many are the
-    same tokens, and each way's mean score."""
+def agreement(llm: HybridLLM, task: str, context: int, n: int, *, conversations: bool = False) -> dict:
+    """N prompts of the cell (task, context), each answered as the whole prompt and after a kept cache (its
+    haystack as a prefix; with `conversations`, the second turn of a conversation): the answers that are
+    the same tokens, and each way's mean score."""
+    way = "kept" if conversations else "prefix"
     same, whole_scores, kept_scores, found = 0, [], [], []
     for i in range(n):
         sample = cell_sample(task, context, llm.tokenizer, i, n)
-        question = "\n\n" + sample.prompt.rsplit("\n\n", 1)[1]
-        kept = KeptCache(llm)
-        try:
-            rest, prefix, _ = kept.prompt(llm.encode(sample.prompt))
-            first = llm.generate(rest, MAX_NEW[task], prefix=prefix, progress=False)
-            again = llm.tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
-            turn = torch.cat([llm.encode(sample.prompt), torch.tensor([first.token_ids]), again], dim=1)
-            rest, prefix, n_found = kept.prompt(turn)
-            after = llm.generate(rest, MAX_NEW[task], prefix=prefix, progress=False)
-        finally:
-            kept.release()
-        whole = llm.generate(turn, MAX_NEW[task], progress=False)
+        answer = second_turn if conversations else after_haystack
+        whole, after, extra = answer(llm, sample, MAX_NEW[task])
         same += after.token_ids == whole.token_ids
-        found.append(n_found / turn.shape[1])
+        found += [extra["found"]] if extra else []
         whole_scores.append(score(sample, whole.text))
         kept_scores.append(score(sample, after.text))
-        print(
-            json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids, "found": found[-1]}), flush=True
-        )
-    out = {"task": task, "context": context, "prompts": n, "same_tokens": same, "found_kept_min": min(found)}
-    out.update(whole_score=sum(whole_scores) / n, kept_score=sum(kept_scores) / n)
+        print(json.dumps({"prompt": i, "same_tokens": after.token_ids == whole.token_ids, **extra}), flush=True)
+    out = {"task": task, "context": context, "prompts": n, "same_tokens": same}
+    out.update({"found_kept_min": min(found)} if found else {})
+    out.update({"whole_score": sum(whole_scores) / n, f"{way}_score": sum(kept_scores) / n})
     return out
+
+
+def after_haystack(llm: HybridLLM, sample, new: int) -> tuple:
+    """The whole prompt's answer, and its question's after its haystack as a prefix."""
+    document, question = sample.prompt.rsplit("\n\n", 1)
+    whole = llm.generate(sample.prompt, new, progress=False)
+    prefix = llm.prefix(document, progress=False)
+    try:
+        return whole, llm.generate("\n\n" + question, new, prefix=prefix, progress=False), {}
+    finally:
+        prefix.release()
+
+
+def second_turn(llm: HybridLLM, sample, new: int) -> tuple:
+    """A conversation of two turns in a kept cache (the server's and HybridLLM.conversation's): the prompt,
+    then its answer and the question again, which extends the cache. The second turn's answer as the same
+    tokens prefilled whole give it and as the kept cache does, and the share of its tokens found kept."""
+    question = "\n\n" + sample.prompt.rsplit("\n\n", 1)[1]
+    kept = KeptCache(llm)
+    try:
+        rest, prefix, _ = kept.prompt(llm.encode(sample.prompt))
+        first = llm.generate(rest, new, prefix=prefix, progress=False)
+        again = llm.tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids
+        turn = torch.cat([llm.encode(sample.prompt), torch.tensor([first.token_ids]), again], dim=1)
+        rest, prefix, found = kept.prompt(turn)
+        after = llm.generate(rest, new, prefix=prefix, progress=False)
+    finally:
+        kept.release()
+    return llm.generate(turn, new, progress=False), after, {"found": found / turn.shape[1]}
 
 
 def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample) -> list[dict]:
@@ -211,8 +207,7 @@ def main(argv=None) -> None:
     if args.server:
         result["server"] = served(llm, document, question, args.new_tokens, sample)
     if args.samples:
-        measure = conversations if args.conversations else agreement
-        result["agreement"] = measure(llm, args.task, args.context, args.samples)
+        result["agreement"] = agreement(llm, args.task, args.context, args.samples, conversations=args.conversations)
         print(json.dumps(result["agreement"]), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "context": args.context}
