@@ -22,9 +22,10 @@ setup: $(STAMP)
 # numba kernel of the host index build is compiled then, into numba's cache, and
 # not by the first generation, which would report it as its index build. The
 # packages' folders are prerequisites too: a module added, removed or turned into a
-# package changes its folder's time, and the editable install maps modules to files.
+# package changes its folder's time, and the editable install maps modules to files
+# (bench/out/, where the benchmarks write, is not a package).
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard cpp/*.cpp cpp/include/hybridattn/*.h) \
-		$(wildcard engine engine/*/ ann bench bench/*/)
+		$(wildcard engine engine/*/ ann bench) $(filter-out bench/out/,$(wildcard bench/*/))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12" "setuptools>=70.1"

@@ -232,6 +232,27 @@ class BlockIndex:
         self._tail[:, : tail.shape[1]] = tail
         self.n = n
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its landmarks, the block still filling and the token count, as tensors: what `load_state`
+        takes (engine.prefix_file keeps a prefix's indexes in a file this way)."""
+        return {"landmarks": self._lm, "tail": self._tail[:, : self.n % self.block_size], "n": torch.tensor([self.n])}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """This empty index given the tokens of `state()`, taken of an index of the same heads, dim, block
+        size and landmark (on any device)."""
+        if self.n:
+            raise ValueError(f"a state is loaded into an empty index, not one of {self.n} tokens")
+        n = int(state["n"][0])
+        lm, tail = state["landmarks"], state["tail"]
+        n_lm = self._lm.shape[0]
+        want = ((n_lm, self.n_heads, n // self.block_size, self.dim), (self.n_heads, n % self.block_size, self.dim))
+        if (tuple(lm.shape), tuple(tail.shape)) != want or n < 0:
+            raise ValueError(f"a block index of {n} tokens takes landmarks and tail of shapes {want}")
+        self._grow(want[0][2])
+        self._lm.copy_(lm)
+        self._tail[:, : tail.shape[1]] = tail
+        self.n = n
+
     def _grow(self, full: int) -> None:
         """Room for `full` more blocks. The landmarks stay packed, with no spare rows between the heads:
         on the CPU a product over a view with spare rows falls off oneDNN's fast path and would be

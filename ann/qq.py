@@ -188,6 +188,28 @@ class QueryLists:
         self.list_scores.copy_(scores)
         self.n_keys = n_keys
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its build queries and lists as tensors: what `load_state` takes (engine.prefix_file)."""
+        names = ("queries", "lists", "list_scores", "raw")
+        return {**{name: getattr(self, name) for name in names}, "n_keys": torch.tensor([self.n_keys])}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """These lists as a `state()` left them, taken of lists of the same heads, dim and m_keys."""
+        n_queries = state["raw"].shape[1]
+        for name, width in (
+            ("queries", self.dim),
+            ("lists", self.m_keys),
+            ("list_scores", self.m_keys),
+            ("raw", self.dim),
+        ):
+            if tuple(state[name].shape) != (self.n_heads, n_queries, width):
+                raise ValueError(f"query lists take {name} of shape {[self.n_heads, n_queries, width]}")
+        self.queries = state["queries"].to(self.device, self.dtype)
+        self.lists = state["lists"].to(torch.int32).contiguous()
+        self.list_scores = state["list_scores"].float().contiguous()
+        self.raw = state["raw"].float().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
+        self.n_keys = int(state["n_keys"][0])
+
     def add(self, keys: torch.Tensor) -> None:
         """keys [H, n, D] get ids len(self)...; each enters the lists (among the n_add
         build queries nearest its direction) whose weakest entry it beats."""

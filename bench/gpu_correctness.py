@@ -105,9 +105,7 @@ def prefix_rewind(device, dtype, document: int, new: int) -> dict:
         tokens = [token for _, token in run]
         return tokens, prefilled.logits.float()
 
-    prefix = Prefix(
-        model, prefill_prompt(model, ids[:, : document - 1], cfg, 256, progress=False), ids[:, document - 1 : document]
-    )
+    prefix = Prefix(model, prefill_prompt(model, ids[:, : document - 1], cfg, 256, progress=False), ids[:, :document])
     answers = []
     try:
         for question in (questions[0], questions[1], questions[0]):

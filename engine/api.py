@@ -29,6 +29,7 @@ from engine.generation import (
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
 from engine.prefix import Prefix
+from engine.prefix_file import load_prefix
 from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,22 @@ class HybridLLM:
         room = RESERVED_NEW_TOKENS  # the prompts after it and their answers; the stores grow past it
         prefilled = prefill_prompt(self.model, ids[:, :-1], self.offload, room, progress=progress, stores=self.stores)
         try:
-            return Prefix(self.model, prefilled, ids[:, -1:])
+            return Prefix(self.model, prefilled, ids)
         except BaseException:
             prefilled.cache.release()
+            raise
+
+    def load_prefix(self, path, *, document=None, progress: bool = True) -> Prefix:
+        """A prefix saved by `Prefix.save` (in this process or another) loaded from the file `path`, as it was
+        saved: prompts after it decode as after the original. The file must be of this model, under a
+        configuration equal to this one in the fields that shape the cache (`OffloadConfig.state_fields`);
+        `document` (what `prefix` takes), when given, is the document it must hold. ValueError otherwise."""
+        expected = None if document is None else self.encode(document)
+        cache, ids = load_prefix(self, path, document=expected, progress=progress)
+        try:
+            return Prefix(self.model, Prefilled(cache, None, ids.shape[1] - 1, 0.0, 0.0), ids)
+        except BaseException:
+            cache.release()
             raise
 
     def conversation(self, messages: list[dict] | None = None) -> Conversation:

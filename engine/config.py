@@ -46,11 +46,12 @@ RENAMED_FIELDS = {"mode": "candidates_from", "method": "key_index"}
 OLD_CANDIDATE_SOURCES = {"ann": "keys", "block": "blocks", "hybrid": "both"}
 
 
-def _option(section: str, default, description: str) -> dataclasses.Field:
-    """A field with its section and its one description (the CLI's help, the README's table)."""
+def _option(section: str, default, description: str, *, state: bool = False) -> dataclasses.Field:
+    """A field with its section and its one description (the CLI's help, the README's table); `state`: the
+    field shapes what a prefilled cache holds (`OffloadConfig.state_fields`)."""
     if section not in SECTIONS:
         raise ValueError(f"unknown section {section!r}; sections: {', '.join(SECTIONS)}")
-    metadata = {"section": section, "help": description}
+    metadata = {"section": section, "help": description, "state": state}
     if isinstance(default, dict):  # mutable: each config gets its own copy
         return field(default_factory=functools.partial(dict, default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -142,8 +143,10 @@ class OffloadConfig:
     """
 
     # What stays on the device: attended exactly at every step.
-    n_sink: int = _option("resident", 4, "first tokens of the sequence kept on the device (attention sinks)")
-    window: int = _option("resident", 256, "most recent tokens kept on the device")
+    n_sink: int = _option(
+        "resident", 4, "first tokens of the sequence kept on the device (attention sinks)", state=True
+    )
+    window: int = _option("resident", 256, "most recent tokens kept on the device", state=True)
 
     # Where candidates come from: which host tokens a step considers reading.
     candidates_from: CandidateSource = _option(
@@ -151,20 +154,27 @@ class OffloadConfig:
         "both",
         "where a step's candidate host tokens come from: `keys` (the host key index), `blocks` (the device "
         "block index: the blocks whose landmark scores best) or `both`",
+        state=True,
     )
     key_index: KeyIndexKind = _option(
         "sources",
         "qq",
         "host key index, one per layer and KV head: `qq` (query→query lists), `graph` (attention-aware key "
         "graph), `flat`, `ivf`, `hnsw` (faiss)",
+        state=True,
     )
     index_params: dict = _option(
         "sources",
         {},
         "keyword arguments for the key index (e.g. `qq`: `m_keys`, `n_neighbors`, `max_queries`; see `ann/`)",
+        state=True,
     )
-    max_build_queries: int = _option("sources", 1024, "prefill query positions kept per layer to build the key index")
-    block_size: int = _option("sources", 32, "tokens per block (of the block index and of the estimate's summaries)")
+    max_build_queries: int = _option(
+        "sources", 1024, "prefill query positions kept per layer to build the key index", state=True
+    )
+    block_size: int = _option(
+        "sources", 32, "tokens per block (of the block index and of the estimate's summaries)", state=True
+    )
     n_blocks: int = _option("sources", 8, "block index: at most this many blocks per step")
     block_frac: float = _option("sources", 0.08, "block index: this share of the host blocks per step, in (0, 1]")
     landmark: Landmark = _option(
@@ -172,6 +182,7 @@ class OffloadConfig:
         "minmax",
         "what the block index scores a block by: `minmax`, its per-channel min and max keys (Quest's bound on "
         "the block's best logit), or `mean`, its mean key",
+        state=True,
     )
     recent: int = _option(
         "sources",
@@ -187,6 +198,7 @@ class OffloadConfig:
         "`adaptive`: read the candidates whose estimated attention probability reaches `min_prob` (and "
         "`min_ratio` / tokens); `fixed`: read `top_k` per query head from the key index; the chosen blocks are "
         "read in full either way",
+        state=True,
     )
     top_k: int = _option("reads", 32, "fixed budget: key-index tokens read per query head")
     candidates: int = _option("reads", 192, "adaptive budget: key-index proposals rated per query head")
@@ -215,11 +227,15 @@ class OffloadConfig:
         0,
         "adaptive budget: 0 rates candidates on their keys; r > 0 on a rank-r sketch of the keys instead "
         "(no key read, less exact)",
+        state=True,
     )
 
     # Correction: what the reads miss.
     estimate: bool = _option(
-        "correction", True, "estimate the host tokens a step does not read from their block's mean key and mean value"
+        "correction",
+        True,
+        "estimate the host tokens a step does not read from their block's mean key and mean value",
+        state=True,
     )
     recheck_margin: float = _option(
         "correction",
@@ -283,7 +299,7 @@ class OffloadConfig:
     )
 
     # Runtime: where and how it runs (no effect on the result).
-    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's)")
+    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's)", state=True)
     host_threads: int = _option("runtime", 0, "threads of the host kernel (0: all cores)")
     build_workers: int = _option(
         "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"
@@ -444,6 +460,13 @@ class OffloadConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    @classmethod
+    def state_fields(cls) -> tuple[str, ...]:
+        """The fields that shape what a prefilled cache holds (its resident set, host store and indexes);
+        the others decide what a step reads and how it runs. A prefix saved to a file loads under any
+        configuration equal to its own in these (engine.prefix_file)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["state"])
 
     def resolved_host_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.host_dtype == "auto" else HOST_DTYPES[self.host_dtype]

@@ -16,16 +16,19 @@ from __future__ import annotations
 import torch
 
 from engine.generation import Prefilled, timed_prefill
+from engine.prefix_file import save_prefix
 
 
 class Prefix:
-    """A document prefilled into its own cache (`HybridLLM.prefix`), continued by one prompt at a time.
-    `tokens`: the document's; `prefill_s`, `index_build_s`: what its prefill took. It holds its host
-    store until `release()`."""
+    """A document prefilled into its own cache (`HybridLLM.prefix`, or loaded from a file: `HybridLLM.load_prefix`),
+    continued by one prompt at a time. `ids`: the document's token ids [1, tokens] (on the host), all but the
+    last in the cache; `prefill_s`, `index_build_s`: what its prefill took. It holds its host store until
+    `release()`; `save(path)` writes it to a file."""
 
-    def __init__(self, model, prefilled: Prefilled, last: torch.Tensor):
-        self.model, self.cache, self.last = model, prefilled.cache, last  # last: the held-back token [1, 1]
-        self.tokens = prefilled.prompt_tokens + 1
+    def __init__(self, model, prefilled: Prefilled, ids: torch.Tensor):
+        if ids.shape != (1, prefilled.prompt_tokens + 1):
+            raise ValueError(f"a prefix of {prefilled.prompt_tokens} cached tokens takes their ids and the next one")
+        self.model, self.cache, self.ids = model, prefilled.cache, ids.cpu()
         self.prefill_s, self.index_build_s = prefilled.prefill_s, prefilled.index_build_s
         self.marks = self.cache.mark()
         self.in_use = False
@@ -60,10 +63,28 @@ class Prefix:
         except BaseException:
             self.rewind()
             raise
-        self.marks, self.last, self.tokens = marks, ids[:, -1:], self.tokens + ids.shape[1]
+        self.marks, self.ids = marks, torch.cat([self.ids, ids.cpu()], dim=1)
         self.prefill_s += seconds
         self.in_use = False
         return seconds
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def last(self) -> torch.Tensor:
+        """The held-back token [1, 1]: each prompt after the document is prefilled after it."""
+        return self.ids[:, -1:]
+
+    def save(self, path, *, progress: bool = True) -> int:
+        """The prefix written to the file `path` (safetensors; engine.prefix_file), for `HybridLLM.load_prefix`
+        in this process or another; returns the bytes written."""
+        self._claim()
+        try:
+            return save_prefix(self, path, progress=progress)
+        finally:
+            self.in_use = False
 
     def _claim(self) -> None:
         """The prefix taken for one prompt (or an extension) until its rewind."""

@@ -573,11 +573,39 @@ def test_questions_after_one_prefilled_document(tmp_path, capsys, monkeypatch, b
     assert all(a["prefix_tokens"] == prefix.tokens and a["new_tokens"] >= 1 for a in written["answers"])
 
 
+def test_a_prefix_file_is_saved_by_the_first_run_and_loaded_by_the_next(
+    tmp_path, capsys, monkeypatch, bundled_tokenizer
+):
+    """--prefix-file: the first run prefills the document and saves its cache, the next loads it and gives
+    the same answers; a file of another document is refused in one line."""
+    import engine.api
+    from tests.conftest import tiny_llama
+    from tests.test_prefix import DEFAULT_SMALL
+
+    llm = engine.api.HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, DEFAULT_SMALL)
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: llm)
+    doc_file, kept, report = tmp_path / "doc.txt", tmp_path / "kept" / "doc.prefix", tmp_path / "out.json"
+    doc_file.write_text("A long document about grass and sky. " * 30)
+    argv = ["generate", "--file", str(doc_file), "--max-new-tokens", "4", "--ask", " Who?", "--ask", " Where?"]
+    argv += ["--prefix-file", str(kept), "--json", str(report)]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert f"saved to {kept}" in first.err and kept.is_file() and "saved_s" in json.loads(report.read_text())["prefix"]
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert f"loaded from {kept}" in second.err and "prefill" not in second.err.split("\n")[0]
+    assert second.out == first.out and "loaded_s" in json.loads(report.read_text())["prefix"]
+    doc_file.write_text("Another document. " * 30)
+    assert main(argv) == 2
+    assert "holds another document" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
         (["--ask", "q", "--chat"], "--ask continues the prompt as text: it does not go with --chat"),
         (["--ask", ""], "--ask: a question is empty"),
+        (["--prefix-file", "doc.prefix"], "--prefix-file keeps the prompt's cache for the questions after it"),
     ],
 )
 def test_bad_questions_fail_before_the_model_loads(extra, message, capsys, monkeypatch):

@@ -7,6 +7,10 @@ the cache goes back to the document's state after each). For each: its first tok
 answer, whether it names the pass key, and the share of host rows read per decode step; beside
 them, the whole prompt (document + the pass key's question) prefilled and answered as one.
 
+Then the prefix saved to a file and loaded by another engine over the same model, as a later process
+would (`Prefix.save`, `HybridLLM.load_prefix`), the pass key's question after it: the file's size, the
+save's and the load's seconds, and the answer, which must be the prefix's own.
+
 With `--server`, then the same questions as HTTP requests to the engine's server (engine.server,
 `hybridattn serve`, in this process on a free port): the whole prompt; the document as the requests'
 `document` field, which the first such request prefills and the next find kept; a chat about the
@@ -28,9 +32,11 @@ after their haystack as a prefix: how many give the same tokens, and each way's 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import torch
 
@@ -163,6 +169,31 @@ def questions(question: str) -> list[tuple[str, str]]:
     return [("the pass key's", question), ("the grass'", OTHER_QUESTION), ("the pass key's again", question)]
 
 
+def from_file(llm: HybridLLM, prefix, question: str, new_tokens: int, sample) -> dict:
+    """The prefix saved to a file and loaded by another engine over the same model, as a later process would
+    load it (engine.prefix_file); the pass key's question asked after it. Its row, with the file's bytes and
+    the seconds the save and the load took."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "document.prefix"
+        start = time.perf_counter()
+        size = prefix.save(path, progress=False)
+        saved_s = time.perf_counter() - start
+        other = HybridLLM(llm.model, llm.tokenizer, llm.offload)
+        start = time.perf_counter()
+        loaded = other.load_prefix(path, progress=False)
+        load_s = time.perf_counter() - start
+    try:
+        out = row(
+            "loaded from a file, the pass key's",
+            other.generate(question, new_tokens, prefix=loaded, progress=False),
+            sample,
+        )
+    finally:
+        loaded.release()
+    out.update(file_bytes=size, save_s=round(saved_s, 3), load_s=round(load_s, 3))
+    return out
+
+
 def main(argv=None) -> None:
     p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="a 1,024-token document")
@@ -200,10 +231,12 @@ def main(argv=None) -> None:
                 )
             )
             print(json.dumps(rows[-1]), flush=True)
+        saved = from_file(llm, prefix, question, args.new_tokens, sample)
+        print(json.dumps(saved), flush=True)
     finally:
         prefix.release()
     print(json.dumps(rows[0]), flush=True)
-    result = {"prefix": made, "rows": rows}
+    result = {"prefix": made, "rows": rows, "file": saved}
     if args.server:
         result["server"] = served(llm, document, question, args.new_tokens, sample)
     if args.samples:

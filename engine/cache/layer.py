@@ -274,7 +274,7 @@ class HybridLayer(CacheLayerMixin):
             self.device_rows.append(k, v)
         if self.summary is not None:
             self.summary.add(k, v)
-        if self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys):
+        if self.own_blocks:
             self.blocks.add(k)
         if self.key_index is not None and self.host.n - self.n_indexed >= self.cfg.block_size:
             self.index_new_keys()
@@ -358,7 +358,6 @@ class HybridLayer(CacheLayerMixin):
         self.wait_for_build()
         if not self.is_initialized or self.rerun or self.device_rows is not None:
             raise ValueError("a mark is taken of a layer that holds positions, between forward passes")
-        own_blocks = self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys)
         sketch_mark = None if self.sketch is None or isinstance(self.sketch, ExactKeys) else copy.deepcopy(self.sketch)
         sample = None
         if self.key_index is None:
@@ -370,7 +369,7 @@ class HybridLayer(CacheLayerMixin):
             resident=(self.resident_k.clone(), self.resident_v.clone(), self.resident_pos.copy()),
             host_n=self.host.n,
             summary=self.summary.mark() if self.summary is not None else None,
-            blocks=self.blocks.mark() if own_blocks else None,
+            blocks=self.blocks.mark() if self.own_blocks else None,
             key_index=self.key_index,
             key_index_mark=self.key_index.mark() if self.key_index is not None else None,
             sketch=self.sketch,
@@ -463,6 +462,11 @@ class HybridLayer(CacheLayerMixin):
         if self.sketch is not None:
             host["key_sketch"] = self.sketch.nbytes
         return {"device": device, "host": host}
+
+    @property
+    def own_blocks(self) -> bool:
+        """Whether the block index is its own (min and max keys, or no summaries), not the summaries' mean keys."""
+        return self.blocks is not None and (self.summary is None or self.blocks is not self.summary.keys)
 
     # ------------------------------------------------- transformers' Cache API
 

@@ -195,7 +195,12 @@ class HostKV:
         n = k.shape[1]
         if self.n + n > self.capacity:
             self.reserve(max(self.n + n, self.capacity * 3 // 2, 256))
-        self.copies.copy([(self.k[:, self.n : self.n + n], k), (self.v[:, self.n : self.n + n], v)])
+        pairs = [(self.k[:, self.n : self.n + n], k), (self.v[:, self.n : self.n + n], v)]
+        if k.device.type == "cpu":  # rows already on the host (read from a file): copied here, after those in flight
+            self.copies.host_wait()
+            DirectCopies().copy(pairs)
+        else:
+            self.copies.copy(pairs)
         self.n += n
 
     @property
@@ -423,6 +428,19 @@ class QuerySample:
         """[Hq, n, D]"""
         self._wait()
         return torch.cat(self.q, dim=1) if self.q else torch.empty(0)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its queries [Hq, n, D], their positions [n] and the stride, as tensors (engine.prefix_file)."""
+        positions = torch.cat(self.pos) if self.pos else torch.empty(0, dtype=torch.long)
+        return {"queries": self.queries(), "positions": positions, "stride": torch.tensor([self.stride])}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """This sample as a `state()` left it."""
+        queries, positions = state["queries"], state["positions"].long()
+        if len(positions) > self.limit or (len(positions) and queries.shape[1] != len(positions)):
+            raise ValueError(f"a query sample of at most {self.limit} positions takes a query per position")
+        self.q, self.pos = ([queries], [positions]) if len(positions) else ([], [])
+        self.stride = int(state["stride"][0])
 
     def clear(self) -> None:
         self.pos, self.q = [], []

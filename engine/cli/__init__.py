@@ -192,6 +192,13 @@ def _run(argv: list[str] | None) -> int:
         help="a question after the prompt, which is then prefilled once for all of them (may be given again)",
     )
     g.add_argument(
+        "--prefix-file",
+        type=output_file,
+        metavar="PATH",
+        help="with --ask: the prompt's prefilled cache kept in this file, loaded from it when the file holds this "
+        "prompt (for this model and configuration), else prefilled and saved to it for the next run",
+    )
+    g.add_argument(
         "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"
     )
     _offload_args(g)

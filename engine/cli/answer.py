@@ -50,6 +50,8 @@ def _streamed(llm, prompt, args, sampling, prefix=None):
 
 
 def _check_questions(args) -> None:
+    if args.prefix_file and not args.ask:
+        raise ValueError("--prefix-file keeps the prompt's cache for the questions after it: give them with --ask")
     if not args.ask:
         return
     if args.demo or args.chat:
@@ -61,7 +63,30 @@ def _check_questions(args) -> None:
 def _answer_questions(llm, document: str, args, offload, sampling) -> None:
     """The document prefilled once; each question after it answered in turn, an answer a line of
     stdout and its report on stderr (with --json, all of them, after the prefix's)."""
-    prefix = llm.prefix(document, progress=sampling["progress"])
+    prefix, kept = _document_prefix(llm, document, args.prefix_file, sampling["progress"])
+    try:
+        reports = []
+        for question in args.ask:
+            reports.append(_streamed(llm, question, args, sampling, prefix))
+            print(reports[-1].summary(), file=sys.stderr)
+    finally:
+        prefix.release()
+    if args.json:
+        done = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s, **kept)
+        answers = [dict(question=q, **r.as_dict()) for q, r in zip(args.ask, reports)]
+        _write_json(args, offload, {"prefix": done, "answers": answers})
+
+
+def _document_prefix(llm, document: str, path: Path | None, progress: bool):
+    """The document's Prefix, loaded from the file `path` where it exists, else prefilled (and saved to `path`),
+    with a line on stderr saying which and what it took; and what the JSON reports of the file."""
+    start = time.perf_counter()
+    if path is not None and path.exists():
+        prefix = llm.load_prefix(path, document=document, progress=progress)
+        seconds = time.perf_counter() - start
+        print(f"prefix {prefix.tokens} tokens: loaded from {path} in {seconds:.2f} s", file=sys.stderr)
+        return prefix, {"prefix_file": str(path), "loaded_s": seconds}
+    prefix = llm.prefix(document, progress=progress)
     try:
         device, host = (prefix.nbytes()[where]["prefix_copies"] / 2**20 for where in ("device", "host"))
         print(
@@ -70,16 +95,16 @@ def _answer_questions(llm, document: str, args, offload, sampling) -> None:
             f"host {host:.1f} MiB",
             file=sys.stderr,
         )
-        reports = []
-        for question in args.ask:
-            reports.append(_streamed(llm, question, args, sampling, prefix))
-            print(reports[-1].summary(), file=sys.stderr)
-    finally:
+        if path is None:
+            return prefix, {}
+        start = time.perf_counter()
+        size = prefix.save(path, progress=progress)
+        seconds = time.perf_counter() - start
+        print(f"prefix saved to {path}: {size / 2**20:.1f} MiB in {seconds:.2f} s", file=sys.stderr)
+        return prefix, {"prefix_file": str(path), "saved_s": seconds}
+    except BaseException:
         prefix.release()
-    if args.json:
-        done = dict(tokens=prefix.tokens, prefill_s=prefix.prefill_s, index_build_s=prefix.index_build_s)
-        answers = [dict(question=q, **r.as_dict()) for q, r in zip(args.ask, reports)]
-        _write_json(args, offload, {"prefix": done, "answers": answers})
+        raise
 
 
 def cmd_chat(args) -> int:

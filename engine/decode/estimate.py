@@ -105,6 +105,17 @@ class BlockSummary:
         for index, one in zip(self._indexes(), mark):
             index.rewind(one)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its four indexes' `BlockIndex.state()`, under their names."""
+        return {f"{name}.{k}": t for name, index in self._named() for k, t in index.state().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, index in self._named():
+            index.load_state({k: state[f"{name}.{k}"] for k in ("landmarks", "tail", "n")})
+
+    def _named(self) -> tuple[tuple[str, BlockIndex], ...]:
+        return tuple(zip(("keys", "values", "coarse_keys", "coarse_values"), self._indexes()))
+
     def _indexes(self) -> tuple[BlockIndex, ...]:
         return self.keys, self.values, self.coarse_keys, self.coarse_values
 

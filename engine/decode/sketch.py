@@ -98,6 +98,22 @@ class KeySketch:
         self._k[:, self.n : self.n + n] = projected.to("cpu", self.dtype)
         self.n += n
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its projections and projected keys as tensors: what `load_state` takes (engine.prefix_file)."""
+        return {"p_q": self.p_q, "p_k": self.p_k, "keys": self._k[:, : self.n]}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """This sketch as a `state()` left it, taken of a sketch of the same heads, dim and rank."""
+        projection, keys = (self.n_heads, self.dim, self.rank), state["keys"]
+        if tuple(state["p_q"].shape) != projection or tuple(state["p_k"].shape) != projection:
+            raise ValueError(f"a key sketch takes projections of shape {list(projection)}")
+        if keys.ndim != 3 or (keys.shape[0], keys.shape[2]) != (self.n_heads, self.rank):
+            raise ValueError(f"a key sketch takes projected keys of shape [{self.n_heads}, n, {self.rank}]")
+        self.p_q, self.p_k = state["p_q"].float(), state["p_k"].float()
+        self._k = host_empty(tuple(keys.shape), self.dtype)
+        self._k.copy_(keys)
+        self.n = keys.shape[1]
+
     def scores(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """q [H, G, D] fp32, ids [H, C] host ids (-1 padded) -> approximate q . k [H, G, C] (-inf at padding)."""
         rows = head_rows(self._k, ids).float()  # [H, C, r]

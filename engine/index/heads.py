@@ -86,6 +86,12 @@ class ListSelector:
     def rewind(self, mark: tuple) -> None:
         self.lists.rewind(mark)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.lists.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.lists.load_state(state)
+
     def candidates(
         self, q: torch.Tensor, q_host: np.ndarray, top_k: int, oversample: int = OVERSAMPLE
     ) -> tuple[torch.Tensor, int, int]:

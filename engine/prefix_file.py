@@ -1,0 +1,290 @@
+"""A prefix in a file (`Prefix.save`, `HybridLLM.load_prefix`): a long document prefilled once and
+loaded again by later processes, in the time it takes to read its cache.
+
+The file is safetensors (data, not code): the document's token ids and, per layer, the resident set,
+the host store's rows, the block summaries and indexes and the host key index, each as the tensors it
+holds, so that a loaded prefix is the saved one to the bit and a prompt after it decodes as after the
+original. Its metadata names the format, the model (`model_fingerprint`) and the configuration's fields
+that shape the cache (`OffloadConfig.state_fields`); a file loads only where all three match. The
+file is written as a stream, tensor by tensor (the host store is most of it and is not copied whole),
+to a temporary name first, so a failed save leaves no file behind.
+
+The key index saved is the query lists (`key_index="qq"`, the default's) or none
+(`candidates_from="blocks"`); the adaptive budget's scorer, a key sketch or the exact keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from engine.cache import HybridCache
+from engine.cache.layer import HybridLayer
+from engine.decode.sketch import KeySketch, make_scorer
+from engine.generation import RESERVED_NEW_TOKENS, sized_for
+from engine.index.heads import ListSelector
+
+FORMAT = "hybridattn-prefix/1"
+ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
+# the model's configuration that its K/V depend on, besides its weights
+MODEL_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "vocab_size",
+)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def model_fingerprint(model) -> str:
+    """A digest of what a cache's K/V depend on, read cheaply: the model's shape and RoPE, its dtype, and the
+    weights of its first and last layers' key and value projections (a checkpoint of the same shape with
+    other weights differs there)."""
+    config = model.config.to_dict()
+    described = {name: config.get(name) for name in MODEL_FIELDS}
+    described["dtype"] = str(next(model.parameters()).dtype)
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    projections = [p for name, p in model.named_parameters() if name.endswith(("k_proj.weight", "v_proj.weight"))]
+    for weight in projections[:2] + projections[-2:] or list(model.parameters())[:1]:
+        digest.update(weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def state_config(cfg) -> dict:
+    """The configuration's fields that shape a cache, as the file's metadata records them."""
+    return {name: getattr(cfg, name) for name in cfg.state_fields()}
+
+
+# ----------------------------------------------------------------------- save
+
+
+def save_prefix(prefix, path, *, progress: bool = True) -> int:
+    """Write the engine.prefix.Prefix (between prompts: at the document's state) to `path`; returns the bytes
+    written."""
+    tensors = {"document": prefix.ids[0]}
+    for i, layer in enumerate(prefix.cache.layers):
+        tensors.update({f"layers.{i}.{name}": t for name, t in layer_state(layer).items()})
+    metadata = {
+        "format": FORMAT,
+        "model": model_fingerprint(prefix.model),
+        "config": json.dumps(state_config(prefix.cache.offload_config), sort_keys=True),
+        "layers": str(len(prefix.cache.layers)),
+    }
+    return write_safetensors(Path(path), tensors, metadata, progress=progress)
+
+
+def layer_state(layer: HybridLayer) -> dict[str, torch.Tensor]:
+    """The tensors that make up a layer's state between forward passes (none run again)."""
+    if layer.key_index is not None and not isinstance(layer.key_index, ListSelector):
+        raise ValueError(
+            f"a prefix is saved with the key index 'qq' (the default's) or none; this one's is {layer.cfg.key_index!r}"
+        )
+    counts = [layer.n_seen, layer.n_indexed, layer.n_built, int(layer.build_waiting)]
+    state = {"counts": torch.tensor(counts), "resident_k": layer.resident_k, "resident_v": layer.resident_v}
+    state.update(resident_pos=torch.from_numpy(layer.resident_pos), host_k=layer.host.keys, host_v=layer.host.values)
+    parts = {"summary": layer.summary, "blocks": layer.blocks if layer.own_blocks else None}
+    parts.update(key_index=layer.key_index, sketch=layer.sketch if isinstance(layer.sketch, KeySketch) else None)
+    parts["query_sample"] = layer.query_sample if layer.key_index is None and len(layer.query_sample) else None
+    for name, part in parts.items():
+        if part is not None:
+            state.update({f"{name}.{k}": t for k, t in part.state().items()})
+    return state
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, progress) -> int:
+    """The tensors (on any device, contiguous or not) and the metadata in safetensors' layout: the header, then
+    each tensor's bytes in turn, a head at a time where the tensor is not contiguous. Returns the file's size."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with (
+            open(partial, "wb") as f,
+            tqdm(
+                total=offset, unit="B", unit_scale=True, desc="saving prefix", disable=not progress, leave=False
+            ) as bar,
+        ):
+            f.write(struct.pack("<Q", len(head)) + head)
+            for t in tensors.values():
+                for piece in t.unbind(0) if t.ndim > 1 and not t.is_contiguous() else (t,):
+                    data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                    f.write(memoryview(data))
+                    bar.update(data.nbytes)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return len(head) + 8 + offset
+
+
+# ----------------------------------------------------------------------- load
+
+
+def load_prefix(llm, path, *, document=None, progress: bool = True) -> tuple[HybridCache, torch.Tensor]:
+    """The cache saved at `path`, loaded into a new HybridCache for `llm` (a HybridLLM: its model, configuration
+    and pool of host stores), and its document's token ids [1, T] (the cache holds all but the last).
+    `document` (ids [1, T]), when given, is what the file must hold. ValueError where the file is not a
+    prefix for this model and configuration, or not of that document."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prefix file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            ids = _checked_document(f, path, llm, document)
+            return _loaded(f, path, llm, ids[:, :-1].shape[1], progress), ids
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable prefix file: {error}") from error
+
+
+def _checked_document(f, path: Path, llm, document) -> torch.Tensor:
+    """The file's document ids [1, T], after its format, model and configuration are checked against `llm`'s."""
+    meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a prefix file of this engine (format {meta.get('format')!r}, not {FORMAT!r})")
+    if meta.get("model") != model_fingerprint(llm.model):
+        raise ValueError(f"{path} holds a prefix of another model (or other weights, dtype or RoPE scaling)")
+    saved, mine = json.loads(meta.get("config", "{}")), json.loads(json.dumps(state_config(llm.offload)))
+    differ = [name for name in mine if saved.get(name) != mine[name]]
+    if differ:
+        fields = ", ".join(f"{name}={saved.get(name)!r}" for name in differ)
+        raise ValueError(f"{path} was saved under another configuration: load it with {fields}")
+    ids = f.get_tensor("document").long()[None]
+    if ids.shape[1] < 2:
+        raise ValueError(f"{path} holds a document of {ids.shape[1]} tokens; a prefix holds at least 2")
+    if document is not None and not torch.equal(document.cpu().long(), ids):
+        raise ValueError(f"{path} holds another document ({ids.shape[1]} tokens), not this one")
+    return ids
+
+
+def _loaded(f, path: Path, llm, cached: int, progress: bool) -> HybridCache:
+    """The file's cache of `cached` positions, layer by layer, in a new HybridCache."""
+    room = sized_for(llm.model, cached, RESERVED_NEW_TOKENS)
+    cache = HybridCache(
+        llm.model, llm.offload, max_length=room, prompt_length=cached, progress=progress, stores=llm.stores
+    )
+    try:
+        if f.metadata().get("layers") != str(len(cache.layers)):
+            raise ValueError(f"{path} holds {f.metadata().get('layers')} layers; the model has {len(cache.layers)}")
+        weight, names = next(llm.model.parameters()), set(f.keys())
+        for i, layer in enumerate(tqdm(cache.layers, desc="loading prefix", unit="layer", disable=not progress)):
+            restore_layer(layer, LayerFile(f, i, names), weight.device, weight.dtype)
+            if layer.n_seen != cached:
+                raise ValueError(f"{path} is damaged: its layer {i} holds other positions than its document's")
+    except BaseException:
+        cache.release()
+        raise
+    return cache
+
+
+@dataclasses.dataclass
+class LayerFile:
+    """One layer's tensors in an open file."""
+
+    f: object
+    layer: int
+    names: set
+
+    def __contains__(self, part: str) -> bool:
+        return f"layers.{self.layer}.{part}" in self.names
+
+    def get(self, part: str) -> torch.Tensor:
+        name = f"layers.{self.layer}.{part}"
+        if name not in self.names:
+            raise ValueError(f"the prefix file lacks {name}")
+        return self.f.get_tensor(name)
+
+    def rows(self, part: str):
+        """The tensor [H, n, D] a block of rows at a time: (start, rows)."""
+        name = f"layers.{self.layer}.{part}"
+        view = self.f.get_slice(name)
+        n = view.get_shape()[1]
+        for start in range(0, n, ROWS_PER_READ):
+            yield start, view[:, start : min(n, start + ROWS_PER_READ)]
+
+    def state(self, part: str) -> dict[str, torch.Tensor]:
+        """The tensors of the component `part` (`summary`, `key_index`, ...) under their own names."""
+        prefix = f"layers.{self.layer}.{part}."
+        return {name[len(prefix) :]: self.f.get_tensor(name) for name in self.names if name.startswith(prefix)}
+
+
+def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dtype: torch.dtype) -> None:
+    """A new layer given the state `layer_state` saved (its K/V on `device` in `dtype`, the model's)."""
+    n_seen, n_indexed, n_built, waiting = (int(x) for x in saved.get("counts"))
+    empty = torch.empty(1, layer.n_kv_heads, 0, layer.head_dim, device=device, dtype=dtype)
+    layer.lazy_initialization(empty, empty)
+    resident_k, resident_v, pos = saved.get("resident_k"), saved.get("resident_v"), saved.get("resident_pos")
+    slots = pos.shape[0]
+    shape = (layer.n_kv_heads, slots, layer.head_dim)
+    if slots > layer.cfg.resident_tokens or tuple(resident_k.shape) != shape or resident_v.shape != resident_k.shape:
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} holds a resident set of another shape")
+    if resident_k.dtype != dtype:
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} holds K/V in {resident_k.dtype}, not {dtype}")
+    layer.resident_k, layer.resident_v = resident_k.to(device), resident_v.to(device)
+    layer.resident_pos = pos.numpy().astype(np.int64)
+    for (_, k), (_, v) in zip(saved.rows("host_k"), saved.rows("host_v")):
+        if k.shape != v.shape or (k.shape[0], k.shape[2]) != shape[::2] or k.dtype != layer.host.dtype:
+            raise ValueError(f"the prefix file's layer {layer.layer_idx} holds host rows of another shape or dtype")
+        layer.host.append(k, v)
+    if layer.summary is not None:
+        layer.summary.load_state(saved.state("summary"))
+    if layer.own_blocks:
+        layer.blocks.load_state(saved.state("blocks"))
+    if "key_index.raw" in saved:
+        _restore_key_index(layer, saved, n_indexed)
+    if "query_sample.queries" in saved:
+        layer.query_sample.load_state(saved.state("query_sample"))
+    filled = int((layer.resident_pos >= 0).sum())
+    if filled + layer.host.n != n_seen or not 0 <= n_built <= n_indexed <= layer.host.n:
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its counts do not add up")
+    layer.n_seen, layer.n_indexed, layer.n_built, layer.build_waiting = n_seen, n_indexed, n_built, bool(waiting)
+
+
+def _restore_key_index(layer: HybridLayer, saved: LayerFile, n_indexed: int) -> None:
+    """The layer's query lists (and with the adaptive budget, its scorer) as saved; their ids within the host
+    keys they index, which the host kernel reads."""
+    cfg = layer.cfg
+    if cfg.key_index != "qq" or not cfg.uses_key_index:
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} holds query lists; this configuration has none")
+    index = ListSelector(layer.n_kv_heads, layer.head_dim, layer.device, layer.dtype, cfg.index_params)
+    index.load_state(saved.state("key_index"))
+    lists = index.lists.lists
+    if len(index) != n_indexed or (lists.numel() and not (-1 <= int(lists.min()) and int(lists.max()) < n_indexed)):
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} holds query lists of other keys than its store's")
+    layer.key_index = index
+    if cfg.budget == "adaptive":
+        layer.sketch = make_scorer(cfg.sketch_rank, layer.host, cfg.host_threads)
+        if isinstance(layer.sketch, KeySketch):
+            layer.sketch.load_state(saved.state("sketch"))

@@ -1,0 +1,158 @@
+"""A prefix saved to a file and loaded by another HybridLLM (engine.prefix_file): the loaded cache holds
+the saved state to the bit, and the prompts after it decode as after the original (tokens, reads and
+re-checks); a file of another model, configuration or document, or a damaged one, is refused by name."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from engine import OffloadConfig
+from engine.api import HybridLLM
+from engine.prefix_file import layer_state
+from tests.conftest import tiny_llama
+from tests.test_prefix import DEFAULT_SMALL, answer, same, state
+
+
+@pytest.fixture(scope="module")
+def model(bundled_tokenizer):
+    return tiny_llama(vocab=len(bundled_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 5000, (460,), generator=torch.Generator().manual_seed(3))
+
+
+def saved_state(cache) -> list:
+    """Every tensor of every layer's saved state, copied."""
+    return [{name: t.clone() for name, t in layer_state(layer).items()} for layer in cache.layers]
+
+
+def same_states(a: list, b: list) -> bool:
+    return all(x.keys() == y.keys() and all(same(x[k].cpu(), y[k].cpu()) for k in x) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(
+    "changes,length",
+    [
+        ({}, 400),  # the default's parts: query lists, Quest's blocks, summaries, scorer on the exact keys
+        (dict(sketch_rank=8), 400),  # candidates rated on a key sketch
+        (dict(host_dtype="bfloat16"), 400),  # a host store in another dtype than the model's
+        (dict(candidates_from="blocks", landmark="mean"), 400),  # no key index
+        (dict(estimate=False), 400),  # blocks without summaries
+        ({}, 25),  # too few host tokens for the key index: its build waits, with its query sample
+    ],
+    ids=["default", "sketch", "bf16-host", "blocks-alone", "no-estimate", "build-waiting"],
+)
+def test_a_loaded_prefix_answers_as_the_saved_one(model, bundled_tokenizer, ids, tmp_path, changes, length):
+    cfg = DEFAULT_SMALL.replace(**changes)
+    llm = HybridLLM(model, bundled_tokenizer, cfg)
+    prefix = llm.prefix(ids[:length], progress=False)
+    want = [answer(llm, q, prefix) for q in (ids[400:430], ids[430:460])]
+    before = saved_state(prefix.cache)
+    size = prefix.save(tmp_path / "doc.prefix", progress=False)
+    assert size == (tmp_path / "doc.prefix").stat().st_size and not list(tmp_path.glob("*.partial"))
+    prefix.release()
+
+    other = HybridLLM(model, bundled_tokenizer, cfg)  # another engine, as another process would have
+    loaded = other.load_prefix(tmp_path / "doc.prefix", document=ids[:length], progress=False)
+    assert loaded.tokens == length and torch.equal(loaded.ids[0], ids[:length])
+    assert same_states(saved_state(loaded.cache), before)
+    if not changes and length == 400:  # read apart from the saving code: positions, rows, landmarks, lists
+        fresh = llm.prefix(ids[:length], progress=False)
+        assert same(state(loaded.cache), state(fresh.cache))
+        fresh.release()
+    assert [answer(other, q, loaded) for q in (ids[400:430], ids[430:460])] == want
+    loaded.release()
+
+
+def test_an_extended_prefix_saves_what_it_was_extended_by(model, bundled_tokenizer, ids, tmp_path):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:300], progress=False)
+    prefix.extend(ids[None, 300:400], progress=False)
+    want = answer(llm, ids[400:430], prefix)
+    prefix.save(tmp_path / "doc.prefix", progress=False)
+    prefix.release()
+    loaded = llm.load_prefix(tmp_path / "doc.prefix", progress=False)
+    assert loaded.tokens == 400 and answer(llm, ids[400:430], loaded) == want
+    loaded.release()
+
+
+def test_settings_of_the_steps_may_differ_from_the_saved_ones(model, bundled_tokenizer, ids, tmp_path):
+    """What a step reads is the loader's to choose: a prefix loads under a configuration equal to its own
+    only in the fields that shape the cache, and answers as a prefix made under that configuration."""
+    prefix = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL).prefix(ids[:400], progress=False)
+    prefix.save(tmp_path / "doc.prefix", progress=False)
+    prefix.release()
+    steps = DEFAULT_SMALL.replace(min_prob=1e-3, candidates=64, recheck_margin=0.0, prefill_chunk=32)
+    llm = HybridLLM(model, bundled_tokenizer, steps)
+    loaded, made = llm.load_prefix(tmp_path / "doc.prefix", progress=False), llm.prefix(ids[:400], progress=False)
+    assert answer(llm, ids[400:430], loaded) == answer(llm, ids[400:430], made)
+    loaded.release()
+    made.release()
+
+
+def test_state_fields_are_those_that_shape_the_cache():
+    fields = set(OffloadConfig.state_fields())
+    assert {"n_sink", "window", "block_size", "key_index", "host_dtype", "estimate"} <= fields
+    assert not fields & {"min_prob", "candidates", "recheck_margin", "device", "prefill_chunk", "host_threads"}
+
+
+@pytest.fixture
+def saved(model, bundled_tokenizer, ids, tmp_path):
+    prefix = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL).prefix(ids[:200], progress=False)
+    prefix.save(tmp_path / "doc.prefix", progress=False)
+    prefix.release()
+    return tmp_path / "doc.prefix"
+
+
+def test_a_file_of_another_model_configuration_or_document_is_refused(model, bundled_tokenizer, ids, saved):
+    other_weights = HybridLLM(tiny_llama(vocab=len(bundled_tokenizer), seed=1), bundled_tokenizer, DEFAULT_SMALL)
+    with pytest.raises(ValueError, match="another model"):
+        other_weights.load_prefix(saved, progress=False)
+    with pytest.raises(ValueError, match="another configuration: load it with window=16, block_size=8"):
+        HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(window=32, block_size=16)).load_prefix(saved)
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    with pytest.raises(ValueError, match=r"another document \(200 tokens\)"):
+        llm.load_prefix(saved, document=ids[:199], progress=False)
+    with pytest.raises(FileNotFoundError, match="no prefix file"):
+        llm.load_prefix(saved.with_name("none.prefix"))
+
+
+def test_a_damaged_file_is_refused_and_nothing_is_kept(model, bundled_tokenizer, saved):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    data = saved.read_bytes()
+    cut = saved.with_name("cut.prefix")
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable prefix file"):
+        llm.load_prefix(cut, progress=False)
+    garbage = saved.with_name("garbage.prefix")
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable prefix file"):
+        llm.load_prefix(garbage, progress=False)
+
+    # the same header with a query list entry past the keys it indexes: the host kernel would read past them
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    begin, _ = header["layers.0.key_index.lists"]["data_offsets"]
+    body = bytearray(data[8 + n :])
+    body[begin : begin + 4] = struct.pack("<i", 10**6)
+    bad = saved.with_name("bad.prefix")
+    bad.write_bytes(data[: 8 + n] + bytes(body))
+    with pytest.raises(ValueError, match="query lists of other keys"):
+        llm.load_prefix(bad, progress=False)
+    loaded = llm.load_prefix(saved, progress=False)
+    assert loaded.tokens == 200
+    loaded.release()
+
+
+def test_a_prefix_whose_index_cannot_be_saved_is_refused_and_writes_nothing(model, bundled_tokenizer, ids, tmp_path):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(key_index="flat", budget="fixed", top_k=8))
+    prefix = llm.prefix(ids[:200], progress=False)
+    with pytest.raises(ValueError, match="key index 'qq'"):
+        prefix.save(tmp_path / "doc.prefix")
+    assert not list(tmp_path.iterdir())
+    assert answer(llm, ids[400:430], prefix)  # the prefix goes on serving
+    prefix.release()
