@@ -257,7 +257,7 @@ def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dt
     for (_, k), (_, v) in zip(saved.rows("host_k"), saved.rows("host_v")):
         if k.shape != v.shape or (k.shape[0], k.shape[2]) != shape[::2] or k.dtype != layer.host.dtype:
             raise ValueError(f"the prefix file's layer {layer.layer_idx} holds host rows of another shape or dtype")
-        layer.host.append(k, v)
+        layer.host.append_from_host(k, v)
     if layer.summary is not None:
         layer.summary.load_state(saved.state("summary"))
     if layer.own_blocks:

@@ -39,6 +39,12 @@ def tiny_full_logits(tiny_model, tiny_ids):
         return tiny_model(tiny_ids, use_cache=False).logits
 
 
+@pytest.fixture(scope="module")
+def model(bundled_tokenizer):
+    """A tiny random Llama with the bundled tokenizer's vocabulary, so that text prompts run on it."""
+    return tiny_llama(vocab=len(bundled_tokenizer))
+
+
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
     """The bundled model's tokenizer (the model converted once, as `load_model` does)."""

@@ -38,11 +38,6 @@ NEW = 10
 
 
 @pytest.fixture(scope="module")
-def model(bundled_tokenizer):
-    return tiny_llama(vocab=len(bundled_tokenizer))
-
-
-@pytest.fixture(scope="module")
 def prompts():
     ids = torch.randint(0, 5000, (400,), generator=torch.Generator().manual_seed(2))
     return [ids[7 * i : 7 * i + n] for i, n in enumerate(LENGTHS)]

@@ -31,11 +31,6 @@ NEW = 40  # answers long enough that the host store, the summaries and the lists
 
 
 @pytest.fixture(scope="module")
-def model(bundled_tokenizer):
-    return tiny_llama(vocab=len(bundled_tokenizer))
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 5000, (460,), generator=torch.Generator().manual_seed(3))
 

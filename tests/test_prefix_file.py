@@ -16,11 +16,6 @@ from tests.test_prefix import DEFAULT_SMALL, answer, same, state
 
 
 @pytest.fixture(scope="module")
-def model(bundled_tokenizer):
-    return tiny_llama(vocab=len(bundled_tokenizer))
-
-
-@pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 5000, (460,), generator=torch.Generator().manual_seed(3))
 

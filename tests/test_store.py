@@ -91,6 +91,18 @@ def test_readers_wait_for_copies_on_the_host_or_on_their_device():
     assert copies.log == [("host_wait",)]
 
 
+def test_rows_from_the_host_are_copied_by_the_host_after_the_copies_in_flight():
+    """A prefix file's rows (engine.prefix_file) are in host memory already: the host copies them, after the
+    copies in flight, which may write the rows before them, and not through the device's copies."""
+    copies = RecordedCopies()
+    s = HostKV(2, 4, torch.float32, pin=False, capacity=4, copies=copies)
+    s.append(rows(3), rows(3, 50))
+    copies.log.clear()
+    s.append_from_host(rows(5, 7), rows(5, 9))  # past the capacity: it grows
+    assert copies.log[-1] == ("host_wait",) and ("copy", 2) not in copies.log
+    assert torch.equal(s.keys, torch.cat([rows(3), rows(5, 7)], dim=1)) and s.n == 8 and s.capacity >= 8
+
+
 class FakeStream:
     def __init__(self, name, log):
         self.name, self.log = name, log

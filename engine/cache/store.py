@@ -192,16 +192,23 @@ class HostKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [Hkv, n, D] on any device."""
+        self.copies.copy(self._next_rows(k, v))
+        self.n += k.shape[1]
+
+    def append_from_host(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [Hkv, n, D] in host memory (rows read back from a file), copied by the host itself after the
+        copies in flight: the store's copies take their rows from the device."""
+        pairs = self._next_rows(k, v)
+        self.copies.host_wait()
+        DirectCopies().copy(pairs)
+        self.n += k.shape[1]
+
+    def _next_rows(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(store rows, k) and (store rows, v) for the n rows after the last, the capacity grown to hold them."""
         n = k.shape[1]
         if self.n + n > self.capacity:
             self.reserve(max(self.n + n, self.capacity * 3 // 2, 256))
-        pairs = [(self.k[:, self.n : self.n + n], k), (self.v[:, self.n : self.n + n], v)]
-        if k.device.type == "cpu":  # rows already on the host (read from a file): copied here, after those in flight
-            self.copies.host_wait()
-            DirectCopies().copy(pairs)
-        else:
-            self.copies.copy(pairs)
-        self.n += n
+        return [(self.k[:, self.n : self.n + n], k), (self.v[:, self.n : self.n + n], v)]
 
     @property
     def keys(self) -> torch.Tensor:
