@@ -386,7 +386,8 @@ def table(rows: list[dict]) -> str:
         if r["case"].startswith("prefix") and "error" not in r:
             notes = f"a question again after another: the same {r['same_after_rewind']}, "
             notes += f"the whole prompt's tokens {r['equals_whole_prompt']}, "
-            notes += f"after an extension {r['extended_equals_whole_prompt']}"
+            notes += f"after an extension {r['extended_equals_whole_prompt']}, "
+            notes += f"saved and loaded the saved one's {r['loaded_equals_saved']}"
         if "ms_per_token_clocked" in r:
             notes += f"{r['ms_per_token_clocked']:.1f} ms/token with the clock running; "
         if "ms_per_token_over_block" in r:

@@ -1,8 +1,13 @@
 """The GPU check's correctness cases (bench.gpu_check), on a toy random-weight Llama on the device:
 exactness against full attention with budgets that read every token, conservation of positions,
-and a prefix's rewind (engine.prefix). Without CUDA they run on the CPU at the same sizes."""
+and a prefix's rewind (engine.prefix) and its file (engine.prefix_file). Without CUDA they run on the CPU at
+the same sizes."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import DynamicCache
@@ -10,8 +15,9 @@ from transformers import DynamicCache
 from bench.common.device import peak_bytes, reset_peak
 from bench.common.models import LONG_CONTEXT, random_llama
 from engine import HybridCache, OffloadConfig
-from engine.generation import Decoding, prefill_prompt
+from engine.generation import Decoding, Prefilled, prefill_prompt
 from engine.prefix import Prefix
+from engine.prefix_file import load_prefix
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4
@@ -114,19 +120,37 @@ def prefix_rewind(device, dtype, document: int, new: int) -> dict:
         prefix.extend(questions[0], progress=False)  # a conversation's turn kept: the second question after it
         answers.append(greedy(prefix.continued(questions[1], progress=False)))
         prefix.rewind()
+        loaded = saved_and_loaded(prefix, cfg)  # the extended state, as a later process would load it
+        try:
+            answers.append(greedy(loaded.continued(questions[1], progress=False)))
+            loaded.rewind()
+        finally:
+            loaded.release()
     finally:
         prefix.release()
     want = [whole_prompt(model, ids[:, :end], cfg, new, greedy) for end in (document + 20, document + 40)]
     again = answers[2][0] == answers[0][0] and torch.equal(answers[2][1], answers[0][1])
     exact = answers[0][0] == want[0] and answers[3][0] == want[1]
+    same_loaded = answers[4][0] == answers[3][0] and torch.equal(answers[4][1], answers[3][1])
     return {
         "case": prefix_case(dtype),
         "same_after_rewind": again,
+        "loaded_equals_saved": same_loaded,
         "equals_whole_prompt": answers[0][0] == want[0],
         "extended_equals_whole_prompt": answers[3][0] == want[1],
-        "prefix_ok": again and (exact or dtype != torch.float32),
+        "prefix_ok": again and same_loaded and (exact or dtype != torch.float32),
         "peak_device_bytes": peak_bytes(device),
     }
+
+
+def saved_and_loaded(prefix: Prefix, cfg: OffloadConfig) -> Prefix:
+    """The prefix saved to a file and loaded into a new cache on the device (engine.prefix_file)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "document.prefix"
+        prefix.save(path, progress=False)
+        engine = SimpleNamespace(model=prefix.model, offload=cfg, stores=None)  # what load_prefix takes of a HybridLLM
+        cache, ids = load_prefix(engine, path, progress=False)
+    return Prefix(prefix.model, Prefilled(cache, None, ids.shape[1] - 1, 0.0, 0.0), ids)
 
 
 def whole_prompt(model, ids, cfg, new: int, greedy) -> list[int]:

@@ -336,6 +336,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert set(prefixes) == {"prefix-float32", "prefix-bfloat16"} and all(r["prefix_ok"] for r in prefixes.values())
     assert prefixes["prefix-float32"]["equals_whole_prompt"] and prefixes["prefix-float32"]["same_after_rewind"]
     assert prefixes["prefix-float32"]["extended_equals_whole_prompt"]
+    assert all(p["loaded_equals_saved"] for p in prefixes.values())  # a prefix file, loaded on the device
     decode = {r["method"]: r for r in rows if r["case"] == "decode"}
     assert {"hybrid-default", "hybrid-default-no-growth", "full-sdpa"} <= set(decode)
     assert 0 < decode["hybrid-default"]["kv_read_frac"] < 1 and decode["hybrid-default"]["host_bytes"] > 0
