@@ -117,13 +117,16 @@ class KeptCache:
     """One prefilled cache kept from one prompt to the next, so that each prefills only what is new to it:
     a prompt, which the next prompt may begin with (a conversation's next turn: the messages so far, the
     answer, a new message) and then extends; or a document, which the prompts after it that name the same
-    continue as it was left. A prompt that continues neither replaces it. `llm`: the HybridLLM."""
+    continue as it was left. A prompt that continues neither replaces it. `llm`: the HybridLLM; `folder`
+    (engine.prefix_file.PrefixFolder), where given, keeps documents' prefixes as files, so that a document
+    that comes back is loaded from its file rather than prefilled again."""
 
-    def __init__(self, llm):
-        self.llm = llm
+    def __init__(self, llm, folder=None):
+        self.llm, self.folder = llm, folder
         self.prefix: Prefix | None = None
         self.ids: list[int] = []  # a kept prompt's token ids, its held-back last included
         self.document: str | None = None  # a kept document's text
+        self.loaded = False  # whether the kept document was loaded from the folder
 
     def prompt(self, ids: torch.Tensor) -> tuple[torch.Tensor, Prefix, int] | None:
         """The prompt's token ids [1, T] kept: (the ids left to prefill after the kept Prefix, the Prefix, how
@@ -146,16 +149,21 @@ class KeptCache:
         return ids[:, -1:], self.prefix, 0
 
     def with_document(self, text: str) -> tuple[Prefix, int]:
-        """The document's Prefix, kept from before or prefilled now, and how many of its tokens were found
-        kept (0 or all)."""
+        """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its
+        tokens were found kept (0 or all; `loaded` says whether they came from the folder)."""
         if self.document == text:
+            self.loaded = False
             return self.prefix, self.prefix.tokens
         self.release()
-        self.prefix, self.document = self.llm.prefix(text, progress=False), text
-        return self.prefix, 0
+        if self.folder is not None:
+            self.prefix, self.loaded = self.folder.prefix(text, progress=False)
+        else:
+            self.prefix = self.llm.prefix(text, progress=False)
+        self.document = text
+        return self.prefix, self.prefix.tokens if self.loaded else 0
 
     def release(self) -> None:
         """Give the kept cache's host store back."""
         if self.prefix is not None:
             self.prefix.release()
-        self.prefix, self.ids, self.document = None, [], None
+        self.prefix, self.ids, self.document, self.loaded = None, [], None, False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -30,6 +31,8 @@ from engine.cache.layer import HybridLayer
 from engine.decode.sketch import KeySketch, make_scorer
 from engine.generation import RESERVED_NEW_TOKENS, sized_for
 from engine.index.heads import ListSelector
+
+log = logging.getLogger(__name__)
 
 FORMAT = "hybridattn-prefix/1"
 ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
@@ -151,6 +154,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 # ----------------------------------------------------------------------- load
 
 
+@torch.inference_mode()  # as a prefill: host stores taken from the pool may have been made in it
 def load_prefix(llm, path, *, document=None, progress: bool = True) -> tuple[HybridCache, torch.Tensor]:
     """The cache saved at `path`, loaded into a new HybridCache for `llm` (a HybridLLM: its model, configuration
     and pool of host stores), and its document's token ids [1, T] (the cache holds all but the last).
@@ -288,3 +292,53 @@ def _restore_key_index(layer: HybridLayer, saved: LayerFile, n_indexed: int) -> 
         layer.sketch = make_scorer(cfg.sketch_rank, layer.host, cfg.host_threads)
         if isinstance(layer.sketch, KeySketch):
             layer.sketch.load_state(saved.state("sketch"))
+
+
+# --------------------------------------------------------------------- folder
+
+
+class PrefixFolder:
+    """Documents' prefixes kept as files in a folder (the server's `--prefix-dir`), so that a document prefilled
+    once is loaded, not prefilled, whenever it comes back, in this process or a later one. A file is named by a
+    digest of the document, the model and the configuration's fields that shape the cache; the folder holds at
+    most `max_bytes` of them, the files used least recently removed first."""
+
+    def __init__(self, llm, folder, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError(f"a prefix folder holds a positive number of bytes, got {max_bytes}")
+        self.llm, self.folder, self.max_bytes = llm, Path(folder), max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.key = model_fingerprint(llm.model) + json.dumps(state_config(llm.offload), sort_keys=True)
+
+    def path(self, text: str) -> Path:
+        return self.folder / (hashlib.sha256((self.key + text).encode()).hexdigest()[:40] + ".prefix")
+
+    def prefix(self, text: str, *, progress: bool = True):
+        """The document's engine.prefix.Prefix, loaded from its file where the folder holds one, else prefilled
+        and saved there; and whether it was loaded."""
+        path = self.path(text)
+        if path.is_file():
+            try:
+                prefix = self.llm.load_prefix(path, document=text, progress=progress)
+                os.utime(path)  # used now: the last to go
+                return prefix, True
+            except ValueError as error:  # damaged, say: prefilled again and saved over it
+                log.warning("%s was not loaded, and its document is prefilled again: %s", path, error)
+        prefix = self.llm.prefix(text, progress=progress)
+        try:
+            prefix.save(path, progress=progress)
+            self._trim(keep=path)
+        except (OSError, ValueError) as error:  # a full disk, or a key index no file holds: served all the same
+            log.warning("the document's prefix was not kept in %s: %s", self.folder, error)
+        return prefix, False
+
+    def _trim(self, keep: Path) -> None:
+        """The files used least recently removed until the folder holds at most max_bytes (`keep` stays)."""
+        files = sorted(self.folder.glob("*.prefix"), key=lambda f: f.stat().st_mtime)
+        total = sum(f.stat().st_size for f in files)
+        for f in files:
+            if total <= self.max_bytes:
+                break
+            if f != keep:
+                total -= f.stat().st_size
+                f.unlink(missing_ok=True)

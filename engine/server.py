@@ -192,11 +192,13 @@ class PromptCache:
     """The cache the server keeps from one request to the next (engine.prefix.KeptCache), so that a request
     prefills only what is new: a request's `document`, prefilled once for the requests after it that name
     the same; or, with `reuse_prompts`, a prompt, which the next request's prompt may begin with (a
-    conversation's next turn). A request that continues neither replaces it; a batch keeps nothing."""
+    conversation's next turn). A request that continues neither replaces it; a batch keeps nothing. With a
+    `folder` (engine.prefix_file.PrefixFolder), documents are also kept as files, and one that comes back
+    after another is loaded rather than prefilled."""
 
-    def __init__(self, llm, *, reuse_prompts: bool = True):
+    def __init__(self, llm, *, reuse_prompts: bool = True, folder=None):
         self.llm, self.reuse_prompts = llm, reuse_prompts
-        self.kept = KeptCache(llm)
+        self.kept = KeptCache(llm, folder)
 
     @property
     def prefix(self):
@@ -205,11 +207,11 @@ class PromptCache:
     def prepare(self, request: Request) -> tuple[object, object, dict | None]:
         """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
         tells of that: {"kind", "tokens" kept, "reused_tokens" (of the prompt's, found kept), "prefill_s"
-        (spent here prefilling into it)}."""
+        (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}."""
         start = time.perf_counter()
         if request.document is not None:
             prefix, reused = self.kept.with_document(request.document)
-            return request.prompt, prefix, self._told("document", reused, start)
+            return request.prompt, prefix, self._told("document", reused, start) | {"loaded": self.kept.loaded}
         continued = None
         if self.reuse_prompts and len(request.prompts) <= 1:
             continued = self.kept.prompt(self.llm.encode(request.prompt))
@@ -221,7 +223,9 @@ class PromptCache:
 
     def _told(self, kind: str, reused: int, start: float) -> dict:
         seconds, tokens = time.perf_counter() - start, self.kept.prefix.tokens
-        if reused < tokens:
+        if self.kept.loaded:
+            log.info("%s: %d tokens loaded from the prefix folder in %.2f s", kind, tokens, seconds)
+        elif reused < tokens:
             log.info("%s: %d tokens prefilled into the kept cache in %.2f s", kind, tokens - reused, seconds)
         return {"kind": kind, "tokens": tokens, "reused_tokens": reused, "prefill_s": seconds}
 
@@ -233,9 +237,9 @@ class Completions:
     """Requests to the engine's answers: the responses' and the stream's JSON objects, one generation at a
     time (`busy`), each from the cache kept from the requests before where it continues it (`cache`)."""
 
-    def __init__(self, llm, model: str, *, reuse_prompts: bool = True):
+    def __init__(self, llm, model: str, *, reuse_prompts: bool = True, folder=None):
         self.llm, self.model = llm, model
-        self.cache = PromptCache(llm, reuse_prompts=reuse_prompts)
+        self.cache = PromptCache(llm, reuse_prompts=reuse_prompts, folder=folder)
         self.busy = threading.Lock()
 
     def answer(self, request: Request) -> dict:
@@ -431,10 +435,11 @@ class Server(ThreadingHTTPServer):
         model: str,
         chat_max_tokens: int = 512,
         reuse_prompts: bool = True,
+        prefix_folder=None,
     ):
         if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
-        self.completions = Completions(llm, model, reuse_prompts=reuse_prompts)
+        self.completions = Completions(llm, model, reuse_prompts=reuse_prompts, folder=prefix_folder)
         self.chat_max_tokens = chat_max_tokens
         super().__init__((host, port), Handler)
 

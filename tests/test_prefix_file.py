@@ -3,6 +3,7 @@ the saved state to the bit, and the prompts after it decode as after the origina
 re-checks); a file of another model, configuration or document, or a damaged one, is refused by name."""
 
 import json
+import logging
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from engine import OffloadConfig
 from engine.api import HybridLLM
-from engine.prefix_file import layer_state
+from engine.prefix_file import PrefixFolder, layer_state
 from tests.conftest import tiny_llama
 from tests.test_prefix import DEFAULT_SMALL, answer, same, state
 
@@ -150,4 +151,28 @@ def test_a_prefix_whose_index_cannot_be_saved_is_refused_and_writes_nothing(mode
         prefix.save(tmp_path / "doc.prefix")
     assert not list(tmp_path.iterdir())
     assert answer(llm, ids[400:430], prefix)  # the prefix goes on serving
+    prefix.release()
+
+
+def test_a_prefix_folder_keeps_the_documents_used_last_within_its_size(model, bundled_tokenizer, tmp_path, caplog):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    documents = ["Alice keeps the red key. " * 30, "Bob keeps the blue key. " * 30]
+    one = PrefixFolder(llm, tmp_path / "probe", 2**30)
+    prefix, loaded = one.prefix(documents[0], progress=False)
+    size = one.path(documents[0]).stat().st_size
+    prefix.release()
+    folder = PrefixFolder(llm, tmp_path / "kept", size + size // 2)  # room for one such file, not two
+    for text, want_loaded in zip([*documents, documents[1], documents[0]], [False, False, True, False]):
+        prefix, loaded = folder.prefix(text, progress=False)
+        assert loaded == want_loaded and prefix.tokens == len(llm.encode(text)[0])
+        prefix.release()
+        assert [f.name for f in (tmp_path / "kept").iterdir()] == [folder.path(text).name]  # the other one went
+    wider = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(window=32))
+    other_config = PrefixFolder(wider, tmp_path / "kept", 2**30)
+    assert other_config.path(documents[0]) != folder.path(documents[0])  # a file per model and configuration
+
+    folder.path(documents[0]).write_bytes(b"damaged")
+    with caplog.at_level(logging.WARNING, logger="engine.prefix_file"):
+        prefix, loaded = folder.prefix(documents[0], progress=False)
+    assert not loaded and "was not loaded" in caplog.text and folder.path(documents[0]).stat().st_size == size
     prefix.release()

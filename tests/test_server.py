@@ -2,6 +2,7 @@
 own answers, streamed or whole; a document is prefilled once for the requests that name it; what
 the engine cannot do, and bad input, are refused with errors that name the field."""
 
+import contextlib
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ import pytest
 from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
+from engine.prefix_file import PrefixFolder
 from engine.server import Server
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
@@ -31,15 +33,23 @@ def llm(bundled_tokenizer):
     return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, cfg)
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-    server = Server(llm, port=0, model="tiny", chat_max_tokens=NEW)
+@contextlib.contextmanager
+def running(server):
+    """The server serving on a thread of its own until the block ends."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.close()
-    thread.join(timeout=10)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with running(Server(llm, port=0, model="tiny", chat_max_tokens=NEW)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +182,23 @@ def test_a_document_is_prefilled_once_for_the_requests_that_name_it(server, llm,
     assert len(made) == 2 and made[0].cache is None  # the first given back when the second came
 
 
+def test_with_a_prefix_folder_a_document_that_comes_back_is_loaded_not_prefilled(llm, tmp_path):
+    """--prefix-dir: each document's prefix is kept as a file; one that comes back after another, or after
+    a restart, is loaded from it, and answers as when it was prefilled."""
+    folder = PrefixFolder(llm, tmp_path, 2**30)
+    first, second = "Alice keeps the red key. " * 40, "Bob keeps the blue key. " * 40
+    body = {"prompt": " Who keeps the key?", "max_tokens": NEW, **GREEDY}
+    with running(Server(llm, port=0, model="tiny", prefix_folder=folder)) as server:
+        answers = [answer(server, "/completions", {**body, "document": d}) for d in (first, second, first)]
+    kept = [a["hybridattn"][0]["kept"] for a in answers]
+    assert [k["loaded"] for k in kept] == [False, False, True] and len(list(tmp_path.glob("*.prefix"))) == 2
+    assert kept[2]["reused_tokens"] == kept[2]["tokens"] == kept[0]["tokens"] and kept[0]["reused_tokens"] == 0
+    assert answers[2]["choices"] == answers[0]["choices"]
+    with running(Server(llm, port=0, model="tiny", prefix_folder=PrefixFolder(llm, tmp_path, 2**30))) as server:
+        again = answer(server, "/completions", {**body, "document": second})  # a restart: loaded from its file
+    assert again["hybridattn"][0]["kept"]["loaded"] and again["choices"] == answers[1]["choices"]
+
+
 def test_a_conversation_s_next_turn_prefills_only_what_is_new(server, llm, monkeypatch):
     made = []
     prefix = llm.prefix
@@ -297,23 +324,29 @@ def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplo
     assert len(left) == 1, [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--port", "70000"), ("--max-tokens", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--port", "70000"), ("--max-tokens", "0"), ("--prefix-dir-gb", "0"), ("--prefix-dir", "README.md")],
+)
 def test_the_serve_command_refuses_bad_options_in_one_line(flag, value, capsys):
     assert main(["serve", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hybridattn: error:") and flag in err and "\n" not in err
 
 
-def test_the_serve_command_serves_the_model_until_interrupted(llm, monkeypatch, capsys):
+def test_the_serve_command_serves_the_model_until_interrupted(llm, monkeypatch, capsys, tmp_path):
     from engine.api import HybridLLM as Engine
 
     closed = []
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
     monkeypatch.setattr(Server, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
-    monkeypatch.setattr(Server, "close", lambda self: closed.append(self.url) or self.server_close())
-    assert main(["serve", "--port", "0", "--served-name", "mine"]) == 130  # as Ctrl-C ends it
-    err = capsys.readouterr().err
-    assert f"serving mine at {closed[0]}" in err and closed[0].startswith("http://127.0.0.1:")
+    monkeypatch.setattr(Server, "close", lambda self: closed.append(self) or self.server_close())
+    argv = ["serve", "--port", "0", "--served-name", "mine", "--prefix-dir", str(tmp_path / "kept")]
+    assert main([*argv, "--prefix-dir-gb", "0.5"]) == 130  # as Ctrl-C ends it
+    err, url = capsys.readouterr().err, closed[0].url
+    assert f"serving mine at {url}" in err and url.startswith("http://127.0.0.1:")
+    folder = closed[0].completions.cache.kept.folder
+    assert folder.folder == tmp_path / "kept" and folder.folder.is_dir() and folder.max_bytes == 2**29
 
 
 def test_the_serve_command_says_in_one_line_when_its_port_is_taken(llm, monkeypatch, capsys):

@@ -228,6 +228,18 @@ def _run(argv: list[str] | None) -> int:
         help="keep each request's prompt cached: a request whose prompt begins with the one before's (a "
         "conversation's next turn) prefills only the rest",
     )
+    s.add_argument(
+        "--prefix-dir",
+        metavar="DIR",
+        help="keep the prefilled cache of each request's `document` as a file here, loaded rather than prefilled "
+        "when the document comes back (after another, or after a restart)",
+    )
+    s.add_argument(
+        "--prefix-dir-gb",
+        type=float,
+        default=64.0,
+        help="with --prefix-dir: at most this many GiB of files, those used least recently removed first",
+    )
     _offload_args(s)
 
     pl = sub.add_parser("plan", help="memory plan for a model, context length and GPU budget")

@@ -166,11 +166,17 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not args.prefix_dir_gb > 0:
+        raise ValueError(f"--prefix-dir-gb must be positive, got {args.prefix_dir_gb}")
+    if args.prefix_dir and Path(args.prefix_dir).exists() and not Path(args.prefix_dir).is_dir():
+        raise ValueError(f"--prefix-dir: {args.prefix_dir} is a file, not a folder")
     from engine.api import HybridLLM
+    from engine.prefix_file import PrefixFolder
     from engine.server import Server
 
     _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
+    folder = PrefixFolder(llm, args.prefix_dir, int(args.prefix_dir_gb * 2**30)) if args.prefix_dir else None
     server = Server(
         llm,
         host=args.host,
@@ -178,6 +184,7 @@ def cmd_serve(args) -> int:
         model=args.served_name or args.model,
         chat_max_tokens=args.max_tokens,
         reuse_prompts=args.reuse_prompts,
+        prefix_folder=folder,
     )
     logging.getLogger("engine.server").setLevel(logging.INFO)  # a line per request and per answer
     print(f"hybridattn: serving {server.completions.model} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
