@@ -270,9 +270,14 @@ def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dt
         _restore_key_index(layer, saved, n_indexed)
     if "query_sample.queries" in saved:
         layer.query_sample.load_state(saved.state("query_sample"))
-    filled = int((layer.resident_pos >= 0).sum())
-    if filled + layer.host.n != n_seen or not 0 <= n_built <= n_indexed <= layer.host.n:
+    filled, host = int((layer.resident_pos >= 0).sum()), layer.host.n
+    summarised = [] if layer.summary is None else [layer.summary.keys.n]
+    summarised += [layer.blocks.n] if layer.own_blocks else []
+    sketched = layer.sketch.n if isinstance(layer.sketch, KeySketch) else n_indexed
+    if filled + host != n_seen or not 0 <= n_built <= n_indexed <= host or sketched != n_indexed:
         raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its counts do not add up")
+    if any(n != host for n in summarised) or (layer.summary is not None and not layer.summary.consistent()):
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its blocks are not its host rows'")
     layer.n_seen, layer.n_indexed, layer.n_built, layer.build_waiting = n_seen, n_indexed, n_built, bool(waiting)
 
 

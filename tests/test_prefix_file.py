@@ -129,16 +129,21 @@ def test_a_damaged_file_is_refused_and_nothing_is_kept(model, bundled_tokenizer,
     with pytest.raises(ValueError, match="not a readable prefix file"):
         llm.load_prefix(garbage, progress=False)
 
-    # the same header with a query list entry past the keys it indexes: the host kernel would read past them
+    # the same header with a query list entry past the keys it indexes (the host kernel would read past
+    # them), or a layer's count of positions changed
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    begin, _ = header["layers.0.key_index.lists"]["data_offsets"]
-    body = bytearray(data[8 + n :])
-    body[begin : begin + 4] = struct.pack("<i", 10**6)
-    bad = saved.with_name("bad.prefix")
-    bad.write_bytes(data[: 8 + n] + bytes(body))
-    with pytest.raises(ValueError, match="query lists of other keys"):
-        llm.load_prefix(bad, progress=False)
+    for name, value, error in [
+        ("layers.0.key_index.lists", struct.pack("<i", 10**6), "query lists of other keys"),
+        ("layers.1.counts", struct.pack("<q", 7), "counts do not add up"),
+    ]:
+        begin, _ = header[name]["data_offsets"]
+        body = bytearray(data[8 + n :])
+        body[begin : begin + len(value)] = value
+        bad = saved.with_name("bad.prefix")
+        bad.write_bytes(data[: 8 + n] + bytes(body))
+        with pytest.raises(ValueError, match=error):
+            llm.load_prefix(bad, progress=False)
     loaded = llm.load_prefix(saved, progress=False)
     assert loaded.tokens == 200
     loaded.release()

@@ -113,6 +113,11 @@ class BlockSummary:
         for name, index in self._named():
             index.load_state({k: state[f"{name}.{k}"] for k in ("landmarks", "tail", "n")})
 
+    def consistent(self) -> bool:
+        """Whether keys and values summarise the same tokens, and the superblocks their blocks."""
+        blocks = self.keys.n_blocks
+        return self.values.n == self.keys.n and self.coarse_keys.n == self.coarse_values.n == blocks
+
     def _named(self) -> tuple[tuple[str, BlockIndex], ...]:
         return tuple(zip(("keys", "values", "coarse_keys", "coarse_values"), self._indexes()))
 
