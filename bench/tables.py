@@ -325,7 +325,8 @@ def served(result: dict) -> str:
     head.append("host rows read per step")
     rows = []
     for r in result["server"]:
-        found = f"{r['reused_tokens']:,} ({r['kept']})" if r["reused_tokens"] else "none"
+        source = f"{r['kept']}, from its file" if r.get("loaded") else r["kept"]
+        found = f"{r['reused_tokens']:,} ({source})" if r["reused_tokens"] else "none"
         answer = json.dumps(r["answer"], ensure_ascii=False)
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.2f} s"  # (a row of the Python API's: no request)
         rows.append([r["request"], f"{r['prompt_tokens']:,}", found, seconds])

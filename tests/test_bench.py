@@ -558,9 +558,12 @@ def test_bench_prefix_quick(tmp_path):
     assert [r["reused_tokens"] for r in served[:4]] == [0, 0, tokens, tokens]  # the document prefilled once
     assert [r["answer"] for r in served[1:4]] == [r["answer"] for r in result["rows"][1:]]  # as the Python API's
     assert served[4]["reused_tokens"] == 0 and served[5]["reused_tokens"] == served[4]["prompt_tokens"] - 1
-    assert served[6]["seconds"] is None and served[6]["prompt_tokens"] == served[5]["prompt_tokens"]  # asked whole
+    assert served[6]["loaded"] and served[6]["reused_tokens"] == tokens  # the document loaded from the folder
+    assert served[6]["answer"] == served[1]["answer"] and not any(r["loaded"] for r in served[:6])
+    assert served[7]["seconds"] is None and served[7]["prompt_tokens"] == served[5]["prompt_tokens"]  # asked whole
     text = script("bench.tables").served(result)
     assert text.count(" (document) |") == 2 and text.count(" (conversation) |") == 1
+    assert text.count(" (document, from its file) |") == 1
     agreement = result["agreement"]
     assert agreement["prompts"] == 1 and 0 <= agreement["same_tokens"] <= 1 and agreement["task"] == "niah_multikey"
     whole, first, other, again = result["rows"]

@@ -12,9 +12,10 @@ would (`Prefix.save`, `HybridLLM.load_prefix`), the pass key's question after it
 save's and the load's seconds, and the answer, which must be the prefix's own.
 
 With `--server`, then the same questions as HTTP requests to the engine's server (engine.server,
-`hybridattn serve`, in this process on a free port): the whole prompt; the document as the requests'
-`document` field, which the first such request prefills and the next find kept; a chat about the
-document, whose second turn finds the first's prompt kept. Each request's seconds from sending it to
+`hybridattn serve --prefix-dir`, in this process on a free port): the whole prompt; the document as
+the requests' `document` field, which the first such request prefills (and saves to the folder) and
+the next find kept; a chat about the document, whose second turn finds the first's prompt kept; the
+document's question again, its prefix loaded from the folder. Each request's seconds from sending it to
 its whole answer, and the tokens of its prompt found kept.
 
 With `--samples N --conversations`, each of the N prompts is instead two turns of a conversation in a
@@ -111,12 +112,15 @@ def second_turn(llm: HybridLLM, sample, new: int) -> tuple:
 
 
 def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample) -> list[dict]:
-    """The questions as requests to the engine's HTTP server, in turn: the whole prompt; the document as
-    the `document` field, with each question; a chat about the document, two turns. Each request's
-    seconds, answer, and the tokens of its prompt it found in the server's kept cache."""
+    """The questions as requests to the engine's HTTP server, run with a prefix folder (`--prefix-dir`), in
+    turn: the whole prompt; the document as the `document` field, with each question; a chat about the
+    document, two turns; the document's first question again, its prefix loaded from the folder. Each
+    request's seconds, answer, and the tokens of its prompt it found in the server's kept cache."""
+    from engine.prefix_file import PrefixFolder
     from engine.server import Server
 
-    server = Server(llm, port=0, model="smollm2-135m")
+    folder = tempfile.TemporaryDirectory()
+    server = Server(llm, port=0, model="smollm2-135m", prefix_folder=PrefixFolder(llm, folder.name, 2**40))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     rows = []
@@ -135,7 +139,7 @@ def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample
         rows.append({"request": name, "seconds": round(seconds, 3), "first_token_s": round(first_token, 3)})
         rows[-1].update(prompt_tokens=report["prompt_tokens"], kept=kept.get("kind"))
         rows[-1].update(reused_tokens=kept.get("reused_tokens", 0), answer=text, names_the_key=score(sample, text) == 1)
-        rows[-1].update(kv_read_frac=round(report["kv_read_frac"], 4))
+        rows[-1].update(kv_read_frac=round(report["kv_read_frac"], 4), loaded=kept.get("loaded", False))
         print(json.dumps(rows[-1]), flush=True)
         return answer
 
@@ -147,12 +151,15 @@ def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample
         first = ask("chat, the pass key's", "/chat/completions", {"messages": chat})
         chat += [first["choices"][0]["message"], {"role": "user", "content": OTHER_QUESTION.strip()}]
         ask("chat, next turn: the grass'", "/chat/completions", {"messages": chat})
+        ask("document field after the chat, the pass key's", "/completions", {"prompt": question, "document": document})
     finally:
         server.shutdown()
         server.close()
+        folder.cleanup()
     whole = llm.generate(chat, new_tokens, progress=False)  # the next turn, the whole conversation prefilled
     rows.append(row("chat, next turn, whole (the Python API)", whole, sample))
     rows[-1] = {"request": rows[-1].pop("question"), "seconds": None, **rows[-1], "kept": None, "reused_tokens": 0}
+    rows[-1]["loaded"] = False
     print(json.dumps(rows[-1]), flush=True)
     return rows
 
