@@ -15,9 +15,8 @@ from transformers import DynamicCache
 from bench.common.device import peak_bytes, reset_peak
 from bench.common.models import LONG_CONTEXT, random_llama
 from engine import HybridCache, OffloadConfig
-from engine.generation import Decoding, Prefilled, prefill_prompt
+from engine.generation import Decoding, prefill_prompt
 from engine.prefix import Prefix
-from engine.prefix_file import load_prefix
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)
 FP32_TOL = 1e-4
@@ -148,9 +147,8 @@ def saved_and_loaded(prefix: Prefix, cfg: OffloadConfig) -> Prefix:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "document.prefix"
         prefix.save(path, progress=False)
-        engine = SimpleNamespace(model=prefix.model, offload=cfg, stores=None)  # what load_prefix takes of a HybridLLM
-        cache, ids = load_prefix(engine, path, progress=False)
-    return Prefix(prefix.model, Prefilled(cache, None, ids.shape[1] - 1, 0.0, 0.0), ids)
+        engine = SimpleNamespace(model=prefix.model, offload=cfg, stores=None)  # what a load takes of a HybridLLM
+        return Prefix.load(engine, path, progress=False)
 
 
 def whole_prompt(model, ids, cfg, new: int, greedy) -> list[int]:

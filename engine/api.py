@@ -29,7 +29,6 @@ from engine.generation import (
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
 from engine.prefix import Prefix
-from engine.prefix_file import load_prefix
 from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
@@ -185,12 +184,7 @@ class HybridLLM:
         configuration equal to this one in the fields that shape the cache (`OffloadConfig.state_fields`);
         `document` (what `prefix` takes), when given, is the document it must hold. ValueError otherwise."""
         expected = None if document is None else self.encode(document)
-        cache, ids = load_prefix(self, path, document=expected, progress=progress)
-        try:
-            return Prefix(self.model, Prefilled(cache, None, ids.shape[1] - 1, 0.0, 0.0), ids)
-        except BaseException:
-            cache.release()
-            raise
+        return Prefix.load(self, path, document=expected, progress=progress)
 
     def conversation(self, messages: list[dict] | None = None) -> Conversation:
         """A chat whose turns each prefill only what is new (engine.conversation): `ask(text)` or

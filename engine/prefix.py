@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from engine.generation import Prefilled, timed_prefill
-from engine.prefix_file import save_prefix
+from engine.prefix_file import load_prefix, save_prefix
 
 
 class Prefix:
@@ -67,6 +67,18 @@ class Prefix:
         self.prefill_s += seconds
         self.in_use = False
         return seconds
+
+    @classmethod
+    def load(cls, llm, path, *, document=None, progress: bool = True) -> Prefix:
+        """The prefix saved at `path` (`save`), loaded into a new cache for `llm` (its model, offload
+        configuration and pool of host stores: engine.prefix_file.load_prefix); `document`, token ids
+        [1, T], when given, is what the file must hold."""
+        cache, ids = load_prefix(llm, path, document=document, progress=progress)
+        try:
+            return cls(llm.model, Prefilled(cache, None, ids.shape[1] - 1, 0.0, 0.0), ids)
+        except BaseException:
+            cache.release()
+            raise
 
     @property
     def tokens(self) -> int:
@@ -124,7 +136,6 @@ class KeptCache:
     def __init__(self, llm, folder=None):
         self.llm, self.folder = llm, folder
         self.prefix: Prefix | None = None
-        self.ids: list[int] = []  # a kept prompt's token ids, its held-back last included
         self.document: str | None = None  # a kept document's text
         self.loaded = False  # whether the kept document was loaded from the folder
 
@@ -132,20 +143,19 @@ class KeptCache:
         """The prompt's token ids [1, T] kept: (the ids left to prefill after the kept Prefix, the Prefix, how
         many of the prompt's tokens were found kept). None where it is too short to keep (under 3 tokens:
         a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back."""
-        n = len(self.ids)
         if ids.shape[1] < 3:
             self.release()
             return None
-        if self.prefix is not None and self.document is None and ids.shape[1] > n and ids[0, :n].tolist() == self.ids:
+        kept = self.prefix.ids[0] if self.prefix is not None and self.document is None else None
+        n = 0 if kept is None else len(kept)
+        if kept is not None and ids.shape[1] > n and torch.equal(ids[0, :n].cpu(), kept):
             rest = ids[:, n:]
             if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, the prompt after it
                 self.prefix.extend(rest[:, :-1], progress=False)
-                self.ids += rest[0, :-1].tolist()
                 rest = rest[:, -1:]
             return rest, self.prefix, n
         self.release()
         self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
-        self.ids = ids[0, :-1].tolist()
         return ids[:, -1:], self.prefix, 0
 
     def with_document(self, text: str) -> tuple[Prefix, int]:
@@ -166,4 +176,4 @@ class KeptCache:
         """Give the kept cache's host store back."""
         if self.prefix is not None:
             self.prefix.release()
-        self.prefix, self.ids, self.document, self.loaded = None, [], None, False
+        self.prefix, self.document, self.loaded = None, None, False

@@ -168,7 +168,7 @@ def load_prefix(llm, path, *, document=None, progress: bool = True) -> tuple[Hyb
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             ids = _checked_document(f, path, llm, document)
-            return _loaded(f, path, llm, ids[:, :-1].shape[1], progress), ids
+            return _loaded(f, path, llm, ids.shape[1] - 1, progress), ids
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable prefix file: {error}") from error
 
@@ -231,12 +231,11 @@ class LayerFile:
         return self.f.get_tensor(name)
 
     def rows(self, part: str):
-        """The tensor [H, n, D] a block of rows at a time: (start, rows)."""
-        name = f"layers.{self.layer}.{part}"
-        view = self.f.get_slice(name)
+        """The tensor [H, n, D], a block of rows at a time."""
+        view = self.f.get_slice(f"layers.{self.layer}.{part}")
         n = view.get_shape()[1]
         for start in range(0, n, ROWS_PER_READ):
-            yield start, view[:, start : min(n, start + ROWS_PER_READ)]
+            yield view[:, start : min(n, start + ROWS_PER_READ)]
 
     def state(self, part: str) -> dict[str, torch.Tensor]:
         """The tensors of the component `part` (`summary`, `key_index`, ...) under their own names."""
@@ -258,7 +257,7 @@ def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dt
         raise ValueError(f"the prefix file's layer {layer.layer_idx} holds K/V in {resident_k.dtype}, not {dtype}")
     layer.resident_k, layer.resident_v = resident_k.to(device), resident_v.to(device)
     layer.resident_pos = pos.numpy().astype(np.int64)
-    for (_, k), (_, v) in zip(saved.rows("host_k"), saved.rows("host_v")):
+    for k, v in zip(saved.rows("host_k"), saved.rows("host_v")):
         if k.shape != v.shape or (k.shape[0], k.shape[2]) != shape[::2] or k.dtype != layer.host.dtype:
             raise ValueError(f"the prefix file's layer {layer.layer_idx} holds host rows of another shape or dtype")
         layer.host.append_from_host(k, v)
