@@ -4,9 +4,8 @@ and report where the time and the bytes went."""
 from __future__ import annotations
 
 import logging
-import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -29,7 +28,8 @@ from engine.generation import (
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
 from engine.prefix import Prefix
-from engine.stop import StopStrings
+from engine.sampling import Sampling, check_sampling
+from engine.stop import StopStrings, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -207,31 +207,58 @@ class HybridLLM:
     def stream(
         self, prompt, max_new_tokens: int = 64, *, report: GenerationReport | None = None, **kwargs
     ) -> Iterator[str]:
-        """Yield the generated text piece by piece; `report`, if given, is filled in at the end
-        (also when the consumer stops early)."""
+        """Yield the generated text piece by piece (the keywords are `generate_batch`'s); `report`, if
+        given, is filled in at the end (also when the consumer stops early)."""
         if _is_batch(prompt):
             raise ValueError("stream decodes one prompt; a list of prompts is a batch, for generate(prompts)")
-        tokens: list[int] = []
-        shown = ""
         report = report if report is not None else GenerationReport()
-        stops = StopStrings(self.tokenizer, kwargs.pop("stop", None))
-        with closing(self._decode([prompt], max_new_tokens, [report], stops=stops, **kwargs)) as picks:
-            for _, token in picks:  # (closed when the consumer stops early)
-                tokens.append(token)
-                text = stops.text(tokens)
-                cut = stops.cut(text)
-                if cut != text:  # a stop string completed (the sequence ends here): the text before it
-                    text = cut
-                elif text.endswith("\ufffd"):  # half a multi-byte character: held back
-                    continue
-                else:  # what may begin a stop string: held back until the next tokens tell
-                    text = text[: len(text) - stops.held(text)]
-                if len(text) > len(shown):
-                    yield text[len(shown) :]
-                    shown = text
-            text = stops.cut(stops.text(tokens))
-            if len(text) > len(shown):  # the end came without completing a stop string: what was held back
-                yield text[len(shown) :]
+        text = TextStream(StopStrings(self.tokenizer, kwargs.pop("stop", None)))
+        pick = self._pick(max_new_tokens, **{k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs})
+        ends = text.stops.reached if text.stops else None
+        with closing(self._decode([prompt], max_new_tokens, [report], pick=pick, ends=ends, **kwargs)) as picks:
+            for _, token, _ in picks:  # (closed when the consumer stops early)
+                if piece := text.add(token):
+                    yield piece
+            if piece := text.finish():
+                yield piece
+
+    def stream_batch(
+        self,
+        prompts: list,
+        sampling: Sampling | list[Sampling] | None = None,
+        *,
+        reports: list[GenerationReport] | None = None,
+        leave: Callable[[int], bool] | None = None,
+        progress: bool = True,
+    ) -> Iterator[tuple[int, str, str]]:
+        """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per
+        prompt), and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces
+        `stream` gives the prompt alone (greedy, the same text), finish "" until its last piece (maybe
+        empty), then why it ended ("eos", "stop" or "length"). `reports`, one per prompt, are each filled
+        when its prompt ends. `leave(i)`, asked after each of prompt i's tokens, ends it there where true
+        (its client gone, say): the batch goes on without it."""
+        if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
+        sampling = Sampling() if sampling is None else sampling
+        samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts) or not all(isinstance(s, Sampling) for s in samplings):
+            raise ValueError(f"sampling must be one Sampling or a list of one per prompt ({len(prompts)})")
+        reports = reports if reports is not None else [GenerationReport() for _ in prompts]
+        texts = [TextStream(StopStrings(self.tokenizer, s.stop)) for s in samplings]
+        ends = [_ending(text.stops, row, leave) for row, text in enumerate(texts)]
+        limits = [s.max_new_tokens for s in samplings]
+        picks = [s.pick(self.device) for s in samplings]
+        ended = set()
+        with closing(self._decode(prompts, limits, reports, pick=picks, ends=ends, progress=progress)) as run:
+            for row, token, finish in run:
+                piece = texts[row].add(token)
+                if finish:
+                    piece += texts[row].finish()
+                    ended.add(row)
+                if piece or finish:
+                    yield row, piece, finish
+        for row in sorted(set(range(len(prompts))) - ended):  # those with no token to decode
+            yield row, "", "length"
 
     def generate_batch(
         self,
@@ -261,23 +288,28 @@ class HybridLLM:
         if not prompts:
             raise ValueError("the list of prompts is empty")
         stops = StopStrings(self.tokenizer, stop)
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        sampling.update(stop_at_eos=stop_at_eos, prefix=prefix, progress=progress)
+        pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        decoding = dict(pick=pick, ends=stops.reached if stops else None, stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
-            return self._generate(prompts, max_new_tokens, stops, sampling)
+            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, **decoding)
         out = []  # after a prefix, one after another, each from the document's state
         for i, prompt in enumerate(prompts):
             try:
-                out += self._generate([prompt], max_new_tokens, stops, sampling)
+                out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, **decoding)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"prompt {i} of the {len(prompts)} after the prefix: {error}") from error
         return out
 
-    def _generate(self, prompts: list, max_new_tokens: int, stops: StopStrings, sampling: dict):
-        """The results of decoding `prompts` together, as one batch."""
+    def _pick(self, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+        """The arguments checked, and the batch's pick: one generator seeded with `seed` for all its rows."""
+        check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
+        return sampler(temperature, torch.Generator(device=self.device).manual_seed(seed), top_k, top_p)
+
+    def _generate(self, prompts: list, max_new_tokens: int, stops: StopStrings, **decoding):
+        """The results of decoding `prompts` together, as one batch (`_decode`'s keywords)."""
         reports = [GenerationReport() for _ in prompts]
         tokens: list[list[int]] = [[] for _ in prompts]
-        for row, token in self._decode(prompts, max_new_tokens, reports, stops=stops, **sampling):
+        for row, token, _ in self._decode(prompts, max_new_tokens, reports, **decoding):
             tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
 
@@ -285,63 +317,69 @@ class HybridLLM:
     def _decode(
         self,
         prompts: list,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         reports: list[GenerationReport],
         *,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        pick,
+        ends=None,
         stop_at_eos: bool = True,
-        stops: StopStrings | None = None,
         prefix: Prefix | None = None,
         progress: bool = True,
-    ) -> Iterator[tuple[int, int]]:
-        """(row, token) as each is picked: the prompts prefilled one by one, each into its own
-        HybridCache, stacked into one when there are several, then decoded together
-        (engine.generation.Decoding). Fills `reports` at the end, also when the consumer stops."""
-        check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
+    ) -> Iterator[tuple[int, int, str]]:
+        """(row, token, finish) as each token is picked, finish "" until the row's last (then why it
+        ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
+        stacked into one when there are several, then decoded together (engine.generation.Decoding,
+        which takes `max_new_tokens`, `pick` and `ends` for all rows or per row). Fills the reports not
+        filled yet at the end, also when the consumer stops."""
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self._encode_continuation(prompts[0])]
         else:
             ids = self._encode_all(prompts)
         before = prefix.tokens if prefix is not None else 0
-        self._warn_past_context(before + max(x.shape[1] for x in ids), max_new_tokens)
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
+        longest, new = max(((x.shape[1], n) for x, n in zip(ids, limits)), key=sum)
+        self._warn_past_context(before + longest, new)
         done: list[Prefilled] = []
         run = None
+        filled: set[int] = set()
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        def fill(row: int) -> None:
+            fill_report(reports[row], run, row, done[row], weights)
+            if prefix is not None:  # its copies to go back to the document's state
+                copies = prefix.nbytes()
+                reports[row].device_bytes.update(copies["device"])
+                reports[row].host_bytes.update(copies["host"])
+            filled.add(row)
+
         try:
-            for x in ids:
+            for x, limit in zip(ids, limits):
                 if prefix is not None:
                     done.append(prefix.continued(x, progress=progress))
                     continue
-                done.append(
-                    prefill_prompt(self.model, x, self.offload, max_new_tokens, progress=progress, stores=self.stores)
-                )
+                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
-            generator = torch.Generator(device=self.device).manual_seed(seed)
             run = Decoding(
                 self.model,
                 cache,
                 torch.stack([p.logits for p in done]),
                 max_new_tokens,
-                pick=sampler(temperature, generator, top_k, top_p),
+                pick=pick,
                 eos=eos_ids(self.model) if stop_at_eos else set(),
-                ends=stops.reached if stops else None,
+                ends=ends,
                 lengths=None if len(done) == 1 else [p.prompt_tokens for p in done],
             )
-            yield from run
+            for row, token in run:
+                if run.finish[row]:
+                    fill(row)
+                yield row, token, run.finish[row]
         finally:  # also when the consumer stops early or raises: no build thread outlives the call
             for p in done:
                 p.cache.close()
             if run is not None:
-                weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-                for row, (report, p) in enumerate(zip(reports, done)):
-                    fill_report(report, run, row, p, weights)
-                    if prefix is not None:  # its copies to go back to the document's state
-                        copies = prefix.nbytes()
-                        report.device_bytes.update(copies["device"])
-                        report.host_bytes.update(copies["host"])
+                for row in set(range(len(done))) - filled:
+                    fill(row)
             if prefix is not None and done:
                 prefix.rewind()  # the document's state again, for its next prompt
             else:
@@ -401,6 +439,16 @@ _CHAT_AFTER_PREFIX = (
 )
 
 
+SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _ending(stops: StopStrings, row: int, leave: Callable[[int], bool] | None):
+    """Row `row`'s end check for Decoding: a stop string reached, or `leave(row)` true."""
+    if leave is None:
+        return stops.reached if stops else None
+    return lambda tokens: stops.reached(tokens) or leave(row)
+
+
 def _is_batch(prompt) -> bool:
     """Whether `prompt` is a list of prompts, not one prompt given as a list (chat messages, token ids)."""
     return (
@@ -426,25 +474,3 @@ def _check_messages(messages: list) -> None:
             raise ValueError(f"chat message {i} must be a dict with string 'role' and 'content', got {m!r}")
     if not messages:
         raise ValueError("the prompt is empty (no chat messages)")
-
-
-def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0) -> None:
-    """The generation arguments a user gives, each checked with an error that names it."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not _is_number(temperature) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: every token), got {top_k!r}")
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1] (1: every token), got {top_p!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -171,6 +171,7 @@ def prefill_prompt(
 # ------------------------------------------------------------------- picks
 
 Pick = Callable[[torch.Tensor], list[int]]  # logits [B, vocab] -> each row's token
+Ending = Callable[[list[int]], bool]  # a row's tokens so far -> whether it ends after the last
 
 
 def greedy_pick(logits: torch.Tensor) -> list[int]:
@@ -225,11 +226,12 @@ class Decoding:
     `cache` holds the prompts' positions: a HybridCache (one sequence, or several stacked by
     `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
-    records, no bytes). A row ends after an `eos` token, after a token where `ends` (given the
-    row's tokens so far: e.g. engine.stop.StopStrings.reached) says so, or after its
-    max_new_tokens-th; with `forced` (per row, at least max_new_tokens - 1 tokens) row b is fed
-    forced[b][i] after its i-th pick instead of the pick (teacher forcing; only the length ends
-    it). Counted on the way, per row: `tokens`, `fed` (one per forward pass it took part in),
+    records, no bytes). `max_new_tokens`, `pick` and `ends` are the batch's or, as lists, each
+    row's own. A row ends after an `eos` token, after a token where `ends` (given the row's tokens
+    so far: e.g. engine.stop.StopStrings.reached) says so, or after its max_new_tokens-th (its
+    `finish` is set before that token is yielded); with `forced` (per row, at least max_new_tokens
+    - 1 tokens) row b is fed forced[b][i] after its i-th pick instead of the pick (teacher forcing;
+    only the length ends it). Counted on the way, per row: `tokens`, `fed` (one per forward pass it took part in),
     `seconds` from the first pick until it left, `finish` (why it ended); per forward pass with
     a HybridCache a `StepRecord`; and the cache's `memory` report where the batch held the most
     bytes (before rows leave, at the end).
@@ -240,11 +242,11 @@ class Decoding:
         model,
         cache,
         logits: torch.Tensor,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         *,
-        pick: Pick = greedy_pick,
+        pick: Pick | list[Pick] = greedy_pick,
         eos=frozenset(),
-        ends: Callable[[list[int]], bool] | None = None,
+        ends: Ending | list[Ending | None] | None = None,
         lengths: list[int] | None = None,
         forced: list[list[int]] | None = None,
     ):
@@ -257,10 +259,15 @@ class Decoding:
             raise ValueError("a batch (B > 1) decodes from a stacked HybridCache (HybridCache.stack) with `lengths`")
         if lengths is not None and len(lengths) != B:
             raise ValueError(f"lengths must give each of the {B} rows its prompt length, got {len(lengths)}")
-        if forced is not None and (len(forced) != B or any(len(f) < max_new_tokens - 1 for f in forced)):
+        self.limits = _per_row(max_new_tokens, B, "max_new_tokens", int)
+        if any(n < 0 for n in self.limits):
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
+        self.picks = _per_row(pick, B, "pick", Callable)
+        self.ends = _per_row(ends, B, "ends", (Callable, type(None)))
+        if forced is not None and (len(forced) != B or any(len(f) < n - 1 for f, n in zip(forced, self.limits))):
             raise ValueError(f"forced must give each of the {B} rows at least max_new_tokens - 1 tokens")
-        self.model, self.cache, self.max_new_tokens = model, cache, max_new_tokens
-        self.pick, self.eos, self.ends, self.lengths, self.forced = pick, eos, ends, lengths, forced
+        self.model, self.cache = model, cache
+        self.eos, self.lengths, self.forced = eos, lengths, forced
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
@@ -268,10 +275,11 @@ class Decoding:
         self.budgets: list[RecheckBudget] = []  # per row: what its runs again spent, and whether another may run
         if self.hybrid:
             cfg = cache.offload_config
-            horizon = max_new_tokens - 1  # its decode steps: the first token comes from the prompt's logits
-            if cfg.recheck_credit_steps:
-                horizon = min(horizon, cfg.recheck_credit_steps)
-            self.budgets = [RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon) for _ in range(B)]
+            for limit in self.limits:
+                horizon = limit - 1  # its decode steps: the first token comes from the prompt's logits
+                if cfg.recheck_credit_steps:
+                    horizon = min(horizon, cfg.recheck_credit_steps)
+                self.budgets.append(RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon))
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
         self._started = False
@@ -284,24 +292,30 @@ class Decoding:
 
     def _run(self) -> Iterator[tuple[int, int]]:
         logits, device = self.logits, self.logits.device
-        rows = list(range(len(self.tokens)))  # the rows still in the batch, in the cache's order
+        rows = [row for row, limit in enumerate(self.limits) if limit]  # those still in the batch, in cache order
         ended = set()
+        for row, limit in enumerate(self.limits):
+            if not limit:
+                self.finish[row] = "length"
+        if rows and len(rows) < len(self.limits):  # rows with no token to pick leave first
+            logits = logits[rows]
+            self.cache.batch_select_indices(rows)
         start = time.perf_counter()
         try:
-            while rows and self.max_new_tokens:
-                for row, token in zip(rows, self.pick(logits)):
+            while rows:
+                for row, token in zip(rows, self._pick(rows, logits)):
                     self.tokens[row].append(token)
-                    yield row, token
                     reason = self._ending(row, token)
-                    if reason or len(self.tokens[row]) == self.max_new_tokens:
+                    if reason or len(self.tokens[row]) == self.limits[row]:
                         self.finish[row] = reason or "length"
                         self.seconds[row] = time.perf_counter() - start
+                        self._measure_memory()  # the batch's bytes while it was in it
                         ended.add(row)
+                    yield row, token
                 staying = [i for i, row in enumerate(rows) if row not in ended]
                 if not staying:
                     break
                 if len(staying) < len(rows):
-                    self._measure_memory()  # the leaving rows' bytes go with them
                     self.cache.batch_select_indices(staying)
                     rows = [rows[i] for i in staying]
                 for row in rows:
@@ -319,6 +333,12 @@ class Decoding:
                     self.seconds[row] = time.perf_counter() - start
             self._measure_memory()
 
+    def _pick(self, rows: list[int], logits: torch.Tensor) -> list[int]:
+        """The rows' next tokens from their logits [len(rows), vocab], each by its own pick."""
+        if all(self.picks[row] is self.picks[rows[0]] for row in rows):  # one pick for all: one call
+            return self.picks[rows[0]](logits)
+        return [self.picks[row](logits[i : i + 1])[0] for i, row in enumerate(rows)]
+
     def _ending(self, row: int, token: int) -> str:
         """Why the row ends after `token`, its newest pick, whatever its length: "eos", "stop" (`ends`
         said so), or "" (it goes on; never ends when forced)."""
@@ -326,7 +346,8 @@ class Decoding:
             return ""
         if token in self.eos:
             return "eos"
-        return "stop" if self.ends is not None and self.ends(self.tokens[row]) else ""
+        ends = self.ends[row]
+        return "stop" if ends is not None and ends(self.tokens[row]) else ""
 
     def _forward(self, rows: list[int], latest: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """The rows' next logits [B, vocab] after feeding them `latest` [B, 1]."""
@@ -355,6 +376,15 @@ class Decoding:
     def row_steps(self, row: int) -> list[tuple[RowShare, float]]:
         """The row's (share, gap) at each forward pass with a HybridCache it took part in."""
         return [(s.shares[row], s.gaps[row]) for s in self.steps if row in s.shares]
+
+
+def _per_row(value, rows: int, name: str, kind) -> list:
+    """`value` for each of the rows: given once for all, or as a list of one per row."""
+    if not isinstance(value, list):
+        return [value] * rows
+    if len(value) != rows or not all(isinstance(v, kind) for v in value):
+        raise ValueError(f"{name}, given as a list, must give each of the {rows} rows its own, got {value!r}")
+    return value
 
 
 def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefilled, weights: int) -> None:

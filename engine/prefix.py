@@ -146,9 +146,8 @@ class KeptCache:
         if ids.shape[1] < 3:
             self.release()
             return None
-        kept = self.prefix.ids[0] if self.prefix is not None and self.document is None else None
-        n = 0 if kept is None else len(kept)
-        if kept is not None and ids.shape[1] > n and torch.equal(ids[0, :n].cpu(), kept):
+        if self.continues(ids):
+            n = self.prefix.tokens
             rest = ids[:, n:]
             if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, the prompt after it
                 self.prefix.extend(rest[:, :-1], progress=False)
@@ -157,6 +156,13 @@ class KeptCache:
         self.release()
         self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
         return ids[:, -1:], self.prefix, 0
+
+    def continues(self, ids: torch.Tensor) -> bool:
+        """Whether the prompt's ids [1, T] begin with the kept prompt's (a document kept: no) and go on."""
+        if self.prefix is None or self.document is not None:
+            return False
+        kept = self.prefix.ids[0]
+        return ids.shape[1] > len(kept) and torch.equal(ids[0, : len(kept)].cpu(), kept)
 
     def with_document(self, text: str) -> tuple[Prefix, int]:
         """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its

@@ -2,10 +2,12 @@
 completions (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), so that clients written for
 that API talk to it unchanged, streaming included (server-sent events).
 
-One generation runs at a time: a request waits for the one before it (the engine decodes one cache;
-several prompts in one completion request are decoded as one batch). What the engine cannot do is
-refused with a 400 that names the field (`n` above 1, log-probabilities, `echo`, penalties, tools);
-fields it does not know are ignored, as clients send many.
+One thread runs the engine (engine.scheduler): requests wait for it in order, and those that wait
+together for a plain prompt are decoded as one batch, each with its own sampling; a request that
+continues the kept cache runs alone (so do several prompts in one request, as their own batch).
+What the engine cannot do is refused with a 400 that names the field (`n` above 1,
+log-probabilities, `echo`, penalties, tools); fields it does not know are ignored, as clients send
+many.
 
 Between requests the server keeps one cache (`PromptCache`), so that a request prefills only what is
 new: a conversation's next turn, whose prompt begins with the turn before's, prefills the answer and
@@ -18,7 +20,6 @@ import itertools
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -26,13 +27,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from engine.api import _token_id_list
+from engine.generation import GenerationReport
 from engine.prefix import KeptCache
+from engine.sampling import Sampling
+from engine.scheduler import Scheduler
 from engine.stop import StopStrings
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
+ASSISTANT = {"role": "assistant", "content": ""}  # a chat stream's first delta
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "": "length"}  # the report's reason -> the API's
 # Fields whose feature the engine does not have, and the values that ask for none of it.
 UNSUPPORTED = {
@@ -234,13 +239,83 @@ class PromptCache:
 
 
 class Completions:
-    """Requests to the engine's answers: the responses' and the stream's JSON objects, one generation at a
-    time (`busy`), each from the cache kept from the requests before where it continues it (`cache`)."""
+    """Requests to the engine's answers: the responses' and the stream's JSON objects. A request runs
+    alone (`run_alone`), from the cache kept from the requests before where it continues it (`cache`),
+    or in a batch with others that wait beside it (`run_batch`, each its own sampling); the Scheduler's
+    one thread runs them."""
 
     def __init__(self, llm, model: str, *, reuse_prompts: bool = True, folder=None):
         self.llm, self.model = llm, model
         self.cache = PromptCache(llm, reuse_prompts=reuse_prompts, folder=folder)
-        self.busy = threading.Lock()
+
+    def batchable(self, job) -> bool:
+        """Whether the job may be decoded in a batch: one prompt, no document, not the next turn of the kept
+        conversation (those go through the kept cache, alone). Its prompt is encoded here (`job.ids`)."""
+        request = job.request
+        if len(request.prompts) > 1 or request.document is not None:
+            return False
+        try:
+            job.ids = self.llm.encode(request.prompt)
+        except (ValueError, TypeError):  # refused: alone, where the error reaches its client
+            return False
+        return not (self.cache.reuse_prompts and self.cache.kept.continues(job.ids))
+
+    def run_alone(self, job) -> None:
+        """The job's request by itself: its response or its chunks sent to it."""
+        try:
+            if not job.request.stream:
+                job.send("response", self.answer(job.request))
+                return
+            with closing(self.chunks(job.request)) as chunks:
+                for chunk in chunks:
+                    job.send("chunk", chunk)
+                    if job.gone.is_set():
+                        break
+            job.send("end")
+        except Exception as error:  # ValueError: what the engine refuses in the prompt
+            job.send("error", error)
+
+    def run_batch(self, jobs: list) -> None:
+        """The jobs' requests decoded as one batch; each job is sent its own response, or chunks, as its
+        sequence goes. The kept cache stays as it is (a conversation's next turn still finds it)."""
+        requests = [job.request for job in jobs]
+        reports = [GenerationReport() for _ in jobs]
+        heads = [self._head(r, ".chunk" if r.stream and r.messages is not None else "") for r in requests]
+        texts: list[list[str]] = [[] for _ in jobs]
+        sampling = [Sampling(r.max_tokens, **r.sampling) for r in requests]
+        log.info("a batch of %d requests", len(jobs))
+        pieces = self.llm.stream_batch(
+            [job.ids for job in jobs],
+            sampling,
+            reports=reports,
+            leave=lambda row: jobs[row].gone.is_set(),
+            progress=False,
+        )
+        with closing(pieces):
+            for row, piece, finish in pieces:
+                job, request, head = jobs[row], requests[row], heads[row]
+                if request.stream:
+                    if not texts[row] and request.messages is not None:
+                        job.send("chunk", head | {"choices": [{"index": 0, "delta": ASSISTANT, "finish_reason": None}]})
+                    if piece:
+                        job.send("chunk", head | {"choices": [self._choice(request, 0, piece, None, delta=True)]})
+                texts[row].append(piece)
+                if finish:
+                    self._finish(job, head, "".join(texts[row]), reports[row], len(jobs))
+
+    def _finish(self, job, head: dict, text: str, report, batch: int) -> None:
+        """A batched job's end: its response, or its stream's last chunks."""
+        _log_report(report)
+        request = job.request
+        told = self._report(report, None) | {"batch": batch}
+        if not request.stream:
+            choice = self._choice(request, 0, text, report.finish_reason)
+            job.send("response", head | {"choices": [choice], "usage": _usage([report]), "hybridattn": [told]})
+            return
+        job.send("chunk", head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]})
+        if request.include_usage:
+            job.send("chunk", head | {"choices": [], "usage": _usage([report]), "hybridattn": [told]})
+        job.send("end")
 
     def answer(self, request: Request) -> dict:
         """The whole response to a request without `stream`."""
@@ -257,8 +332,6 @@ class Completions:
 
     def chunks(self, request: Request) -> Iterator[dict]:
         """The stream's chunks of a request with `stream`: the text piece by piece, then the finish."""
-        from engine.generation import GenerationReport
-
         report = GenerationReport()
         head = self._head(request, ".chunk" if request.messages is not None else "")
         prompt, prefix, kept = self.cache.prepare(request)
@@ -266,8 +339,7 @@ class Completions:
         first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
         try:
             if request.messages is not None:
-                role = {"role": "assistant", "content": ""}
-                yield head | {"choices": [{"index": 0, "delta": role, "finish_reason": None}]}
+                yield head | {"choices": [{"index": 0, "delta": ASSISTANT, "finish_reason": None}]}
             for piece in itertools.chain([] if first is None else [first], pieces):
                 yield head | {"choices": [self._choice(request, 0, piece, None, delta=True)]}
         finally:  # also when the client is gone: the generation stops there, its cache is released
@@ -353,11 +425,11 @@ class Handler(BaseHTTPRequestHandler):
             request = parse_request(
                 self._body(), chat=chat, model=completions.model, chat_max_tokens=self.server.chat_max_tokens
             )
-            with completions.busy:
-                if request.stream:
-                    self._send_events(completions.chunks(request))
-                else:
-                    self._send_json(200, completions.answer(request))
+            job = self.server.scheduler.submit(request)
+            if request.stream:
+                self._send_events(job.chunks())
+            else:
+                self._send_json(200, job.response())
         except RequestError as error:
             self._send_error(error)
         except (ValueError, TypeError) as error:  # what the engine refuses: the prompt, its token ids, a value
@@ -422,7 +494,8 @@ def _error_body(error: RequestError) -> dict:
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server of one engine; `serve_forever()` serves until interrupted, `close()` after."""
+    """The HTTP server of one engine; `serve_forever()` serves until interrupted, `close()` after. Requests
+    that wait together are decoded in batches of up to `max_batch` (engine.scheduler)."""
 
     daemon_threads = True
 
@@ -436,12 +509,14 @@ class Server(ThreadingHTTPServer):
         chat_max_tokens: int = 512,
         reuse_prompts: bool = True,
         prefix_folder=None,
+        max_batch: int = 8,
     ):
         if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
         self.completions = Completions(llm, model, reuse_prompts=reuse_prompts, folder=prefix_folder)
         self.chat_max_tokens = chat_max_tokens
         super().__init__((host, port), Handler)
+        self.scheduler = Scheduler(self.completions, max_batch)
 
     @property
     def url(self) -> str:
@@ -450,4 +525,5 @@ class Server(ThreadingHTTPServer):
 
     def close(self) -> None:
         self.server_close()
+        self.scheduler.close()
         self.completions.close()

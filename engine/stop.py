@@ -44,3 +44,36 @@ class StopStrings:
         """How many of text's last characters could begin a stop string the next tokens complete: a
         stream holds them back until it knows."""
         return max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+class TextStream:
+    """One answer's text as its tokens come, in the pieces a stream shows (`add`, then `finish` at its
+    end): cut before the first stop string; half a multi-byte character, and the last characters where
+    they may begin a stop string, held back until the next tokens tell."""
+
+    def __init__(self, stops: StopStrings):
+        self.stops, self.tokens, self.shown = stops, [], ""
+
+    def add(self, token: int) -> str:
+        """The text the answer's new token shows (maybe none yet)."""
+        self.tokens.append(token)
+        text = self.stops.text(self.tokens)
+        cut = self.stops.cut(text)
+        if cut != text:  # a stop string completed (the answer ends here): the text before it
+            text = cut
+        elif text.endswith("\ufffd"):  # half a multi-byte character
+            return ""
+        else:
+            text = text[: len(text) - self.stops.held(text)]
+        return self._show(text)
+
+    def finish(self) -> str:
+        """What was held back when the answer ended without completing a stop string."""
+        return self._show(self.stops.cut(self.stops.text(self.tokens)))
+
+    def _show(self, text: str) -> str:
+        piece = text[len(self.shown) :]
+        if len(text) <= len(self.shown):
+            return ""
+        self.shown = text
+        return piece

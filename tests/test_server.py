@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -16,13 +17,15 @@ from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
 from engine.prefix_file import PrefixFolder
-from engine.server import Server
+from engine.scheduler import Job, Scheduler
+from engine.server import Server, parse_request
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
 from tests.test_stop import first_new_piece
 
 NEW = 12
 GREEDY = {"temperature": 0}
+REQUEST = dict(chat=False, model="tiny", chat_max_tokens=NEW)
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +329,13 @@ def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplo
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--port", "70000"), ("--max-tokens", "0"), ("--prefix-dir-gb", "0"), ("--prefix-dir", "README.md")],
+    [
+        ("--port", "70000"),
+        ("--max-tokens", "0"),
+        ("--max-batch", "0"),
+        ("--prefix-dir-gb", "0"),
+        ("--prefix-dir", "README.md"),
+    ],
 )
 def test_the_serve_command_refuses_bad_options_in_one_line(flag, value, capsys):
     assert main(["serve", flag, value]) == 2
@@ -359,3 +368,122 @@ def test_the_serve_command_says_in_one_line_when_its_port_is_taken(llm, monkeypa
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hybridattn: error:") and "\n" not in err
+
+
+class Recording:
+    """A stand-in for Completions: records what the scheduler runs, alone and in batches; the first job
+    it runs waits for `gate` (the engine busy while the others queue)."""
+
+    def __init__(self):
+        self.gate, self.runs, self.done = threading.Event(), [], threading.Event()
+
+    def batchable(self, job):
+        return job.request != "alone"
+
+    def run_alone(self, job):
+        if not self.runs:
+            self.gate.wait(30)
+        self.runs.append([job.request])
+        job.send("response", {})
+
+    def run_batch(self, jobs):
+        self.runs.append([job.request for job in jobs])
+        for job in jobs:
+            job.send("response", {})
+
+
+def test_requests_that_wait_together_run_in_batches_in_their_order():
+    completions = Recording()
+    scheduler = Scheduler(completions, max_batch=3)
+    jobs = [scheduler.submit("busy")]
+    while not completions.gate.is_set() and scheduler._waiting:  # the first taken: the engine busy with it
+        time.sleep(0.01)
+    jobs += [scheduler.submit(name) for name in ("a", "alone", "b", "c", "d", "e")]
+    completions.gate.set()
+    for job in jobs:
+        assert job.response() == {}
+    scheduler.close()
+    # the plain ones batch, up to 3, in order; the one that must run alone waits its turn after the first batch
+    assert completions.runs == [["busy"], ["a", "b", "c"], ["alone"], ["d", "e"]]
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit("late")
+    with pytest.raises(ValueError, match="max_batch"):
+        Scheduler(completions, max_batch=0)
+
+
+def test_a_job_whose_stream_is_closed_tells_the_engine_its_client_left():
+    job = Job("request")
+    job.send("chunk", {"n": 1})
+    chunks = job.chunks()
+    assert next(chunks) == {"n": 1} and not job.gone.is_set()
+    chunks.close()
+    assert job.gone.is_set()
+
+
+@pytest.fixture
+def held(llm, monkeypatch):
+    """A server whose engine thread holds its first request until `release()`: the requests sent
+    meanwhile wait together. Yields (server, release)."""
+    with running(Server(llm, port=0, model="tiny", chat_max_tokens=NEW, max_batch=4)) as server:
+        gate, run_alone = threading.Event(), server.completions.run_alone
+
+        def held_alone(job):
+            gate.wait(60)
+            run_alone(job)
+
+        monkeypatch.setattr(server.completions, "run_alone", held_alone)
+
+        def release(waiting: int):
+            deadline = time.monotonic() + 60
+            while len(server.scheduler._waiting) < waiting and time.monotonic() < deadline:
+                time.sleep(0.02)
+            monkeypatch.setattr(server.completions, "run_alone", run_alone)
+            gate.set()
+
+        yield server, release
+
+
+def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
+    server, release = held
+    words = "The grass is green and the sky is blue. ".split()
+    prompts = [" ".join(words[i:] * 12) for i in range(3)]
+    bodies = [
+        ("/completions", {"prompt": prompts[0], "max_tokens": NEW, **GREEDY}),
+        ("/completions", {"prompt": prompts[1], "max_tokens": 5, "temperature": 0.8, "seed": 4}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": prompts[2]}], "seed": 2, "top_k": 3}),
+    ]
+    bodies[2][1]["stream_options"] = {"include_usage": True}  # streamed
+    got = [None] * (len(bodies) + 1)
+
+    def ask(i, path, body):
+        got[i] = events(server, path, body) if "stream_options" in body else answer(server, path, body)
+
+    first = threading.Thread(target=ask, args=(3, "/completions", {"prompt": "x y z", "max_tokens": 2}))
+    first.start()  # the engine holds it while the others come
+    threads = [threading.Thread(target=ask, args=(i, *b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    release(waiting=len(bodies))
+    for t in [first, *threads]:
+        t.join(timeout=120)
+    for (_, body), response in zip(bodies[:2], got):
+        sampling = {k: body[k] for k in ("temperature", "seed") if k in body}
+        want = llm.generate(body["prompt"], body["max_tokens"], progress=False, **sampling)
+        assert response["choices"][0]["text"] == want.text
+        assert response["hybridattn"][0]["batch"] == 3
+        assert response["usage"]["completion_tokens"] == want.report.new_tokens
+    chunks, messages = got[2][:-1], bodies[2][1]["messages"]
+    want = llm.generate(messages, NEW, temperature=1.0, seed=2, top_k=3, progress=False)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]) == want.text
+    assert chunks[-1]["hybridattn"][0]["batch"] == 3 and chunks[-1]["usage"]["completion_tokens"] == NEW
+    assert got[3]["choices"][0]["finish_reason"] == "length"  # the one before, alone
+
+
+def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
+    answer(server, "/completions", {"prompt": prompt, "max_tokens": 2, **GREEDY})  # kept
+    completions = server.completions
+    assert not completions.batchable(Job(parse_request({"prompt": prompt + " And"}, **REQUEST)))
+    assert completions.batchable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
+    assert not completions.batchable(Job(parse_request({"prompt": "Q", "document": prompt}, **REQUEST)))
+    assert not completions.batchable(Job(parse_request({"prompt": ["a b", "c d"]}, **REQUEST)))

@@ -222,6 +222,12 @@ def _run(argv: list[str] | None) -> int:
     s.add_argument("--served-name", help="the model's name in requests and responses (default: --model)")
     s.add_argument("--max-tokens", type=int, default=512, help="a chat answer's max_tokens when a request gives none")
     s.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="decode up to this many requests that wait together as one batch (1: one request at a time)",
+    )
+    s.add_argument(
         "--reuse-prompts",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -166,6 +166,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must lie in [0, 65535], got {args.port}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     if not args.prefix_dir_gb > 0:
         raise ValueError(f"--prefix-dir-gb must be positive, got {args.prefix_dir_gb}")
     if args.prefix_dir and Path(args.prefix_dir).exists() and not Path(args.prefix_dir).is_dir():
@@ -185,6 +187,7 @@ def cmd_serve(args) -> int:
         chat_max_tokens=args.max_tokens,
         reuse_prompts=args.reuse_prompts,
         prefix_folder=folder,
+        max_batch=args.max_batch,
     )
     logging.getLogger("engine.server").setLevel(logging.INFO)  # a line per request and per answer
     print(f"hybridattn: serving {server.completions.model} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)

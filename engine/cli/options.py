@@ -65,7 +65,7 @@ def _sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, seed_help
 
 def _sampling(args) -> dict:
     """The --max-new-tokens/--temperature/... options checked (before the model loads), as generate's keywords."""
-    from engine.api import check_sampling
+    from engine.sampling import check_sampling
     from engine.stop import StopStrings
 
     check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)

@@ -1,0 +1,121 @@
+"""The server's engine thread (`Scheduler`): requests wait in order for the one thread that runs the
+engine, and those that wait together and need no kept cache (a plain prompt, not a document's, not the
+next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
+own sampling. A request alone, or one that continues the kept cache, runs by itself as before.
+
+Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
+(the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """One request and what the engine thread sends back for it, in order: ("response", dict), or
+    ("chunk", dict)s then ("end", None), or ("error", exception) at any point."""
+
+    def __init__(self, request):
+        self.request = request
+        self.ids = None  # the prompt's token ids, once encoded to batch it
+        self.gone = threading.Event()  # its client left: its generation ends at its next token
+        self._sent: queue.Queue = queue.Queue()
+
+    def send(self, kind: str, value=None) -> None:
+        self._sent.put((kind, value))
+
+    def response(self) -> dict:
+        """The whole response, once the engine thread has it (its error raised here)."""
+        kind, value = self._sent.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def chunks(self) -> Iterator[dict]:
+        """The stream's chunks as the engine thread sends them (an error raised where it came); closed
+        early, the job's generation ends."""
+        try:
+            while True:
+                kind, value = self._sent.get()
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return
+                yield value
+        finally:
+            self.gone.set()
+
+
+class Scheduler:
+    """The one thread that runs `completions` (engine.server.Completions): `submit` queues a request's
+    Job, which the thread takes in order, batching what it can (`Completions.batchable`, up to
+    `max_batch`; 1: one request at a time)."""
+
+    def __init__(self, completions, max_batch: int = 8):
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.completions, self.max_batch = completions, max_batch
+        self._waiting: deque[Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="hybridattn-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request) -> Job:
+        job = Job(request)
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the server is closed")
+            self._waiting.append(job)
+            self._ready.notify()
+        return job
+
+    def close(self) -> None:
+        """Stop after the generation under way (jobs still waiting get an error)."""
+        with self._ready:
+            self._closed = True
+            left, self._waiting = list(self._waiting), deque()
+            self._ready.notify()
+        for job in left:
+            job.send("error", RuntimeError("the server closed before this request ran"))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+
+    def _serve(self) -> None:
+        while (jobs := self._take()) is not None:
+            try:
+                if len(jobs) == 1:
+                    self.completions.run_alone(jobs[0])
+                else:
+                    self.completions.run_batch(jobs)
+            except Exception as error:  # the thread goes on; each job hears of it (those that heard the end ignore it)
+                log.exception("error in a generation of %d request(s)", len(jobs))
+                for job in jobs:
+                    job.send("error", error)
+
+    def _take(self) -> list[Job] | None:
+        """The next jobs to run: the first waiting, with those after it that batch with it (None: closed)."""
+        with self._ready:
+            while not self._waiting and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            waiting, self._waiting = list(self._waiting), deque()
+        first, taken, left = waiting[0], [waiting[0]], []
+        if self.max_batch > 1 and self.completions.batchable(first):
+            for job in waiting[1:]:
+                if len(taken) < self.max_batch and self.completions.batchable(job):
+                    taken.append(job)
+                else:
+                    left.append(job)
+        else:
+            left = waiting[1:]
+        with self._ready:  # those not taken go back before any that came meanwhile
+            self._waiting.extendleft(reversed(left))
+        return taken
