@@ -336,6 +336,23 @@ def served(result: dict) -> str:
     return note + " prefill into the kept cache and the prompt's own, and the index builds\n\n" + table(head, rows)
 
 
+def clients(result: dict) -> str:
+    """bench.speed.serve: requests sent at once to the server, one at a time against in batches, each round."""
+    cfg = result["config"]
+    head = ["max_batch", "round", "seconds to the last answer", "tokens/s", "prefill s", "tokens/s after it"]
+    head += ["mean seconds per request", "batch sizes", "answers as one at a time"]
+    rows = []
+    for r in result["runs"]:
+        sizes = ", ".join(map(str, sorted(r["batches"])))
+        rows.append([r["max_batch"], r["round"], f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}"])
+        rows[-1] += [f"{r['prefill_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}"]
+        rows[-1] += [f"{r['mean_request_s']:.2f}", sizes, f"{r['same_answers']} of {len(r['answers'])}"]
+    note = f"{cfg['model']}, {cfg['clients']} clients at once, prompts of {cfg['context']} tokens, "
+    note += f"{cfg['new_tokens']} greedy tokens each, {cfg['threads']} threads; in batches "
+    note += f"{result['summary']['speed_up']}x the one-at-a-time speed (median seconds to the last answer)"
+    return note + "\n\n" + table(head, rows)
+
+
 def soak(result: dict, every: int = 500) -> str:
     """The soak's checks at the first window and every `every` steps, and its verdicts."""
     head = ["step", "tokens", "host tokens", "invariants", "recall of added keys", "median step ms"]
@@ -465,6 +482,7 @@ RENDERERS = {
     "throughput": throughput,
     "margins": margins,
     "served": served,
+    "clients": clients,
 }
 # renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side, RULER's tasks together
 MANY_FILES = {

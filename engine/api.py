@@ -244,12 +244,15 @@ class HybridLLM:
         if len(samplings) != len(prompts) or not all(isinstance(s, Sampling) for s in samplings):
             raise ValueError(f"sampling must be one Sampling or a list of one per prompt ({len(prompts)})")
         reports = reports if reports is not None else [GenerationReport() for _ in prompts]
+        if len(reports) != len(prompts):
+            raise ValueError(f"reports must be one GenerationReport per prompt ({len(prompts)}), got {len(reports)}")
         texts = [TextStream(StopStrings(self.tokenizer, s.stop)) for s in samplings]
         ends = [_ending(text.stops, row, leave) for row, text in enumerate(texts)]
         limits = [s.max_new_tokens for s in samplings]
-        picks = [s.pick(self.device) for s in samplings]
+        decoding = dict(pick=[s.pick(self.device) for s in samplings], ends=ends, progress=progress)
+        decoding["stop_at_eos"] = [s.stop_at_eos for s in samplings]
         ended = set()
-        with closing(self._decode(prompts, limits, reports, pick=picks, ends=ends, progress=progress)) as run:
+        with closing(self._decode(prompts, limits, reports, **decoding)) as run:
             for row, token, finish in run:
                 piece = texts[row].add(token)
                 if finish:
@@ -322,15 +325,15 @@ class HybridLLM:
         *,
         pick,
         ends=None,
-        stop_at_eos: bool = True,
+        stop_at_eos: bool | list[bool] = True,
         prefix: Prefix | None = None,
         progress: bool = True,
     ) -> Iterator[tuple[int, int, str]]:
         """(row, token, finish) as each token is picked, finish "" until the row's last (then why it
         ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
         stacked into one when there are several, then decoded together (engine.generation.Decoding,
-        which takes `max_new_tokens`, `pick` and `ends` for all rows or per row). Fills the reports not
-        filled yet at the end, also when the consumer stops."""
+        which takes `max_new_tokens`, `pick`, `ends` and `stop_at_eos`'s end tokens for all rows or per
+        row). Fills the reports not filled yet at the end, also when the consumer stops."""
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self._encode_continuation(prompts[0])]
@@ -366,7 +369,7 @@ class HybridLLM:
                 torch.stack([p.logits for p in done]),
                 max_new_tokens,
                 pick=pick,
-                eos=eos_ids(self.model) if stop_at_eos else set(),
+                eos=_end_tokens(self.model, stop_at_eos),
                 ends=ends,
                 lengths=None if len(done) == 1 else [p.prompt_tokens for p in done],
             )
@@ -440,6 +443,14 @@ _CHAT_AFTER_PREFIX = (
 
 
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _end_tokens(model, stop_at_eos: bool | list[bool]) -> set[int] | list[set[int]]:
+    """The end-of-sequence tokens each row stops at: the model's where it stops at them, none where not."""
+    eos = eos_ids(model)
+    if isinstance(stop_at_eos, list):
+        return [eos if stop else set() for stop in stop_at_eos]
+    return eos if stop_at_eos else set()
 
 
 def _ending(stops: StopStrings, row: int, leave: Callable[[int], bool] | None):

@@ -226,8 +226,8 @@ class Decoding:
     `cache` holds the prompts' positions: a HybridCache (one sequence, or several stacked by
     `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
-    records, no bytes). `max_new_tokens`, `pick` and `ends` are the batch's or, as lists, each
-    row's own. A row ends after an `eos` token, after a token where `ends` (given the row's tokens
+    records, no bytes). `max_new_tokens`, `pick`, `eos` and `ends` are the batch's or, as lists,
+    each row's own. A row ends after an `eos` token, after a token where `ends` (given the row's tokens
     so far: e.g. engine.stop.StopStrings.reached) says so, or after its max_new_tokens-th (its
     `finish` is set before that token is yielded); with `forced` (per row, at least max_new_tokens
     - 1 tokens) row b is fed forced[b][i] after its i-th pick instead of the pick (teacher forcing;
@@ -266,8 +266,8 @@ class Decoding:
         self.ends = _per_row(ends, B, "ends", (Callable, type(None)))
         if forced is not None and (len(forced) != B or any(len(f) < n - 1 for f, n in zip(forced, self.limits))):
             raise ValueError(f"forced must give each of the {B} rows at least max_new_tokens - 1 tokens")
-        self.model, self.cache = model, cache
-        self.eos, self.lengths, self.forced = eos, lengths, forced
+        self.eos = _per_row(eos, B, "eos", (set, frozenset))
+        self.model, self.cache, self.lengths, self.forced = model, cache, lengths, forced
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
@@ -344,7 +344,7 @@ class Decoding:
         said so), or "" (it goes on; never ends when forced)."""
         if self.forced is not None:
             return ""
-        if token in self.eos:
+        if token in self.eos[row]:
             return "eos"
         ends = self.ends[row]
         return "stop" if ends is not None and ends(self.tokens[row]) else ""

@@ -15,8 +15,8 @@ class Sampling:
     """How one prompt of a batch is decoded (`HybridLLM.stream_batch`): up to `max_new_tokens` tokens,
     greedy at temperature 0, else drawn with a generator of its own seeded with `seed` (so its tokens do
     not depend on the prompts beside it), among its `top_k` most likely tokens (0: all) and the fewest most
-    likely whose probabilities reach `top_p` (1: all); it ends at an end-of-sequence token or where its
-    text comes to contain one of the `stop` strings."""
+    likely whose probabilities reach `top_p` (1: all); it ends at an end-of-sequence token (unless not
+    `stop_at_eos`) or where its text comes to contain one of the `stop` strings."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -24,6 +24,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         check_sampling(self.max_new_tokens, self.temperature, self.seed, self.top_k, self.top_p)

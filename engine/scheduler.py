@@ -64,6 +64,7 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
+        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._serve, name="hybridattn-engine", daemon=True)
         self._thread.start()
 
@@ -77,11 +78,14 @@ class Scheduler:
         return job
 
     def close(self) -> None:
-        """Stop after the generation under way (jobs still waiting get an error)."""
+        """Stop: the generation under way ends at its next token, as if its clients had left; the jobs still
+        waiting get an error."""
         with self._ready:
             self._closed = True
             left, self._waiting = list(self._waiting), deque()
             self._ready.notify()
+        for job in self._running:
+            job.gone.set()
         for job in left:
             job.send("error", RuntimeError("the server closed before this request ran"))
         if threading.current_thread() is not self._thread:
@@ -89,6 +93,7 @@ class Scheduler:
 
     def _serve(self) -> None:
         while (jobs := self._take()) is not None:
+            self._running = jobs
             try:
                 if len(jobs) == 1:
                     self.completions.run_alone(jobs[0])

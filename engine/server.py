@@ -72,7 +72,7 @@ class Request:
     messages: list[dict] | None = None
     document: str | None = None
     max_tokens: int = COMPLETION_MAX_TOKENS
-    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed, stop
+    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed, stop, stop_at_eos
     stream: bool = False
     include_usage: bool = False
 
@@ -119,6 +119,7 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
         top_k=_integer(body, "top_k", 0),
         seed=secrets.randbits(63) if seed is None else seed,  # no seed: a new draw each request
         stop=_stop(body.get("stop")),
+        stop_at_eos=not _boolean(body, "ignore_eos"),  # the engine's field (as vLLM's): run to max_tokens
     )
     if request.sampling["top_p"] == 0:
         raise RequestError("top_p must lie in (0, 1]", "top_p")

@@ -578,6 +578,20 @@ def test_bench_prefix_quick(tmp_path):
     }  # the document's state found again after the other question
 
 
+def test_bench_serve_quick(tmp_path):
+    """Clients at once: one at a time every request is its own batch; batched, those that waited together
+    share one, and every answer is the one it gets one at a time, each its full length."""
+    out = tmp_path / "serve.json"
+    script("bench.speed.serve").main(["--quick", "--context", "200", "--new-tokens", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    one, batched = result["runs"]
+    assert one["max_batch"] == 1 and one["batches"] == [1, 1, 1]
+    assert batched["max_batch"] == 8 and sorted(batched["batches"]) == [1, 2, 2]  # the first ran alone
+    for run in (one, batched):
+        assert run["completion_tokens"] == 3 * 3 and run["same_answers"] == 3  # ignore_eos: each its length
+    assert "answers as one at a time" in script("bench.tables").clients(result)
+
+
 def test_bench_prefix_conversations_quick(tmp_path):
     out = tmp_path / "conversations.json"
     argv = ["--quick", "--context", "500", "--new-tokens", "2", "--samples", "1", "--conversations"]

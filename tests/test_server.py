@@ -411,6 +411,28 @@ def test_requests_that_wait_together_run_in_batches_in_their_order():
         Scheduler(completions, max_batch=0)
 
 
+def test_closing_the_scheduler_ends_the_generation_under_way():
+    started = threading.Event()
+
+    class Endless:
+        def batchable(self, job):
+            return True
+
+        def run_alone(self, job):  # runs until its client leaves
+            started.set()
+            assert job.gone.wait(30)
+            job.send("response", {"ended": True})
+
+    scheduler = Scheduler(Endless(), max_batch=2)
+    running = scheduler.submit("long")
+    assert started.wait(30)
+    waiting = scheduler.submit("next")
+    scheduler.close()
+    assert running.response() == {"ended": True}
+    with pytest.raises(RuntimeError, match="closed before this request ran"):
+        waiting.response()
+
+
 def test_a_job_whose_stream_is_closed_tells_the_engine_its_client_left():
     job = Job("request")
     job.send("chunk", {"n": 1})
@@ -487,3 +509,10 @@ def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     assert completions.batchable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
     assert not completions.batchable(Job(parse_request({"prompt": "Q", "document": prompt}, **REQUEST)))
     assert not completions.batchable(Job(parse_request({"prompt": ["a b", "c d"]}, **REQUEST)))
+
+
+def test_ignore_eos_runs_an_answer_to_its_max_tokens(server):
+    assert parse_request({"prompt": "x", "ignore_eos": True}, **REQUEST).sampling["stop_at_eos"] is False
+    assert parse_request({"prompt": "x"}, **REQUEST).sampling["stop_at_eos"] is True
+    status, text = post(server, "/completions", {"prompt": "x y", "ignore_eos": "yes"})
+    assert status == 400 and json.loads(text)["error"]["param"] == "ignore_eos"

@@ -109,6 +109,8 @@ def test_a_batch_needs_a_list_of_prompts_and_a_sampling_for_each(llm, prompts):
         list(llm.stream_batch(prompts[0], Sampling()))
     with pytest.raises(ValueError, match="one per prompt"):
         list(llm.stream_batch(prompts, [Sampling(), Sampling()]))
+    with pytest.raises(ValueError, match="one GenerationReport per prompt"):
+        list(llm.stream_batch(prompts, Sampling(), reports=[GenerationReport()]))
 
 
 def test_a_decoding_takes_per_row_settings_only_one_per_row():
@@ -119,3 +121,14 @@ def test_a_decoding_takes_per_row_settings_only_one_per_row():
         Decoding(None, None, logits[:1], -1)
     with pytest.raises(ValueError, match="pick, given as a list"):
         Decoding(None, None, logits[:1], 3, pick=[max, max])
+
+
+def test_each_prompt_stops_at_an_end_token_or_not_as_its_sampling_says(llm, prompts, monkeypatch):
+    free = llm.generate(prompts[0], NEW, stop_at_eos=False, progress=False)
+    end = free.token_ids[3]  # taken as the model's end-of-sequence token: the answer ends at its first
+    monkeypatch.setattr(llm.model.generation_config, "eos_token_id", end)
+    reports = [GenerationReport() for _ in range(2)]
+    sampling = [Sampling(NEW), Sampling(NEW, stop_at_eos=False)]
+    texts, finishes = streamed(llm, [prompts[0]] * 2, sampling, reports=reports)
+    assert finishes == ["eos", "length"] and texts[1] == free.text
+    assert reports[0].new_tokens == free.token_ids.index(end) + 1 and reports[1].new_tokens == NEW
