@@ -162,7 +162,7 @@ def test_the_repository_documents_parse():
     names = {b.name for b in report.find_blocks(results.split("\n"), "docs/results.md")}
     assert {"kernel", "decode", "throughput", "prefill", "soak", "eval"} <= names
     serving = (ROOT / "docs" / "serving.md").read_text()
-    assert {b.name for b in report.find_blocks(serving.split("\n"), "docs/serving.md")} == {"served"}
+    assert {b.name for b in report.find_blocks(serving.split("\n"), "docs/serving.md")} == {"served", "clients"}
     readme = (ROOT / "README.md").read_text()
     assert report.update_config_table(readme, "| t |") != readme
     assert len(readme.splitlines()) <= 300
