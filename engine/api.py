@@ -193,6 +193,11 @@ class HybridLLM:
             _check_messages(messages)
         return Conversation(self, messages)
 
+    def load_conversation(self, path, *, progress: bool = True) -> Conversation:
+        """A conversation saved by `Conversation.save` (in this process or another), its messages and their
+        cache loaded from the file `path`, ready for its next turn (the file's checks are `load_prefix`'s)."""
+        return Conversation.load(self, path, progress=progress)
+
     # ---------------------------------------------------------- generation
 
     def generate(self, prompt, max_new_tokens: int = 64, **kwargs) -> GenerationResult | list[GenerationResult]:

@@ -2,13 +2,19 @@
 (`HybridLLM.conversation`). The messages so far stay prefilled in a kept cache (engine.prefix.KeptCache);
 each turn's prompt, the chat template over every message, begins with the turn before's, so the
 cache is extended by the answer before it and the new message alone, and a long document in the
-first message is prefilled once for the whole conversation."""
+first message is prefilled once for the whole conversation. `save` writes the messages and their cache
+to a file (engine.prefix_file) that `Conversation.load` resumes, in this process or a later one,
+without prefilling them again."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
-from engine.prefix import KeptCache
+from engine.prefix import KeptCache, Prefix
+from engine.prefix_file import saved_extra
+
+SAVED_AS = "conversation"  # the key of the messages in a saved prefix file's extra metadata
 
 
 class Conversation:
@@ -41,6 +47,30 @@ class Conversation:
         finally:
             self.messages.append({"role": "assistant", "content": "".join(shown)})
 
+    def save(self, path, *, progress: bool = True) -> int:
+        """The messages so far and their kept cache written to the file `path` (a prefix file, the messages
+        beside it), for `Conversation.load`; returns the bytes written."""
+        if self.kept.prefix is None:
+            raise ValueError("this conversation keeps no cache to save yet: save it after a turn")
+        return self.kept.prefix.save(path, extra={SAVED_AS: json.dumps(self.messages)}, progress=progress)
+
+    @classmethod
+    def load(cls, llm, path, *, progress: bool = True) -> Conversation:
+        """The conversation saved at `path` (`save`), for `llm` (the model and configuration it was saved
+        with): its messages, and their cache loaded rather than prefilled, ready for the next turn."""
+        extra = saved_extra(path)
+        if SAVED_AS not in extra:
+            raise ValueError(f"{path} holds a prefix, not a conversation: load it with HybridLLM.load_prefix")
+        try:
+            messages = json.loads(extra[SAVED_AS])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} holds damaged messages: {error}") from None
+        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+            raise ValueError(f"{path} holds damaged messages: not a list of {{role, content}} strings")
+        chat = cls(llm, messages)
+        chat.kept.keep(Prefix.load(llm, path, progress=progress))
+        return chat
+
     @property
     def kept_tokens(self) -> int:
         """The tokens of the conversation its cache holds, ready for the next turn."""
@@ -62,3 +92,7 @@ class Conversation:
             return ids, None
         rest, prefix, self.found_kept = continued
         return rest, prefix
+
+
+def _is_message(m) -> bool:
+    return isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())

@@ -89,12 +89,13 @@ class Prefix:
         """The held-back token [1, 1]: each prompt after the document is prefilled after it."""
         return self.ids[:, -1:]
 
-    def save(self, path, *, progress: bool = True) -> int:
+    def save(self, path, *, extra: dict[str, str] | None = None, progress: bool = True) -> int:
         """The prefix written to the file `path` (safetensors; engine.prefix_file), for `HybridLLM.load_prefix`
-        in this process or another; returns the bytes written."""
+        in this process or another, with the strings `extra` beside it (prefix_file.saved_extra); returns the
+        bytes written."""
         self._claim()
         try:
-            return save_prefix(self, path, progress=progress)
+            return save_prefix(self, path, extra=extra, progress=progress)
         finally:
             self.in_use = False
 
@@ -163,6 +164,11 @@ class KeptCache:
             return False
         kept = self.prefix.ids[0]
         return ids.shape[1] > len(kept) and torch.equal(ids[0, : len(kept)].cpu(), kept)
+
+    def keep(self, prefix: Prefix) -> None:
+        """Keep `prefix` (loaded from a file, say) as the prompt the next may begin with."""
+        self.release()
+        self.prefix = prefix
 
     def with_document(self, text: str) -> tuple[Prefix, int]:
         """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its

@@ -83,9 +83,9 @@ def state_config(cfg) -> dict:
 # ----------------------------------------------------------------------- save
 
 
-def save_prefix(prefix, path, *, progress: bool = True) -> int:
-    """Write the engine.prefix.Prefix (between prompts: at the document's state) to `path`; returns the bytes
-    written."""
+def save_prefix(prefix, path, *, extra: dict[str, str] | None = None, progress: bool = True) -> int:
+    """Write the engine.prefix.Prefix (between prompts: at the document's state) to `path`, with the strings
+    `extra` in its metadata (`saved_extra` reads them back); returns the bytes written."""
     tensors = {"document": prefix.ids[0]}
     for i, layer in enumerate(prefix.cache.layers):
         tensors.update({f"layers.{i}.{name}": t for name, t in layer_state(layer).items()})
@@ -94,6 +94,7 @@ def save_prefix(prefix, path, *, progress: bool = True) -> int:
         "model": model_fingerprint(prefix.model),
         "config": json.dumps(state_config(prefix.cache.offload_config), sort_keys=True),
         "layers": str(len(prefix.cache.layers)),
+        "extra": json.dumps(extra or {}),
     }
     return write_safetensors(Path(path), tensors, metadata, progress=progress)
 
@@ -171,6 +172,29 @@ def load_prefix(llm, path, *, document=None, progress: bool = True) -> tuple[Hyb
             return _loaded(f, path, llm, ids.shape[1] - 1, progress), ids
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable prefix file: {error}") from error
+
+
+def saved_extra(path) -> dict[str, str]:
+    """The strings saved beside the prefix at `path` (`save_prefix`'s `extra`; {} where none)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prefix file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable prefix file: {error}") from error
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a prefix file of this engine (format {meta.get('format')!r}, not {FORMAT!r})")
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except json.JSONDecodeError:
+        extra = None
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise ValueError(f"{path} holds a damaged prefix file: its extra metadata is not a map of strings")
+    return extra
 
 
 def _checked_document(f, path: Path, llm, document) -> torch.Tensor:

@@ -132,3 +132,67 @@ def test_ctrl_c_in_the_chat_command_stops_the_answer_not_the_chat(llm, monkeypat
     assert "[stopped: the conversation keeps what was shown]" in err
     assert len([line for line in err.splitlines() if line.startswith("[prompt")]) == 1  # the second turn answered
     assert out.count("\n") == 2  # each answer a line of its own, the one stopped too
+
+
+def test_a_saved_conversation_resumes_where_it_was_left(llm, tmp_path):
+    chat = llm.conversation([{"role": "system", "content": "Answer briefly."}])
+    path = tmp_path / "chat.safetensors"
+    try:
+        with pytest.raises(ValueError, match="no cache to save yet"):
+            chat.save(path)
+        chat.ask("The grass is green and the sky is blue. " * 20 + "What is green?", NEW, progress=False)
+        chat.ask("And blue?", NEW, progress=False)
+        assert chat.save(path, progress=False) > 0
+        other = HybridLLM(llm.model, llm.tokenizer, llm.offload)  # another engine over the model, as a later process
+        resumed = other.load_conversation(path, progress=False)
+        try:
+            assert resumed.messages == chat.messages and resumed.kept_tokens == chat.kept_tokens > 0
+            kept = resumed.kept_tokens
+            got = resumed.ask("Thanks. Which colours again?", NEW, progress=False)
+            want = chat.ask("Thanks. Which colours again?", NEW, progress=False)
+            assert got.text == want.text and resumed.found_kept == chat.found_kept == kept  # nothing prefilled again
+        finally:
+            resumed.close()
+    finally:
+        chat.close()
+
+
+def test_a_file_that_holds_no_conversation_is_refused(llm, tmp_path):
+    prefix = llm.prefix("The grass is green and the sky is blue. " * 5, progress=False)
+    try:
+        prefix.save(tmp_path / "prefix.safetensors", progress=False)
+    finally:
+        prefix.release()
+    with pytest.raises(ValueError, match="holds a prefix, not a conversation"):
+        llm.load_conversation(tmp_path / "prefix.safetensors")
+    (tmp_path / "junk").write_bytes(b"not a file of this engine")
+    with pytest.raises(ValueError, match="not a readable prefix file"):
+        llm.load_conversation(tmp_path / "junk")
+    with pytest.raises(FileNotFoundError, match="no prefix file"):
+        llm.load_conversation(tmp_path / "missing")
+
+
+def test_the_chat_command_resumes_its_session_file(llm, tmp_path, monkeypatch, capsys):
+    from engine.api import HybridLLM as Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    session = tmp_path / "chat.safetensors"
+    opening = "The grass is green and the sky is blue. " * 20 + "What is green?"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{opening}\n"))
+    assert main(["chat", "--max-new-tokens", str(NEW), "--system", "Be brief.", "--session", str(session)]) == 0
+    first, err = capsys.readouterr()
+    assert f"[conversation saved to {session}: 3 messages" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO("And blue?\n"))
+    assert main(["chat", "--max-new-tokens", str(NEW), "--session", str(session)]) == 0
+    second, err = capsys.readouterr()
+    assert f"[resumed 3 messages from {session}" in err and f"[conversation saved to {session}: 5 messages" in err
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": opening}]
+    turns += [{"role": "assistant", "content": first.rstrip("\n")}, {"role": "user", "content": "And blue?"}]
+    assert second == llm.generate(turns, NEW, progress=False).text + "\n"
+    summary = next(line for line in err.splitlines() if line.startswith("[prompt"))
+    assert " 0 of them kept" not in summary  # the first run's turn found kept, loaded from the file
+    (tmp_path / "doc.txt").write_text("A document.")
+    for flag in (["--system", "Be brief."], ["--file", str(tmp_path / "doc.txt")]):  # a new conversation's: refused
+        assert main(["chat", "--session", str(session), *flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds a conversation already" in err and "\n" not in err

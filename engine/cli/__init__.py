@@ -207,11 +207,18 @@ def _run(argv: list[str] | None) -> int:
         "chat",
         help="a conversation on the terminal: a line of stdin per message",
         description="A conversation: each line of stdin is a message, each answer is streamed to stdout, and each "
-        "turn prefills only what is new to it. Ctrl-C stops an answer, Ctrl-D ends the conversation.",
+        "turn prefills only what is new to it. Ctrl-C stops an answer, Ctrl-D ends the conversation (saved to "
+        "--session, where given).",
     )
     add_model_args(c, BUNDLED_NAME)
     c.add_argument("--file", help="a document put before the first message (prefilled once for the conversation)")
     c.add_argument("--system", help="a system message that begins the conversation")
+    c.add_argument(
+        "--session",
+        metavar="PATH",
+        help="resume the conversation saved in this file, if there is one, and save it there when the chat ends "
+        "(its messages and their cache: the next run prefills none of them again)",
+    )
     _sampling_args(c, max_new_tokens=256)
     _offload_args(c)
 

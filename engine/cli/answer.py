@@ -114,11 +114,23 @@ def cmd_chat(args) -> int:
     _check_model_args(args)
     sampling = _sampling(args)
     document = _text(Path(args.file).read_bytes(), f"--file {args.file}") if args.file else None
+    session = Path(args.session) if args.session else None
+    if session is not None and session.is_dir():
+        raise ValueError(f"--session: {session} is a folder, not a file")
+    if session is not None and session.exists() and (args.file or args.system):
+        raise ValueError(f"--session: {session} holds a conversation already; --file and --system begin a new one")
     from engine.api import GenerationReport, HybridLLM
 
     _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
-    chat = llm.conversation([{"role": "system", "content": args.system}] if args.system else None)
+    if session is not None and session.exists():
+        start = time.perf_counter()
+        chat = llm.load_conversation(session)
+        seconds = time.perf_counter() - start
+        told = f"{len(chat.messages)} messages from {session}, {chat.kept_tokens} tokens loaded in {seconds:.2f} s"
+        print(f"[resumed {told}]", file=sys.stderr, flush=True)
+    else:
+        chat = llm.conversation([{"role": "system", "content": args.system}] if args.system else None)
     try:
         for message in _typed_lines():
             if document is not None:  # the document goes before the first message
@@ -142,8 +154,22 @@ def cmd_chat(args) -> int:
                 flush=True,
             )
     finally:
-        chat.close()
+        try:
+            if session is not None:
+                _save_session(chat, session)
+        finally:
+            chat.close()
     return 0
+
+
+def _save_session(chat, path: Path) -> None:
+    """The conversation written to its --session file, for the next run to resume (where it kept a cache)."""
+    if chat.kept.prefix is None:
+        return
+    start = time.perf_counter()
+    size = chat.save(path)
+    told = f"{len(chat.messages)} messages, {size / 2**20:.1f} MiB in {time.perf_counter() - start:.2f} s"
+    print(f"[conversation saved to {path}: {told}]", file=sys.stderr, flush=True)
 
 
 def _typed_lines():
