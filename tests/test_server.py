@@ -482,6 +482,9 @@ def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
 
     first = threading.Thread(target=ask, args=(3, "/completions", {"prompt": "x y z", "max_tokens": 2}))
     first.start()  # the engine holds it while the others come
+    deadline = time.monotonic() + 60
+    while not server.scheduler._running and time.monotonic() < deadline:
+        time.sleep(0.01)
     threads = [threading.Thread(target=ask, args=(i, *b)) for i, b in enumerate(bodies)]
     for t in threads:
         t.start()
