@@ -219,7 +219,7 @@ class HybridLLM:
         report = report if report is not None else GenerationReport()
         text = TextStream(StopStrings(self.tokenizer, kwargs.pop("stop", None)))
         pick = self._pick(max_new_tokens, **{k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs})
-        ends = text.stops.reached if text.stops else None
+        ends = _ending(text.stops)
         with closing(self._decode([prompt], max_new_tokens, [report], pick=pick, ends=ends, **kwargs)) as picks:
             for _, token, _ in picks:  # (closed when the consumer stops early)
                 if piece := text.add(token):
@@ -252,7 +252,7 @@ class HybridLLM:
         if len(reports) != len(prompts):
             raise ValueError(f"reports must be one GenerationReport per prompt ({len(prompts)}), got {len(reports)}")
         texts = [TextStream(StopStrings(self.tokenizer, s.stop)) for s in samplings]
-        ends = [_ending(text.stops, row, leave) for row, text in enumerate(texts)]
+        ends = [_ending(text.stops, leave, row) for row, text in enumerate(texts)]
         limits = [s.max_new_tokens for s in samplings]
         decoding = dict(pick=[s.pick(self.device) for s in samplings], ends=ends, progress=progress)
         decoding["stop_at_eos"] = [s.stop_at_eos for s in samplings]
@@ -297,7 +297,7 @@ class HybridLLM:
             raise ValueError("the list of prompts is empty")
         stops = StopStrings(self.tokenizer, stop)
         pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        decoding = dict(pick=pick, ends=stops.reached if stops else None, stop_at_eos=stop_at_eos, progress=progress)
+        decoding = dict(pick=pick, ends=_ending(stops), stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
             return self._generate(prompts, max_new_tokens, stops, prefix=prefix, **decoding)
         out = []  # after a prefix, one after another, each from the document's state
@@ -458,8 +458,8 @@ def _end_tokens(model, stop_at_eos: bool | list[bool]) -> set[int] | list[set[in
     return eos if stop_at_eos else set()
 
 
-def _ending(stops: StopStrings, row: int, leave: Callable[[int], bool] | None):
-    """Row `row`'s end check for Decoding: a stop string reached, or `leave(row)` true."""
+def _ending(stops: StopStrings, leave: Callable[[int], bool] | None = None, row: int = 0):
+    """A row's end check for Decoding (None: none): a stop string reached, or `leave(row)` true."""
     if leave is None:
         return stops.reached if stops else None
     return lambda tokens: stops.reached(tokens) or leave(row)

@@ -63,11 +63,11 @@ class Conversation:
             raise ValueError(f"{path} holds a prefix, not a conversation: load it with HybridLLM.load_prefix")
         try:
             messages = json.loads(extra[SAVED_AS])
-        except json.JSONDecodeError as error:
+            if not isinstance(messages, list):
+                raise ValueError("not a list of messages")
+            chat = llm.conversation(messages)  # the messages checked as a user's are
+        except ValueError as error:  # (json's errors are ValueErrors too)
             raise ValueError(f"{path} holds damaged messages: {error}") from None
-        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
-            raise ValueError(f"{path} holds damaged messages: not a list of {{role, content}} strings")
-        chat = cls(llm, messages)
         chat.kept.keep(Prefix.load(llm, path, progress=progress))
         return chat
 
@@ -92,7 +92,3 @@ class Conversation:
             return ids, None
         rest, prefix, self.found_kept = continued
         return rest, prefix
-
-
-def _is_message(m) -> bool:
-    return isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(v, str) for v in m.values())

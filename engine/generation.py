@@ -227,14 +227,14 @@ class Decoding:
     `HybridCache.stack`; then `lengths`, each prompt's tokens, place each row's positions), or
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
     records, no bytes). `max_new_tokens`, `pick`, `eos` and `ends` are the batch's or, as lists,
-    each row's own. A row ends after an `eos` token, after a token where `ends` (given the row's tokens
-    so far: e.g. engine.stop.StopStrings.reached) says so, or after its max_new_tokens-th (its
-    `finish` is set before that token is yielded); with `forced` (per row, at least max_new_tokens
-    - 1 tokens) row b is fed forced[b][i] after its i-th pick instead of the pick (teacher forcing;
-    only the length ends it). Counted on the way, per row: `tokens`, `fed` (one per forward pass it took part in),
-    `seconds` from the first pick until it left, `finish` (why it ended); per forward pass with
-    a HybridCache a `StepRecord`; and the cache's `memory` report where the batch held the most
-    bytes (before rows leave, at the end).
+    each row's own. A row ends after an `eos` token, after a token where `ends` (given the row's
+    tokens so far: e.g. engine.stop.StopStrings.reached) says so, or after its max_new_tokens-th
+    (its `finish` is set before that token is yielded); with `forced` (per row, at least
+    max_new_tokens - 1 tokens) row b is fed forced[b][i] after its i-th pick instead of the pick
+    (teacher forcing; only the length ends it). Counted on the way, per row: `tokens`, `fed` (one
+    per forward pass it took part in), `seconds` from the first pick until it left, `finish` (why
+    it ended); per forward pass with a HybridCache a `StepRecord`; and the cache's `memory` report
+    where the batch held the most bytes (as each row ends, and at the end).
     """
 
     def __init__(

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -161,33 +162,17 @@ def load_prefix(llm, path, *, document=None, progress: bool = True) -> tuple[Hyb
     and pool of host stores), and its document's token ids [1, T] (the cache holds all but the last).
     `document` (ids [1, T]), when given, is what the file must hold. ValueError where the file is not a
     prefix for this model and configuration, or not of that document."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prefix file at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            ids = _checked_document(f, path, llm, document)
-            return _loaded(f, path, llm, ids.shape[1] - 1, progress), ids
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable prefix file: {error}") from error
+    with _opened(path) as f:
+        ids = _checked_document(f, path, llm, document)
+        return _loaded(f, path, llm, ids.shape[1] - 1, progress), ids
 
 
 def saved_extra(path) -> dict[str, str]:
     """The strings saved beside the prefix at `path` (`save_prefix`'s `extra`; {} where none)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prefix file at {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable prefix file: {error}") from error
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a prefix file of this engine (format {meta.get('format')!r}, not {FORMAT!r})")
+    with _opened(path) as f:
+        meta = f.metadata() or {}
     try:
         extra = json.loads(meta.get("extra", "{}"))
     except json.JSONDecodeError:
@@ -197,11 +182,27 @@ def saved_extra(path) -> dict[str, str]:
     return extra
 
 
+@contextmanager
+def _opened(path: Path):
+    """The prefix file at `path` open for reading, its format checked; an unreadable file is a ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no prefix file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                found = meta.get("format")
+                raise ValueError(f"{path} is not a prefix file of this engine (format {found!r}, not {FORMAT!r})")
+            yield f
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable prefix file: {error}") from error
+
+
 def _checked_document(f, path: Path, llm, document) -> torch.Tensor:
-    """The file's document ids [1, T], after its format, model and configuration are checked against `llm`'s."""
-    meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a prefix file of this engine (format {meta.get('format')!r}, not {FORMAT!r})")
+    """The file's document ids [1, T], after its model and configuration are checked against `llm`'s."""
+    meta = f.metadata()
     if meta.get("model") != model_fingerprint(llm.model):
         raise ValueError(f"{path} holds a prefix of another model (or other weights, dtype or RoPE scaling)")
     saved, mine = json.loads(meta.get("config", "{}")), json.loads(json.dumps(state_config(llm.offload)))

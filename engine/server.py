@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
-ASSISTANT = {"role": "assistant", "content": ""}  # a chat stream's first delta
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "": "length"}  # the report's reason -> the API's
 # Fields whose feature the engine does not have, and the values that ask for none of it.
 UNSUPPORTED = {
@@ -297,7 +296,7 @@ class Completions:
                 job, request, head = jobs[row], requests[row], heads[row]
                 if request.stream:
                     if not texts[row] and request.messages is not None:
-                        job.send("chunk", head | {"choices": [{"index": 0, "delta": ASSISTANT, "finish_reason": None}]})
+                        job.send("chunk", _role_chunk(head))
                     if piece:
                         job.send("chunk", head | {"choices": [self._choice(request, 0, piece, None, delta=True)]})
                 texts[row].append(piece)
@@ -310,12 +309,10 @@ class Completions:
         request = job.request
         told = self._report(report, None) | {"batch": batch}
         if not request.stream:
-            choice = self._choice(request, 0, text, report.finish_reason)
-            job.send("response", head | {"choices": [choice], "usage": _usage([report]), "hybridattn": [told]})
+            job.send("response", self._response(request, head, [text], [report], [told]))
             return
-        job.send("chunk", head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]})
-        if request.include_usage:
-            job.send("chunk", head | {"choices": [], "usage": _usage([report]), "hybridattn": [told]})
+        for chunk in self._last_chunks(request, head, report, told):
+            job.send("chunk", chunk)
         job.send("end")
 
     def answer(self, request: Request) -> dict:
@@ -323,13 +320,11 @@ class Completions:
         prompt, prefix, kept = self.cache.prepare(request)
         results = self.llm.generate(prompt, request.max_tokens, **self._arguments(request, prefix))
         results = results if isinstance(results, list) else [results]
-        for result in results:
-            _log_report(result.report)
-        choices = [self._choice(request, i, r.text, r.report.finish_reason) for i, r in enumerate(results)]
-        response = self._head(request, "") | {"choices": choices}
-        response["usage"] = _usage([r.report for r in results])
-        response["hybridattn"] = [self._report(r.report, kept) for r in results]  # one per choice
-        return response
+        reports = [r.report for r in results]
+        for report in reports:
+            _log_report(report)
+        told = [self._report(report, kept) for report in reports]  # one per choice
+        return self._response(request, self._head(request, ""), [r.text for r in results], reports, told)
 
     def chunks(self, request: Request) -> Iterator[dict]:
         """The stream's chunks of a request with `stream`: the text piece by piece, then the finish."""
@@ -340,18 +335,28 @@ class Completions:
         first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
         try:
             if request.messages is not None:
-                yield head | {"choices": [{"index": 0, "delta": ASSISTANT, "finish_reason": None}]}
+                yield _role_chunk(head)
             for piece in itertools.chain([] if first is None else [first], pieces):
                 yield head | {"choices": [self._choice(request, 0, piece, None, delta=True)]}
         finally:  # also when the client is gone: the generation stops there, its cache is released
             pieces.close()
             _log_report(report)
-        yield head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]}
-        if request.include_usage:
-            yield head | {"choices": [], "usage": _usage([report]), "hybridattn": [self._report(report, kept)]}
+        yield from self._last_chunks(request, head, report, self._report(report, kept))
 
     def close(self) -> None:
         self.cache.release()
+
+    def _response(self, request: Request, head: dict, texts: list[str], reports: list, told: list[dict]) -> dict:
+        """The whole response: a choice per text, the usage, and the engine's report of each (`told`)."""
+        choices = [self._choice(request, i, t, r.finish_reason) for i, (t, r) in enumerate(zip(texts, reports))]
+        return head | {"choices": choices, "usage": _usage(reports), "hybridattn": told}
+
+    def _last_chunks(self, request: Request, head: dict, report, told: dict) -> list[dict]:
+        """A stream's last chunks: its finish, then with `include_usage` the usage and the engine's report."""
+        last = [head | {"choices": [self._choice(request, 0, "", report.finish_reason, delta=True)]}]
+        if request.include_usage:
+            last.append(head | {"choices": [], "usage": _usage([report]), "hybridattn": [told]})
+        return last
 
     @staticmethod
     def _arguments(request: Request, prefix) -> dict:
@@ -378,6 +383,11 @@ class Completions:
             return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
         message = ({"content": text} if text else {}) if delta else {"role": "assistant", "content": text}
         return {"index": index, ("delta" if delta else "message"): message, "finish_reason": reason}
+
+
+def _role_chunk(head: dict) -> dict:
+    """A chat stream's first chunk: the assistant's role."""
+    return head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
 
 
 def _log_report(report) -> None:
