@@ -19,6 +19,7 @@ from engine.generation import (
     RESERVED_NEW_TOKENS,
     Decoding,
     GenerationReport,
+    Joiner,
     Prefilled,
     eos_ids,
     fill_report,
@@ -235,13 +236,17 @@ class HybridLLM:
         reports: list[GenerationReport] | None = None,
         leave: Callable[[int], bool] | None = None,
         progress: bool = True,
+        more: Callable[[], list[tuple]] | None = None,
     ) -> Iterator[tuple[int, str, str]]:
         """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per
         prompt), and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces
         `stream` gives the prompt alone (greedy, the same text), finish "" until its last piece (maybe
         empty), then why it ended ("eos", "stop" or "length"). `reports`, one per prompt, are each filled
         when its prompt ends. `leave(i)`, asked after each of prompt i's tokens, ends it there where true
-        (its client gone, say): the batch goes on without it."""
+        (its client gone, say): the batch goes on without it. `more()`, asked before each step while the batch
+        runs, gives prompts that join it there (continuous batching): a list of (prompt, Sampling) pairs, each
+        asking for a token or more, which take the next indices (len(prompts), len(prompts) + 1, ...) and
+        each get a report appended to `reports`."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
             raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
         sampling = Sampling() if sampling is None else sampling
@@ -251,13 +256,25 @@ class HybridLLM:
         reports = reports if reports is not None else [GenerationReport() for _ in prompts]
         if len(reports) != len(prompts):
             raise ValueError(f"reports must be one GenerationReport per prompt ({len(prompts)}), got {len(reports)}")
-        texts = [TextStream(StopStrings(self.tokenizer, s.stop)) for s in samplings]
-        ends = [_ending(text.stops, leave, row) for row, text in enumerate(texts)]
-        limits = [s.max_new_tokens for s in samplings]
-        decoding = dict(pick=[s.pick(self.device) for s in samplings], ends=ends, progress=progress)
-        decoding["stop_at_eos"] = [s.stop_at_eos for s in samplings]
+        texts: list[TextStream] = []
+
+        def row_settings(sampling: Sampling) -> tuple:
+            """A prompt's max_new_tokens, pick, end check and stop_at_eos, for `_decode`."""
+            texts.append(TextStream(StopStrings(self.tokenizer, sampling.stop)))
+            ends = _ending(texts[-1].stops, leave, len(texts) - 1)
+            return sampling.max_new_tokens, sampling.pick(self.device), ends, sampling.stop_at_eos
+
+        def joining() -> list[tuple]:
+            joined = more()
+            if not isinstance(joined, list) or not all(_is_joining(x) for x in joined):
+                raise ValueError(f"more() gives a list of (prompt, Sampling) pairs, got {joined!r}")
+            reports.extend(GenerationReport() for _ in joined)
+            return [(prompt, *row_settings(s)) for prompt, s in joined]
+
+        limits, picks, ends, stop_at_eos = map(list, zip(*map(row_settings, samplings)))
+        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress)
         ended = set()
-        with closing(self._decode(prompts, limits, reports, **decoding)) as run:
+        with closing(self._decode(prompts, limits, reports, more=None if more is None else joining, **decoding)) as run:
             for row, token, finish in run:
                 piece = texts[row].add(token)
                 if finish:
@@ -333,12 +350,17 @@ class HybridLLM:
         stop_at_eos: bool | list[bool] = True,
         prefix: Prefix | None = None,
         progress: bool = True,
+        more: Callable[[], list[tuple]] | None = None,
     ) -> Iterator[tuple[int, int, str]]:
         """(row, token, finish) as each token is picked, finish "" until the row's last (then why it
         ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
         stacked into one when there are several, then decoded together (engine.generation.Decoding,
         which takes `max_new_tokens`, `pick`, `ends` and `stop_at_eos`'s end tokens for all rows or per
-        row). Fills the reports not filled yet at the end, also when the consumer stops."""
+        row). `more()`, asked before each step, gives prompts that join the batch there, each as (prompt,
+        max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports` by then. Fills the
+        reports not filled yet at the end, also when the consumer stops."""
+        if more is not None and prefix is not None:
+            raise ValueError("prompts join a batch decoded without a prefix")
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self._encode_continuation(prompts[0])]
@@ -352,6 +374,19 @@ class HybridLLM:
         run = None
         filled: set[int] = set()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        def joining() -> list[Joiner]:
+            joiners = []
+            for prompt, limit, pick, ends, stop_at_eos in more():
+                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                    raise ValueError(
+                        f"a prompt joins a running batch for a token or more, got max_new_tokens={limit!r}"
+                    )
+                x = self._encode_all([prompt])[0]
+                self._warn_past_context(x.shape[1], limit)
+                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
+                joiners.append(Joiner(done[-1], limit, pick, _end_tokens(self.model, stop_at_eos), ends))
+            return joiners
 
         def fill(row: int) -> None:
             fill_report(reports[row], run, row, done[row], weights)
@@ -376,7 +411,8 @@ class HybridLLM:
                 pick=pick,
                 eos=_end_tokens(self.model, stop_at_eos),
                 ends=ends,
-                lengths=None if len(done) == 1 else [p.prompt_tokens for p in done],
+                lengths=None if len(done) == 1 and more is None else [p.prompt_tokens for p in done],
+                joining=None if more is None else joining,
             )
             for row, token in run:
                 if run.finish[row]:
@@ -463,6 +499,11 @@ def _ending(stops: StopStrings, leave: Callable[[int], bool] | None = None, row:
     if leave is None:
         return stops.reached if stops else None
     return lambda tokens: stops.reached(tokens) or leave(row)
+
+
+def _is_joining(entry) -> bool:
+    """Whether `entry` is a (prompt, Sampling) pair, as `stream_batch`'s `more` gives them."""
+    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Sampling) and not _is_batch(entry[0])
 
 
 def _is_batch(prompt) -> bool:

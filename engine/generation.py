@@ -219,6 +219,17 @@ class StepRecord:
     gaps: dict[int, float]  # between the two highest logits its next token is picked from
 
 
+@dataclass
+class Joiner:
+    """A prompt prefilled alone that joins a running `Decoding` between its steps, with its own settings."""
+
+    prompt: Prefilled
+    max_new_tokens: int
+    pick: Pick = greedy_pick
+    eos: set[int] | frozenset[int] = frozenset()
+    ends: Ending | None = None
+
+
 class Decoding:
     """Decode B >= 1 sequences from their prefills' last logits [B, vocab] ([vocab]: one), up to
     `max_new_tokens` each; iterating (once) yields (row, token) as each is picked.
@@ -235,6 +246,10 @@ class Decoding:
     per forward pass it took part in), `seconds` from the first pick until it left, `finish` (why
     it ended); per forward pass with a HybridCache a `StepRecord`; and the cache's `memory` report
     where the batch held the most bytes (as each row ends, and at the end).
+
+    `joining`, for a batch (a HybridCache and `lengths`), is asked before each step for `Joiner`s: each
+    joins the batch as the next row (rows B, B+1, ...; its cache moved in by `HybridCache.join`), its
+    first token picked from its prompt's logits in that step: continuous batching.
     """
 
     def __init__(
@@ -249,6 +264,7 @@ class Decoding:
         ends: Ending | list[Ending | None] | None = None,
         lengths: list[int] | None = None,
         forced: list[list[int]] | None = None,
+        joining: Callable[[], list[Joiner]] | None = None,
     ):
         if logits.dim() not in (1, 2):
             raise ValueError(f"logits must be [vocab] or [B, vocab], got shape {list(logits.shape)}")
@@ -267,22 +283,27 @@ class Decoding:
         if forced is not None and (len(forced) != B or any(len(f) < n - 1 for f, n in zip(forced, self.limits))):
             raise ValueError(f"forced must give each of the {B} rows at least max_new_tokens - 1 tokens")
         self.eos = _per_row(eos, B, "eos", (set, frozenset))
-        self.model, self.cache, self.lengths, self.forced = model, cache, lengths, forced
+        if joining is not None and (lengths is None or forced is not None or not self.hybrid):
+            raise ValueError("rows join a batch decoded from a HybridCache with `lengths`, without `forced`")
+        self.model, self.cache, self.forced, self.joining = model, cache, forced, joining
+        self.lengths = None if lengths is None else list(lengths)
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
+        self.began = [0.0] * B  # per row, when its first pick came (its seconds count from there)
         self.finish = [""] * B  # per row, why it ended: "eos", "stop", "length" ("": the consumer stopped first)
-        self.budgets: list[RecheckBudget] = []  # per row: what its runs again spent, and whether another may run
-        if self.hybrid:
-            cfg = cache.offload_config
-            for limit in self.limits:
-                horizon = limit - 1  # its decode steps: the first token comes from the prompt's logits
-                if cfg.recheck_credit_steps:
-                    horizon = min(horizon, cfg.recheck_credit_steps)
-                self.budgets.append(RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon))
+        self.budgets = [self._budget(limit) for limit in self.limits] if self.hybrid else []
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
         self._started = False
+
+    def _budget(self, limit: int) -> RecheckBudget:
+        """A row's budget for its runs again: what they spent, and whether another may run."""
+        cfg = self.cache.offload_config
+        horizon = limit - 1  # its decode steps: the first token comes from the prompt's logits
+        if cfg.recheck_credit_steps:
+            horizon = min(horizon, cfg.recheck_credit_steps)
+        return RecheckBudget(cfg.recheck_share, cfg.recheck_read_limit, horizon)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self._started:
@@ -300,15 +321,17 @@ class Decoding:
         if rows and len(rows) < len(self.limits):  # rows with no token to pick leave first
             logits = logits[rows]
             self.cache.batch_select_indices(rows)
-        start = time.perf_counter()
+        self.began = [time.perf_counter()] * len(self.limits)
         try:
             while rows:
+                if self.joining is not None:
+                    logits = self._join(rows, logits)
                 for row, token in zip(rows, self._pick(rows, logits)):
                     self.tokens[row].append(token)
                     reason = self._ending(row, token)
                     if reason or len(self.tokens[row]) == self.limits[row]:
                         self.finish[row] = reason or "length"
-                        self.seconds[row] = time.perf_counter() - start
+                        self.seconds[row] = time.perf_counter() - self.began[row]
                         self._measure_memory()  # the batch's bytes while it was in it
                         ended.add(row)
                     yield row, token
@@ -330,8 +353,32 @@ class Decoding:
             _sync(device)
             for row in rows:
                 if row not in ended:
-                    self.seconds[row] = time.perf_counter() - start
+                    self.seconds[row] = time.perf_counter() - self.began[row]
             self._measure_memory()
+
+    def _join(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Take the `joining` prompts into the batch: each a new row, appended to `rows` (in place) and to
+        the cache; returns the logits [len(rows), vocab] with theirs after."""
+        joiners = self.joining()
+        for joiner in joiners:
+            if not isinstance(joiner, Joiner) or joiner.max_new_tokens < 1:
+                raise ValueError(f"a row joins a batch as a Joiner that asks for a token or more, got {joiner!r}")
+            self.cache.join(joiner.prompt.cache)
+            rows.append(len(self.limits))
+            self.limits.append(joiner.max_new_tokens)
+            self.picks.append(joiner.pick)
+            self.eos.append(joiner.eos)
+            self.ends.append(joiner.ends)
+            self.lengths.append(joiner.prompt.prompt_tokens)
+            self.budgets.append(self._budget(joiner.max_new_tokens))
+            self.tokens.append([])
+            self.fed.append([])
+            self.seconds.append(0.0)
+            self.finish.append("")
+            self.began.append(time.perf_counter())
+        if not joiners:
+            return logits
+        return torch.cat([logits, torch.stack([j.prompt.logits for j in joiners]).to(logits)])
 
     def _pick(self, rows: list[int], logits: torch.Tensor) -> list[int]:
         """The rows' next tokens from their logits [len(rows), vocab], each by its own pick."""
@@ -354,7 +401,7 @@ class Decoding:
         if not self.hybrid:
             out = self.model(input_ids=latest, position_ids=positions, cache=self.cache, use_cache=True)
             return out.logits[:, -1]
-        # every row left has fed as many tokens: a near tie runs the newest not yet exact again
+        # a near tie runs the newest positions not yet exact again, given the tokens each row fed
         budgets = [self.budgets[r] for r in rows]
         step = forward_step(self.model, self.cache, latest, positions, fed=[self.fed[r] for r in rows], budgets=budgets)
         for r, row_share in zip(rows, step.rows):
@@ -384,7 +431,7 @@ def _per_row(value, rows: int, name: str, kind) -> list:
         return [value] * rows
     if len(value) != rows or not all(isinstance(v, kind) for v in value):
         raise ValueError(f"{name}, given as a list, must give each of the {rows} rows its own, got {value!r}")
-    return value
+    return list(value)
 
 
 def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefilled, weights: int) -> None:

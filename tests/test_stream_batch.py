@@ -1,12 +1,14 @@
 """Prompts decoded together, each with its own sampling (HybridLLM.stream_batch, engine.sampling): each
 streams what it streams alone, ends by its own length, stop strings or its consumer's leaving, and the
-batch goes on without it."""
+batch goes on without it; prompts that join a running batch (`more`) stream what they stream alone too."""
 
 import pytest
 import torch
 
 from engine.api import HybridLLM
-from engine.generation import Decoding, GenerationReport
+from engine.cache import HybridCache
+from engine.decode.recheck import forward_step
+from engine.generation import Decoding, GenerationReport, Joiner, prefill_prompt
 from engine.sampling import Sampling
 from engine.stop import StopStrings
 from tests.conftest import tiny_llama
@@ -29,12 +31,12 @@ def prompts():
 
 def streamed(llm, prompts, sampling, **kwargs):
     """Each prompt's text and finish from stream_batch, checking that a prompt's finish comes once, last."""
-    texts, finishes = [""] * len(prompts), [""] * len(prompts)
+    texts, finishes = {}, {}
     for row, piece, finish in llm.stream_batch(prompts, sampling, progress=False, **kwargs):
-        assert not finishes[row], f"prompt {row} went on after its finish"
-        texts[row] += piece
+        assert not finishes.get(row), f"prompt {row} went on after its finish"
+        texts[row] = texts.get(row, "") + piece
         finishes[row] = finish
-    return texts, finishes
+    return [texts.get(i, "") for i in range(len(texts))], [finishes.get(i, "") for i in range(len(finishes))]
 
 
 def alone(llm, prompt, s: Sampling):
@@ -132,3 +134,118 @@ def test_each_prompt_stops_at_an_end_token_or_not_as_its_sampling_says(llm, prom
     texts, finishes = streamed(llm, [prompts[0]] * 2, sampling, reports=reports)
     assert finishes == ["eos", "length"] and texts[1] == free.text
     assert reports[0].new_tokens == free.token_ids.index(end) + 1 and reports[1].new_tokens == NEW
+
+
+def joining_at(calls: dict[int, list]):
+    """A `more` for stream_batch: at its n-th call (from 1) the pairs calls[n], else none; `asked` counts."""
+    asked = []
+
+    def more():
+        asked.append(len(asked) + 1)
+        return calls.get(len(asked), [])
+
+    return more, asked
+
+
+def test_prompts_that_join_a_running_batch_stream_what_they_stream_alone(llm, prompts):
+    joined = [Sampling(NEW - 2, temperature=0.7, seed=3), Sampling(NEW - 6)]
+    more, asked = joining_at({3: [(prompts[1], joined[0])], 5: [(prompts[2], joined[1])]})
+    reports = [GenerationReport()]
+    order = []
+    texts = {}
+    for row, piece, finish in llm.stream_batch([prompts[0]], Sampling(NEW), reports=reports, more=more, progress=False):
+        order.append((row, finish))
+        texts[row] = texts.get(row, "") + piece
+    assert len(reports) == 3 and len(asked) >= 5
+    for row, (prompt, s) in enumerate(zip(prompts, [Sampling(NEW), *joined])):
+        want, want_report = alone(llm, prompt, s)
+        assert texts[row] == want
+        assert (reports[row].new_tokens, reports[row].decode_steps) == (want_report.new_tokens, s.max_new_tokens - 1)
+        assert reports[row].prompt_tokens == len(prompt) and reports[row].finish_reason == "length"
+    # the joined prompts took their tokens while the first was still decoding (one finish each, last)
+    firsts = [order.index(next(x for x in order if x[0] == row)) for row in (1, 2)]
+    assert all(first < order.index((0, "length")) for first in firsts)
+    assert [finish for row, finish in order if finish] == ["length"] * 3
+
+
+def test_a_joined_prompt_leaves_as_its_consumer_says_and_the_batch_goes_on(llm, prompts):
+    more, _ = joining_at({2: [(prompts[1], Sampling(NEW))]})
+    texts, finishes = streamed(llm, [prompts[0]], Sampling(NEW), more=more, leave=lambda row: row == 1)
+    assert finishes == ["length", "stop"] and texts[0] == alone(llm, prompts[0], Sampling(NEW))[0]
+
+
+@pytest.mark.parametrize(
+    ("joined", "match"),
+    [
+        ("not a list", "list of \\(prompt, Sampling\\) pairs"),
+        ([("a prompt", {"max_new_tokens": 3})], "list of \\(prompt, Sampling\\) pairs"),
+        ([("a prompt", Sampling(0))], "a token or more"),
+    ],
+)
+def test_what_joins_a_batch_is_checked(llm, prompts, joined, match):
+    more, _ = joining_at({1: joined})
+    with pytest.raises(ValueError, match=match):
+        list(llm.stream_batch([prompts[0]], Sampling(4), more=more, progress=False))
+
+
+def test_a_decoding_takes_joining_rows_only_in_a_batch_of_a_hybrid_cache(llm, prompts):
+    logits = torch.zeros(1, 5)
+    with pytest.raises(ValueError, match="rows join a batch"):
+        Decoding(None, None, logits, 3, joining=list)
+    with pytest.raises(ValueError, match="rows join a batch"):
+        Decoding(None, None, logits, 3, lengths=[4], joining=list)  # not a HybridCache
+    with torch.no_grad():
+        first, second = (prefill_prompt(llm.model, p[None], CFG, 4, progress=False) for p in prompts[:2])
+    try:
+        run = Decoding(
+            llm.model, first.cache, first.logits, 3, lengths=[len(prompts[0])], joining=lambda: [Joiner(second, 0)]
+        )
+        with pytest.raises(ValueError, match="a token or more"):
+            list(run)
+    finally:
+        first.cache.release()
+        second.cache.release()
+
+
+def test_a_joined_cache_is_moved_into_the_batch_and_given_up(llm, prompts):
+    ids = [p[None] for p in prompts[:2]]
+    with torch.no_grad():
+        first, second = (prefill_prompt(llm.model, x, CFG, 4, progress=False) for x in ids)
+    try:
+        layers = list(second.cache.layers)
+        first.cache.join(second.cache)
+        assert second.cache.layers == [] and all(b.batch_size == 2 for b in first.cache.layers)
+        assert all(b.seqs[1] is layer for b, layer in zip(first.cache.layers, layers))
+        assert first.cache.host_tokens(1) == len(prompts[1]) - CFG.resident_tokens
+        with pytest.raises(TypeError, match="another HybridCache"):
+            first.cache.join(first.cache)
+        with pytest.raises(ValueError, match="prefilled single-sequence caches"):
+            first.cache.join(HybridCache(llm.model, CFG, progress=False))
+    finally:
+        first.cache.release()
+
+
+def test_a_near_tie_after_a_join_runs_again_the_positions_every_row_fed(llm, prompts):
+    """Rows that joined at different steps have fed different numbers of tokens: a step run again exactly
+    runs as many of the newest positions as every one of its rows fed: the row that fed fewer is exact again."""
+    always = CFG.replace(recheck_margin=1e9, recheck_share=1.0, recheck_read_limit=0.0, recheck_widen=1.0)
+    model = llm.model
+    with torch.no_grad():
+        a, b = (prefill_prompt(model, p[None], always, 8, progress=False) for p in prompts[:2])
+    try:
+        fed_a, fed_b = [1, 2, 3], [4]
+        with torch.no_grad():
+            for token in fed_a:  # approximate steps: a plain forward pass is never re-checked
+                model(input_ids=torch.tensor([[token]]), cache=a.cache, use_cache=True)
+            model(input_ids=torch.tensor([[fed_b[0]]]), cache=b.cache, use_cache=True)
+            a.cache.join(b.cache)
+            fed_a, fed_b = fed_a + [5], fed_b + [6]
+            lengths = [len(prompts[0]) + len(fed_a) - 1, len(prompts[1]) + len(fed_b) - 1]
+            step = forward_step(model, a.cache, torch.tensor([[5], [6]]), torch.tensor([[n] for n in lengths]),
+                                fed=[fed_a, fed_b])  # fmt: skip
+            whole = torch.cat([prompts[1], torch.tensor(fed_b)])[None]
+            full = model(input_ids=whole, use_cache=False).logits[0, -1]
+        assert step.rechecked == 2 and a.cache.approximate_newest(1) == 0
+        torch.testing.assert_close(step.logits[1], full, atol=1e-4, rtol=1e-4)
+    finally:
+        a.cache.release()

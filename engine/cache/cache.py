@@ -127,16 +127,7 @@ class HybridCache(Cache):
         if not caches or not all(isinstance(c, HybridCache) for c in caches):
             raise TypeError("HybridCache.stack takes a non-empty list of HybridCache")
         first = caches[0]
-        for c in caches[1:]:
-            if c.offload_config != first.offload_config or c.shape != first.shape:
-                raise ValueError("stacked caches must share the model and the offload configuration")
-        for c in caches:
-            if any(not isinstance(layer, HybridLayer) or not layer.is_initialized for layer in c.layers):
-                raise ValueError("stack prefilled single-sequence caches (every layer holds one sequence)")
-            for layer in c.layers:  # builds overlapped with a prefill finish in their cache's threads
-                layer.wait_for_build()
-                layer.builder = None
-            c.close()
+        _hand_over(caches, first)
         batch = cls.__new__(cls)
         Cache.__init__(
             batch,
@@ -151,6 +142,23 @@ class HybridCache(Cache):
         for c in caches:  # the layers now belong to the batch
             c.layers = []
         return batch
+
+    def join(self, other: HybridCache) -> None:
+        """Take the one sequence of `other` (prefilled alone) into this cache, between decode steps, as the
+        last sequence of its batch (a cache of one sequence becomes a batch of two): its layers are moved,
+        not copied, and `other` given up. The batch's timeline grows to the longest sequence's."""
+        if not isinstance(other, HybridCache) or other is self:
+            raise TypeError("HybridCache.join takes another HybridCache")
+        _hand_over([other], self)
+        if any(isinstance(layer, HybridLayer) and not layer.is_initialized for layer in self.layers):
+            raise ValueError("a sequence joins a cache whose every layer holds its sequences (after a prefill)")
+        self.layers = [
+            BatchLayer([layer], layer.n_seen) if isinstance(layer, HybridLayer) else layer for layer in self.layers
+        ]
+        for batch, layer in zip(self.layers, other.layers):
+            batch.seqs.append(layer)
+            batch.n_columns = max(batch.n_columns, layer.n_seen)
+        other.layers = []
 
     def sequence_layers(self) -> list[HybridLayer]:
         """Every sequence's layer, of every model layer."""
@@ -296,3 +304,21 @@ class HybridCache(Cache):
             "keys_scored_frac": keys / host if host else 0.0,
             "rated_frac": rated / host if host else 0.0,
         }
+
+
+def _hand_over(caches: list[HybridCache], like: HybridCache) -> None:
+    """Check that `caches` each hold one prefilled sequence of `like`'s model and offload configuration, and
+    make their layers ready to move into another cache: their overlapped index builds finished, their build
+    threads stopped."""
+    for c in caches:
+        if c.offload_config != like.offload_config or c.shape != like.shape:
+            raise ValueError("caches stacked or joined must share the model and the offload configuration")
+        if len(c.layers) != len(like.layers) or any(
+            not isinstance(layer, HybridLayer) or not layer.is_initialized for layer in c.layers
+        ):
+            raise ValueError("stack or join prefilled single-sequence caches (every layer holds one sequence)")
+    for c in caches:
+        for layer in c.layers:  # builds overlapped with a prefill finish in their cache's threads
+            layer.wait_for_build()
+            layer.builder = None
+        c.close()

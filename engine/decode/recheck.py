@@ -140,9 +140,9 @@ def forward_step(
 ) -> Step:
     """Feed tokens [B, 1] (at position_ids [B, 1], or after the cache's positions) through the
     model with a HybridCache. `fed` holds each row's tokens fed since the prompt, ending with
-    its token in `tokens`, equally many per row (None: `tokens` alone); `budgets` say which rows
-    may run again at this step, and how (None: all; `RecheckBudget`). At a near tie a row's step
-    first runs again wider (`recheck_widen` > 1), up to `recheck_wider_runs` times, each wider
+    its token in `tokens` (rows that joined a running batch have fed fewer; None: `tokens` alone);
+    `budgets` say which rows may run again at this step, and how (None: all; `RecheckBudget`). At
+    a near tie a row's step first runs again wider (`recheck_widen` > 1), up to `recheck_wider_runs` times, each wider
     than the one before, while its two highest logits still lie within `recheck_wide_margin`;
     where the widest run leaves a near tie too, the row's newest positions that approximate
     steps wrote since its last exact run (at most `OffloadConfig.exact_span` of them) run again exactly;
@@ -202,7 +202,7 @@ def forward_step(
         rows = sorted(tied)
     rows = [r for r in rows if affords(r, 1.0, exact=True)]
     if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
-        n = 1 if fed is None else min(len(fed[0]), cfg.exact_span(max(map(cache.host_tokens, rows))))
+        n = 1 if fed is None else min(min(len(fed[r]) for r in rows), cfg.exact_span(max(map(cache.host_tokens, rows))))
         n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
         ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
         positions = None
