@@ -1,7 +1,9 @@
 """The server's engine thread (`Scheduler`): requests wait in order for the one thread that runs the
 engine, and those that wait together and need no kept cache (a plain prompt, not a document's, not the
 next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
-own sampling. A request alone, or one that continues the kept cache, runs by itself as before.
+own sampling; such requests that come while a batch runs join it between two of its steps (continuous
+batching), while the first waiting request is one. A request alone, or one that continues the kept
+cache, runs by itself as before.
 
 Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
 (the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""
@@ -55,7 +57,8 @@ class Job:
 class Scheduler:
     """The one thread that runs `completions` (engine.server.Completions): `submit` queues a request's
     Job, which the thread takes in order, batching what it can (`Completions.batchable`, up to
-    `max_batch`; 1: one request at a time)."""
+    `max_batch`; 1: one request at a time), and letting what may join a running batch join it
+    (`Completions.joinable`)."""
 
     def __init__(self, completions, max_batch: int = 8):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
@@ -84,7 +87,7 @@ class Scheduler:
             self._closed = True
             left, self._waiting = list(self._waiting), deque()
             self._ready.notify()
-        for job in self._running:
+        for job in list(self._running):
             job.gone.set()
         for job in left:
             job.send("error", RuntimeError("the server closed before this request ran"))
@@ -93,16 +96,33 @@ class Scheduler:
 
     def _serve(self) -> None:
         while (jobs := self._take()) is not None:
-            self._running = jobs
+            self._running = list(jobs)
             try:
                 if len(jobs) == 1:
                     self.completions.run_alone(jobs[0])
                 else:
-                    self.completions.run_batch(jobs)
+                    self.completions.run_batch(jobs, self._joining)
             except Exception as error:  # the thread goes on; each job hears of it (those that heard the end ignore it)
-                log.exception("error in a generation of %d request(s)", len(jobs))
-                for job in jobs:
+                log.exception("error in a generation of %d request(s)", len(self._running))
+                for job in self._running:
                     job.send("error", error)
+
+    def _joining(self, running: int) -> list[Job]:
+        """The waiting jobs that join the running batch of `running` sequences now: from the front of the
+        queue, while each may join (`Completions.joinable`), up to `max_batch` sequences in all. The first
+        that may not waits for the batch's end, and every job after it waits with it: none is overtaken
+        for long."""
+        taken = []
+        with self._ready:
+            while (
+                not self._closed
+                and self._waiting
+                and running + len(taken) < self.max_batch
+                and self.completions.joinable(self._waiting[0])
+            ):
+                taken.append(self._waiting.popleft())
+        self._running.extend(taken)
+        return taken
 
     def _take(self) -> list[Job] | None:
         """The next jobs to run: the first waiting, with those after it that batch with it (None: closed)."""

@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -255,10 +255,14 @@ class Completions:
         if len(request.prompts) > 1 or request.document is not None:
             return False
         try:
-            job.ids = self.llm.encode(request.prompt)
+            job.ids = self.llm.encode(request.prompt) if job.ids is None else job.ids
         except (ValueError, TypeError):  # refused: alone, where the error reaches its client
             return False
         return not (self.cache.reuse_prompts and self.cache.kept.continues(job.ids))
+
+    def joinable(self, job) -> bool:
+        """Whether the job may join a batch that is running: one that may be batched, asking for a token or more."""
+        return job.request.max_tokens > 0 and self.batchable(job)
 
     def run_alone(self, job) -> None:
         """The job's request by itself: its response or its chunks sent to it."""
@@ -275,33 +279,43 @@ class Completions:
         except Exception as error:  # ValueError: what the engine refuses in the prompt
             job.send("error", error)
 
-    def run_batch(self, jobs: list) -> None:
+    def run_batch(self, jobs: list, more: Callable[[int], list] | None = None) -> None:
         """The jobs' requests decoded as one batch; each job is sent its own response, or chunks, as its
-        sequence goes. The kept cache stays as it is (a conversation's next turn still finds it)."""
-        requests = [job.request for job in jobs]
-        reports = [GenerationReport() for _ in jobs]
-        heads = [self._head(r, ".chunk" if r.stream and r.messages is not None else "") for r in requests]
-        texts: list[list[str]] = [[] for _ in jobs]
-        sampling = [Sampling(r.max_tokens, **r.sampling) for r in requests]
+        sequence goes. `more(running)`, asked between steps with the number of sequences decoding, gives
+        jobs (`joinable`) that join the batch there. The kept cache stays as it is (a conversation's next
+        turn still finds it)."""
+        batch = _Batch(lambda r: self._head(r, ".chunk" if r.stream and r.messages is not None else ""))
         log.info("a batch of %d requests", len(jobs))
+
+        def joining() -> list[tuple]:
+            new = more(len(batch.running))
+            if new:
+                log.info("%d request(s) joined the batch, now %d", len(new), len(batch.running) + len(new))
+            return [(job.ids, s) for job, s in zip(new, batch.add(new))]
+
+        sampling = batch.add(jobs)
+        batch.reports = [GenerationReport() for _ in jobs]
         pieces = self.llm.stream_batch(
             [job.ids for job in jobs],
             sampling,
-            reports=reports,
-            leave=lambda row: jobs[row].gone.is_set(),
+            reports=batch.reports,
+            leave=lambda row: batch.jobs[row].gone.is_set(),
             progress=False,
+            more=None if more is None else joining,
         )
         with closing(pieces):
             for row, piece, finish in pieces:
-                job, request, head = jobs[row], requests[row], heads[row]
+                job, head = batch.jobs[row], batch.heads[row]
+                request = job.request
                 if request.stream:
-                    if not texts[row] and request.messages is not None:
+                    if not batch.texts[row] and request.messages is not None:
                         job.send("chunk", _role_chunk(head))
                     if piece:
                         job.send("chunk", head | {"choices": [self._choice(request, 0, piece, None, delta=True)]})
-                texts[row].append(piece)
+                batch.texts[row].append(piece)
                 if finish:
-                    self._finish(job, head, "".join(texts[row]), reports[row], len(jobs))
+                    batch.running.discard(row)
+                    self._finish(job, head, "".join(batch.texts[row]), batch.reports[row], batch.most[row])
 
     def _finish(self, job, head: dict, text: str, report, batch: int) -> None:
         """A batched job's end: its response, or its stream's last chunks."""
@@ -383,6 +397,31 @@ class Completions:
             return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
         message = ({"content": text} if text else {}) if delta else {"role": "assistant", "content": text}
         return {"index": index, ("delta" if delta else "message"): message, "finish_reason": reason}
+
+
+class _Batch:
+    """The jobs of a running batch, by row (their order in it, joined ones after), with what each has been sent."""
+
+    def __init__(self, head: Callable[[Request], dict]):
+        self.head = head  # a request's response head (its id, kind, time)
+        self.jobs: list = []
+        self.reports: list[GenerationReport] = []  # one a row: stream_batch appends those of the rows that join
+        self.texts: list[list[str]] = []
+        self.heads: list[dict] = []
+        self.running: set[int] = set()  # the rows still decoding
+        self.most: list[int] = []  # per row, the most sequences decoded together while it ran
+
+    def add(self, jobs: list) -> list[Sampling]:
+        """The jobs as the batch's next rows; returns their Sampling."""
+        for job in jobs:
+            self.running.add(len(self.jobs))
+            self.jobs.append(job)
+            self.heads.append(self.head(job.request))
+            self.texts.append([])
+            self.most.append(0)
+        for row in self.running:
+            self.most[row] = max(self.most[row], len(self.running))
+        return [Sampling(job.request.max_tokens, **job.request.sampling) for job in jobs]
 
 
 def _role_chunk(head: dict) -> dict:

@@ -584,12 +584,26 @@ def test_bench_serve_quick(tmp_path):
     out = tmp_path / "serve.json"
     script("bench.speed.serve").main(["--quick", "--context", "200", "--new-tokens", "3", "--json", str(out)])
     result = json.loads(out.read_text())
-    one, batched = result["runs"]
-    assert one["max_batch"] == 1 and one["batches"] == [1, 1, 1]
-    assert batched["max_batch"] == 8 and sorted(batched["batches"]) == [1, 2, 2]  # the first ran alone
-    for run in (one, batched):
+    one, start, joining = result["runs"]
+    assert (one["way"], one["max_batch"], one["batches"]) == ("one at a time", 1, [1, 1, 1])
+    for run in (start, joining):
+        assert run["max_batch"] == 8 and sorted(run["batches"]) == [1, 2, 2]  # the first ran alone
+    for run in (one, start, joining):
         assert run["completion_tokens"] == 3 * 3 and run["same_answers"] == 3  # ignore_eos: each its length
+    assert set(result["summary"]) == {"one at a time", "batches at the start", "joining"}
     assert "answers as one at a time" in script("bench.tables").clients(result)
+
+
+def test_bench_serve_sends_requests_apart_with_stagger(tmp_path):
+    """(Which requests join a running batch depends on timing: tests/test_server.py holds the engine to see it.)"""
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--clients", "2", "--context", "200", "--new-tokens", "2", "--stagger", "0.05"]
+    script("bench.speed.serve").main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["stagger"] == 0.05 and all(run["same_answers"] == 2 for run in result["runs"])
+    assert "2 clients sent one every 0.05 s" in script("bench.tables").clients(result)
+    with pytest.raises(SystemExit):
+        script("bench.speed.serve").main(["--quick", "--stagger", "-1"])
 
 
 def test_bench_prefix_conversations_quick(tmp_path):

@@ -380,15 +380,37 @@ class Recording:
     def batchable(self, job):
         return job.request != "alone"
 
+    def joinable(self, job):
+        return self.batchable(job)
+
     def run_alone(self, job):
         if not self.runs:
             self.gate.wait(30)
         self.runs.append([job.request])
         job.send("response", {})
 
-    def run_batch(self, jobs):
+    def run_batch(self, jobs, more):
         self.runs.append([job.request for job in jobs])
         for job in jobs:
+            job.send("response", {})
+
+
+class Joining(Recording):
+    """A Recording whose first batch, once `joins` is set, asks for jobs to join it twice: with all its
+    sequences decoding, then as if all but one had ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.joins, self.asked = threading.Event(), threading.Event()
+
+    def run_batch(self, jobs, more):
+        if len(self.runs) > 1:
+            return super().run_batch(jobs, more)
+        self.asked.set()
+        self.joins.wait(30)
+        joined = [more(len(jobs)), more(1)]
+        self.runs.append([job.request for job in jobs] + [[job.request for job in j] for j in joined])
+        for job in jobs + joined[0] + joined[1]:
             job.send("response", {})
 
 
@@ -409,6 +431,24 @@ def test_requests_that_wait_together_run_in_batches_in_their_order():
         scheduler.submit("late")
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(completions, max_batch=0)
+
+
+def test_requests_that_come_while_a_batch_runs_join_it_in_their_order():
+    completions = Joining()
+    scheduler = Scheduler(completions, max_batch=3)
+    jobs = [scheduler.submit("busy")]
+    while not completions.gate.is_set() and scheduler._waiting:
+        time.sleep(0.01)
+    jobs += [scheduler.submit(name) for name in ("a", "b")]
+    completions.gate.set()
+    assert completions.asked.wait(30)  # the batch [a b] runs
+    jobs += [scheduler.submit(name) for name in ("c", "d", "alone", "e")]
+    completions.joins.set()
+    for job in jobs:
+        assert job.response() == {}
+    scheduler.close()
+    # c joins (3 at most), then d as the batch has room; "alone" may not join, and e waits behind it
+    assert completions.runs == [["busy"], ["a", "b", ["c"], ["d"]], ["alone"], ["e"]]
 
 
 def test_closing_the_scheduler_ends_the_generation_under_way():
@@ -505,6 +545,52 @@ def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
     assert got[3]["choices"][0]["finish_reason"] == "length"  # the one before, alone
 
 
+def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alone(held, llm, monkeypatch):
+    server, release = held
+    scheduler = server.scheduler
+    joining, asked = scheduler._joining, []
+
+    def held_joining(running):  # the batch's first step waits for the third request
+        if not asked:
+            deadline = time.monotonic() + 60
+            while not scheduler._waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+        asked.append(running)
+        return joining(running)
+
+    monkeypatch.setattr(scheduler, "_joining", held_joining)
+    words = "The grass is green and the sky is blue. ".split()
+    bodies = [{"prompt": " ".join(words[i:] * 10), "max_tokens": NEW - i, **GREEDY} for i in range(3)]
+    bodies[2] |= {"temperature": 0.8, "seed": 5}
+    got = [None] * 4
+
+    def ask(i, body):
+        got[i] = answer(server, "/completions", body)
+
+    first = threading.Thread(target=ask, args=(3, {"prompt": "x y z", "max_tokens": 2}))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not server.scheduler._running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batched = [threading.Thread(target=ask, args=(i, bodies[i])) for i in range(2)]
+    for t in batched:
+        t.start()
+    release(waiting=2)
+    while not asked and time.monotonic() < deadline:  # the batch of two started
+        time.sleep(0.01)
+    late = threading.Thread(target=ask, args=(2, bodies[2]))
+    late.start()
+    for t in [first, *batched, late]:
+        t.join(timeout=120)
+    assert asked[0] == 2 and asked[1] == 3  # the third joined at the batch's first step
+    for body, response in zip(bodies, got):
+        sampling = {k: body[k] for k in ("temperature", "seed") if k in body}
+        want = llm.generate(body["prompt"], body["max_tokens"], progress=False, **sampling)
+        assert response["choices"][0]["text"] == want.text
+        assert response["usage"]["completion_tokens"] == want.report.new_tokens
+        assert response["hybridattn"][0]["batch"] == 3
+
+
 def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     answer(server, "/completions", {"prompt": prompt, "max_tokens": 2, **GREEDY})  # kept
     completions = server.completions
@@ -512,6 +598,9 @@ def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     assert completions.batchable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
     assert not completions.batchable(Job(parse_request({"prompt": "Q", "document": prompt}, **REQUEST)))
     assert not completions.batchable(Job(parse_request({"prompt": ["a b", "c d"]}, **REQUEST)))
+    assert completions.joinable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
+    assert not completions.joinable(Job(parse_request({"prompt": "Another prompt", "max_tokens": 0}, **REQUEST)))
+    assert not completions.joinable(Job(parse_request({"prompt": prompt + " And"}, **REQUEST)))
 
 
 def test_ignore_eos_runs_an_answer_to_its_max_tokens(server):

@@ -1,17 +1,19 @@
-"""Clients at once: N requests sent together to the engine's HTTP server (engine.server), each its own
-prompt, answered in batches (`--max-batch`, the server's default 8) against one at a time
-(`max_batch` 1), on the bundled model, in one run, the two ways in turns.
+"""Clients at once: N requests sent to the engine's HTTP server (engine.server), each its own prompt, all
+together or one every `--stagger` seconds, answered three ways in one run, in turns: one at a time
+(`max_batch` 1); in batches formed only when the engine takes what waits (`max_batch` `--max-batch`, no
+request joining a running batch: the server before continuous batching); and as the server runs by
+default, where requests that come while a batch runs join it between its steps.
 
 Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens`
 greedy tokens with no end-of-sequence stop, so that every answer runs its full length. The first
-request to arrive finds the engine free and runs alone; those that arrive while it runs wait and
-are taken together. Per way and round: the seconds from sending the first request to the last
-answer, the completion tokens per second of that, the prompts' prefill seconds (one after another
-either way) and the tokens per second of the rest of the time, each request's mean seconds to its
-answer, the batch sizes the server reported, and how many answers are the ones one at a time gives
-(greedy: the same tokens, up to the batch's rounding).
+request to arrive finds the engine free and runs alone. Per way and round: the seconds from sending
+the first request to the last answer, the completion tokens per second of that, the prompts' prefill
+seconds (one after another in every way) and the tokens per second of the rest of the time, each
+request's mean seconds to its answer, the most requests each was decoded with (the server's
+`hybridattn[0].batch`), and how many answers are the ones one at a time gives (greedy: the same
+tokens, up to the batch's rounding).
 
-    python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64]
+    python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
                                 [--rounds 2] [--threads 2] [--json PATH]
 """
 
@@ -30,10 +32,16 @@ from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.server import Server
 
+WAYS = ("one at a time", "batches at the start", "joining")
 
-def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int) -> dict:
-    """The prompts sent at once to a server of `max_batch`: the wall seconds, each answer and its seconds."""
+
+def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int, way: str, stagger: float) -> dict:
+    """The prompts sent, `stagger` seconds apart, to a server answering `way` (of WAYS) with `max_batch`: the
+    wall seconds, each answer and its seconds."""
+    max_batch = 1 if way == WAYS[0] else max_batch
     server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=False)
+    if way == WAYS[1]:  # the server as it was before requests joined running batches
+        server.completions.joinable = lambda job: False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     answers: list[dict | None] = [None] * len(prompts)
@@ -54,7 +62,7 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
     try:
         for client in clients:
             client.start()
-            time.sleep(0.01)  # in order: the first finds the engine free
+            time.sleep(stagger or 0.01)  # in order: the first finds the engine free
         for client in clients:
             client.join()
     finally:
@@ -64,6 +72,7 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
     tokens = sum(a["tokens"] for a in answers)
     prefill = sum(a["prefill_s"] for a in answers)  # the prompts are prefilled one after another either way
     return {
+        "way": way,
         "max_batch": max_batch,
         "wall_s": round(wall, 3),
         "prefill_s": round(prefill, 3),
@@ -79,35 +88,40 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
 def main(argv=None) -> None:
     p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="3 clients, 256-token prompts, 8 new tokens, one round")
-    p.add_argument("--clients", type=options.positive_int, help="requests sent at once (default 8; --quick: 3)")
+    p.add_argument("--clients", type=options.positive_int, help="requests sent (default 8; --quick: 3)")
     p.add_argument("--context", type=options.positive_int, help="each prompt's tokens (default 1024; --quick: 256)")
     p.add_argument("--new-tokens", type=options.positive_int, help="tokens each answer takes (default 64; --quick: 8)")
+    p.add_argument("--stagger", type=float, default=0.0, help="seconds between two clients' requests (0: at once)")
     p.add_argument("--max-batch", type=options.positive_int, default=8, help="the batched server's max_batch")
-    p.add_argument("--rounds", type=options.positive_int, help="turns of the two ways (default 2; --quick: 1)")
+    p.add_argument("--rounds", type=options.positive_int, help="turns of the three ways (default 2; --quick: 1)")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
+    if not 0 <= args.stagger < 3600:
+        p.error(f"--stagger must be seconds in [0, 3600), got {args.stagger}")
     options.quick_defaults(args, clients=(3, 8), context=(256, 1024), new_tokens=(8, 64), rounds=(1, 2))
     options.pin_threads(args.threads)
     llm = HybridLLM.from_pretrained(offload=OffloadConfig(device="cpu"))
     prompts = [make_sample("passkey", args.context, llm.tokenizer, seed=i).prompt for i in range(args.clients)]
     runs = []
     for round_ in range(args.rounds):
-        for max_batch in (1, args.max_batch):
-            runs.append({"round": round_, **answered(llm, prompts, args.new_tokens, max_batch)})
+        for way in WAYS:
+            runs.append({"round": round_, **answered(llm, prompts, args.new_tokens, args.max_batch, way, args.stagger)})
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "answers"}), flush=True)
-    alone = next(r for r in runs if r["max_batch"] == 1)["answers"]
+    alone = next(r for r in runs if r["way"] == WAYS[0])["answers"]
     for run in runs:
         run["same_answers"] = sum(a == b for a, b in zip(run["answers"], alone))
     summary = {}
-    for max_batch in (1, args.max_batch):
-        mine = [r for r in runs if r["max_batch"] == max_batch]
-        summary[max_batch] = {k: round(statistics.median(r[k] for r in mine), 3) for k in ("wall_s", "tokens_per_s")}
-        summary[max_batch]["same_answers"] = min(r["same_answers"] for r in mine)
-    summary["speed_up"] = round(summary[1]["wall_s"] / summary[args.max_batch]["wall_s"], 2)
+    for way in WAYS:
+        mine = [r for r in runs if r["way"] == way]
+        keys = ("wall_s", "tokens_per_s", "mean_request_s")
+        summary[way] = {k: round(statistics.median(r[k] for r in mine), 3) for k in keys}
+        summary[way]["same_answers"] = min(r["same_answers"] for r in mine)
+    for way in WAYS[1:]:
+        summary[way]["speed_up"] = round(summary[WAYS[0]]["wall_s"] / summary[way]["wall_s"], 2)
     print(json.dumps(summary), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "clients": args.clients, "context": args.context}
-        config.update(new_tokens=args.new_tokens, rounds=args.rounds, max_batch=args.max_batch)
+        config.update(new_tokens=args.new_tokens, rounds=args.rounds, max_batch=args.max_batch, stagger=args.stagger)
         write_json(args.json, {"config": config, "runs": runs, "summary": summary})
 
 
