@@ -341,20 +341,25 @@ def clients(result: dict) -> str:
     joining running batches, each round."""
     cfg = result["config"]
     head = ["way", "round", "seconds to the last answer", "tokens/s", "prefill s", "tokens/s after it"]
-    head += ["mean seconds per request", "most decoded together", "answers as one at a time"]
+    head += ["mean seconds to a first token", "mean seconds per request", "most decoded together"]
+    head += ["answers as one at a time"]
     rows = []
     for r in result["runs"]:
         sizes = ", ".join(map(str, sorted(r["batches"])))
         rows.append([r["way"], r["round"], f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}"])
         rows[-1] += [f"{r['prefill_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}"]
-        rows[-1] += [f"{r['mean_request_s']:.2f}", sizes, f"{r['same_answers']} of {len(r['answers'])}"]
+        rows[-1] += [f"{r['mean_first_token_s']:.2f}", f"{r['mean_request_s']:.2f}", sizes]
+        rows[-1].append(f"{r['same_answers']} of {len(r['answers'])}")
     sent = f"one every {cfg['stagger']:g} s" if cfg.get("stagger") else "at once"
     note = f"{cfg['model']}, {cfg['clients']} clients sent {sent}, prompts of {cfg['context']} tokens, "
     note += f"{cfg['new_tokens']} greedy tokens each, {cfg['threads']} threads, max_batch {cfg['max_batch']}; "
     speed = [f"{way} {s['speed_up']}x" for way, s in result["summary"].items() if "speed_up" in s]
-    waits = [f"{way} {s['mean_request_s']:.1f} s" for way, s in result["summary"].items()]
+    waits = [
+        f"{way} {s['mean_first_token_s']:.1f} s and {s['mean_request_s']:.1f} s" for way, s in result["summary"].items()
+    ]
     note += "against one at a time (median seconds to the last answer): " + ", ".join(speed)
-    note += "; median of the mean seconds per request: " + ", ".join(waits)
+    note += "; a request's mean seconds to its first token and to its answer (medians of the rounds): "
+    note += ", ".join(waits)
     return note + "\n\n" + table(head, rows)
 
 

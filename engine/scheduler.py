@@ -1,15 +1,17 @@
 """The server's engine thread (`Scheduler`): requests wait in order for the one thread that runs the
 engine, and those that wait together and need no kept cache (a plain prompt, not a document's, not the
 next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
-own sampling; such requests that come while a batch runs join it between two of its steps (continuous
-batching), while the first waiting request is one. A request alone, or one that continues the kept
-cache, runs by itself as before.
+own sampling. The batch starts with the first of them, and the others join it one between two of its
+steps, and so do such requests that come while it runs (continuous batching): each has its first token
+after its own prefill, and a step waits for one prefill at most. A request alone, or one that
+continues the kept cache, runs by itself as before.
 
 Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
 (the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -57,13 +59,15 @@ class Job:
 class Scheduler:
     """The one thread that runs `completions` (engine.server.Completions): `submit` queues a request's
     Job, which the thread takes in order, batching what it can (`Completions.batchable`, up to
-    `max_batch`; 1: one request at a time), and letting what may join a running batch join it
-    (`Completions.joinable`)."""
+    `max_batch`; 1: one request at a time), and with `join` letting what may join a running batch
+    join it (`Completions.joinable`; without, a batch is taken whole and runs to its end)."""
 
-    def __init__(self, completions, max_batch: int = 8):
+    def __init__(self, completions, max_batch: int = 8, *, join: bool = True):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        self.completions, self.max_batch = completions, max_batch
+        if not isinstance(join, bool):
+            raise ValueError(f"join must be True or False, got {join!r}")
+        self.completions, self.max_batch, self.join = completions, max_batch, join
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -100,32 +104,49 @@ class Scheduler:
             try:
                 if len(jobs) == 1:
                     self.completions.run_alone(jobs[0])
-                else:
-                    self.completions.run_batch(jobs, self._joining)
+                elif not self.join:  # prefilled together, decoded to the end
+                    self.completions.run_batch(jobs)
+                else:  # the others join one by one: each has its first token after its own prefill
+                    admitted = deque(jobs[1:])
+                    self.completions.run_batch(jobs[:1], functools.partial(self._joining, admitted=admitted))
+                    self._put_back(admitted)  # the batch ended before they joined
             except Exception as error:  # the thread goes on; each job hears of it (those that heard the end ignore it)
                 log.exception("error in a generation of %d request(s)", len(self._running))
                 for job in self._running:
                     job.send("error", error)
 
-    def _joining(self, running: int) -> list[Job]:
-        """The waiting jobs that join the running batch of `running` sequences now: from the front of the
-        queue, while each may join (`Completions.joinable`), up to `max_batch` sequences in all. The first
-        that may not waits for the batch's end, and every job after it waits with it: none is overtaken
-        for long."""
-        taken = []
+    def _joining(self, running: int, admitted: deque[Job]) -> list[Job]:
+        """The job that joins the running batch of `running` sequences between two of its steps: one at a
+        time, so that the batch's steps wait for one prefill at most, and each that joins has its first
+        token after its own prefill. First those `admitted` with the batch when it was taken, then the
+        waiting jobs from the front of the queue, while the first may join (`Completions.joinable`), up to
+        `max_batch` sequences in all. A job that may not waits for the batch's end, and every job after it
+        waits with it: none is overtaken for long."""
         with self._ready:
-            while (
-                not self._closed
-                and self._waiting
-                and running + len(taken) < self.max_batch
-                and self.completions.joinable(self._waiting[0])
-            ):
-                taken.append(self._waiting.popleft())
-        self._running.extend(taken)
-        return taken
+            if self._closed:
+                return []
+            if admitted:
+                return [admitted.popleft()]
+            if not self._waiting or running >= self.max_batch:
+                return []
+            if not self.completions.joinable(self._waiting[0]):
+                return []
+            job = self._waiting.popleft()
+        self._running.append(job)
+        return [job]
+
+    def _put_back(self, jobs: deque[Job]) -> None:
+        """Jobs taken that did not run: first in the queue again (an error each where the server closed)."""
+        with self._ready:
+            if not self._closed:
+                self._waiting.extendleft(reversed(jobs))
+                return
+        for job in jobs:
+            job.send("error", RuntimeError("the server closed before this request ran"))
 
     def _take(self) -> list[Job] | None:
-        """The next jobs to run: the first waiting, with those after it that batch with it (None: closed)."""
+        """The next jobs to run: the first waiting, with those after it that batch with it (that may join
+        it: `Completions.joinable`) (None: closed)."""
         with self._ready:
             while not self._waiting and not self._closed:
                 self._ready.wait()
@@ -133,9 +154,10 @@ class Scheduler:
                 return None
             waiting, self._waiting = list(self._waiting), deque()
         first, taken, left = waiting[0], [waiting[0]], []
+        fits = self.completions.joinable if self.join else self.completions.batchable
         if self.max_batch > 1 and self.completions.batchable(first):
             for job in waiting[1:]:
-                if len(taken) < self.max_batch and self.completions.batchable(job):
+                if len(taken) < self.max_batch and fits(job):
                     taken.append(job)
                 else:
                     left.append(job)

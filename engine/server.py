@@ -545,7 +545,8 @@ def _error_body(error: RequestError) -> dict:
 
 class Server(ThreadingHTTPServer):
     """The HTTP server of one engine; `serve_forever()` serves until interrupted, `close()` after. Requests
-    that wait together are decoded in batches of up to `max_batch` (engine.scheduler)."""
+    that wait together are decoded in batches of up to `max_batch`, which with `join` those that come while
+    a batch runs join (engine.scheduler)."""
 
     daemon_threads = True
 
@@ -560,13 +561,14 @@ class Server(ThreadingHTTPServer):
         reuse_prompts: bool = True,
         prefix_folder=None,
         max_batch: int = 8,
+        join: bool = True,
     ):
         if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
         self.completions = Completions(llm, model, reuse_prompts=reuse_prompts, folder=prefix_folder)
         self.chat_max_tokens = chat_max_tokens
         super().__init__((host, port), Handler)
-        self.scheduler = Scheduler(self.completions, max_batch)
+        self.scheduler = Scheduler(self.completions, max_batch, join=join)
 
     @property
     def url(self) -> str:

@@ -350,12 +350,13 @@ def test_the_serve_command_serves_the_model_until_interrupted(llm, monkeypatch, 
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
     monkeypatch.setattr(Server, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(Server, "close", lambda self: closed.append(self) or self.server_close())
-    argv = ["serve", "--port", "0", "--served-name", "mine", "--prefix-dir", str(tmp_path / "kept")]
+    argv = ["serve", "--port", "0", "--served-name", "mine", "--prefix-dir", str(tmp_path / "kept"), "--no-join"]
     assert main([*argv, "--prefix-dir-gb", "0.5"]) == 130  # as Ctrl-C ends it
     err, url = capsys.readouterr().err, closed[0].url
     assert f"serving mine at {url}" in err and url.startswith("http://127.0.0.1:")
     folder = closed[0].completions.cache.kept.folder
     assert folder.folder == tmp_path / "kept" and folder.folder.is_dir() and folder.max_bytes == 2**29
+    assert closed[0].scheduler.join is False and closed[0].scheduler.max_batch == 8
 
 
 def test_the_serve_command_says_in_one_line_when_its_port_is_taken(llm, monkeypatch, capsys):
@@ -376,6 +377,7 @@ class Recording:
 
     def __init__(self):
         self.gate, self.runs, self.done = threading.Event(), [], threading.Event()
+        self.started = []  # each batch's jobs when it started
 
     def batchable(self, job):
         return job.request != "alone"
@@ -389,15 +391,18 @@ class Recording:
         self.runs.append([job.request])
         job.send("response", {})
 
-    def run_batch(self, jobs, more):
+    def run_batch(self, jobs, more=None):  # takes every job that joins, none ending
+        self.started.append(len(jobs))
+        while more is not None and (new := more(len(jobs))):
+            jobs = jobs + new
         self.runs.append([job.request for job in jobs])
         for job in jobs:
             job.send("response", {})
 
 
 class Joining(Recording):
-    """A Recording whose first batch, once `joins` is set, asks for jobs to join it twice: with all its
-    sequences decoding, then as if all but one had ended."""
+    """A Recording whose first batch, once `joins` is set, asks for jobs to join it as it grows to 3
+    sequences, then as if two had ended."""
 
     def __init__(self):
         super().__init__()
@@ -408,15 +413,20 @@ class Joining(Recording):
             return super().run_batch(jobs, more)
         self.asked.set()
         self.joins.wait(30)
-        joined = [more(len(jobs)), more(1)]
-        self.runs.append([job.request for job in jobs] + [[job.request for job in j] for j in joined])
-        for job in jobs + joined[0] + joined[1]:
+        names = [job.request for job in jobs]
+        for running in (1, 2, 3, 1, 2):
+            new = more(running)
+            jobs = jobs + new
+            names.append([job.request for job in new])
+        self.runs.append(names)
+        for job in jobs:
             job.send("response", {})
 
 
-def test_requests_that_wait_together_run_in_batches_in_their_order():
+@pytest.mark.parametrize("join", [True, False])
+def test_requests_that_wait_together_run_in_batches_in_their_order(join):
     completions = Recording()
-    scheduler = Scheduler(completions, max_batch=3)
+    scheduler = Scheduler(completions, max_batch=3, join=join)
     jobs = [scheduler.submit("busy")]
     while not completions.gate.is_set() and scheduler._waiting:  # the first taken: the engine busy with it
         time.sleep(0.01)
@@ -427,10 +437,13 @@ def test_requests_that_wait_together_run_in_batches_in_their_order():
     scheduler.close()
     # the plain ones batch, up to 3, in order; the one that must run alone waits its turn after the first batch
     assert completions.runs == [["busy"], ["a", "b", "c"], ["alone"], ["d", "e"]]
+    assert completions.started == ([1, 1] if join else [3, 2])  # joining, the others come one a step
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit("late")
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(completions, max_batch=0)
+    with pytest.raises(ValueError, match="join must be True or False"):
+        Scheduler(completions, join="no")
 
 
 def test_requests_that_come_while_a_batch_runs_join_it_in_their_order():
@@ -447,8 +460,29 @@ def test_requests_that_come_while_a_batch_runs_join_it_in_their_order():
     for job in jobs:
         assert job.response() == {}
     scheduler.close()
-    # c joins (3 at most), then d as the batch has room; "alone" may not join, and e waits behind it
-    assert completions.runs == [["busy"], ["a", "b", ["c"], ["d"]], ["alone"], ["e"]]
+    # one job a step: b (taken with a), c; none while 3 decode; d once there is room; "alone" may not join,
+    # and e waits behind it
+    assert completions.runs == [["busy"], ["a", ["b"], ["c"], [], ["d"], []], ["alone"], ["e"]]
+
+
+def test_jobs_taken_with_a_batch_that_ended_before_they_joined_run_next():
+    class Ending(Recording):
+        def run_batch(self, jobs, more):  # ends at once, asking for none
+            self.runs.append(["batch"] + [job.request for job in jobs])
+            for job in jobs:
+                job.send("response", {})
+
+    completions = Ending()
+    scheduler = Scheduler(completions, max_batch=3)
+    jobs = [scheduler.submit("busy")]
+    while not completions.gate.is_set() and scheduler._waiting:
+        time.sleep(0.01)
+    jobs += [scheduler.submit(name) for name in ("a", "b", "c")]
+    completions.gate.set()
+    for job in jobs:
+        assert job.response() == {}
+    scheduler.close()
+    assert completions.runs == [["busy"], ["batch", "a"], ["batch", "b"], ["c"]]
 
 
 def test_closing_the_scheduler_ends_the_generation_under_way():
@@ -457,6 +491,8 @@ def test_closing_the_scheduler_ends_the_generation_under_way():
     class Endless:
         def batchable(self, job):
             return True
+
+        joinable = batchable
 
         def run_alone(self, job):  # runs until its client leaves
             started.set()
@@ -550,13 +586,16 @@ def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alo
     scheduler = server.scheduler
     joining, asked = scheduler._joining, []
 
-    def held_joining(running):  # the batch's first step waits for the third request
-        if not asked:
+    both = threading.Event()
+
+    def held_joining(running, admitted):  # with the two decoding, the batch waits for the third request
+        if not admitted:
+            both.set()
             deadline = time.monotonic() + 60
-            while not scheduler._waiting and time.monotonic() < deadline:
+            while not asked and not scheduler._waiting and time.monotonic() < deadline:
                 time.sleep(0.01)
-        asked.append(running)
-        return joining(running)
+            asked.append(running)
+        return joining(running, admitted=admitted)
 
     monkeypatch.setattr(scheduler, "_joining", held_joining)
     words = "The grass is green and the sky is blue. ".split()
@@ -576,13 +615,12 @@ def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alo
     for t in batched:
         t.start()
     release(waiting=2)
-    while not asked and time.monotonic() < deadline:  # the batch of two started
-        time.sleep(0.01)
+    assert both.wait(60)  # the batch of two runs
     late = threading.Thread(target=ask, args=(2, bodies[2]))
     late.start()
     for t in [first, *batched, late]:
         t.join(timeout=120)
-    assert asked[0] == 2 and asked[1] == 3  # the third joined at the batch's first step
+    assert asked[:2] == [2, 3]  # the third joined at a step of the batch of two
     for body, response in zip(bodies, got):
         sampling = {k: body[k] for k in ("temperature", "seed") if k in body}
         want = llm.generate(body["prompt"], body["max_tokens"], progress=False, **sampling)

@@ -1,17 +1,17 @@
 """Clients at once: N requests sent to the engine's HTTP server (engine.server), each its own prompt, all
 together or one every `--stagger` seconds, answered three ways in one run, in turns: one at a time
-(`max_batch` 1); in batches formed only when the engine takes what waits (`max_batch` `--max-batch`, no
-request joining a running batch: the server before continuous batching); and as the server runs by
-default, where requests that come while a batch runs join it between its steps.
+(`max_batch` 1); in batches formed only when the engine takes what waits (`max_batch` `--max-batch`,
+`join=False`: `serve --no-join`); and as the server runs by default, where requests join a running
+batch between its steps, one a step, those that waited together included.
 
-Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens`
-greedy tokens with no end-of-sequence stop, so that every answer runs its full length. The first
-request to arrive finds the engine free and runs alone. Per way and round: the seconds from sending
-the first request to the last answer, the completion tokens per second of that, the prompts' prefill
-seconds (one after another in every way) and the tokens per second of the rest of the time, each
-request's mean seconds to its answer, the most requests each was decoded with (the server's
-`hybridattn[0].batch`), and how many answers are the ones one at a time gives (greedy: the same
-tokens, up to the batch's rounding).
+Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens` greedy
+tokens with no end-of-sequence stop, so that every answer runs its full length. The first request to
+arrive finds the engine free and runs alone. Per way and round: the seconds from sending the first
+request to the last answer, the completion tokens per second of that, the prompts' prefill seconds (one
+after another in every way) and the tokens per second of the rest of the time, the requests' mean
+seconds to their first text and to their whole answer (each streamed), the most requests each was
+decoded with (the server's `hybridattn[0].batch`), and how many answers are the ones one at a time gives
+(greedy: the same tokens, up to the batch's rounding).
 
     python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
                                 [--rounds 2] [--threads 2] [--json PATH]
@@ -39,22 +39,31 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
     """The prompts sent, `stagger` seconds apart, to a server answering `way` (of WAYS) with `max_batch`: the
     wall seconds, each answer and its seconds."""
     max_batch = 1 if way == WAYS[0] else max_batch
-    server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=False)
-    if way == WAYS[1]:  # the server as it was before requests joined running batches
-        server.completions.joinable = lambda job: False
+    join = way == WAYS[2]
+    server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=False, join=join)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     answers: list[dict | None] = [None] * len(prompts)
 
     def ask(i: int) -> None:
         body = {"prompt": prompts[i], "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
         request = urllib.request.Request(server.url + "/completions", data=json.dumps(body).encode())
         sent = time.perf_counter()
+        pieces, first, last = [], None, None
         with urllib.request.urlopen(request) as response:
-            got = json.loads(response.read())
-        answers[i] = {"text": got["choices"][0]["text"], "seconds": time.perf_counter() - sent}
-        report = got["hybridattn"][0]
-        answers[i].update(tokens=got["usage"]["completion_tokens"], batch=report.get("batch", 1))
+            for line in response:  # server-sent events: "data: {chunk}", then "data: [DONE]"
+                data = line.decode().strip().removeprefix("data: ")
+                if not data or data == "[DONE]":
+                    continue
+                chunk = json.loads(data)
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - sent if first is None else first
+                    pieces.append(chunk["choices"][0]["text"])
+                last = chunk if "usage" in chunk else last
+        answers[i] = {"text": "".join(pieces), "seconds": time.perf_counter() - sent, "first_token_s": first}
+        report = last["hybridattn"][0]
+        answers[i].update(tokens=last["usage"]["completion_tokens"], batch=report.get("batch", 1))
         answers[i]["prefill_s"] = report["prefill_s"] + report["index_build_s"]
 
     clients = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
@@ -80,6 +89,7 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2),
         "mean_request_s": round(statistics.mean(a["seconds"] for a in answers), 3),
+        "mean_first_token_s": round(statistics.mean(a["first_token_s"] for a in answers), 3),
         "batches": [a["batch"] for a in answers],
         "answers": [a["text"] for a in answers],
     }
@@ -113,7 +123,7 @@ def main(argv=None) -> None:
     summary = {}
     for way in WAYS:
         mine = [r for r in runs if r["way"] == way]
-        keys = ("wall_s", "tokens_per_s", "mean_request_s")
+        keys = ("wall_s", "tokens_per_s", "mean_request_s", "mean_first_token_s")
         summary[way] = {k: round(statistics.median(r[k] for r in mine), 3) for k in keys}
         summary[way]["same_answers"] = min(r["same_answers"] for r in mine)
     for way in WAYS[1:]:

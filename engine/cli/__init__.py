@@ -235,6 +235,12 @@ def _run(argv: list[str] | None) -> int:
         help="decode up to this many requests that wait together as one batch (1: one request at a time)",
     )
     s.add_argument(
+        "--join",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let requests that come while a batch runs join it between its steps (--no-join: they wait for its end)",
+    )
+    s.add_argument(
         "--reuse-prompts",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -214,6 +214,7 @@ def cmd_serve(args) -> int:
         reuse_prompts=args.reuse_prompts,
         prefix_folder=folder,
         max_batch=args.max_batch,
+        join=args.join,
     )
     logging.getLogger("engine.server").setLevel(logging.INFO)  # a line per request and per answer
     print(f"hybridattn: serving {server.completions.model} at {server.url} (Ctrl-C stops)", file=sys.stderr, flush=True)
