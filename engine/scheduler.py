@@ -3,8 +3,9 @@ engine, and those that wait together and need no kept cache (a plain prompt, not
 next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
 own sampling. The batch starts with the first of them, and the others join it one between two of its
 steps, and so do such requests that come while it runs (continuous batching): each has its first token
-after its own prefill, and a step waits for one prefill at most. A request alone, or one that
-continues the kept cache, runs by itself as before.
+after its own prefill, and a step waits for one prefill at most. A request alone runs by itself where
+its prompt is kept for the next (`Completions.alone`), else it starts a batch that others may join; one
+that continues the kept cache runs by itself as before.
 
 Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
 (the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""
@@ -102,7 +103,7 @@ class Scheduler:
         while (jobs := self._take()) is not None:
             self._running = list(jobs)
             try:
-                if len(jobs) == 1:
+                if len(jobs) == 1 and (not self.join or self.completions.alone(jobs[0])):
                     self.completions.run_alone(jobs[0])
                 elif not self.join:  # prefilled together, decoded to the end
                     self.completions.run_batch(jobs)

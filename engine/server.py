@@ -260,6 +260,11 @@ class Completions:
             return False
         return not (self.cache.reuse_prompts and self.cache.kept.continues(job.ids))
 
+    def alone(self, job) -> bool:
+        """Whether the job runs by itself, though it may start a batch that others join: where it may not be
+        batched, or where its prompt is kept for the next request (`reuse_prompts`), which a batch does not."""
+        return self.cache.reuse_prompts or not self.batchable(job)
+
     def joinable(self, job) -> bool:
         """Whether the job may join a batch that is running: one that may be batched, asking for a token or more."""
         return job.request.max_tokens > 0 and self.batchable(job)

@@ -579,15 +579,15 @@ def test_bench_prefix_quick(tmp_path):
 
 
 def test_bench_serve_quick(tmp_path):
-    """Clients at once: one at a time every request is its own batch; batched, those that waited together
-    share one, and every answer is the one it gets one at a time, each its full length."""
+    """Clients at once: one at a time every request is its own batch; in batches taken whole, those that
+    waited together share one, and every answer is the one it gets one at a time, each its full length."""
     out = tmp_path / "serve.json"
     script("bench.speed.serve").main(["--quick", "--context", "200", "--new-tokens", "3", "--json", str(out)])
     result = json.loads(out.read_text())
     one, start, joining = result["runs"]
     assert (one["way"], one["max_batch"], one["batches"]) == ("one at a time", 1, [1, 1, 1])
-    for run in (start, joining):
-        assert run["max_batch"] == 8 and sorted(run["batches"]) == [1, 2, 2]  # the first ran alone
+    assert start["max_batch"] == 8 and sorted(start["batches"]) == [1, 2, 2]  # the first ran alone
+    assert joining["max_batch"] == 8 and len(joining["batches"]) == 3  # who joined whom: timing's
     for run in (one, start, joining):
         assert run["completion_tokens"] == 3 * 3 and run["same_answers"] == 3  # ignore_eos: each its length
     assert set(result["summary"]) == {"one at a time", "batches at the start", "joining"}

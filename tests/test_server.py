@@ -236,6 +236,7 @@ def test_without_reuse_no_cache_is_kept(llm, prompt):
         ]
         assert all("kept" not in r["hybridattn"][0] for r in got) and server.completions.cache.prefix is None
         assert got[0]["choices"][0]["text"] == llm.generate(prompt, 4, progress=False).text
+        assert [r["hybridattn"][0]["batch"] for r in got] == [1, 1]  # each started a batch others could join
     finally:
         server.shutdown()
         server.close()
@@ -385,6 +386,9 @@ class Recording:
     def joinable(self, job):
         return self.batchable(job)
 
+    def alone(self, job):  # a request alone keeps its prompt for the next (the server's default)
+        return True
+
     def run_alone(self, job):
         if not self.runs:
             self.gate.wait(30)
@@ -465,6 +469,22 @@ def test_requests_that_come_while_a_batch_runs_join_it_in_their_order():
     assert completions.runs == [["busy"], ["a", ["b"], ["c"], [], ["d"], []], ["alone"], ["e"]]
 
 
+def test_a_request_alone_that_keeps_nothing_starts_a_batch_that_others_join():
+    class Keeping(Recording):
+        def alone(self, job):  # without reuse_prompts: nothing to keep
+            return job.request == "alone"
+
+    completions = Keeping()
+    scheduler = Scheduler(completions, max_batch=3)
+    jobs = [scheduler.submit("first")]
+    for job in jobs:
+        assert job.response() == {}
+    jobs = [scheduler.submit("alone")]
+    assert jobs[0].response() == {}
+    scheduler.close()
+    assert completions.runs == [["first"], ["alone"]] and completions.started == [1]  # "first" ran as a batch
+
+
 def test_jobs_taken_with_a_batch_that_ended_before_they_joined_run_next():
     class Ending(Recording):
         def run_batch(self, jobs, more):  # ends at once, asking for none
@@ -493,6 +513,9 @@ def test_closing_the_scheduler_ends_the_generation_under_way():
             return True
 
         joinable = batchable
+
+        def alone(self, job):
+            return True
 
         def run_alone(self, job):  # runs until its client leaves
             started.set()
@@ -639,6 +662,7 @@ def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     assert completions.joinable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
     assert not completions.joinable(Job(parse_request({"prompt": "Another prompt", "max_tokens": 0}, **REQUEST)))
     assert not completions.joinable(Job(parse_request({"prompt": prompt + " And"}, **REQUEST)))
+    assert completions.alone(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))  # kept next
 
 
 def test_ignore_eos_runs_an_answer_to_its_max_tokens(server):

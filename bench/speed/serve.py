@@ -5,13 +5,14 @@ together or one every `--stagger` seconds, answered three ways in one run, in tu
 batch between its steps, one a step, those that waited together included.
 
 Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens` greedy
-tokens with no end-of-sequence stop, so that every answer runs its full length. The first request to
-arrive finds the engine free and runs alone. Per way and round: the seconds from sending the first
-request to the last answer, the completion tokens per second of that, the prompts' prefill seconds (one
-after another in every way) and the tokens per second of the rest of the time, the requests' mean
-seconds to their first text and to their whole answer (each streamed), the most requests each was
-decoded with (the server's `hybridattn[0].batch`), and how many answers are the ones one at a time gives
-(greedy: the same tokens, up to the batch's rounding).
+tokens with no end-of-sequence stop, so that every answer runs its full length. The server keeps no
+prompt between requests (`reuse_prompts=False`: the runs are independent), so the first request, which
+finds the engine free, runs alone in the first two ways and starts a batch in the third. Per way and
+round: the seconds from sending the first request to the last answer, the completion tokens per second
+of that, the prompts' prefill seconds (one after another in every way) and the tokens per second of the
+rest of the time, the requests' mean seconds to their first text and to their whole answer (each
+streamed), the most requests each was decoded with (the server's `hybridattn[0].batch`), and how many
+answers are the ones one at a time gives (greedy: the same tokens, up to the batch's rounding).
 
     python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
                                 [--rounds 2] [--threads 2] [--json PATH]
