@@ -375,6 +375,10 @@ class HybridLLM:
         filled: set[int] = set()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+        def prefilled(x: torch.Tensor, limit: int) -> Prefilled:
+            done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
+            return done[-1]
+
         def joining() -> list[Joiner]:
             joiners = []
             for prompt, limit, pick, ends, stop_at_eos in more():
@@ -384,8 +388,7 @@ class HybridLLM:
                     )
                 x = self._encode_all([prompt])[0]
                 self._warn_past_context(x.shape[1], limit)
-                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
-                joiners.append(Joiner(done[-1], limit, pick, _end_tokens(self.model, stop_at_eos), ends))
+                joiners.append(Joiner(prefilled(x, limit), limit, pick, _end_tokens(self.model, stop_at_eos), ends))
             return joiners
 
         def fill(row: int) -> None:
@@ -401,7 +404,7 @@ class HybridLLM:
                 if prefix is not None:
                     done.append(prefix.continued(x, progress=progress))
                     continue
-                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
+                prefilled(x, limit)
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
             run = Decoding(
                 self.model,

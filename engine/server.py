@@ -2,9 +2,10 @@
 completions (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), so that clients written for
 that API talk to it unchanged, streaming included (server-sent events).
 
-One thread runs the engine (engine.scheduler): requests wait for it in order, and those that wait
-together for a plain prompt are decoded as one batch, each with its own sampling; a request that
-continues the kept cache runs alone (so do several prompts in one request, as their own batch).
+One thread runs the engine (engine.scheduler): requests wait for it in order, and those for a plain
+prompt are decoded as one batch, each with its own sampling, joining it between its steps as they
+come; a request that continues the kept cache runs alone (so do several prompts in one request, as
+their own batch).
 What the engine cannot do is refused with a 400 that names the field (`n` above 1,
 log-probabilities, `echo`, penalties, tools); fields it does not know are ignored, as clients send
 many.
