@@ -338,18 +338,20 @@ def served(result: dict) -> str:
 
 def clients(result: dict) -> str:
     """bench.speed.serve: requests sent to the server, one at a time, in batches formed at the start, and
-    joining running batches, each round."""
+    joining running batches (prefilled a chunk a step, or whole), each round."""
     cfg = result["config"]
+    first = cfg.get("ways", ["one at a time"])[0]
     head = ["way", "round", "seconds to the last answer", "tokens/s", "prefill s", "tokens/s after it"]
-    head += ["mean seconds to a first token", "mean seconds per request", "most decoded together"]
-    head += ["answers as one at a time"]
+    head += ["mean seconds to a first token", "mean seconds per request", "longest wait between pieces (mean, most)"]
+    head += ["most decoded together", f"answers as {first}"]
     rows = []
     for r in result["runs"]:
         sizes = ", ".join(map(str, sorted(r["batches"])))
         rows.append([r["way"], r["round"], f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}"])
         rows[-1] += [f"{r['prefill_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}"]
-        rows[-1] += [f"{r['mean_first_token_s']:.2f}", f"{r['mean_request_s']:.2f}", sizes]
-        rows[-1].append(f"{r['same_answers']} of {len(r['answers'])}")
+        rows[-1] += [f"{r['mean_first_token_s']:.2f}", f"{r['mean_request_s']:.2f}"]
+        gaps = f"{r['mean_longest_gap_s']:.2f}, {r['longest_gap_s']:.2f}" if "longest_gap_s" in r else "n/a"
+        rows[-1] += [gaps, sizes, f"{r['same_answers']} of {len(r['answers'])}"]
     sent = f"one every {cfg['stagger']:g} s" if cfg.get("stagger") else "at once"
     note = f"{cfg['model']}, {cfg['clients']} clients sent {sent}, prompts of {cfg['context']} tokens, "
     note += f"{cfg['new_tokens']} greedy tokens each, {cfg['threads']} threads, max_batch {cfg['max_batch']}; "
@@ -357,7 +359,7 @@ def clients(result: dict) -> str:
     waits = [
         f"{way} {s['mean_first_token_s']:.1f} s and {s['mean_request_s']:.1f} s" for way, s in result["summary"].items()
     ]
-    note += "against one at a time (median seconds to the last answer): " + ", ".join(speed)
+    note += f"against {first} (median seconds to the last answer): " + ", ".join(speed)
     note += "; a request's mean seconds to its first token and to its answer (medians of the rounds): "
     note += ", ".join(waits)
     return note + "\n\n" + table(head, rows)

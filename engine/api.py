@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from engine.generation import (
     GenerationReport,
     Joiner,
     Prefilled,
+    SteppedPrefill,
     eos_ids,
     fill_report,
     prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
@@ -371,25 +373,28 @@ class HybridLLM:
         longest, new = max(((x.shape[1], n) for x, n in zip(ids, limits)), key=sum)
         self._warn_past_context(before + longest, new)
         done: list[Prefilled] = []
+        arriving: deque[tuple[SteppedPrefill, tuple]] = deque()  # prompts prefilled between steps to join, in order
         run = None
         filled: set[int] = set()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-        def prefilled(x: torch.Tensor, limit: int) -> Prefilled:
-            done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
-            return done[-1]
-
-        def joining() -> list[Joiner]:
-            joiners = []
-            for prompt, limit, pick, ends, stop_at_eos in more():
-                if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                    raise ValueError(
-                        f"a prompt joins a running batch for a token or more, got max_new_tokens={limit!r}"
-                    )
-                x = self._encode_all([prompt])[0]
-                self._warn_past_context(x.shape[1], limit)
-                joiners.append(Joiner(prefilled(x, limit), limit, pick, _end_tokens(self.model, stop_at_eos), ends))
-            return joiners
+        def joining(whole: bool) -> list[Joiner]:
+            """The next prompt on its way in, once its prefill, a chunk a step (`whole`: the rest at once), is
+            done; they join in the order given, one prefilled at a time, and `more()` is asked when none is."""
+            if not arriving and not whole:
+                for prompt, limit, pick, ends, stop_at_eos in more():
+                    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                        raise ValueError(
+                            f"a prompt joins a running batch for a token or more, got max_new_tokens={limit!r}"
+                        )
+                    x = self._encode_all([prompt])[0]
+                    self._warn_past_context(x.shape[1], limit)
+                    settings = (limit, pick, _end_tokens(self.model, stop_at_eos), ends)
+                    arriving.append((SteppedPrefill(self.model, x, self.offload, limit, stores=self.stores), settings))
+            if not arriving or (prompt := arriving[0][0].step(whole=whole)) is None:
+                return []
+            done.append(prompt)
+            return [Joiner(prompt, *arriving.popleft()[1])]
 
         def fill(row: int) -> None:
             fill_report(reports[row], run, row, done[row], weights)
@@ -404,7 +409,7 @@ class HybridLLM:
                 if prefix is not None:
                     done.append(prefix.continued(x, progress=progress))
                     continue
-                prefilled(x, limit)
+                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
             run = Decoding(
                 self.model,
@@ -422,6 +427,8 @@ class HybridLLM:
                     fill(row)
                 yield row, token, run.finish[row]
         finally:  # also when the consumer stops early or raises: no build thread outlives the call
+            for arrival, _ in arriving:
+                arrival.close()
             for p in done:
                 p.cache.close()
             if run is not None:

@@ -111,8 +111,13 @@ def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = Tru
     if order != "chunks":
         raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")
     for start, end in tqdm(bounds, desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False):
-        out = model(input_ids=ids[:, start:end], cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
+        logits = prefill_chunk(model, ids[:, start:end], cache)
+    return logits
+
+
+def prefill_chunk(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """One chunk of a prefill, ids [1, n] after the positions the cache holds; its last position's logits [vocab]."""
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
 def timed_prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True, order: str = "chunks"):
@@ -166,6 +171,58 @@ def prefill_prompt(
     except BaseException:  # no build thread outlives a failed prefill
         cache.close()
         raise
+
+
+class SteppedPrefill:
+    """A prompt prefilled into its own HybridCache a chunk at a time, between the decode steps of a running
+    batch it is to join (continuous batching): each `step` runs its next chunk (`OffloadConfig.prefill_chunk`
+    tokens; a prefill by layers, all at once), so that the batch's steps wait for one chunk at most rather
+    than a whole prompt, and its index builds run on their worker thread while the batch decodes. Its times
+    are its own work's, not the batch's steps between: its chunks', and the wait for its index builds."""
+
+    def __init__(self, model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, stores=None):
+        T = ids.shape[1]
+        length = sized_for(model, T, max_new_tokens)
+        self.model, self.ids = model, ids
+        self.cache = HybridCache(model, cfg, max_length=length, prompt_length=T, progress=False, stores=stores)
+        self.chunks = chunk_bounds(T, cfg.prefill_chunk) if cfg.prefill_order == "chunks" else []
+        self.logits: torch.Tensor | None = None
+        self.prefill_s = 0.0
+
+    def step(self, *, whole: bool = False) -> Prefilled | None:
+        """Run its next chunk, or with `whole` every chunk left, then wait for its index builds; the Prefilled
+        once its last chunk has run and its builds are done (without `whole`, a step with no chunk left only
+        looks), else None. Whoever started it closes it where it does not join (`close`)."""
+        if self.logits is None:
+            t0 = time.perf_counter()
+            self._run(whole)
+            _sync(self.ids.device)
+            self.prefill_s += time.perf_counter() - t0
+            if self.logits is None:
+                return None
+        if not whole and not self.cache.builds_done():
+            return None
+        t1 = time.perf_counter()
+        self.cache.build_indexes()  # those without a worker thread, and any left
+        return Prefilled(self.cache, self.logits, self.ids.shape[1], self.prefill_s, time.perf_counter() - t1)
+
+    def _run(self, whole: bool) -> None:
+        cfg = self.cache.offload_config
+        if not self.chunks:  # by layers: the whole prompt through one layer after another
+            self.logits = prefill(self.model, self.ids, self.cache, cfg.prefill_chunk, progress=False, order="layers")
+            return
+        while self.chunks:
+            start, end = self.chunks.pop(0)
+            logits = prefill_chunk(self.model, self.ids[:, start:end], self.cache)
+            if not self.chunks:
+                self.logits = logits
+            if not whole:
+                return
+
+    def close(self) -> None:
+        """Give up its cache: no build thread left, the host stores back to their pool."""
+        self.cache.close()
+        self.cache.release()
 
 
 # ------------------------------------------------------------------- picks
@@ -247,9 +304,11 @@ class Decoding:
     it ended); per forward pass with a HybridCache a `StepRecord`; and the cache's `memory` report
     where the batch held the most bytes (as each row ends, and at the end).
 
-    `joining`, for a batch (a HybridCache and `lengths`), is asked before each step for `Joiner`s: each
-    joins the batch as the next row (rows B, B+1, ...; its cache moved in by `HybridCache.join`), its
-    first token picked from its prompt's logits in that step: continuous batching.
+    `joining`, for a batch (a HybridCache and `lengths`), is asked before each step for `Joiner`s, as
+    `joining(False)`: each joins the batch as the next row (rows B, B+1, ...; its cache moved in by
+    `HybridCache.join`), its first token picked from its prompt's logits in that step: continuous batching.
+    Where every row has ended, it is asked `joining(True)`: the prompts it is still prefilling between steps
+    (`SteppedPrefill`) are to join now, whole, and the decoding goes on with them (none: it ends).
     """
 
     def __init__(
@@ -325,7 +384,7 @@ class Decoding:
         try:
             while rows:
                 if self.joining is not None:
-                    logits = self._join(rows, logits)
+                    logits = self._join(rows, logits, self.joining(False))
                 for row, token in zip(rows, self._pick(rows, logits)):
                     self.tokens[row].append(token)
                     reason = self._ending(row, token)
@@ -336,6 +395,13 @@ class Decoding:
                         ended.add(row)
                     yield row, token
                 staying = [i for i, row in enumerate(rows) if row not in ended]
+                if not staying and self.joining is not None:  # prompts on their way in go on alone
+                    held = len(rows)
+                    logits = self._join(rows, logits[:0], self.joining(True))
+                    if len(rows) > held:
+                        self.cache.batch_select_indices(list(range(held, len(rows))))  # the ended rows leave
+                        rows = rows[held:]
+                        continue
                 if not staying:
                     break
                 if len(staying) < len(rows):
@@ -356,10 +422,9 @@ class Decoding:
                     self.seconds[row] = time.perf_counter() - self.began[row]
             self._measure_memory()
 
-    def _join(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Take the `joining` prompts into the batch: each a new row, appended to `rows` (in place) and to
-        the cache; returns the logits [len(rows), vocab] with theirs after."""
-        joiners = self.joining()
+    def _join(self, rows: list[int], logits: torch.Tensor, joiners: list[Joiner]) -> torch.Tensor:
+        """Take the `joiners` into the batch: each a new row, appended to `rows` (in place) and to the cache;
+        returns the logits [len(rows), vocab] with theirs after."""
         for joiner in joiners:
             if not isinstance(joiner, Joiner) or joiner.max_new_tokens < 1:
                 raise ValueError(f"a row joins a batch as a Joiner that asks for a token or more, got {joiner!r}")

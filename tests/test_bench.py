@@ -591,7 +591,24 @@ def test_bench_serve_quick(tmp_path):
     for run in (one, start, joining):
         assert run["completion_tokens"] == 3 * 3 and run["same_answers"] == 3  # ignore_eos: each its length
     assert set(result["summary"]) == {"one at a time", "batches at the start", "joining"}
+    assert all(0 <= run["mean_longest_gap_s"] <= run["longest_gap_s"] < run["wall_s"] for run in result["runs"])
     assert "answers as one at a time" in script("bench.tables").clients(result)
+
+
+def test_bench_serve_joins_with_whole_prefills_beside_stepped_ones(tmp_path):
+    """The ways chosen by number, the first the others' reference; joining prefills a chunk a step or whole."""
+    out = tmp_path / "serve.json"
+    argv = ["--quick", "--clients", "2", "--context", "200", "--new-tokens", "3", "--ways", "2,3"]
+    script("bench.speed.serve").main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [run["way"] for run in result["runs"]] == ["joining", "joining, whole prefills"]
+    assert result["config"]["ways"] == ["joining", "joining, whole prefills"]
+    assert all(run["same_answers"] == 2 for run in result["runs"])
+    assert "speed_up" in result["summary"]["joining, whole prefills"] and "speed_up" not in result["summary"]["joining"]
+    assert "answers as joining" in script("bench.tables").clients(result)
+    for ways in ("4", "1,1", "a"):
+        with pytest.raises(SystemExit):
+            script("bench.speed.serve").main(["--quick", "--ways", ways])
 
 
 def test_bench_serve_sends_requests_apart_with_stagger(tmp_path):

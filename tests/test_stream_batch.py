@@ -8,7 +8,7 @@ import torch
 from engine.api import HybridLLM
 from engine.cache import HybridCache
 from engine.decode.recheck import forward_step
-from engine.generation import Decoding, GenerationReport, Joiner, prefill_prompt
+from engine.generation import Decoding, GenerationReport, Joiner, SteppedPrefill, prefill_prompt
 from engine.sampling import Sampling
 from engine.stop import StopStrings
 from tests.conftest import tiny_llama
@@ -198,7 +198,12 @@ def test_a_decoding_takes_joining_rows_only_in_a_batch_of_a_hybrid_cache(llm, pr
         first, second = (prefill_prompt(llm.model, p[None], CFG, 4, progress=False) for p in prompts[:2])
     try:
         run = Decoding(
-            llm.model, first.cache, first.logits, 3, lengths=[len(prompts[0])], joining=lambda: [Joiner(second, 0)]
+            llm.model,
+            first.cache,
+            first.logits,
+            3,
+            lengths=[len(prompts[0])],
+            joining=lambda whole: [Joiner(second, 0)],
         )
         with pytest.raises(ValueError, match="a token or more"):
             list(run)
@@ -249,3 +254,70 @@ def test_a_near_tie_after_a_join_runs_again_the_positions_every_row_fed(llm, pro
         torch.testing.assert_close(step.logits[1], full, atol=1e-4, rtol=1e-4)
     finally:
         a.cache.release()
+
+
+@pytest.fixture(scope="module")
+def chunked(llm):
+    """The same model prefilling 64 tokens a pass: a prompt that joins takes a step per chunk to come in."""
+    return HybridLLM(llm.model, llm.tokenizer, CFG.replace(prefill_chunk=64))
+
+
+def test_a_joining_prompt_is_prefilled_a_chunk_a_step_while_the_batch_decodes(chunked, prompts):
+    tokens = []  # the row of each token picked, in order (`leave` is asked after each)
+    asked_at = []
+
+    def more():
+        if asked_at:
+            return []
+        asked_at.append(len(tokens))
+        return [(prompts[1], Sampling(NEW - 4))]
+
+    reports = [GenerationReport()]
+    texts, _ = streamed(chunked, [prompts[0]], Sampling(NEW), reports=reports, more=more,
+                        leave=lambda row: tokens.append(row) and False)  # fmt: skip
+    chunks = -(-len(prompts[1]) // 64)
+    # the first row took a token at every step its chunks ran, the one that asked for it included
+    assert tokens[asked_at[0] :].index(1) >= chunks
+    for row, (prompt, s) in enumerate(zip(prompts, [Sampling(NEW), Sampling(NEW - 4)])):
+        assert texts[row] == alone(chunked, prompt, s)[0]
+    assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].new_tokens == NEW - 4
+    assert reports[1].first_token_s > 0
+
+
+def test_a_prompt_on_its_way_in_goes_on_alone_where_the_batch_ends_first(chunked, prompts):
+    more, asked = joining_at({1: [(prompts[1], Sampling(NEW))]})
+    reports = [GenerationReport()]
+    texts, finishes = streamed(chunked, [prompts[0]], Sampling(2), more=more, reports=reports)
+    assert finishes == ["length", "length"]
+    assert texts[1] == alone(chunked, prompts[1], Sampling(NEW))[0]
+    assert reports[1].new_tokens == NEW and reports[1].decode_steps == NEW - 1
+
+
+def test_a_prompt_on_its_way_in_is_given_up_when_the_consumer_stops(chunked, prompts, monkeypatch):
+    closed = []
+    close = SteppedPrefill.close
+    monkeypatch.setattr(SteppedPrefill, "close", lambda self: closed.append(self) or close(self))
+    more, _ = joining_at({1: [(prompts[1], Sampling(NEW))]})
+    stream = chunked.stream_batch([prompts[0]], Sampling(NEW), more=more, progress=False)
+    rows = [next(stream)[0], next(stream)[0]]
+    stream.close()
+    assert rows == [0, 0] and len(closed) == 1
+    assert not closed[0].cache.sequence_layers() or not closed[0].cache.sequence_layers()[0].is_initialized
+
+
+def test_a_stepped_prefill_is_the_prefill_of_the_prompt_whole(llm, prompts):
+    x = prompts[0][None]
+    cfg = CFG.replace(prefill_chunk=100, build_workers=1)
+    with torch.no_grad():
+        whole = prefill_prompt(llm.model, x, cfg, 4, progress=False)
+        stepped = SteppedPrefill(llm.model, x, cfg, 4)
+        steps = 1
+        while (prompt := stepped.step()) is None:
+            steps += 1
+    try:
+        assert steps >= 3 and prompt.prompt_tokens == len(prompts[0]) and prompt.cache.builds_done()
+        torch.testing.assert_close(prompt.logits, whole.logits)
+        assert prompt.cache.host_tokens() == whole.cache.host_tokens()
+    finally:
+        whole.cache.release()
+        stepped.close()

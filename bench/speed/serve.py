@@ -1,25 +1,30 @@
 """Clients at once: N requests sent to the engine's HTTP server (engine.server), each its own prompt, all
-together or one every `--stagger` seconds, answered three ways in one run, in turns: one at a time
-(`max_batch` 1); in batches formed only when the engine takes what waits (`max_batch` `--max-batch`,
-`join=False`: `serve --no-join`); and as the server runs by default, where requests join a running
-batch between its steps, one a step, those that waited together included.
+together or one every `--stagger` seconds, answered in up to four ways in one run, in turns (`--ways`, the
+first three by default): one at a time (`max_batch` 1); in batches formed only when the engine takes what
+waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); as the server runs by default, where
+requests join a running batch between its steps, one a step, those that waited together included, each
+prefilled a chunk (`prefill_chunk`, 1024 tokens) a step while the batch decodes; and joining with whole
+prefills, every prompt prefilled in one pass (`prefill_chunk` twice `--context`), so that a prompt that
+joins stalls the batch's steps for its whole prefill.
 
 Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens` greedy
 tokens with no end-of-sequence stop, so that every answer runs its full length. The server keeps no
 prompt between requests (`reuse_prompts=False`: the runs are independent), so the first request, which
-finds the engine free, runs alone in the first two ways and starts a batch in the third. Per way and
+finds the engine free, runs alone in the first two ways and starts a batch in the others. Per way and
 round: the seconds from sending the first request to the last answer, the completion tokens per second
-of that, the prompts' prefill seconds (one after another in every way) and the tokens per second of the
-rest of the time, the requests' mean seconds to their first text and to their whole answer (each
-streamed), the most requests each was decoded with (the server's `hybridattn[0].batch`), and how many
-answers are the ones one at a time gives (greedy: the same tokens, up to the batch's rounding).
+of that, the prompts' prefill seconds (their first chunk to their first token) and the tokens per second
+of the rest of the time, the requests' mean seconds to their first text and to their whole answer (each
+streamed), the longest a streamed answer waited between two of its pieces (mean over the requests, and
+the longest), the most requests each was decoded with (the server's `hybridattn[0].batch`), and how many
+answers are the ones the first way gives (greedy: the same tokens, up to the batch's rounding).
 
     python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
-                                [--rounds 2] [--threads 2] [--json PATH]
+                                [--rounds 2] [--ways 0,1,2] [--threads 2] [--json PATH]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import threading
@@ -33,14 +38,14 @@ from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.server import Server
 
-WAYS = ("one at a time", "batches at the start", "joining")
+WAYS = ("one at a time", "batches at the start", "joining", "joining, whole prefills")
 
 
 def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int, way: str, stagger: float) -> dict:
-    """The prompts sent, `stagger` seconds apart, to a server answering `way` (of WAYS) with `max_batch`: the
-    wall seconds, each answer and its seconds."""
+    """The prompts sent, `stagger` seconds apart, to a server of `llm` answering `way` (of WAYS) with
+    `max_batch`: the wall seconds, each answer and its seconds."""
     max_batch = 1 if way == WAYS[0] else max_batch
-    join = way == WAYS[2]
+    join = way in WAYS[2:]
     server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=False, join=join)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -51,7 +56,7 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
         body |= {"stream": True, "stream_options": {"include_usage": True}}
         request = urllib.request.Request(server.url + "/completions", data=json.dumps(body).encode())
         sent = time.perf_counter()
-        pieces, first, last = [], None, None
+        pieces, times, last = [], [], None  # each text piece and its seconds since sent
         with urllib.request.urlopen(request) as response:
             for line in response:  # server-sent events: "data: {chunk}", then "data: [DONE]"
                 data = line.decode().strip().removeprefix("data: ")
@@ -59,10 +64,11 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
                     continue
                 chunk = json.loads(data)
                 if chunk["choices"] and chunk["choices"][0]["text"]:
-                    first = time.perf_counter() - sent if first is None else first
+                    times.append(time.perf_counter() - sent)
                     pieces.append(chunk["choices"][0]["text"])
                 last = chunk if "usage" in chunk else last
-        answers[i] = {"text": "".join(pieces), "seconds": time.perf_counter() - sent, "first_token_s": first}
+        answers[i] = {"text": "".join(pieces), "seconds": time.perf_counter() - sent, "first_token_s": times[0]}
+        answers[i]["longest_gap_s"] = max((b - a for a, b in zip(times, times[1:])), default=0.0)
         report = last["hybridattn"][0]
         answers[i].update(tokens=last["usage"]["completion_tokens"], batch=report.get("batch", 1))
         answers[i]["prefill_s"] = report["prefill_s"] + report["index_build_s"]
@@ -80,7 +86,7 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
         server.close()
     wall = time.perf_counter() - start
     tokens = sum(a["tokens"] for a in answers)
-    prefill = sum(a["prefill_s"] for a in answers)  # the prompts are prefilled one after another either way
+    prefill = sum(a["prefill_s"] for a in answers)  # the prompts' own prefill work, one after another
     return {
         "way": way,
         "max_batch": max_batch,
@@ -91,9 +97,22 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
         "tokens_per_s": round(tokens / wall, 2),
         "mean_request_s": round(statistics.mean(a["seconds"] for a in answers), 3),
         "mean_first_token_s": round(statistics.mean(a["first_token_s"] for a in answers), 3),
+        "mean_longest_gap_s": round(statistics.mean(a["longest_gap_s"] for a in answers), 3),
+        "longest_gap_s": round(max(a["longest_gap_s"] for a in answers), 3),
         "batches": [a["batch"] for a in answers],
         "answers": [a["text"] for a in answers],
     }
+
+
+def parse_ways(text: str) -> list[str]:
+    """--ways: WAYS by their numbers, comma-separated, in order (the first is the others' reference)."""
+    try:
+        ways = [WAYS[int(n)] for n in text.split(",")]
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"ways are numbers 0-{len(WAYS) - 1}, comma-separated, got {text!r}") from None
+    if len(set(ways)) < len(ways):
+        raise argparse.ArgumentTypeError(f"each way once, got {text!r}")
+    return ways
 
 
 def main(argv=None) -> None:
@@ -104,7 +123,9 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=options.positive_int, help="tokens each answer takes (default 64; --quick: 8)")
     p.add_argument("--stagger", type=float, default=0.0, help="seconds between two clients' requests (0: at once)")
     p.add_argument("--max-batch", type=options.positive_int, default=8, help="the batched server's max_batch")
-    p.add_argument("--rounds", type=options.positive_int, help="turns of the three ways (default 2; --quick: 1)")
+    p.add_argument("--rounds", type=options.positive_int, help="turns of the ways (default 2; --quick: 1)")
+    ways_help = "the ways, by number: " + ", ".join(f"{i} {way}" for i, way in enumerate(WAYS)) + " (default 0,1,2)"
+    p.add_argument("--ways", type=parse_ways, default=list(WAYS[:3]), help=ways_help)
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     if not 0 <= args.stagger < 3600:
@@ -112,27 +133,33 @@ def main(argv=None) -> None:
     options.quick_defaults(args, clients=(3, 8), context=(256, 1024), new_tokens=(8, 64), rounds=(1, 2))
     options.pin_threads(args.threads)
     llm = HybridLLM.from_pretrained(offload=OffloadConfig(device="cpu"))
+    whole = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", prefill_chunk=2 * args.context))
     prompts = [make_sample("passkey", args.context, llm.tokenizer, seed=i).prompt for i in range(args.clients)]
     runs = []
     for round_ in range(args.rounds):
-        for way in WAYS:
-            runs.append({"round": round_, **answered(llm, prompts, args.new_tokens, args.max_batch, way, args.stagger)})
+        for way in args.ways:
+            engine = whole if way == WAYS[3] else llm
+            runs.append(
+                {"round": round_, **answered(engine, prompts, args.new_tokens, args.max_batch, way, args.stagger)}
+            )
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "answers"}), flush=True)
-    alone = next(r for r in runs if r["way"] == WAYS[0])["answers"]
+    first = args.ways[0]
+    reference = next(r for r in runs if r["way"] == first)["answers"]
     for run in runs:
-        run["same_answers"] = sum(a == b for a, b in zip(run["answers"], alone))
+        run["same_answers"] = sum(a == b for a, b in zip(run["answers"], reference))
     summary = {}
-    for way in WAYS:
+    for way in args.ways:
         mine = [r for r in runs if r["way"] == way]
-        keys = ("wall_s", "tokens_per_s", "mean_request_s", "mean_first_token_s")
+        keys = ("wall_s", "tokens_per_s", "mean_request_s", "mean_first_token_s", "mean_longest_gap_s", "longest_gap_s")
         summary[way] = {k: round(statistics.median(r[k] for r in mine), 3) for k in keys}
         summary[way]["same_answers"] = min(r["same_answers"] for r in mine)
-    for way in WAYS[1:]:
-        summary[way]["speed_up"] = round(summary[WAYS[0]]["wall_s"] / summary[way]["wall_s"], 2)
+    for way in args.ways[1:]:
+        summary[way]["speed_up"] = round(summary[first]["wall_s"] / summary[way]["wall_s"], 2)
     print(json.dumps(summary), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "clients": args.clients, "context": args.context}
         config.update(new_tokens=args.new_tokens, rounds=args.rounds, max_batch=args.max_batch, stagger=args.stagger)
+        config["ways"] = args.ways
         write_json(args.json, {"config": config, "runs": runs, "summary": summary})
 
 

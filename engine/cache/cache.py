@@ -256,6 +256,11 @@ class HybridCache(Cache):
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)
 
+    def builds_done(self) -> bool:
+        """Whether the index builds overlapped with the prefill are all done: `build_indexes` would not wait
+        for the worker thread."""
+        return self.builder is None or self.builder.idle()
+
     def close(self) -> None:
         """Stop the index builds' worker threads (builds not started are dropped; a layer
         without its index builds it at its next decode step)."""

@@ -33,6 +33,10 @@ class IndexBuilder:
         if future is not None:
             future.result()
 
+    def idle(self) -> bool:
+        """Whether every build submitted is done (`wait` would not block)."""
+        return all(future.done() for future in self._pending.values())
+
     def close(self) -> None:
         """Cancel builds not started, wait for running ones, stop the threads."""
         if self._pool is not None:
