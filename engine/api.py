@@ -245,9 +245,11 @@ class HybridLLM:
         `stream` gives the prompt alone (greedy, the same text), finish "" until its last piece (maybe
         empty), then why it ended ("eos", "stop" or "length"). `reports`, one per prompt, are each filled
         when its prompt ends. `leave(i)`, asked after each of prompt i's tokens, ends it there where true
-        (its client gone, say): the batch goes on without it. `more()`, asked before each step while the batch
-        runs, gives prompts that join it there (continuous batching): a list of (prompt, Sampling) pairs, each
-        asking for a token or more, which take the next indices (len(prompts), len(prompts) + 1, ...) and
+        (its client gone, say): the batch goes on without it. `more()`, asked before a step while the batch runs
+        and no prompt is on its way in, gives prompts that join it (continuous batching): a list of (prompt,
+        Sampling) pairs, each asking for a token or more, prefilled one after another a chunk a step while the
+        batch decodes (a step waits for one chunk at most; where the batch ends first, the rest at once), which
+        take the next indices (len(prompts), len(prompts) + 1, ...) and
         each get a report appended to `reports`."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
             raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
@@ -358,8 +360,9 @@ class HybridLLM:
         ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
         stacked into one when there are several, then decoded together (engine.generation.Decoding,
         which takes `max_new_tokens`, `pick`, `ends` and `stop_at_eos`'s end tokens for all rows or per
-        row). `more()`, asked before each step, gives prompts that join the batch there, each as (prompt,
-        max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports` by then. Fills the
+        row). `more()`, asked before a step where no prompt is on its way in, gives prompts that join the
+        batch, each as (prompt, max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports`
+        by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. Fills the
         reports not filled yet at the end, also when the consumer stops."""
         if more is not None and prefix is not None:
             raise ValueError("prompts join a batch decoded without a prefix")

@@ -304,7 +304,12 @@ class OffloadConfig:
     build_workers: int = _option(
         "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"
     )
-    prefill_chunk: int = _option("runtime", 1024, "tokens per forward pass during the prefill")
+    prefill_chunk: int = _option(
+        "runtime",
+        1024,
+        "tokens per forward pass during the prefill; a prompt that joins a running batch is prefilled a chunk "
+        "before each of its decode steps",
+    )
     prefill_order: PrefillOrder = _option(
         "runtime",
         "chunks",

@@ -3,9 +3,10 @@ engine, and those that wait together and need no kept cache (a plain prompt, not
 next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
 own sampling. The batch starts with the first of them, and the others join it one between two of its
 steps, and so do such requests that come while it runs (continuous batching): each has its first token
-after its own prefill, and a step waits for one prefill at most. A request alone runs by itself where
-its prompt is kept for the next (`Completions.alone`), else it starts a batch that others may join; one
-that continues the kept cache runs by itself as before.
+after its own prefill, which runs a chunk a step while the batch decodes, so that a step waits for one
+prefill chunk at most. A request alone runs by itself where its prompt is kept for the next
+(`Completions.alone`), else it starts a batch that others may join; one that continues the kept cache
+runs by itself as before.
 
 Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
 (the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""
@@ -117,8 +118,9 @@ class Scheduler:
                     job.send("error", error)
 
     def _joining(self, running: int, admitted: deque[Job]) -> list[Job]:
-        """The job that joins the running batch of `running` sequences between two of its steps: one at a
-        time, so that the batch's steps wait for one prefill at most, and each that joins has its first
+        """The job that joins the running batch of `running` sequences (those on their way in counted): one
+        at a time, asked for when none is being prefilled, a chunk a step (engine.generation.SteppedPrefill),
+        so that the batch's steps wait for one prefill chunk at most, and each that joins has its first
         token after its own prefill. First those `admitted` with the batch when it was taken, then the
         waiting jobs from the front of the queue, while the first may join (`Completions.joinable`), up to
         `max_batch` sequences in all. A job that may not waits for the batch's end, and every job after it

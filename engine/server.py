@@ -257,7 +257,7 @@ class Completions:
             return False
         try:
             job.ids = self.llm.encode(request.prompt) if job.ids is None else job.ids
-        except (ValueError, TypeError):  # refused: alone, where the error reaches its client
+        except Exception:  # refused (the prompt, the tokenizer, its template): alone, where its client hears why
             return False
         return not (self.cache.reuse_prompts and self.cache.kept.continues(job.ids))
 

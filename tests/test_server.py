@@ -242,6 +242,30 @@ def test_without_reuse_no_cache_is_kept(llm, prompt):
         server.close()
 
 
+def test_a_prompt_the_tokenizer_fails_on_is_answered_an_error_and_the_server_goes_on(llm, prompt, monkeypatch):
+    """Any error encoding a prompt, not only a refusal, reaches its client: the engine thread runs on."""
+    encode = llm.encode
+
+    def failing(text):
+        if text == "boom":
+            raise RuntimeError("the template broke")
+        return encode(text)
+
+    monkeypatch.setattr(llm, "encode", failing)
+    server = Server(llm, port=0, model="tiny", reuse_prompts=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        body = {"prompt": "boom", "max_tokens": 2, **GREEDY}
+        status, text = post(server, "/completions", body)
+        assert status == 500 and "the template broke" in text
+        got = answer(server, "/completions", body | {"prompt": prompt})
+        assert got["choices"][0]["text"] == llm.generate(prompt, 2, progress=False).text
+    finally:
+        server.shutdown()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
