@@ -177,7 +177,8 @@ class SteppedPrefill:
     """A prompt prefilled into its own HybridCache a chunk at a time, between the decode steps of a running
     batch it is to join (continuous batching): each `step` runs its next chunk (`OffloadConfig.prefill_chunk`
     tokens; a prefill by layers, all at once), so that the batch's steps wait for one chunk at most rather
-    than a whole prompt, and its index builds run on their worker thread while the batch decodes. Its times
+    than a whole prompt; its index builds start after its last chunk (not beside it, which the batch's step would
+    wait for too) and run on their worker thread while the batch decodes. Its times
     are its own work's, not the batch's steps between: its chunks', and the wait for its index builds."""
 
     def __init__(self, model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, stores=None):
@@ -213,7 +214,8 @@ class SteppedPrefill:
             return
         while self.chunks:
             start, end = self.chunks.pop(0)
-            logits = prefill_chunk(self.model, self.ids[:, start:end], self.cache)
+            with self.cache.builds_after():  # not beside its last chunk: the batch's steps wait for that
+                logits = prefill_chunk(self.model, self.ids[:, start:end], self.cache)
             if not self.chunks:
                 self.logits = logits
             if not whole:

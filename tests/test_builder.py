@@ -1,6 +1,7 @@
 """Index builds on a worker thread during the prefill (engine.index.worker): the same result as
 building after it, no thread left behind, errors raised in the caller."""
 
+import contextlib
 import threading
 
 import pytest
@@ -39,6 +40,31 @@ def test_builds_start_during_the_prefill_and_match_building_after_it(tiny_model,
         cache.close()
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
     assert index_threads() == []
+
+
+def test_builds_held_during_a_prefill_start_after_it_and_match(tiny_model, tiny_ids):
+    """A prompt prefilled between a batch's steps hands its layers to the builder after its last chunk, not
+    beside it (HybridCache.builds_after); the indexes are the ones built during the prefill."""
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, min_prob=1e-3, build_workers=1)
+    logits = []
+    for held in (True, False):
+        cache = HybridCache(tiny_model, cfg, prompt_length=300, progress=False)
+        with torch.no_grad():
+            prefill(tiny_model, tiny_ids[:, :200], cache, 64, progress=False)
+            with cache.builds_after() if held else contextlib.nullcontext():
+                prefill(tiny_model, tiny_ids[:, 200:300], cache, 64, progress=False)
+                assert set(cache.builder._pending) == (set() if held else {0, 1})
+            assert set(cache.builder._pending) == {0, 1}
+            cache.build_indexes()
+            assert cache.builds_done() and all(layer.key_index is not None for layer in cache.layers)
+            logits.append(tiny_model(tiny_ids[:, 300:310], cache=cache, use_cache=True).logits)
+        cache.close()
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    cache = HybridCache(tiny_model, cfg, prompt_length=300, progress=False)
+    with torch.no_grad(), cache.builds_after():  # the prompt not all in: nothing to build yet
+        prefill(tiny_model, tiny_ids[:, :200], cache, 64, progress=False)
+    assert cache.builder._pending == {} and cache.builds_done()
+    cache.close()
 
 
 def test_an_interrupted_stream_leaves_no_build_thread_and_the_model_usable(llm):

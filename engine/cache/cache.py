@@ -256,6 +256,25 @@ class HybridCache(Cache):
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)
 
+    @contextmanager
+    def builds_after(self):
+        """Within, a prefill's layers do not hand themselves to the build worker at the prompt's last token
+        (their builds would share the cores with the rest of that chunk); after, where the prompt is in,
+        every layer without its index is handed over at once, to build while what follows runs."""
+        layers = [layer for layer in self.layers if isinstance(layer, HybridLayer)]
+        for layer in layers:
+            layer.builder = None
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.builder = self.builder
+        if self.builder is None:
+            return
+        for layer in layers:
+            if layer.is_initialized and layer.key_index is None and layer.n_seen >= layer.prompt_length > 0:
+                self.builder.submit(layer)
+
     def builds_done(self) -> bool:
         """Whether the index builds overlapped with the prefill are all done: `build_indexes` would not wait
         for the worker thread."""
