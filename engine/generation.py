@@ -174,12 +174,12 @@ def prefill_prompt(
 
 
 class SteppedPrefill:
-    """A prompt prefilled into its own HybridCache a chunk at a time, between the decode steps of a running
-    batch it is to join (continuous batching): each `step` runs its next chunk (`OffloadConfig.prefill_chunk`
+    """A prompt prefilled into its own HybridCache a chunk at a time, between the decode steps of a running batch
+    it is to join (continuous batching): each `step` runs its next chunk (`OffloadConfig.prefill_chunk`
     tokens; a prefill by layers, all at once), so that the batch's steps wait for one chunk at most rather
-    than a whole prompt; its index builds start after its last chunk (not beside it, which the batch's step would
-    wait for too) and run on their worker thread while the batch decodes. Its times
-    are its own work's, not the batch's steps between: its chunks', and the wait for its index builds."""
+    than a whole prompt; its index builds start after its last chunk (not beside it, which the batch's step
+    would wait for too) and run on their worker thread while the batch decodes. Its times are its own
+    work's, not the batch's steps between: its chunks', and the wait for its index builds."""
 
     def __init__(self, model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, stores=None):
         T = ids.shape[1]
