@@ -50,6 +50,7 @@ class GenerationReport:
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
     wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
     finish_reason: str = ""  # "eos", "stop" (a stop string), "length" (max_new_tokens); "": not finished
+    batch: int = 1  # the most sequences in a decode step it took part in (1: alone, or no step)
 
     @property
     def first_token_s(self) -> float:
@@ -511,6 +512,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.finish_reason = run.finish[row]
     report.decode_s = run.seconds[row]
     report.decode_steps = len(run.fed[row])
+    report.batch = max((len(step.shares) for step in run.steps if row in step.shares), default=1)
     report.kv_read_frac = _mean([s.kv_read for s in shares])
     report.keys_scored_frac = _mean([s.keys_scored for s in shares])
     report.rated_frac = _mean([s.rated for s in shares])

@@ -321,13 +321,13 @@ class Completions:
                 batch.texts[row].append(piece)
                 if finish:
                     batch.running.discard(row)
-                    self._finish(job, head, "".join(batch.texts[row]), batch.reports[row], batch.most[row])
+                    self._finish(job, head, "".join(batch.texts[row]), batch.reports[row])
 
-    def _finish(self, job, head: dict, text: str, report, batch: int) -> None:
+    def _finish(self, job, head: dict, text: str, report) -> None:
         """A batched job's end: its response, or its stream's last chunks."""
         _log_report(report)
         request = job.request
-        told = self._report(report, None) | {"batch": batch}
+        told = self._report(report, None)
         if not request.stream:
             job.send("response", self._response(request, head, [text], [report], [told]))
             return
@@ -414,8 +414,7 @@ class _Batch:
         self.reports: list[GenerationReport] = []  # one a row: stream_batch appends those of the rows that join
         self.texts: list[list[str]] = []
         self.heads: list[dict] = []
-        self.running: set[int] = set()  # the rows still decoding
-        self.most: list[int] = []  # per row, the most sequences decoded together while it ran
+        self.running: set[int] = set()  # the rows still decoding or on their way in
 
     def add(self, jobs: list) -> list[Sampling]:
         """The jobs as the batch's next rows; returns their Sampling."""
@@ -424,9 +423,6 @@ class _Batch:
             self.jobs.append(job)
             self.heads.append(self.head(job.request))
             self.texts.append([])
-            self.most.append(0)
-        for row in self.running:
-            self.most[row] = max(self.most[row], len(self.running))
         return [Sampling(job.request.max_tokens, **job.request.sampling) for job in jobs]
 
 

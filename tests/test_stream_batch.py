@@ -281,7 +281,7 @@ def test_a_joining_prompt_is_prefilled_a_chunk_a_step_while_the_batch_decodes(ch
     for row, (prompt, s) in enumerate(zip(prompts, [Sampling(NEW), Sampling(NEW - 4)])):
         assert texts[row] == alone(chunked, prompt, s)[0]
     assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].new_tokens == NEW - 4
-    assert reports[1].first_token_s > 0
+    assert reports[1].first_token_s > 0 and reports[0].batch == reports[1].batch == 2
 
 
 def test_a_prompt_on_its_way_in_goes_on_alone_where_the_batch_ends_first(chunked, prompts):
@@ -291,6 +291,7 @@ def test_a_prompt_on_its_way_in_goes_on_alone_where_the_batch_ends_first(chunked
     assert finishes == ["length", "length"]
     assert texts[1] == alone(chunked, prompts[1], Sampling(NEW))[0]
     assert reports[1].new_tokens == NEW and reports[1].decode_steps == NEW - 1
+    assert reports[0].batch == reports[1].batch == 1  # never decoded together: one ended before the other came
 
 
 def test_a_prompt_on_its_way_in_is_given_up_when_the_consumer_stops(chunked, prompts, monkeypatch):
