@@ -154,15 +154,21 @@ def sized_for(model, prompt_tokens: int, max_new_tokens: int) -> int:
     return prompt_tokens + min(max_new_tokens, max(trained - prompt_tokens, RESERVED_NEW_TOKENS))
 
 
+def prompt_cache(model, T: int, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool, stores) -> HybridCache:
+    """A new HybridCache for a prompt of T tokens: sized for the positions it will likely hold (`sized_for`),
+    its index builds handed to the worker as each layer sees the prompt's last token, its host stores from
+    the StorePool `stores`, if given."""
+    length = sized_for(model, T, max_new_tokens)
+    return HybridCache(model, cfg, max_length=length, prompt_length=T, progress=progress, stores=stores)
+
+
 def prefill_prompt(
     model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True, stores=None
 ) -> Prefilled:
-    """Prefill ids [1, T] into a new HybridCache sized for the positions it will likely hold
-    (`sized_for`; its index builds overlapped with the prefill; its host stores from the
-    StorePool `stores`, if given), then wait for the builds; timed apart."""
+    """Prefill ids [1, T] into a new `prompt_cache` (its index builds overlapped with the prefill), then
+    wait for the builds; timed apart."""
     T = ids.shape[1]
-    length = sized_for(model, T, max_new_tokens)
-    cache = HybridCache(model, cfg, max_length=length, prompt_length=T, progress=progress, stores=stores)
+    cache = prompt_cache(model, T, cfg, max_new_tokens, progress=progress, stores=stores)
     try:
         order = cfg.prefill_order
         logits, seconds = timed_prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=order)
@@ -183,11 +189,9 @@ class SteppedPrefill:
     work's, not the batch's steps between: its chunks', and the wait for its index builds."""
 
     def __init__(self, model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, stores=None):
-        T = ids.shape[1]
-        length = sized_for(model, T, max_new_tokens)
         self.model, self.ids = model, ids
-        self.cache = HybridCache(model, cfg, max_length=length, prompt_length=T, progress=False, stores=stores)
-        self.chunks = chunk_bounds(T, cfg.prefill_chunk) if cfg.prefill_order == "chunks" else []
+        self.cache = prompt_cache(model, ids.shape[1], cfg, max_new_tokens, progress=False, stores=stores)
+        self.chunks = chunk_bounds(ids.shape[1], cfg.prefill_chunk) if cfg.prefill_order == "chunks" else []
         self.logits: torch.Tensor | None = None
         self.prefill_s = 0.0
 
