@@ -596,17 +596,18 @@ def test_bench_serve_quick(tmp_path):
 
 
 def test_bench_serve_joins_with_whole_prefills_beside_stepped_ones(tmp_path):
-    """The ways chosen by number, the first the others' reference; joining prefills a chunk a step or whole."""
+    """The ways chosen by number, the first the others' reference; joining prefills a chunk a step or whole,
+    or keeps the prompts as the server does by default."""
     out = tmp_path / "serve.json"
-    argv = ["--quick", "--clients", "2", "--context", "200", "--new-tokens", "3", "--ways", "2,3"]
+    argv = ["--quick", "--clients", "2", "--context", "200", "--new-tokens", "3", "--ways", "2,3,4"]
     script("bench.speed.serve").main([*argv, "--json", str(out)])
     result = json.loads(out.read_text())
-    assert [run["way"] for run in result["runs"]] == ["joining", "joining, whole prefills"]
-    assert result["config"]["ways"] == ["joining", "joining, whole prefills"]
+    ways = ["joining", "joining, whole prefills", "joining, prompts kept"]
+    assert [run["way"] for run in result["runs"]] == result["config"]["ways"] == ways
     assert all(run["same_answers"] == 2 for run in result["runs"])
     assert "speed_up" in result["summary"]["joining, whole prefills"] and "speed_up" not in result["summary"]["joining"]
     assert "answers as joining" in script("bench.tables").clients(result)
-    for ways in ("4", "1,1", "a"):
+    for ways in ("5", "1,1", "a"):
         with pytest.raises(SystemExit):
             script("bench.speed.serve").main(["--quick", "--ways", ways])
 

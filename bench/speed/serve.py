@@ -1,16 +1,17 @@
 """Clients at once: N requests sent to the engine's HTTP server (engine.server), each its own prompt, all
-together or one every `--stagger` seconds, answered in up to four ways in one run, in turns (`--ways`, the
+together or one every `--stagger` seconds, answered in up to five ways in one run, in turns (`--ways`, the
 first three by default): one at a time (`max_batch` 1); in batches formed only when the engine takes what
-waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); as the server runs by default, where
-requests join a running batch between its steps, one a step, those that waited together included, each
-prefilled a chunk (`prefill_chunk`, 1024 tokens) a step while the batch decodes; and joining with whole
-prefills, every prompt prefilled in one pass (`prefill_chunk` twice `--context`), so that a prompt that
-joins stalls the batch's steps for its whole prefill.
+waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); joining, where requests join a
+running batch between its steps, one a step, those that waited together included, each prefilled a
+chunk (`prefill_chunk`, 1024 tokens) a step while the batch decodes; joining with whole prefills, every
+prompt prefilled in one pass (`prefill_chunk` twice `--context`), so that a prompt that joins stalls the
+batch's steps for its whole prefill; and joining with prompts kept, as the server runs by default
+(`reuse_prompts=True`), where each batch's first request keeps its prompt for a next turn.
 
 Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens` greedy
-tokens with no end-of-sequence stop, so that every answer runs its full length. The server keeps no
-prompt between requests (`reuse_prompts=False`: the runs are independent), so the first request, which
-finds the engine free, runs alone in the first two ways and starts a batch in the others. Per way and
+tokens with no end-of-sequence stop, so that every answer runs its full length. But in the last way the
+server keeps no prompt between requests (`reuse_prompts=False`: the runs are independent), so the first
+request, which finds the engine free, runs alone in the first two ways and starts a batch in the others. Per way and
 round: the seconds from sending the first request to the last answer, the completion tokens per second
 of that, the prompts' prefill seconds (their first chunk to their first token) and the tokens per second
 of the rest of the time, the requests' mean seconds to their first text and to their whole answer (each
@@ -38,7 +39,7 @@ from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.server import Server
 
-WAYS = ("one at a time", "batches at the start", "joining", "joining, whole prefills")
+WAYS = ("one at a time", "batches at the start", "joining", "joining, whole prefills", "joining, prompts kept")
 
 
 def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int, way: str, stagger: float) -> dict:
@@ -46,7 +47,8 @@ def answered(llm: HybridLLM, prompts: list[str], new_tokens: int, max_batch: int
     `max_batch`: the wall seconds, each answer and its seconds."""
     max_batch = 1 if way == WAYS[0] else max_batch
     join = way in WAYS[2:]
-    server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=False, join=join)
+    reuse = way == WAYS[4]
+    server = Server(llm, port=0, model="smollm2-135m", max_batch=max_batch, reuse_prompts=reuse, join=join)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     answers: list[dict | None] = [None] * len(prompts)
