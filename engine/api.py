@@ -239,6 +239,7 @@ class HybridLLM:
         leave: Callable[[int], bool] | None = None,
         progress: bool = True,
         more: Callable[[], list[tuple]] | None = None,
+        prefix: Prefix | None = None,
     ) -> Iterator[tuple[int, str, str]]:
         """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per
         prompt), and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces
@@ -250,9 +251,12 @@ class HybridLLM:
         Sampling) pairs, each asking for a token or more, prefilled one after another a chunk a step while the
         batch decodes (a step waits for one chunk at most; where the batch ends first, the rest at once), which
         take the next indices (len(prompts), len(prompts) + 1, ...) and
-        each get a report appended to `reports`."""
+        each get a report appended to `reports`. After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt
+        that continues it, which the prompts from `more()` may join."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
             raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
+        if prefix is not None and len(prompts) > 1:
+            raise ValueError(f"after a prefix, stream_batch takes one prompt (more() adds others), got {len(prompts)}")
         sampling = Sampling() if sampling is None else sampling
         samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(samplings) != len(prompts) or not all(isinstance(s, Sampling) for s in samplings):
@@ -276,7 +280,7 @@ class HybridLLM:
             return [(prompt, *row_settings(s)) for prompt, s in joined]
 
         limits, picks, ends, stop_at_eos = map(list, zip(*map(row_settings, samplings)))
-        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress)
+        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress, prefix=prefix)
         ended = set()
         with closing(self._decode(prompts, limits, reports, more=None if more is None else joining, **decoding)) as run:
             for row, token, finish in run:
@@ -362,10 +366,10 @@ class HybridLLM:
         which takes `max_new_tokens`, `pick`, `ends` and `stop_at_eos`'s end tokens for all rows or per
         row). `more()`, asked before a step where no prompt is on its way in, gives prompts that join the
         batch, each as (prompt, max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports`
-        by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. Fills the
-        reports not filled yet at the end, also when the consumer stops."""
-        if more is not None and prefix is not None:
-            raise ValueError("prompts join a batch decoded without a prefix")
+        by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. With a `prefix`,
+        the first prompt continues it, and those that join take its cache into their batch until the end,
+        when it goes back to the document's state. Fills the reports not filled yet at the end, also when
+        the consumer stops."""
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self._encode_continuation(prompts[0])]
@@ -379,6 +383,7 @@ class HybridLLM:
         arriving: deque[tuple[SteppedPrefill, tuple]] = deque()  # prompts prefilled between steps to join, in order
         run = None
         filled: set[int] = set()
+        own: list = []  # the prefix's cache layers, which rows that join it share until the end
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
         def joining(whole: bool) -> list[Joiner]:
@@ -414,6 +419,7 @@ class HybridLLM:
                     continue
                 done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
+            own = list(cache.layers)
             run = Decoding(
                 self.model,
                 cache,
@@ -438,6 +444,8 @@ class HybridLLM:
                 for row in set(range(len(done))) - filled:
                     fill(row)
             if prefix is not None and done:
+                if own:
+                    prefix.cache.keep_only(own)  # the rows that joined it leave it
                 prefix.rewind()  # the document's state again, for its next prompt
             else:
                 if run is not None:

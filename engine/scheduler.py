@@ -1,12 +1,11 @@
 """The server's engine thread (`Scheduler`): requests wait in order for the one thread that runs the
-engine, and those that wait together and need no kept cache (a plain prompt, not a document's, not the
-next turn of the conversation kept) are decoded as one batch, up to `max_batch` of them, each with its
-own sampling. The batch starts with the first of them, and the others join it one between two of its
-steps, and so do such requests that come while it runs (continuous batching): each has its first token
-after its own prefill, which runs a chunk a step while the batch decodes, so that a step waits for one
-prefill chunk at most. A request alone runs by itself where its prompt is kept for the next
-(`Completions.alone`), else it starts a batch that others may join; one that continues the kept cache
-runs by itself as before.
+engine, and are decoded as one batch, up to `max_batch` of them, each with its own sampling. The batch
+starts with the first waiting request, from the kept cache where it continues it (a document's, the
+conversation kept) or keeping its prompt for the next; the requests after it that need no kept cache (a
+plain prompt) join it one between two of its steps, and so do such requests that come while it runs
+(continuous batching): each has its first token after its own prefill, which runs a chunk a step while
+the batch decodes, so that a step waits for one prefill chunk at most. A request that may not join waits
+for the batch's end and starts the next; one of several prompts runs by itself (`Completions.alone`).
 
 Each request is a `Job`: the handler thread that took it reads what the engine thread sends back
 (the response, or the stream's chunks, or the error), and tells it, by `gone`, that its client left."""

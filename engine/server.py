@@ -2,10 +2,10 @@
 completions (`/v1/completions`, `/v1/chat/completions`, `/v1/models`), so that clients written for
 that API talk to it unchanged, streaming included (server-sent events).
 
-One thread runs the engine (engine.scheduler): requests wait for it in order, and those for a plain
-prompt are decoded as one batch, each with its own sampling, joining it between its steps as they
-come; a request that continues the kept cache runs alone (so do several prompts in one request, as
-their own batch).
+One thread runs the engine (engine.scheduler): requests wait for it in order, and are decoded as one
+batch, each with its own sampling, joining it between its steps as they come. Only the batch's first
+request may continue the cache kept between requests (below) or keep its prompt there; several
+prompts in one request run alone, as their own batch.
 What the engine cannot do is refused with a 400 that names the field (`n` above 1,
 log-probabilities, `echo`, penalties, tools); fields it does not know are ignored, as clients send
 many.
@@ -240,31 +240,37 @@ class PromptCache:
 
 
 class Completions:
-    """Requests to the engine's answers: the responses' and the stream's JSON objects. A request runs
-    alone (`run_alone`), from the cache kept from the requests before where it continues it (`cache`),
-    or in a batch with others that wait beside it (`run_batch`, each its own sampling); the Scheduler's
-    one thread runs them."""
+    """Requests to the engine's answers: the responses' and the stream's JSON objects. A request runs in a
+    batch (`run_batch`, each its own sampling), which the first starts, from the cache kept from the
+    requests before where it continues it (`cache`), and which others join; or alone (`run_alone`). The
+    Scheduler's one thread runs them."""
 
     def __init__(self, llm, model: str, *, reuse_prompts: bool = True, folder=None):
         self.llm, self.model = llm, model
         self.cache = PromptCache(llm, reuse_prompts=reuse_prompts, folder=folder)
 
     def batchable(self, job) -> bool:
-        """Whether the job may be decoded in a batch: one prompt, no document, not the next turn of the kept
-        conversation (those go through the kept cache, alone). Its prompt is encoded here (`job.ids`)."""
+        """Whether the job may be decoded in a batch it does not start: one prompt, no document, not the next
+        turn of the kept conversation (those continue the kept cache, which only the batch's first may)."""
         request = job.request
-        if len(request.prompts) > 1 or request.document is not None:
-            return False
-        try:
-            job.ids = self.llm.encode(request.prompt) if job.ids is None else job.ids
-        except Exception:  # refused (the prompt, the tokenizer, its template): alone, where its client hears why
+        if len(request.prompts) > 1 or request.document is not None or not self._encodes(job):
             return False
         return not (self.cache.reuse_prompts and self.cache.kept.continues(job.ids))
 
     def alone(self, job) -> bool:
-        """Whether the job runs by itself, though it may start a batch that others join: where it may not be
-        batched, or where its prompt is kept for the next request (`reuse_prompts`), which a batch does not."""
-        return self.cache.reuse_prompts or not self.batchable(job)
+        """Whether the job runs by itself, none joining it: several prompts (their own batch), or a prompt the
+        engine refuses (there its client hears why). Any other starts a batch that others may join, from the
+        kept cache where it continues it or is kept for the next (`run_batch`)."""
+        request = job.request
+        return len(request.prompts) > 1 or (request.document is None and not self._encodes(job))
+
+    def _encodes(self, job) -> bool:
+        """Whether the job's one prompt encodes, its token ids then kept as `job.ids`."""
+        try:
+            job.ids = self.llm.encode(job.request.prompt) if job.ids is None else job.ids
+        except Exception:  # refused (the prompt, the tokenizer, its template)
+            return False
+        return True
 
     def joinable(self, job) -> bool:
         """Whether the job may join a batch that is running: one that may be batched, asking for a token or more."""
@@ -288,10 +294,18 @@ class Completions:
     def run_batch(self, jobs: list, more: Callable[[int], list] | None = None) -> None:
         """The jobs' requests decoded as one batch; each job is sent its own response, or chunks, as its
         sequence goes. `more(running)`, asked between steps with the number of sequences decoding, gives
-        jobs (`joinable`) that join the batch there. The kept cache stays as it is (a conversation's next
-        turn still finds it)."""
+        jobs (`joinable`) that join the batch there. A batch of one job continues the kept cache where its
+        request does (a document's, or with `reuse_prompts` a conversation's), and keeps its prompt for the
+        next request (`reuse_prompts`); the jobs that join it keep nothing and leave the kept cache as it is."""
         batch = _Batch(lambda r: self._head(r, ".chunk" if r.stream and r.messages is not None else ""))
         log.info("a batch of %d requests", len(jobs))
+        first, prefix, kept = None, None, None
+        if len(jobs) == 1 and (self.cache.reuse_prompts or jobs[0].request.document is not None):
+            try:
+                first, prefix, kept = self.cache.prepare(jobs[0].request)
+            except Exception as error:  # its prompt or document refused: the batch does not start
+                jobs[0].send("error", error)
+                return
 
         def joining() -> list[tuple]:
             new = more(len(batch.running))
@@ -302,12 +316,13 @@ class Completions:
         sampling = batch.add(jobs)
         batch.reports = [GenerationReport() for _ in jobs]
         pieces = self.llm.stream_batch(
-            [job.ids for job in jobs],
+            [job.ids for job in jobs] if first is None else [first],
             sampling,
             reports=batch.reports,
             leave=lambda row: batch.jobs[row].gone.is_set(),
             progress=False,
             more=None if more is None else joining,
+            prefix=prefix,
         )
         with closing(pieces):
             for row, piece, finish in pieces:
@@ -321,13 +336,14 @@ class Completions:
                 batch.texts[row].append(piece)
                 if finish:
                     batch.running.discard(row)
-                    self._finish(job, head, "".join(batch.texts[row]), batch.reports[row])
+                    self._finish(job, head, "".join(batch.texts[row]), batch.reports[row], kept if row == 0 else None)
 
-    def _finish(self, job, head: dict, text: str, report) -> None:
-        """A batched job's end: its response, or its stream's last chunks."""
+    def _finish(self, job, head: dict, text: str, report, kept: dict | None) -> None:
+        """A batched job's end: its response, or its stream's last chunks (`kept`: what it found of the kept
+        cache, where it continued it)."""
         _log_report(report)
         request = job.request
-        told = self._report(report, None)
+        told = self._report(report, kept)
         if not request.stream:
             job.send("response", self._response(request, head, [text], [report], [told]))
             return

@@ -5,6 +5,7 @@ the engine cannot do, and bad input, are refused with errors that name the field
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -346,10 +347,15 @@ def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplo
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         client.sendall(head.encode() + body)
         assert client.recv(64).startswith(b"HTTP/1.0 200")  # the stream began
-    # the next request waits for the first to end: it ends when its writes find the client gone
+    # the next request joins it; the first ends when its writes find the client gone, long before 4000 tokens
     assert answer(server, "/completions", {"prompt": "x y", "max_tokens": 2})["choices"]
-    left = [r.getMessage() for r in caplog.records if "not finished" in r.getMessage()]
-    assert len(left) == 1, [r.getMessage() for r in caplog.records]
+    first = f"prompt {len(server.completions.llm.encode(prompt)[0])} tokens"
+    deadline = time.monotonic() + 60
+    while not (ended := [r.getMessage() for r in caplog.records if r.getMessage().startswith(first)]):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.1)
+    [new] = re.findall(r", (\d+) new ", ended[0])
+    assert int(new) < 4000 and "joined the batch" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -567,8 +573,8 @@ def test_a_job_whose_stream_is_closed_tells_the_engine_its_client_left():
 
 @pytest.fixture
 def held(llm, monkeypatch):
-    """A server whose engine thread holds its first request until `release()`: the requests sent
-    meanwhile wait together. Yields (server, release)."""
+    """A server whose engine thread holds the first request it runs alone (one of several prompts: none
+    joins it) until `release()`: the requests sent meanwhile wait together. Yields (server, release)."""
     with running(Server(llm, port=0, model="tiny", chat_max_tokens=NEW, max_batch=4)) as server:
         gate, run_alone = threading.Event(), server.completions.run_alone
 
@@ -588,6 +594,25 @@ def held(llm, monkeypatch):
         yield server, release
 
 
+def wait_to_join(scheduler, monkeypatch, asking: threading.Event | None = None) -> list[int]:
+    """The scheduler's batch, the first time it asks for a job to join once those taken with it have joined
+    (setting `asking`), waits for another request to come; returns the running counts it asked with."""
+    joining, asked = scheduler._joining, []
+
+    def held_joining(running, admitted):
+        if not admitted:
+            if asking is not None:
+                asking.set()
+            deadline = time.monotonic() + 60
+            while not asked and not scheduler._waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            asked.append(running)
+        return joining(running, admitted=admitted)
+
+    monkeypatch.setattr(scheduler, "_joining", held_joining)
+    return asked
+
+
 def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
     server, release = held
     words = "The grass is green and the sky is blue. ".split()
@@ -603,7 +628,7 @@ def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
     def ask(i, path, body):
         got[i] = events(server, path, body) if "stream_options" in body else answer(server, path, body)
 
-    first = threading.Thread(target=ask, args=(3, "/completions", {"prompt": "x y z", "max_tokens": 2}))
+    first = threading.Thread(target=ask, args=(3, "/completions", {"prompt": ["x y z", "a b"], "max_tokens": 2}))
     first.start()  # the engine holds it while the others come
     deadline = time.monotonic() + 60
     while not server.scheduler._running and time.monotonic() < deadline:
@@ -630,21 +655,8 @@ def test_requests_that_wait_together_are_each_answered_as_alone(held, llm):
 
 def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alone(held, llm, monkeypatch):
     server, release = held
-    scheduler = server.scheduler
-    joining, asked = scheduler._joining, []
-
-    both = threading.Event()
-
-    def held_joining(running, admitted):  # with the two decoding, the batch waits for the third request
-        if not admitted:
-            both.set()
-            deadline = time.monotonic() + 60
-            while not asked and not scheduler._waiting and time.monotonic() < deadline:
-                time.sleep(0.01)
-            asked.append(running)
-        return joining(running, admitted=admitted)
-
-    monkeypatch.setattr(scheduler, "_joining", held_joining)
+    both = threading.Event()  # with the two decoding, the batch waits for the third request
+    asked = wait_to_join(server.scheduler, monkeypatch, both)
     words = "The grass is green and the sky is blue. ".split()
     bodies = [{"prompt": " ".join(words[i:] * 10), "max_tokens": NEW - i, **GREEDY} for i in range(3)]
     bodies[2] |= {"temperature": 0.8, "seed": 5}
@@ -653,7 +665,7 @@ def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alo
     def ask(i, body):
         got[i] = answer(server, "/completions", body)
 
-    first = threading.Thread(target=ask, args=(3, {"prompt": "x y z", "max_tokens": 2}))
+    first = threading.Thread(target=ask, args=(3, {"prompt": ["x y z", "a b"], "max_tokens": 2}))
     first.start()
     deadline = time.monotonic() + 60
     while not server.scheduler._running and time.monotonic() < deadline:
@@ -676,6 +688,38 @@ def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alo
         assert response["hybridattn"][0]["batch"] == 3
 
 
+def test_others_join_a_request_that_keeps_its_prompt_and_the_next_turn_still_finds_it(llm, monkeypatch):
+    """With prompts kept (the default), a conversation's turn starts a batch that another client's request
+    joins; each is answered as alone, and the conversation's next turn still continues the kept cache."""
+    with running(Server(llm, port=0, model="tiny", chat_max_tokens=NEW)) as server:
+        scheduler = server.scheduler
+        wait_to_join(scheduler, monkeypatch)  # the turn's batch waits at its first step for the other request
+        turns = [{"role": "user", "content": "The grass is green and the sky is blue. " * 20 + "What is green?"}]
+        other = {"prompt": "A prompt of another client entirely", "max_tokens": NEW - 4, "temperature": 0.8, "seed": 3}
+        got = {}
+        chat = {"messages": turns, **GREEDY}
+        asks = [
+            threading.Thread(target=lambda: got.update(turn=answer(server, "/chat/completions", chat))),
+            threading.Thread(target=lambda: got.update(other=answer(server, "/completions", other))),
+        ]
+        asks[0].start()
+        while not scheduler._running:
+            time.sleep(0.01)
+        asks[1].start()
+        for ask in asks:
+            ask.join(timeout=120)
+        assert [got[k]["hybridattn"][0]["batch"] for k in ("turn", "other")] == [2, 2]  # decoded together
+        told = [got[k]["hybridattn"][0] for k in ("turn", "other")]
+        assert told[0]["kept"]["reused_tokens"] == 0 and "kept" not in told[1]
+        assert got["turn"]["choices"][0]["message"]["content"] == llm.generate(turns, NEW, progress=False).text
+        want = llm.generate(other["prompt"], NEW - 4, temperature=0.8, seed=3, progress=False).text
+        assert got["other"]["choices"][0]["text"] == want
+        turns += [got["turn"]["choices"][0]["message"], {"role": "user", "content": "And what is blue?"}]
+        second = answer(server, "/chat/completions", {"messages": turns, **GREEDY})
+        assert second["hybridattn"][0]["kept"]["reused_tokens"] == len(llm.encode(turns[:1])[0]) - 1
+        assert second["choices"][0]["message"]["content"] == llm.generate(turns, NEW, progress=False).text
+
+
 def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     answer(server, "/completions", {"prompt": prompt, "max_tokens": 2, **GREEDY})  # kept
     completions = server.completions
@@ -686,7 +730,9 @@ def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):
     assert completions.joinable(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))
     assert not completions.joinable(Job(parse_request({"prompt": "Another prompt", "max_tokens": 0}, **REQUEST)))
     assert not completions.joinable(Job(parse_request({"prompt": prompt + " And"}, **REQUEST)))
-    assert completions.alone(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))  # kept next
+    assert not completions.alone(Job(parse_request({"prompt": "Another prompt entirely"}, **REQUEST)))  # a batch
+    assert not completions.alone(Job(parse_request({"prompt": prompt + " And"}, **REQUEST)))  # from the kept cache
+    assert completions.alone(Job(parse_request({"prompt": ["a b", "c d"]}, **REQUEST)))  # their own batch
 
 
 def test_ignore_eos_runs_an_answer_to_its_max_tokens(server):

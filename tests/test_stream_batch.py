@@ -230,6 +230,60 @@ def test_a_joined_cache_is_moved_into_the_batch_and_given_up(llm, prompts):
         first.cache.release()
 
 
+def free_stores(llm) -> int:
+    """The host stores the engine's pool holds for the next caches."""
+    return sum(len(stores) for stores in llm.stores._free.values())
+
+
+@pytest.mark.parametrize("joined_new", [4, NEW + 4], ids=["joined-ends-first", "prefix-row-ends-first"])
+def test_prompts_join_a_prompt_after_a_prefix_and_the_prefix_is_kept(llm, prompts, joined_new):
+    """A prompt that continues a prefix starts a batch that others join (the prefix's cache is the batch's):
+    each streams what it streams alone; at the end the prefix holds its document alone again, as before,
+    and the rows that joined gave their host stores back."""
+    prefix = llm.prefix(prompts[0][None], progress=False)
+    try:
+        after = prompts[2][:40]
+        want = "".join(llm.stream(after, NEW, prefix=prefix, progress=False))
+        joined = Sampling(joined_new)
+        held = None
+        for _ in range(2):  # the second run finds the first's stores in the pool, and gives them back again
+            reports = [GenerationReport()]
+            more, _ = joining_at({2: [(prompts[1], joined)]})
+            texts, finishes = streamed(llm, [after], Sampling(NEW), reports=reports, more=more, prefix=prefix)
+            assert texts == [want, alone(llm, prompts[1], joined)[0]] and finishes == ["length", "length"]
+            assert [r.batch for r in reports] == [2, 2] and reports[0].prefix_tokens == len(prompts[0])
+            assert held is None or free_stores(llm) == held
+            held = free_stores(llm)
+        assert all(isinstance(layer, type(prefix.cache.layers[0])) for layer in prefix.cache.layers)
+        assert "".join(llm.stream(after, NEW, prefix=prefix, progress=False)) == want
+    finally:
+        prefix.release()
+
+
+def test_after_a_prefix_stream_batch_takes_one_prompt(llm, prompts):
+    prefix = llm.prefix(prompts[0][None], progress=False)
+    try:
+        with pytest.raises(ValueError, match="takes one prompt"):
+            list(llm.stream_batch([prompts[1], prompts[2]], Sampling(4), prefix=prefix, progress=False))
+    finally:
+        prefix.release()
+
+
+def test_a_cache_keeps_only_a_sequence_of_its_own(llm, prompts):
+    with torch.no_grad():
+        first, second, third = (prefill_prompt(llm.model, p[None], CFG, 4, progress=False) for p in prompts)
+    try:
+        own, stranger = list(first.cache.layers), list(third.cache.layers)
+        first.cache.join(second.cache)
+        with pytest.raises(ValueError, match="a sequence of its own"):
+            first.cache.keep_only(stranger)
+        first.cache.keep_only(own)
+        assert first.cache.layers == own and first.cache.host_tokens() == len(prompts[0]) - CFG.resident_tokens
+    finally:
+        first.cache.release()
+        third.cache.release()
+
+
 def test_a_near_tie_after_a_join_runs_again_the_positions_every_row_fed(llm, prompts):
     """Rows that joined at different steps have fed different numbers of tokens: a step run again exactly
     runs as many of the newest positions as every one of its rows fed: the row that fed fewer is exact again."""

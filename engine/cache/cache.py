@@ -291,12 +291,22 @@ class HybridCache(Cache):
         next cache, and every layer is emptied (used again, it starts over); so are the layers of
         sequences that left a batch."""
         self.close()
-        left = [seq for layer in self.layers for seq in getattr(layer, "left", ())]
-        for layer in self.sequence_layers() + left:
-            if layer.is_initialized and layer.stores is not None:
-                layer.stores.give([layer.host])
-                layer.host = None  # the next cache's now
-            layer.reset()
+        _give_back(self.sequence_layers() + self._left())
+
+    def _left(self) -> list[HybridLayer]:
+        """The layers of sequences that left the batch (engine.cache.batch.BatchLayer.left)."""
+        return [seq for layer in self.layers for seq in getattr(layer, "left", ())]
+
+    def keep_only(self, own: list[HybridLayer]) -> None:
+        """Back to the one sequence whose layers are `own` (this cache's `layers` before others joined it:
+        a prefix's, engine.prefix), whether it is still decoding in the batch or left it; the sequences that
+        joined give their host stores back, as `release` does."""
+        held = [getattr(layer, "seqs", [layer]) + getattr(layer, "left", []) for layer in self.layers]
+        if len(own) != len(held) or not all(any(seq is mine for seq in seqs) for mine, seqs in zip(own, held)):
+            raise ValueError("a cache keeps only a sequence of its own: its layer of each model layer")
+        self.close()
+        _give_back([seq for mine, seqs in zip(own, held) for seq in seqs if seq is not mine])
+        self.layers = list(own)
 
     def memory_report(self) -> dict[str, dict[str, int]]:
         """Bytes held by the cache: {"device": {...}, "host": {...}} summed over layers."""
@@ -328,6 +338,15 @@ class HybridCache(Cache):
             "keys_scored_frac": keys / host if host else 0.0,
             "rated_frac": rated / host if host else 0.0,
         }
+
+
+def _give_back(layers: list[HybridLayer]) -> None:
+    """Sequence layers emptied (used again, they start over), their host stores back to the pool they came from."""
+    for layer in layers:
+        if layer.is_initialized and layer.stores is not None:
+            layer.stores.give([layer.host])
+            layer.host = None  # the next cache's now
+        layer.reset()
 
 
 def _hand_over(caches: list[HybridCache], like: HybridCache) -> None:
