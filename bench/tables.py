@@ -354,7 +354,8 @@ def clients(result: dict) -> str:
         rows[-1] += [gaps, sizes, f"{r['same_answers']} of {len(r['answers'])}"]
     sent = f"one every {cfg['stagger']:g} s" if cfg.get("stagger") else "at once"
     note = f"{cfg['model']}, {cfg['clients']} clients sent {sent}, prompts of {cfg['context']} tokens, "
-    note += f"{cfg['new_tokens']} greedy tokens each, {cfg['threads']} threads, max_batch {cfg['max_batch']}; "
+    note += f"{cfg['new_tokens']} greedy tokens each, {cfg['threads']} threads, max_batch {cfg['max_batch']}"
+    note += f", prefill_chunk {cfg['prefill_chunk']}; " if "prefill_chunk" in cfg else "; "
     speed = [f"{way} {s['speed_up']}x" for way, s in result["summary"].items() if "speed_up" in s]
     waits = [
         f"{way} {s['mean_first_token_s']:.1f} s and {s['mean_request_s']:.1f} s" for way, s in result["summary"].items()

@@ -600,10 +600,11 @@ def test_bench_serve_joins_with_whole_prefills_beside_stepped_ones(tmp_path):
     or keeps the prompts as the server does by default."""
     out = tmp_path / "serve.json"
     argv = ["--quick", "--clients", "2", "--context", "200", "--new-tokens", "3", "--ways", "2,3,4"]
-    script("bench.speed.serve").main([*argv, "--json", str(out)])
+    script("bench.speed.serve").main([*argv, "--prefill-chunk", "64", "--json", str(out)])
     result = json.loads(out.read_text())
     ways = ["joining", "joining, whole prefills", "joining, prompts kept"]
     assert [run["way"] for run in result["runs"]] == result["config"]["ways"] == ways
+    assert result["config"]["prefill_chunk"] == 64 and "prefill_chunk 64" in script("bench.tables").clients(result)
     assert all(run["same_answers"] == 2 for run in result["runs"])
     assert "speed_up" in result["summary"]["joining, whole prefills"] and "speed_up" not in result["summary"]["joining"]
     assert "answers as joining" in script("bench.tables").clients(result)

@@ -3,7 +3,8 @@ together or one every `--stagger` seconds, answered in up to five ways in one ru
 first three by default): one at a time (`max_batch` 1); in batches formed only when the engine takes what
 waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); joining, where requests join a
 running batch between its steps, one a step, those that waited together included, each prefilled a
-chunk (`prefill_chunk`, 1024 tokens) a step while the batch decodes; joining with whole prefills, every
+chunk (`--prefill-chunk`: the engine's `prefill_chunk`, 1024 tokens by default) a step while the batch
+decodes; joining with whole prefills, every
 prompt prefilled in one pass (`prefill_chunk` twice `--context`), so that a prompt that joins stalls the
 batch's steps for its whole prefill; and joining with prompts kept, as the server runs by default
 (`reuse_prompts=True`), where each batch's first request keeps its prompt for a next turn.
@@ -20,7 +21,7 @@ the longest), the most requests each was decoded with (the server's `hybridattn[
 answers are the ones the first way gives (greedy: the same tokens, up to the batch's rounding).
 
     python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
-                                [--rounds 2] [--ways 0,1,2] [--threads 2] [--json PATH]
+                                [--rounds 2] [--ways 0,1,2] [--prefill-chunk 1024] [--threads 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -128,13 +129,19 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=options.positive_int, help="turns of the ways (default 2; --quick: 1)")
     ways_help = "the ways, by number: " + ", ".join(f"{i} {way}" for i, way in enumerate(WAYS)) + " (default 0,1,2)"
     p.add_argument("--ways", type=parse_ways, default=list(WAYS[:3]), help=ways_help)
+    p.add_argument(
+        "--prefill-chunk",
+        type=options.positive_int,
+        default=OffloadConfig().prefill_chunk,
+        help="tokens per prefill pass, and a joining prompt's per step, in every way but whole prefills (default 1024)",
+    )
     options.add_threads_arg(p)
     args = p.parse_args(argv)
     if not 0 <= args.stagger < 3600:
         p.error(f"--stagger must be seconds in [0, 3600), got {args.stagger}")
     options.quick_defaults(args, clients=(3, 8), context=(256, 1024), new_tokens=(8, 64), rounds=(1, 2))
     options.pin_threads(args.threads)
-    llm = HybridLLM.from_pretrained(offload=OffloadConfig(device="cpu"))
+    llm = HybridLLM.from_pretrained(offload=OffloadConfig(device="cpu", prefill_chunk=args.prefill_chunk))
     whole = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", prefill_chunk=2 * args.context))
     prompts = [make_sample("passkey", args.context, llm.tokenizer, seed=i).prompt for i in range(args.clients)]
     runs = []
@@ -161,7 +168,7 @@ def main(argv=None) -> None:
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "clients": args.clients, "context": args.context}
         config.update(new_tokens=args.new_tokens, rounds=args.rounds, max_batch=args.max_batch, stagger=args.stagger)
-        config["ways"] = args.ways
+        config["ways"], config["prefill_chunk"] = args.ways, args.prefill_chunk
         write_json(args.json, {"config": config, "runs": runs, "summary": summary})
 
 
