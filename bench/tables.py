@@ -360,8 +360,9 @@ def clients(result: dict) -> str:
     waits = [
         f"{way} {s['mean_first_token_s']:.1f} s and {s['mean_request_s']:.1f} s" for way, s in result["summary"].items()
     ]
-    note += f"against {first} (median seconds to the last answer): " + ", ".join(speed)
-    note += "; a request's mean seconds to its first token and to its answer (medians of the rounds): "
+    if speed:  # other ways than the first: each one's speed against it
+        note += f"against {first} (median seconds to the last answer): " + ", ".join(speed) + "; "
+    note += "a request's mean seconds to its first token and to its answer (medians of the rounds): "
     note += ", ".join(waits)
     return note + "\n\n" + table(head, rows)
 
