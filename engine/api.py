@@ -383,7 +383,6 @@ class HybridLLM:
         arriving: deque[tuple[SteppedPrefill, tuple]] = deque()  # prompts prefilled between steps to join, in order
         run = None
         filled: set[int] = set()
-        own: list = []  # the prefix's cache layers, which rows that join it share until the end
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
         def joining(whole: bool) -> list[Joiner]:
@@ -419,7 +418,6 @@ class HybridLLM:
                     continue
                 done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
-            own = list(cache.layers)
             run = Decoding(
                 self.model,
                 cache,
@@ -444,9 +442,7 @@ class HybridLLM:
                 for row in set(range(len(done))) - filled:
                     fill(row)
             if prefix is not None and done:
-                if own:
-                    prefix.cache.keep_only(own)  # the rows that joined it leave it
-                prefix.rewind()  # the document's state again, for its next prompt
+                prefix.rewind()  # the document's state again, for its next prompt (the rows that joined leave)
             else:
                 if run is not None:
                     run.cache.release()  # the host stores, for the next call

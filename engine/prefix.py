@@ -31,6 +31,7 @@ class Prefix:
         self.model, self.cache, self.ids = model, prefilled.cache, ids.cpu()
         self.prefill_s, self.index_build_s = prefilled.prefill_s, prefilled.index_build_s
         self.marks = self.cache.mark()
+        self.layers = list(self.cache.layers)  # its sequence's, which prompts that join a continuation share
         self.in_use = False
 
     def continued(self, ids: torch.Tensor, *, progress: bool = True) -> Prefilled:
@@ -113,7 +114,9 @@ class Prefix:
         return {where: {"prefix_copies": sum(m[where] for m in marks)} for where in ("device", "host")}
 
     def rewind(self) -> None:
-        """The cache back to the document's state, for the next prompt."""
+        """The cache back to the document's state, for the next prompt: its own sequence alone again (the
+        prompts that joined a continuation's batch leave it), at the document's positions."""
+        self.cache.keep_only(self.layers)
         self.cache.rewind(self.marks)
         self.in_use = False
 
@@ -123,7 +126,7 @@ class Prefix:
             raise RuntimeError("a generation after this prefix is not finished: finish or close it first")
         if self.cache is not None:
             self.cache.release()
-            self.cache = self.marks = None
+            self.cache = self.marks = self.layers = None
 
 
 class KeptCache:

@@ -299,8 +299,8 @@ class HybridCache(Cache):
 
     def keep_only(self, own: list[HybridLayer]) -> None:
         """Back to the one sequence whose layers are `own` (this cache's `layers` before others joined it:
-        a prefix's, engine.prefix), whether it is still decoding in the batch or left it; the sequences that
-        joined give their host stores back, as `release` does."""
+        a prefix's, engine.prefix.Prefix.rewind), whether it is still decoding in the batch or left it; the
+        sequences that joined give their host stores back, as `release` does."""
         held = [getattr(layer, "seqs", [layer]) + getattr(layer, "left", []) for layer in self.layers]
         if len(own) != len(held) or not all(any(seq is mine for seq in seqs) for mine, seqs in zip(own, held)):
             raise ValueError("a cache keeps only a sequence of its own: its layer of each model layer")
