@@ -150,9 +150,9 @@ class HybridLLM:
         if low < 0 or high >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got {low}..{high}")
 
-    def _encode_continuation(self, prompt) -> torch.Tensor:
+    def encode_continuation(self, prompt) -> torch.Tensor:
         """Token ids [1, T] of a prompt that continues a prefix: text (with no special tokens of its own,
-        such as a BOS) or token ids."""
+        such as a BOS) or token ids; chat messages are refused (ValueError)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -241,18 +241,17 @@ class HybridLLM:
         more: Callable[[], list[tuple]] | None = None,
         prefix: Prefix | None = None,
     ) -> Iterator[tuple[int, str, str]]:
-        """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per
-        prompt), and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces
-        `stream` gives the prompt alone (greedy, the same text), finish "" until its last piece (maybe
-        empty), then why it ended ("eos", "stop" or "length"). `reports`, one per prompt, are each filled
-        when its prompt ends. `leave(i)`, asked after each of prompt i's tokens, ends it there where true
-        (its client gone, say): the batch goes on without it. `more()`, asked before a step while the batch runs
-        and no prompt is on its way in, gives prompts that join it (continuous batching): a list of (prompt,
-        Sampling) pairs, each asking for a token or more, prefilled one after another a chunk a step while the
-        batch decodes (a step waits for one chunk at most; where the batch ends first, the rest at once), which
-        take the next indices (len(prompts), len(prompts) + 1, ...) and
-        each get a report appended to `reports`. After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt
-        that continues it, which the prompts from `more()` may join."""
+        """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per prompt), and
+        yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces `stream` gives the prompt
+        alone (greedy, the same text), finish "" until its last piece (maybe empty), then why it ended ("eos", "stop",
+        "length", or "left"). `reports`, one per prompt, are each filled when its prompt ends. `leave(i)`, asked after
+        each of prompt i's tokens, ends it there where true (its client gone, say; its finish "left"): the batch goes on
+        without it. `more()`, asked before a step while the batch runs and no prompt is on its way in, gives prompts
+        that join it (continuous batching): a list of (prompt, Sampling) pairs, each asking for a token or more,
+        prefilled one after another a chunk a step while the batch decodes (a step waits for one chunk at most; where
+        the batch ends first, the rest at once), which take the next indices (len(prompts), len(prompts) + 1, ...) and
+        each get a report appended to `reports`. After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt that
+        continues it, which the prompts from `more()` may join."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
             raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
         if prefix is not None and len(prompts) > 1:
@@ -372,7 +371,7 @@ class HybridLLM:
         the consumer stops."""
         if prefix is not None:
             self._check_prefix(prefix)
-            ids = [self._encode_continuation(prompts[0])]
+            ids = [self.encode_continuation(prompts[0])]
         else:
             ids = self._encode_all(prompts)
         before = prefix.tokens if prefix is not None else 0
@@ -512,10 +511,17 @@ def _end_tokens(model, stop_at_eos: bool | list[bool]) -> set[int] | list[set[in
 
 
 def _ending(stops: StopStrings, leave: Callable[[int], bool] | None = None, row: int = 0):
-    """A row's end check for Decoding (None: none): a stop string reached, or `leave(row)` true."""
-    if leave is None:
-        return stops.reached if stops else None
-    return lambda tokens: stops.reached(tokens) or leave(row)
+    """A row's end check for Decoding (None: none): "stop" where a stop string is reached, "left" where
+    `leave(row)` is true, else ""."""
+    if not stops and leave is None:
+        return None
+
+    def ending(tokens: list[int]) -> str:
+        if stops.reached(tokens):
+            return "stop"
+        return "left" if leave is not None and leave(row) else ""
+
+    return ending
 
 
 def _is_joining(entry) -> bool:

@@ -49,7 +49,8 @@ class GenerationReport:
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
     wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
-    finish_reason: str = ""  # "eos", "stop" (a stop string), "length" (max_new_tokens); "": not finished
+    # "eos", "stop" (a stop string), "length" (max_new_tokens), "left" (its consumer let it go); "": not finished
+    finish_reason: str = ""
     batch: int = 1  # the most sequences in a decode step it took part in (1: alone, or no step)
 
     @property
@@ -235,7 +236,7 @@ class SteppedPrefill:
 # ------------------------------------------------------------------- picks
 
 Pick = Callable[[torch.Tensor], list[int]]  # logits [B, vocab] -> each row's token
-Ending = Callable[[list[int]], bool]  # a row's tokens so far -> whether it ends after the last
+Ending = Callable[[list[int]], str]  # a row's tokens so far -> why it ends after the last ("": it goes on)
 
 
 def greedy_pick(logits: torch.Tensor) -> list[int]:
@@ -303,7 +304,7 @@ class Decoding:
     any transformers cache for one sequence (e.g. full attention's DynamicCache: no step
     records, no bytes). `max_new_tokens`, `pick`, `eos` and `ends` are the batch's or, as lists,
     each row's own. A row ends after an `eos` token, after a token where `ends` (given the row's
-    tokens so far: e.g. engine.stop.StopStrings.reached) says so, or after its max_new_tokens-th
+    tokens so far) gives a reason (e.g. "stop": a stop string reached), or after its max_new_tokens-th
     (its `finish` is set before that token is yielded); with `forced` (per row, at least
     max_new_tokens - 1 tokens) row b is fed forced[b][i] after its i-th pick instead of the pick
     (teacher forcing; only the length ends it). Counted on the way, per row: `tokens`, `fed` (one
@@ -357,7 +358,7 @@ class Decoding:
         self.fed: list[list[int]] = [[] for _ in range(B)]
         self.seconds = [0.0] * B
         self.began = [0.0] * B  # per row, when its first pick came (its seconds count from there)
-        self.finish = [""] * B  # per row, why it ended: "eos", "stop", "length" ("": the consumer stopped first)
+        self.finish = [""] * B  # per row, why it ended: "eos", `ends`' reason, "length" ("": consumer stopped first)
         self.budgets = [self._budget(limit) for limit in self.limits] if self.hybrid else []
         self.steps: list[StepRecord] = []
         self.memory: dict[str, dict[str, int]] = {"device": {}, "host": {}}
@@ -459,14 +460,14 @@ class Decoding:
         return [self.picks[row](logits[i : i + 1])[0] for i, row in enumerate(rows)]
 
     def _ending(self, row: int, token: int) -> str:
-        """Why the row ends after `token`, its newest pick, whatever its length: "eos", "stop" (`ends`
-        said so), or "" (it goes on; never ends when forced)."""
+        """Why the row ends after `token`, its newest pick, whatever its length: "eos", the reason `ends` gives
+        (e.g. "stop"), or "" (it goes on; never ends when forced)."""
         if self.forced is not None:
             return ""
         if token in self.eos[row]:
             return "eos"
         ends = self.ends[row]
-        return "stop" if ends is not None and ends(self.tokens[row]) else ""
+        return "" if ends is None else ends(self.tokens[row])
 
     def _forward(self, rows: list[int], latest: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """The rows' next logits [B, vocab] after feeding them `latest` [B, 1]."""

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "": "length"}  # the report's reason -> the API's
+# the report's finish reason -> the API's ("left": its client is gone, and hears nothing)
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "left": "stop", "": "length"}
 # Fields whose feature the engine does not have, and the values that ask for none of it.
 UNSUPPORTED = {
     "n": (1,),
@@ -216,8 +217,9 @@ class PromptCache:
         (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}."""
         start = time.perf_counter()
         if request.document is not None:
+            prompt = self.llm.encode_continuation(request.prompt)  # refused before the document is prefilled
             prefix, reused = self.kept.with_document(request.document)
-            return request.prompt, prefix, self._told("document", reused, start) | {"loaded": self.kept.loaded}
+            return prompt, prefix, self._told("document", reused, start) | {"loaded": self.kept.loaded}
         continued = None
         if self.reuse_prompts and len(request.prompts) <= 1:
             continued = self.kept.prompt(self.llm.encode(request.prompt))

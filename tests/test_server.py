@@ -354,8 +354,17 @@ def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplo
     while not (ended := [r.getMessage() for r in caplog.records if r.getMessage().startswith(first)]):
         assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
         time.sleep(0.1)
-    [new] = re.findall(r", (\d+) new ", ended[0])
-    assert int(new) < 4000 and "joined the batch" in caplog.text
+    [(new, finish)] = re.findall(r", (\d+) new \(([^)]*)\)", ended[0])
+    assert int(new) < 4000 and finish == "left" and "joined the batch" in caplog.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_refused_after_a_document_is_a_bad_request_not_an_internal_error(server, caplog, stream):
+    caplog.set_level(logging.INFO, logger="engine")
+    body = {"prompt": [1, 10**9], "document": "A short document. " * 4, "max_tokens": 2, "stream": stream}
+    status, text = post(server, "/completions", body)
+    assert status == 400 and "token ids must lie in" in json.loads(text)["error"]["message"]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize(
