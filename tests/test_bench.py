@@ -56,6 +56,7 @@ def test_bench_decode_quick(tmp_path):
     timed = [c for c in cases if "error" not in c]
     assert {c["context"] for c in timed} == {256, 512}
     assert {"hybrid-default", "hybrid-flat", "hybrid-block-only", "full-sdpa"} <= {c["method"] for c in timed}
+    assert "hybrid-all-resident" not in {c["method"] for c in cases}  # run only where named
     for c in timed:
         has_keys(c, keys | {"kv_read_frac"})
         assert 0 < c["kv_read_frac"] <= 1 and c["attn_ms_per_layer_mean"] > 0
@@ -1015,3 +1016,14 @@ def test_bench_query_dots_times_both_products_and_their_steps_give_the_same_outp
     assert row["same_output"] is True and row["build_queries"] > 0
     assert row["native"] is False  # the tiny shape's 16 dimensions: torch's product on both sides
     assert min(row["product_ms"], row["product_ms_torch"], row["step_ms"], row["step_ms_torch"]) > 0
+
+
+def test_bench_decode_all_resident_offloads_nothing_and_reruns_nothing(tmp_path):
+    """A short context with a window that holds it: the engine's step is its resident part alone."""
+    out = tmp_path / "decode.json"
+    args = ["--quick", "--models", "tiny-llama", "--layers", "2", "--contexts", "256", "--json", str(out)]
+    script("bench.speed.decode").main([*args, "--methods", "hybrid-all-resident", "hybrid-default", "full-sdpa"])
+    rows = {c["method"]: c for c in json.loads(out.read_text())["cases"]}
+    assert set(rows) == {"hybrid-all-resident", "full-sdpa"}  # the default's resident set holds 256 tokens too
+    row = rows["hybrid-all-resident"]
+    assert row["host_bytes"] == 0 and row["kv_read_frac"] == 0 and row["rerun_attn_ms_per_layer"] is None

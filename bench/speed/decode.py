@@ -29,7 +29,9 @@ run again wider, as a near tie is first, and again wider still, OffloadConfig.re
 and attn_ms_per_layer_with_rechecks (the step's mean cost with wider and exact runs at the prose
 rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
 is the default through the Python selection, the native host call's reference (before and
-after in one run). Each row names its context_kind.
+after in one run); `hybrid-all-resident`, run only where --methods names it, is the engine with a
+window that holds the whole context (nothing offloaded: what a short context gains from a wide
+window). Each row names its context_kind.
 
     python -m bench.speed.decode [--quick] [--json PATH] [--plot PATH] [--models ...] [--contexts ...]
                                  [--methods ...] [--interleave] [--context prose|flat] [--threads N]
@@ -62,6 +64,7 @@ TimedHybridCache, TimedDynamicCache = CLOCK.timed(HybridCache), CLOCK.timed(Dyna
 # A lighter HNSW build than the index's default, so that 128K-key builds finish in minutes on a CPU.
 BENCH_PARAMS = {"hnsw": {"M": 16, "ef_construction": 40}}
 RULES = {"hybrid-default-python-selection": python_selection}  # methods whose steps take another selection rule
+ON_REQUEST = {"hybrid-all-resident"}  # methods that run only where --methods names them
 # timed samples (their median) of each run again: with three, one slow spell on a shared machine
 # once made the median of an exact run five times the others
 AGAIN_SAMPLES = 5
@@ -146,7 +149,9 @@ def time_prefill(model, kind: str, n: int, cfg: OffloadConfig | None, chunk: int
 # ----------------------------------------------------------------- main
 
 
-def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadConfig | None]]:
+def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, object]]:
+    """Per method: the cache's kind and its OffloadConfig (None: not the engine's; a function of the
+    context: one made for it)."""
     out = {
         "hybrid-default": ("hybrid", OffloadConfig(device="cpu")),
         # the default's counts kept at every length (before the budget grew with the context): what growing costs
@@ -157,6 +162,9 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, OffloadC
         "hybrid-fixed": ("hybrid", OffloadConfig.preset("fixed", device="cpu")),
         "hybrid-fixed-noest": ("hybrid", OffloadConfig.preset("fixed", device="cpu", estimate=False)),
     }
+    # a window that holds the context and the steps after it: nothing offloaded, the step is full attention
+    # through the engine's resident part (what a short context on a CPU gains from a wide window)
+    out["hybrid-all-resident"] = ("hybrid", lambda context: OffloadConfig(device="cpu", window=context + 64))
     if all_methods:
         for m in KEY_INDEXES:
             out[f"hybrid-{m}"] = (
@@ -179,11 +187,15 @@ def run(args) -> list[dict]:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         all_methods = model_name != "smollm2-135m" or args.all_methods
         for context in args.contexts:
-            chosen = {
-                m: (kind, cfg)
-                for m, (kind, cfg) in methods(model_name, all_methods).items()
-                if (not args.methods or m in args.methods) and (kind != "hybrid" or context >= cfg.resident_tokens)
-            }
+            chosen = {}
+            for m, (kind, cfg) in methods(model_name, all_methods).items():
+                if m not in args.methods if args.methods else m in ON_REQUEST:
+                    continue
+                if callable(cfg):
+                    cfg = cfg(context)
+                elif kind == "hybrid" and context < cfg.resident_tokens:  # nothing would be offloaded
+                    continue
+                chosen[m] = (kind, cfg)
             groups = [chosen] if args.interleave else [{m: c} for m, c in chosen.items()]
             for group in groups:
                 rows += measure_group(args, model, model_name, stats, weights, context, group)
@@ -212,7 +224,8 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
         rerun, wider, span = {}, [], 0
         if cfg:  # one exact run at the prose rate covers about RECHECK_SPAN positions, as many as its work allows
             span = min(RECHECK_SPAN, cfg.exact_span(context - cfg.n_sink - cfg.window), context)
-        if kind == "hybrid" and cfg.recheck_margin and method not in RULES:
+        offloads = kind == "hybrid" and context >= cfg.resident_tokens  # else no host token, no near tie to re-check
+        if offloads and cfg.recheck_margin and method not in RULES:
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still
             samples = min(steps, AGAIN_SAMPLES)
