@@ -49,6 +49,8 @@ def decode(result: dict) -> str:
         if "error" in c:
             return "n/a"
         ms = c["attn_ms_per_layer"] if c["model"] != "smollm2-135m" else c["decode_ms_per_token"]
+        if c["method"].startswith("hybrid") and c.get("host_bytes") == 0:  # its window held the context
+            return f"{ms:.1f} (none offloaded)"
         return f"{ms:.1f} ({100 * c['kv_read_frac']:.1f}%)"
 
     out = []

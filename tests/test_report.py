@@ -184,3 +184,15 @@ def test_a_fidelity_lengths_block_puts_each_length_s_run_in_one_table_by_length(
     assert rows[0].startswith("| 4096 | as trained | 6 | default | 0.034 [0.024, 0.044] | 3.00% | 0.050 |")
     assert rows[2].startswith("| 16384 | YaRN x2 | 6 | default | 0.035 [0.025, 0.045]")
     assert "| fixed-noest | 0.100 [0.090, 0.110]" in rows[3]
+
+
+def test_a_decode_table_says_where_the_engine_offloaded_nothing():
+    def case(method, host_bytes, read):
+        return {"model": "smollm2-135m", "method": method, "context": 1024, "decode_ms_per_token": 70.0,
+                "attn_ms_per_layer": 0.3, "host_bytes": host_bytes, "kv_read_frac": read}  # fmt: skip
+
+    rows = [case("hybrid-default", 10**6, 0.0625), case("hybrid-all-resident", 0, 0.0), case("full-sdpa", 0, 1.0)]
+    lines = tables.decode({"cases": rows}).splitlines()
+    assert "| hybrid-default | 70.0 (6.2%) |" in lines
+    assert "| hybrid-all-resident | 70.0 (none offloaded) |" in lines
+    assert "| full-sdpa | 70.0 (100.0%) |" in lines
