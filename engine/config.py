@@ -146,7 +146,9 @@ class OffloadConfig:
     n_sink: int = _option(
         "resident", 4, "first tokens of the sequence kept on the device (attention sinks)", state=True
     )
-    window: int = _option("resident", 256, "most recent tokens kept on the device", state=True)
+    window: int = _option(
+        "resident", 256, "most recent tokens kept on the device (one that holds the context offloads none)", state=True
+    )
 
     # Where candidates come from: which host tokens a step considers reading.
     candidates_from: CandidateSource = _option(

@@ -371,13 +371,18 @@ class Completions:
         prompt, prefix, kept = self.cache.prepare(request)
         pieces = self.llm.stream(prompt, request.max_tokens, report=report, **self._arguments(request, prefix))
         first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
+        left = False
         try:
             if request.messages is not None:
                 yield _role_chunk(head)
             for piece in itertools.chain([] if first is None else [first], pieces):
                 yield head | {"choices": [self._choice(request, 0, piece, None, delta=True)]}
+        except GeneratorExit:  # closed before its end: the client is gone
+            left = True
+            raise
         finally:  # also when the client is gone: the generation stops there, its cache is released
             pieces.close()
+            report.finish_reason = "left" if left and not report.finish_reason else report.finish_reason
             _log_report(report)
         yield from self._last_chunks(request, head, report, self._report(report, kept))
 

@@ -358,6 +358,18 @@ def test_a_client_that_leaves_a_stream_ends_its_generation(server, prompt, caplo
     assert int(new) < 4000 and finish == "left" and "joined the batch" in caplog.text
 
 
+def test_a_stream_run_alone_whose_client_leaves_is_logged_as_left(server, prompt, caplog):
+    caplog.set_level(logging.INFO, logger="engine.server")
+    request = parse_request({"prompt": prompt, "max_tokens": 4000, "stream": True, **GREEDY}, **REQUEST)
+    chunks = server.completions.chunks(request)
+    next(chunks), next(chunks)
+    chunks.close()  # as Completions.run_alone does where its client is gone
+    short = parse_request({"prompt": prompt, "max_tokens": 2, "stream": True, **GREEDY}, **REQUEST)
+    assert list(server.completions.chunks(short))[-1]["choices"][0]["finish_reason"] == "length"
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prompt ")]
+    assert [re.findall(r", \d+ new \(([^)]*)\)", line) for line in ended] == [["left"], ["length"]]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_refused_after_a_document_is_a_bad_request_not_an_internal_error(server, caplog, stream):
     caplog.set_level(logging.INFO, logger="engine")
