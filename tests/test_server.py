@@ -32,8 +32,10 @@ REQUEST = dict(chat=False, model="tiny", chat_max_tokens=NEW)
 @pytest.fixture(scope="module")
 def llm(bundled_tokenizer):
     """A budget that covers every host token: a prompt answered from a kept cache is then answered as
-    the whole prompt is (a prefix's index is built from fewer queries, which a partial read would show)."""
-    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64)
+    the whole prompt is (a prefix's index is built from fewer queries, which a partial read would show).
+    The index builds run in the engine's thread: when a joining prompt is in is a count of steps, not a
+    worker thread's timing (on a loaded machine a build could outlast a short answer's steps)."""
+    cfg = OffloadConfig(device="cpu", **COVER_ALL, host_dtype="float32", prefill_chunk=64, build_workers=0)
     return HybridLLM(tiny_llama(vocab=len(bundled_tokenizer)), bundled_tokenizer, cfg)
 
 
