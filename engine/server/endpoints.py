@@ -1,0 +1,151 @@
+"""The HTTP side of the server: the handler (JSON responses, server-sent events, OpenAI-shaped errors)
+and the `Server`, whose one engine thread (engine.scheduler) runs the requests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import closing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from engine.scheduler import Scheduler
+from engine.server.completions import Completions
+from engine.server.request import RequestError, parse_request
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP to `Completions` and back: JSON responses, server-sent events, OpenAI-shaped errors."""
+
+    server: Server
+    error_content_type = "application/json"
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            model = {"id": self.server.completions.model, "object": "model", "created": 0, "owned_by": "hybridattn"}
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif self.path.rstrip("/") == "/health":
+            self._send_json(200, {"status": "ok"})
+        else:
+            self._send_error(RequestError(f"no such endpoint: GET {self.path}", status=404))
+
+    def do_POST(self) -> None:
+        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        chat = routes.get(self.path.rstrip("/"))
+        if chat is None:
+            self._send_error(RequestError(f"no such endpoint: POST {self.path}", status=404))
+            return
+        completions = self.server.completions
+        try:
+            request = parse_request(
+                self._body(), chat=chat, model=completions.model, chat_max_tokens=self.server.chat_max_tokens
+            )
+            job = self.server.scheduler.submit(request)
+            if request.stream:
+                self._send_events(job.chunks())
+            else:
+                self._send_json(200, job.response())
+        except RequestError as error:
+            self._send_error(error)
+        except (ValueError, TypeError) as error:  # what the engine refuses: the prompt, its token ids, a value
+            self._send_error(RequestError(str(error)))
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("the client of %s closed the connection", self.path)
+        except Exception as error:  # the server goes on; the client hears of it, the log has its traceback
+            log.exception("internal error on %s", self.path)
+            self._send_error(RequestError(f"internal error: {type(error).__name__}: {error}", status=500))
+
+    def _body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(f"the request body holds {length} bytes, more than {MAX_BODY_BYTES}", status=413)
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(f"the request body is not JSON: {error}") from None
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_events(self, chunks: Iterator[dict]) -> None:
+        """Each chunk as a server-sent event as its text is decoded, then `[DONE]`; the connection
+        closes after it. An error before the first chunk (a prompt refused) is an error response; one
+        after it ends the stream with an error event."""
+        with closing(chunks):
+            first = next(chunks)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                for chunk in itertools.chain([first], chunks):
+                    self._event(json.dumps(chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as error:
+                log.exception("error in the stream of %s", self.path)
+                self._event(json.dumps(_error_body(RequestError(f"{type(error).__name__}: {error}", status=500))))
+        self._event("[DONE]")
+
+    def _event(self, data: str) -> None:
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _send_error(self, error: RequestError) -> None:
+        self._send_json(error.status, _error_body(error))
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def _error_body(error: RequestError) -> dict:
+    kind = "invalid_request_error" if error.status < 500 else "server_error"
+    return {"error": {"message": str(error), "type": kind, "param": error.param, "code": None}}
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server of one engine; `serve_forever()` serves until interrupted, `close()` after. Requests
+    that wait together are decoded in batches of up to `max_batch`, which with `join` those that come while
+    a batch runs join (engine.scheduler)."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        llm,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        model: str,
+        chat_max_tokens: int = 512,
+        reuse_prompts: bool = True,
+        prefix_folder=None,
+        max_batch: int = 8,
+        join: bool = True,
+    ):
+        if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
+            raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
+        self.completions = Completions(llm, model, reuse_prompts=reuse_prompts, folder=prefix_folder)
+        self.chat_max_tokens = chat_max_tokens
+        super().__init__((host, port), Handler)
+        self.scheduler = Scheduler(self.completions, max_batch, join=join)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def close(self) -> None:
+        self.server_close()
+        self.scheduler.close()
+        self.completions.close()
