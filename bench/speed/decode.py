@@ -189,7 +189,8 @@ def run(args) -> list[dict]:
         for context in args.contexts:
             chosen = {}
             for m, (kind, cfg) in methods(model_name, all_methods).items():
-                if m not in args.methods if args.methods else m in ON_REQUEST:
+                wanted = m in args.methods if args.methods else m not in ON_REQUEST
+                if not wanted:
                     continue
                 if callable(cfg):
                     cfg = cfg(context)

@@ -1,24 +1,25 @@
 """Clients at once: N requests sent to the engine's HTTP server (engine.server), each its own prompt, all
-together or one every `--stagger` seconds, answered in up to five ways in one run, in turns (`--ways`, the
-first three by default): one at a time (`max_batch` 1); in batches formed only when the engine takes what
-waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); joining, where requests join a
-running batch between its steps, one a step, those that waited together included, each prefilled a
-chunk (`--prefill-chunk`: the engine's `prefill_chunk`, 1024 tokens by default) a step while the batch
-decodes; joining with whole prefills, every
-prompt prefilled in one pass (`prefill_chunk` twice `--context`), so that a prompt that joins stalls the
-batch's steps for its whole prefill; and joining with prompts kept, as the server runs by default
-(`reuse_prompts=True`), where each batch's first request keeps its prompt for a next turn.
+together or one every `--stagger` seconds, answered in up to five ways in one run, in turns (`--ways`,
+the first three by default): one at a time (`max_batch` 1); in batches formed only when the engine takes
+what waits (`max_batch` `--max-batch`, `join=False`: `serve --no-join`); joining, where requests join a
+running batch between its steps, one a step, those that waited together included, each prefilled a chunk
+(`--prefill-chunk`: the engine's `prefill_chunk`, 1024 tokens by default) a step while the batch decodes;
+joining with whole prefills, every prompt prefilled in one pass (`prefill_chunk` twice `--context`), so
+that a prompt that joins stalls the batch's steps for its whole prefill; and joining with prompts kept,
+as the server runs by default (`reuse_prompts=True`), where each batch's first request keeps its prompt
+for a next turn.
 
 Each prompt is a pass-key haystack of `--context` tokens (its own seed), asked for `--new-tokens` greedy
-tokens with no end-of-sequence stop, so that every answer runs its full length. But in the last way the
-server keeps no prompt between requests (`reuse_prompts=False`: the runs are independent), so the first
-request, which finds the engine free, runs alone in the first two ways and starts a batch in the others. Per way and
-round: the seconds from sending the first request to the last answer, the completion tokens per second
-of that, the prompts' prefill seconds (their first chunk to their first token) and the tokens per second
-of the rest of the time, the requests' mean seconds to their first text and to their whole answer (each
-streamed), the longest a streamed answer waited between two of its pieces (mean over the requests, and
-the longest), the most requests each was decoded with (the server's `hybridattn[0].batch`), and how many
-answers are the ones the first way gives (greedy: the same tokens, up to the batch's rounding).
+tokens with no end-of-sequence stop, so that every answer runs its full length. Except in the last way
+the server keeps no prompt between requests (`reuse_prompts=False`: the runs are independent), so the
+first request, which finds the engine free, runs alone in the first two ways and starts a batch in the
+others. Per way and round: the seconds from sending the first request to the last answer, the completion
+tokens per second of that, the prompts' prefill seconds (their first chunk to their first token) and the
+tokens per second of the rest of the time, the requests' mean seconds to their first text and to their
+whole answer (each streamed), the longest a streamed answer waited between two of its pieces (mean over
+the requests, and the longest), the most requests each was decoded with (the server's
+`hybridattn[0].batch`), and how many answers are the ones the first way gives (greedy: the same tokens,
+up to the batch's rounding).
 
     python -m bench.speed.serve [--quick] [--clients 8] [--context 1024] [--new-tokens 64] [--stagger 0]
                                 [--rounds 2] [--ways 0,1,2] [--prefill-chunk 1024] [--threads 2] [--json PATH]
