@@ -1129,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=100_000, help="kernel calls to make (at least)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ext", help="directory holding the engine._C build to test (default: the installed one)")
+    p.add_argument("--ext", help="directory holding the engine.native._C build to test (default: the installed one)")
     p.add_argument("--show", type=int, default=5, help="mismatches to print in full")
     args = p.parse_args(argv)
     ops = load_ops(args.ext)

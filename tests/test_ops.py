@@ -36,7 +36,7 @@ def check_against_ref(q, k, v, ids, scale, dtype, **kw):
 
 def test_extension_is_built():
     if os.environ.get("HYBRIDATTN_REQUIRE_EXT") == "1":
-        assert ops.HAS_EXT, "the C++ extension engine._C did not build or load"
+        assert ops.HAS_EXT, "the C++ extension engine.native._C did not build or load"
     else:
         pytest.skip("HYBRIDATTN_REQUIRE_EXT is not set")
 
