@@ -306,6 +306,7 @@ class HybridLLM:
         stop: str | list[str] | None = None,
         prefix: Prefix | None = None,
         progress: bool = True,
+        leave: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
         """Decode several prompts together: each is prefilled alone (its host indexes built),
         then every decode step runs the whole batch through the model at once, each sequence
@@ -316,19 +317,21 @@ class HybridLLM:
         contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
         every token picked); after a `prefix` (`HybridLLM.prefix`), only the prompts are prefilled, and
         they are decoded one after another (each continues the document as it was left); `progress`
-        shows the prefill and index-build bars (stderr). Each report is its own sequence's
-        (GenerationReport); the bytes are the batch's."""
+        shows the prefill and index-build bars (stderr); `leave(i)`, asked after each of prompt i's
+        tokens, ends it there where true (another thread stopping the work, say; its finish "left").
+        Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
         stops = StopStrings(self.tokenizer, stop)
         pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        decoding = dict(pick=pick, ends=_ending(stops), stop_at_eos=stop_at_eos, progress=progress)
+        ends = [_ending(stops, leave, i) for i in range(len(prompts))]
+        decoding = dict(pick=pick, stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
-            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, **decoding)
+            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, ends=ends, **decoding)
         out = []  # after a prefix, one after another, each from the document's state
         for i, prompt in enumerate(prompts):
             try:
-                out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, **decoding)
+                out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, ends=ends[i], **decoding)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"prompt {i} of the {len(prompts)} after the prefix: {error}") from error
         return out

@@ -372,6 +372,19 @@ def test_a_stream_run_alone_whose_client_leaves_is_logged_as_left(server, prompt
     assert [re.findall(r", \d+ new \(([^)]*)\)", line) for line in ended] == [["left"], ["length"]]
 
 
+def test_a_whole_response_run_alone_ends_at_the_next_token_once_its_client_is_gone(server, prompt):
+    """Several prompts without `stream` run by themselves; closing the server marks the job gone, and each
+    prompt then ends at its next token rather than at `max_tokens`."""
+    request = parse_request({"prompt": [prompt, prompt[:40]], "max_tokens": 4000, **GREEDY}, **REQUEST)
+    job = Job(request)
+    job.gone.set()
+    server.completions.run_alone(job)
+    response = job.response()
+    assert response["usage"]["completion_tokens"] == 2  # one token each
+    assert [told["finish_reason"] for told in response["hybridattn"]] == ["left", "left"]
+    assert [choice["finish_reason"] for choice in response["choices"]] == ["stop", "stop"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_refused_after_a_document_is_a_bad_request_not_an_internal_error(server, caplog, stream):
     caplog.set_level(logging.INFO, logger="engine")

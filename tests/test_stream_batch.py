@@ -83,6 +83,25 @@ def test_a_prompt_whose_consumer_leaves_ends_there_and_the_batch_goes_on(llm, pr
         assert reports[row].new_tokens == NEW
 
 
+@pytest.mark.parametrize("after_prefix", [False, True])
+def test_generate_ends_a_prompt_where_leave_says_and_the_others_go_on(llm, prompts, after_prefix):
+    """generate's `leave`, as the server's closing asks it: in a batch, and after a prefix, where the
+    prompts run one after another."""
+    calls = [0] * 3
+    prefix = llm.prefix(prompts[0], progress=False) if after_prefix else None
+    questions = [p[:4] for p in prompts[1:]] if after_prefix else prompts
+
+    def leave(row):
+        calls[row] += 1
+        return row == 1 and calls[row] >= 2
+
+    results = llm.generate(questions, NEW, prefix=prefix, leave=leave, progress=False)
+    assert len(results[1].token_ids) == 2 and results[1].report.finish_reason == "left"
+    for row in [row for row in range(len(questions)) if row != 1]:
+        want = llm.generate(questions[row], NEW, prefix=prefix, progress=False)
+        assert results[row].token_ids == want.token_ids and results[row].report.finish_reason == "length"
+
+
 def test_a_prompt_with_no_new_tokens_ends_at_once(llm, prompts):
     texts, finishes = streamed(llm, prompts[:2], [Sampling(0), Sampling(5)])
     assert (texts[0], finishes[0]) == ("", "length")

@@ -108,8 +108,8 @@ class Completions:
     def run_alone(self, job) -> None:
         """The job's request by itself: its response or its chunks sent to it."""
         try:
-            if not job.request.stream:
-                job.send("response", self.answer(job.request))
+            if not job.request.stream:  # its prompts end at their next token once it is gone (the server closing)
+                job.send("response", self.answer(job.request, leave=lambda _row: job.gone.is_set()))
                 return
             with closing(self.chunks(job.request)) as chunks:
                 for chunk in chunks:
@@ -180,10 +180,12 @@ class Completions:
             job.send("chunk", chunk)
         job.send("end")
 
-    def answer(self, request: Request) -> dict:
-        """The whole response to a request without `stream`."""
+    def answer(self, request: Request, leave: Callable[[int], bool] | None = None) -> dict:
+        """The whole response to a request without `stream`; `leave(i)`, asked after each token of its prompt
+        i, ends that prompt's answer there where true (engine.api.HybridLLM.generate_batch)."""
         prompt, prefix, kept = self.cache.prepare(request)
-        results = self.llm.generate(prompt, request.max_tokens, **self._arguments(request, prefix))
+        arguments = self._arguments(request, prefix) | {"leave": leave}
+        results = self.llm.generate(prompt, request.max_tokens, **arguments)
         results = results if isinstance(results, list) else [results]
         reports = [r.report for r in results]
         for report in reports:
