@@ -372,6 +372,41 @@ def test_a_stream_run_alone_whose_client_leaves_is_logged_as_left(server, prompt
     assert [re.findall(r", \d+ new \(([^)]*)\)", line) for line in ended] == [["left"], ["length"]]
 
 
+def test_closing_the_server_waits_for_its_handlers_to_send_the_answers_ended(llm, prompt, monkeypatch):
+    """Ctrl-C on `hybridattn serve` closes the server while a request runs: its generation ends at the next
+    token, and close() returns only once the handler has sent that answer (a process that exits while a
+    handler thread runs leaves its client without one, and may abort)."""
+    from engine.server import endpoints
+
+    send_json = endpoints.Handler._send_json
+
+    def slow_send_json(handler, status, payload):  # a handler still sending when the engine thread is done
+        time.sleep(0.5)
+        send_json(handler, status, payload)
+
+    monkeypatch.setattr(endpoints.Handler, "_send_json", slow_send_json)
+    before = set(threading.enumerate())
+    server = Server(llm, port=0, model="tiny")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    got = []
+    body = {"prompt": [prompt, prompt[:40]], "max_tokens": 4000, **GREEDY}
+    client = threading.Thread(target=lambda: got.append(post(server, "/completions", body)))
+    client.start()
+    deadline = time.monotonic() + 60
+    while not server.scheduler._running:  # the request under way
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    server.shutdown()
+    server.close()
+    handlers = [t for t in threading.enumerate() if t not in before and "process_request_thread" in t.name]
+    assert not handlers  # every handler done, its answer sent
+    client.join(10)
+    [(status, text)] = got
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] < 2 * 4000
+    thread.join(10)
+
+
 def test_a_whole_response_run_alone_ends_at_the_next_token_once_its_client_is_gone(server, prompt):
     """Several prompts without `stream` run by themselves; closing the server marks the job gone, and each
     prompt then ends at its next token rather than at `max_tokens`."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +19,7 @@ from engine.server.request import RequestError, parse_request
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 2**20  # a request body (a 131K-token document is about half a MiB of text)
+CLOSE_WAIT_S = 5.0  # how long `Server.close` waits for the handlers to send the answers the engine ended
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -118,7 +121,7 @@ class Server(ThreadingHTTPServer):
     that wait together are decoded in batches of up to `max_batch`, which with `join` those that come while
     a batch runs join (engine.scheduler)."""
 
-    daemon_threads = True
+    daemon_threads = True  # a client that stops reading cannot hold the process: `close` waits for it a while only
 
     def __init__(
         self,
@@ -135,6 +138,8 @@ class Server(ThreadingHTTPServer):
     ):
         if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
+        self._handlers: set[threading.Thread] = set()  # the handler threads under way
+        self._handlers_lock = threading.Lock()
         self.completions = Completions(llm, model, reuse_prompts=reuse_prompts, folder=prefix_folder)
         self.chat_max_tokens = chat_max_tokens
         super().__init__((host, port), Handler)
@@ -145,7 +150,25 @@ class Server(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    def process_request_thread(self, request, client_address) -> None:
+        thread = threading.current_thread()
+        with self._handlers_lock:
+            self._handlers.add(thread)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._handlers_lock:
+                self._handlers.discard(thread)
+
     def close(self) -> None:
+        """Stop: the generations under way end at their next token (engine.scheduler), and their handlers send
+        what they have, for up to CLOSE_WAIT_S seconds, before the kept cache is released (a process that
+        exited while a handler thread still ran would not answer its client, and may abort)."""
         self.server_close()
         self.scheduler.close()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        with self._handlers_lock:
+            handlers = list(self._handlers)
+        for thread in handlers:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self.completions.close()
