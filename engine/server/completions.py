@@ -184,8 +184,7 @@ class Completions:
         """The whole response to a request without `stream`; `leave(i)`, asked after each token of its prompt
         i, ends that prompt's answer there where true (engine.api.HybridLLM.generate_batch)."""
         prompt, prefix, kept = self.cache.prepare(request)
-        arguments = self._arguments(request, prefix) | {"leave": leave}
-        results = self.llm.generate(prompt, request.max_tokens, **arguments)
+        results = self.llm.generate(prompt, request.max_tokens, leave=leave, **self._arguments(request, prefix))
         results = results if isinstance(results, list) else [results]
         reports = [r.report for r in results]
         for report in reports:
