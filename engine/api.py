@@ -3,8 +3,10 @@ and report where the time and the bytes went."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -22,8 +24,10 @@ from engine.generation import (
     GenerationReport,
     Joiner,
     Prefilled,
+    PrefillLeft,
     SteppedPrefill,
     eos_ids,
+    fill_left_report,
     fill_report,
     prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
     prefill_prompt,
@@ -164,17 +168,19 @@ class HybridLLM:
     # ------------------------------------------------------------ prefixes
 
     @torch.inference_mode()
-    def prefix(self, document, *, progress: bool = True) -> Prefix:
+    def prefix(self, document, *, progress: bool = True, leave: Callable[[], bool] | None = None) -> Prefix:
         """Prefill `document` (text, the beginning of a prompt, or token ids) once, for several prompts
         that continue it: `generate(prompt, prefix=...)` then prefills only the prompt (engine.prefix).
-        The prefix holds a host store until its `release()`."""
+        The prefix holds a host store until its `release()`. `leave()`, asked before each prefill chunk,
+        gives it up where true (engine.generation.PrefillLeft)."""
         if isinstance(document, list) and document and isinstance(document[0], dict):
             raise ValueError(_CHAT_AFTER_PREFIX)
         ids = self.encode(document)
         if ids.shape[1] < 2:
             raise ValueError(f"a prefix holds at least 2 tokens, got {ids.shape[1]}")
         room = RESERVED_NEW_TOKENS  # the prompts after it and their answers; the stores grow past it
-        prefilled = prefill_prompt(self.model, ids[:, :-1], self.offload, room, progress=progress, stores=self.stores)
+        keywords = dict(progress=progress, stores=self.stores, leave=leave)
+        prefilled = prefill_prompt(self.model, ids[:, :-1], self.offload, room, **keywords)
         try:
             return Prefix(self.model, prefilled, ids)
         except BaseException:
@@ -222,10 +228,10 @@ class HybridLLM:
         report = report if report is not None else GenerationReport()
         text = TextStream(StopStrings(self.tokenizer, kwargs.pop("stop", None)))
         pick = self._pick(max_new_tokens, **{k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs})
-        ends = _ending(text.stops)
+        ends = _ending(text.stops, kwargs.get("leave"))
         with closing(self._decode([prompt], max_new_tokens, [report], pick=pick, ends=ends, **kwargs)) as picks:
-            for _, token, _ in picks:  # (closed when the consumer stops early)
-                if piece := text.add(token):
+            for _, token, _ in picks:  # (closed when the consumer stops early; no token: it left in its prefill)
+                if token is not None and (piece := text.add(token)):
                     yield piece
             if piece := text.finish():
                 yield piece
@@ -245,12 +251,13 @@ class HybridLLM:
         and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces `stream` gives
         the prompt alone (greedy, the same text), finish "" until its last piece (maybe empty), then why it
         ended ("eos", "stop", "length", or "left"). `reports`, one per prompt, are each filled when its prompt
-        ends. `leave(i)`, asked after each of prompt i's tokens, ends it there where true (its client gone, say;
-        its finish "left"): the batch goes on without it. `more()`, asked before a step while the batch runs and
-        no prompt is on its way in, gives prompts that join it (continuous batching): a list of (prompt,
-        Sampling) pairs, each asking for a token or more, prefilled one after another a chunk a step while the
-        batch decodes (a step waits for one chunk at most; where the batch ends first, the rest at once), which
-        take the next indices (len(prompts), len(prompts) + 1, ...) and each get a report appended to `reports`.
+        ends. `leave(i)`, asked before each of prompt i's prefill chunks and after each of its tokens, ends it
+        there where true (its client gone, say; its finish "left"): the batch goes on without it. `more()`, asked
+        before a step while the batch runs and no prompt is on its way in, gives prompts that join it (continuous
+        batching): a list of (prompt, Sampling) pairs, each asking for a token or more, prefilled one after
+        another a chunk a step while the batch decodes (a step waits for one chunk at most; where the batch ends
+        first, the rest at once), which take the next indices (len(prompts), len(prompts) + 1, ...) and each get
+        a report appended to `reports`.
         After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt that continues it, which the prompts from
         `more()` may join."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
@@ -280,11 +287,11 @@ class HybridLLM:
             return [(prompt, *row_settings(s)) for prompt, s in joined]
 
         limits, picks, ends, stop_at_eos = map(list, zip(*map(row_settings, samplings)))
-        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress, prefix=prefix)
+        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress, prefix=prefix, leave=leave)
         ended = set()
         with closing(self._decode(prompts, limits, reports, more=None if more is None else joining, **decoding)) as run:
             for row, token, finish in run:
-                piece = texts[row].add(token)
+                piece = texts[row].add(token) if token is not None else ""
                 if finish:
                     piece += texts[row].finish()
                     ended.add(row)
@@ -317,8 +324,9 @@ class HybridLLM:
         contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
         every token picked); after a `prefix` (`HybridLLM.prefix`), only the prompts are prefilled, and
         they are decoded one after another (each continues the document as it was left); `progress`
-        shows the prefill and index-build bars (stderr); `leave(i)`, asked after each of prompt i's
-        tokens, ends it there where true (another thread stopping the work, say; its finish "left").
+        shows the prefill and index-build bars (stderr); `leave(i)`, asked before each of prompt i's prefill
+        chunks and after each of its tokens, ends it there where true (another thread stopping the work, say;
+        its finish "left"; one that leaves in its prefill has no token).
         Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
@@ -327,11 +335,12 @@ class HybridLLM:
         ends = [_ending(stops, leave, i) for i in range(len(prompts))]
         decoding = dict(pick=pick, stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
-            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, ends=ends, **decoding)
+            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, ends=ends, leave=leave, **decoding)
         out = []  # after a prefix, one after another, each from the document's state
         for i, prompt in enumerate(prompts):
+            alone = dict(ends=ends[i], leave=None if leave is None else lambda _row, i=i: leave(i))
             try:
-                out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, ends=ends[i], **decoding)
+                out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, **alone, **decoding)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"prompt {i} of the {len(prompts)} after the prefix: {error}") from error
         return out
@@ -346,7 +355,8 @@ class HybridLLM:
         reports = [GenerationReport() for _ in prompts]
         tokens: list[list[int]] = [[] for _ in prompts]
         for row, token, _ in self._decode(prompts, max_new_tokens, reports, **decoding):
-            tokens[row].append(token)
+            if token is not None:  # none: the prompt left in its prefill
+                tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
 
     @torch.inference_mode()
@@ -362,7 +372,8 @@ class HybridLLM:
         prefix: Prefix | None = None,
         progress: bool = True,
         more: Callable[[], list[tuple]] | None = None,
-    ) -> Iterator[tuple[int, int, str]]:
+        leave: Callable[[int], bool] | None = None,
+    ) -> Iterator[tuple[int, int | None, str]]:
         """(row, token, finish) as each token is picked, finish "" until the row's last (then why it
         ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
         stacked into one when there are several, then decoded together (engine.generation.Decoding,
@@ -371,7 +382,9 @@ class HybridLLM:
         batch, each as (prompt, max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports`
         by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. With a `prefix`,
         the first prompt continues it, and those that join take its cache into their batch until the end,
-        when it goes back to the document's state. Fills the reports not filled yet at the end, also when
+        when it goes back to the document's state. `leave(i)`, asked before each prefill chunk of prompt i (its
+        index: the prompts', then those from more() in order), gives its prefill up where true: (i, None, "left")
+        then, its report filled, and the others go on. Fills the reports not filled yet at the end, also when
         the consumer stops."""
         if prefix is not None:
             self._check_prefix(prefix)
@@ -382,11 +395,17 @@ class HybridLLM:
         limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
         longest, new = max(((x.shape[1], n) for x, n in zip(ids, limits)), key=sum)
         self._warn_past_context(before + longest, new)
-        done: list[Prefilled] = []
-        arriving: deque[tuple[SteppedPrefill, tuple]] = deque()  # prompts prefilled between steps to join, in order
+        done: list[Prefilled] = []  # the decoding's rows' prefills
+        names: list[int] = []  # ... and their prompts' indices
+        arriving: deque[tuple[SteppedPrefill, tuple, int]] = deque()  # prompts prefilled between steps to join
+        joined = itertools.count(len(ids))  # the index of the next prompt from more()
+        left: deque[int] = deque()  # prompts from more() that left in their prefill, to yield
         run = None
         filled: set[int] = set()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        def asked(i: int) -> Callable[[], bool] | None:
+            return None if leave is None else lambda: leave(i)
 
         def joining(whole: bool) -> list[Joiner]:
             """The next prompt on its way in, once its prefill, a chunk a step (`whole`: the rest at once), is
@@ -397,47 +416,76 @@ class HybridLLM:
                         raise ValueError(
                             f"a prompt joins a running batch for a token or more, got max_new_tokens={limit!r}"
                         )
-                    x = self._encode_all([prompt])[0]
+                    x, i = self._encode_all([prompt])[0], next(joined)
                     self._warn_past_context(x.shape[1], limit)
                     settings = (limit, pick, _end_tokens(self.model, stop_at_eos), ends)
-                    arriving.append((SteppedPrefill(self.model, x, self.offload, limit, stores=self.stores), settings))
-            if not arriving or (prompt := arriving[0][0].step(whole=whole)) is None:
-                return []
-            done.append(prompt)
-            return [Joiner(prompt, *arriving.popleft()[1])]
+                    arrival = SteppedPrefill(self.model, x, self.offload, limit, stores=self.stores, leave=asked(i))
+                    arriving.append((arrival, settings, i))
+            while arriving:
+                arrival, settings, i = arriving[0]
+                try:
+                    prompt = arrival.step(whole=whole)
+                except PrefillLeft:
+                    arriving.popleft()
+                    arrival.close()
+                    fill_left_report(reports[i], arrival.ids.shape[1], 0, arrival.prefill_s, weights)
+                    left.append(i)
+                    continue
+                if prompt is None:
+                    return []
+                arriving.popleft()
+                done.append(prompt)
+                names.append(i)
+                return [Joiner(prompt, *settings)]
+            return []
 
         def fill(row: int) -> None:
-            fill_report(reports[row], run, row, done[row], weights)
+            report = reports[names[row]]
+            fill_report(report, run, row, done[row], weights)
             if prefix is not None:  # its copies to go back to the document's state
                 copies = prefix.nbytes()
-                reports[row].device_bytes.update(copies["device"])
-                reports[row].host_bytes.update(copies["host"])
+                report.device_bytes.update(copies["device"])
+                report.host_bytes.update(copies["host"])
             filled.add(row)
 
         try:
-            for x, limit in zip(ids, limits):
-                if prefix is not None:
-                    done.append(prefix.continued(x, progress=progress))
+            for i, (x, limit) in enumerate(zip(ids, limits)):
+                t0 = time.perf_counter()
+                try:
+                    if prefix is not None:
+                        done.append(prefix.continued(x, progress=progress, leave=asked(i)))
+                    else:
+                        keywords = dict(progress=progress, stores=self.stores, leave=asked(i))
+                        done.append(prefill_prompt(self.model, x, self.offload, limit, **keywords))
+                except PrefillLeft:  # the others go on
+                    fill_left_report(reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights)
+                    yield i, None, "left"
                     continue
-                done.append(prefill_prompt(self.model, x, self.offload, limit, progress=progress, stores=self.stores))
+                names.append(i)
+            if not done:
+                return
             cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
             run = Decoding(
                 self.model,
                 cache,
                 torch.stack([p.logits for p in done]),
-                max_new_tokens,
-                pick=pick,
-                eos=_end_tokens(self.model, stop_at_eos),
-                ends=ends,
+                _of_rows(max_new_tokens, names),
+                pick=_of_rows(pick, names),
+                eos=_end_tokens(self.model, _of_rows(stop_at_eos, names)),
+                ends=_of_rows(ends, names),
                 lengths=None if len(done) == 1 and more is None else [p.prompt_tokens for p in done],
                 joining=None if more is None else joining,
             )
             for row, token in run:
                 if run.finish[row]:
                     fill(row)
-                yield row, token, run.finish[row]
+                yield names[row], token, run.finish[row]
+                while left:
+                    yield left.popleft(), None, "left"
+            while left:
+                yield left.popleft(), None, "left"
         finally:  # also when the consumer stops early or raises: no build thread outlives the call
-            for arrival, _ in arriving:
+            for arrival, _, _ in arriving:
                 arrival.close()
             for p in done:
                 p.cache.close()
@@ -512,6 +560,11 @@ def _end_tokens(model, stop_at_eos: bool | list[bool]) -> set[int] | list[set[in
     if isinstance(stop_at_eos, list):
         return [eos if stop else set() for stop in stop_at_eos]
     return eos if stop_at_eos else set()
+
+
+def _of_rows(value, rows: list[int]):
+    """A setting given once for all prompts, or as a list of one per prompt, for the `rows` (prompts' indices)."""
+    return [value[i] for i in rows] if isinstance(value, list) else value
 
 
 def _ending(stops: StopStrings, leave: Callable[[int], bool] | None = None, row: int = 0):

@@ -102,19 +102,44 @@ def chunk_bounds(length: int, chunk: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True, order: str = "chunks"):
+class PrefillLeft(Exception):
+    """A prefill given up before its end because its prompt left (its `leave` said so: its client gone, say)."""
+
+
+def prefill(
+    model,
+    ids: torch.Tensor,
+    cache,
+    chunk: int,
+    *,
+    progress: bool = True,
+    order: str = "chunks",
+    leave: Callable[[], bool] | None = None,
+):
     """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens (bounded
     activation memory; see `chunk_bounds`), each through every layer, or with `order="layers"`
     the whole prompt through one layer after another (engine.layer_prefill: an empty
-    HybridCache); returns the last position's logits [vocab]."""
+    HybridCache); returns the last position's logits [vocab]. `leave()`, asked before each chunk
+    (by layers: before each layer), gives the prefill up where true: PrefillLeft, the cache half filled."""
     bounds = chunk_bounds(ids.shape[1], chunk)
     if order == "layers":
-        return prefill_by_layer(model, ids, cache, bounds, progress=progress)
+        return prefill_by_layer(model, ids, cache, bounds, progress=progress, before_layer=_asking(leave))
     if order != "chunks":
         raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")
     for start, end in tqdm(bounds, desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False):
+        _asking(leave)()
         logits = prefill_chunk(model, ids[:, start:end], cache)
     return logits
+
+
+def _asking(leave: Callable[[], bool] | None) -> Callable[[], None]:
+    """A check that raises PrefillLeft where `leave()` is true (none: never)."""
+
+    def ask() -> None:
+        if leave is not None and leave():
+            raise PrefillLeft("the prompt left during its prefill")
+
+    return ask
 
 
 def prefill_chunk(model, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -122,10 +147,10 @@ def prefill_chunk(model, ids: torch.Tensor, cache) -> torch.Tensor:
     return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
 
-def timed_prefill(model, ids: torch.Tensor, cache, chunk: int, *, progress: bool = True, order: str = "chunks"):
-    """`prefill`, and the seconds it took until its last logits (the device's queue drained)."""
+def timed_prefill(model, ids: torch.Tensor, cache, chunk: int, **keywords):
+    """`prefill` (its keywords), and the seconds it took until its last logits (the device's queue drained)."""
     t0 = time.perf_counter()
-    logits = prefill(model, ids, cache, chunk, progress=progress, order=order)
+    logits = prefill(model, ids, cache, chunk, **keywords)
     _sync(ids.device)
     return logits, time.perf_counter() - t0
 
@@ -164,18 +189,29 @@ def prompt_cache(model, T: int, cfg: OffloadConfig, max_new_tokens: int, *, prog
 
 
 def prefill_prompt(
-    model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, progress: bool = True, stores=None
+    model,
+    ids: torch.Tensor,
+    cfg: OffloadConfig,
+    max_new_tokens: int,
+    *,
+    progress: bool = True,
+    stores=None,
+    leave: Callable[[], bool] | None = None,
 ) -> Prefilled:
     """Prefill ids [1, T] into a new `prompt_cache` (its index builds overlapped with the prefill), then
-    wait for the builds; timed apart."""
+    wait for the builds; timed apart. `leave()`, asked before each chunk, gives it up where true
+    (PrefillLeft; the cache's host stores back to their pool)."""
     T = ids.shape[1]
     cache = prompt_cache(model, T, cfg, max_new_tokens, progress=progress, stores=stores)
     try:
-        order = cfg.prefill_order
-        logits, seconds = timed_prefill(model, ids, cache, cfg.prefill_chunk, progress=progress, order=order)
+        keywords = dict(progress=progress, order=cfg.prefill_order, leave=leave)
+        logits, seconds = timed_prefill(model, ids, cache, cfg.prefill_chunk, **keywords)
         t1 = time.perf_counter()
         cache.build_indexes()  # what the builds overlapped with the prefill left to do
         return Prefilled(cache, logits, T, seconds, time.perf_counter() - t1)
+    except PrefillLeft:
+        cache.release()  # its stores, for the prompts that go on
+        raise
     except BaseException:  # no build thread outlives a failed prefill
         cache.close()
         raise
@@ -189,8 +225,17 @@ class SteppedPrefill:
     would wait for too) and run on their worker thread while the batch decodes. Its times are its own
     work's, not the batch's steps between: its chunks', and the wait for its index builds."""
 
-    def __init__(self, model, ids: torch.Tensor, cfg: OffloadConfig, max_new_tokens: int, *, stores=None):
-        self.model, self.ids = model, ids
+    def __init__(
+        self,
+        model,
+        ids: torch.Tensor,
+        cfg: OffloadConfig,
+        max_new_tokens: int,
+        *,
+        stores=None,
+        leave: Callable[[], bool] | None = None,
+    ):
+        self.model, self.ids, self.leave = model, ids, leave
         self.cache = prompt_cache(model, ids.shape[1], cfg, max_new_tokens, progress=False, stores=stores)
         self.chunks = chunk_bounds(ids.shape[1], cfg.prefill_chunk) if cfg.prefill_order == "chunks" else []
         self.logits: torch.Tensor | None = None
@@ -199,12 +244,15 @@ class SteppedPrefill:
     def step(self, *, whole: bool = False) -> Prefilled | None:
         """Run its next chunk, or with `whole` every chunk left, then wait for its index builds; the Prefilled
         once its last chunk has run and its builds are done (without `whole`, a step with no chunk left only
-        looks), else None. Whoever started it closes it where it does not join (`close`)."""
+        looks), else None; PrefillLeft where its `leave()`, asked before each chunk, is true. Whoever started
+        it closes it where it does not join (`close`)."""
         if self.logits is None:
             t0 = time.perf_counter()
-            self._run(whole)
-            _sync(self.ids.device)
-            self.prefill_s += time.perf_counter() - t0
+            try:
+                self._run(whole)
+                _sync(self.ids.device)
+            finally:  # its time also where it left
+                self.prefill_s += time.perf_counter() - t0
             if self.logits is None:
                 return None
         if not whole and not self.cache.builds_done():
@@ -216,9 +264,12 @@ class SteppedPrefill:
     def _run(self, whole: bool) -> None:
         cfg = self.cache.offload_config
         if not self.chunks:  # by layers: the whole prompt through one layer after another
-            self.logits = prefill(self.model, self.ids, self.cache, cfg.prefill_chunk, progress=False, order="layers")
+            self.logits = prefill(
+                self.model, self.ids, self.cache, cfg.prefill_chunk, progress=False, order="layers", leave=self.leave
+            )
             return
         while self.chunks:
+            _asking(self.leave)()
             start, end = self.chunks.pop(0)
             with self.cache.builds_after():  # not beside its last chunk: the batch's steps wait for that
                 logits = prefill_chunk(self.model, self.ids[:, start:end], self.cache)
@@ -509,7 +560,7 @@ def _per_row(value, rows: int, name: str, kind) -> list:
 
 def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefilled, weights: int) -> None:
     """Every field of `report` for the run's sequence `row`, prefilled as `prompt`; `weights`:
-    the model's bytes on the device. The one place a GenerationReport is filled."""
+    the model's bytes on the device. With `fill_left_report`, the one place a GenerationReport is filled."""
     shares = [share for share, _ in run.row_steps(row)]
     report.prompt_tokens, report.prefix_tokens = prompt.prompt_tokens, prompt.prefix_tokens
     report.prefill_s, report.index_build_s = prompt.prefill_s, prompt.index_build_s
@@ -527,6 +578,13 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.wider_runs = sum(s.wider_runs for s in shares)
     report.device_bytes = {"weights": weights, **run.memory["device"]}
     report.host_bytes = dict(run.memory["host"])
+
+
+def fill_left_report(report: GenerationReport, prompt_tokens: int, prefix_tokens: int, prefill_s: float, weights: int):
+    """`report` for a sequence whose prompt left during its prefill (PrefillLeft): no token, finish "left"."""
+    report.prompt_tokens, report.prefix_tokens, report.prefill_s = prompt_tokens, prefix_tokens, prefill_s
+    report.finish_reason = "left"
+    report.device_bytes = {"weights": weights}
 
 
 def _mean(values: list[float]) -> float:

@@ -34,31 +34,33 @@ class Prefix:
         self.layers = list(self.cache.layers)  # its sequence's, which prompts that join a continuation share
         self.in_use = False
 
-    def continued(self, ids: torch.Tensor, *, progress: bool = True) -> Prefilled:
+    def continued(self, ids: torch.Tensor, *, progress: bool = True, leave=None) -> Prefilled:
         """The prompt ids [1, T] prefilled after the document, into the prefix's cache; `rewind` after its
-        generation."""
+        generation. `leave()`, asked before each chunk, gives it up where true (PrefillLeft, the document's
+        state again)."""
         self._claim()
         try:
             ids = torch.cat([self.last.to(ids.device), ids], dim=1)
             chunk = self.cache.offload_config.prefill_chunk
-            logits, seconds = timed_prefill(self.model, ids, self.cache, chunk, progress=progress)
+            logits, seconds = timed_prefill(self.model, ids, self.cache, chunk, progress=progress, leave=leave)
         except BaseException:
             self.rewind()
             raise
         return Prefilled(self.cache, logits, self.tokens - 1 + ids.shape[1], seconds, 0.0, prefix_tokens=self.tokens)
 
     @torch.inference_mode()
-    def extend(self, ids: torch.Tensor, *, progress: bool = True) -> float:
+    def extend(self, ids: torch.Tensor, *, progress: bool = True, leave=None) -> float:
         """The document grown by the token ids [1, T] (T >= 2), prefilled after it: the prompts after it
         continue the longer document from now on (a conversation's turns, each kept for the next). Returns
-        the prefill's seconds."""
+        the prefill's seconds. `leave()`, asked before each chunk, gives it up where true (PrefillLeft, the
+        document as it was)."""
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
             raise ValueError(f"a prefix is extended by at least 2 token ids [1, T], got shape {list(ids.shape)}")
         chunk = torch.cat([self.last.to(ids.device), ids[:, :-1]], dim=1)  # the new last is held back in turn
         self._claim()
         try:
             _, seconds = timed_prefill(
-                self.model, chunk, self.cache, self.cache.offload_config.prefill_chunk, progress=progress
+                self.model, chunk, self.cache, self.cache.offload_config.prefill_chunk, progress=progress, leave=leave
             )
             marks = self.cache.mark()
         except BaseException:
@@ -143,10 +145,12 @@ class KeptCache:
         self.document: str | None = None  # a kept document's text
         self.loaded = False  # whether the kept document was loaded from the folder
 
-    def prompt(self, ids: torch.Tensor) -> tuple[torch.Tensor, Prefix, int] | None:
+    def prompt(self, ids: torch.Tensor, leave=None) -> tuple[torch.Tensor, Prefix, int] | None:
         """The prompt's token ids [1, T] kept: (the ids left to prefill after the kept Prefix, the Prefix, how
         many of the prompt's tokens were found kept). None where it is too short to keep (under 3 tokens:
-        a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back."""
+        a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back. `leave()`,
+        asked before each prefill chunk, gives the prefill up where true (PrefillLeft; what was kept stays,
+        or where it was given up for this prompt, nothing)."""
         if ids.shape[1] < 3:
             self.release()
             return None
@@ -154,11 +158,11 @@ class KeptCache:
             n = self.prefix.tokens
             rest = ids[:, n:]
             if rest.shape[1] >= 3:  # kept for the next turn: all but its last token, the prompt after it
-                self.prefix.extend(rest[:, :-1], progress=False)
+                self.prefix.extend(rest[:, :-1], progress=False, leave=leave)
                 rest = rest[:, -1:]
             return rest, self.prefix, n
         self.release()
-        self.prefix = self.llm.prefix(ids[:, :-1], progress=False)
+        self.prefix = self.llm.prefix(ids[:, :-1], progress=False, leave=leave)
         return ids[:, -1:], self.prefix, 0
 
     def continues(self, ids: torch.Tensor) -> bool:
@@ -173,17 +177,18 @@ class KeptCache:
         self.release()
         self.prefix = prefix
 
-    def with_document(self, text: str) -> tuple[Prefix, int]:
+    def with_document(self, text: str, leave=None) -> tuple[Prefix, int]:
         """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its
-        tokens were found kept (0 or all; `loaded` says whether they came from the folder)."""
+        tokens were found kept (0 or all; `loaded` says whether they came from the folder). `leave()`, asked
+        before each prefill chunk, gives the prefill up where true (PrefillLeft; nothing kept)."""
         if self.document == text:
             self.loaded = False
             return self.prefix, self.prefix.tokens
         self.release()
         if self.folder is not None:
-            self.prefix, self.loaded = self.folder.prefix(text, progress=False)
+            self.prefix, self.loaded = self.folder.prefix(text, progress=False, leave=leave)
         else:
-            self.prefix = self.llm.prefix(text, progress=False)
+            self.prefix = self.llm.prefix(text, progress=False, leave=leave)
         self.document = text
         return self.prefix, self.prefix.tokens if self.loaded else 0
 

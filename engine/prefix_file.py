@@ -342,9 +342,10 @@ class PrefixFolder:
     def path(self, text: str) -> Path:
         return self.folder / (hashlib.sha256((self.key + text).encode()).hexdigest()[:40] + ".prefix")
 
-    def prefix(self, text: str, *, progress: bool = True):
+    def prefix(self, text: str, *, progress: bool = True, leave=None):
         """The document's engine.prefix.Prefix, loaded from its file where the folder holds one, else prefilled
-        and saved there; and whether it was loaded."""
+        (`leave()`, asked before each chunk, gives that up where true: PrefillLeft) and saved there; and whether
+        it was loaded."""
         path = self.path(text)
         if path.is_file():
             try:
@@ -353,7 +354,7 @@ class PrefixFolder:
                 return prefix, True
             except ValueError as error:  # damaged, say: prefilled again and saved over it
                 log.warning("%s was not loaded, and its document is prefilled again: %s", path, error)
-        prefix = self.llm.prefix(text, progress=progress)
+        prefix = self.llm.prefix(text, progress=progress, leave=leave)
         try:
             prefix.save(path, progress=progress)
             self._trim(keep=path)

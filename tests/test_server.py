@@ -13,13 +13,14 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
 from engine.prefix_file import PrefixFolder
 from engine.scheduler import Job, Scheduler
-from engine.server import Server, parse_request
+from engine.server import Completions, Server, parse_request
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
 from tests.test_stop import first_new_piece
@@ -407,17 +408,97 @@ def test_closing_the_server_waits_for_its_handlers_to_send_the_answers_ended(llm
     thread.join(10)
 
 
-def test_a_whole_response_run_alone_ends_at_the_next_token_once_its_client_is_gone(server, prompt):
-    """Several prompts without `stream` run by themselves; closing the server marks the job gone, and each
-    prompt then ends at its next token rather than at `max_tokens`."""
-    request = parse_request({"prompt": [prompt, prompt[:40]], "max_tokens": 4000, **GREEDY}, **REQUEST)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_run_alone_whose_client_is_gone_ends_before_its_prefill(server, prompt, stream, monkeypatch):
+    """A request run by itself (several prompts, or a stream with joining off); closing the server marks the job
+    gone, and each prompt then ends before its next prefill chunk (or after its next token) rather than at
+    `max_tokens`. (Ending after the next token: tests/test_stream_batch.py.)"""
+    import engine.generation
+
+    chunks = []
+    chunk = engine.generation.prefill_chunk
+    monkeypatch.setattr(engine.generation, "prefill_chunk", lambda *args: chunks.append(1) or chunk(*args))
+    prompts = prompt if stream else [prompt, prompt[:40]]
+    request = parse_request({"prompt": prompts, "max_tokens": 4000, "stream": stream, **GREEDY}, **REQUEST)
     job = Job(request)
     job.gone.set()
     server.completions.run_alone(job)
-    response = job.response()
-    assert response["usage"]["completion_tokens"] == 2  # one token each
-    assert [told["finish_reason"] for told in response["hybridattn"]] == ["left", "left"]
-    assert [choice["finish_reason"] for choice in response["choices"]] == ["stop", "stop"]
+    if stream:  # its first chunk is its finish (and the last it is sent: it is gone)
+        [(choice,)] = [chunk["choices"] for chunk in job.chunks()]
+        assert (choice["text"], choice["finish_reason"]) == ("", "stop")
+    else:
+        response = job.response()
+        assert response["usage"]["completion_tokens"] == 0
+        assert [told["finish_reason"] for told in response["hybridattn"]] == ["left", "left"]
+        assert [choice["finish_reason"] for choice in response["choices"]] == ["stop", "stop"]
+    assert chunks == []
+
+
+class GoneAt:
+    """A job's `gone` that its client leaves at its `at`-th question (counted in `asked`)."""
+
+    def __init__(self, at: int):
+        self.at, self.asked = at, 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.at
+
+    def set(self) -> None:
+        self.at = 0
+
+
+def run(completions, body, gone=None) -> Job:
+    """The request run as the engine thread runs it (in a batch, which none joins); `gone`: its job's."""
+    job = Job(parse_request(body, **REQUEST))
+    job.gone = gone or job.gone
+    completions.run_batch([job])
+    return job
+
+
+@pytest.fixture
+def completions(llm):
+    """Requests to answers in this thread, with a kept cache of their own."""
+    completions = Completions(llm, "tiny")
+    yield completions
+    completions.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_gone_while_its_document_is_prefilled_keeps_nothing_and_the_next_prefills_it(
+    completions, llm, stream
+):
+    document = "Carol keeps the green key and Dan the white one. " * 30  # chunks of 64 tokens
+    body = {"prompt": " Who keeps the green key?", "document": document, "max_tokens": NEW, **GREEDY}
+    gone = GoneAt(2)
+    job = run(completions, {**body, "stream": stream}, gone)
+    if stream:
+        [(choice,)] = [chunk["choices"] for chunk in job.chunks()]
+    else:
+        [choice] = job.response()["choices"]
+    assert (choice["text"], choice["finish_reason"], gone.asked) == ("", "stop", 2)  # asked before 2 chunks
+    assert completions.cache.prefix is None  # nothing kept
+    again = run(completions, body).response()
+    alone = llm.prefix(document, progress=False)
+    try:
+        want = llm.generate(body["prompt"], NEW, prefix=alone, progress=False)
+    finally:
+        alone.release()
+    assert again["choices"][0]["text"] == want.text and again["hybridattn"][0]["kept"]["reused_tokens"] == 0
+
+
+def test_a_request_gone_while_the_kept_prompt_is_extended_leaves_it_as_it_was(completions, llm):
+    ids = torch.randint(0, 5000, (400,), generator=torch.Generator().manual_seed(4)).tolist()
+    body = {"prompt": ids[:100], "max_tokens": NEW, **GREEDY}
+    run(completions, body).response()  # kept: its 99 first tokens
+    kept = completions.cache.prefix
+    gone = GoneAt(2)
+    [choice] = run(completions, {**body, "prompt": ids}, gone).response()["choices"]
+    assert (choice["text"], choice["finish_reason"], gone.asked) == ("", "stop", 2)
+    assert completions.cache.prefix is kept and kept.tokens == 99 and kept.ids[0].tolist() == ids[:99]
+    again = run(completions, {**body, "prompt": ids}).response()
+    assert again["hybridattn"][0]["kept"]["reused_tokens"] == 99
+    assert again["choices"][0]["text"] == llm.generate(ids, NEW, progress=False).text
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -2,13 +2,24 @@
 streams what it streams alone, ends by its own length, stop strings or its consumer's leaving, and the
 batch goes on without it; prompts that join a running batch (`more`) stream what they stream alone too."""
 
+import itertools
+
 import pytest
 import torch
 
 from engine.api import HybridLLM
 from engine.cache import HybridCache
 from engine.decode.recheck import forward_step
-from engine.generation import Decoding, GenerationReport, Joiner, SteppedPrefill, prefill_prompt
+from engine.generation import (
+    Decoding,
+    GenerationReport,
+    Joiner,
+    PrefillLeft,
+    SteppedPrefill,
+    chunk_bounds,
+    prefill,
+    prefill_prompt,
+)
 from engine.sampling import Sampling
 from engine.stop import StopStrings
 from tests.conftest import tiny_llama
@@ -68,12 +79,17 @@ def test_each_prompt_streams_what_it_streams_alone_with_its_own_sampling(llm, pr
     assert texts[0] != streamed(llm, prompts, [Sampling(NEW, temperature=1.0, seed=8)] + sampling[1:])[0][0]
 
 
+def prefill_asks(llm, prompt_tokens: int) -> int:
+    """How often `leave` is asked for a prompt before its first token: before each of its prefill chunks."""
+    return len(chunk_bounds(prompt_tokens, llm.offload.prefill_chunk))
+
+
 def test_a_prompt_whose_consumer_leaves_ends_there_and_the_batch_goes_on(llm, prompts):
     calls = [0] * len(prompts)
 
     def leave(row):
         calls[row] += 1
-        return row == 1 and calls[row] >= 3
+        return row == 1 and calls[row] >= prefill_asks(llm, len(prompts[1])) + 3
 
     reports = [GenerationReport() for _ in prompts]
     texts, finishes = streamed(llm, prompts, Sampling(NEW), reports=reports, leave=leave)
@@ -91,9 +107,9 @@ def test_generate_ends_a_prompt_where_leave_says_and_the_others_go_on(llm, promp
     prefix = llm.prefix(prompts[0], progress=False) if after_prefix else None
     questions = [p[:4] for p in prompts[1:]] if after_prefix else prompts
 
-    def leave(row):
+    def leave(row):  # after a prefix, the question is prefilled after the document's last token
         calls[row] += 1
-        return row == 1 and calls[row] >= 2
+        return row == 1 and calls[row] >= prefill_asks(llm, len(questions[1]) + bool(after_prefix)) + 2
 
     results = llm.generate(questions, NEW, prefix=prefix, leave=leave, progress=False)
     assert len(results[1].token_ids) == 2 and results[1].report.finish_reason == "left"
@@ -336,7 +352,7 @@ def chunked(llm):
 
 
 def test_a_joining_prompt_is_prefilled_a_chunk_a_step_while_the_batch_decodes(chunked, prompts):
-    tokens = []  # the row of each token picked, in order (`leave` is asked after each)
+    tokens = []  # the row of each prefill chunk and token, in order (`leave` is asked before each and after each)
     asked_at = []
 
     def more():
@@ -350,7 +366,9 @@ def test_a_joining_prompt_is_prefilled_a_chunk_a_step_while_the_batch_decodes(ch
                         leave=lambda row: tokens.append(row) and False)  # fmt: skip
     chunks = -(-len(prompts[1]) // 64)
     # the first row took a token at every step its chunks ran, the one that asked for it included
-    assert tokens[asked_at[0] :].index(1) >= chunks
+    since = tokens[asked_at[0] :]
+    first_token = [i for i, row in enumerate(since) if row == 1][chunks]
+    assert since[:first_token].count(0) >= chunks
     for row, (prompt, s) in enumerate(zip(prompts, [Sampling(NEW), Sampling(NEW - 4)])):
         assert texts[row] == alone(chunked, prompt, s)[0]
     assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].new_tokens == NEW - 4
@@ -395,3 +413,107 @@ def test_a_stepped_prefill_is_the_prefill_of_the_prompt_whole(llm, prompts):
     finally:
         whole.cache.release()
         stepped.close()
+
+
+# ------------------------------------------------- a prompt that leaves in its prefill
+
+
+@pytest.fixture
+def chunks_run(monkeypatch):
+    """The caches (their ids) of the prefill chunks run, in order."""
+    import engine.generation
+
+    run = []
+    chunk = engine.generation.prefill_chunk
+
+    def counted(model, ids, cache):
+        run.append(id(cache))
+        return chunk(model, ids, cache)
+
+    monkeypatch.setattr(engine.generation, "prefill_chunk", counted)
+    return run
+
+
+def leaving_at(row: int, ask: int, calls: list[int]):
+    """A `leave` true for `row` from its `ask`-th question on, counting every row's questions in `calls`."""
+
+    def leave(i):
+        calls[i] += 1
+        return i == row and calls[i] >= ask
+
+    return leave
+
+
+def test_a_prompt_that_leaves_in_its_prefill_runs_no_more_chunks_and_the_others_go_on(chunked, prompts, chunks_run):
+    calls = [0] * 3
+    reports = [GenerationReport() for _ in prompts]
+    sampling = Sampling(NEW)
+    texts, finishes = streamed(chunked, prompts, sampling, reports=reports, leave=leaving_at(1, 2, calls))
+    assert (texts[1], finishes[1], calls[1]) == ("", "left", 2)  # asked before its 2 first chunks, then never
+    assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].new_tokens == reports[1].decode_steps == 0
+    assert reports[1].finish_reason == "left" and reports[1].prefill_s > 0
+    # one chunk of its 4 ran; the others' every chunk
+    ran = [len(list(chunks)) for _, chunks in itertools.groupby(chunks_run)]
+    assert ran == [prefill_asks(chunked, len(prompts[0])), 1, prefill_asks(chunked, len(prompts[2]))]
+    for row in (0, 2):
+        assert (texts[row], finishes[row]) == (alone(chunked, prompts[row], sampling)[0], "length")
+        assert reports[row].new_tokens == NEW and reports[row].batch == 2
+
+
+def test_prompts_that_all_leave_before_their_prefill_run_nothing(chunked, prompts, chunks_run):
+    results = chunked.generate(prompts, NEW, leave=lambda _row: True, progress=False)
+    assert chunks_run == []
+    assert [(r.text, r.token_ids, r.report.finish_reason) for r in results] == [("", [], "left")] * 3
+    assert [r.report.prompt_tokens for r in results] == [len(p) for p in prompts]
+    report = GenerationReport()
+    assert list(chunked.stream(prompts[0], NEW, report=report, leave=lambda _row: True, progress=False)) == []
+    assert report.finish_reason == "left" and chunks_run == []
+
+
+def test_a_prompt_that_leaves_on_its_way_in_is_given_up_and_the_next_joins(chunked, prompts):
+    calls = [0] * 3
+    more, _ = joining_at({1: [(prompts[1], Sampling(NEW))], 3: [(prompts[2], Sampling(NEW - 4))]})
+    reports = [GenerationReport()]
+    rows = []
+    for row, piece, finish in chunked.stream_batch(
+        [prompts[0]], Sampling(NEW), reports=reports, more=more, leave=leaving_at(1, 2, calls), progress=False
+    ):
+        rows.append((row, piece, finish))
+    assert (1, "", "left") in rows and [r for r in rows if r[0] == 1] == [(1, "", "left")]
+    assert calls[1] == 2 and reports[1].finish_reason == "left" and reports[1].new_tokens == 0
+    assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].prefill_s > 0
+    texts = ["".join(piece for row, piece, _ in rows if row == i) for i in (0, 2)]
+    assert texts == [alone(chunked, prompts[0], Sampling(NEW))[0], alone(chunked, prompts[2], Sampling(NEW - 4))[0]]
+    assert reports[2].new_tokens == NEW - 4 and reports[2].finish_reason == "length"
+
+
+def test_a_prompt_that_leaves_on_its_way_in_after_the_batch_ended_ends_the_call(chunked, prompts):
+    more, _ = joining_at({1: [(prompts[1], Sampling(NEW))]})
+    calls = [0] * 2
+    texts, finishes = streamed(chunked, [prompts[0]], Sampling(2), more=more, leave=leaving_at(1, 3, calls))
+    assert finishes == ["length", "left"] and texts[1] == "" and calls[1] == 3
+
+
+def test_a_prompt_that_leaves_in_its_prefill_after_a_prefix_leaves_the_document_as_it_was(chunked, prompts):
+    prefix = chunked.prefix(prompts[0], progress=False)
+    question = prompts[1][:150]  # 151 positions after the document's last token: 3 chunks
+    want = chunked.generate(question, NEW, prefix=prefix, progress=False).token_ids
+    gone = chunked.generate(question, NEW, prefix=prefix, leave=leaving_at(0, 2, [0]), progress=False)
+    assert gone.token_ids == [] and gone.report.finish_reason == "left"
+    assert gone.report.prompt_tokens == prefix.tokens + len(question) == len(prompts[0]) + len(question)
+    assert chunked.generate(question, NEW, prefix=prefix, progress=False).token_ids == want
+    prefix.release()
+
+
+@pytest.mark.parametrize("order", ["chunks", "layers"])
+def test_a_prefill_asks_leave_before_each_chunk_or_layer(llm, prompts, order):
+    cfg = CFG.replace(prefill_chunk=100, prefill_order=order)
+    calls = [0]
+    leave = leaving_at(0, 2, calls)
+    cache = HybridCache(llm.model, cfg, max_length=len(prompts[0]) + 1, prompt_length=len(prompts[0]))
+    try:
+        with torch.no_grad(), pytest.raises(PrefillLeft, match="left during its prefill"):
+            prefill(llm.model, prompts[0][None], cache, 100, progress=False, order=order, leave=lambda: leave(0))
+    finally:
+        cache.close()
+    assert calls == [2]

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from engine.generation import GenerationReport
+from engine.generation import GenerationReport, PrefillLeft
 from engine.prefix import KeptCache
 from engine.sampling import Sampling
 from engine.server.request import Request
@@ -38,18 +38,19 @@ class PromptCache:
     def prefix(self):
         return self.kept.prefix
 
-    def prepare(self, request: Request) -> tuple[object, object, dict | None]:
+    def prepare(self, request: Request, leave: Callable[[], bool] | None = None) -> tuple[object, object, dict | None]:
         """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
         tells of that: {"kind", "tokens" kept, "reused_tokens" (of the prompt's, found kept), "prefill_s"
-        (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}."""
+        (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}.
+        `leave()`, asked before each prefill chunk, gives the prefill up where true (PrefillLeft)."""
         start = time.perf_counter()
         if request.document is not None:
             prompt = self.llm.encode_continuation(request.prompt)  # refused before the document is prefilled
-            prefix, reused = self.kept.with_document(request.document)
+            prefix, reused = self.kept.with_document(request.document, leave)
             return prompt, prefix, self._told("document", reused, start) | {"loaded": self.kept.loaded}
         continued = None
         if self.reuse_prompts and len(request.prompts) <= 1:
-            continued = self.kept.prompt(self.llm.encode(request.prompt))
+            continued = self.kept.prompt(self.llm.encode(request.prompt), leave)
         if continued is None:
             self.kept.release()
             return request.prompt, None, None
@@ -107,11 +108,15 @@ class Completions:
 
     def run_alone(self, job) -> None:
         """The job's request by itself: its response or its chunks sent to it."""
+
+        def gone(_row: int) -> bool:  # its prompts end at their next prefill chunk or token once it is gone
+            return job.gone.is_set()
+
         try:
-            if not job.request.stream:  # its prompts end at their next token once it is gone (the server closing)
-                job.send("response", self.answer(job.request, leave=lambda _row: job.gone.is_set()))
+            if not job.request.stream:
+                job.send("response", self.answer(job.request, leave=gone))
                 return
-            with closing(self.chunks(job.request)) as chunks:
+            with closing(self.chunks(job.request, leave=gone)) as chunks:
                 for chunk in chunks:
                     job.send("chunk", chunk)
                     if job.gone.is_set():
@@ -126,12 +131,15 @@ class Completions:
         jobs (`joinable`) that join the batch there. A batch of one job continues the kept cache where its
         request does (a document's, or with `reuse_prompts` a conversation's), and keeps its prompt for the
         next request (`reuse_prompts`); the jobs that join it keep nothing and leave the kept cache as it is."""
-        batch = _Batch(lambda r: self._head(r, ".chunk" if r.stream and r.messages is not None else ""))
+        batch = _Batch(self._batch_head)
         log.info("a batch of %d requests", len(jobs))
         first, prefix, kept = None, None, None
         if len(jobs) == 1 and (self.cache.reuse_prompts or jobs[0].request.document is not None):
             try:
-                first, prefix, kept = self.cache.prepare(jobs[0].request)
+                first, prefix, kept = self.cache.prepare(jobs[0].request, leave=jobs[0].gone.is_set)
+            except PrefillLeft:  # gone while the kept cache took its prompt or document
+                self._finish(jobs[0], self._batch_head(jobs[0].request), "", _left_report(), None)
+                return
             except Exception as error:  # its prompt or document refused: the batch does not start
                 jobs[0].send("error", error)
                 return
@@ -181,23 +189,35 @@ class Completions:
         job.send("end")
 
     def answer(self, request: Request, leave: Callable[[int], bool] | None = None) -> dict:
-        """The whole response to a request without `stream`; `leave(i)`, asked after each token of its prompt
-        i, ends that prompt's answer there where true (engine.api.HybridLLM.generate_batch)."""
-        prompt, prefix, kept = self.cache.prepare(request)
-        results = self.llm.generate(prompt, request.max_tokens, leave=leave, **self._arguments(request, prefix))
-        results = results if isinstance(results, list) else [results]
-        reports = [r.report for r in results]
+        """The whole response to a request without `stream`; `leave(i)`, asked before each prefill chunk and after
+        each token of its prompt i, ends that prompt's answer there where true (engine.api.HybridLLM.generate_batch)."""
+        try:
+            prompt, prefix, kept = self.cache.prepare(request, leave=_first(leave))
+            results = self.llm.generate(prompt, request.max_tokens, leave=leave, **self._arguments(request, prefix))
+            results = results if isinstance(results, list) else [results]
+            texts, reports = [r.text for r in results], [r.report for r in results]
+        except PrefillLeft:  # gone while the kept cache took its prompt or document
+            choices = max(1, len(request.prompts))  # chat: one
+            texts, reports, kept = [""] * choices, [_left_report() for _ in range(choices)], None
         for report in reports:
             _log_report(report)
         told = [self._report(report, kept) for report in reports]  # one per choice
-        return self._response(request, self._head(request, ""), [r.text for r in results], reports, told)
+        return self._response(request, self._head(request, ""), texts, reports, told)
 
-    def chunks(self, request: Request) -> Iterator[dict]:
-        """The stream's chunks of a request with `stream`: the text piece by piece, then the finish."""
+    def chunks(self, request: Request, leave: Callable[[int], bool] | None = None) -> Iterator[dict]:
+        """The stream's chunks of a request with `stream`: the text piece by piece, then the finish; `leave(0)`,
+        asked before each prefill chunk and after each token, ends it there where true."""
         report = GenerationReport()
         head = self._head(request, ".chunk" if request.messages is not None else "")
-        prompt, prefix, kept = self.cache.prepare(request)
-        pieces = self.llm.stream(prompt, request.max_tokens, report=report, **self._arguments(request, prefix))
+        try:
+            prompt, prefix, kept = self.cache.prepare(request, leave=_first(leave))
+        except PrefillLeft:  # gone while the kept cache took its prompt or document
+            report = _left_report()
+            _log_report(report)
+            yield from self._last_chunks(request, head, report, self._report(report, None))
+            return
+        arguments = self._arguments(request, prefix)
+        pieces = self.llm.stream(prompt, request.max_tokens, report=report, leave=leave, **arguments)
         first = next(pieces, None)  # the prompt checked and prefilled before the first chunk
         left = False
         try:
@@ -216,6 +236,9 @@ class Completions:
 
     def close(self) -> None:
         self.cache.release()
+
+    def _batch_head(self, request: Request) -> dict:
+        return self._head(request, ".chunk" if request.stream and request.messages is not None else "")
 
     def _response(self, request: Request, head: dict, texts: list[str], reports: list, told: list[dict]) -> dict:
         """The whole response: a choice per text, the usage, and the engine's report of each (`told`)."""
@@ -280,6 +303,16 @@ class _Batch:
 def _role_chunk(head: dict) -> dict:
     """A chat stream's first chunk: the assistant's role."""
     return head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+
+def _first(leave: Callable[[int], bool] | None) -> Callable[[], bool] | None:
+    """`leave` asked of the first prompt (the one a kept cache takes)."""
+    return None if leave is None else lambda: leave(0)
+
+
+def _left_report() -> GenerationReport:
+    """The report of a request that left while the kept cache took its prompt or document."""
+    return GenerationReport(finish_reason="left")
 
 
 def _log_report(report) -> None:
