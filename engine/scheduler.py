@@ -17,9 +17,11 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
+
+CLIENT_POLL_S = 0.5  # while a handler waits for the engine, how often it looks whether its client is still there
 
 
 class Job:
@@ -29,25 +31,26 @@ class Job:
     def __init__(self, request):
         self.request = request
         self.ids = None  # the prompt's token ids, once encoded to batch it
-        self.gone = threading.Event()  # its client left: its generation ends at its next token
+        self.gone = threading.Event()  # its client left: its generation ends at its next prefill chunk or token
         self._sent: queue.Queue = queue.Queue()
 
     def send(self, kind: str, value=None) -> None:
         self._sent.put((kind, value))
 
-    def response(self) -> dict:
-        """The whole response, once the engine thread has it (its error raised here)."""
-        kind, value = self._sent.get()
+    def response(self, connected: Callable[[], bool] | None = None) -> dict:
+        """The whole response, once the engine thread has it (its error raised here); `connected()`, asked
+        while it waits, tells it the client left (the job is then gone)."""
+        kind, value = self._next(connected)
         if kind == "error":
             raise value
         return value
 
-    def chunks(self) -> Iterator[dict]:
+    def chunks(self, connected: Callable[[], bool] | None = None) -> Iterator[dict]:
         """The stream's chunks as the engine thread sends them (an error raised where it came); closed
-        early, the job's generation ends."""
+        early, or where `connected()`, asked while it waits, is false, the job's generation ends."""
         try:
             while True:
-                kind, value = self._sent.get()
+                kind, value = self._next(connected)
                 if kind == "error":
                     raise value
                 if kind == "end":
@@ -55,6 +58,16 @@ class Job:
                 yield value
         finally:
             self.gone.set()
+
+    def _next(self, connected: Callable[[], bool] | None) -> tuple:
+        """What the engine thread sends next; while it waits, every CLIENT_POLL_S, the job is gone where
+        `connected()` is false."""
+        while True:
+            try:
+                return self._sent.get(timeout=None if connected is None or self.gone.is_set() else CLIENT_POLL_S)
+            except queue.Empty:
+                if not connected():
+                    self.gone.set()
 
 
 class Scheduler:

@@ -434,6 +434,63 @@ def test_a_request_run_alone_whose_client_is_gone_ends_before_its_prefill(server
     assert chunks == []
 
 
+def test_a_job_is_gone_once_its_client_is_seen_to_have_left_while_it_waits(monkeypatch):
+    from engine import scheduler
+
+    monkeypatch.setattr(scheduler, "CLIENT_POLL_S", 0.01)
+    job, asked = Job(None), []
+
+    def connected():
+        asked.append(1)
+        if len(asked) == 3:  # the engine sees it gone, and ends the job's generation
+            threading.Timer(0.05, job.send, ("response", {"done": True})).start()
+        return len(asked) < 3
+
+    assert job.response(connected) == {"done": True} and job.gone.is_set() and len(asked) == 3
+    streamed = Job(None)
+    streamed.send("chunk", 1)
+    streamed.send("end")
+    assert list(streamed.chunks(lambda: True)) == [1]  # (closed at its end: gone)
+
+
+def test_a_handler_sees_whether_its_client_holds_the_connection():
+    from engine.server.endpoints import Handler
+
+    handler = Handler.__new__(Handler)  # its connection alone
+    ours, theirs = socket.socketpair()
+    handler.connection = ours
+    try:
+        assert handler._connected()
+        theirs.sendall(b"more")  # a request sent after it: still there
+        assert handler._connected()
+        theirs.close()
+        ours.recv(4)
+        assert not handler._connected()
+        ours.close()
+        assert not handler._connected()
+    finally:
+        ours.close()
+
+
+def test_a_whole_response_ends_once_its_client_closes_the_connection(server, prompt, caplog):
+    """Without `stream` the server sends nothing until the answer is whole: it looks whether the client is
+    still there while it waits, and a client that left ends its generation (finish "left") there."""
+    caplog.set_level(logging.INFO, logger="engine")
+    body = json.dumps({"prompt": prompt, "max_tokens": 4000, **GREEDY}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.server_port)) as client:
+        client.sendall(head + body)
+        deadline = time.monotonic() + 60
+        while not server.scheduler._running:  # the request under way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    while not (ended := [r.getMessage() for r in caplog.records if " new (" in r.getMessage()]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [line] = ended
+    assert "new (left)" in line and int(line.split(" new (")[0].rsplit(" ", 1)[1]) < 4000
+
+
 class GoneAt:
     """A job's `gone` that its client leaves at its `at`-th question (counted in `asked`)."""
 

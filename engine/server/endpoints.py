@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -50,9 +52,9 @@ class Handler(BaseHTTPRequestHandler):
             )
             job = self.server.scheduler.submit(request)
             if request.stream:
-                self._send_events(job.chunks())
+                self._send_events(job.chunks(self._connected))
             else:
-                self._send_json(200, job.response())
+                self._send_json(200, job.response(self._connected))
         except RequestError as error:
             self._send_error(error)
         except (ValueError, TypeError) as error:  # what the engine refuses: the prompt, its token ids, a value
@@ -62,6 +64,15 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as error:  # the server goes on; the client hears of it, the log has its traceback
             log.exception("internal error on %s", self.path)
             self._send_error(RequestError(f"internal error: {type(error).__name__}: {error}", status=500))
+
+    def _connected(self) -> bool:
+        """Whether the client still holds the connection: one it closed reads as readable with nothing in it.
+        (Asked while its answer is prefilled or decoded: a client that left ends its generation there.)"""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or bool(self.connection.recv(1, socket.MSG_PEEK))
+        except (OSError, ValueError):  # reset, or closed here
+            return False
 
     def _body(self):
         length = int(self.headers.get("Content-Length") or 0)
