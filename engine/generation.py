@@ -199,15 +199,15 @@ def prefill_prompt(
     leave: Callable[[], bool] | None = None,
 ) -> Prefilled:
     """Prefill ids [1, T] into a new `prompt_cache` (its index builds overlapped with the prefill), then
-    wait for the builds; timed apart. `leave()`, asked before each chunk, gives it up where true
-    (PrefillLeft; the cache's host stores back to their pool)."""
+    wait for the builds; timed apart. `leave()`, asked before each chunk and each layer's index build,
+    gives it up where true (PrefillLeft; the builds not started dropped, the host stores back to their pool)."""
     T = ids.shape[1]
     cache = prompt_cache(model, T, cfg, max_new_tokens, progress=progress, stores=stores)
     try:
         keywords = dict(progress=progress, order=cfg.prefill_order, leave=leave)
         logits, seconds = timed_prefill(model, ids, cache, cfg.prefill_chunk, **keywords)
         t1 = time.perf_counter()
-        cache.build_indexes()  # what the builds overlapped with the prefill left to do
+        cache.build_indexes(_asking(leave))  # what the builds overlapped with the prefill left to do
         return Prefilled(cache, logits, T, seconds, time.perf_counter() - t1)
     except PrefillLeft:
         cache.release()  # its stores, for the prompts that go on
@@ -244,8 +244,8 @@ class SteppedPrefill:
     def step(self, *, whole: bool = False) -> Prefilled | None:
         """Run its next chunk, or with `whole` every chunk left, then wait for its index builds; the Prefilled
         once its last chunk has run and its builds are done (without `whole`, a step with no chunk left only
-        looks), else None; PrefillLeft where its `leave()`, asked before each chunk, is true. Whoever started
-        it closes it where it does not join (`close`)."""
+        looks), else None; PrefillLeft where its `leave()`, asked before each chunk and each layer's index build
+        it waits for, is true. Whoever started it closes it where it does not join (`close`)."""
         if self.logits is None:
             t0 = time.perf_counter()
             try:
@@ -258,7 +258,7 @@ class SteppedPrefill:
         if not whole and not self.cache.builds_done():
             return None
         t1 = time.perf_counter()
-        self.cache.build_indexes()  # those without a worker thread, and any left
+        self.cache.build_indexes(_asking(self.leave))  # those without a worker thread, and any left
         return Prefilled(self.cache, self.logits, self.ids.shape[1], self.prefill_s, time.perf_counter() - t1)
 
     def _run(self, whole: bool) -> None:

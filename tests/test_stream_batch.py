@@ -79,9 +79,11 @@ def test_each_prompt_streams_what_it_streams_alone_with_its_own_sampling(llm, pr
     assert texts[0] != streamed(llm, prompts, [Sampling(NEW, temperature=1.0, seed=8)] + sampling[1:])[0][0]
 
 
-def prefill_asks(llm, prompt_tokens: int) -> int:
-    """How often `leave` is asked for a prompt before its first token: before each of its prefill chunks."""
-    return len(chunk_bounds(prompt_tokens, llm.offload.prefill_chunk))
+def prefill_asks(llm, prompt_tokens: int, *, builds: bool = True) -> int:
+    """How often `leave` is asked for a prompt before its first token: before each of its prefill chunks and
+    (`builds`: not after a prefix) each layer's index build."""
+    layers = llm.model.config.num_hidden_layers if builds else 0
+    return len(chunk_bounds(prompt_tokens, llm.offload.prefill_chunk)) + layers
 
 
 def test_a_prompt_whose_consumer_leaves_ends_there_and_the_batch_goes_on(llm, prompts):
@@ -109,7 +111,8 @@ def test_generate_ends_a_prompt_where_leave_says_and_the_others_go_on(llm, promp
 
     def leave(row):  # after a prefix, the question is prefilled after the document's last token
         calls[row] += 1
-        return row == 1 and calls[row] >= prefill_asks(llm, len(questions[1]) + bool(after_prefix)) + 2
+        asks = prefill_asks(llm, len(questions[1]) + bool(after_prefix), builds=not after_prefix)
+        return row == 1 and calls[row] >= asks + 2
 
     results = llm.generate(questions, NEW, prefix=prefix, leave=leave, progress=False)
     assert len(results[1].token_ids) == 2 and results[1].report.finish_reason == "left"
@@ -367,7 +370,7 @@ def test_a_joining_prompt_is_prefilled_a_chunk_a_step_while_the_batch_decodes(ch
     chunks = -(-len(prompts[1]) // 64)
     # the first row took a token at every step its chunks ran, the one that asked for it included
     since = tokens[asked_at[0] :]
-    first_token = [i for i, row in enumerate(since) if row == 1][chunks]
+    first_token = [i for i, row in enumerate(since) if row == 1][prefill_asks(chunked, len(prompts[1]))]
     assert since[:first_token].count(0) >= chunks
     for row, (prompt, s) in enumerate(zip(prompts, [Sampling(NEW), Sampling(NEW - 4)])):
         assert texts[row] == alone(chunked, prompt, s)[0]
@@ -454,10 +457,18 @@ def test_a_prompt_that_leaves_in_its_prefill_runs_no_more_chunks_and_the_others_
     assert reports[1].finish_reason == "left" and reports[1].prefill_s > 0
     # one chunk of its 4 ran; the others' every chunk
     ran = [len(list(chunks)) for _, chunks in itertools.groupby(chunks_run)]
-    assert ran == [prefill_asks(chunked, len(prompts[0])), 1, prefill_asks(chunked, len(prompts[2]))]
+    assert ran == [len(chunk_bounds(len(prompts[i]), 64)) if i != 1 else 1 for i in range(3)]
     for row in (0, 2):
         assert (texts[row], finishes[row]) == (alone(chunked, prompts[row], sampling)[0], "length")
         assert reports[row].new_tokens == NEW and reports[row].batch == 2
+
+
+def test_a_prompt_that_leaves_after_its_prefill_does_not_wait_for_its_index_builds(chunked, prompts, chunks_run):
+    chunks = len(chunk_bounds(len(prompts[0]), 64))
+    calls = [0]
+    result = chunked.generate(prompts[0], NEW, leave=leaving_at(0, chunks + 1, calls), progress=False)
+    assert (result.token_ids, result.report.finish_reason, calls) == ([], "left", [chunks + 1])
+    assert len(chunks_run) == chunks
 
 
 def test_prompts_that_all_leave_before_their_prefill_run_nothing(chunked, prompts, chunks_run):

@@ -4,6 +4,7 @@ counters summed over layers, and the exact re-run of a sequence's newest positio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -247,11 +248,14 @@ class HybridCache(Cache):
         for layer, mark in zip(self.layers, marks):
             layer.rewind(mark)
 
-    def build_indexes(self) -> None:
-        """Build every layer's host key index now (or wait for its build on the worker thread)."""
+    def build_indexes(self, before_each: Callable[[], None] | None = None) -> None:
+        """Build every layer's host key index now (or wait for its build on the worker thread); `before_each()`
+        is called before each layer's (it may raise to give the builds up)."""
         if not self.offload_config.uses_key_index:
             return
         for layer in self.sequence_layers():
+            if before_each is not None:
+                before_each()
             layer.wait_for_build()
             if layer.is_initialized and layer.key_index is None:
                 build_key_index(layer)
