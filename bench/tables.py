@@ -488,6 +488,23 @@ def margins(result: dict) -> str:
     return head + table(["re-checked", "steps re-checked", "differing picks caught", "host KV read per step"], body)
 
 
+def let_go(result: dict) -> str:
+    """bench.speed.leave: how soon the server lets go of a request whose client left, or when it stops."""
+    cfg, summary = result["config"], result["summary"]
+    cases = [case for case in summary if not case.startswith(("next request", "prompt "))]
+    head = ["case", "seconds (median)", "each round"]
+    rows = [
+        [case, f"{summary[case]:.2f}", ", ".join(f"{r['seconds']:.2f}" for r in result["runs"] if r["case"] == case)]
+        for case in cases
+    ]
+    tokens, first = summary.get("prompt tokens", cfg["context"]), summary["prompt first token"]
+    note = f"{cfg['model']}, a prompt of {tokens} tokens (first token at {first:.2f} s"
+    note += f" alone), up to {cfg['new_tokens']} new tokens, prefill_chunk {cfg['prefill_chunk']}, {cfg['threads']}"
+    note += " threads; a client that leaves: the seconds until the next request is answered (alone: "
+    note += f"{summary['next request alone']:.2f} s); a stop: the seconds the server takes to close"
+    return note + "\n\n" + table(head, rows)
+
+
 RENDERERS = {
     "kernel": kernel,
     "decode": decode,
@@ -499,6 +516,7 @@ RENDERERS = {
     "margins": margins,
     "served": served,
     "clients": clients,
+    "let_go": let_go,
 }
 # renderers of several JSON files: the accuracy rows pooled, fidelity runs side by side, RULER's tasks together
 MANY_FILES = {

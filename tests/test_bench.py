@@ -596,6 +596,20 @@ def test_bench_serve_quick(tmp_path):
     assert "answers as one at a time" in script("bench.tables").clients(result)
 
 
+def test_bench_leave_quick(tmp_path):
+    """Each way a request is let go, in the prefill and while decoding, timed in each round and summed up."""
+    out = tmp_path / "leave.json"
+    script("bench.speed.leave").main(["--quick", "--context", "300", "--new-tokens", "200", "--json", str(out)])
+    result = json.loads(out.read_text())
+    cases = script("bench.speed.leave").CASES
+    assert [run["case"] for run in result["runs"]] == list(cases) and result["config"]["context"] == 300
+    assert all(run["seconds"] > 0 for run in result["runs"])
+    assert set(result["summary"]) == {*cases, "next request alone", "prompt first token", "prompt tokens"}
+    rendered = script("bench.tables").let_go(result)
+    tokens = result["summary"]["prompt tokens"]
+    assert all(f"| {case} |" in rendered for case in cases) and f"a prompt of {tokens} tokens" in rendered
+
+
 def test_bench_serve_joins_with_whole_prefills_beside_stepped_ones(tmp_path):
     """The ways chosen by number, the first the others' reference; joining prefills a chunk a step or whole,
     or keeps the prompts as the server does by default."""

@@ -4,12 +4,13 @@ prefill or while its answer (without `stream`, up to `--new-tokens` greedy token
 is decoded.
 
 Per case and round, in turns: for a client that leaves, the seconds from its closing the connection until
-a next client's short request (a few words, one token) is answered, beside that request's seconds on a
-free server; for a server that stops, the seconds `shutdown()` and `close()` take. Where the request is
+a next client's short request (a few words, one token) is answered (the server takes one request at a
+time, `max_batch` 1, so that it waits for the engine), beside that request's seconds on a free server;
+for a server that stops, the seconds `shutdown()` and `close()` take. Where the request is
 when it is let go is set by the time: in its prefill, half the prompt's first-token time after it was
 sent (measured first, alone); decoding, a second after its first token.
 
-    python -m bench.speed.leave [--quick] [--context 8000] [--new-tokens 4000] [--rounds 3]
+    python -m bench.speed.leave [--quick] [--context 8000] [--new-tokens 180] [--rounds 3]
                                 [--prefill-chunk 1024] [--threads 2] [--json PATH]
 """
 
@@ -34,10 +35,11 @@ NEXT = {"prompt": "The sky is", "max_tokens": 1, "temperature": 0}
 
 
 class Serving:
-    """A server of `llm` on a thread of its own."""
+    """A server of `llm` on a thread of its own, one request at a time (a next request waits for the engine
+    rather than joining the batch of the one before)."""
 
     def __init__(self, llm: HybridLLM):
-        self.server = Server(llm, port=0, model="smollm2-135m", reuse_prompts=False)
+        self.server = Server(llm, port=0, model="smollm2-135m", reuse_prompts=False, max_batch=1)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -96,7 +98,9 @@ def main(argv=None) -> None:
     p = options.parser(__doc__, __spec__)
     options.add_output_args(p, quick="a 2,048-token prompt, one round")
     p.add_argument("--context", type=options.positive_int, help="the prompt's tokens (default 8000; --quick: 2048)")
-    p.add_argument("--new-tokens", type=options.positive_int, default=4000, help="the answer's tokens at most")
+    p.add_argument(
+        "--new-tokens", type=options.positive_int, default=180, help="the answer's tokens at most (default 180)"
+    )
     p.add_argument("--rounds", type=options.positive_int, help="turns of the cases (default 3; --quick: 1)")
     chunk = OffloadConfig().prefill_chunk
     p.add_argument("--prefill-chunk", type=options.positive_int, default=chunk, help="tokens per prefill pass")
@@ -125,6 +129,7 @@ def main(argv=None) -> None:
     summary = {case: round(statistics.median(r["seconds"] for r in runs if r["case"] == case), 3) for case in CASES}
     summary["next request alone"] = round(alone, 3)
     summary["prompt first token"] = round(first_token_s, 3)
+    summary["prompt tokens"] = first["prompt_tokens"]
     print(json.dumps(summary), flush=True)
     if args.json:
         config = {"model": "smollm2-135m", "threads": args.threads, "context": args.context, "rounds": args.rounds}
