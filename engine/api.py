@@ -171,7 +171,7 @@ class HybridLLM:
     def prefix(self, document, *, progress: bool = True, leave: Callable[[], bool] | None = None) -> Prefix:
         """Prefill `document` (text, the beginning of a prompt, or token ids) once, for several prompts
         that continue it: `generate(prompt, prefix=...)` then prefills only the prompt (engine.prefix).
-        The prefix holds a host store until its `release()`. `leave()`, asked before each prefill chunk,
+        The prefix holds a host store until its `release()`. `leave()`, asked as it prefills,
         gives it up where true (engine.generation.PrefillLeft)."""
         if isinstance(document, list) and document and isinstance(document[0], dict):
             raise ValueError(_CHAT_AFTER_PREFIX)
@@ -251,7 +251,7 @@ class HybridLLM:
         and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces `stream` gives
         the prompt alone (greedy, the same text), finish "" until its last piece (maybe empty), then why it
         ended ("eos", "stop", "length", or "left"). `reports`, one per prompt, are each filled when its prompt
-        ends. `leave(i)`, asked before each of prompt i's prefill chunks and after each of its tokens, ends it
+        ends. `leave(i)`, asked as prompt i is prefilled and after each of its tokens, ends it
         there where true (its client gone, say; its finish "left"): the batch goes on without it. `more()`, asked
         before a step while the batch runs and no prompt is on its way in, gives prompts that join it (continuous
         batching): a list of (prompt, Sampling) pairs, each asking for a token or more, prefilled one after
@@ -324,8 +324,8 @@ class HybridLLM:
         contain one of the `stop` strings ends there, its text cut just before it (its token_ids keep
         every token picked); after a `prefix` (`HybridLLM.prefix`), only the prompts are prefilled, and
         they are decoded one after another (each continues the document as it was left); `progress`
-        shows the prefill and index-build bars (stderr); `leave(i)`, asked before each of prompt i's prefill
-        chunks and after each of its tokens, ends it there where true (another thread stopping the work, say;
+        shows the prefill and index-build bars (stderr); `leave(i)`, asked as prompt i is prefilled
+        and after each of its tokens, ends it there where true (another thread stopping the work, say;
         its finish "left"; one that leaves in its prefill has no token).
         Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
@@ -382,7 +382,7 @@ class HybridLLM:
         batch, each as (prompt, max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports`
         by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. With a `prefix`,
         the first prompt continues it, and those that join take its cache into their batch until the end,
-        when it goes back to the document's state. `leave(i)`, asked before each prefill chunk of prompt i (its
+        when it goes back to the document's state. `leave(i)`, asked as prompt i is prefilled (its
         index: the prompts', then those from more() in order), gives its prefill up where true: (i, None, "left")
         then, its report filled, and the others go on. Fills the reports not filled yet at the end, also when
         the consumer stops."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -119,27 +120,44 @@ def prefill(
     """Feed the prompt ids [1, T] through the model in chunks of `chunk` tokens (bounded
     activation memory; see `chunk_bounds`), each through every layer, or with `order="layers"`
     the whole prompt through one layer after another (engine.layer_prefill: an empty
-    HybridCache); returns the last position's logits [vocab]. `leave()`, asked before each chunk
-    (by layers: before each layer), gives the prefill up where true: PrefillLeft, the cache half filled."""
+    HybridCache); returns the last position's logits [vocab]. `leave()`, asked before each decoder layer
+    of each chunk, gives the prefill up where true: PrefillLeft, the cache half filled."""
     bounds = chunk_bounds(ids.shape[1], chunk)
-    if order == "layers":
-        return prefill_by_layer(model, ids, cache, bounds, progress=progress, before_layer=_asking(leave))
-    if order != "chunks":
+    if order not in ("chunks", "layers"):
         raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")
-    for start, end in tqdm(bounds, desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False):
-        _asking(leave)()
-        logits = prefill_chunk(model, ids[:, start:end], cache)
+    with asked_each_layer(model, leave):
+        if order == "layers":
+            return prefill_by_layer(model, ids, cache, bounds, progress=progress)
+        bars = dict(desc="prefill", unit="chunk", disable=not progress or len(bounds) < 2, leave=False)
+        for start, end in tqdm(bounds, **bars):
+            logits = prefill_chunk(model, ids[:, start:end], cache)
     return logits
 
 
 def _asking(leave: Callable[[], bool] | None) -> Callable[[], None]:
     """A check that raises PrefillLeft where `leave()` is true (none: never)."""
 
-    def ask() -> None:
+    def ask(*_) -> None:
         if leave is not None and leave():
             raise PrefillLeft("the prompt left during its prefill")
 
     return ask
+
+
+@contextmanager
+def asked_each_layer(model, leave: Callable[[], bool] | None):
+    """Within, `leave()` is asked before each of the model's decoder layers runs (PrefillLeft where true): a
+    prompt that leaves waits for one layer of its chunk, not for the chunk (seconds, deep into a long prompt)."""
+    if leave is None:
+        yield
+        return
+    ask = _asking(leave)
+    hooks = [layer.register_forward_pre_hook(ask) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def prefill_chunk(model, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -199,8 +217,9 @@ def prefill_prompt(
     leave: Callable[[], bool] | None = None,
 ) -> Prefilled:
     """Prefill ids [1, T] into a new `prompt_cache` (its index builds overlapped with the prefill), then
-    wait for the builds; timed apart. `leave()`, asked before each chunk and each layer's index build,
-    gives it up where true (PrefillLeft; the builds not started dropped, the host stores back to their pool)."""
+    wait for the builds; timed apart. `leave()`, asked before each decoder layer of each chunk and each
+    layer's index build, gives it up where true (PrefillLeft; the builds not started dropped, the host
+    stores back to their pool)."""
     T = ids.shape[1]
     cache = prompt_cache(model, T, cfg, max_new_tokens, progress=progress, stores=stores)
     try:
@@ -244,8 +263,9 @@ class SteppedPrefill:
     def step(self, *, whole: bool = False) -> Prefilled | None:
         """Run its next chunk, or with `whole` every chunk left, then wait for its index builds; the Prefilled
         once its last chunk has run and its builds are done (without `whole`, a step with no chunk left only
-        looks), else None; PrefillLeft where its `leave()`, asked before each chunk and each layer's index build
-        it waits for, is true. Whoever started it closes it where it does not join (`close`)."""
+        looks), else None; PrefillLeft where its `leave()`, asked before each decoder layer of each chunk and
+        each layer's index build it waits for, is true. Whoever started it closes it where it does not join
+        (`close`)."""
         if self.logits is None:
             t0 = time.perf_counter()
             try:
@@ -269,9 +289,9 @@ class SteppedPrefill:
             )
             return
         while self.chunks:
-            _asking(self.leave)()
             start, end = self.chunks.pop(0)
-            with self.cache.builds_after():  # not beside its last chunk: the batch's steps wait for that
+            # (its index builds not beside its last chunk: the batch's steps would wait for them)
+            with self.cache.builds_after(), asked_each_layer(self.model, self.leave):
                 logits = prefill_chunk(self.model, self.ids[:, start:end], self.cache)
             if not self.chunks:
                 self.logits = logits

@@ -16,8 +16,6 @@ rows block by block, so their rounding differs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm.auto import tqdm
 
@@ -26,19 +24,10 @@ from engine.cache.layer import HybridLayer
 from engine.cache.store import DeviceRows
 
 
-def prefill_by_layer(
-    model,
-    ids: torch.Tensor,
-    cache: HybridCache,
-    bounds: list[tuple[int, int]],
-    *,
-    progress=True,
-    before_layer: Callable[[], None] | None = None,
-):
+def prefill_by_layer(model, ids: torch.Tensor, cache: HybridCache, bounds: list[tuple[int, int]], *, progress=True):
     """Feed the prompt ids [1, T] into the empty single-sequence `cache` one decoder layer at a
     time, each in the chunks [start, end) of `bounds` (engine.generation.chunk_bounds); returns
-    the last position's logits [vocab]. `before_layer()` is called before each layer (it may raise
-    to give the prefill up)."""
+    the last position's logits [vocab]."""
     if not isinstance(cache, HybridCache):
         raise TypeError(f"a prefill layer by layer fills a HybridCache, got {type(cache).__name__}")
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
@@ -55,8 +44,6 @@ def prefill_by_layer(
     for decoder, layer in tqdm(
         list(zip(inner.layers, layers)), desc="prefill", unit="layer", disable=not progress, leave=False
     ):
-        if before_layer is not None:
-            before_layer()
         layer.device_rows = DeviceRows(max(0, T - cfg.resident_tokens), host_dtype)
         try:
             for start, end in bounds:

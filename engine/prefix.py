@@ -36,7 +36,7 @@ class Prefix:
 
     def continued(self, ids: torch.Tensor, *, progress: bool = True, leave=None) -> Prefilled:
         """The prompt ids [1, T] prefilled after the document, into the prefix's cache; `rewind` after its
-        generation. `leave()`, asked before each chunk, gives it up where true (PrefillLeft, the document's
+        generation. `leave()`, asked as it prefills, gives it up where true (PrefillLeft, the document's
         state again)."""
         self._claim()
         try:
@@ -52,7 +52,7 @@ class Prefix:
     def extend(self, ids: torch.Tensor, *, progress: bool = True, leave=None) -> float:
         """The document grown by the token ids [1, T] (T >= 2), prefilled after it: the prompts after it
         continue the longer document from now on (a conversation's turns, each kept for the next). Returns
-        the prefill's seconds. `leave()`, asked before each chunk, gives it up where true (PrefillLeft, the
+        the prefill's seconds. `leave()`, asked as it prefills, gives it up where true (PrefillLeft, the
         document as it was)."""
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 2:
             raise ValueError(f"a prefix is extended by at least 2 token ids [1, T], got shape {list(ids.shape)}")
@@ -149,7 +149,7 @@ class KeptCache:
         """The prompt's token ids [1, T] kept: (the ids left to prefill after the kept Prefix, the Prefix, how
         many of the prompt's tokens were found kept). None where it is too short to keep (under 3 tokens:
         a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back. `leave()`,
-        asked before each prefill chunk, gives the prefill up where true (PrefillLeft; what was kept stays,
+        asked as it prefills, gives the prefill up where true (PrefillLeft; what was kept stays,
         or where it was given up for this prompt, nothing)."""
         if ids.shape[1] < 3:
             self.release()
@@ -180,7 +180,7 @@ class KeptCache:
     def with_document(self, text: str, leave=None) -> tuple[Prefix, int]:
         """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its
         tokens were found kept (0 or all; `loaded` says whether they came from the folder). `leave()`, asked
-        before each prefill chunk, gives the prefill up where true (PrefillLeft; nothing kept)."""
+        as it prefills, gives the prefill up where true (PrefillLeft; nothing kept)."""
         if self.document == text:
             self.loaded = False
             return self.prefix, self.prefix.tokens

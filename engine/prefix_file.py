@@ -344,7 +344,7 @@ class PrefixFolder:
 
     def prefix(self, text: str, *, progress: bool = True, leave=None):
         """The document's engine.prefix.Prefix, loaded from its file where the folder holds one, else prefilled
-        (`leave()`, asked before each chunk, gives that up where true: PrefillLeft) and saved there; and whether
+        (`leave()`, asked as it prefills, gives that up where true: PrefillLeft) and saved there; and whether
         it was loaded."""
         path = self.path(text)
         if path.is_file():

@@ -31,7 +31,7 @@ class Job:
     def __init__(self, request):
         self.request = request
         self.ids = None  # the prompt's token ids, once encoded to batch it
-        self.gone = threading.Event()  # its client left: its generation ends at its next prefill chunk or token
+        self.gone = threading.Event()  # its client left: its generation ends in its prefill or at its next token
         self._sent: queue.Queue = queue.Queue()
 
     def send(self, kind: str, value=None) -> None:

@@ -24,6 +24,7 @@ from engine.server import Completions, Server, parse_request
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
 from tests.test_stop import first_new_piece
+from tests.test_stream_batch import layers_run
 
 NEW = 12
 GREEDY = {"temperature": 0}
@@ -409,20 +410,16 @@ def test_closing_the_server_waits_for_its_handlers_to_send_the_answers_ended(llm
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_run_alone_whose_client_is_gone_ends_before_its_prefill(server, prompt, stream, monkeypatch):
+def test_a_request_run_alone_whose_client_is_gone_ends_before_its_prefill(server, llm, prompt, stream):
     """A request run by itself (several prompts, or a stream with joining off); closing the server marks the job
-    gone, and each prompt then ends before its next prefill chunk (or after its next token) rather than at
-    `max_tokens`. (Ending after the next token: tests/test_stream_batch.py.)"""
-    import engine.generation
-
-    chunks = []
-    chunk = engine.generation.prefill_chunk
-    monkeypatch.setattr(engine.generation, "prefill_chunk", lambda *args: chunks.append(1) or chunk(*args))
+    gone, and each prompt then ends in its prefill (or after its next token) rather than at `max_tokens`.
+    (Ending after the next token, and where in the prefill: tests/test_stream_batch.py.)"""
     prompts = prompt if stream else [prompt, prompt[:40]]
     request = parse_request({"prompt": prompts, "max_tokens": 4000, "stream": stream, **GREEDY}, **REQUEST)
     job = Job(request)
     job.gone.set()
-    server.completions.run_alone(job)
+    with layers_run(llm.model) as run:
+        server.completions.run_alone(job)
     if stream:  # its first chunk is its finish (and the last it is sent: it is gone)
         [(choice,)] = [chunk["choices"] for chunk in job.chunks()]
         assert (choice["text"], choice["finish_reason"]) == ("", "stop")
@@ -431,7 +428,7 @@ def test_a_request_run_alone_whose_client_is_gone_ends_before_its_prefill(server
         assert response["usage"]["completion_tokens"] == 0
         assert [told["finish_reason"] for told in response["hybridattn"]] == ["left", "left"]
         assert [choice["finish_reason"] for choice in response["choices"]] == ["stop", "stop"]
-    assert chunks == []
+    assert run == []
 
 
 def test_a_job_is_gone_once_its_client_is_seen_to_have_left_while_it_waits(monkeypatch):

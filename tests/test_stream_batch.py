@@ -2,6 +2,7 @@
 streams what it streams alone, ends by its own length, stop strings or its consumer's leaving, and the
 batch goes on without it; prompts that join a running batch (`more`) stream what they stream alone too."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -80,10 +81,10 @@ def test_each_prompt_streams_what_it_streams_alone_with_its_own_sampling(llm, pr
 
 
 def prefill_asks(llm, prompt_tokens: int, *, builds: bool = True) -> int:
-    """How often `leave` is asked for a prompt before its first token: before each of its prefill chunks and
-    (`builds`: not after a prefix) each layer's index build."""
-    layers = llm.model.config.num_hidden_layers if builds else 0
-    return len(chunk_bounds(prompt_tokens, llm.offload.prefill_chunk)) + layers
+    """How often `leave` is asked for a prompt before its first token: before each decoder layer of each of its
+    prefill chunks and (`builds`: not after a prefix) each layer's index build."""
+    layers = llm.model.config.num_hidden_layers
+    return len(chunk_bounds(prompt_tokens, llm.offload.prefill_chunk)) * layers + (layers if builds else 0)
 
 
 def test_a_prompt_whose_consumer_leaves_ends_there_and_the_batch_goes_on(llm, prompts):
@@ -437,6 +438,18 @@ def chunks_run(monkeypatch):
     return run
 
 
+@contextlib.contextmanager
+def layers_run(model):
+    """Within, the forward passes of the model's decoder layers that ran to their end, counted in the list it gives."""
+    run = []
+    hooks = [layer.register_forward_hook(lambda *_: run.append(1)) for layer in model.model.layers]
+    try:
+        yield run
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def leaving_at(row: int, ask: int, calls: list[int]):
     """A `leave` true for `row` from its `ask`-th question on, counting every row's questions in `calls`."""
 
@@ -451,13 +464,14 @@ def test_a_prompt_that_leaves_in_its_prefill_runs_no_more_chunks_and_the_others_
     calls = [0] * 3
     reports = [GenerationReport() for _ in prompts]
     sampling = Sampling(NEW)
-    texts, finishes = streamed(chunked, prompts, sampling, reports=reports, leave=leaving_at(1, 2, calls))
-    assert (texts[1], finishes[1], calls[1]) == ("", "left", 2)  # asked before its 2 first chunks, then never
+    ask = chunked.model.config.num_hidden_layers + 2  # before its second chunk's second layer
+    texts, finishes = streamed(chunked, prompts, sampling, reports=reports, leave=leaving_at(1, ask, calls))
+    assert (texts[1], finishes[1], calls[1]) == ("", "left", ask)  # then never asked again
     assert reports[1].prompt_tokens == len(prompts[1]) and reports[1].new_tokens == reports[1].decode_steps == 0
     assert reports[1].finish_reason == "left" and reports[1].prefill_s > 0
-    # one chunk of its 4 ran; the others' every chunk
+    # two chunks of its 4 began; the others' every chunk ran
     ran = [len(list(chunks)) for _, chunks in itertools.groupby(chunks_run)]
-    assert ran == [len(chunk_bounds(len(prompts[i]), 64)) if i != 1 else 1 for i in range(3)]
+    assert ran == [len(chunk_bounds(len(prompts[i]), 64)) if i != 1 else 2 for i in range(3)]
     for row in (0, 2):
         assert (texts[row], finishes[row]) == (alone(chunked, prompts[row], sampling)[0], "length")
         assert reports[row].new_tokens == NEW and reports[row].batch == 2
@@ -465,20 +479,22 @@ def test_a_prompt_that_leaves_in_its_prefill_runs_no_more_chunks_and_the_others_
 
 def test_a_prompt_that_leaves_after_its_prefill_does_not_wait_for_its_index_builds(chunked, prompts, chunks_run):
     chunks = len(chunk_bounds(len(prompts[0]), 64))
+    ask = prefill_asks(chunked, len(prompts[0]), builds=False) + 1  # before the first layer's index build
     calls = [0]
-    result = chunked.generate(prompts[0], NEW, leave=leaving_at(0, chunks + 1, calls), progress=False)
-    assert (result.token_ids, result.report.finish_reason, calls) == ([], "left", [chunks + 1])
+    result = chunked.generate(prompts[0], NEW, leave=leaving_at(0, ask, calls), progress=False)
+    assert (result.token_ids, result.report.finish_reason, calls) == ([], "left", [ask])
     assert len(chunks_run) == chunks
 
 
-def test_prompts_that_all_leave_before_their_prefill_run_nothing(chunked, prompts, chunks_run):
-    results = chunked.generate(prompts, NEW, leave=lambda _row: True, progress=False)
-    assert chunks_run == []
-    assert [(r.text, r.token_ids, r.report.finish_reason) for r in results] == [("", [], "left")] * 3
-    assert [r.report.prompt_tokens for r in results] == [len(p) for p in prompts]
-    report = GenerationReport()
-    assert list(chunked.stream(prompts[0], NEW, report=report, leave=lambda _row: True, progress=False)) == []
-    assert report.finish_reason == "left" and chunks_run == []
+def test_prompts_that_all_leave_before_their_prefill_run_nothing(chunked, prompts):
+    with layers_run(chunked.model) as run:
+        results = chunked.generate(prompts, NEW, leave=lambda _row: True, progress=False)
+        assert run == []
+        assert [(r.text, r.token_ids, r.report.finish_reason) for r in results] == [("", [], "left")] * 3
+        assert [r.report.prompt_tokens for r in results] == [len(p) for p in prompts]
+        report = GenerationReport()
+        assert list(chunked.stream(prompts[0], NEW, report=report, leave=lambda _row: True, progress=False)) == []
+        assert report.finish_reason == "left" and run == []
 
 
 def test_a_prompt_that_leaves_on_its_way_in_is_given_up_and_the_next_joins(chunked, prompts):
@@ -516,15 +532,17 @@ def test_a_prompt_that_leaves_in_its_prefill_after_a_prefix_leaves_the_document_
     prefix.release()
 
 
-@pytest.mark.parametrize("order", ["chunks", "layers"])
-def test_a_prefill_asks_leave_before_each_chunk_or_layer(llm, prompts, order):
+@pytest.mark.parametrize(("order", "seen"), [("chunks", [200, 100]), ("layers", [300, 0])])
+def test_a_prefill_asks_leave_before_each_layer_of_each_chunk(llm, prompts, order, seen):
+    """3 chunks of 100 through 2 layers, given up at the 4th question: before the second chunk's second
+    layer, or, layer by layer, before the second layer's first chunk."""
     cfg = CFG.replace(prefill_chunk=100, prefill_order=order)
     calls = [0]
-    leave = leaving_at(0, 2, calls)
+    leave = leaving_at(0, 4, calls)
     cache = HybridCache(llm.model, cfg, max_length=len(prompts[0]) + 1, prompt_length=len(prompts[0]))
     try:
         with torch.no_grad(), pytest.raises(PrefillLeft, match="left during its prefill"):
             prefill(llm.model, prompts[0][None], cache, 100, progress=False, order=order, leave=lambda: leave(0))
+        assert calls == [4] and [layer.n_seen for layer in cache.layers] == seen
     finally:
         cache.close()
-    assert calls == [2]

@@ -42,7 +42,7 @@ class PromptCache:
         """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
         tells of that: {"kind", "tokens" kept, "reused_tokens" (of the prompt's, found kept), "prefill_s"
         (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}.
-        `leave()`, asked before each prefill chunk, gives the prefill up where true (PrefillLeft)."""
+        `leave()`, asked as it prefills (engine.generation.prefill), gives the prefill up where true (PrefillLeft)."""
         start = time.perf_counter()
         if request.document is not None:
             prompt = self.llm.encode_continuation(request.prompt)  # refused before the document is prefilled
@@ -109,7 +109,7 @@ class Completions:
     def run_alone(self, job) -> None:
         """The job's request by itself: its response or its chunks sent to it."""
 
-        def gone(_row: int) -> bool:  # its prompts end at their next prefill chunk or token once it is gone
+        def gone(_row: int) -> bool:  # once it is gone, its prompts end in their prefill or at their next token
             return job.gone.is_set()
 
         try:
@@ -189,7 +189,7 @@ class Completions:
         job.send("end")
 
     def answer(self, request: Request, leave: Callable[[int], bool] | None = None) -> dict:
-        """The whole response to a request without `stream`; `leave(i)`, asked before each prefill chunk and after
+        """The whole response to a request without `stream`; `leave(i)`, asked during the prefill and after
         each token of its prompt i, ends that prompt's answer there where true (engine.api.HybridLLM.generate_batch)."""
         try:
             prompt, prefix, kept = self.cache.prepare(request, leave=_first(leave))
@@ -206,7 +206,7 @@ class Completions:
 
     def chunks(self, request: Request, leave: Callable[[int], bool] | None = None) -> Iterator[dict]:
         """The stream's chunks of a request with `stream`: the text piece by piece, then the finish; `leave(0)`,
-        asked before each prefill chunk and after each token, ends it there where true."""
+        asked during the prefill and after each token, ends it there where true."""
         report = GenerationReport()
         head = self._head(request, ".chunk" if request.messages is not None else "")
         try:
