@@ -529,8 +529,11 @@ def test_a_request_gone_while_its_document_is_prefilled_keeps_nothing_and_the_ne
     if stream:
         [(choice,)] = [chunk["choices"] for chunk in job.chunks()]
     else:
-        [choice] = job.response()["choices"]
-    assert (choice["text"], choice["finish_reason"], gone.asked) == ("", "stop", 2)  # asked before 2 chunks
+        response = job.response()
+        [choice] = response["choices"]
+        tokens = llm.encode(document).shape[1] + llm.encode_continuation(body["prompt"]).shape[1]
+        assert response["usage"] == {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+    assert (choice["text"], choice["finish_reason"], gone.asked) == ("", "stop", 2)  # before its second layer
     assert completions.cache.prefix is None  # nothing kept
     again = run(completions, body).response()
     alone = llm.prefix(document, progress=False)
@@ -547,8 +550,10 @@ def test_a_request_gone_while_the_kept_prompt_is_extended_leaves_it_as_it_was(co
     run(completions, body).response()  # kept: its 99 first tokens
     kept = completions.cache.prefix
     gone = GoneAt(2)
-    [choice] = run(completions, {**body, "prompt": ids}, gone).response()["choices"]
+    response = run(completions, {**body, "prompt": ids}, gone).response()
+    [choice] = response["choices"]
     assert (choice["text"], choice["finish_reason"], gone.asked) == ("", "stop", 2)
+    assert response["usage"]["prompt_tokens"] == len(ids) and response["hybridattn"][0]["finish_reason"] == "left"
     assert completions.cache.prefix is kept and kept.tokens == 99 and kept.ids[0].tolist() == ids[:99]
     again = run(completions, {**body, "prompt": ids}).response()
     assert again["hybridattn"][0]["kept"]["reused_tokens"] == 99

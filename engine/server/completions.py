@@ -138,7 +138,7 @@ class Completions:
             try:
                 first, prefix, kept = self.cache.prepare(jobs[0].request, leave=jobs[0].gone.is_set)
             except PrefillLeft:  # gone while the kept cache took its prompt or document
-                self._finish(jobs[0], self._batch_head(jobs[0].request), "", _left_report(), None)
+                self._finish(jobs[0], self._batch_head(jobs[0].request), "", self._left_report(jobs[0].request), None)
                 return
             except Exception as error:  # its prompt or document refused: the batch does not start
                 jobs[0].send("error", error)
@@ -197,8 +197,7 @@ class Completions:
             results = results if isinstance(results, list) else [results]
             texts, reports = [r.text for r in results], [r.report for r in results]
         except PrefillLeft:  # gone while the kept cache took its prompt or document
-            choices = max(1, len(request.prompts))  # chat: one
-            texts, reports, kept = [""] * choices, [_left_report() for _ in range(choices)], None
+            texts, reports, kept = [""], [self._left_report(request)], None  # (one prompt: a kept cache takes it)
         for report in reports:
             _log_report(report)
         told = [self._report(report, kept) for report in reports]  # one per choice
@@ -212,7 +211,7 @@ class Completions:
         try:
             prompt, prefix, kept = self.cache.prepare(request, leave=_first(leave))
         except PrefillLeft:  # gone while the kept cache took its prompt or document
-            report = _left_report()
+            report = self._left_report(request)
             _log_report(report)
             yield from self._last_chunks(request, head, report, self._report(report, None))
             return
@@ -236,6 +235,15 @@ class Completions:
 
     def close(self) -> None:
         self.cache.release()
+
+    def _left_report(self, request: Request) -> GenerationReport:
+        """The report of a request that left while the kept cache took its prompt or document: its prompt's
+        tokens (a document's and the prompt's after it), none new."""
+        if request.document is None:
+            tokens = self.llm.encode(request.prompt).shape[1]
+        else:
+            tokens = self.llm.encode(request.document).shape[1] + self.llm.encode_continuation(request.prompt).shape[1]
+        return GenerationReport(prompt_tokens=tokens, finish_reason="left")
 
     def _batch_head(self, request: Request) -> dict:
         return self._head(request, ".chunk" if request.stream and request.messages is not None else "")
@@ -308,11 +316,6 @@ def _role_chunk(head: dict) -> dict:
 def _first(leave: Callable[[int], bool] | None) -> Callable[[], bool] | None:
     """`leave` asked of the first prompt (the one a kept cache takes)."""
     return None if leave is None else lambda: leave(0)
-
-
-def _left_report() -> GenerationReport:
-    """The report of a request that left while the kept cache took its prompt or document."""
-    return GenerationReport(finish_reason="left")
 
 
 def _log_report(report) -> None:
