@@ -66,8 +66,8 @@ from engine.cache.store import StorePool
 from engine.cli import output_file
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
-from engine.generation import chunk_bounds
 from engine.plan import MODEL_PRESETS, ModelShape
+from engine.prefill import chunk_bounds
 
 TIMED, TIMED_PYTHON = "hybrid_gpu_timed", "hybrid_gpu_timed_python_selection"
 CASES = ("exactness", "decode", "batch", "prefill")  # what --cases may name, in the order they run

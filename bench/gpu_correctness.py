@@ -15,7 +15,8 @@ from transformers import DynamicCache
 from bench.common.device import peak_bytes, reset_peak
 from bench.common.models import LONG_CONTEXT, random_llama
 from engine import HybridCache, OffloadConfig
-from engine.generation import Decoding, prefill_prompt
+from engine.generation import Decoding
+from engine.prefill import prefill_prompt
 from engine.prefix import Prefix
 
 BF16_TOL = 0.1  # bf16 logits: max abs difference allowed against bf16 full attention (summation order)

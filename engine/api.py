@@ -19,21 +19,23 @@ from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.conversation import Conversation
 from engine.generation import (
-    RESERVED_NEW_TOKENS,
     Decoding,
     GenerationReport,
     Joiner,
-    Prefilled,
-    PrefillLeft,
-    SteppedPrefill,
     eos_ids,
     fill_left_report,
     fill_report,
-    prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
-    prefill_prompt,
     sampler,
 )
 from engine.models import BUNDLED_NAME, check_supported, load_model
+from engine.prefill import (
+    RESERVED_NEW_TOKENS,
+    Prefilled,
+    PrefillLeft,
+    SteppedPrefill,
+    prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
+    prefill_prompt,
+)
 from engine.prefix import Prefix
 from engine.sampling import Sampling, check_sampling
 from engine.stop import StopStrings, TextStream
@@ -172,7 +174,7 @@ class HybridLLM:
         """Prefill `document` (text, the beginning of a prompt, or token ids) once, for several prompts
         that continue it: `generate(prompt, prefix=...)` then prefills only the prompt (engine.prefix).
         The prefix holds a host store until its `release()`. `leave()`, asked as it prefills,
-        gives it up where true (engine.generation.PrefillLeft)."""
+        gives it up where true (engine.prefill.PrefillLeft)."""
         if isinstance(document, list) and document and isinstance(document[0], dict):
             raise ValueError(_CHAT_AFTER_PREFIX)
         ids = self.encode(document)

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from engine.api import GenerationReport, HybridLLM
 from engine.cache import HybridCache
 from engine.config import OffloadConfig
-from engine.generation import chunk_bounds
 from engine.models import BUNDLED_NAME
+from engine.prefill import chunk_bounds
 
 try:
     from lm_eval.api.model import TemplateLM

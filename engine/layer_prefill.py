@@ -26,7 +26,7 @@ from engine.cache.store import DeviceRows
 
 def prefill_by_layer(model, ids: torch.Tensor, cache: HybridCache, bounds: list[tuple[int, int]], *, progress=True):
     """Feed the prompt ids [1, T] into the empty single-sequence `cache` one decoder layer at a
-    time, each in the chunks [start, end) of `bounds` (engine.generation.chunk_bounds); returns
+    time, each in the chunks [start, end) of `bounds` (engine.prefill.chunk_bounds); returns
     the last position's logits [vocab]."""
     if not isinstance(cache, HybridCache):
         raise TypeError(f"a prefill layer by layer fills a HybridCache, got {type(cache).__name__}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.generation import Prefilled, timed_prefill
+from engine.prefill import Prefilled, timed_prefill
 from engine.prefix_file import load_prefix, save_prefix
 
 

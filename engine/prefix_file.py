@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from engine.cache import HybridCache
 from engine.cache.layer import HybridLayer
 from engine.decode.sketch import KeySketch, make_scorer
-from engine.generation import RESERVED_NEW_TOKENS, sized_for
 from engine.index.heads import ListSelector
+from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
 log = logging.getLogger(__name__)
 

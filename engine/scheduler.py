@@ -131,7 +131,7 @@ class Scheduler:
 
     def _joining(self, running: int, admitted: deque[Job]) -> list[Job]:
         """The job that joins the running batch of `running` sequences (those on their way in counted): one
-        at a time, asked for when none is being prefilled, a chunk a step (engine.generation.SteppedPrefill),
+        at a time, asked for when none is being prefilled, a chunk a step (engine.prefill.SteppedPrefill),
         so that the batch's steps wait for one prefill chunk at most, and each that joins has its first
         token after its own prefill. First those `admitted` with the batch when it was taken, then the
         waiting jobs from the front of the queue, while the first may join (`Completions.joinable`), up to

@@ -18,8 +18,8 @@ import torch
 
 from engine import HybridCache, OffloadConfig
 from engine.cache.store import HostKV
-from engine.generation import prefill
 from engine.native import ops
+from engine.prefill import prefill
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -285,7 +285,7 @@ def test_decoding_rejects_what_it_cannot_run(model, prompts):
 def test_prefill_chunks_never_leave_one_position_alone():
     """A one-position input is a decode step (it reads part of the host store): the prefill joins a
     last single position to the chunk before it, and its last logits are full attention's."""
-    from engine.generation import chunk_bounds, prefill
+    from engine.prefill import chunk_bounds, prefill
 
     assert chunk_bounds(9, 4) == [(0, 4), (4, 9)] and chunk_bounds(8, 4) == [(0, 4), (4, 8)]
     assert chunk_bounds(1, 4) == [(0, 1)] and chunk_bounds(3, 1) == [(0, 3)]

@@ -61,7 +61,7 @@ def test_scores_are_lm_eval_hf_model_s(bundled_tokenizer, reference):
 
 def test_scoring_a_prompt_that_ends_one_past_a_chunk_is_exact(bundled_tokenizer, reference):
     """A last chunk of one position would be a decode step (an approximate read): the prefill
-    joins it to the chunk before (engine.generation.chunk_bounds)."""
+    joins it to the chunk before (engine.prefill.chunk_bounds)."""
     lm = engine_lm(bundled_tokenizer)
     ids = lm.tok_encode(TEXT)[:50]  # 49 positions scored through: 7 chunks of 7, and one more position
     assert len(ids) == 50

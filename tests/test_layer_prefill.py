@@ -8,10 +8,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from engine import HybridCache, OffloadConfig
 from engine.cache.store import DeviceRows, HostKV
-from engine.generation import chunk_bounds, prefill, prefill_prompt
 from engine.index.worker import IndexBuilder
 from engine.models import SUPPORTED_MODEL_TYPES
 from engine.plan import ModelShape, plan_memory
+from engine.prefill import chunk_bounds, prefill, prefill_prompt
 
 # a small window and blocks: most of the 300 positions go to the host store, which later chunks attend to
 CFG = OffloadConfig(device="cpu", n_sink=4, window=16, block_size=8, min_prob=1e-3, host_dtype="float32")

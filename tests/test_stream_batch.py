@@ -11,10 +11,8 @@ import torch
 from engine.api import HybridLLM
 from engine.cache import HybridCache
 from engine.decode.recheck import forward_step
-from engine.generation import (
-    Decoding,
-    GenerationReport,
-    Joiner,
+from engine.generation import Decoding, GenerationReport, Joiner
+from engine.prefill import (
     PrefillLeft,
     SteppedPrefill,
     chunk_bounds,
@@ -425,16 +423,16 @@ def test_a_stepped_prefill_is_the_prefill_of_the_prompt_whole(llm, prompts):
 @pytest.fixture
 def chunks_run(monkeypatch):
     """The caches (their ids) of the prefill chunks run, in order."""
-    import engine.generation
+    import engine.prefill
 
     run = []
-    chunk = engine.generation.prefill_chunk
+    chunk = engine.prefill.prefill_chunk
 
     def counted(model, ids, cache):
         run.append(id(cache))
         return chunk(model, ids, cache)
 
-    monkeypatch.setattr(engine.generation, "prefill_chunk", counted)
+    monkeypatch.setattr(engine.prefill, "prefill_chunk", counted)
     return run
 
 

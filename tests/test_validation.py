@@ -66,7 +66,7 @@ def test_token_ids_as_a_list_of_ints_are_one_prompt(llm):
 
 
 def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
-    from engine.generation import RESERVED_NEW_TOKENS, sized_for
+    from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
     trained = llm.model.config.max_position_embeddings
     assert sized_for(llm.model, 100, 50) == 150  # a bound within the context: sized exactly

@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from engine.generation import GenerationReport, PrefillLeft
+from engine.generation import GenerationReport
+from engine.prefill import PrefillLeft
 from engine.prefix import KeptCache
 from engine.sampling import Sampling
 from engine.server.request import Request
@@ -42,7 +43,7 @@ class PromptCache:
         """The prompt to generate from, the kept Prefix it continues (None: none), and what the response
         tells of that: {"kind", "tokens" kept, "reused_tokens" (of the prompt's, found kept), "prefill_s"
         (spent here prefilling into it, or loading it), and for a document "loaded" (from the folder)}.
-        `leave()`, asked as it prefills (engine.generation.prefill), gives the prefill up where true (PrefillLeft)."""
+        `leave()`, asked as it prefills (engine.prefill.prefill), gives the prefill up where true (PrefillLeft)."""
         start = time.perf_counter()
         if request.document is not None:
             prompt = self.llm.encode_continuation(request.prompt)  # refused before the document is prefilled
