@@ -20,6 +20,7 @@ from engine.config import OffloadConfig, offload_or_default
 from engine.conversation import Conversation
 from engine.generation import (
     Decoding,
+    Ending,
     GenerationReport,
     Joiner,
     eos_ids,
@@ -230,7 +231,7 @@ class HybridLLM:
         report = report if report is not None else GenerationReport()
         text = TextStream(StopStrings(self.tokenizer, kwargs.pop("stop", None)))
         pick = self._pick(max_new_tokens, **{k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs})
-        ends = _ending(text.stops, kwargs.get("leave"))
+        ends = _stopping(text.stops)
         with closing(self._decode([prompt], max_new_tokens, [report], pick=pick, ends=ends, **kwargs)) as picks:
             for _, token, _ in picks:  # (closed when the consumer stops early; no token: it left in its prefill)
                 if token is not None and (piece := text.add(token)):
@@ -278,7 +279,7 @@ class HybridLLM:
         def row_settings(sampling: Sampling) -> tuple:
             """A prompt's max_new_tokens, pick, end check and stop_at_eos, for `_decode`."""
             texts.append(TextStream(StopStrings(self.tokenizer, sampling.stop)))
-            ends = _ending(texts[-1].stops, leave, len(texts) - 1)
+            ends = _stopping(texts[-1].stops)
             return sampling.max_new_tokens, sampling.pick(self.device), ends, sampling.stop_at_eos
 
         def joining() -> list[tuple]:
@@ -334,13 +335,12 @@ class HybridLLM:
             raise ValueError("the list of prompts is empty")
         stops = StopStrings(self.tokenizer, stop)
         pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ends = [_ending(stops, leave, i) for i in range(len(prompts))]
-        decoding = dict(pick=pick, stop_at_eos=stop_at_eos, progress=progress)
+        decoding = dict(pick=pick, ends=_stopping(stops), stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
-            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, ends=ends, leave=leave, **decoding)
+            return self._generate(prompts, max_new_tokens, stops, prefix=prefix, leave=leave, **decoding)
         out = []  # after a prefix, one after another, each from the document's state
         for i, prompt in enumerate(prompts):
-            alone = dict(ends=ends[i], leave=None if leave is None else lambda _row, i=i: leave(i))
+            alone = dict(leave=None if leave is None else lambda _row, i=i: leave(i))
             try:
                 out += self._generate([prompt], max_new_tokens, stops, prefix=prefix, **alone, **decoding)
             except (TypeError, ValueError) as error:
@@ -385,9 +385,10 @@ class HybridLLM:
         by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. With a `prefix`,
         the first prompt continues it, and those that join take its cache into their batch until the end,
         when it goes back to the document's state. `leave(i)`, asked as prompt i is prefilled (its
-        index: the prompts', then those from more() in order), gives its prefill up where true: (i, None, "left")
-        then, its report filled, and the others go on. Fills the reports not filled yet at the end, also when
-        the consumer stops."""
+        index: the prompts', then those from more() in order) and after each of its tokens that `ends` does not
+        end, ends it where true: in its prefill, (i, None, "left") then, its report filled; after a token, with
+        finish "left". The others go on. Fills the reports not filled yet at the end, also when the consumer
+        stops."""
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self.encode_continuation(prompts[0])]
@@ -420,7 +421,7 @@ class HybridLLM:
                         )
                     x, i = self._encode_all([prompt])[0], next(joined)
                     self._warn_past_context(x.shape[1], limit)
-                    settings = (limit, pick, _end_tokens(self.model, stop_at_eos), ends)
+                    settings = (limit, pick, _end_tokens(self.model, stop_at_eos), _ending(ends, asked(i)))
                     arrival = SteppedPrefill(self.model, x, self.offload, limit, stores=self.stores, leave=asked(i))
                     arriving.append((arrival, settings, i))
             while arriving:
@@ -474,7 +475,7 @@ class HybridLLM:
                 _of_rows(max_new_tokens, names),
                 pick=_of_rows(pick, names),
                 eos=_end_tokens(self.model, _of_rows(stop_at_eos, names)),
-                ends=_of_rows(ends, names),
+                ends=[_ending(ends[i] if isinstance(ends, list) else ends, asked(i)) for i in names],
                 lengths=None if len(done) == 1 and more is None else [p.prompt_tokens for p in done],
                 joining=None if more is None else joining,
             )
@@ -569,16 +570,19 @@ def _of_rows(value, rows: list[int]):
     return [value[i] for i in rows] if isinstance(value, list) else value
 
 
-def _ending(stops: StopStrings, leave: Callable[[int], bool] | None = None, row: int = 0):
-    """A row's end check for Decoding (None: none): "stop" where a stop string is reached, "left" where
-    `leave(row)` is true, else ""."""
-    if not stops and leave is None:
-        return None
+def _stopping(stops: StopStrings) -> Ending | None:
+    """The end check of stop strings: "stop" once one is reached, else "" (None: there are none)."""
+    return (lambda tokens: "stop" if stops.reached(tokens) else "") if stops else None
+
+
+def _ending(end: Ending | None, leave: Callable[[], bool] | None) -> Ending | None:
+    """A row's end check for Decoding (None: none): `end`'s reason where it gives one, else "left" where
+    `leave()` is true, else ""."""
+    if leave is None:
+        return end
 
     def ending(tokens: list[int]) -> str:
-        if stops.reached(tokens):
-            return "stop"
-        return "left" if leave is not None and leave(row) else ""
+        return (end(tokens) if end is not None else "") or ("left" if leave() else "")
 
     return ending
 
