@@ -3,37 +3,22 @@ and report where the time and the bytes went."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import numbers
-import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
 import torch
 
-from engine.cache import HybridCache
+from engine.batch_run import run_batch
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.conversation import Conversation
-from engine.generation import (
-    Decoding,
-    Ending,
-    GenerationReport,
-    Joiner,
-    eos_ids,
-    fill_left_report,
-    fill_report,
-    sampler,
-)
+from engine.generation import Ending, GenerationReport, sampler
 from engine.models import BUNDLED_NAME, check_supported, load_model
 from engine.prefill import (
     RESERVED_NEW_TOKENS,
-    Prefilled,
-    PrefillLeft,
-    SteppedPrefill,
     prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
     prefill_prompt,
 )
@@ -361,169 +346,38 @@ class HybridLLM:
                 tokens[row].append(token)
         return [GenerationResult(stops.cut(stops.text(toks)), toks, report) for toks, report in zip(tokens, reports)]
 
-    @torch.inference_mode()
     def _decode(
         self,
         prompts: list,
         max_new_tokens: int | list[int],
         reports: list[GenerationReport],
         *,
-        pick,
-        ends=None,
-        stop_at_eos: bool | list[bool] = True,
         prefix: Prefix | None = None,
-        progress: bool = True,
         more: Callable[[], list[tuple]] | None = None,
-        leave: Callable[[int], bool] | None = None,
+        **decoding,
     ) -> Iterator[tuple[int, int | None, str]]:
-        """(row, token, finish) as each token is picked, finish "" until the row's last (then why it
-        ended; its report filled then): the prompts prefilled one by one, each into its own HybridCache,
-        stacked into one when there are several, then decoded together (engine.generation.Decoding,
-        which takes `max_new_tokens`, `pick`, `ends` and `stop_at_eos`'s end tokens for all rows or per
-        row). `more()`, asked before a step where no prompt is on its way in, gives prompts that join the
-        batch, each as (prompt, max_new_tokens >= 1, pick, ends, stop_at_eos), its report appended to `reports`
-        by then; each is prefilled a chunk a step (`SteppedPrefill`) and joins once done. With a `prefix`,
-        the first prompt continues it, and those that join take its cache into their batch until the end,
-        when it goes back to the document's state. `leave(i)`, asked as prompt i is prefilled (its
-        index: the prompts', then those from more() in order) and after each of its tokens that `ends` does not
-        end, ends it where true: in its prefill, (i, None, "left") then, its report filled; after a token, with
-        finish "left". The others go on. Fills the reports not filled yet at the end, also when the consumer
-        stops."""
+        """`run_batch` of `prompts` (the rest of its keywords are `run_batch`'s), each encoded (with a `prefix`,
+        the one prompt that continues it); `more()` gives prompts that join as (prompt, max_new_tokens, pick,
+        ends, stop_at_eos), encoded as they come."""
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self.encode_continuation(prompts[0])]
         else:
             ids = self._encode_all(prompts)
-        before = prefix.tokens if prefix is not None else 0
-        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
-        longest, new = max(((x.shape[1], n) for x, n in zip(ids, limits)), key=sum)
-        self._warn_past_context(before + longest, new)
-        done: list[Prefilled] = []  # the decoding's rows' prefills
-        names: list[int] = []  # ... and their prompts' indices
-        arriving: deque[tuple[SteppedPrefill, tuple, int]] = deque()  # prompts prefilled between steps to join
-        joined = itertools.count(len(ids))  # the index of the next prompt from more()
-        left: deque[int] = deque()  # prompts from more() that left in their prefill, to yield
-        run = None
-        filled: set[int] = set()
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-        def asked(i: int) -> Callable[[], bool] | None:
-            return None if leave is None else lambda: leave(i)
+        def joining() -> list[tuple]:
+            return [(self._encode_all([prompt])[0], *settings) for prompt, *settings in more()]
 
-        def joining(whole: bool) -> list[Joiner]:
-            """The next prompt on its way in, once its prefill, a chunk a step (`whole`: the rest at once), is
-            done; they join in the order given, one prefilled at a time, and `more()` is asked when none is."""
-            if not arriving and not whole:
-                for prompt, limit, pick, ends, stop_at_eos in more():
-                    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-                        raise ValueError(
-                            f"a prompt joins a running batch for a token or more, got max_new_tokens={limit!r}"
-                        )
-                    x, i = self._encode_all([prompt])[0], next(joined)
-                    self._warn_past_context(x.shape[1], limit)
-                    settings = (limit, pick, _end_tokens(self.model, stop_at_eos), _ending(ends, asked(i)))
-                    arrival = SteppedPrefill(self.model, x, self.offload, limit, stores=self.stores, leave=asked(i))
-                    arriving.append((arrival, settings, i))
-            while arriving:
-                arrival, settings, i = arriving[0]
-                try:
-                    prompt = arrival.step(whole=whole)
-                except PrefillLeft:
-                    arriving.popleft()
-                    arrival.close()
-                    fill_left_report(reports[i], arrival.ids.shape[1], 0, arrival.prefill_s, weights)
-                    left.append(i)
-                    continue
-                if prompt is None:
-                    return []
-                arriving.popleft()
-                done.append(prompt)
-                names.append(i)
-                return [Joiner(prompt, *settings)]
-            return []
-
-        def fill(row: int) -> None:
-            report = reports[names[row]]
-            fill_report(report, run, row, done[row], weights)
-            if prefix is not None:  # its copies to go back to the document's state
-                copies = prefix.nbytes()
-                report.device_bytes.update(copies["device"])
-                report.host_bytes.update(copies["host"])
-            filled.add(row)
-
-        try:
-            for i, (x, limit) in enumerate(zip(ids, limits)):
-                t0 = time.perf_counter()
-                try:
-                    if prefix is not None:
-                        done.append(prefix.continued(x, progress=progress, leave=asked(i)))
-                    else:
-                        keywords = dict(progress=progress, stores=self.stores, leave=asked(i))
-                        done.append(prefill_prompt(self.model, x, self.offload, limit, **keywords))
-                except PrefillLeft:  # the others go on
-                    fill_left_report(reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights)
-                    yield i, None, "left"
-                    continue
-                names.append(i)
-            if not done:
-                return
-            cache = done[0].cache if len(done) == 1 else HybridCache.stack([p.cache for p in done])
-            run = Decoding(
-                self.model,
-                cache,
-                torch.stack([p.logits for p in done]),
-                _of_rows(max_new_tokens, names),
-                pick=_of_rows(pick, names),
-                eos=_end_tokens(self.model, _of_rows(stop_at_eos, names)),
-                ends=[_ending(ends[i] if isinstance(ends, list) else ends, asked(i)) for i in names],
-                lengths=None if len(done) == 1 and more is None else [p.prompt_tokens for p in done],
-                joining=None if more is None else joining,
-            )
-            for row, token in run:
-                if run.finish[row]:
-                    fill(row)
-                yield names[row], token, run.finish[row]
-                while left:
-                    yield left.popleft(), None, "left"
-            while left:
-                yield left.popleft(), None, "left"
-        finally:  # also when the consumer stops early or raises: no build thread outlives the call
-            for arrival, _, _ in arriving:
-                arrival.close()
-            for p in done:
-                p.cache.close()
-            if run is not None:
-                for row in set(range(len(done))) - filled:
-                    fill(row)
-            if prefix is not None and done:
-                prefix.rewind()  # the document's state again, for its next prompt (the rows that joined leave)
-            else:
-                if run is not None:
-                    run.cache.release()  # the host stores, for the next call
-                for p in done:
-                    p.cache.release()
+        joins = None if more is None else joining
+        return run_batch(
+            self.model, self.offload, self.stores, ids, max_new_tokens, reports, prefix=prefix, more=joins, **decoding
+        )
 
     def _check_prefix(self, prefix) -> None:
         if not isinstance(prefix, Prefix):
             raise TypeError(f"prefix must be what HybridLLM.prefix returns, got {type(prefix).__name__}")
         if prefix.model is not self.model:
             raise ValueError("the prefix was made by another engine: a prefix continues prompts of its own model")
-
-    def _warn_past_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """A warning where the prompt and its new tokens run past the positions the model was trained
-        on: the engine attends there as asked, but the model's output may degrade."""
-        trained = getattr(self.model.config, "max_position_embeddings", None)
-        positions = prompt_tokens + max(0, max_new_tokens - 1)  # the last new token is not fed back
-        if trained and positions > trained:
-            log.warning(
-                "hybridattn: a prompt of %d tokens and %d new tokens take the model to %d positions, past the %d "
-                "it was trained on (max_position_embeddings); its output may degrade there. rope_scale "
-                "(HybridLLM.from_pretrained, hybridattn generate --rope-scale) stretches its context.",
-                prompt_tokens,
-                max_new_tokens,
-                positions,
-                trained,
-            )
 
     def free_host_memory(self) -> None:
         """Free the host stores kept for the next generation (they are allocated again when needed)."""
@@ -557,34 +411,9 @@ _CHAT_AFTER_PREFIX = (
 SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
 
 
-def _end_tokens(model, stop_at_eos: bool | list[bool]) -> set[int] | list[set[int]]:
-    """The end-of-sequence tokens each row stops at: the model's where it stops at them, none where not."""
-    eos = eos_ids(model)
-    if isinstance(stop_at_eos, list):
-        return [eos if stop else set() for stop in stop_at_eos]
-    return eos if stop_at_eos else set()
-
-
-def _of_rows(value, rows: list[int]):
-    """A setting given once for all prompts, or as a list of one per prompt, for the `rows` (prompts' indices)."""
-    return [value[i] for i in rows] if isinstance(value, list) else value
-
-
 def _stopping(stops: StopStrings) -> Ending | None:
     """The end check of stop strings: "stop" once one is reached, else "" (None: there are none)."""
     return (lambda tokens: "stop" if stops.reached(tokens) else "") if stops else None
-
-
-def _ending(end: Ending | None, leave: Callable[[], bool] | None) -> Ending | None:
-    """A row's end check for Decoding (None: none): `end`'s reason where it gives one, else "left" where
-    `leave()` is true, else ""."""
-    if leave is None:
-        return end
-
-    def ending(tokens: list[int]) -> str:
-        return (end(tokens) if end is not None else "") or ("left" if leave() else "")
-
-    return ending
 
 
 def _is_joining(entry) -> bool:

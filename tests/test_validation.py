@@ -160,7 +160,7 @@ def test_generate_warns_where_the_prompt_runs_past_the_models_context(llm, caplo
     trained = llm.model.config.max_position_embeddings
     llm.model.config.max_position_embeddings = 44
     try:
-        with caplog.at_level(logging.WARNING, logger="engine.api"):
+        with caplog.at_level(logging.WARNING, logger="engine.batch_run"):
             llm.generate(ids, max_new_tokens=5, progress=False)  # positions 0..43: the last token is not fed back
             assert not caplog.records
             llm.generate(ids, max_new_tokens=6, progress=False)

@@ -48,7 +48,7 @@ from bench.evals.probes import LayerProbe, OracleSelect, copy_state, decode_with
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
 from engine import OffloadConfig
-from engine.api import eos_ids
+from engine.generation import eos_ids
 from engine.models import load_model
 
 # beyond DEFAULT_CONFIGS, run only when asked for

@@ -39,8 +39,8 @@ from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample
 from bench.tables import margin_rows, margins
-from engine.api import eos_ids
 from engine.config import OffloadConfig
+from engine.generation import eos_ids
 from engine.models import load_model
 
 SOURCE, ENGINE = CONFIGS["default"], CONFIGS["default-norecheck"]
