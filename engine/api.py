@@ -167,6 +167,7 @@ class HybridLLM:
         if ids.shape[1] < 2:
             raise ValueError(f"a prefix holds at least 2 tokens, got {ids.shape[1]}")
         room = RESERVED_NEW_TOKENS  # the prompts after it and their answers; the stores grow past it
+        _check_function("leave", leave)
         keywords = dict(progress=progress, stores=self.stores, leave=leave)
         prefilled = prefill_prompt(self.model, ids[:, :-1], self.offload, room, **keywords)
         try:
@@ -252,6 +253,7 @@ class HybridLLM:
             raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
         if prefix is not None and len(prompts) > 1:
             raise ValueError(f"after a prefix, stream_batch takes one prompt (more() adds others), got {len(prompts)}")
+        _check_function("more", more)
         sampling = Sampling() if sampling is None else sampling
         samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         if len(samplings) != len(prompts) or not all(isinstance(s, Sampling) for s in samplings):
@@ -318,6 +320,7 @@ class HybridLLM:
         Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
         if not prompts:
             raise ValueError("the list of prompts is empty")
+        _check_function("leave", leave)
         stops = StopStrings(self.tokenizer, stop)
         pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         decoding = dict(pick=pick, ends=_stopping(stops), stop_at_eos=stop_at_eos, progress=progress)
@@ -359,6 +362,7 @@ class HybridLLM:
         """`run_batch` of `prompts` (the rest of its keywords are `run_batch`'s), each encoded (with a `prefix`,
         the one prompt that continues it); `more()` gives prompts that join as (prompt, max_new_tokens, pick,
         ends, stop_at_eos), encoded as they come."""
+        _check_function("leave", decoding.get("leave"))
         if prefix is not None:
             self._check_prefix(prefix)
             ids = [self.encode_continuation(prompts[0])]
@@ -414,6 +418,12 @@ SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "seed")
 def _stopping(stops: StopStrings) -> Ending | None:
     """The end check of stop strings: "stop" once one is reached, else "" (None: there are none)."""
     return (lambda tokens: "stop" if stops.reached(tokens) else "") if stops else None
+
+
+def _check_function(name: str, value) -> None:
+    """A TypeError naming `name` where `value` is neither None nor something to call."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a function (or None), got {type(value).__name__}")
 
 
 def _is_joining(entry) -> bool:

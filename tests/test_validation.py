@@ -107,6 +107,19 @@ def test_a_resident_set_longer_than_the_generation_takes_its_slots_alone(llm, fi
     assert result.token_ids == llm.generate(prompt, max_new_tokens=3, progress=False).token_ids  # all resident
 
 
+def test_leave_and_more_must_be_functions(llm):
+    with pytest.raises(TypeError, match="leave must be a function"):
+        llm.generate("hi", 2, leave=True, progress=False)
+    with pytest.raises(TypeError, match="leave must be a function"):
+        next(llm.stream("hi", 2, leave=1, progress=False))
+    with pytest.raises(TypeError, match="leave must be a function"):
+        next(llm.stream_batch(["hi"], leave="yes", progress=False))
+    with pytest.raises(TypeError, match="leave must be a function"):
+        llm.prefix("a document", leave=0, progress=False)
+    with pytest.raises(TypeError, match="more must be a function"):
+        next(llm.stream_batch(["hi"], more=[("there", None)], progress=False))
+
+
 def test_stream_takes_one_prompt_and_says_so_of_a_list_of_them(llm):
     with pytest.raises(ValueError, match="stream decodes one prompt; a list of prompts is a batch"):
         next(llm.stream(["hi", "there"], 2))
