@@ -249,7 +249,7 @@ def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[
     """`QueryLists.nearest` of B sequences' lists (built, one configuration) in one product: q [B, H, G, D],
     up to n_neighbors[b] build queries per query head of sequence b -> [B, H, nn * G] int64, nn the most
     of any; a sequence's rows rank by rank, -1 past its own nn. Sets each one's `scanned`. `dots` is the
-    product (`bmm_dots`'s signature; the engine passes a native one on CPUs with bf16 dot products)."""
+    product (`bmm_dots`'s signature; the engine passes its native one for bf16 build queries on the CPU)."""
     first, (B, H, G, _) = lists[0], q.shape
     n_queries = [one.n_queries for one in lists]
     if not min(n_queries):

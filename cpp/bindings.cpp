@@ -225,7 +225,7 @@ py::buffer_info request_typed(const py::buffer& buf, const char* name, const std
   return b;
 }
 
-void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& out, int n_threads) {
+void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& out, int n_threads, bool widened) {
   py::buffer_info qb = request_typed(q, "q", {}, 3, 'h', false), rb = request_typed(rows, "rows", {}, 3, 'h', false);
   py::buffer_info ob = request_typed(out, "out", {}, 3, 'h', true);
   if (rb.shape[0] != qb.shape[0] || rb.shape[2] != qb.shape[2])
@@ -241,6 +241,7 @@ void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& o
   a.n_rows = rb.shape[1];
   a.dim = qb.shape[2];
   a.n_threads = n_threads;
+  a.widened = widened;
   hybridattn::check_query_dots_args(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
   hybridattn::query_dots(a);
@@ -375,8 +376,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
   m.def("query_dots", &query_dots, py::arg("q"), py::arg("rows"), py::arg("out"), py::arg("n_threads") = 0,
-        "q [X, G, D] . rows [X, N, D] (bf16, AVX512-BF16) -> out [X, G, N] bf16, rounded to nearest even.");
-  m.def("has_bf16_dots", &hybridattn::has_bf16_dots, "Whether this CPU runs query_dots (AVX512-BF16).");
+        py::arg("widened") = false,
+        "q [X, G, D] . rows [X, N, D] (bf16) -> out [X, G, N] bf16, rounded to nearest even: with AVX512-BF16 "
+        "where the CPU has it and widened is false, else widened to fp32.");
+  m.def("has_bf16_dots", &hybridattn::has_bf16_dots, "Whether query_dots runs AVX512-BF16 on this CPU.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");
   m.attr("HOST_MIN_CHUNK") = hybridattn::kMinHostChunk;
 #ifdef _OPENMP

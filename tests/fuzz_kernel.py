@@ -49,8 +49,9 @@ ids than `cap` one naming the unit that read them.
 
 `query_dots` (bf16 q [X, G, D] and rows [X, N, D]) must give bf16 scores, each the bf16 rounding of an fp32
 sum within (D + 4) eps sum_d |q_d k_d| of the fp64 product where those sums stay below FLT_MAX / 4, also
-where torch's product serves (a D that is no multiple of 32, a CPU without bf16 dot products); fp32 rows
-or rows whose D differs from q's raise ValueError.
+through the bf16 instructions (where the CPU has them) and widened to fp32 lanes (every CPU), and where
+torch's product serves (a D that is no multiple of 32); fp32 rows or rows whose D differs from q's raise
+ValueError.
 
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.decode.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
@@ -1077,7 +1078,7 @@ def check_query_dots_result(out, q, rows) -> tuple[str, str | None]:
 
 
 def run_query_dots_case(ops, c: QueryDotsCase) -> tuple[Counter, list[str]]:
-    """query_dots with 1 and 2 threads (torch's product where the CPU lacks bf16 dot products)."""
+    """query_dots with 1 and 2 threads, through the bf16 instructions (where the CPU has them) and widened."""
     g = torch.Generator().manual_seed(c.seed)
     D = c.D + 16 if c.odd_dim else c.D
     q = _values((c.X, c.G, D), c.q_exp, torch.bfloat16, g)
@@ -1086,8 +1087,8 @@ def run_query_dots_case(ops, c: QueryDotsCase) -> tuple[Counter, list[str]]:
         rows = rows.float()
     expected = (ValueError, BAD_DOTS[c.bad]) if c.bad in BAD_DOTS else None
 
-    def call(n_threads, scalar):
-        return ops.query_dots(q, rows, n_threads=n_threads), None
+    def call(n_threads, scalar):  # scalar: the widened path, which a CPU without AVX512-BF16 takes either way
+        return ops.query_dots(q, rows, n_threads=n_threads, widened=scalar), None
 
     def check(out, _, n_threads, scalar):
         return check_query_dots_result(out, q, rows)

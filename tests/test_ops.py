@@ -512,26 +512,22 @@ def test_gather_scores_reject_bad_shapes():
         ops.gather_scores(q, k.double(), ids)
 
 
-needs_bf16_dots = pytest.mark.skipif(not ops.bf16_dots_available(), reason="the CPU has no AVX512-BF16")
-
-
-@needs_bf16_dots
+@pytest.mark.parametrize("widened", [False, True])  # AVX512-BF16 where the CPU has it; fp32 lanes on any CPU
 @pytest.mark.parametrize("D", [64, 128, 96])  # the two tiled sizes and the loop over chunks
-def test_query_dots_are_torch_s_bf16_product_up_to_the_order_of_the_sums(D):
+def test_query_dots_are_torch_s_bf16_product_up_to_the_order_of_the_sums(D, widened):
     g = torch.Generator().manual_seed(D)
     q = torch.nn.functional.normalize(torch.randn(3, 5, D, generator=g), dim=-1).bfloat16()
     rows = torch.nn.functional.normalize(torch.randn(3, 1000, D, generator=g), dim=-1).bfloat16()
-    got, want = ops.query_dots(q, rows, n_threads=2), torch.bmm(q, rows.transpose(1, 2))
+    got, want = ops.query_dots(q, rows, n_threads=2, widened=widened), torch.bmm(q, rows.transpose(1, 2))
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     assert (got == want).float().mean() > 0.999
     # apart by a last bit at most, or where the sum cancels, by what either order of fp32 sums may lose
     sums = 2 * (D + 4) * 2.0**-24 * torch.bmm(q.float().abs(), rows.float().abs().mT)
     ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
     assert bool(((got.float() - want.float()).abs() <= ulp + sums).all())
-    assert torch.equal(ops.query_dots(q, rows, n_threads=1), got)  # threads split rows, not sums
+    assert torch.equal(ops.query_dots(q, rows, n_threads=1, widened=widened), got)  # threads split rows, not sums
 
 
-@needs_bf16_dots
 def test_query_dots_kernel_refuses_a_dimension_it_has_no_path_for():
     q, rows = torch.zeros(1, 4, 48, dtype=torch.bfloat16), torch.zeros(1, 8, 48, dtype=torch.bfloat16)
     out = torch.empty(1, 4, 8, dtype=torch.bfloat16)
@@ -544,7 +540,6 @@ def test_the_query_lists_take_the_native_product_for_bf16_build_queries_in_host_
     from engine.index import heads
 
     calls = []
-    monkeypatch.setattr(ops, "bf16_dots_available", lambda: True)
     monkeypatch.setattr(ops, "query_dots", lambda q, rows: calls.append(rows.dtype) or torch.bmm(q, rows.mT))
     q, rows = torch.randn(2, 4, 64), torch.randn(2, 10, 64)
     assert torch.equal(heads.build_query_dots(q, rows), torch.bmm(q, rows.mT)) and not calls  # fp32: torch's

@@ -1,5 +1,6 @@
-"""The query lists' search with the native bf16 product (`ops.query_dots`, AVX512-BF16) against
-torch's, on one layer of a synthetic context (bench.common.caches) and the model's own decode queries.
+"""The query lists' search with the native bf16 product (`ops.query_dots`: AVX512-BF16 where the CPU has
+it, else the values widened to fp32 lanes) against torch's, on one layer of a synthetic context
+(bench.common.caches) and the model's own decode queries.
 
 Per context:
 - product_ms / product_ms_torch: the product of a step's queries with the layer's build queries
@@ -7,8 +8,8 @@ Per context:
 - step_ms / step_ms_torch: the layer's decode step (engine.decode.step.native_step) with each
   product, their steps in turns, medians; `same_output`: whether the two steps' outputs were equal
   to the bit at every step compared; kv_read_frac: the host KV rows a step read, as a share (mean).
-Where the CPU lacks bf16 dot products (or the build queries are not bf16 with a dimension that is a
-multiple of 32) both use torch's product, and `native` says so.
+`bf16_dots` says which native path ran. Where the build queries are not bf16 with a dimension that is a
+multiple of 32, both use torch's product, and `native` says so.
 
     python -m bench.speed.query_dots [--quick] [--json PATH] [--models ...] [--contexts ...] [--threads N]
 """
@@ -37,7 +38,7 @@ def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> di
     lists = layer.key_index.lists
     unit = torch.nn.functional.normalize(queries[0][:, :, 0].float(), dim=-1).to(lists.dtype)  # [Hkv, G, D]
     native = lists.queries.dtype == torch.bfloat16 and ops.query_dots_native(lists.queries)
-    row = {"native": native, "build_queries": lists.n_queries}
+    row = {"native": native, "bf16_dots": native and ops.bf16_dots_available(), "build_queries": lists.n_queries}
     row["product_ms"] = median_ms(lambda: heads.build_query_dots(unit, lists.queries), rounds)
     row["product_ms_torch"] = median_ms(lambda: bmm_dots(unit, lists.queries), rounds)
     times, same, chosen, reads = {"native": [], "torch": []}, True, heads.build_query_dots, []

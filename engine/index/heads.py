@@ -166,9 +166,9 @@ def proposal_rows(
 
 
 def build_query_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The query lists' product q [X, G, D] . build queries [X, N, D]: bf16 ones in host memory through
-    the CPU's bf16 dot-product instructions where it has them (`ops.query_dots`: the same scores up to the
-    order of their sums, in well under torch's time for a product of so few rows), else torch's."""
-    if rows.device.type == "cpu" and rows.dtype == torch.bfloat16:  # ops.query_dots falls back to torch's itself
+    """The query lists' product q [X, G, D] . build queries [X, N, D]: bf16 ones in host memory through the
+    project's kernel (`ops.query_dots`: the same scores up to the order of their sums, in well under torch's
+    time for a product of so few rows), else torch's."""
+    if rows.device.type == "cpu" and rows.dtype == torch.bfloat16:  # where the kernel has no path, torch's serves
         return ops.query_dots(q, rows)
     return bmm_dots(q, rows)

@@ -280,19 +280,21 @@ _BF16_DOTS = HAS_EXT and _C.has_bf16_dots()  # asked once: the CPU does not chan
 
 
 def bf16_dots_available() -> bool:
-    """Whether `query_dots` runs here: the extension loaded, on a CPU with AVX512-BF16."""
+    """Whether `query_dots` runs the CPU's bf16 dot-product instructions here (AVX512-BF16)."""
     return _BF16_DOTS
 
 
 def query_dots_native(rows: torch.Tensor) -> bool:
     """Whether `query_dots` over these rows (bf16, on the CPU) runs the kernel, not torch's product."""
-    return bf16_dots_available() and rows.shape[-1] % 32 == 0
+    return HAS_EXT and rows.shape[-1] % 32 == 0
 
 
-def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0) -> torch.Tensor:
+def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0, widened: bool = False) -> torch.Tensor:
     """q [X, G, D] . rows [X, N, D] -> [X, G, N], all bf16 on the CPU (D a multiple of 32): what
     torch.bmm(q, rows.transpose(1, 2)) gives, up to the order of its fp32 sums, through the CPU's bf16
-    dot-product instructions (`bf16_dots_available`; elsewhere torch's product)."""
+    dot-product instructions where it has them (`bf16_dots_available`), else (or `widened`) the bf16
+    values widened to fp32 in vector registers; torch's product where the kernel has no path
+    (`query_dots_native`)."""
     q, rows = _as_cpu_tensor(q, "q"), _as_cpu_tensor(rows, "rows")
     if q.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16:
         raise ValueError(f"query_dots takes bfloat16 q and rows, got {q.dtype} and {rows.dtype}")
@@ -301,7 +303,7 @@ def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0) -> to
     if not query_dots_native(rows):
         return torch.bmm(q, rows.transpose(1, 2))
     out = torch.empty(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
-    _C.query_dots(_buffer(q.contiguous()), _buffer(rows.contiguous()), _buffer(out), n_threads)
+    _C.query_dots(_buffer(q.contiguous()), _buffer(rows.contiguous()), _buffer(out), n_threads, bool(widened))
     return out
 
 

@@ -12,6 +12,13 @@
 #define HA_HAS_VECTORS 0
 #endif
 
+// Hot loops compiled for several x86-64 levels, the best the CPU runs picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(HYBRIDATTN_NO_MULTIVERSION)
+#define HA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HA_MULTIVERSION
+#endif
+
 namespace hybridattn {
 
 enum class StoreType { f32, f16, bf16 };
@@ -21,6 +28,15 @@ HA_INLINE float bf16_to_float(uint16_t x) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// Nearest even, as a bf16 product rounds its fp32 sums; a NaN stays a (quiet) NaN.
+HA_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
 }
 
 // Exact for normal, subnormal, infinite and NaN halves, and branch-free so it vectorises:

@@ -35,12 +35,6 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(HYBRIDATTN_NO_MULTIVERSION)
-#define HA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HA_MULTIVERSION
-#endif
-
 namespace hybridattn {
 
 // A [n_heads, n_tokens, dim] store whose rows are contiguous; heads may be

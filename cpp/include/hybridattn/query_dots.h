@@ -1,18 +1,21 @@
-// Dot products of bf16 vectors with the CPU's bf16 dot-product instructions (AVX512-BF16):
+// Dot products of bf16 vectors:
 //   out[x, g, n] = round_bf16(q[x, g] . rows[x, n])   (fp32 sums of the exact bf16 products)
 // for x < X (sequences x KV heads), g < G, n < N, D a multiple of 32. The query lists' search
 // scores each KV head's G query heads against every build query this way (ann.qq): a product
-// with 4 rows, where a general bf16 matrix product runs at a fraction of what these
-// instructions do. The result is rounded to bf16 (nearest even), as a bf16 product returns it,
-// so the ranking that follows is the same up to the order of the sums.
+// with 4 rows, where a general bf16 matrix product runs at a fraction of what the cores can do.
+// The result is rounded to bf16 (nearest even), as a bf16 product returns it, so the ranking that
+// follows is the same up to the order of the sums.
 //
-// Only where the CPU has the instructions (`has_bf16_dots`); elsewhere the caller keeps
-// torch's product.
+// Two paths: the CPU's bf16 dot-product instructions (AVX512-BF16, `has_bf16_dots`), and on any
+// other CPU the values widened to fp32 (a bf16 is the top half of an fp32) and summed with fused
+// multiply-adds (`query_dots_widened`). The products are exact either way.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "hybridattn/vec_math.h"
 
@@ -38,6 +41,7 @@ struct QueryDotsArgs {
   int64_t n_rows = 0;              // N
   int64_t dim = 0;                 // D
   int n_threads = 0;               // 0: the OpenMP default
+  bool widened = false;            // the widened path even where the bf16 instructions serve (tests)
 };
 
 inline bool has_bf16_dots() {
@@ -53,12 +57,77 @@ inline void check_query_dots_args(const QueryDotsArgs& a) {
     throw std::invalid_argument("query_dots: negative sizes or an empty dimension");
   if (a.dim % 32 != 0)
     throw std::invalid_argument("query_dots: the dimension must be a multiple of 32, got " + std::to_string(a.dim));
-  if (!has_bf16_dots()) throw std::invalid_argument("query_dots: this CPU has no AVX512-BF16 instructions");
+}
+
+constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of a KV head
+
+#if HA_HAS_VECTORS
+// 8 lanes, one AVX register: 16-lane accumulators would spill on AVX2.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+
+HA_INLINE vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+HA_INLINE float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+#endif
+
+// n bf16 values as fp32 (n a multiple of 8).
+HA_INLINE void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
+#if HA_HAS_VECTORS
+  for (int64_t i = 0; i < n; i += 8) {
+    vh8 h;
+    std::memcpy(&h, src + i, sizeof h);
+    const vf8 f = (vf8)(__builtin_convertvector(h, vu8) << 16);
+    std::memcpy(dst + i, &f, sizeof f);
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+#endif
+}
+
+// K query heads (q, D apart) against one row, 8 lanes a step, each sum rounded into out (N apart).
+template <int K>
+HA_INLINE void widened_dots(const float* q, const float* row, int64_t D, uint16_t* out, int64_t N) {
+#if HA_HAS_VECTORS
+  vf8 s[K] = {};
+  for (int64_t c = 0; c < D; c += 8) {
+    const vf8 r = load8(row + c);
+    for (int k = 0; k < K; ++k) s[k] += load8(q + k * D + c) * r;
+  }
+  for (int k = 0; k < K; ++k) out[k * N] = float_to_bf16(hsum8(s[k]));
+#else
+  for (int k = 0; k < K; ++k) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += q[k * D + d] * row[d];
+    out[k * N] = float_to_bf16(s);
+  }
+#endif
+}
+
+// Rows [begin, end) of item x, every query head, widened: the query heads once and each row to fp32 in
+// `buf` ((G + 1) * D floats), then four query heads at a time against the row (a load of the row serves
+// four fused multiply-adds).
+HA_MULTIVERSION inline void query_dots_widened(const QueryDotsArgs& a, int64_t x, int64_t begin, int64_t end,
+                                               float* buf) {
+  const int64_t G = a.group, N = a.n_rows, D = a.dim;
+  float* q = buf;
+  float* row = buf + G * D;
+  widen_bf16(a.q + x * G * D, G * D, q);
+  uint16_t* out = a.out + x * G * N;
+  for (int64_t n = begin; n < end; ++n) {
+    widen_bf16(a.rows + (x * N + n) * D, D, row);
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) widened_dots<4>(q + g * D, row, D, out + g * N + n, N);
+    for (; g < G; ++g) widened_dots<1>(q + g * D, row, D, out + g * N + n, N);
+  }
 }
 
 #if HA_BF16_DOTS
-constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of a KV head
-
 // Rows [begin, end) of item x, every query head, 16 rows at a time: a query head's CH vectors held in
 // registers against the tile's rows, the 16 sums reduced together (reduce16) and rounded to bf16 at once.
 template <int CH>
@@ -124,19 +193,27 @@ inline void query_dots_rows(const QueryDotsArgs& a, int64_t x, int64_t begin, in
 
 inline void query_dots(const QueryDotsArgs& a) {
   check_query_dots_args(a);
-#if HA_BF16_DOTS
+  const bool bf16_dots = !a.widened && has_bf16_dots();
   const int64_t per_item = (a.n_rows + kDotRows - 1) / kDotRows, units = a.n_items * per_item;
 #ifdef _OPENMP
   const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
-#else
-  const int threads = 1;
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static) if (units > 1 && threads > 1)
-  for (int64_t u = 0; u < units; ++u) {
-    const int64_t x = u / per_item, begin = (u % per_item) * kDotRows;
-    query_dots_rows(a, x, begin, begin + kDotRows < a.n_rows ? begin + kDotRows : a.n_rows);
+#pragma omp parallel num_threads(threads) if (units > 1 && threads > 1)
+  {
+    std::vector<float> buf(bf16_dots ? 0 : size_t((a.group + 1) * a.dim));  // the widened path's, per thread
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t x = u / per_item, begin = (u % per_item) * kDotRows;
+      const int64_t end = begin + kDotRows < a.n_rows ? begin + kDotRows : a.n_rows;
+#if HA_BF16_DOTS
+      if (bf16_dots) {
+        query_dots_rows(a, x, begin, end);
+        continue;
+      }
+#endif
+      query_dots_widened(a, x, begin, end, buf.data());
+    }
   }
-#endif
 }
 
 }  // namespace hybridattn
