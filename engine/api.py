@@ -370,7 +370,7 @@ class HybridLLM:
             ids = self._encode_all(prompts)
 
         def joining() -> list[tuple]:
-            return [(self._encode_all([prompt])[0], *settings) for prompt, *settings in more()]
+            return [(self.encode(prompt), *settings) for prompt, *settings in more()]
 
         joins = None if more is None else joining
         return run_batch(

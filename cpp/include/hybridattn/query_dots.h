@@ -64,8 +64,6 @@ constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of 
 #if HA_HAS_VECTORS
 // 8 lanes, one AVX register: 16-lane accumulators would spill on AVX2.
 typedef float vf8 __attribute__((vector_size(32)));
-typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 HA_INLINE vf8 load8(const float* p) {
   vf8 v;
@@ -75,20 +73,6 @@ HA_INLINE vf8 load8(const float* p) {
 
 HA_INLINE float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 #endif
-
-// n bf16 values as fp32 (n a multiple of 8).
-HA_INLINE void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
-#if HA_HAS_VECTORS
-  for (int64_t i = 0; i < n; i += 8) {
-    vh8 h;
-    std::memcpy(&h, src + i, sizeof h);
-    const vf8 f = (vf8)(__builtin_convertvector(h, vu8) << 16);
-    std::memcpy(dst + i, &f, sizeof f);
-  }
-#else
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-#endif
-}
 
 // K query heads (q, D apart) against one row, 8 lanes a step, each sum rounded into out (N apart).
 template <int K>
@@ -117,10 +101,10 @@ HA_MULTIVERSION inline void query_dots_widened(const QueryDotsArgs& a, int64_t x
   const int64_t G = a.group, N = a.n_rows, D = a.dim;
   float* q = buf;
   float* row = buf + G * D;
-  widen_bf16(a.q + x * G * D, G * D, q);
+  load_row<StoreType::bf16>(a.q, x * G * D, G * D, q);
   uint16_t* out = a.out + x * G * N;
   for (int64_t n = begin; n < end; ++n) {
-    widen_bf16(a.rows + (x * N + n) * D, D, row);
+    load_row<StoreType::bf16>(a.rows, (x * N + n) * D, D, row);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) widened_dots<4>(q + g * D, row, D, out + g * N + n, N);
     for (; g < G; ++g) widened_dots<1>(q + g * D, row, D, out + g * N + n, N);
