@@ -1,4 +1,4 @@
-// Store element types and their conversion to fp32, scalar and 16 lanes at a time.
+// Store element types and their conversion to fp32, scalar and 8 or 16 lanes at a time.
 #pragma once
 
 #include <cstdint>
@@ -78,6 +78,18 @@ HA_INLINE vf16 load16(const float* p) {
 }
 HA_INLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
 
+// 8 lanes, one AVX register: where a loop keeps many accumulators, 16-lane ones spill on AVX2.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));  // 8 x uint32
+typedef uint16_t vh8 __attribute__((vector_size(16)));  // 8 x uint16
+
+HA_INLINE vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+HA_INLINE void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof v); }
+
 // 16 store elements at p, as fp32 lanes.
 template <StoreType T>
 HA_INLINE vf16 load16_as_float(const void* p) {
@@ -93,6 +105,25 @@ HA_INLINE vf16 load16_as_float(const void* p) {
       vf16 f = (vf16)((w & 0x7fffu) << 13) * 0x1p112f;
       vu16 bits = (vu16)f | ((vu16)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16);
       return (vf16)bits;
+    }
+  }
+}
+
+// 8 store elements at p, as fp32 lanes (the same conversion as load16_as_float).
+template <StoreType T>
+HA_INLINE vf8 load8_as_float(const void* p) {
+  if constexpr (T == StoreType::f32) {
+    return load8(static_cast<const float*>(p));
+  } else {
+    vh8 h;
+    std::memcpy(&h, p, sizeof h);
+    vu8 w = __builtin_convertvector(h, vu8);
+    if constexpr (T == StoreType::bf16) {
+      return (vf8)(w << 16);
+    } else {
+      vf8 f = (vf8)((w & 0x7fffu) << 13) * 0x1p112f;
+      vu8 bits = (vu8)f | ((vu8)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16);
+      return (vf8)bits;
     }
   }
 }

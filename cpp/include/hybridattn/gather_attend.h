@@ -14,8 +14,8 @@
 // the same code with B = 1.
 //
 // Two implementations of one chunk of ids: a plain scalar reference, and a
-// 16-lane vector version (head dims that are multiples of 16) that scores 16
-// gathered rows at a time. On x86-64 with GCC/clang both are compiled for
+// vector version (head dims that are multiples of 16) that scores 16 gathered
+// rows at a time, in 8-lane vectors where a loop holds many accumulators. On x86-64 with GCC/clang both are compiled for
 // x86-64, AVX2 and AVX-512 and the best version is picked at load time, so
 // the default build runs on any x86-64 CPU.
 #pragma once
@@ -181,31 +181,35 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head on the vector path
 
 // The K rows of a tile's n ids (-1: a row of zeros), converted to fp32 into krows [kTile, D];
 // the rows from n on are zeroed, so every lane of a tile's dot products is defined.
+// 8 lanes at a time: 16-lane conversions went through the stack on AVX2.
 template <StoreType T, int kB>
 HA_INLINE void load_tile(const char* kbase, const int64_t* ids, int64_t n, float* krows, int64_t D) {
-  const int64_t B = kB > 0 ? kB : D / 16, row_bytes = D * elem_bytes(T);
+  const int64_t B = 2 * (kB > 0 ? kB : D / 16), row_bytes = D * elem_bytes(T);
   for (int64_t j = 0; j < kTile; ++j)
     for (int64_t b = 0; b < B; ++b)
-      store16(krows + j * D + 16 * b, j < n && ids[j] >= 0
-                                          ? load16_as_float<T>(kbase + ids[j] * row_bytes + 16 * b * elem_bytes(T))
-                                          : vf16{});
+      store8(krows + j * D + 8 * b, j < n && ids[j] >= 0
+                                        ? load8_as_float<T>(kbase + ids[j] * row_bytes + 8 * b * elem_bytes(T))
+                                        : vf8{});
 }
 
 // The dot products of the query row qg [D] with a tile's rows krows [kTile, D]: lane j = qg . krows[j].
-// Eight rows side by side, their 16-lane partial sums reduced together (reduce16).
+// Eight rows side by side, their 8-lane partial sums reduced together (reduce8): eight accumulators
+// and the query's block fit AVX2's sixteen registers (16-lane ones spilled there).
 template <int kB>
 HA_INLINE vf16 tile_dots(const float* qg, const float* krows, int64_t D) {
-  const int64_t B = kB > 0 ? kB : D / 16;
-  vf16 part[kTile];
+  const int64_t dim = kB > 0 ? 16 * kB : D;
+  alignas(64) float dots[kTile];
   for (int j = 0; j < kTile; j += 8) {
-    vf16 s[8] = {};
-    for (int64_t b = 0; b < B; ++b) {
-      const vf16 qb = load16(qg + 16 * b);
-      for (int r = 0; r < 8; ++r) s[r] += qb * load16(krows + (j + r) * D + 16 * b);
+    vf8 s[8] = {};
+    for (int64_t d = 0; d < dim; d += 8) {
+      const vf8 qd = load8(qg + d);
+      for (int r = 0; r < 8; ++r) s[r] += qd * load8(krows + (j + r) * D + d);
     }
-    for (int r = 0; r < 8; ++r) part[bitrev4(j + r)] = s[r];
+    vf8 part[8];
+    for (int r = 0; r < 8; ++r) part[bitrev3(r)] = s[r];
+    store8(dots + j, reduce8(part));
   }
-  return reduce16(part);
+  return load16(dots);
 }
 
 // Query head g's online softmax takes one tile's scaled scores (lanes n.. are ignored);
@@ -220,39 +224,55 @@ HA_INLINE void take_scores(PartialState st, int64_t g, int64_t D, vf16 scores, i
   store16(p, pv);
 }
 
-// The V rows of one tile's n ids, weighted by p [G, kTile], added to every query head's output:
-// each 16-lane block is converted once, straight into registers; two blocks at a time give
-// 2G independent FMA chains. kB > 0 fixes the blocks per row (D / 16) at compile time.
-template <StoreType T, int kB>
-HA_INLINE void add_values(const char* vbase, const int64_t* ids, int64_t n, const float* p, PartialState st,
-                          int64_t G, int64_t D) {
-  const int64_t B = kB > 0 ? kB : D / 16, row_bytes = D * elem_bytes(T);
-  for (int64_t b = 0; b < B; b += 2) {
-    const bool pair = b + 1 < B;
-    vf16 acc0[kMaxGroup], acc1[kMaxGroup];
-    for (int64_t g = 0; g < G; ++g) {
-      acc0[g] = load16(st.acc + g * D + 16 * b);
-      acc1[g] = pair ? load16(st.acc + g * D + 16 * (b + 1)) : vf16{};
+// The V rows of one tile's n ids, weighted by p [kG, kTile], added to kG query heads' outputs acc [kG, D]:
+// 16 dims at a time, their 2 * kG accumulators held in registers while the rows stream past, each
+// row's block converted once for every head. 8-lane vectors: with 16-lane ones GCC spills the
+// accumulators on AVX2, which made this loop five times slower there.
+template <StoreType T, int kG>
+HA_INLINE void add_values_heads(const char* vbase, const int64_t* ids, int64_t n, const float* p, float* acc,
+                                int64_t D) {
+  const int64_t row_bytes = D * elem_bytes(T);
+  for (int64_t b = 0; b < D; b += 16) {
+    vf8 lo[kG], hi[kG];
+    for (int g = 0; g < kG; ++g) {
+      lo[g] = load8(acc + g * D + b);
+      hi[g] = load8(acc + g * D + b + 8);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const char* row = vbase + ids[j] * row_bytes + 16 * b * elem_bytes(T);
-      const vf16 v0 = load16_as_float<T>(row);
-      const vf16 v1 = pair ? load16_as_float<T>(row + 16 * elem_bytes(T)) : vf16{};
-      for (int64_t g = 0; g < G; ++g) {
-        acc0[g] += p[g * kTile + j] * v0;
-        acc1[g] += p[g * kTile + j] * v1;
+      const char* row = vbase + ids[j] * row_bytes + b * elem_bytes(T);
+      const vf8 v_lo = load8_as_float<T>(row), v_hi = load8_as_float<T>(row + 8 * elem_bytes(T));
+      for (int g = 0; g < kG; ++g) {
+        lo[g] += p[g * kTile + j] * v_lo;
+        hi[g] += p[g * kTile + j] * v_hi;
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      store16(st.acc + g * D + 16 * b, acc0[g]);
-      if (pair) store16(st.acc + g * D + 16 * (b + 1), acc1[g]);
+    for (int g = 0; g < kG; ++g) {
+      store8(acc + g * D + b, lo[g]);
+      store8(acc + g * D + b + 8, hi[g]);
+    }
+  }
+}
+
+// The V rows of one tile's n ids, weighted by p [G, kTile], added to every query head's output,
+// four query heads at a time.
+template <StoreType T>
+HA_INLINE void add_values(const char* vbase, const int64_t* ids, int64_t n, const float* p, PartialState st,
+                          int64_t G, int64_t D) {
+  for (int64_t g = 0; g < G; g += 4) {
+    const float* pg = p + g * kTile;
+    float* acc = st.acc + g * D;
+    switch (std::min<int64_t>(4, G - g)) {
+      case 4: add_values_heads<T, 4>(vbase, ids, n, pg, acc, D); break;
+      case 3: add_values_heads<T, 3>(vbase, ids, n, pg, acc, D); break;
+      case 2: add_values_heads<T, 2>(vbase, ids, n, pg, acc, D); break;
+      default: add_values_heads<T, 1>(vbase, ids, n, pg, acc, D); break;
     }
   }
 }
 
 // 16 rows at a time: their K rows are scored against each query head with
-// 16-lane FMAs, the 16 dot products reduced together (reduce16), the softmax
-// update done on 16 lanes, and the V rows accumulated block by block. Every
+// 8-lane FMAs, eight dot products reduced together (reduce8), the softmax
+// update done on 16 lanes, and the V rows accumulated four query heads at a time. Every
 // inner loop keeps several independent accumulators so FMA latency overlaps.
 template <StoreType T, int kB>
 HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t begin, int64_t end,
@@ -270,7 +290,7 @@ HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t
     load_tile<T, kB>(kbase, ids, n, krows, D);
     for (int64_t g = 0; g < G; ++g)
       take_scores(st, g, D, tile_dots<kB>(q + g * D, krows, D) * a.scale, n, p + g * kTile);
-    add_values<T, kB>(vbase, ids, n, p, st, G, D);
+    add_values<T>(vbase, ids, n, p, st, G, D);
   }
 }
 #endif
@@ -345,9 +365,7 @@ HA_INLINE void attend_scored(const GatherAttendArgs& a, int64_t head, const floa
     }
 #if HA_HAS_VECTORS
     if (vec) {
-      if (D == 128) add_values<T, 8>(vbase, ids + i, n, p, st, G, D);
-      else if (D == 64) add_values<T, 4>(vbase, ids + i, n, p, st, G, D);
-      else add_values<T, 0>(vbase, ids + i, n, p, st, G, D);
+      add_values<T>(vbase, ids + i, n, p, st, G, D);
       continue;
     }
 #endif

@@ -62,15 +62,7 @@ inline void check_query_dots_args(const QueryDotsArgs& a) {
 constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of a KV head
 
 #if HA_HAS_VECTORS
-// 8 lanes, one AVX register: 16-lane accumulators would spill on AVX2.
-typedef float vf8 __attribute__((vector_size(32)));
-
-HA_INLINE vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
+// 8 lanes (vf8), one AVX register: 16-lane accumulators would spill on AVX2.
 HA_INLINE float hsum8(vf8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 #endif
 

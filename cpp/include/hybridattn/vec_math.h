@@ -1,5 +1,5 @@
-// 16-lane helpers of the vectorised gather-attend: the sums of 16 vectors at
-// once, and exp. Written with GCC/clang vector extensions, so each target the
+// Vector helpers of the vectorised gather-attend: the sums of 16 (or 8) vectors
+// at once, and exp. Written with GCC/clang vector extensions, so each target the
 // kernel is compiled for (SSE2, AVX2, AVX-512, NEON) gets its own instructions.
 #pragma once
 
@@ -29,6 +29,22 @@ HA_INLINE vf16 reduce16(const vf16* v) {
            __builtin_shufflevector(u[2 * p], u[2 * p + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
   return __builtin_shufflevector(t[0], t[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
          __builtin_shufflevector(t[0], t[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// Bit reversal of a 3-bit lane index: reduce8's lanes come out in this order.
+constexpr int bitrev3(int i) { return ((i & 1) << 2) | (i & 2) | ((i & 4) >> 2); }
+
+// reduce16 on 8 lanes: given v[bitrev3(j)] = the partial sums of row j, returns lane j = the total of row j.
+HA_INLINE vf8 reduce8(const vf8* v) {
+  vf8 w[4], u[2];
+  for (int p = 0; p < 4; ++p)
+    w[p] = __builtin_shufflevector(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[2 * p], v[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int p = 0; p < 2; ++p)
+    u[p] = __builtin_shufflevector(w[2 * p], w[2 * p + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(w[2 * p], w[2 * p + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(u[0], u[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(u[0], u[1], 1, 9, 3, 11, 5, 13, 7, 15);
 }
 
 HA_INLINE float hmax(vf16 v) {
