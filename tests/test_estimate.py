@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig
-from engine.decode.estimate import BlockSummary
+from engine.decode.estimate import BlockSummary, block_matmul
 from engine.decode.merge import attend, merge_states
+from engine.native import ops
 from tests.reference import gather_attend_ref
 
 
@@ -191,3 +192,23 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
     for h in range(layer.n_kv_heads):
         blocks = set((ids[h][(ids[h] >= 0) & (ids[h] < full)] // cfg.block_size).tolist())
         assert len(blocks) == 2 and blocks <= set(scores.fine[h].tolist())
+
+
+@pytest.mark.parametrize("bf16_dots", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_block_products_round_as_the_operands_product(monkeypatch, bf16_dots, dtype):
+    # a few query heads against landmarks held in a buffer with spare capacity, as a step multiplies them:
+    # widened or not (a CPU with or without bf16 dot products), the product keeps the operands' dtype and
+    # is their exact product rounded once to it (up to the order of the fp32 sums)
+    monkeypatch.setattr(ops, "bf16_dots_available", lambda: bf16_dots)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 64, generator=g).to(dtype)
+    buffer = torch.randn(2, 3, 300, 64, generator=g).to(dtype)
+    keys = buffer[:, :, :257].transpose(-1, -2)  # [B, Hkv, D, nb] of a view with spare rows
+    got = block_matmul(q, keys)
+    exact = q.double() @ keys.double()
+    assert got.dtype == dtype and got.shape == (2, 3, 4, 257)
+    # one rounding to the dtype, and the fp32 sums' own error, each at most the sums' size times its epsilon
+    eps = torch.finfo(dtype).eps + 64 * torch.finfo(torch.float32).eps
+    bound = eps * (q.double().abs() @ keys.double().abs())
+    assert (got.double() - exact).abs().le(bound).all()

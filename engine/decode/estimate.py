@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from ann.block import BlockIndex, arange_on, group_block_scores, head_matmul, head_rows, masked, stack_rows
+from engine.native import ops
 
 GROUP = 32  # blocks per superblock
 EXPAND = 32  # superblocks per KV head a step expands into their blocks
@@ -171,6 +172,18 @@ class BlockSummary:
         return counts[:, :nb]
 
 
+def block_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`head_matmul` for the blocks' scores and estimate. On a CPU without bf16 dot-product
+    instructions (`ops.bf16_dots_available`) torch's half-precision products of these shapes (a few
+    query heads against a thousand landmarks) run 3 to 17 times slower than fp32 ones
+    (docs/results.md, "Operations a step launches"): there the operands are widened and the product
+    rounded back to their dtype, which is what a half-precision product returns, up to the order of
+    its fp32 sums."""
+    if a.device.type == "cpu" and a.element_size() < 4 and not ops.bf16_dots_available():
+        return head_matmul(a.float(), b.float()).to(a.dtype)
+    return head_matmul(a, b)
+
+
 def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float) -> BlockScores:
     """`BlockSummary.scores` of B sequences' summaries (one configuration, all scored in one or all
     in two levels: `BlockSummary.two_level`) in one set of products: q [B, Hkv, G, D] -> BlockScores
@@ -180,7 +193,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     mean_k = stack_rows([s.keys.landmarks[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
     qs = (q * scale).to(mean_k.dtype)
     if not first.two_level():
-        logits = masked(head_matmul(qs, mean_k[:, :, : max(n_blocks)].transpose(-1, -2)).float(), n_blocks)
+        logits = masked(block_matmul(qs, mean_k[:, :, : max(n_blocks)].transpose(-1, -2)).float(), n_blocks)
         peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
         if min(n_blocks) == 0 < max(n_blocks):  # a sequence without a block among others: no logit, peak 0
             peak = peak.masked_fill(peak == float("-inf"), 0.0)
@@ -189,7 +202,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     group, device = first.group, q.device
     n_super = [s.coarse_keys.n_blocks for s in summaries]
     coarse_k = stack_rows([s.coarse_keys.landmarks[0] for s in summaries], n_super)
-    coarse = head_matmul(qs, coarse_k[:, :, : max(n_super)].transpose(-1, -2)).float()  # [B, Hkv, G, n_super]
+    coarse = block_matmul(qs, coarse_k[:, :, : max(n_super)].transpose(-1, -2)).float()  # [B, Hkv, G, n_super]
     coarse = masked(coarse, n_super)
     # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
     best = torch.topk(group_block_scores(coarse), first.expand, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, E]
@@ -200,7 +213,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     own = [torch.arange(ns * group, nb, device=device)[:, None] for ns, nb in zip(n_super, n_blocks)]
     after_ids = stack_rows(own, after)[..., 0]  # [B, the most after any superblock]
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
-    logits = head_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
+    logits = block_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
     coarse.scatter_(-1, best.unsqueeze(-2).expand(-1, -1, G, -1), float("-inf"))  # expanded
     peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
@@ -225,7 +238,7 @@ def stacked_estimate(
     left = (first.block_size - read_fine).clamp_min(0)  # a block read in full adds nothing
     w = scores.rel * left.unsqueeze(-2)  # [B, Hkv, G, F]
     total = w.sum(dim=-1)  # [B, Hkv, G]
-    o = head_matmul(w.to(mean_v.dtype), mean_v).float()
+    o = block_matmul(w.to(mean_v.dtype), mean_v).float()
     if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
         n_super = scores.coarse_rel.shape[-1]
         read_super = read[..., : n_super * first.group].unflatten(-1, (n_super, first.group)).sum(dim=-1)
@@ -234,5 +247,5 @@ def stacked_estimate(
         total = total + w.sum(dim=-1)
         coarse = [s.coarse_values for s in summaries]
         coarse_v = stack_rows([c.landmarks[0] for c in coarse], [c.n_blocks for c in coarse])
-        o = o + head_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
+        o = o + block_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
     return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
