@@ -90,42 +90,34 @@ HA_INLINE vf8 load8(const float* p) {
 }
 HA_INLINE void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof v); }
 
-// 16 store elements at p, as fp32 lanes.
-template <StoreType T>
-HA_INLINE vf16 load16_as_float(const void* p) {
+// As many store elements at p as VF has lanes, as fp32 lanes; VU and VH are vectors of as many
+// uint32 and uint16 (the conversions of bf16_to_float and f16_to_float, lane by lane).
+template <StoreType T, typename VF, typename VU, typename VH>
+HA_INLINE VF lanes_as_float(const void* p) {
+  VF v;
   if constexpr (T == StoreType::f32) {
-    return load16(static_cast<const float*>(p));
+    std::memcpy(&v, p, sizeof v);
   } else {
-    vh16 h;
+    VH h;
     std::memcpy(&h, p, sizeof h);
-    vu16 w = __builtin_convertvector(h, vu16);
+    VU w = __builtin_convertvector(h, VU);
     if constexpr (T == StoreType::bf16) {
-      return (vf16)(w << 16);
+      v = (VF)(w << 16);
     } else {
-      vf16 f = (vf16)((w & 0x7fffu) << 13) * 0x1p112f;
-      vu16 bits = (vu16)f | ((vu16)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16);
-      return (vf16)bits;
+      VF f = (VF)((w & 0x7fffu) << 13) * 0x1p112f;
+      v = (VF)((VU)f | ((VU)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16));
     }
   }
+  return v;
 }
 
-// 8 store elements at p, as fp32 lanes (the same conversion as load16_as_float).
+template <StoreType T>
+HA_INLINE vf16 load16_as_float(const void* p) {
+  return lanes_as_float<T, vf16, vu16, vh16>(p);
+}
 template <StoreType T>
 HA_INLINE vf8 load8_as_float(const void* p) {
-  if constexpr (T == StoreType::f32) {
-    return load8(static_cast<const float*>(p));
-  } else {
-    vh8 h;
-    std::memcpy(&h, p, sizeof h);
-    vu8 w = __builtin_convertvector(h, vu8);
-    if constexpr (T == StoreType::bf16) {
-      return (vf8)(w << 16);
-    } else {
-      vf8 f = (vf8)((w & 0x7fffu) << 13) * 0x1p112f;
-      vu8 bits = (vu8)f | ((vu8)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16);
-      return (vf8)bits;
-    }
-  }
+  return lanes_as_float<T, vf8, vu8, vh8>(p);
 }
 #endif
 
