@@ -15,9 +15,9 @@
 //
 // Two implementations of one chunk of ids: a plain scalar reference, and a
 // vector version (head dims that are multiples of 16) that scores 16 gathered
-// rows at a time, in 8-lane vectors where a loop holds many accumulators. On x86-64 with GCC/clang both are compiled for
-// x86-64, AVX2 and AVX-512 and the best version is picked at load time, so
-// the default build runs on any x86-64 CPU.
+// rows at a time, in 8-lane vectors where a loop holds many accumulators. On
+// x86-64 with GCC/clang both are compiled for x86-64, AVX2 and AVX-512 and the
+// best version is picked at load time, so the default build runs on any x86-64 CPU.
 #pragma once
 
 #include <algorithm>
@@ -272,8 +272,9 @@ HA_INLINE void add_values(const char* vbase, const int64_t* ids, int64_t n, cons
 
 // 16 rows at a time: their K rows are scored against each query head with
 // 8-lane FMAs, eight dot products reduced together (reduce8), the softmax
-// update done on 16 lanes, and the V rows accumulated four query heads at a time. Every
-// inner loop keeps several independent accumulators so FMA latency overlaps.
+// update done on 16 lanes, and the V rows accumulated four query heads at a
+// time. Every inner loop keeps several independent accumulators so FMA latency
+// overlaps.
 template <StoreType T, int kB>
 HA_INLINE void attend_chunk_vec(const GatherAttendArgs& a, int64_t head, int64_t begin, int64_t end,
                                 PartialState st, float* buf /*[2 * kTile * D + G * kTile]*/) {
