@@ -46,6 +46,12 @@ def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [..., G, D] . rows [..., N, D] -> [..., G, N] (`head_matmul`): how a `BlockIndex` scores its
+    landmarks unless it is given another product."""
+    return head_matmul(q, rows.transpose(-1, -2))
+
+
 def _pack(t: torch.Tensor) -> torch.Tensor:
     """t [H, x, y] with its heads packed (`_packed`), keeping which of rows or columns is contiguous
     (a transposed operand stays one for the product)."""
@@ -148,6 +154,7 @@ class BlockIndex:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         capacity: int = 4096,
+        dots=row_dots,
     ):
         if landmark not in LANDMARKS:
             raise ValueError(f"unknown landmark {landmark!r}; known: {', '.join(LANDMARKS)}")
@@ -155,6 +162,7 @@ class BlockIndex:
             raise ValueError(f"n_heads, dim and block_size must be positive, got {n_heads}, {dim}, {block_size}")
         self.n_heads, self.dim, self.block_size, self.landmark = n_heads, dim, block_size, landmark
         self.device, self.dtype = torch.device(device), dtype
+        self.dots = dots  # `row_dots` or a product of the same signature (e.g. one faster on the CPU at hand)
         n_lm = 2 if landmark == "minmax" else 1
         # the landmarks [1|2, H, blocks, D] lie packed at the front of an allocation for `capacity` tokens
         size = n_lm * n_heads * max(1, capacity // block_size) * dim
@@ -320,11 +328,10 @@ def stacked_block_scores(
     else:  # both landmarks of minmax in one gather
         rows, lengths = head_rows(landmarks, blocks.to(first.device)), n_blocks  # [1|2, B, H, F, D]
     if first.landmark == "mean":
-        s = head_matmul(q, rows[0].transpose(-1, -2))  # [B, H, G, nb]
+        s = first.dots(q, rows[0])  # [B, H, G, nb]
     else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
         # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
-        lo, hi = rows[0], rows[1]
-        s = head_matmul(q.clamp_min(0), hi.transpose(-1, -2)) + head_matmul(q.clamp_max(0), lo.transpose(-1, -2))
+        s = first.dots(q.clamp_min(0), rows[1]) + first.dots(q.clamp_max(0), rows[0])
     return group_block_scores(masked(s, lengths))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig
-from engine.decode.estimate import BlockSummary, block_matmul
+from engine.decode.estimate import BlockSummary, block_dots, block_matmul
 from engine.decode.merge import attend, merge_states
 from engine.native import ops
 from tests.reference import gather_attend_ref
@@ -183,6 +183,7 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
     _, cache = run_hybrid(tiny_model, tiny_ids[:, :201], cfg, prefill=200)
     layer = cache.layers[0]
     assert layer.blocks is not layer.summary.keys and layer.summary.coarse_keys.n_blocks > layer.summary.expand
+    assert layer.blocks.dots is block_dots and layer.summary.keys.dots is block_dots  # the engine's product
     q = torch.randn(layer.n_kv_heads, layer.group, layer.head_dim, generator=torch.Generator().manual_seed(0))
     scores = layer.summary.scores(q, 1.0)
     ids = candidates(layer, q, q.reshape(-1, layer.head_dim).numpy(), scores)
@@ -194,18 +195,23 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
         assert len(blocks) == 2 and blocks <= set(scores.fine[h].tolist())
 
 
+@pytest.mark.parametrize("product", ["block_matmul", "block_dots", "block_dots_in_torch"])
 @pytest.mark.parametrize("bf16_dots", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_block_products_round_as_the_operands_product(monkeypatch, bf16_dots, dtype):
+def test_block_products_round_as_the_operands_product(monkeypatch, product, bf16_dots, dtype):
     # a few query heads against landmarks held in a buffer with spare capacity, as a step multiplies them:
-    # widened or not (a CPU with or without bf16 dot products), the product keeps the operands' dtype and
-    # is their exact product rounded once to it (up to the order of the fp32 sums)
+    # widened or not (a CPU with or without bf16 dot products), through the query-dots kernel or not, the
+    # product keeps the operands' dtype and is their exact product rounded once to it (up to the order of
+    # the fp32 sums)
     monkeypatch.setattr(ops, "bf16_dots_available", lambda: bf16_dots)
+    if product == "block_dots_in_torch":
+        monkeypatch.setattr(ops, "query_dots_native", lambda rows: False)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 64, generator=g).to(dtype)
     buffer = torch.randn(2, 3, 300, 64, generator=g).to(dtype)
-    keys = buffer[:, :, :257].transpose(-1, -2)  # [B, Hkv, D, nb] of a view with spare rows
-    got = block_matmul(q, keys)
+    rows = buffer[:, :, :257]  # [B, Hkv, nb, D] of a view with spare rows
+    keys = rows.transpose(-1, -2)
+    got = block_matmul(q, keys) if product == "block_matmul" else block_dots(q, rows)
     exact = q.double() @ keys.double()
     assert got.dtype == dtype and got.shape == (2, 3, 4, 257)
     # one rounding to the dtype, and the fp32 sums' own error, each at most the sums' size times its epsilon

@@ -25,7 +25,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ann.block import BlockIndex, to_device
 from engine.cache.store import DeviceRows, DirectCopies, HostKV, QuerySample, SideStreamCopies, StorePool, rows_on
 from engine.config import OffloadConfig
-from engine.decode.estimate import BlockSummary
+from engine.decode.estimate import BlockSummary, block_dots
 from engine.decode.sketch import ExactKeys
 from engine.plan import ModelShape
 
@@ -169,7 +169,7 @@ class HybridLayer(CacheLayerMixin):
             if self.summary is not None and cfg.landmark == "mean":
                 self.blocks = self.summary.keys
             else:
-                self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, **summaries)
+                self.blocks = BlockIndex(Hkv, D, cfg.block_size, cfg.landmark, dots=block_dots, **summaries)
 
     # --------------------------------------------------------- bookkeeping
 

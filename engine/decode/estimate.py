@@ -83,7 +83,9 @@ class BlockSummary:
         self, n_heads: int, dim: int, block_size: int, *, device, dtype, capacity: int, group=None, expand=None
     ):
         self.block_size, self.group, self.expand = block_size, group or GROUP, expand or EXPAND
-        self.keys = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
+        self.keys = BlockIndex(
+            n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity, dots=block_dots
+        )
         self.values = BlockIndex(n_heads, dim, block_size, "mean", device=device, dtype=dtype, capacity=capacity)
         coarse = dict(device=device, dtype=dtype, capacity=capacity // block_size)
         self.coarse_keys = BlockIndex(n_heads, dim, self.group, "mean", **coarse)  # fed with block means
@@ -184,6 +186,16 @@ def block_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return head_matmul(a, b)
 
 
+def block_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`ann.block.row_dots` for the blocks' scores, q [..., G, D] . rows [..., N, D] -> [..., G, N]:
+    bf16 ones on the CPU through `ops.query_dots` (which runs 2 to 4 times as fast as torch's product
+    of these shapes, docs/results.md), else `block_matmul`."""
+    if q.device.type == "cpu" and q.dtype == rows.dtype == torch.bfloat16 and ops.query_dots_native(rows):
+        (G, D), N = q.shape[-2:], rows.shape[-2]
+        return ops.query_dots(q.reshape(-1, G, D), rows.reshape(-1, N, D)).view(*q.shape[:-2], G, N)
+    return block_matmul(q, rows.transpose(-1, -2))
+
+
 def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float) -> BlockScores:
     """`BlockSummary.scores` of B sequences' summaries (one configuration, all scored in one or all
     in two levels: `BlockSummary.two_level`) in one set of products: q [B, Hkv, G, D] -> BlockScores
@@ -193,7 +205,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     mean_k = stack_rows([s.keys.landmarks[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
     qs = (q * scale).to(mean_k.dtype)
     if not first.two_level():
-        logits = masked(block_matmul(qs, mean_k[:, :, : max(n_blocks)].transpose(-1, -2)).float(), n_blocks)
+        logits = masked(block_dots(qs, mean_k[:, :, : max(n_blocks)]).float(), n_blocks)
         peak = logits.amax(dim=-1) if logits.shape[-1] else logits.new_zeros(logits.shape[:-1])
         if min(n_blocks) == 0 < max(n_blocks):  # a sequence without a block among others: no logit, peak 0
             peak = peak.masked_fill(peak == float("-inf"), 0.0)
@@ -202,7 +214,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     group, device = first.group, q.device
     n_super = [s.coarse_keys.n_blocks for s in summaries]
     coarse_k = stack_rows([s.coarse_keys.landmarks[0] for s in summaries], n_super)
-    coarse = block_matmul(qs, coarse_k[:, :, : max(n_super)].transpose(-1, -2)).float()  # [B, Hkv, G, n_super]
+    coarse = block_dots(qs, coarse_k[:, :, : max(n_super)]).float()  # [B, Hkv, G, n_super]
     coarse = masked(coarse, n_super)
     # ascending: the expanded blocks' rows are then gathered in memory order (several times faster on a CPU)
     best = torch.topk(group_block_scores(coarse), first.expand, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, E]
@@ -213,7 +225,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     own = [torch.arange(ns * group, nb, device=device)[:, None] for ns, nb in zip(n_super, n_blocks)]
     after_ids = stack_rows(own, after)[..., 0]  # [B, the most after any superblock]
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
-    logits = block_matmul(qs, head_rows(mean_k, fine).transpose(-1, -2)).float()
+    logits = block_dots(qs, head_rows(mean_k, fine)).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
     coarse.scatter_(-1, best.unsqueeze(-2).expand(-1, -1, G, -1), float("-inf"))  # expanded
     peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
