@@ -18,6 +18,8 @@ import torch
 
 from engine import HybridCache, OffloadConfig
 from engine.cache.store import HostKV
+from engine.decode import estimate
+from engine.decode.estimate import block_dots
 from engine.native import ops
 from engine.prefill import prefill
 
@@ -1030,6 +1032,9 @@ def test_bench_query_dots_times_both_products_and_their_steps_give_the_same_outp
     assert row["same_output"] is True and row["build_queries"] > 0
     assert row["native"] is False  # the tiny shape's 16 dimensions: torch's product on both sides
     assert min(row["product_ms"], row["product_ms_torch"], row["step_ms"], row["step_ms_torch"]) > 0
+    # the blocks' scores too, each product in turn, and the engine's own product back in place after
+    assert row["blocks_same_output"] is True and min(row["blocks_step_ms"], row["blocks_step_ms_torch"]) > 0
+    assert estimate.block_dots is block_dots
 
 
 def test_bench_decode_all_resident_offloads_nothing_and_reruns_nothing(tmp_path):

@@ -1,6 +1,6 @@
-"""The query lists' search with the native bf16 product (`ops.query_dots`: AVX512-BF16 where the CPU has
-it, else the values widened to fp32 lanes) against torch's, on one layer of a synthetic context
-(bench.common.caches) and the model's own decode queries.
+"""The query lists' search and the blocks' scores with the native bf16 product (`ops.query_dots`:
+AVX512-BF16 where the CPU has it, else the values widened to fp32 lanes) against torch's, on one layer
+of a synthetic context (bench.common.caches) and the model's own decode queries.
 
 Per context:
 - product_ms / product_ms_torch: the product of a step's queries with the layer's build queries
@@ -8,6 +8,10 @@ Per context:
 - step_ms / step_ms_torch: the layer's decode step (engine.decode.step.native_step) with each
   product, their steps in turns, medians; `same_output`: whether the two steps' outputs were equal
   to the bit at every step compared; kv_read_frac: the host KV rows a step read, as a share (mean).
+- blocks_step_ms / blocks_step_ms_torch: the step with the blocks' scores (the summary's mean keys and
+  the block index's landmarks) through the engine's product (`engine.decode.estimate.block_dots`: the
+  same kernel for bf16 landmarks on the CPU) and through torch's (`block_matmul`), in turns, and
+  `blocks_same_output` as above.
 `bf16_dots` says which native path ran. Where the build queries are not bf16 with a dimension that is a
 multiple of 32, both use torch's product, and `native` says so.
 
@@ -27,7 +31,7 @@ from bench.common.options import parser, positive_int
 from bench.common.output import save_run
 from bench.common.timing import median_ms
 from bench.speed.host_side import layer_args, recorded_contexts
-from engine.decode import step
+from engine.decode import estimate, step
 from engine.index import heads
 from engine.native import ops
 
@@ -41,24 +45,60 @@ def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> di
     row = {"native": native, "bf16_dots": native and ops.bf16_dots_available(), "build_queries": lists.n_queries}
     row["product_ms"] = median_ms(lambda: heads.build_query_dots(unit, lists.queries), rounds)
     row["product_ms_torch"] = median_ms(lambda: bmm_dots(unit, lists.queries), rounds)
-    times, same, chosen, reads = {"native": [], "torch": []}, True, heads.build_query_dots, []
+    chosen = heads.build_query_dots
+
+    def lists_product(name):
+        heads.build_query_dots = chosen if name == "native" else bmm_dots
+
     try:
-        for r in range(rounds):
-            outputs = {}
-            for name in ("native", "torch") if r % 2 else ("torch", "native"):
-                heads.build_query_dots = chosen if name == "native" else bmm_dots
-                start = time.perf_counter()
-                outputs[name] = []
-                for q in queries:
-                    outputs[name].append(step.native_step([layer], q[None], scale))
-                    reads.append(layer.stats.gathered / (layer.n_kv_heads * layer.stats.host_tokens))
-                times[name].append((time.perf_counter() - start) * 1e3 / len(queries))
-            same &= all(torch.equal(a, b) for a, b in zip(outputs["native"], outputs["torch"]))
+        step_ms, step_ms_torch, row["same_output"], reads = steps_in_turns(layer, queries, scale, rounds, lists_product)
     finally:
         heads.build_query_dots = chosen
-    row["step_ms"], row["step_ms_torch"] = (statistics.median(times[k]) for k in ("native", "torch"))
-    row["same_output"], row["kv_read_frac"] = same, statistics.mean(reads)
+    row["step_ms"], row["step_ms_torch"], row["kv_read_frac"] = step_ms, step_ms_torch, statistics.mean(reads)
+    if layer.summary is not None:
+        row |= block_products(layer, queries, scale, rounds)
     return row
+
+
+def block_products(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> dict:
+    """The step with the blocks' scores through the engine's product (`estimate.block_dots`: the native one
+    for bf16 landmarks on the CPU) and through torch's (`estimate.block_matmul`, widened where that widens),
+    in turns: blocks_step_ms, blocks_step_ms_torch, blocks_same_output."""
+    indexes = {id(i): i for i in (layer.blocks, layer.summary.keys) if i is not None}.values()
+    chosen = estimate.block_dots
+
+    def torch_dots(q, rows):
+        return estimate.block_matmul(q, rows.transpose(-1, -2))
+
+    def blocks_product(name):
+        estimate.block_dots = chosen if name == "native" else torch_dots
+        for index in indexes:
+            index.dots = estimate.block_dots
+
+    try:
+        native_ms, torch_ms, same, _ = steps_in_turns(layer, queries, scale, rounds, blocks_product)
+    finally:
+        blocks_product("native")
+    return {"blocks_step_ms": native_ms, "blocks_step_ms_torch": torch_ms, "blocks_same_output": same}
+
+
+def steps_in_turns(layer, queries: list[torch.Tensor], scale: float, rounds: int, use) -> tuple:
+    """The layer's decode steps on the recorded queries, `use("native")` and `use("torch")` in turns:
+    (median ms per step of each, whether their outputs were equal to the bit at every step, the read
+    shares)."""
+    times, same, reads = {"native": [], "torch": []}, True, []
+    for r in range(rounds):
+        outputs = {}
+        for name in ("native", "torch") if r % 2 else ("torch", "native"):
+            use(name)
+            start = time.perf_counter()
+            outputs[name] = []
+            for q in queries:
+                outputs[name].append(step.native_step([layer], q[None], scale))
+                reads.append(layer.stats.gathered / (layer.n_kv_heads * layer.stats.host_tokens))
+            times[name].append((time.perf_counter() - start) * 1e3 / len(queries))
+        same &= all(torch.equal(a, b) for a, b in zip(outputs["native"], outputs["torch"]))
+    return statistics.median(times["native"]), statistics.median(times["torch"]), same, reads
 
 
 def run(args) -> list[dict]:
