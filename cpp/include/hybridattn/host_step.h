@@ -382,8 +382,8 @@ class HostUnit {
 
   // The candidates in ascending order, read off the bitmap (zero again after): rows rated and read
   // in memory order rather than in the order they were found, which scatters the list proposals
-  // over the store, cost the CPU fewer misses (docs/results.md, "The host call's candidates in
-  // memory order").
+  // over the store, cost the CPU fewer misses (docs/results.md, "The blocks' scores through the
+  // query-dots kernel, and the candidates rated in memory order").
   void sort_candidates() {
     if (w_.candidates.empty()) return;
     const auto [lo, hi] = std::minmax_element(w_.candidates.begin(), w_.candidates.end());
