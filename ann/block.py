@@ -46,10 +46,11 @@ def head_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def row_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """q [..., G, D] . rows [..., N, D] -> [..., G, N] (`head_matmul`): how a `BlockIndex` scores its
-    landmarks unless it is given another product."""
-    return head_matmul(q, rows.transpose(-1, -2))
+def row_dots(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """q [..., G, D] . rows [..., N, D] -> [..., G, N], or with ids [..., M] (-1 reads row 0) . the rows
+    they name -> [..., G, M] (`head_rows`, `head_matmul`): how a `BlockIndex` scores its landmarks unless
+    it is given another product."""
+    return head_matmul(q, (rows if ids is None else head_rows(rows, ids)).transpose(-1, -2))
 
 
 def _pack(t: torch.Tensor) -> torch.Tensor:
@@ -324,14 +325,14 @@ def stacked_block_scores(
     lengths = [index.n_blocks for index in indexes]
     landmarks = stack_rows([index.landmarks for index in indexes], lengths, dim=1)  # [1|2, B, H, >= nb, D]
     if blocks is None:
-        rows = landmarks[..., : max(lengths), :]
-    else:  # both landmarks of minmax in one gather
-        rows, lengths = head_rows(landmarks, blocks.to(first.device)), n_blocks  # [1|2, B, H, F, D]
+        rows, ids = landmarks[..., : max(lengths), :], None
+    else:  # the product reads the blocks' rows where they lie
+        rows, ids, lengths = landmarks, blocks.to(first.device), n_blocks
     if first.landmark == "mean":
-        s = first.dots(q, rows[0])  # [B, H, G, nb]
+        s = first.dots(q, rows[0], ids)  # [B, H, G, nb | F]
     else:  # Quest: sum_d max(q_d * min_d, q_d * max_d) bounds q · k for every k in the block;
         # as min <= max it is q+ · max + q- · min: two products, no [H, G, nb, D] temporary
-        s = first.dots(q.clamp_min(0), rows[1]) + first.dots(q.clamp_max(0), rows[0])
+        s = first.dots(q.clamp_min(0), rows[1], ids) + first.dots(q.clamp_max(0), rows[0], ids)
     return group_block_scores(masked(s, lengths))
 
 

@@ -225,26 +225,62 @@ py::buffer_info request_typed(const py::buffer& buf, const char* name, const std
   return b;
 }
 
-void query_dots(const py::buffer& q, const py::buffer& rows, const py::buffer& out, int n_threads, bool widened) {
-  py::buffer_info qb = request_typed(q, "q", {}, 3, 'h', false), rb = request_typed(rows, "rows", {}, 3, 'h', false);
-  py::buffer_info ob = request_typed(out, "out", {}, 3, 'h', true);
-  if (rb.shape[0] != qb.shape[0] || rb.shape[2] != qb.shape[2])
-    fail("q [X, G, D] and rows [X, N, D] must agree in X and D");
-  if (ob.shape[0] != qb.shape[0] || ob.shape[1] != qb.shape[1] || ob.shape[2] != rb.shape[1])
-    fail("out must have shape [X, G, N]");
+// The rows of a product (hybridattn::RowSet): `rows` [R, D] bf16, item x's n_rows rows starting at row
+// x * stride, and ids None or [X, M] int64. Every row an item may take must lie inside `rows`.
+hybridattn::RowSet row_set(const py::buffer& rows, const py::object& ids, py::ssize_t n_items, py::ssize_t n_rows,
+                           py::ssize_t stride) {
+  py::buffer_info rb = request_typed(rows, "rows", {}, 2, 'h', false);
+  if (n_rows < 0 || stride < 0) fail("n_rows and stride must be >= 0");
+  if (n_items > 0 && n_rows > 0 && (n_items - 1) * stride + n_rows > rb.shape[0])
+    fail("rows: " + std::to_string(n_items) + " items of " + std::to_string(n_rows) + " rows, " +
+         std::to_string(stride) + " apart, do not fit in " + std::to_string(rb.shape[0]) + " rows");
+  hybridattn::RowSet r;
+  r.base = static_cast<const uint16_t*>(rb.ptr);
+  r.n_rows = n_rows;
+  r.n_taken = n_rows;
+  r.stride = stride;
+  r.dim = rb.shape[1];
+  if (!ids.is_none()) {
+    py::buffer_info ib = request_typed(ids.cast<py::buffer>(), "ids", {n_items}, 2, 'q', false);
+    r.ids = static_cast<const int64_t*>(ib.ptr);  // the caller's array outlives the call
+    r.n_taken = ib.shape[1];
+  }
+  return r;
+}
+
+void query_dots(const py::buffer& q, const py::buffer& rows, const py::object& ids, const py::buffer& out,
+                py::ssize_t n_rows, py::ssize_t stride, int n_threads, bool widened) {
+  py::buffer_info qb = request_typed(q, "q", {}, 3, 'h', false);
   hybridattn::QueryDotsArgs a;
+  a.rows = row_set(rows, ids, qb.shape[0], n_rows, stride);
+  if (a.rows.dim != qb.shape[2]) fail("q [X, G, D] and rows [R, D] must agree in D");
+  py::buffer_info ob = request_typed(out, "out", {qb.shape[0], qb.shape[1], a.rows.n_taken}, 3, 'h', true);
   a.q = static_cast<const uint16_t*>(qb.ptr);
-  a.rows = static_cast<const uint16_t*>(rb.ptr);
   a.out = static_cast<uint16_t*>(ob.ptr);
   a.n_items = qb.shape[0];
   a.group = qb.shape[1];
-  a.n_rows = rb.shape[1];
-  a.dim = qb.shape[2];
   a.n_threads = n_threads;
   a.widened = widened;
-  hybridattn::check_query_dots_args(a);  // shape errors surface before the GIL is released
+  hybridattn::check_query_dots_args(a);  // shape and id errors surface before the GIL is released
   py::gil_scoped_release release;
   hybridattn::query_dots(a);
+}
+
+void weighted_rows(const py::buffer& w, const py::buffer& rows, const py::object& ids, const py::buffer& out,
+                   py::ssize_t n_rows, py::ssize_t stride, int n_threads) {
+  py::buffer_info wb = request_typed(w, "w", {}, 3, 'h', false);
+  hybridattn::WeightedRowsArgs a;
+  a.rows = row_set(rows, ids, wb.shape[0], n_rows, stride);
+  if (wb.shape[2] != a.rows.n_taken) fail("w [X, G, M] must weigh the M rows taken per item");
+  py::buffer_info ob = request_typed(out, "out", {wb.shape[0], wb.shape[1], a.rows.dim}, 3, 'h', true);
+  a.w = static_cast<const uint16_t*>(wb.ptr);
+  a.out = static_cast<uint16_t*>(ob.ptr);
+  a.n_items = wb.shape[0];
+  a.group = wb.shape[1];
+  a.n_threads = n_threads;
+  hybridattn::check_weighted_rows_args(a);
+  py::gil_scoped_release release;
+  hybridattn::weighted_rows(a);
 }
 
 void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_stores, const py::list& lists,
@@ -375,10 +411,15 @@ PYBIND11_MODULE(_C, m) {
         "the gather-attend of those read, and the reads per block.");
   m.def("merge_attention", &merge_attention, py::arg("o_a"), py::arg("lse_a"), py::arg("o_b"), py::arg("lse_b"),
         py::arg("out"), py::arg("lse"), "Exact log-sum-exp merge of two partial attention states.");
-  m.def("query_dots", &query_dots, py::arg("q"), py::arg("rows"), py::arg("out"), py::arg("n_threads") = 0,
-        py::arg("widened") = false,
-        "q [X, G, D] . rows [X, N, D] (bf16) -> out [X, G, N] bf16, rounded to nearest even: with AVX512-BF16 "
-        "where the CPU has it and widened is false, else widened to fp32.");
+  m.def("query_dots", &query_dots, py::arg("q"), py::arg("rows"), py::arg("ids"), py::arg("out"), py::arg("n_rows"),
+        py::arg("stride"), py::arg("n_threads") = 0, py::arg("widened") = false,
+        "q [X, G, D] . the rows of each item (bf16; rows [R, D], item x's n_rows from row x * stride, or those ids "
+        "[X, M] names) -> out [X, G, M] bf16, rounded to nearest even: with AVX512-BF16 where the CPU has it and "
+        "widened is false, else widened to fp32.");
+  m.def("weighted_rows", &weighted_rows, py::arg("w"), py::arg("rows"), py::arg("ids"), py::arg("out"),
+        py::arg("n_rows"), py::arg("stride"), py::arg("n_threads") = 0,
+        "sum_m w[x, g, m] * row(x, m) (bf16 weights and rows, laid out as query_dots takes them) -> out [X, G, D] "
+        "bf16, rounded to nearest even, from fp32 sums.");
   m.def("has_bf16_dots", &hybridattn::has_bf16_dots, "Whether query_dots runs AVX512-BF16 on this CPU.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");
   m.attr("HOST_MIN_CHUNK") = hybridattn::kMinHostChunk;

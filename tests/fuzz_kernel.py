@@ -51,7 +51,9 @@ ids than `cap` one naming the unit that read them.
 sum within (D + 4) eps sum_d |q_d k_d| of the fp64 product where those sums stay below FLT_MAX / 4, also
 through the bf16 instructions (where the CPU has them) and widened to fp32 lanes (every CPU), and where
 torch's product serves (a D that is no multiple of 32); fp32 rows or rows whose D differs from q's raise
-ValueError.
+ValueError. `weighted_rows` (bf16 weights [X, G, M] times the rows) is held to the same bound along its M
+rows. Both read rows that are a view of a buffer with spare rows, every row or those ids [X, M] name (-1:
+row 0); an id outside [-1, N), or any id where N = 0, raises IndexError.
 
 `merge_attention` is checked against an fp64 merge (tight bound) and against
 `engine.decode.merge.merge_states`, whose unnormalised weights lose about eps * |lse|,
@@ -1031,21 +1033,25 @@ class QueryDotsCase:
     X: int
     G: int
     N: int
-    D: int  # a multiple of 32 but where `odd_dim` (torch's product then serves)
+    D: int  # a multiple of 32 but where `odd_dim` (torch's product then serves query_dots)
     q_exp: int
     k_exp: int
     odd_dim: bool
-    bad: str | None  # None, or what is wrong: "dtype" (fp32 rows), "shape" (rows' D differs from q's)
+    bad: str | None  # None, or what is wrong (BAD_DOTS): fp32 rows, a shape, an id out of range
     seed: int
+    spare: int = 0  # rows per item beyond N in the buffer the rows are a view of
+    taken: int = -1  # -1: every row, in order; else ids [X, taken] in [-1, N) name the rows
+    weighted: bool = False  # weighted_rows (weights [X, G, M] times the rows) instead of query_dots
 
 
 BF16_EPS = 2.0**-8  # bf16 unit roundoff
-BAD_DOTS = {"dtype": "bfloat16", "shape": "expected q [X, G, D] and rows [X, N, D]"}
+BAD_DOTS = {"dtype": (ValueError, "bfloat16"), "shape": (ValueError, "expected"), "id": (IndexError, "is outside")}
 
 
 def draw_query_dots_case(pick: Pick) -> QueryDotsCase:
-    """Shapes around the kernel's edges: N around the 16-row tile and the 64-row unit of work, D at the
-    tiled sizes (64, 128) and beside them, G past the 4 of the engine's GQA groups."""
+    """Shapes around the kernels' edges: N around the 16-row tile and the 64-row unit of work, D at the
+    tiled sizes (64, 128) and beside them, G past the 4 of the engine's GQA groups; rows in a buffer
+    with spare rows, and taken by id."""
     return QueryDotsCase(
         X=pick((0, 1, 1, 2, 3, 8)),
         G=pick((0, 1, 2, 4, 4, 5, 9)),
@@ -1056,14 +1062,18 @@ def draw_query_dots_case(pick: Pick) -> QueryDotsCase:
         odd_dim=pick((False,) * 7 + (True,)),
         bad=pick((None,) * 12 + tuple(BAD_DOTS)),
         seed=pick(range(1 << 16)),
+        spare=pick((0, 0, 1, 7, 64)),
+        taken=pick((-1, -1, -1, 0, 1, 16, 17, 65, 300)),
+        weighted=pick((False, True)),
     )
 
 
 def check_query_dots_result(out, q, rows) -> tuple[str, str | None]:
-    """(outcome, None or the first disagreement): every score the bf16 rounding of an fp32 sum within
-    (D + 4) eps sum_d |q_d k_d| of the fp64 product, where those sums stay below FLT_MAX / 4."""
-    ref = torch.bmm(q.double(), rows.double().transpose(1, 2))
-    P = torch.bmm(q.double().abs(), rows.double().abs().transpose(1, 2))
+    """(outcome, None or the first disagreement): every value of out = q @ rows [X, G, M] @ [X, M, D'] the bf16
+    rounding of an fp32 sum within (M + 4) eps sum_m |q_m r_m| of the fp64 product, where those sums stay below
+    FLT_MAX / 4. query_dots is q [X, G, D] against rows.mT, weighted_rows the weights against the rows."""
+    ref = torch.bmm(q.double(), rows.double())
+    P = torch.bmm(q.double().abs(), rows.double().abs())
     if out.shape != ref.shape or out.dtype != torch.bfloat16:
         return "compared", f"{out.dtype} {tuple(out.shape)}, expected bfloat16 {tuple(ref.shape)}"
     if out.numel() and float(P.max()) >= FLT_MAX / 4:
@@ -1078,22 +1088,43 @@ def check_query_dots_result(out, q, rows) -> tuple[str, str | None]:
 
 
 def run_query_dots_case(ops, c: QueryDotsCase) -> tuple[Counter, list[str]]:
-    """query_dots with 1 and 2 threads, through the bf16 instructions (where the CPU has them) and widened."""
+    """query_dots or weighted_rows with 1 and 2 threads, through the bf16 instructions (where the CPU has them)
+    and widened, on rows that are a view of a buffer with spare rows, every row or those ids name."""
     g = torch.Generator().manual_seed(c.seed)
     D = c.D + 16 if c.odd_dim else c.D
-    q = _values((c.X, c.G, D), c.q_exp, torch.bfloat16, g)
-    rows = _values((c.X, c.N, D + 32 if c.bad == "shape" else D), c.k_exp, torch.bfloat16, g)
+    rows = _values((c.X, c.N + c.spare, D), c.k_exp, torch.bfloat16, g)[:, : c.N]
+    ids = None if c.taken < 0 else torch.randint(-1, max(c.N, 1), (c.X, c.taken), generator=g)
+    if c.bad == "id" and ids is not None and ids.numel():
+        ids[-1, -1] = c.N
+    if ids is None:
+        taken = rows
+    elif c.N == 0:  # no row to take (the call must raise)
+        taken = rows.new_zeros(c.X, c.taken, D)
+    else:
+        taken = rows[torch.arange(c.X).unsqueeze(1), ids.clamp(0, c.N - 1)]
+    M = taken.shape[1]
+    if c.weighted:  # weights [X, G, M], a wrong shape: one weight too many
+        q = _values((c.X, c.G, M + (c.bad == "shape")), c.q_exp, torch.bfloat16, g)
+    else:  # queries [X, G, D], a wrong shape: rows wider than the queries
+        q = _values((c.X, c.G, D), c.q_exp, torch.bfloat16, g)
+        rows = _values((c.X, c.N, D + 32), c.k_exp, torch.bfloat16, g) if c.bad == "shape" else rows
     if c.bad == "dtype":
         rows = rows.float()
-    expected = (ValueError, BAD_DOTS[c.bad]) if c.bad in BAD_DOTS else None
+    # an id outside the rows (N = 0: any id, -1 too, as no row 0 exists) raises where no other error comes first
+    wrong_id = ids is not None and ids.numel() > 0 and (c.bad == "id" or c.N == 0)
+    bad = c.bad if c.bad in ("dtype", "shape") else "id" if wrong_id else None
+    expected = BAD_DOTS[bad] if bad else None
 
     def call(n_threads, scalar):  # scalar: the widened path, which a CPU without AVX512-BF16 takes either way
-        return ops.query_dots(q, rows, n_threads=n_threads, widened=scalar), None
+        if c.weighted:
+            return ops.weighted_rows(q, rows, ids, n_threads=n_threads), None
+        return ops.query_dots(q, rows, ids, n_threads=n_threads, widened=scalar), None
 
     def check(out, _, n_threads, scalar):
-        return check_query_dots_result(out, q, rows)
+        return check_query_dots_result(out, q, taken if c.weighted else taken.transpose(1, 2))
 
-    return _run_variants(f"query_dots {c}", call, expected, check)
+    product = "weighted_rows" if c.weighted else "query_dots"
+    return _run_variants(f"{product} {c}", call, expected, check)
 
 
 # ------------------------------------------------------------------ long run

@@ -300,14 +300,15 @@ def test_rewind_takes_the_index_back_to_its_mark(landmark, at):
 @pytest.mark.parametrize("landmark", LANDMARKS)
 def test_an_index_scores_with_the_product_it_is_given(landmark):
     """A BlockIndex given `dots` scores its landmarks with it (an engine passes one faster on its CPU):
-    the product of the default scaled by 2 chooses the same blocks, and the scores double."""
+    the product of the default scaled by 2 chooses the same blocks, and the scores double; among
+    blocks scored alone, the product is handed the landmarks as they lie and the blocks' ids."""
     from ann.block import row_dots
 
     calls = []
 
-    def doubled(q, rows):
-        calls.append(rows.shape)
-        return 2 * row_dots(q, rows)
+    def doubled(q, rows, ids=None):
+        calls.append((rows.shape, None if ids is None else ids.shape))
+        return 2 * row_dots(q, rows, ids)
 
     g = torch.Generator().manual_seed(3)
     keys, q = torch.randn(2, 80, 8, generator=g), torch.randn(2, 3, 8, generator=g)
@@ -316,4 +317,8 @@ def test_an_index_scores_with_the_product_it_is_given(landmark):
     given.add(keys)
     torch.testing.assert_close(given.block_scores(q), 2 * plain.block_scores(q))
     assert torch.equal(given.choose(q, 4), plain.choose(q, 4))
-    assert len(calls) == 2 * (2 if landmark == "minmax" else 1) and calls[0] == (1, 2, 10, 8)
+    products = 2 if landmark == "minmax" else 1
+    assert len(calls) == 2 * products and calls[0] == ((1, 2, 10, 8), None)
+    scored = torch.tensor([[7, 1, 4], [0, 9, 2]])
+    assert torch.equal(given.choose(q, 2, scored=scored), plain.choose(q, 2, scored=scored))
+    assert calls[2 * products :] == [((1, 2, 10, 8), (1, 2, 3))] * products

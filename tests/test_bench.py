@@ -19,7 +19,7 @@ import torch
 from engine import HybridCache, OffloadConfig
 from engine.cache.store import HostKV
 from engine.decode import estimate
-from engine.decode.estimate import block_dots
+from engine.decode.estimate import block_dots, block_sums
 from engine.native import ops
 from engine.prefill import prefill
 
@@ -1034,7 +1034,7 @@ def test_bench_query_dots_times_both_products_and_their_steps_give_the_same_outp
     assert min(row["product_ms"], row["product_ms_torch"], row["step_ms"], row["step_ms_torch"]) > 0
     # the blocks' scores too, each product in turn, and the engine's own product back in place after
     assert row["blocks_same_output"] is True and min(row["blocks_step_ms"], row["blocks_step_ms_torch"]) > 0
-    assert estimate.block_dots is block_dots
+    assert estimate.block_dots is block_dots and estimate.block_sums is block_sums
 
 
 def test_bench_decode_all_resident_offloads_nothing_and_reruns_nothing(tmp_path):

@@ -4,8 +4,9 @@ empty when everything is read, and never a token counted twice."""
 import pytest
 import torch
 
+from ann.block import head_rows
 from engine import HybridCache, OffloadConfig
-from engine.decode.estimate import BlockSummary, block_dots, block_matmul
+from engine.decode.estimate import BlockSummary, block_dots, block_matmul, block_sums
 from engine.decode.merge import attend, merge_states
 from engine.native import ops
 from tests.reference import gather_attend_ref
@@ -195,26 +196,42 @@ def test_quest_blocks_at_two_levels_come_from_the_expanded_superblocks(
         assert len(blocks) == 2 and blocks <= set(scores.fine[h].tolist())
 
 
-@pytest.mark.parametrize("product", ["block_matmul", "block_dots", "block_dots_in_torch"])
+@pytest.mark.parametrize(
+    "product, by_id",  # block_matmul multiplies the operands it is given; the others also take the rows ids name
+    [("block_matmul", False)]
+    + [
+        (p, by_id)
+        for p in ("block_dots", "block_dots_in_torch", "block_sums", "block_sums_in_torch")
+        for by_id in (0, 1)
+    ],
+)
 @pytest.mark.parametrize("bf16_dots", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_block_products_round_as_the_operands_product(monkeypatch, product, bf16_dots, dtype):
-    # a few query heads against landmarks held in a buffer with spare capacity, as a step multiplies them:
-    # widened or not (a CPU with or without bf16 dot products), through the query-dots kernel or not, the
-    # product keeps the operands' dtype and is their exact product rounded once to it (up to the order of
-    # the fp32 sums)
+def test_block_products_round_as_the_operands_product(monkeypatch, product, bf16_dots, dtype, by_id):
+    # a few query heads (or weights) against landmarks held in a buffer with spare capacity, as a step multiplies
+    # them, every row or those ids name: widened or not (a CPU with or without bf16 dot products), through the
+    # project's kernels or not, the product keeps the operands' dtype and is their exact product rounded once
+    # to it (up to the order of the fp32 sums)
     monkeypatch.setattr(ops, "bf16_dots_available", lambda: bf16_dots)
     if product == "block_dots_in_torch":
         monkeypatch.setattr(ops, "query_dots_native", lambda rows: False)
+    if product == "block_sums_in_torch":
+        monkeypatch.setattr(ops, "HAS_EXT", False)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 4, 64, generator=g).to(dtype)
     buffer = torch.randn(2, 3, 300, 64, generator=g).to(dtype)
     rows = buffer[:, :, :257]  # [B, Hkv, nb, D] of a view with spare rows
-    keys = rows.transpose(-1, -2)
-    got = block_matmul(q, keys) if product == "block_matmul" else block_dots(q, rows)
-    exact = q.double() @ keys.double()
-    assert got.dtype == dtype and got.shape == (2, 3, 4, 257)
+    ids = torch.randint(-1, 257, (2, 3, 50), generator=g) if by_id else None
+    taken = rows if ids is None else head_rows(rows, ids)  # what the product multiplies
+    if product.startswith("block_sums"):
+        w = torch.rand(2, 3, 4, taken.shape[-2], generator=g)  # fp32 weights, taken to the rows' dtype
+        got, a, b = block_sums(w, rows, ids), w.to(dtype).double(), taken.double()
+    else:
+        q = torch.randn(2, 3, 4, 64, generator=g).to(dtype)
+        got = block_matmul(q, rows.transpose(-1, -2)) if product == "block_matmul" else block_dots(q, rows, ids)
+        a, b = q.double(), taken.transpose(-1, -2).double()
+    exact = a @ b
+    assert got.dtype == dtype and got.shape == exact.shape
     # one rounding to the dtype, and the fp32 sums' own error, each at most the sums' size times its epsilon
-    eps = torch.finfo(dtype).eps + 64 * torch.finfo(torch.float32).eps
-    bound = eps * (q.double().abs() @ keys.double().abs())
+    eps = torch.finfo(dtype).eps + a.shape[-1] * torch.finfo(torch.float32).eps
+    bound = eps * (a.abs() @ b.abs())
     assert (got.double() - exact).abs().le(bound).all()

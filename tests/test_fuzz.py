@@ -121,6 +121,11 @@ def test_gather_scores_match_reference(c):
 @example(dots_case(N=17, G=9, D=96))  # a partial tile, more query heads than a GQA group, D untiled
 @example(dots_case(q_exp=38, k_exp=38))  # beyond fp32: it still returns
 @example(dots_case(bad="shape"))
+@example(dots_case(spare=7, taken=65))  # rows by id from a buffer with spare rows: ids in the spare rows are bad
+@example(dots_case(taken=17, bad="id"))
+@example(dots_case(N=0, taken=3))  # nothing stored: every id, -1 too, is out of range
+@example(dots_case(weighted=True, spare=64, taken=300, G=5, D=96))
+@example(dots_case(weighted=True, bad="shape"))
 def test_query_dots_match_reference(c):
     _, problems = run_query_dots_case(ops, c)
     assert not problems, problems[0]
@@ -276,8 +281,13 @@ class BrokenOps:
         return torch.zeros_like(o_a), torch.zeros_like(lse_a)
 
     @staticmethod
-    def query_dots(q, rows, **kw):
-        return torch.zeros(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
+    def query_dots(q, rows, ids=None, **kw):
+        taken = rows.shape[1] if ids is None else ids.shape[1]
+        return torch.zeros(q.shape[0], q.shape[1], taken, dtype=torch.bfloat16)
+
+    @staticmethod
+    def weighted_rows(w, rows, ids=None, **kw):
+        return torch.zeros(w.shape[0], w.shape[1], rows.shape[2], dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("c", [case(), case(bad_id="N"), case(scale=math.inf)], ids=["values", "bad id", "bad scale"])
@@ -292,7 +302,11 @@ def test_every_call_of_a_broken_scores_kernel_is_a_mismatch(c):
     assert len(problems) == 4
 
 
-@pytest.mark.parametrize("c", [dots_case(), dots_case(bad="dtype")], ids=["values", "fp32 rows"])
+@pytest.mark.parametrize(
+    "c",
+    [dots_case(), dots_case(bad="dtype"), dots_case(taken=20, bad="id"), dots_case(weighted=True, taken=9)],
+    ids=["values", "fp32 rows", "bad id", "weighted"],
+)
 def test_every_call_of_a_broken_dots_kernel_is_a_mismatch(c):
     outcomes, problems = run_query_dots_case(BrokenOps, c)
     assert len(problems) == 4

@@ -532,8 +532,68 @@ def test_query_dots_kernel_refuses_a_dimension_it_has_no_path_for():
     q, rows = torch.zeros(1, 4, 48, dtype=torch.bfloat16), torch.zeros(1, 8, 48, dtype=torch.bfloat16)
     out = torch.empty(1, 4, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 32"):
-        ops._C.query_dots(ops._buffer(q), ops._buffer(rows), ops._buffer(out))
+        ops._C.query_dots(ops._buffer(q), ops._buffer(rows[0]), None, ops._buffer(out), 8, 8)
     assert torch.equal(ops.query_dots(q, rows), torch.zeros(1, 4, 8, dtype=torch.bfloat16))  # torch's product serves
+    ids = torch.tensor([[7, -1, 2]])
+    assert ops.query_dots(q, rows, ids).shape == (1, 4, 3)  # so it does for the rows ids name
+
+
+def _spare_rows(g, X=3, N=40, spare=9, D=64):
+    """rows [X, N, D] bf16 as a view of a buffer with `spare` more rows per item (items N + spare rows apart)."""
+    buffer = torch.nn.functional.normalize(torch.randn(X, N + spare, D, generator=g), dim=-1).bfloat16()
+    return buffer[:, :N]
+
+
+@pytest.mark.parametrize("widened", [False, True])
+def test_query_dots_read_the_rows_ids_name_where_they_lie(widened):
+    """The rows of a buffer with spare rows, taken in order or by id (-1: row 0), give what the same kernel
+    gives on the rows gathered and packed first, to the bit: the kernel reads the rows in place."""
+    g = torch.Generator().manual_seed(11)
+    rows = _spare_rows(g)
+    q = torch.randn(3, 4, 64, generator=g).bfloat16()
+    ids = torch.randint(-1, rows.shape[1], (3, 25), generator=g)
+    packed = rows[torch.arange(3).unsqueeze(1), ids.clamp_min(0)].contiguous()
+    assert torch.equal(ops.query_dots(q, rows, ids, widened=widened), ops.query_dots(q, packed, widened=widened))
+    assert torch.equal(ops.query_dots(q, rows, widened=widened), ops.query_dots(q, rows.contiguous(), widened=widened))
+    assert torch.equal(ops.query_dots(q, rows, ids[:, :0]), torch.empty(3, 4, 0, dtype=torch.bfloat16))
+
+
+def test_weighted_rows_are_torch_s_bf16_product_up_to_the_order_of_the_sums():
+    g = torch.Generator().manual_seed(12)
+    rows = _spare_rows(g, D=72)
+    w = torch.rand(3, 5, rows.shape[1], generator=g).bfloat16()
+    got, want = ops.weighted_rows(w, rows, n_threads=2), torch.bmm(w, rows)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape == (3, 5, 72)
+    sums = 2 * (rows.shape[1] + 4) * 2.0**-24 * torch.bmm(w.float().abs(), rows.float().abs())
+    ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
+    assert bool(((got.float() - want.float()).abs() <= ulp + sums).all())
+    assert torch.equal(ops.weighted_rows(w, rows, n_threads=1), got)  # threads split items, not sums
+    ids = torch.randint(-1, rows.shape[1], (3, 30), generator=g)
+    w_ids = torch.rand(3, 5, 30, generator=g).bfloat16()
+    packed = rows[torch.arange(3).unsqueeze(1), ids.clamp_min(0)].contiguous()
+    assert torch.equal(ops.weighted_rows(w_ids, rows, ids), ops.weighted_rows(w_ids, packed))
+
+
+def test_the_row_products_refuse_ids_and_shapes_they_cannot_read():
+    rows = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    q, w = torch.zeros(2, 4, 64, dtype=torch.bfloat16), torch.zeros(2, 4, 3, dtype=torch.bfloat16)
+    for bad in (8, -2):
+        ids = torch.tensor([[0, 1, 2], [3, bad, 4]])
+        with pytest.raises(IndexError, match=rf"ids\[1, 1\] = {bad} is outside \[-1, 8\)"):
+            ops.query_dots(q, rows, ids)
+        with pytest.raises(IndexError, match=rf"ids\[1, 1\] = {bad} is outside"):
+            ops.weighted_rows(w, rows, ids)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        ops.query_dots(q, rows, torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="M rows taken"):
+        ops.weighted_rows(w, rows)  # 3 weights for 8 rows
+    with pytest.raises(ValueError, match="bfloat16"):
+        ops.weighted_rows(w.float(), rows)
+    flat, out = ops._buffer(rows.view(16, 64)), ops._buffer(torch.empty(2, 4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="do not fit in 16 rows"):
+        ops._C.query_dots(ops._buffer(q), flat, None, out, 8, 9)
+    with pytest.raises(ValueError, match="items overlap"):
+        ops._C.query_dots(ops._buffer(q), flat, None, out, 8, 4)
 
 
 def test_the_query_lists_take_the_native_product_for_bf16_build_queries_in_host_memory(monkeypatch):

@@ -1,6 +1,6 @@
-"""The query lists' search and the blocks' scores with the native bf16 product (`ops.query_dots`:
-AVX512-BF16 where the CPU has it, else the values widened to fp32 lanes) against torch's, on one layer
-of a synthetic context (bench.common.caches) and the model's own decode queries.
+"""The query lists' search and the blocks' products with the native bf16 ones (`ops.query_dots`:
+AVX512-BF16 where the CPU has it, else the values widened to fp32 lanes; `ops.weighted_rows`) against
+torch's, on one layer of a synthetic context (bench.common.caches) and the model's own decode queries.
 
 Per context:
 - product_ms / product_ms_torch: the product of a step's queries with the layer's build queries
@@ -8,10 +8,12 @@ Per context:
 - step_ms / step_ms_torch: the layer's decode step (engine.decode.step.native_step) with each
   product, their steps in turns, medians; `same_output`: whether the two steps' outputs were equal
   to the bit at every step compared; kv_read_frac: the host KV rows a step read, as a share (mean).
-- blocks_step_ms / blocks_step_ms_torch: the step with the blocks' scores (the summary's mean keys and
-  the block index's landmarks) through the engine's product (`engine.decode.estimate.block_dots`: the
-  same kernel for bf16 landmarks on the CPU) and through torch's (`block_matmul`), in turns, and
-  `blocks_same_output` as above.
+- blocks_step_ms / blocks_step_ms_torch: the step with the blocks' products (the scores of the summary's
+  mean keys and of the block index's landmarks, and the estimate's weighted mean values) through the
+  engine's (`engine.decode.estimate.block_dots` and `block_sums`: for bf16 landmarks on the CPU the same
+  kernel and `ops.weighted_rows`, which read the expanded blocks' rows where they lie) and through
+  torch's (the rows gathered first, `ann.block.head_rows`, then `block_matmul`), in turns, and
+  `blocks_same_output` as above (the estimate's sums run in another order: equal up to their rounding).
 `bf16_dots` says which native path ran. Where the build queries are not bf16 with a dimension that is a
 multiple of 32, both use torch's product, and `native` says so.
 
@@ -26,6 +28,7 @@ import time
 
 import torch
 
+from ann.block import head_rows
 from ann.qq import bmm_dots
 from bench.common.options import parser, positive_int
 from bench.common.output import save_run
@@ -61,17 +64,20 @@ def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> di
 
 
 def block_products(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> dict:
-    """The step with the blocks' scores through the engine's product (`estimate.block_dots`: the native one
-    for bf16 landmarks on the CPU) and through torch's (`estimate.block_matmul`, widened where that widens),
-    in turns: blocks_step_ms, blocks_step_ms_torch, blocks_same_output."""
+    """The step with the blocks' products through the engine's (`estimate.block_dots` and `block_sums`: the
+    native ones for bf16 landmarks on the CPU) and through torch's (`head_rows`, then `estimate.block_matmul`,
+    widened where that widens), in turns: blocks_step_ms, blocks_step_ms_torch, blocks_same_output."""
     indexes = {id(i): i for i in (layer.blocks, layer.summary.keys) if i is not None}.values()
-    chosen = estimate.block_dots
+    chosen = estimate.block_dots, estimate.block_sums
 
-    def torch_dots(q, rows):
-        return estimate.block_matmul(q, rows.transpose(-1, -2))
+    def torch_dots(q, rows, ids=None):
+        return estimate.block_matmul(q, (rows if ids is None else head_rows(rows, ids)).transpose(-1, -2))
+
+    def torch_sums(w, rows, ids=None):
+        return estimate.block_matmul(w.to(rows.dtype), rows if ids is None else head_rows(rows, ids))
 
     def blocks_product(name):
-        estimate.block_dots = chosen if name == "native" else torch_dots
+        estimate.block_dots, estimate.block_sums = chosen if name == "native" else (torch_dots, torch_sums)
         for index in indexes:
             index.dots = estimate.block_dots
 

@@ -186,14 +186,30 @@ def block_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return head_matmul(a, b)
 
 
-def block_dots(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`ann.block.row_dots` for the blocks' scores, q [..., G, D] . rows [..., N, D] -> [..., G, N]:
-    bf16 ones on the CPU through `ops.query_dots` (which runs 2 to 4 times as fast as torch's product
-    of these shapes, docs/results.md), else `block_matmul`."""
+def block_dots(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`ann.block.row_dots` for the blocks' scores, q [..., G, D] . rows [..., N, D] -> [..., G, N], or
+    . the rows ids [..., M] name -> [..., G, M]: bf16 ones on the CPU through `ops.query_dots`, which
+    reads the rows where they lie and runs 2 to 4 times as fast as torch's product of these shapes
+    (docs/results.md), else `block_matmul` (after `head_rows` gathers the rows ids name)."""
     if q.device.type == "cpu" and q.dtype == rows.dtype == torch.bfloat16 and ops.query_dots_native(rows):
         (G, D), N = q.shape[-2:], rows.shape[-2]
-        return ops.query_dots(q.reshape(-1, G, D), rows.reshape(-1, N, D)).view(*q.shape[:-2], G, N)
-    return block_matmul(q, rows.transpose(-1, -2))
+        flat_ids = None if ids is None else ids.reshape(-1, ids.shape[-1])
+        out = ops.query_dots(q.reshape(-1, G, D), rows.reshape(-1, N, D), flat_ids)
+        return out.view(*q.shape[:-2], G, out.shape[-1])
+    return block_matmul(q, (rows if ids is None else head_rows(rows, ids)).transpose(-1, -2))
+
+
+def block_sums(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows summed by weights, w [..., G, N] @ rows [..., N, D] -> [..., G, D] in the rows' dtype, or
+    w [..., G, M] weighing the rows ids [..., M] name: the estimate's weighted mean values. bf16 ones on
+    the CPU through `ops.weighted_rows` (the rows read where they lie), else `block_matmul`."""
+    w = w.to(rows.dtype)
+    if w.device.type == "cpu" and rows.dtype == torch.bfloat16 and ops.HAS_EXT:
+        (G, M), (N, D) = w.shape[-2:], rows.shape[-2:]
+        flat_ids = None if ids is None else ids.reshape(-1, M)
+        out = ops.weighted_rows(w.reshape(-1, G, M), rows.reshape(-1, N, D), flat_ids)
+        return out.view(*w.shape[:-2], G, D)
+    return block_matmul(w, rows if ids is None else head_rows(rows, ids))
 
 
 def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float) -> BlockScores:
@@ -225,7 +241,7 @@ def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float)
     own = [torch.arange(ns * group, nb, device=device)[:, None] for ns, nb in zip(n_super, n_blocks)]
     after_ids = stack_rows(own, after)[..., 0]  # [B, the most after any superblock]
     fine = torch.cat([inside, after_ids.unsqueeze(1).expand(B, H, -1)], dim=-1)  # [B, Hkv, F] block ids
-    logits = block_dots(qs, head_rows(mean_k, fine)).float()
+    logits = block_dots(qs, mean_k, fine).float()
     logits = masked(logits, [inside.shape[-1] + a for a in after])
     coarse.scatter_(-1, best.unsqueeze(-2).expand(-1, -1, G, -1), float("-inf"))  # expanded
     peak = torch.maximum(logits.amax(dim=-1), coarse.amax(dim=-1))
@@ -244,13 +260,13 @@ def stacked_estimate(
     values = stack_rows([s.values.landmarks[0] for s in summaries], n_blocks)  # [B, Hkv, >= nb, D]
     if scores.fine is None:
         mean_v, read_fine = values[:, :, : scores.rel.shape[-1]], read
-    else:
-        mean_v, read_fine = head_rows(values, scores.fine), read.gather(-1, scores.fine)
+    else:  # the expanded blocks' mean values, read where they lie
+        mean_v, read_fine = values, read.gather(-1, scores.fine)
     # the counts stay integers: each product converts them as it reads them (one kernel less on a GPU)
     left = (first.block_size - read_fine).clamp_min(0)  # a block read in full adds nothing
     w = scores.rel * left.unsqueeze(-2)  # [B, Hkv, G, F]
     total = w.sum(dim=-1)  # [B, Hkv, G]
-    o = block_matmul(w.to(mean_v.dtype), mean_v).float()
+    o = block_sums(w, mean_v, scores.fine).float()
     if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
         n_super = scores.coarse_rel.shape[-1]
         read_super = read[..., : n_super * first.group].unflatten(-1, (n_super, first.group)).sum(dim=-1)
@@ -259,5 +275,5 @@ def stacked_estimate(
         total = total + w.sum(dim=-1)
         coarse = [s.coarse_values for s in summaries]
         coarse_v = stack_rows([c.landmarks[0] for c in coarse], [c.n_blocks for c in coarse])
-        o = o + block_matmul(w.to(mean_v.dtype), coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
+        o = o + block_sums(w, coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
     return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()

@@ -1,6 +1,7 @@
 """Host kernels: gather-attend over the host KV store, the scores of listed rows, the whole
-host side of a decode step (`host_step`), the log-sum-exp merge, and bf16 dot products for the
-query lists' search (`query_dots`).
+host side of a decode step (`host_step`), the log-sum-exp merge, and the bf16 products of a few
+vectors with many rows that the query lists' search, the blocks' scores and their estimate take
+(`query_dots`, `weighted_rows`).
 
 The C++ extension `engine.native._C` does the work; this module turns torch CPU
 tensors and numpy arrays into zero-copy buffers for it. When the extension is
@@ -289,22 +290,81 @@ def query_dots_native(rows: torch.Tensor) -> bool:
     return HAS_EXT and rows.shape[-1] % 32 == 0
 
 
-def query_dots(q: torch.Tensor, rows: torch.Tensor, *, n_threads: int = 0, widened: bool = False) -> torch.Tensor:
+def query_dots(
+    q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None, *, n_threads: int = 0, widened: bool = False
+) -> torch.Tensor:
     """q [X, G, D] . rows [X, N, D] -> [X, G, N], all bf16 on the CPU (D a multiple of 32): what
-    torch.bmm(q, rows.transpose(1, 2)) gives, up to the order of its fp32 sums, through the CPU's bf16
-    dot-product instructions where it has them (`bf16_dots_available`), else (or `widened`) the bf16
-    values widened to fp32 in vector registers; torch's product where the kernel has no path
+    torch.bmm(q, rows.transpose(1, 2)) gives, up to the order of its fp32 sums; with ids [X, M] (-1 reads
+    row 0) the rows they name, -> [X, G, M]. The rows are read where they lie: a view of a buffer with
+    spare rows (`_row_span`) is not copied, nor are the rows ids name gathered first. Through the CPU's
+    bf16 dot-product instructions where it has them (`bf16_dots_available`), else (or `widened`) the
+    bf16 values widened to fp32 in vector registers; torch's product where the kernel has no path
     (`query_dots_native`)."""
     q, rows = _as_cpu_tensor(q, "q"), _as_cpu_tensor(rows, "rows")
     if q.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16:
         raise ValueError(f"query_dots takes bfloat16 q and rows, got {q.dtype} and {rows.dtype}")
     if q.dim() != 3 or rows.dim() != 3 or q.shape[0] != rows.shape[0] or q.shape[2] != rows.shape[2]:
         raise ValueError(f"expected q [X, G, D] and rows [X, N, D]; got q {tuple(q.shape)}, rows {tuple(rows.shape)}")
+    ids = _row_ids(ids, rows)
     if not query_dots_native(rows):
-        return torch.bmm(q, rows.transpose(1, 2))
-    out = torch.empty(q.shape[0], q.shape[1], rows.shape[1], dtype=torch.bfloat16)
-    _C.query_dots(_buffer(q.contiguous()), _buffer(rows.contiguous()), _buffer(out), n_threads, bool(widened))
+        return torch.bmm(q, (rows if ids is None else _taken(rows, ids)).transpose(1, 2))
+    out = torch.empty(q.shape[0], q.shape[1], rows.shape[1] if ids is None else ids.shape[1], dtype=torch.bfloat16)
+    span, ids, n_rows, stride = _row_span(rows, ids)
+    _C.query_dots(_buffer(q.contiguous()), span, ids, _buffer(out), n_rows, stride, n_threads, bool(widened))
     return out
+
+
+def weighted_rows(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None, *, n_threads: int = 0):
+    """w [X, G, N] @ rows [X, N, D] -> [X, G, D], all bf16 on the CPU (D a multiple of 8): what torch.bmm(w,
+    rows) gives, up to the order of its fp32 sums; with ids [X, M] (-1 reads row 0) w [X, G, M] weighs the
+    rows they name. The rows are read where they lie, as `query_dots` reads them."""
+    w, rows = _as_cpu_tensor(w, "w"), _as_cpu_tensor(rows, "rows")
+    if w.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16:
+        raise ValueError(f"weighted_rows takes bfloat16 w and rows, got {w.dtype} and {rows.dtype}")
+    ids = _row_ids(ids, rows)
+    taken = rows.shape[1] if ids is None else ids.shape[1]
+    if w.dim() != 3 or rows.dim() != 3 or w.shape[0] != rows.shape[0] or w.shape[2] != taken:
+        raise ValueError(
+            f"expected w [X, G, M] and rows [X, N, D], M rows taken; got w {tuple(w.shape)}, rows "
+            f"{tuple(rows.shape)}" + ("" if ids is None else f", ids {tuple(ids.shape)}")
+        )
+    if not HAS_EXT or rows.shape[2] % 8:
+        return torch.bmm(w, rows if ids is None else _taken(rows, ids))
+    out = torch.empty(w.shape[0], w.shape[1], rows.shape[2], dtype=torch.bfloat16)
+    span, ids, n_rows, stride = _row_span(rows, ids)
+    _C.weighted_rows(_buffer(w.contiguous()), span, ids, _buffer(out), n_rows, stride, n_threads)
+    return out
+
+
+def _row_ids(ids: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """ids [X, M] for rows [X, N, D] as the kernels take them (int64, contiguous), each checked to lie in [-1, N)."""
+    if ids is None:
+        return None
+    ids = _check_ids(_as_cpu_tensor(ids, "ids"))
+    if ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
+        raise ValueError(f"ids must have shape [{rows.shape[0]}, M], got {tuple(ids.shape)}")
+    return ids  # their range: checked by the kernel (IndexError), or by `_taken`
+
+
+def _taken(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """rows [X, N, D] at ids [X, M] (-1 reads row 0) -> [X, M, D]."""
+    _check_rows(ids, rows.shape[1])
+    if rows.shape[1] == 0 and ids.numel():  # no row 0 for -1 to read
+        raise IndexError(f"ids[0, 0] = {int(ids[0, 0])} is outside [-1, 0)")
+    return rows[torch.arange(rows.shape[0]).unsqueeze(1), ids.clamp_min(0)]
+
+
+def _row_span(rows: torch.Tensor, ids: torch.Tensor | None) -> tuple:
+    """rows [X, N, D] and ids as the kernels' RowSet takes them: (the memory from item 0's first row to item
+    X - 1's last as [R, D], the ids as numpy or None, N, the rows from one item to the next). A view of a
+    buffer with spare rows (rows packed, items a whole number of rows apart, not overlapping) is passed as
+    it lies; anything else is packed first."""
+    X, N, D = rows.shape
+    if not (rows.stride(2) == 1 and rows.stride(1) == D and rows.stride(0) % D == 0 and rows.stride(0) >= N * D):
+        rows = rows.contiguous()
+    stride = rows.stride(0) // D if X > 1 else N
+    span = rows.as_strided(((X - 1) * stride + N if X and N else 0, D), (D, 1))
+    return _buffer(span), None if ids is None else ids.numpy(), N, stride
 
 
 def _check_rows(ids: torch.Tensor, n: int) -> None:

@@ -1,16 +1,22 @@
-// Dot products of bf16 vectors:
-//   out[x, g, n] = round_bf16(q[x, g] . rows[x, n])   (fp32 sums of the exact bf16 products)
-// for x < X (sequences x KV heads), g < G, n < N, D a multiple of 32. The query lists' search
-// scores each KV head's G query heads against every build query this way (ann.qq): a product
-// with 4 rows, where a general bf16 matrix product runs at a fraction of what the cores can do.
-// The result is rounded to bf16 (nearest even), as a bf16 product returns it, so the ranking that
-// follows is the same up to the order of the sums.
+// Products of a few bf16 query vectors with many bf16 rows, two ways round:
+//   query_dots:     out[x, g, m] = round_bf16(q[x, g] . row(x, m))            -> [X, G, M]
+//   weighted_rows:  out[x, g, :] = round_bf16(sum_m w[x, g, m] * row(x, m))    -> [X, G, D]
+// (fp32 sums of the exact bf16 products) for x < X (sequences x KV heads), g < G, m < M. The rows
+// (`RowSet`) are item x's first M rows, or the rows ids[x, m] names, read where they lie, with no
+// copy. The query lists' search scores each KV head's G query heads against every build query
+// this way (ann.qq), the blocks' scores their landmarks, and the estimate sums the unread blocks'
+// mean values by their weights (engine.decode.estimate): products with 4 rows, where a general
+// bf16 matrix product runs at a fraction of what the cores can do. The results are rounded to bf16
+// (nearest even), as a bf16 product returns them, so what follows is the same up to the order of
+// the sums.
 //
 // Two paths: the CPU's bf16 dot-product instructions (AVX512-BF16, `has_bf16_dots`), and on any
 // other CPU the values widened to fp32 (a bf16 is the top half of an fp32) and summed with fused
-// multiply-adds (`query_dots_widened`). The products are exact either way.
+// multiply-adds (`query_dots_widened`). The products are exact either way. weighted_rows always
+// widens (its sums run along the rows, which the dot-product instructions do not serve).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -32,16 +38,40 @@
 
 namespace hybridattn {
 
+// The rows a product reads: item x's n_rows rows of dim bf16 values start `stride` rows after item
+// x - 1's (stride >= n_rows: a buffer with spare rows is read in place). With ids [X, n_taken] the
+// product's m-th row is ids[x, m] (-1 reads row 0, as padding), else row m (n_taken = n_rows).
+struct RowSet {
+  const uint16_t* base = nullptr;
+  const int64_t* ids = nullptr;
+  int64_t n_rows = 0;
+  int64_t n_taken = 0;
+  int64_t stride = 0;
+  int64_t dim = 0;
+
+  HA_INLINE const uint16_t* row(int64_t x, int64_t m) const {
+    const int64_t r = ids == nullptr ? m : std::max<int64_t>(ids[x * n_taken + m], 0);
+    return base + (x * stride + r) * dim;
+  }
+};
+
 struct QueryDotsArgs {
-  const uint16_t* q = nullptr;     // [X, G, D] bf16, contiguous
-  const uint16_t* rows = nullptr;  // [X, N, D] bf16, contiguous
-  uint16_t* out = nullptr;         // [X, G, N] bf16
-  int64_t n_items = 0;             // X
-  int64_t group = 0;               // G
-  int64_t n_rows = 0;              // N
-  int64_t dim = 0;                 // D
-  int n_threads = 0;               // 0: the OpenMP default
-  bool widened = false;            // the widened path even where the bf16 instructions serve (tests)
+  const uint16_t* q = nullptr;  // [X, G, D] bf16, contiguous
+  RowSet rows;                  // M rows per item
+  uint16_t* out = nullptr;      // [X, G, M] bf16
+  int64_t n_items = 0;          // X
+  int64_t group = 0;            // G
+  int n_threads = 0;            // 0: the OpenMP default
+  bool widened = false;         // the widened path even where the bf16 instructions serve (tests)
+};
+
+struct WeightedRowsArgs {
+  const uint16_t* w = nullptr;  // [X, G, M] bf16, contiguous
+  RowSet rows;                  // M rows per item
+  uint16_t* out = nullptr;      // [X, G, D] bf16
+  int64_t n_items = 0;          // X
+  int64_t group = 0;            // G
+  int n_threads = 0;            // 0: the OpenMP default
 };
 
 inline bool has_bf16_dots() {
@@ -52,11 +82,40 @@ inline bool has_bf16_dots() {
 #endif
 }
 
+// Sizes, and every id within [-1, n_rows) (std::invalid_argument / std::out_of_range), before any work.
+inline void check_row_set(const RowSet& r, int64_t n_items, const char* op) {
+  const std::string name(op);
+  if (n_items < 0 || r.n_rows < 0 || r.n_taken < 0 || r.dim <= 0)
+    throw std::invalid_argument(name + ": negative sizes or an empty dimension");
+  if (n_items > 1 && r.stride < r.n_rows)
+    throw std::invalid_argument(name + ": items overlap (stride " + std::to_string(r.stride) + " < " +
+                                std::to_string(r.n_rows) + " rows)");
+  if (r.ids == nullptr) {
+    if (r.n_taken != r.n_rows) throw std::invalid_argument(name + ": without ids every row is taken");
+    return;
+  }
+  for (int64_t i = 0; i < n_items * r.n_taken; ++i) {
+    const int64_t id = r.ids[i];
+    if (id < -1 || id >= r.n_rows || (id == -1 && r.n_rows == 0))
+      throw std::out_of_range(name + ": ids[" + std::to_string(i / r.n_taken) + ", " + std::to_string(i % r.n_taken) +
+                              "] = " + std::to_string(id) + " is outside [-1, " + std::to_string(r.n_rows) + ")");
+  }
+}
+
 inline void check_query_dots_args(const QueryDotsArgs& a) {
-  if (a.n_items < 0 || a.group < 0 || a.n_rows < 0 || a.dim <= 0)
-    throw std::invalid_argument("query_dots: negative sizes or an empty dimension");
-  if (a.dim % 32 != 0)
-    throw std::invalid_argument("query_dots: the dimension must be a multiple of 32, got " + std::to_string(a.dim));
+  if (a.group < 0) throw std::invalid_argument("query_dots: negative sizes or an empty dimension");
+  check_row_set(a.rows, a.n_items, "query_dots");
+  if (a.rows.dim % 32 != 0)
+    throw std::invalid_argument("query_dots: the dimension must be a multiple of 32, got " +
+                                std::to_string(a.rows.dim));
+}
+
+inline void check_weighted_rows_args(const WeightedRowsArgs& a) {
+  if (a.group < 0) throw std::invalid_argument("weighted_rows: negative sizes or an empty dimension");
+  check_row_set(a.rows, a.n_items, "weighted_rows");
+  if (a.rows.dim % 8 != 0)
+    throw std::invalid_argument("weighted_rows: the dimension must be a multiple of 8, got " +
+                                std::to_string(a.rows.dim));
 }
 
 constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of a KV head
@@ -90,13 +149,13 @@ HA_INLINE void widened_dots(const float* q, const float* row, int64_t D, uint16_
 // four fused multiply-adds).
 HA_MULTIVERSION inline void query_dots_widened(const QueryDotsArgs& a, int64_t x, int64_t begin, int64_t end,
                                                float* buf) {
-  const int64_t G = a.group, N = a.n_rows, D = a.dim;
+  const int64_t G = a.group, N = a.rows.n_taken, D = a.rows.dim;
   float* q = buf;
   float* row = buf + G * D;
   load_row<StoreType::bf16>(a.q, x * G * D, G * D, q);
   uint16_t* out = a.out + x * G * N;
   for (int64_t n = begin; n < end; ++n) {
-    load_row<StoreType::bf16>(a.rows, (x * N + n) * D, D, row);
+    load_row<StoreType::bf16>(a.rows.row(x, n), 0, D, row);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) widened_dots<4>(q + g * D, row, D, out + g * N + n, N);
     for (; g < G; ++g) widened_dots<1>(q + g * D, row, D, out + g * N + n, N);
@@ -109,9 +168,8 @@ HA_MULTIVERSION inline void query_dots_widened(const QueryDotsArgs& a, int64_t x
 template <int CH>
 __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_tiles(const QueryDotsArgs& a, int64_t x,
                                                                              int64_t begin, int64_t end) {
-  const int64_t G = a.group, N = a.n_rows, D = a.dim;
+  const int64_t G = a.group, N = a.rows.n_taken, D = a.rows.dim;
   const uint16_t* q = a.q + x * G * D;
-  const uint16_t* rows = a.rows + x * N * D;
   uint16_t* out = a.out + x * G * N;
   for (int64_t n = begin; n < end; n += 16) {
     const int64_t m = end - n < 16 ? end - n : 16;
@@ -121,7 +179,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_tiles(const
       vf16 acc[16];
       if (m == 16) {  // a whole tile: no test per row, so the 16 rows' sums interleave
         for (int j = 0; j < 16; ++j) {
-          const uint16_t* row = rows + (n + j) * D;
+          const uint16_t* row = a.rows.row(x, n + j);
           __m512 s = _mm512_setzero_ps();
           for (int c = 0; c < CH; ++c) s = _mm512_dpbf16_ps(s, qv[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
           acc[bitrev4(j)] = (vf16)s;
@@ -129,7 +187,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_tiles(const
       } else {
         for (int j = 0; j < 16; ++j) {
           __m512 s = _mm512_setzero_ps();
-          const uint16_t* row = rows + (n + (j < m ? j : 0)) * D;  // rows past the end: not read, 0
+          const uint16_t* row = a.rows.row(x, n + (j < m ? j : 0));  // rows past the end: not read, 0
           if (j < m)
             for (int c = 0; c < CH; ++c) s = _mm512_dpbf16_ps(s, qv[c], (__m512bh)_mm512_loadu_si512(row + 32 * c));
           acc[bitrev4(j)] = (vf16)s;
@@ -146,9 +204,9 @@ __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_tiles(const
 // Any D that is a multiple of 32: the sum over its 32-wide chunks in a loop.
 __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_any(const QueryDotsArgs& a, int64_t x,
                                                                            int64_t begin, int64_t end) {
-  const int64_t G = a.group, N = a.n_rows, D = a.dim;
+  const int64_t G = a.group, N = a.rows.n_taken, D = a.rows.dim;
   for (int64_t n = begin; n < end; ++n) {
-    const uint16_t* row = a.rows + (x * N + n) * D;
+    const uint16_t* row = a.rows.row(x, n);
     for (int64_t g = 0; g < G; ++g) {
       const uint16_t* qg = a.q + (x * G + g) * D;
       __m512 s = _mm512_setzero_ps();
@@ -161,8 +219,8 @@ __attribute__((target("avx512f,avx512bf16"))) inline void query_dots_any(const Q
 }
 
 inline void query_dots_rows(const QueryDotsArgs& a, int64_t x, int64_t begin, int64_t end) {
-  if (a.dim == 128) return query_dots_tiles<4>(a, x, begin, end);
-  if (a.dim == 64) return query_dots_tiles<2>(a, x, begin, end);
+  if (a.rows.dim == 128) return query_dots_tiles<4>(a, x, begin, end);
+  if (a.rows.dim == 64) return query_dots_tiles<2>(a, x, begin, end);
   query_dots_any(a, x, begin, end);
 }
 #endif
@@ -170,17 +228,17 @@ inline void query_dots_rows(const QueryDotsArgs& a, int64_t x, int64_t begin, in
 inline void query_dots(const QueryDotsArgs& a) {
   check_query_dots_args(a);
   const bool bf16_dots = !a.widened && has_bf16_dots();
-  const int64_t per_item = (a.n_rows + kDotRows - 1) / kDotRows, units = a.n_items * per_item;
+  const int64_t N = a.rows.n_taken, per_item = (N + kDotRows - 1) / kDotRows, units = a.n_items * per_item;
 #ifdef _OPENMP
   const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
 #endif
 #pragma omp parallel num_threads(threads) if (units > 1 && threads > 1)
   {
-    std::vector<float> buf(bf16_dots ? 0 : size_t((a.group + 1) * a.dim));  // the widened path's, per thread
+    std::vector<float> buf(bf16_dots ? 0 : size_t((a.group + 1) * a.rows.dim));  // the widened path's, per thread
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t x = u / per_item, begin = (u % per_item) * kDotRows;
-      const int64_t end = begin + kDotRows < a.n_rows ? begin + kDotRows : a.n_rows;
+      const int64_t end = begin + kDotRows < N ? begin + kDotRows : N;
 #if HA_BF16_DOTS
       if (bf16_dots) {
         query_dots_rows(a, x, begin, end);
@@ -189,6 +247,40 @@ inline void query_dots(const QueryDotsArgs& a) {
 #endif
       query_dots_widened(a, x, begin, end, buf.data());
     }
+  }
+}
+
+// Item x of weighted_rows: each row widened once into `row`, added to the G sums (fp32, in `acc`) by its weights.
+HA_MULTIVERSION inline void weighted_rows_item(const WeightedRowsArgs& a, int64_t x, float* acc, float* row) {
+  const int64_t G = a.group, M = a.rows.n_taken, D = a.rows.dim;
+  const uint16_t* w = a.w + x * G * M;
+  std::fill(acc, acc + G * D, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    load_row<StoreType::bf16>(a.rows.row(x, m), 0, D, row);
+    for (int64_t g = 0; g < G; ++g) {
+      const float wg = bf16_to_float(w[g * M + m]);
+      float* sum = acc + g * D;
+#if HA_HAS_VECTORS
+      for (int64_t d = 0; d < D; d += 8) store8(sum + d, load8(sum + d) + wg * load8(row + d));
+#else
+      for (int64_t d = 0; d < D; ++d) sum[d] += wg * row[d];
+#endif
+    }
+  }
+  uint16_t* out = a.out + x * G * D;
+  for (int64_t i = 0; i < G * D; ++i) out[i] = float_to_bf16(acc[i]);
+}
+
+inline void weighted_rows(const WeightedRowsArgs& a) {
+  check_weighted_rows_args(a);
+#ifdef _OPENMP
+  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
+#endif
+#pragma omp parallel num_threads(threads) if (a.n_items > 1 && threads > 1)
+  {
+    std::vector<float> buf(size_t((a.group + 1) * a.rows.dim));  // the sums and the widened row, per thread
+#pragma omp for schedule(static)
+    for (int64_t x = 0; x < a.n_items; ++x) weighted_rows_item(a, x, buf.data(), buf.data() + a.group * a.rows.dim);
   }
 }
 
