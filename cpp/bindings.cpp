@@ -248,18 +248,28 @@ hybridattn::RowSet row_set(const py::buffer& rows, const py::object& ids, py::ss
   return r;
 }
 
+// A row product's shared arguments (hybridattn::RowProductArgs) from its left operand `left` [X, G, *], its
+// rows (`row_set`) and out [X, G, M] (by_row) or [X, G, D]; returns the left operand's buffer.
+py::buffer_info row_product(hybridattn::RowProductArgs& a, const py::buffer& left, const char* name,
+                            const py::buffer& rows, const py::object& ids, const py::buffer& out, py::ssize_t n_rows,
+                            py::ssize_t stride, int n_threads, bool by_row) {
+  py::buffer_info lb = request_typed(left, name, {}, 3, 'h', false);
+  a.rows = row_set(rows, ids, lb.shape[0], n_rows, stride);
+  const py::ssize_t cols = by_row ? a.rows.n_taken : a.rows.dim;
+  py::buffer_info ob = request_typed(out, "out", {lb.shape[0], lb.shape[1], cols}, 3, 'h', true);
+  a.out = static_cast<uint16_t*>(ob.ptr);
+  a.n_items = lb.shape[0];
+  a.group = lb.shape[1];
+  a.n_threads = n_threads;
+  return lb;
+}
+
 void query_dots(const py::buffer& q, const py::buffer& rows, const py::object& ids, const py::buffer& out,
                 py::ssize_t n_rows, py::ssize_t stride, int n_threads, bool widened) {
-  py::buffer_info qb = request_typed(q, "q", {}, 3, 'h', false);
   hybridattn::QueryDotsArgs a;
-  a.rows = row_set(rows, ids, qb.shape[0], n_rows, stride);
+  py::buffer_info qb = row_product(a, q, "q", rows, ids, out, n_rows, stride, n_threads, true);
   if (a.rows.dim != qb.shape[2]) fail("q [X, G, D] and rows [R, D] must agree in D");
-  py::buffer_info ob = request_typed(out, "out", {qb.shape[0], qb.shape[1], a.rows.n_taken}, 3, 'h', true);
   a.q = static_cast<const uint16_t*>(qb.ptr);
-  a.out = static_cast<uint16_t*>(ob.ptr);
-  a.n_items = qb.shape[0];
-  a.group = qb.shape[1];
-  a.n_threads = n_threads;
   a.widened = widened;
   hybridattn::check_query_dots_args(a);  // shape and id errors surface before the GIL is released
   py::gil_scoped_release release;
@@ -268,16 +278,10 @@ void query_dots(const py::buffer& q, const py::buffer& rows, const py::object& i
 
 void weighted_rows(const py::buffer& w, const py::buffer& rows, const py::object& ids, const py::buffer& out,
                    py::ssize_t n_rows, py::ssize_t stride, int n_threads) {
-  py::buffer_info wb = request_typed(w, "w", {}, 3, 'h', false);
   hybridattn::WeightedRowsArgs a;
-  a.rows = row_set(rows, ids, wb.shape[0], n_rows, stride);
+  py::buffer_info wb = row_product(a, w, "w", rows, ids, out, n_rows, stride, n_threads, false);
   if (wb.shape[2] != a.rows.n_taken) fail("w [X, G, M] must weigh the M rows taken per item");
-  py::buffer_info ob = request_typed(out, "out", {wb.shape[0], wb.shape[1], a.rows.dim}, 3, 'h', true);
   a.w = static_cast<const uint16_t*>(wb.ptr);
-  a.out = static_cast<uint16_t*>(ob.ptr);
-  a.n_items = wb.shape[0];
-  a.group = wb.shape[1];
-  a.n_threads = n_threads;
   hybridattn::check_weighted_rows_args(a);
   py::gil_scoped_release release;
   hybridattn::weighted_rows(a);

@@ -55,23 +55,22 @@ struct RowSet {
   }
 };
 
-struct QueryDotsArgs {
+// What both products take besides their left operand: the rows, the output, the sizes and the threads.
+struct RowProductArgs {
+  RowSet rows;              // M rows per item
+  uint16_t* out = nullptr;  // bf16: [X, G, M] (query_dots) or [X, G, D] (weighted_rows)
+  int64_t n_items = 0;      // X
+  int64_t group = 0;        // G
+  int n_threads = 0;        // 0: the OpenMP default
+};
+
+struct QueryDotsArgs : RowProductArgs {
   const uint16_t* q = nullptr;  // [X, G, D] bf16, contiguous
-  RowSet rows;                  // M rows per item
-  uint16_t* out = nullptr;      // [X, G, M] bf16
-  int64_t n_items = 0;          // X
-  int64_t group = 0;            // G
-  int n_threads = 0;            // 0: the OpenMP default
   bool widened = false;         // the widened path even where the bf16 instructions serve (tests)
 };
 
-struct WeightedRowsArgs {
+struct WeightedRowsArgs : RowProductArgs {
   const uint16_t* w = nullptr;  // [X, G, M] bf16, contiguous
-  RowSet rows;                  // M rows per item
-  uint16_t* out = nullptr;      // [X, G, D] bf16
-  int64_t n_items = 0;          // X
-  int64_t group = 0;            // G
-  int n_threads = 0;            // 0: the OpenMP default
 };
 
 inline bool has_bf16_dots() {
@@ -102,21 +101,19 @@ inline void check_row_set(const RowSet& r, int64_t n_items, const char* op) {
   }
 }
 
-inline void check_query_dots_args(const QueryDotsArgs& a) {
-  if (a.group < 0) throw std::invalid_argument("query_dots: negative sizes or an empty dimension");
-  check_row_set(a.rows, a.n_items, "query_dots");
-  if (a.rows.dim % 32 != 0)
-    throw std::invalid_argument("query_dots: the dimension must be a multiple of 32, got " +
+// A product's sizes and ids, and a dimension that its vector loops take whole (a multiple of `lanes`).
+inline void check_row_product(const RowProductArgs& a, const char* op, int64_t lanes) {
+  const std::string name(op);
+  if (a.group < 0) throw std::invalid_argument(name + ": negative sizes or an empty dimension");
+  check_row_set(a.rows, a.n_items, op);
+  if (a.rows.dim % lanes != 0)
+    throw std::invalid_argument(name + ": the dimension must be a multiple of " + std::to_string(lanes) + ", got " +
                                 std::to_string(a.rows.dim));
 }
 
-inline void check_weighted_rows_args(const WeightedRowsArgs& a) {
-  if (a.group < 0) throw std::invalid_argument("weighted_rows: negative sizes or an empty dimension");
-  check_row_set(a.rows, a.n_items, "weighted_rows");
-  if (a.rows.dim % 8 != 0)
-    throw std::invalid_argument("weighted_rows: the dimension must be a multiple of 8, got " +
-                                std::to_string(a.rows.dim));
-}
+inline void check_query_dots_args(const QueryDotsArgs& a) { check_row_product(a, "query_dots", 32); }
+
+inline void check_weighted_rows_args(const WeightedRowsArgs& a) { check_row_product(a, "weighted_rows", 8); }
 
 constexpr int64_t kDotRows = 64;  // rows per unit of work: a thread's share of a KV head
 
