@@ -587,6 +587,8 @@ def test_the_row_products_refuse_ids_and_shapes_they_cannot_read():
         ops.query_dots(q, rows, torch.zeros(3, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="M rows taken"):
         ops.weighted_rows(w, rows)  # 3 weights for 8 rows
+    with pytest.raises(ValueError, match="expected w"):
+        ops.weighted_rows(w, rows[0])  # rows without their items
     with pytest.raises(ValueError, match="bfloat16"):
         ops.weighted_rows(w.float(), rows)
     flat, out = ops._buffer(rows.view(16, 64)), ops._buffer(torch.empty(2, 4, 8, dtype=torch.bfloat16))

@@ -321,13 +321,11 @@ def weighted_rows(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None 
     w, rows = _as_cpu_tensor(w, "w"), _as_cpu_tensor(rows, "rows")
     if w.dtype != torch.bfloat16 or rows.dtype != torch.bfloat16:
         raise ValueError(f"weighted_rows takes bfloat16 w and rows, got {w.dtype} and {rows.dtype}")
+    if w.dim() != 3 or rows.dim() != 3 or w.shape[0] != rows.shape[0]:
+        raise _weights_mismatch(w, rows, ids)
     ids = _row_ids(ids, rows)
-    taken = rows.shape[1] if ids is None else ids.shape[1]
-    if w.dim() != 3 or rows.dim() != 3 or w.shape[0] != rows.shape[0] or w.shape[2] != taken:
-        raise ValueError(
-            f"expected w [X, G, M] and rows [X, N, D], M rows taken; got w {tuple(w.shape)}, rows "
-            f"{tuple(rows.shape)}" + ("" if ids is None else f", ids {tuple(ids.shape)}")
-        )
+    if w.shape[2] != (rows.shape[1] if ids is None else ids.shape[1]):
+        raise _weights_mismatch(w, rows, ids)
     if not HAS_EXT or rows.shape[2] % 8:
         return torch.bmm(w, rows if ids is None else _taken(rows, ids))
     out = torch.empty(w.shape[0], w.shape[1], rows.shape[2], dtype=torch.bfloat16)
@@ -336,14 +334,23 @@ def weighted_rows(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None 
     return out
 
 
+def _weights_mismatch(w: torch.Tensor, rows: torch.Tensor, ids) -> ValueError:
+    taken = "" if ids is None else f", ids {tuple(ids.shape)}"
+    return ValueError(
+        f"expected w [X, G, M] and rows [X, N, D], M rows taken; got w {tuple(w.shape)}, "
+        f"rows {tuple(rows.shape)}{taken}"
+    )
+
+
 def _row_ids(ids: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    """ids [X, M] for rows [X, N, D] as the kernels take them (int64, contiguous), each checked to lie in [-1, N)."""
+    """ids [X, M] for rows [X, N, D] as the kernels take them (int64, contiguous; their range is checked by
+    the kernel, or by `_taken`)."""
     if ids is None:
         return None
     ids = _check_ids(_as_cpu_tensor(ids, "ids"))
     if ids.dim() != 2 or ids.shape[0] != rows.shape[0]:
         raise ValueError(f"ids must have shape [{rows.shape[0]}, M], got {tuple(ids.shape)}")
-    return ids  # their range: checked by the kernel (IndexError), or by `_taken`
+    return ids
 
 
 def _taken(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
