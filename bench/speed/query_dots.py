@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from ann.block import head_rows
 from ann.qq import bmm_dots
 from bench.common.options import parser, positive_int
 from bench.common.output import save_run
@@ -65,19 +64,15 @@ def measure(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> di
 
 def block_products(layer, queries: list[torch.Tensor], scale: float, rounds: int) -> dict:
     """The step with the blocks' products through the engine's (`estimate.block_dots` and `block_sums`: the
-    native ones for bf16 landmarks on the CPU) and through torch's (`head_rows`, then `estimate.block_matmul`,
-    widened where that widens), in turns: blocks_step_ms, blocks_step_ms_torch, blocks_same_output."""
+    native ones for bf16 landmarks on the CPU) and through torch's (`estimate.block_dots_torch` and
+    `block_sums_torch`: `head_rows`, then `block_matmul`, widened where that widens), in turns:
+    blocks_step_ms, blocks_step_ms_torch, blocks_same_output."""
     indexes = {id(i): i for i in (layer.blocks, layer.summary.keys) if i is not None}.values()
     chosen = estimate.block_dots, estimate.block_sums
-
-    def torch_dots(q, rows, ids=None):
-        return estimate.block_matmul(q, (rows if ids is None else head_rows(rows, ids)).transpose(-1, -2))
-
-    def torch_sums(w, rows, ids=None):
-        return estimate.block_matmul(w.to(rows.dtype), rows if ids is None else head_rows(rows, ids))
+    in_torch = estimate.block_dots_torch, estimate.block_sums_torch
 
     def blocks_product(name):
-        estimate.block_dots, estimate.block_sums = chosen if name == "native" else (torch_dots, torch_sums)
+        estimate.block_dots, estimate.block_sums = chosen if name == "native" else in_torch
         for index in indexes:
             index.dots = estimate.block_dots
 

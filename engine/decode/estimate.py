@@ -196,6 +196,11 @@ def block_dots(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = N
         flat_ids = None if ids is None else ids.reshape(-1, ids.shape[-1])
         out = ops.query_dots(q.reshape(-1, G, D), rows.reshape(-1, N, D), flat_ids)
         return out.view(*q.shape[:-2], G, out.shape[-1])
+    return block_dots_torch(q, rows, ids)
+
+
+def block_dots_torch(q: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`block_dots` in torch: the rows ids name gathered (`head_rows`), then `block_matmul`."""
     return block_matmul(q, (rows if ids is None else head_rows(rows, ids)).transpose(-1, -2))
 
 
@@ -209,7 +214,12 @@ def block_sums(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = N
         flat_ids = None if ids is None else ids.reshape(-1, M)
         out = ops.weighted_rows(w.reshape(-1, G, M), rows.reshape(-1, N, D), flat_ids)
         return out.view(*w.shape[:-2], G, D)
-    return block_matmul(w, rows if ids is None else head_rows(rows, ids))
+    return block_sums_torch(w, rows, ids)
+
+
+def block_sums_torch(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`block_sums` in torch: the rows ids name gathered (`head_rows`), then `block_matmul`."""
+    return block_matmul(w.to(rows.dtype), rows if ids is None else head_rows(rows, ids))
 
 
 def stacked_scores(summaries: list[BlockSummary], q: torch.Tensor, scale: float) -> BlockScores:

@@ -240,7 +240,7 @@ def gather_attend_torch(
     _check_rows(ids, k_store.shape[1])
     if k_store.shape[1] == 0:  # nothing stored (all ids are padding): there is no row 0 to gather
         return torch.zeros(q.shape), torch.full(q.shape[:1], float("-inf"))
-    k, v = _rows(k_store, ids), _rows(v_store, ids)  # [Hkv, M, D]
+    k, v = _rows(k_store, ids).float(), _rows(v_store, ids).float()  # [Hkv, M, D]
     s = torch.bmm(q.view(Hkv, -1, D), k.transpose(1, 2)).mul_(scale)  # [Hkv, G, M]
     s.masked_fill_((ids < 0).unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, G]
@@ -273,7 +273,7 @@ def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) 
     _check_rows(ids, k.shape[1])
     if k.shape[1] == 0:  # nothing stored: every id is padding
         return out.fill_(float("-inf"))
-    s = torch.bmm(q.view(k.shape[0], -1, k.shape[2]), _rows(k, ids).transpose(1, 2))  # [Hkv, G, M]
+    s = torch.bmm(q.view(k.shape[0], -1, k.shape[2]), _rows(k, ids).float().transpose(1, 2))  # [Hkv, G, M]
     return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
 
 
@@ -358,7 +358,7 @@ def _taken(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     _check_rows(ids, rows.shape[1])
     if rows.shape[1] == 0 and ids.numel():  # no row 0 for -1 to read
         raise IndexError(f"ids[0, 0] = {int(ids[0, 0])} is outside [-1, 0)")
-    return rows[torch.arange(rows.shape[0]).unsqueeze(1), ids.clamp_min(0)]
+    return _rows(rows, ids)
 
 
 def _row_span(rows: torch.Tensor, ids: torch.Tensor | None) -> tuple:
@@ -383,8 +383,8 @@ def _check_rows(ids: torch.Tensor, n: int) -> None:
 
 
 def _rows(store: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The rows ids [Hkv, M] (-1 reads row 0) of a store [Hkv, N, D] with N > 0, as fp32 [Hkv, M, D]."""
-    return store[torch.arange(store.shape[0]).unsqueeze(1), ids.clamp_min(0)].float()
+    """The rows ids [Hkv, M] (-1 reads row 0) of a store [Hkv, N, D] with N > 0 -> [Hkv, M, D], in its dtype."""
+    return store[torch.arange(store.shape[0]).unsqueeze(1), ids.clamp_min(0)]
 
 
 class HostStepResult(NamedTuple):
