@@ -291,7 +291,8 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
                const py::buffer& near, const py::buffer& blocks, const py::buffer& ranges, const py::buffer& lse,
                const py::buffer& out, const py::buffer& out_lse, const py::buffer& ids, const py::buffer& n_read,
                const py::buffer& n_rated, const py::buffer& block_reads, const py::buffer& threshold,
-               const std::string& store_dtype, float scale, int64_t qq_limit, int64_t qq_prefix, int64_t block_size, bool lse_from_candidates,
+               const std::string& store_dtype, float scale, const py::buffer& qq_limit, const py::buffer& qq_prefix,
+               int64_t block_size, bool lse_from_candidates,
                int n_threads, int64_t min_chunk, bool scalar) {
   py::buffer_info qb = request_float32(q, "q", 3, false);
   const py::ssize_t B = qb.shape[0], Hq = qb.shape[1], D = qb.shape[2];
@@ -329,6 +330,8 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   py::buffer_info nrt = request_typed(n_rated, "n_rated", {B, Hkv}, 2, 'q', true);
   py::buffer_info brb = request_typed(block_reads, "block_reads", {B, Hkv}, 3, 'i', true);
   py::buffer_info tb = request_typed(threshold, "threshold", {B}, 1, 'f', false);
+  py::buffer_info qlb = request_typed(qq_limit, "qq_limit", {B}, 1, 'q', false);
+  py::buffer_info qpb = request_typed(qq_prefix, "qq_prefix", {B}, 1, 'q', false);
   hybridattn::HostStepArgs a;
   a.n_seqs = B;
   a.n_q_heads = Hq;
@@ -340,8 +343,8 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   a.list_len = std::max<py::ssize_t>(L, 0);
   a.near = static_cast<const int64_t*>(nb.ptr);
   a.n_near = nb.shape[2];
-  a.qq_limit = qq_limit;
-  a.qq_prefix = qq_prefix;
+  a.qq_limit = static_cast<const int64_t*>(qlb.ptr);
+  a.qq_prefix = static_cast<const int64_t*>(qpb.ptr);
   a.blocks = static_cast<const int64_t*>(bb.ptr);
   a.n_chosen = bb.shape[2];
   a.block_size = block_size;

@@ -460,6 +460,8 @@ class HostSeq:
     near_pad: float  # fraction of proposed list rows that are -1
     near_repeat: float
     block_pad: float  # fraction of chosen blocks that are -1
+    qq_limit: int  # distinct list proposals taken (each sequence its own, as its context grows its budget)
+    qq_prefix: int  # list entries looked at
     ranges: tuple[str, str, str]  # how the tail, recent and forced [begin, end) are drawn (RANGE_KINDS)
     threshold: float  # as drawn; the kernel takes it as a float32
     lse_kind: str  # how the given lse is drawn (HOST_LSE_KINDS)
@@ -481,8 +483,6 @@ class HostStepCase:
     empty_list_len: int  # the last dimension of lists without rows (they hold nothing: any length)
     n_near: int
     n_chosen: int
-    qq_limit: int
-    qq_prefix: int
     block_size: int
     lse_from_candidates: bool
     min_chunk: int | None  # the fewest candidates a chunk takes where a unit is split over threads (None: the default)
@@ -521,8 +521,6 @@ def draw_host_case(pick: Pick) -> HostStepCase:
         empty_list_len=pick((0, 1, 7)),
         n_near=pick((0, 1, 2, 3, 6)),
         n_chosen=pick((0, 1, 2, 5)),
-        qq_limit=pick((0, 1, 3, 8, 40, 10**6)),
-        qq_prefix=pick((0, 1, 4, 16, 64, 10**6)),
         block_size=pick((1, 2, 3, 8, 16, 64)),
         lse_from_candidates=pick((False, True)),
         min_chunk=pick((None, None, 1, 7, 64)),
@@ -547,6 +545,8 @@ def _draw_host_seq(pick: Pick) -> HostSeq:
         near_pad=pick((0.0, 0.0, 0.3, 1.0)),
         near_repeat=pick((0.0, 0.5)),
         block_pad=pick((0.0, 0.3, 1.0)),
+        qq_limit=pick((0, 1, 3, 8, 40, 10**6)),
+        qq_prefix=pick((0, 1, 4, 16, 64, 10**6)),
         ranges=(pick(RANGE_KINDS), pick(RANGE_KINDS), pick(RANGE_KINDS)),
         threshold=pick(THRESHOLDS),
         lse_kind=pick(HOST_LSE_KINDS),
@@ -738,8 +738,8 @@ def unit_expect(c: HostStepCase, x: HostInputs, b: int, h: int) -> UnitExpect:
             x.blocks[b, h],
             x.ranges[b],
             s.N,
-            qq_limit=c.qq_limit,
-            qq_prefix=c.qq_prefix,
+            qq_limit=s.qq_limit,
+            qq_prefix=s.qq_prefix,
             block_size=c.block_size,
         )
     except IndexError as exc:
@@ -834,8 +834,8 @@ def _host_call(ops, c: HostStepCase, x: HostInputs, cap: int, n_count: int, n_th
         x.lse[s],
         scale=x.scale,
         threshold=x.threshold[s],
-        qq_limit=c.qq_limit,
-        qq_prefix=c.qq_prefix,
+        qq_limit=np.array([seq.qq_limit for seq in c.seqs[s]], dtype=np.int64),
+        qq_prefix=np.array([seq.qq_prefix for seq in c.seqs[s]], dtype=np.int64),
         block_size=c.block_size,
         cap=cap,
         n_count_blocks=n_count,

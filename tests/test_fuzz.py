@@ -150,17 +150,23 @@ def test_gather_attend_batch_matches_single_calls_and_reference(c):
     assert not problems, problems[0]
 
 
-def host_case(*seqs: dict, **changes) -> HostStepCase:
-    """A host_step call over sequences host_seq(**seqs[b]) (seeded by their position unless given)."""
+def host_case(*seqs: dict, qq_limit: int = 8, qq_prefix: int = 16, **changes) -> HostStepCase:
+    """A host_step call over sequences host_seq(**seqs[b]) (seeded by their position, and taking
+    qq_limit and qq_prefix, unless given)."""
     base = dict(Hkv=2, G=3, D=64, dtype="float32", list_len=8, empty_list_len=1, n_near=3, n_chosen=2)
-    base |= dict(qq_limit=8, qq_prefix=16, block_size=8, lse_from_candidates=False, scale=None, cap="exact")
+    base |= dict(block_size=8, lse_from_candidates=False, scale=None, cap="exact")
     base |= dict(count_blocks="all", bad=None, bad_at=0, min_chunk=None)
-    return HostStepCase(**(base | changes), seqs=tuple(host_seq(**({"seed": b} | s)) for b, s in enumerate(seqs)))
+    seq_base = dict(qq_limit=qq_limit, qq_prefix=qq_prefix)
+    return HostStepCase(
+        **(base | changes), seqs=tuple(host_seq(**(seq_base | {"seed": b} | s)) for b, s in enumerate(seqs))
+    )
 
 
 def host_seq(**changes) -> HostSeq:
     base = dict(N=100, spare_k=0, spare_v=0, list_rows=5, entry_pad=0.1, entry_repeat=0.3, near_pad=0.2)
-    base |= dict(near_repeat=0.5, block_pad=0.3, ranges=("inner", "to end", "empty"), threshold=1e-3)
+    base |= dict(
+        near_repeat=0.5, block_pad=0.3, qq_limit=8, qq_prefix=16, ranges=("inner", "to end", "empty"), threshold=1e-3
+    )
     base |= dict(lse_kind="near", q_exp=0, k_exp=0, v_exp=0, seed=0)
     return HostSeq(**(base | changes))
 
@@ -176,6 +182,9 @@ def host_seq(**changes) -> HostSeq:
 @example(host_case({}, {"N": 129}, G=17, D=528, dtype="bfloat16", block_size=3))  # the scalar loops
 @example(host_case({"q_exp": 30, "k_exp": 30}))  # beyond fp32: only what does not depend on the rating
 @example(host_case({"ranges": ("all", "all", "all")}, cap="small"))  # more than cap
+@example(
+    host_case({"N": 300, "qq_limit": 40, "qq_prefix": 64}, {"N": 300, "qq_limit": 1}, {"qq_prefix": 0})
+)  # own budgets
 @example(host_case({"N": 300, "ranges": ("all", "empty", "start")}, {"N": 300}, min_chunk=7, lse_from_candidates=True))
 @example(host_case({"N": 300, "ranges": ("all", "empty", "empty"), "threshold": -math.inf}, min_chunk=1))  # unrated
 @example(  # a rating just under the smallest subnormal, the threshold: expf's error there is one step, not relative

@@ -194,8 +194,10 @@ def test_covering_budget_is_exact():
     torch.testing.assert_close(o[:, :, 0].double(), expected, atol=1e-4, rtol=0)
 
 
-def test_a_batch_gives_each_sequence_what_it_gets_alone():
-    cfg = CONFIGS["default"]
+@pytest.mark.parametrize("grown", [False, True], ids=["default", "budgets-grown-apart"])
+def test_a_batch_gives_each_sequence_what_it_gets_alone(grown):
+    # grown: past grow_from each sequence's list budget grows with its own context, so they differ
+    cfg = CONFIGS["default"].replace(grow_from=64, candidates=1) if grown else CONFIGS["default"]
     seqs = [layer_with(cfg, n, seed=n, later=later) for n, later in ((500, 0), (800, 9), (650, 40))]
     q = queries(11, batch=3)
     together = batch_decode_step(seqs, q, SCALE)
@@ -242,11 +244,15 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
                 lists=lists,
                 lse=torch.zeros(1, H_KV * G),
                 threshold=0.0,
+                qq_limit=8,
+                qq_prefix=32,
             )
             | changes
         )
-        if fn is ops.host_step_prepared and not isinstance(args["threshold"], np.ndarray):
-            args["threshold"] = np.full(1, args["threshold"], dtype=np.float32)
+        if fn is ops.host_step_prepared:  # one number per sequence, in the kernel's types
+            for name, dtype in (("threshold", np.float32), ("qq_limit", np.int64), ("qq_prefix", np.int64)):
+                if not isinstance(args[name], np.ndarray):
+                    args[name] = np.full(1, args[name], dtype=dtype)
         return fn(
             args["q"],
             keys,
@@ -259,8 +265,8 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
             *([args["threshold"]] if fn is ops.host_step_prepared else []),
             scale=SCALE,
             **({} if fn is ops.host_step_prepared else {"threshold": args["threshold"]}),
-            qq_limit=8,
-            qq_prefix=32,
+            qq_limit=args["qq_limit"],
+            qq_prefix=args["qq_prefix"],
             block_size=8,
             cap=64,
             n_count_blocks=4,
@@ -283,6 +289,12 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         call(threshold=math.nan)
     with pytest.raises(ValueError, match="min_chunk"):
         call(min_chunk=0)
+    with pytest.raises(ValueError, match="qq_limit and qq_prefix must be >= 0"):
+        call(qq_limit=-1)
+    with pytest.raises(ValueError, match="qq_prefix must hold one number per sequence"):
+        call(qq_prefix=[32, 32])
+    with pytest.raises(ValueError, match="qq_limit must hold int64 numbers"):
+        call(qq_limit=8.5)
     with pytest.raises(ValueError, match="near must be int64|ids must be an integer"):
         call(near=torch.zeros(1, H_KV, 2))
     with pytest.raises(ValueError, match="lists must hold|expected one item per sequence"):
@@ -306,6 +318,9 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         (dict(lse=torch.zeros(1, H_KV * G, dtype=torch.float64)), "lse must be float32"),
         (dict(threshold=np.full(1, math.nan, dtype=np.float32)), "threshold of sequence 0 is NaN"),
         (dict(threshold=np.zeros(2, dtype=np.float32)), "threshold"),
+        (dict(qq_limit=np.full(1, 8, dtype=np.int32)), "qq_limit must be int64"),
+        (dict(qq_prefix=np.full(2, 32, dtype=np.int64)), "qq_prefix: dimension 0 is 2, expected 1"),
+        (dict(qq_limit=np.full(1, -1, dtype=np.int64)), "sequence 0: qq_limit and qq_prefix must be >= 0"),
     ]
     for changes, message in wrong:
         with pytest.raises(ValueError, match=message):

@@ -173,8 +173,8 @@ def read(layers, q: torch.Tensor, inputs: list[HostInputs], scale: float) -> ops
         torch.stack(lse).view(B, Hkv * G),
         np.array([i.threshold for i in inputs], dtype=np.float32),
         scale=scale,
-        qq_limit=max(i.qq_limit for i in inputs),  # 0 where a sequence has no key index yet: no rows either
-        qq_prefix=max(i.qq_prefix for i in inputs),
+        qq_limit=np.array([i.qq_limit for i in inputs], dtype=np.int64),  # each its own: 0 without a key index yet
+        qq_prefix=np.array([i.qq_prefix for i in inputs], dtype=np.int64),
         block_size=first.cfg.block_size,
         cap=max(widths),
         n_count_blocks=max(summarized),

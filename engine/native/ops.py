@@ -440,8 +440,8 @@ def host_step(
     *,
     scale: float,
     threshold,
-    qq_limit: int,
-    qq_prefix: int,
+    qq_limit,
+    qq_prefix,
     block_size: int,
     cap: int,
     n_count_blocks: int,
@@ -461,8 +461,10 @@ def host_step(
     rows, best first (-1 = none); blocks [B, Hkv, T] chosen block ids (-1 = none); ranges
     [B, 3, 2] the [begin, end) of `RANGES`; lse [B, Hq] the rating's log-denominators (with
     lse_from_candidates: the resident tokens', completed with the candidates' own scores).
-    A candidate of sequence b is read when its probability averaged over the query group reaches
-    threshold[b] (a number or [B] numbers; -inf: every candidate, unrated). `cap` bounds the ids
+    Sequence b's list proposals are the first qq_limit[b] distinct ids among the first qq_prefix[b]
+    entries of its rows (each a number or [B] numbers). A candidate of sequence b is read when its
+    probability averaged over the query group reaches threshold[b] (a number or [B] numbers; -inf:
+    every candidate, unrated). `cap` bounds the ids
     read per row; `n_count_blocks` the blocks counted. `pin` puts the outputs in pinned memory
     (for asynchronous copies to a GPU). With fewer KV heads than twice the threads, a unit's
     candidates are rated and attended in chunks of `min_chunk` or more (None: the kernel's
@@ -483,10 +485,10 @@ def host_step(
         _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
     )
     lse = _as_cpu_tensor(lse, "lse").float().contiguous()
-    threshold = torch.as_tensor(threshold, dtype=torch.float32).reshape(-1).numpy()  # a number, a list, a tensor
-    threshold = np.repeat(threshold, B) if threshold.size == 1 else np.ascontiguousarray(threshold)
-    if threshold.shape != (B,):
-        raise ValueError(f"threshold must hold one number per sequence (B = {B}); got {threshold}")
+    threshold = _per_sequence(threshold, np.float32, "threshold", B)
+    qq_limit, qq_prefix = (
+        _per_sequence(x, np.int64, name, B) for x, name in ((qq_limit, "qq_limit"), (qq_prefix, "qq_prefix"))
+    )
     return host_step_prepared(
         q,
         ks,
@@ -498,8 +500,8 @@ def host_step(
         lse,
         threshold,
         scale=scale,
-        qq_limit=int(qq_limit),
-        qq_prefix=int(qq_prefix),
+        qq_limit=qq_limit,
+        qq_prefix=qq_prefix,
         block_size=int(block_size),
         cap=cap,
         n_count_blocks=n_count_blocks,
@@ -523,8 +525,8 @@ def host_step_prepared(
     threshold: np.ndarray,
     *,
     scale: float,
-    qq_limit: int,
-    qq_prefix: int,
+    qq_limit: np.ndarray,
+    qq_prefix: np.ndarray,
     block_size: int,
     cap: int,
     n_count_blocks: int,
@@ -535,7 +537,8 @@ def host_step_prepared(
     scalar: bool = False,
 ) -> HostStepResult:
     """`host_step` for inputs already in the kernel's types and layouts (CPU tensors: q and lse fp32,
-    near, blocks and ranges int64, lists int32, all contiguous; threshold a float32 array [B]), as a
+    near, blocks and ranges int64, lists int32, all contiguous; threshold a float32 array [B], qq_limit
+    and qq_prefix int64 arrays [B]), as a
     decode step prepares them (engine.decode.host.read): no conversion and no check in Python, where
     each small torch call costs the step more than it would save; the kernel itself checks every
     shape, dtype, id and value (q finite, no threshold NaN)."""
@@ -569,6 +572,20 @@ def host_step_prepared(
         scalar,
     )
     return res
+
+
+def _per_sequence(x, dtype, name: str, B: int) -> np.ndarray:
+    """A number, or one number per sequence (a list, an array, a tensor), as a contiguous [B] array of dtype."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    values = np.asarray(x)
+    if values.size and (values.dtype.kind not in "biuf" or (np.dtype(dtype).kind == "i" and values.dtype.kind == "f")):
+        raise ValueError(f"{name} must hold {np.dtype(dtype).name} numbers, got {values.dtype}")
+    values = values.astype(dtype).reshape(-1)
+    values = np.repeat(values, B) if values.size == 1 else np.ascontiguousarray(values)
+    if values.shape != (B,):
+        raise ValueError(f"{name} must hold one number per sequence (B = {B}); got {x}")
+    return values
 
 
 def _int32_lists(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -4,7 +4,7 @@
 // Per unit (sequence b, KV head h):
 //   1. candidates, each host id once, found in this order (then rated in ascending order):
 //        the query->query lists' proposals: lists[h, near[h, p], :] walked in order, the first
-//          `qq_limit` distinct ids among the first `qq_prefix` entries (-1 entries count as entries);
+//          `qq_limit[b]` distinct ids among the first `qq_prefix[b]` entries (-1 entries count as entries);
 //        the tokens of the chosen blocks blocks[h, :] (full blocks of `block_size`, -1 = none);
 //        the ranges `tail` and `recent` [begin, end);
 //   2. each candidate rated (unless the threshold is -inf: then all are read):
@@ -74,7 +74,9 @@ struct HostStepArgs {
   int64_t list_len = 0;
   const int64_t* near = nullptr;  // [B, Hkv, n_near]: list rows, in order of preference (-1 = none)
   int64_t n_near = 0;
-  int64_t qq_limit = 0, qq_prefix = 0;
+  // [B] each: a sequence's budget of list proposals (its own: with an adaptive budget it grows with its context)
+  const int64_t* qq_limit = nullptr;
+  const int64_t* qq_prefix = nullptr;
   const int64_t* blocks = nullptr;  // [B, Hkv, n_chosen] block ids (-1 = none)
   int64_t n_chosen = 0;
   int64_t block_size = 1;
@@ -156,7 +158,7 @@ inline int64_t unit_chunks(const HostStepArgs& a, int threads, int64_t C) {
 // The most candidates a unit of sequence b can gather, known before it gathers them.
 inline int64_t most_candidates(const HostStepArgs& a, int64_t b) {
   const int64_t N = a.k[b].n_tokens, *r = a.ranges + b * kRanges * 2;
-  const int64_t lists = std::min({a.qq_limit, a.qq_prefix, std::min(a.n_near, N) * std::min(a.list_len, N)});
+  const int64_t lists = std::min({a.qq_limit[b], a.qq_prefix[b], std::min(a.n_near, N) * std::min(a.list_len, N)});
   const int64_t blocks = std::min(a.n_chosen, N) * std::min(a.block_size, N);
   return std::min(N, std::min(lists, N) + std::min(blocks, N) + (r[2 * kTail + 1] - r[2 * kTail]) +
                          (r[2 * kRecent + 1] - r[2 * kRecent]));
@@ -348,13 +350,14 @@ class HostUnit {
   std::string gather_candidates() {
     const int64_t rows = a_.n_list_rows[b_], L = a_.list_len;
     const int64_t* near = a_.near + unit_ * a_.n_near;
+    const int64_t limit = a_.qq_limit[b_], prefix = a_.qq_prefix[b_];
     int64_t walked = 0, found = 0;
-    for (int64_t p = 0; p < a_.n_near && walked < a_.qq_prefix && found < a_.qq_limit; ++p) {
+    for (int64_t p = 0; p < a_.n_near && walked < prefix && found < limit; ++p) {
       const int64_t r = near[p];
       if (r < -1 || r >= rows) return where() + ": list row " + std::to_string(r) + " is outside [-1, " + std::to_string(rows) + ")";
       if (r < 0) continue;
       const int32_t* list = a_.lists[b_] + (h_ * rows + r) * L;
-      for (int64_t j = 0; j < L && walked < a_.qq_prefix && found < a_.qq_limit; ++j, ++walked) {
+      for (int64_t j = 0; j < L && walked < prefix && found < limit; ++j, ++walked) {
         const int64_t id = list[j];
         if (id < -1 || id >= N_) return where() + ": list entry " + std::to_string(id) + " is outside [-1, " + std::to_string(N_) + ")";
         if (id >= 0 && !test(id)) {
@@ -448,7 +451,6 @@ inline void check_host_step(const HostStepArgs& a) {
   if (a.n_seqs < 0 || a.n_near < 0 || a.n_chosen < 0 || a.cap < 0 || a.n_count_blocks < 0 || a.list_len < 0)
     fail("negative size");
   if (a.block_size <= 0) fail("block_size must be positive");
-  if (a.qq_limit < 0 || a.qq_prefix < 0) fail("qq_limit and qq_prefix must be >= 0");
   if (a.min_chunk < 1) fail("min_chunk must be >= 1");
   for (int64_t b = 0; b < a.n_seqs; ++b) {
     const std::string seq = "sequence " + std::to_string(b) + ": ";
@@ -460,6 +462,7 @@ inline void check_host_step(const HostStepArgs& a) {
       fail(seq + "its stores differ from sequence 0's in dtype, Hkv or D");
     if (a.n_q_heads / k.n_heads > kMaxRateGroup) fail("more than 64 query heads per KV head");
     if (a.n_list_rows[b] < 0) fail(seq + "negative list rows");
+    if (a.qq_limit[b] < 0 || a.qq_prefix[b] < 0) fail(seq + "qq_limit and qq_prefix must be >= 0");
     if (a.n_list_rows[b] > 0 && a.lists[b] == nullptr) fail(seq + "no lists");
     const int64_t* r = a.ranges + b * kRanges * 2;
     for (int i = 0; i < kRanges; ++i)
