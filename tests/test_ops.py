@@ -74,6 +74,24 @@ def test_all_padding_rows_and_empty_list():
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
+@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rows_at_minus_infinity_before_any_finite_one_weigh_nothing(scalar, n_threads):
+    """A whole tile (16 rows) whose scores overflow to -inf, then finite rows: the running max is still
+    -inf after the first tile, and its rows must weigh nothing (not exp(-inf - -inf) = NaN)."""
+    D = 16
+    k, v = torch.zeros(1, 3, D), torch.zeros(1, 3, D)
+    k[0, 0, 0], k[0, 1, 0], k[0, 2, 0] = -3e38, 1.0, 0.5  # q . k[0] * scale overflows to -inf
+    v[0, 1], v[0, 2] = 1.0, 3.0
+    q = torch.zeros(1, D)
+    q[0, 0] = 10.0
+    ids = torch.tensor([[0] * 40 + [1, 2]])
+    out, lse = ops.gather_attend(q, k, v, ids, 0.25, scalar=scalar, n_threads=n_threads)
+    want_out, want_lse = ops.gather_attend_torch(q, k, v, ids[:, 40:], 0.25)  # the rows that weigh
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+
 def test_store_with_spare_capacity_is_read_in_place():
     q, k, v, ids = make_case(4, 2, 100, 64, 50, torch.bfloat16)
     big_k, big_v = torch.zeros(4, 300, 64, dtype=torch.bfloat16), torch.zeros(4, 300, 64, dtype=torch.bfloat16)

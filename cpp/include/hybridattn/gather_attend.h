@@ -131,6 +131,10 @@ HA_INLINE void take_scores_scalar(PartialState st, int64_t g, int64_t D, float* 
   float tile_max = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, p[j]);
   raise_max(st, g, D, tile_max);
+  if (st.m[g] == -std::numeric_limits<float>::infinity()) {  // every row so far at -inf: none weighs anything
+    std::fill(p, p + n, 0.0f);
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     p[j] = std::exp(p[j] - st.m[g]);
     st.l[g] += p[j];
@@ -219,6 +223,10 @@ HA_INLINE void take_scores(PartialState st, int64_t g, int64_t D, vf16 scores, i
   for (int i = 0; i < 16; ++i) lane[i] = float(i);
   scores = lane < float(n) ? scores : vf16{} - std::numeric_limits<float>::infinity();
   raise_max(st, g, D, hmax(scores));
+  if (st.m[g] == -std::numeric_limits<float>::infinity()) {  // exp(-inf - -inf) would be NaN
+    store16(p, vf16{});
+    return;
+  }
   const vf16 pv = exp16(scores - st.m[g]);
   st.l[g] += hsum(pv);
   store16(p, pv);
