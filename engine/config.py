@@ -301,7 +301,7 @@ class OffloadConfig:
     )
 
     # Runtime: where and how it runs (no effect on the result).
-    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's)", state=True)
+    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's; float32 for a float64 model)", state=True)
     host_threads: int = _option("runtime", 0, "threads of the host kernel (0: all cores)")
     build_workers: int = _option(
         "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"
@@ -476,7 +476,11 @@ class OffloadConfig:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["state"])
 
     def resolved_host_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return model_dtype if self.host_dtype == "auto" else HOST_DTYPES[self.host_dtype]
+        """The host store's dtype for a model of model_dtype: `host_dtype`, or with `auto` the model's
+        where the host kernels read it, else float32 (a float64 model's keys and values)."""
+        if self.host_dtype != "auto":
+            return HOST_DTYPES[self.host_dtype]
+        return model_dtype if model_dtype in HOST_DTYPES.values() else torch.float32
 
     def replace(self, **changes) -> OffloadConfig:
         return dataclasses.replace(self, **_in_new_names(changes))

@@ -1,6 +1,8 @@
 """The hybrid attention inside a transformers model: exactness when the budgets
 cover every token, every selection mode and retrieval method end to end."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,17 @@ def test_exact_when_an_adaptive_budget_reads_every_candidate(tiny_model, tiny_id
     stats = cache.step_stats()
     assert stats["gathered"] == stats["host_tokens"] and stats["estimated"] == 0
     assert 0 < stats["rated"] <= stats["host_tokens"]  # each candidate rated once per KV head
+
+
+def test_a_float64_model_keeps_its_host_kv_in_float32_and_stays_exact(tiny_model, tiny_ids):
+    """The host kernels read fp32, fp16 and bf16 stores: host_dtype auto takes fp32 for an fp64 model."""
+    model = copy.deepcopy(tiny_model).double()
+    ids = tiny_ids[:, :260]
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    logits, cache = run_hybrid(model, ids, OffloadConfig(**COVER_ALL), prefill=200)
+    assert cache.layers[0].host.dtype == torch.float32 and cache.layers[0].host.n > 0
+    assert (logits - full).abs().max() <= 1e-4
 
 
 def test_adaptive_budget_reads_less_as_min_prob_rises(tiny_model, tiny_ids):
