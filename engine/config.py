@@ -301,7 +301,9 @@ class OffloadConfig:
     )
 
     # Runtime: where and how it runs (no effect on the result).
-    host_dtype: HostDtype = _option("runtime", "auto", "dtype of the host KV store (`auto`: the model's; float32 for a float64 model)", state=True)
+    host_dtype: HostDtype = _option(
+        "runtime", "auto", "dtype of the host KV store (`auto`: the model's; float32 for a float64 model)", state=True
+    )
     host_threads: int = _option("runtime", 0, "threads of the host kernel (0: all cores)")
     build_workers: int = _option(
         "runtime", 1, "threads building key indexes during the prefill (0: after it, in the caller's thread)"

@@ -268,7 +268,7 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
             qq_limit=args["qq_limit"],
             qq_prefix=args["qq_prefix"],
             block_size=8,
-            cap=64,
+            cap=args.get("cap", 64),
             n_count_blocks=4,
             min_chunk=args.get("min_chunk"),
         )
@@ -289,6 +289,8 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         call(threshold=math.nan)
     with pytest.raises(ValueError, match="min_chunk"):
         call(min_chunk=0)
+    with pytest.raises(ValueError, match="cap and n_count_blocks must be >= 0"):
+        call(cap=-1)
     with pytest.raises(ValueError, match="qq_limit and qq_prefix must be >= 0"):
         call(qq_limit=-1)
     with pytest.raises(ValueError, match="qq_prefix must hold one number per sequence"):

@@ -101,6 +101,14 @@ def test_store_with_spare_capacity_is_read_in_place():
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
 
 
+def test_a_float64_numpy_query_is_taken_as_any_float_query_is():
+    q, k, v, ids = make_case(2, 4, 64, 64, 30, torch.float32)
+    out, lse = ops.gather_attend(q.double().numpy(), k.numpy(), v.numpy(), ids.numpy(), 0.125)
+    want, want_lse = ops.gather_attend(q, k, v, ids, 0.125)
+    np.testing.assert_array_equal(out, want.numpy())
+    np.testing.assert_array_equal(lse, want_lse.numpy())
+
+
 def test_numpy_inputs_and_outputs():
     q, k, v, ids = make_case(2, 4, 64, 64, 30, torch.float16)
     out, lse = ops.gather_attend(q.numpy(), k.numpy(), v.numpy(), ids.numpy())
@@ -232,6 +240,8 @@ def good_case():
         (lambda q, k, v, i: (q.masked_fill(q > 1, float("inf")), k, v, i), "NaN or inf"),
         (lambda q, k, v, i: (q.to("meta"), k, v, i), "on the CPU"),
         (lambda q, k, v, i: (q, [1.0], v, i), "torch tensor or a numpy array"),
+        (lambda q, k, v, i: (q, k[:0], v[:0], i[:0]), "no KV heads"),
+        (lambda q, k, v, i: (q, k.numpy().astype(np.float64), v.numpy().astype(np.float64), i), "not supported"),
     ],
 )
 def test_bad_input_raises_value_error(mutate, message):

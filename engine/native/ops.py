@@ -35,14 +35,14 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     log.warning("hybridattn C++ extension not loaded (%s); using the plain-torch gather-attend", exc)
 
 STORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NUMPY_STORE_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+_NUMPY_DTYPES = {np.dtype(t) for t in (np.float64, np.float32, np.float16)}  # bf16 has no numpy dtype
 _FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def _as_cpu_tensor(x, name: str) -> torch.Tensor:
     """A torch view of `x` (no copy); rejects non-CPU tensors and non-numeric input."""
     if isinstance(x, np.ndarray):
-        if x.dtype not in _NUMPY_STORE_DTYPES and not np.issubdtype(x.dtype, np.integer):
+        if x.dtype not in _NUMPY_DTYPES and not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"{name} has unsupported dtype {x.dtype} (numpy has no bfloat16: pass a torch tensor)")
         return torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -74,6 +74,8 @@ def _check_store_pair(k: torch.Tensor, v: torch.Tensor, k_name: str, v_name: str
 
 def _check_heads(q_shape, store_shape, ids_rows: int) -> None:
     """q [Hq, D] against a store [Hkv, N, D] and its ids' rows."""
+    if store_shape[0] == 0:
+        raise ValueError("the store has no KV heads (expected [Hkv, N, D] with Hkv >= 1)")
     if q_shape[1] != store_shape[2]:
         raise ValueError(f"q has head dim {q_shape[1]} but the store has {store_shape[2]}")
     if q_shape[0] % store_shape[0] != 0:
@@ -485,6 +487,8 @@ def host_step(
         _check_ids(_as_cpu_tensor(t, name)) for t, name in ((near, "near"), (blocks, "blocks"), (ranges, "ranges"))
     )
     lse = _as_cpu_tensor(lse, "lse").float().contiguous()
+    if cap < 0 or n_count_blocks < 0:
+        raise ValueError(f"cap and n_count_blocks must be >= 0, got {cap} and {n_count_blocks}")
     threshold = _per_sequence(threshold, np.float32, "threshold", B)
     qq_limit, qq_prefix = (
         _per_sequence(x, np.int64, name, B) for x, name in ((qq_limit, "qq_limit"), (qq_prefix, "qq_prefix"))

@@ -455,7 +455,7 @@ inline void check_host_step(const HostStepArgs& a) {
   for (int64_t b = 0; b < a.n_seqs; ++b) {
     const std::string seq = "sequence " + std::to_string(b) + ": ";
     const StoreView &k = a.k[b], &v = a.v[b], &k0 = a.k[0];
-    check_queries_and_store(k, a.n_q_heads, 0, "host_step: " + seq);
+    check_queries_and_store(k, a.n_q_heads, 0, "host_step: sequence " + std::to_string(b));
     if (k.type != v.type || k.n_heads != v.n_heads || k.n_tokens != v.n_tokens || k.dim != v.dim)
       fail(seq + "K and V stores differ");
     if (k.type != k0.type || k.n_heads != k0.n_heads || k.dim != k0.dim)
