@@ -289,3 +289,18 @@ def test_a_resident_set_that_cannot_grow_says_so(tiny_model, tiny_ids, monkeypat
         monkeypatch.setattr(torch.Tensor, "new_zeros", refused)
         with pytest.raises(ValueError, match="n_sink \\+ window = 204 tokens.* could not grow to 40 slots"):
             tiny_model(tiny_ids[:, 20:21], cache=cache, use_cache=True)
+
+
+def test_a_prefill_without_a_key_index_hands_nothing_to_the_build_worker(tiny_model, tiny_ids):
+    """The block preset has no host key index: a prompt prefilled as HybridLLM prefills it (its length
+    known, a build worker asked for) decodes without one, from its blocks."""
+    cfg = OffloadConfig.preset("block", n_sink=4, window=16, block_size=8, build_workers=1)
+    prompt = tiny_ids[:, :200]
+    cache = HybridCache(tiny_model, cfg, max_length=210, prompt_length=prompt.shape[1], progress=False)
+    with torch.no_grad():
+        for start in range(0, 200, 64):
+            tiny_model(prompt[:, start : start + 64], cache=cache, use_cache=True)
+        logits = tiny_model(tiny_ids[:, 200:201], cache=cache, use_cache=True).logits
+    assert torch.isfinite(logits).all() and cache.builder is None
+    assert all(layer.key_index is None and layer.host.n > 0 for layer in cache.layers)
+    assert cache.step_stats()["gathered"] > 0  # the chosen blocks were read

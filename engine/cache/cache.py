@@ -80,7 +80,8 @@ class HybridCache(Cache):
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
         self.shape, self.max_length, self.stores = shape, max_length, stores
-        self.builder = IndexBuilder(cfg.build_workers) if prompt_length and cfg.build_workers else None
+        building = prompt_length and cfg.build_workers and cfg.uses_key_index  # no key index: nothing to build
+        self.builder = IndexBuilder(cfg.build_workers) if building else None
         layers = [
             HybridLayer(
                 cfg, i, shape, capacity=max_length, progress=self.build_progress, builder=self.builder, stores=stores
