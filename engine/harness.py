@@ -135,6 +135,8 @@ class HybridAttnLM(TemplateLM):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks must be an int >= 1, got {max_gen_toks!r}")
+        if trust_remote_code not in (True, False):  # lm-eval hands "no" on as a string: bool("no") is True
+            raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
         if llm is None:
             offload = offload_config(preset, fields)
             llm = HybridLLM.from_pretrained(

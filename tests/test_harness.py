@@ -119,6 +119,26 @@ def test_model_arguments_reach_the_configuration_and_bad_ones_are_named():
         HybridAttnLM(dtype="int8", llm=object())
     with pytest.raises(ValueError, match="not both"):
         HybridAttnLM(llm=object(), window=64)
+    for unclear in ("no", "yes", "off", 2):  # only what means True or False: "no" must not turn it on
+        with pytest.raises(ValueError, match="trust_remote_code must be True or False"):
+            HybridAttnLM(llm=object(), trust_remote_code=unclear)
+
+
+def test_trust_remote_code_reaches_the_loader_as_lm_eval_parses_it(monkeypatch):
+    asked = []
+
+    def loader(pretrained, **kwargs):
+        asked.append(kwargs["trust_remote_code"])
+        raise RuntimeError("loaded")  # nothing further to build
+
+    monkeypatch.setattr(HybridLLM, "from_pretrained", staticmethod(loader))
+    for given in (True, False, 1, 0):  # lm-eval turns "true" and "false" into bools, "1" and "0" into ints
+        with pytest.raises(RuntimeError, match="loaded"):
+            HybridAttnLM(pretrained="smollm2-135m", trust_remote_code=given)
+    assert asked == [True, False, True, False]
+    with pytest.raises(RuntimeError, match="loaded"):
+        HybridAttnLM(pretrained="smollm2-135m")
+    assert asked[-1] is False  # off unless asked
 
 
 LOCAL_TASKS = {
