@@ -229,7 +229,13 @@ def _loaded(f, path: Path, llm, cached: int, progress: bool) -> HybridCache:
             raise ValueError(f"{path} holds {f.metadata().get('layers')} layers; the model has {len(cache.layers)}")
         weight, names = next(llm.model.parameters()), set(f.keys())
         for i, layer in enumerate(tqdm(cache.layers, desc="loading prefix", unit="layer", disable=not progress)):
-            restore_layer(layer, LayerFile(f, i, names), weight.device, weight.dtype)
+            try:
+                restore_layer(layer, LayerFile(f, i, names), weight.device, weight.dtype)
+            except torch.OutOfMemoryError:
+                raise  # not the file's fault: it stays as it is
+            except (KeyError, IndexError, TypeError, RuntimeError) as error:  # a part missing or out of shape
+                why = f"{type(error).__name__}: {error}"
+                raise ValueError(f"{path} is damaged: its layer {i} does not load ({why})") from error
             if layer.n_seen != cached:
                 raise ValueError(f"{path} is damaged: its layer {i} holds other positions than its document's")
     except BaseException:

@@ -8,6 +8,8 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from engine import OffloadConfig
 from engine.api import HybridLLM
@@ -144,6 +146,14 @@ def test_a_damaged_file_is_refused_and_nothing_is_kept(model, bundled_tokenizer,
         bad.write_bytes(data[: 8 + n] + bytes(body))
         with pytest.raises(ValueError, match=error):
             llm.load_prefix(bad, progress=False)
+    # a part of a layer missing (its summary's values): named as damage, as every other
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+    kept = {name: t for name, t in load_file(saved).items() if not name.startswith("layers.1.summary.values")}
+    assert len(kept) < len(header) - 1  # (the header also holds the metadata)
+    save_file(kept, saved.with_name("lacking.prefix"), metadata=meta)
+    with pytest.raises(ValueError, match="lacking.prefix is damaged: its layer 1 does not load"):
+        llm.load_prefix(saved.with_name("lacking.prefix"), progress=False)
     loaded = llm.load_prefix(saved, progress=False)
     assert loaded.tokens == 200
     loaded.release()
