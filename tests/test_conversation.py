@@ -186,6 +186,7 @@ def test_the_chat_command_resumes_its_session_file(llm, tmp_path, monkeypatch, c
     assert main(["chat", "--max-new-tokens", str(NEW), "--session", str(session)]) == 0
     second, err = capsys.readouterr()
     assert f"[resumed 3 messages from {session}" in err and f"[conversation saved to {session}: 5 messages" in err
+    assert "loading prefix" not in err and "saving prefix" not in err  # no bars where stderr is no terminal
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": opening}]
     turns += [{"role": "assistant", "content": first.rstrip("\n")}, {"role": "user", "content": "And blue?"}]
     assert second == llm.generate(turns, NEW, progress=False).text + "\n"

@@ -121,11 +121,11 @@ def cmd_chat(args) -> int:
         raise ValueError(f"--session: {session} holds a conversation already; --file and --system begin a new one")
     from engine.api import GenerationReport, HybridLLM
 
-    _bars()
+    bars = _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     if session is not None and session.exists():
         start = time.perf_counter()
-        chat = llm.load_conversation(session)
+        chat = llm.load_conversation(session, progress=bars)
         seconds = time.perf_counter() - start
         told = f"{len(chat.messages)} messages from {session}, {chat.kept_tokens} tokens loaded in {seconds:.2f} s"
         print(f"[resumed {told}]", file=sys.stderr, flush=True)
@@ -156,18 +156,18 @@ def cmd_chat(args) -> int:
     finally:
         try:
             if session is not None:
-                _save_session(chat, session)
+                _save_session(chat, session, bars)
         finally:
             chat.close()
     return 0
 
 
-def _save_session(chat, path: Path) -> None:
+def _save_session(chat, path: Path, progress: bool) -> None:
     """The conversation written to its --session file, for the next run to resume (where it kept a cache)."""
     if chat.kept.prefix is None:
         return
     start = time.perf_counter()
-    size = chat.save(path)
+    size = chat.save(path, progress=progress)
     told = f"{len(chat.messages)} messages, {size / 2**20:.1f} MiB in {time.perf_counter() - start:.2f} s"
     print(f"[conversation saved to {path}: {told}]", file=sys.stderr, flush=True)
 
