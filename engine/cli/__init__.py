@@ -195,8 +195,9 @@ def _run(argv: list[str] | None) -> int:
         "--prefix-file",
         type=output_file,
         metavar="PATH",
-        help="with --ask: the prompt's prefilled cache kept in this file, loaded from it when the file holds this "
-        "prompt (for this model and configuration), else prefilled and saved to it for the next run",
+        help="with --ask: the prompt's prefilled cache kept in this file: where there is no such file, prefilled "
+        "and saved to it for the next run; where there is, loaded from it (a file of another prompt, model or "
+        "configuration is refused, never overwritten)",
     )
     g.add_argument(
         "--json", type=output_file, help="write the timing/memory report here, with the model and configuration run"
