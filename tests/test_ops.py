@@ -126,6 +126,19 @@ def test_thread_counts_agree():
     torch.testing.assert_close(lse_one, lse_many, atol=1e-5, rtol=1e-5)
 
 
+def test_far_more_threads_than_cores_run_as_at_most_four_a_core():
+    """OpenMP cannot start 100,000 threads (the process ended): the kernels take four a core at most."""
+    q, k, v, ids = make_case(2, 4, 5000, 64, 3000, torch.bfloat16)
+    out, lse = ops.gather_attend(q, k, v, ids, n_threads=100_000)
+    want, want_lse = ops.gather_attend(q, k, v, ids, n_threads=1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    rows, qb = k.reshape(-1, 64), q.bfloat16().view(2, 4, 64)
+    assert torch.equal(
+        ops.query_dots(qb, rows.view(2, -1, 64), n_threads=100_000), ops.query_dots(qb, rows.view(2, -1, 64))
+    )
+
+
 def test_fallback_matches_kernel():
     q, k, v, ids = make_case(2, 3, 200, 64, 90, torch.bfloat16)
     out, lse = ops.gather_attend(q, k, v, ids, 0.1)

@@ -29,11 +29,8 @@
 
 #include "hybridattn/convert.h"
 #include "hybridattn/merge.h"
+#include "hybridattn/threads.h"
 #include "hybridattn/vec_math.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace hybridattn {
 
@@ -534,24 +531,6 @@ inline void combine_chunks(const GatherAttendArgs& a, int64_t h, ChunkStates& st
     for (int64_t d = 0; d < D; ++d) o[d] /= l;
     a.lse[h * G + g] = m + std::log(l);
   }
-}
-
-// The threads a call runs on: n_threads, or with 0 the OpenMP default.
-inline int resolve_threads(int n_threads) {
-#ifdef _OPENMP
-  return n_threads > 0 ? n_threads : omp_get_max_threads();
-#else
-  (void)n_threads;
-  return 1;
-#endif
-}
-
-inline int thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
 }
 
 // Runs validated sequences that share the store type, Hkv, G, D, M and settings.

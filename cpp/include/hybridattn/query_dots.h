@@ -23,11 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "hybridattn/threads.h"
 #include "hybridattn/vec_math.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if HA_HAS_VECTORS && defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 10))
 #define HA_BF16_DOTS 1
@@ -226,9 +223,7 @@ inline void query_dots(const QueryDotsArgs& a) {
   check_query_dots_args(a);
   const bool bf16_dots = !a.widened && has_bf16_dots();
   const int64_t N = a.rows.n_taken, per_item = (N + kDotRows - 1) / kDotRows, units = a.n_items * per_item;
-#ifdef _OPENMP
-  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
-#endif
+  const int threads = resolve_threads(a.n_threads);
 #pragma omp parallel num_threads(threads) if (units > 1 && threads > 1)
   {
     std::vector<float> buf(bf16_dots ? 0 : size_t((a.group + 1) * a.rows.dim));  // the widened path's, per thread
@@ -270,9 +265,7 @@ HA_MULTIVERSION inline void weighted_rows_item(const WeightedRowsArgs& a, int64_
 
 inline void weighted_rows(const WeightedRowsArgs& a) {
   check_weighted_rows_args(a);
-#ifdef _OPENMP
-  const int threads = a.n_threads > 0 ? a.n_threads : omp_get_max_threads();
-#endif
+  const int threads = resolve_threads(a.n_threads);
 #pragma omp parallel num_threads(threads) if (a.n_items > 1 && threads > 1)
   {
     std::vector<float> buf(size_t((a.group + 1) * a.rows.dim));  // the sums and the widened row, per thread
