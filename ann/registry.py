@@ -20,7 +20,7 @@ _CLASSES = {
 }
 
 
-def _cls(method: str):
+def index_class(method: str):
     """The class of a method, imported on demand: flat needs numpy only, the
     others faiss and/or numba (the `ann` extra)."""
     import importlib
@@ -60,9 +60,9 @@ def make_index(method: str, dim: int, **params):
             if name in ("union", "hybrid") or name not in METHODS:
                 raise ValueError(f"union selector must be one of flat, ivf, hnsw, graph, qq, block; got {name!r}")
             shares = name in ("qq", "block", "graph")
-            sels.append(_cls(name)(dim, **p, **({"store": store} if shares else {})))
+            sels.append(index_class(name)(dim, **p, **({"store": store} if shares else {})))
         return UnionIndex(dim, sels, store=store)
-    return _cls(method)(dim, **params)
+    return index_class(method)(dim, **params)
 
 
 def estimate_index_bytes(method: str, n_keys: int, dim: int, n_queries: int = 0, **params) -> int:
@@ -74,6 +74,6 @@ def estimate_index_bytes(method: str, n_keys: int, dim: int, n_queries: int = 0,
         specs = HYBRID_SELECTORS if method == "hybrid" else params.get("selectors", ())
         shared = GrowableKeys(dim, capacity=1)  # stands for the union's one key store
         return 4 * n_keys * dim + sum(
-            _cls(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs
+            index_class(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs
         )
-    return _cls(method).estimate_bytes(n_keys, dim, n_queries, **params)
+    return index_class(method).estimate_bytes(n_keys, dim, n_queries, **params)

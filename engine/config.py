@@ -29,6 +29,9 @@ BUDGETS: tuple[str, ...] = typing.get_args(Budget)
 LANDMARKS: tuple[str, ...] = typing.get_args(Landmark)
 HOST_DTYPES = {name: getattr(torch, name) for name in typing.get_args(HostDtype) if name != "auto"}
 
+# the widest run again of a near tie, in times the step's selection: it reads every token already, and its
+# counts stay within int64 (a larger factor overflowed them)
+MAX_WIDENING = 1e9
 PREFILL_KEY_BLOCK = 2048  # keys per block of exact prefill attention (bounds its score buffer)
 
 # The sections of OffloadConfig, in the order its fields are declared: name -> what it decides.
@@ -340,15 +343,20 @@ class OffloadConfig:
             raise ValueError(
                 f"candidates_from {self.candidates_from!r} reads top_k tokens per query head: top_k must be >= 1"
             )
-        if self.budget == "adaptive" and self.uses_key_index:
-            if self.candidates < 1:
-                raise ValueError("an adaptive budget ranks the key index's candidates: candidates must be >= 1")
-            if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)):
-                raise ValueError(f"OffloadConfig.min_prob must be a number, got {self.min_prob!r}")
-            if not 0 <= self.min_prob <= 1:
-                raise ValueError(f"OffloadConfig.min_prob must lie in [0, 1], got {self.min_prob!r}")
-            if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) or self.min_ratio < 0:
-                raise ValueError(f"OffloadConfig.min_ratio must be a non-negative number, got {self.min_ratio!r}")
+        if self.budget == "adaptive" and self.uses_key_index and self.candidates < 1:
+            raise ValueError("an adaptive budget ranks the key index's candidates: candidates must be >= 1")
+        if self.uses_key_index and self.key_index in ("qq", "graph") and self.max_build_queries < 1:
+            raise ValueError(
+                f"key_index {self.key_index!r} builds from prefill queries: max_build_queries must be >= 1"
+            )
+        # checked whatever the budget: a wider run divides them (widened)
+        if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)):
+            raise ValueError(f"OffloadConfig.min_prob must be a number, got {self.min_prob!r}")
+        if not 0 <= self.min_prob <= 1:
+            raise ValueError(f"OffloadConfig.min_prob must lie in [0, 1], got {self.min_prob!r}")
+        ratio = self.min_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < math.inf:
+            raise ValueError(f"OffloadConfig.min_ratio must be a finite number >= 0, got {ratio!r}")
         margin = self.recheck_margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
             raise ValueError(f"OffloadConfig.recheck_margin must be a finite number >= 0 (0: never), got {margin!r}")
@@ -371,9 +379,11 @@ class OffloadConfig:
         if not isinstance(self.index_params, dict):
             raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
         try:
-            torch.device(self.resolved_device())
+            device = torch.device(self.resolved_device())
         except RuntimeError as exc:
             raise ValueError(f"OffloadConfig.device {self.device!r} is not a torch device") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"OffloadConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @classmethod
     def described(cls) -> tuple[Described, ...]:
@@ -413,10 +423,12 @@ class OffloadConfig:
     @property
     def wider_factors(self) -> list[float]:
         """How many times wider than the step's selection each run again of a near tie reads, in
-        turn (engine.decode.recheck): none unless `recheck_widen` > 1."""
+        turn (engine.decode.recheck): none unless `recheck_widen` > 1; at most MAX_WIDENING."""
         factors, factor = [], 1.0
         for _ in range(self.recheck_wider_runs if self.recheck_widen > 1 else 0):
-            factor *= self.recheck_widen
+            factor = min(MAX_WIDENING, factor * self.recheck_widen)
+            if factors and factor == factors[-1]:  # as wide as the run before: it would read the same
+                break
             factors.append(factor)
         return factors
 

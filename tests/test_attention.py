@@ -108,6 +108,8 @@ def test_min_ratio_raises_the_read_threshold_at_short_contexts_only(tiny_model, 
 def test_neighbours_are_the_ids_next_to_a_rows_ids():
     ids = torch.tensor([[5, 6, -1], [0, -1, -1], [-1, -1, -1]])
     assert neighbours(ids, 2, 8).tolist() == [[3, 4, 7], [1, 2, -1], [-1, -1, -1]]
+    # a radius past the store is the store (it built 2 * r offsets: a billion took the memory)
+    assert torch.equal(neighbours(ids, 10**12, 8), neighbours(ids, 8, 8))
 
 
 def test_neighbours_rate_the_tokens_next_to_each_token_read(tiny_model, tiny_ids):

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from engine import HybridCache, OffloadConfig, plan_memory
-from engine.config import BUDGETS, CANDIDATE_SOURCES, HOST_DTYPES, KEY_INDEXES, LANDMARKS, PRESETS, SECTIONS
+from engine.config import (
+    BUDGETS,
+    CANDIDATE_SOURCES,
+    HOST_DTYPES,
+    KEY_INDEXES,
+    LANDMARKS,
+    MAX_WIDENING,
+    PRESETS,
+    SECTIONS,
+)
 from engine.plan import MODEL_PRESETS, ModelShape
 from tests.conftest import tiny_llama
 
@@ -35,8 +44,12 @@ def test_defaults_are_valid_and_frozen():
         (dict(candidates=0), "candidates must be >= 1"),
         (dict(min_prob=-0.1), "min_prob must lie in"),
         (dict(min_prob="high"), "min_prob must be a number"),
-        (dict(min_ratio=-1.0), "min_ratio must be a non-negative number"),
-        (dict(min_ratio=True), "min_ratio must be a non-negative number"),
+        (dict(min_ratio=-1.0), "min_ratio must be a finite number >= 0"),
+        (dict(min_ratio=True), "min_ratio must be a finite number >= 0"),
+        (dict(min_ratio=float("nan")), "min_ratio must be a finite number >= 0"),  # read as 0 before
+        (dict(budget="fixed", min_prob="high"), "min_prob must be a number"),  # a wider run divides it
+        (dict(max_build_queries=0), "key_index 'qq' builds from prefill queries: max_build_queries must be >= 1"),
+        (dict(device="meta"), "device must be auto, cpu, cuda or cuda:N"),
         (dict(sketch_rank=-1), "sketch_rank must be a non-negative int"),
         (dict(neighbours=-1), "neighbours must be a non-negative int"),
         (dict(estimate="yes"), "estimate must be True or False"),
@@ -59,6 +72,24 @@ def test_defaults_are_valid_and_frozen():
 def test_invalid_values_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         OffloadConfig(**changes)
+
+
+def test_the_widest_run_again_stops_at_max_widening():
+    """A wider run's counts are the selection's times its factor: past MAX_WIDENING (which reads every token
+    already) they overflowed int64; a run as wide as the one before is not run again."""
+    assert OffloadConfig(recheck_widen=3.0, recheck_wider_runs=3).wider_factors == [3.0, 9.0, 27.0]
+    assert OffloadConfig(recheck_widen=1e300, recheck_wider_runs=2).wider_factors == [MAX_WIDENING]
+    assert OffloadConfig(recheck_widen=1e5, recheck_wider_runs=3).wider_factors == [1e5, MAX_WIDENING]
+    widest = OffloadConfig().widened(OffloadConfig(recheck_widen=1e300).wider_factors[-1])
+    assert widest.candidates < 2**62 and widest.n_blocks < 2**62
+
+
+def test_index_params_the_key_index_does_not_take_are_refused_before_a_prefill():
+    model = tiny_llama()
+    for key_index, params in (("qq", {"bogus": 1}), ("hnsw", {"efx": 5}), ("flat", {"m_keys": 4})):
+        with pytest.raises(ValueError, match=f"do not fit the key index '{key_index}'"):
+            HybridCache(model, OffloadConfig(key_index=key_index, index_params=params), progress=False)
+    HybridCache(model, OffloadConfig(index_params={"m_keys": 32}), progress=False)  # what qq takes
 
 
 def test_blocks_per_step_is_a_share_of_the_host_blocks_with_a_cap():

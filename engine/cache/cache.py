@@ -15,6 +15,7 @@ from engine.cache.layer import HybridLayer, LayerMark, sum_bytes
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.index.build import BuildProgress, build_key_index
+from engine.index.heads import check_index_params
 from engine.index.worker import IndexBuilder
 from engine.models import check_supported
 from engine.plan import ModelShape
@@ -76,6 +77,8 @@ class HybridCache(Cache):
                 "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
             )
         self.offload_config = offload_or_default(offload)
+        if self.offload_config.uses_key_index and self.offload_config.index_params:
+            check_index_params(self.offload_config.key_index, self.offload_config.index_params)
         shape = ModelShape.of(config)
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config

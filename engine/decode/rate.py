@@ -36,7 +36,8 @@ def rating_lse(layer, lse_resident: torch.Tensor, blocks) -> torch.Tensor:
 def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:
     """ids [H, M] (-1 padded) -> [H, M'] per row the host ids in [0, n) within r positions of one
     of its ids and not among them, ascending, -1 padded."""
-    offsets = torch.tensor([d for d in range(-r, r + 1) if d])
+    r = min(r, n)  # no id lies farther off: a larger r would only build offsets to throw away
+    offsets = torch.tensor([d for d in range(-r, r + 1) if d], dtype=torch.int64)
     near = ids.unsqueeze(-1) + offsets  # [H, M, 2r]
     near = torch.where((ids >= 0).unsqueeze(-1) & (near >= 0) & (near < n), near, -1).flatten(1)
     rows = torch.arange(ids.shape[0]).unsqueeze(1)

@@ -5,6 +5,7 @@ its candidate host ids per KV head."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import torch
@@ -19,6 +20,19 @@ OVERSAMPLE = 8  # proposals looked at per host token a step may take
 # ... when the adaptive budget rates the candidates afterwards: half as many lose little
 # and halve the cost of finding the distinct ones (docs/method.md)
 SKETCHED_OVERSAMPLE = 4
+
+
+def check_index_params(method: str, params: dict) -> None:
+    """Refuses `index_params` the key index of `method` does not take, before a prefill rather than at the
+    index build after it."""
+    from ann.qq import QueryLists
+    from ann.registry import index_class
+
+    made = QueryLists if method == "qq" else index_class(method)  # ListSelector's, HeadIndexes'
+    try:
+        inspect.signature(made).bind_partial(**params)
+    except TypeError as error:
+        raise ValueError(f"index_params {params} do not fit the key index {method!r}: {error}") from error
 
 
 class HeadIndexes:
