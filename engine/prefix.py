@@ -180,15 +180,19 @@ class KeptCache:
     def with_document(self, text: str, leave=None) -> tuple[Prefix, int]:
         """The document's Prefix, kept from before, loaded from the folder or prefilled now, and how many of its
         tokens were found kept (0 or all; `loaded` says whether they came from the folder). `leave()`, asked
-        as it prefills, gives the prefill up where true (PrefillLeft; nothing kept)."""
+        as it prefills, gives the prefill up where true (PrefillLeft; nothing kept). A document under 2 tokens is
+        refused (ValueError) before what was kept is given back."""
         if self.document == text:
             self.loaded = False
             return self.prefix, self.prefix.tokens
+        ids = self.llm.encode(text)
+        if ids.shape[1] < 2:
+            raise ValueError(f"a document holds at least 2 tokens, got {ids.shape[1]}")
         self.release()
         if self.folder is not None:
             self.prefix, self.loaded = self.folder.prefix(text, progress=False, leave=leave)
         else:
-            self.prefix = self.llm.prefix(text, progress=False, leave=leave)
+            self.prefix = self.llm.prefix(ids, progress=False, leave=leave)
         self.document = text
         return self.prefix, self.prefix.tokens if self.loaded else 0
 

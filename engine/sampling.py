@@ -9,6 +9,8 @@ import torch
 
 from engine.generation import Pick, sampler
 
+SEEDS = range(-(2**63), 2**64)  # what a torch.Generator takes (a negative seed as its 64-bit two's complement)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -41,8 +43,8 @@ def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0) -> N
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not _is_int(seed) or seed not in SEEDS:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
     if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: every token), got {top_k!r}")
     if not _is_number(top_p) or not 0 < top_p <= 1:

@@ -3,6 +3,7 @@ own answers, streamed or whole; a document is prefilled once for the requests th
 the engine cannot do, and bad input, are refused with errors that name the field."""
 
 import contextlib
+import io
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from engine.api import HybridLLM
 from engine.cli import main
 from engine.prefix_file import PrefixFolder
 from engine.scheduler import Job, Scheduler
-from engine.server import Completions, Server, parse_request
+from engine.server import Completions, RequestError, Server, parse_request
 from tests.conftest import tiny_llama
 from tests.test_attention import COVER_ALL
 from tests.test_stop import first_new_piece
@@ -285,10 +286,16 @@ def test_a_prompt_the_tokenizer_fails_on_is_answered_an_error_and_the_server_goe
         ("/completions", {"prompt": "x", "top_k": 1.5}, 400, "top_k"),
         ("/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
         ("/completions", {"prompt": "x", "seed": "one"}, 400, "seed"),
+        ("/completions", {"prompt": "x", "seed": 2**64}, 400, "seed"),  # more than a generator takes
+        ("/completions", {"prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+        ("/completions", {"prompt": "x", "temperature": float("inf")}, 400, "temperature"),  # JSON's Infinity
+        ("/completions", {"prompt": "x", "temperature": 10**400}, 400, "temperature"),  # no float holds it
         ("/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
         ("/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream"),
         ("/completions", {"prompt": "x", "document": ""}, 400, "document"),
+        ("/completions", {"prompt": "x", "document": "x"}, 400, "document"),  # one token: a prefix holds 2
+        ("/completions", {"prompt": ["Hi", "Hello there"], "document": "Some document text."}, 400, "document"),
         ("/completions", {}, 400, "prompt"),
         ("/completions", {"prompt": []}, 400, "prompt"),
         ("/completions", {"prompt": [1, 10**9]}, 400, None),  # refused by the engine: outside the vocabulary
@@ -567,6 +574,57 @@ def test_a_prompt_refused_after_a_document_is_a_bad_request_not_an_internal_erro
     status, text = post(server, "/completions", body)
     assert status == 400 and "token ids must lie in" in json.loads(text)["error"]["message"]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_document_refused_leaves_the_kept_one_for_the_next_request(completions):
+    document = "Alice keeps the red key and Bob the blue one. " * 10
+    body = {"prompt": " Who keeps the red key?", "document": document, "max_tokens": 2, **GREEDY}
+    run(completions, body).response()
+    kept = completions.cache.prefix
+    with pytest.raises(RequestError, match="at least 2 tokens, got 1") as refused:
+        run(completions, {**body, "document": "x"}).response()  # one token
+    assert refused.value.param == "document"
+    again = run(completions, body).response()
+    assert completions.cache.prefix is kept and again["hybridattn"][0]["kept"]["reused_tokens"] == kept.tokens
+
+
+def test_a_request_whose_sampling_is_refused_fails_alone_and_its_batch_goes_on(completions, llm, prompt):
+    """An error in the setup of one request of a batch, one that joins it or one taken with it, is that
+    request's alone (here a seed no generator takes, past parse_request's check): the others are answered."""
+
+    def jobs():
+        good = Job(parse_request({"prompt": prompt, "max_tokens": NEW, **GREEDY}, **REQUEST))
+        bad = Job(parse_request({"prompt": "Hello", "temperature": 1}, **REQUEST))
+        bad.request.sampling["seed"] = 2**64
+        good.ids, bad.ids = llm.encode(prompt), llm.encode("Hello")
+        return good, bad
+
+    want = llm.generate(prompt, NEW, progress=False).text
+    good, bad = jobs()
+    offered = [[bad]]
+    completions.run_batch([good], lambda running: offered.pop() if offered else [])
+    assert not offered  # it came to join
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        bad.response()
+    assert good.response()["choices"][0]["text"] == want
+    good, bad = jobs()
+    completions.run_batch([bad, good])  # a batch taken whole (--no-join)
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        bad.response()
+    assert good.response()["choices"][0]["text"] == want
+
+
+@pytest.mark.parametrize("length", ["-1", "12x", "+5"])
+def test_a_content_length_that_is_not_a_number_of_bytes_is_refused(length):
+    """Not read: rfile.read(-1) reads to the end of the stream, past the body's limit."""
+    from engine.server.endpoints import Handler
+
+    handler = Handler.__new__(Handler)
+    handler.headers, handler.rfile = {"Content-Length": length}, io.BytesIO(b'{"prompt": "x"}')
+    with pytest.raises(RequestError, match=re.escape(f"Content-Length must be a number of bytes, got {length!r}")):
+        handler._body()
+    handler.headers, handler.rfile = {"Content-Length": "15"}, io.BytesIO(b'{"prompt": "x"}')
+    assert handler._body() == {"prompt": "x"}
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 
 from engine.api import HybridLLM
 from engine.cache import HybridCache
+from engine.cli import main
 from engine.decode.recheck import forward_step
 from engine.generation import Decoding, GenerationReport, Joiner
 from engine.prefill import (
@@ -133,12 +134,23 @@ def test_a_prompt_with_no_new_tokens_ends_at_once(llm, prompts):
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"top_p": 0.0}, "top_p"),
         ({"seed": "x"}, "seed"),
+        ({"seed": 2**64}, "seed"),  # more than a generator takes
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"stop": [""]}, "stop strings"),
     ],
 )
 def test_bad_sampling_is_refused_naming_what_is_wrong(llm, prompts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         list(llm.stream_batch(prompts, Sampling(**kwargs), progress=False))
+
+
+def test_a_seed_is_taken_across_what_a_generator_takes_and_refused_past_it(llm, prompts, capsys, monkeypatch):
+    edges = [Sampling(4, temperature=1.0, seed=seed) for seed in (2**64 - 1, -(2**63))]
+    assert streamed(llm, prompts[:2], edges)[0] == [alone(llm, p, s)[0] for p, s in zip(prompts, edges)]
+    monkeypatch.setattr(HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["generate", "--prompt", "hi", "--temperature", "1", "--seed", str(2**64)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"hybridattn: error: seed must be an int in [-2**63, 2**64), got {2**64}"
 
 
 def test_a_batch_needs_a_list_of_prompts_and_a_sampling_for_each(llm, prompts):

@@ -15,7 +15,7 @@ from engine.generation import GenerationReport
 from engine.prefill import PrefillLeft
 from engine.prefix import KeptCache
 from engine.sampling import Sampling
-from engine.server.request import Request
+from engine.server.request import Request, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ class PromptCache:
         start = time.perf_counter()
         if request.document is not None:
             prompt = self.llm.encode_continuation(request.prompt)  # refused before the document is prefilled
-            prefix, reused = self.kept.with_document(request.document, leave)
+            try:
+                prefix, reused = self.kept.with_document(request.document, leave)
+            except ValueError as error:  # what the engine refuses in the document (under 2 tokens, say)
+                raise RequestError(str(error), "document") from None
             return prompt, prefix, self._told("document", reused, start) | {"loaded": self.kept.loaded}
         continued = None
         if self.reuse_prompts and len(request.prompts) <= 1:
@@ -133,6 +136,10 @@ class Completions:
         request does (a document's, or with `reuse_prompts` a conversation's), and keeps its prompt for the
         next request (`reuse_prompts`); the jobs that join it keep nothing and leave the kept cache as it is."""
         batch = _Batch(self._batch_head)
+        sampling = [s for _, s in batch.add(jobs)]
+        jobs = list(batch.jobs)  # those whose sampling was refused have heard why
+        if not jobs:
+            return
         log.info("a batch of %d requests", len(jobs))
         first, prefix, kept = None, None, None
         if len(jobs) == 1 and (self.cache.reuse_prompts or jobs[0].request.document is not None):
@@ -146,12 +153,11 @@ class Completions:
                 return
 
         def joining() -> list[tuple]:
-            new = more(len(batch.running))
+            new = batch.add(more(len(batch.running)))
             if new:
-                log.info("%d request(s) joined the batch, now %d", len(new), len(batch.running) + len(new))
-            return [(job.ids, s) for job, s in zip(new, batch.add(new))]
+                log.info("%d request(s) joined the batch, now %d", len(new), len(batch.running))
+            return [(job.ids, s) for job, s in new]
 
-        sampling = batch.add(jobs)
         batch.reports = [GenerationReport() for _ in jobs]
         pieces = self.llm.stream_batch(
             [job.ids for job in jobs] if first is None else [first],
@@ -299,14 +305,22 @@ class _Batch:
         self.heads: list[dict] = []
         self.running: set[int] = set()  # the rows still decoding or on their way in
 
-    def add(self, jobs: list) -> list[Sampling]:
-        """The jobs as the batch's next rows; returns their Sampling."""
+    def add(self, jobs: list) -> list[tuple]:
+        """The jobs as the batch's next rows, each with its Sampling: [(job, Sampling)]. A job whose sampling is
+        refused is sent the error and left out, so that it fails alone and the batch goes on without it."""
+        added = []
         for job in jobs:
+            try:
+                sampling = Sampling(job.request.max_tokens, **job.request.sampling)
+            except Exception as error:
+                job.send("error", error)
+                continue
             self.running.add(len(self.jobs))
             self.jobs.append(job)
             self.heads.append(self.head(job.request))
             self.texts.append([])
-        return [Sampling(job.request.max_tokens, **job.request.sampling) for job in jobs]
+            added.append((job, sampling))
+        return added
 
 
 def _role_chunk(head: dict) -> dict:

@@ -75,7 +75,10 @@ class Handler(BaseHTTPRequestHandler):
             return False
 
     def _body(self):
-        length = int(self.headers.get("Content-Length") or 0)
+        given = (self.headers.get("Content-Length") or "0").strip()
+        if not (given.isascii() and given.isdigit()):  # a negative length would read to the end of the stream
+            raise RequestError(f"Content-Length must be a number of bytes, got {given!r}")
+        length = int(given)
         if length > MAX_BODY_BYTES:
             raise RequestError(f"the request body holds {length} bytes, more than {MAX_BODY_BYTES}", status=413)
         try:

@@ -4,10 +4,13 @@ ignored, as clients send many."""
 
 from __future__ import annotations
 
+import math
 import secrets
+import sys
 from dataclasses import dataclass, field
 
 from engine.api import _token_id_list
+from engine.sampling import SEEDS
 from engine.stop import StopStrings
 
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
@@ -83,8 +86,10 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
         request.document = body.get("document")
         if request.document is not None and not (isinstance(request.document, str) and request.document):
             raise RequestError("document must be a non-empty string", "document")
+        if request.document is not None and len(request.prompts) > 1:
+            raise RequestError("document is continued by one prompt: send a request for each prompt", "document")
         request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS)
-    seed = _integer(body, "seed", None, low=None)
+    seed = _integer(body, "seed", None, low=SEEDS.start, high=SEEDS.stop - 1)
     request.sampling = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=None),
         top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0),
@@ -105,12 +110,14 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
     return request
 
 
-def _integer(body: dict, name: str, default, *, low: int | None = 0):
+def _integer(body: dict, name: str, default, *, low: int = 0, high: int | None = None):
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-        raise RequestError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}", name)
+    top = math.inf if high is None else high
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= top:
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RequestError(f"{name} must be an integer {bounds}, got {value!r}", name)
     return value
 
 
@@ -118,9 +125,10 @@ def _number(body: dict, name: str, default: float, *, low: float, high: float | 
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= (high or float("inf")):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise RequestError(f"{name} must be a number {bounds}, got {value!r}", name)
+    top = sys.float_info.max if high is None else high  # JSON's Infinity, and an int no float holds, are refused
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= top:
+        what = f"a finite number >= {low}" if high is None else f"a number in [{low}, {high}]"
+        raise RequestError(f"{name} must be {what}, got {value!r}", name)
     return float(value)
 
 
