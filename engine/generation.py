@@ -25,6 +25,8 @@ from engine.cache import HybridCache
 from engine.decode.recheck import RecheckBudget, RowShare, forward_step
 from engine.prefill import Prefilled, sync
 
+FP32_TINY = torch.finfo(torch.float32).tiny  # the least temperature a sample divides by
+
 
 @dataclass
 class GenerationReport:
@@ -105,7 +107,10 @@ def sampler(temperature: float, generator: torch.Generator, top_k: int = 0, top_
         return greedy_pick
 
     def sample(logits: torch.Tensor) -> list[int]:
-        scaled = logits.float() / temperature
+        logits = logits.float()
+        # the highest at 0 before the division, and fp32's smallest normal at least below it: a tiny temperature
+        # sends the others to -inf, where it gave inf - inf (and one fp32 cannot hold, 0 / 0)
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, FP32_TINY)
         if 0 < top_k < scaled.shape[-1]:
             kth = scaled.topk(top_k, dim=-1).values[..., -1:]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

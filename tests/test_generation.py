@@ -229,6 +229,15 @@ def test_sampling_keeps_to_the_top_k_and_the_top_p_tokens():
     assert all(one(logits) == [0, 3] for _ in range(20))  # the most likely alone: greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_picks_the_most_likely_token(temperature):
+    """Dividing the logits by it overflowed them (inf - inf in the softmax; below fp32's range, 0 / 0)."""
+    logits = torch.tensor([[3.0, 90.0, -2.0, 89.9], [-float("inf"), 1.0, 2.0, 0.5]])
+    for kwargs in ({}, {"top_k": 2}, {"top_p": 0.9}):
+        pick = engine.generation.sampler(temperature, torch.Generator().manual_seed(0), **kwargs)
+        assert pick(logits) == [1, 2]
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
