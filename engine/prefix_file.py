@@ -213,6 +213,9 @@ def _checked_document(f, path: Path, llm, document) -> torch.Tensor:
     ids = f.get_tensor("document").long()[None]
     if ids.shape[1] < 2:
         raise ValueError(f"{path} holds a document of {ids.shape[1]} tokens; a prefix holds at least 2")
+    vocab = llm.model.get_input_embeddings().num_embeddings
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"{path} is damaged: its document holds token ids outside the vocabulary [0, {vocab})")
     if document is not None and not torch.equal(document.cpu().long(), ids):
         raise ValueError(f"{path} holds another document ({ids.shape[1]} tokens), not this one")
     return ids
@@ -308,6 +311,10 @@ def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dt
         raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its counts do not add up")
     if any(n != host for n in summarised) or (layer.summary is not None and not layer.summary.consistent()):
         raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its blocks are not its host rows'")
+    where = layer.positions()  # each of the document's positions once: resident or on the host
+    held = np.sort(np.concatenate([where["sinks"], where["window"], where["host"]]))
+    if not np.array_equal(held, np.arange(n_seen)):
+        raise ValueError(f"the prefix file's layer {layer.layer_idx} is damaged: its positions are not its document's")
     layer.n_seen, layer.n_indexed, layer.n_built, layer.build_waiting = n_seen, n_indexed, n_built, bool(waiting)
 
 

@@ -138,6 +138,8 @@ def test_a_damaged_file_is_refused_and_nothing_is_kept(model, bundled_tokenizer,
     for name, value, error in [
         ("layers.0.key_index.lists", struct.pack("<i", 10**6), "query lists of other keys"),
         ("layers.1.counts", struct.pack("<q", 7), "counts do not add up"),
+        ("layers.1.resident_pos", struct.pack("<q", 10**12), "positions are not its document's"),
+        ("document", struct.pack("<q", 10**9), "token ids outside the vocabulary"),
     ]:
         begin, _ = header[name]["data_offsets"]
         body = bytearray(data[8 + n :])
