@@ -44,7 +44,9 @@ class GenerationReport:
     device_bytes: dict[str, int] = field(default_factory=dict)
     host_bytes: dict[str, int] = field(default_factory=dict)
     kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
-    keys_scored_frac: float = 0.0  # mean over decode steps of keys scored by the host index / host tokens
+    # mean over decode steps of keys scored by the host index (a key once for each query head of its group
+    # that scores it: up to G times the host tokens) / host tokens
+    keys_scored_frac: float = 0.0
     rated_frac: float = 0.0  # ... of candidates rated on their keys or the key sketch / host tokens
     rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
@@ -76,7 +78,7 @@ class GenerationReport:
             f"decode {self.new_tokens} tokens in {self.decode_s:.2f} s ({self.decode_tokens_per_s:.2f} tok/s); "
             f"host KV rows read per step {100 * self.kv_read_frac:.2f}%, "
             f"candidates rated {100 * self.rated_frac:.2f}%, "
-            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}%, "
+            f"keys scored by the host index {100 * self.keys_scored_frac:.2f}% (once for each query head), "
             f"{self.widened_steps} near ties run again wider ({self.wider_runs} runs), {self.rechecked_steps} exactly "
             f"({self.rechecks_changed} changed the token)\n"
             f"device MiB: {dev}\nhost MiB: {host}"
