@@ -91,10 +91,15 @@ class ModelShape:
                 f"{', '.join(missing)}; got {type(model_config).__name__}"
             )
         heads, hidden = get("num_attention_heads"), get("hidden_size")
+        kv_heads = get("num_key_value_heads") or heads
+        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+            raise ValueError(
+                f"num_key_value_heads must be a positive divisor of num_attention_heads ({heads}), got {kv_heads!r}"
+            )
         return cls(
             num_hidden_layers=get("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=get("num_key_value_heads") or heads,
+            num_key_value_heads=kv_heads,
             head_dim=get("head_dim") or hidden // heads,
             hidden_size=hidden,
             intermediate_size=get("intermediate_size"),

@@ -366,7 +366,7 @@ def test_plan_takes_the_budget_and_estimate_options(capsys):
     assert main(argv + ["--min-prob", "2"]) == 2
     assert "min_prob must lie in [0, 1]" in capsys.readouterr().err
     assert main(argv + ["--min-ratio", "-1"]) == 2
-    assert "min_ratio must be a non-negative number" in capsys.readouterr().err
+    assert "min_ratio must be a finite number >= 0" in capsys.readouterr().err
     assert main(argv + ["--neighbours", "-3"]) == 2
     assert "neighbours must be a non-negative int" in capsys.readouterr().err
     assert main(argv + ["--recheck-margin", "-1"]) == 2

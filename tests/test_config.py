@@ -284,6 +284,10 @@ def test_plan_of_a_config_names_a_model_type_the_engine_does_not_run():
     assert plan_memory(shape, 4096).host["kv_store"] > 0
     with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         plan_memory(shape | {"model_type": "gpt2"}, 4096)
+    for kv_heads in (3, -2, 2.0):  # no grouping of 4 query heads
+        with pytest.raises(ValueError, match="num_key_value_heads must be a positive divisor of num_attention_heads"):
+            plan_memory(shape | {"num_key_value_heads": kv_heads}, 4096)
+    assert plan_memory(shape | {"num_key_value_heads": 2}, 4096).host["kv_store"] > 0
 
 
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
