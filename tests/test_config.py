@@ -86,7 +86,10 @@ def test_the_widest_run_again_stops_at_max_widening():
 
 def test_index_params_the_key_index_does_not_take_are_refused_before_a_prefill():
     model = tiny_llama()
-    for key_index, params in (("qq", {"bogus": 1}), ("hnsw", {"efx": 5}), ("flat", {"m_keys": 4})):
+    refused = [("qq", {"bogus": 1}), ("hnsw", {"efx": 5}), ("flat", {"m_keys": 4})]  # names they do not know
+    refused += [("flat", {"dim": 16}), ("qq", {"device": "cpu"})]  # names the engine gives them itself
+    refused += [("hnsw", {"M": 1}), ("qq", {"m_keys": 0})]  # values they refuse
+    for key_index, params in refused:
         with pytest.raises(ValueError, match=f"do not fit the key index '{key_index}'"):
             HybridCache(model, OffloadConfig(key_index=key_index, index_params=params), progress=False)
     HybridCache(model, OffloadConfig(index_params={"m_keys": 32}), progress=False)  # what qq takes

@@ -77,11 +77,11 @@ class HybridCache(Cache):
                 "(load with attn_implementation='hybrid' or call model.set_attn_implementation('hybrid'))"
             )
         self.offload_config = offload_or_default(offload)
-        if self.offload_config.uses_key_index and self.offload_config.index_params:
-            check_index_params(self.offload_config.key_index, self.offload_config.index_params)
         shape = ModelShape.of(config)
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
+        if cfg.uses_key_index and cfg.index_params:
+            check_index_params(cfg.key_index, shape.head_dim, cfg.index_params)
         self.shape, self.max_length, self.stores = shape, max_length, stores
         building = prompt_length and cfg.build_workers and cfg.uses_key_index  # no key index: nothing to build
         self.builder = IndexBuilder(cfg.build_workers) if building else None

@@ -5,7 +5,6 @@ its candidate host ids per KV head."""
 from __future__ import annotations
 
 import copy
-import inspect
 
 import numpy as np
 import torch
@@ -22,16 +21,16 @@ OVERSAMPLE = 8  # proposals looked at per host token a step may take
 SKETCHED_OVERSAMPLE = 4
 
 
-def check_index_params(method: str, params: dict) -> None:
-    """Refuses `index_params` the key index of `method` does not take, before a prefill rather than at the
-    index build after it."""
-    from ann.qq import QueryLists
-    from ann.registry import index_class
-
-    made = QueryLists if method == "qq" else index_class(method)  # ListSelector's, HeadIndexes'
+def check_index_params(method: str, dim: int, params: dict) -> None:
+    """Refuses `index_params` the key index of `method` does not take (a name it does not know or one the
+    engine gives it, a value it refuses), before a prefill rather than at the index build after it: an
+    empty index of one head is made with them, as ListSelector and HeadIndexes make theirs."""
     try:
-        inspect.signature(made).bind_partial(**params)
-    except TypeError as error:
+        if method == "qq":
+            ListSelector(1, dim, "cpu", torch.float32, params)
+        else:
+            HeadIndexes(method, 1, dim, params)
+    except (TypeError, ValueError) as error:
         raise ValueError(f"index_params {params} do not fit the key index {method!r}: {error}") from error
 
 
