@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -133,7 +134,7 @@ def _damaged_files_named(name: str, *, gguf: bool):
         yield
     except SafetensorError as error:
         raise ValueError(f"the weights of {name} are not a readable safetensors file: {error}") from error
-    except (ValueError, IndexError, KeyError, EOFError) as error:  # what the GGUF reader raises on a damaged file
+    except (ValueError, IndexError, KeyError, EOFError, struct.error) as error:  # the GGUF reader's, on a damaged file
         if not gguf:
             raise
         raise ValueError(f"{name}: reading it as a GGUF model failed: {error}") from error

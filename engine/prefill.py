@@ -49,6 +49,8 @@ def prefill(
     the whole prompt through one layer after another (engine.layer_prefill: an empty
     HybridCache); returns the last position's logits [vocab]. `leave()`, asked before each decoder layer
     of each chunk, gives the prefill up where true: PrefillLeft, the cache half filled."""
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"a prefill takes the ids of one prompt [1, T], got {tuple(ids.shape)}")
     bounds = chunk_bounds(ids.shape[1], chunk)
     if order not in ("chunks", "layers"):
         raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")

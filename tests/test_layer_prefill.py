@@ -118,6 +118,10 @@ def test_it_turns_away_what_it_cannot_fill(tiny_model, tiny_ids):
             prefill(tiny_model, tiny_ids[:, :T], cache, CHUNK, progress=False, order="layers")
         with pytest.raises(ValueError, match="'chunks' or 'layers'"):
             prefill(tiny_model, tiny_ids[:, :T], HybridCache(tiny_model, CFG), CHUNK, progress=False, order="rows")
+        for order in ("chunks", "layers"):  # one prompt of one token or more, in either order
+            for ids in (tiny_ids[:, :0], tiny_ids[:, :T].repeat(2, 1), tiny_ids[0, :T]):
+                with pytest.raises(ValueError, match=r"the ids of one prompt \[1, T\]"):
+                    prefill(tiny_model, ids, HybridCache(tiny_model, CFG), CHUNK, progress=False, order=order)
     with pytest.raises(ValueError, match="prefill_order"):
         OffloadConfig(prefill_order="rows")
     rows = DeviceRows(4, torch.float32)

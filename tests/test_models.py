@@ -60,14 +60,14 @@ def test_a_folder_without_a_tokenizer_is_told_so(tiny_dir, tmp_path):
         load_model(str(folder))
 
 
-@pytest.mark.parametrize("damage", ["junk", "truncated"])
+@pytest.mark.parametrize("damage", ["junk", "truncated", "header cut"])
 def test_a_damaged_gguf_file_is_named_with_what_failed(damage, tmp_path):
     path = tmp_path / "model.gguf"
     if damage == "junk":
         path.write_text("not a GGUF file")
-    else:  # the bundled model's file cut short, its metadata whole
+    else:  # the bundled model's file cut short, its metadata whole or cut inside it
         with open(models.bundled_gguf_path(), "rb") as whole:
-            path.write_bytes(whole.read(48 * 2**20))
+            path.write_bytes(whole.read(48 * 2**20 if damage == "truncated" else 5000))
     with pytest.raises(ValueError, match=f"{path}: reading it as a GGUF model failed: "):
         load_model(str(path))
 
