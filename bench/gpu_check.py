@@ -75,7 +75,7 @@ CASES = ("exactness", "decode", "batch", "prefill")  # what --cases may name, in
 
 def failure(exc: BaseException) -> str:
     """One line naming an unexpected error and where it arose; the whole traceback goes to stderr,
-    so that one broken case still lets the others run and report (a GPU session is short)."""
+    so that one broken case still lets the others run and report (time on a GPU machine may be short)."""
     traceback.print_exception(exc)
     frame = traceback.extract_tb(exc.__traceback__)[-1]
     return f"{type(exc).__name__}: {exc} ({Path(frame.filename).name}:{frame.lineno})"
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
         nargs="+",
         choices=CASES,
         default=list(CASES),
-        help="which cases to run (default: all), e.g. to split the check over calls of limited length",
+        help="which cases to run (default: all), e.g. to split the check over runs of limited length",
     )
     add_threads_arg(p)
     args = p.parse_args(argv)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check on a machine with a CUDA GPU and no network: install the carried wheels
+# The GPU check on a machine with a CUDA GPU and no network: install the wheels copied with the tree
 # (transformers at the version the project pins, faiss for the host key index, and what
 # they need that the machine lacks), build the C++ extension, compile the numba kernels
 # (ann.precompile, so that no timed step compiles one), run `python -m bench.gpu_check`
 # (any arguments after OUT_DIR go to it). From the repository root:
 #
-#   bash bench/gpu_run.sh [OUT_DIR [gpu_check arguments]]   (OUT_DIR default: $OUT, else bench/out)
+#   bash bench/gpu_run.sh [OUT_DIR [gpu_check arguments]]   (OUT_DIR default: bench/out)
 #
 # The wheels are fetched beforehand on a machine with network, into .gpu_wheels (see docs/gpu.md).
 set -euo pipefail
-out=${1:-${OUT:-bench/out}}
+out=${1:-bench/out}
 shift || true
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# A whole GPU check in one call for a session with little device time: set-up and exactness
+# A whole GPU check in one run of limited time (a GPU machine that is yours for minutes): set-up and exactness
 # (bench/gpu_run.sh), then the decode step at 32K and 131K with its profiles, the first token at
 # 32K in chunks of 2048 and 8192, at 131K in chunks of 8192, and the batch case. The parts run in
 # that order (what the open issues need first), each under its own time limit and all within
 # DEADLINE seconds (default 570), so a part that overruns leaves the next ones their time and a
-# part with less than MIN_PART seconds left (default 60) is skipped. From the repository root, with .gpu_wheels carried
-# (docs/gpu.md):
+# part with less than MIN_PART seconds left (default 60) is skipped. From the repository root, with .gpu_wheels copied
+# with the tree (docs/gpu.md):
 #
-#   bash bench/gpu_session.sh [OUT_DIR]   (OUT_DIR default: $OUT, else bench/out)
+#   bash bench/gpu_session.sh [OUT_DIR]   (OUT_DIR default: bench/out)
 #
 # Each part leaves NAME.log (and NAME.json) in OUT_DIR; session.log says how each ended.
 set -uo pipefail
-out=${1:-${OUT:-bench/out}}
+out=${1:-bench/out}
 deadline=${DEADLINE:-570}
 min_part=${MIN_PART:-60}
 py=${PYTHON:-python3}
