@@ -614,3 +614,31 @@ def test_bad_questions_fail_before_the_model_loads(extra, message, capsys, monke
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["generate", "--prompt", "a document", *extra]) == 2
     assert message in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nosuch"], "hybridattn: error: the following arguments are required: command"),
+        (["generate", "--nosuch"], "hybridattn: error: unrecognized arguments: --nosuch"),
+        (["plan", "--context", "abc"], "hybridattn plan: error: argument --context: invalid int value: 'abc'"),
+        (["bench", "kernel", "--nosuch"], "hybridattn bench kernel: error: unrecognized arguments: --nosuch"),
+        (["bench", "ann", "--quick", "--n-keys", "-5"], "argument --n-keys: must be an int >= 1, got '-5'"),
+        (["bench", "ann", "--indexes", "nosuch"], "argument --indexes: invalid choice: 'nosuch'"),
+        (["eval", "--lm-eval", "ruler_vt", "--seq-lengths", "0"], "argument --seq-lengths: must be an int >= 1"),
+    ],
+)
+def test_options_argparse_refuses_are_one_line_too(argv, message, capsys):
+    """Not argparse's usage and then the error: one line, exit status 2, as every other bad input."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_benchmark_options_the_benchmark_cannot_run_are_one_line(tmp_path, capsys):
+    assert main(["bench", "decode", "--quick", "--methods", "hybrid-defualt"]) == 2  # it ran nothing, and said 0
+    assert "--methods: no method hybrid-defualt; methods: hybrid-default," in one_error_line(capsys)
+    (tmp_path / "other.json").write_text('{"cases": []}')
+    assert main(["bench", "ann", "--from-json", str(tmp_path / "other.json")]) == 2  # an internal KeyError before
+    assert "holds no rows of this benchmark" in one_error_line(capsys)

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from engine import cli
+from engine.cli.options import OneLineParser, positive_int  # the command line's own
 from engine.models import BUNDLED_NAME
 from engine.native import ops
 
@@ -16,7 +17,7 @@ from engine.native import ops
 def parser(doc: str, spec=None) -> argparse.ArgumentParser:
     """A script's parser, described by the first paragraph of its module docstring `doc` (whose
     first line may end mid-sentence), its usage line starting as the script was run (`prog`)."""
-    return argparse.ArgumentParser(prog=prog(spec), description=" ".join(doc.split("\n\n")[0].split()))
+    return OneLineParser(prog=prog(spec), description=" ".join(doc.split("\n\n")[0].split()))
 
 
 def prog(spec) -> str | None:
@@ -42,17 +43,6 @@ def quick_defaults(args: argparse.Namespace, **defaults: tuple) -> None:
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count: an int >= 1 (argparse names the option when it is not)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return value
 
 
 def add_threads_arg(p: argparse.ArgumentParser, default: int | None = None) -> None:

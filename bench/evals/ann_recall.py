@@ -28,7 +28,15 @@ import numpy as np
 
 from ann.registry import make_index
 from ann.selector import search_group
-from bench.common.options import add_model_args, add_output_args, add_threads_arg, pin_threads, prog
+from bench.common.options import (
+    OneLineParser,
+    add_model_args,
+    add_output_args,
+    add_threads_arg,
+    pin_threads,
+    positive_int,
+    prog,
+)
 from bench.common.output import pyplot, save_figure, write_json
 from bench.evals.capture_qk import capture_path, load_or_capture
 
@@ -227,22 +235,23 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_output_args(ap, quick="one N, fewer settings", plot="recall against the share scanned (PNG)")
     add_model_args(ap, chunk=None)
     ap.add_argument(
         "--capture", type=Path, help="a .npz from bench.evals.capture_qk (default: cached by model/tokens/layers)"
     )
-    ap.add_argument("--n-keys", type=int, nargs="+")
-    ap.add_argument("--indexes", nargs="+", help="only these index labels")
-    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--n-keys", type=positive_int, nargs="+")
+    labels = ["flat", *dict.fromkeys(label for label, *_ in sweeps(8192, quick=True))]
+    ap.add_argument("--indexes", nargs="+", choices=labels, metavar="INDEX", help=f"only these: {', '.join(labels)}")
+    ap.add_argument("--k", type=positive_int, default=100)
     add_threads_arg(ap, default=2)
     ap.add_argument("--from-json", type=Path, help="summarise and plot an earlier run's JSON instead of running")
     args = ap.parse_args(argv)
     if args.from_json:
-        rows = json.loads(args.from_json.read_text())["rows"]
+        rows = json.loads(args.from_json.read_text()).get("rows")
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"--from-json: {args.from_json} holds no rows of this benchmark")
         print("\n".join(summarize(rows)))
         if args.plot:
             plot(rows, args.plot)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common.options import add_model_args, prog
+from bench.common.options import OneLineParser, add_model_args, prog
 from bench.common.text import load_text
 
 ATTN_NAME = "capture_qk"
@@ -161,9 +161,7 @@ def load_or_capture(
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = OneLineParser(prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, chunk=512)
     ap.add_argument("--tokens", type=int, default=34000)
     ap.add_argument("--layers", type=int, nargs="+", default=[5, 11, 17])

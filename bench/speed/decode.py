@@ -308,6 +308,10 @@ def main(argv=None):
     add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
+    known = methods("", all_methods=True)
+    unknown = [m for m in args.methods or () if m not in known]
+    if unknown:
+        raise ValueError(f"--methods: no method {', '.join(unknown)}; methods: {', '.join(known)}")
     quick_defaults(
         args,
         steps=(3, 9),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.cli.answer import DEMO_TOKENS, cmd_chat, cmd_generate, cmd_serve
 from engine.cli.options import (
+    OneLineParser,
     _check_local_model,
     _check_model_args,
     _offload_args,
@@ -30,6 +31,7 @@ from engine.cli.options import (
     _sampling_args,
     add_model_args,
     output_file,
+    positive_int,
 )
 
 BENCHES = {
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     from engine.models import BUNDLED_NAME
 
-    p = argparse.ArgumentParser(prog="hybridattn", description="Long-context generation with retrieval attention")
+    p = OneLineParser(prog="hybridattn", description="Long-context generation with retrieval attention")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate from a long prompt")
@@ -285,7 +287,9 @@ def _run(argv: list[str] | None) -> int:
         add_help=False,
     )
     e.add_argument("-h", "--help", action="store_true", help="show this help and the accuracy evaluation's options")
-    e.add_argument("--lm-eval", nargs="+", metavar="TASK", help="lm-eval tasks to run (hybridattn eval --lm-eval -h)")
+    e.add_argument(
+        "--lm-eval", nargs="+", metavar="TASK", help="lm-eval tasks to run (hybridattn eval --lm-eval TASK -h)"
+    )
 
     args, rest = p.parse_known_args(argv)
     if args.command in ("bench", "eval") and args.help:
@@ -312,9 +316,9 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridattn eval --lm-eval TASK [TASK ...]")
+    p = OneLineParser(prog="hybridattn eval --lm-eval TASK [TASK ...]")
     add_model_args(p, default_model)
-    p.add_argument("--seq-lengths", type=int, nargs="+", help="RULER's context lengths (its max_seq_lengths)")
+    p.add_argument("--seq-lengths", type=positive_int, nargs="+", help="RULER's context lengths (its max_seq_lengths)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction of them when below 1)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")

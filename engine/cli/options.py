@@ -16,6 +16,25 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, its errors one line (`PROG: error: ...`, exit status 2) rather than its usage
+    and then the error, as every other bad input of the command line is answered."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an int >= 1 (argparse names the option when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     """A JSON object given on the command line (keyword arguments of the key index)."""
     try:
