@@ -55,7 +55,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from bench.common.caches import channel_stats, fill
 from bench.common.device import peak_bytes, reset_peak
-from bench.common.options import add_threads_arg, parser, pin_threads
+from bench.common.options import add_threads_arg, parser, pin_threads, positive_int
 from bench.common.output import environment, write_json
 from bench.common.profiling import profiled, torch_profiled
 from bench.common.timing import RECHECK_SPAN, LayerClock, Synced, in_turns, running_again, with_rechecks
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--cap-gb", type=float, default=24.0, help="device memory cap, GiB")
     p.add_argument("--contexts", type=int, nargs="+", help="decode contexts; default 32K 64K 128K (cpu: 2048)")
     p.add_argument("--prefill", type=int, help="prefill tokens; default 32768 (cpu: 1024)")
-    p.add_argument("--chunk", type=int, nargs="+", default=[2048], help="prefill chunk sizes, each timed")
+    p.add_argument("--chunk", type=positive_int, nargs="+", default=[2048], help="prefill chunk sizes, each timed")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per case (after 2 warm-up steps)")
     p.add_argument("--batch", type=int, default=8, help="the larger batch of the batch case (against batch 1)")
     p.add_argument(

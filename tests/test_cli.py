@@ -623,6 +623,7 @@ def test_bad_questions_fail_before_the_model_loads(extra, message, capsys, monke
         (["generate", "--nosuch"], "hybridattn: error: unrecognized arguments: --nosuch"),
         (["plan", "--context", "abc"], "hybridattn plan: error: argument --context: invalid int value: 'abc'"),
         (["bench", "kernel", "--nosuch"], "hybridattn bench kernel: error: unrecognized arguments: --nosuch"),
+        (["bench", "decode", "--chunk", "0"], "argument --chunk: must be an int >= 1, got '0'"),  # taken as 2
         (["bench", "ann", "--quick", "--n-keys", "-5"], "argument --n-keys: must be an int >= 1, got '-5'"),
         (["bench", "ann", "--indexes", "nosuch"], "argument --indexes: invalid choice: 'nosuch'"),
         (["eval", "--lm-eval", "ruler_vt", "--seq-lengths", "0"], "argument --seq-lengths: must be an int >= 1"),

@@ -60,7 +60,7 @@ def add_model_args(p: argparse.ArgumentParser, *, chunk: int | None = 1024, rope
     (engine.models.stretched), as the command line has them, and unless `chunk` is None --chunk N."""
     cli.add_model_args(p, BUNDLED_NAME, rope_scale=rope_scale)
     if chunk is not None:
-        p.add_argument("--chunk", type=int, default=chunk, help="prefill chunk")
+        p.add_argument("--chunk", type=positive_int, default=chunk, help="prefill chunk")
 
 
 def pin_threads(n: int, *, torch_threads: int | None = None) -> dict[str, int | None]:

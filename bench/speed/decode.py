@@ -297,7 +297,7 @@ def main(argv=None):
     p.add_argument(
         "--prefill-max", type=int, help="longest context whose prefill is run for real; default 8192 (--quick: 2048)"
     )
-    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    p.add_argument("--chunk", type=positive_int, default=1024, help="prefill chunk")
     p.add_argument("--all-methods", action="store_true", help="every retrieval method on SmolLM2 too")
     p.add_argument("--methods", nargs="+", help="only these methods (e.g. hybrid-default full-sdpa)")
     p.add_argument(
