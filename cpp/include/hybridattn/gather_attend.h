@@ -119,6 +119,10 @@ HA_INLINE void raise_max(PartialState st, int64_t g, int64_t D, float m_new) {
   st.m[g] = m_new;
 }
 
+// A running max to subtract from the scores: while every row so far is at -inf, 0 (their weights are then
+// exp(-inf) = 0, where exp(-inf - -inf) would be NaN). A select, not a branch: it runs per tile and head.
+HA_INLINE float finite_max(float m) { return m == -std::numeric_limits<float>::infinity() ? 0.0f : m; }
+
 constexpr int64_t elem_bytes(StoreType T) { return T == StoreType::f32 ? 4 : 2; }
 
 // ------------------------------------------------------- scalar reference
@@ -128,12 +132,9 @@ HA_INLINE void take_scores_scalar(PartialState st, int64_t g, int64_t D, float* 
   float tile_max = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, p[j]);
   raise_max(st, g, D, tile_max);
-  if (st.m[g] == -std::numeric_limits<float>::infinity()) {  // every row so far at -inf: none weighs anything
-    std::fill(p, p + n, 0.0f);
-    return;
-  }
+  const float m = finite_max(st.m[g]);
   for (int64_t j = 0; j < n; ++j) {
-    p[j] = std::exp(p[j] - st.m[g]);
+    p[j] = std::exp(p[j] - m);
     st.l[g] += p[j];
   }
 }
@@ -220,11 +221,7 @@ HA_INLINE void take_scores(PartialState st, int64_t g, int64_t D, vf16 scores, i
   for (int i = 0; i < 16; ++i) lane[i] = float(i);
   scores = lane < float(n) ? scores : vf16{} - std::numeric_limits<float>::infinity();
   raise_max(st, g, D, hmax(scores));
-  if (st.m[g] == -std::numeric_limits<float>::infinity()) {  // exp(-inf - -inf) would be NaN
-    store16(p, vf16{});
-    return;
-  }
-  const vf16 pv = exp16(scores - st.m[g]);
+  const vf16 pv = exp16(scores - finite_max(st.m[g]));
   st.l[g] += hsum(pv);
   store16(p, pv);
 }
