@@ -225,12 +225,7 @@ def test_json_folder_is_made_or_refused_before_the_model_loads(tmp_path, capsys,
 @pytest.mark.parametrize("command", ["bench kernel", "bench decode", "bench ann", "bench throughput", "eval"])
 def test_a_benchmark_refuses_a_json_path_it_cannot_write_before_it_runs(command, tmp_path, capsys, monkeypatch):
     """--json is checked as the arguments are read, not after a run of minutes whose results it was to hold."""
-    import sys
-
-    from engine.cli import BENCHES, EVAL
-
-    name = command.split()[-1]
-    monkeypatch.delitem(sys.modules, BENCHES.get(name, EVAL), raising=False)  # run as a first run would
+    run_as_first_runs(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         main([*command.split(), "--quick", "--json", str(tmp_path)])
     assert exit_.value.code == 2 and f"argument --json: is a folder, not a file: {tmp_path}" in capsys.readouterr().err
@@ -629,17 +624,29 @@ def test_bad_questions_fail_before_the_model_loads(extra, message, capsys, monke
         (["eval", "--lm-eval", "ruler_vt", "--seq-lengths", "0"], "argument --seq-lengths: must be an int >= 1"),
     ],
 )
-def test_options_argparse_refuses_are_one_line_too(argv, message, capsys):
+def test_options_argparse_refuses_are_one_line_too(argv, message, capsys, monkeypatch):
     """Not argparse's usage and then the error: one line, exit status 2, as every other bad input."""
+    run_as_first_runs(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_benchmark_options_the_benchmark_cannot_run_are_one_line(tmp_path, capsys):
+def test_benchmark_options_the_benchmark_cannot_run_are_one_line(tmp_path, capsys, monkeypatch):
+    run_as_first_runs(monkeypatch)
     assert main(["bench", "decode", "--quick", "--methods", "hybrid-defualt"]) == 2  # it ran nothing, and said 0
     assert "--methods: no method hybrid-defualt; methods: hybrid-default," in one_error_line(capsys)
     (tmp_path / "other.json").write_text('{"cases": []}')
     assert main(["bench", "ann", "--from-json", str(tmp_path / "other.json")]) == 2  # an internal KeyError before
     assert "holds no rows of this benchmark" in one_error_line(capsys)
+
+
+def run_as_first_runs(monkeypatch) -> None:
+    """The benchmark modules unloaded (for this test), so that the command runs each as a first run would."""
+    import sys
+
+    from engine.cli import BENCHES, EVAL
+
+    for module in [*BENCHES.values(), EVAL]:
+        monkeypatch.delitem(sys.modules, module, raising=False)
