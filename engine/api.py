@@ -161,11 +161,7 @@ class HybridLLM:
         that continue it: `generate(prompt, prefix=...)` then prefills only the prompt (engine.prefix).
         The prefix holds a host store until its `release()`. `leave()`, asked as it prefills,
         gives it up where true (engine.prefill.PrefillLeft)."""
-        if isinstance(document, list) and document and isinstance(document[0], dict):
-            raise ValueError(_CHAT_AFTER_PREFIX)
-        ids = self.encode(document)
-        if ids.shape[1] < 2:
-            raise ValueError(f"a prefix holds at least 2 tokens, got {ids.shape[1]}")
+        ids = self.document_ids(document)
         room = RESERVED_NEW_TOKENS  # the prompts after it and their answers; the stores grow past it
         _check_function("leave", leave)
         keywords = dict(progress=progress, stores=self.stores, leave=leave)
@@ -175,6 +171,16 @@ class HybridLLM:
         except BaseException:
             prefilled.cache.release()
             raise
+
+    def document_ids(self, document) -> torch.Tensor:
+        """A prefix's document as token ids [1, T] (what `encode` takes, but chat messages); refused under
+        2 tokens, since its last token is prefilled with each prompt after it."""
+        if isinstance(document, list) and document and isinstance(document[0], dict):
+            raise ValueError(_CHAT_AFTER_PREFIX)
+        ids = self.encode(document)
+        if ids.shape[1] < 2:
+            raise ValueError(f"a prefix holds at least 2 tokens, got {ids.shape[1]}")
+        return ids
 
     def load_prefix(self, path, *, document=None, progress: bool = True) -> Prefix:
         """A prefix saved by `Prefix.save` (in this process or another) loaded from the file `path`, as it was

@@ -25,13 +25,11 @@ from engine.cache.store import DeviceRows
 
 
 def prefill_by_layer(model, ids: torch.Tensor, cache: HybridCache, bounds: list[tuple[int, int]], *, progress=True):
-    """Feed the prompt ids [1, T] into the empty single-sequence `cache` one decoder layer at a
-    time, each in the chunks [start, end) of `bounds` (engine.prefill.chunk_bounds); returns
-    the last position's logits [vocab]."""
+    """Feed the prompt ids [1, T] (engine.prefill.prefill checks them) into the empty single-sequence
+    `cache` one decoder layer at a time, each in the chunks [start, end) of `bounds`
+    (engine.prefill.chunk_bounds); returns the last position's logits [vocab]."""
     if not isinstance(cache, HybridCache):
         raise TypeError(f"a prefill layer by layer fills a HybridCache, got {type(cache).__name__}")
-    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"a prefill layer by layer takes the ids of one prompt [1, T], got {tuple(ids.shape)}")
     layers = cache.layers
     if any(not isinstance(layer, HybridLayer) or layer.is_initialized for layer in layers):
         raise ValueError("a prefill layer by layer starts from an empty single-sequence cache")

@@ -185,9 +185,7 @@ class KeptCache:
         if self.document == text:
             self.loaded = False
             return self.prefix, self.prefix.tokens
-        ids = self.llm.encode(text)
-        if ids.shape[1] < 2:
-            raise ValueError(f"a document holds at least 2 tokens, got {ids.shape[1]}")
+        ids = self.llm.document_ids(text)  # refused here, before what was kept is given back
         self.release()
         if self.folder is not None:
             self.prefix, self.loaded = self.folder.prefix(text, progress=False, leave=leave)
