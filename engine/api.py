@@ -245,14 +245,16 @@ class HybridLLM:
         """Decode `prompts` as one batch, each with its own `Sampling` (one for all, or a list of one per prompt),
         and yield (prompt's index, text piece, finish) as each prompt's text grows: the pieces `stream` gives
         the prompt alone (greedy, the same text), finish "" until its last piece (maybe empty), then why it
-        ended ("eos", "stop", "length", or "left"). `reports`, one per prompt, are each filled when its prompt
+        ended ("eos", "stop", "length", "left", or "error"). `reports`, one per prompt, are each filled when its prompt
         ends. `leave(i)`, asked as prompt i is prefilled and after each of its tokens, ends it
         there where true (its client gone, say; its finish "left"): the batch goes on without it. `more()`, asked
         before a step while the batch runs and no prompt is on its way in, gives prompts that join it (continuous
         batching): a list of (prompt, Sampling) pairs, each asking for a token or more, prefilled one after
         another a chunk a step while the batch decodes (a step waits for one chunk at most; where the batch ends
         first, the rest at once), which take the next indices (len(prompts), len(prompts) + 1, ...) and each get
-        a report appended to `reports`.
+        a report appended to `reports`. A prompt from `more()` whose prefill fails (its host store not allocated,
+        say) ends with finish "error", its report's `error` the exception, and the batch goes on without it (a
+        prompt that cannot be encoded raises, as the call's own prompts do).
         After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt that continues it, which the prompts from
         `more()` may join."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):

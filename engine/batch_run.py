@@ -60,7 +60,9 @@ def run_batch(
     back to the document's state. `leave(i)`, asked as prompt i is prefilled (its index: the prompts', then
     those from more() in order) and after each of its tokens that `ends` does not end, ends it where true:
     in its prefill, (i, None, "left") then, its report filled; after a token, with finish "left". The others
-    go on. Fills the reports not filled yet at the end, also when the consumer stops. Warns where a prompt
+    go on. A prompt from more() whose prefill raises (its host store not allocated, say) fails alone: (i, None,
+    "error"), its report's `error` the exception; the batch goes on. Fills the reports not filled yet at the end,
+    also when the consumer stops. Warns where a prompt
     and its new tokens run past the model's trained positions (`warn_past_context`)."""
     before = prefix.tokens if prefix is not None else 0
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
@@ -70,7 +72,7 @@ def run_batch(
     names: list[int] = []  # ... and their prompts' indices
     arriving: deque[tuple[SteppedPrefill, tuple, int]] = deque()  # prompts prefilled between steps to join
     joined = itertools.count(len(ids))  # the index of the next prompt from more()
-    left: deque[int] = deque()  # prompts from more() that left in their prefill, to yield
+    ended: deque[tuple[int, None, str]] = deque()  # (prompt, no token, why) of those from more() ended in their prefill
     run = None
     filled: set[int] = set()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -90,17 +92,22 @@ def run_batch(
                 i = next(joined)
                 warn_past_context(model, x.shape[1], limit)
                 settings = (limit, pick, end_tokens(model, stop_at_eos), _ending(ends, asked(i)))
-                arrival = SteppedPrefill(model, x, offload, limit, stores=stores, leave=asked(i))
+                try:
+                    arrival = SteppedPrefill(model, x, offload, limit, stores=stores, leave=asked(i))
+                except Exception as error:  # its cache not allocated, say: it fails alone
+                    ended_in_prefill(i, x.shape[1], 0.0, error)
+                    continue
                 arriving.append((arrival, settings, i))
         while arriving:
             arrival, settings, i = arriving[0]
             try:
                 prompt = arrival.step(whole=whole)
-            except PrefillLeft:
+            except Exception as error:  # it left, or its own prefill failed: the batch goes on without it
                 arriving.popleft()
                 arrival.close()
-                fill_left_report(reports[i], arrival.ids.shape[1], 0, arrival.prefill_s, weights)
-                left.append(i)
+                ended_in_prefill(
+                    i, arrival.ids.shape[1], arrival.prefill_s, None if isinstance(error, PrefillLeft) else error
+                )
                 continue
             if prompt is None:
                 return []
@@ -109,6 +116,10 @@ def run_batch(
             names.append(i)
             return [Joiner(prompt, *settings)]
         return []
+
+    def ended_in_prefill(i: int, tokens: int, prefill_s: float, error: Exception | None) -> None:
+        fill_left_report(reports[i], tokens, 0, prefill_s, weights, error)
+        ended.append((i, None, reports[i].finish_reason))
 
     def fill(row: int) -> None:
         report = reports[names[row]]
@@ -152,10 +163,10 @@ def run_batch(
             if run.finish[row]:
                 fill(row)
             yield names[row], token, run.finish[row]
-            while left:
-                yield left.popleft(), None, "left"
-        while left:
-            yield left.popleft(), None, "left"
+            while ended:
+                yield ended.popleft()
+        while ended:
+            yield ended.popleft()
     finally:  # also when the consumer stops early or raises: no build thread outlives the call
         for arrival, _, _ in arriving:
             arrival.close()

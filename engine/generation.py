@@ -52,9 +52,11 @@ class GenerationReport:
     rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
     wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
-    # "eos", "stop" (a stop string), "length" (max_new_tokens), "left" (its consumer let it go); "": not finished
+    # "eos", "stop" (a stop string), "length" (max_new_tokens), "left" (its consumer let it go), "error" (its
+    # prefill failed as it joined a running batch, which went on: `error`); "": not finished
     finish_reason: str = ""
     batch: int = 1  # the most sequences in a decode step it took part in (1: alone, or no step)
+    error: Exception | None = field(default=None, repr=False, compare=False)  # why it failed (finish "error")
 
     @property
     def first_token_s(self) -> float:
@@ -390,10 +392,19 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.host_bytes = dict(run.memory["host"])
 
 
-def fill_left_report(report: GenerationReport, prompt_tokens: int, prefix_tokens: int, prefill_s: float, weights: int):
-    """`report` for a sequence whose prompt left during its prefill (PrefillLeft): no token, finish "left"."""
+def fill_left_report(
+    report: GenerationReport,
+    prompt_tokens: int,
+    prefix_tokens: int,
+    prefill_s: float,
+    weights: int,
+    error: Exception | None = None,
+):
+    """`report` for a sequence that ended in its prefill, with no token: finish "left" where its prompt left
+    (PrefillLeft), "error" where the prefill raised `error`."""
     report.prompt_tokens, report.prefix_tokens, report.prefill_s = prompt_tokens, prefix_tokens, prefill_s
-    report.finish_reason = "left"
+    report.finish_reason = "left" if error is None else "error"
+    report.error = error
     report.device_bytes = {"weights": weights}
 
 

@@ -19,6 +19,7 @@ import torch
 from engine import OffloadConfig
 from engine.api import HybridLLM
 from engine.cli import main
+from engine.prefill import SteppedPrefill
 from engine.prefix_file import PrefixFolder
 from engine.scheduler import Job, Scheduler
 from engine.server import Completions, RequestError, Server, parse_request
@@ -987,6 +988,37 @@ def test_others_join_a_request_that_keeps_its_prompt_and_the_next_turn_still_fin
         second = answer(server, "/chat/completions", {"messages": turns, **GREEDY})
         assert second["hybridattn"][0]["kept"]["reused_tokens"] == len(llm.encode(turns[:1])[0]) - 1
         assert second["choices"][0]["message"]["content"] == llm.generate(turns, NEW, progress=False).text
+
+
+def test_a_request_whose_prefill_fails_as_it_joins_hears_why_and_the_batch_goes_on(llm, monkeypatch, caplog):
+    """The joining request's prefill runs out of memory: it is answered with the error (500), the request it
+    joined with what it gets alone, and the server serves the next request."""
+
+    def out_of_memory(self, whole=False):
+        raise torch.OutOfMemoryError("no room for this prompt")
+
+    monkeypatch.setattr(SteppedPrefill, "step", out_of_memory)  # the prefill of a prompt that joins a batch
+    with running(Server(llm, port=0, model="tiny", reuse_prompts=False)) as server:
+        scheduler = server.scheduler
+        wait_to_join(scheduler, monkeypatch)
+        first = {"prompt": "The grass is green and the sky is blue. " * 10, "max_tokens": NEW, **GREEDY}
+        got = {}
+        asks = [
+            threading.Thread(target=lambda: got.update(first=post(server, "/completions", first))),
+            threading.Thread(target=lambda: got.update(joining=post(server, "/completions", {"prompt": "Another"}))),
+        ]
+        asks[0].start()
+        while not scheduler._running:
+            time.sleep(0.01)
+        asks[1].start()
+        for ask in asks:
+            ask.join(timeout=120)
+        assert got["joining"][0] == 500 and "OutOfMemoryError: no room for this prompt" in got["joining"][1]
+        assert got["first"][0] == 200
+        want = llm.generate(first["prompt"], NEW, progress=False).text
+        assert json.loads(got["first"][1])["choices"][0]["text"] == want
+        assert "failed in its prefill as it joined" in caplog.text
+        assert answer(server, "/completions", {"prompt": "And then", "max_tokens": 2})["choices"]
 
 
 def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+import engine.prefill
 from engine.api import HybridLLM
 from engine.cache import HybridCache
 from engine.cli import main
@@ -522,6 +523,47 @@ def test_a_prompt_that_leaves_on_its_way_in_is_given_up_and_the_next_joins(chunk
     texts = ["".join(piece for row, piece, _ in rows if row == i) for i in (0, 2)]
     assert texts == [alone(chunked, prompts[0], Sampling(NEW))[0], alone(chunked, prompts[2], Sampling(NEW - 4))[0]]
     assert reports[2].new_tokens == NEW - 4 and reports[2].finish_reason == "length"
+
+
+def test_a_prompt_whose_prefill_fails_on_its_way_in_fails_alone_and_the_next_joins(chunked, prompts, monkeypatch):
+    """Prompt 1's second chunk runs out of memory: it ends with finish "error" and its report holds the
+    exception; its cache is given up, and prompt 0 and prompt 2, which joins after it, stream what they do alone."""
+    run_chunk, failing = engine.prefill.prefill_chunk, prompts[1][64:128][None]
+    given_up = []
+
+    def prefill_chunk(model, ids, cache):
+        if torch.equal(ids, failing):
+            raise torch.OutOfMemoryError("no room for this chunk")
+        return run_chunk(model, ids, cache)
+
+    monkeypatch.setattr(engine.prefill, "prefill_chunk", prefill_chunk)
+    monkeypatch.setattr(SteppedPrefill, "close", lambda self, close=SteppedPrefill.close: given_up.append(close(self)))
+    more, _ = joining_at({1: [(prompts[1], Sampling(NEW))], 4: [(prompts[2], Sampling(NEW - 4))]})
+    reports = [GenerationReport()]
+    rows = list(chunked.stream_batch([prompts[0]], Sampling(NEW), reports=reports, more=more, progress=False))
+    assert [r for r in rows if r[0] == 1] == [(1, "", "error")] and len(given_up) == 1
+    assert reports[1].finish_reason == "error" and isinstance(reports[1].error, torch.OutOfMemoryError)
+    assert reports[1].new_tokens == 0 and reports[1].prompt_tokens == len(prompts[1]) and reports[1].prefill_s > 0
+    texts = ["".join(piece for row, piece, _ in rows if row == i) for i in (0, 2)]
+    assert texts == [alone(chunked, prompts[0], Sampling(NEW))[0], alone(chunked, prompts[2], Sampling(NEW - 4))[0]]
+    assert [reports[i].finish_reason for i in (0, 2)] == ["length", "length"] and reports[0].error is None
+
+
+def test_a_prompt_whose_cache_cannot_be_made_fails_alone(chunked, prompts, monkeypatch):
+    made, make = [], engine.prefill.prompt_cache
+
+    def second_cache_fails(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:  # the joining prompt's, after the first prompt's
+            raise MemoryError("no host memory for its store")
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(engine.prefill, "prompt_cache", second_cache_fails)
+    more, _ = joining_at({1: [(prompts[1], Sampling(NEW))]})
+    reports = [GenerationReport()]
+    rows = list(chunked.stream_batch([prompts[0]], Sampling(NEW), reports=reports, more=more, progress=False))
+    assert [r for r in rows if r[0] == 1] == [(1, "", "error")] and isinstance(reports[1].error, MemoryError)
+    assert "".join(piece for row, piece, _ in rows if row == 0) == alone(chunked, prompts[0], Sampling(NEW))[0]
 
 
 def test_a_prompt_that_leaves_on_its_way_in_after_the_batch_ended_ends_the_call(chunked, prompts):
