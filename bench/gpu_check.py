@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import sys
 import traceback
 from pathlib import Path
 
@@ -63,7 +62,7 @@ from bench.gpu_correctness import TOY, exactness, exactness_case, llama, prefix_
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
 from engine.cache.store import StorePool
-from engine.cli import output_file
+from engine.cli import output_file, run_script
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 from engine.plan import MODEL_PRESETS, ModelShape
@@ -488,4 +487,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.common.options import parser
 from bench.tables import MANY_FILES, RENDERERS
+from engine.cli import run_script
 
 BLOCK_START, BLOCK_END = "<!-- report:", "<!-- /report -->"
 CONFIG_START, CONFIG_END = "<!-- config-table:", "<!-- /config-table -->"
@@ -140,16 +141,15 @@ def update_config_table(text: str, table: str, where: str = "README.md") -> str:
 
 def main(argv=None) -> int:
     p = parser(__doc__, __spec__)
-    for name in RENDERERS:
-        p.add_argument(f"--{name}", type=Path, metavar="JSON", help=f"print the {name} tables of this file")
-    for name in MANY_FILES:
+    for name in [*RENDERERS, *MANY_FILES]:  # the renderer's name, hyphenated: --let-go prints let_go's tables
+        many = name in MANY_FILES
         p.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             type=Path,
-            nargs="+",
+            nargs="+" if many else None,
             metavar="JSON",
-            help=f"print the {name} tables of these files",
+            help=f"print the {name} tables of {'these files' if many else 'this file'}",
         )
     p.add_argument("--update", type=Path, nargs="+", help="Markdown files whose report blocks to render again")
     p.add_argument("--root", type=Path, default=Path("."), help="where the blocks' JSON paths start (default: .)")
@@ -173,4 +173,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

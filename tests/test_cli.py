@@ -1,6 +1,8 @@
 import argparse
 import dataclasses
 import json
+import runpy
+import sys
 
 import pytest
 
@@ -642,10 +644,25 @@ def test_benchmark_options_the_benchmark_cannot_run_are_one_line(tmp_path, capsy
     assert "holds no rows of this benchmark" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        ("bench.speed.decode", ["--quick", "--methods", "hybrid-defualt"], "--methods: no method hybrid-defualt;"),
+        ("bench.report", ["--let-go", "nosuch.json"], "No such file or directory: 'nosuch.json'"),
+    ],
+)
+def test_a_benchmark_module_run_directly_answers_bad_input_in_one_line(module, argv, message, capsys, monkeypatch):
+    """`python -m bench...` as `hybridattn bench` does: one line and exit status 2, not a traceback."""
+    run_as_first_runs(monkeypatch)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_.value.code == 2 and message in one_error_line(capsys)
+
+
 def run_as_first_runs(monkeypatch) -> None:
     """The benchmark modules unloaded (for this test), so that the command runs each as a first run would."""
-    import sys
-
     from engine.cli import BENCHES, EVAL
 
     for module in [*BENCHES.values(), EVAL]:

@@ -48,6 +48,7 @@ from bench.evals.probes import LayerProbe, OracleSelect, copy_state, decode_with
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
 from engine import OffloadConfig
+from engine.cli import run_script
 from engine.generation import eos_ids
 from engine.models import load_model
 
@@ -250,4 +251,4 @@ def save(args, rows: list[dict], seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

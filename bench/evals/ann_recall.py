@@ -39,6 +39,7 @@ from bench.common.options import (
 )
 from bench.common.output import pyplot, save_figure, write_json
 from bench.evals.capture_qk import capture_path, load_or_capture
+from engine.cli import run_script
 
 FULL = {"tokens": 34000, "layers": [5, 11, 17], "n_keys": [8192, 16384, 32768], "decode": 64}
 QUICK = {"tokens": 8400, "layers": [5, 17], "n_keys": [8192], "decode": 32}
@@ -334,4 +335,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

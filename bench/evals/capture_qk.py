@@ -28,6 +28,7 @@ import torch
 
 from bench.common.options import OneLineParser, add_model_args, prog
 from bench.common.text import load_text
+from engine.cli import run_script
 
 ATTN_NAME = "capture_qk"
 
@@ -178,4 +179,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

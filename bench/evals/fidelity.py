@@ -40,6 +40,7 @@ from bench.evals.probes import LayerProbe, copy_state, named
 from bench.stats import mean_interval
 from engine import HybridCache
 from engine.api import prefill
+from engine.cli import run_script
 from engine.models import load_model
 
 PROBE = "hybrid_fidelity"
@@ -157,4 +158,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

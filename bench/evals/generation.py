@@ -37,6 +37,7 @@ from bench.common.output import write_json
 from bench.common.text import segments
 from bench.evals.probes import copy_state, greedy, named, prefill_and_answer
 from bench.stats import mean_interval
+from engine.cli import run_script
 from engine.models import load_model
 
 CONFIGS = named(
@@ -124,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,6 +39,7 @@ from bench.common.text import segments
 from bench.evals.probes import CONFIGS, copy_state, greedy, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample
 from bench.tables import margin_rows, margins
+from engine.cli import run_script
 from engine.config import OffloadConfig
 from engine.generation import eos_ids
 from engine.models import load_model
@@ -129,4 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

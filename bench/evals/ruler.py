@@ -32,6 +32,7 @@ from bench.common import options
 from bench.common.output import write_json
 from bench.evals.peers import PEERS
 from bench.stats import mean_interval, wilson_interval
+from engine.cli import run_script
 
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
@@ -152,4 +153,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

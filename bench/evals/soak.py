@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import threading
 import time
 
@@ -39,6 +38,7 @@ from engine import HybridCache, OffloadConfig
 from engine.api import HybridLLM, prefill
 from engine.attention import hybrid_attention_forward
 from engine.cache import HybridLayer
+from engine.cli import run_script
 from engine.decode.select import candidates
 
 PROBE = "hybrid_soak"
@@ -192,4 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -53,6 +53,7 @@ from bench.common.output import method_panels, save_run
 from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, running_again, with_rechecks
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
+from engine.cli import run_script
 from engine.config import KEY_INDEXES
 from engine.decode.host import python_selection
 
@@ -331,4 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

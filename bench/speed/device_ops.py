@@ -32,6 +32,7 @@ from bench.common.options import parser, positive_int
 from bench.common.output import save_run
 from bench.speed.host_side import layer_args, record_queries
 from engine import HybridCache, OffloadConfig
+from engine.cli import run_script
 from engine.decode import step
 
 # operations that make views or read metadata, and allocations, which launch no kernel
@@ -159,4 +160,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

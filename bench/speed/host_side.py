@@ -31,6 +31,7 @@ from bench.common.options import add_output_args, add_threads_arg, parser, pin_t
 from bench.common.output import save_run
 from bench.common.timing import median_ms
 from engine import HybridCache, OffloadConfig
+from engine.cli import run_script
 from engine.decode import host, step
 from engine.decode.estimate import batch_of
 from engine.decode.select import select_host_ids
@@ -163,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

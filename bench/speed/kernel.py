@@ -25,6 +25,7 @@ from bench.common.options import add_output_args, add_threads_arg, parser, pin_t
 from bench.common.output import write_json
 from bench.common.timing import median_ms
 from engine.cache.store import host_empty
+from engine.cli import run_script
 from engine.native import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -185,4 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

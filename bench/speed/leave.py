@@ -28,6 +28,7 @@ from bench.common.output import write_json
 from bench.evals.tasks import make_sample
 from engine import OffloadConfig
 from engine.api import HybridLLM
+from engine.cli import run_script
 from engine.server import Server
 
 CASES = ("client leaves in the prefill", "client leaves while decoding", "stop in the prefill", "stop while decoding")
@@ -138,4 +139,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

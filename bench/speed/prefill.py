@@ -32,6 +32,7 @@ from bench.common.output import write_json
 from bench.common.timing import in_turns
 from engine import HybridCache, OffloadConfig
 from engine.api import prefill
+from engine.cli import run_script
 from engine.models import load_model
 
 CASES = ("sdpa", "engine", "overlapped", "by-layer", "by-layer-after")
@@ -95,4 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -46,6 +46,7 @@ from bench.common.output import write_json
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, make_sample, score
 from engine import OffloadConfig
 from engine.api import HybridLLM
+from engine.cli import run_script
 from engine.prefix import KeptCache
 
 OTHER_QUESTION = "\n\nWhat colour is the grass? The grass is"
@@ -255,4 +256,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

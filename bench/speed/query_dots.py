@@ -33,6 +33,7 @@ from bench.common.options import parser, positive_int
 from bench.common.output import save_run
 from bench.common.timing import median_ms
 from bench.speed.host_side import layer_args, recorded_contexts
+from engine.cli import run_script
 from engine.decode import estimate, step
 from engine.index import heads
 from engine.native import ops
@@ -121,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

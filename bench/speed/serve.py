@@ -39,6 +39,7 @@ from bench.common.output import write_json
 from bench.evals.tasks import make_sample
 from engine import OffloadConfig
 from engine.api import HybridLLM
+from engine.cli import run_script
 from engine.server import Server
 
 WAYS = ("one at a time", "batches at the start", "joining", "joining, whole prefills", "joining, prompts kept")
@@ -174,4 +175,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

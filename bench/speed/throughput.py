@@ -36,6 +36,7 @@ from bench.common.options import add_output_args, add_threads_arg, parser, pin_t
 from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
+from engine.cli import run_script
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
 
@@ -232,4 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,6 +19,7 @@ import math
 import os
 import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.cli.answer import DEMO_TOKENS, cmd_chat, cmd_generate, cmd_serve
@@ -156,8 +157,22 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; turns errors into one line on stderr and an exit status (see the module docstring)."""
+    return _handled(lambda: _run(argv))
+
+
+def run_script(script_main: Callable[[], int | None]) -> None:
+    """A benchmark module's `__main__`: `script_main()`, exiting with its status where not 0 (None: 0). Run
+    directly (`python -m bench...`), its errors are one line and an exit status, as the command line's;
+    through `hybridattn bench` (`cmd_script`) they are left to the command line's `main`."""
+    status = script_main() if script_command() is not None else _handled(script_main)
+    if status:
+        sys.exit(status)
+
+
+def _handled(command: Callable[[], int | None]) -> int:
+    """`command()`'s exit status (None: 0), its errors turned into one line on stderr and an exit status."""
     try:
-        return _run(argv)
+        return command() or 0
     except KeyboardInterrupt:
         print("\nhybridattn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
