@@ -313,6 +313,22 @@ def test_a_wider_run_replaces_the_newest_position_and_reads_more(tiny_model, tin
             pass
 
 
+def test_a_wider_run_before_the_key_index_is_built_samples_no_position_twice(tiny_model, tiny_ids):
+    """With 4 tokens on the host, under a block, the key index waits for its build and the decode queries join
+    its sample; the wider run of a step's position does not sample that position again."""
+    cache = HybridCache(tiny_model, APPROXIMATE)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :24], cache=cache, use_cache=True)
+        for t in (24, 25):
+            tiny_model(tiny_ids[:, t : t + 1], cache=cache, use_cache=True)
+        with cache.rerun_wider([0], COVERING):
+            tiny_model(tiny_ids[:, 25:26], cache=cache, use_cache=True)
+        tiny_model(tiny_ids[:, 26:27], cache=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.key_index is None and layer.host.n == 7
+        assert torch.cat(layer.query_sample.pos).tolist()[-3:] == [24, 25, 26]
+
+
 def test_near_ties_run_wider_first_and_exactly_only_where_the_tie_survives(tiny_model, tiny_ids, tiny_full_logits):
     full = tiny_full_logits[0, PROMPT : PROMPT + STEPS]
     # the wider runs stand: every step is full attention's, none ran exactly

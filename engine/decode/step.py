@@ -45,8 +45,9 @@ def resident_part(layer: HybridLayer, q: torch.Tensor, scale: float):
 
 
 def sample_query(layer: HybridLayer, q: torch.Tensor) -> None:
-    """Before the key index is built, the decode queries q [Hkv, G, 1, D] join the sample it is built from."""
-    if layer.key_index is None and layer.cfg.uses_key_index:
+    """Before the key index is built, the decode queries q [Hkv, G, 1, D] join the sample it is built from:
+    once a position (a wider run of it again samples nothing)."""
+    if layer.key_index is None and layer.cfg.uses_key_index and not layer.rerun:
         layer.query_sample.add(q.reshape(-1, 1, q.shape[-1]), torch.tensor([layer.n_seen - 1]))
 
 
