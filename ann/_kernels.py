@@ -264,10 +264,11 @@ def distinct_rows(ids, limit, n_ids):
 
 @nb.njit(cache=True)
 def enter_lists(lists, list_scores, raw, keys, near, first_id):
-    """Keys [H, n, D] (fp32), given ids first_id.., enter in order the lists [H, Nq, M] of the
-    build queries near[h, i] [H, n, A] each one points at: where the key's logit (raw [H, Nq, D]
-    . key) beats the list's weakest entry (the first of equals), it takes that slot, and its
-    logit the slot of list_scores. Key by key, so two keys never take one slot."""
+    """Keys [H, n, D] (fp32), given ids first_id.., enter in order the lists [H, Nq, M], best first, of
+    the build queries near[h, i] [H, n, A] each one points at: where the key's logit (raw [H, Nq, D]
+    . key) beats the list's last entry, that entry drops out and the key takes its place in the order,
+    after the entries its logit equals (list_scores keeps the logits beside them), so that the lists stay
+    best first, as the proposals' cut to a budget takes them. Key by key: two keys never take one slot."""
     H, n, A = near.shape
     M = lists.shape[2]
     for h in range(H):
@@ -277,10 +278,12 @@ def enter_lists(lists, list_scores, raw, keys, near, first_id):
                 logit = np.float32(0.0)
                 for d in range(keys.shape[2]):
                     logit += raw[h, r, d] * keys[h, i, d]
-                worst = 0
-                for j in range(1, M):
-                    if list_scores[h, r, j] < list_scores[h, r, worst]:
-                        worst = j
-                if logit > list_scores[h, r, worst]:
-                    list_scores[h, r, worst] = logit
-                    lists[h, r, worst] = first_id + i
+                if not logit > list_scores[h, r, M - 1]:
+                    continue
+                j = M - 1
+                while j > 0 and list_scores[h, r, j - 1] < logit:
+                    list_scores[h, r, j] = list_scores[h, r, j - 1]
+                    lists[h, r, j] = lists[h, r, j - 1]
+                    j -= 1
+                list_scores[h, r, j] = logit
+                lists[h, r, j] = first_id + i

@@ -205,14 +205,16 @@ class QueryLists:
             if tuple(state[name].shape) != (self.n_heads, n_queries, width):
                 raise ValueError(f"query lists take {name} of shape {[self.n_heads, n_queries, width]}")
         self.queries = state["queries"].to(self.device, self.dtype)
-        self.lists = state["lists"].to(torch.int32).contiguous()
-        self.list_scores = state["list_scores"].float().contiguous()
+        # best first, as `add` keeps them (in files saved before it did, keys it added may stand out of order)
+        self.list_scores, order = state["list_scores"].float().sort(dim=2, descending=True, stable=True)
+        self.lists = state["lists"].to(torch.int32).gather(2, order).contiguous()
+        self.list_scores = self.list_scores.contiguous()
         self.raw = state["raw"].float().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
         self.n_keys = int(state["n_keys"][0])
 
     def add(self, keys: torch.Tensor) -> None:
         """keys [H, n, D] get ids len(self)...; each enters the lists (among the n_add
-        build queries nearest its direction) whose weakest entry it beats."""
+        build queries nearest its direction) whose weakest entry it beats, at its place: best first."""
         if self.n_queries == 0:
             raise RuntimeError("add before build: the qq selector needs build queries first")
         n = keys.shape[1]

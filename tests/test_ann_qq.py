@@ -48,7 +48,8 @@ def test_added_key_enters_lists_of_queries_that_want_it(data):
 
 def _enter_one_by_one(lists, n_keys: int, keys):
     """QueryLists.add's rule written plainly: key after key, head after head, each of its n_add
-    nearest build queries' lists takes it in place of its first weakest entry if it beats it."""
+    nearest build queries' lists, best first, takes it where it beats the last entry: that entry drops
+    out and the key goes after the entries it does not beat."""
     import torch
 
     from ann.qq import _unit
@@ -59,9 +60,12 @@ def _enter_one_by_one(lists, n_keys: int, keys):
         for h in range(keys.shape[0]):
             for r in near[h, i].tolist():
                 logit = float(lists.raw[h, r] @ keys[h, i])
-                worst = int(scores[h, r].argmin())
-                if logit > scores[h, r, worst]:
-                    ids[h, r, worst], scores[h, r, worst] = n_keys + i, logit
+                if logit > scores[h, r, -1]:
+                    at = int((scores[h, r] >= logit).sum())
+                    ids[h, r] = torch.cat(
+                        [ids[h, r, :at], torch.tensor([n_keys + i], dtype=ids.dtype), ids[h, r, at:-1]]
+                    )
+                    scores[h, r] = torch.cat([scores[h, r, :at], torch.tensor([logit]), scores[h, r, at:-1]])
     return ids, scores
 
 
@@ -83,7 +87,30 @@ def test_added_keys_enter_lists_one_after_another():
         want = _enter_one_by_one(lists, lists.n_keys, new)
         lists.add(new)
         assert torch.equal(lists.lists, want[0]) and torch.equal(lists.list_scores, want[1]), step
+        assert (lists.list_scores[..., :-1] >= lists.list_scores[..., 1:]).all(), step  # best first
     assert (lists.lists >= n_keys + 12).any()  # later calls' keys entered too
+
+
+def test_a_key_added_stands_first_in_the_lists_whose_entries_it_beats():
+    """The proposals' cut to a budget takes a prefix of each list: a key added that beats a list's every
+    entry comes first in it, and first among the candidates of a query nearest that list; lists loaded out of
+    order (saved before adds kept the order) are put best first."""
+    import torch
+
+    from ann.qq import QueryLists
+
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(1, 200, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    lists = QueryLists(1, 16, m_keys=8, n_add=6)
+    lists.build(keys, queries)
+    lists.add(10 * queries[:, :1])  # by far the best key of build query 0's list
+    assert lists.lists[0, 0, 0] == 200 and (lists.list_scores[..., :-1] >= lists.list_scores[..., 1:]).all()
+    assert lists.candidates(queries[:, :1], n_neighbors=1)[0, 0] == 200
+    state = lists.state()
+    state["lists"], state["list_scores"] = state["lists"].flip(2), state["list_scores"].flip(2)
+    loaded = QueryLists(1, 16, m_keys=8, n_add=6)
+    loaded.load_state(state)
+    assert torch.equal(loaded.lists, lists.lists) and torch.equal(loaded.list_scores, lists.list_scores)
 
 
 def test_needs_build_queries(data):
