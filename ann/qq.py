@@ -212,16 +212,18 @@ class QueryLists:
         self.raw = state["raw"].float().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
         self.n_keys = int(state["n_keys"][0])
 
-    def add(self, keys: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, dots=None) -> None:
         """keys [H, n, D] get ids len(self)...; each enters the lists (among the n_add
-        build queries nearest its direction) whose weakest entry it beats, at its place: best first."""
+        build queries nearest its direction) whose weakest entry it beats, at its place: best first.
+        `dots` finds the nearest (`bmm_dots`'s signature; the engine passes its native product for bf16
+        build queries on the CPU, as `stacked_nearest` takes it)."""
         if self.n_queries == 0:
             raise RuntimeError("add before build: the qq selector needs build queries first")
         n = keys.shape[1]
         if self.n_add > 0 and n:
             from ann._kernels import enter_lists
 
-            near = torch.bmm(_unit(keys.to(self.device, self.dtype)), self.queries.transpose(1, 2))  # [H, n, Nq]
+            near = (dots or bmm_dots)(_unit(keys.to(self.device, self.dtype)), self.queries)  # [H, n, Nq]
             near = torch.topk(near, min(self.n_add, self.n_queries), dim=2).indices  # [H, n, n_add]
             keys = keys.float().cpu().contiguous()
             args = self.lists.numpy(), self.list_scores.numpy(), self.raw.numpy(), keys.numpy(), near.cpu().numpy()

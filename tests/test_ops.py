@@ -638,3 +638,8 @@ def test_the_query_lists_take_the_native_product_for_bf16_build_queries_in_host_
     assert torch.equal(heads.build_query_dots(q, rows), torch.bmm(q, rows.mT)) and not calls  # fp32: torch's
     heads.build_query_dots(q.bfloat16(), rows.bfloat16())
     assert calls == [torch.bfloat16]
+    selector = heads.ListSelector(2, 64, "cpu", torch.bfloat16, {"m_keys": 8, "n_add": 4})
+    selector.build(torch.randn(2, 50, 64), torch.randn(2, 20, 64))
+    calls.clear()
+    selector.add(torch.randn(2, 3, 64))  # the added keys' nearest build queries: the same product
+    assert calls == [torch.bfloat16] and selector.lists.n_keys == 53

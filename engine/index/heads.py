@@ -91,7 +91,7 @@ class ListSelector:
         self.lists.build(keys, queries)
 
     def add(self, keys: torch.Tensor) -> None:
-        self.lists.add(keys)
+        self.lists.add(keys, dots=build_query_dots)
 
     def mark(self) -> tuple:
         return self.lists.mark()
