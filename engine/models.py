@@ -199,8 +199,25 @@ def load_model(
     if rope_scale is not None:
         kwargs["config"] = stretched(kwargs["config"], rope_scale)  # its errors are the factor's, not the file's
     with _damaged_files_named(name_or_path, gguf=gguf):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)
+        except OSError as error:  # transformers' message names the pickle it would have read instead
+            if not hub_id or _cached_safetensors(name_or_path):
+                raise
+            where = "in the local hub cache" if offline else "on the hub or in the local hub cache"
+            raise FileNotFoundError(
+                f"no .safetensors weights of {name_or_path} {where}; only safetensors or GGUF weights are loaded "
+                "(.bin weights are pickles, never read)"
+            ) from error
     return model.to(device).eval(), tokenizer
+
+
+def _cached_safetensors(hub_id: str) -> bool:
+    """Whether the local hub cache holds safetensors weights of `hub_id` (one file, or a sharded model's index)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("model.safetensors", "model.safetensors.index.json")
+    return any(isinstance(try_to_load_from_cache(hub_id, name), str) for name in names)
 
 
 def hub_config(name: str, trust_remote_code: bool = False):

@@ -1,6 +1,8 @@
 """Model loading: a model stretched past its trained context by YaRN (`engine.models.stretched`),
 and what a name that loads nothing is told."""
 
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -118,6 +120,20 @@ def test_a_cached_hub_model_loads_at_once_when_the_hub_cannot_be_reached(monkeyp
     model, tokenizer = load_model("acme/tiny")
     assert asked[0]["local_files_only"] is True
     assert model.config.hidden_size == tiny_llama().config.hidden_size and len(tokenizer) > 0
+
+
+def test_a_cached_hub_model_with_only_bin_weights_is_refused_in_our_words(monkeypatch, offline_hub, tiny_dir, tmp_path):
+    """Its pickle is never read, and the error says why nothing loaded, not that pytorch_model.bin is missing."""
+    folder = tmp_path / "bin_only"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"not": torch.zeros(1)}, folder / "pytorch_model.bin")
+    offline_hub("acme/pickled", folder)
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: unpickled.append(a))
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights of acme/pickled in the local hub cache"):
+        load_model("acme/pickled")
+    assert unpickled == []
 
 
 @pytest.mark.parametrize("proxy", [None, "HTTPS_PROXY", "all_proxy"])
