@@ -133,6 +133,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with (
             open(partial, "wb") as f,

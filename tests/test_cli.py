@@ -199,20 +199,24 @@ def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp
     assert message in one_error_line(capsys)
 
 
-def test_json_folder_is_made_or_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_json_folder_is_refused_before_the_model_loads_and_made_only_when_written(tmp_path, capsys, monkeypatch):
     import engine.api
+    from engine.cli.options import write_output
 
     class Stop(Exception):
         pass
 
     def loaded(*args, **kwargs):
-        assert (tmp_path / "new" / "folder").is_dir()
         raise Stop
 
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", loaded)
     monkeypatch.setenv("HYBRIDATTN_DEBUG", "1")
+    report = tmp_path / "new" / "folder" / "report.json"
     with pytest.raises(Stop):
-        main(["generate", "--prompt", "hi", "--json", str(tmp_path / "new" / "folder" / "report.json")])
+        main(["generate", "--prompt", "hi", "--json", str(report)])
+    assert not (tmp_path / "new").exists()  # the run failed before it wrote: no folder left behind
+    write_output(report, "{}")
+    assert report.read_text() == "{}"
     monkeypatch.delenv("HYBRIDATTN_DEBUG")
     monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "file.txt").write_text("")

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from bench.common.options import thread_counts
+from engine.cli.options import write_output
 
 
 def write_json(path: Path, payload: dict) -> None:
     """`payload` as indented JSON at `path` (folders made), after an "environment" entry
     (`environment()`) unless the payload brings its own: a result file says where it was measured."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=1))
+    write_output(path, json.dumps({"environment": environment(), **payload}, indent=1))
 
 
 def save_run(args, config: dict, cases: list[dict], plot=None) -> None:

@@ -33,6 +33,7 @@ from engine.cli.options import (
     add_model_args,
     output_file,
     positive_int,
+    write_output,
 )
 
 BENCHES = {
@@ -80,7 +81,7 @@ def cmd_lm_eval(args) -> int:
     print(make_table(results))
     if args.json:
         results["config"]["offload"] = dataclasses.asdict(offload)
-        Path(args.json).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        write_output(args.json, json.dumps(results, indent=2, default=handle_non_serializable))
     return 0
 
 

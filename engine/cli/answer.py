@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.cli.options import _bars, _check_model_args, _offload_config, _read_prompt, _sampling, _text
+from engine.cli.options import _bars, _check_model_args, _offload_config, _read_prompt, _sampling, _text, write_output
 
 DEMO_TOKENS = 4096
 
@@ -272,4 +272,4 @@ def _write_json(args, offload, fields: dict) -> None:
     run.update(temperature=args.temperature, sample_top_k=args.sample_top_k, sample_top_p=args.sample_top_p)
     run.update(seed=args.seed, stop=args.stop or [], demo_seed=args.seed if args.demo else None)
     run.update(offload=dataclasses.asdict(offload), hybridattn=version("hybridattn"))
-    Path(args.json).write_text(json.dumps({**fields, "run": run}, indent=1))
+    write_output(args.json, json.dumps({**fields, "run": run}, indent=1))

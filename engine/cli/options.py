@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -160,18 +161,26 @@ def _read_prompt(args) -> str:
 
 
 def output_file(text: str) -> Path:
-    """argparse type of a file a command writes (--json, --plot): its folder is made at once, so that a
-    path that cannot be written fails before the work whose results it is to hold, not after."""
+    """argparse type of a file a command writes (--json, --plot, --prefix-file): a path that cannot be written
+    fails as the arguments are read, before the work whose results it is to hold, not after; its folder is
+    made when it is written (`write_output`), so that a run that fails first leaves none behind."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"is a folder, not a file: {text}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise argparse.ArgumentTypeError(f"a file stands where its folder would be: {text}") from None
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"its folder cannot be made: {error}") from None
+    folder = path.absolute().parent
+    while not folder.exists():  # the nearest folder that is there: the ones below it are to be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"a file stands where its folder would be: {text}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"its folder cannot be made or written: {folder} is not writable")
     return path
+
+
+def write_output(path: Path, text: str) -> None:
+    """`text` written to `path` (an `output_file`), its folders made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _bars() -> bool:
