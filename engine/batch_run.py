@@ -23,7 +23,7 @@ from engine.generation import (
     GenerationReport,
     Joiner,
     eos_ids,
-    fill_left_report,
+    fill_prefill_ended_report,
     fill_report,
 )
 from engine.prefill import Prefilled, PrefillLeft, SteppedPrefill, prefill_prompt
@@ -61,9 +61,9 @@ def run_batch(
     those from more() in order) and after each of its tokens that `ends` does not end, ends it where true:
     in its prefill, (i, None, "left") then, its report filled; after a token, with finish "left". The others
     go on. A prompt from more() whose prefill raises (its host store not allocated, say) fails alone: (i, None,
-    "error"), its report's `error` the exception; the batch goes on. Fills the reports not filled yet at the end,
-    also when the consumer stops. Warns where a prompt
-    and its new tokens run past the model's trained positions (`warn_past_context`)."""
+    "error"), its report's `error` the exception; the batch goes on. Fills the reports not filled yet at the
+    end, also when the consumer stops. Warns where a prompt and its new tokens run past the model's trained
+    positions (`warn_past_context`)."""
     before = prefix.tokens if prefix is not None else 0
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(ids)
     longest, new = max(((x.shape[1], n) for x, n in zip(ids, limits)), key=sum)
@@ -118,7 +118,7 @@ def run_batch(
         return []
 
     def ended_in_prefill(i: int, tokens: int, prefill_s: float, error: Exception | None) -> None:
-        fill_left_report(reports[i], tokens, 0, prefill_s, weights, error)
+        fill_prefill_ended_report(reports[i], tokens, 0, prefill_s, weights, error)
         ended.append((i, None, reports[i].finish_reason))
 
     def fill(row: int) -> None:
@@ -141,7 +141,7 @@ def run_batch(
                         prefill_prompt(model, x, offload, limit, progress=progress, stores=stores, leave=asked(i))
                     )
             except PrefillLeft:  # the others go on
-                fill_left_report(reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights)
+                fill_prefill_ended_report(reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights)
                 yield i, None, "left"
                 continue
             names.append(i)

@@ -371,8 +371,8 @@ def _per_row(value, rows: int, name: str, kind) -> list:
 
 
 def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefilled, weights: int) -> None:
-    """Every field of `report` for the run's sequence `row`, prefilled as `prompt`; `weights`:
-    the model's bytes on the device. With `fill_left_report`, the one place a GenerationReport is filled."""
+    """Every field of `report` for the run's sequence `row`, prefilled as `prompt`; `weights`: the model's
+    bytes on the device. With `fill_prefill_ended_report`, the one place a GenerationReport is filled."""
     shares = [share for share, _ in run.row_steps(row)]
     report.prompt_tokens, report.prefix_tokens = prompt.prompt_tokens, prompt.prefix_tokens
     report.prefill_s, report.index_build_s = prompt.prefill_s, prompt.index_build_s
@@ -392,7 +392,7 @@ def fill_report(report: GenerationReport, run: Decoding, row: int, prompt: Prefi
     report.host_bytes = dict(run.memory["host"])
 
 
-def fill_left_report(
+def fill_prefill_ended_report(
     report: GenerationReport,
     prompt_tokens: int,
     prefix_tokens: int,
