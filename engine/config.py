@@ -274,7 +274,8 @@ class OffloadConfig:
         1,
         "with `recheck_read_limit`: a wider run may spend ahead what the selection will read up to this "
         "decode step; past it, every run stays within the limit of the reads so far, so a generation at "
-        "least this long ends within the limit (1: nothing spent ahead, every answer within it; 0: up to the "
+        "least this long ends within the limit, its wider runs counted as foreseen (one may read somewhat more: "
+        "counts rounded up, thresholds lowered) (1: nothing spent ahead, every answer within it; 0: up to the "
         "`max_new_tokens` asked for)",
     )
     recheck_widen: float = _option(

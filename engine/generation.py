@@ -43,13 +43,14 @@ class GenerationReport:
     decode_steps: int = 0  # forward passes after prefill (the first token comes from prefill)
     device_bytes: dict[str, int] = field(default_factory=dict)
     host_bytes: dict[str, int] = field(default_factory=dict)
-    kv_read_frac: float = 0.0  # mean over decode steps of gathered / host tokens
-    # mean over decode steps of keys scored by the host index (a key once for each query head of its group
-    # that scores it: up to G times the host tokens) / host tokens
+    # mean over decode steps of the host tokens read (every run of a step re-checked: wider, exact) / host tokens
+    kv_read_frac: float = 0.0
+    # ... of the keys scored by the host index (a key once for each query head of its group that scores it: up
+    # to G times the host tokens; every run) / host tokens
     keys_scored_frac: float = 0.0
-    rated_frac: float = 0.0  # ... of candidates rated on their keys or the key sketch / host tokens
+    rated_frac: float = 0.0  # ... of candidates rated on their keys or the key sketch (every run) / host tokens
     rechecked_steps: int = 0  # steps run again exactly at a near tie (engine.decode.recheck)
-    rechecks_changed: int = 0  # ... whose exact run changed the greedy token (the others confirmed it)
+    rechecks_changed: int = 0  # ... whose re-check (its wider runs and exact run) changed its first run's greedy token
     widened_steps: int = 0  # steps run again wider first at a near tie (OffloadConfig.recheck_widen)
     wider_runs: int = 0  # ... and their runs: up to OffloadConfig.recheck_wider_runs a step
     # "eos", "stop" (a stop string), "length" (max_new_tokens), "left" (its consumer let it go), "error" (its
@@ -60,7 +61,9 @@ class GenerationReport:
 
     @property
     def first_token_s(self) -> float:
-        """Time to the first token: the prefill and the index builds still running after it."""
+        """The prompt's own work to its first token: its prefill and the index builds still running after it. In a
+        batch, not the time it waited: for the prompts prefilled before it, or, joining a running batch, for the
+        batch's steps between its prefill's chunks."""
         return self.prefill_s + self.index_build_s
 
     @property

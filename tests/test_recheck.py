@@ -154,6 +154,39 @@ def test_a_batch_runs_again_only_its_near_ties_each_as_alone(tiny_model, tiny_id
     assert batch.get_seq_length() == max(lengths) + STEPS
 
 
+def test_a_row_that_joined_lately_does_not_cut_short_another_row_s_exact_run(tiny_model, tiny_ids):
+    """Row 0 decoded 5 approximate positions before its near tie; row 1 joined the batch at this step (it fed
+    one token). Each row's exact run takes its own span: row 0's logits are what its step gives alone."""
+    forced = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(5))
+    second = tiny_ids[:, 100:160]
+
+    def row_0():  # prefilled, then 5 tokens fed without re-checks
+        cache = HybridCache(tiny_model, ALWAYS)
+        tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True)
+        cache.build_indexes()
+        for t in range(5):
+            tiny_model(forced[:1, t : t + 1], cache=cache, use_cache=True)
+        return cache
+
+    def row_1():
+        cache = HybridCache(tiny_model, ALWAYS)
+        tiny_model(second, cache=cache, use_cache=True)
+        cache.build_indexes()
+        return cache
+
+    fed = [forced[0].tolist(), forced[1, :1].tolist()]
+    with torch.no_grad():
+        alone = [forward_step(tiny_model, row_0(), forced[:1, 5:], fed=fed[:1])]
+        alone.append(forward_step(tiny_model, row_1(), forced[1:, :1], fed=fed[1:]))
+        batch = HybridCache.stack([row_0(), row_1()])
+        tokens, positions = torch.stack([forced[0, 5:], forced[1, :1]]), torch.tensor([[PROMPT + 5], [60]])
+        together = forward_step(tiny_model, batch, tokens, positions, fed=fed)
+    assert together.rechecked == 2
+    for b in range(2):
+        assert (together.logits[b] - alone[b].logits[0]).abs().max() <= 1e-4, f"row {b}"
+        assert together.rows[b] == alone[b].rows[0], f"row {b}"
+
+
 def test_rows_to_run_again_must_index_the_batch(tiny_model, tiny_ids):
     cache, _ = decode(tiny_model, tiny_ids, APPROXIMATE)
     for rows in ([], [1], [0, 0], [-1]):
@@ -340,6 +373,18 @@ def test_near_ties_run_wider_first_and_exactly_only_where_the_tie_survives(tiny_
     _, steps = decode(tiny_model, tiny_ids, ALWAYS.replace(recheck_widen=2.0, recheck_wide_margin=1e9))
     assert (torch.stack([s.logits[0] for s in steps]) - full).abs().max() <= 1e-4
     assert all(s.widened == s.rechecked == 1 and s.kv_read_frac > 1 + s.selected_frac for s in steps)
+
+
+@pytest.mark.parametrize("key_index", ["qq", "ivf"])  # ivf: an index whose searches score keys
+def test_the_work_a_re_checked_step_reports_is_every_run_s(tiny_model, tiny_ids, key_index):
+    """The keys scored and the candidates rated, as the host tokens read: the first run's, the wider runs'."""
+    cfg = APPROXIMATE.replace(key_index=key_index)
+    _, alone = decode(tiny_model, tiny_ids, cfg)  # no near tie: the first runs alone
+    _, steps = decode(tiny_model, tiny_ids, cfg.replace(recheck_margin=1e9, recheck_widen=2.0, recheck_wide_margin=1e9))
+    first, checked = alone[0].rows[0], steps[0].rows[0]  # the first step's first runs are the same
+    assert checked.wider_runs == 2 and checked.rated > first.rated > 0
+    assert checked.keys_scored > first.keys_scored > 0 if key_index == "ivf" else checked.keys_scored == 0
+    assert (steps[0].keys_scored_frac, steps[0].rated_frac) == (checked.keys_scored, checked.rated)
 
 
 def test_the_share_bound_holds_back_the_exact_runs_not_the_wider_ones(tiny_model, tiny_ids):

@@ -40,8 +40,8 @@ class RowShare(NamedTuple):
 
     kv_read: float  # host tokens read by the step (every run when re-checked) / host tokens
     selected: float  # ... by its first run alone: the selection's share
-    keys_scored: float  # keys scored by the host index / host tokens
-    rated: float  # candidates rated on their keys or the key sketch / host tokens
+    keys_scored: float  # keys scored by the host index (every run) / host tokens
+    rated: float  # candidates rated on their keys or the key sketch (every run) / host tokens
     rechecked: bool  # whether its step ran again exactly
     changed: bool = False  # ... or wider, and that changed its greedy token (a re-check that mattered)
     wider_runs: int = 0  # how many times its step ran again wider first (OffloadConfig.recheck_widen)
@@ -157,12 +157,12 @@ def forward_step(
         for st in map(cache.step_stats, range(len(tokens)))
     ]
     share = [gathered / host if host else 0.0 for host, gathered, *_ in counts]  # each row's selection
-    wider = {}  # rows run again wider -> host tokens those runs gathered
+    wider = {}  # rows run again wider -> [host tokens gathered, keys scored, candidates rated] by those runs
     runs = {}  # ... -> how many wider runs
     widths = {}  # ... -> how many times its selection their last wider run read
 
     def spent(r: int) -> float:  # what row r's runs of this step read so far, a share of its host tokens
-        return share[r] + (wider.get(r, 0) / counts[r][0] if counts[r][0] else 0.0)
+        return share[r] + (wider[r][0] / counts[r][0] if r in wider and counts[r][0] else 0.0)
 
     def affords(r: int, extra: float, exact: bool = False) -> bool:  # extra: a share of the host tokens
         return budgets is None or budgets[r].affords(share[r], spent(r), extra, exact)
@@ -194,24 +194,28 @@ def forward_step(
                 out = model(input_ids=tokens[group], position_ids=positions, cache=cache, use_cache=True)
             wide = out.logits[:, -1]
             for r in group:
-                wider[r] = wider.get(r, 0) + cache.step_stats(r)["gathered"]
+                stats, sums = cache.step_stats(r), wider.setdefault(r, [0, 0, 0])
+                for i, name in enumerate(("gathered", "keys_scored", "rated")):
+                    sums[i] += stats[name]
                 runs[r], widths[r] = runs.get(r, 0) + 1, f
             logits = logits.clone() if logits is first else logits
             logits[group] = wide
             tied += [group[i] for i in near_ties(wide, cfg.recheck_wide_margin)]  # the ties the wider run left
         rows = sorted(tied)
     rows = [r for r in rows if affords(r, 1.0, exact=True)]
-    if rows:  # only here are the fed tokens made a tensor: most steps are no near tie
-        n = 1 if fed is None else min(min(len(fed[r]) for r in rows), cfg.exact_span(max(map(cache.host_tokens, rows))))
-        n = min(n, max(pending[r] for r in rows))  # a row with fewer runs exact ones again
-        ids = tokens[rows] if fed is None else torch.tensor([fed[r][-n:] for r in rows], device=tokens.device)
+    # each row's exact span: its positions approximate since its last exact run, as many as it fed and its
+    # host tokens allow (a row that joined the batch lately does not cut another's short)
+    spans = {r: 1 if fed is None else min(len(fed[r]), cfg.exact_span(cache.host_tokens(r)), pending[r]) for r in rows}
+    for n in sorted(set(spans.values())):  # one run per span: only here are the fed tokens made a tensor
+        group = [r for r in rows if spans[r] == n]
+        ids = tokens[group] if fed is None else torch.tensor([fed[r][-n:] for r in group], device=tokens.device)
         positions = None
         if position_ids is not None:
-            positions = position_ids[rows] + torch.arange(1 - n, 1, device=position_ids.device)
-        with cache.rerun_exactly(rows, n):
+            positions = position_ids[group] + torch.arange(1 - n, 1, device=position_ids.device)
+        with cache.rerun_exactly(group, n):
             exact = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
         logits = logits.clone() if logits is first else logits
-        logits[rows] = exact[:, -1]
+        logits[group] = exact[:, -1]
     again = set(rows)
     run_again = sorted(again | set(wider))
     changed = set()
@@ -220,11 +224,14 @@ def forward_step(
         changed = {r for r, kept in zip(run_again, same) if not kept}
     shares = []
     for r, (host, gathered, keys, rated) in enumerate(counts):
-        read = gathered + wider.get(r, 0) + host * (r in again)
-        row = (read / host, share[r], keys / host, rated / host) if host else (0.0,) * 4
+        more = wider.get(r, (0, 0, 0))  # the wider runs' work beside the first run's
+        read = gathered + more[0] + host * (r in again)
+        row = (read / host, share[r], (keys + more[1]) / host, (rated + more[2]) / host) if host else (0.0,) * 4
         shares.append(RowShare(*row, r in again, r in changed, runs.get(r, 0)))
     host, gathered, keys, rated = (sum(c[i] for c in counts) for i in range(4))
-    read = gathered + sum(wider.values()) + sum(counts[r][0] for r in rows)
+    more = [sum(w[i] for w in wider.values()) for i in range(3)]
+    read = gathered + more[0] + sum(counts[r][0] for r in rows)
+    keys, rated = keys + more[1], rated + more[2]
     return Step(
         logits,
         read / host if host else 0.0,

@@ -341,8 +341,8 @@ def _first(leave: Callable[[int], bool] | None) -> Callable[[], bool] | None:
 
 def _log_report(report) -> None:
     log.info(
-        "prompt %d tokens (%d of them from the kept cache), %d new (%s) in %.2f s after a first token at %.2f s; "
-        "host KV read per step %.2f%%",
+        "prompt %d tokens (%d of them from the kept cache), %d new (%s) in %.2f s after its own first-token work "
+        "of %.2f s; host KV read per step %.2f%%",
         report.prompt_tokens,
         report.prefix_tokens,
         report.new_tokens,
