@@ -16,7 +16,7 @@ Per (task, context, method): accuracy (exact string match, with a 95% Wilson int
 over prompts, and each prompt's score in seed order), agreement (the share of full
 attention's answer tokens reproduced at the same position), attn_rel_err (mean
 relative error of the decode attention output against exact attention, on layers 0,
-L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, both runs of a step
+L/2 and L-1), kv_read_frac (host tokens read per step / host tokens, every run of a step
 re-checked at a near tie: engine.decode.recheck), selected_frac (the same, the selection's
 first runs alone: the share the oracle is given), rechecked_frac (the share of steps
 run again), recheck_precision (the share of re-checks whose exact run changed the greedy

@@ -7,7 +7,7 @@ Every engine configuration then continues the same prefilled state twice:
     free     its own greedy continuation; agreement = the share of positions where its
              token equals full attention's, and the first position where they differ
              (after it the two texts continue from different tokens), and the share
-             of the host KV it read per step (both runs of a step re-checked at a near
+             of the host KV it read per step (every run of a step re-checked at a near
              tie, engine.decode.recheck) and the share of steps re-checked
     forced   fed full attention's tokens (teacher forcing), so that its cache holds the
              K/V its own attention computed for them; agreement = the share of steps whose
