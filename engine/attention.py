@@ -114,8 +114,13 @@ def prefill_attention(layer: HybridLayer, q: torch.Tensor, scale: float) -> torc
     n_host = min(layer.host.n, max(0, first - layer.cfg.n_sink))  # host id i holds position n_sink + i
     if n_host:
         o, lse = merge_states(o, lse, *attend(q, *layer.host_rows(q.device, n_host), scale))
-    if layer.builder is not None and layer.n_seen == layer.prompt_length and layer.key_index is None:
-        layer.builder.submit(layer)  # the layer's last prompt token: build while later layers run
+    if (
+        layer.builder is not None
+        and layer.n_seen == layer.prompt_length
+        and layer.key_index is None
+        and not layer.rerun
+    ):
+        layer.builder.submit(layer)  # the layer's last prompt token: build while later layers run (once: not again)
     return o
 
 

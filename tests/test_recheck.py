@@ -362,6 +362,21 @@ def test_a_wider_run_before_the_key_index_is_built_samples_no_position_twice(tin
         assert torch.cat(layer.query_sample.pos).tolist()[-3:] == [24, 25, 26]
 
 
+def test_a_run_again_of_the_prompt_s_last_position_submits_no_second_index_build(tiny_model, tiny_ids, monkeypatch):
+    """The build is submitted at the prompt's last token; a run again of it while the build is pending would
+    replace the build's future, and with several workers run two builds of one layer at once."""
+    from engine.index.worker import IndexBuilder
+
+    submitted = []
+    monkeypatch.setattr(IndexBuilder, "submit", lambda self, layer: submitted.append(layer.layer_idx))
+    cache = HybridCache(tiny_model, APPROXIMATE, prompt_length=PROMPT)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :PROMPT], cache=cache, use_cache=True)
+        with cache.rerun_exactly([0], 1):
+            tiny_model(tiny_ids[:, PROMPT - 1 : PROMPT], cache=cache, use_cache=True)
+    assert submitted == list(range(len(cache.layers)))
+
+
 def test_near_ties_run_wider_first_and_exactly_only_where_the_tie_survives(tiny_model, tiny_ids, tiny_full_logits):
     full = tiny_full_logits[0, PROMPT : PROMPT + STEPS]
     # the wider runs stand: every step is full attention's, none ran exactly
