@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -958,6 +959,22 @@ def test_a_request_that_comes_while_a_batch_runs_joins_it_and_is_answered_as_alo
         assert response["hybridattn"][0]["batch"] == 3
 
 
+def first_then_joining(scheduler, first: Callable[[], object], joining: Callable[[], object]) -> list:
+    """`first()` asked on a thread of its own, then, once the engine runs it, `joining()` on another: their answers."""
+    got = [None, None]
+    asks = [
+        threading.Thread(target=lambda i=i, ask=ask: got.__setitem__(i, ask()))
+        for i, ask in enumerate((first, joining))
+    ]
+    asks[0].start()
+    while not scheduler._running:
+        time.sleep(0.01)
+    asks[1].start()
+    for ask in asks:
+        ask.join(timeout=120)
+    return got
+
+
 def test_others_join_a_request_that_keeps_its_prompt_and_the_next_turn_still_finds_it(llm, monkeypatch):
     """With prompts kept (the default), a conversation's turn starts a batch that another client's request
     joins; each is answered as alone, and the conversation's next turn still continues the kept cache."""
@@ -966,18 +983,11 @@ def test_others_join_a_request_that_keeps_its_prompt_and_the_next_turn_still_fin
         wait_to_join(scheduler, monkeypatch)  # the turn's batch waits at its first step for the other request
         turns = [{"role": "user", "content": "The grass is green and the sky is blue. " * 20 + "What is green?"}]
         other = {"prompt": "A prompt of another client entirely", "max_tokens": NEW - 4, "temperature": 0.8, "seed": 3}
-        got = {}
         chat = {"messages": turns, **GREEDY}
-        asks = [
-            threading.Thread(target=lambda: got.update(turn=answer(server, "/chat/completions", chat))),
-            threading.Thread(target=lambda: got.update(other=answer(server, "/completions", other))),
-        ]
-        asks[0].start()
-        while not scheduler._running:
-            time.sleep(0.01)
-        asks[1].start()
-        for ask in asks:
-            ask.join(timeout=120)
+        turn, other_answer = first_then_joining(
+            scheduler, lambda: answer(server, "/chat/completions", chat), lambda: answer(server, "/completions", other)
+        )
+        got = {"turn": turn, "other": other_answer}
         assert [got[k]["hybridattn"][0]["batch"] for k in ("turn", "other")] == [2, 2]  # decoded together
         told = [got[k]["hybridattn"][0] for k in ("turn", "other")]
         assert told[0]["kept"]["reused_tokens"] == 0 and "kept" not in told[1]
@@ -1002,17 +1012,12 @@ def test_a_request_whose_prefill_fails_as_it_joins_hears_why_and_the_batch_goes_
         scheduler = server.scheduler
         wait_to_join(scheduler, monkeypatch)
         first = {"prompt": "The grass is green and the sky is blue. " * 10, "max_tokens": NEW, **GREEDY}
-        got = {}
-        asks = [
-            threading.Thread(target=lambda: got.update(first=post(server, "/completions", first))),
-            threading.Thread(target=lambda: got.update(joining=post(server, "/completions", {"prompt": "Another"}))),
-        ]
-        asks[0].start()
-        while not scheduler._running:
-            time.sleep(0.01)
-        asks[1].start()
-        for ask in asks:
-            ask.join(timeout=120)
+        answered, joined = first_then_joining(
+            scheduler,
+            lambda: post(server, "/completions", first),
+            lambda: post(server, "/completions", {"prompt": "B"}),
+        )
+        got = {"first": answered, "joining": joined}
         assert got["joining"][0] == 500 and "OutOfMemoryError: no room for this prompt" in got["joining"][1]
         assert got["first"][0] == 200
         want = llm.generate(first["prompt"], NEW, progress=False).text
