@@ -19,8 +19,9 @@ SAVED_AS = "conversation"  # the key of the messages in a saved prefix file's ex
 
 class Conversation:
     """The messages so far (`messages`, chat messages with string role and content) and their cache.
-    `ask` and `stream` add a user message and the assistant's answer; `close()` gives the cache's host
-    store back (the conversation can go on after it, prefilling its messages again)."""
+    `ask` and `stream` add a user message and the assistant's answer; a turn that fails (an error raised)
+    adds neither, so that the question may be asked again. `close()` gives the cache's host store back (the
+    conversation can go on after it, prefilling its messages again)."""
 
     def __init__(self, llm, messages: list[dict] | None = None):
         self.llm, self.messages = llm, list(messages or [])
@@ -30,22 +31,26 @@ class Conversation:
     def ask(self, content: str, max_new_tokens: int = 256, **kwargs):
         """The answer to `content` as the next user message (a GenerationResult; the keywords are
         `HybridLLM.generate_batch`'s but `prefix`)."""
-        prompt, prefix = self._turn(content)
+        messages, prompt, prefix = self._turn(content)
         result = self.llm.generate(prompt, max_new_tokens, prefix=prefix, **kwargs)
-        self.messages.append({"role": "assistant", "content": result.text})
+        self.messages = [*messages, {"role": "assistant", "content": result.text}]
         return result
 
     def stream(self, content: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
         """`ask`, the answer's text piece by piece (`HybridLLM.stream`'s keywords, `report=` among them).
-        Stopped early, the conversation keeps what was shown as the answer."""
-        prompt, prefix = self._turn(content)
+        Stopped early (closed, or interrupted), the conversation keeps what was shown as the answer."""
+        messages, prompt, prefix = self._turn(content)
         shown: list[str] = []
         try:
             for piece in self.llm.stream(prompt, max_new_tokens, prefix=prefix, **kwargs):
                 shown.append(piece)
                 yield piece
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(shown)})
+        except Exception:  # failed: the conversation as it was
+            raise
+        except BaseException:  # stopped: what was shown is its answer
+            self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
+            raise
+        self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
 
     def save(self, path, *, progress: bool = True) -> int:
         """The messages so far and their kept cache written to the file `path` (a prefix file, the messages
@@ -80,15 +85,15 @@ class Conversation:
         self.kept.release()
 
     def _turn(self, content: str):
-        """The new message added: what is left to prefill, and the kept Prefix it continues (or None)."""
+        """The messages with the new one (kept once the turn is answered), what is left to prefill, and the
+        kept Prefix it continues (or None)."""
         if not isinstance(content, str) or not content:
             raise ValueError(f"a message is a non-empty string, got {content!r}")
         messages = [*self.messages, {"role": "user", "content": content}]
         ids = self.llm.encode(messages)
         continued = self.kept.prompt(ids)
-        self.messages = messages
         if continued is None:  # too short to keep
             self.found_kept = 0
-            return ids, None
+            return messages, ids, None
         rest, prefix, self.found_kept = continued
-        return rest, prefix
+        return messages, rest, prefix

@@ -63,6 +63,30 @@ def test_a_stream_stopped_early_keeps_what_it_showed(llm):
         chat.close()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_turn_that_fails_leaves_the_conversation_as_it_was(llm, streamed):
+    """A question asked again after an error is asked once: no user message without its answer is left."""
+    chat = llm.conversation([{"role": "system", "content": "Answer briefly."}])
+    try:
+        chat.ask("What is green?", 4, progress=False)
+        before = list(chat.messages)
+        with pytest.raises(ValueError, match="temperature"):
+            if streamed:
+                list(chat.stream("And blue?", 4, temperature=-1.0, progress=False))
+            else:
+                chat.ask("And blue?", 4, temperature=-1.0, progress=False)
+        assert chat.messages == before
+        again = chat.ask("And blue?", 4, progress=False)
+        whole = llm.generate([*before, {"role": "user", "content": "And blue?"}], 4, progress=False)
+        assert again.text == whole.text and [m["role"] for m in chat.messages[-3:]] == [
+            "assistant",
+            "user",
+            "assistant",
+        ]
+    finally:
+        chat.close()
+
+
 def test_bad_messages_are_refused(llm):
     with pytest.raises(ValueError, match="chat message 0"):
         llm.conversation([{"role": "system"}])
@@ -120,7 +144,7 @@ def test_ctrl_c_in_the_chat_command_stops_the_answer_not_the_chat(llm, monkeypat
     def interrupted_once(self, *args, **kwargs):
         pieces = stream(self, *args, **kwargs)
         yield next(pieces)
-        if len(self.messages) == 1:  # the first turn (its user message alone so far): Ctrl-C after its first piece
+        if not self.messages:  # the first turn (no message kept before it is answered): Ctrl-C after its first piece
             pieces.close()
             raise KeyboardInterrupt
         yield from pieces
