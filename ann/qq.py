@@ -205,10 +205,8 @@ class QueryLists:
             if tuple(state[name].shape) != (self.n_heads, n_queries, width):
                 raise ValueError(f"query lists take {name} of shape {[self.n_heads, n_queries, width]}")
         self.queries = state["queries"].to(self.device, self.dtype)
-        # best first, as `add` keeps them (in files saved before it did, keys it added may stand out of order)
-        self.list_scores, order = state["list_scores"].float().sort(dim=2, descending=True, stable=True)
-        self.lists = state["lists"].to(torch.int32).gather(2, order).contiguous()
-        self.list_scores = self.list_scores.contiguous()
+        self.lists = state["lists"].to(torch.int32).contiguous()
+        self.list_scores = state["list_scores"].float().contiguous()
         self.raw = state["raw"].float().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
         self.n_keys = int(state["n_keys"][0])
 

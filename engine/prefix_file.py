@@ -35,7 +35,10 @@ from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hybridattn-prefix/1"
+FORMAT = (
+    "hybridattn-prefix/2"  # 2: the model's fingerprint samples every weight (1: the first and last K/V projections)
+)
+FINGERPRINT_SAMPLES = 4096  # elements of each weight that the model's fingerprint reads
 ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
 # the model's configuration that its K/V depend on, besides its weights
 MODEL_FIELDS = (
@@ -63,16 +66,18 @@ SAFETENSORS_DTYPES = {
 
 
 def model_fingerprint(model) -> str:
-    """A digest of what a cache's K/V depend on, read cheaply: the model's shape and RoPE, its dtype, and the
-    weights of its first and last layers' key and value projections (a checkpoint of the same shape with
-    other weights differs there)."""
+    """A digest of what a cache's K/V depend on, read cheaply: the model's shape and RoPE, its dtype, and of
+    every weight (a layer's K/V depend on every weight before it) its name, shape and `FINGERPRINT_SAMPLES`
+    elements evenly apart (a fine-tune moves nearly every element of what it trains, a low-rank one too)."""
     config = model.config.to_dict()
     described = {name: config.get(name) for name in MODEL_FIELDS}
     described["dtype"] = str(next(model.parameters()).dtype)
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
-    projections = [p for name, p in model.named_parameters() if name.endswith(("k_proj.weight", "v_proj.weight"))]
-    for weight in projections[:2] + projections[-2:] or list(model.parameters())[:1]:
-        digest.update(weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    for name, weight in model.named_parameters():
+        flat = weight.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].contiguous().cpu()
+        digest.update(f"{name} {tuple(weight.shape)}".encode())
+        digest.update(sample.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

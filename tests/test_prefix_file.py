@@ -2,6 +2,7 @@
 the saved state to the bit, and the prompts after it decode as after the original (tokens, reads and
 re-checks); a file of another model, configuration or document, or a damaged one, is refused by name."""
 
+import copy
 import json
 import logging
 import struct
@@ -110,6 +111,15 @@ def test_a_file_of_another_model_configuration_or_document_is_refused(model, bun
     other_weights = HybridLLM(tiny_llama(vocab=len(bundled_tokenizer), seed=1), bundled_tokenizer, DEFAULT_SMALL)
     with pytest.raises(ValueError, match="another model"):
         other_weights.load_prefix(saved, progress=False)
+    tuned = copy.deepcopy(model)  # a fine-tune of the first layer's MLP alone: its K/V projections as they were
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="another model"):
+        HybridLLM(tuned, bundled_tokenizer, DEFAULT_SMALL).load_prefix(saved, progress=False)
+    older = saved.with_name("older.prefix")  # a file of the format before, whose fingerprint read less
+    older.write_bytes(saved.read_bytes().replace(b"hybridattn-prefix/2", b"hybridattn-prefix/1"))
+    with pytest.raises(ValueError, match="not a prefix file of this engine \\(format 'hybridattn-prefix/1'"):
+        HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL).load_prefix(older, progress=False)
     with pytest.raises(ValueError, match="another configuration: load it with window=16, block_size=8"):
         HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(window=32, block_size=16)).load_prefix(saved)
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
