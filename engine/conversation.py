@@ -41,16 +41,17 @@ class Conversation:
         Stopped early (closed, or interrupted), the conversation keeps what was shown as the answer."""
         messages, prompt, prefix = self._turn(content)
         shown: list[str] = []
+        failed = False
         try:
             for piece in self.llm.stream(prompt, max_new_tokens, prefix=prefix, **kwargs):
                 shown.append(piece)
                 yield piece
         except Exception:  # failed: the conversation as it was
+            failed = True
             raise
-        except BaseException:  # stopped: what was shown is its answer
-            self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
-            raise
-        self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
+        finally:  # answered, or stopped (closed, interrupted): what was shown is its answer
+            if not failed:
+                self.messages = [*messages, {"role": "assistant", "content": "".join(shown)}]
 
     def save(self, path, *, progress: bool = True) -> int:
         """The messages so far and their kept cache written to the file `path` (a prefix file, the messages

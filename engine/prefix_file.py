@@ -35,9 +35,8 @@ from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
 log = logging.getLogger(__name__)
 
-FORMAT = (
-    "hybridattn-prefix/2"  # 2: the model's fingerprint samples every weight (1: the first and last K/V projections)
-)
+# 2: the model's fingerprint samples every weight (1: only the first and last layers' K/V projections)
+FORMAT = "hybridattn-prefix/2"
 FINGERPRINT_SAMPLES = 4096  # elements of each weight that the model's fingerprint reads
 ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
 # the model's configuration that its K/V depend on, besides its weights
