@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import struct
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # 2: the model's fingerprint samples every weight (1: only the first and last layers' K/V projections)
 FORMAT = "hybridattn-prefix/2"
 FINGERPRINT_SAMPLES = 4096  # elements of each weight that the model's fingerprint reads
+STALE_PARTIAL_S = 3600  # a save's temporary file left this long is a killed process's, not one being written
 ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
 # the model's configuration that its K/V depend on, besides its weights
 MODEL_FIELDS = (
@@ -381,7 +383,12 @@ class PrefixFolder:
         return prefix, False
 
     def _trim(self, keep: Path) -> None:
-        """The files used least recently removed until the folder holds at most max_bytes (`keep` stays)."""
+        """The files used least recently removed until the folder holds at most max_bytes (`keep` stays), and
+        the temporary files of saves that a killed process left behind (untouched for STALE_PARTIAL_S)."""
+        for f in self.folder.glob("*.prefix.partial"):
+            with suppress(FileNotFoundError):  # renamed by the process that wrote it, meanwhile
+                if time.time() - f.stat().st_mtime > STALE_PARTIAL_S:  # one being written changes as it grows
+                    f.unlink()
         files = sorted(self.folder.glob("*.prefix"), key=lambda f: f.stat().st_mtime)
         total = sum(f.stat().st_size for f in files)
         for f in files:

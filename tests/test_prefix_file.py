@@ -5,7 +5,9 @@ re-checks); a file of another model, configuration or document, or a damaged one
 import copy
 import json
 import logging
+import os
 import struct
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import OffloadConfig
 from engine.api import HybridLLM
-from engine.prefix_file import PrefixFolder, layer_state
+from engine.prefix_file import STALE_PARTIAL_S, PrefixFolder, layer_state
 from tests.conftest import tiny_llama
 from tests.test_prefix import DEFAULT_SMALL, answer, same, state
 
@@ -203,3 +205,16 @@ def test_a_prefix_folder_keeps_the_documents_used_last_within_its_size(model, bu
         prefix, loaded = folder.prefix(documents[0], progress=False)
     assert not loaded and "was not loaded" in caplog.text and folder.path(documents[0]).stat().st_size == size
     prefix.release()
+
+
+def test_a_prefix_folder_removes_the_temporary_files_a_killed_save_left(model, bundled_tokenizer, tmp_path):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    folder = PrefixFolder(llm, tmp_path, 2**30)
+    left, writing = tmp_path / "a.prefix.partial", tmp_path / "b.prefix.partial"
+    left.write_bytes(b"x" * 100)
+    writing.write_bytes(b"y" * 100)
+    long_ago = time.time() - STALE_PARTIAL_S - 60
+    os.utime(left, (long_ago, long_ago))
+    prefix, loaded = folder.prefix("Alice keeps the red key. " * 30, progress=False)
+    prefix.release()
+    assert not left.exists() and writing.exists()  # the one still being written stays
