@@ -80,6 +80,22 @@ def test_two_levels_count_every_token_once(read_frac, pieces):
     assert all(set((chosen[h] // B).tolist()) <= set(scores.fine[h].tolist()) for h in range(Hkv))
 
 
+@pytest.mark.parametrize("levels", [{}, {"group": 4, "expand": 2}])
+def test_a_half_precision_estimate_of_many_unread_tokens_stays_finite(levels):
+    """fp16 holds at most 65,504: the values' sum weighted by unread token counts (here 3,200 of
+    about 40) would overflow it, their weighted mean does not."""
+    Hkv, G, D, B, nb = 1, 2, 8, 32, 100
+    k, v = blockwise_constant(Hkv, nb, B, D, seed=3)
+    k, v = 0.1 * k, v + 40
+    half = BlockSummary(Hkv, D, B, device="cpu", dtype=torch.float16, capacity=nb * B, **levels)
+    half.add(k.half(), v.half())
+    q = torch.randn(Hkv, G, D, generator=torch.Generator().manual_seed(4))
+    o, lse = half.estimate(half.scores(q, 0.25), torch.zeros(Hkv, nb, dtype=torch.long))
+    exact, exact_lse = attend(q.unsqueeze(2), k.half().float(), v.half().float(), 0.25)
+    torch.testing.assert_close(o, exact[:, :, 0], atol=0.05, rtol=1e-3)
+    torch.testing.assert_close(lse, exact_lse[:, :, 0], atol=1e-2, rtol=1e-3)
+
+
 def test_estimate_is_empty_when_every_token_is_read():
     k, v = blockwise_constant(2, 5, 8, 16)
     summary = summary_of(k, v, 8)

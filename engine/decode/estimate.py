@@ -272,18 +272,20 @@ def stacked_estimate(
         mean_v, read_fine = values[:, :, : scores.rel.shape[-1]], read
     else:  # the expanded blocks' mean values, read where they lie
         mean_v, read_fine = values, read.gather(-1, scores.fine)
-    # the counts stay integers: each product converts them as it reads them (one kernel less on a GPU)
     left = (first.block_size - read_fine).clamp_min(0)  # a block read in full adds nothing
     w = scores.rel * left.unsqueeze(-2)  # [B, Hkv, G, F]
     total = w.sum(dim=-1)  # [B, Hkv, G]
-    o = block_sums(w, mean_v, scores.fine).float()
     if scores.coarse_rel is not None:  # superblocks not expanded: their unread tokens, at their mean
         n_super = scores.coarse_rel.shape[-1]
         read_super = read[..., : n_super * first.group].unflatten(-1, (n_super, first.group)).sum(dim=-1)
         left = (first.group * first.block_size - read_super).clamp_min(0)
-        w = scores.coarse_rel * left.unsqueeze(-2)  # 0 at the expanded ones
-        total = total + w.sum(dim=-1)
+        w_super = scores.coarse_rel * left.unsqueeze(-2)  # 0 at the expanded ones
+        total = total + w_super.sum(dim=-1)
+    # weights that sum to 1 before the half-precision products: counts of unread tokens overflow fp16
+    norm = total.clamp_min(1e-30).unsqueeze(-1)
+    o = block_sums(w / norm, mean_v, scores.fine).float()
+    if scores.coarse_rel is not None:
         coarse = [s.coarse_values for s in summaries]
         coarse_v = stack_rows([c.landmarks[0] for c in coarse], [c.n_blocks for c in coarse])
-        o = o + block_sums(w, coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
-    return o / total.clamp_min(1e-30).unsqueeze(-1), scores.peak + total.log()
+        o = o + block_sums(w_super / norm, coarse_v[:, :, :n_super])  # fp32 + half: fp32, converted exactly
+    return o, scores.peak + total.log()
