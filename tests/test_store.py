@@ -296,6 +296,25 @@ def test_released_cache_starts_over(bundled_tokenizer):
     assert pool.nbytes > 0 and cache.get_seq_length() == 0
 
 
+def test_a_reset_cache_gives_its_stores_back_and_takes_them_again(bundled_tokenizer):
+    """transformers' `Cache.reset` empties the cache for another prompt: its host stores go back to the
+    pool, and the next prompt takes them again, not new ones."""
+    model = tiny_llama(vocab=len(bundled_tokenizer))
+    pool = StorePool()
+    cache = HybridCache(model, CFG, max_length=200, stores=pool)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(150)[None], cache=cache, use_cache=True)
+        first = [layer.host for layer in cache.layers]
+        cache.reset()
+        assert cache.get_seq_length() == 0 and all(layer.host is None for layer in cache.layers)
+        model(input_ids=torch.arange(120)[None], cache=cache, use_cache=True)
+    assert {id(layer.host) for layer in cache.layers} == {id(store) for store in first}
+    assert cache.get_seq_length() == 120
+    assert all(layer.host.n == 120 - CFG.n_sink - CFG.window for layer in cache.layers)
+    cache.release()
+    assert len([s for stores in pool._free.values() for s in stores]) == len(first)
+
+
 def test_a_sequence_that_leaves_a_batch_gives_its_stores_back_at_release(bundled_tokenizer):
     """A batch drops its finished sequences (batch_select_indices); their host stores still go
     back to the pool when the cache is released, emptied, with every other sequence's."""

@@ -301,6 +301,15 @@ class HybridCache(Cache):
         self.close()
         _give_back(self.sequence_layers() + self._left())
 
+    def reset(self) -> None:
+        """transformers' `Cache.reset`: every layer emptied, as `release` does, once its index build has
+        finished (a build still running would attach the old sequence's index); the cache is used again."""
+        layers = self.sequence_layers() + self._left()
+        for layer in layers:
+            layer.wait_for_build()
+        _give_back(layers)
+        super().reset()
+
     def _left(self) -> list[HybridLayer]:
         """The layers of sequences that left the batch (engine.cache.batch.BatchLayer.left)."""
         return [seq for layer in self.layers for seq in getattr(layer, "left", ())]
