@@ -1,5 +1,6 @@
 """Stop strings: a sequence ends where its answer's text comes to contain one of them (as it ends at
-an end-of-sequence token), and its text is cut just before the first."""
+an end-of-sequence token), and its text is cut just before the first; a stop string that is one special
+token, where the answer has that token."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ class StopStrings:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.tokenizer, self.strings = tokenizer, strings
+        # a string that is one special token ("<|im_end|>", say) never shows in the text, which leaves
+        # special tokens out: the answer stops at that token instead
+        self.token_ids = set()
+        for s in strings if tokenizer is not None else ():
+            ids = tokenizer.encode(s, add_special_tokens=False)
+            if len(ids) == 1 and not self.text(ids):
+                self.token_ids.add(ids[0])
         # a token holds at least one byte of text and a character at most four, so the longest string
         # lies within its length x 4 last tokens; a few more absorb the first one's cut character
         self.tail_tokens = 4 * max(map(len, strings), default=0) + 8
@@ -32,6 +40,8 @@ class StopStrings:
         this is where the first one appears)."""
         if not self.strings:
             return False
+        if tokens and tokens[-1] in self.token_ids:
+            return True
         tail = self.text(tokens[-self.tail_tokens :])
         return any(s in tail for s in self.strings)
 

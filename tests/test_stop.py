@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.api import HybridLLM
-from engine.stop import StopStrings
+from engine.stop import StopStrings, TextStream
 from tests.conftest import tiny_llama
 from tests.test_generation import CFG, LENGTHS
 
@@ -98,3 +98,16 @@ def test_bad_stop_strings_are_refused(strings, llm, prompts):
 def test_no_stop_strings_stop_nothing(llm, free, prompts):
     assert not StopStrings(None, None) and not StopStrings(None, []).reached([1, 2])
     assert llm.generate(prompts[1], NEW, stop=[], stop_at_eos=False, progress=False).token_ids == free[1].token_ids
+
+
+def test_a_stop_string_that_is_one_special_token_ends_the_answer_at_that_token(bundled_tokenizer):
+    """The text leaves special tokens out, so "<|im_end|>" (as lm-eval's chat tasks give it) would never
+    show there: the answer ends where the token comes, its text what came before."""
+    hello = bundled_tokenizer.encode("hello there", add_special_tokens=False)
+    end = bundled_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = StopStrings(bundled_tokenizer, ["<|im_end|>", "hello"])
+    assert stops.token_ids == {end}  # "hello", one ordinary token, is found in the text
+    assert not stops.reached(hello[1:]) and stops.reached([*hello[1:], end])
+    stream = TextStream(stops)
+    shown = "".join(stream.add(t) for t in [*hello[1:], end]) + stream.finish()
+    assert shown == bundled_tokenizer.decode(hello[1:])
