@@ -23,9 +23,12 @@ What the engine changes, by request type:
 - `generate_until`: everything a user of the engine gets. The prompt is prefilled exactly,
   every new token comes from the retrieval decode step, near ties are re-checked as the
   preset says; generation stops at an `until` string, the end-of-sequence token or
-  `max_gen_toks`. Requests with the same generation arguments run as batches of
-  `batch_size` (each result what its prompt gives alone). Each request's GenerationReport
-  (read share, re-checks) is kept in `reports`, by task and document.
+  `max_gen_toks` (or its other spellings, as lm-eval reads them). Requests with the same
+  generation arguments run as batches of `batch_size` (greedy, each result what its prompt
+  gives alone); sampling, each batch draws with its own seed (the task's `seed` for the first,
+  else one from torch's generator, which lm-eval seeds), so a repeated request draws again.
+  Each request's GenerationReport (read share, re-checks) is kept in `reports`, by task and
+  document (a repeated request's k-th repeat by task, document and k).
 - `loglikelihood`, `loglikelihood_rolling`: nothing. Scoring a continuation is a prefill,
   and the engine's prefill is exact (chunked through its cache, so a long context stays
   within the device's memory): the log-probabilities are full attention's.
@@ -48,6 +51,7 @@ from engine.prefill import chunk_bounds
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ModuleNotFoundError as exc:  # an optional extra
     raise ModuleNotFoundError(
@@ -104,6 +108,13 @@ def offload_config(preset: str, fields: dict) -> OffloadConfig:
     return OffloadConfig.preset(preset, **values)
 
 
+def report_key(request, i: int) -> tuple:
+    """A generation's report's key in `reports`: the request's task and document (its index i in the
+    requests where lm-eval gave no document id)."""
+    doc = getattr(request, "doc_id", None)
+    return getattr(request, "task_name", None), i if doc is None else doc
+
+
 @register_model("hybridattn")
 class HybridAttnLM(TemplateLM):
     """lm-evaluation-harness's view of a HybridLLM (see the module docstring)."""
@@ -135,6 +146,10 @@ class HybridAttnLM(TemplateLM):
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise ValueError(f"max_gen_toks must be an int >= 1, got {max_gen_toks!r}")
+        if max_length is not None and (
+            not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2
+        ):
+            raise ValueError(f"max_length must be an int >= 2 (tokens of context and answer), got {max_length!r}")
         if trust_remote_code not in (True, False):  # lm-eval hands "no" on as a string: bool("no") is True
             raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
         if llm is None:
@@ -146,9 +161,10 @@ class HybridAttnLM(TemplateLM):
             raise ValueError("give a HybridLLM (llm=) or offload fields, not both: the HybridLLM has its configuration")
         self.llm, self.tokenizer = llm, llm.tokenizer
         self.pretrained, self.batch_size, self.max_gen_toks = pretrained, batch, max_gen_toks
-        self.reports: dict[tuple, GenerationReport] = {}  # (task, doc id) -> its generation's report
+        # (task, doc id) -> its generation's report; a request repeated keeps its k-th repeat's under (task, doc id, k)
+        self.reports: dict[tuple, GenerationReport] = {}
         config = llm.model.config
-        self._max_length = int(max_length or getattr(config, "max_position_embeddings", 0) or 2048)
+        self._max_length = max_length or getattr(config, "max_position_embeddings", 0) or 2048
 
     # ------------------------------------------------------- what lm-eval asks
 
@@ -176,7 +192,12 @@ class HybridAttnLM(TemplateLM):
         return str(self.pretrained).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        """The string's tokens; by default with the special tokens the tokenizer adds (BOS, for Llama's),
+        unless the string begins with BOS already (as lm-eval's `hf` model)."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and string.startswith(bos))
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
@@ -193,35 +214,46 @@ class HybridAttnLM(TemplateLM):
         groups: dict[str, list[int]] = {}  # requests with the same generation arguments, in order
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
+        repeats: dict[tuple, int] = {}  # a request lm-eval repeats (a task's `repeats`) comes as often
         bar = tqdm(total=len(requests), desc="hybridattn generate_until", disable=disable_tqdm)
         for members in groups.values():
             until, max_new, sampling = self._generation_args(requests[members[0]].args[1])
-            for start in range(0, len(members), self.batch_size):
+            # each batch its own seed, so that a request repeated draws another sample each time; drawn
+            # from torch's generator, which lm-eval seeds, where the task gives none
+            first_seed = sampling.pop("seed")
+            if first_seed is None:
+                first_seed = int(torch.randint(2**62, ())) if sampling["temperature"] else 0
+            for n, start in enumerate(range(0, len(members), self.batch_size)):
                 batch = members[start : start + self.batch_size]
                 prompts = [self._prompt_ids(requests[i].args[0], max_new) for i in batch]
-                out = self.llm.generate(prompts, max_new, stop=until, progress=False, **sampling)
+                seed = (first_seed + n) % 2**64
+                out = self.llm.generate(prompts, max_new, stop=until, progress=False, seed=seed, **sampling)
                 for i, result in zip(batch, out):
                     results[i] = result.text  # ended at the first `until` string, cut before it
-                    self.reports[getattr(requests[i], "task_name", None), getattr(requests[i], "doc_id", i)] = (
-                        result.report
-                    )
+                    key = report_key(requests[i], i)
+                    repeats[key] = repeats.get(key, -1) + 1
+                    self.reports[(*key, repeats[key]) if repeats[key] else key] = result.report
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
                 bar.update(len(batch))
         bar.close()
         return results
 
     def _generation_args(self, gen_kwargs: dict) -> tuple[list[str], int, dict]:
+        """The stop strings, the most new tokens and the sampling arguments, read as lm-eval's other models
+        read them (`normalize_gen_kwargs`: `max_new_tokens` for `max_gen_toks`, say; a temperature above 0
+        without `do_sample` samples). The seed is the first batch's; the sampler draws one where none is given."""
         if not isinstance(gen_kwargs, dict):
             raise ValueError(f"generation arguments must be a dict, got {gen_kwargs!r}")
-        args = dict(gen_kwargs)
-        until = args.pop("until", None) or []
-        until = [u for u in ([until] if isinstance(until, str) else until) if u]  # an empty one stops nothing
-        max_new = int(args.pop("max_gen_toks", self.max_gen_toks))
-        do_sample = bool(args.pop("do_sample", False))
+        args = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+        until = [u for u in args.pop("until") if u]  # an empty one stops nothing
+        max_new = args.pop("max_gen_toks")
+        if max_new < 1:
+            raise ValueError(f"max_gen_toks must be >= 1, got {max_new}")
+        do_sample = bool(args.pop("do_sample"))
         temperature = float(args.pop("temperature", 0.0) or 0.0)
         top_k = int(args.pop("top_k", 0) or 0)
         top_p = float(args.pop("top_p", 1.0) or 1.0)
-        seed = int(args.pop("seed", 0) or 0)
+        seed = args.pop("seed", None)
         if args:
             log.warning("hybridattn: generation arguments not used: %s", ", ".join(sorted(args)))
         sampling = {"temperature": temperature if do_sample else 0.0, "top_k": top_k, "top_p": top_p, "seed": seed}
@@ -229,8 +261,12 @@ class HybridAttnLM(TemplateLM):
 
     def _prompt_ids(self, context: str, max_new: int) -> torch.Tensor:
         """The context's tokens, the oldest dropped if they and max_new would not fit in max_length."""
+        if max_new >= self.max_length:
+            raise ValueError(
+                f"max_gen_toks ({max_new}) leaves no room for the prompt within max_length ({self.max_length})"
+            )
         ids = self.tok_encode(context)
-        keep = max(1, self.max_length - max_new)
+        keep = self.max_length - max_new
         if len(ids) > keep:
             log.warning("hybridattn: a prompt of %d tokens is cut to its last %d", len(ids), keep)
             ids = ids[-keep:]

@@ -3,6 +3,7 @@ same weights, its generations the engine's (full attention's with a covering bud
 what each request gives alone; model arguments and their errors; local tasks through
 lm_eval.simple_evaluate and the command line, and a RULER task on the bundled model, offline."""
 
+import copy
 import json
 
 import lm_eval
@@ -101,6 +102,64 @@ def test_with_a_covering_budget_generations_are_lm_eval_hf_model_s(bundled_token
     assert lm.generate_until(requests("generate_until", gen), True) == reference.generate_until(
         requests("generate_until", gen), True
     )
+
+
+def test_a_tokenizer_that_adds_bos_scores_and_generates_as_lm_eval_hf_model(bundled_tokenizer):
+    """Llama's tokenizer begins every text with BOS: the contexts scored and the prompts answered do too
+    (lm-eval's `hf` model keeps the tokenizer's default), and a context that begins with BOS gets no second."""
+    tokenizer = copy.deepcopy(bundled_tokenizer)
+    tokenizer.add_bos_token = True
+    model = tiny_llama(vocab=len(tokenizer))
+    lm = HybridAttnLM(llm=HybridLLM(model, tokenizer, OffloadConfig(device="cpu", **COVER_ALL)), max_length=64)
+    reference_model = copy.deepcopy(model)
+    reference_model.set_attn_implementation("sdpa")
+    reference = HFLM(pretrained=reference_model, tokenizer=tokenizer, batch_size=1, max_length=64)
+    bos = tokenizer.bos_token_id
+    assert lm.tok_encode("Hello world")[0] == bos and lm.tok_encode(tokenizer.bos_token + "Hello").count(bos) == 1
+    pairs = [("The quick brown fox", " jumps over")]
+    got, want = (m.loglikelihood(requests("loglikelihood", pairs), disable_tqdm=True) for m in (lm, reference))
+    assert got[0][0] == pytest.approx(want[0][0], abs=1e-4)
+    texts = [("The quick brown fox jumps",)]
+    got, want = (
+        m.loglikelihood_rolling(requests("loglikelihood_rolling", texts), disable_tqdm=True) for m in (lm, reference)
+    )
+    assert got == pytest.approx(want, abs=1e-4)
+    gen = [("The quick brown fox jumps over the lazy dog. And", {"until": [], "do_sample": False, "max_gen_toks": 6})]
+    assert lm.generate_until(requests("generate_until", gen), True) == reference.generate_until(
+        requests("generate_until", gen), True
+    )
+
+
+def test_generation_arguments_are_read_as_lm_eval_reads_them(bundled_tokenizer):
+    """`max_new_tokens` for `max_gen_toks`; a temperature above 0 samples without `do_sample`; a request
+    repeated (a task's `repeats`) draws a sample each time, each with its report, the same again for the
+    same torch seed."""
+    lm = engine_lm(bundled_tokenizer)
+    assert lm._generation_args({"max_new_tokens": 3})[1] == 3
+    assert lm._generation_args({"temperature": 0.7})[2]["temperature"] == 0.7
+    assert lm._generation_args({"temperature": 0.7, "do_sample": False})[2]["temperature"] == 0.0
+    kwargs = {"until": [], "temperature": 1.0, "max_new_tokens": 8}
+    repeated = [Instance("generate_until", {}, ("One, two, three,", kwargs), 0, metadata=("t", 0, 4))] * 4
+    torch.manual_seed(0)
+    samples = lm.generate_until(repeated, disable_tqdm=True)
+    assert len(set(samples)) == 4 and all(lm.tok_encode(s) for s in samples)
+    assert sorted(lm.reports) == [("t", 0), ("t", 0, 1), ("t", 0, 2), ("t", 0, 3)]
+    assert all(r.new_tokens == 8 for r in lm.reports.values())
+    torch.manual_seed(0)
+    assert lm.generate_until(repeated, disable_tqdm=True) == samples
+    unnamed = engine_lm(bundled_tokenizer)
+    unnamed.generate_until(requests("generate_until", [("One,", kwargs), ("Two,", kwargs)]), disable_tqdm=True)
+    assert sorted(unnamed.reports) == [(None, 0), (None, 1)]  # no document ids: by index
+
+
+def test_a_max_length_without_room_is_refused_by_name(bundled_tokenizer):
+    for bad in (-5, 1, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+            HybridAttnLM(llm=object(), max_length=bad)
+    lm = engine_lm(bundled_tokenizer)
+    gen = [("One, two, three,", {"until": [], "max_gen_toks": 64})]
+    with pytest.raises(ValueError, match=r"max_gen_toks \(64\) leaves no room for the prompt within max_length \(64\)"):
+        lm.generate_until(requests("generate_until", gen), disable_tqdm=True)
 
 
 def test_model_arguments_reach_the_configuration_and_bad_ones_are_named():

@@ -27,7 +27,7 @@ from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
 from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
 from engine.api import GenerationReport, HybridLLM
 from engine.generation import eos_ids
-from engine.harness import HybridAttnLM
+from engine.harness import HybridAttnLM, report_key
 from engine.stop import StopStrings
 
 CAPTURE = "hybrid_shared_capture"  # the prefill's attention function: the engine's, keeping the last queries
@@ -68,7 +68,7 @@ class SharedPrefillLM(HybridAttnLM):
         for i, request in enumerate(tqdm(requests, desc=f"{self.method} generate_until", disable=disable_tqdm)):
             seen = request_key(request.args)
             if seen not in self.answers:
-                key = getattr(request, "task_name", None), getattr(request, "doc_id", i)
+                key = report_key(request, i)
                 self.answers[seen] = self._logged(key, request.args) or self._answer_and_log(key, request.args)
             results.append(self.answers[seen][self.method])
             self.cache_hook.add_partial("generate_until", request.args, results[-1])
