@@ -304,9 +304,13 @@ class OffloadConfig:
         "runs again wider still, or exactly after the last wider run (0: the first wider run's logits stand)",
     )
 
-    # Runtime: where and how it runs (no effect on the result).
+    # Runtime: where and how it runs (no effect on the result, but a host dtype narrower than the model's)
     host_dtype: HostDtype = _option(
-        "runtime", "auto", "dtype of the host KV store (`auto`: the model's; float32 for a float64 model)", state=True
+        "runtime",
+        "auto",
+        "dtype of the host KV store (`auto`: the model's; float32 for a float64 model); a narrower one than "
+        "the model's rounds the host tokens' keys and values",
+        state=True,
     )
     host_threads: int = _option("runtime", 0, "threads of the host kernel (0: all cores)")
     build_workers: int = _option(
