@@ -253,8 +253,9 @@ class HybridLLM:
         another a chunk a step while the batch decodes (a step waits for one chunk at most; where the batch ends
         first, the rest at once), which take the next indices (len(prompts), len(prompts) + 1, ...) and each get
         a report appended to `reports`. A prompt from `more()` whose prefill fails (its host store not allocated,
-        say) ends with finish "error", its report's `error` the exception, and the batch goes on without it (a
-        prompt that cannot be encoded raises, as the call's own prompts do).
+        say) ends with finish "error", its report's `error` the exception, and the batch goes on without it; so
+        does one of `prompts` whose prefill fails (a prompt that cannot be encoded raises, as the call's own
+        prompts do).
         After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt that continues it, which the prompts from
         `more()` may join."""
         if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
@@ -285,7 +286,8 @@ class HybridLLM:
             return [(prompt, *row_settings(s)) for prompt, s in joined]
 
         limits, picks, ends, stop_at_eos = map(list, zip(*map(row_settings, samplings)))
-        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress, prefix=prefix, leave=leave)
+        decoding = dict(pick=picks, ends=ends, stop_at_eos=stop_at_eos, progress=progress, prefix=prefix)
+        decoding.update(leave=leave, fail_alone=True)  # a prompt whose prefill fails: finish "error", the others go on
         ended = set()
         with closing(self._decode(prompts, limits, reports, more=None if more is None else joining, **decoding)) as run:
             for row, token, finish in run:

@@ -48,6 +48,7 @@ def run_batch(
     progress: bool = True,
     more: Callable[[], list[tuple]] | None = None,
     leave: Callable[[int], bool] | None = None,
+    fail_alone: bool = False,
 ) -> Iterator[tuple[int, int | None, str]]:
     """(prompt's index, token, finish) as each token is picked, finish "" until the prompt's last (then why
     it ended; its report filled then): the prompts' token `ids` ([1, T] each) prefilled one by one, each into
@@ -61,7 +62,8 @@ def run_batch(
     those from more() in order) and after each of its tokens that `ends` does not end, ends it where true:
     in its prefill, (i, None, "left") then, its report filled; after a token, with finish "left". The others
     go on. A prompt from more() whose prefill raises (its host store not allocated, say) fails alone: (i, None,
-    "error"), its report's `error` the exception; the batch goes on. Fills the reports not filled yet at the
+    "error"), its report's `error` the exception; the batch goes on. So does one of the prompts given
+    whose prefill raises, with `fail_alone` (else the call raises). Fills the reports not filled yet at the
     end, also when the consumer stops. Warns where a prompt and its new tokens run past the model's trained
     positions (`warn_past_context`)."""
     before = prefix.tokens if prefix is not None else 0
@@ -140,9 +142,14 @@ def run_batch(
                     done.append(
                         prefill_prompt(model, x, offload, limit, progress=progress, stores=stores, leave=asked(i))
                     )
-            except PrefillLeft:  # the others go on
-                fill_prefill_ended_report(reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights)
-                yield i, None, "left"
+            except Exception as error:  # left (PrefillLeft), or failed: the others go on, where it may fail alone
+                if not (isinstance(error, PrefillLeft) or fail_alone):
+                    raise
+                failed = None if isinstance(error, PrefillLeft) else error
+                fill_prefill_ended_report(
+                    reports[i], before + x.shape[1], before, time.perf_counter() - t0, weights, failed
+                )
+                yield i, None, reports[i].finish_reason
                 continue
             names.append(i)
         if not done:

@@ -115,19 +115,21 @@ class Scheduler:
     def _serve(self) -> None:
         while (jobs := self._take()) is not None:
             self._running = list(jobs)
+            admitted: deque[Job] = deque()  # taken to join the batch, and not joined yet
             try:
                 if len(jobs) == 1 and (not self.join or self.completions.alone(jobs[0])):
                     self.completions.run_alone(jobs[0])
                 elif not self.join:  # prefilled together, decoded to the end
                     self.completions.run_batch(jobs)
                 else:  # the others join one by one: each has its first token after its own prefill
-                    admitted = deque(jobs[1:])
+                    admitted.extend(jobs[1:])
                     self.completions.run_batch(jobs[:1], functools.partial(self._joining, admitted=admitted))
-                    self._put_back(admitted)  # the batch ended before they joined
             except Exception as error:  # the thread goes on; each job hears of it (those that heard the end ignore it)
-                log.exception("error in a generation of %d request(s)", len(self._running))
-                for job in self._running:
+                failed = [job for job in self._running if all(job is not a for a in admitted)]
+                log.exception("error in a generation of %d request(s)", len(failed))
+                for job in failed:
                     job.send("error", error)
+            self._put_back(admitted)  # the batch ended before they joined: they run next
 
     def _joining(self, running: int, admitted: deque[Job]) -> list[Job]:
         """The job that joins the running batch of `running` sequences (those on their way in counted): one

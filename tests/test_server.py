@@ -1022,8 +1022,59 @@ def test_a_request_whose_prefill_fails_as_it_joins_hears_why_and_the_batch_goes_
         assert got["first"][0] == 200
         want = llm.generate(first["prompt"], NEW, progress=False).text
         assert json.loads(got["first"][1])["choices"][0]["text"] == want
-        assert "failed in its prefill as it joined" in caplog.text
+        assert "failed in its prefill" in caplog.text
         assert answer(server, "/completions", {"prompt": "And then", "max_tokens": 2})["choices"]
+
+
+def test_a_batch_whose_first_request_fails_runs_those_taken_with_it_next(monkeypatch):
+    """The requests taken to join a batch whose first one fails before they joined did not fail: they go back
+    to the front of the queue and run next; the first hears its error."""
+    ran = []
+
+    class FirstFails:
+        def alone(self, job):
+            return False
+
+        def batchable(self, job):  # every request batches with every other
+            return True
+
+        joinable = batchable
+
+        def run_batch(self, jobs, more=None):
+            ran.append([job.request for job in jobs])
+            if jobs[0].request == "bad":
+                raise torch.OutOfMemoryError("no room for this prompt")
+            for job in jobs:
+                job.send("response", {"text": job.request})
+
+    scheduler = Scheduler(FirstFails(), max_batch=4)
+    with scheduler._ready:  # queued together: taken as one batch
+        bad, good = scheduler.submit("bad"), scheduler.submit("good")
+    with pytest.raises(torch.OutOfMemoryError):
+        bad.response()
+    assert good.response() == {"text": "good"} and ran == [["bad"], ["good"]]
+    scheduler.close()
+
+
+def test_a_request_whose_prefill_fails_in_a_batch_taken_whole_fails_alone(completions, llm, prompt, monkeypatch):
+    """Without joining (--no-join) a batch's prompts are prefilled one by one: the one whose prefill runs out
+    of memory hears why, the others are answered as alone."""
+    import engine.batch_run
+
+    prefill = engine.batch_run.prefill_prompt
+
+    def out_of_memory_for_hello(model, ids, *args, **kwargs):
+        if torch.equal(ids, llm.encode("Hello")):
+            raise torch.OutOfMemoryError("no room for this prompt")
+        return prefill(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.batch_run, "prefill_prompt", out_of_memory_for_hello)
+    good, bad = (Job(parse_request({"prompt": p, "max_tokens": NEW, **GREEDY}, **REQUEST)) for p in (prompt, "Hello"))
+    good.ids, bad.ids = llm.encode(prompt), llm.encode("Hello")
+    completions.run_batch([bad, good])
+    with pytest.raises(torch.OutOfMemoryError, match="no room for this prompt"):
+        bad.response()
+    assert good.response()["choices"][0]["text"] == llm.generate(prompt, NEW, progress=False).text
 
 
 def test_the_next_turn_of_the_kept_conversation_is_not_batched(server, prompt):

@@ -549,6 +549,29 @@ def test_a_prompt_whose_prefill_fails_on_its_way_in_fails_alone_and_the_next_joi
     assert [reports[i].finish_reason for i in (0, 2)] == ["length", "length"] and reports[0].error is None
 
 
+def test_a_prompt_of_the_call_whose_prefill_fails_fails_alone_where_generate_raises(chunked, prompts, monkeypatch):
+    """stream_batch's own prompts are prefilled one by one: prompt 1's runs out of memory, it ends with
+    finish "error", and prompts 0 and 2 stream what they do alone; `generate` of the same prompts raises."""
+    import engine.batch_run
+
+    prefill = engine.batch_run.prefill_prompt
+
+    def out_of_memory_for_prompt_1(model, ids, *args, **kwargs):
+        if torch.equal(ids[0], prompts[1]):
+            raise torch.OutOfMemoryError("no room for this prompt")
+        return prefill(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.batch_run, "prefill_prompt", out_of_memory_for_prompt_1)
+    reports = [GenerationReport() for _ in range(3)]
+    rows = list(chunked.stream_batch(prompts[:3], Sampling(NEW), reports=reports, progress=False))
+    assert [r for r in rows if r[0] == 1] == [(1, "", "error")] and isinstance(reports[1].error, torch.OutOfMemoryError)
+    assert reports[1].new_tokens == 0 and reports[1].prompt_tokens == len(prompts[1])
+    texts = ["".join(piece for row, piece, _ in rows if row == i) for i in (0, 2)]
+    assert texts == [alone(chunked, prompts[i], Sampling(NEW))[0] for i in (0, 2)]
+    with pytest.raises(torch.OutOfMemoryError):
+        chunked.generate(prompts[:3], NEW, progress=False)
+
+
 def test_a_prompt_whose_cache_cannot_be_made_fails_alone(chunked, prompts, monkeypatch):
     made, make = [], engine.prefill.prompt_cache
 

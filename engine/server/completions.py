@@ -171,9 +171,9 @@ class Completions:
         with closing(pieces):
             for row, piece, finish in pieces:
                 job, head = batch.jobs[row], batch.heads[row]
-                if finish == "error":  # its prefill failed as it joined: it hears why, the batch goes on
+                if finish == "error":  # its prefill failed: it hears why, the batch goes on
                     error = batch.reports[row].error
-                    log.error("a request failed in its prefill as it joined the batch", exc_info=error)
+                    log.error("a request of the batch failed in its prefill", exc_info=error)
                     batch.running.discard(row)
                     job.send("error", error)
                     continue
