@@ -59,31 +59,59 @@ class StopStrings:
 class TextStream:
     """One answer's text as its tokens come, in the pieces a stream shows (`add`, then `finish` at its
     end): cut before the first stop string; half a multi-byte character, and the last characters where
-    they may begin a stop string, held back until the next tokens tell."""
+    they may begin a stop string, held back until the next tokens tell.
+
+    A token costs the same at the thousandth as at the first: the text grows by what the tokens since the
+    last growth decode to, decoded from the token before them and less what that one decodes to (so that a
+    tokenizer that drops a text's leading space drops it from both), and a stop string is looked for only
+    where the new text could have completed it."""
 
     def __init__(self, stops: StopStrings):
-        self.stops, self.tokens, self.shown = stops, [], ""
+        self.stops, self.tokens = stops, []
+        self.text = ""  # the answer's text so far, without half a character at its end
+        self.shown = 0  # how much of it was shown
+        self._start = self._read = 0  # the text of tokens[_start:_read] is the end of `text`
+        self._ended = False
+        self._longest = max(map(len, stops.strings), default=0)
 
     def add(self, token: int) -> str:
         """The text the answer's new token shows (maybe none yet)."""
         self.tokens.append(token)
-        text = self.stops.text(self.tokens)
-        cut = self.stops.cut(text)
-        if cut != text:  # a stop string completed (the answer ends here): the text before it
-            text = cut
-        elif text.endswith("\ufffd"):  # half a multi-byte character
+        added = 0 if self._ended else self._grow(whole=False)
+        if not added:  # half a multi-byte character, a token without text, or the answer ended
             return ""
-        else:
-            text = text[: len(text) - self.stops.held(text)]
-        return self._show(text)
+        begin = max(0, len(self.text) - added - self._longest)  # where a string completed now may begin
+        cut = begin + len(self.stops.cut(self.text[begin:]))
+        if cut < len(self.text):  # a stop string completed (the answer ends here): the text before it
+            self._ended = True
+            return self._show(cut)
+        return self._show(len(self.text) - self.stops.held(self.text[max(0, len(self.text) - self._longest) :]))
 
     def finish(self) -> str:
         """What was held back when the answer ended without completing a stop string."""
-        return self._show(self.stops.cut(self.stops.text(self.tokens)))
+        if not self._ended:
+            self._grow(whole=True)
+            self._ended = True
+            return self._show(len(self.stops.cut(self.text)))
+        return ""
 
-    def _show(self, text: str) -> str:
-        piece = text[len(self.shown) :]
-        if len(text) <= len(self.shown):
+    def _grow(self, whole: bool) -> int:
+        """How many characters the tokens since the last growth add to `text` (added to it): none where they
+        end in half a character (unless `whole`, at the answer's end)."""
+        before = self.stops.text(self.tokens[self._start : self._read])
+        after = self.stops.text(self.tokens[self._start :])
+        if after.endswith("\ufffd") and not whole:
+            return 0
+        self._start, self._read = self._read, len(self.tokens)
+        if not after.startswith(before):  # a tokenizer that rewrites earlier text: the whole decoded again
+            self.text = self.stops.text(self.tokens)
+            return max(0, len(self.text) - self.shown)
+        self.text += after[len(before) :]
+        return len(after) - len(before)
+
+    def _show(self, end: int) -> str:
+        """The text from what was shown up to `end` (none where that was shown already)."""
+        if end <= self.shown:
             return ""
-        self.shown = text
+        piece, self.shown = self.text[self.shown : end], end
         return piece

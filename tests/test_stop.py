@@ -111,3 +111,55 @@ def test_a_stop_string_that_is_one_special_token_ends_the_answer_at_that_token(b
     stream = TextStream(stops)
     shown = "".join(stream.add(t) for t in [*hello[1:], end]) + stream.finish()
     assert shown == bundled_tokenizer.decode(hello[1:])
+
+
+def text_stream_reference(stops: StopStrings, tokens: list[int]) -> list[str]:
+    """The pieces a stream shows, each from the whole answer decoded again at each token."""
+    pieces, shown = [], ""
+    for n in range(1, len(tokens) + 1):
+        text = stops.text(tokens[:n])
+        if stops.cut(text) != text:
+            text = stops.cut(text)
+        elif text.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        else:
+            text = text[: len(text) - stops.held(text)]
+        pieces.append(text[len(shown) :] if len(text) > len(shown) else "")
+        shown = max(shown, text, key=len)
+        if stops.reached(tokens[:n]):
+            break
+    final = stops.cut(stops.text(tokens[:n]))
+    return pieces + [final[len(shown) :]]
+
+
+def test_a_stream_decodes_each_token_once_and_shows_what_the_whole_text_shows(bundled_tokenizer):
+    """Text with characters of several bytes (split across tokens), stop strings that come and that do
+    not: the pieces are those of the whole answer decoded again at each token, and the tokens decoded
+    stay within a few per token, however long the answer."""
+    text = "Le café coûte 3 € — 東京は晴れ 🌤️, then END of it. " * 12
+    tokens = bundled_tokenizer.encode(text, add_special_tokens=False)
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return bundled_tokenizer.decode(ids, **kwargs)
+
+        def encode(self, s, **kwargs):
+            return bundled_tokenizer.encode(s, **kwargs)
+
+    for strings in ([], ["END"], ["晴れ 🌤"], ["\x00never", "it. Le café coûte 3 € — 東京は晴れ 🌤️, then END of it. Le"]):
+        stops = StopStrings(Counting(), strings)
+        stream, pieces = TextStream(stops), []
+        for token in tokens:
+            pieces.append(stream.add(token))
+            if stops.reached(stream.tokens):
+                break
+        pieces.append(stream.finish())
+        assert pieces == text_stream_reference(StopStrings(bundled_tokenizer, strings), tokens)
+    decoded.clear()
+    stream = TextStream(StopStrings(Counting(), ["\x00never"]))
+    for token in tokens:
+        stream.add(token)
+    assert sum(decoded) < 8 * len(tokens)  # the newest tokens at each, not the whole answer (70,000 here)
