@@ -152,7 +152,7 @@ class Scheduler:
         self._running.append(job)
         return [job]
 
-    def _put_back(self, jobs: deque[Job]) -> None:
+    def _put_back(self, jobs: deque[Job] | list[Job]) -> None:
         """Jobs taken that did not run: first in the queue again (an error each where the server closed)."""
         with self._ready:
             if not self._closed:
@@ -180,6 +180,10 @@ class Scheduler:
                     left.append(job)
         else:
             left = waiting[1:]
-        with self._ready:  # those not taken go back before any that came meanwhile
-            self._waiting.extendleft(reversed(left))
-        return taken
+        self._put_back(left)  # those not taken go back before any that came meanwhile
+        with self._ready:
+            if not self._closed:
+                return taken
+        for job in taken:  # closed while they were taken out of the queue
+            job.send("error", RuntimeError("the server closed before this request ran"))
+        return None

@@ -300,8 +300,19 @@ def test_a_prompt_the_tokenizer_fails_on_is_answered_an_error_and_the_server_goe
         ("/completions", {"prompt": ["Hi", "Hello there"], "document": "Some document text."}, 400, "document"),
         ("/completions", {}, 400, "prompt"),
         ("/completions", {"prompt": []}, 400, "prompt"),
-        ("/completions", {"prompt": [1, 10**9]}, 400, None),  # refused by the engine: outside the vocabulary
-        ("/completions", {"prompt": [1, 10**9], "stream": True}, 400, None),
+        ("/completions", {"prompt": [1, 10**9]}, 400, "prompt"),  # refused by the engine: outside the vocabulary
+        ("/completions", {"prompt": [1, 10**9], "stream": True}, 400, "prompt"),
+        ("/completions", {"prompt": ""}, 400, "prompt"),  # refused by the engine: empty
+        ("/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
+        ("/completions", {"prompt": "x", "stop": {"a": 1}}, 400, "stop"),
+        ("/completions", {"prompt": "x", "n": True}, 400, "n"),  # not n's 1
+        ("/completions", {"prompt": "x", "echo": 0}, 400, "echo"),
+        (
+            "/completions",
+            {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+            400,
+            "stream_options",
+        ),
         ("/chat/completions", {"messages": []}, 400, "messages"),
         ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "document": "d"}, 400, "document"),
@@ -1054,6 +1065,38 @@ def test_a_batch_whose_first_request_fails_runs_those_taken_with_it_next(monkeyp
         bad.response()
     assert good.response() == {"text": "good"} and ran == [["bad"], ["good"]]
     scheduler.close()
+
+
+def test_requests_taken_out_of_the_queue_as_the_server_closes_hear_that_it_closed():
+    """close() comes while the engine's thread asks which waiting requests batch together (encoding their
+    prompts, outside the queue's lock): none of them is run, and each hears why rather than waiting forever."""
+    asked, go_on = threading.Event(), threading.Event()
+
+    class SlowToBatch:
+        def batchable(self, job):
+            asked.set()
+            go_on.wait(timeout=60)
+            return job.request != "alone"
+
+        joinable = batchable
+
+        def run_batch(self, jobs, more=None):
+            for job in jobs:
+                job.send("response", {"text": job.request})
+
+    scheduler = Scheduler(SlowToBatch(), max_batch=4)
+    with scheduler._ready:
+        jobs = [scheduler.submit(name) for name in ("a", "alone", "b")]
+    assert asked.wait(timeout=60)
+    closing = threading.Thread(target=scheduler.close)
+    closing.start()
+    while not scheduler._closed:
+        time.sleep(0.01)
+    go_on.set()
+    closing.join(timeout=60)
+    for job in jobs:
+        with pytest.raises(RuntimeError, match="the server closed before this request ran"):
+            job.response(connected=lambda: True)
 
 
 def test_a_request_whose_prefill_fails_in_a_batch_taken_whole_fails_alone(completions, llm, prompt, monkeypatch):

@@ -127,7 +127,20 @@ class Completions:
                         break
             job.send("end")
         except Exception as error:  # ValueError: what the engine refuses in the prompt
-            job.send("error", error)
+            job.send("error", self._naming_the_prompt(job.request, error))
+
+    def _naming_the_prompt(self, request: Request, error: Exception) -> Exception:
+        """A refusal of the request's prompt (empty, token ids outside the vocabulary) as a RequestError that
+        names its field, `prompt` or `messages`; any other error as it is."""
+        if not isinstance(error, (ValueError, TypeError)) or isinstance(error, RequestError):
+            return error
+        encode = self.llm.encode if request.document is None else self.llm.encode_continuation
+        try:
+            for prompt in request.prompts if request.messages is None else [request.messages]:
+                encode(prompt)
+        except (ValueError, TypeError):
+            return RequestError(str(error), "prompt" if request.messages is None else "messages")
+        return error
 
     def run_batch(self, jobs: list, more: Callable[[int], list] | None = None) -> None:
         """The jobs' requests decoded as one batch; each job is sent its own response, or chunks, as its

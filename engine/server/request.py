@@ -66,7 +66,11 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
     if body.get("model") not in (None, model):
         raise RequestError(f"model {body['model']!r} is not served here: this server serves {model!r}", "model", 404)
     for name, nothing in UNSUPPORTED.items():
-        if body.get(name) is not None and body[name] not in nothing:
+        value = body.get(name)
+        # of the same kind too: true is not n's 1, nor 0 echo's false
+        if value is not None and not any(
+            value == v and isinstance(value, bool) == isinstance(v, bool) for v in nothing
+        ):
             raise RequestError(f"{name} {body[name]!r} is not supported by this engine: leave it out", name)
     response_format = body.get("response_format") or {"type": "text"}
     if not isinstance(response_format, dict) or response_format.get("type") != "text":
@@ -106,7 +110,10 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options must be an object", "stream_options")
-    request.include_usage = _boolean(options, "include_usage")
+    try:
+        request.include_usage = _boolean(options, "include_usage")
+    except RequestError as error:
+        raise RequestError(f"stream_options.{error}", "stream_options") from None
     return request
 
 
@@ -140,6 +147,8 @@ def _boolean(body: dict, name: str) -> bool:
 
 
 def _stop(value) -> list[str]:
+    if value is not None and not isinstance(value, (str, list)):
+        raise RequestError(f"stop must be a string or a list of strings, got {value!r}", "stop")
     try:
         return StopStrings(None, value).strings
     except ValueError as error:
