@@ -45,15 +45,7 @@ def make_index(method: str, dim: int, **params):
     if method in ("union", "hybrid"):
         from ann.union import UnionIndex
 
-        if method == "hybrid":
-            over = {name: params.pop(name, {}) for name, _ in HYBRID_SELECTORS}
-            if params:
-                raise TypeError(f"hybrid takes only {', '.join(over)} overrides, got {', '.join(params)}")
-            specs = [(name, {**p, **over[name]}) for name, p in HYBRID_SELECTORS]
-        else:
-            specs = params.pop("selectors", None)
-            if not specs or params:
-                raise TypeError("union takes exactly selectors=[(method, params), ...]")
+        specs = _selectors(method, params)
         store = GrowableKeys(dim)
         sels = []
         for name, p in specs:
@@ -71,9 +63,23 @@ def estimate_index_bytes(method: str, n_keys: int, dim: int, n_queries: int = 0,
     if method not in METHODS:
         raise ValueError(f"unknown index method {method!r}; known methods: {', '.join(METHODS)}")
     if method in ("union", "hybrid"):
-        specs = HYBRID_SELECTORS if method == "hybrid" else params.get("selectors", ())
+        specs = _selectors(method, dict(params))
         shared = GrowableKeys(dim, capacity=1)  # stands for the union's one key store
         return 4 * n_keys * dim + sum(
             index_class(name).estimate_bytes(n_keys, dim, n_queries, **{**p, "store": shared}) for name, p in specs
         )
     return index_class(method).estimate_bytes(n_keys, dim, n_queries, **params)
+
+
+def _selectors(method: str, params: dict) -> list[tuple[str, dict]]:
+    """A union's or a hybrid's selectors as (method, params): the union's `selectors`, or HYBRID_SELECTORS
+    with the `block={...}` and `qq={...}` overrides (taken out of params)."""
+    if method == "hybrid":
+        over = {name: params.pop(name, {}) for name, _ in HYBRID_SELECTORS}
+        if params:
+            raise TypeError(f"hybrid takes only {', '.join(over)} overrides, got {', '.join(params)}")
+        return [(name, {**p, **over[name]}) for name, p in HYBRID_SELECTORS]
+    specs = params.pop("selectors", None)
+    if not specs or params:
+        raise TypeError("union takes exactly selectors=[(method, params), ...]")
+    return list(specs)

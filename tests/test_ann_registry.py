@@ -103,16 +103,27 @@ def test_fast_settings_still_find_most(data):
         assert res.keys_scored < len(tq) * len(keys), method
 
 
-@pytest.mark.parametrize("method", ["flat", "ivf", "hnsw", "graph", "qq", "hybrid"])
-def test_estimated_bytes_match_what_a_built_index_holds(method):
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("flat", {}),
+        ("ivf", {}),
+        ("hnsw", {}),
+        ("graph", {}),
+        ("qq", {}),
+        ("hybrid", {}),
+        ("hybrid", {"qq": {"m_keys": 512}}),
+    ],
+)
+def test_estimated_bytes_match_what_a_built_index_holds(method, params):
     from ann import estimate_index_bytes
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((3000, 32)).astype(np.float32)
     queries = rng.standard_normal((2000, 32)).astype(np.float32)
-    index = make_index(method, 32)
+    index = make_index(method, 32, **params)
     index.build(keys, queries)
-    assert index.nbytes == pytest.approx(estimate_index_bytes(method, 3000, 32, 2000), rel=0.02)
+    assert index.nbytes == pytest.approx(estimate_index_bytes(method, 3000, 32, 2000, **params), rel=0.02)
 
 
 def test_estimate_refuses_an_unknown_method():
