@@ -3,8 +3,10 @@
 faiss rather than hnswlib because faiss exposes how many distances a search
 computed (`hnsw_stats.ndis`), so the share of keys scanned is measured.
 Insertion runs on one thread: a multi-threaded faiss HNSW build depends on
-thread timing, and indexes must be reproducible. The seed is unused: faiss
-draws levels from a fixed-seed generator."""
+thread timing, and indexes must be reproducible. The nodes' levels are drawn
+from a generator seeded, at each add, by `seed` and the number of keys before
+it: faiss's own generator is not part of a copy (its serialised form), so a
+copy of the index would otherwise add keys at other levels than the original."""
 
 from __future__ import annotations
 
@@ -37,14 +39,16 @@ class HNSWIndex(FaissBacked):
         """keys [N, dim]; queries are ignored."""
         keys = as_vectors(keys, self.dim, "keys")
         self.index = self._new()
-        with single_thread():
-            self.index.add(keys)
+        self._insert(keys)
 
     def add(self, keys: np.ndarray) -> None:
         """keys [n, dim], inserted incrementally (O(ef_construction · log N) each)."""
         if self.index is None:
             self.index = self._new()
-        keys = as_vectors(keys, self.dim, "keys")
+        self._insert(as_vectors(keys, self.dim, "keys"))
+
+    def _insert(self, keys: np.ndarray) -> None:
+        self.index.hnsw.rng = faiss.RandomGenerator((self.seed * 1_000_003 + self.index.ntotal) % 2**31)
         with single_thread():
             self.index.add(keys)
 

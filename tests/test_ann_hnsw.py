@@ -1,3 +1,6 @@
+import copy
+
+import faiss
 import numpy as np
 
 from ann.hnsw import HNSWIndex
@@ -29,3 +32,23 @@ def test_bad_parameters():
 
     with pytest.raises(ValueError, match="M > 1"):
         HNSWIndex(8, M=1)
+
+
+def test_a_copy_adds_keys_as_the_original_does():
+    """A prefix's mark and rewind copy the index: keys added to the copy take the levels, so the graph and
+    the results, that they take in the original (faiss's level generator is not part of a copy)."""
+    rng = np.random.default_rng(13)
+    keys, more = (rng.standard_normal((n, 16)).astype(np.float32) for n in (3000, 2000))
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    original = HNSWIndex(16, M=8, ef=16)
+    original.build(keys)
+    copied = copy.deepcopy(original)
+    original.add(more)
+    copied.add(more)
+    levels = [faiss.vector_to_array(index.index.hnsw.levels) for index in (original, copied)]
+    assert np.array_equal(*levels)
+    got, want = copied.search(queries, 10), original.search(queries, 10)
+    assert np.array_equal(got.ids, want.ids) and got.scanned == want.scanned
+    other_seed = HNSWIndex(16, M=8, ef=16, seed=1)
+    other_seed.build(keys)
+    assert not np.array_equal(faiss.vector_to_array(other_seed.index.hnsw.levels), levels[0][: len(keys)])
