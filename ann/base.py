@@ -7,6 +7,7 @@ many vectors it had to score so that cost is measured, not guessed.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -177,3 +178,7 @@ def single_thread(on: bool = True):
 
 
 SMALL_BATCH = 32  # queries per search below which faiss runs single-threaded
+
+# faiss's search counters (hnsw_stats, indexIVF_stats) are the process's: a search resets, runs and reads
+# them holding this lock, so that searches of two indexes on two threads do not count each other's
+FAISS_COUNTERS = threading.Lock()

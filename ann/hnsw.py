@@ -13,7 +13,16 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, hnsw_bytes, single_thread
+from ann.base import (
+    FAISS_COUNTERS,
+    SMALL_BATCH,
+    FaissBacked,
+    SearchResult,
+    as_vectors,
+    check_k,
+    hnsw_bytes,
+    single_thread,
+)
 from ann.ivf import _clean
 
 
@@ -60,8 +69,10 @@ class HNSWIndex(FaissBacked):
         q = as_vectors(q, self.dim, "queries")
         self.index.hnsw.efSearch = max(self.ef, k)
         stats = faiss.cvar.hnsw_stats
-        stats.reset()
-        with single_thread(len(q) <= SMALL_BATCH):
-            scores, ids = self.index.search(q, k)
+        with FAISS_COUNTERS:
+            stats.reset()
+            with single_thread(len(q) <= SMALL_BATCH):
+                scores, ids = self.index.search(q, k)
+            scanned = int(stats.ndis)
         ids, scores = _clean(ids, scores)
-        return SearchResult(ids, scores, scanned=int(stats.ndis))
+        return SearchResult(ids, scores, scanned=scanned)

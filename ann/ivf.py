@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, single_thread
+from ann.base import FAISS_COUNTERS, SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, single_thread
 
 
 def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,9 +56,10 @@ class IVFIndex(FaissBacked):
         q = as_vectors(q, self.dim, "queries")
         self.index.nprobe = min(self.nprobe, self.index.nlist)
         stats = faiss.cvar.indexIVF_stats
-        stats.reset()
-        with single_thread(len(q) <= SMALL_BATCH):
-            scores, ids = self.index.search(q, k)
+        with FAISS_COUNTERS:
+            stats.reset()
+            with single_thread(len(q) <= SMALL_BATCH):
+                scores, ids = self.index.search(q, k)
+            keys_scored = int(stats.ndis)
         ids, scores = _clean(ids, scores)
-        keys_scored = int(stats.ndis)
         return SearchResult(ids, scores, scanned=keys_scored + len(q) * self.index.nlist, keys_scored=keys_scored)

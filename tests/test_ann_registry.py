@@ -131,3 +131,29 @@ def test_estimate_refuses_an_unknown_method():
 
     with pytest.raises(ValueError, match="unknown index method 'lsh'"):
         estimate_index_bytes("lsh", 10, 4)
+
+
+@pytest.mark.parametrize(("method", "params"), [("ivf", {"nlist": 64, "nprobe": 8}), ("hnsw", {"ef": 64})])
+def test_searches_of_two_indexes_on_two_threads_count_their_own_scans(method, params):
+    """faiss counts a search's scans in counters of the process: two threads searching two indexes at once
+    each count what their own search scanned, as alone."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    indexes, queries = [], []
+    for _ in range(2):
+        indexes.append(make_index(method, 32, **params))
+        indexes[-1].build(rng.standard_normal((5000, 32)).astype(np.float32))
+        queries.append(rng.standard_normal((8, 32)).astype(np.float32))
+    alone = [index.search(q, 10).scanned for index, q in zip(indexes, queries)]
+    counted = [[], []]
+
+    def search(t: int) -> None:
+        counted[t] = [indexes[t].search(queries[t], 10).scanned for _ in range(300)]
+
+    threads = [threading.Thread(target=search, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [set(c) for c in counted] == [{alone[0]}, {alone[1]}]
