@@ -137,6 +137,17 @@ def beyond(lengths: list[int], n: int, device: torch.device, dims: int) -> torch
     return torch.arange(n, device=device) >= lengths_on
 
 
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k highest scores [..., n] along the last dim, best first, equal scores in index order:
+    the first j of them are the j highest whatever k is, so a sequence chooses alike alone and in a batch
+    that asks for more (exact ties are common: every head's best block scores 0 in `group_block_scores`).
+    topk over int64 keys that order as the scores and then the indices do."""
+    bits = scores.float().contiguous().view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the floats' order, as signed ints
+    last = torch.arange(scores.shape[-1] - 1, -1, -1, device=scores.device)  # the lower index ranks higher
+    return torch.topk(ordered.to(torch.int64) * 2**32 + last, k, dim=-1).indices
+
+
 def group_block_scores(s: torch.Tensor) -> torch.Tensor:
     """Per-head block scores [..., H, G, nb] -> the group's [..., H, nb]: each head's scores shifted
     by its best one, then the max over heads (see the module doc)."""
@@ -359,7 +370,7 @@ def choose_blocks(
         group = stacked_block_scores(indexes, q, scored, n_scored)
     else:
         group = group_block_scores(scores.to(first.device))
-    best = torch.topk(group, max(take), dim=-1).indices  # [B, H, T]
+    best = top_indices(group, max(take))  # [B, H, T]
     best = best if scored is None else scored.to(first.device).gather(-1, best)
     if min(take) < max(take):
         best = best.masked_fill(beyond(take, max(take), best.device, 3), -1)

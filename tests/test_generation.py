@@ -133,6 +133,39 @@ def test_each_report_of_a_batch_is_its_sequence_s_alone(model, bundled_tokenizer
     assert all(got.report.host_bytes == batch[0].report.host_bytes for got in batch)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [OffloadConfig(candidates_from="blocks", budget="fixed"), OffloadConfig.preset("block")],
+    ids=["fixed", "block"],
+)
+def test_short_rows_of_a_stacked_batch_choose_blocks_as_alone(model, bundled_tokenizer, cfg, monkeypatch):
+    """The device parts of a batch stacked (a GPU's default): a row that takes fewer blocks than another
+    chooses the blocks it chooses alone, exact ties among the blocks' scores (each head's best scores 0)
+    broken alike whatever count the batch asks for."""
+    import engine.decode.step
+
+    monkeypatch.setattr(engine.decode.step, "STACK", True)
+    llm = HybridLLM(
+        model, bundled_tokenizer, cfg.replace(device="cpu", n_sink=4, window=16, block_size=8, recheck_margin=0.0)
+    )
+    ids = torch.randint(0, 5000, (1000,), generator=torch.Generator().manual_seed(2))
+    prompts = [ids[7 * i : 7 * i + n] for i, n in enumerate((40, 300, 60))]
+    batch = llm.generate(prompts, NEW, stop_at_eos=False, progress=False)
+    for prompt, got in zip(prompts, batch):
+        assert got.token_ids == llm.generate(prompt, NEW, stop_at_eos=False, progress=False).token_ids
+
+
+def test_top_indices_rank_equal_scores_by_index_whatever_their_number():
+    from ann.block import top_indices
+
+    scores = torch.randn(3, 5, 300, generator=torch.Generator().manual_seed(0))
+    scores[..., [5, 17, 40, 41]] = 0.0
+    scores[0, 0, 100:103] = torch.tensor([float("-inf"), 1e-45, -1e-45])
+    for k in (1, 3, 10, 300):
+        want = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        assert torch.equal(top_indices(scores, k), want)
+
+
 def test_a_sequence_that_ends_leaves_the_batch_and_the_others_go_on(model, prompts):
     """Row 1 stops at an EOS token the others never pick: it leaves after it, with its own
     steps and time; the others decode on as each alone, and the bytes are counted before it left."""
