@@ -80,9 +80,21 @@ def _block(marker: str, start: int, end: int, where: str) -> Block:
 
 
 def render_files(name: str, files: list[Path]) -> str:
-    """The Markdown that renderer `name` makes of these JSON files (MANY_FILES: all of them)."""
-    results = [json.loads(f.read_text()) for f in files]
-    return MANY_FILES[name](results) if name in MANY_FILES else RENDERERS[name](results[0])
+    """The Markdown that renderer `name` makes of these JSON files (MANY_FILES: all of them); a file that is not
+    JSON, or lacks what the renderer reads, is named in a ValueError."""
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{f} is not JSON: {error}") from None
+    try:
+        return MANY_FILES[name](results) if name in MANY_FILES else RENDERERS[name](results[0])
+    except (KeyError, TypeError, IndexError) as error:
+        named = ", ".join(str(f) for f in files)
+        raise ValueError(
+            f"report:{name} cannot render {named}: {type(error).__name__} {error} (not its benchmark's JSON?)"
+        ) from None
 
 
 def _existing(patterns: tuple[str, ...], root: Path) -> tuple[list[Path], list[str]]:

@@ -54,10 +54,9 @@ def decode(result: dict) -> str:
         return f"{ms:.1f} ({100 * c['kv_read_frac']:.1f}%)"
 
     out = []
-    for model, what in (("smollm2-135m", "decode ms/token"), ("llama-3-8b-shape", "attention ms/layer/token")):
+    for model in dict.fromkeys(c["model"] for c in result["cases"]):  # the bundled model whole, shapes by the layer
+        what = "decode ms/token" if model == "smollm2-135m" else "attention ms/layer/token"
         cases = [c for c in result["cases"] if c["model"] == model]
-        if not cases:
-            continue
         contexts, cells = _by_context(cases, value)
         rows = [[method] + [cells[(m, method)].get(n, "") for n in contexts] for (m, method) in cells]
         out.append(f"**{model}**: {what} (share of host KV read per step)\n\n" + table(["method"] + contexts, rows))
@@ -112,17 +111,29 @@ def accuracy(result: dict) -> str:
     cells: dict[tuple, dict] = {}
     for r in rows_in:
         cells.setdefault((r["task"], r["context"]), {})[r["method"]] = r
+    for (task, context), by in cells.items():
+        if "full" not in by:
+            raise ValueError(
+                f"the accuracy table compares each cell with full attention, and {task} at {context} has no full "
+                "attention row (a run with --no-full: render it with a run of full attention's)"
+            )
+    others = [m for m in methods if m != "full"]
     # full attention over the prompts each configuration answered, per cell
     refs = {cell: {m: on_seeds(by["full"], r) for m, r in by.items()} for cell, by in cells.items()}
-    header = ["task", "context", "prompts", "full [95%]"] + [m for m in methods if m != "full"]
+    header = ["task", "context", "prompts", "full [95%]"] + others
     measured = [e for e in engines if any(r["method"] == e and r.get("attn_rel_err") is not None for r in rows_in)]
     header += [f"{e}: read" for e in engines] + [f"{e}: attn err" for e in measured]
     rows, notes = [], []
     for (task, context), by in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         full, ref_of = by["full"], refs[(task, context)]
         lo, hi = full["accuracy_ci"]
-        row = [task, context, full["n"], f"{100 * full['accuracy']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"]
-        for m in methods[1:]:
+        row = [
+            task,
+            context,
+            full["n"],
+            f"{100 * full['accuracy']:.1f} [{bound(lo, '.0f', 100)}, {bound(hi, '.0f', 100)}]",
+        ]
+        for m in others:
             r = by.get(m)
             if r is None:
                 row.append("")
@@ -139,15 +150,17 @@ def accuracy(result: dict) -> str:
         for e in ran:
             acc, ref = by[e]["accuracy"], ref_of[e]
             if ref["accuracy"] >= 0.2 and ref["accuracy"] - acc > 0.02 + 1e-9:  # 0.96 - 0.94 is 0.02 and a hair
-                notes.append(f"{e}: {task} at {context} is {100 * (ref['accuracy'] - acc):.1f} points below full")
-            if acc < ref["accuracy_ci"][0]:
+                notes.append(
+                    f"{e}: {task} at {context} is {100 * (ref['accuracy'] - acc):.2f} points below full"
+                )  # 2.04 is not 2.0
+            if ref["accuracy_ci"][0] is not None and acc < ref["accuracy_ci"][0]:
                 notes.append(f"{e}: {task} at {context} lies below full attention's 95% interval")
     n = sorted({r["n"] for r in rows_in})
     text = f"accuracy % (difference from full attention), n = {', '.join(map(str, n))} prompts per cell\n\n" + table(
         header, rows
     )
     text += "\n\n" + ("\n".join(f"- {x}" for x in notes) if notes else "- every cell within the targets")
-    paired = paired_differences(cells, refs, methods[1:])
+    paired = paired_differences(cells, refs, others)
     peers = peer_differences(cells, [m for m in methods if "@" in m and not m.startswith("oracle")])
     return text + "".join("\n\n" + part for part in (paired, peers) if part)
 
@@ -236,6 +249,11 @@ def ruler(results: list[dict]) -> str:
     return accuracy({"rows": rows})
 
 
+def bound(x: float | None, spec: str = ".3f", scale: float = 1.0) -> str:
+    """An interval's bound as the tables show it: "n/a" where the JSON holds none (one prompt's interval)."""
+    return "n/a" if x is None else format(scale * x, spec)
+
+
 def fidelity(result: dict) -> str:
     """The fidelity report: mean over layers per configuration, then each layer."""
     summary = result["summary"]
@@ -246,7 +264,13 @@ def fidelity(result: dict) -> str:
         m, lo, hi = e["err"]
         est = f"{e['oracle_est_err'][0]:.3f}" if "oracle_est_err" in e else ""
         rows.append(
-            [name, f"{m:.3f} [{lo:.3f}, {hi:.3f}]", f"{100 * e['read'][0]:.2f}%", f"{e['oracle_err'][0]:.3f}", est]
+            [
+                name,
+                f"{m:.3f} [{bound(lo)}, {bound(hi)}]",
+                f"{100 * e['read'][0]:.2f}%",
+                f"{e['oracle_err'][0]:.3f}",
+                est,
+            ]
         )
     names = list(summary)
     layer_rows = []
@@ -280,7 +304,16 @@ def fidelity_lengths(results: list[dict]) -> str:
             est = f"{e['oracle_est_err'][0]:.3f}" if "oracle_est_err" in e else ""
             read, oracle = f"{100 * e['read'][0]:.2f}%", f"{e['oracle_err'][0]:.3f}"
             rows.append(
-                [cfg["context"], stretch, cfg["prompts"], name, f"{m:.3f} [{lo:.3f}, {hi:.3f}]", read, oracle, est]
+                [
+                    cfg["context"],
+                    stretch,
+                    cfg["prompts"],
+                    name,
+                    f"{m:.3f} [{bound(lo)}, {bound(hi)}]",
+                    read,
+                    oracle,
+                    est,
+                ]
             )
     return table(head, rows)
 

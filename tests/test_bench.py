@@ -992,6 +992,38 @@ def test_pinned_threads_hold_for_every_pool_after_numba_starts_its_own():
     assert {name: n for name, n in counts.items() if n is not None and n != 1} == {}
 
 
+def test_ann_recall_runs_every_pool_on_the_threads_asked():
+    # it pinned torch to one thread, which (torch and faiss share one OpenMP count) took faiss to one too
+    code = (
+        "import json, bench.evals.ann_recall as script\n"
+        "from bench.common.options import thread_counts\n"
+        "def stop(*args, **kwargs):\n"
+        "    raise SystemExit(json.dumps(thread_counts()))\n"
+        "script.load_or_capture = stop\n"
+        "script.main(['--threads', '2'])\n"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    counts = json.loads(run.stderr.strip().splitlines()[-1])
+    assert {name: n for name, n in counts.items() if n is not None and n != 2} == {}
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("bench.speed.decode", ["--layers", "0"]),
+        ("bench.speed.throughput", ["--layers", "-1"]),
+        ("bench.evals.capture_qk", ["--tokens", "-5"]),
+        ("bench.evals.fidelity", ["--offset", "-500"]),
+        ("bench.evals.generation", ["--offset", "-1"]),
+    ],
+)
+def test_bad_counts_and_offsets_are_refused_by_name(module, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        script(module).main(argv)
+    assert e.value.code == 2 and f"argument {argv[0]}: must be an int >=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "deadline,pip_seconds,status,expected",
     [

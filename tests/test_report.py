@@ -197,3 +197,47 @@ def test_a_decode_table_says_where_the_engine_offloaded_nothing():
     assert "| hybrid-default | 70.0 (6.2%) |" in lines
     assert "| hybrid-all-resident | 70.0 (none offloaded) |" in lines
     assert "| full-sdpa | 70.0 (100.0%) |" in lines
+
+
+def test_an_accuracy_table_puts_each_method_in_its_column_whatever_comes_first():
+    """A run without full attention first in its rows: the configuration's column is its own, and a cell
+    without full attention is refused by name."""
+    rows = [eval_rows("tight", 0, [1, 0, 0, 0]), eval_rows("full", 0, [1, 1, 1, 1])]
+    text = tables.accuracy({"rows": rows})
+    assert "| passkey | 2048 | 4 | 100.0 [" in text and "| 25.0 (-75.0) |" in text
+    assert "| full |" not in text  # full is the reference of the paired table, not one of its methods
+    with pytest.raises(ValueError, match="passkey at 2048 has no full attention row"):
+        tables.accuracy({"rows": rows[:1]})
+    drop = [eval_rows("full", 0, [1] * 49), eval_rows("tight", 0, [1] * 48 + [0])]
+    assert "is 2.04 points below full" in tables.accuracy({"rows": drop})  # not "2.0": the target is 2 points
+
+
+def test_a_file_the_renderer_cannot_read_is_named(tmp_path):
+    write_json(tmp_path, "kernel.json", {"config": {}})
+    (tmp_path / "bench" / "out" / "broken.json").write_text("{not json")
+    for name, message in (
+        ("kernel.json", "report:kernel cannot render .*kernel.json: KeyError"),
+        ("broken.json", "broken.json is not JSON"),
+    ):
+        doc = f"<!-- report:kernel bench/out/{name} -->\n<!-- /report -->\n"
+        with pytest.raises(ValueError, match=message):
+            report.update_blocks(doc, tmp_path)
+
+
+def test_a_decode_table_renders_every_model_of_its_run():
+    case = {"model": "gemma-2b-shape", "method": "hybrid-default", "context": 8192, "decode_ms_per_token": 50.0,
+            "attn_ms_per_layer": 5.0, "host_bytes": 100, "kv_read_frac": 0.04}  # fmt: skip
+    text = tables.decode({"cases": [case]})
+    assert "**gemma-2b-shape**: attention ms/layer/token" in text and "| hybrid-default | 5.0 (4.0%) |" in text
+
+
+def test_a_one_prompt_interval_is_written_as_strict_json_and_shown_as_not_available(tmp_path, monkeypatch):
+    from bench.common import output
+
+    monkeypatch.setattr(output, "environment", lambda: {})
+    run = fidelity_run(4096, None, 0.034)
+    run["summary"]["default"]["err"] = [0.034, float("-inf"), float("inf")]
+    output.write_json(tmp_path / "one.json", run)
+    written = json.loads((tmp_path / "one.json").read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert written["summary"]["default"]["err"] == [0.034, None, None]
+    assert "| default | 0.034 [n/a, n/a] |" in tables.fidelity_lengths([written])

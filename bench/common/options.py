@@ -9,7 +9,7 @@ import sys
 import torch
 
 from engine import cli
-from engine.cli.options import OneLineParser, positive_int  # the command line's own
+from engine.cli.options import OneLineParser, non_negative_int, positive_int  # noqa: F401  (the command line's own, re-exported)
 from engine.models import BUNDLED_NAME
 from engine.native import ops
 
@@ -63,21 +63,20 @@ def add_model_args(p: argparse.ArgumentParser, *, chunk: int | None = 1024, rope
         p.add_argument("--chunk", type=positive_int, default=chunk, help="prefill chunk")
 
 
-def pin_threads(n: int, *, torch_threads: int | None = None) -> dict[str, int | None]:
+def pin_threads(n: int) -> dict[str, int | None]:
     """Pin torch's intra-op pool (torch sets its OpenMP pool with it), and faiss's OpenMP pool
-    and numba's pool where they are installed, to n threads (torch to `torch_threads` when
-    given); print the counts as one JSON line and return them. Pinned, because every pool
-    left at its default takes every core, and pools that compete time each other's waits."""
-    for name, value in (("threads", n), ("torch threads", torch_threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    and numba's pool where they are installed, to n threads; print the counts as one JSON line and
+    return them. Pinned, because every pool left at its default takes every core, and pools that
+    compete time each other's waits. (torch and faiss share one OpenMP count: one for both.)"""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an int >= 1, got {n!r}")
     try:  # first: numba's OpenMP pool, launched here, sets the shared OpenMP count to its own size
         import numba
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
-    torch.set_num_threads(torch_threads or n)
+    torch.set_num_threads(n)
     try:
         import faiss
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -20,7 +21,19 @@ from engine.cli.options import write_output
 def write_json(path: Path, payload: dict) -> None:
     """`payload` as indented JSON at `path` (folders made), after an "environment" entry
     (`environment()`) unless the payload brings its own: a result file says where it was measured."""
-    write_output(path, json.dumps({"environment": environment(), **payload}, indent=1))
+    write_output(path, json.dumps(finite({"environment": environment(), **payload}), indent=1, allow_nan=False))
+
+
+def finite(value):
+    """`value` with its infinite and NaN floats as None (JSON's null: JSON has no infinity, which an interval
+    of one prompt has), in its dicts, lists and tuples however deep."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def save_run(args, config: dict, cases: list[dict], plot=None) -> None:

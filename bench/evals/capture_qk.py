@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common.options import OneLineParser, add_model_args, prog
+from bench.common.options import OneLineParser, add_model_args, non_negative_int, positive_int, prog
 from bench.common.text import load_text
 from engine.cli import run_script
 
@@ -164,8 +164,8 @@ def load_or_capture(
 def main(argv=None) -> None:
     ap = OneLineParser(prog=prog(__spec__), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, chunk=512)
-    ap.add_argument("--tokens", type=int, default=34000)
-    ap.add_argument("--layers", type=int, nargs="+", default=[5, 11, 17])
+    ap.add_argument("--tokens", type=positive_int, default=34000)
+    ap.add_argument("--layers", type=non_negative_int, nargs="+", default=[5, 11, 17])
     ap.add_argument(
         "--out", type=Path, default=None, help="the capture's .npz (default: cached by model/tokens/layers)"
     )

@@ -116,7 +116,9 @@ def main(argv=None):
     p.add_argument("--prompts", type=options.positive_int, help="default 12 (--quick: 2)")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
     p.add_argument("--steps", type=options.positive_int, help="decode steps per prompt; default 24 (--quick: 4)")
-    p.add_argument("--offset", type=int, default=200_000, help="text tokens skipped before the first prompt")
+    p.add_argument(
+        "--offset", type=options.non_negative_int, default=200_000, help="text tokens skipped before the first prompt"
+    )
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=[c for c in CONFIGS if c not in ON_REQUEST])
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's dtype (bfloat16: as on a GPU)")
     options.add_model_args(p, rope_scale=True)

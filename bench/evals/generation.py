@@ -95,7 +95,9 @@ def main(argv=None):
     p.add_argument("--prompts", type=options.positive_int, help="default 20 (--quick: 2)")
     p.add_argument("--context", type=options.positive_int, help="prompt tokens; default 4096 (--quick: 512)")
     p.add_argument("--new", type=options.positive_int, help="generated tokens; default 256 (--quick: 16)")
-    p.add_argument("--offset", type=int, default=600_000, help="text tokens skipped before the first prompt")
+    p.add_argument(
+        "--offset", type=options.non_negative_int, default=600_000, help="text tokens skipped before the first prompt"
+    )
     options.add_threads_arg(p)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["default", "fixed-noest"])
     p.add_argument("--no-forced", action="store_true", help="leave out the teacher-forced runs")

@@ -87,7 +87,12 @@ def main(argv=None):
         type=options.positive_int,
         help="prose: tokens generated, default 256 (--quick: 16); a task: its answer length",
     )
-    p.add_argument("--offset", type=int, default=600_000, help="prose: text tokens skipped before the first prompt")
+    p.add_argument(
+        "--offset",
+        type=options.non_negative_int,
+        default=600_000,
+        help="prose: text tokens skipped before the first prompt",
+    )
     p.add_argument("--margins", type=float, nargs="+", default=MARGINS)
     p.add_argument(
         "--widen",

@@ -291,7 +291,7 @@ def main(argv=None):
         choices=["smollm2-135m", *SHAPES],
     )
     p.add_argument("--contexts", type=positive_int, nargs="+", help="default: 4K to 128K tokens (--quick: 2K and 8K)")
-    p.add_argument("--layers", type=int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
+    p.add_argument("--layers", type=positive_int, default=1, help="decoder layers of the Llama-3-8B-shaped model")
     p.add_argument(
         "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 3)"
     )

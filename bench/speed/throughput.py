@@ -195,7 +195,7 @@ def main(argv=None):
         "--contexts", type=positive_int, nargs="+", help="tokens per sequence; default 8192 32768 (--quick: 512)"
     )
     p.add_argument("--batches", type=positive_int, nargs="+", help="default 1 2 4 8 16 (--quick: 1 2)")
-    p.add_argument("--layers", type=int, default=1, help="decoder layers of the random-weight shapes")
+    p.add_argument("--layers", type=positive_int, default=1, help="decoder layers of the random-weight shapes")
     p.add_argument(
         "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 2)"
     )

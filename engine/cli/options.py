@@ -27,12 +27,21 @@ class OneLineParser(argparse.ArgumentParser):
 
 def positive_int(text: str) -> int:
     """argparse type of a count: an int >= 1 (argparse names the option when it is not)."""
+    return _int_from(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of an offset: an int >= 0 (argparse names the option when it is not)."""
+    return _int_from(text, 0)
+
+
+def _int_from(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}")
     return value
 
 
