@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -70,6 +73,21 @@ def tokenizer_source(pretrained: str) -> str:
 
         return str(_bundled_safetensors_dir())
     return pretrained
+
+
+@contextmanager
+def tokenizer_folder(tokenizer):
+    """A temporary folder holding `tokenizer` (the one the engine loaded), for tasks that load the model's
+    tokenizer to build their data (RULER): they load it with `trust_remote_code`, so they get one without
+    the model folder's code (its `auto_map` dropped), which the engine never ran unless asked to."""
+    with tempfile.TemporaryDirectory(prefix="hybridattn-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        config = Path(folder) / "tokenizer_config.json"
+        if config.is_file():
+            settings = json.loads(config.read_text())
+            settings.pop("auto_map", None)
+            config.write_text(json.dumps(settings, indent=2))
+        yield folder
 
 
 def task_manager(tasks: list[str], include_path=None, metadata: dict | None = None):

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,10 @@ def test_bad_arguments_exit_through_argparse(argv, message, capsys):
         (["plan", "--window", "0"], "window must be at least 1, got 0"),
         (["plan", "--gpu-gb", "-4"], "--gpu-gb must be a positive number of GiB, got -4.0"),
         (["plan", "--gpu-gb", "nan"], "--gpu-gb must be a positive number of GiB, got nan"),
+        (["plan", "--gpu-gb", "1e300"], "--gpu-gb must be a positive number of GiB, got 1e+300"),
+        (["plan", "--gpu-gb", "1e-12"], "--gpu-gb must be a positive number of GiB, got 1e-12"),
+        (["plan", "--host-gb", "inf"], "--host-gb must be a positive number of GiB, got inf"),
+        (["serve", "--prefix-dir", "d", "--prefix-dir-gb", "inf"], "--prefix-dir-gb must be a positive number"),
         (["plan", "--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
         (["generate", "--window", "0", "--prompt", "hi"], "window must be at least 1, got 0"),
     ],
@@ -150,6 +155,29 @@ def test_bad_arguments_exit_through_argparse(argv, message, capsys):
 def test_bad_values_give_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in one_error_line(capsys)
+
+
+def test_a_chat_session_that_cannot_be_written_fails_before_the_conversation(tmp_path, capsys):
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--session", str(tmp_path / "afile.txt" / "s.session")])
+    assert exit_.value.code == 2 and "--session: a file stands where its folder would be" in capsys.readouterr().err
+
+
+def test_tasks_that_load_the_tokenizer_get_one_without_the_model_folder_s_code(bundled_tokenizer):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from engine.harness import tokenizer_folder
+
+    tokenizer = copy.deepcopy(bundled_tokenizer)
+    tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": [None, "tokenization_own.OwnTokenizer"]}
+    with tokenizer_folder(tokenizer) as folder:
+        assert "auto_map" not in json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        loaded = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # as RULER's tasks load it
+        assert loaded.encode("The grass is green.") == bundled_tokenizer.encode("The grass is green.")
+    assert not Path(folder).exists()
 
 
 def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):

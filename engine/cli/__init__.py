@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import os
 import runpy
 import sys
@@ -31,6 +30,7 @@ from engine.cli.options import (
     _offload_config,
     _sampling_args,
     add_model_args,
+    gib_bytes,
     output_file,
     positive_int,
     write_output,
@@ -66,18 +66,19 @@ def cmd_lm_eval(args) -> int:
     from engine import harness
     from engine.api import HybridLLM
 
-    metadata = {"tokenizer": harness.tokenizer_source(args.model)}  # for tasks that build their data (RULER)
-    if args.seq_lengths:
-        metadata["max_seq_lengths"] = args.seq_lengths
-    tasks = harness.task_manager(args.lm_eval, args.include_path, metadata)
-    unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
     lm = harness.HybridAttnLM(pretrained=args.model, batch_size=args.batch_size, llm=llm)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=args.lm_eval, limit=args.limit, task_manager=tasks, random_seed=args.seed
-    )
+    with harness.tokenizer_folder(llm.tokenizer) as tokenizer:  # for tasks that build their data (RULER)
+        metadata = {"tokenizer": tokenizer}
+        if args.seq_lengths:
+            metadata["max_seq_lengths"] = args.seq_lengths
+        tasks = harness.task_manager(args.lm_eval, args.include_path, metadata)
+        unknown = [t for t in args.lm_eval if t not in tasks.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=args.lm_eval, limit=args.limit, task_manager=tasks, random_seed=args.seed
+        )
     print(make_table(results))
     if args.json:
         results["config"]["offload"] = dataclasses.asdict(offload)
@@ -88,10 +89,8 @@ def cmd_lm_eval(args) -> int:
 def cmd_plan(args) -> int:
     from engine.plan import full_attention_batch, largest_batch, plan_memory, trained_positions
 
-    if not (math.isfinite(args.gpu_gb) and args.gpu_gb > 0):
-        raise ValueError(f"--gpu-gb must be a positive number of GiB, got {args.gpu_gb}")
-    if args.host_gb is not None and not (math.isfinite(args.host_gb) and args.host_gb > 0):
-        raise ValueError(f"--host-gb must be a positive number of GiB, got {args.host_gb}")
+    gpu = gib_bytes(args.gpu_gb, "--gpu-gb")
+    host = None if args.host_gb is None else gib_bytes(args.host_gb, "--host-gb")
     _check_local_model(args.model)
     model = args.model
     if Path(model).is_dir():  # a model directory: its config
@@ -106,7 +105,6 @@ def cmd_plan(args) -> int:
         model = hub_config(model)
     if args.device is None:  # the plan is for a GPU budget, whatever this machine has
         args.device = "cuda"
-    gpu, host = int(args.gpu_gb * 2**30), None if args.host_gb is None else int(args.host_gb * 2**30)
     cfg = _offload_config(args)
     plan = plan_memory(model, args.context, cfg, gpu, batch=args.batch, host_budget_bytes=host)
     print(f"model {args.model}, context {args.context} tokens, batch {args.batch}")
@@ -234,6 +232,7 @@ def _run(argv: list[str] | None) -> int:
     c.add_argument("--system", help="a system message that begins the conversation")
     c.add_argument(
         "--session",
+        type=output_file,
         metavar="PATH",
         help="resume the conversation saved in this file, if there is one, and save it there when the chat ends "
         "(its messages and their cache: the next run prefills none of them again)",

@@ -11,7 +11,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.cli.options import _bars, _check_model_args, _offload_config, _read_prompt, _sampling, _text, write_output
+from engine.cli.options import (
+    _bars,
+    _check_model_args,
+    _offload_config,
+    _read_prompt,
+    _sampling,
+    _text,
+    gib_bytes,
+    write_output,
+)
 
 DEMO_TOKENS = 4096
 
@@ -114,9 +123,7 @@ def cmd_chat(args) -> int:
     _check_model_args(args)
     sampling = _sampling(args)
     document = _text(Path(args.file).read_bytes(), f"--file {args.file}") if args.file else None
-    session = Path(args.session) if args.session else None
-    if session is not None and session.is_dir():
-        raise ValueError(f"--session: {session} is a folder, not a file")
+    session = args.session  # a file that can be written (output_file), checked before the conversation
     if session is not None and session.exists() and (args.file or args.system):
         raise ValueError(f"--session: {session} holds a conversation already; --file and --system begin a new one")
     from engine.api import GenerationReport, HybridLLM
@@ -194,8 +201,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if not args.prefix_dir_gb > 0:
-        raise ValueError(f"--prefix-dir-gb must be positive, got {args.prefix_dir_gb}")
+    folder_bytes = gib_bytes(args.prefix_dir_gb, "--prefix-dir-gb")
     if args.prefix_dir and Path(args.prefix_dir).exists() and not Path(args.prefix_dir).is_dir():
         raise ValueError(f"--prefix-dir: {args.prefix_dir} is a file, not a folder")
     from engine.api import HybridLLM
@@ -204,7 +210,7 @@ def cmd_serve(args) -> int:
 
     _bars()
     llm = HybridLLM.from_pretrained(args.model, offload=offload, rope_scale=args.rope_scale)
-    folder = PrefixFolder(llm, args.prefix_dir, int(args.prefix_dir_gb * 2**30)) if args.prefix_dir else None
+    folder = PrefixFolder(llm, args.prefix_dir, folder_bytes) if args.prefix_dir else None
     server = Server(
         llm,
         host=args.host,

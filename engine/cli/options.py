@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -184,6 +185,14 @@ def output_file(text: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"its folder cannot be made or written: {folder} is not writable")
     return path
+
+
+def gib_bytes(gib: float, option: str) -> int:
+    """A size given in GiB as bytes, or a ValueError naming the option where it is not a positive, finite size
+    of a byte or more."""
+    if not (math.isfinite(gib) and gib * 2**30 >= 1 and math.isfinite(gib * 2**30)):
+        raise ValueError(f"{option} must be a positive number of GiB, got {gib} (finite, and a byte at least)")
+    return int(gib * 2**30)
 
 
 def write_output(path: Path, text: str) -> None:
