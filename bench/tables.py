@@ -331,14 +331,23 @@ def generation(result: dict) -> str:
     rows = []
     for name, e in result["summary"].items():
         cell = [
-            f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" if v else "not run"
+            f"{v[0]:.3f} [{bound(v[1])}, {bound(v[2])}]" if v else "not run"
             for v in (e["free_agreement"], e.get("forced_agreement"))
         ]
         first, read = e["first_difference"], e.get("kv_read_frac")  # runs before the read share was kept: blank
         read = f"{100 * read[0]:.2f}%" if read else ""
         rechecked = e.get("rechecked_frac")  # runs before the near ties' re-check: blank
         rechecked = f"{100 * rechecked[0]:.2f}%" if rechecked else ""
-        rows.append([name, cell[0], f"{first[0]:.0f} [{first[1]:.0f}, {first[2]:.0f}]", cell[1], read, rechecked])
+        rows.append(
+            [
+                name,
+                cell[0],
+                f"{first[0]:.0f} [{bound(first[1], '.0f')}, {bound(first[2], '.0f')}]",
+                cell[1],
+                read,
+                rechecked,
+            ]
+        )
     return f"{cfg['prompts']} prompts of {cfg['context']} tokens, {cfg['new']} greedy tokens\n\n" + table(head, rows)
 
 

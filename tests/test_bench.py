@@ -260,7 +260,7 @@ def test_report_renders_ruler_runs_as_accuracy_tables():
     assert "| ruler_vt | 4096 | 4 | 62.5 [0, 90] | 50.0 (-12.5) | 4.0% |" in text
     assert "niah at" not in text  # 96% - 94% is 2 points: within the target, whatever floats say
     assert "| ruler_cwe | 4096 | 4 | 0.0 [0, 90] | 0.0 (+0.0) | 3.0% |" in text
-    assert "default: ruler_vt at 4096 is 12.5 points below full" in text and "ruler_cwe at" not in text
+    assert "default: ruler_vt at 4096 is 12.50 points below full" in text and "ruler_cwe at" not in text
     assert "| ruler_vt | 4096 | default | -12.5 [-52.3, +27.3] | 0 | 1 | 2 of 3 |" in text
     assert "attn err" not in text
 
@@ -783,9 +783,9 @@ def test_accuracy_report_takes_cells_that_ran_some_configurations():
             kv_read_frac=1.0 if r["method"] == "full" else 0.05, attn_rel_err=0.0 if r["method"] == "full" else 0.04
         )
     text = script("bench.tables").accuracy({"rows": rows})
-    assert "- default: niah_single at 2048 is 30.0 points below full" in text
+    assert "- default: niah_single at 2048 is 30.00 points below full" in text
     assert "- default: niah_single at 2048 lies below full attention's 95% interval" in text
-    assert "- fixed-noest: passkey at 2048 is 10.0 points below full" in text
+    assert "- fixed-noest: passkey at 2048 is 10.00 points below full" in text
     assert "fixed-noest: niah_single" not in text
 
 
