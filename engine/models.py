@@ -178,6 +178,11 @@ def load_model(
             # no hub id either: those of the supported models name their owner. Said at once, where
             # the hub client, offline, would retry for about a minute first.
             raise FileNotFoundError(_not_a_model(name_or_path, "nor a hub id, which names its owner (owner/name)"))
+        if Path(name_or_path).is_file():  # not a folder, a hub id or a .gguf: a config or a weights file, say
+            raise ValueError(
+                f"{name_or_path} is a file: a model is a folder (config.json and model.safetensors), a .gguf "
+                "file, a hub id or the bundled model's name"
+            )
         if Path(name_or_path).is_dir():
             _check_model_folder(name_or_path)
     hub_id = source == name_or_path and not Path(source).exists()
@@ -194,10 +199,10 @@ def load_model(
             if not hub_id:
                 raise
             raise _not_served(name_or_path, offline, error) from error
-        if rope_scale is not None:
-            kwargs["config"] = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
-    if rope_scale is not None:
-        kwargs["config"] = stretched(kwargs["config"], rope_scale)  # its errors are the factor's, not the file's
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **lookup)
+    check_model_type(getattr(config, "model_type", None))  # before the weights load (a GGUF's de-quantized whole)
+    # a stretch's errors are the factor's, not the file's
+    kwargs["config"] = config if rope_scale is None else stretched(config, rope_scale)
     with _damaged_files_named(name_or_path, gguf=gguf):
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)

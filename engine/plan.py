@@ -61,6 +61,10 @@ def trained_positions(model_config) -> int | None:
     return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelShape:
     num_hidden_layers: int
@@ -84,7 +88,9 @@ class ModelShape:
         if get("model_type") is not None:  # a model's config (a dict of a shape alone names no type)
             check_model_type(get("model_type"))
         required = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
-        missing = [k for k in required if not isinstance(get(k), int) or get(k) <= 0]
+        missing = [k for k in required if not _positive_int(get(k))]
+        if get("head_dim") is not None and not _positive_int(get("head_dim")):
+            missing.append("head_dim")
         if missing:
             raise ValueError(
                 "the model must be a preset name, a dict or a transformers config with positive "
@@ -92,7 +98,7 @@ class ModelShape:
             )
         heads, hidden = get("num_attention_heads"), get("hidden_size")
         kv_heads = get("num_key_value_heads") or heads
-        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        if not _positive_int(kv_heads) or heads % kv_heads:
             raise ValueError(
                 f"num_key_value_heads must be a positive divisor of num_attention_heads ({heads}), got {kv_heads!r}"
             )

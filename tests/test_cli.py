@@ -157,6 +157,19 @@ def test_bad_values_give_one_line_and_status_2(argv, message, capsys):
     assert message in one_error_line(capsys)
 
 
+def test_plan_refuses_a_file_that_is_not_a_config_and_shapes_that_are_not_counts(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not JSON")
+    assert main(["plan", "--model", str(notes)]) == 2
+    assert "notes.txt is not a config.json: plan takes a model preset" in one_error_line(capsys)
+    shape = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}
+    for bad in ({"head_dim": -64}, {"head_dim": "16"}, {"num_hidden_layers": True}):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({**shape, "vocab_size": 100, **bad}))
+        assert main(["plan", "--model", str(config)]) == 2
+        assert f"with positive {next(iter(bad))}" in one_error_line(capsys)
+
+
 def test_a_chat_session_that_cannot_be_written_fails_before_the_conversation(tmp_path, capsys):
     (tmp_path / "afile.txt").write_text("x")
     with pytest.raises(SystemExit) as exit_:

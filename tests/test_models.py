@@ -62,6 +62,22 @@ def test_a_folder_without_a_tokenizer_is_told_so(tiny_dir, tmp_path):
         load_model(str(folder))
 
 
+def test_a_model_file_that_is_not_gguf_is_refused_as_such(tiny_dir):
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(ValueError, match=f"{name} is a file: a model is a folder .*a .gguf file"):
+            load_model(str(tiny_dir / name))
+
+
+def test_a_model_type_the_engine_does_not_run_is_refused_before_its_weights_load(tiny_dir, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_dir, tmp_path / "model")
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)  # another architecture
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the weights loaded")
+    )
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        load_model(str(folder))
+
+
 @pytest.mark.parametrize("damage", ["junk", "truncated", "header cut"])
 def test_a_damaged_gguf_file_is_named_with_what_failed(damage, tmp_path):
     path = tmp_path / "model.gguf"

@@ -98,7 +98,13 @@ def cmd_plan(args) -> int:
         if not model.is_file():
             raise FileNotFoundError(f"no config.json in the model directory {args.model}")
     if Path(model).is_file():  # a config.json
-        model = json.loads(Path(model).read_text())
+        try:
+            model = json.loads(Path(model).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(
+                f"{args.model} is not a config.json: plan takes a model preset, a model folder, its config.json "
+                "or a hub id"
+            ) from None
     elif "/" in model:  # a hub id (no preset names an owner): its config
         from engine.models import hub_config
 
