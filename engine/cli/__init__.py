@@ -58,6 +58,8 @@ def cmd_lm_eval(args) -> int:
     """lm-evaluation-harness tasks on the engine (engine.harness), offline; lm-eval's table on stdout."""
     offload = _offload_config(args)
     _check_model_args(args)
+    if args.limit is not None and not 0 < args.limit < float("inf"):
+        raise ValueError(f"--limit must be a positive number of documents (a share of them below 1), got {args.limit}")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise FileNotFoundError(f"--include-path is not a folder: {args.include_path}")
     import lm_eval
@@ -202,10 +204,13 @@ def _run(argv: list[str] | None) -> int:
 
     g = sub.add_parser("generate", help="generate from a long prompt")
     add_model_args(g, BUNDLED_NAME)
-    g.add_argument("--prompt", help="the prompt text")
-    g.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
+    source = g.add_mutually_exclusive_group()  # one prompt: a second given would be ignored
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--file", help="read the prompt from a file ('-' for stdin)")
+    source.add_argument(
+        "--demo", action="store_true", help=f"passkey in ~{DEMO_TOKENS} tokens, full attention vs hybrid"
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
-    g.add_argument("--demo", action="store_true", help=f"passkey in ~{DEMO_TOKENS} tokens, full attention vs hybrid")
     _sampling_args(g, max_new_tokens=16, seed_help="the sampling's seed (and the demo prompt's)")
     g.add_argument(
         "--ask",
@@ -341,7 +346,7 @@ def _lm_eval_parser(default_model: str) -> argparse.ArgumentParser:
     add_model_args(p, default_model)
     p.add_argument("--seq-lengths", type=positive_int, nargs="+", help="RULER's context lengths (its max_seq_lengths)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction of them when below 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="sequences decoded together")
     p.add_argument("--include-path", help="a folder of task YAML files of your own")
     p.add_argument("--seed", type=int, default=0, help="lm-eval's random seed")
     p.add_argument("--json", type=output_file, help="write lm-eval's results here")

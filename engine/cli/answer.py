@@ -29,6 +29,8 @@ def cmd_generate(args) -> int:
     # Everything the user typed is checked before the model loads (seconds to minutes).
     offload = _offload_config(args)
     _check_model_args(args)
+    if args.demo and args.chat:
+        raise ValueError("--demo builds its own prompt: leave --chat out")
     prompt = None if args.demo else _read_prompt(args)
     sampling = _sampling(args)
     _check_questions(args)
