@@ -174,6 +174,15 @@ def test_plan_refuses_a_file_that_is_not_a_config_and_shapes_that_are_not_counts
         assert f"with positive {next(iter(bad))}" in one_error_line(capsys)
 
 
+def test_a_plan_for_a_cpu_counts_the_float32_weights_the_engine_loads_there(capsys):
+    def weights(argv):
+        assert main(["plan", "--model", "smollm2-135m", "--context", "8192", *argv]) in (0, 1)
+        out = capsys.readouterr().out
+        return float(next(line.split()[-1] for line in out.splitlines() if line.split()[:2] == ["device", "weights"]))
+
+    assert weights(["--device", "cpu"]) == pytest.approx(2 * weights([]), rel=1e-2)
+
+
 def test_a_chat_session_that_cannot_be_written_fails_before_the_conversation(tmp_path, capsys):
     (tmp_path / "afile.txt").write_text("x")
     with pytest.raises(SystemExit) as exit_:

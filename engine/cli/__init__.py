@@ -114,8 +114,15 @@ def cmd_plan(args) -> int:
     if args.device is None:  # the plan is for a GPU budget, whatever this machine has
         args.device = "cuda"
     cfg = _offload_config(args)
-    plan = plan_memory(model, args.context, cfg, gpu, batch=args.batch, host_budget_bytes=host)
-    print(f"model {args.model}, context {args.context} tokens, batch {args.batch}")
+    import torch
+
+    # the weights' dtype the engine loads there (HybridLLM.from_pretrained): bfloat16 on a GPU, float32 on a CPU
+    weights = torch.float32 if cfg.device.startswith("cpu") else torch.bfloat16
+    sizes = dict(host_budget_bytes=host, weight_dtype=weights)
+    plan = plan_memory(model, args.context, cfg, gpu, batch=args.batch, **sizes)
+    print(
+        f"model {args.model} ({str(weights).removeprefix('torch.')}), context {args.context} tokens, batch {args.batch}"
+    )
     trained = trained_positions(model)
     if trained is not None and args.context > trained:
         print(
@@ -124,11 +131,12 @@ def cmd_plan(args) -> int:
         )
     print(plan.table())
     print(f"device bytes beside weights: {plan.device_beside_weights / 2**30:.3f} GiB")
-    most = largest_batch(model, args.context, cfg, gpu, host_budget_bytes=host)
-    fitted = plan_memory(model, args.context, cfg, gpu, batch=max(1, most), host_budget_bytes=host)
+    most = largest_batch(model, args.context, cfg, gpu, **sizes)
+    fitted = plan_memory(model, args.context, cfg, gpu, batch=max(1, most), **sizes)
+    full = full_attention_batch(model, args.context, gpu, weight_dtype=weights)
     print(
         f"largest batch that fits: {most} (device {fitted.device_total / 2**30:.2f} GiB, "
-        f"host {fitted.host_total / 2**30:.2f} GiB); full attention: {full_attention_batch(model, args.context, gpu)}"
+        f"host {fitted.host_total / 2**30:.2f} GiB); full attention: {full}"
     )
     return 0 if plan.fits else 1
 
