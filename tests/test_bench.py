@@ -974,38 +974,31 @@ def test_recheck_margins_quick_with_wider_runs(tmp_path):
     assert every["rechecked"] == 1.0 and every["read"] == pytest.approx(prompt["read_frac"] + 1)
 
 
-def test_pinned_threads_hold_for_every_pool_after_numba_starts_its_own():
-    # numba's OpenMP pool, launched at its first set_num_threads, sets the OpenMP count it shares with
-    # torch and faiss to its own size: a run asked for one thread must not run on every core. A script's
-    # own start (its parser reads torch's count first), in a process of its own: the pool launches once.
+@pytest.mark.parametrize(
+    ("module", "stopped", "argv", "threads"),
+    [
+        # numba's OpenMP pool, launched at its first set_num_threads, sets the OpenMP count it shares with
+        # torch and faiss to its own size: a run asked for one thread must not run on every core
+        ("bench.evals.generation", "load_model", ["--quick", "--threads", "1"], 1),
+        # it pinned torch to one thread, which (torch and faiss share one OpenMP count) took faiss to one too
+        ("bench.evals.ann_recall", "load_or_capture", ["--threads", "2"], 2),
+    ],
+)
+def test_every_pool_runs_on_the_threads_asked(module, stopped, argv, threads):
+    """A script's own start (its parser reads torch's count first), stopped where its work begins
+    (`stopped`), in a process of its own: numba's pool launches once."""
     code = (
-        "import json, bench.evals.generation as script\n"
+        f"import json, {module} as script\n"
         "from bench.common.options import thread_counts\n"
         "def stop(*args, **kwargs):\n"
         "    raise SystemExit(json.dumps(thread_counts()))\n"
-        "script.load_model = stop\n"
-        "script.main(['--quick', '--threads', '1'])\n"
+        f"script.{stopped} = stop\n"
+        f"script.main({argv!r})\n"
     )
     env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     counts = json.loads(run.stderr.strip().splitlines()[-1])
-    assert {name: n for name, n in counts.items() if n is not None and n != 1} == {}
-
-
-def test_ann_recall_runs_every_pool_on_the_threads_asked():
-    # it pinned torch to one thread, which (torch and faiss share one OpenMP count) took faiss to one too
-    code = (
-        "import json, bench.evals.ann_recall as script\n"
-        "from bench.common.options import thread_counts\n"
-        "def stop(*args, **kwargs):\n"
-        "    raise SystemExit(json.dumps(thread_counts()))\n"
-        "script.load_or_capture = stop\n"
-        "script.main(['--threads', '2'])\n"
-    )
-    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    counts = json.loads(run.stderr.strip().splitlines()[-1])
-    assert {name: n for name, n in counts.items() if n is not None and n != 2} == {}
+    assert {name: n for name, n in counts.items() if n is not None and n != threads} == {}
 
 
 @pytest.mark.parametrize(
