@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ann.base import GrowableKeys, as_vectors
-from ann.block import beyond, masked, stack_rows, top_indices
+from ann.block import beyond, masked, stack_rows
 from ann.selector import Selector
 
 
@@ -262,7 +262,7 @@ def stacked_nearest(lists: list[QueryLists], q: torch.Tensor, n_neighbors: list[
     nn = [min(n, one.n_queries) for n, one in zip(n_neighbors, lists)]
     for one in lists:
         one.scanned = G * one.n_queries * H
-    rows = top_indices(masked(sims, n_queries), max(nn))  # [B, H, G, nn], a sequence's own alike alone
+    rows = torch.topk(masked(sims, n_queries), max(nn), dim=-1).indices  # [B, H, G, nn]
     if min(nn) < max(nn):
         rows = rows.masked_fill(beyond(nn, max(nn), rows.device, 4), -1)
     return rows.transpose(-1, -2).reshape(B, H, -1)  # rank by rank

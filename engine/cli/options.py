@@ -190,7 +190,7 @@ def output_file(text: str) -> Path:
 def gib_bytes(gib: float, option: str) -> int:
     """A size given in GiB as bytes, or a ValueError naming the option where it is not a positive, finite size
     of a byte or more."""
-    if not (math.isfinite(gib) and gib * 2**30 >= 1 and math.isfinite(gib * 2**30)):
+    if not 1 <= gib * 2**30 < math.inf:  # NaN fails it too
         raise ValueError(f"{option} must be a positive number of GiB, got {gib} (finite, and a byte at least)")
     return int(gib * 2**30)
 
