@@ -71,6 +71,16 @@ def check_k(k, n: int) -> int:
     return int(k)
 
 
+def check_counts(*, positive: dict | None = None, non_negative: dict | None = None) -> None:
+    """Each named parameter must be an int (not a bool): those in `positive` > 0, those in `non_negative` >= 0."""
+    for values, low, word in ((positive or {}, 1, "positive"), (non_negative or {}, 0, "non-negative")):
+        for name, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+            if v < low:
+                raise ValueError(f"{name} must be {word}, got {v}")
+
+
 class GrowableKeys:
     """Key store with amortised O(1) append: a capacity-doubling buffer [cap, dim] float32.
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from ann.base import GrowableKeys, as_vectors
+from ann.base import GrowableKeys, as_vectors, check_counts
 from ann.selector import Selector
 
 LANDMARKS = ("mean", "minmax")
@@ -170,8 +170,7 @@ class BlockIndex:
     ):
         if landmark not in LANDMARKS:
             raise ValueError(f"unknown landmark {landmark!r}; known: {', '.join(LANDMARKS)}")
-        if block_size <= 0 or n_heads <= 0 or dim <= 0:
-            raise ValueError(f"n_heads, dim and block_size must be positive, got {n_heads}, {dim}, {block_size}")
+        check_counts(positive={"n_heads": n_heads, "dim": dim, "block_size": block_size})
         self.n_heads, self.dim, self.block_size, self.landmark = n_heads, dim, block_size, landmark
         self.device, self.dtype = torch.device(device), dtype
         self.dots = dots  # `row_dots` or a product of the same signature (e.g. one faster on the CPU at hand)
@@ -393,6 +392,9 @@ class BlockKeyIndex(Selector):
         frac: float | None = None,
         store=None,
     ):
+        check_counts(positive={"n_blocks": n_blocks})
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1):
+            raise ValueError(f"frac must be a share in (0, 1], got {frac!r}")
         self.dim, self.n_blocks, self.frac = dim, n_blocks, frac
         self.blocks = BlockIndex(1, dim, block_size=block_size, landmark=landmark)
         self.store = store if store is not None else GrowableKeys(dim)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ann.base import GrowableKeys, SearchResult, as_vectors, check_k, topk_rows
+from ann.base import GrowableKeys, SearchResult, as_vectors, check_counts, check_k, topk_rows
 
 
 class FlatIndex:
     """Scores every key. keys [N, dim] float32, appended in id order."""
 
     def __init__(self, dim: int, chunk: int = 65536):
+        check_counts(positive={"chunk": chunk})
         self.dim = dim
         self.chunk = chunk  # keys scored per matmul, bounds the [n_q, chunk] score buffer
         self.store = GrowableKeys(dim)

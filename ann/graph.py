@@ -20,7 +20,7 @@ import numpy as np
 
 from ann._graph_build import insert_keys, projection_edges, select_neighbors
 from ann._kernels import beam_search
-from ann.base import GrowableKeys, SearchResult, as_vectors, check_k
+from ann.base import GrowableKeys, SearchResult, as_vectors, check_counts, check_k
 
 
 def exact_topk(queries: np.ndarray, keys: np.ndarray, m: int) -> np.ndarray:
@@ -90,19 +90,28 @@ class GraphIndex:
         seed: int = 0,
         store: GrowableKeys | None = None,
     ):
-        if degree <= spare or spare <= 0:
-            raise ValueError(f"need degree > spare > 0, got degree={degree}, spare={spare}")
-        for name, v in {
-            "m_build": m_build,
-            "max_queries": max_queries,
-            "n_centroids": n_centroids or 1,
-            "n_probe": n_probe,
-            "entries_per_centroid": entries_per_centroid,
-            "ef": ef,
-            "ef_add": ef_add,
-        }.items():
-            if v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+        check_counts(
+            positive={
+                "degree": degree,
+                "spare": spare,
+                "m_build": m_build,
+                "max_queries": max_queries,
+                "n_centroids": 1 if n_centroids is None else n_centroids,
+                "n_probe": n_probe,
+                "entries_per_centroid": entries_per_centroid,
+                "ef": ef,
+                "ef_add": ef_add,
+            },
+            non_negative={
+                "window": window,
+                "n_knn": n_knn,
+                "n_pos": n_pos,
+                "n_hubs": n_hubs,
+                "n_add_links": n_add_links,
+            },
+        )
+        if degree <= spare:
+            raise ValueError(f"need degree > spare, got degree={degree}, spare={spare}")
         self.dim, self.degree, self.m_build, self.max_queries = dim, degree, m_build, max_queries
         self.n_knn, self.n_centroids, self.n_probe = n_knn, n_centroids, n_probe
         self.window, self.n_pos = window, n_pos

@@ -19,6 +19,7 @@ from ann.base import (
     FaissBacked,
     SearchResult,
     as_vectors,
+    check_counts,
     check_k,
     hnsw_bytes,
     single_thread,
@@ -30,8 +31,9 @@ class HNSWIndex(FaissBacked):
     """M links per node (2M at the base layer), efConstruction at build, ef at search."""
 
     def __init__(self, dim: int, M: int = 32, ef_construction: int = 128, ef: int = 128, seed: int = 0):
-        if M <= 1 or ef_construction <= 0 or ef <= 0:
-            raise ValueError(f"need M > 1, ef_construction > 0, ef > 0; got {M}, {ef_construction}, {ef}")
+        check_counts(positive={"M": M, "ef_construction": ef_construction, "ef": ef}, non_negative={"seed": seed})
+        if M <= 1:
+            raise ValueError(f"need M > 1, got {M}")
         self.dim, self.M, self.ef_construction, self.ef, self.seed = dim, M, ef_construction, ef, seed
         self.index = None
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ann.base import FAISS_COUNTERS, SMALL_BATCH, FaissBacked, SearchResult, as_vectors, check_k, single_thread
+from ann.base import (
+    FAISS_COUNTERS,
+    SMALL_BATCH,
+    FaissBacked,
+    SearchResult,
+    as_vectors,
+    check_counts,
+    check_k,
+    single_thread,
+)
 
 
 def _clean(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -20,8 +29,7 @@ class IVFIndex(FaissBacked):
     centroids and the list entries scored (faiss's own counter) per query."""
 
     def __init__(self, dim: int, nlist: int = 256, nprobe: int = 8, seed: int = 0):
-        if nlist <= 0 or nprobe <= 0:
-            raise ValueError(f"nlist and nprobe must be positive, got {nlist}, {nprobe}")
+        check_counts(positive={"nlist": nlist, "nprobe": nprobe}, non_negative={"seed": seed})
         self.dim, self.nlist, self.nprobe, self.seed = dim, nlist, nprobe, seed
         self.index = None
 

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import torch
 
-from ann.base import GrowableKeys, as_vectors
+from ann.base import GrowableKeys, as_vectors, check_counts
 from ann.block import beyond, masked, stack_rows
 from ann.selector import Selector
 
@@ -110,9 +110,10 @@ class QueryLists:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        for name, v in {"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries}.items():
-            if v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+        check_counts(
+            positive={"m_keys": m_keys, "n_neighbors": n_neighbors, "max_queries": max_queries},
+            non_negative={"n_add": n_add},
+        )
         self.n_heads, self.dim, self.m_keys, self.n_neighbors = n_heads, dim, m_keys, n_neighbors
         self.max_queries, self.n_add = max_queries, n_add
         self.device, self.dtype = torch.device(device), dtype

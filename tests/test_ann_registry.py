@@ -33,6 +33,30 @@ def test_unknown_method_names_the_known_ones():
         make_index("flat", 0)
 
 
+@pytest.mark.parametrize(
+    "method, params, err, msg",
+    [
+        ("flat", {"chunk": 0}, ValueError, "chunk must be positive, got 0"),
+        ("ivf", {"nlist": 2.5}, TypeError, "nlist must be an int, got float 2.5"),
+        ("ivf", {"nprobe": True}, TypeError, "nprobe must be an int, got bool"),
+        ("hnsw", {"ef": 1.5}, TypeError, "ef must be an int"),
+        ("graph", {"window": -1}, ValueError, "window must be non-negative, got -1"),
+        ("graph", {"n_hubs": -2}, ValueError, "n_hubs must be non-negative"),
+        ("graph", {"n_add_links": -1}, ValueError, "n_add_links must be non-negative"),
+        ("qq", {"n_add": -1}, ValueError, "n_add must be non-negative"),
+        ("qq", {"m_keys": 2.0}, TypeError, "m_keys must be an int"),
+        ("block", {"n_blocks": 0}, ValueError, "n_blocks must be positive"),
+        ("block", {"frac": 0.0}, ValueError, r"frac must be a share in \(0, 1\], got 0.0"),
+        ("block", {"frac": float("nan")}, ValueError, "frac must be a share"),
+        ("block", {"block_size": 2.5}, TypeError, "block_size must be an int"),
+    ],
+)
+def test_bad_parameters_are_refused_when_the_index_is_made(method, params, err, msg):
+    # before, these failed at build or search with numpy's or faiss's words, or searched nothing (n_blocks=0)
+    with pytest.raises(err, match=msg):
+        make_index(method, 8, **params)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_exact_with_generous_settings(method, data):
     keys, bq, tq = data
