@@ -231,7 +231,9 @@ hybridattn::RowSet row_set(const py::buffer& rows, const py::object& ids, py::ss
                            py::ssize_t stride) {
   py::buffer_info rb = request_typed(rows, "rows", {}, 2, 'h', false);
   if (n_rows < 0 || stride < 0) fail("n_rows and stride must be >= 0");
-  if (n_items > 0 && n_rows > 0 && (n_items - 1) * stride + n_rows > rb.shape[0])
+  // (n_items - 1) * stride could overflow: the fit is tested by division
+  if (n_items > 0 && n_rows > 0 &&
+      (n_rows > rb.shape[0] || (n_items > 1 && stride > (rb.shape[0] - n_rows) / (n_items - 1))))
     fail("rows: " + std::to_string(n_items) + " items of " + std::to_string(n_rows) + " rows, " +
          std::to_string(stride) + " apart, do not fit in " + std::to_string(rb.shape[0]) + " rows");
   hybridattn::RowSet r;

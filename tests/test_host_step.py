@@ -323,6 +323,10 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         (dict(qq_limit=np.full(1, 8, dtype=np.int32)), "qq_limit must be int64"),
         (dict(qq_prefix=np.full(2, 32, dtype=np.int64)), "qq_prefix: dimension 0 is 2, expected 1"),
         (dict(qq_limit=np.full(1, -1, dtype=np.int64)), "sequence 0: qq_limit and qq_prefix must be >= 0"),
+        # a NaN lse kept every candidate (each comparison of the rating false), where the rule reads none
+        (dict(lse=torch.zeros(1, H_KV * G).index_fill_(1, torch.tensor([1]), math.nan)), "lse contains NaN"),
+        # no query heads: the rating's mean over G = 0 heads was 0 / 0, the scores a former call's
+        (dict(q=q[:, :0].contiguous(), lse=torch.zeros(1, 0)), "no query heads"),
     ]
     for changes, message in wrong:
         with pytest.raises(ValueError, match=message):

@@ -258,9 +258,25 @@ def test_scale_must_be_a_finite_float32(scale):
         ops.gather_attend(*good_case(), scale)
 
 
-def test_negative_thread_count_is_rejected():
-    with pytest.raises(ValueError, match="n_threads must be >= 0"):
-        ops.gather_attend(*good_case(), n_threads=-1)
+@pytest.mark.parametrize("n_threads", [-1, 2**31])
+def test_thread_counts_outside_the_kernels_int_are_rejected(n_threads):
+    with pytest.raises(ValueError, match=r"n_threads must be in \[0, 2\*\*31\)"):
+        ops.gather_attend(*good_case(), n_threads=n_threads)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_read_only_output_arrays_are_refused(batch):
+    # torch.from_numpy drops the flag: the kernel wrote into the caller's read-only array
+    q, k, v, ids = good_case()
+    if batch:
+        q, k, v, ids = q[None], [k], [v], ids[None]
+    call = ops.gather_attend_batch if batch else ops.gather_attend
+    for name, shape in (("out", q.shape), ("lse", q.shape[:-1])):
+        frozen = np.zeros(shape, dtype=np.float32)
+        frozen.flags.writeable = False
+        with pytest.raises(ValueError, match=f"{name} is a read-only array"):
+            call(q, k, v, ids, **{name: frozen})
+        assert not frozen.any()
 
 
 @requires_ext
@@ -627,6 +643,21 @@ def test_the_row_products_refuse_ids_and_shapes_they_cannot_read():
         ops._C.query_dots(ops._buffer(q), flat, None, out, 8, 9)
     with pytest.raises(ValueError, match="items overlap"):
         ops._C.query_dots(ops._buffer(q), flat, None, out, 8, 4)
+    # three items one row each, a stride whose (items - 1) * stride overflows int64: it read wild rows
+    q3, out3 = torch.zeros(3, 4, 64, dtype=torch.bfloat16), torch.empty(3, 4, 1, dtype=torch.bfloat16)
+    w3 = torch.zeros(3, 4, 1, dtype=torch.bfloat16)
+    out_w = torch.empty(3, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not fit in 16 rows"):
+        ops._C.query_dots(ops._buffer(q3), flat, None, ops._buffer(out3), 1, 2**62 + 2**40)
+    with pytest.raises(ValueError, match="do not fit in 16 rows"):
+        ops._C.weighted_rows(ops._buffer(w3), flat, None, ops._buffer(out_w), 1, 2**62 + 2**40)
+
+
+def test_the_row_products_of_an_empty_head_dim_are_torch_s():
+    q, w = torch.zeros(2, 3, 0, dtype=torch.bfloat16), torch.ones(2, 3, 5, dtype=torch.bfloat16)
+    rows = torch.zeros(2, 5, 0, dtype=torch.bfloat16)
+    assert ops.query_dots(q, rows).shape == (2, 3, 5)  # a ZeroDivisionError in the rows' layout before
+    assert ops.weighted_rows(w, rows).shape == (2, 3, 0)
 
 
 def test_the_query_lists_take_the_native_product_for_bf16_build_queries_in_host_memory(monkeypatch):

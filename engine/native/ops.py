@@ -97,13 +97,16 @@ def _check_call(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not (math.isfinite(scale) and abs(scale) <= _FLT_MAX):  # the kernel takes it as a float32
         raise ValueError(f"scale must be a finite float32 number, got {scale!r}")
-    if n_threads < 0:
-        raise ValueError(f"n_threads must be >= 0 (0: all cores), got {n_threads}")
+    if not 0 <= n_threads < 2**31:
+        raise ValueError(f"n_threads must be in [0, 2**31) (0: all cores), got {n_threads}")
     return q, scale
 
 
 def _outputs(q: torch.Tensor, out, lse) -> tuple[torch.Tensor, torch.Tensor]:
     """out like q [.., Hq, D] and lse [.., Hq], float32: the caller's or new ones."""
+    for name, x in (("out", out), ("lse", lse)):
+        if isinstance(x, np.ndarray) and not x.flags.writeable:  # torch.from_numpy would drop the flag
+            raise ValueError(f"{name} is a read-only array")
     out = torch.empty(q.shape, dtype=torch.float32) if out is None else _as_cpu_tensor(out, "out")
     lse = torch.empty(q.shape[:-1], dtype=torch.float32) if lse is None else _as_cpu_tensor(lse, "lse")
     return out, lse
@@ -289,7 +292,7 @@ def bf16_dots_available() -> bool:
 
 def query_dots_native(rows: torch.Tensor) -> bool:
     """Whether `query_dots` over these rows (bf16, on the CPU) runs the kernel, not torch's product."""
-    return HAS_EXT and rows.shape[-1] % 32 == 0
+    return HAS_EXT and rows.shape[-1] > 0 and rows.shape[-1] % 32 == 0
 
 
 def query_dots(
@@ -328,7 +331,7 @@ def weighted_rows(w: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor | None 
     ids = _row_ids(ids, rows)
     if w.shape[2] != (rows.shape[1] if ids is None else ids.shape[1]):
         raise _weights_mismatch(w, rows, ids)
-    if not HAS_EXT or rows.shape[2] % 8:
+    if not HAS_EXT or rows.shape[2] == 0 or rows.shape[2] % 8:
         return torch.bmm(w, rows if ids is None else _taken(rows, ids))
     out = torch.empty(w.shape[0], w.shape[1], rows.shape[2], dtype=torch.bfloat16)
     span, ids, n_rows, stride = _row_span(rows, ids)

@@ -452,6 +452,7 @@ inline void check_host_step(const HostStepArgs& a) {
     fail("negative size");
   if (a.block_size <= 0) fail("block_size must be positive");
   if (a.min_chunk < 1) fail("min_chunk must be >= 1");
+  if (a.n_seqs > 0 && a.n_q_heads <= 0) fail("no query heads");  // G = 0 would rate by 0 / 0
   for (int64_t b = 0; b < a.n_seqs; ++b) {
     const std::string seq = "sequence " + std::to_string(b) + ": ";
     const StoreView &k = a.k[b], &v = a.v[b], &k0 = a.k[0];
@@ -473,6 +474,9 @@ inline void check_host_step(const HostStepArgs& a) {
   }
   for (int64_t b = 0; b < a.n_seqs; ++b)
     if (std::isnan(a.threshold[b])) fail("threshold of sequence " + std::to_string(b) + " is NaN");
+  // a NaN lse fails every comparison of the rating, so each candidate would be kept (the rule reads none)
+  for (int64_t i = 0; i < a.n_seqs * a.n_q_heads; ++i)
+    if (std::isnan(a.lse[i])) fail("lse contains NaN");
   // q's values are checked here, once the shapes are: a pass over a few KB costs less than the
   // caller's check would
   const int64_t n_q = a.n_seqs ? a.n_seqs * a.n_q_heads * a.k[0].dim : 0;
