@@ -49,8 +49,7 @@ def prefill(
     the whole prompt through one layer after another (engine.layer_prefill: an empty
     HybridCache); returns the last position's logits [vocab]. `leave()`, asked before each decoder layer
     of each chunk, gives the prefill up where true: PrefillLeft, the cache half filled."""
-    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"a prefill takes the ids of one prompt [1, T], got {tuple(ids.shape)}")
+    check_prompt_ids(ids)
     bounds = chunk_bounds(ids.shape[1], chunk)
     if order not in ("chunks", "layers"):
         raise ValueError(f"a prefill's order is 'chunks' or 'layers', got {order!r}")
@@ -61,6 +60,11 @@ def prefill(
         for start, end in tqdm(bounds, **bars):
             logits = prefill_chunk(model, ids[:, start:end], cache)
     return logits
+
+
+def check_prompt_ids(ids: torch.Tensor) -> None:
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"a prefill takes the ids of one prompt [1, T], got {tuple(ids.shape)}")
 
 
 def _asking(leave: Callable[[], bool] | None) -> Callable[[], None]:
@@ -149,6 +153,7 @@ def prefill_prompt(
     wait for the builds; timed apart. `leave()`, asked before each decoder layer of each chunk and each
     layer's index build, gives it up where true (PrefillLeft; the builds not started dropped, the host
     stores back to their pool)."""
+    check_prompt_ids(ids)
     T = ids.shape[1]
     cache = prompt_cache(model, T, cfg, max_new_tokens, progress=progress, stores=stores)
     try:
@@ -160,8 +165,11 @@ def prefill_prompt(
     except PrefillLeft:
         cache.release()  # its stores, for the prompts that go on
         raise
-    except BaseException:  # no build thread outlives a failed prefill
-        cache.close()
+    except BaseException:  # no build thread outlives a failed prefill, and its stores go back as well
+        try:
+            cache.release()
+        except Exception:  # the prefill's error is the one to tell
+            pass
         raise
 
 
@@ -183,6 +191,7 @@ class SteppedPrefill:
         stores=None,
         leave: Callable[[], bool] | None = None,
     ):
+        check_prompt_ids(ids)
         self.model, self.ids, self.leave = model, ids, leave
         self.cache = prompt_cache(model, ids.shape[1], cfg, max_new_tokens, progress=False, stores=stores)
         self.chunks = chunk_bounds(ids.shape[1], cfg.prefill_chunk) if cfg.prefill_order == "chunks" else []

@@ -155,6 +155,8 @@ def test_stack_refuses_mismatched_or_unprefilled_caches(tiny_model, prompts):
         HybridCache.stack([HybridCache(tiny_model, CONFIGS["default"])])
     with pytest.raises(TypeError, match="non-empty list"):
         HybridCache.stack([])
+    with pytest.raises(ValueError, match="distinct caches: one is listed twice"):
+        HybridCache.stack([caches[0], caches[0]])  # both rows updated one layer: each token counted twice
 
 
 def test_a_batch_keeps_its_size(tiny_model, prompts):

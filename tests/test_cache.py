@@ -136,6 +136,22 @@ def test_reset_starts_over(tiny_model, tiny_ids):
     assert cache.get_seq_length() == 50 and cache.layers[0].host.n == 50 - 20
 
 
+def test_a_reset_batch_cache_takes_a_batch_of_any_size(tiny_model, tiny_ids):
+    # it kept the batch's layers, and refused every other batch size than the last
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :40].repeat(2, 1), cache=cache, use_cache=True)
+        for batch in (1, 3):
+            cache.reset()
+            tiny_model(tiny_ids[:, :40].repeat(batch, 1), cache=cache, use_cache=True)
+            assert cache.get_seq_length() == 40
+            assert [cache.host_tokens(row) for row in range(batch)] == [40 - 20] * batch
+    with pytest.raises(IndexError, match="row 3 is not a sequence of this cache's batch of 3"):
+        cache.host_tokens(3)
+    with pytest.raises(IndexError, match="row -1 is not a sequence"):
+        cache.step_stats(-1)
+
+
 def test_a_prefill_chunk_is_released_once_attended(tiny_model, tiny_ids):
     """No layer keeps its chunk's K/V after the chunk's attention: on a GPU every layer
     holding one would add up to a whole chunk's K/V per layer on the device."""
@@ -198,6 +214,18 @@ def test_load_kv_places_positions_as_a_prefill_does_and_keeps_no_chunk(tiny_mode
     assert cache.get_seq_length() == 150
     with pytest.raises(ValueError, match="one shape"):
         cache.layers[0].load_kv(ref[0][0][:, :5], ref[0][1][:, :4])
+    with pytest.raises(ValueError, match="layer 0: expected 2 KV heads of dim 16, got 1 of dim 16"):
+        cache.layers[0].load_kv(ref[0][0][:1, :5], ref[0][1][:1, :5])  # broadcast over the heads before
+
+
+def test_loaded_positions_are_exact_one_at_a_time_as_well(tiny_model, tiny_ids):
+    # a last chunk of one position was taken for a decode step's: approximate, so a re-check ran it again
+    ref = reference_kv(tiny_model, tiny_ids[:, :41])
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
+    for layer, (k, v) in zip(cache.layers, ref):
+        layer.load_kv(k[:, :40], v[:, :40])
+        layer.load_kv(k[:, 40:], v[:, 40:])
+    assert cache.approximate_newest() == 0 and cache.host_tokens() == 41 - 20
 
 
 def test_build_queries_spread_over_the_loaded_positions_and_feed_the_index_build(tiny_model, tiny_ids):

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from engine import HybridCache, OffloadConfig
-from engine.cache.store import DeviceRows, HostKV
+from engine.cache.store import DeviceRows, HostKV, StorePool
 from engine.index.worker import IndexBuilder
 from engine.models import SUPPORTED_MODEL_TYPES
 from engine.plan import ModelShape, plan_memory
-from engine.prefill import chunk_bounds, prefill, prefill_prompt
+from engine.prefill import SteppedPrefill, chunk_bounds, prefill, prefill_prompt
 
 # a small window and blocks: most of the 300 positions go to the host store, which later chunks attend to
 CFG = OffloadConfig(device="cpu", n_sink=4, window=16, block_size=8, min_prob=1e-3, host_dtype="float32")
@@ -107,6 +107,34 @@ def test_each_layer_is_handed_to_the_builder_before_the_next_layer_starts(tiny_m
         assert all(layer.key_index is not None for layer in done.cache.layers)
     finally:
         done.cache.close()
+
+
+def test_a_failed_prefill_gives_its_host_stores_back(tiny_model, tiny_ids):
+    # only a prefill given up (PrefillLeft) did: any other failure kept them out of the pool
+    pool, cfg = StorePool(), CFG.replace(prefill_chunk=CHUNK)
+    with torch.inference_mode():
+        prefill_prompt(tiny_model, tiny_ids[:, :T], cfg, 8, progress=False, stores=pool).cache.release()
+        free = pool.nbytes
+        calls = []
+
+        def failing() -> bool:
+            calls.append(1)
+            if len(calls) == 3:  # in a layer of the first chunk, the stores taken already
+                raise torch.OutOfMemoryError("no room")
+            return False
+
+        with pytest.raises(torch.OutOfMemoryError):
+            prefill_prompt(tiny_model, tiny_ids[:, :T], cfg, 8, progress=False, stores=pool, leave=failing)
+    assert free > 0 and pool.nbytes == free
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (40,), (1, 0)])
+def test_a_prompt_s_ids_are_checked_before_its_cache_is_made(tiny_model, tiny_ids, shape):
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"a prefill takes the ids of one prompt \[1, T\]"):
+        prefill_prompt(tiny_model, ids, CFG, 8, progress=False)
+    with pytest.raises(ValueError, match=r"a prefill takes the ids of one prompt \[1, T\]"):
+        SteppedPrefill(tiny_model, ids, CFG, 8)
 
 
 def test_it_turns_away_what_it_cannot_fill(tiny_model, tiny_ids):

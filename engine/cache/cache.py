@@ -131,6 +131,8 @@ class HybridCache(Cache):
         padded timeline is as long as the longest sequence (the others left-padded)."""
         if not caches or not all(isinstance(c, HybridCache) for c in caches):
             raise TypeError("HybridCache.stack takes a non-empty list of HybridCache")
+        if len({id(c) for c in caches}) != len(caches):  # rows sharing a layer would count each token twice
+            raise ValueError("HybridCache.stack takes distinct caches: one is listed twice")
         first = caches[0]
         _hand_over(caches, first)
         batch = cls.__new__(cls)
@@ -186,8 +188,7 @@ class HybridCache(Cache):
         return seq.host.n if seq.is_initialized else 0
 
     def _first_layer(self, row: int) -> HybridLayer:
-        layer = self.layers[0]
-        return layer.seqs[row] if hasattr(layer, "seqs") else layer
+        return _sequence(self.layers[0], row)
 
     def rerun_exactly(self, rows: list[int], positions: int = 1):
         """Within: the model's next forward pass runs the `positions` newest positions of the
@@ -303,12 +304,16 @@ class HybridCache(Cache):
 
     def reset(self) -> None:
         """transformers' `Cache.reset`: every layer emptied, as `release` does, once its index build has
-        finished (a build still running would attach the old sequence's index); the cache is used again."""
+        finished (a build still running would attach the old sequence's index); the cache is used again,
+        with a batch of any size (a batch's layers become one sequence's again)."""
         layers = self.sequence_layers() + self._left()
         for layer in layers:
             layer.wait_for_build()
         _give_back(layers)
         super().reset()
+        self.layers = [
+            self._sequence_layer(i) if isinstance(layer, BatchLayer) else layer for i, layer in enumerate(self.layers)
+        ]
 
     def _left(self) -> list[HybridLayer]:
         """The layers of sequences that left the batch (engine.cache.batch.BatchLayer.left)."""
@@ -337,7 +342,7 @@ class HybridCache(Cache):
         if row is None:
             layers = self.sequence_layers()
         else:
-            layers = [getattr(layer, "seqs", [layer])[row] for layer in self.layers]
+            layers = [_sequence(layer, row) for layer in self.layers]
         layers = [layer for layer in layers if layer.is_initialized]
         host = sum(layer.stats.host_tokens * layer.n_kv_heads for layer in layers)
         gathered = sum(layer.stats.gathered for layer in layers)
@@ -355,6 +360,14 @@ class HybridCache(Cache):
             "keys_scored_frac": keys / host if host else 0.0,
             "rated_frac": rated / host if host else 0.0,
         }
+
+
+def _sequence(layer, row: int) -> HybridLayer:
+    """Sequence `row`'s layer of a model layer (a HybridLayer is a batch of one)."""
+    seqs = getattr(layer, "seqs", [layer])
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(seqs):
+        raise IndexError(f"row {row!r} is not a sequence of this cache's batch of {len(seqs)}")
+    return seqs[row]
 
 
 def _give_back(layers: list[HybridLayer]) -> None:

@@ -120,11 +120,7 @@ class HybridLayer(CacheLayerMixin):
             raise ValueError(
                 f"this cache layer holds one sequence, got a batch of {B} (batches: engine.cache.batch.BatchLayer)"
             )
-        if (Hkv, D) != (self.n_kv_heads, self.head_dim):
-            raise ValueError(
-                f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
-                f"got {Hkv} of dim {D}"
-            )
+        self._check_heads(Hkv, D)
         cfg = self.cfg
         self.device, self.dtype = key_states.device, key_states.dtype
         R = cfg.resident_tokens
@@ -291,8 +287,17 @@ class HybridLayer(CacheLayerMixin):
                 f"load_kv takes keys and values of one shape [Hkv, n, D], got {tuple(keys.shape)} and "
                 f"{tuple(values.shape)}"
             )
+        self._check_heads(keys.shape[0], keys.shape[2])  # checked at every call: a later call's was broadcast
         self.update(keys[None], values[None])
         self.last_added = None
+        self.approximate = 0  # given K/V are exact, one position as well (update takes it for a decode step's)
+
+    def _check_heads(self, n_kv_heads: int, head_dim: int) -> None:
+        if (n_kv_heads, head_dim) != (self.n_kv_heads, self.head_dim):
+            raise ValueError(
+                f"layer {self.layer_idx}: expected {self.n_kv_heads} KV heads of dim {self.head_dim}, "
+                f"got {n_kv_heads} of dim {head_dim}"
+            )
 
     def add_build_queries(self, queries: torch.Tensor) -> None:
         """Queries [Hq, n, D] for the host key index's build (the attention-aware indexes learn
