@@ -15,11 +15,12 @@ from engine.batch_run import run_batch
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.conversation import Conversation
-from engine.generation import Ending, GenerationReport, sampler
+from engine.generation import Ending, GenerationReport, eos_ids, sampler
 from engine.models import BUNDLED_NAME, check_supported, load_model
 from engine.prefill import (
     RESERVED_NEW_TOKENS,
     prefill,  # noqa: F401  (re-exported: callers import it from engine.api)
+    prefill_chunk,
     prefill_prompt,
 )
 from engine.prefix import Prefix
@@ -222,7 +223,8 @@ class HybridLLM:
             raise ValueError("stream decodes one prompt; a list of prompts is a batch, for generate(prompts)")
         report = report if report is not None else GenerationReport()
         text = TextStream(StopStrings(self.tokenizer, kwargs.pop("stop", None)))
-        pick = self._pick(max_new_tokens, **{k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs})
+        sampling = {k: kwargs.pop(k) for k in SAMPLING_KEYWORDS if k in kwargs}
+        pick = self._pick(max_new_tokens, stop_at_eos=kwargs.get("stop_at_eos", True), **sampling)
         ends = _stopping(text.stops)
         with closing(self._decode([prompt], max_new_tokens, [report], pick=pick, ends=ends, **kwargs)) as picks:
             for _, token, _ in picks:  # (closed when the consumer stops early; no token: it left in its prefill)
@@ -332,7 +334,9 @@ class HybridLLM:
             raise ValueError("the list of prompts is empty")
         _check_function("leave", leave)
         stops = StopStrings(self.tokenizer, stop)
-        pick = self._pick(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        pick = self._pick(
+            max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos
+        )
         decoding = dict(pick=pick, ends=_stopping(stops), stop_at_eos=stop_at_eos, progress=progress)
         if prefix is None or len(prompts) == 1:
             return self._generate(prompts, max_new_tokens, stops, prefix=prefix, leave=leave, **decoding)
@@ -345,9 +349,9 @@ class HybridLLM:
                 raise type(error)(f"prompt {i} of the {len(prompts)} after the prefix: {error}") from error
         return out
 
-    def _pick(self, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    def _pick(self, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_at_eos=True):
         """The arguments checked, and the batch's pick: one generator seeded with `seed` for all its rows."""
-        check_sampling(max_new_tokens, temperature, seed, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, seed, top_k, top_p, stop_at_eos)
         return sampler(temperature, torch.Generator(device=self.device).manual_seed(seed), top_k, top_p)
 
     def _generate(self, prompts: list, max_new_tokens: int, stops: StopStrings, **decoding):
@@ -399,21 +403,22 @@ class HybridLLM:
 
     @torch.inference_mode()
     def generate_full_attention(self, prompt, max_new_tokens: int = 64) -> str:
-        """The same model with full attention and an ordinary DynamicCache (greedy):
-        the reference the hybrid engine is compared against."""
+        """The same model with full attention and an ordinary DynamicCache, decoded greedily as `generate`
+        decodes (up to an end-of-sequence token): the reference the hybrid engine is compared against.
+        A plain loop, not transformers' `generate`, which would apply the model's generation config
+        (a repetition penalty, say) that the engine's decoding does not."""
         from transformers import DynamicCache
 
-        ids = self.encode(prompt)
-        # with a DynamicCache, the "hybrid" attention function is plain sdpa
-        out = self.model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            cache=DynamicCache(),
-            attention_mask=torch.ones_like(ids),
-            pad_token_id=self.tokenizer.eos_token_id,
-        )
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        check_sampling(max_new_tokens, 0.0)
+        ids, cache, ends, tokens = self.encode(prompt), DynamicCache(), eos_ids(self.model), []
+        step = ids  # with a DynamicCache, the "hybrid" attention function is plain sdpa
+        for _ in range(max_new_tokens):
+            token = int(prefill_chunk(self.model, step, cache).argmax())
+            if token in ends:
+                break
+            tokens.append(token)
+            step = ids.new_tensor([[token]])
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 _CHAT_AFTER_PREFIX = (

@@ -32,6 +32,7 @@ HOST_DTYPES = {name: getattr(torch, name) for name in typing.get_args(HostDtype)
 # the widest run again of a near tie, in times the step's selection: it reads every token already, and its
 # counts stay within int64 (a larger factor overflowed them)
 MAX_WIDENING = 1e9
+MAX_COUNT = 2**31 - 1  # any count field: a wider run's and a grown budget's products stay within int64, threads a C int
 PREFILL_KEY_BLOCK = 2048  # keys per block of exact prefill attention (bounds its score buffer)
 
 # The sections of OffloadConfig, in the order its fields are declared: name -> what it decides.
@@ -335,8 +336,10 @@ class OffloadConfig:
     def __post_init__(self):
         for item in self.described():
             value = getattr(self, item.name)
-            if item.type is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"OffloadConfig.{item.name} must be a non-negative int, got {value!r}")
+            if item.type is int and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT
+            ):
+                raise ValueError(f"OffloadConfig.{item.name} must be a non-negative int below 2**31, got {value!r}")
             if item.choices is not None and value not in item.choices:
                 raise ValueError(f"OffloadConfig.{item.name} must be one of {', '.join(item.choices)}; got {value!r}")
         for name in ("window", "block_size", "prefill_chunk"):
@@ -379,10 +382,15 @@ class OffloadConfig:
                 raise ValueError(f"OffloadConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.uses_blocks and self.n_blocks < 1:
             raise ValueError(f"candidates_from {self.candidates_from!r} selects blocks: n_blocks must be >= 1")
-        if not isinstance(self.block_frac, (int, float)) or not 0 < self.block_frac <= 1:
+        frac = self.block_frac
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise ValueError(f"OffloadConfig.block_frac must lie in (0, 1], got {self.block_frac!r}")
         if not isinstance(self.index_params, dict):
             raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
+        if not isinstance(self.device, str):  # a torch.device: its users take the name (device.startswith)
+            raise ValueError(
+                f"OffloadConfig.device must be a device's name (auto, cpu, cuda, cuda:N), got {self.device!r}"
+            )
         try:
             device = torch.device(self.resolved_device())
         except RuntimeError as exc:
@@ -442,9 +450,9 @@ class OffloadConfig:
         candidates, top_k and blocks, and the read thresholds divided by it."""
         return dataclasses.replace(
             self,
-            candidates=math.ceil(self.candidates * factor),
-            top_k=math.ceil(self.top_k * factor),
-            n_blocks=math.ceil(self.n_blocks * factor),
+            candidates=min(MAX_COUNT, math.ceil(self.candidates * factor)),
+            top_k=min(MAX_COUNT, math.ceil(self.top_k * factor)),
+            n_blocks=min(MAX_COUNT, math.ceil(self.n_blocks * factor)),
             block_frac=min(1.0, self.block_frac * factor),
             min_prob=self.min_prob / factor,
             min_ratio=self.min_ratio / factor,

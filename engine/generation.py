@@ -90,7 +90,9 @@ class GenerationReport:
         )
 
     def as_dict(self) -> dict:
+        """Its fields as JSON takes them (the error as its type and message)."""
         d = dict(self.__dict__)
+        d["error"] = None if self.error is None else f"{type(self.error).__name__}: {self.error}"
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
         d["first_token_s"] = self.first_token_s
         return d

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.generation import Pick, sampler
+from engine.stop import stop_list
 
 SEEDS = range(-(2**63), 2**64)  # what a torch.Generator takes (a negative seed as its 64-bit two's complement)
 
@@ -29,15 +30,15 @@ class Sampling:
     stop_at_eos: bool = True
 
     def __post_init__(self):
-        check_sampling(self.max_new_tokens, self.temperature, self.seed, self.top_k, self.top_p)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        object.__setattr__(self, "stop", stop)
+        check_sampling(self.max_new_tokens, self.temperature, self.seed, self.top_k, self.top_p, self.stop_at_eos)
+        # checked here, not when a running batch takes it in (a bad one from `more()` ended the whole batch)
+        object.__setattr__(self, "stop", tuple(stop_list(self.stop)))
 
     def pick(self, device: torch.device) -> Pick:
         return sampler(self.temperature, torch.Generator(device=device).manual_seed(self.seed), self.top_k, self.top_p)
 
 
-def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0) -> None:
+def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0, stop_at_eos=True) -> None:
     """The generation arguments a user gives, each checked with an error that names it."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -49,6 +50,8 @@ def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0) -> N
         raise ValueError(f"top_k must be an int >= 0 (0: every token), got {top_k!r}")
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1] (1: every token), got {top_p!r}")
+    if not isinstance(stop_at_eos, bool):  # a string was truthy, a list taken for one setting per prompt
+        raise ValueError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
 
 
 def _is_int(x) -> bool:

@@ -5,6 +5,20 @@ token, where the answer has that token."""
 from __future__ import annotations
 
 
+def stop_list(strings: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The stop strings a user gives (none, one, or a list or tuple of them) as a list, each checked."""
+    if strings is None:
+        return []
+    if isinstance(strings, str):
+        strings = [strings]
+    if not isinstance(strings, (list, tuple)):  # 0 or False read as "none" before
+        raise ValueError(f"stop must be a string or a list of strings, got {strings!r}")
+    for s in strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+    return list(strings)
+
+
 class StopStrings:
     """The stop strings of one generation and the tokenizer that turns tokens into text.
 
@@ -13,10 +27,7 @@ class StopStrings:
     check costs the same at the thousandth token as at the first."""
 
     def __init__(self, tokenizer, strings: str | list[str] | tuple[str, ...] | None):
-        strings = [strings] if isinstance(strings, str) else list(strings or [])
-        for s in strings:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        strings = stop_list(strings)
         self.tokenizer, self.strings = tokenizer, strings
         # a string that is one special token ("<|im_end|>", say) never shows in the text, which leaves
         # special tokens out: the answer stops at that token instead

@@ -12,6 +12,7 @@ from engine.config import (
     HOST_DTYPES,
     KEY_INDEXES,
     LANDMARKS,
+    MAX_COUNT,
     MAX_WIDENING,
     PRESETS,
     SECTIONS,
@@ -67,6 +68,14 @@ def test_defaults_are_valid_and_frozen():
         (dict(host_threads=-1), "host_threads"),
         (dict(block_frac=0), "block_frac must lie in"),
         (dict(block_frac=1.5), "block_frac must lie in"),
+        (dict(block_frac=True), "block_frac must lie in"),
+        # past these the counts a wider run multiplies overflowed int64, and the kernel's threads its C int
+        (dict(top_k=2**62), "top_k must be a non-negative int below 2\\*\\*31"),
+        (dict(candidates=2**62), "candidates must be a non-negative int below 2\\*\\*31"),
+        (dict(host_threads=2**31), "host_threads must be a non-negative int below 2\\*\\*31"),
+        # a torch.device passed here and failed in from_pretrained; None gave torch's own TypeError
+        (dict(device=torch.device("cpu")), "device must be a device's name"),
+        (dict(device=None), "device must be a device's name"),
     ],
 )
 def test_invalid_values_are_refused(changes, message):
@@ -81,7 +90,7 @@ def test_the_widest_run_again_stops_at_max_widening():
     assert OffloadConfig(recheck_widen=1e300, recheck_wider_runs=2).wider_factors == [MAX_WIDENING]
     assert OffloadConfig(recheck_widen=1e5, recheck_wider_runs=3).wider_factors == [1e5, MAX_WIDENING]
     widest = OffloadConfig().widened(OffloadConfig(recheck_widen=1e300).wider_factors[-1])
-    assert widest.candidates < 2**62 and widest.n_blocks < 2**62
+    assert widest.candidates == widest.n_blocks == widest.top_k == MAX_COUNT  # no int64 overflow downstream
 
 
 def test_index_params_the_key_index_does_not_take_are_refused_before_a_prefill():

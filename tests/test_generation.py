@@ -306,6 +306,18 @@ def test_no_new_tokens_gives_an_empty_result_and_report(model, bundled_tokenizer
     assert r.prompt_tokens == LENGTHS[0] and r.kv_read_frac == r.keys_scored_frac == 0.0
 
 
+def test_the_full_attention_reference_decodes_as_the_engine_whatever_the_generation_config(bundled_tokenizer):
+    # transformers' generate applied the model's generation config (a repetition penalty) that the engine does not
+    model = tiny_llama(vocab=len(bundled_tokenizer), n_heads=4, head_dim=16, tie_word_embeddings=True)
+    llm = HybridLLM(model, bundled_tokenizer, OffloadConfig(device="cpu", window=4096))  # the prompt stays resident
+    model.generation_config.repetition_penalty = 1.05
+    prompt = "Once upon a time there was a"
+    assert llm.generate_full_attention(prompt, 16) == llm.generate(prompt, 16, progress=False).text
+    assert llm.generate_full_attention(prompt, 0) == ""  # transformers refused 0 new tokens
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got 2.5"):
+        llm.generate_full_attention(prompt, 2.5)
+
+
 def test_decoding_rejects_what_it_cannot_run(model, prompts):
     logits = torch.zeros(2, 5)
     with pytest.raises(ValueError, match="stacked HybridCache"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.api import HybridLLM
+from engine.sampling import Sampling
 from engine.stop import StopStrings, TextStream
 from tests.conftest import tiny_llama
 from tests.test_generation import CFG, LENGTHS
@@ -93,6 +94,33 @@ def test_a_stop_string_is_checked_at_the_answer_s_end_only(bundled_tokenizer):
 def test_bad_stop_strings_are_refused(strings, llm, prompts):
     with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
         llm.generate(prompts[0], 2, stop=strings, progress=False)
+
+
+@pytest.mark.parametrize("stop", [0, False, 5, {"END"}])
+def test_a_stop_that_is_not_strings_is_refused(stop, llm, prompts):
+    # 0 and False were read as no stop strings, 5 failed in iter()
+    with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+        llm.generate(prompts[0], 2, stop=stop, progress=False)
+    with pytest.raises(ValueError, match="stop must be a string or a list of strings"):
+        Sampling(stop=stop)
+
+
+@pytest.mark.parametrize("strings", [[""], ["ok", 3]])
+def test_a_sampling_checks_its_stop_strings_where_it_is_made(strings):
+    # checked only once a running batch took it in (from more()), where the error ended every prompt
+    with pytest.raises(ValueError, match="stop strings must be non-empty strings"):
+        Sampling(stop=strings)
+
+
+@pytest.mark.parametrize("stop_at_eos", ["no", [True], 1, None])
+def test_stop_at_eos_is_true_or_false(stop_at_eos, llm, prompts):
+    # a string was truthy, a list was taken for one setting per prompt and indexed past its end
+    with pytest.raises(ValueError, match="stop_at_eos must be True or False"):
+        llm.generate(prompts[:2], 2, stop_at_eos=stop_at_eos, progress=False)
+    with pytest.raises(ValueError, match="stop_at_eos must be True or False"):
+        next(llm.stream(prompts[0], 2, stop_at_eos=stop_at_eos, progress=False))
+    with pytest.raises(ValueError, match="stop_at_eos must be True or False"):
+        Sampling(stop_at_eos=stop_at_eos)
 
 
 def test_no_stop_strings_stop_nothing(llm, free, prompts):

@@ -4,6 +4,7 @@ batch goes on without it; prompts that join a running batch (`more`) stream what
 
 import contextlib
 import itertools
+import json
 
 import pytest
 import torch
@@ -570,6 +571,8 @@ def test_a_prompt_of_the_call_whose_prefill_fails_fails_alone_where_generate_rai
     assert texts == [alone(chunked, prompts[i], Sampling(NEW))[0] for i in (0, 2)]
     with pytest.raises(torch.OutOfMemoryError):
         chunked.generate(prompts[:3], NEW, progress=False)
+    assert json.loads(json.dumps(reports[1].as_dict()))["error"] == "OutOfMemoryError: no room for this prompt"
+    assert reports[0].as_dict()["error"] is None
 
 
 def test_a_prompt_whose_cache_cannot_be_made_fails_alone(chunked, prompts, monkeypatch):
