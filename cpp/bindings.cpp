@@ -432,6 +432,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_bf16_dots", &hybridattn::has_bf16_dots, "Whether query_dots runs AVX512-BF16 on this CPU.");
   m.def("max_threads", &max_threads, "Threads the kernels use by default.");
   m.attr("HOST_MIN_CHUNK") = hybridattn::kMinHostChunk;
+  m.attr("MAX_RATE_GROUP") = hybridattn::kMaxRateGroup;
 #ifdef _OPENMP
   m.attr("HAS_OPENMP") = true;
 #else

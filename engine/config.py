@@ -201,9 +201,10 @@ class OffloadConfig:
     budget: Budget = _option(
         "reads",
         "adaptive",
-        "`adaptive`: read the candidates whose estimated attention probability reaches `min_prob` (and "
-        "`min_ratio` / tokens); `fixed`: read `top_k` per query head from the key index; the chosen blocks are "
-        "read in full either way",
+        "`adaptive`: read the candidates (the key index's and the chosen blocks' tokens) whose estimated "
+        "attention probability reaches `min_prob` (and `min_ratio` / tokens), except with `candidates_from` "
+        "`blocks`, which builds no key index and rates nothing: the chosen blocks are read in full; `fixed`: read "
+        "`top_k` per query head from the key index, and the chosen blocks in full",
         state=True,
     )
     top_k: int = _option("reads", 32, "fixed budget: key-index tokens read per query head")

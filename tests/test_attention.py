@@ -110,6 +110,9 @@ def test_neighbours_are_the_ids_next_to_a_rows_ids():
     assert neighbours(ids, 2, 8).tolist() == [[3, 4, 7], [1, 2, -1], [-1, -1, -1]]
     # a radius past the store is the store (it built 2 * r offsets: a billion took the memory)
     assert torch.equal(neighbours(ids, 10**12, 8), neighbours(ids, 8, 8))
+    # those rated already (and turned away) are not rated again: they were, and counted twice in stats.rated
+    rated = torch.tensor([[3, 5, 6], [2, -1, -1], [-1, -1, -1]])
+    assert neighbours(ids, 2, 8, rated=rated).tolist() == [[4, 7], [1, -1], [-1, -1]]
 
 
 def test_neighbours_rate_the_tokens_next_to_each_token_read(tiny_model, tiny_ids):

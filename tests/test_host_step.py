@@ -228,6 +228,32 @@ def test_the_python_path_serves_what_the_native_call_does_not(changes):
     assert torch.isfinite(decode_step(layer, queries(1), SCALE)).all()
 
 
+def test_blocks_alone_are_read_in_full_and_with_the_key_index_rated():
+    # as OffloadConfig.budget says: candidates_from="blocks" builds no key index and rates nothing
+    gathered = {}
+    for source in ("blocks", "both"):
+        for min_prob in (0.0, 0.9):
+            cfg = CONFIGS["default"].replace(candidates_from=source, min_prob=min_prob, min_ratio=0.0)
+            layer = layer_with(cfg, 300, seed=1)
+            decode_step(layer, queries(1), SCALE)
+            gathered[source, min_prob] = layer.stats.gathered
+    assert gathered["blocks", 0.9] == gathered["blocks", 0.0] > 0
+    assert gathered["both", 0.9] < gathered["both", 0.0]
+
+
+def test_more_query_heads_a_kv_head_than_the_call_rates_take_the_python_path():
+    # the native call refused them at every decode step with host tokens, fixed budgets as well
+    model = tiny_llama(n_layers=1, n_heads=ops.MAX_RATE_GROUP + 8, n_kv_heads=1, head_dim=8)
+    ids = torch.randint(0, 97, (1, 101), generator=torch.Generator().manual_seed(0))
+    for budget in ("adaptive", "fixed"):
+        cfg = OffloadConfig(n_sink=4, window=32, block_size=8, budget=budget, key_index="qq", host_threads=1)
+        cache = HybridCache(model, cfg, progress=False)
+        with torch.no_grad():
+            model(ids[:, :100], cache=cache, use_cache=True)
+            assert cache.host_tokens() == 64 and not host.serves(cache.layers[0], select_host_ids)
+            assert torch.isfinite(model(ids[:, 100:], cache=cache, use_cache=True).logits).all()
+
+
 def test_bad_inputs_to_the_call_raise_clear_errors():
     layer = layer_with(CONFIGS["default"], 300, seed=1)
     q = torch.randn(1, H_KV * G, D)

@@ -47,10 +47,12 @@ def test_causal_self_attention(path, Q, block):
     torch.testing.assert_close(lse.double(), rl, atol=1e-5, rtol=1e-5)
 
 
-def test_no_keys(path):
-    q, k, v = case(2, 2, 3, 0, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_keys(path, dtype):
+    q, k, v = case(2, 2, 3, 0, 8, dtype=dtype)
     o, lse = merge.attend(q, k, v, 1.0)
     assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+    assert o.dtype == lse.dtype == torch.float32  # the flash path's lse came in q's dtype
 
 
 def test_bf16_keys_with_fp32_queries(path):

@@ -51,7 +51,14 @@ def serves(layer, select) -> bool:
     cfg = layer.cfg
     exact_rating = cfg.sketch_rank == 0 or cfg.sketch_rank >= layer.head_dim  # engine.decode.sketch.make_scorer
     rule = cfg.budget == "fixed" or (cfg.neighbours == 0 and exact_rating)
-    return ops.HAS_EXT and select is select_host_ids and rule and (not cfg.uses_key_index or cfg.key_index == "qq")
+    fits = layer.group <= ops.MAX_RATE_GROUP  # the call's rating holds a group's query heads in fixed arrays
+    return (
+        ops.HAS_EXT
+        and select is select_host_ids
+        and rule
+        and fits
+        and (not cfg.uses_key_index or cfg.key_index == "qq")
+    )
 
 
 def groups(layers, stack: bool) -> list[list[int]]:

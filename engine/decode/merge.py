@@ -123,7 +123,9 @@ def _attend_block(q, k, v, scale, causal):
     """One block of keys on q's device: q [Hkv, G, Q, D], k/v [Hkv, b, D] -> (o, lse) fp32."""
     Hkv, G, Q, D = q.shape
     if k.shape[1] == 0:
-        return q.new_zeros((Hkv, G, Q, D), dtype=torch.float32), q.new_full((Hkv, G, Q), float("-inf"))
+        return q.new_zeros((Hkv, G, Q, D), dtype=torch.float32), q.new_full(
+            (Hkv, G, Q), float("-inf"), dtype=torch.float32
+        )
     flash = _flash(q)
     if flash is not None:
         if causal:  # row i sees keys <= i: each query head needs its own copy of the (chunk-sized) keys

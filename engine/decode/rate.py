@@ -33,15 +33,17 @@ def rating_lse(layer, lse_resident: torch.Tensor, blocks) -> torch.Tensor:
     return torch.logaddexp(lse_resident.float(), layer.summary.log_mass(blocks))
 
 
-def neighbours(ids: torch.Tensor, r: int, n: int) -> torch.Tensor:
+def neighbours(ids: torch.Tensor, r: int, n: int, rated: torch.Tensor | None = None) -> torch.Tensor:
     """ids [H, M] (-1 padded) -> [H, M'] per row the host ids in [0, n) within r positions of one
-    of its ids and not among them, ascending, -1 padded."""
+    of its ids and not among them, nor among the row's `rated` [H, M''] (those rated already, which
+    a second rating against the same lse would turn away again), ascending, -1 padded."""
     r = min(r, n)  # no id lies farther off: a larger r would only build offsets to throw away
     offsets = torch.tensor([d for d in range(-r, r + 1) if d], dtype=torch.int64)
     near = ids.unsqueeze(-1) + offsets  # [H, M, 2r]
     near = torch.where((ids >= 0).unsqueeze(-1) & (near >= 0) & (near < n), near, -1).flatten(1)
     rows = torch.arange(ids.shape[0]).unsqueeze(1)
-    taken = torch.isin(rows * n + near, (rows * n + ids)[ids >= 0])  # the row's own ids are read already
+    known = ids if rated is None else torch.cat([ids, rated], dim=1)
+    taken = torch.isin(rows * n + near, (rows * n + known)[known >= 0])  # read already, or rated
     return unique_rows(torch.where(taken, -1, near))
 
 

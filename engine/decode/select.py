@@ -31,9 +31,10 @@ def select_host_ids(
     rated = 0
     if found is not None and cfg.budget == "adaptive" and layer.sketch is not None:
         q_groups = torch.from_numpy(q_host).view(layer.n_kv_heads, layer.group, -1)
+        proposed = found
         found, rated, lse = read_likely(layer, found, q_groups, scale, lse_resident, blocks)
         if cfg.neighbours:  # a needle's digits, a phrase: the indexes propose a run of heavy tokens only in part
-            near = neighbours(found, cfg.neighbours, layer.host.n)
+            near = neighbours(found, cfg.neighbours, layer.host.n, rated=proposed)
             more, more_rated, _ = read_likely(layer, near, q_groups, scale, lse_resident, blocks, lse)
             found, rated = torch.cat([found, more], dim=1), rated + more_rated
     layer.stats.rated = rated

@@ -282,6 +282,7 @@ def gather_scores(q, k_store, ids, *, n_threads: int = 0, scalar: bool = False) 
     return s.masked_fill_((ids < 0).unsqueeze(1), float("-inf")).view(q.shape[0], -1)
 
 
+MAX_RATE_GROUP = _C.MAX_RATE_GROUP if HAS_EXT else 0  # query heads per KV head host_step rates (none without it)
 _BF16_DOTS = HAS_EXT and _C.has_bf16_dots()  # asked once: the CPU does not change under a process
 
 
