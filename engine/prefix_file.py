@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import struct
 import time
 from contextlib import contextmanager, suppress
@@ -36,23 +37,40 @@ from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
 log = logging.getLogger(__name__)
 
-# 2: the model's fingerprint samples every weight (1: only the first and last layers' K/V projections)
-FORMAT = "hybridattn-prefix/2"
+# 3: the model's fingerprint reads its whole configuration (2: ten fields of it; 1: only the first and last
+# layers' K/V projections of the weights, where 2 and 3 sample every weight)
+FORMAT = "hybridattn-prefix/3"
 FINGERPRINT_SAMPLES = 4096  # elements of each weight that the model's fingerprint reads
 STALE_PARTIAL_S = 3600  # a save's temporary file left this long is a killed process's, not one being written
 ROWS_PER_READ = 8192  # host rows read from the file at a time: the store's own memory, not a second copy
-# the model's configuration that its K/V depend on, besides its weights
-MODEL_FIELDS = (
-    "model_type",
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "vocab_size",
+# the fields of a model's configuration that its K/V do not depend on (where it was loaded from, with which
+# version, its token ids, its dtype: the weights' is read), left out of its fingerprint; every other field counts
+# (a norm's epsilon, the activation, RoPE's and a sliding window's parameters change every layer's K/V)
+UNRELATED_FIELDS = frozenset(
+    (
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "unk_token_id",
+        "initializer_range",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "attention_dropout",
+        "tie_word_embeddings",
+        "auto_map",
+        "tokenizer_class",
+    )
 )
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -67,11 +85,12 @@ SAFETENSORS_DTYPES = {
 
 
 def model_fingerprint(model) -> str:
-    """A digest of what a cache's K/V depend on, read cheaply: the model's shape and RoPE, its dtype, and of
-    every weight (a layer's K/V depend on every weight before it) its name, shape and `FINGERPRINT_SAMPLES`
-    elements evenly apart (a fine-tune moves nearly every element of what it trains, a low-rank one too)."""
+    """A digest of what a cache's K/V depend on, read cheaply: the model's configuration (but its
+    `UNRELATED_FIELDS` and private ones), its dtype, and of every weight (a layer's K/V depend on every weight
+    before it) its name, shape and `FINGERPRINT_SAMPLES` elements evenly apart (a fine-tune moves nearly every
+    element of what it trains, a low-rank one too)."""
     config = model.config.to_dict()
-    described = {name: config.get(name) for name in MODEL_FIELDS}
+    described = {k: v for k, v in config.items() if k not in UNRELATED_FIELDS and not k.startswith("_")}
     described["dtype"] = str(next(model.parameters()).dtype)
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     for name, weight in model.named_parameters():
@@ -138,11 +157,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    partial = path.with_name(path.name + ".partial")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a temporary file of its own: two saves to one path (two servers sharing a folder) wrote into one,
+    # the second's truncation leaving zeros inside the first's, which it then renamed into place
+    partial = path.with_name(f"{path.name}.{secrets.token_hex(8)}.partial")
     try:
         with (
-            open(partial, "wb") as f,
+            open(partial, "xb") as f,
             tqdm(
                 total=offset, unit="B", unit_scale=True, desc="saving prefix", disable=not progress, leave=False
             ) as bar,
@@ -153,6 +174,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                     data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
                     f.write(memoryview(data))
                     bar.update(data.nbytes)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before its name is: a crash after the rename leaves no hole
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -385,7 +408,7 @@ class PrefixFolder:
     def _trim(self, keep: Path) -> None:
         """The files used least recently removed until the folder holds at most max_bytes (`keep` stays), and
         the temporary files of saves that a killed process left behind (untouched for STALE_PARTIAL_S)."""
-        for f in self.folder.glob("*.prefix.partial"):
+        for f in self.folder.glob("*.prefix.*partial"):
             with suppress(FileNotFoundError):  # renamed by the process that wrote it, meanwhile
                 if time.time() - f.stat().st_mtime > STALE_PARTIAL_S:  # one being written changes as it grows
                     f.unlink()

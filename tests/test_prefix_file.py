@@ -118,9 +118,17 @@ def test_a_file_of_another_model_configuration_or_document_is_refused(model, bun
         tuned.model.layers[0].mlp.down_proj.weight.mul_(1.01)
     with pytest.raises(ValueError, match="another model"):
         HybridLLM(tuned, bundled_tokenizer, DEFAULT_SMALL).load_prefix(saved, progress=False)
+    for field, value in (("rms_norm_eps", 0.1), ("hidden_act", "gelu")):  # the same weights, other K/V
+        other = copy.deepcopy(model)
+        setattr(other.config, field, value)
+        with pytest.raises(ValueError, match="another model"):
+            HybridLLM(other, bundled_tokenizer, DEFAULT_SMALL).load_prefix(saved, progress=False)
+    moved = copy.deepcopy(model)  # what does not shape the K/V: where the model was loaded from, its token ids
+    moved.config._name_or_path, moved.config.pad_token_id = "elsewhere", 7
+    HybridLLM(moved, bundled_tokenizer, DEFAULT_SMALL).load_prefix(saved, progress=False).release()
     older = saved.with_name("older.prefix")  # a file of the format before, whose fingerprint read less
-    older.write_bytes(saved.read_bytes().replace(b"hybridattn-prefix/2", b"hybridattn-prefix/1"))
-    with pytest.raises(ValueError, match="not a prefix file of this engine \\(format 'hybridattn-prefix/1'"):
+    older.write_bytes(saved.read_bytes().replace(b"hybridattn-prefix/3", b"hybridattn-prefix/2"))
+    with pytest.raises(ValueError, match="not a prefix file of this engine \\(format 'hybridattn-prefix/2'"):
         HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL).load_prefix(older, progress=False)
     with pytest.raises(ValueError, match="another configuration: load it with window=16, block_size=8"):
         HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(window=32, block_size=16)).load_prefix(saved)
@@ -207,10 +215,49 @@ def test_a_prefix_folder_keeps_the_documents_used_last_within_its_size(model, bu
     prefix.release()
 
 
+def test_two_saves_to_one_path_at_once_each_write_a_file_of_their_own(model, bundled_tokenizer, ids, tmp_path):
+    # they shared one temporary file: the second's truncation left zeros inside the first's, which the
+    # first renamed into place after the second, whose rename had taken the name away (FileNotFoundError)
+    import engine.prefix_file
+
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    first, second = llm.prefix(ids[:200], progress=False), llm.prefix(ids[:150], progress=False)
+    path, real = tmp_path / "doc.prefix", engine.prefix_file.tqdm
+
+    class SecondSaveMidway:
+        """The first save's progress bar: at its first update, the second save runs to its end."""
+
+        def __init__(self, *args, **kwargs):
+            self.updates = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.updates += 1
+            if self.updates == 1:
+                engine.prefix_file.tqdm = real
+                second.save(path, progress=False)
+
+    engine.prefix_file.tqdm = SecondSaveMidway
+    try:
+        first.save(path, progress=False)
+    finally:
+        engine.prefix_file.tqdm = real
+    loaded = llm.load_prefix(path, document=ids[:200], progress=False)  # the last renamed: the first's
+    assert torch.equal(loaded.cache.layers[0].host.keys, first.cache.layers[0].host.keys)
+    assert not list(tmp_path.glob("*.partial"))
+    for p in (first, second, loaded):
+        p.release()
+
+
 def test_a_prefix_folder_removes_the_temporary_files_a_killed_save_left(model, bundled_tokenizer, tmp_path):
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
     folder = PrefixFolder(llm, tmp_path, 2**30)
-    left, writing = tmp_path / "a.prefix.partial", tmp_path / "b.prefix.partial"
+    left, writing = tmp_path / "a.prefix.0123abcd.partial", tmp_path / "b.prefix.4567ef01.partial"
     left.write_bytes(b"x" * 100)
     writing.write_bytes(b"y" * 100)
     long_ago = time.time() - STALE_PARTIAL_S - 60
