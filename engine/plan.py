@@ -97,7 +97,7 @@ class ModelShape:
                 f"{', '.join(missing)}; got {type(model_config).__name__}"
             )
         heads, hidden = get("num_attention_heads"), get("hidden_size")
-        kv_heads = get("num_key_value_heads") or heads
+        kv_heads = heads if get("num_key_value_heads") is None else get("num_key_value_heads")  # none: MHA; 0 refused
         if not _positive_int(kv_heads) or heads % kv_heads:
             raise ValueError(
                 f"num_key_value_heads must be a positive divisor of num_attention_heads ({heads}), got {kv_heads!r}"
@@ -193,16 +193,14 @@ def plan_memory(
     is a preset name (see `MODEL_PRESETS`), a dict or a transformers config.
     """
     cfg = offload_or_default(cfg, "cfg")
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
-        raise ValueError(f"context_len must be a positive int, got {context_len!r}")
+    _check_context(context_len)
     for name, budget in (("gpu_budget_bytes", gpu_budget_bytes), ("host_budget_bytes", host_budget_bytes)):
-        if budget is not None and (isinstance(budget, bool) or not budget > 0):
-            raise ValueError(f"{name} must be a positive number of bytes (or None), got {budget!r}")
+        _check_budget(name, budget)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     m = ModelShape.of(model_config)
     L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
-    wbytes = torch.finfo(weight_dtype).bits // 8
+    wbytes = weight_bytes(weight_dtype)
     host_bytes = torch.finfo(cfg.resolved_host_dtype(weight_dtype)).bits // 8
     host_tokens = max(0, context_len - cfg.resident_tokens)  # a short context stays resident
     # A block index (ann.block.BlockIndex) per layer holds, per KV head, its vectors for
@@ -266,15 +264,38 @@ def largest_batch(model_config, context_len: int, cfg: OffloadConfig | None, gpu
         per_seq = getattr(two, total) - getattr(one, total)
         fixed = getattr(one, total) - per_seq
         limits.append((budget - fixed) // per_seq if per_seq else (10**9 if fixed <= budget else 0))
+    if not limits:
+        raise ValueError("largest_batch needs a budget: gpu_budget_bytes, host_budget_bytes or both")
     return max(0, int(min(limits)))
 
 
 def full_attention_batch(model_config, context_len: int, gpu_budget_bytes: int, *, weight_dtype=torch.bfloat16) -> int:
     """The most sequences whose whole KV cache fits on the GPU beside the weights (full attention)."""
+    _check_context(context_len)
+    if gpu_budget_bytes is None:
+        raise ValueError("full_attention_batch needs gpu_budget_bytes")
+    _check_budget("gpu_budget_bytes", gpu_budget_bytes)
     m = ModelShape.of(model_config)
-    wbytes = torch.finfo(weight_dtype).bits // 8
+    wbytes = weight_bytes(weight_dtype)
     per_seq = m.num_hidden_layers * 2 * m.num_key_value_heads * context_len * m.head_dim * wbytes
     return max(0, (gpu_budget_bytes - m.n_params() * wbytes) // per_seq)
+
+
+def weight_bytes(dtype) -> int:
+    """Bytes of one weight of a floating-point torch dtype."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"weight_dtype must be a floating-point torch dtype (torch.bfloat16, say), got {dtype!r}")
+    return torch.finfo(dtype).bits // 8
+
+
+def _check_context(context_len) -> None:
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+        raise ValueError(f"context_len must be a positive int, got {context_len!r}")
+
+
+def _check_budget(name: str, budget) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise ValueError(f"{name} must be a positive number of bytes (or None), got {budget!r}")
 
 
 def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):

@@ -7,6 +7,7 @@ import torch
 
 from engine import HybridCache, OffloadConfig, plan_memory
 from engine.api import HybridLLM
+from engine.plan import full_attention_batch, largest_batch
 from tests.conftest import tiny_llama
 
 
@@ -164,6 +165,25 @@ def test_hybrid_cache_rejects_bad_input(tiny_model, args, kwargs, error, message
 def test_plan_memory_rejects_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         plan_memory(*args)
+
+
+SHAPE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64, "intermediate_size": 128}
+
+
+@pytest.mark.parametrize(
+    "plan,message",
+    [  # each failed in torch's, min()'s or Python's own words, or (0 KV heads) planned as many as query heads
+        (lambda: plan_memory("llama-3-8b", 100, weight_dtype=torch.int8), "weight_dtype must be a floating-point"),
+        (lambda: plan_memory("llama-3-8b", 100, weight_dtype="bfloat16"), "weight_dtype must be a floating-point"),
+        (lambda: largest_batch("llama-3-8b", 100, None, None), "largest_batch needs a budget"),
+        (lambda: full_attention_batch("llama-3-8b", 0, 2**34), "context_len must be a positive int, got 0"),
+        (lambda: full_attention_batch("llama-3-8b", 100, None), "full_attention_batch needs gpu_budget_bytes"),
+        (lambda: plan_memory({**SHAPE, "vocab_size": 100, "num_key_value_heads": 0}, 100), "num_key_value_heads"),
+    ],
+)
+def test_the_plan_s_helpers_name_what_is_wrong(plan, message):
+    with pytest.raises(ValueError, match=message):
+        plan()
 
 
 def test_generate_warns_where_the_prompt_runs_past_the_models_context(llm, caplog):
