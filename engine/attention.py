@@ -16,7 +16,8 @@ after another, decode steps with one host kernel call for the whole batch),
 and a left-padded batch's padding columns, which the mask function reports
 (`Padding`), never reach a sequence's cache.
 
-Without a HybridCache (e.g. `use_cache=False`) it is plain sdpa.
+Without a HybridCache (e.g. `use_cache=False`) it is sdpa, with the mask transformers
+would give sdpa (`Shaped`: sliding windows, packed sequences).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def hybrid_attention_forward(
 ):
     """query [B, Hq, Q, D] post-RoPE; key/value: the HybridLayer (B = 1) or BatchLayer. Returns
     ([B, Q, Hq, D], None). `select` is the decode steps' selection rule (see `decode_step`)."""
-    if isinstance(key, BatchLayer):
-        return batch_attention(key, query, attention_mask, scaling, select), None
-    if not isinstance(key, HybridLayer):
-        if isinstance(attention_mask, Padding):
+    if not isinstance(key, (HybridLayer, BatchLayer)):
+        if isinstance(attention_mask, (Padding, Shaped)):
             attention_mask = attention_mask.dense()
         return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    attention_mask = _cache_mask(attention_mask, dropout)
+    if isinstance(key, BatchLayer):
+        return batch_attention(key, query, attention_mask, scaling, select), None
     if isinstance(attention_mask, Padding):
         raise ValueError("a single sequence is not padded: pass its tokens without padding")
     layer: HybridLayer = key
@@ -59,6 +61,25 @@ def hybrid_attention_forward(
     else:  # a chunk, or positions run again exactly
         o = prefill_attention(layer, q, scale)
     return o.reshape(Hq, Q, D).transpose(0, 1).unsqueeze(0).to(query.dtype), None
+
+
+def _cache_mask(attention_mask, dropout: float):
+    """The mask a HybridCache's layers apply (None: causal alone, or `Padding`); what they cannot apply is refused
+    rather than left out, but a sliding window (the cache keeps every position: models.check_supported warns)."""
+    if dropout:
+        raise ValueError(f"a HybridCache does not apply attention dropout ({dropout}): call model.eval() first")
+    if isinstance(attention_mask, Shaped):
+        if not attention_mask.sliding_window_only:
+            raise ValueError(
+                "a HybridCache applies causal and padding masks only; this forward pass's mask goes further "
+                "(packed sequences, or an or/and mask function)"
+            )
+        return None
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError(
+            f"a HybridCache takes a 2D padding mask (or none), not a {attention_mask.dim()}D attention mask tensor"
+        )
+    return attention_mask
 
 
 def batch_attention(batch: BatchLayer, query, attention_mask, scaling, select) -> torch.Tensor:
@@ -143,13 +164,30 @@ class Padding:
         return sdpa_mask(**self.mask_kwargs)
 
 
+class Shaped:
+    """The "hybrid" mask of unpadded input whose mask is more than causal: a sliding window (`local_size`),
+    or a mask function transformers changed (packed sequences, or/and masks: no causal skip allowed).
+    `dense()` builds sdpa's mask for caches other than HybridCache."""
+
+    def __init__(self, mask_kwargs: dict):
+        self.mask_kwargs = mask_kwargs
+        self.sliding_window_only = mask_kwargs.get("allow_is_causal_skip", True) is not False
+
+    def dense(self) -> torch.Tensor | None:
+        return sdpa_mask(**self.mask_kwargs)
+
+
 def hybrid_mask(attention_mask=None, **kwargs):
-    """No mask tensor for unpadded input: the cache layer knows every key's position and
-    applies causality itself. A 2D padding mask with gaps becomes a `Padding`."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-        return None
-    kv_length = kwargs.get("kv_length", attention_mask.shape[1])
-    return Padding(attention_mask[:, -kv_length:].bool(), dict(attention_mask=attention_mask, **kwargs))
+    """No mask tensor for unpadded causal input: the cache layer knows every key's position and
+    applies causality itself. A 2D padding mask with gaps becomes a `Padding`; a mask beyond
+    causality (a sliding window, packed sequences) a `Shaped`."""
+    padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+    if padded:
+        kv_length = kwargs.get("kv_length", attention_mask.shape[1])
+        return Padding(attention_mask[:, -kv_length:].bool(), dict(attention_mask=attention_mask, **kwargs))
+    if kwargs.get("allow_is_causal_skip", True) is False or kwargs.get("local_size") is not None:
+        return Shaped(dict(attention_mask=attention_mask, **kwargs))
+    return None
 
 
 def register() -> None:

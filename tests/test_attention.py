@@ -286,6 +286,41 @@ def test_each_supported_model_type_is_exact(model_type):
     assert (logits - full).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_without_a_hybrid_cache_the_mask_is_what_sdpa_gets(model_type, extra):
+    # the mask function was dropped: packed sequences attended across, a sliding window was ignored
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+    config = AutoConfig.for_model(model_type, vocab_size=50, num_key_value_heads=2, **shape, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="hybrid").eval()
+    sdpa = copy.deepcopy(model)
+    sdpa.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(1))
+    packed = torch.cat([torch.arange(20), torch.arange(20)])[None]  # two documents in one row
+    with torch.no_grad():
+        for position_ids in (None, packed):
+            want = sdpa(ids, position_ids=position_ids, use_cache=False).logits
+            assert (model(ids, position_ids=position_ids, use_cache=False).logits - want).abs().max() <= 1e-5
+
+
+def test_a_hybrid_cache_refuses_the_masks_and_dropout_it_does_not_apply(tiny_model, tiny_ids):
+    # a 4D mask and a training model's dropout were left out without a word: plain causal attention
+    ids = tiny_ids[:, :30]
+    custom = torch.ones(30, 30, dtype=torch.bool).tril()
+    custom[20:, :10] = False  # the later tokens do not see the first ten
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="takes a 2D padding mask \\(or none\\), not a 4D attention mask"):
+            tiny_model(ids, attention_mask=custom[None, None], cache=HybridCache(tiny_model, progress=False))
+        with pytest.raises(ValueError, match="takes a 2D padding mask"):
+            batch = HybridCache(tiny_model, progress=False)
+            tiny_model(ids.repeat(2, 1), attention_mask=custom[None, None].repeat(2, 1, 1, 1), cache=batch)
+        training = tiny_llama(attention_dropout=0.5).train()
+        with pytest.raises(ValueError, match="does not apply attention dropout \\(0.5\\): call model.eval"):
+            training(ids, cache=HybridCache(training, progress=False))
+
+
 def test_exact_on_the_matmul_path_other_devices_take(tiny_model, tiny_ids, tiny_full_logits, monkeypatch):
     from engine.decode import merge
 
