@@ -153,8 +153,22 @@ def test_eval_accuracy_quick(tmp_path, bundled_tokenizer, monkeypatch):
         return real_make_sample(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(tasks, "make_sample", make_sample)  # the prompts of a cell are made in tasks.cell_sample
+    oracle_caches, answer_with = [], module.answer_with
+
+    def recorded(*args):
+        oracle_caches.append(args[-1])
+        return answer_with(*args)
+
+    monkeypatch.setattr(module, "answer_with", recorded)
     module.main(["--quick", "--first", "5", "--model", str(model_dir), "--contexts", "512", "--json", str(out)])
     assert seeds == [5, 6, 5, 6]  # two prompts of each task
+    # each oracle keeps its configuration's resident set (fixed-noest's window 128 took the default's 256: its share
+    # then counted fewer host tokens, and 128 more were read exactly beside them)
+    resident = {(c.n_sink, c.window) for c in oracle_caches}
+    assert (
+        resident == {(module.CONFIGS[n].n_sink, module.CONFIGS[n].window) for n in ("default", "fixed-noest")}
+        and len(resident) == 2
+    )
     rows = json.loads(out.read_text())["rows"]
     engines = ("default", "fixed-noest")
     methods = {"full", *engines, *(f"oracle{e}@{name}" for name in engines for e in ("", "+est"))}
@@ -242,6 +256,23 @@ def test_report_pairs_accuracy_prompt_by_prompt():
     assert "| niah_single | 2048 | default | -50.0 [-141.9, +41.9] | 0 | 2 | 1 of 3 |" in text
     unpaired = [{k: v for k, v in r.items() if k != "scores"} for r in (full, engine)]
     assert "paired" not in script("bench.tables").accuracy({"rows": unpaired})
+
+
+def test_ruler_s_full_attention_decodes_by_the_engine_s_greedy_rule(bundled_tokenizer):
+    # lm-eval's hf model generates through transformers, which applied the model's repetition penalty
+    from engine.api import HybridLLM
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(vocab=len(bundled_tokenizer), n_heads=4, head_dim=16, tie_word_embeddings=True)
+    model.generation_config.repetition_penalty = 1.3
+    llm = HybridLLM(model, bundled_tokenizer, OffloadConfig(device="cpu"))
+    ids = llm.encode("Once upon a time there was a")
+    reference = llm.generate_full_attention("Once upon a time there was a", 12)
+    script("bench.evals.ruler").plain_greedy(model)
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids))
+    assert bundled_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == reference
+    assert model.generation_config.eos_token_id is not None
 
 
 def test_report_renders_ruler_runs_as_accuracy_tables():
@@ -708,6 +739,16 @@ def test_eval_generation_quick(tmp_path):
     assert 0 <= rechecked <= 1 and 0 < row["default"]["kv_read_frac"] < 1 + rechecked
     text = script("bench.tables").generation(result)
     assert "not run" in text and "| 100.00% | 0.00% |" in text
+
+
+def test_eval_generation_of_one_new_token_reads_nothing(tmp_path):
+    # one token comes from the prefill: no decode step, whose read shares' mean raised StatisticsError
+    out = tmp_path / "one.json"
+    argv = ["--prompts", "1", "--context", "300", "--new", "1", "--configs", "default", "--no-forced"]
+    script("bench.evals.generation").main([*argv, "--json", str(out)])
+    (row,) = json.loads(out.read_text())["per_prompt"]
+    assert row["default"]["kv_read_frac"] == row["default"]["rechecked_frac"] == 0.0
+    assert row["default"]["free_agreement"] == 1.0
 
 
 def test_eval_generation_forced_gives_the_gaps_where_the_engine_differs(tmp_path):

@@ -437,6 +437,13 @@ def test_methods_answer_lm_eval_requests_from_one_prefill(bundled_tokenizer, mon
     fixed = lm.reports_of["fixed"]["t", 3].kv_read_frac
     assert 0 < fixed < 0.5 and lm.reports["t", 3].kv_read_frac == pytest.approx(fixed, rel=0.1)
     assert len(prefills) == 2
+    # the default's prefill whichever comes first: after "exact" (no key index) the default's copy built its own
+    # from one decode query, after "fixed" (a shorter window) it could not copy at all
+    for first in ("exact", "fixed"):
+        lm = SharedPrefillLM(model, bundled_tokenizer, [first, "default"], max_length=2048)
+        lm.answer_as("default")
+        assert lm.generate_until(request, True) == alone
+        assert lm.reports["t", 3].kv_read_frac == pytest.approx(engine.reports["t", 3].kv_read_frac)
     with pytest.raises(ValueError, match="unknown method 'quest@fixed'"):
         lm.answer_as("quest@fixed")
     with pytest.raises(ValueError, match="h2o"):

@@ -36,8 +36,9 @@ def test_needle_at_the_requested_depth(depth):
     assert abs((at - start) / (end - start) - depth) < 0.02
 
 
-def test_variable_tracking_chain_is_in_order():
-    s = make_sample("variable_tracking", 3000, TOK, seed=2, depth=0.3)
+@pytest.mark.parametrize("depth", [0.0, 0.002, 0.3])  # near 0 the chain's places tie: it came out reversed there
+def test_variable_tracking_chain_is_in_order(depth):
+    s = make_sample("variable_tracking", 3000, TOK, seed=2, depth=depth)
     names = s.answers
     spots = [s.prompt.index(f"VAR {n} =") for n in names]
     assert spots == sorted(spots)

@@ -43,7 +43,7 @@ from transformers import AttentionInterface
 
 from bench.common import options
 from bench.common.output import write_json
-from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
+from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries, resident_as
 from bench.evals.probes import LayerProbe, OracleSelect, copy_state, decode_with, greedy, named, prefill_and_answer
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, score
 from bench.stats import wilson_interval
@@ -115,12 +115,14 @@ def evaluate(
         for estimate in (False, True) if oracles else ():
             # the oracle selects the share the configuration's selection read (its steps run again aside); its
             # near ties run exactly (a wider run of an oracle's selection would read the same tokens again)
-            oracle_cfg = ORACLE_CACHE.replace(estimate=estimate, recheck_margin=cfg.recheck_margin, recheck_widen=1.0)
+            oracle_cfg = resident_as(ORACLE_CACHE, cfg).replace(
+                estimate=estimate, recheck_margin=cfg.recheck_margin, recheck_widen=1.0
+            )
             label = f"oracle+est@{name}" if estimate else f"oracle@{name}"
             results[label] = answer(OracleSelect(results[name]["selected_frac"]), oracle_cfg)
         for peer in peers:  # given the share the configuration read, its steps run again included (at most all)
             share = min(1.0, results[name]["kv_read_frac"])
-            results[f"{peer}@{name}"] = answer(PEERS[peer](share, window), PEER_CACHE)
+            results[f"{peer}@{name}"] = answer(PEERS[peer](share, window), resident_as(PEER_CACHE, cfg))
     model.set_attn_implementation("hybrid")
     for r in results.values():
         r["text"] = tok.decode(r["tokens"], skip_special_tokens=True)

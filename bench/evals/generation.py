@@ -71,8 +71,9 @@ def continuations(
         out[name] = {
             "free_agreement": sum(same) / len(full),
             "first_difference": same.index(False) if False in same else len(full),
-            "kv_read_frac": statistics.mean(s["kv_read_frac"] for s in steps),
-            "rechecked_frac": statistics.mean(s["rechecked"] for s in steps),
+            # (one new token: no decode step, nothing read)
+            "kv_read_frac": statistics.mean(s["kv_read_frac"] for s in steps) if steps else 0.0,
+            "rechecked_frac": statistics.mean(s["rechecked"] for s in steps) if steps else 0.0,
             "rechecks": sum(s["rechecked"] for s in steps),
             "rechecks_changed": sum(s["changed"] for s in steps if s["rechecked"]),  # whose exact run changed it
             "widened": sum(s["widened"] for s in steps),  # steps run again wider first

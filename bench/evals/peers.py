@@ -38,6 +38,12 @@ PAGE = 16  # Quest's page: tokens per block
 PEER_CACHE = CONFIGS["default"].replace(candidates_from="blocks", estimate=False, recheck_margin=0.0)
 
 
+def resident_as(base, cfg):
+    """`base` (an oracle's or a peer's cache) with `cfg`'s resident set, sinks and window: a share of the host
+    tokens that `cfg` read then counts the same tokens, and no more of them are resident and read exactly."""
+    return base.replace(n_sink=cfg.n_sink, window=cfg.window)
+
+
 def _ids(rows: list[torch.Tensor]) -> torch.Tensor:
     """Per KV head id tensors -> [Hkv, M], -1 padded."""
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)

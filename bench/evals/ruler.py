@@ -34,6 +34,18 @@ from bench.evals.peers import PEERS
 from bench.stats import mean_interval, wilson_interval
 from engine.cli import run_script
 
+
+def plain_greedy(model) -> None:
+    """The model's generation config reduced to its special tokens: lm-eval's `hf` model decodes through
+    transformers' `generate`, which would apply the rest (a repetition penalty, say) where the engine's own
+    greedy decoding does not, and the full-attention answers would follow other rules than the engine's."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    kept = ("bos_token_id", "eos_token_id", "pad_token_id")
+    model.generation_config = GenerationConfig(**{name: getattr(own, name) for name in kept})
+
+
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 ENGINE_CONFIGS = ("default", "default-norecheck", "tight", "fixed", "exact")
 
@@ -134,6 +146,7 @@ def main(argv=None) -> None:
     rows, started = [], time.perf_counter()
     for method in methods:  # the first engine method decodes every method; the others replay their answers
         if method == "full":
+            plain_greedy(model)
             model.set_attn_implementation("sdpa")
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
             lm = LoggedLM(lm, log, "full") if log else lm

@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from bench.evals.answer_log import AnswerLog, request_key
-from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries
+from bench.evals.peers import PEER_CACHE, PEERS, WindowQueries, resident_as
 from bench.evals.probes import CONFIGS, copy_state, decode_with, greedy, prefilled
 from engine.api import GenerationReport, HybridLLM
 from engine.generation import eos_ids
 from engine.harness import HybridAttnLM, report_key
 from engine.stop import StopStrings
+
+SOURCE = CONFIGS["default"]  # every prompt's prefill: the configurations take copies of its state and indexes
 
 CAPTURE = "hybrid_shared_capture"  # the prefill's attention function: the engine's, keeping the last queries
 
@@ -49,6 +51,9 @@ class SharedPrefillLM(HybridAttnLM):
         self.peers_at = peers_at or configs[0]
         if peers and self.peers_at not in configs:
             raise ValueError(f"the peers' shares come from {self.peers_at!r}, which is not among {configs}")
+        wider = [c for c in configs if CONFIGS[c].window > SOURCE.window or CONFIGS[c].n_sink != SOURCE.n_sink]
+        if wider:  # refused at the first prompt's copy otherwise, after a whole full-attention pass
+            raise ValueError(f"{', '.join(wider)}: a copy of the default's prefill needs its sinks and no wider window")
         super().__init__(llm=HybridLLM(model, tokenizer, CONFIGS[configs[0]]), **kwargs)
         self.configs, self.peers = list(configs), list(peers)
         self.methods = self.configs + [f"{peer}@{self.peers_at}" for peer in self.peers]
@@ -100,7 +105,9 @@ class SharedPrefillLM(HybridAttnLM):
         ids = self._prompt_ids(context, max_new).to(self.device)[None]
         window = WindowQueries()
         AttentionInterface.register(CAPTURE, window)
-        source, logits = prefilled(model, ids, CONFIGS[self.configs[0]], self.llm.offload.prefill_chunk, CAPTURE)
+        # the default's prefill, whichever configuration comes first: its window is the widest and it builds the key
+        # index the others' copies take (the first of ["exact", ...] built none; ["fixed", ...] had too short a window)
+        source, logits = prefilled(model, ids, SOURCE, self.llm.offload.prefill_chunk, CAPTURE)
         tokens, steps = {}, {m: [] for m in self.methods}
         try:
             model.set_attn_implementation("hybrid")
@@ -110,7 +117,8 @@ class SharedPrefillLM(HybridAttnLM):
             share = min(1.0, _mean([s["kv_read_frac"] for s in steps[self.peers_at]]))
             for peer, method in zip(self.peers, self.methods[len(self.configs) :]):
                 rule = PEERS[peer](share, window)
-                tokens[method] = decode_with(model, source, logits, max_new, eos, rule, PEER_CACHE, steps[method])
+                cache = resident_as(PEER_CACHE, CONFIGS[self.peers_at])
+                tokens[method] = decode_with(model, source, logits, max_new, eos, rule, cache, steps[method])
         finally:
             source.release()
         for method in self.methods:

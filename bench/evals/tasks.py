@@ -92,7 +92,9 @@ def make_sample(task: str, n_tokens: int, tokenizer, *, seed: int = 0, depth: fl
     else:
         places = [round(depth * units)] + [rng.randrange(units + 1) for _ in needles[1:]]
     pieces = [FILLER] * units
-    for place, needle in sorted(zip(places, needles), key=lambda t: t[0], reverse=True):
+    # from the last place to the first, and at a place two needles share the later first: each stays after the one
+    # before it (a chain's order held only where its places differed)
+    for _, place, needle in sorted(zip(range(len(needles)), places, needles), key=lambda t: (t[1], t[0]), reverse=True):
         pieces.insert(place, needle)
     prompt = intro + " ".join(pieces) + question
     return Sample(task, prompt, tuple(answers), depth, len(tokenizer(prompt).input_ids))
