@@ -303,6 +303,9 @@ def test_a_prompt_the_tokenizer_fails_on_is_answered_an_error_and_the_server_goe
         ("/completions", {"prompt": [1, 10**9]}, 400, "prompt"),  # refused by the engine: outside the vocabulary
         ("/completions", {"prompt": [1, 10**9], "stream": True}, 400, "prompt"),
         ("/completions", {"prompt": ""}, 400, "prompt"),  # refused by the engine: empty
+        # after a document (the kept cache prepares it), where the error came without its field
+        ("/completions", {"prompt": [1, 10**9], "document": "Some document text."}, 400, "prompt"),
+        ("/completions", {"prompt": "", "document": "Some document text."}, 400, "prompt"),
         ("/completions", {"prompt": "x", "stop": 5}, 400, "stop"),
         ("/completions", {"prompt": "x", "stop": {"a": 1}}, 400, "stop"),
         ("/completions", {"prompt": "x", "n": True}, 400, "n"),  # not n's 1

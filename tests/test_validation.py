@@ -7,6 +7,7 @@ import torch
 
 from engine import HybridCache, OffloadConfig, plan_memory
 from engine.api import HybridLLM
+from engine.config import MAX_COUNT
 from engine.plan import full_attention_batch, largest_batch
 from tests.conftest import tiny_llama
 
@@ -77,7 +78,7 @@ def test_a_huge_max_new_tokens_reserves_no_more_than_the_model_s_context(llm):
 
 
 def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm):
-    too_many = 10**15  # tokens: petabytes, beyond what any allocator gives
+    too_many = MAX_COUNT  # tokens: terabytes, beyond what any allocator gives
     cache = HybridCache(llm.model, OffloadConfig(device="cpu", block_size=too_many))
     with pytest.raises(ValueError, match="n_sink \\+ window = .* block_size = .* could not be allocated"):
         llm.model(torch.arange(1, 9).unsqueeze(0), cache=cache)
@@ -88,7 +89,7 @@ def test_buffers_too_large_to_allocate_are_named_by_their_fields(llm):
 
 @pytest.mark.parametrize("field", ["window", "n_sink"])
 def test_a_resident_set_without_a_length_takes_the_slots_of_its_first_chunk(llm, field):
-    cache = HybridCache(llm.model, OffloadConfig(device="cpu", **{field: 10**15}))  # petabytes, were it all taken
+    cache = HybridCache(llm.model, OffloadConfig(device="cpu", **{field: MAX_COUNT}))  # terabytes, were it all taken
     with torch.no_grad():
         llm.model(torch.arange(1, 9).unsqueeze(0), cache=cache)
         assert cache.layers[0].resident_k.shape[1] == 8
@@ -98,7 +99,7 @@ def test_a_resident_set_without_a_length_takes_the_slots_of_its_first_chunk(llm,
 
 @pytest.mark.parametrize("field", ["window", "n_sink"])
 def test_a_resident_set_longer_than_the_generation_takes_its_slots_alone(llm, field):
-    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", **{field: 10**15}))
+    engine = HybridLLM(llm.model, llm.tokenizer, OffloadConfig(device="cpu", **{field: MAX_COUNT}))
     prompt = "The pass key is 123. " * 4
     result = engine.generate(prompt, max_new_tokens=3, progress=False)
     config, n = llm.model.config, len(llm.tokenizer(prompt).input_ids) + 3

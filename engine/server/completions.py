@@ -162,7 +162,7 @@ class Completions:
                 self._finish(jobs[0], self._batch_head(jobs[0].request), "", self._left_report(jobs[0].request), None)
                 return
             except Exception as error:  # its prompt or document refused: the batch does not start
-                jobs[0].send("error", error)
+                jobs[0].send("error", self._naming_the_prompt(jobs[0].request, error))
                 return
 
         def joining() -> list[tuple]:
