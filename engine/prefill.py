@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -162,14 +162,9 @@ def prefill_prompt(
         t1 = time.perf_counter()
         cache.build_indexes(_asking(leave))  # what the builds overlapped with the prefill left to do
         return Prefilled(cache, logits, T, seconds, time.perf_counter() - t1)
-    except PrefillLeft:
-        cache.release()  # its stores, for the prompts that go on
-        raise
-    except BaseException:  # no build thread outlives a failed prefill, and its stores go back as well
-        try:
+    except BaseException:  # given up or failed: no build thread outlives it, its stores go back to the pool
+        with suppress(Exception):  # the prefill's own error is the one to tell
             cache.release()
-        except Exception:  # the prefill's error is the one to tell
-            pass
         raise
 
 
@@ -238,8 +233,7 @@ class SteppedPrefill:
 
     def close(self) -> None:
         """Give up its cache: no build thread left, the host stores back to their pool."""
-        self.cache.close()
-        self.cache.release()
+        self.cache.release()  # (which closes it first)
 
 
 def sync(device: torch.device) -> None:
