@@ -196,7 +196,7 @@ def plan_memory(
     _check_context(context_len)
     for name, budget in (("gpu_budget_bytes", gpu_budget_bytes), ("host_budget_bytes", host_budget_bytes)):
         _check_budget(name, budget)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not _positive_int(batch):
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     m = ModelShape.of(model_config)
     L, Hkv, Hq, D = m.num_hidden_layers, m.num_key_value_heads, m.num_attention_heads, m.head_dim
@@ -289,7 +289,7 @@ def weight_bytes(dtype) -> int:
 
 
 def _check_context(context_len) -> None:
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
+    if not _positive_int(context_len):
         raise ValueError(f"context_len must be a positive int, got {context_len!r}")
 
 
