@@ -73,9 +73,12 @@ def pool(rows: list[dict]) -> list[dict]:
     def first(r):
         return r.get("first", 0)  # runs before --first started at seed 0
 
+    def answers(r):  # the accuracy too: rows of older files have no per-prompt scores
+        return first(r), r["n"], r.get("scores"), r["accuracy"]
+
     for r in rows:
         same = groups.setdefault((r["task"], r["context"], r["method"]), [])
-        if not any((first(o), o["n"], o.get("scores")) == (first(r), r["n"], r.get("scores")) for o in same):
+        if not any(answers(o) == answers(r) for o in same):
             same.append(r)
 
     pooled = []

@@ -343,6 +343,10 @@ def test_report_pools_runs_over_other_seeds():
         tables.pool([row("full", 0, [1, 1]), row("full", 1, [1, 0])])
     with pytest.raises(ValueError, match="share seeds"):  # the same seeds, other answers
         tables.pool([row("full", 0, [1, 1]), row("full", 0, [1, 0])])
+    older = [{k: v for k, v in r.items() if k != "scores"} for r in (row("full", 0, [1, 1]), row("full", 0, [1, 0]))]
+    with pytest.raises(ValueError, match="share seeds"):  # rows of older files, without their scores
+        tables.pool(older)
+    assert len(tables.pool(older[:1] * 2)) == 1
     again = tables.pool(rows + [row("full", 2, [1, 0]), row("quest", 2, [1, 1])])  # a second run's reference
     assert {r["method"]: r["n"] for r in again} == {"full": 4, "default": 4, "quest": 2}
 

@@ -45,6 +45,15 @@ def test_variable_tracking_chain_is_in_order(depth):
     assert f"VAR {names[1]} = VAR {names[0]}." in s.prompt
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.4, 0.8])
+def test_variable_tracking_chain_begins_at_the_depth_and_runs_on_after_it(depth):
+    s = make_sample("variable_tracking", 3000, TOK, seed=2, depth=depth)
+    start, end = s.prompt.index("\n\n") + 2, s.prompt.rindex("\n\n")  # the haystack
+    at = [(s.prompt.index(f"VAR {n} =") - start) / (end - start) for n in s.answers]
+    assert abs(at[0] - depth) < 0.02 and s.depth == depth
+    assert at[-1] > depth + (1 - depth) / 2 and at == sorted(at)
+
+
 def test_score_accepts_the_right_answer_and_rejects_others():
     s = make_sample("passkey", 800, TOK, seed=5)
     key = s.answers[0]

@@ -88,7 +88,7 @@ def make_sample(task: str, n_tokens: int, tokenizer, *, seed: int = 0, depth: fl
     # The first needle goes at `depth`; the others spread after it (variable
     # tracking's chain must stay in order) or at random depths (distractors).
     if task == "variable_tracking":
-        places = [round(depth * units * (i + 1) / len(needles)) for i in range(len(needles))]
+        places = [round((depth + (1 - depth) * i / len(needles)) * units) for i in range(len(needles))]
     else:
         places = [round(depth * units)] + [rng.randrange(units + 1) for _ in needles[1:]]
     pieces = [FILLER] * units
