@@ -4,7 +4,9 @@
 // wrong buffer raises instead of being silently converted.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hybridattn/gather_attend.h"
@@ -77,6 +79,46 @@ hybridattn::StoreView store_view(const py::buffer& buf, const std::string& name,
   return v;
 }
 
+// The bytes a buffer spans, [lo, hi); empty when it holds no element.
+struct Span {
+  std::string name;
+  uintptr_t lo = 0, hi = 0;
+};
+
+Span span(const py::buffer_info& b, std::string name) {
+  Span s{std::move(name)};
+  if (b.size == 0) return s;
+  py::ssize_t below = 0, above = b.itemsize;
+  for (py::ssize_t i = 0; i < b.ndim; ++i) {
+    const py::ssize_t reach = (b.shape[i] - 1) * b.strides[i];
+    (reach < 0 ? below : above) += reach;
+  }
+  s.lo = uintptr_t(b.ptr) - uintptr_t(-below);
+  s.hi = uintptr_t(b.ptr) + uintptr_t(above);
+  return s;
+}
+
+Span span(const hybridattn::StoreView& v, std::string name) {
+  Span s{std::move(name)};
+  if (v.n_heads == 0 || v.n_tokens == 0 || v.dim == 0) return s;
+  const int64_t item = v.type == StoreType::f32 ? 4 : 2;
+  s.lo = uintptr_t(v.data);
+  s.hi = s.lo + uintptr_t(((v.n_heads - 1) * v.head_stride + v.n_tokens * v.dim) * item);
+  return s;
+}
+
+// A kernel writes its outputs while it still reads its inputs, ids among them: an output that shared
+// memory with an input or another output could turn the ids it checked into others mid-call.
+void expect_apart(const std::vector<Span>& outputs, const std::vector<Span>& inputs) {
+  auto meet = [](const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi; };
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    for (size_t j = i + 1; j < outputs.size(); ++j)
+      if (meet(outputs[i], outputs[j])) fail(outputs[i].name + " and " + outputs[j].name + " share memory");
+    for (const Span& in : inputs)
+      if (meet(outputs[i], in)) fail(outputs[i].name + " shares memory with " + in.name);
+  }
+}
+
 // The per-query buffers of a call: q [.., Hq, D] and out like it, lse [.., Hq]
 // (fp32), ids [.., Hkv, M] (int64), all contiguous, with `lead` leading batch
 // dimensions that must agree.
@@ -104,6 +146,17 @@ QueryBuffers query_buffers(const py::buffer& q, const py::buffer& ids, const py:
   for (py::ssize_t i = 0; i < lead; ++i)
     if (c.ids.shape[i] != c.q.shape[i]) fail("ids must have shape [B, Hkv, M] with the B of q");
   return c;
+}
+
+// out and lse apart from q, ids and the stores.
+void expect_outputs_apart(const QueryBuffers& c, const std::vector<hybridattn::StoreView>& ks,
+                  const std::vector<hybridattn::StoreView>& vs) {
+  std::vector<Span> inputs{span(c.q, "q"), span(c.ids, "ids")};
+  for (size_t b = 0; b < ks.size(); ++b) {
+    inputs.push_back(span(ks[b], "a K store"));
+    inputs.push_back(span(vs[b], "a V store"));
+  }
+  expect_apart({span(c.out, "out"), span(c.lse, "lse")}, inputs);
 }
 
 // q's head dim and the ids' rows against the store (the first one of a batch).
@@ -137,6 +190,7 @@ void gather_attend(const py::buffer& q, const py::buffer& k, const py::buffer& v
   a.v = store_view(v, "v_store", store_dtype);
   const QueryBuffers c = query_buffers(q, ids, out, lse, 0);
   expect_store_shape(c, 0, a.k);
+  expect_outputs_apart(c, {a.k}, {a.v});
   set_query_args(a, c, 0, scale, n_threads, scalar);
   hybridattn::check_args(a);  // shape errors surface before the GIL is released
   py::gil_scoped_release release;
@@ -170,6 +224,7 @@ void gather_attend_batch(const py::buffer& q, const py::list& k_stores, const py
   const std::vector<hybridattn::StoreView> ks = store_views(k_stores, "k_stores", B, store_dtype, held);
   const std::vector<hybridattn::StoreView> vs = store_views(v_stores, "v_stores", B, store_dtype, held);
   if (B > 0) expect_store_shape(c, 1, ks[0]);  // the others are checked against this one
+  expect_outputs_apart(c, ks, vs);
   hybridattn::GatherAttendBatchArgs a;
   set_query_args(a, c, 1, scale, n_threads, scalar);
   a.n_seqs = B;
@@ -191,6 +246,7 @@ void gather_scores(const py::buffer& q, const py::buffer& k, const py::buffer& i
   if (ib.shape[0] != a.k.n_heads)
     fail("ids must have one row per KV head (" + std::to_string(a.k.n_heads) + "), got " + std::to_string(ib.shape[0]));
   if (ob.shape[0] != qb.shape[0] || ob.shape[1] != ib.shape[1]) fail("out must have shape [Hq, M]");
+  expect_apart({span(ob, "out")}, {span(qb, "q"), span(ib, "ids"), span(a.k, "k_store")});
   a.q = static_cast<const float*>(qb.ptr);
   a.n_q_heads = qb.shape[0];
   a.ids = static_cast<const int64_t*>(ib.ptr);
@@ -228,8 +284,9 @@ py::buffer_info request_typed(const py::buffer& buf, const char* name, const std
 // The rows of a product (hybridattn::RowSet): `rows` [R, D] bf16, item x's n_rows rows starting at row
 // x * stride, and ids None or [X, M] int64. Every row an item may take must lie inside `rows`.
 hybridattn::RowSet row_set(const py::buffer& rows, const py::object& ids, py::ssize_t n_items, py::ssize_t n_rows,
-                           py::ssize_t stride) {
+                           py::ssize_t stride, std::vector<Span>& inputs) {
   py::buffer_info rb = request_typed(rows, "rows", {}, 2, 'h', false);
+  inputs.push_back(span(rb, "rows"));
   if (n_rows < 0 || stride < 0) fail("n_rows and stride must be >= 0");
   // (n_items - 1) * stride could overflow: the fit is tested by division
   if (n_items > 0 && n_rows > 0 &&
@@ -245,6 +302,7 @@ hybridattn::RowSet row_set(const py::buffer& rows, const py::object& ids, py::ss
   if (!ids.is_none()) {
     py::buffer_info ib = request_typed(ids.cast<py::buffer>(), "ids", {n_items}, 2, 'q', false);
     r.ids = static_cast<const int64_t*>(ib.ptr);  // the caller's array outlives the call
+    inputs.push_back(span(ib, "ids"));
     r.n_taken = ib.shape[1];
   }
   return r;
@@ -256,9 +314,11 @@ py::buffer_info row_product(hybridattn::RowProductArgs& a, const py::buffer& lef
                             const py::buffer& rows, const py::object& ids, const py::buffer& out, py::ssize_t n_rows,
                             py::ssize_t stride, int n_threads, bool by_row) {
   py::buffer_info lb = request_typed(left, name, {}, 3, 'h', false);
-  a.rows = row_set(rows, ids, lb.shape[0], n_rows, stride);
+  std::vector<Span> inputs{span(lb, name)};
+  a.rows = row_set(rows, ids, lb.shape[0], n_rows, stride, inputs);
   const py::ssize_t cols = by_row ? a.rows.n_taken : a.rows.dim;
   py::buffer_info ob = request_typed(out, "out", {lb.shape[0], lb.shape[1], cols}, 3, 'h', true);
+  expect_apart({span(ob, "out")}, inputs);
   a.out = static_cast<uint16_t*>(ob.ptr);
   a.n_items = lb.shape[0];
   a.group = lb.shape[1];
@@ -308,6 +368,11 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   if (py::ssize_t(lists.size()) != B) fail("lists must hold one [Hkv, rows, L] int32 array per sequence");
   std::vector<const int32_t*> list_ptrs;
   std::vector<int64_t> list_rows;
+  std::vector<Span> inputs{span(qb, "q")};
+  for (py::ssize_t b = 0; b < B; ++b) {
+    inputs.push_back(span(ks[b], "k_stores[" + std::to_string(b) + "]"));
+    inputs.push_back(span(vs[b], "v_stores[" + std::to_string(b) + "]"));
+  }
   py::ssize_t L = -1;
   for (py::ssize_t b = 0; b < B; ++b) {
     py::object obj = lists[b];
@@ -318,6 +383,7 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
       if (L >= 0 && lb.shape[2] != L) fail("all lists with rows must have one length (their last dimension)");
       L = lb.shape[2];
     }
+    inputs.push_back(span(lb, "lists[" + std::to_string(b) + "]"));
     list_ptrs.push_back(static_cast<const int32_t*>(lb.ptr));
     list_rows.push_back(lb.shape[1]);
   }
@@ -334,6 +400,13 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   py::buffer_info tb = request_typed(threshold, "threshold", {B}, 1, 'f', false);
   py::buffer_info qlb = request_typed(qq_limit, "qq_limit", {B}, 1, 'q', false);
   py::buffer_info qpb = request_typed(qq_prefix, "qq_prefix", {B}, 1, 'q', false);
+  using Named = std::pair<const py::buffer_info*, const char*>;
+  for (const auto& [b, name] : {Named{&nb, "near"}, Named{&bb, "blocks"}, Named{&rb, "ranges"}, Named{&lb, "lse"},
+                                Named{&tb, "threshold"}, Named{&qlb, "qq_limit"}, Named{&qpb, "qq_prefix"}})
+    inputs.push_back(span(*b, name));
+  expect_apart({span(ob, "out"), span(olb, "out_lse"), span(ib, "ids"), span(nrb, "n_read"), span(nrt, "n_rated"),
+                span(brb, "block_reads")},
+               inputs);
   hybridattn::HostStepArgs a;
   a.n_seqs = B;
   a.n_q_heads = Hq;

@@ -289,7 +289,7 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
             args["ranges"],
             args["lse"],
             *([args["threshold"]] if fn is ops.host_step_prepared else []),
-            scale=SCALE,
+            scale=args.get("scale", SCALE),
             **({} if fn is ops.host_step_prepared else {"threshold": args["threshold"]}),
             qq_limit=args["qq_limit"],
             qq_prefix=args["qq_prefix"],
@@ -301,6 +301,9 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
 
     ok = call()  # every list holds id 0 alone; threshold 0 reads every candidate
     assert ok.n_read.tolist() == [[1, 1]] and ok.ids[0, :, 0].tolist() == [0, 0] and ok.n_rated.tolist() == [[1, 1]]
+    keys[0] = layer.host.keys.clone().index_fill_(1, torch.tensor([0]), math.nan)  # a NaN key: its weight is NaN,
+    assert call().n_read.tolist() == [[0, 0]]  # not >= the threshold, and the rule does not read it (the kernel did)
+    keys[0] = layer.host.keys
     with pytest.raises(IndexError, match="list row 4"):
         call(near=torch.full((1, H_KV, 2), 4))
     with pytest.raises(IndexError, match="list entry"):
@@ -353,6 +356,7 @@ def test_bad_inputs_to_the_call_raise_clear_errors():
         (dict(lse=torch.zeros(1, H_KV * G).index_fill_(1, torch.tensor([1]), math.nan)), "lse contains NaN"),
         # no query heads: the rating's mean over G = 0 heads was 0 / 0, the scores a former call's
         (dict(q=q[:, :0].contiguous(), lse=torch.zeros(1, 0)), "no query heads"),
+        (dict(scale=math.nan), "scale must be finite"),  # the prepared call passes it on unchecked
     ]
     for changes, message in wrong:
         with pytest.raises(ValueError, match=message):

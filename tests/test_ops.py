@@ -146,6 +146,31 @@ def test_f16_conversion_covers_subnormals_and_extremes():
         assert torch.equal(out[0], v[0, i].float())
 
 
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_f16_subnormals_read_alike_on_threads_that_flush_denormals(scalar):
+    # set_flush_denormal holds for the calling thread alone: the kernel's own threads did not flush,
+    # the calling one read every subnormal half as 0
+    k = (torch.arange(1, 1 + 4 * 64, dtype=torch.float32) * 2.0**-24).half().view(1, 4 * 64 // 16, 16)
+    q, ids = torch.eye(16), torch.arange(k.shape[1])[None]
+    assert k.float().abs().max() < 2.0**-14  # all subnormal halves
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        scores = [ops.gather_scores(q, k, ids, n_threads=n, scalar=scalar) for n in (1, 2)]
+    finally:
+        torch.set_flush_denormal(False)
+    for s in scores:
+        assert torch.equal(s, k[0].float().T)
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_a_head_whose_rows_all_score_nan_is_nan_not_empty(scalar):
+    q, k, v, _ = good_case()
+    k[:, 3] = math.nan
+    out, lse = ops.gather_attend(q, k, v, torch.tensor([[3, 3, -1], [3, -1, -1]]), scalar=scalar)
+    assert out.isnan().all() and lse.isnan().all()  # as sdpa's; an empty head (lse -inf) would merge as nothing
+
+
 # ------------------------------------------------------------------ merging
 
 
@@ -293,6 +318,46 @@ def test_out_of_range_id_raises_index_error(bad_id):
     ids[1, 3] = bad_id
     with pytest.raises(IndexError, match=rf"ids\[1, 3\] = {bad_id} is outside \[-1, 30\)"):
         ops.gather_attend(q, k, v, ids)
+
+
+def test_unsigned_64_bit_ids_are_refused():
+    q, k, v, ids = good_case()
+    with pytest.raises(ValueError, match="got torch.uint64"):  # 2**64 - 1 would have become -1, padding
+        ops.gather_attend(q, k, v, ids.to(torch.uint64))
+
+
+@requires_ext
+def test_the_kernels_refuse_a_non_finite_scale_of_their_own():
+    q, k, v, ids = (ops._buffer(t) for t in good_case())
+    out, lse = np.zeros((8, 64), np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops._C.gather_attend(q, k, v, ids, out, lse, "float32", math.nan, 1, False)
+
+
+@requires_ext
+def test_outputs_that_share_memory_with_an_input_are_refused():
+    """An output laid over the ids turned checked ids into others mid-call: the kernels then read
+    rows far outside their stores (the process crashed)."""
+    memory = np.zeros(4096, np.uint8)
+    ids = memory[:1024].view(np.int64).reshape(2, 64)
+    ids[:] = 1
+    q, k = np.ones((2, 16), np.float32), np.ones((2, 64, 16), np.float32)
+    with pytest.raises(ValueError, match="out shares memory with ids"):
+        ops._C.gather_scores(q, k, ids, memory[512:1024].view(np.float32).reshape(2, 64), "float32", 1, True)
+    with pytest.raises(ValueError, match="out shares memory with ids"):
+        ops.gather_attend(q, k, k, ids, out=memory[1000:1128].view(np.float32).reshape(2, 16))
+    with pytest.raises(ValueError, match="out and lse share memory"):
+        out = np.zeros((2, 16), np.float32)
+        ops.gather_attend(q, k, k, ids.copy(), out=out, lse=out[1, :2])
+    bf16_ones = np.full((2, 1, 32), 0x3F80, np.int16)
+    rows = np.full((128, 32), 0x3F80, np.int16)
+    with pytest.raises(ValueError, match="out shares memory with ids"):
+        ops._C.query_dots(bf16_ones, rows, ids, memory[512:768].view(np.int16).reshape(2, 1, 64), 64, 64, 1, True)
+    with pytest.raises(ValueError, match="out shares memory with rows"):
+        ops._C.query_dots(bf16_ones, rows, None, rows[:1].reshape(2, 1, 16), 16, 16, 1, True)
+    apart = np.zeros((2, 1, 64), np.int16)
+    ops._C.query_dots(bf16_ones, rows, ids, apart, 64, 64, 1, True)  # the same call, apart
+    assert (apart == 0x4200).all()  # 32 x 1.0 in bf16
 
 
 @requires_ext

@@ -60,6 +60,8 @@ def _buffer(t: torch.Tensor) -> np.ndarray:
 def _check_ids(ids: torch.Tensor) -> torch.Tensor:
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor (int64), got {ids.dtype}")
+    if ids.dtype == torch.uint64:  # its ids from 2**63 on would turn negative (-1 is padding)
+        raise ValueError("ids must be int64 (or a narrower integer type), got torch.uint64")
     return ids.to(torch.int64).contiguous()  # [Hkv, M] ids are small: converting them is cheap
 
 

@@ -39,17 +39,21 @@ HA_INLINE uint16_t float_to_bf16(float f) {
   return uint16_t(bits >> 16);
 }
 
-// Exact for normal, subnormal, infinite and NaN halves, and branch-free so it vectorises:
-// the exponent is rebased by a multiply with 2^112, infinities/NaNs get an all-ones exponent.
+// Exact for normal, subnormal, infinite and NaN halves, and branch-free so it vectorises: the
+// exponent is rebased by an integer add (an all-ones one for infinities/NaNs), and a subnormal
+// half m * 2^-24 is built as (1 + m / 1024) * 2^-14 - 2^-14 from normal floats only, so that a
+// thread that flushes denormals (torch.set_flush_denormal) reads it as every other thread does.
+constexpr uint32_t kF16Exponent = 0x7c00u << 13, kF16Rebase = 112u << 23;
+
 HA_INLINE float f16_to_float(uint16_t h) {
-  uint32_t magnitude = uint32_t(h & 0x7fffu) << 13;
+  const uint32_t magnitude = uint32_t(h & 0x7fffu) << 13, exponent = magnitude & kF16Exponent;
+  const uint32_t normal = magnitude + kF16Rebase + (exponent == kF16Exponent ? kF16Rebase : 0u);
+  uint32_t subnormal = magnitude + kF16Rebase + (1u << 23);
   float f;
-  std::memcpy(&f, &magnitude, 4);
-  f *= 0x1p112f;
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits |= ((h & 0x7c00u) == 0x7c00u) ? 0x7f800000u : 0u;
-  bits |= uint32_t(h & 0x8000u) << 16;
+  std::memcpy(&f, &subnormal, 4);
+  f -= 0x1p-14f;
+  std::memcpy(&subnormal, &f, 4);
+  const uint32_t bits = (exponent == 0 ? subnormal : normal) | uint32_t(h & 0x8000u) << 16;
   std::memcpy(&f, &bits, 4);
   return f;
 }
@@ -104,8 +108,11 @@ HA_INLINE VF lanes_as_float(const void* p) {
     if constexpr (T == StoreType::bf16) {
       v = (VF)(w << 16);
     } else {
-      VF f = (VF)((w & 0x7fffu) << 13) * 0x1p112f;
-      v = (VF)((VU)f | ((VU)((w & 0x7c00u) == 0x7c00u) & 0x7f800000u) | ((w & 0x8000u) << 16));
+      const VU magnitude = (w & 0x7fffu) << 13, exponent = magnitude & kF16Exponent;
+      const VU normal = magnitude + kF16Rebase + ((VU)(exponent == kF16Exponent) & kF16Rebase);
+      const VU subnormal = (VU)((VF)(magnitude + kF16Rebase + (1u << 23)) - 0x1p-14f);
+      const VU is_subnormal = (VU)(exponent == 0u);
+      v = (VF)((is_subnormal & subnormal) | (~is_subnormal & normal) | ((w & 0x8000u) << 16));
     }
   }
   return v;

@@ -449,6 +449,7 @@ inline void check_args(const GatherAttendArgs& a, const std::string& where = "ga
   if (a.k.n_heads != a.v.n_heads || a.k.n_tokens != a.v.n_tokens || a.k.dim != a.v.dim)
     fail("K and V stores differ in shape");
   if (a.k.type != a.v.type) fail("K and V stores differ in dtype");
+  if (!std::isfinite(a.scale)) fail("scale must be finite");
 }
 
 // Throws std::out_of_range naming the first of ids [rows, M] outside [-1, n_tokens);
@@ -516,7 +517,17 @@ inline void combine_chunks(const GatherAttendArgs& a, int64_t h, ChunkStates& st
     float* o = a.out + (h * G + g) * D;
     std::fill(o, o + D, 0.0f);
     a.lse[h * G + g] = m;
-    if (m == neg_inf) continue;
+    if (m == neg_inf) {
+      // rows scored NaN leave the max at -inf and their weights NaN: the head is NaN, not empty
+      bool nan = false;
+      for (int64_t c = 0; c < chunks; ++c) nan |= std::isnan(states[first + c].l[g]);
+      if (nan) {
+        const float not_a_number = std::numeric_limits<float>::quiet_NaN();
+        std::fill(o, o + D, not_a_number);
+        a.lse[h * G + g] = not_a_number;
+      }
+      continue;
+    }
     float l = 0.0f;
     for (int64_t c = 0; c < chunks; ++c) {
       const PartialState st = states[first + c];

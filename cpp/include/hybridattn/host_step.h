@@ -244,11 +244,12 @@ class HostUnit {
     }
     int64_t n = 0;
     for (int64_t j = begin; j < end; ++j) {
-      if (top[j] < drop_below) continue;
-      if (top[j] < keep_above) {
+      // written as "read only if at least", so that a NaN score (a NaN key) is not read, as in the Python rule
+      if (!(top[j] >= drop_below)) continue;
+      if (!(top[j] >= keep_above)) {
         float p = 0.0f;
         for (int64_t g = 0; g < G_; ++g) p += std::exp(scores[g * C + j] - lse[g]);
-        if (p / float(G_) < threshold) continue;
+        if (!(p / float(G_) >= threshold)) continue;
       }
       for (int64_t g = 0; g < G_; ++g) scores[g * C + begin + n] = scores[g * C + j];
       w_.kept[size_t(begin + n++)] = w_.candidates[size_t(j)];
@@ -426,7 +427,10 @@ class HostUnit {
 
   static float log_sum_exp(const float* s, int64_t n) {
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      if (std::isnan(s[j])) return s[j];  // std::max would pass over it
+      m = std::max(m, s[j]);
+    }
     if (!std::isfinite(m)) return m;
     float sum = 0.0f;
     for (int64_t j = 0; j < n; ++j) sum += std::exp(s[j] - m);
@@ -472,6 +476,7 @@ inline void check_host_step(const HostStepArgs& a) {
                                 std::to_string(r[2 * i + 1]) + ") is not within [0, " + std::to_string(k.n_tokens) +
                                 "]");
   }
+  if (!std::isfinite(a.scale)) fail("scale must be finite");
   for (int64_t b = 0; b < a.n_seqs; ++b)
     if (std::isnan(a.threshold[b])) fail("threshold of sequence " + std::to_string(b) + " is NaN");
   // a NaN lse fails every comparison of the rating, so each candidate would be kept (the rule reads none)

@@ -12,7 +12,9 @@
 //
 // Two paths: the CPU's bf16 dot-product instructions (AVX512-BF16, `has_bf16_dots`), and on any
 // other CPU the values widened to fp32 (a bf16 is the top half of an fp32) and summed with fused
-// multiply-adds (`query_dots_widened`). The products are exact either way. weighted_rows always
+// multiply-adds (`query_dots_widened`). The products are exact either way, but for subnormal values
+// (below 1.2e-38), which the bf16 instructions read and write as 0 and the widened path keeps: a
+// query or key that small weighs nothing beside the others either way. weighted_rows always
 // widens (its sums run along the rows, which the dot-product instructions do not serve).
 #pragma once
 
