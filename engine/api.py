@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batch_run import run_batch
+from engine.cache.cache import check_offload_fits
 from engine.cache.store import StorePool
 from engine.config import OffloadConfig, offload_or_default
 from engine.conversation import Conversation
@@ -83,6 +84,7 @@ class HybridLLM:
             attn_implementation="hybrid",
             trust_remote_code=trust_remote_code,
             rope_scale=rope_scale,
+            check_config=lambda config: check_offload_fits(config, offload),
         )
         return cls(model, tokenizer, offload)
 

@@ -270,7 +270,8 @@ class HybridAttnLM(TemplateLM):
         do_sample = bool(args.pop("do_sample"))
         temperature = float(args.pop("temperature", 0.0) or 0.0)
         top_k = int(args.pop("top_k", 0) or 0)
-        top_p = float(args.pop("top_p", 1.0) or 1.0)
+        top_p = args.pop("top_p", None)
+        top_p = 1.0 if top_p is None else float(top_p)  # 0 is refused by the sampler's check, not read as 1
         seed = args.pop("seed", None)
         if args:
             log.warning("hybridattn: generation arguments not used: %s", ", ".join(sorted(args)))

@@ -18,6 +18,7 @@ import socket
 import struct
 import urllib.parse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,6 +149,7 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     rope_scale: float | None = None,
+    check_config: Callable | None = None,
 ):
     """Load a causal LM and its tokenizer.
 
@@ -155,7 +157,8 @@ def load_model(
     a `.gguf` file, or a hub id `owner/name` (from the local hub cache alone when the hub cannot be
     reached: `hub_reachable`).
     `rope_scale` stretches the model's RoPE by YaRN (`stretched`) to that many times the
-    context it was trained on. Returns `(model, tokenizer)` with the model in eval mode on `device`.
+    context it was trained on. `check_config` is called with the (stretched) config before the
+    weights load. Returns `(model, tokenizer)` with the model in eval mode on `device`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -203,6 +206,8 @@ def load_model(
     check_model_type(getattr(config, "model_type", None))  # before the weights load (a GGUF's de-quantized whole)
     # a stretch's errors are the factor's, not the file's
     kwargs["config"] = config if rope_scale is None else stretched(config, rope_scale)
+    if check_config is not None:
+        check_config(kwargs["config"])
     with _damaged_files_named(name_or_path, gguf=gguf):
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **file_kwargs)

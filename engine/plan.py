@@ -10,6 +10,7 @@ import torch
 from ann.qq import SCORE_BUFFER
 from engine.config import PREFILL_KEY_BLOCK, OffloadConfig, offload_or_default
 from engine.decode.estimate import GROUP as SUMMARY_GROUP
+from engine.index.heads import check_index_params
 from engine.models import check_model_type
 
 # Shapes of well-known models, so that a plan needs no download (Llama 3.1 8B has Llama 3 8B's).
@@ -302,6 +303,8 @@ def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group:
     """(device bytes, host bytes) of one layer's key index, as the ann package estimates them."""
     if not cfg.uses_key_index:
         return 0, 0
+    if cfg.index_params:  # as a cache would: no plan for parameters it refuses
+        check_index_params(cfg.key_index, dim, cfg.index_params)
     n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
     if cfg.key_index == "qq":  # build queries on the device, lists in host memory
         from ann.qq import QueryLists

@@ -154,6 +154,13 @@ def test_bad_arguments_exit_through_argparse(argv, message, capsys):
         (["eval", "--lm-eval", "ruler_vt", "--limit", "-1"], "--limit must be a positive number of documents"),
         (["plan", "--model", "no-such-preset"], "unknown model preset 'no-such-preset'"),
         (["generate", "--window", "0", "--prompt", "hi"], "window must be at least 1, got 0"),
+        # a plan of parameters the key index refuses printed negative GiB
+        (["plan", "--index-params", '{"m_keys": -1000}'], "do not fit the key index 'qq': m_keys must be positive"),
+        (["plan", "--index-params", '{"m_keys": "64"}'], "do not fit the key index 'qq'"),
+        (["plan", "--key-index", "ivf", "--index-params", '{"nlist": -5}'], "do not fit the key index 'ivf'"),
+        # the demo's answers are greedy: these were left out without a word (and written into --json)
+        (["generate", "--demo", "--temperature", "0.7"], "--demo compares greedy answers"),
+        (["generate", "--demo", "--sample-top-p", "0.9", "--stop", "x"], "leave --sample-top-p, --stop out"),
     ],
 )
 def test_bad_values_give_one_line_and_status_2(argv, message, capsys):
@@ -206,6 +213,36 @@ def test_tasks_that_load_the_tokenizer_get_one_without_the_model_folder_s_code(b
     assert not Path(folder).exists()
 
 
+def test_a_closed_stdin_is_named_and_not_an_internal_error(capsys, monkeypatch):
+    import sys
+
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(sys, "stdin", None)  # as Python sets it where stdin was closed
+    for argv, message in (
+        (["generate"], "give a prompt: --prompt TEXT"),
+        (["generate", "--file", "-"], "--file -: stdin is closed"),
+        (["chat"], "chat reads its messages from stdin, which is closed"),
+    ):
+        assert main(argv) == 2
+        assert message in one_error_line(capsys)
+
+
+def test_a_prefix_folder_below_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "notes.txt").write_text("")
+    for folder, message in (
+        (tmp_path / "notes.txt", "is a file, not a folder"),
+        (tmp_path / "notes.txt" / "d", "a file stands where"),
+    ):
+        with pytest.raises(SystemExit) as exit_:  # as the arguments are read
+            main(["serve", "--prefix-dir", str(folder)])
+        assert exit_.value.code == 2 and f"argument --prefix-dir: {message}" in capsys.readouterr().err
+
+
 def test_missing_prompt_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import engine.api
 
@@ -234,12 +271,12 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_named_so(capsys, monkeypatch):
         (["--prompt", ""], "the prompt is empty"),
         (["--file", "EMPTY"], "the prompt is empty"),
         (["--file", "BINARY"], "is not UTF-8 text (invalid start byte at byte 2)"),
-        (["--prompt", "hi", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
-        (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
+        (["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be an int >= 0, got -1"),
+        (["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--stop", ""], "stop strings must be non-empty strings, got ''"),
-        (["--prompt", "hi", "--sample-top-p", "0"], "top_p must be a number in (0, 1]"),
-        (["--prompt", "hi", "--sample-top-k", "-3"], "top_k must be an int >= 0"),
+        (["--prompt", "hi", "--sample-top-p", "0"], "--sample-top-p must be a number in (0, 1]"),
+        (["--prompt", "hi", "--sample-top-k", "-3"], "--sample-top-k must be an int >= 0"),
     ],
 )
 def test_bad_generation_arguments_fail_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):

@@ -104,6 +104,16 @@ def test_index_params_the_key_index_does_not_take_are_refused_before_a_prefill()
     HybridCache(model, OffloadConfig(index_params={"m_keys": 32}), progress=False)  # what qq takes
 
 
+def test_from_pretrained_refuses_index_params_before_the_weights_load(monkeypatch):
+    import transformers
+
+    from engine.api import HybridLLM
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="do not fit the key index 'qq': m_keys must be positive"):
+        HybridLLM.from_pretrained(offload=OffloadConfig(index_params={"m_keys": -64}))
+
+
 def test_blocks_per_step_is_a_share_of_the_host_blocks_with_a_cap():
     cfg = OffloadConfig(n_blocks=64, block_frac=0.04)
     assert cfg.blocks_per_step(1) == 1

@@ -138,6 +138,8 @@ def test_generation_arguments_are_read_as_lm_eval_reads_them(bundled_tokenizer):
     assert lm._generation_args({"max_new_tokens": 3})[1] == 3
     assert lm._generation_args({"temperature": 0.7})[2]["temperature"] == 0.7
     assert lm._generation_args({"temperature": 0.7, "do_sample": False})[2]["temperature"] == 0.0
+    assert lm._generation_args({"do_sample": True, "top_p": None})[2]["top_p"] == 1.0
+    assert lm._generation_args({"do_sample": True, "top_p": 0})[2]["top_p"] == 0.0  # refused when sampled, not all
     kwargs = {"until": [], "temperature": 1.0, "max_new_tokens": 8}
     repeated = [Instance("generate_until", {}, ("One, two, three,", kwargs), 0, metadata=("t", 0, 4))] * 4
     torch.manual_seed(0)

@@ -32,6 +32,18 @@ BUILTIN_ATTENTION = (
 )
 
 
+def check_offload_fits(config, offload: OffloadConfig | None):
+    """A model's (text) config, checked against what an offload configuration asks of it: a model type
+    the hybrid attention serves, and key index parameters the index takes at the model's head dim. Each
+    cache checks; HybridLLM.from_pretrained checks before the weights load."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    check_supported(config)
+    cfg = offload_or_default(offload)
+    if cfg.uses_key_index and cfg.index_params:
+        check_index_params(cfg.key_index, ModelShape.of(config).head_dim, cfg.index_params)
+    return config
+
+
 class HybridCache(Cache):
     """A `Cache` for the "hybrid" attention implementation.
 
@@ -67,9 +79,7 @@ class HybridCache(Cache):
         for name, value in (("max_length", max_length), ("prompt_length", prompt_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0: unknown), got {value!r}")
-        config = getattr(model_or_config, "config", model_or_config)
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        check_supported(config)
+        config = check_offload_fits(getattr(model_or_config, "config", model_or_config), offload)
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl in BUILTIN_ATTENTION:  # those would be handed the cache layer instead of tensors
             raise ValueError(
@@ -80,8 +90,6 @@ class HybridCache(Cache):
         shape = ModelShape.of(config)
         self.build_progress = BuildProgress(shape.num_hidden_layers, enabled=progress)
         cfg = self.offload_config
-        if cfg.uses_key_index and cfg.index_params:
-            check_index_params(cfg.key_index, shape.head_dim, cfg.index_params)
         self.shape, self.max_length, self.stores = shape, max_length, stores
         building = prompt_length and cfg.build_workers and cfg.uses_key_index  # no key index: nothing to build
         self.builder = IndexBuilder(cfg.build_workers) if building else None

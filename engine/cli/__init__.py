@@ -32,6 +32,7 @@ from engine.cli.options import (
     add_model_args,
     gib_bytes,
     output_file,
+    output_folder,
     positive_int,
     write_output,
 )
@@ -287,6 +288,7 @@ def _run(argv: list[str] | None) -> int:
     s.add_argument(
         "--prefix-dir",
         metavar="DIR",
+        type=output_folder,
         help="keep the prefilled cache of each request's `document` as a file here, loaded rather than prefilled "
         "when the document comes back (after another, or after a restart)",
     )

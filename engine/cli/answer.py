@@ -19,6 +19,7 @@ from engine.cli.options import (
     _sampling,
     _text,
     gib_bytes,
+    stdin_open,
     write_output,
 )
 
@@ -31,6 +32,8 @@ def cmd_generate(args) -> int:
     _check_model_args(args)
     if args.demo and args.chat:
         raise ValueError("--demo builds its own prompt: leave --chat out")
+    if args.demo:
+        _check_demo_args(args)
     prompt = None if args.demo else _read_prompt(args)
     sampling = _sampling(args)
     _check_questions(args)
@@ -47,6 +50,22 @@ def cmd_generate(args) -> int:
         prompt = [{"role": "user", "content": prompt}] if args.chat else prompt
         _print_report(_streamed(llm, prompt, args, sampling), args, offload)
     return 0
+
+
+def _check_demo_args(args) -> None:
+    """The demo compares greedy answers to its own question: sampling and stop strings would be left out."""
+    given = [
+        name
+        for name, value, default in (
+            ("--temperature", args.temperature, 0.0),
+            ("--sample-top-k", args.sample_top_k, 0),
+            ("--sample-top-p", args.sample_top_p, 1.0),
+            ("--stop", args.stop, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(f"--demo compares greedy answers to its own question: leave {', '.join(given)} out")
 
 
 def _streamed(llm, prompt, args, sampling, prefix=None):
@@ -124,6 +143,8 @@ def cmd_chat(args) -> int:
     offload = _offload_config(args)
     _check_model_args(args)
     sampling = _sampling(args)
+    if not stdin_open():
+        raise ValueError("chat reads its messages from stdin, which is closed")
     document = _text(Path(args.file).read_bytes(), f"--file {args.file}") if args.file else None
     session = args.session  # a file that can be written (output_file), checked before the conversation
     if session is not None and session.exists() and (args.file or args.system):
@@ -204,8 +225,6 @@ def cmd_serve(args) -> int:
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
     folder_bytes = gib_bytes(args.prefix_dir_gb, "--prefix-dir-gb")
-    if args.prefix_dir and Path(args.prefix_dir).exists() and not Path(args.prefix_dir).is_dir():
-        raise ValueError(f"--prefix-dir: {args.prefix_dir} is a file, not a folder")
     from engine.api import HybridLLM
     from engine.prefix_file import PrefixFolder
     from engine.server import Server

@@ -93,12 +93,20 @@ def _sampling_args(p: argparse.ArgumentParser, *, max_new_tokens: int, seed_help
     )
 
 
+SAMPLING_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "seed": "--seed",
+                    "top_k": "--sample-top-k", "top_p": "--sample-top-p"}  # fmt: skip
+
+
 def _sampling(args) -> dict:
     """The --max-new-tokens/--temperature/... options checked (before the model loads), as generate's keywords."""
     from engine.sampling import check_sampling
     from engine.stop import StopStrings
 
-    check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.seed, args.sample_top_k, args.sample_top_p)
+    except ValueError as error:  # named as the user typed it (--top-k is the fixed budget's)
+        name, _, rest = str(error).partition(" ")
+        raise ValueError(f"{SAMPLING_OPTIONS.get(name, name)} {rest}") from None
     StopStrings(None, args.stop)
     sampling = dict(temperature=args.temperature, top_k=args.sample_top_k, top_p=args.sample_top_p)
     return sampling | dict(seed=args.seed, stop=args.stop)
@@ -159,7 +167,9 @@ def _read_prompt(args) -> str:
     """The prompt from --prompt, --file or stdin; not empty."""
     if args.prompt is not None:
         prompt = args.prompt
-    elif args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+    elif args.file == "-" or (args.file is None and stdin_open() and not sys.stdin.isatty()):
+        if not stdin_open():
+            raise ValueError("--file -: stdin is closed")
         prompt = _text(sys.stdin.buffer.read(), "stdin")
     elif args.file is not None:
         prompt = _text(Path(args.file).read_bytes(), f"--file {args.file}")
@@ -177,14 +187,28 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"is a folder, not a file: {text}")
-    folder = path.absolute().parent
+    _check_can_make(path.absolute().parent, text)
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """argparse type of a folder a command writes files into (--prefix-dir): one there, or one that can be
+    made, checked as the arguments are read (the model loads after them)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a file, not a folder: {text}")
+    _check_can_make(path.absolute(), text)
+    return path
+
+
+def _check_can_make(folder: Path, text: str) -> None:
+    """`folder` (for the path `text`) is there and writable, or the nearest one above it that is there is."""
     while not folder.exists():  # the nearest folder that is there: the ones below it are to be made
         folder = folder.parent
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"a file stands where its folder would be: {text}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"its folder cannot be made or written: {folder} is not writable")
-    return path
 
 
 def gib_bytes(gib: float, option: str) -> int:
@@ -199,6 +223,11 @@ def write_output(path: Path, text: str) -> None:
     """`text` written to `path` (an `output_file`), its folders made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def stdin_open() -> bool:
+    """Whether the process has a stdin (Python sets it to None where it was closed)."""
+    return sys.stdin is not None
 
 
 def _bars() -> bool:
