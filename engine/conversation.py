@@ -13,8 +13,18 @@ from collections.abc import Iterator
 
 from engine.prefix import KeptCache, Prefix
 from engine.prefix_file import saved_extra
+from engine.sampling import check_sampling
+from engine.stop import stop_list
 
 SAVED_AS = "conversation"  # the key of the messages in a saved prefix file's extra metadata
+
+
+def _check_answer(max_new_tokens, kwargs: dict) -> None:
+    """A turn's generation arguments, checked before its prefill (after it, a bad one cost the prefill)."""
+    get = kwargs.get
+    check_sampling(max_new_tokens, get("temperature", 0.0), get("seed", 0), get("top_k", 0), get("top_p", 1.0),
+                   get("stop_at_eos", True))  # fmt: skip
+    stop_list(get("stop"))
 
 
 class Conversation:
@@ -31,6 +41,7 @@ class Conversation:
     def ask(self, content: str, max_new_tokens: int = 256, **kwargs):
         """The answer to `content` as the next user message (a GenerationResult; the keywords are
         `HybridLLM.generate_batch`'s but `prefix`)."""
+        _check_answer(max_new_tokens, kwargs)
         messages, prompt, prefix = self._turn(content)
         result = self.llm.generate(prompt, max_new_tokens, prefix=prefix, **kwargs)
         self.messages = [*messages, {"role": "assistant", "content": result.text}]
@@ -39,6 +50,7 @@ class Conversation:
     def stream(self, content: str, max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
         """`ask`, the answer's text piece by piece (`HybridLLM.stream`'s keywords, `report=` among them).
         Stopped early (closed, or interrupted), the conversation keeps what was shown as the answer."""
+        _check_answer(max_new_tokens, kwargs)
         messages, prompt, prefix = self._turn(content)
         shown: list[str] = []
         failed = False

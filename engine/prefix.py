@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.prefill import Prefilled, timed_prefill
+from engine.prefill import Prefilled, PrefillLeft, timed_prefill
 from engine.prefix_file import load_prefix, save_prefix
 
 
@@ -151,6 +151,7 @@ class KeptCache:
         a prefix holds 2 at least, and a prompt after it 1 more); what was kept is then given back. `leave()`,
         asked as it prefills, gives the prefill up where true (PrefillLeft; what was kept stays,
         or where it was given up for this prompt, nothing)."""
+        _stay(leave)
         if ids.shape[1] < 3:
             self.release()
             return None
@@ -186,6 +187,7 @@ class KeptCache:
             self.loaded = False
             return self.prefix, self.prefix.tokens
         ids = self.llm.document_ids(text)  # refused here, before what was kept is given back
+        _stay(leave)
         self.release()
         if self.folder is not None:
             self.prefix, self.loaded = self.folder.prefix(text, progress=False, leave=leave)
@@ -199,3 +201,10 @@ class KeptCache:
         if self.prefix is not None:
             self.prefix.release()
         self.prefix, self.document, self.loaded = None, None, False
+
+
+def _stay(leave) -> None:
+    """PrefillLeft where the prompt has left already (its client gone while it waited): what is kept is not
+    given back for a prefill that would be given up at once."""
+    if leave is not None and leave():
+        raise PrefillLeft

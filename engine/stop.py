@@ -16,7 +16,19 @@ def stop_list(strings: str | list[str] | tuple[str, ...] | None) -> list[str]:
     for s in strings:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        if not is_text(s):  # the tokenizer would refuse it mid-generation, ending a whole batch
+            raise ValueError(f"stop strings must be Unicode text, got {s!r} (a lone surrogate)")
     return list(strings)
+
+
+def is_text(s: str) -> bool:
+    """Whether a str is Unicode text: JSON's escapes and Python's str also hold lone surrogates, which
+    no encoding (and no tokenizer) takes."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StopStrings:

@@ -158,6 +158,37 @@ def test_ctrl_c_in_the_chat_command_stops_the_answer_not_the_chat(llm, monkeypat
     assert out.count("\n") == 2  # each answer a line of its own, the one stopped too
 
 
+def test_ctrl_c_in_the_first_turn_s_prefill_keeps_the_document_for_the_next_message(llm, monkeypatch, capsys, tmp_path):
+    from engine.api import HybridLLM as Engine
+    from engine.conversation import Conversation
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: llm))
+    stream, asked = Conversation.stream, []
+
+    def interrupted_in_its_prefill(self, content, *args, **kwargs):
+        asked.append(content)
+        if len(asked) == 1:  # before the turn has added its message, as in its prefill
+            raise KeyboardInterrupt
+        yield from stream(self, content, *args, **kwargs)
+
+    monkeypatch.setattr(Conversation, "stream", interrupted_in_its_prefill)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who keeps the red key?\nWho keeps it, again?\n"))
+    (tmp_path / "doc.txt").write_text("Ann keeps the red key.")
+    assert main(["chat", "--file", str(tmp_path / "doc.txt"), "--max-new-tokens", str(NEW)]) == 0
+    assert "[stopped: the message, in its prefill, is not kept]" in capsys.readouterr().err
+    assert [a.startswith("Ann keeps the red key.\n\n") for a in asked] == [True, True]  # it went without it
+
+
+def test_a_turn_s_arguments_are_checked_before_its_prefill(llm):
+    chat = llm.conversation()
+    for kwargs in ({"max_new_tokens": -1}, {"temperature": -1.0}, {"stop": [""]}, {"top_p": 0}):
+        with pytest.raises(ValueError):
+            chat.ask("The grass is green. " * 20, **kwargs)
+        with pytest.raises(ValueError):
+            next(chat.stream("The grass is green. " * 20, **kwargs))
+        assert chat.kept.prefix is None and chat.messages == []  # nothing prefilled for it (it was, then refused)
+
+
 def test_a_saved_conversation_resumes_where_it_was_left(llm, tmp_path):
     chat = llm.conversation([{"role": "system", "content": "Answer briefly."}])
     path = tmp_path / "chat.safetensors"

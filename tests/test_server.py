@@ -327,6 +327,11 @@ def test_a_prompt_the_tokenizer_fails_on_is_answered_an_error_and_the_server_goe
             "response_format",
         ),
         ("/embeddings", {"input": "x"}, 404, None),
+        # a lone surrogate (a JSON escape): the tokenizer failed on it mid-batch, ending the batch's other answers
+        ("/completions", {"prompt": "x", "stop": ["\ud800"]}, 400, "stop"),
+        ("/completions", {"prompt": " Q", "document": "a \ud800 document"}, 400, "document"),
+        ("/completions", {"prompt": "x", "max_tokens": 10**400}, 400, "max_tokens"),  # overflowed a float later
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2**31}, 400, "max_tokens"),
     ],
 )
 def test_bad_requests_get_an_error_that_names_the_field(server, path, body, status, param):
@@ -339,6 +344,23 @@ def test_bad_requests_get_an_error_that_names_the_field(server, path, body, stat
 def test_a_body_that_is_not_json_is_refused(server):
     status, text = post(server, "/completions", None, raw=b"{not json")
     assert status == 400 and "not JSON" in json.loads(text)["error"]["message"]
+    status, text = post(server, "/completions", None, raw=b"[" * 100_000)  # nested past the parser's recursion
+    assert status == 400 and "not JSON" in json.loads(text)["error"]["message"]
+
+
+@pytest.mark.parametrize("tokens", [0, True, 2.0])
+def test_a_server_refuses_a_chat_default_that_is_not_a_count(llm, tokens):
+    with pytest.raises(ValueError, match="chat_max_tokens must be an int >= 1"):  # True was taken for 1
+        Server(llm, port=0, model="tiny", chat_max_tokens=tokens)
+
+
+def test_a_method_the_server_does_not_serve_gets_a_json_error(server):
+    request = urllib.request.Request(server.url + "/completions", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 501 and refused.value.headers["Content-Type"] == "application/json"
+    error = json.loads(refused.value.read())["error"]  # the base class sent an HTML page
+    assert error["type"] == "server_error" and "DELETE" in error["message"]
 
 
 def test_the_models_endpoint_lists_the_served_name(server):
@@ -567,6 +589,19 @@ def test_a_request_gone_while_its_document_is_prefilled_keeps_nothing_and_the_ne
     assert again["choices"][0]["text"] == want.text and again["hybridattn"][0]["kept"]["reused_tokens"] == 0
 
 
+@pytest.mark.parametrize("document", [False, True])
+def test_a_request_gone_before_it_ran_leaves_the_kept_cache_as_it_was(completions, llm, document):
+    ids = torch.randint(0, 5000, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    run(completions, {"prompt": ids, "max_tokens": NEW, **GREEDY}).response()
+    kept = completions.cache.prefix
+    other = {"prompt": " Who?", "document": "Carol keeps the key. " * 10} if document else {"prompt": ids[50:]}
+    response = run(completions, {**other, "max_tokens": NEW, **GREEDY}, GoneAt(1)).response()
+    assert response["hybridattn"][0]["finish_reason"] == "left"
+    assert completions.cache.prefix is kept and kept.tokens == 99  # another client's conversation, not given back
+    again = run(completions, {"prompt": ids + ids[:10], "max_tokens": NEW, **GREEDY}).response()
+    assert again["hybridattn"][0]["kept"]["reused_tokens"] == 99
+
+
 def test_a_request_gone_while_the_kept_prompt_is_extended_leaves_it_as_it_was(completions, llm):
     ids = torch.randint(0, 5000, (400,), generator=torch.Generator().manual_seed(4)).tolist()
     body = {"prompt": ids[:100], "max_tokens": NEW, **GREEDY}
@@ -649,8 +684,7 @@ def test_a_content_length_that_is_not_a_number_of_bytes_is_refused(length):
         ("--port", "70000"),
         ("--max-tokens", "0"),
         ("--max-batch", "0"),
-        ("--prefix-dir-gb", "0"),
-        ("--prefix-dir", "README.md"),
+        ("--prefix-dir-gb", "0"),  # (--prefix-dir is checked as the arguments are read: tests/test_cli.py)
     ],
 )
 def test_the_serve_command_refuses_bad_options_in_one_line(flag, value, capsys):

@@ -163,18 +163,23 @@ def cmd_chat(args) -> int:
         chat = llm.conversation([{"role": "system", "content": args.system}] if args.system else None)
     try:
         for message in _typed_lines():
-            if document is not None:  # the document goes before the first message
-                message, document = f"{document}\n\n{message}", None
+            if document is not None:  # the document goes before the first message kept
+                message = f"{document}\n\n{message}"
             report, start, first = GenerationReport(), time.perf_counter(), None
+            turns = len(chat.messages)
             try:
                 for piece in chat.stream(message, args.max_new_tokens, report=report, progress=False, **sampling):
                     first = first or time.perf_counter()
                     print(piece, end="", flush=True)
             except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (Ctrl-D ends it)
                 print(flush=True)
-                print("[stopped: the conversation keeps what was shown]", file=sys.stderr, flush=True)
+                kept = len(chat.messages) > turns  # not where it stopped in its prefill (the document waits then)
+                said = "the conversation keeps what was shown" if kept else "the message, in its prefill, is not kept"
+                print(f"[stopped: {said}]", file=sys.stderr, flush=True)
+                document = None if kept else document
                 continue
             print()
+            document = None
             waited = (first or time.perf_counter()) - start
             print(
                 f"[prompt {report.prompt_tokens} tokens, {chat.found_kept} of them kept from the turns before; "

@@ -28,7 +28,6 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP to `Completions` and back: JSON responses, server-sent events, OpenAI-shaped errors."""
 
     server: Server
-    error_content_type = "application/json"
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
@@ -83,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"the request body holds {length} bytes, more than {MAX_BODY_BYTES}", status=413)
         try:
             return json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep, an int too long
             raise RequestError(f"the request body is not JSON: {error}") from None
 
     def _send_json(self, status: int, payload: dict) -> None:
@@ -121,6 +120,12 @@ class Handler(BaseHTTPRequestHandler):
     def _send_error(self, error: RequestError) -> None:
         self._send_json(error.status, _error_body(error))
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's own errors (a method not served, a request line it cannot read) in the
+        shape of every other error, where it sent an HTML page."""
+        self.close_connection = True
+        self._send_error(RequestError(message or self.responses.get(code, ("error",))[0], status=code))
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
         log.info("%s %s", self.address_string(), format % args)
 
@@ -150,7 +155,7 @@ class Server(ThreadingHTTPServer):
         max_batch: int = 8,
         join: bool = True,
     ):
-        if not isinstance(chat_max_tokens, int) or chat_max_tokens < 1:
+        if not isinstance(chat_max_tokens, int) or isinstance(chat_max_tokens, bool) or chat_max_tokens < 1:
             raise ValueError(f"chat_max_tokens must be an int >= 1, got {chat_max_tokens!r}")
         self._handlers: set[threading.Thread] = set()  # the handler threads under way
         self._handlers_lock = threading.Lock()

@@ -10,8 +10,9 @@ import sys
 from dataclasses import dataclass, field
 
 from engine.api import _token_id_list
+from engine.config import MAX_COUNT
 from engine.sampling import SEEDS
-from engine.stop import StopStrings
+from engine.stop import StopStrings, is_text
 
 COMPLETION_MAX_TOKENS = 16  # a completion's max_tokens when the request gives none, as OpenAI's API has it
 # Fields whose feature the engine does not have, and the values that ask for none of it.
@@ -84,15 +85,18 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
                 "conversation's cache is kept from one turn to the next",
                 "document",
             )
-        request.max_tokens = _integer(body, "max_completion_tokens", _integer(body, "max_tokens", chat_max_tokens))
+        max_tokens = _integer(body, "max_tokens", chat_max_tokens, high=MAX_COUNT)
+        request.max_tokens = _integer(body, "max_completion_tokens", max_tokens, high=MAX_COUNT)
     else:
         request.prompts = _prompts(body.get("prompt"))
         request.document = body.get("document")
         if request.document is not None and not (isinstance(request.document, str) and request.document):
             raise RequestError("document must be a non-empty string", "document")
+        if request.document is not None and not is_text(request.document):
+            raise RequestError("document must be Unicode text: it holds a lone surrogate", "document")
         if request.document is not None and len(request.prompts) > 1:
             raise RequestError("document is continued by one prompt: send a request for each prompt", "document")
-        request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS)
+        request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS, high=MAX_COUNT)
     seed = _integer(body, "seed", None, low=SEEDS.start, high=SEEDS.stop - 1)
     request.sampling = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=None),
