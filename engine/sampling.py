@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import MAX_COUNT
 from engine.generation import Pick, sampler
 from engine.stop import stop_list
 
@@ -41,8 +40,8 @@ class Sampling:
 
 def check_sampling(max_new_tokens, temperature, seed=0, top_k=0, top_p=1.0, stop_at_eos=True) -> None:
     """The generation arguments a user gives, each checked with an error that names it."""
-    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_COUNT:  # a re-check budget's float holds it
-        raise ValueError(f"max_new_tokens must be an int in [0, 2**31), got {max_new_tokens!r}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not _is_number(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if not _is_int(seed) or seed not in SEEDS:

@@ -271,7 +271,7 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_named_so(capsys, monkeypatch):
         (["--prompt", ""], "the prompt is empty"),
         (["--file", "EMPTY"], "the prompt is empty"),
         (["--file", "BINARY"], "is not UTF-8 text (invalid start byte at byte 2)"),
-        (["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be an int in [0, 2**31), got -1"),
+        (["--prompt", "hi", "--max-new-tokens", "-1"], "--max-new-tokens must be an int >= 0, got -1"),
         (["--prompt", "hi", "--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
         (["--prompt", "hi", "--stop", ""], "stop strings must be non-empty strings, got ''"),

@@ -118,7 +118,7 @@ def test_the_chat_command_answers_each_line_with_the_document_before_the_first(l
 def test_the_chat_command_refuses_bad_options_in_one_line(capsys):
     assert main(["chat", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("hybridattn: error: temperature") and "\n" not in err
+    assert err.startswith("hybridattn: error: --temperature") and "\n" not in err
 
 
 def test_messages_the_chat_template_refuses_are_a_clear_error(llm):

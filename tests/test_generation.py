@@ -314,7 +314,7 @@ def test_the_full_attention_reference_decodes_as_the_engine_whatever_the_generat
     prompt = "Once upon a time there was a"
     assert llm.generate_full_attention(prompt, 16) == llm.generate(prompt, 16, progress=False).text
     assert llm.generate_full_attention(prompt, 0) == ""  # transformers refused 0 new tokens
-    with pytest.raises(ValueError, match=r"max_new_tokens must be an int in \[0, 2\*\*31\), got 2.5"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got 2.5"):
         llm.generate_full_attention(prompt, 2.5)
 
 

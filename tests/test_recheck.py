@@ -442,6 +442,12 @@ def test_a_read_limit_holds_back_every_run_again_that_would_read_past_it():
     assert not shared.affords(0.02, 0.02, 1.0, exact=True) and shared.affords(0.02, 0.02, 1.0)
 
 
+def test_a_generation_asked_to_run_until_the_end_foresees_no_float_overflow():
+    endless = RecheckBudget(share=1.0, read_limit=4.0, horizon=10**400)  # max_new_tokens "until the end"
+    assert endless.affords(0.02, 0.02, 0.06) and endless.room(0.02, 0.02) > 0  # OverflowError before
+    assert endless.room(0.02, 0.02) == RecheckBudget(1.0, 4.0, horizon=2**31 - 1).room(0.02, 0.02)
+
+
 def test_wider_runs_may_spend_what_the_steps_to_come_will_earn_exact_runs_may_not():
     # the first of 40 steps, 2% each: 40 * 2% * (3 - 1) = 1.6 of the host tokens may be read again
     ahead = RecheckBudget(share=1.0, read_limit=3.0, horizon=40)

@@ -152,7 +152,7 @@ def test_a_seed_is_taken_across_what_a_generator_takes_and_refused_past_it(llm, 
     monkeypatch.setattr(HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["generate", "--prompt", "hi", "--temperature", "1", "--seed", str(2**64)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"hybridattn: error: seed must be an int in [-2**63, 2**64), got {2**64}"
+    assert err == f"hybridattn: error: --seed must be an int in [-2**63, 2**64), got {2**64}"
 
 
 def test_a_batch_needs_a_list_of_prompts_and_a_sampling_for_each(llm, prompts):

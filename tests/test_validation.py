@@ -31,9 +31,8 @@ def llm(bundled_tokenizer):
         (torch.tensor([10**7]), {}, ValueError, "token ids must lie in"),
         ([5, 10**30], {}, ValueError, "token ids must lie in"),  # beyond int64 too
         ([5, -1], {}, ValueError, "token ids must lie in"),
-        ("hi", {"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int in [0, 2**31), got -1"),
-        ("hi", {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int in [0, 2**31), got 2.5"),
-        ("hi", {"max_new_tokens": 10**400}, ValueError, "max_new_tokens must be an int in [0, 2**31)"),
+        ("hi", {"max_new_tokens": -1}, ValueError, "max_new_tokens must be an int >= 0, got -1"),
+        ("hi", {"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 0, got 2.5"),
         ("hi", {"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
         ("hi", {"temperature": -1}, ValueError, "temperature must be a finite number >= 0"),
         ("hi", {"seed": "one"}, ValueError, "seed must be an int"),

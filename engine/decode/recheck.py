@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+from engine.config import MAX_COUNT
+
 
 class RowShare(NamedTuple):
     """One sequence's part of a step, as shares of its host tokens (0 while it has none)."""
@@ -87,7 +89,8 @@ class RecheckBudget:
     Reads are shares of the host tokens, summed over the steps."""
 
     def __init__(self, share: float, read_limit: float = 0.0, horizon: int = 0):
-        self.share, self.read_limit, self.horizon = share, read_limit, horizon
+        # held to a count a float holds: "until the end" may be asked as 10**400 (no generation runs 2**31 steps)
+        self.share, self.read_limit, self.horizon = share, read_limit, min(horizon, MAX_COUNT)
         self.steps = self.rechecked = 0
         self.read = self.selected = 0.0  # sums over its steps of RowShare.kv_read and .selected
 

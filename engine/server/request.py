@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass, field
 
 from engine.api import _token_id_list
-from engine.config import MAX_COUNT
 from engine.sampling import SEEDS
 from engine.stop import StopStrings, is_text
 
@@ -85,8 +84,7 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
                 "conversation's cache is kept from one turn to the next",
                 "document",
             )
-        max_tokens = _integer(body, "max_tokens", chat_max_tokens, high=MAX_COUNT)
-        request.max_tokens = _integer(body, "max_completion_tokens", max_tokens, high=MAX_COUNT)
+        request.max_tokens = _integer(body, "max_completion_tokens", _integer(body, "max_tokens", chat_max_tokens))
     else:
         request.prompts = _prompts(body.get("prompt"))
         request.document = body.get("document")
@@ -96,7 +94,7 @@ def parse_request(body, *, chat: bool, model: str, chat_max_tokens: int) -> Requ
             raise RequestError("document must be Unicode text: it holds a lone surrogate", "document")
         if request.document is not None and len(request.prompts) > 1:
             raise RequestError("document is continued by one prompt: send a request for each prompt", "document")
-        request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS, high=MAX_COUNT)
+        request.max_tokens = _integer(body, "max_tokens", COMPLETION_MAX_TOKENS)
     seed = _integer(body, "seed", None, low=SEEDS.start, high=SEEDS.stop - 1)
     request.sampling = dict(
         temperature=_number(body, "temperature", 1.0, low=0.0, high=None),
