@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 CLIENT_POLL_S = 0.5  # while a handler waits for the engine, how often it looks whether its client is still there
 
 
+class Closed(RuntimeError):
+    """A request the server, closed, does not run (HTTP 503 Service Unavailable)."""
+
+
 class Job:
     """One request and what the engine thread sends back for it, in order: ("response", dict), or
     ("chunk", dict)s then ("end", None), or ("error", exception) at any point."""
@@ -93,7 +97,7 @@ class Scheduler:
         job = Job(request)
         with self._ready:
             if self._closed:
-                raise RuntimeError("the server is closed")
+                raise Closed("the server is closed")
             self._waiting.append(job)
             self._ready.notify()
         return job
@@ -108,7 +112,7 @@ class Scheduler:
         for job in list(self._running):
             job.gone.set()
         for job in left:
-            job.send("error", RuntimeError("the server closed before this request ran"))
+            job.send("error", Closed("the server closed before this request ran"))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
 
@@ -159,7 +163,7 @@ class Scheduler:
                 self._waiting.extendleft(reversed(jobs))
                 return
         for job in jobs:
-            job.send("error", RuntimeError("the server closed before this request ran"))
+            job.send("error", Closed("the server closed before this request ran"))
 
     def _take(self) -> list[Job] | None:
         """The next jobs to run: the first waiting, with those after it that batch with it (that may join
@@ -185,5 +189,5 @@ class Scheduler:
             if not self._closed:
                 return taken
         for job in taken:  # closed while they were taken out of the queue
-            job.send("error", RuntimeError("the server closed before this request ran"))
+            job.send("error", Closed("the server closed before this request ran"))
         return None

@@ -229,6 +229,15 @@ def test_a_closed_stdin_is_named_and_not_an_internal_error(capsys, monkeypatch):
         assert message in one_error_line(capsys)
 
 
+def test_chat_refuses_an_empty_document_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import engine.api
+
+    monkeypatch.setattr(engine.api.HybridLLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["chat", "--file", str(tmp_path / "empty.txt")]) == 2
+    assert "empty.txt is empty" in one_error_line(capsys)
+
+
 def test_a_prefix_folder_below_a_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import engine.api
 

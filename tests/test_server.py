@@ -352,6 +352,23 @@ def test_a_server_refuses_a_chat_default_that_is_not_a_count(llm, tokens):
         Server(llm, port=0, model="tiny", chat_max_tokens=tokens)
 
 
+def test_a_chunked_body_is_refused_not_read_as_none():
+    from engine.server.endpoints import Handler
+
+    handler = Handler.__new__(Handler)
+    handler.headers, handler.rfile = {"Transfer-Encoding": "chunked"}, io.BytesIO(b'f\r\n{"prompt": "x"}\r\n0\r\n\r\n')
+    with pytest.raises(RequestError, match="send the body with a Content-Length") as refused:
+        handler._body()  # it was read as no body: "the request body must be a JSON object, got NoneType"
+    assert refused.value.status == 411
+
+
+def test_a_request_to_a_closed_scheduler_is_a_503(llm):
+    with running(Server(llm, port=0, model="tiny", chat_max_tokens=NEW)) as server:
+        server.scheduler.close()  # the HTTP server still up, as while `serve` stops
+        status, text = post(server, "/completions", {"prompt": "x", "max_tokens": 1})
+    assert status == 503 and json.loads(text)["error"]["message"] == "the server is closed"  # was a 500
+
+
 def test_a_method_the_server_does_not_serve_gets_a_json_error(server):
     request = urllib.request.Request(server.url + "/completions", method="DELETE")
     with pytest.raises(urllib.error.HTTPError) as refused:

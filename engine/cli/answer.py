@@ -146,6 +146,8 @@ def cmd_chat(args) -> int:
     if not stdin_open():
         raise ValueError("chat reads its messages from stdin, which is closed")
     document = _text(Path(args.file).read_bytes(), f"--file {args.file}") if args.file else None
+    if document == "":  # generate refuses an empty prompt; here it would go before the first message unseen
+        raise ValueError(f"--file {args.file} is empty")
     session = args.session  # a file that can be written (output_file), checked before the conversation
     if session is not None and session.exists() and (args.file or args.system):
         raise ValueError(f"--session: {session} holds a conversation already; --file and --system begin a new one")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from engine.scheduler import Scheduler
+from engine.scheduler import Closed, Scheduler
 from engine.server.completions import Completions
 from engine.server.request import RequestError, parse_request
 
@@ -56,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_json(200, job.response(self._connected))
         except RequestError as error:
             self._send_error(error)
+        except Closed as error:
+            self._send_error(RequestError(str(error), status=503))
         except (ValueError, TypeError) as error:  # what the engine refuses: the prompt, its token ids, a value
             self._send_error(RequestError(str(error)))
         except (BrokenPipeError, ConnectionResetError):
@@ -74,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
             return False
 
     def _body(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():  # it was read as no body at all
+            raise RequestError("send the body with a Content-Length: a chunked body is not read", status=411)
         given = (self.headers.get("Content-Length") or "0").strip()
         if not (given.isascii() and given.isdigit()):  # a negative length would read to the end of the stream
             raise RequestError(f"Content-Length must be a number of bytes, got {given!r}")
