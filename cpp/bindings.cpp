@@ -79,14 +79,18 @@ hybridattn::StoreView store_view(const py::buffer& buf, const std::string& name,
   return v;
 }
 
-// The bytes a buffer spans, [lo, hi); empty when it holds no element.
+// The bytes a buffer spans, [lo, hi); empty when it holds no element. Named (name, or name[index] of a
+// list) only where a message needs it: a decode step checks its buffers every call.
 struct Span {
-  std::string name;
+  const char* name;
+  py::ssize_t index = -1;
   uintptr_t lo = 0, hi = 0;
+
+  std::string label() const { return index < 0 ? name : std::string(name) + "[" + std::to_string(index) + "]"; }
 };
 
-Span span(const py::buffer_info& b, std::string name) {
-  Span s{std::move(name)};
+Span span(const py::buffer_info& b, const char* name, py::ssize_t index = -1) {
+  Span s{name, index};
   if (b.size == 0) return s;
   py::ssize_t below = 0, above = b.itemsize;
   for (py::ssize_t i = 0; i < b.ndim; ++i) {
@@ -98,8 +102,8 @@ Span span(const py::buffer_info& b, std::string name) {
   return s;
 }
 
-Span span(const hybridattn::StoreView& v, std::string name) {
-  Span s{std::move(name)};
+Span span(const hybridattn::StoreView& v, const char* name, py::ssize_t index = -1) {
+  Span s{name, index};
   if (v.n_heads == 0 || v.n_tokens == 0 || v.dim == 0) return s;
   const int64_t item = v.type == StoreType::f32 ? 4 : 2;
   s.lo = uintptr_t(v.data);
@@ -113,9 +117,9 @@ void expect_apart(const std::vector<Span>& outputs, const std::vector<Span>& inp
   auto meet = [](const Span& a, const Span& b) { return a.lo < b.hi && b.lo < a.hi; };
   for (size_t i = 0; i < outputs.size(); ++i) {
     for (size_t j = i + 1; j < outputs.size(); ++j)
-      if (meet(outputs[i], outputs[j])) fail(outputs[i].name + " and " + outputs[j].name + " share memory");
+      if (meet(outputs[i], outputs[j])) fail(outputs[i].label() + " and " + outputs[j].label() + " share memory");
     for (const Span& in : inputs)
-      if (meet(outputs[i], in)) fail(outputs[i].name + " shares memory with " + in.name);
+      if (meet(outputs[i], in)) fail(outputs[i].label() + " shares memory with " + in.label());
   }
 }
 
@@ -150,11 +154,11 @@ QueryBuffers query_buffers(const py::buffer& q, const py::buffer& ids, const py:
 
 // out and lse apart from q, ids and the stores.
 void expect_outputs_apart(const QueryBuffers& c, const std::vector<hybridattn::StoreView>& ks,
-                  const std::vector<hybridattn::StoreView>& vs) {
+                          const std::vector<hybridattn::StoreView>& vs) {
   std::vector<Span> inputs{span(c.q, "q"), span(c.ids, "ids")};
-  for (size_t b = 0; b < ks.size(); ++b) {
-    inputs.push_back(span(ks[b], "a K store"));
-    inputs.push_back(span(vs[b], "a V store"));
+  for (py::ssize_t b = 0; b < py::ssize_t(ks.size()); ++b) {
+    inputs.push_back(span(ks[b], "k_stores", b));
+    inputs.push_back(span(vs[b], "v_stores", b));
   }
   expect_apart({span(c.out, "out"), span(c.lse, "lse")}, inputs);
 }
@@ -370,8 +374,8 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
   std::vector<int64_t> list_rows;
   std::vector<Span> inputs{span(qb, "q")};
   for (py::ssize_t b = 0; b < B; ++b) {
-    inputs.push_back(span(ks[b], "k_stores[" + std::to_string(b) + "]"));
-    inputs.push_back(span(vs[b], "v_stores[" + std::to_string(b) + "]"));
+    inputs.push_back(span(ks[b], "k_stores", b));
+    inputs.push_back(span(vs[b], "v_stores", b));
   }
   py::ssize_t L = -1;
   for (py::ssize_t b = 0; b < B; ++b) {
@@ -383,7 +387,7 @@ void host_step(const py::buffer& q, const py::list& k_stores, const py::list& v_
       if (L >= 0 && lb.shape[2] != L) fail("all lists with rows must have one length (their last dimension)");
       L = lb.shape[2];
     }
-    inputs.push_back(span(lb, "lists[" + std::to_string(b) + "]"));
+    inputs.push_back(span(lb, "lists", b));
     list_ptrs.push_back(static_cast<const int32_t*>(lb.ptr));
     list_rows.push_back(lb.shape[1]);
   }

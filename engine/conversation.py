@@ -8,23 +8,24 @@ without prefilling them again."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 
 from engine.prefix import KeptCache, Prefix
 from engine.prefix_file import saved_extra
-from engine.sampling import check_sampling
-from engine.stop import stop_list
+from engine.sampling import Sampling
 
 SAVED_AS = "conversation"  # the key of the messages in a saved prefix file's extra metadata
 
 
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(Sampling)}
+
+
 def _check_answer(max_new_tokens, kwargs: dict) -> None:
-    """A turn's generation arguments, checked before its prefill (after it, a bad one cost the prefill)."""
-    get = kwargs.get
-    check_sampling(max_new_tokens, get("temperature", 0.0), get("seed", 0), get("top_k", 0), get("top_p", 1.0),
-                   get("stop_at_eos", True))  # fmt: skip
-    stop_list(get("stop"))
+    """A turn's generation arguments, checked (as a `Sampling` checks them) before its prefill: after it, a
+    bad one cost the prefill."""
+    Sampling(max_new_tokens, **{k: v for k, v in kwargs.items() if k in SAMPLING_FIELDS})
 
 
 class Conversation:
