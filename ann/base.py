@@ -71,14 +71,19 @@ def check_k(k, n: int) -> int:
     return int(k)
 
 
-def check_counts(*, positive: dict | None = None, non_negative: dict | None = None) -> None:
-    """Each named parameter must be an int (not a bool): those in `positive` > 0, those in `non_negative` >= 0."""
-    for values, low, word in ((positive or {}, 1, "positive"), (non_negative or {}, 0, "non-negative")):
+def check_counts(*, positive: dict | None = None, non_negative: dict | None = None, seeds: dict | None = None) -> None:
+    """Each named parameter must be an int (not a bool): those in `positive` > 0, those in `non_negative` >= 0,
+    those in `seeds` in [0, 2**31) (faiss's clustering takes a C int)."""
+    groups = ((positive or {}, 1, "positive"), ({**(non_negative or {}), **(seeds or {})}, 0, "non-negative"))
+    for values, low, word in groups:
         for name, v in values.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
             if v < low:
                 raise ValueError(f"{name} must be {word}, got {v}")
+    for name, v in (seeds or {}).items():
+        if v >= 2**31:
+            raise ValueError(f"{name} must be below 2**31, got {v}")
 
 
 class GrowableKeys:

@@ -393,7 +393,8 @@ class BlockKeyIndex(Selector):
         store=None,
     ):
         check_counts(positive={"n_blocks": n_blocks})
-        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1):
+        share = isinstance(frac, (int, float, np.integer, np.floating)) and not isinstance(frac, bool)
+        if frac is not None and not (share and 0 < frac <= 1):
             raise ValueError(f"frac must be a share in (0, 1], got {frac!r}")
         self.dim, self.n_blocks, self.frac = dim, n_blocks, frac
         self.blocks = BlockIndex(1, dim, block_size=block_size, landmark=landmark)

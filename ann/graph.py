@@ -109,6 +109,7 @@ class GraphIndex:
                 "n_hubs": n_hubs,
                 "n_add_links": n_add_links,
             },
+            seeds={"seed": seed},
         )
         if degree <= spare:
             raise ValueError(f"need degree > spare, got degree={degree}, spare={spare}")

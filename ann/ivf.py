@@ -29,7 +29,7 @@ class IVFIndex(FaissBacked):
     centroids and the list entries scored (faiss's own counter) per query."""
 
     def __init__(self, dim: int, nlist: int = 256, nprobe: int = 8, seed: int = 0):
-        check_counts(positive={"nlist": nlist, "nprobe": nprobe}, non_negative={"seed": seed})
+        check_counts(positive={"nlist": nlist, "nprobe": nprobe}, seeds={"seed": seed})
         self.dim, self.nlist, self.nprobe, self.seed = dim, nlist, nprobe, seed
         self.index = None
 

@@ -164,17 +164,20 @@ class QueryLists:
         m = min(self.m_keys, keys.shape[1])
         scores, ids = topk_keys(queries, keys, m)
         shape = (self.n_heads, queries.shape[1], self.m_keys)
-        try:
-            self.lists = torch.full(shape, -1, dtype=torch.int32)
-            self.list_scores = torch.full(shape, float("-inf"))
+        try:  # into new tensors, put in place at the end: a build that fails leaves the lists as they were
+            lists = torch.full(shape, -1, dtype=torch.int32)
+            list_scores = torch.full(shape, float("-inf"))
         except (RuntimeError, MemoryError) as error:  # the allocator's bare message names no option
             raise ValueError(
                 f"the query lists of m_keys = {self.m_keys} keys for {shape[1]} build queries x {shape[0]} heads "
                 f"({8 * math.prod(shape) / 2**30:.1f} GiB) could not be allocated: lower m_keys (or max_queries)"
             ) from error
-        self.lists[:, :, :m] = ids.to(torch.int32).cpu()
-        self.list_scores[:, :, :m] = scores.cpu()
-        self.raw = queries.float().cpu().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
+        lists[:, :, :m] = ids.to(torch.int32).cpu()
+        list_scores[:, :, :m] = scores.cpu()
+        raw = queries.float().cpu().contiguous()  # contiguous: the kernel adds take it in (ann.precompile)
+        if raw.untyped_storage().data_ptr() == queries.untyped_storage().data_ptr():
+            raw = raw.clone()  # the caller's own queries: theirs to change after the build
+        self.lists, self.list_scores, self.raw = lists, list_scores, raw
         self.queries = _unit(queries.float()).to(self.dtype)
         self.n_keys = keys.shape[1]
 
@@ -195,7 +198,9 @@ class QueryLists:
         return {**{name: getattr(self, name) for name in names}, "n_keys": torch.tensor([self.n_keys])}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """These lists as a `state()` left them, taken of lists of the same heads, dim and m_keys."""
+        """These lists as a `state()` left them, taken of lists of the same heads, dim and m_keys. The lists
+        take the tensors over where they can (`add` changes them in place): state() of live lists is no
+        state to load into others."""
         n_queries = state["raw"].shape[1]
         for name, width in (
             ("queries", self.dim),
@@ -296,6 +301,7 @@ class QQIndex(Selector):
 
     @n_neighbors.setter
     def n_neighbors(self, value: int) -> None:
+        check_counts(positive={"n_neighbors": value})
         self.lists.n_neighbors = value
 
     @property
@@ -321,9 +327,9 @@ class QQIndex(Selector):
         if queries is None:
             raise ValueError("the qq selector needs build queries (prefill queries of the group's heads)")
         queries = as_vectors(queries, self.dim, "queries")
-        if self._owns_store:
-            self.store.reset(keys)
         self.lists.build(torch.from_numpy(keys)[None], torch.from_numpy(queries)[None])
+        if self._owns_store:  # after the lists, which do not read it: a build they refuse leaves both as they were
+            self.store.reset(keys)
 
     def add(self, keys: np.ndarray) -> None:
         keys = as_vectors(keys, self.dim, "keys")

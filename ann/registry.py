@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ann.base import GrowableKeys
+from ann.base import GrowableKeys, check_counts
 
 METHODS = ("flat", "ivf", "hnsw", "graph", "qq", "block", "union", "hybrid")
 
@@ -40,8 +40,7 @@ def make_index(method: str, dim: int, **params):
     params can be overridden with `block={...}` and `qq={...}`."""
     if method not in METHODS:
         raise ValueError(f"unknown index method {method!r}; known methods: {', '.join(METHODS)}")
-    if not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    check_counts(positive={"dim": dim})
     if method in ("union", "hybrid"):
         from ann.union import UnionIndex
 
@@ -49,8 +48,6 @@ def make_index(method: str, dim: int, **params):
         store = GrowableKeys(dim)
         sels = []
         for name, p in specs:
-            if name in ("union", "hybrid") or name not in METHODS:
-                raise ValueError(f"union selector must be one of flat, ivf, hnsw, graph, qq, block; got {name!r}")
             shares = name in ("qq", "block", "graph")
             sels.append(index_class(name)(dim, **p, **({"store": store} if shares else {})))
         return UnionIndex(dim, sels, store=store)
@@ -82,4 +79,7 @@ def _selectors(method: str, params: dict) -> list[tuple[str, dict]]:
     specs = params.pop("selectors", None)
     if not specs or params:
         raise TypeError("union takes exactly selectors=[(method, params), ...]")
+    for name, _ in specs:
+        if name in ("union", "hybrid") or name not in METHODS:
+            raise ValueError(f"union selector must be one of flat, ivf, hnsw, graph, qq, block; got {name!r}")
     return list(specs)

@@ -46,8 +46,14 @@ class UnionIndex(Selector):
         """keys [N, dim]; queries [Nq, dim] go to every selector."""
         keys = as_vectors(keys, self.dim, "keys")
         self.store.reset(keys)
-        for s in self.selectors:
-            s.build(keys, queries)
+        try:
+            for s in self.selectors:
+                s.build(keys, queries)
+        except BaseException:
+            # The selectors built so far index the new keys, the rest the old: the union holds no keys
+            # until a build succeeds (searches and adds refuse), rather than ids past its store's end.
+            self.store.reset(keys[:0])
+            raise
 
     def add(self, keys: np.ndarray) -> None:
         keys = as_vectors(keys, self.dim, "keys")
@@ -59,6 +65,8 @@ class UnionIndex(Selector):
 
     def candidates(self, q: np.ndarray, k: int = 100) -> tuple[np.ndarray, int, int]:
         """q [G, dim] -> merged candidates [C] (duplicates possible), other vectors and keys the selectors scored."""
+        if len(self.store) == 0:
+            raise RuntimeError("search before build: the union holds no keys")
         parts, aux, found = [], 0, 0
         for s in self.selectors:
             c, a, f = group_candidates(s, q, k)

@@ -307,3 +307,36 @@ def test_rewind_takes_the_lists_back_to_their_mark(data):
         lists.rewind(mark)
         assert np.array_equal(lists.lists.numpy(), before[0].numpy()) and lists.n_keys == before[2]
         assert np.array_equal(lists.list_scores.numpy(), before[1].numpy())
+
+
+def test_the_lists_keep_their_own_copy_of_the_build_queries(data):
+    keys, bq, _ = data
+    mine, theirs = QQIndex(keys.shape[1], n_add=4), QQIndex(keys.shape[1], n_add=4)
+    queries = bq[:200].copy()
+    mine.build(keys, queries)
+    theirs.build(keys, queries.copy())
+    queries[:] = 0  # the caller's array, changed after the build: the logits of added keys came from it
+    mine.add(2 * keys[:8])
+    theirs.add(2 * keys[:8])
+    assert np.array_equal(mine.lists.lists.numpy(), theirs.lists.lists.numpy())
+
+
+def test_a_build_the_lists_refuse_leaves_the_index_as_it_was(data):
+    keys, bq, tq = data
+    index = QQIndex(keys.shape[1], m_keys=2**40)
+    with pytest.raises(ValueError, match="could not be allocated"):
+        index.build(keys, bq)
+    assert len(index) == 0 and index.lists.n_queries == 0  # not the new keys' store beside no lists
+    index = QQIndex(keys.shape[1])
+    index.build(keys, bq)
+    before = index.search(tq, 10)
+    index.lists.m_keys = 2**40
+    with pytest.raises(ValueError, match="could not be allocated"):
+        index.build(keys[:50], bq)
+    assert len(index) == len(keys) and np.array_equal(index.search(tq, 10).ids, before.ids)
+
+
+def test_n_neighbors_set_later_is_checked(data):
+    index = QQIndex(data[0].shape[1])
+    with pytest.raises(ValueError, match="n_neighbors must be positive"):
+        index.n_neighbors = 0  # searched nothing: every id -1

@@ -31,6 +31,9 @@ def test_unknown_method_names_the_known_ones():
         make_index("annoy", 8)
     with pytest.raises(ValueError, match="dim"):
         make_index("flat", 0)
+    with pytest.raises(TypeError, match="dim must be an int, got bool"):
+        make_index("flat", True)
+    assert make_index("flat", np.int64(8)).dim == 8  # numpy ints are counts as everywhere else
 
 
 @pytest.mark.parametrize(
@@ -48,7 +51,12 @@ def test_unknown_method_names_the_known_ones():
         ("block", {"n_blocks": 0}, ValueError, "n_blocks must be positive"),
         ("block", {"frac": 0.0}, ValueError, r"frac must be a share in \(0, 1\], got 0.0"),
         ("block", {"frac": float("nan")}, ValueError, "frac must be a share"),
+        ("block", {"frac": np.float32(1.5)}, ValueError, "frac must be a share"),
         ("block", {"block_size": 2.5}, TypeError, "block_size must be an int"),
+        ("graph", {"seed": -1}, ValueError, "seed must be non-negative, got -1"),
+        ("graph", {"seed": 1.5}, TypeError, "seed must be an int"),
+        ("ivf", {"seed": 2**31}, ValueError, r"seed must be below 2\*\*31"),
+        ("union", {"selectors": [("annoy", {})]}, ValueError, "union selector must be one of"),
     ],
 )
 def test_bad_parameters_are_refused_when_the_index_is_made(method, params, err, msg):
@@ -155,6 +163,8 @@ def test_estimate_refuses_an_unknown_method():
 
     with pytest.raises(ValueError, match="unknown index method 'lsh'"):
         estimate_index_bytes("lsh", 10, 4)
+    with pytest.raises(ValueError, match="union selector must be one of"):  # was a KeyError
+        estimate_index_bytes("union", 10, 4, selectors=[("annoy", {})])
 
 
 @pytest.mark.parametrize(("method", "params"), [("ivf", {"nlist": 64, "nprobe": 8}), ("hnsw", {"ef": 64})])

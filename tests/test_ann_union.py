@@ -1,6 +1,7 @@
 """Union of selectors: shared keys, deduplicated candidates, exact rerank, GQA groups."""
 
 import numpy as np
+import pytest
 
 from ann.registry import make_index
 from ann.selector import search_group
@@ -58,3 +59,22 @@ def test_keys_a_graph_selector_scores_are_counted():
     res = search_group(u, tq, 10)
     n_c = len(np.unique(cand[cand >= 0]))
     assert res.keys_scored == 3 * n_c + found
+
+
+def test_a_build_a_selector_refuses_leaves_no_ids_past_the_keys():
+    keys, bq, tq = clustered(n_keys=600, n_build=300)
+    u = make_index("hybrid", keys.shape[1])
+    u.build(keys, bq)
+    with pytest.raises(ValueError, match="needs build queries"):
+        u.build(keys[:100])  # the block selector built on the 100 keys, the qq one refused and kept the 600
+    # before, the union searched its 100 keys with lists of the 600: ids past the store's end, scores read beyond it
+    for call in (lambda: u.search(tq, 10), lambda: u.candidates(tq[:3], 10)):
+        with pytest.raises(RuntimeError, match="before build"):
+            call()
+    with pytest.raises(RuntimeError, match="add before build"):
+        u.add(tq[:1])
+    u.build(keys[:100], bq)
+    fresh = make_index("hybrid", keys.shape[1])
+    fresh.build(keys[:100], bq)
+    assert_valid(u.search(tq, 10), 100, len(tq), 10)
+    assert np.array_equal(u.search(tq, 10).ids, fresh.search(tq, 10).ids)
