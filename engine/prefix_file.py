@@ -160,7 +160,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     path.parent.mkdir(parents=True, exist_ok=True)
     # a temporary file of its own: two saves to one path (two servers sharing a folder) wrote into one,
     # the second's truncation leaving zeros inside the first's, which it then renamed into place
-    partial = path.with_name(f"{path.name}.{secrets.token_hex(8)}.partial")
+    # (the name cut to leave room for its tail: a name the file system takes was refused with that tail)
+    partial = path.with_name(f"{path.name[:200]}.{secrets.token_hex(8)}.partial")
     try:
         with (
             open(partial, "xb") as f,
@@ -236,11 +237,13 @@ def _checked_document(f, path: Path, llm, document) -> torch.Tensor:
     if meta.get("model") != model_fingerprint(llm.model):
         raise ValueError(f"{path} holds a prefix of another model (or other weights, dtype or RoPE scaling)")
     saved, mine = json.loads(meta.get("config", "{}")), json.loads(json.dumps(state_config(llm.offload)))
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is damaged: its configuration is not a map of fields")
     differ = [name for name in mine if saved.get(name) != mine[name]]
     if differ:
         fields = ", ".join(f"{name}={saved.get(name)!r}" for name in differ)
         raise ValueError(f"{path} was saved under another configuration: load it with {fields}")
-    ids = f.get_tensor("document").long()[None]
+    ids = read_tensor(f, "document").long()[None]
     if ids.shape[1] < 2:
         raise ValueError(f"{path} holds a document of {ids.shape[1]} tokens; a prefix holds at least 2")
     vocab = llm.model.get_input_embeddings().num_embeddings
@@ -266,7 +269,7 @@ def _loaded(f, path: Path, llm, cached: int, progress: bool) -> HybridCache:
                 restore_layer(layer, LayerFile(f, i, names), weight.device, weight.dtype)
             except torch.OutOfMemoryError:
                 raise  # not the file's fault: it stays as it is
-            except (KeyError, IndexError, TypeError, RuntimeError) as error:  # a part missing or out of shape
+            except (KeyError, IndexError, TypeError, RuntimeError, OverflowError) as error:  # a part missing, say
                 why = f"{type(error).__name__}: {error}"
                 raise ValueError(f"{path} is damaged: its layer {i} does not load ({why})") from error
             if layer.n_seen != cached:
@@ -275,6 +278,13 @@ def _loaded(f, path: Path, llm, cached: int, progress: bool) -> HybridCache:
         cache.release()
         raise
     return cache
+
+
+def read_tensor(f, name: str) -> torch.Tensor:
+    """The tensor `name` of the open file, in memory of its own. The file's own is a mapping of it that
+    outlives the file's closing: a cache holding it changed as the file was written over, and a file cut
+    short under it ended the process (SIGBUS)."""
+    return f.get_tensor(name).clone()
 
 
 @dataclasses.dataclass
@@ -292,7 +302,7 @@ class LayerFile:
         name = f"layers.{self.layer}.{part}"
         if name not in self.names:
             raise ValueError(f"the prefix file lacks {name}")
-        return self.f.get_tensor(name)
+        return read_tensor(self.f, name)
 
     def rows(self, part: str):
         """The tensor [H, n, D], a block of rows at a time."""
@@ -304,7 +314,7 @@ class LayerFile:
     def state(self, part: str) -> dict[str, torch.Tensor]:
         """The tensors of the component `part` (`summary`, `key_index`, ...) under their own names."""
         prefix = f"layers.{self.layer}.{part}."
-        return {name[len(prefix) :]: self.f.get_tensor(name) for name in self.names if name.startswith(prefix)}
+        return {name[len(prefix) :]: read_tensor(self.f, name) for name in self.names if name.startswith(prefix)}
 
 
 def restore_layer(layer: HybridLayer, saved: LayerFile, device: torch.device, dtype: torch.dtype) -> None:
@@ -393,10 +403,12 @@ class PrefixFolder:
         if path.is_file():
             try:
                 prefix = self.llm.load_prefix(path, document=text, progress=progress)
-                os.utime(path)  # used now: the last to go
-                return prefix, True
-            except ValueError as error:  # damaged, say: prefilled again and saved over it
+            except (ValueError, OSError) as error:  # damaged, or gone (another server's trim): prefilled again
                 log.warning("%s was not loaded, and its document is prefilled again: %s", path, error)
+            else:
+                with suppress(OSError):  # gone since: the prefix is loaded all the same
+                    os.utime(path)  # used now: the last to go
+                return prefix, True
         prefix = self.llm.prefix(text, progress=progress, leave=leave)
         try:
             prefix.save(path, progress=progress)
@@ -412,11 +424,15 @@ class PrefixFolder:
             with suppress(FileNotFoundError):  # renamed by the process that wrote it, meanwhile
                 if time.time() - f.stat().st_mtime > STALE_PARTIAL_S:  # one being written changes as it grows
                     f.unlink()
-        files = sorted(self.folder.glob("*.prefix"), key=lambda f: f.stat().st_mtime)
-        total = sum(f.stat().st_size for f in files)
-        for f in files:
+        found = {}  # each file's (last use, size), read once: another server's trim may remove it meanwhile
+        for f in self.folder.glob("*.prefix"):
+            with suppress(FileNotFoundError):
+                stat = f.stat()
+                found[f] = (stat.st_mtime, stat.st_size)
+        total = sum(size for _, size in found.values())
+        for f in sorted(found, key=lambda f: found[f][0]):
             if total <= self.max_bytes:
                 break
             if f != keep:
-                total -= f.stat().st_size
+                total -= found[f][1]
                 f.unlink(missing_ok=True)

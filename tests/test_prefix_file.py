@@ -181,6 +181,50 @@ def test_a_damaged_file_is_refused_and_nothing_is_kept(model, bundled_tokenizer,
     loaded.release()
 
 
+def test_damaged_metadata_and_counts_of_another_dtype_are_refused_as_damage(model, bundled_tokenizer, saved):
+    # an AttributeError and an OverflowError before, which a prefix folder did not take for damage: its
+    # document failed on every request rather than being prefilled again
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(saved)
+    save_file(tensors, saved.with_name("config.prefix"), metadata={**meta, "config": "null"})
+    with pytest.raises(ValueError, match="config.prefix is damaged: its configuration is not a map"):
+        llm.load_prefix(saved.with_name("config.prefix"), progress=False)
+    counts = {**tensors, "layers.1.counts": torch.full((4,), float("inf"), dtype=torch.float64)}
+    save_file(counts, saved.with_name("counts.prefix"), metadata=meta)
+    with pytest.raises(ValueError, match="counts.prefix is damaged: its layer 1 does not load"):
+        llm.load_prefix(saved.with_name("counts.prefix"), progress=False)
+
+
+def test_a_loaded_prefix_does_not_change_with_its_file(model, bundled_tokenizer, ids, saved):
+    # the loaded tensors were the file's memory mapping: written over in place after the load (same inode),
+    # the file changed the cache that had been loaded from it (cut short, it ended the process)
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    loaded = llm.load_prefix(saved, progress=False)
+    want = answer(llm, ids[400:430], loaded)
+    before = saved_state(loaded.cache)
+    with open(saved, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        f.write(b"\x00" * size)
+    assert same_states(saved_state(loaded.cache), before)
+    assert answer(llm, ids[400:430], loaded) == want
+    loaded.release()
+
+
+def test_a_long_file_name_the_file_system_takes_is_saved(model, bundled_tokenizer, ids, tmp_path):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:200], progress=False)
+    path = tmp_path / ("d" * 240 + ".prefix")  # 247 bytes; its temporary file's name was 272: refused
+    prefix.save(path, progress=False)
+    loaded = llm.load_prefix(path, document=ids[:200], progress=False)
+    assert loaded.tokens == prefix.tokens and not list(tmp_path.glob("*.partial"))
+    for p in (prefix, loaded):
+        p.release()
+
+
 def test_a_prefix_whose_index_cannot_be_saved_is_refused_and_writes_nothing(model, bundled_tokenizer, ids, tmp_path):
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL.replace(key_index="flat", budget="fixed", top_k=8))
     prefix = llm.prefix(ids[:200], progress=False)
@@ -213,6 +257,33 @@ def test_a_prefix_folder_keeps_the_documents_used_last_within_its_size(model, bu
         prefix, loaded = folder.prefix(documents[0], progress=False)
     assert not loaded and "was not loaded" in caplog.text and folder.path(documents[0]).stat().st_size == size
     prefix.release()
+
+
+def test_a_file_another_server_removes_meanwhile_is_served_all_the_same(model, bundled_tokenizer, tmp_path):
+    # another server's trim removing the file between the folder's look and its load, or between the load
+    # and the mark of its use: a FileNotFoundError reached the request (in the second case with the loaded
+    # prefix never released)
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    folder, text = PrefixFolder(llm, tmp_path, 2**30), "Alice keeps the red key. " * 30
+    folder.prefix(text, progress=False)[0].release()
+    load = llm.load_prefix
+    for removed_after_load, want_loaded in ((False, False), (True, True)):
+
+        def removing(path, removed_after_load=removed_after_load, **kwargs):
+            if removed_after_load:
+                prefix = load(path, **kwargs)
+                path.unlink()
+                return prefix
+            path.unlink()
+            return load(path, **kwargs)
+
+        llm.load_prefix = removing
+        prefix, loaded = folder.prefix(text, progress=False)
+        llm.load_prefix = load
+        assert loaded == want_loaded and prefix.tokens == len(llm.encode(text)[0])
+        prefix.release()
+        if removed_after_load:
+            assert not folder.path(text).exists()
 
 
 def test_two_saves_to_one_path_at_once_each_write_a_file_of_their_own(model, bundled_tokenizer, ids, tmp_path):
