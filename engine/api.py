@@ -262,8 +262,7 @@ class HybridLLM:
         prompts do).
         After a `prefix` (`HybridLLM.prefix`), `prompts` is one prompt that continues it, which the prompts from
         `more()` may join."""
-        if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
+        _check_prompts(prompts)
         if prefix is not None and len(prompts) > 1:
             raise ValueError(f"after a prefix, stream_batch takes one prompt (more() adds others), got {len(prompts)}")
         _check_function("more", more)
@@ -332,8 +331,7 @@ class HybridLLM:
         and after each of its tokens, ends it there where true (another thread stopping the work, say;
         its finish "left"; one that leaves in its prefill has no token).
         Each report is its own sequence's (GenerationReport); the bytes are the batch's."""
-        if not prompts:
-            raise ValueError("the list of prompts is empty")
+        _check_prompts(prompts)
         _check_function("leave", leave)
         stops = StopStrings(self.tokenizer, stop)
         pick = self._pick(
@@ -446,6 +444,12 @@ def _check_function(name: str, value) -> None:
 def _is_joining(entry) -> bool:
     """Whether `entry` is a (prompt, Sampling) pair, as `stream_batch`'s `more` gives them."""
     return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Sampling) and not _is_batch(entry[0])
+
+
+def _check_prompts(prompts) -> None:
+    """A batch's prompts: a list of them, not one prompt (a string was a batch of its characters)."""
+    if not isinstance(prompts, list) or not prompts or any(_is_batch(p) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of prompts (each a string, messages or token ids)")
 
 
 def _is_batch(prompt) -> bool:

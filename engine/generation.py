@@ -367,10 +367,18 @@ class Decoding:
 
 
 def _per_row(value, rows: int, name: str, kind) -> list:
-    """`value` for each of the rows: given once for all, or as a list of one per row."""
+    """`value` for each of the rows: given once for all, or as a list of one per row; each of `kind` (a
+    bool is no int: a limit of True)."""
+
+    def of_kind(v) -> bool:
+        return isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+
     if not isinstance(value, list):
+        if not of_kind(value):  # a limit of 2.5 was never reached: the row decoded on without end
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"{name} must be {kinds}, or a list of one per row, got {value!r}")
         return [value] * rows
-    if len(value) != rows or not all(isinstance(v, kind) for v in value):
+    if len(value) != rows or not all(of_kind(v) for v in value):
         raise ValueError(f"{name}, given as a list, must give each of the {rows} rows its own, got {value!r}")
     return list(value)
 

@@ -160,6 +160,9 @@ def test_a_batch_needs_a_list_of_prompts_and_a_sampling_for_each(llm, prompts):
         list(llm.stream_batch([], Sampling()))
     with pytest.raises(ValueError, match="non-empty list of prompts"):
         list(llm.stream_batch(prompts[0], Sampling()))
+    for one in ("Hi!", torch.tensor([5, 6, 7])):  # a string was a batch of its characters
+        with pytest.raises(ValueError, match="non-empty list of prompts"):
+            llm.generate_batch(one, 2, progress=False)
     with pytest.raises(ValueError, match="one per prompt"):
         list(llm.stream_batch(prompts, [Sampling(), Sampling()]))
     with pytest.raises(ValueError, match="one GenerationReport per prompt"):
@@ -174,6 +177,13 @@ def test_a_decoding_takes_per_row_settings_only_one_per_row():
         Decoding(None, None, logits[:1], -1)
     with pytest.raises(ValueError, match="pick, given as a list"):
         Decoding(None, None, logits[:1], 3, pick=[max, max])
+    # one value for every row is checked as those of a list are: a limit of 2.5 was never reached (the row
+    # decoded on without end), one of True was 1
+    for limit in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="max_new_tokens must be int, or a list of one per row"):
+            Decoding(None, None, logits[:1], limit)
+    with pytest.raises(TypeError, match="eos must be set or frozenset"):
+        Decoding(None, None, logits[:1], 3, eos=2)
 
 
 def test_each_prompt_stops_at_an_end_token_or_not_as_its_sampling_says(llm, prompts, monkeypatch):
