@@ -112,6 +112,10 @@ def state_config(cfg) -> dict:
 def save_prefix(prefix, path, *, extra: dict[str, str] | None = None, progress: bool = True) -> int:
     """Write the engine.prefix.Prefix (between prompts: at the document's state) to `path`, with the strings
     `extra` in its metadata (`saved_extra` reads them back); returns the bytes written."""
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict) or not all(isinstance(v, str) and isinstance(k, str) for k, v in extra.items()):
+        # (saved_extra would take the file for a damaged one)
+        raise TypeError(f"extra must be a dict of strings, got {extra!r}")
     tensors = {"document": prefix.ids[0]}
     for i, layer in enumerate(prefix.cache.layers):
         tensors.update({f"layers.{i}.{name}": t for name, t in layer_state(layer).items()})
@@ -120,7 +124,7 @@ def save_prefix(prefix, path, *, extra: dict[str, str] | None = None, progress: 
         "model": model_fingerprint(prefix.model),
         "config": json.dumps(state_config(prefix.cache.offload_config), sort_keys=True),
         "layers": str(len(prefix.cache.layers)),
-        "extra": json.dumps(extra or {}),
+        "extra": json.dumps(extra),
     }
     return write_safetensors(Path(path), tensors, metadata, progress=progress)
 

@@ -214,6 +214,16 @@ def test_a_loaded_prefix_does_not_change_with_its_file(model, bundled_tokenizer,
     loaded.release()
 
 
+def test_extra_metadata_is_refused_unless_strings_before_anything_is_written(model, bundled_tokenizer, ids, tmp_path):
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    prefix = llm.prefix(ids[:200], progress=False)
+    for extra in ({"turns": 3}, ["turns"]):  # written, then read back by saved_extra as a damaged file's
+        with pytest.raises(TypeError, match="extra must be a dict of strings"):
+            prefix.save(tmp_path / "doc.prefix", extra=extra, progress=False)
+    assert not list(tmp_path.iterdir())
+    prefix.release()
+
+
 def test_a_long_file_name_the_file_system_takes_is_saved(model, bundled_tokenizer, ids, tmp_path):
     llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
     prefix = llm.prefix(ids[:200], progress=False)
