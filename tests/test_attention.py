@@ -260,6 +260,11 @@ def test_a_model_with_a_sliding_window_is_warned_that_the_whole_context_is_atten
     for config, window in windowed:
         with pytest.warns(UserWarning, match=f"sliding window of {window} tokens"):
             check_supported(config)
+    # the warning names the user's line, through however many of the engine's calls (it named engine/cache/cache.py)
+    _warn_sliding_window.cache_clear()
+    with pytest.warns(UserWarning, match="sliding window") as caught:
+        HybridCache(MistralConfig(sliding_window=512, attn_implementation="hybrid", **shape), OffloadConfig())
+    assert [w.filename for w in caught] == [__file__]
     plain = [MistralConfig(sliding_window=None, **shape), Qwen2Config(sliding_window=256, **shape), LlamaConfig()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

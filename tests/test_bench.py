@@ -48,12 +48,34 @@ def test_bench_kernel_quick(tmp_path):
         assert c["max_abs_err"] < 2e-3
 
 
-def test_bench_decode_quick(tmp_path):
-    out = tmp_path / "decode.json"
-    script("bench.speed.decode").main(
-        ["--quick", "--models", "tiny-llama", "--layers", "2", "--contexts", "256", "512", "--json", str(out)]
-    )
+def test_bench_decode_quick(tmp_path, monkeypatch):
+    from engine.cache.layer import HybridLayer
+
+    out, decode = tmp_path / "decode.json", script("bench.speed.decode")
+    adds, per_block = [], []  # the key index's adds, and those made within each run over a block of steps
+    add, time_block = HybridLayer.index_new_keys, decode.time_block
+
+    def counted_add(layer):
+        adds.append(layer)
+        add(layer)
+
+    def counted_block(*args):
+        before = len(adds)
+        ms = time_block(*args)
+        per_block.append(len(adds) - before)
+        return ms
+
+    monkeypatch.setattr(HybridLayer, "index_new_keys", counted_add)
+    monkeypatch.setattr(decode, "time_block", counted_block)
+    decode.main(["--quick", "--models", "tiny-llama", "--layers", "2", "--contexts", "256", "512", "--json", str(out)])
     cases = json.loads(out.read_text())["cases"]
+    # a run over a block of steps makes one add a layer (the 3 timed steps of --quick make none) where there
+    # is a key index to add to: the price of the re-checks starts from its mean
+    offloading = [c for c in cases if c.get("host_bytes") and c["method"].startswith("hybrid")]
+    assert len(per_block) == len(offloading) > 0
+    assert all((c.get("attn_ms_per_layer_over_block") is None) == (c not in offloading) for c in cases)
+    made = {(c["method"], c["context"]): n for c, n in zip(offloading, per_block)}
+    assert made["hybrid-default", 512] == 2 and made["hybrid-block-only", 512] == 0  # (no key index)
     keys = {"model", "method", "context", "decode_ms_per_token", "prefill_s", "device_bytes", "host_bytes"}
     timed = [c for c in cases if "error" not in c]
     assert {c["context"] for c in timed} == {256, 512}
@@ -77,10 +99,11 @@ def test_bench_decode_quick(tmp_path):
             first, second = c["wider_kv_read_frac"]
             # (on the tiny random model's flat attention the wider still may find no token more to read)
             assert 0 < first <= second, c["wider_kv_read_frac"]
-            assert c["attn_ms_per_layer_with_rechecks"] > c["attn_ms_per_layer_mean"]
-            # priced from the step's mean, not its median (which leaves out the key index's adds once a block)
+            assert c["attn_ms_per_layer_with_rechecks"] > c["attn_ms_per_layer_over_block"]
+            # priced from the mean over a block of steps, not the median nor the mean of --steps fewer than a
+            # block (which leave out the key index's adds once a block)
             priced = script("bench.common.timing").with_rechecks(
-                c["attn_ms_per_layer_mean"], c["wider_attn_ms_per_layer"], c["rerun_attn_ms_per_layer"][str(span)]
+                c["attn_ms_per_layer_over_block"], c["wider_attn_ms_per_layer"], c["rerun_attn_ms_per_layer"][str(span)]
             )
             assert c["attn_ms_per_layer_with_rechecks"] == pytest.approx(priced, abs=2e-4)
         else:
@@ -102,9 +125,22 @@ def test_rechecks_are_priced_run_by_run_at_the_prose_rates():
         timing.with_rechecks(10.0, [20.0, 40.0, 80.0], 0.0)
 
 
-def test_bench_throughput_quick(tmp_path):
+def test_bench_throughput_quick(tmp_path, monkeypatch):
     out, fig = tmp_path / "throughput.json", tmp_path / "throughput.png"
-    script("bench.speed.throughput").main(["--quick", "--json", str(out), "--plot", str(fig)])
+    throughput, lengths = script("bench.speed.throughput"), []
+
+    def step(model, cache, B, *args):
+        if isinstance(cache, HybridCache):  # each row's length, and the position the step is given
+            lengths.append((B, sorted({layer.n_seen for layer in cache.sequence_layers()}), cache.get_seq_length()))
+        return real(model, cache, B, *args)
+
+    real = throughput.step
+    monkeypatch.setattr(throughput, "step", step)
+    throughput.main(["--quick", "--json", str(out), "--plot", str(fig)])
+    # every batch size's run starts from the contexts as filled, its rows of one length, each step at the
+    # position after them (batch 2's first row had grown by batch 1's steps, its steps at batch 1's positions)
+    assert [(B, rows) for B, rows, _ in lengths[:1] + lengths[4:5]] == [(1, [512]), (2, [512])]
+    assert all(len(rows) == 1 and rows[0] == at for _, rows, at in lengths)
     cases = json.loads(out.read_text())["cases"]
     assert {(c["batch"], c["method"]) for c in cases} == {(b, m) for b in (1, 2) for m in ("hybrid", "full-sdpa")}
     keys = {"model", "context", "attn_tokens_per_s", "model_tokens_per_s", "device_bytes", "host_bytes"}
@@ -1092,6 +1128,7 @@ def test_the_speed_scripts_load_the_key_index_kernels_before_they_time(module, a
     [
         ("bench.speed.decode", ["--layers", "0"]),
         ("bench.speed.throughput", ["--layers", "-1"]),
+        ("bench.speed.decode", ["--prefill-max", "-1"]),
         ("bench.evals.capture_qk", ["--tokens", "-5"]),
         ("bench.evals.fidelity", ["--offset", "-500"]),
         ("bench.evals.generation", ["--offset", "-1"]),
@@ -1101,6 +1138,32 @@ def test_bad_counts_and_offsets_are_refused_by_name(module, argv, capsys):
     with pytest.raises(SystemExit) as e:
         script(module).main(argv)
     assert e.value.code == 2 and f"argument {argv[0]}: must be an int >=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "named"),
+    [
+        ("bench.speed.decode", ["--contexts", "2048", "4096", "2048"], "--contexts names 2048 more than once"),
+        ("bench.speed.decode", ["--methods", "full-sdpa", "full-sdpa"], "--methods names full-sdpa more than once"),
+        ("bench.speed.throughput", ["--batches", "1", "8", "8"], "--batches names 8 more than once"),
+    ],
+)
+def test_a_value_listed_twice_is_refused_before_anything_runs(module, argv, named, monkeypatch):
+    # it ran twice and wrote its rows twice (the tables keep the last); a batch size's second run started
+    # from the sequences its first had grown
+    monkeypatch.setattr(script(module), "run", lambda args: pytest.fail("ran"))
+    with pytest.raises(ValueError, match=named):
+        script(module).main(argv)
+
+
+def test_methods_named_run_on_the_bundled_model_too():
+    decode = script("bench.speed.decode")
+    # the name check took every method, the run SmolLM2's few: an empty result, without a word
+    assert list(decode.chosen_methods("smollm2-135m", 4096, ["hybrid-block-only"], False)) == ["hybrid-block-only"]
+    assert "hybrid-block-only" not in decode.chosen_methods("smollm2-135m", 4096, None, False)
+    assert "hybrid-block-only" in decode.chosen_methods("smollm2-135m", 4096, None, True)
+    assert "hybrid-all-resident" not in decode.chosen_methods("llama-3-8b-shape", 4096, None, False)
+    assert not decode.chosen_methods("llama-3-8b-shape", 64, ["hybrid-default"], False)  # nothing offloaded
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ def quick_defaults(args: argparse.Namespace, **defaults: tuple) -> None:
             setattr(args, name, quick if args.quick else full)
 
 
+def distinct(args: argparse.Namespace, *names: str) -> None:
+    """Each list option `names` (unset: None) names each value once: a value twice was run twice, its
+    rows written twice (the tables keep the last)."""
+    for name in names:
+        values = getattr(args, name) or []
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"--{name.replace('_', '-')} names {', '.join(twice)} more than once")
+
+
 def add_threads_arg(p: argparse.ArgumentParser, default: int | None = None) -> None:
     """--threads N (default: torch's own count), for `pin_threads`."""
     p.add_argument(

@@ -16,9 +16,10 @@ really, up to --prefill-max tokens.
 
 Per case: decode_ms_per_token (the whole model, median over steps after
 warm-up), attn_ms_per_layer (cache update + attention per layer per token: the
-part the engine replaces) and attn_ms_per_layer_mean (their mean: over --steps of a
-block_size, 32, or more it counts once what a step does once a block, the key index's
-adds, which the median leaves out), prefill_s (a real prefill, with the engine's host index build
+part the engine replaces) and attn_ms_per_layer_mean (their mean), for the engine
+attn_ms_per_layer_over_block (the mean over one block of steps, block_size, timed after them:
+it counts once what a step does once a block, the key index's adds, which the median and a mean
+over fewer steps leave out), prefill_s (a real prefill, with the engine's host index build
 after it: the time to the first decode step), index_build_s (the build alone, of the filled cache),
 device/host bytes, and
 kv_read_frac (host KV rows read per step / host KV rows; 1 for full attention), and for
@@ -28,8 +29,8 @@ positions of one exact run at the rate measured on prose, bench.common.timing.RE
 most OffloadConfig.exact_span; such a run reads every host
 row, rerun_kv_read_frac 1), wider_attn_ms_per_layer and wider_kv_read_frac (lists: the step alone
 run again wider, as a near tie is first, and again wider still, OffloadConfig.recheck_wider_runs)
-and attn_ms_per_layer_with_rechecks (the step's mean cost with wider and exact runs at the prose
-rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
+and attn_ms_per_layer_with_rechecks (the step's mean cost over a block with wider and exact runs at
+the prose rates, bench.common.timing.with_rechecks). `hybrid-default-python-selection`
 is the default through the Python selection, the native host call's reference (before and
 after in one run); `hybrid-all-resident`, run only where --methods names it, is the engine with a
 window that holds the whole context (nothing offloaded: what a short context gains from a wide
@@ -51,7 +52,16 @@ from transformers import AttentionInterface, DynamicCache
 from ann.precompile import precompile
 from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
+from bench.common.options import (
+    add_output_args,
+    add_threads_arg,
+    distinct,
+    non_negative_int,
+    parser,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
 from bench.common.output import method_panels, save_run
 from bench.common.timing import RECHECK_SPAN, LayerClock, in_turns, running_again, with_rechecks
 from engine import HybridCache, OffloadConfig
@@ -122,6 +132,12 @@ def time_decode(model, caches: dict, steps: int, warmup: int = 2) -> dict[str, t
 
 
 @torch.inference_mode()
+def time_block(model, cache, steps: int, select=None) -> float:
+    """Mean ms per layer in update + attention over `steps` decode steps of the cache alone."""
+    return 1e3 * statistics.mean(decode_once(model, cache, select)[1] for _ in range(steps))
+
+
+@torch.inference_mode()
 def time_again(model, cache, steps: int, exact: int = 0, wider: float = 0.0) -> tuple[float, float]:
     """Median ms per layer in update + attention, and the mean kv_read_frac, of the newest
     position(s) run again as a near tie's are (engine.decode.recheck, timing.running_again): the
@@ -183,24 +199,30 @@ def methods(model_name: str, all_methods: bool) -> dict[str, tuple[str, object]]
     return out
 
 
+def chosen_methods(model_name: str, context: int, named: list[str] | None, all_methods: bool) -> dict:
+    """The methods of a context's run, as `methods` gives them: those `named` (--methods), else those not
+    ON_REQUEST (SmolLM2's few unless `all_methods`); an engine's only where the context offloads tokens."""
+    chosen = {}
+    # (methods named are run on SmolLM2 too: they were left out without a word)
+    for m, (kind, cfg) in methods(model_name, model_name != "smollm2-135m" or all_methods or bool(named)).items():
+        if m not in named if named else m in ON_REQUEST:
+            continue
+        if callable(cfg):
+            cfg = cfg(context)
+        elif kind == "hybrid" and context < cfg.resident_tokens:  # nothing would be offloaded
+            continue
+        chosen[m] = (kind, cfg)
+    return chosen
+
+
 def run(args) -> list[dict]:
     rows = []
     for model_name in args.models:
         model, tok = benchmark_model(model_name, layers=args.layers, attn_implementation=TIMED)
         stats = channel_stats(model, tok)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        all_methods = model_name != "smollm2-135m" or args.all_methods
         for context in args.contexts:
-            chosen = {}
-            for m, (kind, cfg) in methods(model_name, all_methods).items():
-                wanted = m in args.methods if args.methods else m not in ON_REQUEST
-                if not wanted:
-                    continue
-                if callable(cfg):
-                    cfg = cfg(context)
-                elif kind == "hybrid" and context < cfg.resident_tokens:  # nothing would be offloaded
-                    continue
-                chosen[m] = (kind, cfg)
+            chosen = chosen_methods(model_name, context, args.methods, args.all_methods)
             groups = [chosen] if args.interleave else [{m: c} for m, c in chosen.items()]
             for group in groups:
                 rows += measure_group(args, model, model_name, stats, weights, context, group)
@@ -221,23 +243,25 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
     if not caches:
         return rows
     full_only = all(group[m][0] != "hybrid" for m in caches)
-    steps = args.steps if not full_only or context <= 16384 else max(3, args.steps // 3)
+    steps = args.steps if not full_only or context <= 16384 else min(args.steps, max(3, args.steps // 3))
     timings = time_decode(model, caches, steps)
     device = next(model.parameters()).device
     for method, (ms_token, ms_layer, read, ms_layer_mean) in timings.items():
         kind, cfg = group[method]
-        rerun, wider, span = {}, [], 0
+        rerun, wider, span, over_block = {}, [], 0, None
         if cfg:  # one exact run at the prose rate covers about RECHECK_SPAN positions, as many as its work allows
             span = min(RECHECK_SPAN, cfg.exact_span(context - cfg.n_sink - cfg.window), context)
         offloads = kind == "hybrid" and context >= cfg.resident_tokens  # else no host token, no near tie to re-check
+        if offloads:  # every step of one block: what a step does once a block (the key index's adds) counted once
+            over_block = time_block(model, caches[method], cfg.block_size, RULES.get(method))
         if offloads and cfg.recheck_margin and method not in RULES:
             # a near tie's runs again: the step alone exactly, the positions of one exact run at the prose rate,
             # and the step alone wider, then wider still
             samples = min(steps, AGAIN_SAMPLES)
             rerun = {n: time_again(model, caches[method], samples, exact=n)[0] for n in sorted({1, span})}
             wider = [time_again(model, caches[method], samples, wider=f) for f in cfg.wider_factors]
-        # from the step's mean, which counts the key index's adds once a block as a generation pays them
-        with_again = round(with_rechecks(ms_layer_mean, [ms for ms, _ in wider], rerun[span]), 4) if rerun else None
+        # from the mean over a block of steps, which counts the key index's adds once as a generation pays them
+        with_again = round(with_rechecks(over_block, [ms for ms, _ in wider], rerun[span]), 4) if rerun else None
         dev, host = cache_bytes(caches[method], device)
         prefill_s = None
         if context <= args.prefill_max:
@@ -250,6 +274,7 @@ def measure_group(args, model, model_name, stats, weights, context, group) -> li
             "decode_ms_per_token": round(ms_token, 3),
             "attn_ms_per_layer": round(ms_layer, 4),
             "attn_ms_per_layer_mean": round(ms_layer_mean, 4),
+            "attn_ms_per_layer_over_block": None if over_block is None else round(over_block, 4),
             "prefill_s": prefill_s,
             "index_build_s": round(builds[method], 3) if kind == "hybrid" else None,
             "device_bytes": dev + weights,
@@ -300,7 +325,9 @@ def main(argv=None):
         "--steps", type=positive_int, help="timed decode steps after 2 warm-up steps; default 9 (--quick: 3)"
     )
     p.add_argument(
-        "--prefill-max", type=int, help="longest context whose prefill is run for real; default 8192 (--quick: 2048)"
+        "--prefill-max",
+        type=non_negative_int,
+        help="longest context whose prefill is run for real; default 8192 (--quick: 2048)",
     )
     p.add_argument("--chunk", type=positive_int, default=1024, help="prefill chunk")
     p.add_argument("--all-methods", action="store_true", help="every retrieval method on SmolLM2 too")
@@ -314,6 +341,7 @@ def main(argv=None):
     add_threads_arg(p)
     args = p.parse_args(argv)
     known = methods("", all_methods=True)
+    distinct(args, "models", "contexts", "methods")
     unknown = [m for m in args.methods or () if m not in known]
     if unknown:
         raise ValueError(f"--methods: no method {', '.join(unknown)}; methods: {', '.join(known)}")

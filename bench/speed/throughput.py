@@ -33,7 +33,15 @@ from transformers import AttentionInterface, DynamicCache
 from ann.precompile import precompile
 from bench.common.caches import DECODE_TOKEN, add_context_arg, cache_bytes, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
+from bench.common.options import (
+    add_output_args,
+    add_threads_arg,
+    distinct,
+    parser,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
 from bench.common.output import method_panels, save_run
 from bench.common.timing import LayerClock, in_turns
 from engine import HybridCache, OffloadConfig
@@ -62,8 +70,8 @@ def sequence_caches(
 
 
 def hybrid_batch(seqs: list[TimedHybridCache]) -> TimedHybridCache:
-    """The sequences stacked into one batch, the single caches left intact (a batch size's run
-    reuses the sequences of the one before: stacking moves layers, so stack shallow copies)."""
+    """The sequences stacked into one batch, the single caches kept (stacking moves layers, so stack
+    shallow copies): their layers are the batch's, and take its steps (`rewind` takes them back)."""
     views = []
     for cache in seqs:
         view = copy.copy(cache)
@@ -88,12 +96,13 @@ def full_batch(kv: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> TimedDynami
 
 
 @torch.inference_mode()
-def step(model, cache, positions: torch.Tensor, select=None, stacked: bool = False) -> tuple[float, float, float]:
-    """One decode step of the batch (positions [B, 1]; `select`: the selection rule, None: the
-    engine's; `stacked`: the device parts of the batch stacked, as on a GPU): seconds for the whole
-    model, seconds per layer in cache update + attention, and the share of the host KV rows read
-    (1 for full attention)."""
+def step(model, cache, B: int, select=None, stacked: bool = False) -> tuple[float, float, float]:
+    """One decode step of the batch of B sequences of one length, at the position after it (`select`: the
+    selection rule, None: the engine's; `stacked`: the device parts of the batch stacked, as on a GPU):
+    seconds for the whole model, seconds per layer in cache update + attention, and the share of the host
+    KV rows read (1 for full attention)."""
     CLOCK.seconds, CLOCK.select = 0.0, select
+    positions = torch.full((B, 1), cache.get_seq_length())  # methods taking turns on one cache: each its own
     ids = torch.full_like(positions, DECODE_TOKEN)
     decode_steps.STACK = stacked or None
     try:
@@ -106,13 +115,11 @@ def step(model, cache, positions: torch.Tensor, select=None, stacked: bool = Fal
     return seconds, CLOCK.seconds / model.config.num_hidden_layers, read
 
 
-def time_batch(model, caches: dict, B: int, context: int, steps: int, warmup: int = 2) -> dict:
+def time_batch(model, caches: dict, B: int, steps: int, warmup: int = 2) -> dict:
     """Per cache: median seconds per step (model, attention per layer) and mean kv_read_frac,
     the caches' steps taking turns."""
     runs = {
-        name: lambda i, c=cache, name=name: step(
-            model, c, torch.full((B, 1), context + i), RULES.get(name), name == "hybrid-stacked"
-        )
+        name: lambda _, c=cache, name=name: step(model, c, B, RULES.get(name), name == "hybrid-stacked")
         for name, cache in caches.items()
     }
     samples = in_turns(runs, steps, warmup)
@@ -135,6 +142,7 @@ def run(args) -> list[dict]:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         for context in args.contexts:
             seqs = sequence_caches(model, stats, context, cfg, max(args.batches), args.context)
+            marks = [seq.mark() for seq in seqs]  # each batch size's run starts from the contexts as filled
             kv = None if args.no_full else contexts_of(seqs)
             for B in sorted(args.batches):
                 caches = {"hybrid": hybrid_batch(seqs[:B])}
@@ -144,7 +152,7 @@ def run(args) -> list[dict]:
                     caches["hybrid-stacked"] = caches["hybrid"]
                 if not args.no_full:
                     caches["full-sdpa"] = full_batch(kv[:B])
-                timings = time_batch(model, caches, B, context, args.steps)
+                timings = time_batch(model, caches, B, args.steps)
                 for method, (model_s, attn_s, read) in timings.items():
                     dev, host = cache_bytes(caches[method], torch.device("cpu"))
                     row = {
@@ -165,6 +173,9 @@ def run(args) -> list[dict]:
                     }
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                with torch.inference_mode():  # (where the stores were made: they take in-place writes there only)
+                    for seq, mark in zip(seqs[:B], marks):  # the batch's steps taken back (the layers are shared)
+                        seq.rewind(mark)
                 del caches
             del seqs, kv
         del model
@@ -214,6 +225,7 @@ def main(argv=None):
     add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
+    distinct(args, "models", "contexts", "batches")
     quick_defaults(
         args,
         models=(["tiny-llama"], ["llama-3-8b-shape"]),
