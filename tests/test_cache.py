@@ -1,5 +1,7 @@
 """HybridCache bookkeeping: every position lives in exactly one place, with its own K/V."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,45 @@ def test_a_reset_batch_cache_takes_a_batch_of_any_size(tiny_model, tiny_ids):
         cache.host_tokens(3)
     with pytest.raises(IndexError, match="row -1 is not a sequence"):
         cache.step_stats(-1)
+
+
+def test_a_released_batch_cache_starts_over_with_a_batch_of_any_size(tiny_model, tiny_ids):
+    # release kept the batch's layers: its timeline (positions after it shifted by the old length, wrong
+    # tokens) and its size (another refused)
+    cache = HybridCache(tiny_model, OffloadConfig(n_sink=4, window=16))
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :60].repeat(2, 1), cache=cache, use_cache=True)
+        for batch in (2, 1):
+            cache.release()
+            assert cache.get_seq_length() == 0
+            got = tiny_model(tiny_ids[:, :40].repeat(batch, 1), cache=cache, use_cache=True).logits
+            fresh = tiny_model(tiny_ids[:, :40].repeat(batch, 1), cache=HybridCache(tiny_model), use_cache=True)
+            assert cache.get_seq_length() == 40 and torch.equal(got, fresh.logits)
+
+
+def test_cache_calls_the_engine_does_not_serve_are_refused_by_name(tiny_model, tiny_ids):
+    # crop and batch_repeat_interleave were AttributeErrors; a row kept twice shared one layer, which took
+    # each token twice
+    one, batch = HybridCache(tiny_model), HybridCache(tiny_model)
+    with torch.no_grad():
+        tiny_model(tiny_ids[:, :40], cache=one, use_cache=True)
+        tiny_model(tiny_ids[:, :40].repeat(3, 1), cache=batch, use_cache=True)
+    for cache in (one, batch):
+        with pytest.raises(NotImplementedError, match="does not crop its positions: rewind it to a mark"):
+            cache.crop(20)
+        with pytest.raises(NotImplementedError, match="does not copy a sequence"):
+            cache.batch_repeat_interleave(2)
+        with pytest.raises(NotImplementedError, match="beam search"):
+            cache.reorder_cache(torch.tensor([0]))
+    one.batch_select_indices(torch.tensor([0]))  # nothing to leave
+    assert one.get_seq_length() == 40
+    with pytest.raises(ValueError, match="keeps its row 0 alone, got rows \\[1\\]"):
+        one.batch_select_indices(torch.tensor([1]))
+    for rows in ([1, 1], [0, 3], [-1]):
+        with pytest.raises(ValueError, match=f"a batch keeps distinct rows of its 3 .*got {re.escape(str(rows))}"):
+            batch.batch_select_indices(torch.tensor(rows))
+    batch.batch_select_indices(torch.tensor([2, 0]))
+    assert [cache_row.n_seen for cache_row in batch.layers[0].seqs] == [40, 40] and len(batch.layers[0].left) == 1
 
 
 def test_a_prefill_chunk_is_released_once_attended(tiny_model, tiny_ids):

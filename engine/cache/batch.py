@@ -13,18 +13,13 @@ columns (`take_chunk`) before attending (engine.attention).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from ann.block import to_device
-from engine.cache.layer import HybridLayer, sum_bytes
+from engine.cache.layer import EngineLayer, HybridLayer, sum_bytes
 
 
-class BatchLayer(CacheLayerMixin):
+class BatchLayer(EngineLayer):
     """The B sequences' `HybridLayer`s of one model layer, on one padded timeline."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
 
     def __init__(self, seqs: list[HybridLayer], n_columns: int = 0):
         super().__init__()
@@ -69,7 +64,14 @@ class BatchLayer(CacheLayerMixin):
     def batch_select_indices(self, indices) -> None:
         """Keep the sequences `indices` (in that order), e.g. the unfinished ones. The others are
         set aside: their host stores go back to the pool when the cache is released."""
-        kept = [self.seqs[int(i)] for i in indices]
+        rows = [int(i) for i in indices]
+        if len(set(rows)) != len(rows) or not all(0 <= r < len(self.seqs) for r in rows):
+            # a row twice would share one layer: each token stored twice, once per row
+            raise ValueError(
+                f"a batch keeps distinct rows of its {len(self.seqs)} (a HybridCache does not copy a sequence), "
+                f"got {rows}"
+            )
+        kept = [self.seqs[r] for r in rows]
         self.left.extend(seq for seq in self.seqs if not any(seq is k for k in kept))
         self.seqs = kept
 
@@ -102,12 +104,3 @@ class BatchLayer(CacheLayerMixin):
         for seq in self.seqs:
             seq.reset()
         self.n_columns, self.chunk = 0, None
-
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("HybridCache does not support beam search")

@@ -306,9 +306,10 @@ class HybridCache(Cache):
     def release(self) -> None:
         """The end of the cache: its host stores go back to their pool (when it has one) for the
         next cache, and every layer is emptied (used again, it starts over); so are the layers of
-        sequences that left a batch."""
+        sequences that left a batch, and a batch's layers become one sequence's again (as `reset` makes them)."""
         self.close()
         _give_back(self.sequence_layers() + self._left())
+        self._one_sequence()
 
     def reset(self) -> None:
         """transformers' `Cache.reset`: every layer emptied, as `release` does, once its index build has
@@ -319,6 +320,11 @@ class HybridCache(Cache):
             layer.wait_for_build()
         _give_back(layers)
         super().reset()
+        self._one_sequence()
+
+    def _one_sequence(self) -> None:
+        """A batch's layers, emptied, replaced by one sequence's (a batch of any size may come next; the batch's
+        timeline and sequences that left went with them)."""
         self.layers = [
             self._sequence_layer(i) if isinstance(layer, BatchLayer) else layer for i, layer in enumerate(self.layers)
         ]

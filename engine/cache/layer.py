@@ -78,12 +78,35 @@ def _bytes(x) -> int:
     return int(getattr(x, "nbytes", 0))
 
 
-class HybridLayer(CacheLayerMixin):
-    """Resident sinks + window ring on the device, host KV store, block and key indexes."""
+class EngineLayer(CacheLayerMixin):
+    """A HybridCache's layer, as transformers' Cache calls see it: what it need not do (its host store is the
+    offload: nothing moves per layer), and what it does not do, refused by name (an AttributeError before)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HybridCache does not support beam search")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("HybridCache does not crop its positions: rewind it to a mark() taken before them")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(
+            "HybridCache does not copy a sequence (num_return_sequences > 1): stack caches prefilled apart "
+            "(HybridCache.stack)"
+        )
+
+
+class HybridLayer(EngineLayer):
+    """Resident sinks + window ring on the device, host KV store, block and key indexes."""
 
     def __init__(
         self,
@@ -502,14 +525,10 @@ class HybridLayer(CacheLayerMixin):
         self.rerun = self.approximate = 0
         self.rerun_wide = False
 
-    def offload(self):  # the host store is the offload; nothing moves per layer
-        pass
-
-    def prefetch(self):
-        pass
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("HybridCache does not support beam search")
+    def batch_select_indices(self, indices) -> None:
+        """transformers' call to keep rows of a batch: one sequence's cache keeps its row 0, or nothing to keep."""
+        if [int(i) for i in indices] != [0]:
+            raise ValueError(f"a cache of one sequence keeps its row 0 alone, got rows {[int(i) for i in indices]}")
 
 
 def sum_bytes(reports) -> dict[str, dict[str, int]]:
