@@ -6,6 +6,7 @@ options and the README's configuration table are generated from it (`OffloadConf
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -388,6 +389,8 @@ class OffloadConfig:
             raise ValueError(f"OffloadConfig.block_frac must lie in (0, 1], got {self.block_frac!r}")
         if not isinstance(self.index_params, dict):
             raise ValueError("OffloadConfig.index_params must be a dict of keyword arguments for the key index")
+        # its own copy: replace() and preset() handed on the one dict, whose change changed every preset after it
+        object.__setattr__(self, "index_params", copy.deepcopy(self.index_params))
         if not isinstance(self.device, str):  # a torch.device: its users take the name (device.startswith)
             raise ValueError(
                 f"OffloadConfig.device must be a device's name (auto, cpu, cuda, cuda:N), got {self.device!r}"

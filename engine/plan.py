@@ -3,6 +3,7 @@ context length and an offload configuration, and whether that fits a GPU budget.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +221,7 @@ def plan_memory(
         "block_values": per_summary if cfg.estimate else 0,  # mean value per block, for the estimate
         "workspace": _prefill_workspace(cfg, m, context_len, host_tokens, wbytes, host_bytes),
     }
-    index_device, index_host = _index_bytes(cfg, host_tokens, D, Hkv, Hq // Hkv, wbytes)
+    index_device, index_host = _index_bytes(cfg, host_tokens, context_len, D, Hkv, Hq // Hkv, wbytes)
     device["query_index"] = L * index_device
     host = {"kv_store": L * 2 * Hkv * host_tokens * D * host_bytes, "key_index": L * index_host}
     if cfg.budget == "adaptive" and cfg.uses_key_index and 0 < cfg.sketch_rank < D:  # else the store's keys are rated
@@ -279,7 +280,7 @@ def full_attention_batch(model_config, context_len: int, gpu_budget_bytes: int, 
     m = ModelShape.of(model_config)
     wbytes = weight_bytes(weight_dtype)
     per_seq = m.num_hidden_layers * 2 * m.num_key_value_heads * context_len * m.head_dim * wbytes
-    return max(0, (gpu_budget_bytes - m.n_params() * wbytes) // per_seq)
+    return max(0, int((gpu_budget_bytes - m.n_params() * wbytes) // per_seq))
 
 
 def weight_bytes(dtype) -> int:
@@ -295,17 +296,19 @@ def _check_context(context_len) -> None:
 
 
 def _check_budget(name: str, budget) -> None:
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+    number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+    if budget is not None and not (number and 0 < budget < math.inf):  # inf: batches of NaN sequences
         raise ValueError(f"{name} must be a positive number of bytes (or None), got {budget!r}")
 
 
-def _index_bytes(cfg: OffloadConfig, n_keys: int, dim: int, n_heads: int, group: int, wbytes: int):
-    """(device bytes, host bytes) of one layer's key index, as the ann package estimates them."""
+def _index_bytes(cfg: OffloadConfig, n_keys: int, context_len: int, dim: int, n_heads: int, group: int, wbytes: int):
+    """(device bytes, host bytes) of one layer's key index of the n_keys host keys, as the ann package estimates
+    them; its build queries are the prompt's, of every position (those of the resident ones too)."""
     if not cfg.uses_key_index:
         return 0, 0
     if cfg.index_params:  # as a cache would: no plan for parameters it refuses
         check_index_params(cfg.key_index, dim, cfg.index_params)
-    n_queries = min(cfg.max_build_queries, n_keys) * group  # build queries per KV head
+    n_queries = min(cfg.max_build_queries, context_len) * group  # build queries per KV head
     if cfg.key_index == "qq":  # build queries on the device, lists in host memory
         from ann.qq import QueryLists
 

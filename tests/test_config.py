@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import re
 import warnings
 
@@ -144,6 +145,21 @@ def test_an_adaptive_budget_grows_with_the_context_past_grow_from():
     assert cfg.replace(budget="fixed").growth(16384) == 1.0  # a fixed budget is fixed
     # blocks: n_blocks x growth, still within block_frac of the host blocks
     assert [cfg.blocks_per_step(b, n) for b, n in ((120, 4096), (504, 16384), (120, 16384))] == [8, 32, 10]
+
+
+def test_a_config_holds_its_own_index_params():
+    # replace() and preset() handed on one dict: a change to one config's changed every preset after it
+    mine = {"m_keys": 32, "block": {"frac": 0.5}}
+    cfg = OffloadConfig(index_params=mine)
+    mine["m_keys"], mine["block"]["frac"] = 0, 1.0
+    assert cfg.index_params == {"m_keys": 32, "block": {"frac": 0.5}}
+    preset = OffloadConfig.preset("default")
+    preset.index_params["m_keys"] = 0
+    assert "m_keys" not in OffloadConfig.preset("default").index_params
+    assert "m_keys" not in PRESETS["default"].index_params
+    replaced = cfg.replace(top_k=5)
+    replaced.index_params["m_keys"] = 1
+    assert cfg.index_params["m_keys"] == 32
 
 
 def test_presets():
@@ -362,6 +378,23 @@ def test_plan_matches_what_the_cache_allocates(changes):
         assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"
 
 
+@pytest.mark.parametrize("context", [150, 1000])
+def test_plan_of_the_query_lists_counts_the_build_queries_of_every_position(context):
+    # it counted those of the host tokens only: below max_build_queries + the resident set, the lists held
+    # context / (context - resident) times the plan (2.8x at 100 tokens)
+    model = tiny_llama(n_layers=2)
+    cfg = OffloadConfig(n_sink=4, window=60, block_size=16)
+    plan = plan_memory(model.config, context, cfg, weight_dtype=torch.float32)
+    cache = HybridCache(model, cfg, max_length=context)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, context), generator=torch.Generator().manual_seed(0)), cache=cache)
+    cache.build_indexes()
+    held = cache.memory_report()
+    for where, name in [("host", "key_index"), ("device", "query_index")]:
+        planned, actual = plan.__dict__[where][name], held[where][name]
+        assert planned == pytest.approx(actual, rel=0.05, abs=4096), f"{where} {name}: plan {planned}, held {actual}"
+
+
 def test_plan_of_a_context_shorter_than_the_resident_set_counts_its_slots_alone():
     model = tiny_llama(n_layers=3)
     cfg = OffloadConfig(n_sink=4, window=500, block_size=16, key_index="flat")
@@ -395,3 +428,12 @@ def test_largest_batch_fits_and_one_more_does_not():
     assert largest_batch("llama-3-8b", 131072, cfg, gpu) > most  # the host budget was the limit
     assert full_attention_batch("llama-3-8b", 131072, gpu) == 0  # 16 GiB of KV per sequence beside 15 of weights
     assert full_attention_batch("llama-3-8b", 8192, gpu) >= 1
+    assert type(full_attention_batch("llama-3-8b", 8192, gpu + 0.5)) is int  # was a float for a float budget
+    # an endless budget: largest_batch failed in NaN's words, full_attention_batch gave 0
+    for call in (
+        lambda: largest_batch("llama-3-8b", 8192, cfg, math.inf),
+        lambda: full_attention_batch("llama-3-8b", 8192, math.inf),
+        lambda: plan_memory("llama-3-8b", 8192, cfg, gpu, host_budget_bytes=math.inf),
+    ):
+        with pytest.raises(ValueError, match="must be a positive number of bytes"):
+            call()
