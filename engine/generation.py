@@ -419,6 +419,25 @@ def fill_prefill_ended_report(
     report.finish_reason = "left" if error is None else "error"
     report.error = error
     report.device_bytes = {"weights": weights}
+    _drop_locals(error)
+
+
+def _drop_locals(error: BaseException | None) -> None:
+    """The locals of the frames `error`'s traceback (and those of its causes) holds, let go: an error kept with
+    its report kept its frames' caches and activations (and, through the batch's, every other prompt's cache).
+    The frames still running (the one that caught it and its callers) leave the traceback; the lines of the
+    others stay."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # running: the traceback's first entries
+                error.__traceback__ = tb.tb_next
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
 
 
 def _mean(values: list[float]) -> float:

@@ -168,6 +168,31 @@ def test_a_released_batch_cache_starts_over_with_a_batch_of_any_size(tiny_model,
             assert cache.get_seq_length() == 40 and torch.equal(got, fresh.logits)
 
 
+@pytest.mark.parametrize("start_over", ["release", "reset"])
+def test_a_cache_started_over_forgets_its_prompt_length(tiny_model, tiny_ids, start_over):
+    # the next prompt kept the last one's length: its index was built mid-prompt (at the old length), or of
+    # build queries spaced for a longer prompt
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, max_build_queries=16, build_workers=1)
+
+    def decoded(cache, length):
+        with torch.no_grad():
+            for start in range(0, length, 100):
+                tiny_model(tiny_ids[:, start : min(length, start + 100)], cache=cache, use_cache=True)
+            cache.build_indexes()
+            steps = range(length, length + 6)
+            return torch.cat([tiny_model(tiny_ids[:, t : t + 1], cache=cache).logits for t in steps])
+
+    for first, then in ((100, 300), (390, 100)):
+        cache = HybridCache(tiny_model, cfg, prompt_length=first, progress=False)
+        decoded(cache, first)
+        getattr(cache, start_over)()
+        fresh = HybridCache(tiny_model, cfg, progress=False)  # a length not told
+        assert torch.equal(decoded(cache, then), decoded(fresh, then))
+        assert cache.layers[0].n_built == fresh.layers[0].n_built == then - 20
+        cache.close()
+        fresh.close()
+
+
 def test_cache_calls_the_engine_does_not_serve_are_refused_by_name(tiny_model, tiny_ids):
     # crop and batch_repeat_interleave were AttributeErrors; a row kept twice shared one layer, which took
     # each token twice

@@ -5,6 +5,7 @@ batch goes on without it; prompts that join a running batch (`more`) stream what
 import contextlib
 import itertools
 import json
+import traceback
 
 import pytest
 import torch
@@ -558,6 +559,10 @@ def test_a_prompt_whose_prefill_fails_on_its_way_in_fails_alone_and_the_next_joi
     texts = ["".join(piece for row, piece, _ in rows if row == i) for i in (0, 2)]
     assert texts == [alone(chunked, prompts[0], Sampling(NEW))[0], alone(chunked, prompts[2], Sampling(NEW - 4))[0]]
     assert [reports[i].finish_reason for i in (0, 2)] == ["length", "length"] and reports[0].error is None
+    # the error, kept as long as its report, keeps no frame's locals: they held the prompt's cache, its
+    # activations and (through the batch's frame) every other prompt's cache
+    frames = [frame for frame, _ in traceback.walk_tb(reports[1].error.__traceback__)]
+    assert frames and [frame.f_code.co_name for frame in frames if frame.f_locals] == []
 
 
 def test_a_prompt_of_the_call_whose_prefill_fails_fails_alone_where_generate_raises(chunked, prompts, monkeypatch):

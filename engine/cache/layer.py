@@ -515,6 +515,7 @@ class HybridLayer(EngineLayer):
     def reset(self) -> None:
         self.is_initialized = False
         self.n_seen = 0
+        self.prompt_length = 0  # the next sequence's is not known (the last one's built its index mid-prompt)
         self.key_index = None
         self.build_waiting = False
         self.sketch = None
