@@ -90,6 +90,38 @@ def test_a_failing_build_raises_in_the_caller(llm, monkeypatch):
     assert index_threads() == []
 
 
+def test_a_build_failing_in_a_decode_step_names_its_layer_and_no_step_follows(tiny_model, tiny_ids, monkeypatch):
+    # it surfaced after the layers before it had taken the step's position: a retry went on with the layers
+    # out of step (their lengths 302, 301, 301), and the error named no layer
+    from engine.index import heads
+
+    build, calls = heads.ListSelector.build, []
+
+    def failing_once(self, keys, queries):
+        calls.append(1)
+        if len(calls) == 2:  # layer 1's
+            raise MemoryError("no room")
+        return build(self, keys, queries)
+
+    monkeypatch.setattr(heads.ListSelector, "build", failing_once)
+    cfg = OffloadConfig(n_sink=4, window=16, block_size=8, build_workers=1)
+    cache = HybridCache(tiny_model, cfg, prompt_length=300, progress=False)
+    with torch.inference_mode():
+        for start in range(0, 300, 100):
+            tiny_model(tiny_ids[:, start : start + 100], cache=cache, use_cache=True)
+        with pytest.raises(MemoryError, match="no room") as raised:
+            tiny_model(tiny_ids[:, 300:301], cache=cache, use_cache=True)
+        assert "in the host index build of layer 1" in "".join(raised.value.__notes__)
+        for _ in range(2):  # the step again: refused, every time
+            with pytest.raises(RuntimeError, match="layer 1's host index build failed") as again:
+                tiny_model(tiny_ids[:, 300:301], cache=cache, use_cache=True)
+            assert again.value.__cause__ is raised.value
+        cache.release()  # started over, it serves again
+        tiny_model(tiny_ids[:, :50], cache=cache, use_cache=True)
+    assert [layer.n_seen for layer in cache.layers] == [50] * len(cache.layers)
+    assert index_threads() == []
+
+
 def test_the_build_bar_shows_only_once_a_layer_builds(monkeypatch):
     """Layers waiting for a block of host keys are counted, silently: a short prompt shows no bar
     of builds that did not happen; once one builds, the bar counts the waiting ones too."""

@@ -124,6 +124,7 @@ class HybridLayer(EngineLayer):
         self.builder = builder  # engine.index.worker.IndexBuilder, or None: builds in the caller's thread
         self.stores = stores  # where the host store comes from (None: a new one)
         self.prompt_length = 0  # when known (> 0), the prefill hands the layer to the builder at its last token
+        self.failed_build = None  # the error of its build, raised in a forward pass: the cache cannot go on
         self.n_kv_heads, self.head_dim = shape.num_key_value_heads, shape.head_dim
         self.group = shape.num_attention_heads // shape.num_key_value_heads
         self.capacity_hint = capacity
@@ -197,7 +198,16 @@ class HybridLayer(EngineLayer):
         attention function's key and value (it needs the whole state, not tensors)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.wait_for_build()  # a build on the worker thread reads the state this update changes
+        if self.failed_build is not None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}'s host index build failed in a forward pass that the layers before it "
+                "had taken: the cache cannot go on (release it and start over)"
+            ) from self.failed_build
+        try:
+            self.wait_for_build()  # a build on the worker thread reads the state this update changes
+        except Exception as error:
+            self.failed_build = error  # a retry went on with the layers out of step, without a word
+            raise
         if key_states.shape[0] != 1:
             raise ValueError(
                 f"this cache holds one sequence (its first input had batch size 1), got a batch of "
@@ -370,9 +380,13 @@ class HybridLayer(EngineLayer):
         self.n_indexed = self.host.n
 
     def wait_for_build(self) -> None:
-        """Until the layer's index build on the worker thread (if any) has finished."""
+        """Until the layer's index build on the worker thread (if any) has finished; its error raised here."""
         if self.builder is not None:
-            self.builder.wait(self)
+            try:
+                self.builder.wait(self)
+            except Exception as error:
+                error.add_note(f"(in the host index build of layer {self.layer_idx}, on the worker thread)")
+                raise
 
     def unindexed_ids(self) -> np.ndarray:
         """Host ids [n] of the newest host tokens not yet in the key indexes."""
@@ -516,6 +530,7 @@ class HybridLayer(EngineLayer):
         self.is_initialized = False
         self.n_seen = 0
         self.prompt_length = 0  # the next sequence's is not known (the last one's built its index mid-prompt)
+        self.failed_build = None
         self.key_index = None
         self.build_waiting = False
         self.sketch = None
