@@ -126,6 +126,7 @@ def test_the_build_bar_shows_only_once_a_layer_builds(monkeypatch):
     """Layers waiting for a block of host keys are counted, silently: a short prompt shows no bar
     of builds that did not happen; once one builds, the bar counts the waiting ones too."""
     from engine.index import build
+    from tests.conftest import tiny_llama
 
     bars = []
 
@@ -150,3 +151,12 @@ def test_the_build_bar_shows_only_once_a_layer_builds(monkeypatch):
     progress.done(0.5)
     assert len(bars) == 1 and bars[0].n == bars[0].total == 3 and bars[0].closed
     assert progress.counted == 0 and progress.bar is None
+
+    # a cache started over with builds it dropped (never counted): its count starts from none, its bar closed
+    # (the next sequence's count started at the last one's, and closed early; a bar stayed open at its end)
+    cache = HybridCache(tiny_llama(n_layers=3), OffloadConfig(), progress=False)
+    for start_over in (cache.release, cache.reset):
+        cache.build_progress.done(0.5)
+        bar = cache.build_progress.bar
+        start_over()
+        assert bar.closed and cache.build_progress.counted == 0 and cache.build_progress.bar is None

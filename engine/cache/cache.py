@@ -310,6 +310,7 @@ class HybridCache(Cache):
         self.close()
         _give_back(self.sequence_layers() + self._left())
         self._one_sequence()
+        self.build_progress.reset()
 
     def reset(self) -> None:
         """transformers' `Cache.reset`: every layer emptied, as `release` does, once its index build has
@@ -321,6 +322,7 @@ class HybridCache(Cache):
         _give_back(layers)
         super().reset()
         self._one_sequence()
+        self.build_progress.reset()
 
     def _one_sequence(self) -> None:
         """A batch's layers, emptied, replaced by one sequence's (a batch of any size may come next; the batch's

@@ -45,9 +45,19 @@ class BuildProgress:
                 self.bar.update(1)
             if self.counted >= self.n_layers:
                 if self.bar is not None:
-                    self.bar.close()
                     log.info("host key indexes built in %.1f s", self.seconds)
-                self.bar, self.counted, self.seconds = None, 0, 0.0
+                self._start_over()
+
+    def reset(self) -> None:
+        """Count from none again, the bar closed: for a cache that starts over (the builds it dropped were never
+        counted: the next sequence's count started from the last one's, its bar left open at its end)."""
+        with self.lock:
+            self._start_over()
+
+    def _start_over(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.counted, self.seconds = None, 0, 0.0
 
 
 def build_key_index(layer) -> bool:
