@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -636,11 +637,16 @@ def test_bench_prefill_quick(tmp_path):
     assert text.count("\n| 512 |") == 5  # one row per case
 
 
-def test_bench_prefix_quick(tmp_path):
+def test_bench_prefix_quick(tmp_path, monkeypatch, capsys):
     out = tmp_path / "prefix.json"
     argv = ["--quick", "--context", "500", "--new-tokens", "4", "--samples", "1", "--server", "--json", str(out)]
+    warmed = warm_ups(monkeypatch, "bench.speed.prefix")
     script("bench.speed.prefix").main(argv)
     result = json.loads(out.read_text())
+    assert len(warmed) == 1  # the whole prompt's row, the others' reference, ran cold
+    with pytest.raises(SystemExit) as refused:  # read with --samples alone: ignored without a word
+        script("bench.speed.prefix").main(["--quick", "--conversations"])
+    assert refused.value.code == 2 and "--conversations needs --samples" in capsys.readouterr().err
     served = result["server"]
     tokens = result["prefix"]["prefix_tokens"]
     assert [r["reused_tokens"] for r in served[:4]] == [0, 0, tokens, tokens]  # the document prefilled once
@@ -666,12 +672,35 @@ def test_bench_prefix_quick(tmp_path):
     }  # the document's state found again after the other question
 
 
-def test_bench_serve_quick(tmp_path):
+def slow_shutdown(monkeypatch, seconds: float) -> None:
+    """The server's shutdown made to take `seconds` (its loop's next turn is up to half a second away)."""
+    from engine.server import Server
+
+    shutdown = Server.shutdown
+
+    def slow(self):
+        time.sleep(seconds)
+        shutdown(self)
+
+    monkeypatch.setattr(Server, "shutdown", slow)
+
+
+def warm_ups(monkeypatch, module: str) -> list:
+    """The prompts `module`'s warm-up is given (before its timings), recorded."""
+    prompts, warm_up = [], script(module).warm_up
+    monkeypatch.setattr(script(module), "warm_up", lambda llm, prompt: prompts.append(prompt) or warm_up(llm, prompt))
+    return prompts
+
+
+def test_bench_serve_quick(tmp_path, monkeypatch):
     """Clients at once: one at a time every request is its own batch; in batches taken whole, those that
     waited together share one, and every answer is the one it gets one at a time, each its full length."""
     out = tmp_path / "serve.json"
+    slow_shutdown(monkeypatch, 5.0)  # counted in the wall seconds: up to half a second a way, at random
+    warmed = warm_ups(monkeypatch, "bench.speed.serve")
     script("bench.speed.serve").main(["--quick", "--context", "200", "--new-tokens", "3", "--json", str(out)])
     result = json.loads(out.read_text())
+    assert all(run["wall_s"] < 5.0 for run in result["runs"]) and len(warmed) == 1  # the first way ran cold
     one, start, joining = result["runs"]
     assert (one["way"], one["max_batch"], one["batches"]) == ("one at a time", 1, [1, 1, 1])
     assert start["max_batch"] == 8 and sorted(start["batches"]) == [1, 2, 2]  # the first ran alone
@@ -683,11 +712,15 @@ def test_bench_serve_quick(tmp_path):
     assert "answers as one at a time" in script("bench.tables").clients(result)
 
 
-def test_bench_leave_quick(tmp_path):
+def test_bench_leave_quick(tmp_path, monkeypatch):
     """Each way a request is let go, in the prefill and while decoding, timed in each round and summed up."""
     out = tmp_path / "leave.json"
+    slow_shutdown(monkeypatch, 1.0)  # the loop's end, which Ctrl-C does not wait for: not in a stop's seconds
+    warmed = warm_ups(monkeypatch, "bench.speed.leave")
     script("bench.speed.leave").main(["--quick", "--context", "300", "--new-tokens", "200", "--json", str(out)])
     result = json.loads(out.read_text())
+    assert all(run["seconds"] < 1.0 for run in result["runs"] if run["case"].startswith("stop"))
+    assert len(warmed) == 1  # the prompt's first token, which sets when each case lets go, not timed cold
     cases = script("bench.speed.leave").CASES
     assert [run["case"] for run in result["runs"]] == list(cases) and result["config"]["context"] == 300
     assert all(run["seconds"] > 0 for run in result["runs"])
@@ -706,6 +739,8 @@ def test_bench_serve_joins_with_whole_prefills_beside_stepped_ones(tmp_path):
     result = json.loads(out.read_text())
     ways = ["joining", "joining, whole prefills", "joining, prompts kept"]
     assert [run["way"] for run in result["runs"]] == result["config"]["ways"] == ways
+    # the same prompts' prefill (with prompts kept, into the kept cache: it was left out, 0.09 s against 1.5)
+    assert result["runs"][2]["prefill_s"] > 0.3 * result["runs"][0]["prefill_s"] > 0
     assert result["config"]["prefill_chunk"] == 64 and "prefill_chunk 64" in script("bench.tables").clients(result)
     assert all(run["same_answers"] == 2 for run in result["runs"])
     assert "speed_up" in result["summary"]["joining, whole prefills"] and "speed_up" not in result["summary"]["joining"]
@@ -1146,12 +1181,14 @@ def test_bad_counts_and_offsets_are_refused_by_name(module, argv, capsys):
         ("bench.speed.decode", ["--contexts", "2048", "4096", "2048"], "--contexts names 2048 more than once"),
         ("bench.speed.decode", ["--methods", "full-sdpa", "full-sdpa"], "--methods names full-sdpa more than once"),
         ("bench.speed.throughput", ["--batches", "1", "8", "8"], "--batches names 8 more than once"),
+        ("bench.speed.prefill", ["--contexts", "64", "64"], "--contexts names 64 more than once"),
+        ("bench.speed.host_side", ["--models", "tiny-llama", "tiny-llama"], "--models names tiny-llama more than once"),
     ],
 )
 def test_a_value_listed_twice_is_refused_before_anything_runs(module, argv, named, monkeypatch):
     # it ran twice and wrote its rows twice (the tables keep the last); a batch size's second run started
     # from the sequences its first had grown
-    monkeypatch.setattr(script(module), "run", lambda args: pytest.fail("ran"))
+    monkeypatch.setattr(script(module), "run", lambda args: pytest.fail("ran"), raising=False)
     with pytest.raises(ValueError, match=named):
         script(module).main(argv)
 

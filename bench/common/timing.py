@@ -16,6 +16,21 @@ from engine.attention import hybrid_attention_forward
 T = TypeVar("T")
 
 
+def warm_up(llm, prompt) -> None:
+    """An untimed generation of one token from `prompt` (and the key index's kernels loaded): what a first
+    long prompt pays once, its first call's allocations and compilations, left out of the timings after it."""
+    from ann.precompile import precompile
+
+    precompile()
+    llm.generate(prompt, 1, progress=False)
+
+
+def kept_prefill_s(report: dict) -> float:
+    """The seconds a server request's prompt (or document) took to prefill into the server's kept cache, which
+    its report ("hybridattn" of an answer) gives apart from its own prefill (0 where nothing was kept)."""
+    return report.get("kept", {}).get("prefill_s", 0.0)
+
+
 def median_ms(fn: Callable[[], object], reps: int, warmup_s: float = 0.05) -> float:
     """Median of `reps` timed calls, after running `fn` for `warmup_s` seconds (caches,
     page tables, and thread pools left spinning by the previous measurement settle)."""

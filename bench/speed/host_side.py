@@ -27,7 +27,15 @@ import torch
 import engine.attention as attention
 from bench.common.caches import add_context_arg, channel_stats, fill
 from bench.common.models import SHAPES, benchmark_model
-from bench.common.options import add_output_args, add_threads_arg, parser, pin_threads, positive_int, quick_defaults
+from bench.common.options import (
+    add_output_args,
+    add_threads_arg,
+    distinct,
+    parser,
+    pin_threads,
+    positive_int,
+    quick_defaults,
+)
 from bench.common.output import save_run
 from bench.common.timing import median_ms
 from engine import HybridCache, OffloadConfig
@@ -151,6 +159,7 @@ def layer_args(p: argparse.ArgumentParser, argv, contexts: list[int]) -> argpars
     add_context_arg(p)
     add_threads_arg(p)
     args = p.parse_args(argv)
+    distinct(args, "models", "contexts")
     quick_defaults(args, models=(["tiny-llama"], ["llama-3-8b-shape"]), contexts=([2048], contexts))
     pin_threads(args.threads)
     return args

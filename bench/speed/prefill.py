@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=options.positive_int, help="default 3 (--quick: 1)")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
+    options.distinct(args, "contexts")
     options.quick_defaults(args, contexts=([512], [2048, 4096, 8192]), repeats=(1, 3))
     options.pin_threads(args.threads)
     precompile()  # the key index's numba kernels loaded before any timing (the first build paid it)

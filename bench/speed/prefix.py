@@ -43,6 +43,7 @@ import torch
 
 from bench.common import options
 from bench.common.output import write_json
+from bench.common.timing import kept_prefill_s, warm_up
 from bench.evals.tasks import MAX_NEW, TASKS, cell_sample, make_sample, score
 from engine import OffloadConfig
 from engine.api import HybridLLM
@@ -136,7 +137,7 @@ def served(llm: HybridLLM, document: str, question: str, new_tokens: int, sample
         report, choice = answer["hybridattn"][0], answer["choices"][0]
         text = choice["text"] if "text" in choice else choice["message"]["content"]
         kept = report.get("kept", {})
-        first_token = kept.get("prefill_s", 0.0) + report["first_token_s"]  # what it prefilled into the kept cache too
+        first_token = kept_prefill_s(report) + report["first_token_s"]  # what it prefilled into the kept cache too
         rows.append({"request": name, "seconds": round(seconds, 3), "first_token_s": round(first_token, 3)})
         rows[-1].update(prompt_tokens=report["prompt_tokens"], kept=kept.get("kind"))
         rows[-1].update(reused_tokens=kept.get("reused_tokens", 0), answer=text, names_the_key=score(sample, text) == 1)
@@ -217,12 +218,15 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=TASKS, default="niah_multikey", help="the cell's task, with --samples")
     options.add_threads_arg(p)
     args = p.parse_args(argv)
+    if args.conversations and not args.samples:  # read with --samples only: ignored without a word
+        p.error("--conversations needs --samples")
     options.quick_defaults(args, context=(1024, 8192))
     options.pin_threads(args.threads)
     llm = HybridLLM.from_pretrained(offload=OffloadConfig(device="cpu"))
     sample = make_sample("passkey", args.context, llm.tokenizer, seed=0, depth=0.5)
     document, question = sample.prompt.rsplit("\n\n", 1)
     question = "\n\n" + question
+    warm_up(llm, document)  # the whole prompt's row, the others' reference, ran cold
     whole = llm.generate(document + question, args.new_tokens, progress=False)
     rows = [row("whole prompt, the pass key's", whole, sample)]
     prefix = llm.prefix(document, progress=False)
