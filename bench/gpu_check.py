@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import statistics
 import traceback
 from pathlib import Path
@@ -66,6 +67,7 @@ from engine.cache.store import StorePool
 from engine.cli import output_file, run_script
 from engine.decode import step as decode_steps
 from engine.decode.host import python_selection
+from engine.native import ops
 from engine.plan import MODEL_PRESETS, ModelShape
 from engine.prefill import chunk_bounds
 
@@ -125,6 +127,23 @@ def time_decode(
         out["ms_per_token_clocked"] = 1e3 * statistics.median(s[0] for s in layers)
         out["attn_ms_per_layer"] = 1e3 * statistics.median(s[1] for s in layers)
     return out
+
+
+SHOWN: list[dict] = []  # the rows printed so far: what a run stopped at its time limit writes
+
+
+class Stopped(BaseException):
+    """SIGTERM, as `timeout` sends at a part's limit: the run writes the rows it finished and ends."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
+def shown(row: dict) -> None:
+    """A finished row, printed (one JSON line) and kept for a run stopped before its end."""
+    SHOWN.append(row)
+    print(json.dumps(row), flush=True)
 
 
 def host_bytes(cache) -> int:
@@ -209,7 +228,7 @@ def decode_cases(args, model, stats, cfg, clocks, device, cap_fraction: float) -
                 cache = None  # also after a failure: the next case starts without this one's memory
             row["peak_device_bytes"] = peak_bytes(device)
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            shown(row)
             if name == "full-sdpa" and "error" not in row:
                 break  # it fits under the cap: the uncapped run would say nothing more
     return rows
@@ -278,7 +297,7 @@ def batch_cases(args, model, device, stats, cfg, clock) -> list[dict]:
             caches, batch, step, runs = [], None, None, {}  # the step function and its closures hold the batch too
         for row in done:
             row["peak_device_bytes"] = peak_bytes(device)
-            print(json.dumps(row), flush=True)
+            shown(row)
         rows += done
     one = next((r for r in rows if r["method"] == "hybrid-default-batch1" and "tokens_per_s" in r), None)
     for row in rows:
@@ -349,7 +368,7 @@ def prefill_runs(runs, model, ids, chunk: int, device, cfg, stores, cap_fraction
         row["peak_device_bytes"] = peak_bytes(device)
         del cache
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        shown(row)
         if name == "full-sdpa" and "error" not in row:
             break  # it fits under the cap: the uncapped run would say nothing more
     sdpa = next((r["first_token_s"] for r in rows if not r["method"].startswith("hybrid") and "error" not in r), None)
@@ -458,6 +477,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "cap_gib": args.cap_gb if cuda else None,
         "cpu_threads": torch.get_num_threads(),
+        "native_ext": ops.HAS_EXT,  # else every engine timing is the torch fallback's
     }
     cap_fraction = 1.0
     if cuda:
@@ -465,30 +485,46 @@ def main(argv=None) -> int:
         cap_fraction = min(1.0, args.cap_gb * 2**30 / total)
         torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
     print(json.dumps(env), flush=True)
+    SHOWN.clear()
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        rows = run_cases(args, device, cap_fraction)
+    except Stopped:  # a time limit: the JSON held nothing of the rows it had finished
+        stopped = {"case": "stopped", "error": "stopped (SIGTERM) before its end"}
+        rows = [*SHOWN, {**stopped, "peak_device_bytes": peak_bytes(device)}]
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(table(rows))
+    if args.json:
+        write_json(args.json, {"environment": env, "rows": rows})
+    if rows[-1]["case"] == "stopped":
+        return 124
+    exact = [r for r in rows if r["case"].startswith("exactness")]
+    exact_ok = all(r.get("logits_ok") and r["greedy_ok"] and r["conservation_ok"] and r["all_read"] for r in exact)
+    exact_ok &= all(r.get("prefix_ok") for r in rows if r["case"].startswith("prefix"))
+    broken = [r for r in rows if "error" in r and "out of memory" not in r["error"]]
+    return 0 if exact_ok and not broken else 1
+
+
+def run_cases(args, device, cap_fraction: float) -> list[dict]:
+    """The rows of the cases `args.cases` names."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16) if "exactness" in args.cases else ():
         try:
             rows.append(exactness(device, dtype, prompt=600, new=80))
         except Exception as exc:
             rows.append({"case": exactness_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
-        print(json.dumps(rows[-1]), flush=True)
+        shown(rows[-1])
         try:
             rows.append(prefix_rewind(device, dtype, document=600, new=40))
         except Exception as exc:
             rows.append({"case": prefix_case(dtype), "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
-        print(json.dumps(rows[-1]), flush=True)
+        shown(rows[-1])
     try:
         rows += model_cases(args, device, cap_fraction)
     except Exception as exc:
         rows.append({"case": "decode", "error": failure(exc), "peak_device_bytes": peak_bytes(device)})
-    print(table(rows))
-    if args.json:
-        write_json(args.json, {"environment": env, "rows": rows})
-    exact = [r for r in rows if r["case"].startswith("exactness")]
-    exact_ok = all(r.get("logits_ok") and r["greedy_ok"] and r["conservation_ok"] and r["all_read"] for r in exact)
-    exact_ok &= all(r.get("prefix_ok") for r in rows if r["case"].startswith("prefix"))
-    broken = [r for r in rows if "error" in r and "out of memory" not in r["error"]]
-    return 0 if exact_ok and not broken else 1
+    return rows
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 "$py" -m pip install --quiet --no-index --find-links .gpu_wheels "transformers==5.24.0" "faiss-cpu>=1.9"
 "$py" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tee "$out/build.log"
+# the extension loaded, or no timing is the engine's (engine.native.ops falls back to torch with a warning)
+"$py" -c "from engine.native import ops; raise SystemExit(0 if ops.HAS_EXT else 'the C++ extension did not load')" \
+    2>&1 | tee -a "$out/build.log"
+touch "$out/installed"  # for bench/gpu_session.sh: the parts after this one may run
 "$py" -m ann.precompile 2>&1 | tee -a "$out/build.log" ||
     echo "ann.precompile failed (see build.log): the check goes on, its first steps compile the kernels" | tee -a "$out/build.log"
 "$py" -m bench.gpu_check --json "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"

@@ -566,6 +566,27 @@ def test_gpu_check_runs_only_the_cases_asked_for(tmp_path, monkeypatch):
         gpu_check.main(argv + ["speed"])
 
 
+def test_gpu_check_stopped_at_its_time_limit_writes_the_rows_it_finished(tmp_path, monkeypatch):
+    # the JSON was written at the end alone: a part stopped by its time limit (SIGTERM) left none
+    import signal
+
+    gpu_check = script("bench.gpu_check")
+
+    def decode_cases(args, *rest):
+        gpu_check.shown({"case": "decode", "method": "hybrid-default", "peak_device_bytes": 0})
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` sends it, mid-case
+        time.sleep(5)
+        pytest.fail("went on after SIGTERM")
+
+    monkeypatch.setattr(gpu_check, "decode_cases", decode_cases)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--device", "cpu", "--json", str(out), "--cases", "decode"]) == 124
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["case"] for row in rows] == ["decode", "stopped"] and rows[0]["method"] == "hybrid-default"
+    assert json.loads(out.read_text())["environment"]["native_ext"] == ops.HAS_EXT
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler goes with the run
+
+
 def test_gpu_check_lets_a_failed_case_go_before_the_next_starts(tmp_path, monkeypatch):
     """A decode case that fails after its cache is filled keeps none of that cache's memory
     into the cases after it: each case starts (reset_peak) with every earlier cache gone."""
@@ -1204,34 +1225,49 @@ def test_methods_named_run_on_the_bundled_model_too():
 
 
 @pytest.mark.parametrize(
-    "deadline,pip_seconds,status,expected",
+    "deadline,pip_seconds,pip_status,status,expected,exit_status",
     [
         (
             600,
             0,
             0,
+            0,
             ["setup: exit 0", "decode: exit 0", "prefill_32k: exit 0", "prefill_131k: exit 0", "batch: exit 0"],
+            0,
         ),
-        (600, 0, 3, ["setup: exit 3", "decode: exit 3", "batch: exit 3"]),  # a failed part leaves the others their turn
-        (3, 20, 0, ["setup: stopped at its limit of 3 s", "decode: skipped"]),  # nothing runs past the deadline
+        # a failed part leaves the others their turn; the session's status is the worst (it was 0 whatever failed)
+        (600, 0, 0, 3, ["setup: exit 3", "decode: exit 3", "batch: exit 3"], 3),
+        # a failed install skips the rest (they timed the machine's own packages, failing every case)
+        (600, 0, 2, 0, ["setup: exit 2", "install or build failed", "the other parts skipped"], 2),
+        (3, 20, 0, 0, ["setup: stopped at its limit of 3 s", "the other parts skipped"], 124),  # past the deadline
     ],
 )
-def test_gpu_session_runs_its_parts_in_turn_within_the_deadline(tmp_path, deadline, pip_seconds, status, expected):
+def test_gpu_session_runs_its_parts_in_turn_within_the_deadline(
+    tmp_path, deadline, pip_seconds, pip_status, status, expected, exit_status
+):
+    import tarfile
+
     fake = tmp_path / "python"  # stands for the GPU machine's Python: records its arguments; pip takes a while
     fake.write_text(
-        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncase "$*" in *"pip install"*) sleep {pip_seconds};; esac\n'
-        f"exit {status}\n"
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
+        f'case "$*" in *"pip install"*) sleep {pip_seconds}; exit {pip_status};;\n'
+        f"  *bench.gpu_check*) exit {status};;\nesac\n"
     )
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), DEADLINE=str(deadline), MIN_PART="1")
-    subprocess.run(
-        ["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env, check=True, timeout=120
-    )
+    run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], cwd=BENCH.parent, env=env, timeout=120)
+    assert run.returncode == exit_status
     log = (out / "session.log").read_text()
     for line in expected:
         assert line in log
+    # two files, whatever the parts left: the log and one archive of every part's files
+    assert sorted(f.name for f in out.iterdir()) == ["session.log", "session.tar.gz"]
+    with tarfile.open(out / "session.tar.gz") as archive:
+        names = {Path(name).name for name in archive.getnames()}
+    assert {"setup.log", "session.log"} <= names
     if expected[-1] == "batch: exit 0":
+        assert {"decode.log", "prefill_32k.log", "prefill_131k.log", "batch.log", "installed"} <= names
         calls = (tmp_path / "calls").read_text()
         assert "-m bench.gpu_check --json" in calls and "--prefill 131072 --chunk 8192" in calls
 
