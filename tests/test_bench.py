@@ -426,6 +426,9 @@ def test_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     assert default["kv_read_frac"] < min(default["wider_kv_read_frac"]) and default["rerun_positions"] > 0
     assert default["ms_per_token_over_block"] > 0 and default["ms_per_token_mean"] > 0
     assert default["ms_per_token_clocked"] > 0 and default["attn_ms_per_layer"] > 0  # its steps in turns, clocked
+    # its peak is its steps' (it was read after the runs again, which hold a layer's host rows on the device)
+    assert "peak_device_bytes_with_rechecks" in default and "peak_device_bytes" in default
+    assert all("peak_device_bytes_with_rechecks" not in r for m, r in decode.items() if m != "hybrid-default")
     batch = {r["method"]: r for r in rows if r["case"] == "batch"}
     assert set(batch) == {"hybrid-default-batch1", "hybrid-default-batch8", "hybrid-default-batch8-per-sequence"}
     for r in batch.values():
