@@ -545,6 +545,21 @@ def test_gpu_check_profiles_the_decode_step_phase_by_phase(tmp_path):
     assert all(getattr(owner, name) is fn for (owner, name), fn in before.items())
 
 
+def test_gpu_check_profiles_a_first_prefill_and_says_so_without_timing_its_table(tmp_path, monkeypatch):
+    # the profile's table was written inside the first call's timer (1.07 s against 0.05 for the next call)
+    import pstats
+
+    print_stats = pstats.Stats.print_stats
+    monkeypatch.setattr(pstats.Stats, "print_stats", lambda self, *a: time.sleep(2.0) or print_stats(self, *a))
+    out = tmp_path / "gpu.json"
+    argv = ["--device", "cpu", "--cases", "prefill", "--prefill", "300", "--chunk", "128"]
+    assert script("bench.gpu_check").main([*argv, "--profile", str(tmp_path), "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"] if r["case"] == "prefill"}
+    first = rows["hybrid-default-first-call"]
+    assert first["timed_under_profiler"] and first["prefill_s"] < 2.0
+    assert not any(r.get("timed_under_profiler") for m, r in rows.items() if m != "hybrid-default-first-call")
+
+
 def test_gpu_check_runs_only_the_cases_asked_for(tmp_path, monkeypatch):
     """--cases splits the check over calls: each call runs and reports the cases it names only."""
     gpu_check = script("bench.gpu_check")
