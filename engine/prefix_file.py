@@ -33,6 +33,7 @@ from engine.cache import HybridCache
 from engine.cache.layer import HybridLayer
 from engine.decode.sketch import KeySketch, make_scorer
 from engine.index.heads import ListSelector
+from engine.plan import ModelShape
 from engine.prefill import RESERVED_NEW_TOKENS, sized_for
 
 log = logging.getLogger(__name__)
@@ -260,13 +261,12 @@ def _checked_document(f, path: Path, llm, document) -> torch.Tensor:
 
 def _loaded(f, path: Path, llm, cached: int, progress: bool) -> HybridCache:
     """The file's cache of `cached` positions, layer by layer, in a new HybridCache."""
+    _check_sizes(f, path, ModelShape.of(llm.model.config).num_hidden_layers, cached)
     room = sized_for(llm.model, cached, RESERVED_NEW_TOKENS)
     cache = HybridCache(
         llm.model, llm.offload, max_length=room, prompt_length=cached, progress=progress, stores=llm.stores
     )
     try:
-        if f.metadata().get("layers") != str(len(cache.layers)):
-            raise ValueError(f"{path} holds {f.metadata().get('layers')} layers; the model has {len(cache.layers)}")
         weight, names = next(llm.model.parameters()), set(f.keys())
         for i, layer in enumerate(tqdm(cache.layers, desc="loading prefix", unit="layer", disable=not progress)):
             try:
@@ -289,6 +289,22 @@ def read_tensor(f, name: str) -> torch.Tensor:
     outlives the file's closing: a cache holding it changed as the file was written over, and a file cut
     short under it ended the process (SIGBUS)."""
     return f.get_tensor(name).clone()
+
+
+def _check_sizes(f, path: Path, n_layers: int, cached: int) -> None:
+    """The file's layers, each holding the document's `cached` positions, checked before a cache is sized for
+    them: a file whose document alone was long had a cache of its length allocated before its layers were read
+    (pinned host memory, on a GPU machine)."""
+    if f.metadata().get("layers") != str(n_layers):
+        raise ValueError(f"{path} holds {f.metadata().get('layers')} layers; the model has {n_layers}")
+    names = set(f.keys())
+    for i in range(n_layers):
+        parts = [f"layers.{i}.{part}" for part in ("resident_pos", "host_k")]
+        if not all(name in names for name in parts):
+            raise ValueError(f"{path} is damaged: its layer {i} lacks {', '.join(n for n in parts if n not in names)}")
+        slots, host = (f.get_slice(name).get_shape() for name in parts)
+        if len(slots) != 1 or len(host) != 3 or slots[0] + host[1] < cached:  # rows the file holds, whatever else
+            raise ValueError(f"{path} is damaged: its layer {i} holds fewer rows than its document's positions")
 
 
 @dataclasses.dataclass

@@ -197,6 +197,24 @@ def test_damaged_metadata_and_counts_of_another_dtype_are_refused_as_damage(mode
         llm.load_prefix(saved.with_name("counts.prefix"), progress=False)
 
 
+def test_a_document_longer_than_the_rows_its_file_holds_is_refused_before_a_cache_is_sized(
+    model, bundled_tokenizer, saved, monkeypatch
+):
+    # a cache of the document's length was allocated (pinned host memory on a GPU machine) before any layer
+    # was read: a small file naming a long document had it all
+    import engine.prefix_file
+
+    llm = HybridLLM(model, bundled_tokenizer, DEFAULT_SMALL)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(saved)
+    tensors["document"] = tensors["document"].repeat(50)  # 10,000 tokens, the rows of 200
+    save_file(tensors, saved.with_name("long.prefix"), metadata=meta)
+    monkeypatch.setattr(engine.prefix_file, "HybridCache", lambda *a, **k: pytest.fail("a cache was sized"))
+    with pytest.raises(ValueError, match="long.prefix is damaged: its layer 0 holds fewer rows than its document"):
+        llm.load_prefix(saved.with_name("long.prefix"), progress=False)
+
+
 def test_a_loaded_prefix_does_not_change_with_its_file(model, bundled_tokenizer, ids, saved):
     # the loaded tensors were the file's memory mapping: written over in place after the load (same inode),
     # the file changed the cache that had been loaded from it (cut short, it ended the process)
